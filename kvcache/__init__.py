@@ -1,0 +1,39 @@
+"""Node-local KV-cache daemon and its engine client.
+
+Layout (each module owns one noun; pure modules import no transport)::
+
+    keys.py       chained 128-bit block keys over token chunks within a Namespace   (pure)
+    allocator.py  slab allocator: offsets of page-aligned slots in a tier           (pure)
+    eviction.py   pluggable eviction policies: LRU, S3-FIFO, Shoal's default        (pure)
+    tiers.py      bytes of a tier (arena / DRAM / SSD file) and checksummed moves   (pure)
+    store.py      block metadata: reservations, commits, leases, tier movement      (pure)
+    arena.py      the /dev/shm arena file: create, lock, map, clean up after a crash
+    messages.py   the engine <-> daemon wire protocol (versioned msgpack)
+    daemon.py     the daemon: ZeroMQ ROUTER loop, client liveness, metrics
+    client.py     CacheClient (sync) and AsyncCacheClient, used by engine connectors
+    metrics.py    Prometheus metrics (shoal_kvcache_*)
+    config.py     CacheConfig (flags / SHOAL_CACHE_* / [cache] in the TOML file)
+    cli.py        `shoal cache serve|demo|stats`
+    demo.py       the README's two-process demo
+"""
+
+from kvcache.client import AsyncCacheClient, BlockView, CacheClient, PutResult, Reservation
+from kvcache.config import CacheConfig
+from kvcache.errors import CacheError, CacheUnavailable, ProtocolError, RequestRejected
+from kvcache.keys import BlockKey, Namespace, chain_keys
+
+__all__ = [
+    "AsyncCacheClient",
+    "BlockKey",
+    "BlockView",
+    "CacheClient",
+    "CacheConfig",
+    "CacheError",
+    "CacheUnavailable",
+    "Namespace",
+    "ProtocolError",
+    "PutResult",
+    "RequestRejected",
+    "Reservation",
+    "chain_keys",
+]

@@ -1,0 +1,556 @@
+"""Engine-side client of the cache daemon: a sync ``CacheClient`` and an ``AsyncCacheClient``.
+
+Each operation is written once, as a generator that yields requests and receives replies
+(a "sans-I/O" flow); the sync client drives it with blocking ZeroMQ calls and the async
+client with ``zmq.asyncio``, so both always speak the same protocol::
+
+    put(keys, payloads)      reserve ──► copy payloads into the arena ──► commit      2 RTT
+    get_into(keys, outs)     get (leases) ──► copy out + verify checksums ──► release  1 RTT
+                                                                    (release is one-way)
+
+Payloads are any C-contiguous buffer (bytes, bytearray, memoryview, numpy array; a torch
+tensor via ``t.view(torch.uint8).numpy()``). The writer computes each block's xxh3-64
+checksum from its source before the copy, and readers verify it after copying out
+(``verify_reads``), so torn or corrupted bytes are a miss, never wrong data.
+
+Failures are the caller's to degrade: ``CacheUnavailable`` when the daemon is down, slow or
+restarted (the next call reconnects by itself), ``RequestRejected`` for a refused request.
+Shortage is a return value (``PutResult.no_space``, a short ``get``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import threading
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncio
+import dataclasses
+
+import zmq
+import zmq.asyncio
+
+from kvcache import messages as m
+from kvcache.arena import DATA_OFFSET, map_arena
+from kvcache.config import CacheConfig
+from kvcache.errors import ArenaError, CacheUnavailable, ProtocolError, RequestRejected
+from kvcache.keys import join_keys
+from kvcache.store import ReserveStatus
+from kvcache.tiers import block_checksum
+
+__all__ = ["AsyncCacheClient", "BlockView", "CacheClient", "PutResult", "Reservation"]
+
+T = TypeVar("T")
+_Flow = Generator[m.Request, dict[str, Any] | None, T]
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    stored: int  # blocks written and committed by this call
+    existed: int  # blocks already cached (nothing written)
+    no_space: int  # blocks refused: the cache is full of leased/reserved blocks
+
+    @property
+    def complete(self) -> bool:
+        return self.no_space == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A slot to fill: write ``len(buffer)`` bytes into ``buffer``, then commit."""
+
+    key: bytes
+    offset: int
+    buffer: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class BlockView:
+    """A leased block: ``buffer`` is read-only arena memory until ``release``."""
+
+    key: bytes
+    checksum: int
+    buffer: memoryview
+
+    def verify(self) -> bool:
+        return block_checksum(self.buffer) == self.checksum
+
+
+def _as_bytes_view(payload: Any) -> memoryview:
+    view = memoryview(payload)
+    if not view.c_contiguous:
+        raise ValueError("payloads must be C-contiguous buffers")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class _ClientFlows:
+    """Everything but the socket: sessions, arena mapping and the operation flows."""
+
+    def __init__(self, endpoint: str, namespace: str, name: str, verify_reads: bool, populate: bool):
+        self.endpoint = endpoint
+        self.namespace = namespace
+        self.name = name
+        self.verify_reads = verify_reads
+        self.populate = populate
+        self.session = 0
+        self.heartbeat_s = 10.0
+        self.max_block_bytes = 0
+        self._ids = itertools.count(1)
+        self._mmap: mmap.mmap | None = None
+        self._arena: memoryview | None = None
+
+    def _next_id(self) -> int:
+        return next(self._ids)
+
+    def _hello_flow(self) -> _Flow[None]:
+        try:
+            pid_ns = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            pid_ns = 0
+        reply = yield m.HelloRequest(
+            id=self._next_id(), session=0, pid=os.getpid(), pid_ns=pid_ns,
+            namespace=self.namespace, client=self.name,
+        )  # fmt: skip
+        assert reply is not None
+        try:
+            mapping, header = map_arena(reply["arena_path"], reply["instance_id"], populate=self.populate)
+        except (KeyError, TypeError) as exc:
+            raise ProtocolError(f"hello reply lacks {exc}") from None
+        except ArenaError as exc:
+            raise CacheUnavailable(f"cannot map the daemon's arena: {exc}") from None
+        self._drop_arena()
+        self._mmap = mapping
+        self._arena = memoryview(mapping)[DATA_OFFSET : DATA_OFFSET + header.data_bytes]
+        self.session = int(reply["session"])
+        self.heartbeat_s = float(reply["heartbeat_s"])
+        self.max_block_bytes = int(reply["max_block_bytes"])
+
+    def _drop_arena(self) -> None:
+        if self._arena is not None:
+            self._arena.release()
+            self._arena = None
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                # A BlockView or Reservation still references the old mapping; it is
+                # unmapped when the last view is garbage-collected.
+                pass
+            self._mmap = None
+
+    def _slot(self, offset: int, nbytes: int) -> memoryview:
+        assert self._arena is not None, "arena used before hello"
+        if offset < 0 or offset + nbytes > len(self._arena):
+            raise ProtocolError(f"daemon sent slot {offset}+{nbytes} outside the arena")
+        return self._arena[offset : offset + nbytes]
+
+    # -- flows -----------------------------------------------------------------------
+
+    def _lookup_flow(self, keys: Sequence[bytes]) -> _Flow[int]:
+        reply = yield m.LookupRequest(id=self._next_id(), session=self.session, keys=join_keys(keys))
+        assert reply is not None
+        return int(reply["length"])
+
+    def _reserve_flow(
+        self, keys: Sequence[bytes], sizes: Sequence[int], parent: bytes | None
+    ) -> _Flow[list[Reservation | ReserveStatus]]:
+        reply = yield m.ReserveRequest(
+            id=self._next_id(), session=self.session, keys=join_keys(keys),
+            sizes=list(sizes), parent=parent,
+        )  # fmt: skip
+        assert reply is not None
+        statuses, offsets = reply["statuses"], reply["offsets"]
+        if len(statuses) != len(keys) or len(offsets) != len(keys):
+            raise ProtocolError("reserve reply does not match the request")
+        out: list[Reservation | ReserveStatus] = []
+        for key, size, status, offset in zip(keys, sizes, statuses, offsets, strict=True):
+            if status == ReserveStatus.OK:
+                out.append(Reservation(key, offset, self._slot(offset, size)))
+            else:
+                out.append(ReserveStatus(status))
+        return out
+
+    def _commit_flow(self, keys: Sequence[bytes], checksums: Sequence[int]) -> _Flow[int]:
+        reply = yield m.CommitRequest(
+            id=self._next_id(), session=self.session, keys=join_keys(keys), checksums=list(checksums)
+        )
+        assert reply is not None
+        return int(reply["committed"])
+
+    def _put_flow(
+        self, keys: Sequence[bytes], payloads: Sequence[Any], parent: bytes | None
+    ) -> _Flow[PutResult]:
+        if len(keys) != len(payloads):
+            raise ValueError(f"{len(keys)} keys but {len(payloads)} payloads")
+        views = [_as_bytes_view(p) for p in payloads]
+        slots = yield from self._reserve_flow(keys, [len(v) for v in views], parent)
+        written: list[bytes] = []
+        checksums: list[int] = []
+        existed = no_space = 0
+        for slot, view in zip(slots, views, strict=True):
+            if isinstance(slot, Reservation):
+                checksums.append(block_checksum(view))  # source first: the copy then hits cache
+                slot.buffer[:] = view
+                written.append(slot.key)
+            elif slot is ReserveStatus.EXISTS:
+                existed += 1
+            else:
+                no_space += 1
+        stored = (yield from self._commit_flow(written, checksums)) if written else 0
+        return PutResult(stored=stored, existed=existed, no_space=no_space)
+
+    def _get_flow(self, keys: Sequence[bytes], prefix: bool) -> _Flow[list[BlockView | None]]:
+        reply = yield m.GetRequest(
+            id=self._next_id(), session=self.session, keys=join_keys(keys), prefix=prefix
+        )
+        assert reply is not None
+        offsets, sizes, checksums = reply["offsets"], reply["sizes"], reply["checksums"]
+        views: list[BlockView | None] = []
+        for key, offset, size, checksum in zip(keys, offsets, sizes, checksums, strict=False):
+            views.append(None if offset < 0 else BlockView(key, checksum, self._slot(offset, size).toreadonly()))
+        return views
+
+    def _release_flow(self, keys: Sequence[bytes]) -> _Flow[None]:
+        if keys:
+            yield m.ReleaseRequest(id=self._next_id(), session=self.session, keys=join_keys(keys))
+
+    def _get_into_flow(self, keys: Sequence[bytes], outs: Sequence[Any]) -> _Flow[int]:
+        if len(keys) != len(outs):
+            raise ValueError(f"{len(keys)} keys but {len(outs)} output buffers")
+        targets = [_as_bytes_view(out) for out in outs]
+        blocks = yield from self._get_flow(keys, prefix=True)
+        served = 0
+        try:
+            for block, target in zip(blocks, targets, strict=False):
+                if block is None or len(block.buffer) != len(target):
+                    break
+                target[:] = block.buffer
+                if self.verify_reads and block_checksum(target) != block.checksum:
+                    break  # a torn/corrupt block: a miss from here on, never wrong data
+                served += 1
+        finally:
+            yield from self._release_flow([b.key for b in blocks if b is not None])
+        return served
+
+    def _simple_flow(self, request: m.Request) -> _Flow[dict[str, Any]]:
+        reply = yield request
+        assert reply is not None
+        return reply
+
+
+def _raise_for_error(reply: dict[str, Any]) -> None:
+    if reply["ok"]:
+        return
+    code, message = str(reply.get("code")), str(reply.get("error"))
+    if code == m.ErrorCode.UNKNOWN_SESSION:
+        raise CacheUnavailable(f"daemon restarted or dropped this session ({message})")
+    raise RequestRejected(code, message)
+
+
+class CacheClient(_ClientFlows):
+    """Blocking client; one per thread (ZeroMQ sockets are not thread-safe)."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        namespace: str = "",
+        name: str = "shoal-client",
+        timeout_s: float = 5.0,
+        verify_reads: bool = True,
+        populate: bool = True,
+        heartbeat: bool = True,
+    ) -> None:
+        super().__init__(endpoint or CacheConfig().endpoint, namespace, name, verify_reads, populate)
+        self.timeout_s = timeout_s
+        self._context = zmq.Context()
+        self._socket: zmq.Socket[bytes] | None = None
+        self._heartbeat = heartbeat
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+        try:
+            self._connect()
+        except BaseException:
+            self._reset()
+            self._context.term()
+            raise
+
+    # -- transport -------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        path = self.endpoint.removeprefix("ipc://")
+        if self.endpoint.startswith("ipc://") and not os.path.exists(path):
+            raise CacheUnavailable(f"no cache daemon socket at {path}; is `shoal cache serve` running?")
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.endpoint)
+        self._drive(self._hello_flow())
+        if self._heartbeat and self._heartbeat_thread is None:
+            self._heartbeat_thread = threading.Thread(
+                target=self._heartbeat_loop, name="shoal-cache-heartbeat", daemon=True
+            )
+            self._heartbeat_thread.start()
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        self._socket = None
+        self.session = 0
+
+    def _call(self, request: m.Request) -> dict[str, Any] | None:
+        if self._socket is None:
+            self._connect()
+            request = _with_session(request, self.session)
+        assert self._socket is not None
+        try:
+            self._socket.send(request.encode(), copy=False)
+            if request.one_way:
+                return None
+            deadline = time.monotonic() + self.timeout_s
+            while (remaining := deadline - time.monotonic()) > 0:
+                if not self._socket.poll(int(remaining * 1000) + 1):
+                    continue
+                reply = m.decode_reply(self._socket.recv())
+                if reply["id"] == request.id:
+                    _raise_for_error(reply)
+                    return reply
+        except zmq.ZMQError as exc:
+            self._reset()
+            raise CacheUnavailable(f"cache daemon at {self.endpoint}: {exc}") from None
+        except CacheUnavailable:
+            self._reset()
+            raise
+        self._reset()
+        raise CacheUnavailable(f"no reply from the cache daemon at {self.endpoint} within {self.timeout_s}s")
+
+    def _drive(self, flow: _Flow[T]) -> T:
+        reply: dict[str, Any] | None = None
+        try:
+            while True:
+                request = flow.send(reply)
+                reply = self._call(request)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def _heartbeat_loop(self) -> None:
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(self.endpoint)
+        try:
+            while not self._heartbeat_stop.wait(self.heartbeat_s):
+                if self.session:
+                    socket.send(m.HeartbeatRequest(id=0, session=self.session).encode())
+                    while socket.poll(0):
+                        socket.recv()  # replies are only drained
+        finally:
+            socket.close(linger=0)
+
+    # -- public API ------------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Number of leading ``keys`` cached (any tier), in one round trip."""
+        return self._drive(self._lookup_flow(keys))
+
+    def put(self, keys: Sequence[bytes], payloads: Sequence[Any], parent: bytes | None = None) -> PutResult:
+        """Store a chain of blocks (``parent`` = key before ``keys[0]``) in two round trips."""
+        return self._drive(self._put_flow(keys, payloads, parent))
+
+    def get_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
+        """Copy the longest cached, verified prefix of ``keys`` into ``outs``; returns its length."""
+        return self._drive(self._get_into_flow(keys, outs))
+
+    def reserve(
+        self, keys: Sequence[bytes], sizes: Sequence[int], parent: bytes | None = None
+    ) -> list[Reservation | ReserveStatus]:
+        return self._drive(self._reserve_flow(keys, sizes, parent))
+
+    def commit(self, reservations: Sequence[Reservation]) -> int:
+        """Publish filled reservations (checksums are computed from the arena bytes)."""
+        checksums = [block_checksum(r.buffer) for r in reservations]
+        return self._drive(self._commit_flow([r.key for r in reservations], checksums))
+
+    def abort(self, keys: Sequence[bytes]) -> None:
+        self._drive(self._simple_flow(m.AbortRequest(id=self._next_id(), session=self.session, keys=join_keys(keys))))
+
+    def get(self, keys: Sequence[bytes], *, prefix: bool = True) -> list[BlockView | None]:
+        """Lease blocks for zero-copy reads; ``release`` them when done."""
+        return self._drive(self._get_flow(keys, prefix))
+
+    def release(self, blocks: Sequence[BlockView]) -> None:
+        self._drive(self._release_flow([b.key for b in blocks]))
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        reply = self._drive(self._simple_flow(m.DeleteRequest(id=self._next_id(), session=self.session, keys=join_keys(keys))))
+        return int(reply["deleted"])
+
+    def stats(self) -> dict[str, Any]:
+        reply = self._drive(self._simple_flow(m.StatsRequest(id=self._next_id(), session=self.session)))
+        return dict(reply["stats"])
+
+    def close(self) -> None:
+        self._heartbeat_stop.set()
+        if self._socket is not None and self.session:
+            try:
+                self._socket.send(m.ByeRequest(id=self._next_id(), session=self.session).encode(), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the daemon will notice through the pidfd or the session TTL
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=1)
+        self._reset()
+        self._drop_arena()
+        self._context.term()
+
+    def __enter__(self) -> CacheClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _with_session(request: m.Request, session: int) -> m.Request:
+    """The same request for a new session (after a transparent reconnect)."""
+    return dataclasses.replace(request, session=session)
+
+
+class AsyncCacheClient(_ClientFlows):
+    """asyncio client (works under uvloop); create with ``await AsyncCacheClient.connect()``."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        namespace: str = "",
+        name: str = "shoal-async-client",
+        timeout_s: float = 5.0,
+        verify_reads: bool = True,
+        populate: bool = True,
+    ) -> None:
+        super().__init__(endpoint or CacheConfig().endpoint, namespace, name, verify_reads, populate)
+        self.timeout_s = timeout_s
+        self._context = zmq.asyncio.Context()
+        self._socket: zmq.asyncio.Socket | None = None
+        # One request in flight at a time: replies are matched by id, and the heartbeat
+        # task shares the socket. Concurrent engines steps use one client each.
+        self._lock = asyncio.Lock()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(cls, endpoint: str | None = None, **kwargs: Any) -> AsyncCacheClient:
+        client = cls(endpoint, **kwargs)
+        try:
+            await client._open()
+        except BaseException:
+            client._reset()
+            client._context.term()
+            raise
+        client._heartbeat_task = asyncio.get_running_loop().create_task(client._heartbeat_loop())
+        return client
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await self.heartbeat()
+            except CacheUnavailable:
+                continue  # the next real call reconnects
+
+    async def _open(self) -> None:
+        path = self.endpoint.removeprefix("ipc://")
+        if self.endpoint.startswith("ipc://") and not os.path.exists(path):
+            raise CacheUnavailable(f"no cache daemon socket at {path}; is `shoal cache serve` running?")
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.endpoint)
+        await self._drive_unlocked(self._hello_flow())
+
+    async def _call(self, request: m.Request) -> dict[str, Any] | None:
+        if self._socket is None:
+            await self._open()
+            request = _with_session(request, self.session)
+        assert self._socket is not None
+        try:
+            await self._socket.send(request.encode())
+            if request.one_way:
+                return None
+            deadline = time.monotonic() + self.timeout_s
+            while (remaining := deadline - time.monotonic()) > 0:
+                if not await self._socket.poll(int(remaining * 1000) + 1):
+                    continue
+                reply = m.decode_reply(await self._socket.recv())
+                if reply["id"] == request.id:
+                    _raise_for_error(reply)
+                    return reply
+        except zmq.ZMQError as exc:
+            self._reset()
+            raise CacheUnavailable(f"cache daemon at {self.endpoint}: {exc}") from None
+        except CacheUnavailable:
+            self._reset()
+            raise
+        self._reset()
+        raise CacheUnavailable(f"no reply from the cache daemon at {self.endpoint} within {self.timeout_s}s")
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        self._socket = None
+        self.session = 0
+
+    async def _drive(self, flow: _Flow[T]) -> T:
+        async with self._lock:
+            return await self._drive_unlocked(flow)
+
+    async def _drive_unlocked(self, flow: _Flow[T]) -> T:
+        reply: dict[str, Any] | None = None
+        try:
+            while True:
+                request = flow.send(reply)
+                reply = await self._call(request)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def heartbeat(self) -> None:
+        await self._drive(self._simple_flow(m.HeartbeatRequest(id=self._next_id(), session=self.session)))
+
+    async def lookup(self, keys: Sequence[bytes]) -> int:
+        return await self._drive(self._lookup_flow(keys))
+
+    async def put(self, keys: Sequence[bytes], payloads: Sequence[Any], parent: bytes | None = None) -> PutResult:
+        return await self._drive(self._put_flow(keys, payloads, parent))
+
+    async def get_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
+        return await self._drive(self._get_into_flow(keys, outs))
+
+    async def get(self, keys: Sequence[bytes], *, prefix: bool = True) -> list[BlockView | None]:
+        return await self._drive(self._get_flow(keys, prefix))
+
+    async def release(self, blocks: Sequence[BlockView]) -> None:
+        await self._drive(self._release_flow([b.key for b in blocks]))
+
+    async def delete(self, keys: Sequence[bytes]) -> int:
+        reply = await self._drive(
+            self._simple_flow(m.DeleteRequest(id=self._next_id(), session=self.session, keys=join_keys(keys)))
+        )
+        return int(reply["deleted"])
+
+    async def stats(self) -> dict[str, Any]:
+        reply = await self._drive(self._simple_flow(m.StatsRequest(id=self._next_id(), session=self.session)))
+        return dict(reply["stats"])
+
+    async def close(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            self._heartbeat_task = None
+        if self._socket is not None and self.session:
+            try:
+                await self._socket.send(m.ByeRequest(id=self._next_id(), session=self.session).encode())
+            except zmq.ZMQError:
+                pass  # the daemon will notice through the pidfd or the session TTL
+        self._reset()
+        self._drop_arena()
+        self._context.term()
+

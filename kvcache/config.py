@@ -1,0 +1,74 @@
+"""Settings of the node-local cache daemon (``shoal cache serve``) and its clients.
+
+One dataclass, read through ``shoal.config``: flags (``--shm-bytes 2GiB``), environment
+(``SHOAL_CACHE_SHM_BYTES=2GiB``) or the ``[cache]`` table of the TOML file named by
+``--config`` / ``SHOAL_CONFIG``. The README's configuration reference is generated from it.
+
+Paths derive from ``name`` so several daemons (tests, or one per NUMA node) can share a
+machine: the arena is ``<shm_dir>/shoal-<name>.arena`` and the control socket
+``<runtime_dir>/shoal-<name>.sock``. ``runtime_dir`` is created with mode 0700, which is
+what keeps the socket reachable only by the daemon's user (ZeroMQ ipc sockets have no
+permission option of their own).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.config import setting
+
+__all__ = ["CacheConfig", "default_runtime_dir"]
+
+
+def default_runtime_dir() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return str(Path(base) / f"shoal-{os.getuid()}")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    name: str = setting("default", "daemon instance name; arena and socket paths derive from it")
+    shm_dir: str = setting("/dev/shm", "directory (tmpfs) holding the shared-memory arena")
+    runtime_dir: str = setting(
+        "", "directory (mode 0700) for the socket; empty = $XDG_RUNTIME_DIR (or /tmp)/shoal-UID"
+    )
+    shm_bytes: int = setting(1 << 30, "size of the shared-memory (hot) tier", size=True)
+    dram_bytes: int = setting(4 << 30, "size of the daemon-private DRAM (warm) tier; 0 = off", size=True)
+    ssd_dir: str = setting("", "directory for the SSD spill tier; empty = no SSD tier")
+    ssd_bytes: int = setting(16 << 30, "size of the SSD spill file (with --ssd-dir)", size=True)
+    slab_bytes: int = setting(64 << 20, "allocator slab size = largest block", size=True)
+    policy: str = setting("default", "eviction policy: default, lru or s3fifo")
+    reservation_ttl_s: float = setting(30.0, "seconds a reserved, uncommitted slot is kept")
+    session_ttl_s: float = setting(30.0, "seconds without a request before a client is dropped")
+    max_request_bytes: int = setting(16 << 20, "largest request frame accepted", size=True)
+    populate: bool = setting(True, "prefault the arena mapping (MAP_POPULATE)")
+    metrics_host: str = setting("127.0.0.1", "address of the Prometheus endpoint")
+    metrics_port: int = setting(9500, "port of the Prometheus endpoint; 0 = off")
+    log_level: str = setting("info", "debug, info, warning or error")
+    log_format: str = setting("json", "json (structured) or text")
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name {self.name!r} must be non-empty and contain no '/'")
+        if self.shm_bytes < self.slab_bytes and self.shm_bytes < (1 << 20):
+            raise ValueError("shm_bytes must be at least 1 MiB")
+        if self.reservation_ttl_s <= 0 or self.session_ttl_s <= 0:
+            raise ValueError("reservation_ttl_s and session_ttl_s must be positive")
+
+    @property
+    def arena_path(self) -> Path:
+        return Path(self.shm_dir) / f"shoal-{self.name}.arena"
+
+    @property
+    def runtime_path(self) -> Path:
+        return Path(self.runtime_dir or default_runtime_dir())
+
+    @property
+    def socket_path(self) -> Path:
+        return self.runtime_path / f"shoal-{self.name}.sock"
+
+    @property
+    def endpoint(self) -> str:
+        return f"ipc://{self.socket_path}"

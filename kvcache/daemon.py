@@ -1,0 +1,367 @@
+"""The node-local cache daemon: one thread, one ROUTER socket, the store, the arena.
+
+Why one thread: every request is metadata work of microseconds (the payload moves through
+shared memory, copied by the client), so a single loop over a ZeroMQ poller keeps the store
+lock-free and the order of operations total. Demotion copies (SHM → DRAM) run inline on
+the request that needed the room; they are DRAM-speed and bounded by the batch.
+
+Client liveness, so a crashed engine cannot pin memory forever:
+
+* A client in the daemon's pid namespace is watched through a pidfd registered in the same
+  poller: kill -9 of the client makes the fd readable and its session (leases and
+  reservations) is closed on the next loop turn.
+* Any client (also one in another container) must send a request at least every
+  ``session_ttl_s``; the client library heartbeats from a background thread. An idle
+  session past its TTL is closed.
+* A reservation not committed within ``reservation_ttl_s`` is reclaimed, whatever its
+  session does (a writer stuck mid-copy).
+
+Bad input never stops the loop: oversized, malformed or wrong-version frames and invalid
+requests get an error reply (``kvcache.messages.ErrorCode``) and a counted metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+from prometheus_client import start_http_server
+
+from kvcache import messages as m
+from kvcache.allocator import SlabAllocator
+from kvcache.arena import DATA_OFFSET, Arena
+from kvcache.config import CacheConfig
+from kvcache.errors import CacheError, ProtocolError
+from kvcache.keys import split_keys
+from kvcache.metrics import CacheMetrics
+from kvcache.store import BlockStore, ReserveStatus
+from kvcache.tiers import FileBacking, MemoryBacking, Tier, TierStore
+
+__all__ = ["CacheDaemon"]
+
+log = logging.getLogger("shoal.kvcache.daemon")
+
+_HOUSEKEEPING_S = 0.1
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+@dataclass(slots=True)
+class _Client:
+    session_id: int
+    pid: int
+    namespace: str
+    name: str
+    last_seen: float
+    pidfd: int = -1
+
+
+class CacheDaemon:
+    """Owns the arena, the tiers, the store and the control socket."""
+
+    def __init__(self, config: CacheConfig, *, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self._clock = clock
+        self._stop = threading.Event()
+        self._clients: dict[int, _Client] = {}
+        self._pidfds: dict[int, int] = {}  # pidfd -> session id
+        self._next_session = 1
+        self._pid_ns = _pid_namespace()
+        self.metrics = CacheMetrics()
+        runtime = config.runtime_path
+        runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if runtime.stat().st_uid != os.getuid() or runtime.stat().st_mode & 0o077:
+            raise CacheError(
+                f"runtime dir {runtime} must be owned by this user with mode 0700 "
+                "(it is what keeps the control socket private)"
+            )
+        self.arena = Arena(config.arena_path, config.shm_bytes, populate=config.populate)
+        tiers = [
+            TierStore(
+                Tier.SHM,
+                SlabAllocator(config.shm_bytes, config.slab_bytes),
+                MemoryBacking(self.arena.mmap, DATA_OFFSET),
+            )
+        ]
+        if config.dram_bytes:
+            tiers.append(
+                TierStore(
+                    Tier.DRAM,
+                    SlabAllocator(config.dram_bytes, config.slab_bytes),
+                    MemoryBacking.anonymous(config.dram_bytes),
+                )
+            )
+        if config.ssd_dir:
+            path = Path(config.ssd_dir) / f"shoal-{config.name}.spill"
+            try:
+                backing = FileBacking(path, config.ssd_bytes)
+            except OSError as exc:
+                self.arena.close()
+                raise CacheError(f"cannot create SSD spill file {path}: {exc}") from None
+            tiers.append(TierStore(Tier.SSD, SlabAllocator(config.ssd_bytes, config.slab_bytes), backing))
+        self._tiers = tiers
+        self.store = BlockStore(
+            tiers,
+            policy=config.policy,
+            reservation_ttl_s=config.reservation_ttl_s,
+            clock=clock,
+        )
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # Hard cap far above the soft cap: frames between the two get an error reply.
+        self._socket.setsockopt(zmq.MAXMSGSIZE, config.max_request_bytes * 4)
+        config.socket_path.unlink(missing_ok=True)
+        try:
+            self._socket.bind(config.endpoint)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise CacheError(f"cannot bind {config.endpoint}: {exc}") from None
+        os.chmod(config.socket_path, 0o600)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._metrics_server: Any = None
+        self._handlers: dict[type[m.Request], Callable[[Any], dict[str, Any] | None]] = {
+            m.HelloRequest: self._hello,
+            m.LookupRequest: self._lookup,
+            m.ReserveRequest: self._reserve,
+            m.CommitRequest: self._commit,
+            m.AbortRequest: self._abort,
+            m.GetRequest: self._get,
+            m.ReleaseRequest: self._release,
+            m.DeleteRequest: self._delete,
+            m.StatsRequest: self._stats,
+            m.HeartbeatRequest: lambda request: {},
+            m.ByeRequest: self._bye,
+        }
+        log.info(
+            "cache daemon ready",
+            extra={
+                "endpoint": config.endpoint,
+                "arena": str(config.arena_path),
+                "tiers": [t.tier.label for t in tiers],
+                "shm_bytes": config.shm_bytes,
+                "dram_bytes": config.dram_bytes,
+            },
+        )
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Run until ``stop()`` or SIGTERM/SIGINT (when called from the main thread)."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: self.stop())
+        if self.config.metrics_port:
+            self._metrics_server, _ = start_http_server(
+                self.config.metrics_port, self.config.metrics_host, registry=self.metrics.registry
+            )
+        next_housekeeping = 0.0
+        while not self._stop.is_set():
+            for sock_or_fd, _ in self._poller.poll(timeout=int(_HOUSEKEEPING_S * 1000)):
+                if sock_or_fd is self._socket:
+                    self._drain_socket()
+                elif isinstance(sock_or_fd, int):
+                    self._client_exited(sock_or_fd)
+            now = self._clock()
+            if now >= next_housekeeping:
+                self._housekeeping(now)
+                next_housekeeping = now + _HOUSEKEEPING_S
+        self.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        for pidfd in list(self._pidfds):
+            os.close(pidfd)
+        self._pidfds.clear()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+        self._socket.close(linger=0)
+        self._context.term()
+        self.config.socket_path.unlink(missing_ok=True)
+        for tier in self._tiers:
+            tier.close()  # the SHM tier releases its view of the arena mapping first
+        self.arena.close()
+        log.info("cache daemon stopped", extra={"daemon": self.config.name})
+
+    # -- loop ------------------------------------------------------------------------
+
+    def _drain_socket(self) -> None:
+        for _ in range(256):  # bounded, so housekeeping and pidfds are never starved
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.metrics.protocol_errors.labels(m.ErrorCode.MALFORMED).inc()
+                if frames:
+                    self._send(frames[0], m.encode_error(0, m.ErrorCode.MALFORMED, "one frame expected"))
+                continue
+            identity, frame = frames
+            reply = self._handle(frame)
+            if reply is not None:
+                self._send(identity, reply)
+
+    def _send(self, identity: bytes, reply: bytes) -> None:
+        try:
+            self._socket.send_multipart([identity, reply], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("dropped a reply to a client that stopped reading")
+
+    def _handle(self, frame: bytes) -> bytes | None:
+        started = time.perf_counter()
+        if len(frame) > self.config.max_request_bytes:
+            return self._error(
+                m.peek_id(frame[:64]),
+                m.ErrorCode.TOO_LARGE,
+                f"request of {len(frame)} bytes exceeds {self.config.max_request_bytes}",
+            )
+        try:
+            request = m.decode_request(frame)
+        except ProtocolError as exc:
+            code = m.ErrorCode.VERSION if "version" in str(exc) else m.ErrorCode.MALFORMED
+            if "unknown op" in str(exc):
+                code = m.ErrorCode.UNKNOWN_OP
+            return self._error(m.peek_id(frame), code, str(exc))
+        client = self._clients.get(request.session)
+        if client is None and not isinstance(request, m.HelloRequest):
+            return self._error(
+                request.id, m.ErrorCode.UNKNOWN_SESSION, f"session {request.session} unknown; say hello"
+            )
+        if client is not None:
+            client.last_seen = self._clock()
+        try:
+            result = self._handlers[type(request)](request)
+        except ValueError as exc:
+            return self._error(request.id, m.ErrorCode.BAD_REQUEST, str(exc))
+        except (CacheError, OSError) as exc:
+            log.exception("request failed", extra={"op": request.op})
+            return self._error(request.id, m.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        self.metrics.request_seconds.labels(request.op).observe(time.perf_counter() - started)
+        if request.one_way or result is None:
+            return None
+        return m.encode_reply(request.id, **result)
+
+    def _error(self, request_id: int, code: m.ErrorCode, message: str) -> bytes:
+        self.metrics.protocol_errors.labels(code).inc()
+        log.warning("rejected request", extra={"code": str(code), "reason": message})
+        return m.encode_error(request_id, code, message)
+
+    def _housekeeping(self, now: float) -> None:
+        self.store.expire()
+        ttl = self.config.session_ttl_s
+        for client in [c for c in self._clients.values() if now - c.last_seen > ttl]:
+            log.warning("client timed out", extra={"session": client.session_id, "pid": client.pid})
+            self._close_session(client.session_id)
+        # Events are drained here; cluster sync (a later component) will publish them.
+        self.store.take_events()
+        self.metrics.update(self.store.statistics())
+
+    def _client_exited(self, pidfd: int) -> None:
+        session_id = self._pidfds.get(pidfd)
+        if session_id is not None:
+            log.info("client exited; releasing its leases", extra={"session": session_id})
+            self._close_session(session_id)
+
+    def _close_session(self, session_id: int) -> None:
+        client = self._clients.pop(session_id, None)
+        if client is None:
+            return
+        if client.pidfd >= 0:
+            self._poller.unregister(client.pidfd)
+            del self._pidfds[client.pidfd]
+            os.close(client.pidfd)
+        self.store.close_session(session_id)
+
+    # -- handlers --------------------------------------------------------------------
+
+    def _hello(self, request: m.HelloRequest) -> dict[str, Any]:
+        session_id = self._next_session
+        self._next_session += 1
+        client = _Client(session_id, request.pid, request.namespace, request.client, self._clock())
+        if request.pid_ns == self._pid_ns and request.pid > 0:
+            try:
+                client.pidfd = os.pidfd_open(request.pid)
+            except OSError:
+                client.pidfd = -1  # not visible: the session TTL covers it
+            else:
+                self._pidfds[client.pidfd] = session_id
+                self._poller.register(client.pidfd, select.POLLIN)
+        self._clients[session_id] = client
+        self.store.open_session(session_id)
+        log.info(
+            "client connected",
+            extra={"session": session_id, "pid": request.pid, "client": request.client,
+                   "namespace": request.namespace},
+        )  # fmt: skip
+        return {
+            "session": session_id,
+            "arena_path": str(self.arena.path),
+            "instance_id": self.arena.header.instance_id,
+            "arena_bytes": self.arena.data_bytes,
+            "max_block_bytes": self.store.max_block_bytes,
+            "heartbeat_s": self.config.session_ttl_s / 3,
+        }
+
+    def _lookup(self, request: m.LookupRequest) -> dict[str, Any]:
+        return {"length": self.store.lookup(split_keys(request.keys))}
+
+    def _reserve(self, request: m.ReserveRequest) -> dict[str, Any]:
+        keys = split_keys(request.keys)
+        results = self.store.reserve(request.session, keys, request.sizes, request.parent)
+        return {
+            "statuses": bytes(r.status for r in results),
+            "offsets": [r.offset if r.status is ReserveStatus.OK else 0 for r in results],
+        }
+
+    def _commit(self, request: m.CommitRequest) -> dict[str, Any]:
+        keys = split_keys(request.keys)
+        return {"committed": self.store.commit(request.session, keys, request.checksums)}
+
+    def _abort(self, request: m.AbortRequest) -> dict[str, Any]:
+        self.store.abort(request.session, split_keys(request.keys))
+        return {}
+
+    def _get(self, request: m.GetRequest) -> dict[str, Any]:
+        leases = self.store.acquire(request.session, split_keys(request.keys), prefix=request.prefix)
+        return {
+            "offsets": [-1 if lease is None else lease.offset for lease in leases],
+            "sizes": [0 if lease is None else lease.nbytes for lease in leases],
+            "checksums": [0 if lease is None else lease.checksum for lease in leases],
+        }
+
+    def _release(self, request: m.ReleaseRequest) -> None:
+        self.store.release(request.session, split_keys(request.keys))
+
+    def _delete(self, request: m.DeleteRequest) -> dict[str, Any]:
+        return {"deleted": self.store.delete(split_keys(request.keys))}
+
+    def _stats(self, request: m.StatsRequest) -> dict[str, Any]:
+        stats = self.store.statistics()
+        body = asdict(stats)
+        body["tiers"] = [asdict(t) for t in stats.tiers]
+        body["name"] = self.config.name
+        body["pid"] = os.getpid()
+        return {"stats": body}
+
+    def _bye(self, request: m.ByeRequest) -> dict[str, Any]:
+        self._close_session(request.session)
+        return {}

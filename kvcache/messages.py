@@ -1,0 +1,259 @@
+"""Engine ↔ daemon wire protocol, version 1: msgpack maps over ZeroMQ DEALER/ROUTER.
+
+Transport: the daemon binds a ROUTER socket on ``ipc://<socket>``; each client connects a
+DEALER. Every frame is one msgpack map. Block payloads never travel here: they move
+through the shared-memory arena, and messages carry arena offsets.
+
+Request::  {"v": 1, "id": <u64>, "op": <name>, "session": <u64>, ...op fields}
+Reply::    {"v": 1, "id": <same>, "ok": true, ...reply fields}
+           {"v": 1, "id": <same>, "ok": false, "code": <ErrorCode>, "error": <message>}
+
+Key lists travel as one ``bin`` of concatenated 16-byte keys (a 1,000-key chain is one
+16 KB string, not 1,000 msgpack objects). ``release`` is one-way (no reply), so a reader
+can hand leases back without paying a round trip.
+
+==========  =========================================  =====================================
+op          request fields                             reply fields
+==========  =========================================  =====================================
+hello       pid, pid_ns, namespace, client             session, arena_path, instance_id,
+                                                       arena_bytes, max_block_bytes,
+                                                       heartbeat_s
+lookup      keys                                       length
+reserve     keys, sizes, parent (bin or nil)           statuses (bin, 1 byte each), offsets
+commit      keys, checksums                            committed
+abort       keys                                       -
+get         keys, prefix                               offsets, sizes, checksums (-1: miss)
+release     keys                                       (none: one-way)
+delete      keys                                       deleted
+stats       -                                          stats (map)
+heartbeat   -                                          -
+bye         -                                          -
+==========  =========================================  =====================================
+
+Every receiver rejects an unknown version, a non-map frame, an unknown op, a missing or
+mistyped field and an oversized frame with a specific ``ProtocolError`` (the daemon
+answers it with an error reply and stays up).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import msgpack
+
+from kvcache.errors import ProtocolError
+from kvcache.keys import KEY_BYTES
+
+__all__ = [
+    "VERSION",
+    "AbortRequest",
+    "ByeRequest",
+    "CommitRequest",
+    "DeleteRequest",
+    "ErrorCode",
+    "GetRequest",
+    "HeartbeatRequest",
+    "HelloRequest",
+    "LookupRequest",
+    "ReleaseRequest",
+    "Request",
+    "ReserveRequest",
+    "StatsRequest",
+    "decode_reply",
+    "decode_request",
+    "encode_error",
+    "encode_reply",
+]
+
+VERSION = 1
+
+
+class ErrorCode(enum.StrEnum):
+    MALFORMED = "malformed"  # not msgpack, not a map, missing/mistyped field
+    VERSION = "version"  # unknown protocol version
+    UNKNOWN_OP = "unknown_op"
+    TOO_LARGE = "too_large"  # frame over the daemon's limit
+    BAD_REQUEST = "bad_request"  # well formed but invalid (size out of range, ...)
+    UNKNOWN_SESSION = "unknown_session"  # say hello first (or again, after a restart)
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    op: ClassVar[str]
+    one_way: ClassVar[bool] = False
+    id: int
+    session: int
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {"v": VERSION, "op": self.op}
+        for f in fields(self):
+            body[f.name] = getattr(self, f.name)
+        return msgpack.packb(body, use_bin_type=True)
+
+
+@dataclass(frozen=True, slots=True)
+class HelloRequest(Request):
+    op: ClassVar[str] = "hello"
+    pid: int
+    pid_ns: int
+    namespace: str
+    client: str
+
+
+@dataclass(frozen=True, slots=True)
+class LookupRequest(Request):
+    op: ClassVar[str] = "lookup"
+    keys: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest(Request):
+    op: ClassVar[str] = "reserve"
+    keys: bytes
+    sizes: list[int]
+    parent: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRequest(Request):
+    op: ClassVar[str] = "commit"
+    keys: bytes
+    checksums: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest(Request):
+    op: ClassVar[str] = "abort"
+    keys: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GetRequest(Request):
+    op: ClassVar[str] = "get"
+    keys: bytes
+    prefix: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRequest(Request):
+    op: ClassVar[str] = "release"
+    one_way: ClassVar[bool] = True
+    keys: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRequest(Request):
+    op: ClassVar[str] = "delete"
+    keys: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest(Request):
+    op: ClassVar[str] = "stats"
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatRequest(Request):
+    op: ClassVar[str] = "heartbeat"
+
+
+@dataclass(frozen=True, slots=True)
+class ByeRequest(Request):
+    op: ClassVar[str] = "bye"
+
+
+_REQUESTS: dict[str, type[Request]] = {
+    cls.op: cls
+    for cls in (
+        HelloRequest, LookupRequest, ReserveRequest, CommitRequest, AbortRequest, GetRequest,
+        ReleaseRequest, DeleteRequest, StatsRequest, HeartbeatRequest, ByeRequest,
+    )
+}  # fmt: skip
+
+_INT_LIST = "list[int]"
+
+
+def _check(value: Any, annotation: str, name: str, op: str) -> Any:
+    """Validate one field against its annotation (kept as a string by __future__)."""
+    ok: bool
+    if annotation == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    elif annotation == "str":
+        ok = isinstance(value, str)
+    elif annotation == "bool":
+        ok = isinstance(value, bool)
+    elif annotation == "bytes":
+        ok = isinstance(value, bytes)
+    elif annotation == "bytes | None":
+        ok = value is None or (isinstance(value, bytes) and len(value) == KEY_BYTES)
+    elif annotation == _INT_LIST:
+        ok = isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        )
+    else:  # pragma: no cover - a new field type without a validator is a bug here
+        raise AssertionError(f"no validator for annotation {annotation!r}")
+    if not ok:
+        raise ProtocolError(f"{op}: field {name!r} must be {annotation}, got {type(value).__name__}")
+    if name == "keys" and len(value) % KEY_BYTES:
+        raise ProtocolError(f"{op}: keys must be a multiple of {KEY_BYTES} bytes")
+    return value
+
+
+def _unpack_map(frame: bytes, what: str) -> dict[str, Any]:
+    try:
+        body = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise ProtocolError(f"{what} is not valid msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{what} must be a msgpack map, got {type(body).__name__}")
+    if body.get("v") != VERSION:
+        raise ProtocolError(f"{what} has protocol version {body.get('v')!r}; expected {VERSION}")
+    return body
+
+
+def peek_id(frame: bytes) -> int:
+    """Best-effort request id of a frame that failed to decode (0 if unknown)."""
+    try:
+        body = msgpack.unpackb(frame, raw=False)
+    except (ValueError, msgpack.UnpackException, TypeError):
+        return 0
+    if isinstance(body, dict) and isinstance(body.get("id"), int):
+        return int(body["id"])
+    return 0
+
+
+def decode_request(frame: bytes) -> Request:
+    """Parse and validate one request frame; raises ``ProtocolError`` naming the problem."""
+    body = _unpack_map(frame, "request")
+    op = body.get("op")
+    cls = _REQUESTS.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown op {op!r}; known ops: {sorted(_REQUESTS)}")
+    values = {}
+    for f in fields(cls):
+        if f.name not in body:
+            raise ProtocolError(f"{op}: missing field {f.name!r}")
+        values[f.name] = _check(body[f.name], str(f.type), f.name, op)
+    return cls(**values)
+
+
+def encode_reply(request_id: int, **values: Any) -> bytes:
+    return msgpack.packb({"v": VERSION, "id": request_id, "ok": True, **values}, use_bin_type=True)
+
+
+def encode_error(request_id: int, code: ErrorCode, message: str) -> bytes:
+    return msgpack.packb(
+        {"v": VERSION, "id": request_id, "ok": False, "code": str(code), "error": message},
+        use_bin_type=True,
+    )
+
+
+def decode_reply(frame: bytes) -> dict[str, Any]:
+    """Parse a reply frame into its map; the caller checks ``ok`` and its fields."""
+    body = _unpack_map(frame, "reply")
+    if not isinstance(body.get("id"), int) or not isinstance(body.get("ok"), bool):
+        raise ProtocolError("reply lacks an integer 'id' or a boolean 'ok'")
+    return body

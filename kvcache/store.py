@@ -1,0 +1,491 @@
+"""The block store: which blocks exist, in which tier, and who may touch them.
+
+Invariant (checked by the Hypothesis state machine in tests/unit/test_store.py)::
+
+    every block is RESERVED by exactly one writer session, or COMMITTED;
+    only COMMITTED blocks are visible to lookup and get;
+    a COMMITTED block with leases (lease_count > 0) sits in the SHM tier and is
+    never evicted, demoted or overwritten; a block sits in exactly one tier.
+
+Life of a block::
+
+    reserve ──► RESERVED (slot in SHM, owner session, deadline)
+       │  writer copies payload into the arena, then
+       ├── commit(checksum) ──► COMMITTED in SHM ──demote──► DRAM ──spill──► SSD ──► dropped
+       │                              ▲   get = lease + promote to SHM      │
+       │                              └─────────────────────────────────────┘
+       └── abort / writer dies / deadline passes ──► slot freed; bytes never served
+
+Tiers are exclusive: a block moves down on pressure and back up to SHM on a hit (engines
+can only read the arena). Every move verifies the checksum the writer supplied at commit;
+a mismatch drops the block and counts an error, so corruption is a miss, never wrong data.
+
+Eviction is delegated per tier to a pluggable ``EvictionPolicy`` (``kvcache.eviction``);
+the store pins leased blocks. Making room is synchronous on the request that needs it:
+simpler to reason about than a background demoter, and the copy (DRAM speed) is paid once.
+
+Calls go down, events come up: the store appends ``BlockEvent``s and the daemon drains
+them with ``take_events()``; this module imports no transport. Time is injected.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kvcache.errors import CorruptBlock
+from kvcache.eviction import EvictionPolicy, make_policy
+from kvcache.tiers import Tier, TierStore
+
+__all__ = [
+    "BlockEvent",
+    "BlockStore",
+    "EventKind",
+    "Lease",
+    "ReserveResult",
+    "ReserveStatus",
+    "StoreStats",
+    "TierStats",
+]
+
+
+class _State(enum.IntEnum):
+    RESERVED = 0
+    COMMITTED = 1
+
+
+class ReserveStatus(enum.IntEnum):
+    OK = 0  # a slot is reserved: write the payload there, then commit
+    EXISTS = 1  # the block is already cached (or being written by another client)
+    NO_SPACE = 2  # back-pressure: every evictable block is leased or reserved
+
+
+class EventKind(enum.Enum):
+    STORED = "stored"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    status: ReserveStatus
+    offset: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Read access to a committed block in the arena until released."""
+
+    key: bytes
+    offset: int
+    nbytes: int
+    checksum: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlockEvent:
+    kind: EventKind
+    key: bytes
+    tier: Tier | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    tier: str
+    num_blocks: int
+    used_bytes: int
+    capacity_bytes: int
+    fragmentation: float
+    hits: int
+    evictions: int
+    bytes_in: int
+    bytes_out: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    tiers: tuple[TierStats, ...]
+    misses: int
+    num_leases: int
+    num_reservations: int
+    num_sessions: int
+    no_space: int
+    checksum_failures: int
+    dropped: int
+    expired_reservations: int
+
+
+class _Entry:
+    __slots__ = (
+        "checksum",
+        "deadline",
+        "key",
+        "lease_count",
+        "nbytes",
+        "offset",
+        "owner",
+        "parent",
+        "state",
+        "tier",
+    )
+
+    def __init__(self, key: bytes, parent: bytes | None, nbytes: int, offset: int) -> None:
+        self.key = key
+        self.parent = parent
+        self.nbytes = nbytes
+        self.offset = offset
+        self.tier = Tier.SHM
+        self.state = _State.RESERVED
+        self.checksum = 0
+        self.lease_count = 0
+        self.owner = 0
+        self.deadline = 0.0
+
+
+@dataclass(slots=True)
+class _Session:
+    leases: dict[bytes, list[_Entry]] = field(default_factory=dict)
+    reservations: dict[bytes, _Entry] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _TierCounters:
+    hits: int = 0
+    evictions: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class BlockStore:
+    """Owner of all block metadata; tiers ordered SHM (required) → DRAM → SSD."""
+
+    def __init__(
+        self,
+        tiers: Sequence[TierStore],
+        *,
+        policy: str = "default",
+        reservation_ttl_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        assert tiers and tiers[0].tier is Tier.SHM, "the first tier must be the SHM arena"
+        self._tiers = list(tiers)
+        self._policies: list[EvictionPolicy[bytes]] = [
+            make_policy(policy, max(1, t.allocator.capacity_bytes // (256 << 10))) for t in tiers
+        ]
+        self._counters = [_TierCounters() for _ in tiers]
+        self._entries: dict[bytes, _Entry] = {}
+        self._doomed: set[_Entry] = set()  # deleted while leased: removed on last release
+        self._sessions: dict[int, _Session] = {}
+        self._reservations: dict[int, _Entry] = {}  # id(entry) -> entry, in deadline order
+        self._events: list[BlockEvent] = []
+        self._ttl = reservation_ttl_s
+        self._clock = clock
+        self._misses = 0
+        self._num_leases = 0
+        self._no_space = 0
+        self._checksum_failures = 0
+        self._dropped = 0
+        self._expired = 0
+
+    @property
+    def max_block_bytes(self) -> int:
+        return self._tiers[0].allocator.max_block_bytes
+
+    # -- sessions --------------------------------------------------------------------
+
+    def open_session(self, session_id: int) -> None:
+        self._sessions.setdefault(session_id, _Session())
+
+    def close_session(self, session_id: int) -> None:
+        """Release every lease and abort every reservation of a (possibly dead) client."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        for entries in session.leases.values():
+            for entry in entries:
+                self._unlease(entry)
+        for entry in list(session.reservations.values()):
+            self._discard_reservation(entry)
+
+    def _session(self, session_id: int) -> _Session:
+        session = self._sessions.get(session_id)
+        assert session is not None, f"session {session_id} used before open_session"
+        return session
+
+    # -- reads -----------------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Length of the longest prefix of ``keys`` that is committed in any tier."""
+        entries = self._entries
+        for index, key in enumerate(keys):
+            entry = entries.get(key)
+            if entry is None or entry.state is not _State.COMMITTED:
+                return index
+        return len(keys)
+
+    def acquire(self, session_id: int, keys: Sequence[bytes], *, prefix: bool = True) -> list[Lease | None]:
+        """Lease each committed block, promoting it to SHM; ``None`` marks a miss.
+
+        With ``prefix`` (the default) the first miss ends the answer: blocks past a gap in
+        a chain can never be used by an engine.
+        """
+        session = self._session(session_id)
+        leases: list[Lease | None] = []
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None or entry.state is not _State.COMMITTED or not self._promote(entry):
+                self._misses += 1
+                leases.append(None)
+                if prefix:
+                    break
+                continue
+            entry.lease_count += 1
+            self._num_leases += 1
+            session.leases.setdefault(key, []).append(entry)
+            leases.append(Lease(key, entry.offset, entry.nbytes, entry.checksum))
+        return leases
+
+    def release(self, session_id: int, keys: Sequence[bytes]) -> int:
+        """Drop one lease per key held by the session; returns how many were held."""
+        session = self._session(session_id)
+        released = 0
+        for key in keys:
+            held = session.leases.get(key)
+            if not held:
+                continue
+            entry = held.pop()
+            if not held:
+                del session.leases[key]
+            self._unlease(entry)
+            released += 1
+        return released
+
+    def _unlease(self, entry: _Entry) -> None:
+        assert entry.lease_count > 0, f"lease count of {entry.key.hex()} would go negative"
+        entry.lease_count -= 1
+        self._num_leases -= 1
+        if entry.lease_count == 0 and entry in self._doomed:
+            self._doomed.discard(entry)
+            self._tiers[entry.tier].free(entry.offset)
+
+    # -- writes ----------------------------------------------------------------------
+
+    def reserve(
+        self,
+        session_id: int,
+        keys: Sequence[bytes],
+        sizes: Sequence[int],
+        parent: bytes | None = None,
+    ) -> list[ReserveResult]:
+        """Reserve SHM slots for a chain of blocks (``keys[i-1]`` is the parent of ``keys[i]``).
+
+        Raises ``ValueError`` for a size outside 1..max_block_bytes (bad input). After the
+        first NO_SPACE the rest of the chain is NO_SPACE too: a suffix without its prefix
+        is useless, so the store does not evict for it.
+        """
+        if len(keys) != len(sizes):
+            raise ValueError(f"{len(keys)} keys but {len(sizes)} sizes")
+        limit = self.max_block_bytes
+        for nbytes in sizes:
+            if not 0 < nbytes <= limit:
+                raise ValueError(f"block size {nbytes} is outside 1..{limit} bytes")
+        session = self._session(session_id)
+        deadline = self._clock() + self._ttl
+        results: list[ReserveResult] = []
+        full = False
+        for key, nbytes in zip(keys, sizes, strict=True):
+            chain_parent, parent = parent, key
+            if key in self._entries:
+                results.append(ReserveResult(ReserveStatus.EXISTS))
+                continue
+            offset = None if full else self._allocate(0, nbytes)
+            if offset is None:
+                full = True
+                self._no_space += 1
+                results.append(ReserveResult(ReserveStatus.NO_SPACE))
+                continue
+            entry = _Entry(key, chain_parent, nbytes, offset)
+            entry.owner = session_id
+            entry.deadline = deadline
+            self._entries[key] = entry
+            session.reservations[key] = entry
+            self._reservations[id(entry)] = entry
+            results.append(ReserveResult(ReserveStatus.OK, offset))
+        return results
+
+    def commit(self, session_id: int, keys: Sequence[bytes], checksums: Sequence[int]) -> int:
+        """Make reserved blocks visible; returns how many were committed.
+
+        A key the session does not hold a reservation for (expired, never reserved) is
+        skipped: its bytes were never published, so nothing wrong is served.
+        """
+        if len(keys) != len(checksums):
+            raise ValueError(f"{len(keys)} keys but {len(checksums)} checksums")
+        session = self._session(session_id)
+        committed = 0
+        shm_counters = self._counters[0]
+        for key, checksum in zip(keys, checksums, strict=True):
+            entry = session.reservations.pop(key, None)
+            if entry is None:
+                continue
+            del self._reservations[id(entry)]
+            entry.state = _State.COMMITTED
+            entry.checksum = checksum
+            self._policies[0].insert(key, entry.parent)
+            shm_counters.bytes_in += entry.nbytes
+            self._events.append(BlockEvent(EventKind.STORED, key, Tier.SHM))
+            committed += 1
+        return committed
+
+    def abort(self, session_id: int, keys: Sequence[bytes]) -> None:
+        session = self._session(session_id)
+        for key in keys:
+            entry = session.reservations.get(key)
+            if entry is not None:
+                self._discard_reservation(entry)
+
+    def _discard_reservation(self, entry: _Entry) -> None:
+        session = self._sessions.get(entry.owner)
+        if session is not None:
+            session.reservations.pop(entry.key, None)
+        self._reservations.pop(id(entry), None)
+        del self._entries[entry.key]
+        self._tiers[0].free(entry.offset)
+
+    def expire(self) -> int:
+        """Abort reservations past their deadline (a writer that hung mid-write)."""
+        now = self._clock()
+        expired = [e for e in self._reservations.values() if e.deadline <= now]
+        for entry in expired:
+            self._discard_reservation(entry)
+        self._expired += len(expired)
+        return len(expired)
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        """Remove committed blocks; a leased one disappears now and is freed on release."""
+        removed = 0
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None or entry.state is not _State.COMMITTED:
+                continue
+            self._policies[entry.tier].remove(key)
+            self._remove(entry)
+            removed += 1
+        return removed
+
+    def take_events(self) -> list[BlockEvent]:
+        events, self._events = self._events, []
+        return events
+
+    # -- tier movement ---------------------------------------------------------------
+
+    def _allocate(self, level: int, nbytes: int) -> int | None:
+        """A slot in tier ``level``, demoting that tier's victims until one fits."""
+        tier = self._tiers[level]
+        policy = self._policies[level]
+        for _ in range(len(policy) + 1):
+            offset = tier.try_allocate(nbytes)
+            if offset is not None:
+                return offset
+            victim_key = policy.pop_victim(self._is_pinned)
+            if victim_key is None:
+                return None
+            self._counters[level].evictions += 1
+            self._demote(self._entries[victim_key], level)
+        return None
+
+    def _is_pinned(self, key: bytes) -> bool:
+        return self._entries[key].lease_count > 0
+
+    def _demote(self, entry: _Entry, level: int) -> None:
+        """Move an evicted block one tier down, or drop it from the bottom tier."""
+        if level + 1 >= len(self._tiers):
+            self._remove(entry)
+            return
+        offset = self._allocate(level + 1, entry.nbytes)
+        if offset is None or not self._move(entry, level + 1, offset):
+            self._remove(entry)
+            return
+        self._policies[level + 1].insert(entry.key, entry.parent)
+
+    def _promote(self, entry: _Entry) -> bool:
+        """Bring a committed block to SHM; ``False`` (a miss) if no room or it is corrupt."""
+        level = entry.tier
+        if level == Tier.SHM:
+            self._counters[0].hits += 1
+            self._policies[0].touch(entry.key)
+            self._counters[0].bytes_out += entry.nbytes
+            return True
+        # Out of its policy first, so making room in SHM (which demotes into this tier)
+        # cannot pick the very block being promoted as a victim.
+        self._policies[level].remove(entry.key)
+        offset = self._allocate(0, entry.nbytes)
+        if offset is None:
+            self._policies[level].insert(entry.key, entry.parent)
+            self._no_space += 1
+            return False
+        if not self._move(entry, Tier.SHM, offset):
+            self._remove(entry)
+            return False
+        self._counters[level].hits += 1
+        self._counters[0].bytes_out += entry.nbytes
+        self._policies[0].insert(entry.key, entry.parent)
+        return True
+
+    def _move(self, entry: _Entry, level: int, offset: int) -> bool:
+        """Copy a block to ``offset`` in tier ``level`` and free its old slot."""
+        source, target = self._tiers[entry.tier], self._tiers[level]
+        try:
+            source.copy_to(entry.offset, entry.nbytes, entry.checksum, target, offset)
+        except CorruptBlock:
+            self._checksum_failures += 1
+            target.free(offset)
+            return False
+        self._counters[entry.tier].bytes_out += entry.nbytes
+        self._counters[level].bytes_in += entry.nbytes
+        source.free(entry.offset)
+        entry.tier = Tier(level)
+        entry.offset = offset
+        return True
+
+    def _remove(self, entry: _Entry) -> None:
+        """Forget a committed block (already out of its tier's policy)."""
+        del self._entries[entry.key]
+        self._dropped += 1
+        self._events.append(BlockEvent(EventKind.REMOVED, entry.key))
+        if entry.lease_count > 0:
+            self._doomed.add(entry)
+        else:
+            self._tiers[entry.tier].free(entry.offset)
+
+    # -- statistics ------------------------------------------------------------------
+
+    def statistics(self) -> StoreStats:
+        tier_stats = []
+        for tier, policy, counters in zip(self._tiers, self._policies, self._counters, strict=True):
+            alloc = tier.statistics()
+            tier_stats.append(
+                TierStats(
+                    tier=tier.tier.label,
+                    num_blocks=len(policy),
+                    used_bytes=alloc.slot_bytes,
+                    capacity_bytes=alloc.capacity_bytes,
+                    fragmentation=alloc.fragmentation,
+                    hits=counters.hits,
+                    evictions=counters.evictions,
+                    bytes_in=counters.bytes_in,
+                    bytes_out=counters.bytes_out,
+                )
+            )
+        return StoreStats(
+            tiers=tuple(tier_stats),
+            misses=self._misses,
+            num_leases=self._num_leases,
+            num_reservations=len(self._reservations),
+            num_sessions=len(self._sessions),
+            no_space=self._no_space,
+            checksum_failures=self._checksum_failures,
+            dropped=self._dropped,
+            expired_reservations=self._expired,
+        )

@@ -1,0 +1,153 @@
+"""Storage tiers: where a block's bytes live (shared memory, DRAM, SSD) and how they move.
+
+A tier is a ``SlabAllocator`` (offsets) over a ``Backing`` (bytes)::
+
+    TierStore(SHM)  = allocator + MemoryBacking(mmap of the /dev/shm arena)   engines map it
+    TierStore(DRAM) = allocator + MemoryBacking(anonymous mmap)               daemon-private
+    TierStore(SSD)  = allocator + FileBacking(one preallocated file)          daemon-private
+
+The metadata of which block sits where belongs to ``kvcache.store``; this module only
+moves bytes. Every move between tiers recomputes the block checksum (xxh3-64, ~10x
+faster than a memcpy, so verifying costs little) and a mismatch is a ``CorruptBlock``
+the store turns into a miss: wrong bytes are never promoted.
+
+Each backing is a Protocol with a memory and a file implementation; an anonymous
+mmap (not a bytearray) backs DRAM so pages are only touched once used and the tier can be
+larger than what is ever filled.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+import os
+from pathlib import Path
+from typing import Protocol
+
+import xxhash
+
+from kvcache.allocator import AllocatorStats, SlabAllocator
+from kvcache.errors import CorruptBlock
+
+__all__ = [
+    "Backing",
+    "FileBacking",
+    "MemoryBacking",
+    "Tier",
+    "TierStore",
+    "block_checksum",
+]
+
+
+def block_checksum(data: bytes | bytearray | memoryview) -> int:
+    """The integrity checksum every block carries: xxh3-64 of its payload."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+class Tier(enum.IntEnum):
+    SHM = 0
+    DRAM = 1
+    SSD = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Backing(Protocol):
+    def write(self, offset: int, data: memoryview) -> None: ...
+    def read_into(self, offset: int, out: memoryview) -> None: ...
+    def close(self) -> None: ...
+
+
+class MemoryBacking:
+    """Bytes in a mapping: the shared arena or anonymous daemon memory."""
+
+    def __init__(self, buffer: mmap.mmap, base: int = 0) -> None:
+        self._mmap = buffer
+        self._view = memoryview(buffer)[base:]
+
+    @classmethod
+    def anonymous(cls, nbytes: int) -> MemoryBacking:
+        return cls(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        return self._view[offset : offset + nbytes]
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self._view[offset : offset + len(data)] = data
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        out[:] = self._view[offset : offset + len(out)]
+
+    def close(self) -> None:
+        self._view.release()
+        self._mmap.close()
+
+
+class FileBacking:
+    """Bytes in one preallocated file (the SSD spill tier); positional I/O only."""
+
+    def __init__(self, path: Path, nbytes: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, nbytes)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        written = os.pwrite(self._fd, data, offset)
+        if written != len(data):
+            raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        got = os.preadv(self._fd, [out], offset)
+        if got != len(out):
+            raise OSError(f"short read from {self.path}: {got} of {len(out)} bytes")
+
+    def close(self) -> None:
+        os.close(self._fd)
+        self.path.unlink(missing_ok=True)
+
+
+class TierStore:
+    """One tier: allocation plus byte movement, with checksums on every crossing."""
+
+    def __init__(self, tier: Tier, allocator: SlabAllocator, backing: Backing) -> None:
+        self.tier = tier
+        self.allocator = allocator
+        self.backing = backing
+
+    def try_allocate(self, nbytes: int) -> int | None:
+        return self.allocator.try_allocate(nbytes)
+
+    def free(self, offset: int) -> None:
+        self.allocator.free(offset)
+
+    def statistics(self) -> AllocatorStats:
+        return self.allocator.statistics()
+
+    def copy_to(
+        self, offset: int, nbytes: int, checksum: int, target: TierStore, target_offset: int
+    ) -> None:
+        """Copy a block to ``target``, verifying it; raises ``CorruptBlock`` on mismatch."""
+        source = self.backing
+        if isinstance(source, MemoryBacking):
+            data = source.view(offset, nbytes)
+            if block_checksum(data) != checksum:
+                raise CorruptBlock(f"checksum mismatch in {self.tier.label} at offset {offset}")
+            target.backing.write(target_offset, data)
+            return
+        if isinstance(target.backing, MemoryBacking):
+            landing = target.backing.view(target_offset, nbytes)
+            source.read_into(offset, landing)
+            if block_checksum(landing) != checksum:
+                raise CorruptBlock(f"checksum mismatch in {self.tier.label} at offset {offset}")
+            return
+        staging = memoryview(bytearray(nbytes))
+        source.read_into(offset, staging)
+        if block_checksum(staging) != checksum:
+            raise CorruptBlock(f"checksum mismatch in {self.tier.label} at offset {offset}")
+        target.backing.write(target_offset, staging)
+
+    def close(self) -> None:
+        self.backing.close()
