@@ -36,7 +36,9 @@ def register(subparsers: Any) -> None:
     add_flags(demo, CacheConfig, "cache")
     demo.set_defaults(func=_demo)
 
-    stats = verbs.add_parser("stats", help="tiers, blocks, hit counts and leases of a running daemon")
+    stats = verbs.add_parser(
+        "stats", help="tiers, blocks, hit counts and leases of a running daemon"
+    )
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     add_flags(stats, CacheConfig, "cache")
     stats.set_defaults(func=_stats)
@@ -61,12 +63,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"shoal cache serve: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if args.demo:
+
         def demo() -> None:
             time.sleep(0.2)
             print(f"--- demo against {config.endpoint} ---", flush=True)
             ok = run_demo(config.endpoint)
-            print(f"--- demo {'passed' if ok else 'FAILED'}; daemon keeps serving (Ctrl-C stops) ---",
-                  flush=True)  # fmt: skip
+            verdict = "passed" if ok else "FAILED"
+            print(f"--- demo {verdict}; daemon keeps serving (Ctrl-C stops) ---", flush=True)
+
         threading.Thread(target=demo, daemon=True).start()
     daemon.serve_forever()
     return 0
@@ -88,7 +92,9 @@ def _stats(args: argparse.Namespace) -> int:
 
     config = _config(args)
     try:
-        with CacheClient(config.endpoint, name="shoal-cache-stats", heartbeat=False, populate=False) as c:
+        with CacheClient(
+            config.endpoint, name="shoal-cache-stats", heartbeat=False, populate=False
+        ) as c:
             stats = c.stats()
     except CacheUnavailable as exc:
         print(f"shoal cache stats: {exc}", file=sys.stderr)
@@ -98,8 +104,10 @@ def _stats(args: argparse.Namespace) -> int:
         return 0
     print(f"daemon {stats['name']} (pid {stats['pid']}): {stats['num_sessions']} sessions, "
           f"{stats['num_leases']} leases, {stats['num_reservations']} reservations")  # fmt: skip
-    header = f"{'tier':<6}{'blocks':>10}{'used':>12}{'capacity':>12}{'frag':>7}{'hits':>10}{'evicted':>10}"
-    print(header)
+    print(
+        f"{'tier':<6}{'blocks':>10}{'used':>12}{'capacity':>12}{'frag':>7}"
+        f"{'hits':>10}{'evicted':>10}"
+    )
     for tier in stats["tiers"]:
         print(
             f"{tier['tier']:<6}{tier['num_blocks']:>10}{_size(tier['used_bytes']):>12}"

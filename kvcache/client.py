@@ -20,6 +20,9 @@ Shortage is a return value (``PutResult.no_space``, a short ``get``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import itertools
 import mmap
 import os
@@ -28,9 +31,6 @@ import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-import asyncio
-import dataclasses
 
 import zmq
 import zmq.asyncio
@@ -91,7 +91,9 @@ def _as_bytes_view(payload: Any) -> memoryview:
 class _ClientFlows:
     """Everything but the socket: sessions, arena mapping and the operation flows."""
 
-    def __init__(self, endpoint: str, namespace: str, name: str, verify_reads: bool, populate: bool):
+    def __init__(
+        self, endpoint: str, namespace: str, name: str, verify_reads: bool, populate: bool
+    ):
         self.endpoint = endpoint
         self.namespace = namespace
         self.name = name
@@ -118,7 +120,9 @@ class _ClientFlows:
         )  # fmt: skip
         assert reply is not None
         try:
-            mapping, header = map_arena(reply["arena_path"], reply["instance_id"], populate=self.populate)
+            mapping, header = map_arena(
+                reply["arena_path"], reply["instance_id"], populate=self.populate
+            )
         except (KeyError, TypeError) as exc:
             raise ProtocolError(f"hello reply lacks {exc}") from None
         except ArenaError as exc:
@@ -135,12 +139,10 @@ class _ClientFlows:
             self._arena.release()
             self._arena = None
         if self._mmap is not None:
-            try:
+            # A BlockView or Reservation may still reference the old mapping; it is then
+            # unmapped when the last view is garbage-collected.
+            with contextlib.suppress(BufferError):
                 self._mmap.close()
-            except BufferError:
-                # A BlockView or Reservation still references the old mapping; it is
-                # unmapped when the last view is garbage-collected.
-                pass
             self._mmap = None
 
     def _slot(self, offset: int, nbytes: int) -> memoryview:
@@ -152,7 +154,9 @@ class _ClientFlows:
     # -- flows -----------------------------------------------------------------------
 
     def _lookup_flow(self, keys: Sequence[bytes]) -> _Flow[int]:
-        reply = yield m.LookupRequest(id=self._next_id(), session=self.session, keys=join_keys(keys))
+        reply = yield m.LookupRequest(
+            id=self._next_id(), session=self.session, keys=join_keys(keys)
+        )
         assert reply is not None
         return int(reply["length"])
 
@@ -177,7 +181,10 @@ class _ClientFlows:
 
     def _commit_flow(self, keys: Sequence[bytes], checksums: Sequence[int]) -> _Flow[int]:
         reply = yield m.CommitRequest(
-            id=self._next_id(), session=self.session, keys=join_keys(keys), checksums=list(checksums)
+            id=self._next_id(),
+            session=self.session,
+            keys=join_keys(keys),
+            checksums=list(checksums),
         )
         assert reply is not None
         return int(reply["committed"])
@@ -212,7 +219,11 @@ class _ClientFlows:
         offsets, sizes, checksums = reply["offsets"], reply["sizes"], reply["checksums"]
         views: list[BlockView | None] = []
         for key, offset, size, checksum in zip(keys, offsets, sizes, checksums, strict=False):
-            views.append(None if offset < 0 else BlockView(key, checksum, self._slot(offset, size).toreadonly()))
+            views.append(
+                None
+                if offset < 0
+                else BlockView(key, checksum, self._slot(offset, size).toreadonly())
+            )
         return views
 
     def _release_flow(self, keys: Sequence[bytes]) -> _Flow[None]:
@@ -266,7 +277,9 @@ class CacheClient(_ClientFlows):
         populate: bool = True,
         heartbeat: bool = True,
     ) -> None:
-        super().__init__(endpoint or CacheConfig().endpoint, namespace, name, verify_reads, populate)
+        super().__init__(
+            endpoint or CacheConfig().endpoint, namespace, name, verify_reads, populate
+        )
         self.timeout_s = timeout_s
         self._context = zmq.Context()
         self._socket: zmq.Socket[bytes] | None = None
@@ -285,7 +298,9 @@ class CacheClient(_ClientFlows):
     def _connect(self) -> None:
         path = self.endpoint.removeprefix("ipc://")
         if self.endpoint.startswith("ipc://") and not os.path.exists(path):
-            raise CacheUnavailable(f"no cache daemon socket at {path}; is `shoal cache serve` running?")
+            raise CacheUnavailable(
+                f"no cache daemon socket at {path}; is `shoal cache serve` running?"
+            )
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(self.endpoint)
@@ -326,7 +341,9 @@ class CacheClient(_ClientFlows):
             self._reset()
             raise
         self._reset()
-        raise CacheUnavailable(f"no reply from the cache daemon at {self.endpoint} within {self.timeout_s}s")
+        raise CacheUnavailable(
+            f"no reply from the cache daemon at {self.endpoint} within {self.timeout_s}s"
+        )
 
     def _drive(self, flow: _Flow[T]) -> T:
         reply: dict[str, Any] | None = None
@@ -356,12 +373,14 @@ class CacheClient(_ClientFlows):
         """Number of leading ``keys`` cached (any tier), in one round trip."""
         return self._drive(self._lookup_flow(keys))
 
-    def put(self, keys: Sequence[bytes], payloads: Sequence[Any], parent: bytes | None = None) -> PutResult:
+    def put(
+        self, keys: Sequence[bytes], payloads: Sequence[Any], parent: bytes | None = None
+    ) -> PutResult:
         """Store a chain of blocks (``parent`` = key before ``keys[0]``) in two round trips."""
         return self._drive(self._put_flow(keys, payloads, parent))
 
     def get_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
-        """Copy the longest cached, verified prefix of ``keys`` into ``outs``; returns its length."""
+        """Copy the longest cached, verified prefix of ``keys`` into ``outs``; return its length."""
         return self._drive(self._get_into_flow(keys, outs))
 
     def reserve(
@@ -375,7 +394,11 @@ class CacheClient(_ClientFlows):
         return self._drive(self._commit_flow([r.key for r in reservations], checksums))
 
     def abort(self, keys: Sequence[bytes]) -> None:
-        self._drive(self._simple_flow(m.AbortRequest(id=self._next_id(), session=self.session, keys=join_keys(keys))))
+        self._drive(
+            self._simple_flow(
+                m.AbortRequest(id=self._next_id(), session=self.session, keys=join_keys(keys))
+            )
+        )
 
     def get(self, keys: Sequence[bytes], *, prefix: bool = True) -> list[BlockView | None]:
         """Lease blocks for zero-copy reads; ``release`` them when done."""
@@ -385,20 +408,27 @@ class CacheClient(_ClientFlows):
         self._drive(self._release_flow([b.key for b in blocks]))
 
     def delete(self, keys: Sequence[bytes]) -> int:
-        reply = self._drive(self._simple_flow(m.DeleteRequest(id=self._next_id(), session=self.session, keys=join_keys(keys))))
+        reply = self._drive(
+            self._simple_flow(
+                m.DeleteRequest(id=self._next_id(), session=self.session, keys=join_keys(keys))
+            )
+        )
         return int(reply["deleted"])
 
     def stats(self) -> dict[str, Any]:
-        reply = self._drive(self._simple_flow(m.StatsRequest(id=self._next_id(), session=self.session)))
+        reply = self._drive(
+            self._simple_flow(m.StatsRequest(id=self._next_id(), session=self.session))
+        )
         return dict(reply["stats"])
 
     def close(self) -> None:
         self._heartbeat_stop.set()
         if self._socket is not None and self.session:
-            try:
-                self._socket.send(m.ByeRequest(id=self._next_id(), session=self.session).encode(), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # the daemon will notice through the pidfd or the session TTL
+            # On failure the daemon notices through the pidfd or the session TTL.
+            with contextlib.suppress(zmq.ZMQError):
+                self._socket.send(
+                    m.ByeRequest(id=self._next_id(), session=self.session).encode(), zmq.NOBLOCK
+                )
         if self._heartbeat_thread is not None:
             self._heartbeat_thread.join(timeout=1)
         self._reset()
@@ -430,7 +460,9 @@ class AsyncCacheClient(_ClientFlows):
         verify_reads: bool = True,
         populate: bool = True,
     ) -> None:
-        super().__init__(endpoint or CacheConfig().endpoint, namespace, name, verify_reads, populate)
+        super().__init__(
+            endpoint or CacheConfig().endpoint, namespace, name, verify_reads, populate
+        )
         self.timeout_s = timeout_s
         self._context = zmq.asyncio.Context()
         self._socket: zmq.asyncio.Socket | None = None
@@ -462,7 +494,9 @@ class AsyncCacheClient(_ClientFlows):
     async def _open(self) -> None:
         path = self.endpoint.removeprefix("ipc://")
         if self.endpoint.startswith("ipc://") and not os.path.exists(path):
-            raise CacheUnavailable(f"no cache daemon socket at {path}; is `shoal cache serve` running?")
+            raise CacheUnavailable(
+                f"no cache daemon socket at {path}; is `shoal cache serve` running?"
+            )
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(self.endpoint)
@@ -492,7 +526,9 @@ class AsyncCacheClient(_ClientFlows):
             self._reset()
             raise
         self._reset()
-        raise CacheUnavailable(f"no reply from the cache daemon at {self.endpoint} within {self.timeout_s}s")
+        raise CacheUnavailable(
+            f"no reply from the cache daemon at {self.endpoint} within {self.timeout_s}s"
+        )
 
     def _reset(self) -> None:
         if self._socket is not None:
@@ -514,12 +550,16 @@ class AsyncCacheClient(_ClientFlows):
             return done.value  # type: ignore[no-any-return]
 
     async def heartbeat(self) -> None:
-        await self._drive(self._simple_flow(m.HeartbeatRequest(id=self._next_id(), session=self.session)))
+        await self._drive(
+            self._simple_flow(m.HeartbeatRequest(id=self._next_id(), session=self.session))
+        )
 
     async def lookup(self, keys: Sequence[bytes]) -> int:
         return await self._drive(self._lookup_flow(keys))
 
-    async def put(self, keys: Sequence[bytes], payloads: Sequence[Any], parent: bytes | None = None) -> PutResult:
+    async def put(
+        self, keys: Sequence[bytes], payloads: Sequence[Any], parent: bytes | None = None
+    ) -> PutResult:
         return await self._drive(self._put_flow(keys, payloads, parent))
 
     async def get_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
@@ -533,12 +573,16 @@ class AsyncCacheClient(_ClientFlows):
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         reply = await self._drive(
-            self._simple_flow(m.DeleteRequest(id=self._next_id(), session=self.session, keys=join_keys(keys)))
+            self._simple_flow(
+                m.DeleteRequest(id=self._next_id(), session=self.session, keys=join_keys(keys))
+            )
         )
         return int(reply["deleted"])
 
     async def stats(self) -> dict[str, Any]:
-        reply = await self._drive(self._simple_flow(m.StatsRequest(id=self._next_id(), session=self.session)))
+        reply = await self._drive(
+            self._simple_flow(m.StatsRequest(id=self._next_id(), session=self.session))
+        )
         return dict(reply["stats"])
 
     async def close(self) -> None:
@@ -546,11 +590,11 @@ class AsyncCacheClient(_ClientFlows):
             self._heartbeat_task.cancel()
             self._heartbeat_task = None
         if self._socket is not None and self.session:
-            try:
-                await self._socket.send(m.ByeRequest(id=self._next_id(), session=self.session).encode())
-            except zmq.ZMQError:
-                pass  # the daemon will notice through the pidfd or the session TTL
+            # On failure the daemon notices through the pidfd or the session TTL.
+            with contextlib.suppress(zmq.ZMQError):
+                await self._socket.send(
+                    m.ByeRequest(id=self._next_id(), session=self.session).encode()
+                )
         self._reset()
         self._drop_arena()
         self._context.term()
-

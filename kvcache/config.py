@@ -35,7 +35,9 @@ class CacheConfig:
         "", "directory (mode 0700) for the socket; empty = $XDG_RUNTIME_DIR (or /tmp)/shoal-UID"
     )
     shm_bytes: int = setting(1 << 30, "size of the shared-memory (hot) tier", size=True)
-    dram_bytes: int = setting(4 << 30, "size of the daemon-private DRAM (warm) tier; 0 = off", size=True)
+    dram_bytes: int = setting(
+        4 << 30, "size of the daemon-private DRAM (warm) tier; 0 = off", size=True
+    )
     ssd_dir: str = setting("", "directory for the SSD spill tier; empty = no SSD tier")
     ssd_bytes: int = setting(16 << 30, "size of the SSD spill file (with --ssd-dir)", size=True)
     slab_bytes: int = setting(64 << 20, "allocator slab size = largest block", size=True)

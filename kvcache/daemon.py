@@ -112,7 +112,9 @@ class CacheDaemon:
             except OSError as exc:
                 self.arena.close()
                 raise CacheError(f"cannot create SSD spill file {path}: {exc}") from None
-            tiers.append(TierStore(Tier.SSD, SlabAllocator(config.ssd_bytes, config.slab_bytes), backing))
+            tiers.append(
+                TierStore(Tier.SSD, SlabAllocator(config.ssd_bytes, config.slab_bytes), backing)
+            )
         self._tiers = tiers
         self.store = BlockStore(
             tiers,
@@ -213,7 +215,9 @@ class CacheDaemon:
             if len(frames) != 2:
                 self.metrics.protocol_errors.labels(m.ErrorCode.MALFORMED).inc()
                 if frames:
-                    self._send(frames[0], m.encode_error(0, m.ErrorCode.MALFORMED, "one frame expected"))
+                    self._send(
+                        frames[0], m.encode_error(0, m.ErrorCode.MALFORMED, "one frame expected")
+                    )
                 continue
             identity, frame = frames
             reply = self._handle(frame)
@@ -244,7 +248,9 @@ class CacheDaemon:
         client = self._clients.get(request.session)
         if client is None and not isinstance(request, m.HelloRequest):
             return self._error(
-                request.id, m.ErrorCode.UNKNOWN_SESSION, f"session {request.session} unknown; say hello"
+                request.id,
+                m.ErrorCode.UNKNOWN_SESSION,
+                f"session {request.session} unknown; say hello",
             )
         if client is not None:
             client.last_seen = self._clock()
@@ -341,7 +347,9 @@ class CacheDaemon:
         return {}
 
     def _get(self, request: m.GetRequest) -> dict[str, Any]:
-        leases = self.store.acquire(request.session, split_keys(request.keys), prefix=request.prefix)
+        leases = self.store.acquire(
+            request.session, split_keys(request.keys), prefix=request.prefix
+        )
         return {
             "offsets": [-1 if lease is None else lease.offset for lease in leases],
             "sizes": [0 if lease is None else lease.nbytes for lease in leases],

@@ -58,10 +58,11 @@ def _engine_b(endpoint: str, num_tokens: int) -> None:
         elapsed = time.perf_counter() - started
         intact = all(np.array_equal(out, _fake_kv(k)) for out, k in zip(outs, keys, strict=False))
         print(
-            f"[engine B pid {multiprocessing.current_process().pid}] prompt of {len(tokens)} tokens "
+            f"[engine B pid {multiprocessing.current_process().pid}] "
+            f"prompt of {len(tokens)} tokens "
             f"-> {len(keys)} blocks: {cached} cached, read {served} "
-            f"({served * _BLOCK_BYTES / max(elapsed, 1e-9) / 1e9:.2f} GB/s), bytes identical: {intact}; "
-            f"{len(keys) - served} blocks to recompute",
+            f"({served * _BLOCK_BYTES / max(elapsed, 1e-9) / 1e9:.2f} GB/s), "
+            f"bytes identical: {intact}; {len(keys) - served} blocks to recompute",
             flush=True,
         )
 

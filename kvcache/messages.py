@@ -91,7 +91,7 @@ class Request:
         body: dict[str, Any] = {"v": VERSION, "op": self.op}
         for f in fields(self):
             body[f.name] = getattr(self, f.name)
-        return msgpack.packb(body, use_bin_type=True)
+        return _pack(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +176,11 @@ _REQUESTS: dict[str, type[Request]] = {
 _INT_LIST = "list[int]"
 
 
+def _pack(body: dict[str, Any]) -> bytes:
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
+
+
 def _check(value: Any, annotation: str, name: str, op: str) -> Any:
     """Validate one field against its annotation (kept as a string by __future__)."""
     ok: bool
@@ -196,7 +201,9 @@ def _check(value: Any, annotation: str, name: str, op: str) -> Any:
     else:  # pragma: no cover - a new field type without a validator is a bug here
         raise AssertionError(f"no validator for annotation {annotation!r}")
     if not ok:
-        raise ProtocolError(f"{op}: field {name!r} must be {annotation}, got {type(value).__name__}")
+        raise ProtocolError(
+            f"{op}: field {name!r} must be {annotation}, got {type(value).__name__}"
+        )
     if name == "keys" and len(value) % KEY_BYTES:
         raise ProtocolError(f"{op}: keys must be a multiple of {KEY_BYTES} bytes")
     return value
@@ -230,7 +237,7 @@ def decode_request(frame: bytes) -> Request:
     body = _unpack_map(frame, "request")
     op = body.get("op")
     cls = _REQUESTS.get(op) if isinstance(op, str) else None
-    if cls is None:
+    if cls is None or not isinstance(op, str):
         raise ProtocolError(f"unknown op {op!r}; known ops: {sorted(_REQUESTS)}")
     values = {}
     for f in fields(cls):
@@ -241,14 +248,11 @@ def decode_request(frame: bytes) -> Request:
 
 
 def encode_reply(request_id: int, **values: Any) -> bytes:
-    return msgpack.packb({"v": VERSION, "id": request_id, "ok": True, **values}, use_bin_type=True)
+    return _pack({"v": VERSION, "id": request_id, "ok": True, **values})
 
 
 def encode_error(request_id: int, code: ErrorCode, message: str) -> bytes:
-    return msgpack.packb(
-        {"v": VERSION, "id": request_id, "ok": False, "code": str(code), "error": message},
-        use_bin_type=True,
-    )
+    return _pack({"v": VERSION, "id": request_id, "ok": False, "code": str(code), "error": message})
 
 
 def decode_reply(frame: bytes) -> dict[str, Any]:

@@ -66,17 +66,29 @@ class _StoreCollector(Collector):
             for tier in stats.tiers:
                 family.add_metric([tier.tier], getattr(tier, attr))
             yield family
-        yield CounterMetricFamily("shoal_kvcache_misses", "Blocks asked for but not served", stats.misses)
-        yield CounterMetricFamily("shoal_kvcache_no_space", "Reservations refused for lack of space", stats.no_space)
         yield CounterMetricFamily(
-            "shoal_kvcache_checksum_failures", "Blocks dropped for a bad checksum", stats.checksum_failures
+            "shoal_kvcache_misses", "Blocks asked for but not served", stats.misses
         )
         yield CounterMetricFamily(
-            "shoal_kvcache_expired_reservations", "Uncommitted slots reclaimed", stats.expired_reservations
+            "shoal_kvcache_no_space", "Reservations refused for lack of space", stats.no_space
+        )
+        yield CounterMetricFamily(
+            "shoal_kvcache_checksum_failures",
+            "Blocks dropped for a bad checksum",
+            stats.checksum_failures,
+        )
+        yield CounterMetricFamily(
+            "shoal_kvcache_expired_reservations",
+            "Uncommitted slots reclaimed",
+            stats.expired_reservations,
         )
         yield GaugeMetricFamily("shoal_kvcache_leases", "Leases held by readers", stats.num_leases)
-        yield GaugeMetricFamily("shoal_kvcache_reservations", "Slots reserved, not committed", stats.num_reservations)
-        yield GaugeMetricFamily("shoal_kvcache_sessions", "Connected client sessions", stats.num_sessions)
+        yield GaugeMetricFamily(
+            "shoal_kvcache_reservations", "Slots reserved, not committed", stats.num_reservations
+        )
+        yield GaugeMetricFamily(
+            "shoal_kvcache_sessions", "Connected client sessions", stats.num_sessions
+        )
 
 
 class CacheMetrics:

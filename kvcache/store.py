@@ -224,7 +224,9 @@ class BlockStore:
                 return index
         return len(keys)
 
-    def acquire(self, session_id: int, keys: Sequence[bytes], *, prefix: bool = True) -> list[Lease | None]:
+    def acquire(
+        self, session_id: int, keys: Sequence[bytes], *, prefix: bool = True
+    ) -> list[Lease | None]:
         """Lease each committed block, promoting it to SHM; ``None`` marks a miss.
 
         With ``prefix`` (the default) the first miss ends the answer: blocks past a gap in

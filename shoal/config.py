@@ -49,7 +49,7 @@ _UNITS = {
 }  # fmt: skip
 
 
-def setting(default: Any, help: str, *, size: bool = False) -> Any:  # noqa: A002
+def setting(default: Any, help: str, *, size: bool = False) -> Any:
     """Declare one configuration field; ``size=True`` accepts human byte sizes."""
     return dataclasses.field(default=default, metadata={"help": help, "size": size})
 

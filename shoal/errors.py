@@ -3,7 +3,8 @@
 ::
 
     ShoalError
-     └── ConfigError            bad flag, environment variable or config file (message names the fix)
+     └── ConfigError            bad flag, environment variable or config file
+                                (the message names the fix)
 
 Each component draws its own subtree under ``ShoalError`` in its ``errors`` module and
 translates foreign errors (``zmq.ZMQError``, ``OSError``, ...) once, at its edge.

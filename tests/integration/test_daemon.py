@@ -243,7 +243,11 @@ def test_a_full_arena_is_back_pressure_not_a_crash(tmp_path: Path) -> None:
 
 def test_blocks_spill_through_dram_and_ssd_and_come_back_intact(tmp_path: Path) -> None:
     handle = start_daemon(
-        tmp_path, shm_bytes="8MiB", dram_bytes="8MiB", ssd_dir=str(tmp_path / "ssd"), ssd_bytes="32MiB"
+        tmp_path,
+        shm_bytes="8MiB",
+        dram_bytes="8MiB",
+        ssd_dir=str(tmp_path / "ssd"),
+        ssd_bytes="32MiB",
     )
     try:
         keys = keys_for(0, 96)  # 24 MiB: a third fits in SHM, a third in DRAM, a third on SSD

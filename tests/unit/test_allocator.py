@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import hypothesis.strategies as st
 import pytest
 from hypothesis import settings
@@ -92,9 +94,9 @@ class AllocatorMachine(RuleBasedStateMachine):
     @invariant()
     def slots_are_disjoint_and_in_bounds(self) -> None:
         spans = sorted((o, o + s) for o, s in self.live.items())
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             assert end <= start
-        assert all(0 <= o and e <= self.alloc.capacity_bytes for o, e in spans)
+        assert all(o >= 0 and e <= self.alloc.capacity_bytes for o, e in spans)
         # No slot straddles a slab boundary.
         assert all(o // self.alloc.slab_bytes == (e - 1) // self.alloc.slab_bytes for o, e in spans)
 

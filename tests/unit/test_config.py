@@ -17,7 +17,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("4096", 4096), ("64KiB", 65536), ("1.5GiB", 3 << 29), ("500MB", 500_000_000), ("2 mib", 2 << 20)],
+    [
+        ("4096", 4096),
+        ("64KiB", 65536),
+        ("1.5GiB", 3 << 29),
+        ("500MB", 500_000_000),
+        ("2 mib", 2 << 20),
+    ],
 )
 def test_sizes_accept_binary_and_decimal_units(text: str, value: int) -> None:
     assert parse_size(text) == value
