@@ -5,13 +5,19 @@ Each operation is written once, as a generator that yields requests and receives
 client with ``zmq.asyncio``, so both always speak the same protocol::
 
     put(keys, payloads)      reserve ──► copy payloads into the arena ──► commit      2 RTT
+                             (commit one-way with wait=False: 1 RTT)
     get_into(keys, outs)     get (leases) ──► copy out + verify checksums ──► release  1 RTT
                                                                     (release is one-way)
 
+Batches larger than ``pipeline_bytes`` (4 MiB) are cut into pieces and the request for
+piece i+1 is in flight while piece i is copied, so the daemon's work and the round trip
+hide behind the copy (the daemon runs on another core). Copies and checksums go in
+256 KiB pieces that stay in L2 between the two passes (``kvcache.tiers``).
+
 Payloads are any C-contiguous buffer (bytes, bytearray, memoryview, numpy array; a torch
-tensor via ``t.view(torch.uint8).numpy()``). The writer computes each block's xxh3-64
-checksum from its source before the copy, and readers verify it after copying out
-(``verify_reads``), so torn or corrupted bytes are a miss, never wrong data.
+tensor via ``t.view(torch.uint8).numpy()``). The writer checksums (xxh3-64) the bytes it
+landed in the arena, and readers verify the bytes they copied out (``verify_reads``), so
+torn or corrupted bytes are a miss, never wrong data.
 
 Failures are the caller's to degrade: ``CacheUnavailable`` when the daemon is down, slow or
 restarted (the next call reconnects by itself), ``RequestRejected`` for a refused request.
@@ -41,12 +47,31 @@ from kvcache.config import CacheConfig
 from kvcache.errors import ArenaError, CacheUnavailable, ProtocolError, RequestRejected
 from kvcache.keys import join_keys
 from kvcache.store import ReserveStatus
-from kvcache.tiers import block_checksum
+from kvcache.tiers import block_checksum, copy_hashing_target
 
 __all__ = ["AsyncCacheClient", "BlockView", "CacheClient", "PutResult", "Reservation"]
 
 T = TypeVar("T")
-_Flow = Generator[m.Request, dict[str, Any] | None, T]
+
+
+@dataclass(frozen=True, slots=True)
+class _Later:
+    """Flow step: send ``request`` now; its reply is collected by a later ``_Collect``."""
+
+    request: m.Request
+
+
+@dataclass(frozen=True, slots=True)
+class _Collect:
+    """Flow step: wait for the reply to an earlier ``_Later`` request."""
+
+    request_id: int
+
+
+# A flow yields a Request (send, then wait for its reply if it expects one), or a _Later /
+# _Collect pair, which lets a flow keep the next request in flight while it copies bytes.
+_Step = m.Request | _Later | _Collect
+_Flow = Generator[_Step, dict[str, Any] | None, T]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,15 +124,25 @@ class _ClientFlows:
         self.name = name
         self.verify_reads = verify_reads
         self.populate = populate
+        # A put/get larger than this is cut into pieces with one request kept in flight.
+        self.pipeline_bytes = 4 << 20
         self.session = 0
         self.heartbeat_s = 10.0
         self.max_block_bytes = 0
         self._ids = itertools.count(1)
+        self._early: dict[int, dict[str, Any]] = {}  # replies that arrived before awaited
+        self._outstanding: set[int] = set()  # ids sent with a reply still to come
         self._mmap: mmap.mmap | None = None
         self._arena: memoryview | None = None
 
     def _next_id(self) -> int:
         return next(self._ids)
+
+    def _file_reply(self, reply: dict[str, Any]) -> None:
+        """Keep a reply someone still waits for; drop late replies of abandoned requests."""
+        if reply["id"] in self._outstanding:
+            self._outstanding.discard(reply["id"])
+            self._early[reply["id"]] = reply
 
     def _hello_flow(self) -> _Flow[None]:
         try:
@@ -179,36 +214,74 @@ class _ClientFlows:
                 out.append(ReserveStatus(status))
         return out
 
-    def _commit_flow(self, keys: Sequence[bytes], checksums: Sequence[int]) -> _Flow[int]:
+    def _commit_flow(
+        self, keys: Sequence[bytes], checksums: Sequence[int], wait: bool = True
+    ) -> _Flow[int]:
         reply = yield m.CommitRequest(
-            id=self._next_id(),
-            session=self.session,
-            keys=join_keys(keys),
-            checksums=list(checksums),
-        )
-        assert reply is not None
-        return int(reply["committed"])
+            id=self._next_id(), session=self.session, keys=join_keys(keys),
+            checksums=list(checksums), reply=wait,
+        )  # fmt: skip
+        return len(keys) if reply is None else int(reply["committed"])
 
     def _put_flow(
-        self, keys: Sequence[bytes], payloads: Sequence[Any], parent: bytes | None
+        self, keys: Sequence[bytes], payloads: Sequence[Any], parent: bytes | None, wait: bool
     ) -> _Flow[PutResult]:
+        """Reserve and copy one pipeline piece ahead (while this process copies piece i into
+        the arena, the daemon reserves piece i+1), then commit everything at once. Holding
+        every reservation until the end means a put never evicts its own earlier pieces:
+        like an unpipelined batch, a chain that does not fit ends in NO_SPACE."""
         if len(keys) != len(payloads):
             raise ValueError(f"{len(keys)} keys but {len(payloads)} payloads")
         views = [_as_bytes_view(p) for p in payloads]
-        slots = yield from self._reserve_flow(keys, [len(v) for v in views], parent)
+        pieces = _pieces([len(v) for v in views], self.pipeline_bytes)
+        if not pieces:
+            return PutResult(0, 0, 0)
+
+        def reserve(lo: int, hi: int) -> m.ReserveRequest:
+            return m.ReserveRequest(
+                id=self._next_id(), session=self.session, keys=join_keys(keys[lo:hi]),
+                sizes=[len(v) for v in views[lo:hi]], parent=keys[lo - 1] if lo else parent,
+            )  # fmt: skip
+
+        existed = no_space = 0
+        full = False  # after a NO_SPACE the rest of the chain is useless: abort it
         written: list[bytes] = []
         checksums: list[int] = []
-        existed = no_space = 0
-        for slot, view in zip(slots, views, strict=True):
-            if isinstance(slot, Reservation):
-                checksums.append(block_checksum(view))  # source first: the copy then hits cache
-                slot.buffer[:] = view
-                written.append(slot.key)
-            elif slot is ReserveStatus.EXISTS:
-                existed += 1
-            else:
-                no_space += 1
-        stored = (yield from self._commit_flow(written, checksums)) if written else 0
+        first = reserve(*pieces[0])
+        yield _Later(first)
+        pending: m.ReserveRequest | None = first
+        for index, (lo, hi) in enumerate(pieces):
+            assert pending is not None
+            following = None
+            if index + 1 < len(pieces) and not full:
+                following = reserve(*pieces[index + 1])
+                yield _Later(following)
+            reply = yield _Collect(pending.id)
+            assert reply is not None
+            statuses, offsets = reply["statuses"], reply["offsets"]
+            if len(statuses) != hi - lo or len(offsets) != hi - lo:
+                raise ProtocolError("reserve reply does not match the request")
+            aborted: list[bytes] = []
+            for i, status, offset in zip(range(lo, hi), statuses, offsets, strict=True):
+                if status == ReserveStatus.EXISTS:
+                    existed += 1
+                elif status != ReserveStatus.OK or full:
+                    no_space += 1
+                    full = True
+                    if status == ReserveStatus.OK:
+                        aborted.append(keys[i])
+                else:
+                    view = views[i]
+                    checksums.append(copy_hashing_target(view, self._slot(offset, len(view))))
+                    written.append(keys[i])
+            if aborted:
+                yield m.AbortRequest(
+                    id=self._next_id(), session=self.session, keys=join_keys(aborted)
+                )
+            if following is None:
+                break
+            pending = following
+        stored = (yield from self._commit_flow(written, checksums, wait)) if written else 0
         return PutResult(stored=stored, existed=existed, no_space=no_space)
 
     def _get_flow(self, keys: Sequence[bytes], prefix: bool) -> _Flow[list[BlockView | None]]:
@@ -231,27 +304,78 @@ class _ClientFlows:
             yield m.ReleaseRequest(id=self._next_id(), session=self.session, keys=join_keys(keys))
 
     def _get_into_flow(self, keys: Sequence[bytes], outs: Sequence[Any]) -> _Flow[int]:
+        """Lease, copy out, verify, one pipeline piece ahead; leases go back one-way."""
         if len(keys) != len(outs):
             raise ValueError(f"{len(keys)} keys but {len(outs)} output buffers")
         targets = [_as_bytes_view(out) for out in outs]
-        blocks = yield from self._get_flow(keys, prefix=True)
+        pieces = _pieces([len(t) for t in targets], self.pipeline_bytes)
+        if not pieces:
+            return 0
+
+        def get(lo: int, hi: int) -> m.GetRequest:
+            return m.GetRequest(
+                id=self._next_id(), session=self.session, keys=join_keys(keys[lo:hi]), prefix=True
+            )
+
         served = 0
-        try:
-            for block, target in zip(blocks, targets, strict=False):
-                if block is None or len(block.buffer) != len(target):
-                    break
-                target[:] = block.buffer
-                if self.verify_reads and block_checksum(target) != block.checksum:
-                    break  # a torn/corrupt block: a miss from here on, never wrong data
-                served += 1
-        finally:
-            yield from self._release_flow([b.key for b in blocks if b is not None])
+        gap = False  # past a miss or a bad block nothing more can be used
+        leased: list[bytes] = []
+        first = get(*pieces[0])
+        yield _Later(first)
+        pending: m.GetRequest | None = first
+        for index, (lo, _hi) in enumerate(pieces):
+            assert pending is not None
+            following = None
+            if index + 1 < len(pieces) and not gap:
+                following = get(*pieces[index + 1])
+                yield _Later(following)
+            reply = yield _Collect(pending.id)
+            assert reply is not None
+            offsets, sizes, checksums = reply["offsets"], reply["sizes"], reply["checksums"]
+            leased.extend(keys[lo + j] for j, offset in enumerate(offsets) if offset >= 0)
+            try:
+                for j, (offset, size, checksum) in enumerate(
+                    zip(offsets, sizes, checksums, strict=True)
+                ):
+                    target = targets[lo + j]
+                    if gap or offset < 0 or size != len(target):
+                        gap = True
+                        break
+                    source = self._slot(offset, size)
+                    if self.verify_reads:
+                        if copy_hashing_target(source, target) != checksum:
+                            gap = True  # torn or corrupt: a miss, never wrong data
+                            break
+                    else:
+                        target[:] = source
+                    served += 1
+            except ProtocolError:
+                yield from self._release_flow(leased)
+                raise
+            if following is None:
+                break
+            pending = following
+        yield from self._release_flow(leased)
         return served
 
     def _simple_flow(self, request: m.Request) -> _Flow[dict[str, Any]]:
         reply = yield request
         assert reply is not None
         return reply
+
+
+def _pieces(sizes: Sequence[int], piece_bytes: int) -> list[tuple[int, int]]:
+    """Split a batch into consecutive [lo, hi) ranges of about ``piece_bytes`` each."""
+    pieces: list[tuple[int, int]] = []
+    lo = total = 0
+    for i, nbytes in enumerate(sizes):
+        total += nbytes
+        if total >= piece_bytes:
+            pieces.append((lo, i + 1))
+            lo, total = i + 1, 0
+    if lo < len(sizes):
+        pieces.append((lo, len(sizes)))
+    return pieces
 
 
 def _raise_for_error(reply: dict[str, Any]) -> None:
@@ -316,41 +440,58 @@ class CacheClient(_ClientFlows):
             self._socket.close(linger=0)
         self._socket = None
         self.session = 0
+        self._early.clear()
+        self._outstanding.clear()
 
-    def _call(self, request: m.Request) -> dict[str, Any] | None:
+    def _send(self, request: m.Request) -> int:
         if self._socket is None:
             self._connect()
             request = _with_session(request, self.session)
         assert self._socket is not None
+        if request.expects_reply:
+            self._outstanding.add(request.id)
         try:
             self._socket.send(request.encode(), copy=False)
-            if request.one_way:
-                return None
+        except zmq.ZMQError as exc:
+            self._reset()
+            raise CacheUnavailable(f"cache daemon at {self.endpoint}: {exc}") from None
+        return request.id
+
+    def _await(self, request_id: int) -> dict[str, Any]:
+        assert self._socket is not None, "awaiting a reply on a closed socket"
+        try:
             deadline = time.monotonic() + self.timeout_s
-            while (remaining := deadline - time.monotonic()) > 0:
-                if not self._socket.poll(int(remaining * 1000) + 1):
-                    continue
-                reply = m.decode_reply(self._socket.recv())
-                if reply["id"] == request.id:
-                    _raise_for_error(reply)
-                    return reply
+            while (reply := self._early.pop(request_id, None)) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CacheUnavailable(
+                        f"no reply from the cache daemon at {self.endpoint} "
+                        f"within {self.timeout_s}s"
+                    )
+                if self._socket.poll(int(remaining * 1000) + 1):
+                    self._file_reply(m.decode_reply(self._socket.recv()))
+            _raise_for_error(reply)
+            return reply
         except zmq.ZMQError as exc:
             self._reset()
             raise CacheUnavailable(f"cache daemon at {self.endpoint}: {exc}") from None
         except CacheUnavailable:
             self._reset()
             raise
-        self._reset()
-        raise CacheUnavailable(
-            f"no reply from the cache daemon at {self.endpoint} within {self.timeout_s}s"
-        )
 
     def _drive(self, flow: _Flow[T]) -> T:
         reply: dict[str, Any] | None = None
         try:
             while True:
-                request = flow.send(reply)
-                reply = self._call(request)
+                step = flow.send(reply)
+                if isinstance(step, _Collect):
+                    reply = self._await(step.request_id)
+                elif isinstance(step, _Later):
+                    self._send(step.request)
+                    reply = None
+                else:
+                    request_id = self._send(step)
+                    reply = self._await(request_id) if step.expects_reply else None
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
@@ -374,10 +515,20 @@ class CacheClient(_ClientFlows):
         return self._drive(self._lookup_flow(keys))
 
     def put(
-        self, keys: Sequence[bytes], payloads: Sequence[Any], parent: bytes | None = None
+        self,
+        keys: Sequence[bytes],
+        payloads: Sequence[Any],
+        parent: bytes | None = None,
+        *,
+        wait: bool = True,
     ) -> PutResult:
-        """Store a chain of blocks (``parent`` = key before ``keys[0]``) in two round trips."""
-        return self._drive(self._put_flow(keys, payloads, parent))
+        """Store a chain of blocks (``parent`` = key before ``keys[0]``).
+
+        Two round trips; with ``wait=False`` the commit is one-way (one round trip): the
+        blocks become visible as soon as the daemon reads it, later requests on this client
+        are ordered after it, and ``stored`` counts the blocks sent for commit.
+        """
+        return self._drive(self._put_flow(keys, payloads, parent, wait))
 
     def get_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
         """Copy the longest cached, verified prefix of ``keys`` into ``outs``; return its length."""
@@ -502,39 +653,49 @@ class AsyncCacheClient(_ClientFlows):
         self._socket.connect(self.endpoint)
         await self._drive_unlocked(self._hello_flow())
 
-    async def _call(self, request: m.Request) -> dict[str, Any] | None:
+    async def _send(self, request: m.Request) -> int:
         if self._socket is None:
             await self._open()
             request = _with_session(request, self.session)
         assert self._socket is not None
+        if request.expects_reply:
+            self._outstanding.add(request.id)
         try:
             await self._socket.send(request.encode())
-            if request.one_way:
-                return None
+        except zmq.ZMQError as exc:
+            self._reset()
+            raise CacheUnavailable(f"cache daemon at {self.endpoint}: {exc}") from None
+        return request.id
+
+    async def _await(self, request_id: int) -> dict[str, Any]:
+        assert self._socket is not None, "awaiting a reply on a closed socket"
+        try:
             deadline = time.monotonic() + self.timeout_s
-            while (remaining := deadline - time.monotonic()) > 0:
-                if not await self._socket.poll(int(remaining * 1000) + 1):
-                    continue
-                reply = m.decode_reply(await self._socket.recv())
-                if reply["id"] == request.id:
-                    _raise_for_error(reply)
-                    return reply
+            while (reply := self._early.pop(request_id, None)) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CacheUnavailable(
+                        f"no reply from the cache daemon at {self.endpoint} "
+                        f"within {self.timeout_s}s"
+                    )
+                if await self._socket.poll(int(remaining * 1000) + 1):
+                    self._file_reply(m.decode_reply(await self._socket.recv()))
+            _raise_for_error(reply)
+            return reply
         except zmq.ZMQError as exc:
             self._reset()
             raise CacheUnavailable(f"cache daemon at {self.endpoint}: {exc}") from None
         except CacheUnavailable:
             self._reset()
             raise
-        self._reset()
-        raise CacheUnavailable(
-            f"no reply from the cache daemon at {self.endpoint} within {self.timeout_s}s"
-        )
 
     def _reset(self) -> None:
         if self._socket is not None:
             self._socket.close(linger=0)
         self._socket = None
         self.session = 0
+        self._early.clear()
+        self._outstanding.clear()
 
     async def _drive(self, flow: _Flow[T]) -> T:
         async with self._lock:
@@ -544,8 +705,15 @@ class AsyncCacheClient(_ClientFlows):
         reply: dict[str, Any] | None = None
         try:
             while True:
-                request = flow.send(reply)
-                reply = await self._call(request)
+                step = flow.send(reply)
+                if isinstance(step, _Collect):
+                    reply = await self._await(step.request_id)
+                elif isinstance(step, _Later):
+                    await self._send(step.request)
+                    reply = None
+                else:
+                    request_id = await self._send(step)
+                    reply = await self._await(request_id) if step.expects_reply else None
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
@@ -558,9 +726,14 @@ class AsyncCacheClient(_ClientFlows):
         return await self._drive(self._lookup_flow(keys))
 
     async def put(
-        self, keys: Sequence[bytes], payloads: Sequence[Any], parent: bytes | None = None
+        self,
+        keys: Sequence[bytes],
+        payloads: Sequence[Any],
+        parent: bytes | None = None,
+        *,
+        wait: bool = True,
     ) -> PutResult:
-        return await self._drive(self._put_flow(keys, payloads, parent))
+        return await self._drive(self._put_flow(keys, payloads, parent, wait))
 
     async def get_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
         return await self._drive(self._get_into_flow(keys, outs))

@@ -262,7 +262,7 @@ class CacheDaemon:
             log.exception("request failed", extra={"op": request.op})
             return self._error(request.id, m.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         self.metrics.request_seconds.labels(request.op).observe(time.perf_counter() - started)
-        if request.one_way or result is None:
+        if not request.expects_reply or result is None:
             return None
         return m.encode_reply(request.id, **result)
 

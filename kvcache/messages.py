@@ -20,7 +20,7 @@ hello       pid, pid_ns, namespace, client             session, arena_path, inst
                                                        heartbeat_s
 lookup      keys                                       length
 reserve     keys, sizes, parent (bin or nil)           statuses (bin, 1 byte each), offsets
-commit      keys, checksums                            committed
+commit      keys, checksums, reply                     committed (none if reply is false)
 abort       keys                                       -
 get         keys, prefix                               offsets, sizes, checksums (-1: miss)
 release     keys                                       (none: one-way)
@@ -87,6 +87,10 @@ class Request:
     id: int
     session: int
 
+    @property
+    def expects_reply(self) -> bool:
+        return not self.one_way
+
     def encode(self) -> bytes:
         body: dict[str, Any] = {"v": VERSION, "op": self.op}
         for f in fields(self):
@@ -119,9 +123,16 @@ class ReserveRequest(Request):
 
 @dataclass(frozen=True, slots=True)
 class CommitRequest(Request):
+    """``reply=False`` makes it one-way: a writer that need not wait pipelines its commit."""
+
     op: ClassVar[str] = "commit"
     keys: bytes
     checksums: list[int]
+    reply: bool
+
+    @property
+    def expects_reply(self) -> bool:
+        return self.reply
 
 
 @dataclass(frozen=True, slots=True)

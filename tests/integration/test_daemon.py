@@ -389,3 +389,41 @@ def test_cli_serve_demo_runs_two_processes_and_stats_reads_the_daemon(tmp_path: 
     )  # fmt: skip
     assert unreachable.returncode == 3
     assert "shoal cache serve" in unreachable.stderr
+
+
+def test_a_pipelined_put_that_runs_out_of_space_aborts_the_rest_of_its_chain(
+    tmp_path: Path,
+) -> None:
+    handle = start_daemon(tmp_path, shm_bytes="8MiB", dram_bytes=0)
+    try:
+        with handle.client() as holder, handle.client() as writer:
+            pinned = keys_for(0, 24)  # 6 of the 8 MiB, leased below
+            assert holder.put(pinned, [payload(k) for k in pinned]).stored == 24
+            leases = holder.get(pinned)
+            writer.pipeline_bytes = 1 << 20  # 4 blocks per piece: the put spans 4 pieces
+            chain = keys_for(100_000, 16)
+            result = writer.put(chain, [payload(k) for k in chain])
+            assert result.stored == 8 and result.no_space == 8, result
+            stats = writer.stats()
+            assert stats["num_reservations"] == 0, "reservations past the gap were aborted"
+            assert writer.lookup(chain) == 8
+            outs = [np.empty(BLOCK, dtype=np.uint8) for _ in chain]
+            assert writer.get_into(chain, outs) == 8
+            for key, out in zip(chain[:8], outs, strict=False):
+                np.testing.assert_array_equal(out, payload(key))
+            holder.release([lease for lease in leases if lease is not None])
+    finally:
+        assert handle.stop() == 0
+
+
+def test_a_one_way_commit_is_visible_to_the_next_request(daemon: DaemonProcess) -> None:
+    keys = keys_for(0, 20)
+    with daemon.client() as writer, daemon.client() as reader:
+        writer.pipeline_bytes = 1 << 20
+        result = writer.put(keys, [payload(k) for k in keys], wait=False)
+        assert result.stored == 20
+        assert writer.lookup(keys) == 20  # ordered after the commits on the same socket
+        outs = [np.empty(BLOCK, dtype=np.uint8) for _ in keys]
+        assert reader.get_into(keys, outs) == 20
+        for key, out in zip(keys, outs, strict=True):
+            np.testing.assert_array_equal(out, payload(key))

@@ -18,7 +18,8 @@ KEYS = b"k" * 32
         m.LookupRequest(id=2, session=3, keys=KEYS),
         m.ReserveRequest(id=3, session=3, keys=KEYS, sizes=[4096, 4096], parent=b"p" * 16),
         m.ReserveRequest(id=3, session=3, keys=KEYS, sizes=[4096, 4096], parent=None),
-        m.CommitRequest(id=4, session=3, keys=KEYS, checksums=[1, 2**64 - 1]),
+        m.CommitRequest(id=4, session=3, keys=KEYS, checksums=[1, 2**64 - 1], reply=True),
+        m.CommitRequest(id=4, session=3, keys=KEYS, checksums=[1, 2], reply=False),
         m.GetRequest(id=5, session=3, keys=KEYS, prefix=True),
         m.ReleaseRequest(id=6, session=3, keys=KEYS),
         m.StatsRequest(id=7, session=3),
@@ -28,9 +29,11 @@ def test_requests_round_trip(request_: m.Request) -> None:
     assert m.decode_request(request_.encode()) == request_
 
 
-def test_release_is_the_only_one_way_request() -> None:
-    assert m.ReleaseRequest.one_way
-    assert not m.GetRequest.one_way
+def test_release_and_a_no_reply_commit_are_one_way() -> None:
+    assert not m.ReleaseRequest(id=1, session=1, keys=KEYS).expects_reply
+    assert not m.CommitRequest(id=1, session=1, keys=KEYS, checksums=[1, 2], reply=False).expects_reply
+    assert m.CommitRequest(id=1, session=1, keys=KEYS, checksums=[1, 2], reply=True).expects_reply
+    assert m.GetRequest(id=1, session=1, keys=KEYS, prefix=True).expects_reply
 
 
 def frame(**body: object) -> bytes:
