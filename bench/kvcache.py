@@ -222,12 +222,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             memcpy = anchors.memcpy_gbps(block_bytes, num_blocks, threads)
             out["memcpy_detail"][label] = memcpy
             out["memcpy_gbps"][label] = memcpy.get("best", memcpy.get("error"))
-            shoal = measure_shoal(config.endpoint, block_bytes, args.batch_mib * MiB, total, args.clients)
+            shoal = measure_shoal(
+                config.endpoint, block_bytes, args.batch_mib * MiB, total, args.clients
+            )
             out["shoal_detail"][label] = shoal
             out["put_gbps"][label] = shoal["put_gbps"]
             out["get_gbps"][label] = shoal["get_gbps"]
             if args.anchors:
-                for name, fn in (("aibrix", anchors.aibrix_gbps), ("lmcache", anchors.lmcache_gbps)):
+                for name, fn in (
+                    ("aibrix", anchors.aibrix_gbps),
+                    ("lmcache", anchors.lmcache_gbps),
+                ):
                     result = fn(block_bytes, num_blocks, threads)
                     if "error" in result:
                         out[f"{name}_put_gbps"][label] = result["error"]
