@@ -31,7 +31,9 @@ def test_requests_round_trip(request_: m.Request) -> None:
 
 def test_release_and_a_no_reply_commit_are_one_way() -> None:
     assert not m.ReleaseRequest(id=1, session=1, keys=KEYS).expects_reply
-    assert not m.CommitRequest(id=1, session=1, keys=KEYS, checksums=[1, 2], reply=False).expects_reply
+    assert not m.CommitRequest(
+        id=1, session=1, keys=KEYS, checksums=[1, 2], reply=False
+    ).expects_reply
     assert m.CommitRequest(id=1, session=1, keys=KEYS, checksums=[1, 2], reply=True).expects_reply
     assert m.GetRequest(id=1, session=1, keys=KEYS, prefix=True).expects_reply
 
