@@ -5,6 +5,7 @@ Layout (each module owns one noun; pure modules import no transport)::
     keys.py       chained 128-bit block keys over token chunks within a Namespace   (pure)
     allocator.py  slab allocator: offsets of page-aligned slots in a tier           (pure)
     eviction.py   pluggable eviction policies: LRU, S3-FIFO, Shoal's default        (pure)
+    eviction_replay.py  trace replay + synthetic chat workload (bench and tests)    (pure)
     tiers.py      bytes of a tier (arena / DRAM / SSD file) and checksummed moves   (pure)
     store.py      block metadata: reservations, commits, leases, tier movement      (pure)
     arena.py      the /dev/shm arena file: create, lock, map, clean up after a crash
