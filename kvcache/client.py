@@ -34,6 +34,7 @@ import mmap
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -124,8 +125,10 @@ class _ClientFlows:
         self.name = name
         self.verify_reads = verify_reads
         self.populate = populate
-        # A put/get larger than this is cut into pieces with one request kept in flight.
+        # A put/get larger than pipeline_bytes is cut into pieces, and up to pipeline_depth
+        # piece requests are kept in flight while the client copies.
         self.pipeline_bytes = 4 << 20
+        self.pipeline_depth = 4
         self.session = 0
         self.heartbeat_s = 10.0
         self.max_block_bytes = 0
@@ -247,16 +250,18 @@ class _ClientFlows:
         full = False  # after a NO_SPACE the rest of the chain is useless: abort it
         written: list[bytes] = []
         checksums: list[int] = []
-        first = reserve(*pieces[0])
-        yield _Later(first)
-        pending: m.ReserveRequest | None = first
-        for index, (lo, hi) in enumerate(pieces):
-            assert pending is not None
-            following = None
-            if index + 1 < len(pieces) and not full:
-                following = reserve(*pieces[index + 1])
-                yield _Later(following)
-            reply = yield _Collect(pending.id)
+        in_flight: deque[tuple[m.ReserveRequest, int, int]] = deque()
+        sent = 0
+        while sent < len(pieces) or in_flight:
+            while sent < len(pieces) and len(in_flight) < self.pipeline_depth and not full:
+                request = reserve(*pieces[sent])
+                yield _Later(request)
+                in_flight.append((request, *pieces[sent]))
+                sent += 1
+            if not in_flight:
+                break
+            request, lo, hi = in_flight.popleft()
+            reply = yield _Collect(request.id)
             assert reply is not None
             statuses, offsets = reply["statuses"], reply["offsets"]
             if len(statuses) != hi - lo or len(offsets) != hi - lo:
@@ -278,9 +283,7 @@ class _ClientFlows:
                 yield m.AbortRequest(
                     id=self._next_id(), session=self.session, keys=join_keys(aborted)
                 )
-            if following is None:
-                break
-            pending = following
+        no_space += sum(hi - lo for lo, hi in pieces[sent:])
         stored = (yield from self._commit_flow(written, checksums, wait)) if written else 0
         return PutResult(stored=stored, existed=existed, no_space=no_space)
 
@@ -320,16 +323,18 @@ class _ClientFlows:
         served = 0
         gap = False  # past a miss or a bad block nothing more can be used
         leased: list[bytes] = []
-        first = get(*pieces[0])
-        yield _Later(first)
-        pending: m.GetRequest | None = first
-        for index, (lo, _hi) in enumerate(pieces):
-            assert pending is not None
-            following = None
-            if index + 1 < len(pieces) and not gap:
-                following = get(*pieces[index + 1])
-                yield _Later(following)
-            reply = yield _Collect(pending.id)
+        in_flight: deque[tuple[m.GetRequest, int]] = deque()
+        sent = 0
+        while sent < len(pieces) or in_flight:
+            while sent < len(pieces) and len(in_flight) < self.pipeline_depth and not gap:
+                request = get(*pieces[sent])
+                yield _Later(request)
+                in_flight.append((request, pieces[sent][0]))
+                sent += 1
+            if not in_flight:
+                break
+            request, lo = in_flight.popleft()
+            reply = yield _Collect(request.id)
             assert reply is not None
             offsets, sizes, checksums = reply["offsets"], reply["sizes"], reply["checksums"]
             leased.extend(keys[lo + j] for j, offset in enumerate(offsets) if offset >= 0)
@@ -352,9 +357,6 @@ class _ClientFlows:
             except ProtocolError:
                 yield from self._release_flow(leased)
                 raise
-            if following is None:
-                break
-            pending = following
         yield from self._release_flow(leased)
         return served
 
