@@ -51,6 +51,7 @@ __all__ = ["CacheDaemon"]
 log = logging.getLogger("shoal.kvcache.daemon")
 
 _HOUSEKEEPING_S = 0.1
+_IDLE_STEP = 16  # deferred eviction records applied between two polls when idle
 
 
 def _pid_namespace() -> int:
@@ -175,7 +176,12 @@ class CacheDaemon:
             )
         next_housekeeping = 0.0
         while not self._stop.is_set():
-            for sock_or_fd, _ in self._poller.poll(timeout=int(_HOUSEKEEPING_S * 1000)):
+            ready = self._poller.poll(timeout=0)
+            while not ready and self.store.flush_policies(limit=_IDLE_STEP):
+                ready = self._poller.poll(timeout=0)  # idle: bookkeeping in small steps
+            if not ready:
+                ready = self._poller.poll(timeout=int(_HOUSEKEEPING_S * 1000))
+            for sock_or_fd, _ in ready:
                 if sock_or_fd is self._socket:
                     self._drain_socket()
                 elif isinstance(sock_or_fd, int):
