@@ -211,21 +211,28 @@ def measure_lookup(endpoint: str, chain: int = 1000, rounds: int = 2000) -> dict
     }
 
 
-def measure_anchor(name: str, block_bytes: int, num_blocks: int, threads: int) -> dict[str, Any]:
-    """Run one anchor in a fresh interpreter: LMCache and aibrix leave background threads
-    (telemetry, event loops) behind that would steal CPU from every later measurement."""
+def measure_anchor(
+    name: str, sizes: list[tuple[str, int, int]], threads: int
+) -> dict[str, dict[str, Any]]:
+    """Run one anchor for every (label, block_bytes, num_blocks) in a fresh interpreter.
+
+    LMCache and aibrix leave background threads (telemetry, event loops) behind that would
+    steal CPU from every later measurement, so they never run in this process.
+    """
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import anchors; "
-        f"print(json.dumps(anchors.{name}_gbps({block_bytes}, {num_blocks}, {threads})))"
+        f"print(json.dumps({{label: anchors.{name}_gbps(b, n, {threads}) "
+        f"for label, b, n in {sizes!r}}}))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, "-c", code, str(BENCH)],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
+        env=env, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     if done.returncode != 0:
-        return {"error": f"{name} exited with {done.returncode}: {done.stderr.strip()[-300:]}"}
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        error = f"{name} exited with {done.returncode}: {done.stderr.strip()[-300:]}"
+        return {label: {"error": error} for label, _, _ in sizes}
+    result: dict[str, dict[str, Any]] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -274,9 +281,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out["put_gbps"][label] = shoal["put_gbps"]
             out["get_gbps"][label] = shoal["get_gbps"]
             out["get_unverified_gbps"][label] = shoal["get_unverified_gbps"]
-            if args.anchors:
-                for name in ("aibrix", "lmcache"):
-                    result = measure_anchor(name, block_bytes, num_blocks, threads)
+        if args.anchors:
+            sizes = [(label, b, max(1, min(total, 256 * MiB) // b)) for label, b in SIZES.items()]
+            for name in ("aibrix", "lmcache"):
+                for label, result in measure_anchor(name, sizes, threads).items():
                     if "error" in result:
                         out[f"{name}_put_gbps"][label] = result["error"]
                         continue
@@ -337,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer bytes: finishes in < 1 min")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--clients", type=int, default=1, choices=[1, 2])
-    parser.add_argument("--batch-mib", type=int, default=16, help="bytes per put/get batch")
+    parser.add_argument("--batch-mib", type=int, default=64, help="MiB per put/get call")
     parser.add_argument("--total-mib", type=int, default=0, help="bytes per size and client")
     parser.add_argument("--no-anchors", dest="anchors", action="store_false")
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ Policies (``POLICIES``, ``make_policy``):
              is chosen online by miniature simulations (its docstring has the details).
 
 Why the default is built this way (``bench/eviction.py`` on the Mooncake conversation
-trace, hit ratio at 2/5/10/20% of the unique blocks; ``bench/RESULTS_eviction.md``):
+trace, hit ratio at 2/5/10/20% of the unique blocks; ``bench/RESULTS.md``):
 
 * Protecting blocks that were hit pays at small capacities and costs at large ones
   (this policy held at a protected share of 1/4: +0.023 over LRU at 2%, -0.005 at 20%;
