@@ -132,6 +132,8 @@ class _ClientFlows:
         self.session = 0
         self.heartbeat_s = 10.0
         self.max_block_bytes = 0
+        self._context: Any = None  # zmq.Context or zmq.asyncio.Context, set by the subclass
+        self._socket: Any = None
         self._ids = itertools.count(1)
         self._early: dict[int, dict[str, Any]] = {}  # replies that arrived before awaited
         self._outstanding: set[int] = set()  # ids sent with a reply still to come
@@ -182,6 +184,27 @@ class _ClientFlows:
             with contextlib.suppress(BufferError):
                 self._mmap.close()
             self._mmap = None
+
+    def _open_socket(self) -> Any:
+        """A DEALER connected to the daemon; fails fast if its ipc socket does not exist."""
+        path = self.endpoint.removeprefix("ipc://")
+        if self.endpoint.startswith("ipc://") and not os.path.exists(path):
+            raise CacheUnavailable(
+                f"no cache daemon socket at {path}; is `shoal cache serve` running?"
+            )
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(self.endpoint)
+        return socket
+
+    def _reset(self) -> None:
+        """Drop the connection; the next call reconnects and says hello again."""
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        self._socket = None
+        self.session = 0
+        self._early.clear()
+        self._outstanding.clear()
 
     def _slot(self, offset: int, nbytes: int) -> memoryview:
         assert self._arena is not None, "arena used before hello"
@@ -408,7 +431,6 @@ class CacheClient(_ClientFlows):
         )
         self.timeout_s = timeout_s
         self._context = zmq.Context()
-        self._socket: zmq.Socket[bytes] | None = None
         self._heartbeat = heartbeat
         self._heartbeat_stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
@@ -422,28 +444,13 @@ class CacheClient(_ClientFlows):
     # -- transport -------------------------------------------------------------------
 
     def _connect(self) -> None:
-        path = self.endpoint.removeprefix("ipc://")
-        if self.endpoint.startswith("ipc://") and not os.path.exists(path):
-            raise CacheUnavailable(
-                f"no cache daemon socket at {path}; is `shoal cache serve` running?"
-            )
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.connect(self.endpoint)
+        self._socket = self._open_socket()
         self._drive(self._hello_flow())
         if self._heartbeat and self._heartbeat_thread is None:
             self._heartbeat_thread = threading.Thread(
                 target=self._heartbeat_loop, name="shoal-cache-heartbeat", daemon=True
             )
             self._heartbeat_thread.start()
-
-    def _reset(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-        self._socket = None
-        self.session = 0
-        self._early.clear()
-        self._outstanding.clear()
 
     def _send(self, request: m.Request) -> int:
         if self._socket is None:
@@ -618,7 +625,6 @@ class AsyncCacheClient(_ClientFlows):
         )
         self.timeout_s = timeout_s
         self._context = zmq.asyncio.Context()
-        self._socket: zmq.asyncio.Socket | None = None
         # One request in flight at a time: replies are matched by id, and the heartbeat
         # task shares the socket. Concurrent engines steps use one client each.
         self._lock = asyncio.Lock()
@@ -645,14 +651,7 @@ class AsyncCacheClient(_ClientFlows):
                 continue  # the next real call reconnects
 
     async def _open(self) -> None:
-        path = self.endpoint.removeprefix("ipc://")
-        if self.endpoint.startswith("ipc://") and not os.path.exists(path):
-            raise CacheUnavailable(
-                f"no cache daemon socket at {path}; is `shoal cache serve` running?"
-            )
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.connect(self.endpoint)
+        self._socket = self._open_socket()
         await self._drive_unlocked(self._hello_flow())
 
     async def _send(self, request: m.Request) -> int:
@@ -690,14 +689,6 @@ class AsyncCacheClient(_ClientFlows):
         except CacheUnavailable:
             self._reset()
             raise
-
-    def _reset(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-        self._socket = None
-        self.session = 0
-        self._early.clear()
-        self._outstanding.clear()
 
     async def _drive(self, flow: _Flow[T]) -> T:
         async with self._lock:
