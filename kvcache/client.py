@@ -45,7 +45,13 @@ import zmq.asyncio
 from kvcache import messages as m
 from kvcache.arena import DATA_OFFSET, map_arena
 from kvcache.config import CacheConfig
-from kvcache.errors import ArenaError, CacheUnavailable, ProtocolError, RequestRejected
+from kvcache.errors import (
+    ArenaError,
+    CacheError,
+    CacheUnavailable,
+    ProtocolError,
+    RequestRejected,
+)
 from kvcache.keys import join_keys
 from kvcache.store import ReserveStatus
 from kvcache.tiers import block_checksum, copy_hashing_target
@@ -197,6 +203,22 @@ class _ClientFlows:
         socket.connect(self.endpoint)
         return socket
 
+    def _abandon_session(self) -> None:
+        """A call failed midway: end the session so the daemon frees what it held.
+
+        The failed flow may hold reservations and leases (and requests in flight); a
+        ``bye`` makes the daemon release all of them at once, and the next call starts a
+        new session. Cheaper alternatives (undoing piece by piece) would need every flow
+        to track partial state for a path that only errors take.
+        """
+        if self._socket is not None and self.session:
+            # Best effort: if even this fails, the session TTL reclaims everything.
+            with contextlib.suppress(zmq.ZMQError):
+                self._socket.send(
+                    m.ByeRequest(id=self._next_id(), session=self.session).encode(), zmq.NOBLOCK
+                )
+        self._reset()
+
     def _reset(self) -> None:
         """Drop the connection; the next call reconnects and says hello again."""
         if self._socket is not None:
@@ -346,6 +368,7 @@ class _ClientFlows:
         served = 0
         gap = False  # past a miss or a bad block nothing more can be used
         leased: list[bytes] = []
+        corrupt: list[bytes] = []
         in_flight: deque[tuple[m.GetRequest, int]] = deque()
         sent = 0
         while sent < len(pieces) or in_flight:
@@ -373,6 +396,7 @@ class _ClientFlows:
                     if self.verify_reads:
                         if copy_hashing_target(source, target) != checksum:
                             gap = True  # torn or corrupt: a miss, never wrong data
+                            corrupt.append(keys[lo + j])
                             break
                     else:
                         target[:] = source
@@ -381,6 +405,8 @@ class _ClientFlows:
                 yield from self._release_flow(leased)
                 raise
         yield from self._release_flow(leased)
+        if corrupt:  # stop the daemon advertising bytes that fail their checksum
+            yield m.DeleteRequest(id=self._next_id(), session=self.session, keys=join_keys(corrupt))
         return served
 
     def _simple_flow(self, request: m.Request) -> _Flow[dict[str, Any]]:
@@ -445,7 +471,11 @@ class CacheClient(_ClientFlows):
 
     def _connect(self) -> None:
         self._socket = self._open_socket()
-        self._drive(self._hello_flow())
+        try:
+            self._drive(self._hello_flow())
+        except BaseException:
+            self._reset()
+            raise
         if self._heartbeat and self._heartbeat_thread is None:
             self._heartbeat_thread = threading.Thread(
                 target=self._heartbeat_loop, name="shoal-cache-heartbeat", daemon=True
@@ -490,9 +520,11 @@ class CacheClient(_ClientFlows):
 
     def _drive(self, flow: _Flow[T]) -> T:
         reply: dict[str, Any] | None = None
+        sent = False
         try:
             while True:
                 step = flow.send(reply)
+                sent = True
                 if isinstance(step, _Collect):
                     reply = self._await(step.request_id)
                 elif isinstance(step, _Later):
@@ -503,6 +535,10 @@ class CacheClient(_ClientFlows):
                     reply = self._await(request_id) if step.expects_reply else None
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+        except BaseException:
+            if sent:
+                self._abandon_session()
+            raise
 
     def _heartbeat_loop(self) -> None:
         socket = self._context.socket(zmq.DEALER)
@@ -647,12 +683,16 @@ class AsyncCacheClient(_ClientFlows):
             await asyncio.sleep(self.heartbeat_s)
             try:
                 await self.heartbeat()
-            except CacheUnavailable:
+            except CacheError:
                 continue  # the next real call reconnects
 
     async def _open(self) -> None:
         self._socket = self._open_socket()
-        await self._drive_unlocked(self._hello_flow())
+        try:
+            await self._drive_unlocked(self._hello_flow())
+        except BaseException:
+            self._reset()
+            raise
 
     async def _send(self, request: m.Request) -> int:
         if self._socket is None:
@@ -696,9 +736,11 @@ class AsyncCacheClient(_ClientFlows):
 
     async def _drive_unlocked(self, flow: _Flow[T]) -> T:
         reply: dict[str, Any] | None = None
+        sent = False
         try:
             while True:
                 step = flow.send(reply)
+                sent = True
                 if isinstance(step, _Collect):
                     reply = await self._await(step.request_id)
                 elif isinstance(step, _Later):
@@ -709,6 +751,10 @@ class AsyncCacheClient(_ClientFlows):
                     reply = await self._await(request_id) if step.expects_reply else None
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+        except BaseException:  # also cancellation: leases must not outlive the call
+            if sent:
+                self._abandon_session()
+            raise
 
     async def heartbeat(self) -> None:
         await self._drive(

@@ -123,6 +123,7 @@ class CacheDaemon:
             reservation_ttl_s=config.reservation_ttl_s,
             clock=clock,
         )
+        self._metrics_server: Any = None
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -138,7 +139,6 @@ class CacheDaemon:
         os.chmod(config.socket_path, 0o600)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
-        self._metrics_server: Any = None
         self._handlers: dict[type[m.Request], Callable[[Any], dict[str, Any] | None]] = {
             m.HelloRequest: self._hello,
             m.LookupRequest: self._lookup,
@@ -170,10 +170,18 @@ class CacheDaemon:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self.stop())
-        if self.config.metrics_port:
-            self._metrics_server, _ = start_http_server(
-                self.config.metrics_port, self.config.metrics_host, registry=self.metrics.registry
-            )
+        try:
+            if self.config.metrics_port:
+                self._metrics_server, _ = start_http_server(
+                    self.config.metrics_port,
+                    self.config.metrics_host,
+                    registry=self.metrics.registry,
+                )
+            self._loop()
+        finally:  # whatever happened, remove the arena and the socket
+            self.close()
+
+    def _loop(self) -> None:
         next_housekeeping = 0.0
         while not self._stop.is_set():
             ready = self._poller.poll(timeout=0)
@@ -181,7 +189,9 @@ class CacheDaemon:
                 ready = self._poller.poll(timeout=0)  # idle: bookkeeping in small steps
             if not ready:
                 ready = self._poller.poll(timeout=int(_HOUSEKEEPING_S * 1000))
-            for sock_or_fd, _ in ready:
+            # Exits first: a pidfd number freed by a bye in this batch may be reused by a
+            # hello in the same batch, and its stale event must not close the new session.
+            for sock_or_fd, _ in sorted(ready, key=lambda event: event[0] is self._socket):
                 if sock_or_fd is self._socket:
                     self._drain_socket()
                 elif isinstance(sock_or_fd, int):
@@ -190,7 +200,6 @@ class CacheDaemon:
             if now >= next_housekeeping:
                 self._housekeeping(now)
                 next_housekeeping = now + _HOUSEKEEPING_S
-        self.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -264,7 +273,7 @@ class CacheDaemon:
             result = self._handlers[type(request)](request)
         except ValueError as exc:
             return self._error(request.id, m.ErrorCode.BAD_REQUEST, str(exc))
-        except (CacheError, OSError) as exc:
+        except Exception as exc:  # the daemon outlives any one request; logged, counted, answered
             log.exception("request failed", extra={"op": request.op})
             return self._error(request.id, m.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         self.metrics.request_seconds.labels(request.op).observe(time.perf_counter() - started)
@@ -312,7 +321,7 @@ class CacheDaemon:
         if request.pid_ns == self._pid_ns and request.pid > 0:
             try:
                 client.pidfd = os.pidfd_open(request.pid)
-            except OSError:
+            except (OSError, OverflowError):
                 client.pidfd = -1  # not visible: the session TTL covers it
             else:
                 self._pidfds[client.pidfd] = session_id

@@ -112,6 +112,7 @@ class StoreStats:
     num_sessions: int
     no_space: int
     checksum_failures: int
+    io_errors: int
     dropped: int
     expired_reservations: int
 
@@ -241,6 +242,7 @@ class BlockStore:
         self._num_leases = 0
         self._no_space = 0
         self._checksum_failures = 0
+        self._io_errors = 0
         self._dropped = 0
         self._expired = 0
 
@@ -352,6 +354,9 @@ class BlockStore:
         deadline = self._clock() + self._ttl
         results: list[ReserveResult] = []
         full = False
+        chain = [parent, *keys]
+        if any(chain[i] == chain[i + 1] for i in range(len(keys))):
+            raise ValueError("a block cannot be its own parent (a key repeats in its chain)")
         for key, nbytes in zip(keys, sizes, strict=True):
             chain_parent, parent = parent, key
             if key in self._entries:
@@ -511,6 +516,10 @@ class BlockStore:
             self._checksum_failures += 1
             target.free(offset)
             return False
+        except OSError:  # e.g. the SSD spill file hit ENOSPC: the block is lost, not the slot
+            self._io_errors += 1
+            target.free(offset)
+            return False
         self._counters[entry.tier].bytes_out += entry.nbytes
         self._counters[level].bytes_in += entry.nbytes
         source.free(entry.offset)
@@ -555,6 +564,7 @@ class BlockStore:
             num_sessions=len(self._sessions),
             no_space=self._no_space,
             checksum_failures=self._checksum_failures,
+            io_errors=self._io_errors,
             dropped=self._dropped,
             expired_reservations=self._expired,
         )

@@ -103,14 +103,19 @@ def test_kill_9_of_a_client_holding_leases_releases_them(daemon: DaemonProcess) 
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "40"
         assert observer.stats()["num_leases"] == 40
-        # Leased blocks cannot be deleted out from under the reader...
+        # Deleting a leased block hides it but keeps its bytes for the reader...
         assert observer.delete(keys_for(0, 1)) == 1
+        assert observer.lookup(keys_for(0, 1)) == 0
         assert observer.stats()["num_leases"] == 40
+        assert observer.stats()["tiers"][0]["used_bytes"] == 40 * BLOCK
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=10)
-        # ...and a dead reader's leases are reclaimed promptly (pidfd), not after a TTL.
+        # ...and a dead reader's leases are reclaimed promptly (pidfd), not after a TTL,
+        # which also frees the deleted block's slot.
         assert wait_until(lambda: observer.stats()["num_leases"] == 0, timeout=3)
-        assert observer.stats()["num_sessions"] == 1
+        stats = observer.stats()
+        assert stats["num_sessions"] == 1
+        assert stats["tiers"][0]["used_bytes"] == 39 * BLOCK
 
 
 HALF_WRITER = """
@@ -172,6 +177,8 @@ def test_a_corrupted_block_is_a_miss_never_wrong_data(daemon: DaemonProcess) -> 
         outs = [np.empty(BLOCK, dtype=np.uint8) for _ in keys]
         assert reader.get_into(keys, outs) == 1, "served up to the corrupt block, not past it"
         np.testing.assert_array_equal(outs[0], payload(keys[0]))
+        # The reader reported the bad block: it is no longer advertised to anyone.
+        assert writer.lookup(keys) == 1
 
 
 def _raw_request(endpoint: str, frames: list[bytes]) -> dict[str, object]:
@@ -428,3 +435,40 @@ def test_a_one_way_commit_is_visible_to_the_next_request(daemon: DaemonProcess) 
         assert reader.get_into(keys, outs) == 20
         for key, out in zip(keys, outs, strict=True):
             np.testing.assert_array_equal(out, payload(key))
+
+
+def test_bad_values_past_the_decoder_get_an_error_and_the_daemon_stays_up(
+    daemon: DaemonProcess,
+) -> None:
+    hello = _raw_request(
+        daemon.endpoint,
+        [msgpack.packb({"v": 1, "id": 1, "op": "hello", "session": 0, "pid": 2**40,
+                        "pid_ns": os.stat("/proc/self/ns/pid").st_ino, "namespace": "",
+                        "client": "fuzz"})],
+    )  # fmt: skip
+    assert hello["ok"] is True, "an unwatchable pid falls back to the session TTL"
+    key = keys_for(0, 1)[0]
+    self_parent = _raw_request(
+        daemon.endpoint,
+        [msgpack.packb({"v": 1, "id": 2, "op": "reserve", "session": hello["session"],
+                        "keys": key, "sizes": [BLOCK], "parent": key})],
+    )  # fmt: skip
+    assert (self_parent["ok"], self_parent["code"]) == (False, "bad_request")
+    with daemon.client() as client:
+        assert client.put([key], [payload(key)]).stored == 1
+    assert daemon.process.poll() is None
+
+
+def test_a_put_that_fails_midway_leaves_no_reservations_behind(daemon: DaemonProcess) -> None:
+    from kvcache.errors import RequestRejected
+
+    keys = keys_for(0, 8)
+    payloads: list[np.ndarray] = [payload(k) for k in keys]
+    payloads[6] = np.zeros(64 << 20, dtype=np.uint8)  # larger than a slab: rejected
+    with daemon.client() as writer, daemon.client() as observer:
+        writer.pipeline_bytes = 1 << 20  # the bad block is in a later piece
+        with pytest.raises(RequestRejected, match="outside"):
+            writer.put(keys, payloads)
+        assert wait_until(lambda: observer.stats()["num_reservations"] == 0, timeout=3)
+        # The writer recovers with a new session and the keys are free to store.
+        assert writer.put(keys[:4], [payload(k) for k in keys[:4]]).stored == 4

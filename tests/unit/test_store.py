@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hypothesis.strategies as st
 import pytest
 from hypothesis import settings
@@ -9,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from kvcache.allocator import SlabAllocator
 from kvcache.store import BlockStore, EventKind, ReserveStatus
-from kvcache.tiers import MemoryBacking, Tier, TierStore, block_checksum
+from kvcache.tiers import FileBacking, MemoryBacking, Tier, TierStore, block_checksum
 
 KiB = 1 << 10
 BLOCK = 64 * KiB
@@ -172,6 +174,31 @@ class TestTiers:
         assert store.lookup([key(1)]) == 0
         assert store.statistics().checksum_failures == 1
         assert read(store, tiers, [2]) == [data(2)]
+
+    def test_an_io_error_moving_a_block_is_a_miss_and_leaks_no_slot(self, tmp_path: Path) -> None:
+        shm = TierStore(
+            Tier.SHM, SlabAllocator(BLOCK, slab_bytes=BLOCK), MemoryBacking.anonymous(BLOCK)
+        )
+        ssd = TierStore(
+            Tier.SSD,
+            SlabAllocator(4 * BLOCK, slab_bytes=BLOCK),
+            FileBacking(tmp_path / "spill", 4 * BLOCK),
+        )
+        store = BlockStore([shm, ssd], policy="lru")
+        store.open_session(1)
+
+        def disk_full(offset: int, data: memoryview) -> None:
+            raise OSError(28, "No space left on device")
+
+        ssd.backing.write = disk_full  # type: ignore[method-assign]
+        put(store, [shm, ssd], [1])
+        put(store, [shm, ssd], [2])  # demotes block 1: the spill write fails
+        stats = store.statistics()
+        assert store.lookup([key(1)]) == 0
+        assert stats.io_errors == 1
+        assert stats.tiers[1].used_bytes == 0, "the SSD slot taken for the move was given back"
+        assert read(store, [shm, ssd], [2]) == [data(2)]
+        ssd.close()
 
     def test_deleting_a_leased_block_hides_it_and_frees_it_on_release(self) -> None:
         store, tiers = make_store(shm_blocks=1, dram_blocks=0)
