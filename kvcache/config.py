@@ -54,8 +54,13 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"name {self.name!r} must be non-empty and contain no '/'")
-        if self.shm_bytes < self.slab_bytes and self.shm_bytes < (1 << 20):
-            raise ValueError("shm_bytes must be at least 1 MiB")
+        if self.slab_bytes < 4096 or self.slab_bytes % 4096:
+            raise ValueError(f"slab_bytes {self.slab_bytes} must be a positive multiple of 4 KiB")
+        for field in ("shm_bytes", "dram_bytes", "ssd_bytes"):
+            value = getattr(self, field)
+            minimum = 1 << 20 if field == "shm_bytes" else 0
+            if value < minimum or value % 4096:
+                raise ValueError(f"{field} {value} must be a multiple of 4 KiB, >= {minimum}")
         if self.reservation_ttl_s <= 0 or self.session_ttl_s <= 0:
             raise ValueError("reservation_ttl_s and session_ttl_s must be positive")
 

@@ -256,10 +256,7 @@ class CacheDaemon:
         try:
             request = m.decode_request(frame)
         except ProtocolError as exc:
-            code = m.ErrorCode.VERSION if "version" in str(exc) else m.ErrorCode.MALFORMED
-            if "unknown op" in str(exc):
-                code = m.ErrorCode.UNKNOWN_OP
-            return self._error(m.peek_id(frame), code, str(exc))
+            return self._error(m.peek_id(frame), m.ErrorCode(exc.code), str(exc))
         client = self._clients.get(request.session)
         if client is None and not isinstance(request, m.HelloRequest):
             return self._error(

@@ -36,7 +36,14 @@ class CacheUnavailable(CacheError):
 
 
 class ProtocolError(CacheError):
-    """A message was malformed, oversized or of an unknown version."""
+    """A message was malformed, oversized or of an unknown version.
+
+    ``code`` is the wire error code the daemon answers with (``messages.ErrorCode``).
+    """
+
+    def __init__(self, message: str, code: str = "malformed") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class RequestRejected(CacheError):

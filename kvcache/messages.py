@@ -228,7 +228,9 @@ def _unpack_map(frame: bytes, what: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ProtocolError(f"{what} must be a msgpack map, got {type(body).__name__}")
     if body.get("v") != VERSION:
-        raise ProtocolError(f"{what} has protocol version {body.get('v')!r}; expected {VERSION}")
+        raise ProtocolError(
+            f"{what} has protocol version {body.get('v')!r}; expected {VERSION}", ErrorCode.VERSION
+        )
     return body
 
 
@@ -249,7 +251,9 @@ def decode_request(frame: bytes) -> Request:
     op = body.get("op")
     cls = _REQUESTS.get(op) if isinstance(op, str) else None
     if cls is None or not isinstance(op, str):
-        raise ProtocolError(f"unknown op {op!r}; known ops: {sorted(_REQUESTS)}")
+        raise ProtocolError(
+            f"unknown op {op!r}; known ops: {sorted(_REQUESTS)}", ErrorCode.UNKNOWN_OP
+        )
     values = {}
     for f in fields(cls):
         if f.name not in body:

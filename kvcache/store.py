@@ -24,6 +24,12 @@ Eviction is delegated per tier to a pluggable ``EvictionPolicy`` (``kvcache.evic
 the store pins leased blocks. Making room is synchronous on the request that needs it:
 simpler to reason about than a background demoter, and the copy (DRAM speed) is paid once.
 
+Known limitation: eviction follows the policy's order, not the size class that needs a
+slot. With mixed block sizes and leases spread over every slab, making room for a block
+of another class can demote many blocks and still end in NO_SPACE (they are demoted, not
+lost, while a lower tier has room). KV caches use one block size per namespace, where
+this cannot happen; class-aware victim choice is future work.
+
 Calls go down, events come up: the store appends ``BlockEvent``s and the daemon drains
 them with ``take_events()``; this module imports no transport. Time is injected.
 """

@@ -54,10 +54,12 @@ def setting(default: Any, help: str, *, size: bool = False) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "size": size})
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int | float) -> int:
     """Parse ``"64KiB"``-style sizes (binary and decimal units) into bytes."""
-    if isinstance(text, int):
-        return text
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a size; use e.g. 4096, 64KiB, 1.5GiB or 500MB")
+    if isinstance(text, int | float):
+        return int(text)
     match = _SIZE_RE.match(text)
     if match is None:
         raise ValueError(f"{text!r} is not a size; use e.g. 4096, 64KiB, 1.5GiB or 500MB")

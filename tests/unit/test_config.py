@@ -29,6 +29,17 @@ def test_sizes_accept_binary_and_decimal_units(text: str, value: int) -> None:
     assert parse_size(text) == value
 
 
+def test_toml_numbers_are_sizes_too(tmp_path: Path) -> None:
+    config_file = tmp_path / "shoal.toml"
+    config_file.write_text("[cache]\nshm_bytes = 2147483648.0\nslab_bytes = 8388608\n")
+    config = load_config(CacheConfig, "cache", environ={}, config_path=config_file)
+    assert (config.shm_bytes, config.slab_bytes) == (2 << 30, 8 << 20)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cache]\nslab_bytes = 1000\n")
+    with pytest.raises(ConfigError, match="multiple of 4 KiB"):
+        load_config(CacheConfig, "cache", environ={}, config_path=bad)
+
+
 def test_bad_sizes_and_booleans_name_the_expected_form() -> None:
     with pytest.raises(ValueError, match="64KiB"):
         parse_size("lots")
