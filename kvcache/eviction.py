@@ -362,6 +362,15 @@ class _ProtectedShareChooser:
         return share != self.share
 
 
+def stable_key_hash(key: Hashable) -> int:
+    """A per-process-stable hash for sampling: block keys (bytes) are already uniform
+    hashes, so their first 8 bytes serve; Python's ``hash`` of bytes is salted per process,
+    which would make the policy's decisions differ between daemon runs."""
+    if isinstance(key, bytes):
+        return int.from_bytes(key[:8], "little")
+    return hash(key)
+
+
 class ShoalDefaultPolicy(Generic[K]):
     """Prefix-aware segmented LRU; the protected share is chosen by miniature caches.
 
@@ -398,14 +407,16 @@ class ShoalDefaultPolicy(Generic[K]):
 
     How it fails: a workload whose hits need more than LRU recency and frequency
     (conversations whose next turn is unpredictable) stays near LRU; the miniatures see
-    blocks, not chains, so they misjudge shares when hits depend on prefix breaks; and
-    with Python's salted ``hash`` of ``bytes`` keys the sample, hence the decisions,
-    differ between processes (pass ``key_hash`` to pin them).
+    blocks, not chains, so they misjudge shares when hits depend on prefix breaks. The
+    sample uses ``stable_key_hash``, so equal key sequences give equal decisions in every
+    process.
     """
 
     name: ClassVar[str] = "default"
 
-    def __init__(self, capacity_blocks: int, *, key_hash: Callable[[Hashable], int] = hash) -> None:
+    def __init__(
+        self, capacity_blocks: int, *, key_hash: Callable[[Hashable], int] = stable_key_hash
+    ) -> None:
         self._capacity = max(1, capacity_blocks)
         self._nodes: dict[K, _Node[K]] = {}
         self._first_child: dict[K, _Node[K]] = {}  # parent key -> a resident child

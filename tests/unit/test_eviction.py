@@ -400,3 +400,11 @@ ShoalDefaultMachine.TestCase.settings = _STATEFUL
 TestLRUStateful = LRUMachine.TestCase
 TestS3FIFOStateful = S3FIFOMachine.TestCase
 TestShoalDefaultStateful = ShoalDefaultMachine.TestCase
+
+
+def test_the_default_samples_block_keys_with_a_hash_stable_across_processes() -> None:
+    from kvcache.eviction import stable_key_hash
+
+    key = bytes(range(16))
+    assert stable_key_hash(key) == int.from_bytes(key[:8], "little")
+    assert stable_key_hash(12345) == 12345
