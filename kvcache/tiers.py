@@ -149,31 +149,27 @@ class TierStore:
         self, offset: int, nbytes: int, checksum: int, target: TierStore, target_offset: int
     ) -> None:
         """Copy a block to ``target``, verifying it; raises ``CorruptBlock`` on mismatch."""
-        source = self.backing
-        if isinstance(source, MemoryBacking) and isinstance(target.backing, MemoryBacking):
-            landed = copy_hashing_target(
-                source.view(offset, nbytes), target.backing.view(target_offset, nbytes)
-            )
-            if landed != checksum:
-                raise CorruptBlock(f"checksum mismatch in {self.tier.label} at offset {offset}")
-            return
-        if isinstance(source, MemoryBacking):
-            data = source.view(offset, nbytes)
-            if block_checksum(data) != checksum:
-                raise CorruptBlock(f"checksum mismatch in {self.tier.label} at offset {offset}")
-            target.backing.write(target_offset, data)
-            return
-        if isinstance(target.backing, MemoryBacking):
-            landing = target.backing.view(target_offset, nbytes)
-            source.read_into(offset, landing)
-            if block_checksum(landing) != checksum:
-                raise CorruptBlock(f"checksum mismatch in {self.tier.label} at offset {offset}")
-            return
-        staging = memoryview(bytearray(nbytes))
-        source.read_into(offset, staging)
-        if block_checksum(staging) != checksum:
+        source, sink = self.backing, target.backing
+        landed = False  # are the bytes already in the target slot?
+        if isinstance(source, MemoryBacking) and isinstance(sink, MemoryBacking):
+            data = sink.view(target_offset, nbytes)
+            found = copy_hashing_target(source.view(offset, nbytes), data)
+            landed = True
+        else:
+            if isinstance(source, MemoryBacking):
+                data = source.view(offset, nbytes)
+            elif isinstance(sink, MemoryBacking):  # file -> memory: read into the slot itself
+                data = sink.view(target_offset, nbytes)
+                source.read_into(offset, data)
+                landed = True
+            else:
+                data = memoryview(bytearray(nbytes))
+                source.read_into(offset, data)
+            found = block_checksum(data)
+        if found != checksum:  # verified before a write: corrupt bytes never reach the target
             raise CorruptBlock(f"checksum mismatch in {self.tier.label} at offset {offset}")
-        target.backing.write(target_offset, staging)
+        if not landed:
+            sink.write(target_offset, data)
 
     def close(self) -> None:
         self.backing.close()
