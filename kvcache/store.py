@@ -425,7 +425,11 @@ class BlockStore:
     def expire(self) -> int:
         """Abort reservations past their deadline (a writer that hung mid-write)."""
         now = self._clock()
-        expired = [e for e in self._reservations.values() if e.deadline <= now]
+        expired = []
+        for entry in self._reservations.values():  # insertion order is deadline order
+            if entry.deadline > now:
+                break
+            expired.append(entry)
         for entry in expired:
             self._discard_reservation(entry)
         self._expired += len(expired)
@@ -547,12 +551,17 @@ class BlockStore:
 
     def statistics(self) -> StoreStats:
         tier_stats = []
-        for tier, policy, counters in zip(self._tiers, self._policies, self._counters, strict=True):
+        for tier, counters in zip(self._tiers, self._counters, strict=True):
             alloc = tier.statistics()
+            # Resident blocks, derived from the allocator rather than len(policy), which
+            # would flush the deferred policy records on every metrics refresh.
+            held = sum(1 for e in self._doomed if e.tier == tier.tier)
+            if tier.tier is Tier.SHM:
+                held += len(self._reservations)
             tier_stats.append(
                 TierStats(
                     tier=tier.tier.label,
-                    num_blocks=len(policy),
+                    num_blocks=alloc.num_allocations - held,
                     used_bytes=alloc.slot_bytes,
                     capacity_bytes=alloc.capacity_bytes,
                     fragmentation=alloc.fragmentation,
