@@ -246,14 +246,8 @@ class _ClientFlows:
     def _reserve_flow(
         self, keys: Sequence[bytes], sizes: Sequence[int], parent: bytes | None
     ) -> _Flow[list[Reservation | ReserveStatus]]:
-        reply = yield m.ReserveRequest(
-            id=self._next_id(), session=self.session, keys=join_keys(keys),
-            sizes=list(sizes), parent=parent,
-        )  # fmt: skip
-        assert reply is not None
-        statuses, offsets = reply["statuses"], reply["offsets"]
-        if len(statuses) != len(keys) or len(offsets) != len(keys):
-            raise ProtocolError("reserve reply does not match the request")
+        reply = yield self._reserve_request(keys, sizes, parent)
+        statuses, offsets = _reserve_answer(reply, len(keys))
         out: list[Reservation | ReserveStatus] = []
         for key, size, status, offset in zip(keys, sizes, statuses, offsets, strict=True):
             if status == ReserveStatus.OK:
@@ -261,6 +255,14 @@ class _ClientFlows:
             else:
                 out.append(ReserveStatus(status))
         return out
+
+    def _reserve_request(
+        self, keys: Sequence[bytes], sizes: Sequence[int], parent: bytes | None
+    ) -> m.ReserveRequest:
+        return m.ReserveRequest(
+            id=self._next_id(), session=self.session, keys=join_keys(keys),
+            sizes=list(sizes), parent=parent,
+        )  # fmt: skip
 
     def _commit_flow(
         self, keys: Sequence[bytes], checksums: Sequence[int], wait: bool = True
@@ -286,10 +288,8 @@ class _ClientFlows:
             return PutResult(0, 0, 0)
 
         def reserve(lo: int, hi: int) -> m.ReserveRequest:
-            return m.ReserveRequest(
-                id=self._next_id(), session=self.session, keys=join_keys(keys[lo:hi]),
-                sizes=[len(v) for v in views[lo:hi]], parent=keys[lo - 1] if lo else parent,
-            )  # fmt: skip
+            sizes = [len(v) for v in views[lo:hi]]
+            return self._reserve_request(keys[lo:hi], sizes, keys[lo - 1] if lo else parent)
 
         existed = no_space = 0
         full = False  # after a NO_SPACE the rest of the chain is useless: abort it
@@ -307,10 +307,7 @@ class _ClientFlows:
                 break
             request, lo, hi = in_flight.popleft()
             reply = yield _Collect(request.id)
-            assert reply is not None
-            statuses, offsets = reply["statuses"], reply["offsets"]
-            if len(statuses) != hi - lo or len(offsets) != hi - lo:
-                raise ProtocolError("reserve reply does not match the request")
+            statuses, offsets = _reserve_answer(reply, hi - lo)
             aborted: list[bytes] = []
             for i, status, offset in zip(range(lo, hi), statuses, offsets, strict=True):
                 if status == ReserveStatus.EXISTS:
@@ -427,6 +424,15 @@ def _pieces(sizes: Sequence[int], piece_bytes: int) -> list[tuple[int, int]]:
     if lo < len(sizes):
         pieces.append((lo, len(sizes)))
     return pieces
+
+
+def _reserve_answer(reply: dict[str, Any] | None, num_keys: int) -> tuple[bytes, list[int]]:
+    """Statuses and offsets of a reserve reply, checked against the request's size."""
+    assert reply is not None, "reserve always expects a reply"
+    statuses, offsets = reply["statuses"], reply["offsets"]
+    if len(statuses) != num_keys or len(offsets) != num_keys:
+        raise ProtocolError("reserve reply does not match the request")
+    return statuses, offsets
 
 
 def _raise_for_error(reply: dict[str, Any]) -> None:
