@@ -48,6 +48,29 @@ class CacheConfig:
     populate: bool = setting(True, "prefault the arena mapping (MAP_POPULATE)")
     metrics_host: str = setting("127.0.0.1", "address of the Prometheus endpoint")
     metrics_port: int = setting(9500, "port of the Prometheus endpoint; 0 = off")
+    cluster_port: int = setting(
+        0, "cluster port (ROUTER; PUB is the next port); 0 = no cluster, this node alone"
+    )
+    cluster_host: str = setting("0.0.0.0", "address the cluster sockets bind to")
+    cluster_advertise: str = setting(
+        "", "host:port peers reach this node on; empty = cluster_host (or this host's IP)"
+    )
+    cluster_node: str = setting("", "this node's name in the cluster; empty = HOSTNAME:name")
+    cluster_discovery: str = setting("static", "how peers are found: static, dns or k8s")
+    cluster_peers: str = setting("", "static discovery: comma-separated host:port of peers")
+    cluster_dns_name: str = setting("", "dns discovery: headless Service name resolving to peers")
+    cluster_k8s_service: str = setting("", "k8s discovery: Service whose Endpoints are peers")
+    cluster_k8s_namespace: str = setting("default", "k8s discovery: namespace of the Service")
+    cluster_heartbeat_s: float = setting(1.0, "seconds between heartbeats")
+    cluster_member_timeout_s: float = setting(
+        3.0, "seconds without a message before a peer is declared dead"
+    )
+    cluster_fetch_timeout_s: float = setting(
+        0.5, "seconds a peer fetch may take before it fails into a miss"
+    )
+    cluster_curve_dir: str = setting(
+        "", "directory with the CurveZMQ cluster keypair and allowed public keys; empty = off"
+    )
     log_level: str = setting("info", "debug, info, warning or error")
     log_format: str = setting("json", "json (structured) or text")
 
@@ -63,6 +86,16 @@ class CacheConfig:
                 raise ValueError(f"{field} {value} must be a multiple of 4 KiB, >= {minimum}")
         if self.reservation_ttl_s <= 0 or self.session_ttl_s <= 0:
             raise ValueError("reservation_ttl_s and session_ttl_s must be positive")
+        if not 0 <= self.cluster_port < 65535:
+            raise ValueError(f"cluster_port {self.cluster_port} must be 0 (off) or 1..65534")
+        if self.cluster_discovery not in ("static", "dns", "k8s"):
+            raise ValueError(
+                f"cluster_discovery {self.cluster_discovery!r} must be static, dns or k8s"
+            )
+        if min(self.cluster_heartbeat_s, self.cluster_fetch_timeout_s) <= 0:
+            raise ValueError("cluster_heartbeat_s and cluster_fetch_timeout_s must be positive")
+        if self.cluster_member_timeout_s < 2 * self.cluster_heartbeat_s:
+            raise ValueError("cluster_member_timeout_s must be at least 2 heartbeats")
 
     @property
     def arena_path(self) -> Path:

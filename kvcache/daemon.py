@@ -39,6 +39,7 @@ from prometheus_client import start_http_server
 from kvcache import messages as m
 from kvcache.allocator import SlabAllocator
 from kvcache.arena import DATA_OFFSET, Arena
+from kvcache.cluster.node import Cluster, ClusterNode, NullCluster, cluster_settings
 from kvcache.config import CacheConfig
 from kvcache.errors import CacheError, ProtocolError
 from kvcache.keys import split_keys
@@ -139,6 +140,23 @@ class CacheDaemon:
         os.chmod(config.socket_path, 0o600)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
+        self._identity = b""  # of the request being handled, for replies sent later
+        self.cluster: Cluster = NullCluster()
+        if config.cluster_port:
+            try:
+                self.cluster = ClusterNode(
+                    cluster_settings(config),
+                    self.store,
+                    MemoryBacking(self.arena.mmap, DATA_OFFSET),
+                    self._context,
+                    self.metrics.registry,
+                    on_leave=self.stop,
+                    clock=clock,
+                )
+            except (CacheError, ValueError) as exc:
+                self.close()
+                raise CacheError(f"cannot join the cluster: {exc}") from None
+        self.cluster.register(self._poller)
         self._handlers: dict[type[m.Request], Callable[[Any], dict[str, Any] | None]] = {
             m.HelloRequest: self._hello,
             m.LookupRequest: self._lookup,
@@ -151,6 +169,12 @@ class CacheDaemon:
             m.StatsRequest: self._stats,
             m.HeartbeatRequest: lambda request: {},
             m.ByeRequest: self._bye,
+            m.LocateRequest: self._locate,
+            m.FetchRequest: self._fetch,
+            m.ClusterRequest: lambda r: {"cluster": self.cluster.status(samples=r.samples)},
+            m.EvictRequest: lambda r: {"evicted": self.store.evict(r.namespace, r.key_prefix)},
+            m.FlushRequest: lambda r: {"flushed": self.store.clear()},
+            m.DrainRequest: self._drain,
         }
         log.info(
             "cache daemon ready",
@@ -185,17 +209,25 @@ class CacheDaemon:
         next_housekeeping = 0.0
         while not self._stop.is_set():
             ready = self._poller.poll(timeout=0)
-            while not ready and self.store.flush_policies(limit=_IDLE_STEP):
+            while not ready and (
+                self.store.flush_policies(limit=_IDLE_STEP) or self.cluster.idle_step()
+            ):
                 ready = self._poller.poll(timeout=0)  # idle: bookkeeping in small steps
             if not ready:
                 ready = self._poller.poll(timeout=int(_HOUSEKEEPING_S * 1000))
             # Exits first: a pidfd number freed by a bye in this batch may be reused by a
             # hello in the same batch, and its stale event must not close the new session.
+            turn_started = time.time()
             for sock_or_fd, _ in sorted(ready, key=lambda event: event[0] is self._socket):
                 if sock_or_fd is self._socket:
                     self._drain_socket()
                 elif isinstance(sock_or_fd, int):
                     self._client_exited(sock_or_fd)
+                elif self.cluster.owns(sock_or_fd):
+                    self.cluster.handle(sock_or_fd)
+            # Events go out every turn, not every housekeeping tick: propagation latency
+            # is one loop turn, and a busy turn batches many events into one message.
+            self.cluster.publish(self.store.take_events(), turn_started)
             now = self._clock()
             if now >= next_housekeeping:
                 self._housekeeping(now)
@@ -205,6 +237,7 @@ class CacheDaemon:
         self._stop.set()
 
     def close(self) -> None:
+        self.cluster.close()
         for pidfd in list(self._pidfds):
             os.close(pidfd)
         self._pidfds.clear()
@@ -235,6 +268,7 @@ class CacheDaemon:
                     )
                 continue
             identity, frame = frames
+            self._identity = identity
             reply = self._handle(frame)
             if reply is not None:
                 self._send(identity, reply)
@@ -289,8 +323,8 @@ class CacheDaemon:
         for client in [c for c in self._clients.values() if now - c.last_seen > ttl]:
             log.warning("client timed out", extra={"session": client.session_id, "pid": client.pid})
             self._close_session(client.session_id)
-        # Events are drained here; cluster sync (a later component) will publish them.
-        self.store.take_events()
+        self.cluster.publish(self.store.take_events(), time.time())
+        self.cluster.tick(now)
         self.metrics.update(self.store.statistics())
 
     def _client_exited(self, pidfd: int) -> None:
@@ -324,7 +358,7 @@ class CacheDaemon:
                 self._pidfds[client.pidfd] = session_id
                 self._poller.register(client.pidfd, select.POLLIN)
         self._clients[session_id] = client
-        self.store.open_session(session_id)
+        self.store.open_session(session_id, request.namespace)
         log.info(
             "client connected",
             extra={"session": session_id, "pid": request.pid, "client": request.client,
@@ -344,6 +378,9 @@ class CacheDaemon:
 
     def _reserve(self, request: m.ReserveRequest) -> dict[str, Any]:
         keys = split_keys(request.keys)
+        if self.cluster.draining:  # a draining node takes no new blocks
+            return {"statuses": bytes([ReserveStatus.NO_SPACE] * len(keys)),
+                    "offsets": [0] * len(keys)}  # fmt: skip
         results = self.store.reserve(request.session, keys, request.sizes, request.parent)
         return {
             "statuses": bytes(r.status for r in results),
@@ -381,6 +418,31 @@ class CacheDaemon:
         body["name"] = self.config.name
         body["pid"] = os.getpid()
         return {"stats": body}
+
+    def _locate(self, request: m.LocateRequest) -> dict[str, Any]:
+        keys = split_keys(request.keys)
+        length = self.store.lookup(keys)
+        match = self.cluster.locate(keys, length)
+        runs = [[node, self.cluster_address(node), upto] for node, upto in match.runs]
+        return {"length": length, "remote_length": length + match.length, "runs": runs}
+
+    def cluster_address(self, node: str) -> str:
+        view = getattr(self.cluster, "view", None)
+        return (view.address_of(node) if view is not None else None) or ""
+
+    def _fetch(self, request: m.FetchRequest) -> None:
+        identity, keys = self._identity, split_keys(request.keys)
+
+        def done() -> None:
+            self._send(identity, m.encode_reply(request.id, length=self.store.lookup(keys)))
+
+        self.cluster.fetch(keys, done)
+
+    def _drain(self, request: m.DrainRequest) -> None:
+        identity = self._identity
+        self.cluster.drain(
+            lambda result: self._send(identity, m.encode_reply(request.id, **result))
+        )
 
     def _bye(self, request: m.ByeRequest) -> dict[str, Any]:
         self._close_session(request.session)

@@ -28,6 +28,14 @@ delete      keys                                       deleted
 stats       -                                          stats (map)
 heartbeat   -                                          -
 bye         -                                          -
+locate      keys                                       length (local), remote_length, runs
+                                                       ([node, address, upto] per peer)
+fetch       keys                                       length (local prefix once peers'
+                                                       blocks landed; replied when done)
+cluster     samples                                    cluster (map: members, epochs, lag)
+evict       namespace, key_prefix                      evicted
+flush       -                                          flushed
+drain       -                                          handed_off, peers (when drained)
 ==========  =========================================  =====================================
 
 Every receiver rejects an unknown version, a non-map frame, an unknown op, a missing or
@@ -41,21 +49,25 @@ import enum
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-import msgpack
-
 from kvcache.errors import ProtocolError
-from kvcache.keys import KEY_BYTES
+from kvcache.wire import decode_fields, pack, peek_id, unpack_map
 
 __all__ = [
     "VERSION",
     "AbortRequest",
     "ByeRequest",
+    "ClusterRequest",
     "CommitRequest",
     "DeleteRequest",
+    "DrainRequest",
     "ErrorCode",
+    "EvictRequest",
+    "FetchRequest",
+    "FlushRequest",
     "GetRequest",
     "HeartbeatRequest",
     "HelloRequest",
+    "LocateRequest",
     "LookupRequest",
     "ReleaseRequest",
     "Request",
@@ -65,6 +77,7 @@ __all__ = [
     "decode_request",
     "encode_error",
     "encode_reply",
+    "peek_id",
 ]
 
 VERSION = 1
@@ -176,73 +189,61 @@ class ByeRequest(Request):
     op: ClassVar[str] = "bye"
 
 
+@dataclass(frozen=True, slots=True)
+class LocateRequest(Request):
+    """Longest prefix held locally and, beyond it, by peers (cluster lookup)."""
+
+    op: ClassVar[str] = "locate"
+    keys: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FetchRequest(Request):
+    """Bring peers' blocks of a chain into this node; answered once they landed."""
+
+    op: ClassVar[str] = "fetch"
+    keys: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterRequest(Request):
+    op: ClassVar[str] = "cluster"
+    samples: bool  # include (and reset) the propagation samples, for benchmarks
+
+
+@dataclass(frozen=True, slots=True)
+class EvictRequest(Request):
+    op: ClassVar[str] = "evict"
+    namespace: str
+    key_prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlushRequest(Request):
+    op: ClassVar[str] = "flush"
+
+
+@dataclass(frozen=True, slots=True)
+class DrainRequest(Request):
+    op: ClassVar[str] = "drain"
+
+
 _REQUESTS: dict[str, type[Request]] = {
     cls.op: cls
     for cls in (
         HelloRequest, LookupRequest, ReserveRequest, CommitRequest, AbortRequest, GetRequest,
         ReleaseRequest, DeleteRequest, StatsRequest, HeartbeatRequest, ByeRequest,
+        LocateRequest, FetchRequest, ClusterRequest, EvictRequest, FlushRequest, DrainRequest,
     )
 }  # fmt: skip
 
-_INT_LIST = "list[int]"
-
 
 def _pack(body: dict[str, Any]) -> bytes:
-    packed: bytes = msgpack.packb(body, use_bin_type=True)
-    return packed
-
-
-def _check(value: Any, annotation: str, name: str, op: str) -> Any:
-    """Validate one field against its annotation (kept as a string by __future__)."""
-    ok: bool
-    if annotation == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    elif annotation == "str":
-        ok = isinstance(value, str)
-    elif annotation == "bool":
-        ok = isinstance(value, bool)
-    elif annotation == "bytes":
-        ok = isinstance(value, bytes)
-    elif annotation == "bytes | None":
-        ok = value is None or (isinstance(value, bytes) and len(value) == KEY_BYTES)
-    elif annotation == _INT_LIST:
-        ok = isinstance(value, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
-        )
-    else:  # pragma: no cover - a new field type without a validator is a bug here
-        raise AssertionError(f"no validator for annotation {annotation!r}")
-    if not ok:
-        raise ProtocolError(
-            f"{op}: field {name!r} must be {annotation}, got {type(value).__name__}"
-        )
-    if name == "keys" and len(value) % KEY_BYTES:
-        raise ProtocolError(f"{op}: keys must be a multiple of {KEY_BYTES} bytes")
-    return value
+    return pack(body)
 
 
 def _unpack_map(frame: bytes, what: str) -> dict[str, Any]:
-    try:
-        body = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.UnpackException, TypeError) as exc:
-        raise ProtocolError(f"{what} is not valid msgpack: {exc}") from None
-    if not isinstance(body, dict):
-        raise ProtocolError(f"{what} must be a msgpack map, got {type(body).__name__}")
-    if body.get("v") != VERSION:
-        raise ProtocolError(
-            f"{what} has protocol version {body.get('v')!r}; expected {VERSION}", ErrorCode.VERSION
-        )
-    return body
-
-
-def peek_id(frame: bytes) -> int:
-    """Best-effort request id of a frame that failed to decode (0 if unknown)."""
-    try:
-        body = msgpack.unpackb(frame, raw=False)
-    except (ValueError, msgpack.UnpackException, TypeError):
-        return 0
-    if isinstance(body, dict) and isinstance(body.get("id"), int):
-        return int(body["id"])
-    return 0
+    return unpack_map(frame, what, VERSION)
 
 
 def decode_request(frame: bytes) -> Request:
@@ -254,12 +255,7 @@ def decode_request(frame: bytes) -> Request:
         raise ProtocolError(
             f"unknown op {op!r}; known ops: {sorted(_REQUESTS)}", ErrorCode.UNKNOWN_OP
         )
-    values = {}
-    for f in fields(cls):
-        if f.name not in body:
-            raise ProtocolError(f"{op}: missing field {f.name!r}")
-        values[f.name] = _check(body[f.name], str(f.type), f.name, op)
-    return cls(**values)
+    return cls(**decode_fields(cls, body, op))
 
 
 def encode_reply(request_id: int, **values: Any) -> bytes:

@@ -37,6 +37,7 @@ them with ``take_events()``; this module imports no transport. Time is injected.
 from __future__ import annotations
 
 import enum
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,8 +70,9 @@ class ReserveStatus(enum.IntEnum):
 
 
 class EventKind(enum.Enum):
-    STORED = "stored"
+    STORED = "stored"  # committed, or moved to another tier (``tier`` says which)
     REMOVED = "removed"
+    CLEARED = "cleared"  # every block is gone (flush); no per-block REMOVED follows
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +186,7 @@ class _Entry:
         "deadline",
         "key",
         "lease_count",
+        "namespace",
         "nbytes",
         "offset",
         "owner",
@@ -203,10 +206,12 @@ class _Entry:
         self.lease_count = 0
         self.owner = 0
         self.deadline = 0.0
+        self.namespace = ""
 
 
 @dataclass(slots=True)
 class _Session:
+    namespace: str = ""
     leases: dict[bytes, list[_Entry]] = field(default_factory=dict)
     reservations: dict[bytes, _Entry] = field(default_factory=dict)
 
@@ -258,8 +263,9 @@ class BlockStore:
 
     # -- sessions --------------------------------------------------------------------
 
-    def open_session(self, session_id: int) -> None:
-        self._sessions.setdefault(session_id, _Session())
+    def open_session(self, session_id: int, namespace: str = "") -> None:
+        """``namespace`` labels the blocks the session writes (``evict`` selects by it)."""
+        self._sessions.setdefault(session_id, _Session(sys.intern(namespace)))
 
     def close_session(self, session_id: int) -> None:
         """Release every lease and abort every reservation of a (possibly dead) client."""
@@ -343,6 +349,7 @@ class BlockStore:
         keys: Sequence[bytes],
         sizes: Sequence[int],
         parent: bytes | None = None,
+        namespace: str | None = None,
     ) -> list[ReserveResult]:
         """Reserve SHM slots for a chain of blocks (``keys[i-1]`` is the parent of ``keys[i]``).
 
@@ -357,6 +364,7 @@ class BlockStore:
             if not 0 < nbytes <= limit:
                 raise ValueError(f"block size {nbytes} is outside 1..{limit} bytes")
         session = self._session(session_id)
+        label = session.namespace if namespace is None else sys.intern(namespace)
         deadline = self._clock() + self._ttl
         results: list[ReserveResult] = []
         full = False
@@ -377,6 +385,7 @@ class BlockStore:
             entry = _Entry(key, chain_parent, nbytes, offset)
             entry.owner = session_id
             entry.deadline = deadline
+            entry.namespace = label
             self._entries[key] = entry
             session.reservations[key] = entry
             self._reservations[id(entry)] = entry
@@ -446,6 +455,43 @@ class BlockStore:
             self._remove(entry)
             removed += 1
         return removed
+
+    def evict(self, namespace: str = "", key_prefix: str = "") -> int:
+        """Remove the committed blocks of ``namespace`` (any, if empty) whose hex key
+        starts with ``key_prefix``; a scan over every block (an operator's tool)."""
+        prefix = key_prefix.lower()
+        doomed = [
+            e.key
+            for e in self._entries.values()
+            if e.state is _State.COMMITTED
+            and (not namespace or e.namespace == namespace)
+            and e.key.hex().startswith(prefix)
+        ]
+        return self.delete(doomed)
+
+    def clear(self) -> int:
+        """Remove every committed block (leased ones are freed on release)."""
+        removed = self.delete([e.key for e in self._entries.values()
+                               if e.state is _State.COMMITTED])  # fmt: skip
+        self._events = [e for e in self._events if e.kind is not EventKind.REMOVED]
+        self._events.append(BlockEvent(EventKind.CLEARED, b""))
+        return removed
+
+    def snapshot(self) -> list[tuple[bytes, Tier]]:
+        """Every committed block and its tier (what a cluster peer is sent to resync)."""
+        return [(e.key, e.tier) for e in self._entries.values() if e.state is _State.COMMITTED]
+
+    def hot_keys(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` committed keys, SHM tier first (a draining node hands them off)."""
+        by_tier = sorted(
+            (e for e in self._entries.values() if e.state is _State.COMMITTED),
+            key=lambda e: e.tier,
+        )
+        return [e.key for e in by_tier[:limit]]
+
+    def namespace_of(self, key: bytes) -> str:
+        entry = self._entries.get(key)
+        return "" if entry is None else entry.namespace
 
     def flush_policies(self, limit: int | None = None) -> bool:
         """Apply up to ``limit`` deferred eviction records per tier; True if more remain.
@@ -535,6 +581,7 @@ class BlockStore:
         source.free(entry.offset)
         entry.tier = Tier(level)
         entry.offset = offset
+        self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
         return True
 
     def _remove(self, entry: _Entry) -> None:

@@ -1,0 +1,1 @@
+"""Cache daemons working together as a cluster (discovery, messages, index, sync)."""
