@@ -56,7 +56,14 @@ from kvcache.keys import join_keys
 from kvcache.store import ReserveStatus
 from kvcache.tiers import block_checksum, copy_hashing_target
 
-__all__ = ["AsyncCacheClient", "BlockView", "CacheClient", "PutResult", "Reservation"]
+__all__ = [
+    "AsyncCacheClient",
+    "BlockView",
+    "CacheClient",
+    "ClusterLookup",
+    "PutResult",
+    "Reservation",
+]
 
 T = TypeVar("T")
 
@@ -90,6 +97,19 @@ class PutResult:
     @property
     def complete(self) -> bool:
         return self.no_space == 0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterLookup:
+    """Where a chain lives: ``length`` blocks here, up to ``remote_length`` with peers'.
+
+    ``runs`` lists ``(node, address, upto)``: fetching from that node alone would extend
+    the local prefix to ``upto`` (longest first).
+    """
+
+    length: int
+    remote_length: int
+    runs: tuple[tuple[str, str, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +426,19 @@ class _ClientFlows:
             yield m.DeleteRequest(id=self._next_id(), session=self.session, keys=join_keys(corrupt))
         return served
 
+    def _locate_flow(self, keys: Sequence[bytes]) -> _Flow[ClusterLookup]:
+        reply = yield m.LocateRequest(id=self._next_id(), session=self.session,
+                                      keys=join_keys(keys))  # fmt: skip
+        assert reply is not None
+        runs = tuple((str(n), str(a), int(u)) for n, a, u in reply["runs"])
+        return ClusterLookup(int(reply["length"]), int(reply["remote_length"]), runs)
+
+    def _fetch_flow(self, keys: Sequence[bytes]) -> _Flow[int]:
+        reply = yield m.FetchRequest(id=self._next_id(), session=self.session,
+                                     keys=join_keys(keys))  # fmt: skip
+        assert reply is not None
+        return int(reply["length"])
+
     def _simple_flow(self, request: m.Request) -> _Flow[dict[str, Any]]:
         reply = yield request
         assert reply is not None
@@ -623,6 +656,45 @@ class CacheClient(_ClientFlows):
         )
         return dict(reply["stats"])
 
+    # -- cluster ---------------------------------------------------------------------
+
+    def locate(self, keys: Sequence[bytes]) -> ClusterLookup:
+        """Longest prefix of ``keys`` cached here and, beyond it, on peers (one round trip)."""
+        return self._drive(self._locate_flow(keys))
+
+    def fetch(self, keys: Sequence[bytes]) -> int:
+        """Bring peers' blocks of the chain here; returns the local prefix length after.
+
+        A dead or slow peer costs at most the daemon's ``cluster_fetch_timeout_s``; its
+        blocks stay misses.
+        """
+        return self._drive(self._fetch_flow(keys))
+
+    def cluster_status(self, *, samples: bool = False) -> dict[str, Any]:
+        """Members, epochs, sync state and (``samples``) propagation samples since last call."""
+        request = m.ClusterRequest(id=self._next_id(), session=self.session, samples=samples)
+        return dict(self._drive(self._simple_flow(request))["cluster"])
+
+    def evict(self, namespace: str = "", key_prefix: str = "") -> int:
+        request = m.EvictRequest(
+            id=self._next_id(), session=self.session, namespace=namespace, key_prefix=key_prefix
+        )
+        return int(self._drive(self._simple_flow(request))["evicted"])
+
+    def flush(self) -> int:
+        request = m.FlushRequest(id=self._next_id(), session=self.session)
+        return int(self._drive(self._simple_flow(request))["flushed"])
+
+    def drain(self, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Stop the daemon taking blocks, hand hot blocks to peers, leave; waits for it."""
+        saved, self.timeout_s = self.timeout_s, timeout_s
+        try:
+            request = m.DrainRequest(id=self._next_id(), session=self.session)
+            reply = self._drive(self._simple_flow(request))
+        finally:
+            self.timeout_s = saved
+        return {"handed_off": reply["handed_off"], "peers": reply["peers"]}
+
     def close(self) -> None:
         self._heartbeat_stop.set()
         if self._socket is not None and self.session:
@@ -796,6 +868,12 @@ class AsyncCacheClient(_ClientFlows):
             )
         )
         return int(reply["deleted"])
+
+    async def locate(self, keys: Sequence[bytes]) -> ClusterLookup:
+        return await self._drive(self._locate_flow(keys))
+
+    async def fetch(self, keys: Sequence[bytes]) -> int:
+        return await self._drive(self._fetch_flow(keys))
 
     async def stats(self) -> dict[str, Any]:
         reply = await self._drive(
