@@ -1,17 +1,43 @@
-"""``shoal cache ...``: run the node daemon and inspect it.
+"""``shoal cache ...``: run the node daemon, inspect it, and operate the cluster it is in.
 
-Exit codes: 0 success, 1 the command failed (demo mismatch), 2 bad usage or
-configuration, 3 the daemon is unreachable.
+::
+
+    serve    run the daemon in the foreground            demo    two engines share a prefix
+    stats    tiers, hits, leases (--watch refreshes)     status  cluster view + local tiers
+    nodes    short member list                           lookup  where a prompt prefix lives
+    evict    drop blocks by namespace / key prefix       flush   drop every block (--yes)
+    drain    hand a node's hot blocks to peers, then it leaves
+    keygen   create the CurveZMQ cluster keypair
+
+Every verb that talks to a daemon starts at the local one (``--name``, ``--runtime-dir``,
+``--config`` pick it, as for ``serve``) over its ipc socket. Other members are reached over
+their cluster port (``kvcache.cluster.admin.ClusterAdmin``) at the address the local
+daemon's cluster view holds for them, so an operator names a member, never an address, and
+``--cluster-curve-dir`` supplies the key when the cluster uses CurveZMQ. Rejected: letting
+the local daemon relay operator requests to peers (a drain that outlives the relay would
+have no one to answer to, and the daemon's loop would grow an operator's concerns).
+
+Exit codes: 0 success; 1 the command failed (demo mismatch, request refused); 2 bad usage
+or configuration (unknown node, flush without --yes, no tokenizer); 3 a daemon is
+unreachable (the local one, or a member the command needed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import itertools
 import json
+import os
+import re
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 from shoal.config import add_flags, load_config
 from shoal.logs import setup_logging
@@ -19,35 +45,244 @@ from shoal.logs import setup_logging
 __all__ = ["register"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+_ADMIN_TIMEOUT_S = 5.0
+T = TypeVar("T")
 
 
 def register(subparsers: Any) -> None:
     from kvcache.config import CacheConfig
 
-    cache = subparsers.add_parser("cache", help="node-local KV-cache daemon")
+    cache = subparsers.add_parser(
+        "cache",
+        help="node-local KV-cache daemon",
+        description=__doc__.splitlines()[0],
+    )
     verbs = cache.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    serve = verbs.add_parser("serve", help="run the cache daemon in the foreground")
+    def verb(name: str, help: str, func: Callable[..., int], *, config: bool = True) -> Any:
+        parser = verbs.add_parser(name, help=help, description=help)
+        if config:
+            add_flags(parser, CacheConfig, "cache")
+        parser.set_defaults(func=func)
+        return parser
+
+    serve = verb("serve", "run the cache daemon in the foreground", _serve)
     serve.add_argument("--demo", action="store_true", help="once ready, run the two-process demo")
-    add_flags(serve, CacheConfig, "cache")
-    serve.set_defaults(func=_serve)
+    verb("demo", "two engine processes share a prefix via a running daemon", _demo)
 
-    demo = verbs.add_parser("demo", help="two engine processes share a prefix via a running daemon")
-    add_flags(demo, CacheConfig, "cache")
-    demo.set_defaults(func=_demo)
-
-    stats = verbs.add_parser(
-        "stats", help="tiers, blocks, hit counts and leases of a running daemon"
+    stats = verb("stats", "tiers, blocks, hit counts and leases of a running daemon", _stats)
+    _json_flag(stats)
+    stats.add_argument(
+        "--watch", action="store_true", help="refresh until Ctrl-C (with --json: one object a line)"
     )
-    stats.add_argument("--json", action="store_true", help="print one JSON object")
-    add_flags(stats, CacheConfig, "cache")
-    stats.set_defaults(func=_stats)
+    stats.add_argument("--interval", type=float, default=2.0, metavar="S",
+                       help="seconds between refreshes with --watch (default: 2)")  # fmt: skip
+    stats.add_argument("--count", type=int, default=0, metavar="N",
+                       help="stop after N refreshes (implies --watch)")  # fmt: skip
+
+    status = verb("status", "this node's cluster view: members, sync lag, hits; local tiers",
+                  _status)  # fmt: skip
+    _json_flag(status)
+    nodes = verb("nodes", "the cluster's members: node, address, state, last heard", _nodes)
+    _json_flag(nodes)
+
+    lookup = verb("lookup", "where a prompt prefix is cached: here, and on which peers", _lookup)
+    _json_flag(lookup)
+    prompt = lookup.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--tokens", metavar="IDS", help="comma-separated token ids: 1,2,3,...")
+    prompt.add_argument("--text", help="prompt text, tokenized with --tokenizer")
+    lookup.add_argument("--tokenizer", metavar="NAME",
+                        help="Hugging Face tokenizer for --text (needs transformers)")  # fmt: skip
+    lookup.add_argument("--model", required=True, help="namespace: model (and revision)")
+    lookup.add_argument("--dtype", default="bfloat16", help="namespace: KV dtype (bfloat16)")
+    lookup.add_argument("--layout", default="default", help="namespace: KV layout (default)")
+    lookup.add_argument("--tp-rank", type=int, default=0, help="namespace: tensor-parallel rank")
+    lookup.add_argument("--tp-size", type=int, default=1, help="namespace: tensor-parallel size")
+    lookup.add_argument("--extra", default="", help="namespace: extra discriminator ('')")
+    lookup.add_argument("--chunk-tokens", type=int, default=16,
+                        help="tokens per block (default: 16)")  # fmt: skip
+
+    evict = verb("evict", "remove blocks by namespace and/or key prefix (here by default)", _evict)
+    _json_flag(evict)
+    evict.add_argument("--namespace", default="",
+                       help="namespace label engines connect with, e.g. MODEL/bfloat16/default/"
+                            "tp0of1 (see `lookup`)")  # fmt: skip
+    evict.add_argument("--key-prefix", default="", metavar="HEX",
+                       help="blocks whose hex key starts with HEX")  # fmt: skip
+    _where_flags(evict)
+
+    flush = verb("flush", "remove every cached block (here by default); needs --yes", _flush)
+    _json_flag(flush)
+    _where_flags(flush)
+    flush.add_argument("--yes", action="store_true", help="really drop every block")
+
+    drain = verb("drain", "stop NODE taking blocks, hand its hot blocks to peers; it then exits",
+                 _drain)  # fmt: skip
+    _json_flag(drain)
+    drain.add_argument("node", metavar="NODE", help="member name (see `shoal cache nodes`)")
+    drain.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                       help="seconds to wait for the hand-off (default: 120)")  # fmt: skip
+
+    keygen = verb("keygen", "create the CurveZMQ cluster keypair in DIR", _keygen, config=False)
+    _json_flag(keygen)
+    keygen.add_argument("dir", metavar="DIR", help="directory for cluster.key and .key_secret")
+    keygen.add_argument("--force", action="store_true", help="replace an existing keypair")
+
+
+def _json_flag(parser: Any) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _where_flags(parser: Any) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--node", metavar="NODE", help="act on this member instead of this node")
+    where.add_argument("--all", action="store_true", help="act on this node and every member")
+
+
+# -- plumbing shared by the verbs ------------------------------------------------------------
+
+
+class _Exit(Exception):
+    """End the command with ``code`` after printing ``message`` to stderr."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _config(args: argparse.Namespace) -> Any:
     from kvcache.config import CacheConfig
 
     return load_config(CacheConfig, "cache", flags=args)
+
+
+def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn ``_Exit`` and refused requests into a message on stderr and an exit code."""
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        from kvcache.errors import CacheError, CacheUnavailable, RequestRejected
+
+        try:
+            return fn(args)
+        except _Exit as exc:
+            message, code = str(exc), exc.code
+        except CacheUnavailable as exc:  # a member beyond the local daemon
+            message, code = str(exc), EXIT_UNREACHABLE
+        except RequestRejected as exc:
+            message, code = f"refused: {exc}", EXIT_FAILED
+        except CacheError as exc:
+            message, code = str(exc), EXIT_FAILED
+        print(f"shoal cache {args.verb}: {message}", file=sys.stderr)
+        return code
+
+    return run
+
+
+@contextlib.contextmanager
+def _local(config: Any, verb: str) -> Iterator[Any]:
+    """A client of the local daemon; unreachable is exit 3 with what to do about it."""
+    from kvcache.client import CacheClient
+    from kvcache.errors import CacheUnavailable
+
+    try:
+        with CacheClient(
+            config.endpoint, name=f"shoal-cache-{verb}", heartbeat=False, populate=False
+        ) as client:
+            yield client
+    except CacheUnavailable as exc:
+        raise _Exit(
+            EXIT_UNREACHABLE,
+            f"cannot reach the cache daemon at {config.endpoint}: {exc}\n"
+            "  start it with `shoal cache serve` (with the same --name, --runtime-dir or "
+            "--config as this command)",
+        ) from None
+
+
+def _admin(config: Any, address: str, timeout_s: float = _ADMIN_TIMEOUT_S) -> Any:
+    from kvcache.cluster.admin import ClusterAdmin
+    from kvcache.errors import CacheError, CacheUnavailable
+
+    try:
+        return ClusterAdmin(address, curve_dir=config.cluster_curve_dir, timeout_s=timeout_s)
+    except CacheUnavailable:
+        raise
+    except CacheError as exc:  # the key directory
+        raise _Exit(EXIT_USAGE, str(exc)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    node: str
+    address: str  # the member's cluster address; "" = the local daemon, over ipc
+
+
+def _targets(
+    cluster: dict[str, Any], config: Any, node: str | None, everywhere: bool
+) -> list[_Target]:
+    """The daemons a command acts on (from this node's view ``cluster``): this one, the
+    member ``node``, or all of them."""
+    own = str(cluster.get("node") or config.name)
+    members = {str(m["node"]): str(m["address"]) for m in cluster.get("members", [])}
+    if everywhere:
+        return [_Target(own, ""), *(_Target(n, a) for n, a in sorted(members.items()))]
+    if node is None or node == own:
+        return [_Target(own, "")]
+    if node not in members:
+        known = ", ".join([f"{own} (this node)", *sorted(members)])
+        hint = "" if cluster.get("enabled") else "; this daemon runs without a cluster"
+        raise _Exit(EXIT_USAGE, f"unknown node {node!r}; known members: {known}{hint}")
+    return [_Target(node, members[node])]
+
+
+def _on_each(
+    client: Any,
+    config: Any,
+    targets: Sequence[_Target],
+    local: Callable[[Any], int],
+    remote: Callable[[Any], int],
+) -> tuple[list[tuple[_Target, int]], list[tuple[_Target, str]]]:
+    """Run one operation on every target; unreachable members are collected, not fatal."""
+    from kvcache.errors import CacheUnavailable
+
+    done: list[tuple[_Target, int]] = []
+    failed: list[tuple[_Target, str]] = []
+    for target in targets:
+        if not target.address:
+            done.append((target, local(client)))
+            continue
+        try:
+            with _admin(config, target.address) as admin:
+                done.append((target, remote(admin)))
+        except CacheUnavailable as exc:
+            failed.append((target, str(exc)))
+    return done, failed
+
+
+def _report_counts(
+    args: argparse.Namespace,
+    what: str,
+    done: list[tuple[_Target, int]],
+    failed: list[tuple[_Target, str]],
+) -> int:
+    total = sum(count for _, count in done)
+    if args.json:
+        print(json.dumps({
+            "nodes": [{"node": t.node, "address": t.address, what: n} for t, n in done],
+            "total": total,
+            "unreachable": [{"node": t.node, "address": t.address, "error": e}
+                            for t, e in failed],
+        }))  # fmt: skip
+    else:
+        rows = [[t.node, t.address or "(this node)", str(n)] for t, n in done]
+        rows.append(["total", "", str(total)])
+        print("\n".join(table(["NODE", "ADDRESS", what.upper()], rows, "<<>")))
+    for target, error in failed:
+        print(f"shoal cache {args.verb}: {target.node} unreachable: {error}", file=sys.stderr)
+    return EXIT_UNREACHABLE if failed else 0
+
+
+# -- serve, demo ----------------------------------------------------------------------------
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -86,43 +321,409 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(config.endpoint) else EXIT_FAILED
 
 
-def _stats(args: argparse.Namespace) -> int:
-    from kvcache.client import CacheClient
-    from kvcache.errors import CacheUnavailable
+# -- inspection -------------------------------------------------------------------------------
 
+
+@_command
+def _stats(args: argparse.Namespace) -> int:
     config = _config(args)
-    try:
-        with CacheClient(
-            config.endpoint, name="shoal-cache-stats", heartbeat=False, populate=False
-        ) as c:
-            stats = c.stats()
-    except CacheUnavailable as exc:
-        print(f"shoal cache stats: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    watch = args.watch or args.count > 0
+    if args.interval <= 0 or args.count < 0:
+        raise _Exit(EXIT_USAGE, "--interval must be positive and --count not negative")
+    clear = watch and not args.json and sys.stdout.isatty()
+    with _local(config, "stats") as client:
+        refresh = 0
+        while True:
+            refresh += 1
+            stats = client.stats()
+            if args.json:
+                print(json.dumps(stats), flush=True)
+            else:
+                if clear:
+                    print("\x1b[H\x1b[2J", end="")
+                if watch:
+                    print(time.strftime("%H:%M:%S"), f"(every {args.interval:g}s; Ctrl-C stops)")
+                print("\n".join(stats_lines(stats)), flush=True)
+            if not watch or refresh == args.count:
+                return 0
+            try:
+                time.sleep(args.interval)
+            except KeyboardInterrupt:  # the normal way to end --watch
+                return 0
+
+
+@_command
+def _status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    with _local(config, "status") as client:
+        cluster = client.cluster_status()
+        stats = client.stats()
     if args.json:
-        print(json.dumps(stats))
-        return 0
-    print(f"daemon {stats['name']} (pid {stats['pid']}): {stats['num_sessions']} sessions, "
-          f"{stats['num_leases']} leases, {stats['num_reservations']} reservations")  # fmt: skip
-    print(
-        f"{'tier':<6}{'blocks':>10}{'used':>12}{'capacity':>12}{'frag':>7}"
-        f"{'hits':>10}{'evicted':>10}"
-    )
-    for tier in stats["tiers"]:
-        print(
-            f"{tier['tier']:<6}{tier['num_blocks']:>10}{_size(tier['used_bytes']):>12}"
-            f"{_size(tier['capacity_bytes']):>12}{tier['fragmentation']:>7.1%}{tier['hits']:>10}"
-            f"{tier['evictions']:>10}"
-        )
-    print(f"misses {stats['misses']}, no-space {stats['no_space']}, "
-          f"checksum failures {stats['checksum_failures']}")  # fmt: skip
+        print(json.dumps({"cluster": cluster, "local": stats}))
+    else:
+        print("\n".join(status_lines(cluster, stats)))
     return 0
 
 
-def _size(nbytes: int) -> str:
+@_command
+def _nodes(args: argparse.Namespace) -> int:
+    config = _config(args)
+    with _local(config, "nodes") as client:
+        cluster = client.cluster_status()
+    own = {
+        "node": cluster.get("node") or config.name,
+        "address": cluster.get("address", ""),
+        "state": cluster.get("state", "active"),
+        "last_heard_s": 0.0,
+        "self": True,
+    }
+    rows = [own] + [
+        {"node": m["node"], "address": m["address"], "state": m["state"],
+         "last_heard_s": m["last_heard_s"], "self": False}
+        for m in cluster.get("members", [])
+    ]  # fmt: skip
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not cluster.get("enabled"):
+        print("cluster: disabled (this daemon runs alone; --cluster-port turns it on)")
+    cells = [
+        [r["node"], r["address"] or "-", r["state"],
+         "(this node)" if r["self"] else f"{ago(r['last_heard_s'])} ago"]
+        for r in rows
+    ]  # fmt: skip
+    print("\n".join(table(["NODE", "ADDRESS", "STATE", "HEARD"], cells, "<<<<")))
+    return 0
+
+
+@_command
+def _lookup(args: argparse.Namespace) -> int:
+    from kvcache.keys import Namespace, chain_keys
+
+    config = _config(args)
+    try:
+        namespace = Namespace(
+            model=args.model, kv_dtype=args.dtype, layout=args.layout,
+            tp_rank=args.tp_rank, tp_size=args.tp_size, extra=args.extra,
+        )  # fmt: skip
+        tokens = _tokens(args)
+        keys = chain_keys(namespace, tokens, args.chunk_tokens)
+    except ValueError as exc:
+        raise _Exit(EXIT_USAGE, str(exc)) from None
+    with _local(config, "lookup") as client:
+        found = client.locate(keys) if keys else None
+    result = {
+        "namespace": namespace.label(),
+        "num_tokens": len(tokens),
+        "chunk_tokens": args.chunk_tokens,
+        "num_blocks": len(keys),
+        "local_blocks": found.length if found else 0,
+        "remote_blocks": found.remote_length if found else 0,
+        "holders": [{"node": n, "address": a, "upto": u} for n, a, u in found.runs]
+        if found
+        else [],
+        "keys": [key.hex() for key in keys],
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(lookup_lines(result)))
+    return 0
+
+
+def _tokens(args: argparse.Namespace) -> list[int]:
+    """Token ids from ``--tokens`` or from ``--text`` through ``--tokenizer``."""
+    if args.tokens is not None:
+        try:
+            return [int(t) for t in re.split(r"[,\s]+", args.tokens.strip()) if t]
+        except ValueError:
+            raise ValueError(
+                f"--tokens wants comma-separated integers, got {args.tokens!r}"
+            ) from None
+    if not args.tokenizer:
+        raise ValueError("--text needs --tokenizer NAME (a Hugging Face tokenizer)")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ValueError(
+            "--text needs the `transformers` package (pip install transformers); "
+            "or pass token ids with --tokens"
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load tokenizer {args.tokenizer!r}: {exc}") from None
+    # Special tokens included, as an engine tokenizes a prompt it is sent.
+    return [int(t) for t in tokenizer.encode(args.text)]
+
+
+# -- operations -------------------------------------------------------------------------------
+
+
+@_command
+def _evict(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if not args.namespace and not args.key_prefix:
+        raise _Exit(EXIT_USAGE, "say what to evict: --namespace NS and/or --key-prefix HEX")
+    prefix = args.key_prefix.lower()
+    if not re.fullmatch(r"[0-9a-f]*", prefix):
+        raise _Exit(EXIT_USAGE, f"--key-prefix must be hexadecimal, got {args.key_prefix!r}")
+    with _local(config, "evict") as client:
+        targets = _targets(client.cluster_status(), config, args.node, args.all)
+        done, failed = _on_each(
+            client, config, targets,
+            lambda c: int(c.evict(args.namespace, prefix)),
+            lambda a: int(a.evict(args.namespace, prefix)),
+        )  # fmt: skip
+    return _report_counts(args, "evicted", done, failed)
+
+
+@_command
+def _flush(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if not args.yes:
+        where = "every member" if args.all else (args.node or "this node")
+        raise _Exit(EXIT_USAGE, f"refusing to drop every block on {where} without --yes")
+    with _local(config, "flush") as client:
+        targets = _targets(client.cluster_status(), config, args.node, args.all)
+        done, failed = _on_each(
+            client, config, targets, lambda c: int(c.flush()), lambda a: int(a.flush())
+        )
+    return _report_counts(args, "flushed", done, failed)
+
+
+@_command
+def _drain(args: argparse.Namespace) -> int:
+    from kvcache.errors import CacheUnavailable
+
+    config = _config(args)
+    with _local(config, "drain") as client:
+        cluster = client.cluster_status()
+        if not cluster.get("enabled"):
+            raise _Exit(EXIT_USAGE, "this daemon runs without a cluster: no peers to drain to")
+        (target,) = _targets(cluster, config, args.node, everywhere=False)
+        label = f"draining {target.node}"
+        try:
+            if target.address:
+                with _admin(config, target.address, timeout_s=args.timeout) as admin:
+                    result = _waiting(lambda: admin.drain(args.timeout), label)
+            else:
+                result = _waiting(lambda: client.drain(args.timeout), label)
+        except CacheUnavailable as exc:  # not "start the daemon": it was reached
+            raise _Exit(EXIT_UNREACHABLE, f"{target.node}: {exc}") from None
+    handed_off, peers = int(result["handed_off"]), [str(p) for p in result["peers"]]
+    if args.json:
+        print(json.dumps({"node": target.node, "handed_off": handed_off, "peers": peers}))
+    elif peers:
+        print(f"drained {target.node}: handed {handed_off} blocks to {', '.join(peers)}; "
+              "it has left the cluster")  # fmt: skip
+    else:
+        print(f"drained {target.node}: no live peers, nothing handed off; it has left the cluster")
+    return 0
+
+
+def _waiting(work: Callable[[], T], label: str) -> T:
+    """Run ``work`` in a thread; on a terminal, spin while it runs."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as exc:  # re-raised in the caller's thread below
+            outcome.append((False, exc))
+
+    # A daemon thread: Ctrl-C ends the command at once rather than after the timeout.
+    thread = threading.Thread(target=run, name="shoal-cache-wait", daemon=True)
+    thread.start()
+    spin = sys.stdout.isatty()
+    started = time.monotonic()
+    for frame in itertools.cycle("|/-\\"):
+        thread.join(0.1)
+        if not thread.is_alive():
+            break
+        if spin:
+            print(f"\r{frame} {label} ({time.monotonic() - started:.0f}s)", end="", flush=True)
+    if spin:
+        print("\r\x1b[K", end="", flush=True)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    import zmq.auth
+
+    directory = Path(args.dir)
+    public, secret = directory / "cluster.key", directory / "cluster.key_secret"
+    if not args.force and (public.exists() or secret.exists()):
+        print(
+            f"shoal cache keygen: {directory} already holds a cluster keypair; every member "
+            "uses it, so replacing it needs --force (and a restart of every member)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    # umask first: the secret must never exist with group or world read, even briefly.
+    saved = os.umask(0o077)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        zmq.auth.create_certificates(str(directory), "cluster")
+    except OSError as exc:
+        print(f"shoal cache keygen: cannot write {directory}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        os.umask(saved)
+    secret.chmod(0o600)
+    public.chmod(0o644)
+    if args.json:
+        print(json.dumps({"public": str(public), "secret": str(secret)}))
+        return 0
+    d = directory.resolve()
+    print(f"""wrote {public} (public) and {secret} (secret, mode 0600)
+
+Every daemon and every operator command uses this one keypair:
+  shoal cache serve  --cluster-curve-dir {d} ...
+  shoal cache status --cluster-curve-dir {d}     (also evict/flush/drain --node)
+or SHOAL_CACHE_CLUSTER_CURVE_DIR={d}, or cluster_curve_dir in the [cache] table.
+
+On Kubernetes, keep it in a Secret and mount it read-only at that path in every pod:
+  kubectl create secret generic shoal-cluster-key \\
+      --from-file={public} --from-file={secret}
+  (volume: secret shoal-cluster-key, defaultMode 0400, mountPath {d})""")
+    return 0
+
+
+# -- rendering (pure) --------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], aligns: str) -> list[str]:
+    """Lines of a plain-text table; ``aligns`` holds '<' or '>' per column."""
+    assert len(aligns) == len(headers), "one alignment per column"
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            f"{cell:{align}{width}}"
+            for cell, align, width in zip(cells, aligns, widths, strict=True)
+        ).rstrip()
+
+    return [line(headers), *(line(row) for row in rows)]
+
+
+def size(nbytes: int) -> str:
     value = float(nbytes)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
             return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def ago(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def hit_ratio(stats: dict[str, Any]) -> str:
+    """hits / (hits + misses) over a heartbeat-shaped ``{tiers: [{hits}], misses}``."""
+    hits = sum(int(t.get("hits", 0)) for t in stats.get("tiers", []))
+    total = hits + int(stats.get("misses", 0))
+    return f"{hits / total:.1%}" if total else "-"
+
+
+def _started(epoch_ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_ns / 1e9))
+
+
+def _as_heartbeat(stats: dict[str, Any]) -> dict[str, Any]:
+    """The local ``stats()`` in the shape peers' heartbeats carry."""
+    return {
+        "tiers": [
+            {"tier": t["tier"], "blocks": t["num_blocks"], "used": t["used_bytes"],
+             "capacity": t["capacity_bytes"], "hits": t["hits"]}
+            for t in stats["tiers"]
+        ],
+        "misses": stats["misses"],
+    }  # fmt: skip
+
+
+def stats_lines(stats: dict[str, Any]) -> list[str]:
+    rows = [
+        [t["tier"], str(t["num_blocks"]), size(t["used_bytes"]), size(t["capacity_bytes"]),
+         f"{t['fragmentation']:.1%}", str(t["hits"]), str(t["evictions"])]
+        for t in stats["tiers"]
+    ]  # fmt: skip
+    return [
+        f"daemon {stats['name']} (pid {stats['pid']}): {stats['num_sessions']} sessions, "
+        f"{stats['num_leases']} leases, {stats['num_reservations']} reservations",
+        *table(["TIER", "BLOCKS", "USED", "CAPACITY", "FRAG", "HITS", "EVICTED"], rows, "<>>>>>>"),
+        f"misses {stats['misses']}, no-space {stats['no_space']}, "
+        f"checksum failures {stats['checksum_failures']}",
+    ]
+
+
+def status_lines(cluster: dict[str, Any], stats: dict[str, Any]) -> list[str]:
+    """This node's cluster view, one row per member (this node first), then local tiers."""
+    if not cluster.get("enabled"):
+        return ["cluster: disabled (this daemon runs alone; --cluster-port turns it on)", "",
+                *stats_lines(stats)]  # fmt: skip
+    own = {
+        "node": cluster["node"], "address": cluster["address"], "state": cluster["state"],
+        "epoch": cluster["epoch"], "num_blocks": sum(t["num_blocks"] for t in stats["tiers"]),
+        "stats": _as_heartbeat(stats), "stream": "self",
+    }  # fmt: skip
+    members = [own, *cluster["members"]]
+    tiers: list[str] = []
+    for member in members:
+        for tier in member["stats"].get("tiers", []):
+            if tier["tier"] not in tiers:
+                tiers.append(tier["tier"])
+    rows = []
+    for member in members:
+        by_tier = {t["tier"]: t for t in member["stats"].get("tiers", [])}
+        peer = member is not own
+        rows.append([
+            member["node"], member["address"], member["state"], _started(member["epoch"]),
+            str(member["num_blocks"]),
+            *(f"{size(by_tier[t]['used'])}/{size(by_tier[t]['capacity'])}" if t in by_tier
+              else "-" for t in tiers),
+            hit_ratio(member["stats"]) if member["stats"] else "-",
+            str(member["published_seq"] - member["applied_seq"]) if peer else "-",
+            ago(member["last_heard_s"]) if peer else "-",
+            member["stream"],
+        ])  # fmt: skip
+    tier_headers = [f"{t.upper()} USED/CAP" for t in tiers]
+    headers = ["NODE", "ADDRESS", "STATE", "EPOCH (START)", "BLOCKS", *tier_headers,
+               "HITS", "LAG", "HEARD", "STREAM"]  # fmt: skip
+    return [
+        f"node {cluster['node']} at {cluster['address']}: {cluster['state']}, "
+        f"epoch {cluster['epoch']} (started {_started(cluster['epoch'])}), seq {cluster['seq']}",
+        f"{len(cluster['members'])} peers; {cluster['index_blocks']} peer blocks indexed, "
+        f"{cluster['gaps']} stream gaps so far",
+        "",
+        *table(headers, rows, "<<<<>" + ">" * len(tiers) + ">>><"),
+        "",
+        *stats_lines(stats),
+    ]
+
+
+def lookup_lines(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"namespace {result['namespace']}: {result['num_tokens']} tokens, "
+        f"{result['num_blocks']} blocks of {result['chunk_tokens']} tokens",
+        f"cached here:      {result['local_blocks']} leading blocks",
+        f"with peers' help: {result['remote_blocks']} leading blocks",
+    ]
+    if result["num_blocks"] == 0:
+        lines.append("(fewer tokens than one block: nothing to look up)")
+    if result["holders"]:
+        rows = [[h["node"], h["address"], str(h["upto"])] for h in result["holders"]]
+        lines += ["", *table(["HOLDER", "ADDRESS", "UPTO"], rows, "<<>")]
+    return lines

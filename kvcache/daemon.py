@@ -143,11 +143,13 @@ class CacheDaemon:
         self._identity = b""  # of the request being handled, for replies sent later
         self.cluster: Cluster = NullCluster()
         if config.cluster_port:
+            shm = tiers[0].backing
+            assert isinstance(shm, MemoryBacking), "the SHM tier is backed by the arena mapping"
             try:
                 self.cluster = ClusterNode(
                     cluster_settings(config),
                     self.store,
-                    MemoryBacking(self.arena.mmap, DATA_OFFSET),
+                    shm,
                     self._context,
                     self.metrics.registry,
                     on_leave=self.stop,

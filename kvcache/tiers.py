@@ -101,7 +101,12 @@ class MemoryBacking:
 
     def close(self) -> None:
         self._view.release()
-        self._mmap.close()
+        try:
+            self._mmap.close()
+        except BufferError:
+            # A zero-copy frame (peer fetch) still references the mapping in ZeroMQ's
+            # queue; it is unmapped when that last reference goes, which is moments away.
+            pass
 
 
 class FileBacking:

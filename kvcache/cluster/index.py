@@ -26,7 +26,7 @@ Layout of one holder mask (2 bits per member slot)::
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from kvcache.keys import KEY_BYTES
@@ -67,7 +67,8 @@ class ClusterIndex:
         self._free: list[int] = []
         self._next_slot = 0
         self._live_mask = 0
-        self._sweeping: list[int] = []  # dead slots whose bits are still in the dict
+        self._sweeping: list[int] = []  # dead slots the current sweep pass clears
+        self._dropped: list[int] = []  # dead slots waiting for the next pass
         self._sweep_keys: Iterator[bytes] | None = None
 
     # -- membership ----------------------------------------------------------------------
@@ -93,14 +94,18 @@ class ClusterIndex:
             return 0
         del self._nodes[slot]
         self._live_mask &= ~(_SLOT_MASK << (2 * slot))
-        self._sweeping.append(slot)
+        self._dropped.append(slot)
         return self._counts.pop(slot)
 
     def sweep(self, limit: int = 10_000) -> bool:
         """Clear up to ``limit`` entries' dead bits; True while more work remains."""
-        if not self._sweeping:
-            return False
         if self._sweep_keys is None:
+            if not self._dropped:
+                return False
+            # A pass clears only the slots dead when it began: a slot dropped mid-pass may
+            # have bits in keys the pass already visited, so freeing it at the end of this
+            # pass would hand those stale bits to the next member given the slot.
+            self._sweeping, self._dropped = self._dropped, []
             self._sweep_keys = iter(list(self._holders))
         dead = 0
         for slot in self._sweeping:
@@ -112,7 +117,7 @@ class ClusterIndex:
                 self._free.extend(self._sweeping)
                 self._sweeping = []
                 self._sweep_keys = None
-                return False
+                return bool(self._dropped)
             mask = holders.get(key)
             if mask is not None and mask & dead:
                 mask &= ~dead
@@ -168,7 +173,7 @@ class ClusterIndex:
         return sorted(self._slots)
 
     def num_blocks(self, node: str | None = None) -> int:
-        """Blocks announced by ``node`` (all members: distinct keys with a live holder)."""
+        """Blocks announced by ``node`` (all members: the sum, a key held twice counts twice)."""
         if node is None:
             return sum(self._counts.values())
         slot = self._slots.get(node)
@@ -198,14 +203,26 @@ class ClusterIndex:
         shift = 2 * slot
         return [k for k, mask in self._holders.items() if (mask >> shift) & _SLOT_MASK]
 
-    def longest_prefix(self, keys: Sequence[bytes], start: int = 0) -> PrefixMatch:
-        """How far past ``start`` the chain ``keys`` is held by peers, and by whom."""
+    def longest_prefix(
+        self,
+        keys: Sequence[bytes],
+        start: int = 0,
+        held_here: Callable[[bytes], bool] | None = None,
+    ) -> PrefixMatch:
+        """How far past ``start`` the chain ``keys`` is held by peers, and by whom.
+
+        Keys for which ``held_here`` is true (the asking node has them) neither end the
+        prefix nor break a peer's run: they need no fetch.
+        """
         holders = self._holders
         live = self._live_mask
         running = live  # slots whose contiguous run from ``start`` is still unbroken
         runs: dict[int, int] = {}
         end = start
         for index in range(start, len(keys)):
+            if held_here is not None and held_here(keys[index]):
+                end = index + 1
+                continue
             mask = holders.get(keys[index], 0) & live
             if not mask:
                 break

@@ -138,7 +138,19 @@ class NullCluster:
 class ClusterMetrics:
     """``shoal_kvcache_cluster_*`` metrics, registered in the daemon's registry."""
 
+    def total(self, counter: str, **labels: str) -> float:
+        """Sum of a counter over the label values matching ``labels`` (for status)."""
+        name = f"shoal_kvcache_cluster_{counter}_total"
+        return sum(
+            sample.value
+            for metric in self._registry.collect()
+            for sample in metric.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
         def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
             return Counter(f"shoal_kvcache_cluster_{name}", doc, labels, registry=registry)
 
@@ -521,7 +533,8 @@ class ClusterNode:
     # -- peer fetch (the requesting side) ---------------------------------------------------
 
     def locate(self, keys: Sequence[bytes], start: int) -> PrefixMatch:
-        return self.view.index.longest_prefix(keys, start)
+        store = self._store
+        return self.view.index.longest_prefix(keys, start, lambda k: store.lookup([k]) == 1)
 
     def fetch(self, keys: Sequence[bytes], on_done: Callable[[], None]) -> None:
         """Bring the blocks of ``keys`` that peers hold into the local store, then call
@@ -781,6 +794,9 @@ class ClusterNode:
             "state": self.state,
             "index_blocks": self.view.index.num_blocks(),
             "gaps": self.view.num_gaps,
+            "served_blocks": int(self.metrics.total("served_blocks")),
+            "fetched_blocks": int(self.metrics.total("fetch_blocks", result="ok")),
+            "dropped": int(self.metrics.total("messages_dropped")),
             "members": [asdict(member) for member in self.view.members(now)],
         }
         if samples:
@@ -789,6 +805,10 @@ class ClusterNode:
         return body
 
     def close(self) -> None:
+        deadline = time.monotonic() + 1.0  # let zero-copy frames of the arena go out
+        while self._sending and time.monotonic() < deadline:
+            self._release_sent()
+            time.sleep(0.005)
         self._discovery_stop.set()
         for address in list(self._dealers):
             self._drop_dealer(address, "shutting down")
