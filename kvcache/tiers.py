@@ -18,6 +18,7 @@ larger than what is ever filled.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import mmap
 import os
@@ -101,12 +102,10 @@ class MemoryBacking:
 
     def close(self) -> None:
         self._view.release()
-        try:
+        # A zero-copy frame (peer fetch) may still reference the mapping in ZeroMQ's
+        # queue; it is unmapped when that last reference goes, which is moments away.
+        with contextlib.suppress(BufferError):
             self._mmap.close()
-        except BufferError:
-            # A zero-copy frame (peer fetch) still references the mapping in ZeroMQ's
-            # queue; it is unmapped when that last reference goes, which is moments away.
-            pass
 
 
 class FileBacking:
