@@ -14,8 +14,10 @@ Layout (each module owns one noun; pure modules import no transport)::
     client.py     CacheClient (sync) and AsyncCacheClient, used by engine connectors
     metrics.py    Prometheus metrics (shoal_kvcache_*)
     config.py     CacheConfig (flags / SHOAL_CACHE_* / [cache] in the TOML file)
-    cli.py        `shoal cache serve|demo|stats`
+    cli.py        `shoal cache serve|demo|stats|status|nodes|lookup|evict|flush|drain|keygen`
     demo.py       the README's two-process demo
+    wire.py       msgpack field validation shared by both wire protocols
+    cluster/      cluster sync, cluster lookup, peer fetch, ops client (see its __init__)
 """
 
 from kvcache.client import AsyncCacheClient, BlockView, CacheClient, PutResult, Reservation

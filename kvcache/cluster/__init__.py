@@ -1,1 +1,15 @@
-"""Cache daemons working together as a cluster (discovery, messages, index, sync)."""
+"""The cache cluster: daemons that know each other's blocks and fetch them from each other.
+
+Layout (pure modules import no transport)::
+
+    messages.py   the daemon <-> daemon wire protocol (versioned msgpack, PUB + ROUTER)
+    index.py      ClusterIndex: block key -> holder mask over member slots        (pure)
+    sync.py       EventLog (publisher) and ClusterView (subscriber) state machines (pure)
+    discovery.py  where the peers are: static list, DNS, Kubernetes Endpoints
+    node.py       ClusterNode: the sockets, peer fetch and drain, in the daemon's loop
+    admin.py      ClusterAdmin: an operator's client for a remote member (the CLI uses it)
+
+Data flow: the store records block events -> the daemon drains them every loop turn ->
+``ClusterNode.publish`` -> peers' ``ClusterView`` -> ``ClusterIndex``; a client's
+``locate`` reads the index, its ``fetch`` moves blocks peer -> local store.
+"""
