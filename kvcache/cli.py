@@ -45,7 +45,6 @@ from shoal.logs import setup_logging
 __all__ = ["register"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
-_ADMIN_TIMEOUT_S = 5.0
 T = TypeVar("T")
 
 
@@ -55,88 +54,104 @@ def register(subparsers: Any) -> None:
     cache = subparsers.add_parser(
         "cache",
         help="node-local KV-cache daemon",
-        description=__doc__.splitlines()[0],
+        description="Run the node-local KV-cache daemon, inspect it, operate its cluster.",
     )
     verbs = cache.add_subparsers(dest="verb", required=True, metavar="VERB")
+    configured: list[Any] = []
 
-    def verb(name: str, help: str, func: Callable[..., int], *, config: bool = True) -> Any:
+    def verb(name: str, help: str, func: Callable[..., int], *, json: bool = True) -> Any:
         parser = verbs.add_parser(name, help=help, description=help)
-        if config:
-            add_flags(parser, CacheConfig, "cache")
         parser.set_defaults(func=func)
+        if json:
+            parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+        if name != "keygen":  # keygen talks to no daemon
+            configured.append(parser)
         return parser
 
-    serve = verb("serve", "run the cache daemon in the foreground", _serve)
+    serve = verb("serve", "run the cache daemon in the foreground", _serve, json=False)
     serve.add_argument("--demo", action="store_true", help="once ready, run the two-process demo")
-    verb("demo", "two engine processes share a prefix via a running daemon", _demo)
+    verb("demo", "two engine processes share a prefix via a running daemon", _demo, json=False)
 
     stats = verb("stats", "tiers, blocks, hit counts and leases of a running daemon", _stats)
-    _json_flag(stats)
     stats.add_argument(
         "--watch", action="store_true", help="refresh until Ctrl-C (with --json: one object a line)"
     )
-    stats.add_argument("--interval", type=float, default=2.0, metavar="S",
-                       help="seconds between refreshes with --watch (default: 2)")  # fmt: skip
-    stats.add_argument("--count", type=int, default=0, metavar="N",
-                       help="stop after N refreshes (implies --watch)")  # fmt: skip
+    stats.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds between refreshes with --watch (default: 2)",
+    )
+    stats.add_argument(
+        "--count", type=int, default=0, metavar="N", help="stop after N refreshes (implies --watch)"
+    )
 
-    status = verb("status", "this node's cluster view: members, sync lag, hits; local tiers",
-                  _status)  # fmt: skip
-    _json_flag(status)
-    nodes = verb("nodes", "the cluster's members: node, address, state, last heard", _nodes)
-    _json_flag(nodes)
+    verb("status", "this node's cluster view: members, sync lag, hits; local tiers", _status)
+    verb("nodes", "the cluster's members: node, address, state, last heard", _nodes)
 
     lookup = verb("lookup", "where a prompt prefix is cached: here, and on which peers", _lookup)
-    _json_flag(lookup)
     prompt = lookup.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--tokens", metavar="IDS", help="comma-separated token ids: 1,2,3,...")
     prompt.add_argument("--text", help="prompt text, tokenized with --tokenizer")
-    lookup.add_argument("--tokenizer", metavar="NAME",
-                        help="Hugging Face tokenizer for --text (needs transformers)")  # fmt: skip
+    lookup.add_argument(
+        "--tokenizer",
+        metavar="NAME",
+        help="Hugging Face tokenizer (hub name or local directory) for --text; needs "
+        "transformers (HF_HUB_OFFLINE=1 keeps it off the network)",
+    )
     lookup.add_argument("--model", required=True, help="namespace: model (and revision)")
     lookup.add_argument("--dtype", default="bfloat16", help="namespace: KV dtype (bfloat16)")
     lookup.add_argument("--layout", default="default", help="namespace: KV layout (default)")
     lookup.add_argument("--tp-rank", type=int, default=0, help="namespace: tensor-parallel rank")
     lookup.add_argument("--tp-size", type=int, default=1, help="namespace: tensor-parallel size")
     lookup.add_argument("--extra", default="", help="namespace: extra discriminator ('')")
-    lookup.add_argument("--chunk-tokens", type=int, default=16,
-                        help="tokens per block (default: 16)")  # fmt: skip
+    lookup.add_argument(
+        "--chunk-tokens", type=int, default=16, help="tokens per block (default: 16)"
+    )
 
     evict = verb("evict", "remove blocks by namespace and/or key prefix (here by default)", _evict)
-    _json_flag(evict)
-    evict.add_argument("--namespace", default="",
-                       help="namespace label engines connect with, e.g. MODEL/bfloat16/default/"
-                            "tp0of1 (see `lookup`)")  # fmt: skip
-    evict.add_argument("--key-prefix", default="", metavar="HEX",
-                       help="blocks whose hex key starts with HEX")  # fmt: skip
+    evict.add_argument(
+        "--namespace",
+        default="",
+        help="namespace label engines connect with, e.g. MODEL/bfloat16/default/"
+        "tp0of1 (see `lookup`)",
+    )
+    evict.add_argument(
+        "--key-prefix", default="", metavar="HEX", help="blocks whose hex key starts with HEX"
+    )
     _where_flags(evict)
 
     flush = verb("flush", "remove every cached block (here by default); needs --yes", _flush)
-    _json_flag(flush)
     _where_flags(flush)
     flush.add_argument("--yes", action="store_true", help="really drop every block")
 
-    drain = verb("drain", "stop NODE taking blocks, hand its hot blocks to peers; it then exits",
-                 _drain)  # fmt: skip
-    _json_flag(drain)
+    drain = verb(
+        "drain", "stop NODE taking blocks, hand its hot blocks to peers; it then exits", _drain
+    )
     drain.add_argument("node", metavar="NODE", help="member name (see `shoal cache nodes`)")
-    drain.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                       help="seconds to wait for the hand-off (default: 120)")  # fmt: skip
+    drain.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds to wait for the hand-off (default: 120)",
+    )
 
-    keygen = verb("keygen", "create the CurveZMQ cluster keypair in DIR", _keygen, config=False)
-    _json_flag(keygen)
+    keygen = verb("keygen", "create the CurveZMQ cluster keypair in DIR", _keygen)
     keygen.add_argument("dir", metavar="DIR", help="directory for cluster.key and .key_secret")
     keygen.add_argument("--force", action="store_true", help="replace an existing keypair")
 
-
-def _json_flag(parser: Any) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    for parser in configured:  # last, so each verb's own options lead its usage line
+        add_flags(parser, CacheConfig, "cache")
 
 
 def _where_flags(parser: Any) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--node", metavar="NODE", help="act on this member instead of this node")
     where.add_argument("--all", action="store_true", help="act on this node and every member")
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                        help="seconds a member may take to answer (default: 5)")  # fmt: skip
 
 
 # -- plumbing shared by the verbs ------------------------------------------------------------
@@ -191,15 +206,22 @@ def _local(config: Any, verb: str) -> Iterator[Any]:
         ) as client:
             yield client
     except CacheUnavailable as exc:
+        start = (
+            "start it with `shoal cache serve` (same --name, --runtime-dir or --config as "
+            "this command)"
+        )
+        if not config.socket_path.exists():
+            raise _Exit(
+                EXIT_UNREACHABLE, f"no cache daemon at {config.endpoint}; {start}"
+            ) from None
         raise _Exit(
             EXIT_UNREACHABLE,
-            f"cannot reach the cache daemon at {config.endpoint}: {exc}\n"
-            "  start it with `shoal cache serve` (with the same --name, --runtime-dir or "
-            "--config as this command)",
+            f"the cache daemon at {config.endpoint} does not answer ({exc}); "
+            f"is it running? If not, {start}",
         ) from None
 
 
-def _admin(config: Any, address: str, timeout_s: float = _ADMIN_TIMEOUT_S) -> Any:
+def _admin(config: Any, address: str, timeout_s: float) -> Any:
     from kvcache.cluster.admin import ClusterAdmin
     from kvcache.errors import CacheError, CacheUnavailable
 
@@ -238,6 +260,7 @@ def _targets(
 def _on_each(
     client: Any,
     config: Any,
+    timeout_s: float,
     targets: Sequence[_Target],
     local: Callable[[Any], int],
     remote: Callable[[Any], int],
@@ -252,7 +275,7 @@ def _on_each(
             done.append((target, local(client)))
             continue
         try:
-            with _admin(config, target.address) as admin:
+            with _admin(config, target.address, timeout_s) as admin:
                 done.append((target, remote(admin)))
         except CacheUnavailable as exc:
             failed.append((target, str(exc)))
@@ -267,12 +290,9 @@ def _report_counts(
 ) -> int:
     total = sum(count for _, count in done)
     if args.json:
-        print(json.dumps({
-            "nodes": [{"node": t.node, "address": t.address, what: n} for t, n in done],
-            "total": total,
-            "unreachable": [{"node": t.node, "address": t.address, "error": e}
-                            for t, e in failed],
-        }))  # fmt: skip
+        nodes = [{"node": t.node, "address": t.address, what: n} for t, n in done]
+        unreachable = [{"node": t.node, "address": t.address, "error": e} for t, e in failed]
+        print(json.dumps({"nodes": nodes, "total": total, "unreachable": unreachable}))
     else:
         rows = [[t.node, t.address or "(this node)", str(n)] for t, n in done]
         rows.append(["total", "", str(total)])
@@ -331,10 +351,9 @@ def _stats(args: argparse.Namespace) -> int:
     if args.interval <= 0 or args.count < 0:
         raise _Exit(EXIT_USAGE, "--interval must be positive and --count not negative")
     clear = watch and not args.json and sys.stdout.isatty()
-    with _local(config, "stats") as client:
-        refresh = 0
-        while True:
-            refresh += 1
+    with _local(config, "stats") as client, contextlib.suppress(KeyboardInterrupt):
+        # Ctrl-C is the normal way to end --watch: exit 0, not 130.
+        for refresh in itertools.count(1):
             stats = client.stats()
             if args.json:
                 print(json.dumps(stats), flush=True)
@@ -345,11 +364,9 @@ def _stats(args: argparse.Namespace) -> int:
                     print(time.strftime("%H:%M:%S"), f"(every {args.interval:g}s; Ctrl-C stops)")
                 print("\n".join(stats_lines(stats)), flush=True)
             if not watch or refresh == args.count:
-                return 0
-            try:
-                time.sleep(args.interval)
-            except KeyboardInterrupt:  # the normal way to end --watch
-                return 0
+                break
+            time.sleep(args.interval)
+    return 0
 
 
 @_command
@@ -370,58 +387,43 @@ def _nodes(args: argparse.Namespace) -> int:
     config = _config(args)
     with _local(config, "nodes") as client:
         cluster = client.cluster_status()
-    own = {
-        "node": cluster.get("node") or config.name,
-        "address": cluster.get("address", ""),
-        "state": cluster.get("state", "active"),
-        "last_heard_s": 0.0,
-        "self": True,
-    }
-    rows = [own] + [
-        {"node": m["node"], "address": m["address"], "state": m["state"],
-         "last_heard_s": m["last_heard_s"], "self": False}
-        for m in cluster.get("members", [])
-    ]  # fmt: skip
+    fields = ("node", "address", "state", "last_heard_s")
+    own = {"node": config.name, "address": "", "state": "active", **cluster, "last_heard_s": 0.0}
+    rows = [{f: member[f] for f in fields} | {"self": member is own}
+            for member in [own, *cluster.get("members", [])]]  # fmt: skip
     if args.json:
         print(json.dumps(rows))
         return 0
     if not cluster.get("enabled"):
         print("cluster: disabled (this daemon runs alone; --cluster-port turns it on)")
-    cells = [
-        [r["node"], r["address"] or "-", r["state"],
-         "(this node)" if r["self"] else f"{ago(r['last_heard_s'])} ago"]
-        for r in rows
-    ]  # fmt: skip
+    cells = [[r["node"], r["address"] or "-", r["state"], _heard(r)] for r in rows]
     print("\n".join(table(["NODE", "ADDRESS", "STATE", "HEARD"], cells, "<<<<")))
     return 0
 
 
 @_command
 def _lookup(args: argparse.Namespace) -> int:
+    from kvcache.client import ClusterLookup
     from kvcache.keys import Namespace, chain_keys
 
     config = _config(args)
     try:
-        namespace = Namespace(
-            model=args.model, kv_dtype=args.dtype, layout=args.layout,
-            tp_rank=args.tp_rank, tp_size=args.tp_size, extra=args.extra,
-        )  # fmt: skip
+        fields = (args.model, args.dtype, args.layout, args.tp_rank, args.tp_size, args.extra)
+        namespace = Namespace(*fields)
         tokens = _tokens(args)
         keys = chain_keys(namespace, tokens, args.chunk_tokens)
     except ValueError as exc:
         raise _Exit(EXIT_USAGE, str(exc)) from None
     with _local(config, "lookup") as client:
-        found = client.locate(keys) if keys else None
+        found = client.locate(keys) if keys else ClusterLookup(0, 0, ())
     result = {
         "namespace": namespace.label(),
         "num_tokens": len(tokens),
         "chunk_tokens": args.chunk_tokens,
         "num_blocks": len(keys),
-        "local_blocks": found.length if found else 0,
-        "remote_blocks": found.remote_length if found else 0,
-        "holders": [{"node": n, "address": a, "upto": u} for n, a, u in found.runs]
-        if found
-        else [],
+        "local_blocks": found.length,
+        "remote_blocks": found.remote_length,
+        "holders": [{"node": n, "address": a, "upto": u} for n, a, u in found.runs],
         "keys": [key.hex() for key in keys],
     }
     if args.json:
@@ -471,10 +473,13 @@ def _evict(args: argparse.Namespace) -> int:
     with _local(config, "evict") as client:
         targets = _targets(client.cluster_status(), config, args.node, args.all)
         done, failed = _on_each(
-            client, config, targets,
+            client,
+            config,
+            args.timeout,
+            targets,
             lambda c: int(c.evict(args.namespace, prefix)),
             lambda a: int(a.evict(args.namespace, prefix)),
-        )  # fmt: skip
+        )
     return _report_counts(args, "evicted", done, failed)
 
 
@@ -487,43 +492,58 @@ def _flush(args: argparse.Namespace) -> int:
     with _local(config, "flush") as client:
         targets = _targets(client.cluster_status(), config, args.node, args.all)
         done, failed = _on_each(
-            client, config, targets, lambda c: int(c.flush()), lambda a: int(a.flush())
+            client,
+            config,
+            args.timeout,
+            targets,
+            lambda c: int(c.flush()),
+            lambda a: int(a.flush()),
         )
     return _report_counts(args, "flushed", done, failed)
 
 
 @_command
 def _drain(args: argparse.Namespace) -> int:
+    from kvcache.client import CacheClient
     from kvcache.errors import CacheUnavailable
 
     config = _config(args)
     with _local(config, "drain") as client:
         cluster = client.cluster_status()
-        if not cluster.get("enabled"):
-            raise _Exit(EXIT_USAGE, "this daemon runs without a cluster: no peers to drain to")
-        (target,) = _targets(cluster, config, args.node, everywhere=False)
-        label = f"draining {target.node}"
-        try:
-            if target.address:
-                with _admin(config, target.address, timeout_s=args.timeout) as admin:
-                    result = _waiting(lambda: admin.drain(args.timeout), label)
-            else:
-                result = _waiting(lambda: client.drain(args.timeout), label)
-        except CacheUnavailable as exc:  # not "start the daemon": it was reached
-            raise _Exit(EXIT_UNREACHABLE, f"{target.node}: {exc}") from None
+    if not cluster.get("enabled"):
+        raise _Exit(EXIT_USAGE, "this daemon runs without a cluster: no peers to drain to")
+    (target,) = _targets(cluster, config, args.node, everywhere=False)
+
+    def drain() -> dict[str, Any]:  # runs in _waiting's thread, on its own connection
+        if target.address:
+            with _admin(config, target.address, args.timeout) as admin:
+                return dict(admin.drain(args.timeout))
+        with CacheClient(config.endpoint, name="shoal-cache-drain", heartbeat=False,
+                         populate=False) as local:  # fmt: skip
+            return local.drain(args.timeout)
+
+    try:
+        result = _waiting(drain, f"draining {target.node}")
+    except CacheUnavailable as exc:  # reached a moment ago: no "start the daemon" advice
+        raise _Exit(EXIT_UNREACHABLE, f"{target.node}: {exc}") from None
+    except KeyboardInterrupt:
+        raise _Exit(130, f"interrupted; {target.node} goes on draining and leaves when done "
+                         "(`shoal cache nodes` shows it gone)") from None  # fmt: skip
     handed_off, peers = int(result["handed_off"]), [str(p) for p in result["peers"]]
     if args.json:
         print(json.dumps({"node": target.node, "handed_off": handed_off, "peers": peers}))
     elif peers:
-        print(f"drained {target.node}: handed {handed_off} blocks to {', '.join(peers)}; "
-              "it has left the cluster")  # fmt: skip
+        print(
+            f"drained {target.node}: handed {handed_off} blocks to {', '.join(peers)}; "
+            "it has left the cluster"
+        )
     else:
         print(f"drained {target.node}: no live peers, nothing handed off; it has left the cluster")
     return 0
 
 
 def _waiting(work: Callable[[], T], label: str) -> T:
-    """Run ``work`` in a thread; on a terminal, spin while it runs."""
+    """Run ``work`` in a thread (its sockets its own); on a terminal, spin while it runs."""
     outcome: list[tuple[bool, Any]] = []
 
     def run() -> None:
@@ -532,7 +552,7 @@ def _waiting(work: Callable[[], T], label: str) -> T:
         except BaseException as exc:  # re-raised in the caller's thread below
             outcome.append((False, exc))
 
-    # A daemon thread: Ctrl-C ends the command at once rather than after the timeout.
+    # A daemon thread: Ctrl-C ends the command at once, abandoning the wait (not the drain).
     thread = threading.Thread(target=run, name="shoal-cache-wait", daemon=True)
     thread.start()
     spin = sys.stdout.isatty()
@@ -631,6 +651,14 @@ def ago(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _heard(member: dict[str, Any]) -> str:
+    return "(this node)" if member["self"] else f"{ago(member['last_heard_s'])} ago"
+
+
 def hit_ratio(stats: dict[str, Any]) -> str:
     """hits / (hits + misses) over a heartbeat-shaped ``{tiers: [{hits}], misses}``."""
     hits = sum(int(t.get("hits", 0)) for t in stats.get("tiers", []))
@@ -644,22 +672,16 @@ def _started(epoch_ns: int) -> str:
 
 def _as_heartbeat(stats: dict[str, Any]) -> dict[str, Any]:
     """The local ``stats()`` in the shape peers' heartbeats carry."""
-    return {
-        "tiers": [
-            {"tier": t["tier"], "blocks": t["num_blocks"], "used": t["used_bytes"],
-             "capacity": t["capacity_bytes"], "hits": t["hits"]}
-            for t in stats["tiers"]
-        ],
-        "misses": stats["misses"],
-    }  # fmt: skip
+    tiers = [{"tier": t["tier"], "blocks": t["num_blocks"], "used": t["used_bytes"],
+              "capacity": t["capacity_bytes"], "hits": t["hits"]}
+             for t in stats["tiers"]]  # fmt: skip
+    return {"tiers": tiers, "misses": stats["misses"]}
 
 
 def stats_lines(stats: dict[str, Any]) -> list[str]:
-    rows = [
-        [t["tier"], str(t["num_blocks"]), size(t["used_bytes"]), size(t["capacity_bytes"]),
-         f"{t['fragmentation']:.1%}", str(t["hits"]), str(t["evictions"])]
-        for t in stats["tiers"]
-    ]  # fmt: skip
+    rows = [[t["tier"], str(t["num_blocks"]), size(t["used_bytes"]), size(t["capacity_bytes"]),
+             f"{t['fragmentation']:.1%}", str(t["hits"]), str(t["evictions"])]
+            for t in stats["tiers"]]  # fmt: skip
     return [
         f"daemon {stats['name']} (pid {stats['pid']}): {stats['num_sessions']} sessions, "
         f"{stats['num_leases']} leases, {stats['num_reservations']} reservations",
@@ -671,47 +693,42 @@ def stats_lines(stats: dict[str, Any]) -> list[str]:
 
 def status_lines(cluster: dict[str, Any], stats: dict[str, Any]) -> list[str]:
     """This node's cluster view, one row per member (this node first), then local tiers."""
+    disabled = "cluster: disabled (this daemon runs alone; --cluster-port turns it on)"
     if not cluster.get("enabled"):
-        return ["cluster: disabled (this daemon runs alone; --cluster-port turns it on)", "",
-                *stats_lines(stats)]  # fmt: skip
-    own = {
-        "node": cluster["node"], "address": cluster["address"], "state": cluster["state"],
-        "epoch": cluster["epoch"], "num_blocks": sum(t["num_blocks"] for t in stats["tiers"]),
-        "stats": _as_heartbeat(stats), "stream": "self",
-    }  # fmt: skip
+        return [disabled, "", *stats_lines(stats)]
+    own = {key: cluster[key] for key in ("node", "address", "state", "epoch")} | {
+        "num_blocks": sum(t["num_blocks"] for t in stats["tiers"]),
+        "stats": _as_heartbeat(stats),
+        "stream": "self",
+    }
     members = [own, *cluster["members"]]
-    tiers: list[str] = []
-    for member in members:
-        for tier in member["stats"].get("tiers", []):
-            if tier["tier"] not in tiers:
-                tiers.append(tier["tier"])
-    rows = []
-    for member in members:
-        by_tier = {t["tier"]: t for t in member["stats"].get("tiers", [])}
-        peer = member is not own
-        rows.append([
-            member["node"], member["address"], member["state"], _started(member["epoch"]),
-            str(member["num_blocks"]),
-            *(f"{size(by_tier[t]['used'])}/{size(by_tier[t]['capacity'])}" if t in by_tier
-              else "-" for t in tiers),
-            hit_ratio(member["stats"]) if member["stats"] else "-",
-            str(member["published_seq"] - member["applied_seq"]) if peer else "-",
-            ago(member["last_heard_s"]) if peer else "-",
-            member["stream"],
-        ])  # fmt: skip
-    tier_headers = [f"{t.upper()} USED/CAP" for t in tiers]
-    headers = ["NODE", "ADDRESS", "STATE", "EPOCH (START)", "BLOCKS", *tier_headers,
-               "HITS", "LAG", "HEARD", "STREAM"]  # fmt: skip
+    tiers = list(dict.fromkeys(t["tier"] for m in members for t in m["stats"].get("tiers", [])))
+    usage = [f"{t.upper()} USED/CAP" for t in tiers]
+    headers = ["NODE", "ADDRESS", "STATE", "EPOCH (START)", "BLOCKS", *usage,
+               "HIT RATIO", "LAG", "HEARD", "STREAM"]  # fmt: skip
+    rows = [_member_row(member, tiers, peer=member is not own) for member in members]
     return [
         f"node {cluster['node']} at {cluster['address']}: {cluster['state']}, "
         f"epoch {cluster['epoch']} (started {_started(cluster['epoch'])}), seq {cluster['seq']}",
-        f"{len(cluster['members'])} peers; {cluster['index_blocks']} peer blocks indexed, "
-        f"{cluster['gaps']} stream gaps so far",
+        f"{_count(len(cluster['members']), 'peer')}; {cluster['index_blocks']} peer blocks "
+        f"indexed, {_count(cluster['gaps'], 'stream gap')} so far",
         "",
         *table(headers, rows, "<<<<>" + ">" * len(tiers) + ">>><"),
         "",
         *stats_lines(stats),
     ]
+
+
+def _member_row(member: dict[str, Any], tiers: Sequence[str], *, peer: bool) -> list[str]:
+    """One status row; sync lag is the batches announced (heartbeat seq) but not applied."""
+    by_tier = {t["tier"]: t for t in member["stats"].get("tiers", [])}
+    usage = [f"{size(by_tier[t]['used'])}/{size(by_tier[t]['capacity'])}" if t in by_tier
+             else "-" for t in tiers]  # fmt: skip
+    lag = str(member["published_seq"] - member["applied_seq"]) if peer else "-"
+    heard = ago(member["last_heard_s"]) if peer else "-"
+    ratio = hit_ratio(member["stats"]) if member["stats"] else "-"
+    return [member["node"], member["address"], member["state"], _started(member["epoch"]),
+            str(member["num_blocks"]), *usage, ratio, lag, heard, member["stream"]]  # fmt: skip
 
 
 def lookup_lines(result: dict[str, Any]) -> list[str]:

@@ -39,7 +39,9 @@ from prometheus_client import start_http_server
 from kvcache import messages as m
 from kvcache.allocator import SlabAllocator
 from kvcache.arena import DATA_OFFSET, Arena
-from kvcache.cluster.node import Cluster, ClusterNode, NullCluster, cluster_settings
+from kvcache.cluster.base import Cluster, NullCluster
+from kvcache.cluster.node import ClusterNode
+from kvcache.cluster.settings import cluster_settings
 from kvcache.config import CacheConfig
 from kvcache.errors import CacheError, ProtocolError
 from kvcache.keys import split_keys
@@ -246,7 +248,8 @@ class CacheDaemon:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
-        self._socket.close(linger=0)
+        # A short linger: the reply to a drain (sent just before stopping) must get out.
+        self._socket.close(linger=200)
         self._context.term()
         self.config.socket_path.unlink(missing_ok=True)
         for tier in self._tiers:

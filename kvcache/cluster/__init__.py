@@ -6,6 +6,9 @@ Layout (pure modules import no transport)::
     index.py      ClusterIndex: block key -> holder mask over member slots        (pure)
     sync.py       EventLog (publisher) and ClusterView (subscriber) state machines (pure)
     discovery.py  where the peers are: static list, DNS, Kubernetes Endpoints
+    base.py       Cluster (what the daemon calls) and NullCluster (cluster off)
+    settings.py   ClusterSettings from CacheConfig: node name, address, discovery, keys
+    metrics.py    shoal_kvcache_cluster_* Prometheus metrics
     node.py       ClusterNode: the sockets, peer fetch and drain, in the daemon's loop
     admin.py      ClusterAdmin: an operator's client for a remote member (the CLI uses it)
 

@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 
 from kvcache.cluster import messages as cm
-from kvcache.cluster.node import _load_curve
+from kvcache.cluster.settings import load_curve
 from kvcache.errors import CacheUnavailable, RequestRejected
 
 __all__ = ["ClusterAdmin"]
@@ -40,7 +40,7 @@ class ClusterAdmin:
         self.address = address if "://" in address else f"tcp://{address}"
         self.timeout_s = timeout_s
         # Loaded before any socket exists, so a bad key directory leaks nothing.
-        curve = _load_curve(curve_dir) if curve_dir else None
+        curve = load_curve(curve_dir) if curve_dir else None
         self._ids = itertools.count(1)
         self._context: zmq.Context[Any] = zmq.Context()
         self._socket: zmq.Socket[Any] = self._context.socket(zmq.DEALER)

@@ -75,6 +75,7 @@ TOPIC_HEARTBEAT = b"shoal.hb"
 OP_REMOVED = 0
 OP_CLEARED = 255
 CLEARED_KEY = bytes(KEY_BYTES)
+_VALID_OPS = bytes([OP_REMOVED, 1, 2, 3, OP_CLEARED])  # 1 + Tier.SHM / DRAM / SSD
 
 
 def op_for_tier(tier: int) -> int:
@@ -107,6 +108,10 @@ class EventBatch:
         if len(self.keys) != len(self.ops) * KEY_BYTES:
             raise ProtocolError(
                 f"events: {len(self.ops)} ops but {len(self.keys) // KEY_BYTES} keys"
+            )
+        if self.ops.translate(None, _VALID_OPS):  # any byte left names no operation
+            raise ProtocolError(
+                "events: an op is not removed (0), stored in a tier (1-3) or cleared"
             )
 
     def __len__(self) -> int:

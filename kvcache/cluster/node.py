@@ -32,145 +32,35 @@ from __future__ import annotations
 
 import functools
 import logging
-import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from kvcache.cluster import messages as cm
-from kvcache.cluster.discovery import Discovery, DiscoveryError, StaticDiscovery, make_discovery
+from kvcache.cluster.base import Cluster, NullCluster
+from kvcache.cluster.discovery import DiscoveryError, StaticDiscovery
 from kvcache.cluster.index import PrefixMatch
+from kvcache.cluster.metrics import ClusterMetrics
+from kvcache.cluster.settings import ClusterSettings, bracket, cluster_settings, load_curve
 from kvcache.cluster.sync import ClusterView, EventLog, SyncNeed, SyncReply, encode_events
-from kvcache.config import CacheConfig
 from kvcache.errors import CacheError, ProtocolError
 from kvcache.keys import join_keys, split_keys
 from kvcache.store import BlockEvent, BlockStore, EventKind, ReserveStatus
 from kvcache.tiers import MemoryBacking, block_checksum
 
-__all__ = ["Cluster", "ClusterNode", "ClusterSettings", "NullCluster", "cluster_settings"]
+__all__ = ["Cluster", "ClusterMetrics", "ClusterNode", "NullCluster", "cluster_settings"]
 
 log = logging.getLogger("shoal.kvcache.cluster")
 
 PEER_SESSION = 0  # store session under which peers lease blocks and fetches land
 _FETCH_CHUNK = 32  # keys per fetch request: bounds one reply (32 x the largest block)
 _MAX_HOT_HANDOFF = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterSettings:
-    node: str
-    host: str  # bind address
-    port: int  # ROUTER port; PUB is port + 1
-    advertise: str  # host:port that peers reach us on
-    discovery: Discovery
-    heartbeat_s: float = 1.0
-    member_timeout_s: float = 3.0
-    fetch_timeout_s: float = 0.5
-    discovery_interval_s: float = 5.0
-    curve_dir: str = ""
-    drain_timeout_s: float = 60.0
-
-
-class Cluster(Protocol):
-    """What the daemon calls; ``ClusterNode`` is the real one, ``NullCluster`` is off."""
-
-    def register(self, poller: zmq.Poller) -> None: ...
-    def owns(self, sock: Any) -> bool: ...
-    def handle(self, sock: Any) -> None: ...
-    def publish(self, events: list[BlockEvent], ts: float) -> None: ...
-    def tick(self, now: float) -> None: ...
-    def idle_step(self) -> bool: ...
-    def locate(self, keys: Sequence[bytes], start: int) -> PrefixMatch: ...
-    def fetch(self, keys: Sequence[bytes], on_done: Callable[[], None]) -> None: ...
-    def drain(self, on_done: Callable[[dict[str, Any]], None]) -> None: ...
-    def status(self, samples: bool = False) -> dict[str, Any]: ...
-    @property
-    def draining(self) -> bool: ...
-    def close(self) -> None: ...
-
-
-class NullCluster:
-    """Cluster sync off (the single-machine default): every remote answer is empty."""
-
-    draining = False
-
-    def register(self, poller: zmq.Poller) -> None:
-        pass
-
-    def owns(self, sock: Any) -> bool:
-        return False
-
-    def handle(self, sock: Any) -> None:
-        raise AssertionError("NullCluster owns no socket")
-
-    def publish(self, events: list[BlockEvent], ts: float) -> None:
-        pass
-
-    def tick(self, now: float) -> None:
-        pass
-
-    def idle_step(self) -> bool:
-        return False
-
-    def locate(self, keys: Sequence[bytes], start: int) -> PrefixMatch:
-        return PrefixMatch(start, 0, ())
-
-    def fetch(self, keys: Sequence[bytes], on_done: Callable[[], None]) -> None:
-        on_done()
-
-    def drain(self, on_done: Callable[[dict[str, Any]], None]) -> None:
-        on_done({"handed_off": 0, "peers": []})
-
-    def status(self, samples: bool = False) -> dict[str, Any]:
-        return {"enabled": False, "members": []}
-
-    def close(self) -> None:
-        pass
-
-
-class ClusterMetrics:
-    """``shoal_kvcache_cluster_*`` metrics, registered in the daemon's registry."""
-
-    def total(self, counter: str, **labels: str) -> float:
-        """Sum of a counter over the label values matching ``labels`` (for status)."""
-        name = f"shoal_kvcache_cluster_{counter}_total"
-        return sum(
-            sample.value
-            for metric in self._registry.collect()
-            for sample in metric.samples
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-        )
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
-
-        def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
-            return Counter(f"shoal_kvcache_cluster_{name}", doc, labels, registry=registry)
-
-        self.events_published = counter("events_published", "Block events published")
-        self.events_applied = counter("events_applied", "Peer block events applied to the index")
-        self.dropped = counter("messages_dropped", "Cluster frames dropped", ["reason"])
-        self.syncs = counter("syncs", "Resyncs asked of peers, by answer kind", ["kind"])
-        self.fetched = counter("fetch_blocks", "Peer-fetched blocks by result", ["result"])
-        self.fetched_bytes = counter("fetch_bytes", "Bytes fetched from peers")
-        self.served = counter("served_blocks", "Blocks sent to fetching peers")
-        self.members = Gauge("shoal_kvcache_cluster_members", "Live peers", registry=registry)
-        self.index_blocks = Gauge(
-            "shoal_kvcache_cluster_index_blocks", "Peer blocks in the index", registry=registry
-        )
-        self.propagation = Histogram(
-            "shoal_kvcache_cluster_propagation_seconds",
-            "Event age when applied here (publisher's record to our index)",
-            buckets=(1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.0),
-            registry=registry,
-        )
 
 
 @dataclass(slots=True)
@@ -229,7 +119,7 @@ class ClusterNode:
             on_applied=self._applied,
         )
         self._samples: deque[float] = deque(maxlen=100_000)
-        self._curve = _load_curve(settings.curve_dir) if settings.curve_dir else None
+        self._curve = load_curve(settings.curve_dir) if settings.curve_dir else None
         self._authenticator: Any = None
         if self._curve is not None:
             from zmq.auth.thread import ThreadAuthenticator
@@ -281,7 +171,7 @@ class ClusterNode:
             sock.curve_publickey = public
             sock.curve_server = True
         try:
-            sock.bind(f"tcp://{_bracket(self.settings.host)}:{port}")
+            sock.bind(f"tcp://{bracket(self.settings.host)}:{port}")
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise CacheError(
@@ -812,8 +702,9 @@ class ClusterNode:
         self._discovery_stop.set()
         for address in list(self._dealers):
             self._drop_dealer(address, "shutting down")
-        for sock in (self._sub, self._pub, self._router):
-            sock.close(linger=0)
+        self._sub.close(linger=0)
+        self._pub.close(linger=200)  # the "leaving" heartbeat of a drain
+        self._router.close(linger=200)  # the reply to a remote drain
         if self._authenticator is not None:
             self._authenticator.stop()
         self._sending.clear()
@@ -823,61 +714,3 @@ def _peek_reply_id(frame: zmq.Frame) -> int:
     from kvcache.wire import peek_id
 
     return peek_id(frame.buffer)
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def _load_curve(directory: str) -> tuple[bytes, bytes]:
-    """The cluster keypair from ``<dir>/cluster.key_secret`` (``shoal cache keygen``)."""
-    import zmq.auth
-
-    path = Path(directory) / "cluster.key_secret"
-    try:
-        public, secret = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as exc:
-        raise CacheError(
-            f"cannot load the cluster CurveZMQ key {path}: {exc}; create it with "
-            "`shoal cache keygen DIR`"
-        ) from None
-    if secret is None:
-        raise CacheError(f"{path} holds no secret key; point cluster_curve_dir at the keypair")
-    return public, secret
-
-
-def cluster_settings(config: CacheConfig) -> ClusterSettings:
-    """The cluster part of the daemon's configuration, with defaults filled in."""
-    port = config.cluster_port
-    if config.cluster_discovery == "static" and not config.cluster_peers.strip():
-        discovery: Discovery = StaticDiscovery(())  # a cluster of one, for now
-    else:
-        discovery = make_discovery(
-            config.cluster_discovery,
-            peers=config.cluster_peers,
-            dns_name=config.cluster_dns_name,
-            k8s_service=config.cluster_k8s_service,
-            k8s_namespace=config.cluster_k8s_namespace,
-            port=port,
-        )
-    return ClusterSettings(
-        node=config.cluster_node or f"{socket.gethostname()}:{config.name}",
-        host=config.cluster_host,
-        port=port,
-        advertise=config.cluster_advertise or _default_advertise(config.cluster_host, port),
-        discovery=discovery,
-        heartbeat_s=config.cluster_heartbeat_s,
-        member_timeout_s=config.cluster_member_timeout_s,
-        fetch_timeout_s=config.cluster_fetch_timeout_s,
-        curve_dir=config.cluster_curve_dir,
-    )
-
-
-def _default_advertise(host: str, port: int) -> str:
-    if host not in ("", "0.0.0.0", "::"):
-        return f"{_bracket(host)}:{port}"
-    try:
-        address = socket.gethostbyname(socket.gethostname())
-    except OSError:
-        address = "127.0.0.1"
-    return f"{address}:{port}"

@@ -199,6 +199,12 @@ class ClusterView:
 
     def on_heartbeat(self, beat: Heartbeat, now: float) -> SyncNeed | None:
         if beat.state == "leaving":
+            known = self._streams.get(beat.node)
+            if known is not None and beat.epoch < known.epoch:
+                # A goodbye from a past life is stale like any other message of an older
+                # epoch: it must not drop the member's restarted self.
+                self.num_stale += 1
+                return None
             self.drop(beat.node)
             return None
         stream = self._stream_for(beat.node, beat.epoch, beat.address, now)
@@ -223,7 +229,6 @@ class ClusterView:
             return None
         if reply.snapshot is not None:
             keys, tiers = reply.snapshot
-            self.index.clear(node)
             self.index.store(node, _split(keys), tiers)
             stream.applied = reply.seq
         else:
@@ -240,6 +245,11 @@ class ClusterView:
             elif seq > stream.applied + 1:  # still a hole: keep the rest, ask again
                 stream.buffered = {s: b for s, b in pending.items() if s >= seq}
                 return self._need_sync(stream, now)
+        if stream.heartbeat is not None and stream.heartbeat.seq > stream.applied:
+            # A heartbeat heard while awaiting (on_heartbeat asks nothing then) announced
+            # batches this reply does not reach, e.g. it was answered before they existed:
+            # ask again now rather than wait for the next heartbeat.
+            return self._need_sync(stream, now)
         return None
 
     def expire(self, now: float) -> tuple[list[str], list[SyncNeed]]:
