@@ -52,7 +52,7 @@ from kvcache.cluster.sync import ClusterView, EventLog, SyncNeed, SyncReply, enc
 from kvcache.errors import CacheError, ProtocolError
 from kvcache.keys import join_keys, split_keys
 from kvcache.store import BlockEvent, BlockStore, EventKind, ReserveStatus
-from kvcache.tiers import MemoryBacking, block_checksum
+from kvcache.tiers import MemoryBacking, copy_hashing_target
 
 __all__ = ["Cluster", "ClusterMetrics", "ClusterNode", "NullCluster", "cluster_settings"]
 
@@ -60,6 +60,7 @@ log = logging.getLogger("shoal.kvcache.cluster")
 
 PEER_SESSION = 0  # store session under which peers lease blocks and fetches land
 _FETCH_CHUNK = 32  # keys per fetch request: bounds one reply (32 x the largest block)
+_FETCH_WINDOW = 4  # fetch requests in flight per peer
 _MAX_HOT_HANDOFF = 100_000
 
 
@@ -140,6 +141,8 @@ class ClusterNode:
         self._pending: dict[int, _Pending] = {}
         self._next_id = 1
         self._inflight: dict[bytes, list[_Waiter]] = {}  # key -> waiters (coalescing)
+        self._queued: dict[str, deque[list[tuple[bytes, bytes | None]]]] = {}  # per peer
+        self._window: dict[str, int] = {}  # fetch requests in flight per peer
         self._sending: list[tuple[zmq.MessageTracker, list[bytes]]] = []
         self._drain: _Drain | None = None
         self._next_heartbeat = 0.0
@@ -456,8 +459,32 @@ class ClusterNode:
             on_done()
             return
         for address, wanted in by_peer.items():
+            queue = self._queued.setdefault(address, deque())
             for lo in range(0, len(wanted), _FETCH_CHUNK):
-                self._send_fetch(address, wanted[lo : lo + _FETCH_CHUNK])
+                queue.append(wanted[lo : lo + _FETCH_CHUNK])
+            self._pump(address)
+
+    def _pump(self, address: str) -> None:
+        """Send queued chunks to ``address`` while fewer than ``_FETCH_WINDOW`` are out.
+
+        A window, not everything at once: each chunk's deadline starts when it is sent,
+        so a long fetch from a healthy peer never times out its own tail, and what waits
+        in our receive queue stays bounded.
+        """
+        queue = self._queued.get(address)
+        while queue and self._window.get(address, 0) < _FETCH_WINDOW:
+            self._window[address] = self._window.get(address, 0) + 1
+            self._send_fetch(address, queue.popleft())
+        if not queue:
+            self._queued.pop(address, None)
+
+    def _chunk_done(self, address: str, failed: bool) -> None:
+        self._window[address] -= 1
+        if failed:  # a peer that timed out or vanished will not do better for the rest
+            for chunk in self._queued.pop(address, ()):
+                for key, _ in chunk:
+                    self._finish(key, False)
+        self._pump(address)
 
     def _holder_address(self, key: bytes) -> str | None:
         holders = [h for h in self.view.index.holders(key) if self.view.is_live(h.node)]
@@ -474,15 +501,19 @@ class ClusterNode:
         def on_reply(frames: list[zmq.Frame]) -> None:
             body = cm.decode_reply(frames[0].buffer)
             landed: set[bytes] = set()
-            if body["ok"]:
-                landed = self._land(keys, parents, body, frames[1:])
-            for key in keys:
-                self._finish(key, key in landed)
+            try:
+                if body["ok"]:
+                    landed = self._land(keys, parents, body, frames[1:])
+            finally:
+                for key in keys:
+                    self._finish(key, key in landed)
+                self._chunk_done(address, failed=False)
 
         def on_fail(reason: str) -> None:
             log.info("peer fetch failed", extra={"peer": address, "reason": reason})
             for key in keys:
                 self._finish(key, False)
+            self._chunk_done(address, failed=True)
 
         self._request(address, request, on_reply, on_fail, self.settings.fetch_timeout_s)
 
@@ -509,10 +540,6 @@ class ClusterNode:
             if len(data) != nbytes or not 0 < nbytes <= self._store.max_block_bytes:
                 self.metrics.fetched.labels("bad_size").inc()
                 continue
-            if block_checksum(data) != checksum:
-                self.metrics.fetched.labels("checksum").inc()
-                log.warning("peer sent a block with a bad checksum", extra={"key": key.hex()})
-                continue
             (result,) = self._store.reserve(
                 PEER_SESSION, [key], [nbytes], parents.get(key), namespace=str(namespace)
             )
@@ -522,7 +549,13 @@ class ClusterNode:
             if result.status is not ReserveStatus.OK:
                 self.metrics.fetched.labels("no_space").inc()
                 continue
-            self._shm.write(result.offset, data)
+            # One pass: copy into the reserved slot, hashing what landed; a mismatch
+            # aborts the reservation, so the bytes are never visible.
+            if copy_hashing_target(data, self._shm.view(result.offset, nbytes)) != checksum:
+                self._store.abort(PEER_SESSION, [key])
+                self.metrics.fetched.labels("checksum").inc()
+                log.warning("peer sent a block with a bad checksum", extra={"key": key.hex()})
+                continue
             self._store.commit(PEER_SESSION, [key], [checksum])
             landed.add(key)
             self.metrics.fetched.labels("ok").inc()
