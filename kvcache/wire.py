@@ -39,7 +39,7 @@ def unpack_map(frame: bytes | memoryview, what: str, version: int) -> dict[str, 
         raise ProtocolError(f"{what} is not valid msgpack: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"{what} must be a msgpack map, got {type(body).__name__}")
-    if body.get("v") != version:
+    if type(body.get("v")) is not int or body["v"] != version:  # True == 1, 1.0 == 1
         raise ProtocolError(
             f"{what} has protocol version {body.get('v')!r}; expected {version}", "version"
         )

@@ -137,6 +137,10 @@ class Heartbeat:
 
     topic: ClassVar[bytes] = TOPIC_HEARTBEAT
 
+    def __post_init__(self) -> None:
+        if self.state not in ("active", "draining", "leaving"):
+            raise ProtocolError(f"heartbeat: unknown state {self.state!r}")
+
     def encode(self) -> bytes:
         return _encode(self, {"t": "heartbeat"})
 
@@ -255,6 +259,6 @@ def encode_error(request_id: int, code: str, message: str) -> bytes:
 
 def decode_reply(frame: bytes | memoryview) -> dict[str, Any]:
     body = unpack_map(frame, "cluster reply", VERSION)
-    if not isinstance(body.get("id"), int) or not isinstance(body.get("ok"), bool):
+    if type(body.get("id")) is not int or not isinstance(body.get("ok"), bool):
         raise ProtocolError("cluster reply lacks an integer 'id' or a boolean 'ok'")
     return body

@@ -229,6 +229,7 @@ class ClusterView:
             return None
         if reply.snapshot is not None:
             keys, tiers = reply.snapshot
+            self.index.clear(node)
             self.index.store(node, _split(keys), tiers)
             stream.applied = reply.seq
         else:
