@@ -49,6 +49,7 @@ import enum
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from kvcache import wire
 from kvcache.errors import ProtocolError
 from kvcache.wire import decode_fields, pack, peek_id, unpack_map
 
@@ -108,7 +109,7 @@ class Request:
         body: dict[str, Any] = {"v": VERSION, "op": self.op}
         for f in fields(self):
             body[f.name] = getattr(self, f.name)
-        return _pack(body)
+        return pack(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,17 +239,9 @@ _REQUESTS: dict[str, type[Request]] = {
 }  # fmt: skip
 
 
-def _pack(body: dict[str, Any]) -> bytes:
-    return pack(body)
-
-
-def _unpack_map(frame: bytes, what: str) -> dict[str, Any]:
-    return unpack_map(frame, what, VERSION)
-
-
 def decode_request(frame: bytes) -> Request:
     """Parse and validate one request frame; raises ``ProtocolError`` naming the problem."""
-    body = _unpack_map(frame, "request")
+    body = unpack_map(frame, "request", VERSION)
     op = body.get("op")
     cls = _REQUESTS.get(op) if isinstance(op, str) else None
     if cls is None or not isinstance(op, str):
@@ -259,16 +252,13 @@ def decode_request(frame: bytes) -> Request:
 
 
 def encode_reply(request_id: int, **values: Any) -> bytes:
-    return _pack({"v": VERSION, "id": request_id, "ok": True, **values})
+    return wire.encode_reply(VERSION, request_id, **values)
 
 
 def encode_error(request_id: int, code: ErrorCode, message: str) -> bytes:
-    return _pack({"v": VERSION, "id": request_id, "ok": False, "code": str(code), "error": message})
+    return wire.encode_error(VERSION, request_id, str(code), message)
 
 
 def decode_reply(frame: bytes) -> dict[str, Any]:
     """Parse a reply frame into its map; the caller checks ``ok`` and its fields."""
-    body = _unpack_map(frame, "reply")
-    if not isinstance(body.get("id"), int) or not isinstance(body.get("ok"), bool):
-        raise ProtocolError("reply lacks an integer 'id' or a boolean 'ok'")
-    return body
+    return wire.decode_reply(frame, "reply", VERSION)

@@ -20,7 +20,16 @@ import msgpack
 from kvcache.errors import ProtocolError
 from kvcache.keys import KEY_BYTES
 
-__all__ = ["check_field", "decode_fields", "pack", "peek_id", "unpack_map"]
+__all__ = [
+    "check_field",
+    "decode_fields",
+    "decode_reply",
+    "encode_error",
+    "encode_reply",
+    "pack",
+    "peek_id",
+    "unpack_map",
+]
 
 _INT = int
 _NUMBER = (int, float)
@@ -90,6 +99,22 @@ def decode_fields(cls: type[Any], body: dict[str, Any], what: str) -> dict[str, 
             raise ProtocolError(f"{what}: missing field {f.name!r}")
         values[f.name] = check_field(body[f.name], str(f.type), f.name, what)
     return values
+
+
+def encode_reply(version: int, request_id: int, **values: Any) -> bytes:
+    return pack({"v": version, "id": request_id, "ok": True, **values})
+
+
+def encode_error(version: int, request_id: int, code: str, message: str) -> bytes:
+    return pack({"v": version, "id": request_id, "ok": False, "code": code, "error": message})
+
+
+def decode_reply(frame: bytes | memoryview, what: str, version: int) -> dict[str, Any]:
+    """Parse a reply frame into its map; the caller checks ``ok`` and its fields."""
+    body = unpack_map(frame, what, version)
+    if type(body.get("id")) is not int or not isinstance(body.get("ok"), bool):  # not a bool id
+        raise ProtocolError(f"{what} lacks an integer 'id' or a boolean 'ok'")
+    return body
 
 
 def peek_id(frame: bytes | memoryview) -> int:

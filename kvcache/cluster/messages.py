@@ -41,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from kvcache import wire
 from kvcache.errors import ProtocolError
 from kvcache.keys import KEY_BYTES
 from kvcache.wire import decode_fields, pack, unpack_map
@@ -250,15 +251,12 @@ def decode_request(frame: bytes | memoryview) -> Request:
 
 
 def encode_reply(request_id: int, **values: Any) -> bytes:
-    return pack({"v": VERSION, "id": request_id, "ok": True, **values})
+    return wire.encode_reply(VERSION, request_id, **values)
 
 
 def encode_error(request_id: int, code: str, message: str) -> bytes:
-    return pack({"v": VERSION, "id": request_id, "ok": False, "code": code, "error": message})
+    return wire.encode_error(VERSION, request_id, code, message)
 
 
 def decode_reply(frame: bytes | memoryview) -> dict[str, Any]:
-    body = unpack_map(frame, "cluster reply", VERSION)
-    if type(body.get("id")) is not int or not isinstance(body.get("ok"), bool):
-        raise ProtocolError("cluster reply lacks an integer 'id' or a boolean 'ok'")
-    return body
+    return wire.decode_reply(frame, "cluster reply", VERSION)
