@@ -456,12 +456,8 @@ class CacheDaemon:
         keys = split_keys(request.keys)
         length = self.store.lookup(keys)
         match = self.cluster.locate(keys, length)
-        runs = [[node, self.cluster_address(node), upto] for node, upto in match.runs]
+        runs = [[node, self.cluster.address_of(node), upto] for node, upto in match.runs]
         return {"length": length, "remote_length": length + match.length, "runs": runs}
-
-    def cluster_address(self, node: str) -> str:
-        view = getattr(self.cluster, "view", None)
-        return (view.address_of(node) if view is not None else None) or ""
 
     def _fetch(self, request: m.FetchRequest) -> None:
         identity, keys = self._identity, split_keys(request.keys)

@@ -53,6 +53,7 @@ from kvcache.errors import CacheError, ProtocolError
 from kvcache.keys import join_keys, split_keys
 from kvcache.store import BlockEvent, BlockStore, EventKind, ReserveStatus
 from kvcache.tiers import MemoryBacking, copy_hashing_target
+from kvcache.wire import peek_id
 
 __all__ = ["Cluster", "ClusterMetrics", "ClusterNode", "NullCluster", "cluster_settings"]
 
@@ -116,7 +117,7 @@ class ClusterNode:
         self.view = ClusterView(
             settings.node,
             member_timeout_s=settings.member_timeout_s,
-            sync_timeout_s=max(1.0, 4 * settings.fetch_timeout_s),
+            sync_timeout_s=self._sync_timeout_s(),
             on_applied=self._applied,
         )
         self._samples: deque[float] = deque(maxlen=100_000)
@@ -333,10 +334,10 @@ class ClusterNode:
         def on_fail(reason: str) -> None:
             log.info("sync unanswered; will retry", extra={"peer": need.node, "reason": reason})
 
-        self._request(need.address, request, on_reply, on_fail, self.view_sync_timeout)
+        self._request(need.address, request, on_reply, on_fail, self._sync_timeout_s())
 
-    @property
-    def view_sync_timeout(self) -> float:
+    def _sync_timeout_s(self) -> float:
+        """How long a sync request may go unanswered before it is asked again."""
         return max(1.0, 4 * self.settings.fetch_timeout_s)
 
     # -- requests from peers and operators ------------------------------------------------
@@ -424,6 +425,9 @@ class ClusterNode:
             self.metrics.served.inc(len(found))
 
     # -- peer fetch (the requesting side) ---------------------------------------------------
+
+    def address_of(self, node: str) -> str:
+        return self.view.address_of(node) or ""
 
     def locate(self, keys: Sequence[bytes], start: int) -> PrefixMatch:
         store = self._store
@@ -573,7 +577,7 @@ class ClusterNode:
     def _on_reply(self, frames: list[zmq.Frame]) -> None:
         if not frames:
             return
-        request_id = _peek_reply_id(frames[0])
+        request_id = peek_id(frames[0].buffer)
         pending = self._pending.pop(request_id, None)
         if pending is None:
             self.metrics.dropped.labels("late_reply").inc()
@@ -656,16 +660,13 @@ class ClusterNode:
             self._pending.pop(request_id).on_fail("timed out")
         live_addresses = {self.view.address_of(n) for n in self.view.nodes}
         for address in [a for a in self._dealers if a not in live_addresses
-                        and a not in self._subscribed_addresses()]:  # fmt: skip
+                        and a not in self._subscribed]:  # fmt: skip
             self._drop_dealer(address, "peer left")
         if self._drain is not None and now > self._drain.deadline and self._drain.outstanding:
             self._drain.outstanding.clear()
             self._maybe_drained()
         self.metrics.members.set(len(self.view.nodes))
         self.metrics.index_blocks.set(self.view.index.num_blocks())
-
-    def _subscribed_addresses(self) -> set[str]:
-        return self._subscribed
 
     def _release_sent(self) -> None:
         if not self._sending:
@@ -741,9 +742,3 @@ class ClusterNode:
         if self._authenticator is not None:
             self._authenticator.stop()
         self._sending.clear()
-
-
-def _peek_reply_id(frame: zmq.Frame) -> int:
-    from kvcache.wire import peek_id
-
-    return peek_id(frame.buffer)
