@@ -125,3 +125,59 @@ def wait_until(predicate: object, timeout: float = 5.0, interval: float = 0.05) 
             return True
         time.sleep(interval)
     return False
+
+
+# -- clusters of daemons --------------------------------------------------------------
+
+
+def cluster_ports(count: int) -> list[int]:
+    """Ports p with p and p + 1 free (ROUTER and PUB)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port + 1 < 65535 and port not in ports and port + 1 not in ports:
+            ports.append(port)
+    return ports
+
+
+def start_cluster(
+    tmp_path: Path, count: int, *, prefix: str = "n", extra_peers: str = "", **settings: object
+) -> list[DaemonProcess]:
+    """``count`` daemons named node0.. on loopback, each listing all (plus ``extra_peers``)."""
+    ports = cluster_ports(count)
+    peers = ",".join([f"127.0.0.1:{p}" for p in ports] + ([extra_peers] if extra_peers else []))
+    values: dict[str, object] = {
+        "cluster_host": "127.0.0.1",
+        "cluster_peers": peers,
+        "cluster_heartbeat_s": 0.2,
+        "cluster_member_timeout_s": 1.0,
+        **settings,
+    }
+    return [
+        start_daemon(
+            tmp_path,
+            name=f"{prefix}{i}-{os.getpid()}",
+            cluster_port=port,
+            cluster_node=f"node{i}",
+            **values,
+        )
+        for i, port in enumerate(ports)
+    ]
+
+
+def members(node: DaemonProcess) -> set[str]:
+    with node.client(heartbeat=False) as c:
+        return {m["node"] for m in c.cluster_status()["members"]}
+
+
+def wait_for_members(nodes: list[DaemonProcess]) -> None:
+    """Until every node of a ``start_cluster`` cluster sees all the others."""
+    everyone = {f"node{i}" for i in range(len(nodes))}
+    for i, node in enumerate(nodes):
+        assert wait_until(lambda n=node, i=i: members(n) == everyone - {f"node{i}"}, timeout=10)
+
+
+def stop_all(nodes: list[DaemonProcess]) -> None:
+    for node in nodes:
+        node.stop()
+        node.config.arena_path.unlink(missing_ok=True)  # left behind by a kill -9

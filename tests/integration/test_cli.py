@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
 import stat
 import subprocess
@@ -18,7 +17,17 @@ import pytest
 from kvcache.cluster.admin import ClusterAdmin
 from kvcache.errors import CacheUnavailable
 from kvcache.keys import Namespace, chain_keys
-from tests.integration.conftest import ENV, DaemonProcess, free_port, start_daemon, wait_until
+from tests.integration.conftest import (
+    ENV,
+    DaemonProcess,
+    cluster_ports,
+    free_port,
+    start_cluster,
+    start_daemon,
+    stop_all,
+    wait_for_members,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -26,53 +35,17 @@ BLOCK = 16 << 10
 TOKENS = list(range(16 * 8))  # eight blocks of 16 tokens
 
 
-def cluster_ports(count: int) -> list[int]:
-    """Ports p with p and p + 1 free (ROUTER and PUB)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port + 1 < 65535 and port not in ports and port + 1 not in ports:
-            ports.append(port)
-    return ports
-
-
-def start_cluster(
+def start_joined(
     tmp_path: Path, count: int, prefix: str, member_timeout_s: float = 1.0
 ) -> list[DaemonProcess]:
-    ports = cluster_ports(count)
-    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
-    nodes = [
-        start_daemon(
-            tmp_path,
-            name=f"{prefix}{i}-{os.getpid()}",
-            cluster_port=port,
-            cluster_host="127.0.0.1",
-            cluster_node=f"node{i}",
-            cluster_peers=peers,
-            cluster_heartbeat_s=0.2,
-            cluster_member_timeout_s=member_timeout_s,
-        )
-        for i, port in enumerate(ports)
-    ]
-    everyone = {f"node{i}" for i in range(count)}
-    for i, node in enumerate(nodes):
-        assert wait_until(lambda n=node, i=i: members(n) == everyone - {f"node{i}"}, timeout=10)
+    nodes = start_cluster(tmp_path, count, prefix=prefix, cluster_member_timeout_s=member_timeout_s)
+    wait_for_members(nodes)
     return nodes
-
-
-def members(node: DaemonProcess) -> set[str]:
-    with node.client(heartbeat=False) as c:
-        return {m["node"] for m in c.cluster_status()["members"]}
-
-
-def stop_all(nodes: list[DaemonProcess]) -> None:
-    for node in nodes:
-        node.stop()
 
 
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[DaemonProcess]]:
-    nodes = start_cluster(tmp_path_factory.mktemp("trio"), 3, "cli")
+    nodes = start_joined(tmp_path_factory.mktemp("trio"), 3, "cli")
     yield nodes
     stop_all(nodes)
 
@@ -267,7 +240,7 @@ def test_flush_needs_yes_and_then_empties_every_member(trio: list[DaemonProcess]
 
 
 def test_drain_hands_blocks_to_peers_and_the_node_exits_cleanly(tmp_path: Path) -> None:
-    nodes = start_cluster(tmp_path, 3, "drain")
+    nodes = start_joined(tmp_path, 3, "drain")
     try:
         keys = put_chain(nodes[2], Namespace(model="cli-drain@1"))
         assert wait_until(lambda: seen_by(nodes[0], keys, 8))
@@ -336,7 +309,7 @@ def test_a_silent_member_address_is_unavailable_naming_the_address() -> None:
 
 def test_an_unreachable_member_is_exit_3_after_the_others_are_done(tmp_path: Path) -> None:
     # A long member timeout keeps the stopped node in node0's view while the command runs.
-    nodes = start_cluster(tmp_path, 2, "gone", member_timeout_s=60)
+    nodes = start_joined(tmp_path, 2, "gone", member_timeout_s=60)
     keys = put_chain(nodes[0], Namespace(model="cli-gone@1"))
     nodes[1].process.send_signal(signal.SIGSTOP)
     try:

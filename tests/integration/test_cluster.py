@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -16,7 +15,15 @@ import zmq.auth
 
 from kvcache.client import CacheClient
 from kvcache.keys import Namespace, chain_keys
-from tests.integration.conftest import DaemonProcess, free_port, start_daemon, wait_until
+from tests.integration.conftest import (
+    DaemonProcess,
+    cluster_ports,
+    members,
+    start_cluster,
+    start_daemon,
+    stop_all,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -29,57 +36,11 @@ def payload(key: bytes, nbytes: int = BLOCK) -> np.ndarray:
     return rng.integers(0, 256, nbytes, dtype=np.uint8)
 
 
-def cluster_ports(count: int) -> list[int]:
-    """Ports p with p and p + 1 free (ROUTER and PUB)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port + 1 < 65535 and port not in ports and port + 1 not in ports:
-            ports.append(port)
-    return ports
-
-
-def start_cluster(tmp_path: Path, count: int, **settings: object) -> list[DaemonProcess]:
-    ports = cluster_ports(count)
-    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
-    extra = settings.pop("cluster_peers_extra", None)
-    if extra:
-        peers += f",{extra}"
-    values: dict[str, object] = {
-        "cluster_host": "127.0.0.1",
-        "cluster_peers": peers,
-        "cluster_heartbeat_s": 0.2,
-        "cluster_member_timeout_s": 1.0,
-        **settings,
-    }
-    return [
-        start_daemon(
-            tmp_path,
-            name=f"n{i}-{os.getpid()}",
-            cluster_port=port,
-            cluster_node=f"node{i}",
-            **values,
-        )
-        for i, port in enumerate(ports)
-    ]
-
-
 @pytest.fixture
 def trio(tmp_path: Path) -> Iterator[list[DaemonProcess]]:
     nodes = start_cluster(tmp_path, 3)
     yield nodes
     stop_all(nodes)
-
-
-def stop_all(nodes: list[DaemonProcess]) -> None:
-    for node in nodes:
-        node.stop()
-        node.config.arena_path.unlink(missing_ok=True)  # left behind by a kill -9
-
-
-def members(node: DaemonProcess) -> set[str]:
-    with node.client(heartbeat=False) as c:
-        return {m["node"] for m in c.cluster_status()["members"]}
 
 
 def test_a_block_stored_on_a_is_visible_on_b_and_c_and_fetched_bit_identically(
@@ -239,7 +200,7 @@ def test_garbage_on_cluster_sockets_is_counted_and_dropped(tmp_path: Path) -> No
     rogue_pub = zmq.Context.instance().socket(zmq.PUB)
     rogue_pub.setsockopt(zmq.LINGER, 0)
     rogue_pub.bind(f"tcp://127.0.0.1:{rogue_port + 1}")
-    a, b = start_cluster(tmp_path, 2, cluster_peers_extra=f"127.0.0.1:{rogue_port}")
+    a, b = start_cluster(tmp_path, 2, extra_peers=f"127.0.0.1:{rogue_port}")
     try:
         assert wait_until(lambda: members(b) == {"node0"}, timeout=10)
         address_a = status(a)["address"]
