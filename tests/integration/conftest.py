@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,10 +27,38 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 pytestmark = pytest.mark.integration
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A loopback port that is free now and outside the kernel's ephemeral range.
+
+    A port from ``bind(0)`` comes from the ephemeral range, which is also where every outgoing
+    connection takes its source port: a daemon reconnecting to a peer that is not up yet can
+    take the very port the next daemon is about to bind. Ports below the range are only ever
+    taken by someone binding them on purpose.
+    """
+    low, high = _ephemeral_range()
+    pool = range(20000, low) if low > 21000 else range(high + 1, 65000)
+    for _ in range(200):
+        port = random.choice(pool)
+        if _bindable(port):
+            return port
+    raise RuntimeError("no free loopback port outside the ephemeral range")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass
@@ -51,7 +80,12 @@ class DaemonProcess:
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=10)
+        try:
+            return self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
 
 
 def start_daemon(tmp_path: Path, name: str | None = None, **settings: object) -> DaemonProcess:
@@ -88,6 +122,7 @@ def start_daemon(tmp_path: Path, name: str | None = None, **settings: object) ->
                 pass
         time.sleep(0.05)
     process.kill()
+    process.wait()
     raise RuntimeError(f"daemon did not become ready:\n{handle.log()}")
 
 
@@ -135,7 +170,8 @@ def cluster_ports(count: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
         port = free_port()
-        if port + 1 < 65535 and port not in ports and port + 1 not in ports:
+        taken = {q for p in ports for q in (p, p + 1)}
+        if not {port, port + 1} & taken and _bindable(port + 1):
             ports.append(port)
     return ports
 
@@ -153,16 +189,22 @@ def start_cluster(
         "cluster_member_timeout_s": 1.0,
         **settings,
     }
-    return [
-        start_daemon(
-            tmp_path,
-            name=f"{prefix}{i}-{os.getpid()}",
-            cluster_port=port,
-            cluster_node=f"node{i}",
-            **values,
-        )
-        for i, port in enumerate(ports)
-    ]
+    nodes: list[DaemonProcess] = []
+    try:
+        for i, port in enumerate(ports):
+            nodes.append(
+                start_daemon(
+                    tmp_path,
+                    name=f"{prefix}{i}-{os.getpid()}",
+                    cluster_port=port,
+                    cluster_node=f"node{i}",
+                    **values,
+                )
+            )
+    except BaseException:
+        stop_all(nodes)  # never leave half a cluster running behind a failed start
+        raise
+    return nodes
 
 
 def members(node: DaemonProcess) -> set[str]:
