@@ -123,11 +123,16 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class BlockView:
-    """A leased block: ``buffer`` is read-only arena memory until ``release``."""
+    """A leased block: ``buffer`` is read-only arena memory until ``release``.
+
+    ``offset`` locates it in ``arena_memory()`` (for copies that address the arena as a
+    whole, such as DMA from a pinned mapping).
+    """
 
     key: bytes
     checksum: int
     buffer: memoryview
+    offset: int = 0
 
     def verify(self) -> bool:
         return block_checksum(self.buffer) == self.checksum
@@ -165,9 +170,18 @@ class _ClientFlows:
         self._outstanding: set[int] = set()  # ids sent with a reply still to come
         self._mmap: mmap.mmap | None = None
         self._arena: memoryview | None = None
+        self.arena_generation = 0  # bumped each time a (re)connect maps an arena
 
     def _next_id(self) -> int:
         return next(self._ids)
+
+    def arena_memory(self) -> memoryview:
+        """A new writable view of the arena's data region, which reservation and lease
+        offsets index; it stays valid (the mapping lives while any view does) but goes
+        stale when ``arena_generation`` changes. Raises ``CacheUnavailable`` if unmapped."""
+        if self._mmap is None or self._arena is None:
+            raise CacheUnavailable(f"no arena mapped from {self.endpoint}")
+        return memoryview(self._mmap)[DATA_OFFSET : DATA_OFFSET + len(self._arena)]
 
     def _file_reply(self, reply: dict[str, Any]) -> None:
         """Keep a reply someone still waits for; drop late replies of abandoned requests."""
@@ -194,6 +208,7 @@ class _ClientFlows:
         except ArenaError as exc:
             raise CacheUnavailable(f"cannot map the daemon's arena: {exc}") from None
         self._drop_arena()
+        self.arena_generation += 1
         self._mmap = mapping
         self._arena = memoryview(mapping)[DATA_OFFSET : DATA_OFFSET + header.data_bytes]
         self.session = int(reply["session"])
@@ -360,7 +375,7 @@ class _ClientFlows:
             views.append(
                 None
                 if offset < 0
-                else BlockView(key, checksum, self._slot(offset, size).toreadonly())
+                else BlockView(key, checksum, self._slot(offset, size).toreadonly(), offset)
             )
         return views
 

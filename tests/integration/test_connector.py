@@ -1,0 +1,259 @@
+"""ShoalConnector inside vLLM's real scheduler, driven in the model runner's call order
+(``tests/integration/vllm_engine.py``), against real daemon processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="the connector tests need vLLM (scripts/setup-vllm)")
+
+from kvcache.connector.plan import ChunkGeometry
+from kvcache.connector.scheduler import ConnectorScheduler
+from kvcache.connector.settings import ConnectorSettings
+from kvcache.connector.worker import ConnectorWorker
+from kvcache.keys import Namespace, chain_keys
+from tests.integration.conftest import (
+    ENV,
+    DaemonProcess,
+    start_cluster,
+    start_daemon,
+    stop_all,
+    wait_until,
+)
+from tests.integration.vllm_engine import Engine, EngineSpec, write_model_dir
+
+ENGINE = Path(__file__).with_name("vllm_engine.py")
+PROMPT = [(7 * i + 3) % 30000 for i in range(150)]
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> str:
+    return str(write_model_dir(tmp_path / "model"))
+
+
+def engine(model_dir: str, node: DaemonProcess, salt: int, **kwargs: object) -> Engine:
+    return Engine(EngineSpec(model_dir=model_dir, endpoint=node.endpoint, salt=salt, **kwargs))  # type: ignore[arg-type]
+
+
+def prefill(e: Engine, req_id: str, prompt: list[int]) -> None:
+    """Step until ``req_id`` has computed its whole prompt (and is still held); a request
+    waiting for a lookup is skipped by the scheduler for a while, as in a real engine."""
+    e.add(req_id, prompt, max_tokens=8)
+
+    def done() -> bool:
+        request = e.scheduler.requests.get(req_id)
+        if request is not None and request.num_computed_tokens >= len(prompt):
+            return True
+        e.step()
+        return False
+
+    assert wait_until(done, timeout=10, interval=0.001), f"{req_id} did not finish its prefill"
+
+
+def positions_matching(e: Engine, req_id: str, salt: int, n: int) -> list[int]:
+    actual = e.kv_of(req_id, range(n))
+    expected = e.expected(req_id, range(n), salt)
+    return [p for p in range(n) if all(a[p] == x[p] for a, x in zip(actual, expected, strict=True))]
+
+
+def chunk_keys(e: Engine, prompt: list[int]) -> list[bytes]:
+    sched = e.scheduler.connector._scheduler
+    return chain_keys(sched.namespaces[0], prompt, sched.geometry.chunk_tokens)
+
+
+@pytest.mark.parametrize(
+    ("layout", "chunk_tokens"), [("flash", 32), ("flashinfer", 16), ("hnd", 64)]
+)
+def test_a_second_engine_loads_the_prefix_bit_identical_to_what_the_first_saved(
+    daemon: DaemonProcess, model_dir: str, layout: str, chunk_tokens: int
+) -> None:
+    first = engine(model_dir, daemon, salt=1, layout=layout, chunk_tokens=chunk_tokens)
+    second = engine(model_dir, daemon, salt=2, layout=layout, chunk_tokens=chunk_tokens)
+    try:
+        prefill(first, "a", PROMPT)
+        full = len(PROMPT) // chunk_tokens * chunk_tokens
+        with daemon.client() as c:
+            assert c.lookup(chunk_keys(first, PROMPT)) == len(PROMPT) // chunk_tokens
+
+        prefill(second, "b", [*PROMPT, 11, 12, 13])
+        assert second.loaded_steps == 1
+        # The cached chunks came from the first engine, byte for byte; the rest is its own.
+        assert positions_matching(second, "b", 1, full) == list(range(full))
+        own = positions_matching(second, "b", 2, len(PROMPT) + 3)
+        assert own == list(range(full, len(PROMPT) + 3))
+        assert second.invalid_reported == set()
+        first.run()
+        second.run()
+    finally:
+        first.close()
+        second.close()
+
+
+def test_two_engine_processes_share_a_prefix(
+    daemon: DaemonProcess, model_dir: str, tmp_path: Path
+) -> None:
+    def run(salt: int, req: str, prompt: list[int], check: int | None) -> dict:
+        spec = {
+            "engine": {"model_dir": model_dir, "endpoint": daemon.endpoint, "salt": salt},
+            "requests": [{"id": req, "prompt": prompt, "max_tokens": 2}],
+            "check_salt": {req: check} if check else {},
+        }
+        path = tmp_path / f"spec-{salt}.json"
+        path.write_text(json.dumps(spec))
+        done = subprocess.run(
+            [sys.executable, str(ENGINE), str(path)],
+            env=ENV, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    saver = run(1, "a", PROMPT, None)
+    assert saver["worker_stats"]["saved_chunks"] == len(PROMPT) // 32
+    loader = run(2, "b", [*PROMPT, 1, 2], check=1)
+    report = loader["requests"]["b"]
+    assert report["loaded_match"] == list(range(128))
+    assert report["own_match"] == list(range(128, len(PROMPT) + 2))
+    assert loader["worker_stats"]["loaded_chunks"] == 4
+    assert loader["invalid_reported"] == []
+
+
+def test_a_corrupted_chunk_is_a_load_error_that_vllm_recomputes(
+    daemon: DaemonProcess, model_dir: str
+) -> None:
+    first = engine(model_dir, daemon, salt=1)
+    second = engine(model_dir, daemon, salt=2)
+    try:
+        prefill(first, "a", PROMPT)
+        keys = chunk_keys(first, PROMPT)
+        with daemon.client() as c:  # flip one byte of chunk 2 in shared memory
+            view = c.get([keys[2]], prefix=False)[0]
+            assert view is not None
+            c.arena_memory()[view.offset + 100] ^= 0xFF
+            c.release([view])
+
+        prefill(second, "b", [*PROMPT, 9])
+        # Chunk 2 failed its checksum: its blocks (and chunk 3's, past the hole) were
+        # reported, vLLM recomputed them with the second engine's own values.
+        assert len(second.invalid_reported) == 4  # 2 chunks of 2 blocks
+        assert positions_matching(second, "b", 1, 64) == list(range(64))
+        assert positions_matching(second, "b", 2, len(PROMPT)) == list(range(64, len(PROMPT)))
+        stats = second.worker._worker.stats
+        assert stats["corrupt_chunks"] == 1
+        # The corrupt chunk was deleted and saved again from the recomputed KV.
+        second.run()
+        with daemon.client() as c:
+            assert c.lookup(keys) == 4
+            blocks = c.get(keys)
+            assert all(b is not None and b.verify() for b in blocks)
+            c.release([b for b in blocks if b is not None])
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_killed_daemon_degrades_to_misses(tmp_path: Path, model_dir: str) -> None:
+    node = start_daemon(tmp_path)
+    first = engine(model_dir, node, salt=1, extra={"io_timeout_s": 0.5, "lookup_timeout_s": 0.3})
+    try:
+        prefill(first, "a", PROMPT)
+        node.process.kill()
+        node.process.wait()
+        # The same prompt again: the lookup fails into a miss, the saves are skipped, and
+        # every token is computed by the engine itself. No call raises.
+        prefill(first, "b", [5, *PROMPT])
+        assert positions_matching(first, "b", 1, len(PROMPT) + 1) == list(range(len(PROMPT) + 1))
+        first.run()
+        assert first.scheduler.connector._scheduler.lookups.failures >= 1
+    finally:
+        first.close()
+        node.config.arena_path.unlink(missing_ok=True)
+
+
+def test_a_slow_lookup_defers_the_request_instead_of_blocking_the_scheduler(
+    daemon: DaemonProcess, model_dir: str
+) -> None:
+    first = engine(model_dir, daemon, salt=1)
+    second = engine(model_dir, daemon, salt=2, extra={"lookup_wait_ms": 0})
+    try:
+        prefill(first, "a", PROMPT)
+        # With no inline wait the first answer is "not yet": vLLM schedules nothing for
+        # the request that step, asks again, and then gets the hit.
+        second.add("b", [*PROMPT, 1], max_tokens=2)
+        out = second.step()
+        assert "b" not in out.num_scheduled_tokens
+        assert wait_until(lambda: second.step().num_scheduled_tokens.get("b"), timeout=5)
+        assert second.scheduler.connector._scheduler.stats["deferred"] >= 1
+        assert second.loaded_steps == 1
+        assert positions_matching(second, "b", 1, 128) == list(range(128))
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_prefix_cached_on_a_peer_is_fetched_then_loaded(tmp_path: Path, model_dir: str) -> None:
+    nodes = start_cluster(tmp_path, 2)
+    first = engine(model_dir, nodes[0], salt=1)
+    second = engine(model_dir, nodes[1], salt=2)
+    try:
+        prefill(first, "a", PROMPT)
+        keys = chunk_keys(first, PROMPT)
+        with nodes[1].client() as c:
+            assert wait_until(lambda: c.locate(keys).remote_length == 4)
+        prefill(second, "b", [*PROMPT, 1])
+        assert positions_matching(second, "b", 1, 128) == list(range(128))
+        with nodes[1].client() as c:
+            assert c.lookup(keys) == 4  # now local to node 1 as well
+    finally:
+        first.close()
+        second.close()
+        stop_all(nodes)
+
+
+class _Req:
+    def __init__(self, req_id: str, tokens: list[int]) -> None:
+        self.request_id = req_id
+        self.all_token_ids = tokens
+        self.prompt_token_ids = tokens
+        self.num_tokens = len(tokens)
+        self.num_computed_tokens = 0
+        self.kv_transfer_params = None
+
+
+def test_tensor_parallel_ranks_keep_their_own_shards_and_a_hit_needs_every_rank(
+    daemon: DaemonProcess,
+) -> None:
+    geometry = ChunkGeometry(block_size=16, chunk_tokens=32)
+    settings = ConnectorSettings(endpoint=daemon.endpoint)
+    namespaces = [Namespace("m", tp_rank=r, tp_size=2) for r in range(2)]
+    scheduler = ConnectorScheduler(settings, geometry, [ns.digest for ns in namespaces])
+    workers = [
+        ConnectorWorker(settings, geometry, rank, namespaces[rank].label()) for rank in range(2)
+    ]
+    caches = [
+        torch.arange(2 * 32 * 16 * 2 * 8, dtype=torch.float32).view(2, 32, 16, 2, 8) + r
+        for r in range(2)
+    ]
+    try:
+        for rank, worker in enumerate(workers):
+            worker.register({"layer.0": caches[rank]}, num_blocks=32)
+        tokens = list(range(64))
+        keys = [chain_keys(ns, tokens, 32) for ns in namespaces]
+        # Rank 0 saved both chunks, rank 1 only the first: one chunk is a hit.
+        with daemon.client() as c:
+            chunk = workers[0].chunk_bytes
+            c.put(keys[0], [bytes(chunk)] * 2)
+            c.put(keys[1][:1], [bytes(chunk)])
+        assert scheduler.matched_tokens(_Req("r", [*tokens, 1]), 0) == (32, False)
+        with daemon.client() as c:
+            assert c.lookup(keys[0]) == 2 and c.lookup(keys[1]) == 1
+            assert c.lookup(chain_keys(Namespace("m"), tokens, 32)) == 0  # other namespace
+    finally:
+        scheduler.close()
+        for worker in workers:
+            worker.close()
