@@ -638,9 +638,16 @@ class CacheClient(_ClientFlows):
     ) -> list[Reservation | ReserveStatus]:
         return self._drive(self._reserve_flow(keys, sizes, parent))
 
-    def commit(self, reservations: Sequence[Reservation]) -> int:
-        """Publish filled reservations (checksums are computed from the arena bytes)."""
-        checksums = [block_checksum(r.buffer) for r in reservations]
+    def commit(
+        self, reservations: Sequence[Reservation], checksums: Sequence[int] | None = None
+    ) -> int:
+        """Publish filled reservations. Checksums are computed from the arena bytes unless
+        given (a writer that hashed each piece right after writing it, while it was still
+        in cache); a wrong one makes the block fail every reader's verification."""
+        if checksums is None:
+            checksums = [block_checksum(r.buffer) for r in reservations]
+        elif len(checksums) != len(reservations):
+            raise ValueError(f"{len(reservations)} reservations but {len(checksums)} checksums")
         return self._drive(self._commit_flow([r.key for r in reservations], checksums))
 
     def abort(self, keys: Sequence[bytes]) -> None:

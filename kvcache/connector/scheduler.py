@@ -134,6 +134,7 @@ class _Tracked:
     lookup: _Lookup | None = None
     local_tokens: int = 0  # vLLM's own prefix hit, from matched_tokens
     save: bool = True
+    loading: list[int] = field(default_factory=list)  # block ids it loaded into
 
 
 class ConnectorScheduler:
@@ -152,7 +153,7 @@ class ConnectorScheduler:
         self.lookups = lookups or LookupService(settings)
         self._requests: dict[str, _Tracked] = {}
         self._loads: list[LoadJob] = []
-        self._loading: dict[int, tuple[str, int]] = {}  # block id -> (req, chunk) this step
+        self._loading: dict[int, tuple[str, int]] = {}  # block id -> (req, chunk) loaded
         self.stats = {"lookups": 0, "deferred": 0, "hit_tokens": 0, "saved_chunks": 0}
 
     # -- vLLM's scheduler calls -------------------------------------------------------
@@ -208,6 +209,7 @@ class ConnectorScheduler:
             for block in ids:
                 if block != KEEP:
                     self._loading[block] = (request.request_id, first + offset)
+                    tracked.loading.append(block)
         tracked.saved_chunks = max(tracked.saved_chunks, first + len(block_ids))
         self.stats["hit_tokens"] += num_external_tokens
 
@@ -247,11 +249,12 @@ class ConnectorScheduler:
             if tracked is not None:
                 tracked.saved_chunks = min(tracked.saved_chunks, where[1])
 
-    def step_done(self) -> None:
-        self._loading.clear()
-
     def finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:
-        self._requests.pop(request.request_id, None)
+        tracked = self._requests.pop(request.request_id, None)
+        if tracked is not None:
+            for block in tracked.loading:
+                if self._loading.get(block, ("",))[0] == request.request_id:
+                    del self._loading[block]
         return False, None  # saves complete within the step: vLLM may free the blocks now
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import xxhash
 
 from kvcache.client import BlockView, CacheClient, Reservation
 from kvcache.connector.layout import LayerLayout, detect_layout
@@ -52,25 +53,28 @@ log = logging.getLogger("shoal.kvcache.connector")
 @dataclass(slots=True)
 class _Load:
     view: BlockView
-    block_ids: tuple[int, ...]
+    job: int  # index of its job in the plan
+    rest: tuple[tuple[int, ...], ...]  # block ids of this chunk and the job's later chunks
     skip: int  # leading KEEP blocks
     index: torch.Tensor  # destination block ids (after the KEEP ones), on the cache's device
+    hasher: Any = field(default_factory=xxhash.xxh3_64)
 
 
 @dataclass(slots=True)
 class _Save:
     reservation: Reservation
     index: torch.Tensor  # source block ids, on the cache's device
+    hasher: Any = field(default_factory=xxhash.xxh3_64)
 
 
 @dataclass(slots=True)
 class _Step:
     plan: StepPlan
     loads: list[_Load] = field(default_factory=list)
-    loaded_layers: set[str] = field(default_factory=set)
+    loaded_layers: list[str] = field(default_factory=list)  # in the order copied
     load_events: dict[str, Any] = field(default_factory=dict)
     saves: list[_Save] | None = None  # None: not reserved yet
-    saved_layers: set[str] = field(default_factory=set)
+    saved_layers: list[str] = field(default_factory=list)  # in the order copied
 
 
 class ConnectorWorker:
@@ -150,7 +154,7 @@ class ConnectorWorker:
         if step is None or not step.plan.loads or not self.layers:
             return
         client = self._connected()
-        for job in step.plan.loads:
+        for job_index, job in enumerate(step.plan.loads):
             keys = job.keys[self.rank]
             if client is None:
                 self._fail_loads(job.block_ids)
@@ -162,9 +166,12 @@ class ConnectorWorker:
                 client = None
                 self._fail_loads(job.block_ids)
                 continue
+            verify_now = self.device.type == "cuda"  # on CPU: hashed while scattered
             good: list[BlockView] = []
             for view in views:
-                if view is None or len(view.buffer) != self.chunk_bytes or not view.verify():
+                if view is None or len(view.buffer) != self.chunk_bytes:
+                    break
+                if verify_now and not view.verify():
                     break
                 good.append(view)
             rest = views[len(good) :]
@@ -178,11 +185,12 @@ class ConnectorWorker:
             else:
                 self._release(client, [v for v in rest if v is not None])
             self._fail_loads(job.block_ids[len(good) :])
-            for view, ids in zip(good, job.block_ids, strict=False):
+            for position, view in enumerate(good):
+                ids = job.block_ids[position]
                 skip = sum(1 for b in ids if b == KEEP)
                 index = torch.tensor(ids[skip:], dtype=torch.long, device=self.device)
-                step.loads.append(_Load(view, ids, skip, index))
-            self.stats["loaded_chunks"] += len(good)
+                tail = job.block_ids[position : len(good)]
+                step.loads.append(_Load(view, job_index, tail, skip, index))
         if step.loads and self.device.type == "cuda":
             self._queue_cuda_loads(step)
 
@@ -194,7 +202,7 @@ class ConnectorWorker:
             event = step.load_events.get(layer)
             if event is not None:
                 torch.cuda.current_stream(self.device).wait_event(event)
-            step.loaded_layers.add(layer)
+            step.loaded_layers.append(layer)
             return
         self._scatter_layer(step, layer)
 
@@ -217,7 +225,9 @@ class ConnectorWorker:
                 offset = save.reservation.offset + start
                 out = _typed(arena, offset, nbytes, layout)
                 torch.index_select(layout.blocks, 0, save.index, out=out)
-        step.saved_layers.add(layer)
+                # Hash the range just written while it is still in cache.
+                save.hasher.update(arena[offset : offset + nbytes].numpy())
+        step.saved_layers.append(layer)
 
     def finish(self) -> None:
         """End of the step (vLLM's ``wait_for_save``): finish loads, commit saves."""
@@ -227,10 +237,12 @@ class ConnectorWorker:
         if step.loads:
             if self.device.type == "cuda":
                 self._load_stream.synchronize()
+                self.stats["loaded_chunks"] += len(step.loads)
             else:
                 for layer in self.layers:
                     if layer not in step.loaded_layers:
                         self._scatter_layer(step, layer)
+                self._check_loads(step)
             self._release(self._client, [load.view for load in step.loads])
             step.loads = []
         if step.saves:
@@ -321,9 +333,33 @@ class ConnectorWorker:
         nbytes = layout.block_bytes * self.geometry.blocks_per_chunk
         arena = self._arena_tensor()
         for load in step.loads:
-            src = _typed(arena, load.view.offset + start, nbytes, layout)
+            offset = load.view.offset + start
+            src = _typed(arena, offset, nbytes, layout)
             layout.blocks.index_copy_(0, load.index, src[load.skip :])
-        step.loaded_layers.add(layer)
+            load.hasher.update(arena[offset : offset + nbytes].numpy())
+        step.loaded_layers.append(layer)
+
+    def _check_loads(self, step: _Step) -> None:
+        """Compare each chunk's streamed hash with its checksum (vLLM reads this step's
+        errors after the forward and discards the affected requests' outputs)."""
+        in_order = step.loaded_layers == list(self.layers)
+        failed_jobs: set[int] = set()
+        for load in step.loads:
+            if load.job in failed_jobs:
+                continue
+            digest = load.hasher.intdigest() if in_order else None
+            ok = digest == load.view.checksum if in_order else load.view.verify()
+            if ok:
+                self.stats["loaded_chunks"] += 1
+                continue
+            failed_jobs.add(load.job)  # this chunk and the rest of its prefix are lost
+            self._fail_loads(load.rest)
+            self.stats["corrupt_chunks"] += 1
+            log.warning("chunk %s failed its checksum: deleted, vLLM recomputes it",
+                        load.view.key.hex())  # fmt: skip
+            if self._client is not None:
+                with contextlib.suppress(CacheError):
+                    self._client.delete([load.view.key])
 
     def _queue_cuda_loads(self, step: _Step) -> None:
         arena = self._arena_tensor()
@@ -383,13 +419,16 @@ class ConnectorWorker:
         if client is None:
             return
         try:
-            if step.saved_layers != set(self.layers):
+            if set(step.saved_layers) != set(self.layers):
                 client.abort([r.key for r in reservations])  # some layer never came
                 self.stats["save_skipped"] += len(reservations)
                 return
+            checksums: list[int] | None = None
             if self.device.type == "cuda":
                 self._save_stream.synchronize()
-            self.stats["saved_chunks"] += client.commit(reservations)
+            elif step.saved_layers == list(self.layers):  # hashed in chunk order
+                checksums = [save.hasher.intdigest() for save in step.saves]
+            self.stats["saved_chunks"] += client.commit(reservations, checksums)
         except CacheError as exc:
             self._daemon_failed(exc)
 

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("vllm", reason="the connector tests need vLLM (scripts/setup-vllm)")
 
-from kvcache.connector.plan import ChunkGeometry
+from kvcache.connector.plan import ChunkGeometry, LoadJob, SaveJob, StepPlan
 from kvcache.connector.scheduler import ConnectorScheduler
 from kvcache.connector.settings import ConnectorSettings
 from kvcache.connector.worker import ConnectorWorker
@@ -235,24 +235,41 @@ def test_tensor_parallel_ranks_keep_their_own_shards_and_a_hit_needs_every_rank(
     workers = [
         ConnectorWorker(settings, geometry, rank, namespaces[rank].label()) for rank in range(2)
     ]
+    # Each rank's shard differs (rank r holds values + 1000 r).
     caches = [
-        torch.arange(2 * 32 * 16 * 2 * 8, dtype=torch.float32).view(2, 32, 16, 2, 8) + r
+        torch.arange(2 * 32 * 16 * 2 * 8, dtype=torch.float32).view(2, 32, 16, 2, 8) + 1000 * r
         for r in range(2)
     ]
     try:
         for rank, worker in enumerate(workers):
             worker.register({"layer.0": caches[rank]}, num_blocks=32)
         tokens = list(range(64))
-        keys = [chain_keys(ns, tokens, 32) for ns in namespaces]
-        # Rank 0 saved both chunks, rank 1 only the first: one chunk is a hit.
-        with daemon.client() as c:
-            chunk = workers[0].chunk_bytes
-            c.put(keys[0], [bytes(chunk)] * 2)
-            c.put(keys[1][:1], [bytes(chunk)])
+        keys = tuple(tuple(chain_keys(ns, tokens, 32)) for ns in namespaces)
+        # Both ranks save chunk 0 (blocks 4, 5); only rank 0 saves chunk 1 (blocks 6, 7).
+        for rank, worker in enumerate(workers):
+            chunks = 2 if rank == 0 else 1
+            rank_keys = (keys[0][:chunks], keys[1][:chunks])
+            block_ids = ((4, 5), (6, 7))[:chunks]
+            worker.bind(StepPlan(saves=[SaveJob("r", 0, rank_keys, (None, None), block_ids)]))
+            worker.save_layer("layer.0")
+            worker.finish()
+            worker.unbind()
+        # A hit needs every rank: one chunk.
         assert scheduler.matched_tokens(_Req("r", [*tokens, 1]), 0) == (32, False)
+        # Loading chunk 0 into blocks 20, 21 gives each rank its own shard back.
+        for rank, worker in enumerate(workers):
+            worker.bind(StepPlan(loads=[LoadJob("r", 0, (keys[0][:1], keys[1][:1]), ((20, 21),))]))
+            worker.start_loads()
+            worker.wait_layer("layer.0")
+            worker.finish()
+            assert worker.take_load_errors() == set()
+            assert torch.equal(caches[rank][:, 20:22], caches[rank][:, 4:6])
+            assert (
+                caches[rank][0, 20, 0, 0, 0].item() == caches[0][0, 4, 0, 0, 0].item() + 1000 * rank
+            )
         with daemon.client() as c:
             assert c.lookup(keys[0]) == 2 and c.lookup(keys[1]) == 1
-            assert c.lookup(chain_keys(Namespace("m"), tokens, 32)) == 0  # other namespace
+            assert c.lookup(chain_keys(Namespace("m"), tokens, 32)) == 0  # another namespace
     finally:
         scheduler.close()
         for worker in workers:

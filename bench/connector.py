@@ -1,0 +1,283 @@
+"""vLLM connector benchmark: save/load between a paged KV cache and the daemon, next to the
+plain gather/scatter of the same blocks in the same process (the limit).
+
+Shape: a 7B-class model (32 layers, 8 KV heads, head dim 128, bf16; 128 KiB of KV per
+token), vLLM's flash-attention layout ``(2, num_blocks, 16, 8, 128)`` per layer, 16-token
+blocks and 256-token Shoal chunks (32 MiB each). Every iteration moves the same blocks:
+
+* limit: per layer, ``index_select`` of the step's blocks into a preallocated, pre-touched
+  buffer (save) and ``index_copy_`` back into other blocks (load): the copies any
+  connector must do, with no daemon, no checksums and no protocol;
+* Shoal: the connector's worker against a real daemon process: save = reserve in the
+  daemon + per-layer gather into the shared-memory arena + checksum + commit; load =
+  lease + checksum verify + per-layer scatter from the arena + release. Keys are fresh each
+  iteration, so every save really writes.
+
+Step overhead: the scheduler side's cost per step (the new request's lookup with its
+inline wait, allocation bookkeeping and the step plan for 16 running requests) with every
+chunk a hit and with every chunk a miss, against the same daemon.
+
+On CUDA (``--device cuda``) the paged cache lives on the GPU and the arena is registered
+as pinned memory; the limit is then device gather + DMA to/from a pinned buffer.
+
+    python bench/connector.py [--quick] [--json] [--device cpu|cuda]
+
+``--json`` prints one JSON object: {"save_gbps", "load_gbps", "limit_gbps",
+"limit_save_gbps", "limit_load_gbps", "step_overhead_ms", "step_overhead_hit_ms",
+"step_overhead_miss_ms", ...}; ``limit_gbps`` is the mean of the save and load limits and
+``step_overhead_ms`` the larger of the hit and miss figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from kvcache.client import CacheClient  # noqa: E402
+from kvcache.connector.plan import ChunkGeometry, LoadJob, SaveJob, StepPlan  # noqa: E402
+from kvcache.connector.scheduler import ConnectorScheduler  # noqa: E402
+from kvcache.connector.settings import ConnectorSettings  # noqa: E402
+from kvcache.connector.worker import ConnectorWorker  # noqa: E402
+from kvcache.keys import Namespace, chain_keys  # noqa: E402
+
+GiB, MiB = 1 << 30, 1 << 20
+LAYERS, HEADS, HEAD_DIM, BLOCK, CHUNK = 32, 8, 128, 16, 256
+
+
+def _start_daemon(workdir: Path, shm_bytes: int) -> tuple[Any, Any]:
+    spec = importlib.util.spec_from_file_location("bench_kvcache", BENCH / "kvcache.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.start_daemon(workdir, shm_bytes)  # type: ignore[no-any-return]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_copies(args: argparse.Namespace, endpoint: str) -> dict[str, Any]:
+    device = torch.device(args.device)
+    geometry = ChunkGeometry(BLOCK, CHUNK)
+    k = geometry.blocks_per_chunk
+    num_blocks = args.chunks * k * 2 + 8
+    caches = {
+        f"model.layers.{i}.self_attn.attn": torch.randn(
+            2, num_blocks, BLOCK, HEADS, HEAD_DIM, dtype=torch.bfloat16, device=device
+        )
+        for i in range(LAYERS)
+    }
+    chunk_bytes = LAYERS * 2 * BLOCK * HEADS * HEAD_DIM * 2 * k
+    moved = chunk_bytes * args.chunks
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    src_blocks = order[: args.chunks * k]
+    dst_blocks = order[args.chunks * k : 2 * args.chunks * k]
+
+    # -- the limit: gather/scatter of the same blocks into/out of a pre-touched buffer --
+    pinned = device.type == "cuda"
+    staging = [
+        torch.empty(2, args.chunks * k, BLOCK, HEADS, HEAD_DIM, dtype=torch.bfloat16, pin_memory=pinned)
+        for _ in range(LAYERS)
+    ]
+    for buffer in staging:
+        buffer.fill_(1)
+    src_index = torch.tensor(src_blocks, device=device)
+    dst_index = torch.tensor(dst_blocks, device=device)
+    limit_save, limit_load = [], []
+    for _ in range(args.iterations):
+        _sync(device)
+        start = time.perf_counter()
+        for buffer, cache in zip(staging, caches.values(), strict=True):
+            if device.type == "cuda":
+                buffer.copy_(cache.index_select(1, src_index), non_blocking=True)
+            else:
+                torch.index_select(cache, 1, src_index, out=buffer)
+        _sync(device)
+        limit_save.append(moved / (time.perf_counter() - start) / 1e9)
+        start = time.perf_counter()
+        for buffer, cache in zip(staging, caches.values(), strict=True):
+            cache.index_copy_(1, dst_index, buffer.to(device, non_blocking=True))
+        _sync(device)
+        limit_load.append(moved / (time.perf_counter() - start) / 1e9)
+
+    # -- Shoal: the connector's worker against the daemon --------------------------------
+    settings = ConnectorSettings(endpoint=endpoint, io_timeout_s=30)
+    worker = ConnectorWorker(settings, geometry, rank=0)
+    worker.register(caches, num_blocks)
+    assert worker.chunk_bytes == chunk_bytes
+    save_gbps, load_gbps = [], []
+    src_ids = [tuple(src_blocks[c * k : (c + 1) * k]) for c in range(args.chunks)]
+    dst_ids = [tuple(dst_blocks[c * k : (c + 1) * k]) for c in range(args.chunks)]
+    for iteration in range(args.iterations + 1):  # the first round warms the arena pages
+        namespace = Namespace(f"bench-{uuid.uuid4().hex}")
+        keys = tuple(chain_keys(namespace, list(range(args.chunks * CHUNK)), CHUNK))
+        save = SaveJob("r", 0, (keys,), (None,), tuple(src_ids))
+        worker.bind(StepPlan(saves=[save]))
+        _sync(device)
+        start = time.perf_counter()
+        for layer in caches:
+            worker.save_layer(layer)
+        worker.finish()
+        elapsed = time.perf_counter() - start
+        worker.unbind()
+        saved = worker.stats["saved_chunks"]
+        load = LoadJob("r", 0, (keys,), tuple(dst_ids))
+        worker.bind(StepPlan(loads=[load]))
+        start = time.perf_counter()
+        worker.start_loads()
+        for layer in caches:
+            worker.wait_layer(layer)
+        worker.finish()
+        _sync(device)
+        load_elapsed = time.perf_counter() - start
+        worker.unbind()
+        errors = worker.take_load_errors()
+        if errors:
+            raise RuntimeError(f"load errors in the benchmark: {len(errors)} blocks")
+        if iteration:
+            save_gbps.append(moved / elapsed / 1e9)
+            load_gbps.append(moved / load_elapsed / 1e9)
+        with CacheClient(endpoint, heartbeat=False, populate=False) as client:
+            client.delete(keys)  # keep the arena for the next round
+    for src, dst in zip(src_blocks, dst_blocks, strict=True):
+        for cache in caches.values():
+            if not torch.equal(cache[:, src], cache[:, dst]):
+                raise RuntimeError("a loaded block differs from the saved one")
+    worker.close()
+    limit_save_gbps = statistics.median(limit_save)
+    limit_load_gbps = statistics.median(limit_load)
+    return {
+        "chunk_bytes": chunk_bytes,
+        "bytes_per_iteration": moved,
+        "saved_chunks_total": saved,
+        "save_gbps": statistics.median(save_gbps),
+        "load_gbps": statistics.median(load_gbps),
+        "limit_save_gbps": limit_save_gbps,
+        "limit_load_gbps": limit_load_gbps,
+        "limit_gbps": (limit_save_gbps + limit_load_gbps) / 2,
+    }
+
+
+class _Request:
+    def __init__(self, req_id: str, tokens: list[int]) -> None:
+        self.request_id = req_id
+        self.all_token_ids = tokens
+        self.prompt_token_ids = tokens
+        self.num_tokens = len(tokens)
+        self.num_computed_tokens = 0
+        self.kv_transfer_params = None
+
+
+def measure_step_overhead(args: argparse.Namespace, endpoint: str) -> dict[str, Any]:
+    """The scheduler side's added time per step: one new 2,048-token request (lookup,
+    bookkeeping) among 16 running decodes (plan), with all hits or all misses."""
+    geometry = ChunkGeometry(BLOCK, CHUNK)
+    settings = ConnectorSettings(endpoint=endpoint, lookup_wait_ms=50)
+    scheduler = ConnectorScheduler(settings, geometry, [Namespace("bench-step").digest])
+    prompt_tokens = 2048
+    hit_tokens = list(range(prompt_tokens))
+    with CacheClient(endpoint, heartbeat=False) as client:
+        keys = chain_keys(Namespace("bench-step").digest, hit_tokens, CHUNK)
+        client.put(keys, [bytes(4096)] * len(keys))
+    running = []
+    for i in range(16):
+        request = _Request(f"run{i}", [i, *range(1000, 1300)])
+        scheduler.matched_tokens(request, 0)
+        request.num_computed_tokens = 300
+        running.append(request)
+    results: dict[str, float] = {}
+    for label, base in (("hit", 0), ("miss", 1_000_000)):
+        samples = []
+        for step in range(args.steps):
+            tokens = [base + t for t in hit_tokens] if base else list(hit_tokens)
+            tokens.append(50_000 + step)  # a distinct tail: a new request every step
+            request = _Request(f"{label}{step}", tokens)
+            blocks = SimpleNamespace(get_block_ids=lambda: ([*range(prompt_tokens // BLOCK + 1)],))
+            output = SimpleNamespace(
+                scheduled_new_reqs=[],
+                scheduled_cached_reqs=SimpleNamespace(
+                    req_ids=[r.request_id for r in running], resumed_req_ids=set(),
+                    new_block_ids=[None] * len(running),
+                ),  # fmt: skip
+                num_scheduled_tokens={r.request_id: 1 for r in running},
+            )
+            start = time.perf_counter()
+            count, _ = scheduler.matched_tokens(request, 0)
+            scheduler.after_alloc(request, blocks, count or 0)
+            scheduler.build_plan(output)
+            samples.append((time.perf_counter() - start) * 1000)
+            scheduler.finished(request)
+            if label == "hit" and count != prompt_tokens:
+                raise RuntimeError(f"expected a full hit, got {count}")
+        samples.sort()
+        results[f"step_overhead_{label}_ms"] = statistics.median(samples)
+        results[f"step_overhead_{label}_p99_ms"] = samples[min(len(samples) - 1, int(0.99 * len(samples)))]
+    scheduler.close()
+    results["step_overhead_ms"] = max(results["step_overhead_hit_ms"], results["step_overhead_miss_ms"])
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer chunks and iterations")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    args.chunks = 4 if args.quick else 16  # 128 MiB or 512 MiB per iteration
+    args.iterations = 3 if args.quick else 5
+    args.steps = 100 if args.quick else 500
+    shm = (args.chunks * 32 * MiB) * 2 + 256 * MiB
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-connector-") as workdir:
+        process, config = _start_daemon(Path(workdir), shm)
+        try:
+            result = {
+                "device": args.device,
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+                "shape": f"{LAYERS} layers x {HEADS} kv heads x {HEAD_DIM} bf16, "
+                f"{BLOCK}-token blocks, {CHUNK}-token chunks",
+                **measure_copies(args, config.endpoint),
+                **measure_step_overhead(args, config.endpoint),
+            }
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    result["save_vs_limit"] = result["save_gbps"] / result["limit_save_gbps"]
+    result["load_vs_limit"] = result["load_gbps"] / result["limit_load_gbps"]
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"connector benchmark ({result['shape']}; {result['device']}, {result['machine']})")
+    print(f"{'':18}{'Shoal GB/s':>12}{'limit GB/s':>12}{'ratio':>8}")
+    for op in ("save", "load"):
+        print(
+            f"{op:18}{result[f'{op}_gbps']:>12.2f}{result[f'limit_{op}_gbps']:>12.2f}"
+            f"{result[f'{op}_vs_limit']:>8.0%}"
+        )
+    for label in ("hit", "miss"):
+        print(
+            f"step overhead ({label}) {result[f'step_overhead_{label}_ms']:.3f} ms median, "
+            f"{result[f'step_overhead_{label}_p99_ms']:.3f} ms p99"
+        )
+
+
+if __name__ == "__main__":
+    main()
