@@ -21,6 +21,15 @@ Layout of one holder mask (2 bits per member slot)::
 
     bit  2s+1 2s  ...   3  2   1  0
         [ slot s ] ... [slot 1][slot 0]      value: 0 absent, 1 SHM, 2 DRAM, 3 SSD
+
+Engines' GPUs are members too: the stream ``<node>/<engine>`` (``messages.engine_stream``)
+gets a slot of its own whose non-zero value means "on that engine's GPU". A key in a
+daemon's SHM and on its engine's GPU thus sets two slots, and the index, its sweep and
+its sync stay what they are for daemons; only the reads tell the two apart
+(``_engine_mask``): ``longest_prefix`` and ``holders`` answer what can be fetched (daemons'
+tiers), ``engine_runs`` what engines hold. Rejected: a third bit per slot for "also on a
+GPU" (+50% index memory on every key for every member, and it could not say which of a
+node's engines holds the key, which is what a router needs).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from kvcache.cluster.messages import is_engine_stream
 from kvcache.keys import KEY_BYTES
 
 __all__ = ["ClusterIndex", "Holder", "PrefixMatch"]
@@ -67,6 +77,7 @@ class ClusterIndex:
         self._free: list[int] = []
         self._next_slot = 0
         self._live_mask = 0
+        self._engine_mask = 0  # both bits of every live engine stream's slot
         self._sweeping: list[int] = []  # dead slots the current sweep pass clears
         self._dropped: list[int] = []  # dead slots waiting for the next pass
         self._sweep_keys: Iterator[bytes] | None = None
@@ -85,6 +96,8 @@ class ClusterIndex:
             self._nodes[slot] = node
             self._counts[slot] = 0
             self._live_mask |= _SLOT_MASK << (2 * slot)
+            if is_engine_stream(node):
+                self._engine_mask |= _SLOT_MASK << (2 * slot)
         return slot
 
     def drop_member(self, node: str) -> int:
@@ -94,6 +107,7 @@ class ClusterIndex:
             return 0
         del self._nodes[slot]
         self._live_mask &= ~(_SLOT_MASK << (2 * slot))
+        self._engine_mask &= ~(_SLOT_MASK << (2 * slot))
         self._dropped.append(slot)
         return self._counts.pop(slot)
 
@@ -184,7 +198,8 @@ class ClusterIndex:
         return len(self._holders)
 
     def holders(self, key: bytes) -> list[Holder]:
-        mask = self._holders.get(key, 0) & self._live_mask
+        """The daemons holding ``key`` (engines' GPUs are not holders one can fetch from)."""
+        mask = self._holders.get(key, 0) & self._live_mask & ~self._engine_mask
         found = []
         while mask:
             low = mask & -mask
@@ -215,7 +230,7 @@ class ClusterIndex:
         prefix nor break a peer's run: they need no fetch.
         """
         holders = self._holders
-        live = self._live_mask
+        live = self._live_mask & ~self._engine_mask
         running = live  # slots whose contiguous run from ``start`` is still unbroken
         runs: dict[int, int] = {}
         end = start
@@ -241,6 +256,25 @@ class ClusterIndex:
             key=lambda item: (-item[1], item[0]),
         )
         return PrefixMatch(start, end - start, tuple(ordered))
+
+    def engine_runs(self, keys: Sequence[bytes]) -> tuple[tuple[str, int], ...]:
+        """Per engine stream holding ``keys[0]``, how many leading keys it holds, longest
+        first (ties by name)."""
+        running = self._live_mask & self._engine_mask
+        runs: dict[int, int] = {}
+        holders = self._holders
+        for index, key in enumerate(keys):
+            if not running:
+                break
+            present = _expand(holders.get(key, 0) & running)
+            for slot in _slots_of(running & ~present):
+                runs[slot] = index
+            running &= present
+        for slot in _slots_of(running):
+            runs[slot] = len(keys)
+        ordered = sorted(((self._nodes[s], upto) for s, upto in runs.items() if upto > 0),
+                         key=lambda item: (-item[1], item[0]))  # fmt: skip
+        return tuple(ordered)
 
 
 def _expand(mask: int) -> int:

@@ -19,9 +19,17 @@ sent, so a lost trailing batch is noticed too. Event ops: ``OP_REMOVED`` (0), ``
 for "stored in tier" (a move between tiers is a store in the new tier) and
 ``OP_CLEARED`` (255: forget everything this node announced; its key is 16 zero bytes).
 
+Engine streams: a daemon also publishes, for each inference engine beside it, which
+chunk keys that engine holds on its GPU (learned from vLLM's KV events), as a stream of
+its own named ``<node>/<engine>`` (``engine_stream``) with its own seq, heartbeats and
+snapshots served by the daemon's ROUTER (``sync`` names the ``stream``). Such a stream
+uses ``OP_ON_GPU`` for "on the engine's GPU"; a ``/`` in a member name marks it, which is
+why node names may not contain one. Subscribers treat it as a member whose holdings can
+be located but never fetched.
+
 Requests (ROUTER)::
 
-    sync     id, epoch, after_seq          -> replay: seq, batches (list of events maps)
+    sync     id, stream, epoch, after_seq  -> replay: seq, batches (list of events maps)
                                               snapshot: seq, keys, tiers (bin, 1 B each)
     fetch    id, node, keys                -> header {found: [index...], sizes, checksums,
                                               namespaces} + one frame per found block
@@ -47,7 +55,9 @@ from kvcache.keys import KEY_BYTES
 from kvcache.wire import decode_fields, pack, unpack_map
 
 __all__ = [
+    "ENGINE_SEPARATOR",
     "OP_CLEARED",
+    "OP_ON_GPU",
     "OP_REMOVED",
     "TOPIC_EVENTS",
     "TOPIC_HEARTBEAT",
@@ -67,6 +77,8 @@ __all__ = [
     "decode_stream",
     "encode_error",
     "encode_reply",
+    "engine_stream",
+    "is_engine_stream",
     "op_for_tier",
 ]
 
@@ -75,12 +87,23 @@ TOPIC_EVENTS = b"shoal.ev"
 TOPIC_HEARTBEAT = b"shoal.hb"
 OP_REMOVED = 0
 OP_CLEARED = 255
+OP_ON_GPU = 1  # in an engine stream: the key is on the engine's GPU
 CLEARED_KEY = bytes(KEY_BYTES)
+ENGINE_SEPARATOR = "/"
 _VALID_OPS = bytes([OP_REMOVED, 1, 2, 3, OP_CLEARED])  # 1 + Tier.SHM / DRAM / SSD
 
 
 def op_for_tier(tier: int) -> int:
     return 1 + tier
+
+
+def engine_stream(node: str, engine: str) -> str:
+    """The member name of ``engine``'s GPU stream, published by ``node``."""
+    return f"{node}{ENGINE_SEPARATOR}{engine}"
+
+
+def is_engine_stream(member: str) -> bool:
+    return ENGINE_SEPARATOR in member
 
 
 def _encode(obj: Any, extra: dict[str, Any]) -> bytes:
@@ -185,9 +208,13 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class SyncRequest(Request):
-    """Replay batches after ``after_seq`` of ``epoch``, or a snapshot if they are gone."""
+    """Replay batches after ``after_seq`` of ``epoch``, or a snapshot if they are gone.
+
+    ``stream``: the member whose stream is asked, the serving node or one of its engines.
+    """
 
     op: ClassVar[str] = "sync"
+    stream: str
     epoch: int
     after_seq: int
 

@@ -8,6 +8,11 @@ only, so the store, the index and the in-flight fetches need no lock::
     peers' DEALER ──► ROUTER (port): sync / fetch / offer / status / evict / flush / drain
           DEALER per peer ──► peer's ROUTER: our sync requests and fetches
 
+Engine streams: for each engine beside it (``engine_feed.py``) the node publishes one more
+stream, ``<node>/gpu<i>``, with its own ``EventLog``, heartbeats and snapshots (the keys on
+that engine's GPU), on the same PUB and ROUTER; peers index it as a member of its own
+(``index.py`` explains why), never fetch from it and never hand it blocks in a drain.
+
 Peer fetch: ``fetch()`` groups the missing keys of a chain by holder (preferring the
 holder with the longest run, then the hottest tier), sends one request per holder and
 chunk, and joins concurrent fetches of the same key (coalescing). The serving peer leases
@@ -82,6 +87,12 @@ class _Pending:
 
 
 @dataclass(slots=True)
+class _EngineStream:
+    log: EventLog
+    snapshot: Callable[[], list[bytes]]
+
+
+@dataclass(slots=True)
 class _Drain:
     on_done: Callable[[dict[str, Any]], None]
     outstanding: set[int] = field(default_factory=set)
@@ -114,6 +125,7 @@ class ClusterNode:
         self.epoch = time.time_ns()
         self.state = "active"
         self._log = EventLog(settings.node, settings.advertise, self.epoch)
+        self._engines: dict[str, _EngineStream] = {}
         self.view = ClusterView(
             settings.node,
             member_timeout_s=settings.member_timeout_s,
@@ -276,7 +288,34 @@ class ClusterNode:
         self._pub.send_multipart([cm.TOPIC_EVENTS, batch.encode()], zmq.NOBLOCK)
         self.metrics.events_published.inc(len(batch))
 
+    def add_engine(self, stream: str, snapshot: Callable[[], list[bytes]]) -> None:
+        """Publish ``stream`` (an engine's GPU keys); ``snapshot`` lists them all."""
+        assert cm.is_engine_stream(stream), f"{stream!r} is not named <node>/<engine>"
+        self._engines[stream] = _EngineStream(
+            EventLog(stream, self.settings.advertise, self.epoch), snapshot
+        )
+
+    def publish_engine(self, stream: str, events: list[tuple[int, bytes]], ts: float) -> None:
+        if not events:
+            return
+        ops, keys = encode_events(events)
+        batch = self._engines[stream].log.append(ops, keys, ts)
+        self._pub.send_multipart([cm.TOPIC_EVENTS, batch.encode()], zmq.NOBLOCK)
+        self.metrics.events_published.inc(len(batch))
+
     def _heartbeat(self, state: str | None = None) -> None:
+        for stream, engine in self._engines.items():
+            beat = cm.Heartbeat(
+                node=stream,
+                epoch=self.epoch,
+                seq=engine.log.seq,
+                address=self.settings.advertise,
+                state=state or self.state,
+                ts=time.time(),
+                interval_s=self.settings.heartbeat_s,
+                stats={"engine": True},
+            )
+            self._pub.send_multipart([cm.TOPIC_HEARTBEAT, beat.encode()], zmq.NOBLOCK)
         stats = self._store.statistics()
         beat = cm.Heartbeat(
             node=self.settings.node,
@@ -318,7 +357,7 @@ class ClusterNode:
     def _sync(self, need: SyncNeed) -> None:
         if not need.address:
             return  # no address yet: the next heartbeat brings it and the retry uses it
-        request = cm.SyncRequest(self._new_id(), need.epoch, need.after_seq)
+        request = cm.SyncRequest(self._new_id(), need.node, need.epoch, need.after_seq)
 
         def on_reply(frames: list[zmq.Frame]) -> None:
             body = cm.decode_reply(frames[0].buffer)
@@ -370,9 +409,7 @@ class ClusterNode:
 
     def _serve(self, identity: bytes, request: cm.Request) -> None:
         if isinstance(request, cm.SyncRequest):
-            self._store_events_pending_flush()
-            reply = self._log.answer(request.epoch, request.after_seq, self._snapshot)
-            self._reply(identity, request.id, **reply.to_map())
+            self._serve_sync(identity, request)
         elif isinstance(request, cm.FetchRequest):
             self._serve_fetch(identity, request)
         elif isinstance(request, cm.OfferRequest):
@@ -393,6 +430,22 @@ class ClusterNode:
             self._reply(identity, request.id, flushed=self._store.clear())
         elif isinstance(request, cm.DrainRequest):
             self.drain(lambda result: self._reply(identity, request.id, **result))
+
+    def _serve_sync(self, identity: bytes, request: cm.SyncRequest) -> None:
+        engine = self._engines.get(request.stream)
+        if engine is not None:
+            # The daemon publishes engine changes every turn, so none are pending here.
+            def snapshot() -> tuple[bytes, bytes]:
+                keys = engine.snapshot()
+                return join_keys(keys), bytes([cm.OP_ON_GPU - 1]) * len(keys)
+
+            reply = engine.log.answer(request.epoch, request.after_seq, snapshot)
+        elif request.stream in ("", self.settings.node):
+            self._store_events_pending_flush()
+            reply = self._log.answer(request.epoch, request.after_seq, self._snapshot)
+        else:
+            raise ValueError(f"no stream {request.stream!r} here")
+        self._reply(identity, request.id, **reply.to_map())
 
     def _store_events_pending_flush(self) -> None:
         """Publish undrained store events first, so a snapshot matches the log's seq."""
@@ -432,6 +485,9 @@ class ClusterNode:
     def locate(self, keys: Sequence[bytes], start: int) -> PrefixMatch:
         store = self._store
         return self.view.index.longest_prefix(keys, start, lambda k: store.lookup([k]) == 1)
+
+    def gpu_runs(self, keys: Sequence[bytes]) -> tuple[tuple[str, int], ...]:
+        return self.view.index.engine_runs(keys)
 
     def fetch(self, keys: Sequence[bytes], on_done: Callable[[], None]) -> None:
         """Bring the blocks of ``keys`` that peers hold into the local store, then call
@@ -602,8 +658,8 @@ class ClusterNode:
         self._heartbeat()
         drain = _Drain(on_done, deadline=self._clock() + self.settings.drain_timeout_s)
         self._drain = drain
-        peers = [n for n in self.view.nodes
-                 if (self.view.member_state(n) or "active") == "active"]  # fmt: skip
+        peers = [n for n in self.view.nodes if not cm.is_engine_stream(n)
+                 and (self.view.member_state(n) or "active") == "active"]  # fmt: skip
         drain.peers = peers
         keys = self._store.hot_keys(_MAX_HOT_HANDOFF)
         shares: dict[str, list[bytes]] = {p: [] for p in peers}

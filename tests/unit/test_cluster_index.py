@@ -167,6 +167,33 @@ class TestLongestPrefix:
         assert index.longest_prefix(chain(3)).runs == (("a", 3),)
 
 
+class TestEngineStreams:
+    """Members named ``<node>/<engine>`` are engines' GPUs: located, never fetched from."""
+
+    def test_an_engine_is_neither_a_holder_nor_part_of_the_fetchable_prefix(self) -> None:
+        index = index_with(**{"a": [0, 1], "a/gpu0": [0, 1, 2]})
+        assert index.holders(key(2)) == []
+        assert index.holders(key(0)) == [Holder("a", SHM)]
+        assert index.longest_prefix(chain(3)) == PrefixMatch(0, 2, (("a", 2),))
+
+    def test_engine_runs_start_at_the_first_key_longest_first(self) -> None:
+        index = index_with(**{"a/gpu0": [0, 1], "b/gpu0": [0, 1, 2], "b/gpu1": [1, 2], "c": [0]})
+        assert index.engine_runs(chain(4)) == (("b/gpu0", 3), ("a/gpu0", 2))
+        assert index.engine_runs([]) == ()
+
+    def test_an_engine_run_breaks_at_its_first_missing_key(self) -> None:
+        index = index_with(**{"a/gpu0": [0, 1, 3]})
+        assert index.engine_runs(chain(4)) == (("a/gpu0", 2),)
+
+    def test_a_dropped_engine_vanishes_and_its_slot_serves_a_daemon_again(self) -> None:
+        index = index_with(**{"a/gpu0": [0]})
+        index.drop_member("a/gpu0")
+        sweep_all(index)
+        index.store("b", keys(0), [SHM])  # reuses the slot
+        assert index.engine_runs(chain(1)) == ()
+        assert index.holders(key(0)) == [Holder("b", SHM)]
+
+
 class TestDropAndSweep:
     def test_a_dropped_member_vanishes_from_every_answer_at_once(self) -> None:
         index = index_with(a=[0, 1, 2], b=[0, 1])

@@ -54,8 +54,8 @@ def packed(body: Any) -> bytes:
 
 
 REQUESTS = [
-    cm.SyncRequest(id=1, epoch=7, after_seq=0),
-    cm.SyncRequest(id=2, epoch=2**63, after_seq=1 << 62),
+    cm.SyncRequest(id=1, stream="a", epoch=7, after_seq=0),
+    cm.SyncRequest(id=2, stream="a/gpu0", epoch=2**63, after_seq=1 << 62),
     cm.FetchRequest(id=3, node="b", keys=KEYS),
     cm.FetchRequest(id=4, node="b", keys=b""),
     cm.OfferRequest(id=5, source="c", keys=KEYS),
@@ -161,10 +161,12 @@ class TestMalformed:
             (packed({"v": 1, "id": 1, "op": "nope"}), "unknown cluster op 'nope'", "unknown_op"),
             (packed({"v": 1, "id": 1, "op": 3}), "unknown cluster op 3", "unknown_op"),
             (packed({"v": 1, "id": 1}), "unknown cluster op None", "unknown_op"),
-            (packed({"v": 1, "id": 1, "op": "sync", "epoch": 1}), "missing field 'after_seq'",
-             "malformed"),
-            (packed({"v": 1, "id": 1, "op": "sync", "epoch": 1, "after_seq": 1.0}),
+            (packed({"v": 1, "id": 1, "op": "sync", "stream": "a", "epoch": 1}),
+             "missing field 'after_seq'", "malformed"),
+            (packed({"v": 1, "id": 1, "op": "sync", "stream": "a", "epoch": 1, "after_seq": 1.0}),
              "'after_seq' must be int", "malformed"),
+            (packed({"v": 1, "id": 1, "op": "sync", "epoch": 1, "after_seq": 1}),
+             "missing field 'stream'", "malformed"),
             (packed({"v": 1, "id": "1", "op": "status"}), "'id' must be int", "malformed"),
             (packed({"v": 1, "id": 1, "op": "fetch", "node": "b", "keys": b"x" * 15}),
              "multiple of 16", "malformed"),
@@ -231,7 +233,8 @@ VALUES = st.recursive(
 )
 FIELD_NAMES = st.sampled_from(
     ["v", "t", "op", "id", "ok", "node", "address", "epoch", "seq", "ts", "ops", "keys",
-     "state", "interval_s", "stats", "after_seq", "source", "namespace", "key_prefix"]
+     "state", "interval_s", "stats", "after_seq", "source", "namespace", "key_prefix",
+     "stream"]
 )  # fmt: skip
 VALID_FRAMES = st.sampled_from(
     [batch().encode(), heartbeat().encode(), cm.encode_reply(1, seq=1)]
