@@ -424,6 +424,7 @@ def _lookup(args: argparse.Namespace) -> int:
         "local_blocks": found.length,
         "remote_blocks": found.remote_length,
         "holders": [{"node": n, "address": a, "upto": u} for n, a, u in found.runs],
+        "gpu": [{"engine": n, "upto": u} for n, u in found.gpu],
         "keys": [key.hex() for key in keys],
     }
     if args.json:
@@ -695,7 +696,7 @@ def status_lines(cluster: dict[str, Any], stats: dict[str, Any]) -> list[str]:
     """This node's cluster view, one row per member (this node first), then local tiers."""
     disabled = "cluster: disabled (this daemon runs alone; --cluster-port turns it on)"
     if not cluster.get("enabled"):
-        return [disabled, "", *stats_lines(stats)]
+        return [disabled, "", *engine_lines(cluster), *stats_lines(stats)]
     own = {key: cluster[key] for key in ("node", "address", "state", "epoch")} | {
         "num_blocks": sum(t["num_blocks"] for t in stats["tiers"]),
         "stats": _as_heartbeat(stats),
@@ -715,8 +716,24 @@ def status_lines(cluster: dict[str, Any], stats: dict[str, Any]) -> list[str]:
         "",
         *table(headers, rows, "<<<<>" + ">" * len(tiers) + ">>><"),
         "",
+        *engine_lines(cluster),
         *stats_lines(stats),
     ]
+
+
+def engine_lines(cluster: dict[str, Any]) -> list[str]:
+    """This node's engines (vLLM KV events): connection, stream position, GPU keys."""
+    engines = cluster.get("engines") or []
+    if not engines:
+        return []
+    rows = [[e["stream"], e["endpoint"], "yes" if e["connected"] else "no",
+             "replaying" if e["replaying"] else "-" if e["seq"] < 0 else str(e["seq"]),
+             str(e["gpu_keys"]),
+             str(e["gaps"]), str(e["resets"]), str(e["dropped"])]
+            for e in engines]  # fmt: skip
+    headers = ["ENGINE", "EVENTS FROM", "CONNECTED", "SEQ", "GPU KEYS", "GAPS", "RESETS",
+               "DROPPED"]  # fmt: skip
+    return [*table(headers, rows, "<<<>>>>>"), ""]
 
 
 def _member_row(member: dict[str, Any], tiers: Sequence[str], *, peer: bool) -> list[str]:
@@ -743,4 +760,7 @@ def lookup_lines(result: dict[str, Any]) -> list[str]:
     if result["holders"]:
         rows = [[h["node"], h["address"], str(h["upto"])] for h in result["holders"]]
         lines += ["", *table(["HOLDER", "ADDRESS", "UPTO"], rows, "<<>")]
+    if result.get("gpu"):
+        rows = [[g["engine"], str(g["upto"])] for g in result["gpu"]]
+        lines += ["", *table(["ON ENGINE GPU", "UPTO"], rows, "<>")]
     return lines

@@ -104,12 +104,15 @@ class ClusterLookup:
     """Where a chain lives: ``length`` blocks here, up to ``remote_length`` with peers'.
 
     ``runs`` lists ``(node, address, upto)``: fetching from that node alone would extend
-    the local prefix to ``upto`` (longest first).
+    the local prefix to ``upto`` (longest first). ``gpu`` lists ``(engine stream, upto)``:
+    the engine (``<node>/gpu<i>``, here or on a peer) holds ``keys[:upto]`` on its GPU, as
+    its vLLM KV events say (longest first); those blocks are never fetched from a GPU.
     """
 
     length: int
     remote_length: int
     runs: tuple[tuple[str, str, int], ...]
+    gpu: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,7 +449,8 @@ class _ClientFlows:
                                       keys=join_keys(keys))  # fmt: skip
         assert reply is not None
         runs = tuple((str(n), str(a), int(u)) for n, a, u in reply["runs"])
-        return ClusterLookup(int(reply["length"]), int(reply["remote_length"]), runs)
+        gpu = tuple((str(n), int(u)) for n, u in reply.get("gpu", ()))
+        return ClusterLookup(int(reply["length"]), int(reply["remote_length"]), runs, gpu)
 
     def _fetch_flow(self, keys: Sequence[bytes]) -> _Flow[int]:
         reply = yield m.FetchRequest(id=self._next_id(), session=self.session,

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcache.keys import Namespace
 from shoal.config import setting
 
 __all__ = ["CacheConfig", "default_runtime_dir"]
@@ -71,6 +72,31 @@ class CacheConfig:
     cluster_curve_dir: str = setting(
         "", "directory with the CurveZMQ cluster keypair and allowed public keys; empty = off"
     )
+    engine_events: str = setting(
+        "",
+        "vLLM KV-event publishers (their kv-events endpoint), comma-separated, each one "
+        "engine (gpu0, gpu1, ...) beside this daemon; empty = off",
+    )
+    engine_events_replay: str = setting(
+        "",
+        "their replay endpoints, comma-separated in the same order; empty = no replay "
+        "(a lost batch then resets that engine's entries)",
+    )
+    engine_events_topic: str = setting("", "topic those publishers use (kv-events topic)")
+    engine_model: str = setting(
+        "", "model of the engines' Shoal keys (required with engine_events)"
+    )
+    engine_kv_dtype: str = setting("bfloat16", "KV dtype of the engines' Shoal keys")
+    engine_layout: str = setting("default", "KV layout of the engines' Shoal keys")
+    engine_tp_rank: int = setting(0, "tensor-parallel rank whose Shoal keys are published")
+    engine_tp_size: int = setting(1, "tensor-parallel size of the engines")
+    engine_namespace_extra: str = setting("", "namespace extra of the engines' Shoal keys")
+    engine_chunk_tokens: int = setting(
+        256, "tokens per Shoal key for the engines, as their connector cuts chunks"
+    )
+    engine_replay_timeout_s: float = setting(
+        2.0, "seconds a replay may take before the lost batches count as a hole"
+    )
     log_level: str = setting("info", "debug, info, warning or error")
     log_format: str = setting("json", "json (structured) or text")
 
@@ -96,6 +122,41 @@ class CacheConfig:
             raise ValueError("cluster_heartbeat_s and cluster_fetch_timeout_s must be positive")
         if self.cluster_member_timeout_s < 2 * self.cluster_heartbeat_s:
             raise ValueError("cluster_member_timeout_s must be at least 2 heartbeats")
+        if "/" in self.cluster_node:
+            raise ValueError(
+                f"cluster_node {self.cluster_node!r} must contain no '/' (it separates a node "
+                "from its engines' streams)"
+            )
+        if self.engine_events:
+            self.engine_namespace()  # raises on a bad model or rank
+            replays = self.engine_replay_endpoints
+            if replays and len(replays) != len(self.engine_endpoints):
+                raise ValueError(
+                    f"engine_events_replay lists {len(replays)} endpoints for "
+                    f"{len(self.engine_endpoints)} engine_events; give one per engine or none"
+                )
+        if self.engine_chunk_tokens <= 0 or self.engine_replay_timeout_s <= 0:
+            raise ValueError("engine_chunk_tokens and engine_replay_timeout_s must be positive")
+
+    @property
+    def engine_endpoints(self) -> list[str]:
+        return [e.strip() for e in self.engine_events.split(",") if e.strip()]
+
+    @property
+    def engine_replay_endpoints(self) -> list[str]:
+        return [e.strip() for e in self.engine_events_replay.split(",") if e.strip()]
+
+    def engine_namespace(self) -> Namespace:
+        """The namespace the engines' GPU prefixes are keyed in (as their clients key them)."""
+        if not self.engine_model:
+            raise ValueError(
+                "engine_events needs engine_model: the model the engines serve, as their "
+                "Shoal clients name it (with kv dtype, layout and tp rank if not the defaults)"
+            )
+        return Namespace(
+            self.engine_model, self.engine_kv_dtype, self.engine_layout, self.engine_tp_rank,
+            self.engine_tp_size, self.engine_namespace_extra,
+        )  # fmt: skip
 
     @property
     def arena_path(self) -> Path:

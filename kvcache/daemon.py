@@ -16,6 +16,11 @@ Client liveness, so a crashed engine cannot pin memory forever:
 * A reservation not committed within ``reservation_ttl_s`` is reclaimed, whatever its
   session does (a writer stuck mid-copy).
 
+Engines' GPU prefixes: with ``engine_events`` the daemon also subscribes to its engines'
+vLLM KV events (``kvcache.cluster.engine_feed``), in the same poller and loop turn, and
+publishes what each engine holds on its GPU as a cluster stream of its own; ``locate``
+answers those holders next to the daemons'.
+
 Bad input never stops the loop: oversized, malformed or wrong-version frames and invalid
 requests get an error reply (``kvcache.messages.ErrorCode``) and a counted metric.
 """
@@ -23,6 +28,7 @@ requests get an error reply (``kvcache.messages.ErrorCode``) and a counted metri
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -42,8 +48,9 @@ from kvcache import messages as m
 from kvcache.allocator import SlabAllocator
 from kvcache.arena import DATA_OFFSET, Arena
 from kvcache.cluster.base import Cluster, NullCluster
+from kvcache.cluster.engine_feed import EngineFeed, NullEngineFeed, ZmqEngineFeed, engine_settings
 from kvcache.cluster.node import ClusterNode
-from kvcache.cluster.settings import cluster_settings
+from kvcache.cluster.settings import cluster_settings, node_name
 from kvcache.config import CacheConfig
 from kvcache.errors import CacheError, ProtocolError
 from kvcache.keys import split_keys
@@ -149,6 +156,7 @@ class CacheDaemon:
             clock=clock,
         )
         self._metrics_server: Any = None
+        self.engines: EngineFeed = NullEngineFeed()
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -183,6 +191,20 @@ class CacheDaemon:
                 self.close()
                 raise CacheError(f"cannot join the cluster: {exc}") from None
         self.cluster.register(self._poller)
+        if config.engine_events:
+            try:
+                self.engines = ZmqEngineFeed(
+                    engine_settings(config, node_name(config)),
+                    self._context,
+                    self.metrics.registry,
+                    clock=clock,
+                )
+            except CacheError:
+                self.close()
+                raise
+            for stream in self.engines.streams:
+                self.cluster.add_engine(stream, functools.partial(self.engines.snapshot, stream))
+        self.engines.register(self._poller)
         self._handlers: dict[type[m.Request], Callable[[Any], dict[str, Any] | None]] = {
             m.HelloRequest: self._hello,
             m.LookupRequest: self._lookup,
@@ -197,7 +219,7 @@ class CacheDaemon:
             m.ByeRequest: self._bye,
             m.LocateRequest: self._locate,
             m.FetchRequest: self._fetch,
-            m.ClusterRequest: lambda r: {"cluster": self.cluster.status(samples=r.samples)},
+            m.ClusterRequest: self._cluster_status,
             m.EvictRequest: lambda r: {"evicted": self.store.evict(r.namespace, r.key_prefix)},
             m.FlushRequest: lambda r: {"flushed": self.store.clear()},
             m.DrainRequest: self._drain,
@@ -251,9 +273,13 @@ class CacheDaemon:
                     self._client_exited(sock_or_fd)
                 elif self.cluster.owns(sock_or_fd):
                     self.cluster.handle(sock_or_fd)
+                elif self.engines.owns(sock_or_fd):
+                    self.engines.handle(sock_or_fd)
             # Events go out every turn, not every housekeeping tick: propagation latency
             # is one loop turn, and a busy turn batches many events into one message.
             self.cluster.publish(self.store.take_events(), turn_started)
+            for stream, events in self.engines.take_events():
+                self.cluster.publish_engine(stream, events, turn_started)
             now = self._clock()
             if now >= next_housekeeping:
                 self._housekeeping(now)
@@ -263,6 +289,7 @@ class CacheDaemon:
         self._stop.set()
 
     def close(self) -> None:
+        self.engines.close()
         self.cluster.close()
         for pidfd in list(self._pidfds):
             os.close(pidfd)
@@ -351,6 +378,9 @@ class CacheDaemon:
             log.warning("client timed out", extra={"session": client.session_id, "pid": client.pid})
             self._close_session(client.session_id)
         self.cluster.publish(self.store.take_events(), time.time())
+        self.engines.tick(now)
+        for stream, events in self.engines.take_events():  # a replay timed out into a reset
+            self.cluster.publish_engine(stream, events, time.time())
         self.cluster.tick(now)
         # Block metadata is long-lived and acyclic (freed by reference counting), yet a
         # full collection walks all of it: 20-350 ms stalls at 0.1-1M blocks, measured by
@@ -457,7 +487,14 @@ class CacheDaemon:
         length = self.store.lookup(keys)
         match = self.cluster.locate(keys, length)
         runs = [[node, self.cluster.address_of(node), upto] for node, upto in match.runs]
-        return {"length": length, "remote_length": length + match.length, "runs": runs}
+        gpu = sorted([*self.engines.gpu_runs(keys), *self.cluster.gpu_runs(keys)],
+                     key=lambda run: (-run[1], run[0]))  # fmt: skip
+        return {"length": length, "remote_length": length + match.length, "runs": runs,
+                "gpu": [list(run) for run in gpu]}  # fmt: skip
+
+    def _cluster_status(self, request: m.ClusterRequest) -> dict[str, Any]:
+        status = self.cluster.status(samples=request.samples)
+        return {"cluster": {**status, "engines": self.engines.status()}}
 
     def _fetch(self, request: m.FetchRequest) -> None:
         identity, keys = self._identity, split_keys(request.keys)

@@ -18,7 +18,14 @@ from kvcache.cluster.discovery import Discovery, StaticDiscovery, make_discovery
 from kvcache.config import CacheConfig
 from kvcache.errors import CacheError
 
-__all__ = ["ClusterSettings", "bracket", "cluster_settings", "default_advertise", "load_curve"]
+__all__ = [
+    "ClusterSettings",
+    "bracket",
+    "cluster_settings",
+    "default_advertise",
+    "load_curve",
+    "node_name",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +58,7 @@ def cluster_settings(config: CacheConfig) -> ClusterSettings:
             port=port,
         )
     return ClusterSettings(
-        node=config.cluster_node or f"{socket.gethostname()}:{config.name}",
+        node=node_name(config),
         host=config.cluster_host,
         port=port,
         advertise=config.cluster_advertise or default_advertise(config.cluster_host, port),
@@ -61,6 +68,11 @@ def cluster_settings(config: CacheConfig) -> ClusterSettings:
         fetch_timeout_s=config.cluster_fetch_timeout_s,
         curve_dir=config.cluster_curve_dir,
     )
+
+
+def node_name(config: CacheConfig) -> str:
+    """This daemon's member name: ``cluster_node``, or HOSTNAME:name."""
+    return config.cluster_node or f"{socket.gethostname()}:{config.name}"
 
 
 def default_advertise(host: str, port: int) -> str:

@@ -103,3 +103,43 @@ def test_lookup_lists_holders_longest_run_first() -> None:
         "node1   10.0.0.1:7400     8",
         "node2   10.0.0.2:7400     5",
     ]
+
+
+def engine(**overrides: Any) -> dict[str, Any]:
+    return {
+        "engine": "gpu0", "stream": "node0/gpu0", "endpoint": "tcp://127.0.0.1:5557",
+        "replay_endpoint": "tcp://127.0.0.1:5558", "connected": True, "seq": 41,
+        "replaying": False, "gpu_blocks": 12, "gpu_keys": 3, "gaps": 1, "replays": 1,
+        "skipped": {}, "dropped": 0, "resets": 2,
+    } | overrides  # fmt: skip
+
+
+def test_status_lists_the_engines_beside_this_node_before_the_local_tiers() -> None:
+    engines = [engine(), engine(engine="gpu1", stream="node0/gpu1", connected=False, seq=-1)]
+    lines = status_lines(cluster(member("node1")) | {"engines": engines}, local_stats())
+    start = lines.index(next(line for line in lines if line.startswith("ENGINE")))
+    assert lines[start].split() == ["ENGINE", "EVENTS", "FROM", "CONNECTED", "SEQ", "GPU",
+                                    "KEYS", "GAPS", "RESETS", "DROPPED"]  # fmt: skip
+    assert lines[start + 1].split() == ["node0/gpu0", "tcp://127.0.0.1:5557", "yes", "41", "3",
+                                        "1", "2", "0"]  # fmt: skip
+    assert lines[start + 2].split()[2:4] == ["no", "-"], "nothing heard yet"
+    assert lines[start + 4].startswith("daemon default")
+
+
+def test_status_without_a_cluster_still_shows_the_engines() -> None:
+    lines = status_lines({"enabled": False, "members": [], "engines": [engine()]}, local_stats())
+    assert lines[2].startswith("ENGINE") and lines[3].startswith("node0/gpu0")
+
+
+def test_lookup_lists_engines_holding_the_prefix_on_their_gpu() -> None:
+    result = {
+        "namespace": "m/bfloat16/default/tp0of1", "num_tokens": 64, "chunk_tokens": 16,
+        "num_blocks": 4, "local_blocks": 0, "remote_blocks": 0, "holders": [],
+        "gpu": [{"engine": "node1/gpu0", "upto": 4}, {"engine": "node0/gpu1", "upto": 1}],
+    }  # fmt: skip
+    assert lookup_lines(result)[3:] == [
+        "",
+        "ON ENGINE GPU  UPTO",
+        "node1/gpu0        4",
+        "node0/gpu1        1",
+    ]
