@@ -157,6 +157,9 @@ def test_a_prefix_on_the_engines_gpu_is_visible_here_and_on_a_peer(
             with b.client(heartbeat=False) as client:
                 members = {m["node"]: m for m in client.cluster_status()["members"]}
             assert members["node0/gpu0"]["num_blocks"] == 3  # keys 0, 1 and 3
+
+            a.stop()  # its engines' streams go silent with it: peers forget them
+            assert wait_until(lambda: gpu(b) == (), timeout=5)
         finally:
             stop_all(nodes)
 
