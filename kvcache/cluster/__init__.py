@@ -11,8 +11,13 @@ Layout (pure modules import no transport)::
     metrics.py    shoal_kvcache_cluster_* Prometheus metrics
     node.py       ClusterNode: the sockets, peer fetch and drain, in the daemon's loop
     admin.py      ClusterAdmin: an operator's client for a remote member (the CLI uses it)
+    engine_events.py  vLLM's KV-event stream: payload decoding, seq/replay bookkeeping (pure)
+    gpu_prefixes.py   GpuPrefixTracker: vLLM blocks -> Shoal keys on an engine's GPU (pure)
+    engine_feed.py    the daemon's SUB/replay sockets to its engines' vLLM publishers
 
 Data flow: the store records block events -> the daemon drains them every loop turn ->
 ``ClusterNode.publish`` -> peers' ``ClusterView`` -> ``ClusterIndex``; a client's
-``locate`` reads the index, its ``fetch`` moves blocks peer -> local store.
+``locate`` reads the index, its ``fetch`` moves blocks peer -> local store. Engines: vLLM
+KV events -> ``engine_feed`` -> ``GpuPrefixTracker`` -> the daemon -> ``ClusterNode``
+publishes a ``<node>/gpu<i>`` stream -> peers index it as a member that is never fetched from.
 """
