@@ -95,7 +95,9 @@ def measure_copies(args: argparse.Namespace, endpoint: str) -> dict[str, Any]:
     # -- the limit: gather/scatter of the same blocks into/out of a pre-touched buffer --
     pinned = device.type == "cuda"
     staging = [
-        torch.empty(2, args.chunks * k, BLOCK, HEADS, HEAD_DIM, dtype=torch.bfloat16, pin_memory=pinned)
+        torch.empty(
+            2, args.chunks * k, BLOCK, HEADS, HEAD_DIM, dtype=torch.bfloat16, pin_memory=pinned
+        )
         for _ in range(LAYERS)
     ]
     for buffer in staging:
@@ -215,9 +217,10 @@ def measure_step_overhead(args: argparse.Namespace, endpoint: str) -> dict[str, 
             output = SimpleNamespace(
                 scheduled_new_reqs=[],
                 scheduled_cached_reqs=SimpleNamespace(
-                    req_ids=[r.request_id for r in running], resumed_req_ids=set(),
+                    req_ids=[r.request_id for r in running],
+                    resumed_req_ids=set(),
                     new_block_ids=[None] * len(running),
-                ),  # fmt: skip
+                ),
                 num_scheduled_tokens={r.request_id: 1 for r in running},
             )
             start = time.perf_counter()
@@ -230,9 +233,13 @@ def measure_step_overhead(args: argparse.Namespace, endpoint: str) -> dict[str, 
                 raise RuntimeError(f"expected a full hit, got {count}")
         samples.sort()
         results[f"step_overhead_{label}_ms"] = statistics.median(samples)
-        results[f"step_overhead_{label}_p99_ms"] = samples[min(len(samples) - 1, int(0.99 * len(samples)))]
+        results[f"step_overhead_{label}_p99_ms"] = samples[
+            min(len(samples) - 1, int(0.99 * len(samples)))
+        ]
     scheduler.close()
-    results["step_overhead_ms"] = max(results["step_overhead_hit_ms"], results["step_overhead_miss_ms"])
+    results["step_overhead_ms"] = max(
+        results["step_overhead_hit_ms"], results["step_overhead_miss_ms"]
+    )
     return results
 
 
