@@ -33,6 +33,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +65,6 @@ class _Load:
 class _Save:
     reservation: Reservation
     index: torch.Tensor  # source block ids, on the cache's device
-    hasher: Any = field(default_factory=xxhash.xxh3_64)
 
 
 @dataclass(slots=True)
@@ -75,6 +75,94 @@ class _Step:
     load_events: dict[str, Any] = field(default_factory=dict)
     saves: list[_Save] | None = None  # None: not reserved yet
     saved_layers: list[str] = field(default_factory=list)  # in the order copied
+
+
+class _Saver:
+    """The save path's own client on its own thread.
+
+    The step's reservation is made here while the engine waits (the copies need the slots),
+    but the checksums and the commit run after the step, overlapping the next forward: the
+    engine's blocks are no longer read by then (CPU copies are done; on CUDA the compute
+    stream is ordered after the save stream). At most one step's commit is outstanding; the
+    next ``commit`` waits for it, which bounds the arena held by unpublished slots.
+    """
+
+    def __init__(self, worker: ConnectorWorker, factory: Callable[[], CacheClient]) -> None:
+        self._worker = worker
+        self._factory = factory
+        self._client: CacheClient | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shoal-save")
+        self._pending: Future[None] | None = None
+
+    def reserve(self, plan: StepPlan) -> tuple[list[Any], memoryview | None, int]:
+        """Reserve every job's chunks: (answers per job, the arena, its generation)."""
+        return self._pool.submit(self._reserve, plan).result()
+
+    def commit(self, reservations: list[Reservation], complete: bool, stream: Any) -> None:
+        self.flush()
+        self._pending = self._pool.submit(self._commit, reservations, complete, stream)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def close(self) -> None:
+        self.flush()
+        self._pool.submit(self._close_client).result()
+        self._pool.shutdown()
+
+    # -- on the save thread -----------------------------------------------------------
+
+    def _connected(self) -> CacheClient | None:
+        if self._client is None and time.monotonic() >= self._worker.down_until:
+            try:
+                self._client = self._factory()
+            except CacheError as exc:
+                self._failed(exc)
+        return self._client
+
+    def _failed(self, exc: Exception) -> None:
+        self._worker.note_daemon_failure(exc)
+        self._close_client()
+
+    def _close_client(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+
+    def _reserve(self, plan: StepPlan) -> tuple[list[Any], memoryview | None, int]:
+        client = self._connected()
+        if client is None:
+            return [], None, 0
+        rank, size = self._worker.rank, self._worker.chunk_bytes
+        answers: list[Any] = []
+        try:
+            for job in plan.saves:
+                keys = job.keys[rank]
+                answers.append(client.reserve(keys, [size] * len(keys), job.parents[rank]))
+            return answers, client.arena_memory(), client.arena_generation
+        except CacheError as exc:
+            self._failed(exc)
+            return [], None, 0
+
+    def _commit(self, reservations: list[Reservation], complete: bool, stream: Any) -> None:
+        client = self._client
+        stats = self._worker.stats
+        if client is None:
+            stats["save_skipped"] += len(reservations)
+            return
+        try:
+            if not complete:
+                client.abort([r.key for r in reservations])  # some layer never came
+                stats["save_skipped"] += len(reservations)
+                return
+            if stream is not None:
+                stream.synchronize()
+            stats["saved_chunks"] += client.commit(reservations)
+        except CacheError as exc:
+            self._failed(exc)
 
 
 class ConnectorWorker:
@@ -98,14 +186,16 @@ class ConnectorWorker:
             )
         )
         self._client: CacheClient | None = None
-        self._down_until = 0.0
+        self.down_until = 0.0
+        self._saver = _Saver(self, self._client_factory)
+        self._save_arena: tuple[int, torch.Tensor] | None = None  # (generation, tensor)
         self.layers: dict[str, LayerLayout] = {}
         self._layer_offsets: dict[str, int] = {}
         self.chunk_bytes = 0
         self.device = torch.device("cpu")
         self._arena: torch.Tensor | None = None
         self._arena_generation = -1
-        self._pinned_ptr = 0
+        self._pinned: list[int] = []
         self._load_stream: Any = None
         self._save_stream: Any = None
         self._step: _Step | None = None
@@ -217,16 +307,14 @@ class ConnectorWorker:
         layout = self.layers[layer]
         start = self._layer_offsets[layer]
         nbytes = layout.block_bytes * self.geometry.blocks_per_chunk
-        arena = self._arena_tensor()
+        assert self._save_arena is not None
+        arena = self._save_arena[1]
         if self.device.type == "cuda":
             self._save_layer_cuda(step, layout, start, nbytes, arena)
         else:
             for save in step.saves:
-                offset = save.reservation.offset + start
-                out = _typed(arena, offset, nbytes, layout)
+                out = _typed(arena, save.reservation.offset + start, nbytes, layout)
                 torch.index_select(layout.blocks, 0, save.index, out=out)
-                # Hash the range just written while it is still in cache.
-                save.hasher.update(arena[offset : offset + nbytes].numpy())
         step.saved_layers.append(layer)
 
     def finish(self) -> None:
@@ -246,8 +334,17 @@ class ConnectorWorker:
             self._release(self._client, [load.view for load in step.loads])
             step.loads = []
         if step.saves:
-            self._commit(step)
+            stream = None
+            if self.device.type == "cuda":  # later kernels may reuse the saved blocks
+                torch.cuda.current_stream(self.device).wait_stream(self._save_stream)
+                stream = self._save_stream
+            complete = set(step.saved_layers) == set(self.layers)
+            self._saver.commit([save.reservation for save in step.saves], complete, stream)
         step.saves = []
+
+    def flush(self) -> None:
+        """Wait until the saves of finished steps are committed (tests, shutdown)."""
+        self._saver.flush()
 
     def unbind(self) -> None:
         self._step = None
@@ -257,6 +354,7 @@ class ConnectorWorker:
         return errors
 
     def close(self) -> None:
+        self._saver.close()
         self._unpin()
         if self._client is not None:
             self._client.close()
@@ -266,7 +364,7 @@ class ConnectorWorker:
 
     def _connected(self) -> CacheClient | None:
         if self._client is None:
-            if time.monotonic() < self._down_until:
+            if time.monotonic() < self.down_until:
                 return None
             try:
                 self._client = self._client_factory()
@@ -275,10 +373,13 @@ class ConnectorWorker:
                 return None
         return self._client
 
-    def _daemon_failed(self, exc: Exception) -> None:
+    def note_daemon_failure(self, exc: Exception) -> None:
         self.stats["daemon_failures"] += 1
-        self._down_until = time.monotonic() + self.settings.retry_after_s
+        self.down_until = time.monotonic() + self.settings.retry_after_s
         log.warning("cache daemon failed, degrading to misses: %s", exc)
+
+    def _daemon_failed(self, exc: Exception) -> None:
+        self.note_daemon_failure(exc)
         if self._client is not None:
             with contextlib.suppress(Exception):
                 self._client.close()
@@ -303,12 +404,15 @@ class ConnectorWorker:
             assert self._arena is not None, "the arena is used only after a daemon call"
             return self._arena
         if self._arena is None or self._arena_generation != client.arena_generation:
-            self._unpin()
-            self._arena = torch.frombuffer(client.arena_memory(), dtype=torch.uint8)
+            self._arena = self._map(client.arena_memory())
             self._arena_generation = client.arena_generation
-            if self.device.type == "cuda":
-                self._pin(self._arena)
         return self._arena
+
+    def _map(self, memory: memoryview) -> torch.Tensor:
+        tensor = torch.frombuffer(memory, dtype=torch.uint8)
+        if self.device.type == "cuda":
+            self._pin(tensor)
+        return tensor
 
     def _pin(self, arena: torch.Tensor) -> None:
         """Register the arena as pinned host memory so copies run as DMA."""
@@ -317,13 +421,14 @@ class ConnectorWorker:
         if int(result) != 0:
             log.warning("cudaHostRegister of the arena failed (%s): copies stay pageable", result)
             return
-        self._pinned_ptr = arena.data_ptr()
+        self._pinned.append(arena.data_ptr())
 
     def _unpin(self) -> None:
-        if self._pinned_ptr:
+        if self._pinned:
             cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-            cudart.cudaHostUnregister(self._pinned_ptr)
-            self._pinned_ptr = 0
+            for pointer in self._pinned:
+                cudart.cudaHostUnregister(pointer)
+            self._pinned = []
 
     def _scatter_layer(self, step: _Step, layer: str) -> None:
         layout = self.layers.get(layer)
@@ -391,46 +496,19 @@ class ConnectorWorker:
                 out.copy_(gathered, non_blocking=True)
 
     def _reserve(self, plan: StepPlan) -> list[_Save]:
-        client = self._connected()
-        saves: list[_Save] = []
-        if client is None:
+        answers, memory, generation = self._saver.reserve(plan)
+        if memory is None:
             self.stats["save_skipped"] += sum(len(job.block_ids) for job in plan.saves)
-            return saves
-        for job in plan.saves:
-            keys = job.keys[self.rank]
-            try:
-                answers = client.reserve(
-                    keys, [self.chunk_bytes] * len(keys), job.parents[self.rank]
-                )
-            except CacheError as exc:
-                self._daemon_failed(exc)
-                self.stats["save_skipped"] += len(keys)
-                return []
-            for answer, ids in zip(answers, job.block_ids, strict=True):
+            return []
+        if self._save_arena is None or self._save_arena[0] != generation:
+            self._save_arena = (generation, self._map(memory))
+        saves: list[_Save] = []
+        for job, job_answers in zip(plan.saves, answers, strict=True):
+            for answer, ids in zip(job_answers, job.block_ids, strict=True):
                 if isinstance(answer, Reservation):
                     index = torch.tensor(ids, dtype=torch.long, device=self.device)
                     saves.append(_Save(answer, index))
         return saves
-
-    def _commit(self, step: _Step) -> None:
-        assert step.saves is not None
-        client = self._client
-        reservations = [save.reservation for save in step.saves]
-        if client is None:
-            return
-        try:
-            if set(step.saved_layers) != set(self.layers):
-                client.abort([r.key for r in reservations])  # some layer never came
-                self.stats["save_skipped"] += len(reservations)
-                return
-            checksums: list[int] | None = None
-            if self.device.type == "cuda":
-                self._save_stream.synchronize()
-            elif step.saved_layers == list(self.layers):  # hashed in chunk order
-                checksums = [save.hasher.intdigest() for save in step.saves]
-            self.stats["saved_chunks"] += client.commit(reservations, checksums)
-        except CacheError as exc:
-            self._daemon_failed(exc)
 
 
 def _typed(arena: torch.Tensor, offset: int, nbytes: int, layout: LayerLayout) -> torch.Tensor:

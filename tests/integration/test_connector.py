@@ -54,6 +54,7 @@ def prefill(e: Engine, req_id: str, prompt: list[int]) -> None:
         return False
 
     assert wait_until(done, timeout=10, interval=0.001), f"{req_id} did not finish its prefill"
+    e.flush()  # saves are committed off the step; tests look at the daemon right after
 
 
 def positions_matching(e: Engine, req_id: str, salt: int, n: int) -> list[int]:
@@ -147,6 +148,7 @@ def test_a_corrupted_chunk_is_a_load_error_that_vllm_recomputes(
         assert stats["corrupt_chunks"] == 1
         # The corrupt chunk was deleted and saved again from the recomputed KV.
         second.run()
+        second.flush()
         with daemon.client() as c:
             assert c.lookup(keys) == 4
             blocks = c.get(keys)
@@ -253,6 +255,7 @@ def test_tensor_parallel_ranks_keep_their_own_shards_and_a_hit_needs_every_rank(
             worker.bind(StepPlan(saves=[SaveJob("r", 0, rank_keys, (None, None), block_ids)]))
             worker.save_layer("layer.0")
             worker.finish()
+            worker.flush()
             worker.unbind()
         # A hit needs every rank: one chunk.
         assert scheduler.matched_tokens(_Req("r", [*tokens, 1]), 0) == (32, False)

@@ -299,6 +299,11 @@ class Engine:
         finally:
             self.spec.salt = saved
 
+    def flush(self) -> None:
+        """Wait for the saves of past steps to be committed (they finish off the step)."""
+        assert self.worker._worker is not None
+        self.worker._worker.flush()
+
     def close(self) -> None:
         self.scheduler.shutdown()
         self.worker.shutdown()
@@ -346,6 +351,7 @@ def main() -> None:
             ]
         report["requests"][request_id] = entry
     engine.run()
+    engine.flush()
     report["invalid_reported"] = sorted(engine.invalid_reported)
     report["loaded_steps"] = engine.loaded_steps
     report["worker_stats"] = engine.worker._worker.stats if engine.worker._worker else {}
