@@ -107,7 +107,10 @@ def register(subparsers: Any) -> None:
     lookup.add_argument("--tp-size", type=int, default=1, help="namespace: tensor-parallel size")
     lookup.add_argument("--extra", default="", help="namespace: extra discriminator ('')")
     lookup.add_argument(
-        "--chunk-tokens", type=int, default=16, help="tokens per block (default: 16)"
+        "--chunk-tokens",
+        type=int,
+        default=256,
+        help="tokens per block, as the engines key them (default: 256, the connector's)",
     )
 
     evict = verb("evict", "remove blocks by namespace and/or key prefix (here by default)", _evict)

@@ -125,7 +125,17 @@ def test_lookup_on_node1_names_node0_as_the_holder_of_a_prefix_put_there(
     assert wait_until(lambda: seen_by(trio[1], keys, 8))
     tokens = ",".join(map(str, [*TOKENS, 1, 2, 3]))  # a partial tail chunk has no key
 
-    scripted = shoal(trio[1], "lookup", "--model", "cli-lookup@1", "--tokens", tokens, "--json")
+    scripted = shoal(
+        trio[1],
+        "lookup",
+        "--chunk-tokens",
+        "16",
+        "--model",
+        "cli-lookup@1",
+        "--tokens",
+        tokens,
+        "--json",
+    )
     assert scripted.returncode == 0, scripted.stderr
     body = json.loads(scripted.stdout)
     assert (body["num_blocks"], body["local_blocks"], body["remote_blocks"]) == (8, 0, 8)
@@ -133,11 +143,13 @@ def test_lookup_on_node1_names_node0_as_the_holder_of_a_prefix_put_there(
     assert body["keys"][0] == keys[0].hex()
     assert body["namespace"] == namespace.label()
 
-    human = shoal(trio[1], "lookup", "--model", "cli-lookup@1", "--tokens", tokens)
+    human = shoal(
+        trio[1], "lookup", "--chunk-tokens", "16", "--model", "cli-lookup@1", "--tokens", tokens
+    )
     assert "cached here:      0" in human.stdout and "with peers' help: 8" in human.stdout
     assert human.stdout.splitlines()[-1].split()[0::2] == ["node0", "8"]
 
-    other = shoal(trio[1], "lookup", "--model", "cli-lookup@1", "--tp-size", "2", "--tokens", tokens,
+    other = shoal(trio[1], "lookup", "--chunk-tokens", "16", "--model", "cli-lookup@1", "--tp-size", "2", "--tokens", tokens,
                   "--json")  # fmt: skip
     assert json.loads(other.stdout)["remote_blocks"] == 0, "another namespace, other keys"
 
@@ -163,7 +175,7 @@ def test_lookup_of_text_tokenizes_it_like_the_engine(
     assert wait_until(lambda: seen_by(trio[1], list(keys), 2))
 
     text = " ".join(f"w{i}" for i in range(32))
-    result = shoal(trio[1], "lookup", "--model", "cli-text@1", "--text", text,
+    result = shoal(trio[1], "lookup", "--chunk-tokens", "16", "--model", "cli-text@1", "--text", text,
                    "--tokenizer", str(tmp_path), "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
