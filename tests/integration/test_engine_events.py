@@ -150,7 +150,7 @@ def test_a_prefix_on_the_engines_gpu_is_visible_here_and_on_a_peer(
             lookup = subprocess.run(
                 [sys.executable, "-m", "shoal", "cache", "lookup", "--name", b.config.name,
                  "--runtime-dir", str(b.config.runtime_path), "--model", NS.model,
-                 "--tokens", ",".join(map(str, TOKENS)), "--json"],
+                 "--chunk-tokens", str(B), "--tokens", ",".join(map(str, TOKENS)), "--json"],
                 env=ENV, capture_output=True, text=True, timeout=30, check=True,
             )  # fmt: skip
             assert json.loads(lookup.stdout)["gpu"] == [{"engine": "node0/gpu0", "upto": 2}]
