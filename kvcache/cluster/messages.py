@@ -82,7 +82,7 @@ __all__ = [
     "op_for_tier",
 ]
 
-VERSION = 1
+VERSION = 2  # 2: sync names the stream (engine streams); v1 peers are dropped as "version"
 TOPIC_EVENTS = b"shoal.ev"
 TOPIC_HEARTBEAT = b"shoal.hb"
 OP_REMOVED = 0

@@ -14,6 +14,7 @@ import zmq
 import zmq.auth
 
 from kvcache.client import CacheClient
+from kvcache.cluster.messages import VERSION
 from kvcache.keys import Namespace, chain_keys
 from tests.integration.conftest import (
     DaemonProcess,
@@ -206,8 +207,8 @@ def test_garbage_on_cluster_sockets_is_counted_and_dropped(tmp_path: Path) -> No
         address_a = status(a)["address"]
         dealer = _raw_dealer(str(address_a))
         for frame in (b"\xc1", b"not msgpack", msgpack.packb({"v": 99, "op": "status", "id": 1}),
-                      msgpack.packb({"v": 1, "op": "fetch", "id": 2, "node": "x", "keys": b"123"}),
-                      msgpack.packb({"v": 1, "op": "nope", "id": 3})):  # fmt: skip
+                      msgpack.packb({"v": VERSION, "op": "fetch", "id": 2, "node": "x", "keys": b"123"}),
+                      msgpack.packb({"v": VERSION, "op": "nope", "id": 3})):  # fmt: skip
             dealer.send(frame)
             assert dealer.poll(2000), "the daemon answers bad requests with an error"
             assert msgpack.unpackb(dealer.recv())["ok"] is False
@@ -255,11 +256,11 @@ def test_curve_keys_admit_members_and_refuse_an_unauthenticated_peer(tmp_path: P
         assert "rogue" not in members(a)
         for curve in ({}, _curve_client(other_dir)):
             dealer = _raw_dealer(f"127.0.0.1:{ports[0]}", **curve)
-            dealer.send(msgpack.packb({"v": 1, "op": "status", "id": 1}))
+            dealer.send(msgpack.packb({"v": VERSION, "op": "status", "id": 1}))
             assert not dealer.poll(1000), "an unauthenticated request gets no answer"
             dealer.close()
         dealer = _raw_dealer(f"127.0.0.1:{ports[0]}", **_curve_client(keys_dir))
-        dealer.send(msgpack.packb({"v": 1, "op": "status", "id": 1}))
+        dealer.send(msgpack.packb({"v": VERSION, "op": "status", "id": 1}))
         assert dealer.poll(5000)
         assert msgpack.unpackb(dealer.recv())["node"] == "a"
         dealer.close()

@@ -98,10 +98,10 @@ class TestRoundTrips:
 
     def test_replies_carry_ok_and_values_or_a_coded_error(self) -> None:
         assert cm.decode_reply(cm.encode_reply(4, seq=2, keys=KEYS)) == {
-            "v": 1, "id": 4, "ok": True, "seq": 2, "keys": KEYS,
+            "v": cm.VERSION, "id": 4, "ok": True, "seq": 2, "keys": KEYS,
         }  # fmt: skip
         assert cm.decode_reply(cm.encode_error(4, "malformed", "bad")) == {
-            "v": 1, "id": 4, "ok": False, "code": "malformed", "error": "bad",
+            "v": cm.VERSION, "id": 4, "ok": False, "code": "malformed", "error": "bad",
         }  # fmt: skip
 
     def test_op_codes(self) -> None:
@@ -122,7 +122,7 @@ class TestMalformed:
             (cm.TOPIC_EVENTS, batch().encode()[:-5], "not valid msgpack"),
             (cm.TOPIC_HEARTBEAT, heartbeat().encode() + b"\x00", "not valid msgpack"),
             (cm.TOPIC_EVENTS, packed([1, 2]), "must be a msgpack map"),
-            (cm.TOPIC_EVENTS, packed({**body_of(batch()), "v": 2}), "protocol version 2"),
+            (cm.TOPIC_EVENTS, packed({**body_of(batch()), "v": 1}), "protocol version 1"),
             (cm.TOPIC_EVENTS, packed({k: v for k, v in body_of(batch()).items() if k != "v"}),
              "protocol version None"),
             (b"shoal.xx", batch().encode(), "unknown stream topic"),
@@ -158,21 +158,21 @@ class TestMalformed:
         [
             (b"", "not valid msgpack", "malformed"),
             (REQUESTS[0].encode()[:-1], "not valid msgpack", "malformed"),
-            (packed({"v": 1, "id": 1, "op": "nope"}), "unknown cluster op 'nope'", "unknown_op"),
-            (packed({"v": 1, "id": 1, "op": 3}), "unknown cluster op 3", "unknown_op"),
-            (packed({"v": 1, "id": 1}), "unknown cluster op None", "unknown_op"),
-            (packed({"v": 1, "id": 1, "op": "sync", "stream": "a", "epoch": 1}),
+            (packed({"v": cm.VERSION, "id": 1, "op": "nope"}), "unknown cluster op 'nope'", "unknown_op"),
+            (packed({"v": cm.VERSION, "id": 1, "op": 3}), "unknown cluster op 3", "unknown_op"),
+            (packed({"v": cm.VERSION, "id": 1}), "unknown cluster op None", "unknown_op"),
+            (packed({"v": cm.VERSION, "id": 1, "op": "sync", "stream": "a", "epoch": 1}),
              "missing field 'after_seq'", "malformed"),
-            (packed({"v": 1, "id": 1, "op": "sync", "stream": "a", "epoch": 1, "after_seq": 1.0}),
+            (packed({"v": cm.VERSION, "id": 1, "op": "sync", "stream": "a", "epoch": 1, "after_seq": 1.0}),
              "'after_seq' must be int", "malformed"),
-            (packed({"v": 1, "id": 1, "op": "sync", "epoch": 1, "after_seq": 1}),
+            (packed({"v": cm.VERSION, "id": 1, "op": "sync", "epoch": 1, "after_seq": 1}),
              "missing field 'stream'", "malformed"),
-            (packed({"v": 1, "id": "1", "op": "status"}), "'id' must be int", "malformed"),
-            (packed({"v": 1, "id": 1, "op": "fetch", "node": "b", "keys": b"x" * 15}),
+            (packed({"v": cm.VERSION, "id": "1", "op": "status"}), "'id' must be int", "malformed"),
+            (packed({"v": cm.VERSION, "id": 1, "op": "fetch", "node": "b", "keys": b"x" * 15}),
              "multiple of 16", "malformed"),
-            (packed({"v": 1, "id": 1, "op": "offer", "source": "c", "keys": "text"}),
+            (packed({"v": cm.VERSION, "id": 1, "op": "offer", "source": "c", "keys": "text"}),
              "'keys' must be bytes", "malformed"),
-            (packed({"v": 1, "id": 1, "op": "evict", "namespace": None, "key_prefix": ""}),
+            (packed({"v": cm.VERSION, "id": 1, "op": "evict", "namespace": None, "key_prefix": ""}),
              "'namespace' must be str", "malformed"),
         ],
     )  # fmt: skip
@@ -185,11 +185,11 @@ class TestMalformed:
         ("frame", "message"),
         [
             (b"\x93", "not valid msgpack"),
-            (packed({"v": 2, "id": 1, "ok": True}), "protocol version 2"),
-            (packed({"v": 1, "ok": True}), "'id'"),
-            (packed({"v": 1, "id": "1", "ok": True}), "'id'"),
-            (packed({"v": 1, "id": 1}), "'ok'"),
-            (packed({"v": 1, "id": 1, "ok": 1}), "'ok'"),
+            (packed({"v": 1, "id": 1, "ok": True}), "protocol version 1"),
+            (packed({"v": cm.VERSION, "ok": True}), "'id'"),
+            (packed({"v": cm.VERSION, "id": "1", "ok": True}), "'id'"),
+            (packed({"v": cm.VERSION, "id": 1}), "'ok'"),
+            (packed({"v": cm.VERSION, "id": 1, "ok": 1}), "'ok'"),
         ],
     )
     def test_replies(self, frame: bytes, message: str) -> None:
