@@ -110,3 +110,15 @@ def test_settings_come_from_extra_config_then_environment() -> None:
 def test_bad_settings_name_the_key(extra: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ConnectorSettings.from_extra_config(extra, environ={})
+
+
+def test_a_step_plan_survives_pickling_as_vllm_ships_it_to_workers() -> None:
+    import pickle
+
+    from kvcache.connector.plan import LoadJob, SaveJob, StepPlan
+
+    plan = StepPlan(
+        loads=[LoadJob("a", 0, ((b"k" * 16,), (b"K" * 16,)), ((KEEP, 7),))],
+        saves=[SaveJob("b", 2, ((b"s" * 16,), (b"S" * 16,)), (b"p" * 16, None), ((3, 4),))],
+    )
+    assert pickle.loads(pickle.dumps(plan)) == plan
