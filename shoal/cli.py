@@ -18,12 +18,14 @@ __all__ = ["main"]
 
 def build_parser() -> argparse.ArgumentParser:
     from kvcache.cli import register as register_cache
+    from loader.cli import register as register_load
 
     parser = argparse.ArgumentParser(prog="shoal", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"shoal {__version__}")
     parser.add_argument("--config", help="TOML configuration file (also SHOAL_CONFIG)")
     components = parser.add_subparsers(dest="component", required=True, metavar="COMPONENT")
     register_cache(components)
+    register_load(components)
     return parser
 
 

@@ -1,0 +1,389 @@
+"""The streamer: many concurrent ranged reads, straight into each tensor's memory, yielding
+every tensor the moment its last byte lands.
+
+Work is cut into *reads*::
+
+    tensor bytes (one plan range)      ──► reads of at most chunk_bytes, each landing in the
+                                           destination tensor's own memory (no copy)
+    small neighbours in one file       ──► one coalesced read of at most chunk_bytes into a
+      (each < coalesce_bytes, gaps           scratch buffer, then copied into each tensor
+       < merge_gap_bytes)                    (a norm weight is 8 KiB: one request each would
+                                             be latency-bound on S3)
+
+Reads are issued in the plan's order (``order``: file order, layer order, or a caller's
+priority list first), at most ``concurrency`` at once on a thread pool (I/O releases the
+GIL), and at most ``rate_bytes_per_s`` on average (a token bucket shared by the readers).
+
+The memory bound. ``max_inflight_bytes`` caps what the streamer holds: destination tensors
+allocated and not yet handed out, plus scratch buffers of coalesced reads in flight. A read
+whose tensor is not allocated yet waits until that tensor fits under the bound (or nothing
+is held, so a single tensor larger than the bound still loads). A caller that drops each
+tensor after using it therefore never has more than the bound (plus one oversized tensor)
+in memory; ``statistics().peak_held_bytes`` reports the high-water mark.
+
+Failures: the first read that fails cancels the rest and raises its ``SourceError``; a tensor
+whose bytes do not match its published digest raises ``IntegrityError`` naming it.
+
+Rejected: asyncio with aiobotocore/httpx (every source would need an async twin, and the
+work is I/O plus memcpy that threads overlap well); mmap + copy (reads every byte twice and
+faults pages one at a time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from loader.errors import IntegrityError, LoaderError
+from loader.plan import TensorPlan
+from loader.sources.base import Source
+
+__all__ = [
+    "Progress",
+    "RateLimiter",
+    "StreamOptions",
+    "StreamStatistics",
+    "Streamer",
+    "order_plans",
+]
+
+MiB = 1 << 20
+Order = Literal["file", "layers", "priority"]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOptions:
+    concurrency: int = 16
+    chunk_bytes: int = 16 * MiB
+    max_inflight_bytes: int = 1024 * MiB
+    rate_bytes_per_s: float = 0.0  # 0: unlimited
+    order: Order = "file"
+    priority: tuple[str, ...] = ()  # with order="priority": these names first, in this order
+    coalesce_bytes: int = 1 * MiB
+    merge_gap_bytes: int = 64 << 10
+    digests: Mapping[str, str] = field(default_factory=dict)  # name -> "sha256:<hex>"
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.chunk_bytes < 1 or self.max_inflight_bytes < 1:
+            raise ValueError("concurrency, chunk_bytes and max_inflight_bytes must be positive")
+        if self.rate_bytes_per_s < 0:
+            raise ValueError("rate_bytes_per_s must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    bytes_done: int
+    bytes_total: int
+    tensors_done: int
+    tensors_total: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStatistics:
+    bytes_read: int
+    num_reads: int
+    tensors: int
+    elapsed_s: float
+    first_tensor_s: float | None
+    peak_held_bytes: int
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_read / self.elapsed_s / 1e9 if self.elapsed_s > 0 else 0.0
+
+
+class RateLimiter:
+    """Token bucket: ``acquire(n)`` waits until ``n`` bytes fit in the average rate, with a
+    burst of one second's worth. Time and sleep are injectable for tests."""
+
+    def __init__(
+        self,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._tokens = rate
+        self._last = clock()
+
+    def acquire(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:  # reservations are ordered: a later reader waits behind earlier ones
+            now = self._clock()
+            self._tokens = min(self.rate, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n
+            debt = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if debt > 0:
+            self._sleep(debt)
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
+
+
+def order_plans(
+    plans: Sequence[TensorPlan], order: Order, priority: Sequence[str] = ()
+) -> list[TensorPlan]:
+    """``file``: as planned. ``layers``: embeddings, then layer 0, 1, ..., then the rest
+    (final norm, head), so an engine could start on the first layers early.
+    ``priority``: the named tensors first, in the given order, then file order."""
+    if order == "file":
+        return list(plans)
+    if order == "layers":
+
+        def rank(item: tuple[int, TensorPlan]) -> tuple[float, int]:
+            position, plan = item
+            match = _LAYER.search(plan.name)
+            if match:
+                return float(match.group(1)), position
+            return (-1.0 if "embed" in plan.name else float("inf")), position
+
+        return [plan for _, plan in sorted(enumerate(plans), key=rank)]
+    if order == "priority":
+        first = {name: i for i, name in enumerate(priority)}
+        unknown = set(first) - {p.name for p in plans}
+        if unknown:
+            raise LoaderError(f"priority names tensors the checkpoint lacks: {sorted(unknown)[:5]}")
+        return sorted(plans, key=lambda p: first.get(p.name, len(first)))
+    raise ValueError(f"unknown order {order!r}")
+
+
+@dataclass(slots=True)
+class _Tensor:
+    plan: TensorPlan
+    remaining: int
+    data: torch.Tensor | None = None  # uint8, allocated when its first read is issued
+    view: memoryview | None = None
+
+
+@dataclass(slots=True)
+class _Piece:
+    tensor: _Tensor
+    file_offset: int
+    length: int
+    dest_offset: int  # in the tensor's bytes
+
+
+@dataclass(slots=True)
+class _Read:
+    path: str
+    offset: int
+    length: int
+    pieces: list[_Piece]  # one piece covering the whole read: it lands in place
+
+    @property
+    def in_place(self) -> bool:
+        return len(self.pieces) == 1 and self.pieces[0].length == self.length
+
+
+def _reads(plans: Sequence[_Tensor], options: StreamOptions) -> list[_Read]:
+    pieces: list[_Piece] = []
+    for tensor in plans:
+        dest = 0
+        for offset, length in tensor.plan.ranges:
+            for start in range(0, length, options.chunk_bytes):
+                size = min(options.chunk_bytes, length - start)
+                pieces.append(_Piece(tensor, offset + start, size, dest + start))
+            dest += length
+    reads: list[_Read] = []
+    for piece in pieces:
+        last = reads[-1] if reads else None
+        small = piece.length < options.coalesce_bytes
+        if (
+            last is not None
+            and small
+            and last.path == piece.tensor.plan.path
+            and all(p.length < options.coalesce_bytes for p in last.pieces)
+            and 0 <= piece.file_offset - (last.offset + last.length) <= options.merge_gap_bytes
+            and piece.file_offset + piece.length - last.offset <= options.chunk_bytes
+        ):
+            last.length = piece.file_offset + piece.length - last.offset
+            last.pieces.append(piece)
+        else:
+            reads.append(_Read(piece.tensor.plan.path, piece.file_offset, piece.length, [piece]))
+    return reads
+
+
+class Streamer:
+    """Iterate to get ``(name, tensor)`` pairs as they complete (on ``device``)."""
+
+    def __init__(
+        self,
+        source: Source,
+        plans: Sequence[TensorPlan],
+        options: StreamOptions | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        on_progress: Callable[[Progress], None] | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self.source = source
+        self.options = options or StreamOptions()
+        self.device = torch.device(device)
+        ordered = order_plans(plans, self.options.order, self.options.priority)
+        self._tensors = [_Tensor(plan, plan.nbytes) for plan in ordered]
+        self._reads = _reads(self._tensors, self.options)
+        self._on_progress = on_progress
+        self._limiter = limiter or RateLimiter(self.options.rate_bytes_per_s)
+        self._bytes_total = sum(t.remaining for t in self._tensors)
+        self._bytes_done = 0
+        self._done = 0
+        self._held = 0
+        self._peak_held = 0
+        self._start = 0.0
+        self._first: float | None = None
+        self._elapsed = 0.0
+
+    def statistics(self) -> StreamStatistics:
+        return StreamStatistics(
+            bytes_read=self._bytes_done,
+            num_reads=len(self._reads),
+            tensors=self._done,
+            elapsed_s=self._elapsed,
+            first_tensor_s=self._first,
+            peak_held_bytes=self._peak_held,
+        )
+
+    def load_into(self, state: dict[str, torch.Tensor]) -> StreamStatistics:
+        """Copy every tensor into ``state[name]`` (which must have its shape), or add it."""
+        for name, tensor in self:
+            target = state.get(name)
+            if target is None:
+                state[name] = tensor
+            elif tuple(target.shape) != tuple(tensor.shape):
+                raise LoaderError(
+                    f"{name}: the destination has shape {tuple(target.shape)}, "
+                    f"the checkpoint {tuple(tensor.shape)}"
+                )
+            else:
+                with torch.no_grad():
+                    target.copy_(tensor)
+        return self.statistics()
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        self._start = time.monotonic()
+        pending = deque(self._reads)
+        inflight: dict[Future[None], _Read] = {}
+        scratch_held: dict[Future[None], int] = {}
+        pool = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="shoal-load")
+        try:
+            for tensor in self._tensors:
+                if tensor.remaining == 0:  # empty tensors complete at once
+                    yield self._finish(tensor)
+            while pending or inflight:
+                while pending and len(inflight) < self.options.concurrency:
+                    read = pending[0]
+                    need = self._new_bytes(read)
+                    if need and self._held and self._held + need > self.options.max_inflight_bytes:
+                        break  # wait for tensors to be handed out
+                    pending.popleft()
+                    self._allocate(read)
+                    buffer = None
+                    if not read.in_place:
+                        buffer = bytearray(read.length)
+                    future = pool.submit(self._read, read, buffer)
+                    inflight[future] = read
+                    if buffer is not None:
+                        scratch_held[future] = read.length
+                        self._hold(read.length)
+                if not inflight:
+                    continue
+                finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    read = inflight.pop(future)
+                    self._held -= scratch_held.pop(future, 0)
+                    future.result()  # raises the source's error
+                    for piece in read.pieces:
+                        piece.tensor.remaining -= piece.length
+                        self._bytes_done += piece.length
+                        if piece.tensor.remaining == 0:
+                            yield self._finish(piece.tensor)
+                if self._on_progress is not None:
+                    self._on_progress(self._progress())
+        finally:
+            for future in inflight:
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._elapsed = time.monotonic() - self._start
+
+    # -- internals --------------------------------------------------------------------
+
+    def _progress(self) -> Progress:
+        return Progress(
+            self._bytes_done, self._bytes_total, self._done, len(self._tensors),
+            time.monotonic() - self._start,
+        )  # fmt: skip
+
+    def _hold(self, nbytes: int) -> None:
+        self._held += nbytes
+        self._peak_held = max(self._peak_held, self._held)
+
+    def _new_bytes(self, read: _Read) -> int:
+        fresh = {id(p.tensor): p.tensor.plan.nbytes for p in read.pieces if p.tensor.data is None}
+        return sum(fresh.values()) + (0 if read.in_place else read.length)
+
+    def _allocate(self, read: _Read) -> None:
+        for piece in read.pieces:
+            tensor = piece.tensor
+            if tensor.data is None:
+                tensor.data = torch.empty(tensor.plan.nbytes, dtype=torch.uint8)
+                tensor.view = memoryview(tensor.data.numpy())  # type: ignore[arg-type]
+                self._hold(tensor.plan.nbytes)
+
+    def _read(self, read: _Read, scratch: bytearray | None) -> None:
+        self._limiter.acquire(read.length)
+        if scratch is None:
+            piece = read.pieces[0]
+            assert piece.tensor.view is not None
+            target = piece.tensor.view[piece.dest_offset : piece.dest_offset + piece.length]
+            self.source.read_into(read.path, read.offset, target)
+            return
+        view = memoryview(scratch)
+        self.source.read_into(read.path, read.offset, view)
+        for piece in read.pieces:
+            assert piece.tensor.view is not None
+            start = piece.file_offset - read.offset
+            piece.tensor.view[piece.dest_offset : piece.dest_offset + piece.length] = view[
+                start : start + piece.length
+            ]
+
+    def _finish(self, tensor: _Tensor) -> tuple[str, torch.Tensor]:
+        plan = tensor.plan
+        data = tensor.data if tensor.data is not None else torch.empty(0, dtype=torch.uint8)
+        digest = self.options.digests.get(plan.name)
+        if digest is not None:
+            algorithm, _, expected = digest.partition(":")
+            try:
+                hasher = hashlib.new(algorithm)
+            except ValueError:
+                raise IntegrityError(
+                    f"{plan.name}: unknown digest algorithm {algorithm!r}"
+                ) from None
+            hasher.update(memoryview(data.numpy()))  # type: ignore[arg-type]
+            actual = hasher.hexdigest()
+            if actual != expected:
+                raise IntegrityError(f"{plan.name}: {algorithm} {actual} != published {expected}")
+        out = data.view(plan.dtype).view(plan.shape)
+        if self.device.type != "cpu":
+            out = out.to(self.device)
+        tensor.data = None
+        tensor.view = None
+        self._held -= plan.nbytes
+        self._done += 1
+        if self._first is None:
+            self._first = time.monotonic() - self._start
+        return plan.name, out
