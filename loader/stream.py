@@ -230,7 +230,11 @@ class Streamer:
         device: str | torch.device = "cpu",
         on_progress: Callable[[Progress], None] | None = None,
         limiter: RateLimiter | None = None,
+        allocate: Callable[[TensorPlan], torch.Tensor] | None = None,
     ) -> None:
+        """``allocate(plan)`` returns the uint8 tensor of ``plan.nbytes`` a tensor's bytes
+        land in (default: a new CPU tensor); a sidecar passes views of its shared memory.
+        Memory it returns counts against the in-flight bound like the default's."""
         self.source = source
         self.options = options or StreamOptions()
         self.device = torch.device(device)
@@ -238,6 +242,9 @@ class Streamer:
         self._tensors = [_Tensor(plan, plan.nbytes) for plan in ordered]
         self._reads = _reads(self._tensors, self.options)
         self._on_progress = on_progress
+        self._allocate_tensor = allocate or (
+            lambda plan: torch.empty(plan.nbytes, dtype=torch.uint8)
+        )
         self._limiter = limiter or RateLimiter(self.options.rate_bytes_per_s)
         self._bytes_total = sum(t.remaining for t in self._tensors)
         self._bytes_done = 0
@@ -340,7 +347,10 @@ class Streamer:
         for piece in read.pieces:
             tensor = piece.tensor
             if tensor.data is None:
-                tensor.data = torch.empty(tensor.plan.nbytes, dtype=torch.uint8)
+                tensor.data = self._allocate_tensor(tensor.plan)
+                assert (
+                    tensor.data.dtype == torch.uint8 and tensor.data.numel() == tensor.plan.nbytes
+                ), f"allocate() must return {tensor.plan.nbytes} uint8 elements"
                 tensor.view = memoryview(tensor.data.numpy())  # type: ignore[arg-type]
                 self._hold(tensor.plan.nbytes)
 
