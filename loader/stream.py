@@ -46,6 +46,7 @@ import torch
 from loader.errors import IntegrityError, LoaderError
 from loader.plan import TensorPlan
 from loader.sources.base import Source
+from loader.staging import StagingRing
 
 __all__ = [
     "Progress",
@@ -231,10 +232,15 @@ class Streamer:
         on_progress: Callable[[Progress], None] | None = None,
         limiter: RateLimiter | None = None,
         allocate: Callable[[TensorPlan], torch.Tensor] | None = None,
+        staging: bool | None = None,
     ) -> None:
         """``allocate(plan)`` returns the uint8 tensor of ``plan.nbytes`` a tensor's bytes
         land in (default: a new CPU tensor); a sidecar passes views of its shared memory.
-        Memory it returns counts against the in-flight bound like the default's."""
+        Memory it returns counts against the in-flight bound like the default's.
+
+        ``staging`` (default: whenever ``device`` is not the CPU) reads through a
+        ``StagingRing`` of ``max_inflight_bytes`` (pinned on CUDA) and copies each slot into
+        tensors allocated on the device, overlapping the copies with the next reads."""
         self.source = source
         self.options = options or StreamOptions()
         self.device = torch.device(device)
@@ -242,6 +248,13 @@ class Streamer:
         self._tensors = [_Tensor(plan, plan.nbytes) for plan in ordered]
         self._reads = _reads(self._tensors, self.options)
         self._on_progress = on_progress
+        staged = self.device.type != "cpu" if staging is None else staging
+        self._ring: StagingRing | None = None
+        if staged:
+            slot = self.options.chunk_bytes
+            self._ring = StagingRing(
+                self.device, max(1, self.options.max_inflight_bytes // slot), slot
+            )
         self._allocate_tensor = allocate or (
             lambda plan: torch.empty(plan.nbytes, dtype=torch.uint8)
         )
@@ -286,6 +299,9 @@ class Streamer:
         pending = deque(self._reads)
         inflight: dict[Future[None], _Read] = {}
         scratch_held: dict[Future[None], int] = {}
+        slots: dict[Future[None], int] = {}
+        if self._ring is not None:
+            self._hold(self._ring.nbytes)  # the ring is the load's host memory
         pool = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="shoal-load")
         try:
             for tensor in self._tensors:
@@ -294,6 +310,19 @@ class Streamer:
             while pending or inflight:
                 while pending and len(inflight) < self.options.concurrency:
                     read = pending[0]
+                    ring = self._ring
+                    if ring is not None:
+                        slot = ring.try_acquire()
+                        if slot is None and inflight:
+                            break  # a slot frees up when a read completes and is copied
+                        if slot is None:
+                            slot = ring.wait_for_slot()
+                        pending.popleft()
+                        self._allocate(read)
+                        future = pool.submit(self._read_into, read, ring.view(slot, read.length))
+                        inflight[future] = read
+                        slots[future] = slot
+                        continue
                     need = self._new_bytes(read)
                     if need and self._held and self._held + need > self.options.max_inflight_bytes:
                         break  # wait for tensors to be handed out
@@ -313,7 +342,18 @@ class Streamer:
                 for future in finished:
                     read = inflight.pop(future)
                     self._held -= scratch_held.pop(future, 0)
-                    future.result()  # raises the source's error
+                    slot = slots.pop(future, None)
+                    try:
+                        future.result()  # raises the source's error
+                    except BaseException:
+                        if slot is not None and self._ring is not None:
+                            self._ring.release(slot)
+                        raise
+                    if slot is not None and self._ring is not None:
+                        self._ring.copy_out(slot, [
+                            (p.tensor.data, p.dest_offset, p.file_offset - read.offset, p.length)
+                            for p in read.pieces if p.tensor.data is not None
+                        ])  # fmt: skip
                     for piece in read.pieces:
                         piece.tensor.remaining -= piece.length
                         self._bytes_done += piece.length
@@ -325,6 +365,8 @@ class Streamer:
             for future in inflight:
                 future.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+            if self._ring is not None:
+                self._ring.drain()
             self._elapsed = time.monotonic() - self._start
 
     # -- internals --------------------------------------------------------------------
@@ -346,13 +388,19 @@ class Streamer:
     def _allocate(self, read: _Read) -> None:
         for piece in read.pieces:
             tensor = piece.tensor
-            if tensor.data is None:
+            if tensor.data is None and self._ring is not None:
+                tensor.data = torch.empty(tensor.plan.nbytes, dtype=torch.uint8, device=self.device)
+            elif tensor.data is None:
                 tensor.data = self._allocate_tensor(tensor.plan)
                 assert (
                     tensor.data.dtype == torch.uint8 and tensor.data.numel() == tensor.plan.nbytes
                 ), f"allocate() must return {tensor.plan.nbytes} uint8 elements"
                 tensor.view = memoryview(tensor.data.numpy())  # type: ignore[arg-type]
                 self._hold(tensor.plan.nbytes)
+
+    def _read_into(self, read: _Read, buffer: memoryview) -> None:
+        self._limiter.acquire(read.length)
+        self.source.read_into(read.path, read.offset, buffer)
 
     def _read(self, read: _Read, scratch: bytearray | None) -> None:
         self._limiter.acquire(read.length)
@@ -383,16 +431,20 @@ class Streamer:
                 raise IntegrityError(
                     f"{plan.name}: unknown digest algorithm {algorithm!r}"
                 ) from None
-            hasher.update(memoryview(data.numpy()))  # type: ignore[arg-type]
+            host = data if data.device.type == "cpu" else data.cpu()
+            hasher.update(memoryview(host.numpy()))  # type: ignore[arg-type]
             actual = hasher.hexdigest()
             if actual != expected:
                 raise IntegrityError(f"{plan.name}: {algorithm} {actual} != published {expected}")
         out = data.view(plan.dtype).view(plan.shape)
-        if self.device.type != "cpu":
+        if self._ring is not None:
+            self._ring.publish()  # the caller's stream waits for this tensor's copies
+        elif self.device.type != "cpu":
             out = out.to(self.device)
+        if tensor.view is not None or self._ring is None:
+            self._held -= plan.nbytes
         tensor.data = None
         tensor.view = None
-        self._held -= plan.nbytes
         self._done += 1
         if self._first is None:
             self._first = time.monotonic() - self._start

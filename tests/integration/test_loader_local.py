@@ -114,6 +114,19 @@ def test_a_sharded_checkpoint_loads_bit_identically(
     assert stats.tensors == len(loaded) and stats.first_tensor_s is not None
 
 
+@pytest.mark.parametrize(("slots", "chunk"), [(1, 4096), (2, 1000), (8, 64 << 10)])
+def test_a_staged_load_through_a_small_ring_is_bit_identical(
+    tmp_path: Path, slots: int, chunk: int
+) -> None:
+    """The device path's ring mechanics, with CPU memory standing in for the device."""
+    folder = write_sharded(tmp_path / "ckpt", llama_like(), shards=2)
+    source = LocalSource(folder)
+    options = StreamOptions(chunk_bytes=chunk, max_inflight_bytes=slots * chunk, concurrency=4)
+    streamer = Streamer(source, open_checkpoint(source).plan(), options, staging=True)
+    assert_same(dict(streamer), reference(folder))
+    assert streamer.statistics().peak_held_bytes == slots * chunk  # the ring, nothing else
+
+
 def test_a_single_file_and_a_file_uri_load_too(tmp_path: Path) -> None:
     tensors = llama_like(layers=1)
     path = tmp_path / "model.safetensors"
