@@ -37,6 +37,7 @@ def register(subparsers: Any) -> None:
     load.add_argument("--digests", help="JSON file: {tensor name: 'sha256:<hex>'}")
     load.add_argument("--direct", action="store_true", help="O_DIRECT reads (local files)")
     load.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (or AWS_ENDPOINT_URL)")
+    load.add_argument("--cache-dir", help="write remote checkpoints through to this local cache")
     load.add_argument("--json", action="store_true", help="print one JSON summary for scripts")
     load.set_defaults(func=_load)
 
@@ -68,6 +69,8 @@ def _load(args: argparse.Namespace) -> int:
         source_options["direct"] = True
     if args.s3_endpoint:
         source_options["endpoint_url"] = args.s3_endpoint
+    if args.cache_dir:
+        source_options["cache_dir"] = args.cache_dir
     try:
         source, file = open_source(args.source, **source_options)
         try:

@@ -8,7 +8,7 @@ function is idempotent, as vLLM may call it more than once.
 ``MODEL`` (or ``--model-weights``) is any loader URI: a local folder, ``s3://bucket/prefix``
 or ``http(s)://host/prefix``. ``--model-loader-extra-config`` keys (all optional):
 ``concurrency``, ``chunk_bytes``, ``max_inflight_bytes``, ``rate_bytes_per_s``, ``order``
-(file | layers), ``s3_endpoint``, ``direct``.
+(file | layers), ``s3_endpoint``, ``direct``, ``cache_dir`` (write-through disk cache).
 
 vLLM's model classes shard weights themselves (each parameter's ``weight_loader`` slices the
 full checkpoint tensor for its tensor-parallel rank), so this loader streams whole tensors;
@@ -37,7 +37,7 @@ __all__ = ["LOAD_FORMAT", "ShoalModelLoader", "register"]
 
 LOAD_FORMAT = "shoal"
 _OPTION_KEYS = {"concurrency", "chunk_bytes", "max_inflight_bytes", "rate_bytes_per_s", "order"}
-_SOURCE_KEYS = {"s3_endpoint", "direct"}
+_SOURCE_KEYS = {"s3_endpoint", "direct", "cache_dir"}
 
 
 class ShoalModelLoader(BaseModelLoader):
@@ -56,6 +56,8 @@ class ShoalModelLoader(BaseModelLoader):
             self.source_options["endpoint_url"] = str(extra["s3_endpoint"])
         if extra.get("direct"):
             self.source_options["direct"] = bool(extra["direct"])
+        if extra.get("cache_dir"):
+            self.source_options["cache_dir"] = str(extra["cache_dir"])
 
     def _uri(self, model_config: ModelConfig) -> str:
         return str(getattr(model_config, "model_weights", None) or model_config.model)

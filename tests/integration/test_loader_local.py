@@ -244,3 +244,56 @@ def test_a_direct_io_source_reads_the_same_bytes(tmp_path: Path) -> None:
     source = LocalSource(folder, direct=True)  # falls back to buffered where unsupported
     loaded = dict(Streamer(source, open_checkpoint(source).plan(), StreamOptions(chunk_bytes=5000)))
     assert_same(loaded, reference(folder))
+
+
+class _Counting:
+    """A source that counts the reads reaching it (stands in for S3 or HTTP)."""
+
+    def __init__(self, inner: LocalSource) -> None:
+        self.inner = inner
+        self.uri = "counting+" + inner.uri
+        self.reads = 0
+
+    def stat(self, path: str) -> object:
+        return self.inner.stat(path)
+
+    def list(self) -> list[object]:
+        return self.inner.list()  # type: ignore[return-value]
+
+    def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
+        self.reads += 1
+        self.inner.read_into(path, offset, buffer)
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_disk_cache_serves_the_next_load_until_the_object_changes(tmp_path: Path) -> None:
+    from loader.sources.cache import CachedSource
+
+    folder = write_sharded(tmp_path / "remote", llama_like(), shards=2)
+    expected = reference(folder)
+
+    def load(tp: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], _Counting]:
+        remote = _Counting(LocalSource(folder))
+        source = CachedSource(remote, tmp_path / "cache")  # type: ignore[arg-type]
+        checkpoint = open_checkpoint(source)
+        plans = checkpoint.plan(tp_slice_rule(*tp) if tp else None)
+        loaded = dict(Streamer(source, plans, StreamOptions(chunk_bytes=8192)))
+        source.close()
+        return loaded, remote
+
+    _, remote = load((0, 2))  # a partial read of the shards: nothing is published
+    assert remote.reads > 0 and not list((tmp_path / "cache").glob("*/*.safetensors"))
+    first, remote = load()
+    assert_same(first, expected)
+    assert remote.reads > 0 and len(list((tmp_path / "cache").glob("*/*.safetensors"))) == 2
+    second, remote = load()
+    assert_same(second, expected)
+    assert remote.reads == 0  # every byte came from the local copy
+    # The object changes at the source: its identity changes and it is fetched again.
+    changed = llama_like(seed=7)
+    write_sharded(folder, changed, shards=2)
+    third, remote = load()
+    assert_same(third, reference(folder))
+    assert remote.reads > 0
