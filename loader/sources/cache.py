@@ -30,6 +30,8 @@ __all__ = ["CachedSource"]
 
 log = logging.getLogger("shoal.loader.cache")
 
+_Ranges = list[tuple[int, int]]  # (the class below has a method named list)
+
 
 class _Part:
     """Byte ranges of one file written so far (merged intervals)."""
@@ -160,7 +162,7 @@ class CachedSource:
                 self._parts[path] = part
             return None if part.failed else part
 
-    def _load_ranges(self, path: str) -> list[tuple[int, int]]:
+    def _load_ranges(self, path: str) -> _Ranges:
         try:
             text = (self.dir / f"{path}.part.ranges").read_text()
             return [(int(a), int(b)) for a, b in (line.split() for line in text.splitlines())]

@@ -62,7 +62,11 @@ def test_load_format_shoal_resolves_and_streams_every_weight(tmp_path: Path) -> 
     register()
     register()  # vLLM may run plugins more than once
     config = LoadConfig(
-        load_format="shoal", model_loader_extra_config={"order": "layers", "concurrency": 4}
+        load_format="shoal",
+        model_loader_extra_config={
+            "order": "layers",
+            "concurrency": 1,
+        },  # completion order = issue order
     )
     loader = get_model_loader(config)
     assert isinstance(loader, ShoalModelLoader)
