@@ -19,6 +19,7 @@ __all__ = ["main"]
 def build_parser() -> argparse.ArgumentParser:
     from kvcache.cli import register as register_cache
     from loader.cli import register as register_load
+    from loader.sidecar.cli import register as register_loader
 
     parser = argparse.ArgumentParser(prog="shoal", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"shoal {__version__}")
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     components = parser.add_subparsers(dest="component", required=True, metavar="COMPONENT")
     register_cache(components)
     register_load(components)
+    register_loader(components)
     return parser
 
 

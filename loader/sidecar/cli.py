@@ -1,0 +1,190 @@
+"""``shoal loader ...``: run the loader sidecar and operate it.
+
+::
+
+    serve      run the sidecar in the foreground
+    prefetch   stage a checkpoint in the sidecar's shared memory (progress on stderr)
+    list       staged checkpoints: id, state, size, age, URI
+    evict      unlink a staged checkpoint's segment and forget it
+    health     serving, staged bytes, capacity
+
+Every verb but ``serve`` talks to the sidecar that ``--name``/``--runtime-dir``/``--listen``
+(or ``--config``) name, as ``serve`` does; ``--tls-ca`` verifies a TCP sidecar.
+
+Exit codes: 0 success; 1 the sidecar refused (not found, capacity, bad checkpoint, ...);
+2 bad usage or configuration; 3 the sidecar, or the source behind it, is unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shoal.config import add_flags, load_config
+from shoal.logs import setup_logging
+
+__all__ = ["register"]
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+
+
+def register(subparsers: Any) -> None:
+    from loader.sidecar.config import LoaderConfig
+
+    group = subparsers.add_parser(
+        "loader",
+        help="the loader sidecar: stage checkpoints in shared memory for engines",
+        description="Run the loader sidecar (gRPC) and operate it.",
+    )
+    verbs = group.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help: str, func: Callable[[argparse.Namespace], int]) -> Any:
+        parser = verbs.add_parser(name, help=help, description=help)
+        parser.set_defaults(func=func)
+        if name != "serve":
+            parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return parser
+
+    serve = verb("serve", "run the loader sidecar in the foreground", _serve)
+    prefetch = verb("prefetch", "stage a checkpoint in the sidecar's shared memory", _prefetch)
+    prefetch.add_argument("uri", help="absolute path, file://, s3://bucket/prefix or http(s)://")
+    prefetch.add_argument("--tp-rank", type=int, default=0, help="tensor-parallel rank")
+    prefetch.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size")
+    prefetch.add_argument("--order", choices=["file", "layers"], default="file")
+    prefetch.add_argument("--rate", default="0", help="at most this many bytes/s (0: sidecar's)")
+    listing = verb("list", "staged checkpoints of a running sidecar", _list)
+    evict = verb("evict", "unlink a staged checkpoint and forget it", _evict)
+    evict.add_argument("checkpoint_id", metavar="ID", help="checkpoint id (see `list`)")
+    health = verb("health", "is the sidecar serving; staged bytes and capacity", _health)
+    for parser in (serve, prefetch, listing, evict, health):
+        add_flags(parser, LoaderConfig, "loader")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from loader.sidecar.config import LoaderConfig
+
+    return load_config(LoaderConfig, "loader", flags=args)
+
+
+def _command(fn: Callable[[argparse.Namespace, Any], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a verb with a client; map the loader's errors to a message and an exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        from loader.errors import LoaderError, SidecarUnavailable, SourceUnavailable
+        from loader.sidecar.client import SidecarClient
+
+        config = _config(args)
+        try:
+            with SidecarClient(
+                config.target, tls_ca=config.tls_ca or None, timeout_s=config.timeout_s
+            ) as client:
+                return fn(args, client)
+        except (SidecarUnavailable, SourceUnavailable) as exc:
+            message, code = str(exc), EXIT_UNREACHABLE
+            if isinstance(exc, SidecarUnavailable):
+                message += "; is `shoal loader serve` running (same --name/--listen)?"
+        except ValueError as exc:
+            message, code = str(exc), EXIT_USAGE
+        except LoaderError as exc:
+            message, code = f"refused: {exc}", EXIT_FAILED
+        print(f"shoal loader {args.verb}: {message}", file=sys.stderr)
+        return code
+
+    run.__name__ = fn.__name__
+    return run
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from loader.errors import LoaderError
+    from loader.sidecar.server import SidecarServer
+
+    config = _config(args)
+    setup_logging(config.log_level, config.log_format)
+    try:
+        server = SidecarServer(config)
+    except (LoaderError, OSError) as exc:
+        print(f"shoal loader serve: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    server.serve_forever()
+    return 0
+
+
+@_command
+def _prefetch(args: argparse.Namespace, client: Any) -> int:
+    from shoal.config import parse_size
+
+    rate = float(parse_size(args.rate.removesuffix("/s")))
+    last = [0.0]
+
+    def progress(p: Any) -> None:
+        now = time.monotonic()
+        if not args.json and now - last[0] >= 0.5:
+            last[0] = now
+            gbps = p.bytes_done / p.elapsed_s / 1e9 if p.elapsed_s > 0 else 0.0
+            print(f"{p.bytes_done}/{p.bytes_total} bytes, {p.tensors_done}/{p.tensors_total} "
+                  f"tensors, {gbps:.2f} GB/s", file=sys.stderr, flush=True)  # fmt: skip
+
+    result = client.prefetch(
+        args.uri, tp_rank=args.tp_rank, tp_size=args.tp_size, order=args.order,
+        rate_bytes_per_s=rate, on_progress=None if args.json else progress,
+    )  # fmt: skip
+    table = result.table
+    summary = {
+        "checkpoint_id": table.checkpoint_id, "origin": result.origin,
+        "segment": table.segment_path, "bytes": table.segment_bytes,
+        "tensors": len(table.tensors), "staging_s": round(table.staging_s, 4),
+    }  # fmt: skip
+    print(json.dumps(summary) if args.json else _pairs(summary))
+    return 0
+
+
+@_command
+def _list(args: argparse.Namespace, client: Any) -> int:
+    rows = [
+        {
+            "checkpoint_id": i.checkpoint_id,
+            "state": i.state,
+            "bytes": i.bytes,
+            "bytes_done": i.bytes_done,
+            "age_s": round(i.age_s, 3),
+            "loads": i.num_loads,
+            "tp": f"{i.tp_rank}/{i.tp_size}",
+            "uri": i.uri,
+        }
+        for i in client.list()
+    ]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    header = ["ID", "STATE", "BYTES", "AGE_S", "LOADS", "TP", "URI"]
+    cells = [[r["checkpoint_id"], r["state"], str(r["bytes"]), f"{r['age_s']:.1f}",
+              str(r["loads"]), r["tp"], r["uri"]] for r in rows]  # fmt: skip
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    for line in [header, *cells]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    return 0
+
+
+@_command
+def _evict(args: argparse.Namespace, client: Any) -> int:
+    freed = client.evict(args.checkpoint_id)
+    result = {"checkpoint_id": args.checkpoint_id, "bytes_freed": freed}
+    print(json.dumps(result) if args.json else _pairs(result))
+    return 0
+
+
+@_command
+def _health(args: argparse.Namespace, client: Any) -> int:
+    health = client.health()
+    result = {f: getattr(health, f) for f in health.__dataclass_fields__}
+    print(json.dumps(result) if args.json else _pairs(result))
+    return 0 if health.serving else EXIT_FAILED
+
+
+def _pairs(values: dict[str, Any]) -> str:
+    width = max(len(k) for k in values)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in values.items())

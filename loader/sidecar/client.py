@@ -1,0 +1,312 @@
+"""The engine's side of the sidecar: ask it to stage a checkpoint, then map the staged
+tensors straight from shared memory.
+
+``SidecarClient.load(uri)`` streams the sidecar's progress, receives the tensor table and
+maps the segment:
+
+1. The file is opened read-only and mapped ``MAP_PRIVATE`` (copy-on-write): reading costs
+   no copy (the pages are the sidecar's tmpfs pages), and an engine that writes into a
+   tensor gets a private page instead of corrupting what other engines map. Rejected:
+   ``MAP_SHARED`` read-write (one buggy engine could change every engine's weights) and
+   read-only mappings (``torch.frombuffer`` warns on them, and in-place ops would crash).
+2. The segment's header token must equal the one in the reply (``staging`` point 3).
+3. Tensors are ``torch.frombuffer`` views of the mapping: zero-copy on the host; they keep
+   the mapping alive, so an ``Evict`` (which only unlinks the name) never invalidates them.
+4. With ``device="cuda..."`` each tensor is copied to the GPU. The mapping is first
+   page-locked in place (``cudaHostRegister``, read-only where the driver supports it) so
+   the copies are DMA from the shared pages with ``non_blocking=True``, no pinned bounce
+   copy; if registering fails, ``to(device)`` from pageable memory (CUDA stages it).
+
+Every ``grpc.RpcError`` is translated once, here, into the loader error the sidecar raised
+(``loader.sidecar.status``); a sidecar that cannot be reached is ``SidecarUnavailable``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from loader.errors import LoaderError
+from loader.sidecar._proto import loader_pb2 as pb
+from loader.sidecar._proto import loader_pb2_grpc as pb_grpc
+from loader.sidecar.segment import (
+    StagedTable,
+    StagedTensor,
+    StageSpec,
+    StagingInfo,
+    read_segment_header,
+)
+from loader.sidecar.status import error_from_rpc
+
+if TYPE_CHECKING:  # torch only where tensors are made: `shoal loader list` starts fast
+    import torch
+
+    from loader.stream import Progress
+
+__all__ = ["LoadedCheckpoint", "SidecarClient", "SidecarHealth", "StageResult"]
+
+log = logging.getLogger(__name__)
+
+_ORIGINS = {pb.ORIGIN_STAGED: "staged", pb.ORIGIN_JOINED: "joined", pb.ORIGIN_CACHED: "cached"}
+_STATES = {pb.STATE_STAGING: "staging", pb.STATE_READY: "ready"}
+_CUDA_HOST_REGISTER_READ_ONLY = 0x08
+
+
+@dataclass(frozen=True, slots=True)
+class StageResult:
+    table: StagedTable
+    origin: str  # "staged" (this call staged it), "joined" or "cached"
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarHealth:
+    serving: bool
+    staged_bytes: int
+    staging_bytes: int
+    capacity_bytes: int
+    num_checkpoints: int
+    num_stagings: int
+    version: str
+    pid: int
+
+
+class LoadedCheckpoint:
+    """A staged checkpoint mapped into this process. ``tensors`` are zero-copy views of the
+    mapping (or device copies); ``close()`` drops this object's references."""
+
+    def __init__(self, result: StageResult, device: str | torch.device = "cpu") -> None:
+        import torch
+
+        self.table = result.table
+        self.origin = result.origin
+        self._mapping = _map_segment(self.table)
+        self._bytes: torch.Tensor | None = torch.frombuffer(self._mapping, dtype=torch.uint8)
+        host = {t.name: _view(self._bytes, t) for t in self.table.tensors}
+        self.host_tensors: dict[str, torch.Tensor] = host
+        target = torch.device(device)
+        self.tensors = host if target.type == "cpu" else _to_device(host, self._bytes, target)
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self.table.checkpoint_id
+
+    @property
+    def address_range(self) -> tuple[int, int]:
+        """[start, end) of the mapping in this process (tensors on the host lie inside)."""
+        assert self._bytes is not None, "closed"
+        start = self._bytes.data_ptr()
+        return start, start + self.table.segment_bytes
+
+    def close(self) -> None:
+        self.tensors = {}
+        self.host_tensors = {}
+        self._bytes = None
+        with contextlib.suppress(BufferError):  # tensors still held keep the mapping alive
+            self._mapping.close()
+
+    def __enter__(self) -> LoadedCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _map_segment(table: StagedTable) -> mmap.mmap:
+    path = table.segment_path
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise LoaderError(f"cannot open staged segment {path}: {exc.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != table.segment_bytes:
+            raise LoaderError(f"{path}: {size} bytes, the sidecar announced {table.segment_bytes}")
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    try:
+        _, token = read_segment_header(mapping[:64])
+    except ValueError as exc:
+        mapping.close()
+        raise LoaderError(f"{path}: {exc}") from None
+    if token != table.token:
+        mapping.close()
+        raise LoaderError(f"{path} was re-staged since the sidecar answered; load again")
+    return mapping
+
+
+def _view(data: torch.Tensor, entry: StagedTensor) -> torch.Tensor:
+    import torch
+
+    from loader.plan import DTYPES
+
+    dtype = DTYPES.get(entry.dtype)
+    if dtype is None:
+        raise LoaderError(f"{entry.name}: the sidecar sent unknown dtype {entry.dtype!r}")
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    return data[entry.offset : entry.offset + entry.nbytes].view(dtype).view(entry.shape)
+
+
+def _to_device(
+    host: Mapping[str, torch.Tensor], data: torch.Tensor, device: torch.device
+) -> dict[str, torch.Tensor]:
+    import torch
+
+    registered = False
+    if device.type == "cuda":
+        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+        for flags in (_CUDA_HOST_REGISTER_READ_ONLY, 0):
+            if int(cudart.cudaHostRegister(data.data_ptr(), data.numel(), flags)) == 0:
+                registered = True
+                break
+        if not registered:
+            log.info("cannot page-lock the segment; copying from pageable memory")
+    try:
+        out = {name: t.to(device, non_blocking=registered) for name, t in host.items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        if registered:
+            torch.cuda.cudart().cudaHostUnregister(data.data_ptr())  # type: ignore[no-untyped-call]
+    return out
+
+
+class SidecarClient:
+    """Calls to one sidecar: ``target`` is ``unix:/path`` or ``host:port`` (with ``tls_ca``,
+    the PEM bundle that verifies the sidecar, for TLS)."""
+
+    def __init__(
+        self, target: str, *, tls_ca: str | bytes | None = None, timeout_s: float = 10.0
+    ) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        if tls_ca:
+            roots = tls_ca if isinstance(tls_ca, bytes) else Path(tls_ca).read_bytes()
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            self._channel = grpc.secure_channel(target, credentials)
+        else:
+            self._channel = grpc.insecure_channel(target)
+        self._stub = pb_grpc.LoaderStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> SidecarClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- staging --------------------------------------------------------------------------
+
+    def prefetch(
+        self, uri: str, *, on_progress: Callable[[Progress], None] | None = None, **spec: Any
+    ) -> StageResult:
+        """Stage ``uri`` in the sidecar (``spec``: tp_rank, tp_size, order,
+        rate_bytes_per_s, digests) and return its table without mapping it."""
+        return self._stage(self._stub.Prefetch, uri, spec, on_progress)
+
+    def load(
+        self,
+        uri: str,
+        *,
+        device: str | torch.device = "cpu",
+        on_progress: Callable[[Progress], None] | None = None,
+        **spec: Any,
+    ) -> LoadedCheckpoint:
+        """Stage ``uri`` if needed and map it: tensors zero-copy on the host, or copied to
+        ``device``."""
+        return LoadedCheckpoint(self._stage(self._stub.Load, uri, spec, on_progress), device)
+
+    def _stage(
+        self,
+        method: Any,
+        uri: str,
+        spec: Mapping[str, Any],
+        on_progress: Callable[[Progress], None] | None,
+    ) -> StageResult:
+        if "://" not in uri:
+            uri = os.path.abspath(uri)  # the sidecar does not share our working directory
+        checked = StageSpec(uri, **spec)  # bad arguments fail here, before any call
+        request = pb.StageRequest(
+            uri=checked.uri, tp_rank=checked.tp_rank, tp_size=checked.tp_size,
+            order=checked.order, rate_bytes_per_s=checked.rate_bytes_per_s,
+            digests=dict(checked.digests),
+        )  # fmt: skip
+        call = method(request)
+        try:
+            for event in self._events(call):
+                if event.HasField("progress") and on_progress is not None:
+                    from loader.stream import Progress
+
+                    p = event.progress
+                    on_progress(Progress(p.bytes_done, p.bytes_total, p.tensors_done,
+                                         p.tensors_total, p.elapsed_s))  # fmt: skip
+                elif event.HasField("staged"):
+                    return _result(event.staged)
+        except BaseException:
+            call.cancel()  # e.g. Ctrl-C: the sidecar stops staging if no one else waits
+            raise
+        raise LoaderError(f"loader sidecar at {self.target} ended the call without a table")
+
+    def _events(self, call: Any) -> Iterator[pb.StageEvent]:
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.target) from None
+
+    # -- inspection -----------------------------------------------------------------------
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.target) from None
+
+    def list(self) -> list[StagingInfo]:
+        reply = self._unary(self._stub.List, pb.ListRequest())
+        return [
+            StagingInfo(
+                c.checkpoint_id,
+                c.uri,
+                c.tp_rank,
+                c.tp_size,
+                c.bytes,
+                _STATES.get(c.state, "staging"),  # type: ignore[arg-type]
+                c.age_s,
+                c.bytes_done,
+                c.num_loads,
+            )
+            for c in reply.checkpoints
+        ]
+
+    def evict(self, checkpoint_id: str) -> int:
+        """Bytes freed; ``UnknownCheckpoint`` if there is no such checkpoint."""
+        return int(self._unary(self._stub.Evict, pb.EvictRequest(checkpoint_id=checkpoint_id))
+                   .bytes_freed)  # fmt: skip
+
+    def health(self) -> SidecarHealth:
+        r = self._unary(self._stub.Health, pb.HealthRequest())
+        return SidecarHealth(
+            r.serving, r.staged_bytes, r.staging_bytes, r.capacity_bytes, r.num_checkpoints,
+            r.num_stagings, r.version, r.pid,
+        )  # fmt: skip
+
+
+def _result(staged: pb.Staged) -> StageResult:
+    table = StagedTable(
+        staged.checkpoint_id, staged.segment_path, staged.segment_bytes, bytes(staged.token),
+        tuple(StagedTensor(t.name, t.dtype, tuple(t.shape), t.offset, t.nbytes)
+              for t in staged.tensors),
+        staged.staging_s,
+    )  # fmt: skip
+    return StageResult(table, _ORIGINS.get(staged.origin, "staged"))

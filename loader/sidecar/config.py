@@ -1,0 +1,135 @@
+"""Settings of the loader sidecar (``shoal loader serve``) and of the commands that call it.
+
+One dataclass, read through ``shoal.config``: flags (``--capacity-bytes 32GiB``),
+environment (``SHOAL_LOADER_CAPACITY_BYTES=32GiB``) or the ``[loader]`` table of the TOML
+file named by ``--config`` / ``SHOAL_CONFIG``.
+
+Paths derive from ``name`` so several sidecars can share a machine (tests do): segments are
+``<shm_dir>/shoal-loader-<name>-<checkpoint id>`` and the default socket is
+``<runtime_dir>/shoal-loader-<name>.sock``. ``runtime_dir`` is created with mode 0700: a
+Unix socket's own mode is not a reliable guard, the directory's is.
+
+``listen`` picks the transport: empty (that socket), ``unix:/path``, or ``tcp://host:port``.
+TCP serves a controller warming a node from elsewhere (``Prefetch``, ``List``, ``Health``);
+mapping the staged tensors still needs the engine on the sidecar's host. TCP needs TLS
+(``tls_cert`` + ``tls_key``) unless the host is a loopback address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.config import setting
+
+__all__ = ["LoaderConfig", "default_runtime_dir"]
+
+
+def default_runtime_dir() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return str(Path(base) / f"shoal-{os.getuid()}")
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderConfig:
+    name: str = setting("default", "sidecar instance name; socket and segment paths derive from it")
+    shm_dir: str = setting("/dev/shm", "directory (tmpfs) holding the staged segments")
+    runtime_dir: str = setting(
+        "", "directory (mode 0700) for the socket; empty = $XDG_RUNTIME_DIR (or /tmp)/shoal-UID"
+    )
+    listen: str = setting(
+        "", "where to serve: empty = the Unix socket in runtime_dir, unix:/path or tcp://host:port"
+    )
+    tls_cert: str = setting("", "PEM certificate chain the sidecar presents over TCP")
+    tls_key: str = setting("", "PEM private key of tls_cert")
+    tls_ca: str = setting("", "clients: PEM CA bundle that verifies the sidecar's certificate")
+    capacity_bytes: int = setting(
+        8 << 30, "bound on staged plus staging bytes in shared memory", size=True
+    )
+    concurrency: int = setting(16, "reads in flight per staging")
+    chunk_bytes: int = setting(16 << 20, "largest single read", size=True)
+    rate_bytes_per_s: int = setting(
+        0, "bytes per second per staging (0: unlimited); a request may only ask for less",
+        size=True,
+    )  # fmt: skip
+    allow: str = setting(
+        "", "URI prefixes clients may stage from, comma-separated (local paths are resolved "
+        "first); empty = any the sidecar's user can read",
+    )  # fmt: skip
+    s3_endpoint: str = setting("", "S3-compatible endpoint URL for s3:// URIs")
+    workers: int = setting(32, "gRPC worker threads (each streaming call holds one)")
+    progress_interval_s: float = setting(0.1, "seconds between progress messages of a staging")
+    timeout_s: float = setting(10.0, "clients: seconds a List/Evict/Health call may take")
+    log_level: str = setting("info", "debug, info, warning or error")
+    log_format: str = setting("json", "json (structured) or text")
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name {self.name!r} must be non-empty and contain no '/'")
+        if self.capacity_bytes <= 0 or self.concurrency < 1 or self.chunk_bytes < 1:
+            raise ValueError("capacity_bytes, concurrency and chunk_bytes must be positive")
+        if self.workers < 2 or self.progress_interval_s <= 0 or self.timeout_s <= 0:
+            raise ValueError("workers must be >= 2; progress_interval_s, timeout_s positive")
+        if self.rate_bytes_per_s < 0:
+            raise ValueError("rate_bytes_per_s must be >= 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.listen.startswith("tcp://"):
+            host, port = self.tcp_address
+            if not 0 < port < 65536:
+                raise ValueError(f"listen {self.listen!r}: port must be 1..65535")
+            if not self.tls_cert and not _is_loopback(host):
+                raise ValueError(
+                    f"listen {self.listen!r} is reachable from other hosts: give --tls-cert "
+                    "and --tls-key, or listen on 127.0.0.1"
+                )
+        elif self.listen and not self.listen.startswith("unix:"):
+            raise ValueError(f"listen {self.listen!r} must be empty, unix:/path or tcp://host:port")
+
+    @property
+    def runtime_path(self) -> Path:
+        return Path(self.runtime_dir or default_runtime_dir())
+
+    @property
+    def socket_path(self) -> Path | None:
+        """The Unix socket served on (None over TCP)."""
+        if self.listen.startswith("tcp://"):
+            return None
+        if self.listen:
+            return Path(self.listen.removeprefix("unix:").removeprefix("//"))
+        return self.runtime_path / f"shoal-loader-{self.name}.sock"
+
+    @property
+    def tcp_address(self) -> tuple[str, int]:
+        rest = self.listen.removeprefix("tcp://")
+        host, sep, port = rest.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"listen {self.listen!r} must be tcp://host:port")
+        return host.strip("[]"), int(port)
+
+    @property
+    def target(self) -> str:
+        """The gRPC target clients dial."""
+        path = self.socket_path
+        if path is not None:
+            return f"unix:{path}"
+        host, port = self.tcp_address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def allowed_prefixes(self) -> list[str]:
+        return [p.strip() for p in self.allow.split(",") if p.strip()]
+
+    def segment_prefix(self) -> str:
+        return f"shoal-loader-{self.name}-"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

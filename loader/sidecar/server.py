@@ -1,0 +1,155 @@
+"""``shoal loader serve``: the sidecar process: one ``Stager`` behind one gRPC server.
+
+Startup, in order: create the runtime directory (0700); take an exclusive ``flock`` on
+``<runtime_dir>/shoal-loader-<name>.lock`` for the process's life (a second sidecar of
+the same name fails with a clear error; a lock, unlike a pid file, cannot be fooled by pid
+reuse); unlink segments a dead sidecar of this name left in ``shm_dir``; bind the Unix
+socket (replacing a stale one, which the lock proves is dead) or the TCP port, with TLS
+when a certificate is configured; log ``loader sidecar ready``.
+
+Shutdown (SIGTERM, SIGINT): stop taking calls, give calls in flight a short grace, cancel
+stagings, unlink every segment and the socket. Clients that mapped a segment keep their
+tensors (see ``staging``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from loader.errors import LoaderError
+from loader.sidecar._proto import loader_pb2_grpc as pb_grpc
+from loader.sidecar.config import LoaderConfig
+from loader.sidecar.service import LoaderService
+from loader.sidecar.staging import Stager
+from loader.sources.base import Source
+from loader.stream import StreamOptions
+
+__all__ = ["SidecarServer"]
+
+log = logging.getLogger(__name__)
+
+
+class SidecarServer:
+    def __init__(self, config: LoaderConfig) -> None:
+        self.config = config
+        runtime = config.runtime_path
+        runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(runtime, 0o700)
+        self._lock_fd = self._lock(runtime / f"shoal-loader-{config.name}.lock")
+        self._stopped = threading.Event()
+        try:
+            self.stager = Stager(
+                config.shm_dir, config.segment_prefix(), config.capacity_bytes,
+                open_source=self._open_source,
+                options=StreamOptions(concurrency=config.concurrency,
+                                      chunk_bytes=config.chunk_bytes),
+                rate_bytes_per_s=float(config.rate_bytes_per_s),
+                allow=config.allowed_prefixes,
+            )  # fmt: skip
+            stale = self.stager.remove_stale_segments()
+            if stale:
+                log.warning("removed segments a dead sidecar left", extra={"count": stale})
+            self._server = grpc.server(
+                ThreadPoolExecutor(config.workers, thread_name_prefix="shoal-rpc"),
+                options=[("grpc.so_reuseport", 0)],
+            )
+            pb_grpc.add_LoaderServicer_to_server(  # type: ignore[no-untyped-call]
+                LoaderService(self.stager, progress_interval_s=config.progress_interval_s),
+                self._server,
+            )
+            self.target = self._bind()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    @staticmethod
+    def _lock(path: Path) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LoaderError(
+                f"another loader sidecar holds {path}; stop it or choose another --name"
+            ) from None
+        return fd
+
+    def _open_source(self, uri: str) -> tuple[Source, str | None]:
+        from loader.sources import open_source
+
+        options: dict[str, Any] = {}
+        if uri.startswith("s3://") and self.config.s3_endpoint:
+            options["endpoint_url"] = self.config.s3_endpoint
+        return open_source(uri, **options)
+
+    def _bind(self) -> str:
+        config = self.config
+        socket_path = config.socket_path
+        if socket_path is not None:
+            socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            socket_path.unlink(missing_ok=True)  # stale: the lock proves no sidecar owns it
+            address = f"unix:{socket_path}"
+            port = self._add_port(address, None)
+        else:
+            host, wanted = config.tcp_address
+            address = f"[{host}]:{wanted}" if ":" in host else f"{host}:{wanted}"
+            credentials = None
+            if config.tls_cert:
+                try:
+                    key = Path(config.tls_key).read_bytes()
+                    chain = Path(config.tls_cert).read_bytes()
+                except OSError as exc:
+                    raise LoaderError(f"cannot read the TLS key or certificate: {exc}") from None
+                credentials = grpc.ssl_server_credentials([(key, chain)])
+            port = self._add_port(address, credentials)
+        if port == 0:
+            raise LoaderError(f"cannot listen on {address}")
+        return config.target
+
+    def _add_port(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        try:
+            if credentials is None:
+                return int(self._server.add_insecure_port(address))
+            return int(self._server.add_secure_port(address, credentials))
+        except RuntimeError as exc:
+            raise LoaderError(f"cannot listen on {address}: {exc}") from None
+
+    def start(self) -> None:
+        self._server.start()
+        log.info(
+            "loader sidecar ready",
+            extra={"target": self.target, "tls": bool(self.config.tls_cert),
+                   "capacity_bytes": self.config.capacity_bytes, "pid": os.getpid()},
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def serve_forever(self, *, handle_signals: bool = True) -> None:
+        if handle_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: self.stop())
+        self.start()
+        try:
+            self._stopped.wait()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._server.stop(grace=1.0).wait()
+        self.stager.close()
+        if self.config.socket_path is not None:
+            self.config.socket_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+        log.info("loader sidecar stopped")

@@ -1,0 +1,154 @@
+"""The gRPC face of the sidecar: requests in, ``Stager`` calls, replies and statuses out.
+
+Each streaming call (``Load``, ``Prefetch``) holds one worker thread while it waits: it
+takes a ``Ticket`` (starting, joining or reusing a staging), wakes every
+``progress_interval_s`` to send a ``Progress`` if the staging moved, and ends with the
+``Staged`` table or the staging's error as a status (``loader.sidecar.status``).
+
+A caller that disappears: gRPC cancels its call, which runs the callback registered with
+``context.add_callback`` (on *every* termination, so it is also the normal release) and
+makes ``context.is_active()`` false, which ends the wait loop. The ticket's release is
+idempotent; the last release of a staging that is not ready cancels it (``Stager``).
+"""
+
+# ruff: noqa: N802  (method names are the proto's RPC names)
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+import grpc
+
+from loader.errors import LoaderError
+from loader.sidecar._proto import loader_pb2 as pb
+from loader.sidecar._proto import loader_pb2_grpc as pb_grpc
+from loader.sidecar.segment import StagedTable, StageSpec
+from loader.sidecar.staging import Stager
+from loader.sidecar.status import ERROR_KEY, status_for
+from loader.stream import Progress
+from shoal import __version__
+
+__all__ = ["LoaderService", "progress_message", "spec_from", "staged_message"]
+
+log = logging.getLogger(__name__)
+
+_ORIGINS = {"staged": pb.ORIGIN_STAGED, "joined": pb.ORIGIN_JOINED, "cached": pb.ORIGIN_CACHED}
+_STATES = {"staging": pb.STATE_STAGING, "ready": pb.STATE_READY}
+
+
+def spec_from(request: pb.StageRequest) -> StageSpec:
+    return StageSpec(
+        uri=request.uri, tp_rank=request.tp_rank, tp_size=max(request.tp_size, 1),
+        order=request.order or "file", rate_bytes_per_s=request.rate_bytes_per_s,
+        digests=dict(request.digests),
+    )  # fmt: skip
+
+
+def progress_message(p: Progress) -> pb.Progress:
+    gbps = p.bytes_done / p.elapsed_s / 1e9 if p.elapsed_s > 0 else 0.0
+    return pb.Progress(
+        bytes_done=p.bytes_done, bytes_total=p.bytes_total, tensors_done=p.tensors_done,
+        tensors_total=p.tensors_total, elapsed_s=p.elapsed_s, gbps=gbps,
+    )  # fmt: skip
+
+
+def staged_message(table: StagedTable, origin: str) -> pb.Staged:
+    return pb.Staged(
+        checkpoint_id=table.checkpoint_id,
+        segment_path=table.segment_path,
+        segment_bytes=table.segment_bytes,
+        token=table.token,
+        tensors=[
+            pb.TensorEntry(
+                name=t.name, dtype=t.dtype, shape=t.shape, offset=t.offset, nbytes=t.nbytes
+            )
+            for t in table.tensors
+        ],
+        origin=_ORIGINS[origin],
+        staging_s=table.staging_s,
+    )
+
+
+def _abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
+    code, name = status_for(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("internal error", exc_info=error)
+    context.set_trailing_metadata(((ERROR_KEY, name),))
+    context.abort(code, str(error) or name)
+    raise AssertionError("ServicerContext.abort returns only by raising")
+
+
+class LoaderService(pb_grpc.LoaderServicer):
+    def __init__(self, stager: Stager, *, progress_interval_s: float = 0.1) -> None:
+        self.stager = stager
+        self.progress_interval_s = progress_interval_s
+
+    def Load(self, request: pb.StageRequest, context: Any) -> Iterator[pb.StageEvent]:
+        return self._stage(request, context, load=True)
+
+    def Prefetch(self, request: pb.StageRequest, context: Any) -> Iterator[pb.StageEvent]:
+        return self._stage(request, context, load=False)
+
+    def _stage(
+        self, request: pb.StageRequest, context: grpc.ServicerContext, *, load: bool
+    ) -> Iterator[pb.StageEvent]:
+        try:
+            spec = spec_from(request)
+        except ValueError as exc:
+            _abort(context, exc)
+        ticket = self.stager.stage(spec, load=load)
+        context.add_callback(ticket.release)
+        try:
+            sent: Progress | None = None
+            while True:
+                over = ticket.wait(self.progress_interval_s)
+                if not over and not context.is_active():
+                    return  # the caller went away; its callback released the ticket
+                progress = ticket.progress
+                if progress is not None and progress != sent:
+                    yield pb.StageEvent(progress=progress_message(progress))
+                    sent = progress
+                if over:
+                    break
+            try:
+                table = ticket.result()
+            except BaseException as exc:
+                _abort(context, exc)
+            yield pb.StageEvent(staged=staged_message(table, ticket.origin))
+        finally:
+            ticket.release()
+
+    def List(self, request: pb.ListRequest, context: Any) -> pb.ListReply:
+        return pb.ListReply(
+            checkpoints=[
+                pb.CheckpointInfo(
+                    checkpoint_id=i.checkpoint_id,
+                    uri=i.uri,
+                    tp_rank=i.tp_rank,
+                    tp_size=i.tp_size,
+                    bytes=i.bytes,
+                    state=_STATES[i.state],
+                    age_s=i.age_s,
+                    bytes_done=i.bytes_done,
+                    num_loads=i.num_loads,
+                )
+                for i in self.stager.list()
+            ]
+        )
+
+    def Evict(self, request: pb.EvictRequest, context: Any) -> pb.EvictReply:
+        try:
+            return pb.EvictReply(bytes_freed=self.stager.evict(request.checkpoint_id))
+        except LoaderError as exc:
+            _abort(context, exc)
+
+    def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthReply:
+        stats = self.stager.statistics()
+        return pb.HealthReply(
+            serving=True, staged_bytes=stats.staged_bytes, staging_bytes=stats.staging_bytes,
+            capacity_bytes=stats.capacity_bytes, num_checkpoints=stats.num_checkpoints,
+            num_stagings=stats.num_stagings, version=__version__, pid=os.getpid(),
+        )  # fmt: skip
