@@ -66,7 +66,6 @@ __all__ = ["Origin", "Stager", "StagerStatistics", "Ticket"]
 log = logging.getLogger(__name__)
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 Origin = Literal["staged", "joined", "cached"]
 OpenSource = Callable[[str], tuple[Source, str | None]]
 
@@ -99,9 +98,9 @@ class _Segment:
             raise
         finally:
             os.close(fd)
-        # Fill the page tables for writing now, not one fault per 4 KiB page during reads.
-        with contextlib.suppress(OSError):
-            self._mmap.madvise(_MADV_POPULATE_WRITE)
+        # No MADV_POPULATE_WRITE: fallocate has allocated the pages, and the minor faults
+        # that remain are taken by the reader threads in parallel (measured on 512 MiB:
+        # 0.24 s for fallocate + reads, 0.30 s with populating the page tables first).
         self._mmap[: HEADER.size] = HEADER.pack(
             SEGMENT_MAGIC, SEGMENT_VERSION, DATA_OFFSET, size, token
         )
