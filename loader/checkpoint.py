@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loader.errors import CheckpointError, ObjectNotFound
 from loader.plan import (
@@ -26,7 +26,7 @@ from loader.plan import (
     parse_index,
     plan_tensors,
 )
-from loader.sources.base import Source
+from loader.sources.base import ObjectInfo, Source
 
 __all__ = ["Checkpoint", "open_checkpoint"]
 
@@ -36,6 +36,11 @@ class Checkpoint:
     source: Source
     headers: tuple[FileHeader, ...]
     weight_map: dict[str, str] | None
+    # What a sidecar keeps to serve the files again (``loader.sidecar.files``): every file
+    # read (the index, if any, then the shards) as ``stat`` saw it, and the bytes read while
+    # planning, from offset 0: a shard's 8 + N header bytes, the whole index.
+    files: tuple[ObjectInfo, ...] = ()
+    prefixes: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -58,6 +63,8 @@ def open_checkpoint(
 ) -> Checkpoint:
     """Plan-ready checkpoint from ``source`` (one ``file`` if given)."""
     weight_map: dict[str, str] | None = None
+    index: ObjectInfo | None = None
+    prefixes: dict[str, bytes] = {}
     if file is not None:
         files = [file]
     else:
@@ -66,25 +73,32 @@ def open_checkpoint(
         except ObjectNotFound:
             index = None
         if index is not None:
-            weight_map = parse_index(_read_all(source, INDEX_FILE, index.size))
+            prefixes[INDEX_FILE] = _read_all(source, INDEX_FILE, index.size)
+            weight_map = parse_index(prefixes[INDEX_FILE])
             files = sorted(set(weight_map.values()))
         else:
             files = [o.path for o in source.list() if o.path.endswith(".safetensors")]
         if not files:
             raise CheckpointError(f"{source.uri}: no .safetensors files and no {INDEX_FILE}")
 
-    def header(path: str) -> FileHeader:
-        size = source.stat(path).size
+    def header(path: str) -> tuple[FileHeader, ObjectInfo, bytes]:
+        info = source.stat(path)
+        size = info.size
+        raw = bytearray()  # parse_header reads [0, 8) then [8, 8 + N): the prefix, in order
 
         def read(offset: int, length: int) -> bytes:
             if offset + length > size:
                 raise CheckpointError(f"{path}: truncated at {size} bytes")
             buffer = bytearray(length)
             source.read_into(path, offset, memoryview(buffer))
+            assert offset == len(raw), f"parse_header read {path} out of order at {offset}"
+            raw.extend(buffer)
             return bytes(buffer)
 
-        return parse_header(path, size, read)
+        return parse_header(path, size, read), info, bytes(raw)
 
     with ThreadPoolExecutor(min(concurrency, len(files))) as pool:
-        headers = tuple(pool.map(header, files))
-    return Checkpoint(source, headers, weight_map)
+        parsed = list(pool.map(header, files))
+    prefixes.update((h.path, raw) for h, _, raw in parsed)
+    infos = ((index,) if index is not None else ()) + tuple(info for _, info, _ in parsed)
+    return Checkpoint(source, tuple(h for h, _, _ in parsed), weight_map, infos, prefixes)

@@ -19,10 +19,14 @@ def register(subparsers: Any) -> None:
         "load",
         help="stream a safetensors checkpoint from disk, S3 or HTTP, tensor by tensor",
         description="Stream a safetensors checkpoint (a file, a folder, or the shards of "
-        "model.safetensors.index.json) from a local path, s3://bucket/prefix or http(s)://, "
-        "tensor by tensor, and report throughput.",
+        "model.safetensors.index.json) from a local path, s3://bucket/prefix, http(s):// or "
+        "a peer loader sidecar that holds it staged, tensor by tensor, and report throughput.",
     )
-    load.add_argument("source", help="path, file://, s3://bucket/prefix or http(s):// URL")
+    load.add_argument(
+        "source",
+        help="path, file://, s3://bucket/prefix, http(s):// URL, or a peer sidecar holding "
+        "one: peer://host:port/<uri>, peer+unix:///path/NAME.sock/<uri>",
+    )
     load.add_argument("--device", default="cpu", help="where tensors land: cpu, cuda, cuda:1")
     load.add_argument("--concurrency", type=int, default=16, help="reads in flight (16)")
     load.add_argument("--chunk-bytes", default="16MiB", help="largest single read (16MiB)")
@@ -38,6 +42,11 @@ def register(subparsers: Any) -> None:
     load.add_argument("--direct", action="store_true", help="O_DIRECT reads (local files)")
     load.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (or AWS_ENDPOINT_URL)")
     load.add_argument("--cache-dir", help="write remote checkpoints through to this local cache")
+    load.add_argument("--tls-ca", help="PEM CA bundle verifying a peer:// sidecar over TLS")
+    load.add_argument(
+        "--no-fallback", action="store_true",
+        help="fail if the peer cannot serve the checkpoint instead of reading its origin",
+    )  # fmt: skip
     load.add_argument("--json", action="store_true", help="print one JSON summary for scripts")
     load.set_defaults(func=_load)
 
@@ -71,6 +80,10 @@ def _load(args: argparse.Namespace) -> int:
         source_options["endpoint_url"] = args.s3_endpoint
     if args.cache_dir:
         source_options["cache_dir"] = args.cache_dir
+    if args.tls_ca:
+        source_options["tls_ca"] = args.tls_ca
+    if args.no_fallback:
+        source_options["fallback"] = False
     try:
         source, file = open_source(args.source, **source_options)
         try:

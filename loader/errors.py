@@ -12,7 +12,8 @@
           │    ├── AccessDenied        credentials refused, or a path outside the roots
           │    └── SourceUnavailable   transient failures persisted past the retries
           ├── CapacityExceeded    the sidecar cannot stage a checkpoint that large now
-          ├── UnknownCheckpoint   the sidecar holds no checkpoint with that id
+          ├── UnknownCheckpoint   the sidecar holds no checkpoint with that id (or, asked
+          │                       as a peer, none staged from that URI)
           ├── StagingConflict     the request needs a state the checkpoint is not in
           │                       (evicting one still staging), or staging was cancelled
           └── SidecarUnavailable  the sidecar cannot be reached (no socket, refused, TLS)

@@ -5,10 +5,11 @@ from vLLM's general-plugin entry point (``[project.entry-points."vllm.general_pl
 in pyproject.toml), which vLLM runs in every process before it resolves a load format; the
 function is idempotent, as vLLM may call it more than once.
 
-``MODEL`` (or ``--model-weights``) is any loader URI: a local folder, ``s3://bucket/prefix``
-or ``http(s)://host/prefix``. ``--model-loader-extra-config`` keys (all optional):
-``concurrency``, ``chunk_bytes``, ``max_inflight_bytes``, ``rate_bytes_per_s``, ``order``
-(file | layers), ``s3_endpoint``, ``direct``, ``cache_dir`` (write-through disk cache).
+``MODEL`` (or ``--model-weights``) is any loader URI: a local folder, ``s3://bucket/prefix``,
+``http(s)://host/prefix`` or a peer sidecar holding one (``peer://host:port/s3://...``).
+``--model-loader-extra-config`` keys (all optional): ``concurrency``, ``chunk_bytes``,
+``max_inflight_bytes``, ``rate_bytes_per_s``, ``order`` (file | layers), ``s3_endpoint``,
+``direct``, ``cache_dir`` (write-through disk cache), ``tls_ca`` (a TLS peer's CA bundle).
 
 vLLM's model classes shard weights themselves (each parameter's ``weight_loader`` slices the
 full checkpoint tensor for its tensor-parallel rank), so this loader streams whole tensors;
@@ -37,7 +38,7 @@ __all__ = ["LOAD_FORMAT", "ShoalModelLoader", "register"]
 
 LOAD_FORMAT = "shoal"
 _OPTION_KEYS = {"concurrency", "chunk_bytes", "max_inflight_bytes", "rate_bytes_per_s", "order"}
-_SOURCE_KEYS = {"s3_endpoint", "direct", "cache_dir"}
+_SOURCE_KEYS = {"s3_endpoint", "direct", "cache_dir", "tls_ca"}
 
 
 class ShoalModelLoader(BaseModelLoader):
@@ -58,6 +59,8 @@ class ShoalModelLoader(BaseModelLoader):
             self.source_options["direct"] = bool(extra["direct"])
         if extra.get("cache_dir"):
             self.source_options["cache_dir"] = str(extra["cache_dir"])
+        if extra.get("tls_ca"):
+            self.source_options["tls_ca"] = str(extra["tls_ca"])
 
     def _uri(self, model_config: ModelConfig) -> str:
         return str(getattr(model_config, "model_weights", None) or model_config.model)

@@ -17,6 +17,9 @@ maps the segment:
    the copies are DMA from the shared pages with ``non_blocking=True``, no pinned bounce
    copy; if registering fails, ``to(device)`` from pageable memory (CUDA stages it).
 
+``files(uri)`` and ``read_into(...)`` read a whole staging's files, as a peer replica does
+(``loader.sources.peer``): each chunk of the stream is copied once, into the caller's buffer.
+
 Every ``grpc.RpcError`` is translated once, here, into the loader error the sidecar raised
 (``loader.sidecar.status``); a sidecar that cannot be reached is ``SidecarUnavailable``.
 """
@@ -34,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from loader.errors import LoaderError
+from loader.errors import LoaderError, SourceError
 from loader.sidecar._proto import loader_pb2 as pb
 from loader.sidecar._proto import loader_pb2_grpc as pb_grpc
 from loader.sidecar.segment import (
@@ -45,13 +48,14 @@ from loader.sidecar.segment import (
     read_segment_header,
 )
 from loader.sidecar.status import error_from_rpc
+from loader.sources.base import ObjectInfo
 
 if TYPE_CHECKING:  # torch only where tensors are made: `shoal loader list` starts fast
     import torch
 
     from loader.stream import Progress
 
-__all__ = ["LoadedCheckpoint", "SidecarClient", "SidecarHealth", "StageResult"]
+__all__ = ["LoadedCheckpoint", "PeerFiles", "SidecarClient", "SidecarHealth", "StageResult"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,15 @@ _CUDA_HOST_REGISTER_READ_ONLY = 0x08
 class StageResult:
     table: StagedTable
     origin: str  # "staged" (this call staged it), "joined" or "cached"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerFiles:
+    """The files of a checkpoint a sidecar staged whole (``Files``)."""
+
+    checkpoint_id: str
+    token: bytes  # pass it to read_into: reads fail once the checkpoint is staged again
+    files: tuple[ObjectInfo, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +276,48 @@ class SidecarClient:
             yield from call
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.target) from None
+
+    # -- files of a staged checkpoint (peers) -----------------------------------------------
+
+    def files(self, uri: str) -> PeerFiles:
+        """The files of ``uri`` as the sidecar staged it whole: ``UnknownCheckpoint`` if it
+        holds none, ``SourceUnavailable`` while staging, ``StagingConflict`` if sliced."""
+        reply = self._unary(self._stub.Files, pb.FilesRequest(uri=uri))
+        return PeerFiles(
+            reply.checkpoint_id, bytes(reply.token),
+            tuple(ObjectInfo(f.path, f.size, f.identity) for f in reply.files),
+        )  # fmt: skip
+
+    def read_into(
+        self, uri: str, path: str, offset: int, buffer: memoryview, *, token: bytes = b"",
+        timeout_s: float | None = None,
+    ) -> None:  # fmt: skip
+        """Fill ``buffer`` with bytes ``[offset, offset + len(buffer))`` of file ``path`` of
+        the staged ``uri``, within ``timeout_s`` (default: the client's)."""
+        request = pb.ReadRequest(uri=uri, path=path, offset=offset, length=len(buffer),
+                                 token=token)  # fmt: skip
+        call = self._stub.Read(request, timeout=timeout_s or self.timeout_s)
+        done = 0
+        try:
+            for chunk in call:
+                data = chunk.data
+                end = done + len(data)
+                if end > len(buffer):
+                    raise SourceError(
+                        f"loader sidecar at {self.target} sent more than the {len(buffer)} "
+                        f"bytes asked of {path} at {offset}"
+                    )
+                buffer[done:end] = data
+                done = end
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.target) from None
+        finally:
+            call.cancel()  # a no-op once the stream ended; stops it if we failed midway
+        if done != len(buffer):
+            raise SourceError(
+                f"loader sidecar at {self.target} ended {path} at {offset + done}, "
+                f"short of {offset + len(buffer)}"
+            )
 
     # -- inspection -----------------------------------------------------------------------
 

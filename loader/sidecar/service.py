@@ -9,6 +9,12 @@ A caller that disappears: gRPC cancels its call, which runs the callback registe
 ``context.add_callback`` (on *every* termination, so it is also the normal release) and
 makes ``context.is_active()`` false, which ends the wait loop. The ticket's release is
 idempotent; the last release of a staging that is not ready cancels it (``Stager``).
+
+``Files`` and ``Read`` serve a whole staging's files to peer replicas
+(``loader.sidecar.files``, ``loader.sources.peer``). A ``Read`` is checked in full before
+its first chunk, so a refused range is a status, never a short stream; a caller that goes
+away stops the stream (gRPC stops pulling chunks and closes the generator, which releases
+its view of the segment).
 """
 
 # ruff: noqa: N802  (method names are the proto's RPC names)
@@ -35,6 +41,7 @@ __all__ = ["LoaderService", "progress_message", "spec_from", "staged_message"]
 
 log = logging.getLogger(__name__)
 
+READ_CHUNK_BYTES = 2 << 20  # under gRPC's default 4 MiB receive limit, with room to spare
 _ORIGINS = {"staged": pb.ORIGIN_STAGED, "joined": pb.ORIGIN_JOINED, "cached": pb.ORIGIN_CACHED}
 _STATES = {"staging": pb.STATE_STAGING, "ready": pb.STATE_READY}
 
@@ -144,6 +151,28 @@ class LoaderService(pb_grpc.LoaderServicer):
             return pb.EvictReply(bytes_freed=self.stager.evict(request.checkpoint_id))
         except LoaderError as exc:
             _abort(context, exc)
+
+    def Files(self, request: pb.FilesRequest, context: Any) -> pb.FilesReply:
+        try:
+            files = self.stager.files(request.uri)
+        except (LoaderError, ValueError) as exc:
+            _abort(context, exc)
+        return pb.FilesReply(
+            checkpoint_id=files.checkpoint_id, token=files.token,
+            files=[pb.FileInfo(path=f.path, size=f.size, identity=f.identity)
+                   for f in files.files],
+        )  # fmt: skip
+
+    def Read(self, request: pb.ReadRequest, context: Any) -> Iterator[pb.ReadChunk]:
+        try:
+            chunks = self.stager.read_file(
+                request.uri, request.path, request.offset, request.length,
+                token=request.token, chunk_bytes=READ_CHUNK_BYTES,
+            )  # fmt: skip
+        except (LoaderError, ValueError) as exc:
+            _abort(context, exc)
+        for data in chunks:
+            yield pb.ReadChunk(data=data)
 
     def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthReply:
         stats = self.stager.statistics()

@@ -20,6 +20,11 @@ operator's or controller's decision, ``RESOURCE_EXHAUSTED`` tells them to make i
 Evicting unlinks the name only: pages stay alive while any process maps them, so a client
 already holding the mapping keeps valid tensors, and the memory returns to the system when
 the last mapping goes. The capacity counts what the sidecar holds, not those mappings.
+
+Serving files to peers (``files``, ``read_file``): a whole staging (tp_size 1) also keeps
+what it needs to present the checkpoint's files again (``loader.sidecar.files``). A read
+takes a view of the segment's mapping under the lock, so an eviction during the read only
+unlinks the name; the mapping goes when the read's view does.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -42,10 +47,12 @@ from loader.errors import (
     AccessDenied,
     CapacityExceeded,
     LoaderError,
+    SourceUnavailable,
     StagingConflict,
     UnknownCheckpoint,
 )
 from loader.plan import DTYPES, tp_slice_rule
+from loader.sidecar.files import Span, StagedFiles, file_spans, staged_files
 from loader.sidecar.segment import (
     DATA_OFFSET,
     HEADER,
@@ -110,6 +117,11 @@ class _Segment:
         assert self._bytes is not None, "view of a released segment"
         return self._bytes[offset : offset + nbytes]
 
+    def reader(self) -> memoryview:
+        """A view of the whole mapping that keeps it alive until released (see release)."""
+        assert self._mmap is not None, "reader of a released segment"
+        return memoryview(self._mmap)
+
     def release(self) -> None:
         """Unlink the name and drop the sidecar's mapping (views still held keep theirs)."""
         self.path.unlink(missing_ok=True)
@@ -132,6 +144,7 @@ class _Entry:
     size: int = 0  # reserved once planned
     progress: Progress | None = None
     table: StagedTable | None = None
+    files: StagedFiles | None = None  # ready and whole (tp_size 1) only
     error: BaseException | None = None
     segment: _Segment | None = None
     waiters: int = 0
@@ -280,6 +293,64 @@ class Stager:
         log.info("evicted", extra={"checkpoint_id": checkpoint_id, "bytes": entry.size})
         return entry.size
 
+    def files(self, uri: str) -> StagedFiles:
+        """The files of ``uri`` as staged whole and ready here, for a peer to read.
+
+        ``UnknownCheckpoint`` if not staged here, ``SourceUnavailable`` while still staging
+        (worth asking again), ``StagingConflict`` if staged only sliced for tensor
+        parallelism (a whole staging is needed: ``files`` point 1)."""
+        with self._lock:
+            return self._files_locked(uri)
+
+    def read_file(
+        self, uri: str, path: str, offset: int, length: int, *, token: bytes = b"",
+        chunk_bytes: int = 2 << 20,
+    ) -> Iterator[bytes]:  # fmt: skip
+        """Bytes ``[offset, offset + length)`` of one file of ``uri``, in chunks of at most
+        ``chunk_bytes``. Every check happens before this returns: a refused range (outside
+        the file, or touching bytes not held) raises here, never halfway through."""
+        assert chunk_bytes > 0, "chunk_bytes must be positive"
+        with self._lock:
+            files = self._files_locked(uri)
+            if token and token != files.token:
+                raise StagingConflict(
+                    f"{uri} was staged again since this load began; load it again"
+                )
+            staged = files.file(path)
+            spans = file_spans(staged, offset, length)
+            entry = self._entries[files.checkpoint_id]
+            assert entry.segment is not None, f"ready checkpoint {uri} has no segment"
+            segment = entry.segment.reader()
+        return _chunks(segment, staged.prefix, spans, chunk_bytes)
+
+    def _files_locked(self, uri: str) -> StagedFiles:
+        if not uri:
+            raise ValueError("uri is empty")
+        variants = {uri, uri.rstrip("/"), uri.rstrip("/") + "/"}  # a folder, with or without /
+        found = [e for e in self._entries.values()
+                 if e.spec.uri in variants and not e.cancel.is_set()]  # fmt: skip
+        whole = [e for e in found if max(e.spec.tp_size, 1) == 1]
+        for entry in whole:
+            if entry.state == "ready":
+                assert entry.files is not None, f"whole staging of {uri} kept no files"
+                return entry.files
+        if whole:
+            done = whole[0].progress.bytes_done if whole[0].progress else 0
+            raise SourceUnavailable(
+                f"{uri} is still staging here ({done} of {whole[0].size} bytes): read it "
+                "from its origin, or again once it is staged"
+            )
+        if found:
+            raise StagingConflict(
+                f"{uri} is staged here only sliced for tensor parallelism (tp_size "
+                f"{found[0].spec.tp_size}); only a checkpoint staged whole can be served as "
+                "files: prefetch it without --tp-size"
+            )
+        raise UnknownCheckpoint(
+            f"this sidecar holds no staged {uri} (shoal loader prefetch it here, or read it "
+            "from its origin)"
+        )
+
     def statistics(self) -> StagerStatistics:
         with self._lock:
             return StagerStatistics(
@@ -353,9 +424,8 @@ class Stager:
 
         spec = entry.spec
         concurrency = self._options.concurrency
-        plans = open_checkpoint(source, file, concurrency=concurrency).plan(
-            tp_slice_rule(spec.tp_rank, max(spec.tp_size, 1))
-        )
+        checkpoint = open_checkpoint(source, file, concurrency=concurrency)
+        plans = checkpoint.plan(tp_slice_rule(spec.tp_rank, max(spec.tp_size, 1)))
         offsets, size = layout(plans)
         self._reserve(entry, size)
         if entry.cancel.is_set():
@@ -405,8 +475,13 @@ class Stager:
         )
         table = StagedTable(spec.checkpoint_id, str(path), size, token, tensors,
                             self._clock() - entry.started)  # fmt: skip
+        files = None
+        if max(spec.tp_size, 1) == 1:
+            files = staged_files(spec.checkpoint_id, token, checkpoint.files,
+                                 checkpoint.prefixes, plans, offsets)  # fmt: skip
         with self._lock:
             entry.table = table
+            entry.files = files
             entry.state = "ready"
             self._reserved -= size
             self._staged += size
@@ -440,6 +515,32 @@ class Stager:
             entry.error = error
         entry.done.set()
         log.info("staging ended", extra={"uri": entry.spec.uri, "error": str(error)})
+
+
+def _chunks(
+    segment: memoryview, prefix: bytes, spans: list[Span], chunk_bytes: int
+) -> Iterator[bytes]:
+    """The bytes of ``spans`` in chunks of ``chunk_bytes`` (the last may be shorter): one
+    copy each, out of the mapping (or the prefix) into the chunk."""
+    try:
+        parts: list[memoryview | bytes] = []
+        size = 0
+        for span in spans:
+            source = segment if span.in_segment else memoryview(prefix)
+            start, left = span.start, span.length
+            while left:
+                take = min(left, chunk_bytes - size)
+                parts.append(source[start : start + take])
+                size += take
+                start += take
+                left -= take
+                if size == chunk_bytes:
+                    yield b"".join(parts)
+                    parts, size = [], 0
+        if parts:
+            yield b"".join(parts)
+    finally:
+        segment.release()
 
 
 def _size(nbytes: int) -> str:

@@ -173,3 +173,49 @@ class HealthReply(_message.Message):
     version: str
     pid: int
     def __init__(self, serving: _Optional[bool] = ..., staged_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., num_checkpoints: _Optional[int] = ..., num_stagings: _Optional[int] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class FilesRequest(_message.Message):
+    __slots__ = ("uri",)
+    URI_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    def __init__(self, uri: _Optional[str] = ...) -> None: ...
+
+class FileInfo(_message.Message):
+    __slots__ = ("path", "size", "identity")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    identity: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., identity: _Optional[str] = ...) -> None: ...
+
+class FilesReply(_message.Message):
+    __slots__ = ("checkpoint_id", "token", "files")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    token: bytes
+    files: _containers.RepeatedCompositeFieldContainer[FileInfo]
+    def __init__(self, checkpoint_id: _Optional[str] = ..., token: _Optional[bytes] = ..., files: _Optional[_Iterable[_Union[FileInfo, _Mapping]]] = ...) -> None: ...
+
+class ReadRequest(_message.Message):
+    __slots__ = ("uri", "path", "offset", "length", "token")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    path: str
+    offset: int
+    length: int
+    token: bytes
+    def __init__(self, uri: _Optional[str] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class ReadChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...

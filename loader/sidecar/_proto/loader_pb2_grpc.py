@@ -59,6 +59,16 @@ class LoaderStub:
                 request_serializer=loader_dot_sidecar_dot___proto_dot_loader__pb2.HealthRequest.SerializeToString,
                 response_deserializer=loader_dot_sidecar_dot___proto_dot_loader__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Files = channel.unary_unary(
+                '/shoal.loader.v1.Loader/Files',
+                request_serializer=loader_dot_sidecar_dot___proto_dot_loader__pb2.FilesRequest.SerializeToString,
+                response_deserializer=loader_dot_sidecar_dot___proto_dot_loader__pb2.FilesReply.FromString,
+                _registered_method=True)
+        self.Read = channel.unary_stream(
+                '/shoal.loader.v1.Loader/Read',
+                request_serializer=loader_dot_sidecar_dot___proto_dot_loader__pb2.ReadRequest.SerializeToString,
+                response_deserializer=loader_dot_sidecar_dot___proto_dot_loader__pb2.ReadChunk.FromString,
+                _registered_method=True)
 
 
 class LoaderServicer:
@@ -100,6 +110,24 @@ class LoaderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Files(self, request, context):
+        """The files of a checkpoint staged whole here, as they were at its origin, for a peer
+        replica to read instead of the origin (loader.sources.peer). NOT_FOUND: not staged
+        here; UNAVAILABLE: still staging; FAILED_PRECONDITION: staged only sliced (tp_size > 1).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Read(self, request, context):
+        """Bytes [offset, offset + length) of one of those files, in chunks of at most 2 MiB:
+        header bytes kept from planning and tensor bytes from the segment. Bytes between
+        tensors are not held: such a range fails (FAILED_PRECONDITION) before any chunk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoaderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +155,16 @@ def add_LoaderServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=loader_dot_sidecar_dot___proto_dot_loader__pb2.HealthRequest.FromString,
                     response_serializer=loader_dot_sidecar_dot___proto_dot_loader__pb2.HealthReply.SerializeToString,
+            ),
+            'Files': grpc.unary_unary_rpc_method_handler(
+                    servicer.Files,
+                    request_deserializer=loader_dot_sidecar_dot___proto_dot_loader__pb2.FilesRequest.FromString,
+                    response_serializer=loader_dot_sidecar_dot___proto_dot_loader__pb2.FilesReply.SerializeToString,
+            ),
+            'Read': grpc.unary_stream_rpc_method_handler(
+                    servicer.Read,
+                    request_deserializer=loader_dot_sidecar_dot___proto_dot_loader__pb2.ReadRequest.FromString,
+                    response_serializer=loader_dot_sidecar_dot___proto_dot_loader__pb2.ReadChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +302,60 @@ class Loader:
             '/shoal.loader.v1.Loader/Health',
             loader_dot_sidecar_dot___proto_dot_loader__pb2.HealthRequest.SerializeToString,
             loader_dot_sidecar_dot___proto_dot_loader__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Files(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.loader.v1.Loader/Files',
+            loader_dot_sidecar_dot___proto_dot_loader__pb2.FilesRequest.SerializeToString,
+            loader_dot_sidecar_dot___proto_dot_loader__pb2.FilesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Read(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.loader.v1.Loader/Read',
+            loader_dot_sidecar_dot___proto_dot_loader__pb2.ReadRequest.SerializeToString,
+            loader_dot_sidecar_dot___proto_dot_loader__pb2.ReadChunk.FromString,
             options,
             channel_credentials,
             insecure,
