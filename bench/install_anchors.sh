@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# Install the two published KV caches that bench/anchors.py measures Shoal against:
-# aibrix-kvcache 0.8.0 (its L1 cache) and LMCache 0.5.6 (its local CPU backend).
+# Install the published libraries the benchmarks measure Shoal against: the two KV caches
+# of bench/anchors.py, aibrix-kvcache 0.8.0 (its L1 cache) and LMCache 0.5.6 (its local CPU
+# backend), and the two weight loaders of bench/loader.py, the Run:ai model streamer 0.17
+# (with its S3 backend) and fastsafetensors 0.5.0.
 #
 #   PYTHON=.venv/bin/python bash bench/install_anchors.sh      (PYTHON defaults to that)
 #
-# Not part of CI. Idempotent: does nothing once both import. torch must already be
+# Not part of CI. Idempotent: does nothing once all of them import. torch must already be
 # there (the CPU build on a CPU machine): every install here is --no-deps, so pip never
-# resolves torch (or the CUDA wheels both packages declare) from the registry. Their
+# resolves torch (or the CUDA wheels these packages declare) from the registry. Their
 # declared dependency lists are far larger than what their import paths need (LMCache
 # names cupy, cuda-python, nixl, google-cloud, opentelemetry, ...); below are only the
-# pure-Python (or CPU-wheel) packages that `import aibrix_kvcache` and
-# `import lmcache.v1.cache_engine` actually ask for. Packages Shoal itself depends on
-# (numpy, pyzmq, msgpack, uvloop, pyyaml, prometheus-client, ...) are named without a
-# version so that an installed copy is left alone; the rest are pinned to versions that
-# were checked together on Python 3.11 with torch 2.13.0+cpu and numpy 2.4.
+# pure-Python (or CPU-wheel) packages that `import aibrix_kvcache`,
+# `import lmcache.v1.cache_engine`, `import runai_model_streamer` and `import fastsafetensors`
+# actually ask for (the Run:ai wheel carries its native readers, libstreamer and
+# libstreamers3; runai-model-streamer-s3 0.17.1 is what its 0.17.0 ran S3 with here).
+# Packages Shoal itself depends on (numpy, pyzmq, msgpack, uvloop, pyyaml, prometheus-client,
+# boto3, ...) are named without a version so that an installed copy is left alone; the rest
+# are pinned to versions that were checked together on Python 3.11 with torch 2.13.0+cpu and
+# numpy 2.4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -33,6 +38,12 @@ from lmcache.v1.gpu_connector.mock_gpu_connector import MockGPUConnector
 import importlib.metadata as md
 assert md.version("aibrix-kvcache") == "0.8.0", md.version("aibrix-kvcache")
 assert md.version("lmcache") == "0.5.6", md.version("lmcache")
+from runai_model_streamer import SafetensorsStreamer
+import runai_model_streamer_s3
+from fastsafetensors import SafeTensorsFileLoader
+assert md.version("runai-model-streamer") == "0.17.0", md.version("runai-model-streamer")
+assert md.version("runai-model-streamer-s3") == "0.17.1", md.version("runai-model-streamer-s3")
+assert md.version("fastsafetensors") == "0.5.0", md.version("fastsafetensors")
 '
 
 if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
@@ -40,7 +51,7 @@ if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
     exit 1
 fi
 if "$PYTHON" -c "$CHECK" >/dev/null 2>&1; then
-    echo "install_anchors: aibrix-kvcache 0.8.0 and lmcache 0.5.6 already import"
+    echo "install_anchors: aibrix-kvcache, lmcache, runai-model-streamer and fastsafetensors already import"
     exit 0
 fi
 
@@ -58,6 +69,10 @@ PACKAGES=(
     aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl idna
     aiofile caio cachetools cryptography cffi py-cpuinfo psutil
     requests certifi charset_normalizer urllib3 pyzmq prometheus_client
+    # the weight loaders of bench/loader.py and what they import
+    runai-model-streamer==0.17.0 runai-model-streamer-s3==0.17.1 "humanize>=4.9" boto3
+    botocore s3transfer jmespath python-dateutil six
+    fastsafetensors==0.5.0
 )
 "$PYTHON" -m pip install --no-deps "${PACKAGES[@]}"
 
@@ -76,4 +91,4 @@ for _ in 1 2 3 4 5 6 7 8; do
     "$PYTHON" -m pip install --no-deps "${PKG_OF[$mod]:-$mod}"
 done
 "$PYTHON" -c "$CHECK" >/dev/null 2>&1 || { echo "install_anchors: still failing" >&2; exit 1; }
-echo "install_anchors: aibrix-kvcache 0.8.0 and lmcache 0.5.6 installed into $PYTHON"
+echo "install_anchors: aibrix-kvcache 0.8.0, lmcache 0.5.6, runai-model-streamer 0.17.0 (+s3 0.17.1) and fastsafetensors 0.5.0 installed into $PYTHON"
