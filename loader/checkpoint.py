@@ -97,7 +97,7 @@ def open_checkpoint(
 
         return parse_header(path, size, read), info, bytes(raw)
 
-    with ThreadPoolExecutor(min(concurrency, len(files))) as pool:
+    with ThreadPoolExecutor(max(1, min(concurrency, len(files)))) as pool:
         parsed = list(pool.map(header, files))
     prefixes.update((h.path, raw) for h, _, raw in parsed)
     infos = ((index,) if index is not None else ()) + tuple(info for _, info, _ in parsed)

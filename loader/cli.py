@@ -28,7 +28,12 @@ def register(subparsers: Any) -> None:
         "one: peer://host:port/<uri>, peer+unix:///path/NAME.sock/<uri>",
     )
     load.add_argument("--device", default="cpu", help="where tensors land: cpu, cuda, cuda:1")
-    load.add_argument("--concurrency", type=int, default=16, help="reads in flight (16)")
+    load.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="reads in flight (0: auto, 2 per core for local files, 16 for remote sources)",
+    )
     load.add_argument("--chunk-bytes", default="16MiB", help="largest single read (16MiB)")
     load.add_argument("--max-inflight", default="1GiB", help="memory bound (1GiB)")
     load.add_argument("--rate", default="0", help="bytes per second, e.g. 500MB/s (0: unlimited)")
@@ -87,7 +92,7 @@ def _load(args: argparse.Namespace) -> int:
     try:
         source, file = open_source(args.source, **source_options)
         try:
-            checkpoint = open_checkpoint(source, file, concurrency=args.concurrency)
+            checkpoint = open_checkpoint(source, file, concurrency=args.concurrency or 16)
             plans = checkpoint.plan(slice_for)
             total = sum(p.nbytes for p in plans)
             bar = _bar(total, len(plans), quiet=args.json)
