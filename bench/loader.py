@@ -434,7 +434,7 @@ def run_shoal(spec: dict[str, Any]) -> dict[str, Any]:
         from loader.sources.s3 import S3Source
 
         source: Any = S3Source(
-            spec["s3_uri"], endpoint_url=spec["endpoint"], concurrency=options.concurrency
+            spec["s3_uri"], endpoint_url=spec["endpoint"], concurrency=options.concurrency or 16
         )
     else:
         from loader.sources.local import LocalSource
@@ -443,7 +443,7 @@ def run_shoal(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["cold"]:
         _drop_caches()
     clock = Clock()
-    checkpoint = open_checkpoint(source, concurrency=options.concurrency)
+    checkpoint = open_checkpoint(source, concurrency=options.concurrency or 16)
     streamer = Streamer(source, checkpoint.plan(), options)
     tensors = {}
     nbytes = 0
@@ -830,7 +830,7 @@ def main() -> None:
     if not args.quick:
         args.raw_settings += [(8, 16), (16, 64)]
     args.s3_raw_settings = [(8, 64)] if args.quick else [(16, 8), (16, 16), (8, 64), (16, 64)]
-    # Shoal beside its defaults (16 reads x 16 MiB): (concurrency, MiB per read).
+    # Shoal beside its defaults (auto reads: 2 per core locally, 16 for S3; 16 MiB): (reads, MiB).
     args.cold_raw_settings = [(8, 16), (16, 16)]
     args.sweep = [] if args.quick else [(2, 16), (4, 16), (8, 16), (32, 16), (16, 64)]
     args.s3_sweep = [(16, 64)] if args.quick else [(8, 64), (16, 64), (32, 16)]
