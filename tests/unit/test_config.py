@@ -90,3 +90,14 @@ def test_readme_reference_matches_the_settings() -> None:
     assert match.group(1) == render_reference(CacheConfig, "cache"), (
         "README's [cache] reference is stale: regenerate it with shoal.config.render_reference"
     )
+
+
+def test_readme_loader_reference_matches_the_sidecar_settings() -> None:
+    from loader.sidecar.config import LoaderConfig
+
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"loader-config-reference.*?-->\n(.*?)\n<!-- end", readme, re.S)
+    assert match, "README lost its loader configuration reference"
+    assert match.group(1) == render_reference(LoaderConfig, "loader"), (
+        "README's [loader] reference is stale: regenerate it with shoal.config.render_reference"
+    )
