@@ -830,7 +830,7 @@ def main() -> None:
     if not args.quick:
         args.raw_settings += [(8, 16), (16, 64)]
     args.s3_raw_settings = [(8, 64)] if args.quick else [(16, 8), (16, 16), (8, 64), (16, 64)]
-    # Shoal beside its defaults (auto reads: 2 per core locally, 16 for S3; 16 MiB): (reads, MiB).
+    # Shoal beside its defaults (16 reads x 16 MiB for every source): (reads, MiB per read).
     args.cold_raw_settings = [(8, 16), (16, 16)]
     args.sweep = [] if args.quick else [(2, 16), (4, 16), (8, 16), (32, 16), (16, 64)]
     args.s3_sweep = [(16, 64)] if args.quick else [(8, 64), (16, 64), (32, 16)]

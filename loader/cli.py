@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
         "--concurrency",
         type=int,
         default=0,
-        help="reads in flight (0: auto, 2 per core for local files, 16 for remote sources)",
+        help="reads in flight (0: the source's default, 16 for every source today)",
     )
     load.add_argument("--chunk-bytes", default="16MiB", help="largest single read (16MiB)")
     load.add_argument("--max-inflight", default="1GiB", help="memory bound (1GiB)")
