@@ -61,6 +61,51 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def spawn_serve(
+    component: str, values: dict[str, object], log_path: Path
+) -> subprocess.Popen[bytes]:
+    """``shoal COMPONENT serve`` with ``values`` as flags, its output in ``log_path``."""
+    args = [sys.executable, "-m", "shoal", component, "serve"]
+    for key, value in values.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(args, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_ready(
+    process: subprocess.Popen[bytes],
+    log_path: Path,
+    what: str,
+    ready: object,
+    timeout: float = 20.0,
+) -> None:
+    """Until ``ready()`` holds; a process that exits or never gets ready is reaped and
+    reported with its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log = log_path.read_text(errors="replace")
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log}")
+        if ready():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"{what} did not become ready:\n{log_path.read_text(errors='replace')}")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, then its exit code; killed (and the timeout re-raised) after 10 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+
+
 @dataclass
 class DaemonProcess:
     config: CacheConfig
@@ -78,14 +123,7 @@ class DaemonProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise
+        return stop_process(self.process)
 
 
 def start_daemon(tmp_path: Path, name: str | None = None, **settings: object) -> DaemonProcess:
@@ -102,28 +140,21 @@ def start_daemon(tmp_path: Path, name: str | None = None, **settings: object) ->
         "log_format": "text",
         **settings,
     }
-    args = [sys.executable, "-m", "shoal", "cache", "serve"]
-    for key, value in values.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
     log_path = tmp_path / f"daemon-{name}-{uuid.uuid4().hex[:6]}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(args, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    process = spawn_serve("cache", values, log_path)
     config = CacheConfig(name=name, runtime_dir=str(tmp_path / "run"))
-    handle = DaemonProcess(config, process, log_path)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"daemon exited with {process.returncode}:\n{handle.log()}")
-        if "cache daemon ready" in handle.log():
-            try:
-                CacheClient(config.endpoint, timeout_s=1, heartbeat=False).close()
-                return handle
-            except CacheUnavailable:
-                pass
-        time.sleep(0.05)
-    process.kill()
-    process.wait()
-    raise RuntimeError(f"daemon did not become ready:\n{handle.log()}")
+
+    def ready() -> bool:
+        if "cache daemon ready" not in log_path.read_text(errors="replace"):
+            return False
+        try:
+            CacheClient(config.endpoint, timeout_s=1, heartbeat=False).close()
+        except CacheUnavailable:
+            return False
+        return True
+
+    wait_ready(process, log_path, "daemon", ready)
+    return DaemonProcess(config, process, log_path)
 
 
 @pytest.fixture

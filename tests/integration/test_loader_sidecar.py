@@ -6,11 +6,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +34,14 @@ from loader.sidecar import SidecarClient  # noqa: E402
 from loader.sidecar._proto import loader_pb2 as pb  # noqa: E402
 from loader.sidecar._proto import loader_pb2_grpc as pb_grpc  # noqa: E402
 from loader.sidecar.config import LoaderConfig  # noqa: E402
-from tests.integration.conftest import ENV, free_port, wait_until  # noqa: E402
+from tests.integration.conftest import (  # noqa: E402
+    ENV,
+    free_port,
+    spawn_serve,
+    stop_process,
+    wait_ready,
+    wait_until,
+)
 
 MiB = 1 << 20
 
@@ -67,14 +72,7 @@ class Sidecar:
         )  # fmt: skip
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise
+        return stop_process(self.process)
 
 
 def start_sidecar(tmp: Path, tls_ca: bytes | None = None, **settings: object) -> Sidecar:
@@ -88,26 +86,15 @@ def start_sidecar(tmp: Path, tls_ca: bytes | None = None, **settings: object) ->
         "log_format": "text",
         **settings,
     }
-    args = [sys.executable, "-m", "shoal", "loader", "serve"]
-    for key, value in values.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
     log_path = tmp / f"sidecar-{name}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(args, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    process = spawn_serve("loader", values, log_path)
     config = LoaderConfig(
         name=name, runtime_dir=str(tmp / "run"), listen=str(values.get("listen", "")),
         tls_cert=str(values.get("tls_cert", "")), tls_key=str(values.get("tls_key", "")),
     )  # fmt: skip
     sidecar = Sidecar(config, process, log_path, tls_ca)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"sidecar exited with {process.returncode}:\n{sidecar.log()}")
-        if "loader sidecar ready" in sidecar.log():
-            return sidecar
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"sidecar did not become ready:\n{sidecar.log()}")
+    wait_ready(process, log_path, "sidecar", lambda: "loader sidecar ready" in sidecar.log(), 30)
+    return sidecar
 
 
 def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
