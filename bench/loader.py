@@ -434,7 +434,7 @@ def run_shoal(spec: dict[str, Any]) -> dict[str, Any]:
         from loader.sources.s3 import S3Source
 
         source: Any = S3Source(
-            spec["s3_uri"], endpoint_url=spec["endpoint"], concurrency=options.concurrency or 16
+            spec["s3_uri"], endpoint_url=spec["endpoint"], concurrency=options.concurrency
         )
     else:
         from loader.sources.local import LocalSource
@@ -443,7 +443,7 @@ def run_shoal(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["cold"]:
         _drop_caches()
     clock = Clock()
-    checkpoint = open_checkpoint(source, concurrency=options.concurrency or 16)
+    checkpoint = open_checkpoint(source, concurrency=options.concurrency)
     streamer = Streamer(source, checkpoint.plan(), options)
     tensors = {}
     nbytes = 0

@@ -31,8 +31,8 @@ def register(subparsers: Any) -> None:
     load.add_argument(
         "--concurrency",
         type=int,
-        default=0,
-        help="reads in flight (0: the source's default, 16 for every source today)",
+        default=16,
+        help="reads in flight (16)",
     )
     load.add_argument("--chunk-bytes", default="16MiB", help="largest single read (16MiB)")
     load.add_argument("--max-inflight", default="1GiB", help="memory bound (1GiB)")
@@ -92,7 +92,7 @@ def _load(args: argparse.Namespace) -> int:
     try:
         source, file = open_source(args.source, **source_options)
         try:
-            checkpoint = open_checkpoint(source, file, concurrency=args.concurrency or 16)
+            checkpoint = open_checkpoint(source, file, concurrency=args.concurrency)
             plans = checkpoint.plan(slice_for)
             total = sum(p.nbytes for p in plans)
             bar = _bar(total, len(plans), quiet=args.json)

@@ -58,13 +58,12 @@ __all__ = [
 ]
 
 MiB = 1 << 20
-DEFAULT_CONCURRENCY = 16  # for sources that set none: object stores and peers want many
 Order = Literal["file", "layers", "priority"]
 
 
 @dataclass(frozen=True, slots=True)
 class StreamOptions:
-    concurrency: int = 0  # 0: the source's default_concurrency (16 if it has none)
+    concurrency: int = 16
     chunk_bytes: int = 16 * MiB
     max_inflight_bytes: int = 1024 * MiB
     rate_bytes_per_s: float = 0.0  # 0: unlimited
@@ -75,10 +74,8 @@ class StreamOptions:
     digests: Mapping[str, str] = field(default_factory=dict)  # name -> "sha256:<hex>"
 
     def __post_init__(self) -> None:
-        if self.concurrency < 0 or self.chunk_bytes < 1 or self.max_inflight_bytes < 1:
-            raise ValueError(
-                "concurrency must be >= 0 (0: auto); chunk_bytes and max_inflight_bytes positive"
-            )
+        if self.concurrency < 1 or self.chunk_bytes < 1 or self.max_inflight_bytes < 1:
+            raise ValueError("concurrency, chunk_bytes and max_inflight_bytes must be positive")
         if self.rate_bytes_per_s < 0:
             raise ValueError("rate_bytes_per_s must be >= 0")
 
@@ -247,9 +244,6 @@ class Streamer:
         self.source = source
         self.options = options or StreamOptions()
         self.device = torch.device(device)
-        self.concurrency = self.options.concurrency or int(
-            getattr(source, "default_concurrency", DEFAULT_CONCURRENCY)
-        )
         ordered = order_plans(plans, self.options.order, self.options.priority)
         self._tensors = [_Tensor(plan, plan.nbytes) for plan in ordered]
         self._reads = _reads(self._tensors, self.options)
@@ -308,13 +302,13 @@ class Streamer:
         slots: dict[Future[None], int] = {}
         if self._ring is not None:
             self._hold(self._ring.nbytes)  # the ring is the load's host memory
-        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="shoal-load")
+        pool = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="shoal-load")
         try:
             for tensor in self._tensors:
                 if tensor.remaining == 0:  # empty tensors complete at once
                     yield self._finish(tensor)
             while pending or inflight:
-                while pending and len(inflight) < self.concurrency:
+                while pending and len(inflight) < self.options.concurrency:
                     read = pending[0]
                     ring = self._ring
                     if ring is not None:

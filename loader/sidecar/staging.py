@@ -423,7 +423,7 @@ class Stager:
         from loader.checkpoint import open_checkpoint
 
         spec = entry.spec
-        concurrency = self._options.concurrency or 16
+        concurrency = self._options.concurrency
         checkpoint = open_checkpoint(source, file, concurrency=concurrency)
         plans = checkpoint.plan(tp_slice_rule(spec.tp_rank, max(spec.tp_size, 1)))
         offsets, size = layout(plans)

@@ -7,6 +7,10 @@ case, where the page cache only costs a copy), which requires offsets, lengths a
 addresses aligned to the device's logical block size. Such reads are widened to aligned
 bounds into a reusable aligned scratch buffer per thread and the wanted bytes are copied out;
 if the filesystem refuses ``O_DIRECT`` (tmpfs does) the source falls back to buffered reads.
+
+Local loads keep the streamer's 16 reads in flight, like remote ones: a cold disk needs the
+depth (4 reads ran 0.95 GB/s cold against 2.26 at 16), and a warm page cache gains little
+from fewer (4.0 against 3.6 GB/s, within this machine's noise; bench/RESULTS.md, loader).
 """
 
 from __future__ import annotations
@@ -25,11 +29,6 @@ _ALIGN = 4096
 
 
 class LocalSource:
-    # 16 reads in flight, like remote sources: a cold disk needs the depth (4 reads ran
-    # 0.95 GB/s cold against 2.26 at 16), a warm page cache gains little from fewer
-    # (4.0 against 3.6 GB/s, within this machine's noise): bench/RESULTS.md, loader.
-    default_concurrency = 16
-
     def __init__(self, root: str | Path, *, direct: bool = False) -> None:
         self.root = Path(root).resolve()
         self.uri = str(self.root)
