@@ -33,10 +33,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["ConnectorSettings"]
+from shoal.config import parse_bool
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+__all__ = ["ConnectorSettings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,14 +90,7 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
     kind = kind if isinstance(kind, str) else kind.__name__
     try:
         if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            raise ValueError(value)
+            return parse_bool(value if isinstance(value, bool) else str(value))
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError(value)
