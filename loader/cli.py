@@ -62,14 +62,14 @@ def _load(args: argparse.Namespace) -> int:
     from loader.plan import tp_slice_rule
     from loader.sources import open_source
     from loader.stream import Streamer, StreamOptions
-    from shoal.config import parse_size
+    from shoal.config import parse_rate, parse_size
 
     try:
         options = StreamOptions(
             concurrency=args.concurrency,
             chunk_bytes=parse_size(args.chunk_bytes),
             max_inflight_bytes=parse_size(args.max_inflight),
-            rate_bytes_per_s=float(parse_size(args.rate.removesuffix("/s"))),
+            rate_bytes_per_s=parse_rate(args.rate),
             order=args.order,
             priority=tuple(n for n in args.priority.split(",") if n),
             digests=_digests(args.digests) if args.digests else {},

@@ -32,6 +32,7 @@ __all__ = [
     "add_flags",
     "load_config",
     "parse_bool",
+    "parse_rate",
     "parse_size",
     "render_reference",
     "setting",
@@ -65,6 +66,11 @@ def parse_size(text: str | int | float) -> int:
         raise ValueError(f"{text!r} is not a size; use e.g. 4096, 64KiB, 1.5GiB or 500MB")
     number, unit = match.groups()
     return int(float(number) * _UNITS[(unit or "").lower()])
+
+
+def parse_rate(text: str) -> float:
+    """Parse ``"500MB/s"``-style rates (a size per second) into bytes per second."""
+    return float(parse_size(text.strip().removesuffix("/s")))
 
 
 def parse_bool(text: str | bool) -> bool:

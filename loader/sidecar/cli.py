@@ -115,9 +115,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 @_command
 def _prefetch(args: argparse.Namespace, client: Any) -> int:
-    from shoal.config import parse_size
+    from shoal.config import parse_rate
 
-    rate = float(parse_size(args.rate.removesuffix("/s")))
+    rate = parse_rate(args.rate)
     last = [0.0]
 
     def progress(p: Any) -> None:
