@@ -39,8 +39,9 @@ the page cache after its imports and setup, just before its clock starts):
 S3 (the npm ``s3rver`` on loopback, started here as the integration tests start it, with the
 same shards in a bucket; data kept in the cache folder): raw = ranged GETs of ``chunk``
 bytes by ``threads`` threads with one boto3 client, each body read straight into a
-preallocated, touched buffer (one untimed pass first: s3rver serves its first few hundred
-MB slower while Node warms up); Run:ai's streamer from ``s3://`` (path-style endpoint from
+preallocated, touched buffer (``raw``) or into fresh anonymous memory (``raw_fresh``, the
+limit for a CPU destination, as on local disk) (one untimed pass first: s3rver serves its
+first few hundred MB slower while Node warms up); Run:ai's streamer from ``s3://`` (path-style endpoint from
 ``AWS_ENDPOINT_URL``); Shoal's ``Streamer`` over ``S3Source``.
 
     python bench/loader.py [--quick] [--json] [--runs N] [--no-cold] [--no-s3]
@@ -50,6 +51,8 @@ MB slower while Node warms up); Run:ai's streamer from ``s3://`` (path-style end
 "fastsafetensors_gbps", "shoal_gbps", "shoal_first_tensor_ms", ...},
 "s3": {"raw_gbps", "runai_gbps", "shoal_gbps", "shoal_first_tensor_ms", ...},
 "local_cold": {...} | null, "machine": {...}, "checkpoint": {...}, "notes": [...]};
+each section also has ``first_tensor_floor_ms``: the first tensor's bytes at the raw fresh
+rate, a floor for the time to it in file order;
 an anchor that is not installed is null, with a note. Anchors are installed by
 ``bench/install_anchors.sh`` (not part of CI).
 """
@@ -180,6 +183,19 @@ def tensor_bytes(path: Path) -> int:
 
 
 # The tensors whose bytes every contender hashes after its clock stops: all must agree.
+def first_tensor(folder: Path) -> dict[str, Any]:
+    """The tensor a file-order load yields first: its size bounds the time to it."""
+    from loader.checkpoint import open_checkpoint
+    from loader.sources.local import LocalSource
+
+    source = LocalSource(folder)
+    try:
+        plan = open_checkpoint(source).plan()[0]
+    finally:
+        source.close()
+    return {"name": plan.name, "bytes": plan.nbytes}
+
+
 def sample_names(layers: int) -> list[str]:
     last = layers - 1
     return [
@@ -466,14 +482,17 @@ def run_shoal(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_s3_raw(spec: dict[str, Any]) -> dict[str, Any]:
-    """Ranged GETs of the shards' bytes by ``threads`` threads into a touched buffer."""
-    import numpy as np
-
+    """Ranged GETs of the shards' bytes by ``threads`` threads into one buffer, touched
+    before the clock starts or (``touched`` false) fresh private anonymous memory."""
     client = s3_client(spec["endpoint"], pool=spec["threads"] + 4)
     keys = [f"{spec['prefix']}/{Path(p).name}" for p in spec["files"]]
     sizes = [int(client.head_object(Bucket=BUCKET, Key=k)["ContentLength"]) for k in keys]
-    buffer = np.ones(sum(sizes), dtype=np.uint8)
-    view = memoryview(buffer)  # type: ignore[arg-type]
+    buffer = mmap.mmap(-1, sum(sizes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if spec.get("touched", True):
+        import numpy as np
+
+        np.frombuffer(buffer, dtype=np.uint8)[:] = 1
+    view = memoryview(buffer)
     chunk = spec["chunk"]
     work = []
     base = 0
@@ -669,7 +688,10 @@ class Bench:
             run_once("s3_raw", {**base, "threads": 8, "chunk": 64 * MiB})
             entries = self.raw_entries(
                 "raw", "raw ranged GETs", "s3_raw", self.args.s3_raw_settings, base
-            )
+            ) + self.raw_entries(
+                "raw_fresh", "raw ranged GETs, fresh memory", "s3_raw",
+                self.args.s3_raw_settings, {**base, "touched": False},
+            )  # fmt: skip
             missing = []
             if self.installed("runai"):
                 entries.append(Entry("runai", "runai", "runai", {**base, "s3_uri": uri}, env))
@@ -791,7 +813,8 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"\n{section:40}{'GB/s':>7}{'/raw':>7}{'/fresh':>7}{'first ms':>10}{'RSS +MB':>9}")
         named = [(label, details[key]) for label, key in rows if key in details]
         if section == "s3":
-            named[0] = ("raw ranged GETs", details["raw"])
+            named[:2] = [("raw ranged GETs", details["raw"]),
+                         ("raw ranged GETs, fresh memory", details["raw_fresh"])]  # fmt: skip
         named += [
             (f"Shoal, {got['concurrency']} reads x {got['chunk_mib']} MiB", got)
             for got in details.get("shoal_settings", [])
@@ -844,6 +867,7 @@ def main() -> None:
             "files": len(bench.files),
             "bytes": bench.total,
             "tensors": len(tensor_shapes(SHAPES[args.size]["layers"])),
+            "first_tensor": first_tensor(folder),
             "path": str(folder),
         },
         "runs": args.runs,
@@ -861,6 +885,16 @@ def main() -> None:
             bench.notes.append("cold page cache skipped: dropping it needs root")
     result["s3"] = None if args.no_s3 else bench.s3()
     result["machine"]["load_average_end"] = os.getloadavg()[0]
+    first = result["checkpoint"]["first_tensor"]
+    for section in ("local", "local_cold", "s3"):
+        got = result.get(section)
+        if got and got.get("raw_fresh_gbps"):
+            floor = first["bytes"] / got["raw_fresh_gbps"] / 1e6
+            got["first_tensor_floor_ms"] = floor
+            bench.notes.append(
+                f"{section}: the first tensor in file order ({first['name']}, "
+                f"{first['bytes'] / 1e6:.0f} MB) alone takes {floor:.0f} ms at the raw fresh rate"
+            )
     result["elapsed_s"] = time.monotonic() - started
     if args.json:
         print(json.dumps(result))

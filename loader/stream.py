@@ -1,25 +1,33 @@
 """The streamer: many concurrent ranged reads, straight into each tensor's memory, yielding
 every tensor the moment its last byte lands.
 
-Work is cut into *reads*::
+Work is cut into *reads* of at most ``chunk_bytes`` of one file, walking the tensors in
+load order::
 
-    tensor bytes (one plan range)      ──► reads of at most chunk_bytes, each landing in the
-                                           destination tensor's own memory (no copy)
-    small neighbours in one file       ──► one coalesced read of at most chunk_bytes into a
-      (each < coalesce_bytes, gaps           scratch buffer, then copied into each tensor
-       < merge_gap_bytes)                    (a norm weight is 8 KiB: one request each would
-                                             be latency-bound on S3)
+    a large tensor                     ──► several reads, each landing in its own part of
+                                           the tensor's memory
+    neighbours in one file (holes      ──► one read (one ``preadv`` with several iovecs, one
+      < merge_gap_bytes between them)      ranged GET) whose bytes land in each tensor's
+                                           memory in turn; the holes' bytes are dropped
+    the load's first tensor            ──► pieces of tensor / concurrency (>= 1 MiB), so
+                                           every reader works on it and it arrives first
+
+No byte is copied after it lands, and a request costs the same whatever it carries: on an
+object store a GET per tensor was the bottleneck (a 1B Llama has 147 tensors in 2.2 GB).
 
 Reads are issued in the plan's order (``order``: file order, layer order, or a caller's
 priority list first), at most ``concurrency`` at once on a thread pool (I/O releases the
 GIL), and at most ``rate_bytes_per_s`` on average (a token bucket shared by the readers).
+CPU tensors are ``torch.empty`` unless the caller passes ``allocate``. (Transparent huge
+pages for them were tried: 3x faster to fault in while the VM's memory is backed, 3x slower
+once the balloon's free page reporting has handed it back; bench/RESULTS.md, loader.)
 
 The memory bound. ``max_inflight_bytes`` caps what the streamer holds: destination tensors
-allocated and not yet handed out, plus scratch buffers of coalesced reads in flight. A read
-whose tensor is not allocated yet waits until that tensor fits under the bound (or nothing
-is held, so a single tensor larger than the bound still loads). A caller that drops each
-tensor after using it therefore never has more than the bound (plus one oversized tensor)
-in memory; ``statistics().peak_held_bytes`` reports the high-water mark.
+allocated and not yet handed out. A read whose tensors are not allocated yet waits until
+they fit under the bound (or nothing is held, so a single tensor larger than the bound
+still loads). A caller that drops each tensor after using it therefore never has more than
+the bound (plus one oversized tensor) in memory; ``statistics().peak_held_bytes`` reports
+the high-water mark.
 
 Failures: the first read that fails cancels the rest and raises its ``SourceError``; a tensor
 whose bytes do not match its published digest raises ``IntegrityError`` naming it.
@@ -69,8 +77,7 @@ class StreamOptions:
     rate_bytes_per_s: float = 0.0  # 0: unlimited
     order: Order = "file"
     priority: tuple[str, ...] = ()  # with order="priority": these names first, in this order
-    coalesce_bytes: int = 1 * MiB
-    merge_gap_bytes: int = 64 << 10
+    merge_gap_bytes: int = 64 << 10  # a hole up to this is read and dropped; < 0: no joins
     digests: Mapping[str, str] = field(default_factory=dict)  # name -> "sha256:<hex>"
 
     def __post_init__(self) -> None:
@@ -184,38 +191,40 @@ class _Read:
     path: str
     offset: int
     length: int
-    pieces: list[_Piece]  # one piece covering the whole read: it lands in place
-
-    @property
-    def in_place(self) -> bool:
-        return len(self.pieces) == 1 and self.pieces[0].length == self.length
+    room: int  # how many more bytes (holes included) may join this read
+    pieces: list[_Piece]
 
 
-def _reads(plans: Sequence[_Tensor], options: StreamOptions) -> list[_Read]:
-    pieces: list[_Piece] = []
-    for tensor in plans:
+def _reads(tensors: Sequence[_Tensor], options: StreamOptions) -> list[_Read]:
+    """Cut the tensors' byte ranges, in load order, into reads (see the module docstring)."""
+    reads: list[_Read] = []
+    head = next((t for t in tensors if t.remaining), None)
+    for tensor in tensors:
+        path = tensor.plan.path
+        budget = options.chunk_bytes
+        if tensor is head:
+            share = -(-tensor.remaining // options.concurrency)
+            budget = min(budget, max(MiB, -(-share // MiB) * MiB))
         dest = 0
         for offset, length in tensor.plan.ranges:
-            for start in range(0, length, options.chunk_bytes):
-                size = min(options.chunk_bytes, length - start)
-                pieces.append(_Piece(tensor, offset + start, size, dest + start))
+            done = 0
+            while done < length:
+                at = offset + done
+                last = reads[-1] if reads else None
+                hole = at - (last.offset + last.length) if last and last.path == path else -1
+                if last is not None and 0 <= hole <= options.merge_gap_bytes and last.room > hole:
+                    take = min(length - done, last.room - hole)
+                    last.length += hole + take
+                    last.room -= hole + take
+                    last.pieces.append(_Piece(tensor, at, take, dest + done))
+                else:
+                    take = min(length - done, budget)
+                    room = 0 if tensor is head else options.chunk_bytes - take
+                    reads.append(
+                        _Read(path, at, take, room, [_Piece(tensor, at, take, dest + done)])
+                    )
+                done += take
             dest += length
-    reads: list[_Read] = []
-    for piece in pieces:
-        last = reads[-1] if reads else None
-        small = piece.length < options.coalesce_bytes
-        if (
-            last is not None
-            and small
-            and last.path == piece.tensor.plan.path
-            and all(p.length < options.coalesce_bytes for p in last.pieces)
-            and 0 <= piece.file_offset - (last.offset + last.length) <= options.merge_gap_bytes
-            and piece.file_offset + piece.length - last.offset <= options.chunk_bytes
-        ):
-            last.length = piece.file_offset + piece.length - last.offset
-            last.pieces.append(piece)
-        else:
-            reads.append(_Read(piece.tensor.plan.path, piece.file_offset, piece.length, [piece]))
     return reads
 
 
@@ -258,6 +267,7 @@ class Streamer:
         self._allocate_tensor = allocate or (
             lambda plan: torch.empty(plan.nbytes, dtype=torch.uint8)
         )
+        self._hole = memoryview(bytearray(max(0, self.options.merge_gap_bytes)))
         self._limiter = limiter or RateLimiter(self.options.rate_bytes_per_s)
         self._bytes_total = sum(t.remaining for t in self._tensors)
         self._bytes_done = 0
@@ -298,7 +308,6 @@ class Streamer:
         self._start = time.monotonic()
         pending = deque(self._reads)
         inflight: dict[Future[None], _Read] = {}
-        scratch_held: dict[Future[None], int] = {}
         slots: dict[Future[None], int] = {}
         if self._ring is not None:
             self._hold(self._ring.nbytes)  # the ring is the load's host memory
@@ -328,20 +337,12 @@ class Streamer:
                         break  # wait for tensors to be handed out
                     pending.popleft()
                     self._allocate(read)
-                    buffer = None
-                    if not read.in_place:
-                        buffer = bytearray(read.length)
-                    future = pool.submit(self._read, read, buffer)
-                    inflight[future] = read
-                    if buffer is not None:
-                        scratch_held[future] = read.length
-                        self._hold(read.length)
+                    inflight[pool.submit(self._read, read)] = read
                 if not inflight:
                     continue
                 finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 for future in finished:
                     read = inflight.pop(future)
-                    self._held -= scratch_held.pop(future, 0)
                     slot = slots.pop(future, None)
                     try:
                         future.result()  # raises the source's error
@@ -383,7 +384,7 @@ class Streamer:
 
     def _new_bytes(self, read: _Read) -> int:
         fresh = {id(p.tensor): p.tensor.plan.nbytes for p in read.pieces if p.tensor.data is None}
-        return sum(fresh.values()) + (0 if read.in_place else read.length)
+        return sum(fresh.values())
 
     def _allocate(self, read: _Read) -> None:
         for piece in read.pieces:
@@ -402,22 +403,20 @@ class Streamer:
         self._limiter.acquire(read.length)
         self.source.read_into(read.path, read.offset, buffer)
 
-    def _read(self, read: _Read, scratch: bytearray | None) -> None:
+    def _read(self, read: _Read) -> None:
+        """One request for the whole read: each piece lands in its tensor, holes in a
+        throwaway buffer (readers race on it; nobody reads it)."""
         self._limiter.acquire(read.length)
-        if scratch is None:
-            piece = read.pieces[0]
-            assert piece.tensor.view is not None
-            target = piece.tensor.view[piece.dest_offset : piece.dest_offset + piece.length]
-            self.source.read_into(read.path, read.offset, target)
-            return
-        view = memoryview(scratch)
-        self.source.read_into(read.path, read.offset, view)
+        buffers: list[memoryview] = []
+        at = read.offset
         for piece in read.pieces:
-            assert piece.tensor.view is not None
-            start = piece.file_offset - read.offset
-            piece.tensor.view[piece.dest_offset : piece.dest_offset + piece.length] = view[
-                start : start + piece.length
-            ]
+            if piece.file_offset > at:
+                buffers.append(self._hole[: piece.file_offset - at])
+            view = piece.tensor.view
+            assert view is not None
+            buffers.append(view[piece.dest_offset : piece.dest_offset + piece.length])
+            at = piece.file_offset + piece.length
+        self.source.read_scatter(read.path, read.offset, buffers)
 
     def _finish(self, tensor: _Tensor) -> tuple[str, torch.Tensor]:
         plan = tensor.plan

@@ -1,7 +1,8 @@
 """Ranged reads over HTTP, shared by the S3 and HTTP sources: a response body lands in the
-caller's buffer, and a body cut short is resumed from where it stopped.
+caller's buffers (one range, filling each buffer in turn), and a body cut short is resumed
+from where it stopped.
 
-Invariant: ``read_resuming`` returns only when every byte of the buffer came from a
+Invariant: ``read_resuming`` returns only when every byte of the buffers came from a
 response whose ``Content-Range`` (or whole-object length) matched what was asked for;
 otherwise it raises. A connection that drops mid-body costs one more ranged request for the
 remainder, not a restart of the whole range.
@@ -20,12 +21,13 @@ import http.client
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import urllib3
 
 from loader.errors import SourceError, SourceUnavailable
+from loader.sources.base import advance
 
 __all__ = [
     "DEFAULT_BACKOFF",
@@ -91,29 +93,36 @@ def check_content_range(header: str | None, offset: int, length: int, describe: 
     return last - (offset + length - 1)
 
 
-def fill_from_body(response: object, view: memoryview) -> int:
-    """Read the body of a urllib3 response into ``view``; the number of bytes that landed.
+def fill_from_body(response: object, views: Sequence[memoryview]) -> int:
+    """Read the body of a urllib3 response into ``views``, one after the other; the number
+    of bytes that landed.
 
-    Reads until ``view`` is full or the body ends; a failure after some bytes landed is
+    Reads until every view is full or the body ends; a failure after some bytes landed is
     ``BodyInterrupted`` carrying the count in ``args[1]``.
     """
     fp = getattr(response, "_fp", None)
     filled = 0
     try:
-        if isinstance(fp, http.client.HTTPResponse):
-            while filled < len(view):
-                count = fp.readinto(view[filled:])
-                if not count:
-                    break
-                filled += count
-        else:
-            read: Callable[[int], bytes] = response.read  # type: ignore[attr-defined]
-            while filled < len(view):
-                chunk = read(min(len(view) - filled, 1 << 20))
-                if not chunk:
-                    break
-                view[filled : filled + len(chunk)] = chunk
-                filled += len(chunk)
+        for view in views:
+            done = 0
+            if isinstance(fp, http.client.HTTPResponse):
+                while done < len(view):
+                    count = fp.readinto(view[done:])
+                    if not count:
+                        break
+                    done += count
+                    filled += count
+            else:
+                read: Callable[[int], bytes] = response.read  # type: ignore[attr-defined]
+                while done < len(view):
+                    chunk = read(min(len(view) - done, 1 << 20))
+                    if not chunk:
+                        break
+                    view[done : done + len(chunk)] = chunk
+                    done += len(chunk)
+                    filled += len(chunk)
+            if done < len(view):
+                break  # the body ended
     except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError, ValueError) as exc:
         # ValueError: http.client reading from a response whose socket was closed under it;
         # urllib3's errors (ProtocolError, ReadTimeoutError) come from the read() fallback.
@@ -143,39 +152,43 @@ def release(response: object, *, complete: bool) -> None:
 
 
 def read_resuming(
-    read_once: Callable[[int, memoryview], int],
+    read_once: Callable[[int, Sequence[memoryview]], int],
     offset: int,
-    view: memoryview,
+    views: Sequence[memoryview],
     *,
     max_attempts: int,
     backoff: Backoff,
     describe: str,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Fill ``view`` with bytes ``[offset, offset + len(view))`` using ``read_once``.
+    """Fill ``views`` in turn with bytes ``[offset, offset + total length)`` using
+    ``read_once``.
 
-    ``read_once(offset, view)`` issues one ranged request and returns how many bytes landed
-    at the front of ``view`` (fewer when the body was cut short) or raises
+    ``read_once(offset, views)`` issues one ranged request for all of ``views`` and returns
+    how many bytes landed at their front (fewer when the body was cut short) or raises
     ``BodyInterrupted`` (its ``args[1]`` is the count that landed) or a ``SourceError``,
     which passes through. After ``max_attempts`` interruptions in total the read fails
     with ``SourceUnavailable``.
     """
+    total = sum(len(view) for view in views)
+    rest = [view for view in views if len(view)]
     done = 0
     interruptions = 0
-    while done < len(view):
+    while rest:
         try:
-            landed = read_once(offset + done, view[done:])
+            landed = read_once(offset + done, rest)
             reason = "the body ended early"
         except BodyInterrupted as exc:
             landed = int(exc.args[1])
             reason = str(exc.args[0])
         done += landed
-        if done >= len(view):
+        rest = advance(rest, landed)
+        if not rest:
             return
         interruptions += 1
         if interruptions >= max_attempts:
             raise SourceUnavailable(
-                f"{describe}: {done} of {len(view)} bytes after {interruptions} "
+                f"{describe}: {done} of {total} bytes after {interruptions} "
                 f"interrupted responses (last: {reason})"
             )
         sleep(backoff.delay_s(interruptions))

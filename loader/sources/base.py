@@ -8,19 +8,24 @@ before any source sees them, so no object outside the configured root can be nam
 sidecar takes paths from clients).
 
 Reads land in a buffer the caller owns (a slice of a pinned staging ring, or of the
-destination tensor's memory), so no source allocates per read. Sources are thread-safe:
+destination tensor's memory), so no source allocates per read. ``read_scatter`` fills
+several buffers from one contiguous byte range with one request (one ``preadv`` with
+several iovecs, one ranged GET whose body lands in each buffer in turn): the streamer reads
+adjacent tensors, each into its own memory, without a request per tensor or a scratch copy.
+Sources are thread-safe:
 the streamer keeps ``concurrency`` reads in flight from a thread pool, and I/O releases
 the GIL. ``read_into`` either fills the whole buffer or raises a ``SourceError``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from loader.errors import AccessDenied
 
-__all__ = ["ObjectInfo", "Source", "check_relative_path"]
+__all__ = ["ObjectInfo", "Source", "advance", "check_relative_path", "scatter_one_by_one"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +50,11 @@ class Source(Protocol):
         """Fill ``buffer`` with the object's bytes ``[offset, offset + len(buffer))``."""
         ...
 
+    def read_scatter(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Fill ``buffers`` in turn with the object's bytes from ``offset`` on: the first
+        gets ``[offset, offset + len(b0))``, the next the bytes after those, and so on."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -59,3 +69,26 @@ def check_relative_path(path: str) -> str:
     ):
         raise AccessDenied(f"refusing object path {path!r}: it must stay under the root")
     return path
+
+
+def advance(buffers: Sequence[memoryview], count: int) -> list[memoryview]:
+    """What is left of ``buffers`` once their first ``count`` bytes are filled."""
+    rest = list(buffers)
+    while rest and count >= len(rest[0]):
+        count -= len(rest.pop(0))
+    if rest and count:
+        rest[0] = rest[0][count:]
+    return rest
+
+
+def scatter_one_by_one(
+    read_into: Callable[[str, int, memoryview], None],
+    path: str,
+    offset: int,
+    buffers: Sequence[memoryview],
+) -> None:
+    """``read_scatter`` for a source with no request that fills several buffers: one
+    ``read_into`` per buffer."""
+    for buffer in buffers:
+        read_into(path, offset, buffer)
+        offset += len(buffer)

@@ -21,10 +21,11 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from loader.errors import SourceError
-from loader.sources.base import ObjectInfo, Source, check_relative_path
+from loader.sources.base import ObjectInfo, Source, advance, check_relative_path
 
 __all__ = ["CachedSource"]
 
@@ -83,14 +84,19 @@ class CachedSource:
         return self.inner.list()
 
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
+        self.read_scatter(path, offset, [buffer])
+
+    def read_scatter(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
         fd = self._copy_of(path)
         if fd is not None:
-            self._pread(path, fd, offset, buffer)
+            self._pread(path, fd, offset, buffers)
             self.hits += 1
             return
-        self.inner.read_into(path, offset, buffer)
+        self.inner.read_scatter(path, offset, buffers)
         self.misses += 1
-        self._write(path, offset, buffer)
+        for buffer in buffers:
+            self._write(path, offset, buffer)
+            offset += len(buffer)
 
     def close(self) -> None:
         with self._lock:
@@ -129,13 +135,14 @@ class CachedSource:
             self._local[path] = fd
         return fd
 
-    def _pread(self, path: str, fd: int, offset: int, buffer: memoryview) -> None:
-        done = 0
-        while done < len(buffer):
-            got = os.preadv(fd, [buffer[done:]], offset + done)
+    def _pread(self, path: str, fd: int, offset: int, buffers: Sequence[memoryview]) -> None:
+        rest = [b for b in buffers if len(b)]
+        while rest:
+            got = os.preadv(fd, rest[:1024], offset)  # 1024: Linux's IOV_MAX
             if got == 0:
                 raise SourceError(f"cached copy of {path} in {self.dir} ends early")
-            done += got
+            offset += got
+            rest = advance(rest, got)
 
     def _part(self, path: str) -> _Part | None:
         with self._lock:

@@ -33,7 +33,7 @@ import functools
 import json
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import urllib3
 from urllib3.exceptions import (
@@ -158,15 +158,16 @@ class HttpSource:
         return sorted(infos, key=lambda info: info.path)
 
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
+        self.read_scatter(path, offset, [buffer])
+
+    def read_scatter(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
         url = self._url(path)
-        view = byte_view(buffer)
+        views = [byte_view(buffer) for buffer in buffers]
         assert offset >= 0, f"negative offset {offset} for {url}"
-        if not view:
-            return
         read_resuming(
             functools.partial(self._get_range, path, url),
             offset,
-            view,
+            views,
             max_attempts=self._max_attempts,
             backoff=self._backoff,
             describe=url,
@@ -183,9 +184,10 @@ class HttpSource:
         if _is_strong(info.identity):
             self._etags[info.path] = info.identity
 
-    def _get_range(self, path: str, url: str, offset: int, view: memoryview) -> int:
-        """One ranged GET into the front of ``view``; the number of bytes that landed."""
-        headers = {"Range": f"bytes={offset}-{offset + len(view) - 1}"}
+    def _get_range(self, path: str, url: str, offset: int, views: Sequence[memoryview]) -> int:
+        """One ranged GET filling ``views`` in turn; the number of bytes that landed."""
+        length = sum(len(view) for view in views)
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         etag = self._etags.get(path)
         if etag is not None:
             headers["If-Match"] = etag
@@ -195,14 +197,14 @@ class HttpSource:
         try:
             if response.status == 206:
                 surplus = check_content_range(
-                    response.headers.get("Content-Range"), offset, len(view), url
+                    response.headers.get("Content-Range"), offset, length, url
                 )
             elif response.status == 200:
-                length = response.headers.get("Content-Length")
-                if offset != 0 or length is None or int(length) != len(view):
+                size = response.headers.get("Content-Length")
+                if offset != 0 or size is None or int(size) != length:
                     raise SourceError(
                         f"{url}: the server ignored the Range header (200 with "
-                        f"{length or 'unknown'} bytes for {len(view)} at offset {offset}); "
+                        f"{size or 'unknown'} bytes for {length} at offset {offset}); "
                         "it cannot serve ranged reads"
                     )
             else:
@@ -215,9 +217,9 @@ class HttpSource:
                     f"{url}: the object changed since it was first seen "
                     f"(ETag {pinned} became {seen}); stat it again"
                 )
-            landed = fill_from_body(response, view)
+            landed = fill_from_body(response, views)
         finally:
-            release(response, complete=landed == len(view) and surplus == 0)
+            release(response, complete=landed == length and surplus == 0)
         return landed
 
     def _stat_by_range(self, path: str, url: str) -> ObjectInfo:

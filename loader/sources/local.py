@@ -18,14 +18,16 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from loader.errors import AccessDenied, ObjectNotFound, SourceError
-from loader.sources.base import ObjectInfo, check_relative_path
+from loader.sources.base import ObjectInfo, advance, check_relative_path
 
 __all__ = ["LocalSource"]
 
 _ALIGN = 4096
+_IOV_MAX = 1024  # Linux's limit on iovecs per preadv
 
 
 class LocalSource:
@@ -88,24 +90,28 @@ class LocalSource:
         return fd
 
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
+        self.read_scatter(path, offset, [buffer])
+
+    def read_scatter(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
         fd = self._fd(path)
         if self.direct:
-            self._read_direct(path, fd, offset, buffer)
+            for buffer in buffers:
+                self._read_direct(path, fd, offset, buffer)
+                offset += len(buffer)
             return
-        done = 0
-        while done < len(buffer):
+        end = offset + sum(len(b) for b in buffers)
+        rest = [b for b in buffers if len(b)]
+        while rest:
             try:
-                got = os.preadv(fd, [buffer[done:]], offset + done)
+                got = os.preadv(fd, rest[:_IOV_MAX], offset)
             except OSError as exc:
-                raise SourceError(
-                    f"{self.root / path}: read at {offset + done}: {exc.strerror}"
-                ) from None
+                raise SourceError(f"{self.root / path}: read at {offset}: {exc.strerror}") from None
             if got == 0:
                 raise SourceError(
-                    f"{self.root / path}: file ends before byte {offset + len(buffer)} "
-                    f"(truncated while loading?)"
+                    f"{self.root / path}: file ends before byte {end} (truncated while loading?)"
                 )
-            done += got
+            offset += got
+            rest = advance(rest, got)
 
     def _read_direct(self, path: str, fd: int, offset: int, buffer: memoryview) -> None:
         start = offset - offset % _ALIGN

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from loader.errors import ObjectNotFound, SidecarUnavailable, SourceError, SourceUnavailable
 from loader.sidecar.client import PeerFiles, SidecarClient
 from loader.sources._ranged import byte_view
-from loader.sources.base import ObjectInfo, check_relative_path
+from loader.sources.base import ObjectInfo, check_relative_path, scatter_one_by_one
 
 __all__ = ["PeerSource", "parse_peer_uri"]
 
@@ -114,6 +114,9 @@ class PeerSource:
         with self._translated():
             self._client.read_into(self.checkpoint_uri, path, offset, byte_view(buffer),
                                    token=token, timeout_s=self.timeout_s)  # fmt: skip
+
+    def read_scatter(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
+        scatter_one_by_one(self.read_into, path, offset, buffers)
 
     def close(self) -> None:
         self._client.close()

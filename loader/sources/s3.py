@@ -1,10 +1,10 @@
 """S3 and S3-compatible object stores (``s3://bucket/prefix``) as a checkpoint source.
 
 Every read is one ranged ``GetObject`` (``Range: bytes=a-b``) whose body lands straight in
-the caller's buffer (``_ranged.fill_from_body``: the socket's buffered reader fills the
-buffer, no intermediate ``bytes``). One boto3 client serves all threads; its urllib3 pool
-holds ``concurrency`` connections, so the streamer's ``concurrency`` reads in flight never
-wait for a socket nor open one per read.
+the caller's buffers, one after the other (``_ranged.fill_from_body``: the socket's
+buffered reader fills each buffer, no intermediate ``bytes``). One boto3 client serves
+all threads; its urllib3 pool holds ``concurrency`` connections, so the streamer's
+``concurrency`` reads in flight never wait for a socket nor open one per read.
 
 Failures, in layers:
 
@@ -45,7 +45,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from botocore.exceptions import (
@@ -187,15 +187,16 @@ class S3Source:
         return infos
 
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
+        self.read_scatter(path, offset, [buffer])
+
+    def read_scatter(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
         key = self._key(path)
-        view = byte_view(buffer)
+        views = [byte_view(buffer) for buffer in buffers]
         assert offset >= 0, f"negative offset {offset} for {key}"
-        if not view:
-            return
         read_resuming(
             functools.partial(self._get_range, path, key),
             offset,
-            view,
+            views,
             max_attempts=self._max_attempts,
             backoff=self._backoff,
             describe=f"s3://{self.bucket}/{key}",
@@ -209,14 +210,15 @@ class S3Source:
     def _key(self, path: str) -> str:
         return self.prefix + check_relative_path(path)
 
-    def _get_range(self, path: str, key: str, offset: int, view: memoryview) -> int:
-        """One ranged GET into the front of ``view``; the number of bytes that landed."""
+    def _get_range(self, path: str, key: str, offset: int, views: Sequence[memoryview]) -> int:
+        """One ranged GET filling ``views`` in turn; the number of bytes that landed."""
+        length = sum(len(view) for view in views)
         describe = f"s3://{self.bucket}/{key}"
         etag = self._etags.get(path)
         request = {
             "Bucket": self.bucket,
             "Key": key,
-            "Range": f"bytes={offset}-{offset + len(view) - 1}",
+            "Range": f"bytes={offset}-{offset + length - 1}",
         }
         if etag is not None:
             request["IfMatch"] = etag
@@ -231,9 +233,9 @@ class S3Source:
             status = response["ResponseMetadata"]["HTTPStatusCode"]
             if status == 206:
                 surplus = check_content_range(
-                    response.get("ContentRange"), offset, len(view), describe
+                    response.get("ContentRange"), offset, length, describe
                 )
-            elif not (status == 200 and offset == 0 and response.get("ContentLength") == len(view)):
+            elif not (status == 200 and offset == 0 and response.get("ContentLength") == length):
                 raise SourceError(f"{describe}: answered a ranged GET with HTTP {status}")
             seen = response.get("ETag")
             # The first response pins the version when no stat did; later ones must match.
@@ -243,9 +245,9 @@ class S3Source:
                     f"{describe}: the object changed since it was first seen "
                     f"(ETag {pinned} became {seen}); stat it again"
                 )
-            landed = fill_from_body(raw, view)
+            landed = fill_from_body(raw, views)
         finally:
-            release(raw, complete=landed == len(view) and surplus == 0)
+            release(raw, complete=landed == length and surplus == 0)
         return landed
 
 

@@ -99,7 +99,7 @@ def assert_same(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
         {},
         {"concurrency": 1},
         {"chunk_bytes": 4096, "concurrency": 8},  # every big tensor in many reads
-        {"coalesce_bytes": 1, "chunk_bytes": 1000},  # no coalescing, odd read sizes
+        {"merge_gap_bytes": -1, "chunk_bytes": 1000},  # no joined tensors, odd read sizes
         {"order": "layers"},
         {"max_inflight_bytes": 1},  # one tensor at a time
     ],
@@ -263,6 +263,10 @@ class _Counting:
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
         self.reads += 1
         self.inner.read_into(path, offset, buffer)
+
+    def read_scatter(self, path: str, offset: int, buffers: list[memoryview]) -> None:
+        self.reads += 1
+        self.inner.read_scatter(path, offset, buffers)
 
     def close(self) -> None:
         pass

@@ -203,6 +203,26 @@ class SourceContract:
             assert read(source, "a.safetensors", 777, 2 * MiB) == data[777 : 777 + 2 * MiB]
             assert proxy.num_cuts_left == 0
 
+    def test_a_scatter_read_fills_each_buffer_in_turn(self, store: Store) -> None:
+        data = put_random(store, "a.safetensors")
+        sizes = [1, 100_000, 0, 300_001, 5]
+        buffers = [bytearray(n) for n in sizes]
+        source = store.source()
+        source.read_scatter("a.safetensors", 4097, [memoryview(b) for b in buffers])
+        assert b"".join(buffers) == data[4097 : 4097 + sum(sizes)]
+
+    def test_a_scatter_read_cut_short_resumes_inside_the_buffer_it_stopped_in(
+        self, store: Store
+    ) -> None:
+        data = put_random(store, "a.safetensors")
+        sizes = [150_000, 150_000, 1 * MiB, 3]  # 200,000 response bytes end in the second
+        buffers = [bytearray(n) for n in sizes]
+        with CuttingProxy(store.port, cut_after=200_000, num_cuts=2) as proxy:
+            source = store.source(port=proxy.port, max_attempts=3, backoff=FAST["backoff"])
+            source.read_scatter("a.safetensors", 11, [memoryview(b) for b in buffers])
+            assert proxy.num_cuts_left == 0
+        assert b"".join(buffers) == data[11 : 11 + sum(sizes)]
+
     def test_bodies_cut_short_past_the_attempts_are_unavailable(self, store: Store) -> None:
         put_random(store, "a.safetensors")
         with CuttingProxy(store.port, cut_after=200_000, num_cuts=100) as proxy:

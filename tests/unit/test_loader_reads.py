@@ -1,0 +1,94 @@
+"""How the streamer cuts a load into reads."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import torch
+from hypothesis import given, settings
+
+from loader.plan import TensorPlan
+from loader.stream import StreamOptions, _reads, _Tensor
+
+MiB = 1 << 20
+
+
+def tensors(*layout: tuple[str, int, int]) -> list[_Tensor]:
+    """``(path, file offset, length)`` per tensor, one range each."""
+    plans = [
+        TensorPlan(f"t{i}", path, torch.uint8, (length,), ((offset, length),))
+        for i, (path, offset, length) in enumerate(layout)
+    ]
+    return [_Tensor(plan, plan.nbytes) for plan in plans]
+
+
+def test_adjacent_tensors_share_reads_of_at_most_the_chunk() -> None:
+    # a small head, then 40 tensors of 100 KiB back to back in one file
+    layout = [("a", 0, 4096)] + [("a", 4096 + i * 102_400, 102_400) for i in range(40)]
+    reads = _reads(tensors(*layout), StreamOptions(chunk_bytes=1 * MiB, concurrency=4))
+    assert len(reads) == 1 + -(-40 * 102_400 // MiB)  # the head alone, then full chunks
+    assert [r.length for r in reads[1:-1]] == [MiB] * (len(reads) - 2)
+    assert len(reads[1].pieces) == 11  # ten whole tensors and the front of the eleventh
+
+
+def test_the_first_tensor_is_split_so_every_reader_works_on_it() -> None:
+    layout = [("a", 0, 128 * MiB), ("a", 128 * MiB, 64 * MiB)]
+    reads = _reads(tensors(*layout), StreamOptions(chunk_bytes=64 * MiB, concurrency=16))
+    head = [r for r in reads if r.pieces[0].tensor.plan.name == "t0"]
+    assert [r.length for r in head] == [8 * MiB] * 16
+    assert all(len(r.pieces) == 1 for r in head)  # nothing else rides on the head's reads
+    assert [r.length for r in reads[16:]] == [64 * MiB]
+
+
+def test_holes_are_read_through_up_to_the_gap_and_files_never_mix() -> None:
+    layout = [("a", 0, 100), ("a", 100, 100), ("a", 300, 100), ("a", 100_400, 100), ("b", 0, 9)]
+    options = StreamOptions(chunk_bytes=MiB, merge_gap_bytes=1000)
+    reads = _reads(tensors(*layout), options)
+    assert [(r.path, r.offset, r.length) for r in reads] == [
+        ("a", 0, 100),  # the head
+        ("a", 100, 300),  # t1, a 100-byte hole, t2
+        ("a", 100_400, 100),  # too far
+        ("b", 0, 9),
+    ]
+    never = _reads(tensors(*layout), StreamOptions(chunk_bytes=MiB, merge_gap_bytes=-1))
+    assert len(never) == len(layout)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=30),
+    holes=st.lists(st.integers(0, 300), min_size=30, max_size=30),
+    chunk=st.integers(1, 6000),
+    gap=st.integers(-1, 200),
+    concurrency=st.integers(1, 8),
+)
+def test_every_byte_is_read_once_into_its_place(
+    sizes: list[int], holes: list[int], chunk: int, gap: int, concurrency: int
+) -> None:
+    layout, offset = [], 0
+    for size, hole in zip(sizes, holes, strict=False):
+        offset += hole
+        layout.append(("a", offset, size))
+        offset += size
+    options = StreamOptions(chunk_bytes=chunk, merge_gap_bytes=gap, concurrency=concurrency)
+    planned = tensors(*layout)
+    reads = _reads(planned, options)
+    filled: dict[str, list[tuple[int, int]]] = {t.plan.name: [] for t in planned}
+    for read in reads:
+        assert read.length <= max(chunk, 1)
+        at = read.offset
+        for piece in read.pieces:
+            assert piece.length > 0
+            assert 0 <= piece.file_offset - at <= max(gap, 0)  # holes within the gap
+            at = piece.file_offset + piece.length
+            filled[piece.tensor.plan.name].append((piece.dest_offset, piece.length))
+            ((start, _),) = piece.tensor.plan.ranges
+            assert piece.file_offset - start == piece.dest_offset  # lands where it belongs
+        assert at == read.offset + read.length
+    for tensor in planned:
+        covered = sorted(filled[tensor.plan.name])
+        expected, end = 0, 0
+        for dest, length in covered:
+            assert dest == end  # no overlap, no hole
+            end = dest + length
+        expected = tensor.plan.nbytes
+        assert end == expected
