@@ -41,8 +41,8 @@ same shards in a bucket; data kept in the cache folder): raw = ranged GETs of ``
 bytes by ``threads`` threads with one boto3 client, each body read straight into a
 preallocated, touched buffer (``raw``) or into fresh anonymous memory (``raw_fresh``, the
 limit for a CPU destination, as on local disk) (one untimed pass first: s3rver serves its
-first few hundred MB slower while Node warms up); Run:ai's streamer from ``s3://`` (path-style endpoint from
-``AWS_ENDPOINT_URL``); Shoal's ``Streamer`` over ``S3Source``.
+first few hundred MB slower while Node warms up); Run:ai's streamer from ``s3://``
+(path-style endpoint from ``AWS_ENDPOINT_URL``); Shoal's ``Streamer`` over ``S3Source``.
 
     python bench/loader.py [--quick] [--json] [--runs N] [--no-cold] [--no-s3]
 
