@@ -95,9 +95,7 @@ class LocalSource:
     def read_scatter(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
         fd = self._fd(path)
         if self.direct:
-            for buffer in buffers:
-                self._read_direct(path, fd, offset, buffer)
-                offset += len(buffer)
+            self._read_direct(path, fd, offset, buffers)
             return
         end = offset + sum(len(b) for b in buffers)
         rest = [b for b in buffers if len(b)]
@@ -113,12 +111,17 @@ class LocalSource:
             offset += got
             rest = advance(rest, got)
 
-    def _read_direct(self, path: str, fd: int, offset: int, buffer: memoryview) -> None:
+    def _read_direct(self, path: str, fd: int, offset: int, buffers: Sequence[memoryview]) -> None:
+        """One aligned direct read over all of ``buffers`` into this thread's scratch, then
+        a copy into each."""
+        length = sum(len(b) for b in buffers)
         start = offset - offset % _ALIGN
-        end = -(-(offset + len(buffer)) // _ALIGN) * _ALIGN
+        end = -(-(offset + length) // _ALIGN) * _ALIGN
         scratch = getattr(self._scratch, "buffer", None)
         if scratch is None or len(scratch) < end - start:
-            scratch = mmap.mmap(-1, max(end - start, 8 << 20))  # page-aligned
+            scratch = mmap.mmap(
+                -1, max(end - start, 8 << 20), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            )  # page-aligned
             self._scratch.buffer = scratch
         view = memoryview(scratch)[: end - start]
         done = 0
@@ -132,9 +135,12 @@ class LocalSource:
             raise SourceError(
                 f"{self.root / path}: direct read at {start}: {exc.strerror}"
             ) from None
-        if done < offset - start + len(buffer):
-            raise SourceError(f"{self.root / path}: file ends before byte {offset + len(buffer)}")
-        buffer[:] = view[offset - start : offset - start + len(buffer)]
+        if done < offset - start + length:
+            raise SourceError(f"{self.root / path}: file ends before byte {offset + length}")
+        at = offset - start
+        for buffer in buffers:
+            buffer[:] = view[at : at + len(buffer)]
+            at += len(buffer)
         view.release()
 
     def close(self) -> None:
