@@ -9,8 +9,6 @@ load order::
     neighbours in one file (holes      ──► one read (one ``preadv`` with several iovecs, one
       < merge_gap_bytes between them)      ranged GET) whose bytes land in each tensor's
                                            memory in turn; the holes' bytes are dropped
-    the load's first tensor            ──► pieces of tensor / concurrency (>= 1 MiB), so
-                                           every reader works on it and it arrives first
 
 No byte is copied after it lands, and a request costs the same whatever it carries: on an
 object store a GET per tensor was the bottleneck (a 1B Llama has 147 tensors in 2.2 GB).
@@ -198,13 +196,9 @@ class _Read:
 def _reads(tensors: Sequence[_Tensor], options: StreamOptions) -> list[_Read]:
     """Cut the tensors' byte ranges, in load order, into reads (see the module docstring)."""
     reads: list[_Read] = []
-    head = next((t for t in tensors if t.remaining), None)
+    budget = options.chunk_bytes
     for tensor in tensors:
         path = tensor.plan.path
-        budget = options.chunk_bytes
-        if tensor is head:
-            share = -(-tensor.remaining // options.concurrency)
-            budget = min(budget, max(MiB, -(-share // MiB) * MiB))
         dest = 0
         for offset, length in tensor.plan.ranges:
             done = 0
@@ -219,7 +213,7 @@ def _reads(tensors: Sequence[_Tensor], options: StreamOptions) -> list[_Read]:
                     last.pieces.append(_Piece(tensor, at, take, dest + done))
                 else:
                     take = min(length - done, budget)
-                    room = 0 if tensor is head else options.chunk_bytes - take
+                    room = budget - take
                     reads.append(
                         _Read(path, at, take, room, [_Piece(tensor, at, take, dest + done)])
                     )

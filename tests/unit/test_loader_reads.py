@@ -22,21 +22,20 @@ def tensors(*layout: tuple[str, int, int]) -> list[_Tensor]:
 
 
 def test_adjacent_tensors_share_reads_of_at_most_the_chunk() -> None:
-    # a small head, then 40 tensors of 100 KiB back to back in one file
-    layout = [("a", 0, 4096)] + [("a", 4096 + i * 102_400, 102_400) for i in range(40)]
+    layout = [("a", i * 102_400, 102_400) for i in range(40)]  # 40 x 100 KiB, back to back
     reads = _reads(tensors(*layout), StreamOptions(chunk_bytes=1 * MiB, concurrency=4))
-    assert len(reads) == 1 + -(-40 * 102_400 // MiB)  # the head alone, then full chunks
-    assert [r.length for r in reads[1:-1]] == [MiB] * (len(reads) - 2)
-    assert len(reads[1].pieces) == 11  # ten whole tensors and the front of the eleventh
+    assert len(reads) == -(-40 * 102_400 // MiB)
+    assert [r.length for r in reads[:-1]] == [MiB] * (len(reads) - 1)
+    assert len(reads[0].pieces) == 11  # ten whole tensors and the front of the eleventh
+    assert reads[1].pieces[0].tensor is reads[0].pieces[-1].tensor  # its back, then on
 
 
-def test_the_first_tensor_is_split_so_every_reader_works_on_it() -> None:
-    layout = [("a", 0, 128 * MiB), ("a", 128 * MiB, 64 * MiB)]
-    reads = _reads(tensors(*layout), StreamOptions(chunk_bytes=64 * MiB, concurrency=16))
-    head = [r for r in reads if r.pieces[0].tensor.plan.name == "t0"]
-    assert [r.length for r in head] == [8 * MiB] * 16
-    assert all(len(r.pieces) == 1 for r in head)  # nothing else rides on the head's reads
-    assert [r.length for r in reads[16:]] == [64 * MiB]
+def test_a_large_tensor_is_cut_at_the_chunk_and_its_tail_shares_a_read() -> None:
+    layout = [("a", 0, 40 * MiB), ("a", 40 * MiB, 12 * MiB)]
+    reads = _reads(tensors(*layout), StreamOptions(chunk_bytes=16 * MiB))
+    assert [(r.offset, r.length, len(r.pieces)) for r in reads] == [
+        (0, 16 * MiB, 1), (16 * MiB, 16 * MiB, 1), (32 * MiB, 16 * MiB, 2), (48 * MiB, 4 * MiB, 1),
+    ]  # fmt: skip
 
 
 def test_holes_are_read_through_up_to_the_gap_and_files_never_mix() -> None:
@@ -44,8 +43,7 @@ def test_holes_are_read_through_up_to_the_gap_and_files_never_mix() -> None:
     options = StreamOptions(chunk_bytes=MiB, merge_gap_bytes=1000)
     reads = _reads(tensors(*layout), options)
     assert [(r.path, r.offset, r.length) for r in reads] == [
-        ("a", 0, 100),  # the head
-        ("a", 100, 300),  # t1, a 100-byte hole, t2
+        ("a", 0, 400),  # t0, t1, a 100-byte hole, t2
         ("a", 100_400, 100),  # too far
         ("b", 0, 9),
     ]
