@@ -48,6 +48,8 @@ def register(subparsers: Any) -> None:
     load.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (or AWS_ENDPOINT_URL)")
     load.add_argument("--cache-dir", help="write remote checkpoints through to this local cache")
     load.add_argument("--tls-ca", help="PEM CA bundle verifying a peer:// sidecar over TLS")
+    load.add_argument("--tls-cert", help="PEM client certificate for a peer requiring mTLS")
+    load.add_argument("--tls-key", help="PEM private key of --tls-cert")
     load.add_argument(
         "--no-fallback", action="store_true",
         help="fail if the peer cannot serve the checkpoint instead of reading its origin",
@@ -85,8 +87,9 @@ def _load(args: argparse.Namespace) -> int:
         source_options["endpoint_url"] = args.s3_endpoint
     if args.cache_dir:
         source_options["cache_dir"] = args.cache_dir
-    if args.tls_ca:
-        source_options["tls_ca"] = args.tls_ca
+    for name in ("tls_ca", "tls_cert", "tls_key"):
+        if getattr(args, name):
+            source_options[name] = getattr(args, name)
     if args.no_fallback:
         source_options["fallback"] = False
     try:

@@ -9,7 +9,8 @@ function is idempotent, as vLLM may call it more than once.
 ``http(s)://host/prefix`` or a peer sidecar holding one (``peer://host:port/s3://...``).
 ``--model-loader-extra-config`` keys (all optional): ``concurrency``, ``chunk_bytes``,
 ``max_inflight_bytes``, ``rate_bytes_per_s``, ``order`` (file | layers), ``s3_endpoint``,
-``direct``, ``cache_dir`` (write-through disk cache), ``tls_ca`` (a TLS peer's CA bundle).
+``direct``, ``cache_dir`` (write-through disk cache), ``tls_ca`` (a TLS peer's CA bundle),
+``tls_cert`` and ``tls_key`` (this engine's certificate for a peer requiring mutual TLS).
 
 vLLM's model classes shard weights themselves (each parameter's ``weight_loader`` slices the
 full checkpoint tensor for its tensor-parallel rank), so this loader streams whole tensors;
@@ -38,7 +39,7 @@ __all__ = ["LOAD_FORMAT", "ShoalModelLoader", "register"]
 
 LOAD_FORMAT = "shoal"
 _OPTION_KEYS = {"concurrency", "chunk_bytes", "max_inflight_bytes", "rate_bytes_per_s", "order"}
-_SOURCE_KEYS = {"s3_endpoint", "direct", "cache_dir", "tls_ca"}
+_SOURCE_KEYS = {"s3_endpoint", "direct", "cache_dir", "tls_ca", "tls_cert", "tls_key"}
 
 
 class ShoalModelLoader(BaseModelLoader):
@@ -59,8 +60,9 @@ class ShoalModelLoader(BaseModelLoader):
             self.source_options["direct"] = bool(extra["direct"])
         if extra.get("cache_dir"):
             self.source_options["cache_dir"] = str(extra["cache_dir"])
-        if extra.get("tls_ca"):
-            self.source_options["tls_ca"] = str(extra["tls_ca"])
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            if extra.get(name):
+                self.source_options[name] = str(extra[name])
 
     def _uri(self, model_config: ModelConfig) -> str:
         return str(getattr(model_config, "model_weights", None) or model_config.model)

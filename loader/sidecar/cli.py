@@ -80,7 +80,11 @@ def _command(fn: Callable[[argparse.Namespace, Any], int]) -> Callable[[argparse
         config = _config(args)
         try:
             with SidecarClient(
-                config.target, tls_ca=config.tls_ca or None, timeout_s=config.timeout_s
+                config.target,
+                tls_ca=config.tls_ca or None,
+                tls_cert=config.tls_client_cert or None,
+                tls_key=config.tls_client_key or None,
+                timeout_s=config.timeout_s,
             ) as client:
                 return fn(args, client)
         except (SidecarUnavailable, SourceUnavailable) as exc:

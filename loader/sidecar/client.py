@@ -195,16 +195,26 @@ def _to_device(
 
 class SidecarClient:
     """Calls to one sidecar: ``target`` is ``unix:/path`` or ``host:port`` (with ``tls_ca``,
-    the PEM bundle that verifies the sidecar, for TLS)."""
+    the PEM bundle that verifies the sidecar, for TLS; and ``tls_cert`` + ``tls_key``, the
+    client's own certificate, for a sidecar that requires one)."""
 
     def __init__(
-        self, target: str, *, tls_ca: str | bytes | None = None, timeout_s: float = 10.0
+        self,
+        target: str,
+        *,
+        tls_ca: str | bytes | None = None,
+        tls_cert: str | bytes | None = None,
+        tls_key: str | bytes | None = None,
+        timeout_s: float = 10.0,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
         if tls_ca:
-            roots = tls_ca if isinstance(tls_ca, bytes) else Path(tls_ca).read_bytes()
-            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_ca),
+                private_key=_pem(tls_key) if tls_key else None,
+                certificate_chain=_pem(tls_cert) if tls_cert else None,
+            )
             self._channel = grpc.secure_channel(target, credentials)
         else:
             self._channel = grpc.insecure_channel(target)
@@ -365,3 +375,8 @@ def _result(staged: pb.Staged) -> StageResult:
         staged.staging_s,
     )  # fmt: skip
     return StageResult(table, _ORIGINS.get(staged.origin, "staged"))
+
+
+def _pem(value: str | bytes) -> bytes:
+    """PEM bytes given, or read from the file named."""
+    return value if isinstance(value, bytes) else Path(value).read_bytes()

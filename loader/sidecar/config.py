@@ -12,7 +12,9 @@ Unix socket's own mode is not a reliable guard, the directory's is.
 ``listen`` picks the transport: empty (that socket), ``unix:/path``, or ``tcp://host:port``.
 TCP serves a controller warming a node from elsewhere (``Prefetch``, ``List``, ``Health``);
 mapping the staged tensors still needs the engine on the sidecar's host. TCP needs TLS
-(``tls_cert`` + ``tls_key``) unless the host is a loopback address.
+(``tls_cert`` + ``tls_key``) unless the host is a loopback address; ``tls_client_ca`` makes
+it mutual: only clients presenting a certificate that CA signed get a connection (clients
+present ``tls_client_cert`` + ``tls_client_key``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ class LoaderConfig:
     )
     tls_cert: str = setting("", "PEM certificate chain the sidecar presents over TCP")
     tls_key: str = setting("", "PEM private key of tls_cert")
+    tls_client_ca: str = setting(
+        "", "PEM CA bundle: when set, TCP clients must present a certificate it signed (mTLS)"
+    )
     tls_ca: str = setting("", "clients: PEM CA bundle that verifies the sidecar's certificate")
+    tls_client_cert: str = setting(
+        "", "clients: PEM certificate to present to a sidecar that requires one"
+    )
+    tls_client_key: str = setting("", "clients: PEM private key of tls_client_cert")
     capacity_bytes: int = setting(
         8 << 30, "bound on staged plus staging bytes in shared memory", size=True
     )
@@ -76,6 +85,10 @@ class LoaderConfig:
             raise ValueError("rate_bytes_per_s must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if bool(self.tls_client_cert) != bool(self.tls_client_key):
+            raise ValueError("tls_client_cert and tls_client_key go together")
         if self.listen.startswith("tcp://"):
             host, port = self.tcp_address
             if not 0 < port < 65536:

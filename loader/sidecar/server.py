@@ -108,9 +108,14 @@ class SidecarServer:
                 try:
                     key = Path(config.tls_key).read_bytes()
                     chain = Path(config.tls_cert).read_bytes()
+                    clients = (
+                        Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+                    )
                 except OSError as exc:
-                    raise LoaderError(f"cannot read the TLS key or certificate: {exc}") from None
-                credentials = grpc.ssl_server_credentials([(key, chain)])
+                    raise LoaderError(f"cannot read a TLS key, certificate or CA: {exc}") from None
+                credentials = grpc.ssl_server_credentials(
+                    [(key, chain)], root_certificates=clients, require_client_auth=bool(clients)
+                )
             port = self._add_port(address, credentials)
         if port == 0:
             raise LoaderError(f"cannot listen on {address}")
@@ -129,6 +134,7 @@ class SidecarServer:
         log.info(
             "loader sidecar ready",
             extra={"target": self.target, "tls": bool(self.config.tls_cert),
+                   "mutual_tls": bool(self.config.tls_client_ca),
                    "capacity_bytes": self.config.capacity_bytes, "pid": os.getpid()},
         )  # fmt: skip
 

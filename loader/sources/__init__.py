@@ -1,4 +1,5 @@
-"""Checkpoint sources: ``base`` (the boundary), ``local``, ``s3``, ``http``, ``peer``.
+"""Checkpoint sources: ``base`` (the boundary), ``local``, ``s3``, ``http``, ``peer``
+(``fallback``: a peer backed by its origin), ``cache`` (a disk cache in front of another).
 
 ``open_source(uri)`` picks one by scheme and returns it with the file the URI names, if it
 names one (a URI ending in ``.safetensors`` or ``.json``)::
@@ -14,18 +15,23 @@ The peer fallback: when the peer cannot serve the checkpoint (it does not hold i
 staging it, holds it only sliced, or cannot be reached) and ``<uri>`` has a scheme
 (``s3://``, ``http(s)://``, ``file://``), ``open_source`` asks the peer for its file table
 up front and, failing that, opens ``<uri>`` itself: the origin serves this load, and the log
-says which one did. A bare path after the peer's address names a folder on the *peer's*
-host, so it has no fallback. ``fallback=False`` raises the peer's error instead.
+says which one did. A peer that fails in the middle of the load hands the rest of it to the
+origin too (``PeerWithFallback``: each file is checked to be the one the peer staged). A
+bare path after the peer's address names a folder on the *peer's* host, so it has no
+fallback. ``fallback=False`` raises the peer's error instead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loader.errors import SourceUnavailable, StagingConflict, UnknownCheckpoint
 from loader.sources.base import ObjectInfo, Source, check_relative_path
+
+if TYPE_CHECKING:
+    from loader.sources.peer import PeerSource
 
 __all__ = ["ObjectInfo", "Source", "check_relative_path", "open_source"]
 
@@ -37,6 +43,8 @@ def open_source(
     *,
     cache_dir: str | None = None,
     tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
     fallback: bool = True,
     **options: Any,
 ) -> tuple[Source, str | None]:
@@ -44,9 +52,13 @@ def open_source(
 
     ``cache_dir`` puts a write-through disk cache (``CachedSource``) in front of a remote
     source; local files are read in place. ``tls_ca`` verifies a ``peer://`` sidecar's
-    certificate; ``fallback`` is the peer fallback above (``options`` go to the origin)."""
+    certificate, and ``tls_cert`` + ``tls_key`` are this client's for one that requires
+    mutual TLS; ``fallback`` is the peer fallback above (``options`` go to the origin)."""
     if uri.startswith(("peer://", "peer+unix://")):
-        return _open_peer(uri, cache_dir, tls_ca, fallback, options)
+        from loader.sources.peer import PeerSource
+
+        peer = PeerSource(uri, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+        return _open_peer(peer, cache_dir, fallback, options)
     root, file = uri, None
     last = uri.rstrip("/").rsplit("/", 1)[-1]
     if last.endswith((".safetensors", ".json")):
@@ -73,11 +85,8 @@ def open_source(
 
 
 def _open_peer(
-    uri: str, cache_dir: str | None, tls_ca: str | None, fallback: bool, options: dict[str, Any]
+    peer: PeerSource, cache_dir: str | None, fallback: bool, options: dict[str, Any]
 ) -> tuple[Source, str | None]:
-    from loader.sources.peer import PeerSource
-
-    peer = PeerSource(uri, tls_ca=tls_ca)
     origin = peer.checkpoint_uri
     if not fallback or "://" not in origin:
         return _cached(peer, cache_dir), None
@@ -85,13 +94,18 @@ def _open_peer(
         files = peer.files()
     except (UnknownCheckpoint, StagingConflict, SourceUnavailable) as exc:
         peer.close()
-        log.warning("the peer cannot serve %s (%s); reading it from its origin", uri, exc)
+        log.warning("the peer cannot serve %s (%s); reading it from its origin", peer.uri, exc)
         return open_source(origin, cache_dir=cache_dir, **options)
     except BaseException:
         peer.close()
         raise
     log.info("peer %s serves %s (%d files)", peer.target, origin, len(files.files))
-    return _cached(peer, cache_dir), None
+    from loader.sources.fallback import PeerWithFallback
+
+    def open_origin() -> Source:
+        return open_source(origin, **options)[0]
+
+    return _cached(PeerWithFallback(peer, open_origin), cache_dir), None
 
 
 def _cached(source: Source, cache_dir: str | None) -> Source:

@@ -24,10 +24,9 @@ The first call asks the peer for the file table once (``Files``) and keeps its s
 token: a read after the peer evicted and staged the checkpoint again fails instead of mixing
 two stagings. Errors: a peer that does not hold the checkpoint raises ``UnknownCheckpoint``;
 one still staging it, or that cannot be reached or dies mid-load, ``SourceUnavailable``
-(no retries: a peer is a shortcut, and ``open_source`` can fall back to the origin at the
-start of a load); one that holds it only sliced for tensor parallelism, ``StagingConflict``.
-Rejected: falling back to the origin in the middle of a load (two sources' bytes in one
-load, where identities would need comparing per file: left for later).
+(no retries: a peer is a shortcut, and ``open_source`` falls back to the origin, at the
+start of a load or in its middle through ``fallback.PeerWithFallback``); one that holds it
+only sliced for tensor parallelism, ``StagingConflict``.
 """
 
 from __future__ import annotations
@@ -78,13 +77,21 @@ class PeerSource:
     """The files of one checkpoint a peer sidecar staged whole."""
 
     def __init__(
-        self, uri: str, *, tls_ca: str | bytes | None = None, timeout_s: float = 30.0
+        self,
+        uri: str,
+        *,
+        tls_ca: str | bytes | None = None,
+        tls_cert: str | bytes | None = None,
+        tls_key: str | bytes | None = None,
+        timeout_s: float = 30.0,
     ) -> None:
         """``timeout_s`` bounds each call: the file table, and each ranged read."""
         self.uri = uri
         self.target, self.checkpoint_uri = parse_peer_uri(uri)
         self.timeout_s = timeout_s
-        self._client = SidecarClient(self.target, tls_ca=tls_ca, timeout_s=timeout_s)
+        self._client = SidecarClient(
+            self.target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, timeout_s=timeout_s
+        )
         self._lock = threading.Lock()
         self._held: PeerFiles | None = None
 

@@ -30,6 +30,7 @@ from loader.plan import INDEX_FILE  # noqa: E402
 from loader.sidecar._proto import loader_pb2 as pb  # noqa: E402
 from loader.sidecar._proto import loader_pb2_grpc as pb_grpc  # noqa: E402
 from loader.sources import open_source  # noqa: E402
+from loader.sources.fallback import PeerWithFallback  # noqa: E402
 from loader.sources.local import LocalSource  # noqa: E402
 from loader.sources.peer import PeerSource, parse_peer_uri  # noqa: E402
 from loader.stream import Streamer, StreamOptions  # noqa: E402
@@ -168,7 +169,7 @@ def test_header_and_tensor_bytes_are_served_as_the_file_has_them(
 
 def test_bytes_between_tensors_are_refused_not_invented(peer: Sidecar, base: Path) -> None:
     tensors = {
-        "0": torch.zeros(4),  # the load's first tensor is read on its own (module docstring)
+        "0": torch.zeros(4),
         "a": torch.arange(16, dtype=torch.float32),
         "b": torch.ones(8),
     }
@@ -250,7 +251,7 @@ def test_open_source_falls_back_to_the_origin_and_says_so(
         caplog.clear()
         source, _ = open_source(uri)
         try:
-            assert isinstance(source, PeerSource)
+            assert isinstance(source, PeerWithFallback) and source.origin is None
             assert_identical(load_all(source), folder)
         finally:
             source.close()
@@ -322,4 +323,56 @@ def test_a_peer_killed_mid_load_is_unavailable_within_a_bounded_time(tmp_path: P
     finally:
         source.close()
         for segment in victim.segments():  # what the killed sidecar could not unlink
+            segment.unlink()
+
+
+def kill_mid_load(victim: Sidecar, source: object) -> Iterator[tuple[str, torch.Tensor]]:
+    """A slow load from ``source`` whose peer is killed after the first tensor arrived."""
+    checkpoint = open_checkpoint(source)  # type: ignore[arg-type]
+    options = StreamOptions(concurrency=2, chunk_bytes=1 * MiB, rate_bytes_per_s=8 * MiB)
+    stream = iter(Streamer(checkpoint.source, checkpoint.plan(), options))
+    yield next(stream)
+    victim.process.kill()
+    victim.process.wait()
+    yield from stream
+
+
+def test_a_peer_killed_mid_load_hands_the_rest_to_the_origin(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = write_sharded(tmp_path / "m", big_model(32 * MiB), num_shards=2)
+    victim = start_sidecar(tmp_path)
+    with victim.client() as client:
+        client.prefetch(f"file://{folder}")
+    source, _ = open_source(peer_uri(victim, f"file://{folder}"))
+    try:
+        assert isinstance(source, PeerWithFallback)
+        with caplog.at_level(logging.WARNING, logger="shoal.loader.sources"):
+            loaded = dict(kill_mid_load(victim, source))
+        assert isinstance(source.origin, LocalSource)
+        assert "reading the rest from the origin" in caplog.text
+        assert_identical(loaded, folder)
+    finally:
+        source.close()
+        for segment in victim.segments():
+            segment.unlink()
+
+
+def test_an_origin_changed_since_the_staging_fails_instead_of_mixing(tmp_path: Path) -> None:
+    folder = write_sharded(tmp_path / "m", big_model(32 * MiB), num_shards=2)
+    victim = start_sidecar(tmp_path)
+    with victim.client() as client:
+        client.prefetch(f"file://{folder}")
+    for shard in folder.glob("*.safetensors"):  # same bytes, but a new file: a new identity
+        data = shard.read_bytes()
+        shard.unlink()
+        shard.write_bytes(data)
+    source, _ = open_source(peer_uri(victim, f"file://{folder}"))
+    try:
+        with pytest.raises(SourceError, match="changed since the peer staged it"):
+            for _ in kill_mid_load(victim, source):
+                pass
+    finally:
+        source.close()
+        for segment in victim.segments():
             segment.unlink()

@@ -455,6 +455,35 @@ def test_tls_over_tcp_and_the_capacity_bound(tmp_path: Path) -> None:
     assert sidecar.segments() == []
 
 
+def test_mutual_tls_admits_only_clients_with_a_certificate_its_ca_signed(
+    tmp_path: Path,
+) -> None:
+    cert, key, pem = self_signed(tmp_path)
+    (tmp_path / "client").mkdir()
+    (tmp_path / "stranger").mkdir()
+    client_cert, client_key, _ = self_signed(tmp_path / "client")
+    stranger_cert, stranger_key, _ = self_signed(tmp_path / "stranger")
+    sidecar = start_sidecar(
+        tmp_path, tls_ca=pem, listen=f"tcp://localhost:{free_port()}", tls_cert=cert,
+        tls_key=key, tls_client_ca=client_cert,
+    )  # fmt: skip
+    try:
+        with sidecar.client() as anonymous, pytest.raises(SidecarUnavailable):
+            anonymous.health()  # the handshake fails: no request reaches the service
+        stranger = sidecar.client(tls_cert=stranger_cert, tls_key=stranger_key)
+        with stranger, pytest.raises(SidecarUnavailable):
+            stranger.health()
+        with sidecar.client(tls_cert=client_cert, tls_key=client_key) as member:
+            assert member.health().capacity_bytes > 0
+        tls = ["--tls-ca", str(cert), "--tls-client-cert", str(client_cert)]
+        listed = sidecar.cli("list", "--json", *tls, "--tls-client-key", str(client_key))
+        assert listed.returncode == 0, listed.stderr
+        refused = sidecar.cli("list", "--json", "--tls-ca", str(cert))
+        assert refused.returncode == 3, refused.stderr
+    finally:
+        assert sidecar.stop() == 0, sidecar.log()
+
+
 def test_tcp_without_tls_is_refused_off_loopback(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "shoal", "loader", "serve", "--listen", "tcp://0.0.0.0:7000",
