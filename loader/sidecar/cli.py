@@ -3,9 +3,11 @@
 ::
 
     serve      run the sidecar in the foreground
-    prefetch   stage a checkpoint in the sidecar's shared memory (progress on stderr)
-    list       staged checkpoints: id, state, size, age, URI
-    evict      unlink a staged checkpoint's segment and forget it
+    prefetch   stage a checkpoint in the sidecar's shared memory (progress on stderr;
+               --detach: return at once and let it stage with nobody waiting)
+    list       staged checkpoints: id, state (staging, ready, failed), size, age, URI, error
+    evict      unlink a staged checkpoint's segment and forget it (a detached staging:
+               cancel it; a failed one: forget it)
     health     serving, staged bytes, capacity
 
 Every verb but ``serve`` talks to the sidecar that ``--name``/``--runtime-dir``/``--listen``
@@ -56,6 +58,10 @@ def register(subparsers: Any) -> None:
     prefetch.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size")
     prefetch.add_argument("--order", choices=["file", "layers"], default="file")
     prefetch.add_argument("--rate", default="0", help="at most this many bytes/s (0: sidecar's)")
+    prefetch.add_argument(
+        "--detach", action="store_true",
+        help="return once the sidecar accepted it; it stages on (watch with list)",
+    )  # fmt: skip
     listing = verb("list", "staged checkpoints of a running sidecar", _list)
     evict = verb("evict", "unlink a staged checkpoint and forget it", _evict)
     evict.add_argument("checkpoint_id", metavar="ID", help="checkpoint id (see `list`)")
@@ -132,10 +138,14 @@ def _prefetch(args: argparse.Namespace, client: Any) -> int:
             print(f"{p.bytes_done}/{p.bytes_total} bytes, {p.tensors_done}/{p.tensors_total} "
                   f"tensors, {gbps:.2f} GB/s", file=sys.stderr, flush=True)  # fmt: skip
 
-    result = client.prefetch(
-        args.uri, tp_rank=args.tp_rank, tp_size=args.tp_size, order=args.order,
-        rate_bytes_per_s=rate, on_progress=None if args.json else progress,
-    )  # fmt: skip
+    spec = {"tp_rank": args.tp_rank, "tp_size": args.tp_size, "order": args.order,
+            "rate_bytes_per_s": rate}  # fmt: skip
+    if args.detach:
+        accepted = {"checkpoint_id": client.prefetch_detached(args.uri, **spec),
+                    "state": "staging in the background (shoal loader list)"}  # fmt: skip
+        print(json.dumps(accepted) if args.json else _pairs(accepted))
+        return 0
+    result = client.prefetch(args.uri, on_progress=None if args.json else progress, **spec)
     table = result.table
     summary = {
         "checkpoint_id": table.checkpoint_id, "origin": result.origin,
@@ -158,15 +168,16 @@ def _list(args: argparse.Namespace, client: Any) -> int:
             "loads": i.num_loads,
             "tp": f"{i.tp_rank}/{i.tp_size}",
             "uri": i.uri,
+            "error": i.error,
         }
         for i in client.list()
     ]
     if args.json:
         print(json.dumps(rows))
         return 0
-    header = ["ID", "STATE", "BYTES", "AGE_S", "LOADS", "TP", "URI"]
+    header = ["ID", "STATE", "BYTES", "AGE_S", "LOADS", "TP", "URI", "ERROR"]
     cells = [[r["checkpoint_id"], r["state"], str(r["bytes"]), f"{r['age_s']:.1f}",
-              str(r["loads"]), r["tp"], r["uri"]] for r in rows]  # fmt: skip
+              str(r["loads"]), r["tp"], r["uri"], r["error"]] for r in rows]  # fmt: skip
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     for line in [header, *cells]:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))

@@ -60,7 +60,7 @@ __all__ = ["LoadedCheckpoint", "PeerFiles", "SidecarClient", "SidecarHealth", "S
 log = logging.getLogger(__name__)
 
 _ORIGINS = {pb.ORIGIN_STAGED: "staged", pb.ORIGIN_JOINED: "joined", pb.ORIGIN_CACHED: "cached"}
-_STATES = {pb.STATE_STAGING: "staging", pb.STATE_READY: "ready"}
+_STATES = {pb.STATE_STAGING: "staging", pb.STATE_READY: "ready", pb.STATE_FAILED: "failed"}
 _CUDA_HOST_REGISTER_READ_ONLY = 0x08
 
 
@@ -238,6 +238,17 @@ class SidecarClient:
         rate_bytes_per_s, digests) and return its table without mapping it."""
         return self._stage(self._stub.Prefetch, uri, spec, on_progress)
 
+    def prefetch_detached(self, uri: str, **spec: Any) -> str:
+        """Start staging ``uri`` (or find it staging or staged) and return its checkpoint
+        id at once: the staging goes on with nobody waiting. ``list()`` shows how it ends
+        (state "ready", or "failed" with the error); ``evict(id)`` cancels it."""
+        if "://" not in uri:
+            uri = os.path.abspath(uri)
+        checked = StageSpec(uri, **spec)
+        for _ in self._events(self._stub.Prefetch(self._request(checked, detach=True))):
+            pass
+        return checked.checkpoint_id
+
     def load(
         self,
         uri: str,
@@ -260,12 +271,7 @@ class SidecarClient:
         if "://" not in uri:
             uri = os.path.abspath(uri)  # the sidecar does not share our working directory
         checked = StageSpec(uri, **spec)  # bad arguments fail here, before any call
-        request = pb.StageRequest(
-            uri=checked.uri, tp_rank=checked.tp_rank, tp_size=checked.tp_size,
-            order=checked.order, rate_bytes_per_s=checked.rate_bytes_per_s,
-            digests=dict(checked.digests),
-        )  # fmt: skip
-        call = method(request)
+        call = method(self._request(checked))
         try:
             for event in self._events(call):
                 if event.HasField("progress") and on_progress is not None:
@@ -280,6 +286,13 @@ class SidecarClient:
             call.cancel()  # e.g. Ctrl-C: the sidecar stops staging if no one else waits
             raise
         raise LoaderError(f"loader sidecar at {self.target} ended the call without a table")
+
+    @staticmethod
+    def _request(spec: StageSpec, *, detach: bool = False) -> pb.StageRequest:
+        return pb.StageRequest(
+            uri=spec.uri, tp_rank=spec.tp_rank, tp_size=spec.tp_size, order=spec.order,
+            rate_bytes_per_s=spec.rate_bytes_per_s, digests=dict(spec.digests), detach=detach,
+        )  # fmt: skip
 
     def _events(self, call: Any) -> Iterator[pb.StageEvent]:
         try:
@@ -350,6 +363,7 @@ class SidecarClient:
                 c.age_s,
                 c.bytes_done,
                 c.num_loads,
+                c.error,
             )
             for c in reply.checkpoints
         ]

@@ -54,7 +54,7 @@ __all__ = [
     "read_segment_header",
 ]
 
-State = Literal["staging", "ready"]
+State = Literal["staging", "ready", "failed"]
 SEGMENT_MAGIC = b"SHOALLD1"
 SEGMENT_VERSION = 1
 DATA_OFFSET = 4096
@@ -121,6 +121,7 @@ class StagingInfo:
     age_s: float
     bytes_done: int
     num_loads: int
+    error: str = ""  # state "failed" (a detached staging): "<Kind>: <message>"
 
 
 def layout(plans: Sequence[TensorPlan]) -> tuple[list[int], int]:

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 2 << 20  # under gRPC's default 4 MiB receive limit, with room to spare
 _ORIGINS = {"staged": pb.ORIGIN_STAGED, "joined": pb.ORIGIN_JOINED, "cached": pb.ORIGIN_CACHED}
-_STATES = {"staging": pb.STATE_STAGING, "ready": pb.STATE_READY}
+_STATES = {"staging": pb.STATE_STAGING, "ready": pb.STATE_READY, "failed": pb.STATE_FAILED}
 
 
 def spec_from(request: pb.StageRequest) -> StageSpec:
@@ -104,9 +104,14 @@ class LoaderService(pb_grpc.LoaderServicer):
     ) -> Iterator[pb.StageEvent]:
         try:
             spec = spec_from(request)
+            if request.detach and load:
+                raise ValueError("detach is for Prefetch: a Load maps what it waits for")
         except ValueError as exc:
             _abort(context, exc)
-        ticket = self.stager.stage(spec, load=load)
+        ticket = self.stager.stage(spec, load=load, detach=request.detach)
+        if request.detach:
+            ticket.release()  # the staging goes on; List tells how it ends
+            return
         context.add_callback(ticket.release)
         try:
             sent: Progress | None = None
@@ -141,6 +146,7 @@ class LoaderService(pb_grpc.LoaderServicer):
                     age_s=i.age_s,
                     bytes_done=i.bytes_done,
                     num_loads=i.num_loads,
+                    error=i.error,
                 )
                 for i in self.stager.list()
             ]

@@ -11,7 +11,10 @@ Coalescing and cancellation: each caller holds a ``Ticket``. The first starts a 
 thread; later callers join it. When the last ticket of a staging is released before it is
 ready (the caller's RPC was cancelled: its process died), the staging is cancelled: the
 rate limiter's sleeps are cut short, the streamer's reads drain, the segment is unlinked and
-the capacity returned. A ready checkpoint stays until evicted (it is a cache for the next
+the capacity returned. A *detached* staging (``stage(detach=True)``: a controller warming a
+node, which does not wait) is never cancelled by callers leaving; ``evict`` cancels it, and
+if it fails its error is kept for ``list`` (state "failed") until it is staged again or
+evicted. A ready checkpoint stays until evicted (it is a cache for the next
 ``Load``). Rejected: one staging per caller (N engines of a node would each pull the
 checkpoint from object storage) and making capacity an LRU cache that evicts ready
 checkpoints by itself (an engine about to map one would find it gone; eviction is an
@@ -149,6 +152,7 @@ class _Entry:
     segment: _Segment | None = None
     waiters: int = 0
     num_loads: int = 0
+    detached: bool = False  # no caller needs to stay for the staging to go on
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -213,6 +217,7 @@ class Stager:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
+        self._failed: dict[str, tuple[_Entry, str]] = {}  # detached stagings that failed
         self._staged = 0
         self._reserved = 0
         self._num_stagings = 0
@@ -228,11 +233,13 @@ class Stager:
 
     # -- calls from the service -----------------------------------------------------------
 
-    def stage(self, spec: StageSpec, *, load: bool = False) -> Ticket:
-        """Start staging ``spec``, or join the staging under way, or take the ready one."""
+    def stage(self, spec: StageSpec, *, load: bool = False, detach: bool = False) -> Ticket:
+        """Start staging ``spec``, or join the staging under way, or take the ready one.
+        ``detach``: the staging goes on when every caller has left (module docstring)."""
         checkpoint_id = spec.checkpoint_id
         while True:
             with self._lock:
+                self._failed.pop(checkpoint_id, None)
                 entry = self._entries.get(checkpoint_id)
                 if entry is None:
                     entry = _Entry(spec, self._clock())
@@ -248,6 +255,7 @@ class Stager:
                 if entry is not None:
                     entry.waiters += 1
                     entry.num_loads += int(load)
+                    entry.detached |= detach
                     break
             doomed.done.wait()
         if origin == "staged":
@@ -259,28 +267,39 @@ class Stager:
     def list(self) -> list[StagingInfo]:
         now = self._clock()
         with self._lock:
-            entries = list(self._entries.values())
+            entries = [(e, "") for e in self._entries.values()]
+            entries += list(self._failed.values())
         return [
             StagingInfo(
                 e.spec.checkpoint_id,
                 e.spec.uri,
                 e.spec.tp_rank,
                 max(e.spec.tp_size, 1),
-                e.size,
+                e.size if e.state != "failed" else 0,
                 e.state,
                 now - e.started,
                 e.progress.bytes_done if e.progress else (e.size if e.state == "ready" else 0),
                 e.num_loads,
+                error,
             )
-            for e in entries
+            for e, error in entries
         ]
 
     def evict(self, checkpoint_id: str) -> int:
-        """Forget a ready checkpoint and unlink its segment; the bytes freed."""
+        """Forget a ready checkpoint and unlink its segment; the bytes freed. A detached
+        staging is cancelled (0 bytes: its reservation returns as it stops); a failed one
+        is forgotten."""
         with self._lock:
+            if self._failed.pop(checkpoint_id, None) is not None:
+                return 0
             entry = self._entries.get(checkpoint_id)
             if entry is None:
                 raise UnknownCheckpoint(f"no staged checkpoint {checkpoint_id!r} (see List)")
+            if entry.state != "ready" and entry.detached:
+                entry.detached = False  # an operator's cancel is not a failure to keep
+                entry.cancel.set()
+                log.info("detached staging cancelled", extra={"uri": entry.spec.uri})
+                return 0
             if entry.state != "ready":
                 raise StagingConflict(
                     f"checkpoint {checkpoint_id} ({entry.spec.uri}) is still staging; it is "
@@ -363,6 +382,7 @@ class Stager:
         with self._lock:
             entries = list(self._entries.values())
         for entry in entries:
+            entry.detached = False
             entry.cancel.set()
         for entry in entries:
             entry.done.wait(30)
@@ -370,6 +390,7 @@ class Stager:
                 entry.segment.release()
         with self._lock:
             self._entries.clear()
+            self._failed.clear()
             self._staged = self._reserved = 0
 
     # -- internals --------------------------------------------------------------------------
@@ -381,7 +402,7 @@ class Stager:
             ticket._released = True
             entry = ticket._entry
             entry.waiters -= 1
-            if entry.waiters == 0 and entry.state == "staging":
+            if entry.waiters == 0 and entry.state == "staging" and not entry.detached:
                 log.info("every caller left; cancelling", extra={"uri": entry.spec.uri})
                 entry.cancel.set()
 
@@ -412,7 +433,10 @@ class Stager:
             finally:
                 source.close()
         except _Cancelled:
-            self._fail(entry, StagingConflict(f"staging {spec.uri} cancelled: every caller left"))
+            self._fail(
+                entry,
+                StagingConflict(f"staging {spec.uri} cancelled: every caller left, or evicted"),
+            )
         except LoaderError as exc:
             self._fail(entry, exc)
         except Exception as exc:  # a bug: tell the callers (INTERNAL), keep serving
@@ -512,6 +536,10 @@ class Stager:
             self._reserved -= entry.size
             if self._entries.get(entry.spec.checkpoint_id) is entry:
                 del self._entries[entry.spec.checkpoint_id]
+                if entry.detached:  # evict and close clear it before they cancel
+                    entry.state = "failed"
+                    reason = f"{type(error).__name__}: {error}"
+                    self._failed[entry.spec.checkpoint_id] = (entry, reason)
             entry.error = error
         entry.done.set()
         log.info("staging ended", extra={"uri": entry.spec.uri, "error": str(error)})

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from loader.sidecar import SidecarClient  # noqa: E402
 from loader.sidecar._proto import loader_pb2 as pb  # noqa: E402
 from loader.sidecar._proto import loader_pb2_grpc as pb_grpc  # noqa: E402
 from loader.sidecar.config import LoaderConfig  # noqa: E402
+from loader.sidecar.segment import StagingInfo  # noqa: E402
 from tests.integration.conftest import (  # noqa: E402
     ENV,
     free_port,
@@ -453,6 +455,66 @@ def test_tls_over_tcp_and_the_capacity_bound(tmp_path: Path) -> None:
     finally:
         assert sidecar.stop() == 0, sidecar.log()
     assert sidecar.segments() == []
+
+
+def wait_for_state(client: SidecarClient, checkpoint_id: str, state: str) -> StagingInfo:
+    deadline = time.monotonic() + 20
+    while True:
+        found = [i for i in client.list() if i.checkpoint_id == checkpoint_id]
+        if found and found[0].state == state:
+            return found[0]
+        assert time.monotonic() < deadline, f"{checkpoint_id} never became {state}: {found}"
+        time.sleep(0.02)
+
+
+def mine(client: SidecarClient, checkpoint_id: str) -> list[StagingInfo]:
+    return [i for i in client.list() if i.checkpoint_id == checkpoint_id]
+
+
+def test_a_detached_prefetch_stages_on_with_nobody_waiting(sidecar: Sidecar, base: Path) -> None:
+    model = write_checkpoint(base / "models" / "detached", big_model(8 * MiB))
+    with sidecar.client() as client:
+        checkpoint_id = client.prefetch_detached(str(model), rate_bytes_per_s=2 * MiB)
+        assert wait_for_state(client, checkpoint_id, "staging").bytes_done < 8 * MiB
+    with sidecar.client() as client:  # the caller is gone: it goes on all the same
+        wait_for_state(client, checkpoint_id, "ready")
+        with client.load(str(model)) as loaded:
+            assert loaded.origin == "cached"
+            assert_same(loaded.tensors, model)
+        assert client.evict(checkpoint_id) > 0
+
+
+def test_a_failed_detached_prefetch_keeps_its_error_until_evicted(
+    sidecar: Sidecar, base: Path
+) -> None:
+    model = write_checkpoint(base / "models" / "detached-bad", small_model(seed=31))
+    shard = model / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    with sidecar.client() as client:
+        checkpoint_id = client.prefetch_detached(str(model))
+        failed = wait_for_state(client, checkpoint_id, "failed")
+        assert failed.error.startswith("CheckpointError") and "model.safetensors" in failed.error
+        listed = json.loads(sidecar.cli("list", "--json").stdout)
+        assert [r["error"] for r in listed if r["checkpoint_id"] == checkpoint_id] == [failed.error]
+        assert client.evict(checkpoint_id) == 0
+        assert mine(client, checkpoint_id) == []
+    assert not any(checkpoint_id in p.name for p in sidecar.segments())
+
+
+def test_evicting_a_detached_staging_cancels_it(sidecar: Sidecar, base: Path) -> None:
+    model = write_checkpoint(base / "models" / "detached-slow", big_model(16 * MiB))
+    started = sidecar.cli("prefetch", str(model), "--detach", "--rate", "2MiB", "--json")
+    assert started.returncode == 0, started.stderr
+    checkpoint_id = json.loads(started.stdout)["checkpoint_id"]
+    with sidecar.client() as client:
+        wait_for_state(client, checkpoint_id, "staging")
+        assert client.evict(checkpoint_id) == 0
+        deadline = time.monotonic() + 10
+        while mine(client, checkpoint_id) or any(
+            checkpoint_id in p.name for p in sidecar.segments()
+        ):
+            assert time.monotonic() < deadline, (client.list(), sidecar.segments())
+            time.sleep(0.02)
 
 
 def test_mutual_tls_admits_only_clients_with_a_certificate_its_ca_signed(

@@ -19,6 +19,7 @@ class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STATE_UNSPECIFIED: _ClassVar[State]
     STATE_STAGING: _ClassVar[State]
     STATE_READY: _ClassVar[State]
+    STATE_FAILED: _ClassVar[State]
 ORIGIN_UNSPECIFIED: Origin
 ORIGIN_STAGED: Origin
 ORIGIN_JOINED: Origin
@@ -26,9 +27,10 @@ ORIGIN_CACHED: Origin
 STATE_UNSPECIFIED: State
 STATE_STAGING: State
 STATE_READY: State
+STATE_FAILED: State
 
 class StageRequest(_message.Message):
-    __slots__ = ("uri", "tp_rank", "tp_size", "order", "rate_bytes_per_s", "digests")
+    __slots__ = ("uri", "tp_rank", "tp_size", "order", "rate_bytes_per_s", "digests", "detach")
     class DigestsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -42,13 +44,15 @@ class StageRequest(_message.Message):
     ORDER_FIELD_NUMBER: _ClassVar[int]
     RATE_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    DETACH_FIELD_NUMBER: _ClassVar[int]
     uri: str
     tp_rank: int
     tp_size: int
     order: str
     rate_bytes_per_s: float
     digests: _containers.ScalarMap[str, str]
-    def __init__(self, uri: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., order: _Optional[str] = ..., rate_bytes_per_s: _Optional[float] = ..., digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    detach: bool
+    def __init__(self, uri: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., order: _Optional[str] = ..., rate_bytes_per_s: _Optional[float] = ..., digests: _Optional[_Mapping[str, str]] = ..., detach: _Optional[bool] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("bytes_done", "bytes_total", "tensors_done", "tensors_total", "elapsed_s", "gbps")
@@ -111,7 +115,7 @@ class ListRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CheckpointInfo(_message.Message):
-    __slots__ = ("checkpoint_id", "uri", "tp_rank", "tp_size", "bytes", "state", "age_s", "bytes_done", "num_loads")
+    __slots__ = ("checkpoint_id", "uri", "tp_rank", "tp_size", "bytes", "state", "age_s", "bytes_done", "num_loads", "error")
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +125,7 @@ class CheckpointInfo(_message.Message):
     AGE_S_FIELD_NUMBER: _ClassVar[int]
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
     NUM_LOADS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     checkpoint_id: str
     uri: str
     tp_rank: int
@@ -130,7 +135,8 @@ class CheckpointInfo(_message.Message):
     age_s: float
     bytes_done: int
     num_loads: int
-    def __init__(self, checkpoint_id: _Optional[str] = ..., uri: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., bytes: _Optional[int] = ..., state: _Optional[_Union[State, str]] = ..., age_s: _Optional[float] = ..., bytes_done: _Optional[int] = ..., num_loads: _Optional[int] = ...) -> None: ...
+    error: str
+    def __init__(self, checkpoint_id: _Optional[str] = ..., uri: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., bytes: _Optional[int] = ..., state: _Optional[_Union[State, str]] = ..., age_s: _Optional[float] = ..., bytes_done: _Optional[int] = ..., num_loads: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListReply(_message.Message):
     __slots__ = ("checkpoints",)

@@ -85,7 +85,8 @@ class LoaderServicer:
     def Prefetch(self, request, context):
         """The same staging for a caller that does not map it now (an operator or controller
         warming a node). Staging stops, and its memory is freed, once every caller waiting on
-        it has gone.
+        it has gone; with detach, the call ends once the staging is accepted and the staging
+        goes on with nobody waiting (List shows how it ends; Evict cancels it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
