@@ -34,7 +34,10 @@ def register(subparsers: Any) -> None:
         default=16,
         help="reads in flight (16)",
     )
-    load.add_argument("--chunk-bytes", default="16MiB", help="largest single read (16MiB)")
+    load.add_argument(
+        "--chunk-bytes", default="0",
+        help="largest single read (0: the source's, 16MiB local and peer, 64MiB S3 and HTTP)",
+    )  # fmt: skip
     load.add_argument("--max-inflight", default="1GiB", help="memory bound (1GiB)")
     load.add_argument("--rate", default="0", help="bytes per second, e.g. 500MB/s (0: unlimited)")
     load.add_argument("--order", choices=["file", "layers", "priority"], default="file")

@@ -37,6 +37,7 @@ faults pages one at a time).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import threading
@@ -64,13 +65,14 @@ __all__ = [
 ]
 
 MiB = 1 << 20
+DEFAULT_CHUNK_BYTES = 16 * MiB
 Order = Literal["file", "layers", "priority"]
 
 
 @dataclass(frozen=True, slots=True)
 class StreamOptions:
     concurrency: int = 16
-    chunk_bytes: int = 16 * MiB
+    chunk_bytes: int = 0  # 0: the source's preferred_chunk_bytes (16 MiB where it has none)
     max_inflight_bytes: int = 1024 * MiB
     rate_bytes_per_s: float = 0.0  # 0: unlimited
     order: Order = "file"
@@ -79,8 +81,10 @@ class StreamOptions:
     digests: Mapping[str, str] = field(default_factory=dict)  # name -> "sha256:<hex>"
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1 or self.chunk_bytes < 1 or self.max_inflight_bytes < 1:
-            raise ValueError("concurrency, chunk_bytes and max_inflight_bytes must be positive")
+        if self.concurrency < 1 or self.chunk_bytes < 0 or self.max_inflight_bytes < 1:
+            raise ValueError(
+                "concurrency and max_inflight_bytes must be positive, chunk_bytes >= 0"
+            )
         if self.rate_bytes_per_s < 0:
             raise ValueError("rate_bytes_per_s must be >= 0")
 
@@ -197,6 +201,7 @@ def _reads(tensors: Sequence[_Tensor], options: StreamOptions) -> list[_Read]:
     """Cut the tensors' byte ranges, in load order, into reads (see the module docstring)."""
     reads: list[_Read] = []
     budget = options.chunk_bytes
+    assert budget > 0, "the Streamer resolves chunk_bytes=0 to its source's preference"
     for tensor in tensors:
         path = tensor.plan.path
         dest = 0
@@ -245,7 +250,11 @@ class Streamer:
         ``StagingRing`` of ``max_inflight_bytes`` (pinned on CUDA) and copies each slot into
         tensors allocated on the device, overlapping the copies with the next reads."""
         self.source = source
-        self.options = options or StreamOptions()
+        options = options or StreamOptions()
+        if not options.chunk_bytes:
+            chunk = int(getattr(source, "preferred_chunk_bytes", DEFAULT_CHUNK_BYTES))
+            options = dataclasses.replace(options, chunk_bytes=chunk)
+        self.options = options
         self.device = torch.device(device)
         ordered = order_plans(plans, self.options.order, self.options.priority)
         self._tensors = [_Tensor(plan, plan.nbytes) for plan in ordered]

@@ -58,7 +58,9 @@ class LoaderConfig:
         8 << 30, "bound on staged plus staging bytes in shared memory", size=True
     )
     concurrency: int = setting(16, "reads in flight per staging")
-    chunk_bytes: int = setting(16 << 20, "largest single read", size=True)
+    chunk_bytes: int = setting(
+        0, "largest single read; 0 = the source's (16MiB local, 64MiB S3 and HTTP)", size=True
+    )
     rate_bytes_per_s: int = setting(
         0, "bytes per second per staging (0: unlimited); a request may only ask for less",
         size=True,
@@ -77,8 +79,8 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"name {self.name!r} must be non-empty and contain no '/'")
-        if self.capacity_bytes <= 0 or self.concurrency < 1 or self.chunk_bytes < 1:
-            raise ValueError("capacity_bytes, concurrency and chunk_bytes must be positive")
+        if self.capacity_bytes <= 0 or self.concurrency < 1 or self.chunk_bytes < 0:
+            raise ValueError("capacity_bytes and concurrency must be positive, chunk_bytes >= 0")
         if self.workers < 2 or self.progress_interval_s <= 0 or self.timeout_s <= 0:
             raise ValueError("workers must be >= 2; progress_interval_s, timeout_s positive")
         if self.rate_bytes_per_s < 0:

@@ -37,6 +37,9 @@ class ObjectInfo:
 
 class Source(Protocol):
     uri: str  # where the root is, for messages
+    # The read size the streamer uses unless told otherwise: what a request costs decides
+    # it (a positional read nearly nothing, an HTTP request a round trip and server work).
+    preferred_chunk_bytes: int
 
     def stat(self, path: str) -> ObjectInfo:
         """Size and identity of one object; ``ObjectNotFound`` if it does not exist."""

@@ -61,6 +61,7 @@ class CachedSource:
     def __init__(self, inner: Source, cache_dir: str | Path) -> None:
         self.inner = inner
         self.uri = inner.uri
+        self.preferred_chunk_bytes = inner.preferred_chunk_bytes  # misses cost what it costs
         digest = hashlib.sha256(inner.uri.encode()).hexdigest()[:16]
         self.dir = Path(cache_dir) / digest
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -37,6 +37,7 @@ class PeerWithFallback:
     def __init__(self, peer: PeerSource, open_origin: Callable[[], Source]) -> None:
         self.peer = peer
         self.uri = peer.uri
+        self.preferred_chunk_bytes = peer.preferred_chunk_bytes
         self._open_origin = open_origin
         self._lock = threading.Lock()
         self._origin: Source | None = None

@@ -74,6 +74,8 @@ _MAX_INDEX_BYTES = 64 << 20
 class HttpSource:
     """Objects under an ``http://`` or ``https://`` URL prefix, read with ranged GETs."""
 
+    preferred_chunk_bytes = 64 << 20  # a request per range costs a round trip: as S3Source
+
     def __init__(
         self,
         uri: str,

@@ -31,6 +31,8 @@ _IOV_MAX = 1024  # Linux's limit on iovecs per preadv
 
 
 class LocalSource:
+    preferred_chunk_bytes = 16 << 20
+
     def __init__(self, root: str | Path, *, direct: bool = False) -> None:
         self.root = Path(root).resolve()
         self.uri = str(self.root)

@@ -76,6 +76,8 @@ def parse_peer_uri(uri: str) -> tuple[str, str]:
 class PeerSource:
     """The files of one checkpoint a peer sidecar staged whole."""
 
+    preferred_chunk_bytes = 16 << 20  # a Read streams 2 MiB messages over one channel
+
     def __init__(
         self,
         uri: str,

@@ -111,6 +111,11 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 class S3Source:
     """Objects directly under ``s3://bucket/prefix/``, read with ranged GETs."""
 
+    # A GET costs a round trip and the server's per-request work: 64 MiB ranges ran 20%
+    # faster than 16 MiB ones on s3rver (bench/RESULTS.md, loader); on AWS a range this
+    # size is still ~1 s per connection, so 16 in flight keep a link busy.
+    preferred_chunk_bytes = 64 << 20
+
     def __init__(
         self,
         uri: str,

@@ -252,6 +252,7 @@ class _Counting:
     def __init__(self, inner: LocalSource) -> None:
         self.inner = inner
         self.uri = "counting+" + inner.uri
+        self.preferred_chunk_bytes = inner.preferred_chunk_bytes
         self.reads = 0
 
     def stat(self, path: str) -> object:
