@@ -16,7 +16,11 @@ object store a GET per tensor was the bottleneck (a 1B Llama has 147 tensors in 
 Reads are issued in the plan's order (``order``: file order, layer order, or a caller's
 priority list first), at most ``concurrency`` at once on a thread pool (I/O releases the
 GIL), and at most ``rate_bytes_per_s`` on average (a token bucket shared by the readers).
-CPU tensors are ``torch.empty`` unless the caller passes ``allocate``. (Transparent huge
+CPU tensors are ``torch.empty`` unless the caller passes ``allocate``; with a source that
+reads direct (``direct_alignment``, ``LocalSource(direct=True)``), each tensor of 1 MiB or
+more gets its own page-aligned mapping that starts ``offset % alignment`` bytes before its
+first byte, and is read in whole aligned blocks straight into it (no scratch copy); the
+tail short of a block is an ordinary read. (Transparent huge
 pages for them were tried: 3x faster to fault in while the VM's memory is backed, 3x slower
 once the balloon's free page reporting has handed it back; bench/RESULTS.md, loader.)
 
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import mmap
 import re
 import threading
 import time
@@ -66,6 +71,7 @@ __all__ = [
 
 MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 16 * MiB
+_DIRECT_MIN_BYTES = 1 * MiB  # smaller tensors go through the source's aligned scratch
 Order = Literal["file", "layers", "priority"]
 
 
@@ -175,9 +181,10 @@ def order_plans(
 @dataclass(slots=True)
 class _Tensor:
     plan: TensorPlan
-    remaining: int
+    remaining: int  # bytes of its pieces not landed yet (lead included)
+    lead: int = -1  # >= 0: read with direct I/O, its memory starting ``lead`` bytes early
     data: torch.Tensor | None = None  # uint8, allocated when its first read is issued
-    view: memoryview | None = None
+    view: memoryview | None = None  # where pieces land: ``lead`` bytes, then ``data``'s
 
 
 @dataclass(slots=True)
@@ -185,7 +192,8 @@ class _Piece:
     tensor: _Tensor
     file_offset: int
     length: int
-    dest_offset: int  # in the tensor's bytes
+    dest_offset: int  # in the tensor's ``view``
+    slack: int = 0  # leading bytes that are not the tensor's (a direct tensor's lead)
 
 
 @dataclass(slots=True)
@@ -197,15 +205,36 @@ class _Read:
     pieces: list[_Piece]
 
 
-def _reads(tensors: Sequence[_Tensor], options: StreamOptions) -> list[_Read]:
-    """Cut the tensors' byte ranges, in load order, into reads (see the module docstring)."""
+def _reads(tensors: Sequence[_Tensor], options: StreamOptions, align: int = 0) -> list[_Read]:
+    """Cut the tensors' byte ranges, in load order, into reads (see the module docstring).
+
+    A tensor with ``lead >= 0`` is read from ``offset - lead`` (an ``align`` boundary) in
+    reads of whole ``align`` blocks that nothing joins, so direct I/O can land them in its
+    (aligned) memory; the tail short of a block is an ordinary piece."""
     reads: list[_Read] = []
     budget = options.chunk_bytes
     assert budget > 0, "the Streamer resolves chunk_bytes=0 to its source's preference"
     for tensor in tensors:
         path = tensor.plan.path
         dest = 0
-        for offset, length in tensor.plan.ranges:
+        if tensor.lead >= 0:
+            ((offset, length),) = tensor.plan.ranges
+            start, end = offset - tensor.lead, (offset + length) // align * align
+            step = max(align, budget // align * align)
+            for at in range(start, end, step):
+                take = min(step, end - at)
+                slack = max(0, offset - at)
+                reads.append(
+                    _Read(path, at, take, 0, [_Piece(tensor, at, take, at - start, slack)])
+                )
+            if offset + length > end:
+                tensor_ranges: tuple[tuple[int, int], ...] = ((end, offset + length - end),)
+                dest = end - start
+            else:
+                continue
+        else:
+            tensor_ranges = tensor.plan.ranges
+        for offset, length in tensor_ranges:
             done = 0
             while done < length:
                 at = offset + done
@@ -225,6 +254,15 @@ def _reads(tensors: Sequence[_Tensor], options: StreamOptions) -> list[_Read]:
                 done += take
             dest += length
     return reads
+
+
+def _aligned_empty(lead: int, nbytes: int) -> tuple[torch.Tensor, memoryview]:
+    """A uint8 tensor of ``nbytes`` starting ``lead`` bytes into a fresh page-aligned
+    mapping, and a view of the mapping from its start (private anonymous memory, as
+    malloc's; the tensor keeps the mapping alive)."""
+    region = mmap.mmap(-1, lead + nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(region, dtype=torch.uint8)
+    return raw[lead:], memoryview(raw.numpy())  # type: ignore[arg-type]
 
 
 class Streamer:
@@ -258,9 +296,18 @@ class Streamer:
         self.device = torch.device(device)
         ordered = order_plans(plans, self.options.order, self.options.priority)
         self._tensors = [_Tensor(plan, plan.nbytes) for plan in ordered]
-        self._reads = _reads(self._tensors, self.options)
-        self._on_progress = on_progress
+        self._bytes_total = sum(t.remaining for t in self._tensors)
         staged = self.device.type != "cpu" if staging is None else staging
+        # Direct I/O straight into the destination: only where this streamer owns the
+        # memory (no allocate hook, no staging ring) and the source asks for alignment.
+        align = int(getattr(source, "direct_alignment", 0))
+        if align and allocate is None and not staged:
+            for tensor in self._tensors:
+                if len(tensor.plan.ranges) == 1 and tensor.plan.nbytes >= _DIRECT_MIN_BYTES:
+                    tensor.lead = tensor.plan.ranges[0][0] % align
+                    tensor.remaining += tensor.lead
+        self._reads = _reads(self._tensors, self.options, align)
+        self._on_progress = on_progress
         self._ring: StagingRing | None = None
         if staged:
             slot = self.options.chunk_bytes
@@ -272,7 +319,6 @@ class Streamer:
         )
         self._hole = memoryview(bytearray(max(0, self.options.merge_gap_bytes)))
         self._limiter = limiter or RateLimiter(self.options.rate_bytes_per_s)
-        self._bytes_total = sum(t.remaining for t in self._tensors)
         self._bytes_done = 0
         self._done = 0
         self._held = 0
@@ -360,7 +406,7 @@ class Streamer:
                         ])  # fmt: skip
                     for piece in read.pieces:
                         piece.tensor.remaining -= piece.length
-                        self._bytes_done += piece.length
+                        self._bytes_done += piece.length - piece.slack
                         if piece.tensor.remaining == 0:
                             yield self._finish(piece.tensor)
                 if self._on_progress is not None:
@@ -394,6 +440,9 @@ class Streamer:
             tensor = piece.tensor
             if tensor.data is None and self._ring is not None:
                 tensor.data = torch.empty(tensor.plan.nbytes, dtype=torch.uint8, device=self.device)
+            elif tensor.data is None and tensor.lead >= 0:
+                tensor.data, tensor.view = _aligned_empty(tensor.lead, tensor.plan.nbytes)
+                self._hold(tensor.plan.nbytes)
             elif tensor.data is None:
                 tensor.data = self._allocate_tensor(tensor.plan)
                 assert (

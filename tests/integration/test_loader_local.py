@@ -246,6 +246,25 @@ def test_a_direct_io_source_reads_the_same_bytes(tmp_path: Path) -> None:
     assert_same(loaded, reference(folder))
 
 
+@pytest.mark.parametrize("chunk", [0, 5000, 1 << 20])
+def test_direct_reads_land_straight_in_large_tensors(tmp_path: Path, chunk: int) -> None:
+    folder = write_sharded(tmp_path / "ckpt", llama_like(layers=2, hidden=1024), shards=2)
+    source = LocalSource(folder, direct=True)
+    landed: list[int] = []
+    in_place = source._read_in_place
+
+    def counted(path: str, fd: int, offset: int, buffer: memoryview) -> None:
+        landed.append(len(buffer))
+        in_place(path, fd, offset, buffer)
+
+    source._read_in_place = counted  # type: ignore[method-assign]
+    plans = open_checkpoint(source).plan()
+    loaded = dict(Streamer(source, plans, StreamOptions(chunk_bytes=chunk)))
+    assert_same(loaded, reference(folder))
+    if source.direct:  # the filesystem took O_DIRECT (tmpfs does not: buffered, no count)
+        assert sum(landed) > 0.9 * sum(p.nbytes for p in plans)
+
+
 class _Counting:
     """A source that counts the reads reaching it (stands in for S3 or HTTP)."""
 

@@ -90,3 +90,21 @@ def test_every_byte_is_read_once_into_its_place(
             end = dest + length
         expected = tensor.plan.nbytes
         assert end == expected
+
+
+def test_direct_tensors_are_read_in_aligned_blocks_into_their_own_memory() -> None:
+    planned = tensors(("a", 0, 100), ("a", 100, 3 * MiB + 5000), ("a", 3 * MiB + 5100, 7))
+    direct = planned[1]
+    direct.lead = 100  # its offset modulo the 4096 alignment
+    direct.remaining += direct.lead
+    reads = _reads(planned, StreamOptions(chunk_bytes=MiB), align=4096)
+    mine = [(r.offset, r.length, r.pieces[0].dest_offset, r.pieces[0].slack)
+            for r in reads if r.pieces[0].tensor is direct and len(r.pieces) == 1]  # fmt: skip
+    end = (100 + 3 * MiB + 5000) // 4096 * 4096
+    assert mine[:3] == [(0, MiB, 0, 100), (MiB, MiB, MiB, 0), (2 * MiB, MiB, 2 * MiB, 0)]
+    assert mine[3] == (3 * MiB, end - 3 * MiB, 3 * MiB, 0)
+    tail = next(r for r in reads if r.offset == end)
+    assert tail.pieces[0].tensor is direct and tail.pieces[0].dest_offset == end
+    assert tail.pieces[1].tensor is planned[2]  # the tail is an ordinary, joinable piece
+    landed = sum(p.length for r in reads for p in r.pieces if p.tensor is direct)
+    assert landed == direct.remaining  # lead + bytes: every piece counted once
