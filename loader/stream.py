@@ -26,9 +26,10 @@ once the balloon's free page reporting has handed it back; bench/RESULTS.md, loa
 
 The memory bound. ``max_inflight_bytes`` caps what the streamer holds: destination tensors
 allocated and not yet handed out. A read whose tensors are not allocated yet waits until
-they fit under the bound (or nothing is held, so a single tensor larger than the bound
-still loads). A caller that drops each tensor after using it therefore never has more than
-the bound (plus one oversized tensor) in memory; ``statistics().peak_held_bytes`` reports
+they fit under the bound, or until no read is in flight (so a tensor larger than the bound
+still loads, and so does one whose last bytes share a read with the next tensor's first).
+A caller that drops each tensor after using it therefore never has more than the bound
+(plus one tensor) in memory; ``statistics().peak_held_bytes`` reports
 the high-water mark.
 
 Failures: the first read that fails cancels the rest and raises its ``SourceError``; a tensor
@@ -292,6 +293,8 @@ class Streamer:
         if not options.chunk_bytes:
             chunk = int(getattr(source, "preferred_chunk_bytes", DEFAULT_CHUNK_BYTES))
             options = dataclasses.replace(options, chunk_bytes=chunk)
+        if not getattr(source, "reads_holes", True) and options.merge_gap_bytes > 0:
+            options = dataclasses.replace(options, merge_gap_bytes=0)  # a peer: tensors only
         self.options = options
         self.device = torch.device(device)
         ordered = order_plans(plans, self.options.order, self.options.priority)
@@ -317,7 +320,6 @@ class Streamer:
         self._allocate_tensor = allocate or (
             lambda plan: torch.empty(plan.nbytes, dtype=torch.uint8)
         )
-        self._hole = memoryview(bytearray(max(0, self.options.merge_gap_bytes)))
         self._limiter = limiter or RateLimiter(self.options.rate_bytes_per_s)
         self._bytes_done = 0
         self._done = 0
@@ -382,8 +384,12 @@ class Streamer:
                         slots[future] = slot
                         continue
                     need = self._new_bytes(read)
-                    if need and self._held and self._held + need > self.options.max_inflight_bytes:
+                    over = self._held + need > self.options.max_inflight_bytes
+                    if need and inflight and over:
                         break  # wait for tensors to be handed out
+                    # With nothing in flight, nothing would free memory: the read goes, even
+                    # over the bound (a tensor larger than it, or one whose tail shares this
+                    # read with the next tensor's head).
                     pending.popleft()
                     self._allocate(read)
                     inflight[pool.submit(self._read, read)] = read
@@ -456,14 +462,20 @@ class Streamer:
         self.source.read_into(read.path, read.offset, buffer)
 
     def _read(self, read: _Read) -> None:
-        """One request for the whole read: each piece lands in its tensor, holes in a
-        throwaway buffer (readers race on it; nobody reads it)."""
+        """One request for the whole read: each piece lands in its tensor, the holes between
+        them in this read's own buffer, each hole its own part of it (a caching source
+        writes them through too, so they must be the file's bytes)."""
         self._limiter.acquire(read.length)
+        holes = read.length - sum(piece.length for piece in read.pieces)
+        spare = memoryview(bytearray(holes)) if holes else None
         buffers: list[memoryview] = []
         at = read.offset
         for piece in read.pieces:
             if piece.file_offset > at:
-                buffers.append(self._hole[: piece.file_offset - at])
+                assert spare is not None
+                gap = piece.file_offset - at
+                buffers.append(spare[:gap])
+                spare = spare[gap:]
             view = piece.tensor.view
             assert view is not None
             buffers.append(view[piece.dest_offset : piece.dest_offset + piece.length])

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import mmap
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,6 +209,10 @@ class SidecarClient:
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("a client certificate and its key go together")
+        if tls_cert and not tls_ca:
+            raise ValueError("a client certificate is for TLS: give tls_ca too")
         if tls_ca:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_pem(tls_ca),
@@ -312,34 +316,43 @@ class SidecarClient:
         )  # fmt: skip
 
     def read_into(
-        self, uri: str, path: str, offset: int, buffer: memoryview, *, token: bytes = b"",
-        timeout_s: float | None = None,
+        self, uri: str, path: str, offset: int, buffer: memoryview | Sequence[memoryview], *,
+        token: bytes = b"", timeout_s: float | None = None,
     ) -> None:  # fmt: skip
-        """Fill ``buffer`` with bytes ``[offset, offset + len(buffer))`` of file ``path`` of
-        the staged ``uri``, within ``timeout_s`` (default: the client's)."""
-        request = pb.ReadRequest(uri=uri, path=path, offset=offset, length=len(buffer),
-                                 token=token)  # fmt: skip
+        """Fill ``buffer`` (or several, in turn) with the bytes from ``offset`` on of file
+        ``path`` of the staged ``uri``, in one call, within ``timeout_s`` (default: the
+        client's)."""
+        buffers = [buffer] if isinstance(buffer, memoryview) else [b for b in buffer if len(b)]
+        total = sum(len(b) for b in buffers)
+        request = pb.ReadRequest(uri=uri, path=path, offset=offset, length=total, token=token)
         call = self._stub.Read(request, timeout=timeout_s or self.timeout_s)
         done = 0
+        index = at = 0  # where the next byte goes: buffers[index][at]
         try:
             for chunk in call:
-                data = chunk.data
-                end = done + len(data)
-                if end > len(buffer):
+                data = memoryview(chunk.data)
+                if done + len(data) > total:
                     raise SourceError(
-                        f"loader sidecar at {self.target} sent more than the {len(buffer)} "
+                        f"loader sidecar at {self.target} sent more than the {total} "
                         f"bytes asked of {path} at {offset}"
                     )
-                buffer[done:end] = data
-                done = end
+                done += len(data)
+                while data:
+                    target = buffers[index]
+                    take = min(len(target) - at, len(data))
+                    target[at : at + take] = data[:take]
+                    data = data[take:]
+                    at += take
+                    if at == len(target):
+                        index, at = index + 1, 0
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.target) from None
         finally:
             call.cancel()  # a no-op once the stream ended; stops it if we failed midway
-        if done != len(buffer):
+        if done != total:
             raise SourceError(
                 f"loader sidecar at {self.target} ended {path} at {offset + done}, "
-                f"short of {offset + len(buffer)}"
+                f"short of {offset + total}"
             )
 
     # -- inspection -----------------------------------------------------------------------

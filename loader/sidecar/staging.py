@@ -76,6 +76,7 @@ __all__ = ["Origin", "Stager", "StagerStatistics", "Ticket"]
 log = logging.getLogger(__name__)
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_MAX_FAILED = 64  # failed detached stagings kept for list()
 Origin = Literal["staged", "joined", "cached"]
 OpenSource = Callable[[str], tuple[Source, str | None]]
 
@@ -504,11 +505,17 @@ class Stager:
             files = staged_files(spec.checkpoint_id, token, checkpoint.files,
                                  checkpoint.prefixes, plans, offsets)  # fmt: skip
         with self._lock:
-            entry.table = table
-            entry.files = files
-            entry.state = "ready"
-            self._reserved -= size
-            self._staged += size
+            # Checked under the lock that evict and the last caller's release take to
+            # cancel: a staging cancelled after its last read is torn down, never ready.
+            cancelled = entry.cancel.is_set()
+            if not cancelled:
+                entry.table = table
+                entry.files = files
+                entry.state = "ready"
+                self._reserved -= size
+                self._staged += size
+        if cancelled:
+            raise _Cancelled
         entry.done.set()
         log.info("staged", extra={"uri": spec.uri, "bytes": size, "gbps": round(stats.gbps, 3)})
 
@@ -540,6 +547,8 @@ class Stager:
                     entry.state = "failed"
                     reason = f"{type(error).__name__}: {error}"
                     self._failed[entry.spec.checkpoint_id] = (entry, reason)
+                    while len(self._failed) > _MAX_FAILED:  # the oldest go first
+                        del self._failed[next(iter(self._failed))]
             entry.error = error
         entry.done.set()
         log.info("staging ended", extra={"uri": entry.spec.uri, "error": str(error)})

@@ -12,20 +12,22 @@ destination tensor's memory), so no source allocates per read. ``read_scatter`` 
 several buffers from one contiguous byte range with one request (one ``preadv`` with
 several iovecs, one ranged GET whose body lands in each buffer in turn): the streamer reads
 adjacent tensors, each into its own memory, without a request per tensor or a scratch copy.
-Sources are thread-safe:
+A source whose objects have bytes it cannot serve between tensors (a peer holds tensor
+bytes only) sets ``reads_holes = False``, and the streamer then joins only tensors that
+touch. Sources are thread-safe:
 the streamer keeps ``concurrency`` reads in flight from a thread pool, and I/O releases
 the GIL. ``read_into`` either fills the whole buffer or raises a ``SourceError``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from loader.errors import AccessDenied
 
-__all__ = ["ObjectInfo", "Source", "advance", "check_relative_path", "scatter_one_by_one"]
+__all__ = ["ObjectInfo", "Source", "advance", "check_relative_path"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,16 +84,3 @@ def advance(buffers: Sequence[memoryview], count: int) -> list[memoryview]:
     if rest and count:
         rest[0] = rest[0][count:]
     return rest
-
-
-def scatter_one_by_one(
-    read_into: Callable[[str, int, memoryview], None],
-    path: str,
-    offset: int,
-    buffers: Sequence[memoryview],
-) -> None:
-    """``read_scatter`` for a source with no request that fills several buffers: one
-    ``read_into`` per buffer."""
-    for buffer in buffers:
-        read_into(path, offset, buffer)
-        offset += len(buffer)

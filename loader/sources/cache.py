@@ -62,6 +62,7 @@ class CachedSource:
         self.inner = inner
         self.uri = inner.uri
         self.preferred_chunk_bytes = inner.preferred_chunk_bytes  # misses cost what it costs
+        self.reads_holes = getattr(inner, "reads_holes", True)
         digest = hashlib.sha256(inner.uri.encode()).hexdigest()[:16]
         self.dir = Path(cache_dir) / digest
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)

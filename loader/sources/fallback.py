@@ -4,7 +4,8 @@ the peer fails, in the middle of a load too.
 The 1→N scale-out reads from a peer so that N replicas do not all hit object storage; the
 peer is a shortcut, not the only copy. When a read from the peer fails with
 ``SourceUnavailable`` (the peer died, was drained, or stopped answering within its
-deadline), this source opens the origin once, and that read and every later one go there.
+deadline), ``UnknownCheckpoint`` (it evicted the checkpoint) or ``StagingConflict`` (it
+staged it again), this source opens the origin once, and that read and every later one go there.
 Bytes that already came from the peer stay: the origin must hold the very same files, so
 before the first origin read of each file its size and identity (ETag, or size + mtime +
 inode for local files) are compared with the ones the peer staged, and a file that changed
@@ -21,7 +22,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from loader.errors import SourceError, SourceUnavailable
+from loader.errors import SourceError, SourceUnavailable, StagingConflict, UnknownCheckpoint
 from loader.sources.base import ObjectInfo, Source
 from loader.sources.peer import PeerSource
 
@@ -29,6 +30,8 @@ __all__ = ["PeerWithFallback"]
 
 log = logging.getLogger("shoal.loader.sources")
 T = TypeVar("T")
+# The peer is gone, dropped the checkpoint, or staged it again: the origin serves the rest.
+_PEER_LOST = (SourceUnavailable, UnknownCheckpoint, StagingConflict)
 
 
 class PeerWithFallback:
@@ -38,6 +41,7 @@ class PeerWithFallback:
         self.peer = peer
         self.uri = peer.uri
         self.preferred_chunk_bytes = peer.preferred_chunk_bytes
+        self.reads_holes = peer.reads_holes
         self._open_origin = open_origin
         self._lock = threading.Lock()
         self._origin: Source | None = None
@@ -62,7 +66,7 @@ class PeerWithFallback:
             try:
                 self.peer.read_scatter(path, offset, buffers)
                 return
-            except SourceUnavailable as exc:
+            except _PEER_LOST as exc:
                 self._fail_over(exc)
         self._checked_origin(path).read_scatter(path, offset, buffers)
 
@@ -75,12 +79,12 @@ class PeerWithFallback:
         if self._origin is None:
             try:
                 return call(self.peer)
-            except SourceUnavailable as exc:
+            except _PEER_LOST as exc:
                 self._fail_over(exc)
         assert self._origin is not None
         return call(self._origin)
 
-    def _fail_over(self, cause: SourceUnavailable) -> None:
+    def _fail_over(self, cause: Exception) -> None:
         with self._lock:
             if self._origin is None:
                 log.warning(
@@ -96,7 +100,7 @@ class PeerWithFallback:
             return origin
         try:
             staged = {info.path: info for info in self.peer.files().files}.get(path)
-        except SourceUnavailable:  # never reached: nothing came from it to mix with
+        except _PEER_LOST:  # never reached, or dropped it: nothing of it to mix with
             staged = None
         now = origin.stat(path)
         if staged is not None and (staged.size, staged.identity) != (now.size, now.identity):

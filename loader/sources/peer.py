@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from loader.errors import ObjectNotFound, SidecarUnavailable, SourceError, SourceUnavailable
 from loader.sidecar.client import PeerFiles, SidecarClient
 from loader.sources._ranged import byte_view
-from loader.sources.base import ObjectInfo, check_relative_path, scatter_one_by_one
+from loader.sources.base import ObjectInfo, check_relative_path
 
 __all__ = ["PeerSource", "parse_peer_uri"]
 
@@ -77,6 +77,7 @@ class PeerSource:
     """The files of one checkpoint a peer sidecar staged whole."""
 
     preferred_chunk_bytes = 16 << 20  # a Read streams 2 MiB messages over one channel
+    reads_holes = False  # the peer holds tensor bytes only: never join over a gap
 
     def __init__(
         self,
@@ -125,7 +126,14 @@ class PeerSource:
                                    token=token, timeout_s=self.timeout_s)  # fmt: skip
 
     def read_scatter(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
-        scatter_one_by_one(self.read_into, path, offset, buffers)
+        check_relative_path(path)
+        token = self.files().token
+        views = [byte_view(buffer) for buffer in buffers if len(buffer)]
+        if not views:
+            return
+        with self._translated():
+            self._client.read_into(self.checkpoint_uri, path, offset, views, token=token,
+                                   timeout_s=self.timeout_s)  # fmt: skip
 
     def close(self) -> None:
         self._client.close()

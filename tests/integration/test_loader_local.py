@@ -265,6 +265,61 @@ def test_direct_reads_land_straight_in_large_tensors(tmp_path: Path, chunk: int)
         assert sum(landed) > 0.9 * sum(p.nbytes for p in plans)
 
 
+def write_with_holes(folder: Path, count: int, size: int, hole: int) -> bytes:
+    """A safetensors file whose tensors have ``hole`` bytes of other data between them (what
+    a tensor-parallel slice's neighbours look like to a rank); returns the whole file."""
+    folder.mkdir(parents=True)
+    header: dict[str, object] = {}
+    body = b""
+    for i in range(count):
+        header[f"t{i:03d}"] = {"dtype": "U8", "shape": [size],
+                              "data_offsets": [len(body), len(body) + size]}  # fmt: skip
+        body += os.urandom(size) + (os.urandom(hole) if i < count - 1 else b"")
+    raw = json.dumps(header).encode()
+    data = len(raw).to_bytes(8, "little") + raw + body
+    (folder / "model.safetensors").write_bytes(data)
+    return data
+
+
+def test_the_disk_cache_stores_the_bytes_between_tensors_faithfully(tmp_path: Path) -> None:
+    from loader.sources.cache import CachedSource
+
+    data = write_with_holes(tmp_path / "remote", count=200, size=3000, hole=100)
+    source = CachedSource(LocalSource(tmp_path / "remote"), tmp_path / "cache")
+    options = StreamOptions(concurrency=8, chunk_bytes=8192, merge_gap_bytes=128)
+    for _ in Streamer(source, open_checkpoint(source).plan(), options):
+        pass
+    source.close()  # keeps the partial copy and the ranges it holds
+    (part,) = (tmp_path / "cache").glob("*/model.safetensors.part")
+    copy = part.read_bytes()
+    ranges = [
+        tuple(map(int, line.split()))
+        for line in Path(f"{part}.ranges").read_text().split("\n")
+        if line
+    ]
+    assert sum(b - a for a, b in ranges) > 0.9 * len(data)  # holes inside reads included
+    for a, b in ranges:
+        assert copy[a:b] == data[a:b], (a, b)  # readers did not share their hole buffer
+
+
+def test_a_tensor_larger_than_the_bound_sharing_a_read_with_the_next_still_loads(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    tensors = {
+        "a": torch.arange(3 << 20, dtype=torch.uint8),
+        "b": torch.ones(3 << 20, dtype=torch.uint8),
+    }
+    safetensors_torch.save_file(tensors, str(folder / "model.safetensors"))
+    source = LocalSource(folder)
+    options = StreamOptions(chunk_bytes=2 << 20, max_inflight_bytes=4 << 20, concurrency=2)
+    streamer = Streamer(source, open_checkpoint(source).plan(), options)
+    loaded = dict(streamer)  # a's tail and b's head share the second read: it must not wait
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+    assert streamer.statistics().peak_held_bytes <= 6 << 20  # the bound plus one tensor
+
+
 class _Counting:
     """A source that counts the reads reaching it (stands in for S3 or HTTP)."""
 

@@ -192,9 +192,7 @@ def test_bytes_between_tensors_are_refused_not_invented(peer: Sidecar, base: Pat
     try:
         with pytest.raises(SourceError, match=hole):
             source.read_into("model.safetensors", start + 76, memoryview(bytearray(8)))
-        with pytest.raises(SourceError, match=hole):
-            load_all(source)  # the streamer joins a and b into one read over the hole
-        loaded = load_all(source, merge_gap_bytes=0)
+        loaded = load_all(source)  # a peer's reads never join over a hole (reads_holes)
         assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
     finally:
         source.close()
@@ -326,14 +324,21 @@ def test_a_peer_killed_mid_load_is_unavailable_within_a_bounded_time(tmp_path: P
             segment.unlink()
 
 
-def kill_mid_load(victim: Sidecar, source: object) -> Iterator[tuple[str, torch.Tensor]]:
-    """A slow load from ``source`` whose peer is killed after the first tensor arrived."""
+def kill_mid_load(
+    victim: Sidecar, source: object, evict: str | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A slow load from ``source`` whose peer is killed (or, given ``evict``, drops that
+    checkpoint) after the first tensor arrived."""
     checkpoint = open_checkpoint(source)  # type: ignore[arg-type]
     options = StreamOptions(concurrency=2, chunk_bytes=1 * MiB, rate_bytes_per_s=8 * MiB)
     stream = iter(Streamer(checkpoint.source, checkpoint.plan(), options))
     yield next(stream)
-    victim.process.kill()
-    victim.process.wait()
+    if evict is not None:
+        with victim.client() as client:
+            client.evict(evict)
+    else:
+        victim.process.kill()
+        victim.process.wait()
     yield from stream
 
 
@@ -376,3 +381,20 @@ def test_an_origin_changed_since_the_staging_fails_instead_of_mixing(tmp_path: P
         source.close()
         for segment in victim.segments():
             segment.unlink()
+
+
+def test_a_peer_that_evicts_mid_load_hands_the_rest_to_the_origin(tmp_path: Path) -> None:
+    folder = write_sharded(tmp_path / "m", big_model(32 * MiB), num_shards=2)
+    holder = start_sidecar(tmp_path)
+    try:
+        with holder.client() as client:
+            staged = client.prefetch(f"file://{folder}")
+        source, _ = open_source(peer_uri(holder, f"file://{folder}"))
+        try:
+            loaded = dict(kill_mid_load(holder, source, evict=staged.table.checkpoint_id))
+            assert isinstance(source, PeerWithFallback) and source.origin is not None
+            assert_identical(loaded, folder)
+        finally:
+            source.close()
+    finally:
+        assert holder.stop() == 0, holder.log()

@@ -488,17 +488,18 @@ def test_a_failed_detached_prefetch_keeps_its_error_until_evicted(
     sidecar: Sidecar, base: Path
 ) -> None:
     model = write_checkpoint(base / "models" / "detached-bad", small_model(seed=31))
-    shard = model / "model.safetensors"
-    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    name = next(iter(safetensors_torch.load_file(str(model / "model.safetensors"))))
+    wrong = {name: "sha256:" + "0" * 64}  # fails after every byte landed in its segment
     with sidecar.client() as client:
-        checkpoint_id = client.prefetch_detached(str(model))
+        checkpoint_id = client.prefetch_detached(str(model), digests=wrong)
         failed = wait_for_state(client, checkpoint_id, "failed")
-        assert failed.error.startswith("CheckpointError") and "model.safetensors" in failed.error
+        assert failed.error.startswith("IntegrityError") and name in failed.error
+        assert failed.bytes == 0 and client.health().staging_bytes == 0  # reservation back
         listed = json.loads(sidecar.cli("list", "--json").stdout)
         assert [r["error"] for r in listed if r["checkpoint_id"] == checkpoint_id] == [failed.error]
         assert client.evict(checkpoint_id) == 0
         assert mine(client, checkpoint_id) == []
-    assert not any(checkpoint_id in p.name for p in sidecar.segments())
+    assert not any(checkpoint_id in p.name for p in sidecar.segments())  # unlinked at failure
 
 
 def test_evicting_a_detached_staging_cancels_it(sidecar: Sidecar, base: Path) -> None:
