@@ -455,7 +455,7 @@ def run_shoal(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         from loader.sources.local import LocalSource
 
-        source = LocalSource(spec["root"], direct=spec.get("direct", False))
+        source = LocalSource(spec["root"], direct=spec.get("direct", "auto"))
     if spec["cold"]:
         _drop_caches()
     clock = Clock()

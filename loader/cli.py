@@ -47,7 +47,10 @@ def register(subparsers: Any) -> None:
     load.add_argument("--tp-rank", type=int, default=0, help="tensor-parallel rank to read for")
     load.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size (1: whole)")
     load.add_argument("--digests", help="JSON file: {tensor name: 'sha256:<hex>'}")
-    load.add_argument("--direct", action="store_true", help="O_DIRECT reads (local files)")
+    load.add_argument(
+        "--direct", choices=["auto", "on", "off"], default="auto",
+        help="O_DIRECT reads of local files: auto = for files not in the page cache",
+    )  # fmt: skip
     load.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (or AWS_ENDPOINT_URL)")
     load.add_argument("--cache-dir", help="write remote checkpoints through to this local cache")
     load.add_argument("--tls-ca", help="PEM CA bundle verifying a peer:// sidecar over TLS")
@@ -84,8 +87,8 @@ def _load(args: argparse.Namespace) -> int:
         print(f"shoal load: {exc}", file=sys.stderr)
         return 2
     source_options: dict[str, Any] = {}
-    if args.direct:
-        source_options["direct"] = True
+    if args.direct != "auto":
+        source_options["direct"] = args.direct == "on"
     if args.s3_endpoint:
         source_options["endpoint_url"] = args.s3_endpoint
     if args.cache_dir:

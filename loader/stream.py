@@ -16,13 +16,14 @@ object store a GET per tensor was the bottleneck (a 1B Llama has 147 tensors in 
 Reads are issued in the plan's order (``order``: file order, layer order, or a caller's
 priority list first), at most ``concurrency`` at once on a thread pool (I/O releases the
 GIL), and at most ``rate_bytes_per_s`` on average (a token bucket shared by the readers).
-CPU tensors are ``torch.empty`` unless the caller passes ``allocate``; with a source that
-reads direct (``direct_alignment``, ``LocalSource(direct=True)``), each tensor of 1 MiB or
-more gets its own page-aligned mapping that starts ``offset % alignment`` bytes before its
-first byte, and is read in whole aligned blocks straight into it (no scratch copy); the
-tail short of a block is an ordinary read. (Transparent huge
-pages for them were tried: 3x faster to fault in while the VM's memory is backed, 3x slower
-once the balloon's free page reporting has handed it back; bench/RESULTS.md, loader.)
+CPU tensors are ``torch.empty`` unless the caller passes ``allocate``; where the source
+reads a file direct (``direct_alignment_for``: ``LocalSource`` on a cold file, or with
+``direct=True``), each of its tensors of 1 MiB or more gets its own page-aligned mapping
+that starts ``offset % alignment`` bytes before its first byte, and is read in whole
+aligned blocks straight into it (no scratch copy); the tail short of a block is an
+ordinary read. (Transparent huge pages for CPU tensors were tried: 3x faster to fault in
+while the VM's memory is backed, 3x slower once the balloon's free page reporting has
+handed it back; bench/RESULTS.md, loader.)
 
 The memory bound. ``max_inflight_bytes`` caps what the streamer holds: destination tensors
 allocated and not yet handed out. A read whose tensors are not allocated yet waits until
@@ -183,7 +184,8 @@ def order_plans(
 class _Tensor:
     plan: TensorPlan
     remaining: int  # bytes of its pieces not landed yet (lead included)
-    lead: int = -1  # >= 0: read with direct I/O, its memory starting ``lead`` bytes early
+    align: int = 0  # > 0: read with direct I/O in blocks of this many bytes
+    lead: int = -1  # >= 0 (direct): its memory starts this many bytes before its first byte
     data: torch.Tensor | None = None  # uint8, allocated when its first read is issued
     view: memoryview | None = None  # where pieces land: ``lead`` bytes, then ``data``'s
 
@@ -206,7 +208,7 @@ class _Read:
     pieces: list[_Piece]
 
 
-def _reads(tensors: Sequence[_Tensor], options: StreamOptions, align: int = 0) -> list[_Read]:
+def _reads(tensors: Sequence[_Tensor], options: StreamOptions) -> list[_Read]:
     """Cut the tensors' byte ranges, in load order, into reads (see the module docstring).
 
     A tensor with ``lead >= 0`` is read from ``offset - lead`` (an ``align`` boundary) in
@@ -219,6 +221,7 @@ def _reads(tensors: Sequence[_Tensor], options: StreamOptions, align: int = 0) -
         path = tensor.plan.path
         dest = 0
         if tensor.lead >= 0:
+            align = tensor.align
             ((offset, length),) = tensor.plan.ranges
             start, end = offset - tensor.lead, (offset + length) // align * align
             step = max(align, budget // align * align)
@@ -303,13 +306,15 @@ class Streamer:
         staged = self.device.type != "cpu" if staging is None else staging
         # Direct I/O straight into the destination: only where this streamer owns the
         # memory (no allocate hook, no staging ring) and the source asks for alignment.
-        align = int(getattr(source, "direct_alignment", 0))
-        if align and allocate is None and not staged:
+        alignment = getattr(source, "direct_alignment_for", None)
+        if alignment is not None and allocate is None and not staged:
             for tensor in self._tensors:
                 if len(tensor.plan.ranges) == 1 and tensor.plan.nbytes >= _DIRECT_MIN_BYTES:
-                    tensor.lead = tensor.plan.ranges[0][0] % align
+                    tensor.align = int(alignment(tensor.plan.path))
+                if tensor.align:
+                    tensor.lead = tensor.plan.ranges[0][0] % tensor.align
                     tensor.remaining += tensor.lead
-        self._reads = _reads(self._tensors, self.options, align)
+        self._reads = _reads(self._tensors, self.options)
         self._on_progress = on_progress
         self._ring: StagingRing | None = None
         if staged:

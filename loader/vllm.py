@@ -56,8 +56,9 @@ class ShoalModelLoader(BaseModelLoader):
         self.source_options: dict[str, Any] = {}
         if extra.get("s3_endpoint"):
             self.source_options["endpoint_url"] = str(extra["s3_endpoint"])
-        if extra.get("direct"):
-            self.source_options["direct"] = bool(extra["direct"])
+        if "direct" in extra:  # default "auto": direct for files the page cache lacks
+            direct = extra["direct"]
+            self.source_options["direct"] = direct if direct == "auto" else bool(direct)
         if extra.get("cache_dir"):
             self.source_options["cache_dir"] = str(extra["cache_dir"])
         for name in ("tls_ca", "tls_cert", "tls_key"):

@@ -2,15 +2,18 @@
 caller's buffer (``os.preadv``: no intermediate copy, no shared file offset, so any number
 of threads read one descriptor at once).
 
-``direct=True`` opens files with ``O_DIRECT``: reads bypass the page cache (the cold-start
-case, where the page cache only costs a copy), which requires offsets, lengths and buffer
-addresses aligned to 4 KiB (``direct_alignment``). A read that is aligned lands straight in
+Direct reads (``O_DIRECT``) bypass the page cache: the cold-start case, where the page cache
+only costs a copy. ``direct="auto"`` (the default) reads a file direct when a probe finds
+the page cache holding little of it (``direct_for``), ``True`` always, ``False`` never.
+Direct reads need offsets, lengths and buffer addresses aligned to 4 KiB
+(``direct_alignment_for``). A read that is aligned lands straight in
 the caller's memory: the streamer lays out each large tensor so that it is (its memory
 starts at the block boundary before its first byte, ``stream.py``). Any other read is
 widened to aligned bounds into a reusable aligned scratch buffer per thread and the wanted
 bytes are copied out. If the filesystem refuses ``O_DIRECT`` (tmpfs does) the source falls
-back to buffered reads. Direct reads bypass a warm page cache too, so they are the choice
-for a cold start (2.4x buffered reads into fresh memory on the bench VM), not the default.
+back to buffered reads. On the bench VM a cold load ran 2.0 GB/s direct against 1.0
+buffered (bench/RESULTS.md, loader); a warm page cache is faster than the disk, hence the
+probe rather than always direct.
 
 Local loads keep the streamer's 16 reads in flight, like remote ones: a cold disk needs the
 depth (4 reads ran 0.95 GB/s cold against 2.26 at 16), and a warm page cache gains little
@@ -20,11 +23,13 @@ from fewer (4.0 against 3.6 GB/s, within this machine's noise; bench/RESULTS.md,
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from loader.errors import AccessDenied, ObjectNotFound, SourceError
 from loader.sources.base import ObjectInfo, advance, check_relative_path
@@ -32,18 +37,22 @@ from loader.sources.base import ObjectInfo, advance, check_relative_path
 __all__ = ["LocalSource"]
 
 _ALIGN = 4096
+_PROBE_MIN_BYTES = 1 << 20  # smaller files: the page cache, whatever it holds
 _IOV_MAX = 1024  # Linux's limit on iovecs per preadv
 
 
 class LocalSource:
     preferred_chunk_bytes = 16 << 20
 
-    def __init__(self, root: str | Path, *, direct: bool = False) -> None:
+    def __init__(self, root: str | Path, *, direct: bool | Literal["auto"] = "auto") -> None:
+        """``direct``: True reads every file with ``O_DIRECT``, False none, ``"auto"`` those
+        whose bytes the page cache does not hold (``direct_for``)."""
         self.root = Path(root).resolve()
         self.uri = str(self.root)
-        self.direct = direct and hasattr(os, "O_DIRECT")
+        self.direct: bool | Literal["auto"] = direct if hasattr(os, "O_DIRECT") else False
         self._lock = threading.Lock()
-        self._fds: dict[str, int] = {}
+        self._fds: dict[tuple[str, bool], int] = {}
+        self._cold: dict[str, bool] = {}  # "auto": the probe's verdict per file
         self._scratch = threading.local()
 
     def _resolve(self, path: str) -> Path:
@@ -71,46 +80,75 @@ class LocalSource:
             raise SourceError(f"{self.root}: {exc.strerror}") from None
         return [self.stat(name) for name in names]
 
-    def _fd(self, path: str) -> int:
+    def _fd(self, path: str, direct: bool) -> tuple[int, bool]:
+        """The descriptor reads of ``path`` use, and whether it is ``O_DIRECT`` (a
+        filesystem that refuses it, as tmpfs does, turns direct reads off for good)."""
         with self._lock:
-            fd = self._fds.get(path)
+            if direct and self.direct is False:
+                direct = False
+            fd = self._fds.get((path, direct))
             if fd is None:
                 full = self._resolve(path)
-                flags = os.O_RDONLY | (os.O_DIRECT if self.direct else 0)
                 try:
-                    fd = os.open(full, flags)
+                    fd = os.open(full, os.O_RDONLY | (os.O_DIRECT if direct else 0))
                 except FileNotFoundError:
                     raise ObjectNotFound(f"{full}: no such file") from None
                 except PermissionError:
                     raise AccessDenied(f"{full}: permission denied") from None
                 except OSError as exc:
-                    if self.direct and exc.errno == 22:  # EINVAL: no O_DIRECT here
+                    if direct and exc.errno == errno.EINVAL:  # no O_DIRECT here
                         self.direct = False
-                        return self._fd_unlocked_buffered(path, full)
-                    raise SourceError(f"{full}: {exc.strerror}") from None
-                self._fds[path] = fd
-            return fd
+                        direct = False
+                        fd = self._fds.get((path, False)) or os.open(full, os.O_RDONLY)
+                    else:
+                        raise SourceError(f"{full}: {exc.strerror}") from None
+                self._fds[(path, direct)] = fd
+            return fd, direct
 
-    def _fd_unlocked_buffered(self, path: str, full: Path) -> int:
-        fd = os.open(full, os.O_RDONLY)
-        self._fds[path] = fd
-        return fd
+    def direct_for(self, path: str) -> bool:
+        """Whether reads of ``path`` bypass the page cache. With ``direct="auto"``, yes when
+        the cache holds little of the file: a cold start's read from the disk goes straight
+        into the tensors (2x buffered reads into fresh memory on the bench VM), while a
+        warm cache keeps serving copies. The probe: 4 KiB at a quarter, half and three
+        quarters of the file with ``RWF_NOWAIT`` (which fails rather than wait for the
+        disk); two misses of three make the file cold. Asked once per file."""
+        if self.direct != "auto":
+            return bool(self.direct)
+        cold = self._cold.get(path)
+        if cold is None:
+            cold = self._cold[path] = self._probe_cold(path)
+        return cold
 
-    @property
-    def direct_alignment(self) -> int:
-        """What a read must be aligned to for ``O_DIRECT`` to land it straight in the
-        caller's memory (offset, length and address); 0 when reads are buffered."""
-        return _ALIGN if self.direct else 0
+    def _probe_cold(self, path: str) -> bool:
+        fd, _ = self._fd(path, False)
+        size = os.fstat(fd).st_size
+        if size < _PROBE_MIN_BYTES or not hasattr(os, "RWF_NOWAIT"):
+            return False
+        probe = bytearray(_ALIGN)
+        misses = 0
+        for quarter in (1, 2, 3):
+            try:
+                os.preadv(fd, [probe], size * quarter // 4 // _ALIGN * _ALIGN, os.RWF_NOWAIT)
+            except BlockingIOError:
+                misses += 1
+            except OSError:  # RWF_NOWAIT unsupported here: keep the page cache
+                return False
+        return misses >= 2
+
+    def direct_alignment_for(self, path: str) -> int:
+        """What a read of ``path`` must be aligned to for ``O_DIRECT`` to land it straight
+        in the caller's memory (offset, length and address); 0 when reads are buffered."""
+        return _ALIGN if self.direct_for(path) else 0
 
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
         self.read_scatter(path, offset, [buffer])
 
     def read_scatter(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
-        fd = self._fd(path)
-        if self.direct and len(buffers) == 1 and _aligned(offset, buffers[0]):
+        fd, direct = self._fd(path, self.direct_for(path))
+        if direct and len(buffers) == 1 and _aligned(offset, buffers[0]):
             self._read_in_place(path, fd, offset, buffers[0])
             return
-        if self.direct:
+        if direct:
             self._read_direct(path, fd, offset, buffers)
             return
         end = offset + sum(len(b) for b in buffers)

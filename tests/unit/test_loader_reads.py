@@ -95,9 +95,9 @@ def test_every_byte_is_read_once_into_its_place(
 def test_direct_tensors_are_read_in_aligned_blocks_into_their_own_memory() -> None:
     planned = tensors(("a", 0, 100), ("a", 100, 3 * MiB + 5000), ("a", 3 * MiB + 5100, 7))
     direct = planned[1]
-    direct.lead = 100  # its offset modulo the 4096 alignment
+    direct.align, direct.lead = 4096, 100  # its offset modulo the alignment
     direct.remaining += direct.lead
-    reads = _reads(planned, StreamOptions(chunk_bytes=MiB), align=4096)
+    reads = _reads(planned, StreamOptions(chunk_bytes=MiB))
     mine = [(r.offset, r.length, r.pieces[0].dest_offset, r.pieces[0].slack)
             for r in reads if r.pieces[0].tensor is direct and len(r.pieces) == 1]  # fmt: skip
     end = (100 + 3 * MiB + 5000) // 4096 * 4096
