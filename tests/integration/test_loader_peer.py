@@ -342,13 +342,20 @@ def kill_mid_load(
     yield from stream
 
 
-def test_a_peer_killed_mid_load_hands_the_rest_to_the_origin(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def staged_on_a_victim(tmp_path: Path) -> tuple[Path, Sidecar, str]:
+    """A 32 MiB checkpoint in two shards, staged whole by a sidecar of its own (a test may
+    kill it): the folder, the sidecar and the checkpoint id."""
     folder = write_sharded(tmp_path / "m", big_model(32 * MiB), num_shards=2)
     victim = start_sidecar(tmp_path)
     with victim.client() as client:
-        client.prefetch(f"file://{folder}")
+        staged = client.prefetch(f"file://{folder}")
+    return folder, victim, staged.table.checkpoint_id
+
+
+def test_a_peer_killed_mid_load_hands_the_rest_to_the_origin(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder, victim, _ = staged_on_a_victim(tmp_path)
     source, _ = open_source(peer_uri(victim, f"file://{folder}"))
     try:
         assert isinstance(source, PeerWithFallback)
@@ -364,10 +371,7 @@ def test_a_peer_killed_mid_load_hands_the_rest_to_the_origin(
 
 
 def test_an_origin_changed_since_the_staging_fails_instead_of_mixing(tmp_path: Path) -> None:
-    folder = write_sharded(tmp_path / "m", big_model(32 * MiB), num_shards=2)
-    victim = start_sidecar(tmp_path)
-    with victim.client() as client:
-        client.prefetch(f"file://{folder}")
+    folder, victim, _ = staged_on_a_victim(tmp_path)
     for shard in folder.glob("*.safetensors"):  # same bytes, but a new file: a new identity
         data = shard.read_bytes()
         shard.unlink()
@@ -384,14 +388,11 @@ def test_an_origin_changed_since_the_staging_fails_instead_of_mixing(tmp_path: P
 
 
 def test_a_peer_that_evicts_mid_load_hands_the_rest_to_the_origin(tmp_path: Path) -> None:
-    folder = write_sharded(tmp_path / "m", big_model(32 * MiB), num_shards=2)
-    holder = start_sidecar(tmp_path)
+    folder, holder, checkpoint_id = staged_on_a_victim(tmp_path)
     try:
-        with holder.client() as client:
-            staged = client.prefetch(f"file://{folder}")
         source, _ = open_source(peer_uri(holder, f"file://{folder}"))
         try:
-            loaded = dict(kill_mid_load(holder, source, evict=staged.table.checkpoint_id))
+            loaded = dict(kill_mid_load(holder, source, evict=checkpoint_id))
             assert isinstance(source, PeerWithFallback) and source.origin is not None
             assert_identical(loaded, folder)
         finally:
