@@ -220,6 +220,7 @@ def _reads(tensors: Sequence[_Tensor], options: StreamOptions) -> list[_Read]:
     for tensor in tensors:
         path = tensor.plan.path
         dest = 0
+        ranges = tensor.plan.ranges
         if tensor.lead >= 0:
             align = tensor.align
             ((offset, length),) = tensor.plan.ranges
@@ -231,14 +232,8 @@ def _reads(tensors: Sequence[_Tensor], options: StreamOptions) -> list[_Read]:
                 reads.append(
                     _Read(path, at, take, 0, [_Piece(tensor, at, take, at - start, slack)])
                 )
-            if offset + length > end:
-                tensor_ranges: tuple[tuple[int, int], ...] = ((end, offset + length - end),)
-                dest = end - start
-            else:
-                continue
-        else:
-            tensor_ranges = tensor.plan.ranges
-        for offset, length in tensor_ranges:
+            ranges, dest = ((end, offset + length - end),), end - start  # the tail, maybe empty
+        for offset, length in ranges:
             done = 0
             while done < length:
                 at = offset + done

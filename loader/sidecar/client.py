@@ -246,9 +246,7 @@ class SidecarClient:
         """Start staging ``uri`` (or find it staging or staged) and return its checkpoint
         id at once: the staging goes on with nobody waiting. ``list()`` shows how it ends
         (state "ready", or "failed" with the error); ``evict(id)`` cancels it."""
-        if "://" not in uri:
-            uri = os.path.abspath(uri)
-        checked = StageSpec(uri, **spec)
+        checked = _spec(uri, spec)
         for _ in self._events(self._stub.Prefetch(self._request(checked, detach=True))):
             pass
         return checked.checkpoint_id
@@ -272,10 +270,7 @@ class SidecarClient:
         spec: Mapping[str, Any],
         on_progress: Callable[[Progress], None] | None,
     ) -> StageResult:
-        if "://" not in uri:
-            uri = os.path.abspath(uri)  # the sidecar does not share our working directory
-        checked = StageSpec(uri, **spec)  # bad arguments fail here, before any call
-        call = method(self._request(checked))
+        call = method(self._request(_spec(uri, spec)))
         try:
             for event in self._events(call):
                 if event.HasField("progress") and on_progress is not None:
@@ -402,6 +397,12 @@ def _result(staged: pb.Staged) -> StageResult:
         staged.staging_s,
     )  # fmt: skip
     return StageResult(table, _ORIGINS.get(staged.origin, "staged"))
+
+
+def _spec(uri: str, spec: Mapping[str, Any]) -> StageSpec:
+    """What a staging call asks for; bad arguments fail here, before any call. A local path
+    is made absolute: the sidecar does not share our working directory."""
+    return StageSpec(uri if "://" in uri else os.path.abspath(uri), **spec)
 
 
 def _pem(value: str | bytes) -> bytes:

@@ -161,8 +161,8 @@ def read_resuming(
     describe: str,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Fill ``views`` in turn with bytes ``[offset, offset + total length)`` using
-    ``read_once``.
+    """Fill ``views`` (any writable buffers, seen as bytes) in turn with bytes
+    ``[offset, offset + total length)`` using ``read_once``.
 
     ``read_once(offset, views)`` issues one ranged request for all of ``views`` and returns
     how many bytes landed at their front (fewer when the body was cut short) or raises
@@ -170,8 +170,9 @@ def read_resuming(
     which passes through. After ``max_attempts`` interruptions in total the read fails
     with ``SourceUnavailable``.
     """
-    total = sum(len(view) for view in views)
-    rest = [view for view in views if len(view)]
+    assert offset >= 0, f"negative offset {offset} for {describe}"
+    rest = [byte_view(view) for view in views if len(view)]
+    total = sum(len(view) for view in rest)
     done = 0
     interruptions = 0
     while rest:

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loader.errors import SourceError
-from loader.sources.base import ObjectInfo, Source, advance, check_relative_path
+from loader.sources.base import ObjectInfo, Source, check_relative_path
+from loader.sources.local import read_fully
 
 __all__ = ["CachedSource"]
 
@@ -138,13 +139,8 @@ class CachedSource:
         return fd
 
     def _pread(self, path: str, fd: int, offset: int, buffers: Sequence[memoryview]) -> None:
-        rest = [b for b in buffers if len(b)]
-        while rest:
-            got = os.preadv(fd, rest[:1024], offset)  # 1024: Linux's IOV_MAX
-            if got == 0:
-                raise SourceError(f"cached copy of {path} in {self.dir} ends early")
-            offset += got
-            rest = advance(rest, got)
+        if read_fully(fd, offset, buffers) < sum(len(b) for b in buffers):
+            raise SourceError(f"cached copy of {path} in {self.dir} ends early")
 
     def _part(self, path: str) -> _Part | None:
         with self._lock:

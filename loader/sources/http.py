@@ -55,7 +55,6 @@ from loader.errors import (
 from loader.sources._ranged import (
     DEFAULT_BACKOFF,
     Backoff,
-    byte_view,
     check_content_range,
     fill_from_body,
     read_resuming,
@@ -164,12 +163,10 @@ class HttpSource:
 
     def read_scatter(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
         url = self._url(path)
-        views = [byte_view(buffer) for buffer in buffers]
-        assert offset >= 0, f"negative offset {offset} for {url}"
         read_resuming(
             functools.partial(self._get_range, path, url),
             offset,
-            views,
+            buffers,
             max_attempts=self._max_attempts,
             backoff=self._backoff,
             describe=url,

@@ -152,35 +152,28 @@ class LocalSource:
             self._read_direct(path, fd, offset, buffers)
             return
         end = offset + sum(len(b) for b in buffers)
-        rest = [b for b in buffers if len(b)]
-        while rest:
-            try:
-                got = os.preadv(fd, rest[:_IOV_MAX], offset)
-            except OSError as exc:
-                raise SourceError(f"{self.root / path}: read at {offset}: {exc.strerror}") from None
-            if got == 0:
-                raise SourceError(
-                    f"{self.root / path}: file ends before byte {end} (truncated while loading?)"
-                )
-            offset += got
-            rest = advance(rest, got)
+        try:
+            done = read_fully(fd, offset, buffers)
+        except OSError as exc:
+            raise SourceError(f"{self.root / path}: read at {offset}: {exc.strerror}") from None
+        if offset + done < end:
+            raise SourceError(
+                f"{self.root / path}: file ends before byte {end} (truncated while loading?)"
+            )
 
     def _read_in_place(self, path: str, fd: int, offset: int, buffer: memoryview) -> None:
         """A direct read straight into the caller's aligned memory (no scratch, no copy)."""
-        done = 0
-        while done < len(buffer):
-            try:
-                got = os.preadv(fd, [buffer[done:]], offset + done)
-            except OSError as exc:
-                raise SourceError(
-                    f"{self.root / path}: direct read at {offset + done}: {exc.strerror}"
-                ) from None
-            if got == 0 or (got % _ALIGN and done + got < len(buffer)):
-                raise SourceError(
-                    f"{self.root / path}: file ends before byte {offset + len(buffer)} "
-                    "(truncated while loading?)"
-                )
-            done += got
+        try:
+            done = read_fully(fd, offset, [buffer], align=_ALIGN)
+        except OSError as exc:
+            raise SourceError(
+                f"{self.root / path}: direct read at {offset}: {exc.strerror}"
+            ) from None
+        if done < len(buffer):
+            raise SourceError(
+                f"{self.root / path}: file ends before byte {offset + len(buffer)} "
+                "(truncated while loading?)"
+            )
 
     def _read_direct(self, path: str, fd: int, offset: int, buffers: Sequence[memoryview]) -> None:
         """One aligned direct read over all of ``buffers`` into this thread's scratch, then
@@ -195,13 +188,8 @@ class LocalSource:
             )  # page-aligned
             self._scratch.buffer = scratch
         view = memoryview(scratch)[: end - start]
-        done = 0
         try:
-            while done < end - start:
-                got = os.preadv(fd, [view[done:]], start + done)
-                if got == 0:
-                    break
-                done += got
+            done = read_fully(fd, start, [view], align=_ALIGN)
         except OSError as exc:
             raise SourceError(
                 f"{self.root / path}: direct read at {start}: {exc.strerror}"
@@ -219,6 +207,21 @@ class LocalSource:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+
+
+def read_fully(fd: int, offset: int, buffers: Sequence[memoryview], *, align: int = 0) -> int:
+    """``preadv`` into ``buffers`` in turn from ``offset`` until they are full or the file
+    ends; the bytes read (``OSError`` passes through). With ``align`` (direct I/O), a read
+    that ends off a multiple of it is the end of the file: the next would be misaligned."""
+    rest = [b for b in buffers if len(b)]
+    done = 0
+    while rest:
+        got = os.preadv(fd, rest[:_IOV_MAX], offset + done)
+        done += got
+        if got == 0 or (align and got % align):
+            break
+        rest = advance(rest, got)
+    return done
 
 
 def _aligned(offset: int, buffer: memoryview) -> bool:

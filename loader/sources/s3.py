@@ -68,7 +68,6 @@ from loader.errors import (
 from loader.sources._ranged import (
     DEFAULT_BACKOFF,
     Backoff,
-    byte_view,
     check_content_range,
     fill_from_body,
     read_resuming,
@@ -196,12 +195,10 @@ class S3Source:
 
     def read_scatter(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
         key = self._key(path)
-        views = [byte_view(buffer) for buffer in buffers]
-        assert offset >= 0, f"negative offset {offset} for {key}"
         read_resuming(
             functools.partial(self._get_range, path, key),
             offset,
-            views,
+            buffers,
             max_attempts=self._max_attempts,
             backoff=self._backoff,
             describe=f"s3://{self.bucket}/{key}",
