@@ -35,6 +35,7 @@ from loader.sources.local import LocalSource  # noqa: E402
 from loader.sources.peer import PeerSource, parse_peer_uri  # noqa: E402
 from loader.stream import Streamer, StreamOptions  # noqa: E402
 from tests.integration.conftest import ENV  # noqa: E402
+from tests.integration.test_loader_local import reference, write_sharded  # noqa: E402
 from tests.integration.test_loader_sidecar import (  # noqa: E402
     MiB,
     Sidecar,
@@ -45,29 +46,8 @@ from tests.integration.test_loader_sidecar import (  # noqa: E402
 )
 
 
-def write_sharded(folder: Path, tensors: dict[str, torch.Tensor], num_shards: int = 3) -> Path:
-    """``tensors`` split over shards named by a ``model.safetensors.index.json``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = sorted(tensors)
-    weight_map: dict[str, str] = {}
-    for shard in range(num_shards):
-        file = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[shard::num_shards]}
-        safetensors_torch.save_file(part, str(folder / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return folder
-
-
-def expected_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        out.update(safetensors_torch.load_file(str(path)))
-    return out
-
-
 def assert_identical(loaded: dict[str, torch.Tensor], folder: Path) -> None:
-    expected = expected_tensors(folder)
+    expected = reference(folder)
     assert sorted(loaded) == sorted(expected)
     for name, tensor in expected.items():
         assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
@@ -206,7 +186,7 @@ def test_shoal_load_from_a_peer(peer: Sidecar, sharded: Path) -> None:
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["files"] == 3
-    assert summary["bytes"] == sum(t.nbytes for t in expected_tensors(sharded).values())
+    assert summary["bytes"] == sum(t.nbytes for t in reference(sharded).values())
 
 
 # -- what a peer cannot serve ------------------------------------------------------------------
@@ -345,7 +325,7 @@ def kill_mid_load(
 def staged_on_a_victim(tmp_path: Path) -> tuple[Path, Sidecar, str]:
     """A 32 MiB checkpoint in two shards, staged whole by a sidecar of its own (a test may
     kill it): the folder, the sidecar and the checkpoint id."""
-    folder = write_sharded(tmp_path / "m", big_model(32 * MiB), num_shards=2)
+    folder = write_sharded(tmp_path / "m", big_model(32 * MiB), shards=2)
     victim = start_sidecar(tmp_path)
     with victim.client() as client:
         staged = client.prefetch(f"file://{folder}")
