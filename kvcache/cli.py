@@ -17,9 +17,9 @@ daemon's cluster view holds for them, so an operator names a member, never an ad
 the local daemon relay operator requests to peers (a drain that outlives the relay would
 have no one to answer to, and the daemon's loop would grow an operator's concerns).
 
-Exit codes: 0 success; 1 the command failed (demo mismatch, request refused); 2 bad usage
-or configuration (unknown node, flush without --yes, no tokenizer); 3 a daemon is
-unreachable (the local one, or a member the command needed).
+Exit codes (``shoal.cli_format``): 0 success; 1 the command failed (demo mismatch, request
+refused); 2 bad usage or configuration (unknown node, flush without --yes, no tokenizer);
+3 a daemon is unreachable (the local one, or a member the command needed).
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from shoal.cli_format import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, table
 from shoal.config import add_flags, load_config
 from shoal.logs import setup_logging
 
 __all__ = ["register"]
 
-EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 T = TypeVar("T")
 
 
@@ -621,20 +621,6 @@ On Kubernetes, keep it in a Secret and mount it read-only at that path in every 
 
 
 # -- rendering (pure) --------------------------------------------------------------------------
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], aligns: str) -> list[str]:
-    """Lines of a plain-text table; ``aligns`` holds '<' or '>' per column."""
-    assert len(aligns) == len(headers), "one alignment per column"
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            f"{cell:{align}{width}}"
-            for cell, align, width in zip(cells, aligns, widths, strict=True)
-        ).rstrip()
-
-    return [line(headers), *(line(row) for row in rows)]
 
 
 def size(nbytes: int) -> str:

@@ -13,19 +13,13 @@ permission option of their own).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvcache.keys import Namespace
-from shoal.config import setting
+from shoal.config import default_runtime_dir, setting
 
 __all__ = ["CacheConfig", "default_runtime_dir"]
-
-
-def default_runtime_dir() -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    return str(Path(base) / f"shoal-{os.getuid()}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ which the streamer coalesces into large reads when rows are short).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -39,15 +40,18 @@ import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loader.errors import CheckpointError
 from loader.sources.base import check_relative_path
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
-    "DTYPES",
+    "DTYPES",  # noqa: F822 (module __getattr__: built on first use)
     "INDEX_FILE",
+    "ITEMSIZES",
     "MAX_HEADER_BYTES",
     "FileHeader",
     "TensorPlan",
@@ -61,23 +65,44 @@ __all__ = [
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 << 20
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
+# Bytes per element of each safetensors dtype: sizes are checked without torch, which is
+# imported only where dtype objects are made (``DTYPES``, planning a tensor).
+ITEMSIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U8": 1, "U16": 2, "U32": 4, "U64": 8,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+
+@functools.cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "U16": torch.uint16,
+        "U32": torch.uint32,
+        "U64": torch.uint64,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """``DTYPES`` (safetensors name → torch dtype) is built, importing torch, on first use."""
+    if name == "DTYPES":
+        return _torch_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +195,9 @@ def _entry(path: str, name: str, spec: object, data_start: int, data_size: int) 
     if not isinstance(spec, dict):
         raise CheckpointError(f"{where}: its entry is not an object")
     dtype_name = spec.get("dtype")
-    if dtype_name not in DTYPES:
+    if dtype_name not in ITEMSIZES:
         raise CheckpointError(f"{where}: unknown dtype {dtype_name!r}")
-    dtype = DTYPES[str(dtype_name)]
+    dtype = _torch_dtypes()[str(dtype_name)]
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
@@ -190,7 +215,7 @@ def _entry(path: str, name: str, spec: object, data_start: int, data_size: int) 
         raise CheckpointError(
             f"{where}: data_offsets [{begin}, {end}] outside the {data_size} data bytes"
         )
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = ITEMSIZES[str(dtype_name)]
     expected = math.prod(shape) * itemsize
     if end - begin != expected:
         raise CheckpointError(
@@ -263,7 +288,7 @@ def _sliced(path: str, entry: TensorEntry, spec: TensorSlice | None) -> TensorPl
             f"into {spec.size} equal parts"
         )
     part = shape[dim] // spec.size
-    itemsize = torch.empty((), dtype=entry.dtype).element_size()
+    itemsize = entry.dtype.itemsize
     row_bytes = math.prod(shape[1:]) * itemsize
     if dim == 0:
         start = entry.begin + spec.rank * part * row_bytes

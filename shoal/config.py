@@ -18,6 +18,7 @@ parser ships with Python (``tomllib``) and has no implicit typing surprises.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -30,6 +31,7 @@ from shoal.errors import ConfigError
 
 __all__ = [
     "add_flags",
+    "default_runtime_dir",
     "load_config",
     "parse_bool",
     "parse_rate",
@@ -48,6 +50,12 @@ _UNITS = {
     "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
     "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4,
 }  # fmt: skip
+
+
+def default_runtime_dir() -> str:
+    """Where daemons put their sockets: ``$XDG_RUNTIME_DIR/shoal-UID`` (or ``/tmp/...``)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return str(Path(base) / f"shoal-{os.getuid()}")
 
 
 def setting(default: Any, help: str, *, size: bool = False) -> Any:
@@ -113,8 +121,20 @@ def _env(section: str, name: str) -> str:
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type[Any], section: str) -> None:
-    """Add one flag per field of ``cls``; unset flags stay absent from the namespace."""
+    """Add one flag per field of ``cls``; unset flags stay absent from the namespace.
+
+    Also ``--config FILE``, so the file can follow the verb (``shoal cache stats --config
+    f``) as well as lead (``shoal --config f cache stats``, the top-level flag); given
+    twice, the later wins. A parser that already has ``--config`` keeps its own.
+    """
     group = parser.add_argument_group(f"{section} settings (also {_env(section, '<NAME>')})")
+    with contextlib.suppress(argparse.ArgumentError):  # an earlier add_flags added it
+        group.add_argument(
+            "--config",
+            metavar="FILE",
+            default=argparse.SUPPRESS,
+            help="TOML configuration file (also SHOAL_CONFIG)",
+        )
     for field in dataclasses.fields(cls):
         kind = field.type if isinstance(field.type, type) else str(field.type)
         help_text = f"{field.metadata.get('help', '')} (default: {field.default})"

@@ -18,9 +18,40 @@ Data flow: engine -> SidecarClient.load(uri) -> Load RPC -> Stager (source -> st
 segment in /dev/shm) -> tensor table -> the engine maps the segment and copies to its GPU.
 A replica on another host reads a staged checkpoint's files instead: PeerSource
 (``peer://host:port/<uri>``) -> Files, Read RPCs -> header bytes and segment bytes.
+
+The names below are imported on first use (PEP 562), not with the package: importing any
+submodule (``loader.sidecar.config``, ``.staging``, ``.cli``) runs this file, and the client
+needs grpc and protobuf, which only ``pip install 'shoal[loader]'`` brings.
 """
 
-from loader.sidecar.client import LoadedCheckpoint, SidecarClient, SidecarHealth, StageResult
-from loader.sidecar.config import LoaderConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loader.sidecar.client import LoadedCheckpoint, SidecarClient, SidecarHealth, StageResult
+    from loader.sidecar.config import LoaderConfig
 
 __all__ = ["LoadedCheckpoint", "LoaderConfig", "SidecarClient", "SidecarHealth", "StageResult"]
+
+_HOMES = {
+    "LoadedCheckpoint": "loader.sidecar.client",
+    "SidecarClient": "loader.sidecar.client",
+    "SidecarHealth": "loader.sidecar.client",
+    "StageResult": "loader.sidecar.client",
+    "LoaderConfig": "loader.sidecar.config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # once: later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -26,12 +26,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from shoal.cli_format import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
+from shoal.cli_format import table as text_table
 from shoal.config import add_flags, load_config
 from shoal.logs import setup_logging
 
 __all__ = ["register"]
-
-EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
 
 def register(subparsers: Any) -> None:
@@ -178,9 +178,7 @@ def _list(args: argparse.Namespace, client: Any) -> int:
     header = ["ID", "STATE", "BYTES", "AGE_S", "LOADS", "TP", "URI", "ERROR"]
     cells = [[r["checkpoint_id"], r["state"], str(r["bytes"]), f"{r['age_s']:.1f}",
               str(r["loads"]), r["tp"], r["uri"], r["error"]] for r in rows]  # fmt: skip
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    for line in [header, *cells]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    print("\n".join(text_table(header, cells, "<" * len(header))))
     return 0
 
 

@@ -20,18 +20,12 @@ present ``tls_client_cert`` + ``tls_client_key``).
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.config import setting
+from shoal.config import default_runtime_dir, setting
 
 __all__ = ["LoaderConfig", "default_runtime_dir"]
-
-
-def default_runtime_dir() -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    return str(Path(base) / f"shoal-{os.getuid()}")
 
 
 @dataclass(frozen=True, slots=True)
