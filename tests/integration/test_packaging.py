@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ENV
+from tests.integration.conftest import ENV, REPO
 
 pytestmark = pytest.mark.integration
 
@@ -191,3 +192,68 @@ def test_loader_verbs_take_config_after_the_verb_too(tmp_path: Path) -> None:
     done = shoal("loader", "health", "--config", str(config), cwd=tmp_path)
     assert done.returncode == 2, done.stderr  # the file's bad value, named: it was read
     assert "not-a-transport" in done.stderr
+
+
+# -- vLLM's general plugin ---------------------------------------------------------------------
+
+
+def test_vllm_entry_point_is_the_import_cheap_plugin() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    plugins = project["entry-points"]["vllm.general_plugins"]
+    assert plugins == {"shoal_loader": "shoal.vllm_plugin:register"}
+    assert "torch" not in " ".join(project["dependencies"])
+
+
+PLUGIN = """
+import sys
+import torch
+from safetensors.torch import save_file
+from shoal import vllm_plugin
+
+vllm_plugin.register()
+vllm_plugin.register()  # idempotent: vLLM may call it more than once
+assert not [m for m in sys.modules if m.split(".")[0] == "loader"], "register imported loader"
+
+from types import SimpleNamespace
+from vllm.config.load import LoadConfig
+from vllm.model_executor.model_loader import get_model_loader
+
+folder = sys.argv[1]
+save_file({"a": torch.arange(6, dtype=torch.float32).view(2, 3)}, folder + "/m.safetensors")
+model_loader = get_model_loader(LoadConfig(load_format="shoal"))
+assert type(model_loader.loader).__module__ == "loader.vllm"
+
+class Model:
+    def load_weights(self, weights):
+        self.got = {name: tensor.tolist() for name, tensor in weights}
+
+model = Model()
+model_loader.load_weights(model, SimpleNamespace(model=folder, model_weights=None))
+print(model.got)
+"""
+
+
+def test_vllm_plugin_registers_without_importing_the_loader_and_then_loads(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("vllm")
+    pytest.importorskip("safetensors")
+    done = subprocess.run(
+        [sys.executable, "-c", PLUGIN, str(tmp_path)],
+        env={**ENV, "VLLM_LOGGING_LEVEL": "WARNING"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "{'a': [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]}"
+
+
+def test_version_comes_from_the_distribution_metadata_and_types_ship() -> None:
+    from importlib.metadata import version
+
+    import shoal
+
+    assert shoal.__version__ == version("shoal")
+    assert (REPO / "shoal" / "py.typed").exists() and (REPO / "kvcache" / "py.typed").exists()
