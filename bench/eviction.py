@@ -2,7 +2,7 @@
 
 Replays a Mooncake-format trace (JSONL, one request per line, ``hash_ids`` = the
 request's chain of block ids) or the synthetic conversation workload of
-``kvcache.eviction_replay`` against each policy at 2, 5, 10 and 20% of the trace's
+``bench/eviction_replay.py`` against each policy at 2, 5, 10 and 20% of the trace's
 unique blocks, with the replay semantics documented there. ``belady`` is Belady's MIN,
 the offline optimum for a block cache: evict the block whose next request is furthest
 in the future (never requested again first); it is the ceiling the online policies are
@@ -34,12 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO))
 
-from kvcache.eviction import make_policy  # noqa: E402
-from kvcache.eviction_replay import (  # noqa: E402
+from bench.eviction_replay import (  # noqa: E402
     ConversationWorkload,
     replay_prefix_trace,
     synthetic_conversations,
 )
+from kvcache.eviction import make_policy  # noqa: E402
 
 CAPACITY_FRACTIONS = (0.02, 0.05, 0.1, 0.2)
 ONLINE_POLICIES = ("lru", "s3fifo", "default")

@@ -5,8 +5,8 @@ Layout (each module owns one noun; pure modules import no transport)::
     keys.py       chained 128-bit block keys over token chunks within a Namespace   (pure)
     allocator.py  slab allocator: offsets of page-aligned slots in a tier           (pure)
     eviction.py   pluggable eviction policies: LRU, S3-FIFO, Shoal's default        (pure)
-    eviction_replay.py  trace replay + synthetic chat workload (bench and tests)    (pure)
-    tiers.py      bytes of a tier (arena / DRAM / SSD file) and checksummed moves   (pure)
+    tiers.py      bytes of a tier (arena / DRAM / SSD file) and checksummed moves
+                  (no transport, but the SSD tier does file I/O)
     store.py      block metadata: reservations, commits, leases, tier movement      (pure)
     arena.py      the /dev/shm arena file: create, lock, map, clean up after a crash
     messages.py   the engine <-> daemon wire protocol (versioned msgpack)
@@ -15,9 +15,14 @@ Layout (each module owns one noun; pure modules import no transport)::
     metrics.py    Prometheus metrics (shoal_kvcache_*)
     config.py     CacheConfig (flags / SHOAL_CACHE_* / [cache] in the TOML file)
     cli.py        `shoal cache serve|demo|stats|status|nodes|lookup|evict|flush|drain|keygen`
-    demo.py       the README's two-process demo
+    demo.py       the README's two-process demo (`shoal cache serve --demo`, `shoal cache
+                  demo`: it ships in the package so a bare install can run it)
     wire.py       msgpack field validation shared by both wire protocols
     cluster/      cluster sync, cluster lookup, peer fetch, ops client (see its __init__)
+    connector/    the vLLM KV connector (needs torch: ``pip install 'shoal[connector]'``)
+
+Everything but ``connector/`` runs on the core install (no torch, no gRPC; checked by
+import-linter). The eviction trace replay the benchmarks use is ``bench/eviction_replay.py``.
 """
 
 from kvcache.client import AsyncCacheClient, BlockView, CacheClient, PutResult, Reservation

@@ -10,6 +10,11 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from bench.eviction_replay import (
+    ConversationWorkload,
+    replay_prefix_trace,
+    synthetic_conversations,
+)
 from kvcache.eviction import (
     POLICIES,
     EvictionPolicy,
@@ -17,11 +22,6 @@ from kvcache.eviction import (
     S3FIFOPolicy,
     ShoalDefaultPolicy,
     make_policy,
-)
-from kvcache.eviction_replay import (
-    ConversationWorkload,
-    replay_prefix_trace,
-    synthetic_conversations,
 )
 
 Policy = EvictionPolicy[Any]
