@@ -40,7 +40,7 @@ from kvcache.errors import ArenaError
 
 __all__ = ["DATA_OFFSET", "Arena", "ArenaHeader", "map_arena"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("shoal." + __name__)
 
 MAGIC = b"SHOALKV1"
 VERSION = 1

@@ -60,7 +60,7 @@ from kvcache.tiers import FileBacking, MemoryBacking, Tier, TierStore
 
 __all__ = ["CacheDaemon"]
 
-log = logging.getLogger("shoal.kvcache.daemon")
+log = logging.getLogger("shoal." + __name__)
 
 _HOUSEKEEPING_S = 0.1
 _IDLE_STEP = 16  # deferred eviction records applied between two polls when idle

@@ -3,6 +3,11 @@
 Each record carries ``ts`` (RFC 3339, UTC), ``level``, ``logger``, ``msg`` and any
 ``extra={...}`` fields passed by the caller, so operators can grep or ship the logs
 without a parser per component. ``--log-format text`` gives a human format instead.
+
+One logger tree: every module logs through ``logging.getLogger("shoal." + __name__)``
+(``shoal.kvcache.daemon``, ``shoal.loader.sidecar.server``, ...), so an application
+embedding Shoal configures all of it at ``shoal`` and any part at its package
+(``tests/unit/test_logger_names.py`` keeps every module to that form).
 """
 
 from __future__ import annotations

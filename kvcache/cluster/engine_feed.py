@@ -51,7 +51,7 @@ from kvcache.keys import Namespace
 
 __all__ = ["EngineFeed", "EngineSettings", "NullEngineFeed", "ZmqEngineFeed", "engine_settings"]
 
-log = logging.getLogger("shoal.kvcache.engines")
+log = logging.getLogger("shoal." + __name__)
 
 _PER_TURN = 256
 _EVENT_KINDS = {BlockStored: "stored", BlockRemoved: "removed", AllBlocksCleared: "cleared"}

@@ -62,7 +62,7 @@ from kvcache.wire import peek_id
 
 __all__ = ["Cluster", "ClusterMetrics", "ClusterNode", "NullCluster", "cluster_settings"]
 
-log = logging.getLogger("shoal.kvcache.cluster")
+log = logging.getLogger("shoal." + __name__)
 
 PEER_SESSION = 0  # store session under which peers lease blocks and fetches land
 _FETCH_CHUNK = 32  # keys per fetch request: bounds one reply (32 x the largest block)

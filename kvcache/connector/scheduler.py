@@ -38,7 +38,7 @@ from kvcache.keys import BlockKey, chain_keys
 
 __all__ = ["ConnectorScheduler", "LookupService"]
 
-log = logging.getLogger("shoal.kvcache.connector")
+log = logging.getLogger("shoal." + __name__)
 
 _ANSWER_TTL_S = 1.0  # an unconsumed lookup answer older than this is asked again
 

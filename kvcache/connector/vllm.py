@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ShoalConnector", "ShoalConnectorMetadata", "engine_namespace"]
 
-log = logging.getLogger("shoal.kvcache.connector")
+log = logging.getLogger("shoal." + __name__)
 
 _BASE_TAKES_KV_CACHE_CONFIG = (
     "kv_cache_config" in inspect.signature(KVConnectorBase_V1.__init__).parameters

@@ -48,7 +48,7 @@ from kvcache.errors import CacheError
 
 __all__ = ["ConnectorWorker"]
 
-log = logging.getLogger("shoal.kvcache.connector")
+log = logging.getLogger("shoal." + __name__)
 
 
 @dataclass(slots=True)

@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # torch only where tensors are made: `shoal loader list` star
 
 __all__ = ["LoadedCheckpoint", "PeerFiles", "SidecarClient", "SidecarHealth", "StageResult"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("shoal." + __name__)
 
 _ORIGINS = {pb.ORIGIN_STAGED: "staged", pb.ORIGIN_JOINED: "joined", pb.ORIGIN_CACHED: "cached"}
 _STATES = {pb.STATE_STAGING: "staging", pb.STATE_READY: "ready", pb.STATE_FAILED: "failed"}

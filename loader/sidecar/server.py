@@ -36,7 +36,7 @@ from loader.stream import StreamOptions
 
 __all__ = ["SidecarServer"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("shoal." + __name__)
 
 
 class SidecarServer:

@@ -39,7 +39,7 @@ from shoal import __version__
 
 __all__ = ["LoaderService", "progress_message", "spec_from", "staged_message"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("shoal." + __name__)
 
 READ_CHUNK_BYTES = 2 << 20  # under gRPC's default 4 MiB receive limit, with room to spare
 _ORIGINS = {"staged": pb.ORIGIN_STAGED, "joined": pb.ORIGIN_JOINED, "cached": pb.ORIGIN_CACHED}

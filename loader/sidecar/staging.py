@@ -73,7 +73,7 @@ from loader.stream import Progress, RateLimiter, Streamer, StreamOptions
 
 __all__ = ["Origin", "Stager", "StagerStatistics", "Ticket"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("shoal." + __name__)
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_FAILED = 64  # failed detached stagings kept for list()

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ObjectInfo", "Source", "check_relative_path", "open_source"]
 
-log = logging.getLogger("shoal.loader.sources")
+log = logging.getLogger("shoal." + __name__)
 
 
 def open_source(

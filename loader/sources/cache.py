@@ -30,7 +30,7 @@ from loader.sources.local import read_fully
 
 __all__ = ["CachedSource"]
 
-log = logging.getLogger("shoal.loader.cache")
+log = logging.getLogger("shoal." + __name__)
 
 _Ranges = list[tuple[int, int]]  # (the class below has a method named list)
 

@@ -28,7 +28,7 @@ from loader.sources.peer import PeerSource
 
 __all__ = ["PeerWithFallback"]
 
-log = logging.getLogger("shoal.loader.sources")
+log = logging.getLogger("shoal." + __name__)
 T = TypeVar("T")
 # The peer is gone, dropped the checkpoint, or staged it again: the origin serves the rest.
 _PEER_LOST = (SourceUnavailable, UnknownCheckpoint, StagingConflict)
