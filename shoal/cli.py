@@ -32,7 +32,7 @@ from typing import Any
 
 from shoal import __version__
 from shoal.cli_format import EXIT_INTERRUPTED, EXIT_MISSING_EXTRA, EXIT_USAGE
-from shoal.errors import ConfigError
+from shoal.errors import ConfigError, ShoalError
 
 __all__ = ["COMPONENTS", "Component", "build_parser", "main", "missing_modules"]
 
@@ -70,7 +70,9 @@ COMPONENTS: tuple[Component, ...] = (
 )
 
 
-class _MissingExtra(Exception):
+class _MissingExtra(ShoalError):
+    """A chosen component's extra is not installed (main: one line, EXIT_MISSING_EXTRA)."""
+
     def __init__(self, component: Component, missing: Sequence[str]) -> None:
         super().__init__(
             f"shoal {component.name}: needs the '{component.extra}' extra "
