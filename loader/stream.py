@@ -31,7 +31,10 @@ they fit under the bound, or until no read is in flight (so a tensor larger than
 still loads, and so does one whose last bytes share a read with the next tensor's first).
 A caller that drops each tensor after using it therefore never has more than the bound
 (plus one tensor) in memory; ``statistics().peak_held_bytes`` reports
-the high-water mark.
+the high-water mark. That one tensor is the documented exception to the bound, and it is
+bounded itself: the planner refuses a header declaring a tensor over
+``loader.plan.MAX_TENSOR_BYTES`` (64 GiB) or past the end of its file, so a hostile header
+cannot make the streamer allocate more than that.
 
 Failures: the first read that fails cancels the rest and raises its ``SourceError``; a tensor
 whose bytes do not match its published digest raises ``IntegrityError`` naming it.

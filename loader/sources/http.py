@@ -60,14 +60,12 @@ from loader.sources._ranged import (
     read_resuming,
     release,
 )
-from loader.sources.base import ObjectInfo, check_relative_path
+from loader.sources.base import INDEX_FILE, MAX_INDEX_BYTES, ObjectInfo, check_relative_path
 
 __all__ = ["HttpSource"]
 
-INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-_MAX_INDEX_BYTES = 64 << 20
 
 
 class HttpSource:
@@ -146,7 +144,7 @@ class HttpSource:
                     f"{self.uri}: HTTP servers cannot list a directory, and neither "
                     f"{INDEX_FILE} nor {SINGLE_FILE} is there; name the checkpoint's file"
                 ) from None
-        if index.size > _MAX_INDEX_BYTES:
+        if index.size > MAX_INDEX_BYTES:
             raise SourceError(f"{self.uri}{INDEX_FILE}: {index.size} bytes is not an index")
         text = bytearray(index.size)
         self.read_into(INDEX_FILE, 0, memoryview(text))
