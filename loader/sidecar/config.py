@@ -24,9 +24,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from loader.sidecar.allow import AllowRule, parse_rule
 from shoal.config import setting
 
-__all__ = ["LoaderConfig", "default_runtime_dir"]
+__all__ = ["LoaderConfig", "default_runtime_dir", "is_loopback"]
 
 
 def default_runtime_dir() -> str:
@@ -66,9 +67,13 @@ class LoaderConfig:
         size=True,
     )  # fmt: skip
     allow: str = setting(
-        "", "URI prefixes clients may stage from, comma-separated (local paths are resolved "
-        "first); empty = any the sidecar's user can read",
+        "", "URIs clients may stage from, comma-separated, compared by parsed component "
+        "(scheme, host, port or :*, bucket, path on a segment boundary; local paths resolved); "
+        "* = any; empty = any on a Unix socket or loopback, none on another TCP address",
     )  # fmt: skip
+    redirect_hosts: str = setting(
+        "", "hosts an http(s) source may redirect to besides its own, comma-separated (* any)"
+    )
     s3_endpoint: str = setting("", "S3-compatible endpoint URL for s3:// URIs")
     workers: int = setting(32, "gRPC worker threads (each streaming call holds one)")
     progress_interval_s: float = setting(0.1, "seconds between progress messages of a staging")
@@ -95,13 +100,14 @@ class LoaderConfig:
             host, port = self.tcp_address
             if not 0 < port < 65536:
                 raise ValueError(f"listen {self.listen!r}: port must be 1..65535")
-            if not self.tls_cert and not _is_loopback(host):
+            if not self.tls_cert and not is_loopback(host):
                 raise ValueError(
                     f"listen {self.listen!r} is reachable from other hosts: give --tls-cert "
                     "and --tls-key, or listen on 127.0.0.1"
                 )
         elif self.listen and not self.listen.startswith("unix:"):
             raise ValueError(f"listen {self.listen!r} must be empty, unix:/path or tcp://host:port")
+        self.allow_rules  # noqa: B018  (a bad --allow entry fails at startup, named)
 
     @property
     def runtime_path(self) -> Path:
@@ -137,11 +143,28 @@ class LoaderConfig:
     def allowed_prefixes(self) -> list[str]:
         return [p.strip() for p in self.allow.split(",") if p.strip()]
 
+    @property
+    def reachable_from_other_hosts(self) -> bool:
+        """Whether the sidecar listens on a TCP address that is not loopback."""
+        return self.listen.startswith("tcp://") and not is_loopback(self.tcp_address[0])
+
+    @property
+    def allow_rules(self) -> list[AllowRule] | None:
+        """The parsed allow-list (``loader.sidecar.allow``): ``None`` (anything) when none
+        is given on a Unix socket or loopback port, ``[]`` (nothing) when none is given on
+        a port other hosts can reach: deny by default there."""
+        entries = self.allowed_prefixes
+        if not entries:
+            return [] if self.reachable_from_other_hosts else None
+        return [parse_rule(entry) for entry in entries]
+
     def segment_prefix(self) -> str:
         return f"shoal-loader-{self.name}-"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this host."""
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:

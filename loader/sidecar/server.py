@@ -54,7 +54,7 @@ class SidecarServer:
                 options=StreamOptions(concurrency=config.concurrency,
                                       chunk_bytes=config.chunk_bytes),
                 rate_bytes_per_s=float(config.rate_bytes_per_s),
-                allow=config.allowed_prefixes,
+                allow=config.allow_rules,
             )  # fmt: skip
             stale = self.stager.remove_stale_segments()
             if stale:
@@ -90,6 +90,9 @@ class SidecarServer:
         options: dict[str, Any] = {}
         if uri.startswith("s3://") and self.config.s3_endpoint:
             options["endpoint_url"] = self.config.s3_endpoint
+        if uri.startswith(("http://", "https://")) and self.config.redirect_hosts:
+            hosts = self.config.redirect_hosts.split(",")
+            options["redirect_hosts"] = [h.strip() for h in hosts if h.strip()]
         return open_source(uri, **options)
 
     def _bind(self) -> str:

@@ -39,7 +39,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -47,7 +47,6 @@ from typing import Literal
 import torch
 
 from loader.errors import (
-    AccessDenied,
     CapacityExceeded,
     LoaderError,
     SourceUnavailable,
@@ -55,6 +54,7 @@ from loader.errors import (
     UnknownCheckpoint,
 )
 from loader.plan import DTYPES, tp_slice_rule
+from loader.sidecar.allow import AllowRule, check_allowed
 from loader.sidecar.files import Span, StagedFiles, file_spans, staged_files
 from loader.sidecar.segment import (
     DATA_OFFSET,
@@ -205,7 +205,7 @@ class Stager:
         open_source: OpenSource,
         options: StreamOptions | None = None,
         rate_bytes_per_s: float = 0.0,
-        allow: list[str] | None = None,
+        allow: Sequence[AllowRule] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.shm_dir = Path(shm_dir)
@@ -214,7 +214,7 @@ class Stager:
         self._open_source = open_source
         self._options = options or StreamOptions()
         self._rate = rate_bytes_per_s
-        self._allow = list(allow or [])
+        self._allow = None if allow is None else list(allow)
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
@@ -407,25 +407,10 @@ class Stager:
                 log.info("every caller left; cancelling", extra={"uri": entry.spec.uri})
                 entry.cancel.set()
 
-    def _check_allowed(self, uri: str) -> None:
-        if not self._allow:
-            return
-        if "://" not in uri or uri.startswith("file://"):
-            path = Path(uri.removeprefix("file://")).resolve()
-            for prefix in self._allow:
-                if "://" in prefix and not prefix.startswith("file://"):
-                    continue
-                root = Path(prefix.removeprefix("file://")).resolve()
-                if path == root or root in path.parents:
-                    return
-        elif any(uri.startswith(prefix) for prefix in self._allow):
-            return
-        raise AccessDenied(f"{uri} is outside the sidecar's allowed roots ({self._allow})")
-
     def _run(self, entry: _Entry) -> None:
         spec = entry.spec
         try:
-            self._check_allowed(spec.uri)
+            check_allowed(spec.uri, self._allow)
             if entry.cancel.is_set():
                 raise _Cancelled
             source, file = self._open_source(spec.uri)

@@ -5,7 +5,8 @@ all hitting object storage (issue 5).
 URI forms (the checkpoint URI is exactly the one the peer staged, ``shoal loader prefetch``)::
 
     peer://HOST:PORT/<checkpoint uri>                   TCP; TLS with tls_ca (the PEM bundle
-                                                        verifying the peer's certificate)
+                                                        verifying the peer's certificate),
+                                                        required unless HOST is loopback
     peer+unix:///PATH/NAME.sock/<checkpoint uri>        the peer's Unix socket: the path up
                                                         to the first segment ending in .sock
 
@@ -92,6 +93,16 @@ class PeerSource:
         self.uri = uri
         self.target, self.checkpoint_uri = parse_peer_uri(uri)
         self.timeout_s = timeout_s
+        if not tls_ca and not self.target.startswith("unix:"):
+            from loader.sidecar.config import is_loopback
+
+            if not is_loopback(self.target.rpartition(":")[0]):
+                raise SourceError(
+                    f"{uri}: a peer on another host is read over TLS only (without it, any "
+                    "machine on the path could hand this engine its own weights); give "
+                    "tls_ca (shoal load --tls-ca, the vLLM extra config's tls_ca), or read "
+                    "the checkpoint from its origin"
+                )
         self._client = SidecarClient(
             self.target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, timeout_s=timeout_s
         )
