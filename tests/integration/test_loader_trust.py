@@ -30,7 +30,7 @@ class Impostor(pb_grpc.LoaderServicer):
     def __init__(self) -> None:
         self.segment_path = ""
 
-    def Load(self, request: pb.StageRequest, context: object) -> Iterator[pb.StageEvent]:  # noqa: N802
+    def Load(self, request: pb.StageRequest, context: object) -> Iterator[pb.StageEvent]:
         size = os.stat(self.segment_path, follow_symlinks=True).st_size
         yield pb.StageEvent(staged=pb.Staged(
             checkpoint_id="0" * 16, segment_path=self.segment_path, segment_bytes=size,
