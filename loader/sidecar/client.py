@@ -268,8 +268,14 @@ class SidecarClient:
         tls_key: str | bytes | None = None,
         timeout_s: float = 10.0,
         shm_dir: str | Path = DEFAULT_SHM_DIR,
+        keepalive_time_s: float = 30.0,
+        keepalive_timeout_s: float = 10.0,
     ) -> None:
-        """``shm_dir``: where the sidecar's segments must lie (its ``--shm-dir``)."""
+        """``shm_dir``: where the sidecar's segments must lie (its ``--shm-dir``). HTTP/2
+        keepalive pings every ``keepalive_time_s`` notice a sidecar that vanished without
+        closing the connection (a streaming call would otherwise wait forever)."""
+        from loader.sidecar.config import keepalive_options
+
         self.target = target
         self.timeout_s = timeout_s
         self.shm_dir = Path(shm_dir)
@@ -284,15 +290,18 @@ class SidecarClient:
                 f"{target} is another host: a sidecar there is reached over TLS only (its "
                 "weights and tables would otherwise travel unauthenticated); give tls_ca"
             )
+        credentials = None
         if tls_ca:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_pem(tls_ca),
                 private_key=_pem(tls_key) if tls_key else None,
                 certificate_chain=_pem(tls_cert) if tls_cert else None,
             )
-            self._channel = grpc.secure_channel(target, credentials)
+        options = keepalive_options(keepalive_time_s, keepalive_timeout_s)
+        if credentials is not None:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.LoaderStub(self._channel)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from loader.sidecar.allow import AllowRule, parse_rule
 from shoal.config import setting
 
-__all__ = ["LoaderConfig", "default_runtime_dir", "is_loopback"]
+__all__ = ["LoaderConfig", "default_runtime_dir", "is_loopback", "keepalive_options"]
 
 
 def default_runtime_dir() -> str:
@@ -76,6 +76,20 @@ class LoaderConfig:
     )
     s3_endpoint: str = setting("", "S3-compatible endpoint URL for s3:// URIs")
     workers: int = setting(32, "gRPC worker threads (each streaming call holds one)")
+    max_streams: int = setting(
+        0, "streaming calls (Load, Prefetch, Read) served at once, more are refused "
+        "(RESOURCE_EXHAUSTED); 0 = workers - 2, leaving threads for List/Evict/Health probes",
+    )  # fmt: skip
+    max_concurrent_rpcs: int = setting(
+        0, "RPCs admitted at once, queued ones included (more: RESOURCE_EXHAUSTED); 0 = 4 x workers"
+    )
+    keepalive_time_s: float = setting(
+        30.0, "seconds between HTTP/2 keepalive pings (server and clients): a peer that "
+        "vanished without closing its connection is noticed",
+    )  # fmt: skip
+    keepalive_timeout_s: float = setting(
+        10.0, "seconds a keepalive ping may go unanswered before the connection is dropped"
+    )
     progress_interval_s: float = setting(0.1, "seconds between progress messages of a staging")
     timeout_s: float = setting(10.0, "clients: seconds a List/Evict/Health call may take")
     log_level: str = setting("info", "debug, info, warning or error")
@@ -90,6 +104,10 @@ class LoaderConfig:
             raise ValueError("workers must be >= 2; progress_interval_s, timeout_s positive")
         if self.rate_bytes_per_s < 0:
             raise ValueError("rate_bytes_per_s must be >= 0")
+        if self.max_streams < 0 or self.max_concurrent_rpcs < 0:
+            raise ValueError("max_streams and max_concurrent_rpcs must be >= 0 (0: derived)")
+        if self.keepalive_time_s <= 0 or self.keepalive_timeout_s <= 0:
+            raise ValueError("keepalive_time_s and keepalive_timeout_s must be positive")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -158,8 +176,33 @@ class LoaderConfig:
             return [] if self.reachable_from_other_hosts else None
         return [parse_rule(entry) for entry in entries]
 
+    @property
+    def stream_slots(self) -> int:
+        """Streaming calls served at once (``max_streams``, or ``workers - 2``)."""
+        return self.max_streams or max(1, self.workers - 2)
+
+    @property
+    def rpc_limit(self) -> int:
+        return self.max_concurrent_rpcs or 4 * self.workers
+
     def segment_prefix(self) -> str:
         return f"shoal-loader-{self.name}-"
+
+
+def keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
+    """gRPC channel/server options for HTTP/2 keepalive, the same on both sides: pings
+    every ``time_s`` even with no call open, dropped after ``timeout_s`` unanswered; a
+    server accepts pings that often (its default, 5 minutes, would answer a client's
+    pings with GOAWAY "too many pings")."""
+    return [
+        ("grpc.keepalive_time_ms", int(time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(time_s * 1000) // 2),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(time_s * 1000) // 2),
+    ]
 
 
 def is_loopback(host: str) -> bool:

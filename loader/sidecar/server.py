@@ -7,6 +7,18 @@ reuse); unlink segments a dead sidecar of this name left in ``shm_dir``; bind th
 socket (replacing a stale one, which the lock proves is dead) or the TCP port, with TLS
 when a certificate is configured; log ``loader sidecar ready``.
 
+Besides the Loader service it serves the standard ``grpc.health.v1.Health`` service
+(``grpc_health_probe``, Kubernetes' ``grpc:`` probes) for the empty service name and
+``shoal.loader.v1.Loader``: SERVING once started, NOT_SERVING while shutting down. The
+custom ``Loader.Health`` RPC stays, for its statistics and for older clients. Without the
+``grpcio-health-checking`` package only the custom RPC is served (logged once).
+
+Limits (m19): ``maximum_concurrent_rpcs`` (``--max-concurrent-rpcs``) bounds what gRPC
+admits, queued calls included; ``--max-streams`` bounds the streaming calls, which hold a
+worker thread each for their whole life, below the worker count, so unary calls and probes
+always find a thread; HTTP/2 keepalive on both sides (``--keepalive-time-s``) notices a
+peer that vanished without closing its connection.
+
 Shutdown (SIGTERM, SIGINT): stop taking calls, give calls in flight a short grace, cancel
 stagings, unlink every segment and the socket. Clients that mapped a segment keep their
 tensors (see ``staging``).
@@ -28,13 +40,15 @@ import grpc
 
 from loader.errors import LoaderError
 from loader.sidecar._proto import loader_pb2_grpc as pb_grpc
-from loader.sidecar.config import LoaderConfig
+from loader.sidecar.config import LoaderConfig, keepalive_options
 from loader.sidecar.service import LoaderService
 from loader.sidecar.staging import Stager
 from loader.sources.base import Source
 from loader.stream import StreamOptions
 
-__all__ = ["SidecarServer"]
+__all__ = ["LOADER_SERVICE", "SidecarServer"]
+
+LOADER_SERVICE = "shoal.loader.v1.Loader"  # the proto's package and service
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +75,16 @@ class SidecarServer:
                 log.warning("removed segments a dead sidecar left", extra={"count": stale})
             self._server = grpc.server(
                 ThreadPoolExecutor(config.workers, thread_name_prefix="shoal-rpc"),
-                options=[("grpc.so_reuseport", 0)],
-            )
+                options=[("grpc.so_reuseport", 0),
+                         *keepalive_options(config.keepalive_time_s, config.keepalive_timeout_s)],
+                maximum_concurrent_rpcs=config.rpc_limit,
+            )  # fmt: skip
             pb_grpc.add_LoaderServicer_to_server(  # type: ignore[no-untyped-call]
-                LoaderService(self.stager, progress_interval_s=config.progress_interval_s),
+                LoaderService(self.stager, progress_interval_s=config.progress_interval_s,
+                              max_streams=config.stream_slots),
                 self._server,
-            )
+            )  # fmt: skip
+            self._health = _standard_health(self._server)
             self.target = self._bind()
         except BaseException:
             os.close(self._lock_fd)
@@ -155,6 +173,8 @@ class SidecarServer:
             self.close()
 
     def close(self) -> None:
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()  # probes see NOT_SERVING while we drain
         self._server.stop(grace=1.0).wait()
         self.stager.close()
         if self.config.socket_path is not None:
@@ -162,3 +182,17 @@ class SidecarServer:
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
         log.info("loader sidecar stopped")
+
+
+def _standard_health(server: grpc.Server) -> Any:
+    """Register ``grpc.health.v1.Health`` (SERVING); ``None`` without grpcio-health-checking."""
+    try:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    except ImportError:
+        log.warning("grpcio-health-checking is not installed: no grpc.health.v1 service")
+        return None
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", LOADER_SERVICE):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return servicer

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import grpc
 
-from loader.errors import LoaderError
+from loader.errors import CapacityExceeded, LoaderError
 from loader.sidecar._proto import loader_pb2 as pb
 from loader.sidecar._proto import loader_pb2_grpc as pb_grpc
 from loader.sidecar.segment import StagedTable, StageSpec
@@ -89,14 +90,32 @@ def _abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
 
 
 class LoaderService(pb_grpc.LoaderServicer):
-    def __init__(self, stager: Stager, *, progress_interval_s: float = 0.1) -> None:
+    def __init__(
+        self, stager: Stager, *, progress_interval_s: float = 0.1, max_streams: int = 30
+    ) -> None:
+        """``max_streams``: streaming calls served at once; one more is refused with
+        ``RESOURCE_EXHAUSTED`` (each holds a worker thread: ``server`` keeps threads free
+        for unary calls and probes this way)."""
         self.stager = stager
         self.progress_interval_s = progress_interval_s
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
+
+    def _stream_slot(self, context: grpc.ServicerContext) -> None:
+        """Take a streaming slot, released when the call ends; refuse the call if none."""
+        if not self._streams.acquire(blocking=False):
+            _abort(context, CapacityExceeded(
+                f"the sidecar already serves {self.max_streams} streaming calls (Load, "
+                "Prefetch, Read); retry later or raise --max-streams and --workers"
+            ))  # fmt: skip
+        context.add_callback(self._streams.release)
 
     def Load(self, request: pb.StageRequest, context: Any) -> Iterator[pb.StageEvent]:
+        self._stream_slot(context)
         return self._stage(request, context, load=True)
 
     def Prefetch(self, request: pb.StageRequest, context: Any) -> Iterator[pb.StageEvent]:
+        self._stream_slot(context)
         return self._stage(request, context, load=False)
 
     def _stage(
@@ -170,6 +189,7 @@ class LoaderService(pb_grpc.LoaderServicer):
         )  # fmt: skip
 
     def Read(self, request: pb.ReadRequest, context: Any) -> Iterator[pb.ReadChunk]:
+        self._stream_slot(context)
         try:
             chunks = self.stager.read_file(
                 request.uri, request.path, request.offset, request.length,
