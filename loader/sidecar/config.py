@@ -90,6 +90,8 @@ class LoaderConfig:
     keepalive_timeout_s: float = setting(
         10.0, "seconds a keepalive ping may go unanswered before the connection is dropped"
     )
+    metrics_port: int = setting(0, "port of the Prometheus endpoint (shoal_loader_*); 0 = none")
+    metrics_host: str = setting("127.0.0.1", "address of the Prometheus endpoint")
     progress_interval_s: float = setting(0.1, "seconds between progress messages of a staging")
     timeout_s: float = setting(10.0, "clients: seconds a List/Evict/Health call may take")
     log_level: str = setting("info", "debug, info, warning or error")
@@ -106,6 +108,8 @@ class LoaderConfig:
             raise ValueError("rate_bytes_per_s must be >= 0")
         if self.max_streams < 0 or self.max_concurrent_rpcs < 0:
             raise ValueError("max_streams and max_concurrent_rpcs must be >= 0 (0: derived)")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port {self.metrics_port} must be 0 (none) or 1..65535")
         if self.keepalive_time_s <= 0 or self.keepalive_timeout_s <= 0:
             raise ValueError("keepalive_time_s and keepalive_timeout_s must be positive")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -13,6 +13,9 @@ Besides the Loader service it serves the standard ``grpc.health.v1.Health`` serv
 custom ``Loader.Health`` RPC stays, for its statistics and for older clients. Without the
 ``grpcio-health-checking`` package only the custom RPC is served (logged once).
 
+Metrics (M10): ``shoal_loader_*`` on ``--metrics-host``:``--metrics-port`` when a port is
+given (none by default; loopback by default), names in ``loader.sidecar.metrics``.
+
 Limits (m19): ``maximum_concurrent_rpcs`` (``--max-concurrent-rpcs``) bounds what gRPC
 admits, queued calls included; ``--max-streams`` bounds the streaming calls, which hold a
 worker thread each for their whole life, below the worker count, so unary calls and probes
@@ -41,6 +44,7 @@ import grpc
 from loader.errors import LoaderError
 from loader.sidecar._proto import loader_pb2_grpc as pb_grpc
 from loader.sidecar.config import LoaderConfig, keepalive_options
+from loader.sidecar.metrics import LoaderMetrics
 from loader.sidecar.service import LoaderService
 from loader.sidecar.staging import Stager
 from loader.sources.base import Source
@@ -61,7 +65,9 @@ class SidecarServer:
         os.chmod(runtime, 0o700)
         self._lock_fd = self._lock(runtime / f"shoal-loader-{config.name}.lock")
         self._stopped = threading.Event()
+        self._metrics_server: Any = None
         try:
+            self.metrics = LoaderMetrics(lambda: self.stager.statistics())  # noqa: PLW0108 (made next)
             self.stager = Stager(
                 config.shm_dir, config.segment_prefix(), config.capacity_bytes,
                 open_source=self._open_source,
@@ -69,6 +75,7 @@ class SidecarServer:
                                       chunk_bytes=config.chunk_bytes),
                 rate_bytes_per_s=float(config.rate_bytes_per_s),
                 allow=config.allow_rules,
+                events=self.metrics,
             )  # fmt: skip
             stale = self.stager.remove_stale_segments()
             if stale:
@@ -81,11 +88,12 @@ class SidecarServer:
             )  # fmt: skip
             pb_grpc.add_LoaderServicer_to_server(  # type: ignore[no-untyped-call]
                 LoaderService(self.stager, progress_interval_s=config.progress_interval_s,
-                              max_streams=config.stream_slots),
+                              max_streams=config.stream_slots, metrics=self.metrics),
                 self._server,
             )  # fmt: skip
             self._health = _standard_health(self._server)
             self.target = self._bind()
+            self._serve_metrics()
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -150,6 +158,25 @@ class SidecarServer:
         except RuntimeError as exc:
             raise LoaderError(f"cannot listen on {address}: {exc}") from None
 
+    def _serve_metrics(self) -> None:
+        """The Prometheus endpoint (``loader.sidecar.metrics``), if a port is configured;
+        a port in use is a ``LoaderError`` naming it, not a traceback."""
+        port = self.config.metrics_port
+        if not port:
+            return
+        from prometheus_client import start_http_server
+
+        try:
+            self._metrics_server, _ = start_http_server(
+                port, addr=self.config.metrics_host, registry=self.metrics.registry
+            )
+        except OSError as exc:
+            self._server.stop(0)
+            raise LoaderError(
+                f"cannot serve metrics on {self.config.metrics_host}:{port}: {exc.strerror}; "
+                "choose another --metrics-port (0 = none)"
+            ) from None
+
     def start(self) -> None:
         self._server.start()
         log.info(
@@ -177,6 +204,8 @@ class SidecarServer:
             self._health.enter_graceful_shutdown()  # probes see NOT_SERVING while we drain
         self._server.stop(grace=1.0).wait()
         self.stager.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         if self.config.socket_path is not None:
             self.config.socket_path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):

@@ -56,6 +56,7 @@ from loader.errors import (
 from loader.plan import DTYPES, tp_slice_rule
 from loader.sidecar.allow import AllowRule, check_allowed
 from loader.sidecar.files import Span, StagedFiles, file_spans, staged_files
+from loader.sidecar.metrics import NO_EVENTS, StagingEvents
 from loader.sidecar.segment import (
     DATA_OFFSET,
     HEADER,
@@ -207,6 +208,7 @@ class Stager:
         rate_bytes_per_s: float = 0.0,
         allow: Sequence[AllowRule] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        events: StagingEvents = NO_EVENTS,
     ) -> None:
         self.shm_dir = Path(shm_dir)
         self.prefix = segment_prefix
@@ -216,6 +218,7 @@ class Stager:
         self._rate = rate_bytes_per_s
         self._allow = None if allow is None else list(allow)
         self._clock = clock
+        self._events = events
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._failed: dict[str, tuple[_Entry, str]] = {}  # detached stagings that failed
@@ -418,15 +421,19 @@ class Stager:
                 self._stage(entry, source, file)
             finally:
                 source.close()
+            self._events.ended("ready")
         except _Cancelled:
+            self._events.ended("cancelled")
             self._fail(
                 entry,
                 StagingConflict(f"staging {spec.uri} cancelled: every caller left, or evicted"),
             )
         except LoaderError as exc:
+            self._events.ended("failed")
             self._fail(entry, exc)
         except Exception as exc:  # a bug: tell the callers (INTERNAL), keep serving
             log.exception("staging failed unexpectedly", extra={"uri": spec.uri})
+            self._events.ended("failed")
             self._fail(entry, exc)
 
     def _stage(self, entry: _Entry, source: Source, file: str | None) -> None:
@@ -501,6 +508,7 @@ class Stager:
                 self._staged += size
         if cancelled:
             raise _Cancelled
+        self._events.staged(spec.uri, stats.bytes_read, table.staging_s)
         entry.done.set()
         log.info("staged", extra={"uri": spec.uri, "bytes": size, "gbps": round(stats.gbps, 3)})
 
