@@ -35,18 +35,19 @@ Every ``grpc.RpcError`` is translated once, here, into the loader error the side
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import mmap
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from loader.errors import LoaderError, SidecarUnavailable, SourceError
+from loader.errors import IntegrityError, LoaderError, SidecarUnavailable, SourceError
 from loader.sidecar._proto import loader_pb2 as pb
 from loader.sidecar._proto import loader_pb2_grpc as pb_grpc
 from loader.sidecar.segment import (
@@ -90,11 +91,16 @@ class StageResult:
 
 @dataclass(frozen=True, slots=True)
 class PeerFiles:
-    """The files of a checkpoint a sidecar staged whole (``Files``)."""
+    """The files of a checkpoint a sidecar staged whole (``Files``), with the digests the
+    sidecar computed while staging (M5)."""
 
     checkpoint_id: str
     token: bytes  # pass it to read_into: reads fail once the checkpoint is staged again
     files: tuple[ObjectInfo, ...]
+    # path -> (prefix bytes, hex SHA-256 of bytes [0, prefix bytes) of the file)
+    prefixes: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    # (path, file offset, nbytes) -> (tensor name, hex SHA-256 of those bytes)
+    tensors: Mapping[tuple[str, int, int], tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +121,7 @@ class LoadedCheckpoint:
 
     def __init__(
         self, result: StageResult, device: str | torch.device = "cpu", *,
-        shm_dir: str | Path = DEFAULT_SHM_DIR,
+        shm_dir: str | Path = DEFAULT_SHM_DIR, verify: bool = False,
     ) -> None:  # fmt: skip
         import torch
 
@@ -123,6 +129,8 @@ class LoadedCheckpoint:
         self.origin = result.origin
         self._mapping = _map_segment(self.table, Path(shm_dir))
         self._bytes: torch.Tensor | None = torch.frombuffer(self._mapping, dtype=torch.uint8)
+        if verify:
+            _verify(self.table, self._bytes)
         host = {t.name: _view(self._bytes, t) for t in self.table.tensors}
         self.host_tensors: dict[str, torch.Tensor] = host
         target = torch.device(device)
@@ -185,6 +193,21 @@ def _map_segment(table: StagedTable, shm_dir: Path) -> mmap.mmap:
         mapping.close()
         raise LoaderError(f"{path} was re-staged since the sidecar answered; load again")
     return mapping
+
+
+def _verify(table: StagedTable, data: torch.Tensor) -> None:
+    """``IntegrityError`` naming the first tensor whose mapped bytes do not hash to the
+    digest the sidecar computed while staging (M5)."""
+    for entry in table.tensors:
+        if not entry.sha256:
+            continue
+        raw = data[entry.offset : entry.offset + entry.nbytes].numpy()
+        actual = hashlib.sha256(memoryview(raw)).hexdigest()  # type: ignore[arg-type]
+        if actual != entry.sha256:
+            raise IntegrityError(
+                f"{entry.name}: the staged bytes in {table.segment_path} hash to {actual}, "
+                f"the sidecar staged {entry.sha256}"
+            )
 
 
 def _view(data: torch.Tensor, entry: StagedTensor) -> torch.Tensor:
@@ -337,12 +360,15 @@ class SidecarClient:
         *,
         device: str | torch.device = "cpu",
         on_progress: Callable[[Progress], None] | None = None,
+        verify: bool = False,
         **spec: Any,
     ) -> LoadedCheckpoint:
         """Stage ``uri`` if needed and map it: tensors zero-copy on the host, or copied to
-        ``device``."""
+        ``device``. ``verify`` hashes every mapped tensor against the SHA-256 the sidecar
+        computed while staging (off by default: the segment is this user's, 0600, on this
+        host, and hashing costs about a second per GB on every engine)."""
         result = self._stage(self._stub.Load, uri, spec, on_progress)
-        return LoadedCheckpoint(result, device, shm_dir=self.shm_dir)
+        return LoadedCheckpoint(result, device, shm_dir=self.shm_dir, verify=verify)
 
     def _stage(
         self,
@@ -389,6 +415,8 @@ class SidecarClient:
         return PeerFiles(
             reply.checkpoint_id, bytes(reply.token),
             tuple(ObjectInfo(f.path, f.size, f.identity) for f in reply.files),
+            {f.path: (f.prefix_bytes, f.prefix_sha256) for f in reply.files if f.prefix_sha256},
+            {(t.path, t.offset, t.nbytes): (t.name, t.sha256) for t in reply.tensors},
         )  # fmt: skip
 
     def read_into(
@@ -473,7 +501,7 @@ class SidecarClient:
 def _result(staged: pb.Staged) -> StageResult:
     table = StagedTable(
         staged.checkpoint_id, staged.segment_path, staged.segment_bytes, bytes(staged.token),
-        tuple(StagedTensor(t.name, t.dtype, tuple(t.shape), t.offset, t.nbytes)
+        tuple(StagedTensor(t.name, t.dtype, tuple(t.shape), t.offset, t.nbytes, t.sha256)
               for t in staged.tensors),
         staged.staging_s,
     )  # fmt: skip

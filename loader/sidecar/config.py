@@ -14,7 +14,10 @@ TCP serves a controller warming a node from elsewhere (``Prefetch``, ``List``, `
 mapping the staged tensors still needs the engine on the sidecar's host. TCP needs TLS
 (``tls_cert`` + ``tls_key``) unless the host is a loopback address; ``tls_client_ca`` makes
 it mutual: only clients presenting a certificate that CA signed get a connection (clients
-present ``tls_client_cert`` + ``tls_client_key``).
+present ``tls_client_cert`` + ``tls_client_key``). On such a port the allow-list is
+deny-by-default: without ``allow`` nothing can be staged (``allow_rules``; the rules are
+``loader.sidecar.allow``'s), while a Unix socket or loopback port admits any URI unless
+``allow`` narrows it.
 """
 
 from __future__ import annotations

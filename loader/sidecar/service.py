@@ -72,7 +72,12 @@ def staged_message(table: StagedTable, origin: str) -> pb.Staged:
         token=table.token,
         tensors=[
             pb.TensorEntry(
-                name=t.name, dtype=t.dtype, shape=t.shape, offset=t.offset, nbytes=t.nbytes
+                name=t.name,
+                dtype=t.dtype,
+                shape=t.shape,
+                offset=t.offset,
+                nbytes=t.nbytes,
+                sha256=t.sha256,
             )
             for t in table.tensors
         ],
@@ -198,8 +203,11 @@ class LoaderService(pb_grpc.LoaderServicer):
             self._abort(context, exc)
         return pb.FilesReply(
             checkpoint_id=files.checkpoint_id, token=files.token,
-            files=[pb.FileInfo(path=f.path, size=f.size, identity=f.identity)
+            files=[pb.FileInfo(path=f.path, size=f.size, identity=f.identity,
+                               prefix_bytes=len(f.prefix), prefix_sha256=f.prefix_sha256)
                    for f in files.files],
+            tensors=[pb.TensorDigest(name=d.name, path=d.path, offset=d.offset,
+                                     nbytes=d.nbytes, sha256=d.sha256) for d in files.digests],
         )  # fmt: skip
 
     def Read(self, request: pb.ReadRequest, context: Any) -> Iterator[pb.ReadChunk]:

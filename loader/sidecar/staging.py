@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import mmap
 import os
@@ -451,6 +452,7 @@ class Stager:
         path = self.shm_dir / f"{self.prefix}{spec.checkpoint_id}"
         segment = entry.segment = _Segment(path, size, token)
         where = {plan.name: offset for plan, offset in zip(plans, offsets, strict=True)}
+        nbytes = {plan.name: plan.nbytes for plan in plans}
         rates = [r for r in (self._rate, spec.rate_bytes_per_s) if r > 0]
         options = StreamOptions(
             concurrency=concurrency,
@@ -475,10 +477,15 @@ class Stager:
             allocate=lambda plan: segment.view(where[plan.name], plan.nbytes),
         )  # fmt: skip
         stream = iter(streamer)
+        sha256: dict[str, str] = {}
         try:
-            for _name, _tensor in stream:
+            for name, _tensor in stream:
                 if entry.cancel.is_set():
                     raise _Cancelled
+                # M5: the digest of the bytes as they landed, sent with the table; hashlib
+                # releases the GIL, so the streamer's reads go on meanwhile.
+                view = segment.view(where[name], nbytes[name])
+                sha256[name] = hashlib.sha256(memoryview(view.numpy())).hexdigest()  # type: ignore[arg-type]
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
@@ -487,7 +494,7 @@ class Stager:
         entry.progress = Progress(stats.bytes_read, stats.bytes_read, stats.tensors,
                                   stats.tensors, stats.elapsed_s)  # fmt: skip
         tensors = tuple(
-            StagedTensor(p.name, DTYPE_NAMES[p.dtype], p.shape, offset, p.nbytes)
+            StagedTensor(p.name, DTYPE_NAMES[p.dtype], p.shape, offset, p.nbytes, sha256[p.name])
             for p, offset in zip(plans, offsets, strict=True)
         )
         table = StagedTable(spec.checkpoint_id, str(path), size, token, tensors,
@@ -495,7 +502,7 @@ class Stager:
         files = None
         if max(spec.tp_size, 1) == 1:
             files = staged_files(spec.checkpoint_id, token, checkpoint.files,
-                                 checkpoint.prefixes, plans, offsets)  # fmt: skip
+                                 checkpoint.prefixes, plans, offsets, sha256)  # fmt: skip
         with self._lock:
             # Checked under the lock that evict and the last caller's release take to
             # cancel: a staging cancelled after its last read is torn down, never ready.

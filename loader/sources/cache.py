@@ -110,6 +110,11 @@ class CachedSource:
     def list(self) -> list[ObjectInfo]:
         return self.inner.list()
 
+    def published_digest(self, path: str, offset: int, nbytes: int) -> str | None:
+        """The inner source's digest of a tensor, if it publishes any (a peer)."""
+        published = getattr(self.inner, "published_digest", None)
+        return published(path, offset, nbytes) if published is not None else None
+
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
         self.read_scatter(path, offset, [buffer])
 
