@@ -178,6 +178,12 @@ class SidecarServer:
             ) from None
 
     def start(self) -> None:
+        if self.config.reachable_from_other_hosts and not self.config.tls_client_ca:
+            log.warning(
+                "listening on a port other hosts can reach without --tls-client-ca: any "
+                "client that trusts the certificate can Prefetch (within --allow), Read and "
+                "Evict; give --tls-client-ca to admit only clients with a certificate"
+            )
         self._server.start()
         log.info(
             "loader sidecar ready",
