@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 from loader.errors import CheckpointError, ObjectNotFound
 from loader.plan import (
-    INDEX_FILE,
     FileHeader,
     TensorPlan,
     TensorSlice,
@@ -26,7 +25,7 @@ from loader.plan import (
     parse_index,
     plan_tensors,
 )
-from loader.sources.base import ObjectInfo, Source
+from loader.sources.base import INDEX_FILE, MAX_INDEX_BYTES, ObjectInfo, Source
 
 __all__ = ["Checkpoint", "open_checkpoint"]
 
@@ -73,6 +72,11 @@ def open_checkpoint(
         except ObjectNotFound:
             index = None
         if index is not None:
+            if index.size > MAX_INDEX_BYTES:
+                raise CheckpointError(
+                    f"{source.uri}: {INDEX_FILE} of {index.size} bytes is over the "
+                    f"{MAX_INDEX_BYTES}-byte bound on an index (corrupt or hostile?)"
+                )
             prefixes[INDEX_FILE] = _read_all(source, INDEX_FILE, index.size)
             weight_map = parse_index(prefixes[INDEX_FILE])
             files = sorted(set(weight_map.values()))

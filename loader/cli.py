@@ -53,6 +53,11 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     load.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (or AWS_ENDPOINT_URL)")
     load.add_argument("--cache-dir", help="write remote checkpoints through to this local cache")
+    load.add_argument(
+        "--redirect-host", action="append", default=[], metavar="HOST",
+        help="an http(s) source may be redirected to HOST (repeat; * for any); by default "
+        "only redirects to the source's own host are followed",
+    )  # fmt: skip
     load.add_argument("--tls-ca", help="PEM CA bundle verifying a peer:// sidecar over TLS")
     load.add_argument("--tls-cert", help="PEM client certificate for a peer requiring mTLS")
     load.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -98,6 +103,8 @@ def _load(args: argparse.Namespace) -> int:
             source_options[name] = getattr(args, name)
     if args.no_fallback:
         source_options["fallback"] = False
+    if args.redirect_host and ("http://" in args.source or "https://" in args.source):
+        source_options["redirect_hosts"] = list(args.redirect_host)
     try:
         source, file = open_source(args.source, **source_options)
         try:

@@ -53,6 +53,7 @@ __all__ = [
     "INDEX_FILE",
     "ITEMSIZES",
     "MAX_HEADER_BYTES",
+    "MAX_TENSOR_BYTES",
     "FileHeader",
     "TensorPlan",
     "TensorSlice",
@@ -62,8 +63,13 @@ __all__ = [
     "tp_slice_rule",
 ]
 
-INDEX_FILE = "model.safetensors.index.json"
+from loader.sources.base import INDEX_FILE  # one definition (m11), beside the sources
+
 MAX_HEADER_BYTES = 100 << 20
+# The largest tensor a header may declare (m18): the biggest real ones (a 256k-vocabulary
+# embedding) are a few GiB; a header from an untrusted source claiming more is refused
+# before the streamer allocates it, whatever the file size the source reports.
+MAX_TENSOR_BYTES = 64 << 30
 
 # Bytes per element of each safetensors dtype: sizes are checked without torch, which is
 # imported only where dtype objects are made (``DTYPES``, planning a tensor).
@@ -217,6 +223,11 @@ def _entry(path: str, name: str, spec: object, data_start: int, data_size: int) 
         )
     itemsize = ITEMSIZES[str(dtype_name)]
     expected = math.prod(shape) * itemsize
+    if expected > MAX_TENSOR_BYTES:
+        raise CheckpointError(
+            f"{where}: shape {shape} of {dtype_name} is {expected} bytes, over the "
+            f"{MAX_TENSOR_BYTES}-byte bound on one tensor (corrupt or hostile header?)"
+        )
     if end - begin != expected:
         raise CheckpointError(
             f"{where}: shape {shape} of {dtype_name} needs {expected} bytes, "

@@ -31,10 +31,16 @@ they fit under the bound, or until no read is in flight (so a tensor larger than
 still loads, and so does one whose last bytes share a read with the next tensor's first).
 A caller that drops each tensor after using it therefore never has more than the bound
 (plus one tensor) in memory; ``statistics().peak_held_bytes`` reports
-the high-water mark.
+the high-water mark. That one tensor is the documented exception to the bound, and it is
+bounded itself: the planner refuses a header declaring a tensor over
+``loader.plan.MAX_TENSOR_BYTES`` (64 GiB) or past the end of its file, so a hostile header
+cannot make the streamer allocate more than that.
 
 Failures: the first read that fails cancels the rest and raises its ``SourceError``; a tensor
-whose bytes do not match its published digest raises ``IntegrityError`` naming it.
+whose bytes do not match its published digest raises ``IntegrityError`` naming it. Digests
+are the caller's (``digests``) or, for a whole tensor, the source's own: a source with a
+``published_digest(path, offset, nbytes)`` method (a peer sidecar, which hashed what it
+staged) has every tensor it publishes a digest for checked.
 
 Rejected: asyncio with aiobotocore/httpx (every source would need an async twin, and the
 work is I/O plus memcpy that threads overlap well); mmap + copy (reads every byte twice and
@@ -294,6 +300,11 @@ class Streamer:
         if not getattr(source, "reads_holes", True) and options.merge_gap_bytes > 0:
             options = dataclasses.replace(options, merge_gap_bytes=0)  # a peer: tensors only
         self.options = options
+        # A source that publishes digests of what it serves (a peer sidecar: M5) has every
+        # whole tensor it knows checked, unless the caller gave a digest for it.
+        self._published: Callable[[str, int, int], str | None] | None = getattr(
+            source, "published_digest", None
+        )
         self.device = torch.device(device)
         ordered = order_plans(plans, self.options.order, self.options.priority)
         self._tensors = [_Tensor(plan, plan.nbytes) for plan in ordered]
@@ -486,6 +497,8 @@ class Streamer:
         plan = tensor.plan
         data = tensor.data if tensor.data is not None else torch.empty(0, dtype=torch.uint8)
         digest = self.options.digests.get(plan.name)
+        if digest is None and self._published is not None and len(plan.ranges) == 1:
+            digest = self._published(plan.path, *plan.ranges[0])
         if digest is not None:
             algorithm, _, expected = digest.partition(":")
             try:

@@ -91,6 +91,9 @@ def _command(fn: Callable[[argparse.Namespace, Any], int]) -> Callable[[argparse
                 tls_cert=config.tls_client_cert or None,
                 tls_key=config.tls_client_key or None,
                 timeout_s=config.timeout_s,
+                shm_dir=config.shm_dir,
+                keepalive_time_s=config.keepalive_time_s,
+                keepalive_timeout_s=config.keepalive_timeout_s,
             ) as client:
                 return fn(args, client)
         except (SidecarUnavailable, SourceUnavailable) as exc:

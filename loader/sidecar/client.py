@@ -17,6 +17,14 @@ maps the segment:
    the copies are DMA from the shared pages with ``non_blocking=True``, no pinned bounce
    copy; if registering fails, ``to(device)`` from pageable memory (CUDA stages it).
 
+Trust (M6): before dialling a Unix socket the client checks that the socket's directory
+belongs to this user and is not group/world-writable, and that the socket does too: on a
+host without ``XDG_RUNTIME_DIR`` the runtime directory is under ``/tmp``, where another
+local user could have pre-created it to impersonate the sidecar. A segment path the reply
+names must be a ``shoal-loader-*`` file directly in the expected ``shm_dir``, a regular file
+(not a symlink: ``O_NOFOLLOW``) owned by this user and not writable by others; anything
+else is refused with ``SidecarUnavailable`` naming the path and what is wrong with it.
+
 ``files(uri)`` and ``read_into(...)`` read a whole staging's files, as a peer replica does
 (``loader.sources.peer``): each chunk of the stream is copied once, into the caller's buffer.
 
@@ -27,17 +35,19 @@ Every ``grpc.RpcError`` is translated once, here, into the loader error the side
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import mmap
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from loader.errors import LoaderError, SourceError
+from loader.errors import IntegrityError, LoaderError, SidecarUnavailable, SourceError
 from loader.sidecar._proto import loader_pb2 as pb
 from loader.sidecar._proto import loader_pb2_grpc as pb_grpc
 from loader.sidecar.segment import (
@@ -55,13 +65,22 @@ if TYPE_CHECKING:  # torch only where tensors are made: `shoal loader list` star
 
     from loader.stream import Progress
 
-__all__ = ["LoadedCheckpoint", "PeerFiles", "SidecarClient", "SidecarHealth", "StageResult"]
+__all__ = [
+    "LoadedCheckpoint",
+    "PeerFiles",
+    "SidecarClient",
+    "SidecarHealth",
+    "StageResult",
+    "check_socket_trust",
+]
 
 log = logging.getLogger("shoal." + __name__)
 
 _ORIGINS = {pb.ORIGIN_STAGED: "staged", pb.ORIGIN_JOINED: "joined", pb.ORIGIN_CACHED: "cached"}
 _STATES = {pb.STATE_STAGING: "staging", pb.STATE_READY: "ready", pb.STATE_FAILED: "failed"}
 _CUDA_HOST_REGISTER_READ_ONLY = 0x08
+DEFAULT_SHM_DIR = "/dev/shm"
+SEGMENT_PREFIX = "shoal-loader-"  # LoaderConfig.segment_prefix() without the name
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +91,16 @@ class StageResult:
 
 @dataclass(frozen=True, slots=True)
 class PeerFiles:
-    """The files of a checkpoint a sidecar staged whole (``Files``)."""
+    """The files of a checkpoint a sidecar staged whole (``Files``), with the digests the
+    sidecar computed while staging (M5)."""
 
     checkpoint_id: str
     token: bytes  # pass it to read_into: reads fail once the checkpoint is staged again
     files: tuple[ObjectInfo, ...]
+    # path -> (prefix bytes, hex SHA-256 of bytes [0, prefix bytes) of the file)
+    prefixes: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    # (path, file offset, nbytes) -> (tensor name, hex SHA-256 of those bytes)
+    tensors: Mapping[tuple[str, int, int], tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +119,18 @@ class LoadedCheckpoint:
     """A staged checkpoint mapped into this process. ``tensors`` are zero-copy views of the
     mapping (or device copies); ``close()`` drops this object's references."""
 
-    def __init__(self, result: StageResult, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, result: StageResult, device: str | torch.device = "cpu", *,
+        shm_dir: str | Path = DEFAULT_SHM_DIR, verify: bool = False,
+    ) -> None:  # fmt: skip
         import torch
 
         self.table = result.table
         self.origin = result.origin
-        self._mapping = _map_segment(self.table)
+        self._mapping = _map_segment(self.table, Path(shm_dir))
         self._bytes: torch.Tensor | None = torch.frombuffer(self._mapping, dtype=torch.uint8)
+        if verify:
+            _verify(self.table, self._bytes)
         host = {t.name: _view(self._bytes, t) for t in self.table.tensors}
         self.host_tensors: dict[str, torch.Tensor] = host
         target = torch.device(device)
@@ -132,14 +161,24 @@ class LoadedCheckpoint:
         self.close()
 
 
-def _map_segment(table: StagedTable) -> mmap.mmap:
+def _map_segment(table: StagedTable, shm_dir: Path) -> mmap.mmap:
     path = table.segment_path
+    where = os.path.realpath(os.path.dirname(path)) if os.path.isabs(path) else ""
+    if where != os.path.realpath(shm_dir) or not os.path.basename(path).startswith(SEGMENT_PREFIX):
+        raise SidecarUnavailable(
+            f"the sidecar named segment {path!r}, which is not a {SEGMENT_PREFIX}* file in "
+            f"{shm_dir}: refusing to map it (a sidecar of another configuration, or not one)"
+        )
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise LoaderError(f"cannot open staged segment {path}: {exc.strerror}") from None
     try:
-        size = os.fstat(fd).st_size
+        stat = os.fstat(fd)
+        _check_owned(path, stat, "segment")
+        if not S_ISREG(stat.st_mode):
+            raise SidecarUnavailable(f"segment {path} is not a regular file: refusing it")
+        size = stat.st_size
         if size != table.segment_bytes:
             raise LoaderError(f"{path}: {size} bytes, the sidecar announced {table.segment_bytes}")
         mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -154,6 +193,21 @@ def _map_segment(table: StagedTable) -> mmap.mmap:
         mapping.close()
         raise LoaderError(f"{path} was re-staged since the sidecar answered; load again")
     return mapping
+
+
+def _verify(table: StagedTable, data: torch.Tensor) -> None:
+    """``IntegrityError`` naming the first tensor whose mapped bytes do not hash to the
+    digest the sidecar computed while staging (M5)."""
+    for entry in table.tensors:
+        if not entry.sha256:
+            continue
+        raw = data[entry.offset : entry.offset + entry.nbytes].numpy()
+        actual = hashlib.sha256(memoryview(raw)).hexdigest()  # type: ignore[arg-type]
+        if actual != entry.sha256:
+            raise IntegrityError(
+                f"{entry.name}: the staged bytes in {table.segment_path} hash to {actual}, "
+                f"the sidecar staged {entry.sha256}"
+            )
 
 
 def _view(data: torch.Tensor, entry: StagedTensor) -> torch.Tensor:
@@ -193,6 +247,36 @@ def _to_device(
     return out
 
 
+def _check_owned(path: str | Path, stat: os.stat_result, what: str) -> None:
+    """``SidecarUnavailable`` unless ``stat`` is this user's and not group/world-writable."""
+    if stat.st_uid != os.getuid():
+        raise SidecarUnavailable(
+            f"{what} {path} belongs to uid {stat.st_uid}, not to this user ({os.getuid()}): "
+            "refusing a sidecar another user may control"
+        )
+    if stat.st_mode & 0o022:
+        raise SidecarUnavailable(
+            f"{what} {path} is writable by group or others (mode {stat.st_mode & 0o777:o}): "
+            "refusing it; the sidecar's runtime directory must be 0700"
+        )
+
+
+def check_socket_trust(socket_path: str | Path) -> None:
+    """M6: the socket's directory and the socket are this user's and not writable by
+    others; a socket that does not exist is left to the call to report."""
+    path = Path(socket_path)
+    try:
+        directory = os.stat(path.parent)
+    except FileNotFoundError:
+        return
+    _check_owned(path.parent, directory, "the socket's directory")
+    try:
+        sock = os.lstat(path)
+    except FileNotFoundError:
+        return
+    _check_owned(path, sock, "socket")
+
+
 class SidecarClient:
     """Calls to one sidecar: ``target`` is ``unix:/path`` or ``host:port`` (with ``tls_ca``,
     the PEM bundle that verifies the sidecar, for TLS; and ``tls_cert`` + ``tls_key``, the
@@ -206,22 +290,41 @@ class SidecarClient:
         tls_cert: str | bytes | None = None,
         tls_key: str | bytes | None = None,
         timeout_s: float = 10.0,
+        shm_dir: str | Path = DEFAULT_SHM_DIR,
+        keepalive_time_s: float = 30.0,
+        keepalive_timeout_s: float = 10.0,
     ) -> None:
+        """``shm_dir``: where the sidecar's segments must lie (its ``--shm-dir``). HTTP/2
+        keepalive pings every ``keepalive_time_s`` notice a sidecar that vanished without
+        closing the connection (a streaming call would otherwise wait forever)."""
+        from loader.sidecar.config import keepalive_options
+
         self.target = target
         self.timeout_s = timeout_s
+        self.shm_dir = Path(shm_dir)
+        if target.startswith("unix:"):
+            check_socket_trust(target.removeprefix("unix:").removeprefix("//"))
         if bool(tls_cert) != bool(tls_key):
             raise ValueError("a client certificate and its key go together")
         if tls_cert and not tls_ca:
             raise ValueError("a client certificate is for TLS: give tls_ca too")
+        if not tls_ca and not target.startswith("unix:") and not _loopback_target(target):
+            raise ValueError(
+                f"{target} is another host: a sidecar there is reached over TLS only (its "
+                "weights and tables would otherwise travel unauthenticated); give tls_ca"
+            )
+        credentials = None
         if tls_ca:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_pem(tls_ca),
                 private_key=_pem(tls_key) if tls_key else None,
                 certificate_chain=_pem(tls_cert) if tls_cert else None,
             )
-            self._channel = grpc.secure_channel(target, credentials)
+        options = keepalive_options(keepalive_time_s, keepalive_timeout_s)
+        if credentials is not None:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.LoaderStub(self._channel)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
@@ -257,11 +360,15 @@ class SidecarClient:
         *,
         device: str | torch.device = "cpu",
         on_progress: Callable[[Progress], None] | None = None,
+        verify: bool = False,
         **spec: Any,
     ) -> LoadedCheckpoint:
         """Stage ``uri`` if needed and map it: tensors zero-copy on the host, or copied to
-        ``device``."""
-        return LoadedCheckpoint(self._stage(self._stub.Load, uri, spec, on_progress), device)
+        ``device``. ``verify`` hashes every mapped tensor against the SHA-256 the sidecar
+        computed while staging (off by default: the segment is this user's, 0600, on this
+        host, and hashing costs about a second per GB on every engine)."""
+        result = self._stage(self._stub.Load, uri, spec, on_progress)
+        return LoadedCheckpoint(result, device, shm_dir=self.shm_dir, verify=verify)
 
     def _stage(
         self,
@@ -308,6 +415,8 @@ class SidecarClient:
         return PeerFiles(
             reply.checkpoint_id, bytes(reply.token),
             tuple(ObjectInfo(f.path, f.size, f.identity) for f in reply.files),
+            {f.path: (f.prefix_bytes, f.prefix_sha256) for f in reply.files if f.prefix_sha256},
+            {(t.path, t.offset, t.nbytes): (t.name, t.sha256) for t in reply.tensors},
         )  # fmt: skip
 
     def read_into(
@@ -392,7 +501,7 @@ class SidecarClient:
 def _result(staged: pb.Staged) -> StageResult:
     table = StagedTable(
         staged.checkpoint_id, staged.segment_path, staged.segment_bytes, bytes(staged.token),
-        tuple(StagedTensor(t.name, t.dtype, tuple(t.shape), t.offset, t.nbytes)
+        tuple(StagedTensor(t.name, t.dtype, tuple(t.shape), t.offset, t.nbytes, t.sha256)
               for t in staged.tensors),
         staged.staging_s,
     )  # fmt: skip
@@ -403,6 +512,14 @@ def _spec(uri: str, spec: Mapping[str, Any]) -> StageSpec:
     """What a staging call asks for; bad arguments fail here, before any call. A local path
     is made absolute: the sidecar does not share our working directory."""
     return StageSpec(uri if "://" in uri else os.path.abspath(uri), **spec)
+
+
+def _loopback_target(target: str) -> bool:
+    """Whether a ``host:port`` gRPC target (``[v6]:port`` too) is this host."""
+    from loader.sidecar.config import is_loopback
+
+    host = target.removeprefix("dns:").removeprefix("ipv4:").removeprefix("ipv6:")
+    return is_loopback(host.rpartition(":")[0] or host)
 
 
 def _pem(value: str | bytes) -> bytes:

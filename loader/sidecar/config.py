@@ -14,7 +14,10 @@ TCP serves a controller warming a node from elsewhere (``Prefetch``, ``List``, `
 mapping the staged tensors still needs the engine on the sidecar's host. TCP needs TLS
 (``tls_cert`` + ``tls_key``) unless the host is a loopback address; ``tls_client_ca`` makes
 it mutual: only clients presenting a certificate that CA signed get a connection (clients
-present ``tls_client_cert`` + ``tls_client_key``).
+present ``tls_client_cert`` + ``tls_client_key``). On such a port the allow-list is
+deny-by-default: without ``allow`` nothing can be staged (``allow_rules``; the rules are
+``loader.sidecar.allow``'s), while a Unix socket or loopback port admits any URI unless
+``allow`` narrows it.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from loader.sidecar.allow import AllowRule, parse_rule
 from shoal.config import default_runtime_dir, setting
 
-__all__ = ["LoaderConfig", "default_runtime_dir"]
+__all__ = ["LoaderConfig", "default_runtime_dir", "is_loopback", "keepalive_options"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +64,31 @@ class LoaderConfig:
         size=True,
     )  # fmt: skip
     allow: str = setting(
-        "", "URI prefixes clients may stage from, comma-separated (local paths are resolved "
-        "first); empty = any the sidecar's user can read",
+        "", "URIs clients may stage from, comma-separated, compared by parsed component "
+        "(scheme, host, port or :*, bucket, path on a segment boundary; local paths resolved); "
+        "* = any; empty = any on a Unix socket or loopback, none on another TCP address",
     )  # fmt: skip
+    redirect_hosts: str = setting(
+        "", "hosts an http(s) source may redirect to besides its own, comma-separated (* any)"
+    )
     s3_endpoint: str = setting("", "S3-compatible endpoint URL for s3:// URIs")
     workers: int = setting(32, "gRPC worker threads (each streaming call holds one)")
+    max_streams: int = setting(
+        0, "streaming calls (Load, Prefetch, Read) served at once, more are refused "
+        "(RESOURCE_EXHAUSTED); 0 = workers - 2, leaving threads for List/Evict/Health probes",
+    )  # fmt: skip
+    max_concurrent_rpcs: int = setting(
+        0, "RPCs admitted at once, queued ones included (more: RESOURCE_EXHAUSTED); 0 = 4 x workers"
+    )
+    keepalive_time_s: float = setting(
+        30.0, "seconds between HTTP/2 keepalive pings (server and clients): a peer that "
+        "vanished without closing its connection is noticed",
+    )  # fmt: skip
+    keepalive_timeout_s: float = setting(
+        10.0, "seconds a keepalive ping may go unanswered before the connection is dropped"
+    )
+    metrics_port: int = setting(0, "port of the Prometheus endpoint (shoal_loader_*); 0 = none")
+    metrics_host: str = setting("127.0.0.1", "address of the Prometheus endpoint")
     progress_interval_s: float = setting(0.1, "seconds between progress messages of a staging")
     timeout_s: float = setting(10.0, "clients: seconds a List/Evict/Health call may take")
     log_level: str = setting("info", "debug, info, warning or error")
@@ -79,6 +103,12 @@ class LoaderConfig:
             raise ValueError("workers must be >= 2; progress_interval_s, timeout_s positive")
         if self.rate_bytes_per_s < 0:
             raise ValueError("rate_bytes_per_s must be >= 0")
+        if self.max_streams < 0 or self.max_concurrent_rpcs < 0:
+            raise ValueError("max_streams and max_concurrent_rpcs must be >= 0 (0: derived)")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port {self.metrics_port} must be 0 (none) or 1..65535")
+        if self.keepalive_time_s <= 0 or self.keepalive_timeout_s <= 0:
+            raise ValueError("keepalive_time_s and keepalive_timeout_s must be positive")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -89,13 +119,14 @@ class LoaderConfig:
             host, port = self.tcp_address
             if not 0 < port < 65536:
                 raise ValueError(f"listen {self.listen!r}: port must be 1..65535")
-            if not self.tls_cert and not _is_loopback(host):
+            if not self.tls_cert and not is_loopback(host):
                 raise ValueError(
                     f"listen {self.listen!r} is reachable from other hosts: give --tls-cert "
                     "and --tls-key, or listen on 127.0.0.1"
                 )
         elif self.listen and not self.listen.startswith("unix:"):
             raise ValueError(f"listen {self.listen!r} must be empty, unix:/path or tcp://host:port")
+        self.allow_rules  # noqa: B018  (a bad --allow entry fails at startup, named)
 
     @property
     def runtime_path(self) -> Path:
@@ -131,11 +162,53 @@ class LoaderConfig:
     def allowed_prefixes(self) -> list[str]:
         return [p.strip() for p in self.allow.split(",") if p.strip()]
 
+    @property
+    def reachable_from_other_hosts(self) -> bool:
+        """Whether the sidecar listens on a TCP address that is not loopback."""
+        return self.listen.startswith("tcp://") and not is_loopback(self.tcp_address[0])
+
+    @property
+    def allow_rules(self) -> list[AllowRule] | None:
+        """The parsed allow-list (``loader.sidecar.allow``): ``None`` (anything) when none
+        is given on a Unix socket or loopback port, ``[]`` (nothing) when none is given on
+        a port other hosts can reach: deny by default there."""
+        entries = self.allowed_prefixes
+        if not entries:
+            return [] if self.reachable_from_other_hosts else None
+        return [parse_rule(entry) for entry in entries]
+
+    @property
+    def stream_slots(self) -> int:
+        """Streaming calls served at once (``max_streams``, or ``workers - 2``)."""
+        return self.max_streams or max(1, self.workers - 2)
+
+    @property
+    def rpc_limit(self) -> int:
+        return self.max_concurrent_rpcs or 4 * self.workers
+
     def segment_prefix(self) -> str:
         return f"shoal-loader-{self.name}-"
 
 
-def _is_loopback(host: str) -> bool:
+def keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
+    """gRPC channel/server options for HTTP/2 keepalive, the same on both sides: pings
+    every ``time_s`` even with no call open, dropped after ``timeout_s`` unanswered; a
+    server accepts pings that often (its default, 5 minutes, would answer a client's
+    pings with GOAWAY "too many pings")."""
+    return [
+        ("grpc.keepalive_time_ms", int(time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(time_s * 1000) // 2),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(time_s * 1000) // 2),
+    ]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this host."""
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:

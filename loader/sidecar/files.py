@@ -28,6 +28,9 @@ tensor's file range lies in the segment::
 4. ``token`` is the staging's segment token: a reader that names it is refused once the
    checkpoint was staged again (evicted and re-staged: perhaps other bytes), so one load
    never mixes two stagings.
+5. Digests (M5): each file's prefix and each tensor's bytes carry the SHA-256 computed
+   while staging (``prefix_sha256``, ``TensorDigest``), sent with the file table, so a
+   reader verifies what it reads (``loader.sources.peer``) against what was staged.
 
 No torch, no gRPC: the staging thread builds these values, the service serves them.
 """
@@ -35,6 +38,7 @@ No torch, no gRPC: the staging thread builds these values, the service serves th
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
     from loader.plan import TensorPlan
     from loader.sources.base import ObjectInfo
 
-__all__ = ["Span", "StagedFile", "StagedFiles", "file_spans", "staged_files"]
+__all__ = ["Span", "StagedFile", "StagedFiles", "TensorDigest", "file_spans", "staged_files"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,18 @@ class StagedFile:
     identity: str  # the origin's (ETag, or size + mtime)
     prefix: bytes  # the file's bytes [0, len(prefix))
     extents: tuple[tuple[int, int, int], ...]  # (file offset, nbytes, segment offset), sorted
+    prefix_sha256: str = ""  # hex SHA-256 of prefix
+
+
+@dataclass(frozen=True, slots=True)
+class TensorDigest:
+    """Where one staged tensor's bytes lie in its file, and their SHA-256 (point 5)."""
+
+    name: str
+    path: str
+    offset: int
+    nbytes: int
+    sha256: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +78,7 @@ class StagedFiles:
     checkpoint_id: str
     token: bytes
     files: tuple[StagedFile, ...]  # in the order they were read: the index first, if any
+    digests: tuple[TensorDigest, ...] = ()
 
     def file(self, path: str) -> StagedFile:
         for staged in self.files:
@@ -90,23 +107,27 @@ def staged_files(
     prefixes: Mapping[str, bytes],
     plans: Sequence[TensorPlan],
     offsets: Sequence[int],
+    sha256: Mapping[str, str] | None = None,
 ) -> StagedFiles:
-    """The files of a whole staging: ``plans`` placed at ``offsets`` in the segment."""
+    """The files of a whole staging: ``plans`` placed at ``offsets`` in the segment;
+    ``sha256``: tensor name -> hex digest of its bytes, as staged."""
     extents: dict[str, list[tuple[int, int, int]]] = {o.path: [] for o in objects}
+    digests: list[TensorDigest] = []
     for plan, offset in zip(plans, offsets, strict=True):
         assert len(plan.ranges) <= 1, f"{plan.name} is sliced: only whole stagings have files"
         for begin, nbytes in plan.ranges:
             if nbytes:
                 extents[plan.path].append((begin, nbytes, offset))
-    return StagedFiles(
-        checkpoint_id,
-        token,
-        tuple(
-            StagedFile(o.path, o.size, o.identity, prefixes.get(o.path, b""),
-                       tuple(sorted(extents[o.path])))
-            for o in objects
-        ),
-    )  # fmt: skip
+            if sha256 and plan.name in sha256:
+                digests.append(TensorDigest(plan.name, plan.path, begin, nbytes,
+                                            sha256[plan.name]))  # fmt: skip
+    files = []
+    for o in objects:
+        prefix = prefixes.get(o.path, b"")
+        files.append(StagedFile(o.path, o.size, o.identity, prefix,
+                                tuple(sorted(extents[o.path])),
+                                hashlib.sha256(prefix).hexdigest()))  # fmt: skip
+    return StagedFiles(checkpoint_id, token, tuple(files), tuple(digests))
 
 
 def file_spans(staged: StagedFile, offset: int, length: int) -> list[Span]:

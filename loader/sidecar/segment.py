@@ -98,6 +98,7 @@ class StagedTensor:
     shape: tuple[int, ...]
     offset: int  # in the segment file
     nbytes: int
+    sha256: str = ""  # hex, of its bytes as staged (computed while staging; M5)
 
 
 @dataclass(frozen=True, slots=True)

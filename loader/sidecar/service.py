@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import grpc
 
-from loader.errors import LoaderError
+from loader.errors import CapacityExceeded, LoaderError
 from loader.sidecar._proto import loader_pb2 as pb
 from loader.sidecar._proto import loader_pb2_grpc as pb_grpc
+from loader.sidecar.metrics import LoaderMetrics
 from loader.sidecar.segment import StagedTable, StageSpec
 from loader.sidecar.staging import Stager
 from loader.sidecar.status import ERROR_KEY, status_for
@@ -70,7 +72,12 @@ def staged_message(table: StagedTable, origin: str) -> pb.Staged:
         token=table.token,
         tensors=[
             pb.TensorEntry(
-                name=t.name, dtype=t.dtype, shape=t.shape, offset=t.offset, nbytes=t.nbytes
+                name=t.name,
+                dtype=t.dtype,
+                shape=t.shape,
+                offset=t.offset,
+                nbytes=t.nbytes,
+                sha256=t.sha256,
             )
             for t in table.tensors
         ],
@@ -89,14 +96,42 @@ def _abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
 
 
 class LoaderService(pb_grpc.LoaderServicer):
-    def __init__(self, stager: Stager, *, progress_interval_s: float = 0.1) -> None:
+    def __init__(
+        self,
+        stager: Stager,
+        *,
+        progress_interval_s: float = 0.1,
+        max_streams: int = 30,
+        metrics: LoaderMetrics | None = None,
+    ) -> None:
+        """``max_streams``: streaming calls served at once; one more is refused with
+        ``RESOURCE_EXHAUSTED`` (each holds a worker thread: ``server`` keeps threads free
+        for unary calls and probes this way)."""
         self.stager = stager
         self.progress_interval_s = progress_interval_s
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
+        self.metrics = metrics or LoaderMetrics(stager.statistics)
+
+    def _abort(self, context: grpc.ServicerContext, error: BaseException) -> NoReturn:
+        self.metrics.error(type(error).__name__)
+        _abort(context, error)
+
+    def _stream_slot(self, context: grpc.ServicerContext) -> None:
+        """Take a streaming slot, released when the call ends; refuse the call if none."""
+        if not self._streams.acquire(blocking=False):
+            self._abort(context, CapacityExceeded(
+                f"the sidecar already serves {self.max_streams} streaming calls (Load, "
+                "Prefetch, Read); retry later or raise --max-streams and --workers"
+            ))  # fmt: skip
+        context.add_callback(self._streams.release)
 
     def Load(self, request: pb.StageRequest, context: Any) -> Iterator[pb.StageEvent]:
+        self._stream_slot(context)
         return self._stage(request, context, load=True)
 
     def Prefetch(self, request: pb.StageRequest, context: Any) -> Iterator[pb.StageEvent]:
+        self._stream_slot(context)
         return self._stage(request, context, load=False)
 
     def _stage(
@@ -107,7 +142,7 @@ class LoaderService(pb_grpc.LoaderServicer):
             if request.detach and load:
                 raise ValueError("detach is for Prefetch: a Load maps what it waits for")
         except ValueError as exc:
-            _abort(context, exc)
+            self._abort(context, exc)
         ticket = self.stager.stage(spec, load=load, detach=request.detach)
         if request.detach:
             ticket.release()  # the staging goes on; List tells how it ends
@@ -128,7 +163,10 @@ class LoaderService(pb_grpc.LoaderServicer):
             try:
                 table = ticket.result()
             except BaseException as exc:
-                _abort(context, exc)
+                self._abort(context, exc)
+            # Counted before the last message: a client stops reading once it has the
+            # table, and gRPC then closes this generator at the yield.
+            self.metrics.served("Load" if load else "Prefetch")
             yield pb.StageEvent(staged=staged_message(table, ticket.origin))
         finally:
             ticket.release()
@@ -156,29 +194,36 @@ class LoaderService(pb_grpc.LoaderServicer):
         try:
             return pb.EvictReply(bytes_freed=self.stager.evict(request.checkpoint_id))
         except LoaderError as exc:
-            _abort(context, exc)
+            self._abort(context, exc)
 
     def Files(self, request: pb.FilesRequest, context: Any) -> pb.FilesReply:
         try:
             files = self.stager.files(request.uri)
         except (LoaderError, ValueError) as exc:
-            _abort(context, exc)
+            self._abort(context, exc)
         return pb.FilesReply(
             checkpoint_id=files.checkpoint_id, token=files.token,
-            files=[pb.FileInfo(path=f.path, size=f.size, identity=f.identity)
+            files=[pb.FileInfo(path=f.path, size=f.size, identity=f.identity,
+                               prefix_bytes=len(f.prefix), prefix_sha256=f.prefix_sha256)
                    for f in files.files],
+            tensors=[pb.TensorDigest(name=d.name, path=d.path, offset=d.offset,
+                                     nbytes=d.nbytes, sha256=d.sha256) for d in files.digests],
         )  # fmt: skip
 
     def Read(self, request: pb.ReadRequest, context: Any) -> Iterator[pb.ReadChunk]:
+        self._stream_slot(context)
         try:
             chunks = self.stager.read_file(
                 request.uri, request.path, request.offset, request.length,
                 token=request.token, chunk_bytes=READ_CHUNK_BYTES,
             )  # fmt: skip
         except (LoaderError, ValueError) as exc:
-            _abort(context, exc)
+            self._abort(context, exc)
+        sent = 0
         for data in chunks:
             yield pb.ReadChunk(data=data)
+            sent += len(data)
+        self.metrics.served("Read", sent)
 
     def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthReply:
         stats = self.stager.statistics()

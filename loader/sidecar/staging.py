@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import mmap
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -47,7 +48,6 @@ from typing import Literal
 import torch
 
 from loader.errors import (
-    AccessDenied,
     CapacityExceeded,
     LoaderError,
     SourceUnavailable,
@@ -55,7 +55,9 @@ from loader.errors import (
     UnknownCheckpoint,
 )
 from loader.plan import DTYPES, tp_slice_rule
+from loader.sidecar.allow import AllowRule, check_allowed
 from loader.sidecar.files import Span, StagedFiles, file_spans, staged_files
+from loader.sidecar.metrics import NO_EVENTS, StagingEvents
 from loader.sidecar.segment import (
     DATA_OFFSET,
     HEADER,
@@ -205,8 +207,9 @@ class Stager:
         open_source: OpenSource,
         options: StreamOptions | None = None,
         rate_bytes_per_s: float = 0.0,
-        allow: list[str] | None = None,
+        allow: Sequence[AllowRule] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        events: StagingEvents = NO_EVENTS,
     ) -> None:
         self.shm_dir = Path(shm_dir)
         self.prefix = segment_prefix
@@ -214,8 +217,9 @@ class Stager:
         self._open_source = open_source
         self._options = options or StreamOptions()
         self._rate = rate_bytes_per_s
-        self._allow = list(allow or [])
+        self._allow = None if allow is None else list(allow)
         self._clock = clock
+        self._events = events
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._failed: dict[str, tuple[_Entry, str]] = {}  # detached stagings that failed
@@ -407,25 +411,10 @@ class Stager:
                 log.info("every caller left; cancelling", extra={"uri": entry.spec.uri})
                 entry.cancel.set()
 
-    def _check_allowed(self, uri: str) -> None:
-        if not self._allow:
-            return
-        if "://" not in uri or uri.startswith("file://"):
-            path = Path(uri.removeprefix("file://")).resolve()
-            for prefix in self._allow:
-                if "://" in prefix and not prefix.startswith("file://"):
-                    continue
-                root = Path(prefix.removeprefix("file://")).resolve()
-                if path == root or root in path.parents:
-                    return
-        elif any(uri.startswith(prefix) for prefix in self._allow):
-            return
-        raise AccessDenied(f"{uri} is outside the sidecar's allowed roots ({self._allow})")
-
     def _run(self, entry: _Entry) -> None:
         spec = entry.spec
         try:
-            self._check_allowed(spec.uri)
+            check_allowed(spec.uri, self._allow)
             if entry.cancel.is_set():
                 raise _Cancelled
             source, file = self._open_source(spec.uri)
@@ -433,15 +422,19 @@ class Stager:
                 self._stage(entry, source, file)
             finally:
                 source.close()
+            self._events.ended("ready")
         except _Cancelled:
+            self._events.ended("cancelled")
             self._fail(
                 entry,
                 StagingConflict(f"staging {spec.uri} cancelled: every caller left, or evicted"),
             )
         except LoaderError as exc:
+            self._events.ended("failed")
             self._fail(entry, exc)
         except Exception as exc:  # a bug: tell the callers (INTERNAL), keep serving
             log.exception("staging failed unexpectedly", extra={"uri": spec.uri})
+            self._events.ended("failed")
             self._fail(entry, exc)
 
     def _stage(self, entry: _Entry, source: Source, file: str | None) -> None:
@@ -459,6 +452,7 @@ class Stager:
         path = self.shm_dir / f"{self.prefix}{spec.checkpoint_id}"
         segment = entry.segment = _Segment(path, size, token)
         where = {plan.name: offset for plan, offset in zip(plans, offsets, strict=True)}
+        nbytes = {plan.name: plan.nbytes for plan in plans}
         rates = [r for r in (self._rate, spec.rate_bytes_per_s) if r > 0]
         options = StreamOptions(
             concurrency=concurrency,
@@ -483,10 +477,15 @@ class Stager:
             allocate=lambda plan: segment.view(where[plan.name], plan.nbytes),
         )  # fmt: skip
         stream = iter(streamer)
+        sha256: dict[str, str] = {}
         try:
-            for _name, _tensor in stream:
+            for name, _tensor in stream:
                 if entry.cancel.is_set():
                     raise _Cancelled
+                # M5: the digest of the bytes as they landed, sent with the table; hashlib
+                # releases the GIL, so the streamer's reads go on meanwhile.
+                view = segment.view(where[name], nbytes[name])
+                sha256[name] = hashlib.sha256(memoryview(view.numpy())).hexdigest()  # type: ignore[arg-type]
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
@@ -495,7 +494,7 @@ class Stager:
         entry.progress = Progress(stats.bytes_read, stats.bytes_read, stats.tensors,
                                   stats.tensors, stats.elapsed_s)  # fmt: skip
         tensors = tuple(
-            StagedTensor(p.name, DTYPE_NAMES[p.dtype], p.shape, offset, p.nbytes)
+            StagedTensor(p.name, DTYPE_NAMES[p.dtype], p.shape, offset, p.nbytes, sha256[p.name])
             for p, offset in zip(plans, offsets, strict=True)
         )
         table = StagedTable(spec.checkpoint_id, str(path), size, token, tensors,
@@ -503,7 +502,7 @@ class Stager:
         files = None
         if max(spec.tp_size, 1) == 1:
             files = staged_files(spec.checkpoint_id, token, checkpoint.files,
-                                 checkpoint.prefixes, plans, offsets)  # fmt: skip
+                                 checkpoint.prefixes, plans, offsets, sha256)  # fmt: skip
         with self._lock:
             # Checked under the lock that evict and the last caller's release take to
             # cancel: a staging cancelled after its last read is torn down, never ready.
@@ -516,6 +515,7 @@ class Stager:
                 self._staged += size
         if cancelled:
             raise _Cancelled
+        self._events.staged(spec.uri, stats.bytes_read, table.staging_s)
         entry.done.set()
         log.info("staged", extra={"uri": spec.uri, "bytes": size, "gbps": round(stats.gbps, 3)})
 

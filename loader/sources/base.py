@@ -27,7 +27,20 @@ from typing import Protocol
 
 from loader.errors import AccessDenied
 
-__all__ = ["ObjectInfo", "Source", "advance", "check_relative_path"]
+__all__ = [
+    "INDEX_FILE",
+    "MAX_INDEX_BYTES",
+    "ObjectInfo",
+    "Source",
+    "advance",
+    "check_relative_path",
+]
+
+# A sharded checkpoint's index: one definition, for the planner and the HTTP source's listing.
+INDEX_FILE = "model.safetensors.index.json"
+# Real indexes are a few hundred KiB; the size comes from the source (an S3 object's, an
+# HTTP server's, a peer's word), so anything larger is refused before it is allocated.
+MAX_INDEX_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)

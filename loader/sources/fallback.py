@@ -58,6 +58,14 @@ class PeerWithFallback:
     def list(self) -> list[ObjectInfo]:
         return self._call(lambda source: source.list())
 
+    def published_digest(self, path: str, offset: int, nbytes: int) -> str | None:
+        """The peer's digest of that tensor (also checks the origin's bytes once the peer
+        failed: the origin serves the very files the peer staged), if the peer answered."""
+        try:
+            return self.peer.published_digest(path, offset, nbytes)
+        except _PEER_LOST:
+            return None
+
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
         self.read_scatter(path, offset, [buffer])
 

@@ -17,10 +17,17 @@ HTTP has no listing: ``list`` answers only for a checkpoint that publishes
 ``model.safetensors.index.json`` (the index and the shards its ``weight_map`` names) or is
 one ``model.safetensors``; otherwise name the file.
 
+Redirects are followed here, not by urllib3 (M5): one to the same scheme, host and port
+always (up to ``_MAX_REDIRECTS``), one to another host only if that host is in
+``redirect_hosts`` (``"*"``: any; a hub redirecting to its CDN names the CDN), and never from
+``https`` down to ``http``. Otherwise the read fails with ``AccessDenied`` naming the
+target: a sidecar fetching for clients must not be steered to internal addresses (SSRF) by
+whoever controls an allowed server. A redirect keeps the ``Range`` header; headers given
+to the source (``Authorization``) go only to the source's own host.
+
 Built on urllib3 directly: one ``PoolManager`` (thread-safe, ``concurrency`` connections
 per host) with urllib3's ``Retry`` for connection errors, 5xx and 429 (with backoff and
-``Retry-After``) and redirects (a hub redirecting to its CDN keeps the ``Range`` header),
-TLS verification on by default with an optional CA bundle. A body that breaks off
+``Retry-After``), TLS verification on by default with an optional CA bundle. A body that breaks off
 mid-read is resumed for the remainder (``_ranged.read_resuming``). Rejected: *httpx*
 (another dependency, and its ``iter_bytes`` yields fresh ``bytes``: no read into a caller's
 buffer); *aiohttp* (an event loop for what the streamer does from threads; same copy);
@@ -60,14 +67,14 @@ from loader.sources._ranged import (
     read_resuming,
     release,
 )
-from loader.sources.base import ObjectInfo, check_relative_path
+from loader.sources.base import INDEX_FILE, MAX_INDEX_BYTES, ObjectInfo, check_relative_path
 
 __all__ = ["HttpSource"]
 
-INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-_MAX_INDEX_BYTES = 64 << 20
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
 
 
 class HttpSource:
@@ -86,11 +93,13 @@ class HttpSource:
         verify_tls: bool = True,
         ca_bundle: str | None = None,
         headers: Mapping[str, str] | None = None,
+        redirect_hosts: Sequence[str] = (),
         backoff: Backoff = DEFAULT_BACKOFF,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        """``headers`` go with every request (e.g. ``Authorization``; urllib3 drops it on a
-        redirect to another host). ``ca_bundle`` is a PEM file of trusted CAs."""
+        """``headers`` go with every request to the source's host (e.g. ``Authorization``).
+        ``ca_bundle`` is a PEM file of trusted CAs. ``redirect_hosts``: hosts (``host`` or
+        ``host:port``; ``"*"`` for any) a redirect may lead to besides the source's own."""
         assert concurrency >= 1, f"concurrency must be positive, got {concurrency}"
         assert max_attempts >= 1, f"max_attempts must be positive, got {max_attempts}"
         parts = urllib.parse.urlsplit(uri)
@@ -99,6 +108,12 @@ class HttpSource:
         if parts.query or parts.fragment:
             raise SourceError(f"{uri!r}: a source URL takes no query or fragment")
         self.uri = uri if uri.endswith("/") else uri + "/"
+        try:
+            self._origin = _origin(parts)
+        except ValueError as exc:
+            raise SourceError(f"{uri!r}: {exc}") from None
+        self._redirect_hosts = frozenset(h.lower() for h in redirect_hosts)
+        self._headers = {**(headers or {}), "Accept-Encoding": "identity"}
         self._max_attempts = max_attempts
         self._backoff = backoff
         self._sleep = sleep
@@ -112,11 +127,11 @@ class HttpSource:
             backoff_jitter=backoff.base_s,
             raise_on_status=False,  # the last response is answered below, with its status
             respect_retry_after_header=True,
+            redirect=False,  # followed in _request, where the target is checked
         )
         self._pool = urllib3.PoolManager(
             num_pools=4,
             maxsize=concurrency,
-            headers={**(headers or {}), "Accept-Encoding": "identity"},
             timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
             retries=self._retries,
             cert_reqs="CERT_REQUIRED" if verify_tls else "CERT_NONE",
@@ -146,7 +161,7 @@ class HttpSource:
                     f"{self.uri}: HTTP servers cannot list a directory, and neither "
                     f"{INDEX_FILE} nor {SINGLE_FILE} is there; name the checkpoint's file"
                 ) from None
-        if index.size > _MAX_INDEX_BYTES:
+        if index.size > MAX_INDEX_BYTES:
             raise SourceError(f"{self.uri}{INDEX_FILE}: {index.size} bytes is not an index")
         text = bytearray(index.size)
         self.read_into(INDEX_FILE, 0, memoryview(text))
@@ -244,17 +259,48 @@ class HttpSource:
         *,
         preload: bool = False,
     ) -> urllib3.BaseHTTPResponse:
+        for _ in range(_MAX_REDIRECTS + 1):
+            own = _origin(urllib.parse.urlsplit(url)) == self._origin
+            sent = {**self._headers, **(headers or {})} if own else {
+                k: v for k, v in {**self._headers, **(headers or {})}.items()
+                if k.lower() not in ("authorization", "cookie", "proxy-authorization")
+            }  # fmt: skip
+            try:
+                response = self._pool.request(
+                    method, url, headers=sent, preload_content=preload, decode_content=False,
+                    retries=self._retries, redirect=False,
+                )  # fmt: skip
+            except (MaxRetryError, SSLError, LocationValueError, Urllib3Error) as exc:
+                raise _translate(exc, url) from exc
+            location = response.headers.get("Location")
+            if response.status not in _REDIRECT_STATUSES or not location:
+                return response
+            release(response, complete=False)
+            url = self._redirect_target(url, location)
+        raise SourceError(f"{url}: more than {_MAX_REDIRECTS} redirects")
+
+    def _redirect_target(self, url: str, location: str) -> str:
+        """The absolute URL a redirect leads to, or ``AccessDenied`` if it may not."""
+        target = urllib.parse.urljoin(url, location)
+        parts = urllib.parse.urlsplit(target)
         try:
-            return self._pool.request(
-                method,
-                url,
-                headers={**self._pool.headers, **(headers or {})},
-                preload_content=preload,
-                decode_content=False,
-                retries=self._retries,
-            )
-        except (MaxRetryError, SSLError, LocationValueError, Urllib3Error) as exc:
-            raise _translate(exc, url) from exc
+            there = _origin(parts)
+        except ValueError:  # a port that is not a number
+            raise AccessDenied(f"{url}: refusing the redirect to {target!r}") from None
+        if parts.scheme not in ("http", "https") or parts.username or parts.password:
+            raise AccessDenied(f"{url}: refusing the redirect to {target!r}")
+        if self._origin[0] == "https" and parts.scheme != "https":
+            raise AccessDenied(f"{url}: refusing the redirect from https down to {target}")
+        if there[1:] == self._origin[1:] or "*" in self._redirect_hosts:
+            return target
+        host, port = there[1], there[2]
+        if host in self._redirect_hosts or f"{host}:{port}" in self._redirect_hosts:
+            return target
+        raise AccessDenied(
+            f"{url}: the server redirects to another host ({target}); a source follows "
+            f"redirects to its own host only: name {host} in redirect_hosts "
+            "(shoal load --redirect-host, the sidecar's --redirect-hosts) to allow it"
+        )
 
     @staticmethod
     def _check_status(response: urllib3.BaseHTTPResponse, url: str) -> None:
@@ -285,6 +331,12 @@ class HttpSource:
             f"{url}: the server sends neither ETag nor Last-Modified, so a changed object "
             "could not be told from the old one; serve it from a server that does"
         )
+
+
+def _origin(parts: urllib.parse.SplitResult) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL, the port defaulted: what "the same host" means."""
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
 
 
 def _is_strong(etag: str | None) -> bool:

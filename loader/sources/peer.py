@@ -5,7 +5,8 @@ all hitting object storage (issue 5).
 URI forms (the checkpoint URI is exactly the one the peer staged, ``shoal loader prefetch``)::
 
     peer://HOST:PORT/<checkpoint uri>                   TCP; TLS with tls_ca (the PEM bundle
-                                                        verifying the peer's certificate)
+                                                        verifying the peer's certificate),
+                                                        required unless HOST is loopback
     peer+unix:///PATH/NAME.sock/<checkpoint uri>        the peer's Unix socket: the path up
                                                         to the first segment ending in .sock
 
@@ -20,6 +21,15 @@ source. Each ``read_into`` is one ``Read`` call whose chunks land straight in th
 buffer (one copy, out of protobuf's message), with a deadline (``timeout_s``); the streamer's
 threads give the concurrency (a gRPC channel is thread-safe and multiplexes them).
 
+Integrity (M5): the file table carries what the peer computed while staging: the SHA-256
+of each file's header (the prefix it kept) and of each tensor's bytes. A read inside a
+header is served from the whole header, fetched once and checked; every whole tensor the
+streamer reads is checked against its digest (``published_digest``, which the streamer
+consults), so bytes that changed between staging and serving, or a range served from the
+wrong place, raise ``IntegrityError`` instead of loading. (The origin identity check of
+``fallback`` stays.) A peer on another host is reached over TLS only, so the table and its
+digests come from the peer the certificate names.
+
 The first call asks the peer for the file table once (``Files``) and keeps its staging
 token: a read after the peer evicted and staged the checkpoint again fails instead of mixing
 two stagings. Errors: a peer that does not hold the checkpoint raises ``UnknownCheckpoint``;
@@ -32,17 +42,34 @@ only sliced for tensor parallelism, ``StagingConflict``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from collections.abc import Iterator, Sequence
 
-from loader.errors import ObjectNotFound, SidecarUnavailable, SourceError, SourceUnavailable
+from loader.errors import (
+    IntegrityError,
+    ObjectNotFound,
+    SidecarUnavailable,
+    SourceError,
+    SourceUnavailable,
+)
 from loader.sidecar.client import PeerFiles, SidecarClient
 from loader.sources._ranged import byte_view
-from loader.sources.base import ObjectInfo, check_relative_path
+from loader.sources.base import ObjectInfo, advance, check_relative_path
 
 __all__ = ["PeerSource", "parse_peer_uri"]
 
 SCHEMES = ("peer://", "peer+unix://")
+
+
+def copy_into(views: Sequence[memoryview], data: memoryview) -> None:
+    """Fill ``views`` in turn from ``data`` (exactly as many bytes as it has)."""
+    for view in views:
+        if not data:
+            return
+        take = min(len(view), len(data))
+        view[:take] = data[:take]
+        data = data[take:]
 
 
 def parse_peer_uri(uri: str) -> tuple[str, str]:
@@ -92,11 +119,22 @@ class PeerSource:
         self.uri = uri
         self.target, self.checkpoint_uri = parse_peer_uri(uri)
         self.timeout_s = timeout_s
+        if not tls_ca and not self.target.startswith("unix:"):
+            from loader.sidecar.config import is_loopback
+
+            if not is_loopback(self.target.rpartition(":")[0]):
+                raise SourceError(
+                    f"{uri}: a peer on another host is read over TLS only (without it, any "
+                    "machine on the path could hand this engine its own weights); give "
+                    "tls_ca (shoal load --tls-ca, the vLLM extra config's tls_ca), or read "
+                    "the checkpoint from its origin"
+                )
         self._client = SidecarClient(
             self.target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, timeout_s=timeout_s
         )
         self._lock = threading.Lock()
         self._held: PeerFiles | None = None
+        self._prefixes: dict[str, bytes] = {}  # checked headers, by path
 
     def files(self) -> PeerFiles:
         """The peer's file table for the checkpoint (asked once, then kept)."""
@@ -116,19 +154,25 @@ class PeerSource:
     def list(self) -> list[ObjectInfo]:
         return sorted(self.files().files, key=lambda info: info.path)
 
+    def published_digest(self, path: str, offset: int, nbytes: int) -> str | None:
+        """``sha256:<hex>`` of the tensor the peer staged at bytes ``[offset, offset +
+        nbytes)`` of ``path``, or ``None`` if that range is no whole staged tensor."""
+        found = self.files().tensors.get((path, offset, nbytes))
+        return f"sha256:{found[1]}" if found else None
+
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
-        check_relative_path(path)
-        token = self.files().token
-        if not len(buffer):
-            return
-        with self._translated():
-            self._client.read_into(self.checkpoint_uri, path, offset, byte_view(buffer),
-                                   token=token, timeout_s=self.timeout_s)  # fmt: skip
+        self.read_scatter(path, offset, [buffer])
 
     def read_scatter(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
         check_relative_path(path)
         token = self.files().token
         views = [byte_view(buffer) for buffer in buffers if len(buffer)]
+        header = self.files().prefixes.get(path)
+        if header is not None and offset < header[0] and views:
+            prefix = self._checked_prefix(path, *header)
+            taken = min(header[0] - offset, sum(len(v) for v in views))
+            copy_into(views, memoryview(prefix)[offset : offset + taken])
+            views, offset = advance(views, taken), offset + taken
         if not views:
             return
         with self._translated():
@@ -137,6 +181,26 @@ class PeerSource:
 
     def close(self) -> None:
         self._client.close()
+
+    def _checked_prefix(self, path: str, nbytes: int, sha256: str) -> bytes:
+        """The header bytes of ``path``, read whole once and checked against the digest."""
+        with self._lock:
+            held = self._prefixes.get(path)
+        if held is not None:
+            return held
+        raw = bytearray(nbytes)
+        with self._translated():
+            self._client.read_into(self.checkpoint_uri, path, 0, memoryview(raw),
+                                   token=self.files().token, timeout_s=self.timeout_s)  # fmt: skip
+        actual = hashlib.sha256(raw).hexdigest()
+        if actual != sha256:
+            raise IntegrityError(
+                f"{self.uri}: the header of {path} hashes to {actual}, the peer staged "
+                f"{sha256}: refusing it"
+            )
+        with self._lock:
+            self._prefixes[path] = bytes(raw)
+        return bytes(raw)
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:

@@ -5,7 +5,8 @@
   exists (``S3RVER`` / ``S3RVER`` is the only one) but does not verify SigV4 signatures.
 - ``running_nginx``: Debian's ``nginx-light`` serving a directory with ranges, plus two
   locations that misbehave on purpose: ``/norange/`` ignores ``Range`` (``max_ranges 0``)
-  and ``/unavailable/`` answers 503.
+  and ``/unavailable/`` answers 503; two redirect: ``/moved/X`` to ``/X`` on the same host,
+  ``/away/X`` to ``http://localhost:PORT/X`` (the same server under another host name).
 - ``CuttingProxy``: a TCP proxy that breaks the first connections after a given number of
   response bytes, to make a server's body end early.
 
@@ -149,6 +150,8 @@ http {{
         root {root};
         location /norange/ {{ alias {root}/; max_ranges 0; }}
         location /unavailable/ {{ return 503; }}
+        location ~ ^/moved/(.*)$ {{ return 302 /$1; }}
+        location ~ ^/away/(.*)$ {{ return 302 http://localhost:{plain_port}/$1; }}
     }}
 }}
 """
@@ -202,6 +205,7 @@ def running_nginx(folder: Path, *, tls: tuple[Path, Path] | None = None) -> Iter
             tmp=tmp,
             root=root,
             port=f"{port} ssl" if tls else port,
+            plain_port=port,
             ssl=ssl,
         )
     )

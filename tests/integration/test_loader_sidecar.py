@@ -138,7 +138,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sidecar(base: Path) -> Iterator[Sidecar]:
-    handle = start_sidecar(base, allow=f"{base / 'models'},http://127.0.0.1:")
+    handle = start_sidecar(base, allow=f"{base / 'models'},http://127.0.0.1:*")
     yield handle
     assert handle.stop() == 0, handle.log()
     assert handle.segments() == [], "a clean exit unlinks every segment"

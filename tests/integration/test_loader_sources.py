@@ -417,6 +417,40 @@ class TestHttpSource(SourceContract):
             assert source.stat("a.bin").size == 1000
             assert read(source, "a.bin", 1, 998) == data[1:999]
 
+    def test_a_redirect_to_the_same_host_is_followed_with_its_range(
+        self, store: NginxStore
+    ) -> None:
+        data = put_random(store, "a.bin", 5000)
+        source = HttpSource(f"{store.server.url}moved/{store.prefix}")
+        assert source.stat("a.bin").size == 5000
+        assert read(source, "a.bin", 17, 1000) == data[17:1017]
+
+    def test_a_redirect_to_another_host_is_refused_unless_allowed(self, store: NginxStore) -> None:
+        data = put_random(store, "a.bin", 5000)
+        url = f"{store.server.url}away/{store.prefix}"  # 127.0.0.1 -> localhost
+        with pytest.raises(AccessDenied, match="another host.*localhost"):
+            HttpSource(url).stat("a.bin")
+        with pytest.raises(AccessDenied, match="another host"):
+            read(HttpSource(url), "a.bin", 0, 10)
+        allowed = HttpSource(url, redirect_hosts=["localhost"])
+        assert read(allowed, "a.bin", 3, 100) == data[3:103]
+
+    def test_credentials_do_not_follow_a_redirect_to_another_host(self, store: NginxStore) -> None:
+        source = HttpSource(f"{store.server.url}away/{store.prefix}", redirect_hosts=["*"],
+                            headers={"Authorization": "Bearer secret"})  # fmt: skip
+        put_random(store, "a.bin", 10)
+        sent: list[dict[str, str]] = []
+        request = source._pool.request
+
+        def spy(method: str, url: str, **kwargs: Any) -> Any:
+            sent.append({"url": url, **kwargs["headers"]})
+            return request(method, url, **kwargs)
+
+        source._pool.request = spy  # type: ignore[method-assign]
+        source.stat("a.bin")
+        assert sent[0]["Authorization"] == "Bearer secret" and "127.0.0.1" in sent[0]["url"]
+        assert "localhost" in sent[1]["url"] and "Authorization" not in sent[1]
+
     def test_identity_is_the_etag(self, store: NginxStore) -> None:
         put_random(store, "a.bin", 10)
         info = store.source().stat("a.bin")

@@ -71,18 +71,20 @@ class Progress(_message.Message):
     def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., tensors_done: _Optional[int] = ..., tensors_total: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., gbps: _Optional[float] = ...) -> None: ...
 
 class TensorEntry(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "offset", "nbytes")
+    __slots__ = ("name", "dtype", "shape", "offset", "nbytes", "sha256")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     offset: int
     nbytes: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Staged(_message.Message):
     __slots__ = ("checkpoint_id", "segment_path", "segment_bytes", "token", "tensors", "origin", "staging_s")
@@ -187,24 +189,44 @@ class FilesRequest(_message.Message):
     def __init__(self, uri: _Optional[str] = ...) -> None: ...
 
 class FileInfo(_message.Message):
-    __slots__ = ("path", "size", "identity")
+    __slots__ = ("path", "size", "identity", "prefix_bytes", "prefix_sha256")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_SHA256_FIELD_NUMBER: _ClassVar[int]
     path: str
     size: int
     identity: str
-    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., identity: _Optional[str] = ...) -> None: ...
+    prefix_bytes: int
+    prefix_sha256: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., identity: _Optional[str] = ..., prefix_bytes: _Optional[int] = ..., prefix_sha256: _Optional[str] = ...) -> None: ...
 
 class FilesReply(_message.Message):
-    __slots__ = ("checkpoint_id", "token", "files")
+    __slots__ = ("checkpoint_id", "token", "files", "tensors")
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
     checkpoint_id: str
     token: bytes
     files: _containers.RepeatedCompositeFieldContainer[FileInfo]
-    def __init__(self, checkpoint_id: _Optional[str] = ..., token: _Optional[bytes] = ..., files: _Optional[_Iterable[_Union[FileInfo, _Mapping]]] = ...) -> None: ...
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorDigest]
+    def __init__(self, checkpoint_id: _Optional[str] = ..., token: _Optional[bytes] = ..., files: _Optional[_Iterable[_Union[FileInfo, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorDigest, _Mapping]]] = ...) -> None: ...
+
+class TensorDigest(_message.Message):
+    __slots__ = ("name", "path", "offset", "nbytes", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    offset: int
+    nbytes: int
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
     __slots__ = ("uri", "path", "offset", "length", "token")

@@ -1,0 +1,109 @@
+"""The sidecar's allow-list compares parsed URI components, never string prefixes, and is
+deny-by-default on a port other hosts can reach; a peer on another host needs TLS (M5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loader.errors import AccessDenied, SourceError
+from loader.sidecar.allow import check_allowed, parse_rule
+from loader.sidecar.config import LoaderConfig
+
+
+def rules(*entries: str) -> list:  # type: ignore[type-arg]
+    return [parse_rule(e) for e in entries]
+
+
+@pytest.mark.parametrize(
+    ("entry", "uri"),
+    [
+        ("s3://models", "s3://models/llama/"),
+        ("s3://models", "s3://models"),
+        ("s3://models/llama", "s3://models/llama/7b/model.safetensors"),
+        ("https://hub.example.com", "https://hub.example.com/m/"),
+        ("https://hub.example.com", "https://HUB.example.com:443/m/"),
+        ("https://hub.example.com/org/", "https://hub.example.com/org/m/"),
+        ("http://127.0.0.1:*", "http://127.0.0.1:8080/m/"),
+        ("peer://10.0.0.5:7070/s3://b/m", "peer://10.0.0.5:7070/s3://b/m/"),
+        ("*", "s3://anything/at/all"),
+    ],
+)
+def test_entries_admit_what_lies_under_them(entry: str, uri: str) -> None:
+    check_allowed(uri, rules(entry))
+
+
+@pytest.mark.parametrize(
+    ("entry", "uri"),
+    [
+        ("s3://models", "s3://models-private/llama/"),
+        ("s3://models/llama", "s3://models/llama2/"),
+        ("https://hub.example.com", "https://hub.example.com.evil.net/m/"),
+        ("https://hub.example.com", "https://hub.example.com@evil.net/m/"),
+        ("https://hub.example.com", "https://user:pw@hub.example.com/m/"),
+        ("https://hub.example.com", "http://hub.example.com/m/"),
+        ("https://hub.example.com", "https://hub.example.com:8443/m/"),
+        ("https://hub.example.com/org", "https://hub.example.com/org/../private/m/"),
+        ("https://hub.example.com/org", "https://hub.example.com/organisation/m/"),
+        ("https://hub.example.com", "https://hub.example.com/m/?x=https://evil.net"),
+        ("http://127.0.0.1:*", "http://127.0.0.10:80/m/"),
+        ("peer://10.0.0.5:7070/s3://b/m", "peer://10.0.0.5:7070/s3://b/model/"),
+    ],
+)
+def test_look_alike_uris_are_refused(entry: str, uri: str) -> None:
+    with pytest.raises(AccessDenied):
+        check_allowed(uri, rules(entry))
+
+
+def test_local_entries_compare_resolved_paths_on_segment_boundaries(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models-private").mkdir()
+    (tmp_path / "models" / "link").symlink_to(tmp_path / "models-private")
+    allowed = rules(str(tmp_path / "models"))
+    check_allowed(str(tmp_path / "models" / "m"), allowed)
+    for outside in ("models-private/m", "models/link/m", "models/../models-private"):
+        with pytest.raises(AccessDenied):
+            check_allowed(str(tmp_path / outside), allowed)
+
+
+def test_no_rules_admit_everything_and_an_empty_list_nothing() -> None:
+    check_allowed("s3://any/thing", None)
+    with pytest.raises(AccessDenied, match="--allow"):
+        check_allowed("s3://any/thing", [])
+
+
+def test_the_allow_list_is_deny_by_default_on_a_port_other_hosts_reach(tmp_path: Path) -> None:
+    cert = tmp_path / "c.pem"
+    assert LoaderConfig().allow_rules is None  # the Unix socket: local users only
+    assert LoaderConfig(listen="tcp://127.0.0.1:7070").allow_rules is None
+    exposed = LoaderConfig(listen="tcp://0.0.0.0:7070", tls_cert=str(cert), tls_key=str(cert))
+    assert exposed.allow_rules == []
+    opened = LoaderConfig(
+        listen="tcp://0.0.0.0:7070", tls_cert=str(cert), tls_key=str(cert), allow="s3://m"
+    )
+    assert opened.allow_rules == rules("s3://m")
+
+
+def test_a_bad_allow_entry_fails_the_config() -> None:
+    with pytest.raises(ValueError, match="absolute"):
+        LoaderConfig(allow="models/")
+    with pytest.raises(ValueError, match="user"):
+        LoaderConfig(allow="https://a@b/")
+
+
+def test_a_peer_on_another_host_without_tls_is_refused() -> None:
+    pytest.importorskip("grpc")
+    from loader.sidecar.client import SidecarClient
+    from loader.sources import open_source
+    from loader.sources.peer import PeerSource
+
+    with pytest.raises(SourceError, match="TLS"):
+        PeerSource("peer://10.0.0.5:7070/s3://bucket/m/")
+    with pytest.raises(SourceError, match="TLS"):
+        open_source("peer://peer.example.com:7070/s3://bucket/m/")
+    with pytest.raises(ValueError, match="TLS"):
+        SidecarClient("10.0.0.5:7070")
+    for local in ("peer://127.0.0.1:7070/m", "peer://localhost:7070/m", "peer://[::1]:7070/m"):
+        PeerSource(local).close()  # loopback: allowed, nothing dialled yet
+    SidecarClient("unix:/nonexistent.sock").close()
