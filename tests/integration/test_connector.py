@@ -231,7 +231,8 @@ def test_tensor_parallel_ranks_keep_their_own_shards_and_a_hit_needs_every_rank(
     daemon: DaemonProcess,
 ) -> None:
     geometry = ChunkGeometry(block_size=16, chunk_tokens=32)
-    settings = ConnectorSettings(endpoint=daemon.endpoint)
+    # A generous inline wait: one lookup answered in this step, whatever the machine's load.
+    settings = ConnectorSettings(endpoint=daemon.endpoint, lookup_wait_ms=5000)
     namespaces = [Namespace("m", tp_rank=r, tp_size=2) for r in range(2)]
     scheduler = ConnectorScheduler(settings, geometry, [ns.digest for ns in namespaces])
     workers = [
