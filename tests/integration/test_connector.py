@@ -41,10 +41,10 @@ def engine(model_dir: str, node: DaemonProcess, salt: int, **kwargs: object) -> 
     return Engine(EngineSpec(model_dir=model_dir, endpoint=node.endpoint, salt=salt, **kwargs))  # type: ignore[arg-type]
 
 
-def prefill(e: Engine, req_id: str, prompt: list[int]) -> None:
+def prefill(e: Engine, req_id: str, prompt: list[int], cache_salt: str | None = None) -> None:
     """Step until ``req_id`` has computed its whole prompt (and is still held); a request
     waiting for a lookup is skipped by the scheduler for a while, as in a real engine."""
-    e.add(req_id, prompt, max_tokens=8)
+    e.add(req_id, prompt, max_tokens=8, cache_salt=cache_salt)
 
     def done() -> bool:
         request = e.scheduler.requests.get(req_id)
@@ -386,3 +386,23 @@ def test_pipeline_stages_get_their_own_namespaces_and_the_model_is_not_a_branch(
     assert len({single.digest, stage0.digest, stage1.digest}) == 3
     # m9: a local model directory is named by its weights, never by a moving "@main".
     assert "@weights-" in single.model and not single.model.endswith("@main")
+
+
+def test_a_cache_salt_isolates_tenants_across_engines(
+    daemon: DaemonProcess, model_dir: str
+) -> None:
+    """C3 end to end: vLLM's per-tenant cache_salt also isolates the shared cache; the same
+    tenant still shares across engines."""
+    first = engine(model_dir, daemon, salt=1)
+    second = engine(model_dir, daemon, salt=2)
+    try:
+        prefill(first, "a", PROMPT, cache_salt="tenant-a")
+        prefill(second, "b", [*PROMPT, 1], cache_salt="tenant-b")
+        assert second.loaded_steps == 0  # another tenant's prefix: computed, not loaded
+        assert positions_matching(second, "b", 2, len(PROMPT)) == list(range(len(PROMPT)))
+        prefill(second, "c", [*PROMPT, 2], cache_salt="tenant-a")
+        assert second.loaded_steps == 1
+        assert positions_matching(second, "c", 1, 128) == list(range(128))
+    finally:
+        first.close()
+        second.close()

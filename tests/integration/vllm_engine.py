@@ -122,7 +122,13 @@ def vllm_config(spec: EngineSpec) -> VllmConfig:
     return config
 
 
-def make_request(request_id: str, prompt: list[int], max_tokens: int, block_size: int) -> Request:
+def make_request(
+    request_id: str,
+    prompt: list[int],
+    max_tokens: int,
+    block_size: int,
+    cache_salt: str | None = None,
+) -> Request:
     init_none_hash(sha256)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     params.update_from_generation_config({}, EOS)
@@ -132,6 +138,7 @@ def make_request(request_id: str, prompt: list[int], max_tokens: int, block_size
         sampling_params=params,
         pooling_params=None,
         mm_features=None,
+        cache_salt=cache_salt,
         block_hasher=get_request_block_hasher(block_size, sha256),
     )
 
@@ -208,8 +215,10 @@ class Engine:
 
     # -- stepping ---------------------------------------------------------------------------
 
-    def add(self, req_id: str, prompt: list[int], max_tokens: int = 4) -> None:
-        request = make_request(req_id, prompt, max_tokens, self.spec.block_size)
+    def add(
+        self, req_id: str, prompt: list[int], max_tokens: int = 4, cache_salt: str | None = None
+    ) -> None:
+        request = make_request(req_id, prompt, max_tokens, self.spec.block_size, cache_salt)
         self.requests[req_id] = request
         self.scheduler.add_request(request)
 
