@@ -40,6 +40,7 @@ off for connectors without HMA support, and the connector uses the first group.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from dataclasses import dataclass
@@ -328,6 +329,10 @@ def engine_namespaces(
     parallel = vllm_config.parallel_config
     tp_size = int(parallel.tensor_parallel_size)
     pp_size = int(getattr(parallel, "pipeline_parallel_size", 1) or 1)
+    if not settings.model_id:  # resolve (and for a directory, sample the weights) once
+        model_config = vllm_config.model_config
+        identity = model_identity(str(model_config.model), getattr(model_config, "revision", None))
+        settings = dataclasses.replace(settings, model_id=identity)
     return [
         engine_namespace(vllm_config, kv_cache_config, settings, t, tp_size, p, pp_size)
         for p in range(pp_size)
