@@ -53,7 +53,7 @@ from kvcache.cluster.node import ClusterNode
 from kvcache.cluster.settings import cluster_settings, node_name
 from kvcache.config import CacheConfig
 from kvcache.errors import CacheError, ProtocolError
-from kvcache.keys import split_keys
+from kvcache.keys import Namespace, split_keys
 from kvcache.metrics import CacheMetrics
 from kvcache.store import BlockStore, ReserveStatus
 from kvcache.tiers import FileBacking, MemoryBacking, Tier, TierStore
@@ -157,6 +157,7 @@ class CacheDaemon:
         )
         self._metrics_server: Any = None
         self.engines: EngineFeed = NullEngineFeed()
+        self._engine_namespace_learned = False
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -421,7 +422,7 @@ class CacheDaemon:
                 self._pidfds[client.pidfd] = session_id
                 self._poller.register(client.pidfd, select.POLLIN)
         self._clients[session_id] = client
-        self.store.open_session(session_id, request.namespace)
+        self.store.open_session(session_id, self._learn_namespace(request.namespace))
         log.info(
             "client connected",
             extra={"session": session_id, "pid": request.pid, "client": request.client,
@@ -435,6 +436,26 @@ class CacheDaemon:
             "max_block_bytes": self.store.max_block_bytes,
             "heartbeat_s": self.config.session_ttl_s / 3,
         }
+
+    def _learn_namespace(self, text: str) -> str:
+        """A connector's hello carries its key namespace (``Namespace.to_wire``); without
+        ``--engine-layout`` the engines' KV events are keyed in the first one that matches
+        ``engine_model`` / ``engine_tp_rank`` (stage 0). Returns the session's label."""
+        namespace = Namespace.from_wire(text)
+        if namespace is None:
+            return text
+        wanted = self.config
+        if (
+            wanted.engine_layout == "default"  # not given: learn it
+            and not self._engine_namespace_learned
+            and namespace.tp_rank == wanted.engine_tp_rank
+            and namespace.pp_rank == 0
+            and _names_model(wanted.engine_model, namespace.model)
+        ) and self.engines.learn_namespace(namespace):
+            self._engine_namespace_learned = True
+            log.info("engines' key namespace learned from a connector",
+                     extra={"namespace": namespace.label()})  # fmt: skip
+        return namespace.label()
 
     def _lookup(self, request: m.LookupRequest) -> dict[str, Any]:
         return {"length": self.store.lookup(split_keys(request.keys))}
@@ -513,3 +534,12 @@ class CacheDaemon:
     def _bye(self, request: m.ByeRequest) -> dict[str, Any]:
         self._close_session(request.session)
         return {}
+
+
+def _names_model(configured: str, identity: str) -> bool:
+    """Whether ``--engine-model`` names the model a connector identifies as ``identity``
+    (``MODEL@REVISION`` or ``DIR@weights-...``): exactly, or without the revision."""
+    name = identity.split("@", 1)[0]
+    return bool(configured) and (
+        configured in (identity, name) or os.path.basename(configured.rstrip("/")) == name
+    )

@@ -22,6 +22,7 @@ monitor. ``NullEngineFeed`` runs when no engine is configured.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -93,6 +94,7 @@ class EngineFeed(Protocol):
     def snapshot(self, stream: str) -> list[bytes]: ...
     def gpu_runs(self, keys: Sequence[bytes]) -> list[tuple[str, int]]: ...
     def status(self) -> list[dict[str, Any]]: ...
+    def learn_namespace(self, namespace: Namespace) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -124,6 +126,9 @@ class NullEngineFeed:
 
     def status(self) -> list[dict[str, Any]]:
         return []
+
+    def learn_namespace(self, namespace: Namespace) -> bool:
+        return False
 
     def close(self) -> None:
         pass
@@ -383,6 +388,18 @@ class ZmqEngineFeed:
                 "resets": int(_total(self.metrics, "resets", engine.name)),
             })  # fmt: skip
         return out
+
+    def learn_namespace(self, namespace: Namespace) -> bool:
+        """Key the engines' GPU prefixes in ``namespace`` from now on (the daemon learned it
+        from a connector's hello); what was mapped in the old one is cleared on each
+        stream. False if nothing changed."""
+        if namespace == self.settings.namespace:
+            return False
+        self.settings = dataclasses.replace(self.settings, namespace=namespace)
+        for engine in self._engines:
+            engine.tracker = GpuPrefixTracker(namespace, self.settings.chunk_tokens)
+            engine.tracker.clear()  # publishes "cleared": peers drop the old keys
+        return True
 
     def close(self) -> None:
         for engine in self._engines:

@@ -12,7 +12,20 @@ cluster lookup shows peers holding more of the chain, the thread fetches it to t
 daemon first, so workers always load from local shared memory.
 
 A cache is best effort: if the daemon is down or slow the answer is 0 (a miss) and for
-``retry_after_s`` no lookup waits on it.
+``retry_after_s`` no lookup waits on it. Waiting is bounded per scheduler *step*, not per
+request: all ``matched_tokens`` calls of one step together wait at most ``lookup_wait_ms``
+(the budget resets in ``build_plan``, which vLLM calls once per step), so a step with many
+waiting requests never stalls for their sum (review m21). The only other bound is the
+lookup thread's own client timeout (``lookup_timeout_s``): a request whose lookup is in
+flight is deferred (answered "not yet") until its answer or that timeout, never blocked
+on, and a failed lookup answers a miss; the next ones answer misses at once for
+``retry_after_s``. Nothing stacks a second timeout on the client's.
+
+Keys. A chunk's key folds in the request's extra keys where vLLM's prefix cache does
+(``kvcache.connector.extra_keys``: LoRA adapter, multimodal inputs, cache salt, prompt
+embeddings), so two requests share a chunk only where vLLM itself would share the block.
+A request whose extra keys cannot be encoded is neither looked up, loaded nor saved
+(counted as ``unkeyable``).
 
 Saves. A chunk is saved in the step whose forward computes its last token (prefill or,
 with ``save_decode``, decode), so another request can hit it before this one finishes.
@@ -31,6 +44,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvcache.client import CacheClient
+from kvcache.connector.extra_keys import UnkeyableRequest, chunk_extra, has_extra_keys
+from kvcache.connector.metrics import Counters, merge
 from kvcache.connector.plan import KEEP, ChunkGeometry, LoadJob, SaveJob, StepPlan
 from kvcache.connector.settings import ConnectorSettings
 from kvcache.errors import CacheError
@@ -73,13 +88,22 @@ class LookupService:
             queue.SimpleQueue()
         )
         self._down_until = 0.0
-        self.failures = 0
+        self.counters = Counters(["lookup_failures"])
         self._thread = threading.Thread(target=self._run, name="shoal-lookup", daemon=True)
         self._thread.start()
 
+    @property
+    def failures(self) -> int:
+        return int(self.counters.snapshot()["lookup_failures"])
+
+    @property
+    def down(self) -> bool:
+        """The daemon failed less than ``retry_after_s`` ago: lookups answer misses."""
+        return time.monotonic() < self._down_until
+
     def submit(self, chains: Sequence[Sequence[bytes]]) -> _Lookup:
         lookup = _Lookup(num_chunks=min((len(c) for c in chains), default=0))
-        if lookup.num_chunks == 0 or time.monotonic() < self._down_until:
+        if lookup.num_chunks == 0 or self.down:
             lookup.at = time.monotonic()
             lookup.done.set()  # nothing to ask, or the daemon failed moments ago: a miss
         else:
@@ -104,7 +128,7 @@ class LookupService:
                         client = self._client_factory()
                     lookup.hits = min(self._hits(client, chain) for chain in chains)
                 except CacheError as exc:
-                    self.failures += 1
+                    self.counters.add("lookup_failures")
                     self._down_until = time.monotonic() + self.settings.retry_after_s
                     log.warning("cache lookup failed, answering a miss: %s", exc)
                     if client is not None:
@@ -135,6 +159,7 @@ class _Tracked:
     local_tokens: int = 0  # vLLM's own prefix hit, from matched_tokens
     save: bool = True
     loading: list[int] = field(default_factory=list)  # block ids it loaded into
+    unkeyable: str = ""  # why its chunks cannot be keyed ("": they can)
 
 
 class ConnectorScheduler:
@@ -154,7 +179,17 @@ class ConnectorScheduler:
         self._requests: dict[str, _Tracked] = {}
         self._loads: list[LoadJob] = []
         self._loading: dict[int, tuple[str, int]] = {}  # block id -> (req, chunk) loaded
-        self.stats = {"lookups": 0, "deferred": 0, "hit_tokens": 0, "saved_chunks": 0}
+        self.counters = Counters(["lookups", "deferred", "hit_tokens", "unkeyable"])
+        self._waited_s = 0.0  # inline lookup waits in this step (m21)
+        self._warned: set[str] = set()
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return {**self.counters.snapshot(), "lookup_failures": self.lookups.failures}
+
+    def take_stats(self) -> dict[str, float]:
+        """Counter increments since the last call (vLLM's ``get_kv_connector_stats``)."""
+        return merge(self.counters.take_deltas(), self.lookups.counters.take_deltas())
 
     # -- vLLM's scheduler calls -------------------------------------------------------
 
@@ -170,11 +205,19 @@ class ConnectorScheduler:
         lookup = tracked.lookup
         now = time.monotonic()
         if lookup is None or (lookup.done.is_set() and now - lookup.at > _ANSWER_TTL_S):
-            self.stats["lookups"] += 1
-            lookup = tracked.lookup = self.lookups.submit(self._chains(tracked, chunks))
-        if not lookup.done.wait(self.settings.lookup_wait_ms / 1000):
-            self.stats["deferred"] += 1
-            return None, False
+            chains = self._chains(tracked, chunks)
+            if chains is None:
+                return 0, False  # unkeyable: never shares
+            self.counters.add("lookups")
+            lookup = tracked.lookup = self.lookups.submit(chains)
+        if not lookup.done.is_set():
+            budget = self.settings.lookup_wait_ms / 1000 - self._waited_s
+            started = time.monotonic()
+            done = budget > 0 and lookup.done.wait(budget)
+            self._waited_s += time.monotonic() - started
+            if not done:
+                self.counters.add("deferred")
+                return None, False
         hit_tokens = min(lookup.hits * self.geometry.chunk_tokens, num_tokens - 1)
         tracked.saved_chunks = max(tracked.saved_chunks, lookup.hits)
         return max(0, hit_tokens - num_computed_tokens), False
@@ -198,6 +241,7 @@ class ConnectorScheduler:
         if not block_ids:
             return
         chains = self._chains(tracked, first + len(block_ids))
+        assert chains is not None, "a load is only planned for a request that was keyed"
         job = LoadJob(
             req_id=request.request_id,
             first_chunk=first,
@@ -211,9 +255,10 @@ class ConnectorScheduler:
                     self._loading[block] = (request.request_id, first + offset)
                     tracked.loading.append(block)
         tracked.saved_chunks = max(tracked.saved_chunks, first + len(block_ids))
-        self.stats["hit_tokens"] += num_external_tokens
+        self.counters.add("hit_tokens", num_external_tokens)
 
     def build_plan(self, scheduler_output: Any) -> StepPlan:
+        self._waited_s = 0.0  # vLLM builds one plan per step: a new step's wait budget
         plan = StepPlan(loads=self._loads)
         self._loads = []
         for new in scheduler_output.scheduled_new_reqs:
@@ -274,16 +319,40 @@ class ConnectorScheduler:
             self._requests[request.request_id] = tracked
         return tracked
 
-    def _chains(self, tracked: _Tracked, num_chunks: int) -> list[list[BlockKey]]:
-        """Each rank's keys of the first ``num_chunks`` chunks, hashing only new chunks."""
+    def _chains(self, tracked: _Tracked, num_chunks: int) -> list[list[BlockKey]] | None:
+        """Each rank's keys of the first ``num_chunks`` chunks, hashing only new chunks;
+        None for a request whose extra keys cannot be encoded (never shared)."""
+        if tracked.unkeyable:
+            return None
         have = len(tracked.chains[0])
         if have < num_chunks:
             size = self.geometry.chunk_tokens
-            tokens = list(tracked.request.all_token_ids[have * size : num_chunks * size])
+            request = tracked.request
+            tokens = list(request.all_token_ids[have * size : num_chunks * size])
+            extras: list[bytes] | None = None
+            if has_extra_keys(request):
+                try:
+                    extras = [
+                        chunk_extra(request, c * size, (c + 1) * size)
+                        for c in range(have, have + len(tokens) // size)
+                    ]
+                except UnkeyableRequest as exc:
+                    self._unkeyable(tracked, exc)
+                    return None
             for rank, namespace in enumerate(self.namespaces):
                 chain = tracked.chains[rank]
-                chain.extend(chain_keys(namespace, tokens, size, chain[-1] if chain else None))
+                parent = chain[-1] if chain else None
+                chain.extend(chain_keys(namespace, tokens, size, parent, extras))
         return [chain[:num_chunks] for chain in tracked.chains]
+
+    def _unkeyable(self, tracked: _Tracked, exc: UnkeyableRequest) -> None:
+        tracked.unkeyable = exc.reason
+        tracked.save = False
+        self.counters.add("unkeyable")
+        if exc.reason not in self._warned:  # once per reason, not once per request
+            self._warned.add(exc.reason)
+            log.warning("request %s is neither loaded nor saved: %s",
+                        tracked.request.request_id, exc)  # fmt: skip
 
     def _save_job(self, tracked: _Tracked, num_scheduled: int) -> SaveJob | None:
         request = tracked.request
@@ -305,8 +374,9 @@ class ConnectorScheduler:
         if not block_ids:
             return None
         chains = self._chains(tracked, first + len(block_ids))
+        if chains is None:
+            return None
         tracked.saved_chunks = first + len(block_ids)
-        self.stats["saved_chunks"] += len(block_ids)
         return SaveJob(
             req_id=request.request_id,
             first_chunk=first,

@@ -9,11 +9,13 @@ endpoint               the node daemon's engine socket             the daemon's 
 chunk_tokens           tokens per Shoal chunk (multiple of         256 rounded up to a
                        vLLM's block size); equal on every engine   multiple of the block
                        that should share                           size
-model_id               model identity in block keys (name it by    the served model's
-                       an immutable revision)                      path/name + revision
+model_id               model identity in block keys (name it by    repo@resolved commit,
+                       an immutable revision or weights id;        or dir@weights-digest
+                       never a branch such as @main)               (connector.identity)
 namespace_extra        anything else that changes KV bytes         ""
-lookup_wait_ms         how long the scheduler waits inline for a   1.0
-                       lookup before answering "not yet"
+lookup_wait_ms         how long the scheduler waits inline for     1.0
+                       lookups in one step (all requests of the
+                       step together) before answering "not yet"
 lookup_timeout_s       the lookup thread's daemon timeout          0.5
 io_timeout_s           the workers' daemon timeout (load/save)     2.0
 peer_fetch             fetch chunks peers hold before loading      true

@@ -41,10 +41,10 @@ def engine(model_dir: str, node: DaemonProcess, salt: int, **kwargs: object) -> 
     return Engine(EngineSpec(model_dir=model_dir, endpoint=node.endpoint, salt=salt, **kwargs))  # type: ignore[arg-type]
 
 
-def prefill(e: Engine, req_id: str, prompt: list[int]) -> None:
+def prefill(e: Engine, req_id: str, prompt: list[int], cache_salt: str | None = None) -> None:
     """Step until ``req_id`` has computed its whole prompt (and is still held); a request
     waiting for a lookup is skipped by the scheduler for a while, as in a real engine."""
-    e.add(req_id, prompt, max_tokens=8)
+    e.add(req_id, prompt, max_tokens=8, cache_salt=cache_salt)
 
     def done() -> bool:
         request = e.scheduler.requests.get(req_id)
@@ -231,7 +231,8 @@ def test_tensor_parallel_ranks_keep_their_own_shards_and_a_hit_needs_every_rank(
     daemon: DaemonProcess,
 ) -> None:
     geometry = ChunkGeometry(block_size=16, chunk_tokens=32)
-    settings = ConnectorSettings(endpoint=daemon.endpoint)
+    # A generous inline wait: one lookup answered in this step, whatever the machine's load.
+    settings = ConnectorSettings(endpoint=daemon.endpoint, lookup_wait_ms=5000)
     namespaces = [Namespace("m", tp_rank=r, tp_size=2) for r in range(2)]
     scheduler = ConnectorScheduler(settings, geometry, [ns.digest for ns in namespaces])
     workers = [
@@ -277,3 +278,131 @@ def test_tensor_parallel_ranks_keep_their_own_shards_and_a_hit_needs_every_rank(
         scheduler.close()
         for worker in workers:
             worker.close()
+
+
+def test_connector_counters_reach_prometheus_through_vllms_stats_route(
+    daemon: DaemonProcess, model_dir: str
+) -> None:
+    """M10: worker and scheduler counters travel in vLLM's KVConnectorOutput/SchedulerStats
+    and the API server's KVConnectorProm turns them into shoal_connector_* samples in the
+    default registry that vLLM's /metrics serves."""
+    from prometheus_client import REGISTRY
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
+
+    first = engine(model_dir, daemon, salt=1)
+    second = engine(model_dir, daemon, salt=2)
+    try:
+        prefill(first, "a", PROMPT)
+        prefill(second, "b", [*PROMPT, 1])
+        first.run()
+        second.run()
+        first.flush()
+        second.step()  # stats are reported with the step after the commit
+        first.step()
+        prom = KVConnectorProm(
+            first.config, ["model_name", "engine"], {0: ["m", "0"], 1: ["m", "1"]}
+        )
+        for index, e in enumerate((first, second)):
+            for data in e.connector_stats:
+                prom.observe(data, index)
+
+        def sample(name: str, engine: str, **labels: str) -> float | None:
+            return REGISTRY.get_sample_value(
+                f"shoal_connector_{name}", {"model_name": "m", "engine": engine, **labels}
+            )
+
+        chunk_bytes = first.worker._worker.chunk_bytes  # type: ignore[union-attr]
+        assert sample("saved_chunks_total", "0") == 4
+        assert sample("saved_bytes_total", "0") == 4 * chunk_bytes
+        assert (sample("save_seconds_total", "0") or 0) > 0
+        assert (sample("lookups_total", "1") or 0) >= 1
+        assert sample("hit_tokens_total", "1") == 128
+        assert sample("loaded_chunks_total", "1") == 4
+        assert sample("loaded_bytes_total", "1") == 4 * chunk_bytes
+        assert (sample("load_seconds_total", "1") or 0) > 0
+        assert sample("failures_total", "1", reason="corrupt_chunk") is None  # none happened
+    finally:
+        first.close()
+        second.close()
+
+
+def test_connector_logs_go_through_vllms_handlers(daemon: DaemonProcess, model_dir: str) -> None:
+    """vLLM configures only its own logger; the connector's records must reach its handlers
+    (as in a vLLM server process: the vllm logger has a handler, the root logger none)."""
+    import logging
+
+    from kvcache.connector.vllm import _ToVllmHandlers
+
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    vllm_logger, root = logging.getLogger("vllm"), logging.getLogger()
+    ours = [logging.getLogger(name) for name in ("shoal", "kvcache")]
+    saved = (vllm_logger.level, root.handlers[:], [(lg.level, lg.handlers[:]) for lg in ours])
+    for lg in ours:  # as in a fresh process
+        lg.handlers = [h for h in lg.handlers if not isinstance(h, _ToVllmHandlers)]
+        lg.setLevel(logging.NOTSET)
+    vllm_logger.addHandler(capture := Capture(logging.DEBUG))
+    vllm_logger.setLevel(logging.INFO)
+    root.handlers = []
+    e = None
+    try:
+        e = engine(model_dir, daemon, salt=1)
+        messages = [r.getMessage() for r in records if r.name.startswith("shoal.")]
+        assert any(m.startswith("ShoalConnector WORKER") for m in messages), messages
+        assert any(m.startswith("KV layout of 4 layers") for m in messages), messages
+        # vLLM's level applies: at WARNING the connector's INFO lines are dropped.
+        vllm_logger.setLevel(logging.WARNING)
+        records.clear()
+        logging.getLogger("shoal.kvcache.connector").info("hidden")
+        logging.getLogger("shoal.kvcache.connector").warning("shown")
+        assert [r.getMessage() for r in records] == ["shown"]
+    finally:
+        root.handlers = saved[1]
+        vllm_logger.removeHandler(capture)
+        vllm_logger.setLevel(saved[0])
+        for lg, (level, handlers) in zip(ours, saved[2], strict=True):
+            lg.setLevel(level)
+            lg.handlers = handlers
+        if e is not None:
+            e.close()
+
+
+def test_pipeline_stages_get_their_own_namespaces_and_the_model_is_not_a_branch(
+    model_dir: str,
+) -> None:
+    from kvcache.connector.vllm import engine_namespaces
+    from tests.integration.vllm_engine import vllm_config
+
+    config = vllm_config(EngineSpec(model_dir=model_dir, endpoint="ipc:///nonexistent"))
+    settings = ConnectorSettings(chunk_tokens=32)
+    (single,) = engine_namespaces(config, None, settings)
+    config.parallel_config.pipeline_parallel_size = 2
+    stage0, stage1 = engine_namespaces(config, None, settings)
+    assert (stage0.pp_rank, stage1.pp_rank) == (0, 1)
+    assert len({single.digest, stage0.digest, stage1.digest}) == 3
+    # m9: a local model directory is named by its weights, never by a moving "@main".
+    assert "@weights-" in single.model and not single.model.endswith("@main")
+
+
+def test_a_cache_salt_isolates_tenants_across_engines(
+    daemon: DaemonProcess, model_dir: str
+) -> None:
+    """C3 end to end: vLLM's per-tenant cache_salt also isolates the shared cache; the same
+    tenant still shares across engines."""
+    first = engine(model_dir, daemon, salt=1)
+    second = engine(model_dir, daemon, salt=2)
+    try:
+        prefill(first, "a", PROMPT, cache_salt="tenant-a")
+        prefill(second, "b", [*PROMPT, 1], cache_salt="tenant-b")
+        assert second.loaded_steps == 0  # another tenant's prefix: computed, not loaded
+        assert positions_matching(second, "b", 2, len(PROMPT)) == list(range(len(PROMPT)))
+        prefill(second, "c", [*PROMPT, 2], cache_salt="tenant-a")
+        assert second.loaded_steps == 1
+        assert positions_matching(second, "c", 1, 128) == list(range(128))
+    finally:
+        first.close()
+        second.close()

@@ -13,7 +13,8 @@ model_executor/layers/attention/kv_transfer_utils.py in vLLM 0.33)::
     start_load_kv(ctx)                       (before the forward when has_sync_kv_loads)
     per layer: wait_for_layer_load(layer) -> attention writes KV -> save_kv_layer(layer, ...)
     start_load_kv(ctx)                       (after the forward otherwise)
-    wait_for_save(); get_finished(finished); get_block_ids_with_load_errors()
+    wait_for_save(); get_finished(finished); get_block_ids_with_load_errors();
+    get_kv_connector_stats()
     clear_connector_metadata()
     scheduler.update_from_output(...)        -> update_connector_output, request_finished
 
@@ -121,7 +122,13 @@ def vllm_config(spec: EngineSpec) -> VllmConfig:
     return config
 
 
-def make_request(request_id: str, prompt: list[int], max_tokens: int, block_size: int) -> Request:
+def make_request(
+    request_id: str,
+    prompt: list[int],
+    max_tokens: int,
+    block_size: int,
+    cache_salt: str | None = None,
+) -> Request:
     init_none_hash(sha256)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     params.update_from_generation_config({}, EOS)
@@ -131,6 +138,7 @@ def make_request(request_id: str, prompt: list[int], max_tokens: int, block_size
         sampling_params=params,
         pooling_params=None,
         mm_features=None,
+        cache_salt=cache_salt,
         block_hasher=get_request_block_hasher(block_size, sha256),
     )
 
@@ -168,6 +176,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.invalid_reported: set[int] = set()
         self.loaded_steps = 0
+        self.connector_stats: list[dict[str, Any]] = []  # what vLLM sends the API server
 
     def _allocate(self) -> torch.Tensor:
         n, b, h, d = self.spec.num_blocks, self.spec.block_size, self.heads, self.head_dim
@@ -206,8 +215,10 @@ class Engine:
 
     # -- stepping ---------------------------------------------------------------------------
 
-    def add(self, req_id: str, prompt: list[int], max_tokens: int = 4) -> None:
-        request = make_request(req_id, prompt, max_tokens, self.spec.block_size)
+    def add(
+        self, req_id: str, prompt: list[int], max_tokens: int = 4, cache_salt: str | None = None
+    ) -> None:
+        request = make_request(req_id, prompt, max_tokens, self.spec.block_size, cache_salt)
         self.requests[req_id] = request
         self.scheduler.add_request(request)
 
@@ -245,6 +256,7 @@ class Engine:
         sending, recving = worker.get_finished(out.finished_req_ids)
         invalid = worker.get_block_ids_with_load_errors()
         self.invalid_reported |= invalid
+        stats = worker.get_kv_connector_stats()
         worker.clear_connector_metadata()
         req_ids = list(out.num_scheduled_tokens)
         # Every scheduled request samples token 1000 + position (prefill chunks that do not
@@ -261,10 +273,16 @@ class Engine:
             prompt_logprobs_dict={},
             pooler_output=[],
             kv_connector_output=KVConnectorOutput(
-                finished_sending=sending, finished_recving=recving, invalid_block_ids=invalid
+                finished_sending=sending,
+                finished_recving=recving,
+                invalid_block_ids=invalid,
+                kv_connector_stats=stats,
             ),
         )
-        self.scheduler.update_from_output(out, output)
+        for engine_outputs in self.scheduler.update_from_output(out, output).values():
+            sched_stats = engine_outputs.scheduler_stats
+            if sched_stats is not None and sched_stats.kv_connector_stats:
+                self.connector_stats.append(sched_stats.kv_connector_stats)
         return out
 
     def run(self, max_steps: int = 200) -> None:

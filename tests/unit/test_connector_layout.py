@@ -122,3 +122,55 @@ def test_a_step_plan_survives_pickling_as_vllm_ships_it_to_workers() -> None:
         saves=[SaveJob("b", 2, ((b"s" * 16,), (b"S" * 16,)), (b"p" * 16, None), ((3, 4),))],
     )
     assert pickle.loads(pickle.dumps(plan)) == plan
+
+
+class _FakeRegistrar:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def register(self, address: int, nbytes: int) -> bool:
+        self.calls.append(("register", address))
+        return True
+
+    def unregister(self, address: int) -> None:
+        self.calls.append(("unregister", address))
+
+
+class _FakeClient:
+    """What _Mapping reads of a CacheClient: its arena and the arena's generation."""
+
+    def __init__(self) -> None:
+        self.arena_generation = 1
+        self._arena = bytearray(4096)
+
+    def reconnect(self) -> None:  # the client said hello again and mapped a new arena
+        self.arena_generation += 1
+        self._arena = bytearray(4096)
+
+    def arena_memory(self) -> memoryview:
+        return memoryview(self._arena)
+
+
+def test_a_pinned_mapping_is_unregistered_before_it_is_dropped_and_only_then() -> None:
+    """M9: register A; the client's arena changes -> unregister A, then register B; a new
+    client object (whose generation count restarts) is a change too; close -> unregister
+    the current mapping only."""
+    from kvcache.connector.worker import _Mapping
+
+    registrar = _FakeRegistrar()
+    mapping = _Mapping(registrar)
+    client = _FakeClient()
+    a = mapping.follow(client, lambda: None).data_ptr()  # type: ignore[arg-type]
+    assert mapping.follow(client, lambda: None).data_ptr() == a  # type: ignore[arg-type]
+    client.reconnect()
+    synced: list[str] = []
+    b = mapping.follow(client, lambda: synced.append("sync")).data_ptr()  # type: ignore[arg-type]
+    assert synced == ["sync"]  # copies on the old mapping were waited for first
+    other = _FakeClient()  # a new client after a failure: generation 1 again
+    c = mapping.follow(other, lambda: None).data_ptr()  # type: ignore[arg-type]
+    mapping.release()
+    mapping.release()  # idempotent: nothing unregistered twice
+    assert registrar.calls == [
+        ("register", a), ("unregister", a), ("register", b), ("unregister", b),
+        ("register", c), ("unregister", c),
+    ]  # fmt: skip

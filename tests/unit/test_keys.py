@@ -90,3 +90,37 @@ def test_keys_are_identical_across_interpreters_with_different_hash_seeds() -> N
     assert len(outputs) == 1
     ns = Namespace(model="m@1", kv_dtype="bf16", tp_rank=1, tp_size=4)
     assert outputs.pop() == b"".join(chain_keys(ns, list(range(4096)), 16)).hex()
+
+
+def test_namespace_fields_are_length_prefixed_so_no_two_tuples_serialise_equal() -> None:
+    """m9: v1 joined fields with an unescaped \\x1f, so these two were one namespace."""
+    a = Namespace(model="m\x1fbfloat16", kv_dtype="x")
+    b = Namespace(model="m", kv_dtype="bfloat16\x1fx")
+    assert a.digest != b.digest
+    assert chain_keys(a, list(range(16)), 16) != chain_keys(b, list(range(16)), 16)
+
+
+def test_pipeline_stages_are_separate_namespaces() -> None:
+    stages = [Namespace(model="m@1", pp_rank=p, pp_size=2) for p in range(2)]
+    assert stages[0].digest != stages[1].digest
+    assert Namespace(model="m@1").digest not in {s.digest for s in stages}
+    with pytest.raises(ValueError, match="pp_rank"):
+        Namespace(model="m", pp_rank=2, pp_size=2)
+
+
+def test_the_wire_form_gives_back_the_same_namespace() -> None:
+    ns = Namespace("org/m@abc", "bf16", "vllm0.33/LBNHC/b16/x", 1, 2, "e/x", 1, 4)
+    assert Namespace.from_wire(ns.to_wire()) == ns
+    assert Namespace.from_wire(ns.label()) is None  # a plain label is not a namespace
+    assert Namespace.from_wire("shoal-ns-v2:[1,2]") is None
+
+
+def test_chunk_extras_change_their_chunk_and_every_later_key_only() -> None:
+    tokens = list(range(64))
+    plain = chain_keys(NS, tokens, 16)
+    assert chain_keys(NS, tokens, 16, extras=[b""] * 4) == plain  # no extras: plain keys
+    salted = chain_keys(NS, tokens, 16, extras=[b"", b"", b"lora", b""])
+    assert salted[:2] == plain[:2]
+    assert all(a != b for a, b in zip(salted[2:], plain[2:], strict=True))
+    with pytest.raises(ValueError, match="extras"):
+        chain_keys(NS, tokens, 16, extras=[b""])
