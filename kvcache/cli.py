@@ -226,10 +226,17 @@ def _local(config: Any, verb: str) -> Iterator[Any]:
 
 def _admin(config: Any, address: str, timeout_s: float) -> Any:
     from kvcache.cluster.admin import ClusterAdmin
+    from kvcache.cluster.security import read_operator_token
     from kvcache.errors import CacheError, CacheUnavailable
 
     try:
-        return ClusterAdmin(address, curve_dir=config.cluster_curve_dir, timeout_s=timeout_s)
+        return ClusterAdmin(
+            address,
+            curve_dir=config.cluster_curve_dir,
+            curve_key=config.cluster_curve_key,
+            token=read_operator_token(config.runtime_path),  # operator verbs without Curve
+            timeout_s=timeout_s,
+        )
     except CacheUnavailable:
         raise
     except CacheError as exc:  # the key directory
