@@ -66,6 +66,7 @@ from kvcache.cluster.metrics import ClusterMetrics
 from kvcache.cluster.security import (
     MEMBER,
     OPERATOR,
+    STREAM_DOMAIN,
     Identities,
     KeyRing,
     check_bind,
@@ -167,7 +168,8 @@ class ClusterNode:
                 self._identities = Identities(self._ring, self.view.is_live)
             self._authenticator = ThreadAuthenticator(context)
             self._authenticator.start()
-            self._authenticator.configure_curve_callback("*", self._ring)
+            for domain in ("*", STREAM_DOMAIN):
+                self._authenticator.configure_curve_callback(domain, self._ring)
         self._sockets = Sockets(context, keys, settings.max_block_bytes)
         try:
             self._pub = self._sockets.pub(settings.host, settings.port + 1)

@@ -32,7 +32,8 @@ With CurveZMQ (``cluster_curve_dir`` = DIR)::
                              default DIR/node.key_secret
 
 A ZAP handler (``zmq.auth.thread.ThreadAuthenticator`` with ``KeyRing`` as its
-credentials provider) admits a client key that is in either allow-list, and ZeroMQ puts
+credentials provider) admits a client key that is in either allow-list (on the stream's
+sockets, ZAP domain ``shoal-stream``, a member's key only), and ZeroMQ puts
 the key on every message of that connection (``User-Id``). Each request is authorised by
 that key against the allow-lists *as they are now*: peer verbs need a member key,
 operator verbs an operator key. So one member's key cannot flush another member, and an
@@ -98,6 +99,7 @@ TOKEN_FILE = "shoal-cluster-operator.token"
 
 MEMBER = "member"
 OPERATOR = "operator"
+STREAM_DOMAIN = "shoal-stream"  # ZAP domain of the stream's server sockets: members only
 
 
 def is_loopback(host: str) -> bool:
@@ -230,7 +232,10 @@ class KeyRing:
         return public
 
     def callback(self, domain: str, key: bytes) -> bool:
-        """ZAP: admit a client key that is a member's or an operator's."""
+        """ZAP: admit a member's key, or on the ROUTER an operator's too (an operator
+        has no business on the stream)."""
+        if domain == STREAM_DOMAIN:
+            return key in self._members
         return key in self._members or key in self._operators
 
     def role(self, user_id: str | bytes | None) -> str | None:

@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 
 from kvcache.cluster import messages as cm
-from kvcache.cluster.security import CurveKeys
+from kvcache.cluster.security import STREAM_DOMAIN, CurveKeys
 from kvcache.cluster.settings import bracket
 from kvcache.errors import CacheError, ProtocolError
 from kvcache.wire import peek_id
@@ -68,13 +68,15 @@ class Sockets:
         sock.setsockopt(zmq.MAXMSGSIZE, max_in)
         return sock
 
-    def _as_server(self, sock: zmq.Socket[Any]) -> None:
+    def _as_server(self, sock: zmq.Socket[Any], *, stream: bool = False) -> None:
         keys = self.keys
         if keys is not None:
             assert keys.server_secret is not None, "a member holds the cluster secret key"
             sock.curve_secretkey = keys.server_secret
             sock.curve_publickey = keys.server_public
             sock.curve_server = True
+            if stream:
+                sock.zap_domain = STREAM_DOMAIN.encode()
 
     def _as_client(self, sock: zmq.Socket[Any]) -> None:
         keys = self.keys
@@ -96,13 +98,13 @@ class Sockets:
         if self.streams_reversed:
             self._as_client(sock)
         else:
-            self._as_server(sock)
+            self._as_server(sock, stream=True)
         return _bind(sock, host, port)
 
     def sub(self) -> zmq.Socket[Any]:
         sock = self._socket(zmq.SUB, self._max_in)
         if self.streams_reversed:
-            self._as_server(sock)
+            self._as_server(sock, stream=True)
         else:
             self._as_client(sock)
         return sock

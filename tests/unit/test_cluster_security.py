@@ -11,6 +11,7 @@ import zmq.auth
 from kvcache.cluster.security import (
     MEMBER,
     OPERATOR,
+    STREAM_DOMAIN,
     Identities,
     KeyRing,
     check_bind,
@@ -59,6 +60,8 @@ def test_roles_follow_the_allow_lists_as_they_are_re_read(tmp_path: Path, ring: 
         MEMBER, OPERATOR, None, None,
     )  # fmt: skip
     assert ring.callback("*", a.encode()) and ring.callback("*", alice.encode())
+    assert ring.callback(STREAM_DOMAIN, a.encode()), "a member may subscribe"
+    assert not ring.callback(STREAM_DOMAIN, alice.encode()), "an operator may not"
     (tmp_path / "members" / "a.key").unlink()
     assert ring.reload() and ring.role(a) is None and not ring.callback("*", a.encode())
 
