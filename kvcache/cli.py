@@ -7,7 +7,7 @@
     nodes    short member list                           lookup  where a prompt prefix lives
     evict    drop blocks by namespace / key prefix       flush   drop every block (--yes)
     drain    hand a node's hot blocks to peers, then it leaves
-    keygen   create the CurveZMQ cluster keypair
+    keygen   create the CurveZMQ cluster keypair; --member / --operator: one's own keypair
 
 Every verb that talks to a daemon starts at the local one (``--name``, ``--runtime-dir``,
 ``--config`` pick it, as for ``serve``) over its ipc socket. Other members are reached over
@@ -624,6 +624,10 @@ Every daemon and every operator command uses this one keypair:
   shoal cache serve  --cluster-curve-dir {d} ...
   shoal cache status --cluster-curve-dir {d}     (also evict/flush/drain --node)
 or SHOAL_CACHE_CLUSTER_CURVE_DIR={d}, or cluster_curve_dir in the [cache] table.
+
+Per-node keys (a member then cannot act as another, and only operators may
+evict/flush/drain): `shoal cache keygen {d} --member NODE` for each node and
+`--operator NAME` for each operator; each gives its own key as --cluster-curve-key.
 
 On Kubernetes, keep it in a Secret and mount it read-only at that path in every pod:
   kubectl create secret generic shoal-cluster-key \\

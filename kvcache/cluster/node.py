@@ -77,7 +77,7 @@ from kvcache.cluster.settings import ClusterSettings, cluster_settings
 from kvcache.cluster.sync import ClusterView, EventLog, SyncNeed, SyncReply, encode_events
 from kvcache.cluster.transport import PeerLinks, Sockets
 from kvcache.errors import CacheError, ProtocolError
-from kvcache.keys import join_keys, split_keys
+from kvcache.keys import KEY_BYTES, join_keys, split_keys
 from kvcache.store import BlockEvent, BlockStore, EventKind
 from kvcache.tiers import MemoryBacking
 
@@ -430,7 +430,7 @@ class ClusterNode:
         elif isinstance(request, cm.FetchRequest):
             self._server.serve(identity, request, version)
         elif isinstance(request, cm.OfferRequest):
-            if len(request.keys) > MAX_FETCH_KEYS * 16:
+            if len(request.keys) > MAX_FETCH_KEYS * KEY_BYTES:
                 raise ValueError(f"offer of more than {MAX_FETCH_KEYS} keys")
             self._serve_offer(_HeldOffer(self._clock() + self.settings.member_timeout_s,
                                          identity, request, version, user_id))  # fmt: skip

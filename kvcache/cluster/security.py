@@ -14,12 +14,14 @@ cluster socket, server and client, sets ``ZMQ_MAXMSGSIZE``: a peer sending a lar
 frame is disconnected by ZeroMQ before the frame is allocated.
 
 Without CurveZMQ (loopback, or ``cluster_insecure``): peer verbs are open to whoever
-reaches the port. Operator verbs need the *local operator token*: a random secret the
-first daemon writes to ``<runtime_dir>/shoal-cluster-operator.token`` (mode 0600 in the
-0700 runtime dir), which every daemon and ``shoal cache`` command with that runtime dir
-reads. Reaching the token takes the daemon's UID, which can signal the daemon anyway; an
-anonymous local process (``unauth_drain.py``) cannot flush or drain. A ``drain`` or
-``flush`` of the *local* daemon goes over its ipc socket and needs no token.
+reaches the port: on loopback, every local user may read cached KV and the stream's key
+metadata (use CurveZMQ on a machine shared with users the cache must not trust).
+Operator verbs need the *local operator token*: a random secret the first daemon writes
+to ``<runtime_dir>/shoal-cluster-operator.token`` (mode 0600 in the 0700 runtime dir),
+which every daemon and ``shoal cache`` command with that runtime dir reads. Reaching the
+token takes the daemon's UID, which can signal the daemon anyway; an anonymous local
+process (``unauth_drain.py``) cannot flush or drain. A ``drain`` or ``flush`` of the
+*local* daemon goes over its ipc socket and needs no token.
 
 With CurveZMQ (``cluster_curve_dir`` = DIR)::
 
@@ -60,9 +62,15 @@ tied to keys (everyone holds the same key), and operator verbs still need a key 
 ``DIR/operators/``. Switching a cluster to per-node keys is done with every member on
 v3: members with different layouts do not hear each other's streams.
 
+What the shared server keypair leaves: a server proves only "a member", so a member in
+a position to take over another's address could answer connections meant for it (a
+client proves exactly which key it is). Operators never hold the server secret.
+
 Rejected: a separate operator socket or port (a second port to open, route and firewall,
-for what the key on each message already tells), and signing stream messages (a MAC per
-batch, when the connection is authenticated already).
+for what the key on each message already tells); a server keypair per member (a client
+must know the server's public key before it connects, and discovery yields addresses,
+not keys); signing stream messages (a MAC per batch, when the connection is authenticated
+already).
 """
 
 from __future__ import annotations
@@ -92,6 +100,7 @@ __all__ = [
 log = logging.getLogger("shoal.kvcache.cluster")
 
 SERVER_KEY = "cluster.key_secret"
+SERVER_PUBLIC_KEY = "cluster.key"
 DEFAULT_OWN_KEY = "node.key_secret"
 MEMBERS_DIR = "members"
 OPERATORS_DIR = "operators"
@@ -159,9 +168,12 @@ def load_curve_keys(directory: str, own_key: str = "", *, member: bool = True) -
     """The keys in ``directory`` for a member (``member``) or an operator."""
     root = Path(directory)
     per_node = (root / MEMBERS_DIR).is_dir()
-    server_public, server_secret = _load(root / SERVER_KEY, "cluster CurveZMQ key")
+    server_file = root / SERVER_KEY
+    if not member and not server_file.exists():  # an operator needs the public half only
+        server_file = root / SERVER_PUBLIC_KEY
+    server_public, server_secret = _load(server_file, "cluster CurveZMQ key")
     if member and server_secret is None:
-        raise CacheError(f"{root / SERVER_KEY} holds no secret key; a member needs it")
+        raise CacheError(f"{server_file} holds no secret key; a member needs it")
     own = Path(own_key) if own_key else root / DEFAULT_OWN_KEY
     if own_key or own.exists():
         public, secret = _load(own, "own CurveZMQ keypair")

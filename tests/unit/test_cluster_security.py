@@ -114,3 +114,13 @@ def test_a_member_directory_without_an_own_keypair_names_the_command(tmp_path: P
     (tmp_path / "members").mkdir()
     with pytest.raises(CacheError, match="keygen .* --member NAME"):
         load_curve_keys(str(tmp_path))
+
+
+def test_an_operator_needs_only_the_public_half_of_the_cluster_keypair(tmp_path: Path) -> None:
+    zmq.auth.create_certificates(str(tmp_path), "cluster")
+    (tmp_path / "cluster.key_secret").unlink()  # what an operator's laptop holds
+    zmq.auth.create_certificates(str(tmp_path), "alice")
+    keys = load_curve_keys(str(tmp_path), str(tmp_path / "alice.key_secret"), member=False)
+    assert keys.server_secret is None and keys.public != keys.server_public
+    with pytest.raises(CacheError, match="cluster CurveZMQ key"):
+        load_curve_keys(str(tmp_path), str(tmp_path / "alice.key_secret"))  # a member does
