@@ -88,6 +88,7 @@ log = logging.getLogger("shoal.kvcache.cluster")
 
 _OFFER_CHUNK = MAX_FETCH_KEYS  # keys per offer a drain sends
 _MAX_HOT_HANDOFF = 100_000
+_MAX_HELD_OFFERS = 256  # offers waiting for their member's draining heartbeat
 
 
 @dataclass(slots=True)
@@ -491,7 +492,9 @@ class ClusterNode:
 
             self._fetcher.fetch(keys, done, holder=node)
             return True
-        if self._clock() < offer.deadline:
+        if self._clock() < offer.deadline and (
+            offer in self._held_offers or len(self._held_offers) < _MAX_HELD_OFFERS
+        ):
             if offer not in self._held_offers:
                 self._held_offers.append(offer)
             return False
