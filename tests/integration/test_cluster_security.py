@@ -314,3 +314,20 @@ def test_an_unreachable_admin_names_curve_when_the_key_is_missing(
         pytest.raises(CacheUnavailable, match="CurveZMQ"),
     ):
         admin.status()
+
+
+def test_an_operator_drains_a_member_whose_blocks_its_peer_takes_by_key(
+    secured: tuple[list[DaemonProcess], Path, list[int]],
+) -> None:
+    (a, b), keys, ports = secured
+    blocks = put_blocks(a, 6)
+    with b.client(heartbeat=False) as reader:
+        assert wait_until(lambda: reader.locate(blocks).remote_length == 6)
+    address = f"127.0.0.1:{ports[0]}"
+    with ClusterAdmin(address, curve_dir=str(keys), curve_key=str(keys / "alice.key_secret"),
+                      timeout_s=30) as operator:  # fmt: skip
+        result = operator.drain(timeout_s=30)
+    assert result == {"handed_off": 6, "peers": ["b"]}
+    assert a.process.wait(timeout=10) == 0
+    with b.client(heartbeat=False) as reader:
+        assert reader.lookup(blocks) == 6, "b fetched a's blocks, offered under a's key"
