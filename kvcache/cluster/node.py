@@ -166,6 +166,7 @@ class ClusterNode:
 
             self._ring = KeyRing(settings.curve_dir, keys)
             if keys.per_node:
+                self._ring.check_own(keys.public, settings.node)
                 self._identities = Identities(self._ring, self.view.is_live)
             self._authenticator = ThreadAuthenticator(context)
             self._authenticator.start()

@@ -259,6 +259,20 @@ class KeyRing:
             return MEMBER
         return OPERATOR if key in self._operators else None
 
+    def check_own(self, public: bytes, node: str) -> None:
+        """Fail fast if peers would refuse this member's own key or name."""
+        if public not in self._members:
+            raise CacheError(
+                f"this node's public key is not in {self._root / MEMBERS_DIR}/: peers would "
+                "refuse it; copy its .key file there (on every member)"
+            )
+        pinned = self._members[public]
+        if pinned and pinned != node:
+            raise CacheError(
+                f"this node's key is pinned to node {pinned!r} but it runs as {node!r}: set "
+                f"cluster_node to {pinned!r} or use that node's key"
+            )
+
     def pinned_node(self, user_id: str) -> str:
         """The member name the key's certificate names ("" if none)."""
         return self._members.get(user_id.encode(), "")

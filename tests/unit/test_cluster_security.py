@@ -124,3 +124,15 @@ def test_an_operator_needs_only_the_public_half_of_the_cluster_keypair(tmp_path:
     assert keys.server_secret is None and keys.public != keys.server_public
     with pytest.raises(CacheError, match="cluster CurveZMQ key"):
         load_curve_keys(str(tmp_path), str(tmp_path / "alice.key_secret"))  # a member does
+
+
+def test_a_member_whose_own_key_peers_would_refuse_is_stopped_at_start(
+    tmp_path: Path, ring: KeyRing
+) -> None:
+    a = member_key(tmp_path, "a", pinned=True)
+    ring.reload()
+    ring.check_own(a.encode(), "a")
+    with pytest.raises(CacheError, match="pinned to node 'a'"):
+        ring.check_own(a.encode(), "b")
+    with pytest.raises(CacheError, match="not in"):
+        ring.check_own(b"x" * 40, "a")
