@@ -407,8 +407,8 @@ class ClusterNode:
                 return "this key is no longer allowed"
             return None
         if operator_verb:
-            token = str(getattr(request, "token", ""))
-            if not self._token or not hmac.compare_digest(token, self._token):
+            token = str(getattr(request, "token", "")).encode()  # bytes: any str compares
+            if not self._token or not hmac.compare_digest(token, self._token.encode()):
                 return (f"{request.op} is an operator verb: without CurveZMQ it needs the local "
                         "operator token (shoal cache commands read it from the runtime dir), "
                         "or use CurveZMQ operator keys")  # fmt: skip
@@ -607,6 +607,8 @@ class ClusterNode:
         if self._held_offers:
             self._retry_held_offers(now)
         live_addresses = {self.view.address_of(n) for n in self.view.nodes}
+        if len(self._proto) > 2 * len(live_addresses) + 16:  # heard from, gone since
+            self._proto = {a: v for a, v in self._proto.items() if a in live_addresses}
         for address in [a for a in self._links.addresses if a not in live_addresses
                         and a not in self._subscribed]:  # fmt: skip
             self._links.drop(address, "peer left")

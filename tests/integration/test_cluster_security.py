@@ -145,7 +145,8 @@ def test_the_anonymous_flush_and_drain_of_the_review_repro_are_refused(
     sock = dealer(port)
     # unauth_drain.py, frame for frame: a v2 flush and a v2 drain from an anonymous peer.
     for request in ({"v": 2, "id": 1, "op": "flush"}, {"v": 2, "id": 2, "op": "drain"},
-                    {"v": 3, "id": 3, "op": "drain", "token": "guess"}):  # fmt: skip
+                    {"v": 3, "id": 3, "op": "drain", "token": "guess"},
+                    {"v": 3, "id": 4, "op": "flush", "token": "\u00e9t\u00e9"}):  # fmt: skip
         reply = call(sock, request)
         assert (reply["ok"], reply["code"]) == (False, "forbidden"), reply
         assert "operator token" in reply["error"]
