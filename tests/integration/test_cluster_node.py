@@ -8,6 +8,7 @@ member, a v3 member, or a member that lies.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +19,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from kvcache.allocator import SlabAllocator
+from kvcache.cluster.admin import ClusterAdmin
 from kvcache.cluster.discovery import StaticDiscovery
 from kvcache.cluster.node import PEER_SESSION, ClusterNode
 from kvcache.cluster.settings import ClusterSettings
@@ -376,3 +378,28 @@ def test_leases_for_peers_are_released_once_sent(peers: list[FakePeer]) -> None:
         sock.close()
     finally:
         harness.close()
+
+
+def test_an_operator_asks_a_v2_member_again_in_v2(peers: list[FakePeer]) -> None:
+    old = peers[0]
+    seen: list[int] = []
+
+    def serve_like_v2() -> None:
+        for _ in range(2):
+            assert old.router.poll(5000)
+            identity, frame = old.router.recv_multipart()
+            body = msgpack.unpackb(frame)
+            seen.append(body["v"])
+            if body["v"] != 2:  # what kvcache.cluster.node answered at db917a5
+                error = {"v": 2, "id": 0, "ok": False, "code": "version", "error": "v2 only"}
+                old.router.send_multipart([identity, msgpack.packb(error)])
+            else:
+                old.router.send_multipart([identity, msgpack.packb(
+                    {"v": 2, "id": body["id"], "ok": True, "node": old.name})])  # fmt: skip
+
+    server = threading.Thread(target=serve_like_v2)
+    server.start()
+    with ClusterAdmin(old.address, timeout_s=5) as admin:
+        assert admin.status()["node"] == "peer0"
+    server.join(timeout=5)
+    assert seen == [3, 2]
