@@ -7,7 +7,7 @@
     nodes    short member list                           lookup  where a prompt prefix lives
     evict    drop blocks by namespace / key prefix       flush   drop every block (--yes)
     drain    hand a node's hot blocks to peers, then it leaves
-    keygen   create the CurveZMQ cluster keypair
+    keygen   create the CurveZMQ cluster keypair; --member / --operator: one's own keypair
 
 Every verb that talks to a daemon starts at the local one (``--name``, ``--runtime-dir``,
 ``--config`` pick it, as for ``serve``) over its ipc socket. Other members are reached over
@@ -144,6 +144,9 @@ def register(subparsers: Any) -> None:
     keygen = verb("keygen", "create the CurveZMQ cluster keypair in DIR", _keygen)
     keygen.add_argument("dir", metavar="DIR", help="directory for cluster.key and .key_secret")
     keygen.add_argument("--force", action="store_true", help="replace an existing keypair")
+    role = keygen.add_mutually_exclusive_group()
+    role.add_argument("--member", metavar="NODE", help="instead: a member's own keypair")
+    role.add_argument("--operator", metavar="NAME", help="instead: an operator's own keypair")
 
     for parser in configured:  # last, so each verb's own options lead its usage line
         add_flags(parser, CacheConfig, "cache")
@@ -226,10 +229,17 @@ def _local(config: Any, verb: str) -> Iterator[Any]:
 
 def _admin(config: Any, address: str, timeout_s: float) -> Any:
     from kvcache.cluster.admin import ClusterAdmin
+    from kvcache.cluster.security import read_operator_token
     from kvcache.errors import CacheError, CacheUnavailable
 
     try:
-        return ClusterAdmin(address, curve_dir=config.cluster_curve_dir, timeout_s=timeout_s)
+        return ClusterAdmin(
+            address,
+            curve_dir=config.cluster_curve_dir,
+            curve_key=config.cluster_curve_key,
+            token=read_operator_token(config.runtime_path),  # operator verbs without Curve
+            timeout_s=timeout_s,
+        )
     except CacheUnavailable:
         raise
     except CacheError as exc:  # the key directory
@@ -581,6 +591,8 @@ def _waiting(work: Callable[[], T], label: str) -> T:
 def _keygen(args: argparse.Namespace) -> int:
     import zmq.auth
 
+    if args.member or args.operator:
+        return _keygen_identity(args)
     directory = Path(args.dir)
     public, secret = directory / "cluster.key", directory / "cluster.key_secret"
     if not args.force and (public.exists() or secret.exists()):
@@ -613,10 +625,60 @@ Every daemon and every operator command uses this one keypair:
   shoal cache status --cluster-curve-dir {d}     (also evict/flush/drain --node)
 or SHOAL_CACHE_CLUSTER_CURVE_DIR={d}, or cluster_curve_dir in the [cache] table.
 
+Per-node keys (a member then cannot act as another, and only operators may
+evict/flush/drain): `shoal cache keygen {d} --member NODE` for each node and
+`--operator NAME` for each operator; each gives its own key as --cluster-curve-key.
+
 On Kubernetes, keep it in a Secret and mount it read-only at that path in every pod:
   kubectl create secret generic shoal-cluster-key \\
       --from-file={public} --from-file={secret}
   (volume: secret shoal-cluster-key, defaultMode 0400, mountPath {d})""")
+    return 0
+
+
+def _keygen_identity(args: argparse.Namespace) -> int:
+    """A member's or operator's own keypair: NAME.key_secret in DIR, its public half in
+    DIR/members/ (pinned to the node name) or DIR/operators/ (kvcache.cluster.security)."""
+    import tempfile
+
+    import zmq.auth
+
+    name, folder = (args.member, "members") if args.member else (args.operator, "operators")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]*", name):
+        print(f"shoal cache keygen: {name!r} is not a usable key name", file=sys.stderr)
+        return EXIT_USAGE
+    directory = Path(args.dir)
+    secret, public = directory / f"{name}.key_secret", directory / folder / f"{name}.key"
+    if not args.force and (secret.exists() or public.exists()):
+        print(f"shoal cache keygen: {secret} or {public} exists; --force replaces it",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    metadata = {"node": name} if args.member else {"operator": name}
+    saved = os.umask(0o077)
+    try:
+        public.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory) as scratch:
+            _, made_secret = zmq.auth.create_certificates(scratch, name, metadata)
+            # pyzmq writes metadata into the secret file only: the public one (what the
+            # allow-list holds) is the secret one without its secret-key line.
+            lines = Path(made_secret).read_text().splitlines(keepends=True)
+            kept = [line for line in lines if "secret-key" not in line and line[:1] != "#"]
+            public.write_text("#   ZeroMQ CURVE public certificate (shoal cache keygen)\n"
+                              + "".join(kept))  # fmt: skip
+            os.replace(made_secret, secret)
+    except OSError as exc:
+        print(f"shoal cache keygen: cannot write {directory}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        os.umask(saved)
+    public.chmod(0o644)
+    if args.json:
+        print(json.dumps({"public": str(public), "secret": str(secret)}))
+    else:
+        print(f"wrote {secret} (secret, mode 0600) and {public} (public)\n"
+              f"give it as --cluster-curve-key {secret.resolve()} "
+              f"(SHOAL_CACHE_CLUSTER_CURVE_KEY); copy {public.name} into {folder}/ of "
+              "every member's key directory")  # fmt: skip
     return 0
 
 

@@ -46,7 +46,11 @@ class CacheConfig:
     cluster_port: int = setting(
         0, "cluster port (ROUTER; PUB is the next port); 0 = no cluster, this node alone"
     )
-    cluster_host: str = setting("0.0.0.0", "address the cluster sockets bind to")
+    cluster_host: str = setting(
+        "127.0.0.1",
+        "address the cluster sockets bind to; a non-loopback one needs cluster_curve_dir "
+        "(or cluster_insecure)",
+    )
     cluster_advertise: str = setting(
         "", "host:port peers reach this node on; empty = cluster_host (or this host's IP)"
     )
@@ -64,7 +68,22 @@ class CacheConfig:
         0.5, "seconds a peer fetch may take before it fails into a miss"
     )
     cluster_curve_dir: str = setting(
-        "", "directory with the CurveZMQ cluster keypair and allowed public keys; empty = off"
+        "",
+        "directory with the CurveZMQ cluster keypair and the members/ and operators/ "
+        "allow-lists of public keys; empty = off",
+    )
+    cluster_curve_key: str = setting(
+        "",
+        "this node's (or operator's) CurveZMQ keypair file; empty = "
+        "<cluster_curve_dir>/node.key_secret",
+    )
+    cluster_key_reload_s: float = setting(
+        10.0, "seconds between re-reads of the allow-lists in cluster_curve_dir"
+    )
+    cluster_insecure: bool = setting(
+        False,
+        "allow a non-loopback cluster bind without CurveZMQ (unauthenticated peers; logs a "
+        "warning)",
     )
     engine_events: str = setting(
         "",
@@ -112,8 +131,12 @@ class CacheConfig:
             raise ValueError(
                 f"cluster_discovery {self.cluster_discovery!r} must be static, dns or k8s"
             )
-        if min(self.cluster_heartbeat_s, self.cluster_fetch_timeout_s) <= 0:
-            raise ValueError("cluster_heartbeat_s and cluster_fetch_timeout_s must be positive")
+        if min(self.cluster_heartbeat_s, self.cluster_fetch_timeout_s,
+               self.cluster_key_reload_s) <= 0:  # fmt: skip
+            raise ValueError(
+                "cluster_heartbeat_s, cluster_fetch_timeout_s and cluster_key_reload_s must "
+                "be positive"
+            )
         if self.cluster_member_timeout_s < 2 * self.cluster_heartbeat_s:
             raise ValueError("cluster_member_timeout_s must be at least 2 heartbeats")
         if "/" in self.cluster_node:

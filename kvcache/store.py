@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 from kvcache.errors import CorruptBlock
 from kvcache.eviction import EvictionPolicy, make_policy
-from kvcache.tiers import Tier, TierStore
+from kvcache.tiers import Backing, Tier, TierStore
 
 __all__ = [
     "BlockEvent",
@@ -83,12 +83,14 @@ class ReserveResult:
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """Read access to a committed block in the arena until released."""
+    """Read access to a committed block until released: in the arena (``tier`` SHM), or
+    where it lies when leased with ``acquire(promote=False)``."""
 
     key: bytes
     offset: int
     nbytes: int
     checksum: int
+    tier: Tier = Tier.SHM
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,18 +297,29 @@ class BlockStore:
         return len(keys)
 
     def acquire(
-        self, session_id: int, keys: Sequence[bytes], *, prefix: bool = True
+        self,
+        session_id: int,
+        keys: Sequence[bytes],
+        *,
+        prefix: bool = True,
+        promote: bool = True,
     ) -> list[Lease | None]:
         """Lease each committed block, promoting it to SHM; ``None`` marks a miss.
 
         With ``prefix`` (the default) the first miss ends the answer: blocks past a gap in
-        a chain can never be used by an engine.
+        a chain can never be used by an engine. Without ``promote`` a block is leased in the
+        tier it lies in (``Lease.tier``; read it through ``backing``): a peer reading our
+        warm blocks must not push this node's own hot blocks out of SHM.
         """
         session = self._session(session_id)
         leases: list[Lease | None] = []
         for key in keys:
             entry = self._entries.get(key)
-            if entry is None or entry.state is not _State.COMMITTED or not self._promote(entry):
+            if (
+                entry is None
+                or entry.state is not _State.COMMITTED
+                or not (self._promote(entry) if promote else self._touch(entry))
+            ):
                 self._misses += 1
                 leases.append(None)
                 if prefix:
@@ -315,8 +328,12 @@ class BlockStore:
             entry.lease_count += 1
             self._num_leases += 1
             session.leases.setdefault(key, []).append(entry)
-            leases.append(Lease(key, entry.offset, entry.nbytes, entry.checksum))
+            leases.append(Lease(key, entry.offset, entry.nbytes, entry.checksum, entry.tier))
         return leases
+
+    def backing(self, tier: Tier) -> Backing:
+        """Where the bytes of tier ``tier`` live (to read a ``promote=False`` lease)."""
+        return self._tiers[tier].backing
 
     def release(self, session_id: int, keys: Sequence[bytes]) -> int:
         """Drop one lease per key held by the session; returns how many were held."""
@@ -538,6 +555,13 @@ class BlockStore:
             self._remove(entry)
             return
         self._policies[level + 1].insert(entry.key, entry.parent)
+
+    def _touch(self, entry: _Entry) -> bool:
+        """A hit that leaves the block in its tier (``acquire(promote=False)``)."""
+        self._counters[entry.tier].hits += 1
+        self._counters[entry.tier].bytes_out += entry.nbytes
+        self._policies[entry.tier].touch(entry.key)
+        return True
 
     def _promote(self, entry: _Entry) -> bool:
         """Bring a committed block to SHM; ``False`` (a miss) if no room or it is corrupt."""

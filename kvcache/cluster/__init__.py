@@ -8,8 +8,11 @@ Layout (pure modules import no transport)::
     discovery.py  where the peers are: static list, DNS, Kubernetes Endpoints
     base.py       Cluster (what the daemon calls) and NullCluster (cluster off)
     settings.py   ClusterSettings from CacheConfig: node name, address, discovery, keys
+    security.py   the security model: bind policy, key allow-lists, names tied to keys, token
+    transport.py  the member's sockets (CurveZMQ roles, size limits) and requests to peers
+    fetch.py      peer fetch: PeerFetcher (asking) and PeerServer (serving, no promotion)
     metrics.py    shoal_kvcache_cluster_* Prometheus metrics
-    node.py       ClusterNode: the sockets, peer fetch and drain, in the daemon's loop
+    node.py       ClusterNode: stream, sync, requests and drain, in the daemon's loop
     admin.py      ClusterAdmin: an operator's client for a remote member (the CLI uses it)
     engine_events.py  vLLM's KV-event stream: payload decoding, seq/replay bookkeeping (pure)
     gpu_prefixes.py   GpuPrefixTracker: vLLM blocks -> Shoal keys on an engine's GPU (pure)

@@ -6,7 +6,9 @@ metric                                              type       labels
 ==================================================  =========  ==============================
 shoal_kvcache_cluster_events_published_total        counter    -
 shoal_kvcache_cluster_events_applied_total          counter    -
-shoal_kvcache_cluster_messages_dropped_total        counter    reason (malformed, version, ...)
+shoal_kvcache_cluster_messages_dropped_total        counter    reason (malformed, version,
+                                                               forbidden, impersonation,
+                                                               serve_bound, late_reply, ...)
 shoal_kvcache_cluster_syncs_total                   counter    kind (replay, snapshot)
 shoal_kvcache_cluster_fetch_blocks_total            counter    result (ok, miss, checksum, ...)
 shoal_kvcache_cluster_fetch_bytes_total             counter    -

@@ -5,22 +5,30 @@ only, so the store, the index and the in-flight fetches need no lock::
 
        peers' PUB ──► SUB ──► ClusterView (index)      PUB ──► peers' SUB
                                                         ▲ EventLog batches, heartbeats
-    peers' DEALER ──► ROUTER (port): sync / fetch / offer / status / evict / flush / drain
-          DEALER per peer ──► peer's ROUTER: our sync requests and fetches
+    peers' DEALER ──► ROUTER (port): sync / fetch / offer / status   (members' keys)
+ operators' DEALER ──► ROUTER (port): status / evict / flush / drain  (operators' keys)
+          DEALER per peer ──► peer's ROUTER: our sync requests and fetches (transport.py)
+
+Security (``security.py`` holds the whole model): the bind is refused off loopback without
+CurveZMQ unless ``cluster_insecure`` is said; each request on the ROUTER is authorised by
+its verb against the key it came with (a member's key for peer verbs, an operator's for
+operator verbs; without CurveZMQ, operator verbs carry the local operator token); with
+per-node keys a stream message is applied only if its key speaks for the member it names.
+An ``offer`` is taken only from a member that the view shows draining, and the blocks are
+fetched from that member's known address (an offer that arrives before the draining
+heartbeat is held until it does, or ``member_timeout_s``).
 
 Engine streams: for each engine beside it (``engine_feed.py``) the node publishes one more
 stream, ``<node>/gpu<i>``, with its own ``EventLog``, heartbeats and snapshots (the keys on
 that engine's GPU), on the same PUB and ROUTER; peers index it as a member of its own
 (``index.py`` explains why), never fetch from it and never hand it blocks in a drain.
 
-Peer fetch: ``fetch()`` groups the missing keys of a chain by holder (preferring the
-holder with the longest run, then the hottest tier), sends one request per holder and
-chunk, and joins concurrent fetches of the same key (coalescing). The serving peer leases
-the blocks and sends them as zero-copy frames of its arena, releasing the leases when
-ZeroMQ reports the frames sent. The fetcher reserves a slot per block, copies the frame
-in, checks the checksum and commits: the block is then a local hit like any other. A
-fetch not answered within ``cluster_fetch_timeout_s``, or aimed at a member declared
-dead, fails its keys at once: the engine sees a miss, never an error or a hang.
+Peer fetch, both sides, lives in ``fetch.py``: the fetcher groups missing keys by holder,
+coalesces and checks checksums; the server leases blocks where they lie (no promotion
+into SHM for a peer) within a per-request and an in-flight byte bound.
+
+Versions: the node reads v2 and v3 (``messages.py``), sends each peer requests in the
+version its heartbeats announce (v2 until heard), and answers in the request's version.
 
 Scale: every node subscribes to every other node, so a node receives (and indexes) the
 events of all N-1 peers and sends its own once (the PUB socket fans out in ZeroMQ's I/O
@@ -36,12 +44,14 @@ streams. Heartbeats stay all-to-all but are one small message per second per mem
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -50,40 +60,35 @@ from prometheus_client import CollectorRegistry
 from kvcache.cluster import messages as cm
 from kvcache.cluster.base import Cluster, NullCluster
 from kvcache.cluster.discovery import DiscoveryError, StaticDiscovery
+from kvcache.cluster.fetch import MAX_FETCH_KEYS, PEER_SESSION, PeerFetcher, PeerServer
 from kvcache.cluster.index import PrefixMatch
 from kvcache.cluster.metrics import ClusterMetrics
-from kvcache.cluster.settings import ClusterSettings, bracket, cluster_settings, load_curve
+from kvcache.cluster.security import (
+    MEMBER,
+    OPERATOR,
+    STREAM_DOMAIN,
+    Identities,
+    KeyRing,
+    check_bind,
+    load_curve_keys,
+    operator_token,
+)
+from kvcache.cluster.settings import ClusterSettings, cluster_settings
 from kvcache.cluster.sync import ClusterView, EventLog, SyncNeed, SyncReply, encode_events
+from kvcache.cluster.transport import PeerLinks, Sockets
 from kvcache.errors import CacheError, ProtocolError
-from kvcache.keys import join_keys, split_keys
-from kvcache.store import BlockEvent, BlockStore, EventKind, ReserveStatus
-from kvcache.tiers import MemoryBacking, copy_hashing_target
-from kvcache.wire import peek_id
+from kvcache.keys import KEY_BYTES, join_keys, split_keys
+from kvcache.store import BlockEvent, BlockStore, EventKind
+from kvcache.tiers import MemoryBacking
 
-__all__ = ["Cluster", "ClusterMetrics", "ClusterNode", "NullCluster", "cluster_settings"]
+__all__ = ["PEER_SESSION", "Cluster", "ClusterMetrics", "ClusterNode", "NullCluster",
+           "cluster_settings"]  # fmt: skip
 
 log = logging.getLogger("shoal." + __name__)
 
-PEER_SESSION = 0  # store session under which peers lease blocks and fetches land
-_FETCH_CHUNK = 32  # keys per fetch request: bounds one reply (32 x the largest block)
-_FETCH_WINDOW = 4  # fetch requests in flight per peer
+_OFFER_CHUNK = MAX_FETCH_KEYS  # keys per offer a drain sends
 _MAX_HOT_HANDOFF = 100_000
-
-
-@dataclass(slots=True)
-class _Waiter:
-    remaining: set[bytes]
-    on_done: Callable[[], None]
-
-
-@dataclass(slots=True)
-class _Pending:
-    """One request we sent to a peer, awaiting its reply."""
-
-    address: str
-    deadline: float
-    on_reply: Callable[[list[zmq.Frame]], None]
-    on_fail: Callable[[str], None]
+_MAX_HELD_OFFERS = 256  # offers waiting for their member's draining heartbeat
 
 
 @dataclass(slots=True)
@@ -99,6 +104,17 @@ class _Drain:
     handed_off: int = 0
     peers: list[str] = field(default_factory=list)
     deadline: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _HeldOffer:
+    """An offer from a member not (yet) seen draining: its heartbeat may be on the way."""
+
+    deadline: float
+    identity: bytes
+    request: cm.OfferRequest
+    version: int
+    user_id: str | None
 
 
 class ClusterNode:
@@ -117,10 +133,12 @@ class ClusterNode:
     ) -> None:
         self.settings = settings
         self._store = store
-        self._shm = shm
-        self._context = context
         self._clock = clock
         self._on_leave = on_leave
+        keys = (
+            load_curve_keys(settings.curve_dir, settings.curve_key) if settings.curve_dir else None
+        )
+        check_bind(settings.host, curve=keys is not None, insecure=settings.insecure)
         self.metrics = ClusterMetrics(registry)
         self.epoch = time.time_ns()
         self.state = "active"
@@ -133,32 +151,53 @@ class ClusterNode:
             on_applied=self._applied,
         )
         self._samples: deque[float] = deque(maxlen=100_000)
-        self._curve = load_curve(settings.curve_dir) if settings.curve_dir else None
+        # Without CurveZMQ, operator verbs over TCP need the runtime dir's token.
+        self._token = (
+            operator_token(Path(settings.runtime_dir))
+            if keys is None and settings.runtime_dir
+            else ""
+        )
+        self._ring: KeyRing | None = None
+        self._identities: Identities | None = None
         self._authenticator: Any = None
-        if self._curve is not None:
+        self._next_reload = clock() + settings.key_reload_s
+        if keys is not None:
             from zmq.auth.thread import ThreadAuthenticator
 
+            self._ring = KeyRing(settings.curve_dir, keys)
+            if keys.per_node:
+                self._ring.check_own(keys.public, settings.node)
+                self._identities = Identities(self._ring, self.view.is_live)
             self._authenticator = ThreadAuthenticator(context)
             self._authenticator.start()
-            self._authenticator.configure_curve(domain="*", location=settings.curve_dir)
-        self._pub = self._server_socket(zmq.PUB, settings.port + 1)
-        self._pub.setsockopt(zmq.SNDHWM, 10_000)
-        self._router = self._server_socket(zmq.ROUTER, settings.port)
-        self._sub = self._client_socket(zmq.SUB)
+            for domain in ("*", STREAM_DOMAIN):
+                self._authenticator.configure_curve_callback(domain, self._ring)
+        self._sockets = Sockets(context, keys, settings.max_block_bytes)
+        try:
+            self._pub = self._sockets.pub(settings.host, settings.port + 1)
+            try:
+                self._router = self._sockets.router(settings.host, settings.port)
+            except CacheError:
+                self._pub.close(linger=0)
+                raise
+        except CacheError:
+            if self._authenticator is not None:
+                self._authenticator.stop()
+            raise
+        self._sub = self._sockets.sub()
         for topic in (cm.TOPIC_EVENTS, cm.TOPIC_HEARTBEAT):
             self._sub.setsockopt(zmq.SUBSCRIBE, topic)
-        self._poller: zmq.Poller | None = None
-        self._subscribed: set[str] = set()
-        self._dealers: dict[str, zmq.Socket[Any]] = {}
-        self._dealer_address: dict[zmq.Socket[Any], str] = {}
-        self._pending: dict[int, _Pending] = {}
-        self._next_id = 1
-        self._inflight: dict[bytes, list[_Waiter]] = {}  # key -> waiters (coalescing)
-        self._queued: dict[str, deque[list[tuple[bytes, bytes | None]]]] = {}  # per peer
-        self._window: dict[str, int] = {}  # fetch requests in flight per peer
-        self._sending: list[tuple[zmq.MessageTracker, list[bytes]]] = []
+        self._links = PeerLinks(self._sockets, clock)
+        self._proto: dict[str, int] = {}  # member address -> the version it speaks
+        self._fetcher = PeerFetcher(
+            settings.node, store, shm, self.view, self._links, self.metrics,
+            timeout_s=settings.fetch_timeout_s, version_of=self._version_of,
+        )  # fmt: skip
+        self._server = PeerServer(store, self.metrics, self._router_send)
+        self._held_offers: list[_HeldOffer] = []
         self._drain: _Drain | None = None
         self._next_heartbeat = 0.0
+        self._subscribed: set[str] = set()
         self._discovered: list[str] | None = None
         self._discovery_stop = threading.Event()
         self._discovery_thread: threading.Thread | None = None
@@ -173,45 +212,19 @@ class ClusterNode:
         log.info(
             "cluster member up",
             extra={"node": settings.node, "advertise": settings.advertise, "epoch": self.epoch,
-                   "curve": self._curve is not None},
+                   "curve": keys is not None, "per_node_keys": self._identities is not None,
+                   "protocol": cm.VERSION},
         )  # fmt: skip
 
     # -- sockets --------------------------------------------------------------------------
 
-    def _server_socket(self, kind: int, port: int) -> zmq.Socket[Any]:
-        sock: zmq.Socket[Any] = self._context.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self._curve is not None:
-            public, secret = self._curve
-            sock.curve_secretkey = secret
-            sock.curve_publickey = public
-            sock.curve_server = True
-        try:
-            sock.bind(f"tcp://{bracket(self.settings.host)}:{port}")
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            raise CacheError(
-                f"cannot bind cluster port {self.settings.host}:{port}: {exc}"
-            ) from None
-        return sock
-
-    def _client_socket(self, kind: int) -> zmq.Socket[Any]:
-        sock = self._context.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self._curve is not None:
-            public, secret = self._curve
-            sock.curve_secretkey = secret
-            sock.curve_publickey = public
-            sock.curve_serverkey = public  # one cluster keypair, shared through a Secret
-        return sock  # type: ignore[no-any-return]
-
     def register(self, poller: zmq.Poller) -> None:
-        self._poller = poller
         poller.register(self._sub, zmq.POLLIN)
         poller.register(self._router, zmq.POLLIN)
+        self._links.register(poller)
 
     def owns(self, sock: Any) -> bool:
-        return sock is self._sub or sock is self._router or sock in self._dealer_address
+        return sock is self._sub or sock is self._router or self._links.owns(sock)
 
     def handle(self, sock: Any) -> None:
         now = self._clock()
@@ -226,52 +239,14 @@ class ClusterNode:
                 elif sock is self._router:
                     self._on_request(frames)
                 else:
-                    self._on_reply(frames)
+                    self._links.on_reply(sock, frames)
             except ProtocolError as exc:
                 self.metrics.dropped.labels("malformed").inc()
                 log.warning("dropped a cluster frame", extra={"reason": str(exc)})
 
-    def _dealer(self, address: str) -> zmq.Socket[Any]:
-        sock = self._dealers.get(address)
-        if sock is None:
-            sock = self._client_socket(zmq.DEALER)
-            sock.setsockopt(zmq.SNDHWM, 1000)
-            sock.connect(f"tcp://{address}")
-            self._dealers[address] = sock
-            self._dealer_address[sock] = address
-            if self._poller is not None:
-                self._poller.register(sock, zmq.POLLIN)
-        return sock
-
-    def _drop_dealer(self, address: str, reason: str) -> None:
-        sock = self._dealers.pop(address, None)
-        if sock is None:
-            return
-        del self._dealer_address[sock]
-        if self._poller is not None:
-            self._poller.unregister(sock)
-        sock.close(linger=0)
-        for request_id in [i for i, p in self._pending.items() if p.address == address]:
-            self._pending.pop(request_id).on_fail(reason)
-
-    def _request(
-        self,
-        address: str,
-        request: cm.Request,
-        on_reply: Callable[[list[zmq.Frame]], None],
-        on_fail: Callable[[str], None],
-        timeout_s: float,
-    ) -> None:
-        try:
-            self._dealer(address).send(request.encode(), zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # HWM reached: the peer is not reading
-            on_fail(f"cannot send to {address}: {exc}")
-            return
-        self._pending[request.id] = _Pending(address, self._clock() + timeout_s, on_reply, on_fail)
-
-    def _new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
+    def _version_of(self, address: str) -> int:
+        """The protocol version to speak to the member at ``address`` (v2 until heard)."""
+        return min(cm.VERSION, self._proto.get(address, cm.MIN_VERSION))
 
     # -- the event stream -----------------------------------------------------------------
 
@@ -314,6 +289,7 @@ class ClusterNode:
                 ts=time.time(),
                 interval_s=self.settings.heartbeat_s,
                 stats={"engine": True},
+                proto=cm.VERSION,
             )
             self._pub.send_multipart([cm.TOPIC_HEARTBEAT, beat.encode()], zmq.NOBLOCK)
         stats = self._store.statistics()
@@ -334,6 +310,7 @@ class ClusterNode:
                 "misses": stats.misses,
                 "sessions": stats.num_sessions,
             },
+            proto=cm.VERSION,
         )  # fmt: skip
         self._pub.send_multipart([cm.TOPIC_HEARTBEAT, beat.encode()], zmq.NOBLOCK)
 
@@ -341,10 +318,18 @@ class ClusterNode:
         if len(frames) != 2:
             raise ProtocolError(f"stream message of {len(frames)} frames; expected 2")
         message = cm.decode_stream(frames[0].bytes, frames[1].buffer)
+        if self._identities is not None and not self._identities.admit(
+            message.node, _user_id(frames[1])
+        ):
+            self.metrics.dropped.labels("impersonation").inc()
+            return
         if isinstance(message, cm.EventBatch):
             need = self.view.on_batch(message, now)
         else:
+            self._proto[message.address] = message.proto
             need = self.view.on_heartbeat(message, now)
+            if self._held_offers:
+                self._retry_held_offers(now)
         if need is not None:
             self._sync(need)
 
@@ -357,7 +342,7 @@ class ClusterNode:
     def _sync(self, need: SyncNeed) -> None:
         if not need.address:
             return  # no address yet: the next heartbeat brings it and the retry uses it
-        request = cm.SyncRequest(self._new_id(), need.node, need.epoch, need.after_seq)
+        request = cm.SyncRequest(self._links.new_id(), need.node, need.epoch, need.after_seq)
 
         def on_reply(frames: list[zmq.Frame]) -> None:
             body = cm.decode_reply(frames[0].buffer)
@@ -373,7 +358,8 @@ class ClusterNode:
         def on_fail(reason: str) -> None:
             log.info("sync unanswered; will retry", extra={"peer": need.node, "reason": reason})
 
-        self._request(need.address, request, on_reply, on_fail, self._sync_timeout_s())
+        self._links.request(need.address, request, on_reply, on_fail, self._sync_timeout_s(),
+                            version=self._version_of(need.address))  # fmt: skip
 
     def _sync_timeout_s(self) -> float:
         """How long a sync request may go unanswered before it is asked again."""
@@ -387,15 +373,46 @@ class ClusterNode:
             return
         identity = frames[0].bytes
         try:
-            request = cm.decode_request(frames[1].buffer)
+            request, version = cm.decode_request_versioned(frames[1].buffer)
         except ProtocolError as exc:
             self.metrics.dropped.labels(exc.code).inc()
-            self._router_send([identity, cm.encode_error(0, exc.code, str(exc))])
+            self._router_send([identity, cm.encode_error(0, exc.code, str(exc),
+                                                         version=cm.MIN_VERSION)])  # fmt: skip
+            return
+        user_id = _user_id(frames[1]) if self._ring is not None else None
+        refusal = self._refusal(request, user_id)
+        if refusal is not None:
+            self.metrics.dropped.labels("forbidden").inc()
+            log.warning("refused a cluster request", extra={"op": request.op, "reason": refusal})
+            self._router_send([identity, cm.encode_error(request.id, "forbidden", refusal,
+                                                         version=version)])  # fmt: skip
             return
         try:
-            self._serve(identity, request)
+            self._serve(identity, request, version, user_id)
         except ValueError as exc:
-            self._router_send([identity, cm.encode_error(request.id, "bad_request", str(exc))])
+            self._router_send([identity, cm.encode_error(request.id, "bad_request", str(exc),
+                                                         version=version)])  # fmt: skip
+
+    def _refusal(self, request: cm.Request, user_id: str | None) -> str | None:
+        """Why ``request`` (sent with key ``user_id``) is not allowed, or ``None``."""
+        operator_verb = request.op in cm.OPERATOR_OPS
+        if self._ring is not None:
+            role = self._ring.role(user_id)
+            if operator_verb and role != OPERATOR:
+                return (f"{request.op} is an operator verb: it needs a key listed in "
+                        f"{self.settings.curve_dir}/operators/")  # fmt: skip
+            if not operator_verb and request.op != "status" and role != MEMBER:
+                return f"{request.op} is a peer verb: it needs a member key"
+            if role is None:
+                return "this key is no longer allowed"
+            return None
+        if operator_verb:
+            token = str(getattr(request, "token", "")).encode()  # bytes: any str compares
+            if not self._token or not hmac.compare_digest(token, self._token.encode()):
+                return (f"{request.op} is an operator verb: without CurveZMQ it needs the local "
+                        "operator token (shoal cache commands read it from the runtime dir), "
+                        "or use CurveZMQ operator keys")  # fmt: skip
+        return None
 
     def _router_send(self, frames: list[Any], *, track: bool = False) -> Any:
         try:
@@ -404,34 +421,31 @@ class ClusterNode:
             self.metrics.dropped.labels("peer_not_reading").inc()
             return None
 
-    def _reply(self, identity: bytes, request_id: int, **values: Any) -> None:
-        self._router_send([identity, cm.encode_reply(request_id, **values)])
+    def _serve(
+        self, identity: bytes, request: cm.Request, version: int, user_id: str | None
+    ) -> None:
+        def reply(**values: Any) -> None:
+            self._router_send([identity, cm.encode_reply(request.id, version=version, **values)])
 
-    def _serve(self, identity: bytes, request: cm.Request) -> None:
         if isinstance(request, cm.SyncRequest):
-            self._serve_sync(identity, request)
+            reply(**self._sync_answer(request).to_map())
         elif isinstance(request, cm.FetchRequest):
-            self._serve_fetch(identity, request)
+            self._server.serve(identity, request, version)
         elif isinstance(request, cm.OfferRequest):
-            keys = split_keys(request.keys)
-            self._fetch_from(
-                request.source,
-                keys,
-                lambda: self._reply(
-                    identity, request.id, fetched=sum(1 for k in keys if self._store.lookup([k]))
-                ),
-            )
+            if len(request.keys) > MAX_FETCH_KEYS * KEY_BYTES:
+                raise ValueError(f"offer of more than {MAX_FETCH_KEYS} keys")
+            self._serve_offer(_HeldOffer(self._clock() + self.settings.member_timeout_s,
+                                         identity, request, version, user_id))  # fmt: skip
         elif isinstance(request, cm.StatusRequest):
-            self._reply(identity, request.id, **self.status())
+            reply(**self.status())
         elif isinstance(request, cm.EvictRequest):
-            evicted = self._store.evict(request.namespace, request.key_prefix)
-            self._reply(identity, request.id, evicted=evicted)
+            reply(evicted=self._store.evict(request.namespace, request.key_prefix))
         elif isinstance(request, cm.FlushRequest):
-            self._reply(identity, request.id, flushed=self._store.clear())
+            reply(flushed=self._store.clear())
         elif isinstance(request, cm.DrainRequest):
-            self.drain(lambda result: self._reply(identity, request.id, **result))
+            self.drain(lambda result: reply(**result))
 
-    def _serve_sync(self, identity: bytes, request: cm.SyncRequest) -> None:
+    def _sync_answer(self, request: cm.SyncRequest) -> SyncReply:
         engine = self._engines.get(request.stream)
         if engine is not None:
             # The daemon publishes engine changes every turn, so none are pending here.
@@ -439,13 +453,11 @@ class ClusterNode:
                 keys = engine.snapshot()
                 return join_keys(keys), bytes([cm.OP_ON_GPU - 1]) * len(keys)
 
-            reply = engine.log.answer(request.epoch, request.after_seq, snapshot)
-        elif request.stream in ("", self.settings.node):
+            return engine.log.answer(request.epoch, request.after_seq, snapshot)
+        if request.stream in ("", self.settings.node):
             self._store_events_pending_flush()
-            reply = self._log.answer(request.epoch, request.after_seq, self._snapshot)
-        else:
-            raise ValueError(f"no stream {request.stream!r} here")
-        self._reply(identity, request.id, **reply.to_map())
+            return self._log.answer(request.epoch, request.after_seq, self._snapshot)
+        raise ValueError(f"no stream {request.stream!r} here")
 
     def _store_events_pending_flush(self) -> None:
         """Publish undrained store events first, so a snapshot matches the log's seq."""
@@ -455,27 +467,50 @@ class ClusterNode:
         entries = self._store.snapshot()
         return join_keys([k for k, _ in entries]), bytes(int(t) for _, t in entries)
 
-    def _serve_fetch(self, identity: bytes, request: cm.FetchRequest) -> None:
-        keys = split_keys(request.keys)
-        if len(keys) > 4 * _FETCH_CHUNK:
-            raise ValueError(f"fetch of {len(keys)} keys; at most {4 * _FETCH_CHUNK} per request")
-        leases = self._store.acquire(PEER_SESSION, keys, prefix=False)
-        found = [(i, lease) for i, lease in enumerate(leases) if lease is not None]
-        header = cm.encode_reply(
-            request.id,
-            found=[i for i, _ in found],
-            sizes=[lease.nbytes for _, lease in found],
-            checksums=[lease.checksum for _, lease in found],
-            namespaces=[self._store.namespace_of(lease.key) for _, lease in found],
-        )
-        payloads = [self._shm.view(lease.offset, lease.nbytes) for _, lease in found]
-        tracker = self._router_send([identity, header, *payloads], track=True)
-        leased = [lease.key for _, lease in found]
-        if tracker is None:
-            self._store.release(PEER_SESSION, leased)
-        else:
-            self._sending.append((tracker, leased))
-            self.metrics.served.inc(len(found))
+    # -- offers (a draining member hands us its blocks) ------------------------------------
+
+    def _offering_member(self, offer: _HeldOffer) -> str | None:
+        """The member ``offer`` comes from, by its key or its name, else by its address."""
+        request, view = offer.request, self.view
+        if self._identities is not None:
+            node = self._identities.node_of(offer.user_id or "")
+            return node if node is not None and request.node in ("", node) else None
+        if request.node:
+            return request.node
+        return next((n for n in view.nodes if view.address_of(n) == request.source), None)
+
+    def _serve_offer(self, offer: _HeldOffer) -> bool:
+        """Fetch an offer's keys from its draining member; ``False`` if it is held."""
+        node = self._offering_member(offer)
+        state = self.view.member_state(node) if node is not None else None
+        if node is not None and state == "draining" and not cm.is_engine_stream(node):
+            keys = split_keys(offer.request.keys)
+
+            def done() -> None:
+                fetched = sum(1 for k in keys if self._store.lookup([k]))
+                self._router_send([offer.identity, cm.encode_reply(
+                    offer.request.id, version=offer.version, fetched=fetched)])  # fmt: skip
+
+            self._fetcher.fetch(keys, done, holder=node)
+            return True
+        if self._clock() < offer.deadline and (
+            offer in self._held_offers or len(self._held_offers) < _MAX_HELD_OFFERS
+        ):
+            if offer not in self._held_offers:
+                self._held_offers.append(offer)
+            return False
+        self.metrics.dropped.labels("forbidden").inc()
+        log.warning("refused an offer from a member not draining", extra={"node": node})
+        self._router_send([offer.identity, cm.encode_error(
+            offer.request.id, "forbidden", "offers are taken from draining members only",
+            version=offer.version)])  # fmt: skip
+        return True
+
+    def _retry_held_offers(self, now: float) -> None:
+        held, self._held_offers = self._held_offers, []
+        for offer in held:
+            if not self._serve_offer(offer):
+                self._held_offers.append(offer)
 
     # -- peer fetch (the requesting side) ---------------------------------------------------
 
@@ -492,157 +527,7 @@ class ClusterNode:
     def fetch(self, keys: Sequence[bytes], on_done: Callable[[], None]) -> None:
         """Bring the blocks of ``keys`` that peers hold into the local store, then call
         ``on_done`` (also on failure: the caller looks up what arrived)."""
-        self._fetch_from(None, keys, on_done)
-
-    def _fetch_from(
-        self, source: str | None, keys: Sequence[bytes], on_done: Callable[[], None]
-    ) -> None:
-        waiter = _Waiter(set(), on_done)
-        by_peer: dict[str, list[tuple[bytes, bytes | None]]] = {}
-        parent: bytes | None = None
-        for key in keys:
-            chain_parent, parent = parent, key
-            if self._store.lookup([key]):
-                continue
-            waiter.remaining.add(key)
-            if key in self._inflight:
-                self._inflight[key].append(waiter)
-                continue
-            address = source or self._holder_address(key)
-            if address is None:
-                waiter.remaining.discard(key)
-                self.metrics.fetched.labels("no_holder").inc()
-                continue
-            self._inflight[key] = [waiter]
-            by_peer.setdefault(address, []).append((key, chain_parent))
-        if not waiter.remaining:
-            on_done()
-            return
-        for address, wanted in by_peer.items():
-            queue = self._queued.setdefault(address, deque())
-            for lo in range(0, len(wanted), _FETCH_CHUNK):
-                queue.append(wanted[lo : lo + _FETCH_CHUNK])
-            self._pump(address)
-
-    def _pump(self, address: str) -> None:
-        """Send queued chunks to ``address`` while fewer than ``_FETCH_WINDOW`` are out.
-
-        A window, not everything at once: each chunk's deadline starts when it is sent,
-        so a long fetch from a healthy peer never times out its own tail, and what waits
-        in our receive queue stays bounded.
-        """
-        queue = self._queued.get(address)
-        while queue and self._window.get(address, 0) < _FETCH_WINDOW:
-            self._window[address] = self._window.get(address, 0) + 1
-            self._send_fetch(address, queue.popleft())
-        if not queue:
-            self._queued.pop(address, None)
-
-    def _chunk_done(self, address: str, failed: bool) -> None:
-        self._window[address] -= 1
-        if failed:  # a peer that timed out or vanished will not do better for the rest
-            for chunk in self._queued.pop(address, ()):
-                for key, _ in chunk:
-                    self._finish(key, False)
-        self._pump(address)
-
-    def _holder_address(self, key: bytes) -> str | None:
-        holders = [h for h in self.view.index.holders(key) if self.view.is_live(h.node)]
-        if not holders:
-            return None
-        best = min(holders, key=lambda h: (h.tier, h.node))
-        return self.view.address_of(best.node)
-
-    def _send_fetch(self, address: str, wanted: list[tuple[bytes, bytes | None]]) -> None:
-        keys = [k for k, _ in wanted]
-        parents = dict(wanted)
-        request = cm.FetchRequest(self._new_id(), self.settings.node, join_keys(keys))
-
-        def on_reply(frames: list[zmq.Frame]) -> None:
-            body = cm.decode_reply(frames[0].buffer)
-            landed: set[bytes] = set()
-            try:
-                if body["ok"]:
-                    landed = self._land(keys, parents, body, frames[1:])
-            finally:
-                for key in keys:
-                    self._finish(key, key in landed)
-                self._chunk_done(address, failed=False)
-
-        def on_fail(reason: str) -> None:
-            log.info("peer fetch failed", extra={"peer": address, "reason": reason})
-            for key in keys:
-                self._finish(key, False)
-            self._chunk_done(address, failed=True)
-
-        self._request(address, request, on_reply, on_fail, self.settings.fetch_timeout_s)
-
-    def _land(
-        self,
-        keys: list[bytes],
-        parents: dict[bytes, bytes | None],
-        body: dict[str, Any],
-        payloads: list[zmq.Frame],
-    ) -> set[bytes]:
-        found, sizes, checksums = body.get("found"), body.get("sizes"), body.get("checksums")
-        namespaces = body.get("namespaces")
-        if not (isinstance(found, list) and isinstance(sizes, list) and isinstance(checksums, list)
-                and isinstance(namespaces, list)
-                and len(found) == len(sizes) == len(checksums) == len(namespaces) == len(payloads)
-                and all(isinstance(i, int) and 0 <= i < len(keys) for i in found)):  # fmt: skip
-            raise ProtocolError("fetch reply header does not match its payload frames")
-        landed: set[bytes] = set()
-        for index, nbytes, checksum, namespace, frame in zip(
-            found, sizes, checksums, namespaces, payloads, strict=True
-        ):
-            key = keys[index]
-            data = frame.buffer
-            if len(data) != nbytes or not 0 < nbytes <= self._store.max_block_bytes:
-                self.metrics.fetched.labels("bad_size").inc()
-                continue
-            (result,) = self._store.reserve(
-                PEER_SESSION, [key], [nbytes], parents.get(key), namespace=str(namespace)
-            )
-            if result.status is ReserveStatus.EXISTS:
-                landed.add(key)
-                continue
-            if result.status is not ReserveStatus.OK:
-                self.metrics.fetched.labels("no_space").inc()
-                continue
-            # One pass: copy into the reserved slot, hashing what landed; a mismatch
-            # aborts the reservation, so the bytes are never visible.
-            if copy_hashing_target(data, self._shm.view(result.offset, nbytes)) != checksum:
-                self._store.abort(PEER_SESSION, [key])
-                self.metrics.fetched.labels("checksum").inc()
-                log.warning("peer sent a block with a bad checksum", extra={"key": key.hex()})
-                continue
-            self._store.commit(PEER_SESSION, [key], [checksum])
-            landed.add(key)
-            self.metrics.fetched.labels("ok").inc()
-            self.metrics.fetched_bytes.inc(nbytes)
-        return landed
-
-    def _finish(self, key: bytes, ok: bool) -> None:
-        if not ok:
-            self.metrics.fetched.labels("miss").inc()
-        for waiter in self._inflight.pop(key, []):
-            waiter.remaining.discard(key)
-            if not waiter.remaining:
-                waiter.on_done()
-
-    def _on_reply(self, frames: list[zmq.Frame]) -> None:
-        if not frames:
-            return
-        request_id = peek_id(frames[0].buffer)
-        pending = self._pending.pop(request_id, None)
-        if pending is None:
-            self.metrics.dropped.labels("late_reply").inc()
-            return
-        try:
-            pending.on_reply(frames)
-        except ProtocolError as exc:
-            pending.on_fail(str(exc))
-            raise
+        self._fetcher.fetch(keys, on_done)
 
     # -- drain ----------------------------------------------------------------------------
 
@@ -669,12 +554,15 @@ class ClusterNode:
             address = self.view.address_of(peer)
             if not share or address is None:
                 continue
-            for lo in range(0, len(share), 4 * _FETCH_CHUNK):
-                chunk = share[lo : lo + 4 * _FETCH_CHUNK]
-                request = cm.OfferRequest(self._new_id(), self.settings.advertise, join_keys(chunk))
+            for lo in range(0, len(share), _OFFER_CHUNK):
+                chunk = share[lo : lo + _OFFER_CHUNK]
+                request = cm.OfferRequest(self._links.new_id(), self.settings.advertise,
+                                          join_keys(chunk), node=self.settings.node)  # fmt: skip
                 drain.outstanding.add(request.id)
                 answered = functools.partial(self._offer_answered, request.id)
-                self._request(address, request, answered, answered, self.settings.drain_timeout_s)
+                self._links.request(address, request, answered, answered,
+                                    self.settings.drain_timeout_s,
+                                    version=self._version_of(address))  # fmt: skip
         self._maybe_drained()
 
     def _offer_answered(self, request_id: int, frames: list[zmq.Frame] | str | None) -> None:
@@ -702,41 +590,36 @@ class ClusterNode:
     # -- housekeeping ---------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        self._release_sent()
+        self._server.release_sent()
         if now >= self._next_heartbeat:
             self._heartbeat()
             self._next_heartbeat = now + self.settings.heartbeat_s
+        if self._ring is not None and now >= self._next_reload:
+            self._ring.reload()
+            self._next_reload = now + self.settings.key_reload_s
         self._connect_discovered()
         dead, retries = self.view.expire(now)
         for node in dead:
             log.warning("peer declared dead", extra={"peer": node})
         for need in retries:
             self._sync(need)
-        for request_id in [i for i, p in self._pending.items() if p.deadline <= now]:
-            self._pending.pop(request_id).on_fail("timed out")
+        self._links.expire(now)
+        if self._held_offers:
+            self._retry_held_offers(now)
         live_addresses = {self.view.address_of(n) for n in self.view.nodes}
-        for address in [a for a in self._dealers if a not in live_addresses
+        if len(self._proto) > 2 * len(live_addresses) + 16:  # heard from, gone since
+            self._proto = {a: v for a, v in self._proto.items() if a in live_addresses}
+        for address in [a for a in self._links.addresses if a not in live_addresses
                         and a not in self._subscribed]:  # fmt: skip
-            self._drop_dealer(address, "peer left")
+            self._links.drop(address, "peer left")
         if self._drain is not None and now > self._drain.deadline and self._drain.outstanding:
             self._drain.outstanding.clear()
             self._maybe_drained()
         self.metrics.members.set(len(self.view.nodes))
         self.metrics.index_blocks.set(self.view.index.num_blocks())
 
-    def _release_sent(self) -> None:
-        if not self._sending:
-            return
-        still = []
-        for tracker, keys in self._sending:
-            if tracker.done:
-                self._store.release(PEER_SESSION, keys)
-            else:
-                still.append((tracker, keys))
-        self._sending = still
-
     def idle_step(self) -> bool:
-        self._release_sent()
+        self._server.release_sent()
         return self.view.index.sweep()
 
     def _discover_loop(self) -> None:
@@ -777,6 +660,8 @@ class ClusterNode:
             "served_blocks": int(self.metrics.total("served_blocks")),
             "fetched_blocks": int(self.metrics.total("fetch_blocks", result="ok")),
             "dropped": int(self.metrics.total("messages_dropped")),
+            "protocol": cm.VERSION,
+            "curve": self._ring is not None,
             "members": [asdict(member) for member in self.view.members(now)],
         }
         if samples:
@@ -786,15 +671,23 @@ class ClusterNode:
 
     def close(self) -> None:
         deadline = time.monotonic() + 1.0  # let zero-copy frames of the arena go out
-        while self._sending and time.monotonic() < deadline:
-            self._release_sent()
+        while self._server.sending and time.monotonic() < deadline:
+            self._server.release_sent()
             time.sleep(0.005)
         self._discovery_stop.set()
-        for address in list(self._dealers):
-            self._drop_dealer(address, "shutting down")
+        self._links.close()
         self._sub.close(linger=0)
         self._pub.close(linger=200)  # the "leaving" heartbeat of a drain
         self._router.close(linger=200)  # the reply to a remote drain
         if self._authenticator is not None:
             self._authenticator.stop()
-        self._sending.clear()
+        self._server.close()
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The CurveZMQ key (z85) the ZAP handler admitted for the frame's connection."""
+    try:
+        value = frame.get("User-Id")
+    except zmq.ZMQError:  # no ZAP on this connection
+        return None
+    return value if isinstance(value, str) else None

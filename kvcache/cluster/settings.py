@@ -2,28 +2,23 @@
 
 ``CacheConfig`` holds what the operator typed (``cluster_*`` settings); ``ClusterSettings``
 is what the member runs with: the discovery object built, the node name and advertised
-address defaulted, the CurveZMQ keypair loadable. CurveZMQ uses one cluster keypair (made
-by ``shoal cache keygen``, shipped as a Kubernetes Secret): every member is both server
-(its PUB and ROUTER) and client (its SUB and DEALERs) with it, and the ZAP handler admits
-only the public keys in the same directory, so a peer without the key is refused.
+address defaulted, the key paths and the runtime dir (for the operator token) carried.
+The keys and what they allow: ``security.py``.
 """
 
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 
 from kvcache.cluster.discovery import Discovery, StaticDiscovery, make_discovery
 from kvcache.config import CacheConfig
-from kvcache.errors import CacheError
 
 __all__ = [
     "ClusterSettings",
     "bracket",
     "cluster_settings",
     "default_advertise",
-    "load_curve",
     "node_name",
 ]
 
@@ -41,6 +36,11 @@ class ClusterSettings:
     discovery_interval_s: float = 5.0
     curve_dir: str = ""
     drain_timeout_s: float = 60.0
+    curve_key: str = ""  # own keypair; "" = <curve_dir>/node.key_secret (security.py)
+    insecure: bool = False  # a non-loopback bind without CurveZMQ was asked for
+    key_reload_s: float = 10.0
+    runtime_dir: str = ""  # where the local operator token lives; "" = no token (tests)
+    max_block_bytes: int = 64 << 20  # the largest block a fetch reply may carry
 
 
 def cluster_settings(config: CacheConfig) -> ClusterSettings:
@@ -67,6 +67,11 @@ def cluster_settings(config: CacheConfig) -> ClusterSettings:
         member_timeout_s=config.cluster_member_timeout_s,
         fetch_timeout_s=config.cluster_fetch_timeout_s,
         curve_dir=config.cluster_curve_dir,
+        curve_key=config.cluster_curve_key,
+        insecure=config.cluster_insecure,
+        key_reload_s=config.cluster_key_reload_s,
+        runtime_dir=str(config.runtime_path),
+        max_block_bytes=config.slab_bytes,
     )
 
 
@@ -87,20 +92,3 @@ def default_advertise(host: str, port: int) -> str:
 
 def bracket(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def load_curve(directory: str) -> tuple[bytes, bytes]:
-    """The cluster keypair from ``<dir>/cluster.key_secret`` (``shoal cache keygen``)."""
-    import zmq.auth
-
-    path = Path(directory) / "cluster.key_secret"
-    try:
-        public, secret = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as exc:
-        raise CacheError(
-            f"cannot load the cluster CurveZMQ key {path}: {exc}; create it with "
-            "`shoal cache keygen DIR`"
-        ) from None
-    if secret is None:
-        raise CacheError(f"{path} holds no secret key; point cluster_curve_dir at the keypair")
-    return public, secret

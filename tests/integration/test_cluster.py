@@ -144,7 +144,7 @@ def test_a_paused_subscriber_catches_up_by_snapshot(tmp_path: Path) -> None:
         try:
             with a.client() as writer:
                 # 12,000 batches of 64 events: past A's replay log, its per-subscriber
-                # queue (10,000 messages) and the socket buffers, so B must lose some.
+                # queue (1,000 messages) and the socket buffers, so B must lose some.
                 for _ in range(6000):
                     writer.put(churn, [block] * len(churn))
                     writer.delete(churn)

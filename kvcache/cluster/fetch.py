@@ -1,0 +1,323 @@
+"""Peer fetch, both sides: bringing blocks peers hold into the local store, and serving
+ours to peers without disturbing this node's hot tier.
+
+Requesting side (``PeerFetcher``): ``fetch()`` groups the missing keys of a chain by
+holder (the hottest tier, then the node name), sends one request per holder and chunk,
+and joins concurrent fetches of the same key (coalescing). The fetcher reserves a slot
+per block, copies the frame in, checks the checksum and commits: the block is then a
+local hit like any other. A fetch not answered within ``cluster_fetch_timeout_s``, or
+aimed at a member declared dead, fails its keys at once: the engine sees a miss, never
+an error or a hang. ``fetch_from`` (a drain's offer) fetches from one named member only,
+at the address this node's view holds for it.
+
+Serving side (``PeerServer``): blocks are leased where they lie (``acquire(promote=
+False)``): a SHM or DRAM block goes out as a zero-copy frame of its mapping, leased
+until ZeroMQ reports the frame sent; an SSD block is read into a buffer and its lease
+dropped once read. No block is promoted into SHM for a peer, so a peer reading this
+node's warm blocks cannot push out the blocks its own engines use (review m7). One
+request is answered with at most ``SERVE_REQUEST_BYTES`` of blocks, and at most
+``SERVE_INFLIGHT_BYTES`` stay leased for frames not yet sent; past either, the rest of
+the keys are answered as not found (the requester sees misses, and may ask again).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from kvcache.cluster import messages as cm
+from kvcache.cluster.metrics import ClusterMetrics
+from kvcache.cluster.sync import ClusterView
+from kvcache.cluster.transport import PeerLinks
+from kvcache.errors import ProtocolError
+from kvcache.keys import join_keys, split_keys
+from kvcache.store import BlockStore, Lease, ReserveStatus
+from kvcache.tiers import MemoryBacking, copy_hashing_target
+
+__all__ = ["PEER_SESSION", "PeerFetcher", "PeerServer"]
+
+log = logging.getLogger("shoal.kvcache.cluster")
+
+PEER_SESSION = 0  # store session under which peers lease blocks and fetches land
+FETCH_CHUNK = 32  # keys per fetch request: bounds one reply (32 x the largest block)
+MAX_FETCH_KEYS = 4 * FETCH_CHUNK  # the most keys one fetch request may ask for
+_FETCH_WINDOW = 4  # fetch requests in flight per peer
+SERVE_REQUEST_BYTES = 256 << 20  # block bytes in one fetch reply (at least one block)
+SERVE_INFLIGHT_BYTES = 1 << 30  # block bytes leased for replies not yet sent
+
+
+@dataclass(slots=True)
+class _Waiter:
+    remaining: set[bytes]
+    on_done: Callable[[], None]
+
+
+class PeerFetcher:
+    """The requesting side of peer fetch (module docstring)."""
+
+    def __init__(
+        self,
+        node: str,
+        store: BlockStore,
+        shm: MemoryBacking,
+        view: ClusterView,
+        links: PeerLinks,
+        metrics: ClusterMetrics,
+        *,
+        timeout_s: float,
+        version_of: Callable[[str], int],
+    ) -> None:
+        self._node = node
+        self._store = store
+        self._shm = shm
+        self._view = view
+        self._links = links
+        self.metrics = metrics
+        self._timeout_s = timeout_s
+        self._version_of = version_of  # the protocol version a member speaks
+        self._inflight: dict[bytes, list[_Waiter]] = {}  # key -> waiters (coalescing)
+        self._queued: dict[str, deque[list[tuple[bytes, bytes | None]]]] = {}  # per peer
+        self._window: dict[str, int] = {}  # fetch requests in flight per peer
+
+    def fetch(
+        self, keys: Sequence[bytes], on_done: Callable[[], None], *, holder: str | None = None
+    ) -> None:
+        """Bring the blocks of ``keys`` that peers hold (``holder`` only, if named) into
+        the local store, then call ``on_done`` (also on failure: the caller looks up what
+        arrived)."""
+        waiter = _Waiter(set(), on_done)
+        by_peer: dict[str, list[tuple[bytes, bytes | None]]] = {}
+        parent: bytes | None = None
+        only = self._view.address_of(holder) if holder is not None else None
+        for key in keys:
+            chain_parent, parent = parent, key
+            if self._store.lookup([key]):
+                continue
+            waiter.remaining.add(key)
+            if key in self._inflight:
+                self._inflight[key].append(waiter)
+                continue
+            address = only if holder is not None else self._holder_address(key)
+            if not address:
+                waiter.remaining.discard(key)
+                self.metrics.fetched.labels("no_holder").inc()
+                continue
+            self._inflight[key] = [waiter]
+            by_peer.setdefault(address, []).append((key, chain_parent))
+        if not waiter.remaining:
+            on_done()
+            return
+        for address, wanted in by_peer.items():
+            queue = self._queued.setdefault(address, deque())
+            for lo in range(0, len(wanted), FETCH_CHUNK):
+                queue.append(wanted[lo : lo + FETCH_CHUNK])
+            self._pump(address)
+
+    def _pump(self, address: str) -> None:
+        """Send queued chunks to ``address`` while fewer than ``_FETCH_WINDOW`` are out.
+
+        A window, not everything at once: each chunk's deadline starts when it is sent,
+        so a long fetch from a healthy peer never times out its own tail, and what waits
+        in our receive queue stays bounded.
+        """
+        queue = self._queued.get(address)
+        while queue and self._window.get(address, 0) < _FETCH_WINDOW:
+            self._window[address] = self._window.get(address, 0) + 1
+            self._send(address, queue.popleft())
+        if not queue:
+            self._queued.pop(address, None)
+
+    def _chunk_done(self, address: str, failed: bool) -> None:
+        self._window[address] -= 1
+        if failed:  # a peer that timed out or vanished will not do better for the rest
+            for chunk in self._queued.pop(address, ()):
+                for key, _ in chunk:
+                    self._finish(key, False)
+        self._pump(address)
+
+    def _holder_address(self, key: bytes) -> str | None:
+        view = self._view
+        holders = [h for h in view.index.holders(key) if view.is_live(h.node)]
+        if not holders:
+            return None
+        best = min(holders, key=lambda h: (h.tier, h.node))
+        return view.address_of(best.node)
+
+    def _send(self, address: str, wanted: list[tuple[bytes, bytes | None]]) -> None:
+        keys = [k for k, _ in wanted]
+        parents = dict(wanted)
+        request = cm.FetchRequest(self._links.new_id(), self._node, join_keys(keys))
+
+        def on_reply(frames: list[zmq.Frame]) -> None:
+            body = cm.decode_reply(frames[0].buffer)
+            landed: set[bytes] = set()
+            try:
+                if body["ok"]:
+                    landed = self._land(keys, parents, body, frames[1:])
+            finally:
+                for key in keys:
+                    self._finish(key, key in landed)
+                self._chunk_done(address, failed=False)
+
+        def on_fail(reason: str) -> None:
+            log.info("peer fetch failed", extra={"peer": address, "reason": reason})
+            for key in keys:
+                self._finish(key, False)
+            self._chunk_done(address, failed=True)
+
+        self._links.request(address, request, on_reply, on_fail, self._timeout_s,
+                            version=self._version_of(address))  # fmt: skip
+
+    def _land(
+        self,
+        keys: list[bytes],
+        parents: dict[bytes, bytes | None],
+        body: dict[str, Any],
+        payloads: list[zmq.Frame],
+    ) -> set[bytes]:
+        found, sizes, checksums = body.get("found"), body.get("sizes"), body.get("checksums")
+        namespaces = body.get("namespaces")
+        if not (isinstance(found, list) and isinstance(sizes, list) and isinstance(checksums, list)
+                and isinstance(namespaces, list)
+                and len(found) == len(sizes) == len(checksums) == len(namespaces) == len(payloads)
+                and all(isinstance(i, int) and 0 <= i < len(keys) for i in found)):  # fmt: skip
+            raise ProtocolError("fetch reply header does not match its payload frames")
+        landed: set[bytes] = set()
+        store = self._store
+        for index, nbytes, checksum, namespace, frame in zip(
+            found, sizes, checksums, namespaces, payloads, strict=True
+        ):
+            key = keys[index]
+            data = frame.buffer
+            if len(data) != nbytes or not 0 < nbytes <= store.max_block_bytes:
+                self.metrics.fetched.labels("bad_size").inc()
+                continue
+            (result,) = store.reserve(
+                PEER_SESSION, [key], [nbytes], parents.get(key), namespace=str(namespace)
+            )
+            if result.status is ReserveStatus.EXISTS:
+                landed.add(key)
+                continue
+            if result.status is not ReserveStatus.OK:
+                self.metrics.fetched.labels("no_space").inc()
+                continue
+            # One pass: copy into the reserved slot, hashing what landed; a mismatch
+            # aborts the reservation, so the bytes are never visible.
+            if copy_hashing_target(data, self._shm.view(result.offset, nbytes)) != checksum:
+                store.abort(PEER_SESSION, [key])
+                self.metrics.fetched.labels("checksum").inc()
+                log.warning("peer sent a block with a bad checksum", extra={"key": key.hex()})
+                continue
+            store.commit(PEER_SESSION, [key], [checksum])
+            landed.add(key)
+            self.metrics.fetched.labels("ok").inc()
+            self.metrics.fetched_bytes.inc(nbytes)
+        return landed
+
+    def _finish(self, key: bytes, ok: bool) -> None:
+        if not ok:
+            self.metrics.fetched.labels("miss").inc()
+        for waiter in self._inflight.pop(key, []):
+            waiter.remaining.discard(key)
+            if not waiter.remaining:
+                waiter.on_done()
+
+
+class PeerServer:
+    """The serving side of peer fetch (module docstring)."""
+
+    def __init__(
+        self,
+        store: BlockStore,
+        metrics: ClusterMetrics,
+        send: Callable[..., Any],
+        *,
+        request_bytes: int = SERVE_REQUEST_BYTES,
+        inflight_bytes: int = SERVE_INFLIGHT_BYTES,
+    ) -> None:
+        self._store = store
+        self.metrics = metrics
+        self._send = send  # (frames, track=...) -> MessageTracker | None
+        self._request_bytes = request_bytes
+        self._inflight_bytes = inflight_bytes
+        self._sending: list[tuple[zmq.MessageTracker, list[bytes], int]] = []
+        self.leased_bytes = 0  # bytes leased for frames ZeroMQ has not sent yet
+
+    def serve(self, identity: bytes, request: cm.FetchRequest, version: int) -> None:
+        keys = split_keys(request.keys)
+        if len(keys) > MAX_FETCH_KEYS:
+            raise ValueError(f"fetch of {len(keys)} keys; at most {MAX_FETCH_KEYS} per request")
+        store = self._store
+        leases = store.acquire(PEER_SESSION, keys, prefix=False, promote=False)
+        found: list[tuple[int, Lease]] = []
+        payloads: list[Any] = []
+        unsent: list[bytes] = []  # leased, then not sent (over a bound): released now
+        pinned: list[bytes] = []  # leased until the frames are sent
+        request_left = self._request_bytes
+        pinned_bytes = 0
+        for index, lease in enumerate(leases):
+            if lease is None:
+                continue
+            over_request = lease.nbytes > request_left and found  # one block always goes
+            over_inflight = self.leased_bytes + pinned_bytes + lease.nbytes > self._inflight_bytes
+            if over_request or over_inflight:
+                unsent.append(lease.key)
+                self.metrics.dropped.labels("serve_bound").inc()
+                continue
+            request_left -= lease.nbytes
+            backing = store.backing(lease.tier)
+            if isinstance(backing, MemoryBacking):
+                payloads.append(backing.view(lease.offset, lease.nbytes))
+                pinned.append(lease.key)
+                pinned_bytes += lease.nbytes
+            else:  # the SSD tier: read it out; the slot may move again at once
+                unsent.append(lease.key)
+                data = memoryview(bytearray(lease.nbytes))
+                try:
+                    backing.read_into(lease.offset, data)
+                except OSError as exc:
+                    log.warning("cannot read a block for a peer", extra={"error": str(exc)})
+                    continue
+                payloads.append(data)
+            found.append((index, lease))
+        store.release(PEER_SESSION, unsent)
+        header = cm.encode_reply(
+            request.id,
+            version=version,
+            found=[i for i, _ in found],
+            sizes=[lease.nbytes for _, lease in found],
+            checksums=[lease.checksum for _, lease in found],
+            namespaces=[store.namespace_of(lease.key) for _, lease in found],
+        )
+        tracker = self._send([identity, header, *payloads], track=True)
+        if tracker is None:
+            store.release(PEER_SESSION, pinned)
+            return
+        self._sending.append((tracker, pinned, pinned_bytes))
+        self.leased_bytes += pinned_bytes
+        self.metrics.served.inc(len(found))
+
+    def release_sent(self) -> None:
+        if not self._sending:
+            return
+        still = []
+        for tracker, keys, nbytes in self._sending:
+            if tracker.done:
+                self._store.release(PEER_SESSION, keys)
+                self.leased_bytes -= nbytes
+            else:
+                still.append((tracker, keys, nbytes))
+        self._sending = still
+
+    @property
+    def sending(self) -> bool:
+        return bool(self._sending)
+
+    def close(self) -> None:
+        self._sending.clear()
+        self.leased_bytes = 0
