@@ -14,6 +14,7 @@ before it sends anything, since the call socket belongs to the caller's thread.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,8 +43,6 @@ from kvcache.tiers import block_checksum
 __all__ = ["CacheClient"]
 
 T = TypeVar("T")
-
-_HEARTBEAT_REPLY_MS = 1000  # how long the heartbeat thread waits for one reply
 
 
 class CacheClient(_ClientFlows):
@@ -174,26 +173,16 @@ class CacheClient(_ClientFlows):
             raise
 
     def _heartbeat_loop(self) -> None:
+        """Beat every ``heartbeat_s``; the replies that came meanwhile are read first, so
+        a forgotten session is flagged one beat later, and nothing here ever waits."""
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.connect(self.endpoint)
         sent: dict[int, int] = {}  # heartbeat id -> the session it was for
-        ids = iter(range(1, 1 << 62))
+        ids = itertools.count(1)
         try:
             while not self._heartbeat_stop.wait(self.heartbeat_s):
-                session, epoch = self._credentials
-                if not session:
-                    continue
-                if len(sent) > 64:  # replies that never came (the daemon is down)
-                    sent.clear()
-                request_id = next(ids)
-                sent[request_id] = session
-                socket.send(
-                    m.HeartbeatRequest(id=request_id, session=session, epoch=epoch).encode()
-                )
-                wait_ms = _HEARTBEAT_REPLY_MS
-                while socket.poll(wait_ms):
-                    wait_ms = 0
+                while socket.poll(0):
                     try:
                         reply = self._decode(socket.recv())
                     except ProtocolError:
@@ -201,6 +190,14 @@ class CacheClient(_ClientFlows):
                     beat_session = sent.pop(reply["id"], 0)
                     if not reply["ok"] and reply.get("code") == m.ErrorCode.UNKNOWN_SESSION:
                         self._stale_session = beat_session  # the next call says hello first
+                if len(sent) > 64:  # replies that never came (the daemon is down)
+                    sent.clear()
+                session, epoch = self._credentials
+                if session:
+                    request_id = next(ids)
+                    sent[request_id] = session
+                    request = m.HeartbeatRequest(id=request_id, session=session, epoch=epoch)
+                    socket.send(request.encode())
         finally:
             socket.close(linger=0)
 
