@@ -20,10 +20,11 @@ Invariants:
    (``arena_generation`` unchanged, so views the connector pinned stay valid); a new
    instance's arena is mapped afresh and the generation moves on.
 3. Before connecting, the socket's directory must be this user's own and private (uid,
-   no group/other bits: mode 0700), and the socket this user's; before mapping, the arena
-   the daemon names must be a regular file directly in the expected shm directory, owned
-   by this uid and private. Otherwise ``UntrustedEndpoint``: on a host without
-   ``XDG_RUNTIME_DIR`` anyone could pre-create ``/tmp/shoal-<uid>/`` and pose as the daemon.
+   no group/other bits: mode 0700), the socket this user's, and the process listening on
+   it this user's too (``SO_PEERCRED``); before mapping, the arena the daemon names must
+   be a regular file directly in the expected shm directory, owned by this uid and
+   private. Otherwise ``UntrustedEndpoint``: on a host without ``XDG_RUNTIME_DIR`` anyone
+   could pre-create ``/tmp/shoal-<uid>/`` and pose as the daemon.
 4. Clients do not prefault the arena unless asked (``populate``): the daemon populated
    it, and prefaulting in every engine process costs page tables the size of the arena.
 
@@ -49,6 +50,7 @@ import mmap
 import os
 import socket
 import stat
+import struct
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -78,6 +80,7 @@ R = TypeVar("R", bound=m.Request)
 
 _FAREWELL_LINGER_MS = 1000  # a failed call's bye, in the background context
 _CLOSE_LINGER_MS = 200  # close(): the bye and the caller's one-way requests get out
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class SessionLost(Exception):
@@ -152,18 +155,32 @@ def check_arena_path(path: str, shm_dir: str) -> Path:
     return arena
 
 
-def _refuses_connections(path: Path) -> bool:
-    """True if nothing listens on the unix socket ``path`` (a daemon killed with -9 leaves
-    its socket file); False when something does or it cannot be told (then hello decides)."""
+def _listening(path: Path) -> bool:
+    """Whether something listens on the unix socket ``path`` (a daemon killed with -9
+    leaves its socket file, and connecting to it is refused at once).
+
+    Raises ``UntrustedEndpoint`` if the listener runs as another uid (``SO_PEERCRED``);
+    True when it cannot be told (then hello decides).
+    """
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.setblocking(False)
         code = probe.connect_ex(str(path))
-    except OSError:  # e.g. a path too long for sun_path: ZeroMQ decides
-        return False
+        if code in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        if code == 0:
+            raw = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            pid, uid, _ = _PEERCRED.unpack(raw)
+            if uid != os.getuid():
+                raise UntrustedEndpoint(
+                    f"refusing {path}: the process listening on it (pid {pid}) runs as uid "
+                    f"{uid}, not as this user (uid {os.getuid()}); it is not your cache daemon"
+                )
+    except OSError:  # e.g. a path too long for sun_path: ZeroMQ and hello decide
+        return True
     finally:
         probe.close()
-    return code in (errno.ECONNREFUSED, errno.ENOENT)
+    return True
 
 
 def _raise_for_error(reply: dict[str, Any]) -> None:
@@ -296,7 +313,7 @@ class ClientSession:
         try:
             _check_socket_file(path)
             check_private_dir(path.parent)
-            if _refuses_connections(path):
+            if not _listening(path):
                 raise CacheUnavailable(
                     f"nothing listens on {path} (the cache daemon died?); is "
                     "`shoal cache serve` running?"

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -394,3 +396,35 @@ def test_operator_verbs_are_refused_to_engine_sessions(daemon: DaemonProcess) ->
         assert engine.lookup(keys) == 0
     with pytest.raises(ValueError, match="role"):
         daemon.client(role="admin")
+
+
+IMPOSTOR = """
+import os, socket, sys, time
+os.setgid(65534)
+os.setuid(65534)  # nobody
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sys.argv[1])
+listener.listen()
+print("listening", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="starting a listener as another user needs root")
+def test_a_socket_served_by_another_user_is_refused() -> None:
+    # The impostor binds where it may write, and the socket is then moved into a private
+    # directory and chowned to this user: only SO_PEERCRED can tell who listens.
+    drop = Path(tempfile.mkdtemp(prefix="shoal-drop-", dir="/tmp"))  # nobody can reach it
+    drop.chmod(0o777)
+    runtime = drop / "run"
+    runtime.mkdir(mode=0o700)
+    try:
+        with run_client(IMPOSTOR, str(drop / "x.sock")) as impostor:
+            assert impostor.stdout is not None and impostor.stderr is not None
+            assert impostor.stdout.readline().strip() == "listening", impostor.stderr.read()
+            os.rename(drop / "x.sock", runtime / "x.sock")
+            os.chown(runtime / "x.sock", os.getuid(), os.getgid())
+            with pytest.raises(UntrustedEndpoint, match="runs as uid 65534"):
+                CacheClient(f"ipc://{runtime}/x.sock", heartbeat=False, timeout_s=2)
+    finally:
+        shutil.rmtree(drop)
