@@ -101,7 +101,8 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class BlockView:
-    """A leased block: ``buffer`` is read-only arena memory until ``release``.
+    """A leased block: ``buffer`` is read-only arena memory until ``release``, or until
+    the lease expires (the daemon's ``lease_ttl_s`` after this client's last get/release).
 
     ``offset`` locates it in ``arena_memory()`` (for copies that address the arena as a
     whole, such as DMA from a pinned mapping).

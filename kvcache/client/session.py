@@ -31,7 +31,8 @@ Invariants:
 Why fail fast: after the daemon died every reconnect would wait out the full timeout (the
 connector's is 2 s: every engine step). A killed daemon leaves its socket file behind, and
 a plain ``connect()`` to it is refused at once, which makes the probe cheap; at most one is
-made per ``retry_interval_s``, and only the call that makes it can wait (for hello).
+made per ``retry_interval_s``, and only the call that makes it can wait (for hello). A
+daemon that (re)starts binds a new socket file, so a changed file ends the wait at once.
 
 Why a failed call's bye goes over a fresh socket (``_farewell``): the call's socket may
 hold unsent requests or be at its high-water mark. The bye may overtake them, which is
@@ -78,7 +79,7 @@ __all__ = [
 
 R = TypeVar("R", bound=m.Request)
 
-_FAREWELL_LINGER_MS = 1000  # a failed call's bye, in the background context
+_FAREWELL_LINGER_MS = 2000  # a failed call's bye, in the background context
 _CLOSE_LINGER_MS = 200  # close(): the bye and the caller's one-way requests get out
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -236,6 +237,7 @@ class ClientSession:
         self.arena_generation = 0  # bumped each time a hello maps a new daemon's arena
         self._down_until = 0.0  # monotonic; before it, calls fail at once
         self._down_reason = ""
+        self._down_socket: tuple[int, int] | None = None  # the socket file that failed
 
     # -- requests and replies --------------------------------------------------------
 
@@ -294,22 +296,40 @@ class ClientSession:
 
     # -- reaching the daemon ---------------------------------------------------------
 
+    def _socket_path(self) -> Path | None:
+        if not self.endpoint.startswith("ipc://"):
+            return None
+        return Path(self.endpoint.removeprefix("ipc://"))
+
+    def _socket_file_id(self) -> tuple[int, int] | None:
+        """(inode, mtime) of the ipc socket file: a daemon that starts binds a new one."""
+        path = self._socket_path()
+        try:
+            info = os.stat(path) if path is not None else None
+        except OSError:
+            return None
+        return None if info is None else (info.st_ino, info.st_mtime_ns)
+
     def _mark_down(self, reason: str) -> None:
         self._down_until = time.monotonic() + self.retry_interval_s
         self._down_reason = reason
+        self._down_socket = self._socket_file_id()
 
     def _check_reachable(self) -> None:
-        """Raise ``CacheUnavailable`` at once while the daemon is known down, or if its
-        socket is missing, untrusted or refuses connections (which marks it down)."""
+        """Raise ``CacheUnavailable`` at once while the daemon is known down (unless a new
+        daemon has bound its socket since), or if its socket is missing, untrusted or
+        refuses connections (which marks it down)."""
         now = time.monotonic()
         if now < self._down_until:
-            raise CacheUnavailable(
-                f"cache daemon at {self.endpoint} unavailable ({self._down_reason}); "
-                f"not trying again for {self._down_until - now:.2f}s"
-            )
-        if not self.endpoint.startswith("ipc://"):
+            current = self._socket_file_id()
+            if current is None or current == self._down_socket:
+                raise CacheUnavailable(
+                    f"cache daemon at {self.endpoint} unavailable ({self._down_reason}); "
+                    f"not trying again for {self._down_until - now:.2f}s"
+                )
+        path = self._socket_path()
+        if path is None:
             return
-        path = Path(self.endpoint.removeprefix("ipc://"))
         try:
             _check_socket_file(path)
             check_private_dir(path.parent)
