@@ -142,7 +142,7 @@ class Daemon:
         return self.config.endpoint
 
     def client(self, name: str) -> CacheClient:
-        return CacheClient(self.endpoint, name=name)
+        return CacheClient(self.endpoint, name=name, role="operator")  # benches flush
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -11,7 +11,7 @@ Layout (each module owns one noun; pure modules import no transport)::
     arena.py      the /dev/shm arena file: create, lock, map, clean up after a crash
     messages.py   the engine <-> daemon wire protocol (versioned msgpack)
     daemon.py     the daemon: ZeroMQ ROUTER loop, client liveness, metrics
-    client.py     CacheClient (sync) and AsyncCacheClient, used by engine connectors
+    client/       CacheClient (sync) and AsyncCacheClient, used by engine connectors
     metrics.py    Prometheus metrics (shoal_kvcache_*)
     config.py     CacheConfig (flags / SHOAL_CACHE_* / [cache] in the TOML file)
     cli.py        `shoal cache serve|demo|stats|status|nodes|lookup|evict|flush|drain|keygen`

@@ -208,7 +208,11 @@ def _local(config: Any, verb: str) -> Iterator[Any]:
 
     try:
         with CacheClient(
-            config.endpoint, name=f"shoal-cache-{verb}", heartbeat=False, populate=False
+            config.endpoint,
+            name=f"shoal-cache-{verb}",
+            role="operator",
+            heartbeat=False,
+            shm_dir=config.shm_dir,
         ) as client:
             yield client
     except CacheUnavailable as exc:
@@ -532,8 +536,8 @@ def _drain(args: argparse.Namespace) -> int:
         if target.address:
             with _admin(config, target.address, args.timeout) as admin:
                 return dict(admin.drain(args.timeout))
-        with CacheClient(config.endpoint, name="shoal-cache-drain", heartbeat=False,
-                         populate=False) as local:  # fmt: skip
+        with CacheClient(config.endpoint, name="shoal-cache-drain", role="operator",
+                         heartbeat=False, shm_dir=config.shm_dir) as local:  # fmt: skip
             return local.drain(args.timeout)
 
     try:

@@ -39,6 +39,9 @@ class CacheConfig:
     policy: str = setting("default", "eviction policy: default, lru or s3fifo")
     reservation_ttl_s: float = setting(30.0, "seconds a reserved, uncommitted slot is kept")
     session_ttl_s: float = setting(30.0, "seconds without a request before a client is dropped")
+    lease_ttl_s: float = setting(
+        30.0, "seconds a client's leases outlive its last get/release (heartbeats do not count)"
+    )
     max_request_bytes: int = setting(16 << 20, "largest request frame accepted", size=True)
     populate: bool = setting(True, "prefault the arena mapping (MAP_POPULATE)")
     metrics_host: str = setting("127.0.0.1", "address of the Prometheus endpoint")
@@ -123,8 +126,8 @@ class CacheConfig:
             minimum = 1 << 20 if field == "shm_bytes" else 0
             if value < minimum or value % 4096:
                 raise ValueError(f"{field} {value} must be a multiple of 4 KiB, >= {minimum}")
-        if self.reservation_ttl_s <= 0 or self.session_ttl_s <= 0:
-            raise ValueError("reservation_ttl_s and session_ttl_s must be positive")
+        if min(self.reservation_ttl_s, self.session_ttl_s, self.lease_ttl_s) <= 0:
+            raise ValueError("reservation_ttl_s, session_ttl_s and lease_ttl_s must be positive")
         if not 0 <= self.cluster_port < 65535:
             raise ValueError(f"cluster_port {self.cluster_port} must be 0 (off) or 1..65534")
         if self.cluster_discovery not in ("static", "dns", "k8s"):

@@ -12,9 +12,20 @@ Client liveness, so a crashed engine cannot pin memory forever:
   reservations) is closed on the next loop turn.
 * Any client (also one in another container) must send a request at least every
   ``session_ttl_s``; the client library heartbeats from a background thread. An idle
-  session past its TTL is closed.
+  session past its TTL is closed (a client that comes back says hello again, by itself).
+* Leases expire ``lease_ttl_s`` after the session's last get/release, whatever its
+  heartbeats say (``BlockStore.expire_leases``): an engine whose I/O thread hangs while
+  its heartbeat thread lives cannot pin blocks forever.
 * A reservation not committed within ``reservation_ttl_s`` is reclaimed, whatever its
   session does (a writer stuck mid-copy).
+
+Sessions are random 64-bit tokens (``secrets``), bound to the ROUTER identity of the
+connection that said hello and to this daemon's ``epoch`` (from the arena's instance id),
+both checked on every request (``kvcache.messages`` has the rules): after a restart a stale
+client meets ``unknown_session`` and says hello again instead of acting on whichever
+session now has its old number. Tokens are secrets and are never logged; logs name a
+session by its ``serial``, a counter. ``evict``, ``flush`` and ``drain`` need a session
+whose hello declared the ``operator`` role.
 
 Engines' GPU prefixes: with ``engine_events`` the daemon also subscribes to its engines'
 vLLM KV events (``kvcache.cluster.engine_feed``), in the same poller and loop turn, and
@@ -32,6 +43,7 @@ import functools
 import gc
 import logging
 import os
+import secrets
 import select
 import signal
 import threading
@@ -75,12 +87,20 @@ def _pid_namespace() -> int:
 
 @dataclass(slots=True)
 class _Client:
-    session_id: int
+    session_id: int  # the secret token
+    serial: int  # what logs call the session
+    identity: bytes  # ROUTER identity of the connection that said hello
+    role: str
     pid: int
     namespace: str
     name: str
     last_seen: float
     pidfd: int = -1
+
+
+# Accepted from any connection that knows the token and epoch: the client heartbeats from
+# its own thread's socket, and ends a failed call's session over a fresh one.
+_ANY_CONNECTION = (m.HeartbeatRequest, m.ByeRequest)
 
 
 def _keep_malloc_arenas() -> None:
@@ -112,7 +132,8 @@ class CacheDaemon:
         self._stop = threading.Event()
         self._clients: dict[int, _Client] = {}
         self._pidfds: dict[int, int] = {}  # pidfd -> session id
-        self._next_session = 1
+        self._by_identity: dict[bytes, int] = {}  # ROUTER identity -> its session
+        self._next_serial = 1
         self._pid_ns = _pid_namespace()
         self.metrics = CacheMetrics()
         runtime = config.runtime_path
@@ -123,6 +144,8 @@ class CacheDaemon:
                 "(it is what keeps the control socket private)"
             )
         self.arena = Arena(config.arena_path, config.shm_bytes, populate=config.populate)
+        # Nonzero: 0 is what hello carries.
+        self.epoch = int.from_bytes(self.arena.header.instance_id[:8], "little") or 1
         tiers = [
             TierStore(
                 Tier.SHM,
@@ -324,7 +347,7 @@ class CacheDaemon:
                 continue
             identity, frame = frames
             self._identity = identity
-            reply = self._handle(frame)
+            reply = self._handle(identity, frame)
             if reply is not None:
                 self._send(identity, reply)
 
@@ -334,7 +357,7 @@ class CacheDaemon:
         except zmq.Again:
             log.warning("dropped a reply to a client that stopped reading")
 
-    def _handle(self, frame: bytes) -> bytes | None:
+    def _handle(self, identity: bytes, frame: bytes) -> bytes | None:
         started = time.perf_counter()
         if len(frame) > self.config.max_request_bytes:
             return self._error(
@@ -346,14 +369,22 @@ class CacheDaemon:
             request = m.decode_request(frame)
         except ProtocolError as exc:
             return self._error(m.peek_id(frame), m.ErrorCode(exc.code), str(exc))
-        client = self._clients.get(request.session)
-        if client is None and not isinstance(request, m.HelloRequest):
-            return self._error(
-                request.id,
-                m.ErrorCode.UNKNOWN_SESSION,
-                f"session {request.session} unknown; say hello",
-            )
-        if client is not None:
+        if not isinstance(request, m.HelloRequest):
+            client = self._authorise(request, identity)
+            if client is None:
+                return self._error(
+                    request.id,
+                    m.ErrorCode.UNKNOWN_SESSION,
+                    "session unknown to this daemon (it restarted, or the session expired "
+                    "or ended); say hello",
+                )
+            if isinstance(request, m.OPERATOR_VERBS) and client.role != m.OPERATOR:
+                return self._error(
+                    request.id,
+                    m.ErrorCode.FORBIDDEN,
+                    f"{request.op} is an operator verb and this session said hello as "
+                    f"{client.role!r}; use `shoal cache {request.op}` (role {m.OPERATOR!r})",
+                )
             client.last_seen = self._clock()
         try:
             result = self._handlers[type(request)](request)
@@ -367,6 +398,16 @@ class CacheDaemon:
             return None
         return m.encode_reply(request.id, **result)
 
+    def _authorise(self, request: m.Request, identity: bytes) -> _Client | None:
+        """The session a request may act on: live token, this daemon's epoch, and the
+        connection that said hello (heartbeat and bye: any connection with the token)."""
+        client = self._clients.get(request.session)
+        if client is None or request.epoch != self.epoch:
+            return None
+        if client.identity != identity and not isinstance(request, _ANY_CONNECTION):
+            return None
+        return client
+
     def _error(self, request_id: int, code: m.ErrorCode, message: str) -> bytes:
         self.metrics.protocol_errors.labels(code).inc()
         log.warning("rejected request", extra={"code": str(code), "reason": message})
@@ -374,9 +415,12 @@ class CacheDaemon:
 
     def _housekeeping(self, now: float) -> None:
         self.store.expire()
+        if expired := self.store.expire_leases():
+            log.warning("leases expired: their reader made no get/release for lease_ttl_s",
+                        extra={"leases": expired})  # fmt: skip
         ttl = self.config.session_ttl_s
         for client in [c for c in self._clients.values() if now - c.last_seen > ttl]:
-            log.warning("client timed out", extra={"session": client.session_id, "pid": client.pid})
+            log.info("client timed out", extra={"session": client.serial, "pid": client.pid})
             self._close_session(client.session_id)
         self.cluster.publish(self.store.take_events(), time.time())
         self.engines.tick(now)
@@ -393,14 +437,17 @@ class CacheDaemon:
 
     def _client_exited(self, pidfd: int) -> None:
         session_id = self._pidfds.get(pidfd)
-        if session_id is not None:
-            log.info("client exited; releasing its leases", extra={"session": session_id})
-            self._close_session(session_id)
+        client = self._clients.get(session_id) if session_id is not None else None
+        if client is not None:
+            log.info("client exited; releasing its leases", extra={"session": client.serial})
+            self._close_session(client.session_id)
 
     def _close_session(self, session_id: int) -> None:
         client = self._clients.pop(session_id, None)
         if client is None:
             return
+        if self._by_identity.get(client.identity) == session_id:
+            del self._by_identity[client.identity]
         if client.pidfd >= 0:
             self._poller.unregister(client.pidfd)
             del self._pidfds[client.pidfd]
@@ -410,9 +457,19 @@ class CacheDaemon:
     # -- handlers --------------------------------------------------------------------
 
     def _hello(self, request: m.HelloRequest) -> dict[str, Any]:
-        session_id = self._next_session
-        self._next_session += 1
-        client = _Client(session_id, request.pid, request.namespace, request.client, self._clock())
+        if request.role not in m.ROLES:
+            raise ValueError(f"role {request.role!r} must be one of {', '.join(m.ROLES)}")
+        identity = self._identity
+        # One session per connection: a client saying hello again (its session expired, or
+        # a heartbeat found it unknown) leaves nothing behind under its old token.
+        if (previous := self._by_identity.get(identity)) is not None:
+            self._close_session(previous)
+        session_id = 0
+        while not session_id or session_id in self._clients:
+            session_id = secrets.randbits(64)
+        serial, self._next_serial = self._next_serial, self._next_serial + 1
+        client = _Client(session_id, serial, identity, request.role, request.pid,
+                         request.namespace, request.client, self._clock())  # fmt: skip
         if request.pid_ns == self._pid_ns and request.pid > 0:
             try:
                 client.pidfd = os.pidfd_open(request.pid)
@@ -422,14 +479,20 @@ class CacheDaemon:
                 self._pidfds[client.pidfd] = session_id
                 self._poller.register(client.pidfd, select.POLLIN)
         self._clients[session_id] = client
-        self.store.open_session(session_id, self._learn_namespace(request.namespace))
+        self._by_identity[identity] = session_id
+        self.store.open_session(
+            session_id,
+            self._learn_namespace(request.namespace),
+            lease_ttl_s=self.config.lease_ttl_s,
+        )
         log.info(
             "client connected",
-            extra={"session": session_id, "pid": request.pid, "client": request.client,
-                   "namespace": request.namespace},
+            extra={"session": serial, "pid": request.pid, "client": request.client,
+                   "namespace": request.namespace, "role": request.role},
         )  # fmt: skip
         return {
             "session": session_id,
+            "epoch": self.epoch,
             "arena_path": str(self.arena.path),
             "instance_id": self.arena.header.instance_id,
             "arena_bytes": self.arena.data_bytes,

@@ -5,6 +5,7 @@
     ShoalError (shoal.errors)
      └── CacheError
           ├── CacheUnavailable     daemon not running, not answering in time, or gone
+          │    └── UntrustedEndpoint  its socket dir or arena is not this user's own and private
           ├── ProtocolError        a malformed, oversized or wrong-version message
           ├── RequestRejected      the daemon refused a request (reply carries code + reason)
           ├── CorruptBlock         a block failed its checksum (store turns it into a miss)
@@ -24,6 +25,7 @@ __all__ = [
     "CorruptBlock",
     "ProtocolError",
     "RequestRejected",
+    "UntrustedEndpoint",
 ]
 
 
@@ -33,6 +35,14 @@ class CacheError(ShoalError):
 
 class CacheUnavailable(CacheError):
     """The daemon is not running, did not answer in time, or went away."""
+
+
+class UntrustedEndpoint(CacheUnavailable):
+    """The daemon's socket directory, socket or arena is not private to this user.
+
+    Someone else could have put it there to pose as the daemon; the message names the
+    path, its owner and mode, and what they must be.
+    """
 
 
 class ProtocolError(CacheError):

@@ -1,12 +1,29 @@
-"""Engine ↔ daemon wire protocol, version 1: msgpack maps over ZeroMQ DEALER/ROUTER.
+"""Engine ↔ daemon wire protocol, version 2: msgpack maps over ZeroMQ DEALER/ROUTER.
 
 Transport: the daemon binds a ROUTER socket on ``ipc://<socket>``; each client connects a
 DEALER. Every frame is one msgpack map. Block payloads never travel here: they move
 through the shared-memory arena, and messages carry arena offsets.
 
-Request::  {"v": 1, "id": <u64>, "op": <name>, "session": <u64>, ...op fields}
-Reply::    {"v": 1, "id": <same>, "ok": true, ...reply fields}
-           {"v": 1, "id": <same>, "ok": false, "code": <ErrorCode>, "error": <message>}
+Request::  {"v": 2, "id": <u64>, "op": <name>, "session": <u64>, "epoch": <u64>, ...fields}
+Reply::    {"v": 2, "id": <same>, "ok": true, ...reply fields}
+           {"v": 2, "id": <same>, "ok": false, "code": <ErrorCode>, "error": <message>}
+
+Sessions. ``hello`` (session 0, epoch 0) opens one and answers a random 64-bit ``session``
+token and the daemon's ``epoch`` (derived from its arena's instance id, so it changes with
+every daemon start). Every later request carries both, and the daemon honours a request
+only if the token is live, the epoch is its own and the request came over the connection
+(ROUTER identity) that said hello; anything else is ``unknown_session``, never an act on
+another client's session. Two exceptions, both harmless without the secret token:
+``heartbeat`` (keeps the session alive; the client sends it from its own thread and
+socket) and ``bye`` (a client whose call failed ends its session over a fresh socket).
+A client answered ``unknown_session`` says hello again and retries its call once.
+
+Roles. ``hello`` declares ``role`` ``engine`` or ``operator``; ``evict``, ``flush`` and
+``drain`` are operator verbs and an engine session is refused them with ``forbidden``.
+
+Versions. 1: sequential session ids. 2: session tokens, ``epoch``, ``role``. A frame of
+another version is answered with a ``version`` error naming both versions (and a client
+reading a reply of another version raises ``ProtocolError`` saying so).
 
 Key lists travel as one ``bin`` of concatenated 16-byte keys (a 1,000-key chain is one
 16 KB string, not 1,000 msgpack objects). ``release`` is one-way (no reply), so a reader
@@ -15,9 +32,9 @@ can hand leases back without paying a round trip.
 ==========  =========================================  =====================================
 op          request fields                             reply fields
 ==========  =========================================  =====================================
-hello       pid, pid_ns, namespace, client             session, arena_path, instance_id,
-                                                       arena_bytes, max_block_bytes,
-                                                       heartbeat_s
+hello       pid, pid_ns, namespace, client, role       session, epoch, arena_path,
+                                                       instance_id, arena_bytes,
+                                                       max_block_bytes, heartbeat_s
 lookup      keys                                       length
 reserve     keys, sizes, parent (bin or nil)           statuses (bin, 1 byte each), offsets
 commit      keys, checksums, reply                     committed (none if reply is false)
@@ -54,6 +71,10 @@ from kvcache.errors import ProtocolError
 from kvcache.wire import decode_fields, pack, peek_id, unpack_map
 
 __all__ = [
+    "ENGINE",
+    "OPERATOR",
+    "OPERATOR_VERBS",
+    "ROLES",
     "VERSION",
     "AbortRequest",
     "ByeRequest",
@@ -81,7 +102,11 @@ __all__ = [
     "peek_id",
 ]
 
-VERSION = 1
+VERSION = 2
+
+ENGINE = "engine"  # hello role of a data-plane client (engines, connectors, tools that read)
+OPERATOR = "operator"  # hello role that may also evict, flush and drain
+ROLES = (ENGINE, OPERATOR)
 
 
 class ErrorCode(enum.StrEnum):
@@ -91,6 +116,7 @@ class ErrorCode(enum.StrEnum):
     TOO_LARGE = "too_large"  # frame over the daemon's limit
     BAD_REQUEST = "bad_request"  # well formed but invalid (size out of range, ...)
     UNKNOWN_SESSION = "unknown_session"  # say hello first (or again, after a restart)
+    FORBIDDEN = "forbidden"  # an operator verb on an engine session
     INTERNAL = "internal"
 
 
@@ -99,7 +125,8 @@ class Request:
     op: ClassVar[str]
     one_way: ClassVar[bool] = False
     id: int
-    session: int
+    session: int  # the token hello answered (0 in hello itself)
+    epoch: int  # the daemon epoch hello answered (0 in hello itself)
 
     @property
     def expects_reply(self) -> bool:
@@ -119,6 +146,7 @@ class HelloRequest(Request):
     pid_ns: int
     namespace: str
     client: str
+    role: str  # ENGINE or OPERATOR
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +256,9 @@ class FlushRequest(Request):
 class DrainRequest(Request):
     op: ClassVar[str] = "drain"
 
+
+# Refused to engine sessions: they drop or move every engine's blocks, or stop the daemon.
+OPERATOR_VERBS: tuple[type[Request], ...] = (EvictRequest, FlushRequest, DrainRequest)
 
 _REQUESTS: dict[str, type[Request]] = {
     cls.op: cls

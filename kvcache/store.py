@@ -16,6 +16,15 @@ Life of a block::
        │                              └─────────────────────────────────────┘
        └── abort / writer dies / deadline passes ──► slot freed; bytes never served
 
+Leases expire on their own: a session opened with ``lease_ttl_s`` loses all its leases
+``lease_ttl_s`` after its last reading call (``acquire`` or ``release``, which renew the
+deadline). Session liveness (heartbeats) deliberately does not renew it, so a client
+whose I/O thread hangs while a heartbeat thread lives on cannot pin blocks forever. One
+deadline per session, not per lease: a reader that keeps reading keeps all it holds, and
+expiry costs one comparison per session per ``expire_leases`` call. Sessions opened
+without a TTL (the cluster's peer session, whose leases end when ZeroMQ has sent the
+frames) keep their leases until released.
+
 Tiers are exclusive: a block moves down on pressure and back up to SHM on a hit (engines
 can only read the arena). Every move verifies the checksum the writer supplied at commit;
 a mismatch drops the block and counts an error, so corruption is a miss, never wrong data.
@@ -125,6 +134,7 @@ class StoreStats:
     io_errors: int
     dropped: int
     expired_reservations: int
+    expired_leases: int = 0
 
 
 class _DeferredPolicy:
@@ -216,6 +226,8 @@ class _Session:
     namespace: str = ""
     leases: dict[bytes, list[_Entry]] = field(default_factory=dict)
     reservations: dict[bytes, _Entry] = field(default_factory=dict)
+    lease_ttl_s: float | None = None  # None: leases last until released
+    lease_deadline: float = 0.0  # renewed by every acquire and release
 
 
 @dataclass(slots=True)
@@ -258,6 +270,7 @@ class BlockStore:
         self._io_errors = 0
         self._dropped = 0
         self._expired = 0
+        self._expired_leases = 0
 
     @property
     def max_block_bytes(self) -> int:
@@ -265,9 +278,15 @@ class BlockStore:
 
     # -- sessions --------------------------------------------------------------------
 
-    def open_session(self, session_id: int, namespace: str = "") -> None:
-        """``namespace`` labels the blocks the session writes (``evict`` selects by it)."""
-        self._sessions.setdefault(session_id, _Session(sys.intern(namespace)))
+    def open_session(
+        self, session_id: int, namespace: str = "", *, lease_ttl_s: float | None = None
+    ) -> None:
+        """``namespace`` labels the blocks the session writes (``evict`` selects by it);
+        with ``lease_ttl_s`` its leases expire that long after its last reading call."""
+        assert lease_ttl_s is None or lease_ttl_s > 0, f"lease TTL {lease_ttl_s} must be > 0"
+        self._sessions.setdefault(
+            session_id, _Session(sys.intern(namespace), lease_ttl_s=lease_ttl_s)
+        )
 
     def close_session(self, session_id: int) -> None:
         """Release every lease and abort every reservation of a (possibly dead) client."""
@@ -312,6 +331,7 @@ class BlockStore:
         warm blocks must not push this node's own hot blocks out of SHM.
         """
         session = self._session(session_id)
+        self._renew(session)
         leases: list[Lease | None] = []
         for key in keys:
             entry = self._entries.get(key)
@@ -338,6 +358,7 @@ class BlockStore:
     def release(self, session_id: int, keys: Sequence[bytes]) -> int:
         """Drop one lease per key held by the session; returns how many were held."""
         session = self._session(session_id)
+        self._renew(session)
         released = 0
         for key in keys:
             held = session.leases.get(key)
@@ -349,6 +370,24 @@ class BlockStore:
             self._unlease(entry)
             released += 1
         return released
+
+    def _renew(self, session: _Session) -> None:
+        if session.lease_ttl_s is not None:
+            session.lease_deadline = self._clock() + session.lease_ttl_s
+
+    def expire_leases(self) -> int:
+        """Release every lease of the sessions whose lease deadline passed; how many."""
+        now = self._clock()
+        expired = 0
+        for session in self._sessions.values():
+            if session.leases and session.lease_ttl_s is not None and session.lease_deadline <= now:
+                leases, session.leases = session.leases, {}
+                for entries in leases.values():
+                    for entry in entries:
+                        self._unlease(entry)
+                        expired += 1
+        self._expired_leases += expired
+        return expired
 
     def _unlease(self, entry: _Entry) -> None:
         assert entry.lease_count > 0, f"lease count of {entry.key.hex()} would go negative"
@@ -653,4 +692,5 @@ class BlockStore:
             io_errors=self._io_errors,
             dropped=self._dropped,
             expired_reservations=self._expired,
+            expired_leases=self._expired_leases,
         )

@@ -278,7 +278,7 @@ def test_drain_hands_hot_blocks_to_peers_then_the_node_leaves(trio: list[DaemonP
     a, b, c = trio
     assert wait_until(lambda: members(a) == {"node1", "node2"}, timeout=10)
     keys = chain_keys(NS, list(range(16 * 40)), 16)
-    with a.client() as writer:
+    with a.client(role="operator") as writer:
         writer.put(keys, [payload(k) for k in keys])
         assert wait_until(lambda: all(status(n)["index_blocks"] == 40 for n in (b, c)))
         result = writer.drain(timeout_s=30)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -18,6 +19,7 @@ import zmq
 from kvcache.client import AsyncCacheClient, CacheClient, Reservation
 from kvcache.errors import CacheUnavailable
 from kvcache.keys import Namespace, chain_keys
+from kvcache.messages import VERSION as V
 from tests.integration.conftest import (
     ENV,
     DaemonProcess,
@@ -181,11 +183,15 @@ def test_a_corrupted_block_is_a_miss_never_wrong_data(daemon: DaemonProcess) -> 
         assert writer.lookup(keys) == 1
 
 
-def _raw_request(endpoint: str, frames: list[bytes]) -> dict[str, object]:
-    context = zmq.Context.instance()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+def _raw_request(
+    endpoint: str, frames: list[bytes], sock: zmq.Socket[bytes] | None = None
+) -> dict[str, Any]:
+    """One request over ``sock`` (a session is bound to its connection), or a new socket."""
+    own = sock is None
+    if sock is None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
     try:
         sock.send_multipart(frames)
         assert sock.poll(5000), "the daemon must answer bad input, not drop it"
@@ -193,7 +199,8 @@ def _raw_request(endpoint: str, frames: list[bytes]) -> dict[str, object]:
         assert isinstance(reply, dict)
         return reply
     finally:
-        sock.close()
+        if own:
+            sock.close()
 
 
 @pytest.mark.parametrize(
@@ -202,11 +209,11 @@ def _raw_request(endpoint: str, frames: list[bytes]) -> dict[str, object]:
         ([b"\xc1\xff not msgpack"], "malformed"),
         ([msgpack.packb([1, 2, 3])], "malformed"),
         ([msgpack.packb({"v": 99, "id": 7, "op": "lookup"})], "version"),
-        ([msgpack.packb({"v": 1, "id": 7, "op": "explode", "session": 1})], "unknown_op"),
-        ([msgpack.packb({"v": 1, "id": 7, "op": "lookup", "session": 1})], "malformed"),
-        ([msgpack.packb({"v": 1, "id": 7, "op": "lookup", "session": 1, "keys": b"x" * 17})], "malformed"),
-        ([msgpack.packb({"v": 1, "id": 7, "op": "lookup", "session": 424242, "keys": b""})], "unknown_session"),
-        ([msgpack.packb({"v": 1, "id": 7, "op": "lookup", "session": 1, "keys": b"k" * (2 << 20)})], "too_large"),
+        ([msgpack.packb({"v": V, "id": 7, "op": "explode", "session": 1, "epoch": 1})], "unknown_op"),
+        ([msgpack.packb({"v": V, "id": 7, "op": "lookup", "session": 1, "epoch": 1})], "malformed"),
+        ([msgpack.packb({"v": V, "id": 7, "op": "lookup", "session": 1, "epoch": 1, "keys": b"x" * 17})], "malformed"),
+        ([msgpack.packb({"v": V, "id": 7, "op": "lookup", "session": 424242, "epoch": 1, "keys": b""})], "unknown_session"),
+        ([msgpack.packb({"v": V, "id": 7, "op": "lookup", "session": 1, "epoch": 1, "keys": b"k" * (2 << 20)})], "too_large"),
         ([b"part one", b"part two"], "malformed"),
     ],
     ids=["garbage", "not-a-map", "version", "unknown-op", "missing-field", "ragged-keys",
@@ -440,19 +447,28 @@ def test_a_one_way_commit_is_visible_to_the_next_request(daemon: DaemonProcess) 
 def test_bad_values_past_the_decoder_get_an_error_and_the_daemon_stays_up(
     daemon: DaemonProcess,
 ) -> None:
-    hello = _raw_request(
-        daemon.endpoint,
-        [msgpack.packb({"v": 1, "id": 1, "op": "hello", "session": 0, "pid": 2**40,
-                        "pid_ns": os.stat("/proc/self/ns/pid").st_ino, "namespace": "",
-                        "client": "fuzz"})],
-    )  # fmt: skip
-    assert hello["ok"] is True, "an unwatchable pid falls back to the session TTL"
-    key = keys_for(0, 1)[0]
-    self_parent = _raw_request(
-        daemon.endpoint,
-        [msgpack.packb({"v": 1, "id": 2, "op": "reserve", "session": hello["session"],
-                        "keys": key, "sizes": [BLOCK], "parent": key})],
-    )  # fmt: skip
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoint)
+    try:
+        hello = _raw_request(
+            daemon.endpoint,
+            [msgpack.packb({"v": V, "id": 1, "op": "hello", "session": 0, "epoch": 0,
+                            "pid": 2**40, "pid_ns": os.stat("/proc/self/ns/pid").st_ino,
+                            "namespace": "", "client": "fuzz", "role": "engine"})],
+            sock,
+        )  # fmt: skip
+        assert hello["ok"] is True, "an unwatchable pid falls back to the session TTL"
+        key = keys_for(0, 1)[0]
+        self_parent = _raw_request(
+            daemon.endpoint,
+            [msgpack.packb({"v": V, "id": 2, "op": "reserve", "session": hello["session"],
+                            "epoch": hello["epoch"], "keys": key, "sizes": [BLOCK],
+                            "parent": key})],
+            sock,
+        )  # fmt: skip
+    finally:
+        sock.close()
     assert (self_parent["ok"], self_parent["code"]) == (False, "bad_request")
     with daemon.client() as client:
         assert client.put([key], [payload(key)]).stored == 1
