@@ -48,7 +48,7 @@ def test_the_engine_namespace_is_learned_from_a_connectors_hello(tmp_path: Path)
                 assert wait_until(lambda: gpu_upto(node, keys) == 4)
                 # The session is labelled readably: evict by that label works.
                 c.put(keys[:1], [b"x" * 4096])
-                with node.client(heartbeat=False) as admin:
+                with node.client(heartbeat=False, role="operator") as admin:
                     assert admin.evict(namespace=LEARNED.label()) == 1
             assert "key namespace learned" in node.log()
         finally:
