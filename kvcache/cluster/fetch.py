@@ -41,7 +41,7 @@ from kvcache.tiers import MemoryBacking, copy_hashing_target
 
 __all__ = ["PEER_SESSION", "PeerFetcher", "PeerServer"]
 
-log = logging.getLogger("shoal.kvcache.cluster")
+log = logging.getLogger("shoal." + __name__)
 
 PEER_SESSION = 0  # store session under which peers lease blocks and fetches land
 FETCH_CHUNK = 32  # keys per fetch request: bounds one reply (32 x the largest block)

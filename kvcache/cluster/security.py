@@ -97,7 +97,7 @@ __all__ = [
     "read_operator_token",
 ]
 
-log = logging.getLogger("shoal.kvcache.cluster")
+log = logging.getLogger("shoal." + __name__)
 
 SERVER_KEY = "cluster.key_secret"
 SERVER_PUBLIC_KEY = "cluster.key"

@@ -36,7 +36,7 @@ from kvcache.wire import peek_id
 
 __all__ = ["MAX_REQUEST_BYTES", "PeerLinks", "Sockets", "max_reply_bytes"]
 
-log = logging.getLogger("shoal.kvcache.cluster")
+log = logging.getLogger("shoal." + __name__)
 
 MAX_REQUEST_BYTES = 1 << 20  # a fetch or offer of 128 keys is 2 KiB; status carries nothing
 _MAX_STREAM_OR_REPLY = 256 << 20  # a snapshot of 16M blocks; a replay of the kept batches

@@ -174,7 +174,7 @@ class _ToVllmHandlers(logging.Handler):
                 handler.handle(record)
 
 
-def attach_to_vllm_logging(names: tuple[str, ...] = ("shoal", "kvcache")) -> None:
+def attach_to_vllm_logging(names: tuple[str, ...] = ("shoal",)) -> None:
     """Route the connector's loggers to vLLM's output: vLLM configures only its ``vllm``
     logger (in every process, before building connectors), so the connector's records
     would otherwise reach no handler at all. Idempotent. A logger whose level is unset
