@@ -46,9 +46,23 @@ class CacheConfig:
     reservation_ttl_s: float = setting(30.0, "seconds a reserved, uncommitted slot is kept")
     session_ttl_s: float = setting(30.0, "seconds without a request before a client is dropped")
     max_request_bytes: int = setting(16 << 20, "largest request frame accepted", size=True)
-    populate: bool = setting(True, "prefault the arena mapping (MAP_POPULATE)")
+    populate: bool = setting(
+        True,
+        "prefault the arena mapping for writing (MADV_POPULATE_WRITE); the arena's "
+        "pages are reserved (posix_fallocate) either way",
+    )
     metrics_host: str = setting("127.0.0.1", "address of the Prometheus endpoint")
-    metrics_port: int = setting(9500, "port of the Prometheus endpoint; 0 = off")
+    metrics_port: int = setting(
+        9500, "port of the Prometheus endpoint and of /healthz and /readyz; 0 = off"
+    )
+    health_stall_s: float = setting(
+        10.0, "/healthz fails once the daemon's loop has not turned for this many seconds"
+    )
+    shutdown_timeout_s: float = setting(
+        5.0,
+        "on SIGTERM, seconds to wait for leases and writes in flight (and a cluster "
+        "drain) before exiting",
+    )
     cluster_port: int = setting(
         0, "cluster port (ROUTER; PUB is the next port); 0 = no cluster, this node alone"
     )
@@ -112,6 +126,8 @@ class CacheConfig:
                 raise ValueError(f"{field} {value} must be a multiple of 4 KiB, >= {minimum}")
         if self.reservation_ttl_s <= 0 or self.session_ttl_s <= 0:
             raise ValueError("reservation_ttl_s and session_ttl_s must be positive")
+        if self.health_stall_s <= 0 or self.shutdown_timeout_s < 0:
+            raise ValueError("health_stall_s must be positive and shutdown_timeout_s >= 0")
         if not 0 <= self.cluster_port < 65535:
             raise ValueError(f"cluster_port {self.cluster_port} must be 0 (off) or 1..65534")
         if self.cluster_discovery not in ("static", "dns", "k8s"):
