@@ -6,13 +6,16 @@ Layout (each module owns one noun; pure modules import no transport)::
     allocator.py  slab allocator: offsets of page-aligned slots in a tier           (pure)
     eviction.py   pluggable eviction policies: LRU, S3-FIFO, Shoal's default        (pure)
     eviction_replay.py  trace replay + synthetic chat workload (bench and tests)    (pure)
-    tiers.py      bytes of a tier (arena / DRAM / SSD file) and checksummed moves   (pure)
-    store.py      block metadata: reservations, commits, leases, tier movement      (pure)
+    tier_policy.py  a tier's policy sized in the blocks it holds, updated lazily     (pure)
+    tiers.py      bytes of a tier (arena / DRAM / SSD file) and checksummed moves
+                  (file I/O: the SSD tier reads and writes its spill file)
+    store.py      block metadata: reservations, commits, leases, tier movement
+                  (no transport; the copies between tiers it asks tiers.py for)
     arena.py      the /dev/shm arena file: create, lock, map, clean up after a crash
     messages.py   the engine <-> daemon wire protocol (versioned msgpack)
-    daemon.py     the daemon: ZeroMQ ROUTER loop, client liveness, metrics
+    daemon.py     the daemon: ZeroMQ ROUTER loop, client liveness, shutdown, probes
     client.py     CacheClient (sync) and AsyncCacheClient, used by engine connectors
-    metrics.py    Prometheus metrics (shoal_kvcache_*)
+    metrics.py    Prometheus metrics (shoal_kvcache_*), /healthz and /readyz
     config.py     CacheConfig (flags / SHOAL_CACHE_* / [cache] in the TOML file)
     cli.py        `shoal cache serve|demo|stats|status|nodes|lookup|evict|flush|drain|keygen`
     demo.py       the README's two-process demo

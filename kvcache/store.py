@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvcache.errors import CorruptBlock
-from kvcache.eviction import EvictionPolicy, make_policy
+from kvcache.tier_policy import TierPolicy
 from kvcache.tiers import Tier, TierStore
 
 __all__ = [
@@ -125,61 +125,6 @@ class StoreStats:
     expired_reservations: int
 
 
-class _DeferredPolicy:
-    """A policy whose bookkeeping waits until a decision needs it or the daemon is idle.
-
-    ``insert``/``touch``/``remove`` are recorded and applied in order before any
-    ``pop_victim`` or ``len``, so every decision sees exactly the state an eager policy
-    would; the policy's own cost (several microseconds a block for the default) moves off
-    the request path into idle time (``flush``). Measured: it was most of a commit's cost.
-    """
-
-    __slots__ = ("_pending", "policy")
-    _MAX_PENDING = 1 << 16
-
-    def __init__(self, policy: EvictionPolicy[bytes]) -> None:
-        self.policy = policy
-        self._pending: list[tuple[int, bytes, bytes | None]] = []
-
-    def insert(self, key: bytes, parent: bytes | None) -> None:
-        self._record(0, key, parent)
-
-    def touch(self, key: bytes) -> None:
-        self._record(1, key, None)
-
-    def remove(self, key: bytes) -> None:
-        self._record(2, key, None)
-
-    def _record(self, op: int, key: bytes, parent: bytes | None) -> None:
-        self._pending.append((op, key, parent))
-        if len(self._pending) >= self._MAX_PENDING:
-            self.flush()
-
-    def flush(self, limit: int | None = None) -> bool:
-        """Apply the oldest ``limit`` (default: all) records; True if more remain."""
-        if limit is None or limit >= len(self._pending):
-            pending, self._pending = self._pending, []
-        else:
-            pending, self._pending = self._pending[:limit], self._pending[limit:]
-        policy = self.policy
-        for op, key, parent in pending:
-            if op == 0:
-                policy.insert(key, parent)
-            elif op == 1:
-                policy.touch(key)
-            else:
-                policy.remove(key)
-        return bool(self._pending)
-
-    def pop_victim(self, is_pinned: Callable[[bytes], bool]) -> bytes | None:
-        self.flush()
-        return self.policy.pop_victim(is_pinned)
-
-    def __len__(self) -> int:
-        self.flush()
-        return len(self.policy)
-
-
 class _Entry:
     __slots__ = (
         "checksum",
@@ -237,10 +182,8 @@ class BlockStore:
     ) -> None:
         assert tiers and tiers[0].tier is Tier.SHM, "the first tier must be the SHM arena"
         self._tiers = list(tiers)
-        self._policies = [
-            _DeferredPolicy(make_policy(policy, max(1, t.allocator.capacity_bytes // (256 << 10))))
-            for t in tiers
-        ]
+        # Sized in the blocks each tier really holds (kvcache.tier_policy), not a guess.
+        self._policies = [TierPolicy(policy, t.allocator) for t in tiers]
         self._counters = [_TierCounters() for _ in tiers]
         self._entries: dict[bytes, _Entry] = {}
         self._doomed: set[_Entry] = set()  # deleted while leased: removed on last release
@@ -410,7 +353,7 @@ class BlockStore:
             del self._reservations[id(entry)]
             entry.state = _State.COMMITTED
             entry.checksum = checksum
-            self._policies[0].insert(key, entry.parent)
+            self._policies[0].insert(key, entry.parent, entry.nbytes)
             shm_counters.bytes_in += entry.nbytes
             self._events.append(BlockEvent(EventKind.STORED, key, Tier.SHM))
             committed += 1
@@ -537,7 +480,7 @@ class BlockStore:
         if offset is None or not self._move(entry, level + 1, offset):
             self._remove(entry)
             return
-        self._policies[level + 1].insert(entry.key, entry.parent)
+        self._policies[level + 1].insert(entry.key, entry.parent, entry.nbytes)
 
     def _promote(self, entry: _Entry) -> bool:
         """Bring a committed block to SHM; ``False`` (a miss) if no room or it is corrupt."""
@@ -552,7 +495,7 @@ class BlockStore:
         self._policies[level].remove(entry.key)
         offset = self._allocate(0, entry.nbytes)
         if offset is None:
-            self._policies[level].insert(entry.key, entry.parent)
+            self._policies[level].insert(entry.key, entry.parent, entry.nbytes)
             self._no_space += 1
             return False
         if not self._move(entry, Tier.SHM, offset):
@@ -560,7 +503,7 @@ class BlockStore:
             return False
         self._counters[level].hits += 1
         self._counters[0].bytes_out += entry.nbytes
-        self._policies[0].insert(entry.key, entry.parent)
+        self._policies[0].insert(entry.key, entry.parent, entry.nbytes)
         return True
 
     def _move(self, entry: _Entry, level: int, offset: int) -> bool:

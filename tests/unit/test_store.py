@@ -302,3 +302,53 @@ class StoreMachine(RuleBasedStateMachine):
 
 TestStoreMachine = StoreMachine.TestCase
 TestStoreMachine.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
+
+
+class TestPolicySizing:
+    """Policies are sized in the blocks a tier really holds (review finding M7)."""
+
+    MiB = 1 << 20
+
+    def make_tier_of_1gib(self, policy: str) -> BlockStore:
+        # Anonymous memory is only touched where written; commits here write nothing.
+        tier = TierStore(
+            Tier.SHM,
+            SlabAllocator(1 << 30, slab_bytes=64 * self.MiB),
+            MemoryBacking.anonymous(1 << 30),
+        )
+        store = BlockStore([tier], policy=policy, clock=FakeClock())
+        store.open_session(1)
+        return store
+
+    def commit(self, store: BlockStore, ids: list[int], nbytes: int) -> None:
+        keys = [key(i) for i in ids]
+        results = store.reserve(1, keys, [nbytes] * len(keys))
+        assert all(r.status is ReserveStatus.OK for r in results)
+        assert store.commit(1, keys, [0] * len(keys)) == len(keys)
+
+    def test_32mib_blocks_in_a_1gib_tier_make_a_32_block_cache(self) -> None:
+        from kvcache.eviction import S3FIFOPolicy
+
+        store = self.make_tier_of_1gib("s3fifo")
+        self.commit(store, [0], 32 * self.MiB)
+        sizing = store._policies[0]
+        assert sizing.capacity_blocks == 32, "1 GiB / 32 MiB, not 1 GiB / 256 KiB = 4096"
+        policy = sizing.policy
+        assert isinstance(policy, S3FIFOPolicy)
+        assert policy.small_capacity == 3, "S3-FIFO's small queue is 10% of the real tier"
+
+    def test_s3fifo_keeps_a_block_read_once_through_a_scan_of_the_real_tier(self) -> None:
+        store = self.make_tier_of_1gib("s3fifo")
+        self.commit(store, [0], 32 * self.MiB)
+        assert store.acquire(1, [key(0)])[0] is not None  # read while in the small queue
+        store.release(1, [key(0)])
+        for start in range(1, 200, 8):  # a scan of one-hit blocks, 6x the tier
+            self.commit(store, list(range(start, start + 8)), 32 * self.MiB)
+        assert store.lookup([key(0)]) == 1, "the block read once went to main and stayed"
+
+    def test_the_size_follows_the_blocks_when_they_change(self) -> None:
+        store = self.make_tier_of_1gib("default")
+        self.commit(store, [0], 32 * self.MiB)
+        assert store._policies[0].capacity_blocks == 32
+        self.commit(store, list(range(1, 200)), 1 * self.MiB)
+        assert store._policies[0].capacity_blocks == 1024
