@@ -305,7 +305,11 @@ class BlockStore:
         limit = self.max_block_bytes
         for nbytes in sizes:
             if not 0 < nbytes <= limit:
-                raise ValueError(f"block size {nbytes} is outside 1..{limit} bytes")
+                raise ValueError(
+                    f"block size {nbytes} is outside 1..{limit} bytes: {limit} is this "
+                    "daemon's max_block_bytes (its slab size, in the hello reply); cut "
+                    "smaller blocks or raise --slab-bytes"
+                )
         session = self._session(session_id)
         label = session.namespace if namespace is None else sys.intern(namespace)
         deadline = self._clock() + self._ttl
@@ -472,15 +476,25 @@ class BlockStore:
         return self._entries[key].lease_count > 0
 
     def _demote(self, entry: _Entry, level: int) -> None:
-        """Move an evicted block one tier down, or drop it from the bottom tier."""
-        if level + 1 >= len(self._tiers):
+        """Move an evicted block one tier down, or drop it from the bottom tier.
+
+        A tier smaller than one slab has a smaller largest block: a block too large for
+        it skips to the next tier that can hold one (or is dropped), never a ValueError
+        in the middle of another client's request.
+        """
+        lower = level + 1
+        while (
+            lower < len(self._tiers) and entry.nbytes > self._tiers[lower].allocator.max_block_bytes
+        ):
+            lower += 1
+        if lower >= len(self._tiers):
             self._remove(entry)
             return
-        offset = self._allocate(level + 1, entry.nbytes)
-        if offset is None or not self._move(entry, level + 1, offset):
+        offset = self._allocate(lower, entry.nbytes)
+        if offset is None or not self._move(entry, lower, offset):
             self._remove(entry)
             return
-        self._policies[level + 1].insert(entry.key, entry.parent, entry.nbytes)
+        self._policies[lower].insert(entry.key, entry.parent, entry.nbytes)
 
     def _promote(self, entry: _Entry) -> bool:
         """Bring a committed block to SHM; ``False`` (a miss) if no room or it is corrupt."""

@@ -192,3 +192,24 @@ def test_sigterm_with_a_lease_never_returned_exits_0_at_the_shutdown_timeout(
         assert "shutdown timeout: exiting with work in flight" in handle.log()
     finally:
         handle.stop()
+
+
+def test_a_block_over_max_block_bytes_is_a_bad_request_naming_sizes_not_an_outage(
+    tmp_path: Path,
+) -> None:
+    from kvcache.errors import CacheUnavailable, RequestRejected
+
+    handle = start_daemon(tmp_path, slab_bytes="8MiB")
+    try:
+        with handle.client() as client:
+            with pytest.raises(RequestRejected) as rejected:
+                client.reserve(keys_for(0, 1), [9 << 20])
+            assert not isinstance(rejected.value, CacheUnavailable)
+            assert rejected.value.code == "bad_request"
+            assert str(9 << 20) in rejected.value.message
+            assert str(8 << 20) in rejected.value.message
+            assert "max_block_bytes" in rejected.value.message
+            keys = keys_for(0, 2)  # the same session goes on working
+            assert client.put(keys, blocks(keys)).stored == 2
+    finally:
+        assert handle.stop() == 0

@@ -352,3 +352,32 @@ class TestPolicySizing:
         assert store._policies[0].capacity_blocks == 32
         self.commit(store, list(range(1, 200)), 1 * self.MiB)
         assert store._policies[0].capacity_blocks == 1024
+
+
+class TestBlockSizeLimits:
+    """A block too large for a tier is an answer, never a crash (review finding M8)."""
+
+    def test_a_block_over_the_largest_slot_is_a_value_error_naming_both_sizes(self) -> None:
+        store, _ = make_store()
+        with pytest.raises(
+            ValueError, match=r"block size 131072 is outside 1\.\.65536.*max_block_bytes"
+        ):
+            store.reserve(1, [key(0)], [2 * BLOCK])
+
+    def test_demotion_skips_a_lower_tier_too_small_for_the_block(self) -> None:
+        big = 4 * BLOCK
+        tiers = [
+            TierStore(Tier.SHM, SlabAllocator(2 * big, slab_bytes=big),
+                      MemoryBacking.anonymous(2 * big)),
+            TierStore(Tier.DRAM, SlabAllocator(BLOCK, slab_bytes=big),  # largest block: BLOCK
+                      MemoryBacking.anonymous(BLOCK)),
+        ]  # fmt: skip
+        store = BlockStore(tiers, policy="lru", clock=FakeClock())
+        store.open_session(1)
+        for i in range(4):  # the third and fourth evict: DRAM cannot take a block this big
+            results = store.reserve(1, [key(i)], [big])
+            assert results[0].status is ReserveStatus.OK
+            store.commit(1, [key(i)], [0])
+        assert store.lookup([key(2)]) == 1 and store.lookup([key(3)]) == 1
+        assert store.lookup([key(0)]) == 0, "dropped, as from a bottom tier"
+        assert store.statistics().dropped == 2
