@@ -41,6 +41,9 @@ class CacheConfig:
     )
     ssd_dir: str = setting("", "directory for the SSD spill tier; empty = no SSD tier")
     ssd_bytes: int = setting(16 << 30, "size of the SSD spill file (with --ssd-dir)", size=True)
+    io_threads: int = setting(
+        4, "worker threads for SSD tier reads and writes (off the request loop)"
+    )
     slab_bytes: int = setting(64 << 20, "allocator slab size = largest block", size=True)
     policy: str = setting("default", "eviction policy: default, lru or s3fifo")
     reservation_ttl_s: float = setting(30.0, "seconds a reserved, uncommitted slot is kept")
@@ -126,6 +129,8 @@ class CacheConfig:
                 raise ValueError(f"{field} {value} must be a multiple of 4 KiB, >= {minimum}")
         if self.reservation_ttl_s <= 0 or self.session_ttl_s <= 0:
             raise ValueError("reservation_ttl_s and session_ttl_s must be positive")
+        if self.io_threads < 1:
+            raise ValueError(f"io_threads {self.io_threads} must be at least 1")
         if self.health_stall_s <= 0 or self.shutdown_timeout_s < 0:
             raise ValueError("health_stall_s must be positive and shutdown_timeout_s >= 0")
         if not 0 <= self.cluster_port < 65535:

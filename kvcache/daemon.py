@@ -2,8 +2,12 @@
 
 Why one thread: every request is metadata work of microseconds (the payload moves through
 shared memory, copied by the client), so a single loop over a ZeroMQ poller keeps the store
-lock-free and the order of operations total. Demotion copies (SHM → DRAM) run inline on
-the request that needed the room; they are DRAM-speed and bounded by the batch.
+lock-free and the order of operations total. Demotion copies between memory tiers (SHM →
+DRAM) run inline on the request that needed the room; they are DRAM-speed and bounded by
+the batch. Disk I/O never runs on the loop: SSD spills and SSD reads run on a pool of
+``io_threads`` workers (``kvcache.io_workers``); their completions wake the poller
+through a pipe and are applied on the loop thread, and a ``get`` that needs an SSD block
+is answered when its read lands, while the loop serves everyone else.
 
 Client liveness, so a crashed engine cannot pin memory forever:
 
@@ -36,7 +40,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,7 @@ from kvcache.cluster.node import ClusterNode
 from kvcache.cluster.settings import cluster_settings, node_name
 from kvcache.config import CacheConfig
 from kvcache.errors import CacheError, ProtocolError
+from kvcache.io_workers import InlineIo, IoWorkers, ThreadIo
 from kvcache.keys import split_keys
 from kvcache.metrics import CacheMetrics, ProbeServer
 from kvcache.store import BlockStore, ReserveStatus
@@ -171,11 +176,18 @@ class CacheDaemon:
                 TierStore(Tier.SSD, SlabAllocator(config.ssd_bytes, config.slab_bytes), backing)
             )
         self._tiers = tiers
+        # File-tier moves (SSD spill and reads) run on workers; memory copies stay inline.
+        self._io: IoWorkers = InlineIo()
+        self._io_fd = -1
+        if any(not tier.in_memory for tier in tiers):
+            threads = ThreadIo(config.io_threads)
+            self._io, self._io_fd = threads, threads.fileno()
         self.store = BlockStore(
             tiers,
             policy=config.policy,
             reservation_ttl_s=config.reservation_ttl_s,
             clock=clock,
+            io=self._io,
         )
         self._metrics_server: ProbeServer | None = None
         self.engines: EngineFeed = NullEngineFeed()
@@ -194,6 +206,8 @@ class CacheDaemon:
         os.chmod(config.socket_path, 0o600)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
+        if self._io_fd >= 0:
+            self._poller.register(self._io_fd, select.POLLIN)
         self._identity = b""  # of the request being handled, for replies sent later
         self.cluster: Cluster = NullCluster()
         if config.cluster_port:
@@ -307,6 +321,8 @@ class CacheDaemon:
             for sock_or_fd, _ in sorted(ready, key=lambda event: event[0] is self._socket):
                 if sock_or_fd is self._socket:
                     self._drain_socket()
+                elif sock_or_fd == self._io_fd and isinstance(self._io, ThreadIo):
+                    self._io.run_completions()  # replies to reads parked on them go out
                 elif isinstance(sock_or_fd, int):
                     self._client_exited(sock_or_fd)
                 elif self.cluster.owns(sock_or_fd):
@@ -349,6 +365,7 @@ class CacheDaemon:
         assert self._shutdown_deadline is not None, "checked only once a shutdown began"
         stats = self.store.statistics()
         settled = stats.num_leases == 0 and stats.num_reservations == 0
+        settled = settled and self._io.num_pending == 0  # moves in flight land first
         if settled and self._left_cluster:
             return True
         if now >= self._shutdown_deadline:
@@ -393,6 +410,7 @@ class CacheDaemon:
         self._socket.close(linger=200)
         self._context.term()
         self.config.socket_path.unlink(missing_ok=True)
+        self._io.close()  # waits for moves in flight: they touch the tiers closed next
         for tier in self._tiers:
             tier.close()  # the SHM tier releases its view of the arena mapping first
         self.arena.close()
@@ -552,10 +570,19 @@ class CacheDaemon:
         self.store.abort(request.session, split_keys(request.keys))
         return {}
 
-    def _get(self, request: m.GetRequest) -> dict[str, Any]:
-        leases = self.store.acquire(
-            request.session, split_keys(request.keys), prefix=request.prefix
-        )
+    def _get(self, request: m.GetRequest) -> dict[str, Any] | None:
+        keys, identity = split_keys(request.keys), self._identity
+
+        def resume() -> None:  # on the loop thread, once the blocks' file reads landed
+            if request.session in self._clients:  # else it left (bye, exit) meanwhile
+                self._send(identity, m.encode_reply(request.id, **self._leases(request, keys)))
+
+        if not self.store.prepare(keys, resume, prefix=request.prefix):
+            return None  # no reply yet: the loop goes on serving others meanwhile
+        return self._leases(request, keys)
+
+    def _leases(self, request: m.GetRequest, keys: Sequence[bytes]) -> dict[str, Any]:
+        leases = self.store.acquire(request.session, keys, prefix=request.prefix)
         return {
             "offsets": [-1 if lease is None else lease.offset for lease in leases],
             "sizes": [0 if lease is None else lease.nbytes for lease in leases],

@@ -20,9 +20,16 @@ Tiers are exclusive: a block moves down on pressure and back up to SHM on a hit 
 can only read the arena). Every move verifies the checksum the writer supplied at commit;
 a mismatch drops the block and counts an error, so corruption is a miss, never wrong data.
 
-Eviction is delegated per tier to a pluggable ``EvictionPolicy`` (``kvcache.eviction``);
-the store pins leased blocks. Making room is synchronous on the request that needs it:
-simpler to reason about than a background demoter, and the copy (DRAM speed) is paid once.
+Eviction is delegated per tier to a pluggable ``EvictionPolicy`` (``kvcache.eviction``,
+sized by ``kvcache.tier_policy``); the store pins leased and moving blocks. Making room
+is synchronous on the request that needs it, as far as memory goes: a copy between
+memory tiers (SHM <-> DRAM) runs inline, at DRAM speed, paid once. Anything that touches
+a file tier is a *move* (``kvcache.moves``, which states its invariants): the store
+sets aside the slots, hands the bytes work to ``IoWorkers`` (threads in the daemon) and
+finishes the metadata when the worker reports back, on the caller's thread. A block
+being demoted to a file is staged in memory and stays visible and servable from there;
+a block being promoted from a file stays visible, and a reader that wants it waits
+(``prepare``) instead of the loop waiting for the disk.
 
 Known limitation: eviction follows the policy's order, not the size class that needs a
 slot. With mixed block sizes and leases spread over every slab, making room for a block
@@ -37,14 +44,20 @@ them with ``take_events()``; this module imports no transport. Time is injected.
 from __future__ import annotations
 
 import enum
+import functools
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvcache.errors import CorruptBlock
+from kvcache.io_workers import InlineIo, IoWorkers
+from kvcache.moves import Move, MoveKind, promotion_job, stage, write_job
 from kvcache.tier_policy import TierPolicy
-from kvcache.tiers import Tier, TierStore
+from kvcache.tiers import Tier, TierStore, copy_hashing_target
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BlockEvent",
@@ -130,7 +143,9 @@ class _Entry:
         "checksum",
         "deadline",
         "key",
+        "landed",
         "lease_count",
+        "move",
         "namespace",
         "nbytes",
         "offset",
@@ -152,6 +167,8 @@ class _Entry:
         self.owner = 0
         self.deadline = 0.0
         self.namespace = ""
+        self.move: Move | None = None  # in flight to or from a file tier (kvcache.moves)
+        self.landed = False  # promoted by a worker; its hit was counted on the file tier
 
 
 @dataclass(slots=True)
@@ -179,6 +196,7 @@ class BlockStore:
         policy: str = "default",
         reservation_ttl_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        io: IoWorkers | None = None,
     ) -> None:
         assert tiers and tiers[0].tier is Tier.SHM, "the first tier must be the SHM arena"
         self._tiers = list(tiers)
@@ -199,6 +217,8 @@ class BlockStore:
         self._io_errors = 0
         self._dropped = 0
         self._expired = 0
+        self._io: IoWorkers = io or InlineIo()  # runs the file-tier moves
+        self._moves: dict[int, Move] = {}  # id(move) -> move, in flight
 
     @property
     def max_block_bytes(self) -> int:
@@ -237,13 +257,57 @@ class BlockStore:
                 return index
         return len(keys)
 
+    def prepare(
+        self, keys: Sequence[bytes], on_ready: Callable[[], None], *, prefix: bool = True
+    ) -> bool:
+        """Start bringing the file-tier blocks among ``keys`` to SHM, without waiting.
+
+        True when every block ``acquire`` would lease is in a memory tier now (acquire
+        will not touch a file). Otherwise ``on_ready`` runs once all the moves started or
+        joined here have completed (successfully or not), on the loop thread; then call
+        ``acquire``. A block that went back to a file tier in between is a miss there.
+        """
+        waiting: list[Move] = []
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None or entry.state is not _State.COMMITTED:
+                if prefix:
+                    break
+                continue
+            if self._tiers[entry.tier].in_memory or (
+                entry.move is not None and entry.move.kind is MoveKind.DEMOTE
+            ):
+                continue  # served by a memory copy (from the staging buffer if demoting)
+            move = entry.move or self._start_promotion(entry)
+            if move is None:  # no room in SHM: acquire answers the miss
+                if prefix:
+                    break
+                continue
+            if not move.finished:
+                waiting.append(move)
+        if not waiting:
+            return True
+        remaining = len(waiting)
+
+        def one_done() -> None:
+            nonlocal remaining
+            remaining -= 1
+            if not remaining:
+                on_ready()
+
+        for move in waiting:
+            move.waiters.append(one_done)
+        return False
+
     def acquire(
         self, session_id: int, keys: Sequence[bytes], *, prefix: bool = True
     ) -> list[Lease | None]:
         """Lease each committed block, promoting it to SHM; ``None`` marks a miss.
 
         With ``prefix`` (the default) the first miss ends the answer: blocks past a gap in
-        a chain can never be used by an engine.
+        a chain can never be used by an engine. A block on a file tier is promoted by a
+        worker: with the inline workers that happens here, with threads the block is a
+        miss now and in SHM soon (call ``prepare`` first to wait for it instead).
         """
         session = self._session(session_id)
         leases: list[Lease | None] = []
@@ -473,7 +537,8 @@ class BlockStore:
         return None
 
     def _is_pinned(self, key: bytes) -> bool:
-        return self._entries[key].lease_count > 0
+        entry = self._entries[key]
+        return entry.lease_count > 0 or entry.move is not None
 
     def _demote(self, entry: _Entry, level: int) -> None:
         """Move an evicted block one tier down, or drop it from the bottom tier.
@@ -491,7 +556,13 @@ class BlockStore:
             self._remove(entry)
             return
         offset = self._allocate(lower, entry.nbytes)
-        if offset is None or not self._move(entry, lower, offset):
+        if offset is None:
+            self._remove(entry)
+            return
+        if not self._tiers[lower].in_memory:
+            self._start_demotion(entry, lower, offset)
+            return
+        if not self._move(entry, lower, offset):
             self._remove(entry)
             return
         self._policies[lower].insert(entry.key, entry.parent, entry.nbytes)
@@ -500,8 +571,21 @@ class BlockStore:
         """Bring a committed block to SHM; ``False`` (a miss) if no room or it is corrupt."""
         level = entry.tier
         if level == Tier.SHM:
-            self._counters[0].hits += 1
+            if entry.landed:  # the hit was the file tier's, counted when the read landed
+                entry.landed = False
+            else:
+                self._counters[0].hits += 1
             self._policies[0].touch(entry.key)
+            self._counters[0].bytes_out += entry.nbytes
+            return True
+        move = entry.move
+        if move is not None and move.kind is MoveKind.PROMOTE:
+            return False  # in flight: served once it lands (``prepare`` waits for it)
+        if move is None and not self._tiers[level].in_memory:
+            started = self._start_promotion(entry)
+            if started is None or not started.finished or not started.committed:
+                return False
+            entry.landed = False  # this very call is the read whose hit was counted
             self._counters[0].bytes_out += entry.nbytes
             return True
         # Out of its policy first, so making room in SHM (which demotes into this tier)
@@ -512,7 +596,8 @@ class BlockStore:
             self._policies[level].insert(entry.key, entry.parent, entry.nbytes)
             self._no_space += 1
             return False
-        if not self._move(entry, Tier.SHM, offset):
+        moved = self._move_from_staging(entry, offset) if move else self._move(entry, 0, offset)
+        if not moved:
             self._remove(entry)
             return False
         self._counters[level].hits += 1
@@ -548,10 +633,140 @@ class BlockStore:
         self._events.append(BlockEvent(EventKind.REMOVED, entry.key))
         if entry.lease_count > 0:
             self._doomed.add(entry)
-        else:
+        elif entry.move is None:
             self._tiers[entry.tier].free(entry.offset)
+        # else: a worker is on its slots; the move's completion frees them (moves.py, 1.)
+
+    # -- moves to and from file tiers (kvcache.moves) --------------------------------
+
+    def _start_demotion(self, entry: _Entry, level: int, offset: int) -> None:
+        """Stage an evicted block and write it to file tier ``level`` on a worker."""
+        source = self._tiers[entry.tier]
+        try:
+            staging = stage(source, entry.offset, entry.nbytes, entry.checksum)
+        except CorruptBlock:
+            self._checksum_failures += 1
+            self._tiers[level].free(offset)
+            self._remove(entry)
+            return
+        self._counters[entry.tier].bytes_out += entry.nbytes
+        source.free(entry.offset)
+        move = Move(entry, MoveKind.DEMOTE, (entry.tier, entry.offset), (Tier(level), offset),
+                    staging)  # fmt: skip
+        entry.tier, entry.offset, entry.move = Tier(level), offset, move
+        self._moves[id(move)] = move
+        self._policies[level].insert(entry.key, entry.parent, entry.nbytes)
+        self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
+        job = write_job(self._tiers[level], offset, move)
+        self._io.submit(job, functools.partial(self._demotion_done, move))
+
+    def _demotion_done(self, move: Move, error: Exception | None) -> None:
+        entry = move.entry
+        del self._moves[id(move)]
+        move.finished = True
+        move.release_staging()
+        live = entry.move is move and self._entries.get(entry.key) is entry
+        if entry.move is move:
+            entry.move = None
+        if not live:  # deleted, or promoted from the staging buffer meanwhile
+            self._tiers[move.target[0]].free(move.target[1])
+        elif error is not None:
+            self._count_error(error, entry)
+            self._policies[entry.tier].remove(entry.key)
+            self._remove(entry)  # frees the file slot: the write is over
+        else:
+            self._counters[entry.tier].bytes_in += entry.nbytes
+        self._wake(move)
+
+    def _move_from_staging(self, entry: _Entry, offset: int) -> bool:
+        """Promote a block whose demotion is in flight: copy its staging buffer to SHM."""
+        move = entry.move
+        assert move is not None and move.view is not None, "staged while demoting"
+        shm = self._tiers[0].backing
+        assert hasattr(shm, "view"), "the SHM tier is a memory mapping"
+        if copy_hashing_target(move.view[: entry.nbytes], shm.view(offset, entry.nbytes)) != (
+            entry.checksum
+        ):
+            self._checksum_failures += 1
+            self._tiers[0].free(offset)
+            return False  # the caller removes it; its file slot waits for the write
+        entry.move = None  # the write's completion frees the file slot (not live)
+        self._counters[0].bytes_in += entry.nbytes
+        entry.tier, entry.offset = Tier.SHM, offset
+        self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
+        return True
+
+    def _start_promotion(self, entry: _Entry) -> Move | None:
+        """Reserve an SHM slot and read a file-tier block into it on a worker; ``None``
+        if SHM has no room (a miss)."""
+        level = entry.tier
+        self._policies[level].remove(entry.key)  # not a victim while SHM makes room
+        offset = self._allocate(0, entry.nbytes)
+        if offset is None:
+            self._policies[level].insert(entry.key, entry.parent, entry.nbytes)
+            self._no_space += 1
+            return None
+        move = Move(entry, MoveKind.PROMOTE, (level, entry.offset), (Tier.SHM, offset))
+        entry.move = move
+        self._moves[id(move)] = move
+        job = promotion_job(self._tiers[level], entry.offset, self._tiers[0], offset,
+                            entry.nbytes, entry.checksum)  # fmt: skip
+        self._io.submit(job, functools.partial(self._promotion_done, move))
+        return move
+
+    def _promotion_done(self, move: Move, error: Exception | None) -> None:
+        entry = move.entry
+        del self._moves[id(move)]
+        move.finished = True
+        live = entry.move is move and self._entries.get(entry.key) is entry
+        entry.move = None
+        source, target = self._tiers[move.source[0]], self._tiers[0]
+        if not live:  # deleted while in flight: both slots are the move's to free
+            source.free(move.source[1])
+            target.free(move.target[1])
+        elif error is not None:
+            self._count_error(error, entry)
+            target.free(move.target[1])  # filled with bytes nobody will see
+            self._remove(entry)  # frees the file slot
+        else:
+            self._counters[move.source[0]].hits += 1
+            self._counters[move.source[0]].bytes_out += entry.nbytes
+            self._counters[0].bytes_in += entry.nbytes
+            source.free(move.source[1])
+            entry.tier, entry.offset, entry.landed = Tier.SHM, move.target[1], True
+            self._policies[0].insert(entry.key, entry.parent, entry.nbytes)
+            self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
+            move.committed = True
+        self._wake(move)
+
+    def _count_error(self, error: Exception, entry: _Entry) -> None:
+        if isinstance(error, CorruptBlock):
+            self._checksum_failures += 1
+        elif isinstance(error, OSError):
+            self._io_errors += 1
+        else:  # a bug in a job: counted as an I/O error, and loud
+            self._io_errors += 1
+            log.error("tier move failed", exc_info=error, extra={"key": entry.key.hex()})
+
+    def _wake(self, move: Move) -> None:
+        waiters, move.waiters = move.waiters, []
+        for waiter in waiters:
+            waiter()
+
+    @property
+    def num_moving(self) -> int:
+        """Blocks in flight to or from a file tier."""
+        return len(self._moves)
 
     # -- statistics ------------------------------------------------------------------
+
+    def _move_slots(self, move: Move) -> list[Tier]:
+        """Tiers of the slots a move holds besides its block's own (not blocks)."""
+        entry = move.entry
+        live = entry.move is move and self._entries.get(entry.key) is entry
+        if move.kind is MoveKind.PROMOTE:
+            return [Tier.SHM] if live else [Tier.SHM, move.source[0]]
+        return [] if live else [move.target[0]]
 
     def statistics(self) -> StoreStats:
         tier_stats = []
@@ -560,6 +775,8 @@ class BlockStore:
             # Resident blocks, derived from the allocator rather than len(policy), which
             # would flush the deferred policy records on every metrics refresh.
             held = sum(1 for e in self._doomed if e.tier == tier.tier)
+            held += sum(1 for move in self._moves.values() for slot in self._move_slots(move)
+                        if slot == tier.tier)  # fmt: skip
             if tier.tier is Tier.SHM:
                 held += len(self._reservations)
             tier_stats.append(

@@ -11,6 +11,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +214,90 @@ def test_a_block_over_max_block_bytes_is_a_bad_request_naming_sizes_not_an_outag
             assert client.put(keys, blocks(keys)).stored == 2
     finally:
         assert handle.stop() == 0
+
+
+SLOW_DISK_DAEMON = """
+import sys, time
+from kvcache import tiers
+delay = float(sys.argv[1])
+write, read_into = tiers.FileBacking.write, tiers.FileBacking.read_into
+def slow_write(self, offset, data):
+    time.sleep(delay)
+    write(self, offset, data)
+def slow_read_into(self, offset, out):
+    time.sleep(delay)
+    read_into(self, offset, out)
+tiers.FileBacking.write, tiers.FileBacking.read_into = slow_write, slow_read_into
+from shoal.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def timed_lookup(handle: DaemonProcess, keys: list[bytes]) -> tuple[int, float]:
+    with handle.client() as client:
+        started = time.monotonic()
+        found = client.lookup(keys)
+        return found, time.monotonic() - started
+
+
+def test_a_slow_ssd_tier_does_not_block_other_clients_lookups(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import threading
+
+    from tests.integration.conftest import ENV, stop_process, wait_ready
+
+    delay = 1.5
+    name = f"slow{uuid.uuid4().hex[:8]}"
+    config = CacheConfig(name=name, runtime_dir=str(tmp_path / "run"))
+    args = ["cache", "serve", "--name", name, "--runtime-dir", str(tmp_path / "run"),
+            "--shm-bytes", "8MiB", "--dram-bytes", "0", "--slab-bytes", "8MiB",
+            "--ssd-dir", str(tmp_path / "ssd"), "--ssd-bytes", "32MiB", "--metrics-port", "0",
+            "--log-format", "text", "--policy", "lru"]  # fmt: skip
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", SLOW_DISK_DAEMON, str(delay), *args],
+            env=ENV, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    handle = DaemonProcess(config, process, log)
+    try:
+        wait_ready(process, log, "daemon", lambda: "cache daemon ready" in log.read_text())
+        keys = keys_for(0, 40)
+        done: dict[str, object] = {}
+        go_get = threading.Event()
+
+        def put_then_get() -> None:
+            with handle.client(timeout_s=60) as writer:
+                first = writer.put(keys[:32], blocks(keys[:32])).stored
+                # 8 more evict 8 blocks to the SSD: 8 slow writes
+                second = writer.put(keys[32:], blocks(keys[32:]), parent=keys[31]).stored
+                done["put"] = (first, second)
+                go_get.wait(60)
+                outs = [np.empty(BLOCK, dtype=np.uint8) for _ in range(2)]
+                done["got"] = writer.get_into(keys[:2], outs)  # on the SSD: slow reads
+                done["intact"] = all(
+                    np.array_equal(out, block)
+                    for out, block in zip(outs, blocks(keys[:2]), strict=True)
+                )
+
+        worker = threading.Thread(target=put_then_get)
+        worker.start()
+        try:
+            assert wait_until(lambda: "put" in done, timeout=60)
+            found, seconds = timed_lookup(handle, keys)
+            assert found == 40 and seconds < delay / 2, f"lookup took {seconds:.2f}s during writes"
+            time.sleep(2 * delay + 1)  # 8 writes on 4 workers: on the SSD for good now
+            go_get.set()
+            time.sleep(0.3)  # the get has reached the daemon and waits on its disk reads
+            found, seconds = timed_lookup(handle, keys)
+            assert found == 40 and seconds < delay / 2, f"lookup took {seconds:.2f}s during a read"
+        finally:
+            go_get.set()
+            worker.join(timeout=60)
+        assert done["put"] == (32, 8)
+        assert done["got"] == 2 and done["intact"], done
+        with handle.client() as client:
+            assert {t["tier"]: t["hits"] for t in client.stats()["tiers"]}["ssd"] == 2
+    finally:
+        assert stop_process(process) == 0, handle.log()
