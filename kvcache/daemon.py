@@ -40,7 +40,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +209,8 @@ class CacheDaemon:
         if self._io_fd >= 0:
             self._poller.register(self._io_fd, select.POLLIN)
         self._identity = b""  # of the request being handled, for replies sent later
+        # Long scans (an operator's evict) advance one bounded step per loop turn.
+        self._tasks: list[tuple[Generator[None, None, int], Callable[[int], None]]] = []
         self.cluster: Cluster = NullCluster()
         if config.cluster_port:
             shm = tiers[0].backing
@@ -256,7 +258,7 @@ class CacheDaemon:
             m.LocateRequest: self._locate,
             m.FetchRequest: self._fetch,
             m.ClusterRequest: self._cluster_status,
-            m.EvictRequest: lambda r: {"evicted": self.store.evict(r.namespace, r.key_prefix)},
+            m.EvictRequest: self._evict,
             m.FlushRequest: lambda r: {"flushed": self.store.clear()},
             m.DrainRequest: self._drain,
         }
@@ -307,13 +309,14 @@ class CacheDaemon:
     def _loop(self) -> None:
         next_housekeeping = 0.0
         while not self._stop.is_set():
+            self._step_tasks()
             ready = self._poller.poll(timeout=0)
             while not ready and (
                 self.store.flush_policies(limit=_IDLE_STEP) or self.cluster.idle_step()
             ):
                 ready = self._poller.poll(timeout=0)  # idle: bookkeeping in small steps
-            if not ready:
-                ready = self._poller.poll(timeout=int(_HOUSEKEEPING_S * 1000))
+            if not ready:  # a long scan in progress goes on at once
+                ready = self._poller.poll(timeout=0 if self._tasks else int(_HOUSEKEEPING_S * 1000))
             # Exits first: a pidfd number freed by a bye in this batch may be reused by a
             # hello in the same batch, and its stale event must not close the new session.
             turn_started = time.time()
@@ -624,6 +627,24 @@ class CacheDaemon:
             self._send(identity, m.encode_reply(request.id, length=self.store.lookup(keys)))
 
         self.cluster.fetch(keys, done)
+
+    def _evict(self, request: m.EvictRequest) -> None:
+        identity = self._identity
+
+        def done(evicted: int) -> None:
+            self._send(identity, m.encode_reply(request.id, evicted=evicted))
+
+        self._tasks.append((self.store.evict_steps(request.namespace, request.key_prefix), done))
+
+    def _step_tasks(self) -> None:
+        """One step of each long scan; a finished one sends its reply."""
+        for task in list(self._tasks):
+            steps, done = task
+            try:
+                next(steps)
+            except StopIteration as finished:
+                self._tasks.remove(task)
+                done(int(finished.value))
 
     def _drain(self, request: m.DrainRequest) -> None:
         identity = self._identity

@@ -48,7 +48,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 from kvcache.errors import CorruptBlock
@@ -469,16 +469,38 @@ class BlockStore:
 
     def evict(self, namespace: str = "", key_prefix: str = "") -> int:
         """Remove the committed blocks of ``namespace`` (any, if empty) whose hex key
-        starts with ``key_prefix``; a scan over every block (an operator's tool)."""
+        starts with ``key_prefix``; a scan over every block, all at once."""
+        steps = self.evict_steps(namespace, key_prefix)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return int(done.value)
+
+    def evict_steps(
+        self, namespace: str = "", key_prefix: str = "", step: int = 4096
+    ) -> Generator[None, None, int]:
+        """``evict`` in bounded steps: each ``next`` checks ``step`` blocks (a few ms);
+        the generator's return value is the number removed. Blocks stored after the
+        scan began are not considered; blocks deleted meanwhile are skipped."""
         prefix = key_prefix.lower()
-        doomed = [
-            e.key
-            for e in self._entries.values()
-            if e.state is _State.COMMITTED
-            and (not namespace or e.namespace == namespace)
-            and e.key.hex().startswith(prefix)
-        ]
-        return self.delete(doomed)
+        keys = list(self._entries)  # a C-speed copy, so the dict may change between steps
+        removed = 0
+        for start in range(0, len(keys), step):
+            doomed = []
+            for key in keys[start : start + step]:
+                entry = self._entries.get(key)
+                if (
+                    entry is not None
+                    and entry.state is _State.COMMITTED
+                    and (not namespace or entry.namespace == namespace)
+                    and key.hex().startswith(prefix)
+                ):
+                    doomed.append(key)
+            removed += self.delete(doomed)
+            if start + step < len(keys):
+                yield
+        return removed
 
     def clear(self) -> int:
         """Remove every committed block (leased ones are freed on release)."""
@@ -493,12 +515,21 @@ class BlockStore:
         return [(e.key, e.tier) for e in self._entries.values() if e.state is _State.COMMITTED]
 
     def hot_keys(self, limit: int) -> list[bytes]:
-        """Up to ``limit`` committed keys, SHM tier first (a draining node hands them off)."""
-        by_tier = sorted(
-            (e for e in self._entries.values() if e.state is _State.COMMITTED),
-            key=lambda e: e.tier,
-        )
-        return [e.key for e in by_tier[:limit]]
+        """Up to ``limit`` committed keys, SHM tier first (a draining node hands them off).
+
+        One pass without a sort, stopping as soon as ``limit`` SHM keys are found; each
+        tier's list is capped at ``limit`` (memory bounded by the answer, not the store).
+        """
+        per_tier: list[list[bytes]] = [[] for _ in self._tiers]
+        for entry in self._entries.values():
+            if entry.state is not _State.COMMITTED:
+                continue
+            found = per_tier[entry.tier]
+            if len(found) < limit:
+                found.append(entry.key)
+                if entry.tier == Tier.SHM and len(found) == limit:
+                    break
+        return [key for found in per_tier for key in found][:limit]
 
     def namespace_of(self, key: bytes) -> str:
         entry = self._entries.get(key)

@@ -301,3 +301,20 @@ def test_a_slow_ssd_tier_does_not_block_other_clients_lookups(tmp_path: Path) ->
             assert {t["tier"]: t["hits"] for t in client.stats()["tiers"]}["ssd"] == 2
     finally:
         assert stop_process(process) == 0, handle.log()
+
+
+def test_an_operators_evict_runs_in_steps_and_answers_with_the_count(tmp_path: Path) -> None:
+    handle = start_daemon(tmp_path)
+    try:
+        doomed, kept = keys_for(0, 12), keys_for(50_000, 4)
+        other = Namespace(model="ops-other@1")
+        with (
+            handle.client(namespace=NS.label()) as client,
+            handle.client(namespace=other.label()) as second,
+        ):
+            assert client.put(doomed, blocks(doomed)).stored == 12
+            assert second.put(kept, blocks(kept)).stored == 4
+            assert client.evict(namespace=NS.label()) == 12
+            assert client.lookup(doomed) == 0 and client.lookup(kept) == 4
+    finally:
+        assert handle.stop() == 0

@@ -381,3 +381,38 @@ class TestBlockSizeLimits:
         assert store.lookup([key(2)]) == 1 and store.lookup([key(3)]) == 1
         assert store.lookup([key(0)]) == 0, "dropped, as from a bottom tier"
         assert store.statistics().dropped == 2
+
+
+class TestLongScans:
+    """Operator scans run in bounded steps (review finding M3: no O(N) pass on the loop)."""
+
+    def test_evict_in_steps_checks_a_bounded_number_of_blocks_per_step(self) -> None:
+        store, tiers = make_store(shm_blocks=16, dram_blocks=0)
+        assert put(store, tiers, list(range(10))) == 10
+        steps = store.evict_steps(step=4)
+        next(steps)  # blocks 0-3 checked and removed; 4-9 untouched so far
+        assert store.lookup([key(i) for i in range(4)]) == 0
+        assert store.lookup([key(i) for i in range(4, 10)]) == 6
+        store.delete([key(5)])  # an engine's delete between two steps
+        assert put(store, tiers, [20]) == 1  # stored after the scan began: not considered
+        list(steps)  # the remaining steps
+        assert store.lookup([key(20)]) == 1
+        assert store.lookup([key(i) for i in range(10)]) == 0
+
+    def test_evict_in_steps_returns_how_many_it_removed(self) -> None:
+        store, tiers = make_store(shm_blocks=16, dram_blocks=0)
+        put(store, tiers, list(range(10)))
+        assert store.evict(key_prefix=key(3).hex()[:8]) == 1
+        steps = store.evict_steps(step=3)
+        with pytest.raises(StopIteration) as finished:
+            while True:
+                next(steps)
+        assert finished.value.value == 9
+
+    def test_hot_keys_are_shm_first_and_capped(self) -> None:
+        store, tiers = make_store(shm_blocks=2, dram_blocks=4)
+        for i in range(4):  # 0 and 1 are demoted to DRAM to make room
+            assert put(store, tiers, [i]) == 1
+        hot = store.hot_keys(3)
+        assert hot[:2] == [key(2), key(3)] and hot[2] in (key(0), key(1))
+        assert store.hot_keys(1) == [key(2)]
