@@ -44,6 +44,11 @@ class CacheConfig:
     io_threads: int = setting(
         4, "worker threads for SSD tier reads and writes (off the request loop)"
     )
+    io_staging_bytes: int = setting(
+        256 << 20,
+        "memory for blocks on their way to the SSD tier; past it, evicted blocks are dropped",
+        size=True,
+    )
     slab_bytes: int = setting(64 << 20, "allocator slab size = largest block", size=True)
     policy: str = setting("default", "eviction policy: default, lru or s3fifo")
     reservation_ttl_s: float = setting(30.0, "seconds a reserved, uncommitted slot is kept")

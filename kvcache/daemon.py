@@ -188,6 +188,7 @@ class CacheDaemon:
             reservation_ttl_s=config.reservation_ttl_s,
             clock=clock,
             io=self._io,
+            max_staging_bytes=config.io_staging_bytes,
         )
         self._metrics_server: ProbeServer | None = None
         self.engines: EngineFeed = NullEngineFeed()

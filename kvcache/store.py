@@ -197,6 +197,7 @@ class BlockStore:
         reservation_ttl_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         io: IoWorkers | None = None,
+        max_staging_bytes: int = 256 << 20,
     ) -> None:
         assert tiers and tiers[0].tier is Tier.SHM, "the first tier must be the SHM arena"
         self._tiers = list(tiers)
@@ -219,6 +220,10 @@ class BlockStore:
         self._expired = 0
         self._io: IoWorkers = io or InlineIo()  # runs the file-tier moves
         self._moves: dict[int, Move] = {}  # id(move) -> move, in flight
+        # Demotions staged in memory while their writes wait: bounded, so a disk slower
+        # than the eviction rate costs dropped blocks, not unbounded daemon memory.
+        self._max_staging = max_staging_bytes
+        self._staging_bytes = 0
 
     @property
     def max_block_bytes(self) -> int:
@@ -673,6 +678,10 @@ class BlockStore:
     def _start_demotion(self, entry: _Entry, level: int, offset: int) -> None:
         """Stage an evicted block and write it to file tier ``level`` on a worker."""
         source = self._tiers[entry.tier]
+        if self._staging_bytes + entry.nbytes > self._max_staging:
+            self._tiers[level].free(offset)  # the disk is behind: drop, do not queue more
+            self._remove(entry)
+            return
         try:
             staging = stage(source, entry.offset, entry.nbytes, entry.checksum)
         except CorruptBlock:
@@ -686,6 +695,7 @@ class BlockStore:
                     staging)  # fmt: skip
         entry.tier, entry.offset, entry.move = Tier(level), offset, move
         self._moves[id(move)] = move
+        self._staging_bytes += entry.nbytes
         self._policies[level].insert(entry.key, entry.parent, entry.nbytes)
         self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
         job = write_job(self._tiers[level], offset, move)
@@ -696,6 +706,7 @@ class BlockStore:
         del self._moves[id(move)]
         move.finished = True
         move.release_staging()
+        self._staging_bytes -= entry.nbytes
         live = entry.move is move and self._entries.get(entry.key) is entry
         if entry.move is move:
             entry.move = None

@@ -198,3 +198,18 @@ def test_an_io_error_writing_the_spill_file_drops_the_block_and_counts(fx: Fixtu
     assert fx.store.lookup([key(0)]) == 0
     assert fx.store.statistics().io_errors == 1
     assert fx.free_bytes()[1] == 8 * BLOCK, "the slot is not leaked"
+
+
+def test_demotions_past_the_staging_budget_are_dropped_not_queued(tmp_path: Path) -> None:
+    fx = Fixture(tmp_path)
+    fx.store = BlockStore(fx.tiers, policy="lru", io=fx.io, max_staging_bytes=BLOCK)
+    fx.store.open_session(1)
+    fx.store.open_session(2)
+    for i in range(4):  # the third and fourth each evict one: only one fits the budget
+        fx.put(i)
+    assert fx.io.num_pending == 1
+    assert fx.store.lookup([key(0)]) == 1 and fx.store.lookup([key(1)]) == 0
+    assert fx.store.statistics().dropped == 1
+    fx.io.run_all()
+    fx.put(4)  # the budget is free again once the write landed: staged
+    assert fx.io.num_pending == 1 and fx.store.statistics().dropped == 1
