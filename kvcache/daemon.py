@@ -410,11 +410,13 @@ class CacheDaemon:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
+        # Moves in flight finish first: they touch the tiers closed below, and a read
+        # that lands still answers its client over the socket closed next.
+        self._io.close()
         # A short linger: the reply to a drain (sent just before stopping) must get out.
         self._socket.close(linger=200)
         self._context.term()
         self.config.socket_path.unlink(missing_ok=True)
-        self._io.close()  # waits for moves in flight: they touch the tiers closed next
         for tier in self._tiers:
             tier.close()  # the SHM tier releases its view of the arena mapping first
         self.arena.close()

@@ -7,9 +7,14 @@ the test wants, so each test checks what the store answers *while* bytes are in 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvcache.allocator import SlabAllocator
 from kvcache.io_workers import QueuedIo
@@ -213,3 +218,83 @@ def test_demotions_past_the_staging_budget_are_dropped_not_queued(tmp_path: Path
     fx.io.run_all()
     fx.put(4)  # the budget is free again once the write landed: staged
     assert fx.io.num_pending == 1 and fx.store.statistics().dropped == 1
+
+
+class MovesMachine(RuleBasedStateMachine):
+    """Random interleavings of puts, reads, deletes and disk completions (SHM, DRAM, SSD).
+
+    Invariants: a block read is always its own bytes; a deleted block is never found;
+    every allocated slot is a resident block or held by a move in flight, and once the
+    disk is idle every slot is a resident block.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.directory = Path(tempfile.mkdtemp())
+        memory = [
+            TierStore(tier, SlabAllocator(3 * BLOCK, slab_bytes=BLOCK),
+                      MemoryBacking.anonymous(3 * BLOCK))
+            for tier in (Tier.SHM, Tier.DRAM)
+        ]  # fmt: skip
+        ssd = TierStore(Tier.SSD, SlabAllocator(4 * BLOCK, slab_bytes=BLOCK),
+                        FileBacking(self.directory / "spill", 4 * BLOCK))  # fmt: skip
+        self.tiers = [*memory, ssd]
+        self.io = QueuedIo()
+        self.store = BlockStore(self.tiers, policy="lru", io=self.io, max_staging_bytes=2 * BLOCK)
+        self.store.open_session(1)
+        self.deleted: set[int] = set()
+
+    @rule(i=st.integers(0, 11))
+    def put(self, i: int) -> None:
+        (result,) = self.store.reserve(1, [key(i)], [BLOCK])
+        if result.status is ReserveStatus.OK:
+            shm = self.tiers[0].backing
+            assert isinstance(shm, MemoryBacking)
+            shm.write(result.offset, memoryview(data(i)))
+            self.store.commit(1, [key(i)], [block_checksum(data(i))])
+            self.deleted.discard(i)
+
+    @rule(i=st.integers(0, 11), wait=st.booleans())
+    def read(self, i: int, wait: bool) -> None:
+        if wait and not self.store.prepare([key(i)], lambda: None):
+            self.io.run_all()
+        (lease,) = self.store.acquire(1, [key(i)])
+        if lease is not None:
+            assert i not in self.deleted
+            shm = self.tiers[0].backing
+            assert isinstance(shm, MemoryBacking)
+            assert bytes(shm.view(lease.offset, lease.nbytes)) == data(i)
+            self.store.release(1, [key(i)])
+
+    @rule(i=st.integers(0, 11))
+    def delete(self, i: int) -> None:
+        self.store.delete([key(i)])
+        self.deleted.add(i)
+
+    @precondition(lambda self: self.io.num_pending > 0)
+    @rule()
+    def disk_finishes_one(self) -> None:
+        self.io.run_next()
+
+    @invariant()
+    def deleted_blocks_are_never_found(self) -> None:
+        for i in self.deleted:
+            assert self.store.lookup([key(i)]) == 0
+
+    @invariant()
+    def every_slot_is_a_block_or_a_move(self) -> None:
+        stats = self.store.statistics()
+        assert sum(t.num_blocks for t in stats.tiers) == len(self.store._entries)
+        assert all(t.num_blocks >= 0 for t in stats.tiers)
+
+    def teardown(self) -> None:
+        self.io.run_all()
+        allocated = sum(t.statistics().num_allocations for t in self.tiers)
+        assert allocated == len(self.store._entries), "a slot leaked past its move"
+        for tier in self.tiers:
+            tier.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+TestMovesMachine = MovesMachine.TestCase
+TestMovesMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
