@@ -9,8 +9,10 @@ Layout (each module owns one noun; pure modules import no transport)::
     tier_policy.py  a tier's policy sized in the blocks it holds, updated lazily     (pure)
     tiers.py      bytes of a tier (arena / DRAM / SSD file) and checksummed moves
                   (file I/O: the SSD tier reads and writes its spill file)
-    store.py      block metadata: reservations, commits, leases, tier movement
-                  (no transport; the copies between tiers it asks tiers.py for)
+    store.py      block metadata: reservations, commits, leases, tier movement      (pure)
+    store_values.py  what the store hands out: leases, results, events, statistics (pure)
+    moves.py      a block in flight to or from a file tier, and its bytes jobs      (pure)
+    io_workers.py where file-tier moves run: a thread pool off the daemon's loop
     arena.py      the /dev/shm arena file: create, lock, map, clean up after a crash
     messages.py   the engine <-> daemon wire protocol (versioned msgpack)
     daemon.py     the daemon: ZeroMQ ROUTER loop, client liveness, shutdown, probes

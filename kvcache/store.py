@@ -54,6 +54,15 @@ from dataclasses import dataclass, field
 from kvcache.errors import CorruptBlock
 from kvcache.io_workers import InlineIo, IoWorkers
 from kvcache.moves import Move, MoveKind, promotion_job, stage, write_job
+from kvcache.store_values import (
+    BlockEvent,
+    EventKind,
+    Lease,
+    ReserveResult,
+    ReserveStatus,
+    StoreStats,
+    TierStats,
+)
 from kvcache.tier_policy import TierPolicy
 from kvcache.tiers import Tier, TierStore, copy_hashing_target
 
@@ -74,68 +83,6 @@ __all__ = [
 class _State(enum.IntEnum):
     RESERVED = 0
     COMMITTED = 1
-
-
-class ReserveStatus(enum.IntEnum):
-    OK = 0  # a slot is reserved: write the payload there, then commit
-    EXISTS = 1  # the block is already cached (or being written by another client)
-    NO_SPACE = 2  # back-pressure: every evictable block is leased or reserved
-
-
-class EventKind(enum.Enum):
-    STORED = "stored"  # committed, or moved to another tier (``tier`` says which)
-    REMOVED = "removed"
-    CLEARED = "cleared"  # every block is gone (flush); no per-block REMOVED follows
-
-
-@dataclass(frozen=True, slots=True)
-class ReserveResult:
-    status: ReserveStatus
-    offset: int = -1
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """Read access to a committed block in the arena until released."""
-
-    key: bytes
-    offset: int
-    nbytes: int
-    checksum: int
-
-
-@dataclass(frozen=True, slots=True)
-class BlockEvent:
-    kind: EventKind
-    key: bytes
-    tier: Tier | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TierStats:
-    tier: str
-    num_blocks: int
-    used_bytes: int
-    capacity_bytes: int
-    fragmentation: float
-    hits: int
-    evictions: int
-    bytes_in: int
-    bytes_out: int
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    tiers: tuple[TierStats, ...]
-    misses: int
-    num_leases: int
-    num_reservations: int
-    num_sessions: int
-    no_space: int
-    checksum_failures: int
-    io_errors: int
-    dropped: int
-    expired_reservations: int
 
 
 class _Entry:
