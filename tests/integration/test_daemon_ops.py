@@ -318,3 +318,24 @@ def test_an_operators_evict_runs_in_steps_and_answers_with_the_count(tmp_path: P
             assert client.lookup(doomed) == 0 and client.lookup(kept) == 4
     finally:
         assert handle.stop() == 0
+
+
+def test_sigterm_on_a_cluster_member_hands_its_blocks_to_a_peer_then_exits_0(
+    tmp_path: Path,
+) -> None:
+    from tests.integration.conftest import start_cluster, stop_all, wait_for_members
+
+    nodes = start_cluster(tmp_path, 2)
+    try:
+        wait_for_members(nodes)
+        leaving, staying = nodes
+        keys = keys_for(0, 4)
+        with leaving.client() as client:
+            assert client.put(keys, blocks(keys)).stored == 4
+        leaving.process.send_signal(signal.SIGTERM)
+        assert wait_exit(leaving, timeout=20) == 0
+        assert "drained; leaving the cluster" in leaving.log()
+        with staying.client() as client:
+            assert client.lookup(keys) == 4, "handed off before the member left"
+    finally:
+        stop_all(nodes)
