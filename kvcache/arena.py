@@ -105,6 +105,8 @@ def _mount_point(path: Path) -> Path:
 
 
 def _size(nbytes: int) -> str:
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):.1f} GiB"
     return f"{nbytes / (1 << 20):.1f} MiB"
 
 
