@@ -5,14 +5,18 @@ Layout (each module owns one noun; pure modules import no transport)::
     keys.py       chained 128-bit block keys over token chunks within a Namespace   (pure)
     allocator.py  slab allocator: offsets of page-aligned slots in a tier           (pure)
     eviction.py   pluggable eviction policies: LRU, S3-FIFO, Shoal's default        (pure)
+    tier_policy.py  a tier's policy sized in the blocks it holds, updated lazily     (pure)
     tiers.py      bytes of a tier (arena / DRAM / SSD file) and checksummed moves
-                  (no transport, but the SSD tier does file I/O)
+                  (file I/O: the SSD tier reads and writes its spill file)
     store.py      block metadata: reservations, commits, leases, tier movement      (pure)
+    store_values.py  what the store hands out: leases, results, events, statistics (pure)
+    moves.py      a block in flight to or from a file tier, and its bytes jobs      (pure)
+    io_workers.py where file-tier moves run: a thread pool off the daemon's loop
     arena.py      the /dev/shm arena file: create, lock, map, clean up after a crash
     messages.py   the engine <-> daemon wire protocol (versioned msgpack)
-    daemon.py     the daemon: ZeroMQ ROUTER loop, client liveness, metrics
+    daemon.py     the daemon: ZeroMQ ROUTER loop, client liveness, shutdown, probes
     client/       CacheClient (sync) and AsyncCacheClient, used by engine connectors
-    metrics.py    Prometheus metrics (shoal_kvcache_*)
+    metrics.py    Prometheus metrics (shoal_kvcache_*), /healthz and /readyz
     config.py     CacheConfig (flags / SHOAL_CACHE_* / [cache] in the TOML file)
     cli.py        `shoal cache serve|demo|stats|status|nodes|lookup|evict|flush|drain|keygen`
     demo.py       the README's two-process demo (`shoal cache serve --demo`, `shoal cache

@@ -35,6 +35,14 @@ class CacheConfig:
     )
     ssd_dir: str = setting("", "directory for the SSD spill tier; empty = no SSD tier")
     ssd_bytes: int = setting(16 << 30, "size of the SSD spill file (with --ssd-dir)", size=True)
+    io_threads: int = setting(
+        4, "worker threads for SSD tier reads and writes (off the request loop)"
+    )
+    io_staging_bytes: int = setting(
+        256 << 20,
+        "memory for blocks on their way to the SSD tier; past it, evicted blocks are dropped",
+        size=True,
+    )
     slab_bytes: int = setting(64 << 20, "allocator slab size = largest block", size=True)
     policy: str = setting("default", "eviction policy: default, lru or s3fifo")
     reservation_ttl_s: float = setting(30.0, "seconds a reserved, uncommitted slot is kept")
@@ -43,9 +51,23 @@ class CacheConfig:
         30.0, "seconds a client's leases outlive its last get/release (heartbeats do not count)"
     )
     max_request_bytes: int = setting(16 << 20, "largest request frame accepted", size=True)
-    populate: bool = setting(True, "prefault the arena mapping (MAP_POPULATE)")
+    populate: bool = setting(
+        True,
+        "prefault the arena mapping for writing (MADV_POPULATE_WRITE); the arena's "
+        "pages are reserved (posix_fallocate) either way",
+    )
     metrics_host: str = setting("127.0.0.1", "address of the Prometheus endpoint")
-    metrics_port: int = setting(9500, "port of the Prometheus endpoint; 0 = off")
+    metrics_port: int = setting(
+        9500, "port of the Prometheus endpoint and of /healthz and /readyz; 0 = off"
+    )
+    health_stall_s: float = setting(
+        10.0, "/healthz fails once the daemon's loop has not turned for this many seconds"
+    )
+    shutdown_timeout_s: float = setting(
+        5.0,
+        "on SIGTERM, seconds to wait for leases and writes in flight (and a cluster "
+        "drain) before exiting",
+    )
     cluster_port: int = setting(
         0, "cluster port (ROUTER; PUB is the next port); 0 = no cluster, this node alone"
     )
@@ -128,6 +150,10 @@ class CacheConfig:
                 raise ValueError(f"{field} {value} must be a multiple of 4 KiB, >= {minimum}")
         if min(self.reservation_ttl_s, self.session_ttl_s, self.lease_ttl_s) <= 0:
             raise ValueError("reservation_ttl_s, session_ttl_s and lease_ttl_s must be positive")
+        if self.io_threads < 1:
+            raise ValueError(f"io_threads {self.io_threads} must be at least 1")
+        if self.health_stall_s <= 0 or self.shutdown_timeout_s < 0:
+            raise ValueError("health_stall_s must be positive and shutdown_timeout_s >= 0")
         if not 0 <= self.cluster_port < 65535:
             raise ValueError(f"cluster_port {self.cluster_port} must be 0 (off) or 1..65534")
         if self.cluster_discovery not in ("static", "dns", "k8s"):

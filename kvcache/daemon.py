@@ -2,8 +2,12 @@
 
 Why one thread: every request is metadata work of microseconds (the payload moves through
 shared memory, copied by the client), so a single loop over a ZeroMQ poller keeps the store
-lock-free and the order of operations total. Demotion copies (SHM → DRAM) run inline on
-the request that needed the room; they are DRAM-speed and bounded by the batch.
+lock-free and the order of operations total. Demotion copies between memory tiers (SHM →
+DRAM) run inline on the request that needed the room; they are DRAM-speed and bounded by
+the batch. Disk I/O never runs on the loop: SSD spills and SSD reads run on a pool of
+``io_threads`` workers (``kvcache.io_workers``); their completions wake the poller
+through a pipe and are applied on the loop thread, and a ``get`` that needs an SSD block
+is answered when its read lands, while the loop serves everyone else.
 
 Client liveness, so a crashed engine cannot pin memory forever:
 
@@ -48,13 +52,12 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import zmq
-from prometheus_client import start_http_server
 
 from kvcache import messages as m
 from kvcache.allocator import SlabAllocator
@@ -65,8 +68,9 @@ from kvcache.cluster.node import ClusterNode
 from kvcache.cluster.settings import cluster_settings, node_name
 from kvcache.config import CacheConfig
 from kvcache.errors import CacheError, ProtocolError
+from kvcache.io_workers import InlineIo, IoWorkers, ThreadIo
 from kvcache.keys import Namespace, split_keys
-from kvcache.metrics import CacheMetrics
+from kvcache.metrics import CacheMetrics, ProbeServer
 from kvcache.store import BlockStore, ReserveStatus
 from kvcache.tiers import FileBacking, MemoryBacking, Tier, TierStore
 
@@ -103,6 +107,24 @@ class _Client:
 _ANY_CONNECTION = (m.HeartbeatRequest, m.ByeRequest)
 
 
+def freeze_survivors() -> None:
+    """Collect the objects made since the last tick, then freeze the survivors.
+
+    Block metadata is long-lived and acyclic (freed by reference counting), yet a full
+    collection walks all of it: 20-350 ms stalls at 0.1-1M blocks, measured by
+    bench/cluster.py. Freezing takes what survived out of every later collection (an O(1)
+    list splice). Before freezing, the young generations (only what was allocated since
+    the last tick, ~100 ms ago: cheap) are collected, so a reference cycle that is garbage
+    by the end of the tick it was made in (an exception's traceback, a closure) is freed,
+    never frozen. Residual risk, accepted: a cycle that lives longer than one tick and
+    is dropped later stays; the daemon's own structures form none, and the
+    ``shoal_kvcache_resident_bytes`` and ``shoal_kvcache_gc_frozen_objects`` gauges make a
+    slow leak visible. Rejected: an occasional full collection (the stall this avoids).
+    """
+    gc.collect(1)
+    gc.freeze()
+
+
 def _keep_malloc_arenas() -> None:
     """Stop glibc returning freed memory to the kernel on every large free.
 
@@ -130,6 +152,11 @@ class CacheDaemon:
         if config.cluster_port:
             _keep_malloc_arenas()
         self._stop = threading.Event()
+        self._shutdown = threading.Event()  # SIGTERM: drain, then stop
+        self._shutdown_deadline: float | None = None
+        self._left_cluster = False
+        self._ready = False
+        self._last_turn = time.monotonic()  # read by /healthz from the HTTP thread
         self._clients: dict[int, _Client] = {}
         self._pidfds: dict[int, int] = {}  # pidfd -> session id
         self._by_identity: dict[bytes, int] = {}  # ROUTER identity -> its session
@@ -172,13 +199,21 @@ class CacheDaemon:
                 TierStore(Tier.SSD, SlabAllocator(config.ssd_bytes, config.slab_bytes), backing)
             )
         self._tiers = tiers
+        # File-tier moves (SSD spill and reads) run on workers; memory copies stay inline.
+        self._io: IoWorkers = InlineIo()
+        self._io_fd = -1
+        if any(not tier.in_memory for tier in tiers):
+            threads = ThreadIo(config.io_threads)
+            self._io, self._io_fd = threads, threads.fileno()
         self.store = BlockStore(
             tiers,
             policy=config.policy,
             reservation_ttl_s=config.reservation_ttl_s,
             clock=clock,
+            io=self._io,
+            max_staging_bytes=config.io_staging_bytes,
         )
-        self._metrics_server: Any = None
+        self._metrics_server: ProbeServer | None = None
         self.engines: EngineFeed = NullEngineFeed()
         self._engine_namespace_learned = False
         self._context = zmq.Context()
@@ -196,7 +231,11 @@ class CacheDaemon:
         os.chmod(config.socket_path, 0o600)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
+        if self._io_fd >= 0:
+            self._poller.register(self._io_fd, select.POLLIN)
         self._identity = b""  # of the request being handled, for replies sent later
+        # Long scans (an operator's evict) advance one bounded step per loop turn.
+        self._tasks: list[tuple[Generator[None, None, int], Callable[[int], None]]] = []
         self.cluster: Cluster = NullCluster()
         if config.cluster_port:
             shm = tiers[0].backing
@@ -208,7 +247,7 @@ class CacheDaemon:
                     shm,
                     self._context,
                     self.metrics.registry,
-                    on_leave=self.stop,
+                    on_leave=self._cluster_left,
                     clock=clock,
                 )
             except (CacheError, ValueError) as exc:
@@ -244,10 +283,27 @@ class CacheDaemon:
             m.LocateRequest: self._locate,
             m.FetchRequest: self._fetch,
             m.ClusterRequest: self._cluster_status,
-            m.EvictRequest: lambda r: {"evicted": self.store.evict(r.namespace, r.key_prefix)},
+            m.EvictRequest: self._evict,
             m.FlushRequest: lambda r: {"flushed": self.store.clear()},
             m.DrainRequest: self._drain,
         }
+        if config.metrics_port:
+            try:
+                self._metrics_server = ProbeServer(
+                    config.metrics_host,
+                    config.metrics_port,
+                    self.metrics.registry,
+                    health=self._healthy,
+                    ready=self._readiness,
+                )
+            except OSError as exc:
+                self.close()
+                raise CacheError(
+                    f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: "
+                    f"{exc.strerror}; another daemon or process holds that port: choose "
+                    "another --metrics-port (0 = off)"
+                ) from None
+        self._ready = True
         log.info(
             "cache daemon ready",
             extra={
@@ -262,17 +318,15 @@ class CacheDaemon:
     # -- lifecycle -------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        """Run until ``stop()`` or SIGTERM/SIGINT (when called from the main thread)."""
+        """Run until ``stop()``, or SIGTERM/SIGINT (when called from the main thread).
+
+        The first signal shuts down gracefully (``_begin_shutdown``); a second one stops
+        at once.
+        """
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, lambda *_: self.stop())
+                signal.signal(signum, lambda *_: self.request_shutdown())
         try:
-            if self.config.metrics_port:
-                self._metrics_server, _ = start_http_server(
-                    self.config.metrics_port,
-                    self.config.metrics_host,
-                    registry=self.metrics.registry,
-                )
             self._loop()
         finally:  # whatever happened, remove the arena and the socket
             self.close()
@@ -280,19 +334,23 @@ class CacheDaemon:
     def _loop(self) -> None:
         next_housekeeping = 0.0
         while not self._stop.is_set():
+            self._step_tasks()
             ready = self._poller.poll(timeout=0)
             while not ready and (
                 self.store.flush_policies(limit=_IDLE_STEP) or self.cluster.idle_step()
             ):
                 ready = self._poller.poll(timeout=0)  # idle: bookkeeping in small steps
-            if not ready:
-                ready = self._poller.poll(timeout=int(_HOUSEKEEPING_S * 1000))
+            if not ready:  # a long scan in progress goes on at once
+                ready = self._poller.poll(timeout=0 if self._tasks else int(_HOUSEKEEPING_S * 1000))
             # Exits first: a pidfd number freed by a bye in this batch may be reused by a
             # hello in the same batch, and its stale event must not close the new session.
             turn_started = time.time()
+            self._last_turn = time.monotonic()
             for sock_or_fd, _ in sorted(ready, key=lambda event: event[0] is self._socket):
                 if sock_or_fd is self._socket:
                     self._drain_socket()
+                elif sock_or_fd == self._io_fd and isinstance(self._io, ThreadIo):
+                    self._io.run_completions()  # replies to reads parked on them go out
                 elif isinstance(sock_or_fd, int):
                     self._client_exited(sock_or_fd)
                 elif self.cluster.owns(sock_or_fd):
@@ -312,6 +370,61 @@ class CacheDaemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def request_shutdown(self) -> None:
+        """Graceful stop (SIGTERM): the loop drains, then exits; a second call stops now."""
+        if self._shutdown.is_set():
+            self._stop.set()
+        self._shutdown.set()
+
+    def _begin_shutdown(self, now: float) -> None:
+        """Stop taking new blocks; let leases and writes in flight finish, and a cluster
+        member hand its hot blocks to peers and leave, until ``shutdown_timeout_s``."""
+        self._shutdown_deadline = now + self.config.shutdown_timeout_s
+        log.info(
+            "shutting down: no new reservations; waiting for leases and writes in flight",
+            extra={"timeout_s": self.config.shutdown_timeout_s},
+        )
+        if isinstance(self.cluster, NullCluster):
+            self._left_cluster = True
+        elif not self.cluster.draining:
+            self.cluster.drain(lambda result: log.info("handed off to peers", extra=result))
+
+    def _shutdown_finished(self, now: float) -> bool:
+        assert self._shutdown_deadline is not None, "checked only once a shutdown began"
+        stats = self.store.statistics()
+        settled = stats.num_leases == 0 and stats.num_reservations == 0
+        settled = settled and self._io.num_pending == 0  # moves in flight land first
+        if settled and self._left_cluster:
+            return True
+        if now >= self._shutdown_deadline:
+            log.warning(
+                "shutdown timeout: exiting with work in flight",
+                extra={"leases": stats.num_leases, "reservations": stats.num_reservations,
+                       "left_cluster": self._left_cluster},
+            )  # fmt: skip
+            return True
+        return False
+
+    def _cluster_left(self) -> None:
+        self._left_cluster = True
+        if self._shutdown_deadline is None:  # a drain asked for over the wire: stop now
+            self.stop()
+
+    def _healthy(self) -> tuple[bool, str]:
+        stalled = time.monotonic() - self._last_turn
+        if stalled > self.config.health_stall_s:
+            return False, f"loop stalled for {stalled:.1f} s"
+        return True, "ok"
+
+    def _readiness(self) -> tuple[bool, str]:
+        if not self._ready:
+            return False, "starting"
+        if self._shutdown.is_set():
+            return False, "shutting down"
+        if self.cluster.draining:
+            return False, "draining"
+        return True, "ok"
+
     def close(self) -> None:
         self.engines.close()
         self.cluster.close()
@@ -321,6 +434,9 @@ class CacheDaemon:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
+        # Moves in flight finish first: they touch the tiers closed below, and a read
+        # that lands still answers its client over the socket closed next.
+        self._io.close()
         # A short linger: the reply to a drain (sent just before stopping) must get out.
         self._socket.close(linger=200)
         self._context.term()
@@ -414,6 +530,11 @@ class CacheDaemon:
         return m.encode_error(request_id, code, message)
 
     def _housekeeping(self, now: float) -> None:
+        if self._shutdown.is_set():
+            if self._shutdown_deadline is None:
+                self._begin_shutdown(now)
+            if self._shutdown_finished(now):
+                self._stop.set()
         self.store.expire()
         if expired := self.store.expire_leases():
             log.warning("leases expired: their reader made no get/release for lease_ttl_s",
@@ -421,18 +542,14 @@ class CacheDaemon:
         ttl = self.config.session_ttl_s
         for client in [c for c in self._clients.values() if now - c.last_seen > ttl]:
             log.info("client timed out", extra={"session": client.serial, "pid": client.pid})
+            self.metrics.sessions_ended.labels("ttl").inc()
             self._close_session(client.session_id)
         self.cluster.publish(self.store.take_events(), time.time())
         self.engines.tick(now)
         for stream, events in self.engines.take_events():  # a replay timed out into a reset
             self.cluster.publish_engine(stream, events, time.time())
         self.cluster.tick(now)
-        # Block metadata is long-lived and acyclic (freed by reference counting), yet a
-        # full collection walks all of it: 20-350 ms stalls at 0.1-1M blocks, measured by
-        # bench/cluster.py. Freezing what survived this tick takes it out of every later
-        # collection (an O(1) list splice). Cost: a reference cycle that outlives a tick
-        # is never collected; the daemon's own structures form none.
-        gc.freeze()
+        freeze_survivors()
         self.metrics.update(self.store.statistics())
 
     def _client_exited(self, pidfd: int) -> None:
@@ -440,6 +557,7 @@ class CacheDaemon:
         client = self._clients.get(session_id) if session_id is not None else None
         if client is not None:
             log.info("client exited; releasing its leases", extra={"session": client.serial})
+            self.metrics.sessions_ended.labels("exit").inc()
             self._close_session(client.session_id)
 
     def _close_session(self, session_id: int) -> None:
@@ -525,7 +643,7 @@ class CacheDaemon:
 
     def _reserve(self, request: m.ReserveRequest) -> dict[str, Any]:
         keys = split_keys(request.keys)
-        if self.cluster.draining:  # a draining node takes no new blocks
+        if self.cluster.draining or self._shutdown.is_set():  # no new blocks when leaving
             return {"statuses": bytes([ReserveStatus.NO_SPACE] * len(keys)),
                     "offsets": [0] * len(keys)}  # fmt: skip
         results = self.store.reserve(request.session, keys, request.sizes, request.parent)
@@ -542,10 +660,19 @@ class CacheDaemon:
         self.store.abort(request.session, split_keys(request.keys))
         return {}
 
-    def _get(self, request: m.GetRequest) -> dict[str, Any]:
-        leases = self.store.acquire(
-            request.session, split_keys(request.keys), prefix=request.prefix
-        )
+    def _get(self, request: m.GetRequest) -> dict[str, Any] | None:
+        keys, identity = split_keys(request.keys), self._identity
+
+        def resume() -> None:  # on the loop thread, once the blocks' file reads landed
+            if request.session in self._clients:  # else it left (bye, exit) meanwhile
+                self._send(identity, m.encode_reply(request.id, **self._leases(request, keys)))
+
+        if not self.store.prepare(keys, resume, prefix=request.prefix):
+            return None  # no reply yet: the loop goes on serving others meanwhile
+        return self._leases(request, keys)
+
+    def _leases(self, request: m.GetRequest, keys: Sequence[bytes]) -> dict[str, Any]:
+        leases = self.store.acquire(request.session, keys, prefix=request.prefix)
         return {
             "offsets": [-1 if lease is None else lease.offset for lease in leases],
             "sizes": [0 if lease is None else lease.nbytes for lease in leases],
@@ -588,6 +715,24 @@ class CacheDaemon:
 
         self.cluster.fetch(keys, done)
 
+    def _evict(self, request: m.EvictRequest) -> None:
+        identity = self._identity
+
+        def done(evicted: int) -> None:
+            self._send(identity, m.encode_reply(request.id, evicted=evicted))
+
+        self._tasks.append((self.store.evict_steps(request.namespace, request.key_prefix), done))
+
+    def _step_tasks(self) -> None:
+        """One step of each long scan; a finished one sends its reply."""
+        for task in list(self._tasks):
+            steps, done = task
+            try:
+                next(steps)
+            except StopIteration as finished:
+                self._tasks.remove(task)
+                done(int(finished.value))
+
     def _drain(self, request: m.DrainRequest) -> None:
         identity = self._identity
         self.cluster.drain(
@@ -595,6 +740,7 @@ class CacheDaemon:
         )
 
     def _bye(self, request: m.ByeRequest) -> dict[str, Any]:
+        self.metrics.sessions_ended.labels("bye").inc()
         self._close_session(request.session)
         return {}
 

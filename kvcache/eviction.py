@@ -11,6 +11,9 @@ by every policy here and checked by ``tests/unit/test_eviction.py``::
     remove(key)             a resident key left for another reason; unknown keys: no-op
     pop_victim(is_pinned)   forget and return one resident key with is_pinned(key) False,
                             or None when every resident key is pinned
+    resize(capacity)        the tier now holds about ``capacity`` blocks (the store sizes
+                            policies by the blocks it really stores, ``kvcache.tier_policy``);
+                            residents stay, only the sizing of queues and ghosts changes
     len(), in               the resident keys
 
 Every call is O(1) amortised, but for one place: the default's ``insert`` of a key
@@ -87,6 +90,8 @@ class EvictionPolicy(Protocol[K]):
 
     def pop_victim(self, is_pinned: Callable[[K], bool]) -> K | None: ...
 
+    def resize(self, capacity_blocks: int) -> None: ...
+
     def __len__(self) -> int: ...
 
     def __contains__(self, key: object) -> bool: ...
@@ -105,6 +110,9 @@ class LRUPolicy(Generic[K]):
     def __init__(self, capacity_blocks: int = 0) -> None:
         del capacity_blocks  # LRU needs no sizing
         self._order: OrderedDict[K, None] = OrderedDict()
+
+    def resize(self, capacity_blocks: int) -> None:
+        del capacity_blocks  # nothing sized
 
     def insert(self, key: K, parent: K | None) -> None:
         assert key not in self._order, f"insert of resident key {key!r}"
@@ -154,12 +162,22 @@ class S3FIFOPolicy(Generic[K]):
     name: ClassVar[str] = "s3fifo"
 
     def __init__(self, capacity_blocks: int) -> None:
-        capacity = max(1, capacity_blocks)
-        self._small_capacity = max(1, capacity // 10)
-        self._ghost_capacity = max(1, capacity - self._small_capacity)
         self._small: OrderedDict[K, int] = OrderedDict()
         self._main: OrderedDict[K, int] = OrderedDict()
         self._ghost: OrderedDict[K, None] = OrderedDict()
+        self.resize(capacity_blocks)
+
+    def resize(self, capacity_blocks: int) -> None:
+        capacity = max(1, capacity_blocks)
+        self._small_capacity = max(1, capacity // 10)
+        self._ghost_capacity = max(1, capacity - self._small_capacity)
+        while len(self._ghost) > self._ghost_capacity:
+            self._ghost.popitem(last=False)
+
+    @property
+    def small_capacity(self) -> int:
+        """Blocks the small queue holds before its tail leaves first (10% of capacity)."""
+        return self._small_capacity
 
     def insert(self, key: K, parent: K | None) -> None:
         assert key not in self, f"insert of resident key {key!r}"
@@ -422,8 +440,24 @@ class ShoalDefaultPolicy(Generic[K]):
         self._first_child: dict[K, _Node[K]] = {}  # parent key -> a resident child
         self._segments: tuple[_Segment[K], _Segment[K]] = (_Segment(), _Segment())
         self._ghost: OrderedDict[K, None] = OrderedDict()
+        self._key_hash = key_hash
         self._chooser = _ProtectedShareChooser(self._capacity, key_hash)
         self._protected_capacity = 0
+
+    @property
+    def capacity_blocks(self) -> int:
+        return self._capacity
+
+    def resize(self, capacity_blocks: int) -> None:
+        """New miniatures for the new size (they learn again), keeping the share chosen."""
+        share = self._chooser.share
+        self._capacity = max(1, capacity_blocks)
+        self._chooser = _ProtectedShareChooser(self._capacity, self._key_hash)
+        self._chooser.share = share
+        self._protected_capacity = int(share * self._capacity)
+        while len(self._ghost) > self._capacity:
+            self._ghost.popitem(last=False)
+        self._enforce_protected_capacity()
 
     # -- events from the store ------------------------------------------------------
 

@@ -29,9 +29,16 @@ Tiers are exclusive: a block moves down on pressure and back up to SHM on a hit 
 can only read the arena). Every move verifies the checksum the writer supplied at commit;
 a mismatch drops the block and counts an error, so corruption is a miss, never wrong data.
 
-Eviction is delegated per tier to a pluggable ``EvictionPolicy`` (``kvcache.eviction``);
-the store pins leased blocks. Making room is synchronous on the request that needs it:
-simpler to reason about than a background demoter, and the copy (DRAM speed) is paid once.
+Eviction is delegated per tier to a pluggable ``EvictionPolicy`` (``kvcache.eviction``,
+sized by ``kvcache.tier_policy``); the store pins leased and moving blocks. Making room
+is synchronous on the request that needs it, as far as memory goes: a copy between
+memory tiers (SHM <-> DRAM) runs inline, at DRAM speed, paid once. Anything that touches
+a file tier is a *move* (``kvcache.moves``, which states its invariants): the store
+sets aside the slots, hands the bytes work to ``IoWorkers`` (threads in the daemon) and
+finishes the metadata when the worker reports back, on the caller's thread. A block
+being demoted to a file is staged in memory and stays visible and servable from there;
+a block being promoted from a file stays visible, and a reader that wants it waits
+(``prepare``) instead of the loop waiting for the disk.
 
 Known limitation: eviction follows the policy's order, not the size class that needs a
 slot. With mixed block sizes and leases spread over every slab, making room for a block
@@ -46,14 +53,29 @@ them with ``take_events()``; this module imports no transport. Time is injected.
 from __future__ import annotations
 
 import enum
+import functools
+import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 from kvcache.errors import CorruptBlock
-from kvcache.eviction import EvictionPolicy, make_policy
-from kvcache.tiers import Backing, Tier, TierStore
+from kvcache.io_workers import InlineIo, IoWorkers
+from kvcache.moves import Move, MoveKind, promotion_job, stage, write_job
+from kvcache.store_values import (
+    BlockEvent,
+    EventKind,
+    Lease,
+    ReserveResult,
+    ReserveStatus,
+    StoreStats,
+    TierStats,
+)
+from kvcache.tier_policy import TierPolicy
+from kvcache.tiers import Backing, Tier, TierStore, copy_hashing_target
+
+log = logging.getLogger("shoal." + __name__)
 
 __all__ = [
     "BlockEvent",
@@ -72,132 +94,14 @@ class _State(enum.IntEnum):
     COMMITTED = 1
 
 
-class ReserveStatus(enum.IntEnum):
-    OK = 0  # a slot is reserved: write the payload there, then commit
-    EXISTS = 1  # the block is already cached (or being written by another client)
-    NO_SPACE = 2  # back-pressure: every evictable block is leased or reserved
-
-
-class EventKind(enum.Enum):
-    STORED = "stored"  # committed, or moved to another tier (``tier`` says which)
-    REMOVED = "removed"
-    CLEARED = "cleared"  # every block is gone (flush); no per-block REMOVED follows
-
-
-@dataclass(frozen=True, slots=True)
-class ReserveResult:
-    status: ReserveStatus
-    offset: int = -1
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """Read access to a committed block until released: in the arena (``tier`` SHM), or
-    where it lies when leased with ``acquire(promote=False)``."""
-
-    key: bytes
-    offset: int
-    nbytes: int
-    checksum: int
-    tier: Tier = Tier.SHM
-
-
-@dataclass(frozen=True, slots=True)
-class BlockEvent:
-    kind: EventKind
-    key: bytes
-    tier: Tier | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TierStats:
-    tier: str
-    num_blocks: int
-    used_bytes: int
-    capacity_bytes: int
-    fragmentation: float
-    hits: int
-    evictions: int
-    bytes_in: int
-    bytes_out: int
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    tiers: tuple[TierStats, ...]
-    misses: int
-    num_leases: int
-    num_reservations: int
-    num_sessions: int
-    no_space: int
-    checksum_failures: int
-    io_errors: int
-    dropped: int
-    expired_reservations: int
-    expired_leases: int = 0
-
-
-class _DeferredPolicy:
-    """A policy whose bookkeeping waits until a decision needs it or the daemon is idle.
-
-    ``insert``/``touch``/``remove`` are recorded and applied in order before any
-    ``pop_victim`` or ``len``, so every decision sees exactly the state an eager policy
-    would; the policy's own cost (several microseconds a block for the default) moves off
-    the request path into idle time (``flush``). Measured: it was most of a commit's cost.
-    """
-
-    __slots__ = ("_pending", "policy")
-    _MAX_PENDING = 1 << 16
-
-    def __init__(self, policy: EvictionPolicy[bytes]) -> None:
-        self.policy = policy
-        self._pending: list[tuple[int, bytes, bytes | None]] = []
-
-    def insert(self, key: bytes, parent: bytes | None) -> None:
-        self._record(0, key, parent)
-
-    def touch(self, key: bytes) -> None:
-        self._record(1, key, None)
-
-    def remove(self, key: bytes) -> None:
-        self._record(2, key, None)
-
-    def _record(self, op: int, key: bytes, parent: bytes | None) -> None:
-        self._pending.append((op, key, parent))
-        if len(self._pending) >= self._MAX_PENDING:
-            self.flush()
-
-    def flush(self, limit: int | None = None) -> bool:
-        """Apply the oldest ``limit`` (default: all) records; True if more remain."""
-        if limit is None or limit >= len(self._pending):
-            pending, self._pending = self._pending, []
-        else:
-            pending, self._pending = self._pending[:limit], self._pending[limit:]
-        policy = self.policy
-        for op, key, parent in pending:
-            if op == 0:
-                policy.insert(key, parent)
-            elif op == 1:
-                policy.touch(key)
-            else:
-                policy.remove(key)
-        return bool(self._pending)
-
-    def pop_victim(self, is_pinned: Callable[[bytes], bool]) -> bytes | None:
-        self.flush()
-        return self.policy.pop_victim(is_pinned)
-
-    def __len__(self) -> int:
-        self.flush()
-        return len(self.policy)
-
-
 class _Entry:
     __slots__ = (
         "checksum",
         "deadline",
         "key",
+        "landed",
         "lease_count",
+        "move",
         "namespace",
         "nbytes",
         "offset",
@@ -219,6 +123,8 @@ class _Entry:
         self.owner = 0
         self.deadline = 0.0
         self.namespace = ""
+        self.move: Move | None = None  # in flight to or from a file tier (kvcache.moves)
+        self.landed = False  # promoted by a worker; its hit was counted on the file tier
 
 
 @dataclass(slots=True)
@@ -248,13 +154,13 @@ class BlockStore:
         policy: str = "default",
         reservation_ttl_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        io: IoWorkers | None = None,
+        max_staging_bytes: int = 256 << 20,
     ) -> None:
         assert tiers and tiers[0].tier is Tier.SHM, "the first tier must be the SHM arena"
         self._tiers = list(tiers)
-        self._policies = [
-            _DeferredPolicy(make_policy(policy, max(1, t.allocator.capacity_bytes // (256 << 10))))
-            for t in tiers
-        ]
+        # Sized in the blocks each tier really holds (kvcache.tier_policy), not a guess.
+        self._policies = [TierPolicy(policy, t.allocator) for t in tiers]
         self._counters = [_TierCounters() for _ in tiers]
         self._entries: dict[bytes, _Entry] = {}
         self._doomed: set[_Entry] = set()  # deleted while leased: removed on last release
@@ -271,6 +177,12 @@ class BlockStore:
         self._dropped = 0
         self._expired = 0
         self._expired_leases = 0
+        self._io: IoWorkers = io or InlineIo()  # runs the file-tier moves
+        self._moves: dict[int, Move] = {}  # id(move) -> move, in flight
+        # Demotions staged in memory while their writes wait: bounded, so a disk slower
+        # than the eviction rate costs dropped blocks, not unbounded daemon memory.
+        self._max_staging = max_staging_bytes
+        self._staging_bytes = 0
 
     @property
     def max_block_bytes(self) -> int:
@@ -315,6 +227,48 @@ class BlockStore:
                 return index
         return len(keys)
 
+    def prepare(
+        self, keys: Sequence[bytes], on_ready: Callable[[], None], *, prefix: bool = True
+    ) -> bool:
+        """Start bringing the file-tier blocks among ``keys`` to SHM, without waiting.
+
+        True when every block ``acquire`` would lease is in a memory tier now (acquire
+        will not touch a file). Otherwise ``on_ready`` runs once all the moves started or
+        joined here have completed (successfully or not), on the loop thread; then call
+        ``acquire``. A block that went back to a file tier in between is a miss there.
+        """
+        waiting: list[Move] = []
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None or entry.state is not _State.COMMITTED:
+                if prefix:
+                    break
+                continue
+            if self._tiers[entry.tier].in_memory or (
+                entry.move is not None and entry.move.kind is MoveKind.DEMOTE
+            ):
+                continue  # served by a memory copy (from the staging buffer if demoting)
+            move = entry.move or self._start_promotion(entry)
+            if move is None:  # no room in SHM: acquire answers the miss
+                if prefix:
+                    break
+                continue
+            if not move.finished:
+                waiting.append(move)
+        if not waiting:
+            return True
+        remaining = len(waiting)
+
+        def one_done() -> None:
+            nonlocal remaining
+            remaining -= 1
+            if not remaining:
+                on_ready()
+
+        for move in waiting:
+            move.waiters.append(one_done)
+        return False
+
     def acquire(
         self,
         session_id: int,
@@ -326,9 +280,12 @@ class BlockStore:
         """Lease each committed block, promoting it to SHM; ``None`` marks a miss.
 
         With ``prefix`` (the default) the first miss ends the answer: blocks past a gap in
-        a chain can never be used by an engine. Without ``promote`` a block is leased in the
-        tier it lies in (``Lease.tier``; read it through ``backing``): a peer reading our
-        warm blocks must not push this node's own hot blocks out of SHM.
+        a chain can never be used by an engine. A block on a file tier is promoted by a
+        worker: with the inline workers that happens here, with threads the block is a
+        miss now and in SHM soon (call ``prepare`` first to wait for it instead). Without
+        ``promote`` a block is leased in the tier it lies in (``Lease.tier``; read it
+        through ``backing``): a peer reading our warm blocks must not push this node's own
+        hot blocks out of SHM.
         """
         session = self._session(session_id)
         self._renew(session)
@@ -418,7 +375,11 @@ class BlockStore:
         limit = self.max_block_bytes
         for nbytes in sizes:
             if not 0 < nbytes <= limit:
-                raise ValueError(f"block size {nbytes} is outside 1..{limit} bytes")
+                raise ValueError(
+                    f"block size {nbytes} is outside 1..{limit} bytes: {limit} is this "
+                    "daemon's max_block_bytes (its slab size, in the hello reply); cut "
+                    "smaller blocks or raise --slab-bytes"
+                )
         session = self._session(session_id)
         label = session.namespace if namespace is None else sys.intern(namespace)
         deadline = self._clock() + self._ttl
@@ -466,7 +427,7 @@ class BlockStore:
             del self._reservations[id(entry)]
             entry.state = _State.COMMITTED
             entry.checksum = checksum
-            self._policies[0].insert(key, entry.parent)
+            self._policies[0].insert(key, entry.parent, entry.nbytes)
             shm_counters.bytes_in += entry.nbytes
             self._events.append(BlockEvent(EventKind.STORED, key, Tier.SHM))
             committed += 1
@@ -514,16 +475,38 @@ class BlockStore:
 
     def evict(self, namespace: str = "", key_prefix: str = "") -> int:
         """Remove the committed blocks of ``namespace`` (any, if empty) whose hex key
-        starts with ``key_prefix``; a scan over every block (an operator's tool)."""
+        starts with ``key_prefix``; a scan over every block, all at once."""
+        steps = self.evict_steps(namespace, key_prefix)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return int(done.value)
+
+    def evict_steps(
+        self, namespace: str = "", key_prefix: str = "", step: int = 4096
+    ) -> Generator[None, None, int]:
+        """``evict`` in bounded steps: each ``next`` checks ``step`` blocks (a few ms);
+        the generator's return value is the number removed. Blocks stored after the
+        scan began are not considered; blocks deleted meanwhile are skipped."""
         prefix = key_prefix.lower()
-        doomed = [
-            e.key
-            for e in self._entries.values()
-            if e.state is _State.COMMITTED
-            and (not namespace or e.namespace == namespace)
-            and e.key.hex().startswith(prefix)
-        ]
-        return self.delete(doomed)
+        keys = list(self._entries)  # a C-speed copy, so the dict may change between steps
+        removed = 0
+        for start in range(0, len(keys), step):
+            doomed = []
+            for key in keys[start : start + step]:
+                entry = self._entries.get(key)
+                if (
+                    entry is not None
+                    and entry.state is _State.COMMITTED
+                    and (not namespace or entry.namespace == namespace)
+                    and key.hex().startswith(prefix)
+                ):
+                    doomed.append(key)
+            removed += self.delete(doomed)
+            if start + step < len(keys):
+                yield
+        return removed
 
     def clear(self) -> int:
         """Remove every committed block (leased ones are freed on release)."""
@@ -538,12 +521,21 @@ class BlockStore:
         return [(e.key, e.tier) for e in self._entries.values() if e.state is _State.COMMITTED]
 
     def hot_keys(self, limit: int) -> list[bytes]:
-        """Up to ``limit`` committed keys, SHM tier first (a draining node hands them off)."""
-        by_tier = sorted(
-            (e for e in self._entries.values() if e.state is _State.COMMITTED),
-            key=lambda e: e.tier,
-        )
-        return [e.key for e in by_tier[:limit]]
+        """Up to ``limit`` committed keys, SHM tier first (a draining node hands them off).
+
+        One pass without a sort, stopping as soon as ``limit`` SHM keys are found; each
+        tier's list is capped at ``limit`` (memory bounded by the answer, not the store).
+        """
+        per_tier: list[list[bytes]] = [[] for _ in self._tiers]
+        for entry in self._entries.values():
+            if entry.state is not _State.COMMITTED:
+                continue
+            found = per_tier[entry.tier]
+            if len(found) < limit:
+                found.append(entry.key)
+                if entry.tier == Tier.SHM and len(found) == limit:
+                    break
+        return [key for found in per_tier for key in found][:limit]
 
     def namespace_of(self, key: bytes) -> str:
         entry = self._entries.get(key)
@@ -582,21 +574,42 @@ class BlockStore:
         return None
 
     def _is_pinned(self, key: bytes) -> bool:
-        return self._entries[key].lease_count > 0
+        entry = self._entries[key]
+        return entry.lease_count > 0 or entry.move is not None
 
     def _demote(self, entry: _Entry, level: int) -> None:
-        """Move an evicted block one tier down, or drop it from the bottom tier."""
-        if level + 1 >= len(self._tiers):
+        """Move an evicted block one tier down, or drop it from the bottom tier.
+
+        A tier smaller than one slab has a smaller largest block: a block too large for
+        it skips to the next tier that can hold one (or is dropped), never a ValueError
+        in the middle of another client's request.
+        """
+        lower = level + 1
+        while (
+            lower < len(self._tiers) and entry.nbytes > self._tiers[lower].allocator.max_block_bytes
+        ):
+            lower += 1
+        if lower >= len(self._tiers):
             self._remove(entry)
             return
-        offset = self._allocate(level + 1, entry.nbytes)
-        if offset is None or not self._move(entry, level + 1, offset):
+        offset = self._allocate(lower, entry.nbytes)
+        if offset is None:
             self._remove(entry)
             return
-        self._policies[level + 1].insert(entry.key, entry.parent)
+        if not self._tiers[lower].in_memory:
+            self._start_demotion(entry, lower, offset)
+            return
+        if not self._move(entry, lower, offset):
+            self._remove(entry)
+            return
+        self._policies[lower].insert(entry.key, entry.parent, entry.nbytes)
 
     def _touch(self, entry: _Entry) -> bool:
-        """A hit that leaves the block in its tier (``acquire(promote=False)``)."""
+        """A hit that leaves the block in its tier (``acquire(promote=False)``); a block in
+        flight is a miss: a demotion's file slot is not written yet (its bytes are in the
+        staging buffer), and a promotion's target slot is not filled yet."""
+        if entry.move is not None:
+            return False
         self._counters[entry.tier].hits += 1
         self._counters[entry.tier].bytes_out += entry.nbytes
         self._policies[entry.tier].touch(entry.key)
@@ -606,8 +619,21 @@ class BlockStore:
         """Bring a committed block to SHM; ``False`` (a miss) if no room or it is corrupt."""
         level = entry.tier
         if level == Tier.SHM:
-            self._counters[0].hits += 1
+            if entry.landed:  # the hit was the file tier's, counted when the read landed
+                entry.landed = False
+            else:
+                self._counters[0].hits += 1
             self._policies[0].touch(entry.key)
+            self._counters[0].bytes_out += entry.nbytes
+            return True
+        move = entry.move
+        if move is not None and move.kind is MoveKind.PROMOTE:
+            return False  # in flight: served once it lands (``prepare`` waits for it)
+        if move is None and not self._tiers[level].in_memory:
+            started = self._start_promotion(entry)
+            if started is None or not started.finished or not started.committed:
+                return False
+            entry.landed = False  # this very call is the read whose hit was counted
             self._counters[0].bytes_out += entry.nbytes
             return True
         # Out of its policy first, so making room in SHM (which demotes into this tier)
@@ -615,15 +641,16 @@ class BlockStore:
         self._policies[level].remove(entry.key)
         offset = self._allocate(0, entry.nbytes)
         if offset is None:
-            self._policies[level].insert(entry.key, entry.parent)
+            self._policies[level].insert(entry.key, entry.parent, entry.nbytes)
             self._no_space += 1
             return False
-        if not self._move(entry, Tier.SHM, offset):
+        moved = self._move_from_staging(entry, offset) if move else self._move(entry, 0, offset)
+        if not moved:
             self._remove(entry)
             return False
         self._counters[level].hits += 1
         self._counters[0].bytes_out += entry.nbytes
-        self._policies[0].insert(entry.key, entry.parent)
+        self._policies[0].insert(entry.key, entry.parent, entry.nbytes)
         return True
 
     def _move(self, entry: _Entry, level: int, offset: int) -> bool:
@@ -654,10 +681,146 @@ class BlockStore:
         self._events.append(BlockEvent(EventKind.REMOVED, entry.key))
         if entry.lease_count > 0:
             self._doomed.add(entry)
-        else:
+        elif entry.move is None:
             self._tiers[entry.tier].free(entry.offset)
+        # else: a worker is on its slots; the move's completion frees them (moves.py, 1.)
+
+    # -- moves to and from file tiers (kvcache.moves) --------------------------------
+
+    def _start_demotion(self, entry: _Entry, level: int, offset: int) -> None:
+        """Stage an evicted block and write it to file tier ``level`` on a worker."""
+        source = self._tiers[entry.tier]
+        if self._staging_bytes + entry.nbytes > self._max_staging:
+            self._tiers[level].free(offset)  # the disk is behind: drop, do not queue more
+            self._remove(entry)
+            return
+        try:
+            staging = stage(source, entry.offset, entry.nbytes, entry.checksum)
+        except CorruptBlock:
+            self._checksum_failures += 1
+            self._tiers[level].free(offset)
+            self._remove(entry)
+            return
+        self._counters[entry.tier].bytes_out += entry.nbytes
+        source.free(entry.offset)
+        move = Move(entry, MoveKind.DEMOTE, (entry.tier, entry.offset), (Tier(level), offset),
+                    staging)  # fmt: skip
+        entry.tier, entry.offset, entry.move = Tier(level), offset, move
+        self._moves[id(move)] = move
+        self._staging_bytes += entry.nbytes
+        self._policies[level].insert(entry.key, entry.parent, entry.nbytes)
+        self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
+        job = write_job(self._tiers[level], offset, move)
+        self._io.submit(job, functools.partial(self._demotion_done, move))
+
+    def _demotion_done(self, move: Move, error: Exception | None) -> None:
+        entry = move.entry
+        del self._moves[id(move)]
+        move.finished = True
+        move.release_staging()
+        self._staging_bytes -= entry.nbytes
+        live = entry.move is move and self._entries.get(entry.key) is entry
+        if entry.move is move:
+            entry.move = None
+        if not live:  # deleted, or promoted from the staging buffer meanwhile
+            self._tiers[move.target[0]].free(move.target[1])
+        elif error is not None:
+            self._count_error(error, entry)
+            self._policies[entry.tier].remove(entry.key)
+            self._remove(entry)  # frees the file slot: the write is over
+        else:
+            self._counters[entry.tier].bytes_in += entry.nbytes
+        self._wake(move)
+
+    def _move_from_staging(self, entry: _Entry, offset: int) -> bool:
+        """Promote a block whose demotion is in flight: copy its staging buffer to SHM."""
+        move = entry.move
+        assert move is not None and move.view is not None, "staged while demoting"
+        shm = self._tiers[0].backing
+        assert hasattr(shm, "view"), "the SHM tier is a memory mapping"
+        if copy_hashing_target(move.view[: entry.nbytes], shm.view(offset, entry.nbytes)) != (
+            entry.checksum
+        ):
+            self._checksum_failures += 1
+            self._tiers[0].free(offset)
+            return False  # the caller removes it; its file slot waits for the write
+        entry.move = None  # the write's completion frees the file slot (not live)
+        self._counters[0].bytes_in += entry.nbytes
+        entry.tier, entry.offset = Tier.SHM, offset
+        self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
+        return True
+
+    def _start_promotion(self, entry: _Entry) -> Move | None:
+        """Reserve an SHM slot and read a file-tier block into it on a worker; ``None``
+        if SHM has no room (a miss)."""
+        level = entry.tier
+        self._policies[level].remove(entry.key)  # not a victim while SHM makes room
+        offset = self._allocate(0, entry.nbytes)
+        if offset is None:
+            self._policies[level].insert(entry.key, entry.parent, entry.nbytes)
+            self._no_space += 1
+            return None
+        move = Move(entry, MoveKind.PROMOTE, (level, entry.offset), (Tier.SHM, offset))
+        entry.move = move
+        self._moves[id(move)] = move
+        job = promotion_job(self._tiers[level], entry.offset, self._tiers[0], offset,
+                            entry.nbytes, entry.checksum)  # fmt: skip
+        self._io.submit(job, functools.partial(self._promotion_done, move))
+        return move
+
+    def _promotion_done(self, move: Move, error: Exception | None) -> None:
+        entry = move.entry
+        del self._moves[id(move)]
+        move.finished = True
+        live = entry.move is move and self._entries.get(entry.key) is entry
+        entry.move = None
+        source, target = self._tiers[move.source[0]], self._tiers[0]
+        if not live:  # deleted while in flight: both slots are the move's to free
+            source.free(move.source[1])
+            target.free(move.target[1])
+        elif error is not None:
+            self._count_error(error, entry)
+            target.free(move.target[1])  # filled with bytes nobody will see
+            self._remove(entry)  # frees the file slot
+        else:
+            self._counters[move.source[0]].hits += 1
+            self._counters[move.source[0]].bytes_out += entry.nbytes
+            self._counters[0].bytes_in += entry.nbytes
+            source.free(move.source[1])
+            entry.tier, entry.offset, entry.landed = Tier.SHM, move.target[1], True
+            self._policies[0].insert(entry.key, entry.parent, entry.nbytes)
+            self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
+            move.committed = True
+        self._wake(move)
+
+    def _count_error(self, error: Exception, entry: _Entry) -> None:
+        if isinstance(error, CorruptBlock):
+            self._checksum_failures += 1
+        elif isinstance(error, OSError):
+            self._io_errors += 1
+        else:  # a bug in a job: counted as an I/O error, and loud
+            self._io_errors += 1
+            log.error("tier move failed", exc_info=error, extra={"key": entry.key.hex()})
+
+    def _wake(self, move: Move) -> None:
+        waiters, move.waiters = move.waiters, []
+        for waiter in waiters:
+            waiter()
+
+    @property
+    def num_moving(self) -> int:
+        """Blocks in flight to or from a file tier."""
+        return len(self._moves)
 
     # -- statistics ------------------------------------------------------------------
+
+    def _move_slots(self, move: Move) -> list[Tier]:
+        """Tiers of the slots a move holds besides its block's own (not blocks)."""
+        entry = move.entry
+        live = entry.move is move and self._entries.get(entry.key) is entry
+        if move.kind is MoveKind.PROMOTE:
+            return [Tier.SHM] if live else [Tier.SHM, move.source[0]]
+        return [] if live else [move.target[0]]
 
     def statistics(self) -> StoreStats:
         tier_stats = []
@@ -666,6 +829,8 @@ class BlockStore:
             # Resident blocks, derived from the allocator rather than len(policy), which
             # would flush the deferred policy records on every metrics refresh.
             held = sum(1 for e in self._doomed if e.tier == tier.tier)
+            held += sum(1 for move in self._moves.values() for slot in self._move_slots(move)
+                        if slot == tier.tier)  # fmt: skip
             if tier.tier is Tier.SHM:
                 held += len(self._reservations)
             tier_stats.append(

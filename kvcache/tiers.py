@@ -4,12 +4,22 @@ A tier is a ``SlabAllocator`` (offsets) over a ``Backing`` (bytes)::
 
     TierStore(SHM)  = allocator + MemoryBacking(mmap of the /dev/shm arena)   engines map it
     TierStore(DRAM) = allocator + MemoryBacking(anonymous mmap)               daemon-private
-    TierStore(SSD)  = allocator + FileBacking(one preallocated file)          daemon-private
+    TierStore(SSD)  = allocator + FileBacking(one file, posix_fallocate'd)     daemon-private
 
 The metadata of which block sits where belongs to ``kvcache.store``; this module only
-moves bytes. Every move between tiers recomputes the block checksum (xxh3-64, ~10x
-faster than a memcpy, so verifying costs little) and a mismatch is a ``CorruptBlock``
-the store turns into a miss: wrong bytes are never promoted.
+moves bytes, and does file I/O for the SSD tier (which the daemon runs on its I/O
+workers, ``kvcache.io_workers``, never on its request loop). Every move between tiers
+recomputes the block checksum (xxh3-64, ~10x faster than a memcpy, so verifying costs
+little) and a mismatch is a ``CorruptBlock`` the store turns into a miss: wrong bytes
+are never served. (They may land in the target slot first, when copying and hashing in
+one pass is what makes the check cheap; the slot is then freed, never published.)
+
+The spill file is allocated up front (``posix_fallocate``: ENOSPC at start, not as a
+lost block later) and written and read with ``O_DIRECT`` where the filesystem allows it,
+so spilled blocks do not also sit in the page cache, competing with the DRAM tier they
+were demoted from. Direct I/O needs page-aligned offsets, lengths and buffers: slots and
+arena views are page aligned and the store pads lengths to the page (``padded``);
+anything else falls back to buffered I/O on a second descriptor.
 
 Each backing is a Protocol with a memory and a file implementation; an anonymous
 mmap (not a bytearray) backs DRAM so pages are only touched once used and the tier can be
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import mmap
 import os
 from pathlib import Path
@@ -38,7 +49,16 @@ __all__ = [
     "TierStore",
     "block_checksum",
     "copy_hashing_target",
+    "padded",
 ]
+
+PAGE = 4096
+
+
+def padded(nbytes: int) -> int:
+    """``nbytes`` rounded up to a page: the length of a direct-I/O transfer of a block
+    (a slot always has room for it: slots are page multiples)."""
+    return -(-nbytes // PAGE) * PAGE
 
 
 def block_checksum(data: bytes | bytearray | memoryview) -> int:
@@ -109,25 +129,63 @@ class MemoryBacking:
 
 
 class FileBacking:
-    """Bytes in one preallocated file (the SSD spill tier); positional I/O only."""
+    """Bytes in one preallocated file (the SSD spill tier); positional I/O only, safe to
+    call from several threads at once (pread/pwrite on distinct slots)."""
 
-    def __init__(self, path: Path, nbytes: int) -> None:
+    def __init__(self, path: Path, nbytes: int, *, direct: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(self._fd, nbytes)
+        self._direct_fd = -1
+        try:
+            try:
+                os.posix_fallocate(self._fd, 0, nbytes)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise  # ENOSPC: the spill tier cannot have its size; say so at start
+                os.ftruncate(self._fd, nbytes)  # no fallocate here: sparse, as before
+            if direct:
+                try:
+                    self._direct_fd = os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
+                except OSError as exc:  # tmpfs and some others refuse O_DIRECT
+                    if exc.errno != errno.EINVAL:
+                        raise
+        except BaseException:
+            os.close(self._fd)
+            path.unlink(missing_ok=True)
+            raise
+
+    @property
+    def direct(self) -> bool:
+        return self._direct_fd >= 0
+
+    def _fd_for(self, offset: int, nbytes: int) -> int:
+        aligned = self._direct_fd >= 0 and not offset % PAGE and not nbytes % PAGE
+        return self._direct_fd if aligned else self._fd
 
     def write(self, offset: int, data: memoryview) -> None:
-        written = os.pwrite(self._fd, data, offset)
+        try:
+            written = os.pwrite(self._fd_for(offset, len(data)), data, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            written = os.pwrite(self._fd, data, offset)  # an unaligned buffer address
         if written != len(data):
             raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
 
     def read_into(self, offset: int, out: memoryview) -> None:
-        got = os.preadv(self._fd, [out], offset)
+        try:
+            got = os.preadv(self._fd_for(offset, len(out)), [out], offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            got = os.preadv(self._fd, [out], offset)
         if got != len(out):
             raise OSError(f"short read from {self.path}: {got} of {len(out)} bytes")
 
     def close(self) -> None:
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
         os.close(self._fd)
         self.path.unlink(missing_ok=True)
 
@@ -139,6 +197,11 @@ class TierStore:
         self.tier = tier
         self.allocator = allocator
         self.backing = backing
+
+    @property
+    def in_memory(self) -> bool:
+        """Moves to and from this tier are memory copies (else file I/O: off the loop)."""
+        return isinstance(self.backing, MemoryBacking)
 
     def try_allocate(self, nbytes: int) -> int | None:
         return self.allocator.try_allocate(nbytes)
@@ -170,7 +233,9 @@ class TierStore:
                 data = memoryview(bytearray(nbytes))
                 source.read_into(offset, data)
             found = block_checksum(data)
-        if found != checksum:  # verified before a write: corrupt bytes never reach the target
+        # Memory->memory copies hash what landed (one pass), so corrupt bytes may sit in
+        # the target slot; the caller frees it on CorruptBlock, and nothing points at it.
+        if found != checksum:
             raise CorruptBlock(f"checksum mismatch in {self.tier.label} at offset {offset}")
         if not landed:
             sink.write(target_offset, data)

@@ -139,6 +139,15 @@ class PolicyContract:
         policy.insert(1, None)
         assert sorted(drain(policy)) == [1, 2]
 
+    def test_resizing_keeps_every_resident_and_victims_still_come(self) -> None:
+        policy = self.make(100)
+        insert_chain(policy, 1, 2, 3, 4)
+        policy.touch(2)
+        policy.resize(2)
+        assert len(policy) == 4 and all(key in policy for key in (1, 2, 3, 4))
+        policy.resize(1000)
+        assert sorted(drain(policy)) == [1, 2, 3, 4]
+
 
 class TestLRU(PolicyContract):
     policy_name = "lru"

@@ -302,3 +302,117 @@ class StoreMachine(RuleBasedStateMachine):
 
 TestStoreMachine = StoreMachine.TestCase
 TestStoreMachine.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
+
+
+class TestPolicySizing:
+    """Policies are sized in the blocks a tier really holds (review finding M7)."""
+
+    MiB = 1 << 20
+
+    def make_tier_of_1gib(self, policy: str) -> BlockStore:
+        # Anonymous memory is only touched where written; commits here write nothing.
+        tier = TierStore(
+            Tier.SHM,
+            SlabAllocator(1 << 30, slab_bytes=64 * self.MiB),
+            MemoryBacking.anonymous(1 << 30),
+        )
+        store = BlockStore([tier], policy=policy, clock=FakeClock())
+        store.open_session(1)
+        return store
+
+    def commit(self, store: BlockStore, ids: list[int], nbytes: int) -> None:
+        keys = [key(i) for i in ids]
+        results = store.reserve(1, keys, [nbytes] * len(keys))
+        assert all(r.status is ReserveStatus.OK for r in results)
+        assert store.commit(1, keys, [0] * len(keys)) == len(keys)
+
+    def test_32mib_blocks_in_a_1gib_tier_make_a_32_block_cache(self) -> None:
+        from kvcache.eviction import S3FIFOPolicy
+
+        store = self.make_tier_of_1gib("s3fifo")
+        self.commit(store, [0], 32 * self.MiB)
+        sizing = store._policies[0]
+        assert sizing.capacity_blocks == 32, "1 GiB / 32 MiB, not 1 GiB / 256 KiB = 4096"
+        policy = sizing.policy
+        assert isinstance(policy, S3FIFOPolicy)
+        assert policy.small_capacity == 3, "S3-FIFO's small queue is 10% of the real tier"
+
+    def test_s3fifo_keeps_a_block_read_once_through_a_scan_of_the_real_tier(self) -> None:
+        store = self.make_tier_of_1gib("s3fifo")
+        self.commit(store, [0], 32 * self.MiB)
+        assert store.acquire(1, [key(0)])[0] is not None  # read while in the small queue
+        store.release(1, [key(0)])
+        for start in range(1, 200, 8):  # a scan of one-hit blocks, 6x the tier
+            self.commit(store, list(range(start, start + 8)), 32 * self.MiB)
+        assert store.lookup([key(0)]) == 1, "the block read once went to main and stayed"
+
+    def test_the_size_follows_the_blocks_when_they_change(self) -> None:
+        store = self.make_tier_of_1gib("default")
+        self.commit(store, [0], 32 * self.MiB)
+        assert store._policies[0].capacity_blocks == 32
+        self.commit(store, list(range(1, 200)), 1 * self.MiB)
+        assert store._policies[0].capacity_blocks == 1024
+
+
+class TestBlockSizeLimits:
+    """A block too large for a tier is an answer, never a crash (review finding M8)."""
+
+    def test_a_block_over_the_largest_slot_is_a_value_error_naming_both_sizes(self) -> None:
+        store, _ = make_store()
+        with pytest.raises(
+            ValueError, match=r"block size 131072 is outside 1\.\.65536.*max_block_bytes"
+        ):
+            store.reserve(1, [key(0)], [2 * BLOCK])
+
+    def test_demotion_skips_a_lower_tier_too_small_for_the_block(self) -> None:
+        big = 4 * BLOCK
+        tiers = [
+            TierStore(Tier.SHM, SlabAllocator(2 * big, slab_bytes=big),
+                      MemoryBacking.anonymous(2 * big)),
+            TierStore(Tier.DRAM, SlabAllocator(BLOCK, slab_bytes=big),  # largest block: BLOCK
+                      MemoryBacking.anonymous(BLOCK)),
+        ]  # fmt: skip
+        store = BlockStore(tiers, policy="lru", clock=FakeClock())
+        store.open_session(1)
+        for i in range(4):  # the third and fourth evict: DRAM cannot take a block this big
+            results = store.reserve(1, [key(i)], [big])
+            assert results[0].status is ReserveStatus.OK
+            store.commit(1, [key(i)], [0])
+        assert store.lookup([key(2)]) == 1 and store.lookup([key(3)]) == 1
+        assert store.lookup([key(0)]) == 0, "dropped, as from a bottom tier"
+        assert store.statistics().dropped == 2
+
+
+class TestLongScans:
+    """Operator scans run in bounded steps (review finding M3: no O(N) pass on the loop)."""
+
+    def test_evict_in_steps_checks_a_bounded_number_of_blocks_per_step(self) -> None:
+        store, tiers = make_store(shm_blocks=16, dram_blocks=0)
+        assert put(store, tiers, list(range(10))) == 10
+        steps = store.evict_steps(step=4)
+        next(steps)  # blocks 0-3 checked and removed; 4-9 untouched so far
+        assert store.lookup([key(i) for i in range(4)]) == 0
+        assert store.lookup([key(i) for i in range(4, 10)]) == 6
+        store.delete([key(5)])  # an engine's delete between two steps
+        assert put(store, tiers, [20]) == 1  # stored after the scan began: not considered
+        list(steps)  # the remaining steps
+        assert store.lookup([key(20)]) == 1
+        assert store.lookup([key(i) for i in range(10)]) == 0
+
+    def test_evict_in_steps_returns_how_many_it_removed(self) -> None:
+        store, tiers = make_store(shm_blocks=16, dram_blocks=0)
+        put(store, tiers, list(range(10)))
+        assert store.evict(key_prefix=key(3).hex()[:8]) == 1
+        steps = store.evict_steps(step=3)
+        with pytest.raises(StopIteration) as finished:
+            while True:
+                next(steps)
+        assert finished.value.value == 9
+
+    def test_hot_keys_are_shm_first_and_capped(self) -> None:
+        store, tiers = make_store(shm_blocks=2, dram_blocks=4)
+        for i in range(4):  # 0 and 1 are demoted to DRAM to make room
+            assert put(store, tiers, [i]) == 1
+        hot = store.hot_keys(3)
+        assert hot[:2] == [key(2), key(3)] and hot[2] in (key(0), key(1))
+        assert store.hot_keys(1) == [key(2)]
