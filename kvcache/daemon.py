@@ -102,6 +102,9 @@ class _Client:
     pidfd: int = -1
 
 
+# How many times a get waits for file-tier reads before it answers with what is in memory.
+_GET_PREPARE_ROUNDS = 4
+
 # Accepted from any connection that knows the token and epoch: the client heartbeats from
 # its own thread's socket, and ends a failed call's session over a fresh one.
 _ANY_CONNECTION = (m.HeartbeatRequest, m.ByeRequest)
@@ -662,10 +665,20 @@ class CacheDaemon:
 
     def _get(self, request: m.GetRequest) -> dict[str, Any] | None:
         keys, identity = split_keys(request.keys), self._identity
+        rounds = 0
 
         def resume() -> None:  # on the loop thread, once the blocks' file reads landed
-            if request.session in self._clients:  # else it left (bye, exit) meanwhile
-                self._send(identity, m.encode_reply(request.id, **self._leases(request, keys)))
+            nonlocal rounds
+            if request.session not in self._clients:
+                return  # it left (bye, exit) meanwhile
+            # A block whose demotion landed while we waited is on the file tier again:
+            # bring it up too rather than answer a miss (bounded: a thrashing tier misses).
+            rounds += 1
+            if rounds < _GET_PREPARE_ROUNDS and not self.store.prepare(
+                keys, resume, prefix=request.prefix
+            ):
+                return
+            self._send(identity, m.encode_reply(request.id, **self._leases(request, keys)))
 
         if not self.store.prepare(keys, resume, prefix=request.prefix):
             return None  # no reply yet: the loop goes on serving others meanwhile

@@ -314,7 +314,8 @@ def test_an_operators_evict_runs_in_steps_and_answers_with_the_count(tmp_path: P
         ):
             assert client.put(doomed, blocks(doomed)).stored == 12
             assert second.put(kept, blocks(kept)).stored == 4
-            assert client.evict(namespace=NS.label()) == 12
+            with handle.client(role="operator") as operator:
+                assert operator.evict(namespace=NS.label()) == 12
             assert client.lookup(doomed) == 0 and client.lookup(kept) == 4
     finally:
         assert handle.stop() == 0
