@@ -624,14 +624,15 @@ def _keygen(args: argparse.Namespace) -> int:
     d = directory.resolve()
     print(f"""wrote {public} (public) and {secret} (secret, mode 0600)
 
-Every daemon and every operator command uses this one keypair:
+Every daemon uses this keypair, and so does `shoal cache status`:
   shoal cache serve  --cluster-curve-dir {d} ...
-  shoal cache status --cluster-curve-dir {d}     (also evict/flush/drain --node)
+  shoal cache status --cluster-curve-dir {d}
 or SHOAL_CACHE_CLUSTER_CURVE_DIR={d}, or cluster_curve_dir in the [cache] table.
 
-Per-node keys (a member then cannot act as another, and only operators may
-evict/flush/drain): `shoal cache keygen {d} --member NODE` for each node and
-`--operator NAME` for each operator; each gives its own key as --cluster-curve-key.
+Operators need their own key for evict/flush/drain --node (this keypair is a
+member's): `shoal cache keygen {d} --operator NAME`, given as --cluster-curve-key.
+Per-node keys (a member then cannot act as another): `shoal cache keygen {d}
+--member NODE` for each node, each given as its --cluster-curve-key.
 
 On Kubernetes, keep it in a Secret and mount it read-only at that path in every pod:
   kubectl create secret generic shoal-cluster-key \\
