@@ -19,6 +19,7 @@ Layout (each module owns one noun; pure modules import no transport)::
     metrics.py    Prometheus metrics (shoal_kvcache_*), /healthz and /readyz
     config.py     CacheConfig (flags / SHOAL_CACHE_* / [cache] in the TOML file)
     cli.py        `shoal cache serve|demo|stats|status|nodes|lookup|evict|flush|drain|keygen`
+    keygen.py     `shoal cache keygen`: the cluster's CurveZMQ keypairs and allow-lists
     demo.py       the README's two-process demo (`shoal cache serve --demo`, `shoal cache
                   demo`: it ships in the package so a bare install can run it)
     wire.py       msgpack field validation shared by both wire protocols
