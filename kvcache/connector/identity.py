@@ -10,12 +10,16 @@ keeps serving KV computed by the old weights after the branch moves. In order:
    (``huggingface_hub.ResolvedRevision``, whose ``.resolved`` is the hash); a revision that
    already is a 40-hex commit counts too. Identity: ``<repo>@<commit>``.
 3. A local directory: ``<dir name>@weights-<digest>``, the digest over every weight file's
-   name and size and three 64 KiB samples of its bytes (start, middle, end; the start holds
-   a safetensors header with every tensor's name, dtype, shape and offsets) plus
-   ``config.json``. Copies of the same checkpoint on different machines or paths agree;
-   rewritten weights change it. It is a sampled identity, not a full hash: a change that
-   touches none of the sampled bytes and no file size goes unseen (name the revision in
-   ``model_id`` if weights are patched in place).
+   name and size and 64 KiB samples of its bytes: the start (a safetensors header holds
+   every tensor's name, dtype, shape and offsets), the middle, the end, and one window in
+   every 64 MiB between (at most 4,096 a file: 0.1% of the bytes, ~16 MiB read for a 16 GB model),
+   plus ``config.json``. Copies of the same checkpoint on different machines or paths
+   agree (no mtimes or inodes are used); rewritten weights change it. It is a sampled
+   identity, not a full hash (hashing every byte would cost each engine start tens of
+   seconds): a change confined to bytes no window covers goes unseen. Changes to weights
+   are dense in practice (a merged LoRA adapter or a fine-tune rewrites whole q/k/v
+   matrices, one in every few 64 MiB stretches), so they are seen; name the revision in
+   ``model_id`` if weights are patched sparsely in place.
 4. A Hub repo id whose commit vLLM did not resolve: the commit its local cache's
    ``refs/<revision>`` file records (offline; the cache is what vLLM loaded from).
 
@@ -30,11 +34,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UnknownModelIdentity", "model_identity", "weights_digest"]
+__all__ = ["UnknownModelIdentity", "model_identity", "sample_offsets", "weights_digest"]
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz")
 _SAMPLE = 64 << 10
+_STRIDE = 64 << 20  # one sample window in every stretch this long
+_MAX_SAMPLES = 4096  # per file: a longer file spreads its windows wider
 
 
 class UnknownModelIdentity(ValueError):
@@ -64,7 +70,7 @@ def model_identity(model: str, revision: Any = None) -> str:
 
 def weights_digest(directory: Path) -> str:
     """A 32-hex digest of the weight files in ``directory`` (sampled; module docstring)."""
-    hasher = hashlib.blake2b(b"shoal-weights-v1", digest_size=16)
+    hasher = hashlib.blake2b(b"shoal-weights-v2", digest_size=16)
     files = sorted(
         p
         for p in directory.iterdir()
@@ -75,10 +81,20 @@ def weights_digest(directory: Path) -> str:
         name = path.name.encode()
         hasher.update(len(name).to_bytes(4, "little") + name + size.to_bytes(8, "little"))
         with path.open("rb") as handle:
-            for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+            for offset in sample_offsets(size):
                 handle.seek(offset)
                 hasher.update(handle.read(_SAMPLE))
     return hasher.hexdigest()
+
+
+def sample_offsets(size: int) -> list[int]:
+    """Where ``weights_digest`` reads its 64 KiB windows in a file of ``size`` bytes: the
+    start, the end, and the middle of every ``_STRIDE`` stretch (wider stretches past
+    ``_MAX_SAMPLES`` windows), sorted and distinct."""
+    last = max(0, size - _SAMPLE)
+    stride = max(_STRIDE, -(-size // _MAX_SAMPLES))
+    middles = [*range(stride // 2, size, stride), size // 2 - _SAMPLE // 2]
+    return sorted({0, last, *(min(max(0, m), last) for m in middles)})
 
 
 def _cached_commit(repo_id: str, revision: str) -> str | None:
