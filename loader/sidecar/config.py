@@ -66,7 +66,9 @@ class LoaderConfig:
     allow: str = setting(
         "", "URIs clients may stage from, comma-separated, compared by parsed component "
         "(scheme, host, port or :*, bucket, path on a segment boundary; local paths resolved); "
-        "* = any; empty = any on a Unix socket or loopback, none on another TCP address",
+        "* = any; empty = any on a Unix socket or loopback, none on another TCP address; a "
+        "URI checked against it is refused if it has percent-encoded dots, slashes or "
+        "backslashes, a backslash, whitespace or a control character",
     )  # fmt: skip
     redirect_hosts: str = setting(
         "", "hosts an http(s) source may redirect to besides its own, comma-separated (* any)"
