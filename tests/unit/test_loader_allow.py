@@ -172,3 +172,39 @@ def test_ordinary_percent_encodings_are_still_admitted() -> None:
     check_allowed("peer://127.0.0.1:7070/s3://b/m%20x/", rules("peer://127.0.0.1:7070/s3://b"))
     with pytest.raises(AccessDenied):  # paths compare as written: S3 keys are literal
         check_allowed("s3://b/pub%6cic/x", rules("s3://b/public"))
+
+
+# -- a TCP address other hosts can reach needs client certificates (mutual TLS) -------------
+
+
+def test_serving_off_loopback_needs_mutual_tls_or_an_explicit_insecure_clients(
+    tmp_path: Path,
+) -> None:
+    pem = str(tmp_path / "c.pem")
+
+    def config(listen: str, **more: object) -> LoaderConfig:
+        return LoaderConfig(listen=listen, tls_cert=pem, tls_key=pem, **more)  # type: ignore[arg-type]
+
+    with pytest.raises(ValueError, match="--tls-client-ca .*--insecure-clients"):
+        config("tcp://0.0.0.0:7070").check_serving()
+    with pytest.raises(ValueError, match="client certificates"):
+        config("tcp://sidecar.example.com:7070").check_serving()
+    config("tcp://0.0.0.0:7070", tls_client_ca=pem).check_serving()
+    config("tcp://0.0.0.0:7070", insecure_clients=True).check_serving()
+    for local in ("", "unix:/tmp/x.sock", "tcp://127.0.0.1:7070", "tcp://[::1]:7070"):
+        LoaderConfig(listen=local).check_serving()
+    # the verbs that dial such a sidecar read the same settings and need no CA of their own
+    config("tcp://0.0.0.0:7070", tls_client_cert=pem, tls_client_key=pem)
+
+
+def test_the_serve_help_renders_and_names_the_exposure_flags() -> None:
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "shoal", "loader", "serve", "--help"],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, COLUMNS="200"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr  # argparse fails on a bare % in a help text
+    assert "--insecure-clients" in done.stdout and "--tls-client-ca (mutual TLS)" in done.stdout
