@@ -19,9 +19,16 @@ nothing is compared as a string prefix::
    be equal, a missing one meaning the scheme's default, unless the entry says ``:*``.
 2. A URI carrying user information (``user@host``), a query, a fragment, or a ``.``/``..``
    path segment is refused outright: each is a way to make a URI mean another host or path
-   than it seems to (urllib3 removes dot segments before sending).
+   than it seems to (urllib3 removes dot segments before sending). So is one whose path,
+   percent-decoded once or repeatedly, has such a segment or a slash or backslash inside
+   a segment (``/public/%2e%2e/private``: urllib3 sends ``%2e%2e`` as is and nginx decodes
+   and removes it, M5), and one with a backslash, a ``%`` in the host, or a whitespace or
+   control character anywhere (``urlsplit`` silently drops tabs and newlines, so
+   ``https://hub.exa<TAB>mple.com`` would be checked as a host it does not name).
 3. The path matches on a segment boundary: the entry's path with trailing slashes dropped
-   is the URI's path or a leading run of its segments. For ``s3://`` the bucket is the
+   is the URI's path or a leading run of its segments, compared as written (not decoded:
+   an S3 key is literal, so ``s3://b/pub%6cic`` is not ``s3://b/public``; an HTTP path
+   written two ways is refused, never wrongly admitted). For ``s3://`` the bucket is the
    host, so ``s3://models`` admits no other bucket.
 4. Local paths (no scheme, or ``file://``) are resolved (symlinks, ``..``) on both sides
    first, then compared as paths.
@@ -36,6 +43,7 @@ Pure: no gRPC, no I/O but ``Path.resolve``.
 from __future__ import annotations
 
 import posixpath
+import unicodedata
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -125,6 +133,7 @@ def _admits(rule: AllowRule, uri: _Parsed) -> bool:
 def _parse_remote(uri: str) -> _Parsed:
     """Components of a remote URI, refusing the forms of point 2. A ``peer://`` URI's path
     is the checkpoint URI it names (itself with ``://``), compared as a string path."""
+    _refuse_hidden_characters(uri)
     try:
         parts = urllib.parse.urlsplit(uri)
         port = parts.port
@@ -135,19 +144,58 @@ def _parse_remote(uri: str) -> _Parsed:
         raise AccessDenied(f"{uri!r}: user information (user@host) is refused in a URI")
     if parts.query or parts.fragment or "?" in uri or "#" in uri:
         raise AccessDenied(f"{uri!r}: a query or fragment is refused in a checkpoint URI")
+    if "%" in parts.netloc:
+        raise AccessDenied(f"{uri!r}: a percent-encoded host is refused")
     host = (parts.hostname or "").lower()
     if not host:
         raise AccessDenied(f"{uri!r} names no host")
     path = parts.path
-    segments = path.split("/")
-    if any(segment in (".", "..") for segment in segments):
-        raise AccessDenied(f"{uri!r}: '.' and '..' path segments are refused")
+    _refuse_encoded_escapes(uri, path)
     if port is None:
         port = _DEFAULT_PORTS.get(scheme)
     normalized = posixpath.normpath(path) if path.strip("/") else ""
     if scheme == "peer":  # the checkpoint URI inside keeps its "://"
         normalized = path.rstrip("/")
     return _Parsed(scheme, host, port, normalized.rstrip("/"))
+
+
+def _refuse_hidden_characters(uri: str) -> None:
+    """``AccessDenied`` for a backslash, whitespace or a control (or other invisible)
+    character anywhere in ``uri``: ``urlsplit`` drops tabs and newlines, and clients and
+    servers read ``\\`` as ``/``, so the URI checked would not be the URI sent."""
+    for char in uri:
+        if char == "\\":
+            raise AccessDenied(f"{uri!r}: a backslash is refused in a remote URI")
+        if char.isspace() or unicodedata.category(char)[0] in "CZ":
+            raise AccessDenied(
+                f"{uri!r}: whitespace or control character {char!r} is refused in a remote URI"
+            )
+
+
+def _refuse_encoded_escapes(uri: str, path: str) -> None:
+    """``AccessDenied`` if percent-decoding ``path``, once or until nothing changes, yields
+    a ``.``/``..`` segment, a ``/`` or ``\\`` inside a segment, or a control character:
+    forms a server may decode into a path outside the one checked (urllib3 sends ``%2e``
+    and ``%2f`` as written; nginx decodes them and then removes dot segments)."""
+    for segment in path.split("/"):
+        layer = segment
+        for _ in range(8):  # %252e -> %2e -> . ; deeper nesting is refused below
+            if layer in (".", "..") or "/" in layer or "\\" in layer:
+                raise AccessDenied(
+                    f"{uri!r}: '.' and '..' path segments, and '/' or '\\' inside a segment, "
+                    "are refused, percent-encoded or not"
+                )
+            if any(unicodedata.category(c)[0] == "C" for c in layer):
+                raise AccessDenied(f"{uri!r}: an encoded control character is refused")
+            try:
+                unquoted = urllib.parse.unquote(layer, errors="strict")
+            except UnicodeDecodeError:
+                raise AccessDenied(f"{uri!r}: a percent-encoding that is not UTF-8") from None
+            if unquoted == layer:
+                break
+            layer = unquoted
+        else:
+            raise AccessDenied(f"{uri!r}: a path percent-encoded this many times is refused")
 
 
 def _describe(rule: AllowRule) -> str:

@@ -52,6 +52,15 @@ def register(subparsers: Any) -> None:
         return parser
 
     serve = verb("serve", "run the loader sidecar in the foreground", _serve)
+    serve.description = (
+        "Run the loader sidecar in the foreground. On a Unix socket (the default) or a "
+        "loopback TCP address any local user may ask it to stage anything (--allow narrows "
+        "it). On a TCP address other hosts can reach it needs --tls-cert/--tls-key and "
+        "--tls-client-ca (mutual TLS): without client certificates any host that reaches "
+        "the port could Read, Evict and Prefetch staged weights, so it refuses to start "
+        "unless --insecure-clients is given (then it logs a warning). There --allow is "
+        "deny-by-default."
+    )
     prefetch = verb("prefetch", "stage a checkpoint in the sidecar's shared memory", _prefetch)
     prefetch.add_argument("uri", help="absolute path, file://, s3://bucket/prefix or http(s)://")
     prefetch.add_argument("--tp-rank", type=int, default=0, help="tensor-parallel rank")
@@ -119,6 +128,9 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     try:
         server = SidecarServer(config)
+    except ValueError as exc:  # settings it must not serve with (check_serving)
+        print(f"shoal loader serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (LoaderError, OSError) as exc:
         print(f"shoal loader serve: {exc}", file=sys.stderr)
         return EXIT_FAILED

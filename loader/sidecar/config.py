@@ -14,7 +14,12 @@ TCP serves a controller warming a node from elsewhere (``Prefetch``, ``List``, `
 mapping the staged tensors still needs the engine on the sidecar's host. TCP needs TLS
 (``tls_cert`` + ``tls_key``) unless the host is a loopback address; ``tls_client_ca`` makes
 it mutual: only clients presenting a certificate that CA signed get a connection (clients
-present ``tls_client_cert`` + ``tls_client_key``). On such a port the allow-list is
+present ``tls_client_cert`` + ``tls_client_key``). Serving on such an address needs mutual
+TLS too, like the cache's cluster port (M5): without ``tls_client_ca`` any client that can
+reach the port could Read, Evict and Prefetch staged weights, so ``check_serving`` refuses
+to start unless ``insecure_clients`` says so explicitly (the server then logs a WARNING).
+The check is the server's, not ``__post_init__``'s: the verbs that dial a sidecar read the
+same settings and present a certificate, not a CA. On such a port the allow-list is
 deny-by-default: without ``allow`` nothing can be staged (``allow_rules``; the rules are
 ``loader.sidecar.allow``'s), while a Unix socket or loopback port admits any URI unless
 ``allow`` narrows it.
@@ -52,6 +57,10 @@ class LoaderConfig:
         "", "clients: PEM certificate to present to a sidecar that requires one"
     )
     tls_client_key: str = setting("", "clients: PEM private key of tls_client_cert")
+    insecure_clients: bool = setting(
+        False, "serve a TCP address other hosts can reach without tls_client_ca: any client "
+        "that reaches it may Read, Evict and Prefetch staged weights (logs a warning)",
+    )  # fmt: skip
     capacity_bytes: int = setting(
         8 << 30, "bound on staged plus staging bytes in shared memory", size=True
     )
@@ -66,7 +75,9 @@ class LoaderConfig:
     allow: str = setting(
         "", "URIs clients may stage from, comma-separated, compared by parsed component "
         "(scheme, host, port or :*, bucket, path on a segment boundary; local paths resolved); "
-        "* = any; empty = any on a Unix socket or loopback, none on another TCP address",
+        "* = any; empty = any on a Unix socket or loopback, none on another TCP address; a "
+        "URI checked against it is refused if it has percent-encoded dots, slashes or "
+        "backslashes, a backslash, whitespace or a control character",
     )  # fmt: skip
     redirect_hosts: str = setting(
         "", "hosts an http(s) source may redirect to besides its own, comma-separated (* any)"
@@ -127,6 +138,18 @@ class LoaderConfig:
         elif self.listen and not self.listen.startswith("unix:"):
             raise ValueError(f"listen {self.listen!r} must be empty, unix:/path or tcp://host:port")
         self.allow_rules  # noqa: B018  (a bad --allow entry fails at startup, named)
+
+    def check_serving(self) -> None:
+        """``ValueError`` naming the fix if a sidecar should not serve with these settings:
+        a TCP address other hosts can reach without mutual TLS (``tls_client_ca``) and
+        without an explicit ``insecure_clients``."""
+        if self.reachable_from_other_hosts and not self.tls_client_ca and not self.insecure_clients:
+            raise ValueError(
+                f"refusing to serve {self.listen} without client certificates: any host that "
+                "can reach it could Read, Evict and Prefetch staged weights. Give "
+                "--tls-client-ca CA.pem (mutual TLS), listen on 127.0.0.1 or a Unix socket, "
+                "or say --insecure-clients on a network you trust"
+            )
 
     @property
     def runtime_path(self) -> Path:

@@ -1,7 +1,10 @@
 """``shoal loader serve``: the sidecar process: one ``Stager`` behind one gRPC server.
 
-Startup, in order: create the runtime directory (0700); take an exclusive ``flock`` on
-``<runtime_dir>/shoal-loader-<name>.lock`` for the process's life (a second sidecar of
+Startup, in order: refuse settings it must not serve with (``LoaderConfig.check_serving``:
+a TCP address other hosts can reach needs mutual TLS, ``--tls-client-ca``, or an explicit
+``--insecure-clients``, which logs a WARNING at every start); create the runtime directory
+(0700); take an exclusive ``flock`` on ``<runtime_dir>/shoal-loader-<name>.lock`` for the
+process's life (a second sidecar of
 the same name fails with a clear error; a lock, unlike a pid file, cannot be fooled by pid
 reuse); unlink segments a dead sidecar of this name left in ``shm_dir``; bind the Unix
 socket (replacing a stale one, which the lock proves is dead) or the TCP port, with TLS
@@ -59,6 +62,7 @@ log = logging.getLogger("shoal." + __name__)
 
 class SidecarServer:
     def __init__(self, config: LoaderConfig) -> None:
+        config.check_serving()  # ValueError: mutual TLS or --insecure-clients off loopback
         self.config = config
         runtime = config.runtime_path
         runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -180,9 +184,11 @@ class SidecarServer:
     def start(self) -> None:
         if self.config.reachable_from_other_hosts and not self.config.tls_client_ca:
             log.warning(
-                "listening on a port other hosts can reach without --tls-client-ca: any "
-                "client that trusts the certificate can Prefetch (within --allow), Read and "
-                "Evict; give --tls-client-ca to admit only clients with a certificate"
+                "listening on a port other hosts can reach without client certificates "
+                "(--insecure-clients): any client that reaches it can Prefetch (within "
+                "--allow), Read and Evict; give --tls-client-ca to admit only clients with "
+                "a certificate its CA signed",
+                extra={"listen": self.config.listen},
             )
         self._server.start()
         log.info(

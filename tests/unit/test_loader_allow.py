@@ -107,3 +107,104 @@ def test_a_peer_on_another_host_without_tls_is_refused() -> None:
     for local in ("peer://127.0.0.1:7070/m", "peer://localhost:7070/m", "peer://[::1]:7070/m"):
         PeerSource(local).close()  # loopback: allowed, nothing dialled yet
     SidecarClient("unix:/nonexistent.sock").close()
+
+
+# -- encodings and hidden characters that make the URI sent differ from the URI checked -----
+
+PUBLIC = "http://127.0.0.1:8080/public"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        PUBLIC + "/%2e%2e/private/",  # nginx decodes, then removes the dot segments
+        PUBLIC + "/%2E%2E/private/",
+        PUBLIC + "/.%2e/private/",
+        PUBLIC + "/%2e./private/",
+        PUBLIC + "/%2e/model/",
+        PUBLIC + "/%252e%252e/private/",  # decoded twice by a proxy and a server
+        PUBLIC + "%2f..%2fprivate/",  # an encoded slash makes one segment two
+        PUBLIC + "/m%2F..%2F..%2Fprivate/",
+        PUBLIC + "/m%5c..%5c..%5cprivate/",
+        PUBLIC + "/m%5C..%5Cprivate/",
+        PUBLIC + "\\..\\private/",  # WHATWG parsers read a backslash as a slash
+        PUBLIC + "/m/%00/",
+        PUBLIC + "/m/%0a/",
+        PUBLIC + "/m/%ff/",  # not UTF-8: what it decodes to depends on the server
+    ],
+)
+def test_percent_encoded_dot_segments_and_slashes_are_refused(uri: str) -> None:
+    with pytest.raises(AccessDenied):
+        check_allowed(uri, rules(PUBLIC))
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://hub.exa\tmple.com/m/x",  # urlsplit drops the tab: checked as hub.example.com
+        "https://hub.example.com\n/m/x",
+        "https://hub.example.com/m/\rx",
+        "https://hub.example.com/m /x",
+        "https://hub.example.com/m/\u00a0x",  # no-break space
+        "https://hub.example.com\u200b/m/x",  # zero-width space
+        "https://hub.example.com/m/\u202ex",  # right-to-left override
+        "https://hub.example.com/m/\x7fx",
+        "https://hub.example.com%2eevil.net/m/x",  # a percent-encoded host
+    ],
+)
+def test_whitespace_control_characters_and_encoded_hosts_are_refused(uri: str) -> None:
+    with pytest.raises(AccessDenied):
+        check_allowed(uri, rules("https://hub.example.com"))
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["https://hub.exa\tmple.com", "http://h/public/%2e%2e", "http://h/a%2fb", "http://h\\x"],
+)
+def test_allow_entries_with_those_forms_fail_the_config(entry: str) -> None:
+    with pytest.raises(ValueError, match="allow entry"):
+        parse_rule(entry)
+
+
+def test_ordinary_percent_encodings_are_still_admitted() -> None:
+    check_allowed(PUBLIC + "/my%20model/x%2Bq.safetensors", rules(PUBLIC))
+    check_allowed(PUBLIC + "/my%20model/", rules(PUBLIC + "/my%20model"))
+    check_allowed("peer://127.0.0.1:7070/s3://b/m%20x/", rules("peer://127.0.0.1:7070/s3://b"))
+    with pytest.raises(AccessDenied):  # paths compare as written: S3 keys are literal
+        check_allowed("s3://b/pub%6cic/x", rules("s3://b/public"))
+
+
+# -- a TCP address other hosts can reach needs client certificates (mutual TLS) -------------
+
+
+def test_serving_off_loopback_needs_mutual_tls_or_an_explicit_insecure_clients(
+    tmp_path: Path,
+) -> None:
+    pem = str(tmp_path / "c.pem")
+
+    def config(listen: str, **more: object) -> LoaderConfig:
+        return LoaderConfig(listen=listen, tls_cert=pem, tls_key=pem, **more)  # type: ignore[arg-type]
+
+    with pytest.raises(ValueError, match="--tls-client-ca .*--insecure-clients"):
+        config("tcp://0.0.0.0:7070").check_serving()
+    with pytest.raises(ValueError, match="client certificates"):
+        config("tcp://sidecar.example.com:7070").check_serving()
+    config("tcp://0.0.0.0:7070", tls_client_ca=pem).check_serving()
+    config("tcp://0.0.0.0:7070", insecure_clients=True).check_serving()
+    for local in ("", "unix:/tmp/x.sock", "tcp://127.0.0.1:7070", "tcp://[::1]:7070"):
+        LoaderConfig(listen=local).check_serving()
+    # the verbs that dial such a sidecar read the same settings and need no CA of their own
+    config("tcp://0.0.0.0:7070", tls_client_cert=pem, tls_client_key=pem)
+
+
+def test_the_serve_help_renders_and_names_the_exposure_flags() -> None:
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "shoal", "loader", "serve", "--help"],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, COLUMNS="200"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr  # argparse fails on a bare % in a help text
+    assert "--insecure-clients" in done.stdout and "--tls-client-ca (mutual TLS)" in done.stdout
