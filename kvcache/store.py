@@ -4,8 +4,17 @@ Invariant (checked by the Hypothesis state machine in tests/unit/test_store.py):
 
     every block is RESERVED by exactly one writer session, or COMMITTED;
     only COMMITTED blocks are visible to lookup and get;
-    a COMMITTED block with leases (lease_count > 0) sits in the SHM tier and is
-    never evicted, demoted or overwritten; a block sits in exactly one tier.
+    a COMMITTED block with leases (lease_count > 0) is never evicted, demoted or
+    overwritten; a block sits in exactly one tier;
+    a slot with an outstanding lease is never freed, so its bytes stay intact until
+    the lease is released (or expires).
+
+A lease taken where the block lies (``acquire(promote=False)``: a peer reads a DRAM or
+SSD block in place, zero-copy) pins that slot, not just the block: a local get of the
+same block still promotes it (the engine can only read SHM), by copying. The old slot
+is then *retired*: it belongs to no block, holds the leases taken on it, and is freed
+when the last of them ends (``_retire``). Refusing the local get instead was rejected:
+a peer's read would turn this node's own hits into misses.
 
 Life of a block::
 
@@ -127,10 +136,15 @@ class _Entry:
         self.landed = False  # promoted by a worker; its hit was counted on the file tier
 
 
+_Hold = tuple[_Entry, Tier, int]  # a lease: the block, and the slot it was taken on
+
+
 @dataclass(slots=True)
 class _Session:
     namespace: str = ""
-    leases: dict[bytes, list[_Entry]] = field(default_factory=dict)
+    # Each lease names the slot it was taken on: the block may move while leased
+    # (a promote after a lease in place), the slot stays until the lease ends.
+    leases: dict[bytes, list[_Hold]] = field(default_factory=dict)
     reservations: dict[bytes, _Entry] = field(default_factory=dict)
     lease_ttl_s: float | None = None  # None: leases last until released
     lease_deadline: float = 0.0  # renewed by every acquire and release
@@ -164,6 +178,8 @@ class BlockStore:
         self._counters = [_TierCounters() for _ in tiers]
         self._entries: dict[bytes, _Entry] = {}
         self._doomed: set[_Entry] = set()  # deleted while leased: removed on last release
+        # Old slots of blocks promoted while leased in place -> leases still on them.
+        self._retired: dict[tuple[Tier, int], int] = {}
         self._sessions: dict[int, _Session] = {}
         self._reservations: dict[int, _Entry] = {}  # id(entry) -> entry, in deadline order
         self._events: list[BlockEvent] = []
@@ -205,9 +221,9 @@ class BlockStore:
         session = self._sessions.pop(session_id, None)
         if session is None:
             return
-        for entries in session.leases.values():
-            for entry in entries:
-                self._unlease(entry)
+        for holds in session.leases.values():
+            for hold in holds:
+                self._unlease(*hold)
         for entry in list(session.reservations.values()):
             self._discard_reservation(entry)
 
@@ -304,7 +320,7 @@ class BlockStore:
                 continue
             entry.lease_count += 1
             self._num_leases += 1
-            session.leases.setdefault(key, []).append(entry)
+            session.leases.setdefault(key, []).append((entry, entry.tier, entry.offset))
             leases.append(Lease(key, entry.offset, entry.nbytes, entry.checksum, entry.tier))
         return leases
 
@@ -321,10 +337,10 @@ class BlockStore:
             held = session.leases.get(key)
             if not held:
                 continue
-            entry = held.pop()
+            hold = held.pop()
             if not held:
                 del session.leases[key]
-            self._unlease(entry)
+            self._unlease(*hold)
             released += 1
         return released
 
@@ -339,17 +355,27 @@ class BlockStore:
         for session in self._sessions.values():
             if session.leases and session.lease_ttl_s is not None and session.lease_deadline <= now:
                 leases, session.leases = session.leases, {}
-                for entries in leases.values():
-                    for entry in entries:
-                        self._unlease(entry)
+                for holds in leases.values():
+                    for hold in holds:
+                        self._unlease(*hold)
                         expired += 1
         self._expired_leases += expired
         return expired
 
-    def _unlease(self, entry: _Entry) -> None:
+    def _unlease(self, entry: _Entry, tier: Tier, offset: int) -> None:
+        """End one lease, taken on slot ``(tier, offset)`` of ``entry``."""
+        self._num_leases -= 1
+        slot = (tier, offset)
+        left = self._retired.get(slot)
+        if left is not None:  # the block moved on; this slot waited for its leases
+            if left > 1:
+                self._retired[slot] = left - 1
+            else:
+                del self._retired[slot]
+                self._tiers[tier].free(offset)
+            return
         assert entry.lease_count > 0, f"lease count of {entry.key.hex()} would go negative"
         entry.lease_count -= 1
-        self._num_leases -= 1
         if entry.lease_count == 0 and entry in self._doomed:
             self._doomed.discard(entry)
             self._tiers[entry.tier].free(entry.offset)
@@ -654,7 +680,7 @@ class BlockStore:
         return True
 
     def _move(self, entry: _Entry, level: int, offset: int) -> bool:
-        """Copy a block to ``offset`` in tier ``level`` and free its old slot."""
+        """Copy a block to ``offset`` in tier ``level`` and free (or retire) its old slot."""
         source, target = self._tiers[entry.tier], self._tiers[level]
         try:
             source.copy_to(entry.offset, entry.nbytes, entry.checksum, target, offset)
@@ -668,11 +694,21 @@ class BlockStore:
             return False
         self._counters[entry.tier].bytes_out += entry.nbytes
         self._counters[level].bytes_in += entry.nbytes
-        source.free(entry.offset)
+        self._retire(entry, entry.tier, entry.offset)
         entry.tier = Tier(level)
         entry.offset = offset
         self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
         return True
+
+    def _retire(self, entry: _Entry, tier: Tier, offset: int) -> None:
+        """Let go of the slot a block is leaving: freed now, or once the leases taken on
+        it in place end (module docstring). The block's own count starts again at zero:
+        only leases on its new slot pin it there."""
+        if entry.lease_count == 0:
+            self._tiers[tier].free(offset)
+            return
+        self._retired[(tier, offset)] = entry.lease_count
+        entry.lease_count = 0
 
     def _remove(self, entry: _Entry) -> None:
         """Forget a committed block (already out of its tier's policy)."""
@@ -776,7 +812,8 @@ class BlockStore:
         entry.move = None
         source, target = self._tiers[move.source[0]], self._tiers[0]
         if not live:  # deleted while in flight: both slots are the move's to free
-            source.free(move.source[1])
+            if entry not in self._doomed:  # else its last lease frees the source slot
+                source.free(move.source[1])
             target.free(move.target[1])
         elif error is not None:
             self._count_error(error, entry)
@@ -786,7 +823,7 @@ class BlockStore:
             self._counters[move.source[0]].hits += 1
             self._counters[move.source[0]].bytes_out += entry.nbytes
             self._counters[0].bytes_in += entry.nbytes
-            source.free(move.source[1])
+            self._retire(entry, move.source[0], move.source[1])
             entry.tier, entry.offset, entry.landed = Tier.SHM, move.target[1], True
             self._policies[0].insert(entry.key, entry.parent, entry.nbytes)
             self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
@@ -829,6 +866,7 @@ class BlockStore:
             # Resident blocks, derived from the allocator rather than len(policy), which
             # would flush the deferred policy records on every metrics refresh.
             held = sum(1 for e in self._doomed if e.tier == tier.tier)
+            held += sum(1 for level, _ in self._retired if level == tier.tier)
             held += sum(1 for move in self._moves.values() for slot in self._move_slots(move)
                         if slot == tier.tier)  # fmt: skip
             if tier.tier is Tier.SHM:
