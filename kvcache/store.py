@@ -61,12 +61,13 @@ them with ``take_events()``; this module imports no transport. Time is injected.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
 import sys
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvcache.errors import CorruptBlock
@@ -190,6 +191,7 @@ class BlockStore:
         self._no_space = 0
         self._checksum_failures = 0
         self._io_errors = 0
+        self._callback_errors = 0  # move completions and their waiters that raised (bugs)
         self._dropped = 0
         self._expired = 0
         self._expired_leases = 0
@@ -737,6 +739,11 @@ class BlockStore:
             self._tiers[level].free(offset)
             self._remove(entry)
             return
+        except OSError:  # no memory for the staging buffer (ENOMEM): dropped, counted
+            self._io_errors += 1
+            self._tiers[level].free(offset)
+            self._remove(entry)
+            return
         self._counters[entry.tier].bytes_out += entry.nbytes
         source.free(entry.offset)
         move = Move(entry, MoveKind.DEMOTE, (entry.tier, entry.offset), (Tier(level), offset),
@@ -750,23 +757,23 @@ class BlockStore:
         self._io.submit(job, functools.partial(self._demotion_done, move))
 
     def _demotion_done(self, move: Move, error: Exception | None) -> None:
-        entry = move.entry
-        del self._moves[id(move)]
-        move.finished = True
-        move.release_staging()
-        self._staging_bytes -= entry.nbytes
-        live = entry.move is move and self._entries.get(entry.key) is entry
-        if entry.move is move:
-            entry.move = None
-        if not live:  # deleted, or promoted from the staging buffer meanwhile
-            self._tiers[move.target[0]].free(move.target[1])
-        elif error is not None:
-            self._count_error(error, entry)
-            self._policies[entry.tier].remove(entry.key)
-            self._remove(entry)  # frees the file slot: the write is over
-        else:
-            self._counters[entry.tier].bytes_in += entry.nbytes
-        self._wake(move)
+        with self._waking(move):
+            entry = move.entry
+            del self._moves[id(move)]
+            move.finished = True
+            move.release_staging()
+            self._staging_bytes -= entry.nbytes
+            live = entry.move is move and self._entries.get(entry.key) is entry
+            if entry.move is move:
+                entry.move = None
+            if not live:  # deleted, or promoted from the staging buffer meanwhile
+                self._tiers[move.target[0]].free(move.target[1])
+            elif error is not None:
+                self._count_error(error, entry)
+                self._policies[entry.tier].remove(entry.key)
+                self._remove(entry)  # frees the file slot: the write is over
+            else:
+                self._counters[entry.tier].bytes_in += entry.nbytes
 
     def _move_from_staging(self, entry: _Entry, offset: int) -> bool:
         """Promote a block whose demotion is in flight: copy its staging buffer to SHM."""
@@ -805,30 +812,30 @@ class BlockStore:
         return move
 
     def _promotion_done(self, move: Move, error: Exception | None) -> None:
-        entry = move.entry
-        del self._moves[id(move)]
-        move.finished = True
-        live = entry.move is move and self._entries.get(entry.key) is entry
-        entry.move = None
-        source, target = self._tiers[move.source[0]], self._tiers[0]
-        if not live:  # deleted while in flight: both slots are the move's to free
-            if entry not in self._doomed:  # else its last lease frees the source slot
-                source.free(move.source[1])
-            target.free(move.target[1])
-        elif error is not None:
-            self._count_error(error, entry)
-            target.free(move.target[1])  # filled with bytes nobody will see
-            self._remove(entry)  # frees the file slot
-        else:
-            self._counters[move.source[0]].hits += 1
-            self._counters[move.source[0]].bytes_out += entry.nbytes
-            self._counters[0].bytes_in += entry.nbytes
-            self._retire(entry, move.source[0], move.source[1])
-            entry.tier, entry.offset, entry.landed = Tier.SHM, move.target[1], True
-            self._policies[0].insert(entry.key, entry.parent, entry.nbytes)
-            self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
-            move.committed = True
-        self._wake(move)
+        with self._waking(move):
+            entry = move.entry
+            del self._moves[id(move)]
+            move.finished = True
+            live = entry.move is move and self._entries.get(entry.key) is entry
+            entry.move = None
+            source, target = self._tiers[move.source[0]], self._tiers[0]
+            if not live:  # deleted while in flight: both slots are the move's to free
+                if entry not in self._doomed:  # else its last lease frees the source slot
+                    source.free(move.source[1])
+                target.free(move.target[1])
+            elif error is not None:
+                self._count_error(error, entry)
+                target.free(move.target[1])  # filled with bytes nobody will see
+                self._remove(entry)  # frees the file slot
+            else:
+                self._counters[move.source[0]].hits += 1
+                self._counters[move.source[0]].bytes_out += entry.nbytes
+                self._counters[0].bytes_in += entry.nbytes
+                self._retire(entry, move.source[0], move.source[1])
+                entry.tier, entry.offset, entry.landed = Tier.SHM, move.target[1], True
+                self._policies[0].insert(entry.key, entry.parent, entry.nbytes)
+                self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
+                move.committed = True
 
     def _count_error(self, error: Exception, entry: _Entry) -> None:
         if isinstance(error, CorruptBlock):
@@ -839,10 +846,28 @@ class BlockStore:
             self._io_errors += 1
             log.error("tier move failed", exc_info=error, extra={"key": entry.key.hex()})
 
+    @contextlib.contextmanager
+    def _waking(self, move: Move) -> Iterator[None]:
+        """Around a move's completion: a bug in it is logged and counted, not raised into
+        the I/O loop, and the move's waiters are woken whatever happened."""
+        try:
+            yield
+        except Exception:  # logged, counted; the waiters below still run
+            self._callback_errors += 1
+            log.exception("a tier move's completion failed", extra={"key": move.entry.key.hex()})
+        finally:
+            self._wake(move)
+
     def _wake(self, move: Move) -> None:
+        """Run each waiter of a finished move; one that raises is logged and counted, and
+        the others still run (else their reads would hang until the client times out)."""
         waiters, move.waiters = move.waiters, []
         for waiter in waiters:
-            waiter()
+            try:
+                waiter()
+            except Exception:  # logged, counted; the other waiters still run
+                self._callback_errors += 1
+                log.exception("a reader waiting for a tier move failed")
 
     @property
     def num_moving(self) -> int:
@@ -896,4 +921,5 @@ class BlockStore:
             dropped=self._dropped,
             expired_reservations=self._expired,
             expired_leases=self._expired_leases,
+            callback_errors=self._callback_errors,
         )
