@@ -438,7 +438,8 @@ class CacheDaemon:
             self._metrics_server.shutdown()
             self._metrics_server = None
         # Moves in flight finish first: they touch the tiers closed below, and a read
-        # that lands still answers its client over the socket closed next.
+        # that lands still answers its client over the socket closed next. Bounded:
+        # a job hung on a dead disk is abandoned after ThreadIo's close timeout.
         self._io.close()
         # A short linger: the reply to a drain (sent just before stopping) must get out.
         self._socket.close(linger=200)
