@@ -438,7 +438,8 @@ class CacheDaemon:
             self._metrics_server.shutdown()
             self._metrics_server = None
         # Moves in flight finish first: they touch the tiers closed below, and a read
-        # that lands still answers its client over the socket closed next.
+        # that lands still answers its client over the socket closed next. Bounded:
+        # a job hung on a dead disk is abandoned after ThreadIo's close timeout.
         self._io.close()
         # A short linger: the reply to a drain (sent just before stopping) must get out.
         self._socket.close(linger=200)
@@ -674,11 +675,18 @@ class CacheDaemon:
             # A block whose demotion landed while we waited is on the file tier again:
             # bring it up too rather than answer a miss (bounded: a thrashing tier misses).
             rounds += 1
-            if rounds < _GET_PREPARE_ROUNDS and not self.store.prepare(
-                keys, resume, prefix=request.prefix
-            ):
-                return
-            self._send(identity, m.encode_reply(request.id, **self._leases(request, keys)))
+            try:
+                if rounds < _GET_PREPARE_ROUNDS and not self.store.prepare(
+                    keys, resume, prefix=request.prefix
+                ):
+                    return
+                reply = m.encode_reply(request.id, **self._leases(request, keys))
+            except Exception as exc:  # outside _handle's try: answered here, like there
+                log.exception("parked get failed", extra={"op": request.op})
+                reply = self._error(
+                    request.id, m.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+                )
+            self._send(identity, reply)
 
         if not self.store.prepare(keys, resume, prefix=request.prefix):
             return None  # no reply yet: the loop goes on serving others meanwhile

@@ -19,6 +19,8 @@ shoal_kvcache_no_space_total                          counter    -
 shoal_kvcache_checksum_failures_total                 counter    -
 shoal_kvcache_expired_reservations_total              counter    -
 shoal_kvcache_io_errors_total                         counter    - (a tier's read/write failed)
+shoal_kvcache_callback_errors_total                   counter    - (a tier move's completion
+                                                                 or a read parked on it raised)
 shoal_kvcache_dropped_total                           counter    - (blocks forgotten: evicted
                                                                  from the bottom tier, deleted,
                                                                  corrupt or lost to I/O errors)
@@ -111,6 +113,11 @@ class _StoreCollector(Collector):
         )
         yield CounterMetricFamily(
             "shoal_kvcache_dropped", "Committed blocks the store forgot", stats.dropped
+        )
+        yield CounterMetricFamily(
+            "shoal_kvcache_callback_errors",
+            "Tier-move completions or reads parked on them that raised (logged)",
+            stats.callback_errors,
         )
         yield GaugeMetricFamily("shoal_kvcache_leases", "Leases held by readers", stats.num_leases)
         yield GaugeMetricFamily(

@@ -4,8 +4,17 @@ Invariant (checked by the Hypothesis state machine in tests/unit/test_store.py):
 
     every block is RESERVED by exactly one writer session, or COMMITTED;
     only COMMITTED blocks are visible to lookup and get;
-    a COMMITTED block with leases (lease_count > 0) sits in the SHM tier and is
-    never evicted, demoted or overwritten; a block sits in exactly one tier.
+    a COMMITTED block with leases (lease_count > 0) is never evicted, demoted or
+    overwritten; a block sits in exactly one tier;
+    a slot with an outstanding lease is never freed, so its bytes stay intact until
+    the lease is released (or expires).
+
+A lease taken where the block lies (``acquire(promote=False)``: a peer reads a DRAM or
+SSD block in place, zero-copy) pins that slot, not just the block: a local get of the
+same block still promotes it (the engine can only read SHM), by copying. The old slot
+is then *retired*: it belongs to no block, holds the leases taken on it, and is freed
+when the last of them ends (``_retire``). Refusing the local get instead was rejected:
+a peer's read would turn this node's own hits into misses.
 
 Life of a block::
 
@@ -52,12 +61,13 @@ them with ``take_events()``; this module imports no transport. Time is injected.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
 import sys
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvcache.errors import CorruptBlock
@@ -127,10 +137,15 @@ class _Entry:
         self.landed = False  # promoted by a worker; its hit was counted on the file tier
 
 
+_Hold = tuple[_Entry, Tier, int]  # a lease: the block, and the slot it was taken on
+
+
 @dataclass(slots=True)
 class _Session:
     namespace: str = ""
-    leases: dict[bytes, list[_Entry]] = field(default_factory=dict)
+    # Each lease names the slot it was taken on: the block may move while leased
+    # (a promote after a lease in place), the slot stays until the lease ends.
+    leases: dict[bytes, list[_Hold]] = field(default_factory=dict)
     reservations: dict[bytes, _Entry] = field(default_factory=dict)
     lease_ttl_s: float | None = None  # None: leases last until released
     lease_deadline: float = 0.0  # renewed by every acquire and release
@@ -164,6 +179,8 @@ class BlockStore:
         self._counters = [_TierCounters() for _ in tiers]
         self._entries: dict[bytes, _Entry] = {}
         self._doomed: set[_Entry] = set()  # deleted while leased: removed on last release
+        # Old slots of blocks promoted while leased in place -> leases still on them.
+        self._retired: dict[tuple[Tier, int], int] = {}
         self._sessions: dict[int, _Session] = {}
         self._reservations: dict[int, _Entry] = {}  # id(entry) -> entry, in deadline order
         self._events: list[BlockEvent] = []
@@ -174,6 +191,7 @@ class BlockStore:
         self._no_space = 0
         self._checksum_failures = 0
         self._io_errors = 0
+        self._callback_errors = 0  # move completions and their waiters that raised (bugs)
         self._dropped = 0
         self._expired = 0
         self._expired_leases = 0
@@ -205,9 +223,9 @@ class BlockStore:
         session = self._sessions.pop(session_id, None)
         if session is None:
             return
-        for entries in session.leases.values():
-            for entry in entries:
-                self._unlease(entry)
+        for holds in session.leases.values():
+            for hold in holds:
+                self._unlease(*hold)
         for entry in list(session.reservations.values()):
             self._discard_reservation(entry)
 
@@ -304,7 +322,7 @@ class BlockStore:
                 continue
             entry.lease_count += 1
             self._num_leases += 1
-            session.leases.setdefault(key, []).append(entry)
+            session.leases.setdefault(key, []).append((entry, entry.tier, entry.offset))
             leases.append(Lease(key, entry.offset, entry.nbytes, entry.checksum, entry.tier))
         return leases
 
@@ -321,10 +339,10 @@ class BlockStore:
             held = session.leases.get(key)
             if not held:
                 continue
-            entry = held.pop()
+            hold = held.pop()
             if not held:
                 del session.leases[key]
-            self._unlease(entry)
+            self._unlease(*hold)
             released += 1
         return released
 
@@ -339,17 +357,27 @@ class BlockStore:
         for session in self._sessions.values():
             if session.leases and session.lease_ttl_s is not None and session.lease_deadline <= now:
                 leases, session.leases = session.leases, {}
-                for entries in leases.values():
-                    for entry in entries:
-                        self._unlease(entry)
+                for holds in leases.values():
+                    for hold in holds:
+                        self._unlease(*hold)
                         expired += 1
         self._expired_leases += expired
         return expired
 
-    def _unlease(self, entry: _Entry) -> None:
+    def _unlease(self, entry: _Entry, tier: Tier, offset: int) -> None:
+        """End one lease, taken on slot ``(tier, offset)`` of ``entry``."""
+        self._num_leases -= 1
+        slot = (tier, offset)
+        left = self._retired.get(slot)
+        if left is not None:  # the block moved on; this slot waited for its leases
+            if left > 1:
+                self._retired[slot] = left - 1
+            else:
+                del self._retired[slot]
+                self._tiers[tier].free(offset)
+            return
         assert entry.lease_count > 0, f"lease count of {entry.key.hex()} would go negative"
         entry.lease_count -= 1
-        self._num_leases -= 1
         if entry.lease_count == 0 and entry in self._doomed:
             self._doomed.discard(entry)
             self._tiers[entry.tier].free(entry.offset)
@@ -654,7 +682,7 @@ class BlockStore:
         return True
 
     def _move(self, entry: _Entry, level: int, offset: int) -> bool:
-        """Copy a block to ``offset`` in tier ``level`` and free its old slot."""
+        """Copy a block to ``offset`` in tier ``level`` and free (or retire) its old slot."""
         source, target = self._tiers[entry.tier], self._tiers[level]
         try:
             source.copy_to(entry.offset, entry.nbytes, entry.checksum, target, offset)
@@ -668,11 +696,21 @@ class BlockStore:
             return False
         self._counters[entry.tier].bytes_out += entry.nbytes
         self._counters[level].bytes_in += entry.nbytes
-        source.free(entry.offset)
+        self._retire(entry, entry.tier, entry.offset)
         entry.tier = Tier(level)
         entry.offset = offset
         self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
         return True
+
+    def _retire(self, entry: _Entry, tier: Tier, offset: int) -> None:
+        """Let go of the slot a block is leaving: freed now, or once the leases taken on
+        it in place end (module docstring). The block's own count starts again at zero:
+        only leases on its new slot pin it there."""
+        if entry.lease_count == 0:
+            self._tiers[tier].free(offset)
+            return
+        self._retired[(tier, offset)] = entry.lease_count
+        entry.lease_count = 0
 
     def _remove(self, entry: _Entry) -> None:
         """Forget a committed block (already out of its tier's policy)."""
@@ -701,6 +739,11 @@ class BlockStore:
             self._tiers[level].free(offset)
             self._remove(entry)
             return
+        except OSError:  # no memory for the staging buffer (ENOMEM): dropped, counted
+            self._io_errors += 1
+            self._tiers[level].free(offset)
+            self._remove(entry)
+            return
         self._counters[entry.tier].bytes_out += entry.nbytes
         source.free(entry.offset)
         move = Move(entry, MoveKind.DEMOTE, (entry.tier, entry.offset), (Tier(level), offset),
@@ -714,23 +757,23 @@ class BlockStore:
         self._io.submit(job, functools.partial(self._demotion_done, move))
 
     def _demotion_done(self, move: Move, error: Exception | None) -> None:
-        entry = move.entry
-        del self._moves[id(move)]
-        move.finished = True
-        move.release_staging()
-        self._staging_bytes -= entry.nbytes
-        live = entry.move is move and self._entries.get(entry.key) is entry
-        if entry.move is move:
-            entry.move = None
-        if not live:  # deleted, or promoted from the staging buffer meanwhile
-            self._tiers[move.target[0]].free(move.target[1])
-        elif error is not None:
-            self._count_error(error, entry)
-            self._policies[entry.tier].remove(entry.key)
-            self._remove(entry)  # frees the file slot: the write is over
-        else:
-            self._counters[entry.tier].bytes_in += entry.nbytes
-        self._wake(move)
+        with self._waking(move):
+            entry = move.entry
+            del self._moves[id(move)]
+            move.finished = True
+            move.release_staging()
+            self._staging_bytes -= entry.nbytes
+            live = entry.move is move and self._entries.get(entry.key) is entry
+            if entry.move is move:
+                entry.move = None
+            if not live:  # deleted, or promoted from the staging buffer meanwhile
+                self._tiers[move.target[0]].free(move.target[1])
+            elif error is not None:
+                self._count_error(error, entry)
+                self._policies[entry.tier].remove(entry.key)
+                self._remove(entry)  # frees the file slot: the write is over
+            else:
+                self._counters[entry.tier].bytes_in += entry.nbytes
 
     def _move_from_staging(self, entry: _Entry, offset: int) -> bool:
         """Promote a block whose demotion is in flight: copy its staging buffer to SHM."""
@@ -769,29 +812,30 @@ class BlockStore:
         return move
 
     def _promotion_done(self, move: Move, error: Exception | None) -> None:
-        entry = move.entry
-        del self._moves[id(move)]
-        move.finished = True
-        live = entry.move is move and self._entries.get(entry.key) is entry
-        entry.move = None
-        source, target = self._tiers[move.source[0]], self._tiers[0]
-        if not live:  # deleted while in flight: both slots are the move's to free
-            source.free(move.source[1])
-            target.free(move.target[1])
-        elif error is not None:
-            self._count_error(error, entry)
-            target.free(move.target[1])  # filled with bytes nobody will see
-            self._remove(entry)  # frees the file slot
-        else:
-            self._counters[move.source[0]].hits += 1
-            self._counters[move.source[0]].bytes_out += entry.nbytes
-            self._counters[0].bytes_in += entry.nbytes
-            source.free(move.source[1])
-            entry.tier, entry.offset, entry.landed = Tier.SHM, move.target[1], True
-            self._policies[0].insert(entry.key, entry.parent, entry.nbytes)
-            self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
-            move.committed = True
-        self._wake(move)
+        with self._waking(move):
+            entry = move.entry
+            del self._moves[id(move)]
+            move.finished = True
+            live = entry.move is move and self._entries.get(entry.key) is entry
+            entry.move = None
+            source, target = self._tiers[move.source[0]], self._tiers[0]
+            if not live:  # deleted while in flight: both slots are the move's to free
+                if entry not in self._doomed:  # else its last lease frees the source slot
+                    source.free(move.source[1])
+                target.free(move.target[1])
+            elif error is not None:
+                self._count_error(error, entry)
+                target.free(move.target[1])  # filled with bytes nobody will see
+                self._remove(entry)  # frees the file slot
+            else:
+                self._counters[move.source[0]].hits += 1
+                self._counters[move.source[0]].bytes_out += entry.nbytes
+                self._counters[0].bytes_in += entry.nbytes
+                self._retire(entry, move.source[0], move.source[1])
+                entry.tier, entry.offset, entry.landed = Tier.SHM, move.target[1], True
+                self._policies[0].insert(entry.key, entry.parent, entry.nbytes)
+                self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
+                move.committed = True
 
     def _count_error(self, error: Exception, entry: _Entry) -> None:
         if isinstance(error, CorruptBlock):
@@ -802,10 +846,28 @@ class BlockStore:
             self._io_errors += 1
             log.error("tier move failed", exc_info=error, extra={"key": entry.key.hex()})
 
+    @contextlib.contextmanager
+    def _waking(self, move: Move) -> Iterator[None]:
+        """Around a move's completion: a bug in it is logged and counted, not raised into
+        the I/O loop, and the move's waiters are woken whatever happened."""
+        try:
+            yield
+        except Exception:  # logged, counted; the waiters below still run
+            self._callback_errors += 1
+            log.exception("a tier move's completion failed", extra={"key": move.entry.key.hex()})
+        finally:
+            self._wake(move)
+
     def _wake(self, move: Move) -> None:
+        """Run each waiter of a finished move; one that raises is logged and counted, and
+        the others still run (else their reads would hang until the client times out)."""
         waiters, move.waiters = move.waiters, []
         for waiter in waiters:
-            waiter()
+            try:
+                waiter()
+            except Exception:  # logged, counted; the other waiters still run
+                self._callback_errors += 1
+                log.exception("a reader waiting for a tier move failed")
 
     @property
     def num_moving(self) -> int:
@@ -829,6 +891,7 @@ class BlockStore:
             # Resident blocks, derived from the allocator rather than len(policy), which
             # would flush the deferred policy records on every metrics refresh.
             held = sum(1 for e in self._doomed if e.tier == tier.tier)
+            held += sum(1 for level, _ in self._retired if level == tier.tier)
             held += sum(1 for move in self._moves.values() for slot in self._move_slots(move)
                         if slot == tier.tier)  # fmt: skip
             if tier.tier is Tier.SHM:
@@ -858,4 +921,5 @@ class BlockStore:
             dropped=self._dropped,
             expired_reservations=self._expired,
             expired_leases=self._expired_leases,
+            callback_errors=self._callback_errors,
         )

@@ -86,3 +86,4 @@ class StoreStats:
     dropped: int
     expired_reservations: int
     expired_leases: int = 0
+    callback_errors: int = 0  # tier-move completions or readers parked on them that raised

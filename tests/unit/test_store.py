@@ -10,11 +10,12 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvcache.allocator import SlabAllocator
-from kvcache.store import BlockStore, EventKind, ReserveStatus
+from kvcache.store import BlockStore, EventKind, Lease, ReserveStatus
 from kvcache.tiers import FileBacking, MemoryBacking, Tier, TierStore, block_checksum
 
 KiB = 1 << 10
 BLOCK = 64 * KiB
+PEER = 3  # the session id of the cluster's peer reads in the state machine
 
 
 class FakeClock:
@@ -221,14 +222,19 @@ class TestTiers:
 
 
 class StoreMachine(RuleBasedStateMachine):
-    """Random interleavings of two clients keep the store's invariant (module docstring)."""
+    """Random interleavings of two clients and a peer keep the store's invariant (module
+    docstring): among them, the bytes of every outstanding lease stay intact until it is
+    released, also for a peer's lease taken in place (``promote=False``) on a block that a
+    client then promotes (review m15)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.store, self.tiers = make_store(shm_blocks=3, dram_blocks=3)
         self.store.open_session(2)
+        self.store.open_session(PEER)  # the cluster's: leases in place, no TTL
         self.reserved: dict[int, dict[int, int]] = {1: {}, 2: {}}  # session -> id -> offset
-        self.leased: dict[int, list[int]] = {1: [], 2: []}
+        self.leased: dict[int, list[int]] = {1: [], 2: [], PEER: []}
+        self.lease_views: dict[int, list[tuple[int, Lease]]] = {1: [], 2: [], PEER: []}
         self.committed: set[int] = set()  # ids committed at some point (may be evicted)
 
     @rule(
@@ -259,12 +265,22 @@ class StoreMachine(RuleBasedStateMachine):
                 view = self.tiers[0].backing.view(lease.offset, lease.nbytes)
                 assert bytes(view) == data(i), "a leased block must hold exactly what was committed"
                 self.leased[session].append(i)
+                self.lease_views[session].append((i, lease))
 
-    @precondition(lambda self: self.leased[1] or self.leased[2])
-    @rule(session=st.sampled_from([1, 2]))
+    @rule(ids=st.lists(st.integers(0, 9), min_size=1, max_size=3))
+    def peer_get(self, ids: list[int]) -> None:
+        for lease in self.store.acquire(PEER, [key(i) for i in ids], prefix=False, promote=False):
+            if lease is not None:
+                i = int.from_bytes(lease.key, "little")
+                self.leased[PEER].append(i)
+                self.lease_views[PEER].append((i, lease))
+
+    @precondition(lambda self: any(self.leased.values()))
+    @rule(session=st.sampled_from([1, 2, PEER]))
     def release(self, session: int) -> None:
         self.store.release(session, [key(i) for i in self.leased[session]])
         self.leased[session].clear()
+        self.lease_views[session].clear()
 
     @rule(ids=st.lists(st.integers(0, 9), min_size=1, max_size=3))
     def delete(self, ids: list[int]) -> None:
@@ -276,11 +292,22 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.open_session(session)
         self.reserved[session].clear()
         self.leased[session].clear()
+        self.lease_views[session].clear()
+
+    @invariant()
+    def leased_bytes_stay_intact_until_released(self) -> None:
+        for views in self.lease_views.values():
+            for i, lease in views:
+                backing = self.store.backing(lease.tier)
+                assert isinstance(backing, MemoryBacking)
+                assert bytes(backing.view(lease.offset, lease.nbytes)) == data(i), (
+                    f"block {i} leased in {lease.tier.label} was overwritten while leased"
+                )
 
     @invariant()
     def leases_are_counted_exactly(self) -> None:
         stats = self.store.statistics()
-        assert stats.num_leases == len(self.leased[1]) + len(self.leased[2])
+        assert stats.num_leases == sum(len(held) for held in self.leased.values())
         assert stats.num_reservations == len(self.reserved[1]) + len(self.reserved[2])
 
     @invariant()
@@ -292,6 +319,14 @@ class StoreMachine(RuleBasedStateMachine):
         assert shm.used_bytes <= shm.capacity_bytes
         visible = self.store.lookup([key(i) for i in range(10)])
         assert visible <= len(self.committed)
+        # A retired slot (a promoted block's old one, still leased in place) is no block.
+        assert sum(t.num_blocks for t in stats.tiers) == len(self.store.snapshot())
+
+    def teardown(self) -> None:
+        for session in (1, 2, PEER):
+            self.store.close_session(session)
+        allocated = sum(t.statistics().num_allocations for t in self.tiers)
+        assert allocated == len(self.store.snapshot()), "a leased slot leaked past its leases"
 
     @invariant()
     def reserved_keys_are_invisible(self) -> None:

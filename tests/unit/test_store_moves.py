@@ -18,12 +18,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from kvcache.allocator import SlabAllocator
 from kvcache.io_workers import QueuedIo
-from kvcache.store import BlockStore, EventKind, ReserveStatus
-from kvcache.tiers import FileBacking, MemoryBacking, Tier, TierStore, block_checksum
+from kvcache.store import BlockStore, EventKind, Lease, ReserveStatus
+from kvcache.tiers import FileBacking, MemoryBacking, Tier, TierStore, block_checksum, padded
 
 KiB = 1 << 10
 BLOCK = 64 * KiB
 SSD = Tier(1)  # the store names a tier by its level: SSD is level 1 without a DRAM tier
+PEER = 9  # the session of a cluster peer's reads (leases in place) in the state machine
 
 
 class CountingFile(FileBacking):
@@ -225,7 +226,8 @@ class MovesMachine(RuleBasedStateMachine):
 
     Invariants: a block read is always its own bytes; a deleted block is never found;
     every allocated slot is a resident block or held by a move in flight, and once the
-    disk is idle every slot is a resident block.
+    disk is idle every slot is a resident block; a peer's lease taken in place (DRAM or
+    SSD, ``promote=False``) keeps its bytes intact until released, whatever moves meanwhile.
     """
 
     def __init__(self) -> None:
@@ -242,6 +244,8 @@ class MovesMachine(RuleBasedStateMachine):
         self.io = QueuedIo()
         self.store = BlockStore(self.tiers, policy="lru", io=self.io, max_staging_bytes=2 * BLOCK)
         self.store.open_session(1)
+        self.store.open_session(PEER)
+        self.peer_leases: list[tuple[int, Lease]] = []
         self.deleted: set[int] = set()
 
     @rule(i=st.integers(0, 11))
@@ -267,6 +271,25 @@ class MovesMachine(RuleBasedStateMachine):
             self.store.release(1, [key(i)])
 
     @rule(i=st.integers(0, 11))
+    def peer_get(self, i: int) -> None:
+        (lease,) = self.store.acquire(PEER, [key(i)], promote=False)
+        if lease is not None:
+            self.peer_leases.append((i, lease))
+
+    @precondition(lambda self: self.peer_leases)
+    @rule()
+    def peer_release(self) -> None:
+        i, _ = self.peer_leases.pop()
+        assert self.store.release(PEER, [key(i)]) == 1
+
+    @invariant()
+    def peer_bytes_stay_intact_until_released(self) -> None:
+        for i, lease in self.peer_leases:
+            out = bytearray(padded(lease.nbytes))
+            self.tiers[lease.tier].backing.read_into(lease.offset, memoryview(out))
+            assert bytes(out[: lease.nbytes]) == data(i), f"block {i}'s leased slot was reused"
+
+    @rule(i=st.integers(0, 11))
     def delete(self, i: int) -> None:
         self.store.delete([key(i)])
         self.deleted.add(i)
@@ -288,6 +311,7 @@ class MovesMachine(RuleBasedStateMachine):
         assert all(t.num_blocks >= 0 for t in stats.tiers)
 
     def teardown(self) -> None:
+        self.store.close_session(PEER)
         self.io.run_all()
         allocated = sum(t.statistics().num_allocations for t in self.tiers)
         assert allocated == len(self.store._entries), "a slot leaked past its move"
