@@ -127,22 +127,27 @@ class LoaderConfig:
         if bool(self.tls_client_cert) != bool(self.tls_client_key):
             raise ValueError("tls_client_cert and tls_client_key go together")
         if self.listen.startswith("tcp://"):
-            host, port = self.tcp_address
+            _, port = self.tcp_address
             if not 0 < port < 65536:
                 raise ValueError(f"listen {self.listen!r}: port must be 1..65535")
-            if not self.tls_cert and not is_loopback(host):
-                raise ValueError(
-                    f"listen {self.listen!r} is reachable from other hosts: give --tls-cert "
-                    "and --tls-key, or listen on 127.0.0.1"
-                )
         elif self.listen and not self.listen.startswith("unix:"):
             raise ValueError(f"listen {self.listen!r} must be empty, unix:/path or tcp://host:port")
         self.allow_rules  # noqa: B018  (a bad --allow entry fails at startup, named)
 
     def check_serving(self) -> None:
         """``ValueError`` naming the fix if a sidecar should not serve with these settings:
-        a TCP address other hosts can reach without mutual TLS (``tls_client_ca``) and
-        without an explicit ``insecure_clients``."""
+        a TCP address other hosts can reach without TLS, or without mutual TLS
+        (``tls_client_ca``) and an explicit ``insecure_clients``. Checked when serving, not
+        in ``__post_init__``: the client verbs (``list``, ``prefetch``, ...) read the same
+        settings to dial a remote sidecar, and a client needs ``tls_ca``, not a server
+        certificate (``SidecarClient`` refuses a remote target without it)."""
+        if self.listen.startswith("tcp://"):
+            host, _ = self.tcp_address
+            if not self.tls_cert and not is_loopback(host):
+                raise ValueError(
+                    f"listen {self.listen!r} is reachable from other hosts: give --tls-cert "
+                    "and --tls-key, or listen on 127.0.0.1"
+                )
         if self.reachable_from_other_hosts and not self.tls_client_ca and not self.insecure_clients:
             raise ValueError(
                 f"refusing to serve {self.listen} without client certificates: any host that "

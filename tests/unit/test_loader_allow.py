@@ -197,6 +197,15 @@ def test_serving_off_loopback_needs_mutual_tls_or_an_explicit_insecure_clients(
     config("tcp://0.0.0.0:7070", tls_client_cert=pem, tls_client_key=pem)
 
 
+def test_a_client_verb_dials_a_remote_sidecar_with_only_the_ca(tmp_path: Path) -> None:
+    """`shoal loader list --listen tcp://10.0.0.5:7070 --tls-ca ca.pem` reads the same
+    settings as `serve`: only serving needs a server certificate."""
+    pem = str(tmp_path / "ca.pem")
+    client_side = LoaderConfig(listen="tcp://10.0.0.5:7070", tls_ca=pem)
+    with pytest.raises(ValueError, match="--tls-cert"):
+        client_side.check_serving()
+
+
 def test_the_serve_help_renders_and_names_the_exposure_flags() -> None:
     import os
     import subprocess
