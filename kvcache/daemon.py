@@ -620,6 +620,8 @@ class CacheDaemon:
             "arena_bytes": self.arena.data_bytes,
             "max_block_bytes": self.store.max_block_bytes,
             "heartbeat_s": self.config.session_ttl_s / 3,
+            "pid": os.getpid(),  # a client in this pid namespace watches it (pidfd)
+            "pid_ns": self._pid_ns,
         }
 
     def _learn_namespace(self, text: str) -> str:

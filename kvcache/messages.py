@@ -34,7 +34,8 @@ op          request fields                             reply fields
 ==========  =========================================  =====================================
 hello       pid, pid_ns, namespace, client, role       session, epoch, arena_path,
                                                        instance_id, arena_bytes,
-                                                       max_block_bytes, heartbeat_s
+                                                       max_block_bytes, heartbeat_s,
+                                                       pid, pid_ns (the daemon's)
 lookup      keys                                       length
 reserve     keys, sizes, parent (bin or nil)           statuses (bin, 1 byte each), offsets
 commit      keys, checksums, reply                     committed (none if reply is false)

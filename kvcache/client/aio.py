@@ -79,6 +79,7 @@ class AsyncCacheClient(_ClientFlows):
         except BaseException:
             client._reset()
             client._drop_arena()
+            client._unwatch_daemon()
             client._context.term()
             raise
         client._heartbeat_task = asyncio.get_running_loop().create_task(client._heartbeat_loop())
@@ -137,11 +138,27 @@ class AsyncCacheClient(_ClientFlows):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._timed_out()
-                if await self._socket.poll(int(remaining * 1000) + 1):
+                if await self._poll(int(remaining * 1000) + 1):
                     self._file_reply(self._decode(await self._socket.recv()))
             return reply
         except zmq.ZMQError as exc:
             raise self._transport_failed(exc) from None
+
+    async def _poll(self, timeout_ms: int) -> bool:
+        """Wait until the call socket is readable (True) or ``timeout_ms`` passed (False);
+        raises ``CacheUnavailable`` as soon as the watched daemon exits (the pidfd is
+        watched through the event loop's reader, as any file descriptor)."""
+        if self._pidfd < 0:
+            return bool(await self._socket.poll(timeout_ms))
+        poller = zmq.asyncio.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._pidfd, zmq.POLLIN)
+        ready = dict(await poller.poll(timeout_ms))
+        if self._socket in ready:
+            return True  # replies first: a daemon that answered, then died, answered
+        if self._pidfd in ready:
+            raise self._daemon_gone()
+        return False
 
     async def _drive(self, flow: _Flow[T]) -> T:
         reply: dict[str, Any] | None = None
@@ -219,4 +236,5 @@ class AsyncCacheClient(_ClientFlows):
                 self._farewell(self.session, self.epoch)
         self._close_socket_after_bye()
         self._drop_arena()
+        self._unwatch_daemon()
         self._context.term()

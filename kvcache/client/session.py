@@ -34,6 +34,22 @@ a plain ``connect()`` to it is refused at once, which makes the probe cheap; at 
 made per ``retry_interval_s``, and only the call that makes it can wait (for hello). A
 daemon that (re)starts binds a new socket file, so a changed file ends the wait at once.
 
+Why a pidfd: the probe only helps once a call has failed, and the first call after the
+daemon died would still wait out the whole timeout (inside an engine step, for the
+connector's save client). The hello reply names the daemon's ``pid`` and ``pid_ns``; a
+client in the same pid namespace opens a pidfd on it (``os.pidfd_open``), which becomes
+readable when the daemon exits. Every call checks it before it sends (one ``poll`` with
+no wait), and every wait for a reply polls it beside the socket, so a daemon that died
+before or during a call fails that call at once ("the cache daemon (pid N) exited") and
+enters the DOWN state above (until the socket file changes: a new daemon). Each hello
+opens a new pidfd and closes the previous one; ``close`` closes it. Where no pidfd can be
+had (another pid namespace, an old kernel, a daemon that does not send its pid) the
+client behaves as without it. Rejected: a heartbeat-driven liveness flag (it lags by a
+beat, and the sync client's heartbeat thread does not own the call socket), and a
+``SO_PEERCRED`` probe per call (a connect per call, where the pidfd costs one ``poll``).
+A daemon whose pid was reused between its hello reply and ``pidfd_open`` is not watched
+correctly; the io timeout still bounds every call.
+
 Why a failed call's bye goes over a fresh socket (``_farewell``): the call's socket may
 hold unsent requests or be at its high-water mark. The bye may overtake them, which is
 harmless: once the session ended they meet ``unknown_session`` and hold nothing. It
@@ -49,6 +65,7 @@ import errno
 import itertools
 import mmap
 import os
+import select
 import socket
 import stat
 import struct
@@ -184,6 +201,14 @@ def _listening(path: Path) -> bool:
     return True
 
 
+def _own_pid_namespace() -> int:
+    """The inode of this process's pid namespace (0: not known)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def _raise_for_error(reply: dict[str, Any]) -> None:
     if reply["ok"]:
         return
@@ -238,6 +263,10 @@ class ClientSession:
         self._down_until = 0.0  # monotonic; before it, calls fail at once
         self._down_reason = ""
         self._down_socket: tuple[int, int] | None = None  # the socket file that failed
+        self._daemon_pid = 0  # the pid the last hello reply named (0: not watched)
+        self._pidfd = -1  # a pidfd on it, readable once it exited (-1: none)
+        self._exit_poll: select.poll | None = None  # polls _pidfd alone, without waiting
+        self._daemon_socket: tuple[int, int] | None = None  # its socket file, at hello
 
     # -- requests and replies --------------------------------------------------------
 
@@ -249,12 +278,9 @@ class ClientSession:
         return cls(id=next(self._ids), session=self.session, epoch=self.epoch, **fields)
 
     def _hello_request(self) -> m.HelloRequest:
-        try:
-            pid_ns = os.stat("/proc/self/ns/pid").st_ino
-        except OSError:
-            pid_ns = 0
         return m.HelloRequest(
-            id=next(self._ids), session=0, epoch=0, pid=os.getpid(), pid_ns=pid_ns,
+            id=next(self._ids), session=0, epoch=0, pid=os.getpid(),
+            pid_ns=_own_pid_namespace(),
             namespace=self.namespace, client=self.name, role=self.role,
         )  # fmt: skip
 
@@ -310,10 +336,53 @@ class ClientSession:
             return None
         return None if info is None else (info.st_ino, info.st_mtime_ns)
 
-    def _mark_down(self, reason: str) -> None:
+    def _mark_down(self, reason: str, socket_file: tuple[int, int] | None = None) -> None:
+        """Fail calls at once for ``retry_interval_s``, or until the socket file is no
+        longer ``socket_file`` (default: the one there now)."""
         self._down_until = time.monotonic() + self.retry_interval_s
         self._down_reason = reason
-        self._down_socket = self._socket_file_id()
+        self._down_socket = socket_file or self._socket_file_id()
+
+    # -- watching the daemon's process -------------------------------------------------
+
+    def _watch_daemon(self, reply: dict[str, Any]) -> None:
+        """Watch the daemon that answered hello through a pidfd, if it runs in this pid
+        namespace; whatever pidfd watched a daemon before is closed."""
+        self._unwatch_daemon()
+        pid, pid_ns = reply.get("pid"), reply.get("pid_ns")
+        if not isinstance(pid, int) or not isinstance(pid_ns, int) or pid <= 0:
+            return  # a daemon that does not say (an older release)
+        if not pid_ns or pid_ns != _own_pid_namespace():
+            return  # its pid means nothing here: the io timeout bounds calls
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except OSError:  # gone already (the next call finds out), or no pidfd support
+            return
+        self._daemon_pid = pid
+        self._exit_poll = select.poll()
+        self._exit_poll.register(self._pidfd, select.POLLIN)
+        self._daemon_socket = self._socket_file_id()
+
+    def _unwatch_daemon(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+        self._pidfd = -1
+        self._daemon_pid = 0
+        self._exit_poll = None
+
+    def _daemon_exited(self) -> bool:
+        """Whether the watched daemon has exited (never waits; False if not watched)."""
+        return self._exit_poll is not None and bool(self._exit_poll.poll(0))
+
+    def _daemon_gone(self) -> CacheUnavailable:
+        """The watched daemon exited: its session is gone with it (nothing to say bye
+        to), and calls fail at once until a new daemon binds the socket."""
+        message = f"the cache daemon (pid {self._daemon_pid}) exited"
+        dead_socket = self._daemon_socket
+        self._unwatch_daemon()
+        self._forget_session()
+        self._mark_down(message, dead_socket)
+        return CacheUnavailable(f"{message}; cache daemon at {self.endpoint} unavailable")
 
     def _check_reachable(self) -> None:
         """Raise ``CacheUnavailable`` at once while the daemon is known down (unless a new
@@ -364,6 +433,7 @@ class ClientSession:
         self._credentials = (token, epoch)
         self.heartbeat_s = heartbeat_s
         self.max_block_bytes = max_block_bytes
+        self._watch_daemon(reply)
         if self._mmap is not None and instance_id == self._instance_id:
             return  # the same daemon: keep the mapping (and the generation)
         arena = check_arena_path(path, self.shm_dir)
@@ -406,6 +476,11 @@ class ClientSession:
     # -- ending sessions -------------------------------------------------------------
 
     def _needs_hello(self) -> bool:
+        """Whether the call must say hello first; a daemon seen to have exited drops the
+        connection (the hello then fails at once, unless a new daemon is there)."""
+        if self._daemon_exited():
+            self._daemon_gone()
+            self._reset()
         if self._stale_session and self._stale_session == self.session:
             self._forget_session()  # the heartbeat thread met unknown_session
         return self._socket is None or not self.session

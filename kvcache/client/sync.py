@@ -84,11 +84,13 @@ class CacheClient(_ClientFlows):
         self._heartbeat = heartbeat
         self._heartbeat_stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
+        self._poller: tuple[Any, int, zmq.Poller] | None = None  # (socket, pidfd, poller)
         try:
             self._connect()
         except BaseException:
             self._reset()
             self._drop_arena()
+            self._unwatch_daemon()
             self._context.term()
             raise
 
@@ -142,11 +144,28 @@ class CacheClient(_ClientFlows):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._timed_out()
-                if self._socket.poll(int(remaining * 1000) + 1):
+                if self._poll(int(remaining * 1000) + 1):
                     self._file_reply(self._decode(self._socket.recv()))
             return reply
         except zmq.ZMQError as exc:
             raise self._transport_failed(exc) from None
+
+    def _poll(self, timeout_ms: int) -> bool:
+        """Wait until the call socket is readable (True) or ``timeout_ms`` passed (False);
+        raises ``CacheUnavailable`` as soon as the watched daemon exits."""
+        if self._pidfd < 0:
+            return bool(self._socket.poll(timeout_ms))
+        if self._poller is None or self._poller[:2] != (self._socket, self._pidfd):
+            poller = zmq.Poller()
+            poller.register(self._socket, zmq.POLLIN)
+            poller.register(self._pidfd, zmq.POLLIN)
+            self._poller = (self._socket, self._pidfd, poller)
+        ready = dict(self._poller[2].poll(timeout_ms))
+        if self._socket in ready:
+            return True  # replies first: a daemon that answered, then died, answered
+        if self._pidfd in ready:
+            raise self._daemon_gone()
+        return False
 
     def _drive(self, flow: _Flow[T]) -> T:
         reply: dict[str, Any] | None = None
@@ -318,6 +337,8 @@ class CacheClient(_ClientFlows):
                 self._farewell(self.session, self.epoch)
         self._close_socket_after_bye()
         self._drop_arena()
+        self._unwatch_daemon()
+        self._poller = None
         self._context.term()
 
     def __enter__(self) -> CacheClient:

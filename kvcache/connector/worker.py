@@ -23,7 +23,9 @@ all layers are queued on a side stream at once, from the arena registered as pin
 memory (DMA), and ``wait_layer`` makes the compute stream wait for that layer's event.
 
 Every daemon failure degrades to misses (loads reported as errors, saves skipped) and, for
-``retry_after_s``, no further calls wait on the daemon. A *refused* request
+``retry_after_s``, no further calls wait on the daemon. A daemon that exited costs a step
+no ``io_timeout_s`` either: both clients watch its process (``kvcache.client.session``) and
+their next call fails at once. A *refused* request
 (``RequestRejected``, e.g. ``bad_request``) is not a daemon failure: it is counted
 (``rejected``), logged once, and only that save is skipped; the client stays connected.
 

@@ -1,9 +1,11 @@
 """The connector's worker side against real daemon processes: chunk size vs the daemon's
-slab (M8), refused requests (M8), arena mappings across a daemon restart (M9)."""
+slab (M8), refused requests (M8), arena mappings across a daemon restart (M9), a killed
+daemon costing a step no io timeout (found on the real engine)."""
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 
 from kvcache.client import CacheClient
 from kvcache.config import CacheConfig
-from kvcache.connector.plan import ChunkGeometry, SaveJob, StepPlan
+from kvcache.connector.plan import ChunkGeometry, LoadJob, SaveJob, StepPlan
 from kvcache.connector.settings import ConnectorSettings
 from kvcache.connector.worker import ChunkTooLarge, ConnectorWorker
 from kvcache.keys import Namespace, chain_keys
@@ -181,3 +183,47 @@ def test_pinned_arenas_follow_a_daemon_restart_and_saves_land_in_the_new_arena(
     closing = registrar.calls[calls_before_close:]
     assert ("unregister", a) not in closing  # never the dropped mapping's address
     assert registrar.live == set()  # every current mapping unregistered exactly once
+
+
+def test_after_the_daemon_is_killed_the_next_step_does_not_wait_for_the_io_timeout(
+    tmp_path: Path,
+) -> None:
+    node = start_daemon(tmp_path)
+    settings = ConnectorSettings(endpoint=node.endpoint, io_timeout_s=5, retry_after_s=60)
+    worker = ConnectorWorker(settings, GEOMETRY, 0)
+    try:
+        worker.register(small_cache(), num_blocks=32)  # connects the load client
+        saved = chain_keys(Namespace("m"), list(range(32)), 32)
+        save(worker, saved, ((2, 3),))  # connects the save client
+        assert worker.stats["saved_chunks"] == 1
+        node.process.send_signal(signal.SIGKILL)
+        node.process.wait(timeout=10)
+
+        # One engine step with a load (load client) and a save (save client).
+        fresh = chain_keys(Namespace("m"), list(range(100, 132)), 32)
+        worker.bind(
+            StepPlan(
+                loads=[LoadJob("a", 0, (tuple(saved),), ((6, 7),))],
+                saves=[SaveJob("b", 0, (tuple(fresh),), (None,), ((4, 5),))],
+            )
+        )
+        started = time.monotonic()
+        worker.start_loads()
+        loaded = time.monotonic()
+        for layer in worker.layers:
+            worker.wait_layer(layer)
+            worker.save_layer(layer)
+        worker.finish()
+        stepped = time.monotonic()
+        worker.flush()
+        worker.unbind()
+        assert loaded - started < 0.5, f"the load waited {loaded - started:.3f}s"
+        assert stepped - loaded < 0.5, f"the save waited {stepped - loaded:.3f}s"
+        assert worker.take_load_errors() == {6, 7}, "vLLM recomputes what was not loaded"
+        stats = worker.stats
+        assert stats["daemon_failures"] == 2  # each client found out on its own
+        assert (stats["saved_chunks"], stats["save_skipped"]) == (1, 1)
+    finally:
+        worker.close()
+        if node.process.poll() is None:
+            node.stop()

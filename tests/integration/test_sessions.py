@@ -265,6 +265,138 @@ def test_after_a_daemon_died_calls_fail_at_once_until_it_is_back(tmp_path: Path)
         assert second.stop() == 0
 
 
+def kill(handle: DaemonProcess) -> None:
+    handle.process.send_signal(signal.SIGKILL)
+    handle.process.wait(timeout=10)
+
+
+def pidfds() -> int:
+    """How many pidfds this process holds open."""
+    count = 0
+    for entry in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            count += os.readlink(entry) == "anon_inode:[pidfd]"
+    return count
+
+
+def failure_seconds(call: Callable[[], object], match: str) -> float:
+    started = time.monotonic()
+    with pytest.raises(CacheUnavailable, match=match):
+        call()
+    return time.monotonic() - started
+
+
+def test_the_first_call_after_the_daemon_was_killed_fails_at_once(tmp_path: Path) -> None:
+    handle = start_daemon(tmp_path)
+    baseline = pidfds()
+    client = handle.client(heartbeat=False, timeout_s=5.0)
+    keys = keys_for(0, 1)
+    closed = False
+    try:
+        for _ in range(2):  # the second time watches the daemon the client said hello to
+            assert client.lookup(keys) == 0
+            assert pidfds() == baseline + 1, "one pidfd: on the daemon the client talks to"
+            pid = handle.process.pid
+            kill(handle)
+            seconds = failure_seconds(lambda: client.lookup(keys), rf"pid {pid}\) exited")
+            assert seconds < 0.5, f"{seconds:.3f}s: the call waited for the io timeout"
+            assert failure_seconds(lambda: client.lookup(keys), "exited") < 0.5
+            handle = start_daemon(tmp_path, name=handle.config.name)
+        assert client.lookup(keys) == 0, "a new daemon on the same name: hello again"
+        assert client.put(keys, blocks(1)).stored == 1
+        closed = True
+        client.close()
+        assert pidfds() == baseline, "close() closes the pidfd"
+    finally:
+        if not closed:
+            client.close()
+        if handle.process.poll() is None:
+            assert handle.stop() == 0
+
+
+def test_a_call_waiting_for_its_reply_fails_as_soon_as_the_daemon_is_killed(
+    tmp_path: Path,
+) -> None:
+    handle = start_daemon(tmp_path)
+    client = handle.client(heartbeat=False, timeout_s=5.0)
+    keys = keys_for(0, 1)
+    assert client.lookup(keys) == 0
+    outcome: list[tuple[BaseException | None, float]] = []
+
+    def waiting_call() -> None:
+        try:
+            client.lookup(keys)
+        except CacheUnavailable as exc:
+            outcome.append((exc, time.monotonic()))
+        else:
+            outcome.append((None, time.monotonic()))
+
+    os.kill(handle.process.pid, signal.SIGSTOP)  # the request is sent, no reply comes
+    caller = threading.Thread(target=waiting_call)
+    caller.start()
+    try:
+        assert wait_until(lambda: bool(client._outstanding)), "the lookup was sent"
+        time.sleep(0.1)  # and its caller waits for the reply
+        killed = time.monotonic()
+        kill(handle)
+        caller.join(timeout=10)
+        [(error, failed)] = outcome
+        assert isinstance(error, CacheUnavailable) and "exited" in str(error), error
+        assert failed - killed < 0.5, f"{failed - killed:.3f}s after the kill"
+        handle = start_daemon(tmp_path, name=handle.config.name)
+        assert client.lookup(keys) == 0
+    finally:
+        if handle.process.poll() is None:
+            os.kill(handle.process.pid, signal.SIGCONT)
+        caller.join(timeout=10)
+        client.close()
+        if handle.process.poll() is None:
+            assert handle.stop() == 0
+
+
+def test_the_async_client_also_fails_at_once_when_the_daemon_dies(tmp_path: Path) -> None:
+    handle = start_daemon(tmp_path)
+    keys = keys_for(0, 1)
+
+    async def scenario(client: AsyncCacheClient) -> None:
+        nonlocal handle
+        assert await client.lookup(keys) == 0
+        # Killed between two calls: the next call fails at once.
+        pid = handle.process.pid
+        kill(handle)
+        started = time.monotonic()
+        with pytest.raises(CacheUnavailable, match=rf"pid {pid}\) exited"):
+            await client.lookup(keys)
+        assert time.monotonic() - started < 0.5
+        handle = start_daemon(tmp_path, name=handle.config.name)
+        assert await client.lookup(keys) == 0, "a new daemon on the same name: hello again"
+        # Killed while a call waits for its reply: it fails at once, too.
+        os.kill(handle.process.pid, signal.SIGSTOP)
+        waiting = asyncio.ensure_future(client.lookup(keys))
+        while not client._outstanding:  # until the lookup was sent
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # and its reply is awaited
+        killed = time.monotonic()
+        kill(handle)
+        with pytest.raises(CacheUnavailable, match="exited"):
+            await waiting
+        assert time.monotonic() - killed < 0.5
+        handle = start_daemon(tmp_path, name=handle.config.name)
+        assert await client.lookup(keys) == 0
+
+    loop = asyncio.new_event_loop()
+    client = loop.run_until_complete(AsyncCacheClient.connect(handle.endpoint, timeout_s=5.0))
+    try:
+        loop.run_until_complete(scenario(client))
+    finally:
+        if handle.process.poll() is None:
+            os.kill(handle.process.pid, signal.SIGCONT)
+        loop.run_until_complete(client.close())
+        loop.close()
+        if handle.process.poll() is None:
+            assert handle.stop() == 0
+
+
 # -- M6: clients trust only a private runtime directory and arena ------------------------
 
 
