@@ -4,8 +4,10 @@ Invariant (checked by the Hypothesis state machine in tests/unit/test_store.py):
 
     every block is RESERVED by exactly one writer session, or COMMITTED;
     only COMMITTED blocks are visible to lookup and get;
-    a COMMITTED block with leases (lease_count > 0) sits in the SHM tier and is
-    never evicted, demoted or overwritten; a block sits in exactly one tier.
+    a COMMITTED block with leases (lease_count > 0) is never evicted, demoted or
+    overwritten; an engine's lease is in SHM, a peer's (promote=False) in the tier the
+    block lay in; a block sits in exactly one tier, and a slot a lease points at stays
+    allocated until that lease ends, even if the block moved up meanwhile.
 
 Life of a block::
 
@@ -62,7 +64,7 @@ from dataclasses import dataclass, field
 
 from kvcache.errors import CorruptBlock
 from kvcache.io_workers import InlineIo, IoWorkers
-from kvcache.moves import Move, MoveKind, promotion_job, stage, write_job
+from kvcache.moves import Move, MoveKind, promotion_job, read_job, stage, write_job
 from kvcache.store_values import (
     BlockEvent,
     EventKind,
@@ -312,6 +314,49 @@ class BlockStore:
         """Where the bytes of tier ``tier`` live (to read a ``promote=False`` lease)."""
         return self._tiers[tier].backing
 
+    def read_leased(self, lease: Lease, out: memoryview, done: Callable[[bool], None]) -> None:
+        """Read a file-tier lease's bytes into ``out`` on an I/O worker, verified.
+
+        ``out`` is page aligned and ``padded(lease.nbytes)`` long (O_DIRECT). ``done(ok)``
+        runs on the loop thread once the read landed; the caller holds the lease until
+        then (the lease keeps the file slot from being freed or reused). A corrupt or
+        unreadable block is counted and dropped, as a failed promotion would drop it.
+        """
+        assert not self._tiers[lease.tier].in_memory, "memory-tier leases are read in place"
+        job = read_job(self._tiers[lease.tier], lease.offset, out, lease.nbytes, lease.checksum)
+        self._io.submit(job, functools.partial(self._read_done, lease, done))
+
+    def _read_done(
+        self, lease: Lease, done: Callable[[bool], None], error: Exception | None
+    ) -> None:
+        if error is not None:
+            entry = self._entries.get(lease.key)
+            self._count_error(error, lease.key)
+            if (entry is not None and entry.move is None and entry.tier == lease.tier
+                    and entry.offset == lease.offset):  # fmt: skip
+                self._policies[entry.tier].remove(entry.key)
+                self._remove(entry)  # leased: its slot is freed on the last release
+        done(error is None)
+
+    def release_leases(self, session_id: int, leases: Sequence[Lease]) -> int:
+        """``release`` of exactly these leases: where a session holds one key twice (a
+        peer's two requests, before and after the block moved), the one at this slot."""
+        session = self._session(session_id)
+        self._renew(session)
+        released = 0
+        for lease in leases:
+            held = session.leases.get(lease.key)
+            if not held:
+                continue
+            at = next((i for i, e in enumerate(held)
+                       if e.tier == lease.tier and e.offset == lease.offset), -1)  # fmt: skip
+            entry = held.pop(at)
+            if not held:
+                del session.leases[lease.key]
+            self._unlease(entry)
+            released += 1
+        return released
+
     def release(self, session_id: int, keys: Sequence[bytes]) -> int:
         """Drop one lease per key held by the session; returns how many were held."""
         session = self._session(session_id)
@@ -352,7 +397,28 @@ class BlockStore:
         self._num_leases -= 1
         if entry.lease_count == 0 and entry in self._doomed:
             self._doomed.discard(entry)
-            self._tiers[entry.tier].free(entry.offset)
+            if entry.move is None:  # else the move's completion frees it (moves.py, 1.)
+                self._tiers[entry.tier].free(entry.offset)
+
+    def _leave_slot(self, entry: _Entry, tier: Tier, offset: int) -> None:
+        """Free the slot a block moved out of, unless leases hold it there.
+
+        A block leased where it lies (``promote=False``: a peer's frame or file read in
+        flight) may still be promoted by a local reader: its old slot then passes to a
+        stand-in entry that carries those leases and is freed on their last release,
+        so the bytes a peer is sent are never overwritten under it.
+        """
+        if entry.lease_count == 0:
+            self._tiers[tier].free(offset)
+            return
+        stand_in = _Entry(entry.key, entry.parent, entry.nbytes, offset)
+        stand_in.tier, stand_in.state = tier, _State.COMMITTED
+        stand_in.lease_count, entry.lease_count = entry.lease_count, 0
+        for session in self._sessions.values():
+            held = session.leases.get(entry.key)
+            if held:
+                held[:] = [stand_in if e is entry else e for e in held]
+        self._doomed.add(stand_in)
 
     # -- writes ----------------------------------------------------------------------
 
@@ -668,7 +734,7 @@ class BlockStore:
             return False
         self._counters[entry.tier].bytes_out += entry.nbytes
         self._counters[level].bytes_in += entry.nbytes
-        source.free(entry.offset)
+        self._leave_slot(entry, entry.tier, entry.offset)
         entry.tier = Tier(level)
         entry.offset = offset
         self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
@@ -725,7 +791,7 @@ class BlockStore:
         if not live:  # deleted, or promoted from the staging buffer meanwhile
             self._tiers[move.target[0]].free(move.target[1])
         elif error is not None:
-            self._count_error(error, entry)
+            self._count_error(error, entry.key)
             self._policies[entry.tier].remove(entry.key)
             self._remove(entry)  # frees the file slot: the write is over
         else:
@@ -776,31 +842,32 @@ class BlockStore:
         entry.move = None
         source, target = self._tiers[move.source[0]], self._tiers[0]
         if not live:  # deleted while in flight: both slots are the move's to free
-            source.free(move.source[1])
+            if entry.lease_count == 0:  # else its leases' last release frees it
+                source.free(move.source[1])
             target.free(move.target[1])
         elif error is not None:
-            self._count_error(error, entry)
+            self._count_error(error, entry.key)
             target.free(move.target[1])  # filled with bytes nobody will see
             self._remove(entry)  # frees the file slot
         else:
             self._counters[move.source[0]].hits += 1
             self._counters[move.source[0]].bytes_out += entry.nbytes
             self._counters[0].bytes_in += entry.nbytes
-            source.free(move.source[1])
+            self._leave_slot(entry, move.source[0], move.source[1])
             entry.tier, entry.offset, entry.landed = Tier.SHM, move.target[1], True
             self._policies[0].insert(entry.key, entry.parent, entry.nbytes)
             self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
             move.committed = True
         self._wake(move)
 
-    def _count_error(self, error: Exception, entry: _Entry) -> None:
+    def _count_error(self, error: Exception, key: bytes) -> None:
         if isinstance(error, CorruptBlock):
             self._checksum_failures += 1
         elif isinstance(error, OSError):
             self._io_errors += 1
         else:  # a bug in a job: counted as an I/O error, and loud
             self._io_errors += 1
-            log.error("tier move failed", exc_info=error, extra={"key": entry.key.hex()})
+            log.error("tier move failed", exc_info=error, extra={"key": key.hex()})
 
     def _wake(self, move: Move) -> None:
         waiters, move.waiters = move.waiters, []

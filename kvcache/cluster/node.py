@@ -193,7 +193,10 @@ class ClusterNode:
             settings.node, store, shm, self.view, self._links, self.metrics,
             timeout_s=settings.fetch_timeout_s, version_of=self._version_of,
         )  # fmt: skip
-        self._server = PeerServer(store, self.metrics, self._router_send)
+        self._server = PeerServer(
+            store, self.metrics, self._router_send,
+            reply_timeout_s=settings.fetch_timeout_s, clock=clock,
+        )  # fmt: skip
         self._held_offers: list[_HeldOffer] = []
         self._drain: _Drain | None = None
         self._next_heartbeat = 0.0
