@@ -54,10 +54,10 @@ def test_a_peers_fetch_of_ssd_blocks_does_not_block_another_clients_lookup(
             "--log-format", "text", "--policy", "lru", "--cluster-port", str(port_a),
             "--cluster-node", "node0", *cluster]  # fmt: skip
     log = tmp_path / "daemon-a.log"
-    with open(log, "wb") as out:
+    with open(log, "wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-c", SLOW_DISK_DAEMON, str(delay), *args],
-            env=ENV, stdout=out, stderr=subprocess.STDOUT,
+            env=ENV, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
     a = DaemonProcess(CacheConfig(name=name, runtime_dir=str(tmp_path / "run")), process, log)
     b: DaemonProcess | None = None
@@ -74,7 +74,7 @@ def test_a_peers_fetch_of_ssd_blocks_does_not_block_another_clients_lookup(
             assert writer.put(keys[32:], blocks(keys[32:]), parent=keys[31]).stored == 8
         assert wait_until(lambda: ssd_stats(a)["bytes_in"] == 8 * BLOCK, timeout=30)
         on_ssd = keys[:8]
-        done: dict[str, object] = {}
+        done: dict[str, float] = {}
         with b.client(timeout_s=60) as reader:
             assert wait_until(lambda: reader.locate(on_ssd).remote_length == 8, timeout=20)
 
@@ -99,7 +99,7 @@ def test_a_peers_fetch_of_ssd_blocks_does_not_block_another_clients_lookup(
                 f"A's lookups took up to {max(latencies):.2f}s during a peer's read"
             )
             assert done["fetched"] == 8, done
-            assert float(done["seconds"]) >= delay, "the fetch did wait for the slow disk"
+            assert done["seconds"] >= delay, "the fetch did wait for the slow disk"
             outs = [np.empty(BLOCK, dtype=np.uint8) for _ in on_ssd]
             assert reader.get_into(on_ssd, outs) == 8
             for out, want in zip(outs, blocks(keys)[:8], strict=True):

@@ -220,6 +220,8 @@ class PeerReadsMachine(MovesMachine):
     """The moves state machine, plus a peer leasing blocks where they lie and reading
     SSD ones on the workers, while local reads promote and deletes remove them.
 
+    Flushes detach every block at once and free their slots in idle steps.
+
     Invariants, besides the parent's: a peer's lease always reads its own block's bytes
     (in place for memory tiers, through ``read_leased`` for the SSD; a failed read only
     for a block that was corrupt, which never happens here); no slot leaks once every
@@ -262,6 +264,15 @@ class PeerReadsMachine(MovesMachine):
         _, lease = self.peer.pop(0 if first else -1)
         assert self.store.release_leases(PEER_SESSION, [lease]) == 1
 
+    @rule()
+    def flush(self) -> None:
+        self.store.clear()
+        self.deleted.update(range(12))
+
+    @rule(limit=st.integers(1, 4))
+    def idle_step(self, limit: int) -> None:
+        self.store.flush_policies(limit)
+
     @invariant()
     def peer_leases_read_their_own_bytes(self) -> None:
         for i, lease in self.peer:
@@ -274,6 +285,7 @@ class PeerReadsMachine(MovesMachine):
 
     def teardown(self) -> None:
         self.io.run_all()
+        self.store.flush_policies()  # a flush's detached slots
         for _, lease in self.peer:
             self.store.release_leases(PEER_SESSION, [lease])
         self.peer.clear()
