@@ -27,6 +27,19 @@ Peer fetch, both sides, lives in ``fetch.py``: the fetcher groups missing keys b
 coalesces and checks checksums; the server leases blocks where they lie (no promotion
 into SHM for a peer) within a per-request and an in-flight byte bound.
 
+Loop costs of whole-store work (review M3), measured at 1M blocks on a shared 2-core box:
+a full snapshot for a peer (a member joining, restarting, or more than 4,096 batches
+behind) is built and sent whole: ~0.17 s of this loop to build the 16 MiB reply
+(``BlockStore.snapshot_columns``; ~1 s before it) and ~15 ms to encode it; the peer
+spends ~5 ms decoding it and ~0.4 s applying it to its index, on its own loop. It is not
+streamed in pieces: pieces of a table that changes between them are only consistent
+with a cursor over the store and the events published meanwhile stitched in by seq, a
+protocol change v2 and v3 members would both have to learn, for an event that is rare
+and bounded by the store's size. A drain's ``hot_keys`` pass: ~25 ms. An operator's
+``flush`` detaches the table in ~40 ms and frees its slots in idle steps
+(``BlockStore.clear``); an ``evict`` over the cluster socket is one pass (the local
+socket's runs in steps).
+
 Versions: the node reads v2 and v3 (``messages.py``), sends each peer requests in the
 version its heartbeats announce (v2 until heard), and answers in the request's version.
 
@@ -467,8 +480,7 @@ class ClusterNode:
         self.publish(self._store.take_events(), time.time())
 
     def _snapshot(self) -> tuple[bytes, bytes]:
-        entries = self._store.snapshot()
-        return join_keys([k for k, _ in entries]), bytes(int(t) for _, t in entries)
+        return self._store.snapshot_columns()
 
     # -- offers (a draining member hands us its blocks) ------------------------------------
 
