@@ -334,7 +334,10 @@ class PeerServer:
     def _finish(self, reply: _Reply) -> None:
         """Send ``reply`` (without the blocks that could not be read), unless too late."""
         store = self._store
-        if self._closed or self._clock() > reply.deadline:  # the requester gave up on it
+        if self._closed:  # the daemon is stopping: its socket is gone
+            store.release_leases(PEER_SESSION, reply.pinned)
+            return
+        if self._clock() > reply.deadline:  # the requester has given up on it
             self.metrics.dropped.labels("serve_late").inc()
             self._done_with(reply.pinned, reply.nbytes)
             return
