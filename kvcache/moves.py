@@ -15,6 +15,10 @@ and the two jobs that run on an I/O worker (``kvcache.io_workers``). Two kinds::
              its file slot; a reader waits for the completion (the daemon parks its
              request and answers when the move lands).
 
+A third kind of file I/O is not a move: a peer's read of a block leased where it lies
+(``read_job``, ``BlockStore.read_leased``) copies the file slot into the peer's buffer,
+verified; the lease, not a ``Move``, keeps the slot allocated meanwhile.
+
 Invariants (the store checks them; tests/unit/test_store.py drives them):
 
 1. A slot a worker reads or writes is freed only by that move's completion, whatever
@@ -39,7 +43,7 @@ from kvcache.tiers import MemoryBacking, Tier, TierStore, block_checksum, padded
 if TYPE_CHECKING:
     from kvcache.store import _Entry
 
-__all__ = ["Move", "MoveKind", "promotion_job", "stage"]
+__all__ = ["Move", "MoveKind", "promotion_job", "read_job", "stage", "write_job"]
 
 
 class MoveKind(enum.IntEnum):
@@ -116,6 +120,21 @@ def promotion_job(
     def job() -> None:
         source.backing.read_into(offset, slot)
         if block_checksum(slot[:nbytes]) != checksum:
+            raise CorruptBlock(f"checksum mismatch in {source.tier.label} at offset {offset}")
+
+    return job
+
+
+def read_job(
+    source: TierStore, offset: int, out: memoryview, nbytes: int, checksum: int
+) -> Callable[[], None]:
+    """Read a file slot into ``out`` (page aligned, ``padded(nbytes)`` long, for O_DIRECT)
+    and verify its first ``nbytes``: a peer's read of a block leased where it lies."""
+    assert len(out) >= padded(nbytes), "a direct read fills whole pages"
+
+    def job() -> None:
+        source.backing.read_into(offset, out[: padded(nbytes)])
+        if block_checksum(out[:nbytes]) != checksum:
             raise CorruptBlock(f"checksum mismatch in {source.tier.label} at offset {offset}")
 
     return job

@@ -12,20 +12,31 @@ at the address this node's view holds for it.
 
 Serving side (``PeerServer``): blocks are leased where they lie (``acquire(promote=
 False)``): a SHM or DRAM block goes out as a zero-copy frame of its mapping, leased
-until ZeroMQ reports the frame sent; an SSD block is read into a buffer and its lease
-dropped once read. No block is promoted into SHM for a peer, so a peer reading this
-node's warm blocks cannot push out the blocks its own engines use (review m7). One
+until ZeroMQ reports the frame sent; an SSD block is read by an I/O worker
+(``BlockStore.read_leased``) into a page-aligned buffer, checksum verified, and the
+reply goes out when the request's last read lands: the daemon's loop never waits for
+the disk (review M3), and the lease holds the file slot until then. A block that fails
+its read or checksum is left out of the reply (a miss there) and dropped from the store.
+A reply whose reads land after ``cluster_fetch_timeout_s`` is not sent: the requester
+has answered itself with misses by then. No block is promoted into SHM for a peer, so a
+peer reading this node's warm blocks cannot push out the blocks its own engines use
+(review m7); a local reader may still promote a block a peer is reading, and the slot
+the peer reads stays allocated until its lease ends (``BlockStore._leave_slot``). One
 request is answered with at most ``SERVE_REQUEST_BYTES`` of blocks, and at most
-``SERVE_INFLIGHT_BYTES`` stay leased for frames not yet sent; past either, the rest of
-the keys are answered as not found (the requester sees misses, and may ask again).
+``SERVE_INFLIGHT_BYTES`` are leased or buffered for replies not yet sent; past either,
+the rest of the keys are answered as not found (the requester sees misses, and may ask
+again).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import mmap
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -37,7 +48,7 @@ from kvcache.cluster.transport import PeerLinks
 from kvcache.errors import ProtocolError
 from kvcache.keys import join_keys, split_keys
 from kvcache.store import BlockStore, Lease, ReserveStatus
-from kvcache.tiers import MemoryBacking, copy_hashing_target
+from kvcache.tiers import MemoryBacking, copy_hashing_target, padded
 
 __all__ = ["PEER_SESSION", "PeerFetcher", "PeerServer"]
 
@@ -228,6 +239,23 @@ class PeerFetcher:
                 waiter.on_done()
 
 
+@dataclass(slots=True)
+class _Reply:
+    """One fetch reply being put together: memory blocks go out as views of their slots,
+    file-tier blocks once their reads (on the I/O workers) land in ``buffers``."""
+
+    identity: bytes
+    request_id: int
+    version: int
+    deadline: float  # past it the requester has given up: no reply is sent
+    found: list[tuple[int, Lease]]
+    payloads: list[Any]
+    pinned: list[Lease]  # leased until ZeroMQ reports the frames sent
+    nbytes: int  # counted in ``PeerServer.leased_bytes`` from the start
+    reading: int = 0  # file reads not yet landed
+    failed: set[int] = field(default_factory=set)  # positions in ``found`` not readable
+
+
 class PeerServer:
     """The serving side of peer fetch (module docstring)."""
 
@@ -239,14 +267,19 @@ class PeerServer:
         *,
         request_bytes: int = SERVE_REQUEST_BYTES,
         inflight_bytes: int = SERVE_INFLIGHT_BYTES,
+        reply_timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self.metrics = metrics
         self._send = send  # (frames, track=...) -> MessageTracker | None
         self._request_bytes = request_bytes
         self._inflight_bytes = inflight_bytes
-        self._sending: list[tuple[zmq.MessageTracker, list[bytes], int]] = []
-        self.leased_bytes = 0  # bytes leased for frames ZeroMQ has not sent yet
+        self._reply_timeout_s = reply_timeout_s
+        self._clock = clock
+        self._sending: list[tuple[zmq.MessageTracker, list[Lease], int]] = []
+        self._closed = False
+        self.leased_bytes = 0  # block bytes leased or buffered for replies not yet sent
 
     def serve(self, identity: bytes, request: cm.FetchRequest, version: int) -> None:
         keys = split_keys(request.keys)
@@ -254,64 +287,100 @@ class PeerServer:
             raise ValueError(f"fetch of {len(keys)} keys; at most {MAX_FETCH_KEYS} per request")
         store = self._store
         leases = store.acquire(PEER_SESSION, keys, prefix=False, promote=False)
-        found: list[tuple[int, Lease]] = []
-        payloads: list[Any] = []
-        unsent: list[bytes] = []  # leased, then not sent (over a bound): released now
-        pinned: list[bytes] = []  # leased until the frames are sent
+        reply = _Reply(identity, request.id, version, self._clock() + self._reply_timeout_s,
+                       [], [], [], 0)  # fmt: skip
+        unsent: list[Lease] = []  # leased, then not sent (over a bound): released now
+        reads: list[tuple[int, Lease, memoryview]] = []
         request_left = self._request_bytes
-        pinned_bytes = 0
         for index, lease in enumerate(leases):
             if lease is None:
                 continue
-            over_request = lease.nbytes > request_left and found  # one block always goes
-            over_inflight = self.leased_bytes + pinned_bytes + lease.nbytes > self._inflight_bytes
+            over_request = lease.nbytes > request_left and reply.found  # one block always goes
+            over_inflight = self.leased_bytes + reply.nbytes + lease.nbytes > self._inflight_bytes
             if over_request or over_inflight:
-                unsent.append(lease.key)
+                unsent.append(lease)
                 self.metrics.dropped.labels("serve_bound").inc()
                 continue
             request_left -= lease.nbytes
+            reply.nbytes += lease.nbytes
             backing = store.backing(lease.tier)
             if isinstance(backing, MemoryBacking):
-                payloads.append(backing.view(lease.offset, lease.nbytes))
-                pinned.append(lease.key)
-                pinned_bytes += lease.nbytes
-            else:  # the SSD tier: read it out; the slot may move again at once
-                unsent.append(lease.key)
-                data = memoryview(bytearray(lease.nbytes))
-                try:
-                    backing.read_into(lease.offset, data)
-                except OSError as exc:
-                    log.warning("cannot read a block for a peer", extra={"error": str(exc)})
-                    continue
-                payloads.append(data)
-            found.append((index, lease))
-        store.release(PEER_SESSION, unsent)
+                reply.payloads.append(backing.view(lease.offset, lease.nbytes))
+            else:  # a file tier: read on an I/O worker, the lease held until it lands
+                buffer = memoryview(mmap.mmap(-1, padded(lease.nbytes)))  # page aligned
+                reply.payloads.append(buffer[: lease.nbytes])
+                reads.append((len(reply.found), lease, buffer))
+            reply.pinned.append(lease)
+            reply.found.append((index, lease))
+        store.release_leases(PEER_SESSION, unsent)
+        self.leased_bytes += reply.nbytes
+        if not reads:
+            self._finish(reply)
+            return
+        reply.reading = len(reads)
+        for position, lease, buffer in reads:
+            store.read_leased(lease, buffer, functools.partial(self._read, reply, position))
+
+    def _read(self, reply: _Reply, position: int, ok: bool) -> None:
+        """One file read of ``reply`` landed (on the loop thread)."""
+        if not ok:
+            reply.failed.add(position)
+            log.warning("cannot read a block for a peer",
+                        extra={"key": reply.found[position][1].key.hex()})  # fmt: skip
+        reply.reading -= 1
+        if not reply.reading:
+            self._finish(reply)
+
+    def _finish(self, reply: _Reply) -> None:
+        """Send ``reply`` (without the blocks that could not be read), unless too late."""
+        store = self._store
+        if self._closed:  # the daemon is stopping: its socket is gone
+            store.release_leases(PEER_SESSION, reply.pinned)
+            return
+        if self._clock() > reply.deadline:  # the requester has given up on it
+            self.metrics.dropped.labels("serve_late").inc()
+            self._done_with(reply.pinned, reply.nbytes)
+            return
+        kept = [i for i in range(len(reply.found)) if i not in reply.failed]
+        found = [reply.found[i] for i in kept]
         header = cm.encode_reply(
-            request.id,
-            version=version,
-            found=[i for i, _ in found],
+            reply.request_id,
+            version=reply.version,
+            found=[index for index, _ in found],
             sizes=[lease.nbytes for _, lease in found],
             checksums=[lease.checksum for _, lease in found],
             namespaces=[store.namespace_of(lease.key) for _, lease in found],
         )
-        tracker = self._send([identity, header, *payloads], track=True)
+        payloads = [reply.payloads[i] for i in kept]
+        tracker = self._send([reply.identity, header, *payloads], track=True)
         if tracker is None:
-            store.release(PEER_SESSION, pinned)
+            self._done_with(reply.pinned, reply.nbytes)
             return
-        self._sending.append((tracker, pinned, pinned_bytes))
-        self.leased_bytes += pinned_bytes
+        # A file block's lease ends now (its bytes are in our buffer); the buffer stays
+        # counted in ``leased_bytes`` until ZeroMQ has sent it.
+        in_memory: list[Lease] = []
+        read: list[Lease] = []
+        for lease in reply.pinned:
+            (in_memory if isinstance(store.backing(lease.tier), MemoryBacking) else read).append(
+                lease
+            )
+        store.release_leases(PEER_SESSION, read)
+        self._sending.append((tracker, in_memory, reply.nbytes))
         self.metrics.served.inc(len(found))
+
+    def _done_with(self, leases: list[Lease], nbytes: int) -> None:
+        self._store.release_leases(PEER_SESSION, leases)
+        self.leased_bytes -= nbytes
 
     def release_sent(self) -> None:
         if not self._sending:
             return
         still = []
-        for tracker, keys, nbytes in self._sending:
+        for tracker, leases, nbytes in self._sending:
             if tracker.done:
-                self._store.release(PEER_SESSION, keys)
-                self.leased_bytes -= nbytes
+                self._done_with(leases, nbytes)
             else:
-                still.append((tracker, keys, nbytes))
+                still.append((tracker, leases, nbytes))
         self._sending = still
 
     @property
@@ -319,5 +388,7 @@ class PeerServer:
         return bool(self._sending)
 
     def close(self) -> None:
+        """Replies whose reads land after this (the socket is gone) are dropped."""
+        self._closed = True
         self._sending.clear()
         self.leased_bytes = 0

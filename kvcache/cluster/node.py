@@ -27,6 +27,19 @@ Peer fetch, both sides, lives in ``fetch.py``: the fetcher groups missing keys b
 coalesces and checks checksums; the server leases blocks where they lie (no promotion
 into SHM for a peer) within a per-request and an in-flight byte bound.
 
+Loop costs of whole-store work (review M3), measured at 1M blocks on a shared 2-core box:
+a full snapshot for a peer (a member joining, restarting, or more than 4,096 batches
+behind) is built and sent whole: ~0.17 s of this loop to build the 16 MiB reply
+(``BlockStore.snapshot_columns``; ~1 s before it) and ~15 ms to encode it; the peer
+spends ~5 ms decoding it and ~0.4 s applying it to its index, on its own loop. It is not
+streamed in pieces: pieces of a table that changes between them are only consistent
+with a cursor over the store and the events published meanwhile stitched in by seq, a
+protocol change v2 and v3 members would both have to learn, for an event that is rare
+and bounded by the store's size. A drain's ``hot_keys`` pass: ~25 ms. An operator's
+``flush`` detaches the table in ~40 ms and frees its slots in idle steps
+(``BlockStore.clear``); an operator's ``evict`` scans in steps of 4,096 blocks, one per
+idle step or housekeeping tick, and replies when done.
+
 Versions: the node reads v2 and v3 (``messages.py``), sends each peer requests in the
 version its heartbeats announce (v2 until heard), and answers in the request's version.
 
@@ -49,7 +62,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,8 +206,13 @@ class ClusterNode:
             settings.node, store, shm, self.view, self._links, self.metrics,
             timeout_s=settings.fetch_timeout_s, version_of=self._version_of,
         )  # fmt: skip
-        self._server = PeerServer(store, self.metrics, self._router_send)
+        self._server = PeerServer(
+            store, self.metrics, self._router_send,
+            reply_timeout_s=settings.fetch_timeout_s, clock=clock,
+        )  # fmt: skip
         self._held_offers: list[_HeldOffer] = []
+        # Operators' evicts: one bounded step each per idle step or tick (review M3).
+        self._scans: list[tuple[Generator[None, None, int], Callable[[int], None]]] = []
         self._drain: _Drain | None = None
         self._next_heartbeat = 0.0
         self._subscribed: set[str] = set()
@@ -438,8 +456,9 @@ class ClusterNode:
                                          identity, request, version, user_id))  # fmt: skip
         elif isinstance(request, cm.StatusRequest):
             reply(**self.status())
-        elif isinstance(request, cm.EvictRequest):
-            reply(evicted=self._store.evict(request.namespace, request.key_prefix))
+        elif isinstance(request, cm.EvictRequest):  # a scan: in steps, between requests
+            steps = self._store.evict_steps(request.namespace, request.key_prefix)
+            self._scans.append((steps, lambda evicted: reply(evicted=evicted)))
         elif isinstance(request, cm.FlushRequest):
             reply(flushed=self._store.clear())
         elif isinstance(request, cm.DrainRequest):
@@ -464,8 +483,7 @@ class ClusterNode:
         self.publish(self._store.take_events(), time.time())
 
     def _snapshot(self) -> tuple[bytes, bytes]:
-        entries = self._store.snapshot()
-        return join_keys([k for k, _ in entries]), bytes(int(t) for _, t in entries)
+        return self._store.snapshot_columns()
 
     # -- offers (a draining member hands us its blocks) ------------------------------------
 
@@ -589,8 +607,20 @@ class ClusterNode:
 
     # -- housekeeping ---------------------------------------------------------------------
 
+    def _step_scans(self) -> bool:
+        """One step of each operator's evict; a finished one replies. True if any remain."""
+        for scan in list(self._scans):
+            steps, done = scan
+            try:
+                next(steps)
+            except StopIteration as finished:
+                self._scans.remove(scan)
+                done(int(finished.value))
+        return bool(self._scans)
+
     def tick(self, now: float) -> None:
         self._server.release_sent()
+        self._step_scans()
         if now >= self._next_heartbeat:
             self._heartbeat()
             self._next_heartbeat = now + self.settings.heartbeat_s
@@ -620,7 +650,8 @@ class ClusterNode:
 
     def idle_step(self) -> bool:
         self._server.release_sent()
-        return self.view.index.sweep()
+        scanning = self._step_scans()
+        return self.view.index.sweep() or scanning
 
     def _discover_loop(self) -> None:
         while not self._discovery_stop.is_set():

@@ -20,6 +20,10 @@ messages (an older epoch, a seq already applied) are ignored. The property the t
 check: whatever the publishers do and whatever the network drops, once a heartbeat gets
 through after the last change every view equals the publishers' truth.
 
+A snapshot is sent and applied whole (its cost at 1M blocks is in ``node.py``); a CLEARED
+op means "every block of this member is gone as of this batch", which a flush keeps even
+though the publisher frees the slots afterwards, in steps (``BlockStore.clear``).
+
 Time is injected (``now`` arguments); wall-clock ``ts`` only feeds the propagation metric.
 """
 
