@@ -1,5 +1,6 @@
-"""The outside review's repro scripts (``../shared/reviews/data-plane-2026-12/``) run as they
-are, from the project root, and no longer reproduce (issue 10's "done when").
+"""The outside review's repro scripts (``../shared/reviews/data-plane-2026-12/``) run from the
+project root and no longer reproduce (issue 10's "done when"). They run as they are, but
+for one line of ``session_collision.py``'s own setup (see its test).
 
 Each script prints what it saw; the assertions read those lines. Skipped where the review's
 folder is not beside the checkout (it is on every developer machine and in CI).
