@@ -9,6 +9,8 @@ Layout (each module owns one noun; pure modules import no transport)::
     tiers.py      bytes of a tier (arena / DRAM / SSD file) and checksummed moves
                   (file I/O: the SSD tier reads and writes its spill file)
     store.py      block metadata: reservations, commits, leases, tier movement      (pure)
+    store_file_moves.py  the store's file-tier half: moves and peer reads on I/O workers
+    store_entries.py  the store's per-block, per-session and per-tier records       (pure)
     store_values.py  what the store hands out: leases, results, events, statistics (pure)
     moves.py      a block in flight to or from a file tier, and its bytes jobs      (pure)
     io_workers.py where file-tier moves run: a thread pool off the daemon's loop

@@ -41,7 +41,7 @@ from kvcache.errors import CorruptBlock
 from kvcache.tiers import MemoryBacking, Tier, TierStore, block_checksum, padded
 
 if TYPE_CHECKING:
-    from kvcache.store import _Entry
+    from kvcache.store_entries import Entry
 
 __all__ = ["Move", "MoveKind", "promotion_job", "read_job", "stage", "write_job"]
 
@@ -59,7 +59,7 @@ class Move:
 
     def __init__(
         self,
-        entry: _Entry,
+        entry: Entry,
         kind: MoveKind,
         source: tuple[Tier, int],
         target: tuple[Tier, int],

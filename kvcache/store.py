@@ -54,19 +54,17 @@ them with ``take_events()``; this module imports no transport. Time is injected.
 
 from __future__ import annotations
 
-import contextlib
-import enum
-import functools
 import logging
 import operator
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Sequence
 
 from kvcache.errors import CorruptBlock
 from kvcache.io_workers import InlineIo, IoWorkers
-from kvcache.moves import Move, MoveKind, promotion_job, read_job, stage, write_job
+from kvcache.moves import Move, MoveKind
+from kvcache.store_entries import Entry, Session, State, TierCounters
+from kvcache.store_file_moves import FileTierMoves
 from kvcache.store_values import (
     BlockEvent,
     EventKind,
@@ -77,7 +75,7 @@ from kvcache.store_values import (
     TierStats,
 )
 from kvcache.tier_policy import TierPolicy
-from kvcache.tiers import Backing, Tier, TierStore, copy_hashing_target
+from kvcache.tiers import Backing, Tier, TierStore
 
 log = logging.getLogger("shoal." + __name__)
 
@@ -96,62 +94,7 @@ __all__ = [
 ]
 
 
-class _State(enum.IntEnum):
-    RESERVED = 0
-    COMMITTED = 1
-
-
-class _Entry:
-    __slots__ = (
-        "checksum",
-        "deadline",
-        "key",
-        "landed",
-        "lease_count",
-        "move",
-        "namespace",
-        "nbytes",
-        "offset",
-        "owner",
-        "parent",
-        "state",
-        "tier",
-    )
-
-    def __init__(self, key: bytes, parent: bytes | None, nbytes: int, offset: int) -> None:
-        self.key = key
-        self.parent = parent
-        self.nbytes = nbytes
-        self.offset = offset
-        self.tier = Tier.SHM
-        self.state = _State.RESERVED
-        self.checksum = 0
-        self.lease_count = 0
-        self.owner = 0
-        self.deadline = 0.0
-        self.namespace = ""
-        self.move: Move | None = None  # in flight to or from a file tier (kvcache.moves)
-        self.landed = False  # promoted by a worker; its hit was counted on the file tier
-
-
-@dataclass(slots=True)
-class _Session:
-    namespace: str = ""
-    leases: dict[bytes, list[_Entry]] = field(default_factory=dict)
-    reservations: dict[bytes, _Entry] = field(default_factory=dict)
-    lease_ttl_s: float | None = None  # None: leases last until released
-    lease_deadline: float = 0.0  # renewed by every acquire and release
-
-
-@dataclass(slots=True)
-class _TierCounters:
-    hits: int = 0
-    evictions: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-
-
-class BlockStore:
+class BlockStore(FileTierMoves):
     """Owner of all block metadata; tiers ordered SHM (required) → DRAM → SSD."""
 
     def __init__(
@@ -169,14 +112,14 @@ class BlockStore:
         # Sized in the blocks each tier really holds (kvcache.tier_policy), not a guess.
         self._policy_name = policy
         self._policies = [TierPolicy(policy, t.allocator) for t in tiers]
-        self._counters = [_TierCounters() for _ in tiers]
-        self._entries: dict[bytes, _Entry] = {}
-        self._doomed: set[_Entry] = set()  # deleted while leased: removed on last release
+        self._counters = [TierCounters() for _ in tiers]
+        self._entries: dict[bytes, Entry] = {}
+        self._doomed: set[Entry] = set()  # deleted while leased: removed on last release
         # Blocks a flush detached: invisible at once, their slots reclaimed in steps.
-        self._cleared: list[dict[bytes, _Entry]] = []
+        self._cleared: list[dict[bytes, Entry]] = []
         self._num_cleared = [0] * len(tiers)  # of those, per tier, not reclaimed yet
-        self._sessions: dict[int, _Session] = {}
-        self._reservations: dict[int, _Entry] = {}  # id(entry) -> entry, in deadline order
+        self._sessions: dict[int, Session] = {}
+        self._reservations: dict[int, Entry] = {}  # id(entry) -> entry, in deadline order
         self._events: list[BlockEvent] = []
         self._ttl = reservation_ttl_s
         self._clock = clock
@@ -209,7 +152,7 @@ class BlockStore:
         with ``lease_ttl_s`` its leases expire that long after its last reading call."""
         assert lease_ttl_s is None or lease_ttl_s > 0, f"lease TTL {lease_ttl_s} must be > 0"
         self._sessions.setdefault(
-            session_id, _Session(sys.intern(namespace), lease_ttl_s=lease_ttl_s)
+            session_id, Session(sys.intern(namespace), lease_ttl_s=lease_ttl_s)
         )
 
     def close_session(self, session_id: int) -> None:
@@ -223,7 +166,7 @@ class BlockStore:
         for entry in list(session.reservations.values()):
             self._discard_reservation(entry)
 
-    def _session(self, session_id: int) -> _Session:
+    def _session(self, session_id: int) -> Session:
         session = self._sessions.get(session_id)
         assert session is not None, f"session {session_id} used before open_session"
         return session
@@ -235,7 +178,7 @@ class BlockStore:
         entries = self._entries
         for index, key in enumerate(keys):
             entry = entries.get(key)
-            if entry is None or entry.state is not _State.COMMITTED:
+            if entry is None or entry.state is not State.COMMITTED:
                 return index
         return len(keys)
 
@@ -252,7 +195,7 @@ class BlockStore:
         waiting: list[Move] = []
         for key in keys:
             entry = self._entries.get(key)
-            if entry is None or entry.state is not _State.COMMITTED:
+            if entry is None or entry.state is not State.COMMITTED:
                 if prefix:
                     break
                 continue
@@ -306,7 +249,7 @@ class BlockStore:
             entry = self._entries.get(key)
             if (
                 entry is None
-                or entry.state is not _State.COMMITTED
+                or entry.state is not State.COMMITTED
                 or not (self._promote(entry) if promote else self._touch(entry))
             ):
                 self._misses += 1
@@ -323,30 +266,6 @@ class BlockStore:
     def backing(self, tier: Tier) -> Backing:
         """Where the bytes of tier ``tier`` live (to read a ``promote=False`` lease)."""
         return self._tiers[tier].backing
-
-    def read_leased(self, lease: Lease, out: memoryview, done: Callable[[bool], None]) -> None:
-        """Read a file-tier lease's bytes into ``out`` on an I/O worker, verified.
-
-        ``out`` is page aligned and ``padded(lease.nbytes)`` long (O_DIRECT). ``done(ok)``
-        runs on the loop thread once the read landed; the caller holds the lease until
-        then (the lease keeps the file slot from being freed or reused). A corrupt or
-        unreadable block is counted and dropped, as a failed promotion would drop it.
-        """
-        assert not self._tiers[lease.tier].in_memory, "memory-tier leases are read in place"
-        job = read_job(self._tiers[lease.tier], lease.offset, out, lease.nbytes, lease.checksum)
-        self._io.submit(job, functools.partial(self._read_done, lease, done))
-
-    def _read_done(
-        self, lease: Lease, done: Callable[[bool], None], error: Exception | None
-    ) -> None:
-        if error is not None:
-            entry = self._entries.get(lease.key)
-            self._count_error(error, lease.key)
-            if (entry is not None and entry.move is None and entry.tier == lease.tier
-                    and entry.offset == lease.offset):  # fmt: skip
-                self._policies[entry.tier].remove(entry.key)
-                self._remove(entry)  # leased: its slot is freed on the last release
-        done(error is None)
 
     def release_leases(self, session_id: int, leases: Sequence[Lease]) -> int:
         """``release`` of exactly these leases: where a session holds one key twice (a
@@ -383,7 +302,7 @@ class BlockStore:
             released += 1
         return released
 
-    def _renew(self, session: _Session) -> None:
+    def _renew(self, session: Session) -> None:
         if session.lease_ttl_s is not None:
             session.lease_deadline = self._clock() + session.lease_ttl_s
 
@@ -401,7 +320,7 @@ class BlockStore:
         self._expired_leases += expired
         return expired
 
-    def _unlease(self, entry: _Entry) -> None:
+    def _unlease(self, entry: Entry) -> None:
         assert entry.lease_count > 0, f"lease count of {entry.key.hex()} would go negative"
         entry.lease_count -= 1
         self._num_leases -= 1
@@ -410,7 +329,7 @@ class BlockStore:
             if entry.move is None:  # else the move's completion frees it (moves.py, 1.)
                 self._tiers[entry.tier].free(entry.offset)
 
-    def _leave_slot(self, entry: _Entry, tier: Tier, offset: int) -> None:
+    def _leave_slot(self, entry: Entry, tier: Tier, offset: int) -> None:
         """Free the slot a block moved out of, unless leases hold it there.
 
         A block leased where it lies (``promote=False``: a peer's frame or file read in
@@ -421,8 +340,8 @@ class BlockStore:
         if entry.lease_count == 0:
             self._tiers[tier].free(offset)
             return
-        stand_in = _Entry(entry.key, entry.parent, entry.nbytes, offset)
-        stand_in.tier, stand_in.state = tier, _State.COMMITTED
+        stand_in = Entry(entry.key, entry.parent, entry.nbytes, offset)
+        stand_in.tier, stand_in.state = tier, State.COMMITTED
         stand_in.lease_count, entry.lease_count = entry.lease_count, 0
         for session in self._sessions.values():
             held = session.leases.get(entry.key)
@@ -475,7 +394,7 @@ class BlockStore:
                 self._no_space += 1
                 results.append(ReserveResult(ReserveStatus.NO_SPACE))
                 continue
-            entry = _Entry(key, chain_parent, nbytes, offset)
+            entry = Entry(key, chain_parent, nbytes, offset)
             entry.owner = session_id
             entry.deadline = deadline
             entry.namespace = label
@@ -501,7 +420,7 @@ class BlockStore:
             if entry is None:
                 continue
             del self._reservations[id(entry)]
-            entry.state = _State.COMMITTED
+            entry.state = State.COMMITTED
             entry.checksum = checksum
             self._policies[0].insert(key, entry.parent, entry.nbytes)
             shm_counters.bytes_in += entry.nbytes
@@ -516,7 +435,7 @@ class BlockStore:
             if entry is not None:
                 self._discard_reservation(entry)
 
-    def _discard_reservation(self, entry: _Entry) -> None:
+    def _discard_reservation(self, entry: Entry) -> None:
         session = self._sessions.get(entry.owner)
         if session is not None:
             session.reservations.pop(entry.key, None)
@@ -542,7 +461,7 @@ class BlockStore:
         removed = 0
         for key in keys:
             entry = self._entries.get(key)
-            if entry is None or entry.state is not _State.COMMITTED:
+            if entry is None or entry.state is not State.COMMITTED:
                 continue
             self._policies[entry.tier].remove(key)
             self._remove(entry)
@@ -574,7 +493,7 @@ class BlockStore:
                 entry = self._entries.get(key)
                 if (
                     entry is not None
-                    and entry.state is _State.COMMITTED
+                    and entry.state is State.COMMITTED
                     and (not namespace or entry.namespace == namespace)
                     and key.hex().startswith(prefix)
                 ):
@@ -633,7 +552,7 @@ class BlockStore:
 
     def snapshot(self) -> list[tuple[bytes, Tier]]:
         """Every committed block and its tier."""
-        return [(e.key, e.tier) for e in self._entries.values() if e.state is _State.COMMITTED]
+        return [(e.key, e.tier) for e in self._entries.values() if e.state is State.COMMITTED]
 
     def snapshot_columns(self) -> tuple[bytes, bytes]:
         """``snapshot`` as a cluster peer is sent it: the keys joined, one tier byte each.
@@ -642,7 +561,7 @@ class BlockStore:
         pairs of ``snapshot`` and joining them took about 1 s). Not streamed in pieces;
         ``kvcache.cluster.node`` says why and what the whole resync costs.
         """
-        committed = _State.COMMITTED
+        committed = State.COMMITTED
         entries = [e for e in self._entries.values() if e.state is committed]
         return b"".join(map(_KEY, entries)), bytes(map(_TIER, entries))
 
@@ -654,7 +573,7 @@ class BlockStore:
         """
         per_tier: list[list[bytes]] = [[] for _ in self._tiers]
         for entry in self._entries.values():
-            if entry.state is not _State.COMMITTED:
+            if entry.state is not State.COMMITTED:
                 continue
             found = per_tier[entry.tier]
             if len(found) < limit:
@@ -706,7 +625,7 @@ class BlockStore:
         entry = self._entries[key]
         return entry.lease_count > 0 or entry.move is not None
 
-    def _demote(self, entry: _Entry, level: int) -> None:
+    def _demote(self, entry: Entry, level: int) -> None:
         """Move an evicted block one tier down, or drop it from the bottom tier.
 
         A tier smaller than one slab has a smaller largest block: a block too large for
@@ -733,7 +652,7 @@ class BlockStore:
             return
         self._policies[lower].insert(entry.key, entry.parent, entry.nbytes)
 
-    def _touch(self, entry: _Entry) -> bool:
+    def _touch(self, entry: Entry) -> bool:
         """A hit that leaves the block in its tier (``acquire(promote=False)``); a block in
         flight is a miss: a demotion's file slot is not written yet (its bytes are in the
         staging buffer), and a promotion's target slot is not filled yet."""
@@ -744,7 +663,7 @@ class BlockStore:
         self._policies[entry.tier].touch(entry.key)
         return True
 
-    def _promote(self, entry: _Entry) -> bool:
+    def _promote(self, entry: Entry) -> bool:
         """Bring a committed block to SHM; ``False`` (a miss) if no room or it is corrupt."""
         level = entry.tier
         if level == Tier.SHM:
@@ -782,7 +701,7 @@ class BlockStore:
         self._policies[0].insert(entry.key, entry.parent, entry.nbytes)
         return True
 
-    def _move(self, entry: _Entry, level: int, offset: int) -> bool:
+    def _move(self, entry: Entry, level: int, offset: int) -> bool:
         """Copy a block to ``offset`` in tier ``level`` and free its old slot."""
         source, target = self._tiers[entry.tier], self._tiers[level]
         try:
@@ -803,171 +722,20 @@ class BlockStore:
         self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
         return True
 
-    def _remove(self, entry: _Entry) -> None:
+    def _remove(self, entry: Entry) -> None:
         """Forget a committed block (already out of its tier's policy)."""
         del self._entries[entry.key]
         self._dropped += 1
         self._events.append(BlockEvent(EventKind.REMOVED, entry.key))
         self._forget(entry)
 
-    def _forget(self, entry: _Entry) -> None:
+    def _forget(self, entry: Entry) -> None:
         """Free the slot of a block no longer in the table, or leave it to its leases."""
         if entry.lease_count > 0:
             self._doomed.add(entry)
         elif entry.move is None:
             self._tiers[entry.tier].free(entry.offset)
         # else: a worker is on its slots; the move's completion frees them (moves.py, 1.)
-
-    # -- moves to and from file tiers (kvcache.moves) --------------------------------
-
-    def _start_demotion(self, entry: _Entry, level: int, offset: int) -> None:
-        """Stage an evicted block and write it to file tier ``level`` on a worker."""
-        source = self._tiers[entry.tier]
-        if self._staging_bytes + entry.nbytes > self._max_staging:
-            self._tiers[level].free(offset)  # the disk is behind: drop, do not queue more
-            self._remove(entry)
-            return
-        try:
-            staging = stage(source, entry.offset, entry.nbytes, entry.checksum)
-        except CorruptBlock:
-            self._checksum_failures += 1
-            self._tiers[level].free(offset)
-            self._remove(entry)
-            return
-        except OSError:  # no memory for the staging buffer (ENOMEM): dropped, counted
-            self._io_errors += 1
-            self._tiers[level].free(offset)
-            self._remove(entry)
-            return
-        self._counters[entry.tier].bytes_out += entry.nbytes
-        source.free(entry.offset)
-        move = Move(entry, MoveKind.DEMOTE, (entry.tier, entry.offset), (Tier(level), offset),
-                    staging)  # fmt: skip
-        entry.tier, entry.offset, entry.move = Tier(level), offset, move
-        self._moves[id(move)] = move
-        self._staging_bytes += entry.nbytes
-        self._policies[level].insert(entry.key, entry.parent, entry.nbytes)
-        self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
-        job = write_job(self._tiers[level], offset, move)
-        self._io.submit(job, functools.partial(self._demotion_done, move))
-
-    def _demotion_done(self, move: Move, error: Exception | None) -> None:
-        with self._waking(move):
-            entry = move.entry
-            del self._moves[id(move)]
-            move.finished = True
-            move.release_staging()
-            self._staging_bytes -= entry.nbytes
-            live = entry.move is move and self._entries.get(entry.key) is entry
-            if entry.move is move:
-                entry.move = None
-            if not live:  # deleted, or promoted from the staging buffer meanwhile
-                self._tiers[move.target[0]].free(move.target[1])
-            elif error is not None:
-                self._count_error(error, entry.key)
-                self._policies[entry.tier].remove(entry.key)
-                self._remove(entry)  # frees the file slot: the write is over
-            else:
-                self._counters[entry.tier].bytes_in += entry.nbytes
-
-    def _move_from_staging(self, entry: _Entry, offset: int) -> bool:
-        """Promote a block whose demotion is in flight: copy its staging buffer to SHM."""
-        move = entry.move
-        assert move is not None and move.view is not None, "staged while demoting"
-        shm = self._tiers[0].backing
-        assert hasattr(shm, "view"), "the SHM tier is a memory mapping"
-        if copy_hashing_target(move.view[: entry.nbytes], shm.view(offset, entry.nbytes)) != (
-            entry.checksum
-        ):
-            self._checksum_failures += 1
-            self._tiers[0].free(offset)
-            return False  # the caller removes it; its file slot waits for the write
-        entry.move = None  # the write's completion frees the file slot (not live)
-        self._counters[0].bytes_in += entry.nbytes
-        entry.tier, entry.offset = Tier.SHM, offset
-        self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
-        return True
-
-    def _start_promotion(self, entry: _Entry) -> Move | None:
-        """Reserve an SHM slot and read a file-tier block into it on a worker; ``None``
-        if SHM has no room (a miss)."""
-        level = entry.tier
-        self._policies[level].remove(entry.key)  # not a victim while SHM makes room
-        offset = self._allocate(0, entry.nbytes)
-        if offset is None:
-            self._policies[level].insert(entry.key, entry.parent, entry.nbytes)
-            self._no_space += 1
-            return None
-        move = Move(entry, MoveKind.PROMOTE, (level, entry.offset), (Tier.SHM, offset))
-        entry.move = move
-        self._moves[id(move)] = move
-        job = promotion_job(self._tiers[level], entry.offset, self._tiers[0], offset,
-                            entry.nbytes, entry.checksum)  # fmt: skip
-        self._io.submit(job, functools.partial(self._promotion_done, move))
-        return move
-
-    def _promotion_done(self, move: Move, error: Exception | None) -> None:
-        with self._waking(move):
-            entry = move.entry
-            del self._moves[id(move)]
-            move.finished = True
-            live = entry.move is move and self._entries.get(entry.key) is entry
-            entry.move = None
-            source, target = self._tiers[move.source[0]], self._tiers[0]
-            if not live:  # deleted while in flight: both slots are the move's to free
-                if entry.lease_count == 0:  # else its leases' last release frees it
-                    source.free(move.source[1])
-                target.free(move.target[1])
-            elif error is not None:
-                self._count_error(error, entry.key)
-                target.free(move.target[1])  # filled with bytes nobody will see
-                self._remove(entry)  # frees the file slot
-            else:
-                self._counters[move.source[0]].hits += 1
-                self._counters[move.source[0]].bytes_out += entry.nbytes
-                self._counters[0].bytes_in += entry.nbytes
-                self._leave_slot(entry, move.source[0], move.source[1])
-                entry.tier, entry.offset, entry.landed = Tier.SHM, move.target[1], True
-                self._policies[0].insert(entry.key, entry.parent, entry.nbytes)
-                self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
-                move.committed = True
-
-    def _count_error(self, error: Exception, key: bytes) -> None:
-        if isinstance(error, CorruptBlock):
-            self._checksum_failures += 1
-        elif isinstance(error, OSError):
-            self._io_errors += 1
-        else:  # a bug in a job: counted as an I/O error, and loud
-            self._io_errors += 1
-            log.error("tier move failed", exc_info=error, extra={"key": key.hex()})
-
-    @contextlib.contextmanager
-    def _waking(self, move: Move) -> Iterator[None]:
-        """Around a move's completion: a bug in it is logged and counted, not raised into
-        the I/O loop, and the move's waiters are woken whatever happened."""
-        try:
-            yield
-        except Exception:  # logged, counted; the waiters below still run
-            self._callback_errors += 1
-            log.exception("a tier move's completion failed", extra={"key": move.entry.key.hex()})
-        finally:
-            self._wake(move)
-
-    def _wake(self, move: Move) -> None:
-        """Run each waiter of a finished move; one that raises is logged and counted, and
-        the others still run (else their reads would hang until the client times out)."""
-        waiters, move.waiters = move.waiters, []
-        for waiter in waiters:
-            try:
-                waiter()
-            except Exception:  # logged, counted; the other waiters still run
-                self._callback_errors += 1
-                log.exception("a reader waiting for a tier move failed")
-
-    @property
-    def num_moving(self) -> int:
-        """Blocks in flight to or from a file tier."""
-        return len(self._moves)
 
     # -- statistics ------------------------------------------------------------------
 

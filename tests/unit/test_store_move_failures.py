@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import kvcache.store
+import kvcache.store_file_moves
 from tests.unit.test_store_moves import Fixture, data, key
 
 
@@ -61,7 +61,7 @@ def test_no_memory_for_a_staging_buffer_drops_the_demotion_and_frees_its_slots(
     def stage(*args: object) -> None:
         raise OSError(errno.ENOMEM, "Cannot allocate memory")
 
-    monkeypatch.setattr(kvcache.store, "stage", stage)
+    monkeypatch.setattr(kvcache.store_file_moves, "stage", stage)
     # Bringing 0 back makes room in SHM: the victim's staging fails inside prepare().
     assert not fx.store.prepare([key(0)], lambda: None)
     assert fx.io.num_pending == 1, "only the read: no write was queued"
