@@ -52,7 +52,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ from kvcache.errors import CacheError, ProtocolError
 from kvcache.io_workers import InlineIo, IoWorkers, ThreadIo
 from kvcache.keys import Namespace, split_keys
 from kvcache.metrics import CacheMetrics, ProbeServer
+from kvcache.scans import StepScans
 from kvcache.store import BlockStore, ReserveStatus
 from kvcache.tiers import FileBacking, MemoryBacking, Tier, TierStore
 
@@ -238,7 +239,7 @@ class CacheDaemon:
             self._poller.register(self._io_fd, select.POLLIN)
         self._identity = b""  # of the request being handled, for replies sent later
         # Long scans (an operator's evict) advance one bounded step per loop turn.
-        self._tasks: list[tuple[Generator[None, None, int], Callable[[int], None]]] = []
+        self._tasks = StepScans()  # long scans (operators' evicts), one step a turn
         self.cluster: Cluster = NullCluster()
         if config.cluster_port:
             shm = tiers[0].backing
@@ -744,17 +745,11 @@ class CacheDaemon:
         def done(evicted: int) -> None:
             self._send(identity, m.encode_reply(request.id, evicted=evicted))
 
-        self._tasks.append((self.store.evict_steps(request.namespace, request.key_prefix), done))
+        self._tasks.start(self.store.evict_steps(request.namespace, request.key_prefix), done)
 
     def _step_tasks(self) -> None:
         """One step of each long scan; a finished one sends its reply."""
-        for task in list(self._tasks):
-            steps, done = task
-            try:
-                next(steps)
-            except StopIteration as finished:
-                self._tasks.remove(task)
-                done(int(finished.value))
+        self._tasks.step()
 
     def _drain(self, request: m.DrainRequest) -> None:
         identity = self._identity

@@ -62,7 +62,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ from kvcache.cluster.sync import ClusterView, EventLog, SyncNeed, SyncReply, enc
 from kvcache.cluster.transport import PeerLinks, Sockets
 from kvcache.errors import CacheError, ProtocolError
 from kvcache.keys import KEY_BYTES, join_keys, split_keys
+from kvcache.scans import StepScans
 from kvcache.store import BlockEvent, BlockStore, EventKind
 from kvcache.tiers import MemoryBacking
 
@@ -212,7 +213,7 @@ class ClusterNode:
         )  # fmt: skip
         self._held_offers: list[_HeldOffer] = []
         # Operators' evicts: one bounded step each per idle step or tick (review M3).
-        self._scans: list[tuple[Generator[None, None, int], Callable[[int], None]]] = []
+        self._scans = StepScans()  # operators' evicts, one step per idle turn
         self._drain: _Drain | None = None
         self._next_heartbeat = 0.0
         self._subscribed: set[str] = set()
@@ -458,7 +459,7 @@ class ClusterNode:
             reply(**self.status())
         elif isinstance(request, cm.EvictRequest):  # a scan: in steps, between requests
             steps = self._store.evict_steps(request.namespace, request.key_prefix)
-            self._scans.append((steps, lambda evicted: reply(evicted=evicted)))
+            self._scans.start(steps, lambda evicted: reply(evicted=evicted))
         elif isinstance(request, cm.FlushRequest):
             reply(flushed=self._store.clear())
         elif isinstance(request, cm.DrainRequest):
@@ -609,14 +610,7 @@ class ClusterNode:
 
     def _step_scans(self) -> bool:
         """One step of each operator's evict; a finished one replies. True if any remain."""
-        for scan in list(self._scans):
-            steps, done = scan
-            try:
-                next(steps)
-            except StopIteration as finished:
-                self._scans.remove(scan)
-                done(int(finished.value))
-        return bool(self._scans)
+        return self._scans.step()
 
     def tick(self, now: float) -> None:
         self._server.release_sent()
