@@ -109,6 +109,9 @@ class BlockStore(FileTierMoves):
     ) -> None:
         assert tiers and tiers[0].tier is Tier.SHM, "the first tier must be the SHM arena"
         self._tiers = list(tiers)
+        # No file tier (no --ssd-dir): nothing is ever read on a worker, so a get need not
+        # walk its keys twice (``prepare``, then ``acquire``).
+        self._memory_only = all(t.in_memory for t in self._tiers)
         # Sized in the blocks each tier really holds (kvcache.tier_policy), not a guess.
         self._policy_name = policy
         self._policies = [TierPolicy(policy, t.allocator) for t in tiers]
@@ -192,6 +195,8 @@ class BlockStore(FileTierMoves):
         joined here have completed (successfully or not), on the loop thread; then call
         ``acquire``. A block that went back to a file tier in between is a miss there.
         """
+        if self._memory_only:
+            return True
         waiting: list[Move] = []
         for key in keys:
             entry = self._entries.get(key)
