@@ -19,7 +19,7 @@ pytest_plugins = ["pytester"]  # tests/unit/test_suite_rules.py checks this file
 _import_skips: list[str] = []
 
 
-def _require_all() -> bool:
+def require_all() -> bool:
     flag = os.environ.get("SHOAL_TESTS_REQUIRE_ALL") or os.environ.get("CI") or ""
     return flag.strip().lower() in {"1", "true", "yes", "on"}
 
@@ -38,7 +38,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _import_skips and _require_all():
+    if _import_skips and require_all():
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line("")

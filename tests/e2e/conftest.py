@@ -1,0 +1,29 @@
+"""End-to-end tests: real ``vllm serve`` processes (``tests/e2e/engines.py``) beside real
+Shoal daemons. Every test here carries the ``e2e`` marker (``pytest -m e2e`` runs only
+these; ``-m "not e2e"`` skips them). When a test fails, the tail of the log of every
+engine running at that moment is added to its report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.engines import LIVE
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/e2e/" in item.nodeid:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if report.failed:
+        for engine in list(LIVE):
+            report.sections.append(
+                (f"engine {engine.name} ({engine.log_path}), last lines", engine.log_tail())
+            )
