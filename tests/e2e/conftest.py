@@ -11,11 +11,17 @@ import pytest
 
 from tests.e2e.engines import LIVE
 
+# A test's timeout covers its fixtures' setup: starting engines takes 30-90 s (more when
+# several start at once on two cores), beyond the suite's 120 s default.
+E2E_TIMEOUT_S = 600
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/e2e/" in item.nodeid:
             item.add_marker(pytest.mark.e2e)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
 
 
 @pytest.hookimpl(hookwrapper=True)

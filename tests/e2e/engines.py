@@ -218,15 +218,30 @@ def connector_config(endpoint: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def kv_events_config(port: int, replay_port: int, topic: str = "kv-events") -> dict[str, Any]:
-    """``--kv-events-config`` for vLLM's ZeroMQ publisher on loopback (it binds)."""
+def kv_events_config(
+    endpoint: str, replay_endpoint: str, topic: str = "kv-events"
+) -> dict[str, Any]:
+    """``--kv-events-config`` for vLLM's ZeroMQ publisher.
+
+    vLLM binds its PUB socket only to a wildcard (``tcp://*:P``, every interface) or an
+    ``ipc://``/``inproc://`` address, and *connects* to any other (``tcp://127.0.0.1:P``
+    makes the subscriber the one that must bind); the replay ROUTER always binds. Tests
+    use ``ipc_endpoints``: bound by the engine, reachable only through the file system.
+    """
     return {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
-        "endpoint": f"tcp://127.0.0.1:{port}",
-        "replay_endpoint": f"tcp://127.0.0.1:{replay_port}",
+        "endpoint": endpoint,
+        "replay_endpoint": replay_endpoint,
         "topic": topic,
     }
+
+
+def ipc_endpoints(directory: Path, name: str) -> tuple[str, str]:
+    """A KV-event PUB endpoint and its replay endpoint under ``directory`` (ipc paths are
+    limited to ~100 bytes: keep ``directory`` short)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return f"ipc://{directory}/{name}.pub", f"ipc://{directory}/{name}.replay"
 
 
 def spawn_engine(

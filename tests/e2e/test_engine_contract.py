@@ -1,0 +1,374 @@
+"""One contract, two engines: the same assertions run against a real ``vllm serve`` and
+against Shoal's simulator (``shoal sim engine``), for everything a router, an autoscaler
+or the cache daemon touches: endpoints, the SSE shape of streamed answers, usage, error
+JSON, metric names and labels and how they move, and the KV-event wire format.
+
+The simulator is started to look like the tiny engine: served name ``tiny``, block size
+128, 2,048 tokens of context, KV events on. Prompts are token ids, so both engines count
+the same prompt tokens (the simulator does not have the tiny model's tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+import pytest
+import zmq
+
+from kvcache.cluster.engine_events import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch
+from tests.e2e.engines import (
+    BLOCK_SIZE,
+    SERVED_NAME,
+    Engine,
+    ipc_endpoints,
+    kv_events_config,
+    running_engines,
+    spawn_engine,
+)
+
+MAX_MODEL_LEN = 2048
+TOPIC = "kv-events"
+LABELS = {"engine", "model_name"}
+
+
+class Served(Protocol):
+    """What the contract needs of an engine (``tests.e2e.engines.Engine`` has it all)."""
+
+    @property
+    def url(self) -> str: ...
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float = 120.0
+    ) -> tuple[int, bytes]: ...
+    def post(self, path: str, body: Any, timeout: float = 120.0) -> dict[str, Any]: ...
+    def stream(self, path: str, body: Any, timeout: float = 120.0) -> list[str]: ...
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]: ...
+    def metric(self, name: str, **labels: str) -> float: ...
+
+
+@dataclass
+class Subject:
+    kind: str  # "vllm" or "sim"
+    engine: Served
+    events_endpoint: str
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(4, 8192) for _ in range(length)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("contract")
+
+
+@pytest.fixture(scope="module", params=["vllm"])  # "sim" joins with the simulator
+def subject(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Subject]:
+    events = kv_events_config(*ipc_endpoints(workdir / "ev", request.param), TOPIC)
+    if request.param == "vllm":
+        engine = spawn_engine(workdir, "contract-vllm", cpu=0, kv_events=events)
+        with running_engines(engine):
+            yield Subject("vllm", engine, events["endpoint"])
+        return
+    from tests.e2e.simulated import running_simulator
+
+    with running_simulator(
+        workdir,
+        served_name=SERVED_NAME,
+        block_size=BLOCK_SIZE,
+        max_model_len=MAX_MODEL_LEN,
+        kv_events=events,
+    ) as sim:
+        yield Subject("sim", sim, events["endpoint"])
+
+
+# --- endpoints -------------------------------------------------------------------------
+
+
+def test_health_and_models(subject: Subject) -> None:
+    status, _ = subject.engine.request("GET", "/health")
+    assert status == 200
+    status, raw = subject.engine.request("GET", "/v1/models")
+    assert status == 200
+    models = json.loads(raw)
+    assert models["object"] == "list"
+    (model,) = models["data"]
+    assert model["id"] == SERVED_NAME
+    assert model["object"] == "model"
+    assert model["owned_by"] == "vllm"
+    assert model["parent"] is None
+    assert model["max_model_len"] == MAX_MODEL_LEN
+    assert isinstance(model["created"], int)
+    assert "root" in model
+
+
+def test_completion(subject: Subject) -> None:
+    prompt = _prompt(1, 40)
+    answer = subject.engine.post(
+        "/v1/completions", {"model": SERVED_NAME, "prompt": prompt, "max_tokens": 5}
+    )
+    assert answer["id"].startswith("cmpl-")
+    assert answer["object"] == "text_completion"
+    assert answer["model"] == SERVED_NAME
+    assert isinstance(answer["created"], int)
+    (choice,) = answer["choices"]
+    assert choice["index"] == 0
+    assert isinstance(choice["text"], str)
+    assert choice["logprobs"] is None
+    assert choice["finish_reason"] == "length"
+    usage = answer["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
+        40,
+        5,
+        45,
+    )
+    # vLLM adds detail fields that stay null unless asked for (--enable-prompt-tokens-details)
+    assert all(
+        usage[key] is None
+        for key in set(usage) - {"prompt_tokens", "completion_tokens", "total_tokens"}
+    )
+
+
+def test_completion_stream(subject: Subject) -> None:
+    events = subject.engine.stream(
+        "/v1/completions",
+        {
+            "model": SERVED_NAME,
+            "prompt": _prompt(2, 30),
+            "max_tokens": 6,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    assert chunks[0]["id"].startswith("cmpl-")
+    assert {chunk["object"] for chunk in chunks} == {"text_completion"}
+    *content, usage = chunks
+    assert usage["choices"] == []
+    assert usage["usage"]["prompt_tokens"] == 30
+    assert usage["usage"]["completion_tokens"] == 6
+    assert usage["usage"]["total_tokens"] == 36
+    assert all(len(chunk["choices"]) == 1 for chunk in content)
+    assert all(chunk.get("usage") is None for chunk in content)
+    finishes = [chunk["choices"][0]["finish_reason"] for chunk in content]
+    assert finishes[-1] == "length"
+    assert set(finishes[:-1]) <= {None}
+    assert len(content) == 6  # one chunk per generated token
+
+
+def test_chat(subject: Subject) -> None:
+    answer = subject.engine.post(
+        "/v1/chat/completions",
+        {
+            "model": SERVED_NAME,
+            "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": 4,
+        },
+    )
+    assert answer["id"].startswith("chatcmpl-")
+    assert answer["object"] == "chat.completion"
+    (choice,) = answer["choices"]
+    assert choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 4
+    assert answer["usage"]["total_tokens"] == answer["usage"]["prompt_tokens"] + 4
+
+
+def test_chat_stream(subject: Subject) -> None:
+    events = subject.engine.stream(
+        "/v1/chat/completions",
+        {
+            "model": SERVED_NAME,
+            "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": 4,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["id"].startswith("chatcmpl-")
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    *content, usage = chunks
+    assert usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] == 4
+    deltas = [chunk["choices"][0]["delta"] for chunk in content[1:]]
+    assert len(deltas) == 4
+    assert all(set(delta) == {"content"} for delta in deltas)
+    assert content[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "kind"),
+    [
+        ({"model": "nope", "prompt": "x", "max_tokens": 1}, 404, "NotFoundError"),
+        (
+            {"model": SERVED_NAME, "prompt": "x", "max_tokens": MAX_MODEL_LEN + 1},
+            400,
+            "BadRequestError",
+        ),
+    ],
+    ids=["unknown-model", "too-many-tokens"],
+)
+def test_errors(subject: Subject, body: dict[str, Any], status: int, kind: str) -> None:
+    got, raw = subject.engine.request("POST", "/v1/completions", body)
+    assert got == status
+    error = json.loads(raw)["error"]
+    assert error["type"] == kind
+    assert error["code"] == status
+    assert isinstance(error["message"], str) and error["message"]
+
+
+def test_malformed_json_is_a_400(subject: Subject) -> None:
+    connection_status, raw = _raw_post(subject.engine, "/v1/completions", b'{"model": "tiny",')
+    assert connection_status == 400
+    error = json.loads(raw)["error"]
+    assert error["code"] == 400
+
+
+def _raw_post(engine: Served, path: str, body: bytes) -> tuple[int, bytes]:
+    import http.client
+    from urllib.parse import urlparse
+
+    url = urlparse(engine.url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        connection.request("POST", path, body=body, headers={"content-type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+# --- metrics ---------------------------------------------------------------------------
+
+GAUGES = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"]
+COUNTERS = [
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:request_success_total",
+]
+HISTOGRAMS = [
+    "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds",
+    "vllm:e2e_request_latency_seconds",
+]
+
+
+def test_metric_names_and_labels(subject: Subject) -> None:
+    samples = subject.engine.metrics()
+    names = {name for name, _ in samples}
+    expected = GAUGES + COUNTERS + [f"{h}_{part}" for h in HISTOGRAMS for part in ("sum", "count")]
+    assert set(expected) <= names, sorted(set(expected) - names)
+    for name, labels in samples:
+        if name in expected or name.removesuffix("_bucket") in HISTOGRAMS:
+            assert {key for key, _ in labels} >= LABELS, (name, labels)
+            assert dict(labels)["model_name"] == SERVED_NAME
+
+
+def test_counters_move_with_a_request(subject: Subject) -> None:
+    engine = subject.engine
+    before = {name: engine.metric(name) for name in COUNTERS}
+    length_before = engine.metric("vllm:request_success_total", finished_reason="length")
+    ttft_before = engine.metric("vllm:time_to_first_token_seconds_count")
+    engine.post(
+        "/v1/completions", {"model": SERVED_NAME, "prompt": _prompt(3, 50), "max_tokens": 3}
+    )
+    assert engine.metric("vllm:prompt_tokens_total") - before["vllm:prompt_tokens_total"] == 50
+    assert (
+        engine.metric("vllm:generation_tokens_total") - before["vllm:generation_tokens_total"] == 3
+    )
+    assert (
+        engine.metric("vllm:request_success_total", finished_reason="length") - length_before == 1
+    )
+    assert engine.metric("vllm:time_to_first_token_seconds_count") - ttft_before == 1
+    assert engine.metric("vllm:num_requests_running") == 0
+
+
+def test_prefix_cache_hits_in_whole_blocks(subject: Subject) -> None:
+    engine = subject.engine
+    prompt = _prompt(4, 3 * BLOCK_SIZE + 20)
+    body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": 1}
+    engine.post("/v1/completions", body)
+    hits = engine.metric("vllm:prefix_cache_hits_total")
+    queries = engine.metric("vllm:prefix_cache_queries_total")
+    engine.post("/v1/completions", body)
+    assert engine.metric("vllm:prefix_cache_hits_total") - hits == 3 * BLOCK_SIZE
+    assert engine.metric("vllm:prefix_cache_queries_total") - queries == len(prompt)
+
+
+# --- KV events -------------------------------------------------------------------------
+
+
+def _subscribe(endpoint: str) -> zmq.Socket[bytes]:
+    socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+    socket.setsockopt(zmq.SUBSCRIBE, b"")
+    socket.setsockopt(zmq.RCVTIMEO, 30_000)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(endpoint)
+    return socket
+
+
+def test_kv_events_wire_format(subject: Subject) -> None:
+    socket = _subscribe(subject.events_endpoint)
+    try:
+        # A subscription takes a moment to reach the publisher, and what was published
+        # before is gone: send new prompts until one's events arrive.
+        stored: list[BlockStored] = []
+        raw_events: list[Any] = []
+        for attempt in range(20):
+            prompt = _prompt(100 + attempt, 2 * BLOCK_SIZE + 10)
+            subject.engine.post(
+                "/v1/completions", {"model": SERVED_NAME, "prompt": prompt, "max_tokens": 1}
+            )
+            poller = zmq.Poller()
+            poller.register(socket, zmq.POLLIN)
+            while poller.poll(2000 if not stored else 500):
+                frames = socket.recv_multipart()
+                assert len(frames) == 3
+                topic, seq, payload = frames
+                assert topic == TOPIC.encode()
+                assert len(seq) == 8
+                raw = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+                assert isinstance(raw[0], float)  # timestamp
+                raw_events.extend(raw[1])
+                batch = decode_batch(payload)
+                stored += [e for e in batch.events if isinstance(e, BlockStored)]
+                assert all(
+                    isinstance(e, BlockStored | BlockRemoved | AllBlocksCleared)
+                    for e in batch.events
+                )
+            if stored:
+                break
+        assert stored, "no BlockStored event arrived"
+        first = stored[-1]  # the last prompt's: its events were all received
+        assert first.block_size == BLOCK_SIZE
+        assert first.parent_block_hash is None
+        assert list(first.token_ids[: 2 * BLOCK_SIZE]) == prompt[: 2 * BLOCK_SIZE]
+        assert len(first.block_hashes) * BLOCK_SIZE == len(first.token_ids)
+        assert first.medium == "GPU"
+        tagged = [event for event in raw_events if isinstance(event, dict)]
+        assert tagged and tagged[0]["type"] == "BlockStored"
+        assert {
+            "block_hashes",
+            "parent_block_hash",
+            "token_ids",
+            "block_size",
+            "lora_id",
+            "medium",
+        } <= set(tagged[0])
+    finally:
+        socket.close()
+
+
+__all__ = ["Engine"]
