@@ -6,7 +6,7 @@
 As in vLLM's ``ZmqEventPublisher``: an endpoint with ``*`` or ``::``, or an ipc/inproc one,
 is bound, any other is connected to. One message per engine step that changed the cache::
 
-    PUB     [topic, seq (8 bytes big-endian, from 0), msgpack [ts, [event, ...]]]
+    PUB     [topic, seq (8 bytes big-endian, from 0), msgpack [ts, [event, ...], dp_rank 0]]
     event   {"type": "BlockStored", "block_hashes": [int64...], "parent_block_hash": int|nil,
              "token_ids": [...], "block_size": B, "lora_id": int|nil, "medium": "GPU",
              "lora_name": str|nil, ("extra_keys": [[lora_name], ...] with an adapter),
@@ -18,10 +18,11 @@ is bound, any other is connected to. One message per engine step that changed th
             [identity, b"", b"", (-1 as 8 signed bytes), b""]
 
 Field order and omission follow msgspec's encoding of vLLM's tagged structs with
-``omit_defaults`` (fields left at their default are not sent). Block hashes are 64-bit
+``omit_defaults`` (fields left at their default are not sent); a unit test compares the
+bytes with msgspec's encoding of vLLM's own classes. Block hashes are 64-bit
 ints, vLLM's default (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1``). Not simulated: 0.33's
 ``BlockStored`` for blocks *reused* from the prefix cache (``emit_cached_block_events``,
-which 0.32, the CPU build, does not send either) and data-parallel ranks.
+which 0.32, the CPU build, does not send either) and data-parallel ranks other than 0.
 
 ``ZmqEventPublisher`` (asyncio sockets, in the engine's loop), ``NullEventPublisher`` and
 ``MemoryEventPublisher`` (tests) share the ``EventPublisher`` protocol.
@@ -123,8 +124,9 @@ def _event(event: CacheEvent) -> dict[str, Any]:
 
 
 def encode_batch(events: Sequence[CacheEvent], ts: float) -> bytes:
-    """One ``KVEventBatch`` payload: msgpack ``[ts, [event, ...]]``."""
-    return bytes(msgpack.packb([ts, [_event(e) for e in events]], use_bin_type=True))
+    """One ``KVEventBatch`` payload: msgpack ``[ts, [event, ...], 0]`` (the publisher fills
+    in its data-parallel rank, 0 for an engine without data parallelism)."""
+    return bytes(msgpack.packb([ts, [_event(e) for e in events], 0], use_bin_type=True))
 
 
 class EventPublisher(Protocol):
