@@ -17,7 +17,7 @@ import pytest
 from sim.faults import DIE_EXIT_CODE
 from sim.process import SimEngineProcess, running_sim_engine, start_sim_engine
 from sim.profile import StepProfile
-from tests.integration.conftest import free_port, wait_until
+from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -190,9 +190,9 @@ def test_die_exit_ends_the_process_mid_stream_from_a_start_flag(tmp_path: Any) -
         body = {"prompt": [1, 2], "max_tokens": 50, "stream": True}
         req = urllib.request.Request(engine.url + "/v1/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})  # fmt: skip
-        with pytest.raises((http.client.IncompleteRead, ConnectionError, urllib.error.URLError)):
-            with urllib.request.urlopen(req, timeout=10) as reply:
-                reply.read()
+        errors = (http.client.IncompleteRead, ConnectionError, urllib.error.URLError)
+        with pytest.raises(errors), urllib.request.urlopen(req, timeout=10) as reply:
+            reply.read()
         assert engine.process.wait(timeout=10) == DIE_EXIT_CODE
     finally:
         engine.stop()

@@ -44,7 +44,7 @@ def stream(engine: SimEngineProcess, path: str, body: dict[str, Any]) -> list[st
     events = text.split("\n\n")
     assert events[-1] == "", "every event ends with a blank line"
     assert all(e.startswith("data: ") for e in events[:-1])
-    return [e[len("data: "):] for e in events[:-1]]
+    return [e[len("data: ") :] for e in events[:-1]]
 
 
 def test_streamed_completion_has_vllms_chunks_usage_and_done(engine: SimEngineProcess) -> None:
@@ -69,8 +69,13 @@ def test_streamed_completion_has_vllms_chunks_usage_and_done(engine: SimEnginePr
 
 
 def test_streamed_chat_starts_with_the_role_and_ends_with_usage(engine: SimEngineProcess) -> None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}],
-            "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     *chunks, done = stream(engine, "/v1/chat/completions", body)
     assert done == "[DONE]"
     parsed = [json.loads(c) for c in chunks]
@@ -86,21 +91,33 @@ def test_streamed_chat_starts_with_the_role_and_ends_with_usage(engine: SimEngin
 
 
 def test_without_include_usage_no_usage_chunk_is_sent(engine: SimEngineProcess) -> None:
-    *chunks, done = stream(engine, "/v1/completions",
-                           {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2, "stream": True})
+    *chunks, done = stream(
+        engine,
+        "/v1/completions",
+        {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2, "stream": True},
+    )
     assert done == "[DONE]" and len(chunks) == 2
     assert all("usage" not in json.loads(c) for c in chunks)
 
 
 def test_non_streaming_answers_have_vllms_fields(engine: SimEngineProcess) -> None:
-    status, body = post(engine, "/v1/completions",
-                        {"model": MODEL, "prompt": [11, 12, 13, 14], "max_tokens": 4})
+    status, body = post(
+        engine, "/v1/completions", {"model": MODEL, "prompt": [11, 12, 13, 14], "max_tokens": 4}
+    )
     assert status == 200 and body["object"] == "text_completion"
-    assert body["usage"] == {"prompt_tokens": 4, "total_tokens": 8, "completion_tokens": 4,
-                             "prompt_tokens_details": None, "completion_tokens_details": None}
+    assert body["usage"] == {
+        "prompt_tokens": 4,
+        "total_tokens": 8,
+        "completion_tokens": 4,
+        "prompt_tokens_details": None,
+        "completion_tokens_details": None,
+    }
     assert body["choices"][0]["finish_reason"] == "length"
-    status, chat = post(engine, "/v1/chat/completions",
-                        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    status, chat = post(
+        engine,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
     assert status == 200 and chat["object"] == "chat.completion" and chat["model"] == MODEL
     assert chat["choices"][0]["message"]["role"] == "assistant"
     assert chat["usage"]["completion_tokens"] == 2
@@ -117,7 +134,12 @@ def test_models_lists_the_served_name_with_vllms_card(engine: SimEngineProcess) 
     assert models["object"] == "list"
     (card,) = models["data"]
     assert (card["id"], card["object"], card["owned_by"], card["root"], card["parent"]) == (
-        MODEL, "model", "vllm", "/models/tiny", None)
+        MODEL,
+        "model",
+        "vllm",
+        "/models/tiny",
+        None,
+    )
     assert card["max_model_len"] == 512 and card["permission"][0]["object"] == "model_permission"
 
 
@@ -133,8 +155,10 @@ def error_of(status: int, body: dict[str, Any]) -> tuple[int, str, Any]:
         ({"model": "nope", "prompt": "x"}, (404, "NotFoundError", "model")),
         ({"model": MODEL}, (400, "Bad Request", "body.prompt")),
         ({"prompt": "x", "n": 2}, (400, "BadRequestError", "n")),
-        ({"prompt": "x", "stream_options": {"include_usage": True}},
-         (400, "BadRequestError", "stream_options")),
+        (
+            {"prompt": "x", "stream_options": {"include_usage": True}},
+            (400, "BadRequestError", "stream_options"),
+        ),
         ({"prompt": list(range(600))}, (400, "BadRequestError", "input_tokens")),
         ({"prompt": [1, 10**9]}, (400, "BadRequestError", "prompt")),
     ],
@@ -186,8 +210,10 @@ def test_a_client_that_hangs_up_aborts_its_request(engine: SimEngineProcess) -> 
     body = json.dumps({"prompt": [3, 4], "max_tokens": 400, "stream": True}).encode()
     engine.set_faults(slowdown=50.0)  # 400 tokens take seconds: the hang-up comes first
     with socket.create_connection(("127.0.0.1", engine.port), timeout=5) as conn:
-        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        conn.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         assert conn.recv(4096).startswith(b"HTTP/1.1 200")
     pattern = r'^vllm:request_success_total\{engine="0",finished_reason="abort".*\} (\S+)'
 

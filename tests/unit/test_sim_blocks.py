@@ -8,7 +8,9 @@ from sim.blocks import AllCleared, BlockPool, Removed, Stored, block_hash, exter
 def chain(tokens: list[int], size: int, lora: str | None = None) -> list[bytes]:
     hashes: list[bytes] = []
     for i in range(len(tokens) // size):
-        hashes.append(block_hash(hashes[-1] if hashes else None, tokens[i * size : (i + 1) * size], lora))
+        hashes.append(
+            block_hash(hashes[-1] if hashes else None, tokens[i * size : (i + 1) * size], lora)
+        )
     return hashes
 
 

@@ -12,9 +12,9 @@ from kvcache.cluster.engine_events import (
     BlockStored,
     decode_batch,
 )
+from shoal.errors import ConfigError
 from sim.blocks import AllCleared, Removed, Stored, block_hash, external_hash
 from sim.events import encode_batch, parse_kv_events_config
-from shoal.errors import ConfigError
 
 H0 = block_hash(None, list(range(16)), None)
 H1 = block_hash(H0, list(range(16, 32)), None)
@@ -29,7 +29,12 @@ def test_shoals_decoder_reads_every_event_kind() -> None:
     assert isinstance(stored, BlockStored)
     assert stored.block_hashes == [external_hash(H0), external_hash(H1)]
     assert stored.parent_block_hash is None and stored.token_ids == list(range(32))
-    assert (stored.block_size, stored.lora, stored.medium, stored.group_idx) == (16, False, "GPU", 0)
+    assert (stored.block_size, stored.lora, stored.medium, stored.group_idx) == (
+        16,
+        False,
+        "GPU",
+        0,
+    )
     assert isinstance(lora, BlockStored) and lora.lora and lora.extra_keyed == (True,)
     assert lora.parent_block_hash == external_hash(H0)
     assert isinstance(removed, BlockRemoved) and removed.block_hashes == [external_hash(H1)]

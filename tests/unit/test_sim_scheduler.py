@@ -10,13 +10,22 @@ B = 16
 
 
 def config(**overrides: int) -> SchedulerConfig:
-    values = {"num_gpu_blocks": 64, "block_size": B, "max_num_batched_tokens": 256,
-              "max_num_seqs": 8, "max_model_len": 1024, "max_loras": 1, "max_cpu_loras": 1}
+    values = {
+        "num_gpu_blocks": 64,
+        "block_size": B,
+        "max_num_batched_tokens": 256,
+        "max_num_seqs": 8,
+        "max_model_len": 1024,
+        "max_loras": 1,
+        "max_cpu_loras": 1,
+    }
     values.update(overrides)
     return SchedulerConfig(**values)  # type: ignore[arg-type]
 
 
-def request(name: str, prompt: list[int], max_tokens: int = 4, lora: tuple[int, str] | None = None) -> Request:
+def request(
+    name: str, prompt: list[int], max_tokens: int = 4, lora: tuple[int, str] | None = None
+) -> Request:
     return Request(name, prompt, max_tokens, 0.0, lora)
 
 
@@ -43,9 +52,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_of_the_token_budget() -> None:
 def test_a_shared_prefix_is_served_from_cache_in_whole_blocks() -> None:
     s = Scheduler(config())
     prefix = list(range(1000, 1000 + 3 * B + 5))  # 3 full blocks and 5 tokens
-    s.add(request("a", prefix + [1, 2, 3], max_tokens=1))
+    s.add(request("a", [*prefix, 1, 2, 3], max_tokens=1))
     run_to_end(s)
-    b = request("b", prefix + [7, 8, 9], max_tokens=1)
+    b = request("b", [*prefix, 7, 8, 9], max_tokens=1)
     s.add(b)
     (shape, *_) = run_to_end(s)
     assert b.num_cached_tokens == 3 * B
