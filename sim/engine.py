@@ -3,10 +3,17 @@
 Time: ``SimClock`` maps wall time to simulated time, ``sim = (monotonic - t0) * scale``
 (``--time-scale``). A step of the profile's ``t`` simulated seconds ends at
 ``start + t``; the loop sleeps until the wall clock reaches that point and stamps the
-step's tokens with ``start + t`` exactly. When the host is too slow to keep up (the loop
-overruns its deadline), the next step starts late: the lag shows in
-``shoal_sim_lag_seconds`` and in latencies larger than the model's, which is how
-``bench/engine_sim.py`` finds how many engines a core sustains.
+step's tokens with ``start + t`` exactly. Back-to-back steps are chained on their modelled
+ends (absolute deadlines), so the event loop's timer overshoot (about 1 ms: epoll and
+uvloop timers have millisecond resolution) does not accumulate into simulated time; it is
+absorbed up to ``_TIMER_SLACK_S`` of wall time. Simulated time therefore resolves about
+2 ms x ``--time-scale``: pick a scale that keeps step times well above that. A step never
+starts before the arrival of a request in it. When the host is too slow to keep up (a
+step ends more than the slack after its deadline), the chain restarts from "now" and the
+overshoot is counted as lag in
+``shoal_sim_lag_seconds_total`` (against ``shoal_sim_step_seconds_total``) and in latencies
+larger than the model's, which is how ``bench/engine_sim.py`` finds how many engines a core
+sustains.
 
 Flow per step: ``Scheduler.schedule()`` -> price the ``StepShape`` with the profile
 (times the slowdown fault) -> sleep -> ``Scheduler.update()`` -> hand each sampled token to
@@ -35,6 +42,7 @@ __all__ = ["Engine", "RequestHandle", "SimClock", "TokenOut"]
 
 log = logging.getLogger("shoal." + __name__)
 _IDLE_TICK_S = 0.001  # wall seconds between tries when work exists but none can be scheduled
+_TIMER_SLACK_S = 0.002  # wall seconds of timer overshoot absorbed by chaining step deadlines
 
 
 class SimClock:
@@ -84,6 +92,7 @@ class Engine:
         self._handles: dict[str, RequestHandle] = {}
         self._wake = asyncio.Event()
         self._last_token_s: dict[str, float] = {}
+        self._slack_s = _TIMER_SLACK_S * self.clock.scale
         self.num_steps = 0
 
     # -- requests -----------------------------------------------------------------
@@ -113,15 +122,21 @@ class Engine:
     # -- the loop -----------------------------------------------------------------
 
     async def run(self) -> None:
+        chained: float | None = None  # the last step's modelled end, while back to back
         while True:
             if not self.scheduler.has_work:
+                chained = None
                 self._wake.clear()
                 await self._wake.wait()
-            start = self.clock.now()
             plan = self.scheduler.schedule()
             if not plan.scheduled:
+                chained = None
                 await asyncio.sleep(_IDLE_TICK_S)
                 continue
+            start = self.clock.now() if chained is None else chained
+            # A step cannot start before a request in it arrived (one that came in during
+            # the timer's overshoot of the previous step).
+            start = max([start, *(r.arrival_s for r in plan.newly_scheduled)])
             for request in plan.newly_scheduled:
                 request.first_scheduled_s = start
                 self.metrics.prefix_queries.inc(request.num_tokens)
@@ -129,11 +144,21 @@ class Engine:
             if plan.preempted:
                 self.metrics.preemptions.inc(len(plan.preempted))
             self._gauges()
-            end = start + self.profile.step_s(plan.shape) * self.faults.slowdown
+            step_s = self.profile.step_s(plan.shape) * self.faults.slowdown
+            end = start + step_s
             delay = self.clock.wall_of(end) - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            self.metrics.lag.set(max(0.0, self.clock.now() - end))
+            overshoot = self.clock.now() - end
+            if overshoot <= self._slack_s:
+                chained = end  # timer jitter: the next step starts at this one's end
+                self.metrics.lag.set(0.0)
+            else:  # the host fell behind the model: restart the chain from now
+                chained = None
+                self.metrics.lag.set(overshoot)
+                self.metrics.lag_seconds.inc(overshoot)
+            self.metrics.step_seconds.inc(step_s)
+            self.metrics.steps.inc()
             result = self.scheduler.update(plan, end)
             self.num_steps += 1
             self._deliver(plan, result, end)

@@ -189,12 +189,22 @@ class SimMetrics:
                 registry=reg,
             )
         self.lag = Gauge(
-            "shoal_sim_lag_seconds",
+            "shoal_sim_step_lag_seconds",
             "How far the engine loop runs behind its model (simulated seconds); above a "
             "step's time the host cannot keep up with --time-scale.",
             labels,
             registry=reg,
         ).labels(*values)
+        self.steps = Counter("shoal_sim_steps", "Engine steps run.", labels,
+                             registry=reg).labels(*values)  # fmt: skip
+        self.step_seconds = Counter(
+            "shoal_sim_step_seconds", "Simulated seconds the model priced the steps at.",
+            labels, registry=reg).labels(*values)  # fmt: skip
+        self.lag_seconds = Counter(
+            "shoal_sim_lag_seconds",
+            "Simulated seconds steps ended after their modelled end, summed: over "
+            "shoal_sim_step_seconds_total, how far latencies exceed the model.",
+            labels, registry=reg).labels(*values)  # fmt: skip
         faults = Counter(
             "shoal_sim_faults", "Fault knobs that fired, by kind.", [*labels, "kind"], registry=reg
         )

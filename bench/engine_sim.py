@@ -1,0 +1,211 @@
+"""How many simulated engines one core sustains, and at what request rate.
+
+K ``shoal sim engine`` processes are pinned to one core (``--engine-cpu``, default 0) and
+an open-loop load generator on another core (``--client-cpu``) sends each engine Poisson
+arrivals at ``--rate`` requests/s: prompts of ``--prompt`` random token ids (no prefix
+hits), ``--max-tokens`` streamed tokens with a usage chunk, as a router would. For every K
+it reads each engine's ``/metrics`` and reports
+
+* ``lag``: ``shoal_sim_lag_seconds_total / shoal_sim_step_seconds_total``, the fraction by
+  which steps ended later than the model says (simulated time): the engines' latencies
+  exceed the model's by about this much. A K is *sustained* when lag <= ``--max-lag``
+  (default 5%) and every sent request completed;
+* achieved completions/s (all engines), simulated TTFT p50 (from the histograms' means),
+  wall client-side e2e p50/p99, and the engine core's busy fraction (``/proc/stat``).
+
+    python bench/engine_sim.py [--quick] [--json] [--engines 1,2,4,8,16,32]
+        [--rate 2] [--time-scale 1] [--seconds 10]
+
+``--json`` prints one object: ``{"engines_per_core": K_max, "rate_per_engine": r,
+"time_scale": s, "requests_per_s_at_max": x, "levels": [{"engines": K, "lag": f,
+"achieved_rps": x, ...}, ...]}``. The default profile is the simulator's 7B/A100 one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
+sys.path.insert(0, str(REPO))
+
+import aiohttp  # noqa: E402
+
+from sim.process import SimEngineProcess, start_sim_engine  # noqa: E402
+
+BASE_PORT = 21300
+
+
+def cpu_busy(cpu: int) -> tuple[int, int]:
+    """(busy, total) jiffies of one CPU from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            values = [int(v) for v in line.split()[1:]]
+            idle = values[3] + values[4]
+            return sum(values) - idle, sum(values)
+    raise RuntimeError(f"cpu{cpu} not in /proc/stat")
+
+
+def scrape(engine: SimEngineProcess) -> dict[str, float]:
+    wanted = ("shoal_sim_lag_seconds_total", "shoal_sim_step_seconds_total",
+              "vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count",
+              "shoal_sim_steps_total")  # fmt: skip
+    found: dict[str, float] = {}
+    for line in engine.get("/metrics").splitlines():
+        match = re.match(r"^([\w:]+)\{[^}]*\} (\S+)$", line)
+        if match and match.group(1) in wanted:
+            found[match.group(1)] = float(match.group(2))
+    return found
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, prompt: list[int],
+                      max_tokens: int) -> float | None:  # fmt: skip
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    start = time.perf_counter()
+    try:
+        async with session.post(url + "/v1/completions", json=body) as reply:
+            data = await reply.read()
+            if reply.status != 200 or not data.endswith(b"data: [DONE]\n\n"):
+                return None
+    except (aiohttp.ClientError, OSError):
+        return None
+    return time.perf_counter() - start
+
+
+async def load(urls: Sequence[str], rate: float, seconds: float, prompt_len: int,
+               max_tokens: int, seed: int) -> tuple[int, list[float]]:  # fmt: skip
+    """Open-loop Poisson arrivals at ``rate`` per engine; (requests sent, e2e of successes)."""
+    rng = random.Random(seed)
+    connector = aiohttp.TCPConnector(limit=0)
+    tasks: list[asyncio.Task[float | None]] = []
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=600)
+    ) as session:
+
+        async def arrivals(url: str) -> None:
+            deadline = time.perf_counter() + seconds
+            while True:
+                await asyncio.sleep(rng.expovariate(rate))
+                if time.perf_counter() >= deadline:
+                    return
+                prompt = [rng.randrange(1, 32000) for _ in range(prompt_len)]
+                tasks.append(asyncio.create_task(one_request(session, url, prompt, max_tokens)))
+
+        await asyncio.gather(*(arrivals(u) for u in urls))
+        results = await asyncio.gather(*tasks)
+    return len(tasks), [r for r in results if r is not None]
+
+
+def run_level(count: int, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+    engines: list[SimEngineProcess] = []
+    try:
+        for i in range(count):
+            engines.append(start_sim_engine(
+                BASE_PORT + i, cpu=args.engine_cpu, time_scale=args.time_scale,
+                log_path=logs / f"engine-{count}-{i}.log", ready_timeout_s=60,
+            ))  # fmt: skip
+        before = [scrape(e) for e in engines]
+        busy0, total0 = cpu_busy(args.engine_cpu)
+        started = time.perf_counter()
+        sent, e2e = asyncio.run(load([e.url for e in engines], args.rate, args.seconds,
+                                     args.prompt, args.max_tokens, args.seed))  # fmt: skip
+        elapsed = time.perf_counter() - started
+        busy1, total1 = cpu_busy(args.engine_cpu)
+        after = [scrape(e) for e in engines]
+    finally:
+        for engine in engines:
+            engine.stop()
+
+    def delta(name: str) -> float:
+        return sum(a.get(name, 0.0) - b.get(name, 0.0) for a, b in zip(after, before, strict=True))
+
+    step_s = delta("shoal_sim_step_seconds_total")
+    ttft_n = delta("vllm:time_to_first_token_seconds_count")
+    e2e.sort()
+    return {
+        "engines": count,
+        "sent": sent,
+        "completed": len(e2e),
+        "offered_rps": round(count * args.rate, 2),
+        "achieved_rps": round(len(e2e) / elapsed, 2),
+        "lag": round(delta("shoal_sim_lag_seconds_total") / step_s, 4) if step_s else 0.0,
+        "steps_per_s": round(delta("shoal_sim_steps_total") / elapsed, 1),
+        "sim_ttft_mean_s": round(delta("vllm:time_to_first_token_seconds_sum") / ttft_n, 4)
+        if ttft_n
+        else None,
+        "e2e_p50_s": round(statistics.median(e2e), 3) if e2e else None,
+        "e2e_p99_s": round(e2e[int(0.99 * (len(e2e) - 1))], 3) if e2e else None,
+        "engine_cpu_busy": round((busy1 - busy0) / max(1, total1 - total0), 3),
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"simulated engines on one core: rate {result['rate_per_engine']} req/s per engine, "
+          f"time scale {result['time_scale']}, prompt {result['prompt']}, "
+          f"{result['max_tokens']} tokens streamed")  # fmt: skip
+    header = ("engines", "offered_rps", "achieved_rps", "lag", "steps_per_s", "sim_ttft_mean_s",
+              "e2e_p50_s", "e2e_p99_s", "engine_cpu_busy")  # fmt: skip
+    print("  ".join(f"{h:>15}" for h in header))
+    for level in result["levels"]:
+        print("  ".join(f"{level[h]!s:>15}" for h in header))
+    print(
+        f"sustained: {result['engines_per_core']} engines per core, "
+        f"{result['requests_per_s_at_max']} requests/s in all (lag <= {result['max_lag']:.0%})"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engines", default="1,2,4,8,16,32")
+    parser.add_argument("--rate", type=float, default=2.0, help="requests/s per engine")
+    parser.add_argument("--time-scale", type=float, default=1.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="load per level")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-lag", type=float, default=0.05)
+    parser.add_argument("--engine-cpu", type=int, default=0)
+    parser.add_argument("--client-cpu", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="levels 1,4,16 for 4 s each")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.engines, args.seconds = "1,4,16", 4.0
+    os.sched_setaffinity(0, {args.client_cpu})
+    levels = []
+    with tempfile.TemporaryDirectory(prefix="engine-sim-bench-") as logs:
+        for count in (int(k) for k in args.engines.split(",")):
+            level = run_level(count, args, Path(logs))
+            levels.append(level)
+            if level["lag"] > 4 * args.max_lag:
+                break  # far past the knee: more engines only take longer to say so
+    sustained = [lv for lv in levels
+                 if lv["lag"] <= args.max_lag and lv["completed"] == lv["sent"]]  # fmt: skip
+    best = max(sustained, key=lambda lv: lv["engines"], default=None)
+    result = {
+        "engines_per_core": best["engines"] if best else 0,
+        "requests_per_s_at_max": best["achieved_rps"] if best else 0.0,
+        "rate_per_engine": args.rate, "time_scale": args.time_scale, "prompt": args.prompt,
+        "max_tokens": args.max_tokens, "max_lag": args.max_lag, "levels": levels,
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+
+
+if __name__ == "__main__":
+    main()
