@@ -32,11 +32,13 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shoal.errors import ConfigError
 from sim import openai
 from sim.config import SimConfig
 from sim.engine import Engine, RequestHandle, SimClock
@@ -334,11 +336,7 @@ async def _json_body(request: web.Request) -> Any:
 
 
 def _with_vocab(config: SimConfig, vocab_size: int) -> SimConfig:
-    if vocab_size == config.vocab_size:
-        return config
-    from dataclasses import replace
-
-    return replace(config, vocab_size=vocab_size)
+    return config if vocab_size == config.vocab_size else replace(config, vocab_size=vocab_size)
 
 
 def serve(config: SimConfig) -> int:
@@ -359,8 +357,6 @@ async def _serve(config: SimConfig) -> int:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        from shoal.errors import ConfigError
-
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
