@@ -147,9 +147,17 @@ def parse_request(
     if options is not None and not isinstance(options, dict):
         raise validation_error("stream_options must be an object", "body.stream_options")
     options = options or {}
+    param = "max_tokens"
     max_tokens = _int(body, "max_completion_tokens", None) if chat else None
-    if max_tokens is None:
+    if max_tokens is not None:
+        param = "max_completion_tokens"
+    else:
         max_tokens = _int(body, "max_tokens", None if chat else 16)
+    if max_tokens is not None and max_tokens > max_model_len:
+        raise RequestError(
+            f"{param}={max_tokens} cannot be greater than max_model_len={max_model_len}. "
+            "Please request fewer output tokens.", 400, "BadRequestError", param,
+        )  # fmt: skip
     if len(prompt_ids) >= max_model_len:
         raise RequestError(
             f"This model's maximum context length is {max_model_len} tokens. However, your "
@@ -157,10 +165,12 @@ def parse_request(
             "without any output tokens. Please reduce the length of the input prompt.",
             400, "BadRequestError", "input_tokens",
         )  # fmt: skip
-    room = max_model_len - len(prompt_ids)
     if max_tokens is not None and max_tokens < 1:
-        raise RequestError(f"max_tokens must be at least 1, got {max_tokens}.", 400,
-                           "BadRequestError", "max_tokens")  # fmt: skip
+        raise RequestError(f"{param} must be at least 1, got {max_tokens}.", 400,
+                           "BadRequestError", param)  # fmt: skip
+    # Within max_model_len, vLLM clamps max_tokens to the room the prompt leaves
+    # (``get_max_tokens``) instead of refusing.
+    room = max_model_len - len(prompt_ids)
     prefix = "chatcmpl-" if chat else "cmpl-"
     return ParsedRequest(
         request_id=prefix + (request_id or secrets.token_hex(16)),

@@ -126,6 +126,7 @@ class SimServer:
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         await self.engine.publisher.start()
         self._engine_task = asyncio.create_task(self.engine.run(), name="sim-engine")
+        self._engine_task.add_done_callback(_engine_died)
         yield
         self._engine_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -305,6 +306,16 @@ def _json(body: Any) -> web.Response:
     return web.Response(
         text=json.dumps(body, separators=(",", ":")), content_type="application/json"
     )
+
+
+def _engine_died(task: asyncio.Task[None]) -> None:
+    """A crashed engine loop ends the process, as a dead engine core ends ``vllm serve``:
+    requests must not wait forever on a server that still answers /health."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    log.critical("engine loop died: %r", exc, exc_info=exc)
+    os._exit(1)
 
 
 async def _forever() -> None:

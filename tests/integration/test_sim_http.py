@@ -161,12 +161,20 @@ def error_of(status: int, body: dict[str, Any]) -> tuple[int, str, Any]:
         ),
         ({"prompt": list(range(600))}, (400, "BadRequestError", "input_tokens")),
         ({"prompt": [1, 10**9]}, (400, "BadRequestError", "prompt")),
+        ({"prompt": "x", "max_tokens": 513}, (400, "BadRequestError", "max_tokens")),
     ],
 )
 def test_bad_requests_get_vllms_error_json(
     engine: SimEngineProcess, body: dict[str, Any], expected: tuple[int, str, str]
 ) -> None:
     assert error_of(*post(engine, "/v1/completions", body)) == expected
+
+
+def test_max_tokens_past_the_prompts_room_is_clamped_as_vllm_does(engine: SimEngineProcess) -> None:
+    status, body = post(
+        engine, "/v1/completions", {"prompt": list(range(1, 501)), "max_tokens": 100}
+    )
+    assert status == 200 and body["usage"]["completion_tokens"] == 12  # 512 - 500
 
 
 def test_malformed_json_wrong_type_and_oversized_bodies(engine: SimEngineProcess) -> None:
