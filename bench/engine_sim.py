@@ -16,6 +16,15 @@ it reads each engine's ``/metrics`` and reports
     python bench/engine_sim.py [--quick] [--json] [--engines 1,2,4,8,16,32]
         [--rate 2] [--time-scale 1] [--seconds 10]
 
+``--fidelity URL`` instead compares the simulator with a real engine at URL on the same
+requests: it calibrates a profile against URL (or takes ``--profile FILE``), starts one
+simulated engine with it (``--block-size``, ``--max-model-len`` as the real one's), and
+runs the same seeded workload on both: TTFT at concurrency 1 for prompts of 128, 512 and
+1,024 token ids (``max_tokens`` 1), and generated tokens/s at concurrency 1, 4 and 8
+(prompts of 256, 64 tokens each, streamed). ``--json``: ``{"profile": {...}, "ttft":
+[{"prompt": n, "real_s": x, "sim_s": y, "error": e}, ...], "throughput": [{"concurrency":
+c, "real_tps": x, "sim_tps": y, "error": e}, ...]}``.
+
 ``--json`` prints one object: ``{"engines_per_core": K_max, "rate_per_engine": r,
 "time_scale": s, "requests_per_s_at_max": x, "levels": [{"engines": K, "lag": f,
 "achieved_rps": x, ...}, ...]}``. The default profile is the simulator's 7B/A100 one.
@@ -167,6 +176,111 @@ def print_table(result: dict[str, Any]) -> None:
     )
 
 
+async def closed_loop(url: str, model: str, prompts: Sequence[list[int]], max_tokens: int,
+                      concurrency: int) -> tuple[list[float], int, float]:  # fmt: skip
+    """``concurrency`` workers send ``prompts`` in turn, streaming; (TTFTs, tokens, wall s)."""
+    queue = list(reversed(prompts))
+    ttfts: list[float] = []
+    tokens = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal tokens
+        while queue:
+            prompt = queue.pop()
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                    "stream": True, "ignore_eos": True}  # fmt: skip
+            start = time.perf_counter()
+            first = None
+            async with session.post(url + "/v1/completions", json=body) as reply:
+                assert reply.status == 200, await reply.text()
+                async for line in reply.content:
+                    if line.startswith(b"data: {"):
+                        tokens += 1
+                        first = first or time.perf_counter() - start
+            ttfts.append(first or 0.0)
+
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return ttfts, tokens, time.perf_counter() - started
+
+
+def workload(url: str, model: str, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+
+    def prompts(count: int, length: int) -> list[list[int]]:
+        return [[rng.randrange(4, 8000) for _ in range(length)] for _ in range(count)]
+
+    result: dict[str, Any] = {"ttft": {}, "throughput": {}}
+    for length in (128, 512, 1024):
+        ttfts, _, _ = asyncio.run(closed_loop(url, model, prompts(5, length), 1, 1))
+        result["ttft"][length] = statistics.median(ttfts)
+    for concurrency in (1, 4, 8):
+        _, tokens, wall = asyncio.run(
+            closed_loop(url, model, prompts(2 * concurrency, 256), 64, concurrency)
+        )
+        result["throughput"][concurrency] = tokens / wall
+    return result
+
+
+def fidelity(args: argparse.Namespace) -> dict[str, Any]:
+    from sim.calibrate import CalibrationPlan, HttpProber, calibrate
+    from sim.profile import load_profile
+
+    url = args.fidelity.rstrip("/")
+    model = asyncio.run(HttpProber(url).first_model())
+    if args.profile:
+        profile = load_profile(args.profile)
+    else:
+        plan = CalibrationPlan(max_prompt=1024, vocab_size=8000, seed=args.seed + 1)
+        profile = calibrate(
+            HttpProber(url, model), plan, source=f"calibrated against {url}"
+        ).profile
+    real = workload(url, model, args.seed)
+    with tempfile.TemporaryDirectory(prefix="engine-sim-fidelity-") as logs:
+        engine = start_sim_engine(
+            BASE_PORT, profile=profile, served_model_name=model, block_size=args.block_size,
+            max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+            log_path=Path(logs) / "sim.log", cpu=args.engine_cpu,
+        )  # fmt: skip
+        try:
+            simulated = workload(engine.url, model, args.seed)
+        finally:
+            engine.stop()
+
+    def error(sim_value: float, real_value: float) -> float:
+        return round(sim_value / real_value - 1, 3)
+
+    return {
+        "profile": profile.to_json(),
+        "ttft": [{"prompt": n, "real_s": round(real["ttft"][n], 4),
+                  "sim_s": round(simulated["ttft"][n], 4),
+                  "error": error(simulated["ttft"][n], real["ttft"][n])}
+                 for n in real["ttft"]],
+        "throughput": [{"concurrency": c, "real_tps": round(real["throughput"][c], 1),
+                        "sim_tps": round(simulated["throughput"][c], 1),
+                        "error": error(simulated["throughput"][c], real["throughput"][c])}
+                       for c in real["throughput"]],
+    }  # fmt: skip
+
+
+def print_fidelity(result: dict[str, Any]) -> None:
+    p = result["profile"]
+    print(
+        f"profile: c0 {p['c0_s'] * 1e3:.2f} ms, prefill {p['c_prefill_s'] * 1e6:.1f} us/token, "
+        f"decode {p['c_decode_s'] * 1e6:.1f} us/seq, kv {p['c_kv_s'] * 1e9:.1f} ns/token"
+    )
+    print(f"{'prompt':>8} {'real TTFT s':>12} {'sim TTFT s':>12} {'error':>8}")
+    for row in result["ttft"]:
+        print(f"{row['prompt']:>8} {row['real_s']:>12} {row['sim_s']:>12} {row['error']:>8.1%}")
+    print(f"{'conc.':>8} {'real tok/s':>12} {'sim tok/s':>12} {'error':>8}")
+    for row in result["throughput"]:
+        print(
+            f"{row['concurrency']:>8} {row['real_tps']:>12} {row['sim_tps']:>12} "
+            f"{row['error']:>8.1%}"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", default="1,2,4,8,16,32")
@@ -180,11 +294,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--client-cpu", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="levels 1,4,16 for 4 s each")
+    parser.add_argument("--fidelity", metavar="URL", help="compare with a real engine at URL")
+    parser.add_argument("--profile", help="--fidelity: use this profile, do not calibrate")
+    parser.add_argument("--block-size", type=int, default=128, help="--fidelity: as the real")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="--fidelity")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="--fidelity")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.quick:
         args.engines, args.seconds = "1,4,16", 4.0
     os.sched_setaffinity(0, {args.client_cpu})
+    if args.fidelity:
+        found = fidelity(args)
+        print(json.dumps(found)) if args.json else print_fidelity(found)
+        return
     levels = []
     with tempfile.TemporaryDirectory(prefix="engine-sim-bench-") as logs:
         for count in (int(k) for k in args.engines.split(",")):

@@ -229,6 +229,13 @@ class HttpProber:
             return list(await asyncio.gather(*(
                 self._one(session, prompt, max_tokens) for prompt in prompts)))  # fmt: skip
 
+    async def first_model(self) -> str:
+        """The first model the server lists (its own session)."""
+        import aiohttp
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            return await self._first_model(session)
+
     async def _first_model(self, session: Any) -> str:
         try:
             async with session.get(f"{self.base_url}/v1/models") as reply:

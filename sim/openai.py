@@ -1,11 +1,17 @@
-"""vLLM 0.33's OpenAI request parsing and response shapes, for the simulator's server.
+"""vLLM's OpenAI request parsing and response shapes, for the simulator's server.
 
-Response bodies copy what vLLM's pydantic models serialize to (checked against
-``vllm/entrypoints/openai/{completion,chat_completion}/protocol.py`` dumped the way
-``serving.py`` dumps them): a streamed token chunk is ``model_dump_json(exclude_unset=True)``
-of what vLLM sets, the final usage chunk ``exclude_none=True`` (``choices: []``, usage
-without nulls), a non-streaming response every field. Errors are vLLM's
-``ErrorResponse``: ``{"error": {"message", "type", "param", "code"}}``.
+Response bodies copy what vLLM serializes: its pydantic models dumped the way
+``serving.py`` dumps them (``vllm/entrypoints/openai/{completion,chat_completion}/``): a
+streamed token chunk is ``model_dump_json(exclude_unset=True)`` of what vLLM sets, the final
+usage chunk ``exclude_none=True`` (``choices: []``, usage without nulls, the system
+fingerprint), a non-streaming response every field. Where 0.33's source and the CPU build
+0.32 that the project serves differ, the bytes follow 0.32 as observed from a real
+``vllm serve`` (no ``weight_versions``, no ``kv_transfer_params`` in stream chunks).
+Errors are vLLM's ``ErrorResponse``: ``{"error": {"message", "type", "param", "code"}}``,
+a validation message ending in ``(parameter=..., value=...)`` as vLLM's
+``VLLMValidationError`` words it; unknown routes are FastAPI's ``{"detail": "Not Found"}``.
+The ``system_fingerprint`` is ``shoal-sim-<8 hex of the served name>`` (vLLM's is
+``vllm-<version>-<hash>``), so a client can tell a simulator from an engine.
 
 Supported: one prompt (text, token ids, or a one-element list of either), ``n`` = 1,
 ``max_tokens`` / ``max_completion_tokens``, ``stream``, ``stream_options.include_usage``
@@ -18,6 +24,7 @@ change a simulated step's cost.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -54,11 +61,22 @@ class ParsedRequest:
     include_usage: bool
     continuous_usage: bool
     created: int
+    fingerprint: str
 
 
 def error_body(message: str, error_type: str, code: int, param: str | None = None) -> bytes:
     error = {"message": message, "type": error_type, "param": param, "code": code}
     return json.dumps({"error": error}, separators=(",", ":")).encode()
+
+
+def fingerprint(served_name: str) -> str:
+    return "shoal-sim-" + hashlib.sha256(served_name.encode()).hexdigest()[:8]
+
+
+def invalid(message: str, param: str, value: Any = None) -> RequestError:
+    """A ``VLLMValidationError`` (400 BadRequestError) worded as vLLM words it."""
+    detail = f"parameter={param}" + (f", value={value}" if value is not None else "")
+    return RequestError(f"{message} ({detail})", 400, "BadRequestError", param)
 
 
 def validation_error(detail: str, param: str | None = None) -> RequestError:
@@ -93,8 +111,7 @@ def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[int]:
         ids = list(prompt)
         bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
         if bad is not None:
-            raise RequestError(f"Token id {bad} is out of vocabulary", 400, "BadRequestError",
-                               "prompt")  # fmt: skip
+            raise invalid(f"Token id {bad} is out of vocabulary", "prompt", bad)
     elif isinstance(prompt, list):
         raise RequestError("the simulator serves one prompt per request (got a batch)",
                            400, "BadRequestError", "prompt")  # fmt: skip
@@ -103,13 +120,14 @@ def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[int]:
                   "msg": "Input should be a valid string", "input": prompt}  # fmt: skip
         raise validation_error(str(detail)[:1000], "body.prompt")
     if not ids:
-        raise RequestError("Prompt cannot be empty", 400, "BadRequestError", "prompt")
+        raise RequestError("You must pass at least one prompt", 400, "BadRequestError")
     return ids
 
 
 def parse_request(
-    body: Any, *, chat: bool, tokenizer: Tokenizer, max_model_len: int, request_id: str | None
-) -> ParsedRequest:
+    body: Any, *, chat: bool, tokenizer: Tokenizer, max_model_len: int, request_id: str | None,
+    served_name: str = "",
+) -> ParsedRequest:  # fmt: skip
     """A completion or chat request as the engine needs it; ``RequestError`` otherwise."""
     if not isinstance(body, dict):
         detail = {
@@ -127,8 +145,9 @@ def parse_request(
             raise validation_error("messages must be a list of objects", "body.messages")
         prompt_ids = tokenizer.encode(render_chat(messages))
     else:
-        if "prompt" not in body:
-            raise _missing("prompt", body)
+        if body.get("prompt") is None:
+            raise invalid("Either prompt or prompt_embeds must be provided and non-empty.",
+                          "prompt")  # fmt: skip
         prompt_ids = _prompt_ids(body["prompt"], tokenizer)
     n = _int(body, "n", 1)
     if n != 1:
@@ -142,8 +161,8 @@ def parse_request(
     stream = bool(body.get("stream", False))
     options = body.get("stream_options")
     if options is not None and not stream:
-        raise RequestError("Stream options can only be defined when `stream=True`.",
-                           400, "BadRequestError", "stream_options")  # fmt: skip
+        raise invalid("Stream options can only be defined when `stream=True`.",
+                      "stream_options")  # fmt: skip
     if options is not None and not isinstance(options, dict):
         raise validation_error("stream_options must be an object", "body.stream_options")
     options = options or {}
@@ -154,26 +173,27 @@ def parse_request(
     else:
         max_tokens = _int(body, "max_tokens", None if chat else 16)
     if max_tokens is not None and max_tokens > max_model_len:
-        raise RequestError(
-            f"{param}={max_tokens} cannot be greater than max_model_len={max_model_len}. "
-            "Please request fewer output tokens.", 400, "BadRequestError", param,
-        )  # fmt: skip
+        raise invalid(
+            f"{param}={max_tokens} cannot be greater than max_model_len="
+            f"{max_model_len}. Please request fewer output tokens.",
+            param,
+            max_tokens,
+        )
     if len(prompt_ids) >= max_model_len:
-        raise RequestError(
+        raise invalid(
             f"This model's maximum context length is {max_model_len} tokens. However, your "
             f"prompt contains {len(prompt_ids)} input tokens, which exceeds this limit even "
             "without any output tokens. Please reduce the length of the input prompt.",
-            400, "BadRequestError", "input_tokens",
+            "input_tokens", len(prompt_ids),
         )  # fmt: skip
     if max_tokens is not None and max_tokens < 1:
-        raise RequestError(f"{param} must be at least 1, got {max_tokens}.", 400,
-                           "BadRequestError", param)  # fmt: skip
+        raise invalid(f"{param} must be at least 1, got {max_tokens}.", param, max_tokens)
     # Within max_model_len, vLLM clamps max_tokens to the room the prompt leaves
     # (``get_max_tokens``) instead of refusing.
     room = max_model_len - len(prompt_ids)
     prefix = "chatcmpl-" if chat else "cmpl-"
     return ParsedRequest(
-        request_id=prefix + (request_id or secrets.token_hex(16)),
+        request_id=prefix + (request_id or secrets.token_hex(8)),
         model=body.get("model") if isinstance(body.get("model"), str) else None,
         prompt_ids=prompt_ids,
         max_tokens=min(room, max_tokens) if max_tokens is not None else room,
@@ -182,6 +202,7 @@ def parse_request(
         continuous_usage=bool(options.get("include_usage"))
         and bool(options.get("continuous_usage_stats")),
         created=int(time.time()),
+        fingerprint=fingerprint(served_name),
     )
 
 
@@ -202,7 +223,7 @@ def usage(prompt: int, completion: int, cached: int | None, *, full: bool) -> di
 
 def completion_chunk(
     req: ParsedRequest, model: str, text: str, finish: str | None,
-    usage_body: dict[str, Any] | None = None,
+    usage_body: dict[str, Any] | None = None, final_fingerprint: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     chunk: dict[str, Any] = {
         "id": req.request_id, "object": "text_completion", "created": req.created,
@@ -210,18 +231,18 @@ def completion_chunk(
         "choices": [{
             "index": 0, "text": text, "logprobs": None, "finish_reason": finish,
             "stop_reason": None, "prompt_token_ids": None, "token_ids": None,
-            "weight_versions": None,
         }],
     }  # fmt: skip
     if usage_body is not None:
         chunk["usage"] = usage_body
-    chunk["kv_transfer_params"] = None
+    if finish is not None and final_fingerprint:
+        chunk["system_fingerprint"] = req.fingerprint
     return chunk
 
 
 def chat_chunk(
     req: ParsedRequest, model: str, text: str | None, finish: str | None, *, first: bool = False,
-    usage_body: dict[str, Any] | None = None,
+    usage_body: dict[str, Any] | None = None, final_fingerprint: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     if first:
         choice: dict[str, Any] = {"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -231,8 +252,7 @@ def chat_chunk(
                   "finish_reason": None, "token_ids": None}  # fmt: skip
     else:
         choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
-                  "finish_reason": finish, "stop_reason": None, "token_ids": None,
-                  "weight_versions": None}  # fmt: skip
+                  "finish_reason": finish, "stop_reason": None, "token_ids": None}  # fmt: skip
     chunk: dict[str, Any] = {
         "id": req.request_id,
         "object": "chat.completion.chunk",
@@ -245,8 +265,8 @@ def chat_chunk(
     if first:
         chunk["prompt_token_ids"] = None
         chunk["prompt_text"] = None
-    else:
-        chunk["kv_transfer_params"] = None
+    elif finish is not None and final_fingerprint:
+        chunk["system_fingerprint"] = req.fingerprint
     return chunk
 
 
@@ -256,6 +276,7 @@ def usage_chunk(
     return {
         "id": req.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
         "created": req.created, "model": model, "choices": [], "usage": usage_body,
+        "system_fingerprint": req.fingerprint,
     }  # fmt: skip
 
 
@@ -268,9 +289,9 @@ def completion_response(
         "choices": [{
             "index": 0, "text": text, "logprobs": None, "finish_reason": finish,
             "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
-            "prompt_token_ids": None, "routed_experts": None, "weight_versions": None,
+            "prompt_token_ids": None, "routed_experts": None,
         }],
-        "service_tier": None, "system_fingerprint": None, "usage": usage_body,
+        "service_tier": None, "system_fingerprint": req.fingerprint, "usage": usage_body,
         "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
     }  # fmt: skip
 
@@ -287,9 +308,9 @@ def chat_response(
                         "annotations": None, "audio": None, "function_call": None,
                         "reasoning": None},
             "logprobs": None, "finish_reason": finish, "stop_reason": None, "token_ids": None,
-            "routed_experts": None, "weight_versions": None,
+            "routed_experts": None,
         }],
-        "service_tier": None, "system_fingerprint": None, "usage": usage_body,
+        "service_tier": None, "system_fingerprint": req.fingerprint, "usage": usage_body,
         "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None,
         "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
     }  # fmt: skip

@@ -142,10 +142,8 @@ class SimServer:
         except web.HTTPRequestEntityTooLarge as exc:
             return _error(RequestError(exc.text or "Request Entity Too Large", 413,
                                        "Request Entity Too Large"))  # fmt: skip
-        except web.HTTPNotFound:
-            return _error(RequestError("Not Found", 404, "Not Found"))
-        except web.HTTPMethodNotAllowed:
-            return _error(RequestError("Method Not Allowed", 405, "Method Not Allowed"))
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:  # FastAPI's words
+            return _json({"detail": exc.reason}, exc.status)
 
     # -- plain routes ---------------------------------------------------------------
 
@@ -203,7 +201,7 @@ class SimServer:
         body = await _json_body(request)
         parsed = openai.parse_request(
             body, chat=chat, tokenizer=self.tokenizer, max_model_len=self.config.max_model_len,
-            request_id=request.headers.get("X-Request-Id"),
+            request_id=request.headers.get("X-Request-Id"), served_name=self.config.name,
         )  # fmt: skip
         adapter = self.models.resolve(parsed.model)
         faults = self.engine.faults
@@ -274,11 +272,19 @@ class SimServer:
             text = self.tokenizer.decode_one(out.token_id)
             running = openai.usage(prompt, num_out, None, full=False)
             step_usage = running if parsed.continuous_usage else None
+            stamp = not parsed.include_usage  # else the usage chunk is the final message
             if chat:
-                chunk = openai.chat_chunk(parsed, model, text, out.finish_reason,
-                                          usage_body=step_usage)  # fmt: skip
+                chunk = openai.chat_chunk(
+                    parsed,
+                    model,
+                    text,
+                    out.finish_reason,
+                    usage_body=step_usage,
+                    final_fingerprint=stamp,
+                )
             else:
-                chunk = openai.completion_chunk(parsed, model, text, out.finish_reason, step_usage)
+                chunk = openai.completion_chunk(parsed, model, text, out.finish_reason,
+                                                step_usage, final_fingerprint=stamp)  # fmt: skip
             await send(openai.sse(chunk))
             if out.finish_reason is not None:
                 break
@@ -301,11 +307,12 @@ class SimServer:
         raise ConnectionResetError("fault: stream closed mid-response")
 
 
-def _json(body: Any) -> web.Response:
+def _json(body: Any, status: int = 200) -> web.Response:
     """Compact JSON, as FastAPI's JSONResponse (vLLM) writes it."""
     return web.Response(
-        text=json.dumps(body, separators=(",", ":")), content_type="application/json"
-    )
+        text=json.dumps(body, separators=(",", ":")), status=status,
+        content_type="application/json",
+    )  # fmt: skip
 
 
 def _engine_died(task: asyncio.Task[None]) -> None:
@@ -342,7 +349,8 @@ async def _json_body(request: web.Request) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         position = getattr(exc, "pos", getattr(exc, "start", 0))
         detail = {"type": "json_invalid", "loc": f"body.{position}", "msg": "JSON decode error",
-                  "input": {}, "ctx": {"error": getattr(exc, "msg", str(exc))}}  # fmt: skip
+                  "input": "<dict of 0 items>",
+                  "ctx": {"error": getattr(exc, "msg", str(exc))}}  # fmt: skip
         raise openai.validation_error(str(detail), f"body.{position}") from None
 
 

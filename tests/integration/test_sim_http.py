@@ -61,11 +61,12 @@ def test_streamed_completion_has_vllms_chunks_usage_and_done(engine: SimEnginePr
         assert t["object"] == "text_completion" and t["model"] == MODEL
         (choice,) = t["choices"]
         assert set(choice) == {"index", "text", "logprobs", "finish_reason", "stop_reason",
-                               "prompt_token_ids", "token_ids", "weight_versions"}  # fmt: skip
+                               "prompt_token_ids", "token_ids"}  # fmt: skip
         assert choice["text"]
     assert [t["choices"][0]["finish_reason"] for t in tokens] == [None] * 4 + ["length"]
     assert usage["choices"] == []
     assert usage["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+    assert usage["system_fingerprint"].startswith("shoal-sim-")
 
 
 def test_streamed_chat_starts_with_the_role_and_ends_with_usage(engine: SimEngineProcess) -> None:
@@ -153,7 +154,8 @@ def error_of(status: int, body: dict[str, Any]) -> tuple[int, str, Any]:
     ("body", "expected"),
     [
         ({"model": "nope", "prompt": "x"}, (404, "NotFoundError", "model")),
-        ({"model": MODEL}, (400, "Bad Request", "body.prompt")),
+        ({"model": MODEL}, (400, "BadRequestError", "prompt")),
+        ({"prompt": []}, (400, "BadRequestError", None)),
         ({"prompt": "x", "n": 2}, (400, "BadRequestError", "n")),
         (
             {"prompt": "x", "stream_options": {"include_usage": True}},
@@ -233,3 +235,11 @@ def test_a_client_that_hangs_up_aborts_its_request(engine: SimEngineProcess) -> 
     engine.set_faults(slowdown=1.0)
     assert wait_until(lambda: 'vllm:num_requests_running{engine="0",model_name="tiny-sim"} 0.0'
                       in engine.get("/metrics"))  # fmt: skip
+
+
+def test_unknown_routes_and_lora_routes_without_enable_lora_are_fastapis_404(
+    engine: SimEngineProcess,
+) -> None:
+    for path in ("/v1/nothing", "/v1/load_lora_adapter"):
+        status, raw = engine.request("POST", path, {"lora_name": "a", "lora_path": "/x"})
+        assert (status, json.loads(raw)) == (404, {"detail": "Not Found"})
