@@ -188,15 +188,20 @@ async def closed_loop(url: str, model: str, prompts: Sequence[list[int]], max_to
         while queue:
             prompt = queue.pop()
             body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                    "stream": True, "ignore_eos": True}  # fmt: skip
+                    "stream": True, "ignore_eos": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
             start = time.perf_counter()
             first = None
             async with session.post(url + "/v1/completions", json=body) as reply:
                 assert reply.status == 200, await reply.text()
                 async for line in reply.content:
-                    if line.startswith(b"data: {"):
-                        tokens += 1
+                    if not line.startswith(b"data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"]:
                         first = first or time.perf_counter() - start
+                    elif chunk.get("usage"):
+                        tokens += chunk["usage"]["completion_tokens"]
             ttfts.append(first or 0.0)
 
     started = time.perf_counter()
@@ -292,7 +297,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-lag", type=float, default=0.05)
     parser.add_argument("--engine-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="prompt seed (default: new each run; an engine keeps its cache)",
+    )
     parser.add_argument("--quick", action="store_true", help="levels 1,4,16 for 4 s each")
     parser.add_argument("--fidelity", metavar="URL", help="compare with a real engine at URL")
     parser.add_argument("--profile", help="--fidelity: use this profile, do not calibrate")
@@ -301,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="--fidelity")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.seed is None:
+        args.seed = time.time_ns() % 2**31
     if args.quick:
         args.engines, args.seconds = "1,4,16", 4.0
     os.sched_setaffinity(0, {args.client_cpu})

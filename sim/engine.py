@@ -104,12 +104,22 @@ class Engine:
         request = Request(request_id, list(prompt_ids), max_tokens, self.clock.now(), lora)
         handle = RequestHandle(request)
         self._handles[request_id] = handle
-        self.scheduler.add(request)
         self.metrics.max_tokens_param.observe(max_tokens)
         self.metrics.n_param.observe(1)
+        admission = self.profile.c_request_s * self.faults.slowdown / self.clock.scale
+        if admission > 0:  # the API server's part of the latency (profile.py)
+            asyncio.get_running_loop().call_later(admission, self._admit, request)
+        else:
+            self._admit(request)
+        return handle
+
+    def _admit(self, request: Request) -> None:
+        if request.finish_reason is not None:
+            return  # aborted before the engine saw it
+        request.ready_s = self.clock.now()
+        self.scheduler.add(request)
         self._gauges()
         self._wake.set()
-        return handle
 
     def abort(self, handle: RequestHandle) -> None:
         request = handle.request
@@ -134,9 +144,9 @@ class Engine:
                 await asyncio.sleep(_IDLE_TICK_S)
                 continue
             start = self.clock.now() if chained is None else chained
-            # A step cannot start before a request in it arrived (one that came in during
-            # the timer's overshoot of the previous step).
-            start = max([start, *(r.arrival_s for r in plan.newly_scheduled)])
+            # A step cannot start before a request in it reached the engine (one that came
+            # in during the timer's overshoot of the previous step).
+            start = max([start, *(r.ready_s for r in plan.newly_scheduled)])
             for request in plan.newly_scheduled:
                 request.first_scheduled_s = start
                 self.metrics.prefix_queries.inc(request.num_tokens)

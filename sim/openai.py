@@ -62,6 +62,7 @@ class ParsedRequest:
     continuous_usage: bool
     created: int
     fingerprint: str
+    return_token_ids: bool = False
 
 
 def error_body(message: str, error_type: str, code: int, param: str | None = None) -> bytes:
@@ -203,6 +204,7 @@ def parse_request(
         and bool(options.get("continuous_usage_stats")),
         created=int(time.time()),
         fingerprint=fingerprint(served_name),
+        return_token_ids=bool(body.get("return_token_ids")),
     )
 
 
@@ -224,13 +226,15 @@ def usage(prompt: int, completion: int, cached: int | None, *, full: bool) -> di
 def completion_chunk(
     req: ParsedRequest, model: str, text: str, finish: str | None,
     usage_body: dict[str, Any] | None = None, final_fingerprint: bool = False,
+    token_ids: list[int] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     chunk: dict[str, Any] = {
         "id": req.request_id, "object": "text_completion", "created": req.created,
         "model": model,
         "choices": [{
             "index": 0, "text": text, "logprobs": None, "finish_reason": finish,
-            "stop_reason": None, "prompt_token_ids": None, "token_ids": None,
+            "stop_reason": None, "prompt_token_ids": None,
+            "token_ids": token_ids if req.return_token_ids else None,
         }],
     }  # fmt: skip
     if usage_body is not None:

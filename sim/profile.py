@@ -9,6 +9,12 @@ The model (one forward pass of a continuous-batching engine)::
                                                   they attend over (computed + new tokens)
            + lora_load_s * adapters_loaded        adapters brought into the CPU LoRA cache
 
+    and, outside the steps, each request becomes schedulable ``c_request`` after it
+    arrives: the API server's work before the engine core sees it (parsing, tokenization,
+    the hop to the engine-core process). It adds to TTFT but never to a step, as in vLLM,
+    whose API server runs beside the engine core. Without it a fit must push that latency
+    into ``c0``, and decode steps come out too slow or prefills too fast.
+
 ``prefill_tokens`` and ``c_kv * context_tokens`` separate the linear (MLP, projections) and
 the attention (KV read) costs of a step; ``c_decode`` is the per-sequence cost of a decode
 (its token's MLP work plus per-sequence overhead). Quadratic prefill attention inside one
@@ -28,14 +34,16 @@ A100-80GB (2.0 TB/s HBM, 312 TFLOP/s dense bf16):
 * c_decode = 0.15 ms/seq: the same FLOPs per token at the far lower MFU of small decode
   batches, plus per-sequence sampling and detokenization;
 * c_kv = 0.26 us/token: a token's KV in 32 layers x 2 x 4096 x 2 bytes = 512 KiB read
-  once per step at 2.0 TB/s.
+  once per step at 2.0 TB/s;
+* c_request = 3 ms: the order of what the tiny CPU engine's API server adds (calibrated:
+  3-6 ms; a GPU host's frontend does the same work).
 
 They make a 1,000-token prompt's TTFT ~100 ms and batch-32 decode at 1k context ~21 ms per
 step; ``shoal sim calibrate`` replaces them with measured values for a real engine.
 
 A profile file is JSON: ``{"c0_s": .., "c_prefill_s": .., "c_decode_s": .., "c_kv_s": ..,
-"lora_load_s": .., "source": "..."}``; unknown keys are an error (a typo would otherwise
-silently keep a default).
+"c_request_s": .., "lora_load_s": .., "source": "..."}``; unknown keys are an error (a
+typo would otherwise silently keep a default).
 """
 
 from __future__ import annotations
@@ -72,10 +80,12 @@ class StepProfile:
     c_decode_s: float
     c_kv_s: float
     lora_load_s: float = 0.0
+    c_request_s: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("c0_s", "c_prefill_s", "c_decode_s", "c_kv_s", "lora_load_s"):
+        for name in ("c0_s", "c_prefill_s", "c_decode_s", "c_kv_s", "lora_load_s",
+                     "c_request_s"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ProfileError(f"profile {name} must be a finite number >= 0, got {value!r}")
@@ -94,7 +104,8 @@ class StepProfile:
         """Every cost times ``factor`` (the slow-down fault)."""
         return StepProfile(
             self.c0_s * factor, self.c_prefill_s * factor, self.c_decode_s * factor,
-            self.c_kv_s * factor, self.lora_load_s * factor, self.source,
+            self.c_kv_s * factor, self.lora_load_s * factor, self.c_request_s * factor,
+            self.source,
         )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
@@ -110,6 +121,7 @@ DEFAULT_PROFILE = StepProfile(
     c_decode_s=1.5e-4,
     c_kv_s=2.6e-7,
     lora_load_s=5e-3,
+    c_request_s=3e-3,
     source="roofline: Llama-2-7B bf16 on one A100-80GB (sim/profile.py)",
 )
 

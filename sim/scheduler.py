@@ -86,9 +86,11 @@ class Request:
     first_token_s: float | None = None
     finish_reason: str | None = None
     seed: int = 0
+    ready_s: float = 0.0  # when the engine core got it (arrival + the API server's time)
 
     def __post_init__(self) -> None:
         self.seed = prompt_seed(self.prompt_ids)
+        self.ready_s = self.arrival_s
 
     @property
     def num_tokens(self) -> int:

@@ -284,7 +284,8 @@ class SimServer:
                 )
             else:
                 chunk = openai.completion_chunk(parsed, model, text, out.finish_reason,
-                                                step_usage, final_fingerprint=stamp)  # fmt: skip
+                                                step_usage, final_fingerprint=stamp,
+                                                token_ids=[out.token_id])  # fmt: skip
             await send(openai.sse(chunk))
             if out.finish_reason is not None:
                 break

@@ -14,11 +14,11 @@ from sim.errors import CalibrationError, ProfileError
 from sim.profile import StepProfile, load_profile
 from sim.scheduler import SchedulerConfig
 
-KNOWN = StepProfile(c0_s=5e-3, c_prefill_s=2e-4, c_decode_s=1e-3, c_kv_s=2e-6)
+KNOWN = StepProfile(c0_s=5e-3, c_prefill_s=2e-4, c_decode_s=1e-3, c_kv_s=2e-6, c_request_s=4e-3)
 # A token budget above every decode batch's prompts: each run's prefill is one step.
 ENGINE = SchedulerConfig(num_gpu_blocks=4096, block_size=16, max_num_batched_tokens=8192,
                          max_num_seqs=64, max_model_len=4096)  # fmt: skip
-NAMES = ("c0_s", "c_prefill_s", "c_decode_s", "c_kv_s")
+NAMES = ("c0_s", "c_prefill_s", "c_decode_s", "c_kv_s", "c_request_s")
 
 
 def rows(profile: StepProfile = KNOWN) -> list[Measurement]:
@@ -41,13 +41,13 @@ def test_two_percent_noise_moves_the_coefficients_a_few_percent() -> None:
     noisy = [Measurement(r.kind, r.features, r.seconds * (1 + rng.normal(0, 0.02)))
              for r in rows()]  # fmt: skip
     fit = fit_profile(noisy)
-    for name, tolerance in zip(NAMES, (0.06, 0.06, 0.06, 0.15), strict=True):
+    for name, tolerance in zip(NAMES, (0.06, 0.06, 0.06, 0.15, 0.15), strict=True):
         assert getattr(fit.profile, name) == pytest.approx(getattr(KNOWN, name), rel=tolerance)
     assert fit.ttft_error < 0.05 and fit.itl_error < 0.05
 
 
 def test_a_term_that_is_not_there_is_fitted_as_zero_not_negative() -> None:
-    no_kv = StepProfile(c0_s=5e-3, c_prefill_s=2e-4, c_decode_s=1e-3, c_kv_s=0.0)
+    no_kv = StepProfile(c0_s=5e-3, c_prefill_s=2e-4, c_decode_s=1e-3, c_kv_s=0.0, c_request_s=1e-3)
     rng = np.random.default_rng(3)
     noisy = [Measurement(r.kind, r.features, r.seconds * (1 + rng.normal(0, 0.01)))
              for r in rows(no_kv)]  # fmt: skip
@@ -57,9 +57,9 @@ def test_a_term_that_is_not_there_is_fitted_as_zero_not_negative() -> None:
 
 
 def test_too_few_or_broken_measurements_are_refused() -> None:
-    with pytest.raises(CalibrationError, match="at least 4"):
-        fit_profile(rows()[:3])
-    broken = [Measurement("prefill", (1, 8, 0, 8), 0.0)] * 4
+    with pytest.raises(CalibrationError, match="at least 5"):
+        fit_profile(rows()[:4])
+    broken = [Measurement("prefill", (1, 8, 0, 8, 1), 0.0)] * 5
     with pytest.raises(CalibrationError, match="not positive"):
         fit_profile(broken)
 
