@@ -11,7 +11,11 @@ it reads each engine's ``/metrics`` and reports
   exceed the model's by about this much. A K is *sustained* when lag <= ``--max-lag``
   (default 5%) and every sent request completed;
 * achieved completions/s (all engines), simulated TTFT p50 (from the histograms' means),
-  wall client-side e2e p50/p99, and the engine core's busy fraction (``/proc/stat``).
+  wall client-side e2e p50/p99, and the engine core's busy fraction (``/proc/stat``);
+* the engines' own CPU time (``/proc/<pid>/stat``): CPU ms per step and
+  ``engines_per_core_by_cpu`` = K / cores used, the engine count one otherwise idle core
+  would carry at this per-engine load (on a shared host, where other processes take the
+  core too, the lag criterion says less than this).
 
     python bench/engine_sim.py [--quick] [--json] [--engines 1,2,4,8,16,32]
         [--rate 2] [--time-scale 1] [--seconds 10]
@@ -65,6 +69,16 @@ def cpu_busy(cpu: int) -> tuple[int, int]:
             idle = values[3] + values[4]
             return sum(values) - idle, sum(values)
     raise RuntimeError(f"cpu{cpu} not in /proc/stat")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds the processes have used (``/proc/<pid>/stat``)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / ticks
 
 
 def scrape(engine: SimEngineProcess) -> dict[str, float]:
@@ -127,12 +141,15 @@ def run_level(count: int, args: argparse.Namespace, logs: Path) -> dict[str, Any
                 log_path=logs / f"engine-{count}-{i}.log", ready_timeout_s=60,
             ))  # fmt: skip
         before = [scrape(e) for e in engines]
+        pids = [e.process.pid for e in engines]
+        cpu0 = cpu_seconds(pids)
         busy0, total0 = cpu_busy(args.engine_cpu)
         started = time.perf_counter()
         sent, e2e = asyncio.run(load([e.url for e in engines], args.rate, args.seconds,
                                      args.prompt, args.max_tokens, args.seed))  # fmt: skip
         elapsed = time.perf_counter() - started
         busy1, total1 = cpu_busy(args.engine_cpu)
+        cpu1 = cpu_seconds(pids)
         after = [scrape(e) for e in engines]
     finally:
         for engine in engines:
@@ -143,6 +160,8 @@ def run_level(count: int, args: argparse.Namespace, logs: Path) -> dict[str, Any
 
     step_s = delta("shoal_sim_step_seconds_total")
     ttft_n = delta("vllm:time_to_first_token_seconds_count")
+    steps = delta("shoal_sim_steps_total")
+    engines_cpu = (cpu1 - cpu0) / elapsed  # cores the engines used
     e2e.sort()
     return {
         "engines": count,
@@ -158,6 +177,10 @@ def run_level(count: int, args: argparse.Namespace, logs: Path) -> dict[str, Any
         "e2e_p50_s": round(statistics.median(e2e), 3) if e2e else None,
         "e2e_p99_s": round(e2e[int(0.99 * (len(e2e) - 1))], 3) if e2e else None,
         "engine_cpu_busy": round((busy1 - busy0) / max(1, total1 - total0), 3),
+        "engines_cpu_cores": round(engines_cpu, 3),
+        "cpu_ms_per_step": round(1e3 * (cpu1 - cpu0) / steps, 3) if steps else None,
+        # what one core would carry at this load if the engines had it to themselves
+        "engines_per_core_by_cpu": round(count / engines_cpu, 1) if engines_cpu else None,
     }
 
 
@@ -166,7 +189,7 @@ def print_table(result: dict[str, Any]) -> None:
           f"time scale {result['time_scale']}, prompt {result['prompt']}, "
           f"{result['max_tokens']} tokens streamed")  # fmt: skip
     header = ("engines", "offered_rps", "achieved_rps", "lag", "steps_per_s", "sim_ttft_mean_s",
-              "e2e_p50_s", "e2e_p99_s", "engine_cpu_busy")  # fmt: skip
+              "e2e_p50_s", "e2e_p99_s", "cpu_ms_per_step", "engines_per_core_by_cpu")  # fmt: skip
     print("  ".join(f"{h:>15}" for h in header))
     for level in result["levels"]:
         print("  ".join(f"{level[h]!s:>15}" for h in header))

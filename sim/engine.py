@@ -99,14 +99,19 @@ class Engine:
 
     def submit(
         self, request_id: str, prompt_ids: Sequence[int], max_tokens: int,
-        lora: tuple[int, str] | None = None,
+        lora: tuple[int, str] | None = None, arrival_s: float | None = None,
     ) -> RequestHandle:  # fmt: skip
-        request = Request(request_id, list(prompt_ids), max_tokens, self.clock.now(), lora)
+        """``arrival_s``: when the HTTP request came in (simulated time; default now). The
+        simulator's own parsing since then counts toward the profile's ``c_request``."""
+        now = self.clock.now()
+        arrival = now if arrival_s is None else min(arrival_s, now)
+        request = Request(request_id, list(prompt_ids), max_tokens, arrival, lora)
         handle = RequestHandle(request)
         self._handles[request_id] = handle
         self.metrics.max_tokens_param.observe(max_tokens)
         self.metrics.n_param.observe(1)
-        admission = self.profile.c_request_s * self.faults.slowdown / self.clock.scale
+        admission_s = self.profile.c_request_s * self.faults.slowdown - (now - arrival)
+        admission = admission_s / self.clock.scale
         if admission > 0:  # the API server's part of the latency (profile.py)
             asyncio.get_running_loop().call_later(admission, self._admit, request)
         else:

@@ -198,6 +198,7 @@ class SimServer:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        arrival = self.engine.clock.now()
         body = await _json_body(request)
         parsed = openai.parse_request(
             body, chat=chat, tokenizer=self.tokenizer, max_model_len=self.config.max_model_len,
@@ -215,7 +216,7 @@ class SimServer:
         model = adapter.name if adapter else self.config.name
         handle = self.engine.submit(
             parsed.request_id, parsed.prompt_ids, parsed.max_tokens,
-            (adapter.lora_int_id, adapter.name) if adapter else None,
+            (adapter.lora_int_id, adapter.name) if adapter else None, arrival,
         )  # fmt: skip
         try:
             if parsed.stream:
