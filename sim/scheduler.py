@@ -165,9 +165,7 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed, budget)
-            if num_new <= 0:  # cannot happen: a running request always has a token to compute
-                index += 1
-                continue
+            assert num_new > 0, f"running request {request.request_id} has nothing to compute"
             while not self._grow(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
