@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +39,7 @@ from sim.profile import StepProfile
 __all__ = ["SimEngineProcess", "engine_args", "running_sim_engine", "start_sim_engine"]
 
 _REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("shoal." + __name__)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class SimEngineProcess:
     host: str
     port: int
     log_path: Path
+    scratch: Path | None = None  # removed by stop() after a clean exit
 
     @property
     def url(self) -> str:
@@ -87,14 +91,24 @@ class SimEngineProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout=5)
+            code = self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            return self.process.wait()
+            code = self.process.wait()
+        if self.scratch is None:
+            return code
+        log_inside = self.scratch in self.log_path.parents
+        if code == 0 or not log_inside:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        else:
+            log.warning("sim engine on port %d exited with %d; its log: %s", self.port, code,
+                        self.log_path)  # fmt: skip
+        return code
 
 
-def engine_args(**flags: Any) -> list[str]:
-    """``shoal sim engine`` arguments for ``flags`` (see the module docstring)."""
+def engine_args(directory: Path, **flags: Any) -> list[str]:
+    """``shoal sim engine`` arguments for ``flags`` (see the module docstring); a profile
+    given as a ``StepProfile`` is written to a file in ``directory``."""
     args: list[str] = []
     for key, value in flags.items():
         flag = "--" + key.replace("_", "-")
@@ -103,10 +117,9 @@ def engine_args(**flags: Any) -> list[str]:
         if value is True:
             args.append(flag)
         elif isinstance(value, StepProfile):
-            handle, path = tempfile.mkstemp(prefix="sim-profile-", suffix=".json")
-            os.close(handle)
+            path = directory / f"profile-{key}.json"
             value.save(path)
-            args += [flag, path]
+            args += [flag, str(path)]
         elif isinstance(value, dict):
             args += [flag, json.dumps(value)]
         elif isinstance(value, list | tuple):
@@ -120,21 +133,21 @@ def start_sim_engine(
     port: int, *, host: str = "127.0.0.1", log_path: str | Path | None = None,
     ready_timeout_s: float = 20.0, cpu: int | None = None, **flags: Any,
 ) -> SimEngineProcess:  # fmt: skip
-    """Start one engine process and wait for /health; ``cpu`` pins it to one core."""
-    if log_path is None:
-        handle, name = tempfile.mkstemp(prefix=f"sim-engine-{port}-", suffix=".log")
-        os.close(handle)
-        log_path = name
-    log_path = Path(log_path)
+    """Start one engine process and wait for /health; ``cpu`` pins it to one core. Without
+    ``log_path`` the log and any profile file live in a temporary directory that
+    ``stop()`` removes once the process exited with 0 (the log is kept, and named in a
+    warning, otherwise)."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"sim-engine-{port}-"))
+    log_path = Path(log_path) if log_path is not None else scratch / "engine.log"
     command = [sys.executable, "-m", "shoal", "sim", "engine", "--host", host,
-               "--port", str(port), *engine_args(**flags)]  # fmt: skip
+               "--port", str(port), *engine_args(scratch, **flags)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(_REPO), os.environ.get("PYTHONPATH", "")) if p)}  # fmt: skip
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     if cpu is not None:  # before its interpreter starts threads, which inherit it
         os.sched_setaffinity(process.pid, {cpu})
-    engine = SimEngineProcess(process, host, port, log_path)
+    engine = SimEngineProcess(process, host, port, log_path, scratch)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
