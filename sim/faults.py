@@ -7,8 +7,9 @@ only; ``GET /sim/faults`` reads them). A JSON body sets only the keys it names::
      "hang": "requests",     "requests": completions are accepted and never answered,
                              /health, /metrics, /v1/models keep answering (a wedged engine
                              core behind a live API server, as vLLM's is when its core
-                             stalls); "all": /health hangs too (a frozen process);
-                             "off" (default)
+                             stalls); "all": /health and /metrics hang too (a frozen
+                             process; /sim/faults itself still answers, so a test can
+                             undo it); "off" (default)
      "fail_next": 3,         the next 3 completion requests get HTTP 500 with vLLM's error
                              JSON (type "InternalServerError"), without reaching the engine
      "die_after_chunks": 5,  the next streaming response ends after 5 SSE chunks:
