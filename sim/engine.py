@@ -189,8 +189,11 @@ class Engine:
             last = self._last_token_s.get(request.request_id)
             if last is None:
                 m.ttft.observe(now - request.arrival_s)
+                cached = max(0, request.num_cached_tokens)
                 m.prompt_tokens.inc(len(request.prompt_ids))
-                m.prompt_tokens_cached.inc(max(0, request.num_cached_tokens))
+                m.prompt_tokens_cached.inc(cached)
+                m.prompt_tokens_by_source["local_cache_hit"].inc(cached)
+                m.prompt_tokens_by_source["local_compute"].inc(len(request.prompt_ids) - cached)
             else:
                 m.itl.observe(now - last)
             self._last_token_s[request.request_id] = now
@@ -227,6 +230,8 @@ class Engine:
         s = self.scheduler
         self.metrics.running.set(len(s.running))
         self.metrics.waiting.set(len(s.waiting))
+        self.metrics.waiting_by_reason["deferred"].set(s.num_deferred)
+        self.metrics.waiting_by_reason["capacity"].set(len(s.waiting) - s.num_deferred)
         self.metrics.kv_usage.set(s.pool.usage)
         running = sorted({r.lora[1] for r in s.running if r.lora})
         waiting = sorted({r.lora[1] for r in s.waiting if r.lora})

@@ -78,6 +78,18 @@ class SimMetrics:
         self.waiting = gauge(
             "vllm:num_requests_waiting", "Number of requests waiting to be processed."
         )
+        by_reason = Gauge(
+            "vllm:num_requests_waiting_by_reason",
+            "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for "
+            "scheduling capacity; 'deferred' = deferred by transient constraints (LoRA "
+            "budget, KV transfer, blocked status). Sum of all reasons equals "
+            "vllm:num_requests_waiting.",
+            [*labels, "reason"],
+            registry=reg,
+        )
+        self.waiting_by_reason = {
+            reason: by_reason.labels(*values, reason) for reason in ("capacity", "deferred")
+        }
         self.kv_usage = gauge(
             "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."
         )
@@ -88,6 +100,17 @@ class SimMetrics:
         self.prefix_hits = counter(
             "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
         )
+        # No KV connector in a simulated engine: vLLM registers these anyway, at 0.
+        counter(
+            "vllm:external_prefix_cache_queries",
+            "External prefix cache queries from KV connector cross-instance cache "
+            "sharing, in terms of number of queried tokens.",
+        )
+        counter(
+            "vllm:external_prefix_cache_hits",
+            "External prefix cache hits from KV connector cross-instance cache sharing, "
+            "in terms of number of cached tokens.",
+        )
         self.preemptions = counter(
             "vllm:num_preemptions", "Cumulative number of preemption from the engine."
         )
@@ -95,6 +118,16 @@ class SimMetrics:
         self.prompt_tokens_cached = counter(
             "vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external)."
         )
+        by_source = Counter(
+            "vllm:prompt_tokens_by_source",
+            "Number of prompt tokens by source.",
+            [*labels, "source"],
+            registry=reg,
+        )
+        self.prompt_tokens_by_source = {
+            source: by_source.labels(*values, source)
+            for source in ("local_compute", "local_cache_hit", "external_kv_transfer")
+        }
         self.generation_tokens = counter(
             "vllm:generation_tokens", "Number of generation tokens processed."
         )

@@ -132,6 +132,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._resident_loras: OrderedDict[int, None] = OrderedDict()
         self.num_preemptions = 0
+        self.num_deferred = 0  # waiting requests the last step skipped for max_loras
 
     # -- requests in and out ------------------------------------------------------
 
@@ -208,6 +209,7 @@ class Scheduler:
             scheduled.append((request, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
+        self.num_deferred = len(skipped)
 
         return StepPlan(tuple(scheduled), self._shape(scheduled), tuple(preempted), tuple(newly))
 

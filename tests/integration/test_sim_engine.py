@@ -108,9 +108,13 @@ def test_max_loras_bounds_the_adapters_in_one_batch(max_loras: int, most_running
         threads = [stream_in_thread(engine, name, 12) for name in ("x", "y")]
         seen: set[float] = set()
         lora_labels = set()
+        deferred_seen = False
         try:
             while any(t.is_alive() for t in threads):  # each request: 12 steps of 50 ms
                 seen.add(metric(engine, "vllm:num_requests_running"))
+                deferred_seen |= (
+                    metric(engine, "vllm:num_requests_waiting_by_reason", reason="deferred") == 1
+                )
                 found = re.search(r'running_lora_adapters="([^"]*)"', engine.get("/metrics"))
                 lora_labels.add(found.group(1) if found else None)
         finally:
@@ -118,6 +122,8 @@ def test_max_loras_bounds_the_adapters_in_one_batch(max_loras: int, most_running
                 thread.join(timeout=30)
         assert max(seen) == most_running
         assert ("x,y" in lora_labels) == (max_loras == 2)
+        if max_loras == 1:  # y waited for a LoRA slot, not for capacity, at some point
+            assert deferred_seen
         assert metric(engine, "vllm:request_success_total", finished_reason="length") == 2
 
 

@@ -205,7 +205,8 @@ def test_metrics_have_vllms_names_and_labels(engine: SimEngineProcess) -> None:
                  "vllm:time_to_first_token_seconds_count",
                  "vllm:inter_token_latency_seconds_count",
                  "vllm:e2e_request_latency_seconds_count",
-                 "vllm:request_queue_time_seconds_count"):  # fmt: skip
+                 "vllm:request_queue_time_seconds_count",
+                 "vllm:external_prefix_cache_hits_total"):  # fmt: skip
         assert re.search(rf"^{name}\{{{labels}\}} ", text, re.M), name
     success = re.search(rf'^vllm:request_success_total\{{engine="0",finished_reason="length",'
                         rf'model_name="{MODEL}"\}} (\S+)', text, re.M)  # fmt: skip
@@ -214,6 +215,12 @@ def test_metrics_have_vllms_names_and_labels(engine: SimEngineProcess) -> None:
                               text)  # fmt: skip
     assert ttft_buckets[:3] == ["0.001", "0.005", "0.01"] and ttft_buckets[-1] == "+Inf"
     assert 'vllm:cache_config_info{block_size="16"' in text
+    assert re.search(r'^vllm:prompt_tokens_by_source_total\{engine="0",model_name="tiny-sim",'
+                     r'source="local_compute"\} [1-9]', text, re.M)  # fmt: skip
+    assert (
+        'vllm:num_requests_waiting_by_reason{engine="0",model_name="tiny-sim",reason="capacity"}'
+        in text
+    )
 
 
 def test_a_client_that_hangs_up_aborts_its_request(engine: SimEngineProcess) -> None:
