@@ -67,6 +67,13 @@ COMPONENTS: tuple[Component, ...] = (
         "loader",
         _LOADER_MODULES,
     ),
+    Component(
+        "sim",
+        "simulated vLLM engines for tests and fleet sizing",
+        "sim.cli",
+        "sim",
+        ("aiohttp",),
+    ),
 )
 
 

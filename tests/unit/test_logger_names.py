@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("shoal", "kvcache", "loader", "router", "control")
+PACKAGES = ("shoal", "kvcache", "loader", "router", "control", "sim")
 CALL = re.compile(r"^log = logging\.getLogger\((.*)\)$", re.MULTILINE)
 
 

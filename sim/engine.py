@@ -1,0 +1,238 @@
+"""The engine core of one simulated vLLM: the step loop in simulated time.
+
+Time: ``SimClock`` maps wall time to simulated time, ``sim = (monotonic - t0) * scale``
+(``--time-scale``). A step of the profile's ``t`` simulated seconds ends at
+``start + t``; the loop sleeps until the wall clock reaches that point and stamps the
+step's tokens with ``start + t`` exactly. Back-to-back steps are chained on their modelled
+ends (absolute deadlines), so the event loop's timer overshoot (about 1 ms: epoll and
+uvloop timers have millisecond resolution) does not accumulate into simulated time; it is
+absorbed up to ``_TIMER_SLACK_S`` of wall time. Simulated time therefore resolves about
+2 ms x ``--time-scale``: pick a scale that keeps step times well above that. A step never
+starts before the arrival of a request in it. When the host is too slow to keep up (a
+step ends more than the slack after its deadline), the chain restarts from "now" and the
+overshoot is counted as lag in
+``shoal_sim_lag_seconds_total`` (against ``shoal_sim_step_seconds_total``) and in latencies
+larger than the model's, which is how ``bench/engine_sim.py`` finds how many engines a core
+sustains.
+
+Flow per step: ``Scheduler.schedule()`` -> price the ``StepShape`` with the profile
+(times the slowdown fault) -> sleep -> ``Scheduler.update()`` -> hand each sampled token to
+its request's queue -> metrics -> publish the step's KV events. The loop waits on an event
+when there is no work (an idle engine costs nothing).
+
+Requests are submitted as token ids (the server tokenizes). A client that goes away aborts
+its request (``abort``), freeing its blocks at once, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sim.events import EventPublisher, NullEventPublisher
+from sim.faults import Faults
+from sim.metrics import SimMetrics
+from sim.profile import StepProfile
+from sim.scheduler import Request, Scheduler, SchedulerConfig, StepPlan, StepResult
+
+__all__ = ["Engine", "RequestHandle", "SimClock", "TokenOut"]
+
+log = logging.getLogger("shoal." + __name__)
+_IDLE_TICK_S = 0.001  # wall seconds between tries when work exists but none can be scheduled
+_TIMER_SLACK_S = 0.002  # wall seconds of timer overshoot absorbed by chaining step deadlines
+
+
+class SimClock:
+    """Simulated seconds since start, ``scale`` times faster than the wall clock."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        assert scale > 0, "the CLI checks --time-scale"
+        self.scale = scale
+        self.t0 = time.monotonic()
+
+    def now(self) -> float:
+        return (time.monotonic() - self.t0) * self.scale
+
+    def wall_of(self, sim_s: float) -> float:
+        return self.t0 + sim_s / self.scale
+
+
+@dataclass(frozen=True, slots=True)
+class TokenOut:
+    token_id: int
+    finish_reason: str | None  # set on the request's last token
+
+
+@dataclass(eq=False, slots=True)
+class RequestHandle:
+    request: Request
+    queue: asyncio.Queue[TokenOut] = field(default_factory=asyncio.Queue)
+
+
+class Engine:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        profile: StepProfile,
+        metrics: SimMetrics,
+        *,
+        clock: SimClock | None = None,
+        faults: Faults | None = None,
+        publisher: EventPublisher | None = None,
+    ) -> None:
+        self.scheduler = Scheduler(config)
+        self.profile = profile
+        self.metrics = metrics
+        self.clock = clock or SimClock()
+        self.faults = faults or Faults()
+        self.publisher: EventPublisher = publisher or NullEventPublisher()
+        self._handles: dict[str, RequestHandle] = {}
+        self._wake = asyncio.Event()
+        self._last_token_s: dict[str, float] = {}
+        self._slack_s = _TIMER_SLACK_S * self.clock.scale
+        self.num_steps = 0
+
+    # -- requests -----------------------------------------------------------------
+
+    def submit(
+        self, request_id: str, prompt_ids: Sequence[int], max_tokens: int,
+        lora: tuple[int, str] | None = None, arrival_s: float | None = None,
+    ) -> RequestHandle:  # fmt: skip
+        """``arrival_s``: when the HTTP request came in (simulated time; default now). The
+        simulator's own parsing since then counts toward the profile's ``c_request``."""
+        now = self.clock.now()
+        arrival = now if arrival_s is None else min(arrival_s, now)
+        request = Request(request_id, list(prompt_ids), max_tokens, arrival, lora)
+        handle = RequestHandle(request)
+        self._handles[request_id] = handle
+        self.metrics.max_tokens_param.observe(max_tokens)
+        self.metrics.n_param.observe(1)
+        admission_s = self.profile.c_request_s * self.faults.slowdown - (now - arrival)
+        admission = admission_s / self.clock.scale
+        if admission > 0:  # the API server's part of the latency (profile.py)
+            asyncio.get_running_loop().call_later(admission, self._admit, request)
+        else:
+            self._admit(request)
+        return handle
+
+    def _admit(self, request: Request) -> None:
+        if request.finish_reason is not None:
+            return  # aborted before the engine saw it
+        request.ready_s = self.clock.now()
+        self.scheduler.add(request)
+        self._gauges()
+        self._wake.set()
+
+    def abort(self, handle: RequestHandle) -> None:
+        request = handle.request
+        if request.finish_reason is not None:
+            return
+        self.scheduler.abort(request)
+        self._finished(request, self.clock.now())
+        self._gauges()
+
+    # -- the loop -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        chained: float | None = None  # the last step's modelled end, while back to back
+        while True:
+            if not self.scheduler.has_work:
+                chained = None
+                self._wake.clear()
+                await self._wake.wait()
+            plan = self.scheduler.schedule()
+            if not plan.scheduled:
+                chained = None
+                await asyncio.sleep(_IDLE_TICK_S)
+                continue
+            start = self.clock.now() if chained is None else chained
+            # A step cannot start before a request in it reached the engine (one that came
+            # in during the timer's overshoot of the previous step).
+            start = max([start, *(r.ready_s for r in plan.newly_scheduled)])
+            for request in plan.newly_scheduled:
+                request.first_scheduled_s = start
+                self.metrics.prefix_queries.inc(request.num_tokens)
+                self.metrics.prefix_hits.inc(request.num_cached_tokens)
+            if plan.preempted:
+                self.metrics.preemptions.inc(len(plan.preempted))
+            self._gauges()
+            step_s = self.profile.step_s(plan.shape) * self.faults.slowdown
+            end = start + step_s
+            delay = self.clock.wall_of(end) - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            overshoot = self.clock.now() - end
+            if overshoot <= self._slack_s:
+                chained = end  # timer jitter: the next step starts at this one's end
+                self.metrics.lag.set(0.0)
+            else:  # the host fell behind the model: restart the chain from now
+                chained = None
+                self.metrics.lag.set(overshoot)
+                self.metrics.lag_seconds.inc(overshoot)
+            self.metrics.step_seconds.inc(step_s)
+            self.metrics.steps.inc()
+            result = self.scheduler.update(plan, end)
+            self.num_steps += 1
+            self._deliver(plan, result, end)
+            self._gauges()
+            await self.publisher.publish(self.scheduler.pool.take_events())
+
+    def _deliver(self, plan: StepPlan, result: StepResult, now: float) -> None:
+        m = self.metrics
+        m.iteration_tokens.observe(sum(n for _, n in plan.scheduled))
+        finished = {id(r) for r in result.finished}
+        for request, token in result.sampled:
+            m.generation_tokens.inc()
+            last = self._last_token_s.get(request.request_id)
+            if last is None:
+                m.ttft.observe(now - request.arrival_s)
+                cached = max(0, request.num_cached_tokens)
+                m.prompt_tokens.inc(len(request.prompt_ids))
+                m.prompt_tokens_cached.inc(cached)
+                m.prompt_tokens_by_source["local_cache_hit"].inc(cached)
+                m.prompt_tokens_by_source["local_compute"].inc(len(request.prompt_ids) - cached)
+            else:
+                m.itl.observe(now - last)
+            self._last_token_s[request.request_id] = now
+            reason = request.finish_reason if id(request) in finished else None
+            handle = self._handles.get(request.request_id)
+            if handle is not None:
+                handle.queue.put_nowait(TokenOut(token, reason))
+            if reason is not None:
+                self._finished(request, now)
+
+    def _finished(self, request: Request, now: float) -> None:
+        m = self.metrics
+        self._handles.pop(request.request_id, None)
+        self._last_token_s.pop(request.request_id, None)
+        reason = request.finish_reason or "abort"
+        m.success[reason].inc()
+        if reason == "abort":
+            return
+        num_out = len(request.output_ids)
+        first = request.first_token_s if request.first_token_s is not None else now
+        scheduled = request.first_scheduled_s if request.first_scheduled_s is not None else now
+        m.e2e.observe(now - request.arrival_s)
+        m.queue_time.observe(scheduled - request.arrival_s)
+        m.inference_time.observe(now - scheduled)
+        m.prefill_time.observe(first - scheduled)
+        m.decode_time.observe(now - first)
+        if num_out > 1:
+            m.tpot.observe((now - first) / (num_out - 1))
+        m.request_prompt_tokens.observe(len(request.prompt_ids))
+        m.request_generation_tokens.observe(num_out)
+        m.request_preemptions.observe(request.num_preemptions)
+
+    def _gauges(self) -> None:
+        s = self.scheduler
+        self.metrics.running.set(len(s.running))
+        self.metrics.waiting.set(len(s.waiting))
+        self.metrics.waiting_by_reason["deferred"].set(s.num_deferred)
+        self.metrics.waiting_by_reason["capacity"].set(len(s.waiting) - s.num_deferred)
+        self.metrics.kv_usage.set(s.pool.usage)
+        running = sorted({r.lora[1] for r in s.running if r.lora})
+        waiting = sorted({r.lora[1] for r in s.waiting if r.lora})
+        self.metrics.lora_info(running, waiting, time.time())

@@ -1,0 +1,329 @@
+"""vLLM's OpenAI request parsing and response shapes, for the simulator's server.
+
+Response bodies copy what vLLM serializes: its pydantic models dumped the way
+``serving.py`` dumps them (``vllm/entrypoints/openai/{completion,chat_completion}/``): a
+streamed token chunk is ``model_dump_json(exclude_unset=True)`` of what vLLM sets, the final
+usage chunk ``exclude_none=True`` (``choices: []``, usage without nulls, the system
+fingerprint), a non-streaming response every field. Where 0.33's source and the CPU build
+0.32 that the project serves differ, the bytes follow 0.32 as observed from a real
+``vllm serve`` (no ``weight_versions``, no ``kv_transfer_params`` in stream chunks).
+Errors are vLLM's ``ErrorResponse``: ``{"error": {"message", "type", "param", "code"}}``,
+a validation message ending in ``(parameter=..., value=...)`` as vLLM's
+``VLLMValidationError`` words it; unknown routes are FastAPI's ``{"detail": "Not Found"}``.
+The ``system_fingerprint`` is ``shoal-sim-<8 hex of the served name>`` (vLLM's is
+``vllm-<version>-<hash>``), so a client can tell a simulator from an engine.
+
+Supported: one prompt (text, token ids, or a one-element list of either), ``n`` = 1,
+``max_tokens`` / ``max_completion_tokens``, ``stream``, ``stream_options.include_usage``
+and ``continuous_usage_stats``, ``ignore_eos`` (always in effect). Rejected with a 400 as
+vLLM would reject what it cannot do, or named as unsupported by the simulator: ``n`` > 1,
+``best_of``, ``logprobs``/``top_logprobs``, ``echo``, ``use_beam_search``, several prompts.
+Accepted and ignored: sampling knobs (temperature, top_p, seed, stop, ...), which do not
+change a simulated step's cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sim.errors import RequestError
+from sim.tokens import Tokenizer, render_chat
+
+__all__ = [
+    "ParsedRequest",
+    "chat_chunk",
+    "chat_response",
+    "completion_chunk",
+    "completion_response",
+    "error_body",
+    "parse_request",
+    "usage",
+    "validation_error",
+]
+
+_UNSUPPORTED = ("best_of", "logprobs", "top_logprobs", "echo", "use_beam_search",
+                "prompt_logprobs", "suffix")  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    request_id: str
+    model: str | None
+    prompt_ids: list[int]
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    created: int
+    fingerprint: str
+    return_token_ids: bool = False
+
+
+def error_body(message: str, error_type: str, code: int, param: str | None = None) -> bytes:
+    error = {"message": message, "type": error_type, "param": param, "code": code}
+    return json.dumps({"error": error}, separators=(",", ":")).encode()
+
+
+def fingerprint(served_name: str) -> str:
+    return "shoal-sim-" + hashlib.sha256(served_name.encode()).hexdigest()[:8]
+
+
+def invalid(message: str, param: str, value: Any = None) -> RequestError:
+    """A ``VLLMValidationError`` (400 BadRequestError) worded as vLLM words it."""
+    detail = f"parameter={param}" + (f", value={value}" if value is not None else "")
+    return RequestError(f"{message} ({detail})", 400, "BadRequestError", param)
+
+
+def validation_error(detail: str, param: str | None = None) -> RequestError:
+    """FastAPI's RequestValidationError as vLLM's handler words it (type "Bad Request")."""
+    return RequestError(f"1 validation error:\n  {detail}", 400, "Bad Request", param)
+
+
+def _missing(name: str, body: dict[str, Any]) -> RequestError:
+    detail = {"type": "missing", "loc": f"body.{name}", "msg": "Field required", "input": body}
+    return validation_error(str(detail)[:1000], f"body.{name}")
+
+
+def _int(body: dict[str, Any], name: str, default: int | None) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        detail = {"type": "int_type", "loc": f"body.{name}",
+                  "msg": "Input should be a valid integer", "input": value}  # fmt: skip
+        raise validation_error(str(detail), f"body.{name}")
+    return value
+
+
+def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        ids = list(prompt)
+        bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+        if bad is not None:
+            raise invalid(f"Token id {bad} is out of vocabulary", "prompt", bad)
+    elif isinstance(prompt, list):
+        raise RequestError("the simulator serves one prompt per request (got a batch)",
+                           400, "BadRequestError", "prompt")  # fmt: skip
+    else:
+        detail = {"type": "string_type", "loc": "body.prompt",
+                  "msg": "Input should be a valid string", "input": prompt}  # fmt: skip
+        raise validation_error(str(detail)[:1000], "body.prompt")
+    if not ids:
+        raise RequestError("You must pass at least one prompt", 400, "BadRequestError")
+    return ids
+
+
+def parse_request(
+    body: Any, *, chat: bool, tokenizer: Tokenizer, max_model_len: int, request_id: str | None,
+    served_name: str = "",
+) -> ParsedRequest:  # fmt: skip
+    """A completion or chat request as the engine needs it; ``RequestError`` otherwise."""
+    if not isinstance(body, dict):
+        detail = {
+            "type": "model_attributes_type",
+            "loc": "body",
+            "msg": "Input should be a valid dictionary or object",
+            "input": body,
+        }
+        raise validation_error(str(detail)[:1000], "body")  # fmt: skip
+    if chat:
+        messages = body.get("messages")
+        if messages is None:
+            raise _missing("messages", body)
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise validation_error("messages must be a list of objects", "body.messages")
+        prompt_ids = tokenizer.encode(render_chat(messages))
+    else:
+        if body.get("prompt") is None:
+            raise invalid("Either prompt or prompt_embeds must be provided and non-empty.",
+                          "prompt")  # fmt: skip
+        prompt_ids = _prompt_ids(body["prompt"], tokenizer)
+    n = _int(body, "n", 1)
+    if n != 1:
+        raise RequestError("the simulator serves n=1 only", 400, "BadRequestError", "n")
+    for name in _UNSUPPORTED:
+        value = body.get(name)
+        if value is None or value is False or (name == "best_of" and value == 1):
+            continue
+        raise RequestError(f"the simulator does not support '{name}'", 400,
+                               "BadRequestError", name)  # fmt: skip
+    stream = bool(body.get("stream", False))
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise invalid("Stream options can only be defined when `stream=True`.",
+                      "stream_options")  # fmt: skip
+    if options is not None and not isinstance(options, dict):
+        raise validation_error("stream_options must be an object", "body.stream_options")
+    options = options or {}
+    param = "max_tokens"
+    max_tokens = _int(body, "max_completion_tokens", None) if chat else None
+    if max_tokens is not None:
+        param = "max_completion_tokens"
+    else:
+        max_tokens = _int(body, "max_tokens", None if chat else 16)
+    if max_tokens is not None and max_tokens > max_model_len:
+        raise invalid(
+            f"{param}={max_tokens} cannot be greater than max_model_len="
+            f"{max_model_len}. Please request fewer output tokens.",
+            param,
+            max_tokens,
+        )
+    if len(prompt_ids) >= max_model_len:
+        raise invalid(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt contains {len(prompt_ids)} input tokens, which exceeds this limit even "
+            "without any output tokens. Please reduce the length of the input prompt.",
+            "input_tokens", len(prompt_ids),
+        )  # fmt: skip
+    if max_tokens is not None and max_tokens < 1:
+        raise invalid(f"{param} must be at least 1, got {max_tokens}.", param, max_tokens)
+    # Within max_model_len, vLLM clamps max_tokens to the room the prompt leaves
+    # (``get_max_tokens``) instead of refusing.
+    room = max_model_len - len(prompt_ids)
+    prefix = "chatcmpl-" if chat else "cmpl-"
+    return ParsedRequest(
+        request_id=prefix + (request_id or secrets.token_hex(8)),
+        model=body.get("model") if isinstance(body.get("model"), str) else None,
+        prompt_ids=prompt_ids,
+        max_tokens=min(room, max_tokens) if max_tokens is not None else room,
+        stream=stream,
+        include_usage=bool(options.get("include_usage")),
+        continuous_usage=bool(options.get("include_usage"))
+        and bool(options.get("continuous_usage_stats")),
+        created=int(time.time()),
+        fingerprint=fingerprint(served_name),
+        return_token_ids=bool(body.get("return_token_ids")),
+    )
+
+
+def usage(prompt: int, completion: int, cached: int | None, *, full: bool) -> dict[str, Any]:
+    """UsageInfo: ``full`` = every field (non-streaming), else without nulls."""
+    body: dict[str, Any] = {
+        "prompt_tokens": prompt, "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+    }  # fmt: skip
+    if cached is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": cached}
+    elif full:
+        body["prompt_tokens_details"] = None
+    if full:
+        body["completion_tokens_details"] = None
+    return body
+
+
+def completion_chunk(
+    req: ParsedRequest, model: str, text: str, finish: str | None,
+    usage_body: dict[str, Any] | None = None, final_fingerprint: bool = False,
+    token_ids: list[int] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    chunk: dict[str, Any] = {
+        "id": req.request_id, "object": "text_completion", "created": req.created,
+        "model": model,
+        "choices": [{
+            "index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+            "stop_reason": None, "prompt_token_ids": None,
+            "token_ids": token_ids if req.return_token_ids else None,
+        }],
+    }  # fmt: skip
+    if usage_body is not None:
+        chunk["usage"] = usage_body
+    if finish is not None and final_fingerprint:
+        chunk["system_fingerprint"] = req.fingerprint
+    return chunk
+
+
+def chat_chunk(
+    req: ParsedRequest, model: str, text: str | None, finish: str | None, *, first: bool = False,
+    usage_body: dict[str, Any] | None = None, final_fingerprint: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    if first:
+        choice: dict[str, Any] = {"index": 0, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}  # fmt: skip
+    elif finish is None:
+        choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
+                  "finish_reason": None, "token_ids": None}  # fmt: skip
+    else:
+        choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
+                  "finish_reason": finish, "stop_reason": None, "token_ids": None}  # fmt: skip
+    chunk: dict[str, Any] = {
+        "id": req.request_id,
+        "object": "chat.completion.chunk",
+        "created": req.created,
+        "model": model,
+        "choices": [choice],
+    }
+    if usage_body is not None:
+        chunk["usage"] = usage_body
+    if first:
+        chunk["prompt_token_ids"] = None
+        chunk["prompt_text"] = None
+    elif finish is not None and final_fingerprint:
+        chunk["system_fingerprint"] = req.fingerprint
+    return chunk
+
+
+def usage_chunk(
+    req: ParsedRequest, model: str, chat: bool, usage_body: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": req.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": req.created, "model": model, "choices": [], "usage": usage_body,
+        "system_fingerprint": req.fingerprint,
+    }  # fmt: skip
+
+
+def completion_response(
+    req: ParsedRequest, model: str, text: str, finish: str, usage_body: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": req.request_id, "object": "text_completion", "created": req.created,
+        "model": model,
+        "choices": [{
+            "index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+            "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
+            "prompt_token_ids": None, "routed_experts": None,
+        }],
+        "service_tier": None, "system_fingerprint": req.fingerprint, "usage": usage_body,
+        "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
+    }  # fmt: skip
+
+
+def chat_response(
+    req: ParsedRequest, model: str, text: str, finish: str, usage_body: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": req.request_id, "object": "chat.completion", "created": req.created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None,
+                        "annotations": None, "audio": None, "function_call": None,
+                        "reasoning": None},
+            "logprobs": None, "finish_reason": finish, "stop_reason": None, "token_ids": None,
+            "routed_experts": None,
+        }],
+        "service_tier": None, "system_fingerprint": req.fingerprint, "usage": usage_body,
+        "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None,
+        "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
+    }  # fmt: skip
+
+
+def sse(chunk: dict[str, Any] | str) -> bytes:
+    data = chunk if isinstance(chunk, str) else json.dumps(chunk, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def detokenize(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
+    return "".join(tokenizer.decode_one(t) for t in ids)
