@@ -68,7 +68,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("contract")
 
 
-@pytest.fixture(scope="module", params=["vllm"])  # "sim" joins with the simulator
+@pytest.fixture(scope="module", params=["vllm", "sim"])
 def subject(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Subject]:
     events = kv_events_config(*ipc_endpoints(workdir / "ev", request.param), TOPIC)
     if request.param == "vllm":
