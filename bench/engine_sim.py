@@ -82,9 +82,13 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 
 
 def scrape(engine: SimEngineProcess) -> dict[str, float]:
-    wanted = ("shoal_sim_lag_seconds_total", "shoal_sim_step_seconds_total",
-              "vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count",
-              "shoal_sim_steps_total")  # fmt: skip
+    wanted = (
+        "shoal_sim_lag_seconds_total",
+        "shoal_sim_step_seconds_total",
+        "vllm:time_to_first_token_seconds_sum",
+        "vllm:time_to_first_token_seconds_count",
+        "shoal_sim_steps_total",
+    )
     found: dict[str, float] = {}
     for line in engine.get("/metrics").splitlines():
         match = re.match(r"^([\w:]+)\{[^}]*\} (\S+)$", line)
@@ -93,10 +97,15 @@ def scrape(engine: SimEngineProcess) -> dict[str, float]:
     return found
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, prompt: list[int],
-                      max_tokens: int) -> float | None:  # fmt: skip
-    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+async def one_request(
+    session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int
+) -> float | None:
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     try:
         async with session.post(url + "/v1/completions", json=body) as reply:
@@ -108,8 +117,9 @@ async def one_request(session: aiohttp.ClientSession, url: str, prompt: list[int
     return time.perf_counter() - start
 
 
-async def load(urls: Sequence[str], rate: float, seconds: float, prompt_len: int,
-               max_tokens: int, seed: int) -> tuple[int, list[float]]:  # fmt: skip
+async def load(
+    urls: Sequence[str], rate: float, seconds: float, prompt_len: int, max_tokens: int, seed: int
+) -> tuple[int, list[float]]:
     """Open-loop Poisson arrivals at ``rate`` per engine; (requests sent, e2e of successes)."""
     rng = random.Random(seed)
     connector = aiohttp.TCPConnector(limit=0)
@@ -136,17 +146,30 @@ def run_level(count: int, args: argparse.Namespace, logs: Path) -> dict[str, Any
     engines: list[SimEngineProcess] = []
     try:
         for i in range(count):
-            engines.append(start_sim_engine(
-                BASE_PORT + i, cpu=args.engine_cpu, time_scale=args.time_scale,
-                log_path=logs / f"engine-{count}-{i}.log", ready_timeout_s=60,
-            ))  # fmt: skip
+            engines.append(
+                start_sim_engine(
+                    BASE_PORT + i,
+                    cpu=args.engine_cpu,
+                    time_scale=args.time_scale,
+                    log_path=logs / f"engine-{count}-{i}.log",
+                    ready_timeout_s=60,
+                )
+            )
         before = [scrape(e) for e in engines]
         pids = [e.process.pid for e in engines]
         cpu0 = cpu_seconds(pids)
         busy0, total0 = cpu_busy(args.engine_cpu)
         started = time.perf_counter()
-        sent, e2e = asyncio.run(load([e.url for e in engines], args.rate, args.seconds,
-                                     args.prompt, args.max_tokens, args.seed))  # fmt: skip
+        sent, e2e = asyncio.run(
+            load(
+                [e.url for e in engines],
+                args.rate,
+                args.seconds,
+                args.prompt,
+                args.max_tokens,
+                args.seed,
+            )
+        )
         elapsed = time.perf_counter() - started
         busy1, total1 = cpu_busy(args.engine_cpu)
         cpu1 = cpu_seconds(pids)
@@ -185,11 +208,23 @@ def run_level(count: int, args: argparse.Namespace, logs: Path) -> dict[str, Any
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"simulated engines on one core: rate {result['rate_per_engine']} req/s per engine, "
-          f"time scale {result['time_scale']}, prompt {result['prompt']}, "
-          f"{result['max_tokens']} tokens streamed")  # fmt: skip
-    header = ("engines", "offered_rps", "achieved_rps", "lag", "steps_per_s", "sim_ttft_mean_s",
-              "e2e_p50_s", "e2e_p99_s", "cpu_ms_per_step", "engines_per_core_by_cpu")  # fmt: skip
+    print(
+        f"simulated engines on one core: rate {result['rate_per_engine']} req/s per engine, "
+        f"time scale {result['time_scale']}, prompt {result['prompt']}, "
+        f"{result['max_tokens']} tokens streamed"
+    )
+    header = (
+        "engines",
+        "offered_rps",
+        "achieved_rps",
+        "lag",
+        "steps_per_s",
+        "sim_ttft_mean_s",
+        "e2e_p50_s",
+        "e2e_p99_s",
+        "cpu_ms_per_step",
+        "engines_per_core_by_cpu",
+    )
     print("  ".join(f"{h:>15}" for h in header))
     for level in result["levels"]:
         print("  ".join(f"{level[h]!s:>15}" for h in header))
@@ -199,8 +234,9 @@ def print_table(result: dict[str, Any]) -> None:
     )
 
 
-async def closed_loop(url: str, model: str, prompts: Sequence[list[int]], max_tokens: int,
-                      concurrency: int) -> tuple[list[float], int, float]:  # fmt: skip
+async def closed_loop(
+    url: str, model: str, prompts: Sequence[list[int]], max_tokens: int, concurrency: int
+) -> tuple[list[float], int, float]:
     """``concurrency`` workers send ``prompts`` in turn, streaming; (TTFTs, tokens, wall s)."""
     queue = list(reversed(prompts))
     ttfts: list[float] = []
@@ -210,9 +246,14 @@ async def closed_loop(url: str, model: str, prompts: Sequence[list[int]], max_to
         nonlocal tokens
         while queue:
             prompt = queue.pop()
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                    "stream": True, "ignore_eos": True,
-                    "stream_options": {"include_usage": True}}  # fmt: skip
+            body = {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "stream": True,
+                "ignore_eos": True,
+                "stream_options": {"include_usage": True},
+            }
             start = time.perf_counter()
             first = None
             async with session.post(url + "/v1/completions", json=body) as reply:
@@ -267,10 +308,15 @@ def fidelity(args: argparse.Namespace) -> dict[str, Any]:
     real = workload(url, model, args.seed)
     with tempfile.TemporaryDirectory(prefix="engine-sim-fidelity-") as logs:
         engine = start_sim_engine(
-            BASE_PORT, profile=profile, served_model_name=model, block_size=args.block_size,
-            max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-            log_path=Path(logs) / "sim.log", cpu=args.engine_cpu,
-        )  # fmt: skip
+            BASE_PORT,
+            profile=profile,
+            served_model_name=model,
+            block_size=args.block_size,
+            max_model_len=args.max_model_len,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            log_path=Path(logs) / "sim.log",
+            cpu=args.engine_cpu,
+        )
         try:
             simulated = workload(engine.url, model, args.seed)
         finally:
@@ -281,15 +327,25 @@ def fidelity(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "profile": profile.to_json(),
-        "ttft": [{"prompt": n, "real_s": round(real["ttft"][n], 4),
-                  "sim_s": round(simulated["ttft"][n], 4),
-                  "error": error(simulated["ttft"][n], real["ttft"][n])}
-                 for n in real["ttft"]],
-        "throughput": [{"concurrency": c, "real_tps": round(real["throughput"][c], 1),
-                        "sim_tps": round(simulated["throughput"][c], 1),
-                        "error": error(simulated["throughput"][c], real["throughput"][c])}
-                       for c in real["throughput"]],
-    }  # fmt: skip
+        "ttft": [
+            {
+                "prompt": n,
+                "real_s": round(real["ttft"][n], 4),
+                "sim_s": round(simulated["ttft"][n], 4),
+                "error": error(simulated["ttft"][n], real["ttft"][n]),
+            }
+            for n in real["ttft"]
+        ],
+        "throughput": [
+            {
+                "concurrency": c,
+                "real_tps": round(real["throughput"][c], 1),
+                "sim_tps": round(simulated["throughput"][c], 1),
+                "error": error(simulated["throughput"][c], real["throughput"][c]),
+            }
+            for c in real["throughput"]
+        ],
+    }
 
 
 def print_fidelity(result: dict[str, Any]) -> None:
@@ -350,15 +406,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             levels.append(level)
             if level["lag"] > 4 * args.max_lag:
                 break  # far past the knee: more engines only take longer to say so
-    sustained = [lv for lv in levels
-                 if lv["lag"] <= args.max_lag and lv["completed"] == lv["sent"]]  # fmt: skip
+    sustained = [lv for lv in levels if lv["lag"] <= args.max_lag and lv["completed"] == lv["sent"]]
     best = max(sustained, key=lambda lv: lv["engines"], default=None)
     result = {
         "engines_per_core": best["engines"] if best else 0,
         "requests_per_s_at_max": best["achieved_rps"] if best else 0.0,
-        "rate_per_engine": args.rate, "time_scale": args.time_scale, "prompt": args.prompt,
-        "max_tokens": args.max_tokens, "max_lag": args.max_lag, "levels": levels,
-    }  # fmt: skip
+        "rate_per_engine": args.rate,
+        "time_scale": args.time_scale,
+        "prompt": args.prompt,
+        "max_tokens": args.max_tokens,
+        "max_lag": args.max_lag,
+        "levels": levels,
+    }
     if args.json:
         print(json.dumps(result))
     else:

@@ -177,10 +177,14 @@ class BlockPool:
             self._cached.setdefault(digest, {})[block_id] = block
         self._events.append(
             Stored(
-                tuple(hashes), parent, tuple(token_ids), self.block_size,
-                lora[0] if lora else None, lora[1] if lora else None,
+                tuple(hashes),
+                parent,
+                tuple(token_ids),
+                self.block_size,
+                lora[0] if lora else None,
+                lora[1] if lora else None,
             )
-        )  # fmt: skip
+        )
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash (vLLM's /reset_prefix_cache); False while any block is

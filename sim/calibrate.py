@@ -107,9 +107,11 @@ class CalibrationFit:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "profile": self.profile.to_json(), "ttft_error": self.ttft_error,
-            "itl_error": self.itl_error, "num_measurements": self.num_measurements,
-        }  # fmt: skip
+            "profile": self.profile.to_json(),
+            "ttft_error": self.ttft_error,
+            "itl_error": self.itl_error,
+            "num_measurements": self.num_measurements,
+        }
 
 
 # -- measuring -----------------------------------------------------------------------
@@ -164,18 +166,22 @@ def fit_profile(rows: Sequence[Measurement], source: str = "") -> CalibrationFit
     relative = np.abs(x @ coef - y) / y
     kinds = np.array([r.kind for r in rows])
     profile = StepProfile(
-        c0_s=float(coef[0]), c_prefill_s=float(coef[1]), c_decode_s=float(coef[2]),
-        c_kv_s=float(coef[3]), c_request_s=float(coef[4]), source=source,
-    )  # fmt: skip
+        c0_s=float(coef[0]),
+        c_prefill_s=float(coef[1]),
+        c_decode_s=float(coef[2]),
+        c_kv_s=float(coef[3]),
+        c_request_s=float(coef[4]),
+        source=source,
+    )
     return CalibrationFit(
         profile=profile,
-        ttft_error=float(np.median(relative[kinds == "prefill"])) if any(kinds == "prefill")
+        ttft_error=float(np.median(relative[kinds == "prefill"]))
+        if any(kinds == "prefill")
         else 0.0,
-        itl_error=float(np.median(relative[kinds == "decode"])) if any(kinds == "decode")
-        else 0.0,
+        itl_error=float(np.median(relative[kinds == "decode"])) if any(kinds == "decode") else 0.0,
         num_measurements=len(rows),
         measurements=tuple(rows),
-    )  # fmt: skip
+    )
 
 
 def _nnls(a: Any, b: Any, max_iter: int = 100) -> Any:
@@ -317,8 +323,11 @@ class HttpProber:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
             if self.model is None:
                 self.model = await self._first_model(session)
-            return list(await asyncio.gather(*(
-                self._one(session, prompt, max_tokens) for prompt in prompts)))  # fmt: skip
+            return list(
+                await asyncio.gather(
+                    *(self._one(session, prompt, max_tokens) for prompt in prompts)
+                )
+            )
 
     async def _first_model(self, session: Any) -> str:
         try:
@@ -332,16 +341,22 @@ class HttpProber:
         import aiohttp
 
         body = {
-            "model": self.model, "prompt": list(prompt), "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": True, "temperature": 0.0, "return_token_ids": True,
-        }  # fmt: skip
+            "model": self.model,
+            "prompt": list(prompt),
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "temperature": 0.0,
+            "return_token_ids": True,
+        }
         times: list[float] = []
         start = time.perf_counter()
         try:
             async with session.post(f"{self.base_url}/v1/completions", json=body) as reply:
                 if reply.status != 200:
-                    raise CalibrationError(f"engine answered {reply.status}: "
-                                           f"{(await reply.text())[:200]}")  # fmt: skip
+                    raise CalibrationError(
+                        f"engine answered {reply.status}: {(await reply.text())[:200]}"
+                    )
                 async for raw in reply.content:
                     line = raw.strip()
                     if not line.startswith(b"data: ") or line == b"data: [DONE]":

@@ -115,25 +115,37 @@ def config_from_args(args: argparse.Namespace) -> Any:
     except ProfileError as exc:
         raise ConfigError(str(exc)) from None
     return SimConfig(
-        host=args.host, port=args.port, model=args.model,
-        served_model_name=args.served_model_name, max_model_len=args.max_model_len,
-        block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks,
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        num_gpu_blocks=args.num_gpu_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        kv_bytes_per_token=args.kv_bytes_per_token, max_num_seqs=args.max_num_seqs,
+        kv_bytes_per_token=args.kv_bytes_per_token,
+        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching, enable_lora=args.enable_lora,
-        max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_lora=args.enable_lora,
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
         lora_modules=tuple(modules),
-        enable_prompt_tokens_details=args.enable_prompt_tokens_details, profile=profile,
-        time_scale=args.time_scale, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        kv_events=parse_kv_events_config(args.kv_events_config)
-        if args.kv_events_config else None,
-        faults={"slowdown": args.fault_slowdown, "hang": args.fault_hang,
-                "fail_next": args.fault_fail_next,
-                "die_after_chunks": args.fault_die_after_chunks,
-                "die_mode": args.fault_die_mode},
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        profile=profile,
+        time_scale=args.time_scale,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        kv_events=parse_kv_events_config(args.kv_events_config) if args.kv_events_config else None,
+        faults={
+            "slowdown": args.fault_slowdown,
+            "hang": args.fault_hang,
+            "fail_next": args.fault_fail_next,
+            "die_after_chunks": args.fault_die_after_chunks,
+            "die_mode": args.fault_die_mode,
+        },
         max_request_bytes=args.max_request_bytes,
-    )  # fmt: skip
+    )
 
 
 def _engine(args: argparse.Namespace) -> int:
@@ -152,9 +164,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--batch-sizes takes ints, got {args.batch_sizes!r}") from None
     plan = CalibrationPlan(
-        max_prompt=args.max_prompt, batch_sizes=sizes, decode_tokens=args.decode_tokens,
-        repeats=args.repeats, vocab_size=args.vocab_size,
-    )  # fmt: skip
+        max_prompt=args.max_prompt,
+        batch_sizes=sizes,
+        decode_tokens=args.decode_tokens,
+        repeats=args.repeats,
+        vocab_size=args.vocab_size,
+    )
     prober = HttpProber(args.engine, args.model, time_scale=args.time_scale)
     try:
         fit = calibrate(prober, plan, source=f"calibrated against {args.engine}")

@@ -54,8 +54,15 @@ class SimConfig:
     max_request_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
-        positive = ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                    "max_loras", "kv_bytes_per_token", "max_request_bytes")  # fmt: skip
+        positive = (
+            "max_model_len",
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_loras",
+            "kv_bytes_per_token",
+            "max_request_bytes",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")

@@ -98,9 +98,13 @@ class Engine:
     # -- requests -----------------------------------------------------------------
 
     def submit(
-        self, request_id: str, prompt_ids: Sequence[int], max_tokens: int,
-        lora: tuple[int, str] | None = None, arrival_s: float | None = None,
-    ) -> RequestHandle:  # fmt: skip
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        lora: tuple[int, str] | None = None,
+        arrival_s: float | None = None,
+    ) -> RequestHandle:
         """``arrival_s``: when the HTTP request came in (simulated time; default now). The
         simulator's own parsing since then counts toward the profile's ``c_request``."""
         now = self.clock.now()

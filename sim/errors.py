@@ -44,9 +44,12 @@ class RequestError(SimError):
     """
 
     def __init__(
-        self, message: str, status: int = 400, error_type: str = "BadRequestError",
+        self,
+        message: str,
+        status: int = 400,
+        error_type: str = "BadRequestError",
         param: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status

@@ -26,13 +26,74 @@ __all__ = ["ENGINE_LABELS", "SimMetrics", "request_token_buckets"]
 ENGINE_LABELS = ("model_name", "engine")
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 
-REQUEST_LATENCY = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
-                   50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
-TIME_TO_FIRST_TOKEN = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
-                       0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
-                       2560.0)  # fmt: skip
-INTER_TOKEN_LATENCY = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
-                       2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+REQUEST_LATENCY = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
+TIME_TO_FIRST_TOKEN = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+INTER_TOKEN_LATENCY = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 ITERATION_TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 REQUEST_PARAMS_N = (1, 2, 5, 10, 20)
 NUM_PREEMPTIONS = (1, 2, 3, 4, 5, 10, 20)
@@ -55,9 +116,12 @@ class SimMetrics:
     """The registry and the series the engine updates; see the module docstring."""
 
     def __init__(
-        self, model_name: str, max_model_len: int, max_loras: int | None,
+        self,
+        model_name: str,
+        max_model_len: int,
+        max_loras: int | None,
         cache_info: dict[str, str],
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = list(ENGINE_LABELS)
         values = (model_name, "0")
@@ -228,21 +292,26 @@ class SimMetrics:
             labels,
             registry=reg,
         ).labels(*values)
-        self.steps = Counter("shoal_sim_steps", "Engine steps run.", labels,
-                             registry=reg).labels(*values)  # fmt: skip
+        self.steps = Counter("shoal_sim_steps", "Engine steps run.", labels, registry=reg).labels(
+            *values
+        )
         self.step_seconds = Counter(
-            "shoal_sim_step_seconds", "Simulated seconds the model priced the steps at.",
-            labels, registry=reg).labels(*values)  # fmt: skip
+            "shoal_sim_step_seconds",
+            "Simulated seconds the model priced the steps at.",
+            labels,
+            registry=reg,
+        ).labels(*values)
         self.lag_seconds = Counter(
             "shoal_sim_lag_seconds",
             "Simulated seconds steps ended after their modelled end, summed: over "
             "shoal_sim_step_seconds_total, how far latencies exceed the model.",
-            labels, registry=reg).labels(*values)  # fmt: skip
+            labels,
+            registry=reg,
+        ).labels(*values)
         faults = Counter(
             "shoal_sim_faults", "Fault knobs that fired, by kind.", [*labels, "kind"], registry=reg
         )
-        self.faults = {k: faults.labels(*values, k)
-                       for k in ("fail", "hang", "die_stream", "exit")}  # fmt: skip
+        self.faults = {k: faults.labels(*values, k) for k in ("fail", "hang", "die_stream", "exit")}
 
     def lora_info(self, running: Sequence[str], waiting: Sequence[str], now: float) -> None:
         if self._lora_info is None:

@@ -67,8 +67,10 @@ class ModelRegistry:
         if adapter is None:
             raise RequestError(
                 f"The model `{model}` does not exist. Valid aliases: {self.served_name}.",
-                404, "NotFoundError", "model",
-            )  # fmt: skip
+                404,
+                "NotFoundError",
+                "model",
+            )
         return adapter
 
     def load(self, body: Any) -> Adapter:
@@ -76,20 +78,23 @@ class ModelRegistry:
             raise RequestError("request body must be a JSON object", 400, "Bad Request")
         name, path = body.get("lora_name"), body.get("lora_path")
         if not name or not path or not isinstance(name, str) or not isinstance(path, str):
-            raise RequestError("Both 'lora_name' and 'lora_path' must be provided.",
-                               400, "InvalidUserInput")  # fmt: skip
+            raise RequestError(
+                "Both 'lora_name' and 'lora_path' must be provided.", 400, "InvalidUserInput"
+            )
         if name == self.served_name:
             raise RequestError(
                 f"The lora adapter '{name}' conflicts with a served base model.",
-                400, "InvalidUserInput",
-            )  # fmt: skip
+                400,
+                "InvalidUserInput",
+            )
         existing = self.adapters.get(name)
         if existing is not None and not body.get("load_inplace"):
             raise RequestError(
                 f"The lora adapter '{name}' has already been loaded. If you want to load the "
                 "adapter in place, set 'load_inplace' to True.",
-                400, "InvalidUserInput",
-            )  # fmt: skip
+                400,
+                "InvalidUserInput",
+            )
         if existing is not None:
             lora_id = existing.lora_int_id
         else:
@@ -101,20 +106,27 @@ class ModelRegistry:
     def unload(self, body: Any) -> Adapter:
         name = body.get("lora_name") if isinstance(body, dict) else None
         if not name:
-            raise RequestError("'lora_name' needs to be provided to unload a LoRA adapter.",
-                               400, "InvalidUserInput")  # fmt: skip
+            raise RequestError(
+                "'lora_name' needs to be provided to unload a LoRA adapter.",
+                400,
+                "InvalidUserInput",
+            )
         adapter = self.adapters.pop(name, None)
         if adapter is None:
-            raise RequestError(f"The lora adapter '{name}' cannot be found.", 404,
-                               "NotFoundError")  # fmt: skip
+            raise RequestError(f"The lora adapter '{name}' cannot be found.", 404, "NotFoundError")
         return adapter
 
     def model_list(self) -> dict[str, Any]:
         base = {
-            "id": self.served_name, "object": "model", "created": self.created,
-            "owned_by": "vllm", "root": self.model_path, "parent": None,
-            "max_model_len": self.max_model_len, "permission": [_permission()],
-        }  # fmt: skip
+            "id": self.served_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "vllm",
+            "root": self.model_path,
+            "parent": None,
+            "max_model_len": self.max_model_len,
+            "permission": [_permission()],
+        }
         cards = [base] + [
             {
                 "id": a.name,

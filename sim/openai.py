@@ -47,8 +47,15 @@ __all__ = [
     "validation_error",
 ]
 
-_UNSUPPORTED = ("best_of", "logprobs", "top_logprobs", "echo", "use_beam_search",
-                "prompt_logprobs", "suffix")  # fmt: skip
+_UNSUPPORTED = (
+    "best_of",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "use_beam_search",
+    "prompt_logprobs",
+    "suffix",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +102,12 @@ def _int(body: dict[str, Any], name: str, default: int | None) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
-        detail = {"type": "int_type", "loc": f"body.{name}",
-                  "msg": "Input should be a valid integer", "input": value}  # fmt: skip
+        detail = {
+            "type": "int_type",
+            "loc": f"body.{name}",
+            "msg": "Input should be a valid integer",
+            "input": value,
+        }
         raise validation_error(str(detail), f"body.{name}")
     return value
 
@@ -114,11 +125,19 @@ def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[int]:
         if bad is not None:
             raise invalid(f"Token id {bad} is out of vocabulary", "prompt", bad)
     elif isinstance(prompt, list):
-        raise RequestError("the simulator serves one prompt per request (got a batch)",
-                           400, "BadRequestError", "prompt")  # fmt: skip
+        raise RequestError(
+            "the simulator serves one prompt per request (got a batch)",
+            400,
+            "BadRequestError",
+            "prompt",
+        )
     else:
-        detail = {"type": "string_type", "loc": "body.prompt",
-                  "msg": "Input should be a valid string", "input": prompt}  # fmt: skip
+        detail = {
+            "type": "string_type",
+            "loc": "body.prompt",
+            "msg": "Input should be a valid string",
+            "input": prompt,
+        }
         raise validation_error(str(detail)[:1000], "body.prompt")
     if not ids:
         raise RequestError("You must pass at least one prompt", 400, "BadRequestError")
@@ -126,9 +145,14 @@ def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[int]:
 
 
 def parse_request(
-    body: Any, *, chat: bool, tokenizer: Tokenizer, max_model_len: int, request_id: str | None,
+    body: Any,
+    *,
+    chat: bool,
+    tokenizer: Tokenizer,
+    max_model_len: int,
+    request_id: str | None,
     served_name: str = "",
-) -> ParsedRequest:  # fmt: skip
+) -> ParsedRequest:
     """A completion or chat request as the engine needs it; ``RequestError`` otherwise."""
     if not isinstance(body, dict):
         detail = {
@@ -137,7 +161,7 @@ def parse_request(
             "msg": "Input should be a valid dictionary or object",
             "input": body,
         }
-        raise validation_error(str(detail)[:1000], "body")  # fmt: skip
+        raise validation_error(str(detail)[:1000], "body")
     if chat:
         messages = body.get("messages")
         if messages is None:
@@ -147,8 +171,9 @@ def parse_request(
         prompt_ids = tokenizer.encode(render_chat(messages))
     else:
         if body.get("prompt") is None:
-            raise invalid("Either prompt or prompt_embeds must be provided and non-empty.",
-                          "prompt")  # fmt: skip
+            raise invalid(
+                "Either prompt or prompt_embeds must be provided and non-empty.", "prompt"
+            )
         prompt_ids = _prompt_ids(body["prompt"], tokenizer)
     n = _int(body, "n", 1)
     if n != 1:
@@ -157,13 +182,11 @@ def parse_request(
         value = body.get(name)
         if value is None or value is False or (name == "best_of" and value == 1):
             continue
-        raise RequestError(f"the simulator does not support '{name}'", 400,
-                               "BadRequestError", name)  # fmt: skip
+        raise RequestError(f"the simulator does not support '{name}'", 400, "BadRequestError", name)
     stream = bool(body.get("stream", False))
     options = body.get("stream_options")
     if options is not None and not stream:
-        raise invalid("Stream options can only be defined when `stream=True`.",
-                      "stream_options")  # fmt: skip
+        raise invalid("Stream options can only be defined when `stream=True`.", "stream_options")
     if options is not None and not isinstance(options, dict):
         raise validation_error("stream_options must be an object", "body.stream_options")
     options = options or {}
@@ -185,8 +208,9 @@ def parse_request(
             f"This model's maximum context length is {max_model_len} tokens. However, your "
             f"prompt contains {len(prompt_ids)} input tokens, which exceeds this limit even "
             "without any output tokens. Please reduce the length of the input prompt.",
-            "input_tokens", len(prompt_ids),
-        )  # fmt: skip
+            "input_tokens",
+            len(prompt_ids),
+        )
     if max_tokens is not None and max_tokens < 1:
         raise invalid(f"{param} must be at least 1, got {max_tokens}.", param, max_tokens)
     # Within max_model_len, vLLM clamps max_tokens to the room the prompt leaves
@@ -211,9 +235,10 @@ def parse_request(
 def usage(prompt: int, completion: int, cached: int | None, *, full: bool) -> dict[str, Any]:
     """UsageInfo: ``full`` = every field (non-streaming), else without nulls."""
     body: dict[str, Any] = {
-        "prompt_tokens": prompt, "total_tokens": prompt + completion,
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
         "completion_tokens": completion,
-    }  # fmt: skip
+    }
     if cached is not None:
         body["prompt_tokens_details"] = {"cached_tokens": cached}
     elif full:
@@ -224,19 +249,31 @@ def usage(prompt: int, completion: int, cached: int | None, *, full: bool) -> di
 
 
 def completion_chunk(
-    req: ParsedRequest, model: str, text: str, finish: str | None,
-    usage_body: dict[str, Any] | None = None, final_fingerprint: bool = False,
+    req: ParsedRequest,
+    model: str,
+    text: str,
+    finish: str | None,
+    usage_body: dict[str, Any] | None = None,
+    final_fingerprint: bool = False,
     token_ids: list[int] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     chunk: dict[str, Any] = {
-        "id": req.request_id, "object": "text_completion", "created": req.created,
+        "id": req.request_id,
+        "object": "text_completion",
+        "created": req.created,
         "model": model,
-        "choices": [{
-            "index": 0, "text": text, "logprobs": None, "finish_reason": finish,
-            "stop_reason": None, "prompt_token_ids": None,
-            "token_ids": token_ids if req.return_token_ids else None,
-        }],
-    }  # fmt: skip
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish,
+                "stop_reason": None,
+                "prompt_token_ids": None,
+                "token_ids": token_ids if req.return_token_ids else None,
+            }
+        ],
+    }
     if usage_body is not None:
         chunk["usage"] = usage_body
     if finish is not None and final_fingerprint:
@@ -245,18 +282,39 @@ def completion_chunk(
 
 
 def chat_chunk(
-    req: ParsedRequest, model: str, text: str | None, finish: str | None, *, first: bool = False,
-    usage_body: dict[str, Any] | None = None, final_fingerprint: bool = False,
-) -> dict[str, Any]:  # fmt: skip
+    req: ParsedRequest,
+    model: str,
+    text: str | None,
+    finish: str | None,
+    *,
+    first: bool = False,
+    usage_body: dict[str, Any] | None = None,
+    final_fingerprint: bool = False,
+) -> dict[str, Any]:
     if first:
-        choice: dict[str, Any] = {"index": 0, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}  # fmt: skip
+        choice: dict[str, Any] = {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
     elif finish is None:
-        choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
-                  "finish_reason": None, "token_ids": None}  # fmt: skip
+        choice = {
+            "index": 0,
+            "delta": {"content": text},
+            "logprobs": None,
+            "finish_reason": None,
+            "token_ids": None,
+        }
     else:
-        choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
-                  "finish_reason": finish, "stop_reason": None, "token_ids": None}  # fmt: skip
+        choice = {
+            "index": 0,
+            "delta": {"content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+            "stop_reason": None,
+            "token_ids": None,
+        }
     chunk: dict[str, Any] = {
         "id": req.request_id,
         "object": "chat.completion.chunk",
@@ -278,46 +336,83 @@ def usage_chunk(
     req: ParsedRequest, model: str, chat: bool, usage_body: dict[str, Any]
 ) -> dict[str, Any]:
     return {
-        "id": req.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": req.created, "model": model, "choices": [], "usage": usage_body,
+        "id": req.request_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": req.created,
+        "model": model,
+        "choices": [],
+        "usage": usage_body,
         "system_fingerprint": req.fingerprint,
-    }  # fmt: skip
+    }
 
 
 def completion_response(
     req: ParsedRequest, model: str, text: str, finish: str, usage_body: dict[str, Any]
 ) -> dict[str, Any]:
     return {
-        "id": req.request_id, "object": "text_completion", "created": req.created,
+        "id": req.request_id,
+        "object": "text_completion",
+        "created": req.created,
         "model": model,
-        "choices": [{
-            "index": 0, "text": text, "logprobs": None, "finish_reason": finish,
-            "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
-            "prompt_token_ids": None, "routed_experts": None,
-        }],
-        "service_tier": None, "system_fingerprint": req.fingerprint, "usage": usage_body,
-        "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
-    }  # fmt: skip
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish,
+                "stop_reason": None,
+                "token_ids": None,
+                "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "routed_experts": None,
+            }
+        ],
+        "service_tier": None,
+        "system_fingerprint": req.fingerprint,
+        "usage": usage_body,
+        "kv_transfer_params": None,
+        "ec_transfer_params": None,
+        "metrics": None,
+    }
 
 
 def chat_response(
     req: ParsedRequest, model: str, text: str, finish: str, usage_body: dict[str, Any]
 ) -> dict[str, Any]:
     return {
-        "id": req.request_id, "object": "chat.completion", "created": req.created,
+        "id": req.request_id,
+        "object": "chat.completion",
+        "created": req.created,
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None,
-                        "annotations": None, "audio": None, "function_call": None,
-                        "reasoning": None},
-            "logprobs": None, "finish_reason": finish, "stop_reason": None, "token_ids": None,
-            "routed_experts": None,
-        }],
-        "service_tier": None, "system_fingerprint": req.fingerprint, "usage": usage_body,
-        "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None,
-        "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
-    }  # fmt: skip
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": text,
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "reasoning": None,
+                },
+                "logprobs": None,
+                "finish_reason": finish,
+                "stop_reason": None,
+                "token_ids": None,
+                "routed_experts": None,
+            }
+        ],
+        "service_tier": None,
+        "system_fingerprint": req.fingerprint,
+        "usage": usage_body,
+        "prompt_logprobs": None,
+        "prompt_token_ids": None,
+        "prompt_text": None,
+        "kv_transfer_params": None,
+        "ec_transfer_params": None,
+        "metrics": None,
+    }
 
 
 def sse(chunk: dict[str, Any] | str) -> bytes:

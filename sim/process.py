@@ -101,8 +101,9 @@ class SimEngineProcess:
         if code == 0 or not log_inside:
             shutil.rmtree(self.scratch, ignore_errors=True)
         else:
-            log.warning("sim engine on port %d exited with %d; its log: %s", self.port, code,
-                        self.log_path)  # fmt: skip
+            log.warning(
+                "sim engine on port %d exited with %d; its log: %s", self.port, code, self.log_path
+            )
         return code
 
 
@@ -130,19 +131,38 @@ def engine_args(directory: Path, **flags: Any) -> list[str]:
 
 
 def start_sim_engine(
-    port: int, *, host: str = "127.0.0.1", log_path: str | Path | None = None,
-    ready_timeout_s: float = 20.0, cpu: int | None = None, **flags: Any,
-) -> SimEngineProcess:  # fmt: skip
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    log_path: str | Path | None = None,
+    ready_timeout_s: float = 20.0,
+    cpu: int | None = None,
+    **flags: Any,
+) -> SimEngineProcess:
     """Start one engine process and wait for /health; ``cpu`` pins it to one core. Without
     ``log_path`` the log and any profile file live in a temporary directory that
     ``stop()`` removes once the process exited with 0 (the log is kept, and named in a
     warning, otherwise)."""
     scratch = Path(tempfile.mkdtemp(prefix=f"sim-engine-{port}-"))
     log_path = Path(log_path) if log_path is not None else scratch / "engine.log"
-    command = [sys.executable, "-m", "shoal", "sim", "engine", "--host", host,
-               "--port", str(port), *engine_args(scratch, **flags)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(_REPO), os.environ.get("PYTHONPATH", "")) if p)}  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "shoal",
+        "sim",
+        "engine",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *engine_args(scratch, **flags),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(_REPO), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     if cpu is not None:  # before its interpreter starts threads, which inherit it

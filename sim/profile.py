@@ -84,8 +84,7 @@ class StepProfile:
     source: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("c0_s", "c_prefill_s", "c_decode_s", "c_kv_s", "lora_load_s",
-                     "c_request_s"):  # fmt: skip
+        for name in ("c0_s", "c_prefill_s", "c_decode_s", "c_kv_s", "lora_load_s", "c_request_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ProfileError(f"profile {name} must be a finite number >= 0, got {value!r}")
@@ -103,10 +102,14 @@ class StepProfile:
     def scaled(self, factor: float) -> StepProfile:
         """Every cost times ``factor`` (the slow-down fault)."""
         return StepProfile(
-            self.c0_s * factor, self.c_prefill_s * factor, self.c_decode_s * factor,
-            self.c_kv_s * factor, self.lora_load_s * factor, self.c_request_s * factor,
+            self.c0_s * factor,
+            self.c_prefill_s * factor,
+            self.c_decode_s * factor,
+            self.c_kv_s * factor,
+            self.lora_load_s * factor,
+            self.c_request_s * factor,
             self.source,
-        )  # fmt: skip
+        )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -77,13 +77,19 @@ def build_engine(config: SimConfig) -> Engine:
         enable_prefix_caching=config.enable_prefix_caching,
     )
     metrics = SimMetrics(
-        config.name, config.max_model_len, config.max_loras if config.enable_lora else None,
+        config.name,
+        config.max_model_len,
+        config.max_loras if config.enable_lora else None,
         config.cache_info(),
-    )  # fmt: skip
+    )
     return Engine(
-        scheduler_config, config.profile, metrics, clock=SimClock(config.time_scale),
-        faults=Faults(**config.faults), publisher=make_publisher(config.kv_events),
-    )  # fmt: skip
+        scheduler_config,
+        config.profile,
+        metrics,
+        clock=SimClock(config.time_scale),
+        faults=Faults(**config.faults),
+        publisher=make_publisher(config.kv_events),
+    )
 
 
 class SimServer:
@@ -92,9 +98,10 @@ class SimServer:
     def __init__(self, config: SimConfig, engine: Engine | None = None) -> None:
         self.config = config
         self.tokenizer: Tokenizer = (
-            FileTokenizer(config.tokenizer) if config.tokenizer
+            FileTokenizer(config.tokenizer)
+            if config.tokenizer
             else HashTokenizer(config.vocab_size)
-        )  # fmt: skip
+        )
         if engine is None:
             config = _with_vocab(config, self.tokenizer.vocab_size)
             self.config = config
@@ -140,8 +147,11 @@ class SimServer:
         except RequestError as exc:
             return _error(exc)
         except web.HTTPRequestEntityTooLarge as exc:
-            return _error(RequestError(exc.text or "Request Entity Too Large", 413,
-                                       "Request Entity Too Large"))  # fmt: skip
+            return _error(
+                RequestError(
+                    exc.text or "Request Entity Too Large", 413, "Request Entity Too Large"
+                )
+            )
         except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:  # FastAPI's words
             return _json({"detail": exc.reason}, exc.status)
 
@@ -172,8 +182,9 @@ class SimServer:
 
     async def reset_prefix_cache(self, request: web.Request) -> web.Response:
         if not self.engine.scheduler.pool.reset_prefix_cache():
-            raise RequestError("Failed to reset prefix cache: blocks are in use", 400,
-                               "BadRequestError")  # fmt: skip
+            raise RequestError(
+                "Failed to reset prefix cache: blocks are in use", 400, "BadRequestError"
+            )
         await self.engine.publisher.publish(self.engine.scheduler.pool.take_events())
         return web.Response(status=200)
 
@@ -201,23 +212,31 @@ class SimServer:
         arrival = self.engine.clock.now()
         body = await _json_body(request)
         parsed = openai.parse_request(
-            body, chat=chat, tokenizer=self.tokenizer, max_model_len=self.config.max_model_len,
-            request_id=request.headers.get("X-Request-Id"), served_name=self.config.name,
-        )  # fmt: skip
+            body,
+            chat=chat,
+            tokenizer=self.tokenizer,
+            max_model_len=self.config.max_model_len,
+            request_id=request.headers.get("X-Request-Id"),
+            served_name=self.config.name,
+        )
         adapter = self.models.resolve(parsed.model)
         faults = self.engine.faults
         if faults.take_failure():
             self.engine.metrics.faults["fail"].inc()
-            raise RequestError("simulated engine failure (fault fail_next)", 500,
-                               "InternalServerError")  # fmt: skip
+            raise RequestError(
+                "simulated engine failure (fault fail_next)", 500, "InternalServerError"
+            )
         if faults.hang != "off":
             self.engine.metrics.faults["hang"].inc()
             await _forever()
         model = adapter.name if adapter else self.config.name
         handle = self.engine.submit(
-            parsed.request_id, parsed.prompt_ids, parsed.max_tokens,
-            (adapter.lora_int_id, adapter.name) if adapter else None, arrival,
-        )  # fmt: skip
+            parsed.request_id,
+            parsed.prompt_ids,
+            parsed.max_tokens,
+            (adapter.lora_int_id, adapter.name) if adapter else None,
+            arrival,
+        )
         try:
             if parsed.stream:
                 return await self._stream(request, parsed, handle, model, chat)
@@ -245,9 +264,13 @@ class SimServer:
         return _json(make(parsed, model, text, out.finish_reason, usage))
 
     async def _stream(
-        self, request: web.Request, parsed: openai.ParsedRequest, handle: RequestHandle,
-        model: str, chat: bool,
-    ) -> web.StreamResponse:  # fmt: skip
+        self,
+        request: web.Request,
+        parsed: openai.ParsedRequest,
+        handle: RequestHandle,
+        model: str,
+        chat: bool,
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await response.prepare(request)
         die_after = self.engine.faults.take_die()
@@ -263,9 +286,18 @@ class SimServer:
         prompt = len(parsed.prompt_ids)
         if chat:
             first_usage = openai.usage(prompt, 0, None, full=False)
-            await send(openai.sse(openai.chat_chunk(
-                parsed, model, None, None, first=True,
-                usage_body=first_usage if parsed.continuous_usage else None)))  # fmt: skip
+            await send(
+                openai.sse(
+                    openai.chat_chunk(
+                        parsed,
+                        model,
+                        None,
+                        None,
+                        first=True,
+                        usage_body=first_usage if parsed.continuous_usage else None,
+                    )
+                )
+            )
         num_out = 0
         while True:
             out = await handle.queue.get()
@@ -284,9 +316,15 @@ class SimServer:
                     final_fingerprint=stamp,
                 )
             else:
-                chunk = openai.completion_chunk(parsed, model, text, out.finish_reason,
-                                                step_usage, final_fingerprint=stamp,
-                                                token_ids=[out.token_id])  # fmt: skip
+                chunk = openai.completion_chunk(
+                    parsed,
+                    model,
+                    text,
+                    out.finish_reason,
+                    step_usage,
+                    final_fingerprint=stamp,
+                    token_ids=[out.token_id],
+                )
             await send(openai.sse(chunk))
             if out.finish_reason is not None:
                 break
@@ -312,9 +350,10 @@ class SimServer:
 def _json(body: Any, status: int = 200) -> web.Response:
     """Compact JSON, as FastAPI's JSONResponse (vLLM) writes it."""
     return web.Response(
-        text=json.dumps(body, separators=(",", ":")), status=status,
+        text=json.dumps(body, separators=(",", ":")),
+        status=status,
         content_type="application/json",
-    )  # fmt: skip
+    )
 
 
 def _engine_died(task: asyncio.Task[None]) -> None:
@@ -350,9 +389,13 @@ async def _json_body(request: web.Request) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         position = getattr(exc, "pos", getattr(exc, "start", 0))
-        detail = {"type": "json_invalid", "loc": f"body.{position}", "msg": "JSON decode error",
-                  "input": "<dict of 0 items>",
-                  "ctx": {"error": getattr(exc, "msg", str(exc))}}  # fmt: skip
+        detail = {
+            "type": "json_invalid",
+            "loc": f"body.{position}",
+            "msg": "JSON decode error",
+            "input": "<dict of 0 items>",
+            "ctx": {"error": getattr(exc, "msg", str(exc))},
+        }
         raise openai.validation_error(str(detail), f"body.{position}") from None
 
 
@@ -383,9 +426,15 @@ async def _serve(config: SimConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("simulated engine %s ready on http://%s:%d (time scale %g, %d blocks of %d)",
-             config.name, config.host, config.port, config.time_scale, config.num_blocks,
-             config.block_size)  # fmt: skip
+    log.info(
+        "simulated engine %s ready on http://%s:%d (time scale %g, %d blocks of %d)",
+        config.name,
+        config.host,
+        config.port,
+        config.time_scale,
+        config.num_blocks,
+        config.block_size,
+    )
     await stop.wait()
     await runner.cleanup()
     return 0

@@ -25,28 +25,62 @@ def test_calibrating_a_simulated_engine_recovers_its_step_times(tmp_path: Path) 
     out = tmp_path / "fitted.json"
     with running_sim_engine(free_port(), profile=TRUE) as engine:
         done = subprocess.run(
-            [sys.executable, "-m", "shoal", "sim", "calibrate", "--engine", engine.url,
-             "--out", str(out), "--max-prompt", "256", "--batch-sizes", "1,4",
-             "--decode-tokens", "8", "--repeats", "1", "--json"],
-            env=ENV, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "shoal",
+                "sim",
+                "calibrate",
+                "--engine",
+                engine.url,
+                "--out",
+                str(out),
+                "--max-prompt",
+                "256",
+                "--batch-sizes",
+                "1,4",
+                "--decode-tokens",
+                "8",
+                "--repeats",
+                "1",
+                "--json",
+            ],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["num_measurements"] == 5 + 4
     fitted = load_profile(out)
     assert fitted.source.startswith("calibrated against http://127.0.0.1:")
-    for shape in (StepShape(prefill_tokens=256, context_tokens=256),
-                  StepShape(prefill_tokens=32, context_tokens=32),
-                  StepShape(decode_seqs=4, context_tokens=4 * 140)):  # fmt: skip
+    for shape in (
+        StepShape(prefill_tokens=256, context_tokens=256),
+        StepShape(prefill_tokens=32, context_tokens=32),
+        StepShape(decode_seqs=4, context_tokens=4 * 140),
+    ):
         assert fitted.step_s(shape) == pytest.approx(TRUE.step_s(shape), rel=0.25), shape
 
 
 def test_an_unreachable_engine_fails_with_one_line(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "shoal", "sim", "calibrate", "--engine",
-         f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path / "p.json")],
-        env=ENV, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "shoal",
+            "sim",
+            "calibrate",
+            "--engine",
+            f"http://127.0.0.1:{free_port()}",
+            "--out",
+            str(tmp_path / "p.json"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     assert done.stderr.startswith("shoal sim calibrate: cannot")
     assert not (tmp_path / "p.json").exists()

@@ -57,15 +57,19 @@ def test_a_prefix_hit_shortens_ttft_by_the_prefill_it_skips() -> None:
 
 def lora_engine(**flags: Any) -> Any:
     profile = StepProfile(c0_s=0.05, c_prefill_s=0.0, c_decode_s=0.0, c_kv_s=0.0)
-    return running_sim_engine(free_port(), served_model_name="base", enable_lora=True,
-                              profile=profile, **flags)  # fmt: skip
+    return running_sim_engine(
+        free_port(), served_model_name="base", enable_lora=True, profile=profile, **flags
+    )
 
 
 def stream_in_thread(engine: SimEngineProcess, model: str, max_tokens: int) -> threading.Thread:
     def run() -> None:
         body = {"model": model, "prompt": [1, 2, 3], "max_tokens": max_tokens, "stream": True}
-        req = urllib.request.Request(engine.url + "/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})  # fmt: skip
+        req = urllib.request.Request(
+            engine.url + "/v1/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as reply:
             assert reply.read().decode().endswith("data: [DONE]\n\n")
 
@@ -81,8 +85,9 @@ def test_adapters_load_list_serve_and_unload_like_vllms() -> None:
         assert (status, text) == (200, b"Success: LoRA adapter 'a' added successfully.")
         status, again = engine.request("POST", "/v1/load_lora_adapter", load)
         assert status == 400 and json.loads(again)["error"]["type"] == "InvalidUserInput"
-        status, base = engine.request("POST", "/v1/load_lora_adapter",
-                                      {"lora_name": "base", "lora_path": "/x"})  # fmt: skip
+        status, base = engine.request(
+            "POST", "/v1/load_lora_adapter", {"lora_name": "base", "lora_path": "/x"}
+        )
         assert status == 400 and "conflicts" in json.loads(base)["error"]["message"]
 
         cards = {c["id"]: c for c in json.loads(engine.get("/v1/models"))["data"]}
@@ -103,8 +108,9 @@ def test_adapters_load_list_serve_and_unload_like_vllms() -> None:
 def test_max_loras_bounds_the_adapters_in_one_batch(max_loras: int, most_running: int) -> None:
     with lora_engine(max_loras=max_loras, max_cpu_loras=2) as engine:
         for name in ("x", "y"):
-            engine.request("POST", "/v1/load_lora_adapter",
-                           {"lora_name": name, "lora_path": f"/a/{name}"})  # fmt: skip
+            engine.request(
+                "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": f"/a/{name}"}
+            )
         threads = [stream_in_thread(engine, name, 12) for name in ("x", "y")]
         seen: set[float] = set()
         lora_labels = set()
@@ -190,12 +196,19 @@ def test_the_fault_api_rejects_bad_values(faulty: SimEngineProcess) -> None:
 
 
 def test_die_exit_ends_the_process_mid_stream_from_a_start_flag(tmp_path: Any) -> None:
-    engine = start_sim_engine(free_port(), fault_die_after_chunks=1, fault_die_mode="exit",
-                              log_path=tmp_path / "engine.log")  # fmt: skip
+    engine = start_sim_engine(
+        free_port(),
+        fault_die_after_chunks=1,
+        fault_die_mode="exit",
+        log_path=tmp_path / "engine.log",
+    )
     try:
         body = {"prompt": [1, 2], "max_tokens": 50, "stream": True}
-        req = urllib.request.Request(engine.url + "/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})  # fmt: skip
+        req = urllib.request.Request(
+            engine.url + "/v1/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
         errors = (http.client.IncompleteRead, ConnectionError, urllib.error.URLError)
         with pytest.raises(errors), urllib.request.urlopen(req, timeout=10) as reply:
             reply.read()

@@ -22,17 +22,25 @@ KEYS = chain_keys(NS, TOKENS, B)
 
 
 def events_config(port: int, replay_port: int) -> dict[str, Any]:
-    return {"enable_kv_cache_events": True, "publisher": "zmq",
-            "endpoint": f"tcp://*:{port}", "replay_endpoint": f"tcp://*:{replay_port}",
-            "topic": "kv-events"}  # fmt: skip
+    return {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{port}",
+        "replay_endpoint": f"tcp://*:{replay_port}",
+        "topic": "kv-events",
+    }
 
 
 def daemon(tmp_path: Path, port: int, replay_port: int) -> DaemonProcess:
     return start_daemon(
-        tmp_path, engine_events=f"tcp://127.0.0.1:{port}",
-        engine_events_replay=f"tcp://127.0.0.1:{replay_port}", engine_events_topic="kv-events",
-        engine_model=NS.model, engine_chunk_tokens=B, engine_replay_timeout_s=0.5,
-    )  # fmt: skip
+        tmp_path,
+        engine_events=f"tcp://127.0.0.1:{port}",
+        engine_events_replay=f"tcp://127.0.0.1:{replay_port}",
+        engine_events_topic="kv-events",
+        engine_model=NS.model,
+        engine_chunk_tokens=B,
+        engine_replay_timeout_s=0.5,
+    )
 
 
 def gpu_upto(node: DaemonProcess) -> int:
@@ -58,9 +66,12 @@ def test_the_daemon_sees_the_engines_prefix_and_its_eviction(tmp_path: Path) -> 
     try:
         # 24 blocks: the 8 of TOKENS stay cached until a 20-block prompt needs them.
         with running_sim_engine(
-            free_port(), time_scale=100, num_gpu_blocks=24, max_model_len=336,
+            free_port(),
+            time_scale=100,
+            num_gpu_blocks=24,
+            max_model_len=336,
             kv_events_config=events_config(port, replay_port),
-        ) as engine:  # fmt: skip
+        ) as engine:
             assert wait_until(lambda: bool(status(node)["connected"]))
             compute(engine, TOKENS)
             assert wait_until(lambda: gpu_upto(node) == 8), node.log()

@@ -23,9 +23,14 @@ MODEL = "tiny-sim"
 @pytest.fixture(scope="module")
 def engine() -> Iterator[SimEngineProcess]:
     with running_sim_engine(
-        free_port(), served_model_name=MODEL, model="/models/tiny", time_scale=50,
-        max_model_len=512, num_gpu_blocks=256, max_request_bytes=4096,
-    ) as handle:  # fmt: skip
+        free_port(),
+        served_model_name=MODEL,
+        model="/models/tiny",
+        time_scale=50,
+        max_model_len=512,
+        num_gpu_blocks=256,
+        max_request_bytes=4096,
+    ) as handle:
         yield handle
 
 
@@ -36,8 +41,11 @@ def post(engine: SimEngineProcess, path: str, body: Any) -> tuple[int, dict[str,
 
 def stream(engine: SimEngineProcess, path: str, body: dict[str, Any]) -> list[str]:
     """The SSE ``data:`` payloads of one streamed response, in order."""
-    req = urllib.request.Request(engine.url + path, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    req = urllib.request.Request(
+        engine.url + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=10) as reply:
         assert reply.headers["Content-Type"].startswith("text/event-stream")
         text = reply.read().decode()
@@ -48,8 +56,13 @@ def stream(engine: SimEngineProcess, path: str, body: dict[str, Any]) -> list[st
 
 
 def test_streamed_completion_has_vllms_chunks_usage_and_done(engine: SimEngineProcess) -> None:
-    body = {"model": MODEL, "prompt": "the quick brown fox", "max_tokens": 5, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": "the quick brown fox",
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     *chunks, done = stream(engine, "/v1/completions", body)
     assert done == "[DONE]"
     tokens = [json.loads(c) for c in chunks[:-1]]
@@ -60,8 +73,15 @@ def test_streamed_completion_has_vllms_chunks_usage_and_done(engine: SimEnginePr
     for t in tokens:
         assert t["object"] == "text_completion" and t["model"] == MODEL
         (choice,) = t["choices"]
-        assert set(choice) == {"index", "text", "logprobs", "finish_reason", "stop_reason",
-                               "prompt_token_ids", "token_ids"}  # fmt: skip
+        assert set(choice) == {
+            "index",
+            "text",
+            "logprobs",
+            "finish_reason",
+            "stop_reason",
+            "prompt_token_ids",
+            "token_ids",
+        }
         assert choice["text"]
     assert [t["choices"][0]["finish_reason"] for t in tokens] == [None] * 4 + ["length"]
     assert usage["choices"] == []
@@ -80,8 +100,9 @@ def test_streamed_chat_starts_with_the_role_and_ends_with_usage(engine: SimEngin
     *chunks, done = stream(engine, "/v1/chat/completions", body)
     assert done == "[DONE]"
     parsed = [json.loads(c) for c in chunks]
-    assert all(c["object"] == "chat.completion.chunk" and c["id"].startswith("chatcmpl-")
-               for c in parsed)  # fmt: skip
+    assert all(
+        c["object"] == "chat.completion.chunk" and c["id"].startswith("chatcmpl-") for c in parsed
+    )
     assert parsed[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     deltas = [c["choices"][0] for c in parsed[1:-1]]
     assert len(deltas) == 3 and all(set(d["delta"]) == {"content"} for d in deltas)
@@ -125,8 +146,12 @@ def test_non_streaming_answers_have_vllms_fields(engine: SimEngineProcess) -> No
 
 
 def test_the_same_prompt_gives_the_same_text(engine: SimEngineProcess) -> None:
-    texts = {post(engine, "/v1/completions", {"prompt": "same words", "max_tokens": 6})[1][
-        "choices"][0]["text"] for _ in range(2)}  # fmt: skip
+    texts = {
+        post(engine, "/v1/completions", {"prompt": "same words", "max_tokens": 6})[1]["choices"][0][
+            "text"
+        ]
+        for _ in range(2)
+    }
     assert len(texts) == 1
 
 
@@ -180,13 +205,20 @@ def test_max_tokens_past_the_prompts_room_is_clamped_as_vllm_does(engine: SimEng
 
 
 def test_malformed_json_wrong_type_and_oversized_bodies(engine: SimEngineProcess) -> None:
-    cases = [(b"{nope", "application/json", 400, "Bad Request"),
-             (b'{"prompt": "x"}', "text/plain", 400, "Bad Request"),
-             (b'{"prompt": "' + b"x" * 5000 + b'"}', "application/json", 413,
-              "Request Entity Too Large")]  # fmt: skip
+    cases = [
+        (b"{nope", "application/json", 400, "Bad Request"),
+        (b'{"prompt": "x"}', "text/plain", 400, "Bad Request"),
+        (
+            b'{"prompt": "' + b"x" * 5000 + b'"}',
+            "application/json",
+            413,
+            "Request Entity Too Large",
+        ),
+    ]
     for data, media, status, kind in cases:
-        req = urllib.request.Request(engine.url + "/v1/completions", data=data,
-                                     headers={"Content-Type": media})  # fmt: skip
+        req = urllib.request.Request(
+            engine.url + "/v1/completions", data=data, headers={"Content-Type": media}
+        )
         with pytest.raises(urllib.error.HTTPError) as raised:
             urllib.request.urlopen(req, timeout=10)
         body = json.loads(raised.value.read())
@@ -198,25 +230,40 @@ def test_metrics_have_vllms_names_and_labels(engine: SimEngineProcess) -> None:
     post(engine, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 3})
     text = engine.get("/metrics")
     labels = f'engine="0",model_name="{MODEL}"'
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
-                 "vllm:kv_cache_usage_perc", "vllm:prefix_cache_queries_total",
-                 "vllm:prefix_cache_hits_total", "vllm:prompt_tokens_total",
-                 "vllm:generation_tokens_total", "vllm:num_preemptions_total",
-                 "vllm:time_to_first_token_seconds_count",
-                 "vllm:inter_token_latency_seconds_count",
-                 "vllm:e2e_request_latency_seconds_count",
-                 "vllm:request_queue_time_seconds_count",
-                 "vllm:external_prefix_cache_hits_total"):  # fmt: skip
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:num_preemptions_total",
+        "vllm:time_to_first_token_seconds_count",
+        "vllm:inter_token_latency_seconds_count",
+        "vllm:e2e_request_latency_seconds_count",
+        "vllm:request_queue_time_seconds_count",
+        "vllm:external_prefix_cache_hits_total",
+    ):
         assert re.search(rf"^{name}\{{{labels}\}} ", text, re.M), name
-    success = re.search(rf'^vllm:request_success_total\{{engine="0",finished_reason="length",'
-                        rf'model_name="{MODEL}"\}} (\S+)', text, re.M)  # fmt: skip
+    success = re.search(
+        rf'^vllm:request_success_total\{{engine="0",finished_reason="length",'
+        rf'model_name="{MODEL}"\}} (\S+)',
+        text,
+        re.M,
+    )
     assert success and float(success.group(1)) >= 1
-    ttft_buckets = re.findall(r'vllm:time_to_first_token_seconds_bucket\{engine="0",le="([^"]+)"',
-                              text)  # fmt: skip
+    ttft_buckets = re.findall(
+        r'vllm:time_to_first_token_seconds_bucket\{engine="0",le="([^"]+)"', text
+    )
     assert ttft_buckets[:3] == ["0.001", "0.005", "0.01"] and ttft_buckets[-1] == "+Inf"
     assert 'vllm:cache_config_info{block_size="16"' in text
-    assert re.search(r'^vllm:prompt_tokens_by_source_total\{engine="0",model_name="tiny-sim",'
-                     r'source="local_compute"\} [1-9]', text, re.M)  # fmt: skip
+    assert re.search(
+        r'^vllm:prompt_tokens_by_source_total\{engine="0",model_name="tiny-sim",'
+        r'source="local_compute"\} [1-9]',
+        text,
+        re.M,
+    )
     assert (
         'vllm:num_requests_waiting_by_reason{engine="0",model_name="tiny-sim",reason="capacity"}'
         in text
@@ -240,8 +287,12 @@ def test_a_client_that_hangs_up_aborts_its_request(engine: SimEngineProcess) -> 
 
     assert wait_until(lambda: aborted() >= 1)
     engine.set_faults(slowdown=1.0)
-    assert wait_until(lambda: 'vllm:num_requests_running{engine="0",model_name="tiny-sim"} 0.0'
-                      in engine.get("/metrics"))  # fmt: skip
+    assert wait_until(
+        lambda: (
+            'vllm:num_requests_running{engine="0",model_name="tiny-sim"} 0.0'
+            in engine.get("/metrics")
+        )
+    )
 
 
 def test_unknown_routes_and_lora_routes_without_enable_lora_are_fastapis_404(

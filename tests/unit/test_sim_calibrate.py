@@ -16,8 +16,13 @@ from sim.scheduler import SchedulerConfig
 
 KNOWN = StepProfile(c0_s=5e-3, c_prefill_s=2e-4, c_decode_s=1e-3, c_kv_s=2e-6, c_request_s=4e-3)
 # A token budget above every decode batch's prompts: each run's prefill is one step.
-ENGINE = SchedulerConfig(num_gpu_blocks=4096, block_size=16, max_num_batched_tokens=8192,
-                         max_num_seqs=64, max_model_len=4096)  # fmt: skip
+ENGINE = SchedulerConfig(
+    num_gpu_blocks=4096,
+    block_size=16,
+    max_num_batched_tokens=8192,
+    max_num_seqs=64,
+    max_model_len=4096,
+)
 NAMES = ("c0_s", "c_prefill_s", "c_decode_s", "c_kv_s", "c_request_s")
 
 
@@ -38,8 +43,7 @@ def test_two_percent_noise_moves_the_coefficients_a_few_percent() -> None:
     the recovered c0, c_prefill, c_decode stay within 3% and c_kv (the smallest term:
     ~1/8 of a decode step here) within 7%; the bounds leave twice that."""
     rng = np.random.default_rng(7)
-    noisy = [Measurement(r.kind, r.features, r.seconds * (1 + rng.normal(0, 0.02)))
-             for r in rows()]  # fmt: skip
+    noisy = [Measurement(r.kind, r.features, r.seconds * (1 + rng.normal(0, 0.02))) for r in rows()]
     fit = fit_profile(noisy)
     for name, tolerance in zip(NAMES, (0.06, 0.06, 0.06, 0.15, 0.15), strict=True):
         assert getattr(fit.profile, name) == pytest.approx(getattr(KNOWN, name), rel=tolerance)
@@ -49,8 +53,9 @@ def test_two_percent_noise_moves_the_coefficients_a_few_percent() -> None:
 def test_a_term_that_is_not_there_is_fitted_as_zero_not_negative() -> None:
     no_kv = StepProfile(c0_s=5e-3, c_prefill_s=2e-4, c_decode_s=1e-3, c_kv_s=0.0, c_request_s=1e-3)
     rng = np.random.default_rng(3)
-    noisy = [Measurement(r.kind, r.features, r.seconds * (1 + rng.normal(0, 0.01)))
-             for r in rows(no_kv)]  # fmt: skip
+    noisy = [
+        Measurement(r.kind, r.features, r.seconds * (1 + rng.normal(0, 0.01))) for r in rows(no_kv)
+    ]
     fit = fit_profile(noisy)
     assert all(getattr(fit.profile, name) >= 0 for name in NAMES)
     assert fit.profile.c_kv_s < 1e-7

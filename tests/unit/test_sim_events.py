@@ -45,16 +45,35 @@ def test_the_payload_is_msgspecs_encoding_of_vllms_structs() -> None:
     kv = pytest.importorskip("vllm.distributed.kv_events")
     msgspec = pytest.importorskip("msgspec")
     ours = encode_batch([STORED, LORA, Removed((H1,)), AllCleared()], 12.5)
-    theirs = kv.KVEventBatch(ts=12.5, events=[
-        kv.BlockStored(block_hashes=[external_hash(H0), external_hash(H1)],
-                       parent_block_hash=None, token_ids=list(range(32)), block_size=16,
-                       lora_id=None, medium="GPU", lora_name=None, group_idx=0),
-        kv.BlockStored(block_hashes=[external_hash(H1)], parent_block_hash=external_hash(H0),
-                       token_ids=list(range(16, 32)), block_size=16, lora_id=3, medium="GPU",
-                       lora_name="ad", extra_keys=[("ad",)], group_idx=0),
-        kv.BlockRemoved(block_hashes=[external_hash(H1)], medium="GPU", group_idx=0),
-        kv.AllBlocksCleared(),
-    ], data_parallel_rank=0)  # fmt: skip
+    theirs = kv.KVEventBatch(
+        ts=12.5,
+        events=[
+            kv.BlockStored(
+                block_hashes=[external_hash(H0), external_hash(H1)],
+                parent_block_hash=None,
+                token_ids=list(range(32)),
+                block_size=16,
+                lora_id=None,
+                medium="GPU",
+                lora_name=None,
+                group_idx=0,
+            ),
+            kv.BlockStored(
+                block_hashes=[external_hash(H1)],
+                parent_block_hash=external_hash(H0),
+                token_ids=list(range(16, 32)),
+                block_size=16,
+                lora_id=3,
+                medium="GPU",
+                lora_name="ad",
+                extra_keys=[("ad",)],
+                group_idx=0,
+            ),
+            kv.BlockRemoved(block_hashes=[external_hash(H1)], medium="GPU", group_idx=0),
+            kv.AllBlocksCleared(),
+        ],
+        data_parallel_rank=0,
+    )
     vllm_bytes = msgspec.msgpack.Encoder().encode(theirs)
     assert msgpack.unpackb(ours) == msgpack.unpackb(vllm_bytes)
     decoded = msgspec.msgpack.Decoder(kv.KVEventBatch).decode(ours)

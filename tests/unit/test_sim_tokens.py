@@ -29,8 +29,12 @@ def test_generated_tokens_are_a_pure_function_of_seed_and_index() -> None:
 
 
 def test_chat_messages_render_with_their_roles() -> None:
-    text = render_chat([{"role": "system", "content": "be brief"},
-                        {"role": "user", "content": [{"type": "text", "text": "hi"}]}])  # fmt: skip
+    text = render_chat(
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ]
+    )
     assert text == "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
 
 
