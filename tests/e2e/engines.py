@@ -218,15 +218,23 @@ def connector_config(endpoint: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def kv_events_config(port: int, replay_port: int, topic: str = "kv-events") -> dict[str, Any]:
-    """``--kv-events-config`` for vLLM's ZeroMQ publisher on loopback (it binds)."""
-    return {
+def kv_events_config(
+    endpoint: str, replay_endpoint: str | None = None, topic: str = "kv-events"
+) -> dict[str, Any]:
+    """``--kv-events-config`` for vLLM's ZeroMQ publisher. vLLM *binds* only a wildcard
+    TCP endpoint (``tcp://*:P``: every interface) or an ``ipc://`` one; given
+    ``tcp://127.0.0.1:P`` its PUB *connects*, and so never meets a daemon's SUB, which
+    connects too. Engines here stay off the network: pass ``ipc://`` paths (the replay
+    endpoint is always bound)."""
+    config: dict[str, Any] = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
-        "endpoint": f"tcp://127.0.0.1:{port}",
-        "replay_endpoint": f"tcp://127.0.0.1:{replay_port}",
+        "endpoint": endpoint,
         "topic": topic,
     }
+    if replay_endpoint is not None:
+        config["replay_endpoint"] = replay_endpoint
+    return config
 
 
 def spawn_engine(
