@@ -237,7 +237,7 @@ def test_the_daemon_killed_under_serving_engines_costs_no_stall_and_hits_resume_
     Restarted under the same name, the daemon gets the engines back by themselves: their
     clients say hello again on their next call, A saves, B loads."""
     a, b = engines
-    for seed, engine in enumerate((a, b)):  # a first prefill takes 15-30 s here (run alone)
+    for seed, engine in enumerate((a, b)):  # the first request with logprobs takes ~15 s
         engine.complete(random_prompt(98 + seed, 512), max_tokens=4, logprobs=5)
     before = [timed(engine, random_prompt(100 + i, 512)) for i in range(2) for engine in (a, b)]
     cache_daemon.process.kill()
