@@ -99,17 +99,21 @@ def register(subparsers: Any) -> None:
         help="Hugging Face tokenizer (hub name or local directory) for --text; needs "
         "transformers (HF_HUB_OFFLINE=1 keeps it off the network)",
     )
-    lookup.add_argument("--model", required=True, help="namespace: model (and revision)")
-    lookup.add_argument("--dtype", default="bfloat16", help="namespace: KV dtype (bfloat16)")
-    lookup.add_argument("--layout", default="default", help="namespace: KV layout (default)")
-    lookup.add_argument("--tp-rank", type=int, default=0, help="namespace: tensor-parallel rank")
-    lookup.add_argument("--tp-size", type=int, default=1, help="namespace: tensor-parallel size")
-    lookup.add_argument("--extra", default="", help="namespace: extra discriminator ('')")
+    lookup.add_argument(
+        "--model",
+        help="namespace: model (and revision); omitted: the namespace this daemon keys its "
+        "engines' KV events in, as their connectors said hello with (layout included)",
+    )
+    lookup.add_argument("--dtype", help="namespace: KV dtype (bfloat16); needs --model")
+    lookup.add_argument("--layout", help="namespace: KV layout (default); needs --model")
+    lookup.add_argument("--tp-rank", type=int, help="namespace: tensor-parallel rank (0)")
+    lookup.add_argument("--tp-size", type=int, help="namespace: tensor-parallel size (1)")
+    lookup.add_argument("--extra", help="namespace: extra discriminator (''); needs --model")
     lookup.add_argument(
         "--chunk-tokens",
         type=int,
-        default=256,
-        help="tokens per block, as the engines key them (default: 256, the connector's)",
+        help="tokens per block, as the engines key them (default: the engines' with no "
+        "--model, else 256, the connector's)",
     )
 
     evict = verb("evict", "remove blocks by namespace and/or key prefix (here by default)", _evict)
@@ -420,22 +424,33 @@ def _nodes(args: argparse.Namespace) -> int:
 @_command
 def _lookup(args: argparse.Namespace) -> int:
     from kvcache.client import ClusterLookup
-    from kvcache.keys import Namespace, chain_keys
+    from kvcache.keys import chain_keys
 
     config = _config(args)
+    parts = (args.dtype, args.layout, args.tp_rank, args.tp_size, args.extra)
     try:
-        fields = (args.model, args.dtype, args.layout, args.tp_rank, args.tp_size, args.extra)
-        namespace = Namespace(*fields)
+        if args.model is None and any(part is not None for part in parts):
+            raise ValueError("--dtype, --layout, --tp-rank, --tp-size and --extra need --model")
+        if args.chunk_tokens is not None and args.chunk_tokens <= 0:
+            raise ValueError(f"--chunk-tokens must be positive, got {args.chunk_tokens}")
+        namespace = None if args.model is None else _given_namespace(args)
         tokens = _tokens(args)
-        keys = chain_keys(namespace, tokens, args.chunk_tokens)
+        if any(not 0 <= token < 2**32 for token in tokens):
+            raise ValueError("token ids must be in [0, 2**32)")
     except ValueError as exc:
         raise _Exit(EXIT_USAGE, str(exc)) from None
     with _local(config, "lookup") as client:
+        chunk_tokens = args.chunk_tokens
+        if namespace is None:  # the engines' own, as the daemon learned it
+            namespace, learned_chunk = _engines_namespace(client.cluster_status())
+            chunk_tokens = chunk_tokens or learned_chunk
+        chunk_tokens = chunk_tokens or 256
+        keys = chain_keys(namespace, tokens, chunk_tokens)
         found = client.locate(keys) if keys else ClusterLookup(0, 0, ())
     result = {
         "namespace": namespace.label(),
         "num_tokens": len(tokens),
-        "chunk_tokens": args.chunk_tokens,
+        "chunk_tokens": chunk_tokens,
         "num_blocks": len(keys),
         "local_blocks": found.length,
         "remote_blocks": found.remote_length,
@@ -448,6 +463,39 @@ def _lookup(args: argparse.Namespace) -> int:
     else:
         print("\n".join(lookup_lines(result)))
     return 0
+
+
+def _given_namespace(args: argparse.Namespace) -> Any:
+    """The namespace ``--model`` and the other namespace flags name, with their defaults."""
+    from kvcache.keys import Namespace
+
+    return Namespace(
+        args.model,
+        "bfloat16" if args.dtype is None else args.dtype,
+        "default" if args.layout is None else args.layout,
+        args.tp_rank or 0,
+        1 if args.tp_size is None else args.tp_size,
+        args.extra or "",
+    )
+
+
+def _engines_namespace(cluster: dict[str, Any]) -> tuple[Any, int]:
+    """The namespace and chunk size this daemon keys its engines' KV events in."""
+    from kvcache.keys import Namespace
+
+    engines = cluster.get("engines") or []
+    learned = {(e.get("namespace", ""), e.get("chunk_tokens", 0)) for e in engines}
+    if not learned:
+        raise _Exit(
+            EXIT_USAGE,
+            "no --model, and this daemon follows no engine's KV events (--engine-events) "
+            "to take the namespace from: give --model (and --layout ...)",
+        )
+    wire, chunk_tokens = min(learned)  # one: a daemon keys all its engines in one namespace
+    namespace = Namespace.from_wire(str(wire))
+    if namespace is None:
+        raise _Exit(EXIT_FAILED, f"the daemon named no readable engine namespace: {wire!r}")
+    return namespace, int(chunk_tokens)
 
 
 def _tokens(args: argparse.Namespace) -> list[int]:

@@ -75,7 +75,7 @@ from kvcache.store_values import (
     TierStats,
 )
 from kvcache.tier_policy import TierPolicy
-from kvcache.tiers import Backing, Tier, TierStore
+from kvcache.tiers import Backing, MemoryBacking, Tier, TierStore, block_checksum
 
 log = logging.getLogger("shoal." + __name__)
 
@@ -462,12 +462,18 @@ class BlockStore(FileTierMoves):
         return len(expired)
 
     def delete(self, keys: Sequence[bytes]) -> int:
-        """Remove committed blocks; a leased one disappears now and is freed on release."""
+        """Remove committed blocks; a leased one disappears now and is freed on release.
+        Readers delete the blocks that failed their check, so a block at rest in memory is
+        verified first and a mismatch counts in ``checksum_failures``."""
         removed = 0
         for key in keys:
             entry = self._entries.get(key)
             if entry is None or entry.state is not State.COMMITTED:
                 continue
+            backing = self._tiers[entry.tier].backing
+            if entry.move is None and isinstance(backing, MemoryBacking):
+                found = block_checksum(backing.view(entry.offset, entry.nbytes))
+                self._checksum_failures += found != entry.checksum
             self._policies[entry.tier].remove(key)
             self._remove(entry)
             removed += 1

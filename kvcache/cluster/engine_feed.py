@@ -376,6 +376,10 @@ class ZmqEngineFeed:
                 "stream": engine.stream,
                 "endpoint": engine.endpoint,
                 "replay_endpoint": engine.replay_endpoint,
+                # what its GPU prefixes are keyed in (learned from a connector's hello
+                # unless --engine-layout was given): ``shoal cache lookup`` keys in it
+                "namespace": self.settings.namespace.to_wire(),
+                "chunk_tokens": self.settings.chunk_tokens,
                 "connected": engine.connected,
                 "seq": -1 if engine.sequence.last is None else engine.sequence.last,
                 "replaying": engine.sequence.replaying,

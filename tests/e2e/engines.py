@@ -219,22 +219,22 @@ def connector_config(endpoint: str, **extra: Any) -> dict[str, Any]:
 
 
 def kv_events_config(
-    endpoint: str, replay_endpoint: str, topic: str = "kv-events"
+    endpoint: str, replay_endpoint: str | None = None, topic: str = "kv-events"
 ) -> dict[str, Any]:
-    """``--kv-events-config`` for vLLM's ZeroMQ publisher.
-
-    vLLM binds its PUB socket only to a wildcard (``tcp://*:P``, every interface) or an
-    ``ipc://``/``inproc://`` address, and *connects* to any other (``tcp://127.0.0.1:P``
-    makes the subscriber the one that must bind); the replay ROUTER always binds. Tests
-    use ``ipc_endpoints``: bound by the engine, reachable only through the file system.
-    """
-    return {
+    """``--kv-events-config`` for vLLM's ZeroMQ publisher. vLLM *binds* only a wildcard
+    TCP endpoint (``tcp://*:P``: every interface) or an ``ipc://`` one; given
+    ``tcp://127.0.0.1:P`` its PUB *connects*, and so never meets a daemon's SUB, which
+    connects too. Engines here stay off the network: pass ``ipc://`` paths (the replay
+    endpoint is always bound)."""
+    config: dict[str, Any] = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
         "endpoint": endpoint,
-        "replay_endpoint": replay_endpoint,
         "topic": topic,
     }
+    if replay_endpoint is not None:
+        config["replay_endpoint"] = replay_endpoint
+    return config
 
 
 def ipc_endpoints(directory: Path, name: str) -> tuple[str, str]:

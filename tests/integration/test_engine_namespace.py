@@ -4,13 +4,16 @@ when ``--engine-layout`` is not given (on CPU vLLM's layout reads
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from kvcache.client import CacheClient
 from kvcache.keys import Namespace, chain_keys
-from tests.integration.conftest import DaemonProcess, free_port, start_daemon, wait_until
+from tests.integration.conftest import ENV, DaemonProcess, free_port, start_daemon, wait_until
 
 pytest.importorskip("vllm.distributed.kv_events")
 
@@ -65,5 +68,39 @@ def test_an_explicit_engine_layout_is_kept(tmp_path: Path) -> None:
                 pub.publish(batch(stored(0, 4)))
                 assert wait_until(lambda: gpu_upto(node, chain_keys(given, TOKENS, B)) == 4)
                 assert gpu_upto(node, chain_keys(LEARNED, TOKENS, B)) == 0
+        finally:
+            node.stop()
+
+
+def test_lookup_without_a_model_keys_in_the_namespace_the_daemon_learned(tmp_path: Path) -> None:
+    """`shoal cache lookup` with no --model asks the daemon which namespace (layout
+    included) and chunk size its engines' KV events are keyed in: nobody types
+    ``vllm0.33/LBHNC/...`` (the e2e test found the layout learned by the daemon only)."""
+    port = free_port()
+    with publisher(port) as pub:
+        node = start(tmp_path, port)
+        try:
+            with CacheClient(node.endpoint, namespace=LEARNED.to_wire(), heartbeat=False):
+                pub.publish(batch(stored(0, 4)))
+                assert wait_until(lambda: gpu_upto(node, chain_keys(LEARNED, TOKENS, B)) == 4)
+            target = ["--name", node.config.name, "--runtime-dir", str(node.config.runtime_path)]
+            tokens = ",".join(map(str, TOKENS))
+            found = subprocess.run(
+                [sys.executable, "-m", "shoal", "cache", "lookup", *target, "--tokens", tokens,
+                 "--json"],
+                env=ENV, capture_output=True, text=True, timeout=30, check=True,
+            )  # fmt: skip
+            result = json.loads(found.stdout)
+            assert result["namespace"] == LEARNED.label()
+            assert result["chunk_tokens"] == B
+            with node.client(heartbeat=False) as client:
+                (engine,) = client.cluster_status()["engines"]
+            assert result["gpu"] == [{"engine": engine["stream"], "upto": 4}]
+            half = subprocess.run(
+                [sys.executable, "-m", "shoal", "cache", "lookup", *target, "--layout", "x",
+                 "--tokens", tokens],
+                env=ENV, capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert half.returncode == 2 and "need --model" in half.stderr
         finally:
             node.stop()

@@ -212,6 +212,24 @@ class TestTiers:
         store.release(1, [key(1)])
         assert store.reserve(1, [key(2)], [BLOCK])[0].status is ReserveStatus.OK
 
+    def test_deleting_a_block_that_fails_its_checksum_counts_the_corruption(self) -> None:
+        # A reader that finds a leased block corrupt deletes it; the daemon verifies the
+        # bytes and counts what it confirms (the e2e corruption test found no count).
+        store, tiers = make_store(shm_blocks=2, dram_blocks=0)
+        put(store, tiers, [1, 2])
+        leases = store.acquire(1, [key(1), key(2)])
+        assert all(lease is not None for lease in leases)
+        assert isinstance(tiers[0].backing, MemoryBacking)
+        first = leases[0]
+        assert first is not None
+        tiers[0].backing.write(first.offset + 7, memoryview(b"\xff"))  # a flipped byte
+        store.release(1, [key(1), key(2)])
+        assert store.delete([key(2)]) == 1
+        assert store.statistics().checksum_failures == 0, "a good block is no corruption"
+        assert store.delete([key(1)]) == 1
+        assert store.statistics().checksum_failures == 1
+        assert store.lookup([key(1)]) == 0
+
     def test_get_stops_at_the_first_miss_of_a_chain(self) -> None:
         store, tiers = make_store()
         put(store, tiers, [1, 3])
