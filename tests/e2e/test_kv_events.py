@@ -42,7 +42,6 @@ from tests.e2e.engines import (
 from tests.e2e.test_prefix_sharing import random_prompt
 from tests.integration.conftest import ENV, DaemonProcess, start_daemon, wait_until
 
-
 CHUNK = 256
 KV_CACHE_BYTES = 8 << 20  # 32 blocks of 128 tokens
 TOPIC = "kv-events"

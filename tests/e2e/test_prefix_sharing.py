@@ -40,7 +40,6 @@ from tests.e2e.engines import (
 )
 from tests.integration.conftest import DaemonProcess, start_daemon, wait_until
 
-
 CHUNK = 256
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
 LOCAL_HITS = "vllm:prefix_cache_hits_total"
