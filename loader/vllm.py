@@ -6,13 +6,24 @@ nothing private of vLLM's is read), from vLLM's general-plugin entry point
 every process before it resolves a load format; ``register`` runs once per process
 (``functools.cache``), as vLLM may call it more than once.
 
-``MODEL`` (or ``--model-weights``) is any loader URI: a local folder, ``s3://bucket/prefix``,
-``http(s)://host/prefix`` or a peer sidecar holding one (``peer://host:port/s3://...``).
-``--model-loader-extra-config`` keys (all optional): ``concurrency``, ``chunk_bytes``,
-``max_inflight_bytes``, ``rate_bytes_per_s``, ``order`` (file | layers), ``s3_endpoint``,
-``direct``, ``cache_dir`` (write-through disk cache), ``tls_ca`` (a TLS peer's CA bundle),
-``tls_cert`` and ``tls_key`` (this engine's certificate for a peer requiring mutual TLS),
-``tp_slicing`` (default true; false reads every tensor whole on every rank).
+Where the weights come from: the ``model_weights`` key of ``--model-loader-extra-config``
+if given, else vLLM's ``ModelConfig.model_weights`` (set when vLLM itself pulled an
+object-store model's config), else ``MODEL``. Each is any loader URI: a local folder,
+``s3://bucket/prefix``, ``http(s)://host/prefix`` or a peer sidecar holding one
+(``peer://host:port/s3://...``, ``peer+unix:///x.sock/...``). vLLM reads the model's config
+and tokenizer from ``MODEL`` itself, before any loader runs: it takes anything but an
+``s3://``/``gs://``/``az://`` URI for a folder or a hub id, and pulls those through Run:ai's
+streamer, which a plain (or CPU) vLLM lacks. So ``MODEL`` is a local folder with the small
+files (config, tokenizer; no weights needed) and ``model_weights`` names the remote
+weights; ``vllm serve s3://...`` works only where ``runai-model-streamer`` is installed, and
+vLLM finds no config at a ``peer://`` or ``http://`` ``MODEL`` (it is neither a folder nor
+a hub id).
+``--model-loader-extra-config`` keys (all optional): ``model_weights``, ``concurrency``,
+``chunk_bytes``, ``max_inflight_bytes``, ``rate_bytes_per_s``, ``order`` (file | layers),
+``s3_endpoint``, ``direct``, ``cache_dir`` (write-through disk cache), ``tls_ca`` (a TLS
+peer's CA bundle), ``tls_cert`` and ``tls_key`` (this engine's certificate for a peer
+requiring mutual TLS), ``tp_slicing`` (default true; false reads every tensor whole on
+every rank).
 
 Tensor parallelism (M13): each rank reads only its own slice of the tensors vLLM shards
 (the planner's ``TensorSlice``, with the rank and world size vLLM's parallel state gives),
@@ -67,7 +78,7 @@ __all__ = [
 LOAD_FORMAT = "shoal"
 _OPTION_KEYS = {"concurrency", "chunk_bytes", "max_inflight_bytes", "rate_bytes_per_s", "order"}
 _SOURCE_KEYS = {"s3_endpoint", "direct", "cache_dir", "tls_ca", "tls_cert", "tls_key"}
-_LOADER_KEYS = {"tp_slicing"}
+_LOADER_KEYS = {"tp_slicing", "model_weights"}
 
 # (pattern, dim, kind): kind "all" splits into tp parts, "kv" into min(tp, num_kv_heads).
 _VLLM_RULES: tuple[tuple[re.Pattern[str], int, str], ...] = (
@@ -172,6 +183,7 @@ class ShoalModelLoader(BaseModelLoader):
                 f"{sorted(unknown)} (known: {sorted(known)})"
             )
         self.tp_slicing = bool(extra.get("tp_slicing", True))
+        self.model_weights = str(extra.get("model_weights") or "")
         self.options = StreamOptions(**{k: v for k, v in extra.items() if k in _OPTION_KEYS})
         self.source_options: dict[str, Any] = {}
         if extra.get("s3_endpoint"):
@@ -186,7 +198,10 @@ class ShoalModelLoader(BaseModelLoader):
                 self.source_options[name] = str(extra[name])
 
     def _uri(self, model_config: ModelConfig) -> str:
-        return str(getattr(model_config, "model_weights", None) or model_config.model)
+        """Where the weights are read from (module docstring)."""
+        return self.model_weights or str(
+            getattr(model_config, "model_weights", None) or model_config.model
+        )
 
     def download_model(self, model_config: ModelConfig) -> None:
         """Nothing to download: validate that the checkpoint is there and well formed."""

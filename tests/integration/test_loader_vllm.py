@@ -85,3 +85,28 @@ def test_bad_extra_config_names_the_key(tmp_path: Path) -> None:
     register()
     with pytest.raises(ValueError, match="unknown keys \\['threads'\\]"):
         get_model_loader(LoadConfig(load_format="shoal", model_loader_extra_config={"threads": 4}))
+
+
+def test_model_weights_reads_the_weights_from_elsewhere_than_model(tmp_path: Path) -> None:
+    """``vllm serve CONFIG_DIR --model-loader-extra-config '{"model_weights": URI}'``: vLLM
+    reads config and tokenizer from a local folder (it cannot from ``s3://`` without Run:ai's
+    streamer, nor from ``peer://``), the loader reads the weights from ``URI``; the folder
+    holds no weights at all, so every tensor came from there."""
+    tensors = checkpoint(tmp_path / "weights")
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text(json.dumps(MODEL_CONFIG))
+    register()
+    loader = get_model_loader(
+        LoadConfig(
+            load_format="shoal",
+            model_loader_extra_config={"model_weights": str(tmp_path / "weights")},
+        )
+    )
+    model_config = ModelConfig(model=str(config_only), skip_tokenizer_init=True, dtype="bfloat16",
+                               max_model_len=1024)  # fmt: skip
+    loader.download_model(model_config)
+    model = TinyModel({n: tuple(t.shape) for n, t in tensors.items()})
+    loader.load_weights(model, model_config)
+    for name, tensor in tensors.items():
+        assert torch.equal(model.params[name.replace(".", "__")], tensor), name
