@@ -44,9 +44,6 @@ from tests.integration.conftest import (
     wait_until,
 )
 
-# The first test also waits for two engines to start (240 s at most each, in parallel).
-pytestmark = pytest.mark.timeout(600)
-
 NUM_CHUNKS = 4  # whole chunks of a 1,100-token prompt
 
 

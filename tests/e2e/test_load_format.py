@@ -42,9 +42,6 @@ pytest.importorskip("boto3")
 
 from tests.integration.test_loader_sidecar import Sidecar, start_sidecar
 
-# The first test also waits for three engines to start (240 s at most each, in parallel).
-pytestmark = pytest.mark.timeout(600)
-
 BUCKET = "checkpoints"
 PREFIX = "tiny-llama"
 WEIGHTS = "model.safetensors"
