@@ -28,6 +28,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -40,7 +41,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require_all
-from tests.integration.conftest import REPO, free_port
+from tests.integration.conftest import REPO, DaemonProcess, free_port
 
 ENGINE_PYTHON = REPO / ".venv-engine" / "bin" / "python"
 MODEL_DIR = Path(os.environ.get("SHOAL_ENGINE_MODEL_DIR", REPO / ".cache/engine/tiny-llama"))
@@ -48,6 +49,10 @@ SERVED_NAME = "tiny"
 BLOCK_SIZE = 128  # the CPU attention backend's block size (ENGINES.md)
 SETUP_HINT = "run scripts/setup-engine"
 DEFAULT_KV_BYTES = 128 << 20
+VOCAB = 8192  # the tiny model's; ids 0-3 are its special tokens
+CHUNK = 256  # the Shoal chunk the e2e connectors use: two blocks of 128
+EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"  # tokens loaded through a connector
+LOCAL_HITS = "vllm:prefix_cache_hits_total"  # tokens found in the engine's own KV cache
 
 LIVE: list[Engine] = []  # engines running now, for the failure report in conftest
 
@@ -347,3 +352,16 @@ def top_logprobs(answer: Mapping[str, Any]) -> list[dict[str, float]]:
     """The top-k logprobs of each generated token of a ``/v1/completions`` answer."""
     result: list[dict[str, float]] = answer["choices"][0]["logprobs"]["top_logprobs"]
     return result
+
+
+def random_prompt(seed: int, length: int) -> list[int]:
+    """Token ids drawn from the tiny vocabulary, past its special tokens: a prompt that
+    shares no prefix with another seed's."""
+    rng = random.Random(seed)
+    return [rng.randrange(4, VOCAB) for _ in range(length)]
+
+
+def stored_blocks(daemon: DaemonProcess) -> int:
+    """Blocks a cache daemon holds, all tiers together."""
+    with daemon.client(heartbeat=False) as client:
+        return sum(int(tier["num_blocks"]) for tier in client.stats()["tiers"])

@@ -23,18 +23,16 @@ import pytest
 
 from tests.e2e.engines import (
     BLOCK_SIZE,
-    Engine,
-    connector_config,
-    running_engines,
-    spawn_engine,
-    top_logprobs,
-)
-from tests.e2e.test_prefix_sharing import (
     CHUNK,
     EXTERNAL_HITS,
     LOCAL_HITS,
+    Engine,
+    connector_config,
     random_prompt,
+    running_engines,
+    spawn_engine,
     stored_blocks,
+    top_logprobs,
 )
 from tests.integration.conftest import (
     DaemonProcess,

@@ -11,7 +11,6 @@ the same prompt tokens (the simulator does not have the tiny model's tokenizer).
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.e2e.engines import (
     Engine,
     ipc_endpoints,
     kv_events_config,
+    random_prompt,
     running_engines,
     spawn_engine,
 )
@@ -56,11 +56,6 @@ class Subject:
     kind: str  # "vllm" or "sim"
     engine: Served
     events_endpoint: str
-
-
-def _prompt(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(4, 8192) for _ in range(length)]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +104,7 @@ def test_health_and_models(subject: Subject) -> None:
 
 
 def test_completion(subject: Subject) -> None:
-    prompt = _prompt(1, 40)
+    prompt = random_prompt(1, 40)
     answer = subject.engine.post(
         "/v1/completions", {"model": SERVED_NAME, "prompt": prompt, "max_tokens": 5}
     )
@@ -140,7 +135,7 @@ def test_completion_stream(subject: Subject) -> None:
         "/v1/completions",
         {
             "model": SERVED_NAME,
-            "prompt": _prompt(2, 30),
+            "prompt": random_prompt(2, 30),
             "max_tokens": 6,
             "stream_options": {"include_usage": True},
         },
@@ -282,7 +277,7 @@ def test_counters_move_with_a_request(subject: Subject) -> None:
     length_before = engine.metric("vllm:request_success_total", finished_reason="length")
     ttft_before = engine.metric("vllm:time_to_first_token_seconds_count")
     engine.post(
-        "/v1/completions", {"model": SERVED_NAME, "prompt": _prompt(3, 50), "max_tokens": 3}
+        "/v1/completions", {"model": SERVED_NAME, "prompt": random_prompt(3, 50), "max_tokens": 3}
     )
     assert engine.metric("vllm:prompt_tokens_total") - before["vllm:prompt_tokens_total"] == 50
     assert (
@@ -297,7 +292,7 @@ def test_counters_move_with_a_request(subject: Subject) -> None:
 
 def test_prefix_cache_hits_in_whole_blocks(subject: Subject) -> None:
     engine = subject.engine
-    prompt = _prompt(4, 3 * BLOCK_SIZE + 20)
+    prompt = random_prompt(4, 3 * BLOCK_SIZE + 20)
     body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": 1}
     engine.post("/v1/completions", body)
     hits = engine.metric("vllm:prefix_cache_hits_total")
@@ -327,7 +322,7 @@ def test_kv_events_wire_format(subject: Subject) -> None:
         stored: list[BlockStored] = []
         raw_events: list[Any] = []
         for attempt in range(20):
-            prompt = _prompt(100 + attempt, 2 * BLOCK_SIZE + 10)
+            prompt = random_prompt(100 + attempt, 2 * BLOCK_SIZE + 10)
             subject.engine.post(
                 "/v1/completions", {"model": SERVED_NAME, "prompt": prompt, "max_tokens": 1}
             )

@@ -32,17 +32,17 @@ from kvcache.cluster.engine_events import BlockRemoved, BlockStored, decode_batc
 from kvcache.keys import Namespace, chain_keys
 from tests.e2e.engines import (
     BLOCK_SIZE,
+    CHUNK,
     MODEL_DIR,
     Engine,
     connector_config,
     kv_events_config,
+    random_prompt,
     running_engines,
     spawn_engine,
 )
-from tests.e2e.test_prefix_sharing import random_prompt
 from tests.integration.conftest import ENV, DaemonProcess, start_daemon, wait_until
 
-CHUNK = 256
 KV_CACHE_BYTES = 8 << 20  # 32 blocks of 128 tokens
 TOPIC = "kv-events"
 

@@ -32,17 +32,19 @@ import pytest
 from kvcache.keys import Namespace, chain_keys
 from tests.e2e.engines import (
     BLOCK_SIZE,
+    CHUNK,
+    EXTERNAL_HITS,
+    LOCAL_HITS,
     Engine,
     connector_config,
+    random_prompt,
     running_engines,
     spawn_engine,
+    stored_blocks,
     top_logprobs,
 )
 from tests.integration.conftest import DaemonProcess, start_daemon, wait_until
 
-CHUNK = 256
-EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
-LOCAL_HITS = "vllm:prefix_cache_hits_total"
 CONNECTOR_FAILURES = "shoal_connector_failures_total"
 LOAD_ERROR_BLOCKS = "shoal_connector_load_error_blocks_total"
 # The connector waits this long on a daemon that does not answer. Far above the defaults
@@ -53,12 +55,6 @@ IO_TIMEOUT_S = 10.0
 # The largest difference seen between two batchings of one prompt is 2**-7 (0.0078, one
 # rounding step of the bfloat16 logits here); a different prompt moves logprobs by ~0.1.
 BF16_STEP = 2.0**-6
-
-
-def random_prompt(seed: int, length: int) -> list[int]:
-    """Token ids drawn from the tiny vocabulary, past its four special tokens."""
-    rng = random.Random(seed)
-    return [rng.randrange(4, 8192) for _ in range(length)]
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +92,6 @@ def engines(workdir: Path, cache_daemon: DaemonProcess) -> Iterator[tuple[Engine
     b = spawn_engine(workdir, "engine-b", cpu=1, kv_transfer=config)
     with running_engines(a, b):
         yield a, b
-
-
-def stored_blocks(daemon: DaemonProcess) -> int:
-    with daemon.client(heartbeat=False) as client:
-        return sum(int(tier["num_blocks"]) for tier in client.stats()["tiers"])
 
 
 def engine_namespace(daemon: DaemonProcess) -> Namespace:
