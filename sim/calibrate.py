@@ -6,7 +6,7 @@ token-id lists so no tokenizer is involved:
 
 * prefill: one request at a time, prompt length L, ``max_tokens`` 1. Its TTFT is the
   admission latency and one step (L <= the engine's token budget):
-  ``c_request + c0 + (c_prefill + c_kv) * L``;
+  ``c_request + c0 + (c_prefill + c_kv) * L + c_attn * L * (L + 1) / 2``;
 * decode: B requests at once, prompt length C, N tokens each. The gap before output token
   k (k >= 1) is one decode step of B sequences whose context sums to ``B * (C + k)``:
   ``c0 + c_decode * B + c_kv * B * (C + k)``; a row is the mean over k (``HttpProber``
@@ -14,14 +14,15 @@ token-id lists so no tokenizer is involved:
   still mix in a late request's prefill, which makes the row a few percent long at N = 32.
 
 Each measurement is one row of a linear system in (c0, c_prefill, c_decode, c_kv,
-c_request); rows
+c_request, c_attn); rows
 are divided by their measured value so the fit minimizes *relative* error (a 5 ms decode
 step counts as much as a 200 ms prefill), then solved by least squares (numpy ``lstsq``).
 Coefficients are kept non-negative (Lawson-Hanson NNLS: noise around a true 0 must not
 come out as a negative cost), and the fit is robust: relative errors are reweighted with
 Cauchy weights (IRLS), so a few rows from requests that stalled on a busy host do not drag
 the coefficients.
-Decode runs at two context lengths make ``c_kv`` separable from ``c_prefill``.
+Decode runs at two context lengths make ``c_kv`` separable from ``c_prefill``, and
+prefills of five lengths (1/16 to all of ``--max-prompt``) the quadratic ``c_attn``.
 
 Where it is measured is a ``Prober``: ``HttpProber`` streams from an OpenAI-compatible
 server (a real vLLM or a simulator; ``time_scale`` converts a simulator's wall time back
@@ -81,8 +82,8 @@ class Measurement:
     """One row: the step's features and its measured duration (simulated seconds)."""
 
     kind: str  # "prefill" or "decode"
-    # 1, prefill tokens, decode seqs, context tokens, admissions
-    features: tuple[float, float, float, float, float]
+    # 1, prefill tokens, decode seqs, context tokens, admissions, prefill query-key pairs
+    features: tuple[float, float, float, float, float, float]
     seconds: float
 
 
@@ -129,14 +130,15 @@ async def measure(prober: Prober, plan: CalibrationPlan) -> list[Measurement]:
     for _ in range(plan.repeats):
         for length in plan.prompt_lengths:
             seconds = await prober.ttft(prompt(length))
-            rows.append(Measurement("prefill", (1.0, length, 0.0, length, 1.0), seconds))
+            pairs = length * (length + 1) / 2
+            rows.append(Measurement("prefill", (1.0, length, 0.0, length, 1.0, pairs), seconds))
         for context in plan.decode_contexts:
             for batch in plan.batch_sizes:
                 prompts = [prompt(context) for _ in range(batch)]
                 seconds = await prober.decode_step(prompts, plan.decode_tokens)
                 # the gap before token k (1..N-1) attends over C + k: C + N/2 on average
                 mean_context = context + plan.decode_tokens / 2
-                features = (1.0, 0.0, batch, batch * mean_context, 0.0)
+                features = (1.0, 0.0, batch, batch * mean_context, 0.0, 0.0)
                 rows.append(Measurement("decode", features, seconds))
     return rows
 
@@ -171,6 +173,7 @@ def fit_profile(rows: Sequence[Measurement], source: str = "") -> CalibrationFit
         c_decode_s=float(coef[2]),
         c_kv_s=float(coef[3]),
         c_request_s=float(coef[4]),
+        c_attn_s=float(coef[5]),
         source=source,
     )
     return CalibrationFit(

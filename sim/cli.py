@@ -184,6 +184,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(
             f"c0 {p.c0_s * 1e3:.3f} ms  prefill {p.c_prefill_s * 1e6:.3f} us/token  "
             f"decode {p.c_decode_s * 1e6:.3f} us/seq  kv {p.c_kv_s * 1e9:.3f} ns/token"
+            f"  attn {p.c_attn_s * 1e9:.3f} ns/pair"
         )
         print(
             f"fit error: ttft {fit.ttft_error:.1%}, itl {fit.itl_error:.1%} "

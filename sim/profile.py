@@ -7,6 +7,9 @@ The model (one forward pass of a continuous-batching engine)::
            + c_decode  * decode_seqs              requests generating one token this step
            + c_kv      * context_tokens           sum over scheduled requests of the context
                                                   they attend over (computed + new tokens)
+           + c_attn    * prefill_attention        query-key pairs of the prefill tokens: a chunk
+                                                  of n new tokens after c computed ones pairs
+                                                  n * c + n * (n + 1) / 2 (causal attention)
            + lora_load_s * adapters_loaded        adapters brought into the CPU LoRA cache
 
     and, outside the steps, each request becomes schedulable ``c_request`` after it
@@ -17,9 +20,11 @@ The model (one forward pass of a continuous-batching engine)::
 
 ``prefill_tokens`` and ``c_kv * context_tokens`` separate the linear (MLP, projections) and
 the attention (KV read) costs of a step; ``c_decode`` is the per-sequence cost of a decode
-(its token's MLP work plus per-sequence overhead). Quadratic prefill attention inside one
-chunk is folded into ``c_kv`` (the chunk attends over ``computed + new`` tokens); it is
-small below a few thousand tokens and the calibration fit absorbs the rest.
+(its token's MLP work plus per-sequence overhead). ``c_attn`` prices the prefill's own
+attention compute, quadratic in the prompt: on a GPU it is small below a few thousand
+tokens, but on the tiny CPU engine it is a third of a 1,024-token prefill (measured
+TTFTs of 14, 34 and 70 ms at 128, 512 and 1,024 tokens are not a line), and a profile
+without it came out 21% long at 512 tokens when calibrated on that engine.
 
 Default coefficients (``DEFAULT_PROFILE``, "a 7B model on one GPU") are a roofline estimate
 for Llama-2-7B (bf16, 6.7e9 parameters, 32 layers, 4096 hidden, no GQA) on one
@@ -37,12 +42,15 @@ A100-80GB (2.0 TB/s HBM, 312 TFLOP/s dense bf16):
   once per step at 2.0 TB/s;
 * c_request = 3 ms: the order of what the tiny CPU engine's API server adds (calibrated:
   3-6 ms; a GPU host's frontend does the same work).
+* c_attn = 3.4 ns per query-key pair: QK^T and PV are 2 x 2 x 4096 FLOP per pair and
+  layer, 5.2e5 FLOP over 32 layers, at ~50% of peak (1.7 ms of a 1,000-token prefill).
 
 They make a 1,000-token prompt's TTFT ~100 ms and batch-32 decode at 1k context ~21 ms per
 step; ``shoal sim calibrate`` replaces them with measured values for a real engine.
 
 A profile file is JSON: ``{"c0_s": .., "c_prefill_s": .., "c_decode_s": .., "c_kv_s": ..,
-"c_request_s": .., "lora_load_s": .., "source": "..."}``; unknown keys are an error (a
+"c_request_s": .., "c_attn_s": .., "lora_load_s": .., "source": "..."}`` (``c_attn_s``,
+``c_request_s`` and ``lora_load_s`` may be left out: 0); unknown keys are an error (a
 typo would otherwise silently keep a default).
 """
 
@@ -67,6 +75,7 @@ class StepShape:
     decode_seqs: int = 0
     context_tokens: int = 0
     adapters_loaded: int = 0
+    prefill_attention: float = 0.0  # query-key pairs of this step's prefill tokens
 
     @property
     def empty(self) -> bool:
@@ -81,10 +90,12 @@ class StepProfile:
     c_kv_s: float
     lora_load_s: float = 0.0
     c_request_s: float = 0.0
+    c_attn_s: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("c0_s", "c_prefill_s", "c_decode_s", "c_kv_s", "lora_load_s", "c_request_s"):
+        costs = ("c0_s", "c_prefill_s", "c_decode_s", "c_kv_s", "lora_load_s", "c_request_s")
+        for name in (*costs, "c_attn_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ProfileError(f"profile {name} must be a finite number >= 0, got {value!r}")
@@ -97,18 +108,20 @@ class StepProfile:
             + self.c_decode_s * shape.decode_seqs
             + self.c_kv_s * shape.context_tokens
             + self.lora_load_s * shape.adapters_loaded
+            + self.c_attn_s * shape.prefill_attention
         )
 
     def scaled(self, factor: float) -> StepProfile:
         """Every cost times ``factor`` (the slow-down fault)."""
         return StepProfile(
-            self.c0_s * factor,
-            self.c_prefill_s * factor,
-            self.c_decode_s * factor,
-            self.c_kv_s * factor,
-            self.lora_load_s * factor,
-            self.c_request_s * factor,
-            self.source,
+            c0_s=self.c0_s * factor,
+            c_prefill_s=self.c_prefill_s * factor,
+            c_decode_s=self.c_decode_s * factor,
+            c_kv_s=self.c_kv_s * factor,
+            lora_load_s=self.lora_load_s * factor,
+            c_request_s=self.c_request_s * factor,
+            c_attn_s=self.c_attn_s * factor,
+            source=self.source,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -125,6 +138,7 @@ DEFAULT_PROFILE = StepProfile(
     c_kv_s=2.6e-7,
     lora_load_s=5e-3,
     c_request_s=3e-3,
+    c_attn_s=3.4e-9,
     source="roofline: Llama-2-7B bf16 on one A100-80GB (sim/profile.py)",
 )
 

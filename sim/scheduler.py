@@ -243,15 +243,17 @@ class Scheduler:
 
     def _shape(self, scheduled: Sequence[tuple[Request, int]]) -> StepShape:
         prefill = decode = context = loaded = 0
+        pairs = 0.0
         for request, num_new in scheduled:
             if request.num_computed >= len(request.prompt_ids) and num_new == 1:
                 decode += 1
             else:
                 prefill += num_new
+                pairs += num_new * request.num_computed + num_new * (num_new + 1) / 2
             context += request.num_computed + num_new
             if request.lora:
                 loaded += self._use_lora(request.lora[0])
-        return StepShape(prefill, decode, context, loaded)
+        return StepShape(prefill, decode, context, loaded, pairs)
 
     def _use_lora(self, lora_id: int) -> int:
         """1 when ``lora_id`` had to be loaded into the CPU LoRA cache."""

@@ -14,7 +14,9 @@ from sim.errors import CalibrationError, ProfileError
 from sim.profile import StepProfile, load_profile
 from sim.scheduler import SchedulerConfig
 
-KNOWN = StepProfile(c0_s=5e-3, c_prefill_s=2e-4, c_decode_s=1e-3, c_kv_s=2e-6, c_request_s=4e-3)
+KNOWN = StepProfile(
+    c0_s=5e-3, c_prefill_s=2e-4, c_decode_s=1e-3, c_kv_s=2e-6, c_request_s=4e-3, c_attn_s=5e-8
+)
 # A token budget above every decode batch's prompts: each run's prefill is one step.
 ENGINE = SchedulerConfig(
     num_gpu_blocks=4096,
@@ -23,7 +25,7 @@ ENGINE = SchedulerConfig(
     max_num_seqs=64,
     max_model_len=4096,
 )
-NAMES = ("c0_s", "c_prefill_s", "c_decode_s", "c_kv_s", "c_request_s")
+NAMES = ("c0_s", "c_prefill_s", "c_decode_s", "c_kv_s", "c_request_s", "c_attn_s")
 
 
 def rows(profile: StepProfile = KNOWN) -> list[Measurement]:
@@ -38,16 +40,27 @@ def test_exact_measurements_give_back_the_coefficients() -> None:
     assert fit.num_measurements == 2 * (5 + 2 * 4)
 
 
-def test_two_percent_noise_moves_the_coefficients_a_few_percent() -> None:
-    """2% is the spread of repeated timings of one request on an idle engine; over seeds
-    the recovered c0, c_prefill, c_decode stay within 3% and c_kv (the smallest term:
-    ~1/8 of a decode step here) within 7%; the bounds leave twice that."""
-    rng = np.random.default_rng(7)
-    noisy = [Measurement(r.kind, r.features, r.seconds * (1 + rng.normal(0, 0.02))) for r in rows()]
-    fit = fit_profile(noisy)
-    for name, tolerance in zip(NAMES, (0.06, 0.06, 0.06, 0.15, 0.15), strict=True):
-        assert getattr(fit.profile, name) == pytest.approx(getattr(KNOWN, name), rel=tolerance)
-    assert fit.ttft_error < 0.05 and fit.itl_error < 0.05
+def test_two_percent_noise_moves_predictions_a_few_percent() -> None:
+    """2% is the spread of repeated timings of one request on an idle engine. What a
+    profile is for is predicting step times, and those stay within 3.2% of the true model
+    over 30 seeds (the bound leaves twice that). Single coefficients move more: c0,
+    c_prefill, c_decode and c_kv within ~9%, but c_request and c_attn trade off against
+    c0 and c_prefill on the prefill rows (up to ~45% and ~55%), which changes the
+    predictions little."""
+    base = rows()
+    x = np.array([r.features for r in base])
+    truth = np.array([r.seconds for r in base])
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        noisy = [
+            Measurement(r.kind, r.features, r.seconds * (1 + rng.normal(0, 0.02))) for r in base
+        ]
+        fit = fit_profile(noisy)
+        coef = np.array([getattr(fit.profile, name) for name in NAMES])
+        assert float(np.max(np.abs(x @ coef - truth) / truth)) < 0.065
+        for name in NAMES[:4]:
+            assert getattr(fit.profile, name) == pytest.approx(getattr(KNOWN, name), rel=0.2)
+        assert fit.ttft_error < 0.05 and fit.itl_error < 0.05
 
 
 def test_a_term_that_is_not_there_is_fitted_as_zero_not_negative() -> None:
