@@ -45,6 +45,7 @@ from tests.integration.conftest import REPO, DaemonProcess, free_port
 
 ENGINE_PYTHON = REPO / ".venv-engine" / "bin" / "python"
 MODEL_DIR = Path(os.environ.get("SHOAL_ENGINE_MODEL_DIR", REPO / ".cache/engine/tiny-llama"))
+LORA_DIR = MODEL_DIR.with_name(MODEL_DIR.name + "-lora")  # its adapter (tiny_model.py)
 SERVED_NAME = "tiny"
 BLOCK_SIZE = 128  # the CPU attention backend's block size (ENGINES.md)
 SETUP_HINT = "run scripts/setup-engine"

@@ -4,7 +4,8 @@ or the cache daemon touches: endpoints, the SSE shape of streamed answers, usage
 JSON, metric names and labels and how they move, and the KV-event wire format.
 
 The simulator is started to look like the tiny engine: served name ``tiny``, block size
-128, 2,048 tokens of context, KV events on. Prompts are token ids, so both engines count
+128, 2,048 tokens of context, KV events on, LoRA on (``--max-loras 2``, the adapter
+``first`` from the start, runtime loading allowed). Prompts are token ids, so both engines count
 the same prompt tokens (the simulator does not have the tiny model's tokenizer).
 """
 
@@ -23,6 +24,7 @@ import zmq
 from kvcache.cluster.engine_events import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch
 from tests.e2e.engines import (
     BLOCK_SIZE,
+    LORA_DIR,
     SERVED_NAME,
     Engine,
     ipc_endpoints,
@@ -33,6 +35,7 @@ from tests.e2e.engines import (
 )
 
 MAX_MODEL_LEN = 2048
+MAX_LORAS = 2
 TOPIC = "kv-events"
 LABELS = {"engine", "model_name"}
 
@@ -67,7 +70,20 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def subject(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Subject]:
     events = kv_events_config(*ipc_endpoints(workdir / "ev", request.param), TOPIC)
     if request.param == "vllm":
-        engine = spawn_engine(workdir, "contract-vllm", cpu=0, kv_events=events)
+        engine = spawn_engine(
+            workdir,
+            "contract-vllm",
+            cpu=0,
+            kv_events=events,
+            extra_args=[
+                "--enable-lora",
+                f"--max-loras={MAX_LORAS}",
+                "--max-lora-rank=8",
+                "--lora-modules",
+                f"first={LORA_DIR}",
+            ],
+            env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
+        )
         with running_engines(engine):
             yield Subject("vllm", engine, events["endpoint"])
         return
@@ -79,6 +95,9 @@ def subject(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Subject]:
         block_size=BLOCK_SIZE,
         max_model_len=MAX_MODEL_LEN,
         kv_events=events,
+        enable_lora=True,
+        max_loras=MAX_LORAS,
+        lora_modules=[f"first={LORA_DIR}"],
     ) as sim:
         yield Subject("sim", sim, events["endpoint"])
 
@@ -93,7 +112,7 @@ def test_health_and_models(subject: Subject) -> None:
     assert status == 200
     models = json.loads(raw)
     assert models["object"] == "list"
-    (model,) = models["data"]
+    model = models["data"][0]
     assert model["id"] == SERVED_NAME
     assert model["object"] == "model"
     assert model["owned_by"] == "vllm"
@@ -241,6 +260,55 @@ def _raw_post(engine: Served, path: str, body: bytes) -> tuple[int, bytes]:
         return response.status, response.read()
     finally:
         connection.close()
+
+
+# --- LoRA adapters ---------------------------------------------------------------------
+
+
+def test_adapters_are_models_with_a_parent(subject: Subject) -> None:
+    _, raw = subject.engine.request("GET", "/v1/models")
+    cards = {card["id"]: card for card in json.loads(raw)["data"]}
+    assert cards["first"]["parent"] == SERVED_NAME
+    assert cards["first"]["object"] == "model"
+    assert cards["first"]["root"] == str(LORA_DIR)
+
+
+def test_adapters_load_serve_and_unload_at_runtime(subject: Subject) -> None:
+    engine = subject.engine
+    load = {"lora_name": "second", "lora_path": str(LORA_DIR)}
+    status, raw = engine.request("POST", "/v1/load_lora_adapter", load)
+    assert (status, raw.decode()) == (200, "Success: LoRA adapter 'second' added successfully.")
+    status, raw = engine.request("POST", "/v1/load_lora_adapter", load)
+    assert status == 400
+    assert json.loads(raw)["error"]["type"] == "InvalidUserInput"
+    _, raw = engine.request("GET", "/v1/models")
+    assert {card["id"] for card in json.loads(raw)["data"]} >= {SERVED_NAME, "first", "second"}
+    body = {"model": "second", "prompt": random_prompt(6, 20), "max_tokens": 2}
+    answer = engine.post("/v1/completions", body)
+    assert answer["model"] == "second"
+    assert answer["usage"]["completion_tokens"] == 2
+
+    status, raw = engine.request("POST", "/v1/unload_lora_adapter", {"lora_name": "second"})
+    assert (status, raw.decode()) == (200, "Success: LoRA adapter 'second' removed successfully.")
+    status, raw = engine.request("POST", "/v1/unload_lora_adapter", {"lora_name": "second"})
+    assert status == 404
+    assert json.loads(raw)["error"]["type"] == "NotFoundError"
+    status, raw = engine.request("POST", "/v1/completions", body)
+    assert status == 404
+    assert json.loads(raw)["error"]["type"] == "NotFoundError"
+
+
+def test_lora_requests_info(subject: Subject) -> None:
+    engine = subject.engine
+    engine.post(
+        "/v1/completions", {"model": "first", "prompt": random_prompt(7, 20), "max_tokens": 1}
+    )
+    series = [labels for name, labels in engine.metrics() if name == "vllm:lora_requests_info"]
+    assert series
+    for labels in series:
+        keys = {key for key, _ in labels}
+        assert {"max_lora", "running_lora_adapters", "waiting_lora_adapters"} <= keys
+        assert dict(labels)["max_lora"] == str(MAX_LORAS)
 
 
 # --- metrics ---------------------------------------------------------------------------

@@ -12,15 +12,20 @@ What it writes (about 14 MB, about 7 s on one core; facts in ../shared/ENGINES.m
   the same tokenizer; saved as ``PreTrainedTokenizerFast`` with a minimal chat template so
   ``/v1/chat/completions`` works;
 - a ``LlamaForCausalLM`` (hidden 256, intermediate 512, 4 layers, 4 heads, 2 KV heads,
-  4,096 positions) with random weights from a fixed seed, in bfloat16 safetensors.
+  4,096 positions) with random weights from a fixed seed, in bfloat16 safetensors;
+- beside it, in ``OUT_DIR-lora``, a LoRA adapter for it in PEFT's file format (rank 8 on
+  ``q_proj`` and ``v_proj``, random weights from a fixed seed), for the tests of vLLM's
+  adapter routes (``--lora-modules``, ``/v1/load_lora_adapter``).
 
 Nothing reaches a hub. The output directory is replaced atomically: it is built beside
 ``OUT_DIR`` and renamed into place, so a build cut short never leaves a half model that a
-later run would take for a finished one (``setup-engine`` checks ``.complete``).
+later run would take for a finished one (``setup-engine`` checks ``.complete``, written
+last, after the adapter).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -31,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -95,20 +101,60 @@ def build_model(out: Path, tokenizer: PreTrainedTokenizerFast) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
+LORA_RANK = 8
+
+
+def build_lora(out: Path) -> None:
+    """PEFT's layout, written directly: ``adapter_config.json`` and the A/B matrices of
+    each targeted projection under PEFT's tensor names (no ``peft`` needed)."""
+    torch.manual_seed(SEED + 1)
+    hidden, kv_dim = 256, 2 * 64
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(4):
+        for projection, width in (("q_proj", hidden), ("v_proj", kv_dim)):
+            name = f"base_model.model.model.layers.{layer}.self_attn.{projection}"
+            a = torch.randn(LORA_RANK, hidden) * 0.02
+            b = torch.randn(width, LORA_RANK) * 0.02
+            tensors[f"{name}.lora_A.weight"] = a.to(torch.bfloat16)
+            tensors[f"{name}.lora_B.weight"] = b.to(torch.bfloat16)
+    save_file(tensors, out / "adapter_model.safetensors")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": LORA_RANK,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": "tiny",
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _replace(staging: Path, out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: tiny_model.py OUT_DIR", file=sys.stderr)
         return 2
     out = Path(argv[1]).resolve()
+    lora = out.with_name(out.name + "-lora")
     staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    lora_staging = lora.with_name(lora.name + ".partial")
+    for path in (staging, lora_staging):
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    build_lora(lora_staging)
+    _replace(lora_staging, lora)
     tokenizer = build_tokenizer(staging)
     build_model(staging, tokenizer)
     (staging / ".complete").write_text(f"seed {SEED}\n")
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    print(f"tiny model in {out}")
+    _replace(staging, out)
+    print(f"tiny model in {out}, its LoRA adapter in {lora}")
     return 0
 
 
