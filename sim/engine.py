@@ -89,9 +89,11 @@ class Engine:
         self.clock = clock or SimClock()
         self.faults = faults or Faults()
         self.publisher: EventPublisher = publisher or NullEventPublisher()
-        self._handles: dict[str, RequestHandle] = {}
+        # Keyed by the request object, not its id: clients choose ids (X-Request-Id) and
+        # two live requests may share one, as vLLM allows.
+        self._handles: dict[Request, RequestHandle] = {}
         self._wake = asyncio.Event()
-        self._last_token_s: dict[str, float] = {}
+        self._last_token_s: dict[Request, float] = {}
         self._slack_s = _TIMER_SLACK_S * self.clock.scale
         self.num_steps = 0
 
@@ -111,7 +113,7 @@ class Engine:
         arrival = now if arrival_s is None else min(arrival_s, now)
         request = Request(request_id, list(prompt_ids), max_tokens, arrival, lora)
         handle = RequestHandle(request)
-        self._handles[request_id] = handle
+        self._handles[request] = handle
         self.metrics.max_tokens_param.observe(max_tokens)
         self.metrics.n_param.observe(1)
         admission_s = self.profile.c_request_s * self.faults.slowdown - (now - arrival)
@@ -190,7 +192,7 @@ class Engine:
         finished = {id(r) for r in result.finished}
         for request, token in result.sampled:
             m.generation_tokens.inc()
-            last = self._last_token_s.get(request.request_id)
+            last = self._last_token_s.get(request)
             if last is None:
                 m.ttft.observe(now - request.arrival_s)
                 cached = max(0, request.num_cached_tokens)
@@ -200,9 +202,9 @@ class Engine:
                 m.prompt_tokens_by_source["local_compute"].inc(len(request.prompt_ids) - cached)
             else:
                 m.itl.observe(now - last)
-            self._last_token_s[request.request_id] = now
+            self._last_token_s[request] = now
             reason = request.finish_reason if id(request) in finished else None
-            handle = self._handles.get(request.request_id)
+            handle = self._handles.get(request)
             if handle is not None:
                 handle.queue.put_nowait(TokenOut(token, reason))
             if reason is not None:
@@ -210,8 +212,8 @@ class Engine:
 
     def _finished(self, request: Request, now: float) -> None:
         m = self.metrics
-        self._handles.pop(request.request_id, None)
-        self._last_token_s.pop(request.request_id, None)
+        self._handles.pop(request, None)
+        self._last_token_s.pop(request, None)
         reason = request.finish_reason or "abort"
         m.success[reason].inc()
         if reason == "abort":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -301,3 +302,32 @@ def test_unknown_routes_and_lora_routes_without_enable_lora_are_fastapis_404(
     for path in ("/v1/nothing", "/v1/load_lora_adapter"):
         status, raw = engine.request("POST", path, {"lora_name": "a", "lora_path": "/x"})
         assert (status, json.loads(raw)) == (404, {"detail": "Not Found"})
+
+
+def test_two_live_requests_may_share_an_x_request_id(engine: SimEngineProcess) -> None:
+    """vLLM maps one external id to several internal requests; a router that forwards its
+    own X-Request-Id (a retry, a hedge) must get each answer, not a hang or the other's
+    tokens."""
+    results: dict[int, tuple[int, dict[str, Any]]] = {}
+
+    def ask(max_tokens: int) -> None:
+        req = urllib.request.Request(
+            engine.url + "/v1/completions",
+            data=json.dumps(
+                {"prompt": f"shared id {max_tokens}", "max_tokens": max_tokens}
+            ).encode(),
+            headers={"Content-Type": "application/json", "X-Request-Id": "router-7"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as reply:
+            results[max_tokens] = (reply.status, json.loads(reply.read()))
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in (20, 60)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=15)
+    assert sorted(results) == [20, 60], "a request with a shared id never got its answer"
+    for max_tokens, (status, body) in results.items():
+        assert status == 200 and body["id"] == "cmpl-router-7"
+        assert body["usage"]["completion_tokens"] == max_tokens
+        assert len(body["choices"][0]["text"].split()) == max_tokens
