@@ -98,9 +98,13 @@ def _missing(name: str, body: dict[str, Any]) -> RequestError:
 
 
 def _int(body: dict[str, Any], name: str, default: int | None) -> int | None:
+    """An int field as pydantic's lax mode reads it: ``2.0`` and ``"2"`` are 2."""
     value = body.get(name, default)
     if value is None:
         return None
+    integral_float = isinstance(value, float) and value.is_integer()
+    if integral_float or (isinstance(value, str) and value.strip().lstrip("+-").isdecimal()):
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
         detail = {
             "type": "int_type",
@@ -113,6 +117,8 @@ def _int(body: dict[str, Any], name: str, default: int | None) -> int | None:
 
 
 def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[int]:
+    if isinstance(prompt, list) and not prompt:
+        raise RequestError("You must pass at least one prompt", 400, "BadRequestError")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
@@ -139,8 +145,8 @@ def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[int]:
             "input": prompt,
         }
         raise validation_error(str(detail)[:1000], "body.prompt")
-    if not ids:
-        raise RequestError("You must pass at least one prompt", 400, "BadRequestError")
+    if not ids:  # vLLM's input processor
+        raise RequestError("The decoder prompt cannot be empty", 400, "BadRequestError")
     return ids
 
 
@@ -170,7 +176,7 @@ def parse_request(
             raise validation_error("messages must be a list of objects", "body.messages")
         prompt_ids = tokenizer.encode(render_chat(messages))
     else:
-        if body.get("prompt") is None:
+        if body.get("prompt") is None or body.get("prompt") == "":
             raise invalid(
                 "Either prompt or prompt_embeds must be provided and non-empty.", "prompt"
             )
@@ -203,7 +209,7 @@ def parse_request(
             param,
             max_tokens,
         )
-    if len(prompt_ids) >= max_model_len:
+    if len(prompt_ids) > max_model_len:
         raise invalid(
             f"This model's maximum context length is {max_model_len} tokens. However, your "
             f"prompt contains {len(prompt_ids)} input tokens, which exceeds this limit even "
@@ -213,6 +219,15 @@ def parse_request(
         )
     if max_tokens is not None and max_tokens < 1:
         raise invalid(f"{param} must be at least 1, got {max_tokens}.", param, max_tokens)
+    if len(prompt_ids) == max_model_len:  # vLLM's input processor, after the checks above
+        raise RequestError(
+            f"The decoder prompt (length {len(prompt_ids)}) plus the number of requested "
+            f"output tokens (at least 1) is longer than the maximum model length of "
+            f"{max_model_len}. Make sure that `max_model_len` is no smaller than the number "
+            "of text tokens (prompt + requested output tokens).",
+            400,
+            "BadRequestError",
+        )
     # Within max_model_len, vLLM clamps max_tokens to the room the prompt leaves
     # (``get_max_tokens``) instead of refusing.
     room = max_model_len - len(prompt_ids)

@@ -190,12 +190,44 @@ def error_of(status: int, body: dict[str, Any]) -> tuple[int, str, Any]:
         ({"prompt": list(range(600))}, (400, "BadRequestError", "input_tokens")),
         ({"prompt": [1, 10**9]}, (400, "BadRequestError", "prompt")),
         ({"prompt": "x", "max_tokens": 513}, (400, "BadRequestError", "max_tokens")),
+        ({"prompt": ""}, (400, "BadRequestError", "prompt")),
+        ({"prompt": [[]]}, (400, "BadRequestError", None)),
+        ({"prompt": list(range(20, 532))}, (400, "BadRequestError", None)),
+        ({"prompt": [-1, 20]}, (400, "BadRequestError", "prompt")),
+        ({"prompt": "x", "max_tokens": 0}, (400, "BadRequestError", "max_tokens")),
+        ({"prompt": {"text": "x"}}, (400, "Bad Request", "body.prompt")),
     ],
 )
 def test_bad_requests_get_vllms_error_json(
     engine: SimEngineProcess, body: dict[str, Any], expected: tuple[int, str, str]
 ) -> None:
     assert error_of(*post(engine, "/v1/completions", body)) == expected
+
+
+def test_vllms_wording_for_empty_and_full_length_prompts(engine: SimEngineProcess) -> None:
+    """The messages of vLLM's completion validator and input processor."""
+    messages = {
+        "": "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)",
+        "[[]]": "The decoder prompt cannot be empty",
+        "512": "The decoder prompt (length 512) plus the number of requested output tokens "
+        "(at least 1) is longer than the maximum model length of 512. Make sure that "
+        "`max_model_len` is no smaller than the number of text tokens (prompt + requested "
+        "output tokens).",
+    }
+    prompts: dict[str, Any] = {"": "", "[[]]": [[]], "512": list(range(20, 532))}
+    for key, prompt in prompts.items():
+        status, body = post(engine, "/v1/completions", {"prompt": prompt})
+        assert (status, body["error"]["message"]) == (400, messages[key])
+
+
+def test_integral_floats_and_numeric_strings_are_ints_as_pydantic_reads_them(
+    engine: SimEngineProcess,
+) -> None:
+    for value in (3.0, "3"):
+        status, body = post(engine, "/v1/completions", {"prompt": "x", "max_tokens": value})
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
+    status, body = post(engine, "/v1/completions", {"prompt": "x", "max_tokens": 2.5})
+    assert error_of(status, body) == (400, "Bad Request", "body.max_tokens")
 
 
 def test_max_tokens_past_the_prompts_room_is_clamped_as_vllm_does(engine: SimEngineProcess) -> None:
@@ -215,6 +247,7 @@ def test_malformed_json_wrong_type_and_oversized_bodies(engine: SimEngineProcess
             413,
             "Request Entity Too Large",
         ),
+        (b"[" * 2000 + b"]" * 2000, "application/json", 400, "Bad Request"),  # past recursion
     ]
     for data, media, status, kind in cases:
         req = urllib.request.Request(
