@@ -9,12 +9,14 @@ computed in the step) and ``max_num_seqs`` (requests in it):
    preempted (vLLM's recompute preemption: its blocks are freed, its computed count reset,
    it goes back to the head of the waiting queue keeping its generated tokens) until the
    allocation fits, or the request preempts itself;
-2. then waiting requests, first come first served: the longest cached prefix of full
-   blocks is taken from the prefix cache (never the whole prompt: the last token is always
-   computed, as vLLM caps hits at ``num_tokens - 1``), and the rest is chunked into the
-   token budget. A request that does not fit in the free blocks stops the queue (head of
-   line, like vLLM). A request whose adapter would make the step's distinct adapters
-   exceed ``max_loras`` is skipped for this step and keeps its place.
+2. then, only when step 1 preempted nothing (as vLLM: the blocks a preemption freed go to
+   no newcomer in the same step), waiting requests, first come first served: the longest
+   cached prefix of full blocks is taken from the prefix cache (never the whole prompt:
+   the last token is always computed, as vLLM caps hits at ``num_tokens - 1``), and the
+   rest is chunked into the token budget. A request that does not fit in the free blocks
+   stops the queue (head of line, like vLLM). A request whose adapter would make the
+   step's distinct adapters exceed ``max_loras`` is skipped for this step and keeps its
+   place.
 
 ``update(plan)`` then applies the step: computed counts advance, a request whose known
 tokens are all computed samples one token (``tokens.generated_token``), full blocks are
@@ -181,7 +183,10 @@ class Scheduler:
 
         newly: list[Request] = []
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+        # vLLM admits from the waiting queue only in a step that preempted nothing.
+        while (
+            not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs
+        ):
             request = self.waiting[0]
             if request.lora and request.lora[0] not in loras and len(loras) >= cfg.max_loras:
                 skipped.append(self.waiting.popleft())

@@ -3,6 +3,8 @@ preemption and LoRA slots, step by step."""
 
 from __future__ import annotations
 
+import random
+
 from sim.profile import StepProfile, StepShape
 from sim.scheduler import Request, Scheduler, SchedulerConfig, Status
 
@@ -162,3 +164,40 @@ def test_the_profile_prices_a_step_linearly() -> None:
     p = StepProfile(c0_s=1.0, c_prefill_s=0.1, c_decode_s=0.01, c_kv_s=0.001, lora_load_s=5.0)
     assert p.step_s(StepShape(10, 2, 100, 1)) == 1.0 + 1.0 + 0.02 + 0.1 + 5.0
     assert p.scaled(2).step_s(StepShape(10, 0, 0)) == 4.0
+
+
+def test_a_step_that_preempts_admits_no_waiting_request() -> None:
+    """vLLM schedules the waiting queue only when the running pass preempted nothing:
+    blocks a preemption just freed must not go to a newcomer (or straight back to the
+    request preempted for them) in the same step."""
+    rng = random.Random(2)
+    s = Scheduler(
+        config(
+            num_gpu_blocks=12,
+            max_num_batched_tokens=64,
+            max_model_len=12 * B,
+            enable_prefix_caching=False,  # with the cache the same workload preempts less
+        )
+    )
+    pending = [
+        request(f"r{i}", [rng.randrange(16, 200) for _ in range(rng.randrange(1, 60))])
+        for i in range(12)
+    ]
+    for r in pending:
+        r.max_tokens = rng.randrange(1, 60)
+    steps_with_preemption = 0
+    now = 0.0
+    while pending or s.has_work:
+        if pending and rng.random() < 0.5:
+            s.add(pending.pop())
+        if not s.has_work:
+            continue
+        waiting = set(s.waiting)
+        plan = s.schedule()
+        if plan.preempted:
+            steps_with_preemption += 1
+            assert not [r for r, _ in plan.scheduled if r in waiting or r in plan.preempted]
+        now += 1.0
+        s.update(plan, now)
+    assert steps_with_preemption > 0, "the workload must preempt to test anything"
+    assert s.pool.num_free == s.pool.num_blocks
