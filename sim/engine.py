@@ -21,7 +21,10 @@ its request's queue -> metrics -> publish the step's KV events. The loop waits o
 when there is no work (an idle engine costs nothing).
 
 Requests are submitted as token ids (the server tokenizes). A client that goes away aborts
-its request (``abort``), freeing its blocks at once, as vLLM does.
+its request (``abort``), freeing its blocks at once, as vLLM does. Like vLLM's output
+processor, which drops a client-aborted request's state before any finished stats, such a
+request counts in no ``vllm:`` series (``request_success{finished_reason="abort"}``
+included: vLLM's stays 0 on client hang-ups); ``shoal_sim_client_aborts_total`` counts them.
 """
 
 from __future__ import annotations
@@ -137,7 +140,9 @@ class Engine:
         if request.finish_reason is not None:
             return
         self.scheduler.abort(request)
-        self._finished(request, self.clock.now())
+        self._handles.pop(request, None)
+        self._last_token_s.pop(request, None)
+        self.metrics.client_aborts.inc()
         self._gauges()
 
     # -- the loop -----------------------------------------------------------------
@@ -214,10 +219,9 @@ class Engine:
         m = self.metrics
         self._handles.pop(request, None)
         self._last_token_s.pop(request, None)
-        reason = request.finish_reason or "abort"
+        reason = request.finish_reason
+        assert reason is not None, "only finished requests get here"
         m.success[reason].inc()
-        if reason == "abort":
-            return
         num_out = len(request.output_ids)
         first = request.first_token_s if request.first_token_s is not None else now
         scheduled = request.first_scheduled_s if request.first_scheduled_s is not None else now

@@ -308,6 +308,18 @@ class SimMetrics:
             labels,
             registry=reg,
         ).labels(*values)
+        self.client_aborts = Counter(
+            "shoal_sim_client_aborts",
+            "Requests aborted because their client went away (vLLM counts them nowhere).",
+            labels,
+            registry=reg,
+        ).labels(*values)
+        self.open_requests = Gauge(
+            "shoal_sim_open_requests",
+            "Completion requests whose HTTP handler is still running (answered or not).",
+            labels,
+            registry=reg,
+        ).labels(*values)
         faults = Counter(
             "shoal_sim_faults", "Fault knobs that fired, by kind.", [*labels, "kind"], registry=reg
         )

@@ -220,6 +220,13 @@ class SimServer:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        self.engine.metrics.open_requests.inc()
+        try:
+            return await self._generate_open(request, chat=chat)
+        finally:
+            self.engine.metrics.open_requests.dec()
+
+    async def _generate_open(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         arrival = self.engine.clock.now()
         body = await _json_body(request)
         parsed = openai.parse_request(

@@ -313,7 +313,7 @@ def test_a_client_that_hangs_up_aborts_its_request(engine: SimEngineProcess) -> 
             b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         assert conn.recv(4096).startswith(b"HTTP/1.1 200")
-    pattern = r'^vllm:request_success_total\{engine="0",finished_reason="abort".*\} (\S+)'
+    pattern = r"^shoal_sim_client_aborts_total\{.*\} (\S+)"
 
     def aborted() -> float:
         found = re.search(pattern, engine.get("/metrics"), re.M)
