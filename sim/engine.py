@@ -117,8 +117,6 @@ class Engine:
         request = Request(request_id, list(prompt_ids), max_tokens, arrival, lora)
         handle = RequestHandle(request)
         self._handles[request] = handle
-        self.metrics.max_tokens_param.observe(max_tokens)
-        self.metrics.n_param.observe(1)
         admission_s = self.profile.c_request_s * self.faults.slowdown - (now - arrival)
         admission = admission_s / self.clock.scale
         if admission > 0:  # the API server's part of the latency (profile.py)
@@ -167,6 +165,7 @@ class Engine:
                 request.first_scheduled_s = start
                 self.metrics.prefix_queries.inc(request.num_tokens)
                 self.metrics.prefix_hits.inc(request.num_cached_tokens)
+                self.metrics.prompt_tokens_cached_by_source["device"].inc(request.num_cached_tokens)
             if plan.preempted:
                 self.metrics.preemptions.inc(len(plan.preempted))
             self._gauges()
@@ -225,15 +224,22 @@ class Engine:
         num_out = len(request.output_ids)
         first = request.first_token_s if request.first_token_s is not None else now
         scheduled = request.first_scheduled_s if request.first_scheduled_s is not None else now
+        # vLLM's finished-request stats (``IterationStats.update_from_finished_request`` and
+        # the logger): queue time from the engine core's QUEUED event, not the HTTP arrival;
+        # a one-token answer has a time per output token of 0; n and max_tokens are
+        # observed when the request finishes.
         m.e2e.observe(now - request.arrival_s)
-        m.queue_time.observe(scheduled - request.arrival_s)
+        m.queue_time.observe(scheduled - request.ready_s)
         m.inference_time.observe(now - scheduled)
         m.prefill_time.observe(first - scheduled)
         m.decode_time.observe(now - first)
-        if num_out > 1:
-            m.tpot.observe((now - first) / (num_out - 1))
+        m.tpot.observe((now - first) / (num_out - 1) if num_out > 1 else 0.0)
         m.request_prompt_tokens.observe(len(request.prompt_ids))
         m.request_generation_tokens.observe(num_out)
+        m.max_num_generation_tokens.observe(num_out)
+        m.prefill_kv_computed.observe(len(request.prompt_ids) - max(0, request.num_cached_tokens))
+        m.max_tokens_param.observe(request.max_tokens)
+        m.n_param.observe(1)
         m.request_preemptions.observe(request.num_preemptions)
 
     def _gauges(self) -> None:

