@@ -18,7 +18,9 @@ sustains.
 Flow per step: ``Scheduler.schedule()`` -> price the ``StepShape`` with the profile
 (times the slowdown fault) -> sleep -> ``Scheduler.update()`` -> hand each sampled token to
 its request's queue -> metrics -> publish the step's KV events. The loop waits on an event
-when there is no work (an idle engine costs nothing).
+when there is no work (an idle engine costs nothing), and yields to the event loop after
+every step, even one whose end is already past, so the HTTP server runs between steps at
+any ``--time-scale``.
 
 Requests are submitted as token ids (the server tokenizes). A client that goes away aborts
 its request (``abort``), freeing its blocks at once, as vLLM does. Like vLLM's output
@@ -172,8 +174,10 @@ class Engine:
             step_s = self.profile.step_s(plan.shape) * self.faults.slowdown
             end = start + step_s
             delay = self.clock.wall_of(end) - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            # Yield every step, even one already due: far faster than real time (or behind
+            # it) no step waits, and without this the loop would hold the event loop, and
+            # so /health, /metrics, new requests and streamed tokens, until idle.
+            await asyncio.sleep(max(0.0, delay))
             overshoot = self.clock.now() - end
             if overshoot <= self._slack_s:
                 chained = end  # timer jitter: the next step starts at this one's end

@@ -151,3 +151,37 @@ def test_two_hundred_concurrent_streams_all_finish(time_scale: int) -> None:
             n - 1 for n, _ in expected
         )
         assert wait_until(lambda: idle(engine))
+
+
+def test_a_busy_engine_far_faster_than_real_time_still_answers_scrapes() -> None:
+    """At --time-scale 100000 no step waits for the wall clock; the engine loop must still
+    let the server run between steps, or a /metrics scrape (and /health, new requests,
+    streamed tokens) is answered only when the engine has nothing left to run."""
+
+    async def scrape_during_run(url: str) -> tuple[float, list[int]]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def ask(i: int) -> int:
+                body = {"prompt": f"long {i}", "max_tokens": 3000}
+                async with session.post(url + "/v1/completions", json=body) as reply:
+                    return int((await reply.json())["usage"]["completion_tokens"])
+
+            asks = [asyncio.create_task(ask(i)) for i in range(30)]
+            running = 0.0
+            while running == 0 and not all(a.done() for a in asks):
+                async with session.get(url + "/metrics") as reply:
+                    running = running_now(await reply.text())
+            return running, list(await asyncio.gather(*asks))
+
+    with running_sim_engine(free_port(), time_scale=100000, max_model_len=4096) as engine:
+        running, done = asyncio.run(asyncio.wait_for(scrape_during_run(engine.url), timeout=30))
+        assert done == [3000] * 30
+        assert running > 0, "no scrape was answered while a request was running"
+
+
+def running_now(text: str) -> float:
+    """vllm:num_requests_running in one /metrics text."""
+    for line in text.splitlines():
+        if line.startswith("vllm:num_requests_running{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no vllm:num_requests_running")
