@@ -19,7 +19,8 @@ cancels its handler and the handler's ``finally`` aborts the request in the engi
 Errors: every refusal is vLLM's error JSON with vLLM's status, ``type`` and ``param``;
 a body over ``--max-request-bytes`` is a 413 in the same shape (vLLM itself sets no limit;
 the simulator needs one as any server does); a body nested past the JSON parser's depth is
-FastAPI's 400 "There was an error parsing the body"; any other exception is logged and
+FastAPI's 400 ``{"detail": "There was an error parsing the body"}`` (what the real engine
+answers); any other exception is logged and
 answered as vLLM's last-resort handler does (500, "InternalServerError"), so a bug in one
 request never takes the engine down. Chosen over FastAPI (what vLLM uses): aiohttp
 is one small dependency and a simulated engine must start in well under a second.
@@ -156,7 +157,8 @@ class SimServer:
                     exc.text or "Request Entity Too Large", 413, "Request Entity Too Large"
                 )
             )
-        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:  # FastAPI's words
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed, web.HTTPBadRequest) as exc:
+            # FastAPI's own answers, which vLLM leaves as they are
             return _json({"detail": exc.reason}, exc.status)
         except (web.HTTPException, ConnectionError):
             raise
@@ -406,8 +408,8 @@ async def _json_body(request: web.Request) -> Any:
     raw = await request.read()
     try:
         return json.loads(raw)
-    except RecursionError:  # nesting deeper than the parser's stack: FastAPI's words
-        raise RequestError("There was an error parsing the body", 400, "Bad Request") from None
+    except RecursionError:  # nested past the parser's stack: FastAPI's answer, as vLLM's
+        raise web.HTTPBadRequest(reason="There was an error parsing the body") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         position = getattr(exc, "pos", getattr(exc, "start", 0))
         detail = {

@@ -11,6 +11,10 @@ the same prompt tokens (the simulator does not have the tiny model's tokenizer).
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,13 +238,87 @@ def _raw_post(engine: Served, path: str, body: bytes) -> tuple[int, bytes]:
     from urllib.parse import urlparse
 
     url = urlparse(engine.url)
-    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
     try:
         connection.request("POST", path, body=body, headers={"content-type": "application/json"})
         response = connection.getresponse()
         return response.status, response.read()
     finally:
         connection.close()
+
+
+def test_a_body_nested_past_the_parsers_depth_is_a_400(subject: Subject) -> None:
+    """FastAPI's own answer (vLLM's error handlers do not see it)."""
+    status, raw = _raw_post(subject.engine, "/v1/completions", b"[" * 5000 + b"]" * 5000)
+    assert (status, json.loads(raw)) == (400, {"detail": "There was an error parsing the body"})
+
+
+def test_two_live_requests_may_share_an_x_request_id(subject: Subject) -> None:
+    """A router that forwards its own X-Request-Id (a retry, a hedge) gets both answers."""
+    answers: dict[int, dict[str, Any]] = {}
+
+    def ask(max_tokens: int) -> None:
+        body = {
+            "model": SERVED_NAME,
+            "prompt": random_prompt(max_tokens, 20),
+            "max_tokens": max_tokens,
+        }
+        data = json.dumps(body).encode()
+        request = urllib.request.Request(
+            subject.engine.url + "/v1/completions",
+            data=data,
+            headers={"Content-Type": "application/json", "X-Request-Id": "router-7"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            answers[max_tokens] = json.loads(reply.read())
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in (40, 80)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=90)
+    assert sorted(answers) == [40, 80]
+    for max_tokens, body in answers.items():
+        assert body["id"] == "cmpl-router-7"
+        assert body["usage"]["completion_tokens"] == max_tokens
+
+
+def test_a_client_that_hangs_up_is_aborted_and_counted_nowhere(subject: Subject) -> None:
+    """The request leaves the scheduler and its KV blocks are freed; vLLM's output processor
+    drops it before any finished stats: no request_success, not even "abort"."""
+    engine = subject.engine
+    success = {
+        r: engine.metric("vllm:request_success_total", finished_reason=r)
+        for r in ("abort", "length")
+    }
+    body = {
+        "model": SERVED_NAME,
+        "prompt": random_prompt(6, 300),
+        "max_tokens": 1500,
+        "stream": True,
+    }
+    data = json.dumps(body).encode()
+    host, port = engine.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+        )
+        received = b""
+        while b"data: {" not in received:  # the first token is out: the request runs
+            chunk = conn.recv(4096)
+            assert chunk, "the engine closed the stream"
+            received += chunk
+        assert engine.metric("vllm:kv_cache_usage_perc") > 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        gauges = [engine.metric(g) for g in GAUGES]
+        if gauges == [0, 0, 0]:
+            break
+        time.sleep(0.1)
+    assert gauges == [0, 0, 0], dict(zip(GAUGES, gauges, strict=True))
+    for reason, before in success.items():
+        assert engine.metric("vllm:request_success_total", finished_reason=reason) == before
 
 
 # --- metrics ---------------------------------------------------------------------------

@@ -101,6 +101,8 @@ def test_adapters_load_list_serve_and_unload_like_vllms() -> None:
         assert status == 200
         status, gone = engine.request("POST", "/v1/unload_lora_adapter", {"lora_name": "a"})
         assert status == 404 and json.loads(gone)["error"]["type"] == "NotFoundError"
+        status, odd = engine.request("POST", "/v1/unload_lora_adapter", {"lora_name": ["a"]})
+        assert status == 400 and json.loads(odd)["error"]["type"] == "InvalidUserInput"
         status, unknown = engine.request("POST", "/v1/completions", {"model": "a", "prompt": "x"})
         assert status == 404 and json.loads(unknown)["error"]["param"] == "model"
 
