@@ -226,6 +226,69 @@ def test_errors(subject: Subject, body: dict[str, Any], status: int, kind: str) 
     assert isinstance(error["message"], str) and error["message"]
 
 
+FULL = "full-length"  # a prompt of exactly MAX_MODEL_LEN tokens (built in the test)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "extra", "param", "message"),
+    [
+        (
+            "",
+            {},
+            "prompt",
+            "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)",
+        ),
+        ([[]], {}, None, "The decoder prompt cannot be empty"),
+        (
+            FULL,
+            {},
+            "max_tokens",
+            "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+        ),
+        ([5, 10**9], {}, None, "Token id 1000000000 is out of vocabulary"),
+        (
+            [5, 6],
+            {"max_tokens": 0},
+            "max_tokens",
+            "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+        ),
+    ],
+    ids=["empty-text", "empty-ids", "full-length", "huge-id", "zero-max-tokens"],
+)
+def test_bad_prompts_get_vllms_words(
+    subject: Subject, prompt: Any, extra: dict[str, Any], param: str | None, message: str
+) -> None:
+    if prompt == FULL:
+        prompt = random_prompt(7, MAX_MODEL_LEN)
+    body = {"model": SERVED_NAME, "prompt": prompt, **extra}
+    status, raw = subject.engine.request("POST", "/v1/completions", body)
+    error = json.loads(raw)["error"]
+    assert (status, error["type"], error["param"], error["message"]) == (
+        400,
+        "BadRequestError",
+        param,
+        message,
+    )
+
+
+def test_validation_errors_list_what_pydantic_found(subject: Subject) -> None:
+    """A negative token id fails each branch of vLLM's ``prompt`` union: six errors."""
+    body = {"model": SERVED_NAME, "prompt": [-1, 5]}
+    status, raw = subject.engine.request("POST", "/v1/completions", body)
+    error = json.loads(raw)["error"]
+    assert (status, error["type"], error["param"]) == (400, "Bad Request", "body.prompt.0")
+    assert error["message"].startswith("6 validation errors:\n  {'type': 'greater_than_equal'")
+    status, raw = subject.engine.request("POST", "/v1/chat/completions", {"messages": []})
+    assert (status, json.loads(raw)["error"]["type"]) == (400, "BadRequestError")
+
+
+def test_integral_floats_and_numeric_strings_are_ints(subject: Subject) -> None:
+    """Pydantic's lax mode, which vLLM's request models use."""
+    for value in (3.0, "3"):
+        body = {"model": SERVED_NAME, "prompt": random_prompt(8, 5), "max_tokens": value}
+        assert subject.engine.post("/v1/completions", body)["usage"]["completion_tokens"] == 3
+
+
 def test_malformed_json_is_a_400(subject: Subject) -> None:
     connection_status, raw = _raw_post(subject.engine, "/v1/completions", b'{"model": "tiny",')
     assert connection_status == 400
@@ -285,12 +348,15 @@ def test_two_live_requests_may_share_an_x_request_id(subject: Subject) -> None:
 
 def test_a_client_that_hangs_up_is_aborted_and_counted_nowhere(subject: Subject) -> None:
     """The request leaves the scheduler and its KV blocks are freed; vLLM's output processor
-    drops it before any finished stats: no request_success, not even "abort"."""
+    drops it before any finished stats: no request_success, not even "abort".
+
+    Seen twice in about ten runs of this module: the CPU build missed the hang-up and ran
+    the request to its end (1,500 tokens, then finished_reason="length"); so the contract
+    asserts only what holds either way (idle afterwards, "abort" untouched), and the
+    simulator's own tests (tests/integration/test_sim_robust.py) that it aborts."""
     engine = subject.engine
-    success = {
-        r: engine.metric("vllm:request_success_total", finished_reason=r)
-        for r in ("abort", "length")
-    }
+    _wait_idle(engine)  # a finished request's stats may land just after its answer
+    aborted = engine.metric("vllm:request_success_total", finished_reason="abort")
     body = {
         "model": SERVED_NAME,
         "prompt": random_prompt(6, 300),
@@ -310,15 +376,20 @@ def test_a_client_that_hangs_up_is_aborted_and_counted_nowhere(subject: Subject)
             assert chunk, "the engine closed the stream"
             received += chunk
         assert engine.metric("vllm:kv_cache_usage_perc") > 0
+    _wait_idle(engine)
+    assert engine.metric("vllm:request_success_total", finished_reason="abort") == aborted
+
+
+def _wait_idle(engine: Served) -> None:
+    """Until nothing runs or waits and no KV block is in use (60 s at most)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         gauges = [engine.metric(g) for g in GAUGES]
         if gauges == [0, 0, 0]:
-            break
+            time.sleep(0.2)  # and the last answer's stats are recorded
+            return
         time.sleep(0.1)
-    assert gauges == [0, 0, 0], dict(zip(GAUGES, gauges, strict=True))
-    for reason, before in success.items():
-        assert engine.metric("vllm:request_success_total", finished_reason=reason) == before
+    raise AssertionError(f"the engine is still busy: {dict(zip(GAUGES, gauges, strict=True))}")
 
 
 # --- metrics ---------------------------------------------------------------------------

@@ -188,12 +188,14 @@ def error_of(status: int, body: dict[str, Any]) -> tuple[int, str, Any]:
             (400, "BadRequestError", "stream_options"),
         ),
         ({"prompt": list(range(600))}, (400, "BadRequestError", "input_tokens")),
-        ({"prompt": [1, 10**9]}, (400, "BadRequestError", "prompt")),
+        ({"prompt": [1, 10**9]}, (400, "BadRequestError", None)),
         ({"prompt": "x", "max_tokens": 513}, (400, "BadRequestError", "max_tokens")),
         ({"prompt": ""}, (400, "BadRequestError", "prompt")),
         ({"prompt": [[]]}, (400, "BadRequestError", None)),
-        ({"prompt": list(range(20, 532))}, (400, "BadRequestError", None)),
-        ({"prompt": [-1, 20]}, (400, "BadRequestError", "prompt")),
+        ({"prompt": list(range(20, 532))}, (400, "BadRequestError", "max_tokens")),
+        ({"prompt": [-1, 20]}, (400, "Bad Request", "body.prompt.0")),
+        ({"prompt": [20, "a"]}, (400, "Bad Request", "body.prompt.1")),
+        ({"prompt": "x", "n": None}, (400, "Bad Request", "body.n")),
         ({"prompt": "x", "max_tokens": 0}, (400, "BadRequestError", "max_tokens")),
         ({"prompt": {"text": "x"}}, (400, "Bad Request", "body.prompt")),
     ],
@@ -204,20 +206,55 @@ def test_bad_requests_get_vllms_error_json(
     assert error_of(*post(engine, "/v1/completions", body)) == expected
 
 
-def test_vllms_wording_for_empty_and_full_length_prompts(engine: SimEngineProcess) -> None:
-    """The messages of vLLM's completion validator and input processor."""
-    messages = {
-        "": "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)",
-        "[[]]": "The decoder prompt cannot be empty",
-        "512": "The decoder prompt (length 512) plus the number of requested output tokens "
-        "(at least 1) is longer than the maximum model length of 512. Make sure that "
-        "`max_model_len` is no smaller than the number of text tokens (prompt + requested "
-        "output tokens).",
-    }
-    prompts: dict[str, Any] = {"": "", "[[]]": [[]], "512": list(range(20, 532))}
-    for key, prompt in prompts.items():
+def test_vllms_wording_for_bad_prompts(engine: SimEngineProcess) -> None:
+    """The messages a real ``vllm serve`` (the CPU build) answers for these prompts."""
+    cases: list[tuple[Any, str]] = [
+        ("", "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)"),
+        ([[]], "The decoder prompt cannot be empty"),
+        # max_tokens is clamped to the room the prompt leaves: none.
+        (
+            list(range(20, 532)),
+            "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+        ),
+        (
+            list(range(20, 533)),
+            "This model's maximum context length is 512 tokens. However, your prompt contains "
+            "at least 513 input tokens, which exceeds this limit even without any output tokens. "
+            "Please reduce the length of the input prompt. (parameter=input_tokens, value=513)",
+        ),
+        ([20, 10**9], "Token id 1000000000 is out of vocabulary"),
+        (
+            {"a": 1},
+            "4 validation errors:\n"
+            "  {'type': 'list_type', 'loc': 'body.prompt', 'msg': 'Input should be a valid list', "
+            "'input': '<dict of 1 items>'}\n"
+            "  {'type': 'list_type', 'loc': 'body.prompt', 'msg': 'Input should be a valid list', "
+            "'input': '<dict of 1 items>'}\n"
+            "  {'type': 'string_type', 'loc': 'body.prompt', 'msg': 'Input should be a valid "
+            "string', 'input': '<dict of 1 items>'}\n"
+            "  {'type': 'list_type', 'loc': 'body.prompt', 'msg': 'Input should be a valid list', "
+            "'input': '<dict of 1 items>'}",
+        ),
+    ]
+    for prompt, message in cases:
         status, body = post(engine, "/v1/completions", {"prompt": prompt})
-        assert (status, body["error"]["message"]) == (400, messages[key])
+        assert (status, body["error"]["message"]) == (400, message)
+
+
+def test_chat_messages_are_validated_as_vllm_does(engine: SimEngineProcess) -> None:
+    status, body = post(engine, "/v1/chat/completions", {"messages": []})
+    assert (status, body["error"]["type"], body["error"]["message"]) == (
+        400,
+        "BadRequestError",
+        "Cannot apply chat template to an empty conversation. Provide at least one message.",
+    )
+    status, body = post(engine, "/v1/chat/completions", {"messages": [5]})
+    assert error_of(status, body) == (
+        400,
+        "Bad Request",
+        "body.messages.0.ChatCompletionDeveloperMessageParam",
+    )
+    assert body["error"]["message"].startswith("8 validation errors:")
 
 
 def test_integral_floats_and_numeric_strings_are_ints_as_pydantic_reads_them(
@@ -228,6 +265,9 @@ def test_integral_floats_and_numeric_strings_are_ints_as_pydantic_reads_them(
         assert status == 200 and body["usage"]["completion_tokens"] == 3
     status, body = post(engine, "/v1/completions", {"prompt": "x", "max_tokens": 2.5})
     assert error_of(status, body) == (400, "Bad Request", "body.max_tokens")
+    assert "got a number with a fractional part" in body["error"]["message"]
+    status, body = post(engine, "/v1/completions", {"prompt": "x", "max_tokens": None})
+    assert status == 200 and body["usage"]["completion_tokens"] == 16, "null is the default"
 
 
 def test_max_tokens_past_the_prompts_room_is_clamped_as_vllm_does(engine: SimEngineProcess) -> None:
