@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+from sim.blocks import Stored
 from sim.profile import StepProfile, StepShape
 from sim.scheduler import Request, Scheduler, SchedulerConfig, Status
 
@@ -201,3 +202,21 @@ def test_a_step_that_preempts_admits_no_waiting_request() -> None:
         s.update(plan, now)
     assert steps_with_preemption > 0, "the workload must preempt to test anything"
     assert s.pool.num_free == s.pool.num_usable
+
+
+def test_a_prefix_computed_in_this_step_is_already_a_hit_for_a_request_behind_it() -> None:
+    """vLLM caches a request's full blocks when it allocates them for the step (so before
+    they are computed: the step's forward pass writes them before any attention reads
+    them), and a request admitted later in the same schedule() hits them. Two identical
+    prompts arriving together compute the shared blocks once."""
+    s = Scheduler(config())
+    prompt = list(range(100, 100 + 4 * B + 8))
+    a, b = request("a", prompt), request("b", prompt)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule()
+    assert [n for _, n in plan.scheduled] == [4 * B + 8, 8]
+    assert (a.num_cached_tokens, b.num_cached_tokens) == (0, 4 * B)
+    assert b.block_ids[:4] == a.block_ids[:4]
+    stored = [e for e in s.pool.take_events() if isinstance(e, Stored)]
+    assert sum(len(e.block_hashes) for e in stored) == 4, "each block stored once"
