@@ -185,3 +185,43 @@ def running_now(text: str) -> float:
         if line.startswith("vllm:num_requests_running{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError("no vllm:num_requests_running")
+
+
+def test_a_bug_in_one_request_is_vllms_500_json_and_the_engine_serves_on() -> None:
+    """vLLM's last-resort handler turns any exception into a 500 error JSON; so does the
+    simulator's (here a bug planted in the engine's submit, for one request)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sim.config import SimConfig
+    from sim.server import SimServer
+
+    async def scenario() -> tuple[int, dict[str, Any], int]:
+        server = SimServer(SimConfig(time_scale=100))
+        real_submit = server.engine.submit
+        calls = 0
+
+        def buggy_once(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise KeyError("planted")
+            return real_submit(*args, **kwargs)
+
+        server.engine.submit = buggy_once  # type: ignore[method-assign]
+        async with TestClient(TestServer(server.app())) as client:
+            body = {"prompt": "x", "max_tokens": 2}
+            first = await client.post("/v1/completions", json=body)
+            error = await first.json()
+            second = await client.post("/v1/completions", json=body)
+            return first.status, error, second.status
+
+    status, error, after = asyncio.run(scenario())
+    assert (status, after) == (500, 200)
+    assert error == {
+        "error": {
+            "message": "Internal Server Error",
+            "type": "InternalServerError",
+            "param": None,
+            "code": 500,
+        }
+    }
