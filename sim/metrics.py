@@ -353,7 +353,9 @@ class SimMetrics:
         self.faults = {k: faults.labels(*values, k) for k in ("fail", "hang", "die_stream", "exit")}
 
     def lora_info(self, running: Sequence[str], waiting: Sequence[str], now: float) -> None:
+        """Stamp the series of this (running, waiting) combination with ``now``. As vLLM's,
+        the series of earlier combinations stay with their last stamp: the latest state is
+        the series with the highest value, not the only one."""
         if self._lora_info is None:
             return
-        self._lora_info.clear()
         self._lora_info.labels(str(self._max_loras), ",".join(waiting), ",".join(running)).set(now)

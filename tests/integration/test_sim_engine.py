@@ -124,8 +124,7 @@ def test_max_loras_bounds_the_adapters_in_one_batch(max_loras: int, most_running
                 deferred_seen |= (
                     metric(engine, "vllm:num_requests_waiting_by_reason", reason="deferred") == 1
                 )
-                found = re.search(r'running_lora_adapters="([^"]*)"', engine.get("/metrics"))
-                lora_labels.add(found.group(1) if found else None)
+                lora_labels.add(latest_lora_info(engine.get("/metrics"))["running"])
         finally:
             for thread in threads:
                 thread.join(timeout=30)
@@ -134,6 +133,23 @@ def test_max_loras_bounds_the_adapters_in_one_batch(max_loras: int, most_running
         if max_loras == 1:  # y waited for a LoRA slot, not for capacity, at some point
             assert deferred_seen
         assert metric(engine, "vllm:request_success_total", finished_reason="length") == 2
+        # As vLLM's: every combination seen stays, stamped when last current; the latest
+        # (the highest stamp) is the engine's state now.
+        text = engine.get("/metrics")
+        assert len(re.findall(r"^vllm:lora_requests_info\{", text, re.M)) >= 2
+        assert latest_lora_info(text) == {"running": "", "waiting": ""}
+
+
+def latest_lora_info(text: str) -> dict[str, str]:
+    """The adapters running and waiting in ``vllm:lora_requests_info``'s latest series."""
+    series = []
+    for labels, value in re.findall(r"^vllm:lora_requests_info\{(.*)\} (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        series.append(
+            (float(value), found["running_lora_adapters"], found["waiting_lora_adapters"])
+        )
+    _, running, waiting = max(series)
+    return {"running": running, "waiting": waiting}
 
 
 @pytest.fixture(scope="module")
