@@ -163,8 +163,11 @@ class Engine:
             # A step cannot start before a request in it reached the engine (one that came
             # in during the timer's overshoot of the previous step).
             start = max([start, *(r.ready_s for r in plan.newly_scheduled)])
+            caching = self.scheduler.config.enable_prefix_caching
             for request in plan.newly_scheduled:
                 request.first_scheduled_s = start
+                if not caching:
+                    continue  # vLLM counts only requests that looked the cache up
                 self.metrics.prefix_queries.inc(request.num_tokens)
                 self.metrics.prefix_hits.inc(request.num_cached_tokens)
                 self.metrics.prompt_tokens_cached_by_source["device"].inc(request.num_cached_tokens)

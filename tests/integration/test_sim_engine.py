@@ -287,3 +287,14 @@ def test_every_series_of_the_real_engine_is_there_but_for_features_not_simulated
     with running_sim_engine(free_port(), time_scale=10) as engine:
         sim = series_names(engine.get("/metrics"))
     assert real - sim == NOT_SIMULATED
+
+
+def test_without_prefix_caching_no_prefix_cache_query_is_counted() -> None:
+    """vLLM counts queries only for requests that looked the cache up
+    (``KVCacheManager.record_prefix_cache_stats``): none without prefix caching."""
+    with running_sim_engine(free_port(), time_scale=10, no_enable_prefix_caching=True) as engine:
+        complete(engine, {"prompt": list(range(100, 164)), "max_tokens": 1})
+        complete(engine, {"prompt": list(range(100, 164)), "max_tokens": 1})
+        assert metric(engine, "vllm:prompt_tokens_total") == 128
+        assert metric(engine, "vllm:prefix_cache_queries_total") == 0
+        assert metric(engine, "vllm:prefix_cache_hits_total") == 0
