@@ -41,7 +41,7 @@ from sim.events import EventPublisher, NullEventPublisher
 from sim.faults import Faults
 from sim.metrics import SimMetrics
 from sim.profile import StepProfile
-from sim.scheduler import Request, Scheduler, SchedulerConfig, StepPlan, StepResult
+from sim.scheduler import Request, Scheduler, SchedulerConfig, StepResult
 
 __all__ = ["Engine", "RequestHandle", "SimClock", "TokenOut"]
 
@@ -193,13 +193,21 @@ class Engine:
             self.metrics.steps.inc()
             result = self.scheduler.update(plan, end)
             self.num_steps += 1
-            self._deliver(plan, result, end)
+            self._deliver(result, end)
             self._gauges()
             await self.publisher.publish(self.scheduler.pool.take_events())
 
-    def _deliver(self, plan: StepPlan, result: StepResult, now: float) -> None:
+    def _deliver(self, result: StepResult, now: float) -> None:
         m = self.metrics
-        m.iteration_tokens.observe(sum(n for _, n in plan.scheduled))
+        # vLLM observes a step that produced output: the prompt tokens computed for the
+        # requests whose first token it carries, plus the tokens it generated.
+        prefilled = sum(
+            len(r.prompt_ids) - max(0, r.num_cached_tokens)
+            for r, _ in result.sampled
+            if r not in self._last_token_s
+        )
+        if result.sampled:
+            m.iteration_tokens.observe(prefilled + len(result.sampled))
         finished = {id(r) for r in result.finished}
         for request, token in result.sampled:
             m.generation_tokens.inc()

@@ -298,3 +298,15 @@ def test_without_prefix_caching_no_prefix_cache_query_is_counted() -> None:
         assert metric(engine, "vllm:prompt_tokens_total") == 128
         assert metric(engine, "vllm:prefix_cache_queries_total") == 0
         assert metric(engine, "vllm:prefix_cache_hits_total") == 0
+
+
+def test_iteration_tokens_count_what_each_output_batch_carries() -> None:
+    """vLLM observes vllm:iteration_tokens_total once per engine step that produced output,
+    as the prompt tokens computed for requests whose first token it carries plus the tokens
+    generated: a 300-token prompt prefilled in 3 chunks, then 2 more tokens, is 3
+    observations summing to 303 (the captured CPU engine: 6 requests of 52 prompt tokens
+    and 28 generated, 28 observations summing to 80)."""
+    with running_sim_engine(free_port(), time_scale=10, max_num_batched_tokens=128) as engine:
+        complete(engine, {"prompt": list(range(100, 400)), "max_tokens": 3})
+        assert metric(engine, "vllm:iteration_tokens_total_count") == 3
+        assert metric(engine, "vllm:iteration_tokens_total_sum") == 303
