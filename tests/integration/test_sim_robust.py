@@ -17,9 +17,19 @@ import pytest
 from sim.process import SimEngineProcess, running_sim_engine
 from sim.profile import StepProfile
 from tests.integration.conftest import free_port, wait_until
-from tests.integration.test_sim_engine import complete, metric
 
 pytestmark = pytest.mark.integration
+
+
+def metric(engine: SimEngineProcess, name: str, **labels: str) -> float:
+    return engine.metric(name, **labels)
+
+
+def complete(engine: SimEngineProcess, body: dict[str, Any]) -> dict[str, Any]:
+    status, raw = engine.request("POST", "/v1/completions", body)
+    assert status == 200, raw
+    return dict(json.loads(raw))
+
 
 # A decode step of 20 ms simulated (2 ms of wall time at --time-scale 10): a 1,000-token
 # answer takes 2 s, long enough for a test to hang up in the middle.
