@@ -1,10 +1,14 @@
 """The simulated KV cache: a fixed pool of blocks and the prefix cache over them.
 
-Invariant: every block is either *in use* (``ref_count > 0``, held by running requests)
-or *free* (in ``_free``, an LRU queue: allocation takes the oldest). A free block may
-still be *cached*: it keeps its hash in ``_cached`` until it is allocated again, and a
-prefix hit on it takes it back out of the free queue. So "free" counts cached blocks, and
-``usage`` = 1 - free / total, as vLLM's ``BlockPool.get_usage`` (``vllm:kv_cache_usage_perc``).
+Invariant: block 0 is vLLM's *null block* (``BlockPool.null_block``, taken out of the free
+queue at start and never handed to a request), so ``num_blocks`` blocks hold
+``num_blocks - 1`` usable ones, as a vLLM engine given ``--num-gpu-blocks-override``
+``num_blocks`` does. Every other block is either *in use* (``ref_count > 0``, held by
+running requests) or *free* (in ``_free``, an LRU queue: allocation takes the oldest). A
+free block may still be *cached*: it keeps its hash in ``_cached`` until it is allocated
+again, and a prefix hit on it takes it back out of the free queue. So "free" counts cached
+blocks, and ``usage`` = 1 - free / (num_blocks - 1), as vLLM's ``BlockPool.get_usage``
+(``vllm:kv_cache_usage_perc``): 0 on an idle engine, whatever it has cached.
 
 Block hashes chain like vLLM's (``vllm/v1/core/kv_cache_utils.py``): a full block's hash is
 sha256 over (parent hash, the block's token ids, the LoRA name), so equal hashes mean an
@@ -90,12 +94,13 @@ class BlockPool:
     """``num_blocks`` blocks of ``block_size`` tokens, and the prefix cache over them."""
 
     def __init__(self, num_blocks: int, block_size: int, *, caching: bool = True) -> None:
-        assert num_blocks > 0 and block_size > 0, "the engine checks the flags"
+        assert num_blocks > 1 and block_size > 0, "the engine checks the flags"
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.caching = caching
         self._blocks = [_Block(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # Block 0 is the null block (see the module docstring).
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self._cached: dict[bytes, dict[int, _Block]] = {}
         self._events: list[CacheEvent] = []
 
@@ -106,8 +111,13 @@ class BlockPool:
         return len(self._free)
 
     @property
+    def num_usable(self) -> int:
+        """Blocks a request can hold: all but the null block."""
+        return self.num_blocks - 1
+
+    @property
     def usage(self) -> float:
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - len(self._free) / self.num_usable
 
     @property
     def num_cached(self) -> int:
@@ -189,7 +199,7 @@ class BlockPool:
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash (vLLM's /reset_prefix_cache); False while any block is
         in use, as vLLM refuses then."""
-        if len(self._free) != self.num_blocks:
+        if len(self._free) != self.num_usable:
             return False
         for block in self._blocks:
             block.hash = None

@@ -77,11 +77,11 @@ class SimConfig:
             )
         if self.lora_modules and not self.enable_lora:
             raise ConfigError("--lora-modules needs --enable-lora")
-        if self.num_blocks * self.block_size < self.max_model_len:
+        if (self.num_blocks - 1) * self.block_size < self.max_model_len:
             raise ConfigError(
-                f"the KV cache ({self.num_blocks} blocks of {self.block_size} tokens) cannot "
-                f"hold one request of --max-model-len {self.max_model_len}; raise "
-                "--num-gpu-blocks or lower --max-model-len (vLLM refuses to start too)"
+                f"the KV cache ({self.num_blocks} blocks of {self.block_size} tokens, one of "
+                f"them vLLM's null block) cannot hold one request of --max-model-len "
+                f"{self.max_model_len}; raise --num-gpu-blocks or lower --max-model-len"
             )
         try:  # a bad --fault-* flag fails here, not at the first request
             Faults(**self.faults)

@@ -25,10 +25,15 @@ the modelled time exactly.
 Flow per step: ``Scheduler.schedule()`` -> price the ``StepShape`` with the profile
 (times the slowdown fault) -> sleep -> ``Scheduler.update()`` -> hand each sampled token to
 its request's queue -> metrics -> publish the step's KV events. The loop waits on an event
-when there is no work (an idle engine costs nothing).
+when there is no work (an idle engine costs nothing), and yields to the event loop after
+every step, even one whose end is already past, so the HTTP server runs between steps at
+any ``--time-scale``.
 
 Requests are submitted as token ids (the server tokenizes). A client that goes away aborts
-its request (``abort``), freeing its blocks at once, as vLLM does.
+its request (``abort``), freeing its blocks at once, as vLLM does. Like vLLM's output
+processor, which drops a client-aborted request's state before any finished stats, such a
+request counts in no ``vllm:`` series (``request_success{finished_reason="abort"}``
+included: vLLM's stays 0 on client hang-ups); ``shoal_sim_client_aborts_total`` counts them.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from sim.events import EventPublisher, NullEventPublisher
 from sim.faults import Faults
 from sim.metrics import SimMetrics
 from sim.profile import StepProfile
-from sim.scheduler import Request, Scheduler, SchedulerConfig, StepPlan, StepResult
+from sim.scheduler import Request, Scheduler, SchedulerConfig, StepResult
 
 __all__ = ["Engine", "RequestHandle", "SimClock", "TokenOut"]
 
@@ -98,9 +103,11 @@ class Engine:
         self.clock = clock or SimClock()
         self.faults = faults or Faults()
         self.publisher: EventPublisher = publisher or NullEventPublisher()
-        self._handles: dict[str, RequestHandle] = {}
+        # Keyed by the request object, not its id: clients choose ids (X-Request-Id) and
+        # two live requests may share one, as vLLM allows.
+        self._handles: dict[Request, RequestHandle] = {}
         self._wake = asyncio.Event()
-        self._last_token_s: dict[str, float] = {}
+        self._last_token_s: dict[Request, float] = {}
         self._slack_s = _TIMER_SLACK_S * self.clock.scale
         self._early_s = 0.0  # wall seconds timers are set early (mean lateness, bounded)
         self.num_steps = 0
@@ -121,9 +128,7 @@ class Engine:
         arrival = now if arrival_s is None else min(arrival_s, now)
         request = Request(request_id, list(prompt_ids), max_tokens, arrival, lora)
         handle = RequestHandle(request)
-        self._handles[request_id] = handle
-        self.metrics.max_tokens_param.observe(max_tokens)
-        self.metrics.n_param.observe(1)
+        self._handles[request] = handle
         admission_s = self.profile.c_request_s * self.faults.slowdown - (now - arrival)
         admission = admission_s / self.clock.scale
         if admission > self._early_s:  # the API server's part of the latency (profile.py)
@@ -155,7 +160,9 @@ class Engine:
         if request.finish_reason is not None:
             return
         self.scheduler.abort(request)
-        self._finished(request, self.clock.now())
+        self._handles.pop(request, None)
+        self._last_token_s.pop(request, None)
+        self.metrics.client_aborts.inc()
         self._gauges()
 
     # -- the loop -----------------------------------------------------------------
@@ -176,10 +183,14 @@ class Engine:
             # A step cannot start before a request in it reached the engine (one that came
             # in during the timer's overshoot of the previous step).
             start = max([start, *(r.ready_s for r in plan.newly_scheduled)])
+            caching = self.scheduler.config.enable_prefix_caching
             for request in plan.newly_scheduled:
                 request.first_scheduled_s = start
+                if not caching:
+                    continue  # vLLM counts only requests that looked the cache up
                 self.metrics.prefix_queries.inc(request.num_tokens)
                 self.metrics.prefix_hits.inc(request.num_cached_tokens)
+                self.metrics.prompt_tokens_cached_by_source["device"].inc(request.num_cached_tokens)
             if plan.preempted:
                 self.metrics.preemptions.inc(len(plan.preempted))
             self._gauges()
@@ -187,8 +198,11 @@ class Engine:
             end = start + step_s
             wake = self.clock.wall_of(end) - self._early_s
             delay = wake - time.monotonic()
+            # Yield every step, even one already due: far faster than real time (or behind
+            # it) no step waits, and without this the loop would hold the event loop, and
+            # so /health, /metrics, new requests and streamed tokens, until idle.
+            await asyncio.sleep(max(0.0, delay))
             if delay > 0:
-                await asyncio.sleep(delay)
                 self._note_lateness(time.monotonic() - wake)
             overshoot = self.clock.now() - end
             if overshoot <= self._slack_s:
@@ -202,17 +216,25 @@ class Engine:
             self.metrics.steps.inc()
             result = self.scheduler.update(plan, end)
             self.num_steps += 1
-            self._deliver(plan, result, end)
+            self._deliver(result, end)
             self._gauges()
             await self.publisher.publish(self.scheduler.pool.take_events())
 
-    def _deliver(self, plan: StepPlan, result: StepResult, now: float) -> None:
+    def _deliver(self, result: StepResult, now: float) -> None:
         m = self.metrics
-        m.iteration_tokens.observe(sum(n for _, n in plan.scheduled))
+        # vLLM observes a step that produced output: the prompt tokens computed for the
+        # requests whose first token it carries, plus the tokens it generated.
+        prefilled = sum(
+            len(r.prompt_ids) - max(0, r.num_cached_tokens)
+            for r, _ in result.sampled
+            if r not in self._last_token_s
+        )
+        if result.sampled:
+            m.iteration_tokens.observe(prefilled + len(result.sampled))
         finished = {id(r) for r in result.finished}
         for request, token in result.sampled:
             m.generation_tokens.inc()
-            last = self._last_token_s.get(request.request_id)
+            last = self._last_token_s.get(request)
             if last is None:
                 m.ttft.observe(now - request.arrival_s)
                 cached = max(0, request.num_cached_tokens)
@@ -222,9 +244,9 @@ class Engine:
                 m.prompt_tokens_by_source["local_compute"].inc(len(request.prompt_ids) - cached)
             else:
                 m.itl.observe(now - last)
-            self._last_token_s[request.request_id] = now
+            self._last_token_s[request] = now
             reason = request.finish_reason if id(request) in finished else None
-            handle = self._handles.get(request.request_id)
+            handle = self._handles.get(request)
             if handle is not None:
                 handle.queue.put_nowait(TokenOut(token, reason))
             if reason is not None:
@@ -232,24 +254,30 @@ class Engine:
 
     def _finished(self, request: Request, now: float) -> None:
         m = self.metrics
-        self._handles.pop(request.request_id, None)
-        self._last_token_s.pop(request.request_id, None)
-        reason = request.finish_reason or "abort"
+        self._handles.pop(request, None)
+        self._last_token_s.pop(request, None)
+        reason = request.finish_reason
+        assert reason is not None, "only finished requests get here"
         m.success[reason].inc()
-        if reason == "abort":
-            return
         num_out = len(request.output_ids)
         first = request.first_token_s if request.first_token_s is not None else now
         scheduled = request.first_scheduled_s if request.first_scheduled_s is not None else now
+        # vLLM's finished-request stats (``IterationStats.update_from_finished_request`` and
+        # the logger): queue time from the engine core's QUEUED event, not the HTTP arrival;
+        # a one-token answer has a time per output token of 0; n and max_tokens are
+        # observed when the request finishes.
         m.e2e.observe(now - request.arrival_s)
-        m.queue_time.observe(scheduled - request.arrival_s)
+        m.queue_time.observe(scheduled - request.ready_s)
         m.inference_time.observe(now - scheduled)
         m.prefill_time.observe(first - scheduled)
         m.decode_time.observe(now - first)
-        if num_out > 1:
-            m.tpot.observe((now - first) / (num_out - 1))
+        m.tpot.observe((now - first) / (num_out - 1) if num_out > 1 else 0.0)
         m.request_prompt_tokens.observe(len(request.prompt_ids))
         m.request_generation_tokens.observe(num_out)
+        m.max_num_generation_tokens.observe(num_out)
+        m.prefill_kv_computed.observe(len(request.prompt_ids) - max(0, request.num_cached_tokens))
+        m.max_tokens_param.observe(request.max_tokens)
+        m.n_param.observe(1)
         m.request_preemptions.observe(request.num_preemptions)
 
     def _gauges(self) -> None:

@@ -8,7 +8,11 @@ series up to ``max_model_len``). All latencies are in *simulated* seconds: with
 ``--time-scale 10`` a TTFT of 0.5 s is observed as 0.5 s though it took 50 ms of wall time.
 
 What vLLM has and the simulator does not: speculative decoding, KV-connector, multimodal
-and sleep-mode series (always zero or absent on an engine without those features).
+and sleep-mode series (always zero or absent on an engine without those features), and
+``vllm:admission_rejections`` and ``vllm:estimated_{flops,read_bytes,write_bytes}_per_gpu``
+(compared with the CPU build's /metrics, ``tests/integration/test_sim_engine.py``). Every
+per-request histogram is observed when the request finishes, as vLLM does, so a request
+whose client hung up is in none of them.
 ``shoal_sim_*`` series are the simulator's own (lag behind the model, faults).
 
 Each engine has its own ``CollectorRegistry`` (several engines in one test process must
@@ -192,6 +196,19 @@ class SimMetrics:
             source: by_source.labels(*values, source)
             for source in ("local_compute", "local_cache_hit", "external_kv_transfer")
         }
+        cached_by_source = Counter(
+            "vllm:prompt_tokens_cached_by_source",
+            "Prefix-cache hit tokens by the cache tier that supplied them: device (local HBM), "
+            "host (offloaded to DRAM), disk, p2p (transferred from another vLLM instance) or "
+            "external_unspecified. Counted at admission; sums to vllm:prefix_cache_hits + "
+            "vllm:external_prefix_cache_hits.",
+            [*labels, "source"],
+            registry=reg,
+        )
+        self.prompt_tokens_cached_by_source = {
+            source: cached_by_source.labels(*values, source)
+            for source in ("device", "host", "p2p", "disk", "external_unspecified")
+        }
         self.generation_tokens = counter(
             "vllm:generation_tokens", "Number of generation tokens processed."
         )
@@ -209,6 +226,16 @@ class SimMetrics:
         self.request_generation_tokens = histogram(
             "vllm:request_generation_tokens",
             "Number of generation tokens processed.",
+            token_buckets,
+        )
+        self.max_num_generation_tokens = histogram(
+            "vllm:request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.",
+            token_buckets,
+        )
+        self.prefill_kv_computed = histogram(
+            "vllm:request_prefill_kv_computed_tokens",
+            "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
             token_buckets,
         )
         self.iteration_tokens = histogram(
@@ -308,13 +335,27 @@ class SimMetrics:
             labels,
             registry=reg,
         ).labels(*values)
+        self.client_aborts = Counter(
+            "shoal_sim_client_aborts",
+            "Requests aborted because their client went away (vLLM counts them nowhere).",
+            labels,
+            registry=reg,
+        ).labels(*values)
+        self.open_requests = Gauge(
+            "shoal_sim_open_requests",
+            "Completion requests whose HTTP handler is still running (answered or not).",
+            labels,
+            registry=reg,
+        ).labels(*values)
         faults = Counter(
             "shoal_sim_faults", "Fault knobs that fired, by kind.", [*labels, "kind"], registry=reg
         )
         self.faults = {k: faults.labels(*values, k) for k in ("fail", "hang", "die_stream", "exit")}
 
     def lora_info(self, running: Sequence[str], waiting: Sequence[str], now: float) -> None:
+        """Stamp the series of this (running, waiting) combination with ``now``. As vLLM's,
+        the series of earlier combinations stay with their last stamp: the latest state is
+        the series with the highest value, not the only one."""
         if self._lora_info is None:
             return
-        self._lora_info.clear()
         self._lora_info.labels(str(self._max_loras), ",".join(waiting), ",".join(running)).set(now)

@@ -105,7 +105,7 @@ class ModelRegistry:
 
     def unload(self, body: Any) -> Adapter:
         name = body.get("lora_name") if isinstance(body, dict) else None
-        if not name:
+        if not name or not isinstance(name, str):
             raise RequestError(
                 "'lora_name' needs to be provided to unload a LoRA adapter.",
                 400,

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sim import validation
 from sim.errors import RequestError
 from sim.tokens import Tokenizer, render_chat
 
@@ -92,55 +93,52 @@ def validation_error(detail: str, param: str | None = None) -> RequestError:
     return RequestError(f"1 validation error:\n  {detail}", 400, "Bad Request", param)
 
 
-def _missing(name: str, body: dict[str, Any]) -> RequestError:
-    detail = {"type": "missing", "loc": f"body.{name}", "msg": "Field required", "input": body}
-    return validation_error(str(detail)[:1000], f"body.{name}")
-
-
-def _int(body: dict[str, Any], name: str, default: int | None) -> int | None:
-    value = body.get(name, default)
-    if value is None:
+def _int(
+    body: dict[str, Any], name: str, default: int | None, *, nullable: bool = True
+) -> int | None:
+    """An int field as pydantic's lax mode reads it: ``2.0`` and ``"2"`` are 2."""
+    if name not in body:
+        return default
+    value = body[name]
+    if value is None and nullable:
         return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        detail = {
-            "type": "int_type",
-            "loc": f"body.{name}",
-            "msg": "Input should be a valid integer",
-            "input": value,
-        }
-        raise validation_error(str(detail), f"body.{name}")
-    return value
+    number, bad = validation.lax_int(value, f"body.{name}")
+    if bad is not None:
+        raise validation.refuse([bad])
+    return number
+
+
+def _prompts(prompt: Any, tokenizer: Tokenizer) -> list[list[int]]:
+    """The token ids of each prompt of a completion request's ``prompt``."""
+    errors = validation.prompt_errors(prompt)
+    if errors:
+        raise validation.refuse(errors)
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if all(isinstance(p, str) for p in prompt) and prompt:
+        return [tokenizer.encode(p) for p in prompt]
+    if all(isinstance(p, list) for p in prompt) and prompt:
+        return [[int(t) for t in p] for p in prompt]
+    return [[int(t) for t in prompt]]  # one prompt of ids (lax ints), maybe empty
 
 
 def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in prompt
-    ):
-        ids = list(prompt)
-        bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
-        if bad is not None:
-            raise invalid(f"Token id {bad} is out of vocabulary", "prompt", bad)
-    elif isinstance(prompt, list):
+    prompts = _prompts(prompt, tokenizer)
+    if not prompts or prompt == []:
+        raise RequestError("You must pass at least one prompt", 400, "BadRequestError")
+    if len(prompts) > 1:
         raise RequestError(
             "the simulator serves one prompt per request (got a batch)",
             400,
             "BadRequestError",
             "prompt",
         )
-    else:
-        detail = {
-            "type": "string_type",
-            "loc": "body.prompt",
-            "msg": "Input should be a valid string",
-            "input": prompt,
-        }
-        raise validation_error(str(detail)[:1000], "body.prompt")
-    if not ids:
-        raise RequestError("You must pass at least one prompt", 400, "BadRequestError")
+    (ids,) = prompts
+    if ids and (min(ids) < 0 or max(ids) >= tokenizer.vocab_size):  # vLLM's renderer
+        bad = min(ids) if min(ids) < 0 else max(ids)
+        raise RequestError(f"Token id {bad} is out of vocabulary", 400, "BadRequestError")
+    if not ids:  # vLLM's input processor
+        raise RequestError("The decoder prompt cannot be empty", 400, "BadRequestError")
     return ids
 
 
@@ -155,27 +153,31 @@ def parse_request(
 ) -> ParsedRequest:
     """A completion or chat request as the engine needs it; ``RequestError`` otherwise."""
     if not isinstance(body, dict):
-        detail = {
-            "type": "model_attributes_type",
-            "loc": "body",
-            "msg": "Input should be a valid dictionary or object",
-            "input": body,
-        }
-        raise validation_error(str(detail)[:1000], "body")
+        msg = "Input should be a valid dictionary or object to extract fields from"
+        raise validation.refuse([validation.error("model_attributes_type", "body", msg, body)])
     if chat:
-        messages = body.get("messages")
-        if messages is None:
-            raise _missing("messages", body)
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise validation_error("messages must be a list of objects", "body.messages")
+        if "messages" not in body:
+            missing = validation.error("missing", "body.messages", "Field required", body)
+            raise validation.refuse([missing])
+        messages = body["messages"]
+        errors = validation.message_errors(messages)
+        if errors:
+            raise validation.refuse(errors)
+        if not messages:
+            raise RequestError(
+                "Cannot apply chat template to an empty conversation. Provide at least one "
+                "message.",
+                400,
+                "BadRequestError",
+            )
         prompt_ids = tokenizer.encode(render_chat(messages))
     else:
-        if body.get("prompt") is None:
+        if body.get("prompt") is None or body.get("prompt") == "":
             raise invalid(
                 "Either prompt or prompt_embeds must be provided and non-empty.", "prompt"
             )
         prompt_ids = _prompt_ids(body["prompt"], tokenizer)
-    n = _int(body, "n", 1)
+    n = _int(body, "n", 1, nullable=False)
     if n != 1:
         raise RequestError("the simulator serves n=1 only", 400, "BadRequestError", "n")
     for name in _UNSUPPORTED:
@@ -196,6 +198,8 @@ def parse_request(
         param = "max_completion_tokens"
     else:
         max_tokens = _int(body, "max_tokens", None if chat else 16)
+        if max_tokens is None and not chat:
+            max_tokens = 16  # a completion's explicit null is the default too (measured)
     if max_tokens is not None and max_tokens > max_model_len:
         raise invalid(
             f"{param}={max_tokens} cannot be greater than max_model_len="
@@ -203,25 +207,30 @@ def parse_request(
             param,
             max_tokens,
         )
-    if len(prompt_ids) >= max_model_len:
+    if len(prompt_ids) > max_model_len:
+        # vLLM's tokenizer stops at max_model_len + 1 tokens, hence "at least" then.
+        qualifier = "at least " if len(prompt_ids) == max_model_len + 1 else ""
         raise invalid(
             f"This model's maximum context length is {max_model_len} tokens. However, your "
-            f"prompt contains {len(prompt_ids)} input tokens, which exceeds this limit even "
-            "without any output tokens. Please reduce the length of the input prompt.",
+            f"prompt contains {qualifier}{len(prompt_ids)} input tokens, which exceeds this "
+            "limit even without any output tokens. Please reduce the length of the input "
+            "prompt.",
             "input_tokens",
             len(prompt_ids),
         )
-    if max_tokens is not None and max_tokens < 1:
-        raise invalid(f"{param} must be at least 1, got {max_tokens}.", param, max_tokens)
-    # Within max_model_len, vLLM clamps max_tokens to the room the prompt leaves
-    # (``get_max_tokens``) instead of refusing.
+    # Within max_model_len vLLM clamps max_tokens to the room the prompt leaves
+    # (``get_max_tokens``), then its SamplingParams refuse fewer than 1 (a prompt of
+    # max_model_len tokens gets "got 0"), whichever field the client used.
     room = max_model_len - len(prompt_ids)
+    max_tokens = min(room, max_tokens) if max_tokens is not None else room
+    if max_tokens < 1:
+        raise invalid(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens", max_tokens)
     prefix = "chatcmpl-" if chat else "cmpl-"
     return ParsedRequest(
         request_id=prefix + (request_id or secrets.token_hex(8)),
         model=body.get("model") if isinstance(body.get("model"), str) else None,
         prompt_ids=prompt_ids,
-        max_tokens=min(room, max_tokens) if max_tokens is not None else room,
+        max_tokens=max_tokens,
         stream=stream,
         include_usage=bool(options.get("include_usage")),
         continuous_usage=bool(options.get("include_usage"))

@@ -5,6 +5,7 @@
     with running_sim_engine(port=free_port, time_scale=10, num_gpu_blocks=64) as engine:
         engine.url                  # "http://127.0.0.1:<port>"
         engine.get("/metrics")      # body text (urllib, no extra dependency)
+        engine.metric("vllm:num_requests_running")   # one sample, as a float
         engine.set_faults(fail_next=2)
 
 Keyword arguments are ``shoal sim engine`` flags with ``_`` for ``-`` (``True`` = a bare
@@ -20,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -75,6 +77,15 @@ class SimEngineProcess:
         status, body = self.request("GET", path)
         assert status == 200, f"GET {path}: {status} {body[:200]!r}"
         return body.decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of ``/metrics`` (labels not given are ignored); ``KeyError`` when no
+        sample has that name and those labels."""
+        for line in self.get("/metrics").splitlines():
+            found = re.match(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", line)
+            if found and all(f'{k}="{v}"' in found.group(1) for k, v in labels.items()):
+                return float(found.group(2))
+        raise KeyError(f"{name} {labels} not in /metrics")
 
     def set_faults(self, **faults: Any) -> dict[str, Any]:
         status, body = self.request("POST", "/sim/faults", faults)

@@ -9,18 +9,23 @@ computed in the step) and ``max_num_seqs`` (requests in it):
    preempted (vLLM's recompute preemption: its blocks are freed, its computed count reset,
    it goes back to the head of the waiting queue keeping its generated tokens) until the
    allocation fits, or the request preempts itself;
-2. then waiting requests, first come first served: the longest cached prefix of full
-   blocks is taken from the prefix cache (never the whole prompt: the last token is always
-   computed, as vLLM caps hits at ``num_tokens - 1``), and the rest is chunked into the
-   token budget. A request that does not fit in the free blocks stops the queue (head of
-   line, like vLLM). A request whose adapter would make the step's distinct adapters
-   exceed ``max_loras`` is skipped for this step and keeps its place.
+2. then, only when step 1 preempted nothing (as vLLM: the blocks a preemption freed go to
+   no newcomer in the same step), waiting requests, first come first served: the longest
+   cached prefix of full blocks is taken from the prefix cache (never the whole prompt:
+   the last token is always computed, as vLLM caps hits at ``num_tokens - 1``), and the
+   rest is chunked into the token budget. A request that does not fit in the free blocks
+   stops the queue (head of line, like vLLM). A request whose adapter would make the
+   step's distinct adapters exceed ``max_loras`` is skipped for this step and keeps its
+   place.
 
+A request's blocks that the step fills are cached as soon as they are allocated for it, as
+vLLM's ``allocate_slots`` does: a request admitted later in the same step hits blocks
+that this step computes (two identical prompts arriving together compute them once).
 ``update(plan)`` then applies the step: computed counts advance, a request whose known
-tokens are all computed samples one token (``tokens.generated_token``), full blocks are
-cached (and so published), finished requests free their blocks. A request finishes with
-"length" at ``max_tokens`` or at ``max_model_len`` (the simulator never samples EOS, as
-vLLM with ``ignore_eos``).
+tokens are all computed samples one token (``tokens.generated_token``), finished
+requests free their blocks; the engine publishes the step's KV events after it. A
+request finishes with "length" at ``max_tokens`` or at ``max_model_len`` (the simulator
+never samples EOS, as vLLM with ``ignore_eos``).
 
 LoRA: ``max_loras`` bounds the distinct adapters in one step (vLLM's GPU LoRA slots,
 checked in its scheduler); ``max_cpu_loras`` bounds the adapters resident in the worker's
@@ -175,13 +180,17 @@ class Scheduler:
                     break
             if request.status is not Status.RUNNING:
                 break
+            self._cache_full_blocks(request, request.num_computed + num_new)
             scheduled.append((request, num_new))
             budget -= num_new
             index += 1
 
         newly: list[Request] = []
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+        # vLLM admits from the waiting queue only in a step that preempted nothing.
+        while (
+            not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs
+        ):
             request = self.waiting[0]
             if request.lora and request.lora[0] not in loras and len(loras) >= cfg.max_loras:
                 skipped.append(self.waiting.popleft())
@@ -199,6 +208,7 @@ class Scheduler:
             request.block_ids = hit + fresh
             request.num_cached_blocks = len(hit)
             request.num_computed = num_computed
+            self._cache_full_blocks(request, num_computed + num_new)
             request.status = Status.RUNNING
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed
@@ -223,7 +233,6 @@ class Scheduler:
             if request.first_scheduled_s is None:
                 request.first_scheduled_s = now_s
             request.num_computed += num_new
-            self._cache_full_blocks(request)
             if request.num_computed < request.num_tokens:
                 continue  # a prefill chunk: nothing sampled yet
             token = generated_token(request.seed, len(request.output_ids), self.config.vocab_size)
@@ -297,9 +306,11 @@ class Scheduler:
         request.block_ids.extend(fresh)
         return True
 
-    def _cache_full_blocks(self, request: Request) -> None:
+    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        """Cache the blocks that the first ``num_tokens`` tokens fill (vLLM's
+        ``allocate_slots``: at schedule time, for the tokens this step computes)."""
         size = self.config.block_size
-        full = min(request.num_computed // size, len(request.block_ids))
+        full = min(min(num_tokens, request.num_tokens) // size, len(request.block_ids))
         start = request.num_cached_blocks
         if full <= start:
             return

@@ -18,7 +18,11 @@ cancels its handler and the handler's ``finally`` aborts the request in the engi
 
 Errors: every refusal is vLLM's error JSON with vLLM's status, ``type`` and ``param``;
 a body over ``--max-request-bytes`` is a 413 in the same shape (vLLM itself sets no limit;
-the simulator needs one as any server does). Chosen over FastAPI (what vLLM uses): aiohttp
+the simulator needs one as any server does); a body nested past the JSON parser's depth is
+FastAPI's 400 ``{"detail": "There was an error parsing the body"}`` (what the real engine
+answers); any other exception is logged and
+answered as vLLM's last-resort handler does (500, "InternalServerError"), so a bug in one
+request never takes the engine down. Chosen over FastAPI (what vLLM uses): aiohttp
 is one small dependency and a simulated engine must start in well under a second.
 """
 
@@ -54,6 +58,7 @@ __all__ = ["SimServer", "build_engine", "serve"]
 
 log = logging.getLogger("shoal." + __name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_STREAMING = "shoal_sim_streaming"  # request key: the response's headers are sent
 
 
 def _error(exc: RequestError) -> web.Response:
@@ -152,8 +157,16 @@ class SimServer:
                     exc.text or "Request Entity Too Large", 413, "Request Entity Too Large"
                 )
             )
-        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:  # FastAPI's words
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed, web.HTTPBadRequest) as exc:
+            # FastAPI's own answers, which vLLM leaves as they are
             return _json({"detail": exc.reason}, exc.status)
+        except (web.HTTPException, ConnectionError):
+            raise
+        except Exception:  # vLLM's safety net: a bug answers 500 JSON, the engine serves on
+            if request.get(_STREAMING):
+                raise  # headers are out: only dropping the connection is left
+            log.exception("unexpected error in %s %s", request.method, request.path)
+            return _error(RequestError("Internal Server Error", 500, "InternalServerError"))
 
     # -- plain routes ---------------------------------------------------------------
 
@@ -209,6 +222,13 @@ class SimServer:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        self.engine.metrics.open_requests.inc()
+        try:
+            return await self._generate_open(request, chat=chat)
+        finally:
+            self.engine.metrics.open_requests.dec()
+
+    async def _generate_open(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         arrival = self.engine.clock.now()
         body = await _json_body(request)
         parsed = openai.parse_request(
@@ -273,6 +293,7 @@ class SimServer:
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await response.prepare(request)
+        request[_STREAMING] = True
         die_after = self.engine.faults.take_die()
         sent = 0
 
@@ -387,6 +408,8 @@ async def _json_body(request: web.Request) -> Any:
     raw = await request.read()
     try:
         return json.loads(raw)
+    except RecursionError:  # nested past the parser's stack: FastAPI's answer, as vLLM's
+        raise web.HTTPBadRequest(reason="There was an error parsing the body") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         position = getattr(exc, "pos", getattr(exc, "start", 0))
         detail = {

@@ -10,6 +10,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -100,6 +101,8 @@ def test_adapters_load_list_serve_and_unload_like_vllms() -> None:
         assert status == 200
         status, gone = engine.request("POST", "/v1/unload_lora_adapter", {"lora_name": "a"})
         assert status == 404 and json.loads(gone)["error"]["type"] == "NotFoundError"
+        status, odd = engine.request("POST", "/v1/unload_lora_adapter", {"lora_name": ["a"]})
+        assert status == 400 and json.loads(odd)["error"]["type"] == "InvalidUserInput"
         status, unknown = engine.request("POST", "/v1/completions", {"model": "a", "prompt": "x"})
         assert status == 404 and json.loads(unknown)["error"]["param"] == "model"
 
@@ -121,8 +124,7 @@ def test_max_loras_bounds_the_adapters_in_one_batch(max_loras: int, most_running
                 deferred_seen |= (
                     metric(engine, "vllm:num_requests_waiting_by_reason", reason="deferred") == 1
                 )
-                found = re.search(r'running_lora_adapters="([^"]*)"', engine.get("/metrics"))
-                lora_labels.add(found.group(1) if found else None)
+                lora_labels.add(latest_lora_info(engine.get("/metrics"))["running"])
         finally:
             for thread in threads:
                 thread.join(timeout=30)
@@ -131,6 +133,23 @@ def test_max_loras_bounds_the_adapters_in_one_batch(max_loras: int, most_running
         if max_loras == 1:  # y waited for a LoRA slot, not for capacity, at some point
             assert deferred_seen
         assert metric(engine, "vllm:request_success_total", finished_reason="length") == 2
+        # As vLLM's: every combination seen stays, stamped when last current; the latest
+        # (the highest stamp) is the engine's state now.
+        text = engine.get("/metrics")
+        assert len(re.findall(r"^vllm:lora_requests_info\{", text, re.M)) >= 2
+        assert latest_lora_info(text) == {"running": "", "waiting": ""}
+
+
+def latest_lora_info(text: str) -> dict[str, str]:
+    """The adapters running and waiting in ``vllm:lora_requests_info``'s latest series."""
+    series = []
+    for labels, value in re.findall(r"^vllm:lora_requests_info\{(.*)\} (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        series.append(
+            (float(value), found["running_lora_adapters"], found["waiting_lora_adapters"])
+        )
+    _, running, waiting = max(series)
+    return {"running": running, "waiting": waiting}
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +234,79 @@ def test_die_exit_ends_the_process_mid_stream_from_a_start_flag(tmp_path: Any) -
         assert engine.process.wait(timeout=10) == DIE_EXIT_CODE
     finally:
         engine.stop()
+
+
+# A 0.5 s API server (simulated), one 10 ms step per token.
+SLOW_ADMISSION = StepProfile(
+    c0_s=0.01, c_prefill_s=0.0, c_decode_s=0.0, c_kv_s=0.0, c_request_s=0.5
+)
+
+
+def test_finished_request_stats_mean_what_vllms_do() -> None:
+    """Queue time runs from the engine core's QUEUED event (after the API server's part),
+    TTFT and e2e from the HTTP arrival; a one-token answer has a TPOT of 0; n, max_tokens,
+    prefill KV and max generation tokens are observed per finished request."""
+    with running_sim_engine(free_port(), profile=SLOW_ADMISSION, time_scale=10) as engine:
+        prompt = list(range(100, 164))  # 4 blocks of 16
+        complete(engine, {"prompt": prompt, "max_tokens": 1})
+        complete(engine, {"prompt": prompt, "max_tokens": 1})  # 3 blocks hit
+        assert metric(engine, "vllm:time_to_first_token_seconds_sum") >= 2 * 0.51 - 1e-9
+        assert metric(engine, "vllm:request_queue_time_seconds_sum") < 0.2
+        assert metric(engine, "vllm:request_time_per_output_token_seconds_count") == 2
+        assert metric(engine, "vllm:request_params_max_tokens_sum") == 2
+        assert metric(engine, "vllm:request_params_n_count") == 2
+        assert metric(engine, "vllm:request_max_num_generation_tokens_sum") == 2
+        assert metric(engine, "vllm:request_prefill_kv_computed_tokens_sum") == 64 + 16
+        hits = metric(engine, "vllm:prefix_cache_hits_total")
+        assert hits == 48
+        assert metric(engine, "vllm:prompt_tokens_cached_by_source_total", source="device") == hits
+
+
+def series_names(text: str) -> set[str]:
+    """The vLLM families a /metrics text declares (``_total``/``_created`` dropped)."""
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE vllm:")}
+    return {n.removesuffix("_total").removesuffix("_created") for n in names}
+
+
+# The features a simulated engine has not (sim/metrics.py's docstring).
+NOT_SIMULATED = {
+    "vllm:admission_rejections",
+    "vllm:estimated_flops_per_gpu",
+    "vllm:estimated_read_bytes_per_gpu",
+    "vllm:estimated_write_bytes_per_gpu",
+    "vllm:mm_cache_hits",
+    "vllm:mm_cache_queries",
+    "vllm:engine_sleep_state",
+}
+
+
+def test_every_series_of_the_real_engine_is_there_but_for_features_not_simulated() -> None:
+    """``data/vllm_cpu_metrics.txt``: /metrics of the project's CPU ``vllm serve`` (0.32)
+    after six completions."""
+    real = series_names((Path(__file__).parent / "data/vllm_cpu_metrics.txt").read_text())
+    with running_sim_engine(free_port(), time_scale=10) as engine:
+        sim = series_names(engine.get("/metrics"))
+    assert real - sim == NOT_SIMULATED
+
+
+def test_without_prefix_caching_no_prefix_cache_query_is_counted() -> None:
+    """vLLM counts queries only for requests that looked the cache up
+    (``KVCacheManager.record_prefix_cache_stats``): none without prefix caching."""
+    with running_sim_engine(free_port(), time_scale=10, no_enable_prefix_caching=True) as engine:
+        complete(engine, {"prompt": list(range(100, 164)), "max_tokens": 1})
+        complete(engine, {"prompt": list(range(100, 164)), "max_tokens": 1})
+        assert metric(engine, "vllm:prompt_tokens_total") == 128
+        assert metric(engine, "vllm:prefix_cache_queries_total") == 0
+        assert metric(engine, "vllm:prefix_cache_hits_total") == 0
+
+
+def test_iteration_tokens_count_what_each_output_batch_carries() -> None:
+    """vLLM observes vllm:iteration_tokens_total once per engine step that produced output,
+    as the prompt tokens computed for requests whose first token it carries plus the tokens
+    generated: a 300-token prompt prefilled in 3 chunks, then 2 more tokens, is 3
+    observations summing to 303 (the captured CPU engine: 6 requests of 52 prompt tokens
+    and 28 generated, 28 observations summing to 80)."""
+    with running_sim_engine(free_port(), time_scale=10, max_num_batched_tokens=128) as engine:
+        complete(engine, {"prompt": list(range(100, 400)), "max_tokens": 3})
+        assert metric(engine, "vllm:iteration_tokens_total_count") == 3
+        assert metric(engine, "vllm:iteration_tokens_total_sum") == 303

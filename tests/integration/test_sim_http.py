@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -187,14 +188,86 @@ def error_of(status: int, body: dict[str, Any]) -> tuple[int, str, Any]:
             (400, "BadRequestError", "stream_options"),
         ),
         ({"prompt": list(range(600))}, (400, "BadRequestError", "input_tokens")),
-        ({"prompt": [1, 10**9]}, (400, "BadRequestError", "prompt")),
+        ({"prompt": [1, 10**9]}, (400, "BadRequestError", None)),
         ({"prompt": "x", "max_tokens": 513}, (400, "BadRequestError", "max_tokens")),
+        ({"prompt": ""}, (400, "BadRequestError", "prompt")),
+        ({"prompt": [[]]}, (400, "BadRequestError", None)),
+        ({"prompt": list(range(20, 532))}, (400, "BadRequestError", "max_tokens")),
+        ({"prompt": [-1, 20]}, (400, "Bad Request", "body.prompt.0")),
+        ({"prompt": [20, "a"]}, (400, "Bad Request", "body.prompt.1")),
+        ({"prompt": "x", "n": None}, (400, "Bad Request", "body.n")),
+        ({"prompt": "x", "max_tokens": 0}, (400, "BadRequestError", "max_tokens")),
+        ({"prompt": {"text": "x"}}, (400, "Bad Request", "body.prompt")),
     ],
 )
 def test_bad_requests_get_vllms_error_json(
     engine: SimEngineProcess, body: dict[str, Any], expected: tuple[int, str, str]
 ) -> None:
     assert error_of(*post(engine, "/v1/completions", body)) == expected
+
+
+def test_vllms_wording_for_bad_prompts(engine: SimEngineProcess) -> None:
+    """The messages a real ``vllm serve`` (the CPU build) answers for these prompts."""
+    cases: list[tuple[Any, str]] = [
+        ("", "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)"),
+        ([[]], "The decoder prompt cannot be empty"),
+        # max_tokens is clamped to the room the prompt leaves: none.
+        (
+            list(range(20, 532)),
+            "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+        ),
+        (
+            list(range(20, 533)),
+            "This model's maximum context length is 512 tokens. However, your prompt contains "
+            "at least 513 input tokens, which exceeds this limit even without any output tokens. "
+            "Please reduce the length of the input prompt. (parameter=input_tokens, value=513)",
+        ),
+        ([20, 10**9], "Token id 1000000000 is out of vocabulary"),
+        (
+            {"a": 1},
+            "4 validation errors:\n"
+            "  {'type': 'list_type', 'loc': 'body.prompt', 'msg': 'Input should be a valid list', "
+            "'input': '<dict of 1 items>'}\n"
+            "  {'type': 'list_type', 'loc': 'body.prompt', 'msg': 'Input should be a valid list', "
+            "'input': '<dict of 1 items>'}\n"
+            "  {'type': 'string_type', 'loc': 'body.prompt', 'msg': 'Input should be a valid "
+            "string', 'input': '<dict of 1 items>'}\n"
+            "  {'type': 'list_type', 'loc': 'body.prompt', 'msg': 'Input should be a valid list', "
+            "'input': '<dict of 1 items>'}",
+        ),
+    ]
+    for prompt, message in cases:
+        status, body = post(engine, "/v1/completions", {"prompt": prompt})
+        assert (status, body["error"]["message"]) == (400, message)
+
+
+def test_chat_messages_are_validated_as_vllm_does(engine: SimEngineProcess) -> None:
+    status, body = post(engine, "/v1/chat/completions", {"messages": []})
+    assert (status, body["error"]["type"], body["error"]["message"]) == (
+        400,
+        "BadRequestError",
+        "Cannot apply chat template to an empty conversation. Provide at least one message.",
+    )
+    status, body = post(engine, "/v1/chat/completions", {"messages": [5]})
+    assert error_of(status, body) == (
+        400,
+        "Bad Request",
+        "body.messages.0.ChatCompletionDeveloperMessageParam",
+    )
+    assert body["error"]["message"].startswith("8 validation errors:")
+
+
+def test_integral_floats_and_numeric_strings_are_ints_as_pydantic_reads_them(
+    engine: SimEngineProcess,
+) -> None:
+    for value in (3.0, "3"):
+        status, body = post(engine, "/v1/completions", {"prompt": "x", "max_tokens": value})
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
+    status, body = post(engine, "/v1/completions", {"prompt": "x", "max_tokens": 2.5})
+    assert error_of(status, body) == (400, "Bad Request", "body.max_tokens")
+    assert "got a number with a fractional part" in body["error"]["message"]
+    status, body = post(engine, "/v1/completions", {"prompt": "x", "max_tokens": None})
+    assert status == 200 and body["usage"]["completion_tokens"] == 16, "null is the default"
 
 
 def test_max_tokens_past_the_prompts_room_is_clamped_as_vllm_does(engine: SimEngineProcess) -> None:
@@ -223,6 +296,16 @@ def test_malformed_json_wrong_type_and_oversized_bodies(engine: SimEngineProcess
             urllib.request.urlopen(req, timeout=10)
         body = json.loads(raised.value.read())
         assert error_of(raised.value.code, body)[:2] == (status, kind)
+    # Nested past the parser's depth: FastAPI's answer, as the real engine gives it.
+    req = urllib.request.Request(
+        engine.url + "/v1/completions",
+        data=b"[" * 2000 + b"]" * 2000,
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as nested:
+        urllib.request.urlopen(req, timeout=10)
+    assert nested.value.code == 400
+    assert json.loads(nested.value.read()) == {"detail": "There was an error parsing the body"}
     assert engine.healthy()
 
 
@@ -279,7 +362,7 @@ def test_a_client_that_hangs_up_aborts_its_request(engine: SimEngineProcess) -> 
             b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         assert conn.recv(4096).startswith(b"HTTP/1.1 200")
-    pattern = r'^vllm:request_success_total\{engine="0",finished_reason="abort".*\} (\S+)'
+    pattern = r"^shoal_sim_client_aborts_total\{.*\} (\S+)"
 
     def aborted() -> float:
         found = re.search(pattern, engine.get("/metrics"), re.M)
@@ -301,3 +384,32 @@ def test_unknown_routes_and_lora_routes_without_enable_lora_are_fastapis_404(
     for path in ("/v1/nothing", "/v1/load_lora_adapter"):
         status, raw = engine.request("POST", path, {"lora_name": "a", "lora_path": "/x"})
         assert (status, json.loads(raw)) == (404, {"detail": "Not Found"})
+
+
+def test_two_live_requests_may_share_an_x_request_id(engine: SimEngineProcess) -> None:
+    """vLLM maps one external id to several internal requests; a router that forwards its
+    own X-Request-Id (a retry, a hedge) must get each answer, not a hang or the other's
+    tokens."""
+    results: dict[int, tuple[int, dict[str, Any]]] = {}
+
+    def ask(max_tokens: int) -> None:
+        req = urllib.request.Request(
+            engine.url + "/v1/completions",
+            data=json.dumps(
+                {"prompt": f"shared id {max_tokens}", "max_tokens": max_tokens}
+            ).encode(),
+            headers={"Content-Type": "application/json", "X-Request-Id": "router-7"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as reply:
+            results[max_tokens] = (reply.status, json.loads(reply.read()))
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in (20, 60)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=15)
+    assert sorted(results) == [20, 60], "a request with a shared id never got its answer"
+    for max_tokens, (status, body) in results.items():
+        assert status == 200 and body["id"] == "cmpl-router-7"
+        assert body["usage"]["completion_tokens"] == max_tokens
+        assert len(body["choices"][0]["text"].split()) == max_tokens

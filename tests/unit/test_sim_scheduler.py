@@ -3,6 +3,9 @@ preemption and LoRA slots, step by step."""
 
 from __future__ import annotations
 
+import random
+
+from sim.blocks import Stored
 from sim.profile import StepProfile, StepShape
 from sim.scheduler import Request, Scheduler, SchedulerConfig, Status
 
@@ -86,7 +89,7 @@ def test_a_request_waits_for_blocks_head_of_line() -> None:
 
 
 def test_decode_out_of_blocks_preempts_the_latest_request_which_keeps_its_tokens() -> None:
-    s = Scheduler(config(num_gpu_blocks=8))
+    s = Scheduler(config(num_gpu_blocks=9))  # 8 usable
     a = request("a", list(range(4 * B)), max_tokens=20)
     b = request("b", list(range(300, 300 + 4 * B)), max_tokens=20)
     s.add(a)
@@ -142,9 +145,9 @@ def test_an_aborted_request_frees_its_blocks() -> None:
     r = request("a", list(range(3 * B)), max_tokens=50)
     s.add(r)
     s.update(s.schedule(), 1.0)
-    assert s.pool.num_free < 64
+    assert s.pool.num_free < 63
     s.abort(r)
-    assert s.pool.num_free == 64 and r.finish_reason == "abort" and not s.has_work
+    assert s.pool.num_free == 63 and r.finish_reason == "abort" and not s.has_work
 
 
 def test_outputs_are_deterministic_and_stop_at_max_model_len() -> None:
@@ -162,3 +165,58 @@ def test_the_profile_prices_a_step_linearly() -> None:
     p = StepProfile(c0_s=1.0, c_prefill_s=0.1, c_decode_s=0.01, c_kv_s=0.001, lora_load_s=5.0)
     assert p.step_s(StepShape(10, 2, 100, 1)) == 1.0 + 1.0 + 0.02 + 0.1 + 5.0
     assert p.scaled(2).step_s(StepShape(10, 0, 0)) == 4.0
+
+
+def test_a_step_that_preempts_admits_no_waiting_request() -> None:
+    """vLLM schedules the waiting queue only when the running pass preempted nothing:
+    blocks a preemption just freed must not go to a newcomer (or straight back to the
+    request preempted for them) in the same step."""
+    rng = random.Random(2)
+    s = Scheduler(
+        config(
+            num_gpu_blocks=12,
+            max_num_batched_tokens=64,
+            max_model_len=12 * B,
+            enable_prefix_caching=False,  # with the cache the same workload preempts less
+        )
+    )
+    pending = [
+        request(f"r{i}", [rng.randrange(16, 200) for _ in range(rng.randrange(1, 60))])
+        for i in range(12)
+    ]
+    for r in pending:
+        r.max_tokens = rng.randrange(1, 60)
+    steps_with_preemption = 0
+    now = 0.0
+    while pending or s.has_work:
+        if pending and rng.random() < 0.5:
+            s.add(pending.pop())
+        if not s.has_work:
+            continue
+        waiting = set(s.waiting)
+        plan = s.schedule()
+        if plan.preempted:
+            steps_with_preemption += 1
+            assert not [r for r, _ in plan.scheduled if r in waiting or r in plan.preempted]
+        now += 1.0
+        s.update(plan, now)
+    assert steps_with_preemption > 0, "the workload must preempt to test anything"
+    assert s.pool.num_free == s.pool.num_usable
+
+
+def test_a_prefix_computed_in_this_step_is_already_a_hit_for_a_request_behind_it() -> None:
+    """vLLM caches a request's full blocks when it allocates them for the step (so before
+    they are computed: the step's forward pass writes them before any attention reads
+    them), and a request admitted later in the same schedule() hits them. Two identical
+    prompts arriving together compute the shared blocks once."""
+    s = Scheduler(config())
+    prompt = list(range(100, 100 + 4 * B + 8))
+    a, b = request("a", prompt), request("b", prompt)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule()
+    assert [n for _, n in plan.scheduled] == [4 * B + 8, 8]
+    assert (a.num_cached_tokens, b.num_cached_tokens) == (0, 4 * B)
+    assert b.block_ids[:4] == a.block_ids[:4]
+    stored = [e for e in s.pool.take_events() if isinstance(e, Stored)]
+    assert sum(len(e.block_hashes) for e in stored) == 4, "each block stored once"
