@@ -29,8 +29,14 @@ when there is no work (an idle engine costs nothing), and yields to the event lo
 every step, even one whose end is already past, so the HTTP server runs between steps at
 any ``--time-scale``.
 
-Requests are submitted as token ids (the server tokenizes). A client that goes away aborts
-its request (``abort``), freeing its blocks at once, as vLLM does. Like vLLM's output
+Requests are submitted as token ids (the server tokenizes). ``submit_group`` fans a request
+with ``n`` > 1 out as vLLM v1's ``ParentRequest`` does: ``n`` child requests ``<i>_<id>``
+with the same prompt, admitted together, each scheduled, cached, preempted and counted as a
+request of its own (so the second child finds the first one's full prompt blocks in the
+prefix cache), their tokens on one queue tagged with the choice index; the parent's
+``n`` and the largest child output are observed once, when its last child finishes
+(``vllm:request_params_n``, ``vllm:request_max_num_generation_tokens``). A client that goes
+away aborts its requests (``abort``), freeing their blocks at once, as vLLM does. Like vLLM's output
 processor, which drops a client-aborted request's state before any finished stats, such a
 request counts in no ``vllm:`` series (``request_success{finished_reason="abort"}``
 included: vLLM's stays 0 on client hang-ups); ``shoal_sim_client_aborts_total`` counts them.
@@ -78,12 +84,23 @@ class SimClock:
 class TokenOut:
     token_id: int
     finish_reason: str | None  # set on the request's last token
+    index: int = 0  # the choice of the answer it belongs to (the handle's index)
 
 
 @dataclass(eq=False, slots=True)
 class RequestHandle:
     request: Request
     queue: asyncio.Queue[TokenOut] = field(default_factory=asyncio.Queue)
+    index: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Parent:
+    """vLLM's ``ParentRequest`` stats: ``n`` children, observed once the last one ends."""
+
+    n: int
+    live: int
+    max_generated: int = 0
 
 
 class Engine:
@@ -108,6 +125,7 @@ class Engine:
         self._handles: dict[Request, RequestHandle] = {}
         self._wake = asyncio.Event()
         self._last_token_s: dict[Request, float] = {}
+        self._parents: dict[Request, _Parent] = {}
         self._slack_s = _TIMER_SLACK_S * self.clock.scale
         self._early_s = 0.0  # wall seconds timers are set early (mean lateness, bounded)
         self.num_steps = 0
@@ -129,20 +147,64 @@ class Engine:
         request = Request(request_id, list(prompt_ids), max_tokens, arrival, lora)
         handle = RequestHandle(request)
         self._handles[request] = handle
+        self._schedule_admission([request], now, arrival)
+        return handle
+
+    def submit_group(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        n: int,
+        lora: tuple[int, str] | None = None,
+        arrival_s: float | None = None,
+        *,
+        queue: asyncio.Queue[TokenOut] | None = None,
+        first_index: int = 0,
+    ) -> list[RequestHandle]:
+        """One prompt sampled ``n`` times: ``n`` child requests as vLLM v1 makes them
+        (``<i>_<request_id>``; the request itself when ``n`` is 1), admitted together.
+        Their tokens go to ``queue`` (shared by all of them; a new one if not given)
+        tagged with choice indexes ``first_index``, ``first_index + 1``, ..."""
+        assert n >= 1, "the server checks n"
+        shared: asyncio.Queue[TokenOut] = asyncio.Queue() if queue is None else queue
+        if n == 1:
+            handle = self.submit(request_id, prompt_ids, max_tokens, lora, arrival_s)
+            handle.queue, handle.index = shared, first_index
+            return [handle]
+        now = self.clock.now()
+        arrival = now if arrival_s is None else min(arrival_s, now)
+        parent = _Parent(n, n)
+        handles = []
+        for i in range(n):
+            request = Request(f"{i}_{request_id}", list(prompt_ids), max_tokens, arrival, lora)
+            # each child samples its own text (vLLM gives child i the seed + i); child 0
+            # answers what the prompt alone would
+            request.seed = (request.seed + i) % (1 << 64)
+            handle = RequestHandle(request, shared, first_index + i)
+            self._handles[request] = handle
+            self._parents[request] = parent
+            handles.append(handle)
+        self._schedule_admission([h.request for h in handles], now, arrival)
+        return handles
+
+    def _schedule_admission(self, requests: list[Request], now: float, arrival: float) -> None:
         admission_s = self.profile.c_request_s * self.faults.slowdown - (now - arrival)
         admission = admission_s / self.clock.scale
         if admission > self._early_s:  # the API server's part of the latency (profile.py)
             due = time.monotonic() + admission
-            asyncio.get_running_loop().call_later(
-                admission - self._early_s, self._admit, request, due
-            )
+            loop = asyncio.get_running_loop()
+            loop.call_later(admission - self._early_s, self._admit_all, requests, due)
         else:
-            self._admit(request)
-        return handle
+            self._admit_all(requests)
 
-    def _admit(self, request: Request, due: float | None = None) -> None:
+    def _admit_all(self, requests: list[Request], due: float | None = None) -> None:
         if due is not None:
             self._note_lateness(time.monotonic() - (due - self._early_s))
+        for request in requests:
+            self._admit(request)
+
+    def _admit(self, request: Request) -> None:
         if request.finish_reason is not None:
             return  # aborted before the engine saw it
         request.ready_s = self.clock.now()
@@ -162,6 +224,7 @@ class Engine:
         self.scheduler.abort(request)
         self._handles.pop(request, None)
         self._last_token_s.pop(request, None)
+        self._parents.pop(request, None)  # its parent is never observed, as in vLLM
         self.metrics.client_aborts.inc()
         self._gauges()
 
@@ -248,7 +311,7 @@ class Engine:
             reason = request.finish_reason if id(request) in finished else None
             handle = self._handles.get(request)
             if handle is not None:
-                handle.queue.put_nowait(TokenOut(token, reason))
+                handle.queue.put_nowait(TokenOut(token, reason, handle.index))
             if reason is not None:
                 self._finished(request, now)
 
@@ -274,11 +337,19 @@ class Engine:
         m.tpot.observe((now - first) / (num_out - 1) if num_out > 1 else 0.0)
         m.request_prompt_tokens.observe(len(request.prompt_ids))
         m.request_generation_tokens.observe(num_out)
-        m.max_num_generation_tokens.observe(num_out)
         m.prefill_kv_computed.observe(len(request.prompt_ids) - max(0, request.num_cached_tokens))
         m.max_tokens_param.observe(request.max_tokens)
-        m.n_param.observe(1)
         m.request_preemptions.observe(request.num_preemptions)
+        parent = self._parents.pop(request, None)
+        if parent is None:
+            m.n_param.observe(1)
+            m.max_num_generation_tokens.observe(num_out)
+            return
+        parent.live -= 1
+        parent.max_generated = max(parent.max_generated, num_out)
+        if parent.live == 0:
+            m.n_param.observe(parent.n)
+            m.max_num_generation_tokens.observe(parent.max_generated)
 
     def _gauges(self) -> None:
         s = self.scheduler

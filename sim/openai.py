@@ -13,11 +13,16 @@ a validation message ending in ``(parameter=..., value=...)`` as vLLM's
 The ``system_fingerprint`` is ``shoal-sim-<8 hex of the served name>`` (vLLM's is
 ``vllm-<version>-<hash>``), so a client can tell a simulator from an engine.
 
-Supported: one prompt (text, token ids, or a one-element list of either), ``n`` = 1,
-``max_tokens`` / ``max_completion_tokens``, ``stream``, ``stream_options.include_usage``
-and ``continuous_usage_stats``, ``ignore_eos`` (always in effect). Rejected with a 400 as
-vLLM would reject what it cannot do, or named as unsupported by the simulator: ``n`` > 1,
-``best_of``, ``logprobs``/``top_logprobs``, ``echo``, ``use_beam_search``, several prompts.
+Supported: a completion's prompt as text, token ids, or a list of either (a batch: one
+engine request per prompt, ``<id>-<i>`` as vLLM's serving layer names them, each prompt
+checked and its ``max_tokens`` clamped on its own), any ``n`` >= 1 (vLLM's checks: an int,
+at least 1, at most ``VLLM_MAX_N_SEQUENCES`` = 16384, and 1 under greedy sampling,
+``temperature`` = 0), ``max_tokens`` / ``max_completion_tokens``, ``stream``,
+``stream_options.include_usage`` and ``continuous_usage_stats``, ``ignore_eos`` (always in
+effect). Choice ``index`` is ``prompt * n + child``; usage counts each prompt's tokens once
+and every choice's tokens (measured on vLLM 0.32). Rejected with a 400 as vLLM would reject
+what it cannot do, or named as unsupported by the simulator: ``best_of``,
+``logprobs``/``top_logprobs``, ``echo``, ``use_beam_search``.
 Accepted and ignored: sampling knobs (temperature, top_p, seed, stop, ...), which do not
 change a simulated step's cost.
 """
@@ -38,6 +43,7 @@ from sim.tokens import Tokenizer, render_chat
 
 __all__ = [
     "ParsedRequest",
+    "Prompt",
     "chat_chunk",
     "chat_response",
     "completion_chunk",
@@ -59,12 +65,24 @@ _UNSUPPORTED = (
 )
 
 
+_MAX_N = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default
+_GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it is greedy sampling
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One prompt of a request: its token ids and its ``max_tokens`` (clamped to its room)."""
+
+    ids: list[int]
+    max_tokens: int
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:
     request_id: str
     model: str | None
-    prompt_ids: list[int]
-    max_tokens: int
+    prompts: tuple[Prompt, ...]
+    n: int
     stream: bool
     include_usage: bool
     continuous_usage: bool
@@ -122,24 +140,40 @@ def _prompts(prompt: Any, tokenizer: Tokenizer) -> list[list[int]]:
     return [[int(t) for t in prompt]]  # one prompt of ids (lax ints), maybe empty
 
 
-def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[int]:
+def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[list[int]]:
     prompts = _prompts(prompt, tokenizer)
     if not prompts or prompt == []:
         raise RequestError("You must pass at least one prompt", 400, "BadRequestError")
-    if len(prompts) > 1:
+    for ids in prompts:
+        if ids and (min(ids) < 0 or max(ids) >= tokenizer.vocab_size):  # vLLM's renderer
+            bad = min(ids) if min(ids) < 0 else max(ids)
+            raise RequestError(f"Token id {bad} is out of vocabulary", 400, "BadRequestError")
+        if not ids:  # vLLM's input processor
+            raise RequestError("The decoder prompt cannot be empty", 400, "BadRequestError")
+    return prompts
+
+
+def _check_n(n: int, body: dict[str, Any]) -> None:
+    """vLLM's ``SamplingParams`` checks of ``n`` (``VLLMValidationError`` with no param)."""
+    if n < 1:
+        raise RequestError(f"n must be at least 1, got {n}.", 400, "BadRequestError")
+    if n > _MAX_N:
         raise RequestError(
-            "the simulator serves one prompt per request (got a batch)",
+            f"n must be at most {_MAX_N}, got {n}. To increase this limit, set the "
+            "VLLM_MAX_N_SEQUENCES environment variable.",
             400,
             "BadRequestError",
-            "prompt",
         )
-    (ids,) = prompts
-    if ids and (min(ids) < 0 or max(ids) >= tokenizer.vocab_size):  # vLLM's renderer
-        bad = min(ids) if min(ids) < 0 else max(ids)
-        raise RequestError(f"Token id {bad} is out of vocabulary", 400, "BadRequestError")
-    if not ids:  # vLLM's input processor
-        raise RequestError("The decoder prompt cannot be empty", 400, "BadRequestError")
-    return ids
+    temperature = body.get("temperature")
+    if (
+        n > 1
+        and isinstance(temperature, int | float)
+        and not isinstance(temperature, bool)
+        and temperature < _GREEDY_EPS
+    ):
+        raise RequestError(
+            f"n must be 1 when using greedy sampling, got {n}.", 400, "BadRequestError"
+        )
 
 
 def parse_request(
@@ -170,16 +204,16 @@ def parse_request(
                 400,
                 "BadRequestError",
             )
-        prompt_ids = tokenizer.encode(render_chat(messages))
+        prompts = [tokenizer.encode(render_chat(messages))]
     else:
         if body.get("prompt") is None or body.get("prompt") == "":
             raise invalid(
                 "Either prompt or prompt_embeds must be provided and non-empty.", "prompt"
             )
-        prompt_ids = _prompt_ids(body["prompt"], tokenizer)
-    n = _int(body, "n", 1, nullable=False)
-    if n != 1:
-        raise RequestError("the simulator serves n=1 only", 400, "BadRequestError", "n")
+        prompts = _prompt_ids(body["prompt"], tokenizer)
+    # completions declare ``n: int = 1``, chat ``n: int | None = 1`` (null is 1)
+    n = _int(body, "n", 1, nullable=chat)
+    n = 1 if n is None else n
     for name in _UNSUPPORTED:
         value = body.get(name)
         if value is None or value is False or (name == "best_of" and value == 1):
@@ -207,6 +241,26 @@ def parse_request(
             param,
             max_tokens,
         )
+    checked = tuple(_fit(ids, max_tokens, max_model_len) for ids in prompts)
+    _check_n(n, body)  # vLLM builds the SamplingParams after the prompt's checks
+    prefix = "chatcmpl-" if chat else "cmpl-"
+    return ParsedRequest(
+        request_id=prefix + (request_id or secrets.token_hex(8)),
+        model=body.get("model") if isinstance(body.get("model"), str) else None,
+        prompts=checked,
+        n=n,
+        stream=stream,
+        include_usage=bool(options.get("include_usage")),
+        continuous_usage=bool(options.get("include_usage"))
+        and bool(options.get("continuous_usage_stats")),
+        created=int(time.time()),
+        fingerprint=fingerprint(served_name),
+        return_token_ids=bool(body.get("return_token_ids")),
+    )
+
+
+def _fit(prompt_ids: list[int], max_tokens: int | None, max_model_len: int) -> Prompt:
+    """One prompt against the context: refused when it does not fit, else its max_tokens."""
     if len(prompt_ids) > max_model_len:
         # vLLM's tokenizer stops at max_model_len + 1 tokens, hence "at least" then.
         qualifier = "at least " if len(prompt_ids) == max_model_len + 1 else ""
@@ -225,20 +279,7 @@ def parse_request(
     max_tokens = min(room, max_tokens) if max_tokens is not None else room
     if max_tokens < 1:
         raise invalid(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens", max_tokens)
-    prefix = "chatcmpl-" if chat else "cmpl-"
-    return ParsedRequest(
-        request_id=prefix + (request_id or secrets.token_hex(8)),
-        model=body.get("model") if isinstance(body.get("model"), str) else None,
-        prompt_ids=prompt_ids,
-        max_tokens=max_tokens,
-        stream=stream,
-        include_usage=bool(options.get("include_usage")),
-        continuous_usage=bool(options.get("include_usage"))
-        and bool(options.get("continuous_usage_stats")),
-        created=int(time.time()),
-        fingerprint=fingerprint(served_name),
-        return_token_ids=bool(body.get("return_token_ids")),
-    )
+    return Prompt(prompt_ids, max_tokens)
 
 
 def usage(prompt: int, completion: int, cached: int | None, *, full: bool) -> dict[str, Any]:
@@ -265,6 +306,7 @@ def completion_chunk(
     usage_body: dict[str, Any] | None = None,
     final_fingerprint: bool = False,
     token_ids: list[int] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": req.request_id,
@@ -273,7 +315,7 @@ def completion_chunk(
         "model": model,
         "choices": [
             {
-                "index": 0,
+                "index": index,
                 "text": text,
                 "logprobs": None,
                 "finish_reason": finish,
@@ -299,17 +341,18 @@ def chat_chunk(
     first: bool = False,
     usage_body: dict[str, Any] | None = None,
     final_fingerprint: bool = False,
+    index: int = 0,
 ) -> dict[str, Any]:
     if first:
         choice: dict[str, Any] = {
-            "index": 0,
+            "index": index,
             "delta": {"role": "assistant", "content": ""},
             "logprobs": None,
             "finish_reason": None,
         }
     elif finish is None:
         choice = {
-            "index": 0,
+            "index": index,
             "delta": {"content": text},
             "logprobs": None,
             "finish_reason": None,
@@ -317,7 +360,7 @@ def chat_chunk(
         }
     else:
         choice = {
-            "index": 0,
+            "index": index,
             "delta": {"content": text},
             "logprobs": None,
             "finish_reason": finish,
@@ -356,8 +399,12 @@ def usage_chunk(
 
 
 def completion_response(
-    req: ParsedRequest, model: str, text: str, finish: str, usage_body: dict[str, Any]
+    req: ParsedRequest,
+    model: str,
+    outputs: Sequence[tuple[str, str]],
+    usage_body: dict[str, Any],
 ) -> dict[str, Any]:
+    """``outputs``: (text, finish_reason) of each choice, in ``index`` order."""
     return {
         "id": req.request_id,
         "object": "text_completion",
@@ -365,7 +412,7 @@ def completion_response(
         "model": model,
         "choices": [
             {
-                "index": 0,
+                "index": index,
                 "text": text,
                 "logprobs": None,
                 "finish_reason": finish,
@@ -375,6 +422,7 @@ def completion_response(
                 "prompt_token_ids": None,
                 "routed_experts": None,
             }
+            for index, (text, finish) in enumerate(outputs)
         ],
         "service_tier": None,
         "system_fingerprint": req.fingerprint,
@@ -386,8 +434,12 @@ def completion_response(
 
 
 def chat_response(
-    req: ParsedRequest, model: str, text: str, finish: str, usage_body: dict[str, Any]
+    req: ParsedRequest,
+    model: str,
+    outputs: Sequence[tuple[str, str]],
+    usage_body: dict[str, Any],
 ) -> dict[str, Any]:
+    """``outputs``: (text, finish_reason) of each choice, in ``index`` order."""
     return {
         "id": req.request_id,
         "object": "chat.completion",
@@ -395,7 +447,7 @@ def chat_response(
         "model": model,
         "choices": [
             {
-                "index": 0,
+                "index": index,
                 "message": {
                     "role": "assistant",
                     "content": text,
@@ -411,6 +463,7 @@ def chat_response(
                 "token_ids": None,
                 "routed_experts": None,
             }
+            for index, (text, finish) in enumerate(outputs)
         ],
         "service_tier": None,
         "system_fingerprint": req.fingerprint,

@@ -45,7 +45,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from shoal.errors import ConfigError
 from sim import openai
 from sim.config import SimConfig
-from sim.engine import Engine, RequestHandle, SimClock
+from sim.engine import Engine, RequestHandle, SimClock, TokenOut
 from sim.errors import RequestError
 from sim.events import make_publisher
 from sim.faults import DIE_EXIT_CODE, Faults
@@ -250,44 +250,73 @@ class SimServer:
             self.engine.metrics.faults["hang"].inc()
             await _forever()
         model = adapter.name if adapter else self.config.name
-        handle = self.engine.submit(
-            parsed.request_id,
-            parsed.prompt_ids,
-            parsed.max_tokens,
-            (adapter.lora_int_id, adapter.name) if adapter else None,
-            arrival,
-        )
+        lora = (adapter.lora_int_id, adapter.name) if adapter else None
+        queue: asyncio.Queue[TokenOut] = asyncio.Queue()
+        handles: list[RequestHandle] = []
         try:
+            for i, prompt in enumerate(parsed.prompts):
+                # vLLM's completion serving names each prompt's request "<id>-<i>"
+                rid = parsed.request_id if chat else f"{parsed.request_id}-{i}"
+                handles += self.engine.submit_group(
+                    rid,
+                    prompt.ids,
+                    prompt.max_tokens,
+                    parsed.n,
+                    lora,
+                    arrival,
+                    queue=queue,
+                    first_index=i * parsed.n,
+                )
             if parsed.stream:
-                return await self._stream(request, parsed, handle, model, chat)
-            return await self._collect(parsed, handle, model, chat)
+                return await self._stream(request, parsed, handles, queue, model, chat)
+            return await self._collect(parsed, handles, queue, model, chat)
         finally:
-            self.engine.abort(handle)  # a no-op once finished
+            for handle in handles:
+                self.engine.abort(handle)  # a no-op once finished
 
-    def _cached(self, handle: RequestHandle) -> int | None:
+    def _cached(self, handles: list[RequestHandle]) -> int | None:
+        """vLLM reports the cached tokens of the last request output it handled (the last
+        prompt's), not a sum: the last choice's request's, here."""
         if not self.config.enable_prompt_tokens_details:
             return None
-        return max(0, handle.request.num_cached_tokens)
+        return max(0, handles[-1].request.num_cached_tokens)
+
+    def _prompt_tokens(self, parsed: openai.ParsedRequest) -> int:
+        """Usage counts each prompt once, whatever ``n`` (measured on vLLM)."""
+        return sum(len(p.ids) for p in parsed.prompts)
 
     async def _collect(
-        self, parsed: openai.ParsedRequest, handle: RequestHandle, model: str, chat: bool
+        self,
+        parsed: openai.ParsedRequest,
+        handles: list[RequestHandle],
+        queue: asyncio.Queue[TokenOut],
+        model: str,
+        chat: bool,
     ) -> web.Response:
-        ids: list[int] = []
-        while True:
-            out = await handle.queue.get()
-            ids.append(out.token_id)
+        ids: list[list[int]] = [[] for _ in handles]
+        finish: list[str] = ["" for _ in handles]
+        live = len(handles)
+        while live:
+            out = await queue.get()
+            ids[out.index].append(out.token_id)
             if out.finish_reason is not None:
-                break
-        text = openai.detokenize(self.tokenizer, ids)
-        usage = openai.usage(len(parsed.prompt_ids), len(ids), self._cached(handle), full=True)
+                finish[out.index] = out.finish_reason
+                live -= 1
+        outputs = [
+            (openai.detokenize(self.tokenizer, got), reason)
+            for got, reason in zip(ids, finish, strict=True)
+        ]
+        num_out = sum(len(got) for got in ids)
+        usage = openai.usage(self._prompt_tokens(parsed), num_out, self._cached(handles), full=True)
         make = openai.chat_response if chat else openai.completion_response
-        return _json(make(parsed, model, text, out.finish_reason, usage))
+        return _json(make(parsed, model, outputs, usage))
 
     async def _stream(
         self,
         request: web.Request,
         parsed: openai.ParsedRequest,
-        handle: RequestHandle,
+        handles: list[RequestHandle],
+        queue: asyncio.Queue[TokenOut],
         model: str,
         chat: bool,
     ) -> web.StreamResponse:
@@ -304,27 +333,32 @@ class SimServer:
             if die_after and sent >= die_after:
                 self._die(request)
 
-        prompt = len(parsed.prompt_ids)
-        if chat:
-            first_usage = openai.usage(prompt, 0, None, full=False)
-            await send(
-                openai.sse(
-                    openai.chat_chunk(
-                        parsed,
-                        model,
-                        None,
-                        None,
-                        first=True,
-                        usage_body=first_usage if parsed.continuous_usage else None,
+        # a choice's prompt tokens, for continuous usage: its own prompt's
+        prompt_of = [len(parsed.prompts[h.index // parsed.n].ids) for h in handles]
+        if chat:  # vLLM sends the role first, one chunk per choice
+            for index, prompt in enumerate(prompt_of):
+                first_usage = openai.usage(prompt, 0, None, full=False)
+                await send(
+                    openai.sse(
+                        openai.chat_chunk(
+                            parsed,
+                            model,
+                            None,
+                            None,
+                            first=True,
+                            usage_body=first_usage if parsed.continuous_usage else None,
+                            index=index,
+                        )
                     )
                 )
-            )
-        num_out = 0
-        while True:
-            out = await handle.queue.get()
-            num_out += 1
+        num_out = [0 for _ in handles]
+        live = len(handles)
+        while live:
+            out = await queue.get()
+            i = out.index
+            num_out[i] += 1
             text = self.tokenizer.decode_one(out.token_id)
-            running = openai.usage(prompt, num_out, None, full=False)
+            running = openai.usage(prompt_of[i], num_out[i], None, full=False)
             step_usage = running if parsed.continuous_usage else None
             stamp = not parsed.include_usage  # else the usage chunk is the final message
             if chat:
@@ -335,6 +369,7 @@ class SimServer:
                     out.finish_reason,
                     usage_body=step_usage,
                     final_fingerprint=stamp,
+                    index=i,
                 )
             else:
                 chunk = openai.completion_chunk(
@@ -345,12 +380,15 @@ class SimServer:
                     step_usage,
                     final_fingerprint=stamp,
                     token_ids=[out.token_id],
+                    index=i,
                 )
             await send(openai.sse(chunk))
             if out.finish_reason is not None:
-                break
+                live -= 1
         if parsed.include_usage:
-            final = openai.usage(prompt, num_out, self._cached(handle), full=False)
+            final = openai.usage(
+                self._prompt_tokens(parsed), sum(num_out), self._cached(handles), full=False
+            )
             await send(openai.sse(openai.usage_chunk(parsed, model, chat, final)))
         await send(openai.sse("[DONE]"))
         await response.write_eof()

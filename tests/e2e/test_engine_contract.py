@@ -584,3 +584,264 @@ def test_kv_events_wire_format(subject: Subject) -> None:
 
 
 __all__ = ["Engine"]
+
+
+# --- n > 1 and batched prompts -----------------------------------------------------------
+# What vLLM does (0.32, measured): one answer id; choice index = prompt * n + child;
+# usage counts each prompt's tokens once and every choice's output; max_tokens is clamped
+# per prompt; in the engine each child is a request of its own (metrics, prefix cache).
+
+
+def _choices_by_index(content: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    by_index: dict[int, list[dict[str, Any]]] = {}
+    for chunk in content:
+        (choice,) = chunk["choices"]  # one choice per chunk, whatever n
+        by_index.setdefault(choice["index"], []).append(choice | {"usage": chunk.get("usage")})
+    return by_index
+
+
+def test_n_choices_of_a_completion(subject: Subject) -> None:
+    answer = subject.engine.post(
+        "/v1/completions",
+        {"model": SERVED_NAME, "prompt": random_prompt(21, 40), "max_tokens": 5, "n": 3},
+    )
+    assert answer["id"].startswith("cmpl-")
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    assert {c["finish_reason"] for c in answer["choices"]} == {"length"}
+    assert all(isinstance(c["text"], str) for c in answer["choices"])
+    usage = answer["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
+        40,
+        15,
+        55,
+    )
+
+
+def test_n_choices_of_a_chat(subject: Subject) -> None:
+    body: dict[str, Any] = {
+        "model": SERVED_NAME,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 4,
+    }
+    one = subject.engine.post("/v1/chat/completions", body)
+    answer = subject.engine.post("/v1/chat/completions", body | {"n": 2})
+    assert [c["index"] for c in answer["choices"]] == [0, 1]
+    assert {c["message"]["role"] for c in answer["choices"]} == {"assistant"}
+    assert {c["finish_reason"] for c in answer["choices"]} == {"length"}
+    assert answer["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+    assert answer["usage"]["completion_tokens"] == 8
+
+
+def test_n_streamed_chat_sends_every_role_first(subject: Subject) -> None:
+    events = subject.engine.stream(
+        "/v1/chat/completions",
+        {
+            "model": SERVED_NAME,
+            "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": 3,
+            "n": 2,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    role = {"role": "assistant", "content": ""}
+    roles = [(c["choices"][0]["index"], c["choices"][0]["delta"]) for c in chunks[:2]]
+    assert roles == [(0, role), (1, role)]
+    *content, usage = chunks[2:]
+    by_index = _choices_by_index(content)
+    assert sorted(by_index) == [0, 1]
+    for choices in by_index.values():
+        assert len(choices) == 3
+        assert [c["finish_reason"] for c in choices] == [None, None, "length"]
+    assert usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] == 6
+
+
+def test_batch_of_prompts_is_answered_prompt_major(subject: Subject) -> None:
+    first, second = random_prompt(22, 30), random_prompt(23, 20)
+    answer = subject.engine.post(
+        "/v1/completions",
+        {"model": SERVED_NAME, "prompt": [first, second], "max_tokens": 3, "n": 2},
+    )
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+    assert {c["finish_reason"] for c in answer["choices"]} == {"length"}
+    assert answer["usage"]["prompt_tokens"] == 50  # each prompt once, whatever n
+    assert answer["usage"]["completion_tokens"] == 12
+    texts = subject.engine.post(
+        "/v1/completions", {"model": SERVED_NAME, "prompt": ["hello", "world"], "max_tokens": 2}
+    )
+    assert [c["index"] for c in texts["choices"]] == [0, 1]
+    assert texts["usage"]["completion_tokens"] == 4
+
+
+def test_batch_clamps_max_tokens_per_prompt(subject: Subject) -> None:
+    prompts = [random_prompt(24, 10), random_prompt(25, MAX_MODEL_LEN - 1)]
+    answer = subject.engine.post(
+        "/v1/completions", {"model": SERVED_NAME, "prompt": prompts, "max_tokens": 3}
+    )
+    assert answer["usage"]["prompt_tokens"] == MAX_MODEL_LEN + 9
+    assert answer["usage"]["completion_tokens"] == 3 + 1  # the long prompt has room for one
+    assert [c["finish_reason"] for c in answer["choices"]] == ["length", "length"]
+
+
+def test_batch_streamed_with_n_and_continuous_usage(subject: Subject) -> None:
+    events = subject.engine.stream(
+        "/v1/completions",
+        {
+            "model": SERVED_NAME,
+            "prompt": [random_prompt(26, 10), random_prompt(27, 7)],
+            "max_tokens": 3,
+            "n": 2,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        },
+    )
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    *content, usage = chunks
+    by_index = _choices_by_index(content)
+    assert sorted(by_index) == [0, 1, 2, 3]
+    for index, choices in by_index.items():
+        assert [c["finish_reason"] for c in choices] == [None, None, "length"]
+        # a chunk's usage is its own prompt's and its own choice's so far
+        prompt = 10 if index < 2 else 7
+        assert [
+            (c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"]) for c in choices
+        ] == [
+            (prompt, 1),
+            (prompt, 2),
+            (prompt, 3),
+        ]
+    assert usage["choices"] == []
+    assert (usage["usage"]["prompt_tokens"], usage["usage"]["completion_tokens"]) == (17, 12)
+
+
+@pytest.mark.parametrize(
+    ("n", "extra", "status", "kind", "param", "message"),
+    [
+        (0, {}, 400, "BadRequestError", None, "n must be at least 1, got 0."),
+        (-1, {}, 400, "BadRequestError", None, "n must be at least 1, got -1."),
+        (
+            2,
+            {"temperature": 0},
+            400,
+            "BadRequestError",
+            None,
+            "n must be 1 when using greedy sampling, got 2.",
+        ),
+        (1.5, {}, 400, "Bad Request", "body.n", None),
+        ("x", {}, 400, "Bad Request", "body.n", None),
+    ],
+    ids=["zero", "negative", "greedy", "fraction", "string"],
+)
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_n_is_checked_as_vllm_checks_it(
+    subject: Subject,
+    route: str,
+    n: Any,
+    extra: dict[str, Any],
+    status: int,
+    kind: str,
+    param: str | None,
+    message: str | None,
+) -> None:
+    body: dict[str, Any] = {"model": SERVED_NAME, "max_tokens": 2, "n": n, **extra}
+    if route == "/v1/completions":
+        body["prompt"] = random_prompt(28, 5)
+    else:
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    got, raw = subject.engine.request("POST", route, body)
+    error = json.loads(raw)["error"]
+    assert (got, error["type"], error["param"], error["code"]) == (status, kind, param, status)
+    if message is not None:
+        assert error["message"] == message
+
+
+def test_n_null_is_refused_by_completions_and_one_for_chat(subject: Subject) -> None:
+    """The two request models differ: ``n: int = 1`` in completions, ``int | None`` in chat."""
+    got, raw = subject.engine.request(
+        "POST",
+        "/v1/completions",
+        {"model": SERVED_NAME, "prompt": random_prompt(31, 5), "max_tokens": 2, "n": None},
+    )
+    assert (got, json.loads(raw)["error"]["param"]) == (400, "body.n")
+    chat = subject.engine.post(
+        "/v1/chat/completions",
+        {
+            "model": SERVED_NAME,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2,
+            "n": None,
+        },
+    )
+    assert [c["index"] for c in chat["choices"]] == [0]
+
+
+def test_n_children_are_requests_that_share_the_prompts_blocks(subject: Subject) -> None:
+    """vLLM fans n out into n engine requests: each counts its prompt, its tokens and its
+    success, and the later children find the first one's full prompt blocks cached; n and
+    the longest output are observed once per prompt."""
+    engine = subject.engine
+    _wait_idle(engine)
+    names = [
+        "vllm:prompt_tokens_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:generation_tokens_total",
+        "vllm:request_params_n_sum",
+        "vllm:request_params_n_count",
+        "vllm:request_max_num_generation_tokens_count",
+        "vllm:request_generation_tokens_count",
+    ]
+    before = {name: engine.metric(name) for name in names}
+    length = engine.metric("vllm:request_success_total", finished_reason="length")
+    prompt = random_prompt(29, 2 * BLOCK_SIZE + 44)
+    engine.post(
+        "/v1/completions", {"model": SERVED_NAME, "prompt": prompt, "max_tokens": 3, "n": 3}
+    )
+    _wait_idle(engine)
+    moved = {name: engine.metric(name) - before[name] for name in names}
+    assert moved == {
+        "vllm:prompt_tokens_total": 3 * len(prompt),
+        "vllm:prefix_cache_hits_total": 2 * 2 * BLOCK_SIZE,
+        "vllm:generation_tokens_total": 9,
+        "vllm:request_params_n_sum": 3,
+        "vllm:request_params_n_count": 1,
+        "vllm:request_max_num_generation_tokens_count": 1,
+        "vllm:request_generation_tokens_count": 3,
+    }
+    assert engine.metric("vllm:request_success_total", finished_reason="length") - length == 3
+
+
+def test_n_client_hang_up_leaves_the_engine_idle(subject: Subject) -> None:
+    """Every child goes when the client does (the simulator's own test counts the three
+    aborts; see test_a_client_that_hangs_up_is_aborted_and_counted_nowhere for why the
+    contract asserts only idleness)."""
+    engine = subject.engine
+    _wait_idle(engine)
+    aborted = engine.metric("vllm:request_success_total", finished_reason="abort")
+    body = {
+        "model": SERVED_NAME,
+        "prompt": random_prompt(30, 300),
+        "max_tokens": 1500,
+        "n": 3,
+        "stream": True,
+    }
+    data = json.dumps(body).encode()
+    host, port = engine.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+        )
+        received = b""
+        while b"data: {" not in received:
+            chunk = conn.recv(4096)
+            assert chunk, "the engine closed the stream"
+            received += chunk
+        # vLLM's gauges may lag the first token, so not "3 running" here (the simulator's
+        # own test counts the children)
+        assert engine.metric("vllm:kv_cache_usage_perc") > 0
+    _wait_idle(engine)
+    assert engine.metric("vllm:request_success_total", finished_reason="abort") == aborted

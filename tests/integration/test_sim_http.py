@@ -182,7 +182,8 @@ def error_of(status: int, body: dict[str, Any]) -> tuple[int, str, Any]:
         ({"model": "nope", "prompt": "x"}, (404, "NotFoundError", "model")),
         ({"model": MODEL}, (400, "BadRequestError", "prompt")),
         ({"prompt": []}, (400, "BadRequestError", None)),
-        ({"prompt": "x", "n": 2}, (400, "BadRequestError", "n")),
+        ({"prompt": "x", "n": 0}, (400, "BadRequestError", None)),
+        ({"prompt": "x", "n": 2, "temperature": 0}, (400, "BadRequestError", None)),
         (
             {"prompt": "x", "stream_options": {"include_usage": True}},
             (400, "BadRequestError", "stream_options"),
