@@ -414,3 +414,65 @@ def test_two_live_requests_may_share_an_x_request_id(engine: SimEngineProcess) -
         assert status == 200 and body["id"] == "cmpl-router-7"
         assert body["usage"]["completion_tokens"] == max_tokens
         assert len(body["choices"][0]["text"].split()) == max_tokens
+
+
+def test_a_client_that_hangs_up_aborts_every_child_of_its_request(
+    engine: SimEngineProcess,
+) -> None:
+    """n = 3 over two prompts is six engine requests; a hang-up aborts all six."""
+    pattern = r"^shoal_sim_client_aborts_total\{.*\} (\S+)"
+
+    def aborted() -> float:
+        found = re.search(pattern, engine.get("/metrics"), re.M)
+        return float(found.group(1)) if found else 0.0
+
+    def running() -> float:
+        found = re.search(r"^vllm:num_requests_running\{.*\} (\S+)", engine.get("/metrics"), re.M)
+        assert found
+        return float(found.group(1))
+
+    before = aborted()
+    body = json.dumps(
+        {"prompt": [[3, 4], [5, 6, 7]], "n": 3, "max_tokens": 400, "stream": True}
+    ).encode()
+    engine.set_faults(slowdown=50.0)  # 400 tokens take seconds: the hang-up comes first
+    try:
+        with socket.create_connection(("127.0.0.1", engine.port), timeout=5) as conn:
+            conn.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            received = b""
+            while b"data: {" not in received:
+                chunk = conn.recv(4096)
+                assert chunk, "the engine closed the stream"
+                received += chunk
+            assert running() == 6
+        assert wait_until(lambda: aborted() - before == 6)
+    finally:
+        engine.set_faults(slowdown=1.0)
+    assert wait_until(lambda: running() == 0)
+
+
+def test_n_children_sample_different_texts_and_the_first_is_the_prompts_own(
+    engine: SimEngineProcess,
+) -> None:
+    body: dict[str, Any] = {"prompt": "same words", "max_tokens": 6}
+    _, one = post(engine, "/v1/completions", body)
+    _, three = post(engine, "/v1/completions", body | {"n": 3})
+    texts = [c["text"] for c in three["choices"]]
+    assert texts[0] == one["choices"][0]["text"]
+    assert len(set(texts)) == 3
+    assert three["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+
+
+def test_n_past_vllms_limit_is_refused(engine: SimEngineProcess) -> None:
+    status, body = post(engine, "/v1/completions", {"prompt": "x", "n": 16385})
+    assert error_of(status, body) == (400, "BadRequestError", None)
+    assert body["error"]["message"].startswith("n must be at most 16384, got 16385.")
+
+
+def test_a_batch_with_one_bad_prompt_is_refused_whole(engine: SimEngineProcess) -> None:
+    status, body = post(engine, "/v1/completions", {"prompt": [[20, 21], []]})
+    assert error_of(status, body) == (400, "BadRequestError", None)
+    assert body["error"]["message"] == "The decoder prompt cannot be empty"

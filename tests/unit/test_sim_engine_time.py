@@ -52,3 +52,41 @@ def test_timelines_stay_ordered_at_any_time_scale(scale: float) -> None:
         assert request.arrival_s <= request.ready_s <= request.first_scheduled_s
         assert request.first_scheduled_s < request.first_token_s
         assert seen == sorted(seen)
+
+
+def test_n_fans_out_into_children_observed_once_as_a_parent() -> None:
+    async def run() -> tuple[list[str], list[int], SimMetrics]:
+        config = SchedulerConfig(
+            num_gpu_blocks=120, max_num_batched_tokens=256, max_num_seqs=16, max_model_len=1024
+        )
+        metrics = SimMetrics("t", 1024, None, {"block_size": "16"})
+        engine = Engine(config, DEFAULT_PROFILE, metrics, clock=SimClock(1000.0))
+        loop = asyncio.create_task(engine.run())
+        try:
+            handles = engine.submit_group("p", list(range(20, 60)), 4, 3, first_index=3)
+            queue = handles[0].queue
+            assert all(h.queue is queue for h in handles)
+            seen: list[int] = []
+            while seen.count(-1) < 3:
+                out = await asyncio.wait_for(queue.get(), 10)
+                seen.append(out.index)
+                if out.finish_reason is not None:
+                    seen.append(-1)
+        finally:
+            loop.cancel()
+        return [h.request.request_id for h in handles], seen, metrics
+
+    ids, seen, metrics = asyncio.run(run())
+    assert ids == ["0_p", "1_p", "2_p"]
+    assert sorted(i for i in seen if i >= 0) == [3] * 4 + [4] * 4 + [5] * 4
+    n_param = metrics.registry.get_sample_value(
+        "vllm:request_params_n_sum", {"model_name": "t", "engine": "0"}
+    )
+    count = metrics.registry.get_sample_value(
+        "vllm:request_params_n_count", {"model_name": "t", "engine": "0"}
+    )
+    assert (n_param, count) == (3, 1)
+    hits = metrics.registry.get_sample_value(
+        "vllm:prefix_cache_hits_total", {"model_name": "t", "engine": "0"}
+    )
+    assert hits == 2 * 32  # the later children find the first one's two full blocks of 16
