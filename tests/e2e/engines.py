@@ -200,17 +200,35 @@ class Engine:
         )
 
     def stop(self) -> None:
+        """SIGTERM to the engine's process group, then wait for the whole group: the
+        engine core outlives the API server by a second or two while it unlinks its
+        shared memory (``/dev/shm/psm_*``, 240 MB each here), and a SIGKILL in that window
+        leaks it. Whatever is left after ``_STOP_GRACE_S`` is killed."""
         with contextlib.suppress(ValueError):
             LIVE.remove(self)
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=20)
-        with contextlib.suppress(ProcessLookupError):  # the engine core, if it outlived the server
-            os.killpg(self.process.pid, signal.SIGKILL)
+        group = self.process.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE_S
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=_STOP_GRACE_S)
+        while time.monotonic() < deadline and _group_alive(group):
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
+
+
+_STOP_GRACE_S = 20.0
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def connector_config(endpoint: str, **extra: Any) -> dict[str, Any]:
