@@ -154,7 +154,22 @@ def start_daemon(tmp_path: Path, name: str | None = None, **settings: object) ->
         return True
 
     wait_ready(process, log_path, "daemon", ready)
-    return DaemonProcess(config, process, log_path)
+    handle = DaemonProcess(config, process, log_path)
+    STARTED.append(handle)
+    return handle
+
+
+# Every daemon the tests started: a test that kills one with SIGKILL leaves its arena (a
+# tmpfs file of --shm-bytes) in /dev/shm, where it would stay run after run.
+STARTED: list[DaemonProcess] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def killed_daemons_leave_no_arena() -> Iterator[None]:
+    yield
+    for handle in STARTED:
+        if handle.process.poll() is not None:
+            handle.config.arena_path.unlink(missing_ok=True)
 
 
 @pytest.fixture
