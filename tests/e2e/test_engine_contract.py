@@ -58,6 +58,44 @@ class Served(Protocol):
     def metric(self, name: str, **labels: str) -> float: ...
 
 
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+def _no_eos(path: str, body: Any) -> Any:
+    if path in GENERATION_ROUTES and isinstance(body, dict) and "ignore_eos" not in body:
+        return {**body, "ignore_eos": True}
+    return body
+
+
+class IgnoringEos:
+    """The engine, with ``ignore_eos`` added to every generation request: the tiny model's
+    random weights sample ``</s>`` now and then when ``n > 1`` makes sampling random
+    (greedy is refused there), which would end a choice early with ``stop`` and make
+    token counts a matter of luck. The simulator never samples EOS; what the contract
+    checks is the shape of ``length``-bounded answers."""
+
+    def __init__(self, engine: Served) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    @property
+    def url(self) -> str:
+        return self._engine.url
+
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float = 120.0
+    ) -> tuple[int, bytes]:
+        return self._engine.request(method, path, _no_eos(path, body), timeout)
+
+    def post(self, path: str, body: Any, timeout: float = 120.0) -> dict[str, Any]:
+        return self._engine.post(path, _no_eos(path, body), timeout)
+
+    def stream(self, path: str, body: Any, timeout: float = 120.0) -> list[str]:
+        return self._engine.stream(path, _no_eos(path, body), timeout)
+
+
 @dataclass
 class Subject:
     kind: str  # "vllm" or "sim"
@@ -89,7 +127,7 @@ def subject(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Subject]:
             env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
         )
         with running_engines(engine):
-            yield Subject("vllm", engine, events["endpoint"])
+            yield Subject("vllm", IgnoringEos(engine), events["endpoint"])
         return
     from tests.e2e.simulated import running_simulator
 
@@ -103,7 +141,7 @@ def subject(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Subject]:
         max_loras=MAX_LORAS,
         lora_modules=[f"first={LORA_DIR}"],
     ) as sim:
-        yield Subject("sim", sim, events["endpoint"])
+        yield Subject("sim", IgnoringEos(sim), events["endpoint"])
 
 
 # --- endpoints -------------------------------------------------------------------------
@@ -393,6 +431,7 @@ def test_two_live_requests_may_share_an_x_request_id(subject: Subject) -> None:
             "model": SERVED_NAME,
             "prompt": random_prompt(max_tokens, 20),
             "max_tokens": max_tokens,
+            "ignore_eos": True,
         }
         data = json.dumps(body).encode()
         request = urllib.request.Request(
