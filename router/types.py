@@ -1,0 +1,141 @@
+"""Values that cross the router's module boundaries (frozen, slotted; STYLE.md §4).
+
+The proxy turns a client's body into a ``RouteRequest``; the engine pool, the ledger and
+the scraper turn what they know into one ``EngineView`` per candidate engine; the precise
+locator (or the approximate index) turns the prompt into a ``PrefixView``; a strategy
+scores candidates and the pipeline returns a ``RouteDecision``. After the response, the
+proxy reports a ``RouteOutcome`` to the strategies that learn (``Strategy.observe``).
+
+Units: tokens are counts, times are seconds (``*_s``), ``now`` is ``time.monotonic()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "EngineMetrics",
+    "EnginePrefix",
+    "EngineView",
+    "PrefixView",
+    "RouteDecision",
+    "RouteOutcome",
+    "RouteRequest",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What routing needs to know of one client request (never the whole body).
+
+    ``prompt_text`` is the prompt as the approximate prefix index hashes it (a chat's
+    messages rendered role by role); ``prompt_tokens`` is exact when ``token_ids`` is set
+    (the precise path tokenized it) and an estimate otherwise. ``model`` is what the client
+    asked for: a base model or a LoRA adapter's name.
+    """
+
+    request_id: str
+    route: str  # "completions", "chat" or "embeddings"
+    model: str
+    prompt_text: str
+    prompt_tokens: int
+    max_tokens: int = 16
+    user: str = ""  # the rate-limit and fairness identity ("" = anonymous)
+    session_id: str = ""  # session-affinity key ("" = none)
+    stream: bool = False
+    arrival_s: float = 0.0
+    token_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineMetrics:
+    """An engine's own view of its load, from its ``/metrics`` (``scrape.py``).
+
+    Only fresh scrapes become an ``EngineMetrics``; a stale or failed scrape is ``None``
+    in ``EngineView.metrics`` (unknown), never zeros. Fields an engine does not export
+    are ``None`` too.
+    """
+
+    age_s: float  # since the scrape that produced it
+    num_running: float | None = None
+    num_waiting: float | None = None
+    kv_cache_usage: float | None = None  # 0..1 (vllm:kv_cache_usage_perc, or the old name)
+    ttft_mean_s: float | None = None  # over the last scrape interval, when requests finished
+    tpot_mean_s: float | None = None
+    prompt_tokens_per_s: float | None = None
+    generation_tokens_per_s: float | None = None
+    loras_loaded: frozenset[str] = frozenset()  # vllm:lora_requests_info running/waiting
+
+
+@dataclass(frozen=True, slots=True)
+class EngineView:
+    """One candidate engine as a strategy sees it, at one instant.
+
+    ``in_flight`` and ``in_flight_tokens`` (uncached prompt tokens of requests sent and not
+    yet answered with a first token) are the router's own accounting, summed over every
+    router replica when they share a ledger; they are the primary load signal. ``stream``
+    is the cache daemon's name for this engine's GPU (``<node>/gpu<i>``) when known.
+    """
+
+    engine_id: str
+    url: str
+    models: frozenset[str]
+    in_flight: int = 0
+    in_flight_tokens: int = 0
+    metrics: EngineMetrics | None = None
+    node: str = ""
+    stream: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePrefix:
+    """How many of a request's leading prompt tokens each tier can supply to one engine."""
+
+    gpu_tokens: int = 0  # already on this engine's GPU (its prefix cache)
+    node_tokens: int = 0  # in its node's cache daemon (shm, DRAM or SSD): a local load
+    peer_tokens: int = 0  # on a peer node's daemon: a fetch, then a load
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixView:
+    """Where a request's prefix lives, per engine id (engines absent hold nothing).
+
+    ``source`` is ``"precise"`` (the cluster index: KV events and daemons) or
+    ``"approximate"`` (the router's own index of where it sent prompts).
+    """
+
+    source: str
+    prompt_tokens: int
+    engines: Mapping[str, EnginePrefix] = field(default_factory=dict)
+
+    def of(self, engine_id: str) -> EnginePrefix:
+        return self.engines.get(engine_id, _NOTHING)
+
+
+_NOTHING = EnginePrefix()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """The engine chosen, why, and every strategy's scores (for the debug log line)."""
+
+    engine_id: str
+    strategy: str  # the profile or mix that decided, as the client or default named it
+    reason: str  # e.g. "affinity", "load", "cold", "session", "only-candidate"
+    # strategy -> engine id -> cost
+    scores: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    cached_tokens: int = 0  # prefix tokens expected to be reused on the chosen engine
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOutcome:
+    """What happened to a routed request; strategies that learn read it."""
+
+    request: RouteRequest
+    engine_id: str
+    ok: bool
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
