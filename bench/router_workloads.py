@@ -21,11 +21,13 @@ is equal blocks. Workloads:
   chain) of at most 8,192 input tokens are sampled (2 per second of window), with their
   first 6 turns in trace order; conversation starts are spread over the window in trace
   order and gaps between turns divided by 60, at most 1.5 s. Each ``hash_id`` is a
-  512-token block of words unique to that id, so equal ids give equal prefixes (the last block is cut to ``input_length``). Output capped at 16 tokens.
+  512-token block of words unique to that id, so equal ids give equal prefixes
+  (the last block is cut to ``input_length``). Output capped at 16 tokens.
 * ``azure_noreuse``: the no-reuse control: consecutive rows of
   ``shared/traces/azure2023_conv.csv`` from a seeded offset (context tokens capped at
   3,072: the engines' --max-model-len is 4,096; output at 16), inter-arrival gaps
-  rescaled to the target rate; every prompt is unique words, so no request shares a block with another.
+  rescaled to the target rate; every prompt is unique words, so no request shares a
+  block with another.
 * ``hot_prefix``: one 2,048-token prefix shared by every request plus a unique 512-token
   suffix, at a rate one engine cannot prefill alone.
 
