@@ -104,8 +104,6 @@ class CircuitBreaker:
     def record_failure(self, now: float) -> None:
         self._failures += 1
         if self._state is BreakerState.HALF_OPEN or self._failures >= self.failures:
-            if self._state is not BreakerState.OPEN:
-                log.warning("circuit breaker opens after %d failure(s)", self._failures)
             self._state, self._opened_at, self._probe_at = BreakerState.OPEN, now, None
 
 

@@ -37,7 +37,7 @@ import aiohttp
 
 from router.types import EngineMetrics
 
-__all__ = ["MetricsScraper", "Sample", "parse_sample", "parse_scrape"]
+__all__ = ["MetricsScraper", "Sample", "parse_scrape", "to_metrics"]
 
 log = logging.getLogger("shoal." + __name__)
 
@@ -103,18 +103,6 @@ def parse_scrape(text: str, at: float) -> Sample:
         if value is not None:
             values[key] = values.get(key, 0.0) + value
     return Sample(at, values, loras)
-
-
-def parse_sample(line: str) -> tuple[str, float] | None:
-    """``name{labels} value`` -> (name, value); ``None`` for comments and junk."""
-    if not line or line.startswith("#"):
-        return None
-    space = line.rfind(" ")
-    brace = line.find("{")
-    value = _number(line[space + 1 :]) if space > 0 else None
-    if value is None:
-        return None
-    return (line[:brace] if 0 <= brace < space else line[:space]), value
 
 
 def _number(text: str) -> float | None:
