@@ -22,6 +22,8 @@ update).
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["BREAKER_VALUES", "RouterMetrics"]
@@ -69,6 +71,28 @@ class RouterMetrics:
             "shoal_router_rejected", "Requests the router refused itself.", ["reason"],
             registry=r,
         )  # fmt: skip
+
+        # children by label values: ``labels()`` takes a lock and builds a tuple per call,
+        # which the hot path pays three times per request otherwise
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Any, kind: str, *values: str) -> Any:
+        key = (kind, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*values)
+            if len(self._children) < 10_000:  # strategy texts come from clients: bounded
+                self._children[key] = child
+        return child
+
+    def count_request(self, route: str, status: int) -> None:
+        self._child(self.requests, "requests", route, str(status)).inc()
+
+    def count_decision(self, strategy: str, reason: str) -> None:
+        self._child(self.decisions, "decisions", strategy, reason).inc()
+
+    def engine_in_flight(self, engine_id: str) -> Any:
+        return self._child(self.in_flight, "in_flight", engine_id)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -91,6 +91,14 @@ _NOT_BACK = frozenset({"connection", "keep-alive", "transfer-encoding", "date", 
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
+class _AttemptFailed(UpstreamError):
+    """An attempt failed before the first byte; ``kind`` labels the metrics."""
+
+    def __init__(self, message: str, *, engine_id: str, kind: str) -> None:
+        super().__init__(message, engine_id=engine_id)
+        self.kind = kind
+
+
 def error_body(message: str, type_: str, status: int) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "code": status}}).encode()
 
@@ -189,7 +197,11 @@ class Proxy:
         healthy = self.pool.num_healthy()
         status = 200 if healthy else 503
         return web.json_response(
-            {"status": "ok" if healthy else "no healthy engine", "healthy_engines": healthy},
+            {
+                "status": "ok" if healthy else "no healthy engine",
+                "healthy_engines": healthy,
+                "pid": os.getpid(),  # which worker answered (--workers N)
+            },
             status=status,
         )
 
@@ -255,9 +267,9 @@ class Proxy:
         except RouterError as exc:
             if exc.status in (429, 503):
                 self.metrics.rejected.labels(exc.code).inc()
-            self.metrics.requests.labels(route, str(exc.status)).inc()
+            self.metrics.count_request(route, exc.status)
             return _error_response(exc)
-        self.metrics.requests.labels(route, str(response.status)).inc()
+        self.metrics.count_request(route, response.status)
         return response
 
     def _upstream_headers(self, request: web.Request) -> dict[str, str]:
@@ -284,7 +296,7 @@ class Proxy:
                 if last_error is not None:  # every engine left was tried: say why
                     raise last_error from None
                 raise
-            self.metrics.decisions.labels(decision.strategy, decision.reason).inc()
+            self.metrics.count_decision(decision.strategy, decision.reason)
             try:
                 return await self._attempt(
                     request,
@@ -300,7 +312,8 @@ class Proxy:
                 last_error = exc
                 if not exc.retryable or attempt == attempts - 1:
                     raise
-                self.metrics.retries.labels(exc.code).inc()
+                kind = exc.kind if isinstance(exc, _AttemptFailed) else exc.code
+                self.metrics.retries.labels(kind).inc()
                 log.info("retrying %s after %s", route_request.request_id, exc)
         assert last_error is not None, "the attempt loop returns or raises"
         raise last_error
@@ -308,7 +321,8 @@ class Proxy:
     def _failure(self, engine_id: str, kind: str, detail: str) -> UpstreamError:
         self.pool.record_failure(engine_id)
         self.metrics.upstream_errors.labels(engine_id, kind).inc()
-        return UpstreamError(f"engine {engine_id}: {kind}: {detail}", engine_id=engine_id)
+        return _AttemptFailed(f"engine {engine_id}: {kind}: {detail}", engine_id=engine_id,
+                              kind=kind)  # fmt: skip
 
     async def _attempt(
         self,
@@ -326,7 +340,7 @@ class Proxy:
         pending = route_request.prompt_tokens
         self.pool.on_attempt(engine_id)
         await self.ledger.acquire(engine_id, pending)
-        gauge = self.metrics.in_flight.labels(engine_id)
+        gauge = self.metrics.engine_in_flight(engine_id)
         gauge.inc()
         sent_at = self._clock()
         ttft: float | None = None

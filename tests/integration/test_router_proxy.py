@@ -261,3 +261,19 @@ def test_the_strategy_header_is_honoured_and_a_bad_one_is_400(header: str) -> No
         bad = r.request("POST", "/v1/completions", completion(), headers={header: "nope"})
         assert bad[0] == 400
         assert json.loads(bad[2])["error"]["type"] == "unknown_strategy"
+
+
+def test_workers_share_the_port_and_stop_cleanly() -> None:
+    with sims(1) as engines:
+        with router(engines, workers=2) as r:
+            pids: set[int] = set()
+
+            def both_answer() -> bool:  # the second may still be starting: ask until both did
+                pids.add(json.loads(r.request("GET", "/health")[2])["pid"])
+                return len(pids) == 2
+
+            assert wait_until(both_answer, timeout=10, interval=0.01)
+            assert r.process.pid not in pids
+            codes = [r.request("POST", "/v1/completions", completion())[0] for _ in range(10)]
+            assert codes == [200] * 10
+        assert r.process.returncode == 0
