@@ -54,6 +54,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -95,6 +96,8 @@ ANCHORS = (
     "vllm_router_cache_aware",
     "vllm_router_consistent_hash",
 )
+ABSENT = {"ttft_p50_ms": None, "ttft_p90_ms": None, "hit_rate": None, "ok": None}
+OVERHEAD_KEYS = ("added_p50_ms", "added_p99_ms", "rps")
 SHOAL_STRATEGY = {"shoal": None, "random": "random", "least_request": "least-request"}
 
 
@@ -126,6 +129,26 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout:
 
 def shoal_router_available() -> bool:
     return (REPO / "router" / "server.py").exists()
+
+
+@functools.cache
+def shoal_strategies() -> frozenset[str]:
+    """The strategy names this checkout's router registers (empty without a router)."""
+    if not shoal_router_available():
+        return frozenset()
+    out = subprocess.run(
+        [sys.executable, "-c", "import router.strategies as s; print(' '.join(s.STRATEGIES))"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    return frozenset(out.stdout.split())
+
+
+def shoal_arm_ready(arm: str) -> bool:
+    """Whether a shoal-router arm can run through the real router here."""
+    return (SHOAL_STRATEGY[arm] or "shoal") in shoal_strategies()
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -309,10 +332,12 @@ def start_router(
 
 def arm_available(arm: str) -> str | None:
     """None when the arm can run here, else why not."""
-    if arm in SHOAL_STRATEGY and not shoal_router_available():
+    if arm in SHOAL_STRATEGY and not shoal_arm_ready(arm):
         if arm in ("random", "least_request"):
             return None  # the client-side fallback
-        return "router.server not on this branch yet"
+        if not shoal_router_available():
+            return "router.server not on this branch yet"
+        return "strategy shoal not registered in router.strategies yet"
     if arm.startswith("sglang") and not (BENCH_VENV / "python").exists():
         return "run bench/install_router_anchors.sh"
     if arm.startswith("vllm") and not (BENCH_VENV / "vllm-router").exists():
@@ -625,7 +650,7 @@ def run_workload(
         routers: dict[str, Proc] = {}
         try:
             for arm in arms:
-                if arm == "oracle" or (arm in SHOAL_STRATEGY and not shoal_router_available()):
+                if arm == "oracle" or (arm in SHOAL_STRATEGY and not shoal_arm_ready(arm)):
                     continue
                 routers[arm] = start_router(arm, fleet_.urls, logs)
             for arm in arms:
@@ -647,7 +672,7 @@ def run_replicas(
     redis = None
     with fleet(args.engines, workload.engine_flags, logs) as fleet_:
         try:
-            if shoal_router_available() and "shoal" in arms:
+            if (REPO / "router" / "shared.py").exists():
                 port = free_port()
                 redis = subprocess.Popen(
                     [
@@ -665,9 +690,11 @@ def run_replicas(
                 )
                 time.sleep(0.3)
             for arm in arms:
-                if arm == "oracle" or (arm in SHOAL_STRATEGY and not shoal_router_available()):
+                if arm == "oracle" or (arm in SHOAL_STRATEGY and not shoal_arm_ready(arm)):
                     continue
-                redis_url = f"redis://127.0.0.1:{port}/0" if redis and arm == "shoal" else None
+                redis_url = (
+                    f"redis://127.0.0.1:{port}/0" if redis and arm in SHOAL_STRATEGY else None
+                )
                 replicas = [
                     start_router(arm, fleet_.urls, logs, tag=f"-r{i}", redis_url=redis_url)
                     for i in range(4)
@@ -677,6 +704,12 @@ def run_replicas(
                 finally:
                     for r in replicas:
                         r.stop()
+                if arm in SHOAL_STRATEGY:
+                    cells[arm].note = (
+                        "shared through Redis"
+                        if redis_url
+                        else ("in memory per replica: router.shared not on this branch yet")
+                    )
                 progress(f"{'4 replicas':14} {arm:28} {cells[arm].summary()}")
         finally:
             if redis is not None:
@@ -693,7 +726,7 @@ def run_kill(arms: Sequence[str], args: argparse.Namespace, logs: Path) -> dict[
     cells: dict[str, CellResult] = {}
     with fleet(4, workload.engine_flags, logs) as fleet_:
         for arm in arms:
-            if arm == "oracle" or (arm in SHOAL_STRATEGY and not shoal_router_available()):
+            if arm == "oracle" or (arm in SHOAL_STRATEGY and not shoal_arm_ready(arm)):
                 continue
             if fleet_.engines[3].process.poll() is not None:
                 fleet_.restart(3)
@@ -741,7 +774,8 @@ async def watch(router_url: str, dead_url: str, killed: float, detected: list[fl
                     data = await reply.json(content_type=None)
                 engines = data.get("engines", data) if isinstance(data, dict) else data
                 for e in engines if isinstance(engines, list) else []:
-                    if e.get("url", "").rstrip("/") == dead_url and not e.get("healthy", True):
+                    down = not e.get("healthy", True) or e.get("breaker") == "open"
+                    if e.get("url", "").rstrip("/") == dead_url and down:
                         detected[:] = [time.perf_counter(), killed]
                         return
             await asyncio.sleep(0.05)
@@ -822,7 +856,9 @@ async def closed_loop(
 
 
 def run_overhead(arms: Sequence[str], args: argparse.Namespace, logs: Path) -> dict[str, Any]:
-    seconds = 4.0 if args.quick else 10.0
+    seconds = 3.0 if args.quick else 10.0
+    if args.quick:  # the policy barely matters with engines that answer at once
+        arms = [a for a in arms if a not in ("random", "least_request")]
     prompt = " ".join(f"w{i:05d}" for i in range(16384 // 7))[:16384]
     engines: list[Proc] = []
     out: dict[str, Any] = {}
@@ -853,7 +889,7 @@ def run_overhead(arms: Sequence[str], args: argparse.Namespace, logs: Path) -> d
             if (
                 arm_available(arm)
                 or arm == "oracle"
-                or (arm in SHOAL_STRATEGY and not shoal_router_available())
+                or (arm in SHOAL_STRATEGY and not shoal_arm_ready(arm))
             ):
                 continue
             router = start_router(arm, urls, logs, tag="-overhead", cpu=0)
@@ -977,6 +1013,7 @@ def main() -> int:
         if args.arms
         else list(JSON_ARMS) + ([] if args.quick else list(EXTRA_ARMS))
     )
+    wanted = list(arms)  # the JSON names every one, null where it could not run
     for arm in list(arms):
         why = arm_available(arm)
         if why:
@@ -1003,14 +1040,18 @@ def main() -> int:
             json.dumps(
                 {
                     "workloads": {
-                        n: {a: c.summary() for a, c in cells.items()}
+                        n: {a: cells[a].summary() if a in cells else ABSENT for a in wanted}
                         for n, cells in workloads.items()
                     },
                     "overhead": {
-                        a: {k: o[k] for k in ("added_p50_ms", "added_p99_ms", "rps")}
-                        for a, o in overhead.items()
-                        if a != "direct"
-                    },
+                        a: {k: overhead[a][k] for k in OVERHEAD_KEYS}
+                        if a in overhead
+                        else dict.fromkeys(OVERHEAD_KEYS)
+                        for a in wanted
+                        if a in overhead or a in ("shoal", *ANCHORS[::2])
+                    }
+                    if overhead
+                    else {},
                 }
             )
         )
