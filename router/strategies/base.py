@@ -64,6 +64,13 @@ class StrategyDeps:
     ttft_slo_s: float = 2.0
     tpot_slo_s: float = 0.2
     bounded_load_factor: float = 1.25  # session-affinity: an engine takes at most c x mean
+    # load gate of prefix-cache: affinity is ignored on an engine with more than
+    # min + balance_abs_requests and more than balance_rel x min requests in flight
+    balance_abs_requests: int = 8
+    balance_rel: float = 1.5
+    # cost model: a request already running on an engine delays a new one's prefill like
+    # this many queued prompt tokens (decode steps share the batch); uncalibrated default
+    running_request_tokens: int = 32
 
 
 class Strategy:

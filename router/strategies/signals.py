@@ -13,20 +13,50 @@ every strategy refuses (``math.inf``) a saturated engine, so the pipeline answer
 ``Saturated`` (429/503 with Retry-After) only when all candidates are saturated, whichever
 strategy the client chose. Rejected: saturation from scraped ``num_waiting`` (stale by up to
 a scrape interval, and absent on some engines); it feeds the cost models instead.
+
+The time-to-first-token model (``expected_ttft``) shared by ``precise-prefix``, ``slo`` and
+``shoal`` prices one request on one engine in seconds, with ``StrategyDeps``' per-token
+tunables::
+
+    queue_s   = (pending_tokens(engine)
+                 + in_flight x running_request_tokens) x prefill_s_per_token
+                                                         (a running request's decode steps
+                                                          share the batch with prefill)
+    pending   = in_flight_tokens (router-tracked, all replicas)
+              + unseen_waiting x tokens per request       (engine-reported waiting requests
+                                                          the ledger does not know of)
+    own_s     = node-only tokens x node_load_s_per_token
+              + peer-only tokens x peer_fetch_s_per_token
+              + uncached tokens x prefill_s_per_token
+    ttft      = queue_s + own_s
+
+Tiers are read as ``EnginePrefix`` states them: each is a prefix length from token 0
+("leading prompt tokens"), so they overlap: the GPU supplies ``gpu``, the node cache adds
+what it holds beyond that, a peer what it holds beyond both, and the rest is recomputed.
+How it fails: prefill is not linear in tokens (attention grows with context) and decode
+steps interleave with prefill in a running batch; the model ranks engines, it does not
+predict a latency to the millisecond. ``unseen_waiting`` needs a fresh scrape; without one
+only the router's own accounting counts (never zero-filled from a stale number).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
 from router.strategies.base import StrategyDeps
-from router.types import EngineView
+from router.types import EnginePrefix, EngineView
 
 __all__ = [
+    "expected_ttft",
     "fresh_waiting",
     "in_flight_costs",
     "is_saturated",
+    "lexicographic",
+    "own_seconds",
+    "pending_tokens",
+    "queue_seconds",
     "refuse_saturated",
 ]
 
@@ -55,8 +85,68 @@ def in_flight_costs(engines: Sequence[EngineView]) -> list[float]:
     return [e.in_flight + e.in_flight_tokens / scale for e in engines]
 
 
+def lexicographic(primary: Sequence[float], secondary: Sequence[float]) -> list[float]:
+    """One cost per candidate ordering by ``primary``, then by ``secondary`` among equals.
+
+    ``secondary`` is scaled into half the smallest gap between distinct primaries, so it can
+    never reorder two candidates whose primaries differ (infinite primaries stay infinite).
+    """
+    finite = sorted({p for p in primary if math.isfinite(p)})
+    gaps = [b - a for a, b in itertools.pairwise(finite)]
+    room = min(gaps) / 2 if gaps else 1.0
+    low = min(secondary, default=0.0)
+    span = max(secondary, default=0.0) - low
+    if span <= 0:
+        return list(primary)
+    return [p + room * (s - low) / span * 0.999 for p, s in zip(primary, secondary, strict=True)]
+
+
 def fresh_waiting(engine: EngineView) -> float | None:
     """Requests the engine itself reports waiting, or ``None`` when unknown (stale, absent)."""
     if engine.metrics is None or engine.metrics.num_waiting is None:
         return None
     return max(0.0, engine.metrics.num_waiting)
+
+
+def pending_tokens(engine: EngineView, typical_request_tokens: int) -> float:
+    """Prompt tokens queued ahead of a new request on ``engine``.
+
+    The router's own pending tokens, plus requests the engine reports waiting beyond those
+    the router has in flight there (sent by someone else), each counted at the average size
+    of the router's own pending requests (or ``typical_request_tokens`` when it has none).
+    """
+    pending = float(engine.in_flight_tokens)
+    waiting = fresh_waiting(engine)
+    if waiting is not None and waiting > engine.in_flight:
+        per_request = (
+            engine.in_flight_tokens / engine.in_flight
+            if engine.in_flight and engine.in_flight_tokens
+            else float(typical_request_tokens)
+        )
+        pending += (waiting - engine.in_flight) * per_request
+    return pending
+
+
+def queue_seconds(engine: EngineView, deps: StrategyDeps, typical_request_tokens: int) -> float:
+    """Seconds of prefill queued ahead of a new request (see the module's model)."""
+    running = engine.in_flight * deps.running_request_tokens
+    return (pending_tokens(engine, typical_request_tokens) + running) * deps.prefill_s_per_token
+
+
+def own_seconds(prompt_tokens: int, tiers: EnginePrefix, deps: StrategyDeps) -> float:
+    """Seconds to get this request's KV onto the engine: load, fetch, recompute."""
+    gpu = min(prompt_tokens, tiers.gpu_tokens)
+    node = max(gpu, min(prompt_tokens, tiers.node_tokens))
+    peer = max(node, min(prompt_tokens, tiers.peer_tokens))
+    return (
+        (node - gpu) * deps.node_load_s_per_token
+        + (peer - node) * deps.peer_fetch_s_per_token
+        + (prompt_tokens - peer) * deps.prefill_s_per_token
+    )
+
+
+def expected_ttft(
+    engine: EngineView, prompt_tokens: int, tiers: EnginePrefix, deps: StrategyDeps
+) -> float:
+    """Queue wait plus this request's own cost on ``engine``, in seconds."""
+    return queue_seconds(engine, deps, prompt_tokens) + own_seconds(prompt_tokens, tiers, deps)

@@ -142,7 +142,7 @@ class StrategyContract:
 
 
 def test_every_named_strategy_is_registered() -> None:
-    assert {"random", "round-robin", "least-request", "power-of-two"} <= set(STRATEGIES)
+    assert set(ALL_NAMES) <= set(STRATEGIES)
 
 
 # --- basic.py -------------------------------------------------------------------------
@@ -232,3 +232,43 @@ class TestPowerOfTwo(StrategyContract):
         fleet = [engine(0, in_flight=4), engine(1, in_flight=3)]
         picker = Picker(self.strategy(max_in_flight_per_engine=4))
         assert {picker.pick_id(request(), fleet) for _ in range(10)} == {"e1"}
+
+
+class TestLeastKvCache(StrategyContract):
+    name = "least-kv-cache"
+
+
+class TestLeastLatency(StrategyContract):
+    name = "least-latency"
+
+
+class TestThroughput(StrategyContract):
+    name = "throughput"
+
+
+class TestSessionAffinity(StrategyContract):
+    name = "session-affinity"
+
+
+class TestLoraAffinity(StrategyContract):
+    name = "lora-affinity"
+
+
+class TestPrefixCache(StrategyContract):
+    name = "prefix-cache"
+
+
+class TestPrecisePrefix(StrategyContract):
+    name = "precise-prefix"
+
+
+class TestVtc(StrategyContract):
+    name = "vtc"
+
+
+class TestSlo(StrategyContract):
+    name = "slo"
+
+
+class TestShoal(StrategyContract):
+    name = "shoal"
