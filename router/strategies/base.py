@@ -91,6 +91,19 @@ class Strategy:
         """A short word for the decision log and the decisions metric."""
         return self.name
 
+    def cached_tokens(self, chosen: EngineView, prefix: PrefixView | None) -> int:
+        """Prompt tokens of the last scored request ``chosen`` is expected to reuse.
+
+        ``RouteDecision.cached_tokens``; the ledger's pending tokens are the prompt's minus
+        these (a reused prefix is not queued prefill). Default: the best tier of the view;
+        strategies with their own index (``prefix-cache``, ``shoal``) answer from it.
+        """
+        if prefix is None:
+            return 0
+        tiers = prefix.of(chosen.engine_id)
+        best = max(tiers.gpu_tokens, tiers.node_tokens, tiers.peer_tokens)
+        return min(prefix.prompt_tokens, best)
+
     def routed(self, request: RouteRequest, chosen: EngineView) -> None:
         """The pipeline sent ``request`` to ``chosen`` (default: nothing to learn)."""
 

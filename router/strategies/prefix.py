@@ -207,6 +207,7 @@ class PrefixCache(IndexedStrategy):
     def __init__(self, deps: StrategyDeps) -> None:
         super().__init__(deps)
         self._matched: dict[str, int] = {}
+        self._tokens_per_block = 0
 
     def score(
         self, request: RouteRequest, engines: Sequence[EngineView], prefix: PrefixView | None
@@ -214,6 +215,8 @@ class PrefixCache(IndexedStrategy):
         self.index.seen(engines)
         hashes = self.hashes_of(request)
         self._matched = self.index.matched_blocks(hashes, [e.engine_id for e in engines])
+        chars = max(len(request.prompt_text), 1)
+        self._tokens_per_block = request.prompt_tokens * self.index.block_chars // chars
         least = min((e.in_flight for e in engines), default=0)
         uncached = []
         for e in engines:
@@ -225,6 +228,9 @@ class PrefixCache(IndexedStrategy):
             uncached.append(1.0 - held / len(hashes) if hashes else 1.0)
         costs = lexicographic(uncached, in_flight_costs(engines))
         return refuse_saturated(costs, engines, self.deps)
+
+    def cached_tokens(self, chosen: EngineView, prefix: PrefixView | None) -> int:
+        return self._tokens_per_block * self._matched.get(chosen.engine_id, 0)
 
     def reason(self, chosen: EngineView, prefix: PrefixView | None) -> str:
         if self._matched.get(chosen.engine_id, 0):

@@ -93,9 +93,13 @@ class ShoalDefault(IndexedStrategy):
         costs = []
         for e in engines:
             tiers = view.of(e.engine_id)
-            self._held[e.engine_id] = max(tiers.gpu_tokens, tiers.node_tokens, tiers.peer_tokens)
+            held = max(tiers.gpu_tokens, tiers.node_tokens, tiers.peer_tokens)
+            self._held[e.engine_id] = min(tokens, held)
             costs.append(expected_ttft(e, tokens, tiers, self.deps))
         return refuse_saturated(costs, engines, self.deps)
+
+    def cached_tokens(self, chosen: EngineView, prefix: PrefixView | None) -> int:
+        return self._held.get(chosen.engine_id, 0)
 
     def reason(self, chosen: EngineView, prefix: PrefixView | None) -> str:
         if self._held.get(chosen.engine_id, 0) > 0:

@@ -11,6 +11,7 @@ import itertools
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 
 from router.strategies.base import STRATEGIES, Strategy, StrategyDeps
 from router.types import EngineMetrics, EnginePrefix, EngineView, PrefixView, RouteRequest
@@ -124,3 +125,27 @@ class Picker:
     ) -> str | None:
         chosen = self.pick(request, candidates, prefix)
         return None if chosen is None else chosen.engine_id
+
+
+class FakeClock:
+    """Virtual ``time.monotonic`` for strategies (``StrategyDeps.clock``)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def loaded(view: EngineView, in_flight: int, tokens: int = 0) -> EngineView:
+    """``view`` with the router's accounting replaced."""
+    return replace(view, in_flight=in_flight, in_flight_tokens=tokens)
+
+
+def long_text(topic: str, chars: int) -> str:
+    """Deterministic prose of ``chars`` characters, different per ``topic``."""
+    words = [f"{topic}-{i}" for i in range(chars)]
+    return " ".join(words)[:chars]

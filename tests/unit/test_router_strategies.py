@@ -17,11 +17,15 @@ import pytest
 
 from router.strategies import STRATEGIES
 from router.strategies.base import Strategy
-from router.types import PrefixView
+from router.strategies.prefix import ApproximatePrefixIndex, IndexedStrategy
+from router.types import PrefixView, RouteOutcome
 from tests.unit.router_factories import (
+    FakeClock,
     Picker,
     engine,
     engines,
+    loaded,
+    long_text,
     make,
     metrics,
     prefix,
@@ -234,41 +238,558 @@ class TestPowerOfTwo(StrategyContract):
         assert {picker.pick_id(request(), fleet) for _ in range(10)} == {"e1"}
 
 
+# --- load.py --------------------------------------------------------------------------
+
+
 class TestLeastKvCache(StrategyContract):
     name = "least-kv-cache"
+
+    def test_picks_the_lowest_usage(self) -> None:
+        fleet = [
+            engine(i, metrics=metrics(kv_cache_usage=u)) for i, u in enumerate((0.7, 0.2, 0.5))
+        ]
+        strategy = self.strategy()
+        assert Picker(strategy).pick_id(request(), fleet) == "e1"
+        assert strategy.reason(fleet[1], None) == "kv-cache"
+
+    def test_in_flight_breaks_ties_without_reordering_usage(self) -> None:
+        fleet = [
+            engine(0, in_flight=2, metrics=metrics(kv_cache_usage=0.3)),
+            engine(1, in_flight=1, metrics=metrics(kv_cache_usage=0.3)),
+            engine(2, in_flight=9, metrics=metrics(kv_cache_usage=0.29)),
+        ]
+        costs = self.strategy().score(request(), fleet, None)
+        assert costs[2] < costs[1] < costs[0]
+
+    @pytest.mark.parametrize("unknown", [None, unknown_metrics()])
+    def test_an_unknown_usage_ranks_everyone_by_least_request(self, unknown: Any) -> None:
+        fleet = [
+            engine(0, in_flight=5, metrics=metrics(kv_cache_usage=0.1)),
+            engine(1, in_flight=0, metrics=unknown),
+            engine(2, in_flight=2, metrics=metrics(kv_cache_usage=0.0)),
+        ]
+        strategy = self.strategy()
+        assert Picker(strategy).pick_id(request(), fleet) == "e1"
+        assert strategy.reason(fleet[1], None) == "fallback"
 
 
 class TestLeastLatency(StrategyContract):
     name = "least-latency"
 
+    def test_predicted_latency_depends_on_max_tokens(self) -> None:
+        fleet = [
+            engine(0, metrics=metrics(ttft_mean_s=0.1, tpot_mean_s=0.05)),
+            engine(1, metrics=metrics(ttft_mean_s=0.5, tpot_mean_s=0.01)),
+        ]
+        picker = Picker(self.strategy())
+        assert picker.pick_id(request(max_tokens=1), fleet) == "e0"  # 0.15 s against 0.51 s
+        assert picker.pick_id(request(max_tokens=100), fleet) == "e1"  # 5.1 s against 1.5 s
+
+    def test_an_engine_that_finished_nothing_falls_back_to_least_request(self) -> None:
+        idle = engine(1, metrics=metrics(num_running=0))  # no TTFT mean: nothing finished
+        busy = engine(0, in_flight=4, metrics=metrics(ttft_mean_s=0.01, tpot_mean_s=0.01))
+        strategy = self.strategy()
+        assert Picker(strategy).pick_id(request(), [busy, idle]) == "e1"
+        assert strategy.reason(idle, None) == "fallback"
+
 
 class TestThroughput(StrategyContract):
     name = "throughput"
+
+    def test_picks_the_fewest_generation_tokens_per_second(self) -> None:
+        fleet = [
+            engine(i, metrics=metrics(generation_tokens_per_s=g))
+            for i, g in enumerate((500.0, 100.0, 300.0))
+        ]
+        strategy = self.strategy()
+        assert Picker(strategy).pick_id(request(), fleet) == "e1"
+        assert strategy.reason(fleet[1], None) == "throughput"
+
+    def test_a_stale_engine_falls_back_to_least_request(self) -> None:
+        fleet = [
+            engine(0, in_flight=1, metrics=metrics(generation_tokens_per_s=1.0)),
+            engine(1, in_flight=3, metrics=None),
+            engine(2, in_flight=2, metrics=metrics(generation_tokens_per_s=900.0)),
+        ]
+        assert Picker(self.strategy()).pick_id(request(), fleet) == "e0"
+
+
+# --- affinity.py ----------------------------------------------------------------------
+
+
+def homes(strategy: Strategy, sessions: list[str], fleet: list[Any]) -> dict[str, str]:
+    """Each session's pick on an idle ``fleet``."""
+    picker = Picker(strategy)
+    return {s: str(picker.pick_id(request(session=s), fleet)) for s in sessions}
 
 
 class TestSessionAffinity(StrategyContract):
     name = "session-affinity"
 
+    def test_a_session_stays_on_one_engine(self) -> None:
+        strategy = self.strategy()
+        picker = Picker(strategy)
+        fleet = engines(4)
+        picks = {picker.pick(request(session="conversation-42"), fleet) for _ in range(20)}
+        assert len(picks) == 1
+        chosen = picks.pop()
+        assert chosen is not None and strategy.reason(chosen, None) == "session"
+
+    def test_replicas_agree_without_shared_state(self) -> None:
+        sessions = [f"s{i}" for i in range(50)]
+        assert homes(self.strategy(seed=1), sessions, engines(4)) == homes(
+            self.strategy(seed=2), sessions, engines(4)[::-1]
+        )
+
+    def test_sessions_spread_over_engines(self) -> None:
+        counts = Counter(homes(self.strategy(), [f"s{i}" for i in range(800)], engines(4)).values())
+        assert set(counts) == {"e0", "e1", "e2", "e3"}
+        assert max(counts.values()) < 1.3 * 200 and min(counts.values()) > 0.7 * 200
+
+    def test_adding_an_engine_moves_about_one_in_n_sessions_all_to_it(self) -> None:
+        sessions = [f"s{i}" for i in range(2000)]
+        before = homes(self.strategy(), sessions, engines(4))
+        after = homes(self.strategy(), sessions, engines(5))
+        moved = [s for s in sessions if before[s] != after[s]]
+        assert 0.1 * len(sessions) < len(moved) < 0.3 * len(sessions)  # 1/5 expected
+        assert {after[s] for s in moved} == {"e4"}
+
+    def test_removing_an_engine_moves_only_its_sessions(self) -> None:
+        sessions = [f"s{i}" for i in range(1000)]
+        before = homes(self.strategy(), sessions, engines(4))
+        after = homes(self.strategy(), sessions, engines(4)[:3])
+        assert all(after[s] == before[s] for s in sessions if before[s] != "e3")
+
+    def test_a_full_home_spills_to_the_sessions_next_engine_only(self) -> None:
+        strategy = self.strategy()
+        fleet = engines(4)
+        home = Picker(strategy).pick_id(request(session="hot"), fleet)
+        assert home is not None
+        index = int(home[1:])
+        # capacity = ceil(1.25 x (4 + 1) / 4) = 2 with one request everywhere: home stays
+        even = [loaded(e, 1) for e in fleet]
+        assert Picker(strategy).pick_id(request(session="hot"), even) == home
+        # home at 3, others 1: capacity ceil(1.25 x 7 / 4) = 3, home is full
+        skewed = [loaded(e, 3 if e.engine_id == home else 1) for e in fleet]
+        spills = {
+            Picker(strategy, seed=s).pick_id(request(session="hot"), skewed) for s in range(10)
+        }
+        assert len(spills) == 1 and home not in spills
+        spilled_to = next(e for e in skewed if e.engine_id in spills)
+        assert strategy.reason(spilled_to, None) == "spill"
+        assert strategy.reason(skewed[index], None) == "session"
+
+    def test_no_engine_exceeds_the_bounded_load(self) -> None:
+        strategy = self.strategy()
+        fleet = engines(4)
+        picker = Picker(strategy)
+        for _ in range(40):  # one session only, requests never finish
+            chosen = picker.pick(request(session="one-heavy-session"), fleet)
+            assert chosen is not None
+            fleet = [loaded(e, e.in_flight + (e is chosen)) for e in fleet]
+            total = sum(e.in_flight for e in fleet)
+            assert max(e.in_flight for e in fleet) <= math.ceil(1.25 * total / 4)
+
+    def test_without_a_session_least_request_decides(self) -> None:
+        strategy = self.strategy()
+        fleet = [engine(0, in_flight=2), engine(1), engine(2, in_flight=1)]
+        assert Picker(strategy).pick_id(request(), fleet) == "e1"
+        assert strategy.reason(fleet[1], None) == "no-session"
+
 
 class TestLoraAffinity(StrategyContract):
     name = "lora-affinity"
+
+    def test_engines_serving_the_adapter_win_then_the_least_loaded(self) -> None:
+        fleet = [
+            engine(0),  # idle but without the adapter
+            engine(1, in_flight=3, models=("tiny", "sql-lora")),
+            engine(2, in_flight=1, metrics=metrics(loras_loaded=frozenset({"sql-lora"}))),
+            engine(3, in_flight=2, models=("tiny", "sql-lora")),
+        ]
+        strategy = self.strategy()
+        picker = Picker(strategy)
+        assert picker.pick_id(request(model="sql-lora"), fleet) == "e2"
+        assert strategy.reason(fleet[2], None) == "lora-hit"
+        assert picker.pick_id(request(model="sql-lora"), [fleet[0], fleet[1]]) == "e1"
+
+    def test_nobody_has_it_least_request_decides(self) -> None:
+        strategy = self.strategy()
+        fleet = [engine(0, in_flight=1), engine(1)]
+        assert Picker(strategy).pick_id(request(model="new-lora"), fleet) == "e1"
+        assert strategy.reason(fleet[1], None) == "lora-miss"
+
+
+# --- prefix.py ------------------------------------------------------------------------
+
+SYSTEM = long_text("system", 2048)  # eight 256-character blocks
+
+
+def simulate(
+    picker: Picker,
+    requests: list[Any],
+    fleet: list[Any],
+    prefix_of: Any = None,
+    *,
+    prefilled: bool = False,
+) -> list[str | None]:
+    """Pick each request in turn; every pick stays in flight with its uncached tokens.
+
+    Pending tokens are the prompt's minus what the strategy expects the engine to reuse
+    (``Strategy.cached_tokens``), as the proxy's ledger counts them; ``prefilled``: each
+    prompt is done (first token) before the next request arrives, so only ``in_flight``
+    grows.
+    """
+    picks = []
+    for req in requests:
+        view = None if prefix_of is None else prefix_of(req)
+        chosen = picker.pick(req, fleet, view)
+        picks.append(None if chosen is None else chosen.engine_id)
+        if chosen is None:
+            continue
+        pending = (
+            0 if prefilled else req.prompt_tokens - picker.strategy.cached_tokens(chosen, view)
+        )
+        fleet[:] = [
+            loaded(e, e.in_flight + 1, e.in_flight_tokens + pending) if e is chosen else e
+            for e in fleet
+        ]
+    return picks
+
+
+def index_of(strategy: Strategy) -> ApproximatePrefixIndex:
+    assert isinstance(strategy, IndexedStrategy)
+    return strategy.index
 
 
 class TestPrefixCache(StrategyContract):
     name = "prefix-cache"
 
+    def test_a_repeated_prefix_sticks_until_the_load_gate_trips(self) -> None:
+        strategy = self.strategy(balance_abs_requests=8, balance_rel=1.5)
+        picker = Picker(strategy, seed=4)
+        fleet = engines(3)
+        requests = [request(SYSTEM + f" question {i}") for i in range(11)]
+        picks = simulate(picker, requests, fleet)
+        warm = picks[0]
+        # the warm engine takes 9 (it then runs 9 > 0 + 8), the 10th goes to an idle one,
+        # which now holds the prefix too and takes the 11th by affinity
+        assert picks[:9] == [warm] * 9
+        assert picks[9] != warm and picks[10] == picks[9]
+
+    def test_reasons_cold_affinity_load(self) -> None:
+        strategy = self.strategy(balance_abs_requests=0, balance_rel=1.0)
+        picker = Picker(strategy)
+        fleet = engines(2)
+        first = picker.pick(request(SYSTEM), fleet)
+        assert first is not None and strategy.reason(first, None) == "cold"
+        again = picker.pick(request(SYSTEM + " more"), fleet)
+        assert again == first and strategy.reason(first, None) == "affinity"
+        busy = [loaded(e, 1) if e.engine_id == first.engine_id else e for e in fleet]
+        other = picker.pick(request(SYSTEM + " more"), busy)
+        assert other is not None and other.engine_id != first.engine_id
+        assert strategy.reason(other, None) == "load"
+
+    def test_the_longest_match_wins(self) -> None:
+        strategy = self.strategy()
+        picker = Picker(strategy)
+        fleet = engines(3)
+        picker.pick(request(SYSTEM[:512]), [fleet[0]])
+        picker.pick(request(SYSTEM[:1536]), [fleet[1]])
+        assert picker.pick_id(request(SYSTEM + " new question"), fleet) == "e1"
+        costs = strategy.score(request(SYSTEM), fleet, None)
+        assert costs[1] < costs[0] < costs[2]  # 6 of 8 blocks, 2 of 8, none
+
+    def test_unrelated_prompts_are_placed_by_load(self) -> None:
+        picker = Picker(self.strategy())
+        fleet = engines(4)
+        picks = simulate(picker, [request(long_text(f"t{i}", 1024)) for i in range(8)], fleet)
+        assert Counter(picks) == {"e0": 2, "e1": 2, "e2": 2, "e3": 2}
+
+    def test_prompts_shorter_than_a_block_are_cold(self) -> None:
+        strategy = self.strategy()
+        picker = Picker(strategy)
+        chosen = picker.pick(request("short prompt"), engines(2))
+        assert chosen is not None
+        picker.pick(request("short prompt"), engines(2))
+        assert strategy.reason(chosen, None) == "cold"
+
+    def test_models_do_not_share_prefixes(self) -> None:
+        strategy = self.strategy()
+        picker = Picker(strategy)
+        fleet = engines(2, models=("tiny", "other"))
+        picker.pick(request(SYSTEM, model="tiny"), [fleet[0]])
+        assert strategy.score(request(SYSTEM, model="other"), fleet, None)[0] >= 1.0
+
+    def test_memory_is_bounded(self) -> None:
+        strategy = self.strategy(prefix_index_entries=20)
+        picker = Picker(strategy)
+        for i in range(30):
+            picker.pick(request(long_text(f"p{i}", 1024)), engines(2))
+        index = index_of(strategy)
+        assert len(index) == 20
+        # the most recent prompt is still indexed whole
+        last = index.block_hashes("tiny", long_text("p29", 1024))
+        assert max(index.matched_blocks(last, ["e0", "e1"]).values()) == 4
+
+    def test_a_forgotten_or_long_absent_engine_holds_nothing(self) -> None:
+        clock = FakeClock()
+        strategy = self.strategy(clock=clock)
+        picker = Picker(strategy)
+        fleet = engines(2)
+        picker.pick(request(SYSTEM), [fleet[0]])
+        index = index_of(strategy)
+        hashes = index.block_hashes("tiny", SYSTEM)
+        assert index.matched_blocks(hashes, ["e0"]) == {"e0": 8}
+        clock.advance(index.forget_after_s + 1)
+        strategy.score(request(SYSTEM), [fleet[1]], None)  # e0 not a candidate for long
+        assert index.matched_blocks(hashes, ["e0"]) == {"e0": 0}
+        picker.pick(request(SYSTEM), [fleet[0]])  # e0 is back and learns again
+        assert index.matched_blocks(hashes, ["e0"]) == {"e0": 8}
+        index.forget("e0")
+        assert index.matched_blocks(hashes, ["e0"]) == {"e0": 0}
+
 
 class TestPrecisePrefix(StrategyContract):
     name = "precise-prefix"
+
+    def test_prices_gpu_below_node_below_peer_below_recompute(self) -> None:
+        view = prefix(1000, e0=(1000, 0, 0), e1=(0, 1000, 0), e2=(0, 0, 1000))
+        strategy = self.strategy()
+        fleet = engines(4)
+        costs = strategy.score(request(tokens=1000), fleet, view)
+        assert costs[0] < costs[1] < costs[2] < costs[3]
+        assert costs[3] == pytest.approx(1000 * 2e-4)
+        assert Picker(strategy).pick_id(request(tokens=1000), fleet, view) == "e0"
+        assert [strategy.reason(e, view) for e in fleet] == ["gpu", "node", "peer", "recompute"]
+
+    def test_tiers_are_prefix_lengths_that_overlap(self) -> None:
+        view = prefix(1000, e0=(400, 700, 0))
+        cost = self.strategy().score(request(tokens=1000), [engine(0)], view)[0]
+        assert cost == pytest.approx(300 * 1e-5 + 300 * 2e-4)
+
+    def test_a_queue_outweighs_a_gpu_hit(self) -> None:
+        view = prefix(1000, e0=(1000, 0, 0), e1=(0, 1000, 0))
+        fleet = [engine(0, in_flight=2, tokens=4000), engine(1)]
+        assert Picker(self.strategy()).pick_id(request(tokens=1000), fleet, view) == "e1"
+
+    def test_without_a_view_the_queue_decides(self) -> None:
+        strategy = self.strategy()
+        fleet = [engine(0, in_flight=1, tokens=500), engine(1, in_flight=1, tokens=100)]
+        assert Picker(strategy).pick_id(request(tokens=1000), fleet) == "e1"
+        assert strategy.reason(fleet[1], None) == "no-index"
+
+
+# --- fairness.py ----------------------------------------------------------------------
+
+
+def outcome(req: Any, engine_id: str, *, ok: bool = True, completion: int = 0) -> RouteOutcome:
+    return RouteOutcome(request=req, engine_id=engine_id, ok=ok, completion_tokens=completion)
 
 
 class TestVtc(StrategyContract):
     name = "vtc"
 
+    def vtc(self, **tunables: Any) -> Any:
+        return self.strategy(**tunables)
+
+    def test_counters_charge_prompt_and_generation_then_correct(self) -> None:
+        vtc = self.vtc()
+        req = request(user="alice", tokens=100, max_tokens=50)
+        chosen = Picker(vtc).pick(req, engines(2))
+        assert chosen is not None
+        assert vtc.counter("alice") == 100 * 1 + 50 * 2
+        vtc.observe(outcome(req, chosen.engine_id, completion=10))
+        assert vtc.counter("alice") == 100 + 10 * 2
+        failed = request(user="alice", tokens=100, max_tokens=50)
+        Picker(vtc).pick(failed, engines(2))
+        vtc.observe(outcome(failed, "e0", ok=False))
+        assert vtc.counter("alice") == 120  # a failed request is refunded
+
+    def test_a_newly_active_user_is_lifted_to_the_active_minimum(self) -> None:
+        vtc = self.vtc()
+        picker = Picker(vtc)
+        for _ in range(3):  # alice stays active: nothing is observed
+            picker.pick(request(user="alice", tokens=300, max_tokens=0), engines(2))
+        picker.pick(request(user="bob", tokens=10, max_tokens=0), engines(2))
+        assert vtc.counter("bob") == 900 + 10
+
+    def test_under_contention_only_the_over_served_user_is_refused(self) -> None:
+        vtc = self.vtc(max_in_flight_per_engine=4)
+        picker = Picker(vtc)
+        picker.pick(request(user="bob", tokens=10, max_tokens=0), engines(2))
+        picker.pick(request(user="alice", tokens=20_000, max_tokens=0), engines(2))
+        contended = engines(2, in_flight=3)  # 3 >= 0.75 x 4 everywhere
+        assert picker.pick(request(user="alice", tokens=10), contended) is None
+        assert picker.pick(request(user="bob", tokens=10), contended) is not None
+        quiet = engines(2, in_flight=1)
+        assert picker.pick(request(user="alice", tokens=10), quiet) is not None
+        assert vtc.reason(quiet[0], None) == "heavy"
+
+    def test_a_heavy_users_backlog_is_spread(self) -> None:
+        vtc = self.vtc()
+        picker = Picker(vtc)
+        fleet = engines(2)
+        picker.pick(request(user="bob", tokens=10, max_tokens=0), [fleet[1]])
+        picker.pick(request(user="alice", tokens=20_000, max_tokens=0), [fleet[0]])
+        # equal router load: alice avoids the engine running her request, bob does not care
+        even = engines(2, in_flight=1)
+        alice = vtc.score(request(user="alice"), even, None)
+        assert alice[1] < alice[0]
+        assert vtc.reason(even[1], None) == "heavy"
+        bob = vtc.score(request(user="bob"), even, None)
+        assert bob[0] == bob[1]
+        assert vtc.reason(even[1], None) == "fair"
+
+    def test_finished_requests_leave_the_active_set(self) -> None:
+        vtc = self.vtc()
+        picker = Picker(vtc)
+        req = request(user="alice", tokens=5000, max_tokens=0)
+        chosen = picker.pick(req, engines(2))
+        assert chosen is not None
+        vtc.observe(outcome(req, chosen.engine_id))
+        # alice is idle: carol's lift has no floor, alice's counter is kept
+        picker.pick(request(user="carol", tokens=1, max_tokens=0), engines(2))
+        assert vtc.counter("carol") == 1 and vtc.counter("alice") == 5000
+
+
+# --- slo.py ---------------------------------------------------------------------------
+
 
 class TestSlo(StrategyContract):
     name = "slo"
 
+    def test_engines_predicted_to_break_ttft_are_refused(self) -> None:
+        strategy = self.strategy(ttft_slo_s=2.0)
+        # 20000 pending tokens x 2e-4 s = 4 s of queue
+        fleet = [engine(0, in_flight=1, tokens=20_000), engine(1, in_flight=3, tokens=3000)]
+        costs = strategy.score(request(tokens=1000), fleet, None)
+        assert costs[0] == math.inf and math.isfinite(costs[1])
+        assert strategy.reason(fleet[1], None) == "slo-met"
+
+    def test_a_measured_ttft_is_a_floor(self) -> None:
+        fleet = [engine(0, metrics=metrics(ttft_mean_s=3.0)), engine(1, in_flight=2, tokens=2000)]
+        assert Picker(self.strategy()).pick_id(request(tokens=100), fleet) == "e1"
+
+    def test_tpot_grows_with_the_running_batch(self) -> None:
+        fleet = [
+            engine(0, metrics=metrics(tpot_mean_s=0.15, num_running=1)),  # 0.3 s predicted
+            engine(1, in_flight=3, metrics=metrics(tpot_mean_s=0.05, num_running=3)),
+        ]
+        costs = self.strategy(tpot_slo_s=0.2).score(request(), fleet, None)
+        assert costs[0] == math.inf and math.isfinite(costs[1])
+
+    def test_an_unknown_tpot_is_not_a_violation(self) -> None:
+        costs = self.strategy().score(request(), [engine(0, metrics=None)], None)
+        assert math.isfinite(costs[0])
+
+    def test_when_every_engine_misses_the_least_bad_is_chosen(self) -> None:
+        strategy = self.strategy(ttft_slo_s=1.0)
+        fleet = [engine(0, in_flight=1, tokens=30_000), engine(1, in_flight=1, tokens=10_000)]
+        picker = Picker(strategy)
+        assert picker.pick_id(request(tokens=100), fleet) == "e1"
+        assert strategy.reason(fleet[1], None) == "slo-missed"
+
+    def test_the_prefix_view_shortens_the_prediction(self) -> None:
+        view = prefix(8000, e0=(8000, 0, 0))
+        fleet = [engine(0, in_flight=1, tokens=4000), engine(1)]
+        # e0: 0.8 s queue, no prefill; e1: 8000 x 2e-4 = 1.6 s
+        assert Picker(self.strategy()).pick_id(request(tokens=8000), fleet, view) == "e0"
+
+
+# --- shoal.py -------------------------------------------------------------------------
+
 
 class TestShoal(StrategyContract):
     name = "shoal"
+
+    def test_the_warm_engine_wins_until_its_queue_makes_it_slower(self) -> None:
+        strategy = self.strategy()
+        view = prefix(1000, e0=(900, 0, 0))
+        picker = Picker(strategy)
+        # e0: (500 + 1 x 32) + 100 tokens = 632 < e1: 1000
+        warm = [engine(0, in_flight=1, tokens=500), engine(1)]
+        assert picker.pick_id(request(tokens=1000), warm, view) == "e0"
+        assert strategy.reason(warm[0], view) == "affinity"
+        # e0: (900 + 2 x 32) + 100 = 1064 > 1000: released to the cold engine
+        saturated = [engine(0, in_flight=2, tokens=900), engine(1)]
+        assert picker.pick_id(request(tokens=1000), saturated, view) == "e1"
+        assert strategy.reason(saturated[1], view) == "load"
+
+    def test_a_node_cache_hit_beats_a_cold_engine_when_the_gpu_copy_is_busy(self) -> None:
+        view = prefix(4000, e0=(4000, 0, 0), e1=(0, 4000, 0))
+        fleet = [engine(0, in_flight=4, tokens=6000), engine(1), engine(2)]
+        strategy = self.strategy()
+        assert Picker(strategy).pick_id(request(tokens=4000), fleet, view) == "e1"
+        assert strategy.reason(fleet[1], view) == "affinity"
+
+    def test_cold_prefixes_spread_by_load(self) -> None:
+        strategy = self.strategy()
+        fleet = engines(4)
+        picks = simulate(
+            Picker(strategy, seed=8), [request(long_text(f"c{i}", 1024)) for i in range(12)], fleet
+        )
+        assert Counter(picks) == {"e0": 3, "e1": 3, "e2": 3, "e3": 3}
+        assert strategy.reason(fleet[0], None) == "cold"
+
+    def test_a_hot_prefix_takes_engines_one_by_one_as_its_load_needs(self) -> None:
+        # 520-token prompts whose 8 indexed blocks are ~517 tokens; prompts are prefilled
+        # before the next arrives: a warm engine with k running costs (32k + 3) x p, a cold
+        # one 520 x p
+        strategy = self.strategy()
+        fleet = engines(4)
+        hot = [request(SYSTEM + f" user {i:03d}", tokens=520) for i in range(60)]
+        picks = simulate(Picker(strategy, seed=2), hot, fleet, prefilled=True)
+        first = picks[0]
+        assert picks[:17] == [first] * 17  # 32 x 16 + 3 <= 520 < 32 x 17 + 3
+        assert picks[17] != first
+        assert len(set(picks[:34])) == 2  # a second engine only once the first is full
+        assert sorted(Counter(picks).values()) == [9, 17, 17, 17]
+
+    def test_a_prefix_still_being_prefilled_is_not_waited_for(self) -> None:
+        # a burst: nothing is prefilled yet, so the warm engine's queue holds the whole
+        # first prompt (520 + 32 + 3 > 520) and the second request goes to a cold engine
+        picks = simulate(
+            Picker(self.strategy(), seed=2),
+            [request(SYSTEM + f" user {i}", tokens=520) for i in range(4)],
+            engines(4),
+        )
+        assert len(set(picks)) == 4
+
+    def test_reasons_cold_then_affinity_then_load(self) -> None:
+        strategy = self.strategy()
+        picker = Picker(strategy, seed=1)
+        fleet = engines(2)
+        chosen = picker.pick(request(SYSTEM, tokens=520), fleet)
+        assert chosen is not None and strategy.reason(chosen, None) == "cold"
+        assert picker.pick(request(SYSTEM, tokens=520), fleet) == chosen
+        assert strategy.reason(chosen, None) == "affinity"
+        assert strategy.cached_tokens(chosen, None) == 520  # all 8 blocks of 2048 chars
+        busy = [loaded(e, 20, 2000) if e is chosen else e for e in fleet]
+        other = picker.pick(request(SYSTEM, tokens=520), busy)
+        assert other is not None and other.engine_id != chosen.engine_id
+        assert strategy.reason(other, None) == "load"
+        assert strategy.cached_tokens(other, None) == 0
+
+    def test_recently_routed_prefixes_count_before_kv_events_arrive(self) -> None:
+        clock = FakeClock()
+        strategy = self.strategy(clock=clock)
+        picker = Picker(strategy, seed=3)
+        fleet = engines(3)
+        nothing_yet = prefix(600)  # precise, but the first prefill has not run
+        first = picker.pick_id(request(SYSTEM, tokens=600), fleet, nothing_yet)
+        assert picker.pick_id(request(SYSTEM + " two", tokens=600), fleet, nothing_yet) == first
+        clock.advance(60)  # events are long due: the precise view is believed alone
+        costs = strategy.score(request(SYSTEM, tokens=600), fleet, nothing_yet)
+        assert len(set(costs)) == 1
+        assert strategy.reason(fleet[0], nothing_yet) == "cold"
+
+    def test_a_precise_view_overrides_the_approximate_index(self) -> None:
+        clock = FakeClock()
+        strategy = self.strategy(clock=clock)
+        picker = Picker(strategy)
+        fleet = engines(2)
+        picker.pick(request(SYSTEM, tokens=600), [fleet[0]])
+        clock.advance(60)
+        evicted = prefix(600, e1=(600, 0, 0))  # e0 evicted it, e1 got it from elsewhere
+        assert picker.pick_id(request(SYSTEM, tokens=600), fleet, evicted) == "e1"
