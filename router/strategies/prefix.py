@@ -17,10 +17,12 @@ evicted it: this index never hears about evictions, which is why the precise pat
 Memory is bounded: at most ``prefix_index_entries`` block hashes, least recently routed
 evicted first. A routed chain is touched from its last block to its first, so the shared
 roots of many prompts are the most recent and a chain is evicted from its leaves. Each
-entry maps engine ids to the engine's epoch: ``forget(engine_id)`` bumps the epoch, which
-drops the engine from every entry at once (entries are cleaned when next touched), and an
-engine absent from the candidates for ``forget_after_s`` is forgotten (it was removed or
-restarted with an empty cache; the router cannot tell which, both mean its entries lie).
+entry maps engine ids to the engine's epoch and when the block was last routed there (so
+``shoal`` can ask what was sent recently, before KV events can report it):
+``forget(engine_id)`` bumps the epoch, which drops the engine from every entry at once
+(entries are cleaned when next touched), and an engine absent from the candidates for
+``forget_after_s`` is forgotten (it was removed or restarted with an empty cache; the
+router cannot tell which, both mean its entries lie).
 
 ``prefix-cache`` (approximate only, no locator call):
 cost = uncached fraction of the prompt's blocks on the engine, least-request among equals.
@@ -93,6 +95,13 @@ class ApproximatePrefixIndex:
         hashes: list[int] = []
         seed = xxhash.xxh3_64_intdigest(model.encode())
         size = self.block_chars
+        data = text.encode()
+        if len(data) == len(text):  # ASCII: characters are bytes, slice without copies
+            view = memoryview(data)
+            for start in range(0, len(data) - size + 1, size):
+                seed = xxhash.xxh3_64_intdigest(view[start : start + size], seed=seed)
+                hashes.append(seed)
+            return hashes
         for start in range(0, len(text) - size + 1, size):
             seed = xxhash.xxh3_64_intdigest(text[start : start + size].encode(), seed=seed)
             hashes.append(seed)
@@ -112,45 +121,51 @@ class ApproximatePrefixIndex:
         self._epochs[engine_id] = self._epochs.get(engine_id, 0) + 1
         self._last_seen.pop(engine_id, None)
 
-    def _holds(self, holder: tuple[int, float] | None, engine_id: str, since: float) -> bool:
-        return (
-            holder is not None
-            and holder[0] == self._epochs.get(engine_id, 0)
-            and holder[1] >= since
-        )
-
     def matched_blocks(
         self, hashes: Sequence[int], engine_ids: Sequence[str], since: float = -math.inf
     ) -> dict[str, int]:
         """How many leading blocks of ``hashes`` each engine was sent (since ``since``)."""
         matched = dict.fromkeys(engine_ids, 0)
-        alive = set(engine_ids)
-        for depth, block in enumerate(hashes):
+        epochs = self._epochs
+        alive = list(engine_ids)
+        depth = 0
+        for block in hashes:
             holders = self._blocks.get(block)
             if holders is None:
                 break
-            for engine_id in [e for e in alive if not self._holds(holders.get(e), e, since)]:
-                alive.discard(engine_id)
+            still = [
+                e
+                for e in alive
+                if (h := holders.get(e)) is not None and h[0] == epochs.get(e, 0) and h[1] >= since
+            ]
+            if len(still) < len(alive):
+                for gone in set(alive).difference(still):
+                    matched[gone] = depth
+                alive = still
             if not alive:
                 break
-            for engine_id in alive:
-                matched[engine_id] = depth + 1
+            depth += 1
+        for engine_id in alive:
+            matched[engine_id] = depth
         return matched
 
     def insert(self, hashes: Sequence[int], engine_id: str) -> None:
         """``engine_id`` was sent these blocks: index them, most recent first at the root."""
-        holder = (self._epochs.get(engine_id, 0), self._clock())
+        epochs = self._epochs
+        holder = (epochs.get(engine_id, 0), self._clock())
+        blocks = self._blocks
         for block in reversed(hashes):
-            holders = self._blocks.get(block)
+            holders = blocks.get(block)
             if holders is None:
-                holders = self._blocks[block] = {}
-            else:
-                self._blocks.move_to_end(block)
-                for stale in [e for e, h in holders.items() if h[0] != self._epochs.get(e, 0)]:
+                blocks[block] = {engine_id: holder}
+                continue
+            blocks.move_to_end(block)
+            if epochs and len(holders) > 1:  # drop forgotten engines while here
+                for stale in [e for e, h in holders.items() if h[0] != epochs.get(e, 0)]:
                     del holders[stale]
             holders[engine_id] = holder
-        while len(self._blocks) > self.max_entries:
-            self._blocks.popitem(last=False)
+        while len(blocks) > self.max_entries:
+            blocks.popitem(last=False)
 
     def view(
         self,
