@@ -14,7 +14,9 @@ Strategies that need to know where the prompt's prefix lives set ``uses_prefix``
 pipeline then passes a ``PrefixView`` (precise from the cluster index, or approximate),
 otherwise ``None``. Strategies that learn (round-robin's cursor, the approximate index,
 virtual token counters) do so in ``observe``, called by the proxy after each request, and
-in ``routed``, called once the pipeline has chosen.
+in ``routed``, called once the pipeline has chosen. ``cached_tokens`` says how much of the
+prompt the chosen engine is expected to reuse, so the ledger counts only uncached tokens
+as pending prefill (strategies with their own index know what the pipeline cannot).
 
 Invariant: ``score`` returns exactly one finite or ``math.inf`` cost per candidate, in the
 candidates' order; ``math.inf`` marks a candidate the strategy refuses (the pipeline drops

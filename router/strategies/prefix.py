@@ -60,6 +60,7 @@ from router.strategies.signals import (
     expected_ttft,
     in_flight_costs,
     lexicographic,
+    prompt_tokens,
     refuse_saturated,
 )
 from router.types import EnginePrefix, EngineView, PrefixView, RouteRequest
@@ -263,7 +264,7 @@ class PrecisePrefix(Strategy):
     def score(
         self, request: RouteRequest, engines: Sequence[EngineView], prefix: PrefixView | None
     ) -> list[float]:
-        tokens = request.prompt_tokens if prefix is None else prefix.prompt_tokens
+        tokens = prompt_tokens(request, prefix)
         none = EnginePrefix()
         costs = [
             expected_ttft(e, tokens, none if prefix is None else prefix.of(e.engine_id), self.deps)

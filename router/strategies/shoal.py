@@ -46,7 +46,7 @@ from typing import ClassVar
 
 from router.strategies.base import StrategyDeps, register
 from router.strategies.prefix import IndexedStrategy
-from router.strategies.signals import expected_ttft, refuse_saturated
+from router.strategies.signals import expected_ttft, prompt_tokens, refuse_saturated
 from router.types import EnginePrefix, EngineView, PrefixView, RouteRequest
 
 __all__ = ["ShoalDefault"]
@@ -88,7 +88,7 @@ class ShoalDefault(IndexedStrategy):
         self, request: RouteRequest, engines: Sequence[EngineView], prefix: PrefixView | None
     ) -> list[float]:
         view = self.view(request, engines, prefix)
-        tokens = view.prompt_tokens
+        tokens = prompt_tokens(request, view)
         self._held = {}
         costs = []
         for e in engines:

@@ -46,7 +46,7 @@ import math
 from collections.abc import Sequence
 
 from router.strategies.base import StrategyDeps
-from router.types import EnginePrefix, EngineView
+from router.types import EnginePrefix, EngineView, PrefixView, RouteRequest
 
 __all__ = [
     "expected_ttft",
@@ -56,6 +56,7 @@ __all__ = [
     "lexicographic",
     "own_seconds",
     "pending_tokens",
+    "prompt_tokens",
     "queue_seconds",
     "refuse_saturated",
 ]
@@ -150,3 +151,10 @@ def expected_ttft(
 ) -> float:
     """Queue wait plus this request's own cost on ``engine``, in seconds."""
     return queue_seconds(engine, deps, prompt_tokens) + own_seconds(prompt_tokens, tiers, deps)
+
+
+def prompt_tokens(request: RouteRequest, prefix: PrefixView | None) -> int:
+    """The prompt's length: the view's (exact when precise) unless it has none."""
+    if prefix is None or prefix.prompt_tokens <= 0:
+        return request.prompt_tokens
+    return prefix.prompt_tokens

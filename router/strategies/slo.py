@@ -33,7 +33,7 @@ import math
 from collections.abc import Sequence
 
 from router.strategies.base import Strategy, StrategyDeps, register
-from router.strategies.signals import expected_ttft, refuse_saturated
+from router.strategies.signals import expected_ttft, prompt_tokens, refuse_saturated
 from router.types import EnginePrefix, EngineView, PrefixView, RouteRequest
 
 __all__ = ["SloAware", "predict_tpot", "predict_ttft"]
@@ -68,7 +68,7 @@ class SloAware(Strategy):
     def score(
         self, request: RouteRequest, engines: Sequence[EngineView], prefix: PrefixView | None
     ) -> list[float]:
-        tokens = request.prompt_tokens if prefix is None else prefix.prompt_tokens
+        tokens = prompt_tokens(request, prefix)
         none = EnginePrefix()
         ttfts = [
             predict_ttft(e, tokens, none if prefix is None else prefix.of(e.engine_id), self.deps)
