@@ -24,9 +24,12 @@ not mix). A fleet half-known is ranked by the one signal known for all of it.
   fallback to least-request then sends work to it, which is the right answer for the
   usual reason. Fails like every mean: a few long prompts inflate an engine's TTFT for a
   whole interval.
-* ``throughput``: fewest generation tokens/s (the least busy decoder; AIBrix's
-  ``throughput``). Fails on prefill-heavy engines, which generate little and look idle;
-  a mix with least-request covers that.
+* ``throughput``: fewest weighted tokens per second, ``prompt + 2 x generation`` (AIBrix's
+  ``throughput`` routes to "the lowest total weighted tokens"; a generated token weighs two
+  because a decode step is the slower per-token work). Both rates come from counters over
+  the last scrape interval, so the strategy says what each engine was doing, not what it
+  holds now: a burst of new requests is invisible until the next scrape (a mix with
+  least-request covers that).
 """
 
 from __future__ import annotations
@@ -94,10 +97,14 @@ class LeastLatency(_MetricStrategy):
 
 @register
 class Throughput(_MetricStrategy):
-    """Fewest generation tokens per second from the last scrape."""
+    """Fewest ``prompt + 2 x generation`` tokens per second from the last scrape."""
 
     name = "throughput"
     known_reason = "throughput"
+    generation_weight: ClassVar[float] = 2.0
 
     def signal(self, request: RouteRequest, engine: EngineView) -> float | None:
-        return None if engine.metrics is None else engine.metrics.generation_tokens_per_s
+        m = engine.metrics
+        if m is None or m.prompt_tokens_per_s is None or m.generation_tokens_per_s is None:
+            return None
+        return m.prompt_tokens_per_s + self.generation_weight * m.generation_tokens_per_s

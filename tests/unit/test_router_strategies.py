@@ -296,20 +296,28 @@ class TestLeastLatency(StrategyContract):
 class TestThroughput(StrategyContract):
     name = "throughput"
 
-    def test_picks_the_fewest_generation_tokens_per_second(self) -> None:
+    def test_picks_the_fewest_weighted_tokens_per_second(self) -> None:
+        rates = ((100.0, 500.0), (900.0, 100.0), (300.0, 300.0))  # weighted 1100, 1100, 900
         fleet = [
-            engine(i, metrics=metrics(generation_tokens_per_s=g))
-            for i, g in enumerate((500.0, 100.0, 300.0))
+            engine(
+                i, in_flight=i, metrics=metrics(prompt_tokens_per_s=p, generation_tokens_per_s=g)
+            )
+            for i, (p, g) in enumerate(rates)
         ]
         strategy = self.strategy()
-        assert Picker(strategy).pick_id(request(), fleet) == "e1"
-        assert strategy.reason(fleet[1], None) == "throughput"
+        assert Picker(strategy).pick_id(request(), fleet) == "e2"
+        assert strategy.reason(fleet[2], None) == "throughput"
+        assert Picker(strategy).pick_id(request(), fleet[:2]) == "e0"  # tie: fewer in flight
 
     def test_a_stale_engine_falls_back_to_least_request(self) -> None:
         fleet = [
-            engine(0, in_flight=1, metrics=metrics(generation_tokens_per_s=1.0)),
+            engine(0, in_flight=1, metrics=metrics(generation_tokens_per_s=1.0)),  # no prompt rate
             engine(1, in_flight=3, metrics=None),
-            engine(2, in_flight=2, metrics=metrics(generation_tokens_per_s=900.0)),
+            engine(
+                2,
+                in_flight=2,
+                metrics=metrics(prompt_tokens_per_s=0.0, generation_tokens_per_s=0.0),
+            ),
         ]
         assert Picker(self.strategy()).pick_id(request(), fleet) == "e0"
 
