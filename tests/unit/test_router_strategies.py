@@ -13,11 +13,14 @@ import socket
 from collections import Counter
 from typing import Any, ClassVar
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import given, settings
 
 from router.strategies import STRATEGIES
-from router.strategies.base import Strategy
+from router.strategies.base import Strategy, StrategyDeps
 from router.strategies.prefix import ApproximatePrefixIndex, IndexedStrategy
+from router.strategies.signals import lexicographic, pending_tokens, queue_seconds
 from router.types import PrefixView, RouteOutcome
 from tests.unit.router_factories import (
     FakeClock,
@@ -801,3 +804,42 @@ class TestShoal(StrategyContract):
         clock.advance(60)
         evicted = prefix(600, e1=(600, 0, 0))  # e0 evicted it, e1 got it from elsewhere
         assert picker.pick_id(request(SYSTEM, tokens=600), fleet, evicted) == "e1"
+
+
+# --- signals.py -----------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0, math.inf]),
+            st.floats(min_value=0, max_value=1e6, allow_nan=False),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_lexicographic_orders_by_primary_then_secondary(pairs: list[tuple[float, float]]) -> None:
+    primary = [p for p, _ in pairs]
+    secondary = [s for _, s in pairs]
+    costs = lexicographic(primary, secondary)
+    for (p1, s1), c1 in zip(pairs, costs, strict=True):
+        assert math.isinf(c1) == math.isinf(p1)
+        for (p2, s2), c2 in zip(pairs, costs, strict=True):
+            if math.isfinite(p1) and math.isfinite(p2) and (p1, s1) < (p2, s2):
+                assert c1 <= c2
+                if p1 < p2:
+                    assert c1 < c2
+
+
+def test_engine_reported_waiting_requests_the_router_did_not_send_count() -> None:
+    deps = StrategyDeps(running_request_tokens=0)
+    mine_only = engine(0, in_flight=1, tokens=400)
+    others_too = engine(0, in_flight=1, tokens=400, metrics=metrics(num_waiting=5))
+    assert pending_tokens(mine_only, 100) == 400
+    assert pending_tokens(others_too, 100) == 400 + 4 * 400  # at the router's mean size
+    assert pending_tokens(engine(0, metrics=metrics(num_waiting=2)), 100) == 200
+    # a stale scrape is unknown: only the router's accounting counts, never a zero-filled guess
+    assert pending_tokens(engine(0, in_flight=1, tokens=400, metrics=None), 100) == 400
+    assert queue_seconds(others_too, deps, 100) == pytest.approx(2000 * deps.prefill_s_per_token)
