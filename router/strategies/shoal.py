@@ -8,7 +8,10 @@ and the cheapest wins. Where the prefix lives comes from the cluster index when 
 locator has it (``PrefixView.source == "precise"``: KV events and daemon snapshots, no
 router-local state, so replicas agree) and from this strategy's own
 ``ApproximatePrefixIndex`` otherwise (the locator is down, slow, or not configured). The
-index learns every routed request either way, so it is warm when the locator fails. With a
+index learns every routed request either way, so it is warm when the locator fails; in
+that approximate mode a prefix sent to an engine wired to a cache daemon (``stream`` set)
+counts as node-cache tokens for the other wired engines on its node
+(``with_node_copies``: the connector saved it there). With a
 precise view, prefixes this router sent to an engine in the last ``recent_s`` seconds count
 as on its GPU too: KV events exist only once a prefill has run, so without this a burst of
 requests sharing a new prefix would look cold and be scattered, each engine recomputing
@@ -49,7 +52,7 @@ from router.strategies.prefix import IndexedStrategy
 from router.strategies.signals import expected_ttft, prompt_tokens, refuse_saturated
 from router.types import EnginePrefix, EngineView, PrefixView, RouteRequest
 
-__all__ = ["ShoalDefault"]
+__all__ = ["ShoalDefault", "with_node_copies"]
 
 
 @register
@@ -71,7 +74,7 @@ class ShoalDefault(IndexedStrategy):
         self.index.seen(engines)
         hashes = self.hashes_of(request)
         if prefix is None or prefix.source != "precise":
-            return self.index.view(request, engines, hashes)
+            return with_node_copies(self.index.view(request, engines, hashes), engines)
         recent = self.index.view(request, engines, hashes, since=self.deps.clock() - self.recent_s)
         if not recent.engines:
             return prefix
@@ -105,3 +108,26 @@ class ShoalDefault(IndexedStrategy):
         if self._held.get(chosen.engine_id, 0) > 0:
             return "affinity"
         return "load" if any(self._held.values()) else "cold"
+
+
+def with_node_copies(view: PrefixView, engines: Sequence[EngineView]) -> PrefixView:
+    """``view`` plus, for every engine wired to a cache daemon, its node's best prefix.
+
+    An engine with a ``stream`` saves what it computes into its node's cache daemon (the
+    Shoal connector), so a prefix the router sent to one such engine can be loaded by every
+    other such engine on that node: their ``node_tokens``. Engines without a stream (plain
+    vLLM, or the stream unknown) neither give nor get node copies.
+    """
+    best: dict[str, int] = {}
+    for e in engines:
+        if e.stream and e.node:
+            best[e.node] = max(best.get(e.node, 0), view.of(e.engine_id).gpu_tokens)
+    if not any(best.values()):
+        return view
+    merged = dict(view.engines)
+    for e in engines:
+        node_tokens = best.get(e.node, 0) if e.stream and e.node else 0
+        own = view.of(e.engine_id)
+        if node_tokens > own.gpu_tokens:
+            merged[e.engine_id] = EnginePrefix(own.gpu_tokens, node_tokens, own.peer_tokens)
+    return PrefixView(view.source, view.prompt_tokens, merged)

@@ -11,6 +11,7 @@ import builtins
 import math
 import socket
 from collections import Counter
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import hypothesis.strategies as st
@@ -20,8 +21,9 @@ from hypothesis import given, settings
 from router.strategies import STRATEGIES
 from router.strategies.base import Strategy, StrategyDeps
 from router.strategies.prefix import ApproximatePrefixIndex, IndexedStrategy
+from router.strategies.shoal import with_node_copies
 from router.strategies.signals import lexicographic, pending_tokens, queue_seconds
-from router.types import PrefixView, RouteOutcome
+from router.types import EnginePrefix, PrefixView, RouteOutcome
 from tests.unit.router_factories import (
     FakeClock,
     Picker,
@@ -843,3 +845,34 @@ def test_engine_reported_waiting_requests_the_router_did_not_send_count() -> Non
     # a stale scrape is unknown: only the router's accounting counts, never a zero-filled guess
     assert pending_tokens(engine(0, in_flight=1, tokens=400, metrics=None), 100) == 400
     assert queue_seconds(others_too, deps, 100) == pytest.approx(2000 * deps.prefill_s_per_token)
+
+
+class TestShoalNodeCopies:
+    """Approximate mode: what one wired engine computed, its node's other engines can load."""
+
+    def fleet(self) -> list[Any]:
+        return [
+            replace(engine(0), node="a", stream="a/gpu0"),
+            replace(engine(1), node="a", stream="a/gpu1"),
+            replace(engine(2), node="b", stream="b/gpu0"),
+            replace(engine(3), node="a", stream=""),  # not wired to the daemon
+        ]
+
+    def test_a_busy_warm_engine_passes_to_its_node_neighbour(self) -> None:
+        strategy = make("shoal")
+        picker = Picker(strategy)
+        fleet = self.fleet()
+        picker.pick(request(SYSTEM, tokens=520), [fleet[0]])
+        busy = [loaded(fleet[0], 4, 2000), *fleet[1:]]
+        costs = strategy.score(request(SYSTEM, tokens=520), busy, None)
+        assert costs[1] < costs[2] == costs[3]
+        assert picker.pick_id(request(SYSTEM, tokens=520), busy) == "e1"
+        assert strategy.reason(busy[1], None) == "affinity"
+        assert strategy.cached_tokens(busy[1], None) == 520
+
+    def test_engines_without_a_stream_neither_give_nor_get(self) -> None:
+        view = with_node_copies(prefix(100, "approximate", e3=(100, 0, 0)), self.fleet())
+        assert view.of("e0") == EnginePrefix()
+        view = with_node_copies(prefix(100, "approximate", e0=(100, 0, 0)), self.fleet())
+        assert view.of("e1") == EnginePrefix(0, 100, 0)
+        assert view.of("e2") == EnginePrefix() and view.of("e3") == EnginePrefix()
