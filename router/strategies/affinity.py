@@ -23,8 +23,11 @@ Properties: adding or removing one of n engines moves about 1/n of the sessions 
 those whose home is the new or the gone engine); no engine holds more than
 ``bounded_load_factor`` times the mean in-flight load, so a hot session spills to its
 second engine instead of making a hot spot (issue 12, complaint 2). The ring is rebuilt
-only when the set of candidate ids changes (one ring cached). Without a session id the
-request is placed by least-request (reason ``"no-session"``).
+only when the set of candidate ids changes (one ring cached). An unhealthy engine is not
+a candidate (the pipeline filters it), so its sessions go to their next engine and return
+home when it recovers: affinity never pins a session to a dead engine (issue 12,
+complaint 4). Without a session id the request is placed by least-request (reason
+``"no-session"``).
 
 How it fails: loads are the router-tracked in-flight counts, so with several replicas and
 no shared ledger each bounds only its own share; a spilled session loses its cache for that
@@ -34,10 +37,10 @@ count, not tokens.
 ``lora-affinity`` prefers engines that already serve the requested model name as an
 adapter: those whose scraped ``loras_loaded`` (adapters running or waiting, vLLM's
 ``lora_requests_info``) or whose ``models`` (from ``/v1/models``) contain it; among the
-preferred, then among the rest, least-request decides. Loading an adapter costs a
-fetch and evicts another (AIBrix's lora placement makes the same trade). It fails by piling
-an adapter's traffic on the engines that have it while others idle, since it never loads
-the adapter elsewhere on purpose; a mix with least-request bounds that.
+preferred, then among the rest, least-request decides: an engine without the adapter
+must load it (a fetch, and possibly the eviction of another adapter) before the first
+token. It fails by piling an adapter's traffic on the engines that have it while others
+idle, since it never spreads an adapter on purpose; a mix with least-request bounds that.
 """
 
 from __future__ import annotations

@@ -34,7 +34,9 @@ fraction 1), so a repeated prefix goes to its warm engine until that engine runs
 ``"affinity"`` (the chosen engine held part of the prefix), ``"load"`` (another did, but was
 gated), ``"cold"`` (no engine held any). How it fails: counts are requests, not tokens, so
 one engine may take a few long prompts too many before the gate trips; thresholds are
-absolute and need tuning per fleet; what engines evicted stays indexed.
+absolute and need tuning per fleet; what engines evicted stays indexed; the index lives in
+one router process, so router replicas and ``--workers`` processes each learn only their
+own share of the traffic (issue 12, complaint 1: the problem precise routing removes).
 
 ``precise-prefix`` (``uses_prefix``: the pipeline passes the locator's ``PrefixView``):
 cost = ``signals.expected_ttft`` in seconds: GPU hit (free) < node-cache load < peer
