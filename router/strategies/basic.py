@@ -93,6 +93,9 @@ class LeastRequest(Strategy):
     ) -> list[float]:
         return refuse_saturated(in_flight_costs(engines), engines, self.deps)
 
+    def reason(self, chosen: EngineView, prefix: PrefixView | None) -> str:
+        return "load"
+
 
 @register
 class PowerOfTwo(Strategy):
