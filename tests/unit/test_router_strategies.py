@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import math
+import random
 import socket
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -18,12 +21,20 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
 
+from router.pipeline import Pipeline
 from router.strategies import STRATEGIES
 from router.strategies.base import Strategy, StrategyDeps
 from router.strategies.prefix import ApproximatePrefixIndex, IndexedStrategy
 from router.strategies.shoal import with_node_copies
 from router.strategies.signals import lexicographic, pending_tokens, queue_seconds
-from router.types import EnginePrefix, PrefixView, RouteOutcome
+from router.types import (
+    EnginePrefix,
+    EngineView,
+    PrefixView,
+    RouteDecision,
+    RouteOutcome,
+    RouteRequest,
+)
 from tests.unit.router_factories import (
     FakeClock,
     Picker,
@@ -876,3 +887,71 @@ class TestShoalNodeCopies:
         view = with_node_copies(prefix(100, "approximate", e0=(100, 0, 0)), self.fleet())
         assert view.of("e1") == EnginePrefix(0, 100, 0)
         assert view.of("e2") == EnginePrefix() and view.of("e3") == EnginePrefix()
+
+
+# --- through the real pipeline (router/pipeline.py) -----------------------------------
+
+
+class ViewLocator:
+    """A locator that answers one fixed view (no I/O)."""
+
+    def __init__(self, view: PrefixView | None) -> None:
+        self.view = view
+
+    async def locate(
+        self, request: RouteRequest, engines: Sequence[EngineView]
+    ) -> PrefixView | None:
+        return self.view
+
+    async def close(self) -> None:
+        return None
+
+
+def route_all(
+    pipe: Pipeline,
+    requests: list[RouteRequest],
+    fleet: list[EngineView],
+    strategy: str | None = None,
+) -> list[RouteDecision]:
+    async def run() -> list[RouteDecision]:
+        return [await pipe.route(r, fleet, lambda _: True, strategy=strategy) for r in requests]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_every_strategy_routes_through_the_pipeline(name: str) -> None:
+    pipe = Pipeline(name, StrategyDeps(rng=random.Random(1)))
+    fleet = engines(3)
+    decisions = route_all(
+        pipe, [request(SYSTEM + f" {i}", user="u", session="s") for i in range(10)], fleet
+    )
+    assert {d.engine_id for d in decisions} <= {"e0", "e1", "e2"}
+    assert all(d.reason and d.strategy == name for d in decisions)
+
+
+def test_a_mix_weighs_prefix_affinity_against_load() -> None:
+    pipe = Pipeline("prefix-cache:1,least-request:2", StrategyDeps(rng=random.Random(1)))
+    fleet = engines(2)
+    first = route_all(pipe, [request(SYSTEM)], fleet)[0].engine_id
+    other = "e1" if first == "e0" else "e0"
+    # equal load: the warm engine wins (prefix 0 vs 1, load 0 vs 0)
+    assert route_all(pipe, [request(SYSTEM + " again")], fleet)[0].engine_id == first
+    # the warm engine has two more requests: normalised load 1 x 2 outweighs prefix 1 x 1
+    busy = [loaded(e, 2) if e.engine_id == first else e for e in fleet]
+    assert route_all(pipe, [request(SYSTEM + " third")], busy)[0].engine_id == other
+
+
+def test_power_of_two_in_a_mix_leaves_undrawn_engines_choosable() -> None:
+    pipe = Pipeline("power-of-two:1,prefix-cache:3", StrategyDeps(rng=random.Random(5)))
+    fleet = engines(4)
+    warm = route_all(pipe, [request(SYSTEM)], fleet)[0].engine_id
+    picks = route_all(pipe, [request(SYSTEM + f" {i}") for i in range(20)], fleet)
+    assert all(d.engine_id == warm for d in picks)  # never refused for not being drawn
+
+
+def test_shoal_through_the_pipeline_uses_the_locators_view() -> None:
+    view = prefix(1000, e2=(1000, 0, 0))
+    pipe = Pipeline("shoal", StrategyDeps(rng=random.Random(0)), locator=ViewLocator(view))
+    decision = route_all(pipe, [request(SYSTEM, tokens=1000)], engines(3))[0]
+    assert (decision.engine_id, decision.reason) == ("e2", "affinity")
