@@ -73,6 +73,9 @@ class StrategyDeps:
     # cost model: a request already running on an engine delays a new one's prefill like
     # this many queued prompt tokens (decode steps share the batch); uncalibrated default
     running_request_tokens: int = 32
+    # shoal: an engine with more than this x the mean in flight (and more than
+    # balance_abs_requests above the least loaded) is refused, so hot prefixes spread
+    shoal_load_factor: float = 1.5
 
 
 class Strategy:

@@ -57,6 +57,7 @@ __all__ = [
     "own_seconds",
     "pending_tokens",
     "prompt_tokens",
+    "queue_pressure",
     "queue_seconds",
     "refuse_saturated",
 ]
@@ -132,6 +133,21 @@ def queue_seconds(engine: EngineView, deps: StrategyDeps, typical_request_tokens
     """Seconds of prefill queued ahead of a new request (see the module's model)."""
     running = engine.in_flight * deps.running_request_tokens
     return (pending_tokens(engine, typical_request_tokens) + running) * deps.prefill_s_per_token
+
+
+def queue_pressure(engines: Sequence[EngineView], prompt_tokens: int) -> float:
+    """About how many requests wait for prefill per engine: the fleet's load, 0 when idle.
+
+    Mean pending tokens per engine over the size of a typical pending request: the larger
+    of this prompt and the mean pending tokens per in-flight request (so a tiny prompt does
+    not make a short queue look long).
+    """
+    if not engines:
+        return 0.0
+    pending = [pending_tokens(e, prompt_tokens) for e in engines]
+    in_flight = sum(e.in_flight for e in engines)
+    typical = sum(e.in_flight_tokens for e in engines) / in_flight if in_flight else 0.0
+    return sum(pending) / len(engines) / max(float(prompt_tokens), typical, 1.0)
 
 
 def own_seconds(prompt_tokens: int, tiers: EnginePrefix, deps: StrategyDeps) -> float:

@@ -341,6 +341,10 @@ class TestThroughput(StrategyContract):
 # --- affinity.py ----------------------------------------------------------------------
 
 
+def engine_ids(count: int) -> list[str]:
+    return [f"e{i}" for i in range(count)]
+
+
 def homes(strategy: Strategy, sessions: list[str], fleet: list[Any]) -> dict[str, str]:
     """Each session's pick on an idle ``fleet``."""
     picker = Picker(strategy)
@@ -731,14 +735,27 @@ class TestShoal(StrategyContract):
         strategy = self.strategy()
         view = prefix(1000, e0=(900, 0, 0))
         picker = Picker(strategy)
-        # e0: (500 + 1 x 32) + 100 tokens = 632 < e1: 1000
+        # pressure = mean pending 250 / max(1000, 500) = 0.25
+        # e0: (500 + 1 x 32) + 100 x 1.25 = 657 tokens of time < e1: 1000 x 1.25 = 1250
         warm = [engine(0, in_flight=1, tokens=500), engine(1)]
         assert picker.pick_id(request(tokens=1000), warm, view) == "e0"
         assert strategy.reason(warm[0], view) == "affinity"
-        # e0: (900 + 2 x 32) + 100 = 1064 > 1000: released to the cold engine
-        saturated = [engine(0, in_flight=2, tokens=900), engine(1)]
+        # pressure = 1000 / 1000 = 1: e0: (2000 + 2 x 32) + 100 x 2 = 2264 > e1: 1000 x 2
+        saturated = [engine(0, in_flight=2, tokens=2000), engine(1)]
         assert picker.pick_id(request(tokens=1000), saturated, view) == "e1"
         assert strategy.reason(saturated[1], view) == "load"
+
+    def test_queue_pressure_makes_a_cache_hit_worth_more_under_load(self) -> None:
+        view = prefix(1000, e0=(900, 0, 0))
+        # quiet: pressure = mean pending 1000 / max(1000, 100 per request) = 1
+        #   e0: (2000 + 320) + 100 x 2 = 2520 > e1: 320 + 1000 x 2 = 2320
+        quiet = [engine(0, in_flight=10, tokens=2000), engine(1, in_flight=10)]
+        # busy, the same 2000-token gap: pressure = 10000 / 1000 = 10
+        #   e0: (11000 + 320) + 100 x 11 = 12420 < e1: (9000 + 320) + 1000 x 11 = 20320
+        busy = [engine(0, in_flight=10, tokens=11_000), engine(1, in_flight=10, tokens=9000)]
+        picker = Picker(self.strategy())
+        assert picker.pick_id(request(tokens=1000), quiet, view) == "e1"
+        assert picker.pick_id(request(tokens=1000), busy, view) == "e0"
 
     def test_a_node_cache_hit_beats_a_cold_engine_when_the_gpu_copy_is_busy(self) -> None:
         view = prefix(4000, e0=(4000, 0, 0), e1=(0, 4000, 0))
@@ -757,28 +774,41 @@ class TestShoal(StrategyContract):
         assert strategy.reason(fleet[0], None) == "cold"
 
     def test_a_hot_prefix_takes_engines_one_by_one_as_its_load_needs(self) -> None:
-        # 520-token prompts whose 8 indexed blocks are ~517 tokens; prompts are prefilled
-        # before the next arrives: a warm engine with k running costs (32k + 3) x p, a cold
-        # one 520 x p
+        # 520-token prompts whose 8 indexed blocks are ~517 tokens, each prefilled before
+        # the next arrives (nothing finishes): a warm engine with k running costs
+        # (32k + 3) x p against a cold one's 520 x p, and the load bound refuses an engine
+        # over 1.5 x the mean that is more than 8 (balance_abs_requests) ahead of the least
         strategy = self.strategy()
         fleet = engines(4)
         hot = [request(SYSTEM + f" user {i:03d}", tokens=520) for i in range(60)]
         picks = simulate(Picker(strategy, seed=2), hot, fleet, prefilled=True)
-        first = picks[0]
-        assert picks[:17] == [first] * 17  # 32 x 16 + 3 <= 520 < 32 x 17 + 3
-        assert picks[17] != first
-        assert len(set(picks[:34])) == 2  # a second engine only once the first is full
-        assert sorted(Counter(picks).values()) == [9, 17, 17, 17]
+        first, second = picks[0], picks[9]
+        assert picks[:9] == [first] * 9 and second != first  # 9 > 0 + 8, 9 >= 1.5 x 10 / 4
+        assert picks[9:18] == [second] * 9
+        # three engines at k each stay under 1.5 x (3k + 1) / 4: the bound is met, and the
+        # fourth engine gets the prefix only once 32 x 17 + 3 > 520 makes it cheaper
+        fourth = (set(engine_ids(4)) - set(picks[:51])).pop()
+        assert picks[51:] == [fourth] * 9
+        assert sorted(Counter(picks).values()) == [9, 17, 17, 17]  # at most 1.13 x fair share
 
-    def test_a_prefix_still_being_prefilled_is_not_waited_for(self) -> None:
-        # a burst: nothing is prefilled yet, so the warm engine's queue holds the whole
-        # first prompt (520 + 32 + 3 > 520) and the second request goes to a cold engine
+    def test_without_the_bound_a_short_queue_keeps_the_prefix(self) -> None:
+        strategy = self.strategy(shoal_load_factor=100.0)
+        fleet = engines(4)
+        hot = [request(SYSTEM + f" user {i:03d}", tokens=520) for i in range(20)]
+        picks = simulate(Picker(strategy, seed=2), hot, fleet, prefilled=True)
+        assert picks[:17] == [picks[0]] * 17  # 32 x 16 + 3 <= 520 < 32 x 17 + 3
+        assert picks[17] != picks[0]
+
+    def test_a_burst_on_a_new_prefix_waits_for_its_first_prefill_briefly(self) -> None:
+        # nothing prefilled yet: the warm engine queues the whole first prompt, and the
+        # burst stays while (520 + 3k) + 32k + 3 x 1.25 <= 520 x 1.25 (pressure ~ 0.25)
         picks = simulate(
             Picker(self.strategy(), seed=2),
-            [request(SYSTEM + f" user {i}", tokens=520) for i in range(4)],
+            [request(SYSTEM + f" user {i}", tokens=520) for i in range(6)],
             engines(4),
         )
-        assert len(set(picks)) == 4
+        assert picks[:4] == [picks[0]] * 4
+        assert picks[4] != picks[0]
 
     def test_reasons_cold_then_affinity_then_load(self) -> None:
         strategy = self.strategy()
