@@ -13,8 +13,9 @@ this strategy does instead (and all it claims):
 1. Counters per user (``RouteRequest.user``; anonymous requests share the ``""`` user),
    charged when a request is routed with its prompt tokens and ``max_tokens`` as the
    generation estimate, corrected in ``observe`` with the tokens actually generated (a
-   failed request is refunded). A user with nothing in flight is lifted to the minimum
-   counter of the users that have, when routed.
+   failed request is refunded, and a retry voids its earlier attempt's charge). A user
+   with nothing in flight is lifted to the minimum counter of the users that have, when
+   routed.
 2. Admission under contention: when every candidate engine has at least
    ``contention_fraction x max_in_flight_per_engine`` requests in flight, a user whose
    counter is more than ``budget_tokens`` ahead of the least-served active user is refused
@@ -113,6 +114,10 @@ class VirtualTokenCounter(Strategy):
         return "heavy" if self._excess > 0 else "fair"
 
     def routed(self, request: RouteRequest, chosen: EngineView) -> None:
+        retried = self._pending.pop(request.request_id, None)
+        if retried is not None:  # a retry on another engine: the first attempt is void
+            self._refund(retried, retried.prompt_charge + retried.output_charge)
+            self._finish(retried)
         user = request.user
         prompt_charge = request.prompt_tokens * self.input_weight
         output_charge = request.max_tokens * self.output_weight
@@ -137,9 +142,12 @@ class VirtualTokenCounter(Strategy):
             refund = charge.output_charge - actual
         else:
             refund = charge.prompt_charge + charge.output_charge
-        if charge.user in self._counters:
-            self._counters[charge.user] -= refund
+        self._refund(charge, refund)
         self._finish(charge)
+
+    def _refund(self, charge: _Charge, amount: float) -> None:
+        if charge.user in self._counters:
+            self._counters[charge.user] -= amount
 
     def _finish(self, charge: _Charge) -> None:
         per_engine = self._running.get(charge.user)

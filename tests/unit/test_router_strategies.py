@@ -669,6 +669,18 @@ class TestVtc(StrategyContract):
         assert bob[0] == bob[1]
         assert vtc.reason(even[1], None) == "fair"
 
+    def test_a_retry_is_charged_once(self) -> None:
+        vtc = self.vtc()
+        req = request(user="alice", tokens=100, max_tokens=10)
+        Picker(vtc).pick(req, [engine(0)])
+        Picker(vtc).pick(req, [engine(1)])  # the pipeline retried it on e1
+        assert vtc.counter("alice") == 100 + 10 * 2
+        vtc.observe(outcome(req, "e1", completion=10))
+        assert vtc.counter("alice") == 120
+        # nothing of alice is left running anywhere: bob's lift has no floor
+        Picker(vtc).pick(request(user="bob", tokens=1, max_tokens=0), [engine(0)])
+        assert vtc.counter("bob") == 1
+
     def test_finished_requests_leave_the_active_set(self) -> None:
         vtc = self.vtc()
         picker = Picker(vtc)
