@@ -127,29 +127,28 @@ class ApproximatePrefixIndex:
     def matched_blocks(
         self, hashes: Sequence[int], engine_ids: Sequence[str], since: float = -math.inf
     ) -> dict[str, int]:
-        """How many leading blocks of ``hashes`` each engine was sent (since ``since``)."""
-        matched = dict.fromkeys(engine_ids, 0)
+        """How many leading blocks of ``hashes`` each engine was sent (since ``since``).
+
+        Binary search per engine: what one engine holds of a chain is prefix-closed (a
+        chain is inserted whole, leaf first, so its root is never older than its leaves
+        and is evicted last), so the matched length is the first block it does not hold.
+        """
+        blocks = self._blocks
         epochs = self._epochs
-        alive = list(engine_ids)
-        depth = 0
-        for block in hashes:
-            holders = self._blocks.get(block)
-            if holders is None:
-                break
-            still = [
-                e
-                for e in alive
-                if (h := holders.get(e)) is not None and h[0] == epochs.get(e, 0) and h[1] >= since
-            ]
-            if len(still) < len(alive):
-                for gone in set(alive).difference(still):
-                    matched[gone] = depth
-                alive = still
-            if not alive:
-                break
-            depth += 1
-        for engine_id in alive:
-            matched[engine_id] = depth
+        matched: dict[str, int] = {}
+        for engine_id in engine_ids:
+            epoch = epochs.get(engine_id, 0)
+            low, high = 0, len(hashes)  # blocks [0, low) held; [high, ...) not
+            while low < high:
+                # probe the root first: most engines hold nothing of most prompts
+                middle = 0 if low == 0 else (low + high) // 2
+                holders = blocks.get(hashes[middle])
+                held = holders.get(engine_id) if holders is not None else None
+                if held is not None and held[0] == epoch and held[1] >= since:
+                    low = middle + 1
+                else:
+                    high = middle
+            matched[engine_id] = low
         return matched
 
     def insert(self, hashes: Sequence[int], engine_id: str) -> None:

@@ -997,3 +997,47 @@ def test_shoal_through_the_pipeline_uses_the_locators_view() -> None:
     pipe = Pipeline("shoal", StrategyDeps(rng=random.Random(0)), locator=ViewLocator(view))
     decision = route_all(pipe, [request(SYSTEM, tokens=1000)], engines(3))[0]
     assert (decision.engine_id, decision.reason) == ("e2", "affinity")
+
+
+def linear_matched(
+    index: ApproximatePrefixIndex, hashes: list[int], engine_id: str, since: float
+) -> int:
+    """The reference: walk the chain until the engine does not hold a block."""
+    epoch = index._epochs.get(engine_id, 0)
+    for depth, block in enumerate(hashes):
+        held = index._blocks.get(block, {}).get(engine_id)
+        if held is None or held[0] != epoch or held[1] < since:
+            return depth
+    return len(hashes)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("insert"), st.integers(0, 3), st.integers(1, 12), st.integers(0, 2)),
+            st.tuples(st.just("forget"), st.integers(0, 2)),
+            st.tuples(st.just("tick"), st.integers(1, 5)),
+        ),
+        max_size=40,
+    ),
+    st.integers(4, 30),
+)
+def test_binary_search_matches_walking_the_chain(operations: list[Any], room: int) -> None:
+    clock = FakeClock()
+    index = ApproximatePrefixIndex(8, room, clock)
+    bases = [long_text(f"base{b}", 96) for b in range(4)]
+    for op in operations:
+        if op[0] == "insert":
+            _, base, blocks, engine_index = op
+            index.insert(index.block_hashes("m", bases[base][: 8 * blocks]), f"e{engine_index}")
+        elif op[0] == "forget":
+            index.forget(f"e{op[1]}")
+        else:
+            clock.advance(op[1])
+        assert len(index) <= room
+    for base in bases:
+        hashes = index.block_hashes("m", base)
+        for since in (-math.inf, clock.now - 3, clock.now):
+            got = index.matched_blocks(hashes, ["e0", "e1", "e2"], since)
+            assert got == {e: linear_matched(index, hashes, e, since) for e in ("e0", "e1", "e2")}
