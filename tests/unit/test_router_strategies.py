@@ -75,6 +75,7 @@ class StrategyContract:
     """What every strategy promises the pipeline (``router/strategies/base.py``)."""
 
     name: ClassVar[str]
+    order_independent: ClassVar[bool] = True  # costs follow engines, not positions
 
     def strategy(self, seed: int = 0, **tunables: Any) -> Strategy:
         return make(self.name, seed, **tunables)
@@ -108,8 +109,6 @@ class StrategyContract:
             # a candidate's cost follows it, not its position (same fresh state, same rng)
             if self.order_independent:
                 assert backward[::-1] == forward
-
-    order_independent: ClassVar[bool] = True
 
     def test_deterministic_with_a_seeded_rng(self) -> None:
         fleet = engines(4)
