@@ -46,6 +46,10 @@ def engines(count: int, **kwargs: object) -> list[EngineView]:
     return [engine(i, **kwargs) for i in range(count)]  # type: ignore[arg-type]
 
 
+def engine_ids(count: int) -> list[str]:
+    return [f"e{i}" for i in range(count)]
+
+
 def metrics(age_s: float = 0.5, **fields: object) -> EngineMetrics:
     return EngineMetrics(age_s=age_s, **fields)  # type: ignore[arg-type]
 
@@ -149,3 +153,6 @@ def long_text(topic: str, chars: int) -> str:
     """Deterministic prose of ``chars`` characters, different per ``topic``."""
     words = [f"{topic}-{i}" for i in range(chars)]
     return " ".join(words)[:chars]
+
+
+SYSTEM = long_text("system", 2048)  # a shared system prompt: eight 256-character blocks
