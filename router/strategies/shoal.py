@@ -28,9 +28,9 @@ Why each term:
    than its own seconds. Without this term the greedy choice under overload releases
    affinity, recomputes on a cold engine and evicts that engine's prefixes, which makes
    the next requests miss too. With an idle fleet ``pressure`` is 0 and the cost is the
-   TTFT alone. (In a throwaway continuous-batching model of 4 engines and 24 tenants with
-   8,000-character system prompts, overloaded, p90 TTFT fell from ~5 s to ~0.55 s and the
-   hit rate rose from 0.63 to 0.73; the benchmark, ``bench/router.py``, is the judge.)
+   TTFT alone. (Found in a throwaway continuous-batching model of a 4-engine fleet with
+   many tenants, where greedy TTFT under overload was several times slower at p90 than
+   with this term; ``bench/router.py`` against real and simulated engines is the judge.)
 3. The load bound (consistent hashing with bounded loads applied to affinity) keeps a hot
    prefix from living on fewer engines than its load needs: expected TTFT alone would keep
    it on one or two engines while their queues are short, growing their decode batches
