@@ -1021,6 +1021,7 @@ def main() -> int:
             arms.remove(arm)
     logs = Path(tempfile.mkdtemp(prefix="bench-router-"))
     started = time.perf_counter()
+    load_before = os.getloadavg()
     workloads: dict[str, dict[str, CellResult]] = {}
     overhead: dict[str, Any] = {}
     try:
@@ -1056,6 +1057,11 @@ def main() -> int:
             )
         )
     else:
+        load = os.getloadavg()
+        print(
+            f"load average before {load_before[0]:.2f}, after {load[0]:.2f} "
+            f"(1-min; {os.cpu_count()} CPUs), {time.perf_counter() - started:.0f} s"
+        )
         print(table(workloads, overhead))
     shutil.rmtree(logs, ignore_errors=True)
     return 0
