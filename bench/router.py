@@ -89,7 +89,7 @@ JSON_ARMS = (
     "vllm_router_cache_aware",
     "oracle",
 )
-EXTRA_ARMS = ("sglang_round_robin", "vllm_router_consistent_hash")
+EXTRA_ARMS = ("sglang_round_robin", "vllm_router_consistent_hash", "shoal_approx")
 ANCHORS = (
     "sglang_cache_aware",
     "sglang_round_robin",
@@ -98,7 +98,24 @@ ANCHORS = (
 )
 ABSENT = {"ttft_p50_ms": None, "ttft_p90_ms": None, "hit_rate": None, "ok": None}
 OVERHEAD_KEYS = ("added_p50_ms", "added_p99_ms", "rps")
-SHOAL_STRATEGY = {"shoal": None, "random": "random", "least_request": "least-request"}
+SHOAL_STRATEGY = {
+    "shoal": None,
+    "random": "random",
+    "least_request": "least-request",
+    "shoal_approx": "shoal",  # the default strategy without the cache daemon: approximate
+}
+CHUNK_TOKENS = 64  # the cache daemon's engine_chunk_tokens: the precise view's grain
+
+
+@dataclass
+class Mode:
+    """Set once by main(): the engines' tokenizer in precise mode (None = the simulator's
+    hashed words and no cache daemon)."""
+
+    tokenizer: str | None = None
+
+
+MODE = Mode()
 
 
 def free_port() -> int:
@@ -204,6 +221,12 @@ class Fleet:
     endpoints: list[str]  # KV-event endpoints, by engine
     flags: dict[str, Any]
     logs: Path
+    cache_socket: str = ""  # the cache daemon fed by the engines' KV events (precise mode)
+    streams: list[str] = field(default_factory=list)  # its stream per engine
+
+    def precise(self, arm: str) -> tuple[str, list[str]] | None:
+        """(cache socket, engine streams) for an arm that routes precisely, else None."""
+        return (self.cache_socket, self.streams) if arm == "shoal" and self.cache_socket else None
 
     @property
     def urls(self) -> list[str]:
@@ -217,6 +240,8 @@ class Fleet:
 
 
 def start_engine(i: int, port: int, endpoint: str, flags: dict[str, Any], logs: Path) -> Proc:
+    if MODE.tokenizer:
+        flags = {**flags, "tokenizer": MODE.tokenizer}
     command = [
         sys.executable,
         "-m",
@@ -239,19 +264,95 @@ def start_engine(i: int, port: int, endpoint: str, flags: dict[str, Any], logs: 
 
 @contextlib.contextmanager
 def fleet(count: int, flags: dict[str, Any], logs: Path) -> Iterator[Fleet]:
+    """``count`` engines; in precise mode (``MODE.tokenizer`` set) also a cache daemon that
+    subscribes to their KV events, for the shoal arm's ``--cache-socket``."""
     engines: list[Proc] = []
+    daemon: subprocess.Popen[bytes] | None = None
     endpoints = [f"ipc://{logs}/kv-{i}.sock" for i in range(count)]
     try:
+        socket_path, streams = "", []
+        if MODE.tokenizer:
+            daemon, socket_path, streams = start_daemon(endpoints, logs)
         for i in range(count):
             engines.append(start_engine(i, free_port(), endpoints[i], flags, logs))
-        yield Fleet(engines, endpoints, flags, logs)
+        yield Fleet(engines, endpoints, flags, logs, socket_path, streams)
     finally:
         for engine in engines:
             engine.stop()
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
 
 
-def router_command(arm: str, port: int, urls: Sequence[str], redis_url: str | None) -> list[str]:
+def start_daemon(
+    endpoints: Sequence[str], logs: Path
+) -> tuple[subprocess.Popen[bytes], str, list[str]]:
+    """``shoal cache serve`` with the engines' KV-event endpoints: (process, its engine
+    socket, the stream it names each engine by, in ``endpoints`` order)."""
+    from kvcache.client import CacheClient
+    from kvcache.config import CacheConfig
+
+    name = f"bench{os.getpid()}x{free_port()}"
+    values = {
+        "name": name,
+        "runtime_dir": str(logs / "run"),
+        "shm_bytes": "64MiB",
+        "dram_bytes": "64MiB",
+        "slab_bytes": "8MiB",
+        "metrics_port": 0,
+        "log_format": "text",
+        "log_level": "warning",
+        "engine_events": ",".join(endpoints),
+        "engine_model": MODEL,
+        "engine_chunk_tokens": CHUNK_TOKENS,
+    }
+    command = [sys.executable, "-m", "shoal", "cache", "serve"]
+    for key, value in values.items():
+        command += ["--" + key.replace("_", "-"), str(value)]
+    log = logs / f"daemon-{name}.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            start_new_session=True,
+        )
+    config = CacheConfig(name=name, runtime_dir=str(logs / "run"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"cache daemon exited: {log.read_text()[-2000:]}")
+        if config.socket_path.exists():
+            with contextlib.suppress(Exception):  # not ready yet: any client error
+                client = CacheClient(config.endpoint, timeout_s=1, heartbeat=False)
+                try:
+                    status = client.cluster_status()
+                finally:
+                    client.close()
+                streams = [e["stream"] for e in status["engines"]]
+                if len(streams) == len(endpoints):
+                    return process, str(config.socket_path), streams
+        time.sleep(0.1)
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"cache daemon not ready: {log.read_text()[-2000:]}")
+
+
+def router_command(
+    arm: str,
+    port: int,
+    urls: Sequence[str],
+    redis_url: str | None,
+    precise: tuple[str, list[str]] | None = None,
+) -> list[str]:
     if arm in SHOAL_STRATEGY:
+        if precise is not None:
+            urls = [f"{u}={stream}" for u, stream in zip(urls, precise[1], strict=True)]
         command = [
             sys.executable,
             "-m",
@@ -273,6 +374,9 @@ def router_command(arm: str, port: int, urls: Sequence[str], redis_url: str | No
             command += ["--strategy", str(SHOAL_STRATEGY[arm])]
         if redis_url:
             command += ["--redis", redis_url]
+        if precise is not None:
+            command += ["--cache-socket", precise[0], "--tokenizer", str(MODE.tokenizer),
+                        "--tokenizer-dialect", "simulator"]  # fmt: skip
         return command
     family, _, policy = arm.partition("_router_") if arm.startswith("vllm") else arm.partition("_")
     common = [
@@ -318,11 +422,12 @@ def start_router(
     tag: str = "",
     redis_url: str | None = None,
     cpu: int | None = None,
+    precise: tuple[str, list[str]] | None = None,
 ) -> Proc:
     port = free_port()
     return spawn(
         f"router-{arm}{tag}-{port}",
-        router_command(arm, port, urls, redis_url),
+        router_command(arm, port, urls, redis_url, precise),
         f"http://127.0.0.1:{port}",
         logs,
         cpu=cpu,
@@ -610,7 +715,7 @@ def run_cell(
         target.policy = "oracle" if arm == "oracle" else arm
         note = "" if arm == "oracle" else "client-side"
     if arm == "oracle":
-        target.oracle = wl.Oracle(len(urls))
+        target.oracle = wl.Oracle(len(urls), MODE.tokenizer)
 
     async def main() -> list[Result]:
         listener = None
@@ -652,7 +757,7 @@ def run_workload(
             for arm in arms:
                 if arm == "oracle" or (arm in SHOAL_STRATEGY and not shoal_arm_ready(arm)):
                     continue
-                routers[arm] = start_router(arm, fleet_.urls, logs)
+                routers[arm] = start_router(arm, fleet_.urls, logs, precise=fleet_.precise(arm))
             for arm in arms:
                 router = routers.get(arm)
                 cells[arm] = run_cell(arm, fleet_, workload, [router.url] if router else [])
@@ -696,7 +801,14 @@ def run_replicas(
                     f"redis://127.0.0.1:{port}/0" if redis and arm in SHOAL_STRATEGY else None
                 )
                 replicas = [
-                    start_router(arm, fleet_.urls, logs, tag=f"-r{i}", redis_url=redis_url)
+                    start_router(
+                        arm,
+                        fleet_.urls,
+                        logs,
+                        tag=f"-r{i}",
+                        redis_url=redis_url,
+                        precise=fleet_.precise(arm),
+                    )
                     for i in range(4)
                 ]
                 try:
@@ -730,7 +842,7 @@ def run_kill(arms: Sequence[str], args: argparse.Namespace, logs: Path) -> dict[
                 continue
             if fleet_.engines[3].process.poll() is not None:
                 fleet_.restart(3)
-            router = start_router(arm, fleet_.urls, logs, tag="-kill")
+            router = start_router(arm, fleet_.urls, logs, tag="-kill", precise=fleet_.precise(arm))
             dead_url = fleet_.urls[3]
             detected: list[float] = []
 
@@ -997,6 +1109,14 @@ def main() -> int:
     parser.add_argument("--replicas", action="store_true")
     parser.add_argument("--kill", action="store_true")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--tokenizer",
+        default=os.environ.get("SHOAL_BENCH_TOKENIZER", str(REPO / ".cache/engine/tiny-llama")),
+        help="tokenizer.json directory for precise mode (default .cache/engine/tiny-llama)",
+    )
+    parser.add_argument(
+        "--no-precise", action="store_true", help="no cache daemon: shoal routes approximately"
+    )
     parser.add_argument("--fast-engine", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so every process started is stopped
@@ -1013,6 +1133,17 @@ def main() -> int:
         if args.arms
         else list(JSON_ARMS) + ([] if args.quick else list(EXTRA_ARMS))
     )
+    precise_ready = (REPO / "router" / "precise.py").exists()
+    if not args.no_precise and precise_ready and (Path(args.tokenizer) / "tokenizer.json").exists():
+        MODE.tokenizer = args.tokenizer
+        wl.use_tokenizer(MODE.tokenizer)
+        progress(f"precise mode: engines tokenize with {MODE.tokenizer}, a cache daemon reads "
+                 "their "
+                 "KV events, shoal routes with --cache-socket")  # fmt: skip
+    else:
+        progress("approximate mode: no cache daemon (--no-precise, no router/precise.py, or "
+                 f"no tokenizer.json in {args.tokenizer})")  # fmt: skip
+        arms = [a for a in arms if a != "shoal_approx"]
     wanted = list(arms)  # the JSON names every one, null where it could not run
     for arm in list(arms):
         why = arm_available(arm)

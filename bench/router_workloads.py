@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from sim.blocks import block_hash, external_hash
-from sim.tokens import HashTokenizer, render_chat
+from sim.tokens import FileTokenizer, HashTokenizer, Tokenizer, render_chat
 
 TRACES = Path("/work/shared/traces")
 WORKLOADS = ("tenants", "chat", "mooncake", "azure_noreuse", "hot_prefix")
@@ -94,7 +94,25 @@ class Workload:
     warmup_s: float = 0.0  # sessions starting before this are warm-up, not measured
 
 
+# With ``use_tokenizer``: the words that are one token each after a space in the engines'
+# tokenizer (byte-level BPE: ``Ġword`` entries), so n words are still ~n tokens.
+_VOCAB: list[str] = []
+
+
+def use_tokenizer(directory: str | Path) -> None:
+    """Draw prompt words from ``directory``'s tokenizer.json (one token per word) instead
+    of tagged hex words, for engines that tokenize with it (the precise-routing fleet)."""
+    vocab = json.loads((Path(directory) / "tokenizer.json").read_text())["model"]["vocab"]
+    _VOCAB[:] = sorted(
+        w[1:]
+        for w in vocab
+        if w.startswith("\u0120") and w[1:].isalpha() and w[1:].islower() and 3 <= len(w) <= 11
+    )
+
+
 def _words(rng: random.Random, n: int, tag: str) -> str:
+    if _VOCAB:
+        return " ".join(rng.choice(_VOCAB) for _ in range(n))
     return " ".join(f"{tag}{rng.randrange(1 << 30):x}" for _ in range(n))
 
 
@@ -145,7 +163,11 @@ class _BlockTexts:
         found = self._cache.get(hash_id)
         if found is None:
             rng = random.Random(f"mooncake-block/{hash_id}")
-            found = [f"m{hash_id}_{rng.randrange(1 << 20):x}" for _ in range(512)]
+            found = (
+                [rng.choice(_VOCAB) for _ in range(512)]
+                if _VOCAB
+                else [f"m{hash_id}_{rng.randrange(1 << 20):x}" for _ in range(512)]
+            )
             self._cache[hash_id] = found
         return found
 
@@ -254,7 +276,7 @@ def build(name: str, seed: int, seconds: float, warmup_s: float) -> Workload:
 # --- the oracle ---------------------------------------------------------------------------
 
 
-def prompt_hashes(tokenizer: HashTokenizer, body: dict[str, Any]) -> tuple[list[int], int]:
+def prompt_hashes(tokenizer: Tokenizer, body: dict[str, Any]) -> tuple[list[int], int]:
     """(the request's full-block hashes as the engine publishes them, prompt tokens)."""
     if "messages" in body:
         ids = tokenizer.encode(render_chat(body["messages"]))
@@ -271,8 +293,8 @@ class Oracle:
     """See the module docstring. ``apply`` takes decoded KV-event batches per engine; the
     bench calls ``place`` before it sends, ``first_token`` and ``done`` as replies come."""
 
-    def __init__(self, engines: int, vocab_size: int = 32000) -> None:
-        self.tokenizer = HashTokenizer(vocab_size)
+    def __init__(self, engines: int, tokenizer: str | None = None) -> None:
+        self.tokenizer: Tokenizer = FileTokenizer(tokenizer) if tokenizer else HashTokenizer()
         self.cached: list[set[int]] = [set() for _ in range(engines)]
         self.inflight: list[dict[int, tuple[list[int], int]]] = [{} for _ in range(engines)]
         self.pending_tokens = [0] * engines
