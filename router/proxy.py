@@ -364,6 +364,26 @@ class Proxy:
         assert last_error is not None, "the attempt loop returns or raises"
         raise last_error
 
+    async def _died_mid_response(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        route_request: RouteRequest,
+        engine_id: str,
+        exc: Exception,
+    ) -> None:
+        """The engine failed after the client got the first byte: no retry is possible, so
+        end the client's answer in a way it notices."""
+        self.pool.record_failure(engine_id)
+        self.metrics.upstream_errors.labels(engine_id, "mid-stream").inc()
+        log.warning("engine %s failed mid-response: %r", engine_id, exc)
+        if route_request.stream:
+            with contextlib.suppress(ConnectionResetError):
+                await response.write(_sse_error(f"engine {engine_id} failed: {exc!r}"))
+                await response.write_eof()
+        elif request.transport is not None:  # a truncated JSON body: the client must see
+            request.transport.close()  # the connection drop
+
     def _failure(self, engine_id: str, kind: str, detail: str) -> UpstreamError:
         self.pool.record_failure(engine_id)
         self.metrics.upstream_errors.labels(engine_id, kind).inc()
@@ -419,25 +439,26 @@ class Proxy:
                 response.headers[ENGINE_HEADER] = engine_id
                 await response.prepare(request)
                 tail = b""
-                try:
-                    async for chunk in upstream.content.iter_any():
-                        if ttft is None:
-                            ttft = self._clock() - sent_at
-                            await self.ledger.first_token(engine_id, pending)
-                            pending = 0
+                while True:
+                    try:
+                        chunk = await upstream.content.readany()
+                    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
+                            TimeoutError) as exc:  # fmt: skip
+                        await self._died_mid_response(request, response, route_request,
+                                                      engine_id, exc)  # fmt: skip
+                        return response
+                    if not chunk:
+                        break
+                    if ttft is None:
+                        ttft = self._clock() - sent_at
+                        await self.ledger.first_token(engine_id, pending)
+                        pending = 0
+                    try:
                         await response.write(chunk)
-                        tail = chunk
-                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
-                        TimeoutError) as exc:  # fmt: skip
-                    self.pool.record_failure(engine_id)
-                    self.metrics.upstream_errors.labels(engine_id, "mid-stream").inc()
-                    log.warning("engine %s failed mid-response: %r", engine_id, exc)
-                    if route_request.stream:
-                        await response.write(_sse_error(f"engine {engine_id} failed: {exc!r}"))
-                        await response.write_eof()
-                    elif request.transport is not None:  # a truncated JSON body: the
-                        request.transport.close()  # client must see the connection drop
-                    return response
+                    except ConnectionResetError:  # the client left (not the engine's fault)
+                        log.debug("client of %s left mid-response", route_request.request_id)
+                        return response
+                    tail = chunk
                 await response.write_eof()
                 ok = upstream.status < 500
                 if ok:

@@ -124,6 +124,9 @@ def test_a_client_that_hangs_up_cancels_the_upstream_request() -> None:
         asyncio.run(read_two_chunks_and_leave())
         assert wait_until(lambda: engine.metric("vllm:num_requests_running") == 0.0, timeout=5)
         assert wait_until(lambda: engines_status(r)[engine.url]["in_flight"] == 0, timeout=5)
+        # the client leaving is not the engine's failure
+        assert metric(r, "shoal_router_upstream_errors_total") == 0
+        assert engines_status(r)[engine.url]["breaker"] == "closed"
 
 
 def test_a_refused_engine_is_retried_elsewhere_and_its_breaker_opens() -> None:
