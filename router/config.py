@@ -77,6 +77,9 @@ class RouterSettings:
     locate_timeout_s: float = setting(
         0.05, "seconds the precise prefix lookup may take before it counts as unknown"
     )
+    shutdown_timeout_s: float = setting(
+        10.0, "on SIGTERM, seconds requests in flight may take to finish before they are cut"
+    )
     seed: int = setting(-1, "random seed for tie-breaks; -1 = from the OS")
     log_level: str = setting("info", "debug, info, warning or error")
     log_format: str = setting("text", "json (structured) or text")
@@ -109,6 +112,7 @@ class RouterSettings:
             "max_in_flight_per_engine",
             "retry_after_s",
             "ledger_refresh_s",
+            "shutdown_timeout_s",
             "locate_timeout_s",
         )
         for name in positive:

@@ -150,7 +150,12 @@ def build_proxy(
 
 async def _serve(settings: RouterSettings, *, reuse_port: bool) -> int:
     proxy = build_proxy(settings)
-    runner = web.AppRunner(proxy.app(), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        proxy.app(),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout_s,
+    )
     await runner.setup()
     site = web.TCPSite(
         runner, settings.host, settings.port, reuse_address=True, reuse_port=reuse_port or None
@@ -314,10 +319,13 @@ def start_router(
     log_path: str | Path | None = None,
     ready_timeout_s: float = 20.0,
     wait_healthy: bool = True,
+    cpu: int | None = None,
     **flags: Any,
 ) -> RouterProcess:
     """Start ``shoal router serve`` and wait until it listens (and, with ``wait_healthy``,
-    until ``/health`` is 200, i.e. an engine is healthy)."""
+    until ``/health`` is 200, i.e. an engine is healthy); ``cpu`` pins it to one core.
+    Flags are ``RouterSettings`` fields with ``_`` for ``-`` (``True`` = a bare flag,
+    ``False``/``None`` = left out)."""
     scratch = Path(tempfile.mkdtemp(prefix=f"router-{port}-"))
     log_path = Path(log_path) if log_path is not None else scratch / "router.log"
     command = [sys.executable, "-m", "shoal", "router", "serve", "--host", host,
@@ -333,6 +341,8 @@ def start_router(
     }
     with open(log_path, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if cpu is not None:  # before its interpreter starts threads, which inherit it
+        os.sched_setaffinity(process.pid, {cpu})
     router = RouterProcess(process, host, port, log_path, scratch)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
