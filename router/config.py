@@ -34,6 +34,7 @@ class RouterSettings:
     discovery_file: str = setting(
         "", "file discovery: JSON or YAML list of {url, stream?}; re-read on change"
     )
+    discovery_interval_s: float = setting(5.0, "seconds between discovery reads (dns, k8s, file)")
     strategy: str = setting("shoal", "default routing strategy or weighted mix (a:2,b:1)")
     workers: int = setting(1, "processes sharing the port (SO_REUSEPORT), each its own pool")
     redis: str = setting("", "Redis URL for state shared between router replicas; empty = memory")
@@ -41,6 +42,9 @@ class RouterSettings:
         "", "the local cache daemon's engine socket; enables precise prefix routing"
     )
     tokenizer: str = setting("", "directory with the served model's tokenizer.json")
+    tokenizer_dialect: str = setting(
+        "vllm", "how the engines render chat prompts: vllm, or simulator for sim fleets"
+    )
     chunk_tokens: int = setting(256, "tokens per Shoal key (as the engines' connector cuts)")
     engine_model: str = setting(
         "", "the engines' Shoal key namespace model; empty = what the daemon learned"
@@ -112,6 +116,7 @@ class RouterSettings:
             "max_in_flight_per_engine",
             "retry_after_s",
             "ledger_refresh_s",
+            "discovery_interval_s",
             "shutdown_timeout_s",
             "locate_timeout_s",
         )

@@ -33,14 +33,13 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from router.config import RouterSettings
 from router.scrape import MetricsScraper
-from router.types import EngineView
+from router.types import EngineSpec, EngineView
 from shoal.errors import ConfigError
 
 __all__ = [
@@ -105,18 +104,6 @@ class CircuitBreaker:
         self._failures += 1
         if self._state is BreakerState.HALF_OPEN or self._failures >= self.failures:
             self._state, self._opened_at, self._probe_at = BreakerState.OPEN, now, None
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSpec:
-    """One engine as discovery names it: its base URL and its cache-daemon stream."""
-
-    url: str
-    stream: str = ""
-
-    @property
-    def node(self) -> str:
-        return self.stream.split("/", 1)[0] if self.stream else ""
 
 
 def parse_engines(text: str) -> list[EngineSpec]:

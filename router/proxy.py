@@ -178,9 +178,10 @@ class Proxy:
             sock_read=settings.upstream_timeout_s,
         )  # fmt: skip
         self.pool.on_breaker_change = self._breaker_changed
-        # router.discovery's watcher when not static: start(pool) fills and follows the
-        # pool (set_engines), close() stops it
+        # router.discovery's source when not static (``engines()``, ``close()``; closed
+        # by ``on_cleanup``): its list is copied into the pool every discovery interval
         self.discovery: Any = None
+        self._follower: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
 
     # ---- application ------------------------------------------------------------------
@@ -202,11 +203,18 @@ class Proxy:
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
         )
-        if self.discovery is not None:  # fills the pool before the first checks
-            await self.discovery.start(self.pool)
         await self.pool.start(self._session)
+        if self.discovery is not None:
+            self._follower = asyncio.create_task(self._follow_discovery())
         if not isinstance(self.ledger, InMemoryLedger):  # other replicas' counts
             self._refresher = asyncio.create_task(self._refresh_ledger())
+
+    async def _follow_discovery(self) -> None:
+        """Discovery's list into the pool; a source never raises after construction (a
+        failed read keeps its last list), so this loop only sleeps and copies."""
+        while True:
+            await asyncio.sleep(self.settings.discovery_interval_s)
+            self.pool.set_engines(await self.discovery.engines())
 
     async def _refresh_ledger(self) -> None:
         while True:
@@ -221,8 +229,10 @@ class Proxy:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
-        if self.discovery is not None:
-            await self.discovery.close()
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
         await self.pool.close()
         if self._session is not None:
             await self._session.close()
