@@ -11,9 +11,9 @@ What is built from settings (``build_proxy``, inside the serving loop):
 
 * ``--redis URL``: ``router.shared``'s ``RedisLedger.connect(url)`` and
   ``RedisLimiter.connect(url, user_rpm=, user_tpm=, model_rps=)`` (else in memory);
-* ``--cache-socket PATH``: ``router.precise.build_locator(settings)``, then ``await
-  start()`` (``--tokenizer``, ``--tokenizer-dialect``, ``--engine-model``,
-  ``--chunk-tokens``, ``--locate-timeout-s``; else no precise view);
+* ``--cache-socket PATH``: ``router.precise``'s ``PreciseLocator.connect(PATH,
+  PromptTokenizer(--tokenizer, dialect=--tokenizer-dialect), namespace=Namespace(
+  --engine-model) or the daemon's, chunk_tokens=--chunk-tokens)`` (else no precise view);
 * ``--discovery dns|k8s|file``: ``router.discovery.make_discovery(...)``, whose list the
   proxy copies into the pool every ``--discovery-interval-s``; static ``--engines`` is
   parsed here (``parse_engines``).
@@ -46,7 +46,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 
@@ -128,13 +128,20 @@ def check_settings(settings: RouterSettings) -> None:
 
 async def _connect_locator(settings: RouterSettings) -> PrefixLocator:
     precise = _optional("router.precise", "--cache-socket")
-    locator = precise.build_locator(settings)  # no I/O
-    try:
-        await locator.start()  # fails fast on a wrong socket
-    except ConfigError:
-        await locator.close()
-        raise
-    return cast(PrefixLocator, locator)
+    tokenizer = precise.PromptTokenizer(settings.tokenizer, dialect=settings.tokenizer_dialect)
+    namespace = None
+    if settings.engine_model:
+        from kvcache.keys import Namespace
+
+        namespace = Namespace(settings.engine_model)
+    locator: PrefixLocator = await precise.PreciseLocator.connect(
+        settings.cache_socket,
+        tokenizer,
+        namespace=namespace,
+        chunk_tokens=settings.chunk_tokens,
+        timeout_s=settings.locate_timeout_s * 0.8,  # its own bound inside the pipeline's
+    )
+    return locator
 
 
 async def build_proxy(
