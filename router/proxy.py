@@ -75,6 +75,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from router.config import RouterSettings
 from router.engines import EnginePool
@@ -265,7 +266,9 @@ class Proxy:
         for engine_id in self.pool.engine_ids:
             state = self.pool.breaker_state(engine_id)
             self.metrics.breaker.labels(engine_id).set(BREAKER_VALUES[state.value])
-        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def _engines(self, request: web.Request) -> web.Response:
         return web.json_response({"engines": self.pool.status(self.ledger.snapshot())})
@@ -448,7 +451,7 @@ class Proxy:
                         response.headers.add(name, value)
                 response.headers[ENGINE_HEADER] = engine_id
                 await response.prepare(request)
-                tail = b""
+                tail = previous = b""  # the end of the answer, where usage is
                 while True:
                     try:
                         chunk = await upstream.content.readany()
@@ -468,7 +471,8 @@ class Proxy:
                     except ConnectionResetError:  # the client left (not the engine's fault)
                         log.debug("client of %s left mid-response", route_request.request_id)
                         return response
-                    tail = chunk
+                    tail = previous + chunk if len(chunk) < 512 else chunk
+                    previous = chunk
                 await response.write_eof()
                 ok = upstream.status < 500
                 if ok:
