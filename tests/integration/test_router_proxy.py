@@ -280,3 +280,23 @@ def test_workers_share_the_port_and_stop_cleanly() -> None:
             codes = [r.request("POST", "/v1/completions", completion())[0] for _ in range(10)]
             assert codes == [200] * 10
         assert r.process.returncode == 0
+
+
+def test_engines_from_a_discovery_file_follow_its_changes(tmp_path: Any) -> None:
+    pytest.importorskip("router.discovery")  # the shared-state part of issue 12
+    listing = tmp_path / "engines.json"
+    with sims(2) as (first, second):
+        listing.write_text(json.dumps([{"url": first.url}]))
+        with running_router(free_port(), discovery="file", discovery_file=listing,
+                            discovery_interval_s=0.2, strategy="random", **FAST) as r:  # fmt: skip
+            engines = {r.request("POST", "/v1/completions", completion())[1]["x-shoal-engine"]
+                       for _ in range(5)}  # fmt: skip
+            assert engines == {first.url}
+            listing.write_text(json.dumps([{"url": first.url}, {"url": second.url}]))
+            assert wait_until(lambda: second.url in engines_status(r), timeout=5)
+
+            def reached_second() -> bool:
+                status, headers, _ = r.request("POST", "/v1/completions", completion())
+                return status == 200 and headers["x-shoal-engine"] == second.url
+
+            assert wait_until(reached_second, timeout=5)
