@@ -75,7 +75,7 @@ class RouterSettings:
     max_in_flight_per_engine: int = setting(256, "an engine with this many is saturated")
     retry_after_s: float = setting(1.0, "Retry-After when saturated or no engine is healthy")
     ledger_refresh_s: float = setting(
-        0.1, "seconds between pulls of other replicas' in-flight counts (with --redis)"
+        0.05, "seconds between pulls of other replicas' in-flight counts (with --redis)"
     )
     session_header: str = setting("x-session-id", "request header naming a session")
     locate_timeout_s: float = setting(

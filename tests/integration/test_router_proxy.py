@@ -300,3 +300,39 @@ def test_engines_from_a_discovery_file_follow_its_changes(tmp_path: Any) -> None
                 return status == 200 and headers["x-shoal-engine"] == second.url
 
             assert wait_until(reached_second, timeout=5)
+
+
+def test_two_routers_share_limits_and_in_flight_counts_through_redis(tmp_path: Any) -> None:
+    pytest.importorskip("router.shared")  # the shared-state part of issue 12
+    redis_server = pytest.importorskip("tests.integration.redis_server")
+    with redis_server.running_redis(tmp_path) as redis, sims(
+        1, time_scale=1.0, fault_slowdown=20.0
+    ) as engines:  # fmt: skip
+        engine = engines[0].url
+        limits = {"redis": redis.url, "user_rpm": 4}
+        with router(engines, **limits) as a, router(engines, **limits) as b:
+            user = {"x-user": "carol"}
+            replies = [(a, b)[i % 2].request("POST", "/v1/completions", completion(max_tokens=1),
+                                             headers=user) for i in range(6)]  # fmt: skip
+            assert [status for status, _, _ in replies] == [200, 200, 200, 200, 429, 429]
+            assert json.loads(replies[-1][2])["error"]["type"] == "rate_limited"
+
+        full = {"redis": redis.url, "max_in_flight_per_engine": 1}
+        with router(engines, **full) as a, router(engines, **full) as b:
+
+            async def one_long_request_through_a() -> list[int]:
+                async with aiohttp.ClientSession() as session:
+                    body = completion(max_tokens=30)
+                    long = asyncio.ensure_future(session.post(a.url + "/v1/completions", json=body))
+                    # b sees a's request in flight on the engine, and the engine is full
+                    seen = await asyncio.to_thread(
+                        wait_until, lambda: engines_status(b)[engine]["in_flight"] == 1, 5
+                    )
+                    assert seen
+                    status = (await asyncio.to_thread(b.request, "POST", "/v1/completions",
+                                                      completion()))[0]  # fmt: skip
+                    reply = await long
+                    await reply.read()
+                    return [status, reply.status]
+
+            assert asyncio.run(one_long_request_through_a()) == [429, 200]
