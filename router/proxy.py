@@ -441,7 +441,10 @@ class Proxy:
             try:
                 if upstream.status >= 500:
                     if not last:
-                        detail = (await upstream.read())[:200].decode(errors="replace")
+                        try:
+                            detail = (await upstream.read())[:200].decode(errors="replace")
+                        except (aiohttp.ClientError, TimeoutError) as exc:
+                            detail = repr(exc)
                         raise self._failure(engine_id, str(upstream.status), detail)
                     self.pool.record_failure(engine_id)
                     self.metrics.upstream_errors.labels(engine_id, str(upstream.status)).inc()
@@ -450,7 +453,10 @@ class Proxy:
                     if name.lower() not in _NOT_BACK:
                         response.headers.add(name, value)
                 response.headers[ENGINE_HEADER] = engine_id
-                await response.prepare(request)
+                try:
+                    await response.prepare(request)
+                except ConnectionResetError:  # the client left while the engine answered
+                    return response
                 tail = previous = b""  # the end of the answer, where usage is
                 while True:
                     try:

@@ -336,3 +336,21 @@ def test_two_routers_share_limits_and_in_flight_counts_through_redis(tmp_path: A
                     return [status, reply.status]
 
             assert asyncio.run(one_long_request_through_a()) == [429, 200]
+
+
+def test_an_engine_that_accepts_and_never_answers_times_out_into_a_retry() -> None:
+    with sims(2) as (wedged, good), router([wedged, good], upstream_timeout_s=0.5,
+                                           breaker_failures=1, breaker_cooldown_s=60,
+                                           strategy="random") as r:  # fmt: skip
+        wedged.set_faults(hang="requests")  # its /health still answers, as vLLM's does
+        try:
+            for _ in range(30):  # random picks the wedged one soon (all 30 miss: 1e-9)
+                status, headers, _ = r.request("POST", "/v1/completions", completion())
+                assert (status, headers["x-shoal-engine"]) == (200, good.url)
+                if engines_status(r)[wedged.url]["breaker"] == "open":
+                    break
+            assert metric(r, "shoal_router_upstream_errors_total", engine=wedged.url,
+                          kind="timeout") == 1  # fmt: skip
+            assert engines_status(r)[wedged.url]["breaker"] == "open"
+        finally:
+            wedged.set_faults(hang="off")
