@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -354,3 +356,21 @@ def test_an_engine_that_accepts_and_never_answers_times_out_into_a_retry() -> No
             assert engines_status(r)[wedged.url]["breaker"] == "open"
         finally:
             wedged.set_faults(hang="off")
+
+
+def test_the_engines_verb_shows_a_running_routers_engines() -> None:
+    def shoal(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "shoal", "router", *args],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+
+    with sims(1) as engines, router([f"{engines[0].url}=n1/gpu0"]) as r:
+        listed = shoal("engines", "--url", r.url, "--json")
+        assert listed.returncode == 0, listed.stderr
+        (row,) = json.loads(listed.stdout)
+        assert (row["url"], row["stream"], row["healthy"]) == (engines[0].url, "n1/gpu0", True)
+        table = shoal("engines", "--url", r.url)
+        assert "n1/gpu0" in table.stdout and "closed" in table.stdout
+        url = r.url
+    gone = shoal("engines", "--url", url)
+    assert gone.returncode == 3
+    assert "cannot read" in gone.stderr
