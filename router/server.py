@@ -52,6 +52,7 @@ from aiohttp import web
 
 from router.config import RouterSettings
 from router.engines import EnginePool, parse_engines
+from router.errors import UnknownStrategy
 from router.ledger import InMemoryLedger, Ledger
 from router.limits import InMemoryLimiter, Limiter, load_api_keys
 from router.pipeline import Pipeline, PrefixLocator
@@ -99,13 +100,16 @@ def _pipeline(settings: RouterSettings, locator: PrefixLocator | None) -> Pipeli
         session_header=settings.session_header,
         max_in_flight_per_engine=settings.max_in_flight_per_engine,
     )
-    return Pipeline(
-        _strategy(settings),
-        deps,
-        locator=locator,
-        locate_timeout_s=settings.locate_timeout_s,
-        retry_after_s=settings.retry_after_s,
-    )
+    try:
+        return Pipeline(
+            _strategy(settings),
+            deps,
+            locator=locator,
+            locate_timeout_s=settings.locate_timeout_s,
+            retry_after_s=settings.retry_after_s,
+        )
+    except UnknownStrategy as exc:  # a request's bad header is a 400; a bad flag stops here
+        raise ConfigError(f"--strategy: {exc}") from None
 
 
 def check_settings(settings: RouterSettings) -> None:

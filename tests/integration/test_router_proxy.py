@@ -18,7 +18,7 @@ import pytest
 
 from router.server import RouterProcess, running_router
 from sim.process import SimEngineProcess, running_sim_engine, start_sim_engine
-from tests.integration.conftest import free_port, wait_until
+from tests.integration.conftest import ENV, free_port, wait_until
 
 MODEL = "sim-7b"
 FAST = {"health_interval_s": 0.2, "metrics_interval_s": 0.2, "models_interval_s": 0.5}
@@ -361,7 +361,7 @@ def test_an_engine_that_accepts_and_never_answers_times_out_into_a_retry() -> No
 def test_the_engines_verb_shows_a_running_routers_engines() -> None:
     def shoal(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "shoal", "router", *args],
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
+                              capture_output=True, text=True, timeout=30, env=ENV)  # fmt: skip
 
     with sims(1) as engines, router([f"{engines[0].url}=n1/gpu0"]) as r:
         listed = shoal("engines", "--url", r.url, "--json")
@@ -374,3 +374,21 @@ def test_the_engines_verb_shows_a_running_routers_engines() -> None:
     gone = shoal("engines", "--url", url)
     assert gone.returncode == 3
     assert "cannot read" in gone.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        ((), "--engines"),
+        (("--engines", "http://127.0.0.1:1", "--strategy", "nope"), "--strategy: unknown"),
+        (("--engines", "127.0.0.1:1"), "--engines item"),
+        (("--engines", "http://127.0.0.1:1", "--workers", "0"), "workers"),
+    ],
+)
+def test_bad_settings_stop_the_router_with_one_line_and_exit_2(
+    argv: tuple[str, ...], words: str
+) -> None:
+    done = subprocess.run([sys.executable, "-m", "shoal", "router", "serve", *argv],
+                          capture_output=True, text=True, timeout=30, env=ENV)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert words in done.stderr and "Traceback" not in done.stderr
