@@ -317,7 +317,8 @@ class EnginePool:
             engine.models = frozenset(str(c["id"]) for c in cards)
 
     async def check_all(self) -> None:
-        """One round of health checks, model polls and scrapes (also the first one)."""
+        """One round of health checks, then a model poll of each engine whose models are
+        not known yet (a new engine serves as soon as it is healthy and listed)."""
         ids = list(self._engines)
         await asyncio.gather(*(self.check_health(e) for e in ids))
         await asyncio.gather(
@@ -351,7 +352,12 @@ class EnginePool:
     async def _loop(self, interval_s: float, round_: Callable[[], Any]) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            await round_()
+            try:
+                await round_()
+            except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
+                # each check handles its own engine's errors; this keeps the loop alive
+                # through anything they let slip (an engine URL aiohttp rejects, say)
+                log.warning("background round %s failed: %r", round_.__name__, exc)
 
     async def close(self) -> None:
         for task in self._tasks:
