@@ -57,7 +57,7 @@ from router.ledger import InMemoryLedger, Ledger
 from router.limits import InMemoryLimiter, Limiter, load_api_keys
 from router.pipeline import Pipeline, PrefixLocator
 from router.proxy import Proxy
-from router.strategies import STRATEGIES, StrategyDeps
+from router.strategies import StrategyDeps
 from shoal.errors import ConfigError, ShoalError
 
 __all__ = [
@@ -71,7 +71,6 @@ __all__ = [
 
 log = logging.getLogger("shoal." + __name__)
 _REPO = Path(__file__).resolve().parents[1]
-FALLBACK_STRATEGY = "least-request"
 
 
 def _optional(module: str, flag: str) -> ModuleType:
@@ -83,16 +82,6 @@ def _optional(module: str, flag: str) -> ModuleType:
         raise ConfigError(f"{flag} needs {module}, which this installation lacks") from None
 
 
-def _strategy(settings: RouterSettings) -> str:
-    if settings.strategy == "shoal" and "shoal" not in STRATEGIES:
-        log.warning(
-            "the default strategy 'shoal' is not available in this build; using %s",
-            FALLBACK_STRATEGY,
-        )
-        return FALLBACK_STRATEGY
-    return settings.strategy
-
-
 def _pipeline(settings: RouterSettings, locator: PrefixLocator | None) -> Pipeline:
     rng = random.Random(None if settings.seed < 0 else settings.seed)
     deps = StrategyDeps(
@@ -102,7 +91,7 @@ def _pipeline(settings: RouterSettings, locator: PrefixLocator | None) -> Pipeli
     )
     try:
         return Pipeline(
-            _strategy(settings),
+            settings.strategy,
             deps,
             locator=locator,
             locate_timeout_s=settings.locate_timeout_s,
