@@ -84,6 +84,35 @@ class RouterSettings:
     shutdown_timeout_s: float = setting(
         10.0, "on SIGTERM, seconds requests in flight may take to finish before they are cut"
     )
+    # strategy tunables: the fields of router.strategies.StrategyDeps of the same names
+    prefill_s_per_token: float = setting(
+        2e-4, "cost model: seconds an engine takes to prefill one uncached prompt token"
+    )
+    node_load_s_per_token: float = setting(
+        1e-5, "cost model: seconds to load one token's KV from the engine's node cache"
+    )
+    peer_fetch_s_per_token: float = setting(
+        4e-5, "cost model: seconds to fetch one token's KV from a peer node's cache"
+    )
+    running_request_tokens: int = setting(
+        32, "cost model: queued prompt tokens one running request is worth (decode share)"
+    )
+    shoal_load_factor: float = setting(
+        1.5, "shoal: refuse an engine above this x the mean in flight (hot prefixes spread)"
+    )
+    balance_abs_requests: int = setting(
+        8, "load gate: affinity holds until an engine has this many more in flight than the least"
+    )
+    balance_rel: float = setting(1.5, "load gate: ... and this many times the least loaded's")
+    prefix_block_chars: int = setting(256, "approximate prefix index: characters per block")
+    prefix_index_entries: int = setting(
+        200_000, "approximate prefix index: block hashes kept (bounded memory)"
+    )
+    bounded_load_factor: float = setting(
+        1.25, "session-affinity: an engine takes at most this x the mean load"
+    )
+    ttft_slo_s: float = setting(2.0, "slo strategy: time-to-first-token target")
+    tpot_slo_s: float = setting(0.2, "slo strategy: time-per-output-token target")
     seed: int = setting(-1, "random seed for tie-breaks; -1 = from the OS")
     log_level: str = setting("info", "debug, info, warning or error")
     log_format: str = setting("text", "json (structured) or text")
@@ -100,6 +129,16 @@ class RouterSettings:
         if self.workers < 1:
             raise ValueError(f"workers {self.workers} must be at least 1")
         positive = (
+            "prefill_s_per_token",
+            "node_load_s_per_token",
+            "peer_fetch_s_per_token",
+            "shoal_load_factor",
+            "balance_rel",
+            "prefix_block_chars",
+            "prefix_index_entries",
+            "bounded_load_factor",
+            "ttft_slo_s",
+            "tpot_slo_s",
             "chunk_tokens",
             "max_body_bytes",
             "max_header_bytes",
@@ -123,7 +162,8 @@ class RouterSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("user_rpm", "user_tpm", "model_rps", "max_retries"):
+        for name in ("user_rpm", "user_tpm", "model_rps", "max_retries", "running_request_tokens",
+                     "balance_abs_requests"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         if not self.strategy.strip():

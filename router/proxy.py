@@ -418,7 +418,8 @@ class Proxy:
     ) -> web.StreamResponse:
         assert self._session is not None, "the proxy serves only between startup and cleanup"
         engine_id = decision.engine_id
-        pending = route_request.prompt_tokens
+        # the ledger queues prefill: a prefix the engine is expected to reuse is not queued
+        pending = max(0, route_request.prompt_tokens - decision.cached_tokens)
         self.pool.on_attempt(engine_id)
         await self.ledger.acquire(engine_id, pending)
         gauge = self.metrics.engine_in_flight(engine_id)

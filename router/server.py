@@ -43,7 +43,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -84,11 +84,13 @@ def _optional(module: str, flag: str) -> ModuleType:
 
 def _pipeline(settings: RouterSettings, locator: PrefixLocator | None) -> Pipeline:
     rng = random.Random(None if settings.seed < 0 else settings.seed)
-    deps = StrategyDeps(
-        rng=rng,
-        session_header=settings.session_header,
-        max_in_flight_per_engine=settings.max_in_flight_per_engine,
-    )
+    # every tunable of StrategyDeps has a setting of the same name (config.py)
+    tunables = {
+        f.name: getattr(settings, f.name)
+        for f in fields(StrategyDeps)
+        if f.name not in ("rng", "clock")
+    }
+    deps = StrategyDeps(rng=rng, **tunables)
     try:
         return Pipeline(
             settings.strategy,
