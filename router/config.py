@@ -50,6 +50,11 @@ class RouterSettings:
         "", "the engines' Shoal key namespace model; empty = what the daemon learned"
     )
     api_keys: str = setting("", "file mapping API keys to users (JSON object or KEY USER lines)")
+    insecure_no_auth: bool = setting(
+        False,
+        "listen beyond loopback without --api-keys (anyone who reaches the port may use the "
+        "engines; logs a warning)",
+    )
     user_rpm: int = setting(0, "requests per minute per user; 0 = unlimited")
     user_tpm: int = setting(0, "prompt+max tokens per minute per user; 0 = unlimited")
     model_rps: float = setting(0.0, "requests per second per model; 0 = unlimited")

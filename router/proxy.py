@@ -86,6 +86,7 @@ from router.errors import (
     NoEngineAvailable,
     RateLimited,
     RouterError,
+    Unauthorized,
     UpstreamError,
 )
 from router.ledger import InMemoryLedger, Ledger
@@ -278,13 +279,16 @@ class Proxy:
     # ---- the proxied routes -----------------------------------------------------------
 
     def _user_of(self, request: web.Request) -> str:
-        user = request.headers.get("x-user", "")
-        if user or not self._api_keys:
-            return user
+        """The request's user. With an API key map every proxied request must carry a
+        known key (``Authorization: Bearer KEY``) and the key's user is the user: neither
+        ``x-user`` nor the body's ``user`` can then claim another user's limits."""
+        if not self._api_keys:
+            return request.headers.get("x-user", "")
         auth = request.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            return self._api_keys.get(auth[7:].strip(), "")
-        return ""
+        user = self._api_keys.get(auth[7:].strip(), "") if auth[:7].lower() == "bearer " else ""
+        if not user:
+            raise Unauthorized("a known API key is required: Authorization: Bearer KEY")
+        return user
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.settings.max_body_bytes

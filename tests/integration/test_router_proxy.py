@@ -244,7 +244,7 @@ def test_every_engine_saturated_is_429_and_none_healthy_is_503_with_retry_after(
 
 def test_user_rate_limits_answer_429_with_retry_after(tmp_path: Any) -> None:
     keys = tmp_path / "keys.txt"
-    keys.write_text("sk-alice alice\n")
+    keys.write_text("sk-alice alice\nsk-bob bob\n")
     with sims(1) as engines, router(engines, user_rpm=2, api_keys=keys) as r:
         auth = {"Authorization": "Bearer sk-alice"}
         codes = [r.request("POST", "/v1/completions", completion(), headers=auth)[0]
@@ -252,9 +252,31 @@ def test_user_rate_limits_answer_429_with_retry_after(tmp_path: Any) -> None:
         assert codes == [200, 200, 429]
         status, headers, _ = r.request("POST", "/v1/completions", completion(), headers=auth)
         assert status == 429 and int(headers["Retry-After"]) >= 1
-        assert (
-            r.request("POST", "/v1/completions", completion(), headers={"x-user": "bob"})[0] == 200
-        )
+        bob = {"Authorization": "Bearer sk-bob", "x-user": "alice"}  # x-user cannot claim alice
+        assert r.request("POST", "/v1/completions", completion(), headers=bob)[0] == 200
+
+
+def test_with_api_keys_a_request_without_a_known_key_is_401(tmp_path: Any) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-alice alice\n")
+    with sims(1) as engines, router(engines, api_keys=keys) as r:
+        for headers in ({}, {"x-user": "alice"}, {"Authorization": "Bearer sk-mallory"}):
+            status, _, body = r.request("POST", "/v1/completions", completion(), headers=headers)
+            assert status == 401
+            assert json.loads(body)["error"]["type"] == "invalid_api_key"
+        assert metric(r, "shoal_router_requests_total", route="completions", status="401") == 3
+
+
+def test_a_router_beyond_loopback_needs_api_keys_or_an_explicit_opt_out() -> None:
+    from router.config import RouterSettings
+    from router.server import check_settings
+    from shoal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--api-keys FILE, or --insecure-no-auth"):
+        check_settings(RouterSettings(host="0.0.0.0", engines="http://127.0.0.1:1"))
+    check_settings(RouterSettings(host="0.0.0.0", engines="http://127.0.0.1:1",
+                                  insecure_no_auth=True))  # fmt: skip
+    check_settings(RouterSettings(host="::1", engines="http://127.0.0.1:1"))
 
 
 @pytest.mark.parametrize("header", ["x-shoal-routing-strategy", "routing-strategy"])
