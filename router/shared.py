@@ -32,8 +32,10 @@ per bucket) per user for requests and tokens per minute and per model for reques
 second. Each bucket holds a whole period's budget (a fresh user may spend a minute's
 RPM at once, then refills continuously). One Lua script checks every bucket a request
 touches against Redis's clock and charges all of them or none, so two replicas together
-admit exactly the budget, and a request refused for tokens spends no request. Anonymous
-requests (user ``""``) have no per-user buckets, only the model's.
+admit exactly the budget, and a request refused for tokens spends no request. As in
+``InMemoryLimiter`` (``router/limits.py``): anonymous requests share the user ``""``, and a
+request's cost is capped at its bucket's capacity (a request larger than a minute's TPM
+passes on a full bucket instead of never).
 
 Keys are namespaced ``shoal:router:`` (``key_prefix``), and every key a script touches is
 declared to it. Written for one Redis server (Debian's ``redis-server``, or a managed
@@ -413,7 +415,6 @@ local tats = {}
 for i, key in ipairs(KEYS) do
   local inc = tonumber(ARGV[2 * i - 1])
   local tau = tonumber(ARGV[2 * i])
-  if inc > tau then return -1 end
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
   local over = tat + inc - now - tau
@@ -454,16 +455,21 @@ class _Charge:
 def _charges(limits: LimitSettings, prefix: str, user: str, model: str,
              tokens: int) -> list[_Charge]:  # fmt: skip
     """The buckets a request touches. A bucket of budget B per period P refills one unit
-    every P/B and holds max(B, 1) units."""
+    every P/B and holds max(B, 1) units; a request costs at most a full bucket."""
     out: list[_Charge] = []
 
     def charge(kind: str, who: str, budget: float, period_s: float, cost: int) -> None:
         unit_us = period_s * 1e6 / budget
-        out.append(_Charge(f"{prefix}limit:{kind}:{who}", cost * unit_us, max(budget, 1) * unit_us))
+        capacity = max(budget, 1.0)  # below 1 per period, one request still fits a bucket
+        out.append(
+            _Charge(
+                f"{prefix}limit:{kind}:{who}", min(cost, capacity) * unit_us, capacity * unit_us
+            )
+        )
 
-    if user and limits.user_rpm:
+    if limits.user_rpm:
         charge("rpm", user, limits.user_rpm, 60.0, 1)
-    if user and limits.user_tpm:
+    if limits.user_tpm:
         charge("tpm", user, limits.user_tpm, 60.0, max(0, tokens))
     if limits.model_rps:
         charge("rps", model, limits.model_rps, 1.0, 1)
@@ -482,8 +488,6 @@ class _LocalBuckets:
         wait = 0.0
         tats = []
         for c in charges:
-            if c.increment_us > c.tolerance_us:
-                return math.inf
             tat = max(self._tats.get(c.key, now), now)
             wait = max(wait, tat + c.increment_us - now - c.tolerance_us)
             tats.append(tat + c.increment_us)
@@ -500,8 +504,7 @@ class RedisLimiter:
     """Per-user RPM/TPM and per-model RPS shared by every replica (module docstring).
 
     ``admit`` returns None (admitted, charged) or the seconds until the request would be
-    admitted (nothing charged). A request that costs more than a whole bucket (more tokens
-    than the TPM budget) can never be admitted: its retry-after is the bucket's period.
+    admitted (nothing charged).
     """
 
     def __init__(
@@ -535,7 +538,7 @@ class RedisLimiter:
         if not charges:
             return None
         if not self._outage.may_try():
-            return _period_if_never(self._local.admit(charges), charges)
+            return self._local.admit(charges)
         args: list[float] = []
         for c in charges:
             args += [c.increment_us, c.tolerance_us]
@@ -545,12 +548,10 @@ class RedisLimiter:
             )
         except _REDIS_FAILURES as exc:
             self._outage.failed(exc)
-            return _period_if_never(self._local.admit(charges), charges)
+            return self._local.admit(charges)
         self._outage.ok()
         wait_us = int(wait_us)
-        if wait_us == 0:
-            return None
-        return _period_if_never(math.inf if wait_us < 0 else wait_us / 1e6, charges)
+        return None if wait_us <= 0 else wait_us / 1e6
 
     def statistics(self) -> SharedStats:
         o = self._outage
@@ -558,10 +559,3 @@ class RedisLimiter:
 
     async def close(self) -> None:
         await self._client.aclose()
-
-
-def _period_if_never(wait_s: float | None, charges: list[_Charge]) -> float | None:
-    """A request that can never fit waits a whole period of its largest bucket."""
-    if wait_s is None or math.isfinite(wait_s):
-        return wait_s
-    return max(c.tolerance_us for c in charges) / 1e6
