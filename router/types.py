@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "EngineMetrics",
     "EnginePrefix",
+    "EngineSpec",
     "EngineView",
     "PrefixView",
     "RouteDecision",
@@ -46,6 +47,19 @@ class RouteRequest:
     stream: bool = False
     arrival_s: float = 0.0
     token_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """One engine as discovery names it: its base URL and its cache-daemon stream
+    (``<node>/gpu<i>``, empty when unknown: precise routing then sees no GPU prefix)."""
+
+    url: str
+    stream: str = ""
+
+    @property
+    def node(self) -> str:
+        return self.stream.split("/", 1)[0] if self.stream else ""
 
 
 @dataclass(frozen=True, slots=True)
