@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "EngineMetrics",
@@ -47,6 +48,9 @@ class RouteRequest:
     stream: bool = False
     arrival_s: float = 0.0
     token_ids: tuple[int, ...] | None = None
+    # a chat's messages as the client sent them: the precise path renders the model's
+    # chat template over them (``router/precise.py``); empty for other routes
+    messages: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
