@@ -13,7 +13,8 @@ and asks one question::
                                 node_tokens = length x C          (engine on this node)
                                             | runs[engine.node] x C (on a peer node)
                                 peer_tokens = remote_length x C
-        (every figure capped at the prompt's tokens)
+        (every figure capped at the prompt's tokens; an engine with no known node, as dns
+        and k8s discovery give, has only what its stream says, i.e. nothing)
 
 Invariant: the keys are exactly the engines' own. That needs three things to match:
 
@@ -76,7 +77,13 @@ from kvcache.keys import Namespace, chain_keys
 from router.types import EnginePrefix, EngineView, PrefixView, RouteRequest
 from shoal.errors import ConfigError
 
-__all__ = ["LocatorStats", "PreciseLocator", "PromptTokenizer", "engine_namespace"]
+__all__ = [
+    "LocatorStats",
+    "PreciseLocator",
+    "PromptTokenizer",
+    "engine_namespace",
+    "prefix_view",
+]
 
 log = logging.getLogger("shoal." + __name__)
 
@@ -242,6 +249,38 @@ def engine_namespace(cluster: Mapping[str, Any]) -> tuple[Namespace, int] | None
     return namespace, int(chunk_tokens)
 
 
+def prefix_view(
+    found: ClusterLookup,
+    num_tokens: int,
+    engines: Sequence[EngineView],
+    chunk_tokens: int,
+    local_node: str,
+) -> PrefixView:
+    """A daemon's answer (in chunks) as tokens per engine (module docstring). Engines
+    holding nothing anywhere are left out of the view."""
+
+    def tokens(blocks: int) -> int:
+        return min(blocks * chunk_tokens, num_tokens)
+
+    gpu = dict(found.gpu)
+    runs = {node: upto for node, _address, upto in found.runs}
+    view: dict[str, EnginePrefix] = {}
+    for engine in engines:
+        node = engine.node or engine.stream.partition("/")[0]
+        if node and node == local_node:
+            node_blocks = found.length
+        else:
+            node_blocks = runs.get(node, 0) if node else 0
+        prefix = EnginePrefix(
+            gpu_tokens=tokens(gpu.get(engine.stream, 0)) if engine.stream else 0,
+            node_tokens=tokens(node_blocks),
+            peer_tokens=tokens(found.remote_length) if node else 0,  # no node: not a member
+        )
+        if prefix != EnginePrefix():
+            view[engine.engine_id] = prefix
+    return PrefixView("precise", num_tokens, view)
+
+
 def _local_node(cluster: Mapping[str, Any]) -> str:
     node = cluster.get("node")
     if isinstance(node, str) and node:
@@ -350,29 +389,7 @@ class PreciseLocator:
     def prefix_view(
         self, found: ClusterLookup, num_tokens: int, engines: Sequence[EngineView]
     ) -> PrefixView:
-        """A daemon's answer as tokens per engine (module docstring)."""
-        chunk = self.chunk_tokens
-
-        def tokens(blocks: int) -> int:
-            return min(blocks * chunk, num_tokens)
-
-        gpu = dict(found.gpu)
-        runs = {node: upto for node, _address, upto in found.runs}
-        view: dict[str, EnginePrefix] = {}
-        for engine in engines:
-            node = engine.node or engine.stream.partition("/")[0]
-            if node and node == self.node:
-                node_blocks = found.length
-            else:
-                node_blocks = runs.get(node, 0) if node else 0
-            prefix = EnginePrefix(
-                gpu_tokens=tokens(gpu.get(engine.stream, 0)) if engine.stream else 0,
-                node_tokens=tokens(node_blocks),
-                peer_tokens=tokens(found.remote_length),
-            )
-            if prefix != EnginePrefix():
-                view[engine.engine_id] = prefix
-        return PrefixView("precise", num_tokens, view)
+        return prefix_view(found, num_tokens, engines, self.chunk_tokens, self.node)
 
     async def _token_ids(self, request: RouteRequest) -> list[int] | None:
         size = len(request.prompt_text) + sum(len(str(msg.get("content", "")))
