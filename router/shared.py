@@ -73,12 +73,12 @@ from shoal.errors import ConfigError
 
 __all__ = [
     "KEY_PREFIX",
-    "LimitSettings",
     "RedisLedger",
     "RedisLimiter",
     "SharedStats",
-    "open_redis",
+    "check_redis",
     "redact_url",
+    "redis_client",
 ]
 
 log = logging.getLogger("shoal." + __name__)
@@ -102,16 +102,12 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
 
 
-async def open_redis(url: str, *, timeout_s: float = 0.2) -> aioredis.Redis:
-    """A client of the Redis at ``url`` that answered a PING.
-
-    Every call is bounded by ``timeout_s`` (connect and read) and never retried by the
-    client. Raises ``ConfigError`` naming the fix: a URL redis-py cannot parse, a password
-    Redis refuses (or none where one is needed), or no Redis answering there.
-    """
-    shown = redact_url(url)
+def redis_client(url: str, *, timeout_s: float = 0.2) -> aioredis.Redis:
+    """A client of the Redis at ``url`` (nothing is sent yet): every call bounded by
+    ``timeout_s`` (connect and read) and never retried by the client. ``ConfigError`` for a
+    URL redis-py cannot parse."""
     try:
-        client = aioredis.Redis.from_url(
+        return aioredis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
@@ -121,27 +117,29 @@ async def open_redis(url: str, *, timeout_s: float = 0.2) -> aioredis.Redis:
         )
     except ValueError as exc:
         raise ConfigError(
-            f"--redis {shown!r} is not a Redis URL ({exc}); use redis://[:PASSWORD@]HOST:PORT/DB, "
-            "rediss:// for TLS or unix:///PATH"
+            f"--redis {redact_url(url)!r} is not a Redis URL ({exc}); use "
+            "redis://[:PASSWORD@]HOST:PORT/DB, rediss:// for TLS or unix:///PATH"
         ) from None
+
+
+async def check_redis(client: aioredis.Redis, url: str, *, timeout_s: float = 0.2) -> None:
+    """PING; ``ConfigError`` naming the fix when Redis refuses the password (or wants
+    one), refuses PING, or does not answer at all."""
+    shown = redact_url(url)
     try:
         await asyncio.wait_for(client.ping(), timeout_s * 2)
     except AuthenticationError as exc:
-        await client.aclose()
         raise ConfigError(
             f"Redis at {shown} refused the credentials ({exc}); put the right password in the "
             "URL: redis://:PASSWORD@HOST:PORT (or redis://USER:PASSWORD@... with ACLs)"
         ) from None
     except ResponseError as exc:  # e.g. NOPERM for an ACL user without PING
-        await client.aclose()
         raise ConfigError(f"Redis at {shown} refused PING ({exc}); check the user's ACL") from None
     except _REDIS_FAILURES as exc:
-        await client.aclose()
         raise ConfigError(
             f"no Redis answers at {shown} ({type(exc).__name__}: {exc}); start it, or leave "
             "--redis out to keep the router's state in memory (one replica)"
         ) from None
-    return client
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,11 +242,17 @@ return 0
 
 class RedisLedger:
     """In-flight requests and pending prompt tokens per engine, summed over every live
-    router replica (see the module docstring). Build with ``await RedisLedger.connect``."""
+    router replica (see the module docstring).
+
+    ``RedisLedger(url)`` sends nothing; ``await start()`` checks Redis (``ConfigError`` for
+    a wrong password or no Redis: call it at startup), syncs once and starts the
+    heartbeat. A ledger never started starts its heartbeat at the first ``refresh()``,
+    degrading instead of raising. ``await RedisLedger.connect(url)`` is both steps.
+    """
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        redis: str | aioredis.Redis,
         *,
         url: str = "",
         replica_id: str | None = None,
@@ -264,7 +268,10 @@ class RedisLedger:
             raise ConfigError(
                 f"refresh interval {refresh_interval_s}s must be in (0, ttl {ttl_s}s)"
             )
-        self._client = client
+        if isinstance(redis, str):
+            url, redis = redis, redis_client(redis, timeout_s=timeout_s)
+        self._client = client = redis
+        self._url = url
         self.replica_id = replica_id or uuid.uuid4().hex
         assert "|" not in self.replica_id, "a replica id separates fields with '|'"
         tag = f"{key_prefix}{{ledger}}:"  # one hash slot for both keys (Redis Cluster)
@@ -287,13 +294,27 @@ class RedisLedger:
 
     @classmethod
     async def connect(cls, url: str, **kwargs: Any) -> RedisLedger:
-        """A ledger on the Redis at ``url``, synced once and kept alive by a background
-        task; raises ``ConfigError`` if Redis cannot be used (see ``open_redis``)."""
-        client = await open_redis(url, timeout_s=kwargs.get("timeout_s", 0.2))
-        ledger = cls(client, url=url, **kwargs)
-        await ledger._sync()
-        ledger._task = asyncio.get_running_loop().create_task(ledger._keep_alive())
+        """A started ledger on the Redis at ``url`` (``ConfigError`` if Redis cannot be
+        used, see ``check_redis``)."""
+        ledger = cls(url, **kwargs)
+        try:
+            await ledger.start()
+        except ConfigError:
+            await ledger._client.aclose()
+            raise
         return ledger
+
+    async def start(self) -> None:
+        """Check Redis, sync once and start the heartbeat; a second call does nothing."""
+        if self._task is not None:
+            return
+        await check_redis(self._client, self._url, timeout_s=self.timeout_s)
+        await self._sync()
+        self._start_heartbeat()
+
+    def _start_heartbeat(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._keep_alive())
 
     # -- the request path (no I/O) ----------------------------------------------------
 
@@ -337,6 +358,7 @@ class RedisLedger:
     async def refresh(self) -> None:
         """Pull the other replicas' counts (and push ours) unless that was done less than
         ``refresh_interval_s`` ago, is under way, or Redis is failing (then at once)."""
+        self._start_heartbeat()
         if self._syncing or self._clock() - self._synced_at < self.refresh_interval_s:
             return
         await self._sync()
@@ -431,7 +453,7 @@ return 0
 
 
 @dataclass(frozen=True, slots=True)
-class LimitSettings:
+class _Limits:
     """Budgets; 0 turns a limit off."""
 
     user_rpm: int = 0  # requests per minute per user
@@ -452,7 +474,7 @@ class _Charge:
     tolerance_us: float
 
 
-def _charges(limits: LimitSettings, prefix: str, user: str, model: str,
+def _charges(limits: _Limits, prefix: str, user: str, model: str,
              tokens: int) -> list[_Charge]:  # fmt: skip
     """The buckets a request touches. A bucket of budget B per period P refills one unit
     every P/B and holds max(B, 1) units; a request costs at most a full bucket."""
@@ -509,9 +531,11 @@ class RedisLimiter:
 
     def __init__(
         self,
-        client: aioredis.Redis,
-        limits: LimitSettings,
+        redis: str | aioredis.Redis,
         *,
+        user_rpm: int = 0,
+        user_tpm: int = 0,
+        model_rps: float = 0.0,
         url: str = "",
         key_prefix: str = KEY_PREFIX,
         timeout_s: float = 0.2,
@@ -519,8 +543,11 @@ class RedisLimiter:
         log_interval_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._client = client
-        self.limits = limits
+        self.limits = _Limits(user_rpm, user_tpm, model_rps)
+        if isinstance(redis, str):
+            url, redis = redis, redis_client(redis, timeout_s=timeout_s)
+        self._client = client = redis
+        self._url = url
         self._prefix = key_prefix
         self.timeout_s = timeout_s
         self._outage = _Outage("rate limiting", redact_url(url), clock,
@@ -529,9 +556,20 @@ class RedisLimiter:
         self._local = _LocalBuckets(clock)
 
     @classmethod
-    async def connect(cls, url: str, limits: LimitSettings, **kwargs: Any) -> RedisLimiter:
-        client = await open_redis(url, timeout_s=kwargs.get("timeout_s", 0.2))
-        return cls(client, limits, url=url, **kwargs)
+    async def connect(cls, url: str, **kwargs: Any) -> RedisLimiter:
+        """A limiter on the Redis at ``url``, checked (``ConfigError``, see ``check_redis``)."""
+        limiter = cls(url, **kwargs)
+        try:
+            await limiter.start()
+        except ConfigError:
+            await limiter._client.aclose()
+            raise
+        return limiter
+
+    async def start(self) -> None:
+        """Check Redis (call at startup; without it the first ``admit`` finds out, and
+        degrades instead of raising)."""
+        await check_redis(self._client, self._url, timeout_s=self.timeout_s)
 
     async def admit(self, user: str, model: str, tokens: int) -> float | None:
         charges = _charges(self.limits, self._prefix, user, model, tokens)

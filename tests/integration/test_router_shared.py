@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from router.shared import LimitSettings, RedisLedger, RedisLimiter
+from router.shared import RedisLedger, RedisLimiter
 from shoal.errors import ConfigError
 from tests.integration.conftest import ENV, free_port
 
@@ -109,7 +109,8 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> 
 def test_two_replicas_see_each_others_in_flight_counts(redis_server: RedisProcess) -> None:
     async def main() -> None:
         a = await RedisLedger.connect(redis_server.url, refresh_interval_s=0.01)
-        b = await RedisLedger.connect(redis_server.unix_url, refresh_interval_s=0.01)
+        # built as the router builds it: synchronously, started by its first refresh
+        b = RedisLedger(redis_server.unix_url, refresh_interval_s=0.01)
         try:
             await a.acquire("e1", 100)
             await a.acquire("e1", 200)
@@ -221,9 +222,8 @@ def test_a_closed_replica_withdraws_its_counts_at_once(redis_server: RedisProces
 
 def test_two_limiters_hold_the_exact_request_budget(redis_server: RedisProcess) -> None:
     async def main() -> None:
-        limits = LimitSettings(user_rpm=10)
-        a = await RedisLimiter.connect(redis_server.url, limits)
-        b = await RedisLimiter.connect(redis_server.unix_url, limits)
+        a = await RedisLimiter.connect(redis_server.url, user_rpm=10)
+        b = await RedisLimiter.connect(redis_server.unix_url, user_rpm=10)
         try:
             results = await asyncio.gather(
                 *(limiter.admit("alice", "tiny", 1) for _ in range(15) for limiter in (a, b))
@@ -246,9 +246,8 @@ def test_two_limiters_hold_the_exact_request_budget(redis_server: RedisProcess) 
 
 def test_a_request_refused_for_tokens_spends_no_request(redis_server: RedisProcess) -> None:
     async def main() -> None:
-        limits = LimitSettings(user_rpm=10, user_tpm=1000)
-        a = await RedisLimiter.connect(redis_server.url, limits)
-        b = await RedisLimiter.connect(redis_server.url, limits)
+        a = await RedisLimiter.connect(redis_server.url, user_rpm=10, user_tpm=1000)
+        b = await RedisLimiter.connect(redis_server.url, user_rpm=10, user_tpm=1000)
         try:
             assert await a.admit("alice", "tiny", 900) is None
             wait = await b.admit("alice", "tiny", 200)  # 1100 > 1000 tokens
@@ -270,9 +269,8 @@ def test_a_request_refused_for_tokens_spends_no_request(redis_server: RedisProce
 
 def test_model_rps_is_shared(redis_server: RedisProcess) -> None:
     async def main() -> None:
-        limits = LimitSettings(model_rps=5)
-        a = await RedisLimiter.connect(redis_server.url, limits)
-        b = await RedisLimiter.connect(redis_server.url, limits)
+        a = await RedisLimiter.connect(redis_server.url, model_rps=5)
+        b = await RedisLimiter.connect(redis_server.url, model_rps=5)
         try:
             results = await asyncio.gather(
                 *(limiter.admit(f"user{i}", "tiny", 1) for i in range(6) for limiter in (a, b))
@@ -298,7 +296,7 @@ def test_redis_killed_mid_run_degrades_to_the_local_view(tmp_path: Path) -> None
         async def main() -> None:
             a = await RedisLedger.connect(server.url, refresh_interval_s=0.01, retry_s=0.2)
             b = await RedisLedger.connect(server.url, refresh_interval_s=0.01, retry_s=0.2)
-            limiter = await RedisLimiter.connect(server.url, LimitSettings(user_rpm=3), retry_s=0.2)
+            limiter = await RedisLimiter.connect(server.url, user_rpm=3, retry_s=0.2)
             try:
                 await a.acquire("e1", 5)
                 await b.acquire("e1", 6)
@@ -348,7 +346,7 @@ def test_a_wrong_password_is_a_config_error_at_start(tmp_path: Path) -> None:
                 await RedisLedger.connect(wrong)
             assert "not-it" not in str(info.value)  # the password is never echoed
             with pytest.raises(ConfigError, match="refused the credentials"):
-                await RedisLimiter.connect(f"redis://127.0.0.1:{server.port}/0", LimitSettings())
+                await RedisLimiter.connect(f"redis://127.0.0.1:{server.port}/0")
             ledger = await RedisLedger.connect(server.url)  # the right one works
             await ledger.close()
 
