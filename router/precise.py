@@ -81,6 +81,7 @@ __all__ = [
     "LocatorStats",
     "PreciseLocator",
     "PromptTokenizer",
+    "build_locator",
     "engine_namespace",
     "prefix_view",
 ]
@@ -325,7 +326,7 @@ class PreciseLocator:
         self._located = self._failures = self._unknown = 0
 
     @classmethod
-    async def connect(
+    def for_endpoint(
         cls,
         endpoint: str,
         tokenizer: PromptTokenizer,
@@ -333,24 +334,38 @@ class PreciseLocator:
         shm_dir: str | None = None,
         **kwargs: Any,
     ) -> PreciseLocator:
-        """A locator on the daemon at ``endpoint`` (``ipc://PATH``, or a bare socket path).
-
-        Raises ``ConfigError`` when no daemon answers there: ``--cache-socket`` names it."""
+        """A locator on the daemon at ``endpoint`` (``ipc://PATH``, or a bare socket path);
+        nothing is sent yet: ``start()`` or the first ``locate`` connects."""
         if "://" not in endpoint:
             endpoint = f"ipc://{endpoint}"
-        timeout_s = float(kwargs.get("timeout_s", 0.04))
+        # the client's own bound covers hello (arena mapping included); lookups are bounded
+        # by ``timeout_s`` around each call
+        client = AsyncCacheClient(endpoint, name="shoal-router", timeout_s=2.0, shm_dir=shm_dir)
+        return cls(client, tokenizer, **kwargs)
+
+    @classmethod
+    async def connect(
+        cls, endpoint: str, tokenizer: PromptTokenizer, **kwargs: Any
+    ) -> PreciseLocator:
+        """``for_endpoint`` and ``start``."""
+        locator = cls.for_endpoint(endpoint, tokenizer, **kwargs)
         try:
-            client = await AsyncCacheClient.connect(
-                endpoint, name="shoal-router", timeout_s=max(timeout_s, 1.0), shm_dir=shm_dir
-            )
-        except CacheError as exc:
-            raise ConfigError(
-                f"--cache-socket: no cache daemon answers at {endpoint}: {exc}"
-            ) from None
-        locator = cls(client, tokenizer, **kwargs)
-        await locator._read_status()
-        client.timeout_s = timeout_s  # the first hello may be slow; lookups may not
+            await locator.start()
+        except ConfigError:
+            await locator.close()
+            raise
         return locator
+
+    async def start(self) -> None:
+        """Say hello and read what the daemon keys in; ``ConfigError`` when no daemon
+        answers (``--cache-socket`` names it). Without it, the first ``locate`` connects in
+        the background and answers None until then."""
+        try:
+            await self._status()
+        except (CacheError, TimeoutError) as exc:
+            raise ConfigError(
+                f"--cache-socket: no cache daemon answers at {self._client.endpoint}: {exc}"
+            ) from None
 
     def statistics(self) -> LocatorStats:
         return LocatorStats(self._located, self._failures, self._unknown)
@@ -361,6 +376,10 @@ class PreciseLocator:
         self, request: RouteRequest, engines: Sequence[EngineView]
     ) -> PrefixView | None:
         self._maybe_refresh_status()
+        if not self._client.session:  # not connected (yet, or again): never hello here
+            self._refresh_status_now()
+            self._unknown += 1
+            return None
         if self.namespace is None:
             self._unknown += 1
             self._log_once("namespace", "the cache daemon follows no engine's KV events yet "
@@ -407,22 +426,27 @@ class PreciseLocator:
     # -- what the daemon keys in --------------------------------------------------------
 
     def _maybe_refresh_status(self) -> None:
-        due = self._clock() - self._status_at >= self.namespace_refresh_s
-        if due and (self._status_task is None or self._status_task.done()):
+        if self._clock() - self._status_at >= self.namespace_refresh_s:
+            self._refresh_status_now()
+
+    def _refresh_status_now(self) -> None:
+        if self._status_task is None or self._status_task.done():
             self._status_at = self._clock()
             self._status_task = asyncio.get_running_loop().create_task(self._read_status())
 
     async def _read_status(self) -> None:
-        self._status_at = self._clock()
-        try:  # AsyncCacheClient has no public cluster_status (the sync client does)
-            reply = await asyncio.wait_for(
-                self._client._call(lambda: self._client._simple_flow(m.ClusterRequest,
-                                                                     samples=False)),
-                max(self.timeout_s, 1.0),
-            )  # fmt: skip
+        try:
+            await self._status()
         except (CacheError, TimeoutError) as exc:
             self._log_once("status", f"cannot read the cache daemon's status ({exc})")
-            return
+
+    async def _status(self) -> None:
+        self._status_at = self._clock()
+        # AsyncCacheClient has no public cluster_status (the sync client does); this also
+        # says hello when the client has no session, off the request path
+        reply = await self._client._call(
+            lambda: self._client._simple_flow(m.ClusterRequest, samples=False)
+        )
         cluster = dict(reply["cluster"])
         self.node = _local_node(cluster)
         if self._fixed:
@@ -430,9 +454,11 @@ class PreciseLocator:
         learned = engine_namespace(cluster)
         if learned is not None and (self.namespace, self.chunk_tokens) != learned:
             self.namespace, self.chunk_tokens = learned
-            log.info("keying prompts as the engines do",
-                     extra={"namespace": self.namespace.label(), "chunk_tokens": self.chunk_tokens,
-                            "node": self.node})  # fmt: skip
+            log.info(
+                "keying prompts as the engines do",
+                extra={"namespace": self.namespace.label(), "chunk_tokens": self.chunk_tokens,
+                       "node": self.node},
+            )  # fmt: skip
 
     def _log_once(self, what: str, message: str) -> None:
         now = self._clock()
@@ -446,3 +472,27 @@ class PreciseLocator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._status_task
         await self._client.close()
+
+
+def build_locator(settings: Any) -> PreciseLocator:
+    """The locator ``RouterSettings`` describe (``--cache-socket``, ``--tokenizer``,
+    ``--engine-model``, ``--chunk-tokens``, ``--locate-timeout-s``; ``tokenizer_dialect``
+    when the settings have it). Built without I/O; ``await start()`` it at startup to
+    fail fast on a wrong socket."""
+    if not settings.tokenizer:
+        raise ConfigError(
+            "--cache-socket needs --tokenizer DIR (the served model's tokenizer.json and "
+            "chat template) to key prompts as the engines do"
+        )
+    tokenizer = PromptTokenizer(
+        settings.tokenizer, dialect=getattr(settings, "tokenizer_dialect", "vllm")
+    )
+    namespace = Namespace(settings.engine_model) if settings.engine_model else None
+    return PreciseLocator.for_endpoint(
+        settings.cache_socket,
+        tokenizer,
+        namespace=namespace,
+        chunk_tokens=settings.chunk_tokens,
+        # below the pipeline's own bound, so a slow daemon is counted here, not cancelled
+        timeout_s=settings.locate_timeout_s * 0.8,
+    )
