@@ -74,6 +74,13 @@ COMPONENTS: tuple[Component, ...] = (
         "sim",
         ("aiohttp",),
     ),
+    Component(
+        "router",
+        "OpenAI-compatible router in front of the engines",
+        "router.cli",
+        "router",
+        ("aiohttp", "redis"),
+    ),
 )
 
 
