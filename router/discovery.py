@@ -39,7 +39,6 @@ can outgrow its 1000-address cap, which slices do not have).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -58,13 +57,10 @@ from shoal.errors import ConfigError
 __all__ = [
     "DISCOVERY_KINDS",
     "Discovery",
-    "DiscoveryWatcher",
     "DnsDiscovery",
-    "EngineSink",
     "FileDiscovery",
     "KubernetesDiscovery",
     "StaticDiscovery",
-    "build_discovery",
     "make_discovery",
     "parse_engine_list",
 ]
@@ -481,61 +477,3 @@ def make_discovery(
             raise ConfigError("--discovery file needs --discovery-file F")
         return FileDiscovery(discovery_file, interval_s=min(interval_s, 1.0))
     raise ConfigError(f"--discovery {kind!r} must be one of {', '.join(DISCOVERY_KINDS)}")
-
-
-class EngineSink(Protocol):
-    """What a watcher feeds: the router's engine pool (``router/engines.py``)."""
-
-    def set_engines(self, specs: Iterable[EngineSpec]) -> None: ...
-
-
-class DiscoveryWatcher:
-    """Follows a source: ``start(pool)`` hands the pool the first list (before the pool's
-    first health checks), then a task polls every ``interval_s`` and hands over each
-    changed list; ``close()`` stops it and releases the source."""
-
-    def __init__(self, source: Discovery, *, interval_s: float = 1.0) -> None:
-        self.source = source
-        self.interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
-        self._last: list[EngineSpec] | None = None
-
-    async def start(self, pool: EngineSink) -> None:
-        await self._hand_over(pool)
-        if not self._last:
-            log.warning("discovery found no engine yet; the router answers 503 until it does")
-        self._task = asyncio.get_running_loop().create_task(self._follow(pool))
-
-    async def _hand_over(self, pool: EngineSink) -> None:
-        specs = await self.source.engines()
-        if specs != self._last:
-            pool.set_engines(specs)
-            self._last = specs
-
-    async def _follow(self, pool: EngineSink) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self._hand_over(pool)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self.source.close()
-
-
-def build_discovery(settings: Any, pool: EngineSink | None = None) -> DiscoveryWatcher:
-    """The watcher ``RouterSettings`` describe (``--discovery``, ``--engines``,
-    ``--discovery-file``; ``discovery_interval_s`` when the settings have it, else 5 s
-    between DNS and API reads). ``pool`` is taken by ``start``; it is accepted here too
-    for the caller's symmetry."""
-    interval_s = float(getattr(settings, "discovery_interval_s", 5.0))
-    source = make_discovery(
-        settings.discovery,
-        engines=settings.engines,
-        discovery_file=settings.discovery_file,
-        interval_s=interval_s,
-    )
-    return DiscoveryWatcher(source, interval_s=min(interval_s, 1.0))

@@ -81,7 +81,6 @@ __all__ = [
     "LocatorStats",
     "PreciseLocator",
     "PromptTokenizer",
-    "build_locator",
     "engine_namespace",
     "prefix_view",
 ]
@@ -472,27 +471,3 @@ class PreciseLocator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._status_task
         await self._client.close()
-
-
-def build_locator(settings: Any) -> PreciseLocator:
-    """The locator ``RouterSettings`` describe (``--cache-socket``, ``--tokenizer``,
-    ``--engine-model``, ``--chunk-tokens``, ``--locate-timeout-s``; ``tokenizer_dialect``
-    when the settings have it). Built without I/O; ``await start()`` it at startup to
-    fail fast on a wrong socket."""
-    if not settings.tokenizer:
-        raise ConfigError(
-            "--cache-socket needs --tokenizer DIR (the served model's tokenizer.json and "
-            "chat template) to key prompts as the engines do"
-        )
-    tokenizer = PromptTokenizer(
-        settings.tokenizer, dialect=getattr(settings, "tokenizer_dialect", "vllm")
-    )
-    namespace = Namespace(settings.engine_model) if settings.engine_model else None
-    return PreciseLocator.for_endpoint(
-        settings.cache_socket,
-        tokenizer,
-        namespace=namespace,
-        chunk_tokens=settings.chunk_tokens,
-        # below the pipeline's own bound, so a slow daemon is counted here, not cancelled
-        timeout_s=settings.locate_timeout_s * 0.8,
-    )

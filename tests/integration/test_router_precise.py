@@ -15,14 +15,13 @@ import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
 from kvcache.keys import Namespace, chain_keys
-from router.precise import PreciseLocator, PromptTokenizer, build_locator
+from router.precise import PreciseLocator, PromptTokenizer
 from router.types import EngineView, RouteRequest
 from shoal.errors import ConfigError
 from sim.process import SimEngineProcess, start_sim_engine
@@ -194,19 +193,18 @@ def test_a_dead_daemon_is_an_unknown_prefix_not_an_error(
     asyncio.run(main())
 
 
-def test_a_locator_built_from_settings_connects_off_the_request_path(
+def test_a_locator_built_without_io_connects_off_the_request_path(
     fleet: tuple[DaemonProcess, list[SimEngineProcess]], tmp_path: Path
 ) -> None:
     node, engines = fleet
     candidates = views(node, engines)
-    settings = SimpleNamespace(
-        cache_socket=str(node.config.socket_path), tokenizer=str(MODEL_DIR),
-        tokenizer_dialect="simulator", engine_model="", chunk_tokens=256, locate_timeout_s=1.0,
-    )  # fmt: skip
+    tokenizer = PromptTokenizer(MODEL_DIR, dialect="simulator")
     request = RouteRequest("r1", "completions", "tiny", PROMPT, 0)
 
     async def main() -> None:
-        locator = build_locator(settings)  # no I/O: as build_proxy builds it
+        # a bare socket path, a chunk the daemon will overrule, no hello yet
+        locator = PreciseLocator.for_endpoint(str(node.config.socket_path), tokenizer,
+                                              chunk_tokens=256, timeout_s=1.0)  # fmt: skip
         try:
             assert await locator.locate(request, candidates) is None  # connecting meanwhile
             for _ in range(100):
@@ -215,18 +213,10 @@ def test_a_locator_built_from_settings_connects_off_the_request_path(
                     break
                 await asyncio.sleep(0.02)
             assert view is not None and view.source == "precise"
-            assert locator.chunk_tokens == CHUNK  # the daemon's, not the flag's 256
+            assert locator.chunk_tokens == CHUNK  # the daemon's, not the 256 given
         finally:
             await locator.close()
-        nowhere = build_locator(replace_socket(settings, tmp_path / "none.sock"))
-        try:
-            with pytest.raises(ConfigError, match="no cache daemon answers"):
-                await nowhere.start()
-        finally:
-            await nowhere.close()
+        with pytest.raises(ConfigError, match="no cache daemon answers"):
+            await PreciseLocator.connect(str(tmp_path / "none.sock"), tokenizer)
 
     asyncio.run(main())
-
-
-def replace_socket(settings: SimpleNamespace, path: Path) -> SimpleNamespace:
-    return SimpleNamespace(**{**vars(settings), "cache_socket": str(path)})

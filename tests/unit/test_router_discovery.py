@@ -10,20 +10,17 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from router.discovery import (
-    DiscoveryWatcher,
     DnsDiscovery,
     FileDiscovery,
     KubernetesDiscovery,
     StaticDiscovery,
-    build_discovery,
     make_discovery,
     parse_engine_list,
 )
@@ -310,66 +307,3 @@ def test_make_discovery_names_what_is_missing() -> None:
         make_discovery("file")
     with pytest.raises(ConfigError, match="must be one of"):
         make_discovery("consul", engines="x")
-
-
-# -- the watcher --------------------------------------------------------------------
-
-
-class ListSource:
-    def __init__(self, specs: list[EngineSpec]) -> None:
-        self.specs = specs
-        self.closed = False
-
-    async def engines(self) -> list[EngineSpec]:
-        return list(self.specs)
-
-    async def close(self) -> None:
-        self.closed = True
-
-
-class Pool:
-    def __init__(self) -> None:
-        self.lists: list[list[EngineSpec]] = []
-
-    def set_engines(self, specs: Iterable[EngineSpec]) -> None:
-        self.lists.append(list(specs))
-
-
-def test_the_watcher_hands_the_pool_the_first_list_and_every_change_once() -> None:
-    source = ListSource([EngineSpec("http://e1:8000")])
-    pool = Pool()
-    watcher = DiscoveryWatcher(source, interval_s=0.001)
-
-    async def main() -> None:
-        await watcher.start(pool)
-        assert pool.lists == [[EngineSpec("http://e1:8000")]]  # before start returns
-        source.specs = [EngineSpec("http://e1:8000"), EngineSpec("http://e2:8000", "n/gpu1")]
-        for _ in range(1000):
-            if len(pool.lists) == 2:
-                break
-            await asyncio.sleep(0.001)
-        for _ in range(20):  # more polls of an unchanged list hand nothing over
-            await asyncio.sleep(0.001)
-        await watcher.close()
-        assert pool.lists[1:] == [
-            [EngineSpec("http://e1:8000"), EngineSpec("http://e2:8000", "n/gpu1")]
-        ]
-        assert source.closed
-
-    run(main())
-
-
-def test_build_discovery_reads_router_settings(tmp_path: Path) -> None:
-    path = tmp_path / "engines.json"
-    write(path, [{"url": "http://e1:8000", "stream": "n1/gpu0"}], 1_000_000_000)
-    settings = SimpleNamespace(discovery="file", engines="", discovery_file=str(path))
-    watcher = build_discovery(settings, Pool())
-    assert isinstance(watcher.source, FileDiscovery)
-    pool = Pool()
-
-    async def main() -> None:
-        await watcher.start(pool)
-        await watcher.close()
-
-    run(main())
-    assert pool.lists == [[EngineSpec("http://e1:8000", "n1/gpu0")]]
