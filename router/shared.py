@@ -246,8 +246,8 @@ class RedisLedger:
 
     ``RedisLedger(url)`` sends nothing; ``await start()`` checks Redis (``ConfigError`` for
     a wrong password or no Redis: call it at startup), syncs once and starts the
-    heartbeat. A ledger never started starts its heartbeat at the first ``refresh()``,
-    degrading instead of raising. ``await RedisLedger.connect(url)`` is both steps.
+    heartbeat. A ledger never started starts its heartbeat at the first ``acquire`` or
+    ``refresh``, degrading instead of raising. ``await RedisLedger.connect(url)`` is both steps.
     """
 
     def __init__(
@@ -319,6 +319,7 @@ class RedisLedger:
     # -- the request path (no I/O) ----------------------------------------------------
 
     async def acquire(self, engine_id: str, tokens: int) -> None:
+        self._start_heartbeat()  # a ledger nobody started shares from its first request
         counts = self._local.setdefault(engine_id, [0, 0])
         counts[0] += 1
         counts[1] += max(0, tokens)

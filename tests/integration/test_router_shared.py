@@ -8,14 +8,11 @@ crashed replica is a real process killed with SIGKILL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,69 +20,7 @@ import pytest
 from router.shared import RedisLedger, RedisLimiter
 from shoal.errors import ConfigError
 from tests.integration.conftest import ENV, free_port
-
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-pytestmark = pytest.mark.skipif(
-    not Path(REDIS_SERVER).exists(), reason="redis-server missing: run scripts/setup-router-servers"
-)
-
-
-@dataclass
-class RedisProcess:
-    process: subprocess.Popen[bytes]
-    port: int
-    socket_path: Path
-    password: str
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    @property
-    def unix_url(self) -> str:
-        query = f"?password={self.password}" if self.password else ""
-        return f"unix://{self.socket_path}{query}"
-
-
-def _start_redis(tmp_path: Path, port: int | None = None, password: str = "") -> RedisProcess:
-    port = port or free_port()
-    socket_path = tmp_path / f"redis-{port}.sock"
-    log_path = tmp_path / f"redis-{port}.log"
-    args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--unixsocket", str(socket_path), "--unixsocketperm", "700",
-            "--dir", str(tmp_path), "--logfile", str(log_path)]  # fmt: skip
-    if password:
-        args += ["--requirepass", password]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while not socket_path.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            log = log_path.read_text(errors="replace") if log_path.exists() else ""
-            raise RuntimeError(f"redis-server did not start:\n{log}")
-        time.sleep(0.02)
-    return RedisProcess(process, port, socket_path, password, log_path)
-
-
-def _stop_redis(server: RedisProcess) -> None:
-    if server.process.poll() is None:
-        server.process.kill()
-    server.process.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def running_redis(
-    tmp_path: Path, port: int | None = None, password: str = ""
-) -> Iterator[RedisProcess]:
-    server = _start_redis(tmp_path, port, password)
-    try:
-        yield server
-    finally:
-        _stop_redis(server)
+from tests.integration.redis_server import RedisProcess, running_redis, start_redis, stop_redis
 
 
 @pytest.fixture
@@ -289,7 +224,7 @@ def test_model_rps_is_shared(redis_server: RedisProcess) -> None:
 
 
 def test_redis_killed_mid_run_degrades_to_the_local_view(tmp_path: Path) -> None:
-    server = _start_redis(tmp_path)
+    server = start_redis(tmp_path)
     restarted: list[RedisProcess] = []
     try:
 
@@ -308,7 +243,7 @@ def test_redis_killed_mid_run_degrades_to_the_local_view(tmp_path: Path) -> None
                 assert await _until(lambda: a_sees({"e1": (2, 11)}))
                 assert await limiter.admit("alice", "tiny", 1) is None
 
-                _stop_redis(server)  # SIGKILL: no goodbye to any client
+                stop_redis(server)  # SIGKILL: no goodbye to any client
 
                 # nothing raises; the ledger falls back to this replica's own counts
                 await a.acquire("e2", 3)
@@ -323,7 +258,7 @@ def test_redis_killed_mid_run_degrades_to_the_local_view(tmp_path: Path) -> None
                 assert a.snapshot() == {"e1": (1, 5)}
 
                 # Redis back on the same port: sharing resumes after the retry interval
-                restarted.append(_start_redis(tmp_path, server.port))
+                restarted.append(start_redis(tmp_path, server.port))
                 assert await _until(lambda: a_sees({"e1": (2, 11)}), timeout=5), a.snapshot()
                 assert not a.statistics().degraded
             finally:
@@ -334,7 +269,7 @@ def test_redis_killed_mid_run_degrades_to_the_local_view(tmp_path: Path) -> None
         asyncio.run(asyncio.wait_for(main(), 30))
     finally:
         for process in [server, *restarted]:
-            _stop_redis(process)
+            stop_redis(process)
 
 
 def test_a_wrong_password_is_a_config_error_at_start(tmp_path: Path) -> None:
