@@ -3,23 +3,24 @@
 Invariant: a Redis failure never fails a request. Every call to Redis is bounded
 (``timeout_s``, no client-side retries); on a failure this replica logs once per
 ``log_interval_s``, counts it (``statistics().redis_failures``), falls back to its own
-local view and tries Redis again after ``retry_s``. Only ``connect`` raises, and only
-``ConfigError`` (a bad URL, a wrong password, no Redis there): a replica started with
-``--redis`` that could not share would silently split the fleet's view.
+local view and tries Redis again after ``retry_s``. Only ``start``/``connect`` (and a
+constructor given a malformed URL) raise, and only ``ConfigError`` (a bad URL, a wrong
+password, no Redis there): a replica started with ``--redis`` that could not share would
+silently split the fleet's view.
 
 In-flight counts (``RedisLedger``, the ``Ledger`` protocol of ``router/ledger.py``).
 The request path does no I/O: ``acquire``/``first_token``/``release`` change this
 replica's own exact counts. One Lua script (one round trip, atomic) publishes them and
 reads everyone else's::
 
-    shoal:router:ledger:replicas   ZSET  replica id -> expiry (ms, Redis clock)
-    shoal:router:ledger:counts     HASH  "<replica id>|<engine id>" -> "<in flight> <tokens>"
+    shoal:router:{ledger}:replicas   ZSET  replica id -> expiry (ms, Redis clock)
+    shoal:router:{ledger}:counts     HASH  "<replica id>|<engine id>" -> "<in flight> <tokens>"
 
     script(me, ttl, my counts):  ZADD me now+ttl; drop replicas whose expiry passed and
         every field of a replica that is not live; replace my fields; return the others'
 
-It runs from ``refresh()`` (the pipeline calls it per request; it syncs at most every
-``refresh_interval_s`` and never twice at once) and from a background task, soon after
+It runs from ``refresh()`` (the proxy calls it on a timer or per request; it syncs at
+most every ``refresh_interval_s``, never twice at once) and from a background task, soon after
 the local counts change and at least every ``ttl_s / 3`` (the heartbeat). A replica that
 crashes stops renewing its expiry, and the next script run by any replica drops its
 counts: a dead replica's requests stop loading engines after ``ttl_s``. ``snapshot()``
@@ -44,7 +45,7 @@ not, so a Redis Cluster would need per-user hash tags first. Password and TLS co
 through the URL (``redis://:PASSWORD@host:6379/0``, ``rediss://`` for TLS,
 ``unix:///path?password=``).
 
-Rejected: a hash per replica with a key TTL (the brief's first sketch) -- summing them
+Rejected: a hash per replica expiring through its own key TTL -- summing them
 needs a SCAN of the keyspace or keys not declared to the script; HINCRBY per request
 (a Redis round trip on every request's path, twice); a sliding-window log of timestamps
 for limits (memory per request, and TPM needs weighted entries); fixed windows (twice
