@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jinja2
@@ -154,3 +155,86 @@ def test_a_missing_tokenizer_is_a_config_error(tmp_path: Path) -> None:
         PromptTokenizer(tmp_path)
     with pytest.raises(ConfigError, match="dialect"):
         PromptTokenizer(tmp_path, dialect="sglang")
+
+
+# -- the token cache ----------------------------------------------------------------
+
+
+def conversation(turns: int) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "You answer briefly. " * 30}]
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"Question {turn}: why é? " * (turn + 3)})
+        messages.append({"role": "assistant", "content": f"Because {turn}. " * 5})
+    return messages
+
+
+@needs_tiny
+def test_each_turn_of_a_conversation_reuses_the_last_and_equals_a_whole_tokenization() -> None:
+    from tokenizers import Tokenizer
+
+    whole = Tokenizer.from_file(str(TINY / "tokenizer.json"))
+    tokenizer = PromptTokenizer(TINY)
+    for turns in range(1, 8):
+        messages = conversation(turns)[:-1]  # ends with the user's question
+        text = tokenizer.render_chat(messages)
+        assert text is not None
+        assert tokenizer.encode_chat(messages) == whole.encode(text, add_special_tokens=False).ids
+    stats = tokenizer.statistics()
+    assert (stats.num_encoded, stats.num_continued, stats.enabled) == (1, 6, True)
+    assert stats.num_verified == 6  # the first ones are all checked
+    again = tokenizer.encode_chat(conversation(3)[:-1])
+    assert tokenizer.statistics().num_repeated == 1
+    assert again == whole.encode(tokenizer.render_chat(conversation(3)[:-1]) or "",
+                                 add_special_tokens=False).ids  # fmt: skip
+
+
+class TailBreaking:
+    """A tokenizer whose text after a special token tokenizes differently alone (as
+    Metaspace's "first" prepending can): the cache must notice and stop continuing."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def get_added_tokens_decoder(self) -> Any:
+        return self.real.get_added_tokens_decoder()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> Any:
+        encoding = self.real.encode(text, add_special_tokens=add_special_tokens)
+        if not text.startswith("<s>"):
+            return encoding
+        ids = [7, *encoding.ids]  # a marker only a tail that starts with <s> gets
+        return SimpleNamespace(ids=ids, offsets=[(0, 0), *encoding.offsets])
+
+
+@needs_tiny
+def test_a_tokenizer_that_is_not_separable_is_caught_and_tokenized_whole() -> None:
+    from tokenizers import Tokenizer
+
+    from router.precise import _TokenCache
+
+    real = Tokenizer.from_file(str(TINY / "tokenizer.json"))
+    cache = _TokenCache(TailBreaking(real), ["<s>", "</s>"])
+    first = "a</s>\n<s>user\nfirst"
+    second = first + "</s>\n<s>user\nsecond"
+    assert cache.encode(first, add_special_tokens=False) == real.encode(first).ids
+    assert cache.encode(second, add_special_tokens=False) == real.encode(second).ids
+    assert not cache.statistics().enabled
+    third = second + "</s>\n<s>user\nthird"
+    assert cache.encode(third, add_special_tokens=False) == real.encode(third).ids
+    assert cache.statistics().num_continued == 1  # never again once off
+
+
+@needs_tiny
+def test_the_cache_keeps_at_most_max_prompts_and_their_anchors() -> None:
+    from tokenizers import Tokenizer
+
+    from router.precise import _TokenCache
+
+    real = Tokenizer.from_file(str(TINY / "tokenizer.json"))
+    cache = _TokenCache(real, ["<s>", "</s>"], max_prompts=2)
+    texts = [f"<s>user\nprompt {i}</s>\n<s>assistant\n" for i in range(5)]
+    for text in texts:
+        assert cache.encode(text, add_special_tokens=False) == real.encode(text).ids
+    assert len(cache._prompts) == 2
+    owners = {owner for owner, _k in cache._anchors.values()}
+    assert owners <= set(cache._prompts)
