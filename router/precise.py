@@ -99,7 +99,6 @@ __all__ = [
 log = logging.getLogger("shoal." + __name__)
 
 DIALECTS = ("vllm", "simulator")
-_THREAD_CHARS = 16_384  # prompts longer than this are tokenized off the event loop
 
 
 class PromptTokenizer:
@@ -542,7 +541,7 @@ class PreciseLocator:
             self._log_once("namespace", "the cache daemon follows no engine's KV events yet "
                            "(no namespace to key prompts in); precise routing is off")  # fmt: skip
             return None
-        ids = await self._token_ids(request)
+        ids = self._token_ids(request)
         if ids is None:
             self._unknown += 1
             self._log_once("tokens", f"cannot tokenize a {request.route} request exactly "
@@ -567,12 +566,10 @@ class PreciseLocator:
     ) -> PrefixView:
         return prefix_view(found, num_tokens, engines, self.chunk_tokens, self.node)
 
-    async def _token_ids(self, request: RouteRequest) -> list[int] | None:
-        size = len(request.prompt_text) + sum(len(str(msg.get("content", "")))
-                                              for msg in request.messages)  # fmt: skip
+    def _token_ids(self, request: RouteRequest) -> list[int] | None:
+        # on the event loop: ``tokenizers`` keeps the GIL while it encodes (measured: two
+        # threads take as long as one after the other), so a thread would only add a hop
         try:
-            if size > _THREAD_CHARS:
-                return await asyncio.to_thread(self.tokenizer.token_ids, request)
             return self.tokenizer.token_ids(request)
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
             # a template's raise_exception, or messages the template cannot walk
