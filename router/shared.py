@@ -137,6 +137,11 @@ async def check_redis(client: aioredis.Redis, url: str, *, timeout_s: float = 0.
     except ResponseError as exc:  # e.g. NOPERM for an ACL user without PING
         raise ConfigError(f"Redis at {shown} refused PING ({exc}); check the user's ACL") from None
     except _REDIS_FAILURES as exc:
+        if "SSL" in str(exc) or "certificate" in str(exc):
+            raise ConfigError(
+                f"TLS with Redis at {shown} failed ({exc}); name the CA that signed its "
+                "certificate: rediss://...?ssl_ca_certs=/path/ca.crt"
+            ) from None
         raise ConfigError(
             f"no Redis answers at {shown} ({type(exc).__name__}: {exc}); start it, or leave "
             "--redis out to keep the router's state in memory (one replica)"

@@ -296,3 +296,33 @@ def test_no_redis_at_the_url_is_a_config_error_at_start() -> None:
             await RedisLedger.connect("http://127.0.0.1:1/")
 
     asyncio.run(main())
+
+
+def test_tls_and_a_password_come_through_the_url(tmp_path: Path) -> None:
+    with running_redis(tmp_path, password="pw-tls", tls=True) as server:
+
+        async def main() -> None:
+            a = await RedisLedger.connect(server.tls_url, refresh_interval_s=0.01)
+            b = await RedisLedger.connect(server.url, refresh_interval_s=0.01)  # plain port
+            limiter = await RedisLimiter.connect(server.tls_url, user_rpm=1)
+            try:
+                await a.acquire("e1", 9)
+
+                async def b_sees() -> bool:
+                    await b.refresh()
+                    return dict(b.snapshot()) == {"e1": (1, 9)}
+
+                assert await _until(b_sees)
+                assert await limiter.admit("alice", "m", 1) is None
+                assert await limiter.admit("alice", "m", 1) is not None
+            finally:
+                await a.close()
+                await b.close()
+                await limiter.close()
+            # a server certificate no trusted CA signed is refused, and said so at start
+            untrusted = server.tls_url.partition("?")[0]
+            with pytest.raises(ConfigError, match="TLS with Redis .* ssl_ca_certs") as info:
+                await RedisLedger.connect(untrusted)
+            assert "pw-tls" not in str(info.value)
+
+        asyncio.run(main())
