@@ -397,13 +397,15 @@ class RedisLedger:
 
     async def _keep_alive(self) -> None:
         """Push soon after local changes (at most every ``refresh_interval_s``) and at
-        least every ``ttl_s / 3``, so a live replica never expires."""
+        least every ``ttl_s / 3``, so a live replica never expires; while Redis is out,
+        only when the next try is due."""
         heartbeat_s = self.ttl_s / 3
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), heartbeat_s)
             await self._sync()
-            await asyncio.sleep(self.refresh_interval_s)
+            backoff = self._outage.retry_at - self._clock() if self._outage.degraded else 0.0
+            await asyncio.sleep(max(self.refresh_interval_s, backoff))
 
     async def close(self) -> None:
         """Stop the heartbeat, withdraw this replica's counts (best effort), disconnect."""
