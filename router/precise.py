@@ -31,7 +31,10 @@ Invariant: the keys are exactly the engines' own. That needs three things to mat
    against a real vLLM 0.32 serving the tiny Llama: equal ids from ``/tokenize`` and
    equal ``usage.prompt_tokens``. The simulator (``shoal sim engine --tokenizer DIR``)
    renders chat its own way (``sim.tokens.render_chat``) and never adds special tokens:
-   ``dialect="simulator"`` follows it, for fleets of simulated engines.
+   ``dialect="simulator"`` follows it, for fleets of simulated engines. Not followed
+   (the keys then differ from some chunk on, and the lookup finds less): a request's own
+   ``chat_template``, ``chat_template_kwargs``, ``add_generation_prompt: false`` or
+   ``continue_final_message``, and a batch of completion prompts (keyed as one text).
 2. Namespace and chunk. The daemon's: the namespace its engines' connectors said hello
    with (or ``--engine-model`` ... on the daemon) and its ``engine_chunk_tokens``, read
    from its cluster status as ``shoal cache lookup`` does without ``--model``, and re-read
