@@ -34,6 +34,7 @@ class RouterSettings:
     discovery_file: str = setting(
         "", "file discovery: JSON or YAML list of {url, stream?}; re-read on change"
     )
+    discovery_interval_s: float = setting(5.0, "seconds between discovery reads (dns, k8s, file)")
     strategy: str = setting("shoal", "default routing strategy or weighted mix (a:2,b:1)")
     workers: int = setting(1, "processes sharing the port (SO_REUSEPORT), each its own pool")
     redis: str = setting("", "Redis URL for state shared between router replicas; empty = memory")
@@ -41,6 +42,9 @@ class RouterSettings:
         "", "the local cache daemon's engine socket; enables precise prefix routing"
     )
     tokenizer: str = setting("", "directory with the served model's tokenizer.json")
+    tokenizer_dialect: str = setting(
+        "vllm", "how the engines render chat prompts: vllm, or simulator for sim fleets"
+    )
     chunk_tokens: int = setting(256, "tokens per Shoal key (as the engines' connector cuts)")
     engine_model: str = setting(
         "", "the engines' Shoal key namespace model; empty = what the daemon learned"
@@ -70,9 +74,15 @@ class RouterSettings:
     )
     max_in_flight_per_engine: int = setting(256, "an engine with this many is saturated")
     retry_after_s: float = setting(1.0, "Retry-After when saturated or no engine is healthy")
+    ledger_refresh_s: float = setting(
+        0.05, "seconds between pulls of other replicas' in-flight counts (with --redis)"
+    )
     session_header: str = setting("x-session-id", "request header naming a session")
     locate_timeout_s: float = setting(
         0.05, "seconds the precise prefix lookup may take before it counts as unknown"
+    )
+    shutdown_timeout_s: float = setting(
+        10.0, "on SIGTERM, seconds requests in flight may take to finish before they are cut"
     )
     seed: int = setting(-1, "random seed for tie-breaks; -1 = from the OS")
     log_level: str = setting("info", "debug, info, warning or error")
@@ -105,6 +115,9 @@ class RouterSettings:
             "upstream_timeout_s",
             "max_in_flight_per_engine",
             "retry_after_s",
+            "ledger_refresh_s",
+            "discovery_interval_s",
+            "shutdown_timeout_s",
             "locate_timeout_s",
         )
         for name in positive:
