@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-import router.server as router_server
 from router.server import RouterProcess, running_router
 from sim.process import SimEngineProcess, start_sim_engine
 from tests.integration.conftest import DaemonProcess, free_port, start_daemon, wait_until
@@ -22,18 +21,10 @@ MODEL_DIR = REPO / ".cache/engine/tiny-llama"
 BLOCK, CHUNK = 16, 32
 FAST = {"health_interval_s": 0.2, "metrics_interval_s": 0.2, "models_interval_s": 0.5}
 
-pytestmark = [
-    pytest.mark.skipif(
-        not (MODEL_DIR / "tokenizer.json").exists(),
-        reason="the tiny model's tokenizer is missing: run scripts/setup-engine",
-    ),
-    # the server that builds the locator through PreciseLocator.connect comes with the
-    # proxy's branch (check_settings arrived with it); until both are merged, skipped
-    pytest.mark.skipif(
-        not hasattr(router_server, "check_settings"),
-        reason="router.server does not build the precise locator yet (merge the proxy's branch)",
-    ),
-]
+pytestmark = pytest.mark.skipif(
+    not (MODEL_DIR / "tokenizer.json").exists(),
+    reason="the tiny model's tokenizer is missing: run scripts/setup-engine",
+)
 
 
 @contextlib.contextmanager
