@@ -95,6 +95,7 @@ class Pipeline:
         self.deps = deps
         self._rng: random.Random = deps.rng
         self._locator = locator
+        self.locator = locator  # read-only use: its statistics() for /metrics
         self._locate_timeout_s = locate_timeout_s
         self._retry_after_s = retry_after_s
         self._instances: dict[str, Strategy] = {}

@@ -91,7 +91,7 @@ from router.errors import (
 )
 from router.ledger import InMemoryLedger, Ledger
 from router.limits import Limiter
-from router.metrics import BREAKER_VALUES, RouterMetrics
+from router.metrics import BREAKER_VALUES, RouterMetrics, RouterState
 from router.pipeline import Pipeline
 from router.requests import ROUTES, check_headers, parse_body, to_route_request
 from router.types import RouteDecision, RouteOutcome, RouteRequest
@@ -187,6 +187,7 @@ class Proxy:
         self.discovery: Any = None
         self._follower: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self.metrics.watch(self._state)
 
     # ---- application ------------------------------------------------------------------
 
@@ -271,6 +272,19 @@ class Proxy:
             self.metrics.breaker.labels(engine_id).set(BREAKER_VALUES[state.value])
         return web.Response(
             body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    def _state(self) -> RouterState:
+        shared = {
+            part: stats()
+            for part, component in (("ledger", self.ledger), ("limiter", self.limiter))
+            if (stats := getattr(component, "statistics", None)) is not None  # Redis ones
+        }
+        locator_stats = getattr(self.pipeline.locator, "statistics", None)
+        return RouterState(
+            fresh={e: self.pool.scraper.metrics(e) is not None for e in self.pool.engine_ids},
+            shared=shared,
+            locator=locator_stats() if locator_stats is not None else None,
         )
 
     async def _engines(self, request: web.Request) -> web.Response:

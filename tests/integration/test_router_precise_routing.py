@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,10 @@ def test_a_prompt_goes_back_to_the_engine_that_holds_its_prefix(tmp_path: Path) 
                 assert served_by(router, prompt + " And one more question?") == home
         assert set(homes) <= {e.url for e in engines}
         assert gpu_decisions(router) >= 4 * 3  # decided by the GPU tier, not by chance
+        text = router.request("GET", "/metrics")[2].decode()
+        located = re.search(r'^shoal_router_prefix_lookups_total\{result="located"\} (\S+)$',
+                            text, re.M)  # fmt: skip
+        assert located and float(located.group(1)) >= 4 * 4
 
 
 def gpu_decisions(router: RouterProcess) -> float:

@@ -182,6 +182,8 @@ def test_metrics_of_an_engine_that_stops_answering_become_unknown() -> None:
             status = engines_status(r)
             assert status[frozen.url]["metrics_age_s"] > 0.6
             assert status[fine.url]["metrics_fresh"]
+            assert metric(r, "shoal_router_engine_metrics_fresh", engine=frozen.url) == 0
+            assert metric(r, "shoal_router_engine_metrics_fresh", engine=fine.url) == 1
             assert wait_until(lambda: not engines_status(r)[frozen.url]["healthy"], timeout=5)
         finally:
             frozen.set_faults(hang="off")
