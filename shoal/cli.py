@@ -74,6 +74,13 @@ COMPONENTS: tuple[Component, ...] = (
         "sim",
         ("aiohttp",),
     ),
+    Component(
+        "up",
+        "the whole stack on one machine: cache daemon, loader sidecar, engines and the router",
+        "router.up",
+        "router",
+        ("aiohttp",),
+    ),
 )
 
 
