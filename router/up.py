@@ -549,8 +549,18 @@ def register(subparsers: Any) -> None:
         type=Path,
         help="interpreter with vLLM (default: .venv-engine/bin/python here, else this one)",
     )
-    a("--engine-args", default="", help="more engine flags, one shell-quoted string")
-    a("--router-args", default="", help="more `shoal router serve` flags, one string")
+    a(
+        "--engine-args",
+        default="",
+        metavar="'FLAGS'",
+        help="more engine flags, one string: --engine-args='--max-num-seqs 4'",
+    )
+    a(
+        "--router-args",
+        default="",
+        metavar="'FLAGS'",
+        help="more `shoal router serve` flags, one string: --router-args='--workers 2'",
+    )
     a("--kv-cache-bytes", type=int, default=128 << 20, help="each vLLM engine's KV cache")
     a("--max-model-len", type=int, default=2048)
     a("--cache-shm-bytes", default="512MiB", help="the cache daemon's shared-memory tier")
