@@ -567,6 +567,12 @@ def register(subparsers: Any) -> None:
     a("--chunk-tokens", type=int, default=256, help="tokens per Shoal cache key (default 256)")
     a("--ready-timeout-s", type=float, default=300.0, help="how long an engine may take to start")
     a("--json", action="store_true", help="print what runs where as one line of JSON")
+    a(
+        "--demo",
+        action="store_true",
+        help="once up, send a short conversation through the "
+        "router and show each turn's engine and cached prompt tokens",
+    )
     up.set_defaults(func=_up)  # fmt: skip
 
 
@@ -605,16 +611,18 @@ def _say(text: str) -> None:
 
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C (KeyboardInterrupt) inside the block."""
+    """SIGINT and SIGTERM raise KeyboardInterrupt inside the block, even where SIGINT was
+    inherited ignored (a background job of a script: ``kill -INT`` must still stop it)."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -628,7 +636,7 @@ def _up(args: argparse.Namespace) -> int:
     else:
         workdir = Path(args.workdir).expanduser().resolve()
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    code = run(options, workdir, as_json=args.json)
+    code = run(options, workdir, as_json=args.json, demo=args.demo)
     if temporary and code == 0:
         shutil.rmtree(workdir, ignore_errors=True)
     elif code not in (0, EXIT_USAGE):
@@ -636,7 +644,7 @@ def _up(args: argparse.Namespace) -> int:
     return code
 
 
-def run(options: UpOptions, workdir: Path, *, as_json: bool = False) -> int:
+def run(options: UpOptions, workdir: Path, *, as_json: bool = False, demo: bool = False) -> int:
     """Start the plan, print it, wait for Ctrl-C/SIGTERM or a death, stop everything."""
     try:
         plan = plan_stack(options, workdir)
@@ -677,6 +685,8 @@ def run(options: UpOptions, workdir: Path, *, as_json: bool = False) -> int:
                     print(json.dumps(described), flush=True)
                 else:
                     print("\n".join(render(described)), flush=True)
+                if demo:
+                    _demo(plan, stack.running, as_json)
                 while (dead := stack.exited()) is None:
                     time.sleep(0.5)
                 code = dead.process.returncode
@@ -692,6 +702,20 @@ def run(options: UpOptions, workdir: Path, *, as_json: bool = False) -> int:
                 return 0 if up else EXIT_INTERRUPTED
     finally:
         _stop(stack, began)
+
+
+def _demo(plan: UpPlan, running: Sequence[RunningStep], as_json: bool) -> None:
+    from router.demo import demo_json, render_demo, safe_demo
+
+    names = {item.step.address: item.name for item in running if isinstance(item.step, Service)}
+    _say("shoal up: demo: two conversations of three turns through the router")
+    turns, error = safe_demo(plan.router_url, plan.served_name, names)
+    if error:
+        _say(f"shoal up: demo FAILED ({error}); the stack keeps serving")
+    elif as_json:
+        print(json.dumps(demo_json(turns)), flush=True)
+    else:
+        print("\n".join(["", *render_demo(turns), ""]), flush=True)
 
 
 def _stop(stack: Stack, began: float) -> None:

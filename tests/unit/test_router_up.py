@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from router.demo import render_demo, run_demo
 from router.stack import Job, Service
 from router.up import (
     UpOptions,
@@ -193,3 +196,46 @@ def test_the_table_and_json_list_every_component_with_an_example_curl(tmp_path: 
     lines = render(described)
     assert lines[0].split() == ["COMPONENT", "PID", "ADDRESS", "DETAIL", "LOG"]
     assert [line.split()[0] for line in lines[1:5]] == ["cache", "engine-0", "engine-1", "router"]
+
+
+def test_the_demo_resends_each_conversations_history_and_reports_its_engine_and_cache() -> None:
+    sent: list[tuple[str, list[dict[str, str]]]] = []
+
+    def post(url: str, body: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        messages = [dict(m) for m in body["messages"]]
+        sent.append((url, messages))
+        engine = "http://e0" if messages[0]["content"].startswith("You are") else "http://e1"
+        size = sum(len(m["content"]) for m in messages) // 4
+        details = {"cached_tokens": 0 if len(messages) == 2 else size - 10}
+        return engine, {
+            "choices": [{"message": {"content": f"answer {len(sent)}"}}],
+            "usage": {"prompt_tokens": size, "prompt_tokens_details": details},
+        }
+
+    turns = run_demo("http://router", "tiny", {"http://e0": "engine-0"}, post=post)
+    assert [(t.conversation, t.turn) for t in turns] == [
+        (1, 1),
+        (2, 1),
+        (1, 2),
+        (2, 2),
+        (1, 3),
+        (2, 3),
+    ]
+    assert {t.engine for t in turns if t.conversation == 1} == {"engine-0"}
+    assert {t.engine for t in turns if t.conversation == 2} == {"http://e1"}  # unnamed: URL
+    assert all(url == "http://router/v1/chat/completions" for url, _ in sent)
+    third_turn = sent[4][1]  # conversation 1, turn 3: system, (user, assistant) x 2, user
+    assert [m["role"] for m in third_turn] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+    ]
+    assert third_turn[2]["content"] == "answer 1"
+    assert [t.cached_tokens for t in turns[:2]] == [0, 0]
+    lines = render_demo(turns)
+    assert lines[0].split()[:3] == ["CONVERSATION", "TURN", "ENGINE"]
+    assert lines[1].split()[:3] == ["1", "1", "engine-0"]
+    assert lines[1].split()[-1] == "0%"
