@@ -102,7 +102,8 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / ".cache" / "engine" / "tiny-llama"
+# The tiny model scripts/setup-engine builds (where SHOAL_ENGINE_MODEL_DIR puts it, as there).
+DEFAULT_MODEL = REPO / os.environ.get("SHOAL_ENGINE_MODEL_DIR", ".cache/engine/tiny-llama")
 SETUP_HINT = "bash scripts/setup-engine"  # builds .venv-engine and the tiny model
 NODE = "up"  # the daemon's node name: engine i's stream is up/gpu<i>
 TOPIC = "kv-events"
