@@ -57,7 +57,16 @@ from typing import NoReturn
 
 from router.errors import RouterError
 
-__all__ = ["Job", "RunningStep", "Service", "Stack", "StartFailed", "Step", "log_tail"]
+__all__ = [
+    "Job",
+    "RunningStep",
+    "Service",
+    "Stack",
+    "StartFailed",
+    "Step",
+    "exit_text",
+    "log_tail",
+]
 
 log = logging.getLogger("shoal." + __name__)
 
@@ -128,6 +137,14 @@ class RunningStep:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+
+def exit_text(code: int) -> str:
+    """'exited with status 3' or 'was killed by SIGKILL' for a ``Popen.returncode``."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
 
 
 def log_tail(path: Path, lines: int = 40) -> str:
@@ -238,9 +255,9 @@ class Stack:
                 if code == 0:
                     break
                 if code is not None:
-                    self._fail(item, f"failed with exit status {code}")
+                    self._fail(item, f"failed: it {exit_text(code)}")
             elif code is not None:
-                self._fail(item, f"exited with status {code} before it was ready")
+                self._fail(item, f"{exit_text(code)} before it was ready")
             elif self._service_ready(step):
                 break
             if self._clock() >= deadline:

@@ -81,7 +81,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from router.stack import Job, RunningStep, Service, Stack, StartFailed, Step, log_tail
+from router.stack import (
+    Job,
+    RunningStep,
+    Service,
+    Stack,
+    StartFailed,
+    Step,
+    exit_text,
+    log_tail,
+)
 from shoal.cli_format import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from shoal.cli_format import table as text_table
 from shoal.config import default_runtime_dir
@@ -692,7 +701,7 @@ def run(options: UpOptions, workdir: Path, *, as_json: bool = False, demo: bool 
                     time.sleep(0.5)
                 code = dead.process.returncode
                 _say(
-                    f"shoal up: {dead.name} exited with status {code}; its log "
+                    f"shoal up: {dead.name} {exit_text(code)}; its log "
                     f"{dead.step.log_path}, last lines:\n{log_tail(dead.step.log_path)}"
                 )
                 return EXIT_FAILED

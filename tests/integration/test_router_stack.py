@@ -141,7 +141,7 @@ def test_a_job_must_exit_zero_before_the_next_stage(tmp_path: Path) -> None:
         assert [item.name for item in stack.running] == ["engine-0"]
     failing = Job("prefetch", (sys.executable, "-c", "raise SystemExit(7)"), tmp_path / "bad.log")
     stack = Stack([[service(tmp_path, "cache")], [failing], [service(tmp_path, "router")]])
-    with pytest.raises(StartFailed, match="failed with exit status 7"), stack:
+    with pytest.raises(StartFailed, match="failed: it exited with status 7"), stack:
         pass
     assert not (tmp_path / "router.log").exists()
 

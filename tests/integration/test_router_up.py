@@ -162,3 +162,16 @@ def test_missing_set_up_is_refused_before_anything_starts(tmp_path: Path) -> Non
     assert done.returncode == 2, done.stderr
     assert "no config.json" in done.stderr
     assert "pid" not in done.stderr
+
+
+def test_a_component_dying_while_up_stops_the_rest_and_exits_1(tmp_path: Path) -> None:
+    with shoal_up(tmp_path, "--engines", "sim", "--port", "0", "--workdir",
+                  str(tmp_path / "up"), "--json") as process:  # fmt: skip
+        line = read_line(process, timeout=90)
+        assert line, (tmp_path / "up.stderr").read_text()
+        components = {c["component"]: c["pid"] for c in json.loads(line)["components"]}
+        os.kill(components["engine-1"], signal.SIGKILL)
+        assert process.wait(timeout=60) == 1
+        stderr = (tmp_path / "up.stderr").read_text()
+        assert "engine-1 was killed by SIGKILL" in stderr
+        assert [pid for pid in components.values() if alive(pid)] == []

@@ -239,3 +239,14 @@ def test_the_demo_resends_each_conversations_history_and_reports_its_engine_and_
     assert lines[0].split()[:3] == ["CONVERSATION", "TURN", "ENGINE"]
     assert lines[1].split()[:3] == ["1", "1", "engine-0"]
     assert lines[1].split()[-1] == "0%"
+
+
+def test_a_missing_tiny_model_names_the_script_that_builds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    absent = tmp_path / ".cache" / "engine" / "tiny-llama"
+    monkeypatch.setattr("router.up.DEFAULT_MODEL", absent)
+    python = tmp_path / "python"
+    python.touch()
+    with pytest.raises(ConfigError, match=r"tiny model is missing .*bash scripts/setup-engine"):
+        check_setup(UpOptions(model=absent, engine_python=python, port=0))
