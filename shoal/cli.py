@@ -75,6 +75,13 @@ COMPONENTS: tuple[Component, ...] = (
         ("aiohttp",),
     ),
     Component(
+        "router",
+        "OpenAI-compatible router in front of the engines",
+        "router.cli",
+        "router",
+        ("aiohttp", "redis"),
+    ),
+    Component(
         "up",
         "the whole stack on one machine: cache daemon, loader sidecar, engines and the router",
         "router.up",

@@ -1,0 +1,73 @@
+"""``shoal router ...``: the OpenAI-compatible gateway in front of the engines.
+
+::
+
+    serve      run the router in the foreground (``--engines URL,URL,...``)
+    settings   print the effective settings (flags < env SHOAL_ROUTER_* < file), --json
+
+Exit codes (``shoal.cli_format``): 0 success (and a clean stop on SIGTERM/SIGINT);
+2 bad flags, settings or a missing optional module for a flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Any
+
+from shoal.config import add_flags, load_config
+from shoal.logs import setup_logging
+
+__all__ = ["register", "settings_from_args"]
+
+
+def register(subparsers: Any) -> None:
+    from router.config import RouterSettings
+
+    router = subparsers.add_parser(
+        "router",
+        help="OpenAI-compatible router in front of the engines",
+        description="Route OpenAI requests to engines by cache state and load.",
+    )
+    verbs = router.add_subparsers(dest="verb", required=True, metavar="VERB")
+    serve = verbs.add_parser(
+        "serve", help="run the router in the foreground", description="Run the router."
+    )
+    add_flags(serve, RouterSettings, "router")
+    serve.set_defaults(func=_serve)
+    settings = verbs.add_parser(
+        "settings",
+        help="print the effective settings",
+        description="Print the settings the router would run with.",
+    )
+    settings.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_flags(settings, RouterSettings, "router")
+    settings.set_defaults(func=_settings)
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    from router.config import RouterSettings
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "verb", "component", "json")}
+    return load_config(RouterSettings, "router", flags=flags)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from router.server import serve
+
+    settings = settings_from_args(args)
+    setup_logging(settings.log_level, settings.log_format)
+    return serve(settings)
+
+
+def _settings(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    values = dataclasses.asdict(settings)
+    if args.json:
+        print(json.dumps(values, indent=2))
+    else:
+        width = max(map(len, values))
+        for name, value in values.items():
+            print(f"{name:<{width}}  {value!r}")
+    return 0

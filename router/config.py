@@ -1,0 +1,117 @@
+"""Settings of ``shoal router serve``: one frozen value, read through ``shoal.config``.
+
+Flags (``--strategy least-request``), environment (``SHOAL_ROUTER_STRATEGY=...``) or the
+``[router]`` table of the TOML file named by ``--config`` / ``SHOAL_CONFIG``; the later
+source wins in the order file < environment < flags, as every Shoal component does it
+(``kvcache/config.py``). The README's reference table is generated from this class.
+
+Invariant: a ``RouterSettings`` that constructs is internally consistent (positive
+intervals, a known discovery kind, limits >= 0); the strategy name is checked where the
+strategies are known (``pipeline.py``), so this module imports no strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shoal.config import setting
+
+__all__ = ["DISCOVERY_KINDS", "RouterSettings"]
+
+DISCOVERY_KINDS = ("static", "dns", "k8s", "file")
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    host: str = setting("127.0.0.1", "listen address")
+    port: int = setting(8080, "listen port")
+    engines: str = setting(
+        "",
+        "static discovery: comma-separated engine URLs, each optionally URL=NODE/gpuI naming "
+        "the engine's cache-daemon stream",
+    )
+    discovery: str = setting("static", "how engines are found: static, dns, k8s or file")
+    discovery_file: str = setting(
+        "", "file discovery: JSON or YAML list of {url, stream?}; re-read on change"
+    )
+    strategy: str = setting("shoal", "default routing strategy or weighted mix (a:2,b:1)")
+    workers: int = setting(1, "processes sharing the port (SO_REUSEPORT), each its own pool")
+    redis: str = setting("", "Redis URL for state shared between router replicas; empty = memory")
+    cache_socket: str = setting(
+        "", "the local cache daemon's engine socket; enables precise prefix routing"
+    )
+    tokenizer: str = setting("", "directory with the served model's tokenizer.json")
+    chunk_tokens: int = setting(256, "tokens per Shoal key (as the engines' connector cuts)")
+    engine_model: str = setting(
+        "", "the engines' Shoal key namespace model; empty = what the daemon learned"
+    )
+    api_keys: str = setting("", "file mapping API keys to users (JSON object or KEY USER lines)")
+    user_rpm: int = setting(0, "requests per minute per user; 0 = unlimited")
+    user_tpm: int = setting(0, "prompt+max tokens per minute per user; 0 = unlimited")
+    model_rps: float = setting(0.0, "requests per second per model; 0 = unlimited")
+    max_body_bytes: int = setting(32 << 20, "largest request body accepted (413 above)", size=True)
+    max_header_bytes: int = setting(
+        64 << 10, "largest request header block accepted (400 above)", size=True
+    )
+    health_interval_s: float = setting(1.0, "seconds between active health checks")
+    health_timeout_s: float = setting(1.0, "seconds a health check may take")
+    models_interval_s: float = setting(10.0, "seconds between /v1/models polls per engine")
+    metrics_interval_s: float = setting(1.0, "seconds between engine /metrics scrapes")
+    metrics_timeout_s: float = setting(1.0, "seconds one /metrics scrape may take")
+    metrics_stale_s: float = setting(5.0, "a scrape older than this is unknown (never zeros)")
+    breaker_failures: int = setting(3, "consecutive failures that open an engine's circuit breaker")
+    breaker_cooldown_s: float = setting(
+        5.0, "seconds an open breaker waits before one half-open probe"
+    )
+    max_retries: int = setting(2, "other engines tried when one fails before the first byte")
+    connect_timeout_s: float = setting(2.0, "seconds to connect to an engine")
+    upstream_timeout_s: float = setting(
+        600.0, "seconds an engine may take to answer a request's headers"
+    )
+    max_in_flight_per_engine: int = setting(256, "an engine with this many is saturated")
+    retry_after_s: float = setting(1.0, "Retry-After when saturated or no engine is healthy")
+    session_header: str = setting("x-session-id", "request header naming a session")
+    locate_timeout_s: float = setting(
+        0.05, "seconds the precise prefix lookup may take before it counts as unknown"
+    )
+    seed: int = setting(-1, "random seed for tie-breaks; -1 = from the OS")
+    log_level: str = setting("info", "debug, info, warning or error")
+    log_format: str = setting("text", "json (structured) or text")
+
+    def __post_init__(self) -> None:
+        if self.discovery not in DISCOVERY_KINDS:
+            raise ValueError(
+                f"discovery {self.discovery!r} must be one of {', '.join(DISCOVERY_KINDS)}"
+            )
+        if self.discovery == "file" and not self.discovery_file:
+            raise ValueError("discovery file needs discovery_file (--discovery-file F)")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port {self.port} must be 0..65535")
+        if self.workers < 1:
+            raise ValueError(f"workers {self.workers} must be at least 1")
+        positive = (
+            "chunk_tokens",
+            "max_body_bytes",
+            "max_header_bytes",
+            "health_interval_s",
+            "health_timeout_s",
+            "models_interval_s",
+            "metrics_interval_s",
+            "metrics_timeout_s",
+            "metrics_stale_s",
+            "breaker_failures",
+            "breaker_cooldown_s",
+            "connect_timeout_s",
+            "upstream_timeout_s",
+            "max_in_flight_per_engine",
+            "retry_after_s",
+            "locate_timeout_s",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("user_rpm", "user_tpm", "model_rps", "max_retries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if not self.strategy.strip():
+            raise ValueError("strategy must name a strategy or a mix")

@@ -1,0 +1,421 @@
+"""The router's HTTP face: OpenAI routes in, the chosen engine's bytes out.
+
+::
+
+    POST /v1/completions, /v1/chat/completions, /v1/embeddings
+        read the body (bounded) -> RouteRequest (parsed once) -> limits -> pipeline
+        -> send the client's bytes unchanged to the engine -> stream its answer back
+    GET  /v1/models      union over healthy engines (base models and LoRA adapters)
+    GET  /health         200 when at least one engine is healthy, else 503
+    GET  /metrics        shoal_router_* (this process)
+    GET  /router/engines per engine: url, stream, health, breaker, in flight, metrics age
+
+Invariants:
+
+1. **No buffering.** The answer is copied chunk by chunk as it arrives
+   (``iter_any`` -> ``StreamResponse.write``), SSE or not; the body is never re-encoded.
+2. **Retries only before the first byte.** An attempt that fails before the response's
+   headers were sent to the client (connection refused or reset, silence past
+   ``upstream_timeout_s``, a 5xx from the engine) counts against the engine's breaker and
+   moves to another engine that this request has not tried, at most ``max_retries`` times;
+   the last attempt's 5xx is passed through. After the first byte, an engine that dies
+   ends the client's stream with an SSE error event (``data: {"error": ...}``), never a
+   hang.
+3. **Cancellation goes upstream.** aiohttp cancels the handler when the client hangs up
+   (``handler_cancellation=True``); the ``finally`` closes the upstream response, which
+   drops its connection, so the engine aborts the request.
+4. **The ledger balances.** Every attempt's ``acquire`` has one ``release`` in a
+   ``finally``, cancellation included.
+
+Errors are OpenAI-style JSON, ``{"error": {"message", "type", "code"}}`` with the HTTP
+status as ``code`` (vLLM's shape); 429/503 carry ``Retry-After``. Every proxied response
+carries ``x-shoal-engine: <engine url>``.
+
+HTTP stack (measured before choosing; ``bench`` figures, this machine, 2 shared cores):
+aiohttp 3.14 server + one shared ``ClientSession`` (keep-alive pool) on uvloop. See the
+measurement notes at the end of this docstring (filled by the overhead run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from router.config import RouterSettings
+from router.engines import EnginePool
+from router.errors import (
+    BadRequest,
+    NoEngineAvailable,
+    RateLimited,
+    RouterError,
+    UpstreamError,
+)
+from router.ledger import Ledger
+from router.limits import Limiter
+from router.metrics import BREAKER_VALUES, RouterMetrics
+from router.pipeline import Pipeline
+from router.requests import ROUTES, check_headers, parse_body, to_route_request
+from router.types import RouteDecision, RouteOutcome, RouteRequest
+
+__all__ = ["ENGINE_HEADER", "Proxy", "error_body"]
+
+log = logging.getLogger("shoal." + __name__)
+
+ENGINE_HEADER = "x-shoal-engine"
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+    }
+)
+_NOT_BACK = frozenset({"connection", "keep-alive", "transfer-encoding", "date", "server"})
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+
+
+class _AttemptFailed(UpstreamError):
+    """An attempt failed before the first byte; ``kind`` labels the metrics."""
+
+    def __init__(self, message: str, *, engine_id: str, kind: str) -> None:
+        super().__init__(message, engine_id=engine_id)
+        self.kind = kind
+
+
+def error_body(message: str, type_: str, status: int) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "code": status}}).encode()
+
+
+def _error_response(exc: RouterError, headers: Mapping[str, str] | None = None) -> web.Response:
+    extra = dict(headers or {})
+    if exc.retry_after_s is not None:
+        extra["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return web.Response(
+        status=exc.status,
+        body=error_body(str(exc), exc.code, exc.status),
+        content_type="application/json",
+        headers=extra,
+    )
+
+
+def _sse_error(message: str) -> bytes:
+    event = error_body(message, "upstream_error", 502)
+    return b"data: " + event + b"\n\ndata: [DONE]\n\n"
+
+
+class Proxy:
+    """The aiohttp application of one router process."""
+
+    def __init__(
+        self,
+        settings: RouterSettings,
+        pool: EnginePool,
+        pipeline: Pipeline,
+        ledger: Ledger,
+        limiter: Limiter,
+        *,
+        metrics: RouterMetrics | None = None,
+        api_keys: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_cleanup: Callable[[], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.pipeline = pipeline
+        self.ledger = ledger
+        self.limiter = limiter
+        self.metrics = metrics or RouterMetrics()
+        self._api_keys = dict(api_keys or {})
+        self._clock = clock
+        self._extra_cleanup = on_cleanup
+        self._session: aiohttp.ClientSession | None = None
+        self._ids = itertools.count()
+        self._id_prefix = f"shoal-{os.getpid():x}-"
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout_s,
+            sock_read=settings.upstream_timeout_s,
+        )  # fmt: skip
+        self.pool.on_breaker_change = self._breaker_changed
+        self.discovery: Any = None  # router.discovery's watcher, when not static
+
+    # ---- application ------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.max_body_bytes)
+        for path in ROUTES:
+            app.router.add_post(path, self._proxy)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/router/engines", self._engines)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        )
+        await self.pool.start(self._session)
+
+    async def _cleanup(self, app: web.Application) -> None:
+        await self.pool.close()
+        if self._session is not None:
+            await self._session.close()
+        await self.ledger.close()
+        await self.limiter.close()
+        if self._extra_cleanup is not None:
+            await self._extra_cleanup()
+
+    def _breaker_changed(self, engine_id: str, state: Any) -> None:
+        self.metrics.breaker.labels(engine_id).set(BREAKER_VALUES[state.value])
+
+    # ---- small routes -----------------------------------------------------------------
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": self.pool.model_cards()})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        healthy = self.pool.num_healthy()
+        status = 200 if healthy else 503
+        return web.json_response(
+            {
+                "status": "ok" if healthy else "no healthy engine",
+                "healthy_engines": healthy,
+                "pid": os.getpid(),  # which worker answered (--workers N)
+            },
+            status=status,
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        for engine_id in self.pool.engine_ids:
+            state = self.pool.breaker_state(engine_id)
+            self.metrics.breaker.labels(engine_id).set(BREAKER_VALUES[state.value])
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def _engines(self, request: web.Request) -> web.Response:
+        return web.json_response({"engines": self.pool.status(self.ledger.snapshot())})
+
+    # ---- the proxied routes -----------------------------------------------------------
+
+    def _user_of(self, request: web.Request) -> str:
+        user = request.headers.get("x-user", "")
+        if user or not self._api_keys:
+            return user
+        auth = request.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            return self._api_keys.get(auth[7:].strip(), "")
+        return ""
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise BadRequest(f"request body is {length} bytes; the limit is {limit}", status=413)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BadRequest(
+                f"request body is over the limit of {limit} bytes", status=413
+            ) from None
+
+    async def _proxy(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = ROUTES[request.path]
+        try:
+            check_headers(request.headers, self.settings.max_header_bytes)
+            body = await self._read_body(request)
+            route_request = to_route_request(
+                route,
+                parse_body(body),
+                request_id=request.headers.get("x-request-id")
+                or self._id_prefix + str(next(self._ids)),
+                user=self._user_of(request),
+                session_id=request.headers.get(self.settings.session_header, ""),
+                arrival_s=self._clock(),
+            )
+            wait = await self.limiter.admit(
+                route_request.user,
+                route_request.model,
+                route_request.prompt_tokens + route_request.max_tokens,
+            )
+            if wait is not None:
+                raise RateLimited(
+                    f"rate limit of user {route_request.user!r} or model "
+                    f"{route_request.model!r} reached",
+                    retry_after_s=wait,
+                )
+            response = await self._forward(request, route_request, body, started)
+        except RouterError as exc:
+            if exc.status in (429, 503):
+                self.metrics.rejected.labels(exc.code).inc()
+            self.metrics.count_request(route, exc.status)
+            return _error_response(exc)
+        self.metrics.count_request(route, response.status)
+        return response
+
+    def _upstream_headers(self, request: web.Request) -> dict[str, str]:
+        return {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+
+    async def _forward(
+        self, request: web.Request, route_request: RouteRequest, body: bytes, started: float
+    ) -> web.StreamResponse:
+        strategy = self.pipeline.choose_text(request.headers)
+        headers = self._upstream_headers(request)
+        tried: set[str] = set()
+        attempts = self.settings.max_retries + 1
+        last_error: UpstreamError | None = None
+        for attempt in range(attempts):
+            try:
+                decision = await self.pipeline.route(
+                    route_request,
+                    self.pool.views(self.ledger.snapshot()),
+                    self.pool.allows,
+                    strategy=strategy,
+                    exclude=tried,
+                )
+            except NoEngineAvailable:
+                if last_error is not None:  # every engine left was tried: say why
+                    raise last_error from None
+                raise
+            self.metrics.count_decision(decision.strategy, decision.reason)
+            try:
+                return await self._attempt(
+                    request,
+                    route_request,
+                    body,
+                    headers,
+                    decision,
+                    started if attempt == 0 else None,
+                    last=attempt == attempts - 1,
+                )
+            except UpstreamError as exc:
+                tried.add(exc.engine_id)
+                last_error = exc
+                if not exc.retryable or attempt == attempts - 1:
+                    raise
+                kind = exc.kind if isinstance(exc, _AttemptFailed) else exc.code
+                self.metrics.retries.labels(kind).inc()
+                log.info("retrying %s after %s", route_request.request_id, exc)
+        assert last_error is not None, "the attempt loop returns or raises"
+        raise last_error
+
+    def _failure(self, engine_id: str, kind: str, detail: str) -> UpstreamError:
+        self.pool.record_failure(engine_id)
+        self.metrics.upstream_errors.labels(engine_id, kind).inc()
+        return _AttemptFailed(f"engine {engine_id}: {kind}: {detail}", engine_id=engine_id,
+                              kind=kind)  # fmt: skip
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        route_request: RouteRequest,
+        body: bytes,
+        headers: dict[str, str],
+        decision: RouteDecision,
+        started: float | None,
+        *,
+        last: bool,
+    ) -> web.StreamResponse:
+        assert self._session is not None, "the proxy serves only between startup and cleanup"
+        engine_id = decision.engine_id
+        pending = route_request.prompt_tokens
+        self.pool.on_attempt(engine_id)
+        await self.ledger.acquire(engine_id, pending)
+        gauge = self.metrics.engine_in_flight(engine_id)
+        gauge.inc()
+        sent_at = self._clock()
+        ttft: float | None = None
+        completion_tokens = 0
+        ok = False
+        try:
+            if started is not None:
+                self.metrics.added_latency.observe(time.perf_counter() - started)
+            try:
+                upstream = await self._session.post(
+                    engine_id + request.path, data=body, headers=headers, timeout=self._timeout
+                )
+            except aiohttp.ClientConnectorError as exc:
+                raise self._failure(engine_id, "refused", str(exc)) from None
+            except TimeoutError:
+                raise self._failure(engine_id, "timeout", "no answer in time") from None
+            except aiohttp.ClientError as exc:
+                raise self._failure(engine_id, "reset", repr(exc)) from None
+            try:
+                if upstream.status >= 500:
+                    if not last:
+                        detail = (await upstream.read())[:200].decode(errors="replace")
+                        raise self._failure(engine_id, str(upstream.status), detail)
+                    self.pool.record_failure(engine_id)
+                    self.metrics.upstream_errors.labels(engine_id, str(upstream.status)).inc()
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for name, value in upstream.headers.items():
+                    if name.lower() not in _NOT_BACK:
+                        response.headers.add(name, value)
+                response.headers[ENGINE_HEADER] = engine_id
+                await response.prepare(request)
+                tail = b""
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        if ttft is None:
+                            ttft = self._clock() - sent_at
+                            await self.ledger.first_token(engine_id, pending)
+                            pending = 0
+                        await response.write(chunk)
+                        tail = chunk
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
+                        TimeoutError) as exc:  # fmt: skip
+                    self.pool.record_failure(engine_id)
+                    self.metrics.upstream_errors.labels(engine_id, "mid-stream").inc()
+                    log.warning("engine %s failed mid-response: %r", engine_id, exc)
+                    if route_request.stream:
+                        await response.write(_sse_error(f"engine {engine_id} failed: {exc!r}"))
+                        await response.write_eof()
+                    elif request.transport is not None:  # a truncated JSON body: the
+                        request.transport.close()  # client must see the connection drop
+                    return response
+                await response.write_eof()
+                ok = upstream.status < 500
+                if ok:
+                    self.pool.record_success(engine_id)
+                found = _COMPLETION_TOKENS.search(tail)
+                completion_tokens = int(found.group(1)) if found else 0
+                return response
+            finally:
+                if upstream.content.at_eof():
+                    upstream.release()
+                else:  # cancelled or failed: drop the connection so the engine aborts
+                    upstream.close()
+        finally:
+            await self.ledger.release(engine_id, pending)
+            gauge.dec()
+            self.pipeline.observe(
+                decision,
+                RouteOutcome(
+                    request=route_request,
+                    engine_id=engine_id,
+                    ok=ok,
+                    ttft_s=ttft,
+                    latency_s=self._clock() - sent_at,
+                    prompt_tokens=route_request.prompt_tokens,
+                    completion_tokens=completion_tokens,
+                ),
+            )

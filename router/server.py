@@ -1,0 +1,359 @@
+"""Run the router: one process per worker, uvloop, graceful stop; and a test helper.
+
+``serve(settings)`` builds everything from ``RouterSettings`` (``build_proxy``) and serves
+until SIGTERM/SIGINT. With ``--workers N > 1`` the parent starts N worker processes
+(``multiprocessing`` spawn) that each bind the same port with ``SO_REUSEPORT``, so the
+kernel spreads connections over them; each has its own engine pool, scraper, strategies
+and (without ``--redis``) its own ledger and limits. The parent forwards the stop signal
+and exits with the first non-zero worker code.
+
+What is built from settings:
+
+* ``--redis URL``: ``router.shared``'s ``RedisLedger``/``RedisLimiter`` (else in memory);
+* ``--cache-socket PATH``: ``router.precise``'s locator (else no precise prefix view);
+* ``--discovery`` other than static: ``router.discovery``.
+
+Those modules belong to other parts of issue 12; when one is missing the router refuses
+to start with a ``ConfigError`` naming the flag, rather than silently running without it.
+
+``running_router(port, engines=[...], **flags)`` starts ``python -m shoal router serve``
+as a subprocess and waits for ``/health`` (like ``sim/process.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from aiohttp import web
+
+from router.config import RouterSettings
+from router.engines import EnginePool, parse_engines
+from router.ledger import InMemoryLedger, Ledger
+from router.limits import InMemoryLimiter, Limiter, load_api_keys
+from router.pipeline import Pipeline, PrefixLocator
+from router.proxy import Proxy
+from router.strategies import STRATEGIES, StrategyDeps
+from shoal.errors import ConfigError, ShoalError
+
+__all__ = ["RouterProcess", "build_proxy", "running_router", "serve", "start_router"]
+
+log = logging.getLogger("shoal." + __name__)
+_REPO = Path(__file__).resolve().parents[1]
+FALLBACK_STRATEGY = "least-request"
+
+
+def _optional(module: str, flag: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        raise ConfigError(f"{flag} needs {module}, which this installation lacks") from None
+
+
+def _strategy(settings: RouterSettings) -> str:
+    if settings.strategy == "shoal" and "shoal" not in STRATEGIES:
+        log.warning(
+            "the default strategy 'shoal' is not available in this build; using %s",
+            FALLBACK_STRATEGY,
+        )
+        return FALLBACK_STRATEGY
+    return settings.strategy
+
+
+def build_proxy(
+    settings: RouterSettings,
+    *,
+    ledger: Ledger | None = None,
+    limiter: Limiter | None = None,
+    locator: PrefixLocator | None = None,
+) -> Proxy:
+    """Everything one router process needs, built from ``settings`` (injected pieces win)."""
+    closers: list[Callable[[], Any]] = []
+    if settings.redis and (ledger is None or limiter is None):
+        shared = _optional("router.shared", "--redis")
+        if ledger is None:
+            ledger = shared.RedisLedger(settings.redis)
+        if limiter is None:
+            limiter = shared.RedisLimiter(
+                settings.redis,
+                user_rpm=settings.user_rpm,
+                user_tpm=settings.user_tpm,
+                model_rps=settings.model_rps,
+            )
+    if settings.cache_socket and locator is None:
+        precise = _optional("router.precise", "--cache-socket")
+        locator = precise.build_locator(settings)
+    if locator is not None:
+        closers.append(locator.close)
+    ledger = ledger if ledger is not None else InMemoryLedger()
+    limiter = (
+        limiter
+        if limiter is not None
+        else InMemoryLimiter(
+            user_rpm=settings.user_rpm, user_tpm=settings.user_tpm, model_rps=settings.model_rps
+        )
+    )
+    if settings.discovery == "static":
+        specs = parse_engines(settings.engines)
+        if not specs:
+            raise ConfigError("give the engines: --engines URL,URL,... (or --discovery ...)")
+        discovery = None
+    else:
+        discovery = _optional("router.discovery", f"--discovery {settings.discovery}")
+        specs = []
+    rng = random.Random(None if settings.seed < 0 else settings.seed)
+    deps = StrategyDeps(
+        rng=rng,
+        session_header=settings.session_header,
+        max_in_flight_per_engine=settings.max_in_flight_per_engine,
+    )
+    pipeline = Pipeline(
+        _strategy(settings),
+        deps,
+        locator=locator,
+        locate_timeout_s=settings.locate_timeout_s,
+        retry_after_s=settings.retry_after_s,
+    )
+    pool = EnginePool(specs, settings)
+    api_keys = load_api_keys(settings.api_keys) if settings.api_keys else {}
+
+    async def close_extras() -> None:
+        for close in closers:
+            await close()
+
+    proxy = Proxy(
+        settings, pool, pipeline, ledger, limiter, api_keys=api_keys, on_cleanup=close_extras
+    )
+    if discovery is not None:
+        proxy.discovery = discovery.build_discovery(settings, pool)
+    return proxy
+
+
+async def _serve(settings: RouterSettings, *, reuse_port: bool) -> int:
+    proxy = build_proxy(settings)
+    runner = web.AppRunner(proxy.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.host, settings.port, reuse_address=True, reuse_port=reuse_port or None
+    )
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
+        ) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "router ready on http://%s:%d (pid %d, strategy %s, %d engine(s))",
+        settings.host,
+        settings.port,
+        os.getpid(),
+        proxy.pipeline.default,
+        len(proxy.pool.engine_ids),
+    )
+    await stop.wait()
+    log.info("router stopping")
+    await runner.cleanup()
+    return 0
+
+
+def _run(settings: RouterSettings, reuse_port: bool) -> int:
+    try:
+        import uvloop
+    except ModuleNotFoundError:
+        return asyncio.run(_serve(settings, reuse_port=reuse_port))
+    return int(uvloop.run(_serve(settings, reuse_port=reuse_port)))
+
+
+def _worker(settings: RouterSettings, log_level: str) -> None:
+    from shoal.logs import setup_logging
+
+    setup_logging(log_level, settings.log_format)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM
+    try:
+        sys.exit(_run(settings, reuse_port=True))
+    except ShoalError as exc:
+        print(f"shoal router worker: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def serve(settings: RouterSettings) -> int:
+    """Serve until SIGTERM/SIGINT; the exit code."""
+    if settings.workers == 1:
+        return _run(settings, reuse_port=False)
+    build_proxy(replace(settings, workers=1))  # configuration errors before forking
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_worker, args=(settings, settings.log_level), daemon=False)
+        for _ in range(settings.workers)
+    ]
+    for worker in workers:
+        worker.start()
+
+    def forward(signum: int, frame: Any) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    for worker in workers:
+        worker.join()
+        if worker.exitcode and not code:
+            code = worker.exitcode
+            forward(signal.SIGTERM, None)
+    return code
+
+
+# ---- the test and benchmark helper ----------------------------------------------------
+
+
+@dataclass
+class RouterProcess:
+    process: subprocess.Popen[bytes]
+    host: str
+    port: int
+    log_path: Path
+    scratch: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float = 10.0,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body) of one request; an error status is returned."""
+        import json
+
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        for key, value in (headers or {}).items():
+            req.add_header(key, value)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as reply:
+                return reply.status, dict(reply.headers.items()), reply.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers.items()), exc.read()
+
+    def healthy(self, timeout: float = 1.0) -> bool:
+        try:
+            return self.request("GET", "/health", timeout=timeout)[0] == 200
+        except OSError:
+            return False
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        if self.scratch is not None and code == 0:
+            import shutil
+
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        elif self.scratch is not None:
+            log.warning("router on port %d exited with %d; log: %s", self.port, code, self.log_path)
+        return code
+
+
+def router_args(**flags: Any) -> list[str]:
+    args: list[str] = []
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(flag)
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def start_router(
+    port: int,
+    *,
+    engines: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    log_path: str | Path | None = None,
+    ready_timeout_s: float = 20.0,
+    wait_healthy: bool = True,
+    **flags: Any,
+) -> RouterProcess:
+    """Start ``shoal router serve`` and wait until it listens (and, with ``wait_healthy``,
+    until ``/health`` is 200, i.e. an engine is healthy)."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"router-{port}-"))
+    log_path = Path(log_path) if log_path is not None else scratch / "router.log"
+    command = [sys.executable, "-m", "shoal", "router", "serve", "--host", host,
+               "--port", str(port)]  # fmt: skip
+    if engines:
+        command += ["--engines", ",".join(engines)]
+    command += router_args(**flags)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(_REPO), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    router = RouterProcess(process, host, port, log_path, scratch)
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ShoalError(f"router exited with {process.returncode}:\n{router.log()}")
+        try:
+            status = router.request("GET", "/health", timeout=0.5)[0]
+        except OSError:
+            status = 0
+        if status == 200 or (status and not wait_healthy):
+            return router
+        time.sleep(0.05)
+    router.stop()
+    raise ShoalError(f"router not ready in {ready_timeout_s} s:\n{router.log()}")
+
+
+@contextlib.contextmanager
+def running_router(port: int, **kwargs: Any) -> Iterator[RouterProcess]:
+    """``start_router`` for the length of a ``with`` block."""
+    router = start_router(port, **kwargs)
+    try:
+        yield router
+    finally:
+        router.stop()
