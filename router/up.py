@@ -16,6 +16,7 @@ reverse), every process in its own session with its log in ``--workdir``::
       prefetch  shoal loader prefetch  stages the model's weights in shared memory
     3 engine-i  vllm serve (or shoal sim engine), all starting at once
     4 router    shoal router serve     --engines URL=up/gpuI,... --cache-socket <daemon>
+                                       (the socket where router.precise is installed)
 
 Invariant: the table printed (and ``--json``) lists exactly the processes running, each
 ready; when ``shoal up`` returns, none of them is left (``Stack.stop``: whole process
@@ -328,9 +329,11 @@ def plan_stack(
     *,
     free_port: Callable[[], int] | None = None,
     cpus: Sequence[int] | None = None,
+    precise: bool | None = None,
 ) -> UpPlan:
     """The processes to start, in stages (pure: ports come from ``free_port``, cores from
-    ``cpus``, by default this process's affinity)."""
+    ``cpus``, by default this process's affinity). ``precise``: give the router the
+    daemon's socket (default: when ``router.precise`` is installed)."""
     free_port = free_port or _free_port
     cpus = sorted(os.sched_getaffinity(0)) if cpus is None else list(cpus)
     events_dir = workdir / "ev"
@@ -428,14 +431,18 @@ def plan_stack(
     router_argv = [
         *shoal, "router", "serve", "--host", options.host, "--port", str(router_port),
         "--engines", ",".join(f"{url}={stream}" for url, stream in zip(urls, streams, strict=True)),
-        "--strategy", options.strategy, "--cache-socket", str(cache_socket),
-        "--chunk-tokens", str(options.chunk_tokens),
+        "--strategy", options.strategy, "--chunk-tokens", str(options.chunk_tokens),
     ]  # fmt: skip
+    if precise is None:
+        precise = importlib.util.find_spec("router.precise") is not None
+    if precise:
+        router_argv += ["--cache-socket", str(cache_socket)]
     if (model / "tokenizer.json").exists():
         router_argv += ["--tokenizer", str(model)]
+    how = "precise prefixes from the cache daemon" if precise else "approximate prefixes"
     router = Service(
         "router", (*router_argv, *options.router_args), workdir / "router.log", env,
-        address=router_url, detail=f"strategy {options.strategy}",
+        address=router_url, detail=f"strategy {options.strategy}, {how}",
         ready_url=f"{router_url}/health", ready_timeout_s=60.0,
     )  # fmt: skip
     stages.append((router,))

@@ -53,6 +53,7 @@ from tests.integration.test_router_up import alive, group_members, read_line
 
 pytest.importorskip("aiohttp")
 pytest.importorskip("router.server")
+pytest.importorskip("router.strategies.shoal")  # the default: prefix and load priced together
 
 MAX_NUM_SEQS = 2
 ENGINE_ARGS = f"--max-num-seqs {MAX_NUM_SEQS}"

@@ -106,8 +106,9 @@ def test_shoal_up_with_simulated_engines_serves_through_the_router_and_stops_on_
     tmp_path: Path,
 ) -> None:
     workdir = tmp_path / "up"
+    # least-request: this test is about the processes, not the default strategy's choices.
     with shoal_up(tmp_path, "--engines", "sim", "--port", "0", "--workdir", str(workdir),
-                  "--json") as process:  # fmt: skip
+                  "--strategy", "least-request", "--json") as process:  # fmt: skip
         line = read_line(process, timeout=90)
         assert line, (tmp_path / "up.stderr").read_text()
         described = json.loads(line)
@@ -166,7 +167,7 @@ def test_missing_set_up_is_refused_before_anything_starts(tmp_path: Path) -> Non
 
 def test_a_component_dying_while_up_stops_the_rest_and_exits_1(tmp_path: Path) -> None:
     with shoal_up(tmp_path, "--engines", "sim", "--port", "0", "--workdir",
-                  str(tmp_path / "up"), "--json") as process:  # fmt: skip
+                  str(tmp_path / "up"), "--strategy", "least-request", "--json") as process:  # fmt: skip
         line = read_line(process, timeout=90)
         assert line, (tmp_path / "up.stderr").read_text()
         components = {c["component"]: c["pid"] for c in json.loads(line)["components"]}

@@ -43,7 +43,9 @@ def model_folder(tmp_path: Path) -> Path:
 def plan(tmp_path: Path, **options: object):  # type: ignore[no-untyped-def]
     ports = itertools.count(30001)
     opts = UpOptions(model=model_folder(tmp_path), port=8080, **options)  # type: ignore[arg-type]
-    return plan_stack(opts, tmp_path / "up-x", free_port=lambda: next(ports), cpus=[0, 1])
+    return plan_stack(
+        opts, tmp_path / "up-x", free_port=lambda: next(ports), cpus=[0, 1], precise=True
+    )
 
 
 def flag(argv: tuple[str, ...], name: str) -> str:
@@ -135,6 +137,14 @@ def test_simulated_engines_need_no_sidecar_and_tokenize_as_the_model_does(
     assert json.loads(flag(engine.argv, "--kv-events-config"))["topic"] == "kv-events"
 
 
+def test_without_router_precise_the_router_gets_no_cache_socket(tmp_path: Path) -> None:
+    opts = UpOptions(model=model_folder(tmp_path), sim=True, port=8080)
+    p = plan_stack(opts, tmp_path / "up-x", free_port=lambda: 30000, cpus=[0], precise=False)
+    router = p.stages[-1][0]
+    assert "--cache-socket" not in router.argv
+    assert isinstance(router, Service) and router.detail.endswith("approximate prefixes")
+
+
 def test_engines_take_cores_round_robin() -> None:
     assert [engine_cpus(i, 1, [0, 1]) for i in range(3)] == [[0], [1], [0]]
     assert [engine_cpus(i, 2, [0, 1, 2, 3]) for i in range(3)] == [[0, 1], [2, 3], [0, 1]]
@@ -188,7 +198,7 @@ def test_the_table_and_json_list_every_component_with_an_example_curl(tmp_path: 
         "component": "router",
         "pid": 103,
         "address": "http://127.0.0.1:8080",
-        "detail": "strategy shoal",
+        "detail": "strategy shoal, precise prefixes from the cache daemon",
         "log": str(p.workdir / "router.log"),
         "ready_s": 1.5,
     }
