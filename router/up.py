@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -439,6 +440,8 @@ def plan_stack(
         router_argv += ["--cache-socket", str(cache_socket)]
     if (model / "tokenizer.json").exists():
         router_argv += ["--tokenizer", str(model)]
+        if options.sim and _router_has_setting("tokenizer_dialect"):
+            router_argv += ["--tokenizer-dialect", "simulator"]  # sim renders chats its way
     how = "precise prefixes from the cache daemon" if precise else "approximate prefixes"
     router = Service(
         "router", (*router_argv, *options.router_args), workdir / "router.log", env,
@@ -449,6 +452,13 @@ def plan_stack(
     return UpPlan(
         workdir, tuple(stages), router_url, urls, streams, served, cache_socket, (events_dir,)
     )
+
+
+def _router_has_setting(name: str) -> bool:
+    """Whether ``shoal router serve`` takes ``--<name>`` (settings land piece by piece)."""
+    from router.config import RouterSettings
+
+    return name in {field.name for field in dataclasses.fields(RouterSettings)}
 
 
 def _bindable(host: str, port: int) -> bool:
