@@ -6,6 +6,7 @@
     shoal up --engines 3 --model ~/models/llama-3.2-1b --port 9000
     shoal up --engines sim        # simulated engines (no vLLM needed), 2 of them
     shoal up --engines sim:4      # 4 simulated engines
+    shoal up --demo               # then a short conversation through the router (router.demo)
 
 What runs, in stages (``router.stack``: spawned together, awaited in order, stopped in
 reverse), every process in its own session with its log in ``--workdir``::
