@@ -665,11 +665,21 @@ def _up(args: argparse.Namespace) -> int:
         workdir = Path(args.workdir).expanduser().resolve()
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     code = run(options, workdir, as_json=args.json, demo=args.demo)
-    if temporary and code == 0:
+    _drop_arena_lock(workdir.name)
+    if temporary and code in (0, EXIT_USAGE):  # EXIT_USAGE: nothing ever ran
         shutil.rmtree(workdir, ignore_errors=True)
     elif code not in (0, EXIT_USAGE):
         _say(f"shoal up: logs kept in {workdir}")
     return code
+
+
+def _drop_arena_lock(name: str) -> None:
+    """The daemon keeps its arena's lock file by design (``kvcache.arena``: a new daemon of
+    the same name takes it); once the arena itself is gone (a clean exit removes it) this
+    run's daemon is, and its name is this workdir's: the lock would only pile up."""
+    arena = Path(os.environ.get("SHOAL_CACHE_SHM_DIR") or "/dev/shm") / f"shoal-{name}.arena"
+    if not arena.exists():
+        arena.with_name(arena.name + ".lock").unlink(missing_ok=True)
 
 
 def run(options: UpOptions, workdir: Path, *, as_json: bool = False, demo: bool = False) -> int:

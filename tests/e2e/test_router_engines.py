@@ -49,7 +49,7 @@ from tests.e2e.engines import (
     require_engine,
 )
 from tests.integration.conftest import ENV, wait_until
-from tests.integration.test_router_up import alive, group_members, read_line
+from tests.integration.test_router_up import alive, group_members, read_line, unique_workdir
 
 pytest.importorskip("aiohttp")
 pytest.importorskip("router.server")
@@ -93,7 +93,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     stderr_path = workdir / "up.stderr"
     with open(stderr_path, "w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "shoal", "up", "--port", "0", "--workdir", str(workdir / "w"),
+            [sys.executable, "-m", "shoal", "up", "--port", "0", "--workdir", str(unique_workdir(workdir)),
              "--json", f"--engine-args={ENGINE_ARGS}"],
             env=ENV, stdout=subprocess.PIPE, stderr=stderr, text=True,
         )  # fmt: skip

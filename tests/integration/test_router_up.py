@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,12 @@ def reported_pids(tmp_path: Path) -> list[int]:
     return [int(pid) for pid in re.findall(r"\(pid (\d+)\)", text)]
 
 
+def unique_workdir(tmp_path: Path) -> Path:
+    """A workdir whose name (which names the daemon: /dev/shm/shoal-<name>.arena) no other
+    test run on this machine uses at the same time."""
+    return tmp_path / f"up-{uuid.uuid4().hex[:8]}"
+
+
 def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
@@ -105,7 +112,7 @@ def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str,
 def test_shoal_up_with_simulated_engines_serves_through_the_router_and_stops_on_ctrl_c(
     tmp_path: Path,
 ) -> None:
-    workdir = tmp_path / "up"
+    workdir = unique_workdir(tmp_path)
     # least-request: this test is about the processes, not the default strategy's choices.
     with shoal_up(tmp_path, "--engines", "sim", "--port", "0", "--workdir", str(workdir),
                   "--strategy", "least-request", "--json") as process:  # fmt: skip
@@ -137,11 +144,12 @@ def test_shoal_up_with_simulated_engines_serves_through_the_router_and_stops_on_
         assert "stopped" in (tmp_path / "up.stderr").read_text()
         arena = Path("/dev/shm") / f"shoal-{workdir.name}.arena"
         assert not arena.exists()  # the daemon exited cleanly and removed it
+        assert not arena.with_name(arena.name + ".lock").exists()  # nothing piles up
 
 
 def test_a_component_that_fails_to_start_stops_the_others_with_its_log(tmp_path: Path) -> None:
     with shoal_up(tmp_path, "--engines", "sim:1", "--port", "0", "--workdir",
-                  str(tmp_path / "up"), "--engine-args=--no-such-flag") as process:  # fmt: skip
+                  str(unique_workdir(tmp_path)), "--engine-args=--no-such-flag") as process:  # fmt: skip
         assert process.wait(timeout=60) == 1  # EXIT_FAILED
         assert process.stdout is not None
         assert process.stdout.read() == ""  # no table: nothing is up
@@ -167,7 +175,7 @@ def test_missing_set_up_is_refused_before_anything_starts(tmp_path: Path) -> Non
 
 def test_a_component_dying_while_up_stops_the_rest_and_exits_1(tmp_path: Path) -> None:
     with shoal_up(tmp_path, "--engines", "sim", "--port", "0", "--workdir",
-                  str(tmp_path / "up"), "--strategy", "least-request", "--json") as process:  # fmt: skip
+                  str(unique_workdir(tmp_path)), "--strategy", "least-request", "--json") as process:  # fmt: skip
         line = read_line(process, timeout=90)
         assert line, (tmp_path / "up.stderr").read_text()
         components = {c["component"]: c["pid"] for c in json.loads(line)["components"]}
