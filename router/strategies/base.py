@@ -14,7 +14,9 @@ Strategies that need to know where the prompt's prefix lives set ``uses_prefix``
 pipeline then passes a ``PrefixView`` (precise from the cluster index, or approximate),
 otherwise ``None``. Strategies that learn (round-robin's cursor, the approximate index,
 virtual token counters) do so in ``observe``, called by the proxy after each request, and
-in ``routed``, called once the pipeline has chosen.
+in ``routed``, called once the pipeline has chosen. ``cached_tokens`` says how much of the
+prompt the chosen engine is expected to reuse, so the ledger counts only uncached tokens
+as pending prefill (strategies with their own index know what the pipeline cannot).
 
 Invariant: ``score`` returns exactly one finite or ``math.inf`` cost per candidate, in the
 candidates' order; ``math.inf`` marks a candidate the strategy refuses (the pipeline drops
@@ -64,6 +66,16 @@ class StrategyDeps:
     ttft_slo_s: float = 2.0
     tpot_slo_s: float = 0.2
     bounded_load_factor: float = 1.25  # session-affinity: an engine takes at most c x mean
+    # load gate of prefix-cache: affinity is ignored on an engine with more than
+    # min + balance_abs_requests and more than balance_rel x min requests in flight
+    balance_abs_requests: int = 8
+    balance_rel: float = 1.5
+    # cost model: a request already running on an engine delays a new one's prefill like
+    # this many queued prompt tokens (decode steps share the batch); uncalibrated default
+    running_request_tokens: int = 32
+    # shoal: an engine with more than this x the mean in flight (and more than
+    # balance_abs_requests above the least loaded) is refused, so hot prefixes spread
+    shoal_load_factor: float = 1.5
 
 
 class Strategy:
@@ -83,6 +95,19 @@ class Strategy:
     def reason(self, chosen: EngineView, prefix: PrefixView | None) -> str:
         """A short word for the decision log and the decisions metric."""
         return self.name
+
+    def cached_tokens(self, chosen: EngineView, prefix: PrefixView | None) -> int:
+        """Prompt tokens of the last scored request ``chosen`` is expected to reuse.
+
+        ``RouteDecision.cached_tokens``; the ledger's pending tokens are the prompt's minus
+        these (a reused prefix is not queued prefill). Default: the best tier of the view;
+        strategies with their own index (``prefix-cache``, ``shoal``) answer from it.
+        """
+        if prefix is None:
+            return 0
+        tiers = prefix.of(chosen.engine_id)
+        best = max(tiers.gpu_tokens, tiers.node_tokens, tiers.peer_tokens)
+        return min(prefix.prompt_tokens, best)
 
     def routed(self, request: RouteRequest, chosen: EngineView) -> None:
         """The pipeline sent ``request`` to ``chosen`` (default: nothing to learn)."""
