@@ -48,7 +48,14 @@ Choices:
   starting anything (exit 2). The served model name is the model folder's name.
 - The default workdir is a new ``up-XXXX`` folder in the runtime dir (where daemons put
   sockets; ipc paths must stay under ~100 bytes): removed after a clean stop, kept (and
-  named) when something failed. An explicit ``--workdir`` is never removed.
+  named) when something failed. An explicit ``--workdir`` is never removed. The workdir's
+  name names the daemon (its arena ``/dev/shm/shoal-<name>.arena``), whose lock file is
+  dropped once the arena is gone.
+- The daemon gets ``--cache-shm-bytes`` (512 MiB) of shared memory and no DRAM tier: one
+  machine's engines share it; other daemon settings come from ``SHOAL_CACHE_*`` in the
+  environment, which it inherits (the flags set here win). The router gets the daemon's
+  socket only where ``router.precise`` is installed (else it routes on approximate
+  prefixes, and the table says so).
 - Progress goes to stderr, the table (or one line of JSON) to stdout, so ``shoal up
   --json | head -1`` is the contract scripts read.
 - Exit codes (``shoal.cli_format``): 0 stopped by Ctrl-C/SIGTERM after it was up;
@@ -104,11 +111,17 @@ __all__ = [
     "REPO",
     "UpOptions",
     "UpPlan",
+    "check_setup",
     "connector_config",
     "default_engine_python",
+    "describe",
+    "engine_cpus",
     "kv_events_config",
+    "options_from_args",
     "plan_stack",
     "register",
+    "render",
+    "run",
     "vllm_command",
     "vllm_env",
 ]
