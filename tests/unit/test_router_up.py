@@ -255,7 +255,7 @@ def test_a_missing_tiny_model_names_the_script_that_builds_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     absent = tmp_path / ".cache" / "engine" / "tiny-llama"
-    monkeypatch.setattr("router.up.DEFAULT_MODEL", absent)
+    monkeypatch.setattr("router.up_plan.DEFAULT_MODEL", absent)
     python = tmp_path / "python"
     python.touch()
     with pytest.raises(ConfigError, match=r"tiny model is missing .*bash scripts/setup-engine"):
