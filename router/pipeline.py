@@ -211,7 +211,7 @@ class Pipeline:
             strategy=text,
             reason=reason,
             scores=scores,
-            cached_tokens=prefix.of(chosen.engine_id).gpu_tokens if prefix is not None else 0,
+            cached_tokens=strategies[leader].cached_tokens(chosen, prefix),
         )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
