@@ -9,7 +9,6 @@ stages (``UpPlan``), decided before the first one starts (``router.up`` runs it)
       prefetch  shoal loader prefetch  stages the model's weights in shared memory
     3 engine-i  vllm serve (or shoal sim engine), all starting at once
     4 router    shoal router serve     --engines URL=up/gpuI,... --cache-socket <daemon>
-                                       (the socket where router.precise is installed)
 
 Invariant: engine ``i`` publishes its KV events on ``<workdir>/ev/gpu<i>.pub``, which is
 the ``i``-th ``--engine-events`` endpoint of the daemon, whose node is ``up``; so its
@@ -40,9 +39,8 @@ Choices:
 - The daemon gets ``--cache-shm-bytes`` (512 MiB) of shared memory and no DRAM tier: one
   machine's engines share it; other daemon settings come from ``SHOAL_CACHE_*`` in the
   environment, which it inherits (the flags set here win). Its name is the workdir's
-  (arena ``/dev/shm/shoal-<name>.arena``). The router gets the daemon's socket only where
-  ``router.precise`` is installed (else it routes on approximate prefixes, and the table
-  says so).
+  (arena ``/dev/shm/shoal-<name>.arena``). The router gets the daemon's socket, so it
+  routes on precise prefixes (``precise=False`` in tests: approximate, and the table says so).
 
 Rejected: a default of ``VLLM_CPU_OMP_THREADS_BIND=auto`` (with a KV connector each engine
 asks for every core, and two engines then fight over them); reusing the e2e tests' engine
@@ -51,7 +49,6 @@ helpers (library code imports nothing from ``tests/``: they may import from here
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -300,11 +297,11 @@ def plan_stack(
     *,
     free_port: Callable[[], int] | None = None,
     cpus: Sequence[int] | None = None,
-    precise: bool | None = None,
+    precise: bool = True,
 ) -> UpPlan:
     """The processes to start, in stages (pure: ports come from ``free_port``, cores from
     ``cpus``, by default this process's affinity). ``precise``: give the router the
-    daemon's socket (default: when ``router.precise`` is installed)."""
+    daemon's socket (else it routes on approximate prefixes)."""
     free_port = free_port or _free_port
     cpus = sorted(os.sched_getaffinity(0)) if cpus is None else list(cpus)
     events_dir = workdir / "ev"
@@ -404,13 +401,11 @@ def plan_stack(
         "--engines", ",".join(f"{url}={stream}" for url, stream in zip(urls, streams, strict=True)),
         "--strategy", options.strategy, "--chunk-tokens", str(options.chunk_tokens),
     ]  # fmt: skip
-    if precise is None:
-        precise = importlib.util.find_spec("router.precise") is not None
     if precise:
         router_argv += ["--cache-socket", str(cache_socket)]
     if (model / "tokenizer.json").exists():
         router_argv += ["--tokenizer", str(model)]
-        if options.sim and _router_has_setting("tokenizer_dialect"):
+        if options.sim:
             router_argv += ["--tokenizer-dialect", "simulator"]  # sim renders chats its way
     how = "precise prefixes from the cache daemon" if precise else "approximate prefixes"
     router = Service(
@@ -422,13 +417,6 @@ def plan_stack(
     return UpPlan(
         workdir, tuple(stages), router_url, urls, streams, served, cache_socket, (events_dir,)
     )
-
-
-def _router_has_setting(name: str) -> bool:
-    """Whether ``shoal router serve`` takes ``--<name>`` (settings land piece by piece)."""
-    from router.config import RouterSettings
-
-    return name in {field.name for field in dataclasses.fields(RouterSettings)}
 
 
 def _bindable(host: str, port: int) -> bool:
