@@ -23,6 +23,9 @@ Layout (issue 12)::
       server.py       one process per core (SO_REUSEPORT), uvloop, graceful stop
       cli.py          ``shoal router serve``
       up.py           ``shoal up``: the whole stack on one machine
+      up_plan.py      what ``shoal up`` runs: command lines, environments, readiness
+      stack.py        processes started in stages and stopped in reverse (process groups)
+      demo.py         ``shoal up --demo``: a conversation through the router, turn by turn
 
 Calls go down (proxy -> pipeline -> strategies); engines' state comes up as data
 (``EngineView`` snapshots), so strategies are pure and unit-tested without sockets.

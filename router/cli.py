@@ -3,10 +3,12 @@
 ::
 
     serve      run the router in the foreground (``--engines URL,URL,...``)
-    settings   print the effective settings (flags < env SHOAL_ROUTER_* < file), --json
+    settings   print the effective settings (file < env SHOAL_ROUTER_* < flags), --json
+    engines    a running router's engines: health, breaker, in flight, metrics age, --json
 
 Exit codes (``shoal.cli_format``): 0 success (and a clean stop on SIGTERM/SIGINT);
-2 bad flags, settings or a missing optional module for a flag.
+2 bad flags, settings or a missing optional module for a flag; 3 the router could not be
+reached (``engines``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from typing import Any
 
 from shoal.config import add_flags, load_config
@@ -44,6 +47,16 @@ def register(subparsers: Any) -> None:
     settings.add_argument("--json", action="store_true", help="print JSON for scripts")
     add_flags(settings, RouterSettings, "router")
     settings.set_defaults(func=_settings)
+    engines = verbs.add_parser(
+        "engines",
+        help="a running router's engines",
+        description="Show a running router's engines (GET /router/engines).",
+    )
+    engines.add_argument(
+        "--url", default="http://127.0.0.1:8080", help="the router (default %(default)s)"
+    )
+    engines.add_argument("--json", action="store_true", help="print JSON for scripts")
+    engines.set_defaults(func=_engines)
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -70,4 +83,40 @@ def _settings(args: argparse.Namespace) -> int:
         width = max(map(len, values))
         for name, value in values.items():
             print(f"{name:<{width}}  {value!r}")
+    return 0
+
+
+def _engines(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    from shoal.cli_format import EXIT_UNREACHABLE, table
+
+    try:
+        with urllib.request.urlopen(args.url.rstrip("/") + "/router/engines", timeout=5) as reply:
+            rows = json.loads(reply.read())["engines"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(
+            f"shoal router engines: cannot read {args.url}/router/engines: {exc}", file=sys.stderr
+        )
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    headers = ("engine", "stream", "healthy", "breaker", "in flight", "tokens", "metrics age")
+    cells = [
+        (
+            row["url"],
+            row["stream"] or "-",
+            "yes" if row["healthy"] else "no",
+            row["breaker"],
+            str(row["in_flight"]),
+            str(row["in_flight_tokens"]),
+            "-"
+            if row["metrics_age_s"] is None
+            else f"{row['metrics_age_s']:.1f} s" + ("" if row["metrics_fresh"] else " (stale)"),
+        )
+        for row in rows
+    ]
+    print("\n".join(table(headers, cells, "<<<<>>>")))
     return 0

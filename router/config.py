@@ -34,6 +34,7 @@ class RouterSettings:
     discovery_file: str = setting(
         "", "file discovery: JSON or YAML list of {url, stream?}; re-read on change"
     )
+    discovery_interval_s: float = setting(5.0, "seconds between discovery reads (dns, k8s, file)")
     strategy: str = setting("shoal", "default routing strategy or weighted mix (a:2,b:1)")
     workers: int = setting(1, "processes sharing the port (SO_REUSEPORT), each its own pool")
     redis: str = setting("", "Redis URL for state shared between router replicas; empty = memory")
@@ -41,11 +42,19 @@ class RouterSettings:
         "", "the local cache daemon's engine socket; enables precise prefix routing"
     )
     tokenizer: str = setting("", "directory with the served model's tokenizer.json")
+    tokenizer_dialect: str = setting(
+        "vllm", "how the engines render chat prompts: vllm, or simulator for sim fleets"
+    )
     chunk_tokens: int = setting(256, "tokens per Shoal key (as the engines' connector cuts)")
     engine_model: str = setting(
         "", "the engines' Shoal key namespace model; empty = what the daemon learned"
     )
     api_keys: str = setting("", "file mapping API keys to users (JSON object or KEY USER lines)")
+    insecure_no_auth: bool = setting(
+        False,
+        "listen beyond loopback without --api-keys (anyone who reaches the port may use the "
+        "engines; logs a warning)",
+    )
     user_rpm: int = setting(0, "requests per minute per user; 0 = unlimited")
     user_tpm: int = setting(0, "prompt+max tokens per minute per user; 0 = unlimited")
     model_rps: float = setting(0.0, "requests per second per model; 0 = unlimited")
@@ -70,10 +79,45 @@ class RouterSettings:
     )
     max_in_flight_per_engine: int = setting(256, "an engine with this many is saturated")
     retry_after_s: float = setting(1.0, "Retry-After when saturated or no engine is healthy")
+    ledger_refresh_s: float = setting(
+        0.05, "seconds between pulls of other replicas' in-flight counts (with --redis)"
+    )
     session_header: str = setting("x-session-id", "request header naming a session")
     locate_timeout_s: float = setting(
         0.05, "seconds the precise prefix lookup may take before it counts as unknown"
     )
+    shutdown_timeout_s: float = setting(
+        10.0, "on SIGTERM, seconds requests in flight may take to finish before they are cut"
+    )
+    # strategy tunables: the fields of router.strategies.StrategyDeps of the same names
+    prefill_s_per_token: float = setting(
+        2e-4, "cost model: seconds an engine takes to prefill one uncached prompt token"
+    )
+    node_load_s_per_token: float = setting(
+        1e-5, "cost model: seconds to load one token's KV from the engine's node cache"
+    )
+    peer_fetch_s_per_token: float = setting(
+        4e-5, "cost model: seconds to fetch one token's KV from a peer node's cache"
+    )
+    running_request_tokens: int = setting(
+        32, "cost model: queued prompt tokens one running request is worth (decode share)"
+    )
+    shoal_load_factor: float = setting(
+        1.5, "shoal: refuse an engine above this x the mean in flight (hot prefixes spread)"
+    )
+    balance_abs_requests: int = setting(
+        8, "load gate: affinity holds until an engine has this many more in flight than the least"
+    )
+    balance_rel: float = setting(1.5, "load gate: ... and this many times the least loaded's")
+    prefix_block_chars: int = setting(256, "approximate prefix index: characters per block")
+    prefix_index_entries: int = setting(
+        200_000, "approximate prefix index: block hashes kept (bounded memory)"
+    )
+    bounded_load_factor: float = setting(
+        1.25, "session-affinity: an engine takes at most this x the mean load"
+    )
+    ttft_slo_s: float = setting(2.0, "slo strategy: time-to-first-token target")
+    tpot_slo_s: float = setting(0.2, "slo strategy: time-per-output-token target")
     seed: int = setting(-1, "random seed for tie-breaks; -1 = from the OS")
     log_level: str = setting("info", "debug, info, warning or error")
     log_format: str = setting("text", "json (structured) or text")
@@ -90,6 +134,16 @@ class RouterSettings:
         if self.workers < 1:
             raise ValueError(f"workers {self.workers} must be at least 1")
         positive = (
+            "prefill_s_per_token",
+            "node_load_s_per_token",
+            "peer_fetch_s_per_token",
+            "shoal_load_factor",
+            "balance_rel",
+            "prefix_block_chars",
+            "prefix_index_entries",
+            "bounded_load_factor",
+            "ttft_slo_s",
+            "tpot_slo_s",
             "chunk_tokens",
             "max_body_bytes",
             "max_header_bytes",
@@ -105,12 +159,16 @@ class RouterSettings:
             "upstream_timeout_s",
             "max_in_flight_per_engine",
             "retry_after_s",
+            "ledger_refresh_s",
+            "discovery_interval_s",
+            "shutdown_timeout_s",
             "locate_timeout_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("user_rpm", "user_tpm", "model_rps", "max_retries"):
+        for name in ("user_rpm", "user_tpm", "model_rps", "max_retries", "running_request_tokens",
+                     "balance_abs_requests"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         if not self.strategy.strip():

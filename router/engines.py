@@ -33,14 +33,13 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from router.config import RouterSettings
 from router.scrape import MetricsScraper
-from router.types import EngineView
+from router.types import EngineSpec, EngineView
 from shoal.errors import ConfigError
 
 __all__ = [
@@ -105,18 +104,6 @@ class CircuitBreaker:
         self._failures += 1
         if self._state is BreakerState.HALF_OPEN or self._failures >= self.failures:
             self._state, self._opened_at, self._probe_at = BreakerState.OPEN, now, None
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSpec:
-    """One engine as discovery names it: its base URL and its cache-daemon stream."""
-
-    url: str
-    stream: str = ""
-
-    @property
-    def node(self) -> str:
-        return self.stream.split("/", 1)[0] if self.stream else ""
 
 
 def parse_engines(text: str) -> list[EngineSpec]:
@@ -330,7 +317,8 @@ class EnginePool:
             engine.models = frozenset(str(c["id"]) for c in cards)
 
     async def check_all(self) -> None:
-        """One round of health checks, model polls and scrapes (also the first one)."""
+        """One round of health checks, then a model poll of each engine whose models are
+        not known yet (a new engine serves as soon as it is healthy and listed)."""
         ids = list(self._engines)
         await asyncio.gather(*(self.check_health(e) for e in ids))
         await asyncio.gather(
@@ -364,7 +352,12 @@ class EnginePool:
     async def _loop(self, interval_s: float, round_: Callable[[], Any]) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            await round_()
+            try:
+                await round_()
+            except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
+                # each check handles its own engine's errors; this keeps the loop alive
+                # through anything they let slip (an engine URL aiohttp rejects, say)
+                log.warning("background round %s failed: %r", round_.__name__, exc)
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -6,6 +6,7 @@
      ├── ConfigError               bad flag, environment variable or file (shoal.errors)
      └── RouterError
           ├── BadRequest           the client's request is malformed or too large (400/413)
+          ├── Unauthorized         no or an unknown API key while --api-keys is set (401)
           ├── UnknownStrategy      a strategy name or mix that does not parse (400 per request,
           │                        ConfigError at start)
           ├── NoEngineAvailable    no healthy engine serves the model (503, Retry-After)
@@ -31,6 +32,7 @@ __all__ = [
     "RateLimited",
     "RouterError",
     "Saturated",
+    "Unauthorized",
     "UnknownStrategy",
     "UpstreamError",
 ]
@@ -58,6 +60,11 @@ class BadRequest(RouterError):
     def __init__(self, message: str, *, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class Unauthorized(RouterError):
+    status = 401
+    code = "invalid_api_key"
 
 
 class UnknownStrategy(RouterError):

@@ -13,6 +13,17 @@
                                                          mid-stream
     shoal_router_breaker_state{engine}                   0 closed, 1 half-open, 2 open
     shoal_router_rejected_total{reason}                  429/503 by the router itself
+    shoal_router_engine_metrics_fresh{engine}            1 when the engine's last scrape is
+                                                         fresh, 0 when it is unknown
+    shoal_router_shared_state_calls_total{part, result}  Redis calls of the ledger/limiter
+    shoal_router_shared_state_degraded{part}             1 while Redis fails (local view)
+    shoal_router_replicas                                live replicas on the shared ledger
+    shoal_router_prefix_lookups_total{result}            precise lookups: located, failed,
+                                                         unknown (prompt could not be keyed)
+
+The ``strategy`` label is the mix's member names joined by ``+`` (weights dropped): clients
+choose mixes per request, and a label per weight would let them grow the registry without
+bound. The state families are read from the components' ``statistics()`` at scrape time.
 
 Each process (``--workers N``) has its own registry and answers its own ``/metrics``;
 sum over scrapes for the whole router. Rejected: prometheus_client's multiprocess mode
@@ -22,9 +33,12 @@ update).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = ["BREAKER_VALUES", "RouterMetrics"]
 
@@ -89,10 +103,77 @@ class RouterMetrics:
         self._child(self.requests, "requests", route, str(status)).inc()
 
     def count_decision(self, strategy: str, reason: str) -> None:
-        self._child(self.decisions, "decisions", strategy, reason).inc()
+        names = "+".join(sorted(part.partition(":")[0].strip() for part in strategy.split(",")))
+        self._child(self.decisions, "decisions", names, reason).inc()
+
+    def watch(self, state: Callable[[], RouterState]) -> None:
+        """Report ``state()`` (read at every scrape) as the state families."""
+        self.registry.register(_StateCollector(state))
 
     def engine_in_flight(self, engine_id: str) -> Any:
         return self._child(self.in_flight, "in_flight", engine_id)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RouterState:
+    """What the scrape-time families read: plain values, gathered by the proxy."""
+
+    def __init__(
+        self,
+        *,
+        fresh: Mapping[str, bool],
+        shared: Mapping[str, Any],  # part ("ledger", "limiter") -> SharedStats
+        locator: Any | None,  # LocatorStats
+    ) -> None:
+        self.fresh = fresh
+        self.shared = shared
+        self.locator = locator
+
+
+class _StateCollector(Collector):
+    def __init__(self, state: Callable[[], RouterState]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Any]:
+        state = self._state()
+        fresh = GaugeMetricFamily(
+            "shoal_router_engine_metrics_fresh",
+            "1 when the engine's last /metrics scrape is fresh, 0 when unknown.",
+            labels=["engine"],
+        )
+        for engine_id, is_fresh in state.fresh.items():
+            fresh.add_metric([engine_id], 1.0 if is_fresh else 0.0)
+        yield fresh
+        if state.shared:
+            calls = CounterMetricFamily(
+                "shoal_router_shared_state_calls", "Redis calls of the shared ledger and limits.",
+                labels=["part", "result"],
+            )  # fmt: skip
+            degraded = GaugeMetricFamily(
+                "shoal_router_shared_state_degraded",
+                "1 while Redis fails and this replica decides on its own view.",
+                labels=["part"],
+            )
+            for part, stats in state.shared.items():
+                calls.add_metric([part, "ok"], stats.redis_calls)
+                calls.add_metric([part, "failed"], stats.redis_failures)
+                degraded.add_metric([part], 1.0 if stats.degraded else 0.0)
+            yield calls
+            yield degraded
+            ledger = state.shared.get("ledger")
+            if ledger is not None:
+                yield GaugeMetricFamily(
+                    "shoal_router_replicas", "Live router replicas on the shared ledger.",
+                    value=ledger.replicas,
+                )  # fmt: skip
+        if state.locator is not None:
+            lookups = CounterMetricFamily(
+                "shoal_router_prefix_lookups", "Precise prefix lookups through the cache daemon.",
+                labels=["result"],
+            )  # fmt: skip
+            lookups.add_metric(["located"], state.locator.num_located)
+            lookups.add_metric(["failed"], state.locator.num_failures)
+            lookups.add_metric(["unknown"], state.locator.num_unknown)
+            yield lookups

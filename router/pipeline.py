@@ -95,6 +95,7 @@ class Pipeline:
         self.deps = deps
         self._rng: random.Random = deps.rng
         self._locator = locator
+        self.locator = locator  # read-only use: its statistics() for /metrics
         self._locate_timeout_s = locate_timeout_s
         self._retry_after_s = retry_after_s
         self._instances: dict[str, Strategy] = {}
@@ -211,7 +212,7 @@ class Pipeline:
             strategy=text,
             reason=reason,
             scores=scores,
-            cached_tokens=prefix.of(chosen.engine_id).gpu_tokens if prefix is not None else 0,
+            cached_tokens=strategies[leader].cached_tokens(chosen, prefix),
         )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(

@@ -155,9 +155,11 @@ def to_route_request(
     model = body.get("model", "")
     if not isinstance(model, str):
         raise BadRequest("'model' must be a string")
+    messages: tuple[Mapping[str, Any], ...] = ()
     if route == "chat":
         text = render_messages(body.get("messages"))
         tokens, token_ids = estimate_tokens(text), None
+        messages = tuple(body["messages"])  # the precise path renders the chat template
     elif route == "completions":
         if "prompt" not in body:
             raise BadRequest("'prompt' is required")
@@ -187,4 +189,5 @@ def to_route_request(
         stream=stream,
         arrival_s=arrival_s,
         token_ids=token_ids,
+        messages=messages,
     )

@@ -7,14 +7,20 @@ kernel spreads connections over them; each has its own engine pool, scraper, str
 and (without ``--redis``) its own ledger and limits. The parent forwards the stop signal
 and exits with the first non-zero worker code.
 
-What is built from settings:
+What is built from settings (``build_proxy``, inside the serving loop):
 
-* ``--redis URL``: ``router.shared``'s ``RedisLedger``/``RedisLimiter`` (else in memory);
-* ``--cache-socket PATH``: ``router.precise``'s locator (else no precise prefix view);
-* ``--discovery`` other than static: ``router.discovery``.
+* ``--redis URL``: ``router.shared``'s ``RedisLedger.connect(url)`` and
+  ``RedisLimiter.connect(url, user_rpm=, user_tpm=, model_rps=)`` (else in memory);
+* ``--cache-socket PATH``: ``router.precise``'s ``PreciseLocator.connect(PATH,
+  PromptTokenizer(--tokenizer, dialect=--tokenizer-dialect), namespace=Namespace(
+  --engine-model) or the daemon's, chunk_tokens=--chunk-tokens)`` (else no precise view);
+* ``--discovery dns|k8s|file``: ``router.discovery.make_discovery(...)``, whose list the
+  proxy copies into the pool every ``--discovery-interval-s``; static ``--engines`` is
+  parsed here (``parse_engines``).
 
 Those modules belong to other parts of issue 12; when one is missing the router refuses
-to start with a ``ConfigError`` naming the flag, rather than silently running without it.
+to start with a ``ConfigError`` naming the flag (``check_settings``, also run before
+forking workers), rather than silently running without it.
 
 ``running_router(port, engines=[...], **flags)`` starts ``python -m shoal router serve``
 as a subprocess and waits for ``/health`` (like ``sim/process.py``).
@@ -25,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import ipaddress
 import logging
 import multiprocessing
 import os
@@ -36,8 +43,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -46,18 +53,25 @@ from aiohttp import web
 
 from router.config import RouterSettings
 from router.engines import EnginePool, parse_engines
+from router.errors import UnknownStrategy
 from router.ledger import InMemoryLedger, Ledger
 from router.limits import InMemoryLimiter, Limiter, load_api_keys
 from router.pipeline import Pipeline, PrefixLocator
 from router.proxy import Proxy
-from router.strategies import STRATEGIES, StrategyDeps
+from router.strategies import StrategyDeps
 from shoal.errors import ConfigError, ShoalError
 
-__all__ = ["RouterProcess", "build_proxy", "running_router", "serve", "start_router"]
+__all__ = [
+    "RouterProcess",
+    "build_proxy",
+    "check_settings",
+    "running_router",
+    "serve",
+    "start_router",
+]
 
 log = logging.getLogger("shoal." + __name__)
 _REPO = Path(__file__).resolve().parents[1]
-FALLBACK_STRATEGY = "least-request"
 
 
 def _optional(module: str, flag: str) -> ModuleType:
@@ -69,41 +83,103 @@ def _optional(module: str, flag: str) -> ModuleType:
         raise ConfigError(f"{flag} needs {module}, which this installation lacks") from None
 
 
-def _strategy(settings: RouterSettings) -> str:
-    if settings.strategy == "shoal" and "shoal" not in STRATEGIES:
-        log.warning(
-            "the default strategy 'shoal' is not available in this build; using %s",
-            FALLBACK_STRATEGY,
+def _pipeline(settings: RouterSettings, locator: PrefixLocator | None) -> Pipeline:
+    rng = random.Random(None if settings.seed < 0 else settings.seed)
+    # every tunable of StrategyDeps has a setting of the same name (config.py)
+    tunables = {
+        f.name: getattr(settings, f.name)
+        for f in fields(StrategyDeps)
+        if f.name not in ("rng", "clock")
+    }
+    deps = StrategyDeps(rng=rng, **tunables)
+    try:
+        return Pipeline(
+            settings.strategy,
+            deps,
+            locator=locator,
+            locate_timeout_s=settings.locate_timeout_s,
+            retry_after_s=settings.retry_after_s,
         )
-        return FALLBACK_STRATEGY
-    return settings.strategy
+    except UnknownStrategy as exc:  # a request's bad header is a 400; a bad flag stops here
+        raise ConfigError(f"--strategy: {exc}") from None
 
 
-def build_proxy(
+def check_settings(settings: RouterSettings) -> None:
+    """What can be checked without I/O: the engines list, the strategy, the key file, and
+    that the modules the flags need are there (``ConfigError`` naming the flag)."""
+    if settings.discovery == "static" and not parse_engines(settings.engines):
+        raise ConfigError("give the engines: --engines URL,URL,... (or --discovery ...)")
+    if settings.discovery != "static":
+        _optional("router.discovery", f"--discovery {settings.discovery}")
+    if settings.redis:
+        _optional("router.shared", "--redis")
+    if settings.cache_socket:
+        _optional("router.precise", "--cache-socket")
+        if not settings.tokenizer:
+            raise ConfigError("--cache-socket needs --tokenizer DIR (the served model's)")
+    _pipeline(settings, None)
+    if settings.api_keys:
+        load_api_keys(settings.api_keys)
+    elif not _is_loopback(settings.host):
+        if not settings.insecure_no_auth:
+            raise ConfigError(
+                f"the router would listen on {settings.host} beyond loopback without "
+                "authentication: give --api-keys FILE, or --insecure-no-auth to accept that"
+            )
+        log.warning("listening on %s without API keys (--insecure-no-auth)", settings.host)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: assume it is reachable
+        return False
+
+
+async def _connect_locator(settings: RouterSettings) -> PrefixLocator:
+    precise = _optional("router.precise", "--cache-socket")
+    tokenizer = precise.PromptTokenizer(settings.tokenizer, dialect=settings.tokenizer_dialect)
+    namespace = None
+    if settings.engine_model:
+        from kvcache.keys import Namespace
+
+        namespace = Namespace(settings.engine_model)
+    locator: PrefixLocator = await precise.PreciseLocator.connect(
+        settings.cache_socket,
+        tokenizer,
+        namespace=namespace,
+        chunk_tokens=settings.chunk_tokens,
+        timeout_s=settings.locate_timeout_s * 0.8,  # its own bound inside the pipeline's
+    )
+    return locator
+
+
+async def build_proxy(
     settings: RouterSettings,
     *,
     ledger: Ledger | None = None,
     limiter: Limiter | None = None,
     locator: PrefixLocator | None = None,
 ) -> Proxy:
-    """Everything one router process needs, built from ``settings`` (injected pieces win)."""
-    closers: list[Callable[[], Any]] = []
-    if settings.redis and (ledger is None or limiter is None):
+    """Everything one router process needs, built from ``settings`` (injected pieces win):
+    Redis connections (``--redis``), the cache daemon's locator (``--cache-socket``), the
+    discovery source. Call inside the event loop that will serve."""
+    check_settings(settings)
+    if settings.redis:
         shared = _optional("router.shared", "--redis")
         if ledger is None:
-            ledger = shared.RedisLedger(settings.redis)
+            ledger = await shared.RedisLedger.connect(settings.redis)
         if limiter is None:
-            limiter = shared.RedisLimiter(
+            limiter = await shared.RedisLimiter.connect(
                 settings.redis,
                 user_rpm=settings.user_rpm,
                 user_tpm=settings.user_tpm,
                 model_rps=settings.model_rps,
             )
     if settings.cache_socket and locator is None:
-        precise = _optional("router.precise", "--cache-socket")
-        locator = precise.build_locator(settings)
-    if locator is not None:
-        closers.append(locator.close)
+        locator = await _connect_locator(settings)
     ledger = ledger if ledger is not None else InMemoryLedger()
     limiter = (
         limiter
@@ -112,45 +188,47 @@ def build_proxy(
             user_rpm=settings.user_rpm, user_tpm=settings.user_tpm, model_rps=settings.model_rps
         )
     )
+    discovery = None
     if settings.discovery == "static":
         specs = parse_engines(settings.engines)
-        if not specs:
-            raise ConfigError("give the engines: --engines URL,URL,... (or --discovery ...)")
-        discovery = None
     else:
-        discovery = _optional("router.discovery", f"--discovery {settings.discovery}")
-        specs = []
-    rng = random.Random(None if settings.seed < 0 else settings.seed)
-    deps = StrategyDeps(
-        rng=rng,
-        session_header=settings.session_header,
-        max_in_flight_per_engine=settings.max_in_flight_per_engine,
-    )
-    pipeline = Pipeline(
-        _strategy(settings),
-        deps,
-        locator=locator,
-        locate_timeout_s=settings.locate_timeout_s,
-        retry_after_s=settings.retry_after_s,
-    )
+        module = _optional("router.discovery", f"--discovery {settings.discovery}")
+        discovery = module.make_discovery(
+            settings.discovery,
+            engines=settings.engines,
+            discovery_file=settings.discovery_file,
+            interval_s=settings.discovery_interval_s,
+        )
+        specs = list(await discovery.engines())
     pool = EnginePool(specs, settings)
     api_keys = load_api_keys(settings.api_keys) if settings.api_keys else {}
+    closers = [c.close for c in (locator, discovery) if c is not None]
 
     async def close_extras() -> None:
         for close in closers:
             await close()
 
     proxy = Proxy(
-        settings, pool, pipeline, ledger, limiter, api_keys=api_keys, on_cleanup=close_extras
+        settings,
+        pool,
+        _pipeline(settings, locator),
+        ledger,
+        limiter,
+        api_keys=api_keys,
+        on_cleanup=close_extras,
     )
-    if discovery is not None:
-        proxy.discovery = discovery.build_discovery(settings, pool)
+    proxy.discovery = discovery
     return proxy
 
 
 async def _serve(settings: RouterSettings, *, reuse_port: bool) -> int:
-    proxy = build_proxy(settings)
-    runner = web.AppRunner(proxy.app(), handler_cancellation=True, access_log=None)
+    proxy = await build_proxy(settings)
+    runner = web.AppRunner(
+        proxy.app(),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout_s,
+    )
     await runner.setup()
     site = web.TCPSite(
         runner, settings.host, settings.port, reuse_address=True, reuse_port=reuse_port or None
@@ -204,7 +282,7 @@ def serve(settings: RouterSettings) -> int:
     """Serve until SIGTERM/SIGINT; the exit code."""
     if settings.workers == 1:
         return _run(settings, reuse_port=False)
-    build_proxy(replace(settings, workers=1))  # configuration errors before forking
+    check_settings(settings)  # configuration errors before forking
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=_worker, args=(settings, settings.log_level), daemon=False)
@@ -314,10 +392,13 @@ def start_router(
     log_path: str | Path | None = None,
     ready_timeout_s: float = 20.0,
     wait_healthy: bool = True,
+    cpu: int | None = None,
     **flags: Any,
 ) -> RouterProcess:
     """Start ``shoal router serve`` and wait until it listens (and, with ``wait_healthy``,
-    until ``/health`` is 200, i.e. an engine is healthy)."""
+    until ``/health`` is 200, i.e. an engine is healthy); ``cpu`` pins it to one core.
+    Flags are ``RouterSettings`` fields with ``_`` for ``-`` (``True`` = a bare flag,
+    ``False``/``None`` = left out)."""
     scratch = Path(tempfile.mkdtemp(prefix=f"router-{port}-"))
     log_path = Path(log_path) if log_path is not None else scratch / "router.log"
     command = [sys.executable, "-m", "shoal", "router", "serve", "--host", host,
@@ -333,6 +414,8 @@ def start_router(
     }
     with open(log_path, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if cpu is not None:  # before its interpreter starts threads, which inherit it
+        os.sched_setaffinity(process.pid, {cpu})
     router = RouterProcess(process, host, port, log_path, scratch)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:

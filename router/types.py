@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "EngineMetrics",
     "EnginePrefix",
+    "EngineSpec",
     "EngineView",
     "PrefixView",
     "RouteDecision",
@@ -46,6 +48,22 @@ class RouteRequest:
     stream: bool = False
     arrival_s: float = 0.0
     token_ids: tuple[int, ...] | None = None
+    # a chat's messages as the client sent them: the precise path renders the model's
+    # chat template over them (``router/precise.py``); empty for other routes
+    messages: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """One engine as discovery names it: its base URL and its cache-daemon stream
+    (``<node>/gpu<i>``, empty when unknown: precise routing then sees no GPU prefix)."""
+
+    url: str
+    stream: str = ""
+
+    @property
+    def node(self) -> str:
+        return self.stream.split("/", 1)[0] if self.stream else ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,6 +81,13 @@ COMPONENTS: tuple[Component, ...] = (
         "router",
         ("aiohttp", "redis"),
     ),
+    Component(
+        "up",
+        "the whole stack on one machine: cache daemon, loader sidecar, engines and the router",
+        "router.up",
+        "router",
+        ("aiohttp",),
+    ),
 )
 
 

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 
 from router.server import RouterProcess, running_router
 from sim.process import SimEngineProcess, running_sim_engine, start_sim_engine
-from tests.integration.conftest import free_port, wait_until
+from tests.integration.conftest import ENV, free_port, wait_until
 
 MODEL = "sim-7b"
 FAST = {"health_interval_s": 0.2, "metrics_interval_s": 0.2, "models_interval_s": 0.5}
@@ -124,6 +126,9 @@ def test_a_client_that_hangs_up_cancels_the_upstream_request() -> None:
         asyncio.run(read_two_chunks_and_leave())
         assert wait_until(lambda: engine.metric("vllm:num_requests_running") == 0.0, timeout=5)
         assert wait_until(lambda: engines_status(r)[engine.url]["in_flight"] == 0, timeout=5)
+        # the client leaving is not the engine's failure
+        assert metric(r, "shoal_router_upstream_errors_total") == 0
+        assert engines_status(r)[engine.url]["breaker"] == "closed"
 
 
 def test_a_refused_engine_is_retried_elsewhere_and_its_breaker_opens() -> None:
@@ -177,6 +182,8 @@ def test_metrics_of_an_engine_that_stops_answering_become_unknown() -> None:
             status = engines_status(r)
             assert status[frozen.url]["metrics_age_s"] > 0.6
             assert status[fine.url]["metrics_fresh"]
+            assert metric(r, "shoal_router_engine_metrics_fresh", engine=frozen.url) == 0
+            assert metric(r, "shoal_router_engine_metrics_fresh", engine=fine.url) == 1
             assert wait_until(lambda: not engines_status(r)[frozen.url]["healthy"], timeout=5)
         finally:
             frozen.set_faults(hang="off")
@@ -239,7 +246,7 @@ def test_every_engine_saturated_is_429_and_none_healthy_is_503_with_retry_after(
 
 def test_user_rate_limits_answer_429_with_retry_after(tmp_path: Any) -> None:
     keys = tmp_path / "keys.txt"
-    keys.write_text("sk-alice alice\n")
+    keys.write_text("sk-alice alice\nsk-bob bob\n")
     with sims(1) as engines, router(engines, user_rpm=2, api_keys=keys) as r:
         auth = {"Authorization": "Bearer sk-alice"}
         codes = [r.request("POST", "/v1/completions", completion(), headers=auth)[0]
@@ -247,9 +254,31 @@ def test_user_rate_limits_answer_429_with_retry_after(tmp_path: Any) -> None:
         assert codes == [200, 200, 429]
         status, headers, _ = r.request("POST", "/v1/completions", completion(), headers=auth)
         assert status == 429 and int(headers["Retry-After"]) >= 1
-        assert (
-            r.request("POST", "/v1/completions", completion(), headers={"x-user": "bob"})[0] == 200
-        )
+        bob = {"Authorization": "Bearer sk-bob", "x-user": "alice"}  # x-user cannot claim alice
+        assert r.request("POST", "/v1/completions", completion(), headers=bob)[0] == 200
+
+
+def test_with_api_keys_a_request_without_a_known_key_is_401(tmp_path: Any) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-alice alice\n")
+    with sims(1) as engines, router(engines, api_keys=keys) as r:
+        for headers in ({}, {"x-user": "alice"}, {"Authorization": "Bearer sk-mallory"}):
+            status, _, body = r.request("POST", "/v1/completions", completion(), headers=headers)
+            assert status == 401
+            assert json.loads(body)["error"]["type"] == "invalid_api_key"
+        assert metric(r, "shoal_router_requests_total", route="completions", status="401") == 3
+
+
+def test_a_router_beyond_loopback_needs_api_keys_or_an_explicit_opt_out() -> None:
+    from router.config import RouterSettings
+    from router.server import check_settings
+    from shoal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--api-keys FILE, or --insecure-no-auth"):
+        check_settings(RouterSettings(host="0.0.0.0", engines="http://127.0.0.1:1"))
+    check_settings(RouterSettings(host="0.0.0.0", engines="http://127.0.0.1:1",
+                                  insecure_no_auth=True))  # fmt: skip
+    check_settings(RouterSettings(host="::1", engines="http://127.0.0.1:1"))
 
 
 @pytest.mark.parametrize("header", ["x-shoal-routing-strategy", "routing-strategy"])
@@ -277,3 +306,113 @@ def test_workers_share_the_port_and_stop_cleanly() -> None:
             codes = [r.request("POST", "/v1/completions", completion())[0] for _ in range(10)]
             assert codes == [200] * 10
         assert r.process.returncode == 0
+
+
+def test_engines_from_a_discovery_file_follow_its_changes(tmp_path: Any) -> None:
+    pytest.importorskip("router.discovery")  # the shared-state part of issue 12
+    listing = tmp_path / "engines.json"
+    with sims(2) as (first, second):
+        listing.write_text(json.dumps([{"url": first.url}]))
+        with running_router(free_port(), discovery="file", discovery_file=listing,
+                            discovery_interval_s=0.2, strategy="random", **FAST) as r:  # fmt: skip
+            engines = {r.request("POST", "/v1/completions", completion())[1]["x-shoal-engine"]
+                       for _ in range(5)}  # fmt: skip
+            assert engines == {first.url}
+            listing.write_text(json.dumps([{"url": first.url}, {"url": second.url}]))
+            assert wait_until(lambda: second.url in engines_status(r), timeout=5)
+
+            def reached_second() -> bool:
+                status, headers, _ = r.request("POST", "/v1/completions", completion())
+                return status == 200 and headers["x-shoal-engine"] == second.url
+
+            assert wait_until(reached_second, timeout=5)
+
+
+def test_two_routers_share_limits_and_in_flight_counts_through_redis(tmp_path: Any) -> None:
+    pytest.importorskip("router.shared")  # the shared-state part of issue 12
+    redis_server = pytest.importorskip("tests.integration.redis_server")
+    with redis_server.running_redis(tmp_path) as redis, sims(
+        1, time_scale=1.0, fault_slowdown=20.0
+    ) as engines:  # fmt: skip
+        engine = engines[0].url
+        limits = {"redis": redis.url, "user_rpm": 4}
+        with router(engines, **limits) as a, router(engines, **limits) as b:
+            user = {"x-user": "carol"}
+            replies = [(a, b)[i % 2].request("POST", "/v1/completions", completion(max_tokens=1),
+                                             headers=user) for i in range(6)]  # fmt: skip
+            assert [status for status, _, _ in replies] == [200, 200, 200, 200, 429, 429]
+            assert json.loads(replies[-1][2])["error"]["type"] == "rate_limited"
+
+        full = {"redis": redis.url, "max_in_flight_per_engine": 1}
+        with router(engines, **full) as a, router(engines, **full) as b:
+
+            async def one_long_request_through_a() -> list[int]:
+                async with aiohttp.ClientSession() as session:
+                    body = completion(max_tokens=30)
+                    long = asyncio.ensure_future(session.post(a.url + "/v1/completions", json=body))
+                    # b sees a's request in flight on the engine, and the engine is full
+                    seen = await asyncio.to_thread(
+                        wait_until, lambda: engines_status(b)[engine]["in_flight"] == 1, 5
+                    )
+                    assert seen
+                    status = (await asyncio.to_thread(b.request, "POST", "/v1/completions",
+                                                      completion()))[0]  # fmt: skip
+                    reply = await long
+                    await reply.read()
+                    return [status, reply.status]
+
+            assert asyncio.run(one_long_request_through_a()) == [429, 200]
+
+
+def test_an_engine_that_accepts_and_never_answers_times_out_into_a_retry() -> None:
+    with sims(2) as (wedged, good), router([wedged, good], upstream_timeout_s=0.5,
+                                           breaker_failures=1, breaker_cooldown_s=60,
+                                           strategy="random") as r:  # fmt: skip
+        wedged.set_faults(hang="requests")  # its /health still answers, as vLLM's does
+        try:
+            for _ in range(30):  # random picks the wedged one soon (all 30 miss: 1e-9)
+                status, headers, _ = r.request("POST", "/v1/completions", completion())
+                assert (status, headers["x-shoal-engine"]) == (200, good.url)
+                if engines_status(r)[wedged.url]["breaker"] == "open":
+                    break
+            assert metric(r, "shoal_router_upstream_errors_total", engine=wedged.url,
+                          kind="timeout") == 1  # fmt: skip
+            assert engines_status(r)[wedged.url]["breaker"] == "open"
+        finally:
+            wedged.set_faults(hang="off")
+
+
+def test_the_engines_verb_shows_a_running_routers_engines() -> None:
+    def shoal(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "shoal", "router", *args],
+                              capture_output=True, text=True, timeout=30, env=ENV)  # fmt: skip
+
+    with sims(1) as engines, router([f"{engines[0].url}=n1/gpu0"]) as r:
+        listed = shoal("engines", "--url", r.url, "--json")
+        assert listed.returncode == 0, listed.stderr
+        (row,) = json.loads(listed.stdout)
+        assert (row["url"], row["stream"], row["healthy"]) == (engines[0].url, "n1/gpu0", True)
+        table = shoal("engines", "--url", r.url)
+        assert "n1/gpu0" in table.stdout and "closed" in table.stdout
+        url = r.url
+    gone = shoal("engines", "--url", url)
+    assert gone.returncode == 3
+    assert "cannot read" in gone.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        ((), "--engines"),
+        (("--engines", "http://127.0.0.1:1", "--strategy", "nope"), "--strategy: unknown"),
+        (("--engines", "127.0.0.1:1"), "--engines item"),
+        (("--engines", "http://127.0.0.1:1", "--workers", "0"), "workers"),
+    ],
+)
+def test_bad_settings_stop_the_router_with_one_line_and_exit_2(
+    argv: tuple[str, ...], words: str
+) -> None:
+    done = subprocess.run([sys.executable, "-m", "shoal", "router", "serve", *argv],
+                          capture_output=True, text=True, timeout=30, env=ENV)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert words in done.stderr and "Traceback" not in done.stderr

@@ -101,3 +101,14 @@ def test_readme_loader_reference_matches_the_sidecar_settings() -> None:
     assert match.group(1) == render_reference(LoaderConfig, "loader"), (
         "README's [loader] reference is stale: regenerate it with shoal.config.render_reference"
     )
+
+
+def test_readme_router_reference_matches_the_router_settings() -> None:
+    from router.config import RouterSettings
+
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"router-config-reference.*?-->\n(.*?)\n<!-- end", readme, re.S)
+    assert match, "README lost its router configuration reference"
+    assert match.group(1) == render_reference(RouterSettings, "router"), (
+        "README's [router] reference is stale: regenerate it with shoal.config.render_reference"
+    )

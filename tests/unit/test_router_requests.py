@@ -73,6 +73,7 @@ def test_chat_messages_render_role_by_role_with_text_parts_only() -> None:
     assert request.route == "chat"
     assert request.stream is True
     assert request.max_tokens == 256
+    assert request.messages == tuple(messages)  # for the precise path's chat template
 
 
 def test_max_completion_tokens_wins_over_max_tokens() -> None:

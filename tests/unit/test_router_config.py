@@ -1,0 +1,43 @@
+"""RouterSettings: defaults < file < environment < flags, and consistency checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router.config import RouterSettings
+from shoal.config import load_config
+from shoal.errors import ConfigError
+
+
+def test_layers_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "shoal.toml"
+    path.write_text(
+        '[router]\nport = 9001\nstrategy = "random"\nuser_rpm = 5\nmax_body_bytes = "1MiB"\n'
+    )
+    environ = {"SHOAL_ROUTER_STRATEGY": "least-request", "SHOAL_ROUTER_USER_RPM": "7"}
+    settings = load_config(RouterSettings, "router", flags={"user_rpm": "9"}, environ=environ,
+                           config_path=path)  # fmt: skip
+    assert settings.port == 9001  # file
+    assert settings.strategy == "least-request"  # environment over file
+    assert settings.user_rpm == 9  # flag over environment
+    assert settings.max_body_bytes == 1 << 20
+    assert settings.workers == 1  # default
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        ({"discovery": "carrier-pigeon"}, "discovery"),
+        ({"discovery": "file"}, "discovery_file"),
+        ({"workers": "0"}, "workers"),
+        ({"metrics_stale_s": "0"}, "metrics_stale_s"),
+        ({"user_tpm": "-1"}, "user_tpm"),
+        ({"strategy": " "}, "strategy"),
+        ({"port": "many"}, "port"),
+    ],
+)
+def test_inconsistent_settings_are_config_errors(flags: dict[str, str], words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        load_config(RouterSettings, "router", flags=flags, environ={})
