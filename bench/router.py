@@ -435,6 +435,19 @@ def start_router(
     )
 
 
+def lookups(router_url: str) -> str:
+    """The shoal router's precise prefix lookups by result (its /metrics), for the note."""
+    counts: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for line in http_get(router_url + "/metrics", 2.0)[1].decode().splitlines():
+            if line.startswith("shoal_router_prefix_lookups_total{"):
+                result = line.split('result="', 1)[1].split('"', 1)[0]
+                counts[result] = counts.get(result, 0.0) + float(line.rsplit(" ", 1)[1])
+    if not any(counts.values()):
+        return ""
+    return "lookups " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(counts.items()))
+
+
 def arm_available(arm: str) -> str | None:
     """None when the arm can run here, else why not."""
     if arm in SHOAL_STRATEGY and not shoal_arm_ready(arm):
@@ -761,6 +774,8 @@ def run_workload(
             for arm in arms:
                 router = routers.get(arm)
                 cells[arm] = run_cell(arm, fleet_, workload, [router.url] if router else [])
+                if router is not None and arm in SHOAL_STRATEGY:
+                    cells[arm].note = lookups(router.url)
                 progress(f"{name:14} {arm:28} {cells[arm].summary()}")
         finally:
             for router in routers.values():
