@@ -2,21 +2,32 @@
 
 ::
 
-    python bench/router.py [--quick] [--json] [--seed N] [--seconds S] [--workloads a,b]
-                           [--arms a,b] [--no-overhead] [--replicas] [--kill]
+    python bench/router.py [--quick] [--json] [--seed N] [--seconds S] [--warmup S]
+                           [--workloads a,b] [--arms a,b] [--no-overhead] [--replicas]
+                           [--kill] [--tokenizer DIR | --no-precise]
 
 One fleet of ``--engines`` (4) simulated engines (``shoal sim engine``, default 7B/A100
 step profile, time scale 1, block size 16, KV events on ipc sockets) is started per
 workload with that workload's KV capacity (``bench/router_workloads.py``: small caches, so
 a wrong placement recomputes, and enough load to queue). Every arm then replays the same
 seeded sessions in front of that fleet, one arm after another; before each arm the engines
-drain and ``/reset_prefix_cache`` empties their caches. Arms:
+drain and ``/reset_prefix_cache`` empties their caches; the first ``--warmup`` seconds of
+each arm's sessions are not measured.
+
+Precise mode (the default when ``router/precise.py`` and ``--tokenizer DIR/tokenizer.json``
+exist; ``SHOAL_BENCH_TOKENIZER`` sets DIR): the engines tokenize with that tokenizer, a
+``shoal cache serve`` daemon per fleet subscribes to their KV events (``engine_events``,
+64-token chunks), and the ``shoal`` arm gets ``--engines URL=STREAM,...``,
+``--cache-socket``, ``--tokenizer`` and ``--tokenizer-dialect simulator``. Prompt words
+are then drawn from the tokenizer's one-token words, so n words stay ~n tokens.
+``--no-precise``: hashed words, no daemon, shoal routes from its approximate index. Arms:
 
 * ``shoal``: ``python -m shoal router serve`` (default strategy ``shoal``);
-  ``random`` and ``least_request``: the same router with ``--strategy random`` /
-  ``least-request``. While the router is not importable (``router.server`` missing) these
-  three are *absent*, except that ``random`` and ``least_request`` fall back to the same
-  policy applied in the client (marked ``client-side`` in the table);
+  ``shoal_approx`` (precise mode, not in ``--quick``): the same strategy without the
+  daemon; ``random`` and ``least_request``: the router with ``--strategy random`` /
+  ``least-request``. Without a router (``router.server`` missing) the shoal arms are
+  null in the JSON, and ``random`` and ``least_request`` fall back to the same policy
+  applied in the client (marked ``client-side``);
 * ``sglang_cache_aware`` / ``sglang_round_robin``: PyPI ``sglang-router`` 0.3.2;
 * ``vllm_router_cache_aware`` / ``vllm_router_consistent_hash``: PyPI ``vllm-router``
   0.1.17 (both installed by ``bench/install_router_anchors.sh`` into ``.venv-bench``;
@@ -45,7 +56,9 @@ via the router minus direct to the engines, and the router's requests/s.
 ``--json`` prints ``{"workloads": {NAME: {ARM: {"ttft_p50_ms", "ttft_p90_ms",
 "hit_rate", "ok"}}}, "overhead": {ARM: {"added_p50_ms", "added_p99_ms", "rps"}}}``
 (``--replicas`` and ``--kill`` add workloads named ``tenants_4_replicas`` and
-``engine_kill``). ``--quick``: 4 s windows and only the JSON's arms, under five minutes.
+``engine_kill``); an arm that could not run is there with nulls. ``--quick``: 1 s of
+warm-up and 3 s windows, only the JSON's arms (overhead: shoal and the cache_aware
+anchors), under five minutes.
 """
 
 from __future__ import annotations
@@ -1110,10 +1123,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--seconds", type=float, help="arrival window per arm (quick 4, else 20)")
-    parser.add_argument(
-        "--warmup", type=float, help="unmeasured warm-up per arm (quick 1.5, else 5)"
-    )
+    parser.add_argument("--seconds", type=float, help="arrival window per arm (quick 3, else 20)")
+    parser.add_argument("--warmup", type=float, help="unmeasured warm-up per arm (quick 1, else 5)")
     parser.add_argument("--engines", type=int, default=4)
     parser.add_argument("--workloads", default=",".join(wl.WORKLOADS))
     parser.add_argument(
@@ -1142,7 +1153,7 @@ def main() -> int:
     if args.seconds is None:
         args.seconds = 3.0 if args.quick else 20.0
     if args.warmup is None:
-        args.warmup = 1.5 if args.quick else 5.0
+        args.warmup = 1.0 if args.quick else 5.0
     arms = (
         args.arms.split(",")
         if args.arms
