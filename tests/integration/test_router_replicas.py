@@ -55,8 +55,14 @@ def test_each_replica_counts_the_others_requests_in_flight(tmp_path: Path) -> No
         idle = {engine.url: 0 for engine in engines}
         assert all(in_flight(r) == idle for r in routers)
         for router in routers:  # each replica's /metrics says it shares a healthy Redis
+            # (with the other replica once a sync ran after both started)
+            assert wait_until(
+                lambda r=router: (
+                    "shoal_router_replicas 2.0" in r.request("GET", "/metrics")[2].decode()
+                ),
+                timeout=10,
+            )
             text = router.request("GET", "/metrics")[2].decode()
-            assert "shoal_router_replicas 2.0" in text
             assert 'shoal_router_shared_state_degraded{part="ledger"} 0.0' in text
 
         async def main() -> None:
