@@ -283,7 +283,7 @@ def fleet(count: int, flags: dict[str, Any], logs: Path) -> Iterator[Fleet]:
     daemon: subprocess.Popen[bytes] | None = None
     endpoints = [f"ipc://{logs}/kv-{i}.sock" for i in range(count)]
     try:
-        socket_path, streams = "", []
+        socket_path, streams = "", list[str]()
         if MODE.tokenizer:
             daemon, socket_path, streams = start_daemon(endpoints, logs)
         for i in range(count):
