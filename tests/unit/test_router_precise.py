@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import jinja2
@@ -203,7 +202,21 @@ class TailBreaking:
         if not text.startswith("<s>"):
             return encoding
         ids = [7, *encoding.ids]  # a marker only a tail that starts with <s> gets
-        return SimpleNamespace(ids=ids, offsets=[(0, 0), *encoding.offsets])
+        return _Encoding(ids, [(0, 0), *encoding.offsets])
+
+
+class _Encoding:
+    """The parts of ``tokenizers.Encoding`` the token cache reads, over given offsets."""
+
+    def __init__(self, ids: list[int], offsets: list[tuple[int, int]]) -> None:
+        self.ids = ids
+        self.offsets = offsets
+
+    def token_to_chars(self, index: int) -> tuple[int, int]:
+        return self.offsets[index]
+
+    def char_to_token(self, char: int) -> int | None:
+        return next((k for k, (a, b) in enumerate(self.offsets) if a <= char < b), None)
 
 
 @needs_tiny
