@@ -213,6 +213,7 @@ class Pipeline:
             reason=reason,
             scores=scores,
             cached_tokens=strategies[leader].cached_tokens(chosen, prefix),
+            prompt_tokens=prefix.prompt_tokens if prefix is not None else request.prompt_tokens,
         )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(

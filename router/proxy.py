@@ -437,7 +437,9 @@ class Proxy:
         assert self._session is not None, "the proxy serves only between startup and cleanup"
         engine_id = decision.engine_id
         # the ledger queues prefill: a prefix the engine is expected to reuse is not queued
-        pending = max(0, route_request.prompt_tokens - decision.cached_tokens)
+        # (both counts from the decision: exact when the precise path tokenized the prompt)
+        prompt_tokens = decision.prompt_tokens or route_request.prompt_tokens
+        pending = max(0, prompt_tokens - decision.cached_tokens)
         self.pool.on_attempt(engine_id)
         await self.ledger.acquire(engine_id, pending)
         gauge = self.metrics.engine_in_flight(engine_id)

@@ -144,6 +144,7 @@ class RouteDecision:
     # strategy -> engine id -> cost
     scores: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     cached_tokens: int = 0  # prefix tokens expected to be reused on the chosen engine
+    prompt_tokens: int = 0  # the prompt's length as routing knew it (exact when precise)
 
 
 @dataclass(frozen=True, slots=True)
