@@ -59,6 +59,10 @@ via the router minus direct to the engines, and the router's requests/s.
 ``engine_kill``); an arm that could not run is there with nulls. ``--quick``: 1 s of
 warm-up and 3 s windows, only the JSON's arms (overhead: shoal and the cache_aware
 anchors), under five minutes.
+
+Debugging a run: ``--keep-logs`` keeps every engine's, daemon's and router's log (the path is
+printed); ``SHOAL_BENCH_ROUTER_LOG_LEVEL=debug`` makes Shoal's routers log each decision with
+every engine's cost.
 """
 
 from __future__ import annotations
@@ -379,7 +383,7 @@ def router_command(
             "--engines",
             ",".join(urls),
             "--log-level",
-            "WARNING",
+            os.environ.get("SHOAL_BENCH_ROUTER_LOG_LEVEL", "WARNING"),
             "--health-interval-s",
             "2",
         ]
@@ -1126,6 +1130,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, help="arrival window per arm (quick 3, else 20)")
     parser.add_argument("--warmup", type=float, help="unmeasured warm-up per arm (quick 1, else 5)")
     parser.add_argument("--engines", type=int, default=4)
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the engines' and routers' logs"
+    )
     parser.add_argument("--workloads", default=",".join(wl.WORKLOADS))
     parser.add_argument(
         "--arms", help="comma list (default: the JSON's arms, + anchors' others without --quick)"
@@ -1220,7 +1227,8 @@ def main() -> int:
             f"(1-min; {os.cpu_count()} CPUs), {time.perf_counter() - started:.0f} s"
         )
         print(table(workloads, overhead))
-    shutil.rmtree(logs, ignore_errors=True)
+    if not args.keep_logs:
+        shutil.rmtree(logs, ignore_errors=True)
     return 0
 
 

@@ -502,7 +502,10 @@ class Proxy:
                         return response
                     tail = previous + chunk if len(chunk) < 512 else chunk
                     previous = chunk
-                await response.write_eof()
+                try:
+                    await response.write_eof()
+                except ConnectionResetError:  # the client left after the last chunk
+                    log.debug("client of %s left at the end", route_request.request_id)
                 ok = upstream.status < 500
                 if ok:
                     self.pool.record_success(engine_id)

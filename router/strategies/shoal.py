@@ -113,11 +113,13 @@ class ShoalDefault(IndexedStrategy):
             return prefix
         merged = dict(prefix.engines)
         for engine_id, sent in recent.engines.items():
+            # the index counts the request's estimated tokens (characters / 4); rescale its
+            # share of the prompt to the precise view's exact count before comparing
+            share = min(1.0, sent.gpu_tokens / max(recent.prompt_tokens, 1))
+            sent_tokens = int(share * prefix.prompt_tokens)
             known = prefix.of(engine_id)
-            if sent.gpu_tokens > known.gpu_tokens:
-                merged[engine_id] = EnginePrefix(
-                    min(sent.gpu_tokens, prefix.prompt_tokens), known.node_tokens, known.peer_tokens
-                )
+            if sent_tokens > known.gpu_tokens:
+                merged[engine_id] = EnginePrefix(sent_tokens, known.node_tokens, known.peer_tokens)
         return PrefixView(prefix.source, prefix.prompt_tokens, merged)
 
     def score(

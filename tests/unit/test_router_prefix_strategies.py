@@ -305,6 +305,22 @@ class TestShoal(StrategyContract):
         assert len(set(costs)) == 1
         assert strategy.reason(fleet[0], nothing_yet) == "cold"
 
+    def test_a_recent_prefix_is_counted_in_the_precise_views_tokens_not_the_estimate(
+        self,
+    ) -> None:
+        # the index estimates 2,000 tokens (characters / 4) and saw the shared part; the
+        # precise count is 600, so the merged prefix is the same share of 600, never all of
+        # it (the bench found every engine looking fully cached, queues invisible)
+        clock = FakeClock()
+        strategy = self.strategy(clock=clock)
+        picker = Picker(strategy, seed=3)
+        fleet = engines(2)
+        first = picker.pick_id(request(SYSTEM, tokens=2000), fleet, prefix(600))
+        longer = request(SYSTEM + " and a new question of its own" * 40, tokens=2000)
+        strategy.score(longer, fleet, prefix(600))
+        chosen = next(e for e in fleet if e.engine_id == first)
+        assert 0 < strategy.cached_tokens(chosen, prefix(600)) < 600
+
     def test_a_precise_view_overrides_the_approximate_index(self) -> None:
         clock = FakeClock()
         strategy = self.strategy(clock=clock)
