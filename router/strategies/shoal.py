@@ -38,6 +38,16 @@ Why each term:
    slack keeps the bound from moving a conversation off its engine at low load, where two
    requests in flight against one would otherwise break a 1.5x ratio.
 
+4. Hot prefixes get engines in proportion to their traffic. A prefix (its first hashed
+   block) that had ``share`` of this router's last ``heat_window_s`` of requests (at least
+   ``hot_min_requests`` of them) wants ``ceil(share x engines)`` warm engines. While fewer
+   hold it and every one that does is busy, a cold engine's warm-up is not charged: it is
+   priced as if it held the prefix, so the queue decides and an idle engine takes the next
+   request and becomes warm. Without this the first recompute is charged to one request
+   although every later one repays it, and a hot prefix stayed on the two engines that
+   computed it first while they queued (the bench's hot-prefix workload, precise mode).
+   An idle fleet never spreads a conversation this way (its warm engine is not busy).
+
 Where the prefix lives comes from the cluster index when the locator has it
 (``PrefixView.source == "precise"``: KV events and daemon snapshots, no router-local
 state, so replicas agree) and from this strategy's own ``ApproximatePrefixIndex``
@@ -52,8 +62,9 @@ each engine recomputing it (the merge only adds knowledge; replicas without it s
 on the rest). A node-cache hit makes every engine on that node nearly as warm as the one
 that computed it, which lets Shoal release affinity at almost no cost.
 
-Reasons: ``"affinity"`` (the chosen engine holds part of the prefix), ``"load"`` (another
-engine held some and was passed over: affinity released), ``"cold"`` (nobody held any).
+Reasons: ``"affinity"`` (the chosen engine holds part of the prefix), ``"spread"`` (rule
+4 warmed one more engine for a hot prefix), ``"load"`` (another engine held some and was
+passed over: affinity released), ``"cold"`` (nobody held any).
 
 Learned from the routers users compare against: SGLang's cache_aware and AIBrix's
 prefix-cache switch between affinity and shortest queue on request-count thresholds
@@ -71,6 +82,7 @@ bound counts requests, not their sizes.
 from __future__ import annotations
 
 import math
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -85,7 +97,7 @@ from router.strategies.signals import (
 )
 from router.types import EnginePrefix, EngineView, PrefixView, RouteRequest
 
-__all__ = ["ShoalDefault", "with_node_copies"]
+__all__ = ["PrefixHeat", "ShoalDefault", "with_node_copies"]
 
 
 @register
@@ -95,10 +107,14 @@ class ShoalDefault(IndexedStrategy):
     name = "shoal"
     uses_prefix = True
     recent_s: ClassVar[float] = 10.0
+    heat_window_s: ClassVar[float] = 5.0
+    hot_min_requests: ClassVar[int] = 8
 
     def __init__(self, deps: StrategyDeps) -> None:
         super().__init__(deps)
         self._held: dict[str, int] = {}  # last scored: engine id -> prefix tokens it can get
+        self._spread = False  # the last score waived a cold engine's warm-up (rule 4)
+        self._heat = PrefixHeat(self.heat_window_s)
 
     def view(
         self, request: RouteRequest, engines: Sequence[EngineView], prefix: PrefixView | None
@@ -129,14 +145,41 @@ class ShoalDefault(IndexedStrategy):
         tokens = prompt_tokens(request, view)
         pressure = queue_pressure(engines, tokens)
         self._held = {}
-        costs = []
         for e in engines:
             tiers = view.of(e.engine_id)
             held = max(tiers.gpu_tokens, tiers.node_tokens, tiers.peer_tokens)
             self._held[e.engine_id] = min(tokens, held)
+        spread_to = self._hot_prefix_tokens(request, engines)
+        self._spread = spread_to > 0
+        costs = []
+        for e in engines:
+            tiers = view.of(e.engine_id)
+            if spread_to > tiers.gpu_tokens:  # rule 4: warm-up not charged
+                tiers = EnginePrefix(spread_to, tiers.node_tokens, tiers.peer_tokens)
             own = own_seconds(tokens, tiers, self.deps)
             costs.append(queue_seconds(e, self.deps, tokens) + own * (1.0 + pressure))
         return refuse_saturated(self._bounded(costs, engines), engines, self.deps)
+
+    def _hot_prefix_tokens(self, request: RouteRequest, engines: Sequence[EngineView]) -> int:
+        """Rule 4: the prefix tokens a cold engine is priced as holding (0: none)."""
+        hashes = self.hashes_of(request)
+        best = max(self._held.values(), default=0)
+        if not hashes or best <= 0 or len(engines) < 2:
+            return 0
+        count, share = self._heat.share(hashes[0], self.deps.clock())
+        warm = [e for e in engines if self._held[e.engine_id] >= best]
+        wanted = min(len(engines), math.ceil(share * len(engines)))
+        if count < self.hot_min_requests or len(warm) >= wanted:
+            return 0
+        if any(e.in_flight == 0 for e in warm):  # a warm engine is free: no need
+            return 0
+        return best
+
+    def routed(self, request: RouteRequest, chosen: EngineView) -> None:
+        super().routed(request, chosen)
+        hashes = self.hashes_of(request)
+        if hashes:
+            self._heat.add(hashes[0], self.deps.clock())
 
     def _bounded(self, costs: list[float], engines: Sequence[EngineView]) -> list[float]:
         """Refuse engines over ``shoal_load_factor`` x mean and the absolute slack."""
@@ -157,7 +200,38 @@ class ShoalDefault(IndexedStrategy):
     def reason(self, chosen: EngineView, prefix: PrefixView | None) -> str:
         if self._held.get(chosen.engine_id, 0) > 0:
             return "affinity"
+        if self._spread:
+            return "spread"  # a hot prefix warmed one more engine (rule 4)
         return "load" if any(self._held.values()) else "cold"
+
+
+class PrefixHeat:
+    """How many of the last ``window_s`` seconds' routed requests each leading block had.
+
+    Bounded by the traffic of one window (one entry per request in it)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._arrivals: deque[tuple[float, int]] = deque()
+        self._counts: Counter[int] = Counter()
+
+    def add(self, lead: int, now: float) -> None:
+        self._arrivals.append((now, lead))
+        self._counts[lead] += 1
+        self._expire(now)
+
+    def share(self, lead: int, now: float) -> tuple[int, float]:
+        """(requests with ``lead`` in the window, their share of all requests in it)."""
+        self._expire(now)
+        count = self._counts.get(lead, 0)
+        return count, count / len(self._arrivals) if self._arrivals else 0.0
+
+    def _expire(self, now: float) -> None:
+        while self._arrivals and self._arrivals[0][0] < now - self.window_s:
+            _, lead = self._arrivals.popleft()
+            self._counts[lead] -= 1
+            if not self._counts[lead]:
+                del self._counts[lead]
 
 
 def with_node_copies(view: PrefixView, engines: Sequence[EngineView]) -> PrefixView:

@@ -240,12 +240,38 @@ class TestShoal(StrategyContract):
         assert Counter(picks) == {"e0": 3, "e1": 3, "e2": 3, "e3": 3}
         assert strategy.reason(fleet[0], None) == "cold"
 
-    def test_a_hot_prefix_takes_engines_one_by_one_as_its_load_needs(self) -> None:
+    def test_a_hot_prefix_warms_one_more_engine_per_request_until_its_share_is_met(
+        self,
+    ) -> None:
+        # all traffic is one prefix (share 1.0 of 4 engines: it wants 4 warm engines); once
+        # hot_min_requests (8) were routed and every warm engine is busy, a cold engine's
+        # warm-up is not charged, so the next requests warm e3, e1, e2 one each; then the
+        # queues alone decide
+        strategy = self.strategy()
+        fleet = engines(4)
+        hot = [request(SYSTEM + f" user {i:03d}", tokens=520) for i in range(60)]
+        picks = simulate(Picker(strategy, seed=2), hot, fleet, prefilled=True)
+        assert picks[:8] == [picks[0]] * 8
+        assert sorted(picks[8:11]) == sorted(set(engine_ids(4)) - {picks[0]})
+        assert strategy.reason(fleet[0], None) in ("affinity", "spread")
+        assert sorted(Counter(picks).values()) == [15, 15, 15, 15]
+
+    def test_an_idle_warm_engine_keeps_even_a_hot_prefix(self) -> None:
+        # rule 4 needs every warm engine busy: a conversation on an idle fleet stays put
+        strategy = self.strategy()
+        picker = Picker(strategy, seed=2)
+        fleet = engines(4)
+        picks = [picker.pick_id(request(SYSTEM + f" turn {i}", tokens=520), fleet)
+                 for i in range(20)]  # fmt: skip
+        assert picks == [picks[0]] * 20
+
+    def test_without_rule_4_a_hot_prefix_takes_engines_as_the_load_bound_says(self) -> None:
         # 520-token prompts whose 8 indexed blocks are ~517 tokens, each prefilled before
         # the next arrives (nothing finishes): a warm engine with k running costs
         # (32k + 3) x p against a cold one's 520 x p, and the load bound refuses an engine
         # over 1.5 x the mean that is more than 8 (balance_abs_requests) ahead of the least
         strategy = self.strategy()
+        strategy.hot_min_requests = 10**9  # type: ignore[misc]  # rule 4 off
         fleet = engines(4)
         hot = [request(SYSTEM + f" user {i:03d}", tokens=520) for i in range(60)]
         picks = simulate(Picker(strategy, seed=2), hot, fleet, prefilled=True)
@@ -260,6 +286,7 @@ class TestShoal(StrategyContract):
 
     def test_without_the_bound_a_short_queue_keeps_the_prefix(self) -> None:
         strategy = self.strategy(shoal_load_factor=100.0)
+        strategy.hot_min_requests = 10**9  # type: ignore[misc]  # rule 4 off
         fleet = engines(4)
         hot = [request(SYSTEM + f" user {i:03d}", tokens=520) for i in range(20)]
         picks = simulate(Picker(strategy, seed=2), hot, fleet, prefilled=True)
