@@ -60,6 +60,7 @@ from router.pipeline import Pipeline, PrefixLocator
 from router.proxy import Proxy
 from router.strategies import StrategyDeps
 from shoal.errors import ConfigError, ShoalError
+from shoal.processes import shoal_env, spawn_logged
 
 __all__ = [
     "RouterProcess",
@@ -71,7 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("shoal." + __name__)
-_REPO = Path(__file__).resolve().parents[1]
 
 
 def _optional(module: str, flag: str) -> ModuleType:
@@ -406,16 +406,7 @@ def start_router(
     if engines:
         command += ["--engines", ",".join(engines)]
     command += router_args(**flags)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(_REPO), os.environ.get("PYTHONPATH", "")) if p
-        ),
-    }
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    if cpu is not None:  # before its interpreter starts threads, which inherit it
-        os.sched_setaffinity(process.pid, {cpu})
+    process = spawn_logged(command, log_path, shoal_env(), cpu)
     router = RouterProcess(process, host, port, log_path, scratch)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:

@@ -62,6 +62,7 @@ from typing import Any
 
 from router.stack import Job, Service, Step
 from shoal.errors import ConfigError
+from shoal.processes import REPO, checkout_pythonpath, shoal_env
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -79,7 +80,6 @@ __all__ = [
     "vllm_env",
 ]
 
-REPO = Path(__file__).resolve().parents[1]
 # The tiny model scripts/setup-engine builds (where SHOAL_ENGINE_MODEL_DIR puts it, as there).
 DEFAULT_MODEL = REPO / os.environ.get("SHOAL_ENGINE_MODEL_DIR", ".cache/engine/tiny-llama")
 SETUP_HINT = "bash scripts/setup-engine"  # builds .venv-engine and the tiny model
@@ -218,7 +218,7 @@ def vllm_env(
     env.update(
         PATH=base.get("PATH", "/usr/bin:/bin"),
         HOME=str(home),
-        PYTHONPATH=_pythonpath({}),
+        PYTHONPATH=checkout_pythonpath({}),
         HF_HOME=str(home / "hf"),
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
@@ -231,18 +231,6 @@ def vllm_env(
         TMPDIR=str(home),
     )
     return env
-
-
-def _pythonpath(base: Mapping[str, str]) -> str:
-    """This checkout first (when it is one), then what ``base`` had."""
-    parts = [str(REPO)] if (REPO / "pyproject.toml").exists() else []
-    if base.get("PYTHONPATH"):
-        parts.append(base["PYTHONPATH"])
-    return os.pathsep.join(parts)
-
-
-def _shoal_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": _pythonpath(os.environ)}
 
 
 def engine_cpus(index: int, per_engine: int, available: Sequence[int]) -> list[int]:
@@ -312,7 +300,7 @@ def plan_stack(
             raise ConfigError(f"{path} is longer than {_IPC_MAX} bytes: pick a shorter --workdir")
     python = str(sys.executable)
     shoal = (python, "-m", "shoal")
-    env = _shoal_env()
+    env = shoal_env()
     served = options.served_name
     model = options.model.resolve() if options.model.exists() else options.model
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import shutil
 import signal
@@ -35,12 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shoal.processes import shoal_env, spawn_logged
 from sim.errors import EngineStartError
 from sim.profile import StepProfile
 
 __all__ = ["SimEngineProcess", "engine_args", "running_sim_engine", "start_sim_engine"]
 
-_REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("shoal." + __name__)
 
 
@@ -168,16 +167,7 @@ def start_sim_engine(
         str(port),
         *engine_args(scratch, **flags),
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(_REPO), os.environ.get("PYTHONPATH", "")) if p
-        ),
-    }
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if cpu is not None:  # before its interpreter starts threads, which inherit it
-        os.sched_setaffinity(process.pid, {cpu})
+    process = spawn_logged(command, log_path, shoal_env(), cpu)
     engine = SimEngineProcess(process, host, port, log_path, scratch)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
