@@ -144,18 +144,18 @@ class ShoalDefault(IndexedStrategy):
         view = self.view(request, engines, prefix)
         tokens = prompt_tokens(request, view)
         pressure = queue_pressure(engines, tokens)
-        self._held = {}
-        for e in engines:
-            tiers = view.of(e.engine_id)
-            held = max(tiers.gpu_tokens, tiers.node_tokens, tiers.peer_tokens)
-            self._held[e.engine_id] = min(tokens, held)
+        all_tiers = [view.of(e.engine_id) for e in engines]
+        self._held = {
+            e.engine_id: min(tokens, max(t.gpu_tokens, t.node_tokens, t.peer_tokens))
+            for e, t in zip(engines, all_tiers, strict=True)
+        }
         spread_to = self._hot_prefix_tokens(request, engines)
         self._spread = spread_to > 0
         costs = []
-        for e in engines:
-            tiers = view.of(e.engine_id)
-            if spread_to > tiers.gpu_tokens:  # rule 4: warm-up not charged
-                tiers = EnginePrefix(spread_to, tiers.node_tokens, tiers.peer_tokens)
+        for e, known in zip(engines, all_tiers, strict=True):
+            tiers = known
+            if spread_to > known.gpu_tokens:  # rule 4: warm-up not charged
+                tiers = EnginePrefix(spread_to, known.node_tokens, known.peer_tokens)
             own = own_seconds(tokens, tiers, self.deps)
             costs.append(queue_seconds(e, self.deps, tokens) + own * (1.0 + pressure))
         return refuse_saturated(self._bounded(costs, engines), engines, self.deps)
