@@ -1,5 +1,10 @@
-"""Autoscaling on engine metrics, ILP placement over heterogeneous GPUs, Ray orchestration.
+"""The control plane: autoscaling, ILP placement over heterogeneous GPUs, Ray orchestration.
 
-Not built yet: see the control issue. The package exists so the layout and the layering
-contracts hold from the first commit.
+::
+
+    control/
+      autoscale/   autoscaling on engine metrics: policies, controller, actuators,
+                   the trace simulator (issue 13)
+
+Placement (issue 14) and Ray engine groups (issue 15) land beside it.
 """

@@ -82,6 +82,13 @@ COMPONENTS: tuple[Component, ...] = (
         ("aiohttp", "redis"),
     ),
     Component(
+        "autoscale",
+        "scale engines on LLM metrics; simulate policies on traces",
+        "control.autoscale.cli",
+        "control",
+        ("aiohttp",),
+    ),
+    Component(
         "up",
         "the whole stack on one machine: cache daemon, loader sidecar, engines and the router",
         "router.up",

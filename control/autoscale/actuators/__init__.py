@@ -1,0 +1,1 @@
+"""Where replicas live: Kubernetes, local processes, memory (``base.Actuator``)."""

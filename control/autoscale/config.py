@@ -1,0 +1,77 @@
+"""Settings of ``shoal autoscale run``: one frozen value, read through ``shoal.config``.
+
+Flags (``--policy kpa``), environment (``SHOAL_AUTOSCALE_POLICY=kpa``) or the
+``[autoscale]`` table of the TOML file named by ``--config``; file < environment < flags,
+as every Shoal component. The README's reference table is generated from this class.
+
+Invariant: an ``AutoscaleSettings`` that constructs is internally consistent (positive
+intervals, ``0 <= min_replicas <= max_replicas``); the policy name, its options and the
+metric targets are checked where policies are known (``policies.base.make_policy``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shoal.config import setting
+from shoal.errors import ConfigError
+
+__all__ = ["AutoscaleSettings"]
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscaleSettings:
+    policy: str = setting("shoal", "scaling policy: kpa, apa, hpa, aibrix-kpa or shoal")
+    target: str = setting(
+        "",
+        "what to scale: deployment/NAME or statefulset/NAME (Kubernetes), local (engine "
+        "processes on this machine), memory (nothing real: decisions only)",
+    )
+    namespace: str = setting("", "Kubernetes namespace of the target; empty = own or default")
+    model: str = setting("", "the served model name (router metrics, scale-from-zero wakes)")
+    metrics: str = setting(
+        "kv_cache_usage:0.7,requests_waiting:4",
+        "comma-separated METRIC:TARGET per replica; the largest recommendation wins",
+    )
+    options: str = setting(
+        "", "policy tunables as NAME=VALUE,... (e.g. stable_window_s=60,panic_threshold=2)"
+    )
+    min_replicas: int = setting(1, "fewest replicas (0 allows scale to zero)")
+    max_replicas: int = setting(10, "most replicas")
+    interval_s: float = setting(2.0, "seconds between control rounds")
+    scrape_timeout_s: float = setting(1.0, "deadline of one engine's /metrics scrape")
+    engine_port: int = setting(8000, "Kubernetes target: the engines' HTTP port on each pod")
+    router_url: str = setting("", "the router to scrape for in-flight, arrivals and held requests")
+    ttft_slo_s: float = setting(1.0, "time-to-first-token target (shoal policy, SLO figures)")
+    tpot_slo_s: float = setting(0.1, "time-per-output-token target (shoal policy, SLO figures)")
+    profile: str = setting(
+        "", "engine step profile JSON (shoal sim calibrate) for the shoal policy's capacity"
+    )
+    engine_command: str = setting(
+        "",
+        "local target: the command that starts one engine; {port} is replaced by a free port",
+    )
+    discovery_file: str = setting(
+        "", "local target: engine list written for the router's --discovery file"
+    )
+    engine_ready_timeout_s: float = setting(
+        120.0, "local target: seconds an engine may take to start"
+    )
+    drain_s: float = setting(
+        10.0, "local target: seconds a removed engine keeps serving its requests before SIGTERM"
+    )
+    host: str = setting("127.0.0.1", "the controller's HTTP address (/metrics, /status, /v1/wake)")
+    port: int = setting(8090, "the controller's HTTP port; 0 = none")
+    dry_run: bool = setting(False, "decide and log, never scale")
+    log_level: str = setting("info", "debug, info, warning or error")
+    log_format: str = setting("text", "text or json")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas:
+            raise ConfigError(
+                f"need 0 <= --min-replicas <= --max-replicas, got {self.min_replicas} and "
+                f"{self.max_replicas}"
+            )
+        for name in ("interval_s", "scrape_timeout_s", "engine_ready_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
