@@ -79,6 +79,19 @@ class RouterSettings:
     )
     max_in_flight_per_engine: int = setting(256, "an engine with this many is saturated")
     retry_after_s: float = setting(1.0, "Retry-After when saturated or no engine is healthy")
+    hold_timeout_s: float = setting(
+        120.0,
+        "scale from zero: seconds a request waits for a first engine of its model (with "
+        "--discovery dns, k8s or file, or --autoscaler-url); 0 = answer 503 at once",
+    )
+    hold_max_requests: int = setting(
+        256, "scale from zero: requests held at most, all models together (503 beyond)"
+    )
+    autoscaler_url: str = setting(
+        "",
+        "scale from zero: the autoscaler to ask for an engine (POST URL/v1/wake) when a "
+        "request is held; empty = none",
+    )
     ledger_refresh_s: float = setting(
         0.05, "seconds between pulls of other replicas' in-flight counts (with --redis)"
     )
@@ -168,8 +181,18 @@ class RouterSettings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("user_rpm", "user_tpm", "model_rps", "max_retries", "running_request_tokens",
-                     "balance_abs_requests"):  # fmt: skip
+                     "balance_abs_requests", "hold_timeout_s", "hold_max_requests"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         if not self.strategy.strip():
             raise ValueError("strategy must name a strategy or a mix")
+        if self.autoscaler_url and not self.autoscaler_url.startswith(("http://", "https://")):
+            raise ValueError(f"autoscaler_url {self.autoscaler_url!r} must be http(s)://HOST:PORT")
+
+    @property
+    def holds(self) -> bool:
+        """Whether requests wait for an engine when none serves their model: only where
+        engines can appear (dynamic discovery, or an autoscaler to ask); a static fleet
+        answers 503 at once, as before scale from zero existed."""
+        can_appear = self.discovery != "static" or bool(self.autoscaler_url)
+        return can_appear and self.hold_timeout_s > 0 and self.hold_max_requests > 0

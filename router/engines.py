@@ -159,6 +159,9 @@ class EnginePool:
         self._session: aiohttp.ClientSession | None = None
         self._health_timeout = aiohttp.ClientTimeout(total=settings.health_timeout_s)
         self.on_breaker_change: Callable[[str, BreakerState], None] | None = None
+        # told when a health check changes an engine's verdict (the proxy wakes requests
+        # held for lack of an engine: router/hold.py)
+        self.on_health_change: Callable[[str, bool], None] | None = None
         self.set_engines(specs)
 
     # ---- membership -------------------------------------------------------------------
@@ -190,6 +193,10 @@ class EnginePool:
     def allows(self, engine_id: str) -> bool:
         engine = self._engines.get(engine_id)
         return engine is not None and engine.healthy and engine.breaker.allows(self._clock())
+
+    def is_healthy(self, engine_id: str) -> bool:
+        engine = self._engines.get(engine_id)
+        return engine is not None and engine.healthy
 
     def num_healthy(self) -> int:
         return sum(1 for e in self._engines.values() if e.healthy)
@@ -291,9 +298,12 @@ class EnginePool:
                 healthy = reply.status == 200
         except (aiohttp.ClientError, TimeoutError):
             healthy = False
-        if engine_id in self._engines and (healthy != engine.healthy or not engine.checked):
+        changed = healthy != engine.healthy
+        if engine_id in self._engines and (changed or not engine.checked):
             log.info("engine %s is %s", engine_id, "healthy" if healthy else "unhealthy")
         engine.healthy, engine.checked = healthy, True
+        if changed and engine_id in self._engines and self.on_health_change is not None:
+            self.on_health_change(engine_id, healthy)
         return healthy
 
     async def poll_models(self, engine_id: str) -> None:

@@ -10,6 +10,8 @@
           ├── UnknownStrategy      a strategy name or mix that does not parse (400 per request,
           │                        ConfigError at start)
           ├── NoEngineAvailable    no healthy engine serves the model (503, Retry-After)
+          │    ├── HoldTimedOut    held for an engine (scale from zero) past --hold-timeout-s
+          │    └── HoldFull        --hold-max-requests are held already
           ├── Saturated            every engine serving the model is saturated (429/503,
           │                        Retry-After)
           ├── RateLimited          a user's RPM/TPM or a model's RPS is spent (429,
@@ -28,6 +30,8 @@ from shoal.errors import ShoalError
 
 __all__ = [
     "BadRequest",
+    "HoldFull",
+    "HoldTimedOut",
     "NoEngineAvailable",
     "RateLimited",
     "RouterError",
@@ -75,6 +79,18 @@ class UnknownStrategy(RouterError):
 class NoEngineAvailable(RouterError):
     status = 503
     code = "no_engine_available"
+
+
+class HoldTimedOut(NoEngineAvailable):
+    """No engine for the model came up while the request was held (router/hold.py)."""
+
+    code = "hold_timeout"
+
+
+class HoldFull(NoEngineAvailable):
+    """The holding queue is full: the request is refused at once (router/hold.py)."""
+
+    code = "hold_full"
 
 
 class Saturated(RouterError):

@@ -21,37 +21,100 @@
     shoal_router_prefix_lookups_total{result}            precise lookups: located, failed,
                                                          unknown (prompt could not be keyed)
 
+    for the autoscaler (issue 13; contract in control/autoscale/types.py):
+    shoal_router_arrivals_total{model}                   requests received (body parsed)
+    shoal_router_in_flight{model}                        requests sent to an engine whose
+                                                         answer has not ended
+    shoal_router_held_requests{model}                    requests held for lack of an engine
+                                                         (router/hold.py): scale from zero
+    shoal_router_held_seconds                            how long held requests waited
+                                                         (woken or timed out)
+
 The ``strategy`` label is the mix's member names joined by ``+`` (weights dropped): clients
 choose mixes per request, and a label per weight would let them grow the registry without
-bound. The state families are read from the components' ``statistics()`` at scrape time.
+bound. The ``model`` label is bounded the same way (``ModelLabels``): the models engines
+serve always get their own label, other names (the client's body says them, and with zero
+engines nobody serves anything yet) the first ``MAX_MODEL_LABELS``; the rest, and a
+request without a model, count as ``other``. Every model the engines serve is reported
+with 0 held and 0 in flight when idle, so the autoscaler reads an idle model as 0, never as
+unknown. The state families are read from the components' ``statistics()`` at scrape time.
 
 Each process (``--workers N``) has its own registry and answers its own ``/metrics``;
-sum over scrapes for the whole router. Rejected: prometheus_client's multiprocess mode
-(files in a shared directory, one per process and metric; the cost lands on every
-update).
+sum over scrapes for the whole router. (An autoscaler scraping one URL of a multi-worker
+router sees one worker per scrape; scale from zero does not depend on it: every worker
+that holds a request asks the autoscaler itself, ``--autoscaler-url``.) Rejected:
+prometheus_client's multiprocess mode (files in a shared directory, one per process and
+metric; the cost lands on every update).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["BREAKER_VALUES", "RouterMetrics"]
+__all__ = ["BREAKER_VALUES", "MAX_MODEL_LABELS", "OTHER_MODEL", "ModelLabels", "RouterMetrics"]
 
 BREAKER_VALUES = {"closed": 0.0, "half-open": 1.0, "open": 2.0}
+MAX_MODEL_LABELS = 64  # model names not served by any engine that get a label of their own
+OTHER_MODEL = "other"
+_HELD_BUCKETS = (0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 300.0)
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
+
+
+class ModelLabels:
+    """A request's model -> its ``model`` label value, from a bounded set (module
+    docstring). ``served`` names are always their own label; others are admitted first
+    come until ``limit`` of them are known, then ``other``."""
+
+    def __init__(self, limit: int = MAX_MODEL_LABELS) -> None:
+        self.limit = limit
+        self._served: set[str] = set()
+        self._admitted: set[str] = set()
+
+    def serve(self, models: Iterable[str]) -> None:
+        """Models engines serve now (they keep their label once given one)."""
+        self._served.update(m for m in models if m)
+
+    def label(self, model: str) -> str:
+        if not model:
+            return OTHER_MODEL
+        if model in self._served or model in self._admitted:
+            return model
+        if len(self._admitted) < self.limit:
+            self._admitted.add(model)
+            return model
+        return OTHER_MODEL
+
+    @property
+    def served(self) -> frozenset[str]:
+        return frozenset(self._served)
 
 
 class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.models = ModelLabels()
+        self.arrivals = Counter(
+            "shoal_router_arrivals", "Requests received per model (body parsed).", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.model_in_flight = Gauge(
+            "shoal_router_in_flight", "Requests sent to an engine and not finished, per model.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.held_seconds = Histogram(
+            "shoal_router_held_seconds",
+            "Seconds a request was held waiting for a first engine of its model.",
+            buckets=_HELD_BUCKETS,
+            registry=r,
+        )
         self.requests = Counter(
             "shoal_router_requests", "Requests answered by the router.", ["route", "status"],
             registry=r,
@@ -113,6 +176,24 @@ class RouterMetrics:
     def engine_in_flight(self, engine_id: str) -> Any:
         return self._child(self.in_flight, "in_flight", engine_id)
 
+    def count_arrival(self, model: str) -> str:
+        """Count one request for ``model``; its (bounded) label, for the gauges."""
+        label = self.models.label(model)
+        self._child(self.arrivals, "arrivals", label).inc()
+        return label
+
+    def in_flight_of(self, label: str) -> Any:
+        return self._child(self.model_in_flight, "model_in_flight", label)
+
+    def serve_models(self, models: Iterable[str]) -> None:
+        """Models the engines serve: labelled, and reported at 0 while idle."""
+        fresh = set(models) - self.models.served
+        self.models.serve(fresh)
+        for model in fresh:
+            if model:
+                self._child(self.arrivals, "arrivals", model)
+                self.in_flight_of(model)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -126,10 +207,12 @@ class RouterState:
         fresh: Mapping[str, bool],
         shared: Mapping[str, Any],  # part ("ledger", "limiter") -> SharedStats
         locator: Any | None,  # LocatorStats
+        held: Mapping[str, int] | None = None,  # model label -> held now (0s included)
     ) -> None:
         self.fresh = fresh
         self.shared = shared
         self.locator = locator
+        self.held = held
 
 
 class _StateCollector(Collector):
@@ -146,6 +229,15 @@ class _StateCollector(Collector):
         for engine_id, is_fresh in state.fresh.items():
             fresh.add_metric([engine_id], 1.0 if is_fresh else 0.0)
         yield fresh
+        if state.held is not None:
+            held = GaugeMetricFamily(
+                "shoal_router_held_requests",
+                "Requests held because no engine serves their model yet (scale from zero).",
+                labels=["model"],
+            )
+            for model, count in state.held.items():
+                held.add_metric([model], float(count))
+            yield held
         if state.shared:
             calls = CounterMetricFamily(
                 "shoal_router_shared_state_calls", "Redis calls of the shared ledger and limits.",

@@ -6,7 +6,8 @@
         read the body (bounded) -> RouteRequest (parsed once) -> limits -> pipeline
         -> send the client's bytes unchanged to the engine -> stream its answer back
     GET  /v1/models      union over healthy engines (base models and LoRA adapters)
-    GET  /health         200 when at least one engine is healthy, else 503
+    GET  /health         200 when at least one engine is healthy, or when requests are held
+                         for a first engine (scale from zero), else 503
     GET  /metrics        shoal_router_* (this process)
     GET  /router/engines per engine: url, stream, health, breaker, in flight, metrics age
 
@@ -26,6 +27,17 @@ Invariants:
    drops its connection, so the engine aborts the request.
 4. **The ledger balances.** Every attempt's ``acquire`` has one ``release`` in a
    ``finally``, cancellation included.
+
+5. **Held, not refused, while no engine exists** (scale from zero, issue 13). When no
+   healthy engine serves a request's model and engines can appear (dynamic discovery or
+   ``--autoscaler-url``: ``RouterSettings.holds``), the request waits in
+   ``router.hold.HoldQueue`` (bounded: ``--hold-max-requests``, ``--hold-timeout-s``) and
+   is routed normally once a health check finds an engine (``EnginePool.on_health_change``
+   wakes its model's waiters, first-come first-served); a full queue or the deadline is a
+   503 with Retry-After, a client that hangs up is dropped from the queue. While anything
+   is held, the autoscaler is asked for an engine (``POST URL/v1/wake {"model": M}``, at
+   most once a second per model; a failure is logged, never the request's). A saturated
+   fleet, or one whose engines' breakers are open, is not held: 429/503 at once.
 
 Errors are OpenAI-style JSON, ``{"error": {"message", "type", "code"}}`` with the HTTP
 status as ``code`` (vLLM's shape); 429/503 carry ``Retry-After``. Every proxied response
@@ -83,18 +95,20 @@ from router.config import RouterSettings
 from router.engines import EnginePool
 from router.errors import (
     BadRequest,
+    HoldTimedOut,
     NoEngineAvailable,
     RateLimited,
     RouterError,
     Unauthorized,
     UpstreamError,
 )
+from router.hold import HoldQueue, WakeGate
 from router.ledger import InMemoryLedger, Ledger
 from router.limits import Limiter
 from router.metrics import BREAKER_VALUES, RouterMetrics, RouterState
 from router.pipeline import Pipeline
 from router.requests import ROUTES, check_headers, parse_body, to_route_request
-from router.types import RouteDecision, RouteOutcome, RouteRequest
+from router.types import EngineView, RouteDecision, RouteOutcome, RouteRequest
 
 __all__ = ["ENGINE_HEADER", "Proxy", "error_body"]
 
@@ -118,6 +132,8 @@ _HOP_BY_HOP = frozenset(
 )
 _NOT_BACK = frozenset({"connection", "keep-alive", "transfer-encoding", "date", "server"})
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_WAKE_INTERVAL_S = 1.0  # at most one autoscaler wake per model per second
+_WAKE_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 
 
 class _AttemptFailed(UpstreamError):
@@ -142,6 +158,11 @@ def _error_response(exc: RouterError, headers: Mapping[str, str] | None = None) 
         content_type="application/json",
         headers=extra,
     )
+
+
+def _serves(view: EngineView, model: str) -> bool:
+    """The pipeline's model filter: an engine whose models are not known yet serves any."""
+    return not model or not view.models or model in view.models
 
 
 def _sse_error(message: str) -> bytes:
@@ -182,6 +203,18 @@ class Proxy:
             sock_read=settings.upstream_timeout_s,
         )  # fmt: skip
         self.pool.on_breaker_change = self._breaker_changed
+        self.pool.on_health_change = self._health_changed
+        self.hold = HoldQueue(
+            max_requests=settings.hold_max_requests,
+            timeout_s=settings.hold_timeout_s,
+            retry_after_s=settings.retry_after_s,
+            clock=clock,
+        )
+        self._holds = settings.holds
+        self._wake_gate = WakeGate(_WAKE_INTERVAL_S)
+        self._wake_needed: asyncio.Event | None = None
+        self._waker: asyncio.Task[None] | None = None
+        self._wake_failing = False
         # router.discovery's source when not static (``engines()``, ``close()``; closed
         # by ``on_cleanup``): its list is copied into the pool every discovery interval
         self.discovery: Any = None
@@ -213,13 +246,20 @@ class Proxy:
             self._follower = asyncio.create_task(self._follow_discovery())
         if not isinstance(self.ledger, InMemoryLedger):  # other replicas' counts
             self._refresher = asyncio.create_task(self._refresh_ledger())
+        if self._holds and self.settings.autoscaler_url:
+            self._wake_needed = asyncio.Event()
+            self._waker = asyncio.create_task(self._wake_autoscaler())
 
     async def _follow_discovery(self) -> None:
         """Discovery's list into the pool; a source never raises after construction (a
         failed read keeps its last list), so this loop only sleeps and copies."""
         while True:
             await asyncio.sleep(self.settings.discovery_interval_s)
+            before = set(self.pool.engine_ids)
             self.pool.set_engines(await self.discovery.engines())
+            joined = [e for e in self.pool.engine_ids if e not in before]
+            if joined and self.hold.num_held():  # held requests need not wait a health round
+                await asyncio.gather(*(self.pool.check_health(e) for e in joined))
 
     async def _refresh_ledger(self) -> None:
         while True:
@@ -230,6 +270,10 @@ class Proxy:
                 log.warning("ledger refresh failed: %s", exc)
 
     async def _cleanup(self, app: web.Application) -> None:
+        if self._waker is not None:
+            self._waker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._waker
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -249,6 +293,104 @@ class Proxy:
     def _breaker_changed(self, engine_id: str, state: Any) -> None:
         self.metrics.breaker.labels(engine_id).set(BREAKER_VALUES[state.value])
 
+    # ---- holding while no engine serves a model (scale from zero) ------------------------
+
+    def _may_hold(self, model: str) -> bool:
+        """Hold a request the pipeline found no engine for only when no healthy engine
+        serves its model (none exists, or all are starting): engines with open breakers
+        or a saturated fleet answer at once."""
+        if not self._holds:
+            return False
+        return not any(
+            self.pool.is_healthy(view.engine_id) and _serves(view, model)
+            for view in self.pool.views({})
+        )
+
+    def _routable(self, model: str) -> bool:
+        """Whether the pipeline would now find an engine for ``model`` (or answer 404
+        because healthy engines serve only other models): its candidate filter."""
+        views = self.pool.views({})
+        serving = [view for view in views if _serves(view, model)] or views
+        return any(self.pool.allows(view.engine_id) for view in serving)
+
+    def _health_changed(self, engine_id: str, healthy: bool) -> None:
+        if not healthy or not self.hold.num_held():
+            return
+        for model in self.hold.held_models():
+            if self._routable(model):
+                woken = self.hold.wake(model)
+                log.info("engine %s is up: %d request(s) held for %s go on", engine_id,
+                         len(woken), model or "any model")  # fmt: skip
+
+    async def _route(
+        self, route_request: RouteRequest, strategy: str, tried: set[str]
+    ) -> RouteDecision:
+        """The pipeline's decision; while no engine serves the model, held first."""
+        held_since: float | None = None
+        deadline: float | None = None
+        while True:
+            try:
+                decision = await self.pipeline.route(
+                    route_request,
+                    self.pool.views(self.ledger.snapshot()),
+                    self.pool.allows,
+                    strategy=strategy,
+                    exclude=tried,
+                )
+            except NoEngineAvailable:
+                if tried or not self._may_hold(route_request.model):
+                    raise
+            else:
+                if held_since is not None:
+                    self.metrics.held_seconds.observe(self._clock() - held_since)
+                return decision
+            if held_since is None:
+                held_since = self._clock()
+                deadline = held_since + self.hold.timeout_s
+                if self._wake_needed is not None:
+                    self._wake_needed.set()
+            try:
+                await self.hold.hold(route_request.model, deadline=deadline)
+            except HoldTimedOut:
+                self.metrics.held_seconds.observe(self._clock() - held_since)
+                raise
+
+    async def _wake_autoscaler(self) -> None:
+        """While requests are held, ask the autoscaler for an engine of each held model,
+        at most once per ``_WAKE_INTERVAL_S`` per model (one loop, not one per request)."""
+        assert self._wake_needed is not None, "started with the event"
+        while True:
+            await self._wake_needed.wait()
+            self._wake_needed.clear()
+            now = self._clock()
+            due = [m for m in self.hold.held_models() if self._wake_gate.try_pass(m, now)]
+            await asyncio.gather(*(self._post_wake(model) for model in due))
+            if self.hold.num_held():
+                await asyncio.sleep(_WAKE_INTERVAL_S)
+                self._wake_needed.set()
+
+    async def _post_wake(self, model: str) -> None:
+        assert self._session is not None, "wakes are sent between startup and cleanup"
+        url = self.settings.autoscaler_url.rstrip("/") + "/v1/wake"
+        try:
+            async with self._session.post(url, json={"model": model},
+                                          timeout=_WAKE_TIMEOUT) as reply:  # fmt: skip
+                await reply.read()
+                problem = None if reply.status < 300 else f"answered {reply.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            problem = repr(exc)
+        if problem is None:
+            if self._wake_failing:
+                log.info("the autoscaler at %s answers again", url)
+            self._wake_failing = False
+            log.debug("asked %s for an engine of %s", url, model or "any model")
+            return
+        # a failure is never the request's: it keeps waiting, the next wake may land
+        level = logging.DEBUG if self._wake_failing else logging.WARNING
+        log.log(level, "cannot ask the autoscaler for an engine of %s: POST %s %s",
+                model or "any model", url, problem)  # fmt: skip
+        self._wake_failing = True
+
     # ---- small routes -----------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -256,10 +398,16 @@ class Proxy:
 
     async def _health(self, request: web.Request) -> web.Response:
         healthy = self.pool.num_healthy()
-        status = 200 if healthy else 503
+        status = 200 if healthy or self._holds else 503
+        if healthy:
+            text = "ok"
+        elif self._holds:  # scale from zero: requests wait here for a first engine
+            text = "no healthy engine yet; requests are held for one"
+        else:
+            text = "no healthy engine"
         return web.json_response(
             {
-                "status": "ok" if healthy else "no healthy engine",
+                "status": text,
                 "healthy_engines": healthy,
                 "pid": os.getpid(),  # which worker answered (--workers N)
             },
@@ -281,10 +429,17 @@ class Proxy:
             if (stats := getattr(component, "statistics", None)) is not None  # Redis ones
         }
         locator_stats = getattr(self.pipeline.locator, "statistics", None)
+        served = [str(card.get("id", "")) for card in self.pool.model_cards()]
+        self.metrics.serve_models(served)
+        held = dict.fromkeys(self.metrics.models.served, 0)
+        for model, count in self.hold.statistics().held.items():
+            label = self.metrics.models.label(model)
+            held[label] = held.get(label, 0) + count
         return RouterState(
             fresh={e: self.pool.scraper.metrics(e) is not None for e in self.pool.engine_ids},
             shared=shared,
             locator=locator_stats() if locator_stats is not None else None,
+            held=held,
         )
 
     async def _engines(self, request: web.Request) -> web.Response:
@@ -331,6 +486,7 @@ class Proxy:
                 session_id=request.headers.get(self.settings.session_header, ""),
                 arrival_s=self._clock(),
             )
+            self.metrics.count_arrival(route_request.model)
             wait = await self.limiter.admit(
                 route_request.user,
                 route_request.model,
@@ -364,13 +520,7 @@ class Proxy:
         last_error: UpstreamError | None = None
         for attempt in range(attempts):
             try:
-                decision = await self.pipeline.route(
-                    route_request,
-                    self.pool.views(self.ledger.snapshot()),
-                    self.pool.allows,
-                    strategy=strategy,
-                    exclude=tried,
-                )
+                decision = await self._route(route_request, strategy, tried)
             except NoEngineAvailable:
                 if last_error is not None:  # every engine left was tried: say why
                     raise last_error from None
@@ -444,6 +594,8 @@ class Proxy:
         await self.ledger.acquire(engine_id, pending)
         gauge = self.metrics.engine_in_flight(engine_id)
         gauge.inc()
+        model_gauge = self.metrics.in_flight_of(self.metrics.models.label(route_request.model))
+        model_gauge.inc()
         sent_at = self._clock()
         ttft: float | None = None
         completion_tokens = 0
@@ -520,6 +672,7 @@ class Proxy:
         finally:
             await self.ledger.release(engine_id, pending)
             gauge.dec()
+            model_gauge.dec()
             self.pipeline.observe(
                 decision,
                 RouteOutcome(
