@@ -7,6 +7,11 @@
     shoal up --engines sim        # simulated engines (no vLLM needed), 2 of them
     shoal up --engines sim:4      # 4 simulated engines
     shoal up --demo               # then a short conversation through the router (router.demo)
+    shoal up --engines sim:4 --autoscale --min-replicas 0
+                                  # 0..4 simulated engines started and stopped by
+                                  # `shoal autoscale run` (its default policy); requests
+                                  # wait in the router while none is up (scale from zero)
+    shoal up --autoscale kpa      # 1..2 vLLM engines under Knative's KPA
 
 What runs, wired to what, is ``router.up_plan``'s; how processes start and stop is
 ``router.stack``'s (stages spawned together, awaited in order, stopped in reverse, every
@@ -104,6 +109,7 @@ def describe(plan: UpPlan, running: Sequence[RunningStep]) -> dict[str, Any]:
     """The ``--json`` object (and what the table shows)."""
     return {
         "router": plan.router_url,
+        "autoscaler": plan.autoscaler_url or None,
         "model": plan.served_name,
         "workdir": str(plan.workdir),
         "components": [
@@ -128,8 +134,16 @@ def render(described: Mapping[str, Any]) -> list[str]:
         for c in described["components"]
     ]
     lines = text_table(("COMPONENT", "PID", "ADDRESS", "DETAIL", "LOG"), rows, "<><<<")
+    scaled = []
+    if described.get("autoscaler"):
+        scaled = [
+            "",
+            f"Engines come and go with load: `shoal autoscale status --url "
+            f"{described['autoscaler']}` shows them; a request that finds none waits for one.",
+        ]
     return [
         *lines,
+        *scaled,
         "",
         f"Router: {described['router']}  (model {described['model']!r}; the response header "
         "x-shoal-engine names the engine that served it)",
@@ -204,6 +218,28 @@ def register(subparsers: Any) -> None:
     a("--cache-shm-bytes", default="512MiB", help="the cache daemon's shared-memory tier")
     a("--chunk-tokens", type=int, default=256, help="tokens per Shoal cache key (default 256)")
     a("--ready-timeout-s", type=float, default=300.0, help="how long an engine may take to start")
+    a(
+        "--autoscale",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="POLICY",
+        help="engines started and stopped by `shoal autoscale run` (kpa, apa, hpa, aibrix-kpa "
+        "or shoal; default its own), from --min-replicas up to --engines N; the router holds "
+        "requests while none is up",
+    )
+    a(
+        "--min-replicas",
+        type=int,
+        default=1,
+        help="with --autoscale: fewest engines (default 1; 0 = scale to zero when idle)",
+    )
+    a(
+        "--autoscale-args",
+        default="",
+        metavar="'FLAGS'",
+        help="more `shoal autoscale run` flags, one string: --autoscale-args='--interval-s 1'",
+    )
     a("--json", action="store_true", help="print what runs where as one line of JSON")
     a(
         "--demo",
@@ -240,6 +276,9 @@ def options_from_args(args: argparse.Namespace) -> UpOptions:
         cache_shm_bytes=args.cache_shm_bytes,
         chunk_tokens=args.chunk_tokens,
         engine_ready_timeout_s=args.ready_timeout_s,
+        autoscale=args.autoscale,
+        min_replicas=args.min_replicas,
+        autoscale_args=tuple(shlex.split(args.autoscale_args)),
     )
 
 
@@ -301,10 +340,15 @@ def run(options: UpOptions, workdir: Path, *, as_json: bool = False, demo: bool 
         return EXIT_USAGE
     for directory in plan.directories:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path, text in plan.files:
+        path.write_text(text)
     began = time.monotonic()
     what = "simulated" if options.sim else "vLLM"
+    count = str(options.num_engines)
+    if options.autoscale is not None:
+        count = f"{options.min_replicas}..{options.num_engines} autoscaled"
     _say(
-        f"shoal up: {options.num_engines} {what} engines serving {plan.served_name!r} behind "
+        f"shoal up: {count} {what} engines serving {plan.served_name!r} behind "
         f"the router on {plan.router_url}; logs in {workdir}"
     )
 

@@ -10,6 +10,22 @@ stages (``UpPlan``), decided before the first one starts (``router.up`` runs it)
     3 engine-i  vllm serve (or shoal sim engine), all starting at once
     4 router    shoal router serve     --engines URL=up/gpuI,... --cache-socket <daemon>
 
+With ``--autoscale [POLICY]`` (issue 13) ``shoal up`` starts no engine itself::
+
+    3 autoscaler  shoal autoscale run --target local --engine-command "sh engine.sh {port}"
+                  --discovery-file <workdir>/engines.json --min-replicas M --max-replicas N
+                  (engine.sh, written in the workdir: one engine on port $1, the command
+                  line and environment stage 3 would have used, with its own home)
+    4 router      shoal router serve --discovery file --discovery-file <workdir>/engines.json
+                  --autoscaler-url http://127.0.0.1:<autoscaler port>
+
+so the router holds requests while no engine is up and asks the autoscaler for one (scale
+from zero, ``router/hold.py``), and the autoscaler scrapes the router and the engines it
+started. Such engines publish no KV events (the daemon's publisher list is fixed when it
+starts, their ports are not): the router routes on the daemon's node cache and approximate
+prefixes; they still share the daemon's cache through the connector, and all of them
+compute on the cores engine 0 would have had (``--cpu-per-engine``).
+
 Invariant: engine ``i`` publishes its KV events on ``<workdir>/ev/gpu<i>.pub``, which is
 the ``i``-th ``--engine-events`` endpoint of the daemon, whose node is ``up``; so its
 daemon stream is ``up/gpu<i>``, and that is what the router is told for its URL.
@@ -53,6 +69,8 @@ import importlib.util
 import json
 import os
 import random
+import re
+import shlex
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -110,6 +128,11 @@ class UpOptions:
     cache_shm_bytes: str = "512MiB"
     chunk_tokens: int = 256
     engine_ready_timeout_s: float = 300.0
+    # issue 13: None = engines started by shoal up; a policy name ("" = the controller's
+    # default) = engines started and stopped by `shoal autoscale run`, up to num_engines
+    autoscale: str | None = None
+    min_replicas: int = 1
+    autoscale_args: tuple[str, ...] = ()
 
     @property
     def served_name(self) -> str:
@@ -128,6 +151,8 @@ class UpPlan:
     served_name: str
     cache_socket: Path
     directories: tuple[Path, ...] = ()  # to create before the first process starts
+    files: tuple[tuple[Path, str], ...] = ()  # to write (path, text) before it, too
+    autoscaler_url: str = ""  # with --autoscale: the controller's endpoint
 
     def example_curl(self) -> str:
         body = json.dumps(
@@ -271,6 +296,17 @@ def check_setup(options: UpOptions) -> None:
                 )
     if options.num_engines < 1:
         raise ConfigError("--engines takes a count of at least 1, sim or sim:N")
+    if options.autoscale is not None:
+        if not 0 <= options.min_replicas <= options.num_engines:
+            raise ConfigError(
+                f"--min-replicas {options.min_replicas} must be 0..{options.num_engines} "
+                "(--engines N is the most replicas the autoscaler may start)"
+            )
+        if importlib.util.find_spec("control.autoscale.controller") is None:
+            raise ConfigError(
+                "--autoscale needs Shoal's autoscaling controller (control/autoscale), which "
+                "this installation lacks"
+            )
     if options.cpu_per_engine < 1:
         raise ConfigError("--cpu-per-engine takes at least 1")
     if options.chunk_tokens <= 0 or options.chunk_tokens % 128:
@@ -292,6 +328,7 @@ def plan_stack(
     daemon's socket (else it routes on approximate prefixes)."""
     free_port = free_port or _free_port
     cpus = sorted(os.sched_getaffinity(0)) if cpus is None else list(cpus)
+    autoscaled = options.autoscale is not None
     events_dir = workdir / "ev"
     name = workdir.name  # unique per run: arena /dev/shm/shoal-<name>.arena, sockets
     cache_socket = workdir / f"shoal-{name}.sock"
@@ -304,26 +341,32 @@ def plan_stack(
     served = options.served_name
     model = options.model.resolve() if options.model.exists() else options.model
 
-    ports = [free_port() for _ in range(options.num_engines)]
+    # autoscaled engines come and go on ports the autoscaler picks: none is planned here
+    num_planned = 0 if autoscaled else options.num_engines
+    ports = [free_port() for _ in range(num_planned)]
     urls = tuple(f"http://127.0.0.1:{port}" for port in ports)
-    streams = tuple(f"{NODE}/gpu{i}" for i in range(options.num_engines))
+    streams = tuple(f"{NODE}/gpu{i}" for i in range(num_planned))
     publishers = [
         (f"ipc://{events_dir}/gpu{i}.pub", f"ipc://{events_dir}/gpu{i}.replay")
-        for i in range(options.num_engines)
+        for i in range(num_planned)
     ]
     metrics_port = free_port()
+    event_flags: tuple[str, ...] = (
+        "--engine-events", ",".join(p for p, _ in publishers),
+        "--engine-events-replay", ",".join(r for _, r in publishers),
+        "--engine-events-topic", TOPIC,
+    ) if publishers else ()  # fmt: skip
     cache = Service(
         "cache",
         (*shoal, "cache", "serve", "--name", name, "--runtime-dir", str(workdir),
          "--shm-bytes", options.cache_shm_bytes, "--dram-bytes", "0",
          "--metrics-port", str(metrics_port), "--log-format", "text", "--cluster-node", NODE,
-         "--engine-events", ",".join(p for p, _ in publishers),
-         "--engine-events-replay", ",".join(r for _, r in publishers),
-         "--engine-events-topic", TOPIC, "--engine-model", model.name,
+         *event_flags, "--engine-model", model.name,
          "--engine-chunk-tokens", str(options.chunk_tokens)),
         workdir / "cache.log", env,
         address=f"ipc://{cache_socket}",
-        detail=f"metrics :{metrics_port}, engine streams {', '.join(streams)}",
+        detail=f"metrics :{metrics_port}, "
+        + (f"engine streams {', '.join(streams)}" if streams else "no engine events"),
         ready_url=f"http://127.0.0.1:{metrics_port}/readyz", ready_path=cache_socket,
     )  # fmt: skip
     stages: list[tuple[Step, ...]] = [(cache,)]
@@ -344,6 +387,15 @@ def plan_stack(
         )  # fmt: skip
         stages += [(loader,), (prefetch,)]
         weights_uri = f"peer+unix://{sidecar_socket}/{model}"
+
+    router_port = options.port or free_port()
+    router_url = f"http://{options.host}:{router_port}"
+    if autoscaled:
+        return _plan_autoscaled(
+            options, workdir, stages, free_port=free_port, cpus=cpus, env=env, model=model,
+            cache_socket=cache_socket, weights_uri=weights_uri, router_url=router_url,
+            precise=precise,
+        )  # fmt: skip
 
     engines: list[Step] = []
     for i, (port, (pub, replay)) in enumerate(zip(ports, publishers, strict=True)):
@@ -382,29 +434,144 @@ def plan_stack(
         ))  # fmt: skip
     stages.append(tuple(engines))
 
-    router_port = options.port or free_port()
-    router_url = f"http://{options.host}:{router_port}"
+    engine_list = ",".join(f"{url}={stream}" for url, stream in zip(urls, streams, strict=True))
+    router = _router(options, workdir, env, model, ("--engines", engine_list), router_url,
+                     cache_socket if precise else None)  # fmt: skip
+    stages.append((router,))
+    return UpPlan(
+        workdir, tuple(stages), router_url, urls, streams, served, cache_socket, (events_dir,)
+    )
+
+
+def _router(
+    options: UpOptions,
+    workdir: Path,
+    env: Mapping[str, str],
+    model: Path,
+    engines: Sequence[str],
+    router_url: str,
+    cache_socket: Path | None,
+) -> Service:
+    """The router's step; ``engines`` are the flags that say where its engines are."""
     router_argv = [
-        *shoal, "router", "serve", "--host", options.host, "--port", str(router_port),
-        "--engines", ",".join(f"{url}={stream}" for url, stream in zip(urls, streams, strict=True)),
+        sys.executable, "-m", "shoal", "router", "serve", "--host", options.host,
+        "--port", router_url.rpartition(":")[2], *engines,
         "--strategy", options.strategy, "--chunk-tokens", str(options.chunk_tokens),
     ]  # fmt: skip
-    if precise:
+    if cache_socket is not None:
         router_argv += ["--cache-socket", str(cache_socket)]
     if (model / "tokenizer.json").exists():
         router_argv += ["--tokenizer", str(model)]
         if options.sim:
             router_argv += ["--tokenizer-dialect", "simulator"]  # sim renders chats its way
-    how = "precise prefixes from the cache daemon" if precise else "approximate prefixes"
-    router = Service(
+    how = "precise prefixes from the cache daemon" if cache_socket else "approximate prefixes"
+    # with --autoscale, /health is 200 with no engine too (it holds requests for one)
+    return Service(
         "router", (*router_argv, *options.router_args), workdir / "router.log", env,
         address=router_url, detail=f"strategy {options.strategy}, {how}",
         ready_url=f"{router_url}/health", ready_timeout_s=60.0,
     )  # fmt: skip
-    stages.append((router,))
-    return UpPlan(
-        workdir, tuple(stages), router_url, urls, streams, served, cache_socket, (events_dir,)
+
+
+def engine_script(argv: Sequence[str], env: Mapping[str, str] | None, home: str) -> str:
+    """A POSIX shell script starting one engine on port ``$1``: ``argv`` with its
+    ``--port`` value replaced, in the environment ``env`` (nothing inherited; None: the
+    caller's), in its own ``home`` folder (``$port`` and ``$home`` in ``home``, ``argv``
+    and ``env`` values expand). The autoscaler's local actuator runs it as
+    ``/bin/sh engine.sh {port}``, so no JSON flag has to survive a command-line template."""
+
+    def word(text: str) -> str:  # shlex.quote, but $port and $home expand
+        pieces = re.split(r"(\$port|\$home)", text)
+        quoted = (f'"{p}"' if p in ("$port", "$home") else shlex.quote(p) for p in pieces if p)
+        return "".join(quoted) or "''"
+
+    argv = list(argv)
+    argv[argv.index("--port") + 1] = "$port"
+    command = " ".join(word(a) for a in argv)
+    if env is not None:
+        assigns = " ".join(word(f"{key}={value}") for key, value in env.items())
+        command = f"env -i {assigns} {command}"
+    return (
+        "#!/bin/sh\n"
+        "# one engine on port $1, for `shoal autoscale run --target local` (shoal up --autoscale)\n"
+        'port="$1"\n'
+        f"home={word(home)}\n"
+        'mkdir -p "$home" && cd "$home" || exit 1\n'
+        f"exec {command}\n"
     )
+
+
+def _plan_autoscaled(
+    options: UpOptions,
+    workdir: Path,
+    stages: list[tuple[Step, ...]],
+    *,
+    free_port: Callable[[], int],
+    cpus: Sequence[int],
+    env: Mapping[str, str],
+    model: Path,
+    cache_socket: Path,
+    weights_uri: str,
+    router_url: str,
+    precise: bool,
+) -> UpPlan:
+    """The autoscaled stack (module docstring): the autoscaler, then the router."""
+    served = options.served_name
+    home = f"{workdir}/engine-$port"
+    if options.sim:
+        argv: list[str] = [
+            sys.executable, "-m", "shoal", "sim", "engine", "--host", "127.0.0.1",
+            "--port", "0", "--model", model.name, "--served-model-name", served,
+            "--max-model-len", str(options.max_model_len), "--enable-prompt-tokens-details",
+            *(("--tokenizer", str(model)) if (model / "tokenizer.json").exists() else ()),
+            *options.engine_args,
+        ]  # fmt: skip
+        engine_env: Mapping[str, str] | None = None  # the autoscaler's: Shoal's own
+        detail = "simulated"
+    else:
+        cores = engine_cpus(0, options.cpu_per_engine, cpus)
+        argv = vllm_command(
+            options.engine_python or default_engine_python(), model, 0, served,
+            kv_transfer=connector_config(f"ipc://{cache_socket}",
+                                         chunk_tokens=options.chunk_tokens),
+            weights_uri=weights_uri, kv_cache_bytes=options.kv_cache_bytes,
+            max_model_len=options.max_model_len, extra=options.engine_args,
+        )  # fmt: skip
+        engine_env = vllm_env(Path("$home"), cores)
+        detail = f"vLLM, cpu {','.join(map(str, cores))}"
+    script = workdir / "engine.sh"
+    listing = workdir / "engines.json"
+    port = free_port()
+    autoscaler_url = f"http://127.0.0.1:{port}"
+    policy = ("--policy", options.autoscale) if options.autoscale else ()
+    autoscaler = Service(
+        "autoscaler",
+        (sys.executable, "-m", "shoal", "autoscale", "run", "--target", "local",
+         "--engine-command", f"/bin/sh {script} {{port}}", "--discovery-file", str(listing),
+         "--min-replicas", str(options.min_replicas),
+         "--max-replicas", str(options.num_engines), *policy, "--model", served,
+         "--router-url", router_url, "--host", "127.0.0.1", "--port", str(port),
+         "--engine-ready-timeout-s", str(options.engine_ready_timeout_s),
+         "--log-format", "text", *options.autoscale_args),
+        workdir / "autoscaler.log", env, address=autoscaler_url,
+        detail=f"{options.autoscale or 'default'} policy, {options.min_replicas}.."
+        f"{options.num_engines} {detail} engines (engine.sh), listed in engines.json",
+        ready_url=f"{autoscaler_url}/status", ready_timeout_s=60.0,
+        # its engines stop with it (each in its own session): vLLM's take up to 20 s
+        stop_grace_s=15.0 if options.sim else 45.0,
+    )  # fmt: skip
+    router = _router(
+        options, workdir, env, model,
+        ("--discovery", "file", "--discovery-file", str(listing),
+         "--discovery-interval-s", "0.5", "--autoscaler-url", autoscaler_url),
+        router_url, cache_socket if precise else None,
+    )  # fmt: skip
+    stages += [(autoscaler,), (router,)]
+    return UpPlan(
+        workdir, tuple(stages), router_url, (), (), served, cache_socket,
+        files=((script, engine_script(argv, engine_env, home)), (listing, "[]\n")),
+        autoscaler_url=autoscaler_url,
+    )  # fmt: skip
 
 
 def _bindable(host: str, port: int) -> bool:
