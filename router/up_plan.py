@@ -518,6 +518,10 @@ def _plan_autoscaled(
     """The autoscaled stack (module docstring): the autoscaler, then the router."""
     served = options.served_name
     home = f"{workdir}/engine-$port"
+    # vLLM binds ipc sockets named by a UUID in its TMPDIR (the engine's home)
+    if not options.sim and len(f"{workdir}/engine-65535/{'u' * 36}") > _IPC_MAX:
+        raise ConfigError(f"{workdir} is too long for the engines' ipc sockets: pick a "
+                          "shorter --workdir")  # fmt: skip
     if options.sim:
         argv: list[str] = [
             sys.executable, "-m", "shoal", "sim", "engine", "--host", "127.0.0.1",

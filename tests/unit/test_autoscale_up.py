@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,12 +29,23 @@ def model_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def plan(tmp_path: Path, **options: object) -> UpPlan:
+def plan(tmp_path: Path, workdir: Path | None = None, **options: object) -> UpPlan:
     ports = itertools.count(30001)
     opts = UpOptions(model=model_folder(tmp_path), port=8080, **options)  # type: ignore[arg-type]
     return plan_stack(
-        opts, tmp_path / "up-x", free_port=lambda: next(ports), cpus=[0, 1], precise=True
-    )
+        opts, workdir or tmp_path / "up-x", free_port=lambda: next(ports), cpus=[0, 1],
+        precise=True,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A workdir short enough for vLLM's ipc sockets in each engine's home."""
+    path = Path(tempfile.mkdtemp(prefix="u", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def step(p: UpPlan, name: str) -> Service:
@@ -59,13 +73,13 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_the_autoscaler_replaces_the_engines_and_starts_before_the_router(
-    tmp_path: Path,
+    tmp_path: Path, short_dir: Path
 ) -> None:
     sim = plan(tmp_path / "a", sim=True, num_engines=4, autoscale="kpa", min_replicas=0)
     assert [[s.name for s in stage] for stage in sim.stages] == [
         ["cache"], ["autoscaler"], ["router"]
     ]  # fmt: skip
-    real = plan(tmp_path / "b", autoscale="")
+    real = plan(tmp_path / "b", short_dir / "up", autoscale="")
     assert [[s.name for s in stage] for stage in real.stages] == [
         ["cache"], ["loader"], ["prefetch"], ["autoscaler"], ["router"]
     ]  # fmt: skip
@@ -111,9 +125,9 @@ def test_a_simulated_engine_script_starts_one_engine_on_the_port_it_is_given(
 
 
 def test_a_vllm_engine_script_keeps_the_connector_loader_and_environment_per_port(
-    tmp_path: Path,
+    tmp_path: Path, short_dir: Path
 ) -> None:
-    p = plan(tmp_path, autoscale="", cpu_per_engine=2)
+    p = plan(tmp_path, short_dir / "up", autoscale="", cpu_per_engine=2)
     argv = expand(dict(p.files)[p.workdir / "engine.sh"], tmp_path, 41000)
     assert argv[:2] == ["env", "-i"]
     env = dict(a.split("=", 1) for a in argv[2 : argv.index("-m") - 1])
@@ -126,6 +140,8 @@ def test_a_vllm_engine_script_keeps_the_connector_loader_and_environment_per_por
     assert transfer["kv_connector_extra_config"]["endpoint"] == f"ipc://{p.cache_socket}"
     assert flag(command, "--load-format") == "shoal"
     assert "--kv-events-config" not in command
+    with pytest.raises(ConfigError, match="shorter --workdir"):  # vLLM's ipc paths
+        plan(tmp_path / "c", tmp_path / ("w" * 40), autoscale="")
 
 
 def test_engine_script_quotes_what_the_shell_would_otherwise_expand(tmp_path: Path) -> None:
