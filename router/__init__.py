@@ -18,6 +18,9 @@ Layout (issue 12)::
       precise.py      the cluster index through the local cache daemon: which engine
                       holds which prefix on its GPU, in its node's cache or on a peer
       discovery.py    static, dns, k8s (EndpointSlices) and file engine lists
+      hold.py         requests held while no engine serves their model (scale from
+                      zero, issue 13): bounded FIFOs with deadlines, the wake gate
+      wake.py         asking the autoscaler for an engine while requests are held
       proxy.py        the aiohttp application: OpenAI routes, SSE passthrough, retries
       metrics.py      shoal_router_* Prometheus metrics
       server.py       one process per core (SO_REUSEPORT), uvloop, graceful stop

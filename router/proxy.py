@@ -35,8 +35,8 @@ Invariants:
    is routed normally once a health check finds an engine (``EnginePool.on_health_change``
    wakes its model's waiters, first-come first-served); a full queue or the deadline is a
    503 with Retry-After, a client that hangs up is dropped from the queue. While anything
-   is held, the autoscaler is asked for an engine (``POST URL/v1/wake {"model": M}``, at
-   most once a second per model; a failure is logged, never the request's). A saturated
+   is held, the autoscaler is asked for an engine (``router.wake``: ``POST URL/v1/wake``,
+   at most once a second per model; a failure is logged, never the request's). A saturated
    fleet, or one whose engines' breakers are open, is not held: 429/503 at once.
 
 Errors are OpenAI-style JSON, ``{"error": {"message", "type", "code"}}`` with the HTTP
@@ -102,13 +102,14 @@ from router.errors import (
     Unauthorized,
     UpstreamError,
 )
-from router.hold import HoldQueue, WakeGate
+from router.hold import HoldQueue
 from router.ledger import InMemoryLedger, Ledger
 from router.limits import Limiter
 from router.metrics import BREAKER_VALUES, RouterMetrics, RouterState
 from router.pipeline import Pipeline
 from router.requests import ROUTES, check_headers, parse_body, to_route_request
 from router.types import EngineView, RouteDecision, RouteOutcome, RouteRequest
+from router.wake import AutoscalerWaker, NullWaker, Waker
 
 __all__ = ["ENGINE_HEADER", "Proxy", "error_body"]
 
@@ -132,8 +133,6 @@ _HOP_BY_HOP = frozenset(
 )
 _NOT_BACK = frozenset({"connection", "keep-alive", "transfer-encoding", "date", "server"})
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-_WAKE_INTERVAL_S = 1.0  # at most one autoscaler wake per model per second
-_WAKE_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 
 
 class _AttemptFailed(UpstreamError):
@@ -211,10 +210,10 @@ class Proxy:
             clock=clock,
         )
         self._holds = settings.holds
-        self._wake_gate = WakeGate(_WAKE_INTERVAL_S)
-        self._wake_needed: asyncio.Event | None = None
-        self._waker: asyncio.Task[None] | None = None
-        self._wake_failing = False
+        self.waker: Waker = NullWaker()
+        if self._holds and settings.autoscaler_url:  # at most one wake a second per model
+            self.waker = AutoscalerWaker(settings.autoscaler_url, self.hold.held_models,
+                                         clock=clock)  # fmt: skip
         # router.discovery's source when not static (``engines()``, ``close()``; closed
         # by ``on_cleanup``): its list is copied into the pool every discovery interval
         self.discovery: Any = None
@@ -246,9 +245,7 @@ class Proxy:
             self._follower = asyncio.create_task(self._follow_discovery())
         if not isinstance(self.ledger, InMemoryLedger):  # other replicas' counts
             self._refresher = asyncio.create_task(self._refresh_ledger())
-        if self._holds and self.settings.autoscaler_url:
-            self._wake_needed = asyncio.Event()
-            self._waker = asyncio.create_task(self._wake_autoscaler())
+        self.waker.start(self._session)
 
     async def _follow_discovery(self) -> None:
         """Discovery's list into the pool; a source never raises after construction (a
@@ -270,10 +267,7 @@ class Proxy:
                 log.warning("ledger refresh failed: %s", exc)
 
     async def _cleanup(self, app: web.Application) -> None:
-        if self._waker is not None:
-            self._waker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._waker
+        await self.waker.close()
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -347,49 +341,12 @@ class Proxy:
             if held_since is None:
                 held_since = self._clock()
                 deadline = held_since + self.hold.timeout_s
-                if self._wake_needed is not None:
-                    self._wake_needed.set()
+                self.waker.notify()
             try:
                 await self.hold.hold(route_request.model, deadline=deadline)
             except HoldTimedOut:
                 self.metrics.held_seconds.observe(self._clock() - held_since)
                 raise
-
-    async def _wake_autoscaler(self) -> None:
-        """While requests are held, ask the autoscaler for an engine of each held model,
-        at most once per ``_WAKE_INTERVAL_S`` per model (one loop, not one per request)."""
-        assert self._wake_needed is not None, "started with the event"
-        while True:
-            await self._wake_needed.wait()
-            self._wake_needed.clear()
-            now = self._clock()
-            due = [m for m in self.hold.held_models() if self._wake_gate.try_pass(m, now)]
-            await asyncio.gather(*(self._post_wake(model) for model in due))
-            if self.hold.num_held():
-                await asyncio.sleep(_WAKE_INTERVAL_S)
-                self._wake_needed.set()
-
-    async def _post_wake(self, model: str) -> None:
-        assert self._session is not None, "wakes are sent between startup and cleanup"
-        url = self.settings.autoscaler_url.rstrip("/") + "/v1/wake"
-        try:
-            async with self._session.post(url, json={"model": model},
-                                          timeout=_WAKE_TIMEOUT) as reply:  # fmt: skip
-                await reply.read()
-                problem = None if reply.status < 300 else f"answered {reply.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            problem = repr(exc)
-        if problem is None:
-            if self._wake_failing:
-                log.info("the autoscaler at %s answers again", url)
-            self._wake_failing = False
-            log.debug("asked %s for an engine of %s", url, model or "any model")
-            return
-        # a failure is never the request's: it keeps waiting, the next wake may land
-        level = logging.DEBUG if self._wake_failing else logging.WARNING
-        log.log(level, "cannot ask the autoscaler for an engine of %s: POST %s %s",
-                model or "any model", url, problem)  # fmt: skip
-        self._wake_failing = True
 
     # ---- small routes -----------------------------------------------------------------
 

@@ -1,0 +1,138 @@
+"""Asking the autoscaler for an engine while requests are held (scale from zero, issue 13).
+
+::
+
+    the proxy holds a request (router/hold.py)   -> waker.notify()
+    the waker's one loop                          -> for each model held now, at most once
+                                                     per interval_s (WakeGate):
+                                                     POST URL/v1/wake {"model": M}
+                                                  -> while anything is still held, again
+                                                     after interval_s; then it sleeps until
+                                                     the next notify()
+
+Invariant: at most one wake per model per ``interval_s`` from this process, and a wake
+that fails (refused, timeout, an error status) never reaches a request: it is logged (a
+warning when a failure streak starts, debug after) and the request keeps waiting; the next
+round may land. The controller answers a wake with zero ready and pending replicas by
+scaling to at least one at once (``control/autoscale/server.py``), and ignores it
+otherwise, so repeating it while requests wait is harmless and survives an autoscaler
+that was not up yet when the first request came.
+
+``Waker`` is the boundary (STYLE.md 8): ``AutoscalerWaker`` speaks HTTP, ``NullWaker`` is
+the router without ``--autoscaler-url``, tests record wakes with a stand-in receiver.
+
+Rejected: a wake per held request (a burst of 256 requests would be 256 POSTs); a task per
+held model (one loop serves every model, and stops when nothing is held).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import aiohttp
+
+from router.hold import WakeGate
+
+__all__ = ["AutoscalerWaker", "NullWaker", "Waker"]
+
+log = logging.getLogger("shoal." + __name__)
+
+_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+
+
+class Waker(Protocol):
+    def start(self, session: aiohttp.ClientSession) -> None: ...
+
+    def notify(self) -> None:
+        """A request started holding: ask for engines of the held models soon."""
+
+    async def close(self) -> None: ...
+
+
+class NullWaker:
+    """No autoscaler to ask (engines appear through discovery alone)."""
+
+    def start(self, session: aiohttp.ClientSession) -> None:
+        pass
+
+    def notify(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class AutoscalerWaker:
+    """``POST URL/v1/wake`` for each held model (module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        held_models: Callable[[], Sequence[str]],
+        *,
+        interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url.rstrip("/") + "/v1/wake"
+        self._held_models = held_models
+        self._gate = WakeGate(interval_s)
+        self._interval_s = interval_s
+        self._clock = clock
+        self._needed = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        self.num_sent = 0
+        self.num_failed = 0
+
+    def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        self._task = asyncio.create_task(self._run())
+
+    def notify(self) -> None:
+        self._needed.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._needed.wait()
+            self._needed.clear()
+            now = self._clock()
+            due = [m for m in self._held_models() if self._gate.try_pass(m, now)]
+            await asyncio.gather(*(self._post(model) for model in due))
+            if self._held_models():
+                await asyncio.sleep(self._interval_s)
+                self._needed.set()
+
+    async def _post(self, model: str) -> None:
+        assert self._session is not None, "wakes are sent between start() and close()"
+        try:
+            async with self._session.post(self.url, json={"model": model},
+                                          timeout=_TIMEOUT) as reply:  # fmt: skip
+                await reply.read()
+                problem = None if reply.status < 300 else f"answered {reply.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            problem = repr(exc)
+        if problem is None:
+            self.num_sent += 1
+            if self._failing:
+                log.info("the autoscaler at %s answers again", self.url)
+            self._failing = False
+            log.debug("asked %s for an engine of %s", self.url, model or "any model")
+            return
+        self.num_failed += 1
+        level = logging.DEBUG if self._failing else logging.WARNING
+        log.log(level, "cannot ask the autoscaler for an engine of %s: POST %s %s",
+                model or "any model", self.url, problem)  # fmt: skip
+        self._failing = True
