@@ -104,7 +104,9 @@ class HoldQueue:
     def try_hold(self, model: str, *, deadline: float | None = None) -> Ticket | None:
         """Queue a request for ``model`` until ``deadline`` (default now + timeout_s);
         None when the queue is full (or holding is off)."""
-        if not self.enabled or self._num_held >= self.max_requests:
+        if not self.enabled:
+            return None
+        if self._num_held >= self.max_requests:
             self._num_full += 1
             return None
         now = self._clock()

@@ -28,7 +28,7 @@
     shoal_router_held_requests{model}                    requests held for lack of an engine
                                                          (router/hold.py): scale from zero
     shoal_router_held_seconds                            how long held requests waited
-                                                         (woken or timed out)
+                                                         (woken, timed out or gone)
 
 The ``strategy`` label is the mix's member names joined by ``+`` (weights dropped): clients
 choose mixes per request, and a label per weight would let them grow the registry without

@@ -95,7 +95,6 @@ from router.config import RouterSettings
 from router.engines import EnginePool
 from router.errors import (
     BadRequest,
-    HoldTimedOut,
     NoEngineAvailable,
     RateLimited,
     RouterError,
@@ -319,34 +318,31 @@ class Proxy:
     async def _route(
         self, route_request: RouteRequest, strategy: str, tried: set[str]
     ) -> RouteDecision:
-        """The pipeline's decision; while no engine serves the model, held first."""
+        """The pipeline's decision; while no engine serves the model, held first (the
+        whole wait, however it ends, is one ``held_seconds`` observation)."""
         held_since: float | None = None
-        deadline: float | None = None
-        while True:
-            try:
-                decision = await self.pipeline.route(
-                    route_request,
-                    self.pool.views(self.ledger.snapshot()),
-                    self.pool.allows,
-                    strategy=strategy,
-                    exclude=tried,
-                )
-            except NoEngineAvailable:
-                if tried or not self._may_hold(route_request.model):
-                    raise
-            else:
-                if held_since is not None:
-                    self.metrics.held_seconds.observe(self._clock() - held_since)
-                return decision
-            if held_since is None:
-                held_since = self._clock()
+        try:
+            while True:
+                try:
+                    return await self.pipeline.route(
+                        route_request,
+                        self.pool.views(self.ledger.snapshot()),
+                        self.pool.allows,
+                        strategy=strategy,
+                        exclude=tried,
+                    )
+                except NoEngineAvailable:
+                    if tried or not self._may_hold(route_request.model):
+                        raise
+                if held_since is None:
+                    held_since = self._clock()
+                    self.waker.notify()
+                # a re-hold (woken, but the engine went away again) keeps the first deadline
                 deadline = held_since + self.hold.timeout_s
-                self.waker.notify()
-            try:
                 await self.hold.hold(route_request.model, deadline=deadline)
-            except HoldTimedOut:
+        finally:
+            if held_since is not None:
                 self.metrics.held_seconds.observe(self._clock() - held_since)
-                raise
 
     # ---- small routes -----------------------------------------------------------------
 
