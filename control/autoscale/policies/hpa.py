@@ -90,9 +90,12 @@ def replicas_for_metric(
             return current
         return math.ceil(ratio * len(values) - 1e-9)
     filled = sum(values)
-    count = len(values) + num_missing
+    count = len(values)
     if ratio < 1.0:  # scale-down: a missing replica is taken at the target
         filled += num_missing * target.target
+        count += num_missing
+    elif ratio > 1.0:  # scale-up: a missing replica is taken at 0
+        count += num_missing
     if rebalance_unready:  # scale-up: pending replicas count, at 0
         count += num_unready
     new_ratio = filled / (target.target * count)
