@@ -67,10 +67,11 @@ class KnativePodAutoscaler:
 
     def __init__(self, spec: PolicySpec) -> None:
         options = PolicyOptions(self.name, spec.options)
-        self.stable_window_s = options.number("stable_window_s", 60.0, minimum=1.0)
+        # Knative's bounds: a stable window of at least 6 s, a panic percentage >= 1
+        self.stable_window_s = options.number("stable_window_s", 60.0, minimum=6.0)
         percentage = options.number("panic_window_percentage", 10.0, minimum=1.0)
         self.panic_window_s = options.number(
-            "panic_window_s", self.stable_window_s * percentage / 100.0, minimum=1.0
+            "panic_window_s", self.stable_window_s * percentage / 100.0, minimum=0.001
         )
         self.panic_threshold = options.number("panic_threshold_percentage", 200.0) / 100.0
         self.max_scale_up_rate = options.number("max_scale_up_rate", 1000.0, minimum=1.0)
