@@ -29,7 +29,9 @@ no_stab = {"scale_down_stabilization_window_s": 0.0}
 )
 def test_formula_and_tolerance(per_replica: float, desired: int) -> None:
     hpa = policy("hpa", max_replicas=20, **no_stab)
-    assert hpa.decide(observe(0.0, ready=4, per_replica=per_replica)).desired == desired
+    decision = hpa.decide(observe(0.0, ready=4, per_replica=per_replica))
+    assert decision.desired == desired
+    assert decision.bounds == ("min-replicas" if per_replica == 0.0 else "")
 
 
 def test_missing_pods_count_zero_on_scale_up() -> None:

@@ -227,6 +227,8 @@ class ZeroGate:
     def apply(self, desired: int, observation: ScaleInput, spec: PolicySpec) -> tuple[int, str]:
         if observation.ready_replicas == 0 and demand_seen(observation) and desired < 1:
             return 1, "activation"
+        if desired <= 0 < spec.min_replicas:
+            return desired, ""  # the min-replicas bound applies, not this rule
         if desired <= 0:
             current = observation.ready_replicas + observation.pending_replicas
             if spec.min_replicas == 0 and self.idle_for(observation.now_s) >= self.idle_s:
