@@ -16,6 +16,7 @@ it counts a failed scrape as 0 and ignores pending replicas, which its own tests
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar
 
 import pytest
@@ -46,8 +47,9 @@ class PolicyContract:
     keeps_unknown_and_pending: ClassVar[bool] = True
     options: ClassVar[dict[str, float | str]] = {}
 
-    def make(self, *targets: tuple[str, float], **kwargs: int) -> Policy:
-        return make_policy(self.policy_name, make_spec(*targets, **kwargs, **self.options))
+    def make(self, *targets: tuple[str, float], **bounds: int) -> Policy:
+        spec = make_spec(*targets, **bounds)
+        return make_policy(self.policy_name, replace(spec, options=dict(self.options)))
 
     def steady(self, subject: Policy, *, ready: int, per_replica: float, seconds: int) -> None:
         """Rounds ``0 .. seconds-1`` at a constant per-replica load."""
@@ -165,7 +167,10 @@ class PolicyContract:
             assert decision.desired == max(d.desired for d in singles.values())
             for metric, single in singles.items():
                 assert decision.per_metric[metric] == single.per_metric[metric]
-        assert decision.per_metric[REQUESTS_WAITING] > decision.per_metric[REQUESTS_RUNNING]
+        by_waiting = decision.per_metric[REQUESTS_WAITING]
+        by_running = decision.per_metric[REQUESTS_RUNNING]
+        assert by_waiting is not None and by_running is not None
+        assert by_waiting > by_running
 
     def test_a_known_metric_decides_when_another_is_unknown(self) -> None:
         self._needs_contract("unknown-holds")

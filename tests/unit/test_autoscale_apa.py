@@ -35,7 +35,10 @@ def test_bands_and_rates(per_replica: float, desired: int, bounds: str) -> None:
 
 def test_tolerances_are_options() -> None:
     apa = policy(
-        "apa", max_replicas=20, up_fluctuation_tolerance=0.5, down_fluctuation_tolerance=0.05,
+        "apa",
+        max_replicas=20,
+        up_fluctuation_tolerance=0.5,
+        down_fluctuation_tolerance=0.05,
         **quick,
     )
     assert apa.decide(observe(0.0, ready=4, per_replica=1.4)).desired == 4

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from control.autoscale.errors import PolicyConfigError
-from control.autoscale.types import KV_CACHE_USAGE, ROUTER_HELD
+from control.autoscale.types import KV_CACHE_USAGE, ROUTER_HELD, ScaleInput
 from tests.unit.autoscale_factories import VirtualService, drive, observe, policy
 
 
@@ -35,8 +35,12 @@ def test_panic_is_held_until_a_full_stable_window_passes() -> None:
     (last at t=24: (20 + 5*0)/6 = 3.33 -> 4 >= 2*2) and for a stable window after it:
     panic ends at the first round more than 60 s later (t=85)."""
     kpa = policy("kpa", max_replicas=50)
-    load = lambda t: 2.0 if t < 10 else 20.0 if t < 20 else 0.0  # noqa: E731
-    decisions = drive(kpa, range(120), lambda t: observe(t, ready=2, per_replica=load(t) / 2))
+
+    def burst(t: float) -> ScaleInput:
+        total = 2.0 if t < 10 else 20.0 if t < 20 else 0.0
+        return observe(t, ready=2, per_replica=total / 2)
+
+    decisions = drive(kpa, range(120), burst)
     desired = [d.desired for d in decisions]
     panic = [d.panic for d in decisions]
     assert desired[:10] == [2] * 10
@@ -64,9 +68,7 @@ def test_panic_re_extends_while_over_threshold() -> None:
 def test_stale_scrapes_hold_and_never_read_as_zero() -> None:
     kpa = policy("kpa")
     drive(kpa, range(100), lambda t: observe(t, ready=4, per_replica=1.0))
-    failed = drive(
-        kpa, range(100, 300), lambda t: observe(t, ready=4, per_replica=0.0, failed=4)
-    )
+    failed = drive(kpa, range(100, 300), lambda t: observe(t, ready=4, per_replica=0.0, failed=4))
     assert {d.desired for d in failed} == {4}
     # the stable window keeps the last minute of real data, then runs dry: unknown
     assert failed[58].recommendation == 4  # t=158: buckets 99..158 hold t=99
