@@ -148,6 +148,14 @@ def test_panic_window_percentage_and_threshold_options() -> None:
     assert not kpa.decide(observe(0.0, ready=1, per_replica=2.0)).panic
 
 
+def test_panic_threshold_as_a_ratio() -> None:
+    kpa = policy("kpa", panic_threshold=3.0)
+    assert not kpa.decide(observe(0.0, ready=1, per_replica=2.0)).panic
+    assert kpa.decide(observe(1.0, ready=1, per_replica=5.0)).panic  # (2 + 5) / 2 -> 4 >= 3
+    with pytest.raises(PolicyConfigError, match="not both"):
+        policy("kpa", panic_threshold=3.0, panic_threshold_percentage=300.0)
+
+
 def test_panic_window_longer_than_stable_is_rejected() -> None:
     with pytest.raises(PolicyConfigError, match="panic window"):
         policy("kpa", stable_window_s=10.0, panic_window_s=20.0)

@@ -31,8 +31,9 @@ asked for counts: while replicas start, the same load asks for the same count, n
 (the rates stay relative to ready replicas, as Knative's); ``activation_scale`` as in
 Knative; no excess-burst-capacity (the router, not the activator, holds requests).
 
-Options: ``stable_window_s`` (60), ``panic_window_percentage`` (10) or ``panic_window_s``,
-``panic_threshold_percentage`` (200), ``max_scale_up_rate`` (1000),
+Options (Knative's annotation names in snake_case): ``stable_window_s`` (60, at least 6),
+``panic_window_percentage`` (10) or ``panic_window_s``, ``panic_threshold_percentage``
+(200) or ``panic_threshold`` (the same as a ratio, 2, AIBrix's name), ``max_scale_up_rate`` (1000),
 ``max_scale_down_rate`` (2), ``scale_down_delay_s`` (0), ``scale_to_zero_grace_s`` (30),
 ``activation_scale`` (1), ``granularity_s`` (1).
 """
@@ -73,7 +74,8 @@ class KnativePodAutoscaler:
         self.panic_window_s = options.number(
             "panic_window_s", self.stable_window_s * percentage / 100.0, minimum=0.001
         )
-        self.panic_threshold = options.number("panic_threshold_percentage", 200.0) / 100.0
+        percent = options.number("panic_threshold_percentage", 200.0, minimum=100.0)
+        self.panic_threshold = options.number("panic_threshold", percent / 100.0, minimum=1.0)
         self.max_scale_up_rate = options.number("max_scale_up_rate", 1000.0, minimum=1.0)
         self.max_scale_down_rate = options.number("max_scale_down_rate", 2.0, minimum=1.0)
         self.scale_down_delay_s = options.number("scale_down_delay_s", 0.0, minimum=0.0)
@@ -81,6 +83,12 @@ class KnativePodAutoscaler:
         self.activation_scale = int(options.number("activation_scale", 1.0, minimum=1.0))
         granularity_s = options.number("granularity_s", 1.0, minimum=0.001)
         options.check()
+        for pair in (
+            ("panic_window_s", "panic_window_percentage"),
+            ("panic_threshold", "panic_threshold_percentage"),
+        ):
+            if all(name in spec.options for name in pair):
+                raise PolicyConfigError(f"policy kpa: give {pair[0]} or {pair[1]}, not both")
         if self.panic_window_s > self.stable_window_s:
             raise PolicyConfigError(
                 f"policy kpa: panic window {self.panic_window_s}s is longer than the stable "
