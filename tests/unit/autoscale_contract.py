@@ -5,6 +5,10 @@ A policy's test module subclasses ``PolicyContract`` and names the policy::
     class TestKpaContract(PolicyContract):
         policy_name = "kpa"
         idle_period_s = 90.0   # how long it waits, idle, before scaling to zero
+        options = {}           # tunables every test builds the policy with
+
+``make`` builds the policy on the given targets (default: running requests, target 1)
+and bounds; a policy that needs more (a capacity profile) overrides it.
 
 All rounds are virtual: one per second from ``t = 0`` unless a test says otherwise; the
 metric is ``REQUESTS_RUNNING`` with a target of 1 per replica, so a replica reporting 2
@@ -67,8 +71,9 @@ class PolicyContract:
         assert type(self.make()).name == self.policy_name
 
     def test_an_unknown_option_is_rejected(self) -> None:
+        spec = replace(make_spec(), options={**self.options, "no_such_option": 1.0})
         with pytest.raises(PolicyConfigError, match="no_such_option"):
-            make_policy(self.policy_name, make_spec(no_such_option=1.0))
+            make_policy(self.policy_name, spec)
 
     def test_time_must_not_go_backwards(self) -> None:
         subject = self.make()
