@@ -90,7 +90,7 @@ class AppPodAutoscaler:
         current = observation.spec_replicas
         per_metric: dict[str, int | None] = {}
         shown: list[str] = []
-        rate_bound = ""
+        rate_bounds: dict[str, str] = {}  # metric -> the rate that limited its count
         for target in self._spec.targets:
             value = observed_per_replica(observation, target.metric)
             if value is not None:
@@ -106,12 +106,12 @@ class AppPodAutoscaler:
                 expected = math.ceil(ready * ratio - 1e-9)
                 max_up = math.ceil(self.max_scale_up_rate * ready - 1e-9)
                 if expected > max_up:
-                    expected, rate_bound = max_up, "max-scale-up-rate"
+                    expected, rate_bounds[target.metric] = max_up, "max-scale-up-rate"
             elif ratio < 1 - self.down_tolerance:
                 expected = math.ceil(ready * ratio - 1e-9)
                 max_down = math.floor(ready / self.max_scale_down_rate + 1e-9)
                 if expected < max_down:
-                    expected, rate_bound = max_down, "max-scale-down-rate"
+                    expected, rate_bounds[target.metric] = max_down, "max-scale-down-rate"
             else:
                 expected = current
             per_metric[target.metric] = expected
@@ -133,7 +133,8 @@ class AppPodAutoscaler:
                 per_metric,
                 [],
             )
-        bounds = [rate_bound] if rate_bound else []
+        winner = next(m for m, r in per_metric.items() if r == recommendation)
+        bounds = [rate_bounds[winner]] if winner in rate_bounds else []
         self._up.record(now_s, recommendation)
         self._down.record(now_s, recommendation)
         desired = min(max(current, self._up.min()), self._down.max())

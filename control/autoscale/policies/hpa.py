@@ -65,6 +65,21 @@ def _within(ratio: float, tolerance: float) -> bool:
     return abs(1.0 - ratio) <= tolerance
 
 
+def _describe(observation: ScaleInput, target: MetricTarget) -> str:
+    if target.metric in ROUTER_METRICS:
+        total = observation.router.get(target.metric)
+        shown = "unknown" if total is None else f"total {total:.4g}"
+        return f"{target.metric} {shown} /{target.target:g}"
+    values = observation.reporting(target.metric)
+    if not values:
+        return f"{target.metric} unknown"
+    missing = max(0, observation.ready_replicas - len(values))
+    return (
+        f"{target.metric} mean {sum(values) / len(values):.4g} of {len(values)} "
+        f"({missing} missing) /{target.target:g}"
+    )
+
+
 def replicas_for_metric(
     observation: ScaleInput, target: MetricTarget, tolerance: float
 ) -> int | None:
@@ -154,7 +169,9 @@ class HorizontalPodAutoscaler:
             for t in self._spec.targets
         }
         inputs = (
-            ", ".join(f"{m} -> {r}" for m, r in per_metric.items())
+            "; ".join(
+                f"{_describe(observation, t)} -> {per_metric[t.metric]}" for t in self._spec.targets
+            )
             + f"; ready {observation.ready_replicas} pending {observation.pending_replicas}"
             f" spec {current}; windows up {self._up.window_s:g}s down {self._down.window_s:g}s"
         )

@@ -253,7 +253,7 @@ def finish_decision(
     panic: bool = False,
 ) -> Decision:
     """The zero rule, then ``[min_replicas, max_replicas]``, then the decision-log line:
-    ``POLICY MODE: inputs; recommend R; desired D (bounds applied)``."""
+    ``POLICY [PANIC]: inputs; recommend R; desired D (bounds applied)``."""
     desired, applied = gate.apply(desired, observation, spec)
     if applied:
         bounds.append(applied)
@@ -264,8 +264,8 @@ def finish_decision(
     elif desired < spec.min_replicas:
         desired = spec.min_replicas
         bounds.append("min-replicas")
-    mode = "panic" if panic else "stable"
-    reason = f"{policy} {mode}: {inputs}; recommend {recommendation}; desired {desired}"
+    head = f"{policy} PANIC" if panic else policy
+    reason = f"{head}: {inputs}; recommend {recommendation}; desired {desired}"
     if bounds:
         reason += f" ({', '.join(bounds)})"
     return Decision(
