@@ -1,5 +1,6 @@
 """The holding queue of scale from zero (router/hold.py) on virtual time, the autoscaler
-wake gate, the bounded model labels of the router's metrics, and when a router holds."""
+wake gate, the bounded model labels of the router's metrics, and when a router holds and
+wakes (the proxy's decisions on a pool whose health checks are recorded by hand)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import asyncio
 import pytest
 
 from router.config import RouterSettings
+from router.engines import EnginePool, parse_engines
 from router.errors import HoldFull, HoldTimedOut, NoEngineAvailable
 from router.hold import HoldQueue, WakeGate
+from router.ledger import InMemoryLedger
+from router.limits import InMemoryLimiter
 from router.metrics import OTHER_MODEL, ModelLabels, RouterMetrics
+from router.proxy import Proxy
+from router.server import _pipeline
 
 
 class Clock:
@@ -196,3 +202,55 @@ def test_a_router_holds_only_where_engines_can_appear(
 def test_the_autoscaler_url_must_be_http() -> None:
     with pytest.raises(ValueError, match="autoscaler_url"):
         RouterSettings(autoscaler_url="127.0.0.1:8090")
+
+
+# ---- which requests a router holds, and when it wakes them --------------------------------
+
+
+def proxy(*urls: str, **flags: object) -> Proxy:
+    settings = RouterSettings(
+        engines=",".join(urls), autoscaler_url="http://127.0.0.1:9", breaker_failures=1,
+        **flags,  # type: ignore[arg-type]
+    )  # fmt: skip
+    pool = EnginePool(parse_engines(settings.engines), settings)
+    return Proxy(settings, pool, _pipeline(settings, None), InMemoryLedger(), InMemoryLimiter())
+
+
+def healthy(p: Proxy, engine_id: str, *models: str) -> None:
+    """What a passing health check (and a models poll) records, and the event it sends."""
+    engine = p.pool._engines[engine_id]
+    engine.healthy, engine.models = True, frozenset(models)
+    p._health_changed(engine_id, True)
+
+
+def test_a_router_holds_while_no_healthy_engine_serves_the_model_only() -> None:
+    none = proxy()
+    assert none._may_hold("tiny")  # zero engines
+    p = proxy("http://a:1", "http://b:1")
+    assert p._may_hold("tiny")  # both still starting
+    healthy(p, "http://a:1", "other")
+    assert p._may_hold("tiny")  # a only serves another model; b may serve it once up
+    healthy(p, "http://b:1", "tiny")
+    assert not p._may_hold("tiny")
+    p.pool.record_failure("http://b:1")  # its breaker opens: 503 at once, not held
+    assert not p.pool.allows("http://b:1") and not p._may_hold("tiny")
+    assert not proxy(hold_timeout_s=0)._may_hold("tiny")  # holding switched off
+
+
+def test_an_engine_that_becomes_healthy_wakes_the_requests_it_can_take() -> None:
+    p = proxy("http://a:1")
+    tiny, other = p.hold.try_hold("tiny"), p.hold.try_hold("other")
+    assert tiny is not None and other is not None
+    p.pool._engines["http://a:1"].models = frozenset({"tiny"})  # listed before it is up
+    healthy(p, "http://a:1", "tiny")
+    # both go on: "other" will be told the model does not exist (404) rather than wait
+    assert (tiny.state, other.state, p.hold.num_held()) == ("woken", "woken", 0)
+
+
+def test_a_health_event_with_no_engine_for_the_model_wakes_nothing() -> None:
+    p = proxy("http://a:1", "http://b:1")
+    ticket = p.hold.try_hold("tiny")
+    assert ticket is not None
+    p.pool.record_failure("http://a:1")  # a's breaker is open when it comes up
+    healthy(p, "http://a:1", "tiny")
+    assert ticket.state == "held" and p.hold.num_held() == 1
