@@ -362,6 +362,7 @@ class Proxy:
             {
                 "status": text,
                 "healthy_engines": healthy,
+                "held_requests": self.hold.num_held(),  # waiting for a first engine
                 "pid": os.getpid(),  # which worker answered (--workers N)
             },
             status=status,

@@ -558,8 +558,8 @@ def _plan_autoscaled(
          "--engine-ready-timeout-s", str(options.engine_ready_timeout_s),
          "--log-format", "text", *options.autoscale_args),
         workdir / "autoscaler.log", env, address=autoscaler_url,
-        detail=f"{options.autoscale or 'default'} policy, {options.min_replicas}.."
-        f"{options.num_engines} {detail} engines (engine.sh), listed in engines.json",
+        detail=f"{options.autoscale or 'its default'} policy, {options.min_replicas}.."
+        f"{options.num_engines} engines ({detail}) from engine.sh, listed in engines.json",
         ready_url=f"{autoscaler_url}/status", ready_timeout_s=60.0,
         # its engines stop with it (each in its own session): vLLM's take up to 20 s
         stop_grace_s=15.0 if options.sim else 45.0,

@@ -117,6 +117,7 @@ def test_a_request_with_no_engine_is_held_and_answered_once_the_autoscaler_bring
                 wait_until, lambda: metric(router, "shoal_router_held_requests", model=MODEL) == 1
             )
             assert held, router.log()
+            assert json.loads(router.request("GET", "/health")[2])["held_requests"] == 1
             woken = await asyncio.to_thread(wait_until, lambda: autoscaler.models() != [])
             assert woken and autoscaler.models()[0] == MODEL
             assert not pending.done()
