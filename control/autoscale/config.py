@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from control.autoscale.errors import PolicyConfigError
+from control.autoscale.types import METRICS, MetricTarget, PolicySpec
 from shoal.config import setting
 from shoal.errors import ConfigError
 
-__all__ = ["AutoscaleSettings"]
+__all__ = ["AutoscaleSettings", "parse_metrics", "parse_options", "policy_spec"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,3 +77,62 @@ class AutoscaleSettings:
         for name in ("interval_s", "scrape_timeout_s", "engine_ready_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+
+
+def parse_metrics(text: str) -> tuple[MetricTarget, ...]:
+    """``"kv_cache_usage:0.7,requests_waiting:4"`` as targets; an unknown metric name, a
+    missing or non-positive target raises ``PolicyConfigError`` naming the known metrics."""
+    targets: list[MetricTarget] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, raw = item.partition(":")
+        name = name.strip()
+        if name not in METRICS:
+            raise PolicyConfigError(
+                f"--metrics: unknown metric {name!r}; known: {', '.join(METRICS)}"
+            )
+        try:
+            targets.append(MetricTarget(name, float(raw)))
+        except ValueError:
+            raise PolicyConfigError(
+                f"--metrics: {item!r} needs METRIC:TARGET with a positive number"
+            ) from None
+    if not targets:
+        raise PolicyConfigError(f"--metrics names no metric; known: {', '.join(METRICS)}")
+    if len({t.metric for t in targets}) != len(targets):
+        raise PolicyConfigError(f"--metrics names a metric twice: {text!r}")
+    return tuple(targets)
+
+
+def parse_options(text: str) -> dict[str, float | str]:
+    """``"stable_window_s=60,mode=fast"`` as options: numbers where they parse, else text."""
+    options: dict[str, float | str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise PolicyConfigError(f"--options: {item!r} needs NAME=VALUE")
+        try:
+            options[name.strip()] = float(raw)
+        except ValueError:
+            options[name.strip()] = raw.strip()
+    return options
+
+
+def policy_spec(settings: AutoscaleSettings) -> PolicySpec:
+    """The ``PolicySpec`` the settings describe; the shoal policy also gets the SLOs and
+    the profile as options (an explicit ``--options`` entry wins)."""
+    options: dict[str, float | str] = {}
+    if settings.policy == "shoal":
+        options = {"ttft_slo_s": settings.ttft_slo_s, "tpot_slo_s": settings.tpot_slo_s}
+        if settings.profile:
+            options["profile"] = settings.profile
+    options.update(parse_options(settings.options))
+    return PolicySpec(
+        targets=parse_metrics(settings.metrics),
+        min_replicas=settings.min_replicas,
+        max_replicas=settings.max_replicas,
+        options=options,
+    )

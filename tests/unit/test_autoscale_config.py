@@ -1,0 +1,77 @@
+"""``shoal autoscale run`` settings: --metrics and --options parsing, the policy spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from control.autoscale.config import AutoscaleSettings, parse_metrics, parse_options, policy_spec
+from control.autoscale.errors import PolicyConfigError
+from control.autoscale.types import MetricTarget
+from shoal.config import load_config
+from shoal.errors import ConfigError
+
+
+def test_metrics_parse_into_targets_in_order() -> None:
+    assert parse_metrics("kv_cache_usage:0.7, requests_waiting:4") == (
+        MetricTarget("kv_cache_usage", 0.7),
+        MetricTarget("requests_waiting", 4.0),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("gpu_cache_usage:0.7", "unknown metric 'gpu_cache_usage'; known: kv_cache_usage"),
+        ("kv_cache_usage", "METRIC:TARGET"),
+        ("kv_cache_usage:-1", "METRIC:TARGET"),
+        ("", "names no metric"),
+        ("kv_cache_usage:0.5,kv_cache_usage:0.6", "twice"),
+    ],
+)
+def test_bad_metrics_are_config_errors_that_name_the_fix(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_metrics(text)
+
+
+def test_options_are_numbers_where_they_parse() -> None:
+    assert parse_options("stable_window_s=60, mode=fast,") == {
+        "stable_window_s": 60.0,
+        "mode": "fast",
+    }
+    with pytest.raises(PolicyConfigError, match="NAME=VALUE"):
+        parse_options("stable_window_s")
+
+
+def test_shoal_policy_gets_the_slos_and_profile_and_options_win() -> None:
+    settings = AutoscaleSettings(
+        policy="shoal", ttft_slo_s=0.5, profile="p.json", options="tpot_slo_s=0.05"
+    )
+    spec = policy_spec(settings)
+    assert spec.options == {"ttft_slo_s": 0.5, "tpot_slo_s": 0.05, "profile": "p.json"}
+    assert spec.min_replicas == 1 and spec.max_replicas == 10
+
+
+def test_other_policies_get_only_their_options() -> None:
+    spec = policy_spec(AutoscaleSettings(policy="kpa", options="panic_threshold=2"))
+    assert spec.options == {"panic_threshold": 2.0}
+
+
+def test_settings_come_from_flags_environment_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "shoal.toml"
+    path.write_text('[autoscale]\npolicy = "hpa"\nmax_replicas = 4\ninterval_s = 5\n')
+    settings = load_config(
+        AutoscaleSettings,
+        "autoscale",
+        flags={"interval_s": "1.5"},
+        environ={"SHOAL_AUTOSCALE_MIN_REPLICAS": "0"},
+        config_path=path,
+    )
+    assert (settings.policy, settings.min_replicas, settings.max_replicas) == ("hpa", 0, 4)
+    assert settings.interval_s == 1.5
+
+
+def test_inconsistent_bounds_are_refused() -> None:
+    with pytest.raises(ConfigError, match="min-replicas"):
+        AutoscaleSettings(min_replicas=3, max_replicas=2)
