@@ -129,6 +129,12 @@ class LocalActuator:
         self._draining: dict[int, asyncio.Task[None]] = {}  # port -> its retirement
         self._published: list[str] | None = None
         self._session: aiohttp.ClientSession | None = None
+        if self._discovery is not None and not self._discovery.exists():
+            try:  # the router's file discovery needs the file to exist when it starts
+                write_discovery_file(self._discovery, [])
+            except OSError as exc:
+                raise ConfigError(f"--discovery-file {self._discovery}: {exc}") from None
+            self._published = []
 
     # -- processes -----------------------------------------------------------------------
 

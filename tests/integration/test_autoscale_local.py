@@ -1,0 +1,211 @@
+"""The local actuator with real simulated engines (``shoal sim engine`` processes): start,
+readiness, the discovery file, replacement of a dead engine, drain before stop; and the whole
+loop (controller + scraper + router following the file) scaling up under a load step and
+back down without failing a request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import ClassVar
+
+import aiohttp
+import pytest
+
+from control.autoscale.actuators.local import LocalActuator
+from control.autoscale.controller import Controller
+from control.autoscale.policies.base import clamp
+from control.autoscale.scrape import Scraper
+from control.autoscale.types import (
+    REQUESTS_RUNNING,
+    REQUESTS_WAITING,
+    Decision,
+    PolicySpec,
+    ScaleInput,
+)
+from router.server import running_router
+from tests.integration.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+ENGINE = f"{sys.executable} -m shoal sim engine --port {{port}} --max-num-seqs 2"
+
+
+def listed(path: Path) -> list[str]:
+    return [entry["url"] for entry in json.loads(path.read_text())]
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+async def healthy(url: str) -> bool:
+    try:
+        timeout = aiohttp.ClientTimeout(total=1)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url + "/health") as r,
+        ):
+            return r.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+def test_engines_start_publish_get_replaced_and_drain(tmp_path: Path) -> None:
+    discovery = tmp_path / "engines.json"
+
+    async def main() -> None:
+        actuator = LocalActuator(
+            ENGINE, discovery_file=discovery, drain_s=2.0, workdir=tmp_path, ready_timeout_s=30
+        )
+        try:
+            assert listed(discovery) == []  # there from the start, for the router
+            await actuator.scale(2)
+            first = await actuator.state()
+            assert first.spec == 2 and first.ready + first.pending == 2
+
+            async def two_ready() -> bool:
+                return (await actuator.state()).ready == 2
+
+            await until(two_ready, 30, "two engines ready")
+            state = await actuator.state()
+            assert sorted(listed(discovery)) == sorted(state.endpoints)
+
+            # An engine that dies is noticed and replaced: spec stays 2.
+            victim = state.endpoints[0]
+            pid = next(e.process.pid for e in actuator._engines if e.url == victim)
+            os.killpg(pid, signal.SIGKILL)
+            await asyncio.sleep(0.3)
+            replaced = await actuator.state()
+            assert victim not in replaced.endpoints and victim not in listed(discovery)
+            assert replaced.ready + replaced.pending == 2
+            await until(two_ready, 30, "the replacement ready")
+
+            # Scale down: out of the file at once, still serving during the drain, then gone.
+            before = (await actuator.state()).endpoints
+            asked = time.monotonic()
+            await actuator.scale(1)
+            remaining = listed(discovery)
+            assert len(remaining) == 1
+            (leaving,) = set(before) - set(remaining)
+            assert actuator.num_draining == 1
+            assert await healthy(leaving)  # draining, not stopped
+
+            async def drained() -> bool:
+                return actuator.num_draining == 0
+
+            await until(drained, 15, "the drained engine stopped")
+            assert time.monotonic() - asked >= 2.0  # not before its drain
+            assert not await healthy(leaving)
+            assert (await actuator.state()).ready == 1
+        finally:
+            await actuator.close()
+        assert listed(discovery) == []
+        assert all(e.process.poll() is not None for e in actuator._engines)
+
+    asyncio.run(main())
+    logs = sorted(p.name for p in tmp_path.glob("engine-*.log"))
+    assert len(logs) == 3  # two, and the replacement
+
+
+class Load:
+    """desired = ceil((running + waiting) / 4), in [min, max]; unknown holds."""
+
+    name: ClassVar[str] = "load"
+
+    def __init__(self, spec: PolicySpec) -> None:
+        self.spec = spec
+
+    def decide(self, observation: ScaleInput) -> Decision:
+        running = observation.total(REQUESTS_RUNNING)
+        waiting = observation.total(REQUESTS_WAITING)
+        if running is None or waiting is None:
+            return Decision(observation.spec_replicas, None, "unknown: hold")
+        recommendation = math.ceil((running + waiting) / 4)
+        desired, bound = clamp(recommendation, self.spec)
+        return Decision(desired, recommendation, f"load {running + waiting}", bounds=bound)
+
+
+def test_a_load_step_scales_up_through_the_router_and_back_down(tmp_path: Path) -> None:
+    discovery = tmp_path / "engines.json"
+    actuator = LocalActuator(
+        ENGINE, discovery_file=discovery, drain_s=3.0, workdir=tmp_path, ready_timeout_s=30
+    )
+    with running_router(
+        free_port(),
+        wait_healthy=False,
+        discovery="file",
+        discovery_file=discovery,
+        discovery_interval_s=0.5,
+        health_interval_s=0.5,
+        strategy="least-request",
+    ) as router:
+        statuses: list[int] = []
+        ready_seen: list[int] = []
+
+        async def main() -> None:
+            scraper = Scraper(timeout_s=1.0, router_url=router.url)
+            controller = Controller(
+                Load(PolicySpec(targets=(), min_replicas=1, max_replicas=3)),
+                actuator, scraper, interval_s=0.5, min_replicas=1,
+            )  # fmt: skip
+            await actuator.scale(1)
+            stop = asyncio.Event()
+            loop_task = asyncio.create_task(controller.run(stop))
+            try:
+                await until(lambda: _router_healthy(router.url), 30, "router sees an engine")
+                load_stop = asyncio.Event()
+                clients = [
+                    asyncio.create_task(_client(router.url, load_stop, statuses)) for _ in range(12)
+                ]
+
+                async def scaled_up() -> bool:
+                    if controller.last_state is not None:
+                        ready_seen.append(controller.last_state.ready)
+                    return controller.last_state is not None and controller.last_state.ready == 3
+
+                await until(scaled_up, 60, "three engines ready under load")
+                await asyncio.sleep(2.0)  # the new engines take requests via the router
+                load_stop.set()
+                await asyncio.gather(*clients)
+
+                async def scaled_down() -> bool:
+                    state = controller.last_state
+                    return state is not None and state.spec == 1 and actuator.num_draining == 0
+
+                await until(scaled_down, 60, "back to one engine after the load")
+                assert len(listed(discovery)) == 1
+            finally:
+                stop.set()
+                await loop_task
+                await scraper.close()
+                await actuator.close()
+
+        asyncio.run(main())
+    assert statuses and set(statuses) == {200}, f"failed requests: {statuses}"
+    assert max(ready_seen) == 3
+
+
+async def _router_healthy(url: str) -> bool:
+    return await healthy(url)
+
+
+async def _client(url: str, stop: asyncio.Event, statuses: list[int]) -> None:
+    body = {"model": "sim-7b", "prompt": "a load step " * 20, "max_tokens": 48}
+    async with aiohttp.ClientSession() as session:
+        while not stop.is_set():
+            async with session.post(url + "/v1/completions", json=body) as reply:
+                await reply.read()
+                statuses.append(reply.status)
