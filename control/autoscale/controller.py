@@ -10,6 +10,9 @@ One round::
 
 Invariants:
 
+* ``min_replicas <= desired <= max_replicas`` for every decision acted on, whatever the
+  policy answered (a policy holding at ``spec`` on unknown metrics must still start the
+  first replica of a fresh target);
 * the loop never dies of its target: an ``ActuatorError`` in ``state()`` or ``scale()`` is
   logged, counted (``shoal_autoscale_actuator_errors_total``) and the round holds; the next
   round tries again. A failed scrape is an unknown sample (``scrape.py``), not an error.
@@ -35,7 +38,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, TextIO
 
 from control.autoscale.actuators.base import Actuator
@@ -98,6 +101,7 @@ class Controller:
         *,
         interval_s: float = 2.0,
         min_replicas: int = 1,
+        max_replicas: int | None = None,
         dry_run: bool = False,
         target: str = "",
         policy_name: str = "",
@@ -111,6 +115,7 @@ class Controller:
         self.source = source
         self.interval_s = interval_s
         self.min_replicas = min_replicas
+        self.max_replicas = max_replicas
         self.dry_run = dry_run
         self.target = target
         self.policy_name = policy_name or getattr(policy, "name", type(policy).__name__)
@@ -152,7 +157,7 @@ class Controller:
             samples=samples,
             router=router,
         )
-        decision = self.policy.decide(observation)
+        decision = self._bounded(self.policy.decide(observation))
         self.metrics.observe(state, decision)
         failed = observation.num_failed
         if self.dry_run or decision.desired == state.spec:
@@ -165,6 +170,16 @@ class Controller:
                 now, state, decision, False, f"scale: {exc}", failed, router, samples
             )
         return RoundRecord(now, state, decision, True, "", failed, router, samples)
+
+    def _bounded(self, decision: Decision) -> Decision:
+        """The bounds again, after the policy: a policy that holds on unknown metrics keeps
+        ``spec`` as is, and a fresh target at 0 below ``min_replicas`` would never start."""
+        low, high = self.min_replicas, self.max_replicas
+        if decision.desired < low:
+            return replace(decision, desired=low, bounds=decision.bounds or "min-replicas")
+        if high is not None and decision.desired > high:
+            return replace(decision, desired=high, bounds=decision.bounds or "max-replicas")
+        return decision
 
     def _count_scrape_failures(self) -> None:
         total = self.source.num_failures
@@ -306,6 +321,7 @@ async def _serve(settings: AutoscaleSettings) -> int:
         source,
         interval_s=settings.interval_s,
         min_replicas=settings.min_replicas,
+        max_replicas=settings.max_replicas,
         dry_run=settings.dry_run,
         target=settings.target,
         policy_name=settings.policy,

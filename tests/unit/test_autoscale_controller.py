@@ -229,3 +229,11 @@ def test_metrics_and_status_follow_the_last_round() -> None:
     assert status["replicas"] == {"spec": 1, "ready": 1, "pending": 0}
     assert status["decisions"][-1]["decision"]["desired"] == 2
     json.dumps(status)  # serialisable as /status sends it
+
+
+def test_a_fresh_target_below_min_replicas_is_started_though_the_policy_holds() -> None:
+    rig = build(0, min_replicas=1)  # nothing ready: every metric unknown, the policy holds at 0
+    record = asyncio.run(rig.controller.run_round())
+    assert record.decision is not None and record.decision.recommendation is None
+    assert record.decision.desired == 1 and record.decision.bounds == "min-replicas"
+    assert rig.actuator.scale_calls == [1]

@@ -34,6 +34,7 @@ import logging
 import os
 import random
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,7 +50,7 @@ from control.autoscale.types import ReplicaState
 from shoal.errors import ConfigError
 from shoal.processes import shoal_env
 
-__all__ = ["LocalActuator", "write_discovery_file"]
+__all__ = ["LocalActuator", "free_port", "write_discovery_file"]
 
 log = logging.getLogger("shoal." + __name__)
 
@@ -68,7 +69,7 @@ def write_discovery_file(path: Path, urls: list[str]) -> None:
         raise
 
 
-def _free_port(taken: set[int]) -> int:
+def free_port(taken: set[int]) -> int:
     """A loopback port free now, below the kernel's ephemeral range (where outgoing
     connections take their source ports and could take it before the engine binds it)."""
     try:
@@ -122,12 +123,14 @@ class LocalActuator:
         self._drain_s = drain_s
         self._kill_grace_s = kill_grace_s
         self._health_timeout_s = health_timeout_s
+        self._own_workdir = workdir is None  # removed by close() unless an engine failed
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="shoal-autoscale-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._desired = 0
         self._engines: list[_Engine] = []  # starting and ready, oldest first
         self._draining: dict[int, asyncio.Task[None]] = {}  # port -> its retirement
         self._published: list[str] | None = None
+        self._num_failed = 0  # engines that died or never got ready (their logs are kept)
         self._session: aiohttp.ClientSession | None = None
         if self._discovery is not None and not self._discovery.exists():
             try:  # the router's file discovery needs the file to exist when it starts
@@ -140,7 +143,7 @@ class LocalActuator:
 
     def _start(self) -> _Engine:
         taken = {e.port for e in self._engines} | set(self._draining)
-        port = _free_port(taken)
+        port = free_port(taken)
         argv = shlex.split(self._command.replace("{port}", str(port)))
         log_path = self.workdir / f"engine-{port}.log"
         try:
@@ -198,6 +201,7 @@ class LocalActuator:
             if code is None and not timed_out:
                 continue
             self._engines.remove(engine)
+            self._num_failed += 1
             if code is None:
                 log.warning(
                     "engine on port %d not healthy in %.0f s; replacing it (log %s)",
@@ -273,6 +277,10 @@ class LocalActuator:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._own_workdir and self._num_failed == 0:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        elif self._num_failed:
+            log.warning("%d engine(s) failed; their logs: %s", self._num_failed, self.workdir)
 
     @property
     def num_draining(self) -> int:
