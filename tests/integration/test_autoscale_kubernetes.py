@@ -284,3 +284,21 @@ def test_pod_list_failure_is_an_actuator_error() -> None:
             await actuator.state()
 
     run(api, body)
+
+
+def test_an_unreachable_api_server_is_an_actuator_error() -> None:
+    from tests.integration.conftest import free_port
+
+    configuration = k8s.Configuration(host=f"http://127.0.0.1:{free_port()}")
+    configuration.retries = 0
+    api_client = k8s.ApiClient(configuration)
+    actuator = KubernetesActuator("deployment", "llama", namespace="serving", api_client=api_client)
+
+    async def body() -> None:
+        try:
+            with pytest.raises(ActuatorError, match="cannot reach the API server"):
+                await actuator.state()
+        finally:
+            await actuator.close()
+
+    asyncio.run(body())

@@ -24,13 +24,19 @@ from control.autoscale.controller import Controller
 from control.autoscale.policies.base import clamp
 from control.autoscale.scrape import Scraper
 from control.autoscale.types import (
+    GENERATION_TOKENS_PER_S,
+    KV_CACHE_USAGE,
+    PROMPT_TOKENS_PER_S,
+    REQUESTS_PER_S,
     REQUESTS_RUNNING,
     REQUESTS_WAITING,
     Decision,
     PolicySpec,
     ScaleInput,
+    TTFT_MEAN_S,
 )
 from router.server import running_router
+from sim.process import running_sim_engine
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -209,3 +215,41 @@ async def _client(url: str, stop: asyncio.Event, statuses: list[int]) -> None:
             async with session.post(url + "/v1/completions", json=body) as reply:
                 await reply.read()
                 statuses.append(reply.status)
+
+
+def test_scraping_simulated_engines_gives_canonical_values_and_unknown_on_failure() -> None:
+    with (
+        running_sim_engine(free_port(), time_scale=10) as healthy_engine,
+        running_sim_engine(free_port(), time_scale=10) as hung_engine,
+    ):
+        dead = f"http://127.0.0.1:{free_port()}"
+        urls = [healthy_engine.url, hung_engine.url, dead]
+
+        async def main() -> None:
+            scraper = Scraper(timeout_s=0.5)
+            try:
+                first = await scraper.scrape(urls)
+                assert first[0].ok and KV_CACHE_USAGE in first[0].values
+                assert PROMPT_TOKENS_PER_S not in first[0].values  # no rate from one scrape
+                assert first[1].ok and not first[2].ok and first[2].values == {}
+                hung_engine.set_faults(hang="all")  # /metrics hangs: unknown, not idle
+                body = {"model": "sim-7b", "prompt": "hello " * 30, "max_tokens": 8}
+                for _ in range(3):
+                    status, _ = await asyncio.to_thread(
+                        healthy_engine.request, "POST", "/v1/completions", body
+                    )
+                    assert status == 200
+                started = time.monotonic()
+                second = await scraper.scrape(urls)
+                assert time.monotonic() - started < 2.0  # bounded by the per-scrape timeout
+                values = second[0].values
+                assert values[PROMPT_TOKENS_PER_S] > 0 and values[GENERATION_TOKENS_PER_S] > 0
+                assert values[REQUESTS_PER_S] > 0 and values[TTFT_MEAN_S] > 0
+                assert values[REQUESTS_RUNNING] == 0
+                assert not second[1].ok and not second[2].ok
+                assert scraper.num_failures == 3
+            finally:
+                hung_engine.set_faults(hang="off")
+                await scraper.close()
+
+        asyncio.run(main())
