@@ -30,10 +30,10 @@ from control.autoscale.types import (
     REQUESTS_PER_S,
     REQUESTS_RUNNING,
     REQUESTS_WAITING,
+    TTFT_MEAN_S,
     Decision,
     PolicySpec,
     ScaleInput,
-    TTFT_MEAN_S,
 )
 from router.server import running_router
 from sim.process import running_sim_engine
