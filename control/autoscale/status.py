@@ -38,6 +38,10 @@ def render(status: dict[str, Any]) -> list[str]:
         f"pending {replicas.get('pending', '?')}",
         "",
     ]
+
+    def cell(value: Any) -> str:
+        return "-" if value is None else str(value)
+
     rows = []
     for record in status.get("decisions", [])[-10:]:
         decision = record.get("decision") or {}
@@ -45,10 +49,10 @@ def render(status: dict[str, Any]) -> list[str]:
         rows.append(
             [
                 f"{record.get('now_s', 0):.1f}",
-                str(state.get("ready", "?")),
-                str(state.get("pending", "?")),
-                str(decision.get("recommendation", "-")),
-                str(decision.get("desired", "-")),
+                cell(state.get("ready")),
+                cell(state.get("pending")),
+                cell(decision.get("recommendation")),
+                cell(decision.get("desired")),
                 "yes" if decision.get("panic") else "",
                 decision.get("bounds") or "",
                 record.get("error") or decision.get("reason", ""),

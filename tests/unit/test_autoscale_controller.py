@@ -237,3 +237,19 @@ def test_a_fresh_target_below_min_replicas_is_started_though_the_policy_holds() 
     assert record.decision is not None and record.decision.recommendation is None
     assert record.decision.desired == 1 and record.decision.bounds == "min-replicas"
     assert rig.actuator.scale_calls == [1]
+
+
+def test_the_status_table_shows_each_round_and_unknown_as_a_dash() -> None:
+    from control.autoscale.status import render
+
+    rig = build(1)
+    rig.source.failing = {"http://r0"}
+    asyncio.run(rig.controller.run_round())  # unknown: held
+    rig.source.failing = set()
+    rig.source.waiting = {"http://r0": 8}
+    asyncio.run(rig.controller.run_round())
+    lines = render(rig.controller.status())
+    assert lines[1] == "replicas: spec 1  ready 1  pending 0"  # as the last round read them
+    held, scaled = (line.split() for line in lines[-2:])
+    assert held[:5] == ["0.0", "1", "0", "-", "1"]
+    assert scaled[:5] == ["0.0", "1", "0", "2", "2"]
