@@ -18,20 +18,11 @@ from typing import Any
 
 import pytest
 
-from control.autoscale.policies.base import POLICIES
 from tests.integration.conftest import ENV, free_port
 
 pytestmark = pytest.mark.integration
 
 POLICY = "kpa"
-
-
-@pytest.fixture(autouse=True)
-def _policy_registered() -> None:
-    import control.autoscale.policies  # noqa: F401  (registers what has landed)
-
-    if POLICY not in POLICIES:
-        pytest.skip(f"policy {POLICY} not merged yet")
 
 
 def shoal(*args: str) -> list[str]:
