@@ -29,6 +29,12 @@ Figures, the same keys as the simulator's per-policy rows (``bench/autoscale.py`
   mean time per output token <= ``tpot_slo_s``;
 * ``ttft_p99_ms``: p99 TTFT of the answered requests.
 
+Every policy here reads the engines' metrics straight from the scrape, ``hpa`` included:
+the live run has no Prometheus, adapter or 15 s sync in between, so it measures the
+formulas and windows on real processes; the HPA's pipeline delay is the simulator's to
+model (``shoal autoscale simulate``). The cool-down is shorter than the HPA's 300 s
+scale-down window, so scale-down shows in the simulator, not here.
+
 ``run_live(...) -> dict`` is what ``bench/autoscale.py --live`` calls. A figure that did not
 happen (no scale-up) is ``None``, never 0.
 """
