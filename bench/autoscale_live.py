@@ -60,13 +60,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Run as a script, bench/ is sys.path[0] and bench/router.py would shadow the router package.
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
 
 import aiohttp  # noqa: E402
 
 from control.autoscale.actuators.local import free_port, write_discovery_file  # noqa: E402
-from router.server import running_router  # noqa: E402
 from shoal.processes import shoal_env  # noqa: E402
 
 __all__ = ["run_live"]
@@ -260,54 +259,83 @@ def run_live(
         options = ",".join(filter(None, [options, f"max_num_seqs={max_num_seqs}"]))
     router_port = free_port(set())
     controller_port = free_port({router_port})
-    with running_router(
-        router_port,
-        wait_healthy=False,
-        discovery="file",
-        discovery_file=discovery,
-        discovery_interval_s=0.5,
-        health_interval_s=0.5,
-        strategy="least-request",
-        log_path=work / "router.log",
-    ) as router:
+    router_url = f"http://127.0.0.1:{router_port}"
+    # Both are processes, started from the checkout (cwd): bench/router.py would shadow the
+    # router package for a child started in bench/.
+    router = _spawn(
+        ["router", "serve", "--host", "127.0.0.1", "--port", str(router_port),
+         "--discovery", "file", "--discovery-file", str(discovery),
+         "--discovery-interval-s", "0.5", "--health-interval-s", "0.5",
+         "--strategy", "least-request"],
+        work / "router.log",
+    )  # fmt: skip
+    controller: subprocess.Popen[bytes] | None = None
+    try:
+        _wait_listening(router, router_url, work / "router.log")
         command = [
-            sys.executable, "-m", "shoal", "autoscale", "run", "--target", "local",
+            "autoscale", "run", "--target", "local",
             "--engine-command", engine, "--discovery-file", str(discovery),
             "--policy", policy, "--metrics", metrics, "--min-replicas", "1",
             "--max-replicas", str(max_replicas), "--interval-s", str(interval_s),
-            "--drain-s", str(drain_s), "--router-url", router.url, "--model", MODEL,
+            "--drain-s", str(drain_s), "--router-url", router_url, "--model", MODEL,
             "--port", str(controller_port), "--ttft-slo-s", str(ttft_slo_s),
             "--tpot-slo-s", str(tpot_slo_s), "--log-format", "json",
         ]  # fmt: skip
         if options:
             command += ["--options", options]
-        with open(work / "autoscale.log", "wb") as log:
-            controller = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=shoal_env()
+        controller = _spawn(command, work / "autoscale.log")
+        return asyncio.run(
+            _drive(
+                controller, f"http://127.0.0.1:{controller_port}", router_url,
+                work=work, base_rps=base_rps, step_rps=step_rps, warmup_s=warmup_s,
+                step_s=step_s, cool_s=cool_s, max_tokens=max_tokens,
+                prompt_words=prompt_words, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s,
+                seed=seed, shape={
+                    "policy": policy, "base_rps": base_rps, "step_rps": step_rps,
+                    "warmup_s": warmup_s, "step_s": step_s, "cool_s": cool_s,
+                    "max_replicas": max_replicas, "max_num_seqs": max_num_seqs,
+                    "interval_s": interval_s, "workdir": str(work),
+                },
             )
+        )  # fmt: skip
+    finally:
+        if controller is not None:
+            _stop(controller)  # first: it stops the engines it started
+        _stop(router)
+
+
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shoal", *args],
+            stdout=log, stderr=subprocess.STDOUT, env=shoal_env(), cwd=REPO,
+        )  # fmt: skip
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _wait_listening(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    """Until ``url`` answers anything (the router's /health is 503 without engines)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited: {log_path.read_text(errors='replace')}")
         try:
-            return asyncio.run(
-                _drive(
-                    controller, f"http://127.0.0.1:{controller_port}", router.url,
-                    work=work, base_rps=base_rps, step_rps=step_rps, warmup_s=warmup_s,
-                    step_s=step_s, cool_s=cool_s, max_tokens=max_tokens,
-                    prompt_words=prompt_words, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s,
-                    seed=seed, shape={
-                        "policy": policy, "base_rps": base_rps, "step_rps": step_rps,
-                        "warmup_s": warmup_s, "step_s": step_s, "cool_s": cool_s,
-                        "max_replicas": max_replicas, "max_num_seqs": max_num_seqs,
-                        "interval_s": interval_s, "workdir": str(work),
-                    },
-                )
-            )  # fmt: skip
-        finally:
-            if controller.poll() is None:
-                controller.send_signal(signal.SIGTERM)
-            try:
-                controller.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                controller.kill()
-                controller.wait()
+            with urllib.request.urlopen(url + "/health", timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} not listening in 30 s; see {log_path}")
 
 
 async def _drive(
