@@ -253,3 +253,41 @@ def test_scraping_simulated_engines_gives_canonical_values_and_unknown_on_failur
                 await scraper.close()
 
         asyncio.run(main())
+
+
+def test_oversized_failing_and_malformed_metrics_are_unknown() -> None:
+    from aiohttp import web
+
+    good = '# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{engine="0"} 3\n'
+    bodies = {
+        "/big/metrics": web.Response(text=good + "#" * 70_000 + "\n"),
+        "/error/metrics": web.Response(status=500, text="boom"),
+        "/garbled/metrics": web.Response(text="vllm:num_requests_waiting{engine= 2 x\n"),
+        "/good/metrics": web.Response(text=good),
+    }
+
+    async def handler(request: web.Request) -> web.Response:
+        return bodies[request.path]
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/{name}/metrics", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        scraper = Scraper(timeout_s=1.0, max_body_bytes=65_536)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            samples = await scraper.scrape(
+                [f"{base}/{n}" for n in ("big", "error", "garbled", "good")]
+            )
+        finally:
+            await scraper.close()
+            await runner.cleanup()
+        assert [s.ok for s in samples] == [False, False, False, True]
+        assert samples[3].values == {REQUESTS_WAITING: 3}
+        assert all(s.values == {} for s in samples[:3])
+
+    asyncio.run(main())
