@@ -1,0 +1,339 @@
+"""``shoal``: SLO-driven scaling from a capacity model, proactive on the arrival trend,
+with a fast queue/KV panic path.
+
+Algorithm, once per round (``decide``):
+
+1. **Arrival rate** ``r``: the router's ``ROUTER_ARRIVALS_PER_S``, or, when the router is
+   not scraped, the engines' finished-request rate (``REQUESTS_PER_S``: mean over the
+   reporting replicas times the ready count, so a failed scrape is extrapolated, not 0).
+2. **Mix**: mean prompt and output tokens per request, as ratios of sums over
+   ``trend_window_s`` of ``PROMPT_TOKENS_PER_S`` and ``GENERATION_TOKENS_PER_S`` to
+   ``REQUESTS_PER_S`` (or to the router's arrivals); the ``prompt_tokens`` /
+   ``output_tokens`` options until one was measured.
+3. **Capacity** ``c``: requests/s of that mix one replica serves within ``ttft_slo_s`` and
+   ``tpot_slo_s`` (``control.autoscale.capacity``, from the ``profile`` and the engine
+   limits), times ``headroom``. A mix the SLO cannot be met for at all uses the replica's
+   saturation rate instead (more replicas cannot fix a prompt that alone misses the TTFT).
+4. **Trend**: least-squares slope of ``r`` over ``trend_window_s``; when rising, the rate is
+   projected ``start_time_s`` ahead (a replica asked for now serves then), never below the
+   latest observation. SLO recommendation: ``ceil(predicted r / c)``.
+5. **Panic** (fast path): mean waiting requests per replica above ``panic_waiting``, mean
+   KV usage above ``panic_kv_usage``, or mean TTFT above ``ttft_slo_s`` (when attainable).
+   It asks at once for what the requests in the engines need, ``ceil((running + waiting) /
+   running per replica at c)``, and at least one more replica than are ready unless some
+   are already pending. While in panic the desired count never drops.
+6. **Targets**: each configured ``MetricTarget`` recommends ``ceil(total / target)`` (the
+   ``--metrics`` flag works as for every policy); with the SLO, panic and held-request
+   recommendations, the largest known one wins. All unknown: hold at ``spec_replicas``.
+7. **Scale down** only to the maximum recommendation over ``scale_down_delay_s``; up at once.
+   **Zero**: with ``min_replicas == 0``, after ``idle_s`` with no arrivals, nothing held and
+   nothing running (each *known* to be 0), at once (the idle period is its own delay).
+   **From zero**: ``ROUTER_HELD > 0`` or any arrival recommends at least one replica.
+   Pending replicas count: every recommendation is a total replica count compared with
+   ``spec_replicas``, which includes them, so nothing is asked twice while replicas start.
+
+Rejected: utilisation targets alone (KV usage, running requests: they saturate under
+overload and say nothing about latency; kept only as ``--metrics``); a Holt-Winters or
+ML forecaster (more state and tuning for ramps a linear trend over one start time covers);
+Knative's doubled panic window (the queue, KV and TTFT say directly that replicas are short).
+
+How it fails: the capacity model is mean-field and optimistic for prefill-heavy mixes with
+short outputs (bursts; see capacity.py) — ``headroom`` and the panic path absorb that;
+a profile that does not match the engine mis-sizes every decision (calibrate it with
+``shoal sim calibrate``); without the router the arrival rate is the served rate, which
+flattens at capacity under overload (only the panic path then scales up); a linear trend
+overshoots the top of a ramp, the scale-down delay then holds the extra replicas for
+``scale_down_delay_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from typing import ClassVar
+
+from control.autoscale.capacity import EngineLimits, ReplicaCapacity, Slo, TokenMix, capacity
+from control.autoscale.errors import PolicyConfigError
+from control.autoscale.policies.base import PolicyOptions, clamp, largest_known, register
+from control.autoscale.types import (
+    GENERATION_TOKENS_PER_S,
+    KV_CACHE_USAGE,
+    PROMPT_TOKENS_PER_S,
+    REQUESTS_PER_S,
+    REQUESTS_RUNNING,
+    REQUESTS_WAITING,
+    ROUTER_ARRIVALS_PER_S,
+    ROUTER_HELD,
+    ROUTER_IN_FLIGHT,
+    TTFT_MEAN_S,
+    Decision,
+    PolicySpec,
+    ScaleInput,
+)
+from sim.errors import ProfileError
+from sim.profile import DEFAULT_PROFILE, StepProfile, load_profile
+
+__all__ = ["ShoalPolicy"]
+
+logger = logging.getLogger("shoal." + __name__)
+
+_ROUTER_METRICS = (ROUTER_ARRIVALS_PER_S, ROUTER_HELD, ROUTER_IN_FLIGHT)
+_EPS = 1e-9  # ceil(x - _EPS): a float a hair above an integer is that integer
+
+
+class _Window:
+    """(time, value) points no older than ``horizon_s`` before the newest (pure)."""
+
+    def __init__(self, horizon_s: float) -> None:
+        self.horizon_s = horizon_s
+        self.points: deque[tuple[float, float]] = deque()
+
+    def add(self, now_s: float, value: float) -> None:
+        self.points.append((now_s, value))
+        while self.points and self.points[0][0] < now_s - self.horizon_s:
+            self.points.popleft()
+
+    def max(self) -> float:
+        return max(v for _, v in self.points)
+
+    def slope(self) -> float:
+        """Least-squares slope (per second); 0 with fewer than three points."""
+        if len(self.points) < 3:
+            return 0.0
+        n = len(self.points)
+        mean_t = sum(t for t, _ in self.points) / n
+        mean_v = sum(v for _, v in self.points) / n
+        var = sum((t - mean_t) ** 2 for t, _ in self.points)
+        if var <= 0:
+            return 0.0
+        return sum((t - mean_t) * (v - mean_v) for t, v in self.points) / var
+
+    def line_at(self, when_s: float) -> float:
+        """The least-squares line's value at ``when_s``."""
+        n = len(self.points)
+        mean_t = sum(t for t, _ in self.points) / n
+        mean_v = sum(v for _, v in self.points) / n
+        return mean_v + self.slope() * (when_s - mean_t)
+
+
+@register("shoal")
+class ShoalPolicy:
+    """Shoal's SLO-driven policy (module docstring)."""
+
+    name: ClassVar[str] = "shoal"
+
+    def __init__(self, spec: PolicySpec) -> None:
+        options = PolicyOptions(self.name, spec.options)
+        self.spec = spec
+        ttft = options.number("ttft_slo_s", 1.0, minimum=0.0)
+        tpot = options.number("tpot_slo_s", 0.1, minimum=0.0)
+        profile_path = options.text("profile", "")
+        self.limits = EngineLimits(
+            max_num_seqs=int(options.number("max_num_seqs", 256, minimum=1)),
+            max_num_batched_tokens=int(options.number("max_num_batched_tokens", 2048, minimum=1)),
+            num_gpu_blocks=int(options.number("num_gpu_blocks", 8192, minimum=1)),
+            block_size=int(options.number("block_size", 16, minimum=1)),
+        )
+        prior_prompt = options.number("prompt_tokens", 512, minimum=1)
+        prior_output = options.number("output_tokens", 128, minimum=1)
+        self.headroom = options.number("headroom", 0.8, minimum=0.0)
+        self.start_time_s = options.number("start_time_s", 30.0, minimum=0.0)
+        trend_window_s = options.number("trend_window_s", 30.0, minimum=0.0)
+        delay_s = options.number("scale_down_delay_s", 90.0, minimum=0.0)
+        self.panic_waiting = options.number("panic_waiting", 4.0, minimum=0.0)
+        self.panic_kv_usage = options.number("panic_kv_usage", 0.9, minimum=0.0)
+        self.idle_s = options.number("idle_s", 120.0, minimum=0.0)
+        options.check()
+        if not (ttft > 0 and tpot > 0):
+            raise PolicyConfigError("policy shoal: ttft_slo_s and tpot_slo_s must be > 0")
+        if not 0 < self.headroom <= 1:
+            raise PolicyConfigError(
+                f"policy shoal: headroom must be in (0, 1], got {self.headroom}"
+            )
+        self.slo = Slo(ttft, tpot)
+        self.prior_mix = TokenMix(prior_prompt, prior_output)
+        self.profile = _profile(profile_path)
+        self._arrivals = _Window(trend_window_s)
+        self._mix: deque[tuple[float, float, float, float]] = deque()  # t, prompt, gen, requests
+        self._mix_window_s = trend_window_s
+        self._recommended = _Window(delay_s)
+        self._last_demand_s: float | None = None
+
+    # -- the hook -----------------------------------------------------------------
+
+    def decide(self, observation: ScaleInput) -> Decision:
+        obs = observation
+        now = obs.now_s
+        arrivals = self._arrival_rate(obs)
+        if arrivals is not None:
+            self._arrivals.add(now, arrivals)
+        mix = self._observe_mix(obs, arrivals)
+        cap = capacity(self.profile, mix, self.slo, self.limits)
+        per_replica = (cap.rps if cap.rps > 0 else cap.saturation_rps) * self.headroom
+        running_per_replica = max(1.0, cap.concurrency_at(per_replica))
+
+        per_metric: dict[str, int | None] = {}
+        predicted = self._predict(now) if arrivals is not None else None
+        per_metric["slo"] = None if predicted is None else _ceil(predicted / per_replica)
+
+        triggers = self._panic_triggers(obs, cap)
+        panic = bool(triggers)
+        if panic:
+            in_engines = sum(
+                v for v in (obs.mean(REQUESTS_RUNNING), obs.mean(REQUESTS_WAITING)) if v is not None
+            )
+            need = _ceil(in_engines * obs.ready_replicas / running_per_replica)
+            per_metric["panic"] = max(need, obs.ready_replicas + max(obs.pending_replicas, 1))
+
+        held = obs.router.get(ROUTER_HELD)
+        if held is not None and held > 0:
+            per_metric["held"] = max(1, _ceil(held / running_per_replica))
+
+        for target in self.spec.targets:
+            value = self._metric_total(obs, target.metric)
+            per_metric[target.metric] = None if value is None else _ceil(value / target.target)
+
+        recommendation = largest_known(per_metric.values())
+        self._note_demand(obs, arrivals, held)
+        explain = (
+            f"arrivals {_fmt(arrivals)}/s predicted {_fmt(predicted)}/s; capacity "
+            f"{per_replica:.3g}/s per replica ({cap.limit}, mix {mix.prompt_tokens:.0f}/"
+            f"{mix.output_tokens:.0f} tokens, headroom {self.headroom:g})"
+        )
+        if triggers:
+            explain += "; panic: " + ", ".join(triggers)
+        if recommendation is None:
+            return Decision(
+                desired=obs.spec_replicas,
+                recommendation=None,
+                reason="every signal unknown: hold; " + explain,
+                per_metric=per_metric,
+            )
+
+        if self._idle_long_enough(obs, arrivals, held, now):
+            desired, bound = clamp(0, self.spec)
+            return Decision(
+                desired=desired,
+                recommendation=0,
+                reason=f"idle {now - (self._last_demand_s or now):.0f}s >= {self.idle_s:g}s: "
+                + explain,
+                per_metric=per_metric,
+                bounds=bound,
+            )
+        wanted = recommendation
+        if wanted == 0 and obs.spec_replicas > 0:
+            wanted = 1  # not idle for idle_s yet: keep one warm
+        self._recommended.add(now, wanted)
+        desired = int(self._recommended.max())
+        bounds = "scale-down-delay" if desired > wanted else ""
+        if panic and desired < obs.spec_replicas:
+            desired, bounds = obs.spec_replicas, "panic-no-scale-down"
+        desired, clamped = clamp(desired, self.spec)
+        return Decision(
+            desired=desired,
+            recommendation=recommendation,
+            reason=explain,
+            panic=panic,
+            per_metric=per_metric,
+            bounds=clamped or bounds,
+        )
+
+    # -- signals ------------------------------------------------------------------
+
+    def _arrival_rate(self, obs: ScaleInput) -> float | None:
+        routed = obs.router.get(ROUTER_ARRIVALS_PER_S)
+        if routed is not None:
+            return max(0.0, routed)
+        served = obs.mean(REQUESTS_PER_S)
+        return None if served is None else max(0.0, served) * obs.ready_replicas
+
+    def _observe_mix(self, obs: ScaleInput, arrivals: float | None) -> TokenMix:
+        complete = [
+            s.values
+            for s in obs.samples
+            if s.ok and PROMPT_TOKENS_PER_S in s.values and GENERATION_TOKENS_PER_S in s.values
+        ]
+        if complete:
+            prompt = sum(v[PROMPT_TOKENS_PER_S] for v in complete)
+            generated = sum(v[GENERATION_TOKENS_PER_S] for v in complete)
+            if all(REQUESTS_PER_S in v for v in complete):
+                requests = sum(v[REQUESTS_PER_S] for v in complete)
+            elif arrivals is not None and len(complete) == obs.ready_replicas:
+                requests = arrivals
+            else:
+                requests = 0.0
+            if requests > 0 and prompt >= 0 and generated >= 0:
+                self._mix.append((obs.now_s, prompt, generated, requests))
+        while self._mix and self._mix[0][0] < obs.now_s - self._mix_window_s:
+            self._mix.popleft()
+        total = sum(r for *_, r in self._mix)
+        if total <= 0:
+            return self.prior_mix
+        return TokenMix(
+            max(1.0, sum(p for _, p, _, _ in self._mix) / total),
+            max(1.0, sum(g for _, _, g, _ in self._mix) / total),
+        )
+
+    def _predict(self, now_s: float) -> float:
+        latest = self._arrivals.points[-1][1]
+        if self._arrivals.slope() <= 0:
+            return latest
+        return max(latest, self._arrivals.line_at(now_s + self.start_time_s))
+
+    def _panic_triggers(self, obs: ScaleInput, cap: ReplicaCapacity) -> list[str]:
+        triggers = []
+        waiting = obs.mean(REQUESTS_WAITING)
+        if waiting is not None and waiting > self.panic_waiting:
+            triggers.append(f"{waiting:.3g} waiting per replica > {self.panic_waiting:g}")
+        kv = obs.mean(KV_CACHE_USAGE)
+        if kv is not None and kv > self.panic_kv_usage:
+            triggers.append(f"KV usage {kv:.3g} > {self.panic_kv_usage:g}")
+        ttft = obs.mean(TTFT_MEAN_S)
+        if ttft is not None and cap.rps > 0 and ttft > self.slo.ttft_s:
+            triggers.append(f"TTFT {ttft:.3g}s > {self.slo.ttft_s:g}s")
+        return triggers
+
+    def _metric_total(self, obs: ScaleInput, metric: str) -> float | None:
+        if metric in _ROUTER_METRICS:
+            return obs.router.get(metric)
+        mean = obs.mean(metric)
+        return None if mean is None else mean * obs.ready_replicas
+
+    def _note_demand(self, obs: ScaleInput, arrivals: float | None, held: float | None) -> None:
+        signals = (
+            arrivals,
+            held,
+            obs.router.get(ROUTER_IN_FLIGHT),
+            obs.total(REQUESTS_RUNNING),
+            obs.total(REQUESTS_WAITING),
+        )
+        if self._last_demand_s is None or any(v is not None and v > 0 for v in signals):
+            self._last_demand_s = obs.now_s
+
+    def _idle_long_enough(
+        self, obs: ScaleInput, arrivals: float | None, held: float | None, now_s: float
+    ) -> bool:
+        if self.spec.min_replicas > 0 or arrivals is None or arrivals > 0:
+            return False
+        if (held is not None and held > 0) or obs.num_failed:
+            return False
+        assert self._last_demand_s is not None, "_note_demand runs before"
+        return now_s - self._last_demand_s >= self.idle_s
+
+
+def _profile(path: str) -> StepProfile:
+    if not path:
+        return DEFAULT_PROFILE
+    try:
+        return load_profile(path)
+    except ProfileError as exc:
+        raise PolicyConfigError(f"policy shoal: option profile: {exc}") from None
+
+
+def _ceil(value: float) -> int:
+    return max(0, math.ceil(value - _EPS))
+
+
+def _fmt(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.3g}"
