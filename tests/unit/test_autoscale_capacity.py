@@ -16,43 +16,59 @@ DECODE_ONLY = StepProfile(c0_s=0.01, c_prefill_s=0.0, c_decode_s=1e-3, c_kv_s=0.
 SHORT = TokenMix(16, 11)  # both exact grid points: the bucket is the mix itself
 
 
-def test_tpot_bound_is_the_closed_form() -> None:
+def test_tpot_bound_without_prefill_is_the_mean_step() -> None:
     # a = 10 decodes * 1 ms = 0.01 s; t(r) = 0.01 / (1 - 0.01 r) <= 0.02  =>  r <= 50.
     cap = capacity(DECODE_ONLY, SHORT, Slo(ttft_s=1.0, tpot_s=0.02))
     assert cap.limit == "tpot"
     assert cap.rps == pytest.approx(50.0)
-    assert cap.step_s == pytest.approx(0.02)
+    assert cap.step_s == pytest.approx(0.02) and cap.tpot_s == pytest.approx(0.02)
     assert cap.num_running == pytest.approx(50 * 0.02 * 11)  # Little: r * t * (1 + 10 steps)
+    assert cap.concurrency_at(cap.rps) == pytest.approx(cap.num_running)
     assert cap.saturation_rps == pytest.approx(100.0)
     assert cap.ttft_s == pytest.approx(1.5 * 0.02)  # half a step waiting, one step prefilling
 
 
-def test_ttft_bound_counts_the_prompts_own_prefill() -> None:
+def test_ttft_bound_counts_the_own_prefill_and_the_wait_behind_others() -> None:
     profile = StepProfile(c0_s=0.01, c_prefill_s=1e-4, c_decode_s=1e-3, c_kv_s=0.0)
-    mix = TokenMix(1024, 2)
-    cap = capacity(profile, mix, Slo(ttft_s=0.2, tpot_s=1.0))
+    cap = capacity(profile, TokenMix(1024, 2), Slo(ttft_s=0.2, tpot_s=1.0))
+    assert cap.limit == "ttft"
     own = 1024 * 1e-4  # the prompt's own prefill: 102.4 ms
     a = own + 1 * 1e-3  # plus one decode
-    step_max = (0.2 - own) / 1.5  # (n + 1/2) steps with n = 1 chunk
-    assert cap.limit == "ttft"
-    assert cap.rps == pytest.approx((1 - 0.01 / step_max) / a)
+    r = cap.rps
+    step = 0.01 / (1 - r * a)
+    wait = r * own**2 / (2 * (1 - r * a))  # M/G/1 behind the other prompts
+    assert 1.5 * step + own + wait == pytest.approx(0.2)
     assert cap.ttft_s == pytest.approx(0.2)
+    # by hand: at r = 5.386, 1.5 * 0.0339 + 0.1024 + 0.0638 = 0.2 (the plain mean-field
+    # answer without the wait, (1 - 0.01 / 0.065) / a, would be 8.2)
+    assert r == pytest.approx(5.386, abs=1e-3)
 
 
-def test_max_num_seqs_bounds_the_running_batch() -> None:
+def test_prefill_spilling_into_decodes_raises_the_tpot() -> None:
+    profile = StepProfile(c0_s=0.01, c_prefill_s=1e-4, c_decode_s=1e-3, c_kv_s=0.0)
+    cap = capacity(profile, TokenMix(256, 11), Slo(ttft_s=10.0, tpot_s=0.05))
+    assert cap.limit == "tpot"
+    own, a, r = 256 * 1e-4, 256 * 1e-4 + 10 * 1e-3, cap.rps
+    step = 0.01 / (1 - r * a)
+    wait = r * own**2 / (2 * (1 - r * a))
+    assert step + r * own * (own + wait) / ((1 - r * a) * 10) == pytest.approx(0.05)
+
+
+def test_max_num_seqs_bounds_the_running_batch_with_a_poisson_margin() -> None:
     cap = capacity(DECODE_ONLY, SHORT, Slo(1.0, 0.02), EngineLimits(max_num_seqs=4))
-    # r * t(r) * 11 <= 4  =>  r = 4 / (11 * 0.01 + 4 * 0.01)
+    running = ((17**0.5 - 1) / 2) ** 2  # L + sqrt(L) = 4
     assert cap.limit == "max-num-seqs"
-    assert cap.rps == pytest.approx(4 / 0.15)
-    assert cap.num_running == pytest.approx(4.0)
+    assert cap.num_running == pytest.approx(running)
+    assert cap.rps == pytest.approx(running / (11 * 0.01 + running * 0.01))
 
 
 def test_kv_blocks_bound_the_running_batch() -> None:
-    limits = EngineLimits(num_gpu_blocks=10, block_size=16, kv_fraction=0.9)
+    limits = EngineLimits(num_gpu_blocks=10, block_size=16)
     cap = capacity(DECODE_ONLY, SHORT, Slo(1.0, 0.02), limits)
-    seqs = 0.9 * 10 / ((16 + 11 / 2) / 16 + 1)  # blocks at the mean context, +1 rounding
+    seqs = 9 / ((16 + 11 / 2) / 16 + 1)  # blocks less the null one, at the mean context
+    running = (((1 + 4 * seqs) ** 0.5 - 1) / 2) ** 2
     assert cap.limit == "kv-blocks"
-    assert cap.rps == pytest.approx(seqs / (11 * 0.01 + seqs * 0.01))
+    assert cap.rps == pytest.approx(running / (11 * 0.01 + running * 0.01))
 
 
 def test_token_budget_bounds_prefill_plus_decode_tokens() -> None:
@@ -64,7 +80,7 @@ def test_token_budget_bounds_prefill_plus_decode_tokens() -> None:
 
 
 def test_unattainable_slo_is_zero_with_the_saturation_rate_kept() -> None:
-    cap = capacity(DECODE_ONLY, SHORT, Slo(ttft_s=1.0, tpot_s=0.01))  # c0 alone is 10 ms
+    cap = capacity(DECODE_ONLY, SHORT, Slo(ttft_s=1.0, tpot_s=0.009))  # c0 alone is 10 ms
     assert (cap.rps, cap.limit) == (0.0, "tpot-unattainable")
     assert cap.saturation_rps == pytest.approx(100.0)
     slow = StepProfile(c0_s=0.01, c_prefill_s=1e-3, c_decode_s=0.0, c_kv_s=0.0)
@@ -155,6 +171,9 @@ def replay(
     ("mix", "slo", "limits", "limit"),
     [
         (TokenMix(512, 128), Slo(1.0, 0.05), EngineLimits(), "tpot"),
+        (TokenMix(3000, 32), Slo(1.0, 0.05), EngineLimits(), "tpot"),  # prefill-heavy
+        (TokenMix(1024, 64), Slo(0.3, 0.1), EngineLimits(), "ttft"),
+        (TokenMix(512, 128), Slo(1.0, 0.05), EngineLimits(num_gpu_blocks=256), "kv-blocks"),
         (TokenMix(256, 256), Slo(1.0, 0.05), EngineLimits(max_num_seqs=32), "max-num-seqs"),
     ],
 )
