@@ -125,6 +125,17 @@ def test_a_ramp_is_met_one_start_time_ahead(profile: str) -> None:
     assert late == [1] * 11
 
 
+def test_noise_on_a_flat_rate_is_not_a_ramp(profile: str) -> None:
+    # 30, 38, 30, 38 ... fits a positive slope at every 38 (0.8/s over the first four
+    # points, which projected 30 s ahead is 60/s: two replicas), but never by two
+    # standard errors: one replica throughout
+    shoal = policy(profile)
+    rates = [30.0, 38.0] * 8
+    decisions = [shoal.decide(observe(2 * i, arrivals=r)) for i, r in enumerate(rates)]
+    assert [d.desired for d in decisions] == [1] * 16
+    assert all("predicted 38/s" in d.reason for d in decisions[1::2])
+
+
 def test_a_step_takes_the_panic_path_at_once(profile: str) -> None:
     shoal = policy(profile)
     assert shoal.decide(observe(0, arrivals=10.0)).desired == 1

@@ -14,9 +14,10 @@ Algorithm, once per round (``decide``):
    ``tpot_slo_s`` (``control.autoscale.capacity``, from the ``profile`` and the engine
    limits), times ``headroom``. A mix the SLO cannot be met for at all uses the replica's
    saturation rate instead (more replicas cannot fix a prompt that alone misses the TTFT).
-4. **Trend**: least-squares slope of ``r`` over ``trend_window_s``; when rising, the rate is
-   projected ``start_time_s`` ahead (a replica asked for now serves then), never below the
-   latest observation. SLO recommendation: ``ceil(predicted r / c)``.
+4. **Trend**: least-squares slope of ``r`` over ``trend_window_s``; when it rises by more
+   than two standard errors (noise on a flat rate is no ramp), the rate is projected
+   ``start_time_s`` ahead (a replica asked for now serves then), never below the latest
+   observation. SLO recommendation: ``ceil(predicted r / c)``.
 5. **Panic** (fast path): mean waiting requests per replica above ``panic_waiting``, mean
    KV usage above ``panic_kv_usage``, or mean TTFT above ``ttft_slo_s`` (when attainable).
    It asks at once for what the requests in the engines need, ``ceil((running + waiting) /
@@ -37,8 +38,9 @@ overload and say nothing about latency; kept only as ``--metrics``); a Holt-Wint
 ML forecaster (more state and tuning for ramps a linear trend over one start time covers);
 Knative's doubled panic window (the queue, KV and TTFT say directly that replicas are short).
 
-How it fails: the capacity model is mean-field and optimistic for prefill-heavy mixes with
-short outputs (bursts; see capacity.py) — ``headroom`` and the panic path absorb that;
+How it fails: the capacity model assumes Poisson arrivals and is within ~20% of the
+engine simulator's scheduler (capacity.py); burstier traffic or a mis-fitted profile is
+absorbed by ``headroom`` and, past it, by the panic path;
 a profile that does not match the engine mis-sizes every decision (calibrate it with
 ``shoal sim calibrate``); without the router the arrival rate is the served rate, which
 flattens at capacity under overload (only the panic path then scales up); a linear trend
@@ -80,6 +82,7 @@ logger = logging.getLogger("shoal." + __name__)
 
 _ROUTER_METRICS = (ROUTER_ARRIVALS_PER_S, ROUTER_HELD, ROUTER_IN_FLIGHT)
 _EPS = 1e-9  # ceil(x - _EPS): a float a hair above an integer is that integer
+_TREND_T = 2.0  # a slope counts when it is this many standard errors above zero
 
 
 class _Window:
@@ -97,24 +100,31 @@ class _Window:
     def max(self) -> float:
         return max(v for _, v in self.points)
 
-    def slope(self) -> float:
-        """Least-squares slope (per second); 0 with fewer than three points."""
-        if len(self.points) < 3:
-            return 0.0
+    def fit(self) -> tuple[float, float, float] | None:
+        """Least-squares line over the points: (slope per second, its standard error,
+        intercept at time 0); ``None`` with fewer than three points or all at one time."""
         n = len(self.points)
+        if n < 3:
+            return None
         mean_t = sum(t for t, _ in self.points) / n
         mean_v = sum(v for _, v in self.points) / n
-        var = sum((t - mean_t) ** 2 for t, _ in self.points)
-        if var <= 0:
-            return 0.0
-        return sum((t - mean_t) * (v - mean_v) for t, v in self.points) / var
+        spread = sum((t - mean_t) ** 2 for t, _ in self.points)
+        if spread <= 0:
+            return None
+        slope = sum((t - mean_t) * (v - mean_v) for t, v in self.points) / spread
+        residual = sum((v - mean_v - slope * (t - mean_t)) ** 2 for t, v in self.points)
+        return slope, math.sqrt(residual / (n - 2) / spread), mean_v - slope * mean_t
 
-    def line_at(self, when_s: float) -> float:
-        """The least-squares line's value at ``when_s``."""
-        n = len(self.points)
-        mean_t = sum(t for t, _ in self.points) / n
-        mean_v = sum(v for _, v in self.points) / n
-        return mean_v + self.slope() * (when_s - mean_t)
+    def rising_projection(self, when_s: float) -> float | None:
+        """The fitted line at ``when_s`` if the slope is significantly above zero
+        (``_TREND_T`` standard errors: noise on a flat rate must not look like a ramp)."""
+        fit = self.fit()
+        if fit is None:
+            return None
+        slope, error, intercept = fit
+        if slope <= 0 or slope <= _TREND_T * error:
+            return None
+        return intercept + slope * when_s
 
 
 @register("shoal")
@@ -277,9 +287,8 @@ class ShoalPolicy:
 
     def _predict(self, now_s: float) -> float:
         latest = self._arrivals.points[-1][1]
-        if self._arrivals.slope() <= 0:
-            return latest
-        return max(latest, self._arrivals.line_at(now_s + self.start_time_s))
+        projected = self._arrivals.rising_projection(now_s + self.start_time_s)
+        return latest if projected is None else max(latest, projected)
 
     def _panic_triggers(self, obs: ScaleInput, cap: ReplicaCapacity) -> list[str]:
         triggers = []
