@@ -243,6 +243,15 @@ def test_scale_to_zero_after_idle_and_back_on_held_requests(profile: str) -> Non
     assert other.decide(observe(0, ready=0, spec=0, arrivals=0.5)).desired == 1
 
 
+def test_a_wake_starts_from_its_own_demand_not_the_load_before_the_idle(profile: str) -> None:
+    shoal = policy(profile, min_replicas=0, idle_s=30)  # shorter than the 60 s delay
+    assert shoal.decide(observe(0, ready=3, arrivals=100.0)).desired == 3
+    assert shoal.decide(observe(10, ready=3, arrivals=0.0)).desired == 3  # delay holds
+    assert shoal.decide(observe(30, ready=3, arrivals=0.0)).desired == 0  # idle since 0
+    woken = shoal.decide(observe(40, ready=0, spec=0, arrivals=1.0))
+    assert woken.desired == 1 and woken.bounds == ""
+
+
 def test_min_replicas_one_never_goes_to_zero(profile: str) -> None:
     shoal = policy(profile)
     decisions = [shoal.decide(observe(t, arrivals=0.0)) for t in range(0, 400, 100)]

@@ -222,6 +222,7 @@ class ShoalPolicy:
             )
 
         if self._idle_long_enough(obs, arrivals, held, now):
+            self._recommended.points.clear()  # a wake starts from its own demand
             desired, bound = clamp(0, self.spec)
             return Decision(
                 desired=desired,
