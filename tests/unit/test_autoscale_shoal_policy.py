@@ -12,6 +12,7 @@ step of the requests around it: ~19.1 /s per replica.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def observe(
     spec: int | None = None,
     arrivals: float | None = None,
     held: float | None = None,
-    engines: dict[str, float] | None = None,
+    engines: Mapping[str, float] | None = None,
     failed: int = 0,
 ) -> ScaleInput:
     """One round: ``engines`` are each ready replica's values (the same on each)."""
@@ -125,6 +126,16 @@ def test_a_ramp_is_met_one_start_time_ahead(profile: str) -> None:
     assert late == [1] * 11
 
 
+def test_a_step_is_not_projected_as_a_ramp(profile: str) -> None:
+    # 10/s then 35/s from t = 12: the line through the jump rises 1.5/s, which projected
+    # 30 s ahead asks for two replicas; but each half of the window is flat: one replica
+    shoal = policy(profile)
+    rates = [10.0] * 6 + [35.0] * 10
+    decisions = [shoal.decide(observe(2 * i, arrivals=r)) for i, r in enumerate(rates)]
+    assert [d.desired for d in decisions] == [1] * 16
+    assert "predicted 35/s" in decisions[-1].reason
+
+
 def test_noise_on_a_flat_rate_is_not_a_ramp(profile: str) -> None:
     # 30, 38, 30, 38 ... fits a positive slope at every 38 (0.8/s over the first four
     # points, which projected 30 s ahead is 60/s: two replicas), but never by two
@@ -138,16 +149,20 @@ def test_noise_on_a_flat_rate_is_not_a_ramp(profile: str) -> None:
 
 def test_a_step_takes_the_panic_path_at_once(profile: str) -> None:
     shoal = policy(profile)
-    assert shoal.decide(observe(0, arrivals=10.0)).desired == 1
-    # The router's rate has not caught up yet (10/s), but the one engine holds 20 running
-    # and 50 waiting: 70 requests, at 39.37/s a replica runs 39.37 * t * 11 of them,
-    # t = 10 ms / (1 - 0.4) -> 7.22, so 70 / 7.22 -> 10 replicas, in this round.
-    running = PER_REPLICA * (0.01 / 0.6) * 11
-    decision = shoal.decide(
-        observe(2, arrivals=10.0, engines={REQUESTS_RUNNING: 20, REQUESTS_WAITING: 50})
-    )
+    calm = {REQUESTS_RUNNING: 5, REQUESTS_WAITING: 0, REQUESTS_PER_S: 10}
+    assert shoal.decide(observe(0, arrivals=10.0, engines=calm)).desired == 1
+    # The router's rate has not caught up yet (10/s), but the queue grew by 180 in 2 s:
+    # demand is the 12/s served plus 90/s of growth, and the 180 waiting drain in 30 s:
+    # (12 + 90 + 180 / 30) / 39.37 -> 3 replicas, in this round
+    stepped = {REQUESTS_RUNNING: 20, REQUESTS_WAITING: 180, REQUESTS_PER_S: 12}
+    decision = shoal.decide(observe(2, arrivals=10.0, engines=stepped))
     assert decision.panic and "waiting" in decision.reason
-    assert decision.desired == ceil_div(70, running) == 10
+    assert decision.desired == ceil_div(12 + 90 + 180 / 30, PER_REPLICA) == 3
+    # two are starting; the queue still grows (30/s) but what it needs, (12 + 30 + 8) /
+    # 39.37 -> 2, is on its way: nothing more is asked
+    growing = {REQUESTS_RUNNING: 20, REQUESTS_WAITING: 240, REQUESTS_PER_S: 12}
+    later = shoal.decide(observe(4, ready=1, pending=2, arrivals=10.0, engines=growing))
+    assert later.panic and later.per_metric["panic"] == 3 and later.desired == 3
 
 
 def test_kv_pressure_asks_one_more_replica_unless_one_is_pending(profile: str) -> None:
@@ -175,7 +190,7 @@ def test_long_prompts_need_more_replicas_at_the_same_rate(profile: str) -> None:
             GENERATION_TOKENS_PER_S: per_replica_rate * 11,
         }
 
-    shoal = policy(profile)
+    shoal = policy(profile, mix_window_s=30)
     short = [
         shoal.decide(observe(t, ready=3, arrivals=55.0, engines=engines(16)))
         for t in (0, 10, 20, 30)

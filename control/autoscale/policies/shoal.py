@@ -7,22 +7,28 @@ Algorithm, once per round (``decide``):
    not scraped, the engines' finished-request rate (``REQUESTS_PER_S``: mean over the
    reporting replicas times the ready count, so a failed scrape is extrapolated, not 0).
 2. **Mix**: mean prompt and output tokens per request, as ratios of sums over
-   ``trend_window_s`` of ``PROMPT_TOKENS_PER_S`` and ``GENERATION_TOKENS_PER_S`` to
-   ``REQUESTS_PER_S`` (or to the router's arrivals); the ``prompt_tokens`` /
-   ``output_tokens`` options until one was measured.
+   ``mix_window_s`` of ``PROMPT_TOKENS_PER_S`` and ``GENERATION_TOKENS_PER_S`` to
+   ``REQUESTS_PER_S`` (or to the router's arrivals), from rounds without panic only (an
+   overloaded engine's counters measure recomputed prompts and a backlog, not the
+   offered mix: a step once read as 3,000-token prompts and sized 16 replicas for 4);
+   the ``prompt_tokens`` / ``output_tokens`` options until one was measured.
 3. **Capacity** ``c``: requests/s of that mix one replica serves within ``ttft_slo_s`` and
    ``tpot_slo_s`` (``control.autoscale.capacity``, from the ``profile`` and the engine
    limits), times ``headroom``. A mix the SLO cannot be met for at all uses the replica's
    saturation rate instead (more replicas cannot fix a prompt that alone misses the TTFT).
 4. **Trend**: least-squares slope of ``r`` over ``trend_window_s``; when it rises by more
-   than two standard errors (noise on a flat rate is no ramp), the rate is projected
-   ``start_time_s`` ahead (a replica asked for now serves then), never below the latest
-   observation. SLO recommendation: ``ceil(predicted r / c)``.
+   than two standard errors (noise on a flat rate is no ramp) and each half of the window
+   rises too (a step is not a ramp: projecting its jump overshoots), the rate is
+   projected ``start_time_s`` ahead (a replica asked for now serves then), never below
+   the latest observation. SLO recommendation: ``ceil(predicted r / c)``.
 5. **Panic** (fast path): mean waiting requests per replica above ``panic_waiting``, mean
    KV usage above ``panic_kv_usage``, or mean TTFT above ``ttft_slo_s`` (when attainable).
-   It asks at once for what the requests in the engines need, ``ceil((running + waiting) /
-   running per replica at c)``, and at least one more replica than are ready unless some
-   are already pending. While in panic the desired count never drops.
+   It asks at once for what the queue needs, ``ceil((demand + waiting / panic_drain_s) /
+   c)`` with ``demand`` the larger of the predicted rate and the served rate plus the
+   queue's growth (without the router the served rate flattens at capacity; the growth
+   is the excess), and at least one replica more than are ready unless some are already
+   pending: a queue that grows while replicas start does not pile up more of them
+   (AIBrix RFC #2670). While in panic the desired count never drops.
 6. **Targets**: each configured ``MetricTarget`` recommends ``ceil(total / target)`` (the
    ``--metrics`` flag works as for every policy); with the SLO, panic and held-request
    recommendations, the largest known one wins. All unknown: hold at ``spec_replicas``.
@@ -100,31 +106,43 @@ class _Window:
     def max(self) -> float:
         return max(v for _, v in self.points)
 
-    def fit(self) -> tuple[float, float, float] | None:
-        """Least-squares line over the points: (slope per second, its standard error,
-        intercept at time 0); ``None`` with fewer than three points or all at one time."""
-        n = len(self.points)
-        if n < 3:
-            return None
-        mean_t = sum(t for t, _ in self.points) / n
-        mean_v = sum(v for _, v in self.points) / n
-        spread = sum((t - mean_t) ** 2 for t, _ in self.points)
-        if spread <= 0:
-            return None
-        slope = sum((t - mean_t) * (v - mean_v) for t, v in self.points) / spread
-        residual = sum((v - mean_v - slope * (t - mean_t)) ** 2 for t, v in self.points)
-        return slope, math.sqrt(residual / (n - 2) / spread), mean_v - slope * mean_t
-
     def rising_projection(self, when_s: float) -> float | None:
-        """The fitted line at ``when_s`` if the slope is significantly above zero
-        (``_TREND_T`` standard errors: noise on a flat rate must not look like a ramp)."""
-        fit = self.fit()
-        if fit is None:
+        """Where a rising trend puts the rate at ``when_s``, or ``None`` when there is none.
+
+        A trend is a slope the whole window agrees on: the least-squares slope over all
+        points must exceed ``_TREND_T`` standard errors (noise on a flat rate is no ramp),
+        and each half of the window must rise on its own (a step is flat on both sides of
+        its jump, so it is left to the panic path instead of being projected into an
+        overshoot). The projection uses the smallest of the three slopes from the recent
+        half's line."""
+        points = list(self.points)
+        half = len(points) // 2
+        whole, first, recent = _fit(points), _fit(points[:half]), _fit(points[-half:])
+        if whole is None or first is None or recent is None:
             return None
-        slope, error, intercept = fit
-        if slope <= 0 or slope <= _TREND_T * error:
+        if whole[0] <= _TREND_T * whole[1]:
             return None
-        return intercept + slope * when_s
+        slope = min(whole[0], first[0], recent[0])
+        if slope <= 0:
+            return None
+        _, _, intercept = recent
+        return intercept + recent[0] * points[-1][0] + slope * (when_s - points[-1][0])
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float, float] | None:
+    """Least-squares line: (slope per second, its standard error, intercept at time 0);
+    ``None`` with fewer than three points or all at one time."""
+    n = len(points)
+    if n < 3:
+        return None
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    spread = sum((t - mean_t) ** 2 for t, _ in points)
+    if spread <= 0:
+        return None
+    slope = sum((t - mean_t) * (v - mean_v) for t, v in points) / spread
+    residual = sum((v - mean_v - slope * (t - mean_t)) ** 2 for t, v in points)
+    return slope, math.sqrt(residual / (n - 2) / spread), mean_v - slope * mean_t
 
 
 @register("shoal")
@@ -150,9 +168,11 @@ class ShoalPolicy:
         self.headroom = options.number("headroom", 0.8, minimum=0.0)
         self.start_time_s = options.number("start_time_s", 30.0, minimum=0.0)
         trend_window_s = options.number("trend_window_s", 30.0, minimum=0.0)
+        mix_window_s = options.number("mix_window_s", 120.0, minimum=0.0)
         delay_s = options.number("scale_down_delay_s", 90.0, minimum=0.0)
         self.panic_waiting = options.number("panic_waiting", 4.0, minimum=0.0)
         self.panic_kv_usage = options.number("panic_kv_usage", 0.9, minimum=0.0)
+        self.panic_drain_s = options.number("panic_drain_s", 30.0, minimum=1.0)
         self.idle_s = options.number("idle_s", 120.0, minimum=0.0)
         options.check()
         if not (ttft > 0 and tpot > 0):
@@ -166,9 +186,10 @@ class ShoalPolicy:
         self.profile = _profile(profile_path)
         self._arrivals = _Window(trend_window_s)
         self._mix: deque[tuple[float, float, float, float]] = deque()  # t, prompt, gen, requests
-        self._mix_window_s = trend_window_s
+        self._mix_window_s = mix_window_s
         self._recommended = _Window(delay_s)
         self._last_demand_s: float | None = None
+        self._last_backlog: tuple[float, float] | None = None
 
     # -- the hook -----------------------------------------------------------------
 
@@ -178,8 +199,13 @@ class ShoalPolicy:
         arrivals = self._arrival_rate(obs)
         if arrivals is not None:
             self._arrivals.add(now, arrivals)
-        mix = self._observe_mix(obs, arrivals)
+        mix = self._mix_now(now)
         cap = capacity(self.profile, mix, self.slo, self.limits)
+        triggers = self._panic_triggers(obs, cap)
+        if not triggers:  # overloaded engines count recomputed prompts and backlog
+            self._record_mix(obs, arrivals)
+            mix = self._mix_now(now)
+            cap = capacity(self.profile, mix, self.slo, self.limits)
         per_replica = (cap.rps if cap.rps > 0 else cap.saturation_rps) * self.headroom
         running_per_replica = max(1.0, cap.concurrency_at(per_replica))
 
@@ -187,13 +213,19 @@ class ShoalPolicy:
         predicted = self._predict(now) if arrivals is not None else None
         per_metric["slo"] = None if predicted is None else _ceil(predicted / per_replica)
 
-        triggers = self._panic_triggers(obs, cap)
         panic = bool(triggers)
+        waiting = obs.mean(REQUESTS_WAITING)
+        backlog = None if waiting is None else waiting * obs.ready_replicas
+        growth = self._backlog_growth(now, backlog)
         if panic:
-            in_engines = sum(
-                v for v in (obs.mean(REQUESTS_RUNNING), obs.mean(REQUESTS_WAITING)) if v is not None
+            # what the queue needs: the rate it reveals (served + its growth: without the
+            # router the served rate flattens at capacity), plus draining it
+            served = obs.mean(REQUESTS_PER_S)
+            demand = max(
+                predicted or 0.0,
+                (0.0 if served is None else served * obs.ready_replicas) + growth,
             )
-            need = _ceil(in_engines * obs.ready_replicas / running_per_replica)
+            need = _ceil((demand + (backlog or 0.0) / self.panic_drain_s) / per_replica)
             per_metric["panic"] = max(need, obs.ready_replicas + max(obs.pending_replicas, 1))
 
         held = obs.router.get(ROUTER_HELD)
@@ -259,24 +291,27 @@ class ShoalPolicy:
         served = obs.mean(REQUESTS_PER_S)
         return None if served is None else max(0.0, served) * obs.ready_replicas
 
-    def _observe_mix(self, obs: ScaleInput, arrivals: float | None) -> TokenMix:
+    def _record_mix(self, obs: ScaleInput, arrivals: float | None) -> None:
         complete = [
             s.values
             for s in obs.samples
             if s.ok and PROMPT_TOKENS_PER_S in s.values and GENERATION_TOKENS_PER_S in s.values
         ]
-        if complete:
-            prompt = sum(v[PROMPT_TOKENS_PER_S] for v in complete)
-            generated = sum(v[GENERATION_TOKENS_PER_S] for v in complete)
-            if all(REQUESTS_PER_S in v for v in complete):
-                requests = sum(v[REQUESTS_PER_S] for v in complete)
-            elif arrivals is not None and len(complete) == obs.ready_replicas:
-                requests = arrivals
-            else:
-                requests = 0.0
-            if requests > 0 and prompt >= 0 and generated >= 0:
-                self._mix.append((obs.now_s, prompt, generated, requests))
-        while self._mix and self._mix[0][0] < obs.now_s - self._mix_window_s:
+        if not complete:
+            return
+        prompt = sum(v[PROMPT_TOKENS_PER_S] for v in complete)
+        generated = sum(v[GENERATION_TOKENS_PER_S] for v in complete)
+        if all(REQUESTS_PER_S in v for v in complete):
+            requests = sum(v[REQUESTS_PER_S] for v in complete)
+        elif arrivals is not None and len(complete) == obs.ready_replicas:
+            requests = arrivals
+        else:
+            return
+        if requests > 0 and prompt >= 0 and generated >= 0:
+            self._mix.append((obs.now_s, prompt, generated, requests))
+
+    def _mix_now(self, now_s: float) -> TokenMix:
+        while self._mix and self._mix[0][0] < now_s - self._mix_window_s:
             self._mix.popleft()
         total = sum(r for *_, r in self._mix)
         if total <= 0:
@@ -285,6 +320,16 @@ class ShoalPolicy:
             max(1.0, sum(p for _, p, _, _ in self._mix) / total),
             max(1.0, sum(g for _, _, g, _ in self._mix) / total),
         )
+
+    def _backlog_growth(self, now_s: float, backlog: float | None) -> float:
+        """Requests/s the engines' queue grew by since the last round it was known (>= 0)."""
+        last, self._last_backlog = (
+            self._last_backlog,
+            (None if backlog is None else (now_s, backlog)),
+        )
+        if backlog is None or last is None or now_s <= last[0]:
+            return 0.0
+        return max(0.0, (backlog - last[1]) / (now_s - last[0]))
 
     def _predict(self, now_s: float) -> float:
         latest = self._arrivals.points[-1][1]
