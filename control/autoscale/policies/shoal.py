@@ -7,17 +7,20 @@ Algorithm, once per round (``decide``):
    not scraped, the engines' finished-request rate (``REQUESTS_PER_S``: mean over the
    reporting replicas times the ready count, so a failed scrape is extrapolated, not 0).
 2. **Mix**: mean prompt and output tokens per request, as ratios of sums over
-   ``mix_window_s`` of ``PROMPT_TOKENS_PER_S`` and ``GENERATION_TOKENS_PER_S`` to
-   ``REQUESTS_PER_S`` (or to the router's arrivals), from rounds without panic only (an
-   overloaded engine's counters measure recomputed prompts and a backlog, not the
-   offered mix: a step once read as 3,000-token prompts and sized 16 replicas for 4);
-   the ``prompt_tokens`` / ``output_tokens`` options until one was measured.
+   ``mix_window_s``: ``PROMPT_TOKENS_PER_S`` to the router's arrivals (or to
+   ``REQUESTS_PER_S`` without the router), ``GENERATION_TOKENS_PER_S`` to
+   ``REQUESTS_PER_S`` (pairs that move together), only from rounds in a steady state:
+   no panic, no queue, arrivals within what the ready replicas serve (an overloaded
+   engine's counters measure recomputed prompts and a backlog, not the offered mix: a
+   step once read as 3,000-token prompts and sized 16 replicas for 4),
+   shrunk toward the ``prompt_tokens`` / ``output_tokens`` options by 50 pseudo-requests
+   (before requests finish, the first rounds' ratios are all prompt and no requests).
 3. **Capacity** ``c``: requests/s of that mix one replica serves within ``ttft_slo_s`` and
    ``tpot_slo_s`` (``control.autoscale.capacity``, from the ``profile`` and the engine
    limits), times ``headroom``. A mix the SLO cannot be met for at all uses the replica's
    saturation rate instead (more replicas cannot fix a prompt that alone misses the TTFT).
 4. **Trend**: least-squares slope of ``r`` over ``trend_window_s``; when it rises by more
-   than two standard errors (noise on a flat rate is no ramp) and each half of the window
+   than three standard errors (noise on a flat rate is no ramp) and each half of the window
    rises too (a step is not a ramp: projecting its jump overshoots), the rate is
    projected ``start_time_s`` ahead (a replica asked for now serves then), never below
    the latest observation. SLO recommendation: ``ceil(predicted r / c)``.
@@ -27,8 +30,9 @@ Algorithm, once per round (``decide``):
    c)`` with ``demand`` the larger of the predicted rate and the served rate plus the
    queue's growth (without the router the served rate flattens at capacity; the growth
    is the excess), and at least one replica more than are ready unless some are already
-   pending: a queue that grows while replicas start does not pile up more of them
-   (AIBrix RFC #2670). While in panic the desired count never drops.
+   pending (a queue that grows while replicas start does not pile up more of them: AIBrix
+   RFC #2670) or the queue already drains within ``panic_drain_s``. While in panic the
+   desired count never drops.
 6. **Targets**: each configured ``MetricTarget`` recommends ``ceil(total / target)`` (the
    ``--metrics`` flag works as for every policy); with the SLO, panic and held-request
    recommendations, the largest known one wins. All unknown: hold at ``spec_replicas``.
@@ -88,7 +92,9 @@ logger = logging.getLogger("shoal." + __name__)
 
 _ROUTER_METRICS = (ROUTER_ARRIVALS_PER_S, ROUTER_HELD, ROUTER_IN_FLIGHT)
 _EPS = 1e-9  # ceil(x - _EPS): a float a hair above an integer is that integer
-_TREND_T = 2.0  # a slope counts when it is this many standard errors above zero
+_PRIOR_REQUESTS = 50.0  # the prior mix weighs as much as this many measured requests
+_TREND_T = 3.0  # a slope counts when it is this many standard errors above zero
+_JUMP_SIGMAS = 3.0  # a latest rate this many Poisson deviations above the mean is a step
 
 
 class _Window:
@@ -167,8 +173,10 @@ class ShoalPolicy:
         prior_output = options.number("output_tokens", 128, minimum=1)
         self.headroom = options.number("headroom", 0.8, minimum=0.0)
         self.start_time_s = options.number("start_time_s", 30.0, minimum=0.0)
-        trend_window_s = options.number("trend_window_s", 30.0, minimum=0.0)
+        trend_window_s = options.number("trend_window_s", 120.0, minimum=0.0)
         mix_window_s = options.number("mix_window_s", 120.0, minimum=0.0)
+        self.rate_window_s = options.number("rate_window_s", 10.0, minimum=0.0)
+        self.tolerance = options.number("tolerance", 0.1, minimum=0.0)
         delay_s = options.number("scale_down_delay_s", 90.0, minimum=0.0)
         self.panic_waiting = options.number("panic_waiting", 4.0, minimum=0.0)
         self.panic_kv_usage = options.number("panic_kv_usage", 0.9, minimum=0.0)
@@ -185,11 +193,13 @@ class ShoalPolicy:
         self.prior_mix = TokenMix(prior_prompt, prior_output)
         self.profile = _profile(profile_path)
         self._arrivals = _Window(trend_window_s)
-        self._mix: deque[tuple[float, float, float, float]] = deque()  # t, prompt, gen, requests
+        # t, prompt tokens, arrivals, generated tokens, finished requests (counts)
+        self._mix: deque[tuple[float, float, float, float, float]] = deque()
         self._mix_window_s = mix_window_s
         self._recommended = _Window(delay_s)
         self._last_demand_s: float | None = None
-        self._last_backlog: tuple[float, float] | None = None
+        self._backlog = _Window(self.rate_window_s)
+        self._last_mix_s: float | None = None
 
     # -- the hook -----------------------------------------------------------------
 
@@ -199,34 +209,41 @@ class ShoalPolicy:
         arrivals = self._arrival_rate(obs)
         if arrivals is not None:
             self._arrivals.add(now, arrivals)
-        mix = self._mix_now(now)
+        mix = self._mix_now()
         cap = capacity(self.profile, mix, self.slo, self.limits)
         triggers = self._panic_triggers(obs, cap)
-        if not triggers:  # overloaded engines count recomputed prompts and backlog
+        waiting = obs.mean(REQUESTS_WAITING)
+        keeps_up = arrivals is None or arrivals <= obs.ready_replicas * cap.rps
+        if not triggers and keeps_up and (waiting is None or waiting < 1):
+            # only in a steady state: a queue or a fleet behind its arrivals holds prompts
+            # not computed yet, and overloaded engines recompute some
             self._record_mix(obs, arrivals)
-            mix = self._mix_now(now)
+            mix = self._mix_now()
             cap = capacity(self.profile, mix, self.slo, self.limits)
         per_replica = (cap.rps if cap.rps > 0 else cap.saturation_rps) * self.headroom
         running_per_replica = max(1.0, cap.concurrency_at(per_replica))
 
         per_metric: dict[str, int | None] = {}
         predicted = self._predict(now) if arrivals is not None else None
-        per_metric["slo"] = None if predicted is None else _ceil(predicted / per_replica)
+        per_metric["slo"] = self._slo_replicas(predicted, per_replica, obs.spec_replicas)
 
         panic = bool(triggers)
-        waiting = obs.mean(REQUESTS_WAITING)
         backlog = None if waiting is None else waiting * obs.ready_replicas
-        growth = self._backlog_growth(now, backlog)
+        trend = self._backlog_trend(now, backlog)
         if panic:
             # what the queue needs: the rate it reveals (served + its growth: without the
             # router the served rate flattens at capacity), plus draining it
+            demand = predicted or 0.0
             served = obs.mean(REQUESTS_PER_S)
-            demand = max(
-                predicted or 0.0,
-                (0.0 if served is None else served * obs.ready_replicas) + growth,
-            )
-            need = _ceil((demand + (backlog or 0.0) / self.panic_drain_s) / per_replica)
-            per_metric["panic"] = max(need, obs.ready_replicas + max(obs.pending_replicas, 1))
+            if ROUTER_ARRIVALS_PER_S not in obs.router and served is not None:
+                demand = max(demand, served * obs.ready_replicas + max(0.0, trend))
+            queued = backlog or 0.0
+            need = _ceil((demand + queued / self.panic_drain_s) / per_replica)
+            draining = trend < 0 and queued <= -trend * self.panic_drain_s
+            # one more than are ready, unless some are on their way or the queue already
+            # drains within panic_drain_s
+            floor = obs.ready_replicas + (0 if draining else max(obs.pending_replicas, 1))
+            per_metric["panic"] = max(need, floor)
 
         held = obs.router.get(ROUTER_HELD)
         if held is not None and held > 0:
@@ -292,49 +309,88 @@ class ShoalPolicy:
         return None if served is None else max(0.0, served) * obs.ready_replicas
 
     def _record_mix(self, obs: ScaleInput, arrivals: float | None) -> None:
+        """Add this round's token and request counts (rates times the round's length).
+
+        Each token count is paired with the request count that moves with it: prompt
+        tokens are computed seconds after a request arrives, generated tokens until it
+        finishes. So prompts per *arrival* (the router's, when every replica reported)
+        and generated tokens per *finished* request: under a rising rate neither pair
+        lags the other (prompts per finished request read 3x too long after a step, and
+        output tokens per arrival 4x too short)."""
+        last, self._last_mix_s = self._last_mix_s, obs.now_s
+        if last is None or obs.now_s <= last:
+            return
         complete = [
             s.values
             for s in obs.samples
-            if s.ok and PROMPT_TOKENS_PER_S in s.values and GENERATION_TOKENS_PER_S in s.values
+            if s.ok
+            and PROMPT_TOKENS_PER_S in s.values
+            and GENERATION_TOKENS_PER_S in s.values
+            and REQUESTS_PER_S in s.values
         ]
         if not complete:
             return
         prompt = sum(v[PROMPT_TOKENS_PER_S] for v in complete)
         generated = sum(v[GENERATION_TOKENS_PER_S] for v in complete)
-        if all(REQUESTS_PER_S in v for v in complete):
-            requests = sum(v[REQUESTS_PER_S] for v in complete)
-        elif arrivals is not None and len(complete) == obs.ready_replicas:
-            requests = arrivals
-        else:
+        finished = sum(v[REQUESTS_PER_S] for v in complete)
+        routed = ROUTER_ARRIVALS_PER_S in obs.router and len(complete) == obs.ready_replicas
+        started = arrivals if routed and arrivals is not None else finished
+        if min(prompt, generated, finished, started) < 0:
             return
-        if requests > 0 and prompt >= 0 and generated >= 0:
-            self._mix.append((obs.now_s, prompt, generated, requests))
+        dt = obs.now_s - last
+        self._mix.append((obs.now_s, prompt * dt, started * dt, generated * dt, finished * dt))
 
-    def _mix_now(self, now_s: float) -> TokenMix:
-        while self._mix and self._mix[0][0] < now_s - self._mix_window_s:
+    def _mix_now(self) -> TokenMix:
+        """Tokens per request over the window, shrunk toward the prior by
+        ``_PRIOR_REQUESTS`` pseudo-requests: the first rounds (tokens counted, few
+        requests finished yet) cannot read as enormous requests."""
+        # the window ends at the newest steady round, not now: a long panic keeps the
+        # mix learned before it instead of falling back to the prior
+        while self._mix and self._mix[0][0] < self._mix[-1][0] - self._mix_window_s:
             self._mix.popleft()
-        total = sum(r for *_, r in self._mix)
-        if total <= 0:
-            return self.prior_mix
-        return TokenMix(
-            max(1.0, sum(p for _, p, _, _ in self._mix) / total),
-            max(1.0, sum(g for _, _, g, _ in self._mix) / total),
-        )
+        k = _PRIOR_REQUESTS
+        prompt = k * self.prior_mix.prompt_tokens + sum(m[1] for m in self._mix)
+        started = k + sum(m[2] for m in self._mix)
+        generated = k * self.prior_mix.output_tokens + sum(m[3] for m in self._mix)
+        finished = k + sum(m[4] for m in self._mix)
+        return TokenMix(max(1.0, prompt / started), max(1.0, generated / finished))
 
-    def _backlog_growth(self, now_s: float, backlog: float | None) -> float:
-        """Requests/s the engines' queue grew by since the last round it was known (>= 0)."""
-        last, self._last_backlog = (
-            self._last_backlog,
-            (None if backlog is None else (now_s, backlog)),
-        )
-        if backlog is None or last is None or now_s <= last[0]:
+    def _backlog_trend(self, now_s: float, backlog: float | None) -> float:
+        """Requests/s the engines' queue changed by over ``rate_window_s`` (signed; one
+        round's change is as noisy as the admissions that make it)."""
+        if backlog is None:
             return 0.0
-        return max(0.0, (backlog - last[1]) / (now_s - last[0]))
+        self._backlog.add(now_s, backlog)
+        (first_s, first), (last_s, last) = self._backlog.points[0], self._backlog.points[-1]
+        return 0.0 if last_s <= first_s else (last - first) / (last_s - first_s)
+
+    def _slo_replicas(
+        self, predicted: float | None, per_replica: float, current: int
+    ) -> int | None:
+        """``ceil(predicted / per_replica)``, but ``current`` while the load is within
+        ``tolerance`` of what ``current`` replicas serve at the target utilisation (as
+        HPA's tolerance: Poisson noise around a boundary must not flap the count)."""
+        if predicted is None:
+            return None
+        if current > 0 and abs(predicted / (current * per_replica) - 1) <= self.tolerance:
+            return current
+        return _ceil(predicted / per_replica)
 
     def _predict(self, now_s: float) -> float:
-        latest = self._arrivals.points[-1][1]
+        """The arrival rate to provision for: the mean over ``rate_window_s`` (one scrape
+        interval's count is Poisson-noisy), or the latest rate when it jumped beyond that
+        noise (``_JUMP_SIGMAS`` standard deviations: a step is believed at once), or the
+        rising trend projected ``start_time_s`` ahead, whichever is largest."""
+        points = self._arrivals.points
+        recent = [v for t, v in points if t >= now_s - self.rate_window_s]
+        level = sum(recent) / len(recent)
+        latest = points[-1][1]
+        if len(points) >= 2 and points[-1][0] > points[-2][0]:
+            interval = points[-1][0] - points[-2][0]
+            if latest > level + _JUMP_SIGMAS * math.sqrt(latest / interval):
+                level = latest
         projected = self._arrivals.rising_projection(now_s + self.start_time_s)
-        return latest if projected is None else max(latest, projected)
+        return level if projected is None else max(level, projected)
 
     def _panic_triggers(self, obs: ScaleInput, cap: ReplicaCapacity) -> list[str]:
         triggers = []
@@ -345,7 +401,10 @@ class ShoalPolicy:
         if kv is not None and kv > self.panic_kv_usage:
             triggers.append(f"KV usage {kv:.3g} > {self.panic_kv_usage:g}")
         ttft = obs.mean(TTFT_MEAN_S)
-        if ttft is not None and cap.rps > 0 and ttft > self.slo.ttft_s:
+        # TTFT lags (it is measured on requests that got their first token): with nothing
+        # waiting it is the tail of a queue already drained, or a mix the SLO path sizes
+        queued = waiting is not None and waiting >= 1
+        if ttft is not None and cap.rps > 0 and ttft > self.slo.ttft_s and queued:
             triggers.append(f"TTFT {ttft:.3g}s > {self.slo.ttft_s:g}s")
         return triggers
 
