@@ -6,56 +6,72 @@ Algorithm, once per round (``decide``):
 1. **Arrival rate** ``r``: the router's ``ROUTER_ARRIVALS_PER_S``, or, when the router is
    not scraped, the engines' finished-request rate (``REQUESTS_PER_S``: mean over the
    reporting replicas times the ready count, so a failed scrape is extrapolated, not 0).
+   The rate provisioned for is its mean over ``rate_window_s`` (one scrape interval's
+   count is Poisson-noisy), or the latest when it jumped more than three Poisson
+   deviations above that mean (a step is believed at once).
 2. **Mix**: mean prompt and output tokens per request, as ratios of sums over
    ``mix_window_s``: ``PROMPT_TOKENS_PER_S`` to the router's arrivals (or to
    ``REQUESTS_PER_S`` without the router), ``GENERATION_TOKENS_PER_S`` to
    ``REQUESTS_PER_S`` (pairs that move together), only from rounds in a steady state:
    no panic, no queue, arrivals within what the ready replicas serve (an overloaded
    engine's counters measure recomputed prompts and a backlog, not the offered mix: a
-   step once read as 3,000-token prompts and sized 16 replicas for 4),
-   shrunk toward the ``prompt_tokens`` / ``output_tokens`` options by 50 pseudo-requests
-   (before requests finish, the first rounds' ratios are all prompt and no requests).
+   step once read as 3,000-token prompts and sized 16 replicas for 4), shrunk toward
+   the ``prompt_tokens`` / ``output_tokens`` options by 50 pseudo-requests (the first
+   rounds' ratios are all tokens and few finished requests).
 3. **Capacity** ``c``: requests/s of that mix one replica serves within ``ttft_slo_s`` and
    ``tpot_slo_s`` (``control.autoscale.capacity``, from the ``profile`` and the engine
    limits), times ``headroom``. A mix the SLO cannot be met for at all uses the replica's
    saturation rate instead (more replicas cannot fix a prompt that alone misses the TTFT).
 4. **Trend**: least-squares slope of ``r`` over ``trend_window_s``; when it rises by more
-   than three standard errors (noise on a flat rate is no ramp) and each half of the window
-   rises too (a step is not a ramp: projecting its jump overshoots), the rate is
+   than three standard errors (noise on a flat rate is no ramp) and each half of the
+   window rises too (a step is not a ramp: projecting its jump overshoots), the rate is
    projected ``start_time_s`` ahead (a replica asked for now serves then), never below
-   the latest observation. SLO recommendation: ``ceil(predicted r / c)``.
+   the rate of step 1. SLO recommendation: ``ceil(predicted r / c)``, or the current
+   count while the load is within ``tolerance`` of what it serves (HPA's tolerance).
 5. **Panic** (fast path): mean waiting requests per replica above ``panic_waiting``, mean
-   KV usage above ``panic_kv_usage``, or mean TTFT above ``ttft_slo_s`` (when attainable).
-   It asks at once for what the queue needs, ``ceil((demand + waiting / panic_drain_s) /
-   c)`` with ``demand`` the larger of the predicted rate and the served rate plus the
-   queue's growth (without the router the served rate flattens at capacity; the growth
-   is the excess), and at least one replica more than are ready unless some are already
-   pending (a queue that grows while replicas start does not pile up more of them: AIBrix
-   RFC #2670) or the queue already drains within ``panic_drain_s``. While in panic the
-   desired count never drops.
+   KV usage above ``panic_kv_usage``, or mean TTFT above ``ttft_slo_s`` while requests
+   wait (TTFT lags: without a queue it is the tail of one already drained). It asks at
+   once for what the queue needs, ``ceil((demand + waiting / panic_drain_s) / c)``, where
+   ``demand`` is the predicted rate (without the router, at least the served rate plus
+   the queue's growth: the served rate flattens at capacity), and for at least one
+   replica more than are ready unless some are already pending (a queue that grows while
+   replicas start does not pile up more of them: AIBrix RFC #2670) or the queue drains
+   within ``panic_drain_s`` already. While in panic the desired count never drops.
 6. **Targets**: each configured ``MetricTarget`` recommends ``ceil(total / target)`` (the
    ``--metrics`` flag works as for every policy); with the SLO, panic and held-request
    recommendations, the largest known one wins. All unknown: hold at ``spec_replicas``.
-7. **Scale down** only to the maximum recommendation over ``scale_down_delay_s``; up at once.
-   **Zero**: with ``min_replicas == 0``, after ``idle_s`` with no arrivals, nothing held and
-   nothing running (each *known* to be 0), at once (the idle period is its own delay).
-   **From zero**: ``ROUTER_HELD > 0`` or any arrival recommends at least one replica.
-   Pending replicas count: every recommendation is a total replica count compared with
-   ``spec_replicas``, which includes them, so nothing is asked twice while replicas start.
+7. **Scale down** only to the maximum recommendation over ``scale_down_delay_s``; up at
+   once. **Zero**: with ``min_replicas == 0``, after ``idle_s`` with no arrivals, nothing
+   held and nothing running (each *known* to be 0), at once (the idle period is its own
+   delay). **From zero**: ``ROUTER_HELD > 0`` or any arrival recommends one replica or
+   more. Pending replicas count: every recommendation is a total replica count compared
+   with ``spec_replicas``, which includes them, so nothing is asked twice.
+
+Defaults (``PolicyOptions``): ttft_slo_s 1, tpot_slo_s 0.1, profile "" (sim's 7B/A100
+roofline), max_num_seqs 256, max_num_batched_tokens 2048, num_gpu_blocks 8192,
+block_size 16, prompt_tokens 512, output_tokens 128, headroom 0.8, tolerance 0.1,
+start_time_s 30, rate_window_s 10, trend_window_s 120, mix_window_s 120,
+scale_down_delay_s 300 (as HPA's: with ~40 s starts, a replica dropped and needed again
+within five minutes costs more SLO than it saves; 90 s flapped on the spike trace,
+18 direction changes/h against 2), panic_waiting 4, panic_kv_usage 0.9, panic_drain_s 30,
+idle_s 120.
 
 Rejected: utilisation targets alone (KV usage, running requests: they saturate under
 overload and say nothing about latency; kept only as ``--metrics``); a Holt-Winters or
 ML forecaster (more state and tuning for ramps a linear trend over one start time covers);
-Knative's doubled panic window (the queue, KV and TTFT say directly that replicas are short).
+Knative's doubled panic window (the queue, KV and TTFT say directly that replicas are
+short); sizing the panic by the backlog as concurrency (a queue that grows while replicas
+start then asks for more every round: 16 replicas for a step that needed 5).
 
 How it fails: the capacity model assumes Poisson arrivals and is within ~20% of the
-engine simulator's scheduler (capacity.py); burstier traffic or a mis-fitted profile is
-absorbed by ``headroom`` and, past it, by the panic path;
-a profile that does not match the engine mis-sizes every decision (calibrate it with
-``shoal sim calibrate``); without the router the arrival rate is the served rate, which
-flattens at capacity under overload (only the panic path then scales up); a linear trend
-overshoots the top of a ramp, the scale-down delay then holds the extra replicas for
-``scale_down_delay_s``.
+engine simulator's scheduler (capacity.py); burstier traffic is absorbed by ``headroom``
+and, past it, by the panic path; a profile that does not match the engine mis-sizes every
+decision (calibrate it with ``shoal sim calibrate``); without the router the arrival rate
+is the served rate, which flattens at capacity under overload (only the panic path then
+scales up); a trend projected over the top of a ramp, or a panic sized for a backlog,
+leaves extra replicas for ``scale_down_delay_s``; a ``--metrics`` queue target
+(``requests_waiting:4``) piles up replicas while others start, as it does for every
+policy: the SLO path needs none.
 """
 
 from __future__ import annotations
@@ -177,7 +193,7 @@ class ShoalPolicy:
         mix_window_s = options.number("mix_window_s", 120.0, minimum=0.0)
         self.rate_window_s = options.number("rate_window_s", 10.0, minimum=0.0)
         self.tolerance = options.number("tolerance", 0.1, minimum=0.0)
-        delay_s = options.number("scale_down_delay_s", 90.0, minimum=0.0)
+        delay_s = options.number("scale_down_delay_s", 300.0, minimum=0.0)
         self.panic_waiting = options.number("panic_waiting", 4.0, minimum=0.0)
         self.panic_kv_usage = options.number("panic_kv_usage", 0.9, minimum=0.0)
         self.panic_drain_s = options.number("panic_drain_s", 30.0, minimum=1.0)
