@@ -37,6 +37,7 @@ from control.autoscale.types import (
     ReplicaSample,
     ScaleInput,
 )
+from tests.unit.autoscale_contract import PolicyContract
 
 PER_REPLICA = 0.8 * 0.5 / (16 * 1e-5 + 10 * 1e-3)  # 39.37 /s
 PER_REPLICA_LONG = 19.1  # /s, with the spill (module docstring)
@@ -255,9 +256,9 @@ def test_scale_down_waits_for_the_delay_and_never_in_panic(profile: str) -> None
     high = [shoal.decide(observe(t, ready=3, arrivals=100.0)).desired for t in (0, 10, 20)]
     low = [shoal.decide(observe(t, ready=3, arrivals=30.0)).desired for t in range(30, 110, 10)]
     assert high == [3, 3, 3]
-    # the last 3 (t = 20) leaves the 60 s window at 90; the 2 of t = 30 (the 10 s mean
-    # then was 65/s) at 100
-    assert low == [3, 3, 3, 3, 3, 3, 2, 1]
+    # a recommendation counts while younger than the 60 s window: the last 3 (t = 20)
+    # is gone at 80, the 2 of t = 30 (the 10 s mean then was 65/s) at 90
+    assert low == [3, 3, 3, 3, 3, 2, 1, 1]
     assert shoal.decide(observe(110, ready=1, spec=1, arrivals=30.0)).bounds == ""
 
     # five asked for, three ready, none pending (two failed to start), a queue: panic asks
@@ -273,12 +274,16 @@ def test_scale_down_waits_for_the_delay_and_never_in_panic(profile: str) -> None
 def test_scale_to_zero_after_idle_and_back_on_held_requests(profile: str) -> None:
     shoal = policy(profile, min_replicas=0)
     assert shoal.decide(observe(0, arrivals=10.0)).desired == 1
-    idle = [shoal.decide(observe(t, arrivals=0.0)).desired for t in range(10, 140, 10)]
-    assert idle == [1] * 11 + [0, 0]  # idle since t = 0: zero at t = 120
-    cold = shoal.decide(observe(140, ready=0, spec=0, arrivals=0.0))
+    idle = [shoal.decide(observe(t, arrivals=0.0)) for t in range(10, 150, 10)]
+    # idle since the first idle round (t = 10): zero at t = 130; one replica kept before
+    assert [d.desired for d in idle] == [1] * 12 + [0, 0]
+    # the window holds the 1 of t = 10 (the 10 s mean was 5/s) for 60 s, then the grace
+    assert (idle[1].bounds, idle[6].bounds) == ("scale-down-delay", "scale-to-zero-grace")
+    cold = shoal.decide(observe(150, ready=0, spec=0, arrivals=0.0))
     assert cold.desired == 0
-    woken = shoal.decide(observe(150, ready=0, spec=0, arrivals=0.0, held=2))
+    woken = shoal.decide(observe(160, ready=0, spec=0, arrivals=0.0, held=2))
     assert woken.desired == 1 and woken.per_metric["held"] == 1
+    assert woken.bounds == "activation"
     # arrivals alone wake it too
     other = policy(profile, min_replicas=0)
     assert other.decide(observe(0, ready=0, spec=0, arrivals=0.5)).desired == 1
@@ -288,9 +293,9 @@ def test_a_wake_starts_from_its_own_demand_not_the_load_before_the_idle(profile:
     shoal = policy(profile, min_replicas=0, idle_s=30)  # shorter than the 60 s delay
     assert shoal.decide(observe(0, ready=3, arrivals=100.0)).desired == 3
     assert shoal.decide(observe(10, ready=3, arrivals=0.0)).desired == 3  # delay holds
-    assert shoal.decide(observe(30, ready=3, arrivals=0.0)).desired == 0  # idle since 0
-    woken = shoal.decide(observe(40, ready=0, spec=0, arrivals=1.0))
-    assert woken.desired == 1 and woken.bounds == ""
+    assert shoal.decide(observe(40, ready=3, arrivals=0.0)).desired == 0  # idle since 10
+    woken = shoal.decide(observe(50, ready=0, spec=0, arrivals=1.0))
+    assert woken.desired == 1 and woken.bounds == "activation"  # not 3: no delay window
 
 
 def test_min_replicas_one_never_goes_to_zero(profile: str) -> None:
@@ -324,3 +329,12 @@ def test_the_default_profile_is_used_without_a_path() -> None:
     shoal = make_policy("shoal", PolicySpec(targets=()))
     decision = shoal.decide(observe(0, ready=1, arrivals=5.0))
     assert decision.desired == 1 and "(tpot, mix 512/128 tokens" in decision.reason
+
+
+class TestShoalContract(PolicyContract):
+    """The rules every policy keeps (tests/unit/autoscale_contract.py), with the default
+    profile and SLOs: without router arrivals the SLO path is unknown and the contract's
+    metric targets decide."""
+
+    policy_name = "shoal"
+    idle_period_s = 120.0  # idle_s

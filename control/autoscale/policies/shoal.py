@@ -41,11 +41,15 @@ Algorithm, once per round (``decide``):
    ``--metrics`` flag works as for every policy); with the SLO, panic and held-request
    recommendations, the largest known one wins. All unknown: hold at ``spec_replicas``.
 7. **Scale down** only to the maximum recommendation over ``scale_down_delay_s``; up at
-   once. **Zero**: with ``min_replicas == 0``, after ``idle_s`` with no arrivals, nothing
-   held and nothing running (each *known* to be 0), at once (the idle period is its own
-   delay). **From zero**: ``ROUTER_HELD > 0`` or any arrival recommends one replica or
-   more. Pending replicas count: every recommendation is a total replica count compared
-   with ``spec_replicas``, which includes them, so nothing is asked twice.
+   once. **Zero** (the rule every policy shares, ``windows.ZeroGate``): with
+   ``min_replicas == 0``, after ``idle_s`` of rounds in which every known signal (the
+   router's arrivals, held and in-flight counts, the engines' running and waiting
+   requests, the targets) was 0, at once (the idle period is its own delay; before it one
+   replica stays); unknown is not idle. **From zero**: ``ROUTER_HELD > 0`` or any arrival
+   recommends one replica or more ("activation"). Pending replicas count: every
+   recommendation is a total replica count compared with ``spec_replicas``, which
+   includes them, so nothing is asked twice. ``windows.finish_decision`` applies the
+   bounds last and writes the decision-log line.
 
 Defaults (``PolicyOptions``): ttft_slo_s 1, tpot_slo_s 0.1, profile "" (sim's 7B/A100
 roofline), max_num_seqs 256, max_num_batched_tokens 2048, num_gpu_blocks 8192,
@@ -83,7 +87,13 @@ from typing import ClassVar
 
 from control.autoscale.capacity import EngineLimits, ReplicaCapacity, Slo, TokenMix, capacity
 from control.autoscale.errors import PolicyConfigError
-from control.autoscale.policies.base import PolicyOptions, clamp, largest_known, register
+from control.autoscale.policies.base import PolicyOptions, largest_known, register
+from control.autoscale.policies.windows import (
+    RecommendationWindow,
+    ZeroGate,
+    finish_decision,
+    observed_total,
+)
 from control.autoscale.types import (
     GENERATION_TOKENS_PER_S,
     KV_CACHE_USAGE,
@@ -93,9 +103,9 @@ from control.autoscale.types import (
     REQUESTS_WAITING,
     ROUTER_ARRIVALS_PER_S,
     ROUTER_HELD,
-    ROUTER_IN_FLIGHT,
     TTFT_MEAN_S,
     Decision,
+    MetricTarget,
     PolicySpec,
     ScaleInput,
 )
@@ -106,7 +116,8 @@ __all__ = ["ShoalPolicy"]
 
 logger = logging.getLogger("shoal." + __name__)
 
-_ROUTER_METRICS = (ROUTER_ARRIVALS_PER_S, ROUTER_HELD, ROUTER_IN_FLIGHT)
+# besides the targets and the router's counts, the engines' own load keeps it from idling
+_IDLE_SIGNALS = (MetricTarget(REQUESTS_RUNNING, 1.0), MetricTarget(REQUESTS_WAITING, 1.0))
 _EPS = 1e-9  # ceil(x - _EPS): a float a hair above an integer is that integer
 _PRIOR_REQUESTS = 50.0  # the prior mix weighs as much as this many measured requests
 _TREND_T = 3.0  # a slope counts when it is this many standard errors above zero
@@ -124,9 +135,6 @@ class _Window:
         self.points.append((now_s, value))
         while self.points and self.points[0][0] < now_s - self.horizon_s:
             self.points.popleft()
-
-    def max(self) -> float:
-        return max(v for _, v in self.points)
 
     def rising_projection(self, when_s: float) -> float | None:
         """Where a rising trend puts the rate at ``when_s``, or ``None`` when there is none.
@@ -212,8 +220,9 @@ class ShoalPolicy:
         # t, prompt tokens, arrivals, generated tokens, finished requests (counts)
         self._mix: deque[tuple[float, float, float, float, float]] = deque()
         self._mix_window_s = mix_window_s
-        self._recommended = _Window(delay_s)
-        self._last_demand_s: float | None = None
+        self._recommended = RecommendationWindow(delay_s)
+        self._gate = ZeroGate(self.idle_s)
+        self._last_now_s = -math.inf
         self._backlog = _Window(self.rate_window_s)
         self._last_mix_s: float | None = None
 
@@ -222,6 +231,10 @@ class ShoalPolicy:
     def decide(self, observation: ScaleInput) -> Decision:
         obs = observation
         now = obs.now_s
+        assert now >= self._last_now_s, (
+            f"shoal: time went backwards ({now} after {self._last_now_s})"
+        )
+        self._last_now_s = now
         arrivals = self._arrival_rate(obs)
         if arrivals is not None:
             self._arrivals.add(now, arrivals)
@@ -266,53 +279,48 @@ class ShoalPolicy:
             per_metric["held"] = max(1, _ceil(held / running_per_replica))
 
         for target in self.spec.targets:
-            value = self._metric_total(obs, target.metric)
+            value = observed_total(obs, target.metric)
             per_metric[target.metric] = None if value is None else _ceil(value / target.target)
 
         recommendation = largest_known(per_metric.values())
-        self._note_demand(obs, arrivals, held)
-        explain = (
+        self._gate.observe(obs, _IDLE_SIGNALS + self.spec.targets)
+        inputs = (
             f"arrivals {_fmt(arrivals)}/s predicted {_fmt(predicted)}/s; capacity "
             f"{per_replica:.3g}/s per replica ({cap.limit}, mix {mix.prompt_tokens:.0f}/"
             f"{mix.output_tokens:.0f} tokens, headroom {self.headroom:g})"
         )
         if triggers:
-            explain += "; panic: " + ", ".join(triggers)
+            inputs += "; panic: " + ", ".join(triggers)
+        bounds: list[str] = []
         if recommendation is None:
-            return Decision(
-                desired=obs.spec_replicas,
-                recommendation=None,
-                reason="every signal unknown: hold; " + explain,
-                per_metric=per_metric,
-            )
-
-        if self._idle_long_enough(obs, arrivals, held, now):
-            self._recommended.points.clear()  # a wake starts from its own demand
-            desired, bound = clamp(0, self.spec)
-            return Decision(
-                desired=desired,
-                recommendation=0,
-                reason=f"idle {now - (self._last_demand_s or now):.0f}s >= {self.idle_s:g}s: "
-                + explain,
-                per_metric=per_metric,
-                bounds=bound,
-            )
-        wanted = recommendation
-        if wanted == 0 and obs.spec_replicas > 0:
-            wanted = 1  # not idle for idle_s yet: keep one warm
-        self._recommended.add(now, wanted)
-        desired = int(self._recommended.max())
-        bounds = "scale-down-delay" if desired > wanted else ""
-        if panic and desired < obs.spec_replicas:
-            desired, bounds = obs.spec_replicas, "panic-no-scale-down"
-        desired, clamped = clamp(desired, self.spec)
-        return Decision(
-            desired=desired,
-            recommendation=recommendation,
-            reason=explain,
+            desired = obs.spec_replicas  # every signal unknown: hold
+            bounds.append("unknown-hold")
+        elif self.spec.min_replicas == 0 and self._gate.idle_for(now) >= self.idle_s:
+            # idle for idle_s: zero at once (the idle period is its own delay), and a wake
+            # starts from its own demand, not from the window before the idle period
+            desired = 0
+            self._recommended = RecommendationWindow(self._recommended.window_s)
+        else:
+            self._recommended.record(now, recommendation)
+            desired = self._recommended.max()
+            if desired > recommendation:
+                bounds.append("scale-down-delay")
+            if panic and desired < obs.spec_replicas:
+                desired = obs.spec_replicas
+                bounds.append("panic-no-scale-down")
+        if obs.ready_replicas + obs.pending_replicas == 0 and desired >= 1:
+            bounds.append("activation")
+        return finish_decision(
+            self.name,
+            self._gate,
+            self.spec,
+            obs,
+            desired,
+            recommendation,
+            inputs,
+            per_metric,
+            bounds,
             panic=panic,
-            per_metric=per_metric,
-            bounds=clamped or bounds,
         )
 
     # -- signals ------------------------------------------------------------------
@@ -423,33 +431,6 @@ class ShoalPolicy:
         if ttft is not None and cap.rps > 0 and ttft > self.slo.ttft_s and queued:
             triggers.append(f"TTFT {ttft:.3g}s > {self.slo.ttft_s:g}s")
         return triggers
-
-    def _metric_total(self, obs: ScaleInput, metric: str) -> float | None:
-        if metric in _ROUTER_METRICS:
-            return obs.router.get(metric)
-        mean = obs.mean(metric)
-        return None if mean is None else mean * obs.ready_replicas
-
-    def _note_demand(self, obs: ScaleInput, arrivals: float | None, held: float | None) -> None:
-        signals = (
-            arrivals,
-            held,
-            obs.router.get(ROUTER_IN_FLIGHT),
-            obs.total(REQUESTS_RUNNING),
-            obs.total(REQUESTS_WAITING),
-        )
-        if self._last_demand_s is None or any(v is not None and v > 0 for v in signals):
-            self._last_demand_s = obs.now_s
-
-    def _idle_long_enough(
-        self, obs: ScaleInput, arrivals: float | None, held: float | None, now_s: float
-    ) -> bool:
-        if self.spec.min_replicas > 0 or arrivals is None or arrivals > 0:
-            return False
-        if (held is not None and held > 0) or obs.num_failed:
-            return False
-        assert self._last_demand_s is not None, "_note_demand runs before"
-        return now_s - self._last_demand_s >= self.idle_s
 
 
 def _profile(path: str) -> StepProfile:
