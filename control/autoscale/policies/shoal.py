@@ -260,19 +260,9 @@ class ShoalPolicy:
         backlog = None if waiting is None else waiting * obs.ready_replicas
         trend = self._backlog_trend(now, backlog)
         if panic:
-            # what the queue needs: the rate it reveals (served + its growth: without the
-            # router the served rate flattens at capacity), plus draining it
-            demand = predicted or 0.0
-            served = obs.mean(REQUESTS_PER_S)
-            if ROUTER_ARRIVALS_PER_S not in obs.router and served is not None:
-                demand = max(demand, served * obs.ready_replicas + max(0.0, trend))
-            queued = backlog or 0.0
-            need = _ceil((demand + queued / self.panic_drain_s) / per_replica)
-            draining = trend < 0 and queued <= -trend * self.panic_drain_s
-            # one more than are ready, unless some are on their way or the queue already
-            # drains within panic_drain_s
-            floor = obs.ready_replicas + (0 if draining else max(obs.pending_replicas, 1))
-            per_metric["panic"] = max(need, floor)
+            per_metric["panic"] = self._panic_replicas(
+                obs, predicted, per_replica, backlog or 0.0, trend
+            )
 
         held = obs.router.get(ROUTER_HELD)
         if held is not None and held > 0:
@@ -387,6 +377,27 @@ class ShoalPolicy:
         self._backlog.add(now_s, backlog)
         (first_s, first), (last_s, last) = self._backlog.points[0], self._backlog.points[-1]
         return 0.0 if last_s <= first_s else (last - first) / (last_s - first_s)
+
+    def _panic_replicas(
+        self,
+        obs: ScaleInput,
+        predicted: float | None,
+        per_replica: float,
+        backlog: float,
+        trend: float,
+    ) -> int:
+        """What the queue needs: the rate it reveals (without the router the served rate
+        flattens at capacity, so the served rate plus the queue's growth), plus draining
+        it in ``panic_drain_s``; and one replica more than are ready, unless some are on
+        their way or the queue already drains within ``panic_drain_s``."""
+        demand = predicted or 0.0
+        served = obs.mean(REQUESTS_PER_S)
+        if ROUTER_ARRIVALS_PER_S not in obs.router and served is not None:
+            demand = max(demand, served * obs.ready_replicas + max(0.0, trend))
+        need = _ceil((demand + backlog / self.panic_drain_s) / per_replica)
+        draining = trend < 0 and backlog <= -trend * self.panic_drain_s
+        floor = obs.ready_replicas + (0 if draining else max(obs.pending_replicas, 1))
+        return max(need, floor)
 
     def _slo_replicas(
         self, predicted: float | None, per_replica: float, current: int
