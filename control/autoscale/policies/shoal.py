@@ -67,8 +67,8 @@ Knative's doubled panic window (the queue, KV and TTFT say directly that replica
 short); sizing the panic by the backlog as concurrency (a queue that grows while replicas
 start then asks for more every round: 16 replicas for a step that needed 5).
 
-How it fails: the capacity model assumes Poisson arrivals and is within ~20% of the
-engine simulator's scheduler (capacity.py); burstier traffic is absorbed by ``headroom``
+How it fails: the capacity model assumes Poisson arrivals and its latencies are within
+-20%/+30% of the engine simulator's scheduler (capacity.py); burstier traffic is absorbed by ``headroom``
 and, past it, by the panic path; a profile that does not match the engine mis-sizes every
 decision (calibrate it with ``shoal sim calibrate``); without the router the arrival rate
 is the served rate, which flattens at capacity under overload (only the panic path then
