@@ -68,14 +68,14 @@ short); sizing the panic by the backlog as concurrency (a queue that grows while
 start then asks for more every round: 16 replicas for a step that needed 5).
 
 How it fails: the capacity model assumes Poisson arrivals and its latencies are within
--20%/+30% of the engine simulator's scheduler (capacity.py); burstier traffic is absorbed by ``headroom``
-and, past it, by the panic path; a profile that does not match the engine mis-sizes every
-decision (calibrate it with ``shoal sim calibrate``); without the router the arrival rate
-is the served rate, which flattens at capacity under overload (only the panic path then
-scales up); a trend projected over the top of a ramp, or a panic sized for a backlog,
-leaves extra replicas for ``scale_down_delay_s``; a ``--metrics`` queue target
-(``requests_waiting:4``) piles up replicas while others start, as it does for every
-policy: the SLO path needs none.
+-20%/+30% of the engine simulator's scheduler (capacity.py); burstier traffic is absorbed
+by ``headroom`` and, past it, by the panic path; a profile that does not match the engine
+mis-sizes every decision (calibrate it with ``shoal sim calibrate``); without the router
+the arrival rate is the served rate, which flattens at capacity under overload (only the
+panic path then scales up); a trend projected over the top of a ramp, or a panic sized
+for a backlog, leaves extra replicas for ``scale_down_delay_s``; a ``--metrics`` queue
+target (``requests_waiting:4``) piles up replicas while others start, as it does for
+every policy: the SLO path needs none.
 """
 
 from __future__ import annotations
