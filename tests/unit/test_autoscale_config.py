@@ -75,3 +75,19 @@ def test_settings_come_from_flags_environment_and_file(tmp_path: Path) -> None:
 def test_inconsistent_bounds_are_refused() -> None:
     with pytest.raises(ConfigError, match="min-replicas"):
         AutoscaleSettings(min_replicas=3, max_replicas=2)
+
+
+@pytest.mark.parametrize("policy", ["kpa", "apa", "hpa", "aibrix-kpa", "shoal"])
+def test_every_policy_builds_from_the_default_settings(policy: str) -> None:
+    from control.autoscale.policies.base import make_policy
+
+    built = make_policy(policy, policy_spec(AutoscaleSettings(policy=policy)))
+    assert built.name == policy
+
+
+def test_an_option_the_policy_does_not_know_is_refused() -> None:
+    from control.autoscale.policies.base import make_policy
+
+    settings = AutoscaleSettings(policy="kpa", options="stable_windw_s=30")
+    with pytest.raises(PolicyConfigError, match="stable_windw_s"):
+        make_policy("kpa", policy_spec(settings))
