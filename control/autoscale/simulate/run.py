@@ -21,8 +21,11 @@ Figures (``SimulationResult``)::
                            (``request_work_s`` per request; each step's fixed ``c0`` leaves
                            1 - c0/TPOT of a replica's time for that work); on a 5 s grid
     load step t0           synthetic step/ramp/spike: the declared step; real traces: the
-                           first grid time where needed(t) rises above needed(0)
-    target                 the most replicas needed in [t0, t0 + 60 s]
+                           first grid time after 5 min where needed(t) rises above every
+                           needed of the 5 minutes before it (the policies have settled to
+                           the load by then; a rise at the start would time their first
+                           reaction to the replay's own start)
+    target                 the most replicas needed in [t0, t0 + 120 s]
     first_response_s       t0 to the first round at or after t0 whose desired count rose
     full_scaleup_s         t0 to the first time the serving replicas reach the target
                            (``None``: never, within the run)
@@ -88,7 +91,9 @@ MODEL_BYTES = {  # bf16 weights
     "70b": 138.0e9,
 }
 GRID_S = 5.0
-WINDOW_S = 60.0
+WINDOW_S = 60.0  # needed(t) averages the work arriving in [t - 30 s, t + 30 s)
+SETTLE_S = 300.0  # a real trace's load step: needed rises above its last 5 minutes
+TARGET_WINDOW_S = 120.0  # the target: the most needed in the step's first 2 minutes
 
 
 def start_delay_s(model_size: str) -> float:
@@ -378,12 +383,13 @@ def _load_step(trace: Trace, needed: list[int]) -> tuple[float | None, int]:
     if trace.load_step_s is not None:
         step = trace.load_step_s
     else:
-        rises = [i for i, n in enumerate(needed) if n > needed[0]]
+        settle = int(SETTLE_S // GRID_S)
+        rises = [i for i in range(settle, len(needed)) if needed[i] > max(needed[i - settle : i])]
         if not rises:
             return None, needed[0]
         step = rises[0] * GRID_S
     first = math.ceil(step / GRID_S - 1e-9)
-    last = int((step + WINDOW_S) // GRID_S)
+    last = int((step + TARGET_WINDOW_S) // GRID_S)
     window = needed[first : last + 1] or [needed[-1]]
     return step, max(window)
 

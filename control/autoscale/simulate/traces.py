@@ -12,10 +12,14 @@ Invariant: a loaded ``Trace`` is non-empty, sorted, every request has >= 1 promp
 output token, and ``load_step_s`` (when set) lies inside the trace. A file that breaks it
 raises ``TraceError`` naming the file and the line (1-based, as an editor shows it).
 
-``rate_scale`` compresses time (arrival times divided by it): x4 makes an Azure hour a
-quarter hour at four times the rate, so a trace that one replica serves needs several;
-the token mix is unchanged. ``start_s``/``duration_s`` cut a window (in trace seconds,
-before scaling) and re-base it to 0.
+Two ways to make a trace need several replicas, the token mix unchanged: ``rate_scale``
+compresses time (arrival times divided by it: x4 makes an Azure hour a quarter hour at
+four times the rate, and its bursts four times shorter against a pod's start time);
+``copies`` keeps the clock and replays each request that many times (a fraction: that
+share of requests once more), every copy but the first shifted by up to +-5 s, so the
+trace's minute-scale shape, which is what autoscalers react to, is kept.
+``start_s``/``duration_s`` cut a window (in trace seconds, before scaling) and re-base it
+to 0.
 
 Synthetic traces (parameters after the name, ``synthetic:step:base=2,peak=16``): arrivals
 are a Poisson process of the named rate shape, tokens drawn uniformly around
@@ -42,7 +46,9 @@ from pathlib import Path
 
 from control.autoscale.errors import TraceError
 
-__all__ = ["SYNTHETIC", "Trace", "TraceRequest", "load_trace"]
+__all__ = ["COPY_JITTER_S", "SYNTHETIC", "Trace", "TraceRequest", "load_trace"]
+
+COPY_JITTER_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,16 +74,39 @@ def load_trace(
     source: str,
     *,
     rate_scale: float = 1.0,
+    copies: float = 1.0,
     start_s: float = 0.0,
     duration_s: float | None = None,
+    seed: int = 0,
 ) -> Trace:
     """The trace named by ``source`` (a path or ``synthetic:NAME[:k=v,...]``)."""
     if not rate_scale > 0 or not math.isfinite(rate_scale):
         raise TraceError(f"rate scale must be a positive number, got {rate_scale}")
+    if not copies > 0 or not math.isfinite(copies):
+        raise TraceError(f"copies must be a positive number, got {copies}")
     if start_s < 0 or (duration_s is not None and not duration_s > 0):
         raise TraceError("start time must be >= 0 and duration > 0")
     trace = _synthetic(source) if source.startswith("synthetic:") else _load_file(Path(source))
-    return _window(trace, rate_scale, start_s, duration_s)
+    trace = _window(trace, rate_scale, start_s, duration_s)
+    return trace if copies == 1 else _copied(trace, copies, seed)
+
+
+def _copied(trace: Trace, copies: float, seed: int) -> Trace:
+    """Each request ``copies`` times (the fraction: that much of the time), each copy
+    shifted by up to +-``COPY_JITTER_S``: the rate times ``copies`` on the same clock."""
+    rng = random.Random(seed)
+    whole, fraction = int(copies), copies - int(copies)
+    out = []
+    for r in trace.requests:
+        count = whole + (1 if rng.random() < fraction else 0)
+        for k in range(count):
+            shift = 0.0 if k == 0 else rng.uniform(-COPY_JITTER_S, COPY_JITTER_S)
+            arrival = min(max(0.0, r.arrival_s + shift), trace.duration_s)
+            out.append(TraceRequest(arrival, r.prompt_tokens, r.output_tokens))
+    if not out:
+        raise TraceError(f"{trace.name}: {copies} copies leave no request")
+    out.sort(key=lambda r: r.arrival_s)
+    return Trace(trace.name, tuple(out), trace.duration_s, trace.load_step_s)
 
 
 def _window(trace: Trace, rate_scale: float, start_s: float, duration_s: float | None) -> Trace:
