@@ -2,7 +2,7 @@
 
 ::
 
-    python bench/autoscale.py [--quick] [--json] [--traces a,b] [--policies a,b]
+    python bench/autoscale.py [--quick] [--json] [--traces a,b] [--policies a,b] [--seed N]
                               [--traces-dir DIR] [--plots DIR | --no-plots] [--live]
 
 Each trace is replayed by ``control.autoscale.simulate`` (``shoal autoscale simulate``)
@@ -12,6 +12,9 @@ sync), the same replicas (the 7B/A100 step profile of ``sim.profile``), the same
 (``vllm serve`` start + a 7B load at the loader's measured rate: 38 s), the same metric
 targets (the controller's default ``kv_cache_usage:0.7,requests_waiting:4``), 1 to 16
 replicas, SLO TTFT 1 s / TPOT 100 ms (Mooncake: TTFT 5 s, its prompts average 12k tokens).
+The shoal policy is also told the SLO and the pod start time (what its operator sets);
+its capacity model and the simulated replicas both use the default step profile, as a
+deployment calibrated with ``shoal sim calibrate`` would.
 
 Traces (``--traces-dir``, default ``../shared/traces`` beside the checkout, or
 ``SHOAL_TRACES``; a missing file skips its trace with a note)::
@@ -22,7 +25,8 @@ Traces (``--traces-dir``, default ``../shared/traces`` beside the checkout, or
     step          synthetic: 2 -> 20 req/s at 300 s for 15 min, then back
     ramp          synthetic: 2 -> 20 req/s over 5 min, 10 min hold, 5 min down
     spike         synthetic: 4 req/s with 45 s spikes to 24 req/s every 5 min
-    (full run only) diurnal, and step_failing (step with 5% of scrapes failing)
+    step_failing  step with 5% of scrapes failing (seeded): unknown must not read as idle
+    (full run only) diurnal: 2 -> 16 -> 2 req/s over 30 min
 
 Figures per policy (``run.py`` defines them): first_response_s (load step to the first
 scale-up decision), full_scaleup_s (to the replicas the load needs), oscillations_per_hour,
@@ -33,7 +37,7 @@ shoal, SLO attainment per replica-hour above kpa's and aibrix-kpa's; pass/MISS m
 
 ``--json`` prints ``{"traces": {NAME: {POLICY: {"first_response_s", "full_scaleup_s",
 "oscillations_per_hour", "replica_seconds", "slo_attainment", "ttft_p99_ms"}}}}`` (a policy
-not built yet is there with nulls; ``--live`` adds ``"live"``). ``--quick``: the six
+not built yet is there with nulls; ``--live`` adds ``"live"``). ``--quick``: the seven
 traces above, no plots, well under three minutes on two cores. PNG plots (replicas and
 load over time, one file per trace) need matplotlib; without it the bench says so and
 goes on. ``--live`` calls ``bench/autoscale_live.py``'s ``run_live(quick=...)`` (simulated
@@ -59,13 +63,18 @@ sys.path.insert(1, str(REPO / "bench"))
 
 from control.autoscale.errors import AutoscaleError  # noqa: E402
 from control.autoscale.policies import POLICIES, make_policy  # noqa: E402
-from control.autoscale.simulate.command import DEFAULT_METRICS, parse_targets  # noqa: E402
+from control.autoscale.simulate.command import (  # noqa: E402
+    DEFAULT_METRICS,
+    deployment_options,
+    parse_targets,
+)
 from control.autoscale.simulate.pipeline import pipeline_for  # noqa: E402
 from control.autoscale.simulate.run import (  # noqa: E402
     SimulationResult,
     SimulationSpec,
     Slo,
     simulate,
+    start_delay_s,
 )
 from control.autoscale.simulate.traces import Trace, load_trace  # noqa: E402
 from control.autoscale.types import PolicySpec  # noqa: E402
@@ -98,10 +107,10 @@ CASES = {
     "step": Case("synthetic:step"),
     "ramp": Case("synthetic:ramp"),
     "spike": Case("synthetic:spike"),
+    "step_failing": Case("synthetic:step", failure_rate=0.05),
 }
 FULL_CASES = {
     "diurnal": Case("synthetic:diurnal"),
-    "step_failing": Case("synthetic:step", failure_rate=0.05),
 }
 # (figure, the policy's ratio to the HPA must be at most this); None: lower is not better
 TARGETS = (
@@ -117,24 +126,31 @@ def progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def load_case(case: Case, traces_dir: Path) -> Trace | None:
+def load_case(case: Case, traces_dir: Path, seed: int = 0) -> Trace | None:
     if case.source.startswith("synthetic:"):
-        return load_trace(case.source, copies=case.copies)
+        return load_trace(case.source, copies=case.copies, seed=seed)
     path = traces_dir / case.source
     if not path.exists():
         progress(f"trace {path} not found: skipped (--traces-dir or SHOAL_TRACES)")
         return None
-    return load_trace(str(path), copies=case.copies)
+    return load_trace(str(path), copies=case.copies, seed=seed)
 
 
-def run_case(trace: Trace, case: Case, policy: str) -> SimulationResult:
+def run_case(trace: Trace, case: Case, policy: str, seed: int = 0) -> SimulationResult:
+    slo = Slo(ttft_s=case.ttft_slo_s)
+    delay = start_delay_s("7b")
     spec = SimulationSpec(
         policy=policy,
         policy_spec=PolicySpec(
-            parse_targets(DEFAULT_METRICS), min_replicas=MIN_REPLICAS, max_replicas=MAX_REPLICAS
+            parse_targets(DEFAULT_METRICS),
+            min_replicas=MIN_REPLICAS,
+            max_replicas=MAX_REPLICAS,
+            options=deployment_options(policy, slo, delay),
         ),
-        pipeline=pipeline_for(policy, failure_rate=case.failure_rate),
-        slo=Slo(ttft_s=case.ttft_slo_s),
+        pipeline=pipeline_for(policy, failure_rate=case.failure_rate, seed=seed),
+        slo=slo,
+        start_delay_s=delay,
+        seed=seed,
     )
     return simulate(trace, spec, make_policy(policy, spec.policy_spec))
 
@@ -143,7 +159,7 @@ def ratio(value: float | None, base: float | None) -> float | None:
     if value is None or base is None:
         return None
     if base == 0:
-        return 1.0 if value == 0 else None
+        return None
     return value / base
 
 
@@ -155,11 +171,14 @@ def marks(results: dict[str, SimulationResult], policy: str) -> list[str]:
         mine = results[policy].figures()[key]
         base = hpa.figures()[key] if hpa else None
         r = ratio(mine, base)
-        if r is None:
-            verdict = "n/a" if base is None or mine is not None else "MISS"
-            out.append(f"{key.split('_')[0]} - {verdict}")
+        name = key.split("_")[0]
+        if base == 0 and mine == 0:
+            out.append(f"{name} 0=0 n/a")  # e.g. both already held the target at the step
+        elif r is None:
+            verdict = "n/a" if base is None else "MISS"  # the policy never got there
+            out.append(f"{name} - {verdict}")
         else:
-            out.append(f"{key.split('_')[0]} {r:.2f}x {'pass' if r <= limit else 'MISS'}")
+            out.append(f"{name} {r:.2f}x {'pass' if r <= limit else 'MISS'}")
     if policy == "shoal":
         mine_eff = efficiency(results["shoal"])
         for other in ("kpa", "aibrix-kpa"):
@@ -269,6 +288,9 @@ def main() -> int:
     parser.add_argument("--plots", default="/tmp/shoal-bench-autoscale", help="PNG directory")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--live", action="store_true", help="also the live run (autoscale_live)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="pipeline clock phases, failed scrapes, copies"
+    )
     args = parser.parse_args()
     cases = dict(CASES) if args.quick else {**CASES, **FULL_CASES}
     if args.traces:
@@ -288,7 +310,7 @@ def main() -> int:
     all_results: dict[str, dict[str, SimulationResult]] = {}
     for name, case in cases.items():
         try:
-            trace = load_case(case, Path(args.traces_dir))
+            trace = load_case(case, Path(args.traces_dir), args.seed)
         except AutoscaleError as exc:
             progress(f"trace {name} skipped: {exc}")
             continue
@@ -298,7 +320,7 @@ def main() -> int:
         all_results[name] = {}
         for policy in available:
             t0 = time.perf_counter()
-            all_results[name][policy] = run_case(trace, case, policy)
+            all_results[name][policy] = run_case(trace, case, policy, args.seed)
             progress(f"{name} {policy}: {time.perf_counter() - t0:.1f} s")
     live = run_live(args.quick) if args.live else None
     if args.json:

@@ -18,7 +18,12 @@ import pytest
 
 from control.autoscale.policies.base import POLICIES, register
 from control.autoscale.simulate import command
-from control.autoscale.simulate.pipeline import ControlPipeline, PipelineSpec, RouterCounters
+from control.autoscale.simulate.pipeline import (
+    ControlPipeline,
+    PipelineSpec,
+    RouterCounters,
+    pipeline_for,
+)
 from control.autoscale.simulate.replicas import ReplicaConfig, ReplicaCounters
 from control.autoscale.simulate.run import (
     SimulationResult,
@@ -153,6 +158,19 @@ class TestDirectPipeline:
         assert all(s.values == {} for s in failed)
 
 
+def test_pipeline_clocks_run_at_seeded_phases() -> None:
+    hpa = pipeline_for("hpa", seed=1)
+    assert hpa.kind == "prometheus" and hpa.interval_s == 15.0 and hpa.scrape_s == 15.0
+    assert 0 <= hpa.round_phase_s < 15.0 and 0 <= hpa.scrape_phase_s < 15.0
+    assert pipeline_for("hpa", seed=1) == hpa
+    assert pipeline_for("hpa", seed=2) != hpa
+    assert pipeline_for("kpa").kind == "direct"
+    late = ControlPipeline(PipelineSpec("direct", 2.0, round_phase_s=0.5), random.Random(0))
+    router = RouterCounters(0.0, 0, 0, 0)
+    assert late.step(2.0, {}, router, 1, 0) is None
+    assert late.step(2.5, {}, router, 1, 0) is not None
+
+
 class TestPrometheusPipeline:
     SPEC = PipelineSpec("prometheus", 15.0, scrape_s=15.0, rate_window_s=60.0)
 
@@ -240,6 +258,13 @@ class TestFigures:
         # pending replicas counted in the input, and in the cost
         starting = [o for o in policy.seen if 110 < o.now_s < 140]
         assert starting and all(o.pending_replicas == 3 and o.spec_replicas == 4 for o in starting)
+
+    def test_a_fleet_that_already_holds_the_target_responds_in_zero(self) -> None:
+        trace = load_trace("synthetic:step:base=1,peak=12,at=100,hold=200,duration=400")
+        result = run(trace, Scripted(lambda t: 6), initial_replicas=6)
+        assert result.target_replicas < 6
+        assert result.first_response_s == 0.0
+        assert result.full_scaleup_s == 0.0
 
     def test_direction_changes_are_counted_per_hour(self) -> None:
         trace = flat_trace(2.0, 360.0)

@@ -12,7 +12,8 @@
 A table by default; ``--json`` prints one object with the figures (``first_response_s``,
 ``full_scaleup_s``, ``oscillations_per_hour``, ``replica_seconds``, ``slo_attainment``,
 ``ttft_p99_ms``) and the run's context (load step, target, requests, ...). Every policy
-gets the same ``--metrics`` targets (the controller's default) unless told otherwise.
+gets the same ``--metrics`` targets (the controller's default) unless told otherwise;
+the shoal policy is also told the ``--slo`` and the pod start time (``deployment_options``).
 Exit codes (``shoal.cli_format``): 0 done, 2 bad flags, policy options or trace.
 """
 
@@ -31,6 +32,7 @@ from shoal.errors import ConfigError
 __all__ = [
     "DEFAULT_METRICS",
     "add_arguments",
+    "deployment_options",
     "main",
     "parse_options",
     "parse_slo",
@@ -87,6 +89,15 @@ def parse_slo(text: str) -> tuple[float, float]:
         if not slo[name] > 0:
             raise ConfigError(f"--slo {name} must be > 0")
     return slo["ttft"], slo["tpot"]
+
+
+def deployment_options(policy: str, slo: Any, start_delay_s: float) -> dict[str, float | str]:
+    """What an operator tells the shoal policy about its deployment: the SLO the run is
+    scored on and the pod start time (``--options`` overrides either). The other
+    policies take no SLO: they scale on their metric targets."""
+    if policy != "shoal":
+        return {}
+    return {"ttft_slo_s": slo.ttft_s, "tpot_slo_s": slo.tpot_s, "start_time_s": start_delay_s}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,12 +164,16 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         raise ConfigError(str(exc)) from None
     if not tpot > profile.c0_s:
         raise ConfigError(f"--slo tpot must exceed one step's fixed cost ({profile.c0_s} s)")
+    delay = args.start_delay_s if args.start_delay_s is not None else start_delay_s(args.model_size)
     try:
         policy_spec = PolicySpec(
             parse_targets(args.metrics),
             min_replicas=args.min_replicas,
             max_replicas=args.max_replicas,
-            options=parse_options(args.options),
+            options={
+                **deployment_options(args.policy, Slo(ttft, tpot), delay),
+                **parse_options(args.options),
+            },
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -170,11 +185,10 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         duration_s=args.duration_s,
         seed=args.seed,
     )
-    delay = args.start_delay_s if args.start_delay_s is not None else start_delay_s(args.model_size)
     spec = SimulationSpec(
         policy=args.policy,
         policy_spec=policy_spec,
-        pipeline=pipeline_for(args.policy, failure_rate=args.scrape_failure_rate),
+        pipeline=pipeline_for(args.policy, failure_rate=args.scrape_failure_rate, seed=args.seed),
         replica=ReplicaConfig(profile=profile),
         slo=Slo(ttft, tpot),
         start_delay_s=delay,

@@ -64,11 +64,14 @@ class PipelineSpec:
     scrape_s: float = 15.0  # Prometheus' scrape interval (prometheus only)
     rate_window_s: float = 60.0  # the adapter's rate[...] window (prometheus only)
     failure_rate: float = 0.0  # fraction of replica scrapes that fail
+    round_phase_s: float = 0.0  # first round at interval_s + this
+    scrape_phase_s: float = 0.0  # first Prometheus scrape at scrape_s + this
 
     def __post_init__(self) -> None:
         assert self.kind in ("direct", "prometheus"), f"unknown pipeline {self.kind}"
         assert self.interval_s > 0 and self.scrape_s > 0, "intervals must be > 0"
         assert 0 <= self.failure_rate < 1, "failure rate is a fraction"
+        assert self.round_phase_s >= 0 and self.scrape_phase_s >= 0, "phases are >= 0"
 
 
 PIPELINES: dict[str, PipelineSpec] = {
@@ -80,10 +83,24 @@ PIPELINES: dict[str, PipelineSpec] = {
 }
 
 
-def pipeline_for(policy: str, *, failure_rate: float = 0.0) -> PipelineSpec:
-    """The pipeline a policy is deployed with (an unknown name gets the direct one)."""
+def pipeline_for(policy: str, *, failure_rate: float = 0.0, seed: int = 0) -> PipelineSpec:
+    """The pipeline a policy is deployed with (an unknown name gets the direct one).
+
+    Its clocks run at phases drawn from ``seed``: a controller's rounds, Prometheus'
+    scrapes and the HPA's syncs are not aligned with each other or with a trace's load
+    step (aligned, the HPA would see a scrape the instant it is taken, and save half a
+    sync interval on average that no cluster gives it)."""
     base = PIPELINES.get(policy, PIPELINES["shoal"])
-    return PipelineSpec(base.kind, base.interval_s, base.scrape_s, base.rate_window_s, failure_rate)
+    rng = random.Random(f"{policy}/{seed}")
+    return PipelineSpec(
+        base.kind,
+        base.interval_s,
+        base.scrape_s,
+        base.rate_window_s,
+        failure_rate,
+        round_phase_s=rng.uniform(0, base.interval_s),
+        scrape_phase_s=rng.uniform(0, base.scrape_s),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +164,10 @@ class ControlPipeline:
     def __init__(self, spec: PipelineSpec, rng: random.Random) -> None:
         self.spec = spec
         self._rng = rng
-        self._next_round_s = spec.interval_s
-        self._next_scrape_s = spec.scrape_s if spec.kind == "prometheus" else spec.interval_s
+        self._next_round_s = spec.interval_s + spec.round_phase_s
+        self._next_scrape_s = (
+            spec.scrape_s + spec.scrape_phase_s if spec.kind == "prometheus" else self._next_round_s
+        )
         # direct: the previous scrape of each replica; prometheus: its stored samples.
         self._last: dict[str, ReplicaCounters] = {}
         self._series: dict[str, deque[ReplicaCounters]] = {}

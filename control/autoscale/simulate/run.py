@@ -25,8 +25,9 @@ Figures (``SimulationResult``)::
                            needed of the 5 minutes before it (the policies have settled to
                            the load by then; a rise at the start would time their first
                            reaction to the replay's own start)
-    target                 the most replicas needed in [t0, t0 + 120 s]
-    first_response_s       t0 to the first round at or after t0 whose desired count rose
+    target                 the most replicas needed in [t0, t0 + 120 s], at most max_replicas
+    first_response_s       t0 to the first round at or after t0 whose desired count rose;
+                           0 when the fleet (serving + pending) already held the target at t0
     full_scaleup_s         t0 to the first time the serving replicas reach the target
                            (``None``: never, within the run)
     oscillations_per_hour  direction changes of the desired count (up then down or down
@@ -255,12 +256,15 @@ def simulate(trace: Trace, spec: SimulationSpec, policy: Policy | None = None) -
     """Replay ``trace`` under ``spec.policy`` (or the given ``policy`` object)."""
     if policy is None:
         policy = make_policy(spec.policy, spec.policy_spec)
-    pipeline = ControlPipeline(spec.pipeline or pipeline_for(spec.policy), random.Random(spec.seed))
+    pipeline = ControlPipeline(
+        spec.pipeline or pipeline_for(spec.policy, seed=spec.seed), random.Random(spec.seed)
+    )
     bounds = spec.policy_spec
     needed = needed_replicas(trace, spec.replica, spec.slo)
     initial = spec.initial_replicas if spec.initial_replicas is not None else needed[0]
     initial = max(bounds.min_replicas, min(bounds.max_replicas, initial))
     load_step, target = _load_step(trace, needed)
+    target = min(target, bounds.max_replicas)
 
     fleet = _Fleet(spec)
     fleet.start_ready(initial, 0.0)
@@ -275,6 +279,7 @@ def simulate(trace: Trace, spec: SimulationSpec, policy: Policy | None = None) -
     desired = initial
     first_response: float | None = None
     full_scaleup: float | None = None
+    step_seen = False
     replica_seconds = 0.0
     max_size = initial
     timeline: list[TimelinePoint] = []
@@ -313,13 +318,13 @@ def simulate(trace: Trace, spec: SimulationSpec, policy: Policy | None = None) -
         if t < end_s:
             replica_seconds += tick * (fleet.size + len(fleet.draining))
         t = t_next
-        if (
-            load_step is not None
-            and full_scaleup is None
-            and t >= load_step
-            and len(fleet.serving) >= target
-        ):
-            full_scaleup = t - load_step
+        if load_step is not None and t >= load_step:
+            if not step_seen:
+                step_seen = True
+                if fleet.size >= target:
+                    first_response = 0.0  # already asked for what the step needs
+            if full_scaleup is None and len(fleet.serving) >= target:
+                full_scaleup = t - load_step
         in_flight = index - len(held) - len(done)
         observation = pipeline.step(
             t,
