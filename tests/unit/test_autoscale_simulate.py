@@ -99,6 +99,7 @@ def run(
     *,
     initial_replicas: int | None = None,
     start_delay_s: float = 38.0,
+    warmup_s: float = 0.0,
 ) -> SimulationResult:
     spec = SimulationSpec(
         policy="scripted",
@@ -106,6 +107,7 @@ def run(
         pipeline=PipelineSpec("direct", 2.0),
         initial_replicas=initial_replicas,
         start_delay_s=start_delay_s,
+        warmup_s=warmup_s,
     )
     return simulate(trace, spec, policy)
 
@@ -265,6 +267,17 @@ class TestFigures:
         assert result.target_replicas < 6
         assert result.first_response_s == 0.0
         assert result.full_scaleup_s == 0.0
+
+    def test_nothing_is_actuated_during_warm_up(self) -> None:
+        trace = flat_trace(2.0, 200.0)
+        policy = Scripted(lambda t: 1 if t < 30 else 5)
+        result = run(trace, policy, initial_replicas=3, warmup_s=60.0, start_delay_s=10.0)
+        # asked from the first round, but the fleet stays at 3 until the 60 s warm-up ends
+        assert policy.seen[0].now_s == pytest.approx(2.0)
+        early = [p for p in result.timeline if p.t_s < 60]
+        assert early and all(p.serving == 3 and p.pending == 0 for p in early)
+        assert max(p.serving for p in result.timeline) == 5
+        assert result.oscillations_per_hour == 0
 
     def test_direction_changes_are_counted_per_hour(self) -> None:
         trace = flat_trace(2.0, 360.0)

@@ -10,9 +10,13 @@ actuated at once: new replicas are *pending* for ``start_delay_s`` and then serv
 ones are pending ones first (newest first), then the serving replicas that owe the least
 work, which stop receiving requests and drain (and cost) until empty.
 
-The run starts with the replicas the load needs at t=0 (``needed_replicas``), all ready,
-and replays the whole trace, then lets the fleet drain its last requests (up to
-``drain_limit_s``; a request still unfinished then misses its SLO).
+The run starts with the replicas the load needs at t=0 (``needed_replicas``), all ready
+and empty, and replays the whole trace, then lets the fleet drain its last requests (up to
+``drain_limit_s``; a request still unfinished then misses its SLO). For the first
+``warmup_s`` (60 s) the policy is asked every round but nothing is actuated: empty
+replicas read as idle, and a policy would otherwise scale a fleet down in its first
+round because the replay started (a controller joining a serving fleet sees it loaded).
+Scale from zero still wakes a replica at once during warm-up.
 
 Figures (``SimulationResult``)::
 
@@ -122,6 +126,7 @@ class SimulationSpec:
     start_delay_s: float = field(default_factory=lambda: start_delay_s("7b"))
     initial_replicas: int | None = None  # None: needed at t=0
     tick_s: float = 0.25
+    warmup_s: float = 60.0  # decisions are not actuated while the fleet fills
     drain_limit_s: float = 900.0
     seed: int = 0
 
@@ -336,7 +341,9 @@ def simulate(trace: Trace, spec: SimulationSpec, policy: Policy | None = None) -
         if observation is not None:
             num_decisions += 1
             decision = policy.decide(observation)
-            if decision.desired != desired:
+            # warm-up: the policy sees the load fill the fleet; nothing is actuated
+            actuate = t >= spec.warmup_s or bool(held)
+            if actuate and decision.desired != desired:
                 if (
                     load_step is not None
                     and first_response is None
