@@ -20,7 +20,7 @@ Traces (``--traces-dir``, default ``../shared/traces`` beside the checkout, or
 ``SHOAL_TRACES``; a missing file skips its trace with a note)::
 
     azure_conv    Azure 2023 conversation trace, 4 copies of each request (its hour kept)
-    azure_code    Azure 2023 code trace, 6 copies (bursty: minutes without a request)
+    azure_code    Azure 2023 code trace, 4 copies (bursts of 100+ req/s between idle minutes)
     mooncake      Mooncake conversation trace x1 (long prompts: the prefill-bound case)
     step          synthetic: 2 -> 20 req/s at 300 s for 15 min, then back
     ramp          synthetic: 2 -> 20 req/s over 5 min, 10 min hold, 5 min down
@@ -102,7 +102,7 @@ class Case:
 
 CASES = {
     "azure_conv": Case("azure2023_conv.csv", 4.0),
-    "azure_code": Case("azure2023_code.csv", 6.0),
+    "azure_code": Case("azure2023_code.csv", 4.0),
     "mooncake": Case("mooncake_conversation.jsonl", 1.0, ttft_slo_s=5.0),
     "step": Case("synthetic:step"),
     "ramp": Case("synthetic:ramp"),

@@ -208,7 +208,7 @@ def result_json(result: Any) -> dict[str, Any]:
         "load_step_s": result.load_step_s,
         "target_replicas": result.target_replicas,
         "initial_replicas": result.initial_replicas,
-        "max_replicas": result.max_replicas,
+        "peak_replicas": result.peak_replicas,
         "num_requests": result.num_requests,
         "num_decisions": result.num_decisions,
     }

@@ -157,7 +157,7 @@ class SimulationResult:
     initial_replicas: int
     num_requests: int
     num_decisions: int
-    max_replicas: int
+    peak_replicas: int  # the most replicas (serving + pending) at once
     timeline: tuple[TimelinePoint, ...]
 
     def figures(self) -> dict[str, float | None]:
@@ -471,6 +471,6 @@ def _result(
         initial_replicas=initial,
         num_requests=len(requests),
         num_decisions=num_decisions,
-        max_replicas=max_size,
+        peak_replicas=max_size,
         timeline=timeline,
     )
