@@ -2,8 +2,9 @@
 
 ::
 
-    python bench/autoscale.py [--quick] [--json] [--traces a,b] [--policies a,b] [--seed N]
-                              [--traces-dir DIR] [--plots DIR | --no-plots] [--live]
+    python bench/autoscale.py [--quick] [--json] [--traces a,b] [--policies a,b]
+                              [--seed N] [--seeds K] [--traces-dir DIR]
+                              [--plots DIR | --no-plots] [--live]
 
 Each trace is replayed by ``control.autoscale.simulate`` (``shoal autoscale simulate``)
 once per policy: kpa, apa, hpa, aibrix-kpa, shoal, each behind its own control pipeline
@@ -28,8 +29,12 @@ Traces (``--traces-dir``, default ``../shared/traces`` beside the checkout, or
     step_failing  step with 5% of scrapes failing (seeded): unknown must not read as idle
     (full run only) diurnal: 2 -> 16 -> 2 req/s over 30 min
 
-Figures per policy (``run.py`` defines them): first_response_s (load step to the first
-scale-up decision), full_scaleup_s (to the replicas the load needs), oscillations_per_hour,
+Each cell is run with ``--seeds`` seeds (3; ``--quick`` 1) and the table and JSON show
+the median of each figure: a seed sets the phases of the pipelines' clocks against the
+load step (the HPA's first response moves by up to a sync interval with them) and which
+scrapes fail; the trace itself is the same. Figures per policy (``run.py`` defines
+them): first_response_s (load step to the first scale-up decision), full_scaleup_s (to
+the replicas the load needs), oscillations_per_hour,
 replica_seconds, slo_attainment, ttft_p99_ms. The table adds each policy's ratio to the HPA
 in the same run against the issue's targets (first response <= 0.2x, full scale-up <=
 0.4x, >= 33% fewer oscillations, p99 TTFT >= 11.5% lower, replica-seconds <= 1x) and, for
@@ -122,6 +127,31 @@ TARGETS = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """One policy on one trace: its runs (one per seed) and their median figures."""
+
+    runs: tuple[SimulationResult, ...]
+
+    @property
+    def first(self) -> SimulationResult:
+        return self.runs[0]
+
+    def figures(self) -> dict[str, float | None]:
+        """Per figure, the median over seeds; ``None`` when most runs have none."""
+        out: dict[str, float | None] = {}
+        for key in KEYS:
+            values = sorted(v for r in self.runs if (v := r.figures()[key]) is not None)
+            out[key] = values[len(values) // 2] if 2 * len(values) > len(self.runs) else None
+        return out
+
+    def efficiency(self) -> float:
+        """SLO attainment per replica-hour (of the median figures)."""
+        f = self.figures()
+        slo, cost = f["slo_attainment"] or 0.0, f["replica_seconds"] or 0.0
+        return slo / max(cost / 3600.0, 1e-9)
+
+
 def progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -163,7 +193,7 @@ def ratio(value: float | None, base: float | None) -> float | None:
     return value / base
 
 
-def marks(results: dict[str, SimulationResult], policy: str) -> list[str]:
+def marks(results: dict[str, Cell], policy: str) -> list[str]:
     """``figure ratio pass|MISS`` for each target, against the HPA of the same run."""
     hpa = results.get("hpa")
     out = []
@@ -180,28 +210,24 @@ def marks(results: dict[str, SimulationResult], policy: str) -> list[str]:
         else:
             out.append(f"{name} {r:.2f}x {'pass' if r <= limit else 'MISS'}")
     if policy == "shoal":
-        mine_eff = efficiency(results["shoal"])
+        mine_eff = results["shoal"].efficiency()
         for other in ("kpa", "aibrix-kpa"):
             if other in results:
-                better = mine_eff > efficiency(results[other])
+                better = mine_eff > results[other].efficiency()
                 out.append(f"SLO/replica-h > {other} {'pass' if better else 'MISS'}")
     return out
-
-
-def efficiency(result: SimulationResult) -> float:
-    """SLO attainment per replica-hour."""
-    return result.slo_attainment / max(result.replica_seconds / 3600.0, 1e-9)
 
 
 def cell(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def table(all_results: dict[str, dict[str, SimulationResult]], traces: dict[str, Trace]) -> str:
+def table(all_results: dict[str, dict[str, Cell]], traces: dict[str, Trace]) -> str:
     lines = []
     for name, results in all_results.items():
         trace = traces[name]
-        any_result = next(iter(results.values()), None)
+        any_cell = next(iter(results.values()), None)
+        any_result = any_cell.first if any_cell else None
         context = (
             f"load step {cell(any_result.load_step_s, 0)} s, {any_result.initial_replicas} -> "
             f"{any_result.target_replicas} replicas"
@@ -217,12 +243,12 @@ def table(all_results: dict[str, dict[str, SimulationResult]], traces: dict[str,
             f"{'SLO':>6} {'SLO/rep-h':>9} {'p99 TTFT ms':>12}  vs HPA"
         )
         lines.append(header)
-        for policy, result in results.items():
-            f = result.figures()
+        for policy, cell_ in results.items():
+            f = cell_.figures()
             row = (
                 f"{policy:<11} {cell(f['first_response_s']):>8} {cell(f['full_scaleup_s']):>8} "
                 f"{cell(f['oscillations_per_hour']):>7} {cell(f['replica_seconds'], 0):>10} "
-                f"{f['slo_attainment']:>6.3f} {efficiency(result):>9.3f} "
+                f"{cell(f['slo_attainment'], 3):>6} {cell_.efficiency():>9.3f} "
                 f"{cell(f['ttft_p99_ms'], 0):>12}"
             )
             if policy != "hpa":
@@ -231,8 +257,9 @@ def table(all_results: dict[str, dict[str, SimulationResult]], traces: dict[str,
     return "\n".join(lines)
 
 
-def plot(all_results: dict[str, dict[str, SimulationResult]], out_dir: Path) -> list[Path]:
-    """One PNG per trace: load and needed replicas, and each policy's serving replicas."""
+def plot(all_results: dict[str, dict[str, Cell]], out_dir: Path) -> list[Path]:
+    """One PNG per trace: load and needed replicas, and each policy's serving replicas
+    (the first seed's run)."""
     try:
         matplotlib = importlib.import_module("matplotlib")
     except ModuleNotFoundError:
@@ -246,14 +273,15 @@ def plot(all_results: dict[str, dict[str, SimulationResult]], out_dir: Path) -> 
         if not results:
             continue
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-        first = next(iter(results.values()))
+        first = next(iter(results.values())).first
         xs = [p.t_s for p in first.timeline]
         top.plot(xs, [p.arrivals_per_s for p in first.timeline], color="grey")
         top.set_ylabel("arrivals / s")
         bottom.step(xs, [p.needed for p in first.timeline], where="post", color="black",
                     linestyle="--", label="needed")  # fmt: skip
-        for policy, result in results.items():
-            bottom.step([p.t_s for p in result.timeline], [p.serving for p in result.timeline],
+        for policy, cell_ in results.items():
+            timeline = cell_.first.timeline
+            bottom.step([p.t_s for p in timeline], [p.serving for p in timeline],
                         where="post", label=policy)  # fmt: skip
         bottom.set_ylabel("serving replicas")
         bottom.set_xlabel("seconds")
@@ -291,6 +319,9 @@ def main() -> int:
     parser.add_argument(
         "--seed", type=int, default=0, help="pipeline clock phases, failed scrapes, copies"
     )
+    parser.add_argument(
+        "--seeds", type=int, help="runs per cell, seeds --seed.. (quick 1, else 3): medians"
+    )
     args = parser.parse_args()
     cases = dict(CASES) if args.quick else {**CASES, **FULL_CASES}
     if args.traces:
@@ -307,7 +338,9 @@ def main() -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()
     traces: dict[str, Trace] = {}
-    all_results: dict[str, dict[str, SimulationResult]] = {}
+    all_results: dict[str, dict[str, Cell]] = {}
+    num_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    seeds = range(args.seed, args.seed + num_seeds)
     for name, case in cases.items():
         try:
             trace = load_case(case, Path(args.traces_dir), args.seed)
@@ -320,7 +353,9 @@ def main() -> int:
         all_results[name] = {}
         for policy in available:
             t0 = time.perf_counter()
-            all_results[name][policy] = run_case(trace, case, policy, args.seed)
+            all_results[name][policy] = Cell(
+                tuple(run_case(trace, case, policy, seed) for seed in seeds)
+            )
             progress(f"{name} {policy}: {time.perf_counter() - t0:.1f} s")
     live = run_live(args.quick) if args.live else None
     if args.json:
