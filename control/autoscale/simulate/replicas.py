@@ -19,8 +19,9 @@ busy replica is ~10^5 steps of ~20 ms). What it leaves out: a step's context ter
 context at the segment's start (it grows by ``decoding`` tokens per step), a prompt's
 blocks are reserved whole when it is admitted (vLLM allocates them chunk by chunk), and no
 prefix caching (every prompt computes in full). ``tests/unit/test_autoscale_replicas.py``
-replays the same requests through ``sim.scheduler`` step by step and checks TTFT and
-finish times agree.
+replays the same requests through ``sim.scheduler`` step by step: mean TTFT -6%, +10% and
+-2% off on a light, an overloaded and a KV-bound load (p90 -4..+12%, end-to-end -2..+8%),
+at 1% of the time.
 
 A replica exposes what a vLLM engine's ``/metrics`` does: gauges (KV usage, waiting,
 running) and counters (prompt and generation tokens, finished requests, the TTFT
