@@ -352,6 +352,23 @@ class TestCommand:
         assert out["first_response_s"] is None  # holding never scales up
         assert out["load_step_s"] == 100
 
+    @pytest.mark.parametrize("policy", ["kpa", "apa", "hpa", "aibrix-kpa", "shoal"])
+    def test_every_policy_replays_a_step(
+        self, policy: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        if policy not in POLICIES:
+            import control.autoscale.policies  # noqa: F401  (registers the built ones)
+        assert policy in POLICIES, f"policy {policy} is not registered"
+        args = self.parse(
+            "--trace", "synthetic:step:duration=420,at=120,hold=240", "--policy", policy, "--json"
+        )
+        assert command.main(args) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["policy"] == policy and out["load_step_s"] == 120
+        assert out["first_response_s"] is not None  # every policy reacts to a 10x step
+        assert 0 <= out["slo_attainment"] <= 1
+        assert out["replica_seconds"] >= 420  # at least one replica all along
+
     def test_the_table_names_every_figure(self, capsys: pytest.CaptureFixture[str]) -> None:
         args = self.parse("--trace", "synthetic:spike:duration=200", "--policy", "test-hold")
         assert command.main(args) == 0
