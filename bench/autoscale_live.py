@@ -231,11 +231,12 @@ def _figures(
 def run_live(
     policy: str = "shoal",
     *,
+    quick: bool = False,
     base_rps: float = 1.0,
     step_rps: float = 6.0,
-    warmup_s: float = 40.0,
-    step_s: float = 60.0,
-    cool_s: float = 40.0,
+    warmup_s: float | None = None,
+    step_s: float | None = None,
+    cool_s: float | None = None,
     max_replicas: int = 4,
     max_num_seqs: int = 4,
     max_tokens: int = 128,
@@ -249,7 +250,16 @@ def run_live(
     seed: int = 0,
     workdir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """One live run under ``policy``; the figures (module docstring) plus the run's shape."""
+    """One live run under ``policy``; the figures (module docstring) plus the run's shape.
+
+    Phases not given: 40 s warm-up, a 60 s step, 40 s after it; ``quick``: 35, 40 and 20 s
+    (about two minutes with the starts). The warm-up outlasts the policies' trend and
+    stable windows, so the step, not the start of the load, is what they answer.
+    """
+    short = (35.0, 40.0, 20.0) if quick else (40.0, 60.0, 40.0)
+    warmup_s = short[0] if warmup_s is None else warmup_s
+    step_s = short[1] if step_s is None else step_s
+    cool_s = short[2] if cool_s is None else cool_s
     work = Path(workdir or tempfile.mkdtemp(prefix="shoal-autoscale-live-"))
     work.mkdir(parents=True, exist_ok=True)
     discovery = work / "engines.json"
@@ -390,10 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    # The warm-up outlasts the policies' trend and stable windows (30-60 s), so the step,
-    # not the start of the load, is what they answer.
-    shape = {"warmup_s": 35.0, "step_s": 40.0, "cool_s": 20.0} if args.quick else {}
-    result = run_live(args.policy, seed=args.seed, **shape)  # type: ignore[arg-type]
+    result = run_live(args.policy, quick=args.quick, seed=args.seed)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
