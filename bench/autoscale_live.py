@@ -48,6 +48,7 @@ import itertools
 import json
 import math
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -294,7 +295,7 @@ def run_live(
         if options:
             command += ["--options", options]
         controller = _spawn(command, work / "autoscale.log")
-        return asyncio.run(
+        result = asyncio.run(
             _drive(
                 controller, f"http://127.0.0.1:{controller_port}", router_url,
                 work=work, base_rps=base_rps, step_rps=step_rps, warmup_s=warmup_s,
@@ -312,6 +313,10 @@ def run_live(
         if controller is not None:
             _stop(controller)  # first: it stops the engines it started
         _stop(router)
+    if workdir is None:  # the logs are kept when asked for, or when the run failed
+        shutil.rmtree(work, ignore_errors=True)
+        del result["run"]["workdir"]
+    return result
 
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
