@@ -214,8 +214,13 @@ def test_scale_patches_the_scale_subresource() -> None:
         assert (state.spec, state.ready, state.pending) == (5, 2, 3)
 
     run(api, body)
-    path, _content_type, patch = api.patches[0]
+    path, content_type, patch = api.patches[0]
     assert path == "/apis/apps/v1/namespaces/serving/deployments/llama/scale"
+    # a merge patch of spec.replicas, as the API server takes on the scale subresource
+    assert content_type in (
+        "application/strategic-merge-patch+json",
+        "application/merge-patch+json",
+    )
     assert patch == {"spec": {"replicas": 5}}
 
 
