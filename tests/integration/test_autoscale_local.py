@@ -291,3 +291,21 @@ def test_oversized_failing_and_malformed_metrics_are_unknown() -> None:
         assert all(s.values == {} for s in samples[:3])
 
     asyncio.run(main())
+
+
+def test_a_command_that_keeps_failing_is_restarted_with_backoff(tmp_path: Path) -> None:
+    async def main() -> None:
+        actuator = LocalActuator("sh -c 'exit 3' {port}", workdir=tmp_path)
+        try:
+            await actuator.scale(1)
+            deadline = time.monotonic() + 3.5
+            while time.monotonic() < deadline:
+                state = await actuator.state()
+                assert state.spec == 1 and state.ready == 0
+                await asyncio.sleep(0.05)
+        finally:
+            await actuator.close()
+
+    asyncio.run(main())
+    # Restarts after 1 s and 2 s (the next is due at 7 s), not one per round.
+    assert 2 <= len(list(tmp_path.glob("engine-*.log"))) <= 3

@@ -18,7 +18,10 @@ Invariants:
   serve nothing), then the newest ready ones;
 * ``spec`` is the count last asked for; ``ready + pending == spec`` after every
   ``state()``: an engine that died or did not start in ``ready_timeout_s`` is replaced
-  there (logged with its exit code and log), never silently lost.
+  there (logged with its exit code and log), never silently lost. The one exception is a
+  command that keeps failing before any engine gets ready (a typo in
+  ``--engine-command``): its replacements wait 1, 2, 4 ... s (at most ``MAX_BACKOFF_S``),
+  and until then the missing engines are neither ready nor pending.
 
 Readiness is probed in ``state()`` (each control round), not by a task per engine: one
 place changes the engine table, so the file and the counts cannot disagree. Drains are
@@ -53,6 +56,9 @@ from shoal.processes import shoal_env
 __all__ = ["LocalActuator", "free_port", "write_discovery_file"]
 
 log = logging.getLogger("shoal." + __name__)
+
+# An engine that fails before getting ready is replaced after 1, 2, 4 ... s, at most this.
+MAX_BACKOFF_S = 60.0
 
 
 def write_discovery_file(path: Path, urls: list[str]) -> None:
@@ -131,6 +137,8 @@ class LocalActuator:
         self._draining: dict[int, asyncio.Task[None]] = {}  # port -> its retirement
         self._published: list[str] | None = None
         self._num_failed = 0  # engines that died or never got ready (their logs are kept)
+        self._failing_in_a_row = 0  # engines that failed before any got ready since
+        self._restart_at = 0.0  # no replacement before this (monotonic): crash-loop backoff
         self._session: aiohttp.ClientSession | None = None
         if self._discovery is not None and not self._discovery.exists():
             try:  # the router's file discovery needs the file to exist when it starts
@@ -202,6 +210,10 @@ class LocalActuator:
                 continue
             self._engines.remove(engine)
             self._num_failed += 1
+            if not engine.ready:
+                self._failing_in_a_row += 1
+                backoff_s = min(MAX_BACKOFF_S, 2.0 ** (self._failing_in_a_row - 1))
+                self._restart_at = now + backoff_s
             if code is None:
                 log.warning(
                     "engine on port %d not healthy in %.0f s; replacing it (log %s)",
@@ -213,7 +225,7 @@ class LocalActuator:
                     "engine on port %d exited with %d; replacing it (log %s)",
                     engine.port, code, engine.log_path,
                 )  # fmt: skip
-        while len(self._engines) < self._desired:
+        while len(self._engines) < self._desired and now >= self._restart_at:
             self._engines.append(self._start())
         starting = [e for e in self._engines if not e.ready]
         for engine, healthy in zip(
@@ -221,6 +233,7 @@ class LocalActuator:
         ):
             if healthy:
                 engine.ready = True
+                self._failing_in_a_row = 0
                 log.info(
                     "engine on port %d ready after %.1f s",
                     engine.port, time.monotonic() - engine.started_s,
