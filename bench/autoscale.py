@@ -66,12 +66,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "bench"))
 
+from control.autoscale.config import parse_metrics  # noqa: E402
 from control.autoscale.errors import AutoscaleError  # noqa: E402
 from control.autoscale.policies import POLICIES, make_policy  # noqa: E402
 from control.autoscale.simulate.command import (  # noqa: E402
     DEFAULT_METRICS,
     deployment_options,
-    parse_targets,
 )
 from control.autoscale.simulate.pipeline import pipeline_for  # noqa: E402
 from control.autoscale.simulate.run import (  # noqa: E402
@@ -172,7 +172,7 @@ def run_case(trace: Trace, case: Case, policy: str, seed: int = 0) -> Simulation
     spec = SimulationSpec(
         policy=policy,
         policy_spec=PolicySpec(
-            parse_targets(DEFAULT_METRICS),
+            parse_metrics(DEFAULT_METRICS),
             min_replicas=MIN_REPLICAS,
             max_replicas=MAX_REPLICAS,
             options=deployment_options(policy, slo, delay),

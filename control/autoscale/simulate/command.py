@@ -24,8 +24,9 @@ import json
 import sys
 from typing import Any
 
+from control.autoscale.config import AutoscaleSettings, parse_metrics, parse_options
 from control.autoscale.errors import PolicyConfigError, TraceError
-from control.autoscale.types import METRICS, MetricTarget, PolicySpec
+from control.autoscale.types import PolicySpec
 from shoal.cli_format import EXIT_USAGE, table
 from shoal.errors import ConfigError
 
@@ -34,45 +35,10 @@ __all__ = [
     "add_arguments",
     "deployment_options",
     "main",
-    "parse_options",
     "parse_slo",
-    "parse_targets",
 ]
 
-DEFAULT_METRICS = "kv_cache_usage:0.7,requests_waiting:4"  # AutoscaleSettings.metrics
-
-
-def parse_targets(text: str) -> tuple[MetricTarget, ...]:
-    """``METRIC:TARGET,...`` as the controller's ``--metrics`` reads it."""
-    targets = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        metric, colon, value = item.partition(":")
-        if not colon or metric not in METRICS:
-            raise PolicyConfigError(
-                f"bad metric target {item!r}: use METRIC:TARGET with METRIC one of "
-                f"{', '.join(METRICS)}"
-            )
-        try:
-            targets.append(MetricTarget(metric, float(value)))
-        except ValueError as exc:
-            raise PolicyConfigError(f"bad metric target {item!r}: {exc}") from None
-    if not targets:
-        raise PolicyConfigError("--metrics needs at least one METRIC:TARGET")
-    return tuple(targets)
-
-
-def parse_options(text: str) -> dict[str, float | str]:
-    """``NAME=VALUE,...``; numbers become floats, the rest stay text."""
-    options: dict[str, float | str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, eq, value = item.partition("=")
-        if not eq or not name:
-            raise PolicyConfigError(f"bad policy option {item!r}: use NAME=VALUE")
-        try:
-            options[name] = float(value)
-        except ValueError:
-            options[name] = value
-    return options
+DEFAULT_METRICS = AutoscaleSettings().metrics  # the controller's default targets
 
 
 def parse_slo(text: str) -> tuple[float, float]:
@@ -167,7 +133,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     delay = args.start_delay_s if args.start_delay_s is not None else start_delay_s(args.model_size)
     try:
         policy_spec = PolicySpec(
-            parse_targets(args.metrics),
+            parse_metrics(args.metrics),
             min_replicas=args.min_replicas,
             max_replicas=args.max_replicas,
             options={
