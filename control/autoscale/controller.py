@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, TextIO
 
 from control.autoscale.actuators.base import Actuator
-from control.autoscale.config import AutoscaleSettings, policy_spec
+from control.autoscale.config import AutoscaleSettings, policy_spec, read_token
 from control.autoscale.errors import ActuatorError
 from control.autoscale.metrics import AutoscaleMetrics
 from control.autoscale.policies.base import Policy, make_policy
@@ -334,7 +334,8 @@ async def _serve(settings: AutoscaleSettings) -> int:
     runner = None
     try:
         if settings.port:
-            runner = await start_server(controller, settings.host, settings.port)
+            token = read_token(settings.auth_token_file) if settings.auth_token_file else None
+            runner = await start_server(controller, settings.host, settings.port, token)
         log.info(
             "autoscaler running: policy %s, target %s, every %.1f s%s",
             settings.policy, settings.target, settings.interval_s,

@@ -8,15 +8,22 @@
 
 The router (``--autoscaler-url``) posts a wake when it starts holding a request for a model
 with no engine; the controller scales from zero at once (``Controller.wake``). Listens on
-loopback by default: a wake can start engines, so it is not for the open network.
+loopback by default: a wake can start engines, so it is not for the open network. With a
+token (``--auth-token-file``) ``/v1/wake`` and ``/status`` need ``Authorization: Bearer
+TOKEN`` (401 otherwise, compared in constant time); ``/metrics`` stays open for Prometheus,
+as the router's does. Beyond loopback a token is required unless ``--insecure-no-auth``
+(``AutoscaleSettings``).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from control.autoscale.controller import Controller
@@ -56,8 +63,28 @@ async def _wake(request: web.Request) -> web.Response:
     return web.json_response({"desired": desired}, status=202)
 
 
-def make_app(controller: Controller) -> web.Application:
-    app = web.Application()
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _require_token(token: str) -> Middleware:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if request.path != "/metrics":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.json_response(
+                    {"error": "missing or wrong bearer token (Authorization: Bearer TOKEN)"},
+                    status=401,
+                )
+        return await handler(request)
+
+    return check
+
+
+def make_app(controller: Controller, token: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[_require_token(token)] if token else [])
     app[_CONTROLLER] = controller
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/status", _status)
@@ -65,9 +92,11 @@ def make_app(controller: Controller) -> web.Application:
     return app
 
 
-async def start_server(controller: Controller, host: str, port: int) -> web.AppRunner:
+async def start_server(
+    controller: Controller, host: str, port: int, token: str | None = None
+) -> web.AppRunner:
     """Listen on ``host:port``; the runner to ``cleanup()``. ``ConfigError`` if it cannot."""
-    runner = web.AppRunner(make_app(controller), access_log=None)
+    runner = web.AppRunner(make_app(controller, token), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_address=True).start()

@@ -12,15 +12,20 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from shoal.cli_format import EXIT_UNREACHABLE, table
+from control.autoscale.config import read_token
+from shoal.cli_format import EXIT_UNREACHABLE, EXIT_USAGE, table
+from shoal.errors import ConfigError
 
 __all__ = ["fetch_status", "render", "show"]
 
 
-def fetch_status(url: str, timeout_s: float = 5.0) -> dict[str, Any]:
+def fetch_status(url: str, timeout_s: float = 5.0, token: str | None = None) -> dict[str, Any]:
     """The controller's ``/status``; ``OSError`` when it cannot be reached or read."""
+    request = urllib.request.Request(url.rstrip("/") + "/status")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=timeout_s) as reply:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
             data = json.loads(reply.read())
     except (urllib.error.URLError, json.JSONDecodeError, ValueError) as exc:
         raise OSError(str(exc)) from None
@@ -62,9 +67,14 @@ def render(status: dict[str, Any]) -> list[str]:
     return lines + table(headers, rows, ">>>>><<<")
 
 
-def show(url: str, *, as_json: bool = False) -> int:
+def show(url: str, *, as_json: bool = False, token_file: str = "") -> int:
     try:
-        status = fetch_status(url)
+        token = read_token(token_file) if token_file else None
+    except ConfigError as exc:
+        print(f"shoal autoscale status: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        status = fetch_status(url, token=token)
     except OSError as exc:
         print(f"shoal autoscale status: cannot reach {url}: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

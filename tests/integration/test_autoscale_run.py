@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +43,7 @@ def running(args: list[str], port: int, tmp_path: Path) -> Iterator[subprocess.P
         while time.monotonic() < deadline:
             assert process.poll() is None, (tmp_path / "autoscale.log").read_text()
             try:
-                get(port, "/status")
+                get(port, "/metrics")  # open even when a token guards /status
                 break
             except OSError:
                 time.sleep(0.1)
@@ -66,13 +67,18 @@ def get(port: int, path: str) -> Any:
     return json.loads(body) if path == "/status" else body.decode()
 
 
-def post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+def post(port: int, path: str, body: dict[str, Any], token: str = "") -> tuple[int, Any]:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), method="POST"
     )
     request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=5) as reply:
-        return reply.status, json.loads(reply.read())
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 def test_dry_run_with_the_local_target_prints_decisions_and_starts_nothing(tmp_path: Path) -> None:
@@ -125,6 +131,36 @@ def test_a_wake_scales_a_memory_target_from_zero_at_once(tmp_path: Path) -> None
         metrics = get(port, "/metrics")
     assert 'shoal_autoscale_wakes_total{result="scaled"} 1.0' in metrics
     assert 'shoal_autoscale_wakes_total{result="already"} 1.0' in metrics
+
+
+def test_a_token_guards_wake_and_status_but_not_metrics(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "token").write_text("s3cret\n")
+    args = ["--target", "memory", "--policy", POLICY, "--min-replicas", "0", "--interval-s",
+            "30", "--auth-token-file", str(tmp_path / "token")]  # fmt: skip
+    status = shoal("autoscale", "status", "--url", f"http://127.0.0.1:{port}", "--json")
+    with running(args, port, tmp_path):
+        assert post(port, "/v1/wake", {"model": "m"})[0] == 401
+        assert post(port, "/v1/wake", {"model": "m"}, token="wrong")[0] == 401
+        metrics = get(port, "/metrics")  # Prometheus scrapes without the token
+        assert 'shoal_autoscale_wakes_total{result="scaled"} 1.0' not in metrics  # none yet
+        assert post(port, "/v1/wake", {"model": "m"}, token="s3cret") == (202, {"desired": 1})
+        refused = subprocess.run(status, capture_output=True, text=True, env=ENV, timeout=30)
+        allowed = subprocess.run(
+            [*status, "--token-file", str(tmp_path / "token")],
+            capture_output=True, text=True, env=ENV, timeout=30,
+        )  # fmt: skip
+    assert refused.returncode == 3 and "401" in refused.stderr
+    assert allowed.returncode == 0 and json.loads(allowed.stdout)["target"] == "memory"
+
+
+def test_listening_beyond_loopback_needs_a_token_or_an_explicit_flag() -> None:
+    result = subprocess.run(
+        shoal("autoscale", "run", "--target", "memory", "--host", "0.0.0.0", "--port", "1"),
+        capture_output=True, text=True, env=ENV, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--auth-token-file FILE, or --insecure-no-auth" in result.stderr
 
 
 def test_bad_metrics_exit_2_naming_the_known_ones() -> None:

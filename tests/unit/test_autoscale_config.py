@@ -91,3 +91,38 @@ def test_an_option_the_policy_does_not_know_is_refused() -> None:
     settings = AutoscaleSettings(policy="kpa", options="stable_windw_s=30")
     with pytest.raises(PolicyConfigError, match="stable_windw_s"):
         make_policy("kpa", policy_spec(settings))
+
+
+@pytest.mark.parametrize(
+    ("flags", "ok"),
+    [
+        ({"host": "127.0.0.1"}, True),
+        ({"host": "localhost"}, True),
+        ({"host": "::1"}, True),
+        ({"host": "0.0.0.0"}, False),
+        ({"host": "node-1.example"}, False),  # a name may resolve anywhere
+        ({"host": "0.0.0.0", "port": 0}, True),  # nothing listens
+        ({"host": "0.0.0.0", "auth_token_file": "/run/token"}, True),
+        ({"host": "0.0.0.0", "insecure_no_auth": True}, True),
+    ],
+)
+def test_listening_beyond_loopback_needs_a_token_or_an_explicit_flag(
+    flags: dict[str, object], ok: bool
+) -> None:
+    if ok:
+        AutoscaleSettings(**flags)  # type: ignore[arg-type]
+    else:
+        with pytest.raises(ConfigError, match="--auth-token-file FILE, or --insecure-no-auth"):
+            AutoscaleSettings(**flags)  # type: ignore[arg-type]
+
+
+def test_a_token_file_must_hold_a_token(tmp_path: Path) -> None:
+    from control.autoscale.config import read_token
+
+    (tmp_path / "token").write_text("  abc\n")
+    assert read_token(str(tmp_path / "token")) == "abc"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_token(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="cannot read the token file"):
+        read_token(str(tmp_path / "missing"))
