@@ -54,6 +54,9 @@ def register(subparsers: Any) -> None:
     status.add_argument(
         "--url", default="http://127.0.0.1:8090", help="the controller (default %(default)s)"
     )
+    status.add_argument(
+        "--token-file", default="", help="the controller's --auth-token-file, if it has one"
+    )
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.set_defaults(func=_status)
 
@@ -77,4 +80,4 @@ def _run(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from control.autoscale.status import show
 
-    return int(show(args.url, as_json=args.json))
+    return int(show(args.url, as_json=args.json, token_file=args.token_file))

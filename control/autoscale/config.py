@@ -11,12 +11,23 @@ metric targets are checked where policies are known (``policies.base.make_policy
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 
+from control.autoscale.errors import PolicyConfigError
+from control.autoscale.types import METRICS, MetricTarget, PolicySpec
 from shoal.config import setting
 from shoal.errors import ConfigError
 
-__all__ = ["AutoscaleSettings"]
+__all__ = [
+    "AutoscaleSettings",
+    "is_loopback",
+    "parse_metrics",
+    "parse_options",
+    "policy_spec",
+    "read_token",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +73,16 @@ class AutoscaleSettings:
     )
     host: str = setting("127.0.0.1", "the controller's HTTP address (/metrics, /status, /v1/wake)")
     port: int = setting(8090, "the controller's HTTP port; 0 = none")
+    auth_token_file: str = setting(
+        "",
+        "file holding the bearer token POST /v1/wake and GET /status require (needed to "
+        "listen beyond loopback)",
+    )
+    insecure_no_auth: bool = setting(
+        False,
+        "listen beyond loopback without --auth-token-file (anyone who reaches the port may "
+        "start engines)",
+    )
     dry_run: bool = setting(False, "decide and log, never scale")
     log_level: str = setting("info", "debug, info, warning or error")
     log_format: str = setting("text", "text or json")
@@ -72,6 +93,98 @@ class AutoscaleSettings:
                 f"need 0 <= --min-replicas <= --max-replicas, got {self.min_replicas} and "
                 f"{self.max_replicas}"
             )
+        if (
+            self.port
+            and not self.auth_token_file
+            and not self.insecure_no_auth
+            and not is_loopback(self.host)
+        ):
+            raise ConfigError(
+                f"the autoscaler would listen on {self.host} beyond loopback without "
+                "authentication (a wake starts engines): give --auth-token-file FILE, or "
+                "--insecure-no-auth to accept that"
+            )
         for name in ("interval_s", "scrape_timeout_s", "engine_ready_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+
+
+def parse_metrics(text: str) -> tuple[MetricTarget, ...]:
+    """``"kv_cache_usage:0.7,requests_waiting:4"`` as targets; an unknown metric name, a
+    missing or non-positive target raises ``PolicyConfigError`` naming the known metrics."""
+    targets: list[MetricTarget] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, raw = item.partition(":")
+        name = name.strip()
+        if name not in METRICS:
+            raise PolicyConfigError(
+                f"--metrics: unknown metric {name!r}; known: {', '.join(METRICS)}"
+            )
+        try:
+            targets.append(MetricTarget(name, float(raw)))
+        except ValueError:
+            raise PolicyConfigError(
+                f"--metrics: {item!r} needs METRIC:TARGET with a positive number"
+            ) from None
+    if not targets:
+        raise PolicyConfigError(f"--metrics names no metric; known: {', '.join(METRICS)}")
+    if len({t.metric for t in targets}) != len(targets):
+        raise PolicyConfigError(f"--metrics names a metric twice: {text!r}")
+    return tuple(targets)
+
+
+def parse_options(text: str) -> dict[str, float | str]:
+    """``"stable_window_s=60,mode=fast"`` as options: numbers where they parse, else text."""
+    options: dict[str, float | str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise PolicyConfigError(f"--options: {item!r} needs NAME=VALUE")
+        try:
+            options[name.strip()] = float(raw)
+        except ValueError:
+            options[name.strip()] = raw.strip()
+    return options
+
+
+def policy_spec(settings: AutoscaleSettings) -> PolicySpec:
+    """The ``PolicySpec`` the settings describe; the shoal policy also gets the SLOs and
+    the profile as options (an explicit ``--options`` entry wins)."""
+    options: dict[str, float | str] = {}
+    if settings.policy == "shoal":
+        options = {"ttft_slo_s": settings.ttft_slo_s, "tpot_slo_s": settings.tpot_slo_s}
+        if settings.profile:
+            options["profile"] = settings.profile
+    options.update(parse_options(settings.options))
+    return PolicySpec(
+        targets=parse_metrics(settings.metrics),
+        min_replicas=settings.min_replicas,
+        max_replicas=settings.max_replicas,
+        options=options,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (a name other than localhost is assumed not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace dropped); ``ConfigError`` when
+    the file cannot be read or holds none."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the token file {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"the token file {path} is empty")
+    return token

@@ -112,3 +112,14 @@ def test_readme_router_reference_matches_the_router_settings() -> None:
     assert match.group(1) == render_reference(RouterSettings, "router"), (
         "README's [router] reference is stale: regenerate it with shoal.config.render_reference"
     )
+
+
+def test_readme_autoscale_reference_matches_the_autoscale_settings() -> None:
+    from control.autoscale.config import AutoscaleSettings
+
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"autoscale-config-reference.*?-->\n(.*?)\n<!-- end", readme, re.S)
+    assert match, "README lost its autoscale configuration reference"
+    assert match.group(1) == render_reference(AutoscaleSettings, "autoscale"), (
+        "README's [autoscale] reference is stale: regenerate it with shoal.config.render_reference"
+    )

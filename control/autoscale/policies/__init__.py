@@ -13,15 +13,7 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
-from control.autoscale.policies import aibrix_kpa, apa, hpa, kpa  # noqa: F401  (register)
+from control.autoscale.policies import aibrix_kpa, apa, hpa, kpa, shoal  # noqa: F401  (register)
 from control.autoscale.policies.base import POLICIES, Policy, make_policy
 
 __all__ = ["POLICIES", "Policy", "make_policy"]
-
-# shoal.py lands separately (its own helper on issue 13); until then it is skipped. Looked
-# up first, so an import error inside shoal.py itself is not swallowed.
-if importlib.util.find_spec("control.autoscale.policies.shoal") is not None:
-    importlib.import_module("control.autoscale.policies.shoal")

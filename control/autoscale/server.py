@@ -1,0 +1,107 @@
+"""The controller's HTTP endpoint: ``GET /metrics``, ``GET /status``, ``POST /v1/wake``.
+
+::
+
+    GET  /metrics    shoal_autoscale_* (Prometheus text)
+    GET  /status     {"target", "policy", "replicas": {spec, ready, pending}, "decisions": [...]}
+    POST /v1/wake    {"model": "M"} -> 202 {"desired": n}; 503 when the target cannot be scaled
+
+The router (``--autoscaler-url``) posts a wake when it starts holding a request for a model
+with no engine; the controller scales from zero at once (``Controller.wake``). Listens on
+loopback by default: a wake can start engines, so it is not for the open network. With a
+token (``--auth-token-file``) ``/v1/wake`` and ``/status`` need ``Authorization: Bearer
+TOKEN`` (401 otherwise, compared in constant time); ``/metrics`` stays open for Prometheus,
+as the router's does. Beyond loopback a token is required unless ``--insecure-no-auth``
+(``AutoscaleSettings``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from control.autoscale.controller import Controller
+from control.autoscale.errors import ActuatorError
+from shoal.errors import ConfigError
+
+__all__ = ["make_app", "start_server"]
+
+log = logging.getLogger("shoal." + __name__)
+
+_CONTROLLER = web.AppKey("controller", Controller)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[_CONTROLLER].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[_CONTROLLER].status())
+
+
+async def _wake(request: web.Request) -> web.Response:
+    model = ""
+    if request.can_read_body:
+        try:
+            body = json.loads(await request.content.read(65536) or b"{}")
+        except json.JSONDecodeError:
+            return web.json_response({"error": 'body must be JSON: {"model": ...}'}, status=400)
+        if isinstance(body, dict):
+            model = str(body.get("model", ""))
+    try:
+        desired = await request.app[_CONTROLLER].wake(model)
+    except ActuatorError as exc:
+        log.warning("wake failed: %s", exc)
+        return web.json_response({"error": str(exc)}, status=503)
+    return web.json_response({"desired": desired}, status=202)
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _require_token(token: str) -> Middleware:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if request.path != "/metrics":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.json_response(
+                    {"error": "missing or wrong bearer token (Authorization: Bearer TOKEN)"},
+                    status=401,
+                )
+        return await handler(request)
+
+    return check
+
+
+def make_app(controller: Controller, token: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[_require_token(token)] if token else [])
+    app[_CONTROLLER] = controller
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/status", _status)
+    app.router.add_post("/v1/wake", _wake)
+    return app
+
+
+async def start_server(
+    controller: Controller, host: str, port: int, token: str | None = None
+) -> web.AppRunner:
+    """Listen on ``host:port``; the runner to ``cleanup()``. ``ConfigError`` if it cannot."""
+    runner = web.AppRunner(make_app(controller, token), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    log.info("autoscaler endpoint on http://%s:%d (/metrics, /status, /v1/wake)", host, port)
+    return runner
