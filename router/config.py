@@ -92,6 +92,10 @@ class RouterSettings:
         "scale from zero: the autoscaler to ask for an engine (POST URL/v1/wake) when a "
         "request is held; empty = none",
     )
+    autoscaler_token_file: str = setting(
+        "",
+        "file holding the bearer token the autoscaler's /v1/wake requires (its --auth-token-file)",
+    )
     ledger_refresh_s: float = setting(
         0.05, "seconds between pulls of other replicas' in-flight counts (with --redis)"
     )

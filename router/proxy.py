@@ -108,7 +108,7 @@ from router.metrics import BREAKER_VALUES, RouterMetrics, RouterState
 from router.pipeline import Pipeline
 from router.requests import ROUTES, check_headers, parse_body, to_route_request
 from router.types import EngineView, RouteDecision, RouteOutcome, RouteRequest
-from router.wake import AutoscalerWaker, NullWaker, Waker
+from router.wake import AutoscalerWaker, NullWaker, Waker, read_token
 
 __all__ = ["ENGINE_HEADER", "Proxy", "error_body"]
 
@@ -211,8 +211,10 @@ class Proxy:
         self._holds = settings.holds
         self.waker: Waker = NullWaker()
         if self._holds and settings.autoscaler_url:  # at most one wake a second per model
+            token = read_token(settings.autoscaler_token_file) if (
+                settings.autoscaler_token_file) else ""  # fmt: skip
             self.waker = AutoscalerWaker(settings.autoscaler_url, self.hold.held_models,
-                                         clock=clock)  # fmt: skip
+                                         token=token, clock=clock)  # fmt: skip
         # router.discovery's source when not static (``engines()``, ``close()``; closed
         # by ``on_cleanup``): its list is copied into the pool every discovery interval
         self.discovery: Any = None

@@ -18,6 +18,10 @@ scaling to at least one at once (``control/autoscale/server.py``), and ignores i
 otherwise, so repeating it while requests wait is harmless and survives an autoscaler
 that was not up yet when the first request came.
 
+An autoscaler listening beyond loopback requires a bearer token (its
+``--auth-token-file``); the router sends the same file's token
+(``--autoscaler-token-file``) as ``Authorization: Bearer TOKEN``.
+
 ``Waker`` is the boundary (STYLE.md 8): ``AutoscalerWaker`` speaks HTTP, ``NullWaker`` is
 the router without ``--autoscaler-url``, tests record wakes with a stand-in receiver.
 
@@ -32,17 +36,31 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import aiohttp
 
 from router.hold import WakeGate
+from shoal.errors import ConfigError
 
-__all__ = ["AutoscalerWaker", "NullWaker", "Waker"]
+__all__ = ["AutoscalerWaker", "NullWaker", "Waker", "read_token"]
 
 log = logging.getLogger("shoal." + __name__)
 
 _TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+
+
+def read_token(path: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace dropped), as the autoscaler
+    reads its own; ``ConfigError`` naming the flag when unreadable or empty."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"--autoscaler-token-file {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"--autoscaler-token-file {path} is empty")
+    return token
 
 
 class Waker(Protocol):
@@ -76,9 +94,11 @@ class AutoscalerWaker:
         held_models: Callable[[], Sequence[str]],
         *,
         interval_s: float = 1.0,
+        token: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url.rstrip("/") + "/v1/wake"
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._held_models = held_models
         self._gate = WakeGate(interval_s)
         self._interval_s = interval_s
@@ -119,6 +139,7 @@ class AutoscalerWaker:
         assert self._session is not None, "wakes are sent between start() and close()"
         try:
             async with self._session.post(self.url, json={"model": model},
+                                          headers=self._headers,
                                           timeout=_TIMEOUT) as reply:  # fmt: skip
                 await reply.read()
                 problem = None if reply.status < 300 else f"answered {reply.status}"

@@ -29,8 +29,12 @@ FAST = {"health_interval_s": 0.2, "metrics_interval_s": 0.2, "models_interval_s"
         "discovery_interval_s": 0.2}  # fmt: skip
 
 
+TOKEN = "s3cret-wake-token"
+
+
 class WakeReceiver:
-    """``POST /v1/wake`` bodies, as the controller's endpoint would receive them."""
+    """``POST /v1/wake`` bodies, as the controller's endpoint would receive them (it
+    requires ``TOKEN``, as an autoscaler with ``--auth-token-file`` does)."""
 
     def __init__(self) -> None:
         self.wakes: list[tuple[float, dict[str, Any]]] = []
@@ -41,6 +45,8 @@ class WakeReceiver:
         return f"http://127.0.0.1:{self.port}"
 
     async def _wake(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return web.json_response({"error": "a bearer token is required"}, status=401)
         self.wakes.append((time.monotonic(), await request.json()))
         return web.json_response({"desired": 1}, status=202)
 
@@ -104,8 +110,10 @@ def test_a_request_with_no_engine_is_held_and_answered_once_the_autoscaler_bring
     tmp_path: Path,
 ) -> None:
     listing = tmp_path / "engines.json"
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
     with wake_receiver() as autoscaler, zero_engine_router(
-        listing, autoscaler_url=autoscaler.url
+        listing, autoscaler_url=autoscaler.url, autoscaler_token_file=token_file
     ) as router:  # fmt: skip
         health = json.loads(router.request("GET", "/health")[2])
         assert health["healthy_engines"] == 0  # 200 all the same: requests are held
