@@ -39,6 +39,10 @@ replica_seconds, slo_attainment, ttft_p99_ms. The table adds each policy's ratio
 in the same run against the issue's targets (first response <= 0.2x, full scale-up <=
 0.4x, >= 33% fewer oscillations, p99 TTFT >= 11.5% lower, replica-seconds <= 1x) and, for
 shoal, SLO attainment per replica-hour above kpa's and aibrix-kpa's; pass/MISS marks.
+Full scale-up also shows its floor, the physical limit: no policy has the replicas before
+one pod start after the load step, so ``pod start / HPA's full scale-up`` is the best
+ratio any policy can reach (0.4x is out of reach whenever the HPA needs less than 2.5 pod
+starts).
 
 ``--json`` prints ``{"traces": {NAME: {POLICY: {"first_response_s", "full_scaleup_s",
 "oscillations_per_hour", "replica_seconds", "slo_attainment", "ttft_p99_ms"}}}}`` (a policy
@@ -208,7 +212,11 @@ def marks(results: dict[str, Cell], policy: str) -> list[str]:
             verdict = "n/a" if base is None else "MISS"  # the policy never got there
             out.append(f"{name} - {verdict}")
         else:
-            out.append(f"{name} {r:.2f}x {'pass' if r <= limit else 'MISS'}")
+            text = f"{name} {r:.2f}x {'pass' if r <= limit else 'MISS'}"
+            if key == "full_scaleup_s" and base:
+                # the physical limit: no policy reaches the replicas before one pod start
+                text += f" (floor {start_delay_s('7b') / base:.2f}x)"
+            out.append(text)
     if policy == "shoal":
         mine_eff = results["shoal"].efficiency()
         for other in ("kpa", "aibrix-kpa"):
@@ -230,7 +238,7 @@ def table(all_results: dict[str, dict[str, Cell]], traces: dict[str, Trace]) -> 
         any_result = any_cell.first if any_cell else None
         context = (
             f"load step {cell(any_result.load_step_s, 0)} s, {any_result.initial_replicas} -> "
-            f"{any_result.target_replicas} replicas"
+            f"{any_result.target_replicas} replicas; a pod starts in {start_delay_s('7b'):.1f} s"
             if any_result
             else "no policy ran"
         )
@@ -263,7 +271,7 @@ def plot(all_results: dict[str, dict[str, Cell]], out_dir: Path) -> list[Path]:
     try:
         matplotlib = importlib.import_module("matplotlib")
     except ModuleNotFoundError:
-        progress("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        progress("plots skipped: matplotlib is not installed (pip install 'shoal[bench]')")
         return []
     matplotlib.use("Agg")
     plt = importlib.import_module("matplotlib.pyplot")
