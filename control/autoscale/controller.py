@@ -16,12 +16,21 @@ Invariants:
 * the loop never dies of its target: an ``ActuatorError`` in ``state()`` or ``scale()`` is
   logged, counted (``shoal_autoscale_actuator_errors_total``) and the round holds; the next
   round tries again. A failed scrape is an unknown sample (``scrape.py``), not an error.
+  Any exception from ``policy.decide`` (a policy bug, arithmetic on a value it did not
+  expect) is logged with its traceback, counted (``shoal_autoscale_policy_errors_total``)
+  and the round holds at ``spec`` (bounds still applied).
 * time and sleeping are injected (``clock``, ``sleep``), so tests drive rounds on virtual
   time with the memory actuator; the policy sees ``now_s`` from the same clock.
 * a wake (``POST /v1/wake``, the router holding a request for a model with no engine)
   scales to ``max(1, min_replicas)`` at once when nothing is ready or pending; it does not
   wait for the next round (scale from zero costs one engine start, not a round more).
   Rounds and wakes take one lock, so they never interleave ``state``/``scale`` calls.
+  Wakes are cheap to send (any client of the router can make one per made-up model name),
+  so they are cheap to answer: with ``model`` set, a wake for another model raises
+  ``WrongModel`` (HTTP 404) without touching the target; a wake within one interval of
+  the last state read answers from that state (no ``state()`` call: three API calls on
+  Kubernetes); and at most one wake is in flight: concurrent ones share its answer
+  instead of queueing on the lock.
 
 Rejected: running the policy in the scrape's callback (rounds would follow scrape
 latency, not the interval); scaling on every wake (one held request must not scale a
@@ -43,7 +52,7 @@ from typing import Any, Protocol, TextIO
 
 from control.autoscale.actuators.base import Actuator
 from control.autoscale.config import AutoscaleSettings, policy_spec, read_token
-from control.autoscale.errors import ActuatorError
+from control.autoscale.errors import ActuatorError, WrongModel
 from control.autoscale.metrics import AutoscaleMetrics
 from control.autoscale.policies.base import Policy, make_policy
 from control.autoscale.types import Decision, ReplicaSample, ReplicaState, ScaleInput
@@ -104,6 +113,7 @@ class Controller:
         max_replicas: int | None = None,
         dry_run: bool = False,
         target: str = "",
+        model: str = "",
         policy_name: str = "",
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -118,6 +128,7 @@ class Controller:
         self.max_replicas = max_replicas
         self.dry_run = dry_run
         self.target = target
+        self.model = model
         self.policy_name = policy_name or getattr(policy, "name", type(policy).__name__)
         self.metrics = AutoscaleMetrics()
         self._clock = clock
@@ -126,6 +137,8 @@ class Controller:
         self._lock = asyncio.Lock()
         self._failures_seen = 0
         self.last_state: ReplicaState | None = None
+        self._state_at: float | None = None  # clock() when last_state was read
+        self._waking: asyncio.Task[int] | None = None  # the one wake in flight
         self.history: deque[RoundRecord] = deque(maxlen=history)
 
     async def run_round(self) -> RoundRecord:
@@ -144,7 +157,7 @@ class Controller:
         except ActuatorError as exc:
             self.metrics.actuator_errors.inc()
             return RoundRecord(now, None, None, error=f"state: {exc}")
-        self.last_state = state
+        self._remember(state)
         samples, router = await asyncio.gather(
             self.source.scrape(state.endpoints), self.source.scrape_router()
         )
@@ -157,19 +170,28 @@ class Controller:
             samples=samples,
             router=router,
         )
-        decision = self._bounded(self.policy.decide(observation))
+        error = ""
+        try:
+            decision = self._bounded(self.policy.decide(observation))
+        except Exception as exc:  # a policy bug must not end the loop (the invariant)
+            log.exception(
+                "policy %s failed; holding at %d this round", self.policy_name, state.spec
+            )
+            self.metrics.policy_errors.inc()
+            error = f"policy: {type(exc).__name__}: {exc}"
+            held = Decision(desired=state.spec, recommendation=None, reason="policy error")
+            decision = self._bounded(held)
         self.metrics.observe(state, decision)
         failed = observation.num_failed
         if self.dry_run or decision.desired == state.spec:
-            return RoundRecord(now, state, decision, False, "", failed, router, samples)
+            return RoundRecord(now, state, decision, False, error, failed, router, samples)
         try:
             await self.actuator.scale(decision.desired)
         except ActuatorError as exc:
             self.metrics.actuator_errors.inc()
-            return RoundRecord(
-                now, state, decision, False, f"scale: {exc}", failed, router, samples
-            )
-        return RoundRecord(now, state, decision, True, "", failed, router, samples)
+            error = "; ".join(filter(None, (error, f"scale: {exc}")))
+            return RoundRecord(now, state, decision, False, error, failed, router, samples)
+        return RoundRecord(now, state, decision, True, error, failed, router, samples)
 
     def _bounded(self, decision: Decision) -> Decision:
         """The bounds again, after the policy: a policy that holds on unknown metrics keeps
@@ -220,15 +242,41 @@ class Controller:
             line = {"now_s": round(record.now_s, 3), **fields}
             print(json.dumps(line, default=str), file=self._out, flush=True)
 
+    def _remember(self, state: ReplicaState) -> None:
+        self.last_state = state
+        self._state_at = self._clock()
+
+    def _fresh_state(self) -> ReplicaState | None:
+        """The last state read if it is less than one interval old, else ``None``."""
+        if self._state_at is None or self._clock() - self._state_at >= self.interval_s:
+            return None
+        return self.last_state
+
     async def wake(self, model: str = "") -> int:
-        """Scale from zero at once if nothing is ready or starting; the desired count."""
+        """Scale from zero at once if nothing is ready or starting; the desired count.
+        ``WrongModel`` for a model other than ``self.model`` (when set)."""
+        if self.model and model and model != self.model:
+            self.metrics.wakes.labels(result="wrong-model").inc()
+            raise WrongModel(f"this controller scales model {self.model}, not {model}")
+        desired = max(1, self.min_replicas)
+        cached = self._fresh_state()
+        if cached is not None and (cached.ready + cached.pending > 0 or cached.spec >= desired):
+            self.metrics.wakes.labels(result="cached").inc()
+            return cached.spec
+        if self._waking is None or self._waking.done():
+            self._waking = asyncio.ensure_future(self._wake(model, desired))
+        return await asyncio.shield(self._waking)  # one in flight; the others share it
+
+    async def _wake(self, model: str, desired: int) -> int:
         async with self._lock:
-            try:
-                state = await self.actuator.state()
-            except ActuatorError as exc:
-                self.metrics.actuator_errors.inc()
-                raise ActuatorError(f"wake for {model or 'the model'}: {exc}") from exc
-            desired = max(1, self.min_replicas)
+            state = self._fresh_state()
+            if state is None:
+                try:
+                    state = await self.actuator.state()
+                except ActuatorError as exc:
+                    self.metrics.actuator_errors.inc()
+                    raise ActuatorError(f"wake for {model or 'the model'}: {exc}") from exc
+                self._remember(state)
             if state.ready + state.pending > 0 or state.spec >= desired:
                 self.metrics.wakes.labels(result="already").inc()
                 return state.spec
@@ -239,6 +287,7 @@ class Controller:
                 except ActuatorError:
                     self.metrics.actuator_errors.inc()
                     raise
+                self._remember(replace(state, spec=desired, pending=desired - state.ready))
             self.metrics.wakes.labels(result="scaled").inc()
             self.metrics.desired.set(desired)
             return desired
@@ -324,6 +373,7 @@ async def _serve(settings: AutoscaleSettings) -> int:
         max_replicas=settings.max_replicas,
         dry_run=settings.dry_run,
         target=settings.target,
+        model=settings.model,
         policy_name=settings.policy,
         out=sys.stdout if settings.dry_run else None,
     )

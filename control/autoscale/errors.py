@@ -6,6 +6,7 @@
         TraceError            a trace file that cannot be read or parsed
         ActuatorError         the scale target could not be read or scaled
           ActuatorNotFound    it does not exist (the message names it and the namespace)
+        WrongModel            a wake for a model this controller does not scale
 
 Foreign errors (``kubernetes.client.ApiException``, ``aiohttp.ClientError``, ``OSError``)
 are translated once, in the module that calls the foreign library. A failed *scrape* is not
@@ -22,6 +23,7 @@ __all__ = [
     "AutoscaleError",
     "PolicyConfigError",
     "TraceError",
+    "WrongModel",
 ]
 
 
@@ -43,3 +45,7 @@ class ActuatorError(AutoscaleError):
 
 class ActuatorNotFound(ActuatorError):
     """The scale target does not exist."""
+
+
+class WrongModel(AutoscaleError):
+    """A wake for a model other than ``--model``: answered without touching the target."""

@@ -10,7 +10,10 @@
     shoal_autoscale_scrape_failures_total       counter  engine or router scrapes that failed
     shoal_autoscale_round_seconds               histogram one round: state, scrape, decide, scale
     shoal_autoscale_actuator_errors_total       counter  state() or scale() raised
-    shoal_autoscale_wakes_total{result}         counter  POST /v1/wake: scaled, already
+    shoal_autoscale_policy_errors_total         counter  policy.decide raised (round held)
+    shoal_autoscale_wakes_total{result}         counter  POST /v1/wake: scaled, already,
+                                                         cached (already, from the last
+                                                         state read), wrong-model
 
 A registry per instance (not the global one) so tests can run several controllers in one
 process without duplicate-metric errors.
@@ -50,12 +53,15 @@ class AutoscaleMetrics:
         self.actuator_errors = Counter(
             "shoal_autoscale_actuator_errors", "Actuator calls that raised.", registry=r
         )
+        self.policy_errors = Counter(
+            "shoal_autoscale_policy_errors", "Rounds whose policy raised.", registry=r
+        )
         self.wakes = Counter(
             "shoal_autoscale_wakes", "Wake requests by result.", ["result"], registry=r
         )
         for direction in ("up", "down", "hold"):
             self.decisions.labels(direction=direction)
-        for result in ("scaled", "already"):
+        for result in ("scaled", "already", "cached", "wrong-model"):
             self.wakes.labels(result=result)
 
     def observe(self, state: ReplicaState, decision: Decision) -> None:

@@ -15,6 +15,8 @@ Two layers:
   scrapes; a counter that went down (the engine restarted) or a first scrape gives no rate
   (unknown) rather than a huge or negative one. ``ttft_mean_s`` is the histogram's
   sum delta over its count delta (unknown when no request got a first token in between).
+  A NaN or infinite sample makes its metric unknown for that source (dropped, not summed):
+  policies do arithmetic (``math.ceil``) on every known value.
 * I/O: ``Scraper`` fetches every endpoint at once with aiohttp, each under its own
   timeout, keeps the previous reading per endpoint (forgotten when the endpoint leaves)
   and stamps readings with the injected clock.
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -113,12 +116,32 @@ def _samples(text: str) -> Iterable[tuple[str, Mapping[str, str], float]]:
             yield sample.name, sample.labels, float(sample.value)
 
 
+def _sum(by_name: dict[str, float], bad: set[str], name: str, value: float) -> None:
+    """Add ``value`` to ``by_name[name]``; a NaN or infinity makes the name unknown (``bad``):
+    a policy cannot do arithmetic on it, and a partial sum would understate the load."""
+    if not math.isfinite(value):
+        bad.add(name)
+    by_name[name] = by_name.get(name, 0.0) + value
+
+
+def _known(by_name: dict[str, float], bad: set[str]) -> dict[str, float]:
+    return {name: value for name, value in by_name.items() if name not in bad}
+
+
+def _finite(values: dict[str, float]) -> dict[str, float]:
+    """Only finite values: a rate or mean of huge counters can still overflow."""
+    return {metric: value for metric, value in values.items() if math.isfinite(value)}
+
+
 def parse_engine(text: str, at_s: float) -> Reading:
-    """An engine's ``/metrics`` text as a ``Reading``; ``ValueError`` if it does not parse."""
-    by_name: dict[str, float] = {}
+    """An engine's ``/metrics`` text as a ``Reading``; ``ValueError`` if it does not parse.
+    A metric with a NaN or infinite sample is left out (unknown), not kept."""
+    raw: dict[str, float] = {}
+    bad: set[str] = set()
     for name, _labels, value in _samples(text):
         if name in ENGINE_GAUGES or name in ENGINE_COUNTERS or name.startswith(_TTFT):
-            by_name[name] = by_name.get(name, 0.0) + value
+            _sum(raw, bad, name, value)
+    by_name = _known(raw, bad)
     gauges: dict[str, float] = {}
     for name, metric in ENGINE_GAUGES.items():
         if name in by_name and (metric not in gauges or _PREFERRED.get(metric) == name):
@@ -130,13 +153,16 @@ def parse_engine(text: str, at_s: float) -> Reading:
 
 
 def parse_router(text: str, at_s: float, model: str = "") -> Reading:
-    """The router's ``/metrics`` for ``model`` (every model when empty)."""
-    by_name: dict[str, float] = {}
+    """The router's ``/metrics`` for ``model`` (every model when empty); a metric with a
+    NaN or infinite sample is left out (unknown)."""
+    raw: dict[str, float] = {}
+    bad: set[str] = set()
     for name, labels, value in _samples(text):
         if name in ROUTER_GAUGES or name in ROUTER_COUNTERS:
             if model and labels.get("model") != model:
                 continue
-            by_name[name] = by_name.get(name, 0.0) + value
+            _sum(raw, bad, name, value)
+    by_name = _known(raw, bad)
     gauges = {metric: by_name[name] for name, metric in ROUTER_GAUGES.items() if name in by_name}
     counters = {name: by_name[name] for name in ROUTER_COUNTERS if name in by_name}
     return Reading(at_s, gauges, counters)
@@ -172,14 +198,14 @@ def engine_values(previous: Reading | None, current: Reading) -> dict[str, float
         total = current.ttft_sum - previous.ttft_sum
         if count > 0 and total >= 0:
             values[TTFT_MEAN_S] = total / count
-    return values
+    return _finite(values)
 
 
 def router_values(previous: Reading | None, current: Reading) -> dict[str, float]:
     """Canonical router values: in flight and held now, the arrival rate since ``previous``."""
     values = dict(current.gauges)
     values.update(_rates(previous, current, ROUTER_COUNTERS))
-    return values
+    return _finite(values)
 
 
 class ScrapeFailed(Exception):

@@ -4,7 +4,10 @@
 
     GET  /metrics    shoal_autoscale_* (Prometheus text)
     GET  /status     {"target", "policy", "replicas": {spec, ready, pending}, "decisions": [...]}
-    POST /v1/wake    {"model": "M"} -> 202 {"desired": n}; 503 when the target cannot be scaled
+    POST /v1/wake    {"model": "M"} -> 202 {"desired": n}; 503 when the target cannot be scaled;
+                     404 {"error": "this controller scales model M..."} for another model
+                     (with --model; the target is not touched); 400 for a body that is not
+                     UTF-8 JSON; 413 over 64 KiB
 
 The router (``--autoscaler-url``) posts a wake when it starts holding a request for a model
 with no engine; the controller scales from zero at once (``Controller.wake``). Listens on
@@ -27,12 +30,14 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from control.autoscale.controller import Controller
-from control.autoscale.errors import ActuatorError
+from control.autoscale.errors import ActuatorError, WrongModel
 from shoal.errors import ConfigError
 
 __all__ = ["make_app", "start_server"]
 
 log = logging.getLogger("shoal." + __name__)
+
+MAX_BODY_BYTES = 64 << 10  # a wake body is {"model": ...}; larger ones get 413
 
 _CONTROLLER = web.AppKey("controller", Controller)
 
@@ -50,13 +55,16 @@ async def _wake(request: web.Request) -> web.Response:
     model = ""
     if request.can_read_body:
         try:
-            body = json.loads(await request.content.read(65536) or b"{}")
-        except json.JSONDecodeError:
+            body = json.loads((await request.read()).decode() or "{}")
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
             return web.json_response({"error": 'body must be JSON: {"model": ...}'}, status=400)
         if isinstance(body, dict):
             model = str(body.get("model", ""))
     try:
         desired = await request.app[_CONTROLLER].wake(model)
+    except WrongModel as exc:
+        log.debug("wake refused: %s", exc)
+        return web.json_response({"error": str(exc)}, status=404)
     except ActuatorError as exc:
         log.warning("wake failed: %s", exc)
         return web.json_response({"error": str(exc)}, status=503)
@@ -84,7 +92,9 @@ def _require_token(token: str) -> Middleware:
 
 
 def make_app(controller: Controller, token: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[_require_token(token)] if token else [])
+    app = web.Application(
+        middlewares=[_require_token(token)] if token else [], client_max_size=MAX_BODY_BYTES
+    )
     app[_CONTROLLER] = controller
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/status", _status)

@@ -120,17 +120,39 @@ def test_dry_run_with_the_local_target_prints_decisions_and_starts_nothing(tmp_p
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["policy"] == POLICY
 
 
+def post_raw(port: int, body: bytes) -> tuple[int, Any]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/wake", data=body, method="POST")
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
 def test_a_wake_scales_a_memory_target_from_zero_at_once(tmp_path: Path) -> None:
     port = free_port()
-    args = ["--target", "memory", "--policy", POLICY, "--min-replicas", "0",
+    args = ["--target", "memory", "--policy", POLICY, "--min-replicas", "0", "--model", "m",
             "--interval-s", "30", "--metrics", "requests_waiting:4"]  # fmt: skip
     with running(args, port, tmp_path):
         assert get(port, "/status")["replicas"]["spec"] == 0
+        assert post(port, "/v1/wake", {"model": "other"}) == (
+            404,
+            {"error": "this controller scales model m, not other"},
+        )
+        assert get(port, "/status")["replicas"]["spec"] == 0
         assert post(port, "/v1/wake", {"model": "m"}) == (202, {"desired": 1})
         assert post(port, "/v1/wake", {"model": "m"}) == (202, {"desired": 1})
+        bad_utf8 = post_raw(port, b'{"model": "\xff\xfe"}')
+        whole = post_raw(port, b'{"model": "m", "pad": "' + b"x" * 60000 + b'"}')
+        too_big = post_raw(port, b'{"pad": "' + b"x" * 70000 + b'"}')
         metrics = get(port, "/metrics")
     assert 'shoal_autoscale_wakes_total{result="scaled"} 1.0' in metrics
-    assert 'shoal_autoscale_wakes_total{result="already"} 1.0' in metrics
+    assert 'shoal_autoscale_wakes_total{result="cached"} 2.0' in metrics  # a round read it
+    assert 'shoal_autoscale_wakes_total{result="wrong-model"} 1.0' in metrics
+    assert bad_utf8[0] == 400
+    assert whole == (202, {"desired": 1})  # a large body is read whole, not cut at a chunk
+    assert too_big[0] == 413
 
 
 def test_a_token_guards_wake_and_status_but_not_metrics(tmp_path: Path) -> None:

@@ -11,10 +11,13 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
+from unittest import mock
+
+import pytest
 
 from control.autoscale.actuators.memory import MemoryActuator
 from control.autoscale.controller import Controller
-from control.autoscale.errors import ActuatorError
+from control.autoscale.errors import ActuatorError, WrongModel
 from control.autoscale.policies.base import clamp
 from control.autoscale.types import (
     REQUESTS_WAITING,
@@ -96,7 +99,12 @@ class Rig:
 
 
 def build(
-    replicas: int = 1, *, start_delay_s: float = 0.0, dry_run: bool = False, min_replicas: int = 1
+    replicas: int = 1,
+    *,
+    start_delay_s: float = 0.0,
+    dry_run: bool = False,
+    min_replicas: int = 1,
+    model: str = "",
 ) -> Rig:
     clock = Clock()
     actuator = MemoryActuator(
@@ -107,7 +115,7 @@ def build(
     out = io.StringIO()
     controller = Controller(
         policy, actuator, source, interval_s=2.0, min_replicas=min_replicas, dry_run=dry_run,
-        clock=clock, sleep=clock.sleep, out=out,
+        model=model, clock=clock, sleep=clock.sleep, out=out,
     )  # fmt: skip
     return Rig(controller, actuator, source, clock, policy, out)
 
@@ -205,6 +213,7 @@ def test_wake_scales_from_zero_at_once_and_only_from_zero() -> None:
     rig = build(0, min_replicas=0)
     assert asyncio.run(rig.controller.wake("m")) == 1
     assert rig.actuator.scale_calls == [1]
+    rig.clock.now += 2.0  # past one interval: the state is read again
     assert asyncio.run(rig.controller.wake("m")) == 1  # one is pending: nothing more
     assert rig.actuator.scale_calls == [1]
     text = rig.controller.metrics.render()
@@ -253,3 +262,92 @@ def test_the_status_table_shows_each_round_and_unknown_as_a_dash() -> None:
     held, scaled = (line.split() for line in lines[-2:])
     assert held[:5] == ["0.0", "1", "0", "-", "1"]
     assert scaled[:5] == ["0.0", "1", "0", "2", "2"]
+
+
+class Counting(MemoryActuator):
+    """Counts state() calls; ``gate`` (when set) holds state() until it is set."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.state_calls = 0
+        self.gate: asyncio.Event | None = None
+
+    async def state(self):  # type: ignore[no-untyped-def]
+        self.state_calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().state()
+
+
+def counting_rig(replicas: int, *, model: str = "") -> tuple[Controller, Counting, Clock]:
+    clock = Clock()
+    actuator = Counting(replicas, clock=clock, endpoint_for=lambda n: f"http://r{n}")
+    policy = Proportional(PolicySpec(targets=(), min_replicas=0, max_replicas=5))
+    controller = Controller(
+        policy, actuator, ScriptedSource(), interval_s=2.0, min_replicas=0, model=model,
+        clock=clock, sleep=clock.sleep,
+    )  # fmt: skip
+    return controller, actuator, clock
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_policy_that_raises_holds_the_round_and_the_loop_goes_on(bad: float) -> None:
+    rig = build(2)
+    rig.source.waiting = {"http://r0": bad, "http://r1": 1}  # Proportional: math.ceil raises
+    record = asyncio.run(rig.controller.run_round())
+    assert record.decision is not None and record.decision.desired == 2
+    assert record.error.startswith("policy: ") and not record.scaled
+    assert b"shoal_autoscale_policy_errors_total 1.0" in rig.controller.metrics.render()
+    rig.source.waiting = {"http://r0": 12, "http://r1": 0}
+    assert asyncio.run(rig.controller.run_round()).scaled
+    assert rig.actuator.scale_calls == [3]
+
+
+def test_a_policy_error_below_min_replicas_still_starts_the_first_replica() -> None:
+    rig = build(0, min_replicas=1)
+    with mock.patch.object(rig.policy, "decide", side_effect=RuntimeError("bug")):
+        record = asyncio.run(rig.controller.run_round())
+    assert record.scaled and rig.actuator.scale_calls == [1]
+    assert record.error == "policy: RuntimeError: bug"
+
+
+def test_a_wake_for_another_model_never_touches_the_actuator() -> None:
+    controller, actuator, _ = counting_rig(0, model="m")
+    with pytest.raises(WrongModel, match="scales model m"):
+        asyncio.run(controller.wake("made-up"))
+    assert actuator.state_calls == 0 and actuator.scale_calls == []
+    assert asyncio.run(controller.wake("m")) == 1
+    assert asyncio.run(controller.wake("")) == 1  # no model named: not refused
+    text = controller.metrics.render()
+    assert b'shoal_autoscale_wakes_total{result="wrong-model"} 1.0' in text
+
+
+def test_a_wake_within_an_interval_of_the_last_state_read_answers_from_it() -> None:
+    controller, actuator, clock = counting_rig(1)
+    asyncio.run(controller.run_round())
+    assert actuator.state_calls == 1
+    clock.now += 1.5
+    assert asyncio.run(controller.wake("m")) == 1
+    assert actuator.state_calls == 1
+    assert b'shoal_autoscale_wakes_total{result="cached"} 1.0' in controller.metrics.render()
+    clock.now += 0.5
+    assert asyncio.run(controller.wake("m")) == 1
+    assert actuator.state_calls == 2
+
+
+def test_concurrent_wakes_share_one_in_flight_call() -> None:
+    controller, actuator, _ = counting_rig(0)
+
+    async def main() -> list[int]:
+        actuator.gate = asyncio.Event()
+        wakes = [asyncio.create_task(controller.wake(f"m{i}")) for i in range(50)]
+        while actuator.state_calls == 0:
+            await asyncio.sleep(0)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert actuator.state_calls == 1  # the other 49 wait on the same call, not the lock
+        actuator.gate.set()
+        return list(await asyncio.gather(*wakes))
+
+    assert asyncio.run(main()) == [1] * 50
+    assert actuator.state_calls == 1 and actuator.scale_calls == [1]

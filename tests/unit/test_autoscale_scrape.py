@@ -154,3 +154,28 @@ def test_router_without_a_model_sums_every_model_and_misses_nothing_it_lacks() -
     reading = parse_router(ROUTER, 0.0)
     assert router_values(None, reading) == {ROUTER_IN_FLIGHT: 7, ROUTER_HELD: 2}
     assert router_values(None, parse_router(ROUTER, 0.0, model="c")) == {}
+
+
+@pytest.mark.parametrize("bad", ["NaN", "+Inf", "-Inf"])
+def test_a_non_finite_engine_value_is_unknown_not_kept(bad: str) -> None:
+    first = parse_engine(engine_text(kv=float(bad), prompt=1000, engines=2), 0.0)
+    second = parse_engine(engine_text(kv=float(bad), prompt=float(bad), waiting=5), 2.0)
+    values = engine_values(first, second)
+    assert KV_CACHE_USAGE not in values  # one engine label's NaN: the whole sum is unknown
+    assert PROMPT_TOKENS_PER_S not in values
+    assert values[REQUESTS_WAITING] == 5
+    assert values[GENERATION_TOKENS_PER_S] == 0
+
+
+@pytest.mark.parametrize("bad", ["NaN", "+Inf"])
+def test_a_non_finite_router_value_is_unknown_not_kept(bad: str) -> None:
+    text = ROUTER.replace('in_flight{model="b"} 1', f'in_flight{{model="b"}} {bad}')
+    first = parse_router(text, 0.0)
+    second = parse_router(text.replace(" 100", f" {bad}"), 2.0)
+    assert router_values(first, second) == {ROUTER_HELD: 2}
+
+
+def test_a_rate_that_overflows_is_unknown() -> None:
+    first = parse_engine(engine_text(prompt=-1.7e308), 0.0)
+    second = parse_engine(engine_text(prompt=1.7e308), 1.0)
+    assert PROMPT_TOKENS_PER_S not in engine_values(first, second)
