@@ -501,6 +501,13 @@ def engine_script(argv: Sequence[str], env: Mapping[str, str] | None, home: str)
     )
 
 
+def autoscaler_stop_grace_s(engine_grace_s: float) -> float:
+    """The autoscaler's own stop grace: a round in progress (which may stop an engine, up to
+    ``engine_grace_s``), then its engines' stop (``engine_grace_s`` again, all at once), and
+    10 s for the rest (one round's scrapes and probes, the discovery file, exiting)."""
+    return 2 * engine_grace_s + 10.0
+
+
 def _plan_autoscaled(
     options: UpOptions,
     workdir: Path,
@@ -548,6 +555,9 @@ def _plan_autoscaled(
     port = free_port()
     autoscaler_url = f"http://127.0.0.1:{port}"
     policy = ("--policy", options.autoscale) if options.autoscale else ()
+    # SIGTERM to the autoscaler ends its round (which may be stopping an engine) and then
+    # stops its engines, each with this grace: its own must cover both, and a margin
+    engine_grace_s = 10.0 if options.sim else 25.0  # vLLM unlinks its shared memory last
     autoscaler = Service(
         "autoscaler",
         (sys.executable, "-m", "shoal", "autoscale", "run", "--target", "local",
@@ -556,13 +566,13 @@ def _plan_autoscaled(
          "--max-replicas", str(options.num_engines), *policy, "--model", served,
          "--router-url", router_url, "--host", "127.0.0.1", "--port", str(port),
          "--engine-ready-timeout-s", str(options.engine_ready_timeout_s),
+         "--engine-stop-grace-s", str(engine_grace_s),
          "--log-format", "text", *options.autoscale_args),
         workdir / "autoscaler.log", env, address=autoscaler_url,
         detail=f"{options.autoscale or 'its default'} policy, {options.min_replicas}.."
         f"{options.num_engines} engines ({detail}) from engine.sh, listed in engines.json",
         ready_url=f"{autoscaler_url}/status", ready_timeout_s=60.0,
-        # its engines stop with it (each in its own session): vLLM's take up to 20 s
-        stop_grace_s=15.0 if options.sim else 45.0,
+        stop_grace_s=autoscaler_stop_grace_s(engine_grace_s),
     )  # fmt: skip
     router = _router(
         options, workdir, env, model,

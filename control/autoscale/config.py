@@ -71,6 +71,11 @@ class AutoscaleSettings:
     drain_s: float = setting(
         10.0, "local target: seconds a removed engine keeps serving its requests before SIGTERM"
     )
+    engine_stop_grace_s: float = setting(
+        25.0,
+        "local target: seconds an engine has after SIGTERM before SIGKILL (vLLM unlinks its "
+        "shared memory last)",
+    )
     host: str = setting("127.0.0.1", "the controller's HTTP address (/metrics, /status, /v1/wake)")
     port: int = setting(8090, "the controller's HTTP port; 0 = none")
     auth_token_file: str = setting(
@@ -104,7 +109,12 @@ class AutoscaleSettings:
                 "authentication (a wake starts engines): give --auth-token-file FILE, or "
                 "--insecure-no-auth to accept that"
             )
-        for name in ("interval_s", "scrape_timeout_s", "engine_ready_timeout_s"):
+        for name in (
+            "interval_s",
+            "scrape_timeout_s",
+            "engine_ready_timeout_s",
+            "engine_stop_grace_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
 

@@ -341,6 +341,7 @@ def make_actuator(settings: AutoscaleSettings) -> Actuator:
             discovery_file=settings.discovery_file,
             ready_timeout_s=settings.engine_ready_timeout_s,
             drain_s=settings.drain_s,
+            kill_grace_s=settings.engine_stop_grace_s,
         )
     kind, _, name = target.partition("/")
     if kind in ("deployment", "statefulset") and name:

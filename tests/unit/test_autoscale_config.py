@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,24 @@ def test_a_token_file_must_hold_a_token(tmp_path: Path) -> None:
         read_token(str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="cannot read the token file"):
         read_token(str(tmp_path / "missing"))
+
+
+def test_the_engine_stop_grace_reaches_the_local_actuator(tmp_path: Path) -> None:
+    from control.autoscale.actuators.local import LocalActuator
+    from control.autoscale.controller import make_actuator
+
+    settings = AutoscaleSettings(
+        target="local",
+        engine_command="true {port}",
+        discovery_file=str(tmp_path / "engines.json"),
+        engine_stop_grace_s=42.0,
+    )
+    actuator = make_actuator(settings)
+    assert isinstance(actuator, LocalActuator)
+    try:
+        assert actuator._kill_grace_s == 42.0
+    finally:
+        asyncio.run(actuator.close())
+    assert AutoscaleSettings().engine_stop_grace_s == 25.0
+    with pytest.raises(ConfigError, match="--engine-stop-grace-s must be > 0"):
+        AutoscaleSettings(engine_stop_grace_s=0)

@@ -166,3 +166,19 @@ def test_the_json_names_the_autoscaler(tmp_path: Path) -> None:
     p = plan(tmp_path, sim=True, autoscale="")
     assert describe(p, [])["autoscaler"] == p.autoscaler_url
     assert describe(plan(tmp_path / "s", sim=True), [])["autoscaler"] is None
+
+
+def test_the_engines_stop_grace_is_passed_and_the_autoscalers_own_covers_it(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    from control.autoscale.config import AutoscaleSettings
+
+    interval_s = AutoscaleSettings().interval_s
+    for p, grace in (
+        (plan(tmp_path / "a", sim=True, autoscale="kpa"), 10.0),
+        (plan(tmp_path / "b", short_dir / "up", autoscale=""), 25.0),
+    ):
+        autoscaler = step(p, "autoscaler")
+        assert float(flag(autoscaler.argv, "--engine-stop-grace-s")) == grace
+        # a round that stops one engine, then every engine stopped at once, then a round
+        assert autoscaler.stop_grace_s > 2 * grace + interval_s
