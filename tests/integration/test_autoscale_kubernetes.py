@@ -38,6 +38,8 @@ class ApiServer:
     fail: dict[str, int] = field(default_factory=dict)
     patches: list[tuple[str, str, Any]] = field(default_factory=list)  # path, type, body
     selectors: list[str] = field(default_factory=list)
+    stall: set[str] = field(default_factory=set)  # path suffixes that never answer
+    release: asyncio.Event = field(default_factory=asyncio.Event)  # set at teardown
 
 
 def _status(code: int, message: str) -> web.Response:
@@ -94,6 +96,14 @@ def pod(name: str, ip: str, *, ready: bool = True, deleting: bool = False) -> di
 
 
 def make_app(api: ApiServer) -> web.Application:
+    @web.middleware
+    async def stalling(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if any(request.path.endswith(suffix) for suffix in api.stall):
+            await api.release.wait()  # a stalled API server: connected, never answers
+        return await handler(request)
+
     def failure(path: str) -> web.Response | None:
         for suffix, code in list(api.fail.items()):
             if path.endswith(suffix):
@@ -145,7 +155,7 @@ def make_app(api: ApiServer) -> web.Application:
              "items": items}
         )  # fmt: skip
 
-    app = web.Application()
+    app = web.Application(middlewares=[stalling])
     base = "/apis/apps/v1/namespaces/{ns}/{kind}/{name}"
     app.router.add_get(base + "/scale", get_scale)
     app.router.add_patch(base + "/scale", patch_scale)
@@ -167,6 +177,7 @@ async def stand_in(api: ApiServer) -> AsyncIterator[k8s.ApiClient]:
     try:
         yield api_client
     finally:
+        api.release.set()
         await asyncio.to_thread(api_client.close)
         await runner.cleanup()
 
@@ -307,3 +318,29 @@ def test_an_unreachable_api_server_is_an_actuator_error() -> None:
             await actuator.close()
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("stalled", ["/scale", "/pods"])
+def test_a_stalled_api_server_fails_the_call_in_its_deadline_naming_the_target(
+    stalled: str,
+) -> None:
+    api = ApiServer(
+        workloads={("deployments", "serving", "llama"): Workload(replicas=2, ready=2)},
+        stall={stalled},
+    )
+
+    async def body(api_client: k8s.ApiClient) -> None:
+        actuator = KubernetesActuator(
+            "deployment", "llama", namespace="serving", api_client=api_client,
+            connect_timeout_s=1.0, read_timeout_s=0.5,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ActuatorError, match="deployment/llama in namespace serving"):
+            await asyncio.wait_for(actuator.state(), 20)  # unbounded before the fix
+        assert loop.time() - started < 10
+        if stalled == "/scale":
+            with pytest.raises(ActuatorError, match="scale of deployment/llama"):
+                await asyncio.wait_for(actuator.scale(3), 20)
+
+    run(api, body)

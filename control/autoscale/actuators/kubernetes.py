@@ -17,6 +17,12 @@ Replica counts come from the workload's status (``readyReplicas``; pending = spe
 never negative); endpoints from its pods: Ready condition True, a pod IP, not being
 deleted. A pod that is Ready but terminating is left out: it is draining, not serving.
 
+Every call has a deadline: ``_request_timeout=(connect_timeout_s, read_timeout_s)`` on
+the client's request (5 s, 15 s), and ``asyncio.timeout`` of their sum (and a second)
+around the threaded call, in case the client's own deadline does not fire. A stalled API
+server therefore fails a round with ``ActuatorError`` instead of hanging it while holding
+the controller's lock (wakes would queue behind it, and SIGTERM would wait for it).
+
 Errors are translated once, here: ``ApiException`` 404 -> ``ActuatorNotFound``, any other
 status or a connection failure -> ``ActuatorError``, each message naming the target and
 its namespace.
@@ -107,6 +113,8 @@ class KubernetesActuator:
         namespace: str = "",
         engine_port: int = 8000,
         api_client: k8s.ApiClient | None = None,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 15.0,
     ) -> None:
         assert kind in ("deployment", "statefulset"), f"unknown workload kind {kind!r}"
         self.kind = kind
@@ -114,6 +122,7 @@ class KubernetesActuator:
         self.namespace = namespace or own_namespace()
         self.engine_port = engine_port
         self._api_client = api_client
+        self._timeout = (connect_timeout_s, read_timeout_s)  # the client's _request_timeout
         self._apps: k8s.AppsV1Api | None = None
         self._core: k8s.CoreV1Api | None = None
 
@@ -130,8 +139,14 @@ class KubernetesActuator:
         return self._apps, self._core
 
     async def _call(self, what: str, function: Callable[[], T]) -> T:
+        deadline_s = sum(self._timeout) + 1.0
         try:
-            return await asyncio.to_thread(function)
+            async with asyncio.timeout(deadline_s):
+                return await asyncio.to_thread(function)
+        except TimeoutError:
+            raise ActuatorError(
+                f"{what} of {self._where}: no answer from the API server in {deadline_s:.0f} s"
+            ) from None
         except ApiException as exc:
             reason = f"{exc.status} {exc.reason}"
             if exc.status == 404:
@@ -144,27 +159,30 @@ class KubernetesActuator:
 
     async def state(self) -> ReplicaState:
         apps, core = self._apis()
-        ns = self.namespace
+        ns, t = self.namespace, self._timeout
         workload: Any
         if self.kind == "deployment":
             scale = await self._call(
-                "read scale", lambda: apps.read_namespaced_deployment_scale(self.name, ns)
+                "read scale",
+                lambda: apps.read_namespaced_deployment_scale(self.name, ns, _request_timeout=t),
             )
             workload = await self._call(
-                "read", lambda: apps.read_namespaced_deployment(self.name, ns)
+                "read", lambda: apps.read_namespaced_deployment(self.name, ns, _request_timeout=t)
             )
         else:
             scale = await self._call(
-                "read scale", lambda: apps.read_namespaced_stateful_set_scale(self.name, ns)
+                "read scale",
+                lambda: apps.read_namespaced_stateful_set_scale(self.name, ns, _request_timeout=t),
             )
             workload = await self._call(
-                "read", lambda: apps.read_namespaced_stateful_set(self.name, ns)
+                "read", lambda: apps.read_namespaced_stateful_set(self.name, ns, _request_timeout=t)
             )
         spec = int(scale.spec.replicas or 0) if scale.spec else 0
         ready = int((workload.status and workload.status.ready_replicas) or 0)
         selector = _selector(workload)
         pods = await self._call(
-            "list pods", lambda: core.list_namespaced_pod(ns, label_selector=selector)
+            "list pods",
+            lambda: core.list_namespaced_pod(ns, label_selector=selector, _request_timeout=t),
         )
         ips = (_ready_ip(p) for p in pods.items)
         endpoints = tuple(sorted(f"http://{ip}:{self.engine_port}" for ip in ips if ip))
@@ -176,14 +194,20 @@ class KubernetesActuator:
         assert desired >= 0, f"scale to {desired} replicas"
         apps, _ = self._apis()
         body = {"spec": {"replicas": desired}}
-        ns = self.namespace
+        ns, t = self.namespace, self._timeout
         if self.kind == "deployment":
             await self._call(
-                "scale", lambda: apps.patch_namespaced_deployment_scale(self.name, ns, body)
+                "scale",
+                lambda: apps.patch_namespaced_deployment_scale(
+                    self.name, ns, body, _request_timeout=t
+                ),
             )
         else:
             await self._call(
-                "scale", lambda: apps.patch_namespaced_stateful_set_scale(self.name, ns, body)
+                "scale",
+                lambda: apps.patch_namespaced_stateful_set_scale(
+                    self.name, ns, body, _request_timeout=t
+                ),
             )
         log.info("scaled %s to %d replicas", self._where, desired)
 
