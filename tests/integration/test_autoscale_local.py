@@ -309,3 +309,118 @@ def test_a_command_that_keeps_failing_is_restarted_with_backoff(tmp_path: Path) 
     asyncio.run(main())
     # Restarts after 1 s and 2 s (the next is due at 7 s), not one per round.
     assert 2 <= len(list(tmp_path.glob("engine-*.log"))) <= 3
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie waiting for init to reap it counts)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def test_an_engine_whose_leader_died_takes_its_children_with_it(tmp_path: Path) -> None:
+    # the leader starts a child in its own group (as vLLM's API server starts EngineCore)
+    # and dies; the child would keep the port and the GPU
+    child_file = tmp_path / "child.pid"
+    command = f"sh -c 'sleep 600 & echo $! > {child_file}; exit 1' {{port}}"
+    child = 0
+
+    async def main() -> None:
+        nonlocal child
+        actuator = LocalActuator(command, workdir=tmp_path / "work")
+        try:
+            await actuator.scale(1)
+            engine = actuator._engines[0]
+            deadline = time.monotonic() + 10
+            while not (child_file.exists() and child_file.read_text().strip()):
+                assert time.monotonic() < deadline, "the leader never started its child"
+                await asyncio.sleep(0.05)
+            child = int(child_file.read_text())
+            await asyncio.to_thread(engine.process.wait, 10)
+            assert not _gone(child)
+            state = await actuator.state()  # notices the dead leader
+            assert state.ready == 0 and engine not in actuator._engines
+            deadline = time.monotonic() + 5
+            while not _gone(child):
+                assert time.monotonic() < deadline, f"the child {child} outlived its leader"
+                await asyncio.sleep(0.05)
+        finally:
+            await actuator.close()
+            if child and not _gone(child):
+                os.kill(child, signal.SIGKILL)
+
+    asyncio.run(main())
+
+
+def test_scale_honours_the_crash_loop_backoff(tmp_path: Path) -> None:
+    async def main() -> None:
+        actuator = LocalActuator("sh -c 'exit 3' {port}", workdir=tmp_path)
+        try:
+            await actuator.scale(1)
+            await asyncio.to_thread(actuator._engines[0].process.wait, 10)
+            await actuator.state()  # the failure: the next start is 1 s away
+            await actuator.scale(0)
+            await actuator.scale(3)  # asking again does not skip the backoff
+            state = await actuator.state()
+            assert (state.spec, state.ready, state.pending) == (3, 0, 0)
+            assert len(list(tmp_path.glob("engine-*.log"))) == 1
+        finally:
+            await actuator.close()
+
+    asyncio.run(main())
+
+
+HANGING_ENGINE = """\
+import http.server, os, sys, time
+flag = sys.argv[2]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        while os.path.exists(flag):  # hung: alive, accepting, never answering
+            time.sleep(0.05)
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_a_ready_engine_that_hangs_leaves_the_file_and_is_replaced(tmp_path: Path) -> None:
+    script = tmp_path / "engine.py"
+    script.write_text(HANGING_ENGINE)
+    flag = tmp_path / "hang"
+    discovery = tmp_path / "engines.json"
+
+    async def main() -> None:
+        actuator = LocalActuator(
+            f"{sys.executable} {script} {{port}} {flag}", discovery_file=discovery,
+            workdir=tmp_path / "work", health_timeout_s=0.3, kill_grace_s=2.0,
+        )  # fmt: skip
+        try:
+            await actuator.scale(1)
+
+            async def ready() -> bool:
+                return (await actuator.state()).ready == 1
+
+            await until(ready, 20, "the engine ready")
+            (first,) = actuator._engines
+            assert listed(discovery) == [first.url]
+            flag.touch()
+            for _ in range(2):  # one or two failed checks: a blip, still listed
+                assert (await actuator.state()).ready == 1
+                assert listed(discovery) == [first.url]
+            state = await actuator.state()  # the third: hung, replaced
+            assert (state.spec, state.ready, state.pending) == (1, 0, 1)
+            assert listed(discovery) == []
+            assert first not in actuator._engines
+            await asyncio.to_thread(first.process.wait, 10)  # its group was stopped
+            flag.unlink()
+            await until(ready, 20, "the replacement ready")
+            assert listed(discovery) != [first.url] and len(listed(discovery)) == 1
+        finally:
+            flag.unlink(missing_ok=True)
+            await actuator.close()
+
+    asyncio.run(main())

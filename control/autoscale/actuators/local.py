@@ -7,6 +7,8 @@ its own session (so its whole process group is stopped, children included), its 
     starting --GET /health 200--> ready --scale down--> draining --drain_s--> SIGTERM
         |                           |                                   (SIGKILL after grace)
         +--exits / start timeout----+--exits--> gone, replaced (state() notices)
+                                    +--MAX_FAILED_PROBES /health failures in a row-->
+                                         out of the file, stopped, replaced
 
 Invariants:
 
@@ -21,7 +23,14 @@ Invariants:
   there (logged with its exit code and log), never silently lost. The one exception is a
   command that keeps failing before any engine gets ready (a typo in
   ``--engine-command``): its replacements wait 1, 2, 4 ... s (at most ``MAX_BACKOFF_S``),
-  and until then the missing engines are neither ready nor pending.
+  and until then the missing engines are neither ready nor pending (``scale()`` honours
+  the same backoff: asking for more engines does not skip it);
+* an engine whose leader process died is replaced only after its whole process group got
+  SIGKILL: children it left (vLLM's EngineCore) would keep its port and memory;
+* a ready engine is probed again every ``state()`` (all engines at once, each within the
+  probe timeout): after ``MAX_FAILED_PROBES`` failures in a row it is hung, not slow; it
+  leaves the file, its group is stopped (in the background, with the grace) and it is
+  replaced. One failed probe keeps it listed: the router's own checks cover blips.
 
 Readiness is probed in ``state()`` (each control round), not by a task per engine: one
 place changes the engine table, so the file and the counts cannot disagree. Drains are
@@ -59,6 +68,8 @@ log = logging.getLogger("shoal." + __name__)
 
 # An engine that fails before getting ready is replaced after 1, 2, 4 ... s, at most this.
 MAX_BACKOFF_S = 60.0
+# A ready engine that fails this many /health probes in a row (one per round) is replaced.
+MAX_FAILED_PROBES = 3
 
 
 def write_discovery_file(path: Path, urls: list[str]) -> None:
@@ -103,6 +114,7 @@ class _Engine:
     log_path: Path
     started_s: float
     ready: bool = False
+    failed_probes: int = 0  # /health failures in a row since it got ready
 
     @property
     def url(self) -> str:
@@ -135,6 +147,7 @@ class LocalActuator:
         self._desired = 0
         self._engines: list[_Engine] = []  # starting and ready, oldest first
         self._draining: dict[int, asyncio.Task[None]] = {}  # port -> its retirement
+        self._discarding: dict[int, asyncio.Task[None]] = {}  # port -> stop of a hung one
         self._published: list[str] | None = None
         self._num_failed = 0  # engines that died or never got ready (their logs are kept)
         self._failing_in_a_row = 0  # engines that failed before any got ready since
@@ -150,7 +163,7 @@ class LocalActuator:
     # -- processes -----------------------------------------------------------------------
 
     def _start(self) -> _Engine:
-        taken = {e.port for e in self._engines} | set(self._draining)
+        taken = {e.port for e in self._engines} | set(self._draining) | set(self._discarding)
         port = free_port(taken)
         argv = shlex.split(self._command.replace("{port}", str(port)))
         log_path = self.workdir / f"engine-{port}.log"
@@ -201,6 +214,21 @@ class LocalActuator:
 
     # -- the Protocol --------------------------------------------------------------------
 
+    async def _discard(self, engine: _Engine) -> None:
+        try:
+            code = await self._stop(engine)
+            log.info("hung engine on port %d stopped (exit %d)", engine.port, code)
+        finally:
+            self._discarding.pop(engine.port, None)
+
+    def _failed(self, engine: _Engine, now: float) -> None:
+        self._engines.remove(engine)
+        self._num_failed += 1
+        if not engine.ready:
+            self._failing_in_a_row += 1
+            backoff_s = min(MAX_BACKOFF_S, 2.0 ** (self._failing_in_a_row - 1))
+            self._restart_at = now + backoff_s
+
     async def state(self) -> ReplicaState:
         now = time.monotonic()
         for engine in list(self._engines):
@@ -208,12 +236,7 @@ class LocalActuator:
             timed_out = not engine.ready and now - engine.started_s > self._ready_timeout_s
             if code is None and not timed_out:
                 continue
-            self._engines.remove(engine)
-            self._num_failed += 1
-            if not engine.ready:
-                self._failing_in_a_row += 1
-                backoff_s = min(MAX_BACKOFF_S, 2.0 ** (self._failing_in_a_row - 1))
-                self._restart_at = now + backoff_s
+            self._failed(engine, now)
             if code is None:
                 log.warning(
                     "engine on port %d not healthy in %.0f s; replacing it (log %s)",
@@ -221,23 +244,35 @@ class LocalActuator:
                 )  # fmt: skip
                 await self._stop(engine)
             else:
+                # the leader is gone; children it left (vLLM's EngineCore) still hold the
+                # port and memory: the group goes with it
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(engine.process.pid, signal.SIGKILL)
                 log.warning(
                     "engine on port %d exited with %d; replacing it (log %s)",
                     engine.port, code, engine.log_path,
                 )  # fmt: skip
-        while len(self._engines) < self._desired and now >= self._restart_at:
-            self._engines.append(self._start())
-        starting = [e for e in self._engines if not e.ready]
-        for engine, healthy in zip(
-            starting, await asyncio.gather(*(self._healthy(e) for e in starting)), strict=True
-        ):
-            if healthy:
+        probed = list(self._engines)
+        results = await asyncio.gather(*(self._healthy(e) for e in probed))
+        for engine, healthy in zip(probed, results, strict=True):
+            if healthy and not engine.ready:
                 engine.ready = True
                 self._failing_in_a_row = 0
                 log.info(
                     "engine on port %d ready after %.1f s",
                     engine.port, time.monotonic() - engine.started_s,
                 )  # fmt: skip
+            elif engine.ready:
+                engine.failed_probes = 0 if healthy else engine.failed_probes + 1
+                if engine.failed_probes >= MAX_FAILED_PROBES:
+                    log.warning(
+                        "engine on port %d failed %d health checks in a row; replacing it "
+                        "(log %s)", engine.port, engine.failed_probes, engine.log_path,
+                    )  # fmt: skip
+                    self._failed(engine, now)
+                    self._discarding[engine.port] = asyncio.create_task(self._discard(engine))
+        while len(self._engines) < self._desired and now >= self._restart_at:
+            self._engines.append(self._start())
         ready = [e.url for e in self._engines if e.ready]
         self._publish(ready)
         return ReplicaState(
@@ -261,7 +296,7 @@ class LocalActuator:
     async def scale(self, desired: int) -> None:
         assert desired >= 0, f"scale to {desired} replicas"
         self._desired = desired
-        while len(self._engines) < desired:
+        while len(self._engines) < desired and time.monotonic() >= self._restart_at:
             self._engines.append(self._start())
         surplus = len(self._engines) - desired
         if surplus <= 0:
@@ -286,6 +321,7 @@ class LocalActuator:
         for task in list(self._draining.values()):
             task.cancel()
         await asyncio.gather(*self._draining.values(), return_exceptions=True)
+        await asyncio.gather(*self._discarding.values(), return_exceptions=True)
         await asyncio.gather(*(self._stop(e) for e in engines))
         if self._session is not None:
             await self._session.close()
