@@ -27,9 +27,9 @@ conservative choice in both directions. Then the rate policies: scale-up
 ``floor(start * (1 - scale_down_percent/100))`` per ``scale_down_period_s`` (100% per 15
 s), ``start`` being the count at the beginning of the period: the count now, less the
 replicas added and plus those removed within it, both directions' events counted in both
-limits (``calculateScaleUpLimitWithScalingRules`` / ``calculateScaleDownLimitWith
-Behaviors``), so a scale-up right after a scale-down starts from the count before the
-scale-down.
+limits (``calculateScaleUpLimitWithScalingRules``,
+``calculateScaleDownLimitWithBehaviors``), so a scale-up right after a scale-down starts
+from the count before the scale-down.
 
 Scale events are what was applied, not what was decided: the HPA records one only when it
 has written the scale. The policy sees no write, so it infers them from ``spec_replicas``:
@@ -38,14 +38,15 @@ write follows that round's decision). A dry run or a failed write leaves the spe
 was and uses no rate budget. Rejected: recording ``decision.desired`` (it charged the
 budget for scales never made) and a feedback call on the Policy protocol (an interface
 change for what the spec already says). A change made by someone else between rounds (the
-wake endpoint, a user) counts too, where the HPA would not count it: the policy cannot
-tell them apart, and counting them errs on the slow side.
+wake endpoint, a user) counts too, dated at the earlier round, where the HPA would not
+count it: the policy cannot tell it from its own (the wake's 0 -> 1 thus takes one
+replica off the next scale-up's period start).
 
 Where ours differs: the HPA does not scale from zero (``minReplicas >= 1`` unless the
 HPAScaleToZero gate); ours follows Shoal's shared rule (scale to zero after
 ``scale_to_zero_idle_s`` idle, default the scale-down window; held requests or arrivals
-wake it). The pipeline delay (Prometheus scrape, the adapter's
-``rate[1m]``, the 15 s sync) is the simulator's to model, not the policy's.
+wake it). The pipeline delay (Prometheus scrape, the adapter's ``rate[1m]``, the 15 s
+sync) is the simulator's to model, not the policy's.
 
 Options: ``tolerance`` (0.1), ``scale_up_stabilization_window_s`` (0),
 ``scale_down_stabilization_window_s`` (300), ``scale_up_percent`` (100),
