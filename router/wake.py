@@ -36,13 +36,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Protocol
 
 import aiohttp
 
 from router.hold import WakeGate
-from shoal.errors import ConfigError
+from shoal.config import read_secret
 
 __all__ = ["AutoscalerWaker", "NullWaker", "Waker", "read_token"]
 
@@ -52,15 +51,9 @@ _TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 
 
 def read_token(path: str) -> str:
-    """The bearer token in ``path`` (surrounding whitespace dropped), as the autoscaler
-    reads its own; ``ConfigError`` naming the flag when unreadable or empty."""
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"--autoscaler-token-file {path}: {exc.strerror}") from None
-    if not token:
-        raise ConfigError(f"--autoscaler-token-file {path} is empty")
-    return token
+    """The bearer token in ``path``, read as the autoscaler reads its own; ``ConfigError``
+    naming the flag when unreadable or empty."""
+    return read_secret(path, "--autoscaler-token-file")
 
 
 class Waker(Protocol):
@@ -128,9 +121,13 @@ class AutoscalerWaker:
         while True:
             await self._needed.wait()
             self._needed.clear()
-            now = self._clock()
-            due = [m for m in self._held_models() if self._gate.try_pass(m, now)]
-            await asyncio.gather(*(self._post(model) for model in due))
+            try:
+                now = self._clock()
+                due = [m for m in self._held_models() if self._gate.try_pass(m, now)]
+                await asyncio.gather(*(self._post(model) for model in due))
+            except Exception:  # a bug here must not end the loop: held requests need it
+                self.num_failed += 1
+                log.exception("waking the autoscaler at %s failed; retrying", self.url)
             if self._held_models():
                 await asyncio.sleep(self._interval_s)
                 self._needed.set()

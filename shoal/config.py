@@ -36,6 +36,7 @@ __all__ = [
     "parse_bool",
     "parse_rate",
     "parse_size",
+    "read_secret",
     "render_reference",
     "setting",
 ]
@@ -206,3 +207,15 @@ def render_reference(cls: type[Any], section: str) -> str:
             f"| {field.metadata.get('help', '')} |"
         )
     return "\n".join(rows)
+
+
+def read_secret(path: str | Path, flag: str) -> str:
+    """The secret (a bearer token) in the file ``path``, surrounding whitespace dropped;
+    ``ConfigError`` naming ``flag`` when the file cannot be read or holds nothing."""
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read it: {exc.strerror}") from None
+    if not secret:
+        raise ConfigError(f"{flag} {path} is empty")
+    return secret

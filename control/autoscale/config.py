@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from pathlib import Path
 
 from control.autoscale.errors import PolicyConfigError
 from control.autoscale.types import METRICS, MetricTarget, PolicySpec
-from shoal.config import setting
+from shoal.config import read_secret, setting
 from shoal.errors import ConfigError
 
 __all__ = [
@@ -188,13 +187,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def read_token(path: str) -> str:
+def read_token(path: str, flag: str = "--auth-token-file") -> str:
     """The bearer token in ``path`` (surrounding whitespace dropped); ``ConfigError`` when
     the file cannot be read or holds none."""
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the token file {path}: {exc.strerror}") from None
-    if not token:
-        raise ConfigError(f"the token file {path} is empty")
-    return token
+    return read_secret(path, flag)

@@ -69,7 +69,7 @@ def render(status: dict[str, Any]) -> list[str]:
 
 def show(url: str, *, as_json: bool = False, token_file: str = "") -> int:
     try:
-        token = read_token(token_file) if token_file else None
+        token = read_token(token_file, "--token-file") if token_file else None
     except ConfigError as exc:
         print(f"shoal autoscale status: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -125,7 +125,7 @@ def test_a_token_file_must_hold_a_token(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ConfigError, match="is empty"):
         read_token(str(tmp_path / "empty"))
-    with pytest.raises(ConfigError, match="cannot read the token file"):
+    with pytest.raises(ConfigError, match="cannot read it"):
         read_token(str(tmp_path / "missing"))
 
 

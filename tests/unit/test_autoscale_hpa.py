@@ -142,3 +142,39 @@ def test_scale_down_policy_percent_per_period() -> None:
 def test_bad_select_policy_is_rejected() -> None:
     with pytest.raises(PolicyConfigError, match="scale_up_select_policy"):
         policy("hpa", scale_up_select_policy="most")
+
+
+def test_scale_up_after_a_scale_down_starts_from_the_period_start() -> None:
+    """Kubernetes counts both directions' events: 8 -> 4 at t=0, then a burst at t=1
+    starts from 4 - 0 added + 4 removed = 8, so max(2 * 8, 8 + 4) = 16 (not 8 from 4)."""
+    hpa = policy("hpa", max_replicas=100, scale_down_percent=50.0, **no_stab)
+    assert hpa.decide(observe(0.0, ready=8, per_replica=0.0)).desired == 4
+    burst = hpa.decide(observe(1.0, ready=4, per_replica=100.0))
+    assert burst.desired == 16
+    assert "scale-up-policy" in burst.bounds
+
+
+def test_a_scale_down_after_a_scale_up_starts_from_the_period_start() -> None:
+    """6 -> 12 at t=0 (100% wins over 4 pods), then idle at t=1 with 50% down: the period
+    started at 12 - 6 = 6, so floor(6 * 0.5) = 3 (not floor(12 * 0.5) = 6)."""
+    hpa = policy("hpa", max_replicas=100, scale_down_percent=50.0, **no_stab)
+    assert hpa.decide(observe(0.0, ready=6, per_replica=100.0)).desired == 12
+    idle = hpa.decide(observe(1.0, ready=12, per_replica=0.0))
+    assert (idle.desired, idle.bounds) == (3, "scale-down-policy")
+
+
+def test_a_decision_never_applied_uses_no_rate_budget() -> None:
+    """A dry run or failed write leaves the spec at 1: the next round may ask for 5
+    again. Applied between t=1 and t=2 (the spec reads 5), it is an event at t=1, so
+    the period ends after t=16 (an event at t=0 would have ended it after t=15)."""
+    hpa = policy("hpa", max_replicas=100)
+    assert hpa.decide(observe(0.0, ready=1, per_replica=100.0)).desired == 5
+    assert hpa.decide(observe(1.0, ready=1, per_replica=100.0)).desired == 5
+    applied = drive(hpa, range(2, 17), lambda t: observe(t, ready=5, per_replica=100.0))
+    assert [d.desired for d in applied] == [5] * 14 + [10]  # t=2..15 held, t=16: 2 * 5
+
+
+def test_a_scale_down_never_applied_uses_no_rate_budget() -> None:
+    hpa = policy("hpa", max_replicas=20, scale_down_percent=50.0, **no_stab)
+    assert hpa.decide(observe(0.0, ready=8, per_replica=0.0)).desired == 4
+    assert hpa.decide(observe(1.0, ready=8, per_replica=0.0)).desired == 4  # spec still 8

@@ -254,3 +254,42 @@ def test_a_health_event_with_no_engine_for_the_model_wakes_nothing() -> None:
     p.pool.record_failure("http://a:1")  # a's breaker is open when it comes up
     healthy(p, "http://a:1", "tiny")
     assert ticket.state == "held" and p.hold.num_held() == 1
+
+
+def test_the_waker_keeps_going_after_an_unexpected_error() -> None:
+    """A bug in one round (here: reading the held models raises) is logged and counted;
+    the loop goes on, so requests held later still wake the autoscaler."""
+    import aiohttp
+
+    from router.wake import AutoscalerWaker
+
+    calls: list[str] = []
+
+    def held() -> list[str]:
+        calls.append("read")
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return []
+
+    async def scenario() -> tuple[int, bool]:
+        # nothing is held after the first round, so no POST is ever sent: no server needed
+        async with aiohttp.ClientSession() as session:
+            waker = AutoscalerWaker("http://127.0.0.1:9", held, interval_s=0.01)
+            waker.start(session)
+            waker.notify()
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if calls:
+                    break
+            waker.notify()  # a later hold: the loop must still be there to take it
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if len(calls) >= 3:
+                    break
+            alive = waker._task is not None and not waker._task.done()
+            await waker.close()
+            return waker.num_failed, alive
+
+    num_failed, alive = asyncio.run(scenario())
+    assert num_failed == 1 and alive
+    assert len(calls) >= 3  # the failed round, then the next notify's two reads

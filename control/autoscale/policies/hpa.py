@@ -25,15 +25,28 @@ conservative choice in both directions. Then the rate policies: scale-up
 ``max(ceil(start * (1 + scale_up_percent/100)), start + scale_up_pods)`` per
 ``scale_up_period_s`` (100% or 4 pods per 15 s, ``selectPolicy: Max``), scale-down
 ``floor(start * (1 - scale_down_percent/100))`` per ``scale_down_period_s`` (100% per 15
-s), ``start`` being the count at the beginning of the period (the count now, less the
-changes this policy decided within it).
+s), ``start`` being the count at the beginning of the period: the count now, less the
+replicas added and plus those removed within it, both directions' events counted in both
+limits (``calculateScaleUpLimitWithScalingRules``,
+``calculateScaleDownLimitWithBehaviors``), so a scale-up right after a scale-down starts
+from the count before the scale-down.
+
+Scale events are what was applied, not what was decided: the HPA records one only when it
+has written the scale. The policy sees no write, so it infers them from ``spec_replicas``:
+a change of the spec between two rounds is a scale event at the earlier round's time (the
+write follows that round's decision). A dry run or a failed write leaves the spec as it
+was and uses no rate budget. Rejected: recording ``decision.desired`` (it charged the
+budget for scales never made) and a feedback call on the Policy protocol (an interface
+change for what the spec already says). A change made by someone else between rounds (the
+wake endpoint, a user) counts too, dated at the earlier round, where the HPA would not
+count it: the policy cannot tell it from its own (the wake's 0 -> 1 thus takes one
+replica off the next scale-up's period start).
 
 Where ours differs: the HPA does not scale from zero (``minReplicas >= 1`` unless the
 HPAScaleToZero gate); ours follows Shoal's shared rule (scale to zero after
 ``scale_to_zero_idle_s`` idle, default the scale-down window; held requests or arrivals
-wake it). Changes are assumed applied when decided (the HPA records a scale event when
-it updates the scale subresource). The pipeline delay (Prometheus scrape, the adapter's
-``rate[1m]``, the 15 s sync) is the simulator's to model, not the policy's.
+wake it). The pipeline delay (Prometheus scrape, the adapter's ``rate[1m]``, the 15 s
+sync) is the simulator's to model, not the policy's.
 
 Options: ``tolerance`` (0.1), ``scale_up_stabilization_window_s`` (0),
 ``scale_down_stabilization_window_s`` (300), ``scale_up_percent`` (100),
@@ -153,14 +166,17 @@ class HorizontalPodAutoscaler:
         self._up = RecommendationWindow(up_window_s)
         self._down = RecommendationWindow(down_window_s)
         self._gate = ZeroGate(idle_s=idle_s)
-        # (time, replicas added) and (time, replicas removed): the HPA's scale events
+        # (time, replicas added) and (time, replicas removed): the HPA's scale events,
+        # inferred from the spec's changes between rounds
         self._up_events: deque[tuple[float, int]] = deque()
         self._down_events: deque[tuple[float, int]] = deque()
         self._last_now_s = -math.inf
+        self._last_spec: int | None = None
 
     def decide(self, observation: ScaleInput) -> Decision:
         now_s = observation.now_s
         assert now_s >= self._last_now_s, f"hpa: time went backwards ({now_s})"
+        self._record_applied(self._last_now_s, observation.spec_replicas)
         self._last_now_s = now_s
         self._gate.observe(observation, self._spec.targets)
         current = observation.spec_replicas
@@ -197,12 +213,16 @@ class HorizontalPodAutoscaler:
         if stabilized != recommendation:
             bounds.append("stabilization")
         desired = self._limit_rate(now_s, current, stabilized, bounds)
-        decision = self._finish(observation, desired, recommendation, inputs, per_metric, bounds)
-        if decision.desired > current:
-            self._up_events.append((now_s, decision.desired - current))
-        elif decision.desired < current:
-            self._down_events.append((now_s, current - decision.desired))
-        return decision
+        return self._finish(observation, desired, recommendation, inputs, per_metric, bounds)
+
+    def _record_applied(self, previous_s: float, spec: int) -> None:
+        """A change of the spec since the last round is a scale event at that round."""
+        if self._last_spec is not None and spec != self._last_spec:
+            if spec > self._last_spec:
+                self._up_events.append((previous_s, spec - self._last_spec))
+            else:
+                self._down_events.append((previous_s, self._last_spec - spec))
+        self._last_spec = spec
 
     @staticmethod
     def _changed_within(events: deque[tuple[float, int]], now_s: float, period_s: float) -> int:
@@ -214,7 +234,12 @@ class HorizontalPodAutoscaler:
             while events and events[0][0] <= now_s - longest:
                 events.popleft()
         if desired > current:
-            start = current - self._changed_within(self._up_events, now_s, self.scale_up_period_s)
+            period_s = self.scale_up_period_s
+            start = (
+                current
+                - self._changed_within(self._up_events, now_s, period_s)
+                + self._changed_within(self._down_events, now_s, period_s)
+            )
             proposals = [
                 math.ceil(start * (1 + self.scale_up_percent / 100) - 1e-9),
                 start + int(self.scale_up_pods),
@@ -225,8 +250,11 @@ class HorizontalPodAutoscaler:
                 bounds.append("scale-up-policy")
                 return limit
         elif desired < current:
-            start = current + self._changed_within(
-                self._down_events, now_s, self.scale_down_period_s
+            period_s = self.scale_down_period_s
+            start = (
+                current
+                - self._changed_within(self._up_events, now_s, period_s)
+                + self._changed_within(self._down_events, now_s, period_s)
             )
             proposals = [math.floor(start * (1 - self.scale_down_percent / 100) + 1e-9)]
             if self.scale_down_pods > 0:
