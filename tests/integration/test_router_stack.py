@@ -164,8 +164,14 @@ def test_interrupting_a_start_stops_what_is_already_up(tmp_path: Path) -> None:
         ready_log="never",
     )
     stack = Stack([[service(tmp_path, "cache")], [slow]], on_stage=interrupt_soon)
-    with pytest.raises(KeyboardInterrupt), stack:
-        pass
+    # A terminal's Ctrl-C: Python's own SIGINT handler, even where this run inherited SIGINT
+    # ignored (a shell's background job starts Python with SIG_IGN, and then SIGINT is lost)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), stack:
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stack.running == []
     assert (tmp_path / "order").read_text().split() == ["cache"]
     slow_pid = int((tmp_path / "engine-0.log").read_text().split()[1])
