@@ -338,3 +338,19 @@ class TestShoalContract(PolicyContract):
 
     policy_name = "shoal"
     idle_period_s = 120.0  # idle_s
+
+
+def test_a_pinned_queue_gets_no_more_replicas_than_it_can_use(profile: str) -> None:
+    """400 requests wait on the one replica that took a step of 60/s: draining them in 30 s
+    would ask (60 + 400 / 30) / 39.37 -> 2 replicas from the panic path and 100 from a
+    ``requests_waiting:4`` target, but a waiting request stays on its engine; what helps
+    is the demand's replicas (60 / 39.37 -> 2) plus the one holding the queue (it then
+    gets no new work and drains at full speed): 3, for both."""
+    shoal = policy(profile, targets=(MetricTarget(REQUESTS_WAITING, 4.0),))
+    calm = {REQUESTS_RUNNING: 5.0, REQUESTS_WAITING: 0.0}
+    assert shoal.decide(observe(0, arrivals=10.0, engines=calm)).desired == 1
+    queued = {REQUESTS_RUNNING: 20.0, REQUESTS_WAITING: 400.0}
+    decision = shoal.decide(observe(2, arrivals=60.0, engines=queued))
+    assert decision.panic
+    assert decision.per_metric[REQUESTS_WAITING] == ceil_div(60.0, PER_REPLICA) + 1 == 3
+    assert decision.desired == 3

@@ -37,9 +37,15 @@ Algorithm, once per round (``decide``):
    replica more than are ready unless some are already pending (a queue that grows while
    replicas start does not pile up more of them: AIBrix RFC #2670) or the queue drains
    within ``panic_drain_s`` already. While in panic the desired count never drops.
+   **Pinned queues**: a request waiting in an engine stays there (vLLM does not move it),
+   so replicas added for a queue can only take new arrivals; the queue-driven asks (the
+   drain above, a ``requests_waiting`` target) are capped at the demand's replicas plus
+   the replicas holding a queue (``_useful_for_queues``). Without the cap the step trace
+   went to 16 replicas where 5 serve it, at the same SLO (29% more replica-seconds).
 6. **Targets**: each configured ``MetricTarget`` recommends ``ceil(total / target)`` (the
-   ``--metrics`` flag works as for every policy); with the SLO, panic and held-request
-   recommendations, the largest known one wins. All unknown: hold at ``spec_replicas``.
+   ``--metrics`` flag works as for every policy; ``requests_waiting`` capped as above);
+   with the SLO, panic and held-request recommendations, the largest known one wins.
+   All unknown: hold at ``spec_replicas``.
 7. **Scale down** only to the maximum recommendation over ``scale_down_delay_s``; up at
    once. **Zero** (the rule every policy shares, ``windows.ZeroGate``): with
    ``min_replicas == 0``, after ``idle_s`` of rounds in which every known signal (the
@@ -259,9 +265,11 @@ class ShoalPolicy:
         panic = bool(triggers)
         backlog = None if waiting is None else waiting * obs.ready_replicas
         trend = self._backlog_trend(now, backlog)
+        demand = self._demand(obs, predicted, trend)
+        useful = self._useful_for_queues(obs, demand, per_replica)
         if panic:
             per_metric["panic"] = self._panic_replicas(
-                obs, predicted, per_replica, backlog or 0.0, trend
+                obs, demand, per_replica, backlog or 0.0, trend, useful
             )
 
         held = obs.router.get(ROUTER_HELD)
@@ -270,7 +278,10 @@ class ShoalPolicy:
 
         for target in self.spec.targets:
             value = observed_total(obs, target.metric)
-            per_metric[target.metric] = None if value is None else _ceil(value / target.target)
+            wanted = None if value is None else _ceil(value / target.target)
+            if wanted is not None and useful is not None and target.metric == REQUESTS_WAITING:
+                wanted = min(wanted, max(useful, 1))  # queues are pinned: see _useful_for_queues
+            per_metric[target.metric] = wanted
 
         recommendation = largest_known(per_metric.values())
         self._gate.observe(obs, _IDLE_SIGNALS + self.spec.targets)
@@ -378,23 +389,45 @@ class ShoalPolicy:
         (first_s, first), (last_s, last) = self._backlog.points[0], self._backlog.points[-1]
         return 0.0 if last_s <= first_s else (last - first) / (last_s - first_s)
 
+    @staticmethod
+    def _demand(obs: ScaleInput, predicted: float | None, trend: float) -> float | None:
+        """The arrival rate to serve: the prediction; without the router the served rate
+        flattens at capacity, so at least the served rate plus the queue's growth."""
+        served = obs.mean(REQUESTS_PER_S)
+        if ROUTER_ARRIVALS_PER_S not in obs.router and served is not None:
+            return max(predicted or 0.0, served * obs.ready_replicas + max(0.0, trend))
+        return predicted
+
+    @staticmethod
+    def _useful_for_queues(obs: ScaleInput, demand: float | None, per_replica: float) -> int | None:
+        """The most replicas a queue can use: the predicted demand's, plus every replica
+        that holds a queue. A request waiting in an engine stays there (vLLM does not
+        move it, the router sent it at arrival), so a new replica drains no existing
+        queue; what it can do is take the new arrivals, so the replicas holding queues get
+        none and drain at full speed. Beyond that, replicas asked for a queue are idle
+        (measured in the simulator: 16 replicas on the step trace where 5 serve it, at the
+        same SLO). ``None`` when the demand is unknown (no cap)."""
+        if demand is None:
+            return None
+        queued = sum(1 for s in obs.samples if s.ok and s.values.get(REQUESTS_WAITING, 0) > 0)
+        return _ceil(demand / per_replica) + queued
+
     def _panic_replicas(
         self,
         obs: ScaleInput,
-        predicted: float | None,
+        demand: float | None,
         per_replica: float,
         backlog: float,
         trend: float,
+        useful: int | None,
     ) -> int:
-        """What the queue needs: the rate it reveals (without the router the served rate
-        flattens at capacity, so the served rate plus the queue's growth), plus draining
-        it in ``panic_drain_s``; and one replica more than are ready, unless some are on
-        their way or the queue already drains within ``panic_drain_s``."""
-        demand = predicted or 0.0
-        served = obs.mean(REQUESTS_PER_S)
-        if ROUTER_ARRIVALS_PER_S not in obs.router and served is not None:
-            demand = max(demand, served * obs.ready_replicas + max(0.0, trend))
-        need = _ceil((demand + backlog / self.panic_drain_s) / per_replica)
+        """What the queue needs: the demand's replicas plus draining the backlog in
+        ``panic_drain_s``, but no more than a queue can use (``_useful_for_queues``); and
+        one replica more than are ready, unless some are on their way or the queue already
+        drains within ``panic_drain_s``."""
+        need = _ceil(((demand or 0.0) + backlog / self.panic_drain_s) / per_replica)
+        if useful is not None:
+            need = min(need, useful)
         draining = trend < 0 and backlog <= -trend * self.panic_drain_s
         floor = obs.ready_replicas + (0 if draining else max(obs.pending_replicas, 1))
         return max(need, floor)
