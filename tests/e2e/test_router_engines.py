@@ -179,6 +179,16 @@ def test_a_conversations_second_turn_goes_where_its_first_turn_left_its_prefix(
         assert cached_tokens(answer) >= least
 
 
+def scraped_since(served: Served, engine_url: str, since: float) -> bool:
+    """Whether the router's last scrape of ``engine_url`` is newer than ``since``
+    (``time.monotonic()`` here; the router reports the scrape's age)."""
+    with urllib.request.urlopen(served.router + "/router/engines", timeout=5) as reply:
+        rows = json.loads(reply.read())["engines"]
+    (row,) = [r for r in rows if r["url"] == engine_url]
+    age = row["metrics_age_s"]
+    return age is not None and age < time.monotonic() - since
+
+
 def stored_blocks(socket_path: Path) -> int:
     with CacheClient(f"ipc://{socket_path}", heartbeat=False) as client:
         return sum(int(tier["num_blocks"]) for tier in client.stats()["tiers"])
@@ -191,8 +201,13 @@ def test_the_second_engine_loads_from_the_cache_daemon_when_the_first_is_saturat
     before = stored_blocks(served.cache_socket)
     warm, _ = post(served, "/v1/completions",
                    {"prompt": prompt, "max_tokens": 1, "ignore_eos": True})  # fmt: skip
+    answered_at = time.monotonic()
     (other,) = set(served.engines) - {warm}
     assert wait_until(lambda: stored_blocks(served.cache_socket) >= before + 4, timeout=30)
+    # The router must see `warm` idle: a scrape taken while the warm-up ran says one request
+    # running there until the next one, and the burst's first request then went elsewhere
+    # (one CI run of 2026-12-06). Wait for a scrape taken after the answer.
+    assert wait_until(lambda: scraped_since(served, warm, answered_at), timeout=30)
     loaded_before = served.engines[other].metric(EXTERNAL_HITS)
 
     # A burst sharing the prompt (each its own last tokens), long enough to queue on `warm`.
