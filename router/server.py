@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import ipaddress
 import logging
 import multiprocessing
 import os
@@ -59,6 +58,7 @@ from router.limits import InMemoryLimiter, Limiter, load_api_keys
 from router.pipeline import Pipeline, PrefixLocator
 from router.proxy import Proxy
 from router.strategies import StrategyDeps
+from shoal.config import is_loopback
 from shoal.errors import ConfigError, ShoalError
 from shoal.processes import shoal_env, spawn_logged
 
@@ -120,22 +120,13 @@ def check_settings(settings: RouterSettings) -> None:
     _pipeline(settings, None)
     if settings.api_keys:
         load_api_keys(settings.api_keys)
-    elif not _is_loopback(settings.host):
+    elif not is_loopback(settings.host):
         if not settings.insecure_no_auth:
             raise ConfigError(
                 f"the router would listen on {settings.host} beyond loopback without "
                 "authentication: give --api-keys FILE, or --insecure-no-auth to accept that"
             )
         log.warning("listening on %s without API keys (--insecure-no-auth)", settings.host)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name other than localhost: assume it is reachable
-        return False
 
 
 async def _connect_locator(settings: RouterSettings) -> PrefixLocator:

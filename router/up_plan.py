@@ -68,10 +68,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
 import re
 import shlex
-import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,7 +78,7 @@ from typing import Any
 
 from router.stack import Job, Service, Step
 from shoal.errors import ConfigError
-from shoal.processes import REPO, checkout_pythonpath, shoal_env
+from shoal.processes import REPO, bindable, checkout_pythonpath, free_loopback_port, shoal_env
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -311,7 +309,7 @@ def check_setup(options: UpOptions) -> None:
         raise ConfigError("--cpu-per-engine takes at least 1")
     if options.chunk_tokens <= 0 or options.chunk_tokens % 128:
         raise ConfigError("--chunk-tokens must be a positive multiple of 128 (vLLM's CPU block)")
-    if options.port and not _bindable(options.host, options.port):
+    if options.port and not bindable(options.host, options.port):
         raise ConfigError(f"port {options.port} on {options.host} is taken: pass --port")
 
 
@@ -588,26 +586,8 @@ def _plan_autoscaled(
     )  # fmt: skip
 
 
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def _free_port() -> int:
-    """A loopback port free now, below the kernel's ephemeral range (where outgoing
-    connections take their source ports, and could take it before the child binds it)."""
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999
-    pool = range(20000, low) if low > 21000 else range(high + 1, 65000)
-    for _ in range(200):
-        port = random.choice(pool)
-        if _bindable("127.0.0.1", port):
-            return port
-    raise ConfigError("no free loopback port outside the ephemeral range")
+    port = free_loopback_port()
+    if port is None:
+        raise ConfigError("no free loopback port outside the ephemeral range")
+    return port

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -32,6 +33,7 @@ from shoal.errors import ConfigError
 __all__ = [
     "add_flags",
     "default_runtime_dir",
+    "is_loopback",
     "load_config",
     "parse_bool",
     "parse_rate",
@@ -219,3 +221,15 @@ def read_secret(path: str | Path, flag: str) -> str:
     if not secret:
         raise ConfigError(f"{flag} {path} is empty")
     return secret
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this host;
+    a name other than localhost may resolve anywhere, so it is not."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -9,11 +9,20 @@ source checkout goes first on the child's ``PYTHONPATH`` (an installed Shoal nee
 from __future__ import annotations
 
 import os
+import random
+import socket
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["REPO", "checkout_pythonpath", "shoal_env", "spawn_logged"]
+__all__ = [
+    "REPO",
+    "bindable",
+    "checkout_pythonpath",
+    "free_loopback_port",
+    "shoal_env",
+    "spawn_logged",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,3 +53,30 @@ def spawn_logged(
     if cpu is not None:
         os.sched_setaffinity(process.pid, {cpu})
     return process
+
+
+def free_loopback_port(taken: Collection[int] = ()) -> int | None:
+    """A loopback port free now and not in ``taken``, below the kernel's ephemeral range
+    (where outgoing connections take their source ports, and could take it before the
+    child binds it); ``None`` when 200 tries found none (the caller names the error)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    pool = range(20000, low) if low > 21000 else range(high + 1, 65000)
+    for _ in range(200):
+        port = random.choice(pool)
+        if port not in taken and bindable("127.0.0.1", port):
+            return port
+    return None
+
+
+def bindable(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (``SO_REUSEADDR``, as servers bind)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True

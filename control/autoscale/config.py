@@ -11,17 +11,15 @@ metric targets are checked where policies are known (``policies.base.make_policy
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from control.autoscale.errors import PolicyConfigError
 from control.autoscale.types import METRICS, MetricTarget, PolicySpec
-from shoal.config import read_secret, setting
+from shoal.config import is_loopback, read_secret, setting
 from shoal.errors import ConfigError
 
 __all__ = [
     "AutoscaleSettings",
-    "is_loopback",
     "parse_metrics",
     "parse_options",
     "policy_spec",
@@ -175,16 +173,6 @@ def policy_spec(settings: AutoscaleSettings) -> PolicySpec:
         max_replicas=settings.max_replicas,
         options=options,
     )
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address (a name other than localhost is assumed not)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(path: str, flag: str = "--auth-token-file") -> str:

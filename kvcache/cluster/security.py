@@ -75,7 +75,6 @@ already).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import secrets
@@ -85,6 +84,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcache.errors import CacheError
+from shoal.config import is_loopback
 
 __all__ = [
     "CurveKeys",
@@ -109,16 +109,6 @@ TOKEN_FILE = "shoal-cluster-operator.token"
 MEMBER = "member"
 OPERATOR = "operator"
 STREAM_DOMAIN = "shoal-stream"  # ZAP domain of the stream's server sockets: members only
-
-
-def is_loopback(host: str) -> bool:
-    """``host`` (a bind address) reaches this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve anywhere
 
 
 def check_bind(host: str, *, curve: bool, insecure: bool) -> None:

@@ -27,12 +27,11 @@ deny-by-default: without ``allow`` nothing can be staged (``allow_rules``; the r
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 from loader.sidecar.allow import AllowRule, parse_rule
-from shoal.config import default_runtime_dir, setting
+from shoal.config import default_runtime_dir, is_loopback, setting
 
 __all__ = ["LoaderConfig", "default_runtime_dir", "is_loopback", "keepalive_options"]
 
@@ -232,14 +231,3 @@ def keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", int(time_s * 1000) // 2),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(time_s * 1000) // 2),
     ]
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this host."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

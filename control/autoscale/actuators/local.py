@@ -44,11 +44,9 @@ import contextlib
 import json
 import logging
 import os
-import random
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -60,7 +58,7 @@ import aiohttp
 from control.autoscale.errors import ActuatorError
 from control.autoscale.types import ReplicaState
 from shoal.errors import ConfigError
-from shoal.processes import shoal_env
+from shoal.processes import free_loopback_port, shoal_env
 
 __all__ = ["LocalActuator", "free_port", "write_discovery_file"]
 
@@ -87,24 +85,11 @@ def write_discovery_file(path: Path, urls: list[str]) -> None:
 
 
 def free_port(taken: set[int]) -> int:
-    """A loopback port free now, below the kernel's ephemeral range (where outgoing
-    connections take their source ports and could take it before the engine binds it)."""
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999
-    pool = range(20000, low) if low > 21000 else range(high + 1, 65000)
-    for _ in range(200):
-        port = random.choice(pool)
-        if port in taken:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise ActuatorError("local target: no free loopback port outside the ephemeral range")
+    """A free loopback port not in ``taken`` (``shoal.processes.free_loopback_port``)."""
+    port = free_loopback_port(taken)
+    if port is None:
+        raise ActuatorError("local target: no free loopback port outside the ephemeral range")
+    return port
 
 
 @dataclass
