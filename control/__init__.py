@@ -5,6 +5,9 @@
     control/
       autoscale/   autoscaling on engine metrics: policies, controller, actuators,
                    the trace simulator (issue 13)
+      placement/   cost-optimal GPU types by ILP (Mélange), the profiler that feeds it,
+                   the live planning loop (issue 14)
+      lora/        LoRA adapters placed, loaded and evicted by traffic (issue 14)
 
-Placement (issue 14) and Ray engine groups (issue 15) land beside it.
+Ray engine groups and accelerator health (issue 15) land beside them.
 """

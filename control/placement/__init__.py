@@ -1,0 +1,24 @@
+"""Heterogeneous GPU placement by integer linear programming (issue 14, after Mélange).
+
+Layout::
+
+    control/placement/
+      types.py        values: Slos, GpuProfile, Workload, Limits, Plan
+      errors.py       the exception tree
+      formats.py      AIBrix's profile JSON, Mélange's example input, the workload JSON,
+                      rebinning a request-size histogram onto a profile's ticks
+      solver.py       the Mélange ILP through HiGHS (highspy), its LP bound, the greedy
+                      fallback; availability caps and minimum replicas
+      profile.py      the profiler: sweep an OpenAI endpoint over (input, output, rate),
+                      keep the highest rate meeting every SLO; resumable (``shoal profile``)
+      smoothing.py    plan smoothing between solves (no flapping)
+      planner.py      the live loop: the router's request-size histogram -> solve ->
+                      per-GPU-type replica targets through the autoscaler's actuators
+      server.py       the planner's HTTP endpoint: /metrics, /status, GET /v1/plan
+      metrics.py      shoal_placement_* Prometheus metrics
+      cli.py          ``shoal placement solve|run|status`` and ``shoal profile``
+
+The solver, formats, smoothing and types are pure: no sockets, no clock of their own
+(import-linter checks they import no transport). Calls go down (planner -> solver,
+planner -> actuator); what the fleet does comes up as data (a ``Workload``).
+"""
