@@ -53,7 +53,15 @@ from control.placement.greedy import greedy_counts
 from control.placement.problem import Problem
 from control.placement.types import GpuProfile, Limits, Plan, Workload
 
-__all__ = ["BACKENDS", "Milp", "build_milp", "single_type_costs", "solve"]
+__all__ = [
+    "BACKENDS",
+    "Milp",
+    "MilpResult",
+    "build_milp",
+    "single_type_costs",
+    "solve",
+    "solve_milp",
+]
 
 logger = logging.getLogger("shoal." + __name__)
 
@@ -196,15 +204,14 @@ def solve(
         return _plan(problem, greedy, "greedy", started, clock, None, greedy_cost, backend)
     milp = build_milp(problem)
     remaining = max(0.1, time_limit_s - (clock() - started))
-    run = _run_highs if backend == "highs" else _run_cbc
     try:
-        relaxed = run(milp, None, remaining, relax=True)
+        relaxed = solve_milp(milp, backend, remaining, relax=True)
         if relaxed.status == "infeasible":
             raise Infeasible(_caps_message(problem), buckets=())
         lp_bound = None if relaxed.values is None else _objective(milp, relaxed.values)
         remaining = max(0.1, time_limit_s - (clock() - started))
         start = None if greedy is None else milp.start(greedy, problem)
-        result = run(milp, start, remaining, relax=False)
+        result = solve_milp(milp, backend, remaining, start=start)
     except ModuleNotFoundError as exc:
         if greedy is None:
             raise SolverError(f"{exc.name} is not installed and the greedy found no plan") from exc
@@ -222,6 +229,23 @@ def solve(
         return _plan(problem, greedy, "greedy", started, clock, lp_bound, greedy_cost, backend)
     counts = milp.counts(result.values, problem)
     return _plan(problem, counts, result.status, started, clock, lp_bound, greedy_cost, backend)
+
+
+def solve_milp(
+    milp: Milp,
+    backend: str,
+    time_limit_s: float,
+    *,
+    start: Sequence[float] | None = None,
+    relax: bool = False,
+) -> MilpResult:
+    """Solve ``milp`` (or its LP relaxation) with ``backend`` ("highs" or "cbc"), from
+    ``start`` if given. ModuleNotFoundError when the backend's library is missing."""
+    if backend == "highs":
+        return _run_highs(milp, start, time_limit_s, relax=relax)
+    if backend == "cbc":
+        return _run_cbc(milp, start, time_limit_s, relax=relax)
+    raise ValueError(f"solve_milp backends are 'highs' and 'cbc', got {backend!r}")
 
 
 def single_type_costs(
