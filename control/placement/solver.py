@@ -369,11 +369,13 @@ def _check(status: Any, call: str) -> None:
 def _run_cbc(
     milp: Milp, start: Sequence[float] | None, time_limit_s: float, *, relax: bool
 ) -> MilpResult:
+    import warnings
+
     import pulp
 
     problem = pulp.LpProblem("placement", pulp.LpMinimize)
     variables = [
-        pulp.LpVariable(
+        problem.add_variable(
             f"x{i}",
             lowBound=milp.lower[i],
             upBound=None if math.isinf(milp.upper[i]) else milp.upper[i],
@@ -396,10 +398,13 @@ def _run_cbc(
     if start is not None:
         for variable, value in zip(variables, start, strict=True):
             variable.setInitialValue(value)
-    command = pulp.PULP_CBC_CMD(
-        msg=False, timeLimit=time_limit_s, gapRel=0.0, warmStart=start is not None
-    )
-    problem.solve(command)
+    with warnings.catch_warnings():
+        # PuLP 3.3 deprecates its bundled CBC for PuLP 4; it is the only CBC installed
+        warnings.filterwarnings("ignore", "PULP_CBC_CMD is deprecated", DeprecationWarning)
+        command = pulp.PULP_CBC_CMD(
+            msg=False, timeLimit=time_limit_s, gapRel=0.0, warmStart=start is not None
+        )
+        problem.solve(command)
     status = pulp.LpStatus[problem.status]
     if status == "Infeasible":
         return MilpResult(None, "infeasible")
