@@ -62,6 +62,7 @@ __all__ = [
     "load_profiles",
     "load_workload",
     "plan_to_json",
+    "profile_from_json",
     "profile_to_json",
     "rebin",
     "workload_from_json",
