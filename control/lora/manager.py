@@ -383,7 +383,6 @@ class LoraManager:
             if self._round_at is None or self._clock() - self._round_at >= self.interval_s:
                 await self.observe()
             now = self._clock()
-            self.last_used[name] = now
             engines = self.holders(name) if engine is None else []
             if engine is not None:
                 view = self.views.get(engine)
@@ -407,6 +406,7 @@ class LoraManager:
                 if victim is not None:
                     await self._evict(url, victim)
                 engines = await self._load_on(url, name, reason, now, evicted=True)
+            self.last_used[name] = self._clock()  # a wake counted already; a load now
             if pin:
                 for url in engines:
                     self.registry.pin(url, name)
