@@ -173,7 +173,7 @@ def test_traffic_places_and_scale_out_replicates_the_hot_adapter(
             tmp_path,
             **manager_flags(
                 discovery, router_url=f"http://127.0.0.1:{router_port}", replica_rate=2.0
-            ),  # fmt: skip
+            ),
         ) as manager,
     ):
         register(manager, tmp_path, "hot", "cold")
