@@ -98,12 +98,19 @@ def test_load_unload_through_the_api_within_the_budget(
     assert down.returncode == 3, down.stderr
 
 
-def test_registry_survives_a_restart(
+def test_registry_survives_a_restart_and_the_token_guards_the_api(
     tmp_path: Path, engine_a: SimEngineProcess, discovery: Path
 ) -> None:
     with running_lora_manager(tmp_path, **manager_flags(discovery)) as manager:
         register(manager, tmp_path, "x")
-    with running_lora_manager(tmp_path, **manager_flags(discovery)) as manager:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    flags = manager_flags(discovery, auth_token_file=token)
+    with running_lora_manager(tmp_path, **flags) as manager:
+        assert manager.request("GET", "/metrics")[0] == 200  # open, for Prometheus
+        assert manager.request("POST", "/v1/wake", {"model": "x"})[0] == 401
+        assert manager.request("GET", "/status")[0] == 401
+        manager.token = "s3cret"
         status, answer = manager.request("GET", "/v1/adapters")
         assert status == 200
         assert [a["name"] for a in answer["adapters"]] == ["x"]
