@@ -10,10 +10,12 @@ One round, every ``interval_s``::
 
 Invariants:
 
-* the loop never dies of an engine: an unreachable engine is skipped this round (left
+* the loop never dies: an unreachable engine is skipped this round (left
   out of placement, its adapters untouched), and a failed load or unload is logged,
   counted (``shoal_lora_load_failures_total``) and retried after a backoff that doubles
-  per failure of that (engine, adapter), from ``retry_base_s`` to ``retry_max_s``;
+  per failure of that (engine, adapter), from ``retry_base_s`` to ``retry_max_s``; any
+  other exception out of a round (a bug) is logged with its traceback, counted
+  (``shoal_lora_round_errors_total``) and the next round runs as usual;
 * an engine that restarted (it lists fewer adapters than the manager placed there) gets
   them back (``restore``, placement's invariant 5); a new engine from discovery gets
   copies of hot adapters as their traffic asks (``replicate``);
@@ -545,7 +547,11 @@ class LoraManager:
         """Rounds every ``interval_s`` until ``stop`` is set."""
         while not stop.is_set():
             started = self._clock()
-            await self.run_round()
+            try:
+                await self.run_round()
+            except Exception:  # a bug in one round must not end the manager (invariant 1)
+                self.metrics.round_errors.inc()
+                log.exception("LoRA round failed; the next one in %.1f s", self.interval_s)
             delay = max(0.0, self.interval_s - (self._clock() - started))
             sleeper = asyncio.ensure_future(self._sleep(delay))
             stopper = asyncio.ensure_future(stop.wait())

@@ -16,6 +16,7 @@
     shoal_lora_wakes_total{result}            counter   POST /v1/wake: loaded, already,
                                                         unknown, failed
     shoal_lora_round_seconds                  histogram one round: poll, place, apply
+    shoal_lora_round_errors_total             counter   rounds that raised (a bug; logged)
     shoal_lora_unplaced_adapters              gauge     adapters with traffic and no room
 
 A registry per instance so tests can run several managers in one process.
@@ -60,6 +61,9 @@ class LoraMetrics:
             "Seconds of one manager round.",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=r,
+        )
+        self.round_errors = Counter(
+            "shoal_lora_round_errors", "Rounds that raised (logged).", registry=r
         )
         self.unplaced = Gauge(
             "shoal_lora_unplaced_adapters", "Adapters with traffic and no room.", registry=r

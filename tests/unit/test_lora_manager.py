@@ -188,3 +188,28 @@ def test_remove_unloads_everywhere_and_forgets(tmp_path: Path) -> None:
     assert asyncio.run(fleet.manager.remove("x")) == [A, B]
     assert fleet.loaded() == {A: set(), B: set()}
     assert "x" not in Registry(tmp_path / "dir", tmp_path / "state.json").adapters
+
+
+def test_a_round_that_raises_does_not_end_the_loop(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path)
+    calls = []
+
+    async def broken() -> dict[str, float]:
+        calls.append(fleet.clock.now)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the traffic source")
+        return {"x": 1.0}
+
+    fleet.traffic.rates = broken  # type: ignore[method-assign]
+    stop = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        fleet.clock.now += seconds
+        if len(calls) >= 2:
+            stop.set()
+
+    fleet.manager._sleep = sleep
+    asyncio.run(fleet.manager.run(stop))
+    assert len(calls) == 2
+    assert fleet.manager.metrics.round_errors._value.get() == 1
+    assert fleet.loaded() == {A: {"x"}, B: set()}
