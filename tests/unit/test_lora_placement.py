@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from control.lora.placement import choose_wake, is_active, place
+from control.lora.placement import choose_wake, is_active, place, priority
 from control.lora.types import EngineState, Move, PlacementInput, Usage
 
 A, B, C = "http://a:8000", "http://b:8000", "http://c:8000"
@@ -232,3 +234,63 @@ def test_no_engine_over_budget_whatever_the_traffic(budget: int) -> None:
         loaded = next(e.loaded for e in engines if e.url == url)
         assert {m.adapter for m in result.loads if m.engine == url} == names - loaded
         assert {m.adapter for m in result.unloads if m.engine == url} == loaded - names
+
+
+NAMES = ("a", "b", "c", "d", "e", "f")
+
+
+@st.composite
+def fleets(draw: st.DrawFn) -> PlacementInput:
+    engines = []
+    for url in draw(st.lists(st.sampled_from((A, B, C)), min_size=1, max_size=3, unique=True)):
+        budget = draw(st.integers(1, 3))
+        loaded = draw(st.sets(st.sampled_from((*NAMES, "foreign")), max_size=4))
+        pinned = draw(st.sets(st.sampled_from(sorted(loaded - {"foreign"}) or ["a"]), max_size=1))
+        assigned = draw(st.sets(st.sampled_from(NAMES), max_size=3))
+        engines.append(engine(url, budget, loaded, assigned=assigned, pinned=pinned & loaded))
+    usage = {
+        n: (draw(st.sampled_from((0.0, 0.5, 3.0, 12.0, 40.0))),
+            draw(st.sampled_from((None, 100.0, 700.0, 990.0))))
+        for n in NAMES
+    }  # fmt: skip
+    return inp(engines, usage)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fleets())
+def test_invariants_over_random_fleets(fleet: PlacementInput) -> None:
+    result = place(fleet)
+    rooms = 0
+    for e in fleet.engines:
+        want = result.desired[e.url]
+        foreign = {n for n in e.loaded if n not in fleet.adapters}
+        pinned = {n for n in e.pinned if n in fleet.adapters}
+        assert pinned <= want
+        assert len(want | foreign) <= max(e.budget, len(pinned | foreign)), e.url
+        assert {m.adapter for m in result.loads if m.engine == e.url} == want - e.loaded
+        unloaded = {m.adapter for m in result.unloads if m.engine == e.url}
+        assert unloaded == (e.loaded & set(fleet.adapters)) - want
+        rooms += max(0, e.budget - len(pinned) - len(foreign)) - len(want - pinned)
+    active = [n for n in NAMES if is_active(fleet.usage[n], fleet.now_s, fleet.idle_unload_s)]
+    placed = {n for names in result.desired.values() for n in names}
+    assert set(result.unplaced) == set(active) - placed
+    if result.unplaced:  # only when every slot is taken, and by adapters no colder
+        assert rooms == 0
+        coldest_placed = max(
+            (priority(n, fleet.usage) for e in fleet.engines
+             for n in result.desired[e.url] - e.pinned),
+            default=None,
+        )  # fmt: skip
+        for n in result.unplaced:
+            assert coldest_placed is None or priority(n, fleet.usage) > coldest_placed
+    # applying the plan and placing again moves nothing (hysteresis, keep-first)
+    applied = [
+        EngineState(e.url, e.base_model, e.budget,
+                    frozenset(result.desired[e.url] | {n for n in e.loaded
+                                                       if n not in fleet.adapters}),
+                    result.desired[e.url], e.pinned)
+        for e in fleet.engines
+    ]  # fmt: skip
+    again = place(PlacementInput(tuple(applied), fleet.adapters, fleet.usage, fleet.now_s,
+                                 fleet.idle_unload_s, fleet.replica_rate, fleet.hysteresis))  # fmt: skip
+    assert again.loads == again.unloads == ()
