@@ -18,8 +18,9 @@ only; ``GET /sim/faults`` reads them). A JSON body sets only the keys it names::
      "fail_lora_loads": 2}   the next 2 POST /v1/load_lora_adapter get HTTP 500 (vLLM's
                              error JSON), the adapter not loaded (a LoRA manager's retries)
 
-``fail_next``, ``fail_lora_loads`` and ``die_after_chunks`` are consumed as they fire; the rest stays until
-changed. Each firing counts in ``shoal_sim_faults_total{kind}``.
+``fail_next``, ``fail_lora_loads`` and ``die_after_chunks`` are consumed as they fire;
+the rest stays until changed. Each firing counts in ``shoal_sim_faults_total{kind}``
+(an adapter load failure as ``fail``).
 """
 
 from __future__ import annotations
