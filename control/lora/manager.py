@@ -28,7 +28,8 @@ Invariants:
 
 A wake (``POST /v1/wake``, the router holding requests for an adapter no engine lists)
 loads it now on ``placement.choose_wake``'s engine (evicting the coldest adapter when
-every budget is full), from the last round's view of the engines; it counts as traffic
+every budget is full), from a view of the engines at most one interval old (read again
+when older: a restarted engine is not taken at its old word); it counts as traffic
 for the next round. An operator's load (``POST /v1/adapters/NAME/load``) does the same
 and pins the adapter there until an unload.
 
@@ -157,7 +158,8 @@ class LoraManager:
         self.failures: dict[tuple[str, str], tuple[int, float]] = {}  # (count, retry at)
         self._wakes: dict[str, int] = {}
         self._waking: dict[str, asyncio.Task[list[str]]] = {}
-        self._round_at: float | None = None
+        self._round_at: float | None = None  # when the last round started
+        self._seen_at: float | None = None  # when the engines were last read
         self.history: deque[RoundRecord] = deque(maxlen=history)
         self.metrics.registered.set(len(registry.adapters))
 
@@ -195,7 +197,7 @@ class LoraManager:
                     log.warning("engine %s lost adapters %s (restarted?); reloading",
                                 view.url, sorted(lost))  # fmt: skip
         self.views = {view.url: view for view in views}
-        now = self._clock()
+        now = self._seen_at = self._clock()
         for view in views:
             if view.healthy:
                 self.metrics.loaded.labels(engine=view.url).set(len(view.loaded))
@@ -351,6 +353,10 @@ class LoraManager:
 
     # -- on demand ------------------------------------------------------------------
 
+    def _fresh(self) -> bool:
+        """Whether the engines were read less than one interval ago."""
+        return self._seen_at is not None and self._clock() - self._seen_at < self.interval_s
+
     def holders(self, name: str) -> list[str]:
         return sorted(u for u, v in self.views.items() if v.healthy and name in v.loaded)
 
@@ -364,7 +370,7 @@ class LoraManager:
         self.last_used[name] = self._clock()
         self._wakes[name] = self._wakes.get(name, 0) + 1
         engines = self.holders(name)
-        if engines:
+        if engines and self._fresh():
             self.metrics.wakes.labels(result="already").inc()
             return engines
         task = self._waking.get(name)
@@ -382,7 +388,7 @@ class LoraManager:
     async def _place_now(self, name: str, reason: str, *, pin: bool,
                          engine: str | None = None) -> list[str]:  # fmt: skip
         async with self._lock:
-            if self._round_at is None or self._clock() - self._round_at >= self.interval_s:
+            if not self._fresh():
                 await self.observe()
             now = self._clock()
             engines = self.holders(name) if engine is None else []
@@ -473,7 +479,7 @@ class LoraManager:
         its pins there; the engines it was unloaded from. Traffic may bring it back."""
         self.registry.get(name)
         async with self._lock:
-            if self._round_at is None or self._clock() - self._round_at >= self.interval_s:
+            if not self._fresh():
                 await self.observe()
             targets = [engine] if engine is not None else self.holders(name)
             done = []
