@@ -164,7 +164,11 @@ def _engines(answer: Any) -> str:
 
 
 def _register(args: argparse.Namespace) -> int:
-    body = {"name": args.name, "base_model": args.base_model, "source": args.source}
+    from control.lora.sources import is_remote, local_path
+
+    # a relative folder means this shell's, not the manager's working directory
+    source = args.source if is_remote(args.source) else str(local_path(args.source))
+    body = {"name": args.name, "base_model": args.base_model, "source": source}
     answer = _call(args, "POST", "/v1/adapters", body)
     return _done(args, answer, "registered {name} (base {base_model}) at {path}")
 
