@@ -9,7 +9,11 @@
     GET  /health         200 when at least one engine is healthy, or when requests are held
                          for a first engine (scale from zero), else 503
     GET  /metrics        shoal_router_* (this process)
-    GET  /router/engines per engine: url, stream, health, breaker, in flight, metrics age
+    GET  /router/engines per engine: url, stream, gpu type, health, breaker, in flight,
+                         metrics age
+    GET  /v1/request_sizes?model=&window_s=   the rolling (prompt, completion) token
+                         histogram of finished requests (router/sizes.py; the placement
+                         planner's input, issue 14)
 
 Invariants:
 
@@ -82,7 +86,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -107,6 +110,7 @@ from router.limits import Limiter
 from router.metrics import BREAKER_VALUES, RouterMetrics, RouterState
 from router.pipeline import Pipeline
 from router.requests import ROUTES, check_headers, parse_body, to_route_request
+from router.sizes import DEFAULT_WINDOW_S, RequestSizes, ResponseTokens
 from router.types import EngineView, RouteDecision, RouteOutcome, RouteRequest
 from router.wake import AutoscalerWaker, NullWaker, Waker, read_token
 
@@ -131,7 +135,6 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _NOT_BACK = frozenset({"connection", "keep-alive", "transfer-encoding", "date", "server"})
-_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
 class _AttemptFailed(UpstreamError):
@@ -209,6 +212,7 @@ class Proxy:
             clock=clock,
         )
         self._holds = settings.holds
+        self.sizes = RequestSizes(clock=clock)  # GET /v1/request_sizes (the planner's input)
         self.waker: Waker = NullWaker()
         if self._holds and settings.autoscaler_url:  # at most one wake a second per model
             token = read_token(settings.autoscaler_token_file) if (
@@ -232,6 +236,7 @@ class Proxy:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/router/engines", self._engines)
+        app.router.add_get("/v1/request_sizes", self._request_sizes)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
         return app
@@ -400,6 +405,35 @@ class Proxy:
 
     async def _engines(self, request: web.Request) -> web.Response:
         return web.json_response({"engines": self.pool.status(self.ledger.snapshot())})
+
+    async def _request_sizes(self, request: web.Request) -> web.Response:
+        """The rolling size histogram (router/sizes.py): ``?model=M`` (absent: all models)
+        ``&window_s=W`` (default 300). Served like ``/router/engines`` and ``/metrics``:
+        no API key; the listen rule (loopback, else --api-keys or --insecure-no-auth) is
+        the router's."""
+        text = request.query.get("window_s", "")
+        try:
+            window_s = float(text) if text else DEFAULT_WINDOW_S
+        except ValueError:
+            return _error_response(
+                BadRequest(f"window_s must be a number of seconds, got {text!r}")
+            )
+        model = request.query.get("model") or None
+        try:  # a model beyond the label bound was recorded as "other" (router/metrics.py)
+            snapshot = self.sizes.snapshot(model, window_s)
+        except BadRequest as exc:
+            return _error_response(exc)
+        return web.json_response(snapshot.to_json())
+
+    def _record_size(
+        self, route_request: RouteRequest, prompt: int | None, completion: int
+    ) -> None:
+        """One finished request into the size histogram and its Prometheus histograms: the
+        engine's prompt count when it sent usage, else the router's."""
+        prompt_tokens = route_request.prompt_tokens if prompt is None else prompt
+        label = self.metrics.models.label(route_request.model)
+        self.sizes.record(label, prompt_tokens, completion)
+        self.metrics.observe_sizes(label, prompt_tokens, completion)
 
     # ---- the proxied routes -----------------------------------------------------------
 
@@ -588,7 +622,7 @@ class Proxy:
                     await response.prepare(request)
                 except ConnectionResetError:  # the client left while the engine answered
                     return response
-                tail = previous = b""  # the end of the answer, where usage is
+                tokens = ResponseTokens(stream=route_request.stream)  # usage, as it passes
                 while True:
                     try:
                         chunk = await upstream.content.readany()
@@ -608,8 +642,7 @@ class Proxy:
                     except ConnectionResetError:  # the client left (not the engine's fault)
                         log.debug("client of %s left mid-response", route_request.request_id)
                         return response
-                    tail = previous + chunk if len(chunk) < 512 else chunk
-                    previous = chunk
+                    tokens.feed(chunk)
                 try:
                     await response.write_eof()
                 except ConnectionResetError:  # the client left after the last chunk
@@ -617,8 +650,9 @@ class Proxy:
                 ok = upstream.status < 500
                 if ok:
                     self.pool.record_success(engine_id)
-                found = _COMPLETION_TOKENS.search(tail)
-                completion_tokens = int(found.group(1)) if found else 0
+                completion_tokens = tokens.completion_tokens()
+                if upstream.status == 200 and route_request.route != "embeddings":
+                    self._record_size(route_request, tokens.prompt_tokens(), completion_tokens)
                 return response
             finally:
                 if upstream.content.at_eof():
