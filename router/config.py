@@ -32,7 +32,7 @@ class RouterSettings:
     )
     discovery: str = setting("static", "how engines are found: static, dns, k8s or file")
     discovery_file: str = setting(
-        "", "file discovery: JSON or YAML list of {url, stream?}; re-read on change"
+        "", "file discovery: JSON or YAML list of {url, stream?, gpu_type?}; re-read on change"
     )
     discovery_interval_s: float = setting(5.0, "seconds between discovery reads (dns, k8s, file)")
     strategy: str = setting("shoal", "default routing strategy or weighted mix (a:2,b:1)")

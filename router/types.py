@@ -55,11 +55,14 @@ class RouteRequest:
 
 @dataclass(frozen=True, slots=True)
 class EngineSpec:
-    """One engine as discovery names it: its base URL and its cache-daemon stream
-    (``<node>/gpu<i>``, empty when unknown: precise routing then sees no GPU prefix)."""
+    """One engine as discovery names it: its base URL, its cache-daemon stream
+    (``<node>/gpu<i>``, empty when unknown: precise routing then sees no GPU prefix) and
+    its GPU type (``"A100"``: the placement plan's name for it, issue 14; empty when
+    unknown: the plan then never picks it specifically)."""
 
     url: str
     stream: str = ""
+    gpu_type: str = ""
 
     @property
     def node(self) -> str:
@@ -104,6 +107,7 @@ class EngineView:
     metrics: EngineMetrics | None = None
     node: str = ""
     stream: str = ""
+    gpu_type: str = ""  # discovery's (EngineSpec.gpu_type); "" = unknown
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ counts read from an answer's bytes as they pass the proxy."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -156,7 +157,7 @@ def test_an_answer_without_usage_has_no_prompt_count_and_no_completion_tokens() 
     assert (tokens.prompt_tokens(), tokens.completion_tokens()) == (None, 0)
 
 
-def _sse(*events: dict[str, object]) -> bytes:
+def _sse(*events: Any) -> bytes:
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + (
         b"data: [DONE]\n\n"
     )
