@@ -109,6 +109,7 @@ from router.ledger import InMemoryLedger, Ledger
 from router.limits import Limiter
 from router.metrics import BREAKER_VALUES, RouterMetrics, RouterState
 from router.pipeline import Pipeline
+from router.plan import NullPlanSource, PlanSource
 from router.requests import ROUTES, check_headers, parse_body, to_route_request
 from router.sizes import DEFAULT_WINDOW_S, RequestSizes, ResponseTokens
 from router.types import EngineView, RouteDecision, RouteOutcome, RouteRequest
@@ -222,6 +223,9 @@ class Proxy:
         # router.discovery's source when not static (``engines()``, ``close()``; closed
         # by ``on_cleanup``): its list is copied into the pool every discovery interval
         self.discovery: Any = None
+        # the placement planner's plan (router/plan.py; --placement-url), read by the slo
+        # strategy through StrategyDeps.placement; polled between startup and cleanup
+        self.placement: PlanSource = NullPlanSource()
         self._follower: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self.metrics.watch(self._state)
@@ -252,6 +256,7 @@ class Proxy:
         if not isinstance(self.ledger, InMemoryLedger):  # other replicas' counts
             self._refresher = asyncio.create_task(self._refresh_ledger())
         self.waker.start(self._session)
+        self.placement.start(self._session)
 
     async def _follow_discovery(self) -> None:
         """Discovery's list into the pool; a source never raises after construction (a
@@ -274,6 +279,7 @@ class Proxy:
 
     async def _cleanup(self, app: web.Application) -> None:
         await self.waker.close()
+        await self.placement.close()
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -50,10 +50,10 @@ log = logging.getLogger("shoal." + __name__)
 _TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 
 
-def read_token(path: str) -> str:
+def read_token(path: str, flag: str = "--autoscaler-token-file") -> str:
     """The bearer token in ``path``, read as the autoscaler reads its own; ``ConfigError``
-    naming the flag when unreadable or empty."""
-    return read_secret(path, "--autoscaler-token-file")
+    naming ``flag`` when unreadable or empty."""
+    return read_secret(path, flag)
 
 
 class Waker(Protocol):
