@@ -38,7 +38,10 @@ Invariants:
    ``router.hold.HoldQueue`` (bounded: ``--hold-max-requests``, ``--hold-timeout-s``) and
    is routed normally once a health check finds an engine (``EnginePool.on_health_change``
    wakes its model's waiters, first-come first-served); a full queue or the deadline is a
-   503 with Retry-After, a client that hangs up is dropped from the queue. While anything
+   503 with Retry-After, a client that hangs up is dropped from the queue. With
+   ``--lora-url`` a request for a model that healthy engines do not list is held the
+   same way while the LoRA manager loads it (``router.adapters``: 404 at once when the
+   manager does not know the name). While anything
    is held, the autoscaler is asked for an engine (``router.wake``: ``POST URL/v1/wake``,
    at most once a second per model; a failure is logged, never the request's). A saturated
    fleet, or one whose engines' breakers are open, is not held: 429/503 at once.
@@ -94,10 +97,12 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from router.adapters import OnDemandAdapters
 from router.config import RouterSettings
 from router.engines import EnginePool
 from router.errors import (
     BadRequest,
+    ModelNotFound,
     NoEngineAvailable,
     RateLimited,
     RouterError,
@@ -220,6 +225,13 @@ class Proxy:
                 settings.autoscaler_token_file) else ""  # fmt: skip
             self.waker = AutoscalerWaker(settings.autoscaler_url, self.hold.held_models,
                                          token=token, clock=clock)  # fmt: skip
+        # --lora-url: requests for a model no engine lists wait while the manager loads it
+        self.adapters: OnDemandAdapters | None = None
+        if settings.holds_adapters:
+            token = read_token(settings.lora_token_file, "--lora-token-file") if (
+                settings.lora_token_file) else ""  # fmt: skip
+            self.adapters = OnDemandAdapters(self.pool, self.hold, settings.lora_url,
+                                             token=token, clock=clock)  # fmt: skip
         # router.discovery's source when not static (``engines()``, ``close()``; closed
         # by ``on_cleanup``): its list is copied into the pool every discovery interval
         self.discovery: Any = None
@@ -257,6 +269,8 @@ class Proxy:
             self._refresher = asyncio.create_task(self._refresh_ledger())
         self.waker.start(self._session)
         self.placement.start(self._session)
+        if self.adapters is not None:
+            self.adapters.start(self._session)
 
     async def _follow_discovery(self) -> None:
         """Discovery's list into the pool; a source never raises after construction (a
@@ -280,6 +294,8 @@ class Proxy:
     async def _cleanup(self, app: web.Application) -> None:
         await self.waker.close()
         await self.placement.close()
+        if self.adapters is not None:
+            await self.adapters.close()
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -347,6 +363,12 @@ class Proxy:
                 except NoEngineAvailable:
                     if tried or not self._may_hold(route_request.model):
                         raise
+                except ModelNotFound:  # healthy engines list other models only
+                    if tried or self.adapters is None:
+                        raise
+                    if not self.adapters.may_hold(route_request.model):
+                        raise  # the LoRA manager said 404 within the last second
+                    self.adapters.held()  # ask the manager, watch the engines' lists
                 if held_since is None:
                     held_since = self._clock()
                     self.waker.notify()
