@@ -31,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -49,6 +49,9 @@ STALE_INTERVALS = 3
 class PlanSource(Protocol):
     def current(self) -> PlacementPlan | None: ...
 
+    def status(self) -> dict[str, Any] | None:
+        """What ``GET /router/engines`` shows under ``placement`` (None: no planner)."""
+
     def start(self, session: aiohttp.ClientSession) -> None: ...
 
     async def close(self) -> None: ...
@@ -58,6 +61,9 @@ class NullPlanSource:
     """No planner: no plan, ever."""
 
     def current(self) -> PlacementPlan | None:
+        return None
+
+    def status(self) -> dict[str, Any] | None:
         return None
 
     def start(self, session: aiohttp.ClientSession) -> None:
@@ -100,6 +106,18 @@ class PlanPoller:
         if self._clock() - self._fetched_at > STALE_INTERVALS * self.interval_s:
             return None
         return self._plan
+
+    def status(self) -> dict[str, Any] | None:
+        plan = self.current()
+        return {
+            "url": self.url,
+            "plan": plan is not None,
+            "model": None if plan is None else plan.model or None,
+            "gpu_types": [] if plan is None else sorted(plan.shares),
+            "age_s": None if plan is None else round(self._clock() - self._fetched_at, 3),
+            "num_polls": self.num_polls,
+            "num_failures": self.num_failures,
+        }
 
     def accept(self, document: object) -> PlacementPlan:
         """A fetched plan document becomes the current plan (``BadPlan`` when unusable:

@@ -10,7 +10,7 @@
                          for a first engine (scale from zero), else 503
     GET  /metrics        shoal_router_* (this process)
     GET  /router/engines per engine: url, stream, gpu type, health, breaker, in flight,
-                         metrics age
+                         metrics age; and the placement plan's state (router/plan.py)
     GET  /v1/request_sizes?model=&window_s=   the rolling (prompt, completion) token
                          histogram of finished requests (router/sizes.py; the placement
                          planner's input, issue 14)
@@ -432,7 +432,12 @@ class Proxy:
         )
 
     async def _engines(self, request: web.Request) -> web.Response:
-        return web.json_response({"engines": self.pool.status(self.ledger.snapshot())})
+        return web.json_response(
+            {
+                "engines": self.pool.status(self.ledger.snapshot()),
+                "placement": self.placement.status(),  # null without --placement-url
+            }
+        )
 
     async def _request_sizes(self, request: web.Request) -> web.Response:
         """The rolling size histogram (router/sizes.py): ``?model=M`` (absent: all models)
