@@ -88,7 +88,7 @@ class PlanPoller:
         self.url = url.rstrip("/") + "/v1/plan"
         self.interval_s = interval_s
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._timeout = aiohttp.ClientTimeout(total=min(2.0, interval_s))
+        self._timeout = aiohttp.ClientTimeout(total=min(2.0, STALE_INTERVALS * interval_s))
         self._clock = clock
         self._plan: PlacementPlan | None = None
         self._fetched_at = 0.0
