@@ -203,3 +203,35 @@ def test_traffic_places_and_scale_out_replicates_the_hot_adapter(
             assert adapters(engine_b) == {"hot"}, manager.log()
             assert manager.metric("shoal_lora_loads_total", reason="replicate") >= 1
             assert adapters(engine_a) == {"hot"}  # cold never had traffic
+
+
+def test_the_router_holds_a_request_while_the_manager_loads_its_adapter(
+    tmp_path: Path, engine_a: SimEngineProcess, discovery: Path
+) -> None:
+    from router.server import running_router
+
+    token = tmp_path / "token"
+    token.write_text("lora-token\n")
+    # long rounds: only the router's wake can load the adapter in time
+    flags = manager_flags(discovery, auth_token_file=token, interval_s=60)
+    with running_lora_manager(tmp_path, **flags) as manager:
+        manager.token = "lora-token"
+        register(manager, tmp_path, "sql")
+        with running_router(
+            free_port(), engines=[engine_a.url], lora_url=manager.url, lora_token_file=token,
+            models_interval_s=120, hold_timeout_s=20, strategy="lora-affinity",
+        ) as router:  # fmt: skip
+
+            def ask(model: str) -> tuple[int, Any]:
+                body = {"model": model, "prompt": "SELECT", "max_tokens": 2}
+                status, _, raw = router.request("POST", "/v1/completions", body, timeout=30)
+                return int(status), json.loads(raw)
+
+            status, body = ask("sql")
+            assert status == 200 and body["model"] == "sql", (body, router.log())
+            assert adapters(engine_a) == {"sql"}
+            assert manager.metric("shoal_lora_loads_total", reason="wake") == 1
+            started = time.monotonic()
+            status, body = ask("unknown-lora")
+            assert status == 404 and time.monotonic() - started < 5, body
+            assert manager.metric("shoal_lora_wakes_total", result="unknown") == 1
