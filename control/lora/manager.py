@@ -378,12 +378,14 @@ class LoraManager:
             task = asyncio.ensure_future(self._place_now(name, "wake", pin=False))
             self._waking[name] = task
         try:
-            engines = await asyncio.shield(task)
+            found = await asyncio.shield(task)
         except (EngineError, NoEngine):
             self.metrics.wakes.labels(result="failed").inc()
             raise
-        self.metrics.wakes.labels(result="loaded").inc()
-        return engines
+        # listed there already when read again (the view was only old), or loaded now
+        result = "already" if engines and set(found) <= set(engines) else "loaded"
+        self.metrics.wakes.labels(result=result).inc()
+        return found
 
     async def _place_now(self, name: str, reason: str, *, pin: bool,
                          engine: str | None = None) -> list[str]:  # fmt: skip
