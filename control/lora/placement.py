@@ -91,6 +91,7 @@ class _Group:
             self.placed[e.url] = set()
             self.load[e.url] = 0.0
         self.reasons: dict[tuple[str, str], MoveReason] = {}
+        self.wanted: dict[str, int] = {}  # copies each active adapter asks for (run())
 
     def rate(self, name: str) -> float:
         return self.inp.usage.get(name, Usage()).rate
@@ -131,7 +132,7 @@ class _Group:
         self.load[url] += share
 
     def run(self) -> tuple[dict[str, frozenset[str]], dict[str, int], list[str]]:
-        wanted, granted = self.allocate()
+        self.wanted, granted = self.allocate()
         pins = {n: sum(1 for e in self.engines if n in e.pinned) for n in self.names}
         share = {n: self.rate(n) / max(1, granted[n] + pins[n]) for n in self.active}
         for e in self.engines:  # pinned copies carry their share of the traffic too
@@ -174,7 +175,6 @@ class _Group:
         }
         unplaced = sorted(n for n in self.active if count[n] + pins[n] == 0)
         replicas = {n: count[n] + pins[n] for n in self.active}
-        self.wanted = wanted
         return desired, replicas, unplaced
 
     def _emptiest(self, name: str) -> str | None:

@@ -213,3 +213,15 @@ def test_a_round_that_raises_does_not_end_the_loop(tmp_path: Path) -> None:
     assert len(calls) == 2
     assert fleet.manager.metrics.round_errors._value.get() == 1
     assert fleet.loaded() == {A: {"x"}, B: set()}
+
+
+def test_concurrent_wakes_share_one_load(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path)
+    fleet.round()
+
+    async def both() -> list[list[str]]:
+        return list(await asyncio.gather(fleet.manager.wake("x"), fleet.manager.wake("x")))
+
+    assert asyncio.run(both()) == [[A], [A]]
+    assert [c for c in fleet.api.calls if c[0] == "load"] == [("load", A, "x")]
+    assert fleet.manager.metrics.wakes.labels(result="loaded")._value.get() == 2
