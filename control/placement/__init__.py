@@ -20,7 +20,7 @@ Layout::
       metrics.py      shoal_placement_* Prometheus metrics
       cli.py          ``shoal placement solve|run|status`` and ``shoal profile``
 
-The solver, greedy, problem, formats, smoothing and types are pure: no sockets, no clock of their own
-(import-linter checks they import no transport). Calls go down (planner -> solver,
+The solver, greedy, problem, formats, smoothing and types are pure: no sockets, no clock
+of their own (import-linter checks they import no transport). Calls go down (planner -> solver,
 planner -> actuator); what the fleet does comes up as data (a ``Workload``).
 """
