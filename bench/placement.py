@@ -34,7 +34,8 @@ AIBrix hand CBC); each with ``--time-limit-s`` (60; ``--quick`` 20), without a s
 solution. Reported: median, min and max solve seconds (model building included: PuLP
 writes an MPS file for CBC, highspy takes arrays) per solver and form, the HiGHS/CBC
 ratio per form and HiGHS on counts against CBC on slices (Shoal against Mélange), the
-number of solves that did not prove optimality, and whether the proven costs agree.
+number of solves that did not prove optimality, whether the proven costs agree, and how
+far the greedy (the fallback) lands above the optimum.
 
 (b) Savings: for each trace (Azure 2023 conversation and code, Mooncake conversation:
 their (input, output) lengths histogrammed onto the ticks) and rate (0.5 .. 64 req/s), the
@@ -45,7 +46,8 @@ The curve (savings % against rate, one line per trace and SLO) goes to
 
 ``--json`` prints ``{"solve": {"slice_factor_K": {FORM: {SOLVER: {"median_s", "min_s",
 "max_s", "timeouts"}}, "ratio_median": {FORM: x}, "shoal_vs_melange_median": x,
-"shoal_vs_melange_max": x, "costs_equal": bool}}, "savings": {TRACE:
+"shoal_vs_melange_max": x, "costs_equal": bool, "greedy_gap_median": x, "greedy_gap_max":
+x}}, "savings": {TRACE:
 {SLO: [{"rate", "cost", "best_single", "best_single_gpu", "savings", "gpus"}]}}}``.
 Full run: 10 seeds. ``--quick``: 2 seeds, slice factors 1 and 8, counts form only, 4 rates,
 no plot
@@ -73,6 +75,7 @@ sys.path.insert(0, str(ROOT))
 
 from control.autoscale.capacity import EngineLimits, Slo, TokenMix, capacity  # noqa: E402
 from control.placement.formats import count_requests  # noqa: E402
+from control.placement.greedy import greedy_counts  # noqa: E402
 from control.placement.problem import Problem  # noqa: E402
 from control.placement.solver import build_milp, single_type_costs, solve, solve_milp  # noqa: E402
 from control.placement.types import GpuProfile, Limits, Slos, Workload  # noqa: E402
@@ -217,6 +220,7 @@ def bench_solve(
         times: dict[str, dict[str, list[float]]] = {f: {"highs": [], "cbc": []} for f in forms}
         timeouts = {f: {"highs": 0, "cbc": 0} for f in forms}
         equal = True
+        gaps: list[float] = []
         # cells where the A100 serves >= 0.5 req/s: up to 8k-token prompts and 2k-token
         # outputs, where the types compete (beyond, a few H100s decide each cell)
         servable = [
@@ -239,6 +243,9 @@ def bench_solve(
             proven = [c for c, s in costs.values() if s == "optimal" and c is not None]
             if proven and any(abs(c - proven[0]) > 1e-6 * max(1, proven[0]) for c in proven):
                 equal = False
+            greedy = greedy_counts(problem)
+            if proven and greedy is not None:
+                gaps.append(problem.cost(problem.replicas(greedy)) / min(proven) - 1)
         entry: dict[str, Any] = {}
         for form in forms:
             entry[form] = {
@@ -262,6 +269,8 @@ def bench_solve(
                 entry["counts"]["highs"]["max_s"] / entry["slices"]["cbc"]["max_s"]
             )
         entry["costs_equal"] = equal
+        entry["greedy_gap_median"] = statistics.median(gaps) if gaps else None
+        entry["greedy_gap_max"] = max(gaps) if gaps else None
         out[f"slice_factor_{k}"] = entry
     return out
 
@@ -394,6 +403,11 @@ def _table(solve_out: dict[str, Any]) -> str:
         lines.append(
             f"       HiGHS/CBC median ratio: {ratios}; costs equal: {entry['costs_equal']}"
         )
+        if entry["greedy_gap_median"] is not None:
+            lines.append(
+                f"       greedy above the optimum: median {entry['greedy_gap_median']:.1%}, "
+                f"max {entry['greedy_gap_max']:.1%}"
+            )
         if "shoal_vs_melange_median" in entry:
             lines.append(
                 "       HiGHS counts / CBC slices (Shoal vs Mélange): median "
