@@ -642,7 +642,7 @@ def print_placement(result: dict[str, Any]) -> None:
     )
     keys = ("hit_ratio", "misses", "loads", "evictions", "refused", "load_s",
             "wait_ms_per_request", "busiest_share")  # fmt: skip
-    print("  " + f"{'policy':<11}" + "".join(f"{k:>24}" for k in keys))
+    print("  " + f"{'policy':<11}" + "".join(f"{k:>26}" for k in keys))
     for name, summary in result["policies"].items():
         if summary is None:
             print(f"  {name:<11} (not built)")
@@ -652,7 +652,7 @@ def print_placement(result: dict[str, Any]) -> None:
             v = summary[k]
             digits = 3 if k in {"hit_ratio", "busiest_share"} else 1
             cells.append(f"{v['mean']:.{digits}f} ({v['min']:.{digits}f}-{v['max']:.{digits}f})")
-        print("  " + f"{name:<11}" + "".join(f"{c:>24}" for c in cells))
+        print("  " + f"{name:<11}" + "".join(f"{c:>26}" for c in cells))
     print(f"  a placement that never moves (the {spec['engines'] * spec['budget']} most popular, "
           f"known in advance) hits {spec['static_top_hit_ratio']:.3f}")  # fmt: skip
 
