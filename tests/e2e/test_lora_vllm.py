@@ -303,7 +303,8 @@ def test_a_request_for_an_unloaded_adapter_is_held_loaded_by_the_manager_and_ans
         assert metric_value(router_metrics, "shoal_router_held_seconds_count") == 1.0
         _, raw = manager.get("/metrics")
         manager_metrics = raw.decode()
-        assert metric_value(manager_metrics, 'shoal_lora_wakes_total{result="loaded"}') == 1.0
+        # the router may wake again (once a second) while the load runs: one load all the same
+        assert metric_value(manager_metrics, 'shoal_lora_wakes_total{result="loaded"}') >= 1.0
         assert metric_value(manager_metrics, 'shoal_lora_loads_total{reason="wake"}') == 1.0
 
         shoal_lora("unload", "sql-lora", "--url", manager.url)
