@@ -43,10 +43,13 @@ for it) and, when the engine is full, an adapter is evicted. Policies:
 - ``shoal-wake``: the same routing; a miss goes to ``control.lora.placement.choose_wake``
   (an engine with room and the least traffic, else the one whose coldest adapter is the
   coldest anywhere, evicted);
-- ``shoal``: ``shoal-wake`` plus the manager's round every 10 s:
+- ``shoal``: ``shoal-wake`` plus the manager's round every ``--round-s`` (5 s, its
+  default ``--interval-s``):
   ``control.lora.placement.place`` over the last round's rates (bin-packing by traffic,
   extra copies of the hottest at ``replica_rate`` = 10 requests/s), whose loads and
-  unloads are applied (they count as loads and evictions too).
+  unloads are applied (they count as loads and evictions too). Both ``shoal`` policies
+  see adapters' rates over the last round (``--rate-window-s``, default one round: what
+  the manager reads from the router's counters), and every request's time of use.
 
 Figures per policy, mean over ``--seeds`` seeds (5; ``--quick`` 3) with min and max:
 hit ratio, misses, loads, evictions, load seconds (loads x ``--load-s``), the mean wait a
@@ -68,7 +71,7 @@ import random
 import statistics
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,7 +321,8 @@ class PlacementSpec:
     horizon_s: float = 600.0
     service_s: float = 2.0  # how long a request stays in flight (least-load routing)
     load_s: float = 0.2  # one adapter load (disk to engine)
-    round_s: float = 10.0  # the manager's placement round
+    round_s: float = 5.0  # the manager's placement round (shoal lora serve --interval-s)
+    rate_window_s: float = 5.0  # adapters' rates over this long (the manager: one round)
     replica_rate: float = 10.0  # requests/s one copy takes before another is added
 
 
@@ -385,12 +389,14 @@ class _Cluster:
 
 
 class _Traffic:
-    """What the manager observes: requests per adapter in the current round, the last
-    round's rates, when each adapter was last used."""
+    """What the manager observes: requests per adapter per round, rates over the last
+    ``window_rounds`` rounds (1: since the last round, as ``control.lora.traffic`` reads the
+    router's counters today), when each adapter was last used."""
 
-    def __init__(self, round_s: float) -> None:
+    def __init__(self, round_s: float, window_rounds: int = 1) -> None:
         self.round_s = round_s
         self.this_round: dict[str, int] = {}
+        self.rounds: deque[dict[str, int]] = deque(maxlen=max(1, window_rounds))
         self.rates: dict[str, float] = {}
         self.last_used: dict[str, float] = {}
 
@@ -399,8 +405,14 @@ class _Traffic:
         self.last_used[name] = now
 
     def close_round(self) -> None:
-        self.rates = {n: c / self.round_s for n, c in self.this_round.items()}
+        self.rounds.append(self.this_round)
         self.this_round = {}
+        totals: dict[str, int] = {}
+        for counts in self.rounds:
+            for n, c in counts.items():
+                totals[n] = totals.get(n, 0) + c
+        span = len(self.rounds) * self.round_s
+        self.rates = {n: c / span for n, c in totals.items()}
 
 
 Policy = Callable[[_Cluster, _Traffic, str, float], None]
@@ -515,7 +527,7 @@ def simulate_placement(policy_name: str, spec: PlacementSpec, seed: int) -> dict
     rng.shuffle(by_rank)  # popularity rank is not name order (names break ties in place())
     cdf = _zipf_cdf(spec.num_adapters, spec.zipf_s)
     cluster = _Cluster(spec, random.Random(seed + 1))
-    traffic = _Traffic(spec.round_s)
+    traffic = _Traffic(spec.round_s, round(spec.rate_window_s / spec.round_s))
     planned = policy_name == "shoal"
     policy: Policy
     if policy_name == "vllm-lru":
@@ -597,6 +609,7 @@ def run_placement(spec: PlacementSpec, seeds: Sequence[int]) -> dict[str, Any]:
             "horizon_s": spec.horizon_s,
             "load_s": spec.load_s,
             "round_s": spec.round_s,
+            "rate_window_s": spec.rate_window_s,
             "replica_rate": spec.replica_rate,
             "seeds": list(seeds),
             "static_top_hit_ratio": round(_static_top(spec), 4),
@@ -671,6 +684,10 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=100, help="placement: adapters")
     parser.add_argument("--total-rate", type=float, default=40.0, help="placement: req/s")
     parser.add_argument("--load-s", type=float, default=0.2, help="placement: one load")
+    parser.add_argument("--round-s", type=float, default=5.0, help="placement: manager round")
+    parser.add_argument(
+        "--rate-window-s", type=float, help="placement: rates over this long (default: a round)"
+    )
     args = parser.parse_args()
     parts = args.parts.split(",")
     unknown = sorted(set(parts) - {"density", "placement"})
@@ -695,6 +712,8 @@ def main() -> int:
             num_adapters=args.adapters,
             total_rate=args.total_rate,
             load_s=args.load_s,
+            round_s=args.round_s,
+            rate_window_s=args.rate_window_s or args.round_s,
             horizon_s=200.0 if args.quick else 600.0,
         )
         out["placement"] = run_placement(pspec, range(args.seed, args.seed + num))
