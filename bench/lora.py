@@ -4,7 +4,9 @@ how well the manager's placement keeps a request's adapter where the request goe
 ::
 
     python bench/lora.py [--quick] [--json] [--seed N] [--seeds K]
-                         [--parts density,placement] [--rate R] [--load-s S]
+                         [--parts density,placement] [--rate R] [--lora-overhead F]
+                         [--max-loras N] [--max-cpu-loras N] [--adapters N]
+                         [--total-rate R] [--load-s S] [--round-s S] [--rate-window-s S]
 
 Everything runs in the simulator on virtual time: no sockets, no sleeps.
 
