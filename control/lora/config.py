@@ -54,6 +54,11 @@ class LoraSettings:
     hysteresis: float = setting(
         0.2, "a copy stays until the rate is this fraction below what would add it"
     )
+    rate_window_s: float = setting(
+        60.0,
+        "adapters' rates are averaged over this long (a sliding window of the router's "
+        "counters; shorter than --interval-s means one round)",
+    )
     max_concurrency: int = setting(8, "loads and unloads in flight at once")
     engine_timeout_s: float = setting(30.0, "deadline of one load or unload")
     poll_timeout_s: float = setting(2.0, "deadline of one engine's /v1/models")
@@ -79,7 +84,8 @@ class LoraSettings:
                 "authentication (its API loads adapters into engines): give "
                 "--auth-token-file FILE, or --insecure-no-auth to accept that"
             )
-        for name in ("interval_s", "idle_unload_s", "replica_rate", "engine_timeout_s",
+        for name in ("interval_s", "idle_unload_s", "replica_rate", "rate_window_s",
+                     "engine_timeout_s",
                      "poll_timeout_s", "retry_base_s", "retry_max_s",
                      "discovery_interval_s"):  # fmt: skip
             if not getattr(self, name) > 0:

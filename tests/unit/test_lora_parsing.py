@@ -8,7 +8,7 @@ import pytest
 from control.lora.config import LoraSettings
 from control.lora.engines import EngineModels, parse_max_loras, parse_models
 from control.lora.errors import LoadRejected
-from control.lora.traffic import parse_arrivals, rates_between
+from control.lora.traffic import parse_arrivals
 from shoal.errors import ConfigError
 
 
@@ -45,12 +45,6 @@ class TestArrivals:
 
     def test_counts_per_model(self) -> None:
         assert parse_arrivals(self.TEXT) == {"sql": 30.0, "chat": 4.0}
-
-    def test_rates_are_deltas_over_time_and_a_reset_gives_none(self) -> None:
-        before = {"sql": 10.0, "chat": 9.0}
-        after = {"sql": 30.0, "chat": 4.0, "new": 5.0}
-        assert rates_between(before, after, 4.0) == {"sql": 5.0}
-        assert rates_between(before, after, 0.0) == {}
 
 
 class TestSettings:
