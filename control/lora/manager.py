@@ -134,6 +134,7 @@ class LoraManager:
         budget: int = 0,
         replica_rate: float = 10.0,
         hysteresis: float = 0.2,
+        balance: float = 0.5,
         rate_window_s: float = 60.0,
         max_concurrency: int = 8,
         retry_base_s: float = 2.0,
@@ -152,6 +153,7 @@ class LoraManager:
         self.replica_rate = replica_rate
         self.hysteresis = hysteresis
         self.rate_window_s = rate_window_s
+        self.balance = balance
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self.metrics = LoraMetrics()
@@ -246,6 +248,8 @@ class LoraManager:
             idle_unload_s=self.idle_unload_s,
             replica_rate=self.replica_rate,
             hysteresis=self.hysteresis,
+            balance=self.balance,
+            rate_resolution=1.0 / self.rate_window_s,
         )
 
     # -- one round ------------------------------------------------------------------

@@ -248,6 +248,7 @@ def build_manager(settings: Any) -> LoraManager:
         budget=settings.budget,
         replica_rate=settings.replica_rate,
         hysteresis=settings.hysteresis,
+        balance=settings.balance,
         rate_window_s=settings.rate_window_s,
         max_concurrency=settings.max_concurrency,
         retry_base_s=settings.retry_base_s,

@@ -57,7 +57,8 @@ class TestSettings:
     @pytest.mark.parametrize(
         ("field", "value", "message"),
         [("interval_s", 0.0, "--interval-s"), ("hysteresis", 1.0, "--hysteresis"),
-         ("budget", -1, "--budget"), ("max_concurrency", 0, "--max-concurrency")],
+         ("budget", -1, "--budget"), ("max_concurrency", 0, "--max-concurrency"),
+         ("balance", -0.1, "--balance"), ("rate_window_s", 0.0, "--rate-window-s")],
     )  # fmt: skip
     def test_bad_values(self, field: str, value: float, message: str) -> None:
         with pytest.raises(ConfigError, match=message):
