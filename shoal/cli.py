@@ -89,6 +89,13 @@ COMPONENTS: tuple[Component, ...] = (
         ("aiohttp",),
     ),
     Component(
+        "profile",
+        "measure an endpoint's highest request rate within an SLO per request size",
+        "control.placement.profile_cli",
+        "control",
+        ("aiohttp",),
+    ),
+    Component(
         "up",
         "the whole stack on one machine: cache daemon, loader sidecar, engines and the router",
         "router.up",
