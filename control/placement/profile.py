@@ -65,7 +65,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from control.placement.errors import ProfileFormatError
 from control.placement.types import GpuProfile, Slos
@@ -149,7 +149,8 @@ class SweepSpec:
         keep = asdict(self)
         for name in ("cost", "in_ticks", "out_ticks"):
             del keep[name]
-        return json.loads(json.dumps(keep))  # tuples -> lists, as read back from JSON
+        loaded: dict[str, Any] = json.loads(json.dumps(keep))  # tuples -> lists, as in JSON
+        return loaded
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,10 +252,11 @@ def evaluate_trial(
         1 for r in records if r.ok and r.finish_s is not None and start <= r.finish_s < end
     )
     errors = [r for r in measured if r.error is not None]
-    ratio = completed / len(measured) if measured else 0.0
-    base = {"rate": plan.rate, "num_measured": len(measured), "client_lag_s": client_lag_s}
     if not measured:
-        return TrialResult(passed=False, reason="no request arrived in the window", **base)
+        return TrialResult(
+            plan.rate, False, "no request arrived in the window", 0, client_lag_s=client_lag_s
+        )
+    ratio = completed / len(measured)
     inf = math.inf
     ttfts, tpots, e2es = [], [], []
     for r in measured:
@@ -271,26 +273,34 @@ def evaluate_trial(
         e2es.append(r.finish_s - r.arrival_s)
     p = slos.percentile
     finite_e2e = [e for e in e2es if math.isfinite(e)]
-    result = {
-        "ttft_s": percentile(ttfts, p),
-        "tpot_s": percentile(tpots, p) if out_tick > 1 else 0.0,
-        "e2e_s": percentile(e2es, p),
-        "mean_e2e_s": sum(finite_e2e) / len(finite_e2e) if finite_e2e else None,
-        "throughput_ratio": ratio,
-        "num_errors": len(errors),
-        "first_error": errors[0].error or "" if errors else "",
+    latencies = {
+        "ttft": percentile(ttfts, p),
+        "tpot": percentile(tpots, p) if out_tick > 1 else 0.0,
+        "e2e": percentile(e2es, p),
     }
+    first_error = (errors[0].error or "") if errors else ""
     reasons = []
-    for name, target in (("ttft_s", slos.ttft_s), ("tpot_s", slos.tpot_s), ("e2e_s", slos.e2e_s)):
-        if target is not None and result[name] > target:
-            reasons.append(f"p{p:g} {name[:-2]} {_seconds(result[name])} > {target:g}s")
+    for name, target in (("ttft", slos.ttft_s), ("tpot", slos.tpot_s), ("e2e", slos.e2e_s)):
+        if target is not None and latencies[name] > target:
+            reasons.append(f"p{p:g} {name} {_seconds(latencies[name])} > {target:g}s")
     if ratio < min_throughput_ratio:
         reasons.append(f"throughput {ratio:.0%} of offered < {min_throughput_ratio:.0%}")
     if errors:
-        reasons.append(
-            f"{len(errors)} of {len(measured)} requests failed ({result['first_error']})"
-        )
-    return TrialResult(passed=not reasons, reason="; ".join(reasons), **base, **result)  # type: ignore[arg-type]
+        reasons.append(f"{len(errors)} of {len(measured)} requests failed ({first_error})")
+    return TrialResult(
+        rate=plan.rate,
+        passed=not reasons,
+        reason="; ".join(reasons),
+        num_measured=len(measured),
+        num_errors=len(errors),
+        ttft_s=latencies["ttft"],
+        tpot_s=latencies["tpot"],
+        e2e_s=latencies["e2e"],
+        mean_e2e_s=sum(finite_e2e) / len(finite_e2e) if finite_e2e else None,
+        throughput_ratio=ratio,
+        first_error=first_error,
+        client_lag_s=client_lag_s,
+    )
 
 
 def _seconds(value: float) -> str:
@@ -482,10 +492,8 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
-class Measure(Protocol):
-    """Runs one trial of a cell at a rate (``loadgen.HttpLoad.trial`` over HTTP)."""
-
-    def __call__(self, out_tick: int, in_tick: int, plan: TrialPlan) -> Awaitable[TrialResult]: ...
+Measure = Callable[[int, int, "TrialPlan"], Awaitable["TrialResult"]]
+"""Runs one trial of cell (out_tick, in_tick) by its plan (``loadgen.HttpLoad.trial``)."""
 
 
 async def run_sweep(

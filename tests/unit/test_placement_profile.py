@@ -13,6 +13,7 @@ import pytest
 from control.placement.errors import ProfileFormatError
 from control.placement.profile import (
     CellResult,
+    Measure,
     RateSearch,
     RequestRecord,
     SweepSpec,
@@ -156,7 +157,9 @@ class TestJudgingATrial:
         assert TrialPlan.make(sweep, out_tick=1, rate=10.0).warmup_s == 2.0
 
 
-def virtual_endpoint(capacity: dict[tuple[int, int], float], calls: list[tuple[int, int, float]]):  # type: ignore[no-untyped-def]
+def virtual_endpoint(
+    capacity: dict[tuple[int, int], float], calls: list[tuple[int, int, float]]
+) -> Measure:
     """A fake ``Measure`` in virtual time: a trial passes at rates <= the cell's capacity."""
 
     async def measure(out_tick: int, in_tick: int, plan: TrialPlan) -> TrialResult:
@@ -175,11 +178,18 @@ class TestSweep:
         calls: list[tuple[int, int, float]] = []
         sweep = spec()
         cells = asyncio.run(run_sweep(sweep, virtual_endpoint(CAPACITY, calls), SweepState(sweep)))
-        assert [(c.out_tick, c.in_tick) for c in cells] == [(32, 128), (32, 512), (128, 128), (128, 512)]
+        assert [(c.out_tick, c.in_tick) for c in cells] == [
+            (32, 128),
+            (32, 512),
+            (128, 128),
+            (128, 512),
+        ]
         for cell in cells[:3]:
             capacity = CAPACITY[(cell.out_tick, cell.in_tick)]
             assert capacity / 1.05 <= cell.rate <= capacity
-        assert cells[3].rate == 0  # 0.01/s is below min_rate and "no rate met the SLO" in cells[3].note
+        assert (
+            cells[3].rate == 0
+        )  # 0.01/s is below min_rate and "no rate met the SLO" in cells[3].note
         profile = to_gpu_profile(sweep, cells, created=1000.0)
         assert isinstance(profile, GpuProfile)
         assert profile.tputs[1][1] == 0.0 and profile.tputs[0][0] == cells[0].rate
@@ -190,7 +200,9 @@ class TestSweep:
         calls: list[tuple[int, int, float]] = []
         endpoint = virtual_endpoint(CAPACITY, calls)
 
-        async def dies_in_the_third_cell(out_tick: int, in_tick: int, plan: TrialPlan) -> TrialResult:
+        async def dies_in_the_third_cell(
+            out_tick: int, in_tick: int, plan: TrialPlan
+        ) -> TrialResult:
             if (out_tick, in_tick) == (128, 128):
                 raise KeyboardInterrupt  # Ctrl-C mid-trial
             return await endpoint(out_tick, in_tick, plan)
@@ -208,7 +220,9 @@ class TestSweep:
                 sweep,
                 endpoint,
                 SweepState(sweep, path),
-                on_cell=lambda c, was_saved: resumed.append((c.out_tick, c.in_tick)) if was_saved else None,
+                on_cell=lambda c, was_saved: (
+                    resumed.append((c.out_tick, c.in_tick)) if was_saved else None
+                ),
             )
         )
         assert resumed == [(32, 128), (32, 512)]
@@ -245,7 +259,11 @@ class TestSweep:
 def test_the_aibrix_json_has_their_fields_on_our_ticks() -> None:
     sweep = spec(slos=Slos(ttft_s=1.0, tpot_s=0.1, percentile=99))
     trial = TrialResult(4.0, True, "", 40, ttft_s=0.3, tpot_s=0.05, e2e_s=2.0, mean_e2e_s=1.5)
-    cells = [CellResult(32, 128, 4.0, (trial,)), CellResult(32, 512, 2.0), CellResult(128, 128, 0.0)]
+    cells = [
+        CellResult(32, 128, 4.0, (trial,)),
+        CellResult(32, 512, 2.0),
+        CellResult(128, 128, 0.0),
+    ]
     data = aibrix_profile(to_gpu_profile(sweep, cells, created=1700000000.0), cells)
     assert data == {
         "gpu": "A100",
