@@ -228,6 +228,7 @@ class HttpLoad:
         async with self.session.post(self.url + "/v1/completions", json=body) as reply:
             if reply.status != 200:
                 slot.error = f"HTTP {reply.status}: {(await reply.text())[:160]}"
+                slot.refused = 400 <= reply.status < 500 and reply.status != 429
                 return
             usage: dict[str, Any] | None = None
             num_chunks = 0
@@ -255,11 +256,13 @@ class HttpLoad:
             slot.error = (
                 f"the endpoint counted {usage['prompt_tokens']} prompt tokens for {in_tick} ids"
             )
+            slot.refused = True
         elif slot.num_output != out_tick:
             slot.error = (
                 f"answered {slot.num_output} of {out_tick} tokens "
                 "(does the endpoint honour ignore_eos and fit max_model_len?)"
             )
+            slot.refused = True
         else:
             slot.finish_s = slot.last_token_s
 
@@ -275,6 +278,7 @@ class _Slot:
         "first_token_s",
         "last_token_s",
         "num_output",
+        "refused",
     )
 
     def __init__(self, arrival_s: float) -> None:
@@ -284,9 +288,15 @@ class _Slot:
         self.finish_s: float | None = None
         self.num_output = 0
         self.error: str | None = None
+        self.refused = False
         self.done = False
 
     def record(self) -> RequestRecord:
         return RequestRecord(
-            self.arrival_s, self.first_token_s, self.finish_s, self.num_output, self.error
+            self.arrival_s,
+            self.first_token_s,
+            self.finish_s,
+            self.num_output,
+            self.error,
+            self.refused,
         )

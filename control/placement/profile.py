@@ -31,6 +31,9 @@ The search per cell (``RateSearch``, sans-IO: it proposes rates, the caller meas
     start -> pass: double until a failure (or max_rate)   lo = best pass, hi = first fail
           -> fail: halve until a pass (below min_rate: the cell is 0)
     then bisect geometrically (sqrt(lo hi)) until hi / lo <= 1 + precision
+    start: the answer of the previous cell in the row (neighbours are close), else
+           ``start_rate``; a trial whose every request the endpoint refused (HTTP 4xx,
+           a prompt beyond max_model_len) ends the cell at 0 at once
 
 Latency grows steeply near saturation, so one trial per rate is a sharp test there; a
 noisy pass or fail moves the answer by at most one bisection interval.
@@ -194,6 +197,8 @@ class RequestRecord:
     finish_s: float | None = None
     num_output: int = 0
     error: str | None = None
+    refused: bool = False  # the endpoint refused the request itself (HTTP 4xx, wrong
+    # token counts): no rate would do better, so the cell ends at once
 
     @property
     def ok(self) -> bool:
@@ -216,6 +221,7 @@ class TrialResult:
     throughput_ratio: float = 0.0
     first_error: str = ""
     client_lag_s: float = 0.0  # how late the load generator sent its latest request
+    num_refused: int = 0  # of num_errors, refused for what they asked (RequestRecord)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -300,6 +306,7 @@ def evaluate_trial(
         throughput_ratio=ratio,
         first_error=first_error,
         client_lag_s=client_lag_s,
+        num_refused=sum(1 for r in errors if r.refused),
     )
 
 
@@ -387,6 +394,8 @@ class CellResult:
         if self.capped:
             return "capped at --max-rate"
         failed = [t for t in self.trials if not t.passed]
+        if failed and failed[-1].num_refused == failed[-1].num_measured > 0:
+            return "the endpoint refused these requests: " + failed[-1].first_error
         if self.rate == 0 and failed:
             return "no rate met the SLO: " + failed[-1].reason
         errors = sum(t.num_errors for t in self.trials)
@@ -505,7 +514,7 @@ async def run_sweep(
 ) -> tuple[CellResult, ...]:
     """Every cell of ``spec``, measured unless ``state`` has it (``on_cell(cell, resumed)``
     after each); each finished cell is saved before the next starts."""
-    cells = []
+    cells: list[CellResult] = []
     for out_tick, in_tick in spec.cells:
         done = state.done(out_tick, in_tick)
         if done is not None:
@@ -514,7 +523,7 @@ async def run_sweep(
                 on_cell(done, True)
             continue
         search = RateSearch(
-            spec.start_rate,
+            _start_rate(spec, cells, out_tick),
             min_rate=spec.min_rate,
             max_rate=spec.max_rate,
             precision=spec.precision,
@@ -527,6 +536,8 @@ async def run_sweep(
             search.record(rate, trial.passed)
             if on_trial is not None:
                 on_trial(out_tick, in_tick, trial)
+            if trial.num_measured and trial.num_refused == trial.num_measured:
+                break  # every request refused for what it asks: no rate will do
             rate = search.next_rate()
         cell = CellResult(out_tick, in_tick, search.rate, tuple(trials), search.capped)
         state.add(cell)
@@ -534,6 +545,16 @@ async def run_sweep(
         if on_cell is not None:
             on_cell(cell, False)
     return tuple(cells)
+
+
+def _start_rate(spec: SweepSpec, cells: Sequence[CellResult], out_tick: int) -> float:
+    """The first rate for the next cell: the answer of the cell before it in the same row
+    (a neighbour's capacity is the best guess: two or three trials instead of a climb
+    from ``start_rate``), else ``start_rate``."""
+    before = cells[-1] if cells else None
+    if before is None or before.out_tick != out_tick or before.rate <= 0:
+        return spec.start_rate
+    return min(max(before.rate, spec.min_rate), spec.max_rate)
 
 
 def to_gpu_profile(

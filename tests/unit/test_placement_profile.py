@@ -194,6 +194,39 @@ class TestSweep:
         assert isinstance(profile, GpuProfile)
         assert profile.tputs[1][1] == 0.0 and profile.tputs[0][0] == cells[0].rate
 
+    def test_a_cell_starts_from_its_row_neighbours_answer(self) -> None:
+        calls: list[tuple[int, int, float]] = []
+        sweep = spec()
+        cells = asyncio.run(run_sweep(sweep, virtual_endpoint(CAPACITY, calls), SweepState(sweep)))
+        first_of: dict[tuple[int, int], float] = {}
+        for out_tick, in_tick, rate in calls:
+            first_of.setdefault((out_tick, in_tick), rate)
+        assert first_of[(32, 128)] == sweep.start_rate  # a row's first cell: the flag
+        assert first_of[(32, 512)] == cells[0].rate  # then its left neighbour's answer
+        assert first_of[(128, 128)] == sweep.start_rate
+        assert first_of[(128, 512)] == cells[2].rate
+        second = [rate for o, i, rate in calls if (o, i) == (32, 512)]
+        assert second[:2] == [cells[0].rate, cells[0].rate / 2]  # fails, halves, passes
+
+    def test_a_cell_whose_requests_are_all_refused_ends_at_once(self) -> None:
+        calls: list[int] = []
+
+        async def refuses_long_prompts(out_tick: int, in_tick: int, plan: TrialPlan) -> TrialResult:
+            calls.append(in_tick)
+            if in_tick < 512:
+                return TrialResult(plan.rate, plan.rate <= 5.0, "", 40)
+            records = [
+                RequestRecord(t, error="HTTP 400: prompt too long", refused=True)
+                for t in range(5, 15)
+            ]
+            return evaluate_trial(records, plan, SLOS, out_tick)
+
+        sweep = spec(out_ticks=(32,), warmup_s=5.0, duration_s=10.0)
+        cells = asyncio.run(run_sweep(sweep, refuses_long_prompts, SweepState(sweep)))
+        assert calls.count(512) == 1
+        assert cells[1].rate == 0.0
+        assert cells[1].note == "the endpoint refused these requests: HTTP 400: prompt too long"
+
     def test_a_rerun_skips_finished_cells_and_a_killed_run_keeps_them(self, tmp_path: Path) -> None:
         path = tmp_path / "sweep.state.json"
         sweep = spec()
