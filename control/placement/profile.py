@@ -50,6 +50,13 @@ Chosen and rejected:
 * Closed-loop load (N concurrent clients): its rate adapts to the server, so it never
   shows the queueing an open arrival process meets; Mélange and AIBrix profile open-loop.
 
+How it fails: a high percentile over one trial's requests rests on a few of them (the
+99th of 200 is the second slowest), and near saturation a queue's busy periods make a
+short window's latencies swing, so a TTFT-bound cell can come out +-30% on 20-second
+windows (measured on the simulator's scheduler in virtual time); raise ``duration_s`` /
+``min_requests`` for tighter answers. The load generator's own lateness (a CPU-starved
+client) counts against the endpoint: ``client_lag_s`` in each trial says how late it was.
+
 Resumable (``SweepState``): each finished cell is written to the state file atomically
 (temporary file + ``os.replace``); a rerun with the same settings skips them, a state
 from other settings is refused (``ProfileFormatError`` naming the settings that differ).

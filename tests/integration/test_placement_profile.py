@@ -16,7 +16,8 @@ keeps steps (20+ ms simulated) 4+ ms of wall time, above the simulator's timer r
 and the load at capacity near 60 requests (1,000 streamed chunks) per wall second, which
 one core serves. The median is used because a trial of ~250 requests pins it down to a few
 percent; the 99th percentile of so few requests is one or two of them (a unit test checks
-the percentile arithmetic).
+the percentile arithmetic). A second cell asks for prompts beyond the engine's
+``max_model_len``: every request is refused, and the cell is 0 after one trial, saying why.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ LIMITS = SchedulerConfig(num_gpu_blocks=8192, block_size=16, max_num_batched_tok
 IN_TICK, OUT_TICK = 256, 16
 SLOS = Slos(ttft_s=2.0, tpot_s=0.15, percentile=50)
 TIME_SCALE = 5.0
+MAX_MODEL_LEN = 1024
+TOO_LONG = 2048  # a second cell whose prompts the engine refuses (> max_model_len)
 
 
 def _virtual_latencies(rate: float, seconds: float, warmup: float) -> tuple[list[float], float]:
@@ -112,7 +115,7 @@ def _profile_command(url: str, out: Path, *extra: str) -> list[str]:
         "--cost",
         "1.5",
         "--input-ticks",
-        str(IN_TICK),
+        f"{IN_TICK},{TOO_LONG}",
         "--output-ticks",
         str(OUT_TICK),
         "--ttft-slo-s",
@@ -137,7 +140,9 @@ def test_the_profiler_finds_a_simulated_engines_capacity_within_ten_percent(
 ) -> None:
     truth = _ground_truth()
     out = tmp_path / "SIM.json"
-    with running_sim_engine(free_port(), profile=PROFILE, time_scale=TIME_SCALE) as engine:
+    with running_sim_engine(
+        free_port(), profile=PROFILE, time_scale=TIME_SCALE, max_model_len=MAX_MODEL_LEN
+    ) as engine:
         done = subprocess.run(
             _profile_command(engine.url, out),
             env=ENV,
@@ -154,9 +159,13 @@ def test_the_profiler_finds_a_simulated_engines_capacity_within_ten_percent(
     assert abs(measured / truth - 1) <= 0.10, (measured, truth, report)
     # the engine kept up with its model: the HTTP layer was not the bottleneck
     assert lag <= 0.02 * steps, (lag, steps)
+    refused = report["cells"][1]
+    assert refused["rate"] == 0 and refused["num_trials"] == 1
+    assert refused["note"].startswith("the endpoint refused these requests: HTTP 400")
+    assert "maximum context length is 1024" in refused["note"]
     written = json.loads(out.read_text())
-    assert written["tputs"] == [[measured]]
-    assert written["indexes"] == [[OUT_TICK], [IN_TICK]]
+    assert written["tputs"] == [[measured, 0.0]]
+    assert written["indexes"] == [[OUT_TICK], [IN_TICK, TOO_LONG]]
     assert written["gpu"] == "SIM" and written["cost"] == 1.5
     assert written["slos"] == {"percentile": 50, "ttft": 2.0, "tpot": 0.15}
 
