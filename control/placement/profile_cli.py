@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -95,9 +96,31 @@ async def _profile(args: argparse.Namespace) -> int:
 
     if args.max_token_id <= 100:
         raise ConfigError("--max-token-id must be above 100")
-    api_key = Path(args.api_key_file).read_text().strip() if args.api_key_file else ""
+    try:
+        api_key = Path(args.api_key_file).read_text().strip() if args.api_key_file else ""
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read --api-key-file {args.api_key_file}: {exc.strerror}"
+        ) from None
     slos = Slos(args.ttft_slo_s, args.tpot_slo_s, args.e2e_slo_s, args.percentile)
-    state_path = Path(args.state or args.out + ".state.json")
+    # checked before the endpoint is asked anything: bad flags are exit 2, not 3
+    spec = SweepSpec(
+        gpu=args.gpu,
+        cost=args.cost,
+        model=args.model,
+        in_ticks=_ticks("--input-ticks", args.input_ticks),
+        out_ticks=_ticks("--output-ticks", args.output_ticks),
+        slos=slos,
+        duration_s=args.duration_s,
+        warmup_s=args.warmup_s,
+        min_requests=args.min_requests,
+        precision=args.precision,
+        start_rate=args.start_rate,
+        min_rate=args.min_rate,
+        max_rate=args.max_rate,
+        seed=args.seed,
+        time_scale=args.time_scale,
+    )
     load = HttpLoad(
         args.url,
         args.model,
@@ -108,34 +131,19 @@ async def _profile(args: argparse.Namespace) -> int:
         api_key=api_key,
     )
     async with load:
-        models = await load.models()
-        if not models:
-            raise ProfilerError(f"{args.url} lists no model")
-        model = args.model or models[0]
-        load.model = model
+        if not args.model:
+            models = await load.models()
+            if not models:
+                raise ProfilerError(f"{args.url} lists no model")
+            load.model = models[0]
+            spec = dataclasses.replace(spec, model=models[0])
         await load.check()
-        spec = SweepSpec(
-            gpu=args.gpu,
-            cost=args.cost,
-            model=model,
-            in_ticks=_ticks("--input-ticks", args.input_ticks),
-            out_ticks=_ticks("--output-ticks", args.output_ticks),
-            slos=slos,
-            duration_s=args.duration_s,
-            warmup_s=args.warmup_s,
-            min_requests=args.min_requests,
-            precision=args.precision,
-            start_rate=args.start_rate,
-            min_rate=args.min_rate,
-            max_rate=args.max_rate,
-            seed=args.seed,
-            time_scale=args.time_scale,
-        )
-        state = SweepState(spec, state_path)
+        state = SweepState(spec, Path(args.state or args.out + ".state.json"))
         return await _sweep(args, spec, state, load)
 
 
 async def _sweep(args: argparse.Namespace, spec: Any, state: Any, load: Any) -> int:
+    from control.placement.errors import ProfilerError
     from control.placement.profile import aibrix_profile, run_sweep, to_gpu_profile, write_json
 
     bar = _Progress(len(spec.cells), quiet=args.quiet or args.json)
@@ -148,15 +156,16 @@ async def _sweep(args: argparse.Namespace, spec: Any, state: Any, load: Any) -> 
             on_trial=bar.trial,
             on_cell=bar.cell,
         )
-    except (KeyboardInterrupt, asyncio.CancelledError):
+    except (KeyboardInterrupt, asyncio.CancelledError, ProfilerError) as exc:
         bar.close()
         done = sum(1 for o, i in spec.cells if state.done(o, i) is not None)
+        why = "interrupted" if not isinstance(exc, ProfilerError) else str(exc)
         print(
-            f"shoal profile: interrupted; {done} of {len(spec.cells)} cells saved in "
+            f"shoal profile: {why}; {done} of {len(spec.cells)} cells saved in "
             f"{state.path}: rerun the same command to resume",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return EXIT_UNREACHABLE if isinstance(exc, ProfilerError) else EXIT_INTERRUPTED
     bar.close()
     profile = to_gpu_profile(spec, cells, created=time.time())
     data = aibrix_profile(profile, cells)
