@@ -25,6 +25,7 @@ from control.placement.profile import (
     percentile,
     run_sweep,
     to_gpu_profile,
+    write_json,
 )
 from control.placement.types import GpuProfile, Slos
 
@@ -310,3 +311,13 @@ def test_the_aibrix_json_has_their_fields_on_our_ticks() -> None:
         "model": "m",
     }
     json.dumps(data)  # plain JSON: no inf, no tuples
+
+
+def test_the_written_profile_loads_back_through_formats(tmp_path: Path) -> None:
+    formats = pytest.importorskip("control.placement.formats")  # the solver's reader
+    sweep = spec()
+    cells = [CellResult(32, 128, 4.0), CellResult(32, 512, 2.5), CellResult(128, 128, 1.25)]
+    profile = to_gpu_profile(sweep, cells, created=1700000000.0)
+    path = tmp_path / "A100.json"
+    write_json(path, aibrix_profile(profile, cells))
+    assert formats.load_profile(path) == profile
