@@ -102,8 +102,8 @@ _STATE_VERSION = 1
 
 @dataclass(frozen=True, slots=True)
 class SweepSpec:
-    """What a sweep measures and how; everything but the grid, gpu cost and URL is in the
-    state file's fingerprint (``fingerprint``)."""
+    """What a sweep measures and how; all of it but the grid and the cost is in the state
+    file's fingerprint (``fingerprint``; the URL is not part of it either)."""
 
     gpu: str
     cost: float
@@ -185,7 +185,9 @@ class TrialPlan:
 
 
 def _e2e_budget(slos: Slos, out_tick: int) -> float:
-    """How long a request passing every SLO may live (the longest, if several bind)."""
+    """How long a request meeting every SLO lives at most. With a TTFT SLO alone it is
+    only the TTFT: long outputs then need a ``warmup_s`` of a request's lifetime, or the
+    window's completions lag its arrivals (the throughput check fails early)."""
     by_parts = (slos.ttft_s or 0.0) + (out_tick - 1) * (slos.tpot_s or 0.0)
     if slos.e2e_s is not None:
         return slos.e2e_s if by_parts == 0 else min(slos.e2e_s, by_parts)

@@ -23,15 +23,90 @@ import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from control.placement.profile import SweepSpec
+from control.placement.types import Slos
 from shoal.cli_format import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNREACHABLE, table
+from shoal.config import add_flags, load_config, read_secret, setting
 from shoal.errors import ConfigError
 
-__all__ = ["register"]
+__all__ = ["ProfileSettings", "register", "settings_from_args"]
 
 _HELP = "measure an endpoint's highest request rate within an SLO per request size"
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSettings:
+    """``shoal profile``'s settings: flags < ``SHOAL_PROFILE_*`` < ``[profile]`` in the TOML
+    file (``shoal.config``). Required: url, gpu, cost, input_ticks, output_ticks, out and
+    at least one SLO (0 = that latency is not checked)."""
+
+    url: str = setting("", "the OpenAI endpoint, e.g. http://127.0.0.1:8000 (required)")
+    model: str = setting("", "the model name to send; empty = the first the endpoint lists")
+    gpu: str = setting("", "the GPU type's name in the profile, e.g. A100 (required)")
+    cost: str = setting("", "cost of one replica per hour, e.g. 3.67 (required)")
+    input_ticks: str = setting("", "prompt lengths in tokens, e.g. 128,512,2048 (required)")
+    output_ticks: str = setting("", "output lengths in tokens, e.g. 32,128,512 (required)")
+    ttft_slo_s: float = setting(0.0, "time-to-first-token target, seconds (0 = none)")
+    tpot_slo_s: float = setting(0.0, "time-per-output-token target, seconds (0 = none)")
+    e2e_slo_s: float = setting(0.0, "end-to-end latency target, seconds (0 = none)")
+    percentile: float = setting(99.0, "the percentile of each latency held to its target")
+    out: str = setting("", "the profile JSON to write (AIBrix's format; required)")
+    state: str = setting("", "resumable state file; empty = <out>.state.json")
+    duration_s: float = setting(20.0, "measurement window per trial, seconds, at least")
+    warmup_s: float = setting(5.0, "warm-up per trial, seconds, at least")
+    min_requests: int = setting(40, "arrivals a trial's window expects, at least")
+    start_rate: float = setting(1.0, "first rate of a row's first cell, requests/s")
+    min_rate: float = setting(0.05, "below this rate a cell is 0, requests/s")
+    max_rate: float = setting(1000.0, "the most requests/s ever offered")
+    precision: float = setting(0.05, "relative precision of each cell's rate")
+    seed: int = setting(0, "seed of arrivals and prompts")
+    time_scale: float = setting(1.0, "endpoint seconds per wall second (a simulator's)")
+    max_token_id: int = setting(8000, "prompt token ids are drawn from [100, this)")
+    api_key_file: str = setting("", "file holding a bearer token for the endpoint")
+
+    def __post_init__(self) -> None:
+        for name in ("url", "gpu", "cost", "input_ticks", "output_ticks", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"shoal profile needs --{name.replace('_', '-')}")
+        if self.max_token_id <= 100:
+            raise ConfigError("--max-token-id must be above 100")
+
+    @property
+    def slos(self) -> Slos:
+        return Slos(
+            self.ttft_slo_s or None,
+            self.tpot_slo_s or None,
+            self.e2e_slo_s or None,
+            self.percentile,
+        )
+
+    def spec(self, model: str) -> SweepSpec:
+        """The sweep these settings ask for (``ProfileFormatError`` when inconsistent)."""
+        try:
+            cost = float(self.cost)
+        except ValueError:
+            raise ConfigError(f"--cost takes a number, got {self.cost!r}") from None
+        return SweepSpec(
+            gpu=self.gpu,
+            cost=cost,
+            model=model,
+            in_ticks=_ticks("--input-ticks", self.input_ticks),
+            out_ticks=_ticks("--output-ticks", self.output_ticks),
+            slos=self.slos,
+            duration_s=self.duration_s,
+            warmup_s=self.warmup_s,
+            min_requests=self.min_requests,
+            precision=self.precision,
+            start_rate=self.start_rate,
+            min_rate=self.min_rate,
+            max_rate=self.max_rate,
+            seed=self.seed,
+            time_scale=self.time_scale,
+        )
 
 
 def register(subparsers: Any) -> None:
@@ -41,34 +116,16 @@ def register(subparsers: Any) -> None:
         description="Sweep an OpenAI endpoint over input/output lengths and request rates; "
         "write AIBrix's GPU profile JSON (the highest rate meeting every SLO per cell).",
     )
-    a = parser.add_argument
-    a("--url", required=True, help="the endpoint, e.g. http://127.0.0.1:8000")
-    a("--model", default="", help="the model name to send (default: the first listed)")
-    a("--gpu", required=True, help="the GPU type's name in the profile, e.g. A100")
-    a("--cost", type=float, required=True, help="cost of one replica per hour")
-    a("--input-ticks", required=True, help="prompt lengths in tokens, e.g. 128,512,2048")
-    a("--output-ticks", required=True, help="output lengths in tokens, e.g. 32,128,512")
-    a("--ttft-slo-s", type=float, help="time-to-first-token target, seconds")
-    a("--tpot-slo-s", type=float, help="time-per-output-token target, seconds")
-    a("--e2e-slo-s", type=float, help="end-to-end latency target, seconds")
-    a("--percentile", type=float, default=99.0, help="of each latency (default %(default)s)")
-    a("--out", required=True, help="the profile JSON to write")
-    a("--state", help="resumable state file (default: <out>.state.json)")
-    a("--duration-s", type=float, default=20.0, help="measurement window per trial, at least")
-    a("--warmup-s", type=float, default=5.0, help="warm-up per trial, at least")
-    a("--min-requests", type=int, default=40, help="arrivals a window expects, at least")
-    a("--start-rate", type=float, default=1.0, help="first rate tried per cell (requests/s)")
-    a("--min-rate", type=float, default=0.05, help="below this a cell is 0 (requests/s)")
-    a("--max-rate", type=float, default=1000.0, help="the most offered (requests/s)")
-    a("--precision", type=float, default=0.05, help="relative precision of each rate")
-    a("--seed", type=int, default=0, help="seed of arrivals and prompts")
-    a("--time-scale", type=float, default=1.0, help="endpoint seconds per wall second "
-      "(a simulator's --time-scale)")  # fmt: skip
-    a("--max-token-id", type=int, default=8000, help="prompt ids are drawn below this")
-    a("--api-key-file", default="", help="file with a bearer token for the endpoint")
-    a("--quiet", action="store_true", help="no progress bar")
-    a("--json", action="store_true", help="print the result as JSON")
+    add_flags(parser, ProfileSettings, "profile")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=_main)
+
+
+def settings_from_args(args: argparse.Namespace) -> ProfileSettings:
+    skip = ("func", "component", "json", "quiet")
+    flags = {k: v for k, v in vars(args).items() if k not in skip}
+    return load_config(ProfileSettings, "profile", flags=flags)
 
 
 def _ticks(flag: str, text: str) -> tuple[int, ...]:
@@ -81,68 +138,44 @@ def _ticks(flag: str, text: str) -> tuple[int, ...]:
 def _main(args: argparse.Namespace) -> int:
     from control.placement.errors import ProfilerError
 
+    settings = settings_from_args(args)
     try:
-        return asyncio.run(_profile(args))
+        return asyncio.run(_profile(args, settings))
     except ProfilerError as exc:
         print(f"shoal profile: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
 
 
-async def _profile(args: argparse.Namespace) -> int:
+async def _profile(args: argparse.Namespace, settings: ProfileSettings) -> int:
     from control.placement.errors import ProfilerError
     from control.placement.loadgen import HttpLoad
-    from control.placement.profile import SweepSpec, SweepState
-    from control.placement.types import Slos
+    from control.placement.profile import SweepState
 
-    if args.max_token_id <= 100:
-        raise ConfigError("--max-token-id must be above 100")
-    try:
-        api_key = Path(args.api_key_file).read_text().strip() if args.api_key_file else ""
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read --api-key-file {args.api_key_file}: {exc.strerror}"
-        ) from None
-    slos = Slos(args.ttft_slo_s, args.tpot_slo_s, args.e2e_slo_s, args.percentile)
+    api_key = read_secret(settings.api_key_file, "--api-key-file") if settings.api_key_file else ""
     # checked before the endpoint is asked anything: bad flags are exit 2, not 3
-    spec = SweepSpec(
-        gpu=args.gpu,
-        cost=args.cost,
-        model=args.model,
-        in_ticks=_ticks("--input-ticks", args.input_ticks),
-        out_ticks=_ticks("--output-ticks", args.output_ticks),
-        slos=slos,
-        duration_s=args.duration_s,
-        warmup_s=args.warmup_s,
-        min_requests=args.min_requests,
-        precision=args.precision,
-        start_rate=args.start_rate,
-        min_rate=args.min_rate,
-        max_rate=args.max_rate,
-        seed=args.seed,
-        time_scale=args.time_scale,
-    )
+    spec = settings.spec(settings.model)
     load = HttpLoad(
-        args.url,
-        args.model,
-        slos,
-        time_scale=args.time_scale,
-        seed=args.seed,
-        max_token_id=args.max_token_id,
+        settings.url,
+        settings.model,
+        spec.slos,
+        time_scale=settings.time_scale,
+        seed=settings.seed,
+        max_token_id=settings.max_token_id,
         api_key=api_key,
     )
     async with load:
-        if not args.model:
+        if not settings.model:
             models = await load.models()
             if not models:
-                raise ProfilerError(f"{args.url} lists no model")
+                raise ProfilerError(f"{settings.url} lists no model")
             load.model = models[0]
             spec = dataclasses.replace(spec, model=models[0])
         await load.check()
-        state = SweepState(spec, Path(args.state or args.out + ".state.json"))
-        return await _sweep(args, spec, state, load)
+        state = SweepState(spec, Path(settings.state or settings.out + ".state.json"))
+        return await _sweep(args, settings.out, spec, state, load)
 
 
-async def _sweep(args: argparse.Namespace, spec: Any, state: Any, load: Any) -> int:
+async def _sweep(args: argparse.Namespace, out: str, spec: SweepSpec, state: Any, load: Any) -> int:
     from control.placement.errors import ProfilerError
     from control.placement.profile import aibrix_profile, run_sweep, to_gpu_profile, write_json
 
@@ -169,10 +202,10 @@ async def _sweep(args: argparse.Namespace, spec: Any, state: Any, load: Any) -> 
     bar.close()
     profile = to_gpu_profile(spec, cells, created=time.time())
     data = aibrix_profile(profile, cells)
-    write_json(Path(args.out), data)
+    write_json(Path(out), data)
     if args.json:
         summary = {
-            "out": args.out,
+            "out": out,
             "state": str(state.path),
             "resumed_cells": resumed,
             "profile": data,
@@ -195,7 +228,7 @@ async def _sweep(args: argparse.Namespace, spec: Any, state: Any, load: Any) -> 
         ]
         for line in table(["out", "in", "req/s", "trials", "note"], rows, ">>>><"):
             print(line)
-        print(f"wrote {args.out} ({spec.gpu}, {len(cells)} cells)")
+        print(f"wrote {out} ({spec.gpu}, {len(cells)} cells)")
     if not any(c.rate > 0 for c in cells):
         print("shoal profile: no cell met the SLO at any rate tried", file=sys.stderr)
         return EXIT_FAILED
