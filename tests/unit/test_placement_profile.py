@@ -321,3 +321,28 @@ def test_the_written_profile_loads_back_through_formats(tmp_path: Path) -> None:
     path = tmp_path / "A100.json"
     write_json(path, aibrix_profile(profile, cells))
     assert formats.load_profile(path) == profile
+
+
+def test_settings_layer_flags_over_environment_over_file(tmp_path: Path) -> None:
+    from control.placement.profile_cli import ProfileSettings
+    from shoal.config import load_config
+    from shoal.errors import ConfigError
+
+    config = tmp_path / "shoal.toml"
+    config.write_text(
+        '[profile]\nurl = "http://file"\ngpu = "A10G"\ncost = "1.01"\n'
+        'input_ticks = "128,512"\noutput_ticks = "32"\nout = "A10G.json"\ntpot_slo_s = 0.2\n'
+    )
+    settings = load_config(
+        ProfileSettings,
+        "profile",
+        flags={"tpot_slo_s": "0.1", "config": str(config)},
+        environ={"SHOAL_PROFILE_URL": "http://env", "SHOAL_PROFILE_TTFT_SLO_S": "1.5"},
+    )
+    assert settings.url == "http://env"
+    made = settings.spec("m")
+    assert made.slos == Slos(ttft_s=1.5, tpot_s=0.1, e2e_s=None, percentile=99.0)
+    assert (made.gpu, made.cost, made.in_ticks, made.out_ticks) == ("A10G", 1.01, (128, 512), (32,))
+    with pytest.raises(ConfigError, match="needs --out"):
+        load_config(ProfileSettings, "profile", flags={"url": "u", "gpu": "g", "cost": "1",
+                    "input_ticks": "1", "output_ticks": "1"}, environ={})  # fmt: skip
