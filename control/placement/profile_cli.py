@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from control.placement.profile import SweepSpec
+from control.placement.profile import CellResult, SweepSpec, TrialResult
 from control.placement.types import Slos
 from shoal.cli_format import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNREACHABLE, table
 from shoal.config import add_flags, load_config, read_secret, setting
@@ -236,31 +236,42 @@ async def _sweep(args: argparse.Namespace, out: str, spec: SweepSpec, state: Any
 
 
 class _Progress:
-    """Cells done, and the trial in flight, on stderr (tqdm when installed)."""
+    """Cells done and the trial in flight on stderr: a tqdm bar on a terminal (when tqdm is
+    installed), else one line per finished cell (logs of a long sweep stay readable)."""
 
     def __init__(self, total: int, *, quiet: bool) -> None:
         self._bar: Any = None
-        if quiet:
+        self._lines = not quiet
+        self._total = total
+        self._done = 0
+        if quiet or not sys.stderr.isatty():
             return
         try:
             from tqdm import tqdm
         except ImportError:
             return
-        self._bar = tqdm(
-            total=total, unit="cell", file=sys.stderr, disable=None, dynamic_ncols=True
-        )
+        self._bar = tqdm(total=total, unit="cell", file=sys.stderr, dynamic_ncols=True)
+        self._lines = False
 
-    def trial(self, out_tick: int, in_tick: int, trial: Any) -> None:
+    def trial(self, out_tick: int, in_tick: int, trial: TrialResult) -> None:
         verdict = "ok" if trial.passed else "miss"
-        text = f"out {out_tick} in {in_tick}: {trial.rate:.3g}/s {verdict}"
         if self._bar is not None:
-            self._bar.set_postfix_str(text)
+            self._bar.set_postfix_str(f"out {out_tick} in {in_tick}: {trial.rate:.3g}/s {verdict}")
 
-    def cell(self, cell: Any, resumed: bool) -> None:
+    def cell(self, cell: CellResult, resumed: bool) -> None:
+        self._done += 1
+        text = (
+            f"cell {self._done}/{self._total} out {cell.out_tick} in {cell.in_tick}: "
+            f"{cell.rate:.3g} req/s"
+            + (" (saved earlier)" if resumed else f", {len(cell.trials)} trials")
+            + (f" ({cell.note})" if cell.note else "")
+        )
         if self._bar is not None:
             self._bar.update(1)
             if not resumed and cell.rate == 0:
-                self._bar.write(f"out {cell.out_tick} in {cell.in_tick}: 0 ({cell.note})")
+                self._bar.write(text)
+        elif self._lines:
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
