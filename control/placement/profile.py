@@ -35,8 +35,11 @@ The search per cell (``RateSearch``, sans-IO: it proposes rates, the caller meas
            ``start_rate``; a trial whose every request the endpoint refused (HTTP 4xx,
            a prompt beyond max_model_len) ends the cell at 0 at once
 
-Latency grows steeply near saturation, so one trial per rate is a sharp test there; a
-noisy pass or fail moves the answer by at most one bisection interval.
+Latency grows steeply near saturation, so one trial per rate is a sharp test there. Each
+trial is trusted: a fluke failure below the capacity caps the answer under it (a fluke
+pass lifts it), which is why a trial is made long enough for its percentile
+(``min_requests``) rather than repeated. The search only proposes rates between its best
+pass and its first failure, so its own trials never contradict each other.
 
 Chosen and rejected:
 * AIBrix's profiler (``gpu_benchmark.py`` over a fixed grid of rates, ``gen_profile.py``
@@ -329,8 +332,8 @@ class RateSearch:
     ``next_rate()`` proposes the next rate to measure (None: done), ``record(rate,
     passed)`` tells what it did; ``rate`` is then the answer: the highest passing rate
     measured, 0 when none passed down to ``min_rate``. Fails when the endpoint's pass/fail
-    is not monotone in the rate: it trusts each trial, so a fluke pass above the
-    capacity (or fail below it) moves the answer by the bracket it was in."""
+    is not monotone in the rate: it trusts each trial, so a fluke failure below the
+    capacity caps the answer under it, and a fluke pass above lifts it."""
 
     def __init__(
         self,
@@ -360,11 +363,8 @@ class RateSearch:
             assert lo is not None
             return None if lo >= self._max else min(lo * self._growth, self._max)
         if lo is None:
-            lower = hi / self._growth
-            if hi <= self._min:
-                return None
-            return max(lower, self._min)
-        if hi / lo <= 1 + self._precision:
+            return None if hi <= self._min else max(hi / self._growth, self._min)
+        if hi / lo <= 1 + self._precision * (1 + 1e-9):  # closed (rounding aside)
             return None
         return math.sqrt(lo * hi)
 
@@ -375,7 +375,8 @@ class RateSearch:
         else:
             self.hi = rate if self.hi is None else min(self.hi, rate)
         if self.lo is not None and self.hi is not None and self.hi <= self.lo:
-            # not monotone: a fail at or below a pass; keep the pass, retry above it
+            # not monotone (a fail at or below a pass, from a caller's own rates): keep
+            # the pass and close the bracket just above it
             self.hi = self.lo * (1 + self._precision)
 
     @property
