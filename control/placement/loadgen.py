@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import random
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -198,8 +199,8 @@ class HttpLoad:
         prompt: list[int],
         in_tick: int,
         out_tick: int,
-        now: Any,
-        finished: Any,
+        now: Callable[[], float],
+        finished: Callable[[_Slot], None],
     ) -> None:
         body = {
             "model": self.model,
@@ -223,7 +224,12 @@ class HttpLoad:
             finished(slot)
 
     async def _stream(
-        self, slot: _Slot, body: dict[str, Any], in_tick: int, out_tick: int, now: Any
+        self,
+        slot: _Slot,
+        body: dict[str, Any],
+        in_tick: int,
+        out_tick: int,
+        now: Callable[[], float],
     ) -> None:
         async with self.session.post(self.url + "/v1/completions", json=body) as reply:
             if reply.status != 200:
