@@ -478,7 +478,8 @@ class Planner:
         if record.error:
             log.warning("round held (%s): %s", record.status, record.error)
             return
-        log.info(
+        quiet = record.reason == "unchanged"  # every 30 s by default: changes are news
+        (log.debug if quiet else log.info)(
             "plan %s (%s): optimum %s targets %s; workload %s",
             record.status, record.reason, dict(record.optimum), dict(record.targets),
             dict(record.workload), extra={"plan": asdict(record)},
