@@ -25,6 +25,10 @@ Invariants:
 * an empty window (no request finished in ``window_s``) plans the minimum replicas of each
   type without solving: scale to zero happens only where ``--min-replicas`` allows it, and
   only after the scale-down delay;
+* a (re)started planner seeds smoothing with the replicas the pools already run
+  (``Smoother.seed``): its first plan is weighed against that fleet, and shrinks it only
+  after the delay, so a restart during an empty router window does not scale a serving
+  fleet down at once;
 * the plan served (``GET /v1/plan``) is the one the targets were made from: when smoothing
   keeps the current mix it serves that mix's assignment, not the optimum the fleet does
   not run;
@@ -61,6 +65,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from control.autoscale.actuators.base import Actuator
+from control.autoscale.actuators.local import write_discovery_entries
 from control.autoscale.errors import ActuatorError
 from control.autoscale.types import ReplicaState
 from control.placement.config import (
@@ -205,11 +210,8 @@ class DiscoveryWriter:
     reads (``--discovery-file``); written atomically and only when the list changed."""
 
     def __init__(self, path: str | Path, gpus: Sequence[str]) -> None:
-        from control.autoscale.actuators.local import write_discovery_entries
-
         self.path = Path(path)
         self.gpus = tuple(gpus)
-        self._write = write_discovery_entries
         self._endpoints: dict[str, tuple[str, ...]] = {gpu: () for gpu in self.gpus}
         self._published: list[dict[str, str]] | None = None
         self.publish({})
@@ -230,7 +232,7 @@ class DiscoveryWriter:
         if entries == self._published:
             return
         try:
-            self._write(self.path, entries)
+            write_discovery_entries(self.path, entries)
         except OSError as exc:
             raise ActuatorError(f"cannot write the discovery file {self.path}: {exc}") from None
         self._published = entries
@@ -335,6 +337,10 @@ class Planner:
         failures (the round holds the last plan)."""
         async with self._lock:
             now = self._clock()
+            if self.smoother.mix is None:
+                await self._sync(now)  # no targets yet: reads the pools, scales nothing
+                if set(self.states) == set(self.pools):
+                    self.smoother.seed(now, {g: s.spec for g, s in self.states.items()})
             record = await self._plan(now)
             await self._sync(now)
         self.history.append(record)

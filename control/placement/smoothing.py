@@ -129,6 +129,14 @@ class Smoother:
         self.mix = proposed
         return self._stabilised(now_s, plan, reason, saving)
 
+    def seed(self, now_s: float, running: Mapping[str, int]) -> None:
+        """Take the replicas already running as the mix in force, adopted at ``now_s``: a
+        restarted planner weighs its first optimum against the fleet it finds, and scales
+        that fleet down only after the delay (never at once on an empty first window)."""
+        assert self.mix is None, "seed() before the first smooth()"
+        self.mix = self._full(running)
+        self._adopted.append((now_s, dict(self.mix)))
+
     def _held_plan(self, fitted: Plan) -> Plan:
         assert self.mix is not None
         return replace(fitted, gpus=dict(self.mix), cost=mix_cost(self.mix, self.costs))

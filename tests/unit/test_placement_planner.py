@@ -199,7 +199,7 @@ def test_the_plan_follows_the_mix_between_pools() -> None:
     first = fleet.round_at(0.0, sizes(short=60))  # 6 req/s short: 3 A10G at $1 beat A100s
     assert (first.status, first.reason, dict(first.targets)) == (
         "optimal",
-        "first",
+        "scale-up",  # from the empty pools it found
         {"A10G": 3, "A100": 0},
     )
     assert fleet.specs() == {"A10G": 3, "A100": 0}
@@ -316,12 +316,24 @@ def test_a_dry_run_plans_and_scales_nothing() -> None:
 
 def test_a_failing_pool_is_counted_and_the_others_still_scale() -> None:
     fleet = Fleet()
-    fleet.pools["A10G"].fail_next = 1
-    fleet.round_at(0.0, sizes(short=20, long=10))
+    fleet.pools["A10G"].fail_next = 2  # the first round's two reads of the pool
+    record = fleet.round_at(0.0, sizes(short=20, long=10))
+    assert (record.reason, dict(record.targets)) == ("first", {"A10G": 1, "A100": 1})
     assert fleet.specs() == {"A10G": 0, "A100": 1}
-    assert fleet.metric("shoal_placement_errors_total", stage="state") == 1.0
+    assert fleet.metric("shoal_placement_errors_total", stage="state") == 2.0
     asyncio.run(fleet.planner.sync_pools())  # the next pool check catches up
     assert fleet.specs() == {"A10G": 1, "A100": 1}
+
+
+def test_a_restarted_planner_shrinks_the_fleet_it_finds_only_after_the_delay() -> None:
+    fleet = Fleet(delay_s=60.0)
+    for gpu, n in (("A10G", 3), ("A100", 1)):
+        fleet.pools[gpu] = fleet.planner.pools[gpu] = MemoryActuator(n, clock=fleet.clock)
+    first = fleet.round_at(0.0, sizes())  # the router restarted too: an empty window
+    assert (first.reason, dict(first.targets)) == ("adopted", {"A10G": 3, "A100": 1})
+    assert fleet.specs() == {"A10G": 3, "A100": 1}
+    fleet.round_at(61.0)
+    assert fleet.specs() == {"A10G": 0, "A100": 0}
 
 
 def test_pools_and_profiles_must_name_the_same_types() -> None:

@@ -150,3 +150,23 @@ def test_scale_to_zero_after_the_delay_and_back_at_once() -> None:
     assert dict(s.smooth(61.0, empty, never).targets) == {"A100": 0, "A10G": 0}
     back = s.smooth(90.0, plan(a100=1), never)
     assert (back.reason, dict(back.targets)) == ("scale-up", {"A100": 1, "A10G": 0})
+
+
+def test_a_seeded_fleet_is_the_mix_in_force_and_shrinks_after_the_delay() -> None:
+    s = smoother(delay_s=60.0, min_saving=0.05)
+    s.seed(0.0, {"A10G": 4})  # what a restarted planner finds running
+    shrink = s.smooth(10.0, plan(a10g=2), never)  # 2.02 vs 4.04: adopted, after the delay
+    assert (shrink.reason, dict(shrink.targets)) == ("adopted", {"A100": 0, "A10G": 4})
+    assert dict(s.smooth(61.0, plan(a10g=2), never).targets) == {"A100": 0, "A10G": 2}
+
+
+def test_a_seeded_fleet_that_serves_is_kept_against_a_dearer_optimum() -> None:
+    s = smoother(delay_s=60.0, min_saving=0.05)
+    s.seed(0.0, {"A10G": 4})
+    fit = Fit(serves=True)
+    kept = s.smooth(10.0, plan(a10g=1, a100=1), fit)  # 4.68 vs 4.04
+    assert (kept.reason, dict(kept.targets), fit.calls) == (
+        "held",
+        {"A100": 0, "A10G": 4},
+        [{"A100": 0, "A10G": 4}],
+    )
