@@ -76,7 +76,7 @@ from control.placement.config import (
     split_list,
 )
 from control.placement.errors import Infeasible, PlacementError
-from control.placement.metrics import PlacementMetrics
+from control.placement.metrics import SOLVE_STATUSES, PlacementMetrics
 from control.placement.smoothing import Smoothed, Smoother, mix_cost
 from control.placement.types import GpuProfile, Limits, Matrix, Plan, Workload
 from shoal.config import read_secret
@@ -152,11 +152,11 @@ def workload_from(
 ) -> Workload:
     """The window as a ``Workload`` on the profiles' ticks: shares of each cell, and the
     window's rate times ``headroom``; rate 0 (and zero shares) for an empty window."""
-    if sizes.count == 0 or sizes.rate == 0:
-        zeros = tuple(tuple(0.0 for _ in in_ticks) for _ in out_ticks)
-        return Workload(0.0, zeros, out_ticks, in_ticks, slice_factor)
     counts = rebin(sizes.counts, sizes.out_edges, sizes.in_edges, out_ticks, in_ticks)
     total = sum(sum(row) for row in counts)
+    if sizes.count == 0 or sizes.rate == 0 or total == 0:
+        zeros = tuple(tuple(0.0 for _ in in_ticks) for _ in out_ticks)
+        return Workload(0.0, zeros, out_ticks, in_ticks, slice_factor)
     histogram = tuple(tuple(c / total for c in row) for row in counts)
     return Workload(sizes.rate * headroom, histogram, out_ticks, in_ticks, slice_factor)
 
@@ -404,7 +404,7 @@ class Planner:
             log.exception("the solver failed; keeping the last plan")
             return "error", None, f"solver: {type(exc).__name__}: {exc}"
         self.metrics.solve_seconds.observe(plan.solve_s or time.perf_counter() - started)
-        status = plan.status if plan.status in ("optimal", "time_limit", "greedy") else "optimal"
+        status = plan.status if plan.status in SOLVE_STATUSES else "optimal"
         return status, plan, ""
 
     def _floor(self, gpu: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -357,3 +358,69 @@ def test_the_discovery_file_lists_local_engines_with_their_gpu_type(tmp_path: Pa
     ]
     writer.publish({"A10G": []})
     assert json.loads(path.read_text()) == [{"url": "http://127.0.0.1:9000", "gpu_type": "A100"}]
+
+
+# -- settings and flags ------------------------------------------------------------------
+
+
+def test_pools_parse_in_every_documented_form() -> None:
+    from control.placement.config import PlacementSettings, PoolSpec, parse_pools
+
+    settings = PlacementSettings(
+        pool="A=memory; B=local; C=kubernetes:serving/vllm-a100; D=kubernetes:vllm-h100;"
+        "E=kubernetes:ns/statefulset/vllm-l4",
+        pool_engine_command="B=shoal sim engine --port {port}",
+    )
+    assert parse_pools(settings) == (
+        PoolSpec("A", "memory"),
+        PoolSpec("B", "local", engine_command="shoal sim engine --port {port}"),
+        PoolSpec("C", "kubernetes", namespace="serving", name="vllm-a100"),
+        PoolSpec("D", "kubernetes", name="vllm-h100"),
+        PoolSpec("E", "kubernetes", namespace="ns", workload_kind="statefulset", name="vllm-l4"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"pool": "A=local"}, "needs --pool-engine-command A="),
+        ({"pool": "A=memory", "pool_engine_command": "A=x --port {port}"}, "not a local pool"),
+        ({"pool": "A=local", "pool_engine_command": "A=x --port 8000"}, "with {port}"),
+        ({"pool": "A=memory;A=memory"}, "names A twice"),
+        ({"pool": "A=gke:x"}, "TYPE=kubernetes:"),
+        ({"min_replicas": "A=-1"}, "--min-replicas"),
+        ({"max_replicas": "A"}, "--max-replicas"),
+        ({"headroom": 0.9}, "--headroom must be >= 1"),
+        ({"min_saving": 1.0}, "--min-saving"),
+        ({"backend": "cplex"}, "--backend"),
+        ({"interval_s": 0.0}, "--interval-s must be > 0"),
+        ({"host": "0.0.0.0"}, "--auth-token-file"),
+    ],
+)
+def test_bad_settings_name_the_fix(flags: dict[str, Any], message: str) -> None:
+    from control.placement.config import PlacementSettings
+    from shoal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        PlacementSettings(**flags)
+
+
+def test_list_flags_repeat_on_the_command_line() -> None:
+    import argparse
+
+    from control.placement.run_cli import add_verbs, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_verbs(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(
+        ["run", "--profile", "a.json", "--profile", "b.json", "--pool", "A=memory",
+         "--pool", "B=local", "--pool-engine-command", "B=sim --port {port} --x 1",
+         "--min-replicas", "B=1", "--dry-run"]
+    )  # fmt: skip
+    settings = settings_from_args(args)
+    assert (settings.profile, settings.pool, settings.pool_engine_command) == (
+        "a.json;b.json",
+        "A=memory;B=local",
+        "B=sim --port {port} --x 1",
+    )
+    assert (settings.min_replicas, settings.dry_run, settings.port) == ("B=1", True, 8091)
