@@ -424,3 +424,20 @@ def test_list_flags_repeat_on_the_command_line() -> None:
         "B=sim --port {port} --x 1",
     )
     assert (settings.min_replicas, settings.dry_run, settings.port) == ("B=1", True, 8091)
+
+
+# -- with the real solver and formats ----------------------------------------------------
+
+
+def test_with_the_real_solver_the_plan_moves_and_is_served_in_the_agreed_form() -> None:
+    fleet = Fleet(delay_s=0.0, solve=None)  # solver.solve through HiGHS
+    fleet.round_at(0.0, sizes(short=60))
+    assert fleet.specs() == {"A10G": 3, "A100": 0}
+    fleet.round_at(30.0, sizes(long=20))
+    assert fleet.specs() == {"A10G": 0, "A100": 2}
+    served = fleet.planner.plan_json()
+    assert served is not None
+    assert served["gpus"] == {"A100": 2, "A10G": 0}
+    assert served["assignment"]["A100"] == [[0.0], [1.0]]
+    assert served["indexes"] == [list(OUT_TICKS), list(IN_TICKS)]
+    assert (served["model"], served["created"]) == ("m", 1_700_000_030.0)
