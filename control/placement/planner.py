@@ -429,6 +429,9 @@ class Planner:
             )
         except PlacementError:
             return None
+        except Exception:  # a solver bug must not end the loop: the optimum is adopted
+            log.exception("the solver failed on the mix in force; adopting the optimum")
+            return None
 
     # -- the pools -----------------------------------------------------------------------
 

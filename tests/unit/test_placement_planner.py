@@ -441,3 +441,19 @@ def test_with_the_real_solver_the_plan_moves_and_is_served_in_the_agreed_form() 
     assert served["assignment"]["A100"] == [[0.0], [1.0]]
     assert served["indexes"] == [list(OUT_TICKS), list(IN_TICKS)]
     assert (served["model"], served["created"]) == ("m", 1_700_000_030.0)
+
+
+def test_a_solver_bug_while_weighing_the_mix_in_force_adopts_the_optimum() -> None:
+    calls: list[Limits | None] = []
+
+    def solve(profiles: Any, workload: Any, limits: Any = None, **kwargs: Any) -> Plan:
+        calls.append(limits)
+        if limits is not None and limits.available:  # the fit: counts as caps
+            raise KeyError("a solver bug")
+        return stand_in_solve(profiles, workload, limits, **kwargs)
+
+    fleet = Fleet(delay_s=0.0, min_saving=0.4, solve=solve)
+    fleet.round_at(0.0, sizes(long=20))
+    record = fleet.round_at(30.0, sizes(short=80))  # 33 % saving < 40 %: asks the fit
+    assert (record.reason, dict(record.targets)) == ("no-longer-serves", {"A10G": 4, "A100": 0})
+    assert len(calls) == 3
