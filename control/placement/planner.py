@@ -484,8 +484,8 @@ class Planner:
         log.warning("%s: %s", stage, message)
 
     def _log(self, record: RoundRecord) -> None:
-        if record.error:
-            log.warning("round held (%s): %s", record.status, record.error)
+        if record.error:  # _error warned already
+            log.debug("round held (%s): %s", record.status, record.error)
             return
         quiet = record.reason == "unchanged"  # every 30 s by default: changes are news
         (log.debug if quiet else log.info)(
