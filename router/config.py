@@ -32,7 +32,7 @@ class RouterSettings:
     )
     discovery: str = setting("static", "how engines are found: static, dns, k8s or file")
     discovery_file: str = setting(
-        "", "file discovery: JSON or YAML list of {url, stream?}; re-read on change"
+        "", "file discovery: JSON or YAML list of {url, stream?, gpu_type?}; re-read on change"
     )
     discovery_interval_s: float = setting(5.0, "seconds between discovery reads (dns, k8s, file)")
     strategy: str = setting("shoal", "default routing strategy or weighted mix (a:2,b:1)")
@@ -95,6 +95,29 @@ class RouterSettings:
     autoscaler_token_file: str = setting(
         "",
         "file holding the bearer token the autoscaler's /v1/wake requires (its --auth-token-file)",
+    )
+    lora_url: str = setting(
+        "",
+        "LoRA on demand: the LoRA manager (shoal lora serve) asked to load an adapter (POST "
+        "URL/v1/wake) when no healthy engine lists a requested model; the request is held "
+        "meanwhile (--hold-timeout-s, --hold-max-requests), a name it does not know is a "
+        "404 at once; empty = none",
+    )
+    lora_token_file: str = setting(
+        "", "file holding the bearer token the LoRA manager's /v1/wake requires"
+    )
+    placement_url: str = setting(
+        "",
+        "the placement planner (shoal placement run) whose plan (GET URL/v1/plan) the slo "
+        "strategy follows: each request's GPU type from its size cell's shares; empty = none",
+    )
+    placement_token_file: str = setting(
+        "", "file holding the bearer token the placement planner's /v1/plan requires"
+    )
+    placement_interval_s: float = setting(
+        5.0,
+        "seconds between plan polls; a plan not confirmed for 3 intervals, or a failed poll, "
+        "means no plan",
     )
     ledger_refresh_s: float = setting(
         0.05, "seconds between pulls of other replicas' in-flight counts (with --redis)"
@@ -180,6 +203,7 @@ class RouterSettings:
             "discovery_interval_s",
             "shutdown_timeout_s",
             "locate_timeout_s",
+            "placement_interval_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -190,8 +214,10 @@ class RouterSettings:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         if not self.strategy.strip():
             raise ValueError("strategy must name a strategy or a mix")
-        if self.autoscaler_url and not self.autoscaler_url.startswith(("http://", "https://")):
-            raise ValueError(f"autoscaler_url {self.autoscaler_url!r} must be http(s)://HOST:PORT")
+        for name in ("autoscaler_url", "lora_url", "placement_url"):
+            url = getattr(self, name)
+            if url and not url.startswith(("http://", "https://")):
+                raise ValueError(f"{name} {url!r} must be http(s)://HOST:PORT")
 
     @property
     def holds(self) -> bool:
@@ -200,3 +226,9 @@ class RouterSettings:
         answers 503 at once, as before scale from zero existed."""
         can_appear = self.discovery != "static" or bool(self.autoscaler_url)
         return can_appear and self.hold_timeout_s > 0 and self.hold_max_requests > 0
+
+    @property
+    def holds_adapters(self) -> bool:
+        """Whether a request for a model no healthy engine lists waits while the LoRA
+        manager loads it (``--lora-url``), rather than answering 404 at once."""
+        return bool(self.lora_url) and self.hold_timeout_s > 0 and self.hold_max_requests > 0

@@ -24,11 +24,16 @@ look up for the first three)::
             slice's only unnamed port also fits), merged across slices. Needs ``list`` on
             ``endpointslices`` in the namespace. NAMESPACE defaults to the pod's own.
     file    --discovery-file engines.yaml                           a JSON or YAML list of
-            ``{url, stream?}`` (or bare URL strings), re-read when its mtime or size changes
+            ``{url, stream?, gpu_type?}`` (or bare URL strings), re-read when its mtime or
+            size changes
 
 Streams (``<node>/gpu<i>``, the cache daemon's name for an engine's GPU) come only from
 static and file sources; dns and k8s engines have none (precise routing then sees no GPU
-prefix for them, and falls back to node-cache and approximate signals).
+prefix for them, and falls back to node-cache and approximate signals). GPU types
+(``"gpu_type": "A100"``, the placement plan's names, issue 14) come only from the file
+source (the placement planner's local pools write it); ``--engines`` has no spelling for
+them (``URL=NODE/gpuI`` is taken by the stream), so static engines have none: the ``slo``
+strategy then ignores the plan for them.
 
 Rejected: a Kubernetes watch (a poll every few seconds is simple to reason about, and a
 missed watch event would silently freeze the list; the same choice as the cache cluster's
@@ -43,6 +48,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -102,6 +108,21 @@ def _check_stream(stream: str, where: str) -> str:
     if stream and not (node and sep and gpu):
         raise ValueError(f"{where}: stream {stream!r} must be NODE/gpuI")
     return stream
+
+
+_GPU_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _check_gpu_type(gpu_type: str, where: str) -> str:
+    """A GPU type as profiles and plans name it (``A100``, ``H100-80GB``, ``l4``): letters,
+    digits, ``.``, ``_`` and ``-``, at most 64, or empty (unknown)."""
+    gpu_type = gpu_type.strip()
+    if gpu_type and not _GPU_TYPE.fullmatch(gpu_type):
+        raise ValueError(
+            f"{where}: gpu_type {gpu_type!r} must be 1-64 letters, digits, '.', '_' or '-' "
+            "(as the placement profiles name it)"
+        )
+    return gpu_type
 
 
 def _canonical(specs: Iterable[EngineSpec]) -> list[EngineSpec]:
@@ -314,13 +335,19 @@ class FileDiscovery(_Polled):
             entry = {"url": item} if isinstance(item, str) else item
             if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
                 raise _ReadFailed(f"{where} must be a URL or an object with a 'url' string")
-            unknown = set(entry) - {"url", "stream"}
-            stream = entry.get("stream", "")
-            if unknown or not isinstance(stream, str):
-                raise _ReadFailed(f"{where}: only 'url' and a 'stream' string are allowed")
+            unknown = set(entry) - {"url", "stream", "gpu_type"}
+            stream, gpu_type = entry.get("stream", ""), entry.get("gpu_type", "")
+            if unknown or not isinstance(stream, str) or not isinstance(gpu_type, str):
+                raise _ReadFailed(
+                    f"{where}: only 'url' and a 'stream' string and a 'gpu_type' string are allowed"
+                )
             try:
                 specs.append(
-                    EngineSpec(_check_url(entry["url"], where), _check_stream(stream, where))
+                    EngineSpec(
+                        _check_url(entry["url"], where),
+                        _check_stream(stream, where),
+                        _check_gpu_type(gpu_type, where),
+                    )
                 )
             except ValueError as exc:
                 raise _ReadFailed(str(exc)) from None

@@ -249,6 +249,7 @@ class EnginePool:
                     metrics=self.scraper.metrics(engine_id),
                     node=engine.spec.node,
                     stream=engine.spec.stream,
+                    gpu_type=engine.spec.gpu_type,
                 )
             )
         return views
@@ -274,6 +275,7 @@ class EnginePool:
                     "id": engine_id,
                     "url": engine.spec.url,
                     "stream": engine.spec.stream,
+                    "gpu_type": engine.spec.gpu_type,
                     "healthy": engine.healthy,
                     "breaker": engine.breaker.state(now).value,
                     "in_flight": in_flight,

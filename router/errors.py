@@ -6,6 +6,7 @@
      ├── ConfigError               bad flag, environment variable or file (shoal.errors)
      └── RouterError
           ├── BadRequest           the client's request is malformed or too large (400/413)
+          │    └── ModelNotFound   no engine serves the model and none will (404)
           ├── Unauthorized         no or an unknown API key while --api-keys is set (401)
           ├── UnknownStrategy      a strategy name or mix that does not parse (400 per request,
           │                        ConfigError at start)
@@ -16,8 +17,10 @@
           │                        Retry-After)
           ├── RateLimited          a user's RPM/TPM or a model's RPS is spent (429,
           │                        Retry-After)
-          └── UpstreamError        an engine failed before the first byte (retried on
-                                   another engine when the request allows)
+          ├── UpstreamError        an engine failed before the first byte (retried on
+          │                        another engine when the request allows)
+          └── BadPlan              the placement planner's /v1/plan is malformed (the
+                                   router then routes without a plan; router/plan.py)
 
 aiohttp's client errors and ``asyncio.TimeoutError`` are translated to ``UpstreamError`` in
 ``proxy.py``; Redis errors are translated in ``ledger.py``/``limits.py`` (a Redis outage
@@ -29,9 +32,11 @@ from __future__ import annotations
 from shoal.errors import ShoalError
 
 __all__ = [
+    "BadPlan",
     "BadRequest",
     "HoldFull",
     "HoldTimedOut",
+    "ModelNotFound",
     "NoEngineAvailable",
     "RateLimited",
     "RouterError",
@@ -64,6 +69,15 @@ class BadRequest(RouterError):
     def __init__(self, message: str, *, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ModelNotFound(BadRequest):
+    """Healthy engines serve other models only (and, with ``--lora-url``, the LoRA
+    manager does not know the name either): vLLM's 404 for an unknown model."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist.", status=404)
+        self.model = model
 
 
 class Unauthorized(RouterError):
@@ -114,3 +128,9 @@ class UpstreamError(RouterError):
         super().__init__(message)
         self.engine_id = engine_id
         self.retryable = retryable
+
+
+class BadPlan(RouterError):
+    """A placement plan that cannot be used; the message names the field."""
+
+    code = "bad_plan"

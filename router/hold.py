@@ -1,4 +1,5 @@
-"""Requests held while no engine serves their model: scale from zero (issue 13).
+"""Requests held while no engine serves their model: scale from zero (issue 13), and
+LoRA adapters loaded on demand (issue 14).
 
 ::
 
@@ -6,14 +7,18 @@
     them still starting; NOT a saturated fleet: that is a 429 at once)
       try_hold(M)  -> None when max_requests are held already    -> 503 hold_full
       hold(M)      waits for one of
-                     wake(M): an engine became healthy            -> routed normally
+                     wake(M): an engine became healthy, or one
+                              lists M (an adapter was loaded)     -> routed normally
+                     refuse(M, error): M will not come (the LoRA
+                              manager does not know it)           -> error (404) at once
                      the ticket's deadline (timeout_s)            -> 503 hold_timeout
                      the client hangs up (task cancelled)         -> dropped, no answer
-    while anything is held for M, the proxy asks the autoscaler for an engine, at most
+    while anything is held for M, the proxy asks the autoscaler for an engine (and the
+    LoRA manager for the adapter, with --lora-url), at most
     once per ``WakeGate.interval_s`` per model
 
 Invariant: a ticket is in exactly one model's FIFO from ``try_hold`` until it is woken,
-expires or is cancelled, and then in none; ``num_held`` is the sum of the FIFOs'
+refused, expires or is cancelled, and then in none; ``num_held`` is the sum of the FIFOs'
 lengths and never exceeds ``max_requests``. ``wake(M)`` takes M's tickets in arrival
 order and resolves their futures in that order, so the event loop resumes the waiters
 first-come first-served.
@@ -59,7 +64,7 @@ class Ticket:
         self.model = model
         self.held_at = held_at
         self.deadline = deadline
-        self.state = "held"  # -> "woken" | "expired" | "cancelled"
+        self.state = "held"  # -> "woken" | "refused" | "expired" | "cancelled"
         self.future: asyncio.Future[None] | None = None
 
 
@@ -72,6 +77,7 @@ class HoldStats:
     num_timed_out: int
     num_cancelled: int  # the client hung up while held
     num_full: int  # refused because max_requests were held
+    num_refused: int = 0  # answered with an error while held (refuse: an unknown adapter)
 
 
 class HoldQueue:
@@ -93,7 +99,7 @@ class HoldQueue:
         self._queues: dict[str, deque[Ticket]] = {}
         self._num_held = 0
         self._num_admitted = self._num_woken = self._num_timed_out = 0
-        self._num_cancelled = self._num_full = 0
+        self._num_cancelled = self._num_full = self._num_refused = 0
 
     @property
     def enabled(self) -> bool:
@@ -130,6 +136,21 @@ class HoldQueue:
         self._num_held -= len(woken)
         self._num_woken += len(woken)
         return woken
+
+    def refuse(self, model: str, error: BaseException) -> list[Ticket]:
+        """Every ticket held for ``model``, oldest first, ended with ``error`` (their
+        waiters raise it)."""
+        queue = self._queues.pop(model, None)
+        if not queue:
+            return []
+        refused = list(queue)
+        for ticket in refused:
+            ticket.state = "refused"
+            if ticket.future is not None and not ticket.future.done():
+                ticket.future.set_exception(error)
+        self._num_held -= len(refused)
+        self._num_refused += len(refused)
+        return refused
 
     def take_expired(self) -> list[Ticket]:
         """Tickets whose deadline has passed, removed (oldest first per model)."""
@@ -176,12 +197,14 @@ class HoldQueue:
             num_timed_out=self._num_timed_out,
             num_cancelled=self._num_cancelled,
             num_full=self._num_full,
+            num_refused=self._num_refused,
         )
 
     # ---- the waiting ------------------------------------------------------------------
 
     async def hold(self, model: str, *, deadline: float | None = None) -> float:
-        """Wait until an engine for ``model`` is up (``wake``); the seconds held.
+        """Wait until an engine for ``model`` is up (``wake``); the seconds held; the
+        error ``refuse`` gave, raised.
         ``HoldFull`` at once when the queue is full, ``HoldTimedOut`` at the deadline; a
         cancelled waiter (the client left) is dropped from the queue."""
         ticket = self.try_hold(model, deadline=deadline)

@@ -30,6 +30,12 @@
     shoal_router_held_seconds                            how long held requests waited
                                                          (woken, timed out or gone)
 
+    for placement (issue 14; the windowed form is GET /v1/request_sizes, router/sizes.py):
+    shoal_router_request_prompt_tokens{model}            prompt tokens of finished requests
+    shoal_router_request_completion_tokens{model}        completion tokens of finished
+                                                         requests (buckets: powers of two
+                                                         16 .. 32768, as the size histogram)
+
 The ``strategy`` label is the mix's member names joined by ``+`` (weights dropped): clients
 choose mixes per request, and a label per weight would let them grow the registry without
 bound. The ``model`` label is bounded the same way (``ModelLabels``): the models engines
@@ -62,6 +68,7 @@ BREAKER_VALUES = {"closed": 0.0, "half-open": 1.0, "open": 2.0}
 MAX_MODEL_LABELS = 64  # model names not served by any engine that get a label of their own
 OTHER_MODEL = "other"
 _HELD_BUCKETS = (0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 300.0)
+_TOKEN_BUCKETS = tuple(float(2**k) for k in range(4, 16))  # router.sizes.EDGES
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
@@ -115,6 +122,16 @@ class RouterMetrics:
             buckets=_HELD_BUCKETS,
             registry=r,
         )
+        self.prompt_tokens = Histogram(
+            "shoal_router_request_prompt_tokens",
+            "Prompt tokens of finished requests (the engine's usage, else the router's count).",
+            ["model"], buckets=_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.completion_tokens = Histogram(
+            "shoal_router_request_completion_tokens",
+            "Completion tokens of finished requests (usage, else streamed token events).",
+            ["model"], buckets=_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
         self.requests = Counter(
             "shoal_router_requests", "Requests answered by the router.", ["route", "status"],
             registry=r,
@@ -164,6 +181,10 @@ class RouterMetrics:
 
     def count_request(self, route: str, status: int) -> None:
         self._child(self.requests, "requests", route, str(status)).inc()
+
+    def observe_sizes(self, label: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self._child(self.prompt_tokens, "prompt_tokens", label).observe(prompt_tokens)
+        self._child(self.completion_tokens, "completion_tokens", label).observe(completion_tokens)
 
     def count_decision(self, strategy: str, reason: str) -> None:
         names = "+".join(sorted(part.partition(":")[0].strip() for part in strategy.split(",")))

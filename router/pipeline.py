@@ -36,7 +36,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from router.errors import BadRequest, NoEngineAvailable, RouterError, Saturated
+from router.errors import ModelNotFound, NoEngineAvailable, RouterError, Saturated
 from router.strategies import STRATEGIES, MixMember, Strategy, StrategyDeps, parse_mix
 from router.types import EngineView, PrefixView, RouteDecision, RouteOutcome, RouteRequest
 from shoal.errors import ShoalError
@@ -140,7 +140,7 @@ class Pipeline:
         ]
         if not serving:
             if any(allows(e.engine_id) for e in engines):
-                raise BadRequest(f"The model `{request.model}` does not exist.", status=404)
+                raise ModelNotFound(request.model)
             raise NoEngineAvailable("no engine is healthy", retry_after_s=self._retry_after_s)
         candidates = [e for e in serving if e.engine_id not in exclude and allows(e.engine_id)]
         if not candidates:

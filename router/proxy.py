@@ -9,7 +9,11 @@
     GET  /health         200 when at least one engine is healthy, or when requests are held
                          for a first engine (scale from zero), else 503
     GET  /metrics        shoal_router_* (this process)
-    GET  /router/engines per engine: url, stream, health, breaker, in flight, metrics age
+    GET  /router/engines per engine: url, stream, gpu type, health, breaker, in flight,
+                         metrics age; and the placement plan's state (router/plan.py)
+    GET  /v1/request_sizes?model=&window_s=   the rolling (prompt, completion) token
+                         histogram of finished requests (router/sizes.py; the placement
+                         planner's input, issue 14)
 
 Invariants:
 
@@ -34,7 +38,10 @@ Invariants:
    ``router.hold.HoldQueue`` (bounded: ``--hold-max-requests``, ``--hold-timeout-s``) and
    is routed normally once a health check finds an engine (``EnginePool.on_health_change``
    wakes its model's waiters, first-come first-served); a full queue or the deadline is a
-   503 with Retry-After, a client that hangs up is dropped from the queue. While anything
+   503 with Retry-After, a client that hangs up is dropped from the queue. With
+   ``--lora-url`` a request for a model that healthy engines do not list is held the
+   same way while the LoRA manager loads it (``router.adapters``: 404 at once when the
+   manager does not know the name). While anything
    is held, the autoscaler is asked for an engine (``router.wake``: ``POST URL/v1/wake``,
    at most once a second per model; a failure is logged, never the request's). A saturated
    fleet, or one whose engines' breakers are open, is not held: 429/503 at once.
@@ -82,7 +89,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -91,10 +97,12 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from router.adapters import OnDemandAdapters
 from router.config import RouterSettings
 from router.engines import EnginePool
 from router.errors import (
     BadRequest,
+    ModelNotFound,
     NoEngineAvailable,
     RateLimited,
     RouterError,
@@ -106,7 +114,9 @@ from router.ledger import InMemoryLedger, Ledger
 from router.limits import Limiter
 from router.metrics import BREAKER_VALUES, RouterMetrics, RouterState
 from router.pipeline import Pipeline
+from router.plan import NullPlanSource, PlanSource
 from router.requests import ROUTES, check_headers, parse_body, to_route_request
+from router.sizes import DEFAULT_WINDOW_S, RequestSizes, ResponseTokens
 from router.types import EngineView, RouteDecision, RouteOutcome, RouteRequest
 from router.wake import AutoscalerWaker, NullWaker, Waker, read_token
 
@@ -131,7 +141,6 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _NOT_BACK = frozenset({"connection", "keep-alive", "transfer-encoding", "date", "server"})
-_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
 class _AttemptFailed(UpstreamError):
@@ -209,15 +218,26 @@ class Proxy:
             clock=clock,
         )
         self._holds = settings.holds
+        self.sizes = RequestSizes(clock=clock)  # GET /v1/request_sizes (the planner's input)
         self.waker: Waker = NullWaker()
         if self._holds and settings.autoscaler_url:  # at most one wake a second per model
             token = read_token(settings.autoscaler_token_file) if (
                 settings.autoscaler_token_file) else ""  # fmt: skip
             self.waker = AutoscalerWaker(settings.autoscaler_url, self.hold.held_models,
                                          token=token, clock=clock)  # fmt: skip
+        # --lora-url: requests for a model no engine lists wait while the manager loads it
+        self.adapters: OnDemandAdapters | None = None
+        if settings.holds_adapters:
+            token = read_token(settings.lora_token_file, "--lora-token-file") if (
+                settings.lora_token_file) else ""  # fmt: skip
+            self.adapters = OnDemandAdapters(self.pool, self.hold, settings.lora_url,
+                                             token=token, clock=clock)  # fmt: skip
         # router.discovery's source when not static (``engines()``, ``close()``; closed
         # by ``on_cleanup``): its list is copied into the pool every discovery interval
         self.discovery: Any = None
+        # the placement planner's plan (router/plan.py; --placement-url), read by the slo
+        # strategy through StrategyDeps.placement; polled between startup and cleanup
+        self.placement: PlanSource = NullPlanSource()
         self._follower: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self.metrics.watch(self._state)
@@ -232,6 +252,7 @@ class Proxy:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/router/engines", self._engines)
+        app.router.add_get("/v1/request_sizes", self._request_sizes)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
         return app
@@ -247,6 +268,9 @@ class Proxy:
         if not isinstance(self.ledger, InMemoryLedger):  # other replicas' counts
             self._refresher = asyncio.create_task(self._refresh_ledger())
         self.waker.start(self._session)
+        self.placement.start(self._session)
+        if self.adapters is not None:
+            self.adapters.start(self._session)
 
     async def _follow_discovery(self) -> None:
         """Discovery's list into the pool; a source never raises after construction (a
@@ -269,6 +293,9 @@ class Proxy:
 
     async def _cleanup(self, app: web.Application) -> None:
         await self.waker.close()
+        await self.placement.close()
+        if self.adapters is not None:
+            await self.adapters.close()
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -336,6 +363,12 @@ class Proxy:
                 except NoEngineAvailable:
                     if tried or not self._may_hold(route_request.model):
                         raise
+                except ModelNotFound:  # healthy engines list other models only
+                    if tried or self.adapters is None:
+                        raise
+                    if not self.adapters.may_hold(route_request.model):
+                        raise  # the LoRA manager said 404 within the last second
+                    self.adapters.held()  # ask the manager, watch the engines' lists
                 if held_since is None:
                     held_since = self._clock()
                     self.waker.notify()
@@ -399,7 +432,41 @@ class Proxy:
         )
 
     async def _engines(self, request: web.Request) -> web.Response:
-        return web.json_response({"engines": self.pool.status(self.ledger.snapshot())})
+        return web.json_response(
+            {
+                "engines": self.pool.status(self.ledger.snapshot()),
+                "placement": self.placement.status(),  # null without --placement-url
+            }
+        )
+
+    async def _request_sizes(self, request: web.Request) -> web.Response:
+        """The rolling size histogram (router/sizes.py): ``?model=M`` (absent: all models)
+        ``&window_s=W`` (default 300). Served like ``/router/engines`` and ``/metrics``:
+        no API key; the listen rule (loopback, else --api-keys or --insecure-no-auth) is
+        the router's."""
+        text = request.query.get("window_s", "")
+        try:
+            window_s = float(text) if text else DEFAULT_WINDOW_S
+        except ValueError:
+            return _error_response(
+                BadRequest(f"window_s must be a number of seconds, got {text!r}")
+            )
+        model = request.query.get("model") or None
+        try:  # a model beyond the label bound was recorded as "other" (router/metrics.py)
+            snapshot = self.sizes.snapshot(model, window_s)
+        except BadRequest as exc:
+            return _error_response(exc)
+        return web.json_response(snapshot.to_json())
+
+    def _record_size(
+        self, route_request: RouteRequest, prompt: int | None, completion: int
+    ) -> None:
+        """One finished request into the size histogram and its Prometheus histograms: the
+        engine's prompt count when it sent usage, else the router's."""
+        prompt_tokens = route_request.prompt_tokens if prompt is None else prompt
+        label = self.metrics.models.label(route_request.model)
+        self.sizes.record(label, prompt_tokens, completion)
+        self.metrics.observe_sizes(label, prompt_tokens, completion)
 
     # ---- the proxied routes -----------------------------------------------------------
 
@@ -588,7 +655,7 @@ class Proxy:
                     await response.prepare(request)
                 except ConnectionResetError:  # the client left while the engine answered
                     return response
-                tail = previous = b""  # the end of the answer, where usage is
+                tokens = ResponseTokens(stream=route_request.stream)  # usage, as it passes
                 while True:
                     try:
                         chunk = await upstream.content.readany()
@@ -608,8 +675,7 @@ class Proxy:
                     except ConnectionResetError:  # the client left (not the engine's fault)
                         log.debug("client of %s left mid-response", route_request.request_id)
                         return response
-                    tail = previous + chunk if len(chunk) < 512 else chunk
-                    previous = chunk
+                    tokens.feed(chunk)
                 try:
                     await response.write_eof()
                 except ConnectionResetError:  # the client left after the last chunk
@@ -617,8 +683,9 @@ class Proxy:
                 ok = upstream.status < 500
                 if ok:
                     self.pool.record_success(engine_id)
-                found = _COMPLETION_TOKENS.search(tail)
-                completion_tokens = int(found.group(1)) if found else 0
+                completion_tokens = tokens.completion_tokens()
+                if upstream.status == 200 and route_request.route != "embeddings":
+                    self._record_size(route_request, tokens.prompt_tokens(), completion_tokens)
                 return response
             finally:
                 if upstream.content.at_eof():

@@ -16,7 +16,9 @@ What is built from settings (``build_proxy``, inside the serving loop):
   --engine-model) or the daemon's, chunk_tokens=--chunk-tokens)`` (else no precise view);
 * ``--discovery dns|k8s|file``: ``router.discovery.make_discovery(...)``, whose list the
   proxy copies into the pool every ``--discovery-interval-s``; static ``--engines`` is
-  parsed here (``parse_engines``).
+  parsed here (``parse_engines``);
+* ``--placement-url URL``: ``router.plan.PlanPoller``, whose ``current`` plan the ``slo``
+  strategy reads (``StrategyDeps.placement``); the proxy starts and stops it.
 
 Those modules belong to other parts of issue 12; when one is missing the router refuses
 to start with a ``ConfigError`` naming the flag (``check_settings``, also run before
@@ -42,7 +44,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
@@ -56,8 +58,12 @@ from router.errors import UnknownStrategy
 from router.ledger import InMemoryLedger, Ledger
 from router.limits import InMemoryLimiter, Limiter, load_api_keys
 from router.pipeline import Pipeline, PrefixLocator
+from router.plan import NullPlanSource, PlanPoller, PlanSource
 from router.proxy import Proxy
 from router.strategies import StrategyDeps
+from router.strategies.base import no_plan
+from router.types import PlacementPlan
+from router.wake import read_token
 from shoal.config import is_loopback
 from shoal.errors import ConfigError, ShoalError
 from shoal.processes import shoal_env, spawn_logged
@@ -83,15 +89,19 @@ def _optional(module: str, flag: str) -> ModuleType:
         raise ConfigError(f"{flag} needs {module}, which this installation lacks") from None
 
 
-def _pipeline(settings: RouterSettings, locator: PrefixLocator | None) -> Pipeline:
+def _pipeline(
+    settings: RouterSettings,
+    locator: PrefixLocator | None,
+    placement: Callable[[], PlacementPlan | None] = no_plan,
+) -> Pipeline:
     rng = random.Random(None if settings.seed < 0 else settings.seed)
     # every tunable of StrategyDeps has a setting of the same name (config.py)
     tunables = {
         f.name: getattr(settings, f.name)
         for f in fields(StrategyDeps)
-        if f.name not in ("rng", "clock")
+        if f.name not in ("rng", "clock", "placement")
     }
-    deps = StrategyDeps(rng=rng, **tunables)
+    deps = StrategyDeps(rng=rng, placement=placement, **tunables)
     try:
         return Pipeline(
             settings.strategy,
@@ -199,16 +209,25 @@ async def build_proxy(
         for close in closers:
             await close()
 
+    placement: PlanSource = NullPlanSource()
+    if settings.placement_url:
+        token = ""
+        if settings.placement_token_file:
+            token = read_token(settings.placement_token_file, "--placement-token-file")
+        placement = PlanPoller(
+            settings.placement_url, token=token, interval_s=settings.placement_interval_s
+        )
     proxy = Proxy(
         settings,
         pool,
-        _pipeline(settings, locator),
+        _pipeline(settings, locator, placement.current),
         ledger,
         limiter,
         api_keys=api_keys,
         on_cleanup=close_extras,
     )
     proxy.discovery = discovery
+    proxy.placement = placement
     return proxy
 
 

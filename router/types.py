@@ -5,6 +5,8 @@ the scraper turn what they know into one ``EngineView`` per candidate engine; th
 locator (or the approximate index) turns the prompt into a ``PrefixView``; a strategy
 scores candidates and the pipeline returns a ``RouteDecision``. After the response, the
 proxy reports a ``RouteOutcome`` to the strategies that learn (``Strategy.observe``).
+The placement planner's plan reaches the ``slo`` strategy as a ``PlacementPlan``
+(``router/plan.py`` polls it; ``router/strategies/placement.py`` reads it).
 
 Units: tokens are counts, times are seconds (``*_s``), ``now`` is ``time.monotonic()``.
 """
@@ -20,6 +22,7 @@ __all__ = [
     "EnginePrefix",
     "EngineSpec",
     "EngineView",
+    "PlacementPlan",
     "PrefixView",
     "RouteDecision",
     "RouteOutcome",
@@ -55,11 +58,14 @@ class RouteRequest:
 
 @dataclass(frozen=True, slots=True)
 class EngineSpec:
-    """One engine as discovery names it: its base URL and its cache-daemon stream
-    (``<node>/gpu<i>``, empty when unknown: precise routing then sees no GPU prefix)."""
+    """One engine as discovery names it: its base URL, its cache-daemon stream
+    (``<node>/gpu<i>``, empty when unknown: precise routing then sees no GPU prefix) and
+    its GPU type (``"A100"``: the placement plan's name for it, issue 14; empty when
+    unknown: the plan then never picks it specifically)."""
 
     url: str
     stream: str = ""
+    gpu_type: str = ""
 
     @property
     def node(self) -> str:
@@ -104,6 +110,7 @@ class EngineView:
     metrics: EngineMetrics | None = None
     node: str = ""
     stream: str = ""
+    gpu_type: str = ""  # discovery's (EngineSpec.gpu_type); "" = unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,3 +165,20 @@ class RouteOutcome:
     latency_s: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementPlan:
+    """The placement planner's plan as routing reads it (issue 14, ``GET /v1/plan``).
+
+    ``shares[gpu_type][i][j]`` is the share of the requests of cell ``(i, j)`` (output
+    length ``out_ticks[i]``, prompt length ``in_ticks[j]``) the plan sends to that GPU
+    type; over types a cell's shares sum to 1 where it has traffic, to 0 where it has
+    none. ``model`` is the model the plan was made for ("" = every model).
+    """
+
+    out_ticks: tuple[int, ...]
+    in_ticks: tuple[int, ...]
+    shares: Mapping[str, tuple[tuple[float, ...], ...]]
+    model: str = ""
+    created: float | None = None  # unix time the planner made it (informational)

@@ -1,4 +1,5 @@
-"""Asking the autoscaler for an engine while requests are held (scale from zero, issue 13).
+"""Asking for an engine while requests are held: the autoscaler (scale from zero, issue
+13) and the LoRA manager (an adapter no engine has loaded yet, issue 14).
 
 ::
 
@@ -22,8 +23,16 @@ An autoscaler listening beyond loopback requires a bearer token (its
 ``--auth-token-file``); the router sends the same file's token
 (``--autoscaler-token-file``) as ``Authorization: Bearer TOKEN``.
 
-``Waker`` is the boundary (STYLE.md 8): ``AutoscalerWaker`` speaks HTTP, ``NullWaker`` is
-the router without ``--autoscaler-url``, tests record wakes with a stand-in receiver.
+The LoRA manager (``--lora-url``, ``shoal lora serve``) takes the same ``POST /v1/wake
+{"model"}``: 202 when the name is a registered adapter (it loads it on an engine now), 404
+when it is not. A waker built with ``on_not_found`` reports that 404 upward (the proxy
+then answers the model's held requests 404 at once: router/proxy.py) and remembers it for
+``interval_s`` (``was_not_found``), so requests for the name arriving meanwhile are not
+held for a second answer; any other status is a failure as above.
+
+``Waker`` is the boundary (STYLE.md 8): ``HttpWaker`` speaks HTTP (``AutoscalerWaker`` is
+its old name; the LoRA manager's is ``router.adapters``'), ``NullWaker`` is the router
+without a target; tests record wakes with a stand-in receiver.
 
 Rejected: a wake per held request (a burst of 256 requests would be 256 POSTs); a task per
 held model (one loop serves every model, and stops when nothing is held).
@@ -43,17 +52,17 @@ import aiohttp
 from router.hold import WakeGate
 from shoal.config import read_secret
 
-__all__ = ["AutoscalerWaker", "NullWaker", "Waker", "read_token"]
+__all__ = ["AutoscalerWaker", "HttpWaker", "NullWaker", "Waker", "read_token"]
 
 log = logging.getLogger("shoal." + __name__)
 
 _TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 
 
-def read_token(path: str) -> str:
+def read_token(path: str, flag: str = "--autoscaler-token-file") -> str:
     """The bearer token in ``path``, read as the autoscaler reads its own; ``ConfigError``
-    naming the flag when unreadable or empty."""
-    return read_secret(path, "--autoscaler-token-file")
+    naming ``flag`` when unreadable or empty."""
+    return read_secret(path, flag)
 
 
 class Waker(Protocol):
@@ -78,7 +87,7 @@ class NullWaker:
         pass
 
 
-class AutoscalerWaker:
+class HttpWaker:
     """``POST URL/v1/wake`` for each held model (module docstring)."""
 
     def __init__(
@@ -89,7 +98,12 @@ class AutoscalerWaker:
         interval_s: float = 1.0,
         token: str = "",
         clock: Callable[[], float] = time.monotonic,
+        what: str = "the autoscaler",
+        on_not_found: Callable[[str], None] | None = None,
     ) -> None:
+        self.what = what
+        self._on_not_found = on_not_found
+        self._not_found: dict[str, float] = {}  # model -> when the target answered 404
         self.url = url.rstrip("/") + "/v1/wake"
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._held_models = held_models
@@ -127,7 +141,7 @@ class AutoscalerWaker:
                 await asyncio.gather(*(self._post(model) for model in due))
             except Exception:  # a bug here must not end the loop: held requests need it
                 self.num_failed += 1
-                log.exception("waking the autoscaler at %s failed; retrying", self.url)
+                log.exception("waking %s at %s failed; retrying", self.what, self.url)
             if self._held_models():
                 await asyncio.sleep(self._interval_s)
                 self._needed.set()
@@ -139,18 +153,43 @@ class AutoscalerWaker:
                                           headers=self._headers,
                                           timeout=_TIMEOUT) as reply:  # fmt: skip
                 await reply.read()
-                problem = None if reply.status < 300 else f"answered {reply.status}"
+                status = reply.status
+                problem = None if status < 300 else f"answered {status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
-            problem = repr(exc)
+            status, problem = 0, repr(exc)
+        if status == 404 and self._on_not_found is not None:
+            self.num_sent += 1
+            self._remember_not_found(model)
+            log.info("%s does not know %s (404): its held requests are answered 404",
+                     self.what, model)  # fmt: skip
+            self._on_not_found(model)
+            return
         if problem is None:
             self.num_sent += 1
+            self._not_found.pop(model, None)
             if self._failing:
-                log.info("the autoscaler at %s answers again", self.url)
+                log.info("%s at %s answers again", self.what, self.url)
             self._failing = False
             log.debug("asked %s for an engine of %s", self.url, model or "any model")
             return
         self.num_failed += 1
         level = logging.DEBUG if self._failing else logging.WARNING
-        log.log(level, "cannot ask the autoscaler for an engine of %s: POST %s %s",
-                model or "any model", self.url, problem)  # fmt: skip
+        log.log(level, "cannot ask %s for an engine of %s: POST %s %s",
+                self.what, model or "any model", self.url, problem)  # fmt: skip
         self._failing = True
+
+    def _remember_not_found(self, model: str) -> None:
+        now = self._clock()
+        if len(self._not_found) >= self._gate.max_models:  # bounded, whatever clients send
+            self._not_found = {
+                m: t for m, t in self._not_found.items() if now - t < self._interval_s
+            }
+        self._not_found[model] = now
+
+    def was_not_found(self, model: str) -> bool:
+        """The target answered 404 for ``model`` within the last ``interval_s``."""
+        at = self._not_found.get(model)
+        return at is not None and self._clock() - at < self._interval_s
+
+
+AutoscalerWaker = HttpWaker  # its name before the LoRA manager was a second target

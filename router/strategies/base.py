@@ -37,24 +37,39 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from router.errors import UnknownStrategy
-from router.types import EngineView, PrefixView, RouteOutcome, RouteRequest
+from router.types import EngineView, PlacementPlan, PrefixView, RouteOutcome, RouteRequest
 
 __all__ = [
     "STRATEGIES",
     "MixMember",
     "Strategy",
     "StrategyDeps",
+    "no_plan",
     "parse_mix",
     "register",
 ]
 
 
+def no_plan() -> PlacementPlan | None:
+    """The placement plan of a router without ``--placement-url``: none."""
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class StrategyDeps:
-    """What every strategy may be built with: time, randomness and tunables injected."""
+    """What every strategy may be built with: time, randomness, the placement plan and
+    tunables injected.
+
+    ``placement`` answers the current plan (or None: no planner, a failed or stale poll)
+    when called, as ``clock`` answers the time: the plan changes every few seconds while
+    strategies live as long as the process, and a strategy reads it per request as data,
+    with no I/O (``router/plan.py``'s poller is the I/O). Rejected: the plan in every
+    ``EngineView`` (it is the fleet's, not an engine's: one copy per candidate per request).
+    """
 
     rng: random.Random = field(default_factory=random.Random)
     clock: Callable[[], float] = time.monotonic
+    placement: Callable[[], PlacementPlan | None] = no_plan
     # tunables (RouterSettings fills them; tests pick their own)
     session_header: str = "x-session-id"
     max_in_flight_per_engine: int = 256  # an engine at this many is saturated

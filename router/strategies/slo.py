@@ -22,6 +22,20 @@ refusing the request when no engine can meet the SLO (admission control proper):
 answer is usually better than a 429 for interactive clients, and ``vtc`` or the rate
 limits are where requests are turned away.
 
+With a placement plan (``--placement-url``, issue 14; ``StrategyDeps.placement``): the
+plan picks the request's GPU type (``placement.placed_gpu_type``: its cell from prompt
+tokens and ``max_tokens``, a weighted pick from the request id over the cell's shares),
+and the candidates of that type (``EngineView.gpu_type``) that meet the targets cost
+their predicted TTFT while every other candidate is refused (reason ``"plan"``). When no
+candidate of that type meets them (none exists, none is healthy, all are predicted late
+or saturated), the decision above over all candidates stands (``"slo-met"`` /
+``"slo-missed"``), so a plan never makes a request later than the plan-less strategy
+would, and a request whose model the plan was not made for, a cell without traffic, no
+plan or a stale one leave the strategy as it was. Rejected: re-picking among the types
+present when the picked type has no engine (the plan's shares are per type; moving a
+missing type's share to another type silently is what the fallback already does, on
+predicted latency rather than on shares).
+
 How it fails: predictions are only as good as the per-token prices in ``StrategyDeps`` and
 a scrape interval's means; a burst within one interval is predicted from the router's own
 queue alone; the TPOT scaling ignores context length.
@@ -33,6 +47,7 @@ import math
 from collections.abc import Sequence
 
 from router.strategies.base import Strategy, StrategyDeps, register
+from router.strategies.placement import placed_gpu_type
 from router.strategies.signals import expected_ttft, prompt_tokens, refuse_saturated
 from router.types import EnginePrefix, EngineView, PrefixView, RouteRequest
 
@@ -64,6 +79,7 @@ class SloAware(Strategy):
         super().__init__(deps)
         assert deps.ttft_slo_s > 0 and deps.tpot_slo_s > 0, "SLO targets must be positive"
         self._met = True
+        self._planned = False  # the last decision followed the placement plan
 
     def score(
         self, request: RouteRequest, engines: Sequence[EngineView], prefix: PrefixView | None
@@ -87,6 +103,17 @@ class SloAware(Strategy):
             self.deps,
         )
         self._met = any(b <= 1.0 for b in badness)
+        self._planned = False
+        plan = self.deps.placement()
+        gpu_type = None if plan is None else placed_gpu_type(plan, request, tokens)
+        if gpu_type is not None:
+            planned = [
+                t if b <= 1.0 and e.gpu_type == gpu_type else math.inf
+                for t, b, e in zip(ttfts, badness, engines, strict=True)
+            ]
+            if any(math.isfinite(c) for c in planned):
+                self._planned = True
+                return planned
         if self._met:
             costs = [t if b <= 1.0 else math.inf for t, b in zip(ttfts, badness, strict=True)]
         else:
@@ -94,4 +121,6 @@ class SloAware(Strategy):
         return costs
 
     def reason(self, chosen: EngineView, prefix: PrefixView | None) -> str:
+        if self._planned:
+            return "plan"
         return "slo-met" if self._met else "slo-missed"

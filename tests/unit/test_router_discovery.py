@@ -307,3 +307,28 @@ def test_make_discovery_names_what_is_missing() -> None:
         make_discovery("file")
     with pytest.raises(ConfigError, match="must be one of"):
         make_discovery("consul", engines="x")
+
+
+def test_file_entries_may_name_their_gpu_type_and_a_malformed_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "engines.json"
+    path.write_text(
+        json.dumps(
+            [
+                {"url": "http://e1:8000", "gpu_type": "A100"},
+                {"url": "http://e2:8000", "stream": "n2/gpu0", "gpu_type": " H100-80GB "},
+                "http://e3:8000",
+            ]
+        )
+    )
+    specs = run(FileDiscovery(path).engines())
+    assert specs == [
+        EngineSpec("http://e1:8000", "", "A100"),
+        EngineSpec("http://e2:8000", "n2/gpu0", "H100-80GB"),
+        EngineSpec("http://e3:8000"),
+    ]
+    for bad in ('"A100 x"', '"a/b"', "3", '"' + "x" * 65 + '"'):
+        path.write_text(f'[{{"url": "http://e1:8000", "gpu_type": {bad}}}]')
+        with pytest.raises(ConfigError, match="gpu_type"):
+            FileDiscovery(path)

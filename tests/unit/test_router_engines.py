@@ -101,3 +101,14 @@ def test_models_are_the_union_of_healthy_engines_cards() -> None:
     assert rows["http://a"]["in_flight"] == 2
     assert rows["http://c"]["healthy"] is False
     assert rows["http://a"]["breaker"] == "closed"
+
+
+def test_an_engines_gpu_type_reaches_its_view_and_the_status_listing() -> None:
+    clock = Clock()
+    p = pool(clock, "http://a")
+    p.set_engines([EngineSpec("http://a", "", "A100"), EngineSpec("http://b")])
+    assert [(v.engine_id, v.gpu_type) for v in p.views({})] == [("http://a", "A100"),
+                                                                 ("http://b", "")]  # fmt: skip
+    p.set_engines([EngineSpec("http://a", "", "L4")])  # the file changed its type
+    assert [v.gpu_type for v in p.views({})] == ["L4"]
+    assert [row["gpu_type"] for row in p.status({})] == ["L4"]
