@@ -4,8 +4,9 @@ The loop end to end: simulated engines with two step profiles stand for two GPU 
 (``A10G``: cheap, only short answers within the SLO; ``A100``: dearer, serves long ones);
 clients send short requests, then long ones, through the router; the router's rolling
 request sizes move the plan from A10G to A100, the pools start and stop engines
-(published with their ``gpu_type`` in the router's discovery file), and ``GET /v1/plan``,
-``/status``, ``/metrics`` and ``shoal placement status`` show it. Also: a dry run serves a
+(published with their ``gpu_type`` in the router's discovery file), ``GET /v1/plan``,
+``/status``, ``/metrics`` and ``shoal placement status`` show it, and the router's ``slo``
+strategy, polling that plan (``--placement-url``), sends the long cell to the A100. Also: a dry run serves a
 plan and starts nothing; listening beyond loopback needs a token.
 
 Short intervals and time-scaled engines keep it within about a minute: plans every 0.5 s
@@ -162,7 +163,9 @@ def test_short_then_long_requests_move_the_plan_and_the_engines(tmp_path: Path) 
         discovery_file=discovery,
         discovery_interval_s=0.25,
         health_interval_s=0.25,
-        strategy="least-request",
+        strategy="slo",  # following the plan this planner serves
+        placement_url=f"http://127.0.0.1:{port}",
+        placement_interval_s=0.5,
     ) as router, planner(
         [
             "--router-url", router.url, "--model", "sim-7b",
@@ -222,6 +225,15 @@ def test_short_then_long_requests_move_the_plan_and_the_engines(tmp_path: Path) 
             assert body["assignment"]["A100"][1] == [1.0]  # the long cell goes to the A100
 
         asyncio.run(main())
+        # The router follows the plan: the long cell is the A100's alone.
+        (a100,) = [e["url"] for e in listed(discovery) if e["gpu_type"] == "A100"]
+        long_body = {"model": "sim-7b", "prompt": "plan the fleet " * 8, "max_tokens": LONG_TOKENS}
+        served_by = []
+        for _ in range(8):
+            code, headers, answer = router.request("POST", "/v1/completions", long_body)
+            assert code == 200, answer
+            served_by.append(headers["x-shoal-engine"])
+        assert served_by == [a100] * 8
         assert statuses and set(statuses) == {200}, f"failed requests: {statuses}"
         assert max(seen_a10g) == 2
         status = fetch(port, "/status")[1]
