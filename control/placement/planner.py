@@ -379,9 +379,10 @@ class Planner:
         if smoothed.plan != self.plan:
             self.plan, self.plan_created = smoothed.plan, self._wall_clock()
         self.metrics.observe_plan(smoothed.plan)
-        self.targets = dict(smoothed.targets)
+        caps = self.limits.available  # a seeded fleet may run more than a lowered cap
+        self.targets = {g: min(n, caps.get(g, n)) for g, n in smoothed.targets.items()}
         return RoundRecord(
-            now, status, smoothed.reason, dict(smoothed.targets), dict(optimum.gpus), summary
+            now, status, smoothed.reason, dict(self.targets), dict(optimum.gpus), summary
         )
 
     def _optimum(self, workload: Workload) -> tuple[str, Plan | None, str]:

@@ -457,3 +457,11 @@ def test_a_solver_bug_while_weighing_the_mix_in_force_adopts_the_optimum() -> No
     record = fleet.round_at(30.0, sizes(short=80))  # 33 % saving < 40 %: asks the fit
     assert (record.reason, dict(record.targets)) == ("no-longer-serves", {"A10G": 4, "A100": 0})
     assert len(calls) == 3
+
+
+def test_targets_never_exceed_the_availability_cap_even_for_a_larger_fleet_found() -> None:
+    fleet = Fleet(delay_s=60.0, limits=Limits(available={"A10G": 2}))
+    fleet.pools["A10G"] = fleet.planner.pools["A10G"] = MemoryActuator(5, clock=fleet.clock)
+    record = fleet.round_at(0.0, sizes(short=20))  # 1 A10G needed; 5 running, cap 2
+    assert dict(record.targets) == {"A10G": 2, "A100": 0}
+    assert fleet.specs() == {"A10G": 2, "A100": 0}
