@@ -89,6 +89,13 @@ COMPONENTS: tuple[Component, ...] = (
         ("aiohttp",),
     ),
     Component(
+        "lora",
+        "LoRA adapters placed on engines by traffic",
+        "control.lora.cli",
+        "control",
+        ("aiohttp",),
+    ),
+    Component(
         "up",
         "the whole stack on one machine: cache daemon, loader sidecar, engines and the router",
         "router.up",

@@ -13,11 +13,14 @@ only; ``GET /sim/faults`` reads them). A JSON body sets only the keys it names::
      "fail_next": 3,         the next 3 completion requests get HTTP 500 with vLLM's error
                              JSON (type "InternalServerError"), without reaching the engine
      "die_after_chunks": 5,  the next streaming response ends after 5 SSE chunks:
-     "die_mode": "close"}    "close" drops the connection (no [DONE]); "exit" ends the
+     "die_mode": "close",    "close" drops the connection (no [DONE]); "exit" ends the
                              whole process with exit code 70 (a crashed engine)
+     "fail_lora_loads": 2}   the next 2 POST /v1/load_lora_adapter get HTTP 500 (vLLM's
+                             error JSON), the adapter not loaded (a LoRA manager's retries)
 
-``fail_next`` and ``die_after_chunks`` are consumed as they fire; the rest stays until
-changed. Each firing counts in ``shoal_sim_faults_total{kind}``.
+``fail_next``, ``fail_lora_loads`` and ``die_after_chunks`` are consumed as they fire;
+the rest stays until changed. Each firing counts in ``shoal_sim_faults_total{kind}``
+(an adapter load failure as ``fail``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Faults:
     fail_next: int = 0
     die_after_chunks: int = 0
     die_mode: str = "close"
+    fail_lora_loads: int = 0
 
     def __post_init__(self) -> None:
         self.update({})
@@ -57,13 +61,23 @@ class Faults:
             raise RequestError("slowdown must be a number > 0", param="slowdown")
         if hang not in _HANG:
             raise RequestError(f"hang must be one of {_HANG}", param="hang")
-        for name, value in (("fail_next", fail_next), ("die_after_chunks", die)):
+        lora = merged["fail_lora_loads"]
+        for name, value in (("fail_next", fail_next), ("die_after_chunks", die),
+                            ("fail_lora_loads", lora)):  # fmt: skip
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise RequestError(f"{name} must be an int >= 0", param=name)
         if mode not in _DIE:
             raise RequestError(f"die_mode must be one of {_DIE}", param="die_mode")
         self.slowdown, self.hang, self.fail_next = float(slowdown), hang, fail_next
         self.die_after_chunks, self.die_mode = die, mode
+        self.fail_lora_loads = lora
+
+    def take_lora_failure(self) -> bool:
+        """True (and one fewer left) when this adapter load must fail."""
+        if self.fail_lora_loads <= 0:
+            return False
+        self.fail_lora_loads -= 1
+        return True
 
     def take_failure(self) -> bool:
         """True (and one fewer left) when this request must fail."""

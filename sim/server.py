@@ -185,7 +185,14 @@ class SimServer:
         return _json(self.models.model_list())
 
     async def load_lora(self, request: web.Request) -> web.Response:
-        adapter = self.models.load(await _json_body(request))
+        body = await _json_body(request)
+        if self.engine.faults.take_lora_failure():
+            self.engine.metrics.faults["fail"].inc()
+            raise RequestError(
+                "simulated adapter load failure (fault fail_lora_loads)", 500,
+                "InternalServerError",
+            )  # fmt: skip
+        adapter = self.models.load(body)
         return web.Response(text=f"Success: LoRA adapter '{adapter.name}' added successfully.")
 
     async def unload_lora(self, request: web.Request) -> web.Response:
