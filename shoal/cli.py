@@ -89,6 +89,13 @@ COMPONENTS: tuple[Component, ...] = (
         ("aiohttp",),
     ),
     Component(
+        "placement",
+        "the cheapest mix of GPU types for a request-size mix (Mélange's ILP)",
+        "control.placement.cli",
+        "control",
+        ("highspy",),
+    ),
+    Component(
         "lora",
         "LoRA adapters placed on engines by traffic",
         "control.lora.cli",
