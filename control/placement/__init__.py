@@ -18,7 +18,9 @@ Layout::
                       per-GPU-type replica targets through the autoscaler's actuators
       server.py       the planner's HTTP endpoint: /metrics, /status, GET /v1/plan
       metrics.py      shoal_placement_* Prometheus metrics
+      config.py       PlacementSettings (``shoal placement run``), pools per GPU type
       cli.py          ``shoal placement solve|run|status`` and ``shoal profile``
+      run_cli.py      the ``run`` and ``status`` verbs cli.py adds (``add_verbs``)
 
 The solver, greedy, problem, formats, smoothing and types are pure: no sockets, no clock
 of their own (import-linter checks they import no transport). Calls go down (planner -> solver,
