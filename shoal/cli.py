@@ -89,6 +89,13 @@ COMPONENTS: tuple[Component, ...] = (
         ("aiohttp",),
     ),
     Component(
+        "placement",
+        "the cheapest mix of GPU types for a request-size mix (Mélange's ILP)",
+        "control.placement.cli",
+        "control",
+        ("highspy",),
+    ),
+    Component(
         "profile",
         "measure an endpoint's highest request rate within an SLO per request size",
         "control.placement.profile_cli",

@@ -7,8 +7,10 @@ Layout::
       errors.py       the exception tree
       formats.py      AIBrix's profile JSON, Mélange's example input, the workload JSON,
                       rebinning a request-size histogram onto a profile's ticks
-      solver.py       the Mélange ILP through HiGHS (highspy), its LP bound, the greedy
-                      fallback; availability caps and minimum replicas
+      problem.py      one solve's numbers: cells with traffic, slice loads, replica bounds
+      solver.py       the Mélange ILP through HiGHS (highspy), its LP bound; availability
+                      caps and minimum replicas
+      greedy.py       the greedy placement: the fallback and the ILP's first incumbent
       profile.py      the profiler: sweep an OpenAI endpoint over (input, output, rate),
                       keep the highest rate meeting every SLO; resumable (``shoal profile``)
       smoothing.py    plan smoothing between solves (no flapping)
@@ -16,9 +18,11 @@ Layout::
                       per-GPU-type replica targets through the autoscaler's actuators
       server.py       the planner's HTTP endpoint: /metrics, /status, GET /v1/plan
       metrics.py      shoal_placement_* Prometheus metrics
+      config.py       PlacementSettings (``shoal placement run``), pools per GPU type
       cli.py          ``shoal placement solve|run|status`` and ``shoal profile``
+      run_cli.py      the ``run`` and ``status`` verbs cli.py adds (``add_verbs``)
 
-The solver, formats, smoothing and types are pure: no sockets, no clock of their own
-(import-linter checks they import no transport). Calls go down (planner -> solver,
+The solver, greedy, problem, formats, smoothing and types are pure: no sockets, no clock
+of their own (import-linter checks they import no transport). Calls go down (planner -> solver,
 planner -> actuator); what the fleet does comes up as data (a ``Workload``).
 """

@@ -50,7 +50,7 @@ class Slos:
     ttft_s: float | None = None
     tpot_s: float | None = None
     e2e_s: float | None = None
-    percentile: float = 99.0  # of each latency, 0 < p <= 100
+    percentile: float = 99.0  # of each latency, 0 < p <= 100; 0 = the mean (AIBrix's 0)
 
 
 @dataclass(frozen=True, slots=True)
