@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import Any
 
 from control.placement.errors import ProfileFormatError
+from control.placement.formats import profile_to_json
 from control.placement.types import GpuProfile, Slos
 
 __all__ = [
@@ -585,16 +586,11 @@ def to_gpu_profile(
 
 
 def aibrix_profile(profile: GpuProfile, cells: Sequence[CellResult] = ()) -> dict[str, Any]:
-    """AIBrix's GPU-optimizer profile JSON (``gen_profile.py``'s output): ``gpu``, ``cost``,
-    ``tputs[out][in]`` (requests/s), ``indexes [out_ticks, in_ticks]``, ``created`` (unix
-    time), ``slos`` (``percentile`` and the targets set, in seconds), plus the mean ``e2e``
-    (and ``ttft`` when a TTFT SLO is set) at each cell's rate, as AIBrix writes them, and
-    ``model``. Private stand-in until ``formats.profile_to_json`` exists (issue 14)."""
-    slos: dict[str, float] = {"percentile": _number(profile.slos.percentile)}
-    for name in ("ttft", "tpot", "e2e"):
-        value = getattr(profile.slos, f"{name}_s")
-        if value is not None:
-            slos[name] = value
+    """AIBrix's GPU-optimizer profile JSON (``formats.profile_to_json``: ``gpu``, ``cost``,
+    ``tputs[out][in]``, ``indexes [out_ticks, in_ticks]``, ``slos``, ``created``,
+    ``model``) plus what AIBrix's ``gen_profile.py`` also writes: the mean ``e2e`` (and the
+    ``ttft`` at the percentile, when a TTFT SLO is set) at each cell's rate, 0 where the
+    cell has none. ``formats.load_profile`` reads it back as ``profile``."""
     at = {(c.out_tick, c.in_tick): c.at_rate() for c in cells}
 
     def matrix(attr: str) -> list[list[float]]:
@@ -608,22 +604,8 @@ def aibrix_profile(profile: GpuProfile, cells: Sequence[CellResult] = ()) -> dic
             rows.append(row)
         return rows
 
-    data: dict[str, Any] = {
-        "gpu": profile.gpu,
-        "cost": profile.cost,
-        "tputs": [list(row) for row in profile.tputs],
-        "indexes": [list(profile.out_ticks), list(profile.in_ticks)],
-        "created": profile.created,
-        "e2e": matrix("mean_e2e_s"),
-    }
+    data = profile_to_json(profile)
+    data["e2e"] = matrix("mean_e2e_s")
     if profile.slos.ttft_s is not None:
         data["ttft"] = matrix("ttft_s")
-    data["slos"] = slos
-    if profile.model:
-        data["model"] = profile.model
     return data
-
-
-def _number(value: float) -> float:
-    """An integral percentile as an int (AIBrix writes 99, not 99.0)."""
-    return int(value) if value == int(value) else value

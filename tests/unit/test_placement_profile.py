@@ -4,8 +4,6 @@ in virtual time, the resumable state file and the AIBrix JSON it writes."""
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from control.placement.errors import ProfileFormatError
+from control.placement.formats import load_profile
 from control.placement.profile import (
     CellResult,
     Measure,
@@ -316,17 +315,12 @@ def test_the_aibrix_json_has_their_fields_on_our_ticks() -> None:
 
 
 def test_the_written_profile_loads_back_through_formats(tmp_path: Path) -> None:
-    # formats.py is the solver helper's (issue 14); until it is merged there is nothing to
-    # read the file back with. Not importorskip: CI fails suites skipped for an import.
-    if importlib.util.find_spec("control.placement.formats") is None:
-        pytest.skip("control.placement.formats is not merged yet")
-    formats = importlib.import_module("control.placement.formats")
     sweep = spec()
     cells = [CellResult(32, 128, 4.0), CellResult(32, 512, 2.5), CellResult(128, 128, 1.25)]
     profile = to_gpu_profile(sweep, cells, created=1700000000.0)
     path = tmp_path / "A100.json"
     write_json(path, aibrix_profile(profile, cells))
-    assert formats.load_profile(path) == profile
+    assert load_profile(path) == profile
 
 
 def test_settings_layer_flags_over_environment_over_file(tmp_path: Path) -> None:
