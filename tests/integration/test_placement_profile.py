@@ -15,9 +15,10 @@ well under the SLO's 150 ms; the TTFT SLO is loose for the same reason. ``time_s
 keeps steps (20+ ms simulated) 4+ ms of wall time, above the simulator's timer resolution,
 and the load at capacity near 60 requests (1,000 streamed chunks) per wall second, which
 one core serves (the engine falls behind its model by 1-1.5% of its step time; the test
-allows 5%, as busier CI machines lag more). Measured once on this machine: the same sweep at time scale 2 (113 s), 5 (46 s)
-and 10 (24 s) found the same rate, 12.34/s; at 10 the engine lagged 2.3% of its step time
-and the median TTFT at low load read 40 ms longer, the start of the HTTP layer showing
+allows 5%, as busier CI machines lag more). Measured once on this machine: the same sweep
+at time scale 2 (113 s), 5 (46 s) and 10 (24 s) found the same rate, 12.34/s; at 10 the
+engine lagged 2.3% of its step time and the median TTFT at low load read 40 ms longer, the
+start of the HTTP layer showing
 through. The median is used because a trial of ~250 requests pins it down to a few
 percent, where the 99th percentile of 250 requests is their third slowest (a unit test
 checks the percentile arithmetic). A second cell asks for prompts beyond the engine's
