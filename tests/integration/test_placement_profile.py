@@ -9,20 +9,20 @@ completed in it. ``control.autoscale.capacity`` is not used: it models mean late
 ~20-30%, too loose for a 10% check.
 
 Why these numbers: the cell (256-token prompts, 16 output tokens) binds on TPOT (others'
-prefills landing in a request's decode steps), which a client measures over 15 token gaps, so the 1-3 ms of HTTP and
-scheduling jitter per request on a busy 2-core machine (times ``time_scale``) moves it by
-well under the SLO's 150 ms; the TTFT SLO is loose for the same reason. ``time_scale`` 5
-keeps steps (20+ ms simulated) 4+ ms of wall time, above the simulator's timer resolution,
-and the load at capacity near 60 requests (1,000 streamed chunks) per wall second, which
-one core serves (the engine falls behind its model by 1-1.5% of its step time; the test
-allows 5%, as busier CI machines lag more). Measured once on this machine: the same sweep
-at time scale 2 (113 s), 5 (46 s) and 10 (24 s) found the same rate, 12.34/s; at 10 the
-engine lagged 2.3% of its step time and the median TTFT at low load read 40 ms longer, the
-start of the HTTP layer showing
-through. The median is used because a trial of ~250 requests pins it down to a few
-percent, where the 99th percentile of 250 requests is their third slowest (a unit test
-checks the percentile arithmetic). A second cell asks for prompts beyond the engine's
-``max_model_len``: every request is refused, and the cell is 0 after one trial, saying why.
+prefills landing in a request's decode steps), which a client measures over 15 token gaps,
+so the 1-3 ms of HTTP and scheduling jitter per request on a busy 2-core machine (times
+``time_scale``) moves it by well under the SLO's 150 ms; the TTFT SLO is loose for the same
+reason. ``time_scale`` 5 keeps steps (20+ ms simulated) 4+ ms of wall time, above the
+simulator's timer resolution, and the load at capacity near 60 requests (1,000 streamed
+chunks) per wall second, which one core serves (the engine falls behind its model by 1-1.5%
+of its step time; the test allows 5%, as busier CI machines lag more). Measured once on
+this machine: the same sweep at time scale 2 (113 s), 5 (46 s) and 10 (24 s) found the same
+rate, 12.34/s; at 10 the engine lagged 2.3% of its step time and the median TTFT at low
+load read 40 ms longer, the start of the HTTP layer showing through. The median is used
+because a trial of ~250 requests pins it down to a few percent, where the 99th percentile
+of 250 requests is their third slowest (a unit test checks the percentile arithmetic). A
+second cell asks for prompts beyond the engine's ``max_model_len``: every request is
+refused, and the cell is 0 after one trial, saying why.
 """
 
 from __future__ import annotations
