@@ -50,6 +50,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ from control.autoscale.types import ReplicaState
 from shoal.errors import ConfigError
 from shoal.processes import free_loopback_port, shoal_env
 
-__all__ = ["LocalActuator", "free_port", "write_discovery_file"]
+__all__ = ["LocalActuator", "free_port", "write_discovery_entries", "write_discovery_file"]
 
 log = logging.getLogger("shoal." + __name__)
 
@@ -72,11 +73,17 @@ MAX_FAILED_PROBES = 3
 
 def write_discovery_file(path: Path, urls: list[str]) -> None:
     """``[{"url": ...}, ...]`` into ``path`` atomically (temp file + rename)."""
+    write_discovery_entries(path, [{"url": url} for url in urls])
+
+
+def write_discovery_entries(path: Path, entries: Sequence[Mapping[str, str]]) -> None:
+    """Discovery entries (``{"url", "gpu_type"?, "stream"?}``) into ``path`` atomically;
+    the placement planner publishes several pools' engines with their GPU type this way."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump([{"url": url} for url in urls], handle)
+            json.dump([dict(entry) for entry in entries], handle)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
