@@ -285,6 +285,16 @@ def test_a_dry_run_serves_a_plan_behind_a_token_and_starts_nothing(tmp_path: Pat
         assert status["dry_run"] is True
         assert status["pools"]["A10G"] == {"target": 0, "spec": 0, "ready": 0, "pending": 0}
         assert fetch(port, "/metrics")[0] == 200  # open for Prometheus
+        wake = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/wake", data=b'{"model": "m"}', method="POST"
+        )
+        try:
+            urllib.request.urlopen(wake, timeout=5).close()
+            code = 202
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+            exc.close()
+        assert code == 401  # a wake starts engines: the token rule holds for it too
 
 
 def test_listening_beyond_loopback_needs_a_token_or_an_explicit_flag(tmp_path: Path) -> None:

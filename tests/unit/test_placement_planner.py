@@ -619,3 +619,30 @@ def test_targets_never_exceed_the_availability_cap_even_for_a_larger_fleet_found
     record = fleet.round_at(0.0, sizes(short=20))  # 1 A10G needed; 5 running, cap 2
     assert dict(record.targets) == {"A10G": 2, "A100": 0}
     assert fleet.specs() == {"A10G": 2, "A100": 0}
+
+
+class _Content:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = chunks
+
+    async def iter_chunked(self, size: int) -> Any:
+        for chunk in self._chunks:
+            yield chunk
+
+
+class _Reply:
+    url = "http://router/v1/request_sizes"
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.content = _Content(chunks)
+
+
+def test_an_answer_over_the_limit_is_refused_not_buffered() -> None:
+    # review finding 8: the router's answer was read whole, whatever its size
+    from control.placement.planner import MAX_ANSWER_BYTES, _read_capped
+
+    small = asyncio.run(_read_capped(_Reply([b"ab", b"c"]), 3))  # type: ignore[arg-type]
+    assert small == b"abc"
+    with pytest.raises(SizesUnavailable, match="over 3 bytes"):
+        asyncio.run(_read_capped(_Reply([b"ab", b"cd"]), 3))  # type: ignore[arg-type]
+    assert MAX_ANSWER_BYTES == 1 << 20

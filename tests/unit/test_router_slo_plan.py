@@ -344,3 +344,26 @@ def test_a_malformed_plan_is_refused_naming_the_field(
         plan_from_json(document(**changes))
     with pytest.raises(BadPlan, match="JSON object"):
         plan_from_json([1, 2])
+
+
+def test_a_plan_answer_over_the_limit_is_not_read() -> None:
+    # review finding 8: the plan was read whole (reply.json()) whatever its size
+    import asyncio
+
+    from router.plan import MAX_PLAN_BYTES, _read_capped
+
+    class Content:
+        def __init__(self, chunks: list[bytes]) -> None:
+            self.chunks = chunks
+
+        async def iter_chunked(self, size: int) -> object:
+            for chunk in self.chunks:
+                yield chunk
+
+    class Reply:
+        def __init__(self, chunks: list[bytes]) -> None:
+            self.content = Content(chunks)
+
+    assert asyncio.run(_read_capped(Reply([b"{}", b" "]), 3)) == b"{} "  # type: ignore[arg-type]
+    assert asyncio.run(_read_capped(Reply([b"{}", b"  "]), 3)) is None  # type: ignore[arg-type]
+    assert MAX_PLAN_BYTES == 1 << 20
