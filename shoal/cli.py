@@ -96,6 +96,13 @@ COMPONENTS: tuple[Component, ...] = (
         ("highspy",),
     ),
     Component(
+        "profile",
+        "measure an endpoint's highest request rate within an SLO per request size",
+        "control.placement.profile_cli",
+        "control",
+        ("aiohttp",),
+    ),
+    Component(
         "lora",
         "LoRA adapters placed on engines by traffic",
         "control.lora.cli",

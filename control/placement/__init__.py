@@ -13,16 +13,19 @@ Layout::
       greedy.py       the greedy placement: the fallback and the ILP's first incumbent
       profile.py      the profiler: sweep an OpenAI endpoint over (input, output, rate),
                       keep the highest rate meeting every SLO; resumable (``shoal profile``)
+      loadgen.py      the profiler's open-loop Poisson load over HTTP (aiohttp)
+      profile_cli.py  ``shoal profile`` and its ProfileSettings
       smoothing.py    plan smoothing between solves (no flapping)
       planner.py      the live loop: the router's request-size histogram -> solve ->
                       per-GPU-type replica targets through the autoscaler's actuators
       server.py       the planner's HTTP endpoint: /metrics, /status, GET /v1/plan
       metrics.py      shoal_placement_* Prometheus metrics
       config.py       PlacementSettings (``shoal placement run``), pools per GPU type
-      cli.py          ``shoal placement solve|run|status`` and ``shoal profile``
+      cli.py          ``shoal placement solve|run|status``
       run_cli.py      the ``run`` and ``status`` verbs cli.py adds (``add_verbs``)
 
 The solver, greedy, problem, formats, smoothing and types are pure: no sockets, no clock
 of their own (import-linter checks they import no transport). Calls go down (planner -> solver,
-planner -> actuator); what the fleet does comes up as data (a ``Workload``).
+planner -> actuator); what the fleet does comes up as data (a ``Workload``). profile.py
+is pure but for its state file: its load generator (loadgen.py) is injected.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 from pathlib import Path
 
@@ -122,4 +123,24 @@ def test_readme_autoscale_reference_matches_the_autoscale_settings() -> None:
     assert match, "README lost its autoscale configuration reference"
     assert match.group(1) == render_reference(AutoscaleSettings, "autoscale"), (
         "README's [autoscale] reference is stale: regenerate it with shoal.config.render_reference"
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "module", "name"),
+    [
+        ("profile", "control.placement.profile_cli", "ProfileSettings"),
+        ("placement", "control.placement.config", "PlacementSettings"),
+        ("lora", "control.lora.config", "LoraSettings"),
+    ],
+)
+def test_readme_control_references_match_their_settings(
+    section: str, module: str, name: str
+) -> None:
+    settings = getattr(importlib.import_module(module), name)
+    readme = (REPO / "README.md").read_text()
+    match = re.search(section + r"-config-reference.*?-->\n(.*?)\n<!-- end", readme, re.S)
+    assert match, f"README lost its [{section}] configuration reference"
+    assert match.group(1) == render_reference(settings, section), (
+        f"README's [{section}] reference is stale: regenerate it with shoal.config.render_reference"
     )

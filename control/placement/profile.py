@@ -1,0 +1,611 @@
+"""The profiler: one GPU type's highest request rate within the SLO, per (output, input) cell.
+
+Invariant: for every cell the sweep reports the largest offered rate ``r`` it *measured*
+passing (0 when even the lowest rate tried failed), where a trial at ``r`` passes when
+every SLO given holds at the chosen percentile over the requests that arrived in its
+measurement window, and the requests completed in that window are at least
+``min_throughput_ratio`` (0.9, as AIBrix's ``TPUT_TOLERANCE``) of those that arrived in it.
+A rate above a measured failure is never reported.
+
+One trial (times in the endpoint's seconds; a simulator's ``time_scale`` converts them)::
+
+    0 ............ W ======== measured ======== W+D ..... (drain) ..... deadline
+    |  warm-up      |  arrivals counted and timed  |  arrivals go on until every
+    |  (steady state|  completions counted         |  measured request finished or
+    |   builds)     |                              |  the deadline; the rest aborted
+
+1. Arrivals are open-loop Poisson at ``r`` (seeded per cell and rate), each request a
+   prompt of exactly ``in_tick`` token ids, ``max_tokens = out_tick``, ``ignore_eos``,
+   streamed: TTFT = first token - scheduled arrival, TPOT = (last - first) / (out - 1),
+   E2E = last - scheduled arrival (the client's own lateness counts against it, and is
+   reported as ``client_lag_s``).
+2. ``W`` is at least the SLO's end-to-end budget (``ttft + (out - 1) tpot``, or ``e2e``):
+   completions in the window only match arrivals once a request's lifetime has passed.
+   ``D`` is at least ``min_requests / r`` so a percentile rests on enough requests.
+3. Arrivals continue after the window (not measured) so the last measured requests see
+   the same load as the first; a measured request unfinished at the deadline, or one that
+   errored or came back short of ``out_tick`` tokens, counts as missing every SLO.
+
+The search per cell (``RateSearch``, sans-IO: it proposes rates, the caller measures)::
+
+    start -> pass: double until a failure (or max_rate)   lo = best pass, hi = first fail
+          -> fail: halve until a pass (below min_rate: the cell is 0)
+    then bisect geometrically (sqrt(lo hi)) until hi / lo <= 1 + precision
+    start: the answer of the previous cell in the row (neighbours are close), else
+           ``start_rate``; a trial whose every request the endpoint refused (HTTP 4xx,
+           a prompt beyond max_model_len) ends the cell at 0 at once
+
+Latency grows steeply near saturation, so one trial per rate is a sharp test there. Each
+trial is trusted: a fluke failure below the capacity caps the answer under it (a fluke
+pass lifts it), which is why a trial is made long enough for its percentile
+(``min_requests``) rather than repeated. The search only proposes rates between its best
+pass and its first failure, so its own trials never contradict each other.
+
+Chosen and rejected:
+* AIBrix's profiler (``gpu_benchmark.py`` over a fixed grid of rates, ``gen_profile.py``
+  keeping the smallest/largest passing grid rate): a grid wastes trials far from the
+  capacity and resolves it only to the grid's step; the search finds it to 5% in ~10
+  trials. Its output format is kept (``aibrix_profile``) so profiles move both ways.
+* vLLM's ``benchmark_serving``: it sends a fixed number of requests and divides by the
+  time to drain them all, which counts the ramp-up and the drain; with outputs of
+  hundreds of tokens the drain alone keeps throughput under 90% of a rate the engine
+  sustains. Counting completions inside a window after a warm-up measures the steady state.
+* Closed-loop load (N concurrent clients): its rate adapts to the server, so it never
+  shows the queueing an open arrival process meets; Mélange and AIBrix profile open-loop.
+
+How it fails: a high percentile over one trial's requests rests on a few of them (the
+99th of 200 is the second slowest), and near saturation a queue's busy periods make a
+short window's latencies swing, so a TTFT-bound cell can come out +-30% on 20-second
+windows (measured on the simulator's scheduler in virtual time); raise ``duration_s`` /
+``min_requests`` for tighter answers. The load generator's own lateness (a CPU-starved
+client) counts against the endpoint: ``client_lag_s`` in each trial says how late it was.
+
+Resumable (``SweepState``): each finished cell is written to the state file atomically
+(temporary file + ``os.replace``); a rerun with the same settings skips them, a state
+from other settings is refused (``ProfileFormatError`` naming the settings that differ).
+Cells are keyed by (out_tick, in_tick), so a rerun on a larger grid keeps what matches.
+
+This module is pure apart from the state file: the load generator is injected
+(``Measure``; ``loadgen.HttpLoad`` over HTTP, virtual-time fakes in the unit tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from control.placement.errors import ProfileFormatError
+from control.placement.formats import profile_to_json
+from control.placement.types import GpuProfile, Slos
+
+__all__ = [
+    "CellResult",
+    "Measure",
+    "RateSearch",
+    "RequestRecord",
+    "SweepSpec",
+    "SweepState",
+    "TrialPlan",
+    "TrialResult",
+    "aibrix_profile",
+    "evaluate_trial",
+    "percentile",
+    "run_sweep",
+    "to_gpu_profile",
+    "write_json",
+]
+
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SweepSpec:
+    """What a sweep measures and how; all of it but the grid and the cost is in the state
+    file's fingerprint (``fingerprint``; the URL is not part of it either)."""
+
+    gpu: str
+    cost: float
+    model: str
+    in_ticks: tuple[int, ...]
+    out_ticks: tuple[int, ...]
+    slos: Slos
+    duration_s: float = 20.0  # measurement window (endpoint seconds), at least
+    warmup_s: float = 5.0  # before the window, at least (see TrialPlan)
+    min_requests: int = 40  # the window is stretched to expect this many arrivals
+    precision: float = 0.05  # the search stops when hi / lo <= 1 + precision
+    start_rate: float = 1.0  # requests/s of the first trial of each cell
+    min_rate: float = 0.05  # below it a cell is 0
+    max_rate: float = 1000.0  # the search never offers more (a cell at it is "capped")
+    min_throughput_ratio: float = 0.9  # AIBrix's TPUT_TOLERANCE
+    seed: int = 0
+    time_scale: float = 1.0  # endpoint seconds per wall second (a simulator's --time-scale)
+
+    def __post_init__(self) -> None:
+        if self.slos.ttft_s is None and self.slos.tpot_s is None and self.slos.e2e_s is None:
+            raise ProfileFormatError(
+                "give at least one SLO: --ttft-slo-s, --tpot-slo-s, --e2e-slo-s"
+            )
+        for name in ("ttft_s", "tpot_s", "e2e_s"):
+            value = getattr(self.slos, name)
+            if value is not None and not value > 0:
+                raise ProfileFormatError(f"the {name} SLO must be > 0, got {value}")
+        if not 0 < self.slos.percentile <= 100:
+            raise ProfileFormatError(f"percentile must be in (0, 100], got {self.slos.percentile}")
+        positive = ("duration_s", "precision", "start_rate", "min_rate", "max_rate", "time_scale")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ProfileFormatError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.warmup_s < 0 or self.min_requests < 1:
+            raise ProfileFormatError("warmup_s must be >= 0 and min_requests >= 1")
+        if not self.min_rate <= self.start_rate <= self.max_rate:
+            raise ProfileFormatError(
+                f"need min_rate <= start_rate <= max_rate, got {self.min_rate}, "
+                f"{self.start_rate}, {self.max_rate}"
+            )
+        if not 0 < self.min_throughput_ratio <= 1:
+            raise ProfileFormatError("min_throughput_ratio must be in (0, 1]")
+        # A GpuProfile checks the ticks and the name (strictly increasing, positive).
+        to_gpu_profile(self, ())
+
+    @property
+    def cells(self) -> tuple[tuple[int, int], ...]:
+        """(out_tick, in_tick) in the order they are measured: row by row."""
+        return tuple((o, i) for o in self.out_ticks for i in self.in_ticks)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes two sweeps' cells comparable (the state file refuses others)."""
+        keep = asdict(self)
+        for name in ("cost", "in_ticks", "out_ticks"):
+            del keep[name]
+        loaded: dict[str, Any] = json.loads(json.dumps(keep))  # tuples -> lists, as in JSON
+        return loaded
+
+
+@dataclass(frozen=True, slots=True)
+class TrialPlan:
+    """The timeline of one trial at ``rate`` (endpoint seconds; see the module docstring)."""
+
+    rate: float
+    warmup_s: float
+    duration_s: float
+    deadline_s: float  # from the trial's start: measured requests still out are misses
+
+    @classmethod
+    def make(cls, spec: SweepSpec, out_tick: int, rate: float) -> TrialPlan:
+        budget = _e2e_budget(spec.slos, out_tick)
+        warmup = max(spec.warmup_s, budget)
+        duration = max(spec.duration_s, spec.min_requests / rate)
+        return cls(rate, warmup, duration, warmup + duration + 2 * budget)
+
+    @property
+    def window(self) -> tuple[float, float]:
+        return (self.warmup_s, self.warmup_s + self.duration_s)
+
+
+def _e2e_budget(slos: Slos, out_tick: int) -> float:
+    """How long a request meeting every SLO lives at most. With a TTFT SLO alone it is
+    only the TTFT: long outputs then need a ``warmup_s`` of a request's lifetime, or the
+    window's completions lag its arrivals (the throughput check fails early)."""
+    by_parts = (slos.ttft_s or 0.0) + (out_tick - 1) * (slos.tpot_s or 0.0)
+    if slos.e2e_s is not None:
+        return slos.e2e_s if by_parts == 0 else min(slos.e2e_s, by_parts)
+    return by_parts
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One request of a trial, in endpoint seconds from the trial's start.
+
+    ``first_token_s``/``finish_s`` are None while unfinished; ``error`` says why a request
+    failed (HTTP status, connection, short answer)."""
+
+    arrival_s: float
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    num_output: int = 0
+    error: str | None = None
+    refused: bool = False  # the endpoint refused the request itself (HTTP 4xx, wrong
+    # token counts): no rate would do better, so the cell ends at once
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.finish_s is not None
+
+
+@dataclass(frozen=True, slots=True)
+class TrialResult:
+    """What one trial at ``rate`` measured; ``reason`` says why it failed ("" = passed)."""
+
+    rate: float
+    passed: bool
+    reason: str
+    num_measured: int
+    num_errors: int = 0
+    ttft_s: float | None = None  # at the percentile (inf: misses beyond the percentile)
+    tpot_s: float | None = None
+    e2e_s: float | None = None
+    mean_e2e_s: float | None = None
+    throughput_ratio: float = 0.0
+    first_error: str = ""
+    client_lag_s: float = 0.0  # how late the load generator sent its latest request
+    num_refused: int = 0  # of num_errors, refused for what they asked (RequestRecord)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            k: (None if isinstance(v, float) and math.isinf(v) else v)
+            for k, v in asdict(self).items()
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrialResult:
+        return cls(**data)  # a miss (inf) was written as null: not measurable
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The nearest-rank ``p``-th percentile (the smallest value with at least p% of the
+    values at or below it); ``inf`` values are misses. ``values`` must not be empty."""
+    assert values, "percentile of nothing"
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def evaluate_trial(
+    records: Sequence[RequestRecord],
+    plan: TrialPlan,
+    slos: Slos,
+    out_tick: int,
+    min_throughput_ratio: float = 0.9,
+    client_lag_s: float = 0.0,
+) -> TrialResult:
+    """Pass or fail one trial from its requests (the module docstring's rules)."""
+    start, end = plan.window
+    measured = [r for r in records if start <= r.arrival_s < end]
+    completed = sum(
+        1 for r in records if r.ok and r.finish_s is not None and start <= r.finish_s < end
+    )
+    errors = [r for r in measured if r.error is not None]
+    if not measured:
+        return TrialResult(
+            plan.rate, False, "no request arrived in the window", 0, client_lag_s=client_lag_s
+        )
+    ratio = completed / len(measured)
+    inf = math.inf
+    ttfts, tpots, e2es = [], [], []
+    for r in measured:
+        if not r.ok or r.first_token_s is None or r.finish_s is None:
+            # errored: a miss of every SLO; unfinished: its first token may have come
+            late = r.error is not None or r.first_token_s is None
+            ttfts.append(inf if late or r.first_token_s is None else r.first_token_s - r.arrival_s)
+            tpots.append(inf)
+            e2es.append(inf)
+            continue
+        ttfts.append(r.first_token_s - r.arrival_s)
+        decode = r.finish_s - r.first_token_s
+        tpots.append(decode / (r.num_output - 1) if r.num_output > 1 else 0.0)
+        e2es.append(r.finish_s - r.arrival_s)
+    p = slos.percentile
+    finite_e2e = [e for e in e2es if math.isfinite(e)]
+    latencies = {
+        "ttft": percentile(ttfts, p),
+        "tpot": percentile(tpots, p) if out_tick > 1 else 0.0,
+        "e2e": percentile(e2es, p),
+    }
+    first_error = (errors[0].error or "") if errors else ""
+    reasons = []
+    for name, target in (("ttft", slos.ttft_s), ("tpot", slos.tpot_s), ("e2e", slos.e2e_s)):
+        if target is not None and latencies[name] > target:
+            reasons.append(f"p{p:g} {name} {_seconds(latencies[name])} > {target:g}s")
+    if ratio < min_throughput_ratio:
+        reasons.append(f"throughput {ratio:.0%} of offered < {min_throughput_ratio:.0%}")
+    if errors:
+        reasons.append(f"{len(errors)} of {len(measured)} requests failed ({first_error})")
+    return TrialResult(
+        rate=plan.rate,
+        passed=not reasons,
+        reason="; ".join(reasons),
+        num_measured=len(measured),
+        num_errors=len(errors),
+        ttft_s=latencies["ttft"],
+        tpot_s=latencies["tpot"],
+        e2e_s=latencies["e2e"],
+        mean_e2e_s=sum(finite_e2e) / len(finite_e2e) if finite_e2e else None,
+        throughput_ratio=ratio,
+        first_error=first_error,
+        client_lag_s=client_lag_s,
+        num_refused=sum(1 for r in errors if r.refused),
+    )
+
+
+def _seconds(value: float) -> str:
+    return "unfinished" if math.isinf(value) else f"{value:.3g}s"
+
+
+class RateSearch:
+    """Exponential growth, then geometric bisection, over one cell's rates (sans-IO).
+
+    ``next_rate()`` proposes the next rate to measure (None: done), ``record(rate,
+    passed)`` tells what it did; ``rate`` is then the answer: the highest passing rate
+    measured, 0 when none passed down to ``min_rate``. Fails when the endpoint's pass/fail
+    is not monotone in the rate: it trusts each trial, so a fluke failure below the
+    capacity caps the answer under it, and a fluke pass above lifts it."""
+
+    def __init__(
+        self,
+        start: float,
+        *,
+        min_rate: float,
+        max_rate: float,
+        precision: float = 0.05,
+        growth: float = 2.0,
+    ) -> None:
+        assert 0 < min_rate <= start <= max_rate, "SweepSpec checks the rates"
+        assert precision > 0 and growth > 1, "a search that ends"
+        self._start = start
+        self._min = min_rate
+        self._max = max_rate
+        self._precision = precision
+        self._growth = growth
+        self.lo: float | None = None  # highest pass
+        self.hi: float | None = None  # lowest fail
+        self.num_trials = 0
+
+    def next_rate(self) -> float | None:
+        lo, hi = self.lo, self.hi
+        if lo is None and hi is None:
+            return self._start
+        if hi is None:
+            assert lo is not None
+            return None if lo >= self._max else min(lo * self._growth, self._max)
+        if lo is None:
+            return None if hi <= self._min else max(hi / self._growth, self._min)
+        if hi / lo <= 1 + self._precision * (1 + 1e-9):  # closed (rounding aside)
+            return None
+        return math.sqrt(lo * hi)
+
+    def record(self, rate: float, passed: bool) -> None:
+        self.num_trials += 1
+        if passed:
+            self.lo = rate if self.lo is None else max(self.lo, rate)
+        else:
+            self.hi = rate if self.hi is None else min(self.hi, rate)
+        if self.lo is not None and self.hi is not None and self.hi <= self.lo:
+            # not monotone (a fail at or below a pass, from a caller's own rates): keep
+            # the pass and close the bracket just above it
+            self.hi = self.lo * (1 + self._precision)
+
+    @property
+    def rate(self) -> float:
+        return self.lo or 0.0
+
+    @property
+    def capped(self) -> bool:
+        return self.lo is not None and self.lo >= self._max
+
+
+@dataclass(frozen=True, slots=True)
+class CellResult:
+    """One cell's answer and the trials behind it."""
+
+    out_tick: int
+    in_tick: int
+    rate: float  # requests/s within the SLO; 0 = cannot serve
+    trials: tuple[TrialResult, ...] = ()
+    capped: bool = False  # the rate is max_rate: the endpoint may do more
+
+    @property
+    def note(self) -> str:
+        """Why the cell is what it is, for the summary."""
+        if self.capped:
+            return "capped at --max-rate"
+        failed = [t for t in self.trials if not t.passed]
+        if failed and failed[-1].num_refused == failed[-1].num_measured > 0:
+            return "the endpoint refused these requests: " + failed[-1].first_error
+        if self.rate == 0 and failed:
+            return "no rate met the SLO: " + failed[-1].reason
+        errors = sum(t.num_errors for t in self.trials)
+        return f"{errors} failed requests over its trials" if errors else ""
+
+    def at_rate(self) -> TrialResult | None:
+        """The passing trial at ``rate``."""
+        return next((t for t in self.trials if t.passed and t.rate == self.rate), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out_tick": self.out_tick,
+            "in_tick": self.in_tick,
+            "rate": self.rate,
+            "capped": self.capped,
+            "trials": [t.to_json() for t in self.trials],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CellResult:
+        trials = tuple(TrialResult.from_json(t) for t in data.get("trials", ()))
+        return cls(
+            int(data["out_tick"]),
+            int(data["in_tick"]),
+            float(data["rate"]),
+            trials,
+            bool(data.get("capped")),
+        )
+
+
+class SweepState:
+    """The finished cells of a sweep, kept in a JSON file that survives interruption.
+
+    ``{"version": 1, "settings": SweepSpec.fingerprint(), "cells": [CellResult...]}``,
+    rewritten whole (temporary file in the same directory, then ``os.replace``) after each
+    cell, so a crash or Ctrl-C leaves either the old or the new file, never half of one."""
+
+    def __init__(self, spec: SweepSpec, path: str | Path | None = None) -> None:
+        self.spec = spec
+        self.path = Path(path) if path is not None else None
+        self.cells: dict[tuple[int, int], CellResult] = {}
+        if self.path is not None and self.path.exists():
+            self._load(self.path)
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise ProfileFormatError(f"cannot read state {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ProfileFormatError(
+                f"state {path} is not JSON ({exc}); delete it to start over"
+            ) from None
+        if not isinstance(data, dict) or data.get("version") != _STATE_VERSION:
+            raise ProfileFormatError(
+                f"state {path} is not a version-{_STATE_VERSION} profiler state"
+            )
+        theirs, ours = data.get("settings") or {}, self.spec.fingerprint()
+        if theirs != ours:
+            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in differ)
+            raise ProfileFormatError(
+                f"state {path} was written by a sweep with other settings ({detail}); "
+                "rerun with those settings, or use another --state to start over"
+            )
+        try:
+            for raw in data.get("cells", ()):
+                cell = CellResult.from_json(raw)
+                self.cells[(cell.out_tick, cell.in_tick)] = cell
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProfileFormatError(f"state {path} has a malformed cell: {exc}") from None
+
+    def done(self, out_tick: int, in_tick: int) -> CellResult | None:
+        return self.cells.get((out_tick, in_tick))
+
+    def add(self, cell: CellResult) -> None:
+        self.cells[(cell.out_tick, cell.in_tick)] = cell
+        if self.path is not None:
+            self._save(self.path)
+
+    def _save(self, path: Path) -> None:
+        data = {
+            "version": _STATE_VERSION,
+            "settings": self.spec.fingerprint(),
+            "cells": [c.to_json() for c in self.cells.values()],
+        }
+        write_json(path, data)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as JSON in ``path``, atomically (a reader sees the old or the new file)."""
+    text = json.dumps(data, indent=1) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+Measure = Callable[[int, int, "TrialPlan"], Awaitable["TrialResult"]]
+"""Runs one trial of cell (out_tick, in_tick) by its plan (``loadgen.HttpLoad.trial``)."""
+
+
+async def run_sweep(
+    spec: SweepSpec,
+    measure: Measure,
+    state: SweepState,
+    on_trial: Callable[[int, int, TrialResult], None] | None = None,
+    on_cell: Callable[[CellResult, bool], None] | None = None,
+) -> tuple[CellResult, ...]:
+    """Every cell of ``spec``, measured unless ``state`` has it (``on_cell(cell, resumed)``
+    after each); each finished cell is saved before the next starts."""
+    cells: list[CellResult] = []
+    for out_tick, in_tick in spec.cells:
+        done = state.done(out_tick, in_tick)
+        if done is not None:
+            cells.append(done)
+            if on_cell is not None:
+                on_cell(done, True)
+            continue
+        search = RateSearch(
+            _start_rate(spec, cells, out_tick),
+            min_rate=spec.min_rate,
+            max_rate=spec.max_rate,
+            precision=spec.precision,
+        )
+        trials: list[TrialResult] = []
+        rate = search.next_rate()
+        while rate is not None:
+            trial = await measure(out_tick, in_tick, TrialPlan.make(spec, out_tick, rate))
+            trials.append(trial)
+            search.record(rate, trial.passed)
+            if on_trial is not None:
+                on_trial(out_tick, in_tick, trial)
+            if trial.num_measured and trial.num_refused == trial.num_measured:
+                break  # every request refused for what it asks: no rate will do
+            rate = search.next_rate()
+        cell = CellResult(out_tick, in_tick, search.rate, tuple(trials), search.capped)
+        state.add(cell)
+        cells.append(cell)
+        if on_cell is not None:
+            on_cell(cell, False)
+    return tuple(cells)
+
+
+def _start_rate(spec: SweepSpec, cells: Sequence[CellResult], out_tick: int) -> float:
+    """The first rate for the next cell: the answer of the cell before it in the same row
+    (a neighbour's capacity is the best guess: two or three trials instead of a climb
+    from ``start_rate``), else ``start_rate``."""
+    before = cells[-1] if cells else None
+    if before is None or before.out_tick != out_tick or before.rate <= 0:
+        return spec.start_rate
+    return min(max(before.rate, spec.min_rate), spec.max_rate)
+
+
+def to_gpu_profile(
+    spec: SweepSpec, cells: Sequence[CellResult], created: float | None = None
+) -> GpuProfile:
+    """The sweep's answer as a ``GpuProfile`` (cells not given are 0)."""
+    rates = {(c.out_tick, c.in_tick): c.rate for c in cells}
+    return GpuProfile(
+        gpu=spec.gpu,
+        cost=spec.cost,
+        tputs=tuple(tuple(rates.get((o, i), 0.0) for i in spec.in_ticks) for o in spec.out_ticks),
+        out_ticks=spec.out_ticks,
+        in_ticks=spec.in_ticks,
+        slos=spec.slos,
+        created=created,
+        model=spec.model,
+    )
+
+
+def aibrix_profile(profile: GpuProfile, cells: Sequence[CellResult] = ()) -> dict[str, Any]:
+    """AIBrix's GPU-optimizer profile JSON (``formats.profile_to_json``: ``gpu``, ``cost``,
+    ``tputs[out][in]``, ``indexes [out_ticks, in_ticks]``, ``slos``, ``created``,
+    ``model``) plus what AIBrix's ``gen_profile.py`` also writes: the mean ``e2e`` (and the
+    ``ttft`` at the percentile, when a TTFT SLO is set) at each cell's rate, 0 where the
+    cell has none. ``formats.load_profile`` reads it back as ``profile``."""
+    at = {(c.out_tick, c.in_tick): c.at_rate() for c in cells}
+
+    def matrix(attr: str) -> list[list[float]]:
+        rows = []
+        for o in profile.out_ticks:
+            row = []
+            for i in profile.in_ticks:
+                trial = at.get((o, i))
+                value = getattr(trial, attr) if trial is not None else None
+                row.append(float(value) if value is not None and math.isfinite(value) else 0.0)
+            rows.append(row)
+        return rows
+
+    data = profile_to_json(profile)
+    data["e2e"] = matrix("mean_e2e_s")
+    if profile.slos.ttft_s is not None:
+        data["ttft"] = matrix("ttft_s")
+    return data
