@@ -639,7 +639,7 @@ class _Reply:
 
 def test_an_answer_over_the_limit_is_refused_not_buffered() -> None:
     # review finding 8: the router's answer was read whole, whatever its size
-    from control.placement.planner import MAX_ANSWER_BYTES, _read_capped
+    from control.placement.sizes import MAX_ANSWER_BYTES, _read_capped
 
     small = asyncio.run(_read_capped(_Reply([b"ab", b"c"]), 3))  # type: ignore[arg-type]
     assert small == b"abc"
