@@ -295,8 +295,9 @@ def _capped(
         problem = at(scale)
         if backend == "greedy":
             return greedy_counts(problem) is not None
+        remaining = max(0.1, time_limit_s - (clock() - started))
         try:
-            relaxed = solve_milp(build_milp(problem), backend, time_limit_s, relax=True)
+            relaxed = solve_milp(build_milp(problem), backend, remaining, relax=True)
         except ModuleNotFoundError:
             return greedy_counts(problem) is not None
         return relaxed.status != "infeasible"
