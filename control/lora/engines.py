@@ -23,6 +23,11 @@ Real vLLM checks that ``lora_path`` exists and holds an adapter when it loads it
 simulator does not): the path is read by the engine's process, so it must be on the
 engine's node or on a volume both share (``types.py``).
 
+Bodies are read with ``read_capped``: until EOF, refused (``AnswerTooLarge``) once past
+the cap. ``StreamReader.read(n)`` alone returns whatever is buffered (one TCP read), not
+the body up to ``n``: a /v1/models of 113 KB (1000 adapters) failed half its polls and
+vLLM's /metrics (hundreds of KB) never gave its ``max_lora`` (issue 14 review, finding 1).
+
 Rejected: urllib in threads (the manager polls every engine each round and loads
 concurrently; one aiohttp session keeps connections); retrying inside the client (the
 manager owns retries, with backoff across rounds, and counts them).
@@ -38,13 +43,43 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from control.lora.errors import EngineUnreachable, LoadRejected, LoraUpdatesDisabled
+from control.lora.errors import (
+    AnswerTooLarge,
+    EngineUnreachable,
+    LoadRejected,
+    LoraUpdatesDisabled,
+)
 
-__all__ = ["EngineApi", "EngineModels", "HttpEngineApi", "MemoryEngineApi", "parse_models"]
+__all__ = [
+    "EngineApi",
+    "EngineModels",
+    "HttpEngineApi",
+    "MemoryEngineApi",
+    "parse_models",
+    "read_capped",
+]
 
 log = logging.getLogger("shoal." + __name__)
 
 _MAX_BODY = 4 << 20
+_CHUNK = 1 << 16
+
+
+class _Readable(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+async def read_capped(content: _Readable, limit: int, what: str) -> bytes:
+    """The whole body of ``content`` (an aiohttp ``StreamReader``), read until EOF;
+    ``AnswerTooLarge`` naming ``what`` once it runs past ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await content.read(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise AnswerTooLarge(f"{what}: the answer is over {limit} bytes; refused")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +156,11 @@ class HttpEngineApi:
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._session.request(method, url + path, json=body) as reply:
-                    return reply.status, await reply.content.read(_MAX_BODY)
+                    body = await read_capped(reply.content, _MAX_BODY, url + path)
+                    return reply.status, body
+        except AnswerTooLarge as exc:
+            log.warning("%s", exc)
+            raise
         except TimeoutError:
             raise EngineUnreachable(f"{url}{path}: no answer in {timeout_s} s") from None
         except aiohttp.ClientError as exc:
@@ -137,7 +176,10 @@ class HttpEngineApi:
             raise LoadRejected(f"{url}/v1/models is not JSON", status) from None
         if not with_budget:
             return models
-        status, text = await self._call("GET", url, "/metrics", None, self.poll_timeout_s)
+        try:
+            status, text = await self._call("GET", url, "/metrics", None, self.poll_timeout_s)
+        except AnswerTooLarge:  # logged; the models answered: the budget is just unknown
+            return models
         budget = parse_max_loras(text.decode(errors="replace")) if status == 200 else None
         return EngineModels(models.base_model, models.adapters, budget)
 

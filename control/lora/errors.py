@@ -19,6 +19,9 @@
                                 ``--enable-lora`` / ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``
           LoadRejected          the engine answered an error to a load or unload
                                 (``status`` holds the HTTP status)
+          AnswerTooLarge        an answer's body ran past its cap (``engines.read_capped``)
+          UnloadFailed          removing an adapter: an engine could not unload it (it
+                                stays registered; the message names the engines)
 
 Foreign errors are translated once: the loader's ``SourceError``/``CheckpointError`` in
 ``sources.py``, ``aiohttp.ClientError`` and timeouts in ``engines.py``, ``OSError`` of the
@@ -32,6 +35,7 @@ from shoal.errors import ConfigError, ShoalError
 
 __all__ = [
     "AdapterConflict",
+    "AnswerTooLarge",
     "AdapterCorrupt",
     "AdapterFilesMissing",
     "AdapterNotFound",
@@ -44,6 +48,7 @@ __all__ = [
     "LoraUpdatesDisabled",
     "NoEngine",
     "StateFileError",
+    "UnloadFailed",
 ]
 
 
@@ -102,3 +107,11 @@ class LoadRejected(EngineError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class AnswerTooLarge(EngineError):
+    """An HTTP answer's body was longer than the reader's cap (read until EOF, refused past it)."""
+
+
+class UnloadFailed(EngineError):
+    """Removing an adapter: unloading it failed on some engines, so it stays registered."""

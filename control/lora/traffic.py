@@ -28,6 +28,14 @@ then answers the rates of the samples it has (stale by at most one window, after
 they age out to none), so a router outage neither unloads every adapter at once nor
 freezes old rates for ever.
 
+The router labels at most its first 64 model names that no engine serves (``router/
+metrics.py`` ``ModelLabels``, never freed); past those, arrivals for a never-loaded
+adapter count as ``other`` and give it no rate here. Its wakes still count (the manager
+adds them, ``manager.py``), so a new adapter gets its first copy from its wake either way
+(issue 14 review, finding 8; the cap is the router's, kept to bound its label set).
+
+The scrape is read whole and refused past ``MAX_METRICS_BYTES`` (``engines.read_capped``).
+
 ``parse_arrivals`` and ``RateWindow`` are pure; ``RouterTraffic`` does
 the I/O with an injected clock.
 """
@@ -44,11 +52,15 @@ from collections.abc import Callable, Mapping
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from control.lora.engines import read_capped
+from control.lora.errors import AnswerTooLarge
+
 __all__ = ["RateWindow", "RouterTraffic", "parse_arrivals"]
 
 log = logging.getLogger("shoal." + __name__)
 
 ARRIVALS = "shoal_router_arrivals_total"
+MAX_METRICS_BYTES = 16 << 20  # a router's /metrics; read whole, refused past this
 
 
 def parse_arrivals(text: str) -> dict[str, float]:
@@ -131,9 +143,10 @@ class RouterTraffic:
                 async with self._session.get(self.router_url + "/metrics") as reply:
                     if reply.status != 200:
                         raise ValueError(f"HTTP {reply.status}")
-                    text = (await reply.read()).decode("utf-8", errors="replace")
-            current = parse_arrivals(text)
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                    body = await read_capped(reply.content, MAX_METRICS_BYTES,
+                                             self.router_url + "/metrics")  # fmt: skip
+            current = parse_arrivals(body.decode("utf-8", errors="replace"))
+        except (TimeoutError, aiohttp.ClientError, ValueError, AnswerTooLarge) as exc:
             self.num_failures += 1
             log.warning("router scrape %s/metrics failed: %s", self.router_url, exc or "timeout")
             return self.window.rates(self._clock())
