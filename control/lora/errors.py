@@ -35,11 +35,11 @@ from shoal.errors import ConfigError, ShoalError
 
 __all__ = [
     "AdapterConflict",
-    "AnswerTooLarge",
     "AdapterCorrupt",
     "AdapterFilesMissing",
     "AdapterNotFound",
     "AdapterSourceError",
+    "AnswerTooLarge",
     "EngineError",
     "EngineUnreachable",
     "LoadRejected",
