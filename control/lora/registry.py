@@ -9,8 +9,10 @@
 Invariant: the file on disk is always a complete state: every change is written to
 ``<file>.tmp-XXXX`` in the same folder, fsynced, and renamed over the file (atomic on POSIX),
 so a manager killed mid-write restarts with the state before or after the change, never
-half of one. A file that exists but does not parse is ``StateFileError`` at start (the
-manager refuses to run rather than forget every adapter); no file is an empty registry.
+half of one. A file that exists but does not parse, or names an adapter with a name
+``check_name`` refuses (names are joined onto ``--adapter-dir``), is ``StateFileError`` at
+start (the manager refuses to run rather than forget every adapter); no file is an empty
+registry.
 Without a state file (``state_file=None``) the registry lives in memory only.
 
 Names are what clients send as ``model``: 1-128 of ``[A-Za-z0-9._:-]``, starting with a
@@ -84,15 +86,17 @@ class Registry:
             raise StateFileError(f"--state-file {path}: cannot read it: {exc.strerror}") from None
         try:
             data = json.loads(raw)
-            assert isinstance(data, dict) and data.get("version") == _VERSION
+            if not isinstance(data, dict) or data.get("version") != _VERSION:
+                raise ValueError(f"not a JSON object with version {_VERSION}")
             for item in data.get("adapters", []):
                 spec = AdapterSpec(
-                    str(item["name"]), str(item["base_model"]), str(item["source"]),
-                    str(item["path"]), float(item.get("registered_at", 0.0)),
+                    check_name(str(item["name"])), str(item["base_model"]),
+                    str(item["source"]), str(item["path"]),
+                    float(item.get("registered_at", 0.0)),
                 )  # fmt: skip
                 self.adapters[spec.name] = spec
             self.pins = {(str(url), str(name)) for url, name in data.get("pins", [])}
-        except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        except (ValueError, KeyError, TypeError, LoraConfigError) as exc:
             raise StateFileError(
                 f"--state-file {path} is not a version-{_VERSION} LoRA state ({exc!r}); "
                 "move it aside to start empty"

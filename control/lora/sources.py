@@ -14,11 +14,15 @@ Sources are the streaming loader's (``loader.sources.open_source``): a local pat
 ``<adapter_dir>/<name>/``.
 
 Invariant: ``<adapter_dir>/<name>/`` is either absent or a complete, checked adapter. Files
-are streamed into ``<adapter_dir>/.fetch-<name>-XXXX/``, checked there, and the folder is
+are streamed into ``<adapter_dir>/.fetch-<name>+XXXX/``, checked there, and the folder is
 renamed into place (a rename within one file system is atomic); a failure at any point
 removes the temporary folder. A replaced adapter's old folder is renamed aside first and
 removed after. So an engine never reads half an adapter, and a crash leaves at most a
-``.fetch-*`` folder (removed the next time that name is fetched).
+``.fetch-*`` folder (removed the next time that name is fetched). The ``+`` after the
+name is a character names cannot hold (``registry.NAME_PATTERN``), so one name's
+``.fetch-<name>+*`` never matches another's staging folder (with ``-`` there, fetching
+``a`` deleted ``a-b``'s folder mid-copy). Fetches of one name must not overlap (the
+manager serialises them per name); fetches of different names may.
 
 Errors: a missing file is ``AdapterFilesMissing``, a malformed one ``AdapterCorrupt``,
 anything else the source raised (access denied, unreachable) ``AdapterSourceError``; each
@@ -175,7 +179,7 @@ def fetch_adapter(
         adapter_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LoraConfigError(f"--adapter-dir {adapter_dir}: {exc.strerror}") from None
-    for stale in adapter_dir.glob(f".fetch-{name}-*"):
+    for stale in adapter_dir.glob(f".fetch-{name}+*"):
         shutil.rmtree(stale, ignore_errors=True)
     try:
         src = open_source(source)
@@ -185,7 +189,7 @@ def fetch_adapter(
         ) from None
     except SourceError as exc:
         raise AdapterSourceError(f"{source}: {exc}") from None
-    staging = Path(tempfile.mkdtemp(prefix=f".fetch-{name}-", dir=adapter_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f".fetch-{name}+", dir=adapter_dir))
     final = adapter_dir / name
     try:
         _copy(src, CONFIG_FILE, staging / CONFIG_FILE, MAX_CONFIG_BYTES, source)
@@ -194,7 +198,7 @@ def fetch_adapter(
         os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide it from an engine's user
         aside = None
         if final.exists():
-            aside = adapter_dir / f".fetch-{name}-old"
+            aside = adapter_dir / f".fetch-{name}+old"
             shutil.rmtree(aside, ignore_errors=True)
             final.rename(aside)
         staging.rename(final)

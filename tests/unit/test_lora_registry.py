@@ -139,6 +139,24 @@ class TestFetch:
         assert config["r"] == 8
         assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["sql"]
 
+    def test_fetching_a_name_leaves_a_longer_names_staging_folder_alone(
+        self, tmp_path: Path
+    ) -> None:
+        # "a" is fetched while "a-b" is mid-copy (from inside a-b's read, deterministically):
+        # a's cleanup of its own stale staging folders must not match a-b's
+        inner: list[Path] = []
+
+        class Interleaved(MemorySource):
+            def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
+                if path == WEIGHTS and not inner:
+                    inner.append(fetch(tmp_path, MemorySource(adapter_bytes()), name="a"))
+                super().read_into(path, offset, buffer)
+
+        folder = fetch(tmp_path, Interleaved(adapter_bytes()), name="a-b")
+        assert inner == [tmp_path / "dir" / "a"]
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == adapter_bytes()
+        assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["a", "a-b"]
+
 
 class TestRegistry:
     def test_local_adapter_registered_as_is_and_persisted(self, tmp_path: Path) -> None:
@@ -187,8 +205,18 @@ class TestRegistry:
         with pytest.raises(AdapterNotFound):
             registry.remove("sql")
 
-    def test_corrupt_state_file_refuses_to_start(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize(
+        "text",
+        [
+            '{"version": 1, "adapters": [{"name": "x"}]}',
+            "[1]",
+            '{"version": 2}',
+            '{"version": 1, "adapters": [{"name": "../etc", "base_model": "b", '
+            '"source": "s3://b/x", "path": "/p"}]}',
+        ],
+    )
+    def test_corrupt_state_file_refuses_to_start(self, tmp_path: Path, text: str) -> None:
         state = tmp_path / "s.json"
-        state.write_text('{"version": 1, "adapters": [{"name": "x"}]}')
+        state.write_text(text)
         with pytest.raises(StateFileError, match="move it aside"):
             Registry(tmp_path, state)
