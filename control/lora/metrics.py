@@ -14,7 +14,8 @@
     shoal_lora_load_failures_total            counter   loads that raised (retried later)
     shoal_lora_load_seconds                   histogram one successful load's latency
     shoal_lora_wakes_total{result}            counter   POST /v1/wake: loaded, already,
-                                                        unknown, failed
+                                                        unknown, failed, started (answered
+                                                        while the load still runs)
     shoal_lora_round_seconds                  histogram one round: poll, place, apply
     shoal_lora_round_errors_total             counter   rounds that raised (a bug; logged)
     shoal_lora_unplaced_adapters              gauge     adapters with traffic and no room
@@ -30,7 +31,7 @@ __all__ = ["LoraMetrics"]
 
 LOAD_REASONS = ("place", "replicate", "restore", "wake", "manual")
 UNLOAD_REASONS = ("idle", "evict", "shrink", "manual", "removed")
-WAKE_RESULTS = ("loaded", "already", "unknown", "failed")
+WAKE_RESULTS = ("loaded", "already", "unknown", "failed", "started")
 
 
 class LoraMetrics:

@@ -86,7 +86,10 @@ class PlacementInput:
     # must beat a slot's holder by more than that as well (the manager: 1 / rate_window_s)
 
 
-MoveReason = Literal["place", "replicate", "restore", "idle", "evict", "shrink"]
+MoveReason = Literal[
+    "place", "replicate", "restore", "idle", "evict", "shrink",  # placement's
+    "wake", "manual", "removed",  # the manager's own (wakes, the adapter API)
+]  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, order=True)
