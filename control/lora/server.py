@@ -10,14 +10,19 @@
                                       400 bad name/body, 409 registered otherwise, 422
                                       missing or corrupt adapter files, 502 the source
                                       failed
-    DELETE /v1/adapters/NAME          unload everywhere, forget -> 200 {"engines": [...]}
+    DELETE /v1/adapters/NAME          unload everywhere, forget -> 200 {"engines": [...]};
+                                      502 when an engine could not unload it (it stays
+                                      registered; the error names the engines)
     POST   /v1/adapters/NAME/load     {"engine"?} -> 200 {"engines": [...]} (pinned there)
     POST   /v1/adapters/NAME/unload   {"engine"?} -> 200 {"engines": [...]} (unpinned)
-    POST   /v1/wake                   {"model": NAME} -> 202 {"engines": [...]}; 404
-                                      {"error"} when NAME is not a registered adapter
+    POST   /v1/wake                   {"model": NAME} -> 202 {"engines": [...]} once the
+                                      load is done or at most ``wake_wait_s`` (1 s) after
+                                      it began (the engines it goes to); 404 {"error"}
+                                      when NAME is not a registered adapter
 
 Errors are ``{"error": message}``: 404 unknown adapter, 503 no engine can take it, 502 the
-engine refused or did not answer, 413 over 64 KiB, 400 a body that is not a JSON object.
+engine refused or did not answer, 413 over 64 KiB, 400 a body that is not a JSON object,
+500 a bug (logged with its traceback; still JSON).
 
 Listens on loopback by default: the API loads adapters into engines. With a token
 (``--auth-token-file``) every route but ``/metrics`` needs ``Authorization: Bearer
@@ -189,10 +194,21 @@ def _require_token(token: str) -> Middleware:
     return check
 
 
+@web.middleware
+async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """A bug answers a JSON 500 (and is logged with its traceback), as every error here."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as exc:  # a bug: logged, answered; the server goes on
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+
 def make_app(manager: LoraManager, token: str | None = None) -> web.Application:
-    app = web.Application(
-        middlewares=[_require_token(token)] if token else [], client_max_size=MAX_BODY_BYTES
-    )
+    middlewares = [_json_errors, *([_require_token(token)] if token else [])]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[_MANAGER] = manager
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/status", _status)
