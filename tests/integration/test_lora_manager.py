@@ -120,17 +120,24 @@ def test_registry_survives_a_restart_and_the_token_guards_the_api(
 def test_wake_loads_on_demand_and_unknown_is_404(
     tmp_path: Path, engine_a: SimEngineProcess, discovery: Path
 ) -> None:
-    with running_lora_manager(tmp_path, **manager_flags(discovery)) as manager:
+    # idle after 1 s, wakes counted as traffic over a 2 s window: the wake alone keeps x
+    # past the idle time, and only while the window holds it
+    flags = manager_flags(discovery, idle_unload_s=1, rate_window_s=2)
+    with running_lora_manager(tmp_path, **flags) as manager:
         register(manager, tmp_path, "x")
         assert adapters(engine_a) == set()
+        woken_at = time.monotonic()
         status, answer = manager.request("POST", "/v1/wake", {"model": "x"})
         assert (status, answer) == (202, {"engines": [engine_a.url]})
         assert adapters(engine_a) == {"x"}
         status, answer = manager.request("POST", "/v1/wake", {"model": "nope"})
         assert status == 404 and "nope" in answer["error"]
-        # the wake counts as use: later rounds keep it
-        time.sleep(1.0)
-        assert adapters(engine_a) == {"x"}
+        # rounds every 0.3 s: were the wake not traffic, x would be idle (unloaded) by 1.3 s
+        time.sleep(max(0.0, woken_at + 1.6 - time.monotonic()))
+        assert adapters(engine_a) == {"x"}, manager.log()
+        assert wait_until(lambda: adapters(engine_a) == set(), timeout=15), manager.log()
+        assert time.monotonic() - woken_at >= 2.0  # not before the window let go of it
+        assert manager.metric("shoal_lora_unloads_total", reason="idle") == 1
         assert manager.metric("shoal_lora_wakes_total", result="loaded") == 1
         assert manager.metric("shoal_lora_wakes_total", result="unknown") == 1
 
