@@ -31,15 +31,24 @@ class InFlight:
         self._moves: dict[tuple[str, str], tuple[MoveKind, Future[BaseException | None]]] = {}
         self._names: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # lock, [users]
 
-    def claim(self, url: str, name: str, kind: MoveKind) -> None:
+    def claim(self, url: str, name: str, kind: MoveKind) -> Future[BaseException | None]:
+        """Claim the move; its future (``release`` resolves it) is also its token."""
         assert (url, name) not in self._moves, f"two moves of {name} on {url} at once"
-        self._moves[(url, name)] = (kind, asyncio.get_running_loop().create_future())
+        done: Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        self._moves[(url, name)] = (kind, done)
+        return done
 
-    def release(self, url: str, name: str, error: BaseException | None) -> None:
-        """The move of ``name`` on ``url`` ended (``error`` None: done); waiters wake."""
-        _, done = self._moves.pop((url, name))
-        if not done.done():
-            done.set_result(error)
+    def release(self, url: str, name: str, error: BaseException | None,
+                token: Future[BaseException | None] | None = None) -> None:  # fmt: skip
+        """The move of ``name`` on ``url`` ended (``error`` None: done); waiters wake.
+        With ``token``, only that claim (a cancelled caller cleaning up what it never
+        started must not end a newer claim of the same pair)."""
+        entry = self._moves.get((url, name))
+        if entry is None or (token is not None and entry[1] is not token):
+            return
+        del self._moves[(url, name)]
+        if not entry[1].done():
+            entry[1].set_result(error)
 
     def busy(self, url: str, name: str) -> bool:
         return (url, name) in self._moves

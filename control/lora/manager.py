@@ -405,13 +405,16 @@ class LoraManager:
         loads_now = tuple(m for m in plan.loads if m not in waits)
         for url, names in plan.desired.items():
             self.assigned[url] = set(names) - self._moves.on(url, "unload")
-        for m in plan.unloads:
-            self._moves.claim(m.engine, m.adapter, "unload")
-        for m in loads_now:
-            self._moves.claim(m.engine, m.adapter, "load")
+        claims = [(m, self._moves.claim(m.engine, m.adapter, "unload")) for m in plan.unloads]
+        claims += [(m, self._moves.claim(m.engine, m.adapter, "load")) for m in loads_now]
         # I/O: per engine, every unload before any load (a budget is never exceeded)
-        unloads = await self._apply(plan.unloads, self._unload)
-        loads = await self._apply(loads_now, self._load)
+        try:
+            unloads = await self._apply(plan.unloads, self._unload)
+            loads = await self._apply(loads_now, self._load)
+        except BaseException as exc:  # cancelled: the moves never started end too
+            for m, token in claims:
+                self._moves.release(m.engine, m.adapter, exc, token)
+            raise
         done_loads = tuple(m for m, ok in zip(loads_now, loads, strict=True) if ok)
         done_unloads = tuple(m for m, ok in zip(plan.unloads, unloads, strict=True) if ok)
         failed = tuple(f"{m.engine} {m.adapter}" for m in plan.loads
@@ -573,10 +576,10 @@ class LoraManager:
         if victim is not None:
             self._moves.claim(url, victim, "unload")
             self.assigned.get(url, set()).discard(victim)
-        self._moves.claim(url, name, "load")
+        token = self._moves.claim(url, name, "load")
         self.assigned.setdefault(url, set()).add(name)
         self.failures.pop((url, name), None)  # an explicit ask retries at once
-        task = asyncio.ensure_future(self._carry(url, name, victim, reason, pin))
+        task = asyncio.ensure_future(self._carry(url, name, victim, reason, pin, token))
         return _Pending((url,), task)
 
     async def _join(self, name: str, loading: dict[str, Future[BaseException | None]],
@@ -595,16 +598,20 @@ class LoraManager:
         return done
 
     async def _carry(self, url: str, name: str, victim: str | None, reason: MoveReason,
-                     pin: bool) -> list[str]:  # fmt: skip
-        """A load decided by ``_begin``: evict the victim, fetch, load, record."""
-        if victim is not None:
-            try:
-                await self._do_unload(Move(url, victim, "evict"))
-            except EngineError as exc:
-                self._moves.release(url, name, exc)
-                self.assigned.get(url, set()).discard(name)
-                self.assigned.setdefault(url, set()).add(victim)
-                raise NoEngine(f"{url} is full and unloading {victim} failed: {exc}") from None
+                     pin: bool, token: Future[BaseException | None]) -> list[str]:  # fmt: skip
+        """A load decided by ``_begin`` (claimed, ``token``): evict the victim, fetch,
+        load, record."""
+        try:
+            if victim is not None:
+                try:
+                    await self._do_unload(Move(url, victim, "evict"))
+                except EngineError as exc:
+                    self.assigned.get(url, set()).discard(name)
+                    self.assigned.setdefault(url, set()).add(victim)
+                    raise NoEngine(f"{url} is full and unloading {victim} failed: {exc}") from None
+        except BaseException as exc:  # the load never started: its claim ends here
+            self._moves.release(url, name, exc, token)
+            raise
         try:
             await self._do_load(Move(url, name, reason))
         except LoraError as exc:

@@ -203,3 +203,24 @@ def test_an_unknown_budget_is_warned_once_per_engine(
     warned = [r.getMessage() for r in caplog.records if "max_lora" in r.getMessage()]
     assert len(warned) == 2 and warned[0].startswith(A) and warned[1].startswith(B)
     assert fleet.manager.budget_of(A) == 1
+
+
+def test_close_cancels_a_wake_still_loading_and_ends_its_claim(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, urls=(A,), adapters=("x",), wake_wait_s=0.01)
+    fleet.round()
+    hung = asyncio.Event()
+
+    async def never(url: str, name: str, path: str) -> bool:
+        await hung.wait()
+        return True
+
+    fleet.api.load = never  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        assert await fleet.manager.wake("x") == [A]
+        task = fleet.manager._waking["x"].task
+        await fleet.manager.close()
+        assert task.cancelled()
+        assert fleet.manager._moves.pairs() == []
+
+    run(scenario())
