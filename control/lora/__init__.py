@@ -16,6 +16,8 @@ Layout::
                       /v1/unload_lora_adapter, /v1/models (what is loaded)
       manager.py      the loop: observe engines and traffic, place, load and unload;
                       reload after restarts and on scale-out; load on demand (a wake)
+      inflight.py     moves in flight and per-name exclusion: the manager decides and
+                      claims synchronously and does its I/O with no shared lock held
       server.py       the manager's HTTP endpoint: /metrics, /status, the adapter API,
                       POST /v1/wake (the router asks for an adapter no engine holds)
       metrics.py      shoal_lora_* Prometheus metrics
