@@ -254,6 +254,8 @@ class LoraManager:
         for gone in set(self.views) - set(urls):
             self.assigned.pop(gone, None)
             self.budgets.pop(gone, None)
+            self._moved.pop(gone, None)
+            self._budget_warned.discard(gone)
             with contextlib.suppress(KeyError):  # never labelled if never healthy
                 self.metrics.loaded.remove(gone)
         for view in views:
@@ -261,7 +263,7 @@ class LoraManager:
             if not view.healthy:
                 self.budgets.pop(view.url, None)  # re-read when it is back
             elif before is not None and before.healthy:
-                lost = self.assigned.get(view.url, set()) - view.loaded
+                lost = self.assigned.get(view.url, set()) - view.loaded - self._moves.on(view.url)
                 if lost:
                     log.warning("engine %s lost adapters %s (restarted?); reloading",
                                 view.url, sorted(lost))  # fmt: skip
@@ -696,8 +698,8 @@ class LoraManager:
                 targets = sorted(
                     {u for u, v in self.views.items() if name in v.loaded}
                     | {u for u, names in self.assigned.items() if name in names}
-                    | {u for u, n in self.registry.pins if n == name}
-                )
+                    | {u for u, n in self.registry.pins if n == name and u in self.views}
+                )  # an engine gone from discovery holds nothing we can reach: not asked
                 listed = [u for u in targets if name in self.views.get(u, EngineView(u)).loaded]
                 results = await asyncio.gather(
                     *(self._do_unload(Move(u, name, "removed"), claimed=False) for u in targets),

@@ -20,6 +20,7 @@ from control.lora.errors import AdapterConflict, AdapterNotFound, UnloadFailed
 from control.lora.manager import LoraManager
 from control.lora.registry import Registry
 from router.discovery import StaticDiscovery
+from router.types import EngineSpec
 from tests.unit.lora_factories import write_adapter
 from tests.unit.test_lora_manager import A, B, Fleet
 
@@ -224,3 +225,16 @@ def test_close_cancels_a_wake_still_loading_and_ends_its_claim(tmp_path: Path) -
         assert fleet.manager._moves.pairs() == []
 
     run(scenario())
+
+
+def test_a_pin_on_an_engine_gone_from_discovery_does_not_block_a_removal(
+    tmp_path: Path,
+) -> None:
+    fleet = Fleet(tmp_path, adapters=("x",))
+    fleet.round()
+    assert asyncio.run(fleet.manager.load("x", B)) == [B]
+    del fleet.api.engines[B]  # scaled in: gone from discovery, unreachable
+    fleet.manager.discovery = StaticDiscovery([EngineSpec(A)])
+    fleet.clock.now += 5
+    assert asyncio.run(fleet.manager.remove("x")) == []
+    assert "x" not in fleet.registry.adapters and fleet.registry.pins == set()
