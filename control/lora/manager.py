@@ -95,7 +95,15 @@ from control.lora.placement import choose_wake, place, priority
 from control.lora.registry import Registry
 from control.lora.sources import is_remote
 from control.lora.traffic import RateWindow
-from control.lora.types import AdapterSpec, EngineState, Move, MoveReason, PlacementInput, Usage
+from control.lora.types import (
+    AdapterSpec,
+    EngineState,
+    Move,
+    MoveReason,
+    PlacementInput,
+    RoundRecord,
+    Usage,
+)
 from router.discovery import Discovery
 
 __all__ = ["EngineView", "LoraManager", "RoundRecord", "Traffic"]
@@ -134,31 +142,6 @@ class _Pending:
 
     engines: tuple[str, ...]
     task: Future[list[str]]
-
-
-@dataclass(frozen=True, slots=True)
-class RoundRecord:
-    now_s: float
-    engines: int
-    unreachable: tuple[str, ...] = ()
-    loads: tuple[Move, ...] = ()
-    unloads: tuple[Move, ...] = ()
-    failed: tuple[str, ...] = ()
-    unplaced: tuple[str, ...] = ()
-
-    def as_json(self) -> dict[str, Any]:
-        def moves(ms: tuple[Move, ...]) -> list[dict[str, str]]:
-            return [{"engine": m.engine, "adapter": m.adapter, "reason": m.reason} for m in ms]
-
-        return {
-            "now_s": round(self.now_s, 3),
-            "engines": self.engines,
-            "unreachable": list(self.unreachable),
-            "loads": moves(self.loads),
-            "unloads": moves(self.unloads),
-            "failed": list(self.failed),
-            "unplaced": list(self.unplaced),
-        }
 
 
 class LoraManager:
@@ -207,6 +190,7 @@ class LoraManager:
         self._removing: set[str] = set()
         self._moved: dict[str, int] = {}  # per engine: moves recorded (observe's staleness)
         self._budget_warned: set[str] = set()
+        self._observing: Future[None] | None = None  # a read of the engines in progress
         self.views: dict[str, EngineView] = {}
         self.budgets: dict[str, int] = {}  # max_loras read from engines (budget 0)
         self.assigned: dict[str, set[str]] = {}
@@ -278,6 +262,12 @@ class LoraManager:
         healthy = sum(1 for v in views if v.healthy)
         self.metrics.engines.labels(state="healthy").set(healthy)
         self.metrics.engines.labels(state="unreachable").set(len(views) - healthy)
+
+    async def _refresh(self) -> None:
+        """``observe`` for wakes and the API: callers at once share one read."""
+        if self._observing is None or self._observing.done():
+            self._observing = asyncio.ensure_future(self.observe())
+        await asyncio.shield(self._observing)
 
     def _placement_input(self, now: float) -> PlacementInput:
         """What placement sees: adapters being removed are foreign (left alone, their
@@ -504,7 +494,7 @@ class LoraManager:
         pending = self._waking.get(name)
         if pending is None or pending.task.done():
             if not self._fresh():
-                await self.observe()
+                await self._refresh()
             pending = self._waking.get(name)  # another wake may have begun meanwhile
             if pending is None or pending.task.done():
                 try:
@@ -656,7 +646,7 @@ class LoraManager:
     async def load(self, name: str, engine: str | None = None) -> list[str]:
         self._known(name)
         if not self._fresh():
-            await self.observe()
+            await self._refresh()
         if engine is None:
             engines = self.holders(name)
             if engines:
@@ -671,7 +661,7 @@ class LoraManager:
         self._known(name)
         await self._moves.quiet(name)  # a load in flight ends first, then goes
         if not self._fresh():
-            await self.observe()
+            await self._refresh()
         self._known(name)
         targets = [engine] if engine is not None else self.holders(name)
         targets = [u for u in targets if not self._moves.busy(u, name)]
@@ -694,7 +684,7 @@ class LoraManager:
             await self._moves.quiet(name)
             async with self._moves.exclusive(name):
                 if not self._fresh():
-                    await self.observe()
+                    await self._refresh()
                 targets = sorted(
                     {u for u, v in self.views.items() if name in v.loaded}
                     | {u for u, names in self.assigned.items() if name in names}
@@ -797,7 +787,9 @@ class LoraManager:
 
     async def close(self) -> None:
         """Wakes still loading are cancelled and awaited, then the clients closed."""
-        tasks = [p.task for p in self._waking.values() if not p.task.done()]
+        tasks: list[Future[Any]] = [p.task for p in self._waking.values() if not p.task.done()]
+        if self._observing is not None and not self._observing.done():
+            tasks.append(self._observing)
         self._waking.clear()
         for task in tasks:
             task.cancel()

@@ -10,6 +10,7 @@
 * ``Usage``         one adapter's traffic: requests/s this round, when it was last used.
 * ``PlacementInput`` everything ``placement.place`` reads; ``Placement`` what it answers:
                     the desired adapters per engine and the moves that get there.
+* ``RoundRecord``   what one manager round did (``/status``, the round's log line).
 
 ``lora_path`` must be readable by the engine that loads it: a local source is handed over
 as is (the engines run on this node, or the path is on a volume they share); a remote
@@ -28,6 +29,7 @@ __all__ = [
     "Move",
     "Placement",
     "PlacementInput",
+    "RoundRecord",
     "Usage",
 ]
 
@@ -111,3 +113,28 @@ class Placement:
     unloads: tuple[Move, ...] = ()
     unplaced: tuple[str, ...] = ()
     replicas: Mapping[str, int] = field(default_factory=dict)  # adapter -> engines wanted
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRecord:
+    now_s: float
+    engines: int
+    unreachable: tuple[str, ...] = ()
+    loads: tuple[Move, ...] = ()
+    unloads: tuple[Move, ...] = ()
+    failed: tuple[str, ...] = ()
+    unplaced: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        def moves(ms: tuple[Move, ...]) -> list[dict[str, str]]:
+            return [{"engine": m.engine, "adapter": m.adapter, "reason": m.reason} for m in ms]
+
+        return {
+            "now_s": round(self.now_s, 3),
+            "engines": self.engines,
+            "unreachable": list(self.unreachable),
+            "loads": moves(self.loads),
+            "unloads": moves(self.unloads),
+            "failed": list(self.failed),
+            "unplaced": list(self.unplaced),
+        }

@@ -238,3 +238,25 @@ def test_a_pin_on_an_engine_gone_from_discovery_does_not_block_a_removal(
     fleet.clock.now += 5
     assert asyncio.run(fleet.manager.remove("x")) == []
     assert "x" not in fleet.registry.adapters and fleet.registry.pins == set()
+
+
+def test_wakes_of_many_adapters_share_one_read_of_the_engines(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, budget=3)
+    fleet.round()
+    polls: list[str] = []
+    models = fleet.api.models
+
+    async def counted(url: str, *, with_budget: bool = False) -> object:
+        polls.append(url)
+        await asyncio.sleep(0)
+        return await models(url, with_budget=with_budget)
+
+    fleet.api.models = counted  # type: ignore[assignment]
+    fleet.clock.now += 5  # the views are one interval old: wakes read the engines again
+
+    async def scenario() -> list[list[str]]:
+        wakes = (fleet.manager.wake(n) for n in ("x", "y", "z"))
+        return list(await asyncio.gather(*wakes))
+
+    assert run(scenario()) == [[A], [B], [A]]
+    assert sorted(polls) == [A, B]
