@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -37,6 +38,7 @@ from typing import Any
 
 import aiohttp
 
+from router.bodies import MODELS_MAX_BYTES, read_capped
 from router.config import RouterSettings
 from router.scrape import MetricsScraper
 from router.types import EngineSpec, EngineView
@@ -127,7 +129,7 @@ def parse_engines(text: str) -> list[EngineSpec]:
 class _Engine:
     """The pool's mutable state of one engine."""
 
-    __slots__ = ("breaker", "cards", "checked", "healthy", "models", "spec")
+    __slots__ = ("breaker", "cards", "checked", "healthy", "models", "oversized", "spec")
 
     def __init__(self, spec: EngineSpec, breaker: CircuitBreaker) -> None:
         self.spec = spec
@@ -136,6 +138,7 @@ class _Engine:
         self.checked = False
         self.models: frozenset[str] = frozenset()
         self.cards: tuple[dict[str, Any], ...] = ()
+        self.oversized = False  # its last /v1/models was over the cap (warned once)
 
 
 class EnginePool:
@@ -318,7 +321,15 @@ class EnginePool:
             ) as reply:
                 if reply.status != 200:
                     return
-                document = await reply.json(content_type=None)
+                body = await read_capped(reply, MODELS_MAX_BYTES)
+            if body is None:  # a warning when it starts, then debug: polled every 0.5 s
+                level = logging.DEBUG if engine.oversized else logging.WARNING
+                log.log(level, "models of %s: /v1/models is over %d bytes; poll failed",
+                        engine_id, MODELS_MAX_BYTES)  # fmt: skip
+                engine.oversized = True
+                return
+            engine.oversized = False
+            document = json.loads(body)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.debug("models of %s: %r", engine_id, exc)
             return
