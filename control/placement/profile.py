@@ -45,7 +45,8 @@ Chosen and rejected:
 * AIBrix's profiler (``gpu_benchmark.py`` over a fixed grid of rates, ``gen_profile.py``
   keeping the smallest/largest passing grid rate): a grid wastes trials far from the
   capacity and resolves it only to the grid's step; the search finds it to 5% in ~10
-  trials. Its output format is kept (``aibrix_profile``) so profiles move both ways.
+  trials. Its output format is kept so profiles move both ways (``aibrix_profile`` says
+  where our numbers differ from its).
 * vLLM's ``benchmark_serving``: it sends a fixed number of requests and divides by the
   time to drain them all, which counts the ramp-up and the drain; with outputs of
   hundreds of tokens the drain alone keeps throughput under 90% of a rate the engine
@@ -230,11 +231,12 @@ class TrialResult:
     ttft_s: float | None = None  # at the percentile (inf: misses beyond the percentile)
     tpot_s: float | None = None
     e2e_s: float | None = None
-    mean_e2e_s: float | None = None
+    mean_e2e_s: float | None = None  # over the measured requests that finished
     throughput_ratio: float = 0.0
     first_error: str = ""
     client_lag_s: float = 0.0  # how late the load generator sent its latest request
     num_refused: int = 0  # of num_errors, refused for what they asked (RequestRecord)
+    mean_ttft_s: float | None = None  # over the measured requests that had a first token
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -292,6 +294,7 @@ def evaluate_trial(
         e2es.append(r.finish_s - r.arrival_s)
     p = slos.percentile
     finite_e2e = [e for e in e2es if math.isfinite(e)]
+    finite_ttft = [t for t in ttfts if math.isfinite(t)]
     latencies = {
         "ttft": percentile(ttfts, p),
         "tpot": percentile(tpots, p) if out_tick > 1 else 0.0,
@@ -320,6 +323,7 @@ def evaluate_trial(
         first_error=first_error,
         client_lag_s=client_lag_s,
         num_refused=sum(1 for r in errors if r.refused),
+        mean_ttft_s=sum(finite_ttft) / len(finite_ttft) if finite_ttft else None,
     )
 
 
@@ -587,10 +591,23 @@ def to_gpu_profile(
 
 def aibrix_profile(profile: GpuProfile, cells: Sequence[CellResult] = ()) -> dict[str, Any]:
     """AIBrix's GPU-optimizer profile JSON (``formats.profile_to_json``: ``gpu``, ``cost``,
-    ``tputs[out][in]``, ``indexes [out_ticks, in_ticks]``, ``slos``, ``created``,
-    ``model``) plus what AIBrix's ``gen_profile.py`` also writes: the mean ``e2e`` (and the
-    ``ttft`` at the percentile, when a TTFT SLO is set) at each cell's rate, 0 where the
-    cell has none. ``formats.load_profile`` reads it back as ``profile``."""
+    ``tputs[out][in]``, ``indexes [out_ticks, in_ticks]``, ``slos``, ``created``; no
+    ``model``, which AIBrix's schema has no place for) plus what AIBrix's
+    ``gen_profile.py`` also writes: the mean ``e2e`` (and the mean ``ttft``, when a TTFT
+    SLO is set) at each cell's rate, 0 where the cell has none. ``formats.load_profile``
+    reads it back as ``profile`` (less its ``model``).
+
+    How it differs from ``gen_profile.py``'s (same keys, same meaning where it matters):
+
+    * ``tputs`` is the highest *offered* rate that passed (its completions in the window
+      were at least 90% of its arrivals); gen_profile writes the *measured* mean throughput
+      at its highest passing grid rate, which its 90% rule keeps within 10% under it. The
+      solver plans with the rate a replica is offered, so the offered rate is kept.
+    * ``e2e`` and ``ttft`` are means over the measured requests of the passing trial at
+      that rate, as gen_profile's (and AIBrix's SLO queue, which takes them as expected
+      latencies); the SLO itself was checked at ``slos.percentile``.
+    * ``slos.percentile`` is ours (any value in (0, 100]); gen_profile offers 0 (the
+      mean), 50, 90, 99. It is written as an integer when it is one."""
     at = {(c.out_tick, c.in_tick): c.at_rate() for c in cells}
 
     def matrix(attr: str) -> list[list[float]]:
@@ -607,5 +624,5 @@ def aibrix_profile(profile: GpuProfile, cells: Sequence[CellResult] = ()) -> dic
     data = profile_to_json(profile)
     data["e2e"] = matrix("mean_e2e_s")
     if profile.slos.ttft_s is not None:
-        data["ttft"] = matrix("ttft_s")
+        data["ttft"] = matrix("mean_ttft_s")
     return data

@@ -206,6 +206,7 @@ async def _sweep(args: argparse.Namespace, out: str, spec: SweepSpec, state: Any
     if args.json:
         summary = {
             "out": out,
+            "model": spec.model,  # not in the profile: AIBrix's schema has no place for it
             "state": str(state.path),
             "resumed_cells": resumed,
             "profile": data,

@@ -4,6 +4,7 @@ in virtual time, the resumable state file and the AIBrix JSON it writes."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -293,7 +294,9 @@ class TestSweep:
 
 def test_the_aibrix_json_has_their_fields_on_our_ticks() -> None:
     sweep = spec(slos=Slos(ttft_s=1.0, tpot_s=0.1, percentile=99))
-    trial = TrialResult(4.0, True, "", 40, ttft_s=0.3, tpot_s=0.05, e2e_s=2.0, mean_e2e_s=1.5)
+    trial = TrialResult(
+        4.0, True, "", 40, ttft_s=0.3, tpot_s=0.05, e2e_s=2.0, mean_e2e_s=1.5, mean_ttft_s=0.2
+    )
     cells = [
         CellResult(32, 128, 4.0, (trial,)),
         CellResult(32, 512, 2.0),
@@ -307,11 +310,43 @@ def test_the_aibrix_json_has_their_fields_on_our_ticks() -> None:
         "indexes": [[32, 128], [128, 512]],
         "created": 1700000000.0,
         "e2e": [[1.5, 0.0], [0.0, 0.0]],
-        "ttft": [[0.3, 0.0], [0.0, 0.0]],
+        "ttft": [[0.2, 0.0], [0.0, 0.0]],  # the mean, as AIBrix's (not the p99 0.3)
         "slos": {"percentile": 99, "ttft": 1.0, "tpot": 0.1},
-        "model": "m",
     }
     json.dumps(data)  # plain JSON: no inf, no tuples
+
+
+# AIBrix's readers of a profile, at vllm-project/aibrix commit cf64e51ba23f (v0.4.0, "SLO-aware
+# router with profile support"; unchanged through e3e10f9e4aeb): the Go ModelGPUProfile and
+# ModelSLOs json tags in pkg/cache/model_gpu_profile.go, and the optimizer's GPUProfile
+# fields in python/aibrix/aibrix/gpu_optimizer/optimizer/types.py (read by
+# load_monitor/profile_reader.py's FileProfileReader as GPUProfile(**profile)).
+AIBRIX_GO_PROFILE_KEYS = {"gpu", "cost", "tputs", "indexes", "created", "e2e", "ttft", "tpot",
+                          "slos"}  # fmt: skip
+AIBRIX_GO_SLO_KEYS = {"percentile", "tput", "tt", "e2e", "ttft", "tpat", "tpot"}
+AIBRIX_PY_PROFILE_FIELDS = {"gpu", "cost", "tputs", "indexes", "created"}
+
+
+@pytest.mark.parametrize("percentile", [99.0, 50, 90.0])
+def test_the_written_profile_stays_inside_aibrixs_schema(percentile: float) -> None:
+    """Every key we write is one AIBrix's readers declare (no "model": Go's and v0.4's
+    Python readers would drop it, v0.2-v0.3's GPUProfile dataclass would refuse it), with
+    the types they decode: slos.percentile an int (Go's ``int``; 99.0 would not decode),
+    matrices of numbers on [out][in]."""
+    sweep = spec(slos=Slos(ttft_s=1.0, tpot_s=0.1, e2e_s=30.0, percentile=percentile))
+    trial = TrialResult(4.0, True, "", 40, mean_e2e_s=1.5, mean_ttft_s=0.2)
+    cells = [CellResult(32, 128, 4.0, (trial,))]
+    data = json.loads(json.dumps(aibrix_profile(to_gpu_profile(sweep, cells, 1.0), cells)))
+    assert set(data) <= AIBRIX_GO_PROFILE_KEYS
+    assert set(data) >= AIBRIX_PY_PROFILE_FIELDS  # what the optimizer itself uses
+    assert set(data["slos"]) <= AIBRIX_GO_SLO_KEYS
+    assert data["slos"]["percentile"] == percentile
+    assert type(data["slos"]["percentile"]) is int
+    for key in ("tputs", "e2e", "ttft"):
+        assert len(data[key]) == 2 and all(len(row) == 2 for row in data[key])
+    fractional = spec(slos=Slos(e2e_s=5.0, percentile=99.9))
+    written = aibrix_profile(to_gpu_profile(fractional, []))
+    assert written["slos"]["percentile"] == 99.9  # not an integer: kept as it is
 
 
 def test_the_written_profile_loads_back_through_formats(tmp_path: Path) -> None:
@@ -320,7 +355,8 @@ def test_the_written_profile_loads_back_through_formats(tmp_path: Path) -> None:
     profile = to_gpu_profile(sweep, cells, created=1700000000.0)
     path = tmp_path / "A100.json"
     write_json(path, aibrix_profile(profile, cells))
-    assert load_profile(path) == profile
+    assert profile.model == "m"
+    assert load_profile(path) == dataclasses.replace(profile, model="")  # not written
 
 
 def test_settings_layer_flags_over_environment_over_file(tmp_path: Path) -> None:
