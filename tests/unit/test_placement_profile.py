@@ -146,6 +146,32 @@ class TestJudgingATrial:
         result = evaluate_trial(unfinished, self.plan, SLOS, 32)
         assert not result.passed and "unfinished" in result.reason
 
+    @pytest.mark.parametrize(
+        ("p", "num_errors", "passed"),
+        [(50, 1, True), (50, 5, True), (50, 6, False), (90, 1, True), (90, 2, False),
+         (99, 1, False)],
+    )  # fmt: skip
+    def test_a_failed_request_is_a_miss_within_the_percentile(
+        self, p: float, num_errors: int, passed: bool
+    ) -> None:
+        """Errors are infinite latencies: the trial passes while they fit in the (100 - p)%
+        the percentile tolerates, and fails past it, also on a TPOT-only SLO over one-token
+        answers, where no latency is checked at all."""
+        records = [RequestRecord(t, t + 0.1, t + 0.5, 32) for t in range(5, 15)]
+        for k in range(num_errors):
+            records[k] = RequestRecord(5.0 + k, error="ClientOSError: reset")
+        slos = Slos(ttft_s=1.0, tpot_s=0.1, percentile=p)
+        result = evaluate_trial(records, self.plan, slos, 32, min_throughput_ratio=0.4)
+        assert (result.passed, result.num_errors) == (passed, num_errors)
+        failed = f"{num_errors} of 10 requests failed (ClientOSError: reset)"
+        assert (failed in result.reason) == (not passed)
+        one_token = [RequestRecord(t, t + 0.1, t + 0.1, 1) for t in range(5, 15)]
+        for k in range(num_errors):
+            one_token[k] = RequestRecord(5.0 + k, error="ClientOSError: reset")
+        tpot_only = Slos(tpot_s=0.1, percentile=p)
+        result = evaluate_trial(one_token, self.plan, tpot_only, 1, min_throughput_ratio=0.4)
+        assert result.passed == passed and (failed in result.reason) == (not passed)
+
     def test_an_empty_window_fails(self) -> None:
         result = evaluate_trial([RequestRecord(1.0, 1.1, 1.2, 32)], self.plan, SLOS, 32)
         assert not result.passed and result.num_measured == 0
