@@ -188,6 +188,7 @@ async def _sweep(args: argparse.Namespace, out: str, spec: SweepSpec, state: Any
             state,
             on_trial=bar.trial,
             on_cell=bar.cell,
+            probe=load.probe,
         )
     except (KeyboardInterrupt, asyncio.CancelledError, ProfilerError) as exc:
         bar.close()

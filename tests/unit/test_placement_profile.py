@@ -318,6 +318,109 @@ class TestSweep:
             spec(start_rate=2000.0)
 
 
+class VirtualTtftEndpoint:
+    """A fake endpoint in virtual time for a TTFT-only SLO and long outputs: a request
+    lives ``alone_s`` alone and ``loaded_s`` under load; a trial warmed up for less than
+    ``loaded_s`` fails the completion rule (its window's completions lag its arrivals)
+    whatever the rate; otherwise it passes at rates <= ``capacity``."""
+
+    def __init__(self, capacity: float, alone_s: float = 30.0, loaded_s: float = 45.0) -> None:
+        self.capacity, self.alone_s, self.loaded_s = capacity, alone_s, loaded_s
+        self.plans: list[TrialPlan] = []
+        self.num_probes = 0
+        self.elapsed_s = 0.0  # endpoint seconds the sweep took
+
+    async def probe(self, out_tick: int, in_tick: int) -> float | None:
+        self.num_probes += 1
+        self.elapsed_s += self.alone_s
+        return self.alone_s
+
+    async def measure(self, out_tick: int, in_tick: int, plan: TrialPlan) -> TrialResult:
+        self.plans.append(plan)
+        self.elapsed_s += plan.warmup_s + plan.duration_s
+        if plan.warmup_s < self.loaded_s:
+            return TrialResult(plan.rate, False, "throughput 60% of offered < 90%", 40,
+                               ttft_s=0.2, mean_e2e_s=self.loaded_s, throughput_ratio=0.6)  # fmt: skip
+        if plan.rate <= self.capacity:
+            return TrialResult(plan.rate, True, "", 40, ttft_s=0.2, mean_e2e_s=self.loaded_s,
+                               throughput_ratio=1.0)  # fmt: skip
+        return TrialResult(plan.rate, False, "p50 ttft 5s > 1s", 40, ttft_s=5.0,
+                           mean_e2e_s=60.0, throughput_ratio=0.8)  # fmt: skip
+
+
+class TestLifetimes:
+    ttft_only = Slos(ttft_s=1.0, percentile=50)
+
+    def sweep(self, **overrides: object) -> SweepSpec:
+        return spec(slos=self.ttft_only, out_ticks=(512,), in_ticks=(128,), **overrides)
+
+    def test_a_probed_lifetime_warms_every_trial_up_for_long_outputs(self) -> None:
+        endpoint = VirtualTtftEndpoint(capacity=3.0)
+        sweep = self.sweep()
+        (cell,) = asyncio.run(
+            run_sweep(sweep, endpoint.measure, SweepState(sweep), probe=endpoint.probe)
+        )
+        assert endpoint.num_probes == 1
+        assert all(p.warmup_s == 60.0 for p in endpoint.plans)  # twice the lone 30 s
+        assert all(p.deadline_s == p.warmup_s + p.duration_s + 120.0 for p in endpoint.plans)
+        rates = [p.rate for p in endpoint.plans]
+        assert len(set(rates)) == len(rates)  # no trial repeated
+        assert 3.0 / 1.05 <= cell.rate <= 3.0
+
+    def test_without_a_probe_a_trial_that_judged_its_warmup_is_measured_again(self) -> None:
+        endpoint = VirtualTtftEndpoint(capacity=3.0)
+        sweep = self.sweep()
+        (cell,) = asyncio.run(run_sweep(sweep, endpoint.measure, SweepState(sweep)))
+        first, second, *rest = endpoint.plans
+        assert (first.rate, first.warmup_s) == (1.0, 5.0)  # the TTFT budget only: too short
+        assert (second.rate, second.warmup_s) == (1.0, 90.0)  # twice the trial's mean e2e
+        assert all(p.warmup_s == 90.0 for p in rest)
+        assert 3.0 / 1.05 <= cell.rate <= 3.0  # was 0: every rate failed the 90% rule
+        assert [t.passed for t in cell.trials[:2]] == [False, True]
+
+    def test_the_search_stops_halving_once_a_trial_misses_the_slo_while_idle(self) -> None:
+        plans: list[TrialPlan] = []
+        elapsed = [0.0]
+
+        async def never_fast_enough(out_tick: int, in_tick: int, plan: TrialPlan) -> TrialResult:
+            plans.append(plan)
+            elapsed[0] += plan.deadline_s
+            return TrialResult(plan.rate, False, "p99 ttft 0.5s > 0.1s", 40, ttft_s=0.5,
+                               mean_e2e_s=1.0, throughput_ratio=1.0)  # fmt: skip
+
+        sweep = spec(slos=Slos(ttft_s=0.1, e2e_s=5.0), out_ticks=(32,), in_ticks=(128,))
+        (cell,) = asyncio.run(run_sweep(sweep, never_fast_enough, SweepState(sweep)))
+        # 1/s x 1 s = 1 in flight, 0.5, then 0.25: idle, and still missing: the cell is 0
+        assert [p.rate for p in plans] == [1.0, 0.5, 0.25]
+        assert cell.rate == 0.0 and "no rate met the SLO" in cell.note
+        assert elapsed[0] <= 5 * 60  # endpoint seconds, at the deadlines; was 2,100: 40 s
+        # at 1/s doubling to 800 s at 0.05/s, six trials
+
+    def test_a_completion_shortfall_alone_at_low_load_keeps_halving(self) -> None:
+        plans: list[TrialPlan] = []
+
+        async def few_requests(out_tick: int, in_tick: int, plan: TrialPlan) -> TrialResult:
+            plans.append(plan)
+            ok = plan.rate <= 0.1
+            return TrialResult(plan.rate, ok, "" if ok else "throughput 85% of offered < 90%",
+                               20, ttft_s=0.05, mean_e2e_s=1.0, throughput_ratio=0.85)  # fmt: skip
+
+        sweep = spec(slos=Slos(ttft_s=0.1, e2e_s=5.0), out_ticks=(32,), in_ticks=(128,))
+        (cell,) = asyncio.run(run_sweep(sweep, few_requests, SweepState(sweep)))
+        assert [p.rate for p in plans][:5] == [1.0, 0.5, 0.25, 0.125, 0.0625]
+        assert cell.rate > 0
+
+    def test_a_trials_window_is_capped_at_four_durations(self) -> None:
+        sweep = spec(duration_s=20.0, min_requests=40)
+        assert TrialPlan.make(sweep, out_tick=32, rate=0.05).duration_s == 80.0  # not 800
+        assert TrialPlan.make(sweep, out_tick=32, rate=1.0).duration_s == 40.0
+        assert TrialPlan.make(sweep, out_tick=32, rate=10.0).duration_s == 20.0
+        longer = TrialPlan.make(sweep, out_tick=32, rate=1.0, lifetime_s=30.0)
+        assert (longer.warmup_s, longer.deadline_s) == (30.0, 30.0 + 40.0 + 60.0)
+        shorter = TrialPlan.make(sweep, out_tick=128, rate=1.0, lifetime_s=1.0)
+        assert shorter.warmup_s == pytest.approx(1.0 + 127 * 0.1)  # the SLO's budget wins
+
+
 def test_the_aibrix_json_has_their_fields_on_our_ticks() -> None:
     sweep = spec(slos=Slos(ttft_s=1.0, tpot_s=0.1, percentile=99))
     trial = TrialResult(
