@@ -7,6 +7,7 @@ how well the manager's placement keeps a request's adapter where the request goe
                          [--parts density,placement] [--rate R] [--lora-overhead F]
                          [--max-loras N] [--max-cpu-loras N] [--adapters N]
                          [--total-rate R] [--load-s S] [--round-s S] [--rate-window-s S]
+                         [--hysteresis H] [--balance B]
 
 Everything runs in the simulator on virtual time: no sockets, no sleeps.
 
@@ -47,11 +48,12 @@ for it) and, when the engine is full, an adapter is evicted. Policies:
   coldest anywhere, evicted);
 - ``shoal``: ``shoal-wake`` plus the manager's round every ``--round-s`` (5 s, its
   default ``--interval-s``):
-  ``control.lora.placement.place`` over the last round's rates (bin-packing by traffic,
-  extra copies of the hottest at ``replica_rate`` = 10 requests/s), whose loads and
-  unloads are applied (they count as loads and evictions too). Both ``shoal`` policies
-  see adapters' rates over the last round (``--rate-window-s``, default one round: what
-  the manager reads from the router's counters), and every request's time of use.
+  ``control.lora.placement.place`` (bin-packing by traffic, extra copies of the hottest
+  at ``replica_rate`` = 10 requests/s or for ``--balance``, slots kept within
+  ``--hysteresis`` and one request per window), whose loads and unloads are applied
+  (they count as loads and evictions too). Both ``shoal`` policies see adapters' rates
+  over ``--rate-window-s`` (default 60 s, the manager's default; 5 = one round, what the
+  manager read before it smoothed rates), and every request's time of use.
 
 Figures per policy, mean over ``--seeds`` seeds (5; ``--quick`` 3) with min and max:
 hit ratio, misses, loads, evictions, load seconds (loads x ``--load-s``), the mean wait a
@@ -324,8 +326,10 @@ class PlacementSpec:
     service_s: float = 2.0  # how long a request stays in flight (least-load routing)
     load_s: float = 0.2  # one adapter load (disk to engine)
     round_s: float = 5.0  # the manager's placement round (shoal lora serve --interval-s)
-    rate_window_s: float = 5.0  # adapters' rates over this long (the manager: one round)
+    rate_window_s: float = 60.0  # adapters' rates over this long (--rate-window-s)
     replica_rate: float = 10.0  # requests/s one copy takes before another is added
+    hysteresis: float = 0.2  # the manager's --hysteresis (copies and slots)
+    balance: float = 0.5  # the manager's --balance (0: copies for capacity only)
 
 
 @dataclass
@@ -392,8 +396,8 @@ class _Cluster:
 
 class _Traffic:
     """What the manager observes: requests per adapter per round, rates over the last
-    ``window_rounds`` rounds (1: since the last round, as ``control.lora.traffic`` reads the
-    router's counters today), when each adapter was last used."""
+    ``window_rounds`` rounds (``control.lora.traffic.RateWindow`` over the router's
+    counters, sampled each round), when each adapter was last used."""
 
     def __init__(self, round_s: float, window_rounds: int = 1) -> None:
         self.round_s = round_s
@@ -470,6 +474,9 @@ def _placement_input(
         usage=usage,
         now_s=now,
         replica_rate=cluster.spec.replica_rate,
+        hysteresis=cluster.spec.hysteresis,
+        balance=cluster.spec.balance,
+        rate_resolution=1.0 / cluster.spec.rate_window_s,  # as the manager sets it
     )
 
 
@@ -613,6 +620,8 @@ def run_placement(spec: PlacementSpec, seeds: Sequence[int]) -> dict[str, Any]:
             "round_s": spec.round_s,
             "rate_window_s": spec.rate_window_s,
             "replica_rate": spec.replica_rate,
+            "hysteresis": spec.hysteresis,
+            "balance": spec.balance,
             "seeds": list(seeds),
             "static_top_hit_ratio": round(_static_top(spec), 4),
         },
@@ -688,8 +697,11 @@ def main() -> int:
     parser.add_argument("--load-s", type=float, default=0.2, help="placement: one load")
     parser.add_argument("--round-s", type=float, default=5.0, help="placement: manager round")
     parser.add_argument(
-        "--rate-window-s", type=float, help="placement: rates over this long (default: a round)"
-    )
+        "--rate-window-s", type=float, default=60.0,
+        help="placement: rates over this long (the manager's default 60 s)",
+    )  # fmt: skip
+    parser.add_argument("--hysteresis", type=float, default=0.2, help="placement: copies, slots")
+    parser.add_argument("--balance", type=float, default=0.5, help="placement: 0 = off")
     args = parser.parse_args()
     parts = args.parts.split(",")
     unknown = sorted(set(parts) - {"density", "placement"})
@@ -715,7 +727,9 @@ def main() -> int:
             total_rate=args.total_rate,
             load_s=args.load_s,
             round_s=args.round_s,
-            rate_window_s=args.rate_window_s or args.round_s,
+            rate_window_s=args.rate_window_s,
+            hysteresis=args.hysteresis,
+            balance=args.balance,
             horizon_s=200.0 if args.quick else 600.0,
         )
         out["placement"] = run_placement(pspec, range(args.seed, args.seed + num))

@@ -35,6 +35,14 @@
     shoal_router_request_completion_tokens{model}        completion tokens of finished
                                                          requests (buckets: powers of two
                                                          16 .. 32768, as the size histogram)
+    shoal_router_placement_decisions_total{outcome}      slo decisions with --placement-url:
+                                                         plan (the request's cell), nearest_row
+                                                         (a row near it with traffic), fallback
+                                                         (no engine of the planned type met
+                                                         the SLO), no_share (the plan has no
+                                                         traffic in the prompt's column, or is
+                                                         another model's), no_plan (none, or
+                                                         stale)
 
 The ``strategy`` label is the mix's member names joined by ``+`` (weights dropped): clients
 choose mixes per request, and a label per weight would let them grow the registry without
@@ -72,6 +80,9 @@ _TOKEN_BUCKETS = tuple(float(2**k) for k in range(4, 16))  # router.sizes.EDGES
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
+
+
+PLACEMENT_OUTCOMES = ("plan", "nearest_row", "fallback", "no_share", "no_plan")
 
 
 class ModelLabels:
@@ -161,6 +172,14 @@ class RouterMetrics:
             "shoal_router_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
             ["engine"], registry=r,
         )  # fmt: skip
+        self.placement_decisions = Counter(
+            "shoal_router_placement_decisions",
+            "slo decisions by how the placement plan applied.",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in PLACEMENT_OUTCOMES:
+            self.placement_decisions.labels(outcome)
         self.rejected = Counter(
             "shoal_router_rejected", "Requests the router refused itself.", ["reason"],
             registry=r,
@@ -189,6 +208,10 @@ class RouterMetrics:
     def count_decision(self, strategy: str, reason: str) -> None:
         names = "+".join(sorted(part.partition(":")[0].strip() for part in strategy.split(",")))
         self._child(self.decisions, "decisions", names, reason).inc()
+
+    def count_placement(self, outcome: str) -> None:
+        """One slo decision's placement outcome (``PLACEMENT_OUTCOMES``)."""
+        self._child(self.placement_decisions, "placement", outcome).inc()
 
     def watch(self, state: Callable[[], RouterState]) -> None:
         """Report ``state()`` (read at every scrape) as the state families."""

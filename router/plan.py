@@ -6,7 +6,8 @@
         200, a usable plan      -> current() answers it until 3 intervals pass without
                                    another success
         404 (no plan yet), any other status, a refused or timed-out connection, a
-        malformed plan (BadPlan)  -> current() answers None at once
+        malformed plan (BadPlan), an answer over 1 MiB, more than 64 ticks or GPU
+        types  -> current() answers None at once
 
 Invariant: ``current()`` is a plan fetched successfully within the last ``3 x
 interval_s`` seconds (by the injected monotonic clock) by the latest poll, or None. A
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -44,6 +46,7 @@ __all__ = ["STALE_INTERVALS", "NullPlanSource", "PlanPoller", "PlanSource"]
 log = logging.getLogger("shoal." + __name__)
 
 STALE_INTERVALS = 3
+MAX_PLAN_BYTES = 1 << 20  # a 12x12 plan of 4 types is ~10 KiB; more is not a plan
 
 
 class PlanSource(Protocol):
@@ -177,7 +180,11 @@ class PlanPoller:
                     text = (await reply.read())[:200].decode(errors="replace")
                     self.fail(f"answered {reply.status} {text}")
                     return
-                document = await reply.json(content_type=None)
+                body = await _read_capped(reply, MAX_PLAN_BYTES)
+                if body is None:
+                    self.fail(f"the plan is over {MAX_PLAN_BYTES} bytes")
+                    return
+                document = json.loads(body)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self.fail(repr(exc))
             return
@@ -185,3 +192,15 @@ class PlanPoller:
             self.accept(document)
         except BadPlan as exc:
             self.fail(str(exc))
+
+
+async def _read_capped(reply: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or None past ``limit`` bytes (never buffered beyond it)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in reply.content.iter_chunked(64 << 10):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

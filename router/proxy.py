@@ -509,7 +509,9 @@ class Proxy:
                 session_id=request.headers.get(self.settings.session_header, ""),
                 arrival_s=self._clock(),
             )
-            self.metrics.count_arrival(route_request.model)
+            # the size window's demand (router/sizes.py): counted before admission, so
+            # refused, held and failed requests are in it
+            self.sizes.record_arrival(self.metrics.count_arrival(route_request.model))
             wait = await self.limiter.admit(
                 route_request.user,
                 route_request.model,

@@ -57,11 +57,12 @@ from router.engines import EnginePool, parse_engines
 from router.errors import UnknownStrategy
 from router.ledger import InMemoryLedger, Ledger
 from router.limits import InMemoryLimiter, Limiter, load_api_keys
+from router.metrics import RouterMetrics
 from router.pipeline import Pipeline, PrefixLocator
 from router.plan import NullPlanSource, PlanPoller, PlanSource
 from router.proxy import Proxy
 from router.strategies import StrategyDeps
-from router.strategies.base import no_plan
+from router.strategies.base import no_plan, uncounted
 from router.types import PlacementPlan
 from router.wake import read_token
 from shoal.config import is_loopback
@@ -93,15 +94,16 @@ def _pipeline(
     settings: RouterSettings,
     locator: PrefixLocator | None,
     placement: Callable[[], PlacementPlan | None] = no_plan,
+    count_placement: Callable[[str], None] = uncounted,
 ) -> Pipeline:
     rng = random.Random(None if settings.seed < 0 else settings.seed)
     # every tunable of StrategyDeps has a setting of the same name (config.py)
     tunables = {
         f.name: getattr(settings, f.name)
         for f in fields(StrategyDeps)
-        if f.name not in ("rng", "clock", "placement")
+        if f.name not in ("rng", "clock", "placement", "count_placement")
     }
-    deps = StrategyDeps(rng=rng, placement=placement, **tunables)
+    deps = StrategyDeps(rng=rng, placement=placement, count_placement=count_placement, **tunables)
     try:
         return Pipeline(
             settings.strategy,
@@ -217,12 +219,14 @@ async def build_proxy(
         placement = PlanPoller(
             settings.placement_url, token=token, interval_s=settings.placement_interval_s
         )
+    metrics = RouterMetrics()
     proxy = Proxy(
         settings,
         pool,
-        _pipeline(settings, locator, placement.current),
+        _pipeline(settings, locator, placement.current, metrics.count_placement),
         ledger,
         limiter,
+        metrics=metrics,
         api_keys=api_keys,
         on_cleanup=close_extras,
     )

@@ -1,8 +1,13 @@
 """The rolling request-size histogram the placement planner reads (issue 14).
 
 Every request the router finished with an engine's answer adds its (prompt tokens,
-completion tokens) to its model's histogram; ``GET /v1/request_sizes`` sums the last
-``window_s`` seconds (``RequestSizes.snapshot``). On by default and bounded: no flag, no
+completion tokens) to its model's histogram, and every request it received for the model
+(refused, held, failed ones too) counts as an arrival; ``GET /v1/request_sizes`` sums the
+last ``window_s`` seconds (``RequestSizes.snapshot``): the finished requests' shape and
+rate (``count``, ``rate``, ``counts``) and the demand (``arrivals``, ``arrival_rate``).
+The planner plans for the higher rate with the finished requests' shape: under overload
+(429s, held or timed-out requests) the finished rate is what was served, not what was
+asked. On by default and bounded: no flag, no
 tracing, no list of requests (AIBrix's optimizer produced no plan while its gateway's
 tracing was off: #1014, #1713).
 
@@ -12,7 +17,8 @@ Layout (per model; ``E = len(EDGES) = 12``)::
     ring  = num_slots slots of slot_s seconds each, slot k covering
             [started + k*slot_s, started + (k+1)*slot_s); slot k lives at k % num_slots
     slot  = (k, counts): counts[i*E + j] = requests with completion tokens in bin i and
-            prompt tokens in bin j (an unsigned 32-bit array of E*E = 144 counts)
+            prompt tokens in bin j, counts[E*E] = arrivals (an unsigned 32-bit array of
+            E*E + 1 = 145 counts)
     bin b = (EDGES[b-1], EDGES[b]] (bin 0 from 0; above 32768 counts in the last bin)
 
 Assumptions: (1) the clock is monotonic (``time.monotonic`` injected; tests pass virtual
@@ -21,11 +27,13 @@ a model idle for longer than the ring reads as zeros, never as old counts; (3) a
 covers whole slots only: slots starting at or after ``now - window_s``, so
 ``span_s = now - start of the oldest covered slot`` is at most ``window_s`` and at least
 ``window_s - slot_s`` (less right after start: the router has not seen more), and
-``rate = count / span_s`` is the arrival rate of what it counted.
+``rate = count / max(span_s, slot_s)`` is the rate of what it counted: the floor of one
+slot keeps the first requests after a restart from reading as a huge rate (10 requests
+in 0.2 s are 1 req/s over a 10 s slot, not 50 req/s); ``arrival_rate`` likewise.
 
 Memory is bounded: at most ``max_models`` histograms (the proxy passes the model's bounded
 metrics label, ``router.metrics.ModelLabels``; beyond the bound here too, names fall in
-``other``), each ``num_slots x 144`` counters (61 slots: 35 KiB).
+``other``), each ``num_slots x 145`` counters (61 slots: 35 KiB).
 
 ``ResponseTokens`` reads an answer's token counts as it streams through the proxy: the
 engine's ``usage`` block when it sent one (exact; vLLM puts it last), else, for a stream
@@ -70,6 +78,7 @@ MAX_WINDOW_S = 600.0
 MAX_MODELS = 256
 OTHER_MODEL = "other"
 _CELLS = len(EDGES) * len(EDGES)
+_ARRIVALS = _CELLS  # the slot's counter of arrivals, after the cells
 
 
 def bin_of(tokens: int) -> int:
@@ -86,10 +95,20 @@ class SizeSnapshot:
     span_s: float
     count: int
     counts: tuple[tuple[int, ...], ...]  # [out][in] on EDGES
+    arrivals: int = 0  # every request received in the window, finished or not
+    min_span_s: float = 0.0  # the rates' floor of span_s (one slot)
+
+    def _per_second(self, n: int) -> float:
+        span = max(self.span_s, self.min_span_s)
+        return n / span if span > 0 else 0.0
 
     @property
     def rate(self) -> float:
-        return self.count / self.span_s if self.span_s > 0 else 0.0
+        return self._per_second(self.count)
+
+    @property
+    def arrival_rate(self) -> float:
+        return self._per_second(self.arrivals)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -101,6 +120,8 @@ class SizeSnapshot:
             "out_edges": list(EDGES),
             "in_edges": list(EDGES),
             "counts": [list(row) for row in self.counts],
+            "arrivals": self.arrivals,
+            "arrival_rate": self.arrival_rate,
         }
 
 
@@ -129,8 +150,8 @@ class RequestSizes:
     def _slot(self, now: float) -> int:
         return int((now - self._started) // self.slot_s)
 
-    def record(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Count one finished request of ``model``."""
+    def _counts_now(self, model: str) -> array.array[int]:
+        """The current slot's counters of ``model`` (a stale slot zeroed first)."""
         if model not in self._rings and len(self._rings) >= self.max_models:
             model = OTHER_MODEL
         ring = self._rings.get(model)
@@ -139,10 +160,19 @@ class RequestSizes:
         k = self._slot(self._clock())
         entry = ring[k % self._num_slots]
         if entry is None or entry[0] != k:
-            entry = (k, array.array("I", bytes(4 * _CELLS)))
+            entry = (k, array.array("I", bytes(4 * (_CELLS + 1))))
             ring[k % self._num_slots] = entry
-        entry[1][bin_of(completion_tokens) * len(EDGES) + bin_of(prompt_tokens)] += 1
+        return entry[1]
+
+    def record(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count one finished request of ``model``."""
+        counts = self._counts_now(model)
+        counts[bin_of(completion_tokens) * len(EDGES) + bin_of(prompt_tokens)] += 1
         self.num_recorded += 1
+
+    def record_arrival(self, model: str) -> None:
+        """Count one request received for ``model`` (before admission or routing)."""
+        self._counts_now(model)[_ARRIVALS] += 1
 
     def check_window(self, window_s: float) -> None:
         """``BadRequest`` naming the bounds when ``window_s`` cannot be answered."""
@@ -161,7 +191,7 @@ class RequestSizes:
         k_now = self._slot(now)
         k_min = max(0, math.ceil((now - window_s - self._started) / self.slot_s - 1e-9))
         span = max(0.0, now - (self._started + k_min * self.slot_s))
-        totals = [0] * _CELLS
+        totals = [0] * (_CELLS + 1)
         rings = self._rings.values() if model is None else [self._rings.get(model) or []]
         for ring in rings:
             for entry in ring:
@@ -171,7 +201,9 @@ class RequestSizes:
                             totals[cell] += n
         width = len(EDGES)
         counts = tuple(tuple(totals[i * width : (i + 1) * width]) for i in range(width))
-        return SizeSnapshot(model, window_s, span, sum(totals), counts)
+        return SizeSnapshot(
+            model, window_s, span, sum(totals[:_CELLS]), counts, totals[_ARRIVALS], self.slot_s
+        )
 
     def models(self) -> list[str]:
         return sorted(self._rings)

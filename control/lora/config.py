@@ -52,7 +52,19 @@ class LoraSettings:
         10.0, "requests/s one engine's copy of an adapter takes before it gets another copy"
     )
     hysteresis: float = setting(
-        0.2, "a copy stays until the rate is this fraction below what would add it"
+        0.2,
+        "a copy stays until the rate is this fraction below what would add it, and an "
+        "adapter keeps its slot until a challenger's rate is 1/(1 - this) times its own",
+    )
+    balance: float = setting(
+        0.5,
+        "once engines near --replica-rate, one copy of an adapter carries at most this share "
+        "of an engine's fair share of adapter traffic (hot adapters get copies); 0 = off",
+    )
+    rate_window_s: float = setting(
+        60.0,
+        "adapters' rates are averaged over this long (a sliding window of the router's "
+        "counters; shorter than --interval-s means one round)",
     )
     max_concurrency: int = setting(8, "loads and unloads in flight at once")
     engine_timeout_s: float = setting(30.0, "deadline of one load or unload")
@@ -79,11 +91,14 @@ class LoraSettings:
                 "authentication (its API loads adapters into engines): give "
                 "--auth-token-file FILE, or --insecure-no-auth to accept that"
             )
-        for name in ("interval_s", "idle_unload_s", "replica_rate", "engine_timeout_s",
+        for name in ("interval_s", "idle_unload_s", "replica_rate", "rate_window_s",
+                     "engine_timeout_s",
                      "poll_timeout_s", "retry_base_s", "retry_max_s",
                      "discovery_interval_s"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+        if not self.balance >= 0:
+            raise ConfigError(f"--balance must be >= 0 (0 = off), got {self.balance}")
         if not 0 <= self.hysteresis < 1:
             raise ConfigError(f"--hysteresis must be in [0, 1), got {self.hysteresis}")
         if self.budget < 0:

@@ -4,7 +4,7 @@ One round, every ``interval_s``::
 
     specs   = await discovery.engines()             # the router's discovery (same flags)
     models  = await api.models(url) for each        # concurrently; a failure = unreachable
-    rates   = await traffic.rates() + wakes         # router arrivals per model, req/s
+    rates   = await traffic.rates() + wakes         # req/s per model over rate_window_s
     plan    = placement.place(PlacementInput(...))  # pure
     unloads first, then loads, <= max_concurrency in flight; the engines' lists updated
 
@@ -25,6 +25,12 @@ Invariants:
   used then: it stays at least ``idle_unload_s`` without traffic before it is unloaded;
 * rounds, wakes and the adapter API take one lock, so their moves never interleave; a
   wake for an adapter already being woken shares that wake's answer.
+
+Rates are smoothed over ``rate_window_s`` (default 60 s, a sliding window of counter
+samples, ``traffic.RateWindow``): the router's arrivals inside ``RouterTraffic``, the
+manager's own wakes here (a cumulative count per adapter, sampled each round). An adapter
+counts as used in every round whose window saw its traffic, so ``idle_unload_s`` starts
+once its last request has left the window.
 
 A wake (``POST /v1/wake``, the router holding requests for an adapter no engine lists)
 loads it now on ``placement.choose_wake``'s engine (evicting the coldest adapter when
@@ -56,6 +62,7 @@ from control.lora.metrics import LoraMetrics
 from control.lora.placement import choose_wake, place, priority
 from control.lora.registry import Registry
 from control.lora.sources import is_remote
+from control.lora.traffic import RateWindow
 from control.lora.types import AdapterSpec, EngineState, Move, PlacementInput, Usage
 from router.discovery import Discovery
 
@@ -127,6 +134,8 @@ class LoraManager:
         budget: int = 0,
         replica_rate: float = 10.0,
         hysteresis: float = 0.2,
+        balance: float = 0.5,
+        rate_window_s: float = 60.0,
         max_concurrency: int = 8,
         retry_base_s: float = 2.0,
         retry_max_s: float = 60.0,
@@ -143,6 +152,8 @@ class LoraManager:
         self.budget = budget
         self.replica_rate = replica_rate
         self.hysteresis = hysteresis
+        self.rate_window_s = rate_window_s
+        self.balance = balance
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self.metrics = LoraMetrics()
@@ -156,7 +167,8 @@ class LoraManager:
         self.last_used: dict[str, float] = {}
         self.rates: dict[str, float] = {}
         self.failures: dict[tuple[str, str], tuple[int, float]] = {}  # (count, retry at)
-        self._wakes: dict[str, int] = {}
+        self._wakes: dict[str, int] = {}  # per adapter, cumulative (sampled each round)
+        self._wake_window = RateWindow(rate_window_s)
         self._waking: dict[str, asyncio.Task[list[str]]] = {}
         self._round_at: float | None = None  # when the last round started
         self._seen_at: float | None = None  # when the engines were last read
@@ -236,6 +248,8 @@ class LoraManager:
             idle_unload_s=self.idle_unload_s,
             replica_rate=self.replica_rate,
             hysteresis=self.hysteresis,
+            balance=self.balance,
+            rate_resolution=1.0 / self.rate_window_s,
         )
 
     # -- one round ------------------------------------------------------------------
@@ -257,12 +271,15 @@ class LoraManager:
     async def _round(self, now: float) -> RoundRecord:
         await self.observe()
         router = await self.traffic.rates()
-        elapsed = now - self._round_at if self._round_at is not None else self.interval_s
+        adapters = self.registry.adapters
+        if self._round_at is None:  # the first round: wakes since one interval ago
+            self._wake_window.add(now - self.interval_s, dict.fromkeys(adapters, 0.0))
         self._round_at = now
-        wakes, self._wakes = self._wakes, {}
+        self._wake_window.add(now, {n: float(self._wakes.get(n, 0)) for n in adapters})
+        wakes = self._wake_window.rates()
         self.rates = {}
-        for name in self.registry.adapters:
-            rate = router.get(name, 0.0) + wakes.get(name, 0) / max(elapsed, 1e-9)
+        for name in adapters:
+            rate = router.get(name, 0.0) + wakes.get(name, 0.0)
             if rate > 0:
                 self.rates[name] = rate
                 self.last_used[name] = now

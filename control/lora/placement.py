@@ -5,21 +5,45 @@ engines serving its base; unhealthy engines are left out and left alone):
 
 1. no engine holds more than its budget: pinned adapters, adapters the manager does not
    know (``foreign``: loaded by someone else) and placed adapters together;
-2. every *active* adapter (traffic this round, or used within ``idle_unload_s``) is on at
-   least one engine, unless every budget is taken by hotter ones (it is then
+2. every *active* adapter (traffic in the rate window, or used within ``idle_unload_s``)
+   is on at least one engine, unless every budget is taken by hotter copies (it is then
    ``unplaced``: the coldest lose, see 4);
-3. an adapter's copies follow its traffic: ``ceil(rate / replica_rate)`` engines, at most
-   every engine of its base; a copy already loaded stays while the rate is above
-   ``1 - hysteresis`` of what it would take to add it (no flapping at the boundary);
-4. when budgets are short, slots go in priority order — hotter first (requests/s), then
-   the more recently used, then by name — first one copy each, then extra copies by the
-   largest rate per copy (D'Hondt). The adapter that loses its slot is therefore the
-   coldest and, among equally cold ones, the least recently used (LRU eviction);
-5. few moves: what is loaded stays loaded when it is still wanted (kept first, before
-   anything new is placed); an adapter the manager placed on an engine that no longer
-   holds it (the engine restarted) goes back to that engine (``restore``) before going
-   anywhere else; new copies go to the engine with the least traffic assigned, then the
-   fewest adapters, then the smallest URL (bin-packing by traffic);
+3. an adapter's copies follow its traffic: ``ceil(rate / per_copy)`` engines, at most
+   every engine of its base, where one copy carries at most
+   ``per_copy = min(replica_rate, max(replica_rate - fair, balance * fair))`` requests/s
+   and ``fair`` = the base's adapter traffic / its healthy engines. ``replica_rate`` is
+   capacity (what one engine's copy takes); the second term is balance: placing copies
+   greedily on the least loaded engine leaves the busiest at most ``fair + per_copy``, so
+   the busiest engine stays within ``max(replica_rate, (1 + balance) * fair)`` — under
+   capacity while the fleet has room, within ``balance`` of even once it has not.
+   Without it an adapter of 9.3 req/s (under replica_rate 10) kept one copy and its
+   engine served 39-48% of 4 engines' requests (bench/lora.py). Rejected: replicating an
+   adapter when its engine is overloaded (depends on where it sits, so the copy that
+   fixes the overload removes its own reason: flapping) and ``rate > fair`` alone (never
+   fires for that 9.3 req/s adapter, 0.93 of fair). It is pessimistic with few adapters
+   (one adapter of 8 req/s on 2 idle engines gets 2 copies); ``balance`` 0 turns it off.
+   A copy already loaded stays while the rate is above ``1 - hysteresis`` of what it
+   would take to add it (no flapping at the boundary);
+4. slots go by rate per copy (D'Hondt: an adapter's k-th copy scores ``rate / k``), up
+   to the copies each adapter wants, so a wanted extra copy of a hot adapter outranks the
+   only copy of a cold one; ties by incumbency, then the more recently used, then name.
+   *Slot hysteresis*: a copy that holds a slot now (loaded there, or placed there and
+   lost to a restart) scores ``rate / k / (1 - hysteresis) + rate_resolution``, so a
+   challenger takes an incumbent's slot only when its rate per copy exceeds the
+   incumbent's by that margin (``--hysteresis`` 0.2: 1.25x) *and* by one request over the
+   rate window (``rate_resolution`` = 1 / ``--rate-window-s``). The second term is what
+   stops the swaps bench/lora.py measured (rounds adding 27% more loads than wakes alone
+   at 5 s rates): at the edge of the budgets adapters have 0-2 requests in a window, and
+   2 against 1 beats any ratio; the ratio alone changed nothing measurable there. The
+   copy that loses its slot is the coldest (within the margin) and, among equally cold
+   ones, the least recently used (LRU);
+5. few moves: a copy that keeps its slot stays on the engine holding it (the slot is
+   reserved for it; a new copy takes a free slot, else the reserved slot of the weakest
+   holder still waiting, which has lost it); an adapter the manager placed on an engine
+   that no longer holds it (the engine restarted) goes back there (``restore``); new
+   copies go to the engine with the least traffic assigned, then the fewest adapters,
+   then the smallest URL (bin-packing by traffic). A plan applied is stable: the greedy
+   pass is repeated from its own result until two passes agree (``_settle``);
 6. an inactive adapter is unloaded everywhere (``idle``); pinned adapters are never
    unloaded by placement (an operator's ``shoal lora load``, until ``unload``).
 
@@ -37,16 +61,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 from control.lora.types import EngineState, Move, MoveReason, Placement, PlacementInput, Usage
 
-__all__ = ["choose_wake", "is_active", "place", "priority"]
+__all__ = ["choose_wake", "is_active", "per_copy_rate", "place", "priority"]
 
 _NEVER = -math.inf
 
 
 def is_active(usage: Usage | None, now_s: float, idle_unload_s: float) -> bool:
-    """Traffic this round, or used less than ``idle_unload_s`` ago."""
+    """Traffic in the rate window, or used less than ``idle_unload_s`` ago."""
     if usage is None:
         return False
     if usage.rate > 0:
@@ -61,16 +86,27 @@ def priority(name: str, usage: Mapping[str, Usage]) -> tuple[float, float, str]:
     return (-u.rate, -last, name)
 
 
-def _wanted_copies(rate: float, current: int, inp: PlacementInput, num_engines: int) -> int:
+def per_copy_rate(inp: PlacementInput, total_rate: float, num_engines: int) -> float:
+    """Requests/s one copy may carry (invariant 3): capacity, and balance once the
+    base's adapter traffic ``total_rate`` leaves its engines little headroom."""
+    if inp.balance <= 0 or total_rate <= 0 or num_engines <= 0:
+        return inp.replica_rate
+    fair = total_rate / num_engines
+    return min(inp.replica_rate, max(inp.replica_rate - fair, inp.balance * fair))
+
+
+def _wanted_copies(rate: float, current: int, per_copy: float, hysteresis: float,
+                   num_engines: int) -> int:  # fmt: skip
     if rate <= 0:
         return 1
-    up = math.ceil(rate / inp.replica_rate)
-    stay = math.ceil(rate / (inp.replica_rate * (1.0 - inp.hysteresis)))
+    up = math.ceil(rate / per_copy)
+    stay = math.ceil(rate / (per_copy * (1.0 - hysteresis)))
     return max(1, min(num_engines, max(up, min(current, stay))))
 
 
 class _Group:
-    """Placement of one base model's adapters on its healthy engines."""
+    """Placement of one base model's adapters on its healthy engines: one greedy pass over
+    copies, the largest rate per copy first (invariant 4), each put where it stays."""
 
     def __init__(self, inp: PlacementInput, engines: list[EngineState], names: list[str]):
         self.inp = inp
@@ -90,100 +126,150 @@ class _Group:
             self.room[e.url] = max(0, e.budget - len(pinned) - len(foreign))
             self.placed[e.url] = set()
             self.load[e.url] = 0.0
-        self.reasons: dict[tuple[str, str], MoveReason] = {}
-        self.wanted: dict[str, int] = {}  # copies each active adapter asks for (run())
+        self.pins = {n: sum(1 for e in self.engines if n in e.pinned) for n in names}
+        # where each adapter holds a slot now: loaded there, then placed there last round
+        # and lost (a restarted engine: restored there first); pinned copies hold none
+        self.holds = {
+            n: [e.url for e in self.engines if n in e.loaded and n not in e.pinned]
+            + [e.url for e in self.engines
+               if n in e.assigned and n not in e.loaded and n not in e.pinned]
+            for n in names
+        }  # fmt: skip
+        self.wanted: dict[str, int] = {}  # copies each active adapter asks for
+        self.count = dict.fromkeys(self.active, 0)  # copies placed so far (run())
+        self.reserved = dict.fromkeys(self.room, 0)  # slots held by copies not placed yet
 
     def rate(self, name: str) -> float:
         return self.inp.usage.get(name, Usage()).rate
 
-    def allocate(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Copies wanted per active adapter and copies granted (slots beyond pins)."""
-        pins = {n: sum(1 for e in self.engines if n in e.pinned) for n in self.names}
-        loaded = {n: sum(1 for e in self.engines if n in e.loaded or n in e.pinned)
-                  for n in self.names}  # fmt: skip
-        wanted = {
-            n: _wanted_copies(self.rate(n), loaded[n], self.inp, len(self.engines))
-            for n in self.active
-        }
-        left = sum(self.room.values())
-        granted = dict.fromkeys(self.active, 0)
-        for n in self.active:  # one copy each, hottest first
-            if pins[n] == 0 and left > 0:
-                granted[n], left = 1, left - 1
-        while left > 0:  # extra copies by the largest rate per copy
-            best: tuple[float, tuple[float, float, str]] | None = None
-            pick = ""
-            for n in self.active:
-                copies = granted[n] + pins[n]
-                if copies == 0 or copies >= wanted[n]:
-                    continue
-                key = (-self.rate(n) / copies, priority(n, self.inp.usage))
-                if best is None or key < best:
-                    best, pick = key, n
-            if not pick:
-                break
-            granted[pick] += 1
-            left -= 1
-        return wanted, granted
-
-    def _put(self, url: str, name: str, share: float) -> None:
-        self.placed[url].add(name)
-        self.room[url] -= 1
-        self.load[url] += share
+    def _want(self) -> dict[str, int]:
+        """Copies wanted per active adapter (invariant 3), at most one per engine with
+        room for it."""
+        total = sum(self.rate(n) for n in self.active)
+        per_copy = per_copy_rate(self.inp, total, len(self.engines))
+        wanted = {}
+        for n in self.active:
+            reach = self.pins[n] + sum(
+                1 for e in self.engines if n not in e.pinned and self.room[e.url] > 0
+            )
+            current = len({*self.holds[n]}) + self.pins[n]
+            limit = max(1, min(len(self.engines), reach))
+            wanted[n] = _wanted_copies(self.rate(n), current, per_copy, self.inp.hysteresis,
+                                       limit)  # fmt: skip
+        return wanted
 
     def run(self) -> tuple[dict[str, frozenset[str]], dict[str, int], list[str]]:
-        self.wanted, granted = self.allocate()
-        pins = {n: sum(1 for e in self.engines if n in e.pinned) for n in self.names}
-        share = {n: self.rate(n) / max(1, granted[n] + pins[n]) for n in self.active}
+        self.wanted = wanted = self._want()
+        keep = 1.0 / (1.0 - self.inp.hysteresis)
+        share = {n: self.rate(n) / wanted[n] for n in self.active}
         for e in self.engines:  # pinned copies carry their share of the traffic too
             for n in e.pinned:
                 if n in share:
                     self.load[e.url] += share[n]
-        count = dict.fromkeys(self.active, 0)
-        # keep what is loaded, then restore what the manager placed (hottest first)
-        for stage in ("loaded", "assigned"):
+        # a slot an active adapter holds is reserved for it: a new copy takes a free slot,
+        # else the reserved slot of the weakest holder still waiting (it has lost it: every
+        # copy still waiting scores below the new one, which came first)
+        for n in self.active:
+            for url in {*self.holds[n]}:
+                self.reserved[url] += 1
+        self.reserved = {url: min(self.room[url], r) for url, r in self.reserved.items()}
+        count = self.count
+        blocked: set[str] = set()  # no engine left for its next copy
+        while any(r > 0 for r in self.room.values()):
+            best: tuple[float, bool, tuple[float, float, str]] | None = None
+            pick = ""
             for n in self.active:
-                for e in self.engines:
-                    if count[n] >= granted[n]:
-                        break
-                    if n in e.pinned or n in self.placed[e.url] or self.room[e.url] <= 0:
-                        continue
-                    if stage == "loaded" and n in e.loaded:
-                        self._put(e.url, n, share[n])
-                        count[n] += 1
-                    elif stage == "assigned" and n in e.assigned and n not in e.loaded:
-                        self._put(e.url, n, share[n])
-                        self.reasons[(e.url, n)] = "restore"
-                        count[n] += 1
-        # first copies, then extra copies, each on the least loaded engine with room
-        for first in (True, False):
-            for n in self.active:
-                while count[n] < granted[n]:
-                    if first and (count[n] > 0 or pins[n] > 0):
-                        break
-                    target = self._emptiest(n)
-                    if target is None:
-                        break
-                    self._put(target, n, share[n])
-                    self.reasons[(target, n)] = "place" if first else "replicate"
-                    count[n] += 1
-                    if first:
-                        break
+                if n in blocked or self.pins[n] + count[n] >= wanted[n]:
+                    continue
+                key = self._key(n, keep)
+                if best is None or key < best:
+                    best, pick = key, n
+            if not pick:
+                break
+            target = self._target(pick, keep)
+            if target is None:
+                blocked.add(pick)
+                continue
+            self.placed[target].add(pick)
+            self.room[target] -= 1
+            self.load[target] += share[pick]
+            count[pick] += 1
         desired = {
             e.url: frozenset(self.placed[e.url] | {n for n in e.pinned if n in self.managed})
             for e in self.engines
         }
-        unplaced = sorted(n for n in self.active if count[n] + pins[n] == 0)
-        replicas = {n: count[n] + pins[n] for n in self.active}
+        unplaced = sorted(n for n in self.active if count[n] + self.pins[n] == 0)
+        replicas = {n: count[n] + self.pins[n] for n in self.active}
         return desired, replicas, unplaced
 
-    def _emptiest(self, name: str) -> str | None:
-        candidates = [e.url for e in self.engines
-                      if self.room[e.url] > 0 and name not in self.placed[e.url]
-                      and name not in e.pinned]  # fmt: skip
-        if not candidates:
+    def _key(self, name: str, keep: float) -> tuple[float, bool, tuple[float, float, str]]:
+        """Rank of ``name``'s next copy, smallest first: rate per copy (boosted while it
+        holds a slot not yet used), incumbency, then ``priority``."""
+        copy = self.pins[name] + self.count[name] + 1
+        incumbent = self._waiting(name) != []
+        score = self.rate(name) / copy
+        if incumbent:
+            score = score * keep + self.inp.rate_resolution
+        return (-score, not incumbent, priority(name, self.inp.usage))
+
+    def _waiting(self, name: str) -> list[str]:
+        """Engines where ``name`` holds a slot it has not taken yet (room permitting)."""
+        return [u for u in self.holds[name] if name not in self.placed[u] and self.room[u] > 0]
+
+    def _target(self, name: str, keep: float) -> str | None:
+        """Where the next copy of ``name`` goes: an engine where it holds a slot; else the
+        least loaded engine with a free slot (then the fewest adapters, then URL); else the
+        slot of the weakest holder still waiting (one wanting no more copies first), which
+        loses it. None: no engine without a copy has room."""
+        waiting = self._waiting(name)
+        if waiting:
+            self.reserved[waiting[0]] = max(0, self.reserved[waiting[0]] - 1)
+            return waiting[0]
+        open_ = [e.url for e in self.engines if name not in self.placed[e.url]
+                 and name not in e.pinned and self.room[e.url] > 0]  # fmt: skip
+        free = [u for u in open_ if self.room[u] > self.reserved[u]]
+        if free:
+            return min(free, key=lambda u: (self.load[u], len(self.placed[u]), u))
+        holders = []
+        for n in self.active:
+            if n == name:
+                continue
+            done = self.pins[n] + self.count[n] >= self.wanted[n]
+            for u in self._waiting(n):
+                if u in open_:
+                    holders.append(((not done, self._key(n, keep)), u, n))
+        if not holders:
             return None
-        return min(candidates, key=lambda url: (self.load[url], len(self.placed[url]), url))
+        _, url, loser = max(holders)  # reservations of holders wanting no more copies first
+        self.holds[loser].remove(url)
+        self.reserved[url] = max(0, self.reserved[url] - 1)
+        return url
+
+
+_MAX_PASSES = 4
+
+
+def _settle(
+    inp: PlacementInput, engines: list[EngineState], names: list[str]
+) -> tuple[_Group, tuple[dict[str, frozenset[str]], dict[str, int], list[str]]]:
+    """A greedy pass, then again from its result as if applied, until two agree (at most
+    ``_MAX_PASSES``): a pass may leave a copy blocked (every engine with room had one
+    already) that the next pass, the first's copies being incumbents in other slots,
+    places. Settling here keeps invariant 5's promise that a plan applied is stable."""
+    group = _Group(inp, engines, names)
+    result = group.run()
+    for _ in range(_MAX_PASSES - 1):
+        applied = [
+            replace(e, loaded=result[0][e.url] | {n for n in e.loaded if n not in group.managed},
+                    assigned=result[0][e.url])
+            for e in engines
+        ]  # fmt: skip
+        again = _Group(inp, applied, names)
+        again_result = again.run()
+        if again_result[0] == result[0]:
+            break
+        group, result = again, again_result
+    return group, result
 
 
 def place(inp: PlacementInput) -> Placement:
@@ -199,18 +285,23 @@ def place(inp: PlacementInput) -> Placement:
     for base in sorted({e.base_model for e in healthy}):
         engines = [e for e in healthy if e.base_model == base]
         names = sorted(n for n, b in inp.adapters.items() if b == base)
-        group = _Group(inp, engines, names)
-        group_desired, group_replicas, group_unplaced = group.run()
+        group, (group_desired, group_replicas, group_unplaced) = _settle(inp, engines, names)
         desired.update(group_desired)
         replicas.update(group_replicas)
         unplaced += group_unplaced
         active = set(group.active)
-        for e in group.engines:
+        copies = {n for e in engines for n in e.loaded | e.pinned}  # somewhere already
+        for e in sorted(engines, key=lambda e: e.url):
             want = group_desired[e.url]
             for n in sorted(want - e.loaded):
-                loads.append(Move(e.url, n, group.reasons.get((e.url, n), "restore")))
-            for n in sorted((e.loaded & set(names)) - want):
                 reason: MoveReason
+                if n in e.assigned or n in e.pinned:
+                    reason = "restore"
+                else:
+                    reason = "replicate" if n in copies else "place"
+                copies.add(n)
+                loads.append(Move(e.url, n, reason))
+            for n in sorted((e.loaded & set(names)) - want):
                 if n not in active:
                     reason = "idle"
                 elif group_replicas.get(n, 0) < group.wanted[n]:

@@ -240,12 +240,16 @@ def build_manager(settings: Any) -> LoraManager:
         registry,
         discovery,
         HttpEngineApi(timeout_s=settings.engine_timeout_s, poll_timeout_s=settings.poll_timeout_s),
-        RouterTraffic(settings.router_url) if settings.router_url else None,
+        RouterTraffic(settings.router_url, window_s=settings.rate_window_s)
+        if settings.router_url
+        else None,
         interval_s=settings.interval_s,
         idle_unload_s=settings.idle_unload_s,
         budget=settings.budget,
         replica_rate=settings.replica_rate,
         hysteresis=settings.hysteresis,
+        balance=settings.balance,
+        rate_window_s=settings.rate_window_s,
         max_concurrency=settings.max_concurrency,
         retry_base_s=settings.retry_base_s,
         retry_max_s=settings.retry_max_s,

@@ -66,7 +66,7 @@ class EngineState:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    rate: float = 0.0  # requests/s over the last round (router arrivals + wakes)
+    rate: float = 0.0  # requests/s over the rate window (router arrivals + wakes)
     last_used_s: float | None = None  # on the manager's clock; None = never seen used
 
 
@@ -78,7 +78,12 @@ class PlacementInput:
     now_s: float = 0.0
     idle_unload_s: float = 600.0  # no traffic for this long: unloaded everywhere
     replica_rate: float = 10.0  # requests/s one engine's copy takes before another is added
-    hysteresis: float = 0.2  # a replica stays while the rate is above (1 - h) of its share
+    hysteresis: float = 0.2  # a replica stays while the rate is above (1 - h) of its share;
+    # a slot's holder keeps it until a challenger's rate per copy is 1 / (1 - h) times its own
+    balance: float = 0.5  # a copy carries at most this share of an engine's fair share of
+    # the adapter traffic once the fleet is near replica_rate per engine; 0 = off (placement)
+    rate_resolution: float = 0.0  # req/s of one request over the rate window: a challenger
+    # must beat a slot's holder by more than that as well (the manager: 1 / rate_window_s)
 
 
 MoveReason = Literal["place", "replicate", "restore", "idle", "evict", "shrink"]

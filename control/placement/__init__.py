@@ -17,8 +17,11 @@ Layout::
       profile_cli.py  ``shoal profile`` and its ProfileSettings
       smoothing.py    plan smoothing between solves (no flapping)
       planner.py      the live loop: the router's request-size histogram -> solve ->
-                      per-GPU-type replica targets through the autoscaler's actuators
-      server.py       the planner's HTTP endpoint: /metrics, /status, GET /v1/plan
+                      per-GPU-type replica targets through the autoscaler's actuators;
+                      the wake from zero
+      sizes.py        the router's GET /v1/request_sizes read into a Workload (aiohttp)
+      server.py       the planner's HTTP endpoint: /metrics, /status, GET /v1/plan,
+                      POST /v1/wake
       metrics.py      shoal_placement_* Prometheus metrics
       config.py       PlacementSettings (``shoal placement run``), pools per GPU type
       cli.py          ``shoal placement solve|run|status``

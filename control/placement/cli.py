@@ -15,7 +15,11 @@ type's cost for the same workload. ``--plan-out FILE`` also writes the full plan
 
 Exit codes (``shoal.cli_format``): 0 a plan; 1 the solver failed and the greedy found
 nothing; 2 bad flags or files (``ProfileFormatError`` is a ``ConfigError``); 3 infeasible
-(the buckets no GPU type serves, or caps too tight).
+(the buckets no GPU type serves, or caps too tight). ``solve`` stays strict on purpose: it
+answers whether the workload can be served, and a script asking that needs the failure.
+The live planner (``run``) solves with ``best_effort`` instead: it leaves unservable
+buckets out (``unserved`` in ``/v1/plan`` and ``/status``) and runs the caps when they
+are short (status ``"capped"``), because a fleet must do its best, not freeze.
 
 The planner's verbs (``run``, ``status``) come from ``control.placement.run_cli`` when
 that module exists (``register`` calls its ``add_verbs``).

@@ -18,7 +18,8 @@ Pools, one per GPU type (``parse_pools``)::
     TYPE=kubernetes:[NAMESPACE/]statefulset/NAME
 
 Invariant: a ``PlacementSettings`` that constructs is internally consistent (positive
-intervals, ``headroom >= 1``, ``0 <= min_saving < 1``, a known backend, counts that parse,
+intervals, a window the router answers (10-600 s), ``headroom >= 1``, ``slice_factor`` in
+1-64, ``0 <= min_saving < 1``, a known backend, counts that parse,
 every pool named once with a known kind, an engine command with ``{port}`` for every
 local pool and none for another, no HTTP port beyond loopback without a token unless
 ``--insecure-no-auth``). Whether the profiles exist and name exactly the pools' types is
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from control.placement.types import MAX_SLICE_FACTOR
 from shoal.config import is_loopback, setting
 from shoal.errors import ConfigError
 
@@ -42,6 +44,10 @@ __all__ = [
 ]
 
 BACKENDS = ("highs", "greedy", "cbc")
+# the router's request-size ring (router/sizes.py SLOT_S, MAX_WINDOW_S): it refuses other
+# windows with a 400, which would leave every round without sizes
+MIN_WINDOW_S = 10.0
+MAX_WINDOW_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +80,15 @@ class PlacementSettings:
     pool_interval_s: float = setting(
         2.0, "seconds between pool checks (ready engines published, dead ones replaced)"
     )
-    window_s: float = setting(300.0, "seconds of request sizes each round plans for")
+    window_s: float = setting(
+        300.0, "seconds of request sizes each round plans for (10 to 600: what the router keeps)"
+    )
     headroom: float = setting(
         1.1, "the window's request rate is multiplied by this before solving (>= 1)"
     )
-    slice_factor: int = setting(4, "each cell's rate is split into this many assignable slices")
+    slice_factor: int = setting(
+        4, "each cell's rate is split into this many assignable slices (1 to 64)"
+    )
     backend: str = setting("highs", "solver: highs, greedy, or cbc (tests and benchmarks)")
     time_limit_s: float = setting(10.0, "the solver's time limit per round")
     min_replicas: str = setting("", "fewest replicas per GPU type: TYPE=N,... (absent: 0)")
@@ -138,8 +148,15 @@ class PlacementSettings:
             )
         if not 0 <= self.min_saving < 1:
             raise ConfigError(f"--min-saving is a fraction in [0, 1), got {self.min_saving}")
-        if self.slice_factor < 1:
-            raise ConfigError(f"--slice-factor must be >= 1, got {self.slice_factor}")
+        if not 1 <= self.slice_factor <= MAX_SLICE_FACTOR:
+            raise ConfigError(
+                f"--slice-factor must be between 1 and {MAX_SLICE_FACTOR}, got {self.slice_factor}"
+            )
+        if not MIN_WINDOW_S <= self.window_s <= MAX_WINDOW_S:
+            raise ConfigError(
+                f"--window-s must be between {MIN_WINDOW_S:g} and {MAX_WINDOW_S:g} seconds "
+                f"(the router's GET /v1/request_sizes answers only those), got {self.window_s:g}"
+            )
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
         parse_counts(self.min_replicas, "--min-replicas")

@@ -10,6 +10,9 @@
         SolverError           the solver library failed or is missing (the greedy fallback
                               answers instead where it can; the plan says so)
         ProfilerError         the profiler could not measure (endpoint down, every rate fails)
+        SizesUnavailable      the router's request sizes could not be read (down, refused,
+                              a malformed or oversized answer)
+        WrongModel            a wake for a model the planner does not plan for
 
 Foreign errors (``highspy`` status codes, ``aiohttp.ClientError``, ``OSError``) are
 translated once, in the module that calls the foreign library.
@@ -19,7 +22,15 @@ from __future__ import annotations
 
 from shoal.errors import ConfigError, ShoalError
 
-__all__ = ["Infeasible", "PlacementError", "ProfileFormatError", "ProfilerError", "SolverError"]
+__all__ = [
+    "Infeasible",
+    "PlacementError",
+    "ProfileFormatError",
+    "ProfilerError",
+    "SizesUnavailable",
+    "SolverError",
+    "WrongModel",
+]
 
 
 class PlacementError(ShoalError):
@@ -44,3 +55,11 @@ class SolverError(PlacementError):
 
 class ProfilerError(PlacementError):
     """The profiler could not measure the endpoint."""
+
+
+class SizesUnavailable(PlacementError):
+    """The router's request sizes could not be read (down, refused, a malformed answer)."""
+
+
+class WrongModel(PlacementError):
+    """A wake for a model other than ``--model``: answered 404, nothing scaled."""

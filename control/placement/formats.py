@@ -297,8 +297,11 @@ def count_requests(
 
 
 def plan_to_json(plan: Plan, out_ticks: Sequence[int], in_ticks: Sequence[int]) -> dict[str, Any]:
-    """``Plan.to_json()`` plus each GPU type's share of every cell and the ticks."""
+    """``Plan.to_json()`` plus each GPU type's share of every cell, the ticks, and the
+    cells left unserved (``unserved`` [[out_tick, in_tick]], ``unserved_share``)."""
     out = plan.to_json()
+    out["unserved"] = [list(cell) for cell in plan.unserved]
+    out["unserved_share"] = plan.unserved_share
     out["assignment"] = {
         gpu: [list(row) for row in shares] for gpu, shares in sorted(plan.assignment.items())
     }

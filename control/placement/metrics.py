@@ -3,8 +3,8 @@
 ::
 
     shoal_placement_solve_seconds               histogram  one solve (the round's optimum)
-    shoal_placement_solves_total{status}        counter    optimal, time_limit, greedy, empty,
-                                                           infeasible, error
+    shoal_placement_solves_total{status}        counter    optimal, time_limit, greedy, capped,
+                                                           empty, infeasible, error
     shoal_placement_errors_total{stage}         counter    fetch (the router's request sizes),
                                                            solve, state, scale (a pool)
     shoal_placement_plan_cost                   gauge      the plan in force, per hour
@@ -14,6 +14,10 @@
     shoal_placement_ready_replicas{gpu_type}    gauge      ready in each pool at the last round
     shoal_placement_workload_rate               gauge      requests/s planned for (headroom in)
     shoal_placement_window_requests             gauge      requests in the last window
+    shoal_placement_unserved_share              gauge      share of the window's requests in
+                                                           cells no GPU type serves (left out)
+    shoal_placement_wakes_total{result}         counter    POST /v1/wake: scaled, already,
+                                                           wrong-model, failed
 
 A registry per instance (not the global one) so tests can run several planners in one
 process without duplicate-metric errors, as ``control.autoscale.metrics``.
@@ -30,7 +34,8 @@ from control.placement.types import Plan
 
 __all__ = ["SOLVE_STATUSES", "PlacementMetrics"]
 
-SOLVE_STATUSES = ("optimal", "time_limit", "greedy", "empty", "infeasible", "error")
+SOLVE_STATUSES = ("optimal", "time_limit", "greedy", "capped", "empty", "infeasible", "error")
+WAKE_RESULTS = ("scaled", "already", "wrong-model", "failed")
 ERROR_STAGES = ("fetch", "solve", "state", "scale")
 
 
@@ -69,6 +74,16 @@ class PlacementMetrics:
         self.window_requests = Gauge(
             "shoal_placement_window_requests", "Requests in the last window.", registry=r
         )
+        self.unserved_share = Gauge(
+            "shoal_placement_unserved_share",
+            "Share of the window's requests in cells no GPU type serves.",
+            registry=r,
+        )
+        self.wakes = Counter(
+            "shoal_placement_wakes", "POST /v1/wake by result.", ["result"], registry=r
+        )
+        for result in WAKE_RESULTS:
+            self.wakes.labels(result=result)
         for status in SOLVE_STATUSES:
             self.solves.labels(status=status)
         for stage in ERROR_STAGES:

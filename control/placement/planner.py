@@ -4,12 +4,14 @@ One planning round (every ``interval_s``)::
 
     sizes    = await source.fetch()          # GET router /v1/request_sizes?model=M&window_s=W
     workload = workload_from(sizes, ticks)   # rebinned onto the profiles' ticks, rate x headroom
-    optimum  = solve(profiles, workload, limits)        # in a thread: the loop keeps serving
+    workload = without_cells(workload, unservable_cells(profiles, workload))  # Plan.unserved
+    optimum  = solve(profiles, workload, limits, best_effort=True)  # in a thread
     smoothed = smoother.smooth(now, optimum, fit)       # hysteresis, scale-down delay
     targets  = smoothed.targets              # replicas per GPU type
     await sync_pools()                       # Actuator.scale(targets[gpu]) of each type's pool
 
-and between rounds, every ``pool_interval_s``, ``sync_pools`` alone: each pool's
+(the router's answer and the workload made of it: sizes.py) and between rounds, every
+``pool_interval_s``, ``sync_pools`` alone: each pool's
 ``state()``, ``scale(target)`` where the pool's spec differs (an engine that died is
 replaced by the actuator itself), and the local pools' ready engines published with their
 ``gpu_type`` into one discovery file. Pools are synced more often than plans are made
@@ -22,18 +24,37 @@ Invariants:
   ``Infeasible`` workload and a pool that fails are each logged, counted
   (``shoal_placement_errors_total{stage}``, ``shoal_placement_solves_total{status}``) and
   the round keeps the last plan and the last targets (never scales down on a failure);
+* one cell no GPU type can serve never freezes the fleet: such cells are left out of the
+  workload before solving (``Plan.unserved``, ``/status`` ``unserved``,
+  ``shoal_placement_unserved_share``), and the rest is planned; when only the
+  availability caps are short the solver's best effort is a ``"capped"`` plan (every
+  capped type at its cap), so a surge above the caps scales up to them;
 * an empty window (no request finished in ``window_s``) plans the minimum replicas of each
   type without solving: scale to zero happens only where ``--min-replicas`` allows it, and
-  only after the scale-down delay;
+  only after the scale-down delay. From zero, no request can finish, so the window stays
+  empty: the way back is ``POST /v1/wake`` (the router's ``--autoscaler-url`` pointed at
+  the planner posts it when it holds a request): with nothing ready or starting in any
+  pool, the cheapest type that serves the smallest cell goes to ``max(1, its minimum)``
+  at once (``Planner.wake``), and stays for the scale-down delay like any adopted mix;
 * a (re)started planner seeds smoothing with the replicas the pools already run
   (``Smoother.seed``): its first plan is weighed against that fleet, and shrinks it only
   after the delay, so a restart during an empty router window does not scale a serving
-  fleet down at once;
+  fleet down at once. Until every pool has been read once, rounds plan nothing and set
+  no targets (status ``"unseeded"``): a pool whose read failed is never taken for empty;
 * the plan served (``GET /v1/plan``) is the one the targets were made from: when smoothing
   keeps the current mix it serves that mix's assignment, not the optimum the fleet does
   not run;
 * time, sleeping, the size source, the solver and the pools are injected, so unit tests
   run rounds on virtual time with a stand-in solver and memory pools.
+
+Rate: the router answers both the rate of finished requests (the shape's source) and
+the rate of arrivals (every request received, refused or held ones too); the workload's
+rate is ``max(finished, arrivals) x headroom`` with the shape of the finished requests, so
+an overloaded fleet (429s, held requests) plans for the demand, not for what it served.
+
+GPU type names are checked as the router's discovery checks ``gpu_type``
+(``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``): a profile named "NVIDIA A100 80GB" would publish
+engines the router refuses, so the planner refuses it at start.
 
 The discovery file: each local pool's ``LocalActuator`` runs without a file of its own;
 the planner writes the union of their ready endpoints, each with ``"gpu_type"``, into
@@ -51,18 +72,15 @@ is below the peaks within it and behind a rising load; 10% is a margin, not a fo
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
+import re
 import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
-
-import aiohttp
+from typing import Any
 
 from control.autoscale.actuators.base import Actuator
 from control.autoscale.actuators.local import write_discovery_entries
@@ -75,10 +93,19 @@ from control.placement.config import (
     parse_pools,
     split_list,
 )
-from control.placement.errors import Infeasible, PlacementError
+from control.placement.errors import Infeasible, PlacementError, SizesUnavailable, WrongModel
 from control.placement.metrics import SOLVE_STATUSES, PlacementMetrics
+from control.placement.problem import unservable_cells, without_cells
+from control.placement.sizes import (
+    RebinFn,
+    RequestSizes,
+    RouterSizes,
+    SizeSource,
+    parse_request_sizes,
+    workload_from,
+)
 from control.placement.smoothing import Smoothed, Smoother, mix_cost
-from control.placement.types import GpuProfile, Limits, Matrix, Plan, Workload
+from control.placement.types import GpuProfile, Limits, Plan, Workload
 from shoal.config import read_secret
 from shoal.errors import ConfigError
 
@@ -96,113 +123,9 @@ __all__ = [
 log = logging.getLogger("shoal." + __name__)
 
 SolveFn = Callable[..., Plan]  # solver.solve(profiles, workload, limits, *, time_limit_s, backend)
-RebinFn = Callable[..., Matrix]  # formats.rebin(counts, out_edges, in_edges, out_ticks, in_ticks)
 
 
-class SizesUnavailable(PlacementError):
-    """The router's request sizes could not be read (down, refused, a malformed answer)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RequestSizes:
-    """The router's ``GET /v1/request_sizes`` answer: finished requests of the window
-    counted per (completion tokens, prompt tokens) bin, ``counts[out][in]``."""
-
-    count: int
-    rate: float  # requests/s over span_s
-    span_s: float
-    out_edges: tuple[int, ...]
-    in_edges: tuple[int, ...]
-    counts: Matrix
-    window_s: float = 0.0
-    model: str | None = None
-
-
-def parse_request_sizes(data: Any) -> RequestSizes:
-    """The router's JSON as ``RequestSizes``; ``SizesUnavailable`` naming what is wrong."""
-    try:
-        sizes = RequestSizes(
-            count=int(data["count"]),
-            rate=float(data["rate"]),
-            span_s=float(data["span_s"]),
-            out_edges=tuple(int(e) for e in data["out_edges"]),
-            in_edges=tuple(int(e) for e in data["in_edges"]),
-            counts=tuple(tuple(float(c) for c in row) for row in data["counts"]),
-            window_s=float(data.get("window_s", 0.0)),
-            model=data.get("model"),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SizesUnavailable(f"request sizes: not the agreed shape ({exc!r})") from None
-    shape_ok = len(sizes.counts) == len(sizes.out_edges) and all(
-        len(row) == len(sizes.in_edges) for row in sizes.counts
-    )
-    if not shape_ok or not math.isfinite(sizes.rate) or sizes.rate < 0 or sizes.count < 0:
-        raise SizesUnavailable("request sizes: counts do not match the edges, or a bad rate")
-    return sizes
-
-
-def workload_from(
-    sizes: RequestSizes,
-    out_ticks: tuple[int, ...],
-    in_ticks: tuple[int, ...],
-    *,
-    headroom: float,
-    slice_factor: int,
-    rebin: RebinFn,
-) -> Workload:
-    """The window as a ``Workload`` on the profiles' ticks: shares of each cell, and the
-    window's rate times ``headroom``; rate 0 (and zero shares) for an empty window."""
-    counts = rebin(sizes.counts, sizes.out_edges, sizes.in_edges, out_ticks, in_ticks)
-    total = sum(sum(row) for row in counts)
-    if sizes.count == 0 or sizes.rate == 0 or total == 0:
-        zeros = tuple(tuple(0.0 for _ in in_ticks) for _ in out_ticks)
-        return Workload(0.0, zeros, out_ticks, in_ticks, slice_factor)
-    histogram = tuple(tuple(c / total for c in row) for row in counts)
-    return Workload(sizes.rate * headroom, histogram, out_ticks, in_ticks, slice_factor)
-
-
-class SizeSource(Protocol):
-    async def fetch(self) -> RequestSizes: ...
-
-    async def close(self) -> None: ...
-
-
-class RouterSizes:
-    """``GET {router_url}/v1/request_sizes?model=M&window_s=W`` through aiohttp."""
-
-    def __init__(
-        self, router_url: str, *, model: str = "", window_s: float = 300.0,
-        token: str | None = None, timeout_s: float = 5.0,
-    ) -> None:  # fmt: skip
-        self.url = router_url.rstrip("/") + "/v1/request_sizes"
-        self.params = {"window_s": f"{window_s:g}", **({"model": model} if model else {})}
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def fetch(self) -> RequestSizes:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
-        try:
-            async with self._session.get(
-                self.url, params=self.params, headers=self._headers
-            ) as reply:
-                body = await reply.read()
-                if reply.status != 200:
-                    raise SizesUnavailable(
-                        f"{self.url}: HTTP {reply.status}: {body[:200].decode(errors='replace')}"
-                    )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise SizesUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from None
-        try:
-            return parse_request_sizes(json.loads(body))
-        except ValueError:
-            raise SizesUnavailable(f"{self.url}: the answer is not JSON") from None
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+GPU_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # router/discovery.py's check
 
 
 class DiscoveryWriter:
@@ -243,7 +166,7 @@ class RoundRecord:
     """One planning round as ``/status`` shows it."""
 
     now_s: float
-    status: str  # the solve's status, "infeasible", "error", "no-sizes" or "empty"
+    status: str  # the solve's status, "infeasible", "error", "no-sizes", "empty", "unseeded"
     reason: str = ""  # smoothing's reason ("" when the round held)
     targets: Mapping[str, int] = field(default_factory=dict)
     optimum: Mapping[str, int] = field(default_factory=dict)
@@ -286,6 +209,13 @@ class Planner:
                     "same output and input lengths"
                 )
         gpus = tuple(p.gpu for p in profiles)
+        bad = [gpu for gpu in gpus if not GPU_TYPE.fullmatch(gpu)]
+        if bad:
+            raise ConfigError(
+                f"GPU type names {bad} are not what the router's discovery accepts as "
+                "gpu_type ([A-Za-z0-9][A-Za-z0-9._-]{0,63}): rename the profiles' 'gpu' "
+                "(e.g. 'A100-80GB')"
+            )
         if len(set(gpus)) != len(gpus):
             raise ConfigError(f"two profiles for one GPU type: {gpus}")
         if set(pools) != set(gpus):
@@ -329,6 +259,9 @@ class Planner:
         self.history: deque[RoundRecord] = deque(maxlen=history)
         self.errors: deque[dict[str, Any]] = deque(maxlen=history)
         self.last_workload: dict[str, float] = {}
+        self.unserved: tuple[tuple[int, int], ...] = ()  # the last round's, (out, in) ticks
+        self.unserved_share = 0.0
+        self.wake_gpu = self._wake_type()
 
     # -- one planning round --------------------------------------------------------------
 
@@ -337,11 +270,17 @@ class Planner:
         failures (the round holds the last plan)."""
         async with self._lock:
             now = self._clock()
+            record = None
             if self.smoother.mix is None:
                 await self._sync(now)  # no targets yet: reads the pools, scales nothing
-                if set(self.states) == set(self.pools):
+                unread = sorted(set(self.pools) - set(self.states))
+                if unread:  # never plan against a pool taken for empty
+                    error = f"pools not read yet: {', '.join(unread)}; no targets until they are"
+                    record = RoundRecord(now, "unseeded", error=error)
+                else:
                     self.smoother.seed(now, {g: s.spec for g, s in self.states.items()})
-            record = await self._plan(now)
+            if record is None:
+                record = await self._plan(now)
             await self._sync(now)
         self.history.append(record)
         self._log(record)
@@ -362,11 +301,17 @@ class Planner:
         except PlacementError as exc:
             self._error(now, "fetch", f"request sizes do not fit the profiles: {exc}")
             return RoundRecord(now, "no-sizes", error=str(exc))
+        cells = unservable_cells(self.profiles, workload)
+        workload, share = without_cells(workload, cells)
+        self.unserved = tuple((ticks[0][i], ticks[1][j]) for i, j in cells)
+        self.unserved_share = share
         summary = {"count": sizes.count, "window_rate": sizes.rate, "span_s": sizes.span_s,
-                   "rate": workload.rate}  # fmt: skip
+                   "arrival_rate": sizes.arrival_rate or 0.0, "rate": workload.rate,
+                   "unserved_share": share}  # fmt: skip
         self.last_workload = summary
         self.metrics.workload_rate.set(workload.rate)
         self.metrics.window_requests.set(sizes.count)
+        self.metrics.unserved_share.set(share)
         status, optimum, error = await asyncio.to_thread(self._optimum, workload)
         self.metrics.solves.labels(status=status).inc()
         if optimum is None:
@@ -375,6 +320,15 @@ class Planner:
         smoothed = await asyncio.to_thread(
             self.smoother.smooth, now, optimum, lambda mix: self._fit(workload, mix)
         )
+        if cells or optimum.unserved:  # the held mix's plan is fit's: say what is left out
+            smoothed = replace(
+                smoothed,
+                plan=replace(
+                    smoothed.plan,
+                    unserved=self.unserved + tuple(optimum.unserved),
+                    unserved_share=share + (1 - share) * optimum.unserved_share,
+                ),
+            )
         self.smoothed = smoothed
         if smoothed.plan != self.plan:
             self.plan, self.plan_created = smoothed.plan, self._wall_clock()
@@ -394,7 +348,7 @@ class Planner:
         try:
             plan = self._solve(
                 self.profiles, workload, self.limits,
-                time_limit_s=self.time_limit_s, backend=self.backend,
+                time_limit_s=self.time_limit_s, backend=self.backend, best_effort=True,
             )  # fmt: skip
         except Infeasible as exc:
             cells = f" (cells no type serves: {list(exc.buckets)})" if exc.buckets else ""
@@ -407,6 +361,60 @@ class Planner:
         self.metrics.solve_seconds.observe(plan.solve_s or time.perf_counter() - started)
         status = plan.status if plan.status in SOLVE_STATUSES else "optimal"
         return status, plan, ""
+
+    def _wake_type(self) -> str | None:
+        """The cheapest type (first in profile order on a tie) that serves the smallest
+        cell, else any cell, within a cap above 0; None when none can."""
+        caps = self.limits.available
+        able = [p for p in self.profiles if caps.get(p.gpu) != 0]
+        for serves in (
+            lambda p: p.tputs[0][0] > 0,
+            lambda p: any(t > 0 for row in p.tputs for t in row),
+        ):
+            fitting = [p for p in able if serves(p)]
+            if fitting:
+                return min(fitting, key=lambda p: p.cost).gpu
+        return None
+
+    async def wake(self, model: str = "") -> dict[str, int]:
+        """Scale from zero at once: with no replica ready or starting in any pool, the
+        wake type to ``max(1, its minimum)``; the target (or spec) of every type.
+        ``WrongModel`` for another model (with ``--model``); ``ActuatorError`` when a
+        pool cannot be read or scaled."""
+        if self.model and model and model != self.model:
+            self.metrics.wakes.labels(result="wrong-model").inc()
+            raise WrongModel(f"this planner plans model {self.model}, not {model}")
+        async with self._lock:
+            now = self._clock()
+            states: dict[str, ReplicaState] = {}
+            for gpu, pool in self.pools.items():
+                try:
+                    states[gpu] = await pool.state()
+                except ActuatorError as exc:
+                    self._error(now, "state", f"pool {gpu}: {exc}")
+                    self.metrics.wakes.labels(result="failed").inc()
+                    raise ActuatorError(f"wake: pool {gpu}: {exc}") from exc
+            self.states.update(states)
+            current = {g: s.spec for g, s in states.items()}
+            waking = self.wake_gpu
+            busy = any(s.ready + s.pending > 0 for s in states.values())
+            if busy or waking is None or current[waking] >= self._wake_floor(waking):
+                self.metrics.wakes.labels(result="already").inc()
+                return {**current, **(self.targets or {})}
+            gpu, want = waking, self._wake_floor(waking)
+            if self.smoother.mix is None:
+                self.smoother.seed(now, current)
+            self.smoother.wake(now, gpu, want)
+            self.targets = {**(self.targets or {}), gpu: want}
+            log.info("wake for %s: %s from zero to %d", model or "the model", gpu, want)
+            await self._sync(now)
+            self.metrics.wakes.labels(result="scaled").inc()
+            return {**current, **self.targets}
+
+    def _wake_floor(self, gpu: str) -> int:
+        n = max(1, self.limits.min_replicas.get(gpu, 0))
+        cap = self.limits.available.get(gpu)
+        return n if cap is None else min(n, cap)
 
     def _floor(self, gpu: str) -> int:
         low = self.limits.min_replicas.get(gpu, 0)
@@ -518,6 +526,11 @@ class Planner:
             "reason": None if smoothed is None else smoothed.reason,
             "delayed": [] if smoothed is None else list(smoothed.delayed),
             "workload": self.last_workload,
+            "unserved": {
+                "cells": [list(cell) for cell in self.unserved],
+                "share": self.unserved_share,
+            },
+            "wake_gpu": self.wake_gpu,
             "pools": {
                 gpu: {
                     "target": None if self.targets is None else self.targets.get(gpu),

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from control.placement.errors import Infeasible, ProfileFormatError
 from control.placement.types import GpuProfile, Limits, Matrix, Workload
 
-__all__ = ["LOAD_TOLERANCE", "Problem", "replicas_for"]
+__all__ = ["LOAD_TOLERANCE", "Problem", "replicas_for", "unservable_cells", "without_cells"]
 
 LOAD_TOLERANCE = 1e-6  # of one replica: what a type's load may exceed its replicas by
 
@@ -32,6 +32,40 @@ LOAD_TOLERANCE = 1e-6  # of one replica: what a type's load may exceed its repli
 def replicas_for(load: float, low: int = 0) -> int:
     """Replicas a type needs to carry ``load`` (and at least ``low``)."""
     return max(low, math.ceil(load - LOAD_TOLERANCE))
+
+
+def unservable_cells(
+    profiles: Sequence[GpuProfile], workload: Workload, limits: Limits | None = None
+) -> tuple[tuple[int, int], ...]:
+    """``(i, j)`` of the cells with traffic that no GPU type can serve: none has a rate
+    there, or (with ``limits``) every type that has one is capped at 0 replicas."""
+    if workload.rate <= 0:
+        return ()
+    caps = {} if limits is None else limits.available
+    able = [p for p in profiles if caps.get(p.gpu) != 0]
+    return tuple(
+        (i, j)
+        for i, row in enumerate(workload.histogram)
+        for j, share in enumerate(row)
+        if share > 0 and all(p.tputs[i][j] <= 0 for p in able)
+    )
+
+
+def without_cells(workload: Workload, cells: Sequence[tuple[int, int]]) -> tuple[Workload, float]:
+    """``workload`` without the traffic of ``cells`` (their share of the rate removed,
+    the other cells' rates unchanged), and the share of requests removed."""
+    if not cells:
+        return workload, 0.0
+    total = sum(sum(row) for row in workload.histogram)
+    drop = set(cells)
+    histogram = tuple(
+        tuple(0.0 if (i, j) in drop else share for j, share in enumerate(row))
+        for i, row in enumerate(workload.histogram)
+    )
+    kept = sum(sum(row) for row in histogram)
+    removed = 1.0 - kept / total if total > 0 else 0.0
+    rate = workload.rate * kept / total if total > 0 else 0.0
+    return replace(workload, rate=rate, histogram=histogram), removed
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,24 +9,36 @@
     GET /status    {"plan", "mix", "reason", "workload", "pools": {TYPE: {target, spec,
                    ready, pending}}, "rounds": [...], "errors": [...]}
     GET /metrics   shoal_placement_* (Prometheus text)
+    POST /v1/wake  {"model": "M"} -> 202 {"targets": {TYPE: n}}: with no replica ready or
+                   starting in any pool, the cheapest type serving the smallest cell goes
+                   to max(1, its minimum) at once (``Planner.wake``); 404 {"error"} for
+                   another model (with --model; nothing scaled); 503 when a pool cannot
+                   be read or scaled; 400 for a body that is not UTF-8 JSON; 413 over
+                   64 KiB. The autoscaler's wake, so the router's ``--autoscaler-url``
+                   can point at the planner: from zero replicas no request finishes, the
+                   request-size window stays empty, and without a wake nothing would
+                   ever scale the fleet up again.
 
 The router's placement-aware ``slo`` strategy (``--placement-url``) polls ``/v1/plan``.
 Listens on loopback by default. The authentication is the autoscaler's, reused, not
 copied (``control.autoscale.server._require_token``): with a token (``--auth-token-file``)
 every route but ``/metrics`` needs ``Authorization: Bearer TOKEN`` (401 otherwise,
 compared in constant time); beyond loopback a token is required unless
-``--insecure-no-auth`` (``PlacementSettings``). The plan is not secret the way a wake is
-dangerous, but it tells anyone who reads it the fleet's shape and traffic mix.
+``--insecure-no-auth`` (``PlacementSettings``). A wake starts engines, and the plan tells
+anyone who reads it the fleet's shape and traffic mix: neither is for the open network.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from control.autoscale.server import _require_token
+from control.autoscale.errors import ActuatorError
+from control.autoscale.server import MAX_BODY_BYTES, _require_token
+from control.placement.errors import WrongModel
 from control.placement.planner import Planner
 from shoal.errors import ConfigError
 
@@ -50,17 +62,40 @@ async def _status(request: web.Request) -> web.Response:
     return web.json_response(request.app[_PLANNER].status())
 
 
+async def _wake(request: web.Request) -> web.Response:
+    model = ""
+    if request.can_read_body:
+        try:
+            body = json.loads((await request.read()).decode() or "{}")
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+            return web.json_response({"error": 'body must be JSON: {"model": ...}'}, status=400)
+        if isinstance(body, dict):
+            model = str(body.get("model", ""))
+    try:
+        targets = await request.app[_PLANNER].wake(model)
+    except WrongModel as exc:
+        log.debug("wake refused: %s", exc)
+        return web.json_response({"error": str(exc)}, status=404)
+    except ActuatorError as exc:
+        log.warning("wake failed: %s", exc)
+        return web.json_response({"error": str(exc)}, status=503)
+    return web.json_response({"targets": targets}, status=202)
+
+
 async def _metrics(request: web.Request) -> web.Response:
     body = request.app[_PLANNER].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def make_app(planner: Planner, token: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[_require_token(token)] if token else [])
+    app = web.Application(
+        middlewares=[_require_token(token)] if token else [], client_max_size=MAX_BODY_BYTES
+    )
     app[_PLANNER] = planner
     app.router.add_get("/v1/plan", _plan)
     app.router.add_get("/status", _status)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_post("/v1/wake", _wake)
     return app
 
 
@@ -75,5 +110,7 @@ async def start_server(
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    log.info("placement endpoint on http://%s:%d (/v1/plan, /status, /metrics)", host, port)
+    log.info(
+        "placement endpoint on http://%s:%d (/v1/plan, /status, /metrics, /v1/wake)", host, port
+    )
     return runner

@@ -137,6 +137,14 @@ class Smoother:
         self.mix = self._full(running)
         self._adopted.append((now_s, dict(self.mix)))
 
+    def wake(self, now_s: float, gpu: str, n: int) -> None:
+        """A wake from zero: at least ``n`` of ``gpu`` joins the mix in force, adopted at
+        ``now_s``, so the following rounds (whose window is still empty: nothing could
+        finish) keep it for the scale-down delay instead of undoing it at once."""
+        assert self.mix is not None, "seed() before wake()"
+        self.mix = {**self.mix, gpu: max(self.mix.get(gpu, 0), n)}
+        self._adopted.append((now_s, dict(self.mix)))
+
     def _held_plan(self, fitted: Plan) -> Plan:
         assert self.mix is not None
         return replace(fitted, gpus=dict(self.mix), cost=mix_cost(self.mix, self.costs))

@@ -29,6 +29,17 @@ least its minimum), so a solver's slack never costs money; its ``assignment`` is
 type's share of each cell. Invariant: every returned plan serves the workload (each
 type's load <= its replicas + ``LOAD_TOLERANCE``) within the caps and minimums.
 
+Best effort (``solve(..., best_effort=True)``, what the live planner asks): cells no type
+can serve are left out (``Plan.unserved``) instead of failing the whole workload, and
+when only the availability caps are short the answer is a ``"capped"`` plan instead of
+``Infeasible``: every capped type at its cap, uncapped types sized for their part at the
+full rate, and the assignment of the largest fraction ``s`` of the rate the caps carry
+(bisection on ``s`` over the LP relaxation's feasibility, or the greedy's for the greedy
+backend, then the integer solve at ``s``, backing off 10% while the slices do not fit).
+Rejected: a max-served objective in the ILP itself (a second model to keep in step with
+the first for a case that means "buy more GPUs"); keeping the last plan (the reviewer's
+finding: a surge above the caps then never scales up to them).
+
 Deterministic: HiGHS with its fixed seed, cells and types in input order. ``mip_rel_gap``
 is 0: "optimal" means proven (the default 1e-4 could leave a cheaper plan unfound). The
 "cbc" backend solves the same model through PuLP's CBC; it exists for tests and the
@@ -45,12 +56,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from control.placement.errors import Infeasible, SolverError
 from control.placement.greedy import greedy_counts
-from control.placement.problem import Problem
+from control.placement.problem import Problem, replicas_for, unservable_cells, without_cells
 from control.placement.types import GpuProfile, Limits, Plan, Workload
 
 __all__ = [
@@ -172,15 +183,20 @@ def solve(
     *,
     time_limit_s: float = 10.0,
     backend: str = "highs",
+    best_effort: bool = False,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Plan:
     """The cheapest mix of ``profiles``' GPU types serving ``workload`` within ``limits``.
 
     Raises ProfileFormatError (inputs that do not fit together), Infeasible (``buckets``:
     cells no type serves; empty when the caps are too tight), SolverError (the solver
-    failed and the greedy found no plan either). ``clock`` times ``Plan.solve_s``."""
+    failed and the greedy found no plan either). With ``best_effort`` no Infeasible:
+    unservable cells go to ``Plan.unserved`` and short caps give a ``"capped"`` plan
+    (module docstring). ``clock`` times ``Plan.solve_s``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if best_effort:
+        return _best_effort(profiles, workload, limits, time_limit_s, backend, clock)
     started = clock()
     problem = Problem.build(profiles, workload, limits)
     if not problem.cells:
@@ -208,7 +224,11 @@ def solve(
         relaxed = solve_milp(milp, backend, remaining, relax=True)
         if relaxed.status == "infeasible":
             raise Infeasible(_caps_message(problem), buckets=())
-        lp_bound = None if relaxed.values is None else _objective(milp, relaxed.values)
+        # only a proven optimum of the relaxation bounds the ILP from below (a feasible
+        # LP point found before a time limit is an upper bound on the relaxation only)
+        lp_bound = None
+        if relaxed.status == "optimal" and relaxed.values is not None:
+            lp_bound = _objective(milp, relaxed.values)
         remaining = max(0.1, time_limit_s - (clock() - started))
         start = None if greedy is None else milp.start(greedy, problem)
         result = solve_milp(milp, backend, remaining, start=start)
@@ -229,6 +249,104 @@ def solve(
         return _plan(problem, greedy, "greedy", started, clock, lp_bound, greedy_cost, backend)
     counts = milp.counts(result.values, problem)
     return _plan(problem, counts, result.status, started, clock, lp_bound, greedy_cost, backend)
+
+
+def _best_effort(
+    profiles: Sequence[GpuProfile],
+    workload: Workload,
+    limits: Limits,
+    time_limit_s: float,
+    backend: str,
+    clock: Callable[[], float],
+) -> Plan:
+    started = clock()
+    cells = unservable_cells(profiles, workload, limits)
+    served, share = without_cells(workload, cells)
+    unserved = tuple((workload.out_ticks[i], workload.in_ticks[j]) for i, j in cells)
+    try:
+        plan = solve(
+            profiles, served, limits, time_limit_s=time_limit_s, backend=backend, clock=clock
+        )
+    except Infeasible:  # every cell left has a type: only the caps are short
+        plan = _capped(profiles, served, limits, time_limit_s, backend, clock, started)
+    except SolverError:
+        if backend != "greedy":  # HiGHS failed as well as the greedy: not the caps' doing
+            raise
+        plan = _capped(profiles, served, limits, time_limit_s, backend, clock, started)
+    return replace(plan, unserved=unserved, unserved_share=share)
+
+
+def _capped(
+    profiles: Sequence[GpuProfile],
+    workload: Workload,
+    limits: Limits,
+    time_limit_s: float,
+    backend: str,
+    clock: Callable[[], float],
+    started: float,
+) -> Plan:
+    """The ``"capped"`` plan of the module docstring."""
+    full = Problem.build(profiles, workload, limits)
+
+    def at(scale: float) -> Problem:
+        return Problem.build(profiles, replace(workload, rate=workload.rate * scale), limits)
+
+    def carried(scale: float) -> bool:
+        problem = at(scale)
+        if backend == "greedy":
+            return greedy_counts(problem) is not None
+        remaining = max(0.1, time_limit_s - (clock() - started))
+        try:
+            relaxed = solve_milp(build_milp(problem), backend, remaining, relax=True)
+        except ModuleNotFoundError:
+            return greedy_counts(problem) is not None
+        return relaxed.status != "infeasible"
+
+    low, high = 0.0, 1.0
+    for _ in range(20):  # to within 1e-6 of the largest fraction
+        middle = (low + high) / 2
+        low, high = (middle, high) if carried(middle) else (low, middle)
+    counts: list[list[int]] | None = None
+    scale = low
+    for _ in range(10):
+        if scale <= 0:
+            break
+        counts = _counts_at(at(scale), backend, max(0.1, time_limit_s - (clock() - started)))
+        if counts is not None:
+            break
+        scale *= 0.9
+    loads = full.type_loads(counts) if counts is not None else [0.0] * len(full.gpus)
+    replicas = [
+        high_g if high_g is not None else replicas_for(load, low_g)
+        for load, low_g, high_g in zip(loads, full.low, full.high, strict=True)
+    ]
+    logger.warning(
+        "the availability caps carry %.0f%% of the workload: running the caps", 100 * scale
+    )
+    return Plan(
+        gpus=dict(zip(full.gpus, replicas, strict=True)),
+        cost=full.cost(replicas),
+        status="capped",
+        solve_s=clock() - started,
+        assignment=full.assignment(counts) if counts is not None else {},
+        solver=backend,
+    )
+
+
+def _counts_at(problem: Problem, backend: str, time_limit_s: float) -> list[list[int]] | None:
+    """An integer assignment within the caps (None: none found)."""
+    greedy = greedy_counts(problem)
+    if backend == "greedy":
+        return greedy
+    milp = build_milp(problem)
+    start = None if greedy is None else milp.start(greedy, problem)
+    try:
+        result = solve_milp(milp, backend, time_limit_s, start=start)
+    except ModuleNotFoundError:
+        return greedy
+    if result.values is None:
+        return greedy
+    return milp.counts(result.values, problem)
 
 
 def solve_milp(

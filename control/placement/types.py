@@ -21,7 +21,11 @@ from typing import Any
 
 from control.placement.errors import ProfileFormatError
 
-__all__ = ["GpuProfile", "Limits", "Matrix", "Plan", "Slos", "Workload"]
+__all__ = ["MAX_SLICE_FACTOR", "GpuProfile", "Limits", "Matrix", "Plan", "Slos", "Workload"]
+
+MAX_SLICE_FACTOR = 64
+"""Slices per cell at most: the greedy walks every slice in Python before the
+time-limited solve, so an unbounded factor hangs a round (Mélange uses 1-8)."""
 
 Matrix = tuple[tuple[float, ...], ...]
 """``[out][in]`` on the ticks."""
@@ -89,8 +93,10 @@ class Workload:
     def __post_init__(self) -> None:
         if not math.isfinite(self.rate) or self.rate < 0:
             raise ProfileFormatError(f"workload rate must be finite and >= 0, got {self.rate}")
-        if self.slice_factor < 1:
-            raise ProfileFormatError(f"slice_factor must be >= 1, got {self.slice_factor}")
+        if not 1 <= self.slice_factor <= MAX_SLICE_FACTOR:
+            raise ProfileFormatError(
+                f"slice_factor must be between 1 and {MAX_SLICE_FACTOR}, got {self.slice_factor}"
+            )
         _check_ticks("workload output ticks", self.out_ticks)
         _check_ticks("workload input ticks", self.in_ticks)
         _check_matrix("workload histogram", self.histogram, self.out_ticks, self.in_ticks)
@@ -124,7 +130,15 @@ class Plan:
     ``status``: ``"optimal"`` (the solver proved it), ``"time_limit"`` (the solver's best
     integer answer when time ran out; ``lp_bound`` bounds how far from optimal),
     ``"greedy"`` (the solver failed or found nothing in time: the greedy answer),
-    ``"empty"`` (rate 0: nothing to run beyond the minimums).
+    ``"empty"`` (rate 0: nothing to run beyond the minimums), ``"capped"`` (best effort,
+    ``solve(..., best_effort=True)`` only: the availability caps cannot carry the
+    workload, so every capped type runs at its cap and the assignment is the plan for the
+    largest share of the rate the caps carry; the rest goes unserved).
+
+    ``unserved``: the (out_tick, in_tick) cells with traffic that no GPU type can serve
+    (no profile has a rate there, or only types capped at 0), left out of the plan
+    (best effort only; ``Infeasible`` otherwise); ``unserved_share``: their share of the
+    workload's requests.
     """
 
     gpus: Mapping[str, int]
@@ -135,6 +149,8 @@ class Plan:
     greedy_cost: float | None = None  # the greedy fallback's cost on the same problem
     assignment: Mapping[str, Matrix] = field(default_factory=dict)  # gpu -> share of each cell
     solver: str = "highs"
+    unserved: tuple[tuple[int, int], ...] = ()  # (out_tick, in_tick) cells left out
+    unserved_share: float = 0.0  # of the workload's requests, in those cells
 
     def to_json(self) -> dict[str, Any]:
         """The ``shoal placement solve --json`` object (assignment left out; see

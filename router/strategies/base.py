@@ -47,12 +47,17 @@ __all__ = [
     "no_plan",
     "parse_mix",
     "register",
+    "uncounted",
 ]
 
 
 def no_plan() -> PlacementPlan | None:
     """The placement plan of a router without ``--placement-url``: none."""
     return None
+
+
+def uncounted(outcome: str) -> None:
+    """Where placement outcomes go without metrics (tests, ``check_settings``): nowhere."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,9 @@ class StrategyDeps:
     rng: random.Random = field(default_factory=random.Random)
     clock: Callable[[], float] = time.monotonic
     placement: Callable[[], PlacementPlan | None] = no_plan
+    # each slo decision's placement outcome (router.metrics.PLACEMENT_OUTCOMES), as data
+    # going up: the proxy's metrics count them
+    count_placement: Callable[[str], None] = uncounted
     # tunables (RouterSettings fills them; tests pick their own)
     session_header: str = "x-session-id"
     max_in_flight_per_engine: int = 256  # an engine at this many is saturated

@@ -9,10 +9,24 @@ request consistently with it (``slo.py``). Here, pure and per request::
              the planner solved over; max_tokens stands for the output length, which is
              not known before the answer (a client's cap; it overestimates requests that
              stop early)
+    row      = i when the plan has traffic in cell (i, j), else the nearest output row with
+             traffic in column j, the lower one first at equal distance (i-1, i+1, i-2,
+             ...); no row with traffic in the column: the plan says nothing
     u        = xxh3_64(request_id) / 2**64, uniform in [0, 1) over request ids
     type     = the first GPU type, in name order, whose cumulative share of the cell
                (shares normalised by their sum) exceeds u; none when the cell's shares
                sum to 0 (the plan has no traffic there)
+
+Why the walk: the planner's histogram counts requests by their *actual* completion
+tokens, the router can only read ``max_tokens`` (a cap; chat without one defaults to 256),
+so a request's row is usually above the rows the plan has traffic in, and without the walk
+most requests would find an empty cell and the plan would silently not be followed. The
+lower row first because ``max_tokens`` overestimates. Rejected: the plan's conditional
+output distribution over the column (a pick weighted over rows): it sends a short request
+to the rows of long ones as often as their traffic, where the nearest lower row is the
+likelier true row of a request that asked for at most ``max_tokens``. Each decision's
+outcome (``plan``, ``nearest_row``, ``no_share``; the strategy adds ``fallback`` and
+``no_plan``) is counted: ``shoal_router_placement_decisions_total{outcome}``.
 
 Invariant: the pick is a function of the plan and the request id only, so every router
 replica (and a retry of the same request) agrees on it without shared state, and over
@@ -45,9 +59,21 @@ import xxhash
 from router.errors import BadPlan
 from router.types import PlacementPlan, RouteRequest
 
-__all__ = ["cell_of", "pick_gpu_type", "placed_gpu_type", "plan_from_json", "unit_hash"]
+__all__ = [
+    "MAX_GPU_TYPES",
+    "MAX_TICKS",
+    "cell_of",
+    "pick_gpu_type",
+    "place",
+    "placed_gpu_type",
+    "plan_from_json",
+    "traffic_row",
+    "unit_hash",
+]
 
 _SCALE = float(2**64)
+MAX_TICKS = 64  # per axis of a plan (the planner's profiles have ~12)
+MAX_GPU_TYPES = 64  # in a plan's assignment
 
 
 def _tick(ticks: Sequence[int], length: int) -> int:
@@ -84,18 +110,43 @@ def pick_gpu_type(plan: PlacementPlan, cell: tuple[int, int], u: float) -> str |
     return last  # u within rounding of 1
 
 
-def placed_gpu_type(plan: PlacementPlan, request: RouteRequest, prompt_tokens: int) -> str | None:
-    """The GPU type the plan gives ``request`` (None: the plan says nothing about it: made
-    for another model, or no traffic in its cell)."""
+def _has_traffic(plan: PlacementPlan, i: int, j: int) -> bool:
+    return any(shares[i][j] > 0 for shares in plan.shares.values())
+
+
+def traffic_row(plan: PlacementPlan, cell: tuple[int, int]) -> int | None:
+    """The row the request's shares are read from (module docstring); None when the
+    plan has no traffic in the cell's column."""
+    i, j = cell
+    for distance in range(len(plan.out_ticks)):
+        for row in (i - distance, i + distance) if distance else (i,):
+            if 0 <= row < len(plan.out_ticks) and _has_traffic(plan, row, j):
+                return row
+    return None
+
+
+def place(plan: PlacementPlan, request: RouteRequest, prompt_tokens: int) -> tuple[str | None, str]:
+    """(the GPU type the plan gives ``request`` or None, the outcome: ``"plan"`` from its
+    own cell, ``"nearest_row"`` from a row near it, ``"no_share"`` when the plan says
+    nothing: made for another model, or no traffic in the prompt's column)."""
     if plan.model and request.model and request.model != plan.model:
-        return None
-    cell = cell_of(plan, prompt_tokens, request.max_tokens)
-    return pick_gpu_type(plan, cell, unit_hash(request.request_id))
+        return None, "no_share"
+    i, j = cell_of(plan, prompt_tokens, request.max_tokens)
+    row = traffic_row(plan, (i, j))
+    if row is None:
+        return None, "no_share"
+    gpu = pick_gpu_type(plan, (row, j), unit_hash(request.request_id))
+    return gpu, "plan" if row == i else "nearest_row"
+
+
+def placed_gpu_type(plan: PlacementPlan, request: RouteRequest, prompt_tokens: int) -> str | None:
+    """The GPU type the plan gives ``request`` (``place`` without the outcome)."""
+    return place(plan, request, prompt_tokens)[0]
 
 
 def _ticks(value: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not value:
-        raise BadPlan(f"plan: {name} must be a non-empty list of token counts")
+    if not isinstance(value, list) or not value or len(value) > MAX_TICKS:
+        raise BadPlan(f"plan: {name} must be a list of 1 to {MAX_TICKS} token counts")
     if not all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in value):
         raise BadPlan(f"plan: {name} must hold positive integers, got {value}")
     ticks = tuple(value)
@@ -133,6 +184,8 @@ def plan_from_json(document: Any) -> PlacementPlan:
     assignment = document.get("assignment")
     if not isinstance(assignment, Mapping):
         raise BadPlan("plan: 'assignment' must map GPU types to [out][in] shares")
+    if len(assignment) > MAX_GPU_TYPES:
+        raise BadPlan(f"plan: more than {MAX_GPU_TYPES} GPU types in 'assignment'")
     shares = {
         str(gpu): _matrix(matrix, str(gpu), len(out_ticks), len(in_ticks))
         for gpu, matrix in assignment.items()

@@ -23,15 +23,18 @@ answer is usually better than a 429 for interactive clients, and ``vtc`` or the 
 limits are where requests are turned away.
 
 With a placement plan (``--placement-url``, issue 14; ``StrategyDeps.placement``): the
-plan picks the request's GPU type (``placement.placed_gpu_type``: its cell from prompt
-tokens and ``max_tokens``, a weighted pick from the request id over the cell's shares),
+plan picks the request's GPU type (``placement.place``: its cell from prompt tokens and
+``max_tokens``, walked to the nearest row with traffic when the cell has none, a weighted
+pick from the request id over the cell's shares),
 and the candidates of that type (``EngineView.gpu_type``) that meet the targets cost
 their predicted TTFT while every other candidate is refused (reason ``"plan"``). When no
 candidate of that type meets them (none exists, none is healthy, all are predicted late
 or saturated), the decision above over all candidates stands (``"slo-met"`` /
 ``"slo-missed"``), so a plan never makes a request later than the plan-less strategy
-would, and a request whose model the plan was not made for, a cell without traffic, no
-plan or a stale one leave the strategy as it was. Rejected: re-picking among the types
+would, and a request whose model the plan was not made for, a column without traffic, no
+plan or a stale one leave the strategy as it was. Every decision's outcome goes to
+``StrategyDeps.count_placement`` (plan, nearest_row, fallback, no_share, no_plan), so a
+plan that is not being followed shows in the router's metrics. Rejected: re-picking among the types
 present when the picked type has no engine (the plan's shares are per type; moving a
 missing type's share to another type silently is what the fallback already does, on
 predicted latency rather than on shares).
@@ -47,7 +50,7 @@ import math
 from collections.abc import Sequence
 
 from router.strategies.base import Strategy, StrategyDeps, register
-from router.strategies.placement import placed_gpu_type
+from router.strategies.placement import place
 from router.strategies.signals import expected_ttft, prompt_tokens, refuse_saturated
 from router.types import EnginePrefix, EngineView, PrefixView, RouteRequest
 
@@ -105,7 +108,7 @@ class SloAware(Strategy):
         self._met = any(b <= 1.0 for b in badness)
         self._planned = False
         plan = self.deps.placement()
-        gpu_type = None if plan is None else placed_gpu_type(plan, request, tokens)
+        gpu_type, outcome = (None, "no_plan") if plan is None else place(plan, request, tokens)
         if gpu_type is not None:
             planned = [
                 t if b <= 1.0 and e.gpu_type == gpu_type else math.inf
@@ -113,7 +116,10 @@ class SloAware(Strategy):
             ]
             if any(math.isfinite(c) for c in planned):
                 self._planned = True
+                self.deps.count_placement(outcome)
                 return planned
+            outcome = "fallback"
+        self.deps.count_placement(outcome)
         if self._met:
             costs = [t if b <= 1.0 else math.inf for t, b in zip(ttfts, badness, strict=True)]
         else:

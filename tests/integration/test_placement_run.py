@@ -285,6 +285,16 @@ def test_a_dry_run_serves_a_plan_behind_a_token_and_starts_nothing(tmp_path: Pat
         assert status["dry_run"] is True
         assert status["pools"]["A10G"] == {"target": 0, "spec": 0, "ready": 0, "pending": 0}
         assert fetch(port, "/metrics")[0] == 200  # open for Prometheus
+        wake = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/wake", data=b'{"model": "m"}', method="POST"
+        )
+        try:
+            urllib.request.urlopen(wake, timeout=5).close()
+            code = 202
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+            exc.close()
+        assert code == 401  # a wake starts engines: the token rule holds for it too
 
 
 def test_listening_beyond_loopback_needs_a_token_or_an_explicit_flag(tmp_path: Path) -> None:
@@ -294,3 +304,56 @@ def test_listening_beyond_loopback_needs_a_token_or_an_explicit_flag(tmp_path: P
     )  # fmt: skip
     assert done.returncode == 2
     assert "--auth-token-file" in done.stderr
+
+
+def test_a_held_request_wakes_the_planner_and_an_engine_starts_from_zero(tmp_path: Path) -> None:
+    """Review finding 2: at zero replicas no request finishes and the window stays empty;
+    the router (``--autoscaler-url`` = the planner) holds the request and posts a wake,
+    the planner starts the cheapest type serving the smallest cell, the request goes on."""
+    small, big = tmp_path / "a10g.json", tmp_path / "a100.json"
+    small.write_text(json.dumps(profile("A10G", 1.0, [[3.0], [0.0]])))
+    big.write_text(json.dumps(profile("A100", 4.0, [[6.0], [4.0]])))
+    engine = f"{sys.executable} -m shoal sim engine --port {{port}} --time-scale 20"
+    discovery = tmp_path / "engines.json"
+    discovery.write_text("[]")
+    port = free_port()
+    log = tmp_path / "placement.log"
+    with running_router(
+        free_port(), wait_healthy=False, discovery="file", discovery_file=discovery,
+        discovery_interval_s=0.25, health_interval_s=0.25, models_interval_s=0.5,
+        strategy="least-request", autoscaler_url=f"http://127.0.0.1:{port}",
+    ) as router, planner(
+        [
+            "--router-url", router.url, "--model", "sim-7b",
+            "--profile", str(small), "--profile", str(big),
+            "--pool", "A10G=local", "--pool", "A100=local",
+            "--pool-engine-command", f"A10G={engine}", "--pool-engine-command", f"A100={engine}",
+            "--discovery-file", str(discovery), "--interval-s", "0.5",
+            "--pool-interval-s", "0.25", "--window-s", "20", "--drain-s", "0.5",
+            "--engine-stop-grace-s", "5", "--engine-ready-timeout-s", "30",
+        ],
+        port,
+        log,
+    ):  # fmt: skip
+        deadline = time.monotonic() + 20
+        while fetch(port, "/v1/plan")[0] == 404:  # the first round: empty, zero engines
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert fetch(port, "/v1/plan")[1]["gpus"] == {"A100": 0, "A10G": 0}
+        assert listed(discovery) == []
+        body = {"model": "sim-7b", "prompt": "hello from zero", "max_tokens": 4}
+        code, _, answer = router.request("POST", "/v1/completions", body, timeout=60.0)
+        assert code == 200, (answer, router.log()[-3000:], log.read_text()[-3000:])
+        assert [e["gpu_type"] for e in listed(discovery)] == ["A10G"]
+        metrics = fetch(port, "/metrics")[1]
+        assert 'shoal_placement_wakes_total{result="scaled"} 1.0' in metrics
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/wake", data=b'{"model": "another"}', method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                code = reply.status
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+            exc.close()
+        assert code == 404  # --model sim-7b: another model's wake scales nothing

@@ -20,7 +20,7 @@ from aiohttp import web
 from router.server import RouterProcess, running_router
 from sim.process import SimEngineProcess, running_sim_engine
 from tests.integration.conftest import free_port, wait_until
-from tests.integration.test_router_hold import MODEL
+from tests.integration.test_router_hold import MODEL, metric
 
 TOKEN = "planner-token"
 # cells [out][in] on out ticks (64, 1024) and in ticks (128, 4096): (0, 0) = max_tokens
@@ -134,6 +134,8 @@ def test_a_cells_requests_all_land_on_the_gpu_type_the_plan_gives_it(tmp_path: P
             long = [complete(router, 50, 200) for _ in range(10)]  # cell (1, 0)
             assert large == long == [a.url] * 10
             assert (finished(a) - before[0], finished(b) - before[1]) == (20, 20)
+            outcomes = "shoal_router_placement_decisions_total"
+            assert metric(router, outcomes, outcome="plan") == 40
 
             plans.stop()  # the planner goes away: no plan after the next (failed) poll
             assert wait_until(lambda: not placement(router)["plan"], timeout=10)
@@ -141,3 +143,4 @@ def test_a_cells_requests_all_land_on_the_gpu_type_the_plan_gives_it(tmp_path: P
             served = [complete(router, 50, 16) for _ in range(10)]
             assert set(served) <= {a.url, b.url} and len(served) == 10
             assert "no placement plan from" in router.log()
+            assert metric(router, outcomes, outcome="no_plan") >= 10

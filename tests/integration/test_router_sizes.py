@@ -57,13 +57,22 @@ def test_finished_requests_land_in_the_cells_of_their_prompt_and_completion_toke
         assert status == 200, document
         assert (document["model"], document["window_s"], document["count"]) == (MODEL, 60.0, 4)
         assert cells(document) == expected
-        assert 0 < document["span_s"] <= 60 and document["rate"] == pytest.approx(
-            4 / document["span_s"], rel=0.01)  # span_s is rounded to ms  # fmt: skip
+        # the rates' span has a floor of one 10 s slot; span_s is rounded to ms
+        rate = 4 / max(document["span_s"], 10.0)
+        assert 0 < document["span_s"] <= 60 and document["rate"] == pytest.approx(rate, rel=0.01)
+        assert (document["arrivals"], document["arrival_rate"]) == (4, document["rate"])
         assert document["out_edges"] == document["in_edges"] == [2**k for k in range(4, 16)]
         status, everything = sizes(router, "")  # every model, the default window
         assert (status, everything["model"], everything["window_s"]) == (200, None, 300.0)
         assert cells(everything) == expected
         assert sizes(router, "?model=another")[1]["count"] == 0
+        # a request no engine can serve is refused: an arrival, not a finished request
+        status, _, _ = router.request(
+            "POST", "/v1/completions", {"model": "another", "prompt": "x", "max_tokens": 1}
+        )
+        assert status != 200
+        refused = sizes(router, "?model=another")[1]
+        assert (refused["count"], refused["arrivals"]) == (0, 1)
 
         assert metric(router, "shoal_router_request_prompt_tokens_count", model=MODEL) == 4
         assert metric(router, "shoal_router_request_completion_tokens_sum", model=MODEL) == 155

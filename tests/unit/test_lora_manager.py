@@ -225,3 +225,19 @@ def test_concurrent_wakes_share_one_load(tmp_path: Path) -> None:
     assert asyncio.run(both()) == [[A], [A]]
     assert [c for c in fleet.api.calls if c[0] == "load"] == [("load", A, "x")]
     assert fleet.manager.metrics.wakes.labels(result="loaded")._value.get() == 2
+
+
+def test_wakes_count_as_traffic_averaged_over_the_rate_window(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, urls=(A,), rate_window_s=20.0)
+    fleet.round()  # t = 1005: the first round (wakes counted from one interval before)
+    for _ in range(4):
+        asyncio.run(fleet.manager.wake("x"))
+    fleet.round()  # t = 1010: 4 wakes over the window so far, 1000 .. 1010
+    assert fleet.manager.rates == {"x": 0.4}
+    fleet.round()
+    fleet.round()  # t = 1020: the window is 1000 .. 1020
+    assert fleet.manager.rates == {"x": 0.2}
+    fleet.round()  # t = 1025: 1005 .. 1025, the wakes still inside
+    assert fleet.manager.rates == {"x": 0.2}
+    fleet.round()  # t = 1030: 1010 .. 1030, they left: no traffic
+    assert fleet.manager.rates == {}

@@ -8,7 +8,7 @@ import pytest
 from control.lora.config import LoraSettings
 from control.lora.engines import EngineModels, parse_max_loras, parse_models
 from control.lora.errors import LoadRejected
-from control.lora.traffic import parse_arrivals, rates_between
+from control.lora.traffic import parse_arrivals
 from shoal.errors import ConfigError
 
 
@@ -46,12 +46,6 @@ class TestArrivals:
     def test_counts_per_model(self) -> None:
         assert parse_arrivals(self.TEXT) == {"sql": 30.0, "chat": 4.0}
 
-    def test_rates_are_deltas_over_time_and_a_reset_gives_none(self) -> None:
-        before = {"sql": 10.0, "chat": 9.0}
-        after = {"sql": 30.0, "chat": 4.0, "new": 5.0}
-        assert rates_between(before, after, 4.0) == {"sql": 5.0}
-        assert rates_between(before, after, 0.0) == {}
-
 
 class TestSettings:
     def test_beyond_loopback_needs_a_token(self) -> None:
@@ -63,7 +57,8 @@ class TestSettings:
     @pytest.mark.parametrize(
         ("field", "value", "message"),
         [("interval_s", 0.0, "--interval-s"), ("hysteresis", 1.0, "--hysteresis"),
-         ("budget", -1, "--budget"), ("max_concurrency", 0, "--max-concurrency")],
+         ("budget", -1, "--budget"), ("max_concurrency", 0, "--max-concurrency"),
+         ("balance", -0.1, "--balance"), ("rate_window_s", 0.0, "--rate-window-s")],
     )  # fmt: skip
     def test_bad_values(self, field: str, value: float, message: str) -> None:
         with pytest.raises(ConfigError, match=message):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control.lora.placement import choose_wake, is_active, place, priority
+from control.lora.placement import choose_wake, is_active, per_copy_rate, place, priority
 from control.lora.types import EngineState, Move, PlacementInput, Usage
 
 A, B, C = "http://a:8000", "http://b:8000", "http://c:8000"
@@ -24,7 +25,8 @@ def engine(url: str, budget: int = 2, loaded: Iterable[str] = (), *, assigned: I
 
 def inp(engines: Iterable[EngineState], usage: Mapping[str, tuple[float, float | None]],
         *, adapters: Iterable[str] | None = None, now: float = 1000.0, idle: float = 600.0,
-        replica_rate: float = 10.0, hysteresis: float = 0.2) -> PlacementInput:  # fmt: skip
+        replica_rate: float = 10.0, hysteresis: float = 0.2, balance: float = 0.5,
+        rate_resolution: float = 0.0) -> PlacementInput:  # fmt: skip
     names = list(adapters) if adapters is not None else list(usage)
     return PlacementInput(
         engines=tuple(engines),
@@ -34,6 +36,8 @@ def inp(engines: Iterable[EngineState], usage: Mapping[str, tuple[float, float |
         idle_unload_s=idle,
         replica_rate=replica_rate,
         hysteresis=hysteresis,
+        balance=balance,
+        rate_resolution=rate_resolution,
     )
 
 
@@ -123,9 +127,10 @@ class TestReplication:
         engines = [engine(A, budget=3), engine(B, budget=3), engine(C, budget=3)]
         result = place(inp(engines, {"hot": (25, 1000), "warm": (12, 1000), "cold": (1, 1000)}))
         assert result.replicas == {"hot": 3, "warm": 2, "cold": 1}
-        # first copies hot A, warm B, cold C; then hot's on C (1 req/s) and B; warm's on A
-        # (8.3 req/s of hot, against C's 9.3): 14.3, 14.3, 9.3 req/s per engine
-        assert result.desired == {A: {"hot", "warm"}, B: {"hot", "warm"}, C: {"hot", "cold"}}
+        # copies by rate per copy, each on the least loaded engine without one: hot A (25),
+        # hot B (12.5), warm C (12), hot C (8.3), warm A (6; A and B tie at 8.3 req/s, one
+        # adapter each: A by URL), cold B (1): 14.3, 9.3, 14.3 req/s per engine
+        assert result.desired == {A: {"hot", "warm"}, B: {"hot", "cold"}, C: {"hot", "warm"}}
 
     def test_copies_bounded_by_engines(self) -> None:
         result = place(inp([engine(A), engine(B)], {"hot": (100, 1000)}))
@@ -142,16 +147,103 @@ class TestReplication:
     def test_hysteresis_keeps_a_copy_until_rate_drops_past_the_margin(self) -> None:
         engines = [engine(A, loaded=["x"]), engine(B, loaded=["x"])]
         # 9 req/s would need one copy (10 per copy), but two stay while 9 > 8 (= 10 x 0.8)
-        kept = place(inp(engines, {"x": (9, 1000)}))
+        kept = place(inp(engines, {"x": (9, 1000)}, balance=0))
         assert kept.replicas == {"x": 2}
         assert kept.loads == kept.unloads == ()
-        shrunk = place(inp(engines, {"x": (7.9, 1000)}))
+        shrunk = place(inp(engines, {"x": (7.9, 1000)}, balance=0))
         assert shrunk.replicas == {"x": 1}
         assert shrunk.unloads == (Move(B, "x", "shrink"),)
 
     def test_no_hysteresis_on_the_way_up(self) -> None:
         result = place(inp([engine(A, loaded=["x"]), engine(B)], {"x": (10.5, 1000)}))
         assert result.loads == (load(B, "x", "replicate"),)
+
+
+class TestSlotHysteresis:
+    """One slot, held by ``held``; ``new`` asks for it (placement invariant 4)."""
+
+    def swap(self, held: float, new: float, hysteresis: float = 0.2,
+             rate_resolution: float = 0.0) -> bool:  # fmt: skip
+        engines = [engine(A, budget=1, loaded=["held"])]
+        usage = {"held": (held, 1000.0), "new": (new, 1000.0)}
+        result = place(inp(engines, usage, hysteresis=hysteresis,
+                           rate_resolution=rate_resolution))  # fmt: skip
+        if result.loads:
+            assert result.loads == (load(A, "new"),)
+            assert result.unloads == (Move(A, "held", "evict"),)
+            assert result.unplaced == ("held",)
+            return True
+        assert result.unloads == ()
+        assert result.unplaced == ("new",)
+        return False
+
+    def test_the_holder_keeps_its_slot_within_the_margin(self) -> None:
+        assert not self.swap(1.0, 1.2)  # 1.2 <= 1.0 / 0.8
+        assert self.swap(1.0, 1.3)
+        assert self.swap(1.0, 1.2, hysteresis=0.0)  # no margin: the hotter one
+
+    def test_a_tie_at_the_margin_keeps_the_holder(self) -> None:
+        assert not self.swap(1.0, 2.0, hysteresis=0.5)
+        assert self.swap(1.0, 2.01, hysteresis=0.5)
+
+    def test_a_challenger_must_also_beat_it_by_one_request_per_window(self) -> None:
+        # 5 s windows: 2 requests against 1 is noise; 3 against 1 is not (0.6 > 0.25 + 0.2)
+        assert self.swap(0.2, 0.4)
+        assert not self.swap(0.2, 0.4, rate_resolution=0.2)
+        assert self.swap(0.2, 0.6, rate_resolution=0.2)
+
+    def test_an_idle_holder_loses_to_any_traffic_beyond_the_resolution(self) -> None:
+        assert not self.swap(0.0, 0.2, rate_resolution=0.2)
+        assert self.swap(0.0, 0.25, rate_resolution=0.2)
+
+    def test_among_cold_holders_the_least_recently_used_loses(self) -> None:
+        engines = [engine(A, budget=2, loaded=["old", "recent"])]
+        usage = {"old": (0.5, 500.0), "recent": (0.5, 900.0), "new": (1.0, 1000)}
+        result = place(inp(engines, usage, hysteresis=0.2))
+        assert result.unloads == (Move(A, "old", "evict"),)
+        assert result.loads == (load(A, "new"),)
+
+
+class TestBalance:
+    @pytest.mark.parametrize(
+        ("total", "balance", "per_copy"),
+        [
+            (8.0, 0.5, 8.0),  # fair 2: 8 req/s of headroom per engine, under replica_rate
+            (24.0, 0.5, 4.0),  # fair 6: headroom 4 > 0.5 x 6
+            (40.0, 0.5, 5.0),  # fair 10 = replica_rate: half an engine's fair share
+            (60.0, 0.5, 7.5),  # fair 15: past capacity, within 1.5x of even
+            (200.0, 0.5, 10.0),  # never more than replica_rate
+            (40.0, 0.0, 10.0),  # off
+            (0.0, 0.5, 10.0),  # no traffic
+        ],
+    )
+    def test_per_copy_rate(self, total: float, balance: float, per_copy: float) -> None:
+        fleet = inp([engine(A)], {}, balance=balance)
+        assert per_copy_rate(fleet, total, 4) == per_copy
+
+    def test_hot_adapter_under_replica_rate_gets_a_copy_for_balance(self) -> None:
+        # 16 req/s on 2 engines (fair 8, per copy max(10 - 8, 0.5 x 8) = 4): hot (7) wants
+        # 2 copies; its 2nd (3.5/copy) outranks the only copy of e (1 x 1.25, held)
+        engines = [engine(A, budget=3, loaded=["hot", "a", "b"]),
+                   engine(B, budget=3, loaded=["c", "d", "e"])]  # fmt: skip
+        usage = {"hot": (7, 1000), "a": (3, 1000), "b": (3, 1000), "c": (1, 1000),
+                 "d": (1, 1000), "e": (1, 1000)}  # fmt: skip
+        result = place(inp(engines, usage))
+        assert result.replicas["hot"] == 2
+        assert result.loads == (load(B, "hot", "replicate"),)
+        assert result.unloads == (Move(B, "e", "evict"),)
+        assert result.unplaced == ("e",)
+        # A carried 13 req/s and B 3; now 9.5 and 5.5. Without the rule nothing moves
+        unbalanced = place(inp(engines, usage, balance=0))
+        assert unbalanced.loads == unbalanced.unloads == ()
+        assert unbalanced.replicas["hot"] == 1
+
+    def test_no_copy_for_balance_while_engines_have_headroom(self) -> None:
+        # 8 req/s on 2 engines: fair 4, headroom 6; hot (6) fits one copy exactly
+        result = place(inp([engine(A), engine(B)], {"hot": (6, 1000), "x": (2, 1000)}))
+        assert result.replicas == {"hot": 1, "x": 1}
+        hotter = place(inp([engine(A), engine(B)], {"hot": (6.5, 1000), "x": (1.5, 1000)}))
+        assert hotter.replicas == {"hot": 2, "x": 1}  # 6.5 > 6: a second copy
 
 
 class TestFewMoves:
@@ -253,7 +345,8 @@ def fleets(draw: st.DrawFn) -> PlacementInput:
             draw(st.sampled_from((None, 100.0, 700.0, 990.0))))
         for n in NAMES
     }  # fmt: skip
-    return inp(engines, usage)
+    balance = draw(st.sampled_from((0.0, 0.5)))
+    return inp(engines, usage, balance=balance, rate_resolution=draw(st.sampled_from((0.0, 0.2))))
 
 
 @settings(max_examples=300, deadline=None)
@@ -275,14 +368,17 @@ def test_invariants_over_random_fleets(fleet: PlacementInput) -> None:
     placed = {n for names in result.desired.values() for n in names}
     assert set(result.unplaced) == set(active) - placed
     if result.unplaced:  # only when every slot is taken, and by adapters no colder
-        assert rooms == 0
-        coldest_placed = max(
-            (priority(n, fleet.usage) for e in fleet.engines
-             for n in result.desired[e.url] - e.pinned),
-            default=None,
-        )  # fmt: skip
-        for n in result.unplaced:
-            assert coldest_placed is None or priority(n, fleet.usage) > coldest_placed
+        assert rooms == 0  # (than the slot hysteresis margin, for an incumbent)
+        keep = 1.0 / (1.0 - fleet.hysteresis)
+        for e in fleet.engines:
+            for p in result.desired[e.url] - e.pinned:
+                held = any(p in f.loaded | f.assigned and p not in f.pinned
+                           for f in fleet.engines)  # fmt: skip
+                margin, gap = (keep, fleet.rate_resolution) if held else (1.0, 0.0)
+                for n in result.unplaced:
+                    assert fleet.usage[n].rate <= fleet.usage[p].rate * margin + gap, (n, p)
+                    if not held and fleet.usage[n].rate == fleet.usage[p].rate:
+                        assert priority(n, fleet.usage) > priority(p, fleet.usage), (n, p)
     # applying the plan and placing again moves nothing (hysteresis, keep-first)
     applied = [
         EngineState(e.url, e.base_model, e.budget,
@@ -291,6 +387,5 @@ def test_invariants_over_random_fleets(fleet: PlacementInput) -> None:
                     result.desired[e.url], e.pinned)
         for e in fleet.engines
     ]  # fmt: skip
-    again = place(PlacementInput(tuple(applied), fleet.adapters, fleet.usage, fleet.now_s,
-                                 fleet.idle_unload_s, fleet.replica_rate, fleet.hysteresis))  # fmt: skip
+    again = place(replace(fleet, engines=tuple(applied)))
     assert again.loads == again.unloads == ()

@@ -253,4 +253,6 @@ def test_plan_to_json_adds_assignment_and_ticks() -> None:
         "status": "optimal",
         "assignment": {"A": [[0.75, 1.0]], "B": [[0.25, 0.0]]},
         "indexes": [[16], [16, 32]],
+        "unserved": [],
+        "unserved_share": 0.0,
     }

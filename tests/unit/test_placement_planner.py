@@ -43,9 +43,11 @@ def stand_in_solve(
     *,
     time_limit_s: float = 10.0,
     backend: str = "highs",
+    best_effort: bool = False,
 ) -> Plan:
     """Each cell to the type with the lowest cost per request/s that its cap allows;
-    replicas per type = ceil(load); Infeasible when a cell has no type left."""
+    replicas per type = ceil(load); Infeasible when a cell has no type left (no best
+    effort: the real solver's is tested in test_placement_solver.py)."""
     limits = limits or Limits()
     load = {p.gpu: 0.0 for p in profiles}
     assignment: dict[str, list[list[float]]] = {
@@ -317,13 +319,33 @@ def test_a_dry_run_plans_and_scales_nothing() -> None:
 
 def test_a_failing_pool_is_counted_and_the_others_still_scale() -> None:
     fleet = Fleet()
-    fleet.pools["A10G"].fail_next = 2  # the first round's two reads of the pool
-    record = fleet.round_at(0.0, sizes(short=20, long=10))
-    assert (record.reason, dict(record.targets)) == ("first", {"A10G": 1, "A100": 1})
+    fleet.round_at(0.0, sizes())  # every pool read: seeded
+    fleet.pools["A10G"].fail_next = 1  # the next round's read of the pool
+    record = fleet.round_at(30.0, sizes(short=20, long=10))
+    assert (record.reason, dict(record.targets)) == ("scale-up", {"A10G": 1, "A100": 1})
     assert fleet.specs() == {"A10G": 0, "A100": 1}
-    assert fleet.metric("shoal_placement_errors_total", stage="state") == 2.0
+    assert fleet.metric("shoal_placement_errors_total", stage="state") == 1.0
     asyncio.run(fleet.planner.sync_pools())  # the next pool check catches up
     assert fleet.specs() == {"A10G": 1, "A100": 1}
+
+
+def test_no_targets_until_every_pool_was_read_once() -> None:
+    # review finding 3: a restart whose first read of one pool fails must not take that
+    # pool for empty (the first optimum would be adopted at once, without the delay)
+    fleet = Fleet(delay_s=60.0)
+    for gpu, n in (("A10G", 3), ("A100", 2)):
+        fleet.pools[gpu] = fleet.planner.pools[gpu] = MemoryActuator(n, clock=fleet.clock)
+    fleet.pools["A100"].fail_next = 1
+    first = fleet.round_at(0.0, sizes())  # an empty window: the router restarted too
+    assert (first.status, dict(first.targets)) == ("unseeded", {})
+    assert "A100" in first.error
+    assert fleet.planner.targets is None
+    assert fleet.specs() == {"A10G": 3, "A100": 2}
+    second = fleet.round_at(30.0)  # the round's second read of A100 succeeded: seeded
+    assert (second.reason, dict(second.targets)) == ("adopted", {"A10G": 3, "A100": 2})
+    assert fleet.specs() == {"A10G": 3, "A100": 2}
+    fleet.round_at(91.0)  # the seeded fleet drains only after the delay
+    assert fleet.specs() == {"A10G": 0, "A100": 0}
 
 
 def test_a_restarted_planner_shrinks_the_fleet_it_finds_only_after_the_delay() -> None:
@@ -360,6 +382,135 @@ def test_the_discovery_file_lists_local_engines_with_their_gpu_type(tmp_path: Pa
     assert json.loads(path.read_text()) == [{"url": "http://127.0.0.1:9000", "gpu_type": "A100"}]
 
 
+def test_one_unservable_request_does_not_freeze_the_fleet() -> None:
+    # review finding 1: one long request no profile serves made every round infeasible
+    blind = GpuProfile("A100", 3.0, ((4.0,), (0.0,)), OUT_TICKS, IN_TICKS)  # no long cell
+    fleet = Fleet(delay_s=60.0, solve=None)
+    fleet.planner = Planner(
+        [SMALL, blind], fleet.pools, fleet.source, rebin=identity_rebin, headroom=1.0,
+        smoother=fleet.planner.smoother, model="m", clock=fleet.clock,
+    )  # fmt: skip
+    fleet.round_at(0.0, sizes(short=20))
+    assert fleet.specs() == {"A10G": 1, "A100": 0}
+    record = fleet.round_at(30.0, sizes(short=400, long=1))  # 40 req/s short + 1 long
+    assert (record.status, dict(record.targets)) == ("optimal", {"A10G": 20, "A100": 0})
+    assert fleet.specs() == {"A10G": 20, "A100": 0}
+    assert fleet.planner.plan is not None
+    assert fleet.planner.plan.unserved == ((256, 64),)
+    status = fleet.planner.status()["unserved"]
+    assert status == {"cells": [[256, 64]], "share": pytest.approx(1 / 401)}
+    assert fleet.metric("shoal_placement_unserved_share") == pytest.approx(1 / 401)
+    served = fleet.planner.plan_json()
+    assert served is not None and served["unserved"] == [[256, 64]]
+
+
+def test_demand_above_the_caps_scales_up_to_the_caps() -> None:
+    # review finding 1: 20 req/s under caps carrying 16 kept the old {A10G: 1}
+    fleet = Fleet(delay_s=60.0, solve=None, limits=Limits(available={"A10G": 4, "A100": 2}))
+    fleet.round_at(0.0, sizes(short=20))
+    assert fleet.specs() == {"A10G": 1, "A100": 0}
+    record = fleet.round_at(30.0, sizes(short=200))
+    assert (record.status, dict(record.targets)) == ("capped", {"A10G": 4, "A100": 2})
+    assert fleet.specs() == {"A10G": 4, "A100": 2}
+    assert fleet.metric("shoal_placement_solves_total", status="capped") == 1.0
+    assert fleet.planner.plan is not None and fleet.planner.plan.status == "capped"
+
+
+def test_a_wake_scales_the_cheapest_type_from_zero_at_once() -> None:
+    # review finding 2: at zero no request finishes, the window stays empty for ever
+    fleet = Fleet(delay_s=60.0)
+    fleet.round_at(0.0, sizes(short=60))
+    fleet.round_at(30.0, sizes())
+    fleet.round_at(61.0)
+    assert fleet.specs() == {"A10G": 0, "A100": 0}
+    targets = asyncio.run(fleet.planner.wake("m"))
+    assert targets == {"A10G": 1, "A100": 0}  # A10G: the cheapest serving (16, 64)
+    assert fleet.specs() == {"A10G": 1, "A100": 0}
+    assert fleet.metric("shoal_placement_wakes_total", result="scaled") == 1.0
+    fleet.round_at(91.0)  # still an empty window: the wake holds for the delay
+    assert fleet.specs() == {"A10G": 1, "A100": 0}
+    again = asyncio.run(fleet.planner.wake(""))  # one is starting: nothing more
+    assert again == {"A10G": 1, "A100": 0}
+    assert fleet.metric("shoal_placement_wakes_total", result="already") == 1.0
+    fleet.round_at(122.0)
+    assert fleet.specs() == {"A10G": 0, "A100": 0}
+
+
+def test_a_wake_respects_the_minimum_and_refuses_another_model() -> None:
+    from control.placement.errors import WrongModel
+
+    fleet = Fleet(limits=Limits(min_replicas={"A10G": 2}))
+    with pytest.raises(WrongModel, match="not other"):
+        asyncio.run(fleet.planner.wake("other"))
+    assert fleet.specs() == {"A10G": 0, "A100": 0}
+    assert asyncio.run(fleet.planner.wake("m")) == {"A10G": 2, "A100": 0}
+    assert fleet.specs() == {"A10G": 2, "A100": 0}
+
+
+def test_a_wake_before_any_round_seeds_and_a_failed_read_scales_nothing() -> None:
+    from control.autoscale.errors import ActuatorError
+
+    fleet = Fleet()
+    fleet.pools["A100"].fail_next = 1
+    with pytest.raises(ActuatorError, match="A100"):
+        asyncio.run(fleet.planner.wake("m"))
+    assert fleet.specs() == {"A10G": 0, "A100": 0}
+    assert fleet.metric("shoal_placement_wakes_total", result="failed") == 1.0
+    assert asyncio.run(fleet.planner.wake("m")) == {"A10G": 1, "A100": 0}
+    record = fleet.round_at(0.0, sizes())  # seeded by the wake: held for the delay
+    assert (record.status, dict(record.targets)) == ("empty", {"A10G": 1, "A100": 0})
+
+
+def test_the_wake_type_serves_the_smallest_cell() -> None:
+    long_only = GpuProfile("L", 0.5, ((0.0,), (1.0,)), OUT_TICKS, IN_TICKS)
+    planner = Planner([long_only, SMALL, BIG], {"L": MemoryActuator(), "A10G":
+                      MemoryActuator(), "A100": MemoryActuator()}, Source(),
+                      solve=stand_in_solve, rebin=identity_rebin)  # fmt: skip
+    assert planner.wake_gpu == "A10G"  # L is cheaper but serves no short request
+    capped = Planner([SMALL, BIG], {"A10G": MemoryActuator(), "A100": MemoryActuator()},
+                     Source(), solve=stand_in_solve, rebin=identity_rebin,
+                     limits=Limits(available={"A10G": 0}))  # fmt: skip
+    assert capped.wake_gpu == "A100"
+
+
+def test_gpu_type_names_the_router_refuses_are_refused() -> None:
+    # review finding 4: the router's discovery drops the whole file for one bad gpu_type
+    from shoal.errors import ConfigError
+
+    spaced = GpuProfile("NVIDIA A100 80GB", 3.0, ((4.0,), (1.0,)), OUT_TICKS, IN_TICKS)
+    with pytest.raises(ConfigError, match="A100-80GB"):
+        Planner([SMALL, spaced], {"A10G": MemoryActuator(), "NVIDIA A100 80GB":
+                MemoryActuator()}, Source(), solve=stand_in_solve, rebin=identity_rebin)  # fmt: skip
+
+
+def test_the_planned_rate_is_the_higher_of_finished_and_arrived() -> None:
+    # review finding 5: under overload the finished rate is what was served, not demand
+    overloaded = RequestSizes(40, 4.0, 10.0, OUT_TICKS, IN_TICKS, ((30.0,), (10.0,)),
+                              arrivals=90, arrival_rate=9.0)  # fmt: skip
+    w = workload_from(overloaded, OUT_TICKS, IN_TICKS, headroom=1.1, slice_factor=2,
+                      rebin=identity_rebin)  # fmt: skip
+    assert w == Workload(9.0 * 1.1, ((0.75,), (0.25,)), OUT_TICKS, IN_TICKS, 2)
+    quiet = RequestSizes(40, 4.0, 10.0, OUT_TICKS, IN_TICKS, ((30.0,), (10.0,)),
+                         arrivals=40, arrival_rate=4.0)  # fmt: skip
+    assert workload_from(quiet, OUT_TICKS, IN_TICKS, headroom=1.0, slice_factor=2,
+                         rebin=identity_rebin).rate == 4.0  # fmt: skip
+
+
+def test_parse_request_sizes_reads_arrivals_and_bounds_the_edges() -> None:
+    data = {
+        "model": "m", "window_s": 300, "span_s": 120.0, "count": 6, "rate": 0.05,
+        "out_edges": [16, 32], "in_edges": [16], "counts": [[4], [2]],
+        "arrivals": 12, "arrival_rate": 0.1,
+    }  # fmt: skip
+    parsed = parse_request_sizes(data)
+    assert (parsed.arrivals, parsed.arrival_rate) == (12, 0.1)
+    many = list(range(1, 66))
+    with pytest.raises(SizesUnavailable, match="64 edges"):
+        parse_request_sizes({**data, "in_edges": many, "counts": [[0] * 65, [0] * 65]})
+    with pytest.raises(SizesUnavailable, match="arrival_rate"):
+        parse_request_sizes({**data, "arrival_rate": -1})
+
+
 # -- settings and flags ------------------------------------------------------------------
 
 
@@ -394,6 +545,9 @@ def test_pools_parse_in_every_documented_form() -> None:
         ({"min_saving": 1.0}, "--min-saving"),
         ({"backend": "cplex"}, "--backend"),
         ({"interval_s": 0.0}, "--interval-s must be > 0"),
+        ({"window_s": 5.0}, "--window-s must be between 10 and 600"),
+        ({"window_s": 601.0}, "--window-s must be between 10 and 600"),
+        ({"slice_factor": 65}, "--slice-factor must be between 1 and 64"),
         ({"host": "0.0.0.0"}, "--auth-token-file"),
     ],
 )
@@ -465,3 +619,30 @@ def test_targets_never_exceed_the_availability_cap_even_for_a_larger_fleet_found
     record = fleet.round_at(0.0, sizes(short=20))  # 1 A10G needed; 5 running, cap 2
     assert dict(record.targets) == {"A10G": 2, "A100": 0}
     assert fleet.specs() == {"A10G": 2, "A100": 0}
+
+
+class _Content:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = chunks
+
+    async def iter_chunked(self, size: int) -> Any:
+        for chunk in self._chunks:
+            yield chunk
+
+
+class _Reply:
+    url = "http://router/v1/request_sizes"
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.content = _Content(chunks)
+
+
+def test_an_answer_over_the_limit_is_refused_not_buffered() -> None:
+    # review finding 8: the router's answer was read whole, whatever its size
+    from control.placement.sizes import MAX_ANSWER_BYTES, _read_capped
+
+    small = asyncio.run(_read_capped(_Reply([b"ab", b"c"]), 3))  # type: ignore[arg-type]
+    assert small == b"abc"
+    with pytest.raises(SizesUnavailable, match="over 3 bytes"):
+        asyncio.run(_read_capped(_Reply([b"ab", b"cd"]), 3))  # type: ignore[arg-type]
+    assert MAX_ANSWER_BYTES == 1 << 20

@@ -190,6 +190,81 @@ def test_no_solution_and_no_greedy_is_a_solver_error(monkeypatch: pytest.MonkeyP
         solve([A10G, A100], MELANGE)
 
 
+def test_lp_bound_is_left_out_when_the_relaxation_is_not_proven(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # review finding 7: a relaxation stopped by the time limit has a feasible LP point,
+    # whose cost is no lower bound on the integer optimum
+    real = solver_module.solve_milp
+
+    def relaxation_in_time_limit(*args: object, **kwargs: object) -> MilpResult:
+        result = real(*args, **kwargs)  # type: ignore[arg-type]
+        if kwargs.get("relax"):
+            return MilpResult(result.values, "time_limit", "Time limit reached")
+        return result
+
+    monkeypatch.setattr(solver_module, "solve_milp", relaxation_in_time_limit)
+    plan = solve([A10G, A100], MELANGE)
+    assert (plan.status, plan.lp_bound) == ("optimal", None)
+    assert plan.cost == pytest.approx(6.70)
+
+
+def test_slice_factor_is_bounded() -> None:
+    # review finding 9: the greedy walks every slice before the time-limited solve
+    with pytest.raises(ProfileFormatError, match="between 1 and 64"):
+        workload(30.0, [[0.2, 0.1], [0.5, 0.2]], slice_factor=65)
+    assert workload(30.0, [[1.0]], slice_factor=64).slice_factor == 64
+
+
+# --- best effort (the live planner's solve) ---------------------------------------------
+
+
+def test_best_effort_leaves_out_the_cells_no_type_serves() -> None:
+    # review finding 1: one request in a cell nobody serves made the whole round infeasible
+    blind = profile("L4", 0.7, [[3, 0], [3, 0]])
+    a10g = profile("A10G", 1.01, [[2, 0], [5, 2]])
+    work = workload(10, [[0.4, 0.2], [0.0, 0.4]])  # (1, 2) nobody serves: 20 % of requests
+    plan = solve([blind, a10g], work, best_effort=True)
+    assert plan.unserved == ((1, 2),)
+    assert plan.unserved_share == pytest.approx(0.2)
+    served = workload(8, [[0.5, 0.0], [0.0, 0.5]])  # the rest, at its own rate
+    assert dict(plan.gpus) == dict(solve([blind, a10g], served).gpus)
+    assert plan.status == "optimal"
+    assert_serves(plan, [blind, a10g], served)
+
+
+def test_best_effort_counts_types_capped_at_zero_as_not_serving() -> None:
+    plan = solve([A10G, A100], workload(10, [[1.0, 0.0], [0.0, 0.0]]),
+                 Limits(available={"A10G": 0, "A100-80GB": 0}), best_effort=True)  # fmt: skip
+    assert (plan.unserved, plan.unserved_share, plan.status) == (((1, 1),), 1.0, "empty")
+    assert dict(plan.gpus) == {"A10G": 0, "A100-80GB": 0}
+
+
+@pytest.mark.parametrize("backend", ["highs", "greedy"])
+def test_best_effort_above_the_caps_runs_the_caps(backend: str) -> None:
+    # review finding 1: demand above the caps kept the old, smaller fleet
+    caps = Limits(available={"A10G": 3, "A100-80GB": 0})  # Melange needs an A100 too
+    with pytest.raises((Infeasible, SolverError)):
+        solve([A10G, A100], MELANGE, caps, backend=backend)
+    plan = solve([A10G, A100], MELANGE, caps, backend=backend, best_effort=True)
+    assert plan.status == "capped"
+    assert dict(plan.gpus) == {"A10G": 3, "A100-80GB": 0}
+    assert plan.cost == pytest.approx(3.03)
+    assert plan.unserved == ()
+    for i, row in enumerate(MELANGE.histogram):  # every cell placed, on the A10Gs
+        for j, _ in enumerate(row):
+            assert plan.assignment["A10G"][i][j] == pytest.approx(1.0)
+
+
+def test_best_effort_sizes_uncapped_types_for_the_full_rate() -> None:
+    only_a = profile("S", 1.0, [[2, 0], [0, 0]])  # cell (0, 0) only, capped at 1
+    only_b = profile("B", 3.0, [[0, 4], [0, 0]])  # cell (0, 1) only, unlimited
+    work = workload(18.0, [[10, 8], [0, 0]])  # 10 req/s for S (needs 5), 8 for B (needs 2)
+    plan = solve([only_a, only_b], work, Limits(available={"S": 1}), best_effort=True)
+    assert (plan.status, dict(plan.gpus)) == ("capped", {"S": 1, "B": 2})
+    assert plan.cost == pytest.approx(7.0)
+
+
 # --- invariants on random problems ------------------------------------------------------
 
 _TPUT = st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 20.0])

@@ -181,3 +181,36 @@ def test_a_stream_with_a_usage_chunk_reports_the_usage() -> None:
     tokens = ResponseTokens(stream=True)
     tokens.feed(_sse(token, token, usage))
     assert (tokens.prompt_tokens(), tokens.completion_tokens()) == (40, 3)
+
+
+def test_the_rate_has_a_floor_of_one_slot_right_after_start() -> None:
+    # review finding 5: 10 requests in the first 0.2 s read as 50 req/s
+    clock = Clock(50.0)
+    sizes = RequestSizes(slot_s=10.0, clock=clock)
+    clock.now = 50.2
+    for _ in range(10):
+        sizes.record("m", 20, 20)
+        sizes.record_arrival("m")
+    snapshot = sizes.snapshot("m", 300.0)
+    assert snapshot.span_s == pytest.approx(0.2)  # what was covered, as agreed
+    assert snapshot.rate == pytest.approx(1.0)  # 10 over one 10 s slot
+    assert snapshot.to_json()["arrival_rate"] == pytest.approx(1.0)
+
+
+def test_arrivals_count_every_request_received_finished_or_not() -> None:
+    clock = Clock(1000.0)
+    sizes = RequestSizes(slot_s=10.0, clock=clock)
+    clock.now = 1005.0
+    for _ in range(30):  # 30 received, 10 finished (the rest refused or held)
+        sizes.record_arrival("m")
+    for _ in range(10):
+        sizes.record("m", 100, 20)
+    sizes.record_arrival("other")
+    clock.now = 1020.0
+    answer = sizes.snapshot("m", 300.0).to_json()
+    assert (answer["count"], answer["arrivals"]) == (10, 30)
+    assert (answer["rate"], answer["arrival_rate"]) == (0.5, 1.5)
+    assert sum(map(sum, answer["counts"])) == 10  # arrivals are not in the shape
+    assert sizes.snapshot(None, 300.0).arrivals == 31
+    clock.now = 1000.0 + 700.0  # beyond the ring: forgotten like the counts
+    assert sizes.snapshot("m", 300.0).arrivals == 0

@@ -16,8 +16,10 @@ from router.plan import PlanPoller
 from router.strategies.placement import (
     cell_of,
     pick_gpu_type,
+    place,
     placed_gpu_type,
     plan_from_json,
+    traffic_row,
     unit_hash,
 )
 from router.types import EngineView, PlacementPlan, RouteRequest
@@ -122,6 +124,34 @@ def test_a_plan_made_for_another_model_says_nothing() -> None:
     assert placed_gpu_type(replace(p, model=MODEL), ask(), 100) == "A"
 
 
+def test_a_row_without_traffic_walks_to_the_nearest_row_with_traffic_lower_first() -> None:
+    # review finding 10: the router's row comes from max_tokens, the plan's from actual
+    # completion tokens, so requests mostly land in rows where the plan has no traffic
+    shares = [[0.0, 0.0, 0.0] for _ in OUT_TICKS]
+    shares[0][0] = shares[2][0] = 1.0  # column 0: rows 0 and 2; column 1: row 2 only
+    shares[2][1] = 1.0
+    p = plan({"A": shares})
+    assert [traffic_row(p, (i, 0)) for i in range(3)] == [0, 0, 2]  # row 1: lower first
+    assert [traffic_row(p, (i, 1)) for i in range(3)] == [2, 2, 2]
+    assert traffic_row(p, (1, 2)) is None  # no traffic in column 2 at all
+    assert place(p, ask(tokens=100, max_tokens=50), 100) == ("A", "plan")
+    assert place(p, ask(tokens=100, max_tokens=256), 100) == ("A", "nearest_row")
+    assert place(p, ask(tokens=5000, max_tokens=50), 5000) == (None, "no_share")
+    other = plan({"A": everywhere(1.0)}, model="other-model")
+    assert place(other, ask(), 100) == (None, "no_share")
+
+
+def test_the_walk_takes_the_shares_of_the_row_it_finds() -> None:
+    a = [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    b = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    p = plan({"A": a, "B": b})
+    # row 1 is one away from both: the lower row 0 (all A) wins
+    picks = {placed_gpu_type(p, ask(max_tokens=256, request_id=f"r{k}"), 100) for k in range(20)}
+    assert picks == {"A"}
+    picks = {placed_gpu_type(p, ask(max_tokens=900, request_id=f"r{k}"), 100) for k in range(20)}
+    assert picks == {"B"}
+
+
 # ---- the strategy -----------------------------------------------------------------------
 
 
@@ -186,6 +216,36 @@ def test_the_plan_is_read_per_request_so_a_new_plan_applies_at_once() -> None:
         current[0] = None if shares is None else plan(shares)
         picks.append(picker.pick_id(ask(), fleet))
     assert picks == ["e0", "e1", "e0", "e1"]
+
+
+def test_each_decision_counts_its_placement_outcome() -> None:
+    outcomes: list[str] = []
+    current: list[PlacementPlan | None] = [None]
+    picker = Picker(make("slo", placement=lambda: current[0], count_placement=outcomes.append))
+    fleet = [typed(0, "A"), typed(1, "B")]
+    shares = [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    picker.pick_id(ask(), fleet)  # no plan
+    current[0] = plan({"A": shares})
+    picker.pick_id(ask(tokens=100, max_tokens=50), fleet)  # its own cell
+    picker.pick_id(ask(tokens=100, max_tokens=1000), fleet)  # walked from row 2 to row 0
+    picker.pick_id(ask(tokens=5000, max_tokens=50), fleet)  # column 2 has no traffic
+    current[0] = plan({"C": everywhere(1.0)})
+    picker.pick_id(ask(), fleet)  # no engine of type C: the plan-less decision
+    assert outcomes == ["no_plan", "plan", "nearest_row", "no_share", "fallback"]
+
+
+def test_the_router_metrics_count_placement_outcomes() -> None:
+    from router.metrics import PLACEMENT_OUTCOMES, RouterMetrics
+
+    metrics = RouterMetrics()
+    metrics.count_placement("nearest_row")
+    metrics.count_placement("nearest_row")
+    sample = metrics.registry.get_sample_value
+    name = "shoal_router_placement_decisions_total"
+    assert sample(name, {"outcome": "nearest_row"}) == 2.0
+    assert [sample(name, {"outcome": o}) for o in PLACEMENT_OUTCOMES if o != "nearest_row"] == [
+        0.0
+    ] * 4
 
 
 # ---- the poller's verdict (virtual time; its HTTP is the integration test's) ---------------
@@ -273,6 +333,8 @@ def test_a_plan_document_becomes_ticks_shares_and_model() -> None:
         ({"assignment": {"A": [[1.0, -0.5], [1.0, 0.0]]}}, "negative"),
         ({"assignment": {"A": [[1.0, "x"], [1.0, 0.0]]}}, "numbers"),
         ({"model": 3}, "model"),
+        ({"indexes": [list(range(1, 66)), [128, 2048]]}, "1 to 64"),
+        ({"assignment": {f"T{k}": [[0.0, 0.0], [0.0, 0.0]] for k in range(65)}}, "64 GPU"),
     ],
 )
 def test_a_malformed_plan_is_refused_naming_the_field(
@@ -282,3 +344,26 @@ def test_a_malformed_plan_is_refused_naming_the_field(
         plan_from_json(document(**changes))
     with pytest.raises(BadPlan, match="JSON object"):
         plan_from_json([1, 2])
+
+
+def test_a_plan_answer_over_the_limit_is_not_read() -> None:
+    # review finding 8: the plan was read whole (reply.json()) whatever its size
+    import asyncio
+
+    from router.plan import MAX_PLAN_BYTES, _read_capped
+
+    class Content:
+        def __init__(self, chunks: list[bytes]) -> None:
+            self.chunks = chunks
+
+        async def iter_chunked(self, size: int) -> object:
+            for chunk in self.chunks:
+                yield chunk
+
+    class Reply:
+        def __init__(self, chunks: list[bytes]) -> None:
+            self.content = Content(chunks)
+
+    assert asyncio.run(_read_capped(Reply([b"{}", b" "]), 3)) == b"{} "  # type: ignore[arg-type]
+    assert asyncio.run(_read_capped(Reply([b"{}", b"  "]), 3)) is None  # type: ignore[arg-type]
+    assert MAX_PLAN_BYTES == 1 << 20
