@@ -21,7 +21,6 @@ Layout (issue 12)::
       hold.py         requests held while no engine serves their model (scale from
                       zero, issue 13): bounded FIFOs with deadlines, the wake gate
       wake.py         asking the autoscaler for an engine while requests are held
-      bodies.py       reading a reply body whole up to a cap (engines' /v1/models, wakes)
       proxy.py        the aiohttp application: OpenAI routes, SSE passthrough, retries
       metrics.py      shoal_router_* Prometheus metrics
       server.py       one process per core (SO_REUSEPORT), uvloop, graceful stop

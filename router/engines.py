@@ -38,10 +38,10 @@ from typing import Any
 
 import aiohttp
 
-from router.bodies import MODELS_MAX_BYTES, read_capped
 from router.config import RouterSettings
 from router.scrape import MetricsScraper
 from router.types import EngineSpec, EngineView
+from shoal.bodies import read_capped
 from shoal.errors import ConfigError
 
 __all__ = [
@@ -53,6 +53,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("shoal." + __name__)
+
+MODELS_MAX_BYTES = 4 << 20  # /v1/models: ~100 bytes a card; 4 MiB is ~40,000 adapters
 
 
 class BreakerState(enum.Enum):

@@ -49,13 +49,15 @@ from typing import Protocol
 
 import aiohttp
 
-from router.bodies import WAKE_MAX_BYTES, read_capped
 from router.hold import WakeGate
+from shoal.bodies import read_capped
 from shoal.config import read_secret
 
 __all__ = ["AutoscalerWaker", "HttpWaker", "NullWaker", "Waker", "read_token"]
 
 log = logging.getLogger("shoal." + __name__)
+
+WAKE_MAX_BYTES = 64 << 10  # a wake's answer: a short JSON object
 
 _TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 

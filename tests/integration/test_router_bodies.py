@@ -1,4 +1,4 @@
-"""Bodies the router reads from engines and wake targets: whole up to a cap, refused above.
+"""Bodies Shoal reads from engines and wake targets: whole up to a cap, refused above.
 
 A stand-in server streams its answers in 8 KiB chunks with a pause between them, so the
 router's reader meets a body spread over many network reads (what a real engine's
@@ -17,10 +17,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from router.bodies import MODELS_MAX_BYTES, WAKE_MAX_BYTES, read_capped
 from router.config import RouterSettings
-from router.engines import EnginePool, parse_engines
-from router.wake import HttpWaker
+from router.engines import MODELS_MAX_BYTES, EnginePool, parse_engines
+from router.wake import WAKE_MAX_BYTES, HttpWaker
+from shoal.bodies import read_capped
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -135,3 +135,55 @@ def test_a_wake_answered_with_an_oversized_body_is_a_failed_wake() -> None:
         return waker.num_sent, waker.num_failed
 
     assert asyncio.run(run()) == (0, 1)
+
+
+def metrics_body(padding_series: int) -> bytes:
+    """A vLLM-like /metrics whose KV-cache line comes after ``padding_series`` others (a
+    cut body loses it)."""
+    lines = ["# TYPE shoal_padding gauge"]
+    lines += [f'shoal_padding{{series="{k:06d}"}} 1.0' for k in range(padding_series)]
+    lines += [
+        "# TYPE vllm:kv_cache_usage_perc gauge",
+        'vllm:kv_cache_usage_perc{model_name="m"} 0.625',
+        "# TYPE vllm:num_requests_running gauge",
+        'vllm:num_requests_running{model_name="m"} 3.0',
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_engine_metrics_spread_over_many_reads_are_scraped_whole() -> None:
+    # the autoscaler read one buffered piece (content.read(n)): a 300 KB /metrics lost its
+    # tail, and with it the KV-cache usage a policy scales on
+    from control.autoscale.scrape import Scraper
+    from control.autoscale.types import KV_CACHE_USAGE
+    from router.scrape import MetricsScraper
+
+    body = metrics_body(9000)
+    assert len(body) > 30 * _CHUNK
+
+    async def run() -> tuple[float | None, float | None, float | None]:
+        async with serving({("GET", "/metrics"): streamed(body)}) as url:
+            scraper = Scraper(timeout_s=5.0)
+            try:
+                (sample,) = await scraper.scrape([url])
+            finally:
+                await scraper.close()
+            small = Scraper(timeout_s=5.0, max_body_bytes=len(body) - 1)
+            try:
+                (refused,) = await small.scrape([url])
+            finally:
+                await small.close()
+            router_scraper = MetricsScraper(timeout_s=5.0, stale_s=60.0)
+            async with aiohttp.ClientSession() as session:
+                assert await router_scraper.scrape_one(session, "e", url)
+            seen = router_scraper.metrics("e")
+        return (
+            sample.values.get(KV_CACHE_USAGE) if sample.ok else None,
+            None if refused.ok else -1.0,
+            None if seen is None else seen.kv_cache_usage,
+        )
+
+    autoscale_kv, refused, router_kv = asyncio.run(run())
+    assert autoscale_kv == 0.625
+    assert refused == -1.0  # over the cap: a failed scrape (unknown), never a cut reading
+    assert router_kv == 0.625

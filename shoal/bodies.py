@@ -1,6 +1,6 @@
-"""Reading a reply body whole, up to a cap: what the router fetches from engines and
-targets it does not control (``/v1/models`` polled every 0.5 s while requests are held,
-a wake's answer).
+"""Reading an HTTP reply body whole, up to a cap: every body Shoal fetches from a peer it
+does not control (engines' ``/v1/models`` and ``/metrics``, a wake's answer, the router's
+request sizes, the planner's plan, the LoRA manager's engine calls).
 
 Invariant: ``read_capped`` returns the complete body (every byte up to EOF) when it is at
 most ``limit`` bytes, and ``None`` as soon as more than ``limit`` bytes arrived (or the
@@ -14,20 +14,32 @@ network read held (issue 14's review, finding 1). Rejected: ``reply.json()`` /
 aiohttp's ``read_bufsize`` (a buffer size, not a limit on the body).
 
 An over-cap body is a shortage, not an error (STYLE.md 6): the caller logs it and treats
-the poll as failed.
+the poll as failed. The reply is duck-typed (aiohttp's ``ClientResponse`` fits), so this
+core module needs no HTTP library.
 """
 
 from __future__ import annotations
 
-import aiohttp
+from typing import Protocol
 
-__all__ = ["MODELS_MAX_BYTES", "WAKE_MAX_BYTES", "read_capped"]
-
-MODELS_MAX_BYTES = 4 << 20  # /v1/models: ~100 bytes a card; 4 MiB is ~40,000 adapters
-WAKE_MAX_BYTES = 64 << 10  # a wake's answer: a short JSON object
+__all__ = ["Reply", "read_capped"]
 
 
-async def read_capped(reply: aiohttp.ClientResponse, limit: int) -> bytes | None:
+class _Stream(Protocol):
+    async def readany(self) -> bytes: ...
+
+
+class Reply(Protocol):
+    """What ``read_capped`` reads: aiohttp's ``ClientResponse`` has both."""
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def content(self) -> _Stream: ...
+
+
+async def read_capped(reply: Reply, limit: int) -> bytes | None:
     """``reply``'s whole body, or ``None`` when it is over ``limit`` bytes."""
     assert limit >= 0, "a byte count"
     length = reply.content_length
