@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -40,6 +41,7 @@ import aiohttp
 from router.config import RouterSettings
 from router.scrape import MetricsScraper
 from router.types import EngineSpec, EngineView
+from shoal.bodies import read_capped
 from shoal.errors import ConfigError
 
 __all__ = [
@@ -51,6 +53,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("shoal." + __name__)
+
+MODELS_MAX_BYTES = 4 << 20  # /v1/models: ~100 bytes a card; 4 MiB is ~40,000 adapters
 
 
 class BreakerState(enum.Enum):
@@ -127,7 +131,7 @@ def parse_engines(text: str) -> list[EngineSpec]:
 class _Engine:
     """The pool's mutable state of one engine."""
 
-    __slots__ = ("breaker", "cards", "checked", "healthy", "models", "spec")
+    __slots__ = ("breaker", "cards", "checked", "healthy", "models", "oversized", "spec")
 
     def __init__(self, spec: EngineSpec, breaker: CircuitBreaker) -> None:
         self.spec = spec
@@ -136,6 +140,7 @@ class _Engine:
         self.checked = False
         self.models: frozenset[str] = frozenset()
         self.cards: tuple[dict[str, Any], ...] = ()
+        self.oversized = False  # its last /v1/models was over the cap (warned once)
 
 
 class EnginePool:
@@ -318,7 +323,15 @@ class EnginePool:
             ) as reply:
                 if reply.status != 200:
                     return
-                document = await reply.json(content_type=None)
+                body = await read_capped(reply, MODELS_MAX_BYTES)
+            if body is None:  # a warning when it starts, then debug: polled every 0.5 s
+                level = logging.DEBUG if engine.oversized else logging.WARNING
+                log.log(level, "models of %s: /v1/models is over %d bytes; poll failed",
+                        engine_id, MODELS_MAX_BYTES)  # fmt: skip
+                engine.oversized = True
+                return
+            engine.oversized = False
+            document = json.loads(body)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.debug("models of %s: %r", engine_id, exc)
             return

@@ -40,6 +40,7 @@ import aiohttp
 from router.errors import BadPlan
 from router.strategies.placement import plan_from_json
 from router.types import PlacementPlan
+from shoal.bodies import read_capped
 
 __all__ = ["STALE_INTERVALS", "NullPlanSource", "PlanPoller", "PlanSource"]
 
@@ -176,11 +177,11 @@ class PlanPoller:
                 if reply.status == 404:
                     self.fail("it has no plan yet (404)", level=logging.INFO)
                     return
+                body = await read_capped(reply, MAX_PLAN_BYTES)
                 if reply.status != 200:
-                    text = (await reply.read())[:200].decode(errors="replace")
+                    text = (body or b"")[:200].decode(errors="replace")
                     self.fail(f"answered {reply.status} {text}")
                     return
-                body = await _read_capped(reply, MAX_PLAN_BYTES)
                 if body is None:
                     self.fail(f"the plan is over {MAX_PLAN_BYTES} bytes")
                     return
@@ -192,15 +193,3 @@ class PlanPoller:
             self.accept(document)
         except BadPlan as exc:
             self.fail(str(exc))
-
-
-async def _read_capped(reply: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The body, or None past ``limit`` bytes (never buffered beyond it)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in reply.content.iter_chunked(64 << 10):
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -36,10 +36,13 @@ from dataclasses import dataclass
 import aiohttp
 
 from router.types import EngineMetrics
+from shoal.bodies import read_capped
 
 __all__ = ["MetricsScraper", "Sample", "parse_scrape", "to_metrics"]
 
 log = logging.getLogger("shoal." + __name__)
+
+METRICS_MAX_BYTES = 4 << 20  # a vLLM /metrics is ~100-300 KB; LoRA and many models add more
 
 _SUMMED = {
     "vllm:num_requests_running": "running",
@@ -211,10 +214,14 @@ class MetricsScraper:
                 if reply.status != 200:
                     log.debug("scrape of %s answered %d", url, reply.status)
                     return False
-                text = await reply.text()
-        except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError) as exc:
+                body = await read_capped(reply, METRICS_MAX_BYTES)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             log.debug("scrape of %s failed: %r", url, exc)
             return False
+        if body is None:
+            log.debug("scrape of %s: body over %d bytes", url, METRICS_MAX_BYTES)
+            return False
+        text = body.decode("utf-8", errors="replace")
         self.record(engine_id, text)
         return True
 

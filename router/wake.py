@@ -50,11 +50,14 @@ from typing import Protocol
 import aiohttp
 
 from router.hold import WakeGate
+from shoal.bodies import read_capped
 from shoal.config import read_secret
 
 __all__ = ["AutoscalerWaker", "HttpWaker", "NullWaker", "Waker", "read_token"]
 
 log = logging.getLogger("shoal." + __name__)
+
+WAKE_MAX_BYTES = 64 << 10  # a wake's answer: a short JSON object
 
 _TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 
@@ -152,9 +155,12 @@ class HttpWaker:
             async with self._session.post(self.url, json={"model": model},
                                           headers=self._headers,
                                           timeout=_TIMEOUT) as reply:  # fmt: skip
-                await reply.read()
                 status = reply.status
+                body = await read_capped(reply, WAKE_MAX_BYTES)
                 problem = None if status < 300 else f"answered {status}"
+                if body is None:  # a wake's answer is a short JSON object
+                    problem = f"answered {status} with a body over {WAKE_MAX_BYTES} bytes"
+                    status = 0
         except (aiohttp.ClientError, TimeoutError) as exc:
             status, problem = 0, repr(exc)
         if status == 404 and self._on_not_found is not None:

@@ -61,6 +61,7 @@ from control.autoscale.types import (
     TTFT_MEAN_S,
     ReplicaSample,
 )
+from shoal.bodies import read_capped
 
 __all__ = [
     "ENGINE_COUNTERS",
@@ -242,8 +243,8 @@ class Scraper:
                 async with self._session.get(url + "/metrics") as reply:
                     if reply.status != 200:
                         raise ScrapeFailed(f"HTTP {reply.status}")
-                    body = await reply.content.read(self._max_body_bytes + 1)
-                    if len(body) > self._max_body_bytes:
+                    body = await read_capped(reply, self._max_body_bytes)
+                    if body is None:
                         raise ScrapeFailed(f"body over {self._max_body_bytes} bytes")
                     return body.decode("utf-8", errors="replace")
         except TimeoutError:

@@ -17,8 +17,17 @@ AIBrix's profile (``gen_profile.py`` in its ``gpu_optimizer/optimizer/profiling`
 
 ``slos.percentile`` 0 is AIBrix's "the mean" and is kept as 0. AIBrix's throughput SLOs
 (``tput``, ``tt``) and ``tpat`` shaped how the profile was measured and are already in
-``tputs``; they are accepted and not kept. ``model`` (ours) is written when known; AIBrix
-ignores keys it does not know.
+``tputs``; they are accepted and not kept.
+
+What is written stays inside AIBrix's own schema, so its readers take it: the Go
+``ModelGPUProfile`` (``pkg/cache/model_gpu_profile.go``: gpu, cost, tputs, indexes,
+created, e2e, ttft, tpot, slos {percentile, tput, tt, e2e, ttft, tpat, tpot}) and the
+optimizer's ``GPUProfile`` (``gpu_optimizer/optimizer/types.py``: gpu, cost, tputs,
+indexes, created; since v0.4.0 it drops other keys, before that a plain dataclass refused
+them). So ``slos.percentile`` is written as an integer when it is one (Go reads an ``int``:
+``50.0`` would not decode) and the profile's ``model`` is not written: AIBrix keeps the
+model in the profile's Redis key, not in the file. ``model`` is still read (files written
+before this rule carry it).
 
 Mélange's example input (``melange/config/example.json``)::
 
@@ -139,7 +148,10 @@ def profile_from_json(data: Any, *, source: str = "profile") -> GpuProfile:
 
 def profile_to_json(profile: GpuProfile) -> dict[str, Any]:
     """AIBrix's profile JSON object for ``profile`` (``load_profile`` reads it back)."""
-    slos: dict[str, float] = {"percentile": profile.slos.percentile}
+    percentile = float(profile.slos.percentile)
+    slos: dict[str, float] = {
+        "percentile": int(percentile) if percentile.is_integer() else percentile
+    }
     for key, attribute in _SLO_KEYS.items():
         value = getattr(profile.slos, attribute)
         if value is not None:
@@ -153,9 +165,7 @@ def profile_to_json(profile: GpuProfile) -> dict[str, Any]:
     }
     if profile.created is not None:
         out["created"] = profile.created
-    if profile.model:
-        out["model"] = profile.model
-    return out
+    return out  # no "model": outside AIBrix's schema (module docstring)
 
 
 def load_melange(path: str | Path) -> MelangeInput:

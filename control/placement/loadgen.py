@@ -42,6 +42,7 @@ log = logging.getLogger("shoal." + __name__)
 
 _UNIQUE_PREFIX = 32  # random ids at the head of each prompt: no prefix-cache hits
 _LOWEST_ID = 100  # clear of special tokens (BOS, EOS, padding sit at the bottom)
+_PROBE_TIMEOUT_S = 600.0  # a lone request's lifetime, wall seconds, at most
 
 
 class HttpLoad:
@@ -192,6 +193,29 @@ class HttpLoad:
         if result.num_measured and result.num_errors == result.num_measured:
             await self.check()  # every request failed: is the endpoint still there?
         return result
+
+    async def probe(self, out_tick: int, in_tick: int) -> float | None:
+        """One request of the cell sent alone (``profile.Probe``): its e2e in endpoint
+        seconds, None when it failed or took over ``_PROBE_TIMEOUT_S`` (wall)."""
+        loop = asyncio.get_running_loop()
+        rng = random.Random(f"{self.seed}/{out_tick}/{in_tick}/probe")
+        prompt = [rng.randrange(_LOWEST_ID, self.max_token_id) for _ in range(in_tick)]
+        t0 = loop.time()
+        slot = _Slot(0.0)
+
+        def now() -> float:
+            return (loop.time() - t0) * self.time_scale
+
+        one = self._one(slot, prompt, in_tick, out_tick, now, lambda _: None)
+        try:
+            await asyncio.wait_for(one, timeout=_PROBE_TIMEOUT_S)
+        except TimeoutError:
+            return None
+        record = slot.record()
+        if not record.ok:
+            log.info("probe of out %d in %d failed: %s", out_tick, in_tick, record.error)
+            return None
+        return record.finish_s
 
     async def _one(
         self,

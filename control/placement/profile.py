@@ -19,12 +19,21 @@ One trial (times in the endpoint's seconds; a simulator's ``time_scale`` convert
    streamed: TTFT = first token - scheduled arrival, TPOT = (last - first) / (out - 1),
    E2E = last - scheduled arrival (the client's own lateness counts against it, and is
    reported as ``client_lag_s``).
-2. ``W`` is at least the SLO's end-to-end budget (``ttft + (out - 1) tpot``, or ``e2e``):
-   completions in the window only match arrivals once a request's lifetime has passed.
-   ``D`` is at least ``min_requests / r`` so a percentile rests on enough requests.
+2. ``W`` is at least a request's lifetime: completions in the window only match arrivals
+   once a request's lifetime has passed. The SLO's end-to-end budget (``ttft + (out - 1)
+   tpot``, or ``e2e``) bounds it; with a TTFT or a TPOT SLO alone nothing does (a TPOT
+   SLO leaves the queueing before the first token free), so the sweep measures it
+   (below: "Lifetimes"). ``D`` is at least ``min_requests / r`` so a percentile rests
+   on enough requests, and at most ``4 duration_s`` (so at 0.05/s a trial is 80 s,
+   not 800: below ``min_requests / (4 duration_s)`` requests/s, 0.5/s by default, a
+   percentile rests on fewer requests).
 3. Arrivals continue after the window (not measured) so the last measured requests see
    the same load as the first; a measured request unfinished at the deadline, or one that
-   errored or came back short of ``out_tick`` tokens, counts as missing every SLO.
+   errored or came back short of ``out_tick`` tokens, counts as missing every SLO (an
+   infinite latency) within the percentile: at p99 one failure in 200 requests is
+   tolerated as one slow request would be, at p50 one in 40. A trial also fails when its
+   errors alone exceed ``100 - percentile`` % of its requests (whatever SLO is set), so a
+   transient connection error does not cap a cell forever while failing requests do.
 
 The search per cell (``RateSearch``, sans-IO: it proposes rates, the caller measures)::
 
@@ -34,6 +43,25 @@ The search per cell (``RateSearch``, sans-IO: it proposes rates, the caller meas
     start: the answer of the previous cell in the row (neighbours are close), else
            ``start_rate``; a trial whose every request the endpoint refused (HTTP 4xx,
            a prompt beyond max_model_len) ends the cell at 0 at once
+    idle:  a latency SLO missed while the endpoint was nearly idle (rate x mean e2e <=
+           0.25 requests in flight on average, by Little's law: most requests met no
+           other in their lifetime) ends the halving: the cell is 0. A lower rate only
+           makes requests meet each other less often; it cannot make a lone request
+           faster, and halving on down to ``min_rate`` took ~30 minutes per such cell.
+           The cost: a cell whose capacity is below 0.25 / lifetime requests/s reads 0
+           (such a GPU type meets the SLO only by never overlapping two requests: not a
+           rate to plan with).
+
+Lifetimes (``run_sweep``'s ``probe``): with no E2E SLO and not both TTFT and TPOT SLOs a
+request's lifetime is unbounded by the SLO, and a warm-up of the TTFT alone left long
+outputs' completions lagging the window's arrivals (every rate failed the 90% rule: the
+cell read 0). Before a cell's first trial one request is sent alone and timed; trials
+then warm up (and drain) for twice its e2e (a request under load decodes in a batch:
+slower than alone). A trial that still fails the 90% rule while its requests' mean e2e
+exceeded its warm-up is measured once more with a warm-up of twice that mean (once per
+cell) before the search is told: the first verdict judged the warm-up, not the endpoint.
+The probe is one request: its e2e moves with the engine's state, hence the factor 2 and
+the re-measure; a probe that fails leaves only the re-measure.
 
 Latency grows steeply near saturation, so one trial per rate is a sharp test there. Each
 trial is trusted: a fluke failure below the capacity caps the answer under it (a fluke
@@ -45,7 +73,8 @@ Chosen and rejected:
 * AIBrix's profiler (``gpu_benchmark.py`` over a fixed grid of rates, ``gen_profile.py``
   keeping the smallest/largest passing grid rate): a grid wastes trials far from the
   capacity and resolves it only to the grid's step; the search finds it to 5% in ~10
-  trials. Its output format is kept (``aibrix_profile``) so profiles move both ways.
+  trials. Its output format is kept so profiles move both ways (``aibrix_profile`` says
+  where our numbers differ from its).
 * vLLM's ``benchmark_serving``: it sends a fixed number of requests and divides by the
   time to drain them all, which counts the ramp-up and the drain; with outputs of
   hundreds of tokens the drain alone keeps throughput under 90% of a rate the engine
@@ -87,6 +116,7 @@ from control.placement.types import GpuProfile, Slos
 __all__ = [
     "CellResult",
     "Measure",
+    "Probe",
     "RateSearch",
     "RequestRecord",
     "SweepSpec",
@@ -102,6 +132,9 @@ __all__ = [
 ]
 
 _STATE_VERSION = 1
+_MAX_WINDOW_FACTOR = 4  # a trial's window is at most this many duration_s
+_IDLE_IN_FLIGHT = 0.25  # a failure at rate x mean e2e at or below it ends the halving
+_LOAD_FACTOR = 2.0  # lifetime under load, over a lone request's (or a trial's mean)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,10 +210,15 @@ class TrialPlan:
     deadline_s: float  # from the trial's start: measured requests still out are misses
 
     @classmethod
-    def make(cls, spec: SweepSpec, out_tick: int, rate: float) -> TrialPlan:
-        budget = _e2e_budget(spec.slos, out_tick)
+    def make(
+        cls, spec: SweepSpec, out_tick: int, rate: float, lifetime_s: float = 0.0
+    ) -> TrialPlan:
+        """The plan at ``rate``; ``lifetime_s``: how long a request lives under load, when
+        the SLO does not bound it (module docstring, "Lifetimes")."""
+        budget = max(_e2e_budget(spec.slos, out_tick), lifetime_s)
         warmup = max(spec.warmup_s, budget)
-        duration = max(spec.duration_s, spec.min_requests / rate)
+        longest = _MAX_WINDOW_FACTOR * spec.duration_s
+        duration = max(spec.duration_s, min(spec.min_requests / rate, longest))
         return cls(rate, warmup, duration, warmup + duration + 2 * budget)
 
     @property
@@ -189,13 +227,18 @@ class TrialPlan:
 
 
 def _e2e_budget(slos: Slos, out_tick: int) -> float:
-    """How long a request meeting every SLO lives at most. With a TTFT SLO alone it is
-    only the TTFT: long outputs then need a ``warmup_s`` of a request's lifetime, or the
-    window's completions lag its arrivals (the throughput check fails early)."""
-    by_parts = (slos.ttft_s or 0.0) + (out_tick - 1) * (slos.tpot_s or 0.0)
-    if slos.e2e_s is not None:
-        return slos.e2e_s if by_parts == 0 else min(slos.e2e_s, by_parts)
-    return by_parts
+    """How long a request meeting every SLO lives at most: the E2E SLO, or TTFT + (out -
+    1) TPOT, whichever is shorter. Without an E2E SLO and one of TTFT or TPOT the SLO does
+    not bound it (``_lifetime_bounded``): what is known is returned, and ``run_sweep``
+    measures the lifetime (``lifetime_s``)."""
+    bounds = [] if slos.e2e_s is None else [slos.e2e_s]
+    if slos.tpot_s is not None:
+        bounds.append((slos.ttft_s or 0.0) + (out_tick - 1) * slos.tpot_s)
+    return min(bounds) if bounds else (slos.ttft_s or 0.0)
+
+
+def _lifetime_bounded(slos: Slos) -> bool:
+    return slos.e2e_s is not None or (slos.ttft_s is not None and slos.tpot_s is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,11 +273,12 @@ class TrialResult:
     ttft_s: float | None = None  # at the percentile (inf: misses beyond the percentile)
     tpot_s: float | None = None
     e2e_s: float | None = None
-    mean_e2e_s: float | None = None
+    mean_e2e_s: float | None = None  # over the measured requests that finished
     throughput_ratio: float = 0.0
     first_error: str = ""
     client_lag_s: float = 0.0  # how late the load generator sent its latest request
     num_refused: int = 0  # of num_errors, refused for what they asked (RequestRecord)
+    mean_ttft_s: float | None = None  # over the measured requests that had a first token
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -292,6 +336,7 @@ def evaluate_trial(
         e2es.append(r.finish_s - r.arrival_s)
     p = slos.percentile
     finite_e2e = [e for e in e2es if math.isfinite(e)]
+    finite_ttft = [t for t in ttfts if math.isfinite(t)]
     latencies = {
         "ttft": percentile(ttfts, p),
         "tpot": percentile(tpots, p) if out_tick > 1 else 0.0,
@@ -304,7 +349,8 @@ def evaluate_trial(
             reasons.append(f"p{p:g} {name} {_seconds(latencies[name])} > {target:g}s")
     if ratio < min_throughput_ratio:
         reasons.append(f"throughput {ratio:.0%} of offered < {min_throughput_ratio:.0%}")
-    if errors:
+    allowed = (100 - p) / 100 * len(measured)  # misses the percentile tolerates
+    if len(errors) > allowed * (1 + 1e-9):
         reasons.append(f"{len(errors)} of {len(measured)} requests failed ({first_error})")
     return TrialResult(
         rate=plan.rate,
@@ -320,6 +366,7 @@ def evaluate_trial(
         first_error=first_error,
         client_lag_s=client_lag_s,
         num_refused=sum(1 for r in errors if r.refused),
+        mean_ttft_s=sum(finite_ttft) / len(finite_ttft) if finite_ttft else None,
     )
 
 
@@ -332,9 +379,10 @@ class RateSearch:
 
     ``next_rate()`` proposes the next rate to measure (None: done), ``record(rate,
     passed)`` tells what it did; ``rate`` is then the answer: the highest passing rate
-    measured, 0 when none passed down to ``min_rate``. Fails when the endpoint's pass/fail
-    is not monotone in the rate: it trusts each trial, so a fluke failure below the
-    capacity caps the answer under it, and a fluke pass above lifts it."""
+    measured, 0 when none passed down to ``min_rate`` (or to an idle failure). Fails
+    when the endpoint's pass/fail is not monotone in the rate: it trusts each trial, so
+    a fluke failure below the capacity caps the answer under it, and a fluke pass above
+    lifts it."""
 
     def __init__(
         self,
@@ -355,6 +403,7 @@ class RateSearch:
         self.lo: float | None = None  # highest pass
         self.hi: float | None = None  # lowest fail
         self.num_trials = 0
+        self.floor = False  # a failure while idle: no lower rate will pass
 
     def next_rate(self) -> float | None:
         lo, hi = self.lo, self.hi
@@ -364,13 +413,19 @@ class RateSearch:
             assert lo is not None
             return None if lo >= self._max else min(lo * self._growth, self._max)
         if lo is None:
-            return None if hi <= self._min else max(hi / self._growth, self._min)
+            if self.floor or hi <= self._min:
+                return None
+            return max(hi / self._growth, self._min)
         if hi / lo <= 1 + self._precision * (1 + 1e-9):  # closed (rounding aside)
             return None
         return math.sqrt(lo * hi)
 
-    def record(self, rate: float, passed: bool) -> None:
+    def record(self, rate: float, passed: bool, *, idle: bool = False) -> None:
+        """``idle``: the trial failed while the endpoint was nearly idle (module
+        docstring): with no pass yet, the search ends at 0."""
         self.num_trials += 1
+        if not passed and idle and self.lo is None:
+            self.floor = True
         if passed:
             self.lo = rate if self.lo is None else max(self.lo, rate)
         else:
@@ -515,6 +570,10 @@ def write_json(path: Path, data: Any) -> None:
 Measure = Callable[[int, int, "TrialPlan"], Awaitable["TrialResult"]]
 """Runs one trial of cell (out_tick, in_tick) by its plan (``loadgen.HttpLoad.trial``)."""
 
+Probe = Callable[[int, int], Awaitable["float | None"]]
+"""One request of cell (out_tick, in_tick) sent alone: its e2e in endpoint seconds, None
+when it failed (``loadgen.HttpLoad.probe``)."""
+
 
 async def run_sweep(
     spec: SweepSpec,
@@ -522,9 +581,12 @@ async def run_sweep(
     state: SweepState,
     on_trial: Callable[[int, int, TrialResult], None] | None = None,
     on_cell: Callable[[CellResult, bool], None] | None = None,
+    probe: Probe | None = None,
 ) -> tuple[CellResult, ...]:
     """Every cell of ``spec``, measured unless ``state`` has it (``on_cell(cell, resumed)``
-    after each); each finished cell is saved before the next starts."""
+    after each); each finished cell is saved before the next starts. ``probe`` times a
+    lone request before each cell when the SLO bounds no lifetime (module docstring)."""
+    unbounded = not _lifetime_bounded(spec.slos)
     cells: list[CellResult] = []
     for out_tick, in_tick in spec.cells:
         done = state.done(out_tick, in_tick)
@@ -540,13 +602,24 @@ async def run_sweep(
             precision=spec.precision,
         )
         trials: list[TrialResult] = []
+        lifetime = 0.0
+        if unbounded and probe is not None:
+            alone = await probe(out_tick, in_tick)
+            lifetime = _LOAD_FACTOR * alone if alone is not None else 0.0
+        remeasured = not unbounded
         rate = search.next_rate()
         while rate is not None:
-            trial = await measure(out_tick, in_tick, TrialPlan.make(spec, out_tick, rate))
+            plan = TrialPlan.make(spec, out_tick, rate, lifetime)
+            trial = await measure(out_tick, in_tick, plan)
             trials.append(trial)
-            search.record(rate, trial.passed)
             if on_trial is not None:
                 on_trial(out_tick, in_tick, trial)
+            if not remeasured and _warmup_too_short(trial, plan, spec):
+                assert trial.mean_e2e_s is not None  # _warmup_too_short checked it
+                lifetime = _LOAD_FACTOR * trial.mean_e2e_s
+                remeasured = True
+                continue  # the same rate again, warmed up for the requests' lifetime
+            search.record(rate, trial.passed, idle=_failed_idle(trial, spec.slos))
             if trial.num_measured and trial.num_refused == trial.num_measured:
                 break  # every request refused for what it asks: no rate will do
             rate = search.next_rate()
@@ -556,6 +629,33 @@ async def run_sweep(
         if on_cell is not None:
             on_cell(cell, False)
     return tuple(cells)
+
+
+def _warmup_too_short(trial: TrialResult, plan: TrialPlan, spec: SweepSpec) -> bool:
+    """The trial failed the completion rule while its requests outlived its warm-up: its
+    window's completions lagged its arrivals for want of warm-up, whatever the load."""
+    return (
+        not trial.passed
+        and trial.throughput_ratio < spec.min_throughput_ratio
+        and trial.mean_e2e_s is not None
+        and trial.mean_e2e_s > plan.warmup_s
+    )
+
+
+def _failed_idle(trial: TrialResult, slos: Slos) -> bool:
+    """The trial missed a latency SLO at its percentile while the endpoint was nearly idle
+    (rate x mean e2e <= ``_IDLE_IN_FLIGHT``). A failure of the completion rule alone does
+    not count: at low rates a window holds few requests, and its count is noise."""
+    if trial.passed or trial.mean_e2e_s is None:
+        return False
+    if trial.rate * trial.mean_e2e_s > _IDLE_IN_FLIGHT:
+        return False
+    measured = (
+        (slos.ttft_s, trial.ttft_s),
+        (slos.tpot_s, trial.tpot_s),
+        (slos.e2e_s, trial.e2e_s),
+    )
+    return any(t is not None and v is not None and v > t for t, v in measured)
 
 
 def _start_rate(spec: SweepSpec, cells: Sequence[CellResult], out_tick: int) -> float:
@@ -587,10 +687,23 @@ def to_gpu_profile(
 
 def aibrix_profile(profile: GpuProfile, cells: Sequence[CellResult] = ()) -> dict[str, Any]:
     """AIBrix's GPU-optimizer profile JSON (``formats.profile_to_json``: ``gpu``, ``cost``,
-    ``tputs[out][in]``, ``indexes [out_ticks, in_ticks]``, ``slos``, ``created``,
-    ``model``) plus what AIBrix's ``gen_profile.py`` also writes: the mean ``e2e`` (and the
-    ``ttft`` at the percentile, when a TTFT SLO is set) at each cell's rate, 0 where the
-    cell has none. ``formats.load_profile`` reads it back as ``profile``."""
+    ``tputs[out][in]``, ``indexes [out_ticks, in_ticks]``, ``slos``, ``created``; no
+    ``model``, which AIBrix's schema has no place for) plus what AIBrix's
+    ``gen_profile.py`` also writes: the mean ``e2e`` (and the mean ``ttft``, when a TTFT
+    SLO is set) at each cell's rate, 0 where the cell has none. ``formats.load_profile``
+    reads it back as ``profile`` (less its ``model``).
+
+    How it differs from ``gen_profile.py``'s (same keys, same meaning where it matters):
+
+    * ``tputs`` is the highest *offered* rate that passed (its completions in the window
+      were at least 90% of its arrivals); gen_profile writes the *measured* mean throughput
+      at its highest passing grid rate, which its 90% rule keeps within 10% under it. The
+      solver plans with the rate a replica is offered, so the offered rate is kept.
+    * ``e2e`` and ``ttft`` are means over the measured requests of the passing trial at
+      that rate, as gen_profile's (and AIBrix's SLO queue, which takes them as expected
+      latencies); the SLO itself was checked at ``slos.percentile``.
+    * ``slos.percentile`` is ours (any value in (0, 100]); gen_profile offers 0 (the
+      mean), 50, 90, 99. It is written as an integer when it is one."""
     at = {(c.out_tick, c.in_tick): c.at_rate() for c in cells}
 
     def matrix(attr: str) -> list[list[float]]:
@@ -607,5 +720,5 @@ def aibrix_profile(profile: GpuProfile, cells: Sequence[CellResult] = ()) -> dic
     data = profile_to_json(profile)
     data["e2e"] = matrix("mean_e2e_s")
     if profile.slos.ttft_s is not None:
-        data["ttft"] = matrix("ttft_s")
+        data["ttft"] = matrix("mean_ttft_s")
     return data

@@ -188,6 +188,7 @@ async def _sweep(args: argparse.Namespace, out: str, spec: SweepSpec, state: Any
             state,
             on_trial=bar.trial,
             on_cell=bar.cell,
+            probe=load.probe,
         )
     except (KeyboardInterrupt, asyncio.CancelledError, ProfilerError) as exc:
         bar.close()
@@ -206,6 +207,7 @@ async def _sweep(args: argparse.Namespace, out: str, spec: SweepSpec, state: Any
     if args.json:
         summary = {
             "out": out,
+            "model": spec.model,  # not in the profile: AIBrix's schema has no place for it
             "state": str(state.path),
             "resumed_cells": resumed,
             "profile": data,

@@ -28,6 +28,7 @@ import aiohttp
 
 from control.placement.errors import SizesUnavailable
 from control.placement.types import Matrix, Workload
+from shoal.bodies import read_capped
 
 __all__ = [
     "MAX_ANSWER_BYTES",
@@ -147,7 +148,11 @@ class RouterSizes:
             async with self._session.get(
                 self.url, params=self.params, headers=self._headers
             ) as reply:
-                body = await _read_capped(reply, MAX_ANSWER_BYTES)
+                body = await read_capped(reply, MAX_ANSWER_BYTES)
+                if body is None:
+                    raise SizesUnavailable(
+                        f"{self.url}: the answer is over {MAX_ANSWER_BYTES} bytes"
+                    )
                 if reply.status != 200:
                     raise SizesUnavailable(
                         f"{self.url}: HTTP {reply.status}: {body[:200].decode(errors='replace')}"
@@ -163,15 +168,3 @@ class RouterSizes:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-async def _read_capped(reply: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body, ``SizesUnavailable`` past ``limit`` bytes (never buffered beyond it)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in reply.content.iter_chunked(64 << 10):
-        size += len(chunk)
-        if size > limit:
-            raise SizesUnavailable(f"{reply.url}: the answer is over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -4,6 +4,7 @@ in virtual time, the resumable state file and the AIBrix JSON it writes."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -144,6 +145,32 @@ class TestJudgingATrial:
         unfinished = [RequestRecord(t, t + 0.1) for t in range(5, 15)]
         result = evaluate_trial(unfinished, self.plan, SLOS, 32)
         assert not result.passed and "unfinished" in result.reason
+
+    @pytest.mark.parametrize(
+        ("p", "num_errors", "passed"),
+        [(50, 1, True), (50, 5, True), (50, 6, False), (90, 1, True), (90, 2, False),
+         (99, 1, False)],
+    )  # fmt: skip
+    def test_a_failed_request_is_a_miss_within_the_percentile(
+        self, p: float, num_errors: int, passed: bool
+    ) -> None:
+        """Errors are infinite latencies: the trial passes while they fit in the (100 - p)%
+        the percentile tolerates, and fails past it, also on a TPOT-only SLO over one-token
+        answers, where no latency is checked at all."""
+        records = [RequestRecord(t, t + 0.1, t + 0.5, 32) for t in range(5, 15)]
+        for k in range(num_errors):
+            records[k] = RequestRecord(5.0 + k, error="ClientOSError: reset")
+        slos = Slos(ttft_s=1.0, tpot_s=0.1, percentile=p)
+        result = evaluate_trial(records, self.plan, slos, 32, min_throughput_ratio=0.4)
+        assert (result.passed, result.num_errors) == (passed, num_errors)
+        failed = f"{num_errors} of 10 requests failed (ClientOSError: reset)"
+        assert (failed in result.reason) == (not passed)
+        one_token = [RequestRecord(t, t + 0.1, t + 0.1, 1) for t in range(5, 15)]
+        for k in range(num_errors):
+            one_token[k] = RequestRecord(5.0 + k, error="ClientOSError: reset")
+        tpot_only = Slos(tpot_s=0.1, percentile=p)
+        result = evaluate_trial(one_token, self.plan, tpot_only, 1, min_throughput_ratio=0.4)
+        assert result.passed == passed and (failed in result.reason) == (not passed)
 
     def test_an_empty_window_fails(self) -> None:
         result = evaluate_trial([RequestRecord(1.0, 1.1, 1.2, 32)], self.plan, SLOS, 32)
@@ -291,9 +318,114 @@ class TestSweep:
             spec(start_rate=2000.0)
 
 
+class VirtualTtftEndpoint:
+    """A fake endpoint in virtual time for a TTFT-only SLO and long outputs: a request
+    lives ``alone_s`` alone and ``loaded_s`` under load; a trial warmed up for less than
+    ``loaded_s`` fails the completion rule (its window's completions lag its arrivals)
+    whatever the rate; otherwise it passes at rates <= ``capacity``."""
+
+    def __init__(self, capacity: float, alone_s: float = 30.0, loaded_s: float = 45.0) -> None:
+        self.capacity, self.alone_s, self.loaded_s = capacity, alone_s, loaded_s
+        self.plans: list[TrialPlan] = []
+        self.num_probes = 0
+        self.elapsed_s = 0.0  # endpoint seconds the sweep took
+
+    async def probe(self, out_tick: int, in_tick: int) -> float | None:
+        self.num_probes += 1
+        self.elapsed_s += self.alone_s
+        return self.alone_s
+
+    async def measure(self, out_tick: int, in_tick: int, plan: TrialPlan) -> TrialResult:
+        self.plans.append(plan)
+        self.elapsed_s += plan.warmup_s + plan.duration_s
+        if plan.warmup_s < self.loaded_s:
+            return TrialResult(plan.rate, False, "throughput 60% of offered < 90%", 40,
+                               ttft_s=0.2, mean_e2e_s=self.loaded_s, throughput_ratio=0.6)  # fmt: skip
+        if plan.rate <= self.capacity:
+            return TrialResult(plan.rate, True, "", 40, ttft_s=0.2, mean_e2e_s=self.loaded_s,
+                               throughput_ratio=1.0)  # fmt: skip
+        return TrialResult(plan.rate, False, "p50 ttft 5s > 1s", 40, ttft_s=5.0,
+                           mean_e2e_s=60.0, throughput_ratio=0.8)  # fmt: skip
+
+
+class TestLifetimes:
+    ttft_only = Slos(ttft_s=1.0, percentile=50)
+
+    def sweep(self, **overrides: object) -> SweepSpec:
+        return spec(slos=self.ttft_only, out_ticks=(512,), in_ticks=(128,), **overrides)
+
+    def test_a_probed_lifetime_warms_every_trial_up_for_long_outputs(self) -> None:
+        endpoint = VirtualTtftEndpoint(capacity=3.0)
+        sweep = self.sweep()
+        (cell,) = asyncio.run(
+            run_sweep(sweep, endpoint.measure, SweepState(sweep), probe=endpoint.probe)
+        )
+        assert endpoint.num_probes == 1
+        assert all(p.warmup_s == 60.0 for p in endpoint.plans)  # twice the lone 30 s
+        assert all(p.deadline_s == p.warmup_s + p.duration_s + 120.0 for p in endpoint.plans)
+        rates = [p.rate for p in endpoint.plans]
+        assert len(set(rates)) == len(rates)  # no trial repeated
+        assert 3.0 / 1.05 <= cell.rate <= 3.0
+
+    def test_without_a_probe_a_trial_that_judged_its_warmup_is_measured_again(self) -> None:
+        endpoint = VirtualTtftEndpoint(capacity=3.0)
+        sweep = self.sweep()
+        (cell,) = asyncio.run(run_sweep(sweep, endpoint.measure, SweepState(sweep)))
+        first, second, *rest = endpoint.plans
+        assert (first.rate, first.warmup_s) == (1.0, 5.0)  # the TTFT budget only: too short
+        assert (second.rate, second.warmup_s) == (1.0, 90.0)  # twice the trial's mean e2e
+        assert all(p.warmup_s == 90.0 for p in rest)
+        assert 3.0 / 1.05 <= cell.rate <= 3.0  # was 0: every rate failed the 90% rule
+        assert [t.passed for t in cell.trials[:2]] == [False, True]
+
+    def test_the_search_stops_halving_once_a_trial_misses_the_slo_while_idle(self) -> None:
+        plans: list[TrialPlan] = []
+        elapsed = [0.0]
+
+        async def never_fast_enough(out_tick: int, in_tick: int, plan: TrialPlan) -> TrialResult:
+            plans.append(plan)
+            elapsed[0] += plan.deadline_s
+            return TrialResult(plan.rate, False, "p99 ttft 0.5s > 0.1s", 40, ttft_s=0.5,
+                               mean_e2e_s=1.0, throughput_ratio=1.0)  # fmt: skip
+
+        sweep = spec(slos=Slos(ttft_s=0.1, e2e_s=5.0), out_ticks=(32,), in_ticks=(128,))
+        (cell,) = asyncio.run(run_sweep(sweep, never_fast_enough, SweepState(sweep)))
+        # 1/s x 1 s = 1 in flight, 0.5, then 0.25: idle, and still missing: the cell is 0
+        assert [p.rate for p in plans] == [1.0, 0.5, 0.25]
+        assert cell.rate == 0.0 and "no rate met the SLO" in cell.note
+        assert elapsed[0] <= 5 * 60  # endpoint seconds, at the deadlines; was 2,100: 40 s
+        # at 1/s doubling to 800 s at 0.05/s, six trials
+
+    def test_a_completion_shortfall_alone_at_low_load_keeps_halving(self) -> None:
+        plans: list[TrialPlan] = []
+
+        async def few_requests(out_tick: int, in_tick: int, plan: TrialPlan) -> TrialResult:
+            plans.append(plan)
+            ok = plan.rate <= 0.1
+            return TrialResult(plan.rate, ok, "" if ok else "throughput 85% of offered < 90%",
+                               20, ttft_s=0.05, mean_e2e_s=1.0, throughput_ratio=0.85)  # fmt: skip
+
+        sweep = spec(slos=Slos(ttft_s=0.1, e2e_s=5.0), out_ticks=(32,), in_ticks=(128,))
+        (cell,) = asyncio.run(run_sweep(sweep, few_requests, SweepState(sweep)))
+        assert [p.rate for p in plans][:5] == [1.0, 0.5, 0.25, 0.125, 0.0625]
+        assert cell.rate > 0
+
+    def test_a_trials_window_is_capped_at_four_durations(self) -> None:
+        sweep = spec(duration_s=20.0, min_requests=40)
+        assert TrialPlan.make(sweep, out_tick=32, rate=0.05).duration_s == 80.0  # not 800
+        assert TrialPlan.make(sweep, out_tick=32, rate=1.0).duration_s == 40.0
+        assert TrialPlan.make(sweep, out_tick=32, rate=10.0).duration_s == 20.0
+        longer = TrialPlan.make(sweep, out_tick=32, rate=1.0, lifetime_s=30.0)
+        assert (longer.warmup_s, longer.deadline_s) == (30.0, 30.0 + 40.0 + 60.0)
+        shorter = TrialPlan.make(sweep, out_tick=128, rate=1.0, lifetime_s=1.0)
+        assert shorter.warmup_s == pytest.approx(1.0 + 127 * 0.1)  # the SLO's budget wins
+
+
 def test_the_aibrix_json_has_their_fields_on_our_ticks() -> None:
     sweep = spec(slos=Slos(ttft_s=1.0, tpot_s=0.1, percentile=99))
-    trial = TrialResult(4.0, True, "", 40, ttft_s=0.3, tpot_s=0.05, e2e_s=2.0, mean_e2e_s=1.5)
+    trial = TrialResult(
+        4.0, True, "", 40, ttft_s=0.3, tpot_s=0.05, e2e_s=2.0, mean_e2e_s=1.5, mean_ttft_s=0.2
+    )
     cells = [
         CellResult(32, 128, 4.0, (trial,)),
         CellResult(32, 512, 2.0),
@@ -307,11 +439,43 @@ def test_the_aibrix_json_has_their_fields_on_our_ticks() -> None:
         "indexes": [[32, 128], [128, 512]],
         "created": 1700000000.0,
         "e2e": [[1.5, 0.0], [0.0, 0.0]],
-        "ttft": [[0.3, 0.0], [0.0, 0.0]],
+        "ttft": [[0.2, 0.0], [0.0, 0.0]],  # the mean, as AIBrix's (not the p99 0.3)
         "slos": {"percentile": 99, "ttft": 1.0, "tpot": 0.1},
-        "model": "m",
     }
     json.dumps(data)  # plain JSON: no inf, no tuples
+
+
+# AIBrix's readers of a profile, at vllm-project/aibrix commit cf64e51ba23f (v0.4.0, "SLO-aware
+# router with profile support"; unchanged through e3e10f9e4aeb): the Go ModelGPUProfile and
+# ModelSLOs json tags in pkg/cache/model_gpu_profile.go, and the optimizer's GPUProfile
+# fields in python/aibrix/aibrix/gpu_optimizer/optimizer/types.py (read by
+# load_monitor/profile_reader.py's FileProfileReader as GPUProfile(**profile)).
+AIBRIX_GO_PROFILE_KEYS = {"gpu", "cost", "tputs", "indexes", "created", "e2e", "ttft", "tpot",
+                          "slos"}  # fmt: skip
+AIBRIX_GO_SLO_KEYS = {"percentile", "tput", "tt", "e2e", "ttft", "tpat", "tpot"}
+AIBRIX_PY_PROFILE_FIELDS = {"gpu", "cost", "tputs", "indexes", "created"}
+
+
+@pytest.mark.parametrize("percentile", [99.0, 50, 90.0])
+def test_the_written_profile_stays_inside_aibrixs_schema(percentile: float) -> None:
+    """Every key we write is one AIBrix's readers declare (no "model": Go's and v0.4's
+    Python readers would drop it, v0.2-v0.3's GPUProfile dataclass would refuse it), with
+    the types they decode: slos.percentile an int (Go's ``int``; 99.0 would not decode),
+    matrices of numbers on [out][in]."""
+    sweep = spec(slos=Slos(ttft_s=1.0, tpot_s=0.1, e2e_s=30.0, percentile=percentile))
+    trial = TrialResult(4.0, True, "", 40, mean_e2e_s=1.5, mean_ttft_s=0.2)
+    cells = [CellResult(32, 128, 4.0, (trial,))]
+    data = json.loads(json.dumps(aibrix_profile(to_gpu_profile(sweep, cells, 1.0), cells)))
+    assert set(data) <= AIBRIX_GO_PROFILE_KEYS
+    assert set(data) >= AIBRIX_PY_PROFILE_FIELDS  # what the optimizer itself uses
+    assert set(data["slos"]) <= AIBRIX_GO_SLO_KEYS
+    assert data["slos"]["percentile"] == percentile
+    assert type(data["slos"]["percentile"]) is int
+    for key in ("tputs", "e2e", "ttft"):
+        assert len(data[key]) == 2 and all(len(row) == 2 for row in data[key])
+    fractional = spec(slos=Slos(e2e_s=5.0, percentile=99.9))
+    written = aibrix_profile(to_gpu_profile(fractional, []))
+    assert written["slos"]["percentile"] == 99.9  # not an integer: kept as it is
 
 
 def test_the_written_profile_loads_back_through_formats(tmp_path: Path) -> None:
@@ -320,7 +484,8 @@ def test_the_written_profile_loads_back_through_formats(tmp_path: Path) -> None:
     profile = to_gpu_profile(sweep, cells, created=1700000000.0)
     path = tmp_path / "A100.json"
     write_json(path, aibrix_profile(profile, cells))
-    assert load_profile(path) == profile
+    assert profile.model == "m"
+    assert load_profile(path) == dataclasses.replace(profile, model="")  # not written
 
 
 def test_settings_layer_flags_over_environment_over_file(tmp_path: Path) -> None:

@@ -350,20 +350,22 @@ def test_a_plan_answer_over_the_limit_is_not_read() -> None:
     # review finding 8: the plan was read whole (reply.json()) whatever its size
     import asyncio
 
-    from router.plan import MAX_PLAN_BYTES, _read_capped
+    from router.plan import MAX_PLAN_BYTES
+    from shoal.bodies import read_capped
 
     class Content:
         def __init__(self, chunks: list[bytes]) -> None:
             self.chunks = chunks
 
-        async def iter_chunked(self, size: int) -> object:
-            for chunk in self.chunks:
-                yield chunk
+        async def readany(self) -> bytes:
+            return self.chunks.pop(0) if self.chunks else b""
 
     class Reply:
+        content_length = None
+
         def __init__(self, chunks: list[bytes]) -> None:
             self.content = Content(chunks)
 
-    assert asyncio.run(_read_capped(Reply([b"{}", b" "]), 3)) == b"{} "  # type: ignore[arg-type]
-    assert asyncio.run(_read_capped(Reply([b"{}", b"  "]), 3)) is None  # type: ignore[arg-type]
+    assert asyncio.run(read_capped(Reply([b"{}", b" "]), 3)) == b"{} "
+    assert asyncio.run(read_capped(Reply([b"{}", b"  "]), 3)) is None
     assert MAX_PLAN_BYTES == 1 << 20
