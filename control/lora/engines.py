@@ -23,10 +23,11 @@ Real vLLM checks that ``lora_path`` exists and holds an adapter when it loads it
 simulator does not): the path is read by the engine's process, so it must be on the
 engine's node or on a volume both share (``types.py``).
 
-Bodies are read with ``read_capped``: until EOF, refused (``AnswerTooLarge``) once past
-the cap. ``StreamReader.read(n)`` alone returns whatever is buffered (one TCP read), not
-the body up to ``n``: a /v1/models of 113 KB (1000 adapters) failed half its polls and
-vLLM's /metrics (hundreds of KB) never gave its ``max_lora`` (issue 14 review, finding 1).
+Bodies are read with ``shoal.bodies.read_capped``: until EOF, refused (``AnswerTooLarge``,
+logged) once past the cap. ``StreamReader.read(n)`` alone returns what is buffered (one
+network read), not the body up to ``n``: a /v1/models of 113 KB (1000 adapters) failed
+half its polls and vLLM's /metrics (hundreds of KB) never gave its ``max_lora`` (issue
+14 review, finding 1).
 
 Rejected: urllib in threads (the manager polls every engine each round and loads
 concurrently; one aiohttp session keeps connections); retrying inside the client (the
@@ -49,6 +50,7 @@ from control.lora.errors import (
     LoadRejected,
     LoraUpdatesDisabled,
 )
+from shoal.bodies import Reply, read_capped
 
 __all__ = [
     "EngineApi",
@@ -56,30 +58,21 @@ __all__ = [
     "HttpEngineApi",
     "MemoryEngineApi",
     "parse_models",
-    "read_capped",
+    "read_body",
 ]
 
 log = logging.getLogger("shoal." + __name__)
 
 _MAX_BODY = 4 << 20
-_CHUNK = 1 << 16
 
 
-class _Readable(Protocol):
-    async def read(self, n: int = -1) -> bytes: ...
-
-
-async def read_capped(content: _Readable, limit: int, what: str) -> bytes:
-    """The whole body of ``content`` (an aiohttp ``StreamReader``), read until EOF;
-    ``AnswerTooLarge`` naming ``what`` once it runs past ``limit`` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await content.read(_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise AnswerTooLarge(f"{what}: the answer is over {limit} bytes; refused")
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def read_body(reply: Reply, limit: int, what: str) -> bytes:
+    """``reply``'s whole body (``shoal.bodies.read_capped``: until EOF); ``AnswerTooLarge``
+    naming ``what`` when it is over ``limit`` bytes."""
+    body = await read_capped(reply, limit)
+    if body is None:
+        raise AnswerTooLarge(f"{what}: the answer is over {limit} bytes; refused")
+    return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +149,7 @@ class HttpEngineApi:
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._session.request(method, url + path, json=body) as reply:
-                    body = await read_capped(reply.content, _MAX_BODY, url + path)
+                    body = await read_body(reply, _MAX_BODY, url + path)
                     return reply.status, body
         except AnswerTooLarge as exc:
             log.warning("%s", exc)

@@ -19,7 +19,7 @@
                                 ``--enable-lora`` / ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``
           LoadRejected          the engine answered an error to a load or unload
                                 (``status`` holds the HTTP status)
-          AnswerTooLarge        an answer's body ran past its cap (``engines.read_capped``)
+          AnswerTooLarge        an answer's body ran past its cap (``engines.read_body``)
           UnloadFailed          removing an adapter: an engine could not unload it (it
                                 stays registered; the message names the engines)
 

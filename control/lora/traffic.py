@@ -34,7 +34,8 @@ adapter count as ``other`` and give it no rate here. Its wakes still count (the 
 adds them, ``manager.py``), so a new adapter gets its first copy from its wake either way
 (issue 14 review, finding 8; the cap is the router's, kept to bound its label set).
 
-The scrape is read whole and refused past ``MAX_METRICS_BYTES`` (``engines.read_capped``).
+The scrape is read whole and refused past ``MAX_METRICS_BYTES``
+(``shoal.bodies.read_capped``).
 
 ``parse_arrivals`` and ``RateWindow`` are pure; ``RouterTraffic`` does
 the I/O with an injected clock.
@@ -52,7 +53,7 @@ from collections.abc import Callable, Mapping
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from control.lora.engines import read_capped
+from control.lora.engines import read_body
 from control.lora.errors import AnswerTooLarge
 
 __all__ = ["RateWindow", "RouterTraffic", "parse_arrivals"]
@@ -143,8 +144,7 @@ class RouterTraffic:
                 async with self._session.get(self.router_url + "/metrics") as reply:
                     if reply.status != 200:
                         raise ValueError(f"HTTP {reply.status}")
-                    body = await read_capped(reply.content, MAX_METRICS_BYTES,
-                                             self.router_url + "/metrics")  # fmt: skip
+                    body = await read_body(reply, MAX_METRICS_BYTES, self.router_url + "/metrics")
             current = parse_arrivals(body.decode("utf-8", errors="replace"))
         except (TimeoutError, aiohttp.ClientError, ValueError, AnswerTooLarge) as exc:
             self.num_failures += 1
