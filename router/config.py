@@ -27,8 +27,9 @@ class RouterSettings:
     port: int = setting(8080, "listen port")
     engines: str = setting(
         "",
-        "static discovery: comma-separated engine URLs, each optionally URL=NODE/gpuI naming "
-        "the engine's cache-daemon stream",
+        "comma-separated engines: URL[=NODE/gpuI] (static; NODE/gpuI = the engine's "
+        "cache-daemon stream), http://NAME:PORT (dns), [NAMESPACE/]SERVICE[:PORT_NAME]"
+        "[@GPU_TYPE] (k8s)",
     )
     discovery: str = setting("static", "how engines are found: static, dns, k8s or file")
     discovery_file: str = setting(

@@ -17,12 +17,14 @@ look up for the first three)::
             the name (a headless Service), with the URL's scheme and port; several names
             are merged. No records is a failure (the last list stays), as in
             ``kvcache.cluster.discovery``: scaling to zero looks like a DNS outage.
-    k8s     --engines [NAMESPACE/]SERVICE[:PORT_NAME]              the Service's
+    k8s     --engines [NAMESPACE/]SERVICE[:PORT_NAME][@GPU_TYPE]   the Service's
             EndpointSlices (discovery.k8s.io/v1, label kubernetes.io/service-name=SERVICE)
             through the official client: ready endpoints only (``conditions.ready`` true or
             unset, as the API defines it), the port named PORT_NAME (default ``http``; a
             slice's only unnamed port also fits), merged across slices. Needs ``list`` on
             ``endpointslices`` in the namespace. NAMESPACE defaults to the pod's own.
+            Several Services (comma-separated) are merged; ``@GPU_TYPE`` gives every
+            engine of that Service its GPU type (one Service per placement pool).
     file    --discovery-file engines.yaml                           a JSON or YAML list of
             ``{url, stream?, gpu_type?}`` (or bare URL strings), re-read when its mtime or
             size changes
@@ -30,9 +32,10 @@ look up for the first three)::
 Streams (``<node>/gpu<i>``, the cache daemon's name for an engine's GPU) come only from
 static and file sources; dns and k8s engines have none (precise routing then sees no GPU
 prefix for them, and falls back to node-cache and approximate signals). GPU types
-(``"gpu_type": "A100"``, the placement plan's names, issue 14) come only from the file
-source (the placement planner's local pools write it); ``--engines`` has no spelling for
-them (``URL=NODE/gpuI`` is taken by the stream), so static engines have none: the ``slo``
+(``"gpu_type": "A100"``, the placement plan's names, issue 14) come from file entries (the
+placement planner's local pools write them) and from ``@GPU_TYPE`` after a k8s Service
+(one Service per Kubernetes pool); static ``--engines`` has no spelling for them
+(``URL=NODE/gpuI`` is taken by the stream), so static engines have none: the ``slo``
 strategy then ignores the plan for them.
 
 Rejected: a Kubernetes watch (a poll every few seconds is simple to reason about, and a
@@ -66,6 +69,7 @@ __all__ = [
     "DnsDiscovery",
     "FileDiscovery",
     "KubernetesDiscovery",
+    "MergedDiscovery",
     "StaticDiscovery",
     "make_discovery",
     "parse_engine_list",
@@ -384,6 +388,7 @@ class KubernetesDiscovery(_Polled):
         namespace: str,
         port_name: str = "http",
         *,
+        gpu_type: str = "",
         scheme: str = "http",
         api: Any = None,
         interval_s: float = 5.0,
@@ -403,6 +408,10 @@ class KubernetesDiscovery(_Polled):
             raise ConfigError("--discovery k8s needs a Service name and its namespace")
         self.service, self.namespace, self.port_name, self.scheme = (
             service, namespace, port_name, scheme)  # fmt: skip
+        try:
+            self.gpu_type = _check_gpu_type(gpu_type, f"Service {namespace}/{service}")
+        except ValueError as exc:
+            raise ConfigError(f"--engines: {exc}") from None
         self.what = f"EndpointSlices of Service {namespace}/{service}"
         self._request_timeout_s = request_timeout_s
         self._api_exception: type[Exception] = kubernetes.client.ApiException
@@ -446,7 +455,7 @@ class KubernetesDiscovery(_Polled):
                     continue
                 if endpoint.addresses:  # "consumers must only use the first" (API docs)
                     host = format_address(str(endpoint.addresses[0]), port)
-                    specs.append(EngineSpec(f"{self.scheme}://{host}"))
+                    specs.append(EngineSpec(f"{self.scheme}://{host}", gpu_type=self.gpu_type))
         return specs
 
     def _pick_port(self, ports: Iterable[Any]) -> int | None:
@@ -479,6 +488,23 @@ def _own_namespace() -> str:
         return os.environ.get("POD_NAMESPACE", "default")
 
 
+class MergedDiscovery:
+    """Several sources as one (``--discovery k8s`` with one Service per GPU type): their
+    lists concatenated and made canonical. Each source keeps its own last good list, so one
+    failing Service never empties the others' engines."""
+
+    def __init__(self, sources: Sequence[Discovery]) -> None:
+        self.sources = list(sources)
+
+    async def engines(self) -> list[EngineSpec]:
+        lists = await asyncio.gather(*(source.engines() for source in self.sources))
+        return _canonical(spec for specs in lists for spec in specs)
+
+    async def close(self) -> None:
+        for source in self.sources:
+            await source.close()
+
+
 def make_discovery(
     kind: str, *, engines: str = "", discovery_file: str = "", interval_s: float = 5.0
 ) -> Discovery:
@@ -492,13 +518,25 @@ def make_discovery(
     if kind == "dns":
         return DnsDiscovery(items, interval_s=interval_s)
     if kind == "k8s":
-        if len(items) != 1:
-            raise ConfigError("--discovery k8s needs --engines [NAMESPACE/]SERVICE[:PORT_NAME]")
-        where, _, port_name = items[0].partition(":")
-        namespace, _, service = where.rpartition("/")
-        return KubernetesDiscovery(
-            service, namespace or _own_namespace(), port_name or "http", interval_s=interval_s
-        )
+        if not items:
+            raise ConfigError(
+                "--discovery k8s needs --engines [NAMESPACE/]SERVICE[:PORT_NAME][@GPU_TYPE],..."
+            )
+        sources: list[Discovery] = []
+        for item in items:
+            where, _, gpu_type = item.partition("@")
+            where, _, port_name = where.partition(":")
+            namespace, _, service = where.rpartition("/")
+            sources.append(
+                KubernetesDiscovery(
+                    service,
+                    namespace or _own_namespace(),
+                    port_name or "http",
+                    gpu_type=gpu_type,
+                    interval_s=interval_s,
+                )
+            )
+        return sources[0] if len(sources) == 1 else MergedDiscovery(sources)
     if kind == "file":
         if not discovery_file:
             raise ConfigError("--discovery file needs --discovery-file F")

@@ -62,6 +62,8 @@ the planner writes the union of their ready endpoints, each with ``"gpu_type"``,
 right after ``scale()`` so leaving engines are out of the file before their drain ends.
 Rejected: one file per pool merged by the router (the router reads one file), and labels
 inside ``LocalActuator`` with a shared file (two writers of one file lose entries).
+Kubernetes pools are not written anywhere: the router finds their engines through one
+Service per pool, ``--discovery k8s --engines NS/SERVICE@GPU_TYPE,...``.
 
 Headroom: the workload's rate is the window's mean rate times ``headroom`` (1.1 by
 default). A profile's throughputs are the highest rates that still meet the SLO, so a plan

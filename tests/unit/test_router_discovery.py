@@ -20,6 +20,7 @@ from router.discovery import (
     DnsDiscovery,
     FileDiscovery,
     KubernetesDiscovery,
+    MergedDiscovery,
     StaticDiscovery,
     make_discovery,
     parse_engine_list,
@@ -297,7 +298,47 @@ def test_make_discovery_reads_the_k8s_service_from_engines(
     assert (source.namespace, source.service, source.port_name) == ("serving", "vllm", "api")
     run(source.close())
     with pytest.raises(ConfigError, match="SERVICE"):
-        make_discovery("k8s", engines="a,b")
+        make_discovery("k8s", engines=" , ")
+    # one Service per GPU type (the placement planner's Kubernetes pools)
+    merged = make_discovery("k8s", engines="serving/llama-a100@A100,serving/llama-l4:api@L4")
+    assert isinstance(merged, MergedDiscovery)
+    assert [(d.service, d.port_name, d.gpu_type) for d in merged.sources] == [  # type: ignore[attr-defined]
+        ("llama-a100", "http", "A100"), ("llama-l4", "api", "L4")]  # fmt: skip
+    run(merged.close())
+    with pytest.raises(ConfigError, match="gpu_type 'A100 80GB'"):
+        make_discovery("k8s", engines="serving/llama@A100 80GB")
+
+
+@needs_k8s
+def test_k8s_services_per_gpu_type_are_merged_and_one_failing_keeps_its_last_list() -> None:
+    a100, l4 = FakeDiscoveryApi(), FakeDiscoveryApi()
+    a100.slices = [endpoint_slice("a", [endpoint("10.1.0.1")], [("http", 8000)])]
+    l4.slices = [
+        endpoint_slice("b", [endpoint("10.2.0.1"), endpoint("10.2.0.2")], [("http", 8000)])
+    ]
+    clock = Clock()
+    source = MergedDiscovery([
+        KubernetesDiscovery("llama-a100", "serving", gpu_type="A100", api=a100, clock=clock),
+        KubernetesDiscovery("llama-l4", "serving", gpu_type="L4", api=l4, clock=clock),
+    ])  # fmt: skip
+
+    async def main() -> None:
+        first = await source.engines()
+        assert [(e.url, e.gpu_type) for e in first] == [
+            ("http://10.1.0.1:8000", "A100"), ("http://10.2.0.1:8000", "L4"),
+            ("http://10.2.0.2:8000", "L4"),
+        ]  # fmt: skip
+        l4.error = client.ApiException(status=503, reason="Unavailable")
+        a100.slices = [endpoint_slice("a", [endpoint("10.1.0.9")], [("http", 8000)])]
+        clock.now += 5
+        second = await source.engines()
+        assert [(e.url, e.gpu_type) for e in second] == [
+            ("http://10.1.0.9:8000", "A100"), ("http://10.2.0.1:8000", "L4"),
+            ("http://10.2.0.2:8000", "L4"),
+        ]  # fmt: skip
+        await source.close()
+
+    run(main())
 
 
 def test_make_discovery_names_what_is_missing() -> None:
