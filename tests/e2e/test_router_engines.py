@@ -32,6 +32,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,14 @@ def test_a_conversations_second_turn_goes_where_its_first_turn_left_its_prefix(
         ]
     for messages, (engine, turn_one_tokens) in zip(conversations, first, strict=True):
         hits_before = served.engines[engine].metric(LOCAL_HITS)
+        # The router must see both engines idle: a scrape taken while the last answer ran
+        # says one request running there until the next scrape, and turn 2 then went to
+        # the other engine, which loads the prefix from the cache daemon (one CI run of
+        # 2026-12-06, as in the test below). Wait for scrapes taken after that answer.
+        answered_at = time.monotonic()
+        for url in served.engines:
+            idle = partial(scraped_since, served, url, answered_at)
+            assert wait_until(idle, timeout=30)
         second, answer = post(served, "/v1/chat/completions",
                               {"messages": messages, "max_tokens": 8, "ignore_eos": True})  # fmt: skip
         assert second == engine, f"turn 2 went to {second}, turn 1 to {engine}"
