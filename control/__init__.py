@@ -8,6 +8,8 @@
       placement/   cost-optimal GPU types by ILP (Mélange), the profiler that feeds it,
                    the live planning loop (issue 14)
       lora/        LoRA adapters placed, loaded and evicted by traffic (issue 14)
-
-Ray engine groups and accelerator health (issue 15) land beside them.
+      health/      accelerator health: NVML and a fake backend, checks, the watcher and
+                   its actions (issue 15)
+      ray/         multi-node engines: engine groups on Ray placement groups, the fleet,
+                   `shoal engines` (issue 15)
 """

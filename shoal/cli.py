@@ -110,6 +110,20 @@ COMPONENTS: tuple[Component, ...] = (
         ("aiohttp",),
     ),
     Component(
+        "health",
+        "accelerator health: check GPUs, watch them, inject faults into the fake backend",
+        "control.health.cli",
+        "control",
+        ("aiohttp", "tomli_w"),
+    ),
+    Component(
+        "engines",
+        "multi-node engines on Ray: engine groups and the fleet that keeps them",
+        "control.ray.cli",
+        "ray",
+        ("ray", "aiohttp"),
+    ),
+    Component(
         "up",
         "the whole stack on one machine: cache daemon, loader sidecar, engines and the router",
         "router.up",
