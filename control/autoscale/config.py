@@ -33,7 +33,11 @@ class AutoscaleSettings:
     target: str = setting(
         "",
         "what to scale: deployment/NAME or statefulset/NAME (Kubernetes), local (engine "
-        "processes on this machine), memory (nothing real: decisions only)",
+        "processes on this machine), ray:URL (a `shoal engines serve` fleet of Ray engine "
+        "groups), memory (nothing real: decisions only)",
+    )
+    target_token_file: str = setting(
+        "", "ray:URL target: file holding the engines daemon's bearer token, if it has one"
     )
     namespace: str = setting("", "Kubernetes namespace of the target; empty = own or default")
     model: str = setting("", "the served model name (router metrics, scale-from-zero wakes)")

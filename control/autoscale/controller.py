@@ -343,6 +343,21 @@ def make_actuator(settings: AutoscaleSettings) -> Actuator:
             drain_s=settings.drain_s,
             kill_grace_s=settings.engine_stop_grace_s,
         )
+    if target.startswith("ray:"):
+        from control.autoscale.actuators.ray import RayFleetActuator
+
+        url = target.removeprefix("ray:")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"--target {target!r}: use ray:URL with the engines daemon's URL, e.g. "
+                "ray:http://127.0.0.1:8093"
+            )
+        token = (
+            read_token(settings.target_token_file, "--target-token-file")
+            if settings.target_token_file
+            else None
+        )
+        return RayFleetActuator(url, token)
     kind, _, name = target.partition("/")
     if kind in ("deployment", "statefulset") and name:
         from control.autoscale.actuators.kubernetes import KubernetesActuator
@@ -351,7 +366,7 @@ def make_actuator(settings: AutoscaleSettings) -> Actuator:
             kind, name, namespace=settings.namespace, engine_port=settings.engine_port
         )
     raise ConfigError(
-        f"--target {target!r}: use deployment/NAME, statefulset/NAME, local or memory"
+        f"--target {target!r}: use deployment/NAME, statefulset/NAME, local, ray:URL or memory"
     )
 
 
@@ -405,5 +420,7 @@ async def _serve(settings: AutoscaleSettings) -> int:
 def serve(settings: AutoscaleSettings) -> int:
     """Run the controller until SIGTERM/SIGINT; the exit code (0 on a clean stop)."""
     if not settings.target:
-        raise ConfigError("--target is required: deployment/NAME, statefulset/NAME, local, memory")
+        raise ConfigError(
+            "--target is required: deployment/NAME, statefulset/NAME, local, ray:URL, memory"
+        )
     return asyncio.run(_serve(settings))

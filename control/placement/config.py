@@ -16,6 +16,8 @@ Pools, one per GPU type (``parse_pools``)::
                                         --pool-engine-command TYPE="CMD ... --port {port}"
     TYPE=kubernetes:[NAMESPACE/]DEPLOYMENT   a Deployment's scale subresource
     TYPE=kubernetes:[NAMESPACE/]statefulset/NAME
+    TYPE=ray:URL                        a fleet of Ray engine groups, ``shoal engines
+                                        serve`` at URL (it publishes its own engines)
 
 Invariant: a ``PlacementSettings`` that constructs is internally consistent (positive
 intervals, a window the router answers (10-600 s), ``headroom >= 1``, ``slice_factor`` in
@@ -64,8 +66,11 @@ class PlacementSettings:
     )
     pool: str = setting(
         "",
-        "one pool per GPU type: TYPE=memory, TYPE=local or TYPE=kubernetes:[NS/]DEPLOYMENT; "
-        "repeat the flag",
+        "one pool per GPU type: TYPE=memory, TYPE=local, TYPE=kubernetes:[NS/]DEPLOYMENT or "
+        "TYPE=ray:URL (a `shoal engines serve` fleet); repeat the flag",
+    )
+    ray_token_file: str = setting(
+        "", "ray pools: file holding the engines daemons' bearer token, if they have one"
     )
     pool_engine_command: str = setting(
         "", "local pools: TYPE=COMMAND starting one engine, {port} replaced; repeat the flag"
@@ -177,14 +182,14 @@ class PlacementSettings:
 
 @dataclass(frozen=True, slots=True)
 class PoolSpec:
-    """One GPU type's pool as configured: ``kind`` memory, local or kubernetes."""
+    """One GPU type's pool as configured: ``kind`` memory, local, kubernetes or ray."""
 
     gpu: str
     kind: str
     engine_command: str = ""  # local
     namespace: str = ""  # kubernetes ("" = the pod's own, else default)
     workload_kind: str = "deployment"  # kubernetes: deployment or statefulset
-    name: str = ""  # kubernetes: the workload's name
+    name: str = ""  # kubernetes: the workload's name; ray: the engines daemon's URL
 
 
 def split_list(text: str) -> list[str]:
@@ -213,6 +218,8 @@ def _pool(gpu: str, spec: str, command: str) -> PoolSpec:
     if spec in ("memory", "local"):
         return PoolSpec(gpu, spec, engine_command=command)
     kind, sep, target = spec.partition(":")
+    if kind == "ray" and target.startswith(("http://", "https://")):
+        return PoolSpec(gpu, "ray", name=target)
     if kind == "kubernetes" and sep and target:
         parts = target.split("/")
         if len(parts) == 1:
@@ -223,8 +230,9 @@ def _pool(gpu: str, spec: str, command: str) -> PoolSpec:
             return PoolSpec(gpu, "kubernetes", namespace=parts[0], workload_kind=parts[1],
                             name=parts[2])  # fmt: skip
     raise ConfigError(
-        f"--pool {gpu}={spec}: use TYPE=memory, TYPE=local or "
-        "TYPE=kubernetes:[NAMESPACE/]DEPLOYMENT (or NAMESPACE/statefulset/NAME)"
+        f"--pool {gpu}={spec}: use TYPE=memory, TYPE=local, "
+        "TYPE=kubernetes:[NAMESPACE/]DEPLOYMENT (or NAMESPACE/statefulset/NAME) or "
+        "TYPE=ray:http://HOST:8093"
     )
 
 

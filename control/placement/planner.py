@@ -594,6 +594,15 @@ def _make_pool(settings: PlacementSettings, pool: PoolSpec) -> Actuator:
             drain_s=settings.drain_s,
             kill_grace_s=settings.engine_stop_grace_s,
         )
+    if pool.kind == "ray":
+        from control.autoscale.actuators.ray import RayFleetActuator
+
+        token = (
+            read_secret(settings.ray_token_file, "--ray-token-file")
+            if settings.ray_token_file
+            else None
+        )
+        return RayFleetActuator(pool.name, token)
     from control.autoscale.actuators.kubernetes import KubernetesActuator
 
     return KubernetesActuator(
