@@ -44,7 +44,7 @@ __all__ = [
     "template_revision",
 ]
 
-WORKER_KINDS = ("standin", "vllm")
+WORKER_KINDS = ("standin", "vllm")  # GroupSpec.workers
 
 # POST /v1/update's keys -> GroupSpec's fields (the short flag names, as on the command line)
 UPDATABLE: Mapping[str, str] = {
@@ -117,7 +117,12 @@ class EnginesSettings:
     gpu_health_interval_s: float = setting(5.0, "seconds between polls of the health watchers")
     interval_s: float = setting(2.0, "seconds between fleet rounds (poll groups, act, publish)")
     drain_s: float = setting(
-        30.0, "seconds a stopped group's engine has to finish its requests before it is killed"
+        10.0,
+        "seconds a ready group leaving the fleet (scale down, rolling update) keeps serving "
+        "after it left the router's list, before it is stopped",
+    )
+    stop_grace_s: float = setting(
+        30.0, "seconds a stopping group's engine has after SIGTERM before it is killed"
     )
     host: str = setting("127.0.0.1", "the daemon's HTTP address (/v1/fleet, /v1/scale, ...)")
     port: int = setting(8093, "the daemon's HTTP port; 0 = none")
@@ -162,8 +167,8 @@ class EnginesSettings:
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
-        if self.drain_s < 0:
-            raise ConfigError("--drain-s must be >= 0")
+        if self.drain_s < 0 or self.stop_grace_s < 0:
+            raise ConfigError("--drain-s and --stop-grace-s must be >= 0")
         if (
             self.port
             and not self.auth_token_file

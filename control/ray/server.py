@@ -38,7 +38,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,6 +74,13 @@ log = logging.getLogger("shoal." + __name__)
 MAX_BODY_BYTES = 64 << 10
 
 
+class CountersLike(Protocol):
+    """What the metrics read of ``EngineFleet.counters()``."""
+
+    @property
+    def groups_replaced(self) -> Mapping[str, int]: ...
+
+
 class FleetLike(Protocol):
     """What the daemon needs of ``control.ray.fleet.EngineFleet``."""
 
@@ -81,7 +88,9 @@ class FleetLike(Protocol):
 
     def scale(self, replicas: int) -> None: ...
 
-    def update(self, template: GroupSpec) -> None: ...
+    def update(self, template: GroupSpec) -> str: ...
+
+    def counters(self) -> CountersLike: ...
 
     def state(self) -> ReplicaState: ...
 
@@ -170,7 +179,8 @@ class EnginesDaemon:
         template = apply_update(self.spec.template, changes)
         if template.revision == self.spec.template.revision:
             return template.revision, False
-        self.fleet.update(template)
+        revision = self.fleet.update(template)
+        template = dataclasses.replace(template, revision=revision)  # the fleet's word
         previous = self.spec.template.revision
         self.spec = dataclasses.replace(self.spec, template=template)
         log.info("template revision %s -> %s: rolling update", previous, template.revision)
@@ -198,7 +208,9 @@ class EnginesDaemon:
         end = self.clock()
         self.rounds += 1
         self.metrics.observe_round(end - start)
-        self.metrics.observe(self.spec, self.fleet.status(), end)
+        self.metrics.observe(
+            self.spec, self.fleet.status(), end, self.fleet.counters().groups_replaced
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -297,17 +309,20 @@ async def start_server(
 # -- wiring -------------------------------------------------------------------------------
 
 
-async def _serve(settings: EnginesSettings) -> int:
+async def _poll_health(health: Any, interval_s: float, stop: asyncio.Event) -> None:
+    """The health feed's owner polls it (the fleet only reads it: a slow watcher must not
+    stretch a fleet round)."""
+    while not stop.is_set():
+        await health.poll()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+
+
+async def _serve(settings: EnginesSettings, token: str | None) -> int:
     from control.ray.fleet import EngineFleet
-    from control.ray.group import RayEngineGroup, connect
+    from control.ray.group import RayEngineGroup
 
     spec = fleet_spec(settings)
-    token = (
-        read_secret(settings.auth_token_file, "--auth-token-file")
-        if settings.auth_token_file
-        else None
-    )
-    await asyncio.to_thread(connect, settings.ray_address or None)
     health = None
     urls = gpu_health_urls(settings.gpu_health)
     if urls:
@@ -324,6 +339,8 @@ async def _serve(settings: EnginesSettings) -> int:
         group_factory=RayEngineGroup,
         discovery_file=Path(settings.discovery_file) if settings.discovery_file else None,
         health=health,
+        drain_s=settings.drain_s,
+        stop_grace_s=settings.stop_grace_s,
     )
     daemon = EnginesDaemon(
         fleet, spec, max_replicas=settings.max_replicas, interval_s=settings.interval_s
@@ -333,9 +350,14 @@ async def _serve(settings: EnginesSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner = None
+    health_task = None
     try:
         if settings.port:
             runner = await start_server(daemon, settings.host, settings.port, token)
+        if health is not None:
+            health_task = asyncio.create_task(
+                _poll_health(health, settings.gpu_health_interval_s, stop)
+            )
         log.info(
             "engines fleet: %d x %s (tp %d, pp %d, revision %s), every %.1f s",
             spec.replicas, spec.template.model, spec.template.tensor_parallel,
@@ -344,15 +366,28 @@ async def _serve(settings: EnginesSettings) -> int:
         await daemon.run(stop)
     finally:
         log.info("engines daemon stopping: stopping every group")
+        stop.set()
         if runner is not None:
             await runner.cleanup()
         await fleet.close()
+        if health_task is not None:
+            await health_task
         if health is not None:
             await health.close()
+        log.info("engines daemon stopped")
     return 0
 
 
 def serve(settings: EnginesSettings) -> int:
-    """Run the daemon until SIGTERM/SIGINT (every group stopped then); the exit code."""
+    """Join Ray, run the daemon until SIGTERM/SIGINT (every group stopped then); the exit
+    code. ``RayUnavailable`` when Ray cannot be joined, ``ConfigError`` for bad settings."""
     check_serve(settings)
-    return asyncio.run(_serve(settings))
+    token = (
+        read_secret(settings.auth_token_file, "--auth-token-file")
+        if settings.auth_token_file
+        else None
+    )
+    from control.ray.group import connect
+
+    connect(settings.ray_address or None)  # before the loop: ray.init wants the main thread
+    return asyncio.run(_serve(settings, token))

@@ -49,9 +49,17 @@ class InstantFleet:
     def scale(self, replicas: int) -> None:
         self.replicas = replicas
 
-    def update(self, template: GroupSpec) -> None:
+    def update(self, template: GroupSpec) -> str:
         self.updates.append(template)
         self.revision = template.revision
+        return template.revision
+
+    def counters(self) -> InstantFleet:
+        return self
+
+    @property
+    def groups_replaced(self) -> dict[str, int]:
+        return {}
 
     def state(self) -> ReplicaState:
         ready = len(self.groups)

@@ -61,7 +61,7 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
         ({"workers": "ray"}, "use standin or vllm"),
         ({"max_surge": 0, "max_unavailable": 0}, "--max-surge 1"),
         ({"interval_s": 0}, "--interval-s must be > 0"),
-        ({"drain_s": -1}, "--drain-s must be >= 0"),
+        ({"drain_s": -1}, "--drain-s and --stop-grace-s must be >= 0"),
         ({"host": "0.0.0.0"}, "--auth-token-file FILE, or --insecure-no-auth"),
         ({"gpu_health": "node-a:8094"}, "http://node-a:8094"),
     ],

@@ -35,6 +35,7 @@ class ScriptedFleet:
         self.groups: list[GroupStatus] = []
         self.calls: list[tuple[str, object]] = []
         self.fail_with: Exception | None = None
+        self.replaced: dict[str, int] = {}
 
     async def reconcile_once(self) -> None:
         self.clock.now += self.round_s
@@ -45,8 +46,16 @@ class ScriptedFleet:
     def scale(self, replicas: int) -> None:
         self.calls.append(("scale", replicas))
 
-    def update(self, template: GroupSpec) -> None:
+    def update(self, template: GroupSpec) -> str:
         self.calls.append(("update", template))
+        return template.revision
+
+    def counters(self) -> ScriptedFleet:
+        return self
+
+    @property
+    def groups_replaced(self) -> dict[str, int]:
+        return dict(self.replaced)
 
     def state(self) -> ReplicaState:
         ready = [g for g in self.groups if g.phase is GroupPhase.READY]
@@ -147,32 +156,32 @@ def test_a_round_that_cannot_reach_ray_is_logged_and_the_loop_goes_on() -> None:
     assert sample(daemon.metrics, "shoal_engines_reconcile_seconds_sum") == 0.5
 
 
-def test_metrics_count_phases_failures_once_replacements_and_waits() -> None:
-    daemon, _, clock = make(replicas=2)
+def test_metrics_count_phases_waits_and_the_fleets_replacements() -> None:
+    daemon, _, _ = make(replicas=2)
     spec: FleetSpec = daemon.spec
     metrics = daemon.metrics
     waiting = GroupStatus("g1", GroupPhase.WAITING, created=100.0)
-    metrics.observe(spec, [waiting], now=101.0)
+    metrics.observe(spec, [waiting], 101.0, {})
     assert sample(metrics, "shoal_engines_groups", phase="waiting") == 1
     assert sample(metrics, "shoal_engines_wait_seconds_count") == 0
     started = dataclasses.replace(waiting, phase=GroupPhase.STARTING)
-    metrics.observe(spec, [started], now=104.0)
+    metrics.observe(spec, [started], 104.0, {})
     ready = dataclasses.replace(waiting, phase=GroupPhase.READY)
-    failed = GroupStatus("g2", GroupPhase.FAILED, created=100.0, reason="node_died")
-    metrics.observe(spec, [ready, failed], now=106.0)
-    metrics.observe(spec, [ready, failed], now=108.0)  # the same failure: counted once
+    fresh = GroupStatus("g3", GroupPhase.WAITING, created=105.0)
+    metrics.observe(spec, [ready, fresh], 106.0, {"node_died": 1})
+    metrics.observe(spec, [ready, fresh], 108.0, {"node_died": 1})  # totals, not new ones
     assert sample(metrics, "shoal_engines_wait_seconds_count") == 1  # placed once: 4 s
     assert sample(metrics, "shoal_engines_wait_seconds_sum") == 4.0
     assert sample(metrics, "shoal_engines_group_failures_total", reason="node_died") == 1
-    assert sample(metrics, "shoal_engines_replacements_total") == 0
-    assert sample(metrics, "shoal_engines_ready") == 1
-    assert sample(metrics, "shoal_engines_groups", phase="failed") == 1
-    fresh = GroupStatus("g3", GroupPhase.WAITING, created=108.0)
-    metrics.observe(spec, [ready, fresh], now=110.0)  # g2 removed, g3 in its place
     assert sample(metrics, "shoal_engines_replacements_total") == 1
-    assert sample(metrics, "shoal_engines_groups", phase="failed") == 0
+    metrics.observe(spec, [ready, fresh], 110.0, {"node_died": 3, "gpu_unhealthy": 1})
+    assert sample(metrics, "shoal_engines_group_failures_total", reason="node_died") == 3
+    assert sample(metrics, "shoal_engines_group_failures_total", reason="gpu_unhealthy") == 1
+    assert sample(metrics, "shoal_engines_group_failures_total", reason="start_failed") == 0
+    assert sample(metrics, "shoal_engines_replacements_total") == 4
+    assert sample(metrics, "shoal_engines_ready") == 1
     assert sample(metrics, "shoal_engines_groups", phase="waiting") == 1
+    assert sample(metrics, "shoal_engines_groups", phase="failed") == 0
     assert sample(metrics, "shoal_engines_replicas_desired") == 2
     assert sample(metrics, "shoal_engines_update_revision_info",
                   revision=spec.template.revision) == 1  # fmt: skip
-    assert clock.now == 100.0  # observe takes now as given
