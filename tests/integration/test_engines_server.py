@@ -41,7 +41,7 @@ class InstantFleet:
     async def reconcile_once(self) -> None:
         self.groups = [
             GroupStatus(f"g{i}", GroupPhase.READY, revision=self.revision, created=0.0,
-                        url=f"http://10.0.0.{i}:8000", nodes=(f"node-{i}",),
+                        url=f"http://127.0.0.1:{10 + i}", nodes=(f"node-{i}",),
                         gpus=(f"node-{i}/gpu0",))
             for i in range(self.replicas)
         ]  # fmt: skip
@@ -74,9 +74,16 @@ class InstantFleet:
 
 
 @asynccontextmanager
-async def serving(token: str | None = None) -> AsyncIterator[tuple[str, EnginesDaemon]]:
+async def serving(
+    token: str | None = None, replicas: int = 1
+) -> AsyncIterator[tuple[str, EnginesDaemon]]:
+    """An engines daemon on a free loopback port, its fleet instant (endpoints on closed
+    ports: scrapes of them fail at once)."""
     fleet = InstantFleet()
-    settings = EnginesSettings(model="m", engine_command="sim --port {port}", max_replicas=3)
+    fleet.replicas = replicas
+    settings = EnginesSettings(
+        model="m", engine_command="sim --port {port}", replicas=replicas, max_replicas=3
+    )
     daemon = EnginesDaemon(fleet, fleet_spec(settings), max_replicas=3, interval_s=0.05)
     fleet.revision = daemon.spec.template.revision
     port = free_port()
@@ -128,7 +135,7 @@ def test_the_cli_and_the_actuator_scale_and_read_the_fleet() -> None:
             actuator = RayFleetActuator(url)
             try:
                 assert await until_ready(actuator, 1) == ReplicaState(
-                    1, 1, 0, ("http://10.0.0.0:8000",)
+                    1, 1, 0, ("http://127.0.0.1:10",)
                 )
                 code, out, _ = await shoal("scale", "2", "--url", url)
                 assert (code, out.strip()) == (0, "asked for 2 groups")
