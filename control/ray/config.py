@@ -68,9 +68,10 @@ class EnginesSettings:
     model: str = setting("", "the model every engine serves ({model} in --engine-command)")
     engine_command: str = setting(
         "",
-        "the command the group's driver runs; {port}, {model}, {tp} and {pp} are replaced "
-        "(vllm serve {model} --port {port} --tensor-parallel-size {tp} "
-        "--distributed-executor-backend ray, or shoal sim engine --port {port} on CPU)",
+        "the command the group's driver runs; {host} (the driver node's IP), {port}, "
+        "{model}, {tp} and {pp} are replaced (vllm serve {model} --host {host} --port {port} "
+        "--tensor-parallel-size {tp} --distributed-executor-backend ray; shoal sim engine "
+        "--host {host} --port {port} on CPU)",
     )
     tp: int = setting(1, "tensor-parallel size: GPUs per pipeline stage")
     pp: int = setting(1, "pipeline-parallel size: stages (a group has tp x pp GPUs)")
@@ -201,9 +202,9 @@ def check_serve(settings: EnginesSettings) -> None:
         raise ConfigError("--model is required: the model every engine serves")
     if "{port}" not in settings.engine_command:
         raise ConfigError(
-            "--engine-command needs {port} in it, e.g. 'shoal sim engine --port {port}' or "
-            "'vllm serve {model} --port {port} --tensor-parallel-size {tp} "
-            "--distributed-executor-backend ray'"
+            "--engine-command needs {port} in it, e.g. 'shoal sim engine --host {host} "
+            "--port {port}' or 'vllm serve {model} --host {host} --port {port} "
+            "--tensor-parallel-size {tp} --distributed-executor-backend ray'"
         )
 
 
