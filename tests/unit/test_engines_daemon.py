@@ -185,3 +185,21 @@ def test_metrics_count_phases_waits_and_the_fleets_replacements() -> None:
     assert sample(metrics, "shoal_engines_replicas_desired") == 2
     assert sample(metrics, "shoal_engines_update_revision_info",
                   revision=spec.template.revision) == 1  # fmt: skip
+
+
+def test_the_health_feed_is_polled_by_its_owner_until_stop() -> None:
+    from control.ray.server import _poll_health
+
+    class Feed:
+        def __init__(self) -> None:
+            self.polls = 0
+
+        async def poll(self) -> None:
+            self.polls += 1
+            if self.polls == 3:
+                stop.set()
+
+    feed = Feed()
+    stop = asyncio.Event()
+    asyncio.run(asyncio.wait_for(_poll_health(feed, 0.001, stop), 5))
+    assert feed.polls == 3
