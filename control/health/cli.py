@@ -85,8 +85,9 @@ def register(subparsers: Any) -> None:
         ("--card-count", "card_count", "N", "the node has N cards"),
     ):
         fault.add_argument(flag, dest=kind, type=_count, metavar=meta, help=help)
-    fault.add_argument("--throttle", metavar="REASON",
-                       help="add a throttle reason (hw_slowdown, hw_thermal_slowdown, ...)")  # fmt: skip
+    fault.add_argument(
+        "--throttle", metavar="REASON", help="add a throttle reason (hw_slowdown, ...)"
+    )
     for flag, kind, help in (
         ("--remap-pending", "remap_pending", "a row remap is pending"),
         ("--remap-failure", "remap_failure", "row remapping failed"),
@@ -156,7 +157,9 @@ def _text(health: Any) -> list[str]:
     from shoal.cli_format import table
 
     lines = [f"node {health.node}: {'healthy' if health.healthy else 'UNHEALTHY'}"]
-    lines += [f"  {p.severity.value} {p.check}: {p.detail} -> {p.remedy.value}" for p in health.problems]
+    lines += [
+        f"  {p.severity.value} {p.check}: {p.detail} -> {p.remedy.value}" for p in health.problems
+    ]
     rows = []
     for gpu in health.gpus:
         state = "yes" if gpu.healthy else "NO"

@@ -107,7 +107,7 @@ class FakeBackend:
         """Nothing to release."""
 
     def _take_xids(self, config: MockConfig) -> list[XidEvent]:
-        events = []
+        events: list[XidEvent] = []
         with self._lock:
             for index in range(config.card_count):
                 card = config.card(index)

@@ -46,8 +46,8 @@ from control.health.types import GpuSnapshot
 
 __all__ = [
     "INJECTIONS",
-    "Injection",
     "MAX_CARDS",
+    "Injection",
     "MockCard",
     "MockConfig",
     "apply_injection",
@@ -184,7 +184,9 @@ def parse(doc: Mapping[str, Any], source: str) -> MockConfig:
         if key in _NODE_KEYS:
             continue
         if not (isinstance(key, str) and key.isdigit() and len(key) <= 3):
-            raise bad(f"gpus.{key}", f"unknown key (expected {', '.join(_NODE_KEYS)} or a card index)")
+            raise bad(
+                f"gpus.{key}", f"unknown key (expected {', '.join(_NODE_KEYS)} or a card index)"
+            )
         index = int(key)
         if index >= card_count:
             raise bad(f"gpus.{key}", f"card index beyond card_count = {card_count}")
@@ -347,7 +349,9 @@ def apply_injection(doc: dict[str, Any], inj: Injection) -> dict[str, Any]:
     elif inj.kind in ("ecc_dbe", "ecc_sbe"):
         bit = inj.kind[-3:]
         card[f"ecc_volatile_{bit}"] = inj.value
-        card[f"ecc_aggregate_{bit}"] = max(int(card.get(f"ecc_aggregate_{bit}", 0)), int(inj.value or 0))
+        card[f"ecc_aggregate_{bit}"] = max(
+            int(card.get(f"ecc_aggregate_{bit}", 0)), int(inj.value or 0)
+        )
     elif inj.kind == "remap_pending":
         card["remapping_pending"] = True
     elif inj.kind == "remap_failure":

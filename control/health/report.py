@@ -19,7 +19,13 @@ import time
 from pathlib import Path
 
 from control.health.backend import GpuBackend, open_backend
-from control.health.checks import DEFAULT_THRESHOLDS, Thresholds, check_gpu, check_node, nvml_problem
+from control.health.checks import (
+    DEFAULT_THRESHOLDS,
+    Thresholds,
+    check_gpu,
+    check_node,
+    nvml_problem,
+)
 from control.health.errors import BackendError, NvmlUnavailable
 from control.health.types import GpuHealth, NodeHealth, Problem, Remedy, Severity
 from control.health.xid import XidLedger

@@ -56,7 +56,12 @@ _C, _W, _I = Severity.CRITICAL, Severity.WARNING, Severity.INFO
 _RESTART, _RESET, _DRAIN = Remedy.RESTART_ENGINE, Remedy.RESET_GPU, Remedy.DRAIN_NODE
 
 _ROWS: tuple[tuple[int, str, Severity, Remedy], ...] = (
-    (13, "graphics engine exception (an application fault, e.g. out-of-range access)", _W, _RESTART),
+    (
+        13,
+        "graphics engine exception (an application fault, e.g. out-of-range access)",
+        _W,
+        _RESTART,
+    ),
     (31, "GPU memory page fault (an application's illegal address)", _W, _RESTART),
     (32, "invalid or corrupted push buffer stream (PCIe or driver trouble)", _W, _RESTART),
     (43, "GPU stopped processing: the application's channel was reset", _W, _RESTART),
