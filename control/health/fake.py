@@ -1,11 +1,13 @@
 """``FakeBackend``: the GpuBackend read from a TOML fault file (mockfile.py's schema).
 
-Invariants: the file is re-read whenever its (mtime, size, inode) changes, so
+Invariants: the file is re-read whenever its (mtime, size, inode) changes (and compared
+byte for byte while its mtime is under 2 s old: two writes in one timestamp tick), so
 ``shoal health inject`` on a running watcher takes effect at its next reading; a re-read
 that fails to parse keeps the last good file (logged once per change: a human half-way
 through an edit must not flap every GPU); each XID listed under a card's ``xids`` is
-delivered by ``wait_xid`` exactly once (position-based: the list only grows by
-injection; a shorter list — cleared — resets the count to its new length).
+delivered by ``wait_xid`` exactly once: the entries after the longest common prefix
+with the list last delivered are new (injection appends; a cleared card's list starts
+over, so ``[79, 48]`` -> ``[94]`` delivers 94).
 
 ``nvml_init_error`` at construction raises ``NvmlUnavailable`` (as nvmlInit would); set
 later, every ``device_count`` raises ``BackendError`` (NVML lost). ``fail_read`` makes
@@ -25,12 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from control.health.errors import BackendError, MockFormatError, NvmlUnavailable
-from control.health.mockfile import MockConfig, load, to_snapshot
+from control.health.mockfile import MockConfig, loads, to_snapshot
 from control.health.types import GpuSnapshot, XidEvent
 
 __all__ = ["FakeBackend"]
 
 log = logging.getLogger("shoal." + __name__)
+
+_MAX_FILE_BYTES = 1 << 20
+_RACY_NS = 2_000_000_000
 
 # nvmlReturn_t names, for messages
 NVML_RETURN_NAMES = {
@@ -66,9 +71,11 @@ class FakeBackend:
         self._sleep = sleep
         self._poll_s = poll_s
         self._lock = threading.Lock()
-        self._stamp = self._file_stamp()
-        self._config = load(self._path)  # MockFormatError propagates: the caller's file
-        self._delivered: dict[int, int] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self._bad_stamp: tuple[int, int, int] | None = None
+        self._data = b""
+        self._config = self._load()  # MockFormatError propagates: the caller's file
+        self._delivered: dict[int, tuple[int, ...]] = {}
         if self._config.nvml_init_error:
             raise NvmlUnavailable(
                 _init_error(self._config.nvml_init_error, self._path),
@@ -111,27 +118,50 @@ class FakeBackend:
         with self._lock:
             for index in range(config.card_count):
                 card = config.card(index)
-                done = min(self._delivered.get(index, 0), len(card.xids))
+                seen = self._delivered.get(index, ())
+                done = 0
+                while done < min(len(seen), len(card.xids)) and seen[done] == card.xids[done]:
+                    done += 1
                 now = self._clock()
                 events.extend(XidEvent(index, xid, now, card.uuid) for xid in card.xids[done:])
-                self._delivered[index] = len(card.xids)
+                self._delivered[index] = card.xids
         return events
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
+    def _read(self) -> tuple[tuple[int, int, int], bytes]:
         try:
-            st = os.stat(self._path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+            with open(self._path, "rb") as f:
+                st = os.fstat(f.fileno())
+                return (st.st_mtime_ns, st.st_size, st.st_ino), f.read(_MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise MockFormatError(f"{self._path}: cannot read: {exc.strerror or exc}") from None
+
+    def _load(self) -> MockConfig:
+        stamp, data = self._read()
+        if len(data) > _MAX_FILE_BYTES:
+            raise MockFormatError(f"{self._path}: larger than {_MAX_FILE_BYTES} bytes")
+        config = loads(data, str(self._path))
+        self._stamp, self._data = stamp, data
+        return config
 
     def _current(self) -> MockConfig:
-        stamp = self._file_stamp()
+        """The file's config, re-read when its (mtime, size, inode) changed — or, while
+        its mtime is within the last ``_RACY_NS`` (a second write in the same timestamp
+        tick, onto a reused inode, would look unchanged), when its bytes differ."""
+        try:
+            st = os.stat(self._path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
         with self._lock:
-            if stamp == self._stamp:
+            racy = stamp is not None and time.time_ns() - stamp[0] < _RACY_NS
+            if stamp == self._stamp and not racy:
                 return self._config
-            self._stamp = stamp
             try:
-                self._config = load(self._path)
+                if racy and stamp == self._stamp and self._read()[1] == self._data:
+                    return self._config
+                self._config = self._load()
             except MockFormatError as exc:
-                log.warning("fake backend: keeping the last good file: %s", exc)
+                if stamp != self._bad_stamp:
+                    log.warning("fake backend: keeping the last good file: %s", exc)
+                self._bad_stamp = stamp
             return self._config

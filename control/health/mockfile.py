@@ -53,6 +53,7 @@ __all__ = [
     "apply_injection",
     "inject",
     "load",
+    "loads",
     "parse",
     "to_snapshot",
 ]
@@ -162,6 +163,15 @@ _NODE_KEYS = ("card_count", "nvml_init_error")
 def load(path: Path) -> MockConfig:
     """Read and validate ``path``; ``MockFormatError`` for anything wrong with it."""
     return parse(_read_doc(path), str(path))
+
+
+def loads(data: bytes, source: str) -> MockConfig:
+    """Validate a file's bytes (``source`` names it in errors)."""
+    try:
+        doc = tomllib.loads(data.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise MockFormatError(f"{source}: not valid TOML: {exc}") from None
+    return parse(doc, source)
 
 
 def parse(doc: Mapping[str, Any], source: str) -> MockConfig:
