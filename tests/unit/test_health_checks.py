@@ -12,7 +12,7 @@ from control.health.mockfile import Injection, inject
 from control.health.report import check_once
 from control.health.types import GpuSnapshot, NodeHealth, Problem, Remedy, Severity
 
-C, W, I = "critical", "warning", "info"
+C, W, N = "critical", "warning", "info"
 
 
 def run(tmp_path: Path, text: str, expect_gpus: int | None = None) -> NodeHealth:
@@ -34,8 +34,8 @@ SCENARIOS = [
     ("link width x8 of x16", "link_width_current = 8", [("pcie_link", W, "none")]),
     ("link width x4 of x16", "link_width_current = 4", [("pcie_link", C, "drain_node")]),
     ("link width x1 of x16", "link_width_current = 1", [("pcie_link", C, "drain_node")]),
-    ("link gen 3 of 4", "link_gen = 3", [("pcie_link", I, "none")]),
-    ("link gen 4 of 5", "link_gen_max = 5", [("pcie_link", I, "none")]),
+    ("link gen 3 of 4", "link_gen = 3", [("pcie_link", N, "none")]),
+    ("link gen 4 of 5", "link_gen_max = 5", [("pcie_link", N, "none")]),
     ("volatile DBE", "ecc_volatile_dbe = 2", [("ecc", C, "reset_gpu")]),
     ("aggregate DBE only", "ecc_aggregate_dbe = 2", [("ecc", W, "none")]),
     ("volatile SBE under", "ecc_volatile_sbe = 999", []),
@@ -69,11 +69,11 @@ SCENARIOS = [
     (
         "throttle names",
         'throttle_reasons = ["hw_slowdown", "sw_power_cap", "gpu_idle"]',
-        [("throttle", W, "none"), ("throttle", I, "none")],
+        [("throttle", W, "none"), ("throttle", N, "none")],
     ),
     ("throttle bitmask HW thermal", "throttle_reasons = 0x40", [("throttle", W, "none")]),
     ("power brake", 'throttle_reasons = ["hw_power_brake_slowdown"]', [("throttle", W, "none")]),
-    ("SW thermal", 'throttle_reasons = ["sw_thermal_slowdown"]', [("throttle", I, "none")]),
+    ("SW thermal", 'throttle_reasons = ["sw_thermal_slowdown"]', [("throttle", N, "none")]),
     ("idle only", 'throttle_reasons = ["gpu_idle", "applications_clocks_setting"]', []),
     ("one link down", "nvlink_active = [true, false, true]", [("nvlink", C, "reset_gpu")]),
     ("all links down", "nvlink_active = [false, false]", [("nvlink", W, "none")]),
@@ -83,7 +83,7 @@ SCENARIOS = [
     ("10000 link errors", "nvlink_errors = [10000, 5]", [("nvlink", C, "reset_gpu")]),
     ("XID 79", "xids = [79]", [("xid", C, "drain_node")]),
     ("XID 48 and 13", "xids = [48, 13]", [("xid", W, "restart_engine"), ("xid", C, "reset_gpu")]),
-    ("XID 45", "xids = [45]", [("xid", I, "none")]),
+    ("XID 45", "xids = [45]", [("xid", N, "none")]),
     ("unknown XID", "xids = [999]", [("xid", W, "none")]),
     ("fell off the bus", "fail_read = true", [("unreadable", C, "drain_node")]),
     (
