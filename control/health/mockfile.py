@@ -394,6 +394,7 @@ def inject(path: Path, inj: Injection, *, new_card_count: int = 8) -> MockConfig
     it was."""
     if path.exists():
         doc = _read_doc(path)
+        parse(doc, str(path))  # refuse to edit a file that is already malformed
     else:
         doc = {"version": "0.1.0", "gpus": {"card_count": new_card_count}}
     config = parse(apply_injection(doc, inj), str(path))

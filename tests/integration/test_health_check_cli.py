@@ -148,7 +148,7 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     done = shoal("inject", "--nvml-mock", mock, "--xid", "79", "--fail-read")
     assert done.returncode == 2 and "not allowed with argument" in done.stderr
     done = shoal("inject", "--nvml-mock", mock, "--throttle", "hot")
-    assert done.returncode == 2 and "--throttle 'hot': one of gpu_idle" in done.stderr
+    assert done.returncode == 2 and "invalid choice: 'hot'" in done.stderr
     done = shoal("inject", "--nvml-mock", mock, "--gpu", "9", "--xid", "79")
     assert done.returncode == 2 and "gpus.9: card index beyond card_count = 8" in done.stderr
     assert not mock.exists()  # a refused edit creates nothing

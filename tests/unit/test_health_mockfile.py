@@ -144,6 +144,14 @@ def test_a_bad_injection_leaves_the_file_as_it_was(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["gpus.toml"]
 
 
+def test_a_malformed_file_is_not_edited(tmp_path: Path) -> None:
+    path = tmp_path / "gpus.toml"
+    path.write_text("[gpus]\n[gpus.0]\necc_aggregate_dbe = 'lots'\n")
+    with pytest.raises(MockFormatError, match="gpus.0.ecc_aggregate_dbe: must be an integer"):
+        inject(path, Injection("ecc_dbe", 0, 1))
+    assert path.read_text() == "[gpus]\n[gpus.0]\necc_aggregate_dbe = 'lots'\n"
+
+
 def test_card_count_drops_cards_beyond_it_and_clear_resets(tmp_path: Path) -> None:
     path = tmp_path / "gpus.toml"
     for gpu in range(4):
