@@ -257,9 +257,9 @@ class NvmlBackend:
         )
 
     def _nvlinks(self, read: Callable[..., Any]) -> tuple[tuple[bool, ...], tuple[int, ...]]:
-        """Link states and error sums, for the links the GPU has (the first link NVML
-        rejects ends the list: NOT_SUPPORTED -> None; INVALID_ARGUMENT -> unreadable,
-        which is taken back here, as it only means "no such link")."""
+        """Link states and error sums, for the links the GPU has: the first link NVML
+        answers NOT_SUPPORTED or INVALID_ARGUMENT for ends the list (both mean "no such
+        link"); another error ends it too and names the link in ``unreadable``."""
         nv = self._nv
         active: list[bool] = []
         errors: list[int] = []
