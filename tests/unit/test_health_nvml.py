@@ -284,3 +284,10 @@ def test_this_host_without_a_gpu_reports_nvml_unavailable() -> None:
         return
     backend.close()
     pytest.skip("this host has a working NVML")
+
+
+def test_a_link_that_fails_to_read_ends_the_list_and_is_named() -> None:
+    flaky = h100({("nvmlDeviceGetNvLinkState", 1): Err(UNKNOWN)})
+    snap = NvmlBackend(nvml=ScriptedNvml([flaky]).module()).snapshot(0)
+    assert (snap.nvlink_active, snap.nvlink_errors) == ((True,), (0,))
+    assert snap.unreadable == ("nvlink_active[1]", "shutdown_temp_c")
