@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from control.health.checks import THROTTLE_REASONS
 from control.health.errors import MockFormatError
 from control.health.mockfile import Injection, MockCard, apply_injection, inject, load, loads
+from control.health.report import check_once
 
 SAMPLE = Path(__file__).parent / "data" / "health" / "aibrix_sample.toml"
 
@@ -170,3 +175,36 @@ def test_card_count_drops_cards_beyond_it_and_clear_resets(tmp_path: Path) -> No
 def test_an_unknown_injection_kind_is_a_bug() -> None:
     with pytest.raises(ValueError, match="unknown injection 'melt'"):
         Injection("melt", 0)
+
+
+_INJECTION = st.one_of(
+    st.builds(Injection, st.sampled_from(["xid", "ecc_dbe", "ecc_sbe", "link_width", "temperature"]),
+              st.integers(0, 3), st.integers(0, 200)),
+    st.builds(Injection, st.sampled_from(["remap_pending", "remap_failure", "fail_read", "clear"]),
+              st.integers(0, 3)),
+    st.builds(Injection, st.just("throttle"), st.integers(0, 3), st.sampled_from(list(THROTTLE_REASONS))),
+    st.builds(Injection, st.just("nvlink_down"), st.integers(0, 3), st.integers(0, 35)),
+    st.builds(Injection, st.just("nvml_init_error"), st.none(), st.integers(0, 20)),
+    st.builds(Injection, st.just("clear"), st.none()),
+)  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_INJECTION, max_size=8))
+def test_any_injections_leave_a_valid_file_or_refuse_and_clear_heals_it(
+    injections: list[Injection],
+) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "gpus.toml"
+        for injection in injections:
+            before = path.read_bytes() if path.exists() else None
+            try:
+                inject(path, injection, new_card_count=4)
+            except MockFormatError:  # out of bounds (x65 link, 201 C): refused, file as it was
+                assert (path.read_bytes() if path.exists() else None) == before
+        if path.exists():
+            assert load(path).card_count == 4
+        inject(path, Injection("clear", None), new_card_count=4)
+        health = check_once(nvml_mock=path, node="n", expect_gpus=4, now=0.0)
+        assert health.healthy and [g.problems for g in health.gpus] == [()] * 4
+        assert os.listdir(folder) == ["gpus.toml"]
