@@ -15,19 +15,24 @@ the name carries every XID). The table below decides, per code:
 
 Unknown codes are ``warning`` with remedy ``none``: reported, never blocking.
 
-Sources: NVIDIA's Xid catalogue ("Xid Errors", docs.nvidia.com/deploy/xid-errors, the
-Ampere+ catalogue with its resolution buckets RESTART_APP / RESET_GPU / RESTART_BM /
-CONTACT_SUPPORT), the list of XIDs DCGM's health watches treat as fatal (48, 63, 64, 74,
-79, 92, 94, 95, 119, 120, 140) and the GPU-operator / AIBrix practice of cordoning a node
-on XID 79 and remap failures. Where NVIDIA's bucket is RESET_GPU we say ``reset_gpu``;
-where it is RESTART_BM or CONTACT_SUPPORT for a hardware fault we say ``drain_node``.
+Sources: NVIDIA's Xid catalogue (docs.nvidia.com/deploy/xid-errors, and for Ampere and
+newer its catalogue with resolution buckets RESTART_APP / RESET_GPU / RESTART_BM /
+CONTACT_SUPPORT: analyzing-xid-catalog.html); NVIDIA's k8s-device-plugin
+(internal/rm/health.go), which treats 13, 31, 43, 45 and 68 as application errors that
+leave the GPU healthy and every other XID as making it unhealthy; the critical list in
+Shoal issue 15 (48, 63, 64, 74, 79, 92, 94, 95, 119, 120). Where NVIDIA's bucket is
+RESET_GPU we say ``reset_gpu``; where the fault is in the hardware or the bus (64, 79)
+``drain_node``. Deviation from the device
+plugin: 32 and 69 are warnings here (an application's corrupt push buffer or bad class
+call is far more common than the bus fault 32 can also mean; XID 79 catches the latter).
 
 Ledger invariant: a critical XID stays in ``problems(index)`` until ``clear(index)`` (an
 engine restart on a reset GPU, or a GPU reset, clears it: the caller knows which happened,
 the ledger does not guess); a non-critical XID leaves ``window_s`` after it was last seen.
-Memory is bounded: at most ``max_codes`` distinct codes per GPU (the oldest non-critical
-one is dropped for a new one; a new non-critical one is dropped when all are critical)
-and GPU indexes below 1024. Rejected: a list of every event (unbounded on a flapping GPU).
+Memory is bounded: at most ``max_codes`` distinct codes per GPU (the least recently seen
+non-critical one makes room for a new code; when all are critical a new non-critical one
+is dropped and a new critical one replaces the least recently seen) and GPU indexes below
+1024. Rejected: a list of every event (unbounded on a flapping GPU).
 """
 
 from __future__ import annotations
