@@ -18,14 +18,17 @@ Rules, in the order they are applied:
 4. rolling update: old ready groups are stopped (oldest first, ``outdated``) only while
    ``ready >= R - U`` still holds after each stop, so capacity is kept (U = 0: a new group
    must be ready before an old one goes);
-5. start ``min(R - current, R + S - alive)`` groups (never below 0);
+5. start ``min(R - current, R + S - alive - draining)`` groups (never below 0), where
+   ``draining`` counts groups retired but still draining (earlier or in this round):
+   they hold GPUs;
 6. alive groups beyond ``R + S`` (S shrank mid-update) lose their newest unready
    current-revision groups.
 
 Invariants (``tests/unit/test_ray_reconcile.py`` checks them over random histories):
 
-* after the actions, at most ``R + S`` groups are alive (``S`` is taken as 1 when both S
-  and U are 0, as Kubernetes refuses that pair: no update could ever progress);
+* after the actions, at most ``R + S`` groups are alive, draining ones included, unless
+  they were already more and nothing starts (``S`` is taken as 1 when both S and U are 0,
+  as Kubernetes refuses that pair: no update could ever progress);
 * the fleet's own stops never take ready groups below ``min(ready_before, R - U)``, where
   ``ready_before`` counts healthy ready groups (scale down to R < ready is asked for; its
   stops keep exactly R of them ready when R of them were);
@@ -113,8 +116,10 @@ def _lost_reason(status: GroupStatus, unhealthy: frozenset[str]) -> str:
 
 
 def _removal_order(groups: Iterable[GroupStatus]) -> list[GroupStatus]:
-    """Unready first (waiting, then starting), newest first within a phase."""
-    return sorted(groups, key=lambda g: (_REMOVAL_RANK[g.phase], -g.created, g.group_id))
+    """Unready first (waiting, then starting), newest first within a phase; groups
+    created at the same time: the later id first (``group-10`` after ``group-9``)."""
+    by_id = sorted(groups, key=lambda g: (len(g.group_id), g.group_id), reverse=True)
+    return sorted(by_id, key=lambda g: (_REMOVAL_RANK[g.phase], -g.created))
 
 
 def reconcile(
@@ -122,6 +127,7 @@ def reconcile(
     groups: Sequence[GroupStatus],
     *,
     unhealthy: frozenset[str] = frozenset(),
+    num_draining: int = 0,
 ) -> Actions:
     """The actions of one round (rules 1-6 of the module docstring)."""
     assert spec.replicas >= 0, f"replicas {spec.replicas} < 0"
@@ -156,11 +162,14 @@ def reconcile(
 
     num_ready = len(old_ready) + sum(1 for g in current if g.phase is GroupPhase.READY)
     num_retire = min(len(old_ready), max(0, num_ready - min_ready))  # rule 4
-    retiring = sorted(old_ready, key=lambda g: (g.created, g.group_id))[:num_retire]
+    retiring = sorted(old_ready, key=lambda g: (g.created, len(g.group_id), g.group_id))
+    retiring = retiring[:num_retire]
     stops.extend(Stop(g.group_id, OUTDATED, drain=True) for g in retiring)
     num_alive = len(current) + len(old_ready) - num_retire
 
-    num_start = max(0, min(replicas - len(current), replicas + surge - num_alive))  # rule 5
+    num_draining += sum(1 for stop in stops if stop.drain)  # retired now, still serving
+    budget = replicas + surge - num_alive - num_draining  # rule 5
+    num_start = max(0, min(replicas - len(current), budget))
 
     over = num_alive - (replicas + surge)  # rule 6
     if over > 0:

@@ -92,9 +92,11 @@ def test_rolling_update_max_unavailable_zero_waits_for_a_new_ready_group() -> No
     assert reconcile(spec, old) == Actions(1)
     # the new one is starting: nothing more
     assert reconcile(spec, [*old, group("n1", S, 3, "2")]).empty
-    # it is ready: the oldest old group drains, and the next new one starts
+    # it is ready: the oldest old group drains (and holds its GPUs while it does)
     actions = reconcile(spec, [*old, group("n1", R, 3, "2")])
-    assert actions == Actions(1, (Stop("o1", OUTDATED, drain=True),))
+    assert actions == Actions(0, (Stop("o1", OUTDATED, drain=True),))
+    # drained: the next new one starts
+    assert reconcile(spec, [old[1], group("n1", R, 3, "2")]) == Actions(1)
     # last step: the second new one ready, the last old one goes
     actions = reconcile(spec, [old[1], group("n1", R, 3, "2"), group("n2", R, 4, "2")])
     assert actions == Actions(0, (Stop("o2", OUTDATED, drain=True),))
@@ -103,7 +105,8 @@ def test_rolling_update_max_unavailable_zero_waits_for_a_new_ready_group() -> No
 def test_rolling_update_surge_zero_unavailable_one_stops_first() -> None:
     spec = fleet(3, revision="2", surge=0, unavailable=1)
     old = [group("o1", R, 1), group("o2", R, 2), group("o3", R, 3)]
-    assert reconcile(spec, old) == Actions(1, (Stop("o1", OUTDATED, drain=True),))
+    assert reconcile(spec, old) == Actions(0, (Stop("o1", OUTDATED, drain=True),))
+    assert reconcile(spec, old[1:]) == Actions(1)  # o1 drained
     # the new one starts: ready is 2 = R - U, nothing more may go
     assert reconcile(spec, [*old[1:], group("n1", S, 4, "2")]).empty
 
@@ -128,6 +131,17 @@ def test_surge_shrunk_mid_update_trims_newest_unready() -> None:
     actions = reconcile(spec, groups)
     # one current too many (rule 3 takes the waiting one); then 2 alive = R + 1: no trim
     assert actions == Actions(0, (Stop("n2", SCALE_DOWN),))
+
+
+def test_draining_groups_use_the_surge_budget() -> None:
+    spec = fleet(2, revision="2", surge=1, unavailable=0)
+    groups = [group("o2", R, 2), group("n1", R, 3, "2")]
+    # o1 was retired last round and still drains: ready = 2 keeps o2, nothing may start
+    assert reconcile(spec, groups, num_draining=1).empty
+    assert reconcile(spec, groups) == Actions(1)
+    # a group retired in this round drains too: no start in the same round
+    groups = [group("o2", R, 2), group("n1", R, 3, "2"), group("n2", R, 4, "2")]
+    assert reconcile(fleet(2, "2", surge=1), groups) == Actions(0, (Stop("o2", OUTDATED, True),))
 
 
 def test_stopping_groups_count_toward_nothing() -> None:
@@ -157,6 +171,7 @@ class World:
         self.unhealthy: set[str] = set()
         self.seq = 0
         self.now = 0.0
+        self.draining: dict[str, int] = {}  # retired ready groups -> rounds left to drain
 
     def nth(self, i: int) -> GroupStatus | None:
         alive = sorted(self.groups.values(), key=lambda g: g.group_id)
@@ -184,10 +199,14 @@ class World:
     def round(self) -> Actions:
         before = list(self.groups.values())
         unhealthy = frozenset(self.unhealthy)
-        actions = reconcile(self.spec, before, unhealthy=unhealthy)
-        check(self.spec, before, unhealthy, actions)
+        self.draining = {gid: n - 1 for gid, n in self.draining.items() if n > 1}
+        num_draining = len(self.draining)
+        actions = reconcile(self.spec, before, unhealthy=unhealthy, num_draining=num_draining)
+        check(self.spec, before, unhealthy, actions, num_draining)
         for stop in actions.stops:
             del self.groups[stop.group_id]
+            if stop.drain:
+                self.draining[stop.group_id] = 2
         for _ in range(actions.num_start):
             self.seq += 1
             gid = f"g{self.seq:03d}"
@@ -197,7 +216,11 @@ class World:
 
 
 def check(
-    spec: FleetSpec, before: list[GroupStatus], unhealthy: frozenset[str], actions: Actions
+    spec: FleetSpec,
+    before: list[GroupStatus],
+    unhealthy: frozenset[str],
+    actions: Actions,
+    num_draining: int = 0,
 ) -> None:
     stopped = {s.group_id: s for s in actions.stops}
     assert len(stopped) == len(actions.stops), "a group stopped twice"
@@ -207,6 +230,10 @@ def check(
     assert all(stopped[gid].replaced for gid in lost)
     after = [g for g in before if g.group_id not in stopped]
     assert len(after) + actions.num_start <= spec.replicas + effective_surge(spec)
+    if actions.num_start:  # draining groups hold GPUs: they count toward the surge
+        assert len(after) + actions.num_start + num_draining <= spec.replicas + effective_surge(
+            spec
+        )
     ready_before = sum(1 for g in before if g.phase is R and g.group_id not in lost)
     ready_after = sum(1 for g in after if g.phase is R)
     floor = min(ready_before, max(0, spec.replicas - spec.max_unavailable))
