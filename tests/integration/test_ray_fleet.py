@@ -218,7 +218,13 @@ def test_node_killed_under_a_group_is_replaced_and_the_router_stops_using_it(
                 # requests sent once the router re-read the file all succeeded
                 settled = dropped + 1.0
                 late = [status for sent, _, status in outcomes if sent > settled]
-                assert late and all(status == 200 for status in late), late
+                timeline = [(round(s - killed, 2), round(a - s, 2), st) for s, a, st in outcomes]
+                assert late and all(status == 200 for status in late), (
+                    dropped - killed,
+                    timeline,
+                    router.log()[-4000:],
+                    listed(discovery),
+                )
                 # before: only requests in flight at the kill or sent before the router
                 # re-read the file may fail
                 failed = [(s, a) for s, a, status in outcomes if status != 200]
