@@ -94,7 +94,7 @@ class FleetCounters:
     groups_replaced: Mapping[str, int] = field(default_factory=dict)  # by failure reason
     groups_retired: Mapping[str, int] = field(default_factory=dict)  # scale_down/outdated
     start_errors: int = 0
-    poll_timeouts: int = 0
+    poll_failures: int = 0
     stop_errors: int = 0
     updates: int = 0
     scales: int = 0
@@ -212,14 +212,14 @@ class EngineFleet:
             async with asyncio.timeout(self._poll_timeout_s):
                 status = await member.group.poll()
         except TimeoutError:
-            self._counts["poll_timeouts"] += 1
+            self._counts["poll_failures"] += 1
             log.warning(
                 "group %s: no status in %.1f s; keeping its last (%s)",
                 member.group.group_id, self._poll_timeout_s, member.status.phase,
             )  # fmt: skip
             return member.status
         except RayGroupError as exc:
-            self._counts["poll_timeouts"] += 1
+            self._counts["poll_failures"] += 1
             log.warning(
                 "group %s: poll failed (%s); keeping its last status", member.group.group_id, exc
             )
@@ -421,7 +421,7 @@ class EngineFleet:
             groups_replaced=dict(self._replaced),
             groups_retired=dict(self._retired),
             start_errors=c["start_errors"],
-            poll_timeouts=c["poll_timeouts"],
+            poll_failures=c["poll_failures"],
             stop_errors=c["stop_errors"],
             updates=c["updates"],
             scales=c["scales"],

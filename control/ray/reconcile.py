@@ -10,8 +10,10 @@ discovery file before they stop).
 
 Rules, in the order they are applied:
 
-1. a failed group, or one with a GPU in ``unhealthy``, is stopped (reason: its failure
-   reason, or ``gpu_unhealthy``) and counts toward nothing: it is replaced by rule 5;
+1. a failed group, or one with a GPU in ``unhealthy``, or one that says it is stopping or
+   stopped though the fleet keeps it (stopped from outside), is stopped (reason: its
+   failure reason, ``gpu_unhealthy`` or ``stopped``) and counts toward nothing: it is
+   replaced by rule 5;
 2. a group of an old revision that is not ready serves nothing: stopped (``outdated``);
 3. more groups of the current revision than R (scale down): stopped in removal order —
    waiting first, then starting, then ready; newest first within each (``scale_down``);
@@ -110,6 +112,8 @@ def _lost_reason(status: GroupStatus, unhealthy: frozenset[str]) -> str:
     """Why the group must be replaced, or "" when it is not lost."""
     if status.phase is GroupPhase.FAILED:
         return status.reason or "failed"
+    if status.phase in (GroupPhase.STOPPING, GroupPhase.STOPPED):
+        return "stopped"  # a kept group stopped by someone else: lost all the same
     if status.phase in _ALIVE and unhealthy.intersection(status.gpus):
         return GPU_UNHEALTHY
     return ""
@@ -141,9 +145,8 @@ def reconcile(
         reason = _lost_reason(status, unhealthy)
         if reason:  # rule 1
             stops.append(Stop(status.group_id, reason))
-        elif status.phase in _ALIVE:
+        else:
             alive.append(status)
-        # stopping/stopped: already on their way out, owned by nobody's count
 
     current = [g for g in alive if g.revision == revision]
     old = [g for g in alive if g.revision != revision]

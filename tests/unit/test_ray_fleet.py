@@ -329,7 +329,7 @@ async def test_hung_poll_keeps_last_status_and_round_is_bounded(tmp_path: Path) 
     async with asyncio.timeout(2.0):
         await fleet.reconcile_once()
     assert fleet.state().ready == 2
-    assert fleet.counters().poll_timeouts == 1
+    assert fleet.counters().poll_failures == 1
 
 
 @run_async
@@ -345,3 +345,32 @@ async def test_close_stops_every_group_and_empties_discovery(tmp_path: Path) -> 
     assert discovery(path) == []
     assert fleet.num_stopping == 0
     assert fleet.counters().groups_stopped == 3
+
+
+@run_async
+async def test_run_does_rounds_until_cancelled(tmp_path: Path) -> None:
+    fleet, world, _clock, _path = make(tmp_path, replicas=1)
+    task = asyncio.create_task(fleet.run(0.01))
+    while fleet.counters().rounds < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sorted(world.groups) == ["group-1"]  # started once, not every round
+    await fleet.close()
+    assert world.groups["group-1"].stops == [30.0]
+
+
+@run_async
+async def test_group_stopped_from_outside_is_replaced(tmp_path: Path) -> None:
+    fleet, world, _clock, path = make(tmp_path, replicas=1)
+    await fleet.reconcile_once()
+    world.ready_all()
+    await fleet.reconcile_once()
+    world.groups["group-1"].phase = GroupPhase.STOPPED
+    await fleet.reconcile_once()
+    await settle()
+    assert discovery(path) == []
+    assert world.groups["group-2"].started
+    assert fleet.counters().groups_replaced == {"stopped": 1}
+    assert [s.group_id for s in fleet.status()] == ["group-2"]

@@ -144,9 +144,9 @@ def test_draining_groups_use_the_surge_budget() -> None:
     assert reconcile(fleet(2, "2", surge=1), groups) == Actions(0, (Stop("o2", OUTDATED, True),))
 
 
-def test_stopping_groups_count_toward_nothing() -> None:
+def test_kept_group_stopped_from_outside_is_replaced() -> None:
     groups = [group("a", GroupPhase.STOPPING, 1), group("b", GroupPhase.STOPPED, 2)]
-    assert reconcile(fleet(1), groups) == Actions(1)
+    assert reconcile(fleet(2), groups) == Actions(2, (Stop("a", "stopped"), Stop("b", "stopped")))
 
 
 # -- invariants over random histories ----------------------------------------------------
@@ -159,6 +159,7 @@ EVENTS = st.one_of(
     st.tuples(st.just("update"), st.integers(0, 0)),
     st.tuples(st.just("bounds"), st.integers(0, 3)),
     st.tuples(st.just("round"), st.integers(0, 0)),
+    st.tuples(st.just("stopped"), st.integers(0, 20)),
 )
 
 
@@ -184,6 +185,8 @@ class World:
             self.groups[g.group_id] = replace(g, phase=S if g.phase is W else R)
         elif kind == "fail" and g is not None and g.phase is not F:
             self.groups[g.group_id] = replace(g, phase=F, reason="node_died")
+        elif kind == "stopped" and g is not None:
+            self.groups[g.group_id] = replace(g, phase=GroupPhase.STOPPED)
         elif kind == "sick" and g is not None and g.phase is not F:
             self.unhealthy.add(g.gpus[0])
         elif kind == "scale":
@@ -226,6 +229,7 @@ def check(
     assert len(stopped) == len(actions.stops), "a group stopped twice"
     assert actions.num_start >= 0
     lost = {g.group_id for g in before if g.phase is F or unhealthy.intersection(g.gpus)}
+    lost |= {g.group_id for g in before if g.phase in (GroupPhase.STOPPING, GroupPhase.STOPPED)}
     assert lost <= set(stopped), "a failed or sick group was kept"
     assert all(stopped[gid].replaced for gid in lost)
     after = [g for g in before if g.group_id not in stopped]
