@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 from control.autoscale.types import ReplicaState
 from control.ray.errors import RayGroupError
-from control.ray.reconcile import Stop, reconcile
+from control.ray.reconcile import GPU_UNHEALTHY, Stop, reconcile
 from control.ray.types import FleetSpec, GroupPhase, GroupSpec, GroupStatus
 
 __all__ = ["EngineFleet", "FleetCounters", "GroupLike", "HealthLike"]
@@ -241,17 +241,22 @@ class EngineFleet:
             )  # fmt: skip
         elif status.phase is GroupPhase.FAILED:
             log.warning("group %s failed (%s): %s", gid, status.reason, status.detail)
-            if (
-                before.phase is not GroupPhase.READY
-                and status.revision == self._spec.template.revision
-            ):
-                self._failing_in_a_row += 1
-                backoff_s = min(MAX_BACKOFF_S, 2.0 ** (self._failing_in_a_row - 1))
-                self._start_after = self._clock() + backoff_s
+            if before.phase is not GroupPhase.READY:
+                self._back_off(status)
         elif status.phase is GroupPhase.WAITING and status.waiting_for:
             log.info("group %s waiting for %s", gid, status.waiting_for)
         else:
             log.info("group %s %s -> %s", gid, before.phase, status.phase)
+
+    def _back_off(self, status: GroupStatus) -> None:
+        """A group of the current template was lost before it got ready: the next start
+        waits 1, 2, 4 ... s (a template that cannot start, or a sick GPU Ray keeps
+        placing groups on, must not churn placement groups every round)."""
+        if status.revision != self._spec.template.revision:
+            return
+        self._failing_in_a_row += 1
+        backoff_s = min(MAX_BACKOFF_S, 2.0 ** (self._failing_in_a_row - 1))
+        self._start_after = self._clock() + backoff_s
 
     def _check_drain_nodes(self) -> None:
         """Nodes the health feed says to drain are logged once each (the cordon itself is
@@ -308,6 +313,8 @@ class EngineFleet:
         if stop.replaced:
             self._replaced[stop.reason] += 1
             log.warning("group %s is replaced (%s)", stop.group_id, stop.reason)
+            if stop.reason == GPU_UNHEALTHY and member.status.phase is not GroupPhase.READY:
+                self._back_off(member.status)
         else:
             self._retired[stop.reason] += 1
         if stop.drain:
@@ -352,8 +359,7 @@ class EngineFleet:
             self._counts["start_errors"] += 1
             self._replaced["start_failed"] += 1
             log.error("group %s: start failed (%r); stopping what it made", gid, exc)
-            self._failing_in_a_row += 1
-            self._start_after = now + min(MAX_BACKOFF_S, 2.0 ** (self._failing_in_a_row - 1))
+            self._back_off(status)
             self._stop_in_background(_Member(group, now, status), "start failed")
             return
         self._counts["groups_started"] += 1

@@ -374,3 +374,27 @@ async def test_group_stopped_from_outside_is_replaced(tmp_path: Path) -> None:
     assert world.groups["group-2"].started
     assert fleet.counters().groups_replaced == {"stopped": 1}
     assert [s.group_id for s in fleet.status()] == ["group-2"]
+
+
+@run_async
+async def test_groups_placed_again_on_a_sick_gpu_back_off(tmp_path: Path) -> None:
+    """Ray does not know the GPU is sick and may place the replacement on it again: each
+    unready group lost that way delays the next start (1 s, then 2 s)."""
+    feed = Feed()
+    fleet, world, clock, _path = make(tmp_path, replicas=1, health=feed)
+    feed.sick = frozenset({"node-1/gpu0", "node-2/gpu0"})
+    for group_id in ("group-1", "group-2"):
+        await fleet.reconcile_once()  # starts it
+        assert world.groups[group_id].started
+        world.groups[group_id].phase = GroupPhase.STARTING
+        await fleet.reconcile_once()  # sees it on a sick GPU: replaced, start held back
+        await settle()
+        assert world.groups[group_id].stops == [30.0]
+        assert fleet.state().pending == 0
+        clock.now += 0.9 if group_id == "group-1" else 1.9
+        await fleet.reconcile_once()
+        assert fleet.state().pending == 0
+        clock.now += 0.1
+    await fleet.reconcile_once()
+    assert world.groups["group-3"].started
+    assert fleet.counters().groups_replaced == {"gpu_unhealthy": 2}
