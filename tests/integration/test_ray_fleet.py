@@ -205,7 +205,9 @@ def test_node_killed_under_a_group_is_replaced_and_the_router_stops_using_it(
                 await asyncio.to_thread(loader.join, 15)
                 print(
                     f"\nnode death -> out of discovery {dropped - killed:.1f} s, "
-                    f"-> replacement ready {replaced - killed:.1f} s"
+                    f"-> replacement ready {replaced - killed:.1f} s; requests: "
+                    f"{sum(1 for o in outcomes if o[2] == 200)} ok, "
+                    f"{sum(1 for o in outcomes if o[2] != 200)} failed"
                 )
                 now = {s.group_id: s for s in fleet.status()}
                 new = [s for gid, s in now.items() if gid not in before]
