@@ -28,7 +28,10 @@ statuses cannot disagree; ``scale`` and ``update`` only change the spec and take
 the next round. Drains are timed by rounds, not by a timer per group, so virtual time
 drives them in tests; a drain ends at the first round after ``drain_s``. The health feed is
 read, not polled: its owner (``shoal engines serve``) runs ``HealthFeed.poll`` on its own
-interval, so a slow watcher cannot stretch a round. Rejected: restarting the engine inside
+interval, so a slow watcher cannot stretch a round. Ray does not know a GPU is sick, so a
+replacement may land on the same GPU: it is replaced again, and such losses before ready
+back off the next start like a crash loop (1, 2, 4 ... s, at most ``MAX_BACKOFF_S``); the
+node itself leaves the pool by the watcher's cordon. Rejected: restarting the engine inside
 a group whose worker died (vLLM does not heal a lost Ray worker, vllm #16259: the whole
 group is replaced).
 """
@@ -135,6 +138,14 @@ def _next_revision(revision: str) -> str:
 
 
 class EngineFleet:
+    """``spec.replicas`` groups of ``spec.template`` (module docstring). ``group_factory``
+    makes a group (``RayEngineGroup``); ``discovery_file`` gets the ready groups
+    (``[{"url", "gpus", "gpu_type"?}]``); ``health`` is read each round
+    (``unhealthy_gpus()``, and ``reports()`` when it has one, for nodes to drain);
+    ``clock`` drives creation times, drains and backoff; a group's poll may take
+    ``poll_timeout_s``, its start ``start_timeout_s``, its stop ``stop_grace_s``;
+    a ready group leaving stays ``drain_s`` out of the file before it is stopped."""
+
     def __init__(
         self,
         spec: FleetSpec,
