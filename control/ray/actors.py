@@ -18,6 +18,7 @@ the group's bundles. Both answer ``where()``: the Ray node id, the node's name (
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import logging
 import os
@@ -65,9 +66,14 @@ def engine_argv(template: str, values: Mapping[str, str]) -> list[str]:
     return words
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in the forked child
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: one libc call, nothing that takes a lock
+    (why ``preexec_fn`` is safe here despite the actor's threads; Ray's own
+    ``start_ray_process`` sets its fate-sharing the same way)."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _pick_port(host: str) -> int:
@@ -121,7 +127,7 @@ class EngineDriver:
         """Pick a free port on this node, start the engine; answers at once (the group
         waits for its /health)."""
         assert self._process is None, "one engine per driver"
-        host = ray.util.get_node_ip_address()
+        host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         port = _pick_port(host)
         argv = engine_argv(template, {**values, "port": str(port), "host": host})
         scratch = Path(tempfile.mkdtemp(prefix="shoal-engine-"))
@@ -136,7 +142,7 @@ class EngineDriver:
                     stderr=subprocess.STDOUT,
                     env={**os.environ, **env},
                     start_new_session=True,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=_die_with_parent,  # noqa: PLW1509 (see _die_with_parent)
                 )
 
         self._process = self._spawner.call(spawn)
@@ -184,10 +190,8 @@ class EngineDriver:
 
     @staticmethod
     def _signal_group(pgid: int, sig: signal.Signals) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the group is already empty
             os.killpg(pgid, sig)
-        except ProcessLookupError:
-            pass  # the group is already empty
 
 
 class StandinWorker:

@@ -115,7 +115,8 @@ def waiting_message(spec: GroupSpec, nodes: Sequence[NodeResources]) -> str:
     where = f" ({names})" if names else ""
     parts = [f"{head}: {_gpu_text(free)} free on {_plural(len(with_gpus), 'node')}{where}"]
     if accel:
-        parts.append(f"{_plural(len(eligible), 'node')} of {len(nodes)} have {accel}")
+        verb = "has" if len(eligible) == 1 else "have"
+        parts.append(f"{len(eligible)} of {_plural(len(nodes), 'node')} {verb} {accel}")
     if spec.strategy == "STRICT_SPREAD":
         have = len(with_gpus)
         parts.append(

@@ -12,11 +12,11 @@ Life cycle (``poll()`` advances it; nothing runs between polls)::
 
     start(): placement_group(bundles_for(spec), strategy, name=group_id)   -> WAITING
     WAITING:  placement group CREATED?  yes: driver actor in bundle 0 starts the engine,
-                                             a stand-in worker per bundle   -> STARTING
-                                        no:  waiting_for from the node table; past the
-                                             deadline: remove it            -> FAILED capacity_timeout
-    STARTING: engine GET /health == 200                                     -> READY
-              (ready_timeout_s after placement                              -> FAILED start_timeout)
+                                             a stand-in worker per bundle  -> STARTING
+                                        no:  waiting_for from the node table; past
+                                             the deadline: remove it  -> FAILED capacity_timeout
+    STARTING: engine GET /health == 200                                    -> READY
+              (not within ready_timeout_s after placement    -> FAILED start_timeout)
     STARTING/READY, every poll: placement group not CREATED (Ray is rescheduling a lost
               node's bundles) or a group node dead in the node table -> node_died;
               an actor ping fails -> node_died if that actor's node is dead (GCS, or its
@@ -72,8 +72,8 @@ HEALTH_TIMEOUT_S = 2.0
 RAYLET_PROBE_TIMEOUT_S = 1.0
 FAILURE_GRACE_S = 2.0  # engine SIGTERM grace when the group tears itself down on failure
 
-_Driver = ray.remote(max_restarts=0)(EngineDriver)
-_Worker = ray.remote(max_restarts=0)(StandinWorker)
+_Driver: Any = ray.remote(max_restarts=0)(EngineDriver)
+_Worker: Any = ray.remote(max_restarts=0)(StandinWorker)
 
 
 def connect(address: str | None) -> None:
@@ -87,7 +87,7 @@ def connect(address: str | None) -> None:
 
 
 def _nodes_by_id() -> dict[str, dict[str, Any]]:
-    return {str(node["NodeID"]): node for node in ray.nodes()}
+    return {str(node["NodeID"]): node for node in ray.nodes()}  # type: ignore[no-untyped-call]
 
 
 def _name_of(node: dict[str, Any]) -> str:
@@ -162,12 +162,18 @@ class RayEngineGroup:
         self._pg = await asyncio.to_thread(
             placement_group, self._bundles, strategy=self.spec.strategy, name=self.group_id
         )
-        log.info("group %s: placement group asked: %s %s", self.group_id,
-                 self.spec.strategy, self._bundles)
+        log.info(
+            "group %s: placement group asked: %s %s",
+            self.group_id,
+            self.spec.strategy,
+            self._bundles,
+        )
 
     async def poll(self) -> GroupStatus:
         if self._pg is None or self._phase not in (
-            GroupPhase.WAITING, GroupPhase.STARTING, GroupPhase.READY
+            GroupPhase.WAITING,
+            GroupPhase.STARTING,
+            GroupPhase.READY,
         ):
             return self.status()
         try:
@@ -219,8 +225,12 @@ class RayEngineGroup:
             self._nodes = tuple(_name_of(nodes[n]) if n in nodes else n for n in self._node_ids)
             self._launch(pg)
             self._phase = GroupPhase.STARTING
-            log.info("group %s placed on %s after %.1f s", self.group_id,
-                     ",".join(self._nodes), self._placed_at - self._created)
+            log.info(
+                "group %s placed on %s after %.1f s",
+                self.group_id,
+                ",".join(self._nodes),
+                self._placed_at - self._created,
+            )
             return
         self._waiting_for = waiting_message(self.spec, self._cluster_resources())
         waited = self._clock() - self._created
@@ -232,14 +242,14 @@ class RayEngineGroup:
 
     @staticmethod
     def _cluster_resources() -> list[NodeResources]:
-        free = ray._private.state.available_resources_per_node()
+        free = ray._private.state.available_resources_per_node()  # type: ignore[no-untyped-call]
         return [
             NodeResources(
                 name=_name_of(node),
                 total=dict(node.get("Resources") or {}),
                 free=dict(free.get(str(node["NodeID"]), {})),
             )
-            for node in ray.nodes()
+            for node in ray.nodes()  # type: ignore[no-untyped-call]
             if node.get("Alive")
         ]
 
@@ -281,8 +291,12 @@ class RayEngineGroup:
                 self._take_launch_results()
         if self._url and self._healthy():
             self._phase = GroupPhase.READY
-            log.info("group %s ready at %s after %.1f s placed", self.group_id, self._url,
-                     self._clock() - self._placed_at)
+            log.info(
+                "group %s ready at %s after %.1f s placed",
+                self.group_id,
+                self._url,
+                self._clock() - self._placed_at,
+            )
             return
         if self._clock() - self._placed_at >= self.spec.ready_timeout_s:
             raise _Failure(
@@ -310,8 +324,13 @@ class RayEngineGroup:
             self._actor_nodes[index] = str(where["node_id"])
             gpus += [f"{where['node_name']}/gpu{i}" for i in where["gpu_ids"]]
         self._gpus = tuple(gpus)
-        log.info("group %s: engine pid %s at %s, workers on %s", self.group_id,
-                 started["pid"], self._url, ",".join(self._gpus) or "(vLLM's own)")
+        log.info(
+            "group %s: engine pid %s at %s, workers on %s",
+            self.group_id,
+            started["pid"],
+            self._url,
+            ",".join(self._gpus) or "(vLLM's own)",
+        )
 
     def _healthy(self) -> bool:
         try:
@@ -364,8 +383,11 @@ class RayEngineGroup:
             try:
                 ray.get(self._driver.stop_engine.remote(grace_s), timeout=grace_s + 10.0)
             except (RayActorError, GetTimeoutError) as exc:
-                log.info("group %s: driver gone before stop (%s); the engine dies with it",
-                         self.group_id, type(exc).__name__)
+                log.info(
+                    "group %s: driver gone before stop (%s); the engine dies with it",
+                    self.group_id,
+                    type(exc).__name__,
+                )
         for actor in [self._driver, *self._workers]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)

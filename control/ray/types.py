@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "FAILURE_REASONS",
-    "WORKER_MODES",
     "STRATEGIES",
+    "WORKER_MODES",
     "FleetSpec",
     "GroupPhase",
     "GroupSpec",

@@ -75,6 +75,6 @@ def ray_test_cluster(
         try:
             yield RayTestCluster(cluster)
         finally:
-            ray.shutdown()  # type: ignore[no-untyped-call]
+            ray.shutdown()
     finally:
-        cluster.shutdown()
+        cluster.shutdown()  # type: ignore[no-untyped-call]
