@@ -38,7 +38,7 @@ import ray
 
 from shoal.processes import bindable, free_loopback_port
 
-__all__ = ["EngineDriver", "StandinWorker", "engine_argv", "node_name"]
+__all__ = ["EngineDriver", "StandinWorker", "bundle_probe", "engine_argv", "node_name"]
 
 log = logging.getLogger("shoal." + __name__)
 
@@ -125,11 +125,14 @@ class EngineDriver:
         self, template: str, values: Mapping[str, str], env: Mapping[str, str]
     ) -> dict[str, Any]:
         """Pick a free port on this node, start the engine; answers at once (the group
-        waits for its /health)."""
+        waits for its /health). ``{host}`` is this node's IP, ``{port}`` the port picked;
+        the engine's environment has ``RAY_ADDRESS`` (this cluster) unless ``env`` sets it,
+        so an engine that joins Ray (vLLM) joins this cluster, not a new one."""
         assert self._process is None, "one engine per driver"
         host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         port = _pick_port(host)
         argv = engine_argv(template, {**values, "port": str(port), "host": host})
+        env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, **env}
         scratch = Path(tempfile.mkdtemp(prefix="shoal-engine-"))
         self._log_path = scratch / "engine.log"
         log_path = self._log_path
@@ -194,11 +197,17 @@ class EngineDriver:
             os.killpg(pgid, sig)
 
 
+def bundle_probe() -> dict[str, Any]:
+    """A task run once in a bundle (``workers="vllm"``): where it is and the GPU ids Ray
+    pinned to the bundle, which vLLM's worker in that bundle will be given."""
+    return {**_where(), "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
+
+
 class StandinWorker:
     """Holds one bundle's GPUs where vLLM's worker would, and says where that is."""
 
     def where(self) -> dict[str, Any]:
-        return {**_where(), "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
+        return bundle_probe()
 
     def ping(self) -> bool:
         return True

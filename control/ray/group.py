@@ -11,11 +11,15 @@ removed) and stays FAILED with a reason. vLLM cannot heal a lost Ray worker (vll
 Life cycle (``poll()`` advances it; nothing runs between polls)::
 
     start(): placement_group(bundles_for(spec), strategy, name=group_id)   -> WAITING
-    WAITING:  placement group CREATED?  yes: driver actor in bundle 0 starts the engine,
-                                             a stand-in worker per bundle  -> STARTING
-                                        no:  waiting_for from the node table; past
-                                             the deadline: remove it  -> FAILED capacity_timeout
-    STARTING: engine GET /health == 200                                    -> READY
+    WAITING:  placement group CREATED?
+                yes: driver actor in bundle 0, a stand-in worker per bundle
+                     (workers="vllm": a GPU probe task per bundle)         -> STARTING
+                no:  waiting_for from the node table; past the deadline:
+                     placement group removed            -> FAILED capacity_timeout
+    STARTING: every bundle's worker/probe answered (its node, its GPU ids)
+                -> the driver runs the engine command ({port} {host} {model} {tp}
+                   {pp} {group} {placement_group}: the placement group's id, hex)
+              engine GET /health == 200                                    -> READY
               (not within ready_timeout_s after placement    -> FAILED start_timeout)
     STARTING/READY, every poll: placement group not CREATED (Ray is rescheduling a lost
               node's bundles) or a group node dead in the node table -> node_died;
@@ -58,7 +62,7 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from control.ray.actors import EngineDriver, StandinWorker
+from control.ray.actors import EngineDriver, StandinWorker, bundle_probe
 from control.ray.bundles import NodeResources, bundles_for, waiting_message
 from control.ray.errors import RayUnavailable
 from control.ray.types import GroupPhase, GroupSpec, GroupStatus
@@ -74,6 +78,7 @@ FAILURE_GRACE_S = 2.0  # engine SIGTERM grace when the group tears itself down o
 
 _Driver: Any = ray.remote(max_restarts=0)(EngineDriver)
 _Worker: Any = ray.remote(max_restarts=0)(StandinWorker)
+_probe: Any = ray.remote(max_retries=0)(bundle_probe)
 
 
 def connect(address: str | None) -> None:
@@ -106,6 +111,11 @@ def _raylet_answers(node: dict[str, Any]) -> bool:
         return False
 
 
+def _all_done(refs: list[Any]) -> bool:
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    return len(done) == len(refs)
+
+
 class _Failure(Exception):
     """Internal: the group failed with ``reason`` (caught in poll, never escapes)."""
 
@@ -129,7 +139,9 @@ class RayEngineGroup:
         self._pg: PlacementGroup | None = None
         self._driver: Any = None
         self._workers: list[Any] = []
-        self._launch_refs: list[Any] = []
+        self._where_refs: list[Any] = []  # workers' (or probes') where(), bundle order
+        self._engine_ref: Any = None  # the driver's start_engine() while pending
+        self._pg_hex = ""
         self._actor_nodes: dict[int, str] = {}  # actor slot (-1 driver, i worker) -> node id
         self._node_ids: tuple[str, ...] = ()
         self._url = ""
@@ -159,9 +171,10 @@ class RayEngineGroup:
         """Ask Ray for the placement group and return; ``poll()`` does the rest."""
         assert self._pg is None, f"group {self.group_id} started twice"
         self._created = self._clock()
-        self._pg = await asyncio.to_thread(
+        pg = await asyncio.to_thread(
             placement_group, self._bundles, strategy=self.spec.strategy, name=self.group_id
         )
+        self._pg, self._pg_hex = pg, pg.id.hex()
         log.info(
             "group %s: placement group asked: %s %s",
             self.group_id,
@@ -177,9 +190,10 @@ class RayEngineGroup:
         ):
             return self.status()
         try:
-            await asyncio.to_thread(self._advance)
-        except _Failure as failure:
-            await self._fail(failure.reason, failure.detail)
+            try:
+                await asyncio.to_thread(self._advance)
+            except _Failure as failure:
+                await self._fail(failure.reason, failure.detail)
         except RayError as exc:
             raise RayUnavailable(f"group {self.group_id}: Ray failed: {exc}") from exc
         return self.status()
@@ -266,29 +280,40 @@ class RayEngineGroup:
         self._driver = _Driver.options(
             num_cpus=spec.driver_cpus, num_gpus=0, scheduling_strategy=in_bundle(0)
         ).remote()
+        for index in range(len(self._bundles)):
+            options = {
+                "num_cpus": 0,
+                "num_gpus": spec.gpus_per_worker,
+                "scheduling_strategy": in_bundle(index),
+            }
+            if spec.workers == "standin":
+                worker = _Worker.options(**options).remote()
+                self._workers.append(worker)
+                self._where_refs.append(worker.where.remote())
+            else:  # vLLM places its own workers; a probe task reads each bundle's GPUs
+                self._where_refs.append(_probe.options(**options).remote())
+
+    def _start_engine(self) -> None:
+        """Once every bundle's worker (or probe) answered: the engine command, on the
+        driver. Not earlier: a vLLM engine would take the bundles' GPUs from the probes."""
+        spec = self.spec
         values = {
             "model": spec.model,
             "tp": str(spec.tensor_parallel),
             "pp": str(spec.pipeline_parallel),
+            "group": self.group_id,
+            "placement_group": self._pg_hex,
         }
-        self._launch_refs = [
-            self._driver.start_engine.remote(spec.engine_command, values, dict(spec.env))
-        ]
-        if spec.workers == "standin":
-            for index in range(len(self._bundles)):
-                worker = _Worker.options(
-                    num_cpus=0,
-                    num_gpus=spec.gpus_per_worker,
-                    scheduling_strategy=in_bundle(index),
-                ).remote()
-                self._workers.append(worker)
-                self._launch_refs.append(worker.where.remote())
+        self._engine_ref = self._driver.start_engine.remote(
+            spec.engine_command, values, dict(spec.env)
+        )
 
     def _wait_for_engine(self) -> None:
-        if self._launch_refs:
-            done, _ = ray.wait(self._launch_refs, num_returns=len(self._launch_refs), timeout=0)
-            if len(done) == len(self._launch_refs):
-                self._take_launch_results()
+        if self._where_refs and _all_done(self._where_refs):
+            self._take_where()
+            self._start_engine()
+        if self._engine_ref is not None and _all_done([self._engine_ref]):
+            self._take_engine()
         if self._url and self._healthy():
             self._phase = GroupPhase.READY
             log.info(
@@ -305,31 +330,34 @@ class RayEngineGroup:
                 + (f" at {self._url}" if self._url else " (actors not started)"),
             )
 
-    def _take_launch_results(self) -> None:
-        refs, self._launch_refs = self._launch_refs, []
+    def _take_where(self) -> None:
+        refs, self._where_refs = self._where_refs, []
+        gpus: list[str] = []
+        for index, ref in enumerate(refs):
+            try:
+                where = ray.get(ref)
+            except RayError as exc:  # the worker (or probe) or its node lost
+                raise self._actor_lost(index, exc) from exc
+            self._actor_nodes[index] = str(where["node_id"])
+            gpus += [f"{where['node_name']}/gpu{i}" for i in where["gpu_ids"]]
+        self._gpus = tuple(gpus)
+
+    def _take_engine(self) -> None:
+        ref, self._engine_ref = self._engine_ref, None
         try:
-            started = ray.get(refs[0])
+            started = ray.get(ref)
         except RayTaskError as exc:
             raise _Failure("engine_exited", f"engine command failed to start: {exc}") from exc
         except RayActorError as exc:
             raise self._actor_lost(-1, exc) from exc
         self._actor_nodes[-1] = str(started["node_id"])
         self._url = f"http://{started['host']}:{started['port']}"
-        gpus: list[str] = []
-        for index, ref in enumerate(refs[1:]):
-            try:
-                where = ray.get(ref)
-            except RayActorError as exc:
-                raise self._actor_lost(index, exc) from exc
-            self._actor_nodes[index] = str(where["node_id"])
-            gpus += [f"{where['node_name']}/gpu{i}" for i in where["gpu_ids"]]
-        self._gpus = tuple(gpus)
         log.info(
-            "group %s: engine pid %s at %s, workers on %s",
+            "group %s: engine pid %s at %s, GPUs %s",
             self.group_id,
             started["pid"],
             self._url,
-            ",".join(self._gpus) or "(vLLM's own)",
+            ",".join(self._gpus),
         )
 
     def _healthy(self) -> bool:
@@ -349,8 +377,8 @@ class RayEngineGroup:
                 raise _Failure("node_died", f"node {name} ({node_id[:12]}) is dead in Ray")
         if state != "CREATED":
             raise _Failure("node_died", f"placement group is {state}: a node of it was lost")
-        if self._launch_refs:
-            return  # actors still starting: their results come through _wait_for_engine
+        if self._where_refs or self._engine_ref is not None:
+            return  # still starting: their answers come through _wait_for_engine
         pings = {-1: self._driver.engine_state.remote()}
         for index, worker in enumerate(self._workers):
             pings[index] = worker.ping.remote()
@@ -391,6 +419,7 @@ class RayEngineGroup:
         for actor in [self._driver, *self._workers]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
-        self._driver, self._workers, self._launch_refs = None, [], []
+        self._driver, self._workers = None, []
+        self._where_refs, self._engine_ref = [], None
         if self._pg is not None and placement_group_table(self._pg).get("state") != "REMOVED":
             remove_placement_group(self._pg)

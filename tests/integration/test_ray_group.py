@@ -6,6 +6,7 @@ group's driver actor; stand-in workers hold the fake GPUs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sys
 import time
@@ -98,26 +99,33 @@ def assert_left_nothing(group_id: str, url: str) -> None:
         assert refuses(url), f"engine at {url} still accepts connections"
 
 
-def test_pack_lands_both_workers_on_one_node_and_stop_leaves_nothing(
-    cluster: RayTestCluster,
-) -> None:
+def test_accelerator_type_and_pack_and_stop_leaves_nothing(cluster: RayTestCluster) -> None:
+    """A T4 group lands on node-b (the only T4 node); a PACK tp=2 group started beside it
+    puts both workers on node-a (the one node with 2 free GPUs) rather than splitting."""
+
     async def run() -> None:
-        group = RayEngineGroup(spec(tensor_parallel=2), "pack")
-        await group.start()
+        t4 = RayEngineGroup(spec(accelerator_type="T4"), "t4")
+        pack = RayEngineGroup(spec(tensor_parallel=2), "pack")
+        await t4.start()
         try:
-            status = await until(group, GroupPhase.READY, GroupPhase.FAILED)
-            assert status.phase is GroupPhase.READY, status
-            node = status.nodes[0]
-            assert node in ("node-a", "node-b")
-            assert status.nodes == (node, node)
-            assert sorted(status.gpus) == [f"{node}/gpu0", f"{node}/gpu1"]
-            assert health(status.url) == 200
+            await until(t4, GroupPhase.STARTING, GroupPhase.READY, GroupPhase.FAILED)
+            await pack.start()
+            t4_ready = await until(t4, GroupPhase.READY, GroupPhase.FAILED)
+            packed = await until(pack, GroupPhase.READY, GroupPhase.FAILED)
+            assert t4_ready.phase is GroupPhase.READY, t4_ready
+            assert t4_ready.nodes == ("node-b",)
+            assert len(t4_ready.gpus) == 1 and t4_ready.gpus[0].startswith("node-b/gpu")
+            assert packed.phase is GroupPhase.READY, packed
+            assert packed.nodes == ("node-a", "node-a")
+            assert sorted(packed.gpus) == ["node-a/gpu0", "node-a/gpu1"]
+            assert health(packed.url) == 200 and health(t4_ready.url) == 200
         finally:
-            await group.stop(grace_s=5)
-        assert group.status().phase is GroupPhase.STOPPED
-        assert_left_nothing("pack", status.url)
-        await group.stop()  # idempotent
-        assert group.status().phase is GroupPhase.STOPPED
+            await asyncio.gather(pack.stop(grace_s=5), t4.stop(grace_s=5))
+        assert pack.status().phase is GroupPhase.STOPPED
+        assert_left_nothing("pack", packed.url)
+        assert_left_nothing("t4", t4_ready.url)
+        await pack.stop()  # idempotent
+        assert pack.status().phase is GroupPhase.STOPPED
 
     asyncio.run(run())
 
@@ -135,22 +143,6 @@ def test_strict_spread_puts_each_worker_on_its_own_node(cluster: RayTestCluster)
         finally:
             await group.stop(grace_s=5)
         assert_left_nothing("spread", status.url)
-
-    asyncio.run(run())
-
-
-def test_accelerator_type_picks_the_node_that_has_it(cluster: RayTestCluster) -> None:
-    async def run() -> None:
-        group = RayEngineGroup(spec(accelerator_type="T4"), "t4")
-        await group.start()
-        try:
-            status = await until(group, GroupPhase.READY, GroupPhase.FAILED)
-            assert status.phase is GroupPhase.READY, status
-            assert status.nodes == ("node-b",)
-            assert len(status.gpus) == 1 and status.gpus[0].startswith("node-b/gpu")
-        finally:
-            await group.stop(grace_s=5)
-        assert_left_nothing("t4", status.url)
 
     asyncio.run(run())
 
@@ -235,5 +227,85 @@ def test_node_killed_under_a_ready_group_fails_it_and_stops_its_engine(
         assert victim in failed.detail
         eventually(lambda: refuses(ready.url), "engine port closed")
         assert_left_nothing("doomed", ready.url)
+
+    asyncio.run(run())
+
+
+def test_engine_exit_fails_the_group_with_its_code_and_log(cluster: RayTestCluster) -> None:
+    command = f"{sys.executable} -c \"print('no weights for {{model}}'); raise SystemExit(3)\""
+
+    async def run() -> None:
+        group = RayEngineGroup(
+            GroupSpec(model="sim-7b", engine_command=command, ready_timeout_s=30), "exits"
+        )
+        await group.start()
+        try:
+            failed = await until(group, GroupPhase.FAILED, GroupPhase.READY)
+        finally:
+            await group.stop()
+        assert failed.reason == "engine_exited", failed
+        assert failed.detail.startswith("engine exited with 3; log tail:\n")
+        assert "no weights for sim-7b" in failed.detail
+        assert_left_nothing("exits", "")
+
+    asyncio.run(run())
+
+
+def test_a_killed_driver_fails_the_group_as_driver_died(cluster: RayTestCluster) -> None:
+    async def run() -> None:
+        group = RayEngineGroup(spec(), "driverless")
+        await group.start()
+        try:
+            ready = await until(group, GroupPhase.READY, GroupPhase.FAILED)
+            assert ready.phase is GroupPhase.READY, ready
+            ray.kill(group._driver)  # the actor itself, as an OOM kill would
+            failed = await until(group, GroupPhase.FAILED)
+        finally:
+            await group.stop()
+        assert failed.reason == "driver_died", failed
+        eventually(lambda: refuses(ready.url), "engine port closed")  # PDEATHSIG
+        assert_left_nothing("driverless", ready.url)
+
+    asyncio.run(run())
+
+
+def test_vllm_workers_mode_starts_no_standins_and_hands_the_engine_its_group(
+    cluster: RayTestCluster,
+) -> None:
+    """workers="vllm": the bundles' GPUs stay free for vLLM's own workers (no stand-in
+    actors), the group still reports them (a probe task per bundle), and the engine
+    command gets ``{placement_group}`` and ``RAY_ADDRESS`` (here echoed as the served
+    model names)."""
+    command = (
+        f"sh -c 'exec {sys.executable} -m shoal sim engine --host {{host}} --port {{port}} "
+        '--model {placement_group} --served-model-name "$RAY_ADDRESS"\''
+    )
+
+    async def run() -> None:
+        group = RayEngineGroup(
+            GroupSpec(model="m", engine_command=command, tensor_parallel=2, workers="vllm"),
+            "vllm-mode",
+        )
+        await group.start()
+        try:
+            ready = await until(group, GroupPhase.READY, GroupPhase.FAILED)
+            assert ready.phase is GroupPhase.READY, ready
+            node = ready.nodes[0]
+            assert sorted(ready.gpus) == [f"{node}/gpu0", f"{node}/gpu1"]
+            alive = [
+                info["ActorClassName"]
+                for info in ray._private.state.actors().values()
+                if info["State"] == "ALIVE"
+            ]
+            assert alive == ["EngineDriver"]
+            with urllib.request.urlopen(ready.url + "/v1/models", timeout=5) as reply:
+                models = json.loads(reply.read())["data"]
+            table = ray.util.placement_group_table()
+            pg_hex = next(k for k, v in table.items() if v["name"] == "vllm-mode")
+            assert [m["root"] for m in models] == [pg_hex]
+            assert [m["id"] for m in models] == [cluster.address]
+        finally:
+            await group.stop(grace_s=5)
+        assert_left_nothing("vllm-mode", ready.url)
 
     asyncio.run(run())
