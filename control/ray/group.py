@@ -82,12 +82,14 @@ _probe: Any = ray.remote(max_retries=0)(bundle_probe)
 
 
 def connect(address: str | None) -> None:
-    """``ray.init`` once per process (``None``: a local or ``RAY_ADDRESS`` cluster)."""
+    """``ray.init`` once per process (``None``: a local or ``RAY_ADDRESS`` cluster). An
+    address with no cluster behind it fails only after Ray's own GCS connect timeout
+    (about a minute; ``RAY_gcs_rpc_server_reconnect_timeout_s`` shortens it)."""
     if ray.is_initialized():
         return
     try:
         ray.init(address=address, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (ConnectionError, RuntimeError, ValueError, RayError) as exc:
         raise RayUnavailable(f"cannot connect to Ray at {address or 'auto'}: {exc}") from exc
 
 
@@ -151,7 +153,7 @@ class RayEngineGroup:
         self._reason = ""
         self._detail = ""
         self._lost_node = ""  # a node found dead: its actors are not asked to stop
-        self._stop_lock = asyncio.Lock()
+        self._lock = asyncio.Lock()
 
     def status(self) -> GroupStatus:
         return GroupStatus(
@@ -183,25 +185,31 @@ class RayEngineGroup:
         )
 
     async def poll(self) -> GroupStatus:
-        if self._pg is None or self._phase not in (
-            GroupPhase.WAITING,
-            GroupPhase.STARTING,
-            GroupPhase.READY,
-        ):
-            return self.status()
-        try:
+        async with self._lock:  # never beside stop(): it could kill what a poll launches
+            if self._pg is None or self._phase not in (
+                GroupPhase.WAITING,
+                GroupPhase.STARTING,
+                GroupPhase.READY,
+            ):
+                return self.status()
             try:
-                await asyncio.to_thread(self._advance)
-            except _Failure as failure:
-                await self._fail(failure.reason, failure.detail)
-        except RayError as exc:
-            raise RayUnavailable(f"group {self.group_id}: Ray failed: {exc}") from exc
-        return self.status()
+                try:
+                    await asyncio.to_thread(self._advance)
+                except _Failure as failure:
+                    log.warning(
+                        "group %s failed (%s): %s", self.group_id, failure.reason, failure.detail
+                    )
+                    self._reason, self._detail = failure.reason, failure.detail
+                    await asyncio.to_thread(self._teardown, FAILURE_GRACE_S)
+                    self._phase = GroupPhase.FAILED
+            except RayError as exc:
+                raise RayUnavailable(f"group {self.group_id}: Ray failed: {exc}") from exc
+            return self.status()
 
     async def stop(self, grace_s: float = 30.0) -> None:
         """Engine SIGTERM (SIGKILL after ``grace_s``), actors killed, placement group
         removed. Idempotent; a failed group is already torn down and stays FAILED."""
-        async with self._stop_lock:
+        async with self._lock:
             if self._phase in (GroupPhase.STOPPED, GroupPhase.FAILED):
                 await asyncio.to_thread(self._teardown, grace_s)  # nothing left: cheap
                 return
@@ -209,13 +217,6 @@ class RayEngineGroup:
             await asyncio.to_thread(self._teardown, grace_s)
             self._phase = GroupPhase.STOPPED
             log.info("group %s stopped", self.group_id)
-
-    async def _fail(self, reason: str, detail: str) -> None:
-        log.warning("group %s failed (%s): %s", self.group_id, reason, detail)
-        async with self._stop_lock:
-            self._reason, self._detail = reason, detail
-            await asyncio.to_thread(self._teardown, FAILURE_GRACE_S)
-            self._phase = GroupPhase.FAILED
 
     # -- the life cycle (sync, in a thread) ------------------------------------------------
 
