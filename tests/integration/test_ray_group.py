@@ -309,3 +309,34 @@ def test_vllm_workers_mode_starts_no_standins_and_hands_the_engine_its_group(
         assert_left_nothing("vllm-mode", ready.url)
 
     asyncio.run(run())
+
+
+def test_an_engine_never_healthy_fails_as_start_timeout(cluster: RayTestCluster) -> None:
+    now = [0.0]
+
+    async def run() -> None:
+        group = RayEngineGroup(
+            GroupSpec(model="m", engine_command="sleep 300", ready_timeout_s=120.0),
+            "mute",
+            clock=lambda: now[0],
+        )
+        await group.start()
+        try:
+            starting = await until(group, GroupPhase.STARTING)
+            deadline = time.monotonic() + 30
+            while not starting.url:  # the engine is started (its url known), never healthy
+                assert time.monotonic() < deadline, starting
+                await asyncio.sleep(0.2)
+                starting = await group.poll()
+            assert starting.phase is GroupPhase.STARTING
+            now[0] += 119.0
+            assert (await group.poll()).phase is GroupPhase.STARTING
+            now[0] += 1.0
+            failed = await group.poll()
+        finally:
+            await group.stop()
+        assert failed.reason == "start_timeout", failed
+        assert failed.detail == f"engine not healthy 120 s after placement at {starting.url}"
+        assert_left_nothing("mute", "")
+
+    asyncio.run(run())
