@@ -178,7 +178,12 @@ def test_node_killed_under_a_group_is_replaced_and_the_router_stops_using_it(
             try:
                 await rounds_until(fleet, lambda: fleet.state().ready == 2, "two groups ready")
                 before = {s.group_id: s for s in fleet.status()}
-                await asyncio.sleep(1.0)  # the router reads the file
+                # the router reads the file (entries carry "gpus": a router that refuses
+                # them, one from before the GPU-health work, says so in its log)
+                deadline = time.monotonic() + 10.0
+                while router.request("GET", "/health", timeout=2)[0] != 200:
+                    assert time.monotonic() < deadline, router.log()[-2000:]
+                    await asyncio.sleep(0.2)
                 loader = threading.Thread(target=load, daemon=True)
                 loader.start()
                 await asyncio.sleep(1.0)
