@@ -21,8 +21,10 @@ applied at the start of a check. Rejected: a lock shared by the XID thread, the 
 handler and ``collect`` (the ledger is pure and not thread-safe; a queue keeps it so).
 
 NVML unavailable at start or lost later (``NvmlUnavailable``/``BackendError`` from the
-backend as a whole) never stops the watcher: it keeps serving, reports a node-level
-critical problem ``nvml`` and tries to open the backend again each round. The report then
+backend as a whole, or ``collect``'s own node-level ``nvml`` problem with no GPU listed)
+never stops the watcher: it keeps serving, reports a node-level critical problem ``nvml``
+(remedy ``drain_node``, as ``shoal health check`` does; node-level problems never
+cordon), closes the backend and tries to open it again each round. The report then
 lists the GPUs last seen (or ``0..expect_gpus-1`` before any), so consumers mark exactly
 those unhealthy: a report with no GPUs would let the router think none was sick.
 
@@ -62,6 +64,7 @@ from control.health.types import (
     GpuSnapshot,
     NodeHealth,
     Problem,
+    Remedy,
     Severity,
     XidEvent,
 )
@@ -108,6 +111,14 @@ class _Recording:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _lost(health: NodeHealth) -> str | None:
+    """The reason when ``collect`` could not even count the GPUs (its node-level ``nvml``
+    problem and no GPU listed): the backend is lost and must be reopened."""
+    if health.gpus:
+        return None
+    return next((p.detail for p in health.problems if p.check == "nvml"), None)
 
 
 class XidPump:
@@ -227,11 +238,15 @@ class Watcher:
                 expect_gpus=self.expect_gpus,
                 now=self._clock(),
             )
-        except HealthError as exc:
-            log.warning("GPU backend lost, reopening next round: %s", exc)
+        except HealthError as exc:  # report.collect says so itself; a backend may raise
+            lost: str | None = f"NVML lost: {exc}"
+        else:
+            lost = _lost(health)
+        if lost is not None:
+            log.warning("GPU backend lost, reopening next round: %s", lost)
             self.metrics.check_errors.inc()
             await self._close_backend()
-            return self._publish(self._unavailable(f"NVML lost: {exc}"), None)
+            return self._publish(self._unavailable(lost), None)
         self._known = tuple((g.index, g.uuid) for g in health.gpus)
         return self._publish(health, self._monotonic() - started)
 
@@ -279,7 +294,7 @@ class Watcher:
             self.ledger.clear(index)
 
     def _unavailable(self, why: str) -> NodeHealth:
-        problem = Problem("nvml", Severity.CRITICAL, why)
+        problem = Problem("nvml", Severity.CRITICAL, why, Remedy.DRAIN_NODE)
         known = self._known or tuple((i, "") for i in range(self.expect_gpus or 0))
         gpus = tuple(GpuHealth(index, uuid) for index, uuid in known)
         return NodeHealth(self.node, self._clock(), gpus, (problem,))

@@ -10,9 +10,7 @@ from control.health.types import GpuHealth, NodeHealth, Problem, Remedy, Severit
 
 
 def gpu(index: int, *problems: tuple[Severity, Remedy]) -> GpuHealth:
-    return GpuHealth(
-        index, f"GPU-{index}", tuple(Problem("x", s, "d", r) for s, r in problems)
-    )
+    return GpuHealth(index, f"GPU-{index}", tuple(Problem("x", s, "d", r) for s, r in problems))
 
 
 CRIT, WARN = Severity.CRITICAL, Severity.WARNING

@@ -93,6 +93,17 @@ def scripted_collect(
     return NodeHealth(node, now, tuple(gpus))
 
 
+def reporting_collect(
+    backend: Any, *, node: str, ledger: ScriptedLedger, expect_gpus: int | None, now: float
+) -> NodeHealth:
+    """report.collect's way of saying NVML is lost: a node-level problem, no GPUs."""
+    try:
+        return scripted_collect(backend, node=node, ledger=ledger, expect_gpus=expect_gpus, now=now)
+    except BackendError as exc:
+        problem = Problem("nvml", Severity.CRITICAL, f"cannot count: {exc}", Remedy.DRAIN_NODE)
+        return NodeHealth(node, now, (), (problem,))
+
+
 def two_gpus() -> dict[int, GpuSnapshot]:
     return {
         i: GpuSnapshot(
@@ -116,7 +127,11 @@ class Clock:
 
 
 def make_watcher(
-    opener: Callable[[], Any], *, expect_gpus: int | None = None, ledger: ScriptedLedger | None = None
+    opener: Callable[[], Any],
+    *,
+    expect_gpus: int | None = None,
+    ledger: ScriptedLedger | None = None,
+    collect: Callable[..., NodeHealth] = scripted_collect,
 ) -> tuple[Watcher, ScriptedLedger, Clock]:
     ledger = ledger or ScriptedLedger()
     clock = Clock(1000.0)
@@ -127,7 +142,7 @@ def make_watcher(
         interval_s=3600.0,
         xid_wait_s=0.05,
         metrics=HealthMetrics(),
-        collect=scripted_collect,
+        collect=collect,
         ledger=ledger,
         clock=clock,
         monotonic=clock,
@@ -184,7 +199,12 @@ def test_nvml_missing_at_start_is_a_node_problem_over_the_expected_gpus_then_ret
 
     first, second = asyncio.run(body())
     assert first.problems == (
-        Problem("nvml", Severity.CRITICAL, "NVML unavailable: NVML Shared Library Not Found"),
+        Problem(
+            "nvml",
+            Severity.CRITICAL,
+            "NVML unavailable: NVML Shared Library Not Found",
+            Remedy.DRAIN_NODE,
+        ),
     )
     assert first.gpus == (GpuHealth(0, ""), GpuHealth(1, ""))
     assert first.unhealthy_gpus() == {"node-a/gpu0", "node-a/gpu1"}
@@ -193,7 +213,16 @@ def test_nvml_missing_at_start_is_a_node_problem_over_the_expected_gpus_then_ret
     assert sample(watcher, "shoal_gpu_node_problems", node="node-a", check="nvml", severity="critical") is None  # fmt: skip
 
 
-def test_nvml_lost_keeps_the_last_gpus_unhealthy_closes_the_backend_and_reopens() -> None:
+@pytest.mark.parametrize(
+    ("collect", "detail"),
+    [
+        (scripted_collect, "NVML lost: NVML lost: GPU_IS_LOST"),  # collect raises
+        (reporting_collect, "cannot count: NVML lost: GPU_IS_LOST"),  # collect reports it
+    ],
+)
+def test_nvml_lost_keeps_the_last_gpus_unhealthy_closes_the_backend_and_reopens(
+    collect: Callable[..., NodeHealth], detail: str
+) -> None:
     backends = [ScriptedBackend(two_gpus()), ScriptedBackend(two_gpus())]
     opened: list[ScriptedBackend] = []
 
@@ -201,7 +230,7 @@ def test_nvml_lost_keeps_the_last_gpus_unhealthy_closes_the_backend_and_reopens(
         opened.append(backends[len(opened)])
         return opened[-1]
 
-    watcher, _, _ = make_watcher(opener)
+    watcher, _, _ = make_watcher(opener, collect=collect)
 
     async def body() -> list[NodeHealth]:
         try:
@@ -214,9 +243,7 @@ def test_nvml_lost_keeps_the_last_gpus_unhealthy_closes_the_backend_and_reopens(
 
     first, lost, again = asyncio.run(body())
     assert first.healthy
-    assert lost.problems == (
-        Problem("nvml", Severity.CRITICAL, "NVML lost: NVML lost: GPU_IS_LOST"),
-    )
+    assert lost.problems == (Problem("nvml", Severity.CRITICAL, detail, Remedy.DRAIN_NODE),)
     assert lost.gpus == (GpuHealth(0, "GPU-0"), GpuHealth(1, "GPU-1"))
     assert lost.unhealthy_gpus() == {"node-a/gpu0", "node-a/gpu1"}
     assert backends[0].closed and opened == backends
