@@ -190,9 +190,9 @@ class Watcher:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if collect is None:
-            from control.health.report import collect as collect_
+            from control.health.report import collect as report_collect
 
-            collect = collect_
+            collect = report_collect
         if ledger is None:
             from control.health.xid import XidLedger
 
@@ -204,7 +204,7 @@ class Watcher:
         self.xid_wait_s = xid_wait_s
         self.metrics = metrics or HealthMetrics()
         self.cordoner = cordoner
-        self._collect = collect
+        self._collect: Collect = collect
         self.ledger = ledger
         self._clock = clock
         self._monotonic = monotonic
