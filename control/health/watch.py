@@ -25,8 +25,9 @@ backend as a whole, or ``collect``'s own node-level ``nvml`` problem with no GPU
 never stops the watcher: it keeps serving, reports a node-level critical problem ``nvml``
 (remedy ``drain_node``, as ``shoal health check`` does; node-level problems never
 cordon), closes the backend and tries to open it again each round. The report then
-lists the GPUs last seen (or ``0..expect_gpus-1`` before any), so consumers mark exactly
-those unhealthy: a report with no GPUs would let the router think none was sick.
+lists the GPUs last seen (or ``0..expect_gpus-1`` before any), each with a critical
+``nvml`` problem "not read" (remedy ``none``), so consumers mark exactly those unhealthy:
+a report with no GPUs would let the router think none was sick.
 
 The watcher only reports; the router and the Ray fleet act on ``/v1/gpus``, and on
 Kubernetes the optional ``Cordoner`` (cordon.py) cordons the node. Auth: loopback by
@@ -196,7 +197,7 @@ class Watcher:
         if ledger is None:
             from control.health.xid import XidLedger
 
-            ledger = XidLedger()
+            ledger = XidLedger(clock=clock)
         self._opener = opener
         self.node = node
         self.expect_gpus = expect_gpus
@@ -295,8 +296,11 @@ class Watcher:
 
     def _unavailable(self, why: str) -> NodeHealth:
         problem = Problem("nvml", Severity.CRITICAL, why, Remedy.DRAIN_NODE)
+        # each GPU says so too, so that its own "healthy" is false for a reader of the
+        # JSON that looks no further; the remedy stays on the node's problem (no cordon)
+        unread = (Problem("nvml", Severity.CRITICAL, "not read: NVML unavailable"),)
         known = self._known or tuple((i, "") for i in range(self.expect_gpus or 0))
-        gpus = tuple(GpuHealth(index, uuid) for index, uuid in known)
+        gpus = tuple(GpuHealth(index, uuid, unread) for index, uuid in known)
         return NodeHealth(self.node, self._clock(), gpus, (problem,))
 
     def _publish(self, health: NodeHealth, seconds: float | None) -> NodeHealth:

@@ -171,7 +171,8 @@ def test_nvml_unavailable_is_served_as_a_node_problem_and_recovers(tmp_path: Pat
         report = gpus(watcher)
         assert report is not None and not report["healthy"]
         assert [p["check"] for p in report["problems"]] == ["nvml"]
-        assert [g["index"] for g in report["gpus"]] == [0, 1]  # the expected GPUs: unhealthy
+        # the expected GPUs, listed unhealthy
+        assert [(g["index"], g["healthy"]) for g in report["gpus"]] == [(0, False), (1, False)]
         nvml = {"node": "node-b", "check": "nvml", "severity": "critical"}
         assert metric(watcher, "shoal_gpu_node_problems", **nvml) == 1.0
         assert (metric(watcher, "shoal_gpu_check_errors_total") or 0) >= 1

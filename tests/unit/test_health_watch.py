@@ -206,7 +206,8 @@ def test_nvml_missing_at_start_is_a_node_problem_over_the_expected_gpus_then_ret
             Remedy.DRAIN_NODE,
         ),
     )
-    assert first.gpus == (GpuHealth(0, ""), GpuHealth(1, ""))
+    unread = (Problem("nvml", Severity.CRITICAL, "not read: NVML unavailable"),)
+    assert first.gpus == (GpuHealth(0, "", unread), GpuHealth(1, "", unread))
     assert first.unhealthy_gpus() == {"node-a/gpu0", "node-a/gpu1"}
     assert second.healthy and second.time == 1005.0 and len(attempts) == 2
     assert sample(watcher, "shoal_gpu_check_errors_total") == 1.0
@@ -244,7 +245,9 @@ def test_nvml_lost_keeps_the_last_gpus_unhealthy_closes_the_backend_and_reopens(
     first, lost, again = asyncio.run(body())
     assert first.healthy
     assert lost.problems == (Problem("nvml", Severity.CRITICAL, detail, Remedy.DRAIN_NODE),)
-    assert lost.gpus == (GpuHealth(0, "GPU-0"), GpuHealth(1, "GPU-1"))
+    unread = (Problem("nvml", Severity.CRITICAL, "not read: NVML unavailable"),)
+    assert lost.gpus == (GpuHealth(0, "GPU-0", unread), GpuHealth(1, "GPU-1", unread))
+    assert [g.remedy for g in lost.gpus] == [Remedy.NONE, Remedy.NONE]  # no cordon for it
     assert lost.unhealthy_gpus() == {"node-a/gpu0", "node-a/gpu1"}
     assert backends[0].closed and opened == backends
     assert again.healthy
