@@ -126,7 +126,7 @@ class XidPump:
     """``backend.wait_xid`` in a loop on its own thread; events wait in a queue for the loop.
 
     ``stop()`` returns within one ``wait_s`` (the longest single wait). A backend error
-    ends the thread and is kept in ``failure`` for the loop to report."""
+    ends the thread and is kept in ``failure`` for the loop's next round to report."""
 
     def __init__(self, backend: GpuBackend, *, wait_s: float, notify: Callable[[], None]) -> None:
         self._backend = backend
@@ -145,8 +145,9 @@ class XidPump:
             try:
                 events = self._backend.wait_xid(self._wait_s)
             except HealthError as exc:
+                # no wake: a wait_xid that fails at once would spin the loop; the next
+                # regular round reports it and starts a new thread
                 self.failure = str(exc)
-                self._notify()
                 return
             for event in events:
                 self._events.put(event)
@@ -229,6 +230,7 @@ class Watcher:
             return self._publish(self._unavailable(why), None)
         assert self._backend is not None
         self._drain()
+        self._backend.snapshots.clear()  # an unreadable GPU exports no stale readings
         started = self._monotonic()
         try:
             health = await asyncio.to_thread(

@@ -47,6 +47,10 @@ def test_a_fault_file_read_through_collect_and_the_ledger(tmp_path: Path) -> Non
             inject(mock, Injection("fail_read", 0))
             clock.now += 10
             unreadable = await watcher.check_once()
+            get = watcher.metrics.registry.get_sample_value
+            labels = {"node": "node-a", "gpu": "0", "uuid": ""}  # unread: no UUID either
+            assert get("shoal_gpu_healthy", labels) == 0.0
+            assert get("shoal_gpu_temperature_celsius", labels) is None  # no stale reading
             inject(mock, Injection("card_count", None, 1))
             inject(mock, Injection("clear", None))
             short = await watcher.check_once()
@@ -66,4 +70,6 @@ def test_a_fault_file_read_through_collect_and_the_ledger(tmp_path: Path) -> Non
     get = watcher.metrics.registry.get_sample_value
     gone = {"node": "node-a", "gpu": "1", "uuid": "GPU-00000000-0000-4000-8000-000000000001"}
     assert get("shoal_gpu_healthy", gone) is None  # the card left: its series too
+    gpu0 = {"node": "node-a", "gpu": "0", "uuid": "GPU-00000000-0000-4000-8000-000000000000"}
+    assert get("shoal_gpu_temperature_celsius", gpu0) == 35.0
     assert get("shoal_gpu_xid_events_total", {**gone, "xid": "79"}) is None
