@@ -257,10 +257,15 @@ class Watcher:
         try:
             backend = await asyncio.to_thread(self._opener)
         except HealthError as exc:
+            # a warning when it starts or changes, not every round of a long outage
+            level = logging.DEBUG if str(exc) == self._open_error else logging.WARNING
+            log.log(level, "GPU backend unavailable, retrying each round: %s", exc)
             self._open_error = str(exc)
-            log.warning("GPU backend unavailable, retrying next round: %s", exc)
             self.metrics.check_errors.inc()
             return False
+        if self._open_error:
+            log.warning("GPU backend open again")
+            self._open_error = ""
         self._backend = _Recording(backend)
         self._start_pump()
         return True
