@@ -1,7 +1,8 @@
 """The engines daemon's HTTP API over real sockets, with an in-test fleet behind it: what
 ``shoal engines status|scale|update`` (real client processes) and the autoscaler's
-``RayFleetActuator`` see; bad bodies, bearer tokens, exit codes. The real fleet on a real
-Ray cluster is in test_engines_ray.py."""
+``RayFleetActuator`` see; bad bodies, bearer tokens, exit codes. The fleet is the real
+``EngineFleet`` over in-memory groups; the real fleet on a real Ray cluster, with
+``RayEngineGroup`` and simulated engines, is in test_engines_ray.py."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from control.autoscale.actuators.ray import RayFleetActuator
 from control.autoscale.errors import ActuatorError, ActuatorNotFound
 from control.autoscale.types import ReplicaState
 from control.ray.config import EnginesSettings, fleet_spec
+from control.ray.fleet import EngineFleet
 from control.ray.server import EnginesDaemon, start_server
 from control.ray.types import GroupPhase, GroupSpec, GroupStatus
 from tests.integration.conftest import ENV, free_port
@@ -29,48 +31,30 @@ pytestmark = pytest.mark.integration
 TOKEN = "engines-s3cret"
 
 
-class InstantFleet:
-    """The EngineFleet shape: every asked-for group is ready at the next round."""
+class MemoryGroup:
+    """A group with no Ray behind it (``EngineFleet``'s group_factory): ready at its first
+    poll, its engine URL on a closed port (a scrape of it fails at once)."""
 
-    def __init__(self) -> None:
-        self.replicas = 1
-        self.revision = ""
-        self.groups: list[GroupStatus] = []
-        self.updates: list[GroupSpec] = []
+    def __init__(self, spec: GroupSpec, group_id: str) -> None:
+        self.spec = spec
+        self.group_id = group_id
+        self.stopped = False
+        self.number = int(group_id.rpartition("-")[2])
 
-    async def reconcile_once(self) -> None:
-        self.groups = [
-            GroupStatus(f"g{i}", GroupPhase.READY, revision=self.revision, created=0.0,
-                        url=f"http://127.0.0.1:{10 + i}", nodes=(f"node-{i}",),
-                        gpus=(f"node-{i}/gpu0",))
-            for i in range(self.replicas)
-        ]  # fmt: skip
+    async def start(self) -> None:
+        pass
 
-    def scale(self, replicas: int) -> None:
-        self.replicas = replicas
+    async def poll(self) -> GroupStatus:
+        return GroupStatus(
+            self.group_id,
+            GroupPhase.STOPPED if self.stopped else GroupPhase.READY,
+            url=f"http://127.0.0.1:{10 + self.number}",
+            nodes=(f"node-{self.number}",),
+            gpus=(f"node-{self.number}/gpu0",),
+        )
 
-    def update(self, template: GroupSpec) -> str:
-        self.updates.append(template)
-        self.revision = template.revision
-        return template.revision
-
-    def counters(self) -> InstantFleet:
-        return self
-
-    @property
-    def groups_replaced(self) -> dict[str, int]:
-        return {}
-
-    def state(self) -> ReplicaState:
-        ready = len(self.groups)
-        return ReplicaState(self.replicas, ready, max(0, self.replicas - ready),
-                            tuple(g.url for g in self.groups))  # fmt: skip
-
-    def status(self) -> list[GroupStatus]:
-        return list(self.groups)
-
-    async def close(self) -> None:
-        self.groups = []
+    async def stop(self, grace_s: float = 30.0) -> None:
+        self.stopped = True
 
 
 @asynccontextmanager
@@ -79,13 +63,12 @@ async def serving(
 ) -> AsyncIterator[tuple[str, EnginesDaemon]]:
     """An engines daemon on a free loopback port, its fleet instant (endpoints on closed
     ports: scrapes of them fail at once)."""
-    fleet = InstantFleet()
-    fleet.replicas = replicas
     settings = EnginesSettings(
         model="m", engine_command="sim --port {port}", replicas=replicas, max_replicas=3
     )
-    daemon = EnginesDaemon(fleet, fleet_spec(settings), max_replicas=3, interval_s=0.05)
-    fleet.revision = daemon.spec.template.revision
+    spec = fleet_spec(settings)
+    fleet = EngineFleet(spec, group_factory=MemoryGroup, drain_s=0.0)
+    daemon = EnginesDaemon(fleet, spec, max_replicas=3, interval_s=0.05)
     port = free_port()
     runner = await start_server(daemon, "127.0.0.1", port, token)
     stop = asyncio.Event()
@@ -96,6 +79,7 @@ async def serving(
         stop.set()
         await loop
         await runner.cleanup()
+        await fleet.close()
 
 
 async def shoal(*args: str) -> tuple[int, str, str]:
@@ -135,7 +119,7 @@ def test_the_cli_and_the_actuator_scale_and_read_the_fleet() -> None:
             actuator = RayFleetActuator(url)
             try:
                 assert await until_ready(actuator, 1) == ReplicaState(
-                    1, 1, 0, ("http://127.0.0.1:10",)
+                    1, 1, 0, ("http://127.0.0.1:11",)
                 )
                 code, out, _ = await shoal("scale", "2", "--url", url)
                 assert (code, out.strip()) == (0, "asked for 2 groups")
@@ -150,12 +134,12 @@ def test_the_cli_and_the_actuator_scale_and_read_the_fleet() -> None:
                     f"{daemon.spec.template.revision})"
                 )
                 assert [line.split()[:2] for line in out.splitlines()[3:]] == [
-                    ["g0", "ready"], ["g1", "ready"], ["g2", "ready"],
+                    ["group-1", "ready"], ["group-2", "ready"], ["group-3", "ready"],
                 ]  # fmt: skip
                 code, out, _ = await shoal("status", "--url", url, "--json")
                 answer = json.loads(out)
                 assert [g["gpus"] for g in answer["groups"]] == [
-                    ["node-0/gpu0"], ["node-1/gpu0"], ["node-2/gpu0"],
+                    ["node-1/gpu0"], ["node-2/gpu0"], ["node-3/gpu0"],
                 ]  # fmt: skip
                 _, metrics = await call(url, "GET", "/metrics")
                 assert "shoal_engines_ready 3.0" in metrics
@@ -184,7 +168,9 @@ def test_update_starts_a_rolling_update_once_and_bad_bodies_are_400() -> None:
             code, out, _ = await shoal("update", "--url", url, "--engine-command",
                                        "sim --port {port} --v2", "--env", "A=1")  # fmt: skip
             assert (code, out.strip()) == (0, f"unchanged: revision {second}")
-            assert daemon.fleet.updates == [daemon.spec.template]  # type: ignore[attr-defined]
+            fleet = daemon.fleet
+            assert isinstance(fleet, EngineFleet)
+            assert fleet.spec.template == daemon.spec.template and fleet.counters().updates == 1
             assert await call(url, "POST", "/v1/update", {"tp": 2}) == (
                 202, {"revision": daemon.spec.template.revision, "previous": second}
             )  # fmt: skip
