@@ -3,7 +3,8 @@ simulated engines in real engine groups (RayEngineGroup, stand-in workers on fak
 driven the two ways a fleet is driven: by ``shoal engines scale|status`` (real client
 processes) and by ``RayFleetActuator`` (the autoscaler's and the planner's path). It
 listens beyond loopback, so every call carries the bearer token. SIGTERM stops every
-group: no placement group or actor of the fleet is left."""
+group: no placement group or actor of the fleet is left. With ``--gpu-health``, a group
+on a GPU a real ``shoal health watch`` calls sick is replaced."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ import ray
 
 from control.autoscale.actuators.ray import RayFleetActuator
 from control.autoscale.types import ReplicaState
+from control.health.mockfile import Injection, inject
 from tests.integration.conftest import ENV, free_port
 from tests.integration.ray_cluster import RayTestCluster, ray_test_cluster
+from tests.integration.test_health_watch import start_watcher
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +40,7 @@ ENGINE = f"{sys.executable} -m shoal sim engine --host {{host}} --port {{port}} 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayTestCluster]:
     with ray_test_cluster() as c:
-        c.add_node("node-a", gpus=2)
+        c.add_node("node-a", gpus=2, **{"accelerator_type:A100": 1})
         c.add_node("node-b", gpus=2)
         yield c
 
@@ -152,8 +155,8 @@ def test_a_fleet_daemon_on_ray_scales_from_the_cli_and_the_actuator(
         second = eventually(ready(2), "two groups ready")
         assert second["spec"]["replicas"] == 2
         # PACK: each group's two workers on one node, the two groups on the two nodes
-        nodes = sorted({g.split("/")[0] for g in grp["gpus"]} for grp in second["groups"])
-        assert nodes == [{"node-a"}, {"node-b"}], second["groups"]
+        nodes = sorted(sorted({g.split("/")[0] for g in grp["gpus"]}) for grp in second["groups"])
+        assert nodes == [["node-a"], ["node-b"]], second["groups"]
         table = shoal("status", *client)
         assert table.returncode == 0
         assert table.stdout.splitlines()[0].startswith("sim-7b: 2 ready, 0 pending of 2 (tp 2")
@@ -187,4 +190,55 @@ def test_a_fleet_daemon_on_ray_scales_from_the_cli_and_the_actuator(
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log.read_text()
     assert json.loads(discovery.read_text()) == []
+    eventually(lambda: fleet_groups_alive() == ([], []), "every group removed", timeout_s=30)
+
+
+def fleet(url: str) -> dict[str, Any]:
+    code, body = get(url + "/v1/fleet")
+    assert code == 200, body
+    answer: dict[str, Any] = json.loads(body)
+    return answer
+
+
+def test_a_group_on_a_gpu_the_health_watcher_calls_sick_is_replaced(
+    cluster: RayTestCluster, tmp_path: Path
+) -> None:
+    watcher = start_watcher(tmp_path, "node-a", cards=2)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # only node-a has the A100 resource: every group of this fleet lands there
+    args = ["--tp", "2", "--replicas", "1", "--accelerator-type", "A100", "--port", str(port),
+            "--interval-s", "0.5", "--gpu-health", watcher.url, "--gpu-health-interval-s",
+            "0.5", "--drain-s", "0", "--stop-grace-s", "5"]  # fmt: skip
+    try:
+        with daemon(cluster, tmp_path, *args) as process:
+            log = tmp_path / "engines.log"
+
+            def one_ready() -> dict[str, Any] | None:
+                assert process.poll() is None, log.read_text()
+                try:
+                    answer = fleet(url)
+                except OSError:
+                    return None
+                return answer if answer["ready"] == 1 else None
+
+            (first,) = eventually(one_ready, "a group ready")["groups"]
+            assert sorted(first["gpus"]) == ["node-a/gpu0", "node-a/gpu1"]
+            inject(watcher.mock, Injection("ecc_dbe", 1, 2))  # node-a/gpu1 is now sick
+
+            def replaced() -> bool:
+                assert process.poll() is None, log.read_text()
+                return first["id"] not in {g["id"] for g in fleet(url)["groups"]}
+
+            eventually(replaced, "the group on the sick GPU replaced", timeout_s=30)
+            _, metrics = get(url + "/metrics")
+            assert 'shoal_engines_group_failures_total{reason="gpu_unhealthy"} 1.0' in metrics
+            assert "shoal_engines_replacements_total 1.0" in metrics
+            inject(watcher.mock, Injection("clear", 1))  # healed: a group serves again
+            (second,) = eventually(one_ready, "a group ready again")["groups"]
+            assert second["id"] != first["id"]
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0, log.read_text()
+    finally:
+        watcher.stop()
     eventually(lambda: fleet_groups_alive() == ([], []), "every group removed", timeout_s=30)
