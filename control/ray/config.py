@@ -28,13 +28,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from control.ray.types import STRATEGIES, FleetSpec, GroupSpec
+from control.ray.types import STRATEGIES, WORKER_MODES, FleetSpec, GroupSpec
 from shoal.config import is_loopback, setting
 from shoal.errors import ConfigError
 
 __all__ = [
     "UPDATABLE",
-    "WORKER_KINDS",
     "EnginesSettings",
     "apply_update",
     "check_serve",
@@ -43,8 +42,6 @@ __all__ = [
     "group_template",
     "template_revision",
 ]
-
-WORKER_KINDS = ("standin", "vllm")  # GroupSpec.workers
 
 # POST /v1/update's keys -> GroupSpec's fields (the short flag names, as on the command line)
 UPDATABLE: Mapping[str, str] = {
@@ -150,7 +147,7 @@ class EnginesSettings:
             )
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
-        if self.workers not in WORKER_KINDS:
+        if self.workers not in WORKER_MODES:
             raise ConfigError(f"--workers {self.workers!r}: use standin or vllm")
         if self.max_surge < 0 or self.max_unavailable < 0:
             raise ConfigError("--max-surge and --max-unavailable must be >= 0")
@@ -223,29 +220,22 @@ def _with_revision(spec: GroupSpec) -> GroupSpec:
     return dataclasses.replace(spec, revision=template_revision(spec))
 
 
-def _has_field(name: str) -> bool:
-    return any(field.name == name for field in dataclasses.fields(GroupSpec))
-
-
 def group_template(settings: EnginesSettings) -> GroupSpec:
     """The group template the settings describe, with its revision."""
-    values: dict[str, Any] = {
-        "model": settings.model,
-        "engine_command": settings.engine_command,
-        "tensor_parallel": settings.tp,
-        "pipeline_parallel": settings.pp,
-        "strategy": settings.strategy,
-        "accelerator_type": settings.accelerator_type,
-        "driver_cpus": settings.driver_cpus,
-        "wait_deadline_s": settings.wait_deadline_s,
-        "ready_timeout_s": settings.ready_timeout_s,
-        "gpu_type": settings.gpu_type,
-    }
-    if _has_field("workers"):
-        values["workers"] = settings.workers
-    elif settings.workers != "standin":
-        raise ConfigError("--workers vllm: this build's engine groups have only stand-in workers")
-    return _with_revision(GroupSpec(**values))
+    spec = GroupSpec(
+        model=settings.model,
+        engine_command=settings.engine_command,
+        tensor_parallel=settings.tp,
+        pipeline_parallel=settings.pp,
+        strategy=settings.strategy,
+        accelerator_type=settings.accelerator_type,
+        driver_cpus=settings.driver_cpus,
+        wait_deadline_s=settings.wait_deadline_s,
+        ready_timeout_s=settings.ready_timeout_s,
+        gpu_type=settings.gpu_type,
+        workers=settings.workers,
+    )
+    return _with_revision(spec)
 
 
 def fleet_spec(settings: EnginesSettings) -> FleetSpec:
@@ -306,9 +296,6 @@ def apply_update(template: GroupSpec, body: Mapping[str, Any]) -> GroupSpec:
         raise ConfigError('"model" must not be empty')
     if "strategy" in changes and changes["strategy"] not in STRATEGIES:
         raise ConfigError(f'"strategy" must be one of {", ".join(STRATEGIES)}')
-    if "workers" in changes:
-        if changes["workers"] not in WORKER_KINDS:
-            raise ConfigError('"workers" must be standin or vllm')
-        if not _has_field("workers"):
-            raise ConfigError('"workers": this build\'s engine groups have only stand-ins')
+    if "workers" in changes and changes["workers"] not in WORKER_MODES:
+        raise ConfigError('"workers" must be standin or vllm')
     return _with_revision(dataclasses.replace(template, **changes))

@@ -101,7 +101,7 @@ class FleetLike(Protocol):
 
 def spec_json(spec: FleetSpec, max_replicas: int) -> dict[str, Any]:
     t = spec.template
-    out: dict[str, Any] = {
+    return {
         "model": t.model,
         "engine_command": t.engine_command,
         "tp": t.tensor_parallel,
@@ -118,11 +118,8 @@ def spec_json(spec: FleetSpec, max_replicas: int) -> dict[str, Any]:
         "max_replicas": max_replicas,
         "max_surge": spec.max_surge,
         "max_unavailable": spec.max_unavailable,
+        "workers": t.workers,
     }
-    workers = getattr(t, "workers", None)
-    if workers is not None:
-        out["workers"] = workers
-    return out
 
 
 def group_json(status: GroupStatus, now: float) -> dict[str, Any]:

@@ -138,6 +138,7 @@ def test_an_update_changes_the_named_fields_and_the_revision() -> None:
     )
     assert updated.revision != template.revision
     assert apply_update(template, {}).revision == template.revision
+    assert apply_update(template, {"workers": "vllm"}).workers == "vllm"
 
 
 @pytest.mark.parametrize(
