@@ -4,7 +4,8 @@
 
     serve      run the router in the foreground (``--engines URL,URL,...``)
     settings   print the effective settings (file < env SHOAL_ROUTER_* < flags), --json
-    engines    a running router's engines: health, breaker, in flight, metrics age, --json
+    engines    a running router's engines: health, GPU health (with --gpu-health), breaker,
+               in flight, metrics age, --json
 
 Exit codes (``shoal.cli_format``): 0 success (and a clean stop on SIGTERM/SIGINT);
 2 bad flags, settings or a missing optional module for a flag; 3 the router could not be

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import json
 import re
+import subprocess
+import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from aiohttp import web
 
 from control.health.types import GpuHealth, NodeHealth, Problem, Remedy, Severity
 from router.server import RouterProcess, running_router
+from shoal.processes import shoal_env
 from sim.process import SimEngineProcess, running_sim_engine
 from tests.integration.conftest import free_port, wait_until
 
@@ -153,6 +156,11 @@ def test_an_engine_on_an_unhealthy_gpu_gets_no_requests_until_the_gpu_recovers(
         assert send(router, 10) == [e0.url] * 10
         assert (served(e0) - before[0], served(e1) - before[1]) == (10, 0)
         assert f"engine {e1.url}: GPU node-a/gpu1 unhealthy" in router.log()
+        table = subprocess.run([sys.executable, "-m", "shoal", "router", "engines", "--url",
+                                router.url], capture_output=True, text=True, timeout=30,
+                               env=shoal_env())  # fmt: skip
+        rows = {line.split()[0]: line for line in table.stdout.splitlines()[1:]}
+        assert "unhealthy: node-a/gpu1" in rows[e1.url] and " ok " in rows[e0.url], table
 
         watcher.body = report()  # the GPU is cleared: traffic returns
         assert wait_until(lambda: engines_view(router)[e1.url]["gpu_healthy"])
