@@ -43,7 +43,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -58,6 +58,7 @@ __all__ = [
     "CircuitBreaker",
     "EnginePool",
     "EngineSpec",
+    "GpuHealthSource",
     "parse_engines",
 ]
 
@@ -137,6 +138,15 @@ def parse_engines(text: str) -> list[EngineSpec]:
     return specs
 
 
+class GpuHealthSource(Protocol):
+    """What the pool starts and stops with itself (``router.gpu_health.GpuHealthPoller``);
+    it reports through ``EnginePool.set_unhealthy_gpus``."""
+
+    def start(self, session: aiohttp.ClientSession) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class _Engine:
     """The pool's mutable state of one engine."""
 
@@ -185,7 +195,7 @@ class EnginePool:
         self.on_health_change: Callable[[str, bool], None] | None = None
         # --gpu-health: router.gpu_health.GpuHealthPoller, started and closed with the pool;
         # it calls set_unhealthy_gpus after each round
-        self.gpu_health: Any = None
+        self.gpu_health: GpuHealthSource | None = None
         self._unhealthy_gpus: frozenset[str] = frozenset()
         self.set_engines(specs)
 

@@ -58,6 +58,7 @@ from aiohttp import web
 from router.config import RouterSettings
 from router.engines import EnginePool, parse_engines
 from router.errors import UnknownStrategy
+from router.gpu_health import POLL_RESULTS, GpuHealthPoller
 from router.ledger import InMemoryLedger, Ledger
 from router.limits import InMemoryLimiter, Limiter, load_api_keys
 from router.metrics import RouterMetrics
@@ -224,8 +225,6 @@ async def build_proxy(
         )
     metrics = RouterMetrics()
     if settings.gpu_health_urls:
-        from router.gpu_health import POLL_RESULTS, GpuHealthPoller
-
         token = ""
         if settings.gpu_health_token_file:
             token = read_token(settings.gpu_health_token_file, "--gpu-health-token-file")
