@@ -39,27 +39,34 @@ def report(sick: tuple[int, ...] = ()) -> bytes:
     return json.dumps(NodeHealth("node-a", 1.7e9, gpus).to_json()).encode()
 
 
-class StandInWatcher:
-    """``GET /v1/gpus`` -> ``body`` (200), as ``shoal health watch`` serves it."""
+TOKEN = "watcher-s3cret"
 
-    def __init__(self) -> None:
+
+class StandInWatcher:
+    """``GET /v1/gpus`` -> ``body`` (200), as ``shoal health watch`` serves it; with its
+    ``--auth-token-file``, 401 without ``Authorization: Bearer TOKEN``."""
+
+    def __init__(self, token: str = "") -> None:
         self.port = free_port()
         self.body = report()
         self.reads = 0
+        self.token = token
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def _gpus(self, request: web.Request) -> web.Response:
+        if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response({"error": "a bearer token is required"}, status=401)
         self.reads += 1
         return web.Response(body=self.body, content_type="application/json")
 
 
 @contextlib.contextmanager
-def stand_in_watcher() -> Iterator[tuple[StandInWatcher, Any]]:
+def stand_in_watcher(token: str = "") -> Iterator[tuple[StandInWatcher, Any]]:
     """The watcher, and a function that stops it (a watcher that dies)."""
-    watcher = StandInWatcher()
+    watcher = StandInWatcher(token)
     loop = asyncio.new_event_loop()
     app = web.Application()
     app.router.add_get("/v1/gpus", watcher._gpus)
@@ -144,8 +151,12 @@ def fleet(
 def test_an_engine_on_an_unhealthy_gpu_gets_no_requests_until_the_gpu_recovers(
     tmp_path: Path,
 ) -> None:
-    with stand_in_watcher() as (watcher, _), fleet(tmp_path, watcher.url) as (router, e0, e1):
-        assert wait_until(lambda: watcher.reads >= 2)
+    token_file = tmp_path / "watcher-token"
+    token_file.write_text(TOKEN + "\n")
+    with stand_in_watcher(TOKEN) as (watcher, _), fleet(
+        tmp_path, watcher.url, gpu_health_token_file=token_file
+    ) as (router, e0, e1):  # fmt: skip
+        assert wait_until(lambda: watcher.reads >= 2)  # the router sends the bearer token
         assert sorted(send(router, 4)) == sorted([e0.url, e1.url] * 2)  # round robin
         watcher.body = report(sick=(1,))
         assert wait_until(lambda: not engines_view(router)[e1.url]["gpu_healthy"]), router.log()
