@@ -23,9 +23,10 @@ three intervals (a blip changes nothing) and is then forgotten, so its engines a
 routable again; a dead watcher never takes engines out. The router's own ``/health``
 checks and circuit breakers remain whatever the watchers say.
 
-A node-level problem of a report that lists no GPUs (NVML missing on the watcher's node)
-names no GPU, so it takes no engine out: the watcher cannot say which GPUs exist, and the
-engines' own health checks say whether they serve.
+A critical node-level problem (NVML lost, fewer GPUs than expected) makes every GPU the
+report lists unhealthy; ``shoal health watch`` lists the GPUs it last saw (or
+``0..expect_gpus-1``) when NVML is lost, so those engines go out. A report that lists no
+GPUs at all names none: the engines' own health checks then say whether they serve.
 
 Failures are logged once per streak and watcher (a warning when it starts, debug while it
 lasts, info when the watcher answers again); every poll is counted by result
