@@ -133,6 +133,7 @@ def test_readme_autoscale_reference_matches_the_autoscale_settings() -> None:
         ("placement", "control.placement.config", "PlacementSettings"),
         ("lora", "control.lora.config", "LoraSettings"),
         ("health", "control.health.config", "HealthSettings"),
+        ("engines", "control.ray.config", "EnginesSettings"),
     ],
 )
 def test_readme_control_references_match_their_settings(
