@@ -13,6 +13,8 @@
                     ray, or a stand-in), worker actors recording where vLLM's workers
                     would sit; elastic wait with a deadline; death of node or actor seen
                     from Ray's own state
+      actors.py     the driver actor (starts the engine command: own process group,
+                    dies with the actor) and the stand-in worker actor; group.py places them
       vllm.py       the real vLLM launch inside a group (command, environment, and how
                     vLLM is made to use the group instead of creating its own)
       reconcile.py  pure: the fleet's desired spec + its groups' statuses -> actions

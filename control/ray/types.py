@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "FAILURE_REASONS",
     "STRATEGIES",
+    "WORKER_MODES",
     "FleetSpec",
     "GroupPhase",
     "GroupSpec",
@@ -40,6 +41,8 @@ FAILURE_REASONS = (
     "start_timeout",
     "gpu_unhealthy",
 )
+
+WORKER_MODES = ("standin", "vllm")
 
 
 class GroupPhase(enum.StrEnum):
@@ -72,6 +75,10 @@ class GroupSpec:
     gpu_type: str = ""  # the router's and placement plan's GPU type name
     env: Mapping[str, str] = field(default_factory=dict)
     revision: str = "1"
+    # "standin": one stand-in worker actor per bundle records where vLLM's workers would
+    # sit (CPU tests); "vllm": no stand-ins, vLLM places its own workers in the group
+    # (control/ray/vllm.py)
+    workers: str = "standin"
 
     @property
     def world_size(self) -> int:
