@@ -77,6 +77,7 @@ __all__ = [
     "VllmLaunchError",
     "VllmServer",
     "bundle_gpus",
+    "cluster_address",
     "main",
     "serve_in_actor",
     "server_argv",
@@ -252,12 +253,35 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--placement-group", required=True, help="the group's placement group id (hex)"
     )
-    parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS", "auto"))
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="default: RAY_ADDRESS, else the cluster of the Ray worker that started us",
+    )
     parser.add_argument("--gpus-per-worker", type=float, default=1.0)
     parser.add_argument("--grace-s", type=float, default=20.0, help="SIGTERM -> vLLM stopped")
     args_end = list(argv).index("--") if "--" in argv else len(argv)
     args = parser.parse_args(list(argv)[:args_end])
     return args, list(argv)[args_end + 1 :]
+
+
+def cluster_address(env: Mapping[str, str]) -> str:
+    """The GCS address to join. A process started by a Ray actor (the group's driver) has
+    no RAY_ADDRESS but inherits RAY_RAYLET_PID, and the raylet's command line names its
+    cluster (``--gcs-address=IP:PORT``); ``auto`` would take the machine's newest cluster,
+    which on a machine with several is not necessarily ours."""
+    if env.get("RAY_ADDRESS"):
+        return env["RAY_ADDRESS"]
+    raylet = env.get("RAY_RAYLET_PID")
+    if raylet:
+        try:
+            words = psutil.Process(int(raylet)).cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+            words = []  # Ray's own discovery, below
+        for word in words:
+            if word.startswith("--gcs-address="):
+                return str(word.partition("=")[2])
+    return "auto"
 
 
 def _flag_value(flags: Sequence[str], *names: str) -> str | None:
@@ -278,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = _flag_value(flags, "--host") or "127.0.0.1"
     port = int(_flag_value(flags, "--port") or 8000)
     full = server_argv(flags, tp=tp, pp=pp, host=host, port=port)
-    ray.init(address=args.ray_address, log_to_driver=True)
+    ray.init(address=args.ray_address or cluster_address(os.environ), log_to_driver=True)
     address = ray.get_runtime_context().gcs_address
     pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(args.placement_group)))
     gpus = bundle_gpus(pg, world_size=tp * pp, gpus_per_worker=args.gpus_per_worker)

@@ -93,8 +93,8 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
 
 @pytest.fixture(scope="module")
 def cluster_env() -> Iterator[dict[str, str]]:
-    """A Ray head from .venv-engine with 2 fake GPUs; yields the environment its users need
-    (RAY_ADDRESS among it). Everything it started is killed on exit."""
+    """A Ray head from .venv-engine with 2 fake GPUs; yields the environment a launcher
+    started by hand needs (RAY_ADDRESS among it). Everything it started is killed on exit."""
     require_engine()
     if not _engine_has_ray():
         pytest.skip(f".venv-engine has no ray {ray.__version__}: run scripts/setup-engine")
@@ -111,7 +111,6 @@ def cluster_env() -> Iterator[dict[str, str]]:
         "VLLM_HOST_IP": "127.0.0.1",
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_CACHE_ROOT": str(scratch / "vllm-cache"),
-        "RAY_ADDRESS": f"127.0.0.1:{port}",
     }
     with (scratch / "head.log").open("wb") as head_log:
         head = subprocess.Popen(
@@ -141,9 +140,11 @@ def cluster_env() -> Iterator[dict[str, str]]:
         )
     try:
         _wait_port(port, 60)
-        ray.init(address=env["RAY_ADDRESS"], log_to_driver=False)
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
         try:
-            yield env
+            # Not in the head's own environment: the group's launcher must find the
+            # cluster from its raylet (control.ray.vllm.cluster_address).
+            yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
         finally:
             ray.shutdown()
     finally:
@@ -247,3 +248,62 @@ def test_vllm_tp2_serves_inside_the_groups_placement_group(
     finally:
         _stop(launcher)
         ray.util.remove_placement_group(pg)
+
+
+def test_an_engine_group_with_vllm_workers_serves_and_stops_clean(
+    cluster_env: dict[str, str],
+) -> None:
+    """The same through the group: RayEngineGroup(workers="vllm") places the group, its
+    driver actor runs the launcher (vllm_command), the group reports READY with the
+    bundles' GPUs, and stop() leaves no placement group and no vLLM process."""
+    import asyncio
+
+    from ray.util.placement_group import placement_group_table
+
+    from control.ray.group import RayEngineGroup
+    from control.ray.types import GroupPhase, GroupSpec
+    from control.ray.vllm import vllm_command
+
+    flags = [
+        "--served-model-name", SERVED_NAME, "--max-model-len", "2048", "--enforce-eager",
+        "--dtype", "bfloat16", "--kv-cache-memory-bytes", str(128 << 20),
+    ]  # fmt: skip
+    spec = GroupSpec(
+        model=str(MODEL_DIR),
+        engine_command=vllm_command(str(ENGINE_PYTHON), extra_flags=flags),
+        tensor_parallel=2,
+        workers="vllm",
+        ready_timeout_s=READY_TIMEOUT_S,
+        env={k: cluster_env[k] for k in cluster_env if k.startswith(("VLLM_", "HF_", "TRANS"))},
+    )
+    group = RayEngineGroup(spec, "g-vllm-group")
+
+    async def run() -> None:
+        await group.start()
+        try:
+            status = await group.poll()
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while status.phase is not GroupPhase.READY:
+                assert status.phase in (GroupPhase.WAITING, GroupPhase.STARTING), status
+                assert time.monotonic() < deadline, status
+                await asyncio.sleep(1)
+                status = await group.poll()
+            assert sorted(g.rpartition("/gpu")[2] for g in status.gpus) == ["0", "1"]
+            body = json.dumps(
+                {"model": SERVED_NAME, "prompt": "import ", "max_tokens": 4, "temperature": 0}
+            ).encode()
+            request = urllib.request.Request(
+                status.url + "/v1/completions",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                assert json.loads(answer.read())["usage"]["completion_tokens"] == 4
+            alive = [p for p in placement_group_table().values() if p["state"] != "REMOVED"]
+            assert len(alive) == 1, alive  # the group's; vLLM made none
+        finally:
+            await group.stop(grace_s=30.0)
+        assert group.status().phase is GroupPhase.STOPPED
+        assert all(p["state"] == "REMOVED" for p in placement_group_table().values())
+
+    asyncio.run(run())

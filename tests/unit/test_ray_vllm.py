@@ -9,7 +9,13 @@ import pytest
 
 from control.ray import vllm
 from control.ray.errors import RayGroupError
-from control.ray.vllm import VllmLaunchError, server_argv, vllm_command, vllm_env
+from control.ray.vllm import (
+    VllmLaunchError,
+    cluster_address,
+    server_argv,
+    vllm_command,
+    vllm_env,
+)
 
 OWNED = [
     "--tensor-parallel-size", "2",
@@ -94,3 +100,11 @@ def test_the_command_template_filled_by_the_driver_parses_back_into_the_launch()
     assert argv(flags) == [
         "--model", "/models/m", "--max-model-len", "2048", *OWNED, "--shutdown-timeout", "10",
     ]  # fmt: skip
+
+
+def test_the_cluster_is_ray_address_first_else_rays_own_discovery() -> None:
+    assert cluster_address({"RAY_ADDRESS": "10.0.0.1:6379", "RAY_RAYLET_PID": "1"}) == (
+        "10.0.0.1:6379"
+    )
+    assert cluster_address({}) == "auto"
+    assert cluster_address({"RAY_RAYLET_PID": "not-a-pid"}) == "auto"
