@@ -37,19 +37,36 @@ What vLLM does with an existing group (read in vLLM 0.32, ``vllm/engine/arg_util
 4. ``VLLM_RAY_BUNDLE_INDICES=0,1,...`` fixes rank ``r`` to bundle ``r``, so the GPUs the
    group reports (bundle order) are the GPUs of ranks 0..world-1 in order, which is what
    the fleet needs to map an unhealthy ``NODE/gpuI`` to the group. ``bundle_gpus`` reads
-   them before vLLM starts (a zero-CPU probe task per bundle: Ray pins a bundle's GPU
-   instances when the group is committed, so the probe sees the ids vLLM's worker will).
-5. ``RAY_ADDRESS`` is set for the server: vLLM's EngineCore is a fresh process (spawned)
-   that calls ``ray.init()`` itself and must join the group's cluster, not start one.
+   them before vLLM starts (a zero-CPU probe task per bundle, printed as
+   ``SHOAL_VLLM_GPUS=...``; RayEngineGroup runs the same probes itself): Ray allocates a
+   bundle's GPU instances when it commits the bundle, so a probe and the worker that
+   later takes the bundle see the same ids.
+5. The cluster: ``--ray-address``, else ``RAY_ADDRESS``, else the cluster of the raylet
+   that started the driver actor (``RAY_RAYLET_PID``; not ``auto``, which picks the
+   machine's newest cluster). The server gets it as ``RAY_ADDRESS``: vLLM's EngineCore is
+   a fresh (spawned) process that calls ``ray.init()`` itself and must join the group's
+   cluster, not start one.
 6. The cluster's workers must run a Python that has vLLM (the image's Python): the server
    actor imports vLLM. This module imports vLLM only inside that actor.
+7. Stopping: SIGTERM to the launcher -> SIGTERM to the server actor's process, vLLM's own
+   handler drains and stops the EngineCore (``--shutdown-timeout`` 10 s added: vLLM's
+   default 0 SIGKILLs it). vLLM's RayExecutorV2 still ends its workers with ``ray.kill``,
+   so the shared memory they own (message queues ``/dev/shm/psm_*``, on CPU the TP
+   buffers ``*-cpushm_*``) would stay behind; the launcher notes what the engine maps on
+   its node and removes what is left once the engine is gone (workers on other nodes:
+   not cleaned, a vLLM limitation to report upstream).
 
-Measured on the project's CPU machines (vLLM 0.32 CPU build, ray 2.60): vLLM's CPU platform
-declares no Ray device key (``CpuPlatform.ray_device_key == ""``) and ``initialize_ray_cluster``
-raises ``ValueError: current platform cpu does not support ray.``, in- or out-of-actor.
-With that one attribute set to ``"GPU"`` (fake GPUs in the test cluster; a test-only import
-hook, see tests/e2e/test_ray_vllm.py) the path above served completions at tp=2 with both
-workers in the group's placement group.
+Measured on the project's 2-core CPU machines (vLLM 0.32 CPU build, ray 2.60, the tiny
+model, tp=2, other jobs on the cores): vLLM's CPU platform declares no Ray device key
+(``CpuPlatform.ray_device_key == ""``), so ``initialize_ray_cluster`` raises ``ValueError:
+current platform cpu does not support ray.`` (a plain ``vllm serve --tensor-parallel-size 2
+--distributed-executor-backend ray`` fails so in 30 s), and with the EngineCore fixed the
+worker's ``get_node_and_physical_gpu_ids`` raises the same. With that one attribute set to
+``"GPU"`` (the test cluster's fake GPUs; a test-only import hook, tests/e2e/test_ray_vllm.py)
+everything else is vLLM's own and works: "Using the existing placement group", both
+workers in it (gloo between them), /health 200 in 28-56 s, a 32-token completion in 5.4 s,
+2.3 GiB PSS (server 0.5, EngineCore 0.5, each worker 0.65), stopped in 5.4 s with no
+process or /dev/shm segment left.
 """
 
 from __future__ import annotations
