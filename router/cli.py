@@ -4,7 +4,8 @@
 
     serve      run the router in the foreground (``--engines URL,URL,...``)
     settings   print the effective settings (file < env SHOAL_ROUTER_* < flags), --json
-    engines    a running router's engines: health, breaker, in flight, metrics age, --json
+    engines    a running router's engines: health, GPU health (with --gpu-health), breaker,
+               in flight, metrics age, --json
 
 Exit codes (``shoal.cli_format``): 0 success (and a clean stop on SIGTERM/SIGINT);
 2 bad flags, settings or a missing optional module for a flag; 3 the router could not be
@@ -103,12 +104,14 @@ def _engines(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    headers = ("engine", "stream", "healthy", "breaker", "in flight", "tokens", "metrics age")
+    headers = ("engine", "stream", "healthy", "gpus", "breaker", "in flight", "tokens",
+               "metrics age")  # fmt: skip
     cells = [
         (
             row["url"],
             row["stream"] or "-",
             "yes" if row["healthy"] else "no",
+            _gpus_cell(row),
             row["breaker"],
             str(row["in_flight"]),
             str(row["in_flight_tokens"]),
@@ -118,5 +121,14 @@ def _engines(args: argparse.Namespace) -> int:
         )
         for row in rows
     ]
-    print("\n".join(table(headers, cells, "<<<<>>>")))
+    print("\n".join(table(headers, cells, "<<<<<>>>")))
     return 0
+
+
+def _gpus_cell(row: dict[str, Any]) -> str:
+    """``ok``, ``unhealthy: node-a/gpu1`` or ``-`` (no GPUs known, or an older router)."""
+    if not row.get("gpus"):
+        return "-"
+    if row.get("gpu_healthy", True):
+        return "ok"
+    return "unhealthy: " + ", ".join(row.get("unhealthy_gpus", []))

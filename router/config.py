@@ -120,6 +120,20 @@ class RouterSettings:
         "seconds between plan polls; a plan not confirmed for 3 intervals, or a failed poll, "
         "means no plan",
     )
+    gpu_health: str = setting(
+        "",
+        "GPU health watchers (shoal health watch) to poll, URL[,URL...]: an engine one of "
+        "whose GPUs (discovery's gpus, else its stream) is unhealthy gets no new requests; "
+        "empty = none",
+    )
+    gpu_health_token_file: str = setting(
+        "", "file holding the bearer token the watchers' /v1/gpus requires"
+    )
+    gpu_health_interval_s: float = setting(
+        5.0,
+        "seconds between polls of each watcher; one unreadable for 3 intervals is forgotten "
+        "(unknown is not sick)",
+    )
     ledger_refresh_s: float = setting(
         0.05, "seconds between pulls of other replicas' in-flight counts (with --redis)"
     )
@@ -205,6 +219,7 @@ class RouterSettings:
             "shutdown_timeout_s",
             "locate_timeout_s",
             "placement_interval_s",
+            "gpu_health_interval_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -219,6 +234,15 @@ class RouterSettings:
             url = getattr(self, name)
             if url and not url.startswith(("http://", "https://")):
                 raise ValueError(f"{name} {url!r} must be http(s)://HOST:PORT")
+        for url in self.gpu_health_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"gpu_health {url!r} must be http(s)://HOST:PORT[,...]")
+
+    @property
+    def gpu_health_urls(self) -> tuple[str, ...]:
+        """``--gpu-health`` split: the watchers' base URLs, in order, without repeats."""
+        urls = (u.strip().rstrip("/") for u in self.gpu_health.split(","))
+        return tuple(dict.fromkeys(u for u in urls if u))
 
     @property
     def holds(self) -> bool:

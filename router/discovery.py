@@ -26,8 +26,8 @@ look up for the first three)::
             Several Services (comma-separated) are merged; ``@GPU_TYPE`` gives every
             engine of that Service its GPU type (one Service per placement pool).
     file    --discovery-file engines.yaml                           a JSON or YAML list of
-            ``{url, stream?, gpu_type?}`` (or bare URL strings), re-read when its mtime or
-            size changes
+            ``{url, stream?, gpu_type?, gpus?}`` (or bare URL strings), re-read when its
+            mtime or size changes
 
 Streams (``<node>/gpu<i>``, the cache daemon's name for an engine's GPU) come only from
 static and file sources; dns and k8s engines have none (precise routing then sees no GPU
@@ -37,6 +37,15 @@ placement planner's local pools write them) and from ``@GPU_TYPE`` after a k8s S
 (one Service per Kubernetes pool); static ``--engines`` has no spelling for them
 (``URL=NODE/gpuI`` is taken by the stream), so static engines have none: the ``slo``
 strategy then ignores the plan for them.
+
+GPUs (``"gpus": ["node-a/gpu0", "node-a/gpu1"]``, the ``NODE/gpuI`` names the health
+watchers report, issue 15) come from file entries (the Ray fleet writes them for its
+groups); an engine with a stream and no ``gpus`` runs on its stream's GPU (so static
+``--engines URL=NODE/gpuI`` names one). A ``gpus`` value that is not a list of at most
+``MAX_ENGINE_GPUS`` such names makes the file malformed, like any other bad entry. dns and
+k8s engines have none: the router never takes them out for GPU health; on Kubernetes the
+health watcher cordons the node (``shoal health watch --cordon``) and the engine's pod is
+replaced elsewhere, and the router's own ``/health`` checks remain.
 
 Rejected: a Kubernetes watch (a poll every few seconds is simple to reason about, and a
 missed watch event would silently freeze the list; the same choice as the cache cluster's
@@ -65,6 +74,7 @@ from shoal.errors import ConfigError
 
 __all__ = [
     "DISCOVERY_KINDS",
+    "MAX_ENGINE_GPUS",
     "Discovery",
     "DnsDiscovery",
     "FileDiscovery",
@@ -112,6 +122,21 @@ def _check_stream(stream: str, where: str) -> str:
     if stream and not (node and sep and gpu):
         raise ValueError(f"{where}: stream {stream!r} must be NODE/gpuI")
     return stream
+
+
+MAX_ENGINE_GPUS = 64  # a tp x pp group of 8 x 8 GPUs
+_GPU_NAME = re.compile(r"[^/\s]+/gpu[0-9]{1,4}")
+
+
+def _check_gpus(gpus: Any, where: str) -> tuple[str, ...]:
+    """A file entry's ``gpus``: a list of at most ``MAX_ENGINE_GPUS`` distinct
+    ``NODE/gpuI`` names (the health watchers' ``control.health.types.gpu_name``)."""
+    if not isinstance(gpus, list) or len(gpus) > MAX_ENGINE_GPUS:
+        raise ValueError(f"{where}: gpus must be a list of at most {MAX_ENGINE_GPUS} names")
+    for name in gpus:
+        if not isinstance(name, str) or not _GPU_NAME.fullmatch(name):
+            raise ValueError(f"{where}: gpus entry {name!r} must be NODE/gpuI (node-a/gpu0)")
+    return tuple(dict.fromkeys(gpus))
 
 
 _GPU_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -281,9 +306,9 @@ class DnsDiscovery(_Polled):
 
 
 class FileDiscovery(_Polled):
-    """A JSON or YAML list of ``{url, stream?}`` objects or URL strings, re-read when the
-    file's mtime or size changes. Missing or malformed at construction: ``ConfigError``;
-    later: the last good list stays."""
+    """A JSON or YAML list of ``{url, stream?, gpu_type?, gpus?}`` objects or URL strings,
+    re-read when the file's mtime or size changes. Missing or malformed at construction:
+    ``ConfigError``; later: the last good list stays."""
 
     def __init__(
         self,
@@ -339,11 +364,12 @@ class FileDiscovery(_Polled):
             entry = {"url": item} if isinstance(item, str) else item
             if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
                 raise _ReadFailed(f"{where} must be a URL or an object with a 'url' string")
-            unknown = set(entry) - {"url", "stream", "gpu_type"}
+            unknown = set(entry) - {"url", "stream", "gpu_type", "gpus"}
             stream, gpu_type = entry.get("stream", ""), entry.get("gpu_type", "")
             if unknown or not isinstance(stream, str) or not isinstance(gpu_type, str):
                 raise _ReadFailed(
-                    f"{where}: only 'url' and a 'stream' string and a 'gpu_type' string are allowed"
+                    f"{where}: only 'url' and a 'stream' string, a 'gpu_type' string and "
+                    "a 'gpus' list of NODE/gpuI names are allowed"
                 )
             try:
                 specs.append(
@@ -351,6 +377,7 @@ class FileDiscovery(_Polled):
                         _check_url(entry["url"], where),
                         _check_stream(stream, where),
                         _check_gpu_type(gpu_type, where),
+                        _check_gpus(entry.get("gpus", []), where),
                     )
                 )
             except ValueError as exc:

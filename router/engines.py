@@ -1,6 +1,6 @@
 """The engine pool: which engines exist, which are healthy, what they serve.
 
-Each engine has three independent verdicts, all of which must pass for it to be a
+Each engine has four independent verdicts, all of which must pass for it to be a
 candidate (``EnginePool.allows``):
 
 * **healthy**: its ``GET /health`` answered 200 within ``health_timeout_s`` at the last
@@ -13,7 +13,16 @@ candidate (``EnginePool.allows``):
   catches what ``/health`` does not: an engine whose API answers but whose core is wedged;
 * **serves the model**: ``/v1/models``, polled every ``models_interval_s``, lists the base
   model and LoRA adapters (an engine not polled yet serves any model, so the router is
-  usable the moment an engine is healthy).
+  usable the moment an engine is healthy);
+* **its GPUs are healthy** (issue 15, ``--gpu-health``): no GPU of ``EngineSpec.gpus`` is
+  in the set the health watchers report unhealthy (``router/gpu_health.py`` hands it to
+  ``set_unhealthy_gpus``). Such an engine counts as unhealthy everywhere a healthy engine
+  is asked for (``allows``, ``is_healthy``, ``num_healthy``, ``model_cards``): no new
+  requests, requests in flight finish, and when every engine of a model is on unhealthy
+  GPUs its requests get what they get when no engine is healthy (held with dynamic
+  discovery or an autoscaler, else 503: ``router/proxy.py``). Each change is logged once
+  per engine and told to ``on_health_change`` (a recovery wakes held requests). Engines
+  with no known GPUs (dns, k8s) are never taken out this way.
 
 ``views`` joins the pool with the ledger's in-flight counts and the scraper's metrics into
 one ``EngineView`` per engine; strategies see only those snapshots. Engines come from
@@ -34,7 +43,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -49,6 +58,7 @@ __all__ = [
     "CircuitBreaker",
     "EnginePool",
     "EngineSpec",
+    "GpuHealthSource",
     "parse_engines",
 ]
 
@@ -128,10 +138,20 @@ def parse_engines(text: str) -> list[EngineSpec]:
     return specs
 
 
+class GpuHealthSource(Protocol):
+    """What the pool starts and stops with itself (``router.gpu_health.GpuHealthPoller``);
+    it reports through ``EnginePool.set_unhealthy_gpus``."""
+
+    def start(self, session: aiohttp.ClientSession) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class _Engine:
     """The pool's mutable state of one engine."""
 
-    __slots__ = ("breaker", "cards", "checked", "healthy", "models", "oversized", "spec")
+    __slots__ = ("breaker", "cards", "checked", "healthy", "models", "oversized", "sick_gpus",
+                 "spec")  # fmt: skip
 
     def __init__(self, spec: EngineSpec, breaker: CircuitBreaker) -> None:
         self.spec = spec
@@ -141,6 +161,12 @@ class _Engine:
         self.models: frozenset[str] = frozenset()
         self.cards: tuple[dict[str, Any], ...] = ()
         self.oversized = False  # its last /v1/models was over the cap (warned once)
+        self.sick_gpus: tuple[str, ...] = ()  # its GPUs the watchers report unhealthy
+
+    @property
+    def routable(self) -> bool:
+        """Its own health check passed and no GPU of it is unhealthy."""
+        return self.healthy and not self.sick_gpus
 
 
 class EnginePool:
@@ -167,6 +193,10 @@ class EnginePool:
         # told when a health check changes an engine's verdict (the proxy wakes requests
         # held for lack of an engine: router/hold.py)
         self.on_health_change: Callable[[str, bool], None] | None = None
+        # --gpu-health: router.gpu_health.GpuHealthPoller, started and closed with the pool;
+        # it calls set_unhealthy_gpus after each round
+        self.gpu_health: GpuHealthSource | None = None
+        self._unhealthy_gpus: frozenset[str] = frozenset()
         self.set_engines(specs)
 
     # ---- membership -------------------------------------------------------------------
@@ -188,6 +218,7 @@ class EnginePool:
                 self._engines[url] = _Engine(spec, breaker)
             else:
                 current.spec = spec
+            self._judge_gpus(url)
 
     @property
     def engine_ids(self) -> list[str]:
@@ -197,14 +228,43 @@ class EnginePool:
 
     def allows(self, engine_id: str) -> bool:
         engine = self._engines.get(engine_id)
-        return engine is not None and engine.healthy and engine.breaker.allows(self._clock())
+        return engine is not None and engine.routable and engine.breaker.allows(self._clock())
 
     def is_healthy(self, engine_id: str) -> bool:
+        """Its health check passed and its GPUs are healthy (the breaker aside)."""
         engine = self._engines.get(engine_id)
-        return engine is not None and engine.healthy
+        return engine is not None and engine.routable
 
     def num_healthy(self) -> int:
-        return sum(1 for e in self._engines.values() if e.healthy)
+        return sum(1 for e in self._engines.values() if e.routable)
+
+    # ---- GPU health (issue 15) ---------------------------------------------------------
+
+    def set_unhealthy_gpus(self, names: Iterable[str]) -> None:
+        """The ``NODE/gpuI`` names the health watchers now report unhealthy (all of them:
+        a name left out is healthy again)."""
+        self._unhealthy_gpus = frozenset(names)
+        for engine_id in list(self._engines):
+            self._judge_gpus(engine_id)
+
+    def _judge_gpus(self, engine_id: str) -> None:
+        engine = self._engines[engine_id]
+        sick = tuple(g for g in engine.spec.gpus if g in self._unhealthy_gpus)
+        if sick == engine.sick_gpus:
+            return
+        before = engine.routable
+        engine.sick_gpus = sick
+        if sick:
+            log.warning("engine %s: GPU %s unhealthy; no new requests until it recovers",
+                        engine_id, ", ".join(sick))  # fmt: skip
+        else:
+            log.info("engine %s: its GPUs are healthy again", engine_id)
+        if engine.routable != before and self.on_health_change is not None:
+            self.on_health_change(engine_id, engine.routable)
+
+    def num_gpu_unhealthy(self) -> int:
+        """Engines out of service because a GPU of theirs is unhealthy."""
+        return sum(1 for e in self._engines.values() if e.sick_gpus)
 
     def on_attempt(self, engine_id: str) -> None:
         engine = self._engines.get(engine_id)
@@ -263,7 +323,7 @@ class EnginePool:
         """The union of healthy engines' ``/v1/models`` entries, first card per id."""
         seen: dict[str, dict[str, Any]] = {}
         for engine in self._engines.values():
-            if engine.healthy:
+            if engine.routable:
                 for card in engine.cards:
                     seen.setdefault(str(card.get("id")), card)
         return list(seen.values())
@@ -281,7 +341,10 @@ class EnginePool:
                     "url": engine.spec.url,
                     "stream": engine.spec.stream,
                     "gpu_type": engine.spec.gpu_type,
-                    "healthy": engine.healthy,
+                    "healthy": engine.healthy,  # its own GET /health
+                    "gpus": list(engine.spec.gpus),
+                    "gpu_healthy": not engine.sick_gpus,
+                    "unhealthy_gpus": list(engine.sick_gpus),
                     "breaker": engine.breaker.state(now).value,
                     "in_flight": in_flight,
                     "in_flight_tokens": tokens,
@@ -310,7 +373,7 @@ class EnginePool:
             log.info("engine %s is %s", engine_id, "healthy" if healthy else "unhealthy")
         engine.healthy, engine.checked = healthy, True
         if changed and engine_id in self._engines and self.on_health_change is not None:
-            self.on_health_change(engine_id, healthy)
+            self.on_health_change(engine_id, engine.routable)
         return healthy
 
     async def poll_models(self, engine_id: str) -> None:
@@ -362,6 +425,8 @@ class EnginePool:
             asyncio.create_task(self._loop(self._settings.models_interval_s, self._models_round)),
             asyncio.create_task(self._loop(self._settings.metrics_interval_s, self._scrape_once)),
         ]
+        if self.gpu_health is not None:
+            self.gpu_health.start(session)
 
     async def _health_round(self) -> None:
         await self.check_all()
@@ -385,6 +450,8 @@ class EnginePool:
                 log.warning("background round %s failed: %r", round_.__name__, exc)
 
     async def close(self) -> None:
+        if self.gpu_health is not None:
+            await self.gpu_health.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

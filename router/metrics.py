@@ -30,6 +30,13 @@
     shoal_router_held_seconds                            how long held requests waited
                                                          (woken, timed out or gone)
 
+    for GPU health (issue 15; router/gpu_health.py, with --gpu-health):
+    shoal_router_engines_gpu_unhealthy                   engines out of service because a
+                                                         health watcher reports one of their
+                                                         GPUs unhealthy
+    shoal_router_gpu_health_polls_total{result}          watcher polls: ok, unreachable,
+                                                         bad_status, malformed
+
     for placement (issue 14; the windowed form is GET /v1/request_sizes, router/sizes.py):
     shoal_router_request_prompt_tokens{model}            prompt tokens of finished requests
     shoal_router_request_completion_tokens{model}        completion tokens of finished
@@ -184,6 +191,16 @@ class RouterMetrics:
             "shoal_router_rejected", "Requests the router refused itself.", ["reason"],
             registry=r,
         )  # fmt: skip
+        self.gpu_unhealthy_engines = Gauge(
+            "shoal_router_engines_gpu_unhealthy",
+            "Engines given no new requests because a health watcher reports a GPU of theirs "
+            "unhealthy.",
+            registry=r,
+        )
+        self.gpu_health_polls = Counter(
+            "shoal_router_gpu_health_polls", "Polls of the GPU health watchers, by result.",
+            ["result"], registry=r,
+        )  # fmt: skip
 
         # children by label values: ``labels()`` takes a lock and builds a tuple per call,
         # which the hot path pays three times per request otherwise
@@ -212,6 +229,16 @@ class RouterMetrics:
     def count_placement(self, outcome: str) -> None:
         """One slo decision's placement outcome (``PLACEMENT_OUTCOMES``)."""
         self._child(self.placement_decisions, "placement", outcome).inc()
+
+    def watch_gpu_health(self, count_engines: Callable[[], int], results: Iterable[str]) -> None:
+        """``--gpu-health``: the gauge reads ``count_engines()`` at scrape time; every poll
+        result is reported from 0."""
+        self.gpu_unhealthy_engines.set_function(lambda: float(count_engines()))
+        for result in results:
+            self._child(self.gpu_health_polls, "gpu_health", result)
+
+    def count_gpu_health_poll(self, result: str) -> None:
+        self._child(self.gpu_health_polls, "gpu_health", result).inc()
 
     def watch(self, state: Callable[[], RouterState]) -> None:
         """Report ``state()`` (read at every scrape) as the state families."""

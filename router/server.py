@@ -18,7 +18,10 @@ What is built from settings (``build_proxy``, inside the serving loop):
   proxy copies into the pool every ``--discovery-interval-s``; static ``--engines`` is
   parsed here (``parse_engines``);
 * ``--placement-url URL``: ``router.plan.PlanPoller``, whose ``current`` plan the ``slo``
-  strategy reads (``StrategyDeps.placement``); the proxy starts and stops it.
+  strategy reads (``StrategyDeps.placement``); the proxy starts and stops it;
+* ``--gpu-health URL,...``: ``router.gpu_health.GpuHealthPoller``, which hands the set of
+  unhealthy GPUs to the pool (``EnginePool.set_unhealthy_gpus``); the pool starts and
+  stops it.
 
 Those modules belong to other parts of issue 12; when one is missing the router refuses
 to start with a ``ConfigError`` naming the flag (``check_settings``, also run before
@@ -55,6 +58,7 @@ from aiohttp import web
 from router.config import RouterSettings
 from router.engines import EnginePool, parse_engines
 from router.errors import UnknownStrategy
+from router.gpu_health import POLL_RESULTS, GpuHealthPoller
 from router.ledger import InMemoryLedger, Ledger
 from router.limits import InMemoryLimiter, Limiter, load_api_keys
 from router.metrics import RouterMetrics
@@ -220,6 +224,18 @@ async def build_proxy(
             settings.placement_url, token=token, interval_s=settings.placement_interval_s
         )
     metrics = RouterMetrics()
+    if settings.gpu_health_urls:
+        token = ""
+        if settings.gpu_health_token_file:
+            token = read_token(settings.gpu_health_token_file, "--gpu-health-token-file")
+        pool.gpu_health = GpuHealthPoller(
+            settings.gpu_health_urls,
+            token=token,
+            interval_s=settings.gpu_health_interval_s,
+            on_change=pool.set_unhealthy_gpus,
+            on_poll=metrics.count_gpu_health_poll,
+        )
+        metrics.watch_gpu_health(pool.num_gpu_unhealthy, POLL_RESULTS)
     proxy = Proxy(
         settings,
         pool,

@@ -59,13 +59,22 @@ class RouteRequest:
 @dataclass(frozen=True, slots=True)
 class EngineSpec:
     """One engine as discovery names it: its base URL, its cache-daemon stream
-    (``<node>/gpu<i>``, empty when unknown: precise routing then sees no GPU prefix) and
-    its GPU type (``"A100"``: the placement plan's name for it, issue 14; empty when
-    unknown: the plan then never picks it specifically)."""
+    (``<node>/gpu<i>``, empty when unknown: precise routing then sees no GPU prefix), its
+    GPU type (``"A100"``: the placement plan's name for it, issue 14; empty when
+    unknown: the plan then never picks it specifically) and the GPUs it runs on
+    (``"NODE/gpuI"`` names, issue 15: an engine one of whose GPUs a health watcher reports
+    unhealthy gets no new requests, ``router/gpu_health.py``). ``gpus`` defaults to the
+    stream when one is set (a one-GPU engine); empty = unknown (never taken out for GPU
+    health: the router's own ``/health`` checks remain)."""
 
     url: str
     stream: str = ""
     gpu_type: str = ""
+    gpus: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.gpus and self.stream:
+            object.__setattr__(self, "gpus", (self.stream,))
 
     @property
     def node(self) -> str:

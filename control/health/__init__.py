@@ -23,6 +23,7 @@
       client.py     HealthFeed: polls several watchers' /v1/gpus for the Ray fleet
       metrics.py    shoal_gpu_* series
       config.py     HealthSettings (flags < SHOAL_HEALTH_* < [health] table)
+      watch_cli.py  the ``watch`` verb (cli.py adds it: add_watch_parser)
       cli.py        ``shoal health check|watch|inject``
 
 Pure modules (types, errors, xid, checks, mockfile) import no transport: unit-tested on

@@ -132,6 +132,7 @@ def test_readme_autoscale_reference_matches_the_autoscale_settings() -> None:
         ("profile", "control.placement.profile_cli", "ProfileSettings"),
         ("placement", "control.placement.config", "PlacementSettings"),
         ("lora", "control.lora.config", "LoraSettings"),
+        ("health", "control.health.config", "HealthSettings"),
     ],
 )
 def test_readme_control_references_match_their_settings(

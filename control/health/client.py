@@ -1,0 +1,160 @@
+"""HealthFeed: the latest ``/v1/gpus`` of several watchers, for the Ray fleet.
+
+::
+
+    feed = HealthFeed(["http://node-a:8094", "http://node-b:8094"], token=T)
+    await feed.poll()             every watcher at once, each with a deadline
+    feed.unhealthy_gpus()         {"node-a/gpu3", ...}: GPUs to stop using
+    feed.reports()                {url: NodeHealth} of the watchers known now
+    await feed.close()
+
+Invariant: ``reports()`` holds, per URL, the last answer that parsed whole (bounded body,
+``NodeHealth.from_json``), and only while it is younger than ``stale_after_s`` (default
+three intervals, by the injected monotonic clock). A failed read (refused, timeout, non-200,
+over the cap, malformed JSON or document) keeps the last good answer until then, and after
+that the watcher is forgotten: its GPUs are *unknown*, and unknown is not sick. A watcher
+that dies must not take its node's engines out of service with it: the router and the
+fleet have their own liveness checks for engines and nodes; this feed only adds "the
+hardware says this GPU is bad".
+
+Rejected: treating a silent watcher's GPUs as unhealthy (one crashed DaemonSet pod, or a
+watcher rollout, would empty the fleet), and keeping the last answer for ever (a GPU that
+was replaced and whose watcher moved would stay blocked).
+
+A URL is the watcher's base (``http://host:8094``) or its ``/v1/gpus`` itself. With a
+token, requests carry ``Authorization: Bearer TOKEN``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+from control.health.types import NodeHealth
+from shoal.bodies import read_capped
+
+__all__ = ["MAX_REPORT_BYTES", "FeedStatistics", "HealthFeed"]
+
+log = logging.getLogger("shoal." + __name__)
+
+MAX_REPORT_BYTES = 4 << 20  # 1024 GPUs with a dozen problems each fit many times over
+
+
+@dataclass(frozen=True, slots=True)
+class FeedStatistics:
+    polls: int
+    failures: int  # reads that failed, every URL together
+    known: int  # watchers whose answer is fresh now
+
+
+@dataclass(slots=True)
+class _Entry:
+    report: NodeHealth
+    at: float  # monotonic time of the answer
+
+
+def _endpoint(url: str) -> str:
+    url = url.rstrip("/")
+    return url if url.endswith("/v1/gpus") else url + "/v1/gpus"
+
+
+class HealthFeed:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        token: str | None = None,
+        interval_s: float = 5.0,
+        stale_after_s: float | None = None,
+        timeout_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        assert interval_s > 0, "a positive poll interval"
+        self.urls = tuple(dict.fromkeys(u.rstrip("/") for u in urls if u.strip()))
+        self.interval_s = interval_s
+        self.stale_after_s = 3 * interval_s if stale_after_s is None else stale_after_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s or min(interval_s, 10.0))
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._polls = 0
+        self._failures = 0
+
+    async def poll(self) -> None:
+        """Read every watcher once, concurrently; never raises for a watcher's failure."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        self._polls += 1
+        await asyncio.gather(*(self._poll_one(url) for url in self.urls))
+        self._forget_stale()
+
+    async def _poll_one(self, url: str) -> None:
+        report = await self._read(url)
+        if report is None:
+            self._failures += 1
+            return
+        self._entries[url] = _Entry(report, self._clock())
+
+    async def _read(self, url: str) -> NodeHealth | None:
+        assert self._session is not None
+        try:
+            async with self._session.get(_endpoint(url)) as reply:
+                if reply.status != 200:
+                    log.debug("health watcher %s answered %d", url, reply.status)
+                    return None
+                body = await read_capped(reply, MAX_REPORT_BYTES)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.debug("health watcher %s unreachable: %s", url, exc)
+            return None
+        if body is None:
+            log.warning("health watcher %s: answer over %d bytes", url, MAX_REPORT_BYTES)
+            return None
+        try:
+            return NodeHealth.from_json(json.loads(body))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a bad document
+            log.warning("health watcher %s: malformed answer: %s", url, exc)
+            return None
+
+    def _forget_stale(self) -> None:
+        now = self._clock()
+        for url in [u for u, e in self._entries.items() if now - e.at > self.stale_after_s]:
+            silent = now - self._entries[url].at
+            log.info("health watcher %s silent for %.0f s: its GPUs are unknown", url, silent)
+            del self._entries[url]
+
+    def reports(self) -> dict[str, NodeHealth]:
+        """The fresh answers, by watcher URL."""
+        self._forget_stale()
+        return {url: e.report for url, e in self._entries.items()}
+
+    def unhealthy_gpus(self) -> frozenset[str]:
+        """``NODE/gpuI`` of every GPU a fresh answer calls unhealthy."""
+        sick: set[str] = set()
+        for report in self.reports().values():
+            sick |= report.unhealthy_gpus()
+        return frozenset(sick)
+
+    def statistics(self) -> FeedStatistics:
+        return FeedStatistics(self._polls, self._failures, len(self.reports()))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """``poll()`` every ``interval_s`` until ``stop``."""
+        while not stop.is_set():
+            await self.poll()
+            try:
+                async with asyncio.timeout(self.interval_s):
+                    await stop.wait()
+            except TimeoutError:
+                continue
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,495 @@
+"""``shoal health watch``: check the node's GPUs every interval and serve the result.
+
+::
+
+    main thread (asyncio)                         XID thread (one per open backend)
+      every --interval-s, or at once on an XID:     loop: backend.wait_xid(xid_wait_s)
+        open the backend if it is not open            events -> SimpleQueue, wake the loop
+        drain XID events -> ledger, metrics
+        apply pending clears -> ledger
+        collect(backend, ledger) on a thread -> NodeHealth
+        metrics, cordon (optional)
+      HTTP: GET /v1/gpus   latest NodeHealth.to_json() (503 before the first check)
+            GET /metrics   shoal_gpu_* (Prometheus text)
+            GET /healthz   200 "ok" (the watcher lives; its GPUs may not be healthy)
+            POST /v1/clear {"gpu": I} -> 202: forget GPU I's XIDs at the next check
+                           (at once: it wakes the loop), after an operator reset it
+
+Invariant: the ledger is only touched on the event-loop thread, between checks (never
+while ``collect`` reads it on its worker thread): XID events and clears are queued and
+applied at the start of a check. Rejected: a lock shared by the XID thread, the HTTP
+handler and ``collect`` (the ledger is pure and not thread-safe; a queue keeps it so).
+
+NVML unavailable at start or lost later (``NvmlUnavailable``/``BackendError`` from the
+backend as a whole, or ``collect``'s own node-level ``nvml`` problem with no GPU listed)
+never stops the watcher: it keeps serving, reports a node-level critical problem ``nvml``
+(remedy ``drain_node``, as ``shoal health check`` does; node-level problems never
+cordon), closes the backend and tries to open it again each round. The report then
+lists the GPUs last seen (or ``0..expect_gpus-1`` before any), each with a critical
+``nvml`` problem "not read" (remedy ``none``), so consumers mark exactly those unhealthy:
+a report with no GPUs would let the router think none was sick.
+
+The watcher only reports; the router and the Ray fleet act on ``/v1/gpus``, and on
+Kubernetes the optional ``Cordoner`` (cordon.py) cordons the node. Auth: loopback by
+default; with a token (``--auth-token-file``) ``/v1/gpus`` and ``/v1/clear`` need
+``Authorization: Bearer TOKEN`` (401 otherwise, compared in constant time) and ``/metrics``
+and ``/healthz`` stay open, as on the autoscaler's endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from control.health.backend import GpuBackend, open_backend
+from control.health.config import HealthSettings, kube_node_name, node_name, read_token
+from control.health.cordon import Cordoner
+from control.health.errors import HealthError
+from control.health.metrics import HealthMetrics
+from control.health.types import (
+    GpuHealth,
+    GpuSnapshot,
+    NodeHealth,
+    Problem,
+    Remedy,
+    Severity,
+    XidEvent,
+)
+from shoal.errors import ConfigError
+
+__all__ = ["Ledger", "Watcher", "XidPump", "make_app", "serve", "start_server"]
+
+log = logging.getLogger("shoal." + __name__)
+
+MAX_BODY_BYTES = 4 << 10  # a clear body is {"gpu": I}
+
+
+class Ledger(Protocol):
+    """What the watcher needs of control.health.xid.XidLedger."""
+
+    def record(self, event: XidEvent) -> None: ...
+
+    def clear(self, index: int) -> None: ...
+
+
+Collect = Callable[..., NodeHealth]  # report.collect(backend, *, node, ledger, expect_gpus, now)
+
+
+class _Recording:
+    """The backend, remembering each GPU's last snapshot for the metrics."""
+
+    def __init__(self, backend: GpuBackend) -> None:
+        self.backend = backend
+        self.snapshots: dict[int, GpuSnapshot] = {}
+
+    def device_count(self) -> int:
+        return self.backend.device_count()
+
+    def driver_version(self) -> str:
+        return self.backend.driver_version()
+
+    def snapshot(self, index: int) -> GpuSnapshot:
+        snap = self.backend.snapshot(index)
+        self.snapshots[index] = snap
+        return snap
+
+    def wait_xid(self, timeout_s: float) -> list[XidEvent]:
+        return self.backend.wait_xid(timeout_s)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _lost(health: NodeHealth) -> str | None:
+    """The reason when ``collect`` could not even count the GPUs (its node-level ``nvml``
+    problem and no GPU listed): the backend is lost and must be reopened."""
+    if health.gpus:
+        return None
+    return next((p.detail for p in health.problems if p.check == "nvml"), None)
+
+
+class XidPump:
+    """``backend.wait_xid`` in a loop on its own thread; events wait in a queue for the loop.
+
+    ``stop()`` returns within one ``wait_s`` (the longest single wait). A backend error
+    ends the thread and is kept in ``failure`` for the loop's next round to report."""
+
+    def __init__(self, backend: GpuBackend, *, wait_s: float, notify: Callable[[], None]) -> None:
+        self._backend = backend
+        self._wait_s = wait_s
+        self._notify = notify
+        self._events: queue.SimpleQueue[XidEvent] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shoal-health-xid", daemon=True)
+        self.failure: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                events = self._backend.wait_xid(self._wait_s)
+            except HealthError as exc:
+                # no wake: a wait_xid that fails at once would spin the loop; the next
+                # regular round reports it and starts a new thread
+                self.failure = str(exc)
+                return
+            for event in events:
+                self._events.put(event)
+            if events:
+                self._notify()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def take_events(self) -> list[XidEvent]:
+        events: list[XidEvent] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                events.append(self._events.get_nowait())
+        return events
+
+    def stop(self) -> bool:
+        """Ask the thread to stop and wait for it; False if it is still blocked."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(self._wait_s + 2.0)
+        return not self._thread.is_alive()
+
+
+class Watcher:
+    """The polling loop's state: the backend (or none), the ledger, the latest report."""
+
+    def __init__(
+        self,
+        opener: Callable[[], GpuBackend],
+        *,
+        node: str,
+        expect_gpus: int | None = None,
+        interval_s: float = 5.0,
+        xid_wait_s: float = 1.0,
+        metrics: HealthMetrics | None = None,
+        cordoner: Cordoner | None = None,
+        collect: Collect | None = None,
+        ledger: Ledger | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if collect is None:
+            from control.health.report import collect as report_collect
+
+            collect = report_collect
+        if ledger is None:
+            from control.health.xid import XidLedger
+
+            ledger = XidLedger(clock=clock)
+        self._opener = opener
+        self.node = node
+        self.expect_gpus = expect_gpus
+        self.interval_s = interval_s
+        self.xid_wait_s = xid_wait_s
+        self.metrics = metrics or HealthMetrics()
+        self.cordoner = cordoner
+        self._collect: Collect = collect
+        self.ledger = ledger
+        self._clock = clock
+        self._monotonic = monotonic
+        self._backend: _Recording | None = None
+        self._pump: XidPump | None = None
+        self._clears: list[int] = []
+        self._open_error = ""
+        self._known: tuple[tuple[int, str], ...] = ()  # (index, uuid) of the last GPUs read
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self.latest: NodeHealth | None = None
+
+    # -- one round ---------------------------------------------------------------------
+
+    async def check_once(self) -> NodeHealth:
+        """One full check; never raises for the backend's failures."""
+        self._loop = asyncio.get_running_loop()
+        self._wake.clear()
+        if self._backend is None and not await self._open():
+            why = f"NVML unavailable: {self._open_error}"
+            return self._publish(self._unavailable(why), None)
+        assert self._backend is not None
+        self._drain()
+        self._backend.snapshots.clear()  # an unreadable GPU exports no stale readings
+        started = self._monotonic()
+        try:
+            health = await asyncio.to_thread(
+                self._collect,
+                self._backend,
+                node=self.node,
+                ledger=self.ledger,
+                expect_gpus=self.expect_gpus,
+                now=self._clock(),
+            )
+        except HealthError as exc:  # report.collect says so itself; a backend may raise
+            lost: str | None = f"NVML lost: {exc}"
+        else:
+            lost = _lost(health)
+        if lost is not None:
+            log.warning("GPU backend lost, reopening next round: %s", lost)
+            self.metrics.check_errors.inc()
+            await self._close_backend()
+            return self._publish(self._unavailable(lost), None)
+        self._known = tuple((g.index, g.uuid) for g in health.gpus)
+        return self._publish(health, self._monotonic() - started)
+
+    async def _open(self) -> bool:
+        try:
+            backend = await asyncio.to_thread(self._opener)
+        except HealthError as exc:
+            # a warning when it starts or changes, not every round of a long outage
+            level = logging.DEBUG if str(exc) == self._open_error else logging.WARNING
+            log.log(level, "GPU backend unavailable, retrying each round: %s", exc)
+            self._open_error = str(exc)
+            self.metrics.check_errors.inc()
+            return False
+        if self._open_error:
+            log.warning("GPU backend open again")
+            self._open_error = ""
+        self._backend = _Recording(backend)
+        self._start_pump()
+        return True
+
+    def _start_pump(self) -> None:
+        assert self._backend is not None and self._loop is not None
+        loop = self._loop
+        self._pump = XidPump(
+            self._backend.backend,
+            wait_s=self.xid_wait_s,
+            notify=lambda: self._notify(loop),
+        )
+        self._pump.start()
+
+    def _notify(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From the XID thread: check now. The loop may be closing: then nobody waits."""
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._wake.set)
+
+    def _drain(self) -> None:
+        pump = self._pump
+        if pump is not None:
+            for event in pump.take_events():
+                log.warning("XID %d on gpu%d", event.xid, event.index)
+                self.ledger.record(event)
+                self.metrics.count_xid(event)
+            if not pump.alive:  # wait_xid failed: report it, watch again
+                log.warning("XID watch failed, restarting it: %s", pump.failure)
+                self.metrics.check_errors.inc()
+                self._start_pump()
+        clears, self._clears = self._clears, []
+        for index in clears:
+            log.info("XIDs of gpu%d cleared", index)
+            self.ledger.clear(index)
+
+    def _unavailable(self, why: str) -> NodeHealth:
+        problem = Problem("nvml", Severity.CRITICAL, why, Remedy.DRAIN_NODE)
+        # each GPU says so too, so that its own "healthy" is false for a reader of the
+        # JSON that looks no further; the remedy stays on the node's problem (no cordon)
+        unread = (Problem("nvml", Severity.CRITICAL, "not read: NVML unavailable"),)
+        known = self._known or tuple((i, "") for i in range(self.expect_gpus or 0))
+        gpus = tuple(GpuHealth(index, uuid, unread) for index, uuid in known)
+        return NodeHealth(self.node, self._clock(), gpus, (problem,))
+
+    def _publish(self, health: NodeHealth, seconds: float | None) -> NodeHealth:
+        snapshots: Mapping[int, GpuSnapshot] = {}
+        if self._backend is not None:
+            listed = {g.index for g in health.gpus}
+            snapshots = {i: s for i, s in self._backend.snapshots.items() if i in listed}
+        self.metrics.observe(health, snapshots, seconds)
+        self.latest = health
+        return health
+
+    async def act(self, health: NodeHealth) -> None:
+        if self.cordoner is not None:
+            await self.cordoner.observe(health)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def request_clear(self, index: int) -> None:
+        """Forget GPU ``index``'s XIDs at the next check, which starts at once."""
+        self._clears.append(index)
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Check every ``interval_s`` (at once after an XID or a clear) until ``stop``."""
+        stopper = asyncio.create_task(stop.wait())
+        stopper.add_done_callback(lambda _: self._wake.set())
+        try:
+            while not stop.is_set():
+                health = await self.check_once()
+                await self.act(health)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.interval_s):
+                        await self._wake.wait()
+        finally:
+            stopper.cancel()
+
+    async def _close_backend(self) -> None:
+        pump, backend = self._pump, self._backend
+        self._pump = self._backend = None
+        if pump is not None and not await asyncio.to_thread(pump.stop):
+            log.warning("the XID thread did not stop in time (left as a daemon thread)")
+        if backend is not None:
+            with contextlib.suppress(HealthError):
+                await asyncio.to_thread(backend.close)
+
+    async def close(self) -> None:
+        await self._close_backend()
+        if self.cordoner is not None:
+            await self.cordoner.close()
+
+
+# -- HTTP ------------------------------------------------------------------------------
+
+_WATCHER = web.AppKey("watcher", Watcher)
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPEN_PATHS = frozenset({"/metrics", "/healthz"})
+
+
+async def _gpus(request: web.Request) -> web.Response:
+    latest = request.app[_WATCHER].latest
+    if latest is None:
+        return web.json_response({"error": "no check has finished yet"}, status=503)
+    return web.json_response(latest.to_json())
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[_WATCHER].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def _clear(request: web.Request) -> web.Response:
+    try:
+        body: Any = json.loads((await request.read()).decode() or "{}")
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        body = None
+    index = body.get("gpu") if isinstance(body, dict) else None
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1024:
+        return web.json_response({"error": 'body must be JSON {"gpu": INDEX}'}, status=400)
+    request.app[_WATCHER].request_clear(index)
+    return web.json_response({"gpu": index, "cleared": "at the next check"}, status=202)
+
+
+def _require_token(token: str) -> Middleware:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if request.path not in _OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.json_response(
+                    {"error": "missing or wrong bearer token (Authorization: Bearer TOKEN)"},
+                    status=401,
+                )
+        return await handler(request)
+
+    return check
+
+
+def make_app(watcher: Watcher, token: str | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=[_require_token(token)] if token else [], client_max_size=MAX_BODY_BYTES
+    )
+    app[_WATCHER] = watcher
+    app.router.add_get("/v1/gpus", _gpus)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_post("/v1/clear", _clear)
+    return app
+
+
+async def start_server(
+    watcher: Watcher, host: str, port: int, token: str | None = None
+) -> tuple[web.AppRunner, int]:
+    """Listen on ``host:port`` (0: a free port); the runner and the port bound.
+    ``ConfigError`` if it cannot listen."""
+    runner = web.AppRunner(make_app(watcher, token), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    server: Any = site._server
+    bound = server.sockets[0].getsockname()[1] if server is not None else port
+    log.info("health watcher on http://%s:%d (/v1/gpus, /metrics, /healthz)", host, bound)
+    return runner, int(bound)
+
+
+# -- the daemon --------------------------------------------------------------------------
+
+
+def build_watcher(settings: HealthSettings) -> Watcher:
+    """The watcher the settings describe (the cordoner too, with ``--cordon``)."""
+    mock = Path(settings.nvml_mock) if settings.nvml_mock else None
+    metrics = HealthMetrics()
+    cordoner = None
+    if settings.cordon:
+        cordoner = Cordoner(kube_node_name(settings), apply=settings.cordon_apply, metrics=metrics)
+    return Watcher(
+        lambda: open_backend(mock),
+        node=node_name(settings),
+        expect_gpus=settings.expect_gpus or None,
+        interval_s=settings.interval_s,
+        xid_wait_s=settings.xid_wait_s,
+        metrics=metrics,
+        cordoner=cordoner,
+    )
+
+
+async def _serve(settings: HealthSettings) -> int:
+    token = read_token(settings.auth_token_file) if settings.auth_token_file else None
+    watcher = build_watcher(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = None
+    try:
+        runner, _ = await start_server(watcher, settings.host, settings.port, token)
+        log.info(
+            "watching GPUs of node %s every %.1f s%s",
+            watcher.node,
+            settings.interval_s,
+            ""
+            if watcher.cordoner is None
+            else f", cordon {'on' if settings.cordon_apply else 'dry run'}",
+        )
+        await watcher.run(stop)
+    finally:
+        log.info("health watcher stopping")
+        if runner is not None:
+            await runner.cleanup()
+        await watcher.close()
+    return 0
+
+
+def serve(settings: HealthSettings) -> int:
+    """Run the watcher until SIGTERM/SIGINT; the exit code (0 on a clean stop)."""
+    return asyncio.run(_serve(settings))

@@ -1,0 +1,234 @@
+"""Polling the GPU health watchers for the engine pool (issue 15, ``--gpu-health``).
+
+::
+
+    every interval_s, for each watcher URL (in parallel):
+        GET URL/v1/gpus  (Authorization: Bearer TOKEN with --gpu-health-token-file)
+        200, a NodeHealth document (control.health.types.NodeHealth.from_json)
+                                   -> that watcher's report is replaced       result "ok"
+        refused, reset, timed out  -> the last good report stays          "unreachable"
+        any other status (503 before the watcher's first check)
+                                   -> the last good report stays           "bad_status"
+        not JSON, not a NodeHealth, over 1 MiB
+                                   -> the last good report stays            "malformed"
+    then: a report not confirmed for 3 intervals is forgotten (logged); the union of the
+    remaining reports' unhealthy GPUs is handed to ``on_change`` when it changed.
+
+Invariant: ``unhealthy_gpus()`` is the union of ``NodeHealth.unhealthy_gpus()`` (``NODE/
+gpuI`` names: a GPU with a critical problem, or every GPU of a node with a critical
+node-level problem) over the reports each watcher answered successfully within the last
+``STALE_INTERVALS x interval_s`` seconds (by the injected monotonic clock). Unknown is
+not sick: a watcher that dies, hangs or talks nonsense keeps its last good report for
+three intervals (a blip changes nothing) and is then forgotten, so its engines are
+routable again; a dead watcher never takes engines out. The router's own ``/health``
+checks and circuit breakers remain whatever the watchers say.
+
+A critical node-level problem (NVML lost, fewer GPUs than expected) makes every GPU the
+report lists unhealthy; ``shoal health watch`` lists the GPUs it last saw (or
+``0..expect_gpus-1``) when NVML is lost, so those engines go out. A report that lists no
+GPUs at all names none: the engines' own health checks then say whether they serve.
+
+Failures are logged once per streak and watcher (a warning when it starts, debug while it
+lasts, info when the watcher answers again); every poll is counted by result
+(``on_poll``: ``shoal_router_gpu_health_polls_total{result}``).
+
+Rejected: using ``control.health.client.HealthFeed`` (the router keeps its HTTP in its own
+session and its own counters; it shares the wire format, ``control.health.types``, which
+is pure); forgetting a watcher at its first failed poll (one lost packet would put a sick
+GPU back into service for an interval); keeping a report forever (a watcher removed from
+a node would pin its engines out of service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import aiohttp
+
+from control.health.types import NodeHealth
+from shoal.bodies import read_capped
+
+__all__ = ["MAX_HEALTH_BYTES", "POLL_RESULTS", "STALE_INTERVALS", "GpuHealthPoller"]
+
+log = logging.getLogger("shoal." + __name__)
+
+STALE_INTERVALS = 3
+MAX_HEALTH_BYTES = 1 << 20  # 1024 GPUs with a few problems each is ~300 KiB
+POLL_RESULTS = ("ok", "unreachable", "bad_status", "malformed")
+
+
+class _Watcher:
+    """One watcher's last good report and its failure streak."""
+
+    __slots__ = ("failing", "ok_at", "report", "url")
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.report: NodeHealth | None = None
+        self.ok_at = 0.0
+        self.failing = False
+
+
+class GpuHealthPoller:
+    """``GET URL/v1/gpus`` of every watcher every ``interval_s`` (module docstring)."""
+
+    def __init__(
+        self,
+        urls: Iterable[str],
+        *,
+        token: str = "",
+        interval_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[frozenset[str]], None] | None = None,
+        on_poll: Callable[[str], None] | None = None,
+    ) -> None:
+        assert interval_s > 0, f"bad GPU health interval {interval_s}"
+        self._watchers = {url.rstrip("/"): _Watcher(url.rstrip("/")) for url in urls}
+        assert self._watchers, "GpuHealthPoller needs at least one watcher URL"
+        self.interval_s = interval_s
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = aiohttp.ClientTimeout(total=min(2.0, interval_s))
+        self._clock = clock
+        self.on_change = on_change
+        self._on_poll = on_poll
+        self._unhealthy: frozenset[str] = frozenset()
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.num_polls = 0
+
+    @property
+    def urls(self) -> list[str]:
+        return list(self._watchers)
+
+    # ---- the logic (no waiting) -------------------------------------------------------
+
+    def accept(self, url: str, body: bytes) -> NodeHealth | None:
+        """A watcher's 200 body: its new report, or (``malformed``) None and the last good
+        report stays."""
+        watcher = self._watchers[url]
+        try:
+            report = NodeHealth.from_json(json.loads(body))
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            self.fail(url, "malformed", f"not a NodeHealth document: {exc}")
+            return None
+        self._count("ok")
+        if watcher.failing or watcher.report is None:
+            log.info("GPU health watcher %s answers: node %s, %d GPU(s), unhealthy: %s",
+                     url, report.node, len(report.gpus),
+                     ", ".join(sorted(report.unhealthy_gpus())) or "none")  # fmt: skip
+        watcher.report, watcher.ok_at, watcher.failing = report, self._clock(), False
+        return report
+
+    def fail(self, url: str, result: str, problem: str) -> None:
+        """A poll of ``url`` that brought no report (``result`` one of ``POLL_RESULTS``)."""
+        watcher = self._watchers[url]
+        self._count(result)
+        level = logging.DEBUG if watcher.failing else logging.WARNING
+        kept = "keeping its last report" if watcher.report is not None else "no report yet"
+        log.log(level, "GPU health watcher %s: %s; %s", url, problem, kept)
+        watcher.failing = True
+
+    def _count(self, result: str) -> None:
+        if self._on_poll is not None:
+            self._on_poll(result)
+
+    def expire(self) -> None:
+        """Forget reports not confirmed for ``STALE_INTERVALS`` intervals."""
+        now = self._clock()
+        for watcher in self._watchers.values():
+            if watcher.report is None:
+                continue
+            if now - watcher.ok_at > STALE_INTERVALS * self.interval_s:
+                log.warning("GPU health watcher %s unreadable for %.1f s: forgetting node %s "
+                            "(its GPUs count as healthy: unknown is not sick)", watcher.url,
+                            now - watcher.ok_at, watcher.report.node)  # fmt: skip
+                watcher.report = None
+
+    def reports(self) -> dict[str, NodeHealth]:
+        """Each watcher's current report (stale ones are left out)."""
+        now = self._clock()
+        return {
+            url: w.report
+            for url, w in self._watchers.items()
+            if w.report is not None and now - w.ok_at <= STALE_INTERVALS * self.interval_s
+        }
+
+    def unhealthy_gpus(self) -> frozenset[str]:
+        names: set[str] = set()
+        for report in self.reports().values():
+            names |= report.unhealthy_gpus()
+        return frozenset(names)
+
+    def settle(self) -> frozenset[str]:
+        """After a round: expire, recompute, tell ``on_change`` when the set changed."""
+        self.expire()
+        unhealthy = self.unhealthy_gpus()
+        if unhealthy != self._unhealthy:
+            self._unhealthy = unhealthy
+            if self.on_change is not None:
+                self.on_change(unhealthy)
+        return unhealthy
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per watcher (for logs and status views)."""
+        now = self._clock()
+        current: Mapping[str, NodeHealth] = self.reports()
+        return [
+            {
+                "url": url,
+                "node": current[url].node if url in current else None,
+                "age_s": round(now - w.ok_at, 3) if url in current else None,
+                "failing": w.failing,
+                "unhealthy_gpus": sorted(current[url].unhealthy_gpus()) if url in current else [],
+            }
+            for url, w in self._watchers.items()
+        ]
+
+    # ---- the polling ------------------------------------------------------------------
+
+    def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self.poll_once()
+            await asyncio.sleep(self.interval_s)
+
+    async def poll_once(self) -> frozenset[str]:
+        """Read every watcher once, then ``settle``; the unhealthy set."""
+        self.num_polls += 1
+        await asyncio.gather(*(self._fetch(url) for url in self._watchers))
+        return self.settle()
+
+    async def _fetch(self, url: str) -> None:
+        assert self._session is not None, "polls run between start() and close()"
+        try:
+            async with self._session.get(
+                url + "/v1/gpus", headers=self._headers, timeout=self._timeout
+            ) as reply:
+                body = await read_capped(reply, MAX_HEALTH_BYTES)
+                if reply.status != 200:
+                    text = (body or b"")[:200].decode(errors="replace")
+                    self.fail(url, "bad_status", f"answered {reply.status} {text}")
+                    return
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.fail(url, "unreachable", repr(exc))
+            return
+        if body is None:
+            self.fail(url, "malformed", f"the answer is over {MAX_HEALTH_BYTES} bytes")
+            return
+        self.accept(url, body)
