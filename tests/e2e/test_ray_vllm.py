@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -149,6 +150,7 @@ def cluster_env() -> Iterator[dict[str, str]]:
             ray.shutdown()
     finally:
         _stop(head)
+        shutil.rmtree(scratch, ignore_errors=True)  # Ray's session logs, the hook
 
 
 def _get(url: str, timeout: float = 2.0) -> int:
