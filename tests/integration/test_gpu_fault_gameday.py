@@ -112,17 +112,50 @@ def eventually(check: Callable[[], Any], what: str, timeout_s: float) -> Any:
     return result
 
 
+def _raylet_pid(pid: str) -> int | None:
+    """``RAY_RAYLET_PID`` in the process's environment: Ray workers carry it, and so do the
+    engines their actors start."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:  # gone meanwhile, or not ours
+        return None
+    for item in environ:
+        if item.startswith(b"RAY_RAYLET_PID="):
+            value = item.split(b"=", 1)[1]
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def cluster_processes(session: str, raylets: set[int]) -> list[tuple[int, str]]:
+    """The live processes of one Ray cluster: its daemons (their command lines name the
+    session), its workers and whatever they started (their ``RAY_RAYLET_PID`` is one of
+    its raylets; workers rename themselves ``ray::...``, so the session is not there)."""
+    found = processes_with(session)
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and _raylet_pid(pid) in raylets:
+            found.append((int(pid), _cmdline(pid)))
+    return found
+
+
+def cluster_ids(c: RayTestCluster) -> tuple[str, set[int]]:
+    """The cluster's session name and the pids of its raylets."""
+    nodes: list[Any] = [c.cluster.head_node, *c.nodes.values()]
+    raylets = {info.process.pid for node in nodes for info in node.all_processes["raylet"]}
+    return str(nodes[0].session_name), raylets
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayTestCluster]:
-    """The Ray cluster; on exit, every process of its session is checked gone."""
+    """The Ray cluster; on exit, every process of it is checked gone."""
     with ray_test_cluster() as c:
         c.add_node("node-a", gpus=2)
         c.add_node("node-b", gpus=2)
-        head: Any = c.cluster.head_node
-        session = str(head.session_name)
-        assert processes_with(session), "Ray's processes name their session"
+        session, raylets = cluster_ids(c)
+        assert len(raylets) == 3 and processes_with(session), "Ray's processes are found"
         yield c
-    eventually(lambda: not processes_with(session), f"every process of {session} gone", 30)
+    eventually(
+        lambda: not cluster_processes(session, raylets), f"every process of {session} gone", 30
+    )
 
 
 def http(url: str, data: dict[str, Any] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -360,6 +393,8 @@ def test_a_gpu_going_bad_under_load_is_routed_around_and_replaced_without_a_fail
             started = time.monotonic()
             before = eventually(two_ready, "two groups ready", 90)
             print(f"\nfleet: two groups ready {time.monotonic() - started:.1f} s after start")
+            engines = [p for p in cluster_processes(*cluster_ids(cluster)) if "sim engine" in p[1]]
+            assert len(engines) == 2, "the teardown check sees the engines as the cluster's"
             on_a = [g for g in before if g["gpus"][0].startswith("node-a/")]
             victim = (on_a or before)[0]
             (sick_gpu,) = victim["gpus"]  # tp 1: one GPU, "NODE/gpuI"
