@@ -59,6 +59,8 @@ class TestBundles:
             ({"gpus_per_worker": 0.0}, "must be above 0"),
             ({"driver_cpus": -1.0}, "must be 0 or more"),
             ({"workers": "ghost"}, "standin, vllm"),
+            ({"workers": "vllm", "gpus_per_worker": 2.0}, "set gpus_per_worker=1"),
+            ({"workers": "vllm", "gpus_per_worker": 0.5}, "set gpus_per_worker=1"),
         ],
     )
     def test_a_bad_spec_names_the_fix(self, fields: dict[str, Any], names: str) -> None:
