@@ -3,10 +3,10 @@
 Invariant: a group either holds its whole placement group or nothing. Actors are started
 only once Ray reports the placement group CREATED (every bundle reserved), so a group that
 cannot be placed before ``wait_deadline_s`` has started nothing, and its placement group
-is removed; a group that fails later (node, worker or driver lost, engine exited, start
-timeout) tears itself down at once (engine stopped, actors killed, placement group
-removed) and stays FAILED with a reason. vLLM cannot heal a lost Ray worker (vllm
-#16259), so a failure is final: the fleet replaces the group.
+is removed; a group that fails later (node, worker or driver lost, engine exited or
+unhealthy, start timeout) is FAILED with a reason at once and tears itself down in the
+background (engine stopped, actors killed, placement group removed). vLLM cannot heal
+a lost Ray worker (vllm #16259), so a failure is final: the fleet replaces the group.
 
 Life cycle (``poll()`` advances it; nothing runs between polls)::
 
@@ -26,6 +26,8 @@ Life cycle (``poll()`` advances it; nothing runs between polls)::
               an actor ping fails -> node_died if that actor's node is dead (GCS, or its
               raylet refuses connections), else worker_died / driver_died;
               the engine process exited -> engine_exited (code, log tail)
+    READY, every poll: engine GET /health (HEALTH_TIMEOUT_S); UNHEALTHY_POLLS failures
+              in a row -> engine_unhealthy (the process lives, but does not serve)
 
 Node death is read from Ray's own state, not only from the engine's health: the
 placement group table (RESCHEDULING once the GCS marks the node dead), ``ray.nodes()``,
