@@ -44,7 +44,8 @@ cannot be reached.
 
 Concurrency: blocking Ray calls run in two bounded thread pools of this module, not
 asyncio's default one: ``POLL_THREADS`` for starts and polls, ``STOP_THREADS`` for
-teardowns, so stops (each up to its grace) cannot starve the polls of the other groups.
+teardowns, so stops (each up to its grace) cannot starve the polls of the other groups
+(``size_pools(max_groups)``: ``shoal engines serve`` sizes both for its largest fleet).
 One operation runs on a group at a time, and its *thread's completion* ends it: the
 group's lock is released by the thread's done-callback, not when the caller stops
 waiting (a caller's timeout cancels the wait, never the thread, so a second thread can
@@ -89,7 +90,7 @@ from control.ray.bundles import NodeResources, bundles_for, waiting_message
 from control.ray.errors import RayUnavailable
 from control.ray.types import GroupPhase, GroupSpec, GroupStatus
 
-__all__ = ["RayEngineGroup", "connect"]
+__all__ = ["RayEngineGroup", "connect", "size_pools"]
 
 T = TypeVar("T")
 
@@ -101,19 +102,33 @@ RAYLET_PROBE_TIMEOUT_S = 1.0
 FAILURE_GRACE_S = 2.0  # engine SIGTERM grace when the group tears itself down on failure
 UNHEALTHY_POLLS = 3  # a READY engine whose /health fails this many polls in a row failed
 # One thread per group polled at once (a fleet of up to POLL_THREADS groups polls all of
-# them in parallel); teardowns have their own pool, so a few slow stops cannot hold the
-# threads the polls need.
+# them in parallel); teardowns have their own pool, so slow stops cannot hold the threads
+# the polls need. ``size_pools`` raises both to the fleet's most groups.
 POLL_THREADS = 32
 STOP_THREADS = 16
+_sizes = {"poll": POLL_THREADS, "stop": STOP_THREADS}
 _pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+
+
+def size_pools(max_groups: int) -> None:
+    """Size the poll and stop pools for a fleet of at most ``max_groups`` groups (each
+    can be polled, or stopped, at once: ``close()`` stops them all). Never shrinks them;
+    threads are created only when needed. A pool already used is replaced (its running
+    calls finish in their threads)."""
+    with _pools_lock:
+        for kind in ("poll", "stop"):
+            if max_groups > _sizes[kind]:
+                _sizes[kind] = max_groups
+                old = _pools.pop(kind, None)
+                if old is not None:
+                    old.shutdown(wait=False)
 
 
 def _pool(kind: str) -> concurrent.futures.ThreadPoolExecutor:
     with _pools_lock:
         if kind not in _pools:
-            size = POLL_THREADS if kind == "poll" else STOP_THREADS
-            _pools[kind] = concurrent.futures.ThreadPoolExecutor(size, f"shoal-ray-{kind}")
+            _pools[kind] = concurrent.futures.ThreadPoolExecutor(_sizes[kind], f"shoal-ray-{kind}")
         return _pools[kind]
 
 

@@ -297,6 +297,13 @@ async def test_a_ready_engine_failing_health_three_polls_in_a_row_fails(
     assert fake_ray.removed == [group._pg]
 
 
+def test_pools_grow_to_the_fleets_most_groups_and_never_shrink() -> None:
+    group_module.size_pools(80)
+    group_module.size_pools(8)
+    assert group_module._sizes == {"poll": 80, "stop": 80}
+    assert group_module._pool("stop")._max_workers == 80
+
+
 @pytest.mark.parametrize(
     "error",
     [
