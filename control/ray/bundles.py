@@ -66,6 +66,12 @@ def check_spec(spec: GroupSpec) -> None:
         raise ValueError(f"gpus_per_worker={spec.gpus_per_worker}: must be above 0")
     if spec.workers not in WORKER_MODES:
         raise ValueError(f"workers {spec.workers!r}: use one of {', '.join(WORKER_MODES)}")
+    if spec.workers == "vllm" and spec.gpus_per_worker > 1:
+        raise ValueError(  # vllm/v1/executor/ray_utils.py: "bundle cannot have more than 1"
+            f"gpus_per_worker={spec.gpus_per_worker:g} with workers='vllm': vLLM's Ray "
+            "executor rejects a bundle with more than one GPU: set gpus_per_worker=1 "
+            "(or a fraction) and raise tensor_parallel/pipeline_parallel instead"
+        )
     if spec.driver_cpus < 0:
         raise ValueError(f"driver_cpus={spec.driver_cpus}: must be 0 or more")
 

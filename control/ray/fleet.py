@@ -2,7 +2,8 @@
 
 One round (``reconcile_once``)::
 
-    poll every group at once (each within poll_timeout_s; a slow poll keeps the last status)
+    poll every group at once (each within poll_timeout_s; a poll that times out or fails
+      keeps the last status, stale: not ready; STALE_ROUNDS in a row -> unreachable)
       -> read the health feed's unhealthy GPUs
       -> reconcile (pure: control/ray/reconcile.py) -> stops, starts
       -> stops: lost groups (failed, on a sick GPU) and unready ones stop in the background
@@ -15,7 +16,15 @@ Invariants:
 
 * the discovery file lists exactly the groups whose last poll said ``ready`` and that
   the fleet keeps: a group found failed, or on an unhealthy GPU, leaves it in the round
-  that saw it, before anything is stopped (the router reads ``--discovery file``);
+  that saw it, before anything is stopped (the router reads ``--discovery file``); a
+  group whose poll timed out or failed is stale: it counts as not ready at once
+  (``state()``, the rolling update's capacity), stays in the file only for the round of
+  its first failed poll (one slow poll does not flap the router), and after
+  ``UNREACHABLE_POLLS`` failed polls in a row it is replaced (``unreachable``);
+* no exception from one group ends the loop: any error from a poll is a counted poll
+  failure (an unexpected one logged with its traceback, once per streak);
+* a group whose stop failed is kept and its stop retried every round (``stop_errors``);
+  the fleet never forgets a group that may still hold GPUs;
 * a round is bounded: polls have a timeout, stops run in background tasks (each within
   its grace), starts only create the placement group (``GroupLike.start`` returns at once);
 * every group the fleet created is stopped exactly once, by a stop it owns (``close()``
@@ -63,6 +72,8 @@ log = logging.getLogger("shoal." + __name__)
 # New groups that fail before ever getting ready are replaced after 1, 2, 4 ... s, at most
 # this (a template that cannot start must not churn placement groups every round).
 MAX_BACKOFF_S = 60.0
+UNREACHABLE_POLLS = 3  # failed polls in a row before a group is replaced (unreachable)
+UNREACHABLE = "unreachable"
 
 
 class GroupLike(Protocol):
@@ -109,6 +120,21 @@ class _Member:
     group: GroupLike
     created: float
     status: GroupStatus
+    failed_polls: int = 0  # in a row; > 0: the status is stale
+
+    @property
+    def serving(self) -> bool:
+        """Ready as of this round's poll (counts as capacity)."""
+        return self.status.phase is GroupPhase.READY and self.failed_polls == 0
+
+    @property
+    def listed(self) -> bool:
+        """In the discovery file: ready, and no more than one poll behind."""
+        return (
+            self.status.phase is GroupPhase.READY
+            and self.failed_polls <= 1
+            and bool(self.status.url)
+        )
 
 
 def write_discovery(path: Path, entries: Sequence[Mapping[str, Any]]) -> None:
@@ -175,6 +201,7 @@ class EngineFleet:
         self._members: dict[str, _Member] = {}  # groups the fleet keeps, by id
         self._draining: dict[str, tuple[_Member, float]] = {}  # id -> (member, stop at)
         self._stopping: dict[str, asyncio.Task[None]] = {}  # background stops
+        self._stop_failed: dict[str, tuple[_Member, str]] = {}  # retried every round
         self._published: list[dict[str, Any]] | None = None
         self._failing_in_a_row = 0  # new groups that failed before ready since one got ready
         self._start_after = float("-inf")  # crash-loop backoff: no start before this
@@ -219,24 +246,41 @@ class EngineFleet:
     # -- the round ---------------------------------------------------------------------
 
     async def _poll(self, member: _Member) -> GroupStatus:
+        gid = member.group.group_id
         try:
             async with asyncio.timeout(self._poll_timeout_s):
                 status = await member.group.poll()
         except TimeoutError:
-            self._counts["poll_failures"] += 1
-            log.warning(
-                "group %s: no status in %.1f s; keeping its last (%s)",
-                member.group.group_id, self._poll_timeout_s, member.status.phase,
-            )  # fmt: skip
-            return member.status
+            return self._poll_failed(member, f"no status in {self._poll_timeout_s:.1f} s")
         except RayGroupError as exc:
-            self._counts["poll_failures"] += 1
-            log.warning(
-                "group %s: poll failed (%s); keeping its last status", member.group.group_id, exc
-            )
-            return member.status
+            return self._poll_failed(member, f"poll failed ({exc})")
+        except Exception as exc:  # one group's bug must not end the loop: counted, traced
+            if member.failed_polls == 0:
+                log.exception("group %s: poll raised", gid)
+            return self._poll_failed(member, f"poll raised {exc!r}")
+        member.failed_polls = 0
         # the fleet's own clock and template are the truth for ordering and revisions
         return replace(status, created=member.created, revision=member.group.spec.revision)
+
+    def _poll_failed(self, member: _Member, why: str) -> GroupStatus:
+        """The last status, stale; after UNREACHABLE_POLLS in a row: failed, unreachable."""
+        self._counts["poll_failures"] += 1
+        member.failed_polls += 1
+        gid = member.group.group_id
+        if member.failed_polls >= UNREACHABLE_POLLS and member.status.phase in (
+            GroupPhase.WAITING,
+            GroupPhase.STARTING,
+            GroupPhase.READY,
+        ):
+            detail = f"{member.failed_polls} polls in a row got no status; last: {why}"
+            return replace(
+                member.status, phase=GroupPhase.FAILED, reason=UNREACHABLE, detail=detail
+            )
+        log.warning(
+            "group %s: %s; its last status (%s) is stale (%d in a row)",
+            gid, why, member.status.phase, member.failed_polls,
+        )  # fmt: skip
+        return member.status
 
     def _observe(self, member: _Member, status: GroupStatus) -> None:
         before = member.status
@@ -266,7 +310,8 @@ class EngineFleet:
         if status.revision != self._spec.template.revision:
             return
         self._failing_in_a_row += 1
-        backoff_s = min(MAX_BACKOFF_S, 2.0 ** (self._failing_in_a_row - 1))
+        exponent = min(self._failing_in_a_row - 1, 16)  # 2**16 > MAX_BACKOFF_S; no overflow
+        backoff_s = min(MAX_BACKOFF_S, 2.0**exponent)
         self._start_after = self._clock() + backoff_s
 
     def _check_drain_nodes(self) -> None:
@@ -301,11 +346,13 @@ class EngineFleet:
             if now >= stop_at:  # its GPUs are free for this round's starts
                 del self._draining[gid]
                 self._stop_in_background(member, "drained")
+        self._retry_failed_stops()
         actions = reconcile(
             self._spec,
             [m.status for m in self._members.values()],
             unhealthy=unhealthy,
             num_draining=len(self._draining),
+            stale=frozenset(gid for gid, m in self._members.items() if m.failed_polls),
         )
         for stop in actions.stops:
             self._apply_stop(stop, now)
@@ -349,13 +396,28 @@ class EngineFleet:
         try:
             async with asyncio.timeout(self._stop_grace_s + 30.0):
                 await member.group.stop(grace_s=self._stop_grace_s)
+        except (RayGroupError, TimeoutError, OSError) as exc:
+            self._stop_failed_with(member, why, repr(exc))
+        except Exception as exc:  # a task nobody awaits: counted, traced, retried
+            log.exception("group %s: stop raised", gid)
+            self._stop_failed_with(member, why, repr(exc))
+        else:
             self._counts["groups_stopped"] += 1
             log.info("group %s stopped (%s)", gid, why)
-        except (RayGroupError, TimeoutError, OSError) as exc:
-            self._counts["stop_errors"] += 1
-            log.error("group %s: stop failed (%s): %r", gid, why, exc)
         finally:
             self._stopping.pop(gid, None)
+
+    def _stop_failed_with(self, member: _Member, why: str, error: str) -> None:
+        gid = member.group.group_id
+        self._counts["stop_errors"] += 1
+        self._stop_failed[gid] = (member, why)
+        log.error("group %s: stop failed (%s): %s; retried next round", gid, why, error)
+
+    def _retry_failed_stops(self) -> None:
+        for gid, (member, why) in list(self._stop_failed.items()):
+            if gid not in self._stopping:
+                del self._stop_failed[gid]
+                self._stop_in_background(member, why)
 
     async def _start(self, now: float) -> None:
         self._seq += 1
@@ -366,8 +428,8 @@ class EngineFleet:
         try:
             async with asyncio.timeout(self._start_timeout_s):
                 await group.start()
-        except (RayGroupError, TimeoutError) as exc:
-            self._counts["start_errors"] += 1
+        except (RayGroupError, TimeoutError) as exc:  # a timed-out start's thread runs on:
+            self._counts["start_errors"] += 1  # the group's stop waits for it
             self._replaced["start_failed"] += 1
             log.error("group %s: start failed (%r); stopping what it made", gid, exc)
             self._back_off(status)
@@ -378,11 +440,7 @@ class EngineFleet:
         self._members[gid] = _Member(group, now, status)
 
     def _publish(self) -> None:
-        entries = [
-            _entry(m.status, m.group.spec)
-            for m in self._members.values()
-            if m.status.phase is GroupPhase.READY and m.status.url
-        ]
+        entries = [_entry(m.status, m.group.spec) for m in self._members.values() if m.listed]
         if self._discovery is None or entries == self._published:
             return
         try:
@@ -405,7 +463,7 @@ class EngineFleet:
     # -- views -------------------------------------------------------------------------
 
     def state(self) -> ReplicaState:
-        ready = [m.status for m in self._members.values() if m.status.phase is GroupPhase.READY]
+        ready = [m.status for m in self._members.values() if m.serving]
         revision = self._spec.template.revision
         pending = sum(
             1
@@ -421,12 +479,12 @@ class EngineFleet:
         )
 
     def status(self) -> list[GroupStatus]:
-        """Every group the fleet holds: kept ones as last polled, draining ones as
-        ``stopping`` (oldest first)."""
+        """Every group the fleet holds: kept ones as last polled, draining ones and
+        those whose stop failed (retried) as ``stopping`` (oldest first)."""
         kept = [m.status for m in self._members.values()]
-        draining = [
-            replace(m.status, phase=GroupPhase.STOPPING) for m, _ in self._draining.values()
-        ]
+        leaving = [m for m, _ in self._draining.values()]
+        leaving += [m for m, _ in self._stop_failed.values()]
+        draining = [replace(m.status, phase=GroupPhase.STOPPING) for m in leaving]
         return sorted(kept + draining, key=lambda s: (s.created, s.group_id))
 
     def counters(self) -> FleetCounters:
@@ -447,15 +505,21 @@ class EngineFleet:
 
     @property
     def num_stopping(self) -> int:
-        """Groups draining or being stopped in the background."""
-        return len(self._draining) + len(self._stopping)
+        """Groups draining, being stopped in the background, or whose stop failed."""
+        stopping = set(self._stopping) | set(self._stop_failed)
+        return len(self._draining) + len(stopping)
 
     async def close(self) -> None:
-        """Stop every group (draining ones at once), empty the discovery file, and wait
-        for every stop."""
+        """Stop every group (draining ones at once, failed stops once more), empty the
+        discovery file, and wait for every stop. Groups whose stop fails again are
+        logged (and still listed by ``status()``)."""
         members, self._members = list(self._members.values()), {}
         draining, self._draining = [m for m, _ in self._draining.values()], {}
         self._publish()
         for member in members + draining:
             self._stop_in_background(member, "fleet closed")
         await asyncio.gather(*list(self._stopping.values()), return_exceptions=True)
+        self._retry_failed_stops()
+        await asyncio.gather(*list(self._stopping.values()), return_exceptions=True)
+        for gid, (_member, why) in self._stop_failed.items():
+            log.error("group %s (%s) could not be stopped; it may hold GPUs", gid, why)

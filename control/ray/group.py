@@ -3,10 +3,10 @@
 Invariant: a group either holds its whole placement group or nothing. Actors are started
 only once Ray reports the placement group CREATED (every bundle reserved), so a group that
 cannot be placed before ``wait_deadline_s`` has started nothing, and its placement group
-is removed; a group that fails later (node, worker or driver lost, engine exited, start
-timeout) tears itself down at once (engine stopped, actors killed, placement group
-removed) and stays FAILED with a reason. vLLM cannot heal a lost Ray worker (vllm
-#16259), so a failure is final: the fleet replaces the group.
+is removed; a group that fails later (node, worker or driver lost, engine exited or
+unhealthy, start timeout) is FAILED with a reason at once and tears itself down in the
+background (engine stopped, actors killed, placement group removed). vLLM cannot heal
+a lost Ray worker (vllm #16259), so a failure is final: the fleet replaces the group.
 
 Life cycle (``poll()`` advances it; nothing runs between polls)::
 
@@ -26,6 +26,8 @@ Life cycle (``poll()`` advances it; nothing runs between polls)::
               an actor ping fails -> node_died if that actor's node is dead (GCS, or its
               raylet refuses connections), else worker_died / driver_died;
               the engine process exited -> engine_exited (code, log tail)
+    READY, every poll: engine GET /health (HEALTH_TIMEOUT_S); UNHEALTHY_POLLS failures
+              in a row -> engine_unhealthy (the process lives, but does not serve)
 
 Node death is read from Ray's own state, not only from the engine's health: the
 placement group table (RESCHEDULING once the GCS marks the node dead), ``ray.nodes()``,
@@ -36,21 +38,42 @@ unanswered raylet port means the node is gone, and the reason is ``node_died`` r
 than the actor's death that the node's loss caused.
 
 The actors belong to the process that created them (not detached): if that process dies,
-Ray kills them, and the engine dies with its driver (``actors.py``). Blocking Ray calls
-run in ``asyncio.to_thread``; ``poll()`` never raises for the group's own failure, only
-``RayUnavailable`` when the cluster itself cannot be reached.
+Ray kills them, and the engine dies with its driver (``actors.py``). ``poll()`` never
+raises for the group's own failure, only ``RayUnavailable`` when the cluster itself
+cannot be reached.
+
+Concurrency: blocking Ray calls run in two bounded thread pools of this module, not
+asyncio's default one: ``POLL_THREADS`` for starts and polls, ``STOP_THREADS`` for
+teardowns, so stops (each up to its grace) cannot starve the polls of the other groups
+(``size_pools(max_groups)``: ``shoal engines serve`` sizes both for its largest fleet).
+One operation runs on a group at a time, and its *thread's completion* ends it: the
+group's lock is released by the thread's done-callback, not when the caller stops
+waiting (a caller's timeout cancels the wait, never the thread, so a second thread can
+never run beside it on the same group). Each thread applies its own outcome (a poll's
+failure sets FAILED, ``start`` records the placement group) so nothing is lost when its
+caller gave up. A failure found by a poll sets FAILED at once and the teardown runs as a
+background task (the poll returns promptly). A READY group's engine ``/health`` is read
+every poll; ``UNHEALTHY_POLLS`` failures in a row fail the group ``engine_unhealthy``.
+Teardown steps are each guarded (engine stop, actor kills, placement group removal): a
+Ray error in one is logged and the rest still run; ``stop()`` raises ``RayUnavailable``
+only when the placement group could not be removed (the caller retries). Rejected:
+awaiting ObjectRefs directly (the placement group table and node table reads have no
+async form, so a pool is needed anyway; one mechanism for every call).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import http.client
 import logging
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
@@ -67,7 +90,9 @@ from control.ray.bundles import NodeResources, bundles_for, waiting_message
 from control.ray.errors import RayUnavailable
 from control.ray.types import GroupPhase, GroupSpec, GroupStatus
 
-__all__ = ["RayEngineGroup", "connect"]
+__all__ = ["RayEngineGroup", "connect", "size_pools"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("shoal." + __name__)
 
@@ -75,6 +100,37 @@ PING_TIMEOUT_S = 5.0  # an actor that does not answer a trivial call in this lon
 HEALTH_TIMEOUT_S = 2.0
 RAYLET_PROBE_TIMEOUT_S = 1.0
 FAILURE_GRACE_S = 2.0  # engine SIGTERM grace when the group tears itself down on failure
+UNHEALTHY_POLLS = 3  # a READY engine whose /health fails this many polls in a row failed
+# One thread per group polled at once (a fleet of up to POLL_THREADS groups polls all of
+# them in parallel); teardowns have their own pool, so slow stops cannot hold the threads
+# the polls need. ``size_pools`` raises both to the fleet's most groups.
+POLL_THREADS = 32
+STOP_THREADS = 16
+_sizes = {"poll": POLL_THREADS, "stop": STOP_THREADS}
+_pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def size_pools(max_groups: int) -> None:
+    """Size the poll and stop pools for a fleet of at most ``max_groups`` groups (each
+    can be polled, or stopped, at once: ``close()`` stops them all). Never shrinks them;
+    threads are created only when needed. A pool already used is replaced (its running
+    calls finish in their threads)."""
+    with _pools_lock:
+        for kind in ("poll", "stop"):
+            if max_groups > _sizes[kind]:
+                _sizes[kind] = max_groups
+                old = _pools.pop(kind, None)
+                if old is not None:
+                    old.shutdown(wait=False)
+
+
+def _pool(kind: str) -> concurrent.futures.ThreadPoolExecutor:
+    with _pools_lock:
+        if kind not in _pools:
+            _pools[kind] = concurrent.futures.ThreadPoolExecutor(_sizes[kind], f"shoal-ray-{kind}")
+        return _pools[kind]
+
 
 _Driver: Any = ray.remote(max_restarts=0)(EngineDriver)
 _Worker: Any = ray.remote(max_restarts=0)(StandinWorker)
@@ -153,6 +209,9 @@ class RayEngineGroup:
         self._reason = ""
         self._detail = ""
         self._lost_node = ""  # a node found dead: its actors are not asked to stop
+        self._unhealthy_polls = 0  # READY: /health failures in a row
+        self._torn_down = False
+        self._teardown_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     def status(self) -> GroupStatus:
@@ -170,12 +229,72 @@ class RayEngineGroup:
         )
 
     async def start(self) -> None:
-        """Ask Ray for the placement group and return; ``poll()`` does the rest."""
+        """Ask Ray for the placement group and return; ``poll()`` does the rest. The
+        thread records the placement group itself: a caller that gives up waiting leaves
+        it recorded, so ``stop()`` (which waits for that thread) removes it."""
         assert self._pg is None, f"group {self.group_id} started twice"
         self._created = self._clock()
-        pg = await asyncio.to_thread(
-            placement_group, self._bundles, strategy=self.spec.strategy, name=self.group_id
-        )
+        await self._locked("poll", self._start_sync)
+
+    async def poll(self) -> GroupStatus:
+        if self._pg is None or self._phase not in (
+            GroupPhase.WAITING,
+            GroupPhase.STARTING,
+            GroupPhase.READY,
+        ):
+            return self.status()
+        await self._locked("poll", self._poll_sync)
+        return self.status()
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        """Engine SIGTERM (SIGKILL after ``grace_s``), actors killed, placement group
+        removed. Idempotent; a failed group is torn down and stays FAILED. Raises
+        ``RayUnavailable`` when the placement group could not be removed (retry)."""
+        await self._locked("stop", self._stop_sync, grace_s)
+
+    # -- one operation at a time, ended by its thread ----------------------------------
+
+    async def _locked(self, kind: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the ``kind`` pool, holding the group's lock until the thread
+        ends, not until the caller stops waiting (module docstring)."""
+        await self._lock.acquire()
+        try:
+            future = asyncio.get_running_loop().run_in_executor(_pool(kind), fn, *args)
+        except BaseException:
+            self._lock.release()
+            raise
+        future.add_done_callback(self._finished)
+        return await asyncio.shield(future)
+
+    def _finished(self, future: asyncio.Future[Any]) -> None:
+        self._lock.release()
+        if not future.cancelled():
+            future.exception()  # retrieved: a caller still waiting gets it through shield
+        if (
+            self._phase is GroupPhase.FAILED
+            and self._pg is not None
+            and not self._torn_down
+            and self._teardown_task is None
+        ):
+            self._teardown_task = asyncio.get_running_loop().create_task(
+                self._teardown_in_background()
+            )
+
+    async def _teardown_in_background(self) -> None:
+        try:
+            await self._locked("stop", self._stop_sync, FAILURE_GRACE_S)
+        except RayUnavailable as exc:  # stop() (the fleet's) tries again
+            log.warning("group %s: teardown after failure incomplete: %s", self.group_id, exc)
+        except Exception:  # a task nobody awaits: logged, and stop() tries again
+            log.exception("group %s: teardown after failure raised", self.group_id)
+
+    # -- the operations (sync, in a pool thread, under the lock) -----------------------
+
+    def _start_sync(self) -> None:
+        try:
+            pg = placement_group(self._bundles, strategy=self.spec.strategy, name=self.group_id)
+        except RayError as exc:
+            raise RayUnavailable(f"group {self.group_id}: placement group: {exc}") from exc
         self._pg, self._pg_hex = pg, pg.id.hex()
         log.info(
             "group %s: placement group asked: %s %s",
@@ -184,37 +303,24 @@ class RayEngineGroup:
             self._bundles,
         )
 
-    async def poll(self) -> GroupStatus:
-        async with self._lock:  # never beside stop(): it could kill what a poll launches
-            if self._pg is None or self._phase not in (
-                GroupPhase.WAITING,
-                GroupPhase.STARTING,
-                GroupPhase.READY,
-            ):
-                return self.status()
-            try:
-                try:
-                    await asyncio.to_thread(self._advance)
-                except _Failure as failure:
-                    log.warning(
-                        "group %s failed (%s): %s", self.group_id, failure.reason, failure.detail
-                    )
-                    self._reason, self._detail = failure.reason, failure.detail
-                    await asyncio.to_thread(self._teardown, FAILURE_GRACE_S)
-                    self._phase = GroupPhase.FAILED
-            except RayError as exc:
-                raise RayUnavailable(f"group {self.group_id}: Ray failed: {exc}") from exc
-            return self.status()
+    def _poll_sync(self) -> None:
+        if self._phase not in (GroupPhase.WAITING, GroupPhase.STARTING, GroupPhase.READY):
+            return  # a stop or a failure came first
+        try:
+            self._advance()
+        except _Failure as failure:
+            log.warning("group %s failed (%s): %s", self.group_id, failure.reason, failure.detail)
+            self._reason, self._detail = failure.reason, failure.detail
+            self._phase = GroupPhase.FAILED  # before the teardown (_finished schedules it)
+        except RayError as exc:
+            raise RayUnavailable(f"group {self.group_id}: Ray failed: {exc}") from exc
 
-    async def stop(self, grace_s: float = 30.0) -> None:
-        """Engine SIGTERM (SIGKILL after ``grace_s``), actors killed, placement group
-        removed. Idempotent; a failed group is already torn down and stays FAILED."""
-        async with self._lock:
-            if self._phase in (GroupPhase.STOPPED, GroupPhase.FAILED):
-                await asyncio.to_thread(self._teardown, grace_s)  # nothing left: cheap
-                return
+    def _stop_sync(self, grace_s: float) -> None:
+        if self._phase not in (GroupPhase.STOPPED, GroupPhase.FAILED):
             self._phase = GroupPhase.STOPPING
-            await asyncio.to_thread(self._teardown, grace_s)
+        self._teardown(grace_s)  # raises RayUnavailable: the phase stays, stop is retried
+        self._torn_down = True
+        if self._phase is GroupPhase.STOPPING:
             self._phase = GroupPhase.STOPPED
             log.info("group %s stopped", self.group_id)
 
@@ -228,6 +334,15 @@ class RayEngineGroup:
         self._check_alive(self._pg)
         if self._phase is GroupPhase.STARTING:
             self._wait_for_engine()
+        elif self._healthy():
+            self._unhealthy_polls = 0
+        else:
+            self._unhealthy_polls += 1
+            if self._unhealthy_polls >= UNHEALTHY_POLLS:
+                raise _Failure(
+                    "engine_unhealthy",
+                    f"GET {self._url}/health failed {self._unhealthy_polls} polls in a row",
+                )
 
     def _wait_for_placement(self, pg: PlacementGroup) -> None:
         table = placement_group_table(pg)
@@ -365,8 +480,8 @@ class RayEngineGroup:
         try:
             with urllib.request.urlopen(self._url + "/health", timeout=HEALTH_TIMEOUT_S) as r:
                 return bool(r.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
+            return False  # refused, timed out, not HTTP (BadStatusLine), a bad URL
 
     def _check_alive(self, pg: PlacementGroup) -> None:
         state = placement_group_table(pg).get("state")
@@ -407,20 +522,39 @@ class RayEngineGroup:
         return _Failure(reason, f"{who} on {name} lost: {type(exc).__name__}: {exc}")
 
     def _teardown(self, grace_s: float) -> None:
-        """Engine stopped, actors killed, placement group removed; safe to repeat."""
-        if self._driver is not None and self._actor_nodes.get(-1, "?") != self._lost_node:
+        """Engine stopped, actors killed, placement group removed; safe to repeat. Each
+        step is guarded: a Ray error is logged and the next step still runs; the
+        placement group removal is always attempted, and its failure raises
+        ``RayUnavailable`` (removing it also kills any actor left in it)."""
+        driver, workers = self._driver, list(self._workers)
+        # the driver sits in bundle 0: its node is known even before it answered
+        driver_node = self._actor_nodes.get(-1) or (self._node_ids[0] if self._node_ids else "")
+        if driver is not None and driver_node != self._lost_node:
             try:
-                ray.get(self._driver.stop_engine.remote(grace_s), timeout=grace_s + 10.0)
+                ray.get(driver.stop_engine.remote(grace_s), timeout=grace_s + 10.0)
             except (RayActorError, GetTimeoutError) as exc:
                 log.info(
                     "group %s: driver gone before stop (%s); the engine dies with it",
                     self.group_id,
                     type(exc).__name__,
                 )
-        for actor in [self._driver, *self._workers]:
-            if actor is not None:
+            except RayError as exc:
+                log.warning("group %s: engine stop failed: %r", self.group_id, exc)
+        for actor in [driver, *workers]:
+            if actor is None:
+                continue
+            try:
                 ray.kill(actor, no_restart=True)
+            except (RayError, ValueError) as exc:  # ValueError: not an actor handle
+                log.warning("group %s: actor kill failed: %r", self.group_id, exc)
         self._driver, self._workers = None, []
         self._where_refs, self._engine_ref = [], None
-        if self._pg is not None and placement_group_table(self._pg).get("state") != "REMOVED":
-            remove_placement_group(self._pg)
+        if self._pg is None:
+            return
+        try:
+            if placement_group_table(self._pg).get("state") != "REMOVED":
+                remove_placement_group(self._pg)
+        except (RayError, ConnectionError) as exc:
+            raise RayUnavailable(
+                f"group {self.group_id}: placement group {self._pg_hex} not removed: {exc!r}"
+            ) from exc

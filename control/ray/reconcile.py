@@ -3,7 +3,9 @@
 One call per control round. Input: ``FleetSpec`` (``replicas`` R of ``template`` at its
 ``revision``, ``max_surge`` S, ``max_unavailable`` U) and the ``GroupStatus`` of every group
 the fleet still owns (groups it already stops are not passed), each with its ``revision``
-and ``created`` time (the fleet's clock), plus the GPUs the health feed calls unhealthy.
+and ``created`` time (the fleet's clock), plus the GPUs the health feed calls unhealthy
+and the groups whose status is ``stale`` (their last poll got no answer: alive, holding
+GPUs, but not counted as ready capacity).
 Output: ``Actions``: start ``num_start`` groups of the template; stop these groups, each
 with why (``Stop.reason``) and whether it is drained first (ready ones leave the router's
 discovery file before they stop).
@@ -17,9 +19,10 @@ Rules, in the order they are applied:
 2. a group of an old revision that is not ready serves nothing: stopped (``outdated``);
 3. more groups of the current revision than R (scale down): stopped in removal order —
    waiting first, then starting, then ready; newest first within each (``scale_down``);
-4. rolling update: old ready groups are stopped (oldest first, ``outdated``) only while
-   ``ready >= R - U`` still holds after each stop, so capacity is kept (U = 0: a new group
-   must be ready before an old one goes);
+4. rolling update: old ready groups are stopped (stale ones first, then oldest first,
+   ``outdated``) only while ``ready >= R - U`` still holds after each stop, where
+   ``ready`` leaves stale groups out, so capacity is kept (U = 0: a new group must be
+   ready before an old one goes; a new group whose status is stale is no capacity);
 5. start ``min(R - current, R + S - alive - draining)`` groups (never below 0), where
    ``draining`` counts groups retired but still draining (earlier or in this round):
    they hold GPUs;
@@ -132,6 +135,7 @@ def reconcile(
     *,
     unhealthy: frozenset[str] = frozenset(),
     num_draining: int = 0,
+    stale: frozenset[str] = frozenset(),
 ) -> Actions:
     """The actions of one round (rules 1-6 of the module docstring)."""
     assert spec.replicas >= 0, f"replicas {spec.replicas} < 0"
@@ -163,10 +167,14 @@ def reconcile(
             stops.append(Stop(status.group_id, SCALE_DOWN, drain=ready))
         current = [g for g in current if g not in leaving]
 
-    num_ready = len(old_ready) + sum(1 for g in current if g.phase is GroupPhase.READY)
-    num_retire = min(len(old_ready), max(0, num_ready - min_ready))  # rule 4
-    retiring = sorted(old_ready, key=lambda g: (g.created, len(g.group_id), g.group_id))
-    retiring = retiring[:num_retire]
+    num_ready = sum(  # rule 4: stale groups are no capacity
+        1 for g in old_ready + current if g.phase is GroupPhase.READY and g.group_id not in stale
+    )
+    num_retire = min(len(old_ready), max(0, num_ready - min_ready))
+    retiring = sorted(
+        old_ready,
+        key=lambda g: (g.group_id not in stale, g.created, len(g.group_id), g.group_id),
+    )[:num_retire]
     stops.extend(Stop(g.group_id, OUTDATED, drain=True) for g in retiring)
     num_alive = len(current) + len(old_ready) - num_retire
 

@@ -317,9 +317,10 @@ async def _poll_health(health: Any, interval_s: float, stop: asyncio.Event) -> N
 
 async def _serve(settings: EnginesSettings, token: str | None) -> int:
     from control.ray.fleet import EngineFleet
-    from control.ray.group import RayEngineGroup
+    from control.ray.group import RayEngineGroup, size_pools
 
     spec = fleet_spec(settings)
+    size_pools(settings.max_replicas + settings.max_surge)  # every group polled at once
     health = None
     urls = gpu_health_urls(settings.gpu_health)
     if urls:

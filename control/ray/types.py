@@ -12,7 +12,9 @@ Phases::
        +--deadline-------->+--node/actor died, engine exit-+--> failed (reason)
 
 ``reason`` (failed only): ``capacity_timeout``, ``node_died``, ``worker_died``,
-``driver_died``, ``engine_exited``, ``start_timeout``, ``gpu_unhealthy``.
+``driver_died``, ``engine_exited``, ``start_timeout``, ``gpu_unhealthy``,
+``engine_unhealthy`` (a ready engine's /health failed several polls in a row),
+``unreachable`` (the fleet got no status from the group several rounds in a row).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ FAILURE_REASONS = (
     "engine_exited",
     "start_timeout",
     "gpu_unhealthy",
+    "engine_unhealthy",
+    "unreachable",
 )
 
 WORKER_MODES = ("standin", "vllm")

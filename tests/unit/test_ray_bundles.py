@@ -51,6 +51,11 @@ class TestBundles:
             {"GPU": 1.0},
         ]
 
+    def test_vllm_takes_one_gpu_or_a_fraction_per_bundle(self) -> None:
+        for gpus in (1.0, 0.5):
+            check_spec(spec(workers="vllm", gpus_per_worker=gpus))
+        check_spec(spec(workers="standin", gpus_per_worker=2.0))
+
     @pytest.mark.parametrize(
         ("fields", "names"),
         [
@@ -59,6 +64,8 @@ class TestBundles:
             ({"gpus_per_worker": 0.0}, "must be above 0"),
             ({"driver_cpus": -1.0}, "must be 0 or more"),
             ({"workers": "ghost"}, "standin, vllm"),
+            ({"workers": "vllm", "gpus_per_worker": 2.0}, "set gpus_per_worker=1"),
+            ({"workers": "vllm", "gpus_per_worker": 1.5}, "set gpus_per_worker=1"),
         ],
     )
     def test_a_bad_spec_names_the_fix(self, fields: dict[str, Any], names: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import http.client
 import itertools
 import json
 import logging
@@ -20,8 +21,8 @@ import pytest
 
 from control.autoscale.types import ReplicaState
 from control.health.types import GpuHealth, NodeHealth, Problem, Remedy, Severity
-from control.ray.errors import CapacityTimeout
-from control.ray.fleet import EngineFleet
+from control.ray.errors import CapacityTimeout, RayUnavailable
+from control.ray.fleet import MAX_BACKOFF_S, EngineFleet
 from control.ray.types import FleetSpec, GroupPhase, GroupSpec, GroupStatus
 
 
@@ -56,6 +57,8 @@ class FakeGroup:
         self.started = False
         self.stops: list[float] = []
         self.hang = False
+        self.poll_error: BaseException | None = None
+        self.stop_errors: list[BaseException] = []  # raised by the next stops, in order
         n = int(group_id.rsplit("-", 1)[1])
         self.url = f"http://10.0.0.{n}:8000"
         self.gpus = (f"node-{n}/gpu0",)
@@ -76,6 +79,8 @@ class FakeGroup:
     async def poll(self) -> GroupStatus:
         if self.hang:
             await asyncio.sleep(3600)
+        if self.poll_error is not None:
+            raise self.poll_error
         url = self.url if self.phase in (GroupPhase.STARTING, GroupPhase.READY) else ""
         return GroupStatus(
             self._group_id, self.phase, url=url, gpus=self.gpus, reason=self.reason
@@ -83,6 +88,8 @@ class FakeGroup:
 
     async def stop(self, grace_s: float = 30.0) -> None:
         self.stops.append(grace_s)
+        if self.stop_errors:
+            raise self.stop_errors.pop(0)
         self.phase = GroupPhase.STOPPED
 
 
@@ -320,16 +327,147 @@ async def test_start_error_is_stopped_and_backed_off(tmp_path: Path) -> None:
 
 
 @run_async
-async def test_hung_poll_keeps_last_status_and_round_is_bounded(tmp_path: Path) -> None:
-    fleet, world, _clock, _path = make(tmp_path, poll_timeout_s=0.05)
+async def test_hung_poll_is_stale_then_unlisted_then_replaced(tmp_path: Path) -> None:
+    """A group whose poll times out is no capacity at once, stays in the discovery file
+    for that round only, and is replaced (unreachable) after 3 failed polls in a row."""
+    fleet, world, _clock, path = make(tmp_path, poll_timeout_s=0.05)
     await fleet.reconcile_once()
     world.ready_all()
     await fleet.reconcile_once()
     world.groups["group-1"].hang = True
     async with asyncio.timeout(2.0):
         await fleet.reconcile_once()
-    assert fleet.state().ready == 2
+    assert fleet.state() == ReplicaState(2, 1, 0, ("http://10.0.0.2:8000",))
+    assert len(discovery(path)) == 2  # one slow poll does not flap the router
     assert fleet.counters().poll_failures == 1
+    await fleet.reconcile_once()
+    assert [e["url"] for e in discovery(path)] == ["http://10.0.0.2:8000"]
+    assert world.groups["group-1"].stops == []
+    await fleet.reconcile_once()
+    await settle()
+    assert world.groups["group-1"].stops == [30.0]
+    assert fleet.counters().groups_replaced == {"unreachable": 1}
+    assert fleet.counters().poll_failures == 3
+    assert world.groups["group-3"].started
+
+
+@run_async
+async def test_a_poll_that_answers_again_ends_the_streak(tmp_path: Path) -> None:
+    fleet, world, _clock, path = make(tmp_path, replicas=1, poll_timeout_s=0.05)
+    await fleet.reconcile_once()
+    world.ready_all()
+    await fleet.reconcile_once()
+    group = world.groups["group-1"]
+    for _ in range(3):
+        group.poll_error = RayUnavailable("gcs down")
+        await fleet.reconcile_once()
+        await fleet.reconcile_once()
+        assert discovery(path) == []
+        group.poll_error = None
+        await fleet.reconcile_once()
+        assert fleet.state().ready == 1 and len(discovery(path)) == 1
+    assert group.stops == [] and sorted(world.groups) == ["group-1"]
+    assert fleet.counters().poll_failures == 6
+
+
+@run_async
+async def test_a_stale_new_group_is_no_capacity_for_a_rolling_update(tmp_path: Path) -> None:
+    fleet, world, clock, _path = make(tmp_path, poll_timeout_s=0.05)
+    await fleet.reconcile_once()
+    world.ready_all()
+    await fleet.reconcile_once()
+    fleet.update(replace(TEMPLATE, engine_command="sim2 --port {port}"))
+    await fleet.reconcile_once()  # group-3 (revision 2) started
+    world.groups["group-3"].phase = GroupPhase.READY
+    await fleet.reconcile_once()  # group-3 ready: group-1 retired (drains)
+    clock.now += 5.0
+    await fleet.reconcile_once()  # group-1 stopped, group-4 started
+    await settle()
+    assert world.groups["group-1"].stops == [30.0] and "group-4" in world.groups
+    world.groups["group-3"].hang = True  # its status is now unknown
+    world.groups["group-4"].phase = GroupPhase.READY
+    await fleet.reconcile_once()
+    # known ready: group-2 (old) and group-4; retiring group-2 would leave 1 < R - U = 2
+    assert [s.group_id for s in fleet.status() if s.phase is GroupPhase.STOPPING] == []
+    assert fleet.state().ready == 2
+
+
+@run_async
+async def test_any_exception_from_a_poll_is_a_counted_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only Ray's errors: a port answering non-HTTP (BadStatusLine), a bug."""
+    fleet, world, _clock, path = make(tmp_path)
+    await fleet.reconcile_once()
+    world.ready_all()
+    await fleet.reconcile_once()
+    world.groups["group-1"].poll_error = http.client.BadStatusLine("SSH-2.0-x")
+    with caplog.at_level(logging.WARNING, logger="shoal.control.ray.fleet"):
+        await fleet.reconcile_once()
+        await fleet.reconcile_once()
+    traced = [r for r in caplog.records if r.exc_info is not None]
+    assert [r.getMessage() for r in traced] == ["group group-1: poll raised"]  # once
+    assert fleet.counters().poll_failures == 2
+    assert [e["url"] for e in discovery(path)] == ["http://10.0.0.2:8000"]
+
+
+@run_async
+async def test_backoff_is_capped_after_many_failed_starts(tmp_path: Path) -> None:
+    """1100 starts failing in a row: the wait stays MAX_BACKOFF_S (2.0 ** 1024 would
+    raise OverflowError and end the loop)."""
+    fleet, world, clock, _path = make(tmp_path, replicas=1)
+    world.fail_starts = True
+    for _ in range(1100):
+        await fleet.reconcile_once()
+        await settle()
+        clock.now += MAX_BACKOFF_S
+    assert fleet.counters().start_errors == 1100
+    clock.now -= 0.1  # the last failure was MAX_BACKOFF_S - 0.1 s ago
+    await fleet.reconcile_once()
+    assert fleet.counters().start_errors == 1100
+    clock.now += 0.1
+    await fleet.reconcile_once()
+    assert fleet.counters().start_errors == 1101
+
+
+@run_async
+async def test_a_failed_stop_is_kept_and_retried_each_round(tmp_path: Path) -> None:
+    fleet, world, _clock, _path = make(tmp_path)
+    await fleet.reconcile_once()
+    world.ready_all()
+    await fleet.reconcile_once()
+    group = world.groups["group-1"]
+    group.stop_errors = [RayUnavailable("gcs hiccup"), RuntimeError("raw Ray error")]
+    group.phase, group.reason = GroupPhase.FAILED, "node_died"
+    await fleet.reconcile_once()
+    await settle()
+    assert group.stops == [30.0]
+    assert fleet.counters().stop_errors == 1
+    assert [(s.group_id, s.phase) for s in fleet.status()] == [
+        ("group-1", GroupPhase.STOPPING),  # kept, its stop retried
+        ("group-2", GroupPhase.READY),
+        ("group-3", GroupPhase.WAITING),
+    ]
+    assert fleet.num_stopping == 1
+    await fleet.reconcile_once()  # retried: fails again (not a Ray group error this time)
+    await settle()
+    assert group.stops == [30.0, 30.0] and fleet.counters().stop_errors == 2
+    await fleet.reconcile_once()
+    await settle()
+    assert group.stops == [30.0, 30.0, 30.0]
+    assert fleet.counters().stop_errors == 2
+    assert fleet.num_stopping == 0
+    assert "group-1" not in [s.group_id for s in fleet.status()]
+
+
+@run_async
+async def test_close_retries_a_failed_stop_once(tmp_path: Path) -> None:
+    fleet, world, _clock, _path = make(tmp_path, replicas=1)
+    await fleet.reconcile_once()
+    world.groups["group-1"].stop_errors = [RayUnavailable("gcs hiccup")]
+    await fleet.close()
+    assert world.groups["group-1"].stops == [30.0, 30.0]
+    assert fleet.num_stopping == 0 and fleet.counters().groups_stopped == 1
 
 
 @run_async

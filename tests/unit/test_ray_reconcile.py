@@ -102,6 +102,20 @@ def test_rolling_update_max_unavailable_zero_waits_for_a_new_ready_group() -> No
     assert actions == Actions(0, (Stop("o2", OUTDATED, drain=True),))
 
 
+def test_a_stale_group_is_no_capacity_and_stale_old_ones_retire_first() -> None:
+    spec = fleet(2, revision="2", surge=1, unavailable=0)
+    old = [group("o1", R, 1), group("o2", R, 2)]
+    groups = [*old, group("n1", R, 3, "2")]
+    # the new group's status is stale: it may be gone, so no old group goes for it
+    assert reconcile(spec, groups, stale=frozenset({"n1"})).empty
+    # an old group's status is stale: the known ready ones (o1, n1) are R; nothing goes
+    assert reconcile(spec, groups, stale=frozenset({"o2"})).empty
+    # with one ready beyond R - U, the stale old group retires before older known ones
+    spec = fleet(2, revision="2", surge=1, unavailable=1)
+    actions = reconcile(spec, groups, stale=frozenset({"o2"}))
+    assert actions == Actions(0, (Stop("o2", OUTDATED, drain=True),))
+
+
 def test_rolling_update_surge_zero_unavailable_one_stops_first() -> None:
     spec = fleet(3, revision="2", surge=0, unavailable=1)
     old = [group("o1", R, 1), group("o2", R, 2), group("o3", R, 3)]
