@@ -61,6 +61,7 @@ __all__ = [
     "Thresholds",
     "check_gpu",
     "check_node",
+    "missing_problem",
     "nvml_problem",
     "throttle_names",
 ]
@@ -135,6 +136,18 @@ def check_node(num_gpus: int, expect_gpus: int | None) -> list[Problem]:
         detail = f"{num_gpus} GPUs visible, {expect_gpus} expected"
         return [Problem("gpu_count", _C, detail, Remedy.DRAIN_NODE)]
     return [Problem("gpu_count", _W, f"{num_gpus} GPUs visible, only {expect_gpus} expected")]
+
+
+def missing_problem(visible: int, wanted: int) -> Problem:
+    """The finding on each GPU index in ``visible..wanted-1`` (``wanted``: ``--expect-gpus``
+    or the GPUs seen earlier). NVML numbers the visible GPUs densely, so the index of the
+    one that went away cannot be known: the top indexes are listed, and the node-level
+    critical ``gpu_count`` makes every GPU of the node unhealthy anyway. Remedy
+    ``drain_node`` while some GPUs are visible (one fell off the bus: hardware); ``none``
+    when none is (more often the watcher's pod without the driver mounted, which must
+    not cordon a whole cluster; the node-level problem says drain)."""
+    detail = f"not visible: {visible} of {wanted} GPUs"
+    return Problem("missing", _C, detail, Remedy.DRAIN_NODE if visible else Remedy.NONE)
 
 
 def nvml_problem(reason: str) -> Problem:

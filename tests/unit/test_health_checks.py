@@ -135,7 +135,10 @@ def test_gpu_count_below_expected_is_critical_above_is_a_warning(tmp_path: Path)
     assert run(tmp_path, text, expect_gpus=4).problems[0].detail == "2 GPUs visible, 4 expected"
     assert findings(run(tmp_path, text, expect_gpus=1).problems) == [("gpu_count", W, "none")]
     assert run(tmp_path, text, expect_gpus=2).problems == ()
-    assert run(tmp_path, text, expect_gpus=4).unhealthy_gpus() == {"node-a/gpu0", "node-a/gpu1"}
+    # the two not visible are listed too (critical "missing"): all four go out by name
+    assert run(tmp_path, text, expect_gpus=4).unhealthy_gpus() == {
+        f"node-a/gpu{i}" for i in range(4)
+    }
 
 
 def test_nvml_init_error_is_a_node_level_critical_problem_without_gpus(tmp_path: Path) -> None:

@@ -256,7 +256,7 @@ def test_nvml_lost_keeps_the_last_gpus_unhealthy_closes_the_backend_and_reopens(
     assert sample(watcher, "shoal_gpu_node_problems", **node) is None  # gone once healthy
 
 
-def test_a_gpu_that_disappears_has_its_series_removed() -> None:
+def test_a_gpu_that_disappears_is_listed_missing_and_its_readings_removed() -> None:
     backend = ScriptedBackend(two_gpus())
     watcher, _, _ = make_watcher(lambda: backend)
     gpu1 = {"node": "node-a", "gpu": "1", "uuid": "GPU-1"}
@@ -271,9 +271,12 @@ def test_a_gpu_that_disappears_has_its_series_removed() -> None:
             await watcher.close()
 
     asyncio.run(body())
-    assert sample(watcher, "shoal_gpu_healthy", **gpu1) is None
-    assert sample(watcher, "shoal_gpu_temperature_celsius", **gpu1) is None
-    assert sample(watcher, "shoal_gpu_healthy", node="node-a", gpu="0", uuid="GPU-0") == 1.0
+    assert sample(watcher, "shoal_gpu_healthy", **gpu1) == 0.0  # listed: critical "missing"
+    assert sample(watcher, "shoal_gpu_temperature_celsius", **gpu1) is None  # no stale reading
+    assert watcher.latest is not None
+    assert watcher.latest.unhealthy_gpus() == {"node-a/gpu0", "node-a/gpu1"}
+    # the node-level critical gpu_count puts every GPU of the node out
+    assert sample(watcher, "shoal_gpu_healthy", node="node-a", gpu="0", uuid="GPU-0") == 0.0
 
 
 def test_a_hot_gpu_is_unhealthy_with_its_problem_counted() -> None:
