@@ -13,9 +13,9 @@ explicit ``--insecure-no-auth`` (the rule of the autoscaler's endpoint), and
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
+from control.health.types import default_node_name
 from shoal.config import is_loopback, read_secret, setting
 from shoal.errors import ConfigError
 
@@ -24,7 +24,11 @@ __all__ = ["HealthSettings", "kube_node_name", "node_name", "read_token"]
 
 @dataclass(frozen=True, slots=True)
 class HealthSettings:
-    node: str = setting("", "this node's name in GPU names NODE/gpuI; empty = the hostname")
+    node: str = setting(
+        "",
+        "this node's name in GPU names NODE/gpuI; empty = the hostname as it is (full, as "
+        "Ray reports it; must match the Ray node's shoal.node label where that is set)",
+    )
     nvml_mock: str = setting(
         "", "read GPUs from this fake-backend TOML file instead of NVML (tests, game days)"
     )
@@ -74,8 +78,9 @@ class HealthSettings:
 
 
 def node_name(settings: HealthSettings) -> str:
-    """``--node``, else the hostname (the Ray nodes' default name too)."""
-    return settings.node or socket.gethostname().split(".")[0]
+    """``--node``, else ``default_node_name()``: ``socket.gethostname()`` as it is (full,
+    never shortened), the Ray side's rule too (a node without a ``shoal.node`` label)."""
+    return settings.node or default_node_name()
 
 
 def kube_node_name(settings: HealthSettings, environ: dict[str, str] | None = None) -> str:
