@@ -84,7 +84,7 @@ SCENARIOS = [
     ("XID 79", "xids = [79]", [("xid", C, "drain_node")]),
     ("XID 48 and 13", "xids = [48, 13]", [("xid", W, "restart_engine"), ("xid", C, "reset_gpu")]),
     ("XID 45", "xids = [45]", [("xid", N, "none")]),
-    ("unknown XID", "xids = [999]", [("xid", W, "none")]),
+    ("unknown XID", "xids = [999]", [("xid", C, "reset_gpu")]),
     ("fell off the bus", "fail_read = true", [("unreadable", C, "drain_node")]),
     (
         "XID 79 and off the bus",
