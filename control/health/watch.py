@@ -13,7 +13,8 @@
             GET /metrics   shoal_gpu_* (Prometheus text)
             GET /healthz   200 "ok" (the watcher lives; its GPUs may not be healthy)
             POST /v1/clear {"gpu": I} -> 202: forget GPU I's XIDs at the next check
-                           (at once: it wakes the loop), after an operator reset it
+                           (at once: it wakes the loop), after an operator reset; the
+                           only way a critical XID clears (a restart forgets them all) it
 
 Invariant: the ledger is only touched on the event-loop thread, between checks (never
 while ``collect`` reads it on its worker thread): XID events and clears are queued and
@@ -28,6 +29,30 @@ cordon), closes the backend and tries to open it again each round. The report th
 lists the GPUs last seen (or ``0..expect_gpus-1`` before any), each with a critical
 ``nvml`` problem "not read" (remedy ``none``), so consumers mark exactly those unhealthy:
 a report with no GPUs would let the router think none was sick.
+
+A hung check (NVML calls block for minutes on a GPU falling off the bus): ``collect``
+runs on its own daemon thread with a deadline, ``check_deadline_s`` = max(3 intervals,
+30 s) by default (shorter than the consumers' stale limit of 3 intervals + 30 s of clock
+skew, so they see the hung report before they would drop the old one). Past it, every
+round serves a node-level critical ``check_hung`` (remedy ``drain_node``; node-level, so
+it never cordons) over the GPUs last seen, each critical "not read", instead of the last
+(healthy) report; no new check starts on that backend. When the thread returns at last,
+its backend is closed and a fresh one opened. A backend is never closed while a thread of
+ours may be inside it (the hung check, an XID wait that did not stop): it is leaked with a
+log line instead (closing NVML under a running call is a use-after-free). SIGTERM stops at
+once, hung check or not (the thread is a daemon; not ``asyncio.to_thread``, whose pool is
+joined at exit). Rejected: serving 503 for an old report (unknown is not sick: a hung
+check is the case where the GPU is most surely sick, so it is reported as critical).
+
+GPUs that go away: every GPU seen since the watcher started (and ``0..expect_gpus-1``)
+stays listed; one no longer visible is critical ``missing`` (report.collect does the same
+for ``--expect-gpus``), with a node-level critical ``gpu_count``. The set never shrinks: a
+GPU removed on purpose needs a watcher restart.
+
+The XID thread: when ``wait_xid`` fails (events not supported on some vGPU/MIG setups),
+it is restarted once; if that fails too, XID events are off (logged at info, counted in
+``check_errors``) until the backend is reopened, instead of a new thread and a warning
+every round.
 
 The watcher only reports; the router and the Ray fleet act on ``/v1/gpus``, and on
 Kubernetes the optional ``Cordoner`` (cordon.py) cordons the node. Auth: loopback by
