@@ -53,6 +53,11 @@ class HealthSettings:
     cordon_apply: bool = setting(
         False, "really patch the node (spec.unschedulable); without it --cordon only logs"
     )
+    cordon_after_checks: int = setting(
+        3,
+        "cordon only after the same GPU needed draining (or could not be read) in this many "
+        "checks in a row",
+    )
     kube_node: str = setting("", "the Kubernetes node to cordon; empty = $NODE_NAME")
     log_level: str = setting("info", "debug, info, warning or error")
     log_format: str = setting("text", "text or json")
@@ -73,6 +78,8 @@ class HealthSettings:
                 "authentication (POST /v1/clear forgets XIDs): give --auth-token-file FILE, "
                 "or --insecure-no-auth to accept that"
             )
+        if self.cordon_after_checks < 1:
+            raise ConfigError("--cordon-after-checks must be >= 1")
         if self.cordon_apply and not self.cordon:
             raise ConfigError("--cordon-apply needs --cordon")
 

@@ -1,8 +1,9 @@
 """One full check of a node: a backend's readings + the XID ledger -> ``NodeHealth``.
 
 Invariant: ``collect`` never raises for a GPU fault. A GPU that cannot be read at all
-(``BackendError`` from ``snapshot``: fallen off the bus) is reported as that GPU's
-critical ``unreadable`` problem (remedy ``drain_node``, as for XID 79), its XIDs kept; a
+(``BackendError`` from ``snapshot``: fallen off the bus, or a transient NVML error) is
+reported as that GPU's critical ``unreadable`` problem (remedy ``reset_gpu``; the
+cordoner acts on it only when it persists), its XIDs kept; a
 backend that cannot even count its GPUs (NVML lost) is a node-level critical ``nvml``
 problem with no GPUs listed. With ``expect_gpus`` N and fewer visible, the indexes up to
 N-1 are listed too, each critical ``missing`` (checks.missing_problem), so a consumer
@@ -56,7 +57,9 @@ def collect(
         try:
             snap = backend.snapshot(index)
         except BackendError as exc:
-            lost = Problem("unreadable", Severity.CRITICAL, str(exc), Remedy.DRAIN_NODE)
+            # reset_gpu, not drain_node: one failed handle read is often transient; the
+            # cordoner treats it as fallen off the bus when it persists (cordon.py)
+            lost = Problem("unreadable", Severity.CRITICAL, str(exc), Remedy.RESET_GPU)
             gpus.append(GpuHealth(index, "", (*xids, lost)))
             continue
         gpus.append(GpuHealth(index, snap.uuid, tuple(check_gpu(snap, xids, thresholds))))

@@ -646,7 +646,12 @@ def build_watcher(settings: HealthSettings) -> Watcher:
     metrics = HealthMetrics()
     cordoner = None
     if settings.cordon:
-        cordoner = Cordoner(kube_node_name(settings), apply=settings.cordon_apply, metrics=metrics)
+        cordoner = Cordoner(
+            kube_node_name(settings),
+            apply=settings.cordon_apply,
+            metrics=metrics,
+            after_checks=settings.cordon_after_checks,
+        )
     return Watcher(
         lambda: open_backend(mock),
         node=node_name(settings),

@@ -87,11 +87,11 @@ SCENARIOS = [
     ("XID 48 and 13", "xids = [48, 13]", [("xid", W, "restart_engine"), ("xid", C, "reset_gpu")]),
     ("XID 45", "xids = [45]", [("xid", N, "none")]),
     ("unknown XID", "xids = [999]", [("xid", C, "reset_gpu")]),
-    ("fell off the bus", "fail_read = true", [("unreadable", C, "drain_node")]),
+    ("fell off the bus", "fail_read = true", [("unreadable", C, "reset_gpu")]),
     (
         "XID 79 and off the bus",
         "xids = [79]\nfail_read = true",
-        [("xid", C, "drain_node"), ("unreadable", C, "drain_node")],
+        [("xid", C, "drain_node"), ("unreadable", C, "reset_gpu")],
     ),
 ]
 
@@ -161,7 +161,7 @@ INJECTIONS = [
     (Injection("temperature", 1, 95), [("temperature", C, "drain_node")]),
     (Injection("throttle", 1, "hw_thermal_slowdown"), [("throttle", W, "none")]),
     (Injection("nvlink_down", 1, 3), [("nvlink", W, "none")]),
-    (Injection("fail_read", 1), [("unreadable", C, "drain_node")]),
+    (Injection("fail_read", 1), [("unreadable", C, "reset_gpu")]),
 ]
 
 

@@ -66,7 +66,7 @@ def test_a_fault_file_read_through_collect_and_the_ledger(tmp_path: Path) -> Non
     assert cleared.healthy
     assert unreadable.time == 5010.0
     assert [p.check for p in unreadable.gpus[0].problems] == ["unreadable"]
-    assert unreadable.gpus[0].remedy is Remedy.DRAIN_NODE
+    assert unreadable.gpus[0].remedy is Remedy.RESET_GPU  # the cordoner waits for it to persist
     # the GPU that went away is listed, critical "missing": its engines go out by name
     assert [g.index for g in short.gpus] == [0, 1]
     assert [(p.check, p.remedy) for p in short.gpus[1].problems] == [("missing", Remedy.DRAIN_NODE)]
