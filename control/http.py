@@ -5,9 +5,8 @@ Invariant: with a token, every path except the open ones (``/metrics`` for Prome
 compared in constant time (``hmac.compare_digest``); a port that cannot be bound is a
 ``ConfigError`` naming the address, never a traceback.
 
-The autoscaler's, the placement planner's and the LoRA manager's servers each carry the
-same two pieces (written before this module); ``shoal engines serve`` is the first user of
-this shared version. Folding the other three in is a separate, mechanical change.
+Used by the autoscaler's, the placement planner's, the LoRA manager's and ``shoal engines
+serve``'s endpoints (one copy, not four).
 """
 
 from __future__ import annotations

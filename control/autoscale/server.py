@@ -20,18 +20,15 @@ as the router's does. Beyond loopback a token is required unless ``--insecure-no
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from control.autoscale.controller import Controller
 from control.autoscale.errors import ActuatorError, WrongModel
-from shoal.errors import ConfigError
+from control.http import require_token, start_site
 
 __all__ = ["make_app", "start_server"]
 
@@ -71,29 +68,9 @@ async def _wake(request: web.Request) -> web.Response:
     return web.json_response({"desired": desired}, status=202)
 
 
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _require_token(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def check(request: web.Request, handler: _Handler) -> web.StreamResponse:
-        if request.path != "/metrics":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return web.json_response(
-                    {"error": "missing or wrong bearer token (Authorization: Bearer TOKEN)"},
-                    status=401,
-                )
-        return await handler(request)
-
-    return check
-
-
 def make_app(controller: Controller, token: str | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[_require_token(token)] if token else [], client_max_size=MAX_BODY_BYTES
+        middlewares=[require_token(token)] if token else [], client_max_size=MAX_BODY_BYTES
     )
     app[_CONTROLLER] = controller
     app.router.add_get("/metrics", _metrics)
@@ -106,12 +83,6 @@ async def start_server(
     controller: Controller, host: str, port: int, token: str | None = None
 ) -> web.AppRunner:
     """Listen on ``host:port``; the runner to ``cleanup()``. ``ConfigError`` if it cannot."""
-    runner = web.AppRunner(make_app(controller, token), access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    runner = await start_site(make_app(controller, token), host, port)
     log.info("autoscaler endpoint on http://%s:%d (/metrics, /status, /v1/wake)", host, port)
     return runner

@@ -32,16 +32,15 @@ unless ``--insecure-no-auth`` (``LoraSettings``), exactly as the autoscaler's en
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from control.http import require_token, start_site
 from control.lora.errors import (
     AdapterConflict,
     AdapterCorrupt,
@@ -55,7 +54,6 @@ from control.lora.errors import (
     StateFileError,
 )
 from control.lora.manager import LoraManager
-from shoal.errors import ConfigError
 
 __all__ = ["make_app", "start_server"]
 
@@ -180,20 +178,6 @@ async def _wake(request: web.Request) -> web.Response:
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _require_token(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def check(request: web.Request, handler: _Handler) -> web.StreamResponse:
-        if request.path != "/metrics":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return _error("missing or wrong bearer token (Authorization: Bearer TOKEN)", 401)
-        return await handler(request)
-
-    return check
-
-
 @web.middleware
 async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """A bug answers a JSON 500 (and is logged with its traceback), as every error here."""
@@ -207,7 +191,7 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
 
 
 def make_app(manager: LoraManager, token: str | None = None) -> web.Application:
-    middlewares = [_json_errors, *([_require_token(token)] if token else [])]
+    middlewares = [_json_errors, *([require_token(token)] if token else [])]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[_MANAGER] = manager
     app.router.add_get("/metrics", _metrics)
@@ -225,13 +209,7 @@ async def start_server(
     manager: LoraManager, host: str, port: int, token: str | None = None
 ) -> web.AppRunner:
     """Listen on ``host:port``; the runner to ``cleanup()``. ``ConfigError`` if it cannot."""
-    runner = web.AppRunner(make_app(manager, token), access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    runner = await start_site(make_app(manager, token), host, port)
     log.info("LoRA manager on http://%s:%d (/metrics, /status, /v1/adapters, /v1/wake)",
              host, port)  # fmt: skip
     return runner

@@ -20,9 +20,9 @@
                    ever scale the fleet up again.
 
 The router's placement-aware ``slo`` strategy (``--placement-url``) polls ``/v1/plan``.
-Listens on loopback by default. The authentication is the autoscaler's, reused, not
-copied (``control.autoscale.server._require_token``): with a token (``--auth-token-file``)
-every route but ``/metrics`` needs ``Authorization: Bearer TOKEN`` (401 otherwise,
+Listens on loopback by default. The authentication is every control daemon's
+(``control.http.require_token``): with a token (``--auth-token-file``) every route but
+``/metrics`` needs ``Authorization: Bearer TOKEN`` (401 otherwise,
 compared in constant time); beyond loopback a token is required unless
 ``--insecure-no-auth`` (``PlacementSettings``). A wake starts engines, and the plan tells
 anyone who reads it the fleet's shape and traffic mix: neither is for the open network.
@@ -37,10 +37,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from control.autoscale.errors import ActuatorError
-from control.autoscale.server import MAX_BODY_BYTES, _require_token
+from control.autoscale.server import MAX_BODY_BYTES
+from control.http import require_token, start_site
 from control.placement.errors import WrongModel
 from control.placement.planner import Planner
-from shoal.errors import ConfigError
 
 __all__ = ["make_app", "start_server"]
 
@@ -89,7 +89,7 @@ async def _metrics(request: web.Request) -> web.Response:
 
 def make_app(planner: Planner, token: str | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[_require_token(token)] if token else [], client_max_size=MAX_BODY_BYTES
+        middlewares=[require_token(token)] if token else [], client_max_size=MAX_BODY_BYTES
     )
     app[_PLANNER] = planner
     app.router.add_get("/v1/plan", _plan)
@@ -103,13 +103,7 @@ async def start_server(
     planner: Planner, host: str, port: int, token: str | None = None
 ) -> web.AppRunner:
     """Listen on ``host:port``; the runner to ``cleanup()``. ``ConfigError`` if it cannot."""
-    runner = web.AppRunner(make_app(planner, token), access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    runner = await start_site(make_app(planner, token), host, port)
     log.info(
         "placement endpoint on http://%s:%d (/v1/plan, /status, /metrics, /v1/wake)", host, port
     )
