@@ -58,6 +58,11 @@ class HealthSettings:
         "cordon only after the same GPU needed draining (or could not be read) in this many "
         "checks in a row",
     )
+    state_file: str = setting(
+        "",
+        "keep the XID ledger in this JSON file, so a watcher restart does not forget critical "
+        "XIDs (a host path; empty = in memory only)",
+    )
     kube_node: str = setting("", "the Kubernetes node to cordon; empty = $NODE_NAME")
     log_level: str = setting("info", "debug, info, warning or error")
     log_format: str = setting("text", "text or json")

@@ -49,6 +49,10 @@ stays listed; one no longer visible is critical ``missing`` (report.collect does
 for ``--expect-gpus``), with a node-level critical ``gpu_count``. The set never shrinks: a
 GPU removed on purpose needs a watcher restart.
 
+Critical XIDs clear only by ``POST /v1/clear``. Without ``--state-file`` the ledger is in
+memory and a restart forgets it; with it, the ledger is restored at start and written
+atomically after each check that changed it (``_StateFile``).
+
 The XID thread: when ``wait_xid`` fails (events not supported on some vGPU/MIG setups),
 it is restarted once; if that fails too, XID events are off (logged at info, counted in
 ``check_errors``) until the backend is reopened, instead of a new thread and a warning
@@ -69,6 +73,7 @@ import functools
 import hmac
 import json
 import logging
+import os
 import queue
 import signal
 import threading
@@ -142,6 +147,42 @@ class _Recording:
 
     def close(self) -> None:
         self.backend.close()
+
+
+class _StateFile:
+    """The XID ledger kept in a small JSON file (``--state-file``), so a watcher restart
+    does not forget critical XIDs: loaded once at start, written atomically (a temporary
+    file, then ``os.replace``) after each check that changed it. A file that cannot be
+    read or parsed is logged and ignored (the watcher starts with an empty ledger); a
+    write that fails is logged and retried at the next change."""
+
+    def __init__(self, path: Path, ledger: Any) -> None:
+        self.path = path
+        self._ledger = ledger
+        self._saved: dict[str, Any] | None = None
+        try:
+            doc = json.loads(path.read_text())
+            ledger.restore(doc)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, RecursionError) as exc:
+            log.warning("XID state file %s unreadable, starting empty: %s", path, exc)
+            return
+        self._saved = ledger.to_json()
+        log.info("XID state restored from %s: GPUs %s", path, ledger.indexes() or "none")
+
+    def save(self) -> None:
+        doc = self._ledger.to_json()
+        if doc == self._saved:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("XID state file %s not written: %s", self.path, exc)
+            return
+        self._saved = doc
 
 
 class _Collecting:
@@ -263,7 +304,16 @@ class Watcher:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         check_deadline_s: float | None = None,
+        state_file: Path | None = None,
     ) -> None:
+        self._state: _StateFile | None = None
+        if state_file is not None:
+            from control.health.xid import XidLedger as _XidLedger
+
+            assert ledger is None, "a state file keeps the watcher's own XidLedger"
+            own = _XidLedger(clock=clock)
+            self._state = _StateFile(state_file, own)
+            ledger = own
         if collect is None:
             from control.health.report import collect as report_collect
 
@@ -317,6 +367,8 @@ class Watcher:
             return self._publish(self._unavailable(why), None)
         assert self._backend is not None
         self._drain()
+        if self._state is not None:
+            self._state.save()
         self._backend.snapshots.clear()  # an unreadable GPU exports no stale readings
         started = self._monotonic()
         call = functools.partial(
@@ -660,6 +712,7 @@ def build_watcher(settings: HealthSettings) -> Watcher:
         xid_wait_s=settings.xid_wait_s,
         metrics=metrics,
         cordoner=cordoner,
+        state_file=Path(settings.state_file) if settings.state_file else None,
     )
 
 

@@ -38,7 +38,9 @@ automation, after resetting the GPU or restarting its engine); nothing clears it
 own (no reset detection yet: a reset GPU stays out until someone posts). The ledger lives
 in the watcher's memory only: a watcher restart (a DaemonSet rollout, a crash) forgets
 every XID, so an XID-only fault (74, 92, 119, 120: nothing in the readings shows it)
-reads healthy again after a restart. Known gap; a small state file is the fix.
+reads healthy again after a restart, unless the watcher keeps the ledger in a state file
+(``--state-file``: ``to_json``/``restore``, written atomically after each check that
+changed it; bounded like the ledger).
 Memory is bounded: at most ``max_codes`` distinct codes per GPU (the least recently seen
 non-critical one makes room for a new code; when all are critical a new non-critical one
 is dropped and a new critical one replaces the least recently seen) and GPU indexes below
@@ -51,6 +53,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from control.health.types import Problem, Remedy, Severity, XidEvent
 
@@ -174,6 +177,44 @@ class XidLedger:
     def clear(self, index: int) -> None:
         """Forget GPU ``index``'s XIDs (it was reset, or its engine restarted)."""
         self._seen.pop(index, None)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ledger as a JSON document (the watcher's ``--state-file``)."""
+        return {
+            "version": 1,
+            "gpus": {
+                str(index): [[code, s.count, s.first, s.last] for code, s in sorted(codes.items())]
+                for index, codes in sorted(self._seen.items())
+                if codes
+            },
+        }
+
+    def restore(self, doc: Any) -> None:
+        """Record what ``to_json`` wrote (through ``record``, so the bounds hold);
+        ``ValueError`` for a document of another shape."""
+        if not isinstance(doc, dict) or doc.get("version") != 1:
+            raise ValueError("not an XID ledger document (version 1)")
+        gpus = doc.get("gpus")
+        if not isinstance(gpus, dict):
+            raise ValueError("gpus must be an object")
+        for index, rows in gpus.items():
+            if not isinstance(index, str) or not index.isdigit() or not isinstance(rows, list):
+                raise ValueError(f"bad entry for GPU {index!r}")
+            for row in rows:
+                if not (
+                    isinstance(row, list)
+                    and len(row) == 4
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
+                    and isinstance(row[0], int)
+                    and isinstance(row[1], int)
+                    and row[1] >= 1
+                ):
+                    raise ValueError(f"bad XID row {row!r} for GPU {index}")
+                code, count, first, last = row
+                self.record(XidEvent(int(index), code, float(first)))
+                seen = self._seen.get(int(index), {}).get(code)
+                if seen is not None:
+                    seen.count, seen.last = count, max(float(last), seen.last)
 
     def indexes(self) -> list[int]:
         """GPUs with XIDs on record."""

@@ -132,3 +132,54 @@ def test_without_expect_gpus_a_gpu_seen_earlier_and_gone_is_missing(tmp_path: Pa
     assert [(p.check, p.severity) for p in second.problems] == [("gpu_count", Severity.CRITICAL)]
     assert second.unhealthy_gpus() == {"n/gpu0", "n/gpu1", "n/gpu2"}
     assert back.healthy
+
+
+def test_a_state_file_keeps_critical_xids_over_a_watcher_restart_until_cleared(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mock, state = tmp_path / "node.toml", tmp_path / "xids.json"
+    inject(mock, Injection("card_count", None, 2))
+
+    def watcher() -> Watcher:
+        return Watcher(
+            lambda: FakeBackend(mock), node="n", xid_wait_s=0.05, clock=Clock(), state_file=state
+        )
+
+    async def first_life() -> NodeHealth:
+        w = watcher()
+        try:
+            inject(mock, Injection("xid", 1, 79))
+            async with asyncio.timeout(10):
+                while (health := await w.check_once()).healthy:
+                    await asyncio.sleep(0.02)
+            await w.check_once()  # the check after the XID was recorded writes the file
+            return health
+        finally:
+            await w.close()
+
+    async def later_life(clear: bool) -> NodeHealth:
+        w = watcher()
+        try:
+            health = await w.check_once()
+            if clear:
+                w.request_clear(1)
+                health = await w.check_once()
+            return health
+        finally:
+            await w.close()
+
+    assert first_life_unhealthy(asyncio.run(first_life()))
+    inject(mock, Injection("clear", None))  # the fake would deliver it again otherwise
+    inject(mock, Injection("card_count", None, 2))
+    restarted = asyncio.run(later_life(clear=False))
+    assert restarted.unhealthy_gpus() == {"n/gpu1"}  # remembered, not re-delivered
+    assert restarted.gpus[1].problems == (XID_79,)
+    assert asyncio.run(later_life(clear=True)).healthy  # POST /v1/clear's path
+    assert asyncio.run(later_life(clear=False)).healthy  # and the clear was saved
+    state.write_text("{not json")
+    assert asyncio.run(later_life(clear=False)).healthy
+    assert any("starting empty" in r.getMessage() for r in caplog.records)
+
+
+def first_life_unhealthy(health: NodeHealth) -> bool:
+    return health.unhealthy_gpus() == {"n/gpu1"}
