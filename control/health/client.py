@@ -19,6 +19,12 @@ that dies must not take its node's engines out of service with it: the router an
 fleet have their own liveness checks for engines and nodes; this feed only adds "the
 hardware says this GPU is bad".
 
+A watcher whose *check* hangs (NVML blocked) keeps answering with fresh reports that say
+so: a node-level critical ``check_hung`` over the GPUs it last saw (control/health/
+watch.py), so those GPUs are sick, not unknown. The ``time`` rule is for a watcher that
+serves nothing new at all; its hung deadline, max(3 intervals, 30 s), is shorter than
+``stale_after_s`` + ``CLOCK_SKEW_S``, so the hung report arrives first.
+
 Rejected: treating a silent watcher's GPUs as unhealthy (one crashed DaemonSet pod, or a
 watcher rollout, would empty the fleet), and keeping the last answer for ever (a GPU that
 was replaced and whose watcher moved would stay blocked).
