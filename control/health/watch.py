@@ -70,7 +70,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import json
 import logging
 import os
@@ -78,12 +77,11 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from control.health.backend import GpuBackend, open_backend
@@ -101,6 +99,7 @@ from control.health.types import (
     Severity,
     XidEvent,
 )
+from control.http import require_token
 from shoal.errors import ConfigError
 
 __all__ = ["Ledger", "Watcher", "XidPump", "make_app", "serve", "start_server"]
@@ -609,8 +608,6 @@ class Watcher:
 # -- HTTP ------------------------------------------------------------------------------
 
 _WATCHER = web.AppKey("watcher", Watcher)
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_OPEN_PATHS = frozenset({"/metrics", "/healthz"})
 
 
 async def _gpus(request: web.Request) -> web.Response:
@@ -641,26 +638,9 @@ async def _clear(request: web.Request) -> web.Response:
     return web.json_response({"gpu": index, "cleared": "at the next check"}, status=202)
 
 
-def _require_token(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def check(request: web.Request, handler: _Handler) -> web.StreamResponse:
-        if request.path not in _OPEN_PATHS:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return web.json_response(
-                    {"error": "missing or wrong bearer token (Authorization: Bearer TOKEN)"},
-                    status=401,
-                )
-        return await handler(request)
-
-    return check
-
-
 def make_app(watcher: Watcher, token: str | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[_require_token(token)] if token else [], client_max_size=MAX_BODY_BYTES
+        middlewares=[require_token(token)] if token else [], client_max_size=MAX_BODY_BYTES
     )
     app[_WATCHER] = watcher
     app.router.add_get("/v1/gpus", _gpus)
