@@ -9,8 +9,11 @@
         refused, reset, timed out  -> the last good report stays          "unreachable"
         any other status (503 before the watcher's first check)
                                    -> the last good report stays           "bad_status"
-        not JSON, not a NodeHealth, over 1 MiB
+        not JSON, not a NodeHealth (wrong types, nested too deep), over 1 MiB
                                    -> the last good report stays            "malformed"
+        a NodeHealth whose ``time`` is older than the stale limit plus CLOCK_SKEW_S
+        (wall clock: the watcher's loop itself is stuck)
+                                   -> the last good report stays                "stale"
     then: a report not confirmed for 3 intervals is forgotten (logged); the union of the
     remaining reports' unhealthy GPUs is handed to ``on_change`` when it changed.
 
@@ -28,6 +31,17 @@ report lists unhealthy; ``shoal health watch`` lists the GPUs it last saw (or
 ``0..expect_gpus-1``) when NVML is lost, so those engines go out. A report that lists no
 GPUs at all names none: the engines' own health checks then say whether they serve.
 
+A watcher whose *check* hangs (NVML blocked on a GPU falling off the bus) does not
+serve its last healthy report as fresh: after max(3 intervals, 30 s) it serves a
+critical ``check_hung`` report naming the GPUs it last saw (control/health/watch.py), so
+those engines go out. The ``time`` rule above is for a watcher that serves nothing new at
+all: its answers stop counting, and after three intervals it is forgotten like a silent
+one (unknown is not sick). The watcher's hung deadline is shorter than the stale limit
+plus the skew allowance, so a hung check is reported before its report would go stale.
+
+One answer can never end the polling: every parse failure is ``malformed``, and a round
+that raises anyway is logged with its traceback, counted (``error``) and the loop goes on.
+
 Failures are logged once per streak and watcher (a warning when it starts, debug while it
 lasts, info when the watcher answers again); every poll is counted by result
 (``on_poll``: ``shoal_router_gpu_health_polls_total{result}``).
@@ -43,7 +57,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -51,7 +64,7 @@ from typing import Any
 
 import aiohttp
 
-from control.health.types import NodeHealth
+from control.health.types import NodeHealth, parse_report
 from shoal.bodies import read_capped
 
 __all__ = ["MAX_HEALTH_BYTES", "POLL_RESULTS", "STALE_INTERVALS", "GpuHealthPoller"]
@@ -60,7 +73,8 @@ log = logging.getLogger("shoal." + __name__)
 
 STALE_INTERVALS = 3
 MAX_HEALTH_BYTES = 1 << 20  # 1024 GPUs with a few problems each is ~300 KiB
-POLL_RESULTS = ("ok", "unreachable", "bad_status", "malformed")
+POLL_RESULTS = ("ok", "unreachable", "bad_status", "malformed", "stale", "error")
+CLOCK_SKEW_S = 30.0  # how far a watcher's wall clock may lag ours before its reports are old
 
 
 class _Watcher:
@@ -85,6 +99,7 @@ class GpuHealthPoller:
         token: str = "",
         interval_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         on_change: Callable[[frozenset[str]], None] | None = None,
         on_poll: Callable[[str], None] | None = None,
     ) -> None:
@@ -95,6 +110,7 @@ class GpuHealthPoller:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = aiohttp.ClientTimeout(total=min(2.0, interval_s))
         self._clock = clock
+        self._wall = wall
         self.on_change = on_change
         self._on_poll = on_poll
         self._unhealthy: frozenset[str] = frozenset()
@@ -113,9 +129,13 @@ class GpuHealthPoller:
         report stays."""
         watcher = self._watchers[url]
         try:
-            report = NodeHealth.from_json(json.loads(body))
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            report = parse_report(body)
+        except ValueError as exc:  # JSON, UTF-8, nesting, shape and types: all ValueError
             self.fail(url, "malformed", f"not a NodeHealth document: {exc}")
+            return None
+        age = self._wall() - report.time
+        if age > STALE_INTERVALS * self.interval_s + CLOCK_SKEW_S:
+            self.fail(url, "stale", f"its report is {age:.0f} s old (checked at {report.time})")
             return None
         self._count("ok")
         if watcher.failing or watcher.report is None:
@@ -205,7 +225,11 @@ class GpuHealthPoller:
 
     async def _run(self) -> None:
         while True:
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except Exception:  # a bug in one round must not end GPU health for good
+                log.exception("GPU health poll failed; polling goes on")
+                self._count("error")
             await asyncio.sleep(self.interval_s)
 
     async def poll_once(self) -> frozenset[str]:

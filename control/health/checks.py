@@ -32,15 +32,27 @@ temperature    >= slowdown threshold                                     warning
 throttle       HW slowdown / HW thermal / HW power brake                 warning   none
 throttle       SW thermal slowdown / SW power cap                        info      none
                (idle, application clocks, sync boost, display: nothing)
-nvlink         some links down while others are up                       critical  reset_gpu
+nvlink         some links down while others are up (bridges partly       warning   none
+               fitted on PCIe boards, or a link lost)
 nvlink         every link down (no bridge, or the fabric is down)        warning   none
-nvlink         one link's errors >= ``nvlink_errors_critical`` (10000)   critical  reset_gpu
+nvlink         one link's errors >= ``nvlink_errors_critical`` (10000)   warning   none
+               ("high"; counters since driver load: see Choices)
 nvlink         one link's errors >= ``nvlink_errors_warn`` (100)         warning   none
 unreadable     a reading failed (not "not supported")                    warning   none
 gpu_count      fewer GPUs than ``--expect-gpus``                         critical  drain_node
 gpu_count      more GPUs than ``--expect-gpus``                          warning   none
 nvml           NVML cannot start or was lost                             critical  drain_node
 =============  ========================================================  ========  ===========
+
+NVLink findings are never critical. A PCIe board with NVLink bridges (A100 PCIe, H100
+NVL) reports the links without a bridge as inactive, so "some down" is the normal state
+of a partly bridged node, and a reset cannot change it; a link that really failed shows
+in XID 74 (critical, in the XID table) and in the engine's own errors. The error counters
+(replay + recovery + CRC) count since the driver loaded, so a fixed limit is crossed by
+any healthy fabric in time and then stays crossed until a driver reload: they are
+warnings only. Rejected for now: critical on growth between two checks (needs each GPU's
+previous snapshot in the pure check; the way to make them critical again), and critical
+only for a link that was up earlier in this process (the same).
 
 Choices: lifetime counters (aggregate DBE, DBE-retired pages) are warnings, not critical:
 after the reset that applies a retirement the counter stays, and a critical finding on it
@@ -61,6 +73,7 @@ __all__ = [
     "Thresholds",
     "check_gpu",
     "check_node",
+    "missing_problem",
     "nvml_problem",
     "throttle_names",
 ]
@@ -135,6 +148,18 @@ def check_node(num_gpus: int, expect_gpus: int | None) -> list[Problem]:
         detail = f"{num_gpus} GPUs visible, {expect_gpus} expected"
         return [Problem("gpu_count", _C, detail, Remedy.DRAIN_NODE)]
     return [Problem("gpu_count", _W, f"{num_gpus} GPUs visible, only {expect_gpus} expected")]
+
+
+def missing_problem(visible: int, wanted: int) -> Problem:
+    """The finding on each GPU index in ``visible..wanted-1`` (``wanted``: ``--expect-gpus``
+    or the GPUs seen earlier). NVML numbers the visible GPUs densely, so the index of the
+    one that went away cannot be known: the top indexes are listed, and the node-level
+    critical ``gpu_count`` makes every GPU of the node unhealthy anyway. Remedy
+    ``drain_node`` while some GPUs are visible (one fell off the bus: hardware); ``none``
+    when none is (more often the watcher's pod without the driver mounted, which must
+    not cordon a whole cluster; the node-level problem says drain)."""
+    detail = f"not visible: {visible} of {wanted} GPUs"
+    return Problem("missing", _C, detail, Remedy.DRAIN_NODE if visible else Remedy.NONE)
 
 
 def nvml_problem(reason: str) -> Problem:
@@ -252,7 +277,7 @@ def _nvlink(s: GpuSnapshot, t: Thresholds) -> list[Problem]:
     down = [i for i, up in enumerate(s.nvlink_active) if not up]
     if down and len(down) < len(s.nvlink_active):
         detail = f"NVLink links down: {', '.join(map(str, down))} of {len(s.nvlink_active)}"
-        out.append(Problem("nvlink", _C, detail, Remedy.RESET_GPU))
+        out.append(Problem("nvlink", _W, detail))
     elif down:
         out.append(Problem("nvlink", _W, f"all {len(down)} NVLink links are down"))
     worst = max(range(len(s.nvlink_errors)), key=lambda i: s.nvlink_errors[i], default=None)
@@ -260,7 +285,7 @@ def _nvlink(s: GpuSnapshot, t: Thresholds) -> list[Problem]:
         errors = s.nvlink_errors[worst]
         detail = f"NVLink link {worst}: {errors} CRC/replay/recovery errors"
         if errors >= t.nvlink_errors_critical:
-            out.append(Problem("nvlink", _C, detail, Remedy.RESET_GPU))
+            out.append(Problem("nvlink", _W, detail + " (high; counted since driver load)"))
         elif errors >= t.nvlink_errors_warn:
             out.append(Problem("nvlink", _W, detail))
     return out

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -60,7 +59,11 @@ def register(subparsers: Any) -> None:
                        help="read the fake backend's TOML file instead of NVML")  # fmt: skip
     check.add_argument("--expect-gpus", type=_count, default=None, metavar="N",
                        help="the node should have N GPUs (fewer: critical)")  # fmt: skip
-    check.add_argument("--node", default="", help="this node's name (default: the hostname)")
+    check.add_argument(
+        "--node",
+        default="",
+        help="this node's name (default: the hostname as it is, full, the Ray side's rule)",
+    )
     check.add_argument("--xid-wait-s", type=_seconds, default=0.0, metavar="S",
                        help="also wait S seconds for XID events (default 0)")  # fmt: skip
     check.add_argument("--json", action="store_true", help="print the wire JSON")
@@ -134,9 +137,10 @@ def _seconds(text: str) -> float:
 def _check(args: argparse.Namespace) -> int:
     from control.health.errors import MockFormatError
     from control.health.report import check_once
+    from control.health.types import default_node_name
     from shoal.cli_format import EXIT_FAILED, EXIT_USAGE
 
-    node = args.node or socket.gethostname()
+    node = args.node or default_node_name()
     if "/" in node:
         print(f"shoal health check: --node {node!r} must not contain '/'", file=sys.stderr)
         return EXIT_USAGE

@@ -11,11 +11,19 @@
 Invariant: ``reports()`` holds, per URL, the last answer that parsed whole (bounded body,
 ``NodeHealth.from_json``), and only while it is younger than ``stale_after_s`` (default
 three intervals, by the injected monotonic clock). A failed read (refused, timeout, non-200,
-over the cap, malformed JSON or document) keeps the last good answer until then, and after
+over the cap, malformed JSON or document, wrong-typed fields, JSON nested too deep, or a
+report whose own ``time`` is older than ``stale_after_s`` + ``CLOCK_SKEW_S`` by the wall
+clock: the watcher's loop is stuck) keeps the last good answer until then, and after
 that the watcher is forgotten: its GPUs are *unknown*, and unknown is not sick. A watcher
 that dies must not take its node's engines out of service with it: the router and the
 fleet have their own liveness checks for engines and nodes; this feed only adds "the
 hardware says this GPU is bad".
+
+A watcher whose *check* hangs (NVML blocked) keeps answering with fresh reports that say
+so: a node-level critical ``check_hung`` over the GPUs it last saw (control/health/
+watch.py), so those GPUs are sick, not unknown. The ``time`` rule is for a watcher that
+serves nothing new at all; its hung deadline, max(3 intervals, 30 s), is shorter than
+``stale_after_s`` + ``CLOCK_SKEW_S``, so the hung report arrives first.
 
 Rejected: treating a silent watcher's GPUs as unhealthy (one crashed DaemonSet pod, or a
 watcher rollout, would empty the fleet), and keeping the last answer for ever (a GPU that
@@ -28,7 +36,6 @@ token, requests carry ``Authorization: Bearer TOKEN``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -36,13 +43,14 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from control.health.types import NodeHealth
+from control.health.types import NodeHealth, parse_report
 from shoal.bodies import read_capped
 
 __all__ = ["MAX_REPORT_BYTES", "FeedStatistics", "HealthFeed"]
 
 log = logging.getLogger("shoal." + __name__)
 
+CLOCK_SKEW_S = 30.0  # how far a watcher's wall clock may lag ours before its reports are old
 MAX_REPORT_BYTES = 4 << 20  # 1024 GPUs with a dozen problems each fit many times over
 
 
@@ -74,6 +82,7 @@ class HealthFeed:
         stale_after_s: float | None = None,
         timeout_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         assert interval_s > 0, "a positive poll interval"
         self.urls = tuple(dict.fromkeys(u.rstrip("/") for u in urls if u.strip()))
@@ -82,13 +91,14 @@ class HealthFeed:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s or min(interval_s, 10.0))
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._clock = clock
+        self._wall = wall
         self._entries: dict[str, _Entry] = {}
         self._session: aiohttp.ClientSession | None = None
         self._polls = 0
         self._failures = 0
 
     async def poll(self) -> None:
-        """Read every watcher once, concurrently; never raises for a watcher's failure."""
+        """Read every watcher once, concurrently; never raises for a watcher's answer."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         self._polls += 1
@@ -96,7 +106,11 @@ class HealthFeed:
         self._forget_stale()
 
     async def _poll_one(self, url: str) -> None:
-        report = await self._read(url)
+        try:
+            report = await self._read(url)
+        except Exception:  # a bug in reading one watcher must not end the feed's poll
+            log.exception("health watcher %s: reading its answer failed", url)
+            report = None
         if report is None:
             self._failures += 1
             return
@@ -117,10 +131,15 @@ class HealthFeed:
             log.warning("health watcher %s: answer over %d bytes", url, MAX_REPORT_BYTES)
             return None
         try:
-            return NodeHealth.from_json(json.loads(body))
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a bad document
+            report = parse_report(body)
+        except ValueError as exc:  # JSON, UTF-8, nesting, shape and types: all ValueError
             log.warning("health watcher %s: malformed answer: %s", url, exc)
             return None
+        age = self._wall() - report.time
+        if age > self.stale_after_s + CLOCK_SKEW_S:
+            log.warning("health watcher %s: its report is %.0f s old: not fresh", url, age)
+            return None
+        return report
 
     def _forget_stale(self) -> None:
         now = self._clock()
@@ -145,9 +164,14 @@ class HealthFeed:
         return FeedStatistics(self._polls, self._failures, len(self.reports()))
 
     async def run(self, stop: asyncio.Event) -> None:
-        """``poll()`` every ``interval_s`` until ``stop``."""
+        """``poll()`` every ``interval_s`` until ``stop``; a round that fails is logged and
+        the loop goes on (one answer must never end the feed)."""
         while not stop.is_set():
-            await self.poll()
+            try:
+                await self.poll()
+            except Exception:
+                log.exception("GPU health feed poll failed; polling goes on")
+                self._failures += 1
             try:
                 async with asyncio.timeout(self.interval_s):
                     await stop.wait()

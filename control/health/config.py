@@ -13,9 +13,9 @@ explicit ``--insecure-no-auth`` (the rule of the autoscaler's endpoint), and
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
+from control.health.types import default_node_name
 from shoal.config import is_loopback, read_secret, setting
 from shoal.errors import ConfigError
 
@@ -24,7 +24,11 @@ __all__ = ["HealthSettings", "kube_node_name", "node_name", "read_token"]
 
 @dataclass(frozen=True, slots=True)
 class HealthSettings:
-    node: str = setting("", "this node's name in GPU names NODE/gpuI; empty = the hostname")
+    node: str = setting(
+        "",
+        "this node's name in GPU names NODE/gpuI; empty = the hostname as it is (full, as "
+        "Ray reports it; must match the Ray node's shoal.node label where that is set)",
+    )
     nvml_mock: str = setting(
         "", "read GPUs from this fake-backend TOML file instead of NVML (tests, game days)"
     )
@@ -49,6 +53,16 @@ class HealthSettings:
     cordon_apply: bool = setting(
         False, "really patch the node (spec.unschedulable); without it --cordon only logs"
     )
+    cordon_after_checks: int = setting(
+        3,
+        "cordon only after the same GPU needed draining (or could not be read) in this many "
+        "checks in a row",
+    )
+    state_file: str = setting(
+        "",
+        "keep the XID ledger in this JSON file, so a watcher restart does not forget critical "
+        "XIDs (a host path; empty = in memory only)",
+    )
     kube_node: str = setting("", "the Kubernetes node to cordon; empty = $NODE_NAME")
     log_level: str = setting("info", "debug, info, warning or error")
     log_format: str = setting("text", "text or json")
@@ -69,13 +83,16 @@ class HealthSettings:
                 "authentication (POST /v1/clear forgets XIDs): give --auth-token-file FILE, "
                 "or --insecure-no-auth to accept that"
             )
+        if self.cordon_after_checks < 1:
+            raise ConfigError("--cordon-after-checks must be >= 1")
         if self.cordon_apply and not self.cordon:
             raise ConfigError("--cordon-apply needs --cordon")
 
 
 def node_name(settings: HealthSettings) -> str:
-    """``--node``, else the hostname (the Ray nodes' default name too)."""
-    return settings.node or socket.gethostname().split(".")[0]
+    """``--node``, else ``default_node_name()``: ``socket.gethostname()`` as it is (full,
+    never shortened), the Ray side's rule too (a node without a ``shoal.node`` label)."""
+    return settings.node or default_node_name()
 
 
 def kube_node_name(settings: HealthSettings, environ: dict[str, str] | None = None) -> str:

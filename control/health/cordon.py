@@ -2,16 +2,30 @@
 
 ::
 
-    decide(health)            pure: the GPUs whose remedy is drain_node (empty: nothing to do)
-    Cordoner.observe(health)  after each check: dry run -> log and count once;
+    decide(health)            pure: the GPUs whose remedy is drain_node, or that could not be
+                              read at all (critical ``unreadable``); empty: nothing to do
+    Cordoner.observe(health)  after each check: a GPU decide() names in ``after_checks``
+                              consecutive checks (default 3, ``--cordon-after-checks``):
+                              dry run -> log and count once;
                               apply -> PATCH /api/v1/nodes/NAME {"spec": {"unschedulable": true}}
                               (CoreV1Api.patch_node, what ``kubectl cordon`` sends) until one
                               succeeds; an API error is logged, counted and retried next round
 
-Invariant: at most one successful patch per watcher process, and only after a check in
-which some GPU's strongest critical remedy is ``drain_node``; the watcher never uncordons.
+Invariant: at most one successful patch per watcher process, and only after
+``after_checks`` consecutive checks in which the same GPU's strongest critical remedy is
+``drain_node`` or it was unreadable; the watcher never uncordons.
 
 Choices:
+
+* Persistence before acting. One bad reading (a transient NVML error on one round, one
+  ``link_width`` sample) must not cordon a node for good, and the router and the fleet
+  already stop using the GPU from the first critical report; so the cordon waits for the
+  same GPU to be named in ``after_checks`` checks in a row (about 15 s at the default
+  5 s interval). A GPU whose handle cannot be read is ``reset_gpu`` in the report (a
+  single failed ``nvmlDeviceGetHandleByIndex`` is often transient) and counts toward the
+  cordon like ``drain_node``: unreadable for ``after_checks`` checks, it is treated as
+  fallen off the bus. Rejected: skipping the wait for XID 79/64 (a critical XID stays in
+  the ledger, so it reaches ``after_checks`` within those same 15 s anyway).
 
 * Only ``drain_node`` cordons. ``reset_gpu`` does not: a reset concerns one GPU, which the
   router and the Ray fleet already stop using from ``/v1/gpus``; cordoning the node would
@@ -43,7 +57,7 @@ from typing import Any
 
 from control.health.errors import HealthError
 from control.health.metrics import HealthMetrics
-from control.health.types import NodeHealth, Remedy
+from control.health.types import NodeHealth, Remedy, Severity
 
 __all__ = ["CordonError", "Cordoner", "decide"]
 
@@ -55,8 +69,14 @@ class CordonError(HealthError):
 
 
 def decide(health: NodeHealth) -> tuple[int, ...]:
-    """Indices of the GPUs whose strongest critical remedy is ``drain_node``."""
-    return tuple(g.index for g in health.gpus if g.remedy is Remedy.DRAIN_NODE)
+    """Indices of the GPUs whose strongest critical remedy is ``drain_node``, or that have
+    a critical ``unreadable`` problem (remedy ``reset_gpu`` until it persists)."""
+    return tuple(
+        g.index
+        for g in health.gpus
+        if g.remedy is Remedy.DRAIN_NODE
+        or any(p.check == "unreadable" and p.severity is Severity.CRITICAL for p in g.problems)
+    )
 
 
 def _default_api_client() -> Any:
@@ -85,8 +105,12 @@ class Cordoner:
         api_client_factory: Callable[[], Any] = _default_api_client,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 15.0,
+        after_checks: int = 3,
     ) -> None:
         assert node_name, "the Kubernetes node name (--kube-node or NODE_NAME)"
+        assert after_checks >= 1, "cordon after at least one check"
+        self.after_checks = after_checks
+        self._streaks: dict[int, int] = {}  # GPU -> consecutive checks decide() named it
         self.node_name = node_name
         self.apply = apply
         self._metrics = metrics
@@ -100,8 +124,14 @@ class Cordoner:
         ``None`` when nothing was to be done. Never raises for an API failure."""
         if self.done:
             return None
-        gpus = decide(health)
+        named = decide(health)
+        self._streaks = {i: self._streaks.get(i, 0) + 1 for i in named}
+        gpus = tuple(i for i in named if self._streaks[i] >= self.after_checks)
         if not gpus:
+            if named:
+                log.info("drain_node on %s: cordon after %d checks in a row",
+                         ", ".join(f"gpu{i} ({self._streaks[i]})" for i in named),
+                         self.after_checks)  # fmt: skip
             return None
         why = ", ".join(f"gpu{i}" for i in gpus)
         if not self.apply:

@@ -1,10 +1,14 @@
 """One full check of a node: a backend's readings + the XID ledger -> ``NodeHealth``.
 
 Invariant: ``collect`` never raises for a GPU fault. A GPU that cannot be read at all
-(``BackendError`` from ``snapshot``: fallen off the bus) is reported as that GPU's
-critical ``unreadable`` problem (remedy ``drain_node``, as for XID 79), its XIDs kept; a
+(``BackendError`` from ``snapshot``: fallen off the bus, or a transient NVML error) is
+reported as that GPU's critical ``unreadable`` problem (remedy ``reset_gpu``; the
+cordoner acts on it only when it persists), its XIDs kept; a
 backend that cannot even count its GPUs (NVML lost) is a node-level critical ``nvml``
-problem with no GPUs listed. ``check_once`` opens the backend itself and turns
+problem with no GPUs listed. With ``expect_gpus`` N and fewer visible, the indexes up to
+N-1 are listed too, each critical ``missing`` (checks.missing_problem), so a consumer
+takes their engines out by name (as well as through the node-level ``gpu_count``).
+``check_once`` opens the backend itself and turns
 ``NvmlUnavailable`` into that same node-level problem, so ``shoal health check`` on a
 machine without a driver answers "unhealthy: no NVML" instead of crashing.
 
@@ -24,6 +28,7 @@ from control.health.checks import (
     Thresholds,
     check_gpu,
     check_node,
+    missing_problem,
     nvml_problem,
 )
 from control.health.errors import BackendError, NvmlUnavailable
@@ -52,10 +57,15 @@ def collect(
         try:
             snap = backend.snapshot(index)
         except BackendError as exc:
-            lost = Problem("unreadable", Severity.CRITICAL, str(exc), Remedy.DRAIN_NODE)
+            # reset_gpu, not drain_node: one failed handle read is often transient; the
+            # cordoner treats it as fallen off the bus when it persists (cordon.py)
+            lost = Problem("unreadable", Severity.CRITICAL, str(exc), Remedy.RESET_GPU)
             gpus.append(GpuHealth(index, "", (*xids, lost)))
             continue
         gpus.append(GpuHealth(index, snap.uuid, tuple(check_gpu(snap, xids, thresholds))))
+    for index in range(num_gpus, expect_gpus or 0):  # expected but not visible
+        gone = missing_problem(num_gpus, expect_gpus or 0)
+        gpus.append(GpuHealth(index, "", (*ledger.problems(index), gone)))
     return NodeHealth(node, now, tuple(gpus), tuple(check_node(num_gpus, expect_gpus)))
 
 

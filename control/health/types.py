@@ -4,7 +4,10 @@ A backend reads one ``GpuSnapshot`` per GPU (raw readings; ``None`` = the GPU or
 does not support it, never "zero") and delivers ``XidEvent`` values from NVML's event
 API. The pure checks turn them into ``Problem`` values; ``GpuHealth`` and ``NodeHealth``
 are what every tool prints and the watcher serves (``to_json``; ``from_json`` for the
-clients, which check every field and raise ``ValueError`` on a malformed document).
+clients, which check every field and raise ``ValueError`` on a malformed document, never
+``TypeError``: a wrong-typed field is malformed too). ``parse_report(body)`` is the one
+parser of a watcher's answer: JSON that nests too deep for the parser (``RecursionError``)
+is a ``ValueError`` as well, so a consumer catches exactly one exception.
 
 Severity: ``critical`` makes a GPU unhealthy (routing stops, groups on it are replaced);
 ``warning`` is reported and exported only; ``info`` is context (e.g. a power-cap
@@ -17,7 +20,9 @@ XID 79 fallen off the bus, degraded link).
 from __future__ import annotations
 
 import enum
+import json
 import math
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +35,9 @@ __all__ = [
     "Remedy",
     "Severity",
     "XidEvent",
+    "default_node_name",
     "gpu_name",
+    "parse_report",
 ]
 
 
@@ -50,6 +57,17 @@ class Remedy(enum.StrEnum):
 def gpu_name(node: str, index: int) -> str:
     """A GPU's cluster-wide name, ``NODE/gpuINDEX`` (the cache daemon's stream name)."""
     return f"{node}/gpu{index}"
+
+
+def default_node_name() -> str:
+    """The node name when none is given: ``socket.gethostname()`` exactly as it is (full,
+    an FQDN where the host is named so; never shortened). The one rule for every side that
+    names GPUs ``NODE/gpuI``: the health watcher and ``shoal health check`` without
+    ``--node``, and the Ray side without a ``shoal.node`` label (control/ray/actors.py;
+    control/ray/group.py reads Ray's ``NodeManagerHostname``, which Ray takes from the same
+    call on that node). Rejected: the short name (``split(".")[0]``): Ray reports the full
+    one, and two rules meant no GPU name ever matched on FQDN hosts."""
+    return socket.gethostname()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +155,9 @@ class Problem:
         detail, remedy = doc.get("detail", ""), doc.get("remedy", "none")
         if not isinstance(check, str) or not check:
             raise ValueError("problem.check must be a non-empty string")
-        if severity not in _SEVERITIES:
+        if not isinstance(severity, str) or severity not in _SEVERITIES:
             raise ValueError(f"problem.severity must be one of {sorted(_SEVERITIES)}")
-        if remedy not in _REMEDIES:
+        if not isinstance(remedy, str) or remedy not in _REMEDIES:
             raise ValueError(f"problem.remedy must be one of {sorted(_REMEDIES)}")
         if not isinstance(detail, str):
             raise ValueError("problem.detail must be a string")
@@ -241,3 +259,14 @@ class NodeHealth:
             tuple(GpuHealth.from_json(g) for g in gpus),
             _problems(doc.get("problems", []), "node"),
         )
+
+
+def parse_report(body: bytes | str) -> NodeHealth:
+    """A watcher's ``/v1/gpus`` body as a ``NodeHealth``; ``ValueError`` for anything
+    malformed (bad UTF-8, bad JSON, JSON nested past the parser's recursion limit, a
+    document of the wrong shape or types)."""
+    try:
+        doc = json.loads(body)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
+    return NodeHealth.from_json(doc)

@@ -13,7 +13,12 @@ the name carries every XID). The table below decides, per code:
   (``restart_engine``), which its own health checks already notice;
 * ``info`` — a consequence of an earlier fault (XID 45: channels cleaned up after a kill).
 
-Unknown codes are ``warning`` with remedy ``none``: reported, never blocking.
+A code missing from the table is ``critical`` with remedy ``reset_gpu``, as NVIDIA's
+device plugin treats every XID outside its application-error list (13, 31, 43, 45, 68,
+all in the table as warnings or info): a new fatal code (109 context-switch timeout, 143
+GPU init failure, the Blackwell NVLink/C2C codes 144-150) must take the GPU out, and a
+driver newer than this table is more likely to add fatal codes than harmless ones.
+Rejected: unknown = warning (a new fatal XID left the GPU serving).
 
 Sources: NVIDIA's Xid catalogue (docs.nvidia.com/deploy/xid-errors, and for Ampere and
 newer its catalogue with resolution buckets RESTART_APP / RESET_GPU / RESTART_BM /
@@ -26,9 +31,16 @@ RESET_GPU we say ``reset_gpu``; where the fault is in the hardware or the bus (6
 plugin: 32 and 69 are warnings here (an application's corrupt push buffer or bad class
 call is far more common than the bus fault 32 can also mean; XID 79 catches the latter).
 
-Ledger invariant: a critical XID stays in ``problems(index)`` until ``clear(index)`` (an
-engine restart on a reset GPU, or a GPU reset, clears it: the caller knows which happened,
-the ledger does not guess); a non-critical XID leaves ``window_s`` after it was last seen.
+Ledger invariant: a critical XID stays in ``problems(index)`` until ``clear(index)``; a
+non-critical XID leaves ``window_s`` after it was last seen. How a critical XID clears,
+exactly: the watcher calls ``clear`` only on ``POST /v1/clear {"gpu": I}`` (an operator, or
+automation, after resetting the GPU or restarting its engine); nothing clears it on its
+own (no reset detection yet: a reset GPU stays out until someone posts). The ledger lives
+in the watcher's memory only: a watcher restart (a DaemonSet rollout, a crash) forgets
+every XID, so an XID-only fault (74, 92, 119, 120: nothing in the readings shows it)
+reads healthy again after a restart, unless the watcher keeps the ledger in a state file
+(``--state-file``: ``to_json``/``restore``, written atomically after each check that
+changed it; bounded like the ledger).
 Memory is bounded: at most ``max_codes`` distinct codes per GPU (the least recently seen
 non-critical one makes room for a new code; when all are critical a new non-critical one
 is dropped and a new critical one replaces the least recently seen) and GPU indexes below
@@ -41,6 +53,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from control.health.types import Problem, Remedy, Severity, XidEvent
 
@@ -97,11 +110,12 @@ XID_TABLE: Mapping[int, XidInfo] = MappingProxyType(
 
 
 def describe(code: int) -> XidInfo:
-    """The table's entry, or a ``warning`` with remedy ``none`` for a code it lacks."""
+    """The table's entry, or ``critical`` with remedy ``reset_gpu`` for a code it lacks
+    (the device plugin's rule: only the known application errors leave a GPU healthy)."""
     known = XID_TABLE.get(code)
     if known is not None:
         return known
-    return XidInfo(code, "not in Shoal's XID table (see NVIDIA's Xid catalogue)", _W, Remedy.NONE)
+    return XidInfo(code, "not in Shoal's XID table (see NVIDIA's Xid catalogue)", _C, _RESET)
 
 
 @dataclass(slots=True)
@@ -163,6 +177,44 @@ class XidLedger:
     def clear(self, index: int) -> None:
         """Forget GPU ``index``'s XIDs (it was reset, or its engine restarted)."""
         self._seen.pop(index, None)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ledger as a JSON document (the watcher's ``--state-file``)."""
+        return {
+            "version": 1,
+            "gpus": {
+                str(index): [[code, s.count, s.first, s.last] for code, s in sorted(codes.items())]
+                for index, codes in sorted(self._seen.items())
+                if codes
+            },
+        }
+
+    def restore(self, doc: Any) -> None:
+        """Record what ``to_json`` wrote (through ``record``, so the bounds hold);
+        ``ValueError`` for a document of another shape."""
+        if not isinstance(doc, dict) or doc.get("version") != 1:
+            raise ValueError("not an XID ledger document (version 1)")
+        gpus = doc.get("gpus")
+        if not isinstance(gpus, dict):
+            raise ValueError("gpus must be an object")
+        for index, rows in gpus.items():
+            if not isinstance(index, str) or not index.isdigit() or not isinstance(rows, list):
+                raise ValueError(f"bad entry for GPU {index!r}")
+            for row in rows:
+                if not (
+                    isinstance(row, list)
+                    and len(row) == 4
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
+                    and isinstance(row[0], int)
+                    and isinstance(row[1], int)
+                    and row[1] >= 1
+                ):
+                    raise ValueError(f"bad XID row {row!r} for GPU {index}")
+                code, count, first, last = row
+                self.record(XidEvent(int(index), code, float(first)))
+                seen = self._seen.get(int(index), {}).get(code)
+                if seen is not None:
+                    seen.count, seen.last = count, max(float(last), seen.last)
 
     def indexes(self) -> list[int]:
         """GPUs with XIDs on record."""

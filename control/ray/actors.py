@@ -36,6 +36,7 @@ from typing import Any
 
 import ray
 
+from control.health.types import default_node_name
 from shoal.processes import bindable, free_loopback_port
 
 __all__ = ["EngineDriver", "StandinWorker", "bundle_probe", "engine_argv", "node_name"]
@@ -47,9 +48,11 @@ LOG_TAIL_BYTES = 2000
 
 
 def node_name() -> str:
-    """This Ray node's name: its ``shoal.node`` label, else the hostname."""
+    """This Ray node's name: its ``shoal.node`` label, else ``default_node_name()``
+    (``socket.gethostname()`` as it is, full): the health watcher's default, so the GPU
+    names ``NODE/gpuI`` of both sides match without configuration."""
     labels = ray.get_runtime_context().get_node_labels()
-    return str(labels.get("shoal.node") or socket.gethostname())
+    return str(labels.get("shoal.node") or default_node_name())
 
 
 def _where() -> dict[str, Any]:

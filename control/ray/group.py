@@ -154,6 +154,9 @@ def _nodes_by_id() -> dict[str, dict[str, Any]]:
 
 
 def _name_of(node: dict[str, Any]) -> str:
+    """The node's ``shoal.node`` label, else the hostname Ray recorded for it (Ray takes
+    it from ``socket.gethostname()`` on that node: control.health.types.default_node_name,
+    the watcher's default too), else its node id."""
     labels = node.get("Labels") or {}
     return str(labels.get("shoal.node") or node.get("NodeManagerHostname") or node["NodeID"])
 

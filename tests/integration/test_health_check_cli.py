@@ -106,7 +106,17 @@ def test_inject_then_check_exit_codes_and_the_exact_wire_json(tmp_path: Path) ->
             "remedy": "drain_node",
         }
     ]
-    assert all(g["healthy"] for g in doc["gpus"])
+    # the two visible are fine; the third is listed, critical "missing", so it goes out
+    assert [g["healthy"] for g in doc["gpus"]] == [True, True, False]
+    assert doc["gpus"][2]["problems"] == [
+        {
+            "check": "missing",
+            "severity": "critical",
+            "detail": "not visible: 2 of 3 GPUs",
+            "remedy": "drain_node",
+        }
+    ]
+    assert NodeHealth.from_json(doc).unhealthy_gpus() == {f"node-a/gpu{i}" for i in range(3)}
 
 
 def test_nvml_unavailable_exits_3_and_still_reports(tmp_path: Path) -> None:

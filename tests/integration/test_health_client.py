@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -118,10 +119,11 @@ async def stand_in(answers: list[tuple[int, bytes]]) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def report(node: str, sick_gpu: int) -> bytes:
+def report(node: str, sick_gpu: int, at: float | None = None) -> bytes:
     problem = {"check": "ecc", "severity": "critical", "detail": "dbe", "remedy": "reset_gpu"}
     doc: dict[str, Any] = {
-        "node": node, "time": 1.0, "healthy": False, "problems": [],
+        "node": node, "time": at if at is not None else time.time(), "healthy": False,
+        "problems": [],
         "gpus": [{"index": sick_gpu, "uuid": "GPU-x", "healthy": False, "problems": [problem]}],
     }  # fmt: skip
     return json.dumps(doc).encode()
@@ -135,8 +137,15 @@ def report(node: str, sick_gpu: int) -> bytes:
         (200, b'{"node": "n", "gpus": [{"index": -1}]}'),
         (200, b" " * (MAX_REPORT_BYTES + 1)),  # over the cap
         (500, b"{}"),
+        # a wrong-typed severity was a TypeError that got out of poll()
+        (
+            200,
+            b'{"node": "n", "gpus": [{"index": 0, "problems": [{"check": "x", "severity": []}]}]}',
+        ),
+        (200, b"[" * 100_000),  # nested past the parser's recursion limit
+        (200, report("node-g", 3, at=1.0)),  # checked long ago: the watcher is stuck
     ],
-    ids=["not-json", "bad-node", "bad-gpu", "over-cap", "500"],
+    ids=["not-json", "bad-node", "bad-gpu", "over-cap", "500", "typed", "deep", "old"],
 )
 def test_a_garbage_answer_is_a_failure_keeping_the_last_good_one(
     two: list[WatcherProcess], bad: tuple[int, bytes]

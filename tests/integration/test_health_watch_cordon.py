@@ -117,14 +117,25 @@ def cordon_rounds(cordoner: Cordoner, reports: list[NodeHealth]) -> list[str | N
 
 def test_the_dry_run_patches_nothing(api: ApiServer) -> None:
     metrics = HealthMetrics()
-    cordoner = Cordoner("k8s-a", apply=False, metrics=metrics, api_client_factory=lambda: client_for(api))  # fmt: skip
+    cordoner = Cordoner("k8s-a", apply=False, metrics=metrics, api_client_factory=lambda: client_for(api), after_checks=1)  # fmt: skip
     assert cordon_rounds(cordoner, [health(Remedy.DRAIN_NODE)] * 3) == ["dry_run", None, None]
     assert api.patches == []
 
 
+def test_apply_waits_for_three_checks_in_a_row_by_default(api: ApiServer) -> None:
+    cordoner = Cordoner("k8s-a", apply=True, metrics=HealthMetrics(), api_client_factory=lambda: client_for(api))  # fmt: skip
+    reports = (
+        [health(Remedy.DRAIN_NODE)] * 2
+        + [health(Remedy.RESET_GPU)]
+        + [health(Remedy.DRAIN_NODE)] * 4
+    )
+    assert cordon_rounds(cordoner, reports) == [None, None, None, None, None, "applied", None]
+    assert len(api.patches) == 1
+
+
 def test_apply_patches_the_node_unschedulable_once(api: ApiServer) -> None:
     metrics = HealthMetrics()
-    cordoner = Cordoner("k8s-a", apply=True, metrics=metrics, api_client_factory=lambda: client_for(api))  # fmt: skip
+    cordoner = Cordoner("k8s-a", apply=True, metrics=metrics, api_client_factory=lambda: client_for(api), after_checks=1)  # fmt: skip
     reports = [health(Remedy.RESET_GPU), health(Remedy.DRAIN_NODE), health(Remedy.DRAIN_NODE)]
     assert cordon_rounds(cordoner, reports) == [None, "applied", None]
     assert len(api.patches) == 1
@@ -138,14 +149,14 @@ def test_apply_patches_the_node_unschedulable_once(api: ApiServer) -> None:
 def test_api_errors_are_counted_and_retried_next_round(api: ApiServer) -> None:
     metrics = HealthMetrics()
     api.fail = [500, 403]
-    cordoner = Cordoner("k8s-a", apply=True, metrics=metrics, api_client_factory=lambda: client_for(api))  # fmt: skip
+    cordoner = Cordoner("k8s-a", apply=True, metrics=metrics, api_client_factory=lambda: client_for(api), after_checks=1)  # fmt: skip
     results = cordon_rounds(cordoner, [health(Remedy.DRAIN_NODE)] * 4)
     assert results == ["error", "error", "applied", None]
     assert len(api.patches) == 1
     get = metrics.registry.get_sample_value
     assert get("shoal_gpu_cordon_actions_total", {"result": "error"}) == 2.0
 
-    unknown = Cordoner("k8s-zz", apply=True, metrics=metrics, api_client_factory=lambda: client_for(api))  # fmt: skip
+    unknown = Cordoner("k8s-zz", apply=True, metrics=metrics, api_client_factory=lambda: client_for(api), after_checks=1)  # fmt: skip
     assert cordon_rounds(unknown, [health(Remedy.DRAIN_NODE)] * 2) == ["error", "error"]
 
 
@@ -153,6 +164,7 @@ def test_no_api_server_is_an_error_not_a_crash(api: ApiServer) -> None:
     cordoner = Cordoner(
         "k8s-a",
         apply=True,
+        after_checks=1,
         metrics=HealthMetrics(),
         api_client_factory=lambda: k8s.ApiClient(k8s.Configuration(host="http://127.0.0.1:1")),
         connect_timeout_s=1.0,

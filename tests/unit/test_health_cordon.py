@@ -30,6 +30,11 @@ def test_only_a_critical_drain_node_remedy_cordons() -> None:
         (Problem("nvml", CRIT, "NVML lost"),),  # node-level: never cordons
     )
     assert decide(health) == (2, 4)
+    # a GPU that cannot be read is reset_gpu, but counts toward the cordon
+    unread = GpuHealth(
+        5, "", (Problem("unreadable", CRIT, "handle: Unknown Error", Remedy.RESET_GPU),)
+    )
+    assert decide(NodeHealth("node-a", 1.0, (gpu(0), unread))) == (5,)
     assert decide(NodeHealth("node-a", 1.0, (gpu(0),), (Problem("nvml", CRIT, "x"),))) == ()
 
 
@@ -40,16 +45,33 @@ def test_the_dry_run_logs_and_counts_once_and_makes_no_client() -> None:
         raise AssertionError("a dry run must not talk to the API server")
 
     cordoner = Cordoner("node-a", apply=False, metrics=metrics, api_client_factory=no_client)
+    assert cordoner.after_checks == 3  # the default
     sick = NodeHealth("node-a", 1.0, (gpu(0, (CRIT, Remedy.DRAIN_NODE)),))
     fine = NodeHealth("node-a", 1.0, (gpu(0),))
 
     async def body() -> list[str | None]:
-        results = [await cordoner.observe(fine), await cordoner.observe(sick)]
+        results = [await cordoner.observe(r) for r in (fine, sick, sick, fine, sick, sick)]
+        results.append(await cordoner.observe(sick))  # the third in a row
         results.append(await cordoner.observe(sick))
         await cordoner.close()
         return results
 
-    assert asyncio.run(body()) == [None, "dry_run", None]
+    # a blip (two bad checks, then a good one) does nothing; three in a row act once
+    assert asyncio.run(body()) == [None, None, None, None, None, None, "dry_run", None]
     get = metrics.registry.get_sample_value
     assert get("shoal_gpu_cordon_actions_total", {"result": "dry_run"}) == 1.0
     assert get("shoal_gpu_cordon_actions_total", {"result": "applied"}) == 0.0
+
+
+def test_the_streak_is_per_gpu_and_an_unreadable_gpu_cordons_only_when_it_persists() -> None:
+    metrics = HealthMetrics()
+    cordoner = Cordoner("node-a", apply=False, metrics=metrics, after_checks=2)
+    unread = Problem("unreadable", CRIT, "handle: Unknown Error", Remedy.RESET_GPU)
+    zero = NodeHealth("node-a", 1.0, (GpuHealth(0, "", (unread,)), gpu(1)))
+    one = NodeHealth("node-a", 1.0, (gpu(0), gpu(1, (CRIT, Remedy.DRAIN_NODE))))
+
+    async def body() -> list[str | None]:
+        # gpu0, then gpu1, then gpu0: no GPU twice in a row; then gpu0 twice
+        return [await cordoner.observe(r) for r in (zero, one, zero, zero)]
+
+    assert asyncio.run(body()) == [None, None, None, "dry_run"]

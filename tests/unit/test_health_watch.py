@@ -4,6 +4,7 @@ clears, and the metrics that follow the GPUs present (no sockets; virtual clocks
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -256,7 +257,7 @@ def test_nvml_lost_keeps_the_last_gpus_unhealthy_closes_the_backend_and_reopens(
     assert sample(watcher, "shoal_gpu_node_problems", **node) is None  # gone once healthy
 
 
-def test_a_gpu_that_disappears_has_its_series_removed() -> None:
+def test_a_gpu_that_disappears_is_listed_missing_and_its_readings_removed() -> None:
     backend = ScriptedBackend(two_gpus())
     watcher, _, _ = make_watcher(lambda: backend)
     gpu1 = {"node": "node-a", "gpu": "1", "uuid": "GPU-1"}
@@ -271,9 +272,12 @@ def test_a_gpu_that_disappears_has_its_series_removed() -> None:
             await watcher.close()
 
     asyncio.run(body())
-    assert sample(watcher, "shoal_gpu_healthy", **gpu1) is None
-    assert sample(watcher, "shoal_gpu_temperature_celsius", **gpu1) is None
-    assert sample(watcher, "shoal_gpu_healthy", node="node-a", gpu="0", uuid="GPU-0") == 1.0
+    assert sample(watcher, "shoal_gpu_healthy", **gpu1) == 0.0  # listed: critical "missing"
+    assert sample(watcher, "shoal_gpu_temperature_celsius", **gpu1) is None  # no stale reading
+    assert watcher.latest is not None
+    assert watcher.latest.unhealthy_gpus() == {"node-a/gpu0", "node-a/gpu1"}
+    # the node-level critical gpu_count puts every GPU of the node out
+    assert sample(watcher, "shoal_gpu_healthy", node="node-a", gpu="0", uuid="GPU-0") == 0.0
 
 
 def test_a_hot_gpu_is_unhealthy_with_its_problem_counted() -> None:
@@ -402,3 +406,53 @@ def test_a_failed_xid_watch_is_counted_and_restarted_at_the_next_round() -> None
 
     asyncio.run(body())
     assert sample(watcher, "shoal_gpu_check_errors_total") == 1.0
+
+
+class NoEventsBackend(ScriptedBackend):
+    """XID events not supported (some vGPU/MIG setups): ``wait_xid`` fails at once."""
+
+    def wait_xid(self, timeout_s: float) -> list[XidEvent]:
+        self.waits += 1
+        raise BackendError("nvmlEventSetCreate: Not Supported")
+
+
+def test_xid_events_not_supported_are_retried_once_then_left_off_until_a_reopen(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="shoal.control.health.watch")
+    backends = [NoEventsBackend(two_gpus()), NoEventsBackend(two_gpus())]
+    opened: list[NoEventsBackend] = []
+
+    def opener() -> NoEventsBackend:
+        opened.append(backends[len(opened)])
+        return opened[-1]
+
+    watcher, _, _ = make_watcher(opener, collect=reporting_collect)
+
+    async def settle(backend: NoEventsBackend, waits: int) -> None:
+        async with asyncio.timeout(5):  # the XID thread fails on its own thread
+            while backend.waits < waits or (watcher._pump is not None and watcher._pump.alive):
+                await asyncio.sleep(0.01)
+
+    async def body() -> None:
+        try:
+            await watcher.check_once()
+            await settle(backends[0], 1)
+            await watcher.check_once()  # failed once: restarted
+            await settle(backends[0], 2)
+            for _ in range(5):  # failed again: left off, no thread per round
+                await watcher.check_once()
+            assert backends[0].waits == 2
+            assert sample(watcher, "shoal_gpu_check_errors_total") == 2.0
+            messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+            assert sum("restarting it" in m for _, m in messages) == 1
+            assert [lvl for lvl, m in messages if "XID events are off" in m] == [logging.INFO]
+            backends[0].lost = True  # NVML lost: reopened, the XID thread is tried again
+            await watcher.check_once()
+            await watcher.check_once()
+            await settle(backends[1], 1)
+            assert backends[1].waits >= 1
+        finally:
+            await watcher.close()
+
+    asyncio.run(body())

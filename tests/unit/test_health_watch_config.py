@@ -59,3 +59,41 @@ def test_the_node_to_cordon_is_the_flag_else_the_downward_api() -> None:
     assert kube_node_name(HealthSettings(), {"NODE_NAME": "env"}) == "env"
     with pytest.raises(ConfigError, match="--kube-node NAME, or NODE_NAME"):
         kube_node_name(HealthSettings(), {})
+
+
+def test_the_watcher_the_check_and_ray_name_a_node_by_one_rule(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On an FQDN host every side says the full hostname, so GPU names NODE/gpuI match."""
+    import argparse
+    import json
+    import socket
+    import types
+
+    import ray
+
+    from control.health import cli
+    from control.health.config import node_name
+    from control.health.mockfile import Injection, inject
+    from control.health.types import default_node_name
+    from control.ray import actors, group
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "gpu-01.dc.example.com")
+    context = types.SimpleNamespace(get_node_labels=lambda: {})
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
+    assert default_node_name() == "gpu-01.dc.example.com"
+    assert node_name(HealthSettings()) == "gpu-01.dc.example.com"  # was "gpu-01"
+    assert actors.node_name() == "gpu-01.dc.example.com"
+    ray_node = {"NodeID": "ab12", "Labels": {}, "NodeManagerHostname": socket.gethostname()}
+    assert group._name_of(ray_node) == "gpu-01.dc.example.com"
+    # a label wins on the Ray side; --node must then say the same on the watcher's
+    context.get_node_labels = lambda: {"shoal.node": "rack3-a"}
+    assert actors.node_name() == node_name(HealthSettings(node="rack3-a")) == "rack3-a"
+    # ``shoal health check`` without --node
+    mock = tmp_path / "node.toml"
+    inject(mock, Injection("card_count", None, 1))
+    parser = argparse.ArgumentParser(prog="shoal")
+    cli.register(parser.add_subparsers(dest="component"))
+    args = parser.parse_args(["health", "check", "--nvml-mock", str(mock), "--json"])
+    args.func(args)
+    assert json.loads(capsys.readouterr().out)["node"] == "gpu-01.dc.example.com"

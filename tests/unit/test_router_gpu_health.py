@@ -3,6 +3,7 @@ watcher poller's parsing and memory on virtual time, and the pool's rule."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -33,11 +34,14 @@ class Clock:
         return self.now
 
 
-def node(name: str, gpus: int, sick: dict[int, Problem] | None = None) -> bytes:
+WALL = 1.7e9  # the poller's wall clock; reports are checked then unless told otherwise
+
+
+def node(name: str, gpus: int, sick: dict[int, Problem] | None = None, at: float = WALL) -> bytes:
     sick = sick or {}
     doc = NodeHealth(
         name,
-        1.7e9,
+        at,
         tuple(GpuHealth(i, f"GPU-{i}", (sick[i],) if i in sick else ()) for i in range(gpus)),
     )
     return json.dumps(doc.to_json()).encode()
@@ -126,8 +130,8 @@ def test_settings_split_and_check_the_watcher_urls() -> None:
 def poller(clock: Clock, *urls: str) -> tuple[GpuHealthPoller, list[frozenset[str]], list[str]]:
     changes: list[frozenset[str]] = []
     polls: list[str] = []
-    p = GpuHealthPoller(urls, interval_s=5.0, clock=clock, on_change=changes.append,
-                        on_poll=polls.append)  # fmt: skip
+    p = GpuHealthPoller(urls, interval_s=5.0, clock=clock, wall=lambda: WALL,
+                        on_change=changes.append, on_poll=polls.append)  # fmt: skip
     return p, changes, polls
 
 
@@ -144,7 +148,7 @@ def test_the_unhealthy_set_is_the_union_of_critical_gpus_over_watchers() -> None
     assert changes[-1] == frozenset({"node-b/gpu3"})
     assert polls == ["ok", "ok", "ok"]
     # a critical node-level problem: every GPU the node lists
-    doc = NodeHealth("node-a", 1.0, (GpuHealth(0), GpuHealth(1)),
+    doc = NodeHealth("node-a", WALL, (GpuHealth(0), GpuHealth(1)),
                      (Problem("gpu_count", Severity.CRITICAL, "2 of 4 GPUs"),))  # fmt: skip
     p.accept(A, json.dumps(doc.to_json()).encode())
     assert p.settle() == frozenset({"node-a/gpu0", "node-a/gpu1", "node-b/gpu3"})
@@ -178,6 +182,51 @@ def test_a_malformed_or_failed_poll_keeps_the_last_good_report(
     p.accept(A, node("node-a", 2))  # answers again: healthy now
     assert p.settle() == frozenset()
     assert any("answers" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+
+
+def test_wrong_types_deep_nesting_and_old_reports_are_malformed_or_stale_never_fatal() -> None:
+    clock = Clock()
+    p, changes, polls = poller(clock, A)
+    p.accept(A, node("node-a", 2, {0: XID79}))
+    assert p.settle() == {"node-a/gpu0"}
+    typed = {"node": "n", "gpus": [{"index": 0, "problems": [{"check": "x", "severity": []}]}]}
+    remedy = {"node": "n", "problems": [{"check": "x", "severity": "critical", "remedy": {}}]}
+    for body in (json.dumps(typed).encode(), json.dumps(remedy).encode(), b"[" * 100_000):
+        assert p.accept(A, body) is None  # before the fix: TypeError / RecursionError
+    # 15 s (3 intervals) + 30 s of allowed skew: 45 s old is still fresh, 46 s is not
+    assert p.accept(A, node("node-a", 2, {0: XID79}, at=WALL - 45.0)) is not None
+    assert p.accept(A, node("node-a", 2, at=WALL - 46.0)) is None
+    assert p.settle() == {"node-a/gpu0"}  # the last good report stays
+    assert polls == ["ok", "malformed", "malformed", "malformed", "ok", "stale"]
+    p.accept(A, node("node-a", 2))  # a later good report still changes the set
+    assert p.settle() == frozenset()
+    assert changes == [frozenset({"node-a/gpu0"}), frozenset()]
+
+
+def test_a_round_that_raises_is_logged_counted_and_polling_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    polls: list[str] = []
+    p = GpuHealthPoller([A], interval_s=0.01, on_poll=polls.append)
+    rounds: list[int] = []
+
+    async def poll_once() -> frozenset[str]:
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise TypeError("a bug in one round")
+        return frozenset()
+
+    async def body() -> None:
+        p.poll_once = poll_once  # type: ignore[method-assign]
+        p.start(None)  # type: ignore[arg-type]  # the stand-in round needs no session
+        async with asyncio.timeout(5):
+            while len(rounds) < 3:
+                await asyncio.sleep(0.01)
+        await p.close()  # no TypeError comes back here either
+
+    asyncio.run(body())
+    assert polls[0] == "error" and len(rounds) >= 3
+    assert any("polling goes on" in r.getMessage() for r in caplog.records)
 
 
 def test_a_watcher_unreadable_for_three_intervals_is_forgotten() -> None:
@@ -287,7 +336,7 @@ def test_the_metrics_report_engines_out_and_polls_by_result() -> None:
     p = pool(clock)
     metrics = RouterMetrics()
     metrics.watch_gpu_health(p.num_gpu_unhealthy, ("ok", "unreachable", "bad_status", "malformed"))
-    poll = GpuHealthPoller([A], clock=clock, on_change=p.set_unhealthy_gpus,
+    poll = GpuHealthPoller([A], clock=clock, wall=lambda: WALL, on_change=p.set_unhealthy_gpus,
                            on_poll=metrics.count_gpu_health_poll)  # fmt: skip
     poll.accept(A, node("node-a", 2, {0: XID79, 1: XID79}))
     poll.accept(A, b"nonsense")
