@@ -103,6 +103,12 @@ def cluster_env() -> Iterator[dict[str, str]]:
     (scratch / "hook").mkdir()
     (scratch / "hook" / "sitecustomize.py").write_text(CPU_RAY_HOOK)
     port = free_port()
+    # Ray 2.5x turns token authentication on by itself in any process that finds a token
+    # in ~/.ray/auth_token (a local ray.init() on this machine once wrote one), and a head
+    # and a driver that disagree refuse each other ("InvalidAuthToken": one CI run). The
+    # cluster is loopback-only and the test's own: off, explicitly, on both sides.
+    auth_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {
         **os.environ,
         "PYTHONPATH": f"{scratch / 'hook'}:{REPO}",
@@ -151,6 +157,10 @@ def cluster_env() -> Iterator[dict[str, str]]:
     finally:
         _stop(head)
         shutil.rmtree(scratch, ignore_errors=True)  # Ray's session logs, the hook
+        if auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth_mode
 
 
 def _get(url: str, timeout: float = 2.0) -> int:
