@@ -124,6 +124,13 @@ COMPONENTS: tuple[Component, ...] = (
         ("ray", "aiohttp"),
     ),
     Component(
+        "deploy",
+        "Kubernetes manifests for the whole stack from one values file, validated",
+        "deploy.cli",
+        "deploy",
+        ("yaml",),
+    ),
+    Component(
         "up",
         "the whole stack on one machine: cache daemon, loader sidecar, engines and the router",
         "router.up",

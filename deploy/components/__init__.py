@@ -1,0 +1,1 @@
+"""One module per component, each ``render(values) -> list[dict]`` (empty when disabled)."""

@@ -1,0 +1,125 @@
+"""Builders for the Kubernetes objects every component renders, so they agree by construction.
+
+Objects are plain dicts (what ``yaml.safe_dump`` and the schema validator take). Every
+object gets the same label scheme (``app.kubernetes.io/name: shoal``, ``.../component``,
+``.../part-of``, ``.../managed-by: shoal-deploy``) and every Shoal container the same
+restricted security context (non-root, the values' UID/GID, no privilege escalation, all
+capabilities dropped, read-only root filesystem, RuntimeDefault seccomp): the Pod Security
+Standard "restricted" profile, where the component allows it.
+
+``settings_env`` turns a component's ``settings`` table into ``SHOAL_<SECTION>_<KEY>``
+variables *after* building the component's own settings dataclass from them
+(``shoal.config.load_config``), so a typo'd key or a bad value fails the render with the
+daemon's own message instead of crash-looping a pod.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from deploy.errors import ValuesError
+from deploy.values import Values
+from shoal.config import load_config
+from shoal.errors import ConfigError
+
+__all__ = [
+    "LABEL_COMPONENT",
+    "container_security",
+    "env",
+    "http_probe",
+    "labels",
+    "metadata",
+    "pod_security",
+    "selector",
+    "settings_env",
+]
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+
+Obj = dict[str, Any]
+
+
+def selector(component: str) -> dict[str, str]:
+    """The labels a Service, a monitor or a policy selects ``component``'s pods by."""
+    return {LABEL_NAME: "shoal", LABEL_COMPONENT: component}
+
+
+def labels(component: str) -> dict[str, str]:
+    return {**selector(component), LABEL_PART_OF: "shoal", LABEL_MANAGED_BY: "shoal-deploy"}
+
+
+def metadata(values: Values, name: str, component: str, *, namespaced: bool = True,
+             extra_labels: Mapping[str, str] | None = None,
+             annotations: Mapping[str, str] | None = None) -> Obj:  # fmt: skip
+    meta: Obj = {"name": name, "labels": {**labels(component), **(extra_labels or {})}}
+    if namespaced:
+        meta["namespace"] = values.namespace
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def env(name: str, value: Any) -> Obj:
+    return {"name": name, "value": str(value).lower() if isinstance(value, bool) else str(value)}
+
+
+def settings_env(cls: type, section: str, settings: Mapping[str, Any], *,
+                 where: str) -> list[Obj]:  # fmt: skip
+    """``SHOAL_<SECTION>_<KEY>`` variables for ``settings``, checked by ``cls`` first.
+
+    ``where`` names the values path for the error message (``cache.settings``).
+    """
+    environ = {f"SHOAL_{section.upper()}_{key.upper()}": _text(v) for key, v in settings.items()}
+    try:
+        load_config(cls, section, flags={}, environ=environ, config_path="")
+    except ConfigError as exc:
+        raise ValuesError(f"{where}: {exc}") from None
+    known = {name.upper() for name in getattr(cls, "__dataclass_fields__", {})}
+    unknown = sorted(key for key in settings if key.upper() not in known)
+    if unknown:
+        raise ValuesError(f"{where}: unknown setting(s) {unknown}; valid: {sorted(known)}")
+    return [env(name, text) for name, text in sorted(environ.items())]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def pod_security(values: Values) -> Obj:
+    """The pod-level security context of every Shoal pod (and the engines)."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": values.run_as_user,
+        "runAsGroup": values.run_as_group,
+        "fsGroup": values.run_as_group,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security(*, read_only_root: bool = True) -> Obj:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": read_only_root,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def http_probe(path: str, port: int | str, *, period_s: int = 10, failures: int = 3,
+               initial_delay_s: int = 0) -> Obj:  # fmt: skip
+    probe: Obj = {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period_s,
+        "failureThreshold": failures,
+        "timeoutSeconds": 2,
+    }
+    if initial_delay_s:
+        probe["initialDelaySeconds"] = initial_delay_s
+    return probe
