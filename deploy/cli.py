@@ -20,7 +20,7 @@ HELP = "Kubernetes manifests for the whole stack from one values file, validated
 
 def _values_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--values", "-f", type=Path, default=None, metavar="FILE",
-                        help="YAML values file (`shoal deploy values` prints every key)")  # fmt: skip
+                        help="YAML values file (`shoal deploy values` lists the keys)")  # fmt: skip
     parser.add_argument("--set", dest="assignments", action="append", default=[],
                         metavar="PATH=VALUE",
                         help="override one value, e.g. --set cache.settings.shm_bytes=16GiB "

@@ -1,10 +1,10 @@
 """Errors of ``shoal deploy``::
 
-    ShoalError (shoal.errors)
-    └── DeployError            anything this package refuses
-        ├── ValuesError        a values file or --set names an unknown key or a bad value
-        │                      (also a ConfigError: `shoal` exits 2)
-        └── CheckError         rendered manifests failed the schema or contract checks
+ShoalError (shoal.errors)
+└── DeployError            anything this package refuses
+    ├── ValuesError        a values file or --set names an unknown key or a bad value
+    │                      (also a ConfigError: `shoal` exits 2)
+    └── CheckError         rendered manifests failed the schema or contract checks
 """
 
 from __future__ import annotations

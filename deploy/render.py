@@ -75,6 +75,8 @@ def write_base(values: Values, directory: Path) -> list[Path]:
         "resources": [path.name for path in written],
     }
     header = "# Rendered by `shoal deploy render`; overlay it with kustomize, do not edit.\n"
-    (directory / "kustomization.yaml").write_text(header + yaml.safe_dump(kustomization, sort_keys=False))
+    (directory / "kustomization.yaml").write_text(
+        header + yaml.safe_dump(kustomization, sort_keys=False)
+    )
     written.append(directory / "kustomization.yaml")
     return written

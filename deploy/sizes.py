@@ -46,7 +46,9 @@ def human_bytes(num_bytes: int) -> str:
 def _setting(cls: type, settings: dict[str, object], name: str) -> int:
     if name in settings:
         return parse_size(settings[name])  # type: ignore[arg-type]
-    return int(next(f.default for f in dataclasses.fields(cls) if f.name == name))
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+    assert isinstance(default, int), f"{cls.__name__}.{name} has no integer default"
+    return default
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

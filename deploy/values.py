@@ -62,7 +62,9 @@ def value(default: Any, help: str, *, size: bool = False) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class ImageValues:
-    repository: str = value("ghcr.io/shoal-project/shoal", "image with shoal installed (deploy/Dockerfile)")
+    repository: str = value(
+        "ghcr.io/shoal-project/shoal", "image with shoal installed (deploy/Dockerfile)"
+    )
     tag: str = value("", "image tag; empty = this shoal's version")
     pull_policy: str = value("IfNotPresent", "imagePullPolicy of every Shoal container")
 
@@ -137,14 +139,20 @@ class LoaderValues:
 class EngineValues:
     enabled: bool = value(True, "run the example vLLM engine Deployment")
     name: str = value("vllm", "Deployment name (the autoscaler's target)")
-    image: str = value("ghcr.io/shoal-project/vllm-shoal:0.1.0", "vLLM image with shoal (deploy/Dockerfile.engine)")
+    image: str = value(
+        "ghcr.io/shoal-project/vllm-shoal:0.1.0", "vLLM image with shoal (deploy/Dockerfile.engine)"
+    )
     model: str = value("Qwen/Qwen3-0.6B", "the model vLLM serves (--served-model-name too)")
     replicas: int = value(2, "engine replicas (the autoscaler changes this)")
     gpus: int = value(1, "GPUs per replica (= --tensor-parallel-size)")
-    gpu_type: str = value("", "GPU type name for the router (k8s discovery @GPU_TYPE); empty = none")
+    gpu_type: str = value(
+        "", "GPU type name for the router (k8s discovery @GPU_TYPE); empty = none"
+    )
     port: int = value(8000, "vLLM's HTTP port")
     cpu: str = value("8", "CPU request")
-    memory_bytes: int = value("48GiB", "memory beyond /dev/shm (weights in flight, Python)", size=True)
+    memory_bytes: int = value(
+        "48GiB", "memory beyond /dev/shm (weights in flight, Python)", size=True
+    )
     shm_bytes: int = value("4GiB", "the engine pod's own /dev/shm (NCCL, vLLM IPC)", size=True)
     extra_args: list[str] = value([], "more vllm serve arguments")
     chunk_tokens: int = value(256, "tokens per Shoal KV chunk (a multiple of vLLM's block size)")
@@ -172,7 +180,9 @@ class RouterValues:
     enabled: bool = value(True, "run the router")
     replicas: int = value(2, "router replicas (they share in-flight counts through Redis)")
     port: int = value(8080, "the router's HTTP port")
-    service_type: str = value("ClusterIP", "Service type of the router (ClusterIP, LoadBalancer, NodePort)")
+    service_type: str = value(
+        "ClusterIP", "Service type of the router (ClusterIP, LoadBalancer, NodePort)"
+    )
     api_keys_secret: str = value(
         "shoal-router-api-keys",
         "Secret with key api-keys (KEY USER lines); empty = no auth (needs insecure_no_auth)",
@@ -249,7 +259,9 @@ class Values:
     health: HealthValues = value(HealthValues(), "the GPU health watcher")
     fleet: FleetValues = value(FleetValues(), "the Ray engine fleet")
     monitoring: MonitoringValues = value(MonitoringValues(), "Prometheus Operator objects")
-    network_policies: bool = value(True, "NetworkPolicies keeping cluster and engine ports internal")
+    network_policies: bool = value(
+        True, "NetworkPolicies keeping cluster and engine ports internal"
+    )
     pod_disruption_budgets: bool = value(True, "PodDisruptionBudgets for the router and engines")
 
     @property
@@ -292,7 +304,7 @@ def _convert(tp: Any, raw: Any, path: str, *, size: bool) -> Any:
     if origin is dict:
         if not isinstance(raw, Mapping):
             raise ValuesError(f"{path}: expected a mapping, got {type(raw).__name__}")
-        key_tp, value_tp = typing.get_args(tp)
+        _, value_tp = typing.get_args(tp)
         return {
             str(key): _convert(value_tp, item, f"{path}.{key}", size=False)
             for key, item in raw.items()

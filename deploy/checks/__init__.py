@@ -1,11 +1,11 @@
 """Checks of rendered manifests: each returns a list of ``Problem`` (empty = passed).
 
-    schema.py     every object against the Kubernetes OpenAPI schemas (kubernetes-validate,
-                  strict) for the two newest minor versions it knows; the Prometheus
-                  Operator's objects against that operator's published models
-    contracts.py  cross-object contracts the data plane relies on
-    rbac.py       the Kubernetes API calls Shoal's code makes, found in the code, against
-                  the rules each component's ServiceAccount is bound to
+schema.py     every object against the Kubernetes OpenAPI schemas (kubernetes-validate,
+              strict) for the two newest minor versions it knows; the Prometheus
+              Operator's objects against that operator's published models
+contracts.py  cross-object contracts the data plane relies on
+rbac.py       the Kubernetes API calls Shoal's code makes, found in the code, against
+              the rules each component's ServiceAccount is bound to
 """
 
 from __future__ import annotations

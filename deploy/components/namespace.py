@@ -21,9 +21,11 @@ def render(values: Values) -> list[dict[str, Any]]:
     if not values.create_namespace:
         return []
     meta = metadata(values, values.namespace, "namespace", namespaced=False)
-    meta["labels"].update({
-        "pod-security.kubernetes.io/enforce": "privileged",
-        "pod-security.kubernetes.io/audit": "restricted",
-        "pod-security.kubernetes.io/warn": "restricted",
-    })
+    meta["labels"].update(
+        {
+            "pod-security.kubernetes.io/enforce": "privileged",
+            "pod-security.kubernetes.io/audit": "restricted",
+            "pod-security.kubernetes.io/warn": "restricted",
+        }
+    )
     return [{"apiVersion": "v1", "kind": "Namespace", "metadata": meta}]

@@ -26,8 +26,8 @@ from deploy.objects import container_security
 from deploy.values import Values
 
 __all__ = [
-    "SHM_VOLUME",
     "RUNTIME_VOLUME",
+    "SHM_VOLUME",
     "arena_path",
     "daemon_socket",
     "event_endpoints",
@@ -80,9 +80,7 @@ def init_container(values: Values) -> dict[str, Any]:
     """Root-owned host directories -> mode 0700, owned by the one UID/GID."""
     dirs = [values.node_dirs.shm_dir, values.node_dirs.runtime_dir]
     uid, gid = values.run_as_user, values.run_as_group
-    script = " && ".join(
-        f"mkdir -p {d} && chown {uid}:{gid} {d} && chmod 0700 {d}" for d in dirs
-    )
+    script = " && ".join(f"mkdir -p {d} && chown {uid}:{gid} {d} && chmod 0700 {d}" for d in dirs)
     security = container_security()
     security["capabilities"] = {"drop": ["ALL"], "add": ["CHOWN", "FOWNER", "DAC_OVERRIDE"]}
     security.update({"runAsUser": 0, "runAsNonRoot": False})
@@ -93,6 +91,5 @@ def init_container(values: Values) -> dict[str, Any]:
         "command": ["sh", "-c", script],
         "securityContext": security,
         "volumeMounts": mounts(values),
-        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
-                      "limits": {"memory": "64Mi"}},  # fmt: skip
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
     }
