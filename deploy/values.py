@@ -123,6 +123,11 @@ class CacheValues:
     drain_s: float = value(
         20.0, "preStop: seconds the daemon gets to hand its hot blocks to peers before SIGTERM"
     )
+    num_event_slots: int = value(
+        1,
+        "KV-event sockets (gpu0 .. gpuN-1) the daemon follows on each node: one per engine pod "
+        "on a node (engine.events_slot < this); 0 = follow none",
+    )
 
 
 @dataclass(frozen=True, slots=True)
