@@ -10,9 +10,11 @@ through its pidfd, and both sides must see the same PID namespace).
 The pod::
 
     initContainers: loader   native sidecar (restartPolicy: Always): `shoal loader serve` on
-                             a Unix socket in a pod-local emptyDir (/run/shoal-loader), staging
-                             into the pod's /dev/shm; a postStart hook starts one detached
-                             prefetch of exactly engine.loader.uri (its only allowed URI) and
+                             a Unix socket in a pod-local emptyDir (/run/shoal-pod/loader),
+                             staging into the pod's /dev/shm (charged to the sidecar's
+                             memory: tmpfs pages count where first written); a postStart
+                             hook starts one detached prefetch of exactly
+                             engine.loader.uri (its only allowed URI) and
                              the startupProbe passes once that staging is ``ready``, so vLLM
                              starts after the weights are staged and reads them from the
                              sidecar (peer+unix://...), never from the origin a second time
