@@ -1,13 +1,238 @@
-"""The router component's Kubernetes objects (to be built)."""
+"""The router: ``shoal-router`` Deployment and Service, with EndpointSlice discovery RBAC.
+
+Invariant: the router finds the engines the way Kubernetes sees them (``discovery: k8s``:
+the engine Service's EndpointSlices, ready endpoints only), and replicas share one view of
+in-flight requests and rate limits through Redis. ``router.discovery`` makes exactly one
+API call, ``list_namespaced_endpoint_slice``, so the Role grants ``list`` on
+``discovery.k8s.io/endpointslices`` and nothing else (it polls; it never gets or watches).
+
+Refused values (``ValuesError``, naming the fix):
+
+- several replicas without Redis: without ``--redis`` each replica keeps its own ledger
+  and limiter (``router/server.py``), so in-flight counts split N ways and every rate
+  limit is multiplied by N;
+- neither an API-key Secret nor ``insecure_no_auth`` (the router listens beyond loopback
+  and refuses to start without one), or both (say which);
+- ``precise``: precise prefix routing needs a cache daemon in the router pod that joins
+  the cache cluster with the DaemonSet's keys and settings; that sidecar is not rendered
+  yet (and k8s-discovered engines carry no stream, so precise routing would see no GPU
+  prefix for them: ``router/discovery.py``).
+
+Settings: ``router.settings`` is merged over what is derived here, except the keys the
+pod's shape decides (``host``, ``port``: the Service's target; ``api_keys``,
+``insecure_no_auth``: ``router.api_keys_secret``/``insecure_no_auth``; ``redis``:
+``redis.url``; ``autoscaler_token_file``, ``cache_socket``: mounted files), which are
+refused there. ``engines``, ``discovery``, ``autoscaler_url`` and the rest are the user's.
+
+Probes: readiness is ``/health`` (200 with a healthy engine, or while requests may be held
+for one: ``RouterSettings.holds``, true with k8s discovery); liveness is a TCP connect,
+since ``/health`` reports the engines, not the router (an engine outage must not restart
+every router).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from deploy.errors import ValuesError
+from deploy.objects import (
+    container_security,
+    http_probe,
+    labels,
+    metadata,
+    pod_security,
+    selector,
+    settings_env,
+)
+from deploy.sizes import quantity
 from deploy.values import Values
 
-__all__ = ["render"]
+__all__ = [
+    "API_KEYS_DIR",
+    "CONTROL_TOKEN_DIR",
+    "NAME",
+    "redis_url",
+    "render",
+    "router_settings",
+]
+
+NAME = "shoal-router"
+API_KEYS_DIR = "/etc/shoal/router-api-keys"
+CONTROL_TOKEN_DIR = "/etc/shoal/control-token"
+CONTROL_TOKEN_SECRET = "shoal-control-token"
+AUTOSCALER_PORT = 8090
+_OWNED = ("host", "port", "api_keys", "insecure_no_auth", "redis", "autoscaler_token_file",
+          "cache_socket")  # fmt: skip
+
+Obj = dict[str, Any]
 
 
-def render(values: Values) -> list[dict[str, Any]]:
-    return []
+def redis_url(values: Values) -> str:
+    """The Redis the replicas share: ``redis.url``, else the rendered ``shoal-redis``."""
+    if values.redis.url:
+        return values.redis.url
+    if values.redis.enabled:
+        return f"redis://shoal-redis.{values.namespace}.svc:6379/0"
+    return ""
+
+
+def router_settings(values: Values) -> Obj:
+    """The ``[router]`` settings of the pod (checked by ``settings_env``)."""
+    router = values.router
+    owned = sorted(set(_OWNED) & set(router.settings))
+    if owned:
+        raise ValuesError(
+            f"router.settings: {owned} are set from the values (router.port, "
+            "router.api_keys_secret, router.insecure_no_auth, redis.url, autoscaler.enabled); "
+            "remove them"
+        )
+    if router.precise:
+        raise ValuesError(
+            "router.precise: not yet supported on Kubernetes (it needs a cache-daemon sidecar "
+            "joining the cache cluster in each router pod); set router.precise: false"
+        )
+    if router.api_keys_secret and router.insecure_no_auth:
+        raise ValuesError(
+            "router: api_keys_secret and insecure_no_auth are both set; empty "
+            "api_keys_secret to serve without auth, or set insecure_no_auth: false"
+        )
+    if not router.api_keys_secret and not router.insecure_no_auth:
+        raise ValuesError(
+            "router: no API keys (api_keys_secret is empty) and insecure_no_auth is false: "
+            "the router refuses to listen beyond loopback without one; name the Secret "
+            "(key api-keys, KEY USER lines) or set insecure_no_auth: true"
+        )
+    shared = redis_url(values)
+    if router.replicas > 1 and not shared:
+        raise ValuesError(
+            f"router.replicas is {router.replicas} but Redis is off (redis.enabled false, no "
+            "redis.url): replicas need shared state for in-flight counts and rate limits; "
+            "enable Redis, give redis.url, or set router.replicas: 1"
+        )
+    derived: Obj = {"discovery": "k8s", "log_format": "json"}
+    if values.engine.enabled:
+        gpu = f"@{values.engine.gpu_type}" if values.engine.gpu_type else ""
+        derived["engines"] = f"{values.namespace}/{values.engine.name}:http{gpu}"
+    if values.autoscaler.enabled:
+        derived["autoscaler_url"] = (
+            f"http://shoal-autoscaler.{values.namespace}.svc:{AUTOSCALER_PORT}"
+        )
+    merged = {**derived, **router.settings, "host": "0.0.0.0", "port": router.port}
+    if not merged.get("engines"):
+        raise ValuesError(
+            "router: no engines to route to (engine.enabled is false and router.settings has "
+            "no engines); give router.settings.engines, e.g. NAMESPACE/SERVICE:http"
+        )
+    if shared:
+        merged["redis"] = shared
+    if router.api_keys_secret:
+        merged["api_keys"] = f"{API_KEYS_DIR}/api-keys"
+    else:
+        merged["insecure_no_auth"] = True
+    if values.autoscaler.enabled:
+        merged["autoscaler_token_file"] = f"{CONTROL_TOKEN_DIR}/token"
+    return merged
+
+
+def render(values: Values) -> list[Obj]:
+    if not values.router.enabled:
+        return []
+    settings = router_settings(values)
+    account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata(values, NAME, "router"),
+        "automountServiceAccountToken": False,  # the pod mounts it: it lists EndpointSlices
+    }
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": metadata(values, NAME, "router"),
+        "rules": [
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]}
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": metadata(values, NAME, "router"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME},
+        "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": values.namespace}],
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(values, NAME, "router"),
+        "spec": {
+            "type": values.router.service_type,
+            "selector": selector("router"),
+            "ports": [{"name": "http", "port": values.router.port, "targetPort": "http"}],
+        },
+    }
+    return [account, role, binding, service, _deployment(values, settings)]
+
+
+def _deployment(values: Values, settings: Obj) -> Obj:
+    from router.config import RouterSettings
+
+    router = values.router
+    memory = quantity(router.memory_bytes)
+    mounts: list[Obj] = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[Obj] = [{"name": "tmp", "emptyDir": {}}]
+    if router.api_keys_secret:
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+        volumes.append({"name": "api-keys", "secret": {
+            "secretName": router.api_keys_secret, "defaultMode": 0o440,
+            "items": [{"key": "api-keys", "path": "api-keys"}]}})  # fmt: skip
+    if values.autoscaler.enabled:
+        mounts.append({"name": "control-token", "mountPath": CONTROL_TOKEN_DIR, "readOnly": True})
+        volumes.append({"name": "control-token", "secret": {
+            "secretName": CONTROL_TOKEN_SECRET, "defaultMode": 0o440,
+            "items": [{"key": "token", "path": "token"}]}})  # fmt: skip
+    container = {
+        "name": "router",
+        "image": values.image_ref,
+        "imagePullPolicy": values.image.pull_policy,
+        "command": ["shoal", "router", "serve"],
+        "env": settings_env(RouterSettings, "router", settings, where="router.settings"),
+        "ports": [{"name": "http", "containerPort": router.port}],
+        "resources": {
+            "requests": {"cpu": router.cpu, "memory": memory},
+            "limits": {"memory": memory},
+        },
+        "securityContext": container_security(),
+        "volumeMounts": mounts,
+        "readinessProbe": http_probe("/health", "http", period_s=5),
+        "livenessProbe": {
+            "tcpSocket": {"port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+            "timeoutSeconds": 2,
+        },
+    }
+    spread = {
+        "maxSkew": 1,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": selector("router")},
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(values, NAME, "router"),
+        "spec": {
+            "replicas": router.replicas,
+            "selector": {"matchLabels": selector("router")},
+            "template": {
+                "metadata": {"labels": labels("router")},
+                "spec": {
+                    "serviceAccountName": NAME,
+                    "automountServiceAccountToken": True,  # --discovery k8s reads the API
+                    "securityContext": pod_security(values),
+                    "topologySpreadConstraints": [spread],
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }

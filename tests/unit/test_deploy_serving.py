@@ -1,0 +1,296 @@
+"""The serving components of `shoal deploy`: the vLLM engine, the router and Redis."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from deploy.components import engine, node_dirs, redis, router
+from deploy.errors import ValuesError
+from deploy.sizes import derive, quantity
+from deploy.values import Values, parse_values
+from router.config import RouterSettings
+from shoal.config import load_config
+
+GiB = 1 << 30
+WITH_LOADER = {"engine": {"loader": {"uri": "s3://weights/qwen3/", "s3_secret": "s3-creds"}}}
+
+
+def objects(values: Values) -> list[dict[str, Any]]:
+    return engine.render(values) + router.render(values) + redis.render(values)
+
+
+def find(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (match,) = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
+    return match
+
+
+def pod(values: Values, name: str) -> dict[str, Any]:
+    return find(objects(values), "Deployment", name)["spec"]["template"]["spec"]
+
+
+def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    every = spec["containers"] + spec.get("initContainers", [])
+    (match,) = [c for c in every if c["name"] == name]
+    return match
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def env_of(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in c.get("env", [])}
+
+
+class TestSchema:
+    @pytest.mark.parametrize("version", ["1.36", "1.37"])
+    @pytest.mark.parametrize(
+        "document",
+        [{}, WITH_LOADER, {"engine": {"kv_events": False, "connector": False}},
+         {"router": {"api_keys_secret": "", "insecure_no_auth": True, "replicas": 1},
+          "redis": {"enabled": False}}],
+        ids=["defaults", "loader", "plain-vllm", "no-auth-no-redis"],
+    )  # fmt: skip
+    def test_every_object_validates_strictly(self, document: dict, version: str) -> None:
+        rendered = objects(parse_values(document))
+        assert {o["kind"] for o in rendered} >= {"Deployment", "Service", "ServiceAccount"}
+        for obj in rendered:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+    def test_defaults_render_all_three(self) -> None:
+        names = {(o["kind"], o["metadata"]["name"]) for o in objects(parse_values({}))}
+        assert {("Deployment", "vllm"), ("Deployment", "shoal-router"),
+                ("Deployment", "shoal-redis"), ("Role", "shoal-router")} <= names  # fmt: skip
+
+
+class TestEngineContract:
+    def test_connector_endpoint_is_the_daemons_socket(self) -> None:
+        values = parse_values({"node_dirs": {"runtime_dir": "/run/x"}})
+        args = container(pod(values, "vllm"), "vllm")["command"]
+        transfer = json.loads(flag(args, "--kv-transfer-config"))
+        assert transfer["kv_connector"] == "ShoalConnector"
+        assert transfer["kv_connector_module_path"] == "kvcache.connector.vllm"
+        extra = transfer["kv_connector_extra_config"]
+        assert (
+            extra["endpoint"]
+            == node_dirs.daemon_socket(values)
+            == "ipc:///run/x/shoal-default.sock"
+        )
+        assert extra["chunk_tokens"] == values.engine.chunk_tokens
+
+    def test_extra_config_keys_are_the_connectors(self) -> None:
+        from kvcache.connector.settings import ConnectorSettings
+
+        args = container(pod(parse_values({}), "vllm"), "vllm")["command"]
+        extra = json.loads(flag(args, "--kv-transfer-config"))["kv_connector_extra_config"]
+        ConnectorSettings.from_extra_config(extra, environ={})  # raises on an unknown key
+
+    def test_arena_dir_and_mounts_are_the_node_dirs(self) -> None:
+        values = parse_values({"node_dirs": {"shm_dir": "/dev/shm/arena"}})
+        spec = pod(values, "vllm")
+        vllm = container(spec, "vllm")
+        assert env_of(vllm)["SHOAL_CACHE_SHM_DIR"] == "/dev/shm/arena"
+        assert node_dirs.arena_path(values).startswith(env_of(vllm)["SHOAL_CACHE_SHM_DIR"] + "/")
+        assert all(m in vllm["volumeMounts"] for m in node_dirs.mounts(values))
+        assert all(v in spec["volumes"] for v in node_dirs.volumes(values, create=False))
+
+    def test_same_uid_and_host_pid_as_the_daemon(self) -> None:
+        values = parse_values({"run_as_user": 4242, "cache": {"share_host_pid": True}})
+        spec = pod(values, "vllm")
+        assert spec["securityContext"]["runAsUser"] == 4242
+        assert spec["hostPID"] is True
+
+    def test_kv_events_bind_the_slots_socket_one_pod_per_node(self) -> None:
+        values = parse_values({"engine": {"events_slot": 3}})
+        spec = pod(values, "vllm")
+        events = json.loads(flag(container(spec, "vllm")["command"], "--kv-events-config"))
+        assert (events["endpoint"], events["replay_endpoint"]) == node_dirs.event_endpoints(
+            values, 3
+        )
+        assert events["publisher"] == "zmq"
+        (term,) = spec["affinity"]["podAntiAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"] == engine.engine_selector(values)
+
+    def test_no_anti_affinity_without_kv_events(self) -> None:
+        spec = pod(parse_values({"engine": {"kv_events": False}}), "vllm")
+        assert "affinity" not in spec
+        assert "--kv-events-config" not in container(spec, "vllm")["command"]
+
+    def test_dev_shm_is_memory_sized_from_derive(self) -> None:
+        values = parse_values(WITH_LOADER)
+        spec = pod(values, "vllm")
+        (dshm,) = [v for v in spec["volumes"] if v["name"] == "dshm"]
+        assert dshm["emptyDir"] == {
+            "medium": "Memory",
+            "sizeLimit": quantity(derive(values).engine_shm_bytes),
+        }
+        for name in ("vllm", "loader"):
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in container(spec, name)[
+                "volumeMounts"
+            ]
+
+    def test_memory_request_equals_limit_from_derive(self) -> None:
+        values = parse_values({})
+        resources = container(pod(values, "vllm"), "vllm")["resources"]
+        assert resources["requests"]["memory"] == resources["limits"]["memory"]
+        assert resources["limits"]["memory"] == quantity(derive(values).engine_memory_bytes)
+        assert resources["limits"]["nvidia.com/gpu"] == "1"
+
+    def test_startup_probe_covers_startup_s(self) -> None:
+        values = parse_values({"engine": {"startup_s": 905}})
+        probe = container(pod(values, "vllm"), "vllm")["startupProbe"]
+        assert probe["httpGet"]["path"] == "/health"
+        assert probe["failureThreshold"] * probe["periodSeconds"] >= 905
+
+    def test_service_selects_this_deployments_pods(self) -> None:
+        values = parse_values({"engine": {"name": "llama"}})
+        service = find(objects(values), "Service", "llama")
+        assert service["spec"]["selector"] == engine.engine_selector(values)
+        assert service["spec"]["selector"]["app.kubernetes.io/instance"] == "llama"
+        labels = find(objects(values), "Deployment", "llama")["spec"]["template"]["metadata"]
+        assert service["spec"]["selector"].items() <= labels["labels"].items()
+
+
+class TestLoader:
+    def test_is_a_native_sidecar_serving_in_a_pod_local_dir(self) -> None:
+        spec = pod(parse_values(WITH_LOADER), "vllm")
+        (loader,) = spec["initContainers"]
+        assert loader["name"] == "loader"
+        assert loader["restartPolicy"] == "Always"
+        assert loader["command"] == ["shoal", "loader", "serve"]
+        settings = env_of(loader)
+        assert settings["SHOAL_LOADER_ALLOW"] == "s3://weights/qwen3/"
+        assert settings["SHOAL_LOADER_SHM_DIR"] == "/dev/shm"
+        assert settings["SHOAL_LOADER_RUNTIME_DIR"] == engine.LOADER_RUNTIME_DIR
+        assert loader["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+        assert "shoal loader" in " ".join(loader["startupProbe"]["exec"]["command"])
+
+    def test_vllm_streams_through_the_sidecars_socket(self) -> None:
+        values = parse_values(WITH_LOADER)
+        args = container(pod(values, "vllm"), "vllm")["command"]
+        assert flag(args, "--load-format") == "shoal"
+        extra = json.loads(flag(args, "--model-loader-extra-config"))
+        socket = engine.loader_socket(values)
+        assert extra == {"model_weights": f"peer+unix://{socket}/s3://weights/qwen3/"}
+        from loader.sources.peer import parse_peer_uri
+
+        assert parse_peer_uri(extra["model_weights"]) == (f"unix:{socket}", "s3://weights/qwen3/")
+
+    def test_without_a_uri_vllm_loads_the_model_itself(self) -> None:
+        spec = pod(parse_values({}), "vllm")
+        assert "initContainers" not in spec
+        assert "--load-format" not in container(spec, "vllm")["command"]
+
+    def test_deployment_owned_settings_are_refused(self) -> None:
+        document = {"engine": {"loader": {"uri": "s3://w/m/", "settings": {"allow": "*"}}}}
+        with pytest.raises(ValuesError, match=r"\['allow'\] are set by the deployment"):
+            engine.render(parse_values(document))
+
+
+class TestRouter:
+    def test_env_parses_through_router_settings(self) -> None:
+        values = parse_values({"router": {"settings": {"strategy": "least-request"}}})
+        environ = env_of(container(pod(values, "shoal-router"), "router"))
+        settings = load_config(RouterSettings, "router", flags={}, environ=environ, config_path="")
+        assert settings.host == "0.0.0.0"
+        assert settings.discovery == "k8s"
+        assert settings.engines == "shoal/vllm:http"
+        assert settings.strategy == "least-request"
+        assert settings.api_keys == "/etc/shoal/router-api-keys/api-keys"
+        assert settings.autoscaler_url == "http://shoal-autoscaler.shoal.svc:8090"
+        assert settings.autoscaler_token_file == "/etc/shoal/control-token/token"
+        assert settings.log_format == "json"
+
+    def test_engines_carry_the_gpu_type(self) -> None:
+        values = parse_values({"namespace": "prod", "engine": {"gpu_type": "H100"}})
+        environ = env_of(container(pod(values, "shoal-router"), "router"))
+        assert environ["SHOAL_ROUTER_ENGINES"] == "prod/vllm:http@H100"
+
+    def test_rbac_covers_listing_endpointslices(self) -> None:
+        rendered = objects(parse_values({}))
+        (rule,) = find(rendered, "Role", "shoal-router")["rules"]
+        assert rule["apiGroups"] == ["discovery.k8s.io"]
+        assert "endpointslices" in rule["resources"] and "list" in rule["verbs"]
+        binding = find(rendered, "RoleBinding", "shoal-router")
+        assert (
+            binding["subjects"][0]["name"]
+            == pod(parse_values({}), "shoal-router")["serviceAccountName"]
+        )
+
+    def test_redis_url_points_at_the_redis_service(self) -> None:
+        values = parse_values({"namespace": "prod"})
+        environ = env_of(container(pod(values, "shoal-router"), "router"))
+        service = find(objects(values), "Service", redis.NAME)
+        (port,) = service["spec"]["ports"]
+        expected = f"redis://{service['metadata']['name']}.prod.svc:{port['port']}/0"
+        assert environ["SHOAL_ROUTER_REDIS"] == expected
+
+    def test_external_redis_renders_no_redis(self) -> None:
+        values = parse_values({"redis": {"url": "rediss://r.example:6380/1"}})
+        assert redis.render(values) == []
+        environ = env_of(container(pod(values, "shoal-router"), "router"))
+        assert environ["SHOAL_ROUTER_REDIS"] == "rediss://r.example:6380/1"
+
+    def test_replicas_without_redis_are_refused(self) -> None:
+        with pytest.raises(ValuesError, match="replicas need shared state"):
+            router.render(parse_values({"redis": {"enabled": False}}))
+
+    def test_one_replica_without_redis_keeps_memory_state(self) -> None:
+        values = parse_values({"redis": {"enabled": False}, "router": {"replicas": 1}})
+        assert "SHOAL_ROUTER_REDIS" not in env_of(container(pod(values, "shoal-router"), "router"))
+
+    def test_neither_api_keys_nor_insecure_is_refused(self) -> None:
+        with pytest.raises(ValuesError, match="no API keys"):
+            router.render(parse_values({"router": {"api_keys_secret": ""}}))
+
+    def test_insecure_without_a_secret_serves_without_auth(self) -> None:
+        values = parse_values({"router": {"api_keys_secret": "", "insecure_no_auth": True}})
+        spec = pod(values, "shoal-router")
+        assert env_of(container(spec, "router"))["SHOAL_ROUTER_INSECURE_NO_AUTH"] == "true"
+        assert all(v["name"] != "api-keys" for v in spec["volumes"])
+
+    @pytest.mark.parametrize("precise", [False, True])
+    def test_precise_is_not_yet_supported(self, precise: bool) -> None:
+        values = parse_values({"router": {"precise": precise}})
+        if not precise:
+            environ = env_of(container(pod(values, "shoal-router"), "router"))
+            assert "SHOAL_ROUTER_CACHE_SOCKET" not in environ
+            return
+        with pytest.raises(ValuesError, match="not yet supported on Kubernetes"):
+            router.render(values)
+
+    def test_owned_settings_are_refused(self) -> None:
+        with pytest.raises(ValuesError, match=r"\['port'\] are set from the values"):
+            router.render(parse_values({"router": {"settings": {"port": 9000}}}))
+
+    def test_replicas_spread_over_nodes_and_probe_health(self) -> None:
+        spec = pod(parse_values({}), "shoal-router")
+        (spread,) = spec["topologySpreadConstraints"]
+        assert spread["topologyKey"] == "kubernetes.io/hostname"
+        assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert container(spec, "router")["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert spec["automountServiceAccountToken"] is True
+
+
+class TestRedis:
+    def test_maxmemory_is_80_percent_of_the_limit(self) -> None:
+        values = parse_values({"redis": {"memory_bytes": "1GiB"}})
+        c = container(pod(values, redis.NAME), "redis")
+        assert flag(c["command"], "--maxmemory") == str(GiB * 8 // 10)
+        assert c["resources"]["limits"]["memory"] == "1024Mi"
+        assert flag(c["command"], "--save") == ""
+        assert flag(c["command"], "--appendonly") == "no"
+
+    def test_runs_as_the_images_redis_user(self) -> None:
+        spec = pod(parse_values({}), redis.NAME)
+        assert spec["securityContext"]["runAsUser"] == 999
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        probe = container(spec, "redis")["readinessProbe"]
+        assert probe["exec"]["command"] == ["redis-cli", "ping"]
