@@ -6,10 +6,16 @@ so the arena counts against the *daemon's* limit wherever the file lives (hostPa
 node's ``/dev/shm`` or an ``emptyDir: {medium: Memory}``), never against the engines that
 map it later. Hence::
 
-    daemon limit   = shm_bytes + dram_bytes + io_staging_bytes + memory_overhead_bytes
+    daemon limit    = shm_bytes + dram_bytes + io_staging_bytes + memory_overhead_bytes
     engine /dev/shm = engine.shm_bytes + loader capacity_bytes   (emptyDir, medium Memory:
                       the sidecar stages weights there and vLLM maps them)
-    engine limit   = engine.memory_bytes + that /dev/shm size
+    vllm limit      = engine.memory_bytes + engine.shm_bytes     (NCCL's and vLLM's own shm
+                      pages are charged to vllm)
+    loader limit    = capacity_bytes + LOADER_OVERHEAD_BYTES     (the staged weights are
+                      charged to the sidecar, which writes them first)
+
+The loader counts only when it runs: enabled *and* given a ``uri`` (without one vLLM loads
+the model itself and no sidecar is rendered).
 
 Requests equal limits for memory (Guaranteed-style: an evicted cache daemon loses its
 arena, so it must not be the first thing the kubelet reclaims).
@@ -25,9 +31,10 @@ from kvcache.config import CacheConfig
 from loader.sidecar.config import LoaderConfig
 from shoal.config import parse_size
 
-__all__ = ["DerivedSizes", "derive", "human_bytes", "quantity"]
+__all__ = ["LOADER_OVERHEAD_BYTES", "DerivedSizes", "derive", "human_bytes", "quantity"]
 
 _MI = 1 << 20
+LOADER_OVERHEAD_BYTES = 1 << 30  # the sidecar's Python, gRPC buffers, staging bookkeeping
 
 
 def quantity(num_bytes: int) -> str:
@@ -57,7 +64,8 @@ class DerivedSizes:
     daemon_memory_bytes: int  # its request = limit
     loader_capacity_bytes: int  # staged weights in the engine pod's /dev/shm
     engine_shm_bytes: int  # the engine pod's /dev/shm emptyDir sizeLimit
-    engine_memory_bytes: int  # the engine container's request = limit
+    engine_memory_bytes: int  # the vllm container's request = limit
+    loader_memory_bytes: int  # the loader sidecar's request = limit (0: no sidecar)
 
 
 def derive(values: Values) -> DerivedSizes:
@@ -67,12 +75,14 @@ def derive(values: Values) -> DerivedSizes:
     staging = _setting(CacheConfig, cache, "io_staging_bytes")
     daemon = arena + dram + staging + values.cache.memory_overhead_bytes
     loader = values.engine.loader
-    capacity = _setting(LoaderConfig, loader.settings, "capacity_bytes") if loader.enabled else 0
+    runs = loader.enabled and bool(loader.uri)
+    capacity = _setting(LoaderConfig, loader.settings, "capacity_bytes") if runs else 0
     engine_shm = values.engine.shm_bytes + capacity
     return DerivedSizes(
         arena_bytes=arena,
         daemon_memory_bytes=daemon,
         loader_capacity_bytes=capacity,
         engine_shm_bytes=engine_shm,
-        engine_memory_bytes=values.engine.memory_bytes + engine_shm,
+        engine_memory_bytes=values.engine.memory_bytes + values.engine.shm_bytes,
+        loader_memory_bytes=capacity + LOADER_OVERHEAD_BYTES if runs else 0,
     )

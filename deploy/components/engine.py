@@ -80,8 +80,6 @@ INSTANCE_LABEL = "app.kubernetes.io/instance"
 # itself (mode 0700, its UID): it chmods it, and the emptyDir's own root is root's.
 POD_RUN_DIR = "/run/shoal-pod"
 LOADER_RUNTIME_DIR = f"{POD_RUN_DIR}/loader"
-# The sidecar's own memory beyond what it stages (gRPC buffers, Python).
-LOADER_OVERHEAD_BYTES = 1 << 30
 LOADER_METRICS_PORT = 9501
 HOME = "/home/shoal"
 _PROBE_PERIOD_S = 10
@@ -300,7 +298,7 @@ def _loader(values: Values) -> Obj:
     startup_failures = max(1, math.ceil(values.engine.startup_s / _PROBE_PERIOD_S))
     # tmpfs pages are charged to the cgroup that first writes them: the sidecar's (vLLM
     # reads the staging through the sidecar's Read RPC and maps nothing).
-    memory = sizes.quantity(sizes.derive(values).loader_capacity_bytes + LOADER_OVERHEAD_BYTES)
+    memory = sizes.quantity(sizes.derive(values).loader_memory_bytes)
     container: Obj = {
         "name": "loader",
         "image": values.image_ref,

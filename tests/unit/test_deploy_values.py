@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from deploy.errors import ValuesError
-from deploy.sizes import derive, human_bytes, quantity
+from deploy.sizes import LOADER_OVERHEAD_BYTES, derive, human_bytes, quantity
 from deploy.values import defaults_yaml, load_values, parse_values
 from shoal.errors import ConfigError
 
@@ -133,18 +133,21 @@ class TestDerivedSizes:
         assert sizes.arena_bytes == GiB  # CacheConfig's shm_bytes default
         assert sizes.daemon_memory_bytes == GiB + 4 * GiB + (256 << 20) + GiB
 
-    def test_engine_shm_holds_the_loader_capacity(self) -> None:
+    def test_engine_shm_holds_the_loader_capacity_charged_to_the_sidecar(self) -> None:
         values = parse_values({"engine": {
             "shm_bytes": "2GiB", "memory_bytes": "10GiB",
-            "loader": {"settings": {"capacity_bytes": "20GiB"}},
+            "loader": {"uri": "s3://m/x/", "settings": {"capacity_bytes": "20GiB"}},
         }})  # fmt: skip
         sizes = derive(values)
         assert sizes.engine_shm_bytes == 22 * GiB
-        assert sizes.engine_memory_bytes == 32 * GiB
+        assert sizes.engine_memory_bytes == 12 * GiB  # vllm: its memory and its own shm
+        assert sizes.loader_memory_bytes == 20 * GiB + LOADER_OVERHEAD_BYTES
 
-    def test_without_the_loader_no_staging_room(self) -> None:
-        values = parse_values({"engine": {"shm_bytes": "2GiB", "loader": {"enabled": False}}})
+    @pytest.mark.parametrize("loader", [{"enabled": False, "uri": "s3://m/x/"}, {"uri": ""}])
+    def test_without_a_running_loader_no_staging_room(self, loader: dict) -> None:
+        values = parse_values({"engine": {"shm_bytes": "2GiB", "loader": loader}})
         assert derive(values).engine_shm_bytes == 2 * GiB
+        assert derive(values).loader_memory_bytes == 0
 
     @pytest.mark.parametrize(
         ("num_bytes", "expected"),
