@@ -24,11 +24,17 @@ from shoal.config import load_config
 from shoal.errors import ConfigError
 
 __all__ = [
+    "CONTROL_TOKEN_DIR",
+    "CONTROL_TOKEN_FILE",
+    "CONTROL_TOKEN_SECRET",
     "LABEL_COMPONENT",
     "container_security",
+    "control_token_mount",
+    "control_token_volume",
     "env",
     "http_probe",
     "labels",
+    "merge_settings",
     "metadata",
     "pod_security",
     "selector",
@@ -41,6 +47,13 @@ LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 
 Obj = dict[str, Any]
+
+# The bearer token of the control daemons (autoscaler, health watcher, fleet) and of their
+# clients: one Secret, mounted read-only at one path in every pod that serves or calls them.
+CONTROL_TOKEN_SECRET = "shoal-control-token"
+CONTROL_TOKEN_DIR = "/etc/shoal/control-token"
+CONTROL_TOKEN_FILE = f"{CONTROL_TOKEN_DIR}/token"
+_CONTROL_TOKEN_VOLUME = "control-token"
 
 
 def selector(component: str) -> dict[str, str]:
@@ -85,6 +98,21 @@ def settings_env(cls: type, section: str, settings: Mapping[str, Any], *,
     return [env(name, text) for name, text in sorted(environ.items())]
 
 
+def merge_settings(derived: Mapping[str, Any], user: Mapping[str, Any], *,
+                   fixed: Mapping[str, str], where: str) -> dict[str, Any]:  # fmt: skip
+    """``derived`` updated by the user's ``settings`` table, except the ``fixed`` keys.
+
+    ``fixed`` maps each key the deployment owns (addresses, ports, token files: what other
+    objects are built around) to why; setting one is a ``ValuesError`` naming the reason,
+    never a silent override either way. The user wins on every other derived key.
+    """
+    clashes = sorted(set(user) & set(fixed))
+    if clashes:
+        why = "; ".join(f"{key}: {fixed[key]}" for key in clashes)
+        raise ValuesError(f"{where}: set by the deployment, remove them ({why})")
+    return {**derived, **user}
+
+
 def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -123,3 +151,20 @@ def http_probe(path: str, port: int | str, *, period_s: int = 10, failures: int 
     if initial_delay_s:
         probe["initialDelaySeconds"] = initial_delay_s
     return probe
+
+
+def control_token_volume() -> Obj:
+    """The pod volume of Secret ``shoal-control-token`` (key ``token``, mode 0440 for fsGroup)."""
+    return {
+        "name": _CONTROL_TOKEN_VOLUME,
+        "secret": {
+            "secretName": CONTROL_TOKEN_SECRET,
+            "items": [{"key": "token", "path": "token"}],
+            "defaultMode": 0o440,
+        },
+    }
+
+
+def control_token_mount() -> Obj:
+    """Its container mount: the token at ``CONTROL_TOKEN_FILE``."""
+    return {"name": _CONTROL_TOKEN_VOLUME, "mountPath": CONTROL_TOKEN_DIR, "readOnly": True}

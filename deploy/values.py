@@ -209,6 +209,8 @@ class AutoscalerValues:
         {"min_replicas": 1, "max_replicas": 8},
         "[autoscale] settings, given as SHOAL_AUTOSCALE_* variables",
     )
+    cpu: str = value("100m", "CPU request of the controller")
+    memory_bytes: int = value("256MiB", "memory request and limit of the controller", size=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +226,13 @@ class HealthValues:
         [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "tolerations",
     )
+    cpu: str = value("50m", "CPU request of the watcher")
+    memory_bytes: int = value("128MiB", "memory request and limit of the watcher", size=True)
+    runtime_class: str = value(
+        "nvidia",
+        "runtimeClassName exposing the NVIDIA driver (NVML) to the watcher without a GPU "
+        "request; empty = none (the node's default runtime does it)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +240,10 @@ class FleetValues:
     enabled: bool = value(False, "run `shoal engines serve` (multi-node engines on Ray)")
     ray_address: str = value("", "the Ray cluster (e.g. a KubeRay head: ray://HEAD:10001)")
     settings: dict[str, Any] = value({}, "[engines] settings, given as SHOAL_ENGINES_* variables")
+    cpu: str = value("500m", "CPU request of the fleet daemon")
+    memory_bytes: int = value(
+        "1GiB", "memory request and limit of the fleet daemon (a Ray client)", size=True
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,13 +1,168 @@
-"""The autoscaler component's Kubernetes objects (to be built)."""
+"""The autoscaler: one controller scaling the engine Deployment through its scale subresource.
+
+::
+
+    ServiceAccount shoal-autoscaler   token mounted: the controller calls the API server
+    Role           shoal-autoscaler   exactly the calls of control/autoscale/actuators/
+                                      kubernetes.py (RULES), in values.namespace only
+    RoleBinding    shoal-autoscaler
+    Service        shoal-autoscaler   http 8090: the router's wakes, Prometheus
+    Deployment     shoal-autoscaler   1 replica, strategy Recreate
+
+Invariant: at most one controller acts on the target at any moment. Two would each read
+the scale, decide and patch it, and fight (one's scale-down undoing the other's
+scale-up); so one replica, and ``Recreate`` rather than a rolling update, which would run
+the old and the new pod side by side for as long as the new one takes to become ready.
+A controller's state (its policy windows) is rebuilt from scrapes within a window, so a
+restart costs a few rounds, not a wrong decision. Rejected: leader election (a Lease
+object, more RBAC and code for a controller whose gap on restart is seconds).
+
+Settings (``[autoscale]``): the deployment fixes what other objects are built around
+(``FIXED``: the namespace the Role is in, the listening address and port the Service and
+probes use, the token file the Secret is mounted at); the user's ``settings`` win over
+the other derived ones: ``target`` (``deployment/ENGINE_NAME``; a ``statefulset/NAME`` is
+covered by the Role too), ``model``, ``engine_port``, ``router_url``, ``log_format``.
+
+The controller has no ``/healthz``: its probes GET ``/metrics``, which its endpoint
+serves without a token (control/http.py ``OPEN_PATHS``) from the same event loop as the
+control rounds, so an answer shows the loop is alive.
+"""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+from control.autoscale.config import AutoscaleSettings
+from deploy import objects
+from deploy.sizes import quantity
 from deploy.values import Values
 
-__all__ = ["render"]
+__all__ = ["FIXED", "NAME", "PORT", "RULES", "render"]
+
+NAME = "shoal-autoscaler"
+COMPONENT = "autoscaler"
+PORT = 8090
+
+# The calls KubernetesActuator makes (state() and scale()), as RBAC rules:
+#   read_namespaced_{deployment,stateful_set}_scale   get   {deployments,statefulsets}/scale
+#   read_namespaced_{deployment,stateful_set}         get   deployments, statefulsets
+#   list_namespaced_pod                               list  pods
+#   patch_namespaced_{deployment,stateful_set}_scale  patch {deployments,statefulsets}/scale
+RULES: tuple[dict[str, Any], ...] = (
+    {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets"], "verbs": ["get"]},
+    {
+        "apiGroups": ["apps"],
+        "resources": ["deployments/scale", "statefulsets/scale"],
+        "verbs": ["get", "patch"],
+    },
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+)
+
+FIXED = {
+    "namespace": "the Role is in values.namespace",
+    "host": "the Service reaches the pod's address",
+    "port": f"the Service and probes use {PORT}",
+    "auth_token_file": f"Secret {objects.CONTROL_TOKEN_SECRET} is mounted there",
+    "insecure_no_auth": "the endpoint always has a token",
+}
+
+
+def router_url(values: Values) -> str:
+    """The router's in-cluster URL (its Service), or ``""`` when no router is rendered."""
+    if not values.router.enabled:
+        return ""
+    return f"http://shoal-router.{values.namespace}.svc:{values.router.port}"
+
+
+def settings(values: Values) -> dict[str, Any]:
+    derived: dict[str, Any] = {
+        "target": f"deployment/{values.engine.name}",
+        "namespace": values.namespace,
+        "model": values.engine.model,
+        "engine_port": values.engine.port,
+        "host": "0.0.0.0",
+        "port": PORT,
+        "auth_token_file": objects.CONTROL_TOKEN_FILE,
+        "log_format": "json",
+    }
+    if values.router.enabled:
+        derived["router_url"] = router_url(values)
+    return objects.merge_settings(
+        derived, values.autoscaler.settings, fixed=FIXED, where="autoscaler.settings"
+    )
 
 
 def render(values: Values) -> list[dict[str, Any]]:
-    return []
+    if not values.autoscaler.enabled:
+        return []
+    env = objects.settings_env(
+        AutoscaleSettings, "autoscale", settings(values), where="autoscaler.settings"
+    )
+    account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": objects.metadata(values, NAME, COMPONENT),
+        "automountServiceAccountToken": True,
+    }
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": objects.metadata(values, NAME, COMPONENT),
+        "rules": copy.deepcopy(list(RULES)),
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": objects.metadata(values, NAME, COMPONENT),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME},
+        "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": values.namespace}],
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": objects.metadata(values, NAME, COMPONENT),
+        "spec": {
+            "selector": objects.selector(COMPONENT),
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    memory = quantity(values.autoscaler.memory_bytes)
+    container = {
+        "name": "autoscaler",
+        "image": values.image_ref,
+        "imagePullPolicy": values.image.pull_policy,
+        "command": ["shoal", "autoscale", "run"],
+        "env": env,
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "volumeMounts": [objects.control_token_mount()],
+        "resources": {
+            "requests": {"cpu": values.autoscaler.cpu, "memory": memory},
+            "limits": {"memory": memory},
+        },
+        "livenessProbe": objects.http_probe("/metrics", "http", period_s=10, failures=6),
+        "readinessProbe": objects.http_probe("/metrics", "http", period_s=5),
+        "securityContext": objects.container_security(),
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": objects.metadata(values, NAME, COMPONENT),
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": objects.selector(COMPONENT)},
+            "template": {
+                "metadata": {"labels": objects.labels(COMPONENT)},
+                "spec": {
+                    "serviceAccountName": NAME,
+                    "automountServiceAccountToken": True,
+                    "securityContext": objects.pod_security(values),
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [container],
+                    "volumes": [objects.control_token_volume()],
+                },
+            },
+        },
+    }
+    return [account, role, binding, service, deployment]

@@ -1,13 +1,216 @@
-"""The health component's Kubernetes objects (to be built)."""
+"""The GPU health watcher: one ``shoal health watch`` per GPU node, reporting on its own GPUs.
+
+::
+
+    ServiceAccount     shoal-health   token mounted only when it cordons for real
+    ClusterRole        shoal-health   patch nodes (CoreV1Api.patch_node, control/health/
+                                      cordon.py), only with health.cordon and cordon_apply
+    ClusterRoleBinding shoal-health
+    Service            shoal-health   headless, http 8094: Prometheus, the router and the
+                                      fleet find every watcher's pod address through it
+    DaemonSet          shoal-health   on health.node_selector, tolerating health.tolerations
+
+Invariant: the watcher sees the node's GPUs and takes none. NVML comes from the NVIDIA
+container toolkit, which mounts the driver's libraries and device nodes into a container
+whose environment says ``NVIDIA_VISIBLE_DEVICES=all`` and
+``NVIDIA_DRIVER_CAPABILITIES=utility`` (nvidia-smi, NVML), when the pod runs under the
+toolkit's runtime (``runtimeClassName: nvidia``, ``health.runtime_class``; empty where the
+node's default runtime is already NVIDIA's). It never requests ``nvidia.com/gpu``: a
+request would allocate a GPU to the watcher, hide the others from it, and take one from
+the engines. Rejected: ``privileged`` with the host's /dev (wide open, and still no
+driver libraries in the image).
+
+Names: ``NODE_NAME`` from the downward API (``spec.nodeName``) is the node the cordoner
+patches (``kube_node`` empty = ``$NODE_NAME``, control/health/config.py), and the same
+value is ``SHOAL_HEALTH_NODE``, the node part of GPU names ``NODE/gpuI``: in a pod the
+hostname is the pod's name, which no consumer knows. (Consumers matching by Ray node
+name need that node's ``shoal.node`` label to be the Kubernetes node name.)
+
+The XID ledger persists in ``state_file`` on a hostPath (``/var/lib/shoal/health``,
+``DirectoryOrCreate``): a critical XID clears only by ``POST /v1/clear``, so a watcher
+restart (an upgrade, an OOM kill) must not forget it. The kubelet creates the directory
+root-owned (fsGroup does not apply to hostPath), so an init container (root, with CHOWN
+only) makes it 0700 and hands it to the watcher's UID.
+
+Settings (``[health]``): ``FIXED`` keys are the deployment's (addresses, token, node
+names, the state file, cordon and cordon_apply, which come from ``health.cordon`` and
+``health.cordon_apply`` because the RBAC follows them); the rest are the user's.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from control.health.config import HealthSettings
+from deploy import objects
+from deploy.errors import ValuesError
+from deploy.sizes import quantity
 from deploy.values import Values
 
-__all__ = ["render"]
+__all__ = ["FIXED", "NAME", "PORT", "STATE_DIR", "render"]
+
+NAME = "shoal-health"
+COMPONENT = "health"
+PORT = 8094
+STATE_DIR = "/var/lib/shoal/health"
+STATE_FILE = f"{STATE_DIR}/xids.json"
+
+FIXED = {
+    "host": "the headless Service reaches the pod's address",
+    "port": f"the Service and probes use {PORT}",
+    "auth_token_file": f"Secret {objects.CONTROL_TOKEN_SECRET} is mounted there",
+    "insecure_no_auth": "the endpoint always has a token",
+    "node": "each pod's own node (NODE_NAME, the downward API)",
+    "kube_node": "each pod's own node (NODE_NAME, the downward API)",
+    "state_file": f"on the hostPath {STATE_DIR}",
+    "cordon": "health.cordon (the RBAC follows it)",
+    "cordon_apply": "health.cordon_apply (the RBAC follows it)",
+}
+
+
+def patches_nodes(values: Values) -> bool:
+    """Whether the watcher calls the API server: only a cordon that is applied (the dry run
+    logs and counts, and never builds a client)."""
+    return values.health.cordon and values.health.cordon_apply
+
+
+def settings(values: Values) -> dict[str, Any]:
+    health = values.health
+    if health.cordon_apply and not health.cordon:
+        raise ValuesError("health.cordon_apply needs health.cordon: true")
+    derived: dict[str, Any] = {
+        "host": "0.0.0.0",
+        "port": PORT,
+        "auth_token_file": objects.CONTROL_TOKEN_FILE,
+        "state_file": STATE_FILE,
+        "cordon": health.cordon,
+        "cordon_apply": health.cordon_apply,
+        "log_format": "json",
+    }
+    return objects.merge_settings(derived, health.settings, fixed=FIXED, where="health.settings")
+
+
+def _node_env() -> list[dict[str, Any]]:
+    def field(name: str) -> dict[str, Any]:
+        return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+
+    return [field("NODE_NAME"), field("SHOAL_HEALTH_NODE")]
+
+
+def _rbac(values: Values) -> list[dict[str, Any]]:
+    if not patches_nodes(values):
+        return []
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": objects.metadata(values, NAME, COMPONENT, namespaced=False),
+        "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": objects.metadata(values, NAME, COMPONENT, namespaced=False),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
+        "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": values.namespace}],
+    }
+    return [role, binding]
+
+
+def _daemonset(values: Values) -> dict[str, Any]:
+    health = values.health
+    memory = quantity(health.memory_bytes)
+    env = [
+        *_node_env(),
+        objects.env("NVIDIA_VISIBLE_DEVICES", "all"),
+        objects.env("NVIDIA_DRIVER_CAPABILITIES", "utility"),
+        *objects.settings_env(HealthSettings, "health", settings(values), where="health.settings"),
+    ]
+    init = {
+        "name": "state-dir",
+        "image": values.image_ref,
+        "imagePullPolicy": values.image.pull_policy,
+        "command": [
+            "sh",
+            "-c",
+            f"chmod 0700 {STATE_DIR} "
+            f"&& chown {values.run_as_user}:{values.run_as_group} {STATE_DIR}",
+        ],
+        "volumeMounts": [{"name": "state", "mountPath": STATE_DIR}],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "16Mi"}},
+        "securityContext": {
+            "runAsNonRoot": False,
+            "runAsUser": 0,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+        },
+    }
+    container = {
+        "name": "health",
+        "image": values.image_ref,
+        "imagePullPolicy": values.image.pull_policy,
+        "command": ["shoal", "health", "watch"],
+        "env": env,
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "volumeMounts": [
+            objects.control_token_mount(),
+            {"name": "state", "mountPath": STATE_DIR},
+        ],
+        "resources": {
+            "requests": {"cpu": health.cpu, "memory": memory},
+            "limits": {"memory": memory},
+        },
+        "livenessProbe": objects.http_probe("/healthz", "http", period_s=10, failures=6),
+        "readinessProbe": objects.http_probe("/healthz", "http", period_s=5),
+        "securityContext": objects.container_security(),
+    }
+    pod: dict[str, Any] = {
+        "serviceAccountName": NAME,
+        "automountServiceAccountToken": patches_nodes(values),
+        "securityContext": objects.pod_security(values),
+        "terminationGracePeriodSeconds": 10,
+        "initContainers": [init],
+        "containers": [container],
+        "volumes": [
+            objects.control_token_volume(),
+            {"name": "state", "hostPath": {"path": STATE_DIR, "type": "DirectoryOrCreate"}},
+        ],
+    }
+    if health.runtime_class:
+        pod["runtimeClassName"] = health.runtime_class
+    if health.node_selector:
+        pod["nodeSelector"] = dict(health.node_selector)
+    if health.tolerations:
+        pod["tolerations"] = [dict(t) for t in health.tolerations]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": objects.metadata(values, NAME, COMPONENT),
+        "spec": {
+            "selector": {"matchLabels": objects.selector(COMPONENT)},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {"metadata": {"labels": objects.labels(COMPONENT)}, "spec": pod},
+        },
+    }
 
 
 def render(values: Values) -> list[dict[str, Any]]:
-    return []
+    if not values.health.enabled:
+        return []
+    account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": objects.metadata(values, NAME, COMPONENT),
+        "automountServiceAccountToken": patches_nodes(values),
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": objects.metadata(values, NAME, COMPONENT),
+        "spec": {
+            "clusterIP": "None",
+            "selector": objects.selector(COMPONENT),
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    return [account, *_rbac(values), service, _daemonset(values)]

@@ -1,13 +1,377 @@
-"""The monitoring component's Kubernetes objects (to be built)."""
+"""Prometheus Operator objects: what scrapes each component, and the alerts that matter.
+
+::
+
+    ServiceMonitor  shoal-router, shoal-autoscaler, shoal-health, shoal-engines-fleet
+                    (their Services' port ``http``, path /metrics)
+    PodMonitor      shoal-cache (port ``metrics``), shoal-engine (vLLM's ``http`` /metrics,
+                    shoal_connector_* included; the loader sidecar's ``metrics``)
+    PrometheusRule  shoal: ALERTS, for the components that are rendered
+
+Every monitor carries ``monitoring.labels`` (what the operator's Prometheus selects
+monitors by) and sets ``job`` to a fixed name (``JOBS``) with a relabeling, so the alerts
+can name their targets (``up{job="shoal-cache"}``) whatever the namespace and object
+names: the operator's default job is the Service's name for a ServiceMonitor but
+``NAMESPACE/NAME`` for a PodMonitor.
+
+``ALERTS`` is a table, not text in the rule, so the contract checks can verify it: each
+alert lists in ``metrics_used`` every Shoal metric its expression reads (by the name
+Prometheus stores: counters end in ``_total``), and each of those must exist in the code.
+``$MAX_REPLICAS`` in an expression is replaced at render time by the autoscaler's
+``max_replicas``. Each alert's ``runbook_url`` annotation points at its own heading under
+docs/operations.md#alerts (``RUNBOOK``), named after the alert.
+
+Rejected: recording rules and dashboards (operators have their own; the metrics are
+documented), and alerts on engine internals (vLLM's own metrics have their own mixins).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from control.autoscale.config import AutoscaleSettings
+from deploy import objects
+from deploy.components import autoscaler
 from deploy.values import Values
 
-__all__ = ["render"]
+__all__ = ["ALERTS", "JOBS", "RUNBOOK", "Alert", "render"]
+
+Obj = dict[str, Any]
+
+RUNBOOK = "docs/operations.md"
+INTERVAL = "30s"
+
+# component -> the job label its monitor sets
+JOBS = {
+    "cache": "shoal-cache",
+    "engine": "shoal-engine",
+    "loader": "shoal-loader",
+    "router": "shoal-router",
+    "autoscaler": "shoal-autoscaler",
+    "health": "shoal-health",
+    "fleet": "shoal-engines-fleet",
+}
 
 
-def render(values: Values) -> list[dict[str, Any]]:
-    return []
+@dataclass(frozen=True, slots=True)
+class Alert:
+    name: str
+    expr: str
+    for_: str  # the rule's ``for``
+    severity: str  # critical (act now) or warning (act today)
+    summary: str
+    metrics_used: tuple[str, ...]  # every shoal_* name in expr, as Prometheus stores it
+    description: str
+    needs: str  # what must be rendered: cache, cluster, router, autoscaler, health, loader
+
+    @property
+    def anchor(self) -> str:
+        """The alert's heading anchor in docs/operations.md (a heading named after it)."""
+        return self.name.lower()
+
+
+ALERTS: tuple[Alert, ...] = (
+    Alert(
+        name="ShoalCacheDaemonDown",
+        expr='up{job="shoal-cache"} == 0',
+        for_="5m",
+        severity="critical",
+        summary="Cache daemon {{ $labels.pod }} does not answer scrapes",
+        metrics_used=(),
+        description=(
+            "The engines on its node cannot save or load KV blocks (they recompute prefixes) "
+            "and its cluster peers lose its blocks. Check the pod's events and logs (an OOM "
+            "kill: the arena, DRAM tier and staging must fit the memory limit)."
+        ),
+        needs="cache",
+    ),
+    Alert(
+        name="ShoalCacheChecksumFailures",
+        expr="increase(shoal_kvcache_checksum_failures_total[15m]) > 0",
+        for_="0m",
+        severity="warning",
+        summary="Cache daemon {{ $labels.pod }} dropped blocks with bad checksums",
+        metrics_used=("shoal_kvcache_checksum_failures_total",),
+        description=(
+            "Stored KV blocks failed their checksum and were dropped (served as misses, never "
+            "as data). Repeated failures point at memory or disk corruption on the node, or "
+            "a writer that does not follow the block layout."
+        ),
+        needs="cache",
+    ),
+    Alert(
+        name="ShoalCacheNoSpace",
+        expr="rate(shoal_kvcache_no_space_total[10m]) > 0",
+        for_="15m",
+        severity="warning",
+        summary="Cache daemon {{ $labels.pod }} keeps refusing reservations for lack of space",
+        metrics_used=("shoal_kvcache_no_space_total",),
+        description=(
+            "Writers were refused slots for 15 minutes: every slot is leased or reserved. The "
+            "arena is too small for the engines' working set, or leases are not released "
+            "(compare shoal_kvcache_leases and shoal_kvcache_reservations with capacity)."
+        ),
+        needs="cache",
+    ),
+    Alert(
+        name="ShoalCacheClusterPeerMissing",
+        expr=(
+            'shoal_kvcache_cluster_members{job="shoal-cache"} '
+            '< scalar(count(up{job="shoal-cache"} == 1)) - 1'
+        ),
+        for_="10m",
+        severity="warning",
+        summary="Cache daemon {{ $labels.pod }} sees fewer peers than there are daemons",
+        metrics_used=("shoal_kvcache_cluster_members",),
+        description=(
+            "A running member is missing from this daemon's view: a partition, a member that "
+            "cannot authenticate (keys), or a NetworkPolicy dropping the cluster or stream "
+            "port. Blocks on the missing member are not found from here."
+        ),
+        needs="cluster",
+    ),
+    Alert(
+        name="ShoalCacheClusterUnauthorized",
+        expr=(
+            "increase(shoal_kvcache_cluster_messages_dropped_total"
+            '{reason=~"impersonation|forbidden"}[10m]) > 0'
+        ),
+        for_="0m",
+        severity="critical",
+        summary="Cache daemon {{ $labels.pod }} dropped cluster messages: {{ $labels.reason }}",
+        metrics_used=("shoal_kvcache_cluster_messages_dropped_total",),
+        description=(
+            "A peer sent messages in another member's name (impersonation) or asked for what "
+            "its key does not allow (forbidden). A stale or leaked key, or a misconfigured "
+            "member: see the daemon's log for the key and the operation."
+        ),
+        needs="cluster",
+    ),
+    Alert(
+        name="ShoalRouterNoEngine",
+        expr=(
+            'sum by (job) (rate(shoal_router_rejected_total{reason="no_engine_available"}[5m])) > 0'
+        ),
+        for_="5m",
+        severity="critical",
+        summary="The router answers 503: no healthy engine serves a requested model",
+        metrics_used=("shoal_router_rejected_total",),
+        description=(
+            "Requests are refused because no healthy engine lists their model: engines down, "
+            "discovery finding none, every GPU reported unhealthy, or a scale from zero that "
+            "did not come (see ShoalAutoscalerActuatorErrors)."
+        ),
+        needs="router",
+    ),
+    Alert(
+        name="ShoalRouterErrorRate",
+        expr=(
+            'sum by (job) (rate(shoal_router_requests_total{status=~"5.."}[5m])) '
+            "/ sum by (job) (rate(shoal_router_requests_total[5m])) > 0.05"
+        ),
+        for_="10m",
+        severity="warning",
+        summary="Over 5% of the router's answers are 5xx",
+        metrics_used=("shoal_router_requests_total",),
+        description=(
+            "Engines failing (shoal_router_upstream_errors_total by engine and kind), "
+            "timeouts, or requests refused for want of engines."
+        ),
+        needs="router",
+    ),
+    Alert(
+        name="ShoalRouterEngineBreakerOpen",
+        expr="max by (engine) (shoal_router_breaker_state) == 2",
+        for_="5m",
+        severity="warning",
+        summary="Engine {{ $labels.engine }} has been cut off by the router's circuit breaker",
+        metrics_used=("shoal_router_breaker_state",),
+        description=(
+            "The router stopped sending requests to this engine after repeated failures and "
+            "its probes keep failing: the engine is up (discovery lists it) but does not "
+            "serve. Check its logs; a restart of that pod usually clears it."
+        ),
+        needs="router",
+    ),
+    Alert(
+        name="ShoalAutoscalerAtMaxReplicas",
+        expr="max(shoal_autoscale_desired_replicas) >= $MAX_REPLICAS",
+        for_="15m",
+        severity="warning",
+        summary="The autoscaler has wanted its maximum replicas for 15 minutes",
+        metrics_used=("shoal_autoscale_desired_replicas",),
+        description=(
+            "Load would take more engines than max_replicas allows: latency SLOs are at risk. "
+            "Raise autoscaler max_replicas (and check there are GPUs for them) or shed load."
+        ),
+        needs="autoscaler",
+    ),
+    Alert(
+        name="ShoalAutoscalerActuatorErrors",
+        expr="rate(shoal_autoscale_actuator_errors_total[5m]) > 0",
+        for_="10m",
+        severity="critical",
+        summary="The autoscaler cannot read or scale its target",
+        metrics_used=("shoal_autoscale_actuator_errors_total",),
+        description=(
+            "Calls to the scale target fail: the Deployment is missing or renamed, the RBAC "
+            "does not allow the call, or the API server is unreachable. Scaling (and scale "
+            "from zero) has stopped; the controller's log names the call and the status."
+        ),
+        needs="autoscaler",
+    ),
+    Alert(
+        name="ShoalGpuUnhealthy",
+        expr="shoal_gpu_healthy == 0",
+        for_="1m",
+        severity="critical",
+        summary="GPU {{ $labels.node }}/gpu{{ $labels.gpu }} is unhealthy",
+        metrics_used=("shoal_gpu_healthy",),
+        description=(
+            "The health watcher reports a critical problem on this GPU (shoal_gpu_problems "
+            "names the check): the router and the fleet stop using it. A critical XID clears "
+            "only by POST /v1/clear after the GPU was reset or replaced."
+        ),
+        needs="health",
+    ),
+    Alert(
+        name="ShoalLoaderStagingFailures",
+        expr='increase(shoal_loader_stagings_total{outcome="failed"}[15m]) > 0',
+        for_="0m",
+        severity="warning",
+        summary="Loader sidecar {{ $labels.pod }} failed to stage weights",
+        metrics_used=("shoal_loader_stagings_total",),
+        description=(
+            "Staging a checkpoint into shared memory failed (shoal_loader_errors_total names "
+            "the error: access denied, not found, capacity): its engine cannot start with "
+            "--load-format shoal until it succeeds."
+        ),
+        needs="loader",
+    ),
+)
+
+
+def _alert_on(values: Values, needs: str) -> bool:
+    return {
+        "cache": values.cache.enabled,
+        "cluster": values.cache.enabled and values.cache.cluster.enabled,
+        "router": values.router.enabled,
+        "autoscaler": values.autoscaler.enabled,
+        "health": values.health.enabled,
+        "loader": values.engine.enabled and values.engine.loader.enabled,
+    }[needs]
+
+
+def _max_replicas(values: Values) -> int:
+    merged = autoscaler.settings(values)
+    return int(merged.get("max_replicas", AutoscaleSettings().max_replicas))
+
+
+def _job(name: str) -> list[Obj]:
+    return [{"action": "replace", "targetLabel": "job", "replacement": name}]
+
+
+def _meta(values: Values, name: str, component: str) -> Obj:
+    return objects.metadata(values, name, component, extra_labels=values.monitoring.labels)
+
+
+def _service_monitor(values: Values, component: str, name: str) -> Obj:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": _meta(values, name, component),
+        "spec": {
+            "selector": {"matchLabels": objects.selector(component)},
+            "namespaceSelector": {"matchNames": [values.namespace]},
+            "endpoints": [{
+                "port": "http", "path": "/metrics", "interval": INTERVAL,
+                "relabelings": _job(JOBS[component]),
+            }],
+        },
+    }  # fmt: skip
+
+
+def _endpoint(port: str, job: str) -> Obj:
+    return {"port": port, "path": "/metrics", "interval": INTERVAL, "relabelings": _job(job)}
+
+
+def _pod_monitor(values: Values, component: str, name: str, endpoints: list[Obj]) -> Obj:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _meta(values, name, component),
+        "spec": {
+            "selector": {"matchLabels": objects.selector(component)},
+            "namespaceSelector": {"matchNames": [values.namespace]},
+            "podMetricsEndpoints": endpoints,
+        },
+    }
+
+
+def service_monitors(values: Values) -> list[Obj]:
+    if not values.monitoring.service_monitors:
+        return []
+    on = (
+        ("router", values.router.enabled),
+        ("autoscaler", values.autoscaler.enabled),
+        ("health", values.health.enabled),
+        ("fleet", values.fleet.enabled),
+    )
+    return [_service_monitor(values, c, JOBS[c]) for c, enabled in on if enabled]
+
+
+def pod_monitors(values: Values) -> list[Obj]:
+    if not values.monitoring.pod_monitors:
+        return []
+    out = []
+    if values.cache.enabled:
+        cache = [_endpoint("metrics", JOBS["cache"])]
+        out.append(_pod_monitor(values, "cache", "shoal-cache", cache))
+    if values.engine.enabled:
+        engine = [_endpoint("http", JOBS["engine"])]
+        if values.engine.loader.enabled:
+            engine.append(_endpoint("metrics", JOBS["loader"]))
+        out.append(_pod_monitor(values, "engine", "shoal-engine", engine))
+    return out
+
+
+def rule_group(values: Values) -> list[Obj]:
+    """The alerting rules of the components that are rendered."""
+    max_replicas = str(_max_replicas(values)) if values.autoscaler.enabled else ""
+    rules = []
+    for alert in ALERTS:
+        if not _alert_on(values, alert.needs):
+            continue
+        rule: Obj = {
+            "alert": alert.name,
+            "expr": alert.expr.replace("$MAX_REPLICAS", max_replicas),
+            "labels": {"severity": alert.severity},
+            "annotations": {
+                "summary": alert.summary,
+                "description": alert.description,
+                "runbook_url": f"{RUNBOOK}#{alert.anchor}",
+            },
+        }
+        if alert.for_ != "0m":  # fire at once: the event itself is the problem
+            rule["for"] = alert.for_
+        rules.append(rule)
+    return rules
+
+
+def prometheus_rule(values: Values) -> list[Obj]:
+    if not values.monitoring.rules:
+        return []
+    rules = rule_group(values)
+    if not rules:
+        return []
+    return [{
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": _meta(values, "shoal", "monitoring"),
+        "spec": {"groups": [{"name": "shoal", "rules": rules}]},
+    }]  # fmt: skip
+
+
+def render(values: Values) -> list[Obj]:
+    return [*service_monitors(values), *pod_monitors(values), *prometheus_rule(values)]
