@@ -148,7 +148,7 @@ class EngineValues:
         "ghcr.io/shoal-project/vllm-shoal:0.1.0", "vLLM image with shoal (deploy/Dockerfile.engine)"
     )
     model: str = value("Qwen/Qwen3-0.6B", "the model vLLM serves (--served-model-name too)")
-    replicas: int = value(2, "engine replicas (the autoscaler changes this)")
+    replicas: int = value(2, "engine replicas (left out of the manifest when the autoscaler runs)")
     gpus: int = value(1, "GPUs per replica (= --tensor-parallel-size)")
     gpu_type: str = value(
         "", "GPU type name for the router (k8s discovery @GPU_TYPE); empty = none"

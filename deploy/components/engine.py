@@ -147,21 +147,26 @@ def _deployment(values: Values) -> Obj:
         spec["nodeSelector"] = dict(engine.node_selector)
     if engine.tolerations:
         spec["tolerations"] = [dict(t) for t in engine.tolerations]
+    deployment_spec: Obj = {
+        "selector": {"matchLabels": engine_selector(values)},
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+        },
+        "template": {"metadata": {"labels": pod_labels}, "spec": spec},
+    }
+    # With the autoscaler on, replicas are its to set: a manifest that names them would undo
+    # its decision on every `kubectl apply` (the HPA rule). Created without the field, the
+    # Deployment starts at 1 and the autoscaler raises it to min_replicas within a round.
+    if not values.autoscaler.enabled:
+        deployment_spec = {"replicas": engine.replicas, **deployment_spec}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": metadata(
             values, engine.name, "engine", extra_labels={INSTANCE_LABEL: engine.name}
         ),
-        "spec": {
-            "replicas": engine.replicas,
-            "selector": {"matchLabels": engine_selector(values)},
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
-            },
-            "template": {"metadata": {"labels": pod_labels}, "spec": spec},
-        },
+        "spec": deployment_spec,
     }
 
 

@@ -158,6 +158,16 @@ class TestEngineContract:
         assert service["spec"]["selector"].items() <= labels["labels"].items()
 
 
+class TestReplicas:
+    def test_the_autoscaler_owns_the_engine_replicas(self) -> None:
+        deployment = find(objects(parse_values({})), "Deployment", "vllm")
+        assert "replicas" not in deployment["spec"]  # `kubectl apply` must not undo a scale
+
+    def test_without_the_autoscaler_the_values_set_them(self) -> None:
+        values = parse_values({"autoscaler": {"enabled": False}, "engine": {"replicas": 3}})
+        assert find(objects(values), "Deployment", "vllm")["spec"]["replicas"] == 3
+
+
 class TestLoader:
     def test_is_a_native_sidecar_serving_in_a_pod_local_dir(self) -> None:
         spec = pod(parse_values(WITH_LOADER), "vllm")
