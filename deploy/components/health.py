@@ -132,8 +132,10 @@ def _daemonset(values: Values) -> dict[str, Any]:
         "command": [
             "sh",
             "-c",
-            f"chmod 0700 {STATE_DIR} "
-            f"&& chown {values.run_as_user}:{values.run_as_group} {STATE_DIR}",
+            # chown first, then chmod: on a restart the directory is the watcher's already,
+            # and root may change another user's mode only with FOWNER.
+            f"chown {values.run_as_user}:{values.run_as_group} {STATE_DIR} "
+            f"&& chmod 0700 {STATE_DIR}",
         ],
         "volumeMounts": [{"name": "state", "mountPath": STATE_DIR}],
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "16Mi"}},
@@ -142,7 +144,7 @@ def _daemonset(values: Values) -> dict[str, Any]:
             "runAsUser": 0,
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]},
         },
     }
     container = {

@@ -282,7 +282,7 @@ def test_health_state_file_lives_on_a_host_path_the_watcher_owns() -> None:
     assert volume["hostPath"] == {"path": mount["mountPath"], "type": "DirectoryOrCreate"}
     (init,) = pod["initContainers"]
     assert f"chown 10001:10001 {mount['mountPath']}" in init["command"][-1]
-    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
 
 
 def test_health_service_is_headless_with_http_and_probes_use_healthz() -> None:
