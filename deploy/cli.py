@@ -1,4 +1,4 @@
-"""``shoal deploy render|check|values``: Kubernetes manifests from one values file.
+"""``shoal deploy render|check|secrets|values``: Kubernetes manifests from one values file.
 
 Exit codes: 0 rendered (or every check passed), 1 a check failed, 2 bad usage or values.
 """
@@ -63,6 +63,16 @@ def register(subparsers: Any) -> None:
     check.add_argument("--json", action="store_true", help="print the problems as JSON")
     check.set_defaults(func=_check)
 
+    secrets = verbs.add_parser(
+        "secrets",
+        help="the Secrets to create before applying, with the commands that make them",
+        description="List the Secrets the rendered manifests reference (never rendered "
+        "themselves): name, keys, purpose, and the commands that create each.",
+    )
+    _values_flags(secrets)
+    secrets.add_argument("--json", action="store_true", help="print them as JSON")
+    secrets.set_defaults(func=_secrets)
+
     show = verbs.add_parser("values", help="print every value with its default and meaning")
     show.set_defaults(func=_show_values)
 
@@ -100,6 +110,28 @@ def _check(args: argparse.Namespace) -> int:
             print(problem)
         print(f"{len(objects)} objects, {len(problems)} problem(s)", file=sys.stderr)
     return EXIT_FAILED if problems else 0
+
+
+def _secrets(args: argparse.Namespace) -> int:
+    from deploy.secrets import required_secrets
+    from deploy.values import load_values
+
+    specs = required_secrets(load_values(args.values, args.assignments))
+    if args.json:
+        rows = [
+            {"name": s.name, "keys": list(s.keys), "purpose": s.purpose,
+             "create_command": s.create_command}
+            for s in specs
+        ]  # fmt: skip
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max((len(s.name) for s in specs), default=4)
+    print(f"{'NAME':<{width}}  KEYS / PURPOSE")
+    for spec in specs:
+        print(f"{spec.name:<{width}}  {', '.join(spec.keys)}\n{'':<{width}}  {spec.purpose}")
+    for spec in specs:
+        print(f"\n# {spec.name}\n{spec.create_command}")
+    return 0
 
 
 def _show_values(args: argparse.Namespace) -> int:

@@ -91,5 +91,5 @@ def init_container(values: Values) -> dict[str, Any]:
         "command": ["sh", "-c", script],
         "securityContext": security,
         "volumeMounts": mounts(values),
-        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "64Mi"}},
     }
