@@ -4,7 +4,8 @@
 
     ServiceAccount shoal-autoscaler   token mounted: the controller calls the API server
     Role           shoal-autoscaler   exactly the calls of control/autoscale/actuators/
-                                      kubernetes.py (RULES), in values.namespace only
+                                      kubernetes.py (rules()) for the target's kind and
+                                      name, in values.namespace only
     RoleBinding    shoal-autoscaler
     Service        shoal-autoscaler   http 8090: the router's wakes, Prometheus
     Deployment     shoal-autoscaler   1 replica, strategy Recreate
@@ -30,34 +31,46 @@ control rounds, so an answer shows the loop is alive.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from control.autoscale.config import AutoscaleSettings
 from deploy import objects
+from deploy.errors import ValuesError
 from deploy.sizes import quantity
 from deploy.values import Values
 
-__all__ = ["FIXED", "NAME", "PORT", "RULES", "render"]
+__all__ = ["FIXED", "NAME", "PORT", "render", "rules"]
 
 NAME = "shoal-autoscaler"
 COMPONENT = "autoscaler"
 PORT = 8090
 
-# The calls KubernetesActuator makes (state() and scale()), as RBAC rules:
+# The calls KubernetesActuator makes (state() and scale()) for a KIND/NAME target, as RBAC
+# rules; only the target's kind is granted (deploy.checks.rbac flags the other as unused):
 #   read_namespaced_{deployment,stateful_set}_scale   get   {deployments,statefulsets}/scale
 #   read_namespaced_{deployment,stateful_set}         get   deployments, statefulsets
 #   list_namespaced_pod                               list  pods
 #   patch_namespaced_{deployment,stateful_set}_scale  patch {deployments,statefulsets}/scale
-RULES: tuple[dict[str, Any], ...] = (
-    {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets"], "verbs": ["get"]},
-    {
-        "apiGroups": ["apps"],
-        "resources": ["deployments/scale", "statefulsets/scale"],
-        "verbs": ["get", "patch"],
-    },
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
-)
+_RESOURCES = {"deployment": "deployments", "statefulset": "statefulsets"}
+
+
+def rules(target: str) -> list[dict[str, Any]]:
+    """The Role's rules for ``target`` (``deployment/NAME`` or ``statefulset/NAME``)."""
+    kind, _, name = target.partition("/")
+    if kind not in _RESOURCES or not name:
+        raise ValuesError(
+            f"autoscaler.settings.target {target!r}: on Kubernetes give deployment/NAME or "
+            "statefulset/NAME (the workload the Role lets it scale)"
+        )
+    resource = _RESOURCES[kind]
+    return [
+        {"apiGroups": ["apps"], "resources": [resource], "resourceNames": [name],
+         "verbs": ["get"]},
+        {"apiGroups": ["apps"], "resources": [f"{resource}/scale"], "resourceNames": [name],
+         "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    ]  # fmt: skip
+
 
 FIXED = {
     "namespace": "the Role is in values.namespace",
@@ -109,7 +122,7 @@ def render(values: Values) -> list[dict[str, Any]]:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": objects.metadata(values, NAME, COMPONENT),
-        "rules": copy.deepcopy(list(RULES)),
+        "rules": rules(str(settings(values)["target"])),
     }
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1",

@@ -252,6 +252,12 @@ ALERTS: tuple[Alert, ...] = (
 )
 
 
+def _loader_runs(values: Values) -> bool:
+    """The sidecar is rendered only with a ``uri`` (deploy.components.engine)."""
+    loader = values.engine.loader
+    return values.engine.enabled and loader.enabled and bool(loader.uri)
+
+
 def _alert_on(values: Values, needs: str) -> bool:
     return {
         "cache": values.cache.enabled,
@@ -259,7 +265,7 @@ def _alert_on(values: Values, needs: str) -> bool:
         "router": values.router.enabled,
         "autoscaler": values.autoscaler.enabled,
         "health": values.health.enabled,
-        "loader": values.engine.enabled and values.engine.loader.enabled,
+        "loader": _loader_runs(values),
     }[needs]
 
 
@@ -330,7 +336,7 @@ def pod_monitors(values: Values) -> list[Obj]:
         out.append(_pod_monitor(values, "cache", "shoal-cache", cache))
     if values.engine.enabled:
         engine = [_endpoint("http", JOBS["engine"])]
-        if values.engine.loader.enabled:
+        if _loader_runs(values):
             engine.append(_endpoint("metrics", JOBS["loader"]))
         out.append(_pod_monitor(values, "engine", "shoal-engine", engine))
     return out

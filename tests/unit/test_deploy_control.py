@@ -38,6 +38,7 @@ HEALTH_CALLS = {"patch_node": ("", "nodes", "patch")}
 
 FULL = {
     "router": {"precise": True},
+    "engine": {"loader": {"uri": "s3://models/qwen3/"}},
     "health": {"cordon": True, "cordon_apply": True, "settings": {"expect_gpus": 8}},
     "fleet": {"enabled": True, "ray_address": "ray://raycluster-head-svc:10001"},
     "autoscaler": {"settings": {"min_replicas": 2, "max_replicas": 16, "policy": "kpa"}},
@@ -116,17 +117,41 @@ def test_disabled_components_render_nothing() -> None:
     assert rendered(off) == []
 
 
+def test_no_loader_endpoint_without_a_loader_sidecar() -> None:
+    objs = monitoring.render(values())  # the loader runs only with a uri
+    (engine,) = [o for o in objs if o["metadata"]["name"] == "shoal-engine"]
+    assert [e["port"] for e in engine["spec"]["podMetricsEndpoints"]] == ["http"]
+
+
 # --- the autoscaler ------------------------------------------------------------------------
 
 
-def test_autoscaler_role_allows_exactly_the_calls_of_the_kubernetes_actuator() -> None:
+@pytest.mark.parametrize(
+    ("target", "kind"),
+    [(None, "deployment"), ("statefulset/engines", "stateful_set")],
+    ids=["deployment", "statefulset"],
+)
+def test_autoscaler_role_allows_exactly_the_calls_for_its_targets_kind(
+    target: str | None, kind: str
+) -> None:
     grepped = calls_in("control/autoscale/actuators/kubernetes.py", "apps|core")
     assert grepped == set(AUTOSCALER_CALLS), "the actuator's calls changed: update the table"
-    role = find(autoscaler.render(values()), "Role", "shoal-autoscaler")
+    document = {"autoscaler": {"settings": {"target": target}}} if target else {}
+    role = find(autoscaler.render(values(document)), "Role", "shoal-autoscaler")
     assert role["metadata"]["namespace"] == "shoal"
-    for call, rule in AUTOSCALER_CALLS.items():
+    needed = {call: rule for call, rule in AUTOSCALER_CALLS.items()
+              if "pod" in call or f"_{kind}" in call}  # fmt: skip
+    for call, rule in needed.items():
         assert covers(role["rules"], *rule), f"{call} needs {rule}"
-    assert grants(role["rules"]) == set(AUTOSCALER_CALLS.values())
+    assert grants(role["rules"]) == set(needed.values())
+    named = [rule for rule in role["rules"] if rule["apiGroups"] == ["apps"]]
+    expected_name = (target or "deployment/vllm").split("/")[1]
+    assert all(rule["resourceNames"] == [expected_name] for rule in named)
+
+
+def test_autoscaler_target_must_be_a_kubernetes_workload() -> None:
+    with pytest.raises(ValuesError, match="deployment/NAME or statefulset/NAME"):
+        autoscaler.render(values({"autoscaler": {"settings": {"target": "local"}}}))
 
 
 def test_autoscaler_binding_names_its_account_in_the_namespace() -> None:
@@ -442,7 +467,7 @@ def test_service_monitors_select_a_service_port_that_exists() -> None:
 
 
 def test_pod_monitors_scrape_the_cache_and_the_engines() -> None:
-    objs = monitoring.render(values())
+    objs = monitoring.render(values({"engine": {"loader": {"uri": "s3://models/qwen3/"}}}))
     monitors = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PodMonitor"}
     assert set(monitors) == {"shoal-cache", "shoal-engine"}
     cache = monitors["shoal-cache"]["spec"]
