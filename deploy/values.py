@@ -359,7 +359,14 @@ def _build(cls: type[T], raw: Mapping[str, Any], path: str) -> T:
 
 def parse_values(document: Mapping[str, Any] | None) -> Values:
     """Values from a parsed YAML mapping (None or {} = every default)."""
-    return _build(Values, document or {}, "")
+    values = _build(Values, document or {}, "")
+    for key in ("run_as_user", "run_as_group"):
+        if getattr(values, key) <= 0:
+            raise ValuesError(
+                f"{key} must be a non-root id (every pod runs with runAsNonRoot; the arena "
+                "and sockets belong to that one id), e.g. 10001"
+            )
+    return values
 
 
 def _set(document: dict[str, Any], assignment: str) -> None:

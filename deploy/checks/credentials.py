@@ -33,6 +33,7 @@ def _secret_uses(pod: PodTemplate) -> list[tuple[str, str | None, str]]:
     """(secret, key or None for the whole Secret, how) for each reference in the pod."""
     uses: list[tuple[str, str | None, str]] = []
     mounted: dict[str, str] = {}  # volume name -> secret name
+    item_paths: dict[str, dict[str, str]] = {}  # volume name -> {path in volume: key}
     for volume in pod.spec.get("volumes") or []:
         sources = [volume] + [s for s in (volume.get("projected") or {}).get("sources") or []]
         for source in sources:
@@ -44,6 +45,7 @@ def _secret_uses(pod: PodTemplate) -> list[tuple[str, str | None, str]]:
             uses += [(name, str(i["key"]), f"volume {volume['name']}") for i in items]
             uses += [] if items else [(name, None, f"volume {volume['name']}")]
             mounted[volume["name"]] = name
+            item_paths[volume["name"]] = {str(i["path"]): str(i["key"]) for i in items}
     for container in all_containers(pod.spec):
         for source in container.get("envFrom") or []:
             if "secretRef" in source:
@@ -57,12 +59,33 @@ def _secret_uses(pod: PodTemplate) -> list[tuple[str, str | None, str]]:
             for m in container.get("volumeMounts") or []
             if m.get("name") in mounted
         }
-        for name, text in env_of(container).items():  # a file of a mounted Secret = its key
+        for name, text in env_of(container).items():  # a file of a mounted Secret: its key
             for path, volume in paths.items():
                 if is_under(text, path) and text != path:
-                    key = text[len(path.rstrip("/")) + 1 :].split("/")[0]
-                    uses.append((mounted[volume], key, f"env {name}"))
+                    relative = text[len(path.rstrip("/")) + 1 :]
+                    uses += [
+                        (mounted[volume], key, f"env {name}")
+                        for key in _keys_at(relative, item_paths.get(volume, {}))
+                    ]
     return uses
+
+
+def _keys_at(relative: str, items: dict[str, str]) -> list[str]:
+    """The Secret keys a file path in its volume names: through ``items`` when the volume
+    maps them (a ``$(VAR)`` in the path, expanded by the kubelet per pod, matches any item
+    path of that shape), else the path's first part (a whole Secret mounted as files). A
+    path no item maps comes back as itself, so the listing check names it."""
+    if not items:
+        return [relative.split("/", maxsplit=1)[0]]
+    if "$(" in relative:
+        pattern = re.compile(
+            "".join(".+" if part.startswith("$(") else re.escape(part)
+                    for part in re.split(r"(\$\([A-Za-z_][A-Za-z0-9_]*\))", relative))
+        )  # fmt: skip
+        matched = [key for path, key in items.items() if pattern.fullmatch(path)]
+    else:
+        matched = [items[relative]] if relative in items else []
+    return matched or [relative]
 
 
 def listed_secrets(objects: list[Obj], values: Values) -> list[Problem]:
