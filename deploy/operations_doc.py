@@ -75,14 +75,14 @@ RUNBOOK: dict[str, str] = {
         'behind `ssd_dir` (`dmesg`, SMART, free space). Set `ssd_dir = ""` and restart the '
         "daemon to run without the SSD tier until the disk is replaced."
     ),
-    "ShoalCacheClusterMemberMissing": (
+    "ShoalCacheClusterPeerMissing": (
         "Fewer live peers than cache daemons. A member silent for "
         "`cluster_member_timeout_s` is dropped with its index entries. Check the missing "
         "node's pod, that NetworkPolicies admit the cluster port and the stream port (port "
         "+ 1) between cache pods, and `shoal_kvcache_cluster_messages_dropped_total` by "
         "reason on the peers (`forbidden`: its key is not in `members/`)."
     ),
-    "ShoalCacheClusterForbidden": (
+    "ShoalCacheClusterUnauthorized": (
         "Peers drop cluster messages as `forbidden` or `impersonation`: a key not in the "
         "allow-lists, or a key speaking in another member's name. During a key rotation "
         "this is expected until every node has the new `members/` files (they are re-read "
@@ -101,20 +101,20 @@ RUNBOOK: dict[str, str] = {
         "replicas; `kubectl -n shoal logs` the pod. A start error naming Redis or the API "
         "keys file means the Secret or the Redis Service is missing."
     ),
-    "ShoalRouterRejecting": (
+    "ShoalRouterNoEngine": (
         "The router refuses requests itself (`shoal_router_rejected_total` by `reason`): "
         "`no_engine_available` (no ready engine: see the engines and the autoscaler), "
         "`saturated` (every engine at `max_in_flight_per_engine`: scale out), "
         "`rate_limited` (a user's or model's limit), `hold_timeout`/`hold_full` (scale "
         "from zero did not bring an engine in time)."
     ),
-    "ShoalRouterUpstreamErrors": (
+    "ShoalRouterErrorRate": (
         "Engines fail requests (`shoal_router_upstream_errors_total` by engine and kind). "
         "One engine: look at its logs and at `shoal_gpu_healthy` for its node; the circuit "
         "breaker takes it out meanwhile. Every engine: suspect the model, a bad rollout, or "
         "the network between router and engines."
     ),
-    "ShoalRouterBreakerOpen": (
+    "ShoalRouterEngineBreakerOpen": (
         "An engine's circuit breaker is open: the router sends it nothing until the "
         "cooldown's probe succeeds. Check that engine (logs, `/health`, its GPU); a "
         "breaker that keeps reopening means the engine should be replaced."
@@ -130,12 +130,18 @@ RUNBOOK: dict[str, str] = {
         "`wrong-model`, a `max_replicas` of 0, or engine pods stuck Pending (no GPU "
         "capacity, image pull) leave them held until `hold_timeout_s`."
     ),
+    "ShoalAutoscalerAtMaxReplicas": (
+        "Demand has wanted every allowed replica for 15 minutes: requests queue in the "
+        "engines (`vllm:num_requests_waiting`) and TTFT grows. Raise `max_replicas` if the "
+        "cluster has the GPUs (engine pods Pending means it has not), or shed load with the "
+        "router's per-user limits (`user_rpm`, `user_tpm`)."
+    ),
     "ShoalAutoscalerDown": (
         "The autoscaler is not scraped: the engine Deployment keeps its current replicas "
         "and scale from zero stops. Check its pod and its ServiceAccount's RBAC "
         "(`deployments/scale`, `statefulsets/scale`)."
     ),
-    "ShoalAutoscalerErrors": (
+    "ShoalAutoscalerActuatorErrors": (
         "Scrapes, the policy or the actuator fail (`shoal_autoscale_scrape_failures_total`, "
         "`_policy_errors_total`, `_actuator_errors_total`). Actuator errors are usually "
         "RBAC or a wrong `target`; scrape failures an engine or router port the "
@@ -155,7 +161,7 @@ RUNBOOK: dict[str, str] = {
         "a GPU reset; 64 and 79 need the node drained; an unknown code counts as critical. "
         "`GET /v1/gpus` shows the remedy the watcher chose."
     ),
-    "ShoalLoaderErrors": (
+    "ShoalLoaderStagingFailures": (
         "Loader sidecar calls end in errors (`shoal_loader_errors_total` by `kind`): "
         "`CapacityExceeded` (raise the loader's `capacity_bytes`; the engine pod's "
         "`/dev/shm` grows with it), `AccessDenied`/`ObjectNotFound` (the weights URI or the "

@@ -20,7 +20,9 @@
     auth_beyond_loopback (i) a ``SHOAL_*_HOST`` beyond loopback has its auth (token file, API
                      keys, CurveZMQ dir) or its explicit insecure flag
 
-(h) alerts against a metric catalogue is not checked: there is no catalogue module yet.
+    alert_metrics    (h) every ``shoal_*`` series a rendered PrometheusRule reads is a metric
+                     of the catalogue generated from the code (deploy/metrics_catalogue.py;
+                     a histogram's ``_bucket``/``_sum``/``_count`` count as the histogram)
 Pods are found by their ``app.kubernetes.io/component`` label (``cache``, ``engine``) and
 containers by their command (``shoal <component> ...``), the conventions of deploy/objects.py.
 (d) lives in services.py, (g) and (i) in credentials.py; this module runs them all.
@@ -44,6 +46,7 @@ from shoal.config import parse_size
 __all__ = [
     "CONTRACTS",
     "SECTIONS",
+    "alert_metrics",
     "auth_beyond_loopback",
     "contract_problems",
     "dialed_services",
@@ -384,6 +387,33 @@ def _dev_shm_size(pod: PodTemplate, path: str) -> int | None:
     return None
 
 
+_SERIES = re.compile(r"\bshoal_[a-z0-9_]+")
+
+
+def alert_metrics(objects: list[Obj], values: Values) -> list[Problem]:
+    from deploy.metrics_catalogue import catalogue
+
+    known: set[str] = set()
+    for metric in catalogue():
+        known.add(metric.name)
+        if metric.type in ("histogram", "summary"):
+            known.update(f"{metric.name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
+    problems: list[Problem] = []
+    for obj in objects:
+        if obj.get("kind") != "PrometheusRule":
+            continue
+        where = f"PrometheusRule/{obj['metadata'].get('namespace')}/{obj['metadata']['name']}"
+        for group in obj.get("spec", {}).get("groups", []):
+            for rule in group.get("rules", []):
+                for series in sorted(set(_SERIES.findall(str(rule.get("expr", ""))))):
+                    if series not in known:
+                        problems.append(_problem(where, (
+                            f"{rule.get('alert') or rule.get('record')}: {series} is not a "
+                            "metric Shoal exports (deploy/metrics_catalogue.py)"
+                        )))  # fmt: skip
+    return problems
+
+
 CONTRACTS: tuple[Callable[[list[Obj], Values], list[Problem]], ...] = (
     one_uid,
     one_shm_path,
@@ -393,6 +423,7 @@ CONTRACTS: tuple[Callable[[list[Obj], Values], list[Problem]], ...] = (
     memory,
     listed_secrets,
     auth_beyond_loopback,
+    alert_metrics,
 )
 
 

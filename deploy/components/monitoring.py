@@ -63,7 +63,8 @@ class Alert:
     summary: str
     metrics_used: tuple[str, ...]  # every shoal_* name in expr, as Prometheus stores it
     description: str
-    needs: str  # what must be rendered: cache, cluster, router, autoscaler, health, loader
+    needs: str  # what must be rendered: cache, cluster, router, autoscaler, health, loader,
+    #             engine_events (KV events on), connector (the engines' connector on)
 
     @property
     def anchor(self) -> str:
@@ -113,6 +114,33 @@ ALERTS: tuple[Alert, ...] = (
             "(compare shoal_kvcache_leases and shoal_kvcache_reservations with capacity)."
         ),
         needs="cache",
+    ),
+    Alert(
+        name="ShoalCacheIOErrors",
+        expr="increase(shoal_kvcache_io_errors_total[15m]) > 0",
+        for_="0m",
+        severity="warning",
+        summary="Cache daemon {{ $labels.pod }} has SSD tier I/O errors",
+        metrics_used=("shoal_kvcache_io_errors_total",),
+        description=(
+            "SSD tier reads or writes failed and the blocks involved were dropped (misses, "
+            "not errors). The disk behind ssd_dir is failing or full."
+        ),
+        needs="cache",
+    ),
+    Alert(
+        name="ShoalCacheEngineFeedDown",
+        expr="shoal_kvcache_engine_connected == 0",
+        for_="10m",
+        severity="warning",
+        summary="Cache daemon {{ $labels.pod }} hears nothing from engine {{ $labels.engine }}",
+        metrics_used=("shoal_kvcache_engine_connected",),
+        description=(
+            "The daemon is not connected to an engine's KV-event publisher: lookups and the "
+            "router no longer know what that engine holds on its GPU (prefix-aware routing "
+            "degrades to the daemons' tiers)."
+        ),
+        needs="engine_events",
     ),
     Alert(
         name="ShoalCacheClusterPeerMissing",
@@ -165,6 +193,19 @@ ALERTS: tuple[Alert, ...] = (
         needs="router",
     ),
     Alert(
+        name="ShoalRouterDown",
+        expr='up{job="shoal-router"} == 0',
+        for_="5m",
+        severity="critical",
+        summary="Router replica {{ $labels.pod }} does not answer scrapes",
+        metrics_used=(),
+        description=(
+            "Clients behind the router's Service reach the other replicas; with every replica "
+            "down the API is down."
+        ),
+        needs="router",
+    ),
+    Alert(
         name="ShoalRouterErrorRate",
         expr=(
             'sum by (job) (rate(shoal_router_requests_total{status=~"5.."}[5m])) '
@@ -195,6 +236,32 @@ ALERTS: tuple[Alert, ...] = (
         needs="router",
     ),
     Alert(
+        name="ShoalRouterSharedStateDegraded",
+        expr="max by (part) (shoal_router_shared_state_degraded) == 1",
+        for_="5m",
+        severity="warning",
+        summary="Router replicas cannot reach Redis ({{ $labels.part }})",
+        metrics_used=("shoal_router_shared_state_degraded",),
+        description=(
+            "Each replica decides on its own view: in-flight counts and rate limits are per "
+            "replica until Redis answers again."
+        ),
+        needs="router",
+    ),
+    Alert(
+        name="ShoalRouterRequestsHeld",
+        expr="sum by (model) (shoal_router_held_requests) > 0",
+        for_="5m",
+        severity="warning",
+        summary="Requests for {{ $labels.model }} wait for a first engine",
+        metrics_used=("shoal_router_held_requests",),
+        description=(
+            "Scale from zero is not producing an engine: requests are held until "
+            "hold_timeout_s and then answered 503."
+        ),
+        needs="router",
+    ),
+    Alert(
         name="ShoalAutoscalerAtMaxReplicas",
         expr="max(shoal_autoscale_desired_replicas) >= $MAX_REPLICAS",
         for_="15m",
@@ -204,6 +271,19 @@ ALERTS: tuple[Alert, ...] = (
         description=(
             "Load would take more engines than max_replicas allows: latency SLOs are at risk. "
             "Raise autoscaler max_replicas (and check there are GPUs for them) or shed load."
+        ),
+        needs="autoscaler",
+    ),
+    Alert(
+        name="ShoalAutoscalerDown",
+        expr='up{job="shoal-autoscaler"} == 0',
+        for_="5m",
+        severity="warning",
+        summary="The autoscaler does not answer scrapes",
+        metrics_used=(),
+        description=(
+            "The engine Deployment keeps its current replicas and scale from zero stops until "
+            "the controller is back."
         ),
         needs="autoscaler",
     ),
@@ -236,6 +316,19 @@ ALERTS: tuple[Alert, ...] = (
         needs="health",
     ),
     Alert(
+        name="ShoalGpuXidErrors",
+        expr="increase(shoal_gpu_xid_events_total[10m]) > 0",
+        for_="0m",
+        severity="warning",
+        summary="GPU {{ $labels.node }}/gpu{{ $labels.gpu }} reported XID {{ $labels.xid }}",
+        metrics_used=("shoal_gpu_xid_events_total",),
+        description=(
+            "NVML reported an XID event. The watcher's table classes each code; a critical "
+            "one also makes the GPU unhealthy (ShoalGpuUnhealthy)."
+        ),
+        needs="health",
+    ),
+    Alert(
         name="ShoalLoaderStagingFailures",
         expr='increase(shoal_loader_stagings_total{outcome="failed"}[15m]) > 0',
         for_="0m",
@@ -248,6 +341,23 @@ ALERTS: tuple[Alert, ...] = (
             "--load-format shoal until it succeeds."
         ),
         needs="loader",
+    ),
+    Alert(
+        name="ShoalConnectorDaemonUnavailable",
+        expr=(
+            "sum by (pod) "
+            '(rate(shoal_connector_failures_total{reason="daemon_unavailable"}[5m])) > 0'
+        ),
+        for_="10m",
+        severity="warning",
+        summary="Engine {{ $labels.pod }} cannot reach its node's cache daemon",
+        metrics_used=("shoal_connector_failures_total",),
+        description=(
+            "The engine serves without the cache (every prefix recomputed). The daemon is "
+            "down on that node, or the engine pod does not share its host directories or its "
+            "user."
+        ),
+        needs="connector",
     ),
 )
 
@@ -266,6 +376,8 @@ def _alert_on(values: Values, needs: str) -> bool:
         "autoscaler": values.autoscaler.enabled,
         "health": values.health.enabled,
         "loader": _loader_runs(values),
+        "engine_events": values.cache.enabled and values.engine.enabled and values.engine.kv_events,
+        "connector": values.cache.enabled and values.engine.enabled and values.engine.connector,
     }[needs]
 
 

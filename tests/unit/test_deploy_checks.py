@@ -592,6 +592,21 @@ class TestContracts:
             "SHOAL_CACHE_CLUSTER_CURVE_DIR (or SHOAL_CACHE_CLUSTER_INSECURE=true)"
         ]
 
+    def test_h_an_alert_on_a_metric_shoal_does_not_export(self, values: Values) -> None:
+        rule = {
+            "apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+            "metadata": {"name": "shoal", "namespace": "shoal"},
+            "spec": {"groups": [{"name": "shoal", "rules": [
+                {"alert": "Good", "expr": "rate(shoal_kvcache_no_space_total[5m]) > 0"},
+                {"alert": "Hist", "expr": "histogram_quantile(0.9, shoal_router_held_seconds_bucket)"},
+                {"alert": "Bad", "expr": "rate(shoal_kvcache_no_spaces_total[5m]) > 0"},
+            ]}]},
+        }  # fmt: skip
+        assert [p.message for p in c.alert_metrics([rule], values)] == [
+            "Bad: shoal_kvcache_no_spaces_total is not a metric Shoal exports "
+            "(deploy/metrics_catalogue.py)"
+        ]
+
     def test_i_an_explicit_insecure_flag_is_enough(self, stack: list[Obj], values: Values) -> None:
         router = _pod(stack, "Deployment", "shoal-router")["containers"][0]
         router["env"][1] = {"name": "SHOAL_ROUTER_INSECURE_NO_AUTH", "value": "true"}
