@@ -27,6 +27,7 @@ unless the caller opts out (``crds=False``, ``shoal deploy check --skip-crds``);
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -50,7 +51,22 @@ Obj = dict[str, Any]
 
 CRD_GROUP = "monitoring.coreos.com"
 CRD_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
-INSTALL_DIR = Path(__file__).resolve().parents[2] / ".cache" / "deploy-check"
+
+
+def _install_dir() -> Path:
+    """Where scripts/setup-deploy-check put the models: ``SHOAL_DEPLOY_CHECK_DIR``, else a
+    source checkout's ``.cache/deploy-check``, else ``$XDG_CACHE_HOME/shoal/deploy-check``
+    (an installed shoal: ``npm install --prefix`` that directory)."""
+    if configured := os.environ.get("SHOAL_DEPLOY_CHECK_DIR"):
+        return Path(configured)
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / ".cache" / "deploy-check"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "shoal" / "deploy-check"
+
+
+INSTALL_DIR = _install_dir()
 VALIDATOR = Path(__file__).resolve().with_name("crd_validate.mjs")
 NODE_TIMEOUT_S = 60.0
 
