@@ -90,7 +90,7 @@ class RouterSettings:
     hold_timeout_s: float = setting(
         120.0,
         "scale from zero: seconds a request waits for a first engine of its model (with "
-        "--discovery dns, k8s or file, or --autoscaler-url); 0 = answer 503 at once",
+        "--discovery dns, k8s, file or http, or --autoscaler-url); 0 = answer 503 at once",
     )
     hold_max_requests: int = setting(
         256, "scale from zero: requests held at most, all models together (503 beyond)"
