@@ -17,7 +17,7 @@ Layout (issue 12)::
       limits.py       per-user RPM/TPM and per-model RPS: in memory or Redis
       precise.py      the cluster index through the local cache daemon: which engine
                       holds which prefix on its GPU, in its node's cache or on a peer
-      discovery.py    static, dns, k8s (EndpointSlices) and file engine lists
+      discovery.py    static, dns, k8s (EndpointSlices), file and http engine lists
       hold.py         requests held while no engine serves their model (scale from
                       zero, issue 13): bounded FIFOs with deadlines, the wake gate
       wake.py         asking the autoscaler for an engine while requests are held

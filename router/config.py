@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from control.health.targets import check_watcher_url
 from shoal.config import setting
 
 __all__ = ["DISCOVERY_KINDS", "RouterSettings"]
 
-DISCOVERY_KINDS = ("static", "dns", "k8s", "file")
+DISCOVERY_KINDS = ("static", "dns", "k8s", "file", "http")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,13 +30,19 @@ class RouterSettings:
         "",
         "comma-separated engines: URL[=NODE/gpuI] (static; NODE/gpuI = the engine's "
         "cache-daemon stream), http://NAME:PORT (dns), [NAMESPACE/]SERVICE[:PORT_NAME]"
-        "[@GPU_TYPE] (k8s)",
+        "[@GPU_TYPE] (k8s), the discovery URL (http: shoal engines serve's "
+        "http://HOST:8093/v1/discovery)",
     )
-    discovery: str = setting("static", "how engines are found: static, dns, k8s or file")
+    discovery: str = setting("static", "how engines are found: static, dns, k8s, file or http")
     discovery_file: str = setting(
         "", "file discovery: JSON or YAML list of {url, stream?, gpu_type?}; re-read on change"
     )
-    discovery_interval_s: float = setting(5.0, "seconds between discovery reads (dns, k8s, file)")
+    discovery_interval_s: float = setting(
+        5.0, "seconds between discovery reads (dns, k8s, file, http)"
+    )
+    discovery_token_file: str = setting(
+        "", "http discovery: file holding the bearer token its URL requires (the fleet's)"
+    )
     strategy: str = setting("shoal", "default routing strategy or weighted mix (a:2,b:1)")
     workers: int = setting(1, "processes sharing the port (SO_REUSEPORT), each its own pool")
     redis: str = setting("", "Redis URL for state shared between router replicas; empty = memory")
@@ -83,7 +90,7 @@ class RouterSettings:
     hold_timeout_s: float = setting(
         120.0,
         "scale from zero: seconds a request waits for a first engine of its model (with "
-        "--discovery dns, k8s or file, or --autoscaler-url); 0 = answer 503 at once",
+        "--discovery dns, k8s, file or http, or --autoscaler-url); 0 = answer 503 at once",
     )
     hold_max_requests: int = setting(
         256, "scale from zero: requests held at most, all models together (503 beyond)"
@@ -122,9 +129,10 @@ class RouterSettings:
     )
     gpu_health: str = setting(
         "",
-        "GPU health watchers (shoal health watch) to poll, URL[,URL...]: an engine one of "
-        "whose GPUs (discovery's gpus, else its stream) is unhealthy gets no new requests; "
-        "empty = none",
+        "GPU health watchers (shoal health watch) to poll, URL[,URL...]; dns+http://NAME:PORT "
+        "= every address NAME resolves to, re-resolved each poll (a headless Service): an "
+        "engine one of whose GPUs (discovery's gpus, else its stream) is unhealthy gets no "
+        "new requests; empty = none",
     )
     gpu_health_token_file: str = setting(
         "", "file holding the bearer token the watchers' /v1/gpus requires"
@@ -184,6 +192,11 @@ class RouterSettings:
             )
         if self.discovery == "file" and not self.discovery_file:
             raise ValueError("discovery file needs discovery_file (--discovery-file F)")
+        if self.discovery == "http" and not self.engines.startswith(("http://", "https://")):
+            raise ValueError(
+                "discovery http needs engines = the discovery URL (--engines "
+                "http://FLEET:8093/v1/discovery)"
+            )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} must be 0..65535")
         if self.workers < 1:
@@ -235,8 +248,7 @@ class RouterSettings:
             if url and not url.startswith(("http://", "https://")):
                 raise ValueError(f"{name} {url!r} must be http(s)://HOST:PORT")
         for url in self.gpu_health_urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"gpu_health {url!r} must be http(s)://HOST:PORT[,...]")
+            check_watcher_url(url, "gpu_health")  # ValueError naming the two forms
 
     @property
     def gpu_health_urls(self) -> tuple[str, ...]:

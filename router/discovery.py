@@ -1,4 +1,4 @@
-"""Where the router's engines come from: one ``Discovery`` protocol, four sources.
+"""Where the router's engines come from: one ``Discovery`` protocol, five sources.
 
 Invariant: ``await engines()`` returns the whole current list of engines, sorted by URL
 and de-duplicated, and never raises after construction. A source that cannot be read
@@ -28,20 +28,25 @@ look up for the first three)::
     file    --discovery-file engines.yaml                           a JSON or YAML list of
             ``{url, stream?, gpu_type?, gpus?}`` (or bare URL strings), re-read when its
             mtime or size changes
+    http    --engines http://shoal-engines-fleet.ns.svc:8093/v1/discovery
+            --discovery-token-file T                              the same list as JSON from
+            ``GET URL`` (``shoal engines serve`` publishes its ready groups there: the file
+            a router in another pod cannot read), bearer token from T, at most
+            ``MAX_DISCOVERY_BYTES``; polled every interval, never cached by mtime
 
 Streams (``<node>/gpu<i>``, the cache daemon's name for an engine's GPU) come only from
-static and file sources; dns and k8s engines have none (precise routing then sees no GPU
-prefix for them, and falls back to node-cache and approximate signals). GPU types
-(``"gpu_type": "A100"``, the placement plan's names, issue 14) come from file entries (the
-placement planner's local pools write them) and from ``@GPU_TYPE`` after a k8s Service
-(one Service per Kubernetes pool); static ``--engines`` has no spelling for them
+static, file and http sources; dns and k8s engines have none (precise routing then sees no
+GPU prefix for them, and falls back to node-cache and approximate signals). GPU types
+(``"gpu_type": "A100"``, the placement plan's names, issue 14) come from file and http
+entries (the placement planner's local pools write them) and from ``@GPU_TYPE`` after a
+k8s Service (one Service per Kubernetes pool); static ``--engines`` has no spelling for them
 (``URL=NODE/gpuI`` is taken by the stream), so static engines have none: the ``slo``
 strategy then ignores the plan for them.
 
 GPUs (``"gpus": ["node-a/gpu0", "node-a/gpu1"]``, the ``NODE/gpuI`` names the health
-watchers report, issue 15) come from file entries (the Ray fleet writes them for its
-groups); an engine with a stream and no ``gpus`` runs on its stream's GPU (so static
-``--engines URL=NODE/gpuI`` names one). A ``gpus`` value that is not a list of at most
+watchers report, issue 15) come from file and http entries (the Ray fleet publishes them
+for its groups); an engine with a stream and no ``gpus`` runs on its stream's GPU (so
+static ``--engines URL=NODE/gpuI`` names one). A ``gpus`` value that is not a list of at most
 ``MAX_ENGINE_GPUS`` such names makes the file malformed, like any other bad entry. dns and
 k8s engines have none: the router never takes them out for GPU health; on Kubernetes the
 health watcher cordons the node (``shoal health watch --cordon``) and the engine's pod is
@@ -68,16 +73,22 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import aiohttp
+
 from kvcache.cluster.discovery import DiscoveryError, _load_configuration, format_address
 from router.types import EngineSpec
+from shoal.bodies import read_capped
+from shoal.config import read_secret
 from shoal.errors import ConfigError
 
 __all__ = [
     "DISCOVERY_KINDS",
+    "MAX_DISCOVERY_BYTES",
     "MAX_ENGINE_GPUS",
     "Discovery",
     "DnsDiscovery",
     "FileDiscovery",
+    "HttpDiscovery",
     "KubernetesDiscovery",
     "MergedDiscovery",
     "StaticDiscovery",
@@ -87,11 +98,15 @@ __all__ = [
 
 log = logging.getLogger("shoal." + __name__)
 
-DISCOVERY_KINDS = ("static", "dns", "k8s", "file")
+DISCOVERY_KINDS = ("static", "dns", "k8s", "file", "http")
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
 """``(host, port) -> addresses``: what ``DnsDiscovery`` calls (tests inject one)."""
+
+Fetch = Callable[[], Awaitable[tuple[int, bytes | None]]]
+"""``() -> (status, body or None when over the cap)``: ``HttpDiscovery``'s GET (tests
+inject one)."""
 
 
 class Discovery(Protocol):
@@ -355,34 +370,39 @@ class FileDiscovery(_Polled):
         except UnicodeDecodeError:
             raise _ReadFailed(f"{self.path} is not UTF-8 text") from None
         self._stamp = (stat.st_mtime_ns, stat.st_size)  # a bad version is not re-parsed
-        document = _parse_document(text, self.path)
-        if not isinstance(document, list):
-            raise _ReadFailed(f"{self.path} must hold a list of {{url, stream}} entries")
-        specs: list[EngineSpec] = []
-        for index, item in enumerate(document):
-            where = f"{self.path} entry {index}"
-            entry = {"url": item} if isinstance(item, str) else item
-            if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
-                raise _ReadFailed(f"{where} must be a URL or an object with a 'url' string")
-            unknown = set(entry) - {"url", "stream", "gpu_type", "gpus"}
-            stream, gpu_type = entry.get("stream", ""), entry.get("gpu_type", "")
-            if unknown or not isinstance(stream, str) or not isinstance(gpu_type, str):
-                raise _ReadFailed(
-                    f"{where}: only 'url' and a 'stream' string, a 'gpu_type' string and "
-                    "a 'gpus' list of NODE/gpuI names are allowed"
+        return _parse_entries(_parse_document(text, self.path), str(self.path))
+
+
+def _parse_entries(document: Any, source: str) -> list[EngineSpec]:
+    """A parsed discovery document (the file's, or ``GET /v1/discovery``'s) -> specs;
+    ``_ReadFailed`` naming ``source`` and the first bad entry."""
+    if not isinstance(document, list):
+        raise _ReadFailed(f"{source} must hold a list of {{url, stream}} entries")
+    specs: list[EngineSpec] = []
+    for index, item in enumerate(document):
+        where = f"{source} entry {index}"
+        entry = {"url": item} if isinstance(item, str) else item
+        if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
+            raise _ReadFailed(f"{where} must be a URL or an object with a 'url' string")
+        unknown = set(entry) - {"url", "stream", "gpu_type", "gpus"}
+        stream, gpu_type = entry.get("stream", ""), entry.get("gpu_type", "")
+        if unknown or not isinstance(stream, str) or not isinstance(gpu_type, str):
+            raise _ReadFailed(
+                f"{where}: only 'url' and a 'stream' string, a 'gpu_type' string and "
+                "a 'gpus' list of NODE/gpuI names are allowed"
+            )
+        try:
+            specs.append(
+                EngineSpec(
+                    _check_url(entry["url"], where),
+                    _check_stream(stream, where),
+                    _check_gpu_type(gpu_type, where),
+                    _check_gpus(entry.get("gpus", []), where),
                 )
-            try:
-                specs.append(
-                    EngineSpec(
-                        _check_url(entry["url"], where),
-                        _check_stream(stream, where),
-                        _check_gpu_type(gpu_type, where),
-                        _check_gpus(entry.get("gpus", []), where),
-                    )
-                )
-            except ValueError as exc:
-                raise _ReadFailed(str(exc)) from None
-        return specs
+            )
+        except ValueError as exc:
+            raise _ReadFailed(str(exc)) from None
+    return specs
 
 
 def _parse_document(text: str, path: Path) -> Any:
@@ -399,6 +419,70 @@ def _parse_document(text: str, path: Path) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise _ReadFailed(f"{path} is not valid YAML: {exc}") from None
+
+
+MAX_DISCOVERY_BYTES = 4 << 20  # ~20k entries with a 64-GPU list each; a bigger reply is refused
+
+
+class HttpDiscovery(_Polled):
+    """``GET URL`` (``shoal engines serve``'s ``/v1/discovery``, or anything serving the
+    file format as JSON) every ``interval_s``, with ``Authorization: Bearer TOKEN`` when a
+    token is given. The reply is parsed exactly as a discovery file's entries. A refused
+    connection, a timeout, a non-200, a body over ``MAX_DISCOVERY_BYTES`` or a malformed
+    list: the last good list stays (``_Polled``). The first read happens at the first
+    ``engines()`` and may fail like any other: the fleet may start after the router.
+    ``fetch`` replaces the HTTP call in tests (``_get`` is the real one)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str = "",
+        interval_s: float = 5.0,
+        timeout_s: float = 5.0,
+        log_interval_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        fetch: Fetch | None = None,
+    ) -> None:
+        super().__init__(interval_s=interval_s, log_interval_s=log_interval_s, clock=clock)
+        try:
+            self.url = _check_url(url, "--discovery http")
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (give --engines http://FLEET:8093/v1/discovery)") from None
+        if not urlsplit(self.url).path:
+            self.url += "/v1/discovery"  # the base URL of shoal engines serve
+        self.what = f"discovery URL {self.url}"
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        self._fetch: Fetch = fetch if fetch is not None else self._get
+
+    async def _get(self) -> tuple[int, bytes | None]:
+        """``GET url`` over aiohttp: (status, body or None over the cap)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        async with self._session.get(self.url) as reply:
+            return reply.status, await read_capped(reply, MAX_DISCOVERY_BYTES)
+
+    async def _read(self) -> list[EngineSpec]:
+        try:
+            status, body = await self._fetch()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _ReadFailed(f"unreachable: {exc!r}") from None
+        if status != 200:
+            raise _ReadFailed(f"answered {status} {(body or b'')[:200].decode(errors='replace')}")
+        if body is None:
+            raise _ReadFailed(f"the answer is over {MAX_DISCOVERY_BYTES} bytes")
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # JSON, UTF-8; nested too deep
+            raise _ReadFailed(f"not JSON: {exc}") from None
+        return _parse_entries(document, self.url)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 class KubernetesDiscovery(_Polled):
@@ -533,10 +617,16 @@ class MergedDiscovery:
 
 
 def make_discovery(
-    kind: str, *, engines: str = "", discovery_file: str = "", interval_s: float = 5.0
+    kind: str,
+    *,
+    engines: str = "",
+    discovery_file: str = "",
+    interval_s: float = 5.0,
+    token_file: str = "",
 ) -> Discovery:
-    """The source ``--discovery KIND`` names, from ``--engines`` / ``--discovery-file``
-    (module docstring); ``ConfigError`` naming what is missing or malformed."""
+    """The source ``--discovery KIND`` names, from ``--engines`` / ``--discovery-file`` /
+    ``--discovery-token-file`` (module docstring); ``ConfigError`` naming what is missing
+    or malformed."""
     items = [item.strip() for item in engines.split(",") if item.strip()]
     if kind == "static":
         if not items:
@@ -568,4 +658,10 @@ def make_discovery(
         if not discovery_file:
             raise ConfigError("--discovery file needs --discovery-file F")
         return FileDiscovery(discovery_file, interval_s=min(interval_s, 1.0))
+    if kind == "http":
+        if len(items) != 1:
+            raise ConfigError("--discovery http needs one --engines URL (its /v1/discovery)")
+        token = read_secret(token_file, "--discovery-token-file") if token_file else ""
+        return HttpDiscovery(items[0], token=token, interval_s=interval_s,
+                             timeout_s=min(interval_s, 5.0))  # fmt: skip
     raise ConfigError(f"--discovery {kind!r} must be one of {', '.join(DISCOVERY_KINDS)}")

@@ -17,6 +17,13 @@
     then: a report not confirmed for 3 intervals is forgotten (logged); the union of the
     remaining reports' unhealthy GPUs is handed to ``on_change`` when it changed.
 
+A ``dns+http://NAME:PORT`` item (the watchers' headless Service on Kubernetes) stands for
+every address NAME resolves to, re-resolved before each round
+(``control.health.targets.WatcherTargets``: the loop's resolver thread, the last good
+answer kept when DNS fails); each address is a watcher of its own. One that leaves the
+answer is no longer polled and its report is forgotten like any watcher unreadable for 3
+intervals; once forgotten, it is dropped from ``status()`` too.
+
 Invariant: ``unhealthy_gpus()`` is the union of ``NodeHealth.unhealthy_gpus()`` (``NODE/
 gpuI`` names: a GPU with a critical problem, or every GPU of a node with a critical
 node-level problem) over the reports each watcher answered successfully within the last
@@ -64,6 +71,7 @@ from typing import Any
 
 import aiohttp
 
+from control.health.targets import Resolve, WatcherTargets, getaddrinfo_addresses
 from control.health.types import NodeHealth, parse_report
 from shoal.bodies import read_capped
 
@@ -102,10 +110,14 @@ class GpuHealthPoller:
         wall: Callable[[], float] = time.time,
         on_change: Callable[[frozenset[str]], None] | None = None,
         on_poll: Callable[[str], None] | None = None,
+        resolve: Resolve = getaddrinfo_addresses,
     ) -> None:
         assert interval_s > 0, f"bad GPU health interval {interval_s}"
-        self._watchers = {url.rstrip("/"): _Watcher(url.rstrip("/")) for url in urls}
-        assert self._watchers, "GpuHealthPoller needs at least one watcher URL"
+        # dns+http:// names resolved each round; settings checked every URL (ValueError here
+        # is a bug)
+        self._targets = WatcherTargets(urls, resolve=resolve, timeout_s=min(2.0, interval_s))
+        self._watchers = {url: _Watcher(url) for url in self._targets.current_nowait()}
+        assert self._watchers or self._targets.resolves, "GpuHealthPoller needs a watcher URL"
         self.interval_s = interval_s
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = aiohttp.ClientTimeout(total=min(2.0, interval_s))
@@ -233,10 +245,17 @@ class GpuHealthPoller:
             await asyncio.sleep(self.interval_s)
 
     async def poll_once(self) -> frozenset[str]:
-        """Read every watcher once, then ``settle``; the unhealthy set."""
+        """Resolve the ``dns+`` names, read every watcher once, then ``settle``; the
+        unhealthy set."""
         self.num_polls += 1
-        await asyncio.gather(*(self._fetch(url) for url in self._watchers))
-        return self.settle()
+        urls = await self._targets.current()
+        for url in urls:
+            self._watchers.setdefault(url, _Watcher(url))
+        await asyncio.gather(*(self._fetch(url) for url in urls))
+        unhealthy = self.settle()
+        for url in [u for u, w in self._watchers.items() if u not in urls and w.report is None]:
+            del self._watchers[url]  # left DNS, and its report is forgotten: no trace left
+        return unhealthy
 
     async def _fetch(self, url: str) -> None:
         assert self._session is not None, "polls run between start() and close()"

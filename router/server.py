@@ -14,7 +14,7 @@ What is built from settings (``build_proxy``, inside the serving loop):
 * ``--cache-socket PATH``: ``router.precise``'s ``PreciseLocator.connect(PATH,
   PromptTokenizer(--tokenizer, dialect=--tokenizer-dialect), namespace=Namespace(
   --engine-model) or the daemon's, chunk_tokens=--chunk-tokens)`` (else no precise view);
-* ``--discovery dns|k8s|file``: ``router.discovery.make_discovery(...)``, whose list the
+* ``--discovery dns|k8s|file|http``: ``router.discovery.make_discovery(...)``, whose list the
   proxy copies into the pool every ``--discovery-interval-s``; static ``--engines`` is
   parsed here (``parse_engines``);
 * ``--placement-url URL``: ``router.plan.PlanPoller``, whose ``current`` plan the ``slo``
@@ -205,6 +205,7 @@ async def build_proxy(
             engines=settings.engines,
             discovery_file=settings.discovery_file,
             interval_s=settings.discovery_interval_s,
+            token_file=settings.discovery_token_file,
         )
         specs = list(await discovery.engines())
     pool = EnginePool(specs, settings)

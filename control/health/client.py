@@ -29,7 +29,10 @@ Rejected: treating a silent watcher's GPUs as unhealthy (one crashed DaemonSet p
 watcher rollout, would empty the fleet), and keeping the last answer for ever (a GPU that
 was replaced and whose watcher moved would stay blocked).
 
-A URL is the watcher's base (``http://host:8094``) or its ``/v1/gpus`` itself. With a
+A URL is the watcher's base (``http://host:8094``) or its ``/v1/gpus`` itself, or
+``dns+http://NAME:PORT``: every address NAME resolves to, re-resolved at each poll
+(``targets.py``; the watchers' headless Service on Kubernetes). An address that leaves the
+answer is no longer read, and its report goes as a silent watcher's does (above). With a
 token, requests carry ``Authorization: Bearer TOKEN``.
 """
 
@@ -43,6 +46,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from control.health.targets import Resolve, WatcherTargets, getaddrinfo_addresses
 from control.health.types import NodeHealth, parse_report
 from shoal.bodies import read_capped
 
@@ -83,9 +87,12 @@ class HealthFeed:
         timeout_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        resolve: Resolve = getaddrinfo_addresses,
     ) -> None:
         assert interval_s > 0, "a positive poll interval"
-        self.urls = tuple(dict.fromkeys(u.rstrip("/") for u in urls if u.strip()))
+        self.urls = tuple(dict.fromkeys(u.strip().rstrip("/") for u in urls if u.strip()))
+        self._targets = WatcherTargets(self.urls, resolve=resolve,
+                                       timeout_s=min(interval_s, 2.0))  # fmt: skip
         self.interval_s = interval_s
         self.stale_after_s = 3 * interval_s if stale_after_s is None else stale_after_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s or min(interval_s, 10.0))
@@ -102,7 +109,8 @@ class HealthFeed:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         self._polls += 1
-        await asyncio.gather(*(self._poll_one(url) for url in self.urls))
+        urls = await self._targets.current()  # dns+http:// names resolved now
+        await asyncio.gather(*(self._poll_one(url) for url in urls))
         self._forget_stale()
 
     async def _poll_one(self, url: str) -> None:

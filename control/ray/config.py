@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from control.health.targets import check_watcher_url
 from control.ray.types import STRATEGIES, WORKER_MODES, FleetSpec, GroupSpec
 from shoal.config import is_loopback, setting
 from shoal.errors import ConfigError
@@ -106,8 +107,9 @@ class EnginesSettings:
         "", "ready engines (url, gpus, gpu_type) written here for the router's --discovery-file"
     )
     gpu_health: str = setting(
-        "", "health watchers (shoal health watch) to poll, URL[,URL...]; groups on sick GPUs "
-        "are replaced"
+        "", "health watchers (shoal health watch) to poll, URL[,URL...]; dns+http://NAME:PORT "
+        "= every address NAME resolves to (a headless Service); groups on sick GPUs are "
+        "replaced"
     )  # fmt: skip
     gpu_health_token_file: str = setting(
         "", "file holding the health watchers' bearer token, if they have one"
@@ -182,15 +184,15 @@ class EnginesSettings:
 
 
 def gpu_health_urls(text: str) -> tuple[str, ...]:
-    """``"http://a:8094,http://b:8094"`` as URLs; ``ConfigError`` for one that is not
-    http(s)."""
-    urls = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
-    for url in urls:
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"--gpu-health {url!r}: give the watchers' base URLs, e.g. http://node-a:8094"
-            )
-    return urls
+    """``"http://a:8094,dns+http://shoal-health.ns.svc:8094"`` as URLs (a ``dns+`` one is
+    every address of its name: ``control.health.targets``); ``ConfigError`` for one that
+    is neither form."""
+    try:
+        return tuple(
+            check_watcher_url(part, "--gpu-health") for part in text.split(",") if part.strip()
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{exc}, e.g. http://node-a:8094") from None
 
 
 def check_serve(settings: EnginesSettings) -> None:

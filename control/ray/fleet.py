@@ -10,13 +10,15 @@ One round (``reconcile_once``)::
          now; ready ones leaving (scale down, rolling update) leave the discovery file now
          and stop drain_s later (requests already routed to them finish)
       -> starts (after a crash-loop backoff when new groups keep failing before ready)
-      -> the discovery file: exactly the ready groups, written atomically
+      -> the discovery list: exactly the ready groups, written atomically to the file
+         (when there is one) and served by ``discovery()`` (``GET /v1/discovery``)
 
 Invariants:
 
-* the discovery file lists exactly the groups whose last poll said ``ready`` and that
-  the fleet keeps: a group found failed, or on an unhealthy GPU, leaves it in the round
-  that saw it, before anything is stopped (the router reads ``--discovery file``); a
+* the discovery file (and ``discovery()``, the same list) lists exactly the groups
+  whose last poll said ``ready`` and that the fleet keeps: a group found failed, or on an
+  unhealthy GPU, leaves it in the round that saw it, before anything is stopped (the
+  router reads ``--discovery file`` or ``http``); a
   group whose poll timed out or failed is stale: it counts as not ready at once
   (``state()``, the rolling update's capacity), stays in the file only for the round of
   its first failed poll (one slow poll does not flap the router), and after
@@ -203,6 +205,7 @@ class EngineFleet:
         self._stopping: dict[str, asyncio.Task[None]] = {}  # background stops
         self._stop_failed: dict[str, tuple[_Member, str]] = {}  # retried every round
         self._published: list[dict[str, Any]] | None = None
+        self._listed: list[dict[str, Any]] = []  # what GET /v1/discovery serves
         self._failing_in_a_row = 0  # new groups that failed before ready since one got ready
         self._start_after = float("-inf")  # crash-loop backoff: no start before this
         self._drain_nodes_logged: set[str] = set()
@@ -441,6 +444,7 @@ class EngineFleet:
 
     def _publish(self) -> None:
         entries = [_entry(m.status, m.group.spec) for m in self._members.values() if m.listed]
+        self._listed = entries
         if self._discovery is None or entries == self._published:
             return
         try:
@@ -461,6 +465,12 @@ class EngineFleet:
             await asyncio.sleep(max(0.0, interval_s - (self._clock() - started)))
 
     # -- views -------------------------------------------------------------------------
+
+    def discovery(self) -> list[dict[str, Any]]:
+        """The discovery list as of the last round (``[{"url", "gpus", "gpu_type"?}]``,
+        exactly what the file holds when it could be written): what ``shoal engines
+        serve`` answers at ``GET /v1/discovery`` for routers that cannot read the file."""
+        return [dict(entry, gpus=list(entry["gpus"])) for entry in self._listed]
 
     def state(self) -> ReplicaState:
         ready = [m.status for m in self._members.values() if m.serving]

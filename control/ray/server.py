@@ -10,6 +10,9 @@
     POST /v1/update   {"engine_command"?, "env"?, "tp"?, "pp"?, ...} -> 202 {"revision",
                       "previous"} (a rolling update starts); 200 {"revision", "changed":
                       false} when the template is unchanged; 400 for an unknown key or value
+    GET  /v1/discovery  [{"url", "gpus", "gpu_type"?}, ...]: the ready groups, the list
+                      the discovery file holds (``EngineFleet.discovery()``), for a router
+                      that cannot read the file (``--discovery http``: another pod, host)
     GET  /metrics     shoal_engines_* (Prometheus text)
     GET  /healthz     {"ok": true}
 
@@ -95,6 +98,8 @@ class FleetLike(Protocol):
     def state(self) -> ReplicaState: ...
 
     def status(self) -> list[GroupStatus]: ...
+
+    def discovery(self) -> list[dict[str, Any]]: ...
 
     async def close(self) -> None: ...
 
@@ -242,6 +247,10 @@ async def _fleet(request: web.Request) -> web.Response:
     return web.json_response(request.app[_DAEMON].fleet_json())
 
 
+async def _discovery(request: web.Request) -> web.Response:
+    return web.json_response(request.app[_DAEMON].fleet.discovery())
+
+
 async def _scale(request: web.Request) -> web.Response:
     body = await _json_body(request)
     if isinstance(body, web.Response):
@@ -286,6 +295,7 @@ def make_app(daemon: EnginesDaemon, token: str | None = None) -> web.Application
     )
     app[_DAEMON] = daemon
     app.router.add_get("/v1/fleet", _fleet)
+    app.router.add_get("/v1/discovery", _discovery)
     app.router.add_post("/v1/scale", _scale)
     app.router.add_post("/v1/update", _update)
     app.router.add_get("/metrics", _metrics)
@@ -298,7 +308,7 @@ async def start_server(
 ) -> web.AppRunner:
     """Listen on ``host:port``; the runner to ``cleanup()``. ``ConfigError`` if it cannot."""
     runner = await start_site(make_app(daemon, token), host, port)
-    log.info("engines daemon on http://%s:%d (/v1/fleet, /v1/scale, /v1/update, /metrics)",
+    log.info("engines daemon on http://%s:%d (/v1/fleet, /v1/discovery, /v1/scale, ...)",
              host, port)  # fmt: skip
     return runner
 

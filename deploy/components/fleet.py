@@ -22,11 +22,12 @@ the Ray executor (``DEFAULT_ENGINE_COMMAND``), and ``workers: vllm`` (the stand-
 for CPU tests). ``FIXED`` are the deployment's: the address and port the Service uses, the
 token file, ``ray_address`` (its own values field).
 
-Not wired (yet): the router learns the fleet's engines from its ``discovery_file``, a file
-on the fleet's machine, which a router pod cannot read; the health watchers' URLs
-(``gpu_health``) are one per node and the headless Service gives no stable per-node name.
-Both need code (discovery published through the API, e.g. a ConfigMap or the fleet's own
-HTTP endpoint, and a watcher list from the Service's EndpointSlices); the docs say so.
+Wiring: routers learn the fleet's ready groups from its ``GET /v1/discovery`` (``discovery:
+http``, deploy/components/router.py), not from a ``discovery_file`` no other pod can read.
+With ``health.enabled`` the fleet polls every health watcher through the DaemonSet's
+headless Service, ``dns+http://shoal-health.NS.svc.cluster.local:8094`` (each address the
+name resolves to, re-resolved each poll; each report names its node), with the control
+token (``gpu_health_token_file``, then fixed); groups on a sick GPU are replaced.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ from typing import Any
 
 from control.ray.config import EnginesSettings, check_serve
 from deploy import objects
+from deploy.components.health import NAME as HEALTH_NAME
+from deploy.components.health import PORT as HEALTH_PORT
 from deploy.errors import ValuesError
 from deploy.sizes import quantity
 from deploy.values import Values
 from shoal.errors import ConfigError
 
-__all__ = ["DEFAULT_ENGINE_COMMAND", "FIXED", "NAME", "PORT", "render"]
+__all__ = ["DEFAULT_ENGINE_COMMAND", "FIXED", "NAME", "PORT", "health_url", "render"]
 
 NAME = "shoal-engines-fleet"
 COMPONENT = "fleet"
@@ -58,6 +61,11 @@ FIXED = {
     "insecure_no_auth": "the endpoint always has a token",
     "ray_address": "fleet.ray_address",
 }
+
+
+def health_url(values: Values) -> str:
+    """Every GPU health watcher: the DaemonSet's headless Service, resolved at each poll."""
+    return f"dns+http://{HEALTH_NAME}.{values.namespace}.svc.cluster.local:{HEALTH_PORT}"
 
 
 def settings(values: Values) -> dict[str, Any]:
@@ -79,7 +87,14 @@ def settings(values: Values) -> dict[str, Any]:
     }
     if values.engine.gpu_type:
         derived["gpu_type"] = values.engine.gpu_type
-    merged = objects.merge_settings(derived, fleet.settings, fixed=FIXED, where="fleet.settings")
+    fixed = dict(FIXED)
+    if values.health.enabled:
+        derived["gpu_health"] = health_url(values)
+        derived["gpu_health_token_file"] = objects.CONTROL_TOKEN_FILE
+        fixed["gpu_health_token_file"] = (
+            f"the watchers' token, Secret {objects.CONTROL_TOKEN_SECRET}"
+        )
+    merged = objects.merge_settings(derived, fleet.settings, fixed=fixed, where="fleet.settings")
     try:  # what only `serve` checks: a model, an engine command with {port}
         check_serve(
             EnginesSettings(

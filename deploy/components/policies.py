@@ -29,7 +29,8 @@ NetworkPolicies (``network_policies``), ingress only, selecting each component's
     redis       redis             <- router
     autoscaler  http              <- router (wakes), monitoring
     health      http              <- router, fleet (GPU reports), monitoring
-    fleet       http              <- autoscaler (target ray:URL), monitoring
+    fleet       http              <- autoscaler (target ray:URL), router (/v1/discovery),
+                                     monitoring
     router      http              <- anywhere: it is the API
                 cluster, stream   <- cache and router pods (router.precise)
 
@@ -165,7 +166,7 @@ def network_policies(values: Values) -> list[Obj]:
         ]))  # fmt: skip
     if _fleet_on(values):
         out.append(_policy(values, "shoal-engines-fleet", "fleet", [
-            _rule(_ports("http"), [*peers("autoscaler"), monitoring()]),
+            _rule(_ports("http"), [*peers("autoscaler", "router"), monitoring()]),
         ]))  # fmt: skip
     if values.router.enabled:
         rules = [_rule(_ports("http"), None)]

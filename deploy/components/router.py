@@ -1,10 +1,22 @@
 """The router: ``shoal-router`` Deployment and Service, with EndpointSlice discovery RBAC.
 
-Invariant: the router finds the engines the way Kubernetes sees them (``discovery: k8s``:
-the engine Service's EndpointSlices, ready endpoints only), and replicas share one view of
-in-flight requests and rate limits through Redis. ``router.discovery`` makes exactly one
-API call, ``list_namespaced_endpoint_slice``, so the Role grants ``list`` on
-``discovery.k8s.io/endpointslices`` and nothing else (it polls; it never gets or watches).
+Invariant: the router finds the engines the way their owner sees them, and replicas share
+one view of in-flight requests and rate limits through Redis. Engines come from one source:
+
+- the engine Deployment (``engine.enabled``): ``discovery: k8s``, the engine Service's
+  EndpointSlices, ready endpoints only. ``router.discovery`` makes exactly one API call,
+  ``list_namespaced_endpoint_slice``, so the Role grants ``list`` on
+  ``discovery.k8s.io/endpointslices`` and nothing else (it polls; it never gets or
+  watches);
+- the Ray fleet (``fleet.enabled``): ``discovery: http``, the fleet daemon's ``GET
+  /v1/discovery`` (its ready groups with their GPUs) behind the control token. The router
+  then calls no Kubernetes API: no Role, no service-account token in the pod.
+
+With ``health.enabled`` the router polls every watcher of the DaemonSet through its
+headless Service, ``dns+http://shoal-health.NS.svc.cluster.local:8094`` (every address the
+name resolves to, re-resolved each poll), with the control token. Only fleet engines carry
+GPU names (``gpus``), so only they are taken out for a sick GPU; Deployment engines rely on
+the watcher's cordon (``router/discovery.py``).
 
 Refused values (``ValuesError``, naming the fix):
 
@@ -13,6 +25,8 @@ Refused values (``ValuesError``, naming the fix):
   limit is multiplied by N;
 - neither an API-key Secret nor ``insecure_no_auth`` (the router listens beyond loopback
   and refuses to start without one), or both (say which);
+- ``fleet.enabled`` with ``engine.enabled``: two sources of engines for one router (the
+  Deployment's Service and the fleet's list); turn one off;
 - ``precise``: precise prefix routing needs a cache daemon in the router pod that joins
   the cache cluster with the DaemonSet's keys and settings; that sidecar is not rendered
   yet (and k8s-discovered engines carry no stream, so precise routing would see no GPU
@@ -21,8 +35,10 @@ Refused values (``ValuesError``, naming the fix):
 Settings: ``router.settings`` is merged over what is derived here, except the keys the
 pod's shape decides (``host``, ``port``: the Service's target; ``api_keys``,
 ``insecure_no_auth``: ``router.api_keys_secret``/``insecure_no_auth``; ``redis``:
-``redis.url``; ``autoscaler_token_file``, ``cache_socket``: mounted files), which are
-refused there. ``engines``, ``discovery``, ``autoscaler_url`` and the rest are the user's.
+``redis.url``; ``autoscaler_token_file``, ``gpu_health_token_file``,
+``discovery_token_file``, ``cache_socket``: mounted files), which are refused there.
+``engines``, ``discovery``, ``gpu_health``, ``autoscaler_url`` and the rest are the
+user's.
 
 Probes: readiness is ``/health`` (200 with a healthy engine, or while requests may be held
 for one: ``RouterSettings.holds``, true with k8s discovery); liveness is a TCP connect,
@@ -34,6 +50,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from deploy.components.fleet import NAME as FLEET_NAME
+from deploy.components.fleet import PORT as FLEET_PORT
+from deploy.components.fleet import health_url
 from deploy.errors import ValuesError
 from deploy.objects import (
     container_security,
@@ -51,6 +70,7 @@ __all__ = [
     "API_KEYS_DIR",
     "CONTROL_TOKEN_DIR",
     "NAME",
+    "fleet_discovery_url",
     "redis_url",
     "render",
     "router_settings",
@@ -60,9 +80,10 @@ NAME = "shoal-router"
 API_KEYS_DIR = "/etc/shoal/router-api-keys"
 CONTROL_TOKEN_DIR = "/etc/shoal/control-token"
 CONTROL_TOKEN_SECRET = "shoal-control-token"
+CONTROL_TOKEN_FILE = f"{CONTROL_TOKEN_DIR}/token"
 AUTOSCALER_PORT = 8090
 _OWNED = ("host", "port", "api_keys", "insecure_no_auth", "redis", "autoscaler_token_file",
-          "cache_socket")  # fmt: skip
+          "gpu_health_token_file", "discovery_token_file", "cache_socket")  # fmt: skip
 
 Obj = dict[str, Any]
 
@@ -76,6 +97,14 @@ def redis_url(values: Values) -> str:
     return ""
 
 
+def fleet_discovery_url(values: Values) -> str:
+    """The Ray fleet daemon's list of ready engine groups."""
+    return f"http://{FLEET_NAME}.{values.namespace}.svc:{FLEET_PORT}/v1/discovery"
+
+
+_TOKEN_FILES = ("autoscaler_token_file", "gpu_health_token_file", "discovery_token_file")
+
+
 def router_settings(values: Values) -> Obj:
     """The ``[router]`` settings of the pod (checked by ``settings_env``)."""
     router = values.router
@@ -83,7 +112,8 @@ def router_settings(values: Values) -> Obj:
     if owned:
         raise ValuesError(
             f"router.settings: {owned} are set from the values (router.port, "
-            "router.api_keys_secret, router.insecure_no_auth, redis.url, autoscaler.enabled); "
+            "router.api_keys_secret, router.insecure_no_auth, redis.url, autoscaler.enabled, "
+            "health.enabled, fleet.enabled); "
             "remove them"
         )
     if router.precise:
@@ -109,10 +139,21 @@ def router_settings(values: Values) -> Obj:
             "redis.url): replicas need shared state for in-flight counts and rate limits; "
             "enable Redis, give redis.url, or set router.replicas: 1"
         )
+    if values.fleet.enabled and values.engine.enabled:
+        raise ValuesError(
+            "fleet.enabled and engine.enabled are both true: the router takes its engines from "
+            "one source; set engine.enabled: false to serve the Ray fleet's engines, or "
+            "fleet.enabled: false to serve the engine Deployment's"
+        )
     derived: Obj = {"discovery": "k8s", "log_format": "json"}
     if values.engine.enabled:
         gpu = f"@{values.engine.gpu_type}" if values.engine.gpu_type else ""
         derived["engines"] = f"{values.namespace}/{values.engine.name}:http{gpu}"
+    if values.fleet.enabled:
+        derived["discovery"] = "http"
+        derived["engines"] = fleet_discovery_url(values)
+    if values.health.enabled:
+        derived["gpu_health"] = health_url(values)
     if values.autoscaler.enabled:
         derived["autoscaler_url"] = (
             f"http://shoal-autoscaler.{values.namespace}.svc:{AUTOSCALER_PORT}"
@@ -130,7 +171,11 @@ def router_settings(values: Values) -> Obj:
     else:
         merged["insecure_no_auth"] = True
     if values.autoscaler.enabled:
-        merged["autoscaler_token_file"] = f"{CONTROL_TOKEN_DIR}/token"
+        merged["autoscaler_token_file"] = CONTROL_TOKEN_FILE
+    if values.health.enabled and merged.get("gpu_health"):  # the watchers' token
+        merged["gpu_health_token_file"] = CONTROL_TOKEN_FILE
+    if values.fleet.enabled and merged.get("discovery") == "http":  # the fleet's token
+        merged["discovery_token_file"] = CONTROL_TOKEN_FILE
     return merged
 
 
@@ -138,11 +183,12 @@ def render(values: Values) -> list[Obj]:
     if not values.router.enabled:
         return []
     settings = router_settings(values)
+    lists_slices = settings.get("discovery") == "k8s"  # the only Kubernetes API call
     account = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": metadata(values, NAME, "router"),
-        "automountServiceAccountToken": False,  # the pod mounts it: it lists EndpointSlices
+        "automountServiceAccountToken": False,  # the pod mounts it when it lists slices
     }
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -169,10 +215,11 @@ def render(values: Values) -> list[Obj]:
             "ports": [{"name": "http", "port": values.router.port, "targetPort": "http"}],
         },
     }
-    return [account, role, binding, service, _deployment(values, settings)]
+    rbac = [role, binding] if lists_slices else []
+    return [account, *rbac, service, _deployment(values, settings, lists_slices)]
 
 
-def _deployment(values: Values, settings: Obj) -> Obj:
+def _deployment(values: Values, settings: Obj, lists_slices: bool) -> Obj:
     from router.config import RouterSettings
 
     router = values.router
@@ -184,7 +231,7 @@ def _deployment(values: Values, settings: Obj) -> Obj:
         volumes.append({"name": "api-keys", "secret": {
             "secretName": router.api_keys_secret, "defaultMode": 0o440,
             "items": [{"key": "api-keys", "path": "api-keys"}]}})  # fmt: skip
-    if values.autoscaler.enabled:
+    if any(settings.get(name) for name in _TOKEN_FILES):
         mounts.append({"name": "control-token", "mountPath": CONTROL_TOKEN_DIR, "readOnly": True})
         volumes.append({"name": "control-token", "secret": {
             "secretName": CONTROL_TOKEN_SECRET, "defaultMode": 0o440,
@@ -227,7 +274,7 @@ def _deployment(values: Values, settings: Obj) -> Obj:
                 "metadata": {"labels": labels("router")},
                 "spec": {
                     "serviceAccountName": NAME,
-                    "automountServiceAccountToken": True,  # --discovery k8s reads the API
+                    "automountServiceAccountToken": lists_slices,  # --discovery k8s
                     "securityContext": pod_security(values),
                     "topologySpreadConstraints": [spread],
                     "containers": [container],

@@ -204,6 +204,7 @@ def test_with_a_token_every_route_but_metrics_and_healthz_needs_it(tmp_path: Pat
     async def scenario() -> None:
         async with serving(TOKEN) as (url, _):
             for method, path, body in (("GET", "/v1/fleet", None),
+                                       ("GET", "/v1/discovery", None),
                                        ("POST", "/v1/scale", {"replicas": 2}),
                                        ("POST", "/v1/update", {"tp": 2})):  # fmt: skip
                 code, answer = await call(url, method, path, body)
@@ -218,6 +219,16 @@ def test_with_a_token_every_route_but_metrics_and_healthz_needs_it(tmp_path: Pat
             good, bad = RayFleetActuator(url, TOKEN), RayFleetActuator(url)
             try:
                 assert (await until_ready(good, 2)).spec == 2
+                # what a router's --discovery http reads: the ready groups, file-shaped
+                # (published at the end of the round that saw them ready)
+                expected = [{"url": "http://127.0.0.1:11", "gpus": ["node-1/gpu0"]},
+                            {"url": "http://127.0.0.1:12", "gpus": ["node-2/gpu0"]}]  # fmt: skip
+                async with asyncio.timeout(10):
+                    while (answer := await call(url, "GET", "/v1/discovery", token=TOKEN)) != (
+                        200, expected
+                    ):  # fmt: skip
+                        assert answer[0] == 200, answer
+                        await asyncio.sleep(0.05)
                 with pytest.raises(ActuatorError, match="HTTP 401"):
                     await bad.state()
             finally:

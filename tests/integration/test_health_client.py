@@ -1,6 +1,6 @@
 """HealthFeed against real ``shoal health watch`` processes: faults seen, a killed watcher
 kept until stale and then forgotten (unknown is not sick), a watcher answering garbage or
-too much kept at its last good answer, bearer tokens."""
+too much kept at its last good answer, bearer tokens, a ``dns+http://`` name."""
 
 from __future__ import annotations
 
@@ -91,6 +91,28 @@ def test_a_killed_watcher_is_kept_until_stale_then_forgotten(tmp_path: Path) -> 
                 clock.now += 1.5  # 3.5 s since the last answer
                 await feed.poll()
                 assert feed.reports() == {} and feed.unhealthy_gpus() == frozenset()
+            finally:
+                await feed.close()
+
+        asyncio.run(body())
+    finally:
+        watcher.stop()
+
+
+def test_a_dns_name_polls_every_address_it_resolves_to(tmp_path: Path) -> None:
+    """``dns+http://localhost:PORT``: 127.0.0.1 (the watcher) and, where the host has
+    IPv6, ::1 (nothing listens there: a failed read that changes nothing)."""
+    watcher = start_watcher(tmp_path, "node-d", interval_s=0.3)
+    port = watcher.url.rpartition(":")[2]
+    feed = HealthFeed([f"dns+http://localhost:{port}"], interval_s=0.3, clock=Clock())
+    try:
+
+        async def body() -> None:
+            try:
+                inject(watcher.mock, Injection("xid", 0, 79))
+                await until(feed, lambda: feed.unhealthy_gpus() == {"node-d/gpu0"})
+                assert f"http://127.0.0.1:{port}" in feed.reports()
+                assert {r.node for r in feed.reports().values()} == {"node-d"}
             finally:
                 await feed.close()
 

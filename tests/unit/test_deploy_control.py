@@ -351,6 +351,30 @@ def test_fleet_runs_one_daemon_joined_to_ray() -> None:
     }  # fmt: skip
 
 
+def test_fleet_polls_every_health_watcher_through_the_headless_service() -> None:
+    def env_of(document: dict[str, Any]) -> dict[str, Any]:
+        deployment = find(fleet.render(values(document)), "Deployment", "shoal-engines-fleet")
+        return container_env(pod_spec(deployment)["containers"][0])
+
+    env = env_of(FULL)
+    assert env["SHOAL_ENGINES_GPU_HEALTH"] == (
+        "dns+http://shoal-health.shoal.svc.cluster.local:8094"
+    )  # the DaemonSet's Service (deploy/components/health.py), each address a watcher
+    assert env["SHOAL_ENGINES_GPU_HEALTH_TOKEN_FILE"] == objects.CONTROL_TOKEN_FILE
+    health_service = find(health.render(values(FULL)), "Service", health.NAME)
+    assert health_service["spec"]["clusterIP"] == "None"
+    assert health_service["spec"]["ports"][0]["port"] == health.PORT == 8094
+    off = env_of({**FULL, "health": {"enabled": False}})
+    assert "SHOAL_ENGINES_GPU_HEALTH" not in off
+    assert "SHOAL_ENGINES_GPU_HEALTH_TOKEN_FILE" not in off
+    with pytest.raises(ValuesError, match="gpu_health_token_file: the watchers' token"):
+        fleet.render(
+            values(
+                {**FULL, "fleet": {**FULL["fleet"], "settings": {"gpu_health_token_file": "/t"}}}
+            )
+        )
+
+
 def test_fleet_engine_command_without_a_port_is_refused() -> None:
     doc = {"fleet": {**FULL["fleet"], "settings": {"engine_command": "vllm serve x"}}}
     with pytest.raises(ValuesError, match="port"):
@@ -421,7 +445,7 @@ def test_network_policies_with_the_precise_router_and_the_fleet() -> None:
                                "stream": {"cache", "router"}}  # fmt: skip
     assert table["engine"]["http"] == {"router", "autoscaler", "fleet", mon}
     assert table["health"] == {"http": {"router", "fleet", mon}}
-    assert table["fleet"] == {"http": {"autoscaler", mon}}
+    assert table["fleet"] == {"http": {"autoscaler", "router", mon}}  # router: /v1/discovery
 
 
 def test_redis_without_a_router_admits_no_one() -> None:

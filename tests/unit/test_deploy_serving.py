@@ -234,6 +234,50 @@ class TestRouter:
             == pod(parse_values({}), "shoal-router")["serviceAccountName"]
         )
 
+    def test_health_watchers_are_every_address_of_the_headless_service(self) -> None:
+        from deploy.components import health
+
+        values = parse_values({"namespace": "prod"})
+        environ = env_of(container(pod(values, "shoal-router"), "router"))
+        settings = load_config(RouterSettings, "router", flags={}, environ=environ, config_path="")
+        assert settings.gpu_health_urls == (
+            f"dns+http://{health.NAME}.prod.svc.cluster.local:{health.PORT}",
+        )
+        assert settings.gpu_health_token_file == "/etc/shoal/control-token/token"
+        off = parse_values({"health": {"enabled": False}, "autoscaler": {"enabled": False}})
+        spec = pod(off, "shoal-router")
+        environ = env_of(container(spec, "router"))
+        assert "SHOAL_ROUTER_GPU_HEALTH" not in environ
+        assert "SHOAL_ROUTER_GPU_HEALTH_TOKEN_FILE" not in environ
+        assert not any(v["name"] == "control-token" for v in spec["volumes"])  # no token used
+
+    def test_with_the_fleet_engines_come_from_its_discovery_endpoint(self) -> None:
+        document = {"namespace": "prod", "engine": {"enabled": False},
+                    "fleet": {"enabled": True, "ray_address": "ray://head:10001"},
+                    "autoscaler": {"enabled": False}}  # fmt: skip
+        values = parse_values(document)
+        spec = pod(values, "shoal-router")
+        environ = env_of(container(spec, "router"))
+        settings = load_config(RouterSettings, "router", flags={}, environ=environ, config_path="")
+        assert settings.discovery == "http"
+        assert settings.engines == "http://shoal-engines-fleet.prod.svc:8093/v1/discovery"
+        assert settings.discovery_token_file == "/etc/shoal/control-token/token"
+        mount = next(m for m in container(spec, "router")["volumeMounts"]
+                     if m["name"] == "control-token")  # fmt: skip
+        assert mount["mountPath"] == "/etc/shoal/control-token"
+        # no Kubernetes API call: no Role, no binding, no service-account token
+        rendered = router.render(values)
+        assert {o["kind"] for o in rendered} == {"ServiceAccount", "Service", "Deployment"}
+        assert spec["automountServiceAccountToken"] is False
+        for obj in rendered:
+            for version in ("1.36", "1.37"):
+                kubernetes_validate.validate(obj, version, strict=True)
+
+    def test_the_fleet_and_the_engine_deployment_together_are_refused(self) -> None:
+        document = {"fleet": {"enabled": True, "ray_address": "ray://head:10001"}}
+        with pytest.raises(ValuesError, match="set engine.enabled: false to serve the Ray"):
+            router.render(parse_values(document))
+
     def test_redis_url_points_at_the_redis_service(self) -> None:
         values = parse_values({"namespace": "prod"})
         environ = env_of(container(pod(values, "shoal-router"), "router"))

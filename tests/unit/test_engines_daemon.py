@@ -66,6 +66,10 @@ class ScriptedFleet:
     def status(self) -> list[GroupStatus]:
         return list(self.groups)
 
+    def discovery(self) -> list[dict[str, object]]:
+        return [{"url": g.url, "gpus": list(g.gpus)} for g in self.groups
+                if g.phase is GroupPhase.READY]  # fmt: skip
+
     async def close(self) -> None:
         self.calls.append(("close", None))
 

@@ -164,8 +164,33 @@ async def test_scale_up_publishes_ready_groups_only(tmp_path: Path) -> None:
     assert discovery(path) == [
         {"url": "http://10.0.0.1:8000", "gpus": ["node-1/gpu0"], "gpu_type": "H100"}
     ]
+    assert fleet.discovery() == discovery(path)  # GET /v1/discovery: the same list
     assert fleet.state() == ReplicaState(2, 1, 1, ("http://10.0.0.1:8000",))
     assert fleet.counters().groups_started == 2
+
+
+@run_async
+async def test_without_a_file_the_discovery_list_follows_the_ready_groups(
+    tmp_path: Path,
+) -> None:
+    world, clock = World(), Clock()
+    spec = FleetSpec(TEMPLATE, 2, max_surge=1, max_unavailable=0)
+    fleet = EngineFleet(spec, group_factory=world.factory, clock=clock, drain_s=5.0)
+    assert fleet.discovery() == []
+    await fleet.reconcile_once()
+    world.ready_all()
+    await fleet.reconcile_once()
+    assert [e["url"] for e in fleet.discovery()] == ["http://10.0.0.1:8000",
+                                                    "http://10.0.0.2:8000"]  # fmt: skip
+    world.groups["group-1"].phase = GroupPhase.FAILED
+    await fleet.reconcile_once()  # out in the round that saw it
+    assert fleet.discovery() == [
+        {"url": "http://10.0.0.2:8000", "gpus": ["node-2/gpu0"], "gpu_type": "H100"}
+    ]
+    fleet.discovery()[0]["gpus"].append("x")  # type: ignore[attr-defined]  # a copy
+    assert fleet.discovery()[0]["gpus"] == ["node-2/gpu0"]
+    await fleet.close()
+    assert fleet.discovery() == [] and not list(tmp_path.iterdir())
 
 
 @run_async

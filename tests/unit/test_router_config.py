@@ -41,3 +41,12 @@ def test_layers_file_then_environment_then_flags(tmp_path: Path) -> None:
 def test_inconsistent_settings_are_config_errors(flags: dict[str, str], words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         load_config(RouterSettings, "router", flags=flags, environ={})
+
+
+def test_http_discovery_needs_the_discovery_url_in_engines() -> None:
+    settings = RouterSettings(discovery="http", engines="http://fleet:8093/v1/discovery",
+                              discovery_token_file="/etc/shoal/control-token/token")  # fmt: skip
+    assert settings.holds  # engines can appear: requests wait for one
+    for engines in ("", "fleet:8093", "ns/fleet:http"):
+        with pytest.raises(ValueError, match="discovery http needs engines"):
+            RouterSettings(discovery="http", engines=engines)

@@ -1,5 +1,6 @@
-"""Engine discovery: static lists, files re-read on change, DNS through an injected
-resolver, Kubernetes EndpointSlices through a fake ``DiscoveryV1Api`` returning the
+"""Engine discovery: static lists, files re-read on change, an HTTP list through an
+injected fetch (the real GET is in tests/integration/test_router_http_discovery.py), DNS
+through an injected resolver, Kubernetes EndpointSlices through a fake ``DiscoveryV1Api`` returning the
 official client's own models (``kubernetes.client.V1EndpointSlice``...). Virtual time
 decides when a source is read again; nothing here opens a socket."""
 
@@ -17,8 +18,10 @@ from typing import Any
 import pytest
 
 from router.discovery import (
+    MAX_DISCOVERY_BYTES,
     DnsDiscovery,
     FileDiscovery,
+    HttpDiscovery,
     KubernetesDiscovery,
     MergedDiscovery,
     StaticDiscovery,
@@ -373,3 +376,107 @@ def test_file_entries_may_name_their_gpu_type_and_a_malformed_one_is_refused(
         path.write_text(f'[{{"url": "http://e1:8000", "gpu_type": {bad}}}]')
         with pytest.raises(ConfigError, match="gpu_type"):
             FileDiscovery(path)
+
+
+# -- http ---------------------------------------------------------------------------
+
+
+class Replies:
+    """``HttpDiscovery``'s fetch: the scripted (status, body) or exception, calls counted."""
+
+    def __init__(self, reply: tuple[int, bytes | None] | BaseException) -> None:
+        self.reply = reply
+        self.calls = 0
+
+    async def __call__(self) -> tuple[int, bytes | None]:
+        self.calls += 1
+        if isinstance(self.reply, BaseException):
+            raise self.reply
+        return self.reply
+
+
+FLEET = [
+    {"url": "http://10.0.0.2:8000", "gpus": ["node-b/gpu0", "node-b/gpu1"], "gpu_type": "H100"},
+    {"url": "http://10.0.0.1:8000", "gpus": ["node-a/gpu0"]},
+]
+
+
+def test_http_entries_parse_as_the_files_and_are_read_every_interval() -> None:
+    clock = Clock()
+    replies = Replies((200, json.dumps(FLEET).encode()))
+    source = HttpDiscovery("http://fleet:8093", interval_s=5.0, clock=clock, fetch=replies)
+    assert source.url == "http://fleet:8093/v1/discovery"  # the base URL is completed
+    specs = run(source.engines())
+    assert specs == [
+        EngineSpec("http://10.0.0.1:8000", gpus=("node-a/gpu0",)),
+        EngineSpec("http://10.0.0.2:8000", "", "H100", ("node-b/gpu0", "node-b/gpu1")),
+    ]
+    clock.now += 4.9
+    run(source.engines())
+    assert replies.calls == 1  # answered from memory within the interval
+    replies.reply = (200, json.dumps(FLEET[1:]).encode())  # a group left
+    clock.now += 0.1
+    assert urls(run(source.engines())) == ["http://10.0.0.1:8000"]
+    assert replies.calls == 2 and source.num_failures == 0
+
+
+@pytest.mark.parametrize(
+    ("reply", "logged"),
+    [
+        (ConnectionRefusedError(111, "refused"), "unreachable"),
+        (TimeoutError(), "unreachable"),
+        ((401, b'{"error": "missing or wrong bearer token"}'), "answered 401 {\"error"),
+        ((200, None), f"over {MAX_DISCOVERY_BYTES} bytes"),
+        ((200, b"{not json"), "not JSON"),
+        ((200, b"\xff"), "not JSON"),
+        ((200, b"[" * 100_000), "not JSON"),
+        ((200, b'{"url": "http://e:1"}'), "must hold a list"),
+        ((200, b'[{"url": "http://e:1", "gpus": ["gpu0"]}]'), "entry 0: gpus entry 'gpu0'"),
+        ((200, b'[{"url": "http://e:1", "weight": 2}]'), "entry 0: only 'url'"),
+    ],
+    ids=["refused", "timeout", "401", "too-big", "bad-json", "not-utf8", "too-deep",
+         "not-a-list", "bad-gpus", "unknown-key"],
+)  # fmt: skip
+def test_a_failed_or_malformed_http_read_keeps_the_last_good_list(
+    reply: tuple[int, bytes | None] | BaseException, logged: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    clock = Clock()
+    replies = Replies((200, json.dumps(FLEET).encode()))
+    source = HttpDiscovery("http://fleet:8093/v1/discovery", interval_s=1.0, clock=clock,
+                           fetch=replies)  # fmt: skip
+    good = run(source.engines())
+    assert len(good) == 2
+    replies.reply = reply
+    for _ in range(3):
+        clock.now += 1.0
+        assert run(source.engines()) == good
+    assert source.num_failures == 3 and replies.calls == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # once per streak (log_interval_s)
+    assert logged in warnings[0] and "keeping the last 2 engine(s)" in warnings[0]
+
+
+def test_an_http_source_that_never_answered_has_no_engines_and_no_error() -> None:
+    replies = Replies(ConnectionRefusedError(111, "refused"))
+    source = HttpDiscovery("http://fleet:8093/v1/discovery", fetch=replies)
+    assert run(source.engines()) == [] and source.num_failures == 1  # fleet not up yet
+
+
+def test_make_discovery_http_wants_one_url_and_reads_the_token_file(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    source = make_discovery("http", engines="http://fleet:8093/v1/discovery",
+                            token_file=str(token), interval_s=2.0)  # fmt: skip
+    assert isinstance(source, HttpDiscovery)
+    assert source._headers == {"Authorization": "Bearer s3cret"}
+    assert source.interval_s == 2.0
+    with pytest.raises(ConfigError, match="one --engines URL"):
+        make_discovery("http")
+    with pytest.raises(ConfigError, match="one --engines URL"):
+        make_discovery("http", engines="http://a:1,http://b:2")
+    with pytest.raises(ConfigError, match="--discovery http: 'fleet:8093'"):
+        make_discovery("http", engines="fleet:8093")
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(ConfigError, match="--discovery-token-file .* is empty"):
+        make_discovery("http", engines="http://a:1", token_file=str(tmp_path / "empty"))

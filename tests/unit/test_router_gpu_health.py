@@ -257,6 +257,39 @@ def test_a_watcher_never_read_names_nothing() -> None:
     assert p.settle() == frozenset() and changes == [] and polls == ["bad_status"]
 
 
+def test_a_dns_name_is_every_address_and_one_that_leaves_is_forgotten_after_3_intervals() -> None:
+    clock = Clock()
+    answers = {"shoal-health.ns.svc": ["10.0.0.1", "10.0.0.2"]}
+    bodies = {"http://10.0.0.1:8094": node("node-a", 2, {1: XID79}),
+              "http://10.0.0.2:8094": node("node-b", 1)}  # fmt: skip
+    fetched: list[str] = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        assert port == 8094
+        return answers[host]
+
+    async def fetch(url: str) -> None:  # the watcher's answer, as _fetch hands it on
+        fetched.append(url)
+        p.accept(url, bodies[url])
+
+    p = GpuHealthPoller(["dns+http://shoal-health.ns.svc:8094"], interval_s=5.0, clock=clock,
+                        wall=lambda: WALL, resolve=resolve)  # fmt: skip
+    p._fetch = fetch  # type: ignore[method-assign]  # no sockets in unit tests
+    assert p.urls == []  # nothing resolved before the first round
+    assert asyncio.run(p.poll_once()) == {"node-a/gpu1"}
+    assert fetched == ["http://10.0.0.1:8094", "http://10.0.0.2:8094"]
+    assert {r.node for r in p.reports().values()} == {"node-a", "node-b"}
+    answers["shoal-health.ns.svc"] = ["10.0.0.2"]  # node-a's watcher pod went away
+    fetched.clear()
+    clock.now += STALE_INTERVALS * 5.0  # 3 intervals: its report still counts
+    assert asyncio.run(p.poll_once()) == {"node-a/gpu1"}
+    assert fetched == ["http://10.0.0.2:8094"]  # no longer polled
+    clock.now += 0.5  # past 3 intervals since it last answered: unknown is not sick
+    assert asyncio.run(p.poll_once()) == frozenset()
+    assert p.urls == ["http://10.0.0.2:8094"]  # forgotten, and gone from the status
+    assert [row["node"] for row in p.status()] == ["node-b"]
+
+
 # ---- the pool --------------------------------------------------------------------------
 
 
