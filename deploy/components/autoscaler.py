@@ -76,6 +76,7 @@ FIXED = {
     "namespace": "the Role is in values.namespace",
     "host": "the Service reaches the pod's address",
     "port": f"the Service and probes use {PORT}",
+    "target_token_file": f"with the fleet, Secret {objects.CONTROL_TOKEN_SECRET} is mounted there",
     "auth_token_file": f"Secret {objects.CONTROL_TOKEN_SECRET} is mounted there",
     "insecure_no_auth": "the endpoint always has a token",
 }
@@ -88,9 +89,18 @@ def router_url(values: Values) -> str:
     return f"http://shoal-router.{values.namespace}.svc:{values.router.port}"
 
 
+def target(values: Values) -> str:
+    """The engine Deployment, or with the Ray fleet its daemon (``ray:URL``)."""
+    if values.fleet.enabled:
+        from deploy.components import fleet
+
+        return f"ray:http://{fleet.NAME}.{values.namespace}.svc:{fleet.PORT}"
+    return f"deployment/{values.engine.name}"
+
+
 def settings(values: Values) -> dict[str, Any]:
     derived: dict[str, Any] = {
-        "target": f"deployment/{values.engine.name}",
+        "target": target(values),
         "namespace": values.namespace,
         "model": values.engine.model,
         "engine_port": values.engine.port,
@@ -101,6 +111,8 @@ def settings(values: Values) -> dict[str, Any]:
     }
     if values.router.enabled:
         derived["router_url"] = router_url(values)
+    if values.fleet.enabled:
+        derived["target_token_file"] = objects.CONTROL_TOKEN_FILE
     return objects.merge_settings(
         derived, values.autoscaler.settings, fixed=FIXED, where="autoscaler.settings"
     )
@@ -112,17 +124,20 @@ def render(values: Values) -> list[dict[str, Any]]:
     env = objects.settings_env(
         AutoscaleSettings, "autoscale", settings(values), where="autoscaler.settings"
     )
+    chosen = str(settings(values)["target"])
+    # A ray:URL target scales through the fleet daemon's API: no Kubernetes calls, no RBAC.
+    on_kubernetes = not chosen.startswith("ray:")
     account = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": objects.metadata(values, NAME, COMPONENT),
-        "automountServiceAccountToken": True,
+        "automountServiceAccountToken": on_kubernetes,
     }
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": objects.metadata(values, NAME, COMPONENT),
-        "rules": rules(str(settings(values)["target"])),
+        "rules": rules(chosen) if on_kubernetes else [],
     }
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -169,7 +184,7 @@ def render(values: Values) -> list[dict[str, Any]]:
                 "metadata": {"labels": objects.labels(COMPONENT)},
                 "spec": {
                     "serviceAccountName": NAME,
-                    "automountServiceAccountToken": True,
+                    "automountServiceAccountToken": on_kubernetes,
                     "securityContext": objects.pod_security(values),
                     "terminationGracePeriodSeconds": 30,
                     "containers": [container],
@@ -178,4 +193,4 @@ def render(values: Values) -> list[dict[str, Any]]:
             },
         },
     }
-    return [account, role, binding, service, deployment]
+    return [account, *([role, binding] if on_kubernetes else []), service, deployment]

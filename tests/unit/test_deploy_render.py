@@ -37,8 +37,8 @@ def shoal(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_the_multinode_gpu_example_exists() -> None:
-    assert [path.name for path in EXAMPLES] == ["multinode-gpu.yaml"]
+def test_the_multinode_gpu_examples_exist() -> None:
+    assert [path.name for path in EXAMPLES] == ["multinode-gpu.yaml", "multinode-ray.yaml"]
 
 
 @needs_crd_validator
@@ -84,6 +84,25 @@ def test_the_example_runs_per_node_keys_and_one_engine_per_gpu_node() -> None:
     spec = engine["spec"]["template"]["spec"]
     (vllm,) = [c for c in spec["containers"] if c["name"] == "vllm"]
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+def test_the_ray_example_routes_and_scales_through_the_fleet() -> None:
+    objects = render(load_values(EXAMPLES[1]))
+
+    def env(name: str) -> dict[str, str]:
+        (deployment,) = [o for o in objects
+                         if o["kind"] == "Deployment" and o["metadata"]["name"] == name]  # fmt: skip
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value", "") for e in container["env"]}
+
+    fleet_url = "http://shoal-engines-fleet.llm.svc:8093"
+    assert env("shoal-router")["SHOAL_ROUTER_DISCOVERY"] == "http"
+    assert env("shoal-router")["SHOAL_ROUTER_ENGINES"].startswith(fleet_url)
+    assert env("shoal-autoscaler")["SHOAL_AUTOSCALE_TARGET"] == f"ray:{fleet_url}"
+    assert env("shoal-engines-fleet")["SHOAL_ENGINES_GPU_HEALTH"].startswith("dns+http://")
+    # nothing on the Kubernetes API for the autoscaler or the router then
+    roles = {o["metadata"]["name"] for o in objects if o["kind"] in ("Role", "ClusterRole")}
+    assert "shoal-autoscaler" not in roles and "shoal-router" not in roles
 
 
 class TestSecretPaths:
