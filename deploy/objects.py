@@ -121,6 +121,12 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+# Every pod sets ``enableServiceLinks: false``: the kubelet would otherwise put
+# ``<SERVICE>_PORT=tcp://IP:PORT`` for every Service of the namespace into each container,
+# and a Service named ``vllm`` yields ``VLLM_PORT``, which vLLM refuses at start ("appears to
+# be a URI"); Shoal's own ``SHOAL_*`` settings could be shadowed the same way.
+
+
 def pod_security(values: Values) -> Obj:
     """The pod-level security context of every Shoal pod (and the engines)."""
     return {

@@ -20,6 +20,9 @@
     auth_beyond_loopback (i) a ``SHOAL_*_HOST`` beyond loopback has its auth (token file, API
                      keys, CurveZMQ dir) or its explicit insecure flag
 
+    no_service_links (j) every pod sets ``enableServiceLinks: false``: a Service named like
+                     a setting's prefix (``vllm`` -> ``VLLM_PORT=tcp://...``, which vLLM
+                     refuses) would otherwise reach every container of the namespace
     alert_metrics    (h) every ``shoal_*`` series a rendered PrometheusRule reads is a metric
                      of the catalogue generated from the code (deploy/metrics_catalogue.py;
                      a histogram's ``_bucket``/``_sum``/``_count`` count as the histogram)
@@ -53,6 +56,7 @@ __all__ = [
     "known_settings",
     "listed_secrets",
     "memory",
+    "no_service_links",
     "one_shm_path",
     "one_uid",
     "parse_quantity",
@@ -387,6 +391,16 @@ def _dev_shm_size(pod: PodTemplate, path: str) -> int | None:
     return None
 
 
+def no_service_links(objects: list[Obj], values: Values) -> list[Problem]:
+    return [
+        _problem(pod.where, "enableServiceLinks is not false: every Service of the namespace "
+                 "becomes <NAME>_PORT=tcp://... variables in its containers (a Service vllm "
+                 "sets VLLM_PORT, which vLLM refuses at start)")
+        for pod in pod_templates(objects)
+        if pod.spec.get("enableServiceLinks") is not False
+    ]  # fmt: skip
+
+
 _SERIES = re.compile(r"\bshoal_[a-z0-9_]+")
 
 
@@ -424,6 +438,7 @@ CONTRACTS: tuple[Callable[[list[Obj], Values], list[Problem]], ...] = (
     listed_secrets,
     auth_beyond_loopback,
     alert_metrics,
+    no_service_links,
 )
 
 

@@ -184,6 +184,7 @@ def render(values: Values) -> list[dict[str, Any]]:
                 "metadata": {"labels": objects.labels(COMPONENT)},
                 "spec": {
                     "serviceAccountName": NAME,
+                    "enableServiceLinks": False,
                     "automountServiceAccountToken": on_kubernetes,
                     "securityContext": objects.pod_security(values),
                     "terminationGracePeriodSeconds": 30,

@@ -130,6 +130,7 @@ def _deployment(values: Values) -> Obj:
     pod_labels = {**labels("engine"), INSTANCE_LABEL: engine.name}
     spec: Obj = {
         "serviceAccountName": engine.name,
+        "enableServiceLinks": False,
         "automountServiceAccountToken": False,
         "hostPID": values.cache.share_host_pid,
         "securityContext": pod_security(values),

@@ -164,6 +164,7 @@ def render(values: Values) -> list[dict[str, Any]]:
                 "metadata": {"labels": objects.labels(COMPONENT)},
                 "spec": {
                     "serviceAccountName": NAME,
+                    "enableServiceLinks": False,
                     "automountServiceAccountToken": False,
                     "securityContext": objects.pod_security(values),
                     "terminationGracePeriodSeconds": _grace_s(merged),

@@ -168,6 +168,7 @@ def _daemonset(values: Values) -> dict[str, Any]:
     }
     pod: dict[str, Any] = {
         "serviceAccountName": NAME,
+        "enableServiceLinks": False,
         "automountServiceAccountToken": patches_nodes(values),
         "securityContext": objects.pod_security(values),
         "terminationGracePeriodSeconds": 10,

@@ -102,6 +102,7 @@ def render(values: Values) -> list[Obj]:
                 "metadata": {"labels": labels("redis")},
                 "spec": {
                     "serviceAccountName": NAME,
+                    "enableServiceLinks": False,
                     "automountServiceAccountToken": False,
                     "securityContext": {
                         "runAsNonRoot": True,

@@ -274,6 +274,7 @@ def _deployment(values: Values, settings: Obj, lists_slices: bool) -> Obj:
                 "metadata": {"labels": labels("router")},
                 "spec": {
                     "serviceAccountName": NAME,
+                    "enableServiceLinks": False,
                     "automountServiceAccountToken": lists_slices,  # --discovery k8s
                     "securityContext": pod_security(values),
                     "topologySpreadConstraints": [spread],

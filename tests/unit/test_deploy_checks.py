@@ -59,6 +59,7 @@ def _container(name: str, command: list[str], *, memory: str = "1Gi", **extra: A
 
 
 def _workload(kind: str, name: str, component: str, pod: Obj) -> Obj:
+    pod.setdefault("enableServiceLinks", False)
     spec: Obj = {
         "selector": {"matchLabels": selector(component)},
         "template": {"metadata": {"labels": labels(component)}, "spec": pod},
@@ -591,6 +592,13 @@ class TestContracts:
             "SHOAL_CACHE_CLUSTER_HOST=0.0.0.0 listens beyond loopback without "
             "SHOAL_CACHE_CLUSTER_CURVE_DIR (or SHOAL_CACHE_CLUSTER_INSECURE=true)"
         ]
+
+    def test_j_service_links_must_be_off(self, stack: list[Obj], values: Values) -> None:
+        assert c.no_service_links(stack, values) == []
+        del _pod(stack, "Deployment", "shoal-router")["enableServiceLinks"]
+        (problem,) = c.no_service_links(stack, values)
+        assert problem.where == "Deployment/shoal/shoal-router"
+        assert "VLLM_PORT" in problem.message
 
     def test_h_an_alert_on_a_metric_shoal_does_not_export(self, values: Values) -> None:
         rule = {
