@@ -8,9 +8,11 @@ CurveZMQ keys have their own lifecycles (docs/operations.md: rotating keys).
     shoal-control-token     token          bearer token of the control daemons (autoscaler,
                                            health, fleet) and of their clients
     router.api_keys_secret  api-keys       the router's KEY USER lines
-    cache.cluster.secret    cluster.key,   the cache cluster's CurveZMQ keys (files of
-                            ...            `shoal cache keygen`, flattened: a Secret key
-                                           cannot hold "/", so members/N.key is members.N.key)
+    cache.cluster.secret    cluster.key,   the cache cluster's server keypair (`shoal cache
+                            .key_secret    keygen DIR`); a new one restarts every member
+      <secret>-operators    NAME.key       operators' public keys: edit to admit or revoke
+      <secret>-members      NODE.key       per_node: members' public keys, made on each node
+                                           (deploy/components/cache.py); starts empty
     engine.loader.s3_secret AWS_*          the loader's S3 credentials
 """
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 from deploy.values import Values
 
-__all__ = ["CONTROL_TOKEN_SECRET", "SecretSpec", "curve_keys", "required_secrets"]
+__all__ = ["CONTROL_TOKEN_SECRET", "SecretSpec", "curve_secrets", "required_secrets"]
 
 CONTROL_TOKEN_SECRET = "shoal-control-token"
 
@@ -34,22 +36,6 @@ class SecretSpec:
     create_command: str  # shell commands that create it (one per line)
 
 
-def curve_keys(values: Values) -> tuple[str, ...]:
-    """The CurveZMQ Secret's keys: the cache renderer's own list when it has one."""
-    from deploy.components import cache
-
-    own = getattr(cache, "curve_secret_keys", None)
-    if own is not None:
-        return tuple(own(values))
-    cluster = values.cache.cluster
-    keys = ["cluster.key", "cluster.key_secret"]
-    keys += [f"operators.{name}.key" for name in cluster.operators]
-    if cluster.keys == "per_node":
-        for node in cluster.member_nodes:
-            keys += [f"members.{node}.key", f"{node}.key_secret"]
-    return tuple(keys)
-
-
 def _kubectl(values: Values, name: str, sources: list[str]) -> str:
     args = ["kubectl", "create", "secret", "generic", name, "-n", values.namespace, *sources]
     return " ".join(
@@ -57,23 +43,47 @@ def _kubectl(values: Values, name: str, sources: list[str]) -> str:
     )
 
 
-def _curve_command(values: Values, keys: tuple[str, ...]) -> str:
-    cluster = values.cache.cluster
-    lines = ["shoal cache keygen keys"]
-    lines += [f"shoal cache keygen keys --operator {shlex.quote(n)}" for n in cluster.operators]
-    if cluster.keys == "per_node":
-        lines += [
-            f"shoal cache keygen keys --member {shlex.quote(n)}" for n in cluster.member_nodes
-        ]
-    files = []
-    for key in keys:  # members.N.key -> keys/members/N.key (the layout keygen writes)
-        head, _, rest = key.partition(".")
-        files.append(
-            f"--from-file={key}=keys/"
-            + (f"{head}/{rest}" if head in ("members", "operators") else key)
+def curve_secrets(values: Values) -> list[SecretSpec]:
+    """The cache cluster's key Secrets (deploy/components/cache.py draws the layout): the
+    server keypair, and the allow-lists mounted whole, so editing them needs no restart."""
+    from deploy.components import cache
+
+    names = cache.curve_secrets(values)
+    if not names:
+        return []
+    operators = values.cache.cluster.operators
+    keygen = ["shoal cache keygen keys"]
+    keygen += [f"shoal cache keygen keys --operator {shlex.quote(name)}" for name in operators]
+    server = [f"--from-file={key}=keys/{key}" for key in cache.CLUSTER_KEYS]
+    specs = [
+        SecretSpec(
+            names["cluster"],
+            cache.CLUSTER_KEYS,
+            f"the cache cluster's CurveZMQ server keypair ({values.cache.cluster.keys} keys)",
+            "\n".join([*keygen, _kubectl(values, names["cluster"], server)]),
+        ),
+        SecretSpec(
+            names["operators"],
+            tuple(f"{name}.key" for name in operators),
+            "operators' public keys (NAME.key), admitted and revoked by editing this Secret",
+            _kubectl(
+                values,
+                names["operators"],
+                [f"--from-file={name}.key=keys/operators/{name}.key" for name in operators],
+            ),
+        ),
+    ]
+    if "members" in names:
+        specs.append(
+            SecretSpec(
+                names["members"],
+                (),
+                "members' public keys (NODE.key), made on each node: a cache pod's curve-keygen "
+                "log prints the kubectl patch that admits its node; delete a key to revoke it",
+                _kubectl(values, names["members"], []),
+            )
         )
-    lines.append(_kubectl(values, cluster.secret, files))
-    return "\n".join(lines)
+    return specs
 
 
 def required_secrets(values: Values) -> list[SecretSpec]:
@@ -100,18 +110,7 @@ def required_secrets(values: Values) -> list[SecretSpec]:
                 _kubectl(values, router.api_keys_secret, ["--from-file=api-keys=api-keys.txt"]),
             )
         )
-    cluster = values.cache.cluster
-    joins = values.cache.enabled or (router.enabled and router.precise)
-    if joins and cluster.enabled and cluster.keys != "insecure":
-        keys = curve_keys(values)
-        specs.append(
-            SecretSpec(
-                cluster.secret,
-                keys,
-                f"the cache cluster's CurveZMQ keys ({cluster.keys})",
-                _curve_command(values, keys),
-            )
-        )
+    specs += curve_secrets(values)
     loader = values.engine.loader
     if values.engine.enabled and loader.enabled and loader.s3_secret:
         keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")

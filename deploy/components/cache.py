@@ -27,27 +27,37 @@ bracketed for IPv6, which is exactly what discovery reports. Rejected: ``0.0.0.0
 advertised address is whatever the pod's hostname resolves to. ``publishNotReadyAddresses``
 lets starting members find each other (the daemon is ready only once it joined).
 
-CurveZMQ (``cache.cluster.keys``; kvcache/cluster/security.py has the model). A Secret key
-cannot hold ``/``, so the Secret is flat and ``items`` rebuild ``shoal cache keygen``'s
-layout under ``/etc/shoal/curve`` (read-only, mode 0400; fsGroup adds group read)::
+CurveZMQ (``cache.cluster.keys``; kvcache/cluster/security.py has the model). Keys are
+admitted and revoked by editing a Secret, with no restart and no re-render: the kubelet
+updates a Secret mounted whole (no ``items``, no ``subPath``) in place, keys added and
+deleted, and the daemon re-reads ``members/*.key`` and ``operators/*.key`` every
+``cluster_key_reload_s`` (KeyRing globs ``*.key``: the kubelet's ``..data`` and
+``..<timestamp>`` entries do not match, and each ``NAME.key`` symlink reads as the file).
+So ``/etc/shoal/curve`` is a tiny memory emptyDir holding nested mounts (the runtime sorts
+mounts by depth and makes the mount points in the writable emptyDir)::
 
-    Secret key             file                      keys
-    cluster.key            cluster.key               shared, per_node
-    cluster.key_secret     cluster.key_secret        shared, per_node  (every member's server key)
-    operators.NAME.key     operators/NAME.key        shared, per_node  (cluster.operators)
-    members.NODE.key       members/NODE.key          per_node          (cluster.member_nodes)
-    NODE.key_secret        NODE.key_secret           per_node
+    /etc/shoal/curve/           emptyDir (medium Memory)                    shared, per_node
+      cluster.key, .key_secret  subPath of Secret <secret> (0400): replaced shared, per_node
+                                only by a cluster-keypair rotation, which restarts every member
+      operators/                Secret <secret>-operators, whole: NAME.key  shared, per_node
+      members/                  Secret <secret>-members, whole: NODE.key    per_node
+    /var/lib/shoal/curve/       hostPath 0700: NODE.key_secret, made on the node  per_node
 
 ``shared`` (legacy layout, no ``members/``): ``cluster_curve_key`` is the cluster keypair.
-``per_node``: ``cluster_curve_key = /etc/shoal/curve/$(NODE_NAME).key_secret``, so a node
-missing from ``member_nodes`` fails to start with keygen's advice. One DaemonSet has one pod
-template, so every pod mounts every member's secret: per_node buys names pinned to keys and
-revoking one node, not isolation between nodes (that needs a Secret per node, not rendered).
-``insecure``: no keys, ``cluster_insecure``. ``curve_secret_keys`` lists what the Secret holds::
+``per_node``: a node's own keypair never leaves it. The init container ``curve-keygen``
+(as ``run_as_user``) runs ``shoal cache keygen /var/lib/shoal/curve --member $NODE_NAME``
+unless the key is there, logs the public key with the ``kubectl patch`` that admits it,
+and waits until it is in ``members/``; ``cluster_curve_key`` is that node key. A new node
+(or one whose key was removed) thus waits in Init with the command to run in its log,
+instead of crash-looping in ``load_curve_keys``. Rejected: naming the nodes in the values
+(``member_nodes``, for a nodeAffinity): admitting a node would need a re-render and a
+DaemonSet roll, and the nodeSelector already picks the nodes. ``insecure``: no keys,
+``cluster_insecure``. deploy/secrets.py gives the commands that create the three Secrets.
 
-    kubectl create secret generic shoal-cache-curve --from-file=cluster.key=DIR/cluster.key \\
-        --from-file=cluster.key_secret=DIR/cluster.key_secret \\
-        --from-file=operators.admin.key=DIR/operators/admin.key [members.NODE.key=... ...]
+SSD tier (``ssd_dir``, a hostPath). Before the daemon ``posix_fallocate``s ``ssd_bytes``,
+the node-dirs init container refuses to go on unless the directory's filesystem has that
+much free, counting the old spill file (``shoal-<name>.spill``, truncated at start): a
+missing NVMe mount then stops the pod with a message instead of filling the root disk.
 
 Lifecycle. ``preStop`` runs ``shoal cache drain <this node>`` over the local ipc socket
 (no token, no key), bounded by ``cache.drain_s``: hot blocks go to peers and the daemon
@@ -69,8 +79,8 @@ pages are charged to the daemon that prefaults them: deploy/sizes.py). ``hostPID
 (``cache.share_host_pid``) breaks the restricted and baseline Pod Security profiles.
 
 The root filesystem stays read-only: the daemon writes only its arena (shm_dir), socket and
-operator token (runtime_dir) and the SSD tier (``ssd_dir``, a hostPath made here and chowned
-by an extra step appended to the node-dirs init container); nothing uses ``/tmp``.
+operator token (runtime_dir) and the SSD tier (``ssd_dir``, made and chowned by steps
+appended to the node-dirs init container, as is ``/var/lib/shoal/curve``); no ``/tmp``.
 """
 
 from __future__ import annotations
@@ -78,6 +88,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import shlex
 from typing import Any
 
 from deploy import objects, sizes
@@ -85,14 +96,27 @@ from deploy.components import node_dirs
 from deploy.errors import ValuesError
 from deploy.values import Values
 from kvcache.config import CacheConfig
+from shoal.config import parse_size
 
-__all__ = ["CURVE_DIR", "NAME", "STRUCTURAL", "curve_secret_keys", "render"]
+__all__ = [
+    "CLUSTER_KEYS",
+    "CURVE_DIR",
+    "NAME",
+    "NODE_KEY_DIR",
+    "STRUCTURAL",
+    "curve_secrets",
+    "render",
+]
 
 NAME = "shoal-cache"
 COMPONENT = "cache"
 METRICS_PORT = 9500
 CURVE_DIR = "/etc/shoal/curve"
-CURVE_VOLUME = "shoal-curve"
+CURVE_VOLUME = "shoal-curve"  # the emptyDir the key mounts nest in
+CLUSTER_KEYS = ("cluster.key", "cluster.key_secret")
+NODE_KEY_DIR = "/var/lib/shoal/curve"  # per_node: this node's own keypair, made here
+NODE_KEY_VOLUME = "shoal-node-key"
+KEYGEN_POLL_S = 10
 SSD_VOLUME = "shoal-ssd"
 GRACE_MARGIN_S = 10
 KEY_MODES = ("shared", "per_node", "insecure")
@@ -121,6 +145,21 @@ STRUCTURAL: dict[str, str] = {
 # Kubernetes Secret keys are [-._a-zA-Z0-9]+; keygen names start alphanumeric.
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
+# The SSD guard (module docstring): argv = directory, bytes needed, spill file name.
+_SSD_GUARD = """import os, sys
+d, need, spill = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+st = os.statvfs(d)
+free = st.f_bavail * st.f_frsize
+try:
+    free += os.stat(os.path.join(d, spill)).st_blocks * 512
+except FileNotFoundError:
+    pass
+if free < need:
+    sys.exit(f"shoal: refusing to start the SSD tier: {d} has {free >> 30} GiB free (its old "
+             f"spill file counted), ssd_bytes needs {need >> 30} GiB. Is the NVMe mounted "
+             "there? Without it the spill file would fill the root disk of this node.")
+"""
+
 Obj = dict[str, Any]
 
 
@@ -139,9 +178,28 @@ def render(values: Values) -> list[Obj]:
     return out
 
 
-def curve_secret_keys(values: Values) -> list[str]:
-    """The keys Secret ``cache.cluster.secret`` must hold (empty: no Secret is mounted)."""
-    return [key for key, _path in _curve_items(values)]
+def curve_secrets(values: Values) -> dict[str, str]:
+    """Role (``cluster``, ``operators``, ``members``) -> the Secret the pods mount for it
+    (module docstring); empty when no keys are mounted."""
+    cluster = values.cache.cluster
+    if not values.cache.enabled or not cluster.enabled or _key_mode(values) == "insecure":
+        return {}
+    if cluster.member_nodes:
+        raise ValuesError(
+            "cache.cluster.member_nodes: no longer used: each node makes its own key and is "
+            f"admitted by adding it to Secret {cluster.secret}-members (docs/operations.md, "
+            "Rotating keys); remove it"
+        )
+    bad = [name for name in cluster.operators if not _KEY_NAME.fullmatch(name)]
+    if bad:
+        raise ValuesError(
+            f"cache.cluster.operators: {bad} cannot name a Secret key (letters, digits, "
+            "'.', '_', '-', starting with a letter or digit)"
+        )
+    roles = {"cluster": cluster.secret, "operators": f"{cluster.secret}-operators"}
+    if cluster.keys == "per_node":
+        roles["members"] = f"{cluster.secret}-members"
+    return roles
 
 
 def daemon_settings(values: Values) -> dict[str, Any]:
@@ -185,8 +243,8 @@ def _curve_settings(values: Values) -> dict[str, Any]:
     keys = _key_mode(values)
     if keys == "insecure":
         return {"cluster_insecure": True}
-    own = "cluster" if keys == "shared" else "$(NODE_NAME)"
-    return {"cluster_curve_dir": CURVE_DIR, "cluster_curve_key": f"{CURVE_DIR}/{own}.key_secret"}
+    own = f"{CURVE_DIR}/cluster" if keys == "shared" else f"{NODE_KEY_DIR}/$(NODE_NAME)"
+    return {"cluster_curve_dir": CURVE_DIR, "cluster_curve_key": f"{own}.key_secret"}
 
 
 def _key_mode(values: Values) -> str:
@@ -194,37 +252,6 @@ def _key_mode(values: Values) -> str:
     if keys not in KEY_MODES:
         raise ValuesError(f"cache.cluster.keys {keys!r}: expected one of {', '.join(KEY_MODES)}")
     return keys
-
-
-def _curve_items(values: Values) -> list[tuple[str, str]]:
-    """(Secret key, file under CURVE_DIR) for the key layout (module docstring)."""
-    cluster = values.cache.cluster
-    if not values.cache.enabled or not cluster.enabled or _key_mode(values) == "insecure":
-        return []
-    for where, names in (("operators", cluster.operators), ("member_nodes", cluster.member_nodes)):
-        bad = [name for name in names if not _KEY_NAME.fullmatch(name)]
-        if bad:
-            raise ValuesError(
-                f"cache.cluster.{where}: {bad} cannot name a Secret key (letters, digits, "
-                "'.', '_', '-', starting with a letter or digit)"
-            )
-    items = [("cluster.key", "cluster.key"), ("cluster.key_secret", "cluster.key_secret")]
-    items += [(f"operators.{name}.key", f"operators/{name}.key") for name in cluster.operators]
-    if cluster.keys == "per_node":
-        if not cluster.member_nodes:
-            raise ValuesError(
-                "cache.cluster.member_nodes: keys per_node needs the node names whose member "
-                "keys the Secret holds (`shoal cache keygen DIR --member NODE` for each)"
-            )
-        if "cluster" in cluster.member_nodes:
-            raise ValuesError(
-                "cache.cluster.member_nodes: a node named 'cluster' would have the cluster "
-                "keypair's file name; use per-node keys on other nodes or keys shared"
-            )
-        nodes = cluster.member_nodes
-        items += [(f"members.{node}.key", f"members/{node}.key") for node in nodes]
-        items += [(f"{node}.key_secret", f"{node}.key_secret") for node in nodes]
-    return items
 
 
 def _engine_settings(values: Values) -> dict[str, Any]:
@@ -323,15 +350,125 @@ def _service(values: Values) -> Obj:
     }
 
 
-def _init_container(values: Values, ssd_dir: str) -> Obj:
-    """node_dirs' init container, plus the SSD directory when there is one."""
+def _own_dir(values: Values, path: str) -> str:
+    uid, gid = values.run_as_user, values.run_as_group
+    return f"mkdir -p {path} && chown {uid}:{gid} {path} && chmod 0700 {path}"
+
+
+def _init_containers(values: Values, settings: dict[str, Any], ssd_dir: str) -> list[Obj]:
+    """node_dirs' init container, plus the SSD directory and its free-space guard, and the
+    node key directory; then, with per-node keys, ``curve-keygen`` (module docstring)."""
     init = node_dirs.init_container(values)
+    steps: list[str] = []
+    mounts: list[Obj] = []
     if ssd_dir:
-        uid, gid = values.run_as_user, values.run_as_group
-        step = f"mkdir -p {ssd_dir} && chown {uid}:{gid} {ssd_dir} && chmod 0700 {ssd_dir}"
-        init["command"] = [*init["command"][:-1], f"{init['command'][-1]} && {step}"]
-        init["volumeMounts"] = [*init["volumeMounts"], {"name": SSD_VOLUME, "mountPath": ssd_dir}]
-    return init
+        need = parse_size(settings.get("ssd_bytes", _default("ssd_bytes")))
+        spill = f"shoal-{settings.get('name', _default('name'))}.spill"  # kvcache/daemon.py
+        guard = ["python3", "-c", _SSD_GUARD, ssd_dir, str(need), spill]
+        steps += [_own_dir(values, ssd_dir), shlex.join(guard)]
+        mounts.append({"name": SSD_VOLUME, "mountPath": ssd_dir})
+    members = curve_secrets(values).get("members")
+    if members:
+        steps.append(_own_dir(values, NODE_KEY_DIR))
+        mounts.append({"name": NODE_KEY_VOLUME, "mountPath": NODE_KEY_DIR})
+    if steps:
+        init["command"] = [*init["command"][:-1], " && ".join([init["command"][-1], *steps])]
+        init["volumeMounts"] = [*init["volumeMounts"], *mounts]
+    return [init, _keygen_container(values, members)] if members else [init]
+
+
+def _keygen_container(values: Values, members: str) -> Obj:
+    """Make this node's keypair unless it exists, log how to admit it, wait until it is."""
+    # A JSON merge patch of data.NODE.key, the public key file in base64: one line to paste.
+    admit = (
+        f"kubectl -n {values.namespace} patch secret {members} --type merge -p "
+        """'{\\"data\\":{\\"$node.key\\":\\"$b64\\"}}'"""
+    )
+    script = f"""set -eu
+dir={NODE_KEY_DIR}
+node="$NODE_NAME"
+if [ ! -s "$dir/$node.key_secret" ] || [ ! -s "$dir/members/$node.key" ]; then
+  shoal cache keygen "$dir" --member "$node" --force >/dev/null
+fi
+key=$(grep public-key "$dir/members/$node.key" | cut -d '"' -f 2)
+b64=$(base64 -w0 "$dir/members/$node.key")
+n=0
+until grep -qsF -e "$key" {CURVE_DIR}/members/*.key; do
+  if [ $((n % 30)) -eq 0 ]; then
+    echo "shoal: node $node: CurveZMQ public key $key is not in Secret {members}; admit it:"
+    echo "  {admit}"
+  fi
+  n=$((n + 1))
+  sleep {KEYGEN_POLL_S}
+done
+echo "shoal: node $node: key $key admitted"
+"""
+    return {
+        "name": "curve-keygen",
+        "image": values.image_ref,
+        "imagePullPolicy": values.image.pull_policy,
+        "command": ["sh", "-c", script],
+        "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+        "securityContext": objects.container_security(),
+        "volumeMounts": [
+            {"name": NODE_KEY_VOLUME, "mountPath": NODE_KEY_DIR},
+            {
+                "name": _secret_volume("members"),
+                "mountPath": f"{CURVE_DIR}/members",
+                "readOnly": True,
+            },
+        ],
+        "resources": {"requests": {"cpu": "10m", "memory": "128Mi"}, "limits": {"memory": "128Mi"}},
+    }
+
+
+def _secret_volume(role: str) -> str:
+    return f"{CURVE_VOLUME}-{role}"
+
+
+def _curve_volumes(values: Values) -> tuple[list[Obj], list[Obj]]:
+    """(volumes, daemon mounts) of the key layout (module docstring); none without keys."""
+    secrets = curve_secrets(values)
+    if not secrets:
+        return [], []
+    volumes: list[Obj] = [
+        {"name": CURVE_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        {
+            "name": _secret_volume("cluster"),
+            "secret": {
+                "secretName": secrets["cluster"],
+                "defaultMode": 0o400,
+                "items": [{"key": key, "path": key} for key in CLUSTER_KEYS],
+            },
+        },
+    ]
+    # Not readOnly: the nested mount points are made in it when the container starts.
+    mounts: list[Obj] = [{"name": CURVE_VOLUME, "mountPath": CURVE_DIR}]
+    mounts += [
+        {"name": _secret_volume("cluster"), "mountPath": f"{CURVE_DIR}/{key}", "subPath": key,
+         "readOnly": True}
+        for key in CLUSTER_KEYS
+    ]  # fmt: skip
+    for role in ("operators", "members"):
+        if role in secrets:  # whole Secrets: updated in place (admit and revoke)
+            volumes.append(
+                {
+                    "name": _secret_volume(role),
+                    "secret": {"secretName": secrets[role], "defaultMode": 0o444},
+                }
+            )
+            mounts.append(
+                {"name": _secret_volume(role), "mountPath": f"{CURVE_DIR}/{role}", "readOnly": True}
+            )
+    if "members" in secrets:
+        volumes.append(
+            {
+                "name": NODE_KEY_VOLUME,
+                "hostPath": {"path": NODE_KEY_DIR, "type": "DirectoryOrCreate"},
+            }
+        )
+        mounts.append({"name": NODE_KEY_VOLUME, "mountPath": NODE_KEY_DIR, "readOnly": True})
+    return volumes, mounts
 
 
 def _prestop(values: Values) -> Obj:
@@ -353,19 +490,9 @@ def _daemon_set(values: Values, settings: dict[str, Any], uses_api: bool) -> Obj
     env += objects.settings_env(CacheConfig, "cache", settings, where="cache.settings")
     volumes = node_dirs.volumes(values, create=True)
     mounts = node_dirs.mounts(values)
-    items = _curve_items(values)
-    if items:
-        volumes.append(
-            {
-                "name": CURVE_VOLUME,
-                "secret": {
-                    "secretName": values.cache.cluster.secret,
-                    "defaultMode": 0o400,
-                    "items": [{"key": key, "path": path} for key, path in items],
-                },
-            }
-        )
-        mounts.append({"name": CURVE_VOLUME, "mountPath": CURVE_DIR, "readOnly": True})
+    curve_volumes, curve_mounts = _curve_volumes(values)
+    volumes += curve_volumes
+    mounts += curve_mounts
     if ssd_dir:
         volumes.append(
             {"name": SSD_VOLUME, "hostPath": {"path": ssd_dir, "type": "DirectoryOrCreate"}}
@@ -406,7 +533,7 @@ def _daemon_set(values: Values, settings: dict[str, Any], uses_api: bool) -> Obj
         "terminationGracePeriodSeconds": math.ceil(
             values.cache.drain_s + shutdown_s + GRACE_MARGIN_S
         ),
-        "initContainers": [_init_container(values, ssd_dir)],
+        "initContainers": _init_containers(values, settings, ssd_dir),
         "containers": [container],
         "volumes": volumes,
     }

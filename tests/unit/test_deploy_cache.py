@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import base64
 import dataclasses
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,11 +20,13 @@ import pytest
 
 from deploy.components import cache, node_dirs
 from deploy.errors import ValuesError
+from deploy.secrets import curve_secrets
 from deploy.sizes import derive, quantity
 from deploy.values import Values, parse_values
 from kvcache.cluster.discovery import KubernetesDiscovery
 from kvcache.cluster.settings import cluster_settings
 from kvcache.config import CacheConfig
+from kvcache.keygen import keygen_command
 from shoal.cli import build_parser
 from shoal.config import load_config
 
@@ -69,11 +78,36 @@ def container_environ(
     return environ
 
 
-def curve_items(values: Values) -> dict[str, str]:
-    volumes = {v["name"]: v for v in pod(values)["volumes"]}
-    secret = volumes[cache.CURVE_VOLUME]["secret"]
-    assert secret["secretName"] == values.cache.cluster.secret
-    return {item["key"]: item["path"] for item in secret["items"]}
+def volumes_of(values: Values) -> dict[str, Obj]:
+    return {v["name"]: v for v in pod(values)["volumes"]}
+
+
+def mounts_of(values: Values) -> dict[str, Obj]:
+    """The daemon's mounts by mount path."""
+    return {m["mountPath"]: m for m in container(values)["volumeMounts"]}
+
+
+def init_named(values: Values, name: str) -> Obj:
+    (found,) = [c for c in pod(values)["initContainers"] if c["name"] == name]
+    return found
+
+
+def kubelet_secret_dir(directory: Path, files: dict[str, bytes], stamp: str) -> None:
+    """What the kubelet's atomic writer makes of a whole-Secret mount: the files in a
+    timestamped dir, ``..data`` pointing at it, and one symlink per key through ``..data``."""
+    directory.mkdir(exist_ok=True)
+    payload = directory / f"..{stamp}"
+    payload.mkdir()
+    for name, data in files.items():
+        (payload / name).write_bytes(data)
+    (directory / "..data_tmp").symlink_to(payload.name)
+    (directory / "..data_tmp").replace(directory / "..data")
+    for entry in directory.iterdir():
+        if not entry.name.startswith("..") and entry.name not in files:
+            entry.unlink()
+    for name in files:
+        if not (directory / name).is_symlink():
+            (directory / name).symlink_to(f"..data/{name}")
 
 
 # --- specification ------------------------------------------------------------------------
@@ -309,66 +343,203 @@ class TestCluster:
         env = env_of(values)
         assert env["SHOAL_CACHE_CLUSTER_PORT"] == "0"
         assert "POD_IP" not in env and "SHOAL_CACHE_CLUSTER_CURVE_DIR" not in env
-        assert cache.curve_secret_keys(values) == []
+        assert cache.curve_secrets(values) == {}
         for obj in objects:
             kubernetes_validate.validate(obj, "1.37", strict=True)
 
 
 class TestCurveKeys:
-    def test_shared_keys_mount_the_legacy_layout(self) -> None:
+    def test_shared_keys_nest_the_cluster_keypair_and_the_operators_in_an_emptydir(self) -> None:
         values = values_with(cluster={"operators": ["admin", "oncall"]})
-        items = curve_items(values)
-        assert items == {
-            "cluster.key": "cluster.key",
-            "cluster.key_secret": "cluster.key_secret",
-            "operators.admin.key": "operators/admin.key",
-            "operators.oncall.key": "operators/oncall.key",
+        volumes, mounts = volumes_of(values), mounts_of(values)
+        assert volumes["shoal-curve"]["emptyDir"]["medium"] == "Memory"
+        assert mounts["/etc/shoal/curve"] == {
+            "name": "shoal-curve",
+            "mountPath": "/etc/shoal/curve",
         }
-        assert list(items) == cache.curve_secret_keys(values)
-        assert not any(path.startswith("members/") for path in items.values())
+        assert volumes["shoal-curve-cluster"]["secret"] == {
+            "secretName": "shoal-cache-curve",
+            "defaultMode": 0o400,
+            "items": [{"key": k, "path": k} for k in ("cluster.key", "cluster.key_secret")],
+        }
+        for key in ("cluster.key", "cluster.key_secret"):
+            mount = mounts[f"/etc/shoal/curve/{key}"]
+            assert (mount["name"], mount["subPath"], mount["readOnly"]) == (
+                "shoal-curve-cluster",
+                key,
+                True,
+            )
+        # the allow-list is the whole Secret: no items, so the kubelet adds and deletes keys
+        assert volumes["shoal-curve-operators"]["secret"] == {
+            "secretName": "shoal-cache-curve-operators",
+            "defaultMode": 0o444,
+        }
+        assert "subPath" not in mounts["/etc/shoal/curve/operators"]
+        assert not any(path.endswith("/members") for path in mounts)
+        assert "shoal-node-key" not in volumes
         env = env_of(values)
         assert env["SHOAL_CACHE_CLUSTER_CURVE_DIR"] == "/etc/shoal/curve"
         assert env["SHOAL_CACHE_CLUSTER_CURVE_KEY"] == "/etc/shoal/curve/cluster.key_secret"
-        mount = next(m for m in container(values)["volumeMounts"] if m["name"] == "shoal-curve")
-        assert mount == {"name": "shoal-curve", "mountPath": "/etc/shoal/curve", "readOnly": True}
+        assert [c["name"] for c in pod(values)["initContainers"]] == ["node-dirs"]
 
-    def test_per_node_keys_mount_every_member_and_pick_this_nodes_keypair(self) -> None:
-        values = values_with(cluster={"keys": "per_node", "member_nodes": ["gpu-1", "gpu-2"]})
-        items = curve_items(values)
-        assert items == {
-            "cluster.key": "cluster.key",
-            "cluster.key_secret": "cluster.key_secret",
-            "operators.admin.key": "operators/admin.key",
-            "members.gpu-1.key": "members/gpu-1.key",
-            "members.gpu-2.key": "members/gpu-2.key",
-            "gpu-1.key_secret": "gpu-1.key_secret",
-            "gpu-2.key_secret": "gpu-2.key_secret",
+    def test_per_node_mounts_the_members_whole_and_only_this_nodes_own_key(self) -> None:
+        values = values_with(cluster={"keys": "per_node"})
+        volumes, mounts = volumes_of(values), mounts_of(values)
+        assert volumes["shoal-curve-members"]["secret"] == {
+            "secretName": "shoal-cache-curve-members",
+            "defaultMode": 0o444,
         }
-        assert list(items) == cache.curve_secret_keys(values)
+        assert mounts["/etc/shoal/curve/members"]["readOnly"] is True
+        assert volumes["shoal-node-key"]["hostPath"]["path"] == "/var/lib/shoal/curve"
+        assert mounts["/var/lib/shoal/curve"]["readOnly"] is True
+        secrets_mounted = {v["secret"]["secretName"] for v in volumes.values() if "secret" in v}
+        assert secrets_mounted == {
+            "shoal-cache-curve",
+            "shoal-cache-curve-operators",
+            "shoal-cache-curve-members",
+        }  # no member's secret key comes from the API: it is made on the node
         environ = container_environ(values, node="gpu-2")
-        assert environ["SHOAL_CACHE_CLUSTER_CURVE_KEY"] == "/etc/shoal/curve/gpu-2.key_secret"
+        assert environ["SHOAL_CACHE_CLUSTER_CURVE_KEY"] == "/var/lib/shoal/curve/gpu-2.key_secret"
+        node_dirs_init = init_named(values, "node-dirs")
+        assert (
+            "chown 10001:10001 /var/lib/shoal/curve && chmod 0700" in node_dirs_init["command"][-1]
+        )
+        keygen = init_named(values, "curve-keygen")
+        assert "runAsUser" not in keygen["securityContext"]  # the pod's: run_as_user
+        assert [c["name"] for c in pod(values)["initContainers"]] == ["node-dirs", "curve-keygen"]
         for version in ("1.36", "1.37"):
             kubernetes_validate.validate(daemon_set(values), version, strict=True)
 
-    def test_per_node_without_member_nodes_is_refused(self) -> None:
-        with pytest.raises(ValuesError, match="member_nodes: keys per_node needs"):
-            cache.render(values_with(cluster={"keys": "per_node"}))
+    def test_member_nodes_is_refused_with_the_new_way_to_admit_a_node(self) -> None:
+        with pytest.raises(ValuesError, match="shoal-cache-curve-members"):
+            cache.render(values_with(cluster={"keys": "per_node", "member_nodes": ["gpu-1"]}))
 
     def test_insecure_mounts_no_secret_and_says_so(self) -> None:
         values = values_with(cluster={"keys": "insecure"})
-        assert cache.curve_secret_keys(values) == []
-        assert "shoal-curve" not in {v["name"] for v in pod(values)["volumes"]}
+        assert cache.curve_secrets(values) == {}
+        assert not any(name.startswith("shoal-curve") for name in volumes_of(values))
         env = env_of(values)
         assert env["SHOAL_CACHE_CLUSTER_INSECURE"] == "true"
         assert "SHOAL_CACHE_CLUSTER_CURVE_DIR" not in env
 
-    @pytest.mark.parametrize(
-        "cluster",
-        [{"keys": "curve"}, {"operators": ["a/b"]}, {"keys": "per_node", "member_nodes": ["x y"]}],
-    )
+    @pytest.mark.parametrize("cluster", [{"keys": "curve"}, {"operators": ["a/b"]}])
     def test_unusable_key_settings_are_refused(self, cluster: dict[str, Any]) -> None:
         with pytest.raises(ValuesError, match="cache.cluster"):
-            cache.curve_secret_keys(values_with(cluster=cluster))
+            cache.curve_secrets(values_with(cluster=cluster))
+
+    @pytest.mark.parametrize("keys", ["shared", "per_node"])
+    def test_secrets_lists_every_key_secret_the_pod_mounts(self, keys: str) -> None:
+        values = values_with(cluster={"keys": keys})
+        specs = {spec.name: spec for spec in curve_secrets(values)}
+        mounted = {v["secret"]["secretName"] for v in volumes_of(values).values() if "secret" in v}
+        assert set(specs) == mounted
+        assert specs["shoal-cache-curve"].keys == ("cluster.key", "cluster.key_secret")
+        assert specs["shoal-cache-curve-operators"].keys == ("admin.key",)
+        assert "--from-file=admin.key=keys/operators/admin.key" in (
+            specs["shoal-cache-curve-operators"].create_command
+        )
+
+
+class TestKeyRingReadsKubeletSecretMounts:
+    """The daemon's allow-lists as the kubelet lays out a whole-Secret mount."""
+
+    def test_keys_are_admitted_and_revoked_through_the_data_symlinks(self, tmp_path: Path) -> None:
+        from kvcache.cluster.security import KeyRing, load_curve_keys
+
+        made = tmp_path / "made"
+        for member in ("gpu-1", "gpu-2", None):
+            args = argparse.Namespace(dir=str(made), member=member, operator=None, force=False,
+                                      json=True)  # fmt: skip
+            assert keygen_command(args) == 0
+        curve = tmp_path / "curve"
+        curve.mkdir()
+        for key in ("cluster.key", "cluster.key_secret"):
+            (curve / key).write_bytes((made / key).read_bytes())
+        public = {n: (made / "members" / f"{n}.key").read_bytes() for n in ("gpu-1", "gpu-2")}
+        kubelet_secret_dir(curve / "members", {"gpu-1.key": public["gpu-1"]}, "2026_01_01_1")
+        kubelet_secret_dir(curve / "operators", {}, "2026_01_01_1")
+        keys = load_curve_keys(str(curve), str(made / "gpu-1.key_secret"))
+        ring = KeyRing(str(curve), keys)
+        own = keys.public.decode()
+        assert ring.role(own) == "member" and ring.pinned_node(own) == "gpu-1"
+
+        both = {f"{n}.key": public[n] for n in ("gpu-1", "gpu-2")}
+        kubelet_secret_dir(curve / "members", both, "2026_01_01_2")
+        assert ring.reload() is True
+        other = load_curve_keys(str(curve), str(made / "gpu-2.key_secret")).public.decode()
+        assert ring.role(other) == "member"
+
+        kubelet_secret_dir(curve / "members", {"gpu-1.key": public["gpu-1"]}, "2026_01_01_3")
+        assert ring.reload() is True
+        assert ring.role(other) is None and ring.role(own) == "member"
+
+
+class TestPerNodeKeygen:
+    """The curve-keygen init container's script, run here with the real `shoal cache keygen`."""
+
+    def script(self, tmp_path: Path) -> tuple[str, dict[str, str]]:
+        values = values_with(cluster={"keys": "per_node"})
+        text = init_named(values, "curve-keygen")["command"][-1]
+        text = text.replace("/var/lib/shoal/curve", str(tmp_path / "node"))
+        text = text.replace("/etc/shoal/curve", str(tmp_path / "curve"))
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        (bin_dir / "sleep").write_text("#!/bin/sh\nexit 0\n")  # poll without waiting
+        (bin_dir / "sleep").chmod(0o755)
+        (bin_dir / "shoal").write_text(f'#!/bin/sh\nexec {sys.executable} -m shoal "$@"\n')
+        (bin_dir / "shoal").chmod(0o755)
+        environ = {
+            **os.environ,
+            "NODE_NAME": "gpu-7",
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        }
+        (tmp_path / "node").mkdir(mode=0o700, exist_ok=True)
+        return text, environ
+
+    def admit_from_log(self, process: subprocess.Popen[str], members: Path) -> str:
+        """Do what the log tells the operator: apply the printed patch to the Secret."""
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "kubectl" in line:
+                assert line.split()[:7] == [
+                    "kubectl",
+                    "-n",
+                    "shoal",
+                    "patch",
+                    "secret",
+                    "shoal-cache-curve-members",
+                    "--type",
+                ]
+                patch = json.loads(shlex.split(line)[-1])
+                ((name, data),) = patch["data"].items()
+                kubelet_secret_dir(members, {name: base64.b64decode(data)}, "2026_01_01_1")
+                return name
+        raise AssertionError("no kubectl command in the log")
+
+    def test_the_key_is_made_on_the_node_printed_and_waited_for(self, tmp_path: Path) -> None:
+        text, environ = self.script(tmp_path)
+        members = tmp_path / "curve" / "members"
+        members.mkdir(parents=True)
+        with subprocess.Popen(
+            ["sh", "-c", text], env=environ, stdout=subprocess.PIPE, text=True
+        ) as process:
+            name = self.admit_from_log(process, members)
+            assert process.wait(timeout=30) == 0
+        assert name == "gpu-7.key"
+        secret = tmp_path / "node" / "gpu-7.key_secret"
+        assert secret.stat().st_mode & 0o777 == 0o600
+        from kvcache.cluster.security import _pinned_node
+
+        assert _pinned_node(members / name) == "gpu-7"
+        assert (members / name).read_bytes() == (tmp_path / "node/members/gpu-7.key").read_bytes()
+
+        before = secret.read_bytes()  # a restart keeps the key, and finds it admitted
+        again = subprocess.run(["sh", "-c", text], env=environ, capture_output=True, text=True,
+                               timeout=30)  # fmt: skip
+        assert again.returncode == 0, again.stderr
+        assert "admitted" in again.stdout and "kubectl" not in again.stdout
+        assert secret.read_bytes() == before
 
 
 class TestNodeContract:
@@ -411,10 +582,42 @@ class TestNodeContract:
         assert {"name": "shoal-ssd", "mountPath": "/mnt/nvme/shoal"} in container(values)[
             "volumeMounts"
         ]
-        (init,) = spec["initContainers"]
+        init = init_named(values, "node-dirs")
         assert "chown 10001:10001 /mnt/nvme/shoal" in init["command"][-1]
         assert {"name": "shoal-ssd", "mountPath": "/mnt/nvme/shoal"} in init["volumeMounts"]
         kubernetes_validate.validate(daemon_set(values), "1.37", strict=True)
+
+    def ssd_guard(self, values: Values) -> list[str]:
+        """The guard step of node-dirs, as argv."""
+        steps = init_named(values, "node-dirs")["command"][-1].split(" && ")
+        (guard,) = [step for step in steps if step.startswith("python3 ")]
+        return shlex.split(guard)
+
+    def test_the_ssd_guard_refuses_a_filesystem_with_less_than_ssd_bytes_free(
+        self, tmp_path: Path
+    ) -> None:
+        values = values_with(settings={"ssd_dir": "/mnt/nvme/shoal", "ssd_bytes": "1024TiB"})
+        argv = self.ssd_guard(values)
+        assert argv[3:] == ["/mnt/nvme/shoal", str(1 << 50), "shoal-default.spill"]
+        argv[0], argv[3] = sys.executable, str(tmp_path)
+        refused = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 1
+        assert "refusing to start the SSD tier" in refused.stderr
+        assert "Is the NVMe mounted" in refused.stderr
+
+    def test_the_ssd_guard_counts_the_old_spill_file_as_free(self, tmp_path: Path) -> None:
+        spill = tmp_path / "shoal-default.spill"
+        with spill.open("wb") as out:
+            os.posix_fallocate(out.fileno(), 0, 64 << 20)
+        st = os.statvfs(tmp_path)
+        free = st.f_bavail * st.f_frsize
+        values = values_with(settings={"ssd_dir": "/mnt/nvme/shoal", "ssd_bytes": "1GiB"})
+        argv = self.ssd_guard(values)
+        argv[0], argv[3] = sys.executable, str(tmp_path)
+        argv[4] = str(free + (32 << 20))  # more than is free, less than free + the spill file
+        assert subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+        argv[5] = "shoal-other.spill"  # another daemon's file is not freed at start
+        assert subprocess.run(argv, capture_output=True, timeout=30).returncode == 1
 
     def test_a_relative_ssd_dir_is_refused(self) -> None:
         with pytest.raises(ValuesError, match="absolute host path"):
