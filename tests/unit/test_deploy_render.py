@@ -77,7 +77,7 @@ def test_the_example_runs_per_node_keys_and_one_engine_per_gpu_node() -> None:
         e["name"]: e.get("value")
         for e in daemon["spec"]["template"]["spec"]["containers"][0]["env"]
     }
-    assert env["SHOAL_CACHE_CLUSTER_CURVE_KEY"] == "/etc/shoal/curve/$(NODE_NAME).key_secret"
+    assert env["SHOAL_CACHE_CLUSTER_CURVE_KEY"] == "/var/lib/shoal/curve/$(NODE_NAME).key_secret"
     (engine,) = [
         o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "llama-70b"
     ]
