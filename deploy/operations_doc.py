@@ -90,11 +90,30 @@ RUNBOOK: dict[str, str] = {
         "log and treat it as an intrusion attempt."
     ),
     "ShoalCacheEngineFeedDown": (
-        "The daemon is not connected to an engine's KV-event publisher "
-        "(`shoal_kvcache_engine_connected == 0`): lookups no longer know that engine's GPU "
-        "prefixes. Check that the engine runs with `--kv-events-config` publishing on "
-        "`ipc://<runtime_dir>/gpu<slot>.pub`, the slot the daemon subscribes to, and that "
-        "both containers mount the same runtime directory."
+        'A node runs more serving engines (`up{job="shoal-engine"}`) than its cache '
+        "daemon has KV-event feeds connected (`shoal_kvcache_engine_connected`): lookups do "
+        "not know one engine's GPU prefixes. An engine log line `shoal: no free KV-event "
+        "slot` means the node runs more engines than `cache.num_event_slots`: raise it "
+        "(re-render; the daemon restarts) or spread the engines. Otherwise check that the "
+        "engine's command shows `--kv-events-config` on `ipc://<runtime_dir>/gpu<i>.pub` "
+        "with i below `cache.num_event_slots`, that both pods mount the same runtime "
+        "directory, and the daemon's log for the feed's errors."
+    ),
+    "ShoalCacheDaemonSetUnavailable": (
+        "A cache DaemonSet pod is not available (from kube-state-metrics; a pod that never "
+        "started has no scrape target, so ShoalCacheDaemonDown cannot see it). `kubectl -n "
+        "shoal get pods -l app.kubernetes.io/component=cache -o wide` finds the node; "
+        "`describe` it: Pending (no room for its memory request, a taint it does not "
+        "tolerate), ContainerCreating (a volume: the CurveZMQ Secret or a key missing, the "
+        "SSD directory), or a crash loop (its log). Engine pods on that node wait for the "
+        "daemon's host directories meanwhile."
+    ),
+    "ShoalHealthDaemonSetUnavailable": (
+        "A GPU health watcher pod is not available (kube-state-metrics), so that node's GPU "
+        "faults are neither reported nor cordoned. Rejected pods usually mean the "
+        "RuntimeClass `nvidia` does not exist (set `health.runtime_class` to an existing one, "
+        "or to empty where the default runtime is NVIDIA's); a crash loop whose log cannot "
+        "load NVML means the container toolkit does not expose the driver to it."
     ),
     "ShoalRouterDown": (
         "A router replica is not scraped. Clients behind the Service reach the other "

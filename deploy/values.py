@@ -124,9 +124,10 @@ class CacheValues:
         20.0, "preStop: seconds the daemon gets to hand its hot blocks to peers before SIGTERM"
     )
     num_event_slots: int = value(
-        1,
-        "KV-event sockets (gpu0 .. gpuN-1) the daemon follows on each node: one per engine pod "
-        "on a node (engine.events_slot < this); 0 = follow none",
+        8,
+        "KV-event sockets (gpu0 .. gpuN-1) the daemon follows on each node: each engine pod "
+        "claims a free one at start, so this bounds the engines per node with KV events; "
+        "0 = follow none",
     )
 
 
@@ -163,13 +164,18 @@ class EngineValues:
     chunk_tokens: int = value(256, "tokens per Shoal KV chunk (a multiple of vLLM's block size)")
     connector: bool = value(True, "save and load KV through the node's cache daemon")
     kv_events: bool = value(True, "publish KV events to the node's cache daemon")
-    events_slot: int = value(
-        0, "which gpuN event socket this Deployment's pods use on a node (one pod per node)"
-    )
     loader: LoaderValues = value(LoaderValues(), "the loader sidecar")
     node_selector: dict[str, str] = value({}, "nodeSelector")
     tolerations: list[dict[str, Any]] = value([], "tolerations")
     startup_s: int = value(1800, "seconds vLLM may take to start (startupProbe)")
+    drain_s: int = value(
+        120,
+        "seconds vLLM lets in-flight requests finish on SIGTERM (--shutdown-timeout; "
+        "0 = abort them)",
+    )
+    hf_token_secret: str = value(
+        "", "Secret with key token, given to vLLM as HF_TOKEN (gated Hub models); empty = none"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -263,11 +263,6 @@ def _engine_settings(values: Values) -> dict[str, Any]:
         raise ValuesError(f"cache.num_event_slots {cache.num_event_slots}: must be >= 0")
     if not cache.num_event_slots or not (ours or "engine_model" in cache.settings):
         return {}
-    if ours and engine.events_slot >= cache.num_event_slots:
-        raise ValuesError(
-            f"engine.events_slot {engine.events_slot}: the daemon follows slots 0.."
-            f"{cache.num_event_slots - 1}; raise cache.num_event_slots"
-        )
     slots = [node_dirs.event_endpoints(values, slot) for slot in range(cache.num_event_slots)]
     derived: dict[str, Any] = {}
     if ours:

@@ -19,24 +19,49 @@ The pod::
                              starts after the weights are staged and reads them from the
                              sidecar (peer+unix://...), never from the origin a second time
     containers:     vllm     --kv-transfer-config (ShoalConnector), --kv-events-config (zmq on
-                             the node's gpu<slot> socket), --load-format shoal
+                             the gpu<slot> socket it claimed), --load-format shoal,
+                             --shutdown-timeout engine.drain_s; HF_TOKEN from
+                             engine.hf_token_secret, the loader's S3 Secret (the origin
+                             fallback reads S3 itself)
     volumes:        the node dirs (hostPath, type Directory: the daemon makes them),
                     /dev/shm (emptyDir, Memory, sizes.engine_shm_bytes; Kubernetes' and
                     Docker's default 64 MiB is too small for NCCL and the staged weights),
                     home and /tmp (emptyDirs: the root filesystem is read-only)
 
-One pod per node with KV events: the publisher binds ``ipc://<runtime_dir>/gpu<slot>.pub``
-on the *node's* socket directory, so a second pod of this Deployment on the node would bind
-the same path and one of them would publish nowhere. A required podAntiAffinity on this
-Deployment's own labels (topologyKey ``kubernetes.io/hostname``) keeps them apart; another
-Deployment on the same node takes another ``events_slot``. For the same reason the rollout
-is ``maxSurge: 0`` (a surge pod could not schedule beside the pod it replaces, and with two
-replicas the default 25% rounds to zero unavailable: the rollout would wait for ever).
+Several engines per node, one KV-event socket each: the daemon follows the sockets
+``ipc://<runtime_dir>/gpu0.pub .. gpu<N-1>.pub`` (N = ``cache.num_event_slots``) and each
+engine pod claims a free slot when vLLM starts. The container runs ``sh -c`` over
+``vllm serve ...`` (its arguments pass as ``"$@"``, never re-quoted): for i in 0..N-1 it opens
+``<runtime_dir>/gpu$i.lock`` on fd 9 and tries ``flock -n 9`` (util-linux, in the vLLM
+image); with the first lock it gets, it ``exec``s vLLM with ``--kv-events-config`` naming
+``gpu$i``. fd 9 stays open in the exec'd vLLM, so the slot is held exactly as long as that
+process lives: a crash or a restart frees it, with no state to clean up. With every slot
+taken (more engines on the node than N), vLLM starts without KV events and says so in
+one line of its log: it serves, and only prefix-aware routing does not see its GPU. A
+lock on the node's own socket directory rather than a per-pod socket name: vLLM binds
+the name it is given, and the daemon must know the names to subscribe to.
+Rejected: a required podAntiAffinity (one engine per node: a 1-GPU engine left the other
+GPUs of its node idle) and a per-Deployment slot (the same, per Deployment). Pods are
+spread over nodes by preference (``topologySpreadConstraints``, ``ScheduleAnyway``). The
+rollout is ``maxSurge: 0``: a GPU cluster rarely has a spare GPU for a surge pod, which
+would wait Pending while the rollout waited for it.
+
+Draining: a pod that is going away (scale-down, rollout, eviction) first sleeps
+``PRESTOP_SLEEP_S`` in ``preStop`` (the routers poll EndpointSlices and drop it meanwhile;
+a sleep action, GA in Kubernetes 1.32, needs no shell in the image), then SIGTERM makes vLLM
+stop accepting and finish its running requests for up to ``engine.drain_s``
+(``--shutdown-timeout``; vLLM's default 0 aborts them, and the router retries only before
+the first byte). ``terminationGracePeriodSeconds`` = the sleep + ``drain_s`` + 15 s for
+vLLM's own teardown.
 
 The loader with an empty ``engine.loader.uri`` (the default values' hub model): there is
 nothing to stream through the sidecar, so the pod has no sidecar and vLLM loads ``MODEL``
 itself; the /dev/shm size still counts the loader's capacity (``sizes.derive`` counts it
 whenever the loader is enabled). Set the URI, or ``loader.enabled: false``.
+
+``engine.extra_args`` may not repeat a flag the deployment sets (``OWNED_FLAGS``, in any of
+vLLM's spellings: ``--flag=value``, ``--flag.key``, underscores, ``-tp``): vLLM takes the
+last copy while the Service, the probes and ``shoal deploy check`` go by the first.
 
 Settings the sidecar must have for the pod to work (``runtime_dir``, ``shm_dir``,
 ``listen``, ``allow``) are refused in ``engine.loader.settings``; every other loader key is
@@ -47,6 +72,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from deploy import sizes
@@ -68,11 +94,16 @@ __all__ = [
     "INSTANCE_LABEL",
     "LOADER_METRICS_PORT",
     "LOADER_RUNTIME_DIR",
+    "OWNED_FLAGS",
     "POD_RUN_DIR",
+    "PRESTOP_SLEEP_S",
     "engine_selector",
+    "loader_metrics_port",
     "loader_socket",
     "render",
+    "slot_script",
     "vllm_args",
+    "vllm_command",
 ]
 
 INSTANCE_LABEL = "app.kubernetes.io/instance"
@@ -84,12 +115,29 @@ LOADER_METRICS_PORT = 9501
 HOME = "/home/shoal"
 _PROBE_PERIOD_S = 10
 _LOADER_OWNED = ("runtime_dir", "shm_dir", "listen", "allow")
+PRESTOP_SLEEP_S = 10
+_TEARDOWN_S = 15
+# The flags vllm_args sets -> the values field that sets them.
+OWNED_FLAGS = {
+    "--host": "nothing (vLLM listens on 0.0.0.0 for the Service)",
+    "--port": "engine.port",
+    "--tensor-parallel-size": "engine.gpus",
+    "--served-model-name": "engine.model",
+    "--kv-transfer-config": "engine.connector and engine.chunk_tokens",
+    "--kv-events-config": "engine.kv_events (slots: cache.num_event_slots)",
+    "--load-format": "engine.loader.uri",
+    "--model-loader-extra-config": "engine.loader.uri and engine.loader.settings",
+    "--shutdown-timeout": "engine.drain_s",
+}
+_SHORT_FLAGS = {"-tp": "--tensor-parallel-size"}
+# Characters a runtime_dir may have to sit unquoted inside the slot script's double quotes.
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9/._-]*$")
 
 Obj = dict[str, Any]
 
 
 def engine_selector(values: Values) -> dict[str, str]:
-    """The labels the Service, the anti-affinity and the Deployment select these pods by."""
+    """The labels the Service, the spread, the PDB and the Deployment select these pods by."""
     return {**selector("engine"), INSTANCE_LABEL: values.engine.name}
 
 
@@ -100,6 +148,11 @@ def loader_socket(values: Values) -> str:
 
 def _uses_loader(values: Values) -> bool:
     return values.engine.loader.enabled and bool(values.engine.loader.uri)
+
+
+def loader_metrics_port(values: Values) -> int:
+    """The loader sidecar's metrics port; 0 when the pod has no sidecar or it has none."""
+    return int(_loader_settings(values)["metrics_port"]) if _uses_loader(values) else 0
 
 
 def render(values: Values) -> list[Obj]:
@@ -139,11 +192,13 @@ def _deployment(values: Values) -> Obj:
         spec["initContainers"] = [_loader(values)]
     spec["containers"] = [_vllm(values)]
     spec["volumes"] = _volumes(values)
-    if engine.kv_events:
-        spec["affinity"] = {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
-            {"labelSelector": {"matchLabels": engine_selector(values)},
-             "topologyKey": "kubernetes.io/hostname"},
-        ]}}  # fmt: skip
+    spec["terminationGracePeriodSeconds"] = PRESTOP_SLEEP_S + engine.drain_s + _TEARDOWN_S
+    spec["topologySpreadConstraints"] = [{
+        "maxSkew": 1,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": engine_selector(values)},
+    }]  # fmt: skip
     if engine.node_selector:
         spec["nodeSelector"] = dict(engine.node_selector)
     if engine.tolerations:
@@ -186,14 +241,34 @@ def _volumes(values: Values) -> list[Obj]:
     return volumes
 
 
+def _check_extra_args(values: Values) -> None:
+    for arg in values.engine.extra_args:
+        text = str(arg)
+        if text.startswith("--"):
+            key = "--" + text[2:].split("=", 1)[0].split(".", 1)[0].replace("_", "-")
+        else:
+            key = _SHORT_FLAGS.get(text.split("=", 1)[0], "")
+        if key in OWNED_FLAGS:
+            raise ValuesError(
+                f"engine.extra_args: {text!r} repeats {key}, which the deployment sets "
+                f"(vLLM would take the last copy, the Service and the checks the first); "
+                f"set it with {OWNED_FLAGS[key]}"
+            )
+
+
 def vllm_args(values: Values) -> list[str]:
-    """``vllm serve`` and its arguments (the JSON ones as compact JSON strings)."""
+    """``vllm serve`` and its arguments (the JSON ones as compact JSON strings), all but
+    ``--kv-events-config``, which ``slot_script`` adds once it has a slot."""
     engine = values.engine
+    _check_extra_args(values)
+    if engine.drain_s < 0:
+        raise ValuesError(f"engine.drain_s {engine.drain_s}: must be >= 0 (0 = abort)")
     args = [
         "vllm", "serve", engine.model,
         "--host", "0.0.0.0", "--port", str(engine.port),
         "--tensor-parallel-size", str(engine.gpus),
         "--served-model-name", engine.model,
+        "--shutdown-timeout", str(engine.drain_s),
     ]  # fmt: skip
     if engine.connector:
         transfer = {
@@ -207,11 +282,6 @@ def vllm_args(values: Values) -> list[str]:
             },
         }
         args += ["--kv-transfer-config", _json(transfer)]
-    if engine.kv_events:
-        pub, replay = node_dirs.event_endpoints(values, engine.events_slot)
-        events = {"enable_kv_cache_events": True, "publisher": "zmq",
-                  "endpoint": pub, "replay_endpoint": replay}  # fmt: skip
-        args += ["--kv-events-config", _json(events)]
     if _uses_loader(values):
         loader: Obj = {"model_weights": f"peer+unix://{loader_socket(values)}/{engine.loader.uri}"}
         s3_endpoint = engine.loader.settings.get("s3_endpoint")
@@ -219,6 +289,50 @@ def vllm_args(values: Values) -> list[str]:
             loader["s3_endpoint"] = str(s3_endpoint)
         args += ["--load-format", "shoal", "--model-loader-extra-config", _json(loader)]
     return args + list(engine.extra_args)
+
+
+def _events_slots(values: Values) -> int:
+    """How many slots the engine may claim: the daemon's, when it runs and follows any."""
+    engine, cache = values.engine, values.cache
+    return cache.num_event_slots if engine.kv_events and cache.enabled else 0
+
+
+def slot_script(values: Values) -> str:
+    """The ``sh -c`` program that claims a KV-event slot and execs ``"$@"`` (vllm serve).
+
+    The events JSON is written inside double quotes with ``$i`` in the two endpoints, so
+    the rendered text holds the literal ``ipc://<runtime_dir>/gpu$i.pub`` (and ``.replay``).
+    """
+    run = values.node_dirs.runtime_dir
+    if not _SAFE_PATH.match(run):
+        raise ValuesError(
+            f"node_dirs.runtime_dir {run!r}: use an absolute path of letters, digits and "
+            "/._- (the engine's start script names it unquoted)"
+        )
+    slots = _events_slots(values)
+    pub, replay = (f"ipc://{run}/gpu$i.{kind}" for kind in ("pub", "replay"))
+    events = _json({"enable_kv_cache_events": True, "publisher": "zmq",
+                    "endpoint": pub, "replay_endpoint": replay})  # fmt: skip
+    quoted = '"' + events.replace('"', '\\"') + '"'
+    return (
+        f"i=0; while [ $i -lt {slots} ]; do "
+        f"if command exec 9>{run}/gpu$i.lock && flock -n 9; then "
+        f'exec "$@" --kv-events-config {quoted}; fi; '
+        "exec 9>&-; i=$((i + 1)); done; "
+        f'echo "shoal: no free KV-event slot in {run} (gpu0..gpu{slots - 1} are held): more '
+        f"engines on this node than cache.num_event_slots ({slots}); starting vLLM without "
+        'KV events (prefix-aware routing will not see this engine)" >&2; '
+        'exec "$@"'
+    )
+
+
+def vllm_command(values: Values) -> list[str]:
+    """The vllm container's command: ``vllm_args``, wrapped in ``slot_script`` when the
+    engine publishes KV events to a daemon that follows slots."""
+    args = vllm_args(values)
+    if not _events_slots(values):
+        return args
+    return ["sh", "-c", slot_script(values), "vllm-slot", *args]
 
 
 def _json(document: Obj) -> str:
@@ -240,12 +354,17 @@ def _vllm(values: Values) -> Obj:
         mounts += node_dirs.mounts(values)
     if _uses_loader(values):
         mounts.append({"name": "loader-run", "mountPath": POD_RUN_DIR})
+    if engine.hf_token_secret:
+        environ.append({
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": engine.hf_token_secret, "key": "token"}},
+        })  # fmt: skip
     startup_failures = max(1, math.ceil(engine.startup_s / _PROBE_PERIOD_S))
     memory = sizes.quantity(derived.engine_memory_bytes)
-    return {
+    container: Obj = {
         "name": "vllm",
         "image": engine.image,
-        "command": vllm_args(values),
+        "command": vllm_command(values),
         "env": environ,
         "ports": [{"name": "http", "containerPort": engine.port}],
         "resources": {
@@ -259,7 +378,12 @@ def _vllm(values: Values) -> Obj:
         ),
         "readinessProbe": http_probe("/health", "http", period_s=5),
         "livenessProbe": http_probe("/health", "http", period_s=10, failures=3),
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
     }
+    if _uses_loader(values) and engine.loader.s3_secret:
+        # vLLM reads the origin itself should the sidecar fail mid-load (loader.sources.peer)
+        container["envFrom"] = [{"secretRef": {"name": engine.loader.s3_secret}}]
+    return container
 
 
 def _loader_settings(values: Values) -> Obj:
@@ -333,8 +457,8 @@ def _loader(values: Values) -> Obj:
             "timeoutSeconds": 10,
         },
     }
-    if int(settings["metrics_port"]):
-        container["ports"] = [{"name": "metrics", "containerPort": int(settings["metrics_port"])}]
+    if loader_metrics_port(values):
+        container["ports"] = [{"name": "metrics", "containerPort": loader_metrics_port(values)}]
     if loader.s3_secret:
         container["envFrom"] = [{"secretRef": {"name": loader.s3_secret}}]
     return container

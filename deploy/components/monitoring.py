@@ -18,8 +18,21 @@ names: the operator's default job is the Service's name for a ServiceMonitor but
 alert lists in ``metrics_used`` every Shoal metric its expression reads (by the name
 Prometheus stores: counters end in ``_total``), and each of those must exist in the code.
 ``$MAX_REPLICAS`` in an expression is replaced at render time by the autoscaler's
-``max_replicas``. Each alert's ``runbook_url`` annotation points at its own heading under
-docs/operations.md#alerts (``RUNBOOK``), named after the alert.
+``max_replicas``, ``$NAMESPACE`` by ``values.namespace``. Each alert's ``runbook_url``
+annotation points at its own heading under docs/operations.md#alerts (``RUNBOOK``), named
+after the alert.
+
+Two alerts read kube-state-metrics, not Shoal (``kube_daemonset_status_number_unavailable``,
+``ShoalCacheDaemonSetUnavailable`` and ``ShoalHealthDaemonSetUnavailable``): a DaemonSet pod
+that never starts (Pending, ContainerCreating on a missing mount, rejected) has no scrape
+target, so ``up == 0`` cannot see it. kube-prometheus-stack ships kube-state-metrics;
+without it these two never fire.
+
+The PodMonitors add a ``node`` label (the pod's node) to every target, so
+``ShoalCacheEngineFeedDown`` can compare, node by node, the engines that serve with the
+KV-event feeds the node's daemon has: it fires for a node with fewer connected feeds than
+running engines (a feed down, or more engines than ``cache.num_event_slots``), never for a
+slot nobody uses, nor after a scale-down left one empty.
 
 Rejected: recording rules and dashboards (operators have their own; the metrics are
 documented), and alerts on engine internals (vLLM's own metrics have their own mixins).
@@ -130,17 +143,54 @@ ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         name="ShoalCacheEngineFeedDown",
-        expr="shoal_kvcache_engine_connected == 0",
+        expr=(
+            'count by (node) (up{job="shoal-engine"} == 1) > sum by (node) '
+            '(shoal_kvcache_engine_connected{job="shoal-cache"})'
+        ),
         for_="10m",
         severity="warning",
-        summary="Cache daemon {{ $labels.pod }} hears nothing from engine {{ $labels.engine }}",
+        summary="Node {{ $labels.node }} runs more engines than its cache daemon hears from",
         metrics_used=("shoal_kvcache_engine_connected",),
         description=(
-            "The daemon is not connected to an engine's KV-event publisher: lookups and the "
-            "router no longer know what that engine holds on its GPU (prefix-aware routing "
-            "degrades to the daemons' tiers)."
+            "An engine on this node publishes no KV events the daemon receives: lookups and "
+            "the router do not know what it holds on its GPU (prefix-aware routing degrades "
+            "to the daemons' tiers). A feed is down, or the node runs more engines than "
+            "cache.num_event_slots."
         ),
         needs="engine_events",
+    ),
+    Alert(
+        name="ShoalCacheDaemonSetUnavailable",
+        expr=(
+            'kube_daemonset_status_number_unavailable{namespace="$NAMESPACE",'
+            'daemonset="shoal-cache"} > 0'
+        ),
+        for_="15m",
+        severity="critical",
+        summary="{{ $value }} node(s) have no available cache daemon (kube-state-metrics)",
+        metrics_used=(),
+        description=(
+            "A cache daemon pod is not available: Pending, stuck creating, or crash-looping. "
+            "Engine pods on such a node wait (their host directories do not exist) or serve "
+            "without the cache. Needs kube-state-metrics."
+        ),
+        needs="cache",
+    ),
+    Alert(
+        name="ShoalHealthDaemonSetUnavailable",
+        expr=(
+            'kube_daemonset_status_number_unavailable{namespace="$NAMESPACE",'
+            'daemonset="shoal-health"} > 0'
+        ),
+        for_="15m",
+        severity="warning",
+        summary="{{ $value }} GPU node(s) have no available health watcher (kube-state-metrics)",
+        metrics_used=(),
+        description=(
+            "A GPU health watcher pod is not available, so that node's GPU faults go unseen "
+            "(no cordon, no report to the router). Needs kube-state-metrics."
+        ),
+        needs="health",
     ),
     Alert(
         name="ShoalCacheClusterPeerMissing",
@@ -390,6 +440,12 @@ def _job(name: str) -> list[Obj]:
     return [{"action": "replace", "targetLabel": "job", "replacement": name}]
 
 
+def _node() -> Obj:
+    """The pod's node as label ``node`` (ShoalCacheEngineFeedDown joins on it)."""
+    return {"action": "replace", "sourceLabels": ["__meta_kubernetes_pod_node_name"],
+            "targetLabel": "node"}  # fmt: skip
+
+
 def _meta(values: Values, name: str, component: str) -> Obj:
     return objects.metadata(values, name, component, extra_labels=values.monitoring.labels)
 
@@ -411,7 +467,8 @@ def _service_monitor(values: Values, component: str, name: str) -> Obj:
 
 
 def _endpoint(port: str, job: str) -> Obj:
-    return {"port": port, "path": "/metrics", "interval": INTERVAL, "relabelings": _job(job)}
+    relabelings = [*_job(job), _node()]
+    return {"port": port, "path": "/metrics", "interval": INTERVAL, "relabelings": relabelings}
 
 
 def _pod_monitor(values: Values, component: str, name: str, endpoints: list[Obj]) -> Obj:
@@ -463,7 +520,9 @@ def rule_group(values: Values) -> list[Obj]:
             continue
         rule: Obj = {
             "alert": alert.name,
-            "expr": alert.expr.replace("$MAX_REPLICAS", max_replicas),
+            "expr": alert.expr.replace("$MAX_REPLICAS", max_replicas).replace(
+                "$NAMESPACE", values.namespace
+            ),
             "labels": {"severity": alert.severity},
             "annotations": {
                 "summary": alert.summary,

@@ -8,7 +8,9 @@ PodDisruptionBudgets (``pod_disruption_budgets``), each ``maxUnavailable: 1``:
 * the engines: a restarted engine is minutes of model loading and an empty GPU prefix
   cache; a drain of several GPU nodes at once (an upgrade, a scale-down) must not take
   every replica of a model in the same minute, so engines leave one at a time and the
-  router moves their traffic meanwhile.
+  router moves their traffic meanwhile. The budget selects this Deployment's pods
+  (``engine.engine_selector``, with the instance label): another engine Deployment or the
+  Ray fleet's engines have budgets of their own, not a share of this one.
 * none for the DaemonSets (the cache daemon, the health watcher). A budget gates only
   the Eviction API; a DaemonSet's rolling update deletes pods without asking it, and node
   drains leave DaemonSet pods alone (``kubectl drain --ignore-daemonsets``, the cluster
@@ -19,13 +21,17 @@ PodDisruptionBudgets (``pod_disruption_budgets``), each ``maxUnavailable: 1``:
   evictions ignore budgets anyway.
 
 NetworkPolicies (``network_policies``), ingress only, selecting each component's pods by
-``objects.selector`` and naming ports by name (a named port a pod lacks matches nothing)::
+``objects.selector`` and naming ports by name (a named port a pod lacks matches nothing),
+except the loader sidecar's metrics port, given by number (9501 unless its settings say
+otherwise): it is declared on a native sidecar, an *init* container, whose named ports
+several CNIs do not resolve (Calico before 3.28.1, projectcalico/calico#8881), which would
+drop its scrapes silently::
 
     cache       cluster, stream   <- cache pods (+ router pods with router.precise: the
                                      sidecar is a cluster member)
                 metrics           <- the monitoring namespace
     engine      http              <- router, autoscaler (scrapes), fleet, monitoring
-                metrics           <- monitoring (the loader sidecar's, when it has one)
+                9501              <- monitoring (the loader sidecar's metrics, when it has one)
     redis       redis             <- router
     autoscaler  http              <- router (wakes), monitoring
     health      http              <- router, fleet (GPU reports), monitoring
@@ -52,6 +58,7 @@ from __future__ import annotations
 from typing import Any
 
 from deploy import objects
+from deploy.components import engine
 from deploy.values import Values
 
 __all__ = ["network_policies", "pod_disruption_budgets", "render"]
@@ -59,12 +66,12 @@ __all__ = ["network_policies", "pod_disruption_budgets", "render"]
 Obj = dict[str, Any]
 
 
-def _pdb(values: Values, name: str, component: str) -> Obj:
+def _pdb(values: Values, name: str, component: str, pods: dict[str, str]) -> Obj:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": objects.metadata(values, name, component),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": objects.selector(component)}},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pods}},
     }
 
 
@@ -73,9 +80,9 @@ def pod_disruption_budgets(values: Values) -> list[Obj]:
         return []
     out = []
     if values.router.enabled:
-        out.append(_pdb(values, "shoal-router", "router"))
-    if values.engine.enabled:
-        out.append(_pdb(values, values.engine.name, "engine"))
+        out.append(_pdb(values, "shoal-router", "router", objects.selector("router")))
+    if values.engine.enabled:  # this Deployment's pods only, not every engine's
+        out.append(_pdb(values, values.engine.name, "engine", engine.engine_selector(values)))
     return out
 
 
@@ -87,7 +94,7 @@ def _namespace(name: str) -> Obj:
     return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
 
 
-def _ports(*names: str) -> list[Obj]:
+def _ports(*names: str | int) -> list[Obj]:
     return [{"port": name, "protocol": "TCP"} for name in names]
 
 
@@ -149,8 +156,9 @@ def network_policies(values: Values) -> list[Obj]:
         rules: list[Obj | None] = [
             _rule(_ports("http"), [*peers("router", "autoscaler", "fleet"), monitoring()])
         ]
-        if values.engine.loader.enabled:
-            rules.append(_rule(_ports("metrics"), [monitoring()]))
+        loader_port = engine.loader_metrics_port(values)
+        if loader_port:  # by number: see the module docstring
+            rules.append(_rule(_ports(loader_port), [monitoring()]))
         out.append(_policy(values, values.engine.name, "engine", rules))
     if _redis_on(values):
         out.append(_policy(values, "shoal-redis", "redis", [

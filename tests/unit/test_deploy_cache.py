@@ -563,10 +563,6 @@ class TestNodeContract:
         assert config.engine_chunk_tokens == values.engine.chunk_tokens
         assert config.engine_tp_size == values.engine.gpus
 
-    def test_the_engines_slot_must_be_one_the_daemon_follows(self) -> None:
-        with pytest.raises(ValuesError, match="engine.events_slot 1"):
-            cache.render(parse_values({"engine": {"events_slot": 1}}))
-
     def test_no_engine_events_without_kv_events(self) -> None:
         env = env_of(parse_values({"engine": {"kv_events": False}}))
         assert "SHOAL_CACHE_ENGINE_EVENTS" not in env

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 
 from deploy import objects
-from deploy.components import autoscaler, fleet, health, monitoring, policies
+from deploy.components import autoscaler, engine, fleet, health, monitoring, policies
 from deploy.errors import ValuesError
 from deploy.values import Values, parse_values
 
@@ -394,6 +394,13 @@ def test_budgets_let_one_router_and_one_engine_go_at_a_time_and_skip_daemonsets(
     assert by_component["engine"]["metadata"]["name"] == "vllm"
 
 
+def test_the_engine_budget_covers_this_deployments_pods_only() -> None:
+    v = values({"engine": {"name": "llama"}})
+    pdb = find(policies.render(v), "PodDisruptionBudget", "llama")
+    assert pdb["spec"]["selector"]["matchLabels"] == engine.engine_selector(v)
+    assert pdb["spec"]["selector"]["matchLabels"][engine.INSTANCE_LABEL] == "llama"
+
+
 def peers_of(rule: dict[str, Any]) -> set[str]:
     """``*`` for anyone, a component for its pods, ``ns:NAME`` for a namespace."""
     if "from" not in rule:
@@ -407,9 +414,9 @@ def peers_of(rule: dict[str, Any]) -> set[str]:
     return out
 
 
-def ingress(objs: list[dict[str, Any]]) -> dict[str, dict[str, set[str]]]:
-    """component -> port name -> who may connect."""
-    table: dict[str, dict[str, set[str]]] = {}
+def ingress(objs: list[dict[str, Any]]) -> dict[str, dict[str | int, set[str]]]:
+    """component -> port name (or number) -> who may connect."""
+    table: dict[str, dict[str | int, set[str]]] = {}
     for policy in (o for o in objs if o["kind"] == "NetworkPolicy"):
         spec = policy["spec"]
         assert spec["policyTypes"] == ["Ingress"]
@@ -427,7 +434,7 @@ def test_network_policies_keep_cluster_engine_and_control_ports_internal() -> No
     mon = "ns:monitoring"
     assert ingress(policies.render(values())) == {
         "cache": {"cluster": {"cache"}, "stream": {"cache"}, "metrics": {mon}},
-        "engine": {"http": {"router", "autoscaler", mon}, "metrics": {mon}},
+        "engine": {"http": {"router", "autoscaler", mon}},  # no loader uri: no sidecar
         "redis": {"redis": {"router"}},
         "autoscaler": {"http": {"router", mon}},
         "health": {"http": {"router", mon}},
@@ -443,9 +450,18 @@ def test_network_policies_with_the_precise_router_and_the_fleet() -> None:
     }  # fmt: skip
     assert table["router"] == {"http": {"*"}, "cluster": {"cache", "router"},
                                "stream": {"cache", "router"}}  # fmt: skip
-    assert table["engine"]["http"] == {"router", "autoscaler", "fleet", mon}
+    assert table["engine"] == {"http": {"router", "autoscaler", "fleet", mon}, 9501: {mon}}
     assert table["health"] == {"http": {"router", "fleet", mon}}
     assert table["fleet"] == {"http": {"autoscaler", "router", mon}}  # router: /v1/discovery
+
+
+def test_the_loader_metrics_port_is_admitted_by_number() -> None:
+    # a named port of an init container (the native sidecar) is not resolved by every CNI
+    loader = {"uri": "s3://models/qwen3/", "settings": {"metrics_port": 9611}}
+    objs = policies.render(values({"engine": {"loader": loader}}))
+    assert set(ingress(objs)["engine"]) == {"http", 9611}
+    objs = policies.render(values({"engine": {"loader": {**loader, "enabled": False}}}))
+    assert set(ingress(objs)["engine"]) == {"http"}
 
 
 def test_redis_without_a_router_admits_no_one() -> None:
@@ -513,13 +529,51 @@ def test_every_monitor_sets_the_job_the_alerts_name() -> None:
     for monitor in (o for o in objs if o["kind"] in ("ServiceMonitor", "PodMonitor")):
         spec = monitor["spec"]
         for endpoint in spec.get("endpoints", []) + spec.get("podMetricsEndpoints", []):
-            (relabel,) = endpoint["relabelings"]
+            relabel = endpoint["relabelings"][0]
             assert relabel["targetLabel"] == "job"
             jobs.add(relabel["replacement"])
     assert jobs == set(monitoring.JOBS.values())
     for alert in monitoring.ALERTS:
         for job in re.findall(r'job="([^"]+)"', alert.expr):
             assert job in jobs, f"{alert.name} names job {job}, which no monitor sets"
+
+
+def test_pod_monitors_label_every_target_with_its_node() -> None:
+    objs = monitoring.render(values(FULL))
+    for monitor in (o for o in objs if o["kind"] == "PodMonitor"):
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert {"action": "replace", "sourceLabels": ["__meta_kubernetes_pod_node_name"],
+                    "targetLabel": "node"} in endpoint["relabelings"]  # fmt: skip
+
+
+def test_the_feed_alert_compares_engines_and_feeds_per_node() -> None:
+    # not `connected == 0`: a slot no engine claims (8 by default) would fire for ever
+    (feed,) = [a for a in monitoring.ALERTS if a.name == "ShoalCacheEngineFeedDown"]
+    assert "== 0" not in feed.expr
+    assert re.fullmatch(
+        r'count by \(node\) \(up\{job="shoal-engine"\} == 1\) > '
+        r'sum by \(node\) \(shoal_kvcache_engine_connected\{job="shoal-cache"\}\)',
+        feed.expr,
+    )
+
+
+def test_daemonsets_without_available_pods_alert_through_kube_state_metrics() -> None:
+    def rules(v: Values) -> dict[str, str]:
+        objs = monitoring.render(v)
+        (rule,) = [o for o in objs if o["kind"] == "PrometheusRule"]
+        return {r["alert"]: r["expr"] for r in rule["spec"]["groups"][0]["rules"]}
+
+    every = rules(values({"namespace": "prod"}))
+    for alert, daemonset in (("ShoalCacheDaemonSetUnavailable", "shoal-cache"),
+                             ("ShoalHealthDaemonSetUnavailable", "shoal-health")):  # fmt: skip
+        assert every[alert] == (
+            'kube_daemonset_status_number_unavailable{namespace="prod",'
+            f'daemonset="{daemonset}"}} > 0'
+        )
+    assert "kube-state-metrics" in (monitoring.__doc__ or "")
+    without = rules(values({"health": {"enabled": False}}))
+    assert "ShoalHealthDaemonSetUnavailable" not in without
+    assert "ShoalCacheDaemonSetUnavailable" in without
 
 
 def code_text() -> str:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -104,24 +109,159 @@ class TestEngineContract:
         assert spec["securityContext"]["runAsUser"] == 4242
         assert spec["hostPID"] is True
 
-    def test_kv_events_bind_the_slots_socket_one_pod_per_node(self) -> None:
-        values = parse_values({"engine": {"events_slot": 3}})
-        spec = pod(values, "vllm")
-        events = json.loads(flag(container(spec, "vllm")["command"], "--kv-events-config"))
-        assert (events["endpoint"], events["replay_endpoint"]) == node_dirs.event_endpoints(
-            values, 3
-        )
-        assert events["publisher"] == "zmq"
-        (term,) = spec["affinity"]["podAntiAffinity"][
-            "requiredDuringSchedulingIgnoredDuringExecution"
-        ]
-        assert term["topologyKey"] == "kubernetes.io/hostname"
-        assert term["labelSelector"]["matchLabels"] == engine.engine_selector(values)
+    def test_vllm_claims_a_kv_event_slot_by_a_lock_in_the_runtime_dir(self) -> None:
+        values = parse_values({"node_dirs": {"runtime_dir": "/run/x"}})
+        command = container(pod(values, "vllm"), "vllm")["command"]
+        assert command[:2] == ["sh", "-c"]
+        assert command[4:] == engine.vllm_args(values)  # "$@": every other argument as is
+        script = command[2]
+        assert "while [ $i -lt 8 ]" in script  # cache.num_event_slots' default
+        assert "9>/run/x/gpu$i.lock && flock -n 9" in script
+        assert '"ipc:///run/x/gpu$i.pub' in script.replace('\\"', '"')
+        assert "--kv-events-config" not in engine.vllm_args(values)
 
-    def test_no_anti_affinity_without_kv_events(self) -> None:
-        spec = pod(parse_values({"engine": {"kv_events": False}}), "vllm")
-        assert "affinity" not in spec
-        assert "--kv-events-config" not in container(spec, "vllm")["command"]
+    def test_engines_spread_over_nodes_by_preference_only(self) -> None:
+        values = parse_values({})
+        spec = pod(values, "vllm")
+        assert "affinity" not in spec  # several engines per node: each claims its own slot
+        (spread,) = spec["topologySpreadConstraints"]
+        assert spread["topologyKey"] == "kubernetes.io/hostname"
+        assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert spread["labelSelector"]["matchLabels"] == engine.engine_selector(values)
+
+    @pytest.mark.parametrize(
+        "document",
+        [{"engine": {"kv_events": False}}, {"cache": {"num_event_slots": 0}},
+         {"cache": {"enabled": False}}],
+        ids=["kv-events-off", "no-slots", "no-daemon"],
+    )  # fmt: skip
+    def test_no_slot_claim_without_a_daemon_following_slots(self, document: dict) -> None:
+        values = parse_values(document)
+        command = container(pod(values, "vllm"), "vllm")["command"]
+        assert command == engine.vllm_args(values)
+        assert "--kv-events-config" not in command
+
+    def test_a_runtime_dir_the_script_cannot_hold_unquoted_is_refused(self) -> None:
+        with pytest.raises(ValuesError, match="node_dirs.runtime_dir"):
+            engine.render(parse_values({"node_dirs": {"runtime_dir": '/run/"x'}}))
+
+
+class TestSlotScript:
+    """The start script run by a real ``sh`` (dash on Ubuntu, as in the vLLM image), with a
+    stand-in for vLLM that prints its arguments and stays up for a while, holding its lock."""
+
+    STAND_IN = [sys.executable, "-c",
+                "import sys, json, time; print(json.dumps(sys.argv[1:]), flush=True); "
+                "time.sleep(float(sys.argv[1]))"]  # fmt: skip
+
+    def run(self, values: Values, seconds: float) -> tuple[dict[str, Any] | None, str]:
+        """Start the script; once the stand-in is up (its lock taken, if any), return the
+        events config it was given and what the script said on stderr."""
+        script = engine.slot_script(values)
+        process = subprocess.Popen(
+            ["sh", "-c", script, "vllm-slot", *self.STAND_IN, str(seconds), "--port", "8000"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert process.stdout is not None
+        args = json.loads(process.stdout.readline())
+        self.processes.append(process)
+        assert args[1:3] == ["--port", "8000"]  # the other arguments pass through as they are
+        if "--kv-events-config" not in args:
+            return None, process.communicate(timeout=20)[1]
+        return json.loads(flag(args, "--kv-events-config")), ""
+
+    @pytest.mark.skipif(not shutil.which("flock"), reason="util-linux flock")
+    def test_each_engine_takes_a_free_slot_and_a_surplus_one_runs_without(
+        self, tmp_path: Path
+    ) -> None:
+        values = parse_values({"node_dirs": {"runtime_dir": str(tmp_path)},
+                               "cache": {"num_event_slots": 2}})  # fmt: skip
+        self.processes: list[subprocess.Popen[str]] = []
+        try:
+            self.claims_in_order(values, tmp_path)
+        finally:
+            for process in self.processes:
+                process.kill()
+                process.communicate(timeout=20)
+
+    def claims_in_order(self, values: Values, tmp_path: Path) -> None:
+        first, _ = self.run(values, 30)
+        second, _ = self.run(values, 30)
+        surplus, message = self.run(values, 0)
+        assert first == {"enable_kv_cache_events": True, "publisher": "zmq",
+                         "endpoint": f"ipc://{tmp_path}/gpu0.pub",
+                         "replay_endpoint": f"ipc://{tmp_path}/gpu0.replay"}  # fmt: skip
+        assert second is not None
+        assert (second["endpoint"], second["replay_endpoint"]) == node_dirs.event_endpoints(
+            values, 1
+        )
+        assert surplus is None
+        assert "no free KV-event slot" in message and "cache.num_event_slots (2)" in message
+        self.processes[0].kill()  # a crashed engine's slot is free at once
+        self.processes[0].wait(timeout=20)
+        again, _ = self.run(values, 0)
+        assert again is not None and again["endpoint"].endswith("/gpu0.pub")
+
+
+class TestDrain:
+    def test_vllm_finishes_in_flight_requests_for_drain_s(self) -> None:
+        values = parse_values({"engine": {"drain_s": 300}})
+        assert flag(engine.vllm_args(values), "--shutdown-timeout") == "300"
+
+    def test_routers_drop_the_pod_before_vllm_is_told_to_stop(self) -> None:
+        values = parse_values({"engine": {"drain_s": 300}})
+        spec = pod(values, "vllm")
+        sleep = container(spec, "vllm")["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert sleep == engine.PRESTOP_SLEEP_S == 10
+        assert spec["terminationGracePeriodSeconds"] == sleep + 300 + 15
+
+    def test_a_negative_drain_is_refused(self) -> None:
+        with pytest.raises(ValuesError, match="engine.drain_s"):
+            engine.render(parse_values({"engine": {"drain_s": -1}}))
+
+
+class TestExtraArgs:
+    @pytest.mark.parametrize(
+        ("arg", "field"),
+        [("--port", "engine.port"), ("--port=9000", "engine.port"),
+         ("--tensor_parallel_size", "engine.gpus"), ("-tp", "engine.gpus"),
+         ("--kv-transfer-config.kv_connector", "engine.connector"),
+         ("--kv-events-config", "engine.kv_events"), ("--host", "0.0.0.0"),
+         ("--served-model-name", "engine.model"), ("--load-format=auto", "engine.loader.uri"),
+         ("--model-loader-extra-config", "engine.loader"),
+         ("--shutdown-timeout", "engine.drain_s")],
+    )  # fmt: skip
+    def test_flags_the_deployment_sets_are_refused(self, arg: str, field: str) -> None:
+        values = parse_values({"engine": {"extra_args": [arg, "x"]}})
+        with pytest.raises(ValuesError, match=rf"engine.extra_args: .*{re.escape(field)}"):
+            engine.render(values)
+
+    def test_every_owned_flag_is_one_the_renderer_sets(self) -> None:
+        values = parse_values(
+            {
+                **WITH_LOADER,
+                "engine": {**WITH_LOADER["engine"], "extra_args": ["--max-model-len", "8"]},
+            }
+        )
+        words = set(engine.vllm_args(values)) | {"--kv-events-config"}
+        assert set(engine.OWNED_FLAGS) <= words
+        assert engine.vllm_args(values)[-2:] == ["--max-model-len", "8"]
+
+
+class TestCredentials:
+    def test_hf_token_from_the_secret(self) -> None:
+        vllm = container(pod(parse_values({"engine": {"hf_token_secret": "hf"}}), "vllm"), "vllm")
+        (token,) = [e for e in vllm["env"] if e["name"] == "HF_TOKEN"]
+        assert token["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+
+    def test_no_hf_token_by_default(self) -> None:
+        vllm = container(pod(parse_values({}), "vllm"), "vllm")
+        assert "HF_TOKEN" not in {e["name"] for e in vllm["env"]}
+
+    def test_vllm_has_the_s3_credentials_for_its_origin_fallback(self) -> None:
+        spec = pod(parse_values(WITH_LOADER), "vllm")
+        assert container(spec, "vllm")["envFrom"] == container(spec, "loader")["envFrom"]
+        assert "envFrom" not in container(pod(parse_values({}), "vllm"), "vllm")
 
     def test_dev_shm_is_memory_sized_from_derive(self) -> None:
         values = parse_values(WITH_LOADER)
