@@ -11,6 +11,10 @@ Standard "restricted" profile, where the component allows it.
 variables *after* building the component's own settings dataclass from them
 (``shoal.config.load_config``), so a typo'd key or a bad value fails the render with the
 daemon's own message instead of crash-looping a pod.
+
+``service_account`` / ``role`` / ``role_binding`` give an account, its role and their binding
+one name, and ``shoal_container`` the image, command, security context and memory request =
+limit every Shoal container shares (contract (f) then holds by construction).
 """
 
 from __future__ import annotations

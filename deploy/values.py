@@ -10,7 +10,13 @@ daemon parses, and given to the container as ``SHOAL_<SECTION>_<KEY>``).
 Structural choices live here as fields; everything a daemon already has a setting for stays
 in its ``settings`` table, so there is one name for each knob.
 
-Precedence: defaults < the values file < ``--set path.to.key=VALUE`` (YAML-typed value).
+Precedence: defaults < the values file < ``--set path.to.key=VALUE`` (YAML-typed value;
+``\.`` escapes a dot in a key, as in Helm; a list is set whole).
+
+A string field takes only a YAML string: unquoted ``1.10``, ``0700`` and ``yes`` arrive as
+1.1, 448 and true, and turning them back into text would render what nobody wrote (only a
+CPU quantity takes a plain integer). Names, quantities and ranges are checked here, under
+the key to change, rather than by the API server at apply or by a daemon under another key.
 """
 
 from __future__ import annotations
