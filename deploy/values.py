@@ -11,7 +11,7 @@ Structural choices live here as fields; everything a daemon already has a settin
 in its ``settings`` table, so there is one name for each knob.
 
 Precedence: defaults < the values file < ``--set path.to.key=VALUE`` (YAML-typed value;
-``\.`` escapes a dot in a key, as in Helm; a list is set whole).
+``\\.`` escapes a dot in a key, as in Helm; a list is set whole).
 
 A string field takes only a YAML string: unquoted ``1.10``, ``0700`` and ``yes`` arrive as
 1.1, 448 and true, and turning them back into text would render what nobody wrote (only a
