@@ -11,14 +11,19 @@ Standard "restricted" profile, where the component allows it.
 variables *after* building the component's own settings dataclass from them
 (``shoal.config.load_config``), so a typo'd key or a bad value fails the render with the
 daemon's own message instead of crash-looping a pod.
+
+``service_account`` / ``role`` / ``role_binding`` give an account, its role and their binding
+one name, and ``shoal_container`` the image, command, security context and memory request =
+limit every Shoal container shares (contract (f) then holds by construction).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from deploy.errors import ValuesError
+from deploy.sizes import quantity
 from deploy.values import Values
 from shoal.config import load_config
 from shoal.errors import ConfigError
@@ -28,6 +33,7 @@ __all__ = [
     "CONTROL_TOKEN_FILE",
     "CONTROL_TOKEN_SECRET",
     "LABEL_COMPONENT",
+    "Obj",
     "container_security",
     "control_token_mount",
     "control_token_volume",
@@ -37,8 +43,12 @@ __all__ = [
     "merge_settings",
     "metadata",
     "pod_security",
+    "role",
+    "role_binding",
     "selector",
+    "service_account",
     "settings_env",
+    "shoal_container",
 ]
 
 LABEL_NAME = "app.kubernetes.io/name"
@@ -46,7 +56,7 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 
-Obj = dict[str, Any]
+Obj = dict[str, Any]  # a Kubernetes object, or a part of one, as plain data
 
 # The bearer token of the control daemons (autoscaler, health watcher, fleet) and of their
 # clients: one Secret, mounted read-only at one path in every pod that serves or calls them.
@@ -84,9 +94,14 @@ def settings_env(cls: type, section: str, settings: Mapping[str, Any], *,
                  where: str) -> list[Obj]:  # fmt: skip
     """``SHOAL_<SECTION>_<KEY>`` variables for ``settings``, checked by ``cls`` first.
 
-    ``where`` names the values path for the error message (``cache.settings``).
+    ``where`` names the values path for the error message (``cache.settings``). A setting
+    is a scalar or a flat list (given comma-joined); null, a mapping or a nested list has
+    no environment form and is refused rather than rendered as ``"None"`` or a dict repr.
     """
-    environ = {f"SHOAL_{section.upper()}_{key.upper()}": _text(v) for key, v in settings.items()}
+    environ = {
+        f"SHOAL_{section.upper()}_{key.upper()}": _text(v, f"{where}.{key}")
+        for key, v in settings.items()
+    }
     try:
         load_config(cls, section, flags={}, environ=environ, config_path="")
     except ConfigError as exc:
@@ -113,12 +128,20 @@ def merge_settings(derived: Mapping[str, Any], user: Mapping[str, Any], *,
     return {**derived, **user}
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, where: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
     if isinstance(value, list | tuple):
-        return ",".join(str(item) for item in value)
-    return str(value)
+        for item in value:
+            if item is None or isinstance(item, Mapping | list | tuple):
+                what = "null" if item is None else "a nested list or mapping"
+                raise ValuesError(f"{where}: a list setting holds scalars only, got {what}")
+        return ",".join(_text(item, where) for item in value)
+    if value is None:
+        raise ValuesError(f"{where}: no value (null); give one, or delete the key for the default")
+    raise ValuesError(f"{where}: expected a string, number, boolean or list, got a mapping")
 
 
 # Every pod sets ``enableServiceLinks: false``: the kubelet would otherwise put
@@ -174,3 +197,75 @@ def control_token_volume() -> Obj:
 def control_token_mount() -> Obj:
     """Its container mount: the token at ``CONTROL_TOKEN_FILE``."""
     return {"name": _CONTROL_TOKEN_VOLUME, "mountPath": CONTROL_TOKEN_DIR, "readOnly": True}
+
+
+# --- the boilerplate every component repeats: accounts, RBAC, the Shoal container ---------
+
+_RBAC = "rbac.authorization.k8s.io/v1"
+
+
+def service_account(values: Values, name: str, component: str, *, automount: bool) -> Obj:
+    """The ServiceAccount ``name``; ``automount`` only for a component calling the API."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata(values, name, component),
+        "automountServiceAccountToken": automount,
+    }
+
+
+def role(values: Values, name: str, component: str, rules: Sequence[Obj], *,
+         cluster: bool = False) -> Obj:  # fmt: skip
+    """Role ``name`` in the namespace (ClusterRole with ``cluster``) granting ``rules``."""
+    return {
+        "apiVersion": _RBAC,
+        "kind": "ClusterRole" if cluster else "Role",
+        "metadata": metadata(values, name, component, namespaced=not cluster),
+        "rules": [dict(rule) for rule in rules],
+    }
+
+
+def role_binding(values: Values, name: str, component: str, *, cluster: bool = False) -> Obj:
+    """Binds (Cluster)Role ``name`` to ServiceAccount ``name`` of the namespace: one name for
+    the account, its role and the binding, so none can point at another's."""
+    kind = "ClusterRole" if cluster else "Role"
+    return {
+        "apiVersion": _RBAC,
+        "kind": f"{kind}Binding",
+        "metadata": metadata(values, name, component, namespaced=not cluster),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": values.namespace}],
+    }
+
+
+def shoal_container(values: Values, name: str, command: Sequence[str], *, env: Sequence[Obj],
+                    memory_bytes: int, cpu: str, ports: Sequence[tuple[str, int]] = (),
+                    mounts: Sequence[Obj] = (), liveness: Obj | None = None,
+                    readiness: Obj | None = None, startup: Obj | None = None,
+                    read_only_root: bool = True) -> Obj:  # fmt: skip
+    """A container running ``command`` from the Shoal image, with the restricted security
+    context, named TCP ``ports`` (name, number), and memory requested = limited to
+    ``memory_bytes`` (one number for both, so they cannot differ; CPU is requested only:
+    a CPU limit throttles the event loops without protecting anything)."""
+    memory = quantity(memory_bytes)
+    container: Obj = {
+        "name": name,
+        "image": values.image_ref,
+        "imagePullPolicy": values.image.pull_policy,
+        "command": list(command),
+        "env": [dict(item) for item in env],
+        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
+        "securityContext": container_security(read_only_root=read_only_root),
+    }
+    if ports:
+        container["ports"] = [
+            {"name": port_name, "containerPort": number, "protocol": "TCP"}
+            for port_name, number in ports
+        ]
+    if mounts:
+        container["volumeMounts"] = [dict(mount) for mount in mounts]
+    for key, probe in (("livenessProbe", liveness), ("readinessProbe", readiness),
+                       ("startupProbe", startup)):  # fmt: skip
+        if probe is not None:
+            container[key] = probe
+    return container

@@ -10,18 +10,26 @@ daemon parses, and given to the container as ``SHOAL_<SECTION>_<KEY>``).
 Structural choices live here as fields; everything a daemon already has a setting for stays
 in its ``settings`` table, so there is one name for each knob.
 
-Precedence: defaults < the values file < ``--set path.to.key=VALUE`` (YAML-typed value).
+Precedence: defaults < the values file < ``--set path.to.key=VALUE`` (YAML-typed value;
+``\\.`` escapes a dot in a key, as in Helm; a list is set whole).
+
+A string field takes only a YAML string: unquoted ``1.10``, ``0700`` and ``yes`` arrive as
+1.1, 448 and true, and turning them back into text would render what nobody wrote (only a
+CPU quantity takes a plain integer). Names, quantities and ranges are checked here, under
+the key to change, rather than by the API server at apply or by a daemon under another key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from deploy.errors import ValuesError
 from shoal.config import parse_size
@@ -48,16 +56,42 @@ __all__ = [
 
 T = TypeVar("T")
 
+MiB, GiB = 1 << 20, 1 << 30
 
-def value(default: Any, help: str, *, size: bool = False) -> Any:
-    """One values field: its default, one line of help, and whether it is a byte size."""
+# What Kubernetes accepts (apimachinery validation): names of namespaces are RFC 1123 labels,
+# of Services RFC 1035 labels (a letter first), of Secrets and RuntimeClasses RFC 1123
+# subdomains; a CPU request is a quantity. The schema check cannot see these: the OpenAPI
+# schemas type them as plain strings, and the API server refuses them only at apply.
+_DNS = {
+    "label": (re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"), 63, "an RFC 1123 label"),
+    "service": (re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?"), 63, "an RFC 1035 label"),
+    "subdomain": (
+        re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"),
+        253,
+        "an RFC 1123 subdomain",
+    ),
+}
+_QUANTITY = re.compile(r"(\d+(\.\d*)?|\.\d+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?\d+)?")
+
+
+def value(default: Any, help: str, *, size: bool = False, quantity: bool = False,
+          dns: str = "", optional: bool = False) -> Any:  # fmt: skip
+    """One values field: its default and one line of help, plus what form it must have.
+
+    ``size``: a byte size (``"8GiB"`` or an integer), kept as an int. ``quantity``: a
+    Kubernetes quantity (``"500m"``, ``"2"``; a plain YAML integer is accepted too).
+    ``dns``: a Kubernetes name, one of ``_DNS``; ``optional``: empty means none.
+    """
+    assert not dns or dns in _DNS, f"value(dns={dns!r}): not one of {sorted(_DNS)}"
+    assert not size or isinstance(default, int), f"size default {default!r} must be an int"
+    meta = {"help": help, "size": size, "quantity": quantity, "dns": dns, "optional": optional}
     if isinstance(default, dict | list):
         factory = (lambda d=default: type(d)(d)) if default else type(default)
-        return field(default_factory=factory, metadata={"help": help, "size": size})
+        return field(default_factory=factory, metadata=meta)
     if dataclasses.is_dataclass(default):
         cls = type(default)
-        return field(default_factory=cls, metadata={"help": help, "size": size})
-    return field(default=default, metadata={"help": help, "size": size})
+        return field(default_factory=cls, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +126,9 @@ class CacheClusterValues:
         "DIR`), per_node (a member key per node, from `keygen DIR --member NODE`), or insecure "
         "(no authentication: only where the operator says so)",
     )
-    secret: str = value("shoal-cache-curve", "Secret holding the CurveZMQ key files")
+    secret: str = value(
+        "shoal-cache-curve", "Secret holding the CurveZMQ key files", dns="subdomain"
+    )
     member_nodes: list[str] = value(
         [], "per_node keys: the Kubernetes node names that have a member key in the Secret"
     )
@@ -110,9 +146,9 @@ class CacheValues:
     )
     cluster: CacheClusterValues = value(CacheClusterValues(), "the cache cluster")
     memory_overhead_bytes: int = value(
-        "1GiB", "memory beyond shm + dram + io staging (index, Python, buffers)", size=True
+        1 * GiB, "memory beyond shm + dram + io staging (index, Python, buffers)", size=True
     )
-    cpu: str = value("2", "CPU request of the daemon")
+    cpu: str = value("2", "CPU request of the daemon", quantity=True)
     share_host_pid: bool = value(
         False,
         "hostPID on the daemon and the engines, so a killed engine's leases are freed at once "
@@ -138,13 +174,20 @@ class LoaderValues:
     settings: dict[str, Any] = value(
         {"capacity_bytes": "32GiB"}, "[loader] settings, given as SHOAL_LOADER_* variables"
     )
-    s3_secret: str = value("", "Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3://")
+    s3_secret: str = value(
+        "",
+        "Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3://",
+        dns="subdomain",
+        optional=True,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class EngineValues:
     enabled: bool = value(True, "run the example vLLM engine Deployment")
-    name: str = value("vllm", "Deployment name (the autoscaler's target)")
+    name: str = value(
+        "vllm", "Deployment and Service name (the autoscaler's target)", dns="service"
+    )
     image: str = value(
         "ghcr.io/shoal-project/vllm-shoal:0.1.0", "vLLM image with shoal (deploy/Dockerfile.engine)"
     )
@@ -155,11 +198,11 @@ class EngineValues:
         "", "GPU type name for the router (k8s discovery @GPU_TYPE); empty = none"
     )
     port: int = value(8000, "vLLM's HTTP port")
-    cpu: str = value("8", "CPU request")
+    cpu: str = value("8", "CPU request", quantity=True)
     memory_bytes: int = value(
-        "48GiB", "memory beyond /dev/shm (weights in flight, Python)", size=True
+        48 * GiB, "memory beyond /dev/shm (weights in flight, Python)", size=True
     )
-    shm_bytes: int = value("4GiB", "the engine pod's own /dev/shm (NCCL, vLLM IPC)", size=True)
+    shm_bytes: int = value(4 * GiB, "the engine pod's own /dev/shm (NCCL, vLLM IPC)", size=True)
     extra_args: list[str] = value([], "more vllm serve arguments")
     chunk_tokens: int = value(256, "tokens per Shoal KV chunk (a multiple of vLLM's block size)")
     connector: bool = value(True, "save and load KV through the node's cache daemon")
@@ -181,9 +224,11 @@ class EngineValues:
 @dataclass(frozen=True, slots=True)
 class RedisValues:
     enabled: bool = value(True, "run Redis for state shared by router replicas")
-    url: str = value("", "an external Redis instead (redis://...); empty = the one rendered here")
+    url: str = value(
+        "", "an external Redis instead (redis:// or rediss://); empty = the one rendered here"
+    )
     image: str = value("redis:7.4-alpine", "Redis image")
-    memory_bytes: int = value("512MiB", "Redis memory limit (maxmemory is 80% of it)", size=True)
+    memory_bytes: int = value(512 * MiB, "Redis memory limit (maxmemory is 80% of it)", size=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +242,8 @@ class RouterValues:
     api_keys_secret: str = value(
         "shoal-router-api-keys",
         "Secret with key api-keys (KEY USER lines); empty = no auth (needs insecure_no_auth)",
+        dns="subdomain",
+        optional=True,
     )
     insecure_no_auth: bool = value(False, "serve without API keys (anyone who reaches it)")
     precise: bool = value(
@@ -204,8 +251,8 @@ class RouterValues:
         "precise prefix routing: a cache-daemon sidecar in each router pod joins the cluster",
     )
     settings: dict[str, Any] = value({}, "[router] settings, given as SHOAL_ROUTER_* variables")
-    cpu: str = value("2", "CPU request")
-    memory_bytes: int = value("2GiB", "memory limit", size=True)
+    cpu: str = value("2", "CPU request", quantity=True)
+    memory_bytes: int = value(2 * GiB, "memory limit", size=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,8 +262,8 @@ class AutoscalerValues:
         {"min_replicas": 1, "max_replicas": 8},
         "[autoscale] settings, given as SHOAL_AUTOSCALE_* variables",
     )
-    cpu: str = value("100m", "CPU request of the controller")
-    memory_bytes: int = value("256MiB", "memory request and limit of the controller", size=True)
+    cpu: str = value("100m", "CPU request of the controller", quantity=True)
+    memory_bytes: int = value(256 * MiB, "memory request and limit of the controller", size=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,12 +279,14 @@ class HealthValues:
         [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "tolerations",
     )
-    cpu: str = value("50m", "CPU request of the watcher")
-    memory_bytes: int = value("128MiB", "memory request and limit of the watcher", size=True)
+    cpu: str = value("50m", "CPU request of the watcher", quantity=True)
+    memory_bytes: int = value(128 * MiB, "memory request and limit of the watcher", size=True)
     runtime_class: str = value(
         "nvidia",
         "runtimeClassName exposing the NVIDIA driver (NVML) to the watcher without a GPU "
         "request; empty = none (the node's default runtime does it)",
+        dns="subdomain",
+        optional=True,
     )
 
 
@@ -246,9 +295,9 @@ class FleetValues:
     enabled: bool = value(False, "run `shoal engines serve` (multi-node engines on Ray)")
     ray_address: str = value("", "the Ray cluster (e.g. a KubeRay head: ray://HEAD:10001)")
     settings: dict[str, Any] = value({}, "[engines] settings, given as SHOAL_ENGINES_* variables")
-    cpu: str = value("500m", "CPU request of the fleet daemon")
+    cpu: str = value("500m", "CPU request of the fleet daemon", quantity=True)
     memory_bytes: int = value(
-        "1GiB", "memory request and limit of the fleet daemon (a Ray client)", size=True
+        1 * GiB, "memory request and limit of the fleet daemon (a Ray client)", size=True
     )
 
 
@@ -260,12 +309,14 @@ class MonitoringValues:
     labels: dict[str, str] = value(
         {"release": "prometheus"}, "labels the Prometheus Operator selects monitors by"
     )
-    namespace: str = value("monitoring", "namespace Prometheus runs in (NetworkPolicy ingress)")
+    namespace: str = value(
+        "monitoring", "namespace Prometheus runs in (NetworkPolicy ingress)", dns="label"
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Values:
-    namespace: str = value("shoal", "namespace of every object")
+    namespace: str = value("shoal", "namespace of every object", dns="label")
     create_namespace: bool = value(True, "render the Namespace too")
     run_as_user: int = value(
         10001,
@@ -298,17 +349,69 @@ class Values:
 # --- parsing ------------------------------------------------------------------------------
 
 
-def _convert(tp: Any, raw: Any, path: str, *, size: bool) -> Any:
+_NO_META: Mapping[str, Any] = {}
+
+
+def _kind(raw: Any) -> str:
+    if raw is None:
+        return "null (an empty value or ~)"
+    if isinstance(raw, bool):
+        return f"the boolean {str(raw).lower()}"
+    if isinstance(raw, int | float):
+        return f"the number {raw!r}"
+    return "a mapping" if isinstance(raw, Mapping) else f"a {type(raw).__name__}"
+
+
+def _string(raw: Any, path: str, meta: Mapping[str, Any]) -> str:
+    """``raw`` if it is a string. YAML turns unquoted ``1.10`` into 1.1, ``0700`` into 448
+    and ``yes`` into true, so coercing back would render something the user never wrote;
+    only a quantity takes a plain integer (``cpu: 2``), whose text cannot have changed
+    meaning."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and meta.get("quantity"):
+        raw = str(raw)
+    if not isinstance(raw, str):
+        hint = ""
+        if isinstance(raw, bool | int | float):
+            hint = (
+                "; YAML reads unquoted 1.10 as 1.1, 0700 as 448 and yes as true: quote it as "
+                f'you mean it ({path.rsplit(".", 1)[-1]}: "..." in a file, '
+                f"--set '{path}=\"...\"')"
+            )
+        raise ValuesError(f"{path}: expected a string, got {_kind(raw)}{hint}")
+    if meta.get("quantity") and not _QUANTITY.fullmatch(raw):
+        raise ValuesError(
+            f'{path}: {raw!r} is not a Kubernetes quantity; use e.g. "2", "500m", "1.5"'
+        )
+    dns = meta.get("dns")
+    if dns and (raw or not meta.get("optional")):
+        pattern, limit, what = _DNS[dns]
+        if not pattern.fullmatch(raw) or len(raw) > limit:
+            raise ValuesError(
+                f"{path}: {raw!r} is not a valid Kubernetes name: it must be {what} (lower "
+                f"case letters, digits and '-'{', dots' if dns == 'subdomain' else ''}, "
+                f"at most {limit} characters, starting and ending with a letter or digit)"
+            )
+    return raw
+
+
+def _convert(tp: Any, raw: Any, path: str, meta: Mapping[str, Any] = _NO_META) -> Any:
     origin = typing.get_origin(tp)
+    if raw is None and (dataclasses.is_dataclass(tp) or origin in (dict, list)):
+        raw = [] if origin is list else {}  # `settings:` or `settings: ~` = empty
     if dataclasses.is_dataclass(tp):
         if not isinstance(raw, Mapping):
-            raise ValuesError(f"{path}: expected a mapping, got {type(raw).__name__}")
+            raise ValuesError(f"{path}: expected a mapping, got {_kind(raw)}")
         return _build(tp, raw, path)  # type: ignore[arg-type]
-    if size:
+    if meta.get("size"):
         try:
-            return parse_size(raw)
+            if not isinstance(raw, str | int | float):
+                raise ValueError(f"{_kind(raw)} is not a size; use e.g. 4096, 64KiB, 1.5GiB")
+            num_bytes = parse_size(raw)
         except ValueError as exc:
             raise ValuesError(f"{path}: {exc}") from None
+        if num_bytes < 0:
+            raise ValuesError(f"{path}: a size must be >= 0, got {raw!r}")
+        return num_bytes
     if tp is bool:
         if not isinstance(raw, bool):
             raise ValuesError(f"{path}: expected true or false, got {raw!r}")
@@ -322,22 +425,20 @@ def _convert(tp: Any, raw: Any, path: str, *, size: bool) -> Any:
             raise ValuesError(f"{path}: expected a number, got {raw!r}")
         return float(raw)
     if tp is str:
-        if isinstance(raw, bool) or not isinstance(raw, str | int | float):
-            raise ValuesError(f"{path}: expected a string, got {raw!r}")
-        return str(raw)
+        return _string(raw, path, meta)
     if origin is dict:
         if not isinstance(raw, Mapping):
-            raise ValuesError(f"{path}: expected a mapping, got {type(raw).__name__}")
+            raise ValuesError(f"{path}: expected a mapping, got {_kind(raw)}")
         _, value_tp = typing.get_args(tp)
-        return {
-            str(key): _convert(value_tp, item, f"{path}.{key}", size=False)
-            for key, item in raw.items()
-        }
+        bad = [key for key in raw if not isinstance(key, str)]
+        if bad:
+            raise ValuesError(f"{path}: key {bad[0]!r} is not a string; quote it")
+        return {key: _convert(value_tp, item, f"{path}.{key}") for key, item in raw.items()}
     if origin is list:
         if not isinstance(raw, list):
-            raise ValuesError(f"{path}: expected a list, got {type(raw).__name__}")
+            raise ValuesError(f"{path}: expected a list, got {_kind(raw)}")
         (item_tp,) = typing.get_args(tp)
-        return [_convert(item_tp, item, f"{path}[{i}]", size=False) for i, item in enumerate(raw)]
+        return [_convert(item_tp, item, f"{path}[{i}]") for i, item in enumerate(raw)]
     if tp is Any or isinstance(tp, types.UnionType):
         return raw
     raise AssertionError(f"values field {path} has a type the parser does not know: {tp}")
@@ -352,27 +453,58 @@ def _build(cls: type[T], raw: Mapping[str, Any], path: str) -> T:
         raise ValuesError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
-        sub = f"{path}.{name}" if path else name
-        size = bool(f.metadata.get("size"))
         if name in raw:
-            kwargs[name] = _convert(hints[name], raw[name], sub, size=size)
-        elif dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], {}, sub)
-        elif size:
-            kwargs[name] = _convert(hints[name], f.default, sub, size=True)
+            sub = f"{path}.{name}" if path else name
+            kwargs[name] = _convert(hints[name], raw[name], sub, f.metadata)
     return cls(**kwargs)
 
 
-def parse_values(document: Mapping[str, Any] | None) -> Values:
-    """Values from a parsed YAML mapping (None or {} = every default)."""
-    values = _build(Values, document or {}, "")
+def _check_ranges(values: Values) -> None:
+    """What the daemons would refuse later under another key's name (a cache setting, a
+    vLLM flag), refused here under the key to change."""
     for key in ("run_as_user", "run_as_group"):
         if getattr(values, key) <= 0:
             raise ValuesError(
                 f"{key} must be a non-root id (every pod runs with runAsNonRoot; the arena "
                 "and sockets belong to that one id), e.g. 10001"
             )
+    engine = values.engine
+    if engine.gpus < 1:
+        raise ValuesError(f"engine.gpus: must be >= 1 (--tensor-parallel-size), got {engine.gpus}")
+    for key, replicas in (("engine.replicas", engine.replicas),
+                          ("router.replicas", values.router.replicas)):  # fmt: skip
+        if replicas < 0:
+            raise ValuesError(f"{key}: must be >= 0, got {replicas}")
+    if not engine.model.strip() and (engine.enabled or values.fleet.enabled):
+        raise ValuesError(
+            "engine.model: empty; name the model the engines serve (e.g. Qwen/Qwen3-0.6B)"
+        )
+    url = values.redis.url
+    if url and (urlsplit(url).scheme not in ("redis", "rediss") or not urlsplit(url).hostname):
+        raise ValuesError(
+            f"redis.url: {url!r} is not a Redis URL; use redis://HOST:PORT/DB "
+            "(or rediss:// for TLS), or leave it empty for the Redis rendered here"
+        )
+
+
+def parse_values(document: Mapping[str, Any] | None) -> Values:
+    """Values from a parsed YAML mapping (None or {} = every default)."""
+    values = _build(Values, document or {}, "")
+    _check_ranges(values)
     return values
+
+
+def _keys(path: str, assignment: str) -> list[str]:
+    """``a.b\\.c.d`` -> ``["a", "b.c", "d"]``: a backslash escapes a dot, as in Helm, so
+    label keys like ``nvidia.com/gpu.present`` can be set."""
+    keys = [key.replace("\0", ".") for key in path.replace("\\.", "\0").split(".")]
+    for key in keys:
+        if not key:
+            raise ValuesError(f"--set {assignment!r}: empty key in {path!r}")
+        if "[" in key:
+            whole = path.split("[", 1)[0]
+            raise ValuesError(f"--set {assignment!r}: lists are set whole: --set '{whole}=[x, y]'")
+    return keys
 
 
 def _set(document: dict[str, Any], assignment: str) -> None:
@@ -381,14 +513,16 @@ def _set(document: dict[str, Any], assignment: str) -> None:
     path, sep, text = assignment.partition("=")
     if not sep or not path:
         raise ValuesError(f"--set {assignment!r}: expected path.to.key=VALUE")
+    keys = _keys(path, assignment)
     try:
         parsed = yaml.safe_load(text) if text else ""
     except yaml.YAMLError as exc:
         raise ValuesError(f"--set {assignment!r}: the value is not YAML: {exc}") from None
-    keys = path.split(".")
     node = document
     for key in keys[:-1]:
-        child = node.setdefault(key, {})
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
         if not isinstance(child, dict):
             raise ValuesError(f"--set {assignment!r}: {key} is not a mapping")
         node = child
@@ -444,5 +578,5 @@ def defaults_yaml() -> str:
             dumped = yaml.safe_dump({f.name: plain}, default_flow_style=True, sort_keys=False)
             lines.append(pad + dumped.strip().removeprefix("{").removesuffix("}"))
 
-    emit(Values, parse_values({}), 0)
+    emit(Values, Values(), 0)
     return "\n".join(lines) + "\n"
