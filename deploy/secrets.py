@@ -13,7 +13,10 @@ CurveZMQ keys have their own lifecycles (docs/operations.md: rotating keys).
       <secret>-operators    NAME.key       operators' public keys: edit to admit or revoke
       <secret>-members      NODE.key       per_node: members' public keys, made on each node
                                            (deploy/components/cache.py); starts empty
-    engine.loader.s3_secret AWS_*          the loader's S3 credentials
+    engine.loader.s3_secret AWS_*          the loader's S3 credentials (and vLLM's, for its
+                                           fallback to the origin)
+    engine.hf_token_secret  token          HF_TOKEN: vLLM reads a gated model's config and
+                                           tokenizer from the Hugging Face Hub
 """
 
 from __future__ import annotations
@@ -112,7 +115,16 @@ def required_secrets(values: Values) -> list[SecretSpec]:
         )
     specs += curve_secrets(values)
     loader = values.engine.loader
-    if values.engine.enabled and loader.enabled and loader.s3_secret:
+    if values.engine.enabled and values.engine.hf_token_secret:
+        specs.append(
+            SecretSpec(
+                values.engine.hf_token_secret,
+                ("token",),
+                "HF_TOKEN for vLLM: a gated model's config and tokenizer come from the Hub",
+                _kubectl(values, values.engine.hf_token_secret, ["--from-literal=token=hf_..."]),
+            )
+        )
+    if values.engine.enabled and loader.enabled and loader.uri and loader.s3_secret:
         keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
         specs.append(
             SecretSpec(

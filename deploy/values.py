@@ -129,9 +129,6 @@ class CacheClusterValues:
     secret: str = value(
         "shoal-cache-curve", "Secret holding the CurveZMQ key files", dns="subdomain"
     )
-    member_nodes: list[str] = value(
-        [], "per_node keys: the Kubernetes node names that have a member key in the Secret"
-    )
     operators: list[str] = value(
         ["admin"], "operator key names in the Secret (NAME.key), allowed to evict, flush, drain"
     )
@@ -346,6 +343,19 @@ class Values:
         return f"{self.image.repository}:{self.image.tag or __version__}"
 
 
+# Keys earlier releases took, each with what replaces it (a clearer error than "unknown key").
+RETIRED = {
+    "cache.cluster.member_nodes": (
+        "each node makes its own key (per_node) and is admitted by adding its public key to "
+        "Secret <cache.cluster.secret>-members (docs/operations.md, Rotating keys); remove it"
+    ),
+    "engine.events_slot": (
+        "each engine pod claims a free KV-event slot on its node at start (up to "
+        "cache.num_event_slots); remove it"
+    ),
+}
+
+
 # --- parsing ------------------------------------------------------------------------------
 
 
@@ -448,6 +458,10 @@ def _build(cls: type[T], raw: Mapping[str, Any], path: str) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(raw) - set(fields))
+    for name in unknown:
+        retired = RETIRED.get(f"{path}.{name}" if path else name)
+        if retired:
+            raise ValuesError(f"{path}.{name}: no longer used: {retired}")
     if unknown:
         where = path or "the top level"
         raise ValuesError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")

@@ -184,12 +184,6 @@ def curve_secrets(values: Values) -> dict[str, str]:
     cluster = values.cache.cluster
     if not values.cache.enabled or not cluster.enabled or _key_mode(values) == "insecure":
         return {}
-    if cluster.member_nodes:
-        raise ValuesError(
-            "cache.cluster.member_nodes: no longer used: each node makes its own key and is "
-            f"admitted by adding it to Secret {cluster.secret}-members (docs/operations.md, "
-            "Rotating keys); remove it"
-        )
     bad = [name for name in cluster.operators if not _KEY_NAME.fullmatch(name)]
     if bad:
         raise ValuesError(

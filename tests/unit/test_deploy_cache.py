@@ -411,8 +411,8 @@ class TestCurveKeys:
             kubernetes_validate.validate(daemon_set(values), version, strict=True)
 
     def test_member_nodes_is_refused_with_the_new_way_to_admit_a_node(self) -> None:
-        with pytest.raises(ValuesError, match="shoal-cache-curve-members"):
-            cache.render(values_with(cluster={"keys": "per_node", "member_nodes": ["gpu-1"]}))
+        with pytest.raises(ValuesError, match="no longer used: .*-members"):
+            values_with(cluster={"keys": "per_node", "member_nodes": ["gpu-1"]})
 
     def test_insecure_mounts_no_secret_and_says_so(self) -> None:
         values = values_with(cluster={"keys": "insecure"})

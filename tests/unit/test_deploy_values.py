@@ -26,6 +26,15 @@ class TestParsing:
         with pytest.raises(ValuesError, match=r"cache\.cluster: unknown key\(s\) \['prot'\]"):
             parse_values({"cache": {"cluster": {"prot": 1}}})
 
+    @pytest.mark.parametrize("path", ["engine.events_slot", "cache.cluster.member_nodes"])
+    def test_a_retired_key_says_what_replaced_it(self, path: str) -> None:
+        *parents, key = path.split(".")
+        document: dict = {key: 0}
+        for parent in reversed(parents):
+            document = {parent: document}
+        with pytest.raises(ValuesError, match=rf"{path}: no longer used: .*; remove it"):
+            parse_values(document)
+
     def test_unknown_top_level_key(self) -> None:
         with pytest.raises(ValuesError, match="the top level: unknown key"):
             parse_values({"namespce": "x"})
