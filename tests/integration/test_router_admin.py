@@ -5,9 +5,12 @@ token guards everything but ``/metrics``."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from router.server import running_router
+from shoal.processes import shoal_env
 from sim.process import running_sim_engine
 from tests.integration.conftest import free_port
 
@@ -51,3 +54,16 @@ def test_the_admin_token_guards_all_but_metrics(tmp_path: Path) -> None:
             assert router.request("GET", path, admin=True, headers=wrong)[0] == 401, path
             right = {"Authorization": "Bearer s3cret"}
             assert router.request("GET", path, admin=True, headers=right)[0] == 200, path
+
+        def engines_verb(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "shoal", "router", "engines", "--url", router.admin_url,
+                 "--json", *args],
+                capture_output=True, text=True, timeout=30, env=shoal_env(),
+            )  # fmt: skip
+
+        listed = engines_verb("--token-file", str(token))
+        assert listed.returncode == 0, listed.stderr
+        assert [row["url"] for row in json.loads(listed.stdout)] == [engine.url]
+        refused = engines_verb()
+        assert refused.returncode != 0 and "401" in refused.stderr
