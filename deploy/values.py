@@ -250,6 +250,11 @@ class RouterValues:
     settings: dict[str, Any] = value({}, "[router] settings, given as SHOAL_ROUTER_* variables")
     cpu: str = value("2", "CPU request", quantity=True)
     memory_bytes: int = value(2 * GiB, "memory limit", size=True)
+    admin_port: int = value(
+        9091,
+        "the router's admin port (/metrics, /router/engines, /v1/request_sizes): Service "
+        "shoal-router-admin, never the public one",
+    )
 
 
 @dataclass(frozen=True, slots=True)

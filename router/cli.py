@@ -51,10 +51,16 @@ def register(subparsers: Any) -> None:
     engines = verbs.add_parser(
         "engines",
         help="a running router's engines",
-        description="Show a running router's engines (GET /router/engines).",
+        description="Show a running router's engines (GET /router/engines; with --admin-port, "
+        "give --url http://HOST:ADMIN_PORT).",
     )
     engines.add_argument(
         "--url", default="http://127.0.0.1:8080", help="the router (default %(default)s)"
+    )
+    engines.add_argument(
+        "--token-file",
+        default="",
+        help="file holding the bearer token of a router's admin listener (its --admin-token-file)",
     )
     engines.add_argument("--json", action="store_true", help="print JSON for scripts")
     engines.set_defaults(func=_engines)
@@ -93,8 +99,14 @@ def _engines(args: argparse.Namespace) -> int:
 
     from shoal.cli_format import EXIT_UNREACHABLE, table
 
+    request = urllib.request.Request(args.url.rstrip("/") + "/router/engines")
     try:
-        with urllib.request.urlopen(args.url.rstrip("/") + "/router/engines", timeout=5) as reply:
+        if args.token_file:
+            from router.wake import read_token
+
+            token = read_token(args.token_file, "--token-file")
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=5) as reply:
             rows = json.loads(reply.read())["engines"]
     except (OSError, ValueError, KeyError) as exc:
         print(

@@ -26,6 +26,21 @@ DISCOVERY_KINDS = ("static", "dns", "k8s", "file", "http")
 class RouterSettings:
     host: str = setting("127.0.0.1", "listen address")
     port: int = setting(8080, "listen port")
+    admin_port: int = setting(
+        0,
+        "second listener for the routes that are not the OpenAI API (/metrics, /router/engines, "
+        "/v1/request_sizes), which then leave --port; 0 = they stay on --port, without a key",
+    )
+    admin_host: str = setting(
+        "127.0.0.1",
+        "admin listener's address; beyond loopback it needs --admin-token-file (or "
+        "--insecure-no-auth)",
+    )
+    admin_token_file: str = setting(
+        "",
+        "file holding the bearer token the admin listener requires on every route but "
+        "/metrics (Prometheus and the autoscaler scrape without one); needs --admin-port",
+    )
     engines: str = setting(
         "",
         "comma-separated engines: URL[=NODE/gpuI] (static; NODE/gpuI = the engine's "
@@ -199,6 +214,12 @@ class RouterSettings:
             )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} must be 0..65535")
+        if not 0 <= self.admin_port < 65536:
+            raise ValueError(f"admin_port {self.admin_port} must be 0..65535 (0 = none)")
+        if self.admin_port and self.admin_port == self.port:
+            raise ValueError(f"admin_port {self.admin_port} must differ from port")
+        if self.admin_token_file and not self.admin_port:
+            raise ValueError("admin_token_file needs admin_port (the admin listener it guards)")
         if self.workers < 1:
             raise ValueError(f"workers {self.workers} must be at least 1")
         positive = (

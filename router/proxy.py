@@ -15,6 +15,16 @@
                          histogram of finished requests (router/sizes.py; the placement
                          planner's input, issue 14)
 
+The last three are the admin routes (``ADMIN_PATHS``): not the OpenAI API, and served
+without an API key, since Prometheus, the autoscaler and the placement planner read them.
+With ``--admin-port`` they leave the main port (404 there) for ``admin_app()``, a second
+listener (router/server.py) that a load balancer never exposes; beyond loopback it
+requires ``--admin-token-file``'s bearer token on every route but ``/metrics``, which stays
+open like every control daemon's (control/http.py): ``/router/engines`` names the engines'
+addresses and ``/v1/request_sizes`` the traffic's shape, while metrics are scraped by
+Prometheus without credentials. Without ``--admin-port`` nothing changes (the main port
+serves them, as before the split).
+
 Invariants:
 
 1. **No buffering.** The answer is copied chunk by chunk as it arrives
@@ -97,6 +107,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from control.http import require_token
 from router.adapters import OnDemandAdapters
 from router.config import RouterSettings
 from router.engines import EnginePool
@@ -120,11 +131,12 @@ from router.sizes import DEFAULT_WINDOW_S, RequestSizes, ResponseTokens
 from router.types import EngineView, RouteDecision, RouteOutcome, RouteRequest
 from router.wake import AutoscalerWaker, NullWaker, Waker, read_token
 
-__all__ = ["ENGINE_HEADER", "Proxy", "error_body"]
+__all__ = ["ADMIN_PATHS", "ENGINE_HEADER", "Proxy", "error_body"]
 
 log = logging.getLogger("shoal." + __name__)
 
 ENGINE_HEADER = "x-shoal-engine"
+ADMIN_PATHS = frozenset({"/metrics", "/router/engines", "/v1/request_sizes"})
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -250,12 +262,29 @@ class Proxy:
             app.router.add_post(path, self._proxy)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/router/engines", self._engines)
-        app.router.add_get("/v1/request_sizes", self._request_sizes)
+        if not self.settings.admin_port:  # else on admin_app()'s listener only
+            self._add_admin_routes(app)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
         return app
+
+    def admin_app(self, token: str = "") -> web.Application:
+        """The admin routes (``ADMIN_PATHS``) for ``--admin-port``; with ``token`` every one
+        but ``/metrics`` requires ``Authorization: Bearer TOKEN``. It shares the proxy's
+        state and has no startup or cleanup of its own: ``app()``'s runner owns those."""
+        app = web.Application(middlewares=[require_token(token)] if token else [])
+        self._add_admin_routes(app)
+        return app
+
+    def _add_admin_routes(self, app: web.Application) -> None:
+        handlers = {
+            "/metrics": self._metrics,
+            "/router/engines": self._engines,
+            "/v1/request_sizes": self._request_sizes,
+        }
+        assert set(handlers) == ADMIN_PATHS
+        for path, handler in handlers.items():
+            app.router.add_get(path, handler)
 
     async def _startup(self, app: web.Application) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
@@ -441,9 +470,8 @@ class Proxy:
 
     async def _request_sizes(self, request: web.Request) -> web.Response:
         """The rolling size histogram (router/sizes.py): ``?model=M`` (absent: all models)
-        ``&window_s=W`` (default 300). Served like ``/router/engines`` and ``/metrics``:
-        no API key; the listen rule (loopback, else --api-keys or --insecure-no-auth) is
-        the router's."""
+        ``&window_s=W`` (default 300). An admin route, like ``/router/engines`` and
+        ``/metrics``: no API key (``--admin-port`` moves it to the admin listener)."""
         text = request.query.get("window_s", "")
         try:
             window_s = float(text) if text else DEFAULT_WINDOW_S

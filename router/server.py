@@ -23,6 +23,11 @@ What is built from settings (``build_proxy``, inside the serving loop):
   unhealthy GPUs to the pool (``EnginePool.set_unhealthy_gpus``); the pool starts and
   stops it.
 
+* ``--admin-port PORT``: a second listener on ``--admin-host`` (default loopback) for the
+  admin routes (``router.proxy.ADMIN_PATHS``), which then leave the main port; beyond
+  loopback it needs ``--admin-token-file`` (or ``--insecure-no-auth``), like the main port
+  needs ``--api-keys``. Each worker binds it with ``SO_REUSEPORT`` too.
+
 Those modules belong to other parts of issue 12; when one is missing the router refuses
 to start with a ``ConfigError`` naming the flag (``check_settings``, also run before
 forking workers), rather than silently running without it.
@@ -143,6 +148,15 @@ def check_settings(settings: RouterSettings) -> None:
                 "authentication: give --api-keys FILE, or --insecure-no-auth to accept that"
             )
         log.warning("listening on %s without API keys (--insecure-no-auth)", settings.host)
+    if settings.admin_port and not is_loopback(settings.admin_host):
+        if settings.admin_token_file:
+            read_token(settings.admin_token_file, "--admin-token-file")
+        elif not settings.insecure_no_auth:
+            raise ConfigError(
+                f"the admin listener would listen on {settings.admin_host} beyond loopback "
+                "without authentication: give --admin-token-file FILE, or --insecure-no-auth "
+                "to accept that"
+            )
 
 
 async def _connect_locator(settings: RouterSettings) -> PrefixLocator:
@@ -252,25 +266,41 @@ async def build_proxy(
     return proxy
 
 
-async def _serve(settings: RouterSettings, *, reuse_port: bool) -> int:
-    proxy = await build_proxy(settings)
+async def _listen(
+    app: web.Application, host: str, port: int, *, reuse_port: bool, shutdown_timeout_s: float
+) -> web.AppRunner:
     runner = web.AppRunner(
-        proxy.app(),
-        handler_cancellation=True,
-        access_log=None,
-        shutdown_timeout=settings.shutdown_timeout_s,
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s
     )
     await runner.setup()
-    site = web.TCPSite(
-        runner, settings.host, settings.port, reuse_address=True, reuse_port=reuse_port or None
-    )
+    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigError(
-            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
-        ) from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return runner
+
+
+async def _serve(settings: RouterSettings, *, reuse_port: bool) -> int:
+    proxy = await build_proxy(settings)
+    runner = await _listen(
+        proxy.app(), settings.host, settings.port,
+        reuse_port=reuse_port, shutdown_timeout_s=settings.shutdown_timeout_s,
+    )  # fmt: skip
+    admin: web.AppRunner | None = None
+    if settings.admin_port:  # the admin routes, off the main port (router/proxy.py)
+        token = ""
+        if settings.admin_token_file:
+            token = read_token(settings.admin_token_file, "--admin-token-file")
+        try:
+            admin = await _listen(
+                proxy.admin_app(token), settings.admin_host, settings.admin_port,
+                reuse_port=reuse_port, shutdown_timeout_s=1.0,
+            )  # fmt: skip
+        except ConfigError:
+            await runner.cleanup()
+            raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -285,6 +315,8 @@ async def _serve(settings: RouterSettings, *, reuse_port: bool) -> int:
     )
     await stop.wait()
     log.info("router stopping")
+    if admin is not None:
+        await admin.cleanup()
     await runner.cleanup()
     return 0
 
@@ -348,10 +380,16 @@ class RouterProcess:
     port: int
     log_path: Path
     scratch: Path | None = None
+    admin_port: int = 0
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """Where the admin routes are: the admin listener (loopback), else the main port."""
+        return f"http://127.0.0.1:{self.admin_port}" if self.admin_port else self.url
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -363,12 +401,15 @@ class RouterProcess:
         body: Any = None,
         timeout: float = 10.0,
         headers: dict[str, str] | None = None,
+        admin: bool = False,
     ) -> tuple[int, dict[str, str], bytes]:
-        """(status, headers, body) of one request; an error status is returned."""
+        """(status, headers, body) of one request (``admin``: to ``admin_url``); an error
+        status is returned."""
         import json
 
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method)
+        base = self.admin_url if admin else self.url
+        req = urllib.request.Request(base + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")
         for key, value in (headers or {}).items():
@@ -438,7 +479,8 @@ def start_router(
         command += ["--engines", ",".join(engines)]
     command += router_args(**flags)
     process = spawn_logged(command, log_path, shoal_env(), cpu)
-    router = RouterProcess(process, host, port, log_path, scratch)
+    admin_port = int(flags.get("admin_port") or 0)
+    router = RouterProcess(process, host, port, log_path, scratch, admin_port)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

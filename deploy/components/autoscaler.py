@@ -86,7 +86,9 @@ def router_url(values: Values) -> str:
     """The router's in-cluster URL (its Service), or ``""`` when no router is rendered."""
     if not values.router.enabled:
         return ""
-    return f"http://shoal-router.{values.namespace}.svc:{values.router.port}"
+    from deploy.components.router import admin_url
+
+    return admin_url(values)
 
 
 def target(values: Values) -> str:

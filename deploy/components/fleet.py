@@ -25,7 +25,7 @@ token file, ``ray_address`` (its own values field).
 Wiring: routers learn the fleet's ready groups from its ``GET /v1/discovery`` (``discovery:
 http``, deploy/components/router.py), not from a ``discovery_file`` no other pod can read.
 With ``health.enabled`` the fleet polls every health watcher through the DaemonSet's
-headless Service, ``dns+http://shoal-health.NS.svc.cluster.local:8094`` (each address the
+headless Service, ``dns+http://shoal-health.NS.svc:8094`` (each address the
 name resolves to, re-resolved each poll; each report names its node), with the control
 token (``gpu_health_token_file``, then fixed); groups on a sick GPU are replaced.
 """
@@ -36,8 +36,6 @@ from typing import Any
 
 from control.ray.config import EnginesSettings, check_serve
 from deploy import objects
-from deploy.components.health import NAME as HEALTH_NAME
-from deploy.components.health import PORT as HEALTH_PORT
 from deploy.errors import ValuesError
 from deploy.sizes import quantity
 from deploy.values import Values
@@ -65,7 +63,9 @@ FIXED = {
 
 def health_url(values: Values) -> str:
     """Every GPU health watcher: the DaemonSet's headless Service, resolved at each poll."""
-    return f"dns+http://{HEALTH_NAME}.{values.namespace}.svc.cluster.local:{HEALTH_PORT}"
+    from deploy.components.health import watchers_url
+
+    return watchers_url(values)
 
 
 def settings(values: Values) -> dict[str, Any]:

@@ -6,6 +6,7 @@
     ClusterRole        shoal-health   patch nodes (CoreV1Api.patch_node, control/health/
                                       cordon.py), only with health.cordon and cordon_apply
     ClusterRoleBinding shoal-health
+    ValidatingAdmissionPolicy(+Binding) shoal-health-cordon   what that patch may change
     Service            shoal-health   headless, http 8094: Prometheus, the router and the
                                       fleet find every watcher's pod address through it
     DaemonSet          shoal-health   on health.node_selector, tolerating health.tolerations
@@ -32,6 +33,20 @@ restart (an upgrade, an OOM kill) must not forget it. The kubelet creates the di
 root-owned (fsGroup does not apply to hostPath), so an init container (root, with CHOWN
 only) makes it 0700 and hands it to the watcher's UID.
 
+Cordon guard (``cordon_policy``). A DaemonSet's pods share one ServiceAccount, so RBAC
+cannot say "your own node" (no ``resourceNames``), and ``patch`` on nodes allows any field
+of any node. A ValidatingAdmissionPolicy (admissionregistration.k8s.io/v1, GA in 1.30),
+bound with ``validationActions: [Deny]``, narrows what the watcher's ServiceAccount may do
+to what ``control/health/cordon.py`` sends: an UPDATE (a PATCH reaches admission as one) of
+the node named by its token's node claim (``request.userInfo.extra
+["authentication.kubernetes.io/node-name"]``, which bound pod tokens carry since
+``ServiceAccountTokenPodNodeInfo``, GA in 1.32), that leaves ``spec.unschedulable`` true,
+with labels, annotations, finalizers, owner references, taints and the rest of the spec
+as they were. Uncordoning is refused too: the watcher never uncordons (an operator's
+call). A token without the node claim (an older cluster, a long-lived Secret token) is
+refused, so the policy fails closed. Only standard CEL is used (``has()``, ``in``, ``==``;
+no optionals), so the tests evaluate every expression with cel-python.
+
 Settings (``[health]``): ``FIXED`` keys are the deployment's (addresses, token, node
 names, the state file, cordon and cordon_apply, which come from ``health.cordon`` and
 ``health.cordon_apply`` because the RBAC follows them); the rest are the user's.
@@ -47,13 +62,31 @@ from deploy.errors import ValuesError
 from deploy.sizes import quantity
 from deploy.values import Values
 
-__all__ = ["FIXED", "NAME", "PORT", "STATE_DIR", "render"]
+__all__ = [
+    "CORDON_POLICY",
+    "FIXED",
+    "NAME",
+    "NODE_NAME_KEY",
+    "PORT",
+    "STATE_DIR",
+    "cordon_policy",
+    "render",
+    "watchers_url",
+]
 
 NAME = "shoal-health"
 COMPONENT = "health"
 PORT = 8094
 STATE_DIR = "/var/lib/shoal/health"
 STATE_FILE = f"{STATE_DIR}/xids.json"
+CORDON_POLICY = "shoal-health-cordon"
+NODE_NAME_KEY = "authentication.kubernetes.io/node-name"  # serviceaccount.NodeNameKey
+# every NodeSpec field but unschedulable (core/v1 as of 1.37; a field an older API server
+# lacks is only a type-checking warning there, and has() is false), and the metadata a
+# patch could abuse; tests/unit/test_deploy_control.py checks the list against the schema
+_KEPT_SPEC = ("taints", "podCIDR", "podCIDRs", "providerID", "configSource", "externalID",
+              "podPreemptionPolicy")  # fmt: skip
+_KEPT_METADATA = ("labels", "annotations", "finalizers", "ownerReferences")
 
 FIXED = {
     "host": "the headless Service reaches the pod's address",
@@ -72,6 +105,13 @@ def patches_nodes(values: Values) -> bool:
     """Whether the watcher calls the API server: only a cordon that is applied (the dry run
     logs and counts, and never builds a client)."""
     return values.health.cordon and values.health.cordon_apply
+
+
+def watchers_url(values: Values) -> str:
+    """Every watcher through the headless Service (``dns+http``: each address the name
+    resolves to). No cluster domain: the pod's DNS search path completes ``NAME.NS.svc``,
+    so a cluster whose domain is not ``cluster.local`` works too."""
+    return f"dns+http://{NAME}.{values.namespace}.svc:{PORT}"
 
 
 def settings(values: Values) -> dict[str, Any]:
@@ -113,7 +153,72 @@ def _rbac(values: Values) -> list[dict[str, Any]]:
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
         "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": values.namespace}],
     }
-    return [role, binding]
+    return [role, binding, *cordon_policy(values)]
+
+
+def _unchanged(path: str, field: str) -> str:
+    """``path.field`` is in the new object exactly as in the old one (absent in both, or
+    equal): standard CEL, without the optional syntax cel-python lacks."""
+    new, old = f"object.{path}.{field}", f"oldObject.{path}.{field}"
+    return f"(has({new}) == has({old}) && (!has({new}) || {new} == {old}))"
+
+
+def cordon_policy(values: Values) -> list[dict[str, Any]]:
+    """The ValidatingAdmissionPolicy and its binding (module docstring, Cordon guard)."""
+    user = f"system:serviceaccount:{values.namespace}:{NAME}"
+    claim = f"request.userInfo.extra[{NODE_NAME_KEY!r}]"
+    validations = [
+        {
+            "expression": f"{NODE_NAME_KEY!r} in request.userInfo.extra && "
+            f"object.metadata.name in {claim}",
+            "message": "the health watcher may cordon only its own node (its token's "
+            f"{NODE_NAME_KEY} claim; Kubernetes 1.32+ bound tokens)",
+            "reason": "Forbidden",
+        },
+        {
+            "expression": "has(object.spec.unschedulable) && object.spec.unschedulable",
+            "message": "the health watcher may only cordon (spec.unschedulable: true), never "
+            "uncordon",
+            "reason": "Forbidden",
+        },
+        {
+            "expression": " && ".join(_unchanged("metadata", f) for f in _KEPT_METADATA),
+            "message": "the health watcher may not change a node's labels, annotations, "
+            "finalizers or owner references",
+            "reason": "Forbidden",
+        },
+        {
+            "expression": " && ".join(_unchanged("spec", f) for f in _KEPT_SPEC),
+            "message": "the health watcher may change only spec.unschedulable (taints and the "
+            "rest of the spec stay)",
+            "reason": "Forbidden",
+        },
+    ]
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": objects.metadata(values, CORDON_POLICY, COMPONENT, namespaced=False),
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [{
+                    "apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"],
+                    "resources": ["nodes"],
+                }],
+            },
+            "matchConditions": [
+                {"name": "health-watcher", "expression": f"request.userInfo.username == {user!r}"}
+            ],
+            "validations": validations,
+        },
+    }  # fmt: skip
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": objects.metadata(values, CORDON_POLICY, COMPONENT, namespaced=False),
+        "spec": {"policyName": CORDON_POLICY, "validationActions": ["Deny"]},
+    }
+    return [policy, binding]
 
 
 def _daemonset(values: Values) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from typing import Any
 
 from control.autoscale.config import AutoscaleSettings
 from deploy import objects
-from deploy.components import autoscaler
+from deploy.components import autoscaler, router
 from deploy.values import Values
 
 __all__ = ["ALERTS", "JOBS", "RUNBOOK", "Alert", "render"]
@@ -456,10 +456,12 @@ def _service_monitor(values: Values, component: str, name: str) -> Obj:
         "kind": "ServiceMonitor",
         "metadata": _meta(values, name, component),
         "spec": {
-            "selector": {"matchLabels": objects.selector(component)},
+            "selector": {"matchLabels": {**objects.selector(component), **(
+                router.ADMIN_LABELS if component == "router" else {})}},
             "namespaceSelector": {"matchNames": [values.namespace]},
-            "endpoints": [{
-                "port": "http", "path": "/metrics", "interval": INTERVAL,
+            "endpoints": [{  # the router's /metrics is on its admin port (router.ADMIN_NAME)
+                "port": "admin" if component == "router" else "http", "path": "/metrics",
+                "interval": INTERVAL,
                 "relabelings": _job(JOBS[component]),
             }],
         },

@@ -38,6 +38,7 @@ drop its scrapes silently::
     fleet       http              <- autoscaler (target ray:URL), router (/v1/discovery),
                                      monitoring
     router      http              <- anywhere: it is the API
+                admin             <- autoscaler (scrapes /metrics), monitoring
                 cluster, stream   <- cache and router pods (router.precise)
 
 Peers are pods of this namespace (``podSelector``) and the monitoring namespace by its
@@ -177,7 +178,10 @@ def network_policies(values: Values) -> list[Obj]:
             _rule(_ports("http"), [*peers("autoscaler", "router"), monitoring()]),
         ]))  # fmt: skip
     if values.router.enabled:
-        rules = [_rule(_ports("http"), None)]
+        rules = [
+            _rule(_ports("http"), None),
+            _rule(_ports("admin"), [*peers("autoscaler"), monitoring()]),
+        ]
         if values.router.precise and values.cache.enabled:
             rules.append(_rule(_ports("cluster", "stream"), peers(*members)))
         out.append(_policy(values, "shoal-router", "router", rules))

@@ -1,4 +1,18 @@
-"""The router: ``shoal-router`` Deployment and Service, with EndpointSlice discovery RBAC.
+"""The router: ``shoal-router`` Deployment and Services, with EndpointSlice discovery RBAC.
+
+::
+
+    Service  shoal-router        http (router.port): the OpenAI API, router.service_type
+    Service  shoal-router-admin  admin (router.admin_port), ClusterIP: /metrics,
+                                 /router/engines, /v1/request_sizes; labelled
+                                 ADMIN_LABELS too, so the ServiceMonitor selects only it
+
+The admin routes are not the OpenAI API and carry no API key (router/proxy.py), so they
+never share the public port (a LoadBalancer would publish engine addresses and traffic
+shape): ``--admin-port`` moves them to a second listener that only the admin Service
+names, ``--admin-token-file`` (the control token) guards all of them but ``/metrics``,
+which Prometheus and the autoscaler scrape without one, and the NetworkPolicy admits the
+admin port only from the monitoring namespace and the autoscaler (policies.py).
 
 Invariant: the router finds the engines the way their owner sees them, and replicas share
 one view of in-flight requests and rate limits through Redis. Engines come from one source:
@@ -12,11 +26,19 @@ one view of in-flight requests and rate limits through Redis. Engines come from 
   /v1/discovery`` (its ready groups with their GPUs) behind the control token. The router
   then calls no Kubernetes API: no Role, no service-account token in the pod.
 
-With ``health.enabled`` the router polls every watcher of the DaemonSet through its
-headless Service, ``dns+http://shoal-health.NS.svc.cluster.local:8094`` (every address the
-name resolves to, re-resolved each poll), with the control token. Only fleet engines carry
-GPU names (``gpus``), so only they are taken out for a sick GPU; Deployment engines rely on
-the watcher's cordon (``router/discovery.py``).
+With ``health.enabled`` and engines that carry GPU names (``http`` discovery, the Ray
+fleet's ``gpus``; also ``file`` and ``static`` if the user sets them) the router polls every
+watcher of the DaemonSet through its headless Service, ``dns+http://shoal-health.NS.svc:8094``
+(no cluster domain: the pod's DNS search path completes it, so a cluster whose domain is
+not ``cluster.local`` works), with the control token. k8s- and dns-discovered engines have
+no GPU names (``router/discovery.py``): the router could never take one out for a sick
+GPU, so it does not poll at all (no traffic, no token); those engines rely on the
+watcher's node cordon and the router's own ``/health`` checks.
+
+Shutdown: a terminating pod keeps getting new connections until every kube-proxy and load
+balancer has seen its endpoint go (seconds), while aiohttp stops accepting on SIGTERM. So
+a ``preStop`` sleeps ``PRESTOP_SLEEP_S`` first; SIGTERM then gives requests in flight
+``shutdown_timeout_s``; the grace period covers both plus ``GRACE_MARGIN_S``.
 
 Refused values (``ValuesError``, naming the fix):
 
@@ -35,8 +57,9 @@ Refused values (``ValuesError``, naming the fix):
 Settings: ``router.settings`` is merged over what is derived here, except the keys the
 pod's shape decides (``host``, ``port``: the Service's target; ``api_keys``,
 ``insecure_no_auth``: ``router.api_keys_secret``/``insecure_no_auth``; ``redis``:
-``redis.url``; ``autoscaler_token_file``, ``gpu_health_token_file``,
-``discovery_token_file``, ``cache_socket``: mounted files), which are refused there.
+``redis.url``; ``admin_port``, ``admin_host``: router.admin_port, the admin Service's
+target; ``autoscaler_token_file``, ``gpu_health_token_file``, ``discovery_token_file``,
+``admin_token_file``, ``cache_socket``: mounted files), which are refused there.
 ``engines``, ``discovery``, ``gpu_health``, ``autoscaler_url`` and the rest are the
 user's.
 
@@ -48,11 +71,12 @@ every router).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from deploy.components.fleet import NAME as FLEET_NAME
 from deploy.components.fleet import PORT as FLEET_PORT
-from deploy.components.fleet import health_url
+from deploy.components.health import watchers_url
 from deploy.errors import ValuesError
 from deploy.objects import (
     container_security,
@@ -67,23 +91,33 @@ from deploy.sizes import quantity
 from deploy.values import Values
 
 __all__ = [
+    "ADMIN_LABELS",
+    "ADMIN_NAME",
     "API_KEYS_DIR",
     "CONTROL_TOKEN_DIR",
     "NAME",
+    "admin_url",
     "fleet_discovery_url",
+    "grace_period_s",
     "redis_url",
     "render",
     "router_settings",
 ]
 
 NAME = "shoal-router"
+ADMIN_NAME = "shoal-router-admin"
+ADMIN_LABELS = {"shoal.dev/endpoint": "admin"}  # what the ServiceMonitor selects it by
+PRESTOP_SLEEP_S = 10  # endpoint removal reaching kube-proxy and load balancers
+GRACE_MARGIN_S = 5
+GPU_NAMED_DISCOVERY = ("http", "file", "static")  # router/discovery.py: engines with gpus
 API_KEYS_DIR = "/etc/shoal/router-api-keys"
 CONTROL_TOKEN_DIR = "/etc/shoal/control-token"
 CONTROL_TOKEN_SECRET = "shoal-control-token"
 CONTROL_TOKEN_FILE = f"{CONTROL_TOKEN_DIR}/token"
 AUTOSCALER_PORT = 8090
 _OWNED = ("host", "port", "api_keys", "insecure_no_auth", "redis", "autoscaler_token_file",
-          "gpu_health_token_file", "discovery_token_file", "cache_socket")  # fmt: skip
+          "gpu_health_token_file", "discovery_token_file", "cache_socket", "admin_port",
+          "admin_host", "admin_token_file")  # fmt: skip
 
 Obj = dict[str, Any]
 
@@ -102,7 +136,13 @@ def fleet_discovery_url(values: Values) -> str:
     return f"http://{FLEET_NAME}.{values.namespace}.svc:{FLEET_PORT}/v1/discovery"
 
 
-_TOKEN_FILES = ("autoscaler_token_file", "gpu_health_token_file", "discovery_token_file")
+_TOKEN_FILES = ("autoscaler_token_file", "gpu_health_token_file", "discovery_token_file",
+                "admin_token_file")  # fmt: skip
+
+
+def admin_url(values: Values) -> str:
+    """The admin Service (``/metrics``, ``/router/engines``, ``/v1/request_sizes``)."""
+    return f"http://{ADMIN_NAME}.{values.namespace}.svc:{values.router.admin_port}"
 
 
 def router_settings(values: Values) -> Obj:
@@ -112,9 +152,13 @@ def router_settings(values: Values) -> Obj:
     if owned:
         raise ValuesError(
             f"router.settings: {owned} are set from the values (router.port, "
-            "router.api_keys_secret, router.insecure_no_auth, redis.url, autoscaler.enabled, "
-            "health.enabled, fleet.enabled); "
-            "remove them"
+            "router.api_keys_secret, router.insecure_no_auth, redis.url, router.admin_port, "
+            "autoscaler.enabled, health.enabled, fleet.enabled); remove them"
+        )
+    if not 0 < router.admin_port < 65536 or router.admin_port == router.port:
+        raise ValuesError(
+            f"router.admin_port {router.admin_port} must be 1..65535 and differ from "
+            f"router.port ({router.port})"
         )
     if router.precise:
         raise ValuesError(
@@ -152,13 +196,15 @@ def router_settings(values: Values) -> Obj:
     if values.fleet.enabled:
         derived["discovery"] = "http"
         derived["engines"] = fleet_discovery_url(values)
-    if values.health.enabled:
-        derived["gpu_health"] = health_url(values)
     if values.autoscaler.enabled:
         derived["autoscaler_url"] = (
             f"http://shoal-autoscaler.{values.namespace}.svc:{AUTOSCALER_PORT}"
         )
-    merged = {**derived, **router.settings, "host": "0.0.0.0", "port": router.port}
+    merged = {**derived, **router.settings, "host": "0.0.0.0", "port": router.port,
+              "admin_port": router.admin_port, "admin_host": "0.0.0.0",
+              "admin_token_file": CONTROL_TOKEN_FILE}  # fmt: skip
+    if values.health.enabled and merged["discovery"] in GPU_NAMED_DISCOVERY:
+        merged.setdefault("gpu_health", watchers_url(values))
     if not merged.get("engines"):
         raise ValuesError(
             "router: no engines to route to (engine.enabled is false and router.settings has "
@@ -215,8 +261,27 @@ def render(values: Values) -> list[Obj]:
             "ports": [{"name": "http", "port": values.router.port, "targetPort": "http"}],
         },
     }
+    admin = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(values, ADMIN_NAME, "router", extra_labels=ADMIN_LABELS),
+        "spec": {
+            "type": "ClusterIP",  # never router.service_type: in-cluster readers only
+            "selector": selector("router"),
+            "ports": [{"name": "admin", "port": values.router.admin_port, "targetPort": "admin"}],
+        },
+    }
     rbac = [role, binding] if lists_slices else []
-    return [account, *rbac, service, _deployment(values, settings, lists_slices)]
+    return [account, *rbac, service, admin, _deployment(values, settings, lists_slices)]
+
+
+def grace_period_s(settings: Obj) -> int:
+    """``terminationGracePeriodSeconds``: the preStop sleep, then ``shutdown_timeout_s``
+    for requests in flight, then a margin for the process to exit."""
+    from router.config import RouterSettings
+
+    shutdown_s = float(settings.get("shutdown_timeout_s", RouterSettings().shutdown_timeout_s))
+    return PRESTOP_SLEEP_S + math.ceil(shutdown_s) + GRACE_MARGIN_S
 
 
 def _deployment(values: Values, settings: Obj, lists_slices: bool) -> Obj:
@@ -242,13 +307,17 @@ def _deployment(values: Values, settings: Obj, lists_slices: bool) -> Obj:
         "imagePullPolicy": values.image.pull_policy,
         "command": ["shoal", "router", "serve"],
         "env": settings_env(RouterSettings, "router", settings, where="router.settings"),
-        "ports": [{"name": "http", "containerPort": router.port}],
+        "ports": [
+            {"name": "http", "containerPort": router.port},
+            {"name": "admin", "containerPort": router.admin_port},
+        ],
         "resources": {
             "requests": {"cpu": router.cpu, "memory": memory},
             "limits": {"memory": memory},
         },
         "securityContext": container_security(),
         "volumeMounts": mounts,
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
         "readinessProbe": http_probe("/health", "http", period_s=5),
         "livenessProbe": {
             "tcpSocket": {"port": "http"},
@@ -276,6 +345,7 @@ def _deployment(values: Values, settings: Obj, lists_slices: bool) -> Obj:
                     "serviceAccountName": NAME,
                     "enableServiceLinks": False,
                     "automountServiceAccountToken": lists_slices,  # --discovery k8s
+                    "terminationGracePeriodSeconds": grace_period_s(settings),
                     "securityContext": pod_security(values),
                     "topologySpreadConstraints": [spread],
                     "containers": [container],

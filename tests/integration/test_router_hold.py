@@ -88,7 +88,7 @@ def completion(**extra: Any) -> dict[str, Any]:
 
 
 def metric(router: RouterProcess, name: str, **labels: str) -> float:
-    text = router.request("GET", "/metrics")[2].decode()
+    text = router.request("GET", "/metrics", admin=True)[2].decode()
     total = 0.0
     for line in text.splitlines():
         found = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)

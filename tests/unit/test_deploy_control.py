@@ -180,7 +180,7 @@ def test_autoscaler_runs_one_controller_with_its_settings() -> None:
     assert env["SHOAL_AUTOSCALE_NAMESPACE"] == "shoal"
     assert env["SHOAL_AUTOSCALE_MODEL"] == "Qwen/Qwen3-0.6B"
     assert env["SHOAL_AUTOSCALE_ENGINE_PORT"] == "8000"
-    assert env["SHOAL_AUTOSCALE_ROUTER_URL"] == "http://shoal-router.shoal.svc:8080"
+    assert env["SHOAL_AUTOSCALE_ROUTER_URL"] == "http://shoal-router-admin.shoal.svc:9091"
     assert env["SHOAL_AUTOSCALE_HOST"] == "0.0.0.0"
     assert env["SHOAL_AUTOSCALE_PORT"] == "8090"
     assert env["SHOAL_AUTOSCALE_AUTH_TOKEN_FILE"] == objects.CONTROL_TOKEN_FILE
@@ -255,6 +255,134 @@ def test_health_cluster_role_is_exactly_the_cordoners_call_and_only_when_applied
             pod_spec(find(objs, "DaemonSet", "shoal-health"))["automountServiceAccountToken"]
             is False
         )
+
+
+# --- the cordon guard: a ValidatingAdmissionPolicy, its CEL evaluated with cel-python ---------
+
+NODE = {
+    "apiVersion": "v1",
+    "kind": "Node",
+    "metadata": {
+        "name": "gpu-node-1",
+        "labels": {"kubernetes.io/hostname": "gpu-node-1", "nvidia.com/gpu.present": "true"},
+        "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
+    },
+    "spec": {
+        "podCIDR": "10.0.1.0/24",
+        "providerID": "aws:///us-east-1a/i-0abc",
+        "taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}],
+    },
+}
+WATCHER = "system:serviceaccount:shoal:shoal-health"
+
+
+def cordon_guard() -> tuple[dict[str, Any], dict[str, Any]]:
+    objs = health.render(values({"health": {"cordon": True, "cordon_apply": True}}))
+    return (
+        find(objs, "ValidatingAdmissionPolicy", health.CORDON_POLICY),
+        find(objs, "ValidatingAdmissionPolicyBinding", health.CORDON_POLICY),
+    )
+
+
+def refusals(change: Any, *, user: str = WATCHER, node: str | None = "gpu-node-1") -> set[str]:
+    """The messages the policy denies an UPDATE with (empty: allowed; ``{"not matched"}``:
+    the policy does not apply to that user). ``change(new)`` edits a copy of ``NODE``."""
+    import copy
+
+    import celpy
+
+    old = copy.deepcopy(NODE)
+    new = copy.deepcopy(NODE)
+    change(new)
+    extra = {health.NODE_NAME_KEY: [node]} if node is not None else {}
+    activation = celpy.json_to_cel({
+        "object": new, "oldObject": old,
+        "request": {"operation": "UPDATE", "userInfo": {"username": user, "extra": extra}},
+    })  # fmt: skip
+    env = celpy.Environment()
+    policy = cordon_guard()[0]["spec"]
+
+    def holds(expression: str) -> bool:
+        return bool(env.program(env.compile(expression)).evaluate(activation))
+
+    if not all(holds(c["expression"]) for c in policy["matchConditions"]):
+        return {"not matched"}
+    return {v["message"] for v in policy["validations"] if not holds(v["expression"])}
+
+
+def cordon(node: dict[str, Any]) -> None:
+    node["spec"]["unschedulable"] = True
+
+
+def test_cordon_guard_allows_the_watcher_to_cordon_its_own_node_only() -> None:
+    assert refusals(cordon) == set()  # what control/health/cordon.py sends
+    assert refusals(cordon, node="gpu-node-2") == {
+        v["message"] for v in cordon_guard()[0]["spec"]["validations"] if "own node" in v["message"]
+    }
+    assert len(refusals(cordon, node=None)) == 1  # no node claim (old cluster): fails closed
+    assert refusals(cordon, user="system:serviceaccount:shoal:other") == {"not matched"}
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda n: None, "only cordon"),  # an update that does not cordon
+        (lambda n: n["spec"].update(unschedulable=False), "never uncordon"),
+        (lambda n: n["metadata"]["labels"].update({"nvidia.com/gpu.present": "false"}), "labels"),
+        (lambda n: n["metadata"].pop("labels"), "labels"),
+        (lambda n: n["metadata"]["annotations"].update(evil="1"), "annotations"),
+        (lambda n: n["metadata"].update(finalizers=["x/y"]), "finalizers"),
+        (lambda n: n["spec"].pop("taints"), "taints"),
+        (lambda n: n["spec"]["taints"].append({"key": "k", "effect": "NoExecute"}), "taints"),
+        (lambda n: n["spec"].update(providerID="aws:///other"), "rest of the spec"),
+        (lambda n: n["spec"].update(podCIDRs=["10.9.0.0/16"]), "rest of the spec"),
+    ],
+)
+def test_cordon_guard_refuses_every_other_change(change: Any, words: str) -> None:
+    def cordon_and(node: dict[str, Any]) -> None:  # the cordon, plus the change
+        if words not in ("only cordon", "never uncordon"):
+            cordon(node)
+        change(node)
+
+    (message,) = refusals(cordon_and)
+    assert words in message
+
+
+def test_uncordoning_a_cordoned_node_is_refused_and_cordoning_it_again_is_not() -> None:
+    NODE["spec"]["unschedulable"] = True  # the old object: cordoned already
+    try:
+        assert refusals(cordon) == set()
+        (message,) = refusals(lambda n: n["spec"].pop("unschedulable"))
+        assert "never uncordon" in message
+    finally:
+        del NODE["spec"]["unschedulable"]
+
+
+def test_cordon_guard_is_bound_to_deny_and_matches_node_updates_only() -> None:
+    policy, binding = cordon_guard()
+    assert "namespace" not in policy["metadata"]
+    assert binding["spec"] == {"policyName": health.CORDON_POLICY, "validationActions": ["Deny"]}
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    assert policy["spec"]["matchConstraints"]["resourceRules"] == [{
+        "apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"],
+        "resources": ["nodes"],
+    }]  # fmt: skip
+    for health_values in ({"cordon": True, "cordon_apply": False}, {"cordon": False}):
+        objs = health.render(values({"health": health_values}))
+        assert not {k for k, _ in kinds(objs)} & {"ValidatingAdmissionPolicy"}
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_cordon_guard_keeps_every_node_spec_field_but_unschedulable(version: str) -> None:
+    import json
+
+    schema_dir = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    spec = json.loads((schema_dir / f"v{version}.0-local-strict" / "nodespec-v1.json").read_text())
+    kept = " ".join(v["expression"] for v in cordon_guard()[0]["spec"]["validations"])
+    missing = {f for f in spec["properties"] if f != "unschedulable"} - set(
+        re.findall(r"object\.spec\.(\w+)", kept)
+    )
+    assert not missing, f"add {missing} to health._KEPT_SPEC"
 
 
 def test_health_cordon_apply_without_cordon_is_refused() -> None:
@@ -438,7 +566,7 @@ def test_network_policies_keep_cluster_engine_and_control_ports_internal() -> No
         "redis": {"redis": {"router"}},
         "autoscaler": {"http": {"router", mon}},
         "health": {"http": {"router", mon}},
-        "router": {"http": {"*"}},
+        "router": {"http": {"*"}, "admin": {"autoscaler", mon}},  # admin: /metrics, /router/*
     }
 
 
@@ -448,7 +576,8 @@ def test_network_policies_with_the_precise_router_and_the_fleet() -> None:
     assert table["cache"] == {
         "cluster": {"cache", "router"}, "stream": {"cache", "router"}, "metrics": {mon},
     }  # fmt: skip
-    assert table["router"] == {"http": {"*"}, "cluster": {"cache", "router"},
+    assert table["router"] == {"http": {"*"}, "admin": {"autoscaler", mon},
+                               "cluster": {"cache", "router"},
                                "stream": {"cache", "router"}}  # fmt: skip
     assert table["engine"] == {"http": {"router", "autoscaler", "fleet", mon}, 9501: {mon}}
     assert table["health"] == {"http": {"router", "fleet", mon}}
@@ -495,7 +624,7 @@ def test_service_monitors_select_a_service_port_that_exists() -> None:
     for monitor in monitors:
         selector = monitor["spec"]["selector"]["matchLabels"]
         component = selector[objects.LABEL_COMPONENT]
-        assert selector == objects.selector(component)
+        assert selector.items() >= objects.selector(component).items()
         assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["shoal"]}
         assert monitor["metadata"]["labels"]["release"] == "prometheus"
         for endpoint in monitor["spec"]["endpoints"]:

@@ -374,22 +374,27 @@ class TestRouter:
             == pod(parse_values({}), "shoal-router")["serviceAccountName"]
         )
 
-    def test_health_watchers_are_every_address_of_the_headless_service(self) -> None:
+    def test_health_watchers_are_polled_only_for_engines_with_gpu_names(self) -> None:
         from deploy.components import health
 
-        values = parse_values({"namespace": "prod"})
-        environ = env_of(container(pod(values, "shoal-router"), "router"))
-        settings = load_config(RouterSettings, "router", flags={}, environ=environ, config_path="")
-        assert settings.gpu_health_urls == (
-            f"dns+http://{health.NAME}.prod.svc.cluster.local:{health.PORT}",
-        )
+        def router_settings(document: dict[str, Any]) -> RouterSettings:
+            environ = env_of(container(pod(parse_values(document), "shoal-router"), "router"))
+            return load_config(RouterSettings, "router", flags={}, environ=environ,
+                               config_path="")  # fmt: skip
+
+        # k8s-discovered engines carry no GPU names: polling could never take one out
+        settings = router_settings({"namespace": "prod"})
+        assert settings.discovery == "k8s" and settings.gpu_health_urls == ()
+        assert settings.gpu_health_token_file == ""
+        # the Ray fleet's do: every watcher through the headless Service, no cluster domain
+        settings = router_settings({"namespace": "prod", "engine": {"enabled": False},
+                                    "fleet": {"enabled": True, "ray_address": "ray://h:1"}})  # fmt: skip
+        assert settings.gpu_health_urls == (f"dns+http://{health.NAME}.prod.svc:{health.PORT}",)
         assert settings.gpu_health_token_file == "/etc/shoal/control-token/token"
-        off = parse_values({"health": {"enabled": False}, "autoscaler": {"enabled": False}})
-        spec = pod(off, "shoal-router")
-        environ = env_of(container(spec, "router"))
-        assert "SHOAL_ROUTER_GPU_HEALTH" not in environ
-        assert "SHOAL_ROUTER_GPU_HEALTH_TOKEN_FILE" not in environ
-        assert not any(v["name"] == "control-token" for v in spec["volumes"])  # no token used
+        off = router_settings({"namespace": "prod", "engine": {"enabled": False},
+                               "fleet": {"enabled": True, "ray_address": "ray://h:1"},
+                               "health": {"enabled": False}})  # fmt: skip
+        assert off.gpu_health_urls == () and off.gpu_health_token_file == ""
 
     def test_with_the_fleet_engines_come_from_its_discovery_endpoint(self) -> None:
         document = {"namespace": "prod", "engine": {"enabled": False},
@@ -459,6 +464,53 @@ class TestRouter:
             return
         with pytest.raises(ValuesError, match="not yet supported on Kubernetes"):
             router.render(values)
+
+    def test_admin_routes_listen_on_their_own_port_behind_a_cluster_ip_service(self) -> None:
+        values = parse_values({"namespace": "prod", "router": {"service_type": "LoadBalancer"}})
+        rendered = router.render(values)
+        public = find(rendered, "Service", router.NAME)
+        admin = find(rendered, "Service", router.ADMIN_NAME)
+        assert public["spec"]["type"] == "LoadBalancer"
+        assert [p["name"] for p in public["spec"]["ports"]] == ["http"]  # never the admin port
+        assert admin["spec"]["type"] == "ClusterIP"
+        assert admin["spec"]["ports"] == [{"name": "admin", "port": 9091, "targetPort": "admin"}]
+        assert admin["spec"]["selector"] == public["spec"]["selector"]
+        assert admin["metadata"]["labels"].items() >= router.ADMIN_LABELS.items()
+        assert router.ADMIN_LABELS.items() - public["metadata"]["labels"].items()
+        spec = pod(values, "shoal-router")
+        c = container(spec, "router")
+        assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "admin": 9091}
+        settings = load_config(RouterSettings, "router", flags={}, environ=env_of(c),
+                               config_path="")  # fmt: skip
+        assert (settings.admin_port, settings.admin_host) == (9091, "0.0.0.0")
+        token = "/etc/shoal/control-token/token"
+        assert settings.admin_token_file == token  # beyond loopback: the control token
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "control-token")
+        assert token.startswith(mount["mountPath"] + "/")
+        assert router.admin_url(values) == "http://shoal-router-admin.prod.svc:9091"
+
+    @pytest.mark.parametrize("admin_port", [8080, 0, 70000])
+    def test_an_admin_port_that_is_the_main_one_or_out_of_range_is_refused(
+        self, admin_port: int
+    ) -> None:
+        with pytest.raises(ValuesError, match="router.admin_port"):
+            router.render(parse_values({"router": {"admin_port": admin_port}}))
+
+    @pytest.mark.parametrize("name", ["admin_port", "admin_host", "admin_token_file"])
+    def test_admin_settings_come_from_the_values(self, name: str) -> None:
+        with pytest.raises(ValuesError, match=rf"\['{name}'\] are set from the values"):
+            router.render(parse_values({"router": {"settings": {name: "x"}}}))
+
+    @pytest.mark.parametrize(("shutdown_s", "grace"), [(None, 25), (30, 45), (2.5, 18)])
+    def test_termination_waits_for_endpoints_then_requests_in_flight(
+        self, shutdown_s: float | None, grace: int
+    ) -> None:
+        document = {"router": {"settings": {"shutdown_timeout_s": shutdown_s}}}
+        spec = pod(parse_values(document if shutdown_s else {}), "shoal-router")
+        sleep = container(spec, "router")["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert sleep == router.PRESTOP_SLEEP_S == 10
+        assert spec["terminationGracePeriodSeconds"] == grace  # 10 + shutdown + 5
+        assert spec["terminationGracePeriodSeconds"] >= sleep + (shutdown_s or 10) + 5
 
     def test_owned_settings_are_refused(self) -> None:
         with pytest.raises(ValuesError, match=r"\['port'\] are set from the values"):

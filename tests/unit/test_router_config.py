@@ -36,6 +36,9 @@ def test_layers_file_then_environment_then_flags(tmp_path: Path) -> None:
         ({"user_tpm": "-1"}, "user_tpm"),
         ({"strategy": " "}, "strategy"),
         ({"port": "many"}, "port"),
+        ({"admin_port": "8080"}, "admin_port .* must differ from port"),
+        ({"admin_port": "70000"}, "admin_port"),
+        ({"admin_token_file": "/t"}, "admin_token_file needs admin_port"),
     ],
 )
 def test_inconsistent_settings_are_config_errors(flags: dict[str, str], words: str) -> None:
@@ -50,3 +53,20 @@ def test_http_discovery_needs_the_discovery_url_in_engines() -> None:
     for engines in ("", "fleet:8093", "ns/fleet:http"):
         with pytest.raises(ValueError, match="discovery http needs engines"):
             RouterSettings(discovery="http", engines=engines)
+
+
+def test_an_admin_listener_beyond_loopback_needs_a_token_or_the_insecure_flag(
+    tmp_path: Path,
+) -> None:
+    from router.server import check_settings
+
+    base = {"engines": "http://e:1", "admin_port": 9091}
+    check_settings(RouterSettings(**base))  # loopback by default
+    with pytest.raises(ConfigError, match="admin listener .* 0.0.0.0 .* --admin-token-file"):
+        check_settings(RouterSettings(**base, admin_host="0.0.0.0"))
+    with pytest.raises(ConfigError, match="--admin-token-file"):  # unreadable is refused too
+        check_settings(RouterSettings(**base, admin_host="0.0.0.0",
+                                      admin_token_file=str(tmp_path / "absent")))  # fmt: skip
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    check_settings(RouterSettings(**base, admin_host="0.0.0.0", admin_token_file=str(token)))
