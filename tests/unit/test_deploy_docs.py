@@ -86,7 +86,7 @@ def test_a_new_module_cannot_hide_a_metric_behind_a_known_prefix(
     (tmp_path / "router" / "extra.py").write_text(
         'B = Counter("retries", "x", namespace="shoal", subsystem="router")\n'
         'PREFIX = "shoal_router_"\n'
-        "D = Counter(f\"shoal_router_{'x'}_new\", \"x\")\n"
+        'D = Counter(f"shoal_router_{\'x\'}_new", "x")\n'
         'E = Gauge("shoal_" "router_concat", "x")\n'
     )
     (tmp_path / "router" / "more_metrics.py").write_text("")
