@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shoal.cli_format import EXIT_FAILED, EXIT_USAGE
+from shoal.cli_format import EXIT_FAILED
+from shoal.errors import ConfigError
 
 __all__ = ["HELP", "register"]
 
@@ -85,16 +86,23 @@ def _render(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(dump_yaml(render(values)))
         return 0
-    for path in write_base(values, args.out):
+    try:
+        written = write_base(values, args.out)
+    except OSError as exc:  # a ConfigError: shoal.cli prints it and exits 2
+        raise ConfigError(f"render --out {args.out}: cannot write {exc.filename or args.out}: "
+                          f"{exc.strerror or exc}") from None  # fmt: skip
+    for path in written:
         print(path)
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
     from deploy.checks.run import check_all
+    from deploy.checks.schema import check_versions
     from deploy.render import render
     from deploy.values import load_values
 
+    check_versions(args.kubernetes_version)  # a ConfigError: exit 2, naming the known ones
     values = load_values(args.values, args.assignments)
     objects = render(values)
     problems = check_all(
@@ -139,6 +147,3 @@ def _show_values(args: argparse.Namespace) -> int:
 
     sys.stdout.write(defaults_yaml())
     return 0
-
-
-_ = EXIT_USAGE  # values errors are ShoalErrors: shoal.cli prints them and exits 2

@@ -19,9 +19,14 @@ How a metric cannot be missed:
    for failures).
 3. ``uncovered_literals()`` scans the source for every ``"shoal_...`` string literal (and
    f-string prefix): each must name a catalogued metric (as declared or as exposed), be a
-   prefix of one (``f"shoal_kvcache_{name}"``), or be listed in ``NOT_METRICS`` with the
-   reason it is not a metric. A metric declared in a new module, or behind an input these
-   builders do not provide, fails the test by its name.
+   prefix of one built from the same module (``f"shoal_kvcache_{name}"`` in
+   kvcache/metrics.py; ``PREFIX_MODULES`` names a file whose metrics another module
+   declares), or be listed in ``NOT_METRICS`` with the reason it is not a metric. The bare
+   ``"shoal_"`` covers nothing (``"shoal_" "router_x"`` would hide any name), a
+   ``namespace="shoal"`` declaration counts only in a catalogued module, and every
+   ``*metrics*.py`` module under ``SCANNED_PACKAGES`` must be a source. A metric declared
+   in a new module, or behind an input these builders do not provide, fails the test by
+   its name.
 
 Names are as Prometheus scrapes them: counters end in ``_total`` and infos in ``_info``
 (prometheus_client also exposes ``<counter>_created`` and ``<histogram>_created``, omitted).
@@ -47,8 +52,11 @@ __all__ = [
     "BEGIN_MARKER",
     "END_MARKER",
     "NOT_METRICS",
+    "NOT_METRIC_PREFIXES",
+    "PREFIX_MODULES",
     "MetricDoc",
     "catalogue",
+    "metrics_modules",
     "render_markdown",
     "uncovered_literals",
 ]
@@ -67,6 +75,15 @@ NOT_METRICS: dict[str, str] = {
     "shoal_load_factor": "a router setting's name (router/config.py)",
     "shoal_env": "a process-environment helper's name (shoal/processes.py)",
     "shoal_sim_streaming": "a key on the simulator's aiohttp request (sim/server.py)",
+}
+# (file, literal) pairs that start with "shoal_" and are not metrics, where the literal is a
+# prefix that would otherwise cover too much.
+NOT_METRIC_PREFIXES: dict[tuple[str, str], str] = {
+    ("kvcache/connector/settings.py", "shoal_"): "kv_connector_extra_config's key prefix",
+}
+# A file that names metrics some other (catalogued) module declares.
+PREFIX_MODULES: dict[str, str] = {
+    "kvcache/connector/vllm.py": "kvcache.connector.metrics",  # vLLM builds the counters
 }
 
 _NON_LABELS = frozenset({"le", "quantile"})  # sample labels of histograms and summaries
@@ -299,35 +316,69 @@ def replace_block(text: str, begin: str, end: str, body: str) -> str:
 # -- the static cross-check ---------------------------------------------------------------
 
 _LITERAL = re.compile(r"""(?<![\w])(f?)(["'])(shoal_[A-Za-z0-9_]*)(\{|\2)?""")
+_NAMESPACE = re.compile(r"""\bnamespace\s*=\s*(["'])shoal_?\1""")
+
+
+def _module(path: Path) -> str:
+    return ".".join(path.relative_to(REPO).with_suffix("").parts)
 
 
 def _literals(packages: Iterable[str]) -> Iterator[tuple[str, bool, str]]:
-    """(text, is a prefix, where) of every string literal starting ``shoal_``."""
+    """(text, is a prefix, where) of every string literal starting ``shoal_``, and of every
+    ``namespace="shoal"`` declaration (as the prefix ``shoal_``)."""
     for package in packages:
         for path in sorted((REPO / package).rglob("*.py")):
             for number, line in enumerate(path.read_text().splitlines(), 1):
+                where = f"{path.relative_to(REPO)}:{number}"
                 for match in _LITERAL.finditer(line):
                     is_f, _, text, after = match.groups()
                     if after is None:
                         continue  # prose inside a string ("shoal_x_total, how far ...")
                     prefix = (bool(is_f) and after == "{") or text.endswith("_")
-                    where = f"{path.relative_to(REPO)}:{number}"
                     yield text, prefix, where
+                if _NAMESPACE.search(line):
+                    yield 'namespace="shoal"', True, where
+
+
+def metrics_modules(packages: Iterable[str] = SCANNED_PACKAGES) -> list[str]:
+    """Every ``*metrics*.py`` module under ``packages``, dotted."""
+    return [
+        _module(path) for package in packages for path in sorted((REPO / package).rglob("*.py"))
+        if "metrics" in path.name
+    ]  # fmt: skip
 
 
 def uncovered_literals(
     docs: Iterable[MetricDoc] | None = None, packages: Iterable[str] = SCANNED_PACKAGES
 ) -> list[str]:
-    """``"where: literal"`` for every ``shoal_`` literal no catalogued metric accounts for."""
+    """``"where: literal"`` for every ``shoal_`` literal no catalogued metric accounts for,
+    and ``"module: ..."`` for every metrics module that is not a catalogue source."""
     docs = list(catalogue() if docs is None else docs)
     known = {d.name for d in docs} | {_family(d) for d in docs}
+    by_module: dict[str, set[str]] = {}
+    for doc in docs:
+        by_module.setdefault(doc.source_module, set()).update((doc.name, _family(doc)))
     problems = []
     for text, prefix, where in _literals(packages):
-        if text in NOT_METRICS:
+        file = where.rpartition(":")[0]
+        if text in NOT_METRICS or (file, text) in NOT_METRIC_PREFIXES:
             continue
-        covered = any(n.startswith(text) for n in known) if prefix else text in known
+        module = PREFIX_MODULES.get(file) or _module(REPO / file)
+        if text == 'namespace="shoal"':
+            covered = bool(by_module.get(module))
+        elif prefix:
+            own = by_module.get(module, set())
+            covered = text != "shoal_" and any(n.startswith(text) for n in own)
+        else:
+            covered = text in known
         if not covered:
             problems.append(f"{where}: {text}")
+    sources = {s.module for s in _SOURCES} | {"kvcache.connector.metrics"}
+    problems += [
+        f"{module}: a metrics module that is not among the catalogue's sources (_SOURCES)"
+        for module in metrics_modules(packages)
+        if module not in sources
+    ]
     return problems
 
 

@@ -4,7 +4,8 @@
                   strict) for the two newest minor versions it knows; the Prometheus
                   Operator's objects against that operator's published models
                   (crd_validate.mjs, run with node)
-    contracts.py  cross-object contracts the data plane relies on
+    contracts.py  cross-object contracts the data plane relies on (runs them all; node.py,
+                  services.py, ports.py, credentials.py and alerts.py hold most of them)
     rbac.py       the Kubernetes API calls Shoal's code makes, found in the code, against
                   the rules each component's ServiceAccount is bound to
     run.py        ``check_all``: every check, in that order
@@ -15,6 +16,7 @@ The helpers here read rendered objects the way every check needs them: an object
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +25,12 @@ __all__ = [
     "PodTemplate",
     "Problem",
     "all_containers",
+    "command_words",
     "env_of",
+    "flag_values",
     "is_under",
     "pod_templates",
+    "shoal_component",
     "where",
 ]
 
@@ -98,3 +103,33 @@ def env_of(container: Obj) -> dict[str, str]:
 def is_under(path: str, directory: str) -> bool:
     """``path`` is ``directory`` or inside it (by path components, not by prefix)."""
     return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def command_words(container: Obj) -> list[str]:
+    """The container's command and args as words; a ``sh -c SCRIPT`` is split the way the
+    shell would (quotes removed, ``$VAR`` left as written)."""
+    words = [str(w) for w in (container.get("command") or []) + (container.get("args") or [])]
+    if len(words) >= 3 and words[0].rsplit("/", 1)[-1] in ("sh", "bash") and words[1] == "-c":
+        try:
+            return shlex.split(words[2]) + words[3:]
+        except ValueError:
+            return words[2].split() + words[3:]
+    return words
+
+
+def flag_values(words: list[str], flag: str) -> list[str]:
+    """Every value given to ``flag`` (``--flag V`` or ``--flag=V``), in order: a program
+    that reads flags with argparse (vLLM) uses the last one."""
+    found = []
+    for i, word in enumerate(words):
+        if word == flag and i + 1 < len(words):
+            found.append(words[i + 1])
+        elif word.startswith(flag + "="):
+            found.append(word.partition("=")[2])
+    return found
+
+
+def shoal_component(container: Obj) -> str:
+    """``cache`` for ``shoal cache serve``; "" for a container not running shoal."""
+    command = [str(c) for c in (container.get("command") or []) + (container.get("args") or [])]
+    return command[1] if len(command) >= 2 and command[0].rsplit("/", 1)[-1] == "shoal" else ""

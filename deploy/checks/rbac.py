@@ -27,7 +27,10 @@ How the calls are found (issue 16: "found by grepping the code's client calls"):
 
 Rejected: a hand-kept table of calls per component (it drifts: the point of the issue);
 importing the packages and tracing calls (needs every optional dependency, finds less).
-A ``resourceNames`` rule counts for verbs on one named object (get, patch, update, delete).
+A ``resourceNames`` rule counts for verbs on one named object (get, patch, update, delete),
+and only when the object the code touches is among its names: ``NAMES`` derives that name
+from the env as ``NAMESPACES`` derives the namespace (the cache's discovery Service, the
+autoscaler's ``deployment/NAME`` or ``statefulset/NAME``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from deploy.checks import PodTemplate, Problem, all_containers, env_of, pod_temp
 
 __all__ = [
     "CONDITIONS",
+    "NAMES",
     "NAMESPACES",
     "PACKAGES",
     "ApiCall",
@@ -110,6 +114,18 @@ NAMESPACES: dict[str, Callable[[dict[str, str], str], set[str]]] = {
     "cache": lambda env, own: {env.get("SHOAL_CACHE_CLUSTER_K8S_NAMESPACE", "default")},
     "router": _router_namespaces,
     "autoscale": lambda env, own: {env.get("SHOAL_AUTOSCALE_NAMESPACE") or own},
+}
+
+
+def _target_name(env: dict[str, str]) -> str | None:
+    kind, _, name = env.get("SHOAL_AUTOSCALE_TARGET", "").partition("/")
+    return name if kind in ("deployment", "statefulset") and name else None
+
+
+# Command component -> the name of the one object its named calls touch (None: not known).
+NAMES: dict[str, Callable[[dict[str, str]], str | None]] = {
+    "cache": lambda env: env.get("SHOAL_CACHE_CLUSTER_K8S_SERVICE") or None,
+    "autoscale": _target_name,
 }
 
 _CALL = re.compile(r"\.((?:list|read|patch|create|replace|delete|watch)_\w+)")
@@ -203,14 +219,16 @@ def scan_calls(package: str, root: Path = REPO) -> tuple[ApiCall, ...]:
     return tuple(found[name] for name in sorted(found))
 
 
-def _needed(pod: PodTemplate) -> list[tuple[ApiCall, str | None]]:
-    """(call, namespace or None for cluster-scoped) the pod's containers can make."""
-    needed: list[tuple[ApiCall, str | None]] = []
+def _needed(pod: PodTemplate) -> list[tuple[ApiCall, str | None, str | None]]:
+    """(call, namespace or None for cluster-scoped, the object's name or None) the pod's
+    containers can make."""
+    needed: list[tuple[ApiCall, str | None, str | None]] = []
     for container in all_containers(pod.spec):
         command = list(container.get("command") or []) + list(container.get("args") or [])
         if len(command) < 2 or Path(str(command[0])).name != "shoal":
             continue
         component, env = str(command[1]), env_of(container)
+        name = NAMES[component](env) if component in NAMES else None
         for package in PACKAGES.get(component, ()):
             for call in scan_calls(package):
                 if any(
@@ -220,15 +238,17 @@ def _needed(pod: PodTemplate) -> list[tuple[ApiCall, str | None]]:
                     continue
                 if any(g.namespaced for g in call.grants):
                     where_to = NAMESPACES.get(component, _own_namespace)
-                    needed += [(call, ns) for ns in sorted(where_to(env, pod.namespace))]
+                    needed += [(call, ns, name) for ns in sorted(where_to(env, pod.namespace))]
                 else:
-                    needed.append((call, None))
+                    needed.append((call, None, name))
     return needed
 
 
-def _matching(rule: Obj, grant: Grant) -> tuple[str, str, str] | None:
-    """The rule's (apiGroup, resource, verb) entries that grant ``grant``, or None."""
-    if rule.get("resourceNames") and grant.verb not in ("get", "patch", "update", "delete"):
+def _matching(rule: Obj, grant: Grant, name: str | None) -> tuple[str, str, str] | None:
+    """The rule's (apiGroup, resource, verb) entries that grant ``grant`` on the object
+    ``name`` (None: not known), or None."""
+    names = rule.get("resourceNames")
+    if names and (grant.verb not in ("get", "patch", "update", "delete") or name not in names):
         return None
     base, _, sub = grant.resource.partition("/")
     patterns = (grant.resource, f"{base}/*", f"*/{sub}", "*") if sub else (grant.resource, "*")
@@ -311,14 +331,14 @@ def rbac_problems(objects: list[Obj]) -> list[Problem]:
                     "false",
                 )
             )
-        for call, namespace in needed:
+        for call, namespace, name in needed:
             granted = False
             for b in bound.get((pod.namespace, sa), []):
                 if b.namespace is not None and b.namespace != namespace:
                     continue
                 for index, rule in enumerate(b.role.get("rules") or []):
                     for grant in call.grants:
-                        entry = _matching(rule, grant)
+                        entry = _matching(rule, grant, name)
                         if entry is not None:
                             granted = True
                             used.add((id(b.role), index, *entry))

@@ -38,10 +38,11 @@ from deploy.checks import Problem, where
 
 __all__ = [
     "CRD_KINDS",
-    "INSTALL_DIR",
     "KNOWN_FIELDS",
     "crd_problems",
+    "default_install_dir",
     "default_versions",
+    "known_minors",
     "kubernetes_problems",
     "monitor_field_problems",
     "schema_problems",
@@ -53,10 +54,11 @@ CRD_GROUP = "monitoring.coreos.com"
 CRD_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
 
 
-def _install_dir() -> Path:
+def default_install_dir() -> Path:
     """Where scripts/setup-deploy-check put the models: ``SHOAL_DEPLOY_CHECK_DIR``, else a
     source checkout's ``.cache/deploy-check``, else ``$XDG_CACHE_HOME/shoal/deploy-check``
-    (an installed shoal: ``npm install --prefix`` that directory)."""
+    (an installed shoal: ``npm install --prefix`` that directory). Read at each call, so a
+    test or the CLI can set the variable."""
     if configured := os.environ.get("SHOAL_DEPLOY_CHECK_DIR"):
         return Path(configured)
     checkout = Path(__file__).resolve().parents[2]
@@ -66,7 +68,13 @@ def _install_dir() -> Path:
     return Path(cache) / "shoal" / "deploy-check"
 
 
-INSTALL_DIR = _install_dir()
+def __getattr__(name: str) -> Any:
+    """``INSTALL_DIR``: ``default_install_dir()`` at the time it is read (older callers)."""
+    if name == "INSTALL_DIR":
+        return default_install_dir()
+    raise AttributeError(name)
+
+
 VALIDATOR = Path(__file__).resolve().with_name("crd_validate.mjs")
 NODE_TIMEOUT_S = 60.0
 
@@ -82,8 +90,8 @@ KNOWN_FIELDS: dict[str, frozenset[str]] = {
 }
 
 
-def default_versions() -> list[str]:
-    """The two newest ``major.minor`` versions kubernetes-validate has schemas for."""
+def known_minors() -> list[str]:
+    """Every ``major.minor`` version kubernetes-validate has schemas for, newest first."""
     from kubernetes_validate import utils
 
     minors: list[str] = []
@@ -91,7 +99,26 @@ def default_versions() -> list[str]:
         minor = utils.major_minor(version)
         if minor not in minors:
             minors.append(minor)
-    return minors[:2]
+    return minors
+
+
+def default_versions() -> list[str]:
+    """The two newest ``major.minor`` versions kubernetes-validate has schemas for."""
+    return known_minors()[:2]
+
+
+def check_versions(versions: Iterable[str]) -> None:
+    """``ConfigError`` (a usage error: exit 2) naming the known minors, for a version
+    kubernetes-validate has no schemas for."""
+    from shoal.errors import ConfigError
+
+    known = known_minors()
+    unknown = [v for v in versions if v not in known and ".".join(v.split(".")[:2]) not in known]
+    if unknown:
+        raise ConfigError(
+            f"--kubernetes-version {', '.join(unknown)}: kubernetes-validate has no schemas "
+            f"for it; known: {', '.join(known)}"
+        )
 
 
 def _json_path(parts: Iterable[Any]) -> str:
@@ -170,11 +197,13 @@ def monitor_field_problems(objects: list[Obj]) -> list[Problem]:
     return problems
 
 
-def crd_problems(objects: list[Obj], install_dir: Path = INSTALL_DIR) -> list[Problem]:
-    """Prometheus Operator objects against the operator's models (needs node, the install)."""
+def crd_problems(objects: list[Obj], install_dir: Path | None = None) -> list[Problem]:
+    """Prometheus Operator objects against the operator's models (needs node, the install
+    in ``install_dir``, default ``default_install_dir()``)."""
     crds = [obj for obj in objects if _is_crd(obj)]
     if not crds:
         return []
+    install_dir = default_install_dir() if install_dir is None else install_dir
     node = shutil.which("node")
     if node is None or not (install_dir / "node_modules").is_dir():
         return [
@@ -213,6 +242,7 @@ def schema_problems(
     objects: list[Obj], *, kubernetes_versions: list[str] | None = None, crds: bool = True
 ) -> list[Problem]:
     """Every schema check: built-in kinds, then (unless ``crds`` is false) the CRD kinds."""
+    check_versions(kubernetes_versions or [])
     problems = kubernetes_problems(objects, kubernetes_versions or default_versions())
     problems += monitor_field_problems(objects)
     if crds:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from deploy.checks import PodTemplate, Problem, all_containers, env_of, pod_templates, where
 from deploy.values import Values
 
-__all__ = ["dialed_services"]
+__all__ = ["dialed_services", "dials", "selects"]
 
 Obj = dict[str, Any]
 
@@ -67,28 +67,28 @@ def _dials_of_url(url: str, namespace: str, why: str) -> list[_Dial]:
     return [_Dial(*service, port, why)] if service and port else []
 
 
-def _dials(pod: PodTemplate, container: Obj) -> list[_Dial]:
-    env, ns, dials = env_of(container), pod.namespace, []
+def dials(pod: PodTemplate, container: Obj) -> list[_Dial]:
+    env, ns, found = env_of(container), pod.namespace, []
     for name, text in env.items():
         if name.endswith("_URL") or name in ("SHOAL_ROUTER_REDIS",) or name.endswith("GPU_HEALTH"):
             for url in filter(None, (u.strip() for u in text.split(","))):
-                dials += _dials_of_url(url, ns, name)
+                found += _dials_of_url(url, ns, name)
     if env.get("SHOAL_AUTOSCALE_TARGET", "").startswith("ray:"):
-        dials += _dials_of_url(env["SHOAL_AUTOSCALE_TARGET"][4:], ns, "SHOAL_AUTOSCALE_TARGET")
+        found += _dials_of_url(env["SHOAL_AUTOSCALE_TARGET"][4:], ns, "SHOAL_AUTOSCALE_TARGET")
     engines = [e.strip() for e in env.get("SHOAL_ROUTER_ENGINES", "").split(",") if e.strip()]
     discovery = env.get("SHOAL_ROUTER_DISCOVERY", "static")
     for item in engines:
         if discovery == "k8s":
             location, _, port_name = item.partition("@")[0].partition(":")
             namespace, _, service = location.rpartition("/")
-            dials.append(
+            found.append(
                 _Dial(namespace or ns, service, port_name or "http", "SHOAL_ROUTER_ENGINES")
             )
         elif discovery in ("static", "dns"):
-            dials += _dials_of_url(item.partition("=")[0], ns, "SHOAL_ROUTER_ENGINES")
+            found += _dials_of_url(item.partition("=")[0], ns, "SHOAL_ROUTER_ENGINES")
     if env.get("SHOAL_CACHE_CLUSTER_DISCOVERY") == "k8s":
         port = env.get("SHOAL_CACHE_CLUSTER_PORT", "0")
-        dials.append(
+        found.append(
             _Dial(
                 env.get("SHOAL_CACHE_CLUSTER_K8S_NAMESPACE", "default"),
                 env.get("SHOAL_CACHE_CLUSTER_K8S_SERVICE", ""),
@@ -96,7 +96,7 @@ def _dials(pod: PodTemplate, container: Obj) -> list[_Dial]:
                 "SHOAL_CACHE_CLUSTER_K8S_SERVICE",
             )
         )
-    return dials
+    return found
 
 
 def _exposes(pod: PodTemplate, port: int | str) -> bool:
@@ -107,7 +107,7 @@ def _exposes(pod: PodTemplate, port: int | str) -> bool:
     return False
 
 
-def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
@@ -130,7 +130,7 @@ def _service_problems(objects: list[Obj], dial: _Dial, at: str) -> list[Problem]
     pods = [
         p
         for p in pod_templates(objects)
-        if p.namespace == dial.namespace and _selects(spec.get("selector") or {}, p.labels)
+        if p.namespace == dial.namespace and selects(spec.get("selector") or {}, p.labels)
     ]
     if not any(_exposes(p, target_port) for p in pods):
         return [
@@ -161,7 +161,7 @@ def _monitor_problems(objects: list[Obj]) -> list[Problem]:
                     for o in objects
                     if o.get("kind") == "Service"
                     and o["metadata"].get("namespace", "default") in names
-                    and _selects(selector, o["metadata"].get("labels") or {})
+                    and selects(selector, o["metadata"].get("labels") or {})
                 ]
                 if not found:
                     problems.append(_problem(where(monitor), "selects no Service"))
@@ -176,7 +176,7 @@ def _monitor_problems(objects: list[Obj]) -> list[Problem]:
             elif not any(
                 _exposes(p, port)
                 for p in pod_templates(objects)
-                if p.namespace in names and _selects(selector, p.labels)
+                if p.namespace in names and selects(selector, p.labels)
             ):
                 problems.append(
                     _problem(
@@ -191,7 +191,7 @@ def dialed_services(objects: list[Obj], values: Values) -> list[Problem]:
     problems = []
     for pod in pod_templates(objects):
         for container in all_containers(pod.spec):
-            for dial in _dials(pod, container):
+            for dial in dials(pod, container):
                 at = f"{pod.where} container {container.get('name')}"
                 problems += _service_problems(objects, dial, at)
     return problems + _monitor_problems(objects)

@@ -23,6 +23,7 @@ from deploy.checks.run import check_all
 from deploy.objects import container_security, labels, pod_security, selector
 from deploy.secrets import required_secrets
 from deploy.values import Values, parse_values
+from shoal.errors import ConfigError
 
 Obj = dict[str, Any]
 REPO = Path(__file__).resolve().parents[2]
@@ -110,6 +111,7 @@ def _cache(values: Values) -> list[Obj]:
         ),
         ports=[
             {"name": "cluster", "containerPort": 7400},
+            {"name": "stream", "containerPort": 7401},
             {"name": "metrics", "containerPort": 9500},
         ],
         volumeMounts=[*NODE_MOUNTS, {"name": "curve", "mountPath": "/etc/shoal/curve"}],
@@ -329,7 +331,7 @@ def _monitor(**endpoint: Any) -> Obj:
     }
 
 
-CRD_INSTALLED = (schema.INSTALL_DIR / "node_modules").is_dir()
+CRD_INSTALLED = (schema.default_install_dir() / "node_modules").is_dir()
 needs_crd_validator = pytest.mark.skipif(
     not CRD_INSTALLED and os.environ.get("CI") != "true",
     reason="the CRD validator is not installed (scripts/setup-deploy-check); CI installs it",
@@ -449,6 +451,16 @@ class TestRbac:
             "rules[0] list endpointslices.discovery.k8s.io: no call of the pods bound to it "
             "needs it (least privilege: remove it)",
         ]
+
+    def test_a_resource_names_rule_counts_only_for_the_object_the_code_touches(
+        self, values: Values
+    ) -> None:
+        named = [{**rule, "resourceNames": ["other"]} for rule in AUTOSCALER_RULES[:2]]
+        objects = _autoscaler(values, [*named, AUTOSCALER_RULES[2]])
+        messages = [p.message for p in rbac.rbac_problems(objects)]
+        assert messages[0].startswith("ServiceAccount shoal-autoscaler may not patch deployments")
+        named = [{**rule, "resourceNames": ["vllm"]} for rule in AUTOSCALER_RULES[:2]]
+        assert rbac.rbac_problems(_autoscaler(values, [*named, AUTOSCALER_RULES[2]])) == []
 
     def test_a_dry_run_cordon_makes_no_call_so_its_token_is_a_problem(self, values: Values) -> None:
         env = _env(SHOAL_HEALTH_CORDON="true", SHOAL_HEALTH_CORDON_APPLY="false")
@@ -602,14 +614,25 @@ class TestContracts:
 
     def test_h_an_alert_on_a_metric_shoal_does_not_export(self, values: Values) -> None:
         rule = {
-            "apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PrometheusRule",
             "metadata": {"name": "shoal", "namespace": "shoal"},
-            "spec": {"groups": [{"name": "shoal", "rules": [
-                {"alert": "Good", "expr": "rate(shoal_kvcache_no_space_total[5m]) > 0"},
-                {"alert": "Hist", "expr": "histogram_quantile(0.9, shoal_router_held_seconds_bucket)"},
-                {"alert": "Bad", "expr": "rate(shoal_kvcache_no_spaces_total[5m]) > 0"},
-            ]}]},
-        }  # fmt: skip
+            "spec": {
+                "groups": [
+                    {
+                        "name": "shoal",
+                        "rules": [
+                            {"alert": "Good", "expr": "rate(shoal_kvcache_no_space_total[5m]) > 0"},
+                            {
+                                "alert": "Hist",
+                                "expr": "histogram_quantile(0.9, shoal_router_held_seconds_bucket)",
+                            },
+                            {"alert": "Bad", "expr": "rate(shoal_kvcache_no_spaces_total[5m]) > 0"},
+                        ],
+                    }
+                ]
+            },
+        }
         assert [p.message for p in c.alert_metrics([rule], values)] == [
             "Bad: shoal_kvcache_no_spaces_total is not a metric Shoal exports "
             "(deploy/metrics_catalogue.py)"
@@ -620,6 +643,237 @@ class TestContracts:
         router["env"][1] = {"name": "SHOAL_ROUTER_INSECURE_NO_AUTH", "value": "true"}
         assert c.auth_beyond_loopback(stack, values) == []
 
+    def test_b_the_kv_events_endpoints_are_ones_the_daemon_follows(self, stack: list[Obj]) -> None:
+        values = _values(cache={"num_event_slots": 2})
+        events = {
+            "endpoint": f"ipc://{RUN}/gpu$i.pub",
+            "replay_endpoint": f"ipc://{RUN}/gpu$i.replay",
+        }
+        vllm = _pod(stack, "Deployment", "vllm")["containers"][0]
+        vllm["command"] = [
+            "sh",
+            "-c",
+            f"exec vllm serve m --kv-events-config '{json.dumps(events)}'",
+        ]
+        daemon = _pod(stack, "DaemonSet", "shoal-cache")["containers"][0]
+        daemon["env"] += _env(
+            SHOAL_CACHE_ENGINE_EVENTS=f"ipc://{RUN}/gpu0.pub",
+            SHOAL_CACHE_ENGINE_EVENTS_REPLAY=f"ipc://{RUN}/gpu0.replay",
+        )
+        (problem,) = c.one_shm_path(stack, values)
+        assert "the KV-events endpoint ipc:///run/shoal/gpu1.pub is not among" in problem.message
+        vllm["command"] = [
+            "vllm",
+            "serve",
+            "--kv-events-config",
+            json.dumps({"endpoint": "ipc:///tmp/gpu0.pub"}),
+        ]
+        assert len(c.one_shm_path(stack, values)) == 2  # not under the runtime dir, not followed
+
+    def test_b_the_last_copy_of_a_repeated_flag_is_the_one_checked(
+        self, stack: list[Obj], values: Values
+    ) -> None:
+        vllm = _pod(stack, "Deployment", "vllm")["containers"][0]
+        vllm["command"] += ["--kv-transfer-config", json.dumps({"kv_connector": "X"})]
+        (problem,) = c.one_shm_path(stack, values)
+        assert "the connector endpoint None" in problem.message
+
+    def test_a_the_init_chowns_to_the_one_uid_and_pods_run_as_non_root(
+        self, stack: list[Obj], values: Values
+    ) -> None:
+        cache = _pod(stack, "DaemonSet", "shoal-cache")
+        cache["initContainers"][0]["command"] = [
+            "sh",
+            "-c",
+            f"mkdir -p {RUN} && chown 1000:1000 {RUN}",
+        ]
+        del _pod(stack, "Deployment", "vllm")["securityContext"]["runAsNonRoot"]
+        assert [p.message[:40] for p in c.one_uid(stack, values)] == [
+            "init node-dirs runs chown 1000:1000, not",
+            "mounts a node dir without runAsNonRoot: ",
+        ]
+
+    def test_e_a_setting_sits_on_a_container_that_reads_its_section_and_loads(
+        self, stack: list[Obj], values: Values
+    ) -> None:
+        _pod(stack, "DaemonSet", "shoal-cache")["containers"][0]["env"] += _env(SHOAL_ROUTER_PORT=1)
+        _pod(stack, "Deployment", "shoal-router")["containers"][0]["env"] += _env(
+            SHOAL_ROUTER_PORT="x"
+        )
+        messages = [p.message for p in c.known_settings(stack, values)]
+        assert messages[0] == (
+            "SHOAL_ROUTER_PORT: the container runs shoal cache, which reads SHOAL_CACHE_*, not this"
+        )
+        assert messages[1].startswith("its settings do not load: SHOAL_ROUTER_PORT: invalid")
+
+    def test_f_engine_sizes_are_at_least_the_derived_ones(
+        self, stack: list[Obj], values: Values
+    ) -> None:
+        _pod(stack, "Deployment", "vllm")["volumes"][2]["emptyDir"]["sizeLimit"] = "64Mi"
+        _pod(stack, "Deployment", "vllm")["containers"][0]["resources"] = {
+            "limits": {"memory": "1Mi"}
+        }
+        messages = [p.message[:28] for p in c.memory(stack, values)]
+        assert messages[:2] == ["memory limit 1048576 < 55834", "/dev/shm sizeLimit 67108864 "]
+
+    def test_f_a_malformed_quantity_is_a_problem(self, stack: list[Obj], values: Values) -> None:
+        _pod(stack, "Deployment", "shoal-router")["containers"][0]["resources"]["limits"][
+            "memory"
+        ] = "8GiB"
+        (problem,) = c.memory(stack, values)
+        assert problem.message == "not a Kubernetes quantity: '8GiB'"
+
+    def test_g_a_file_no_item_projects_is_a_problem(self, stack: list[Obj], values: Values) -> None:
+        pod = _pod(stack, "Deployment", "shoal-router")
+        pod["volumes"][0]["secret"]["items"] = [{"key": "api-keys", "path": "apikeys"}]
+        (problem,) = c.listed_secrets(stack, values)
+        assert problem.message.endswith("file api-keys is not projected by volume api-keys")
+
+    def test_g_a_path_setting_lies_under_a_mount(self, stack: list[Obj], values: Values) -> None:
+        router = _pod(stack, "Deployment", "shoal-router")["containers"][0]
+        router["env"][5]["value"] = "/etc/shoal/contrl-token/token"
+        (problem,) = c.listed_secrets(stack, values)
+        assert (
+            "SHOAL_ROUTER_AUTOSCALER_TOKEN_FILE=/etc/shoal/contrl-token/token lies under none"
+            in problem.message
+        )
+
+    def test_g_every_listed_key_is_projected(self, stack: list[Obj], values: Values) -> None:
+        curve = _pod(stack, "DaemonSet", "shoal-cache")["volumes"][2]["secret"]
+        curve["items"] = [{"key": "cluster.key", "path": "cluster.key"}]
+        assert [p.message for p in c.listed_secrets(stack, values)] == [
+            "key cluster.key_secret is listed by deploy.secrets but no pod projects it",
+            "key operators.admin.key is listed by deploy.secrets but no pod projects it",
+        ]
+
+    def test_g_nested_whole_secret_mounts_and_node_held_keys_pass(
+        self, stack: list[Obj], values: Values
+    ) -> None:
+        pod = _pod(stack, "DaemonSet", "shoal-cache")
+        pod["volumes"][2] = {"name": "curve", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+        pod["volumes"] += [
+            {"name": "ops", "secret": {"secretName": "shoal-cache-curve"}},
+            {"name": "node-keys", "hostPath": {"path": "/var/lib/shoal/curve"}},
+        ]
+        pod["containers"][0]["volumeMounts"] += [
+            {"name": "ops", "mountPath": "/etc/shoal/curve/operators"},
+            {"name": "node-keys", "mountPath": "/var/lib/shoal/curve"},
+        ]
+        pod["containers"][0]["env"] += _env(SHOAL_CACHE_CLUSTER_CURVE_KEY="/var/lib/shoal/curve/k")
+        assert c.listed_secrets(stack, values) == []
+
+    def test_k_the_process_listens_on_the_targeted_port_beyond_loopback(
+        self, stack: list[Obj], values: Values
+    ) -> None:
+        router = _pod(stack, "Deployment", "shoal-router")["containers"][0]
+        router["env"] += _env(SHOAL_ROUTER_PORT=9999)
+        assert [p.message for p in c.listen_ports(stack, values)] == [
+            "Service/shoal/shoal-router targets port http (8080), but the process listens on [9999]",
+            "listens on 0.0.0.0:9999, which is not a declared containerPort [8080]",
+        ]
+        router["env"] = [
+            e for e in router["env"] if e["name"] not in ("SHOAL_ROUTER_PORT", "SHOAL_ROUTER_HOST")
+        ]
+        (problem,) = c.listen_ports(stack, values)
+        assert problem.message.endswith("but the process listens on 127.0.0.1 only")
+
+    def test_l_a_policy_selects_pods_names_their_ports_and_admits_each_dial(
+        self, stack: list[Obj], values: Values
+    ) -> None:
+        ingress = [
+            {
+                "ports": [{"port": "http"}],
+                "from": [{"podSelector": {"matchLabels": selector("autoscaler")}}],
+            }
+        ]
+        policy = {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta("vllm", "engine"),
+            "spec": {"podSelector": {"matchLabels": selector("engine")}, "ingress": ingress},
+        }
+        stack.append(policy)
+        (problem,) = c.policies_and_selectors(stack, values)
+        assert problem.message.startswith(
+            "dials shoal/vllm:http (SHOAL_ROUTER_ENGINES), but no NetworkPolicy"
+        )
+        ingress[0]["from"] = []
+        ingress[0]["ports"] = [{"port": "metrics"}]
+        assert (
+            "port 'metrics' is no containerPort"
+            in c.policies_and_selectors(stack, values)[0].message
+        )
+        policy["spec"]["podSelector"] = {"matchLabels": {"app.kubernetes.io/component": "engin"}}
+        (problem,) = c.policies_and_selectors(stack, values)
+        assert problem.message == "its podSelector selects no rendered pod"
+
+    def test_l_probes_pdbs_and_workload_selectors_resolve(
+        self, stack: list[Obj], values: Values
+    ) -> None:
+        router = _pod(stack, "Deployment", "shoal-router")["containers"][0]
+        router["livenessProbe"] = {"httpGet": {"path": "/health", "port": "metricz"}}
+        _find(stack, "Deployment", "vllm")["spec"]["selector"]["matchLabels"]["x"] = "y"
+        stack.append(
+            {
+                "apiVersion": "policy/v1",
+                "kind": "PodDisruptionBudget",
+                "metadata": _meta("r", "router"),
+                "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"a": "routr"}}},
+            }
+        )
+        assert [p.message[:30] for p in c.policies_and_selectors(stack, values)] == [
+            "selector {'app.kubernetes.io/n",
+            "livenessProbe port 'metricz' i",
+            "its selector selects no render",
+        ]
+
+    def test_h_an_expression_must_parse_and_match_labels_and_jobs_that_exist(
+        self, values: Values
+    ) -> None:
+        rule = {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PrometheusRule",
+            "metadata": {"name": "shoal", "namespace": "shoal"},
+            "spec": {
+                "groups": [
+                    {
+                        "name": "shoal",
+                        "rules": [
+                            {
+                                "alert": "Ok",
+                                "expr": 'sum by (job, pod) (rate(shoal_kvcache_io_errors_total{job="shoal-cache"}[5m])) > 0 and on() vector(1)',
+                            },
+                            {"alert": "Syntax", "expr": "up ) )"},
+                            {
+                                "alert": "By",
+                                "expr": "sum by (nodee) (shoal_kvcache_io_errors_total)",
+                            },
+                            {"alert": "Label", "expr": 'shoal_kvcache_engine_connected{tierr="x"}'},
+                            {
+                                "alert": "Job",
+                                "expr": 'up{job="shoal-cach"} == 0 or vllm:num_requests_running > 0',
+                            },
+                        ],
+                    }
+                ]
+            },
+        }
+        assert [
+            p.message
+            for p in c.alert_metrics(
+                [
+                    rule,
+                    _monitor(relabelings=[{"targetLabel": "job", "replacement": "shoal-cache"}]),
+                ],
+                values,
+            )
+        ] == [
+            "Syntax: not valid PromQL: unexpected right parenthesis ')'",
+            "By: groups by 'nodee', which no series it reads carries",
+            "Label: shoal_kvcache_engine_connected has no label 'tierr' (it has ['engine'])",
+            "Job: job 'shoal-cach' is not a job any monitor scrapes (['shoal-cache'])",
+        ]
+
     @pytest.mark.parametrize(
         ("text", "num_bytes"),
         [
@@ -627,6 +881,10 @@ class TestContracts:
             ("1G", 10**9),
             ("1024", 1024),
             ("1.5Gi", 3 << 29),
+            ("500m", 1),
+            ("1Ei", 1 << 60),
+            ("1e3", 1000),
+            ("2.5E+2", 250),
         ],
     )
     def test_quantities(self, text: str, num_bytes: int) -> None:
@@ -669,6 +927,24 @@ class TestSecrets:
             )
         )
         assert (s3.name, s3.keys) == ("weights-s3", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+
+
+def test_an_unknown_kubernetes_version_is_a_usage_error_naming_the_known_ones() -> None:
+    from shoal.cli import main
+
+    with pytest.raises(ConfigError, match=r"--kubernetes-version 9.99: .* known: 1\.\d+"):
+        schema.check_versions(["9.99"])
+    assert main(["deploy", "check", "--kubernetes-version", "9.99"]) == 2
+
+
+def test_render_out_that_cannot_be_written_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shoal.cli import main
+
+    (tmp_path / "file").write_text("")
+    assert main(["deploy", "render", "--out", str(tmp_path / "file")]) == 2
+    assert f"render --out {tmp_path / 'file'}: cannot write" in capsys.readouterr().err
 
 
 def test_check_all_runs_schema_contracts_and_rbac(values: Values) -> None:

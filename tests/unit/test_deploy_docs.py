@@ -79,6 +79,28 @@ def test_an_fstring_prefix_is_covered_only_by_a_metric_it_starts(docs: list[Metr
     assert any(p.endswith(": shoal_kvcache_engine_") for p in problems)
 
 
+def test_a_new_module_cannot_hide_a_metric_behind_a_known_prefix(
+    docs: list[MetricDoc], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "router").mkdir()
+    (tmp_path / "router" / "extra.py").write_text(
+        'B = Counter("retries", "x", namespace="shoal", subsystem="router")\n'
+        'PREFIX = "shoal_router_"\n'
+        'D = Counter(f"shoal_router_{\'x\'}_new", "x")\n'
+        'E = Gauge("shoal_" "router_concat", "x")\n'
+    )
+    (tmp_path / "router" / "more_metrics.py").write_text("")
+    monkeypatch.setattr(metrics_catalogue, "REPO", tmp_path)
+    assert uncovered_literals(docs, packages=("router",)) == [
+        'router/extra.py:1: namespace="shoal"',
+        "router/extra.py:2: shoal_router_",
+        "router/extra.py:3: shoal_router_",
+        "router/extra.py:4: shoal_",
+        "router.more_metrics: a metrics module that is not among the catalogue's sources "
+        "(_SOURCES)",
+    ]
+
+
 def test_counters_and_infos_are_named_as_prometheus_scrapes_them(docs: list[MetricDoc]) -> None:
     named = by_name(docs)
     assert named["shoal_kvcache_hits_total"].type == "counter"
