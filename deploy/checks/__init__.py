@@ -110,8 +110,10 @@ def command_words(container: Obj) -> list[str]:
     shell would (quotes removed, ``$VAR`` left as written)."""
     words = [str(w) for w in (container.get("command") or []) + (container.get("args") or [])]
     if len(words) >= 3 and words[0].rsplit("/", 1)[-1] in ("sh", "bash") and words[1] == "-c":
-        try:
-            return shlex.split(words[2]) + words[3:]
+        try:  # `;`, `&&`, `|` are words of their own, never glued to a flag's value
+            lexer = shlex.shlex(words[2], posix=True, punctuation_chars=True)
+            lexer.whitespace_split = True
+            return list(lexer) + words[3:]
         except ValueError:
             return words[2].split() + words[3:]
     return words

@@ -50,6 +50,21 @@ def _series_labels() -> dict[str, frozenset[str]]:
     return known
 
 
+def _relabelled(objects: list[Obj]) -> frozenset[str]:
+    """Every ``targetLabel`` a rendered monitor's relabelings set (e.g. ``node``)."""
+    found: set[str] = set()
+    for monitor in objects:
+        if monitor.get("kind") not in ("ServiceMonitor", "PodMonitor"):
+            continue
+        spec = monitor.get("spec") or {}
+        for endpoint in (spec.get("endpoints") or []) + (spec.get("podMetricsEndpoints") or []):
+            found.update(
+                str(r["targetLabel"]) for r in endpoint.get("relabelings") or []
+                if r.get("targetLabel") and not str(r["targetLabel"]).startswith("__")
+            )  # fmt: skip
+    return frozenset(found)
+
+
 def monitor_jobs(objects: list[Obj]) -> set[str]:
     """The ``job`` label of each rendered monitor's targets: its relabelled job, else the
     operator's default (a ServiceMonitor: the Service's name; a PodMonitor:
@@ -163,6 +178,8 @@ def _expr_problems(text: str, known: dict[str, frozenset[str]], jobs: set[str]) 
 
 def alert_metrics(objects: list[Obj], values: Values) -> list[Problem]:
     known, jobs = _series_labels(), monitor_jobs(objects)
+    added = _relabelled(objects)  # labels the rendered monitors put on every target
+    known = {name: labels | added for name, labels in known.items()}
     problems: list[Problem] = []
     for obj in objects:
         if obj.get("kind") != "PrometheusRule":

@@ -46,7 +46,8 @@ LISTENERS: dict[str, tuple[tuple[str, str, int], ...]] = {
         ("metrics_port", "metrics_host", 0),
     ),
     "loader": (("metrics_port", "metrics_host", 0),),
-    **{c: (("port", "host", 0),) for c in ("router", "autoscale", "health", "engines")},
+    "router": (("port", "host", 0), ("admin_port", "admin_host", 0)),  # admin: 0 = none
+    **{c: (("port", "host", 0),) for c in ("autoscale", "health", "engines")},
 }
 VLLM_DEFAULTS = ("0.0.0.0", 8000)  # vLLM binds every address when --host is not given
 _PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
