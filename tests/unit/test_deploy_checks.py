@@ -91,6 +91,28 @@ def _node_volumes(kind: str) -> list[Obj]:
 NODE_MOUNTS = [{"name": "shoal-shm", "mountPath": SHM}, {"name": "shoal-run", "mountPath": RUN}]
 TOKEN_VOLUME = {"name": "control-token", "secret": {"secretName": "shoal-control-token"}}
 TOKEN_MOUNT = {"name": "control-token", "mountPath": TOKEN, "readOnly": True}
+CURVE = "/etc/shoal/curve"
+# The key layout of deploy/components/cache.py: an emptyDir holding the cluster keypair
+# (subPath of an items volume) and the operators' Secret mounted whole.
+CURVE_VOLUMES = [
+    {"name": "curve", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+    {
+        "name": "curve-cluster",
+        "secret": {
+            "secretName": "shoal-cache-curve",
+            "items": [{"key": k, "path": k} for k in ("cluster.key", "cluster.key_secret")],
+        },
+    },
+    {"name": "curve-operators", "secret": {"secretName": "shoal-cache-curve-operators"}},
+]
+CURVE_MOUNTS = [
+    {"name": "curve", "mountPath": CURVE},
+    *(
+        {"name": "curve-cluster", "mountPath": f"{CURVE}/{k}", "subPath": k, "readOnly": True}
+        for k in ("cluster.key", "cluster.key_secret")
+    ),
+    {"name": "curve-operators", "mountPath": f"{CURVE}/operators", "readOnly": True},
+]
 
 
 def _cache(values: Values) -> list[Obj]:
@@ -105,7 +127,8 @@ def _cache(values: Values) -> list[Obj]:
             SHOAL_CACHE_DRAM_BYTES="16GiB",
             SHOAL_CACHE_CLUSTER_HOST="0.0.0.0",
             SHOAL_CACHE_CLUSTER_PORT=7400,
-            SHOAL_CACHE_CLUSTER_CURVE_DIR="/etc/shoal/curve",
+            SHOAL_CACHE_CLUSTER_CURVE_DIR=CURVE,
+            SHOAL_CACHE_CLUSTER_CURVE_KEY=f"{CURVE}/cluster.key_secret",
             SHOAL_CACHE_CLUSTER_DISCOVERY="dns",
             SHOAL_CACHE_CLUSTER_DNS_NAME="shoal-cache",
         ),
@@ -114,7 +137,7 @@ def _cache(values: Values) -> list[Obj]:
             {"name": "stream", "containerPort": 7401},
             {"name": "metrics", "containerPort": 9500},
         ],
-        volumeMounts=[*NODE_MOUNTS, {"name": "curve", "mountPath": "/etc/shoal/curve"}],
+        volumeMounts=[*NODE_MOUNTS, *copy.deepcopy(CURVE_MOUNTS)],
     )
     init = _container(
         "node-dirs",
@@ -129,7 +152,7 @@ def _cache(values: Values) -> list[Obj]:
         "containers": [daemon],
         "volumes": [
             *_node_volumes("DirectoryOrCreate"),
-            {"name": "curve", "secret": {"secretName": "shoal-cache-curve"}},
+            *copy.deepcopy(CURVE_VOLUMES),
         ],
     }
     return [
@@ -738,29 +761,38 @@ class TestContracts:
             in problem.message
         )
 
-    def test_g_every_listed_key_is_projected(self, stack: list[Obj], values: Values) -> None:
-        curve = _pod(stack, "DaemonSet", "shoal-cache")["volumes"][2]["secret"]
-        curve["items"] = [{"key": "cluster.key", "path": "cluster.key"}]
+    def test_g_every_listed_key_is_projected(self, stack: list[Obj]) -> None:
+        values = _values(cache={"cluster": {"operators": ["admin", "ci"]}})
+        assert c.listed_secrets(stack, values) == []  # a whole-Secret mount projects every key
+        pod = _pod(stack, "DaemonSet", "shoal-cache")
+        pod["volumes"][3]["secret"]["items"] = [{"key": "cluster.key", "path": "cluster.key"}]
+        pod["volumes"][4]["secret"]["items"] = [{"key": "admin.key", "path": "admin.key"}]
         assert [p.message for p in c.listed_secrets(stack, values)] == [
             "key cluster.key_secret is listed by deploy.secrets but no pod projects it",
-            "key operators.admin.key is listed by deploy.secrets but no pod projects it",
+            "key ci.key is listed by deploy.secrets but no pod projects it",
         ]
 
-    def test_g_nested_whole_secret_mounts_and_node_held_keys_pass(
-        self, stack: list[Obj], values: Values
-    ) -> None:
+    def test_g_nested_whole_secret_mounts_and_node_held_keys_pass(self, stack: list[Obj]) -> None:
+        values = _values(cache={"cluster": {"keys": "per_node"}})
         pod = _pod(stack, "DaemonSet", "shoal-cache")
-        pod["volumes"][2] = {"name": "curve", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
         pod["volumes"] += [
-            {"name": "ops", "secret": {"secretName": "shoal-cache-curve"}},
-            {"name": "node-keys", "hostPath": {"path": "/var/lib/shoal/curve"}},
+            {"name": "curve-members", "secret": {"secretName": "shoal-cache-curve-members"}},
+            {"name": "node-key", "hostPath": {"path": "/var/lib/shoal/curve"}},
         ]
-        pod["containers"][0]["volumeMounts"] += [
-            {"name": "ops", "mountPath": "/etc/shoal/curve/operators"},
-            {"name": "node-keys", "mountPath": "/var/lib/shoal/curve"},
+        daemon = pod["containers"][0]
+        daemon["volumeMounts"] += [
+            {"name": "curve-members", "mountPath": f"{CURVE}/members", "readOnly": True},
+            {"name": "node-key", "mountPath": "/var/lib/shoal/curve", "readOnly": True},
         ]
-        pod["containers"][0]["env"] += _env(SHOAL_CACHE_CLUSTER_CURVE_KEY="/var/lib/shoal/curve/k")
+        (key,) = [e for e in daemon["env"] if e["name"] == "SHOAL_CACHE_CLUSTER_CURVE_KEY"]
+        key["value"] = "/var/lib/shoal/curve/$(NODE_NAME).key_secret"  # made on the node
         assert c.listed_secrets(stack, values) == []
+        del daemon["volumeMounts"][-1]
+        (problem,) = c.listed_secrets(stack, values)
+        assert (
+            "SHOAL_CACHE_CLUSTER_CURVE_KEY=/var/lib/shoal/curve/$(NODE_NAME).key_secret "
+            "lies under none" in problem.message
+        )
 
     def test_k_the_process_listens_on_the_targeted_port_beyond_loopback(
         self, stack: list[Obj], values: Values
@@ -900,14 +932,28 @@ class TestSecrets:
         assert specs == {
             "shoal-control-token": ("token",),
             "shoal-router-api-keys": ("api-keys",),
-            "shoal-cache-curve": ("cluster.key", "cluster.key_secret", "operators.admin.key"),
+            "shoal-cache-curve": ("cluster.key", "cluster.key_secret"),
+            "shoal-cache-curve-operators": ("admin.key",),
         }
 
-    def test_per_node_keys_add_each_members_keypair(self) -> None:
-        values = _values(cache={"cluster": {"keys": "per_node", "member_nodes": ["gpu-1"]}})
-        (curve,) = [s for s in required_secrets(values) if s.name == "shoal-cache-curve"]
-        assert curve.keys[-2:] == ("members.gpu-1.key", "gpu-1.key_secret")
-        assert "shoal cache keygen keys --member gpu-1" in curve.create_command
+    def test_per_node_keys_add_the_members_secret_the_nodes_fill(self) -> None:
+        values = _values(cache={"cluster": {"keys": "per_node"}})
+        specs = {s.name: s for s in required_secrets(values)}
+        assert list(specs) == [
+            "shoal-control-token",
+            "shoal-router-api-keys",
+            "shoal-cache-curve",
+            "shoal-cache-curve-operators",
+            "shoal-cache-curve-members",
+        ]
+        members = specs["shoal-cache-curve-members"]
+        assert members.keys == ()  # each node's key is added by the patch its pod logs
+        assert members.create_command == (
+            "kubectl create secret generic shoal-cache-curve-members -n shoal"
+        )
+        assert "shoal cache keygen keys --operator admin" in (
+            specs["shoal-cache-curve"].create_command
+        )
 
     def test_no_control_daemon_no_token_no_s3_without_a_secret(self) -> None:
         values = _values(
@@ -923,7 +969,7 @@ class TestSecrets:
                 health={"enabled": False},
                 cache={"enabled": False},
                 router={"api_keys_secret": ""},
-                engine={"loader": {"s3_secret": "weights-s3"}},
+                engine={"loader": {"uri": "s3://weights/model", "s3_secret": "weights-s3"}},
             )
         )
         assert (s3.name, s3.keys) == ("weights-s3", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
@@ -944,7 +990,7 @@ def test_render_out_that_cannot_be_written_is_a_usage_error(
 
     (tmp_path / "file").write_text("")
     assert main(["deploy", "render", "--out", str(tmp_path / "file")]) == 2
-    assert f"render --out {tmp_path / 'file'}: cannot write" in capsys.readouterr().err
+    assert f"--out {tmp_path / 'file'}: not a directory" in capsys.readouterr().err
 
 
 def test_check_all_runs_schema_contracts_and_rbac(values: Values) -> None:

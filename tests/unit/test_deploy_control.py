@@ -486,7 +486,7 @@ def test_fleet_polls_every_health_watcher_through_the_headless_service() -> None
 
     env = env_of(FULL)
     assert env["SHOAL_ENGINES_GPU_HEALTH"] == (
-        "dns+http://shoal-health.shoal.svc.cluster.local:8094"
+        "dns+http://shoal-health.shoal.svc:8094"
     )  # the DaemonSet's Service (deploy/components/health.py), each address a watcher
     assert env["SHOAL_ENGINES_GPU_HEALTH_TOKEN_FILE"] == objects.CONTROL_TOKEN_FILE
     health_service = find(health.render(values(FULL)), "Service", health.NAME)
