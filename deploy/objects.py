@@ -252,7 +252,8 @@ def shoal_container(values: Values, name: str, command: Sequence[str], *,
                     env: Sequence[Obj] = (), memory_bytes: int, cpu: str,
                     ports: Sequence[tuple[str, int]] = (), mounts: Sequence[Obj] = (),
                     startup: Obj | None = None, liveness: Obj | None = None,
-                    readiness: Obj | None = None, read_only_root: bool = True) -> Obj:  # fmt: skip
+                    readiness: Obj | None = None, read_only_root: bool = True,
+                    protocol: bool = True) -> Obj:  # fmt: skip
     """A container running ``command`` from the Shoal image, with the restricted security
     context, named TCP ``ports`` (name, number), and memory requested = limited to
     ``memory_bytes`` (one number for both, so they cannot differ; CPU is requested only:
@@ -260,7 +261,8 @@ def shoal_container(values: Values, name: str, command: Sequence[str], *,
 
     Keys come in one order (name, image, command, env, ports, mounts, resources, probes,
     security context), the rendered YAML's; a component adds its extras (``lifecycle``,
-    ``restartPolicy``, ``envFrom``) after them."""
+    ``restartPolicy``, ``envFrom``) after them. ``protocol`` writes the ports' ``TCP``
+    explicitly (the default either way)."""
     memory = quantity(memory_bytes)
     container: Obj = {
         "name": name,
@@ -272,7 +274,7 @@ def shoal_container(values: Values, name: str, command: Sequence[str], *,
         container["env"] = [dict(item) for item in env]
     if ports:
         container["ports"] = [
-            {"name": port_name, "containerPort": number, "protocol": "TCP"}
+            {"name": port_name, "containerPort": number} | ({"protocol": "TCP"} if protocol else {})
             for port_name, number in ports
         ]
     if mounts:
