@@ -14,7 +14,11 @@ daemon's own message instead of crash-looping a pod.
 
 ``service_account`` / ``role`` / ``role_binding`` give an account, its role and their binding
 one name, and ``shoal_container`` the image, command, security context and memory request =
-limit every Shoal container shares (contract (f) then holds by construction).
+limit every Shoal container shares (contract (f) then holds by construction);
+``root_init_container`` is the one exception to the restricted profile (root with named
+capabilities, to hand a hostPath directory to the values' UID). ``service``, ``pod_spec``,
+``deployment`` and ``daemon_set`` give every Service and workload the same selector and
+labels, and every pod no service links and the values' security context.
 """
 
 from __future__ import annotations
@@ -37,15 +41,21 @@ __all__ = [
     "container_security",
     "control_token_mount",
     "control_token_volume",
+    "daemon_set",
+    "deployment",
     "env",
     "http_probe",
     "labels",
     "merge_settings",
     "metadata",
+    "own_dir_script",
     "pod_security",
+    "pod_spec",
     "role",
     "role_binding",
+    "root_init_container",
     "selector",
+    "service",
     "service_account",
     "settings_env",
     "shoal_container",
@@ -238,34 +248,150 @@ def role_binding(values: Values, name: str, component: str, *, cluster: bool = F
     }
 
 
-def shoal_container(values: Values, name: str, command: Sequence[str], *, env: Sequence[Obj],
-                    memory_bytes: int, cpu: str, ports: Sequence[tuple[str, int]] = (),
-                    mounts: Sequence[Obj] = (), liveness: Obj | None = None,
-                    readiness: Obj | None = None, startup: Obj | None = None,
-                    read_only_root: bool = True) -> Obj:  # fmt: skip
+def shoal_container(values: Values, name: str, command: Sequence[str], *,
+                    env: Sequence[Obj] = (), memory_bytes: int, cpu: str,
+                    ports: Sequence[tuple[str, int]] = (), mounts: Sequence[Obj] = (),
+                    startup: Obj | None = None, liveness: Obj | None = None,
+                    readiness: Obj | None = None, read_only_root: bool = True,
+                    protocol: bool = True) -> Obj:  # fmt: skip
     """A container running ``command`` from the Shoal image, with the restricted security
     context, named TCP ``ports`` (name, number), and memory requested = limited to
     ``memory_bytes`` (one number for both, so they cannot differ; CPU is requested only:
-    a CPU limit throttles the event loops without protecting anything)."""
+    a CPU limit throttles the event loops without protecting anything).
+
+    Keys come in one order (name, image, command, env, ports, mounts, resources, probes,
+    security context), the rendered YAML's; a component adds its extras (``lifecycle``,
+    ``restartPolicy``, ``envFrom``) after them. ``protocol`` writes the ports' ``TCP``
+    explicitly (the default either way)."""
     memory = quantity(memory_bytes)
     container: Obj = {
         "name": name,
         "image": values.image_ref,
         "imagePullPolicy": values.image.pull_policy,
         "command": list(command),
-        "env": [dict(item) for item in env],
-        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
-        "securityContext": container_security(read_only_root=read_only_root),
     }
+    if env:
+        container["env"] = [dict(item) for item in env]
     if ports:
         container["ports"] = [
-            {"name": port_name, "containerPort": number, "protocol": "TCP"}
+            {"name": port_name, "containerPort": number} | ({"protocol": "TCP"} if protocol else {})
             for port_name, number in ports
         ]
     if mounts:
         container["volumeMounts"] = [dict(mount) for mount in mounts]
-    for key, probe in (("livenessProbe", liveness), ("readinessProbe", readiness),
-                       ("startupProbe", startup)):  # fmt: skip
+    container["resources"] = {
+        "requests": {"cpu": cpu, "memory": memory},
+        "limits": {"memory": memory},
+    }
+    for key, probe in (("startupProbe", startup), ("livenessProbe", liveness),
+                       ("readinessProbe", readiness)):  # fmt: skip
         if probe is not None:
             container[key] = probe
+    container["securityContext"] = container_security(read_only_root=read_only_root)
     return container
+
+
+def own_dir_script(values: Values, path: str) -> str:
+    """The shell step making host directory ``path`` 0700 and the values' UID/GID's."""
+    uid, gid = values.run_as_user, values.run_as_group
+    return f"mkdir -p {path} && chown {uid}:{gid} {path} && chmod 0700 {path}"
+
+
+def root_init_container(values: Values, name: str, script: str, *, mounts: Sequence[Obj],
+                        memory_bytes: int, capabilities: Sequence[str]) -> Obj:  # fmt: skip
+    """An init container running ``sh -c script`` as root with only ``capabilities`` added:
+    the kubelet makes a hostPath directory root-owned and fsGroup does not apply to it, so
+    someone must hand it to the values' UID before the non-root containers start."""
+    container = shoal_container(
+        values, name, ["sh", "-c", script], memory_bytes=memory_bytes, cpu="10m", mounts=mounts
+    )
+    container["securityContext"] = {
+        "runAsNonRoot": False,
+        "runAsUser": 0,
+        **container["securityContext"],
+        "capabilities": {"drop": ["ALL"], "add": list(capabilities)},
+    }
+    return container
+
+
+# --- Services and workloads -----------------------------------------------------------------
+
+
+def service(values: Values, name: str, component: str, ports: Sequence[tuple[str, int]], *,
+            headless: bool = False, publish_not_ready: bool = False, service_type: str = "",
+            selects: Mapping[str, str] | None = None,
+            extra_labels: Mapping[str, str] | None = None,
+            protocol: bool = True) -> Obj:  # fmt: skip
+    """Service ``name`` in front of ``component``'s pods (or the pods ``selects`` names),
+    each port (name, number) targeting the container port of the same name, so a renumbered
+    container port cannot leave the Service behind. ``protocol`` writes ``TCP`` explicitly
+    (the default either way)."""
+    spec: Obj = {}
+    if service_type:
+        spec["type"] = service_type
+    if headless:
+        spec["clusterIP"] = "None"
+    if publish_not_ready:
+        spec["publishNotReadyAddresses"] = True
+    spec["selector"] = dict(selects if selects is not None else selector(component))
+    spec["ports"] = [
+        {"name": port_name, "port": number, "targetPort": port_name}
+        | ({"protocol": "TCP"} if protocol else {})
+        for port_name, number in ports
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(values, name, component, extra_labels=extra_labels),
+        "spec": spec,
+    }
+
+
+def pod_spec(values: Values, account: str, *, automount: bool, host_pid: bool | None = None,
+             security: Obj | None = None, grace_s: int | None = None) -> Obj:  # fmt: skip
+    """The head of a pod spec: its ServiceAccount (token mounted only with ``automount``),
+    no service links (see above), the pod security context; the caller adds the containers
+    and volumes after it."""
+    spec: Obj = {
+        "serviceAccountName": account,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": automount,
+    }
+    if host_pid is not None:
+        spec["hostPID"] = host_pid
+    spec["securityContext"] = pod_security(values) if security is None else security
+    if grace_s is not None:
+        spec["terminationGracePeriodSeconds"] = grace_s
+    return spec
+
+
+def deployment(values: Values, name: str, component: str, pod: Obj, *, replicas: int = 1,
+               recreate: bool = False) -> Obj:  # fmt: skip
+    """Deployment ``name`` of ``replicas`` pods ``pod``, selected by ``selector(component)``;
+    ``recreate`` for a singleton that must never overlap its successor (a rolling update
+    runs old and new side by side until the new one is ready)."""
+    spec: Obj = {"replicas": replicas}
+    if recreate:
+        spec["strategy"] = {"type": "Recreate"}
+    spec["selector"] = {"matchLabels": selector(component)}
+    spec["template"] = {"metadata": {"labels": labels(component)}, "spec": pod}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(values, name, component),
+        "spec": spec,
+    }
+
+
+def daemon_set(values: Values, name: str, component: str, pod: Obj) -> Obj:
+    """DaemonSet ``name`` of pods ``pod``, updated one node at a time."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": metadata(values, name, component),
+        "spec": {
+            "selector": {"matchLabels": selector(component)},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {"metadata": {"labels": labels(component)}, "spec": pod},
+        },
+    }

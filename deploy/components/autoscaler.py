@@ -36,7 +36,6 @@ from typing import Any
 from control.autoscale.config import AutoscaleSettings
 from deploy import objects
 from deploy.errors import ValuesError
-from deploy.sizes import quantity
 from deploy.values import Values
 
 __all__ = ["FIXED", "NAME", "PORT", "render", "rules"]
@@ -129,71 +128,18 @@ def render(values: Values) -> list[dict[str, Any]]:
     chosen = str(settings(values)["target"])
     # A ray:URL target scales through the fleet daemon's API: no Kubernetes calls, no RBAC.
     on_kubernetes = not chosen.startswith("ray:")
-    account = {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": objects.metadata(values, NAME, COMPONENT),
-        "automountServiceAccountToken": on_kubernetes,
-    }
-    role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": objects.metadata(values, NAME, COMPONENT),
-        "rules": rules(chosen) if on_kubernetes else [],
-    }
-    binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": objects.metadata(values, NAME, COMPONENT),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME},
-        "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": values.namespace}],
-    }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": objects.metadata(values, NAME, COMPONENT),
-        "spec": {
-            "selector": objects.selector(COMPONENT),
-            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
-        },
-    }
-    memory = quantity(values.autoscaler.memory_bytes)
-    container = {
-        "name": "autoscaler",
-        "image": values.image_ref,
-        "imagePullPolicy": values.image.pull_policy,
-        "command": ["shoal", "autoscale", "run"],
-        "env": env,
-        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "volumeMounts": [objects.control_token_mount()],
-        "resources": {
-            "requests": {"cpu": values.autoscaler.cpu, "memory": memory},
-            "limits": {"memory": memory},
-        },
-        "livenessProbe": objects.http_probe("/metrics", "http", period_s=10, failures=6),
-        "readinessProbe": objects.http_probe("/metrics", "http", period_s=5),
-        "securityContext": objects.container_security(),
-    }
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": objects.metadata(values, NAME, COMPONENT),
-        "spec": {
-            "replicas": 1,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": objects.selector(COMPONENT)},
-            "template": {
-                "metadata": {"labels": objects.labels(COMPONENT)},
-                "spec": {
-                    "serviceAccountName": NAME,
-                    "enableServiceLinks": False,
-                    "automountServiceAccountToken": on_kubernetes,
-                    "securityContext": objects.pod_security(values),
-                    "terminationGracePeriodSeconds": 30,
-                    "containers": [container],
-                    "volumes": [objects.control_token_volume()],
-                },
-            },
-        },
-    }
+    account = objects.service_account(values, NAME, COMPONENT, automount=on_kubernetes)
+    role = objects.role(values, NAME, COMPONENT, rules(chosen) if on_kubernetes else [])
+    binding = objects.role_binding(values, NAME, COMPONENT)
+    service = objects.service(values, NAME, COMPONENT, [("http", PORT)])
+    container = objects.shoal_container(
+        values, "autoscaler", ["shoal", "autoscale", "run"], env=env,
+        memory_bytes=values.autoscaler.memory_bytes, cpu=values.autoscaler.cpu,
+        ports=[("http", PORT)], mounts=[objects.control_token_mount()],
+        liveness=objects.http_probe("/metrics", "http", period_s=10, failures=6),
+        readiness=objects.http_probe("/metrics", "http", period_s=5),
+    )  # fmt: skip
+    pod = objects.pod_spec(values, NAME, automount=on_kubernetes, grace_s=30)
+    pod.update(containers=[container], volumes=[objects.control_token_volume()])
+    deployment = objects.deployment(values, NAME, COMPONENT, pod, recreate=True)
     return [account, *([role, binding] if on_kubernetes else []), service, deployment]

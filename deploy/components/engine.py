@@ -73,12 +73,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
 
-from deploy import sizes
+from deploy import objects, sizes
 from deploy.components import node_dirs
 from deploy.errors import ValuesError
 from deploy.objects import (
+    Obj,
     container_security,
     env,
     http_probe,
@@ -133,8 +133,6 @@ _SHORT_FLAGS = {"-tp": "--tensor-parallel-size"}
 # Characters a runtime_dir may have to sit unquoted inside the slot script's double quotes.
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9/._-]*$")
 
-Obj = dict[str, Any]
-
 
 def engine_selector(values: Values) -> dict[str, str]:
     """The labels the Service, the spread, the PDB and the Deployment select these pods by."""
@@ -166,15 +164,9 @@ def render(values: Values) -> list[Obj]:
         "metadata": metadata(values, engine.name, "engine", extra_labels=extra),
         "automountServiceAccountToken": False,
     }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(values, engine.name, "engine", extra_labels=extra),
-        "spec": {
-            "selector": engine_selector(values),
-            "ports": [{"name": "http", "port": engine.port, "targetPort": "http"}],
-        },
-    }
+    service = objects.service(values, engine.name, "engine", [("http", engine.port)],
+                              selects=engine_selector(values), extra_labels=extra,
+                              protocol=False)  # fmt: skip
     return [account, service, _deployment(values)]
 
 
@@ -428,35 +420,30 @@ def _loader(values: Values) -> Obj:
     startup_failures = max(1, math.ceil(values.engine.startup_s / _PROBE_PERIOD_S))
     # tmpfs pages are charged to the cgroup that first writes them: the sidecar's (vLLM
     # reads the staging through the sidecar's Read RPC and maps nothing).
-    memory = sizes.quantity(sizes.derive(values).loader_memory_bytes)
-    container: Obj = {
-        "name": "loader",
-        "image": values.image_ref,
-        "imagePullPolicy": values.image.pull_policy,
-        "restartPolicy": "Always",
-        "command": ["shoal", "loader", "serve"],
-        "env": settings_env(LoaderConfig, "loader", settings, where="engine.loader.settings"),
-        "securityContext": container_security(),
-        "volumeMounts": [
+    container = objects.shoal_container(
+        values, "loader", ["shoal", "loader", "serve"],
+        env=settings_env(LoaderConfig, "loader", settings, where="engine.loader.settings"),
+        memory_bytes=sizes.derive(values).loader_memory_bytes, cpu="1",
+        mounts=[
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "loader-run", "mountPath": POD_RUN_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
-        "resources": {"requests": {"cpu": "1", "memory": memory}, "limits": {"memory": memory}},
-        "lifecycle": {"postStart": {"exec": {"command": ["sh", "-c", start]}}},
-        "startupProbe": {
+        startup={
             "exec": {"command": ["sh", "-c", staged]},
             "periodSeconds": _PROBE_PERIOD_S,
             "failureThreshold": startup_failures,
             "timeoutSeconds": 10,
         },
-        "livenessProbe": {
+        liveness={
             "exec": {"command": ["shoal", "loader", "health"]},
             "periodSeconds": 20,
             "failureThreshold": 3,
             "timeoutSeconds": 10,
         },
-    }
+    )  # fmt: skip
+    container["restartPolicy"] = "Always"  # a native sidecar
+    container["lifecycle"] = {"postStart": {"exec": {"command": ["sh", "-c", start]}}}
     if loader_metrics_port(values):
         container["ports"] = [{"name": "metrics", "containerPort": loader_metrics_port(values)}]
     if loader.s3_secret:

@@ -37,7 +37,6 @@ from typing import Any
 from control.ray.config import EnginesSettings, check_serve
 from deploy import objects
 from deploy.errors import ValuesError
-from deploy.sizes import quantity
 from deploy.values import Values
 from shoal.errors import ConfigError
 
@@ -119,62 +118,22 @@ def render(values: Values) -> list[dict[str, Any]]:
         return []
     merged = settings(values)
     env = objects.settings_env(EnginesSettings, "engines", merged, where="fleet.settings")
-    memory = quantity(fleet.memory_bytes)
-    account = {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": objects.metadata(values, NAME, COMPONENT),
-        "automountServiceAccountToken": False,
-    }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": objects.metadata(values, NAME, COMPONENT),
-        "spec": {
-            "selector": objects.selector(COMPONENT),
-            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
-        },
-    }
-    container = {
-        "name": "fleet",
-        "image": values.image_ref,
-        "imagePullPolicy": values.image.pull_policy,
-        "command": ["shoal", "engines", "serve"],
+    account = objects.service_account(values, NAME, COMPONENT, automount=False)
+    service = objects.service(values, NAME, COMPONENT, [("http", PORT)])
+    container = objects.shoal_container(
+        values, "fleet", ["shoal", "engines", "serve"],
         # Ray's client writes its session files under $TMPDIR; the root filesystem is read-only
-        "env": [*env, objects.env("TMPDIR", "/tmp")],
-        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "volumeMounts": [objects.control_token_mount(), {"name": "tmp", "mountPath": "/tmp"}],
-        "resources": {
-            "requests": {"cpu": fleet.cpu, "memory": memory},
-            "limits": {"memory": memory},
-        },
-        "livenessProbe": objects.http_probe("/healthz", "http", period_s=10, failures=6),
-        "readinessProbe": objects.http_probe("/healthz", "http", period_s=5),
-        "securityContext": objects.container_security(),
-    }
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": objects.metadata(values, NAME, COMPONENT),
-        "spec": {
-            "replicas": 1,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": objects.selector(COMPONENT)},
-            "template": {
-                "metadata": {"labels": objects.labels(COMPONENT)},
-                "spec": {
-                    "serviceAccountName": NAME,
-                    "enableServiceLinks": False,
-                    "automountServiceAccountToken": False,
-                    "securityContext": objects.pod_security(values),
-                    "terminationGracePeriodSeconds": _grace_s(merged),
-                    "containers": [container],
-                    "volumes": [
-                        objects.control_token_volume(),
-                        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
-                    ],
-                },
-            },
-        },
-    }
+        env=[*env, objects.env("TMPDIR", "/tmp")],
+        memory_bytes=fleet.memory_bytes, cpu=fleet.cpu, ports=[("http", PORT)],
+        mounts=[objects.control_token_mount(), {"name": "tmp", "mountPath": "/tmp"}],
+        liveness=objects.http_probe("/healthz", "http", period_s=10, failures=6),
+        readiness=objects.http_probe("/healthz", "http", period_s=5),
+    )  # fmt: skip
+    pod = objects.pod_spec(values, NAME, automount=False, grace_s=_grace_s(merged))
+    pod["containers"] = [container]
+    pod["volumes"] = [
+        objects.control_token_volume(),
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
+    deployment = objects.deployment(values, NAME, COMPONENT, pod, recreate=True)
     return [account, service, deployment]

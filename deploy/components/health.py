@@ -59,7 +59,6 @@ from typing import Any
 from control.health.config import HealthSettings
 from deploy import objects
 from deploy.errors import ValuesError
-from deploy.sizes import quantity
 from deploy.values import Values
 
 __all__ = [
@@ -140,19 +139,9 @@ def _node_env() -> list[dict[str, Any]]:
 def _rbac(values: Values) -> list[dict[str, Any]]:
     if not patches_nodes(values):
         return []
-    role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRole",
-        "metadata": objects.metadata(values, NAME, COMPONENT, namespaced=False),
-        "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}],
-    }
-    binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRoleBinding",
-        "metadata": objects.metadata(values, NAME, COMPONENT, namespaced=False),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
-        "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": values.namespace}],
-    }
+    rules = [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}]
+    role = objects.role(values, NAME, COMPONENT, rules, cluster=True)
+    binding = objects.role_binding(values, NAME, COMPONENT, cluster=True)
     return [role, binding, *cordon_policy(values)]
 
 
@@ -223,102 +212,47 @@ def cordon_policy(values: Values) -> list[dict[str, Any]]:
 
 def _daemonset(values: Values) -> dict[str, Any]:
     health = values.health
-    memory = quantity(health.memory_bytes)
     env = [
         *_node_env(),
         objects.env("NVIDIA_VISIBLE_DEVICES", "all"),
         objects.env("NVIDIA_DRIVER_CAPABILITIES", "utility"),
         *objects.settings_env(HealthSettings, "health", settings(values), where="health.settings"),
     ]
-    init = {
-        "name": "state-dir",
-        "image": values.image_ref,
-        "imagePullPolicy": values.image.pull_policy,
-        "command": [
-            "sh",
-            "-c",
-            # chown first, then chmod: on a restart the directory is the watcher's already,
-            # and root may change another user's mode only with FOWNER.
-            f"chown {values.run_as_user}:{values.run_as_group} {STATE_DIR} "
-            f"&& chmod 0700 {STATE_DIR}",
-        ],
-        "volumeMounts": [{"name": "state", "mountPath": STATE_DIR}],
-        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "16Mi"}},
-        "securityContext": {
-            "runAsNonRoot": False,
-            "runAsUser": 0,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]},
-        },
-    }
-    container = {
-        "name": "health",
-        "image": values.image_ref,
-        "imagePullPolicy": values.image.pull_policy,
-        "command": ["shoal", "health", "watch"],
-        "env": env,
-        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "volumeMounts": [
-            objects.control_token_mount(),
-            {"name": "state", "mountPath": STATE_DIR},
-        ],
-        "resources": {
-            "requests": {"cpu": health.cpu, "memory": memory},
-            "limits": {"memory": memory},
-        },
-        "livenessProbe": objects.http_probe("/healthz", "http", period_s=10, failures=6),
-        "readinessProbe": objects.http_probe("/healthz", "http", period_s=5),
-        "securityContext": objects.container_security(),
-    }
-    pod: dict[str, Any] = {
-        "serviceAccountName": NAME,
-        "enableServiceLinks": False,
-        "automountServiceAccountToken": patches_nodes(values),
-        "securityContext": objects.pod_security(values),
-        "terminationGracePeriodSeconds": 10,
-        "initContainers": [init],
-        "containers": [container],
-        "volumes": [
-            objects.control_token_volume(),
-            {"name": "state", "hostPath": {"path": STATE_DIR, "type": "DirectoryOrCreate"}},
-        ],
-    }
+    state = {"name": "state", "mountPath": STATE_DIR}
+    # chown first, then chmod: on a restart the directory is the watcher's already, and
+    # root may change another user's mode only with FOWNER.
+    init = objects.root_init_container(
+        values, "state-dir",
+        f"chown {values.run_as_user}:{values.run_as_group} {STATE_DIR} "
+        f"&& chmod 0700 {STATE_DIR}",
+        mounts=[state], memory_bytes=16 << 20, capabilities=["CHOWN", "FOWNER"],
+    )  # fmt: skip
+    container = objects.shoal_container(
+        values, "health", ["shoal", "health", "watch"], env=env,
+        memory_bytes=health.memory_bytes, cpu=health.cpu, ports=[("http", PORT)],
+        mounts=[objects.control_token_mount(), state],
+        liveness=objects.http_probe("/healthz", "http", period_s=10, failures=6),
+        readiness=objects.http_probe("/healthz", "http", period_s=5),
+    )  # fmt: skip
+    pod = objects.pod_spec(values, NAME, automount=patches_nodes(values), grace_s=10)
+    pod["initContainers"] = [init]
+    pod["containers"] = [container]
+    pod["volumes"] = [
+        objects.control_token_volume(),
+        {"name": "state", "hostPath": {"path": STATE_DIR, "type": "DirectoryOrCreate"}},
+    ]
     if health.runtime_class:
         pod["runtimeClassName"] = health.runtime_class
     if health.node_selector:
         pod["nodeSelector"] = dict(health.node_selector)
     if health.tolerations:
         pod["tolerations"] = [dict(t) for t in health.tolerations]
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "DaemonSet",
-        "metadata": objects.metadata(values, NAME, COMPONENT),
-        "spec": {
-            "selector": {"matchLabels": objects.selector(COMPONENT)},
-            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
-            "template": {"metadata": {"labels": objects.labels(COMPONENT)}, "spec": pod},
-        },
-    }
+    return objects.daemon_set(values, NAME, COMPONENT, pod)
 
 
 def render(values: Values) -> list[dict[str, Any]]:
     if not values.health.enabled:
         return []
-    account = {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": objects.metadata(values, NAME, COMPONENT),
-        "automountServiceAccountToken": patches_nodes(values),
-    }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": objects.metadata(values, NAME, COMPONENT),
-        "spec": {
-            "clusterIP": "None",
-            "selector": objects.selector(COMPONENT),
-            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
-        },
-    }
+    account = objects.service_account(values, NAME, COMPONENT, automount=patches_nodes(values))
+    service = objects.service(values, NAME, COMPONENT, [("http", PORT)], headless=True)
     return [account, *_rbac(values), service, _daemonset(values)]

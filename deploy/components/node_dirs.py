@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deploy.objects import container_security
+from deploy.objects import own_dir_script, root_init_container
 from deploy.values import Values
 
 __all__ = [
@@ -79,17 +79,8 @@ def mounts(values: Values) -> list[dict[str, Any]]:
 def init_container(values: Values) -> dict[str, Any]:
     """Root-owned host directories -> mode 0700, owned by the one UID/GID."""
     dirs = [values.node_dirs.shm_dir, values.node_dirs.runtime_dir]
-    uid, gid = values.run_as_user, values.run_as_group
-    script = " && ".join(f"mkdir -p {d} && chown {uid}:{gid} {d} && chmod 0700 {d}" for d in dirs)
-    security = container_security()
-    security["capabilities"] = {"drop": ["ALL"], "add": ["CHOWN", "FOWNER", "DAC_OVERRIDE"]}
-    security.update({"runAsUser": 0, "runAsNonRoot": False})
-    return {
-        "name": "node-dirs",
-        "image": values.image_ref,
-        "imagePullPolicy": values.image.pull_policy,
-        "command": ["sh", "-c", script],
-        "securityContext": security,
-        "volumeMounts": mounts(values),
-        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "64Mi"}},
-    }
+    script = " && ".join(own_dir_script(values, d) for d in dirs)
+    return root_init_container(
+        values, "node-dirs", script, mounts=mounts(values), memory_bytes=64 << 20,
+        capabilities=["CHOWN", "FOWNER", "DAC_OVERRIDE"],
+    )  # fmt: skip

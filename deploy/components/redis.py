@@ -24,9 +24,8 @@ port is reached over the pod network).
 
 from __future__ import annotations
 
-from typing import Any
-
-from deploy.objects import container_security, labels, metadata, selector
+from deploy import objects
+from deploy.objects import Obj
 from deploy.sizes import quantity
 from deploy.values import Values
 
@@ -37,8 +36,6 @@ PORT = 6379
 REDIS_UID = 999  # the redis user of the official redis:*-alpine images
 REDIS_GID = 1000
 
-Obj = dict[str, Any]
-
 
 def maxmemory_bytes(values: Values) -> int:
     return values.redis.memory_bytes * 8 // 10
@@ -48,21 +45,8 @@ def render(values: Values) -> list[Obj]:
     redis = values.redis
     if not redis.enabled or redis.url:
         return []
-    account = {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": metadata(values, NAME, "redis"),
-        "automountServiceAccountToken": False,
-    }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(values, NAME, "redis"),
-        "spec": {
-            "selector": selector("redis"),
-            "ports": [{"name": "redis", "port": PORT, "targetPort": "redis"}],
-        },
-    }
+    account = objects.service_account(values, NAME, "redis", automount=False)
+    service = objects.service(values, NAME, "redis", [("redis", PORT)], protocol=False)
     memory = quantity(redis.memory_bytes)
     ping = {"exec": {"command": ["redis-cli", "ping"]}, "timeoutSeconds": 2}
     container = {
@@ -85,36 +69,20 @@ def render(values: Values) -> list[Obj]:
         ],
         "ports": [{"name": "redis", "containerPort": PORT}],
         "resources": {"requests": {"cpu": "100m", "memory": memory}, "limits": {"memory": memory}},
-        "securityContext": container_security(),
+        "securityContext": objects.container_security(),
         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
         "readinessProbe": {**ping, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**ping, "periodSeconds": 10, "failureThreshold": 6},
     }
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(values, NAME, "redis"),
-        "spec": {
-            "replicas": 1,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": selector("redis")},
-            "template": {
-                "metadata": {"labels": labels("redis")},
-                "spec": {
-                    "serviceAccountName": NAME,
-                    "enableServiceLinks": False,
-                    "automountServiceAccountToken": False,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": REDIS_UID,
-                        "runAsGroup": REDIS_GID,
-                        "fsGroup": REDIS_GID,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [container],
-                    "volumes": [{"name": "data", "emptyDir": {}}],
-                },
-            },
-        },
+    security = {
+        "runAsNonRoot": True,
+        "runAsUser": REDIS_UID,
+        "runAsGroup": REDIS_GID,
+        "fsGroup": REDIS_GID,
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
+    pod = objects.pod_spec(values, NAME, automount=False, security=security)
+    pod["containers"] = [container]
+    pod["volumes"] = [{"name": "data", "emptyDir": {}}]
+    deployment = objects.deployment(values, NAME, "redis", pod, recreate=True)
     return [account, service, deployment]

@@ -72,22 +72,13 @@ every router).
 from __future__ import annotations
 
 import math
-from typing import Any
 
+from deploy import objects
 from deploy.components.fleet import NAME as FLEET_NAME
 from deploy.components.fleet import PORT as FLEET_PORT
 from deploy.components.health import watchers_url
 from deploy.errors import ValuesError
-from deploy.objects import (
-    container_security,
-    http_probe,
-    labels,
-    metadata,
-    pod_security,
-    selector,
-    settings_env,
-)
-from deploy.sizes import quantity
+from deploy.objects import CONTROL_TOKEN_DIR, CONTROL_TOKEN_FILE, Obj, http_probe, settings_env
 from deploy.values import Values
 
 __all__ = [
@@ -111,15 +102,10 @@ PRESTOP_SLEEP_S = 10  # endpoint removal reaching kube-proxy and load balancers
 GRACE_MARGIN_S = 5
 GPU_NAMED_DISCOVERY = ("http", "file", "static")  # router/discovery.py: engines with gpus
 API_KEYS_DIR = "/etc/shoal/router-api-keys"
-CONTROL_TOKEN_DIR = "/etc/shoal/control-token"
-CONTROL_TOKEN_SECRET = "shoal-control-token"
-CONTROL_TOKEN_FILE = f"{CONTROL_TOKEN_DIR}/token"
 AUTOSCALER_PORT = 8090
 _OWNED = ("host", "port", "api_keys", "insecure_no_auth", "redis", "autoscaler_token_file",
           "gpu_health_token_file", "discovery_token_file", "cache_socket", "admin_port",
           "admin_host", "admin_token_file")  # fmt: skip
-
-Obj = dict[str, Any]
 
 
 def redis_url(values: Values) -> str:
@@ -230,47 +216,20 @@ def render(values: Values) -> list[Obj]:
         return []
     settings = router_settings(values)
     lists_slices = settings.get("discovery") == "k8s"  # the only Kubernetes API call
-    account = {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": metadata(values, NAME, "router"),
-        "automountServiceAccountToken": False,  # the pod mounts it when it lists slices
-    }
-    role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": metadata(values, NAME, "router"),
-        "rules": [
-            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]}
-        ],
-    }
-    binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": metadata(values, NAME, "router"),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME},
-        "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": values.namespace}],
-    }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(values, NAME, "router"),
-        "spec": {
-            "type": values.router.service_type,
-            "selector": selector("router"),
-            "ports": [{"name": "http", "port": values.router.port, "targetPort": "http"}],
-        },
-    }
-    admin = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(values, ADMIN_NAME, "router", extra_labels=ADMIN_LABELS),
-        "spec": {
-            "type": "ClusterIP",  # never router.service_type: in-cluster readers only
-            "selector": selector("router"),
-            "ports": [{"name": "admin", "port": values.router.admin_port, "targetPort": "admin"}],
-        },
-    }
+    # the pod mounts the token when it lists slices
+    account = objects.service_account(values, NAME, "router", automount=False)
+    rules = [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]}
+    ]
+    role = objects.role(values, NAME, "router", rules)
+    binding = objects.role_binding(values, NAME, "router")
+    service = objects.service(values, NAME, "router", [("http", values.router.port)],
+                              service_type=values.router.service_type, protocol=False)  # fmt: skip
+    admin = objects.service(
+        values, ADMIN_NAME, "router", [("admin", values.router.admin_port)],
+        service_type="ClusterIP",  # never router.service_type: in-cluster readers only
+        extra_labels=ADMIN_LABELS, protocol=False,
+    )  # fmt: skip
     rbac = [role, binding] if lists_slices else []
     return [account, *rbac, service, admin, _deployment(values, settings, lists_slices)]
 
@@ -288,7 +247,6 @@ def _deployment(values: Values, settings: Obj, lists_slices: bool) -> Obj:
     from router.config import RouterSettings
 
     router = values.router
-    memory = quantity(router.memory_bytes)
     mounts: list[Obj] = [{"name": "tmp", "mountPath": "/tmp"}]
     volumes: list[Obj] = [{"name": "tmp", "emptyDir": {}}]
     if router.api_keys_secret:
@@ -297,60 +255,32 @@ def _deployment(values: Values, settings: Obj, lists_slices: bool) -> Obj:
             "secretName": router.api_keys_secret, "defaultMode": 0o440,
             "items": [{"key": "api-keys", "path": "api-keys"}]}})  # fmt: skip
     if any(settings.get(name) for name in _TOKEN_FILES):
-        mounts.append({"name": "control-token", "mountPath": CONTROL_TOKEN_DIR, "readOnly": True})
-        volumes.append({"name": "control-token", "secret": {
-            "secretName": CONTROL_TOKEN_SECRET, "defaultMode": 0o440,
-            "items": [{"key": "token", "path": "token"}]}})  # fmt: skip
-    container = {
-        "name": "router",
-        "image": values.image_ref,
-        "imagePullPolicy": values.image.pull_policy,
-        "command": ["shoal", "router", "serve"],
-        "env": settings_env(RouterSettings, "router", settings, where="router.settings"),
-        "ports": [
-            {"name": "http", "containerPort": router.port},
-            {"name": "admin", "containerPort": router.admin_port},
-        ],
-        "resources": {
-            "requests": {"cpu": router.cpu, "memory": memory},
-            "limits": {"memory": memory},
-        },
-        "securityContext": container_security(),
-        "volumeMounts": mounts,
-        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
-        "readinessProbe": http_probe("/health", "http", period_s=5),
-        "livenessProbe": {
+        mounts.append(objects.control_token_mount())
+        volumes.append(objects.control_token_volume())
+    container = objects.shoal_container(
+        values, "router", ["shoal", "router", "serve"],
+        env=settings_env(RouterSettings, "router", settings, where="router.settings"),
+        memory_bytes=router.memory_bytes, cpu=router.cpu,
+        ports=[("http", router.port), ("admin", router.admin_port)], protocol=False,
+        mounts=mounts,
+        liveness={
             "tcpSocket": {"port": "http"},
             "periodSeconds": 10,
             "failureThreshold": 3,
             "timeoutSeconds": 2,
         },
-    }
+        readiness=http_probe("/health", "http", period_s=5),
+    )  # fmt: skip
+    container["lifecycle"] = {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}}
     spread = {
         "maxSkew": 1,
         "topologyKey": "kubernetes.io/hostname",
         "whenUnsatisfiable": "ScheduleAnyway",
-        "labelSelector": {"matchLabels": selector("router")},
+        "labelSelector": {"matchLabels": objects.selector("router")},
     }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(values, NAME, "router"),
-        "spec": {
-            "replicas": router.replicas,
-            "selector": {"matchLabels": selector("router")},
-            "template": {
-                "metadata": {"labels": labels("router")},
-                "spec": {
-                    "serviceAccountName": NAME,
-                    "enableServiceLinks": False,
-                    "automountServiceAccountToken": lists_slices,  # --discovery k8s
-                    "terminationGracePeriodSeconds": grace_period_s(settings),
-                    "securityContext": pod_security(values),
-                    "topologySpreadConstraints": [spread],
-                    "containers": [container],
-                    "volumes": volumes,
-                },
-            },
-        },
-    }
+    pod = objects.pod_spec(values, NAME, automount=lists_slices,  # --discovery k8s
+                           grace_s=grace_period_s(settings))  # fmt: skip
+    pod["topologySpreadConstraints"] = [spread]
+    pod["containers"] = [container]
+    pod["volumes"] = volumes
+    return objects.deployment(values, NAME, "router", pod, replicas=router.replicas)

@@ -1,7 +1,8 @@
 """Shared object builders (deploy/objects.py) and the YAML they become (deploy/render.py).
 
 The builders: settings as environment variables (scalars only), the ServiceAccount / Role /
-binding triple, the Shoal container (memory request = limit by construction). The YAML: safe
+binding triple, the Shoal container (memory request = limit by construction), the root init
+container, Services, pod specs and workloads. The YAML: safe
 for YAML 1.1 readers (kubectl), and ``--out`` owning its directory.
 """
 
@@ -213,3 +214,79 @@ class TestOutDirectory:
         (tmp_path / "f").write_text("")
         with pytest.raises(ValuesError, match="not a directory"):
             write_base(Values(), tmp_path / "f")
+
+
+class TestRootInitContainer:
+    def test_root_with_only_the_named_capabilities_and_no_escalation(self) -> None:
+        mount = {"name": "state", "mountPath": "/var/lib/x"}
+        values = Values()
+        script = objects.own_dir_script(values, "/var/lib/x")
+        init = objects.root_init_container(
+            values, "state-dir", script, mounts=[mount], memory_bytes=16 << 20,
+            capabilities=["CHOWN"],
+        )  # fmt: skip
+        uid, gid = values.run_as_user, values.run_as_group
+        assert (
+            script
+            == f"mkdir -p /var/lib/x && chown {uid}:{gid} /var/lib/x && chmod 0700 /var/lib/x"
+        )
+        assert init["command"] == ["sh", "-c", script]
+        assert init["securityContext"] == {
+            "runAsNonRoot": False,
+            "runAsUser": 0,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+        }
+        assert init["resources"]["limits"] == {"memory": "16Mi"}
+        assert "env" not in init and "ports" not in init
+        validate(pod(init))
+
+
+class TestServiceAndWorkloads:
+    def test_a_service_targets_its_ports_by_name_and_selects_the_component(self) -> None:
+        values = load_values(None, ["namespace=llm"])
+        svc = objects.service(values, "shoal-x", "cache", [("cluster", 7400)], headless=True,
+                              publish_not_ready=True)  # fmt: skip
+        assert svc["spec"] == {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": objects.selector("cache"),
+            "ports": [{"name": "cluster", "port": 7400, "targetPort": "cluster",
+                       "protocol": "TCP"}],
+        }  # fmt: skip
+        assert svc["metadata"]["namespace"] == "llm"
+        validate(svc)
+
+    def test_a_service_may_select_other_pods_and_omit_the_protocol(self) -> None:
+        chosen = {"app": "x"}
+        svc = objects.service(Values(), "e", "engine", [("http", 80)], selects=chosen,
+                              service_type="ClusterIP", protocol=False)  # fmt: skip
+        assert svc["spec"]["type"] == "ClusterIP"
+        assert svc["spec"]["selector"] == chosen
+        assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http"}]
+
+    def test_a_deployment_selects_what_its_pods_are_labelled(self) -> None:
+        values = Values()
+        container = objects.shoal_container(values, "x", ["shoal", "x"], memory_bytes=GiB, cpu="1")
+        spec = objects.pod_spec(values, "shoal-x", automount=False, grace_s=30)
+        spec["containers"] = [container]
+        deployment = objects.deployment(values, "shoal-x", "autoscaler", spec, recreate=True)
+        selected = deployment["spec"]["selector"]["matchLabels"]
+        labelled = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selected.items() <= labelled.items()
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+        assert spec["enableServiceLinks"] is False
+        assert spec["securityContext"] == objects.pod_security(values)
+        validate(deployment)
+
+    def test_a_daemon_set_rolls_one_node_at_a_time(self) -> None:
+        values = Values()
+        spec = objects.pod_spec(values, "shoal-x", automount=True, host_pid=False)
+        spec["containers"] = [
+            objects.shoal_container(values, "x", ["shoal", "x"], memory_bytes=GiB, cpu="1")
+        ]
+        daemon_set = objects.daemon_set(values, "shoal-x", "health", spec)
+        assert daemon_set["spec"]["updateStrategy"]["rollingUpdate"] == {"maxUnavailable": 1}
+        assert daemon_set["spec"]["template"]["spec"]["hostPID"] is False
+        validate(daemon_set)
