@@ -68,8 +68,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 
 Obj = dict[str, Any]  # a Kubernetes object, or a part of one, as plain data
 
-# The bearer token of the control daemons (autoscaler, health watcher, fleet) and of their
-# clients: one Secret, mounted read-only at one path in every pod that serves or calls them.
+# The bearer token of the control daemons (autoscaler, health watcher, fleet) and the router's
+# admin port, and of their clients (the router among them): one Secret, mounted read-only at
+# one path in every pod that serves or calls them.
 CONTROL_TOKEN_SECRET = "shoal-control-token"
 CONTROL_TOKEN_DIR = "/etc/shoal/control-token"
 CONTROL_TOKEN_FILE = f"{CONTROL_TOKEN_DIR}/token"

@@ -51,7 +51,7 @@ RUNBOOK: dict[str, str] = {
     "ShoalCacheDaemonDown": (
         "The node's cache daemon is not ready or not scraped. Engines on that node keep "
         "serving with misses (the connector degrades, `shoal_connector_failures_total"
-        '{reason="daemon_unavailable"}`). `kubectl -n shoal describe pod` the DaemonSet pod '
+        '{reason="daemon_unavailable"}`). `kubectl -n NAMESPACE describe pod` the DaemonSet pod '
         "on that node: *OOMKilled* means the memory limit is below arena + DRAM + I/O "
         "staging + overhead (re-render: the sizes derive from the settings, never edit the "
         "limit by hand); a start error naming the tmpfs means the node's `/dev/shm` is "
@@ -72,8 +72,10 @@ RUNBOOK: dict[str, str] = {
     ),
     "ShoalCacheIOErrors": (
         "SSD tier reads or writes fail; the blocks involved are dropped. Check the disk "
-        'behind `ssd_dir` (`dmesg`, SMART, free space). Set `ssd_dir = ""` and restart the '
-        "daemon to run without the SSD tier until the disk is replaced."
+        "behind `ssd_dir` (`dmesg`, SMART, free space). To run without the SSD tier until the "
+        'disk is replaced: on a bare machine set `ssd_dir = ""` and restart the daemon; on '
+        "Kubernetes remove `cache.settings.ssd_dir`/`ssd_bytes`, re-render and apply (this "
+        "rolls every node's daemon, emptying each arena in turn)."
     ),
     "ShoalCacheClusterPeerMissing": (
         "Fewer live peers than cache daemons. A member silent for "
@@ -102,11 +104,14 @@ RUNBOOK: dict[str, str] = {
     "ShoalCacheDaemonSetUnavailable": (
         "A cache DaemonSet pod is not available (from kube-state-metrics; a pod that never "
         "started has no scrape target, so ShoalCacheDaemonDown cannot see it). `kubectl -n "
-        "shoal get pods -l app.kubernetes.io/component=cache -o wide` finds the node; "
+        "NAMESPACE get pods -l app.kubernetes.io/component=cache -o wide` finds the node; "
         "`describe` it: Pending (no room for its memory request, a taint it does not "
-        "tolerate), ContainerCreating (a volume: the CurveZMQ Secret or a key missing, the "
-        "SSD directory), or a crash loop (its log). Engine pods on that node wait for the "
-        "daemon's host directories meanwhile."
+        "tolerate); ContainerCreating (a Secret volume: `shoal-cache-curve`, `-operators` or "
+        "`-members` missing); Init:1/2 with `keys: per_node` (its node key is not admitted "
+        "yet: run the `kubectl patch` line from `kubectl logs POD -c curve-keygen`); "
+        "Init:Error from `node-dirs` (the SSD directory's filesystem lacks `ssd_bytes`: the "
+        "NVMe is not mounted); or a crash loop (its log). Engine pods on that node wait for "
+        "the daemon's host directories meanwhile."
     ),
     "ShoalHealthDaemonSetUnavailable": (
         "A GPU health watcher pod is not available (kube-state-metrics), so that node's GPU "
@@ -117,7 +122,7 @@ RUNBOOK: dict[str, str] = {
     ),
     "ShoalRouterDown": (
         "A router replica is not scraped. Clients behind the Service reach the other "
-        "replicas; `kubectl -n shoal logs` the pod. A start error naming Redis or the API "
+        "replicas; `kubectl -n NAMESPACE logs` the pod. A start error naming Redis or the API "
         "keys file means the Secret or the Redis Service is missing."
     ),
     "ShoalRouterNoEngine": (
@@ -157,8 +162,8 @@ RUNBOOK: dict[str, str] = {
     ),
     "ShoalAutoscalerDown": (
         "The autoscaler is not scraped: the engine Deployment keeps its current replicas "
-        "and scale from zero stops. Check its pod and its ServiceAccount's RBAC "
-        "(`deployments/scale`, `statefulsets/scale`)."
+        "and scale from zero stops. Check its pod and its ServiceAccount's RBAC (`get` on "
+        "the target, `get`/`patch` on its `/scale`, `list` on pods)."
     ),
     "ShoalAutoscalerActuatorErrors": (
         "Scrapes, the policy or the actuator fail (`shoal_autoscale_scrape_failures_total`, "
@@ -167,11 +172,16 @@ RUNBOOK: dict[str, str] = {
         "NetworkPolicy does not admit from the autoscaler."
     ),
     "ShoalGpuUnhealthy": (
-        "The health watcher reports a GPU unhealthy (`shoal_gpu_healthy == 0`); the router "
-        "(`--gpu-health`) stops sending its engines requests. `GET /v1/gpus` on the "
-        "node's watcher (or `shoal health check`) names the problem and its remedy "
-        "(`restart_engine`, `reset_gpu`, `drain_node`). After the repair, critical XIDs "
-        'stay until `POST /v1/clear {"gpu": I}`.'
+        "The health watcher reports a GPU unhealthy (`shoal_gpu_healthy == 0`). With the Ray "
+        "fleet, the router and the fleet stop using engines on that GPU and the fleet "
+        "replaces their groups. With the engine Deployment (k8s discovery), nothing stops "
+        "routing to it except the router's own `/health` checks and circuit breaker. The "
+        "watcher cordons the node only with `health.cordon_apply: true` (the default is a "
+        "dry run that only logs), and a cordon does not move the running engine: `kubectl "
+        "drain` the node or delete the engine pod. `GET /v1/gpus` on the node's watcher (or "
+        "`shoal health check`) names the problem and its remedy (`restart_engine`, "
+        '`reset_gpu`, `drain_node`). After the repair, `POST /v1/clear {"gpu": I}` (critical '
+        "XIDs stay until then) and `kubectl uncordon NODE`: the watcher never uncordons."
     ),
     "ShoalGpuXidErrors": (
         "NVML reported XID events (`shoal_gpu_xid_events_total` by `xid`). The watcher's "
@@ -184,7 +194,11 @@ RUNBOOK: dict[str, str] = {
         "Loader sidecar calls end in errors (`shoal_loader_errors_total` by `kind`): "
         "`CapacityExceeded` (raise the loader's `capacity_bytes`; the engine pod's "
         "`/dev/shm` grows with it), `AccessDenied`/`ObjectNotFound` (the weights URI or the "
-        "S3 Secret). Engines then load weights without the sidecar, more slowly."
+        "S3 Secret). On Kubernetes the engine pod does not start: vLLM waits for the "
+        "sidecar's startupProbe, which passes only once the staging is ready. After "
+        "`engine.startup_s` the kubelet restarts the sidecar, which stages again. Fix the "
+        "cause, or delete the pod to retry at once. (On bare machines an engine whose "
+        "sidecar fails falls back to reading the origin itself, more slowly.)"
     ),
     "ShoalConnectorDaemonUnavailable": (
         "Engines cannot reach the node's cache daemon and serve without the cache. Check "

@@ -6,7 +6,8 @@ We never render Secret contents: a key in a manifest is a key in git, and the to
 CurveZMQ keys have their own lifecycles (docs/operations.md: rotating keys).
 
     shoal-control-token     token          bearer token of the control daemons (autoscaler,
-                                           health, fleet) and of their clients
+                                           health, fleet) and the router's admin port, and
+                                           of their clients (the router among them)
     router.api_keys_secret  api-keys       the router's KEY USER lines
     cache.cluster.secret    cluster.key,   the cache cluster's server keypair (`shoal cache
                             .key_secret    keygen DIR`); a new one restarts every member
@@ -97,7 +98,8 @@ def required_secrets(values: Values) -> list[SecretSpec]:
             SecretSpec(
                 CONTROL_TOKEN_SECRET,
                 ("token",),
-                "bearer token of the control daemons (autoscaler, health, fleet) and their clients",
+                "bearer token of the control daemons (autoscaler, health, fleet) and the "
+                "router's admin port, and of their clients (the router among them)",
                 _kubectl(
                     values, CONTROL_TOKEN_SECRET, ['--from-literal=token="$(openssl rand -hex 32)"']
                 ),

@@ -245,7 +245,7 @@ class RouterValues:
     insecure_no_auth: bool = value(False, "serve without API keys (anyone who reaches it)")
     precise: bool = value(
         False,
-        "precise prefix routing: a cache-daemon sidecar in each router pod joins the cluster",
+        "precise prefix routing (not yet supported on Kubernetes: the render refuses it)",
     )
     settings: dict[str, Any] = value({}, "[router] settings, given as SHOAL_ROUTER_* variables")
     cpu: str = value("2", "CPU request", quantity=True)

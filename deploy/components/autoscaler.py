@@ -3,9 +3,11 @@
 ::
 
     ServiceAccount shoal-autoscaler   token mounted: the controller calls the API server
-    Role           shoal-autoscaler   exactly the calls of control/autoscale/actuators/
-                                      kubernetes.py (rules()) for the target's kind and
-                                      name, in values.namespace only
+    Role           shoal-autoscaler   ``rules()`` here, exactly the calls of
+                                      control/autoscale/actuators/kubernetes.py for the
+                                      target's kind: get the workload and its /scale,
+                                      patch /scale (by name), list pods (namespace-wide:
+                                      the ready engines' IPs), in values.namespace only
     RoleBinding    shoal-autoscaler
     Service        shoal-autoscaler   http 8090: the router's wakes, Prometheus
     Deployment     shoal-autoscaler   1 replica, strategy Recreate

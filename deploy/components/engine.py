@@ -56,8 +56,9 @@ vLLM's own teardown.
 
 The loader with an empty ``engine.loader.uri`` (the default values' hub model): there is
 nothing to stream through the sidecar, so the pod has no sidecar and vLLM loads ``MODEL``
-itself; the /dev/shm size still counts the loader's capacity (``sizes.derive`` counts it
-whenever the loader is enabled). Set the URI, or ``loader.enabled: false``.
+itself; the /dev/shm size and the memory limits then leave the loader's capacity out
+(``sizes.derive`` counts it only when the loader runs: enabled and given a URI). Set the
+URI, or ``loader.enabled: false``.
 
 ``engine.extra_args`` may not repeat a flag the deployment sets (``OWNED_FLAGS``, in any of
 vLLM's spellings: ``--flag=value``, ``--flag.key``, underscores, ``-tp``): vLLM takes the

@@ -2,8 +2,9 @@
 
 ::
 
-    ServiceMonitor  shoal-router, shoal-autoscaler, shoal-health, shoal-engines-fleet
-                    (their Services' port ``http``, path /metrics)
+    ServiceMonitor  shoal-router (Service shoal-router-admin, port ``admin``),
+                    shoal-autoscaler, shoal-health, shoal-engines-fleet (their Services'
+                    port ``http``); path /metrics
     PodMonitor      shoal-cache (port ``metrics``), shoal-engine (vLLM's ``http`` /metrics,
                     shoal_connector_* included; the loader sidecar's ``metrics``)
     PrometheusRule  shoal: ALERTS, for the components that are rendered

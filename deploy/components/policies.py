@@ -27,8 +27,8 @@ otherwise): it is declared on a native sidecar, an *init* container, whose named
 several CNIs do not resolve (Calico before 3.28.1, projectcalico/calico#8881), which would
 drop its scrapes silently::
 
-    cache       cluster, stream   <- cache pods (+ router pods with router.precise: the
-                                     sidecar is a cluster member)
+    cache       cluster, stream   <- cache pods (+ router pods, reserved for
+                                     router.precise, which the render refuses today)
                 metrics           <- the monitoring namespace
     engine      http              <- router, autoscaler (scrapes), fleet, monitoring
                 9501              <- monitoring (the loader sidecar's metrics, when it has one)
@@ -39,7 +39,8 @@ drop its scrapes silently::
                                      monitoring
     router      http              <- anywhere: it is the API
                 admin             <- autoscaler (scrapes /metrics), monitoring
-                cluster, stream   <- cache and router pods (router.precise)
+                cluster, stream   <- cache and router pods (reserved for router.precise,
+                                     which the render refuses today)
 
 Peers are pods of this namespace (``podSelector``) and the monitoring namespace by its
 ``kubernetes.io/metadata.name`` label; rules name only components that are rendered.
