@@ -26,6 +26,7 @@ __all__ = [
     "Problem",
     "all_containers",
     "command_words",
+    "contract_problem",
     "env_of",
     "flag_values",
     "is_under",
@@ -47,6 +48,11 @@ class Problem:
 
     def __str__(self) -> str:
         return f"[{self.check}] {self.where}: {self.message}"
+
+
+def contract_problem(at: str, message: str) -> Problem:
+    """A problem of the ``contract`` check (every cross-object contract reports these)."""
+    return Problem("contract", at, message)
 
 
 def where(obj: Obj) -> str:

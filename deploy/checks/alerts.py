@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deploy.checks import Problem, where
+from deploy.checks import Problem, contract_problem, where
 from deploy.values import Values
 
 __all__ = ["TARGET_LABELS", "alert_metrics", "monitor_jobs"]
@@ -28,10 +28,6 @@ TARGET_LABELS = frozenset(
     {"job", "instance", "namespace", "pod", "container", "service", "endpoint", "__name__"}
 )
 _LABEL_MAKERS = frozenset({"label_replace", "label_join"})
-
-
-def _problem(at: str, message: str) -> Problem:
-    return Problem("contract", at, message)
 
 
 def _series_labels() -> dict[str, frozenset[str]]:
@@ -188,5 +184,5 @@ def alert_metrics(objects: list[Obj], values: Values) -> list[Problem]:
             for rule in group.get("rules") or []:
                 name = rule.get("alert") or rule.get("record")
                 for message in _expr_problems(str(rule.get("expr", "")), known, jobs):
-                    problems.append(_problem(where(obj), f"{name}: {message}"))
+                    problems.append(contract_problem(where(obj), f"{name}: {message}"))
     return problems

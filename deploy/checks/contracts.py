@@ -40,7 +40,14 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from deploy.checks import Problem, all_containers, env_of, pod_templates, shoal_component
+from deploy.checks import (
+    Problem,
+    all_containers,
+    contract_problem,
+    env_of,
+    pod_templates,
+    shoal_component,
+)
 from deploy.checks.alerts import alert_metrics
 from deploy.checks.credentials import auth_beyond_loopback, listed_secrets
 from deploy.checks.node import default_of, engines, one_shm_path, one_uid, same_host_pid
@@ -112,10 +119,6 @@ _KUBELET_VARIABLE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 _STAND_IN = "10.0.0.1"  # for $(POD_IP), $(NODE_NAME), valueFrom: an address is also a name
 
 
-def _problem(at: str, message: str) -> Problem:
-    return Problem("contract", at, message)
-
-
 # --- (e) known settings ---------------------------------------------------------------------
 
 
@@ -143,13 +146,15 @@ def known_settings(objects: list[Obj], values: Values) -> list[Problem]:
                 section = _section_of(name)
                 if section is None:
                     problems.append(
-                        _problem(at, f"{name}: no settings section {SECTIONS} reads it")
+                        contract_problem(at, f"{name}: no settings section {SECTIONS} reads it")
                     )
                     continue
                 key = name.removeprefix(f"SHOAL_{section}_").lower()
                 if key not in {f.name for f in dataclasses.fields(classes[section])}:
                     problems.append(
-                        _problem(at, f"{name}: {classes[section].__name__} has no setting {key!r}")
+                        contract_problem(
+                            at, f"{name}: {classes[section].__name__} has no setting {key!r}"
+                        )
                     )
                 elif (
                     reads is not None
@@ -158,7 +163,7 @@ def known_settings(objects: list[Obj], values: Values) -> list[Problem]:
                 ):
                     runs = f"shoal {component}" if component else "no shoal command"
                     problems.append(
-                        _problem(
+                        contract_problem(
                             at,
                             f"{name}: the container runs {runs}, which "
                             f"reads SHOAL_{reads}_*, not this",
@@ -171,7 +176,7 @@ def known_settings(objects: list[Obj], values: Values) -> list[Problem]:
                 try:
                     load_config(classes[reads], reads.lower(), environ=environ)
                 except ConfigError as exc:
-                    problems.append(_problem(at, f"its settings do not load: {exc}"))
+                    problems.append(contract_problem(at, f"its settings do not load: {exc}"))
     return problems
 
 
@@ -228,7 +233,7 @@ def memory(objects: list[Obj], values: Values) -> list[Problem]:
         try:
             problems += _pod_memory(objects, pod, values)
         except ValueError as exc:  # a malformed quantity
-            problems.append(_problem(pod.where, str(exc)))
+            problems.append(contract_problem(pod.where, str(exc)))
     return problems
 
 
@@ -245,11 +250,13 @@ def _pod_memory(objects: list[Obj], pod: Any, values: Values) -> list[Problem]:
         at = f"{pod.where} container {container.get('name')}"
         limit, request = _memory(container, "limits"), _memory(container, "requests")
         if limit is None:
-            problems.append(_problem(at, "has no memory limit"))
+            problems.append(contract_problem(at, "has no memory limit"))
             continue
         if request is not None and request != limit:
             problems.append(
-                _problem(at, f"memory request {request} != limit {limit} (they must be equal)")
+                contract_problem(
+                    at, f"memory request {request} != limit {limit} (they must be equal)"
+                )
             )
         if shoal_component(container) == "cache" and pod.labels.get(LABEL_COMPONENT) == "cache":
             env = env_of(container)
@@ -259,7 +266,7 @@ def _pod_memory(objects: list[Obj], pod: Any, values: Values) -> list[Problem]:
             )
             if limit < need:
                 problems.append(
-                    _problem(
+                    contract_problem(
                         at,
                         f"memory limit {limit} < shm + dram + io staging = "
                         f"{need} (the arena is charged to the daemon's cgroup)",
@@ -270,12 +277,14 @@ def _pod_memory(objects: list[Obj], pod: Any, values: Values) -> list[Problem]:
             want = derived.loader_memory_bytes
         if limit < want:
             problems.append(
-                _problem(at, f"memory limit {limit} < {want}, what sizes.derive(values) gives it")
+                contract_problem(
+                    at, f"memory limit {limit} < {want}, what sizes.derive(values) gives it"
+                )
             )
     shm = _dev_shm_size(pod.spec, "/dev/shm")
     if engine_pod and vllm and (shm or 0) < derived.engine_shm_bytes:
         problems.append(
-            _problem(
+            contract_problem(
                 pod.where,
                 f"/dev/shm sizeLimit {shm} < engine_shm_bytes "
                 f"{derived.engine_shm_bytes} (sizes.derive(values))",
@@ -290,7 +299,7 @@ def _pod_memory(objects: list[Obj], pod: Any, values: Values) -> list[Problem]:
         staged = _dev_shm_size(pod.spec, env.get("SHOAL_LOADER_SHM_DIR", "/dev/shm"))
         if staged is None or staged < capacity:
             problems.append(
-                _problem(
+                contract_problem(
                     pod.where,
                     (
                         f"the loader stages up to {capacity} bytes in its shm dir, but its memory "
@@ -306,7 +315,7 @@ def _pod_memory(objects: list[Obj], pod: Any, values: Values) -> list[Problem]:
 
 def no_service_links(objects: list[Obj], values: Values) -> list[Problem]:
     return [
-        _problem(
+        contract_problem(
             pod.where,
             "enableServiceLinks is not false: every Service of the namespace "
             "becomes <NAME>_PORT=tcp://... variables in its containers (a Service vllm "

@@ -20,21 +20,25 @@ open by design (``/metrics`` for Prometheus).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Any
 
-from deploy.checks import PodTemplate, Problem, all_containers, env_of, is_under, pod_templates
+from deploy.checks import (
+    PodTemplate,
+    Problem,
+    all_containers,
+    contract_problem,
+    env_of,
+    is_under,
+    pod_templates,
+)
 from deploy.values import Values
+from shoal.config import is_loopback  # the daemons' own rule for "needs auth"
 
-__all__ = ["AUTH", "PATHS", "auth_beyond_loopback", "is_loopback", "listed_secrets"]
+__all__ = ["AUTH", "PATHS", "auth_beyond_loopback", "listed_secrets"]
 
 Obj = dict[str, Any]
 PATHS = re.compile(r"SHOAL_\w+(?:_FILE|_DIR|_API_KEYS|_CURVE_\w+)")
-
-
-def _problem(at: str, message: str) -> Problem:
-    return Problem("contract", at, message)
 
 
 def _secret_volumes(pod: PodTemplate) -> dict[str, list[tuple[str, dict[str, str] | None]]]:
@@ -138,7 +142,7 @@ def listed_secrets(objects: list[Obj], values: Values) -> list[Problem]:
     projected: set[tuple[str, str | None]] = set()
     for pod in pod_templates(objects):
         uses, messages = _secret_uses(pod)
-        problems += [_problem(pod.where, message) for message in messages]
+        problems += [contract_problem(pod.where, message) for message in messages]
         referenced_here: set[str] = set()
         for secret, key, how in uses:
             referenced.add(secret)
@@ -146,7 +150,7 @@ def listed_secrets(objects: list[Obj], values: Values) -> list[Problem]:
             if secret not in listed:
                 if secret not in referenced_here:  # once per pod
                     problems.append(
-                        _problem(
+                        contract_problem(
                             pod.where,
                             (f"{how} uses Secret {secret}, which deploy.secrets does not list"),
                         )
@@ -154,7 +158,7 @@ def listed_secrets(objects: list[Obj], values: Values) -> list[Problem]:
                 referenced_here.add(secret)
             elif key is not None and key not in listed[secret].keys:
                 problems.append(
-                    _problem(
+                    contract_problem(
                         pod.where,
                         (
                             f"{how} uses key {key} of Secret {secret}; deploy.secrets lists "
@@ -165,10 +169,14 @@ def listed_secrets(objects: list[Obj], values: Values) -> list[Problem]:
     for name in sorted(listed):
         at = f"Secret/{values.namespace}/{name}"
         if name not in referenced:
-            problems.append(_problem(at, "listed by deploy.secrets but no rendered object uses it"))
+            problems.append(
+                contract_problem(at, "listed by deploy.secrets but no rendered object uses it")
+            )
         elif (name, None) not in projected:
             problems += [
-                _problem(at, f"key {key} is listed by deploy.secrets but no pod projects it")
+                contract_problem(
+                    at, f"key {key} is listed by deploy.secrets but no pod projects it"
+                )
                 for key in listed[name].keys
                 if (name, key) not in projected
             ]
@@ -198,13 +206,6 @@ AUTH: dict[str, tuple[tuple[str, ...], str]] = {
 OPEN_LISTENERS = re.compile(r"SHOAL_\w+_METRICS_HOST")  # /metrics is open by design
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def auth_beyond_loopback(objects: list[Obj], values: Values) -> list[Problem]:
     problems = []
     for pod in pod_templates(objects):
@@ -217,13 +218,15 @@ def auth_beyond_loopback(objects: list[Obj], values: Values) -> list[Problem]:
                     continue
                 if name not in AUTH:
                     problems.append(
-                        _problem(at, f"{name}={host} listens beyond loopback with no known auth")
+                        contract_problem(
+                            at, f"{name}={host} listens beyond loopback with no known auth"
+                        )
                     )
                     continue
                 auth, insecure = AUTH[name]
                 if not any(env.get(a) for a in auth) and env.get(insecure) != "true":
                     problems.append(
-                        _problem(
+                        contract_problem(
                             at,
                             f"{name}={host} listens beyond loopback without {' or '.join(auth)} "
                             f"(or {insecure}=true)",

@@ -31,6 +31,7 @@ from deploy.checks import (
     Problem,
     all_containers,
     command_words,
+    contract_problem,
     env_of,
     flag_values,
     is_under,
@@ -45,10 +46,6 @@ __all__ = ["engines", "flag_json", "one_shm_path", "one_uid", "pods", "same_host
 Obj = dict[str, Any]
 _VARIABLE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
 _CHOWN = re.compile(r"\bchown\s+(?:-\w+\s+)*(\S+)")
-
-
-def _problem(at: str, message: str) -> Problem:
-    return Problem("contract", at, message)
 
 
 def default_of(cls: type, name: str) -> Any:
@@ -96,14 +93,16 @@ def one_uid(objects: list[Obj], values: Values) -> list[Problem]:
         if not any(is_under(path, d) or is_under(d, path) for path in host for d in dirs):
             continue
         if (pod.spec.get("securityContext") or {}).get("runAsNonRoot") is not True:
-            problems.append(_problem(pod.where, "mounts a node dir without runAsNonRoot: true"))
+            problems.append(
+                contract_problem(pod.where, "mounts a node dir without runAsNonRoot: true")
+            )
         inits = {c.get("name") for c in pod.spec.get("initContainers") or []}
         for container in all_containers(pod.spec):
             if container.get("name") == "node-dirs" and "node-dirs" in inits:
                 for chown in _CHOWN.findall(" ".join(command_words(container))):
                     if chown != owner:
                         problems.append(
-                            _problem(
+                            contract_problem(
                                 pod.where,
                                 f"init node-dirs runs chown {chown}, not {owner} "
                                 "(values.run_as_*): the daemon and engines could not use the dirs",
@@ -117,7 +116,7 @@ def one_uid(objects: list[Obj], values: Values) -> list[Problem]:
             for key, expected in want.items():
                 if context.get(key) != expected:
                     problems.append(
-                        _problem(
+                        contract_problem(
                             pod.where,
                             f"container {container.get('name')} mounts a node dir but runs with "
                             f"{key} {context.get(key)}, not {expected} (values.run_as_*)",
@@ -203,7 +202,7 @@ def one_shm_path(objects: list[Obj], values: Values) -> list[Problem]:
         socket = f"ipc://{runtime_dir}/shoal-{env.get('SHOAL_CACHE_NAME', 'default')}.sock"
         if not runtime_dir:
             problems.append(
-                _problem(
+                contract_problem(
                     pod.where,
                     (
                         "the cache daemon has no SHOAL_CACHE_RUNTIME_DIR (its default depends on "
@@ -219,14 +218,14 @@ def one_shm_path(objects: list[Obj], values: Values) -> list[Problem]:
             theirs = env_of(container).get("SHOAL_CACHE_SHM_DIR")
             if role == "engine" and theirs != shm_dir:
                 problems.append(
-                    _problem(
+                    contract_problem(
                         owner.where,
                         (f"{name}: SHOAL_CACHE_SHM_DIR {theirs!r} != the daemon's {shm_dir!r}"),
                     )
                 )
             if mounts.get(shm_dir) != shm_dir:
                 problems.append(
-                    _problem(
+                    contract_problem(
                         owner.where,
                         (
                             f"{name}: {shm_dir} is not the host path {shm_dir} mounted at the same "
@@ -236,7 +235,7 @@ def one_shm_path(objects: list[Obj], values: Values) -> list[Problem]:
                 )
             if runtime_dir and mounts.get(runtime_dir) != runtime_dir:
                 problems.append(
-                    _problem(
+                    contract_problem(
                         owner.where,
                         (
                             f"{name}: the runtime dir {runtime_dir} is not a host path mounted "
@@ -251,7 +250,7 @@ def one_shm_path(objects: list[Obj], values: Values) -> list[Problem]:
                 endpoint = (config.get("kv_connector_extra_config") or {}).get("endpoint")
                 if endpoint != socket:
                     problems.append(
-                        _problem(
+                        contract_problem(
                             owner.where,
                             (
                                 f"{name}: the connector endpoint {endpoint!r} != the daemon's "
@@ -263,7 +262,7 @@ def one_shm_path(objects: list[Obj], values: Values) -> list[Problem]:
             if events is not None and events.get("enable_kv_cache_events", True):
                 slots = values.cache.num_event_slots
                 for message in _events_problems(events, env, runtime_dir, slots):
-                    problems.append(_problem(owner.where, f"{name}: {message}"))
+                    problems.append(contract_problem(owner.where, f"{name}: {message}"))
     return problems
 
 
@@ -274,7 +273,7 @@ def same_host_pid(objects: list[Obj], values: Values) -> list[Problem]:
         mine = bool(pod.spec.get("hostPID", False))
         if daemons and daemons != {mine}:
             problems.append(
-                _problem(
+                contract_problem(
                     pod.where,
                     f"hostPID {mine} differs from the cache daemon's {sorted(daemons)} (leases "
                     "of a killed engine are freed by pidfd only when both see the host's PIDs)",

@@ -24,16 +24,17 @@ from deploy.checks import (
     Problem,
     all_containers,
     command_words,
+    contract_problem,
     env_of,
     flag_values,
     pod_templates,
     shoal_component,
     where,
 )
-from deploy.checks.credentials import is_loopback
 from deploy.checks.node import engines
 from deploy.checks.services import dials, selects
 from deploy.values import Values
+from shoal.config import is_loopback
 
 __all__ = ["LISTENERS", "listen_ports", "policies_and_selectors"]
 
@@ -51,10 +52,6 @@ LISTENERS: dict[str, tuple[tuple[str, str, int], ...]] = {
 }
 VLLM_DEFAULTS = ("0.0.0.0", 8000)  # vLLM binds every address when --host is not given
 _PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
-
-
-def _problem(at: str, message: str) -> Problem:
-    return Problem("contract", at, message)
 
 
 def _settings_class(component: str) -> type:
@@ -142,7 +139,7 @@ def listen_ports(objects: list[Obj], values: Values) -> list[Problem]:
                 hosts = [host for bound, host in listeners if bound == number]
                 if not hosts:
                     problems.append(
-                        _problem(
+                        contract_problem(
                             at,
                             f"{by} targets port {port} ({number}), but "
                             f"the process listens on {sorted(p for p, _ in listeners)}",
@@ -150,7 +147,7 @@ def listen_ports(objects: list[Obj], values: Values) -> list[Problem]:
                     )
                 elif all(is_loopback(h) for h in hosts):
                     problems.append(
-                        _problem(
+                        contract_problem(
                             at,
                             f"{by} targets port {port} ({number}), but "
                             f"the process listens on {hosts[0]} only",
@@ -159,7 +156,7 @@ def listen_ports(objects: list[Obj], values: Values) -> list[Problem]:
             for bound, host in listeners:
                 if not is_loopback(host) and bound not in declared:
                     problems.append(
-                        _problem(
+                        contract_problem(
                             at,
                             f"listens on {host}:{bound}, which is not a "
                             f"declared containerPort {sorted(declared)}",
@@ -224,14 +221,16 @@ def _policy_problems(objects: list[Obj], pods: list[PodTemplate]) -> list[Proble
         spec, namespace = policy.get("spec") or {}, policy["metadata"].get("namespace", "default")
         chosen = _selected(pods, spec.get("podSelector"), namespace)
         if not chosen:
-            problems.append(_problem(where(policy), "its podSelector selects no rendered pod"))
+            problems.append(
+                contract_problem(where(policy), "its podSelector selects no rendered pod")
+            )
             continue
         ports = _ports_of(chosen)
         for rule in spec.get("ingress") or []:
             for item in rule.get("ports") or []:
                 if item.get("port") is not None and item["port"] not in ports:
                     problems.append(
-                        _problem(
+                        contract_problem(
                             where(policy),
                             f"port {item['port']!r} is no "
                             "containerPort of the pods it selects (it matches nothing)",
@@ -291,7 +290,7 @@ def _policy_problems(objects: list[Obj], pods: list[PodTemplate]) -> list[Proble
                     ]
                     if guarding and not any(_admits(p, dialer, keys) for p in guarding):
                         problems.append(
-                            _problem(
+                            contract_problem(
                                 f"{dialer.where} container {container.get('name')}",
                                 (
                                     f"dials {dialed}, "
@@ -314,7 +313,7 @@ def policies_and_selectors(objects: list[Obj], values: Values) -> list[Problem]:
                     port = action.get("port")
                     if not isinstance(port, int) and _port_number(container, port) is None:
                         problems.append(
-                            _problem(
+                            contract_problem(
                                 f"{pod.where} container {container.get('name')}",
                                 f"{probe} port {port!r} is not a port of the container",
                             )
@@ -326,14 +325,16 @@ def policies_and_selectors(objects: list[Obj], values: Values) -> list[Problem]:
             and not all(pod.labels.get(k) == v for k, v in selector.items())
         ):
             problems.append(
-                _problem(pod.where, f"selector {selector} does not match its template's labels")
+                contract_problem(
+                    pod.where, f"selector {selector} does not match its template's labels"
+                )
             )
     for pdb in objects:
         if pdb.get("kind") == "PodDisruptionBudget":
             spec, namespace = pdb.get("spec") or {}, pdb["metadata"].get("namespace", "default")
             if not _selected(pods, spec.get("selector"), namespace):
                 problems.append(
-                    _problem(
+                    contract_problem(
                         where(pdb), "its selector selects no rendered pod (it protects nothing)"
                     )
                 )

@@ -43,7 +43,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy.checks import PodTemplate, Problem, all_containers, env_of, pod_templates, where
+from deploy.checks import (
+    PodTemplate,
+    Problem,
+    all_containers,
+    env_of,
+    pod_templates,
+    shoal_component,
+    where,
+)
 
 __all__ = [
     "CONDITIONS",
@@ -224,10 +232,9 @@ def _needed(pod: PodTemplate) -> list[tuple[ApiCall, str | None, str | None]]:
     containers can make."""
     needed: list[tuple[ApiCall, str | None, str | None]] = []
     for container in all_containers(pod.spec):
-        command = list(container.get("command") or []) + list(container.get("args") or [])
-        if len(command) < 2 or Path(str(command[0])).name != "shoal":
+        component, env = shoal_component(container), env_of(container)
+        if not component:
             continue
-        component, env = str(command[1]), env_of(container)
         name = NAMES[component](env) if component in NAMES else None
         for package in PACKAGES.get(component, ()):
             for call in scan_calls(package):

@@ -20,16 +20,20 @@ import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
-from deploy.checks import PodTemplate, Problem, all_containers, env_of, pod_templates, where
+from deploy.checks import (
+    PodTemplate,
+    Problem,
+    all_containers,
+    contract_problem,
+    env_of,
+    pod_templates,
+    where,
+)
 from deploy.values import Values
 
 __all__ = ["dialed_services", "dials", "selects"]
 
 Obj = dict[str, Any]
-
-
-def _problem(at: str, message: str) -> Problem:
-    return Problem("contract", at, message)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,11 +125,11 @@ def _service_problems(objects: list[Obj], dial: _Dial, at: str) -> list[Problem]
     ]
     target = f"{dial.namespace}/{dial.service}:{dial.port} ({dial.why})"
     if not services:
-        return [_problem(at, f"dials {target}: no such Service is rendered")]
+        return [contract_problem(at, f"dials {target}: no such Service is rendered")]
     spec = services[0].get("spec") or {}
     ports = [p for p in spec.get("ports") or [] if dial.port in (p.get("port"), p.get("name"))]
     if not ports:
-        return [_problem(at, f"dials {target}: the Service has no such port")]
+        return [contract_problem(at, f"dials {target}: the Service has no such port")]
     target_port = ports[0].get("targetPort", ports[0].get("port"))
     pods = [
         p
@@ -134,7 +138,7 @@ def _service_problems(objects: list[Obj], dial: _Dial, at: str) -> list[Problem]
     ]
     if not any(_exposes(p, target_port) for p in pods):
         return [
-            _problem(
+            contract_problem(
                 at,
                 f"dials {target}: the Service selects no rendered pod exposing port {target_port}",
             )
@@ -164,7 +168,7 @@ def _monitor_problems(objects: list[Obj]) -> list[Problem]:
                     and selects(selector, o["metadata"].get("labels") or {})
                 ]
                 if not found:
-                    problems.append(_problem(where(monitor), "selects no Service"))
+                    problems.append(contract_problem(where(monitor), "selects no Service"))
                 for service in found:
                     dial = _Dial(
                         service["metadata"].get("namespace", "default"),
@@ -179,7 +183,7 @@ def _monitor_problems(objects: list[Obj]) -> list[Problem]:
                 if p.namespace in names and selects(selector, p.labels)
             ):
                 problems.append(
-                    _problem(
+                    contract_problem(
                         where(monitor),
                         f"port {port!r}: no selected pod has a container port of that name",
                     )
