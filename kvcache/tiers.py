@@ -36,9 +36,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-import xxhash
-
 from kvcache.allocator import AllocatorStats, SlabAllocator
+from kvcache.checksums import block_checksum, copy_checksum_exact
 from kvcache.errors import CorruptBlock
 
 __all__ = [
@@ -61,27 +60,9 @@ def padded(nbytes: int) -> int:
     return -(-nbytes // PAGE) * PAGE
 
 
-def block_checksum(data: bytes | bytearray | memoryview) -> int:
-    """The integrity checksum every block carries: xxh3-64 of its payload."""
-    return xxhash.xxh3_64_intdigest(data)
-
-
-# Copy and hash in pieces small enough to stay in L2 between the two passes, so a block is
-# read from DRAM once: hashing then costs its (fast) in-cache time, not a second DRAM pass.
-_PIECE = 256 << 10
-
-
-def copy_hashing_target(source: memoryview, target: memoryview) -> int:
-    """``target[:] = source``; returns the checksum of the bytes that landed (reader's side)."""
-    if len(source) <= _PIECE:
-        target[:] = source
-        return xxhash.xxh3_64_intdigest(target)
-    hasher = xxhash.xxh3_64()
-    for start in range(0, len(source), _PIECE):
-        end = start + _PIECE
-        target[start:end] = source[start:end]
-        hasher.update(target[start:end])
-    return hasher.intdigest()
+# The checksum and the one-pass copy live in kvcache.checksums (compiled where possible);
+# tier moves read one tier and write another: the checksum is of the bytes that landed.
+copy_hashing_target = copy_checksum_exact
 
 
 class Tier(enum.IntEnum):

@@ -11,8 +11,8 @@ A flow is a generator that yields requests and receives replies; ``CacheClient``
 
 Batches larger than ``pipeline_bytes`` (4 MiB) are cut into pieces and the request for
 piece i+1 is in flight while piece i is copied, so the daemon's work and the round trip
-hide behind the copy (the daemon runs on another core). Copies and checksums go in
-256 KiB pieces that stay in L2 between the two passes (``kvcache.tiers``).
+hide behind the copy (the daemon runs on another core). Each copy checksums the bytes it
+moves in the same pass (``kvcache.checksums``: compiled, one pass over DRAM).
 
 Payloads are any C-contiguous buffer (bytes, bytearray, memoryview, numpy array; a torch
 tensor via ``t.view(torch.uint8).numpy()``). The writer checksums (xxh3-64) the bytes it
@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvcache import messages as m
+from kvcache.checksums import block_checksum, copy_checksum_exact, copy_checksum_source
 from kvcache.client.session import ClientSession
 from kvcache.errors import ProtocolError
 from kvcache.keys import join_keys
 from kvcache.store import ReserveStatus
-from kvcache.tiers import block_checksum, copy_hashing_target
 
 __all__ = ["BlockView", "ClusterLookup", "PutResult", "Reservation"]
 
@@ -224,7 +224,7 @@ class _ClientFlows(ClientSession):
                         aborted.append(keys[i])
                 else:
                     view = views[i]
-                    checksums.append(copy_hashing_target(view, self._slot(offset, len(view))))
+                    checksums.append(copy_checksum_source(view, self._slot(offset, len(view))))
                     written.append(keys[i])
             if aborted:
                 yield self._request(m.AbortRequest, keys=join_keys(aborted))
@@ -290,7 +290,7 @@ class _ClientFlows(ClientSession):
                         break
                     source = self._slot(offset, size)
                     if self.verify_reads:
-                        if copy_hashing_target(source, target) != checksum:
+                        if copy_checksum_exact(source, target) != checksum:
                             gap = True  # torn or corrupt: a miss, never wrong data
                             corrupt.append(keys[lo + j])
                             break

@@ -232,6 +232,35 @@ def test_a_peer_cannot_answer_a_fetch_sent_to_another_peer(peers: list[FakePeer]
         harness.close()
 
 
+def test_a_reply_lands_by_chained_runs_and_a_bad_block_or_repeat_spoils_only_itself(
+    peers: list[FakePeer],
+) -> None:
+    """Replies land one run of chained blocks per reserve/commit (issue 17); a block with a
+    bad checksum in the middle of a run, and a block sent twice, cost only themselves."""
+    holder, _, _ = peers
+    harness = Harness(peers)
+    try:
+        joined(harness, holder)
+        holder.announce(1, [key(1), key(2), key(3)])
+        assert harness.until(lambda: harness.node.view.index.num_blocks() == 3)
+        done: list[bool] = []
+        harness.node.fetch([key(1), key(2), key(3)], lambda: done.append(True))
+        identity, fetch = holder.receive(harness.step)
+        assert fetch["op"] == "fetch"
+        sums = [block_checksum(data(i)) for i in (1, 2, 3)]
+        holder.reply(identity, {"id": fetch["id"], "found": [0, 1, 2, 2],
+                                "sizes": [BLOCK] * 4,
+                                "checksums": [sums[0], sums[1] ^ 1, sums[2], sums[2]],
+                                "namespaces": [""] * 4},
+                     data(1), data(2), data(3), data(3))  # fmt: skip
+        assert harness.until(lambda: bool(done))
+        assert harness.read(1) == data(1)
+        assert harness.read(2) is None, "a block failing its checksum landed"
+        assert harness.read(3) == data(3)
+    finally:
+        harness.close()
+
+
 # -- m7: serving peers leaves the hot tier alone -------------------------------------------
 
 
