@@ -25,6 +25,22 @@ Why two copy functions (they differ only in what a concurrent change of the sour
                           source (shared memory another process could write after a lease
                           broke) changes during the copy.
 
+Batches (one call per pipeline piece; the per-block loop runs in C, without the GIL):
+
+``put_into(arena, offsets, sources)``            copies each source into its arena slot with
+                                                 ``copy_checksum_source``; the checksums
+``get_from(arena, offsets, sizes, checksums,     copies leased blocks out, in order, with
+           targets, verify)``                    ``copy_checksum_exact``; stops at the first
+                                                 missing, mis-sized or (``verify``) corrupt
+                                                 block; ``(served, corrupt)``
+
+``Hasher()`` streams one checksum over several buffers in order (``update``, ``intdigest``,
+as ``xxhash.xxh3_64``): the connector verifies a chunk layer range by layer range. One
+object is not for concurrent use by several threads.
+
+Both batches check every slot against the arena before copying anything (a ``ValueError``: the
+offsets come from the daemon, over the wire).
+
 ``IMPLEMENTATION`` names the one in use ("native-avx2", "native-generic" or "python");
 the daemon logs it at start and ``bench/kvcache.py`` prints it.
 """
@@ -32,16 +48,19 @@ the daemon logs it at start and ``bench/kvcache.py`` prints it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import xxhash
 
 __all__ = [
     "IMPLEMENTATION",
+    "Hasher",
     "block_checksum",
     "copy_checksum_exact",
     "copy_checksum_source",
+    "get_from",
+    "put_into",
 ]
 
 # Fallback: copy and hash in pieces that stay in L2 between the two passes, so a block is
@@ -68,6 +87,54 @@ def _python_copy_checksum(source: memoryview, target: memoryview) -> int:
     return hasher.intdigest()
 
 
+def _slot(arena: memoryview, offset: int, nbytes: int, what: str) -> memoryview:
+    if offset < 0 or offset + nbytes > len(arena):
+        raise ValueError(
+            f"{what} (offset {offset}, {nbytes} bytes) is outside the arena ({len(arena)} bytes)"
+        )
+    return arena[offset : offset + nbytes]
+
+
+def _python_put_into(arena: Any, offsets: Sequence[int], sources: Sequence[Any]) -> list[int]:
+    if len(offsets) != len(sources):
+        raise ValueError(f"put_into: {len(offsets)} offsets but {len(sources)} sources")
+    memory = memoryview(arena).cast("B")
+    views = [memoryview(source).cast("B") for source in sources]
+    slots = [
+        _slot(memory, offset, len(view), f"put_into: slot {i}")
+        for i, (offset, view) in enumerate(zip(offsets, views, strict=True))
+    ]
+    return [_python_copy_checksum(view, slot) for view, slot in zip(views, slots, strict=True)]
+
+
+def _python_get_from(
+    arena: Any,
+    offsets: Sequence[int],
+    sizes: Sequence[int],
+    checksums: Sequence[int],
+    targets: Sequence[Any],
+    verify: bool,
+) -> tuple[int, bool]:
+    if not len(offsets) == len(sizes) == len(checksums):
+        raise ValueError("get_from: offsets, sizes and checksums differ in length")
+    memory = memoryview(arena).cast("B")
+    pairs: list[tuple[memoryview, memoryview, int]] = []
+    for i, (offset, nbytes, checksum, target) in enumerate(
+        zip(offsets, sizes, checksums, targets, strict=False)
+    ):
+        out = memoryview(target).cast("B")
+        if offset < 0 or nbytes != len(out):
+            break
+        pairs.append((_slot(memory, offset, nbytes, f"get_from: block {i}"), out, checksum))
+    for served, (source, out, checksum) in enumerate(pairs):
+        if verify:
+            if _python_copy_checksum(source, out) != checksum:
+                return served, True
+        else:
+            out[:] = source
+    return len(pairs), False
+
+
 def _load_native() -> Any:
     if os.environ.get("SHOAL_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
@@ -83,14 +150,25 @@ _native = _load_native()
 block_checksum: Callable[[Any], int]
 copy_checksum_source: Callable[[Any, Any], int]
 copy_checksum_exact: Callable[[Any, Any], int]
+Hasher: Callable[[], Any]
+put_into: Callable[[Any, Sequence[int], Sequence[Any]], list[int]]
+get_from: Callable[
+    [Any, Sequence[int], Sequence[int], Sequence[int], Sequence[Any], bool], tuple[int, bool]
+]
 
 if _native is not None:
     IMPLEMENTATION = f"native-{_native.KERNEL}"
     block_checksum = _native.checksum
     copy_checksum_source = _native.copy_checksum_source
     copy_checksum_exact = _native.copy_checksum_exact
+    put_into = _native.put_into
+    get_from = _native.get_from
+    Hasher = _native.Hasher
 else:
     IMPLEMENTATION = "python"
     block_checksum = _python_checksum
     copy_checksum_source = _python_copy_checksum
     copy_checksum_exact = _python_copy_checksum
+    put_into = _python_put_into
+    get_from = _python_get_from
+    Hasher = xxhash.xxh3_64

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvcache import messages as m
-from kvcache.checksums import block_checksum, copy_checksum_exact, copy_checksum_source
+from kvcache.checksums import block_checksum, copy_checksum_source, get_from, put_into
 from kvcache.client.session import ClientSession
 from kvcache.errors import ProtocolError
 from kvcache.keys import join_keys
@@ -41,6 +41,8 @@ from kvcache.store import ReserveStatus
 __all__ = ["BlockView", "ClusterLookup", "PutResult", "Reservation"]
 
 T = TypeVar("T")
+
+_OK = bytes([ReserveStatus.OK])
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +215,10 @@ class _ClientFlows(ClientSession):
             request, lo, hi = in_flight.popleft()
             reply = yield _Collect(request.id)
             statuses, offsets = _reserve_answer(reply, hi - lo)
+            if not full and not statuses.strip(_OK):  # every slot reserved: one batch copy
+                checksums.extend(self._put_into(offsets, views[lo:hi]))
+                written.extend(keys[lo:hi])
+                continue
             aborted: list[bytes] = []
             for i, status, offset in zip(range(lo, hi), statuses, offsets, strict=True):
                 if status == ReserveStatus.EXISTS:
@@ -231,6 +237,29 @@ class _ClientFlows(ClientSession):
         no_space += sum(hi - lo for lo, hi in pieces[sent:])
         stored = (yield from self._commit_flow(written, checksums, wait)) if written else 0
         return PutResult(stored=stored, existed=existed, no_space=no_space)
+
+    def _put_into(self, offsets: Sequence[int], views: Sequence[memoryview]) -> list[int]:
+        """Copy a piece's payloads into their reserved slots in one call; their checksums."""
+        assert self._arena is not None, "arena used before hello"
+        try:
+            return put_into(self._arena, offsets, views)
+        except ValueError as error:  # a slot outside the arena: the daemon is wrong
+            raise ProtocolError(f"daemon sent a slot outside the arena: {error}") from None
+
+    def _get_from(
+        self,
+        offsets: Sequence[int],
+        sizes: Sequence[int],
+        checksums: Sequence[int],
+        targets: Sequence[memoryview],
+    ) -> tuple[int, bool]:
+        """Copy a piece's leased blocks out in one call, in order, verifying each (when
+        ``verify_reads``); stops at the first missing, mis-sized or corrupt block."""
+        assert self._arena is not None, "arena used before hello"
+        try:
+            return get_from(self._arena, offsets, sizes, checksums, targets, self.verify_reads)
+        except ValueError as error:
+            raise ProtocolError(f"daemon sent a block outside the arena: {error}") from None
 
     def _get_flow(self, keys: Sequence[bytes], prefix: bool) -> _Flow[list[BlockView | None]]:
         reply = yield self._request(m.GetRequest, keys=join_keys(keys), prefix=prefix)
@@ -265,41 +294,35 @@ class _ClientFlows(ClientSession):
         gap = False  # past a miss or a bad block nothing more can be used
         leased: list[bytes] = []
         corrupt: list[bytes] = []
-        in_flight: deque[tuple[m.GetRequest, int]] = deque()
+        in_flight: deque[tuple[m.GetRequest, int, int]] = deque()
         sent = 0
         while sent < len(pieces) or in_flight:
             while sent < len(pieces) and len(in_flight) < self.pipeline_depth and not gap:
                 request = get(*pieces[sent])
                 yield _Later(request)
-                in_flight.append((request, pieces[sent][0]))
+                in_flight.append((request, *pieces[sent]))
                 sent += 1
             if not in_flight:
                 break
-            request, lo = in_flight.popleft()
+            request, lo, hi = in_flight.popleft()
             reply = yield _Collect(request.id)
             assert reply is not None
             offsets, sizes, checksums = reply["offsets"], reply["sizes"], reply["checksums"]
             leased.extend(keys[lo + j] for j, offset in enumerate(offsets) if offset >= 0)
+            if gap:
+                continue
             try:
-                for j, (offset, size, checksum) in enumerate(
-                    zip(offsets, sizes, checksums, strict=True)
-                ):
-                    target = targets[lo + j]
-                    if gap or offset < 0 or size != len(target):
-                        gap = True
-                        break
-                    source = self._slot(offset, size)
-                    if self.verify_reads:
-                        if copy_checksum_exact(source, target) != checksum:
-                            gap = True  # torn or corrupt: a miss, never wrong data
-                            corrupt.append(keys[lo + j])
-                            break
-                    else:
-                        target[:] = source
-                    served += 1
+                if not len(offsets) == len(sizes) == len(checksums):
+                    raise ProtocolError("get reply fields differ in length")
+                count, bad = self._get_from(offsets, sizes, checksums, targets[lo:hi])
             except ProtocolError:
                 yield from self._release_flow(leased)
                 raise
+            served += count
+            if count < hi - lo:  # past a miss or a bad block nothing more can be used
+                gap = True
+                if bad:  # torn or corrupt: a miss, never wrong data
+                    corrupt.append(keys[lo + count])
         yield from self._release_flow(leased)
         if corrupt:  # stop the daemon advertising bytes that fail their checksum
             yield self._request(m.DeleteRequest, keys=join_keys(corrupt))

@@ -55,9 +55,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import xxhash
 import zmq
 
+from kvcache.checksums import Hasher
 from kvcache.client import BlockView, CacheClient, Reservation
 from kvcache.connector.layout import LayerLayout, detect_layout
 from kvcache.connector.metrics import Counters
@@ -162,7 +162,7 @@ class _Load:
     rest: tuple[tuple[int, ...], ...]  # block ids of this chunk and the job's later chunks
     skip: int  # leading KEEP blocks
     index: torch.Tensor  # destination block ids (after the KEEP ones), on the cache's device
-    hasher: Any = field(default_factory=xxhash.xxh3_64)
+    hasher: Any = field(default_factory=Hasher)
 
 
 @dataclass(slots=True)

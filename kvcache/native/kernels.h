@@ -83,6 +83,16 @@ static inline void KERNEL(fence)(void) {
 
 uint64_t KERNEL(hash)(const void *data, size_t n) { return XXH3_64bits(data, n); }
 
+/* Streaming: the state lives in the caller's (64-byte aligned) memory. */
+size_t KERNEL(state_size)(void) { return sizeof(XXH3_state_t); }
+void KERNEL(state_reset)(void *state) { XXH3_64bits_reset((XXH3_state_t *)state); }
+void KERNEL(state_update)(void *state, const void *data, size_t n) {
+    XXH3_64bits_update((XXH3_state_t *)state, data, n);
+}
+uint64_t KERNEL(state_digest)(const void *state) {
+    return XXH3_64bits_digest((const XXH3_state_t *)state);
+}
+
 /* Bytes before dst is 32-byte aligned: copied and hashed with ordinary stores. */
 static inline size_t KERNEL(head_bytes)(const uint8_t *dst, size_t n) {
     size_t head = (size_t)((32 - ((uintptr_t)dst & 31)) & 31);
