@@ -243,7 +243,10 @@ class CacheClient(_ClientFlows):
         return self._call(lambda: self._put_flow(keys, payloads, parent, wait))
 
     def get_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
-        """Copy the longest cached, verified prefix of ``keys`` into ``outs``; return its length."""
+        """Copy the longest cached, verified prefix of ``keys`` into ``outs``; return its length.
+
+        ``outs`` past that length may hold anything (a corrupt block is copied, then fails
+        its check): use only the first ``n``."""
         return self._call(lambda: self._get_into_flow(keys, outs))
 
     def reserve(
