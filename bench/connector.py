@@ -134,7 +134,7 @@ def measure_copies(args: argparse.Namespace, endpoint: str) -> dict[str, Any]:
             else:
                 torch.index_select(cache, 1, src_index, out=buffer)
         _sync(device)
-        return moved / (time.perf_counter() - start) / 1e9
+        return float(moved / (time.perf_counter() - start) / 1e9)
 
     def limit_load() -> float:
         _sync(device)
@@ -142,7 +142,7 @@ def measure_copies(args: argparse.Namespace, endpoint: str) -> dict[str, Any]:
         for buffer, cache in zip(staging, caches.values(), strict=True):
             cache.index_copy_(1, dst_index, buffer.to(device, non_blocking=True))
         _sync(device)
-        return moved / (time.perf_counter() - start) / 1e9
+        return float(moved / (time.perf_counter() - start) / 1e9)
 
     # -- Shoal: the connector's worker against the daemon --------------------------------
     settings = ConnectorSettings(endpoint=endpoint, io_timeout_s=30)

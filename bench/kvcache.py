@@ -4,7 +4,7 @@ One run measures, for blocks of 64 KiB, 256 KiB, 1 MiB and 4 MiB (``--sizes``), 
 2 client processes (``--clients 1``, ``2`` or ``1,2``), in *rounds* (``bench/rounds.py``):
 each round runs every contender once, back to back, on the same block size:
 
-    limit (processes), limit (torch), Shoal put / get / get unverified, aibrix, LMCache
+    limit (torch), limit (processes), Shoal put / get / get unverified, aibrix, LMCache
 
 and every figure is reported as the median of its rounds with min and max; every ratio
 (Shoal / limit, Shoal / anchor) is taken round by round and summarised the same way, so
@@ -342,16 +342,17 @@ def measure_size(
         )
         anchor_info[name] = setup.get("info", setup)
 
-    gbps: dict[str, list[float]] = {k: [] for k in ("procs", "torch", "limit")}
-    for key in ("put", "get", "get_unverified"):
-        gbps[key] = []
+    kinds = ("procs", "torch", "limit", "put", "get", "get_unverified")
+    gbps: dict[str, list[float]] = {k: [] for k in kinds}
     calls: dict[str, list[float]] = {"put": [], "get": []}
-    anchor_gbps = {
+    anchor_gbps: dict[str, dict[str, list[float]]] = {
         n: {p: [] for p in ANCHOR_PHASES} for n in anchors if "error" not in anchor_info[n]
     }
     for _ in range(args.rounds):
-        procs = moved / max(clients.ask(num_clients, "memcpy", num_clients)) / 1e9
+        # torch first: its OpenMP workers may spin a moment after a copy, and the limit's
+        # processes, not Shoal's clients, should be the ones that absorb it.
         torch_gbps = torch_copy.nbytes / torch_copy.round() / 1e9
+        procs = moved / max(clients.ask(num_clients, "memcpy", num_clients)) / 1e9
         gbps["procs"].append(procs)
         gbps["torch"].append(torch_gbps)
         gbps["limit"].append(max(procs, torch_gbps))
