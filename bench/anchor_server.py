@@ -36,7 +36,17 @@ PREFIX = "@@anchor "
 HERE = Path(__file__).resolve().parent
 
 
+def _die_with_parent() -> None:
+    """SIGKILL this process when its parent dies: a stopped process would wait forever."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def serve(name: str) -> int:
+    _die_with_parent()
     import anchors  # bench/ is sys.path[0] when this file runs as a script
 
     sessions = {"aibrix": anchors.aibrix_session, "lmcache": anchors.lmcache_session}
