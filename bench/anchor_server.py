@@ -113,6 +113,10 @@ class AnchorProcess:
         )
         self._stopped = False
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and wait for its answer (the process runs only meanwhile)."""
         assert self._process.stdin is not None and self._process.stdout is not None

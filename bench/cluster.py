@@ -86,7 +86,7 @@ import xxhash  # noqa: E402
 import zmq  # noqa: E402
 from prometheus_client import CollectorRegistry, Counter, Histogram  # noqa: E402
 
-from bench.rounds import Spread, fmt_spread, paired_ratios  # noqa: E402
+from bench.rounds import ForeignCpu, Spread, fmt_spread, paired_ratios  # noqa: E402
 from kvcache.client import CacheClient  # noqa: E402
 from kvcache.cluster.index import ClusterIndex  # noqa: E402
 from kvcache.cluster.messages import (  # noqa: E402
@@ -423,6 +423,10 @@ class RawPeer:
         assert received == self.num_blocks * self.block_bytes, received
         return elapsed
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid or 0
+
     def close(self) -> None:
         with contextlib.suppress(zmq.ZMQError):
             self._sock.send(b"stop")
@@ -437,9 +441,16 @@ class RawPeer:
 
 
 def measure_fetch(
-    writer: CacheClient, reader: CacheClient, num_blocks: int, rounds: int
+    writer: CacheClient,
+    reader: CacheClient,
+    num_blocks: int,
+    rounds: int,
+    daemon_pids: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Peer fetch on B of blocks held by A, interleaved round by round with the raw limit."""
+    """Peer fetch on B of blocks held by A, interleaved round by round with the raw limit.
+
+    ``daemon_pids``: A's and B's, so the CPU they use does not count as foreign load.
+    """
     rng = np.random.default_rng(1)
     sources = [rng.integers(0, 256, FETCH_BLOCK, dtype=np.uint8) for _ in range(16)]
     keys = [os.urandom(KEY_BYTES) for _ in range(num_blocks)]
@@ -455,6 +466,8 @@ def measure_fetch(
     peer_s: list[float] = []
     raw_s: list[float] = []
     land_s: list[float] = []
+    watch = ForeignCpu(lambda: [*daemon_pids, raw.pid])
+    watch.start()
     try:
         for index in range(rounds + 1):  # round 0 warms code paths and pages, not counted
             raw_time = raw.round(land=False)
@@ -471,6 +484,7 @@ def measure_fetch(
                 raw_s.append(raw_time)
                 land_s.append(land_time)
                 peer_s.append(peer_time)
+        foreign_cpu = watch.stop()
     finally:
         raw.close()
     out = np.zeros(FETCH_BLOCK, dtype=np.uint8)  # B serves what A holds, bit for bit
@@ -513,6 +527,7 @@ def measure_fetch(
         "peer_fetch_ratio_spread": ratio.to_json(),
         "peer_fetch_land_ratio_spread": land_ratio.to_json(),
         "meets_target": ratio.median >= FETCH_TARGET,
+        "foreign_cpu": foreign_cpu,
     }
 
 
@@ -850,7 +865,8 @@ def _run_daemons(args: argparse.Namespace) -> dict[str, Any]:
                 out["propagation_weighting"] = "per applied batch (one batch per loop turn of A)"
                 rounds_visible = 50 if args.quick else 300
                 out["visibility_idle"] = measure_visibility(writer, reader, rounds_visible)
-            out["fetch"] = measure_fetch(writer, reader, fetch_blocks, rounds)
+            pids = [d.process.pid for d in daemons]
+            out["fetch"] = measure_fetch(writer, reader, fetch_blocks, rounds, pids)
         failed = False
     finally:
         out["daemon_exit_codes"] = {d.node: d.stop() for d in daemons}
@@ -947,7 +963,8 @@ def _fetch_lines(fetch: dict[str, Any]) -> list[str]:
     return [
         "",
         f"Peer fetch, {fetch['blocks']} blocks of 1 MiB, {fetch['rounds']} rounds interleaved "
-        "(raw, raw + landing, peer); GB/s median [min-max] of rounds, best",
+        "(raw, raw + landing, peer); GB/s median [min-max] of rounds, best; other "
+        f"processes took {fetch['foreign_cpu']:.0%} of the CPUs meanwhile",
         f"  peer fetch (B pulls from A, verify + copy into B's arena)   "
         f"{fmt_spread(fetch['peer_fetch_gbps_spread']):>20}  best {fetch['peer_fetch_gbps']:.2f}",
         f"  raw ZeroMQ DEALER/ROUTER, same frames and reply shape       "

@@ -68,7 +68,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.rounds import Spread, fmt_spread, paired_ratios  # noqa: E402
+from bench.rounds import ForeignCpu, Spread, fmt_spread, paired_ratios  # noqa: E402
 from kvcache.client import CacheClient  # noqa: E402
 from kvcache.connector.plan import ChunkGeometry, LoadJob, SaveJob, StepPlan  # noqa: E402
 from kvcache.connector.scheduler import ConnectorScheduler  # noqa: E402
@@ -192,6 +192,8 @@ def measure_copies(args: argparse.Namespace, endpoint: str) -> dict[str, Any]:
         k: [] for k in ("limit_save", "limit_load", "save", "save_committed", "load")
     }
     saved = 0
+    watch = ForeignCpu(lambda: [args.daemon_pid])
+    watch.start()
     for iteration in range(args.rounds + 1):
         round_limit_save, round_limit_load = limit_save(), limit_load()
         save_gbps, commit_gbps, load_gbps, saved = shoal_round()
@@ -201,6 +203,7 @@ def measure_copies(args: argparse.Namespace, endpoint: str) -> dict[str, Any]:
             figures["save"].append(save_gbps)
             figures["save_committed"].append(commit_gbps)
             figures["load"].append(load_gbps)
+    foreign_cpu = watch.stop()
     for src, dst in zip(src_blocks, dst_blocks, strict=True):
         for cache in caches.values():
             if not torch.equal(cache[:, src], cache[:, dst]):
@@ -220,6 +223,7 @@ def measure_copies(args: argparse.Namespace, endpoint: str) -> dict[str, Any]:
         "rounds": args.rounds,
         "statistic": "median of rounds; *_spread and *_ratio hold median, min, max, rounds",
         "saved_chunks_total": saved,
+        "foreign_cpu": foreign_cpu,
         "save_gbps": spreads["save"].median,
         "save_committed_gbps": spreads["save_committed"].median,
         "load_gbps": spreads["load"].median,
@@ -321,6 +325,7 @@ def main() -> None:
     shm = (args.chunks * 32 * MiB) * 2 + 256 * MiB
     with tempfile.TemporaryDirectory(prefix="shoal-bench-connector-") as workdir:
         process, config = _start_daemon(Path(workdir), shm)
+        args.daemon_pid = process.pid
         try:
             result = {
                 "device": args.device,
@@ -340,7 +345,10 @@ def main() -> None:
         f"connector benchmark ({result['shape']}; {result['device']}, {result['machine']}; "
         f"{result['rounds']} rounds interleaved: limit, Shoal)"
     )
-    print("GB/s and ratio (Shoal / limit in the same round) as median [min-max] of rounds")
+    print(
+        "GB/s and ratio (Shoal / limit in the same round) as median [min-max] of rounds; "
+        f"other processes took {result['foreign_cpu']:.0%} of the CPUs meanwhile"
+    )
     print(f"{'':16}{'Shoal GB/s':>22}{'limit GB/s':>22}{'ratio':>17}")
     for op, limit in (("save", "save"), ("save, committed", "save"), ("load", "load")):
         key = op.replace(", ", "_")

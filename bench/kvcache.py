@@ -76,7 +76,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from bench.anchor_server import AnchorProcess  # noqa: E402
-from bench.rounds import Spread, fmt_spread, paired_ratios  # noqa: E402
+from bench.rounds import ForeignCpu, Spread, fmt_spread, paired_ratios  # noqa: E402
 from kvcache.client import CacheClient  # noqa: E402
 from kvcache.config import CacheConfig  # noqa: E402
 from kvcache.errors import CacheUnavailable  # noqa: E402
@@ -88,6 +88,7 @@ ANCHOR_PHASES = ("put_block", "get_block", "put_seq", "get_seq")
 TARGET_RATIO = 0.85
 TARGET_MIN_BLOCK = 256 * KiB
 WORKER_TIMEOUT_S = 600
+OPENMP_SETTLE_S = 0.2  # idle OpenMP workers stop spinning well within this (libgomp)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -171,8 +172,17 @@ def _memcpy_round(pools: _Pools, num_batches: int) -> float:
     return time.perf_counter() - started
 
 
-def _shoal_round(client: CacheClient, pools: _Pools, num_batches: int) -> dict[str, list[float]]:
-    """Put every batch, read every batch back (verified, then not), delete: call times."""
+def _shoal_round(
+    client: CacheClient, pools: _Pools, num_batches: int, barrier: Any
+) -> dict[str, list[float]]:
+    """Put every batch, read every batch back (verified, then not), delete: call times.
+
+    Every phase starts at the barrier of all clients, so the slowest client's time in a
+    phase is the phase's wall time and aggregate = bytes / that time. Without it, clients
+    drift apart (one puts while another gets) and a client that ran its phase alone
+    counts as if the others had shared the machine with it: with 2 clients that made the
+    put look faster than 2 processes copying.
+    """
     bpb = pools.blocks_per_batch
     batches = [[os.urandom(16) for _ in range(bpb)] for _ in range(num_batches)]
     times: dict[str, list[float]] = {"put": [], "get": [], "get_unverified": []}
@@ -184,6 +194,7 @@ def _shoal_round(client: CacheClient, pools: _Pools, num_batches: int) -> dict[s
         assert result.stored == bpb, result
     for verify, name in ((True, "get"), (False, "get_unverified")):
         client.verify_reads = verify
+        barrier.wait(timeout=WORKER_TIMEOUT_S)
         for index, keys in enumerate(batches):
             outs = pools.batch(pools.outs, index)
             started = time.perf_counter()
@@ -235,7 +246,7 @@ def _client_worker(endpoint: str, worker: int, conn: Any, barriers: dict[int, An
                 if request[0] == "memcpy":
                     conn.send(_memcpy_round(pools, num_batches))
                 elif request[0] == "shoal":
-                    conn.send(_shoal_round(client, pools, num_batches))
+                    conn.send(_shoal_round(client, pools, num_batches, barriers[request[1]]))
                 else:
                     conn.send(f"unknown request {request[0]!r}")
             except Exception as exc:  # the main process raises it with the worker's name
@@ -277,6 +288,10 @@ class Clients:
             answers.append(answer)
         return answers
 
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self._processes]
+
     def close(self) -> None:
         for conn in self._conns:
             with contextlib.suppress(BrokenPipeError, OSError):
@@ -306,6 +321,9 @@ class TorchCopy:
             raise RuntimeError("torch copy limit copied wrong bytes")
 
     def round(self) -> float:
+        """Seconds of one copy of every block; then, with threads, a pause (not timed)
+        until the OpenMP workers have stopped spinning, so they take no CPU from what runs
+        next."""
         old = self._torch.get_num_threads()
         self._torch.set_num_threads(self.threads)
         try:
@@ -315,6 +333,8 @@ class TorchCopy:
             return time.perf_counter() - started
         finally:
             self._torch.set_num_threads(old)
+            if self.threads > 1:
+                time.sleep(OPENMP_SETTLE_S)
 
 
 # -- one client count, all sizes -----------------------------------------------------------
@@ -327,7 +347,11 @@ def measure_size(
     block_bytes: int,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """``args.rounds`` interleaved rounds of every contender on blocks of ``block_bytes``."""
+    """``args.rounds`` interleaved rounds of every contender on blocks of ``block_bytes``.
+
+    The share of the CPUs that other processes took during the rounds is recorded too
+    (``foreign_cpu``, see ``bench/rounds.py``): the daemon's pid is ``args.daemon_pid``.
+    """
     batch_bytes, total = args.batch_mib * MiB, args.total_mib * MiB
     blocks_per_batch = max(1, batch_bytes // block_bytes)
     num_batches = max(2, total // (blocks_per_batch * block_bytes))
@@ -348,9 +372,12 @@ def measure_size(
     anchor_gbps: dict[str, dict[str, list[float]]] = {
         n: {p: [] for p in ANCHOR_PHASES} for n in anchors if "error" not in anchor_info[n]
     }
+    watch = ForeignCpu(lambda: [args.daemon_pid, *clients.pids, *(a.pid for a in anchors.values())])
+    watch.start()
     for _ in range(args.rounds):
-        # torch first: its OpenMP workers may spin a moment after a copy, and the limit's
-        # processes, not Shoal's clients, should be the ones that absorb it.
+        # torch first, then a pause (TorchCopy.round): with N > 1 threads its OpenMP
+        # workers spin a while after a copy and took ~25% from the processes' copy that
+        # followed at once on 2 vCPUs, which made the limit look lower than it is.
         torch_gbps = torch_copy.nbytes / torch_copy.round() / 1e9
         procs = moved / max(clients.ask(num_clients, "memcpy", num_clients)) / 1e9
         gbps["procs"].append(procs)
@@ -370,6 +397,7 @@ def measure_size(
             for phase in ANCHOR_PHASES:
                 nbytes = anchor_blocks * block_bytes
                 anchor_gbps[name][phase].append(nbytes / answer[phase] / 1e9)
+    foreign_cpu = watch.stop()
     for process in anchors.values():
         process.request("close")
 
@@ -387,6 +415,7 @@ def measure_size(
             "blocks_per_batch": blocks_per_batch,
             "batches": num_batches,
             "limit_bytes_torch": torch_copy.nbytes,
+            "foreign_cpu": foreign_cpu,
         },
         "anchors": {},
     }
@@ -455,6 +484,7 @@ def summarise(
         out[f"{key}_ratio"] = {}
     out.update(memcpy_detail={}, shoal_detail={}, shoal_vs_anchor={}, ahead_of_anchors={})
     out["meets_target"] = {}
+    out["foreign_cpu"] = {}
     for label, result in per_size.items():
         spreads = result["spreads"]
         out["memcpy_gbps"][label] = spreads["limit"]["median"]
@@ -465,6 +495,7 @@ def summarise(
             out[f"{key}_gbps_spread"][label] = spreads[key]
             out[f"{key}_ratio"][label] = result["ratios"][key]
         out["shoal_detail"][label] = result["detail"]
+        out["foreign_cpu"][label] = result["detail"]["foreign_cpu"]
         if args.sizes[label] >= TARGET_MIN_BLOCK:
             out["meets_target"][label] = {
                 op: result["ratios"][op]["median"] >= TARGET_RATIO for op in ("put", "get")
@@ -499,6 +530,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     process, config = start_daemon(workdir, shm_bytes)
     clients: Clients | None = None
     try:
+        args.daemon_pid = process.pid
         clients = Clients(config.endpoint, most)
         by_clients: dict[str, Any] = {}
         for num_clients in args.clients:
@@ -550,7 +582,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"limit = per round the best of {n} process(es) copying the same blocks concurrently "
         f"and one caller with {n} torch thread(s); ratio = Shoal / limit in the same round",
         f"{'block':>7} {'limit':>19} {'put':>19} {'get':>19} {'put/limit':>15} "
-        f"{'get/limit':>15} {'get*/limit':>15} {'put p50/p99 ms':>15}",
+        f"{'get/limit':>15} {'get*/limit':>15} {'put p50/p99 ms':>15} {'busy':>5}",
     ]
     for label in result["put_gbps"]:
         detail = result["shoal_detail"][label]
@@ -561,11 +593,14 @@ def format_table(result: dict[str, Any]) -> str:
             f"{fmt_spread(result['put_ratio'][label], percent=True):>15} "
             f"{fmt_spread(result['get_ratio'][label], percent=True):>15} "
             f"{fmt_spread(result['get_unverified_ratio'][label], percent=True):>15} "
-            f"{detail['put_p50_ms']:>7.2f}/{detail['put_p99_ms']:<7.2f}"
+            f"{detail['put_p50_ms']:>7.2f}/{detail['put_p99_ms']:<7.2f} "
+            f"{detail.get('foreign_cpu', 0):>5.0%}"
         )
     lines.append(
         "get* = get without checksum verification (client option verify_reads=False); "
-        "limit detail (procs / torch) in --json memcpy_detail"
+        "limit detail (procs / torch) in --json memcpy_detail; busy = share of the CPUs "
+        "other processes took meanwhile (a few % for a run worth recording: a loaded "
+        "machine favours Shoal's clients, which sleep on round trips, over the copy loops)"
     )
     anchor_lines = []
     for label in result["put_gbps"]:

@@ -7,12 +7,13 @@ the arithmetic and the verdicts they print, on figures made up here.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import pytest
 
 from bench import kvcache as kv_bench
-from bench.rounds import Spread, fmt_spread, paired_ratios
+from bench.rounds import ForeignCpu, Spread, fmt_spread, paired_ratios
 
 
 def test_a_spread_is_the_median_min_and_max_of_its_rounds() -> None:
@@ -89,7 +90,7 @@ def _size_result(
             "get": ratio(get, limit),
             "get_unverified": ratio(get, limit),
         },
-        "detail": {"put_p50_ms": 1.0, "put_p99_ms": 2.0},
+        "detail": {"put_p50_ms": 1.0, "put_p99_ms": 2.0, "foreign_cpu": 0.04},
         "anchors": {
             "aibrix": {
                 "info": {},
@@ -150,3 +151,22 @@ def test_ahead_of_an_anchor_means_above_it_in_the_median_of_rounds() -> None:
     assert "behind aibrix get_block" in table
     assert "lmcache  not installed" in table
     assert "target 64KiB" not in table
+
+
+def test_foreign_cpu_reads_processes_and_forgets_gone_ones() -> None:
+    from bench.rounds import _process_cpu_s
+
+    assert _process_cpu_s(os.getpid()) > 0  # this test process has run
+    assert _process_cpu_s(2**22 + 1) == 0.0  # above pid_max: never a live process
+
+
+def test_foreign_cpu_is_a_share_of_all_cpus() -> None:
+    watch = ForeignCpu(lambda: [os.getpid()])
+    watch.start()
+    share = watch.stop()
+    assert 0.0 <= share <= 1.0
+
+
+def test_foreign_cpu_stops_only_after_starting() -> None:
+    with pytest.raises(AssertionError, match="before start"):
+        ForeignCpu().stop()
