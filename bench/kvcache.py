@@ -24,8 +24,9 @@ a drift in background load hits both sides of a ratio and a target is met in the
   ``verify_reads=False`` opt-out). Each client puts ``--total-mib`` of blocks in calls of
   ``--batch-mib``, then reads them all back (the working set is far larger than the L3, so
   gets read cold arena memory, as the limit and the anchors do), then deletes them.
-  Throughput is aggregate bytes / the slowest client's time in the calls; latency is per
-  call.
+  Each phase (put, get, get*) starts at a barrier of all N clients, and throughput is
+  aggregate bytes / the slowest client's time in the phase's calls (the phase's wall
+  time); latency is per call.
 * anchors: aibrix-kvcache's L1 cache and LMCache's LMCacheEngine (CPU backend), per block
   and per 64-block sequence (``bench/anchors.py``; install with bench/install_anchors.sh),
   each in its own interpreter (``bench/anchor_server.py``), stopped while the others run,
@@ -34,6 +35,11 @@ a drift in background load hits both sides of a ratio and a target is met in the
   per-round ratios Shoal / anchor is above 1.
 
 Lookups: p50/p99 latency of one ``lookup`` of a fully cached 1,000-key chain.
+
+Next to each block size's figures, ``busy`` (``foreign_cpu``) is the share of the CPUs
+that other processes took during its rounds. Record runs where it is a few percent: on a
+loaded machine the ratios are biased towards Shoal (its clients sleep on round trips and
+the scheduler favours them over the limit's copy loops), not just noisy.
 
     python bench/kvcache.py [--quick] [--json] [--clients 1|2|1,2] [--sizes 256KiB,1MiB]
                             [--rounds N] [--no-anchors]
@@ -45,7 +51,8 @@ Lookups: p50/p99 latency of one ``lookup`` of a fully cached 1,000-key chain.
 spread: "put_gbps_spread": {"256KiB": {"median", "min", "max", "rounds"}}, ..., the ratios
 "put_ratio" / "get_ratio" / "get_unverified_ratio": {"256KiB": spread of Shoal / limit},
 "shoal_vs_anchor": {"256KiB": {"aibrix": {"put_block": spread, ...}}}, "ahead_of_anchors"
-and "meets_target" (>= 256 KiB blocks: median ratio >= 0.85). With several client counts
+"meets_target" (>= 256 KiB blocks: median ratio >= 0.85) and "foreign_cpu": {"256KiB":
+share}; "memcpy_detail" holds the limit's two ways. With several client counts
 (``--clients 1,2``): {"clients": [1, 2], "by_clients": {"1": {...}, "2": {...}}}.
 """
 
