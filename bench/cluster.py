@@ -160,16 +160,22 @@ class Daemon:
             return ""
 
     def stop(self) -> int:
-        """SIGTERM and wait (a clean exit removes the arena); kill and clean up if stuck."""
+        """SIGTERM and wait (a clean exit removes the arena); kill and clean up if stuck.
+
+        The arena's lock file, which a daemon leaves on purpose, goes too: this bench's
+        one-off node names never need it again.
+        """
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout=15)
+            code = self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait(timeout=5)
             self.config.arena_path.unlink(missing_ok=True)
-            return code
+        arena = self.config.arena_path
+        arena.with_name(arena.name + ".lock").unlink(missing_ok=True)
+        return code
 
 
 def _port_free(port: int) -> bool:

@@ -49,7 +49,6 @@ the hit and miss figures. The spreads: "save_gbps_spread", "save_committed_gbps_
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -68,6 +67,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bench.kvcache import start_daemon, stop_daemon  # noqa: E402
 from bench.rounds import ForeignCpu, Spread, fmt_spread, paired_ratios  # noqa: E402
 from kvcache.client import CacheClient  # noqa: E402
 from kvcache.connector.plan import ChunkGeometry, LoadJob, SaveJob, StepPlan  # noqa: E402
@@ -79,14 +79,6 @@ from kvcache.keys import Namespace, chain_keys  # noqa: E402
 GiB, MiB = 1 << 30, 1 << 20
 TARGET_RATIO = 0.85
 LAYERS, HEADS, HEAD_DIM, BLOCK, CHUNK = 32, 8, 128, 16, 256
-
-
-def _start_daemon(workdir: Path, shm_bytes: int) -> tuple[Any, Any]:
-    spec = importlib.util.spec_from_file_location("bench_kvcache", BENCH / "kvcache.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.start_daemon(workdir, shm_bytes)  # type: ignore[no-any-return]
 
 
 def _sync(device: torch.device) -> None:
@@ -324,7 +316,7 @@ def main() -> None:
     args.steps = 100 if args.quick else 500
     shm = (args.chunks * 32 * MiB) * 2 + 256 * MiB
     with tempfile.TemporaryDirectory(prefix="shoal-bench-connector-") as workdir:
-        process, config = _start_daemon(Path(workdir), shm)
+        process, config = start_daemon(Path(workdir), shm)
         args.daemon_pid = process.pid
         try:
             result = {
@@ -336,8 +328,7 @@ def main() -> None:
                 **measure_step_overhead(args, config.endpoint),
             }
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            stop_daemon(process, config)
     if args.json:
         print(json.dumps(result))
         return

@@ -64,6 +64,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -144,6 +145,19 @@ def start_daemon(workdir: Path, shm_bytes: int) -> tuple[subprocess.Popen[bytes]
         time.sleep(0.05)
     process.kill()
     raise RuntimeError("daemon did not start")
+
+
+def stop_daemon(process: subprocess.Popen[bytes], config: CacheConfig) -> None:
+    """Stop a daemon of ``start_daemon`` and remove its arena lock file, which a daemon
+    leaves on purpose (kvcache/arena.py) but a bench's one-off name never needs again."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+    lock = config.arena_path.with_name(config.arena_path.name + ".lock")
+    lock.unlink(missing_ok=True)
 
 
 # -- the client processes ------------------------------------------------------------------
@@ -558,8 +572,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             clients.close()
         for anchor in anchors.values():
             anchor.close()
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+        stop_daemon(process, config)
+        shutil.rmtree(workdir, ignore_errors=True)
     for result in by_clients.values():
         result.update(lookup)
         result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
