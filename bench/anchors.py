@@ -59,6 +59,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 NUM_LAYERS = 32
@@ -341,35 +342,51 @@ def shm_crossprocess_gbps(block_bytes: int, num_blocks: int, repeat: int = 5) ->
 # --------------------------------------------------------------------------- anchors
 
 
-def _measure_anchor(
-    total: int,
-    repeat: int,
-    phases: dict[str, Callable[[], None]],
-    verify: Callable[[], bool],
-    clear: Callable[[], None],
-) -> dict[str, float]:
-    """Run put_block, get_block, (clear), put_seq, get_seq, (clear): 1 warm-up + repeat."""
-    times: dict[str, list[float]] = {k: [] for k in phases}
-    for it in range(repeat + 1):
+@dataclass
+class AnchorSession:
+    """One anchor set up for one block size: its four timed phases, a check and a reset.
+
+    ``round`` times put_block, get_block, (verify, clear), put_seq, get_seq, (verify,
+    clear) once. ``_measure_anchor`` runs rounds back to back for the ``*_gbps``
+    functions; ``bench/anchor_server.py`` runs one round per request so that
+    ``bench/kvcache.py`` can interleave the anchors with its own rounds.
+    """
+
+    total_bytes: int
+    phases: dict[str, Callable[[], None]]
+    verify: Callable[[], bool]
+    clear: Callable[[], None]
+    info: dict[str, Any]
+
+    def round(self, check: bool = True) -> dict[str, float]:
+        """Seconds of each phase; with ``check``, the bytes got back are compared."""
+        times: dict[str, float] = {}
         for mode in ("block", "seq"):
-            tp = _timed(phases[f"put_{mode}"])
-            tg = _timed(phases[f"get_{mode}"])
-            if it in (0, repeat) and not verify():
+            times[f"put_{mode}"] = _timed(self.phases[f"put_{mode}"])
+            times[f"get_{mode}"] = _timed(self.phases[f"get_{mode}"])
+            if check and not self.verify():
                 raise RuntimeError(f"get_{mode} returned different bytes than were put")
-            clear()
+            self.clear()
+        return times
+
+
+def _measure_anchor(session: AnchorSession, repeat: int) -> dict[str, float]:
+    """1 warm-up round + ``repeat`` timed rounds; GB/s of the median round per phase."""
+    times: dict[str, list[float]] = {k: [] for k in session.phases}
+    for it in range(repeat + 1):
+        for phase, seconds in session.round(check=it in (0, repeat)).items():
             if it:
-                times[f"put_{mode}"].append(tp)
-                times[f"get_{mode}"].append(tg)
-    return {k: _gbps(total, v) for k, v in times.items()}
+                times[phase].append(seconds)
+    return {k: _gbps(session.total_bytes, v) for k, v in times.items()}
 
 
-def aibrix_gbps(
+@contextlib.contextmanager
+def aibrix_session(
     block_bytes: int,
     num_blocks: int,
     threads: int,
-    repeat: int = 3,
     seq_blocks: int = DEFAULT_SEQ_BLOCKS,
-) -> dict[str, Any]:
+) -> Iterator[AnchorSession]:
     """aibrix-kvcache ``BaseKVCacheManager``, L1 (CPU) cache only, no L2, no meta service.
 
     Driven like aibrix's vLLM offloading connector: put = ``allocate_for(prefix, query)``,
@@ -408,7 +425,7 @@ def aibrix_gbps(
             ),
         )
         if spec.block_nbytes != block_bytes:
-            return {"error": f"aibrix block is {spec.block_nbytes} bytes, not {block_bytes}"}
+            raise ValueError(f"aibrix block is {spec.block_nbytes} bytes, not {block_bytes}")
         nseq = num_blocks // seq_blocks
         seq_tokens = seq_blocks * tokens
 
@@ -510,45 +527,56 @@ def aibrix_gbps(
                 for toks, _, _, _ in seqs:
                     mgr.delete(None, toks)
 
-            res = _measure_anchor(
-                block_bytes * num_blocks,
-                repeat,
-                {
+            yield AnchorSession(
+                total_bytes=block_bytes * num_blocks,
+                phases={
                     "put_block": put_block,
                     "get_block": get_block,
                     "put_seq": put_seq,
                     "get_seq": get_seq,
                 },
-                verify,
-                clear,
+                verify=verify,
+                clear=clear,
+                info={
+                    "block_bytes": block_bytes,
+                    "num_blocks": num_blocks,
+                    "threads": threads,
+                    "layers": layers,
+                    "tokens": tokens,
+                    "seq_blocks": seq_blocks,
+                },
             )
-        return {
-            "block_bytes": block_bytes,
-            "num_blocks": num_blocks,
-            "threads": threads,
-            "layers": layers,
-            "tokens": tokens,
-            "seq_blocks": seq_blocks,
-            **res,
-        }
-    except Exception as exc:
-        return _error(exc)
     finally:
         if mgr is not None:
             with contextlib.suppress(Exception):
                 mgr.close()
 
 
-_lmcache_ids = iter(range(1 << 62))
-
-
-def lmcache_gbps(
+def aibrix_gbps(
     block_bytes: int,
     num_blocks: int,
     threads: int,
     repeat: int = 3,
     seq_blocks: int = DEFAULT_SEQ_BLOCKS,
 ) -> dict[str, Any]:
+    """GB/s of ``aibrix_session``'s phases: 1 warm-up + ``repeat`` rounds, median round."""
+    try:
+        with aibrix_session(block_bytes, num_blocks, threads, seq_blocks) as session:
+            return {**session.info, **_measure_anchor(session, repeat)}
+    except Exception as exc:
+        return _error(exc)
+
+
+_lmcache_ids = iter(range(1 << 62))
+
+
+@contextlib.contextmanager
+def lmcache_session(
+    block_bytes: int,
+    num_blocks: int,
+    threads: int,
+    seq_blocks: int = DEFAULT_SEQ_BLOCKS,
+) -> Iterator[AnchorSession]:
     """LMCache ``LMCacheEngine`` with only the local CPU backend (no disk, no remote).
 
     chunk_size = the block's token count (one LMCache chunk = one block), save_unfull_chunk
@@ -690,33 +718,44 @@ def lmcache_gbps(
                 dst.zero_()
                 return ok
 
-            res = _measure_anchor(
-                block_bytes * num_blocks,
-                repeat,
-                {
+            yield AnchorSession(
+                total_bytes=block_bytes * num_blocks,
+                phases={
                     "put_block": put_block,
                     "get_block": get_block,
                     "put_seq": put_seq,
                     "get_seq": get_seq,
                 },
-                verify,
-                engine.clear,
+                verify=verify,
+                clear=engine.clear,
+                info={
+                    "block_bytes": block_bytes,
+                    "num_blocks": num_blocks,
+                    "threads": threads,
+                    "layers": layers,
+                    "tokens": tokens,
+                    "seq_blocks": seq_blocks,
+                },
             )
-        return {
-            "block_bytes": block_bytes,
-            "num_blocks": num_blocks,
-            "threads": threads,
-            "layers": layers,
-            "tokens": tokens,
-            "seq_blocks": seq_blocks,
-            **res,
-        }
-    except Exception as exc:
-        return _error(exc)
     finally:
         if builder is not None:
             with contextlib.suppress(Exception):
                 builder.destroy(instance_id)
+
+
+def lmcache_gbps(
+    block_bytes: int,
+    num_blocks: int,
+    threads: int,
+    repeat: int = 3,
+    seq_blocks: int = DEFAULT_SEQ_BLOCKS,
+) -> dict[str, Any]:
+    """GB/s of ``lmcache_session``'s phases: 1 warm-up + ``repeat`` rounds, median round."""
+    try:
+        with lmcache_session(block_bytes, num_blocks, threads, seq_blocks) as session:
+            return {**session.info, **_measure_anchor(session, repeat)}
+    except Exception as exc:
+        return _error(exc)
 
 
 # --------------------------------------------------------------------------- checksums
