@@ -19,6 +19,7 @@
 #include <string.h>
 
 uint64_t shoal_generic_hash(const void *data, size_t n);
+void shoal_generic_copy_stream(const void *src, void *dst, size_t n);
 size_t shoal_generic_state_size(void);
 void shoal_generic_state_reset(void *state);
 void shoal_generic_state_update(void *state, const void *data, size_t n);
@@ -28,6 +29,7 @@ uint64_t shoal_generic_copy_hash_exact(const void *src, void *dst, size_t n);
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SHOAL_DISPATCH 1
 uint64_t shoal_avx2_hash(const void *data, size_t n);
+void shoal_avx2_copy_stream(const void *src, void *dst, size_t n);
 void shoal_avx2_state_update(void *state, const void *data, size_t n);
 uint64_t shoal_avx2_copy_hash_source(const void *src, void *dst, size_t n);
 uint64_t shoal_avx2_copy_hash_exact(const void *src, void *dst, size_t n);
@@ -43,6 +45,8 @@ static copy_fn kernel_copy_exact = shoal_generic_copy_hash_exact;
 static const char *kernel_name = "generic";
 /* The state layout is xxhash's, the same in both units; only the update differs. */
 typedef void (*update_fn)(void *, const void *, size_t);
+typedef void (*stream_fn)(const void *, void *, size_t);
+static stream_fn kernel_stream = shoal_generic_copy_stream;
 static update_fn kernel_update = shoal_generic_state_update;
 
 /* Calls on fewer bytes keep the GIL: releasing and taking it back costs more than the work. */
@@ -93,6 +97,19 @@ static PyObject *copy_with(copy_fn kernel, PyObject *const *args, Py_ssize_t nar
     PyBuffer_Release(&source);
     PyBuffer_Release(&target);
     return PyLong_FromUnsignedLongLong(digest);
+}
+
+/* copy_stream has no checksum: wrap it in the copy_fn shape and return 0. */
+static uint64_t stream_only(const void *src, void *dst, size_t n) {
+    kernel_stream(src, dst, n);
+    return 0;
+}
+
+static PyObject *copy_stream(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    PyObject *done = copy_with(stream_only, args, n, "copy_stream");
+    if (done == NULL) return NULL;
+    Py_DECREF(done);
+    Py_RETURN_NONE;
 }
 
 static PyObject *copy_checksum_source(PyObject *self, PyObject *const *args, Py_ssize_t n) {
@@ -385,6 +402,8 @@ static PyMethodDef methods[] = {
      "target[:] = source; returns the xxh3-64 of the bytes read from source."},
     {"copy_checksum_exact", (PyCFunction)(void (*)(void))copy_checksum_exact, METH_FASTCALL,
      "target[:] = source; returns the xxh3-64 of exactly the bytes target received."},
+    {"copy_stream", (PyCFunction)(void (*)(void))copy_stream, METH_FASTCALL,
+     "target[:] = source with streaming stores, no checksum (the benches' copy limit)."},
     {"put_into", (PyCFunction)(void (*)(void))put_into, METH_FASTCALL,
      "put_into(arena, offsets, sources) -> checksums: copy each source into its arena slot."},
     {"get_from", (PyCFunction)(void (*)(void))get_from, METH_FASTCALL,
@@ -405,6 +424,7 @@ PyMODINIT_FUNC PyInit__copyhash(void) {
         kernel_copy_source = shoal_avx2_copy_hash_source;
         kernel_copy_exact = shoal_avx2_copy_hash_exact;
         kernel_update = shoal_avx2_state_update;
+        kernel_stream = shoal_avx2_copy_stream;
         kernel_name = "avx2";
     }
 #endif

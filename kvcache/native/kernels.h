@@ -126,6 +126,19 @@ uint64_t KERNEL(copy_hash_source)(const void *src_, void *dst_, size_t n) {
     return XXH3_64bits_digest(&state);
 }
 
+/* A plain copy with streaming stores and no checksum: what memcpy does for copies larger
+ * than its non-temporal threshold, at every size. Benchmarks use it as the copy limit. */
+void KERNEL(copy_stream)(const void *src_, void *dst_, size_t n) {
+    const uint8_t *src = (const uint8_t *)src_;
+    uint8_t *dst = (uint8_t *)dst_;
+    size_t head = KERNEL(head_bytes)(dst, n);
+    memcpy(dst, src, head);
+    size_t whole = (n - head) & ~(size_t)63;
+    KERNEL(stream_copy)(dst + head, src + head, whole);
+    memcpy(dst + head + whole, src + head + whole, n - head - whole);
+    KERNEL(fence)();
+}
+
 uint64_t KERNEL(copy_hash_exact)(const void *src_, void *dst_, size_t n) {
     const uint8_t *src = (const uint8_t *)src_;
     uint8_t *dst = (uint8_t *)dst_;
