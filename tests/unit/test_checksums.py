@@ -42,6 +42,9 @@ def test_native_copies_match_xxhash_at_every_length_and_alignment(
         outside = np.concatenate([target_buffer[: (misalign * 3) % 32],
                                   target_buffer[(misalign * 3) % 32 + length :]])  # fmt: skip
         assert not outside.any()
+    streamed = bytearray(length)
+    assert native.copy_stream(source, streamed) is None
+    assert streamed == bytes(source)
 
 
 def test_python_fallback_gives_the_same_values() -> None:
