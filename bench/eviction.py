@@ -7,10 +7,14 @@ unique blocks, with the replay semantics documented there. ``belady`` is Belady'
 the offline optimum for a block cache: evict the block whose next request is furthest
 in the future (never requested again first); it is the ceiling the online policies are
 measured against. It is exact for the block sequence, not for prefix hits, which only
-ever make it look better than any online policy could.
+ever make it look better than any online policy could. ``--ceilings`` adds two more
+offline rows, LRU told whether a block will ever be requested again: at its insertion
+(``oracle-new``) or at each hit (``oracle-hit``); they bound what a reuse predictor
+acting at that event can win (``ReuseOraclePolicy``).
 
     .venv/bin/python bench/eviction.py --trace ../shared/traces/mooncake_conversation.jsonl
     .venv/bin/python bench/eviction.py --synthetic --json
+    .venv/bin/python bench/eviction.py --synthetic --ceilings
 
 Prints a table, or with ``--json`` one object:
 ``{"unique_blocks": n, "hit_ratio": {policy: {"0.02": r, ...}, ...}}``.
@@ -23,7 +27,7 @@ import heapq
 import json
 import sys
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -80,6 +84,9 @@ class BeladyPolicy:
         self._heap: list[tuple[int, int]] = []
         self._synced = -1
 
+    def resize(self, capacity_blocks: int) -> None:
+        del capacity_blocks  # the replay evicts while over capacity: nothing is sized
+
     def insert(self, key: int, parent: int | None) -> None:
         self._sync()
         self._schedule(key)
@@ -131,17 +138,87 @@ class BeladyPolicy:
         heapq.heappush(self._heap, (-next_use, key))
 
 
-def hit_ratios(requests: Sequence[Sequence[int]]) -> dict[str, Any]:
+class ReuseOraclePolicy:
+    """LRU told, at some events, whether a block will ever be requested again.
+
+    A block known to be dead (``knows_new``: at its insertion; ``knows_hits``: at a hit
+    that is its last use) joins a dead queue, which is evicted before the LRU order of
+    the others. ``oracle-new`` and ``oracle-hit`` are the ceilings of predicting reuse
+    at those two events: they say where a reuse predictor can win, whatever it sees.
+    """
+
+    name: ClassVar[str] = "oracle"
+
+    def __init__(
+        self, requests: Sequence[Sequence[int]], clock: Clock, *, knows_new: bool, knows_hits: bool
+    ) -> None:
+        self._clock = clock
+        self._knows_new, self._knows_hits = knows_new, knows_hits
+        self._last_use: dict[int, int] = {}
+        for index, request in enumerate(requests):
+            for key in request:
+                self._last_use[key] = index
+        self._dead: OrderedDict[int, None] = OrderedDict()
+        self._live: OrderedDict[int, None] = OrderedDict()
+
+    def _is_dead(self, key: int) -> bool:
+        return self._last_use[key] <= self._clock.now
+
+    def resize(self, capacity_blocks: int) -> None:
+        del capacity_blocks  # the replay evicts while over capacity: nothing is sized
+
+    def insert(self, key: int, parent: int | None) -> None:
+        dead = self._knows_new and self._is_dead(key)
+        (self._dead if dead else self._live)[key] = None
+
+    def touch(self, key: int) -> None:
+        self.remove(key)
+        dead = self._knows_hits and self._is_dead(key)
+        (self._dead if dead else self._live)[key] = None
+
+    def remove(self, key: int) -> None:
+        if self._dead.pop(key, False) is not None:
+            self._live.pop(key, None)
+
+    def pop_victim(self, is_pinned: Callable[[int], bool]) -> int | None:
+        for queue in (self._dead, self._live):
+            for _ in range(len(queue)):
+                key = next(iter(queue))
+                if not is_pinned(key):
+                    del queue[key]
+                    return key
+                queue.move_to_end(key)
+        return None
+
+    def __len__(self) -> int:
+        return len(self._dead) + len(self._live)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._dead or key in self._live
+
+
+CEILINGS = {"oracle-new": (True, False), "oracle-hit": (False, True)}
+
+
+def _policy(name: str, requests: Sequence[Sequence[int]], clock: Clock, capacity: int) -> Any:
+    if name == "belady":
+        return BeladyPolicy(requests, clock)
+    if name in CEILINGS:
+        knows_new, knows_hits = CEILINGS[name]
+        return ReuseOraclePolicy(requests, clock, knows_new=knows_new, knows_hits=knows_hits)
+    return make_policy(name, capacity)
+
+
+def hit_ratios(requests: Sequence[Sequence[int]], *, ceilings: bool = False) -> dict[str, Any]:
     unique_blocks = len({key for request in requests for key in request})
     table: dict[str, dict[str, float]] = {}
-    for name in (*ONLINE_POLICIES, "belady"):
+    names = (*ONLINE_POLICIES, "belady", *(CEILINGS if ceilings else ()))
+    for name in names:
         row = table[name] = {}
         for fraction in CAPACITY_FRACTIONS:
             capacity = max(1, int(unique_blocks * fraction))
             clock = Clock()
-            policy = (
-                BeladyPolicy(requests, clock) if name == "belady" else make_policy(name, capacity)
-            )
+            policy = _policy(name, requests, clock, capacity)
             hits, total = replay_prefix_trace(clock.ticking(requests), policy, capacity)
             row[str(fraction)] = round(hits / total, 4)
     return {"unique_blocks": unique_blocks, "hit_ratio": table}
@@ -168,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --synthetic (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--ceilings",
+        action="store_true",
+        help="add the reuse-oracle rows (oracle-new, oracle-hit): what predicting reuse can win",
+    )
     args = parser.parse_args(argv)
     if args.synthetic:
         requests = synthetic_conversations(ConversationWorkload(), seed=args.seed)
@@ -176,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         requests = load_trace(args.trace)
         label = str(args.trace)
     started = time.perf_counter()
-    result = hit_ratios(requests)
+    result = hit_ratios(requests, ceilings=args.ceilings)
     if args.json:
         print(json.dumps(result))
     else:

@@ -50,12 +50,24 @@ trace, hit ratio at 2/5/10/20% of the unique blocks; ``bench/RESULTS.md``):
 * Rejected: evicting "superseded" never-hit leaves first (a leaf whose parent gained a
   newer child). It helps on the trace only because the trace stores partial tail
   blocks, which the daemon never caches (``kvcache.keys``).
-* Not reachable online: the issue asked for half the LRU-to-Belady gap at 5% (0.281).
-  An oracle that knows which blocks will ever be hit again, and keeps only those in
-  LRU order, reaches 0.300; every online policy tried stays near 0.21, because about
-  three quarters of new blocks are never reused and nothing a policy can see (depth,
-  chain length, hits so far) separates them well (reuse 24% for a new block, 42% after
-  one hit).
+* Not reached: issue 17 asks for 30% of the LRU-to-Belady gap at 5% (0.2467). The
+  offline rows of ``bench/eviction.py --ceilings`` say where a reuse predictor could
+  win: LRU told at each *insertion* whether the block will ever be requested again
+  reaches 0.314 at 5%; told at each *hit* whether it was the last, 0.210. So the lever
+  is admission of new blocks, and about three quarters of them are never reused.
+* Rejected (issue 17): learned admission. Reuse rates per feature bucket learned
+  online (positive: read before leaving; negative: evicted unread; from a 1-in-8
+  hashed sample stored as if unpredicted, so a cold placement cannot confirm itself),
+  with new blocks of a bucket below the mean rate stored at the cold end. Buckets:
+  depth x lineage (hits of the deepest read ancestor), or x the parent's last
+  inter-access gap (LRB's "delta"). Measured +0.001 at 5% on the trace (0.2142), at
+  most +0.0004 on the synthetic seed 0: the learned in-cache reuse rates of the buckets
+  holding nine tenths of the new blocks all lie between 0.09 and 0.13 (a new
+  conversation's blocks, whose only visible difference is depth). Even the true
+  per-bucket rates, known offline, admit LRU to only 0.204. Not worth its state.
+* Rejected: a "position in the put" hint. The last block of a trace request is a
+  partial block (0.8% reused) that the daemon never stores; storing exactly those cold
+  gives 0.218 at 5%, an artefact of the trace, so the interface stays as it is.
 """
 
 from __future__ import annotations
