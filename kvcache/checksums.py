@@ -10,7 +10,8 @@ Two implementations give the same values:
   is present): each 2-4 KiB chunk is hashed while it sits in L1 and streamed to the target
   with non-temporal stores, so a block crosses DRAM once, as in a large ``memcpy``. AVX2
   where the CPU has it, SSE2 otherwise; the GIL is released for calls over 64 KiB.
-* the ``xxhash`` package (the fallback, or with ``SHOAL_NATIVE=0``): the copy and the hash
+* the ``xxhash`` package (the fallback, or with ``SHOAL_NATIVE=0``; ``SHOAL_NATIVE=generic``
+  keeps the extension but with its baseline kernels, for tests): the copy and the hash
   in 256 KiB pieces, small enough to stay in L2 between the two passes.
 
 Why two copy functions (they differ only in what a concurrent change of the source does):

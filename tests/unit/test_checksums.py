@@ -24,7 +24,7 @@ LENGTHS = [0, 1, 31, 32, 33, 63, 64, 65, 1000, 2047, 2048, 2049, 4095, 4096, 409
 
 
 @pytest.mark.parametrize("length", LENGTHS)
-@pytest.mark.parametrize("misalign", [0, 1, 7, 31])
+@pytest.mark.parametrize("misalign", [0, 1, 7, 11, 16, 31])
 def test_native_copies_match_xxhash_at_every_length_and_alignment(
     length: int, misalign: int
 ) -> None:
@@ -150,3 +150,23 @@ def test_streaming_hasher_equals_the_one_shot_checksum(factory: type) -> None:
         hasher.update(memoryview(data)[start : start + 100_003])
     assert hasher.intdigest() == xxhash.xxh3_64_intdigest(data) == native.checksum(data)
     assert factory().intdigest() == xxhash.xxh3_64_intdigest(b"")
+
+
+def test_the_baseline_kernels_agree_too() -> None:
+    """The SSE2 kernels (what a CPU without AVX2 runs), forced in a fresh interpreter."""
+    code = """
+import os, xxhash
+from kvcache import _copyhash as c
+assert c.KERNEL == "generic", c.KERNEL
+for n in (0, 1, 63, 64, 65, 4095, 4096, 4097, 100_003, (1 << 20) + 5):
+    data = os.urandom(n + 3)[3:]
+    for copy in (c.copy_checksum_source, c.copy_checksum_exact):
+        out = bytearray(n + 1)
+        assert copy(data, memoryview(out)[1:]) == xxhash.xxh3_64_intdigest(data), n
+        assert out[1:] == data
+    assert c.checksum(data) == xxhash.xxh3_64_intdigest(data)
+print("ok")
+"""
+    env = {**os.environ, "SHOAL_NATIVE": "generic"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
