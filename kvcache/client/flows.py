@@ -129,9 +129,14 @@ def _as_bytes_view(payload: Any) -> memoryview:
 class _ClientFlows(ClientSession):
     """The operation flows over a ``ClientSession``; subclasses add the I/O loop."""
 
-    # A put/get larger than pipeline_bytes is cut into pieces, and up to pipeline_depth
-    # piece requests are kept in flight while the client copies.
-    pipeline_bytes = 4 << 20
+    # A put/get is cut into pieces that grow from pipeline_first_bytes to pipeline_bytes
+    # (doubling), and up to pipeline_depth piece requests are kept in flight while the
+    # client copies: a small first piece starts the copying after one short round trip,
+    # large later pieces keep the messages few (each costs the client ~0.1-0.2 ms of
+    # CPU in ZeroMQ and the flow; 16 pieces of 4 MiB per 64 MiB call cost ~3 ms of a
+    # ~9 ms call). Measured in issue 17 (bench/kvcache.py).
+    pipeline_first_bytes = 2 << 20
+    pipeline_bytes = 16 << 20
     pipeline_depth = 4
 
     def _hello_flow(self) -> _Flow[None]:
@@ -190,7 +195,7 @@ class _ClientFlows(ClientSession):
         if len(keys) != len(payloads):
             raise ValueError(f"{len(keys)} keys but {len(payloads)} payloads")
         views = [_as_bytes_view(p) for p in payloads]
-        pieces = _pieces([len(v) for v in views], self.pipeline_bytes)
+        pieces = _pieces([len(v) for v in views], self.pipeline_bytes, self.pipeline_first_bytes)
         if not pieces:
             return PutResult(0, 0, 0)
 
@@ -283,7 +288,7 @@ class _ClientFlows(ClientSession):
         if len(keys) != len(outs):
             raise ValueError(f"{len(keys)} keys but {len(outs)} output buffers")
         targets = [_as_bytes_view(out) for out in outs]
-        pieces = _pieces([len(t) for t in targets], self.pipeline_bytes)
+        pieces = _pieces([len(t) for t in targets], self.pipeline_bytes, self.pipeline_first_bytes)
         if not pieces:
             return 0
 
@@ -346,15 +351,21 @@ class _ClientFlows(ClientSession):
         return reply
 
 
-def _pieces(sizes: Sequence[int], piece_bytes: int) -> list[tuple[int, int]]:
-    """Split a batch into consecutive [lo, hi) ranges of about ``piece_bytes`` each."""
+def _pieces(
+    sizes: Sequence[int], piece_bytes: int, first_bytes: int | None = None
+) -> list[tuple[int, int]]:
+    """Split a batch into consecutive [lo, hi) ranges: the first of about ``first_bytes``,
+    each next one twice the last, up to ``piece_bytes`` (all ``piece_bytes`` when no
+    ``first_bytes``)."""
     pieces: list[tuple[int, int]] = []
+    target = min(first_bytes or piece_bytes, piece_bytes)
     lo = total = 0
     for i, nbytes in enumerate(sizes):
         total += nbytes
-        if total >= piece_bytes:
+        if total >= target:
             pieces.append((lo, i + 1))
             lo, total = i + 1, 0
+            target = min(2 * target, piece_bytes)
     if lo < len(sizes):
         pieces.append((lo, len(sizes)))
     return pieces

@@ -307,7 +307,7 @@ static PyObject *get_from(PyObject *self, PyObject *const *args, Py_ssize_t narg
                 break;
             }
         } else {
-            memcpy(views[served].buf, src, len);
+            kernel_stream(src, views[served].buf, len); /* no read-for-ownership either */
         }
     }
     Py_END_ALLOW_THREADS
