@@ -16,6 +16,16 @@ object store a GET per tensor was the bottleneck (a 1B Llama has 147 tensors in 
 Reads are issued in the plan's order (``order``: file order, layer order, or a caller's
 priority list first), at most ``concurrency`` at once on a thread pool (I/O releases the
 GIL), and at most ``rate_bytes_per_s`` on average (a token bucket shared by the readers).
+A file the source copies out of the page cache (``is_cached``: ``LocalSource`` on a warm
+file) gets at most ``cached_concurrency`` reads at once (two per core): its reads are
+memory copies, and more copiers than cores only contend (issue 17).
+
+First touch. A warm load's cost is mostly faulting in the fresh destination memory (zeroing
+each page, the fault, memcg accounting: bench/RESULTS.md, loader), not the copy. So each
+reader, before a buffered read into memory the streamer allocated itself, faults the
+read's destination pages in with one ``madvise(MADV_POPULATE_WRITE)`` (``_pages.py``)
+instead of one fault per 4 KiB page inside the copy (``prefault``; the faults stay spread
+over the readers, and the time stays inside the load's clock).
 CPU tensors are ``torch.empty`` unless the caller passes ``allocate``; where the source
 reads a file direct (``direct_alignment_for``: ``LocalSource`` on a cold file, or with
 ``direct=True``), each of its tensors of 1 MiB or more gets its own page-aligned mapping
@@ -52,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import mmap
+import os
 import re
 import threading
 import time
@@ -63,6 +74,7 @@ from typing import Literal
 
 import torch
 
+from loader._pages import populate_write
 from loader.errors import IntegrityError, LoaderError
 from loader.plan import TensorPlan
 from loader.sources.base import Source
@@ -93,12 +105,22 @@ class StreamOptions:
     priority: tuple[str, ...] = ()  # with order="priority": these names first, in this order
     merge_gap_bytes: int = 64 << 10  # a hole up to this is read and dropped; < 0: no joins
     digests: Mapping[str, str] = field(default_factory=dict)  # name -> "sha256:<hex>"
+    # Each reader faults in its destination's pages in one call before a buffered read
+    # copies into them (loader/_pages.py); only for memory the streamer allocates itself.
+    prefault: bool = True
+    # Reads in flight of a file the source says the page cache holds (``is_cached``):
+    # memory copies, CPU-bound, so more readers than cores only contend; 0: two per core.
+    # Never more than ``concurrency``; a cold file keeps all ``concurrency`` (the disk
+    # needs the depth).
+    cached_concurrency: int = 0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.chunk_bytes < 0 or self.max_inflight_bytes < 1:
             raise ValueError(
                 "concurrency and max_inflight_bytes must be positive, chunk_bytes >= 0"
             )
+        if self.cached_concurrency < 0:
+            raise ValueError("cached_concurrency must be >= 0 (0: two reads per core)")
         if self.rate_bytes_per_s < 0:
             raise ValueError("rate_bytes_per_s must be >= 0")
 
@@ -261,6 +283,13 @@ def _reads(tensors: Sequence[_Tensor], options: StreamOptions) -> list[_Read]:
     return reads
 
 
+def _num_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _aligned_empty(lead: int, nbytes: int) -> tuple[torch.Tensor, memoryview]:
     """A uint8 tensor of ``nbytes`` starting ``lead`` bytes into a fresh page-aligned
     mapping, and a view of the mapping from its start (private anonymous memory, as
@@ -331,6 +360,11 @@ class Streamer:
         self._allocate_tensor = allocate or (
             lambda plan: torch.empty(plan.nbytes, dtype=torch.uint8)
         )
+        # Fresh memory the streamer owns is faulted in by the reader about to fill it; a
+        # caller's memory (``allocate``) may be touched already, and a staging ring is.
+        self._prefault = self.options.prefault and allocate is None and not staged
+        self._cached: Callable[[str], bool] | None = getattr(source, "is_cached", None)
+        self._limits: dict[str, int] = {}  # path -> reads in flight while reading it
         self._limiter = limiter or RateLimiter(self.options.rate_bytes_per_s)
         self._bytes_done = 0
         self._done = 0
@@ -379,7 +413,7 @@ class Streamer:
                 if tensor.remaining == 0:  # empty tensors complete at once
                     yield self._finish(tensor)
             while pending or inflight:
-                while pending and len(inflight) < self.options.concurrency:
+                while pending and len(inflight) < self._reads_in_flight(pending[0].path):
                     read = pending[0]
                     ring = self._ring
                     if ring is not None:
@@ -444,6 +478,19 @@ class Streamer:
             time.monotonic() - self._start,
         )  # fmt: skip
 
+    def _reads_in_flight(self, path: str) -> int:
+        """How many reads may be in flight while the next is one of ``path``: all
+        ``concurrency`` for a file read from the disk or the network, fewer for one the
+        source copies out of the page cache (``cached_concurrency``)."""
+        limit = self._limits.get(path)
+        if limit is None:
+            limit = self.options.concurrency
+            if self._cached is not None and self._cached(path):
+                cached = self.options.cached_concurrency or 2 * _num_cores()
+                limit = max(1, min(limit, cached))
+            self._limits[path] = limit
+        return limit
+
     def _hold(self, nbytes: int) -> None:
         self._held += nbytes
         self._peak_held = max(self._peak_held, self._held)
@@ -475,7 +522,8 @@ class Streamer:
     def _read(self, read: _Read) -> None:
         """One request for the whole read: each piece lands in its tensor, the holes between
         them in this read's own buffer, each hole its own part of it (a caching source
-        writes them through too, so they must be the file's bytes)."""
+        writes them through too, so they must be the file's bytes). With ``prefault``, the
+        pieces' pages are faulted in first, by this reader (``_pages.populate_write``)."""
         self._limiter.acquire(read.length)
         holes = read.length - sum(piece.length for piece in read.pieces)
         spare = memoryview(bytearray(holes)) if holes else None
@@ -488,8 +536,11 @@ class Streamer:
                 buffers.append(spare[:gap])
                 spare = spare[gap:]
             view = piece.tensor.view
-            assert view is not None
+            data = piece.tensor.data
+            assert view is not None and data is not None
             buffers.append(view[piece.dest_offset : piece.dest_offset + piece.length])
+            if self._prefault and piece.tensor.lead < 0:  # direct reads fault in their own
+                populate_write(data.data_ptr() + piece.dest_offset, piece.length)
             at = piece.file_offset + piece.length
         self.source.read_scatter(read.path, read.offset, buffers)
 

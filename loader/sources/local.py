@@ -15,9 +15,11 @@ back to buffered reads. On the bench VM a cold load ran 2.0 GB/s direct against 
 buffered (bench/RESULTS.md, loader); a warm page cache is faster than the disk, hence the
 probe rather than always direct.
 
-Local loads keep the streamer's 16 reads in flight, like remote ones: a cold disk needs the
-depth (4 reads ran 0.95 GB/s cold against 2.26 at 16), and a warm page cache gains little
-from fewer (4.0 against 3.6 GB/s, within this machine's noise; bench/RESULTS.md, loader).
+How many reads are in flight depends on the same probe (issue 17): a cold disk needs the
+depth (4 reads ran 0.95 GB/s cold against 2.26 at 16), so cold files get the streamer's 16;
+a file the page cache holds is read by memory copies, CPU-bound work that more readers than
+cores only slow down, so ``is_cached`` tells the streamer to give it fewer
+(``StreamOptions.cached_concurrency``: two per core by default; bench/RESULTS.md, loader).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class LocalSource:
         self.direct: bool | Literal["auto"] = direct if hasattr(os, "O_DIRECT") else False
         self._lock = threading.Lock()
         self._fds: dict[tuple[str, bool], int] = {}
-        self._cold: dict[str, bool] = {}  # "auto": the probe's verdict per file
+        self._cold: dict[str, bool] = {}  # the probe's verdict per file
         self._scratch = threading.local()
 
     def _resolve(self, path: str) -> Path:
@@ -114,6 +116,16 @@ class LocalSource:
         disk); two misses of three make the file cold. Asked once per file."""
         if self.direct != "auto":
             return bool(self.direct)
+        return self._is_cold(path)
+
+    def is_cached(self, path: str) -> bool:
+        """Whether reads of ``path`` are copies out of the page cache (the probe of
+        ``direct_for`` finds it holding the file, and reads are not direct): CPU-bound
+        work, which the streamer gives fewer readers than disk reads
+        (``StreamOptions.cached_concurrency``). Asked once per file."""
+        return self.direct is not True and not self._is_cold(path)
+
+    def _is_cold(self, path: str) -> bool:
         cold = self._cold.get(path)
         if cold is None:
             cold = self._cold[path] = self._probe_cold(path)
