@@ -92,6 +92,8 @@ __all__ = [
 MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 16 * MiB
 _DIRECT_MIN_BYTES = 1 * MiB  # smaller tensors go through the source's aligned scratch
+# A copy out of the page cache populates and reads this much at a time (see ``_read``).
+PREFAULT_STEP_BYTES = 1 * MiB
 Order = Literal["file", "layers", "priority"]
 
 
@@ -283,6 +285,27 @@ def _reads(tensors: Sequence[_Tensor], options: StreamOptions) -> list[_Read]:
     return reads
 
 
+def _in_steps(
+    parts: Sequence[tuple[memoryview, int]], step: int
+) -> Iterator[list[tuple[memoryview, int]]]:
+    """``parts`` (buffers and their addresses, 0 for none) cut into consecutive runs of
+    ``step`` bytes (the last shorter), each buffer split where a run ends."""
+    run: list[tuple[memoryview, int]] = []
+    room = step
+    for buffer, address in parts:
+        at = 0
+        while at < len(buffer):
+            take = min(room, len(buffer) - at)
+            run.append((buffer[at : at + take], address + at if address else 0))
+            at += take
+            room -= take
+            if room == 0:
+                yield run
+                run, room = [], step
+    if run:
+        yield run
+
+
 def _num_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -365,6 +388,7 @@ class Streamer:
         self._prefault = self.options.prefault and allocate is None and not staged
         self._cached: Callable[[str], bool] | None = getattr(source, "is_cached", None)
         self._limits: dict[str, int] = {}  # path -> reads in flight while reading it
+        self._copies: dict[str, bool] = {}  # path -> the source copies it from memory
         self._limiter = limiter or RateLimiter(self.options.rate_bytes_per_s)
         self._bytes_done = 0
         self._done = 0
@@ -485,7 +509,8 @@ class Streamer:
         limit = self._limits.get(path)
         if limit is None:
             limit = self.options.concurrency
-            if self._cached is not None and self._cached(path):
+            copies = self._copies[path] = self._cached is not None and self._cached(path)
+            if copies:
                 cached = self.options.cached_concurrency or 2 * _num_cores()
                 limit = max(1, min(limit, cached))
             self._limits[path] = limit
@@ -522,27 +547,39 @@ class Streamer:
     def _read(self, read: _Read) -> None:
         """One request for the whole read: each piece lands in its tensor, the holes between
         them in this read's own buffer, each hole its own part of it (a caching source
-        writes them through too, so they must be the file's bytes). With ``prefault``, the
-        pieces' pages are faulted in first, by this reader (``_pages.populate_write``)."""
+        writes them through too, so they must be the file's bytes).
+
+        With ``prefault`` (memory the streamer allocated, buffered reads), this reader
+        faults the pieces' pages in first (``_pages.populate_write``). A copy out of the
+        page cache goes in steps of ``PREFAULT_STEP_BYTES``, each populated just before
+        its ``preadv``, so the copy lands in pages the kernel has just zeroed, still in the
+        CPU's cache; a read from the disk or the network stays one request."""
         self._limiter.acquire(read.length)
         holes = read.length - sum(piece.length for piece in read.pieces)
         spare = memoryview(bytearray(holes)) if holes else None
-        buffers: list[memoryview] = []
+        parts: list[tuple[memoryview, int]] = []  # (buffer, its address; 0: a hole's)
         at = read.offset
         for piece in read.pieces:
             if piece.file_offset > at:
                 assert spare is not None
                 gap = piece.file_offset - at
-                buffers.append(spare[:gap])
+                parts.append((spare[:gap], 0))
                 spare = spare[gap:]
-            view = piece.tensor.view
-            data = piece.tensor.data
+            view, data = piece.tensor.view, piece.tensor.data
             assert view is not None and data is not None
-            buffers.append(view[piece.dest_offset : piece.dest_offset + piece.length])
-            if self._prefault and piece.tensor.lead < 0:  # direct reads fault in their own
-                populate_write(data.data_ptr() + piece.dest_offset, piece.length)
+            buffer = view[piece.dest_offset : piece.dest_offset + piece.length]
+            parts.append((buffer, data.data_ptr() + piece.dest_offset))
             at = piece.file_offset + piece.length
-        self.source.read_scatter(read.path, read.offset, buffers)
+        # Direct reads (a tensor with a lead) fault their pages in themselves.
+        prefault = self._prefault and all(p.tensor.lead < 0 for p in read.pieces)
+        stepped = prefault and self._copies.get(read.path, False)
+        offset = read.offset
+        for step in _in_steps(parts, PREFAULT_STEP_BYTES) if stepped else [parts]:
+            for buffer, address in step if prefault else ():
+                if address:
+                    populate_write(address, len(buffer))
+            self.source.read_scatter(read.path, offset, [b for b, _ in step])
+            offset += sum(len(b) for b, _ in step)
 
     def _finish(self, tensor: _Tensor) -> tuple[str, torch.Tensor]:
         plan = tensor.plan

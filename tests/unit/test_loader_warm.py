@@ -18,7 +18,7 @@ from loader import _pages
 from loader.plan import TensorPlan
 from loader.sources.base import ObjectInfo
 from loader.sources.local import LocalSource
-from loader.stream import Streamer, StreamOptions
+from loader.stream import Streamer, StreamOptions, _in_steps
 
 KiB = 1 << 10
 
@@ -110,21 +110,39 @@ def test_populating_pages_keeps_what_they_hold() -> None:
     del tensor
 
 
-def test_a_prefaulted_load_and_a_plain_one_read_the_same_bytes(tmp_path: Path) -> None:
-    data = os.urandom(3 * 1024 * KiB + 123)
+@pytest.mark.parametrize("chunk", [256 * KiB, 4 * 1024 * KiB])
+def test_a_prefaulted_load_and_a_plain_one_read_the_same_bytes(tmp_path: Path, chunk: int) -> None:
+    """A cached file's reads go in populated steps (``PREFAULT_STEP_BYTES``) that split
+    tensors and holes anywhere: the bytes must not move."""
+    data = os.urandom(6 * 1024 * KiB + 123)
     (tmp_path / "w.bin").write_bytes(data)
-    sizes = [1, 4095, 4097, 700 * KiB]
-    sizes.append(len(data) - sum(sizes))  # odd sizes: pieces that start and end mid-page
+    sizes = [1, 4095, 4097, 700 * KiB, 3 * 1024 * KiB + 5]
     plans, at = [], 0
     for i, size in enumerate(sizes):
         plans.append(TensorPlan(f"t{i}", "w.bin", torch.uint8, (size,), ((at, size),)))
-        at += size
+        at += size + 1000 * i  # holes, read through and dropped
     for prefault in (True, False):
         source = LocalSource(tmp_path, direct=False)
-        options = StreamOptions(prefault=prefault, chunk_bytes=256 * KiB)
+        assert source.is_cached("w.bin")  # so the prefaulted load reads in steps
+        options = StreamOptions(prefault=prefault, chunk_bytes=chunk)
         got = dict(Streamer(source, plans, options))
         source.close()
-        assert b"".join(got[f"t{i}"].numpy().tobytes() for i in range(len(sizes))) == data
+        for plan in plans:
+            ((offset, length),) = plan.ranges
+            assert got[plan.name].numpy().tobytes() == data[offset : offset + length]
+
+
+def test_steps_cut_buffers_into_runs_of_the_step_keeping_every_byte_once() -> None:
+    memory = bytearray(range(256)) * 40
+    parts = [(memoryview(memory)[:3000], 1000), (memoryview(memory)[3000:3100], 0),
+             (memoryview(memory)[3100:], 9000)]  # fmt: skip
+    runs = list(_in_steps(parts, 1024))
+    assert [sum(len(b) for b, _ in run) for run in runs] == [1024] * 10
+    assert b"".join(bytes(b) for run in runs for b, _ in run) == bytes(memory)
+    assert runs[0] == [(parts[0][0][:1024], 1000)] and runs[2][0][1] == 1000 + 2048
+    assert runs[2][1][1] == 0  # the hole's part has no address
+    assert [address for _, address in runs[3]] == [0, 9000]  # the hole's rest, the third
+    assert runs[4][0][1] == 9000 + 4096 - 3100  # the third buffer, further in
 
 
 def test_a_local_file_just_written_is_cached_and_a_direct_source_never_is(
