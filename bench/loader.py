@@ -45,6 +45,7 @@ first few hundred MB slower while Node warms up); Run:ai's streamer from ``s3://
 (path-style endpoint from ``AWS_ENDPOINT_URL``); Shoal's ``Streamer`` over ``S3Source``.
 
     python bench/loader.py [--quick] [--json] [--runs N] [--no-cold] [--no-s3]
+                           [--only warm|cold|s3]
 
 ``--json`` prints one JSON object (interface kept for scripts, see the issue):
 {"local": {"raw_gbps", "raw_fresh_gbps", "safetensors_gbps", "runai_gbps",
@@ -95,6 +96,7 @@ S3RVER_JS = REPO / ".cache" / "node" / "node_modules" / "s3rver" / "bin" / "s3rv
 S3RVER_KEY = "S3RVER"  # s3rver's one account: access key id and secret
 BUCKET = "checkpoints"
 _ALIGN = 4096
+MADV_POPULATE_WRITE = 23  # Linux 5.14; Python's mmap module names it from 3.13 on
 
 # A 1B Llama: hidden 2048, 32 query heads and 8 KV heads of 64, intermediate 8192.
 HIDDEN, HEAD_DIM, KV_HEADS, INTERMEDIATE, VOCAB = 2048, 64, 8, 8192, 32000
@@ -301,7 +303,24 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 
 def _maxrss() -> int:
+    """This process's peak RSS in bytes: ``VmHWM``, the high-water mark of its own memory
+    map. Not ``ru_maxrss``: across ``exec`` Linux keeps the larger of the old and new maps'
+    peaks there, and a child started by vfork + exec inherits the parent's (this script's,
+    which wrote the checkpoint: over a GB), so a growth measured with it reads 0."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cpu_s() -> float:
+    """CPU seconds this process has used, all threads, user and system: the work a load
+    costs, which the machine's other tenants shift far less than its wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _drop_caches() -> None:
@@ -315,6 +334,7 @@ class Clock:
 
     def __init__(self) -> None:
         self.rss_before = _maxrss()
+        self.cpu_before = _cpu_s()
         self.start = time.perf_counter()
         self.first: float | None = None
 
@@ -334,8 +354,10 @@ def _finish(
     clock: Clock, nbytes: int, tensors: dict[str, Any], spec: dict[str, Any]
 ) -> dict[str, Any]:
     elapsed = time.perf_counter() - clock.start
+    cpu = _cpu_s() - clock.cpu_before
     grown = _maxrss() - clock.rss_before
     result: dict[str, Any] = {"bytes": nbytes, "elapsed_s": elapsed, "rss_growth": grown}
+    result["cpu_s"] = cpu
     result["first_s"] = clock.first
     if tensors:
         result["tensors"] = len(tensors)
@@ -368,8 +390,12 @@ def run_raw(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["cold"]:
         _drop_caches()
 
+    populate = spec.get("populate", False)
+
     def read(item: tuple[int, int, int, int]) -> None:
         fd, offset, dest, length = item
+        if populate:  # the range's pages faulted in by one madvise first (see loader/_pages)
+            buffer.madvise(MADV_POPULATE_WRITE, dest, -(-length // _ALIGN) * _ALIGN)
         done = 0
         while done < length:
             got = os.preadv(fd, [view[dest + done : dest + length]], offset + done)
@@ -439,13 +465,15 @@ def run_fastsafetensors(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+# The StreamOptions fields a Shoal entry's spec may set.
+OPTION_KEYS = ("concurrency", "cached_concurrency", "chunk_bytes", "max_inflight_bytes", "prefault")
+
+
 def run_shoal(spec: dict[str, Any]) -> dict[str, Any]:
     from loader.checkpoint import open_checkpoint
     from loader.stream import Streamer, StreamOptions
 
-    options = StreamOptions(
-        **{k: spec[k] for k in ("concurrency", "chunk_bytes", "max_inflight_bytes") if k in spec}
-    )
+    options = StreamOptions(**{k: spec[k] for k in OPTION_KEYS if k in spec})
     if spec.get("s3_uri"):
         from loader.sources.s3 import S3Source
 
@@ -599,24 +627,32 @@ class Bench:
 
     def run(self, entries: list[Entry]) -> dict[str, Any]:
         """Round robin: run 1 of every entry, then run 2, ... so that drift in the machine
-        (other tenants, the host's memory) spreads over all contenders alike."""
+        (other tenants, the host's memory) spreads over all contenders alike. Each round
+        starts one entry further along (round 2 at the second entry, ...), so that no
+        contender always follows the same one (the memory a run frees is still backed by
+        the host for a few seconds, then handed back: cheaper or dearer for the next)."""
         for round_ in range(self.args.runs):
-            for entry in entries:
+            turn = round_ % len(entries)
+            for entry in entries[turn:] + entries[:turn]:
                 run = run_once(entry.kind, entry.spec, entry.env)
                 self.check(entry, run)
                 entry.runs.append(run)
             self.say(f"  round {round_ + 1} of {self.args.runs} done")
         details: dict[str, Any] = {}
+        chosen: dict[str, Entry] = {}  # the entry behind each details[key] (a group's best)
         for entry in entries:
             got = figures(entry.runs) | entry.setting
             self.say(f"  {entry.label:40} {got['gbps']:6.2f} GB/s  (runs: {got['all_gbps']})")
             if entry.group is None:
                 details[entry.key] = got
+                chosen[entry.key] = entry
                 continue
             details.setdefault(entry.key, []).append(got)
             best = details.get(entry.group)
             if best is None or got["gbps"] > best["gbps"]:
                 details[entry.group] = got
+                chosen[entry.group] = entry
+        details["rounds"] = round_ratios(chosen)
         return details
 
     def check(self, entry: Entry, run: dict[str, Any]) -> None:
@@ -652,6 +688,10 @@ class Bench:
         for group, label, touched, direct in raws:
             spec = self.spec(touched=touched, direct=direct, cold=cold)
             entries += self.raw_entries(group, label, "raw", settings, spec)
+        if not cold:  # a reference, not the limit: what Shoal's prefault gives raw reads
+            spec = self.spec(touched=False, direct=False, populate=True)
+            entries += self.raw_entries("raw_fresh_populated", "raw, fresh, populated per read",
+                                        "raw", [(4, 16)], spec)  # fmt: skip
         missing: list[str] = []
         for anchor in ("safetensors", "runai", "fastsafetensors"):
             if self.installed(anchor):
@@ -665,9 +705,15 @@ class Bench:
             entries.append(Entry("shoal_direct", "shoal, O_DIRECT", "shoal",
                                  self.spec(cold=cold, direct=True)))  # fmt: skip
         else:
+            # The warm default before issue 17: 16 reads for every file, no prefault.
+            before = self.spec(cached_concurrency=16, prefault=False)
+            entries.append(
+                Entry("shoal_before", "shoal, 16 reads, no prefault (before)", "shoal", before)
+            )
             entries += [
                 Entry("shoal_settings", f"shoal ({concurrency} reads x {chunk_mib} MiB)",
-                      "shoal", self.spec(concurrency=concurrency, chunk_bytes=chunk_mib * MiB),
+                      "shoal", self.spec(concurrency=concurrency, cached_concurrency=concurrency,
+                                         chunk_bytes=chunk_mib * MiB),
                       group="shoal_best", setting={"concurrency": concurrency,
                                                    "chunk_mib": chunk_mib})
                 for concurrency, chunk_mib in self.args.sweep
@@ -711,14 +757,51 @@ class Bench:
         return summarise(details)
 
 
+def _rates(runs: list[dict[str, Any]]) -> list[float]:
+    return [run["bytes"] / run["elapsed_s"] / 1e9 for run in runs]
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "all": [round(v, 3) for v in values],
+    }
+
+
+# What Shoal's default is compared with round by round: the limits, then the anchors.
+COMPARED = ("raw_fresh", "raw", "safetensors", "runai", "fastsafetensors")
+
+
+def round_ratios(chosen: dict[str, Entry]) -> dict[str, Any]:
+    """Shoal's default over each limit and anchor, round by round: run i of Shoal against
+    run i of the other (the same round of the round robin, so the machine's drift between
+    rounds cancels), with the median, min and max over the rounds. A limit swept over
+    settings is its best setting by median (the one the table shows), in every round."""
+    shoal = chosen.get("shoal")
+    if shoal is None:
+        return {}
+    mine = _rates(shoal.runs)
+    out: dict[str, Any] = {}
+    for name in COMPARED:
+        other = chosen.get(name)
+        if other is not None:
+            theirs = _rates(other.runs)
+            out[f"shoal_vs_{name}"] = spread([a / b for a, b in zip(mine, theirs, strict=True)])
+    return out
+
+
 def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians over runs (GB/s also best and all), from the children's raw results."""
-    rates = [run["bytes"] / run["elapsed_s"] / 1e9 for run in runs]
+    """Medians over runs (GB/s also min, best and all), from the children's raw results."""
+    rates = _rates(runs)
     out: dict[str, Any] = {
         "gbps": statistics.median(rates),
+        "min_gbps": min(rates),
         "best_gbps": max(rates),
         "all_gbps": [round(r, 3) for r in rates],
         "rss_growth_bytes": int(statistics.median(r["rss_growth"] for r in runs)),
+        "cpu_s_per_gb": statistics.median(r["cpu_s"] / (r["bytes"] / 1e9) for r in runs),
     }
     firsts = [r["first_s"] for r in runs if r.get("first_s") is not None]
     if firsts:
@@ -732,9 +815,11 @@ def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def summarise(details: dict[str, Any]) -> dict[str, Any]:
     """The kept interface (``<name>_gbps``, ``shoal_first_tensor_ms``) plus the details."""
     out: dict[str, Any] = {}
+    rounds = details.pop("rounds")
     for name, got in details.items():
         if not isinstance(got, list):
             out[f"{name}_gbps"] = None if got is None else got["gbps"]
+    out["rounds"] = rounds
     shoal = details["shoal"]
     out["shoal_first_tensor_ms"] = shoal.get("first_tensor_ms")
     for limit in ("raw", "raw_fresh"):
@@ -800,9 +885,12 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"machine: {m['cpu']}, {m['memory_gib']} GiB, kernel {m['kernel']}, THP {m['thp']}")
     print(f"median of {result['runs']} runs, each in a fresh process; GB/s = 1e9 B/s")
     rows = [("raw, touched buffer", "raw"), ("raw, fresh memory", "raw_fresh"),
-            ("raw, buffered reads", "raw_buffered"), ("safetensors.load_file + clone",
-            "safetensors"), ("Run:ai streamer", "runai"), ("fastsafetensors", "fastsafetensors"),
+            ("raw, buffered reads", "raw_buffered"),
+            ("raw, fresh, populated per read", "raw_fresh_populated"),
+            ("safetensors.load_file + clone", "safetensors"), ("Run:ai streamer", "runai"),
+            ("fastsafetensors", "fastsafetensors"),
             ("Shoal Streamer", "shoal"), ("Shoal, O_DIRECT", "shoal_direct"),
+            ("Shoal, 16 reads, no prefault (before)", "shoal_before"),
             ("Shoal, tensors dropped", "shoal_drop")]  # fmt: skip
     for section in ("local", "local_cold", "s3"):
         got_section = result.get(section)
@@ -810,7 +898,8 @@ def print_table(result: dict[str, Any]) -> None:
             continue
         details = got_section["details"]
         raw, fresh = got_section["raw_gbps"], got_section.get("raw_fresh_gbps")
-        print(f"\n{section:40}{'GB/s':>7}{'/raw':>7}{'/fresh':>7}{'first ms':>10}{'RSS +MB':>9}")
+        print(f"\n{section:40}{'GB/s':>7}{'min-max':>12}{'/raw':>7}{'/fresh':>7}{'first ms':>10}"
+              f"{'RSS +MB':>9}")  # fmt: skip
         named = [(label, details[key]) for label, key in rows if key in details]
         if section == "s3":
             named[:2] = [("raw ranged GETs", details["raw"]),
@@ -825,10 +914,16 @@ def print_table(result: dict[str, Any]) -> None:
                 continue
             settings = f" ({got['threads']} x {got['chunk_mib']} MiB)" if "threads" in got else ""
             first = got.get("first_tensor_ms")
+            span = f"{got['min_gbps']:.2f}-{got['best_gbps']:.2f}"
             print(
-                f"{label + settings:40}{got['gbps']:7.2f}{_ratio(got['gbps'], raw):>7}"
+                f"{label + settings:40}{got['gbps']:7.2f}{span:>12}{_ratio(got['gbps'], raw):>7}"
                 f"{_ratio(got['gbps'], fresh):>7}{'' if first is None else f'{first:.1f}':>10}"
                 f"{got['rss_growth_bytes'] / 1e6:9.0f}"
+            )
+        for name, ratio in got_section["rounds"].items():
+            print(
+                f"  round by round, {name:28} median {ratio['median']:.3f}  min "
+                f"{ratio['min']:.3f}  max {ratio['max']:.3f}  (rounds: {ratio['all']})"
             )
     for note in result["notes"]:
         print(f"note: {note}")
@@ -844,6 +939,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, help="runs per contender (default 5, quick 3)")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold page cache")
     parser.add_argument("--no-s3", action="store_true", help="skip S3")
+    parser.add_argument(
+        "--only", choices=("warm", "cold", "s3"), help="run this one section (cold: full only)"
+    )
     args = parser.parse_args()
     args.size = "quick" if args.quick else "full"
     args.runs = args.runs or (3 if args.quick else 5)
@@ -876,14 +974,19 @@ def main() -> None:
     bench.notes.append(
         "Tensorizer loads its own serialized format, not safetensors files: no column"
     )
-    result["local"] = bench.local(cold=False)
+    sections = {args.only} if args.only else {"warm", "cold", "s3"}
+    if args.no_cold:
+        sections.discard("cold")
+    if args.no_s3:
+        sections.discard("s3")
+    result["local"] = bench.local(cold=False) if "warm" in sections else None
     result["local_cold"] = None
-    if not args.quick and not args.no_cold:
+    if not args.quick and "cold" in sections:
         if can_drop_caches():
             result["local_cold"] = bench.local(cold=True)
         else:
             bench.notes.append("cold page cache skipped: dropping it needs root")
-    result["s3"] = None if args.no_s3 else bench.s3()
+    result["s3"] = bench.s3() if "s3" in sections else None
     result["machine"]["load_average_end"] = os.getloadavg()[0]
     first = result["checkpoint"]["first_tensor"]
     for section in ("local", "local_cold", "s3"):
