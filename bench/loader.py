@@ -886,7 +886,7 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"median of {result['runs']} runs, each in a fresh process; GB/s = 1e9 B/s")
     rows = [("raw, touched buffer", "raw"), ("raw, fresh memory", "raw_fresh"),
             ("raw, buffered reads", "raw_buffered"),
-            ("raw, fresh, populated per read", "raw_fresh_populated"),
+            ("raw, fresh, populated", "raw_fresh_populated"),
             ("safetensors.load_file + clone", "safetensors"), ("Run:ai streamer", "runai"),
             ("fastsafetensors", "fastsafetensors"),
             ("Shoal Streamer", "shoal"), ("Shoal, O_DIRECT", "shoal_direct"),
@@ -899,7 +899,7 @@ def print_table(result: dict[str, Any]) -> None:
         details = got_section["details"]
         raw, fresh = got_section["raw_gbps"], got_section.get("raw_fresh_gbps")
         print(f"\n{section:40}{'GB/s':>7}{'min-max':>12}{'/raw':>7}{'/fresh':>7}{'first ms':>10}"
-              f"{'RSS +MB':>9}")  # fmt: skip
+              f"{'RSS +MB':>9}{'CPU s/GB':>10}")  # fmt: skip
         named = [(label, details[key]) for label, key in rows if key in details]
         if section == "s3":
             named[:2] = [("raw ranged GETs", details["raw"]),
@@ -918,7 +918,7 @@ def print_table(result: dict[str, Any]) -> None:
             print(
                 f"{label + settings:40}{got['gbps']:7.2f}{span:>12}{_ratio(got['gbps'], raw):>7}"
                 f"{_ratio(got['gbps'], fresh):>7}{'' if first is None else f'{first:.1f}':>10}"
-                f"{got['rss_growth_bytes'] / 1e6:9.0f}"
+                f"{got['rss_growth_bytes'] / 1e6:9.0f}{got['cpu_s_per_gb']:10.3f}"
             )
         for name, ratio in got_section["rounds"].items():
             print(
