@@ -4,17 +4,21 @@ and to the published loaders (issue 5).
 The checkpoint: bf16, shaped like a 1B Llama (hidden 2048, 16 layers, 32 query and 8 KV
 heads of 64, intermediate 8192, vocab 32000, untied head: 2.21 GB) in ~500 MB shards with
 ``model.safetensors.index.json``, written once by ``safetensors`` into
-``/tmp/shoal-bench-loader/`` and reused (``--quick``: 2 layers, 0.50 GB in two shards).
+``/tmp/shoal-bench-loader/`` and reused (``--quick``: 2 layers, 0.51 GB in two shards).
 
 Every contender runs in a fresh interpreter per run (clean RSS, no threads or page-cache
-state left by another contender), ``--runs`` times (5, ``--quick`` 3), round robin: run 1 of
+state left by another contender), ``--runs`` times (5), round robin: run 1 of
 every contender of a section, then run 2, ... so that drift in the machine (other tenants;
 on these VMs the cost of first-touching fresh memory swings by 2-4x within minutes) spreads
-over all of them alike. Figures are medians of the runs; the JSON also has best and all.
-A run's clock starts before anything is opened (headers included) and stops when every
-tensor is in process memory; GB/s = 10^9 tensor bytes per second. Peak RSS growth is
-``ru_maxrss`` after the load minus before it (every contender keeps every tensor, so
-a growth of about the checkpoint's size is the floor; "extra" is what is above it).
+over all of them alike (each round starting one entry further along). Figures are medians
+of the runs with min and max; ``rounds`` has Shoal's default over each limit and anchor
+round by round (run i against run i), median, min and max of those ratios (issue 17: a
+target is met in the median, and "in every run" is the min). A run's clock starts before
+anything is opened (headers included) and stops when every tensor is in process memory;
+GB/s = 10^9 tensor bytes per second. Peak RSS growth is ``VmHWM`` after the load minus
+before it (every contender keeps every tensor, so a growth of about the checkpoint's size
+is the floor; "extra" is what is above it); CPU s per GB is the process's user + system
+time over the load, which other tenants shift far less than wall time.
 
 Local disk (page cache warm; cold too when run as root and not ``--quick``: each run drops
 the page cache after its imports and setup, just before its clock starts):
@@ -944,7 +948,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.size = "quick" if args.quick else "full"
-    args.runs = args.runs or (3 if args.quick else 5)
+    args.runs = args.runs or 5
     # (threads, MiB per read): the raw limits are the best of these; s3rver (one Node
     # process) pays per request, so its best ranges are larger than a real S3's.
     args.raw_settings = [(2, 16), (16, 16)]
