@@ -93,6 +93,8 @@ BENCH = REPO / "bench"
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 sys.path.insert(0, str(REPO))
 
+from bench.rounds import Spread, paired_ratios  # noqa: E402
+
 MiB = 1 << 20
 CACHE = Path("/tmp/shoal-bench-loader")
 INDEX = "model.safetensors.index.json"
@@ -586,6 +588,33 @@ def run_once(kind: str, spec: dict[str, Any], env: dict[str, str] | None = None)
     raise RuntimeError(f"{kind} failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
 
+class _Busy:
+    """How much of the machine other processes took while a section ran: all CPUs' busy
+    time (``/proc/stat``, steal included) less this process's and its waited-for
+    children's (every contender run is one), as a share of all CPUs. On this shared VM
+    it says whether a section's figures were measured on a quiet machine or a busy one
+    (``bench/rounds.py`` explains why a busy one biases ratios, not only spreads them)."""
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+        busy = (sum(ticks[:3]) + sum(ticks[5:8])) / os.sysconf("SC_CLK_TCK")
+        own = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            own += usage.ru_utime + usage.ru_stime
+        return time.monotonic(), busy, own
+
+    def foreign_share(self) -> float:
+        (t0, busy0, own0), (t1, busy1, own1) = self._start, self._sample()
+        other = (busy1 - busy0) - (own1 - own0)
+        return round(max(0.0, other / max(t1 - t0, 1e-9) / (os.cpu_count() or 1)), 3)
+
+
 @dataclass
 class Entry:
     """One contender (or one setting of one) in a section: ``runs`` fresh-process runs."""
@@ -635,6 +664,7 @@ class Bench:
         starts one entry further along (round 2 at the second entry, ...), so that no
         contender always follows the same one (the memory a run frees is still backed by
         the host for a few seconds, then handed back: cheaper or dearer for the next)."""
+        busy = _Busy()
         for round_ in range(self.args.runs):
             turn = round_ % len(entries)
             for entry in entries[turn:] + entries[:turn]:
@@ -657,6 +687,8 @@ class Bench:
                 details[entry.group] = got
                 chosen[entry.group] = entry
         details["rounds"] = round_ratios(chosen)
+        details["rounds"]["foreign_cpu_share"] = busy.foreign_share()
+        self.say(f"  other processes used {busy.foreign_share():.0%} of the CPUs meanwhile")
         return details
 
     def check(self, entry: Entry, run: dict[str, Any]) -> None:
@@ -765,15 +797,6 @@ def _rates(runs: list[dict[str, Any]]) -> list[float]:
     return [run["bytes"] / run["elapsed_s"] / 1e9 for run in runs]
 
 
-def spread(values: list[float]) -> dict[str, Any]:
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "all": [round(v, 3) for v in values],
-    }
-
-
 # What Shoal's default is compared with round by round: the limits, then the anchors.
 COMPARED = ("raw_fresh", "raw", "safetensors", "runai", "fastsafetensors")
 
@@ -792,7 +815,7 @@ def round_ratios(chosen: dict[str, Entry]) -> dict[str, Any]:
         other = chosen.get(name)
         if other is not None:
             theirs = _rates(other.runs)
-            out[f"shoal_vs_{name}"] = spread([a / b for a, b in zip(mine, theirs, strict=True)])
+            out[f"shoal_vs_{name}"] = Spread.of(paired_ratios(mine, theirs)).to_json()
     return out
 
 
@@ -925,9 +948,12 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{got['rss_growth_bytes'] / 1e6:9.0f}{got['cpu_s_per_gb']:10.3f}"
             )
         for name, ratio in got_section["rounds"].items():
+            if not isinstance(ratio, dict):
+                print(f"  {name}: {ratio}")
+                continue
             print(
                 f"  round by round, {name:28} median {ratio['median']:.3f}  min "
-                f"{ratio['min']:.3f}  max {ratio['max']:.3f}  (rounds: {ratio['all']})"
+                f"{ratio['min']:.3f}  max {ratio['max']:.3f}  (rounds: {ratio['rounds']})"
             )
     for note in result["notes"]:
         print(f"note: {note}")
