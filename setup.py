@@ -2,8 +2,8 @@
 
 Everything else is in pyproject.toml. The extension is optional: where no C compiler is
 available the build goes on without it and kvcache.checksums falls back to the xxhash
-package (same checksums, two passes instead of one; `shoal cache stats` and the daemon's
-start-up log say which one runs).
+package (same checksums, two passes instead of one); kvcache.checksums.IMPLEMENTATION says
+which one runs, and the daemon logs it at start.
 """
 
 from setuptools import Extension, setup
