@@ -31,11 +31,13 @@ grows with churn and O(n) searches).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 __all__ = ["AllocatorStats", "SlabAllocator", "size_class"]
 
 
+@functools.lru_cache(maxsize=1024)  # bounded: sizes come from the wire (issue 17)
 def size_class(nbytes: int, align: int = 4096) -> int:
     """The slot size that holds ``nbytes``: a quarter step between powers of two."""
     assert nbytes > 0, f"size_class of a non-positive size {nbytes}"
@@ -71,12 +73,20 @@ class AllocatorStats:
 
 
 class _Slab:
-    __slots__ = ("free_offsets", "index", "num_used", "slot_bytes")
+    """A slab's slots: the ones freed since it got its class (``free_offsets``, reused
+    last-freed first), then the never-used ones from ``next_fresh`` up. Handing those out
+    lazily makes taking a slab O(1); a list of all its slots, built whenever a slab
+    returned to the pool is taken again, cost ~10 us per 256 slots on the request path
+    (issue 17). The order slots are handed out in is the same as that list's."""
+
+    __slots__ = ("free_offsets", "index", "next_fresh", "num_slots", "num_used", "slot_bytes")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.slot_bytes = 0  # 0: the slab is free
         self.free_offsets: list[int] = []
+        self.next_fresh = 0  # offset of the first slot never handed out since taken
+        self.num_slots = 0
         self.num_used = 0
 
 
@@ -111,21 +121,26 @@ class SlabAllocator:
                 "bytes (raise the slab size to store larger blocks)"
             )
         slot = size_class(nbytes, self.align)
-        partial = self._partial.setdefault(slot, {})
+        partial = self._partial.get(slot)
+        if partial is None:
+            partial = self._partial[slot] = {}
         if partial:
             slab = self._slabs[next(iter(partial))]
         elif self._free_slabs:
             slab = self._slabs[self._free_slabs.pop()]
             slab.slot_bytes = slot
-            base = slab.index * self.slab_bytes
-            count = self.slab_bytes // slot
-            slab.free_offsets = [base + i * slot for i in reversed(range(count))]
+            slab.next_fresh = slab.index * self.slab_bytes
+            slab.num_slots = self.slab_bytes // slot
             partial[slab.index] = None
         else:
             return None
-        offset = slab.free_offsets.pop()
+        if slab.free_offsets:
+            offset = slab.free_offsets.pop()
+        else:
+            offset = slab.next_fresh
+            slab.next_fresh += slot
         slab.num_used += 1
-        if not slab.free_offsets:
+        if slab.num_used == slab.num_slots:
             del partial[slab.index]
         self._allocated[offset] = nbytes
         self._slot_bytes += slot

@@ -216,6 +216,7 @@ class CacheDaemon:
             clock=clock,
             io=self._io,
             max_staging_bytes=config.io_staging_bytes,
+            record_events=bool(config.cluster_port),  # only a cluster member publishes them
         )
         self._metrics_server: ProbeServer | None = None
         self.engines: EngineFeed = NullEngineFeed()
@@ -514,7 +515,7 @@ class CacheDaemon:
         except Exception as exc:  # the daemon outlives any one request; logged, counted, answered
             log.exception("request failed", extra={"op": request.op})
             return self._error(request.id, m.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        self.metrics.request_seconds.labels(request.op).observe(time.perf_counter() - started)
+        self.metrics.request_latency(request.op).observe(time.perf_counter() - started)
         if not request.expects_reply or result is None:
             return None
         return m.encode_reply(request.id, **result)
@@ -653,11 +654,10 @@ class CacheDaemon:
         if self.cluster.draining or self._shutdown.is_set():  # no new blocks when leaving
             return {"statuses": bytes([ReserveStatus.NO_SPACE] * len(keys)),
                     "offsets": [0] * len(keys)}  # fmt: skip
-        results = self.store.reserve(request.session, keys, request.sizes, request.parent)
-        return {
-            "statuses": bytes(r.status for r in results),
-            "offsets": [r.offset if r.status is ReserveStatus.OK else 0 for r in results],
-        }
+        statuses, offsets = self.store.reserve_columns(
+            request.session, keys, request.sizes, request.parent
+        )
+        return {"statuses": statuses, "offsets": offsets}
 
     def _commit(self, request: m.CommitRequest) -> dict[str, Any]:
         keys = split_keys(request.keys)
@@ -696,12 +696,10 @@ class CacheDaemon:
         return self._leases(request, keys)
 
     def _leases(self, request: m.GetRequest, keys: Sequence[bytes]) -> dict[str, Any]:
-        leases = self.store.acquire(request.session, keys, prefix=request.prefix)
-        return {
-            "offsets": [-1 if lease is None else lease.offset for lease in leases],
-            "sizes": [0 if lease is None else lease.nbytes for lease in leases],
-            "checksums": [0 if lease is None else lease.checksum for lease in leases],
-        }
+        offsets, sizes, checksums = self.store.acquire_columns(
+            request.session, keys, prefix=request.prefix
+        )
+        return {"offsets": offsets, "sizes": sizes, "checksums": checksums}
 
     def _release(self, request: m.ReleaseRequest) -> None:
         self.store.release(request.session, split_keys(request.keys))

@@ -169,12 +169,22 @@ class CacheMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._latency: dict[str, Histogram] = {}
         self.protocol_errors = Counter(
             "shoal_kvcache_protocol_errors",
             "Requests rejected with an error reply",
             ["code"],
             registry=self.registry,
         )
+
+    def request_latency(self, op: str) -> Histogram:
+        """The ``request_seconds`` child of ``op``, looked up once per op: ``labels()``
+        validates and locks on every call, microseconds per request (issue 17). ``op``
+        comes from a decoded request, so there are as many children as ops."""
+        child = self._latency.get(op)
+        if child is None:
+            child = self._latency[op] = self.request_seconds.labels(op)
+        return child
 
     def update(self, stats: StoreStats) -> None:
         self._store.snapshot = stats

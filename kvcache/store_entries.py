@@ -41,7 +41,16 @@ class Entry:
         "tier",
     )
 
-    def __init__(self, key: bytes, parent: bytes | None, nbytes: int, offset: int) -> None:
+    def __init__(
+        self,
+        key: bytes,
+        parent: bytes | None,
+        nbytes: int,
+        offset: int,
+        owner: int = 0,
+        deadline: float = 0.0,
+        namespace: str = "",
+    ) -> None:
         self.key = key
         self.parent = parent
         self.nbytes = nbytes
@@ -50,9 +59,9 @@ class Entry:
         self.state = State.RESERVED
         self.checksum = 0
         self.lease_count = 0
-        self.owner = 0
-        self.deadline = 0.0
-        self.namespace = ""
+        self.owner = owner  # the writer's session while RESERVED
+        self.deadline = deadline  # of the reservation
+        self.namespace = namespace
         self.move: Move | None = None  # in flight to or from a file tier (kvcache.moves)
         self.landed = False  # promoted by a worker; its hit was counted on the file tier
 

@@ -20,7 +20,7 @@ from kvcache.errors import CorruptBlock
 from kvcache.io_workers import IoWorkers
 from kvcache.moves import Move, MoveKind, promotion_job, read_job, stage, write_job
 from kvcache.store_entries import Entry, TierCounters
-from kvcache.store_values import BlockEvent, EventKind, Lease
+from kvcache.store_values import EventKind, Lease
 from kvcache.tier_policy import TierPolicy
 from kvcache.tiers import Tier, TierStore, copy_hashing_target
 
@@ -36,7 +36,6 @@ class FileTierMoves:
     _policies: list[TierPolicy]
     _counters: list[TierCounters]
     _entries: dict[bytes, Entry]
-    _events: list[BlockEvent]
     _io: IoWorkers
     _moves: dict[int, Move]
     _max_staging: int
@@ -54,6 +53,9 @@ class FileTierMoves:
         raise NotImplementedError
 
     def _allocate(self, level: int, nbytes: int) -> int | None:
+        raise NotImplementedError
+
+    def _emit(self, kind: EventKind, key: bytes, tier: Tier | None = None) -> None:
         raise NotImplementedError
 
     # -- peers' reads of file-tier leases -------------------------------------------
@@ -109,7 +111,7 @@ class FileTierMoves:
         self._moves[id(move)] = move
         self._staging_bytes += entry.nbytes
         self._policies[level].insert(entry.key, entry.parent, entry.nbytes)
-        self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
+        self._emit(EventKind.STORED, entry.key, entry.tier)
         job = write_job(self._tiers[level], offset, move)
         self._io.submit(job, functools.partial(self._demotion_done, move))
 
@@ -147,7 +149,7 @@ class FileTierMoves:
         entry.move = None  # the write's completion frees the file slot (not live)
         self._counters[0].bytes_in += entry.nbytes
         entry.tier, entry.offset = Tier.SHM, offset
-        self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
+        self._emit(EventKind.STORED, entry.key, entry.tier)
         return True
 
     def _start_promotion(self, entry: Entry) -> Move | None:
@@ -191,7 +193,7 @@ class FileTierMoves:
                 self._leave_slot(entry, move.source[0], move.source[1])
                 entry.tier, entry.offset, entry.landed = Tier.SHM, move.target[1], True
                 self._policies[0].insert(entry.key, entry.parent, entry.nbytes)
-                self._events.append(BlockEvent(EventKind.STORED, entry.key, entry.tier))
+                self._emit(EventKind.STORED, entry.key, entry.tier)
                 move.committed = True
 
     def _count_error(self, error: Exception, key: bytes) -> None:

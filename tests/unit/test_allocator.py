@@ -111,3 +111,16 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 TestAllocatorMachine = AllocatorMachine.TestCase
 TestAllocatorMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_a_slab_hands_out_its_slots_in_order_and_the_last_freed_first() -> None:
+    alloc = SlabAllocator(8 * MiB, slab_bytes=4 * MiB)
+    first = [alloc.try_allocate(1 * MiB) for _ in range(2)]
+    assert first == [0, 1 * MiB]
+    alloc.free(0)
+    assert [alloc.try_allocate(1 * MiB) for _ in range(3)] == [0, 2 * MiB, 3 * MiB]
+    for offset in (0, 1 * MiB, 2 * MiB, 3 * MiB):
+        alloc.free(offset)  # the slab is empty again: back to the pool, class forgotten
+    # Taken again for another class, it is cut afresh from its first byte.
+    assert [alloc.try_allocate(2 * MiB) for _ in range(3)] == [0, 2 * MiB, 4 * MiB]
+    assert alloc.try_allocate(1 * MiB) is None, "both slabs now belong to 2 MiB blocks"

@@ -65,6 +65,8 @@ def frame(**body: object) -> bytes:
         (frame(op="lookup", keys=b"x" * 15), "multiple of 16"),
         (frame(op="reserve", keys=KEYS, sizes=[1, -1], parent=None), "'sizes' must be list"),
         (frame(op="reserve", keys=KEYS, sizes=[1, True], parent=None), "'sizes' must be list"),
+        (frame(op="reserve", keys=KEYS, sizes=[1, 1.0], parent=None), "'sizes' must be list"),
+        (frame(op="reserve", keys=KEYS, sizes=[1, "1"], parent=None), "'sizes' must be list"),
         (frame(op="reserve", keys=KEYS, sizes=[1, 1], parent=b"short"), "'parent'"),
         (frame(op="get", keys=KEYS, prefix=1), "'prefix' must be bool"),
         (frame(op="stats", session=-1), "'session'"),
