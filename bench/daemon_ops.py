@@ -259,7 +259,9 @@ def measure_e2e(tree: Path, block_sizes: list[int], clients: int, total_mib: int
     args = [sys.executable, "-m", "shoal", "cache", "serve", "--name", name,
             "--runtime-dir", config.runtime_dir, "--shm-bytes", str(shm_bytes),
             "--dram-bytes", "0", "--metrics-port", "0", "--log-level", "warning"]  # fmt: skip
-    daemon = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(tree)})
+    # cwd too: ``python -m`` puts the working directory first on sys.path, ahead of
+    # PYTHONPATH, so a daemon started from another checkout would run that one's code.
+    daemon = subprocess.Popen(args, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
     out: dict[str, Any] = {"clients": clients, "total_mib_per_client": total_mib}
     try:
         deadline = time.monotonic() + 60
