@@ -59,6 +59,7 @@ from typing import Any
 
 import zmq
 
+from kvcache import checksums
 from kvcache import messages as m
 from kvcache.allocator import SlabAllocator
 from kvcache.arena import DATA_OFFSET, Arena
@@ -318,6 +319,7 @@ class CacheDaemon:
                 "tiers": [t.tier.label for t in tiers],
                 "shm_bytes": config.shm_bytes,
                 "dram_bytes": config.dram_bytes,
+                "checksums": checksums.IMPLEMENTATION,
             },
         )
 
