@@ -10,6 +10,7 @@ Layout (each module owns one noun; pure modules import no transport)::
                   (file I/O: the SSD tier reads and writes its spill file)
     store.py      block metadata: reservations, commits, leases, tier movement      (pure)
     store_file_moves.py  the store's file-tier half: moves and peer reads on I/O workers
+    store_bulk.py  the store's whole-table work: statistics, snapshots, evict, flush (pure)
     store_entries.py  the store's per-block, per-session and per-tier records       (pure)
     store_values.py  what the store hands out: leases, results, events, statistics (pure)
     moves.py      a block in flight to or from a file tier, and its bytes jobs      (pure)

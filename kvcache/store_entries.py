@@ -1,8 +1,8 @@
 """The store's records: one per block (``Entry``), per session, per tier's counters.
 
-Internal to ``kvcache.store`` and its file-tier half (``kvcache.store_file_moves``), which
-share them; nothing outside the store holds one (leases and statistics leave as the frozen
-values of ``kvcache.store_values``).
+Internal to ``kvcache.store`` and the halves it inherits (``kvcache.store_file_moves``,
+``kvcache.store_bulk``), which share them; nothing outside the store holds one (leases and
+statistics leave as the frozen values of ``kvcache.store_values``).
 """
 
 from __future__ import annotations
