@@ -77,6 +77,7 @@ trace, hit ratio at 2/5/10/20% of the unique blocks; ``bench/RESULTS.md``):
 from __future__ import annotations
 
 import math
+import struct
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
@@ -262,16 +263,21 @@ _PROTECTED = 1
 
 
 class _Node(Generic[K]):
-    """A resident key: its place in a segment and among its parent's resident children."""
+    """A resident key: its place in a segment and among its parent's resident children.
 
-    __slots__ = ("colder", "hotter", "key", "next_sibling", "parent", "prev_sibling", "segment")
+    ``sample`` is the key's mixed hash (``_ProtectedShareChooser``), kept so that a
+    touch does not hash the key again to ask whether the miniature caches see it."""
 
-    def __init__(self, key: K, parent: K | None) -> None:
+    __slots__ = ("colder", "hotter", "key", "next_sibling", "parent", "prev_sibling", "sample",
+                 "segment")  # fmt: skip
+    hotter: _Node[K]  # set when linked into a ring (a sentinel links to itself)
+    colder: _Node[K]
+
+    def __init__(self, key: K, parent: K | None, sample: int) -> None:
         self.key = key
         self.parent = parent
+        self.sample = sample
         self.segment = _PROBATION
-        self.hotter: _Node[K] = self
-        self.colder: _Node[K] = self
         self.prev_sibling: _Node[K] | None = None
         self.next_sibling: _Node[K] | None = None
 
@@ -284,12 +290,10 @@ class _Segment(Generic[K]):
     __slots__ = ("sentinel", "size")
 
     def __init__(self) -> None:
-        self.sentinel: _Node[K] = _Node(cast(K, None), None)
+        sentinel: _Node[K] = _Node(cast(K, None), None, 0)
+        sentinel.hotter = sentinel.colder = sentinel
+        self.sentinel = sentinel
         self.size = 0
-
-    def coldest(self) -> _Node[K] | None:
-        node = self.sentinel.hotter
-        return None if node is self.sentinel else node
 
     def link_colder_than(self, node: _Node[K], anchor: _Node[K]) -> None:
         colder = anchor.colder
@@ -309,77 +313,127 @@ class _Segment(Generic[K]):
         self.size -= 1
 
 
-class _MiniatureSLRU:
-    """A block-level segmented LRU (with ghost) over a sample of keys; only counts hits."""
+class _MiniatureLRU:
+    """A block-level LRU over a sample of keys; only counts hits (the share-0 race)."""
 
-    def __init__(self, capacity: int, protected_share: float) -> None:
+    __slots__ = ("_capacity", "_order")
+
+    def __init__(self, capacity: int) -> None:
         self._capacity = max(1, capacity)
-        self._protected_capacity = int(self._capacity * protected_share)
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+
+    def access(self, key: Hashable) -> bool:
+        """Simulate one access; True if it hit."""
+        order = self._order
+        if key in order:
+            order.move_to_end(key)
+            return True
+        order[key] = None
+        if len(order) > self._capacity:
+            order.popitem(last=False)
+        return False
+
+
+class _MiniatureSLRU:
+    """A block-level segmented LRU (with ghost) over a sample of keys; only counts hits.
+
+    A hit in probation, or a miss the ghost remembers, enters protected; protected's
+    coldest key is demoted to probation's hot end past its cap, and probation's coldest
+    key leaves (into the ghost) past the total capacity. Each access adds at most one
+    key, so one demotion and one eviction restore both bounds, and only a miss can
+    exceed the total. The protected cap is at least one key (``_miniature`` builds an
+    LRU instead: with no protected segment the ghost never changes a hit)."""
+
+    __slots__ = ("_capacity", "_ghost", "_probation", "_protected", "_protected_capacity")
+
+    def __init__(self, capacity: int, protected_capacity: int) -> None:
+        assert 0 < protected_capacity < capacity, "an SLRU miniature needs both segments"
+        self._capacity = capacity
+        self._protected_capacity = protected_capacity
         self._probation: OrderedDict[Hashable, None] = OrderedDict()
         self._protected: OrderedDict[Hashable, None] = OrderedDict()
         self._ghost: OrderedDict[Hashable, None] = OrderedDict()
 
     def access(self, key: Hashable) -> bool:
         """Simulate one access; True if it hit."""
-        if key in self._protected:
-            self._protected.move_to_end(key)
+        protected = self._protected
+        if key in protected:
+            protected.move_to_end(key)
             return True
-        hit = self._probation.pop(key, False) is None
-        returning = hit or self._ghost.pop(key, False) is None
-        if returning and self._protected_capacity:
-            self._protected[key] = None
-            while len(self._protected) > self._protected_capacity:
-                self._probation[self._protected.popitem(last=False)[0]] = None
+        probation = self._probation
+        hit = probation.pop(key, False) is None  # values are None: False means absent
+        if hit or self._ghost.pop(key, False) is None:
+            protected[key] = None
+            if len(protected) > self._protected_capacity:
+                probation[protected.popitem(last=False)[0]] = None
+            if hit:
+                return True
         else:
-            self._probation[key] = None
-        while len(self._probation) + len(self._protected) > self._capacity:
-            self._ghost[self._probation.popitem(last=False)[0]] = None
-            if len(self._ghost) > self._capacity:
-                self._ghost.popitem(last=False)
-        return hit
+            probation[key] = None
+        if len(probation) + len(protected) > self._capacity:
+            ghost = self._ghost
+            ghost[probation.popitem(last=False)[0]] = None
+            if len(ghost) > self._capacity:
+                ghost.popitem(last=False)
+        return False
+
+
+def _miniature(capacity: int, protected_share: float) -> _MiniatureLRU | _MiniatureSLRU:
+    """The miniature cache of ``capacity`` keys protecting ``protected_share`` of them."""
+    capacity = max(1, capacity)
+    protected_capacity = int(capacity * protected_share)
+    if protected_capacity:
+        return _MiniatureSLRU(capacity, protected_capacity)
+    return _MiniatureLRU(capacity)
+
+
+_MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads consecutive integer keys
+_MASK = (1 << 64) - 1
 
 
 class _ProtectedShareChooser:
     """Picks the protected share by racing miniature caches (Waldspurger et al., ATC'17).
 
-    Keys whose mixed hash falls in one of ``rate`` buckets are fed to one miniature
-    segmented LRU per candidate share, each ``rate`` times smaller than the cache. The
-    share-0 miniature is plain LRU; a candidate replaces it only when it won
-    significantly more of the accesses on which the two disagreed (sign test, two
-    standard deviations), so noise keeps the cache at LRU rather than away from it.
-    Counts halve every four decisions; a decision is taken once per miniature turnover.
+    Keys whose mixed hash (32 bits of ``key_hash * _MIX mod 2**64``) is 0 modulo
+    ``rate`` are fed (the caller samples, so that it can keep a key's bits, which do not
+    depend on the rate, and call ``observe`` only for those) to one miniature segmented LRU
+    per candidate share, each ``rate`` times smaller than the cache. The share-0
+    miniature is plain LRU; a candidate replaces it only when it won significantly more
+    of the accesses on which the two disagreed (sign test, two standard deviations), so
+    noise keeps the cache at LRU rather than away from it. Counts halve every four
+    decisions; a decision is taken once per miniature turnover.
     """
 
+    __slots__ = ("_baseline", "_contenders", "_epoch", "_losses", "_until_decision", "_wins",
+                 "rate", "share")  # fmt: skip
     _SHARES = (0.0, 0.125, 0.25, 0.5)
     _MIN_MINIATURE = 512  # blocks: below this a miniature's hit counts are mostly noise
     _MAX_RATE = 64  # sample at least 1 key in 64
     _Z = 2.0
     _DECAY = 0.5 ** (1 / 4)
-    _MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads consecutive integer keys
-    _MASK = (1 << 64) - 1
 
-    def __init__(self, capacity: int, key_hash: Callable[[Hashable], int]) -> None:
-        self._rate = max(1, min(self._MAX_RATE, capacity // self._MIN_MINIATURE))
-        size = max(1, capacity // self._rate)
-        self._miniatures = [_MiniatureSLRU(size, share) for share in self._SHARES]
+    def __init__(self, capacity: int) -> None:
+        self.rate = max(1, min(self._MAX_RATE, capacity // self._MIN_MINIATURE))
+        size = max(1, capacity // self.rate)
+        self._baseline = _miniature(size, self._SHARES[0])
+        self._contenders = tuple(
+            (index, _miniature(size, share)) for index, share in enumerate(self._SHARES) if index
+        )
         self._wins = [0.0] * len(self._SHARES)
         self._losses = [0.0] * len(self._SHARES)
         self._epoch = size
         self._until_decision = size
-        self._key_hash = key_hash
         self.share = 0.0
 
     def observe(self, key: Hashable) -> bool:
-        """Record an access; True when ``share`` changed."""
-        if self._rate > 1 and ((self._key_hash(key) * self._MIX & self._MASK) >> 32) % self._rate:
-            return False
-        baseline, *others = [miniature.access(key) for miniature in self._miniatures]
-        for index, hit in enumerate(others, start=1):
-            if hit != baseline:
-                if hit:
-                    self._wins[index] += 1
-                else:
+        """Record an access of a sampled key; True when ``share`` changed."""
+        baseline = self._baseline.access(key)
+        for index, miniature in self._contenders:
+            if miniature.access(key) is not baseline:
+                if baseline:
                     self._losses[index] += 1
+                else:
+                    self._wins[index] += 1
         self._until_decision -= 1
         if self._until_decision:
             return False
@@ -396,12 +450,16 @@ class _ProtectedShareChooser:
         return share != self.share
 
 
+_unpack_u64 = struct.Struct("<Q").unpack_from
+
+
 def stable_key_hash(key: Hashable) -> int:
     """A per-process-stable hash for sampling: block keys (bytes) are already uniform
     hashes, so their first 8 bytes serve; Python's ``hash`` of bytes is salted per process,
     which would make the policy's decisions differ between daemon runs."""
     if isinstance(key, bytes):
-        return int.from_bytes(key[:8], "little")
+        # The same value as int.from_bytes(key[:8], "little"), without the slice's copy.
+        return _unpack_u64(key)[0] if len(key) >= 8 else int.from_bytes(key, "little")
     return hash(key)
 
 
@@ -457,7 +515,8 @@ class ShoalDefaultPolicy(Generic[K]):
         self._segments: tuple[_Segment[K], _Segment[K]] = (_Segment(), _Segment())
         self._ghost: OrderedDict[K, None] = OrderedDict()
         self._key_hash = key_hash
-        self._chooser = _ProtectedShareChooser(self._capacity, key_hash)
+        self._chooser = _ProtectedShareChooser(self._capacity)
+        self._sample_rate = self._chooser.rate
         self._protected_capacity = 0
 
     @property
@@ -468,38 +527,72 @@ class ShoalDefaultPolicy(Generic[K]):
         """New miniatures for the new size (they learn again), keeping the share chosen."""
         share = self._chooser.share
         self._capacity = max(1, capacity_blocks)
-        self._chooser = _ProtectedShareChooser(self._capacity, self._key_hash)
+        self._chooser = _ProtectedShareChooser(self._capacity)
         self._chooser.share = share
+        self._sample_rate = self._chooser.rate
         self._protected_capacity = int(share * self._capacity)
         while len(self._ghost) > self._capacity:
             self._ghost.popitem(last=False)
         self._enforce_protected_capacity()
 
     # -- events from the store ------------------------------------------------------
+    # ``insert`` and ``touch`` run for every block the daemon stores or serves (several
+    # microseconds each before issue 17), so they do ``_place`` and the sibling links
+    # inline, hash a key once (``_Node.sample``) and call into the miniatures and the
+    # protected cap only when there is work.
 
     def insert(self, key: K, parent: K | None) -> None:
-        assert key not in self._nodes, f"insert of resident key {key!r}"
+        nodes = self._nodes
+        assert key not in nodes, f"insert of resident key {key!r}"
         assert key != parent, f"key {key!r} named as its own parent"
-        self._observe(key)
-        node = _Node(key, parent)
-        self._nodes[key] = node
-        if parent is not None:
-            self._adopt(node, parent)
+        node = _Node(key, parent, (self._key_hash(key) * _MIX & _MASK) >> 32)
+        if not node.sample % self._sample_rate:
+            self._observe(key)
+        nodes[key] = node
+        parent_node = None
+        if parent is not None:  # adopted as its parent's first child
+            first_child = self._first_child
+            sibling = first_child.get(parent)
+            node.next_sibling = sibling
+            if sibling is not None:
+                sibling.prev_sibling = node
+            first_child[parent] = node
+            parent_node = nodes.get(parent)
         returning = self._ghost.pop(key, False) is None
-        self._place(node, self._hit_segment() if returning else _PROBATION)
+        segment_id = _PROTECTED if returning and self._protected_capacity else _PROBATION
+        node.segment = segment_id
+        segment = self._segments[segment_id]
+        if parent_node is not None and parent_node.segment == segment_id:
+            segment.link_colder_than(node, parent_node)
+        else:
+            segment.link_colder_than(node, segment.sentinel)  # the hottest
         child = self._first_child.get(key)
         while child is not None:  # orphans whose parent came back
             self._segments[child.segment].unlink(child)
-            self._place(child, node.segment)
+            self._place(child, segment_id)
             child = child.next_sibling
-        self._enforce_protected_capacity()
+        if self._segments[_PROTECTED].size > self._protected_capacity:
+            self._enforce_protected_capacity()
 
     def touch(self, key: K) -> None:
         node = self._nodes[key]
-        self._observe(key)
-        self._segments[node.segment].unlink(node)
-        self._place(node, self._hit_segment())
-        self._enforce_protected_capacity()
+        if not node.sample % self._sample_rate:
+            self._observe(key)
+        segments = self._segments
+        segments[node.segment].unlink(node)
+        # With no protected share, a hit goes straight to probation: passing through
+        # protected would land it above its parent and break the invariant.
+        segment_id = _PROTECTED if self._protected_capacity else _PROBATION
+        node.segment = segment_id
+        segment = segments[segment_id]
+        parent = node.parent
+        parent_node = None if parent is None else self._nodes.get(parent)
+        if parent_node is not None and parent_node.segment == segment_id:
+            segment.link_colder_than(node, parent_node)
+        else:
+            segment.link_colder_than(node, segment.sentinel)  # the hottest
+        if segments[_PROTECTED].size > self._protected_capacity:
+            self._enforce_protected_capacity()
 
     def remove(self, key: K) -> None:
         node = self._nodes.pop(key, None)
@@ -508,20 +601,24 @@ class ShoalDefaultPolicy(Generic[K]):
 
     def pop_victim(self, is_pinned: Callable[[K], bool]) -> K | None:
         for segment in self._segments:
+            sentinel = segment.sentinel
             for _ in range(segment.size):
-                node = segment.coldest()
-                assert node is not None, "segment size out of step with its ring"
-                if is_pinned(node.key):
+                node = sentinel.hotter  # the coldest
+                assert node is not sentinel, "segment size out of step with its ring"
+                key = node.key
+                if is_pinned(key):
                     segment.unlink(node)
                     segment.link_hottest(node)
                     continue
-                del self._nodes[node.key]
+                del self._nodes[key]
                 self._forget(node)
-                self._orphan_children(node.key)
-                self._ghost[node.key] = None
-                if len(self._ghost) > self._capacity:
-                    self._ghost.popitem(last=False)
-                return node.key
+                if key in self._first_child:
+                    self._orphan_children(key)
+                ghost = self._ghost
+                ghost[key] = None
+                if len(ghost) > self._capacity:
+                    ghost.popitem(last=False)
+                return key
         return None
 
     def __len__(self) -> int:
@@ -536,11 +633,6 @@ class ShoalDefaultPolicy(Generic[K]):
         if self._chooser.observe(key):
             self._protected_capacity = int(self._chooser.share * self._capacity)
 
-    def _hit_segment(self) -> int:
-        # With no protected share, a hit goes straight to probation: passing through
-        # protected would land it above its parent and break the invariant.
-        return _PROTECTED if self._protected_capacity else _PROBATION
-
     def _place(self, node: _Node[K], segment_id: int) -> None:
         """Link just colder than the parent if it is in the same segment, else hottest."""
         node.segment = segment_id
@@ -554,18 +646,11 @@ class ShoalDefaultPolicy(Generic[K]):
     def _enforce_protected_capacity(self) -> None:
         protected, probation = self._segments[_PROTECTED], self._segments[_PROBATION]
         while protected.size > self._protected_capacity:
-            node = protected.coldest()
-            assert node is not None, "protected size out of step with its ring"
+            node = protected.sentinel.hotter  # the coldest
+            assert node is not protected.sentinel, "protected size out of step with its ring"
             protected.unlink(node)
             node.segment = _PROBATION
             probation.link_hottest(node)
-
-    def _adopt(self, node: _Node[K], parent: K) -> None:
-        first = self._first_child.get(parent)
-        node.next_sibling = first
-        if first is not None:
-            first.prev_sibling = node
-        self._first_child[parent] = node
 
     def _forget(self, node: _Node[K]) -> None:
         """Unlink a node that has left ``_nodes`` from its segment and its siblings."""

@@ -94,14 +94,14 @@ class TierPolicy:
             pending, self._pending = self._pending, []
         else:
             pending, self._pending = self._pending[:limit], self._pending[limit:]
-        policy = self.policy
+        insert, touch, remove = self.policy.insert, self.policy.touch, self.policy.remove
         for op, key, parent in pending:
             if op == _INSERT:
-                policy.insert(key, parent)
+                insert(key, parent)
             elif op == _TOUCH:
-                policy.touch(key)
+                touch(key)
             else:
-                policy.remove(key)
+                remove(key)
         return bool(self._pending)
 
     def pop_victim(self, is_pinned: Callable[[bytes], bool]) -> bytes | None:

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from bench.eviction_replay import (
@@ -417,3 +417,74 @@ def test_the_default_samples_block_keys_with_a_hash_stable_across_processes() ->
     key = bytes(range(16))
     assert stable_key_hash(key) == int.from_bytes(key[:8], "little")
     assert stable_key_hash(12345) == 12345
+    assert stable_key_hash(b"\x01\x02") == 0x0201, "keys shorter than 8 bytes: all of them"
+
+
+# -- the default's miniature caches -------------------------------------------------
+
+
+class TextbookSLRU:
+    """The miniature cache as first written (before issue 17's fast path): a segmented
+    LRU with a ghost, bounds restored by loops. The fast miniatures must hit exactly
+    where this one does, or the default's share (and every decision) would change."""
+
+    def __init__(self, capacity: int, protected_share: float) -> None:
+        self.capacity = max(1, capacity)
+        self.protected_capacity = int(self.capacity * protected_share)
+        self.probation: dict[int, None] = {}
+        self.protected: dict[int, None] = {}
+        self.ghost: dict[int, None] = {}
+
+    def access(self, key: int) -> bool:
+        if key in self.protected:
+            del self.protected[key]
+            self.protected[key] = None
+            return True
+        hit = self.probation.pop(key, False) is None
+        returning = hit or self.ghost.pop(key, False) is None
+        if returning and self.protected_capacity:
+            self.protected[key] = None
+            while len(self.protected) > self.protected_capacity:
+                demoted = next(iter(self.protected))
+                del self.protected[demoted]
+                self.probation[demoted] = None
+        else:
+            self.probation[key] = None
+        while len(self.probation) + len(self.protected) > self.capacity:
+            evicted = next(iter(self.probation))
+            del self.probation[evicted]
+            self.ghost[evicted] = None
+            if len(self.ghost) > self.capacity:
+                del self.ghost[next(iter(self.ghost))]
+        return hit
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    capacity=st.integers(min_value=1, max_value=12),
+    share=st.sampled_from([0.0, 0.125, 0.25, 0.5]),
+    accesses=st.lists(st.integers(min_value=0, max_value=30), max_size=300),
+)
+def test_each_miniature_hits_exactly_where_the_textbook_slru_does(
+    capacity: int, share: float, accesses: list[int]
+) -> None:
+    from kvcache.eviction import _miniature
+
+    fast, textbook = _miniature(capacity, share), TextbookSLRU(capacity, share)
+    assert [fast.access(key) for key in accesses] == [textbook.access(k) for k in accesses]
+
+
+def test_after_a_resize_touches_are_sampled_by_the_key_hash_at_the_new_rate() -> None:
+    """A resize changes the sampling rate; a key inserted before it is sampled as one
+    hashed afresh would be (the default's sample is a function of the key alone)."""
+    policy = ShoalDefaultPolicy[int](100)  # rate 1: every key is observed
+    keys = range(1, 400)
+    insert_chain(policy, *keys)
+    policy.resize(1 << 20)  # rate 64; a decision every 16,384 observed keys
+    chooser = policy._chooser
+    before = chooser._until_decision
+    for key in keys:
+        policy.touch(key)
+    mix, mask = 0x9E3779B97F4A7C15, (1 << 64) - 1
+    sampled = [key for key in keys if not ((key * mix & mask) >> 32) % 64]
+    assert before - chooser._until_decision == len(sampled) > 0
