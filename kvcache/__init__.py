@@ -6,6 +6,8 @@ Layout (each module owns one noun; pure modules import no transport)::
     allocator.py  slab allocator: offsets of page-aligned slots in a tier           (pure)
     eviction.py   pluggable eviction policies: LRU, S3-FIFO, Shoal's default        (pure)
     tier_policy.py  a tier's policy sized in the blocks it holds, updated lazily     (pure)
+    checksums.py  xxh3-64 block checksums and the copies that compute them in one pass
+    native/       the C sources of kvcache._copyhash (checksums.py's fast path)
     tiers.py      bytes of a tier (arena / DRAM / SSD file) and checksummed moves
                   (file I/O: the SSD tier reads and writes its spill file)
     store.py      block metadata: reservations, commits, leases, tier movement      (pure)
