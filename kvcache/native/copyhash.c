@@ -279,7 +279,6 @@ static PyObject *get_from(PyObject *self, PyObject *const *args, Py_ssize_t narg
         goto out;
     }
     if (acquire_all(targets, n, views, PyBUF_WRITABLE, "get_from") < 0) goto out;
-    size_t total = 0;
     for (usable = 0; usable < n; usable++) {
         Py_ssize_t size;
         if (offset_at(offsets, usable, &at[usable]) < 0 ||
@@ -295,7 +294,6 @@ static PyObject *get_from(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyObject *sum = PySequence_Fast_GET_ITEM(checksums, usable);
         want[usable] = PyLong_AsUnsignedLongLongMask(sum);
         if (want[usable] == (uint64_t)-1 && PyErr_Occurred()) goto out_views;
-        total += (size_t)size;
     }
     Py_BEGIN_ALLOW_THREADS
     for (served = 0; served < usable; served++) {
@@ -311,7 +309,6 @@ static PyObject *get_from(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
     }
     Py_END_ALLOW_THREADS
-    (void)total;
     result = Py_BuildValue("(nO)", served, corrupt ? Py_True : Py_False);
 out_views:
     release_all(views, n);
